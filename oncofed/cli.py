@@ -1,0 +1,31 @@
+"""The `oncofed` command. Each role contributes its own sub-commands; heavy imports stay inside them."""
+
+from __future__ import annotations
+
+import typer
+
+from oncofed import __version__
+
+app = typer.Typer(
+    name="oncofed",
+    help="OncoFed: federated multi-modal cancer classification across hospitals.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"oncofed {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version.")):
+    """OncoFed: federated multi-modal cancer classification across hospitals."""
+
+
+from simulations.cli import register as _register_simulations  # noqa: E402
+
+_register_simulations(app)

@@ -1,0 +1,300 @@
+"""The shared multi-modal transformer (the Cancer Alpha design, made DP-trainable).
+
+    flat input x: (B, n_inputs) float, NaN = missing value, modalities laid out by the schema
+      |-- omics modality   -> OmicsEncoder    (Perceiver-IO style: latents cross-attend to chunk tokens)
+      |-- tabular modality -> TabularEncoder  (TabTransformer style: one token per column)
+      v  one token per modality (+ modality embedding), plus a CLS token
+    FusionEncoder: transformer whose key mask drops each patient's missing modalities
+      v  CLS
+    head: LayerNorm + Linear -> logits over schema.classes
+
+DP-SGD (Opacus, hooks mode) needs per-sample gradients that are exact, so the rules of
+`shared/notes/opacus.md` are followed by construction:
+- attention is nn.Linear + F.scaled_dot_product_attention (never nn.MultiheadAttention);
+- no BatchNorm or other batch statistics: nothing mixes samples;
+- every free parameter (latent array, CLS token, learned fill values, column and chunk identities)
+  lives in an nn.Embedding table indexed by arange, so every grad-sample mode handles it;
+- no module owns a buffer (index tensors are made on the fly);
+- every encoder runs at every step, whatever is missing: a missing modality is filled and then
+  removed by the fusion key mask, so every parameter receives a (possibly zero) gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from shared_models.schema import ColumnType, FeatureSchema, Modality, ModalityKind
+
+
+class ModelConfig(BaseModel):
+    """Architecture hyper-parameters; the defaults are sized for CPU training under DP-SGD."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    d_model: int = Field(64, ge=8)
+    n_heads: int = Field(4, ge=1)
+    n_latents: int = Field(16, ge=1, description="Perceiver latent array size per omics modality")
+    chunk_size: int = Field(64, ge=1, description="omics features per input token")
+    latent_blocks: int = Field(1, ge=0, description="latent self-attention blocks per omics encoder")
+    tabular_blocks: int = Field(1, ge=0, description="transformer blocks over column tokens")
+    fusion_blocks: int = Field(2, ge=1)
+    ff_mult: int = Field(2, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+    def model_post_init(self, __context) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+
+
+def _arange(n: int, batch: int, device: torch.device) -> Tensor:
+    return torch.arange(n, device=device).expand(batch, n)  # (B, n) index into an Embedding table
+
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention (fused qkv) or cross-attention (q from x, kv from context)."""
+
+    def __init__(self, cfg: ModelConfig, cross: bool = False):
+        super().__init__()
+        d = cfg.d_model
+        self.n_heads, self.cross, self.dropout = cfg.n_heads, cross, cfg.dropout
+        if cross:
+            self.q = nn.Linear(d, d)
+            self.kv = nn.Linear(d, 2 * d)
+        else:
+            self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+
+    def _heads(self, t: Tensor) -> Tensor:  # (B, T, d) -> (B, h, T, d/h)
+        b, n, d = t.shape
+        return t.view(b, n, self.n_heads, d // self.n_heads).transpose(1, 2)
+
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, key_mask: Tensor | None = None, need_weights: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        if self.cross:
+            q = self.q(x)
+            k, v = self.kv(context).chunk(2, dim=-1)
+        else:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, Tk), True = attend
+        weights = None
+        if need_weights:  # same function as SDPA, written out to expose the attention weights
+            scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            weights = scores.softmax(dim=-1)  # (B, h, Tq, Tk)
+            y = weights @ v
+        else:
+            p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        b, h, n, dh = y.shape
+        y = y.transpose(1, 2).reshape(b, n, h * dh)
+        return self.out(y), weights
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.ff_mult * cfg.d_model)
+        self.down = nn.Linear(cfg.ff_mult * cfg.d_model, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.down(F.gelu(self.up(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; with cross=True the attention reads keys/values from a context."""
+
+    def __init__(self, cfg: ModelConfig, cross: bool = False):
+        super().__init__()
+        self.norm_x = nn.LayerNorm(cfg.d_model)
+        self.norm_ctx = nn.LayerNorm(cfg.d_model) if cross else None
+        self.attn = Attention(cfg, cross=cross)
+        self.norm_ff = nn.LayerNorm(cfg.d_model)
+        self.ff = FeedForward(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, key_mask: Tensor | None = None, need_weights: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        ctx = self.norm_ctx(context) if self.norm_ctx is not None else None
+        a, w = self.attn(self.norm_x(x), ctx, key_mask, need_weights)
+        x = x + self.drop(a)
+        x = x + self.ff(self.norm_ff(x))
+        return x, w
+
+
+class OmicsEncoder(nn.Module):
+    """Perceiver-IO-style encoder for one high-dimensional omics modality.
+
+    Features are cut into chunks of `chunk_size` consecutive features; each chunk becomes one token
+    (a Linear shared by all chunks + a learned chunk identity). A small learned latent array
+    cross-attends to the chunk tokens, then self-attends. Cost is linear in the number of features
+    and the attention sees ceil(F / chunk_size) tokens, not F: 6,000 genes -> 94 tokens at chunk 64.
+    """
+
+    def __init__(self, n_features: int, cfg: ModelConfig):
+        super().__init__()
+        self.n_features, self.chunk = n_features, cfg.chunk_size
+        self.n_chunks = math.ceil(n_features / cfg.chunk_size)
+        self.fill = nn.Embedding(n_features, 1)  # learned value for a missing feature
+        nn.init.zeros_(self.fill.weight)  # inputs are standardised: start at the mean
+        self.chunk_proj = nn.Linear(cfg.chunk_size, cfg.d_model)
+        self.chunk_id = nn.Embedding(self.n_chunks, cfg.d_model)
+        self.latents = nn.Embedding(cfg.n_latents, cfg.d_model)
+        self.cross = Block(cfg, cross=True)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.latent_blocks))
+        self.norm = nn.LayerNorm(cfg.d_model)
+        for emb in (self.chunk_id, self.latents):
+            nn.init.normal_(emb.weight, std=0.02)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, F), NaN = missing -> (B, d)
+        b, dev = x.shape[0], x.device
+        fill = self.fill(_arange(self.n_features, b, dev)).squeeze(-1)  # (B, F)
+        x = torch.where(torch.isnan(x), fill, x)
+        pad = self.n_chunks * self.chunk - self.n_features
+        if pad:
+            x = F.pad(x, (0, pad))
+        tokens = self.chunk_proj(x.view(b, self.n_chunks, self.chunk))  # (B, n_chunks, d)
+        tokens = tokens + self.chunk_id(_arange(self.n_chunks, b, dev))
+        lat = self.latents(_arange(self.latents.num_embeddings, b, dev))  # (B, L, d)
+        lat, _ = self.cross(lat, context=tokens)
+        for blk in self.blocks:
+            lat, _ = blk(lat)
+        return self.norm(lat.mean(dim=1))
+
+
+class TabularEncoder(nn.Module):
+    """TabTransformer-style encoder: one token per column = column identity + value (or category).
+
+    A numeric or binary value v of column j becomes v * w_j; a categorical value becomes its level's
+    embedding; a missing cell becomes the column's learned missing-value token.
+    """
+
+    def __init__(self, modality: Modality, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        types = [modality.column_type(f) for f in modality.features]
+        self.numeric_cols = [i for i, t in enumerate(types) if t is not ColumnType.categorical]
+        self.categorical_cols = [i for i, t in enumerate(types) if t is ColumnType.categorical]
+        self.n_cols = len(types)
+        # Token order: numeric columns first, then categorical ones (order is irrelevant to attention).
+        self.token_cols = self.numeric_cols + self.categorical_cols
+        self.column = nn.Embedding(self.n_cols, d)
+        self.missing = nn.Embedding(self.n_cols, d)
+        # Only modules that are used at every step exist (Opacus needs a gradient for each).
+        self.value_scale = nn.Embedding(self.n_cols, d) if self.numeric_cols else None
+        self.level_offsets, self.level_counts = [], []
+        total = 0
+        for i in self.categorical_cols:
+            n = len(modality.levels[modality.features[i]])
+            self.level_offsets.append(total)
+            self.level_counts.append(n)
+            total += n
+        self.category = nn.Embedding(total, d) if self.categorical_cols else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.tabular_blocks))
+        self.norm = nn.LayerNorm(cfg.d_model)
+        for emb in (self.column, self.missing, self.value_scale, self.category):
+            if emb is not None:
+                nn.init.normal_(emb.weight, std=0.02 if emb is not self.value_scale else 1.0 / math.sqrt(d))
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, C), NaN = missing -> (B, d)
+        b, dev = x.shape[0], x.device
+        miss = torch.isnan(x)
+        x0 = torch.where(miss, torch.zeros_like(x), x)
+        parts = []
+        if self.numeric_cols:
+            idx = torch.tensor(self.numeric_cols, device=dev).expand(b, -1)
+            parts.append(x0[:, self.numeric_cols].unsqueeze(-1) * self.value_scale(idx))
+        if self.categorical_cols:
+            offsets = torch.tensor(self.level_offsets, device=dev)
+            top = torch.tensor(self.level_counts, device=dev) - 1
+            level = torch.minimum(x0[:, self.categorical_cols].long().clamp(min=0), top)
+            parts.append(self.category(level + offsets))
+        values = torch.cat(parts, dim=1)  # (B, C, d) in token order
+        order = torch.tensor(self.token_cols, device=dev).expand(b, -1)
+        token_miss = miss[:, self.token_cols].unsqueeze(-1)
+        tokens = torch.where(token_miss, self.missing(order), values) + self.column(order)
+        for blk in self.blocks:
+            tokens, _ = blk(tokens)
+        return self.norm(tokens.mean(dim=1))
+
+
+class FusionEncoder(nn.Module):
+    """CLS + one token per modality; the key mask removes each patient's missing modalities."""
+
+    def __init__(self, n_modalities: int, cfg: ModelConfig):
+        super().__init__()
+        self.cls = nn.Embedding(1, cfg.d_model)
+        self.modality = nn.Embedding(n_modalities, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.fusion_blocks))
+        for emb in (self.cls, self.modality):
+            nn.init.normal_(emb.weight, std=0.02)
+
+    def forward(self, tokens: Tensor, present: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        # tokens: (B, M, d); present: (B, M) bool -> CLS output (B, d), CLS->modality weights (B, M)
+        b, m, _ = tokens.shape
+        dev = tokens.device
+        seq = torch.cat([self.cls(torch.zeros(b, 1, dtype=torch.long, device=dev)),
+                         tokens + self.modality(_arange(m, b, dev))], dim=1)
+        key_mask = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=dev), present], dim=1)
+        weights = None
+        for i, blk in enumerate(self.blocks):
+            last = i == len(self.blocks) - 1
+            seq, w = blk(seq, key_mask=key_mask, need_weights=need_weights and last)
+            if w is not None:
+                cls_w = w[:, :, 0, 1:].mean(dim=1)  # CLS query over modality keys, mean over heads
+                weights = cls_w / cls_w.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        return seq[:, 0], weights
+
+
+class MultiModalTransformer(nn.Module):
+    """Classifies patients from any subset of the schema's modalities."""
+
+    def __init__(self, schema: FeatureSchema, config: ModelConfig | None = None):
+        super().__init__()
+        self.schema, self.config = schema, config or ModelConfig()
+        self.schema_hash = schema.content_hash()
+        layout = schema.layout()
+        self.slices = [layout.slices[m.name] for m in schema.modalities]
+        self.n_inputs = layout.n_inputs
+        self.encoders = nn.ModuleList(
+            OmicsEncoder(m.n_features, self.config) if m.kind is ModalityKind.omics else TabularEncoder(m, self.config)
+            for m in schema.modalities
+        )
+        self.fusion = FusionEncoder(len(schema.modalities), self.config)
+        self.head_norm = nn.LayerNorm(self.config.d_model)
+        self.head = nn.Linear(self.config.d_model, schema.n_classes)
+
+    def _encode(self, x: Tensor, need_weights: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+        if x.dim() != 2 or x.shape[1] != self.n_inputs:
+            raise ValueError(
+                f"model input must be (patients, {self.n_inputs}) for schema {self.schema.name!r}; got {tuple(x.shape)}"
+            )
+        parts = [x[:, s] for s in self.slices]
+        present = torch.stack([~torch.isnan(p).all(dim=1) for p in parts], dim=1)  # (B, M)
+        tokens = torch.stack([enc(p) for enc, p in zip(self.encoders, parts)], dim=1)  # (B, M, d)
+        tokens = torch.where(present.unsqueeze(-1), tokens, torch.zeros_like(tokens))
+        fused, weights = self.fusion(tokens, present, need_weights)
+        return fused, weights, present
+
+    def forward(self, x: Tensor) -> Tensor:
+        fused, _, _ = self._encode(x, need_weights=False)
+        return self.head(self.head_norm(fused))
+
+    @torch.no_grad()
+    def explain(self, x: Tensor) -> dict[str, Tensor]:
+        """Logits, fused representation, presence and per-sample modality weights (sum to 1 over present)."""
+        fused, weights, present = self._encode(x, need_weights=True)
+        return {"logits": self.head(self.head_norm(fused)), "fused": fused,
+                "modality_weights": weights, "present": present}
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,80 @@
+"""Model weights stamped with the schema they were trained under.
+
+A weights file holds the state_dict, the model config and the schema's content hash. Loading it
+under a different schema is refused: the input layout or classes would silently disagree.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from shared_models.model import ModelConfig, MultiModalTransformer
+from shared_models.schema import FeatureSchema
+
+WEIGHTS_FORMAT = "oncofed-weights/1"
+
+
+class SchemaMismatchError(ValueError):
+    """Weights trained under one schema offered to a model built from another."""
+
+
+class WeightsFileError(ValueError):
+    """A weights file that is missing, corrupt or not an OncoFed weights file."""
+
+
+def check_schema_hash(expected: str, found: str, source: str) -> None:
+    if expected != found:
+        raise SchemaMismatchError(
+            f"{source}: these weights were trained under schema hash {found[:12]}..., but the schema in use "
+            f"has hash {expected[:12]}...; load them with the schema they were trained under (the consortium's "
+            "schema JSON of that run), or retrain under the new schema"
+        )
+
+
+def save_weights(model: MultiModalTransformer, path: str | Path, extra: dict | None = None) -> Path:
+    """Write weights atomically (temp file + rename): a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": WEIGHTS_FORMAT,
+        "schema_hash": model.schema_hash,
+        "schema_name": model.schema.name,
+        "config": model.config.model_dump(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "extra": extra or {},
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_weights(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WeightsFileError(f"{path}: weights file not found") from None
+    except Exception as e:  # torch raises many types for a truncated or foreign file
+        raise WeightsFileError(f"{path}: not a readable OncoFed weights file ({type(e).__name__}: {e})") from None
+    if not isinstance(payload, dict) or payload.get("format") != WEIGHTS_FORMAT:
+        raise WeightsFileError(f"{path}: not an OncoFed weights file (expected format {WEIGHTS_FORMAT!r})")
+    return payload
+
+
+def load_weights(path: str | Path, schema: FeatureSchema) -> MultiModalTransformer:
+    """Build the model of a weights file under `schema`, refusing weights from another schema."""
+    payload = read_weights(path)
+    check_schema_hash(schema.content_hash(), payload["schema_hash"], str(path))
+    model = MultiModalTransformer(schema, ModelConfig(**payload["config"]))
+    model.load_state_dict(payload["state_dict"])
+    return model
