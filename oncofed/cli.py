@@ -26,6 +26,15 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
     """OncoFed: federated multi-modal cancer classification across hospitals."""
 
 
-from simulations.cli import register as _register_simulations  # noqa: E402
+def _register_all() -> None:
+    # The entry point is the only module that sees every role; roles never import each other's CLI.
+    from client.cli import register as register_client
+    from shared_models.cli import register as register_shared
+    from simulations.cli import register as register_simulations
 
-_register_simulations(app)
+    register_shared(app)
+    register_client(app)
+    register_simulations(app)
+
+
+_register_all()

@@ -42,7 +42,7 @@ class ColumnType(str, Enum):
 
 class Transform(str, Enum):
     none = "none"
-    log1p = "log1p"  # x -> log(1 + x), for raw counts; values must be > -1
+    log1p = "log1p"  # x -> log(1 + x) on numeric (not binary) columns, for counts; values must be > -1
 
 
 class Modality(BaseModel):

@@ -192,9 +192,10 @@ def _modality_block(m: Modality, df: pd.DataFrame) -> np.ndarray:
         else:
             vals = np.column_stack([numeric_column(sub[c])[0] for c in numeric_cols])
         vals[~np.isfinite(vals)] = np.nan
-        if m.transform is Transform.log1p:
+        if m.transform is Transform.log1p:  # numeric columns only: binary 0/1 stays as is
+            t = [i for i, f in enumerate(numeric_cols) if m.column_type(f) is ColumnType.numeric]
             with np.errstate(invalid="ignore", divide="ignore"):
-                vals = np.log1p(np.where(vals > -1, vals, np.nan))
+                vals[:, t] = np.log1p(np.where(vals[:, t] > -1, vals[:, t], np.nan))
         block[:, [pos[f] for f in numeric_cols]] = vals
     for f in present:
         if m.column_type(f) is ColumnType.categorical:
