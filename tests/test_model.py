@@ -1,0 +1,159 @@
+"""The shared model as a specification: missing modalities, sample isolation, exact DP per-sample gradients."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shared_models import ModelConfig, MultiModalTransformer
+from tests.factories import drop_modalities, random_inputs
+
+NO_DROPOUT = ModelConfig(dropout=0.0)
+
+
+def _every_subset_batch(schema, n=16, seed=0):
+    """Row i lacks the i-th subset of modalities (cycling through all 2^M, including 'none present')."""
+    x = random_inputs(schema, n, seed)
+    names = schema.modality_names
+    subsets = [s for k in range(len(names) + 1) for s in itertools.combinations(names, k)]
+    for i in range(n):
+        drop_modalities(schema, x, i, list(subsets[i % len(subsets)]))
+    return x
+
+
+def test_defaults_are_cpu_sized_and_within_the_design_card():
+    cfg = ModelConfig()
+    assert cfg.d_model >= 64 and cfg.n_latents >= 16 and cfg.fusion_blocks >= 2
+
+
+def test_every_missing_pattern_gives_finite_logits(tiny_schema):
+    model = MultiModalTransformer(tiny_schema, NO_DROPOUT).eval()
+    x = _every_subset_batch(tiny_schema)
+    logits = model(x)
+    assert logits.shape == (16, 3)
+    assert torch.isfinite(logits).all()
+
+
+def test_missing_values_inside_a_present_modality_never_propagate_nan(tiny_schema):
+    model = MultiModalTransformer(tiny_schema, NO_DROPOUT).eval()
+    x = random_inputs(tiny_schema, 4)
+    x[:, ::3] = float("nan")  # a third of all values missing, in every modality
+    assert torch.isfinite(model(x)).all()
+
+
+def test_each_sample_is_the_same_alone_and_inside_a_batch(tiny_schema):
+    model = MultiModalTransformer(tiny_schema, NO_DROPOUT).eval()
+    x = _every_subset_batch(tiny_schema)
+    with torch.no_grad():
+        batched = model(x)
+        alone = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
+    torch.testing.assert_close(alone, batched, atol=1e-5, rtol=0)
+
+
+def test_modality_weights_sum_to_one_over_present_modalities(tiny_schema):
+    model = MultiModalTransformer(tiny_schema, NO_DROPOUT).eval()
+    x = _every_subset_batch(tiny_schema)
+    out = model.explain(x)
+    w, present = out["modality_weights"], out["present"]
+    assert torch.all(w[~present] == 0)
+    some = present.any(dim=1)
+    torch.testing.assert_close(w[some].sum(dim=1), torch.ones(int(some.sum())))
+    torch.testing.assert_close(out["logits"], model(x))
+
+
+def test_empty_batch_is_allowed(tiny_schema):
+    # Poisson sampling (DP-SGD) can draw an empty batch.
+    model = MultiModalTransformer(tiny_schema)
+    assert model(random_inputs(tiny_schema, 0)).shape == (0, 3)
+
+
+def test_wrong_input_width_is_refused_with_the_expected_shape(tiny_schema):
+    model = MultiModalTransformer(tiny_schema)
+    with pytest.raises(ValueError, match=r"\(patients, 161\)"):
+        model(torch.zeros(2, 10))
+
+
+def test_omics_features_become_chunk_tokens_not_one_token_per_feature():
+    from shared_models.model import OmicsEncoder
+
+    enc = OmicsEncoder(6000, ModelConfig())
+    assert enc.n_chunks == 94  # ceil(6000 / 64)
+
+
+def test_no_layer_that_breaks_per_sample_gradients(tiny_schema):
+    from opacus.validators import ModuleValidator
+
+    model = MultiModalTransformer(tiny_schema)
+    assert ModuleValidator.validate(model, strict=False) == []
+    banned = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer, torch.nn.modules.batchnorm._BatchNorm)
+    assert not [m for m in model.modules() if isinstance(m, banned)]
+    assert not list(model.buffers())
+
+
+def _brute_force_grads(model, x, y):
+    grads = []
+    for i in range(len(x)):
+        model.zero_grad()
+        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+    return grads
+
+
+def _opacus_grad_samples(model, x, y):
+    from opacus import PrivacyEngine
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(x))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hooks, opt, _ = PrivacyEngine(accountant="prv").make_private(
+            module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
+            poisson_sampling=True, grad_sample_mode="hooks", wrap_model=False)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()  # mean reduction, as Opacus expects by default
+    samples = {n: p.grad_sample.detach().clone() for n, p in model.named_parameters()}
+    hooks.cleanup()
+    return samples
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("missing", [False, True], ids=["all-present", "missing-modalities"])
+def test_opacus_per_sample_gradients_equal_a_brute_force_loop(tiny_schema, missing, dtype):
+    # float64 shows the two computations are the same function, parameter by parameter (~1e-11).
+    # In float32 some true gradients are exactly zero (attention over a single chunk token) and come
+    # out as ~1e-9 round-off, so there each sample's whole gradient vector is compared: it is what
+    # DP-SGD clips and noises.
+    torch.manual_seed(0)
+    model = MultiModalTransformer(tiny_schema, NO_DROPOUT).to(dtype)
+    x = _every_subset_batch(tiny_schema, n=10) if missing else random_inputs(tiny_schema, 10)
+    if missing:
+        x[3, 7] = float("nan")  # plus a missing value inside a present modality
+    x = x.to(dtype)
+    y = torch.arange(10) % 3
+    expected = _brute_force_grads(model, x, y)
+    samples = _opacus_grad_samples(model, x, y)
+    assert set(samples) == {n for n, _ in model.named_parameters()}  # every parameter got one
+    for i in range(len(x)):
+        if dtype == torch.float64:
+            for name, gs in samples.items():
+                ref = expected[i][name]
+                err = (gs[i] - ref).abs().max() / ref.abs().max().clamp_min(1e-10)
+                assert err < 1e-4, f"{name}, sample {i}: relative error {err:.2e}"
+        else:
+            got = torch.cat([samples[n][i].flatten() for n in samples])
+            ref = torch.cat([expected[i][n].flatten() for n in samples])
+            err = (got - ref).norm() / ref.norm()
+            assert err < 1e-4, f"sample {i}: relative error of the per-sample gradient {err:.2e}"
+
+
+def test_every_parameter_gets_a_gradient_when_a_modality_is_missing_for_the_whole_batch(tiny_schema):
+    model = MultiModalTransformer(tiny_schema, NO_DROPOUT)
+    x = random_inputs(tiny_schema, 6)
+    for i in range(6):
+        drop_modalities(tiny_schema, x, i, ["prot", "clinical"])
+    samples = _opacus_grad_samples(model, x, torch.arange(6) % 3)
+    assert set(samples) == {n for n, _ in model.named_parameters()}
