@@ -13,7 +13,7 @@ DP-SGD (Opacus, hooks mode) needs per-sample gradients that are exact, so the ru
 - attention is nn.Linear + F.scaled_dot_product_attention (never nn.MultiheadAttention);
 - no BatchNorm or other batch statistics: nothing mixes samples;
 - every free parameter (latent array, CLS token, learned fill values, column and chunk identities)
-  lives in an nn.Embedding table indexed by arange, so every grad-sample mode handles it;
+  lives in a one-input leaf of shared_models/layers.py with an exact per-sample gradient rule;
 - no module owns a buffer (index tensors are made on the fly);
 - every encoder runs at every step, whatever is missing: a missing modality is filled and then
   removed by the fusion key mask, so every parameter receives a (possibly zero) gradient.
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from shared_models.layers import AddLearned, FeatureFill, NumericTokens
 from shared_models.schema import ColumnType, FeatureSchema, Modality, ModalityKind
 
 
@@ -44,15 +45,14 @@ class ModelConfig(BaseModel):
     tabular_blocks: int = Field(1, ge=0, description="transformer blocks over column tokens")
     fusion_blocks: int = Field(2, ge=1)
     ff_mult: int = Field(2, ge=1)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="on residual branches")
+    attention_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="on attention probabilities; > 0 forces SDPA's slow math path on CPU"
+    )
 
     def model_post_init(self, __context) -> None:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-
-
-def _arange(n: int, batch: int, device: torch.device) -> Tensor:
-    return torch.arange(n, device=device).expand(batch, n)  # (B, n) index into an Embedding table
 
 
 class Attention(nn.Module):
@@ -61,7 +61,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, cross: bool = False):
         super().__init__()
         d = cfg.d_model
-        self.n_heads, self.cross, self.dropout = cfg.n_heads, cross, cfg.dropout
+        self.n_heads, self.cross, self.dropout = cfg.n_heads, cross, cfg.attention_dropout
         if cross:
             self.q = nn.Linear(d, d)
             self.kv = nn.Linear(d, 2 * d)
@@ -109,15 +109,23 @@ class FeedForward(nn.Module):
         return self.drop(self.down(F.gelu(self.up(x))))
 
 
+def _norm(cfg: ModelConfig) -> nn.LayerNorm:
+    # Every block norm feeds a Linear with a bias, which absorbs the norm's gain (into its weight) and
+    # shift (into its bias): an affine norm there adds no expressive power, only per-sample-gradient
+    # work under DP-SGD (a hooked module and two gradient tensors each). So block norms carry no
+    # parameters; the head's norm (the model's output path) keeps them.
+    return nn.LayerNorm(cfg.d_model, elementwise_affine=False)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block; with cross=True the attention reads keys/values from a context."""
 
     def __init__(self, cfg: ModelConfig, cross: bool = False):
         super().__init__()
-        self.norm_x = nn.LayerNorm(cfg.d_model)
-        self.norm_ctx = nn.LayerNorm(cfg.d_model) if cross else None
+        self.norm_x = _norm(cfg)
+        self.norm_ctx = _norm(cfg) if cross else None
         self.attn = Attention(cfg, cross=cross)
-        self.norm_ff = nn.LayerNorm(cfg.d_model)
+        self.norm_ff = _norm(cfg)
         self.ff = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -144,27 +152,22 @@ class OmicsEncoder(nn.Module):
         super().__init__()
         self.n_features, self.chunk = n_features, cfg.chunk_size
         self.n_chunks = math.ceil(n_features / cfg.chunk_size)
-        self.fill = nn.Embedding(n_features, 1)  # learned value for a missing feature
-        nn.init.zeros_(self.fill.weight)  # inputs are standardised: start at the mean
+        self.fill = FeatureFill(n_features)
         self.chunk_proj = nn.Linear(cfg.chunk_size, cfg.d_model)
-        self.chunk_id = nn.Embedding(self.n_chunks, cfg.d_model)
-        self.latents = nn.Embedding(cfg.n_latents, cfg.d_model)
+        self.chunk_id = AddLearned(self.n_chunks, cfg.d_model)
+        self.latents = AddLearned(cfg.n_latents, cfg.d_model)
         self.cross = Block(cfg, cross=True)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.latent_blocks))
         self.norm = nn.LayerNorm(cfg.d_model)
-        for emb in (self.chunk_id, self.latents):
-            nn.init.normal_(emb.weight, std=0.02)
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, F), NaN = missing -> (B, d)
-        b, dev = x.shape[0], x.device
-        fill = self.fill(_arange(self.n_features, b, dev)).squeeze(-1)  # (B, F)
-        x = torch.where(torch.isnan(x), fill, x)
+        b = x.shape[0]
+        x = self.fill(x)
         pad = self.n_chunks * self.chunk - self.n_features
         if pad:
             x = F.pad(x, (0, pad))
-        tokens = self.chunk_proj(x.view(b, self.n_chunks, self.chunk))  # (B, n_chunks, d)
-        tokens = tokens + self.chunk_id(_arange(self.n_chunks, b, dev))
-        lat = self.latents(_arange(self.latents.num_embeddings, b, dev))  # (B, L, d)
+        tokens = self.chunk_id(self.chunk_proj(x.view(b, self.n_chunks, self.chunk)))  # (B, n_chunks, d)
+        lat = self.latents(x.new_zeros(b, self.latents.weight.shape[0], tokens.shape[-1]))  # (B, L, d)
         lat, _ = self.cross(lat, context=tokens)
         for blk in self.blocks:
             lat, _ = blk(lat)
@@ -175,7 +178,8 @@ class TabularEncoder(nn.Module):
     """TabTransformer-style encoder: one token per column = column identity + value (or category).
 
     A numeric or binary value v of column j becomes v * w_j; a categorical value becomes its level's
-    embedding; a missing cell becomes the column's learned missing-value token.
+    embedding; a missing cell becomes the column's learned missing-value token (for a categorical
+    column, an extra "missing" level).
     """
 
     def __init__(self, modality: Modality, cfg: ModelConfig):
@@ -184,44 +188,33 @@ class TabularEncoder(nn.Module):
         types = [modality.column_type(f) for f in modality.features]
         self.numeric_cols = [i for i, t in enumerate(types) if t is not ColumnType.categorical]
         self.categorical_cols = [i for i, t in enumerate(types) if t is ColumnType.categorical]
-        self.n_cols = len(types)
-        # Token order: numeric columns first, then categorical ones (order is irrelevant to attention).
-        self.token_cols = self.numeric_cols + self.categorical_cols
-        self.column = nn.Embedding(self.n_cols, d)
-        self.missing = nn.Embedding(self.n_cols, d)
-        # Only modules that are used at every step exist (Opacus needs a gradient for each).
-        self.value_scale = nn.Embedding(self.n_cols, d) if self.numeric_cols else None
-        self.level_offsets, self.level_counts = [], []
-        total = 0
+        # Only modules used at every step exist (Opacus needs a gradient for each).
+        self.numeric = NumericTokens(len(self.numeric_cols), d) if self.numeric_cols else None
+        self.level_offsets, self.level_counts, total = [], [], 0
         for i in self.categorical_cols:
             n = len(modality.levels[modality.features[i]])
             self.level_offsets.append(total)
             self.level_counts.append(n)
-            total += n
+            total += n + 1  # + the column's "missing" level
         self.category = nn.Embedding(total, d) if self.categorical_cols else None
+        if self.category is not None:
+            nn.init.normal_(self.category.weight, std=0.02)
+        self.column = AddLearned(len(types), d)  # tokens: numeric columns first, then categorical
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.tabular_blocks))
         self.norm = nn.LayerNorm(cfg.d_model)
-        for emb in (self.column, self.missing, self.value_scale, self.category):
-            if emb is not None:
-                nn.init.normal_(emb.weight, std=0.02 if emb is not self.value_scale else 1.0 / math.sqrt(d))
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, C), NaN = missing -> (B, d)
-        b, dev = x.shape[0], x.device
-        miss = torch.isnan(x)
-        x0 = torch.where(miss, torch.zeros_like(x), x)
         parts = []
-        if self.numeric_cols:
-            idx = torch.tensor(self.numeric_cols, device=dev).expand(b, -1)
-            parts.append(x0[:, self.numeric_cols].unsqueeze(-1) * self.value_scale(idx))
-        if self.categorical_cols:
-            offsets = torch.tensor(self.level_offsets, device=dev)
-            top = torch.tensor(self.level_counts, device=dev) - 1
-            level = torch.minimum(x0[:, self.categorical_cols].long().clamp(min=0), top)
-            parts.append(self.category(level + offsets))
-        values = torch.cat(parts, dim=1)  # (B, C, d) in token order
-        order = torch.tensor(self.token_cols, device=dev).expand(b, -1)
-        token_miss = miss[:, self.token_cols].unsqueeze(-1)
-        tokens = torch.where(token_miss, self.missing(order), values) + self.column(order)
+        if self.numeric is not None:
+            parts.append(self.numeric(x[:, self.numeric_cols]))
+        if self.category is not None:
+            dev = x.device
+            codes = x[:, self.categorical_cols]
+            count = torch.tensor(self.level_counts, device=dev)
+            level = torch.nan_to_num(codes, nan=-1.0).long()
+            level = torch.where((level < 0) | (level >= count), count, level)  # unknown/missing -> missing level
+            parts.append(self.category(level + torch.tensor(self.level_offsets, device=dev)))
+        tokens = self.column(torch.cat(parts, dim=1))  # (B, C, d)
         for blk in self.blocks:
             tokens, _ = blk(tokens)
         return self.norm(tokens.mean(dim=1))
@@ -232,18 +225,15 @@ class FusionEncoder(nn.Module):
 
     def __init__(self, n_modalities: int, cfg: ModelConfig):
         super().__init__()
-        self.cls = nn.Embedding(1, cfg.d_model)
-        self.modality = nn.Embedding(n_modalities, cfg.d_model)
+        self.cls = AddLearned(1, cfg.d_model)
+        self.modality = AddLearned(n_modalities, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.fusion_blocks))
-        for emb in (self.cls, self.modality):
-            nn.init.normal_(emb.weight, std=0.02)
 
     def forward(self, tokens: Tensor, present: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         # tokens: (B, M, d); present: (B, M) bool -> CLS output (B, d), CLS->modality weights (B, M)
-        b, m, _ = tokens.shape
+        b, m, d = tokens.shape
         dev = tokens.device
-        seq = torch.cat([self.cls(torch.zeros(b, 1, dtype=torch.long, device=dev)),
-                         tokens + self.modality(_arange(m, b, dev))], dim=1)
+        seq = torch.cat([self.cls(tokens.new_zeros(b, 1, d)), self.modality(tokens)], dim=1)
         key_mask = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=dev), present], dim=1)
         weights = None
         for i, blk in enumerate(self.blocks):

@@ -1,0 +1,76 @@
+"""Small parameter-holding leaves with exact per-sample gradient rules for Opacus.
+
+Learned arrays added to every sample (latents, CLS, identities) and per-feature fill values could
+live in nn.Embedding tables indexed by arange, but then each step pays Opacus' generic embedding
+rule (a scatter into a batch x table tensor) and autograd's slow embedding_dense_backward over
+batch x features indices. Each leaf below takes one tensor input (what Opacus' hooks capture) and
+registers the closed form of its per-sample gradient; tests/test_model.py checks every rule against
+a brute-force per-sample loop in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+from opacus.grad_sample import register_grad_sampler
+from torch import Tensor, nn
+
+
+class AddLearned(nn.Module):
+    """x + W: a learned (n, d) array added to every sample (positions, identities, latents, CLS)."""
+
+    def __init__(self, n: int, d: int, std: float = 0.02):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n, d) * std)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, n, d) -> (B, n, d)
+        return x + self.weight
+
+
+class FeatureFill(nn.Module):
+    """Replaces each missing (NaN) value by its feature's learned fill value."""
+
+    def __init__(self, n_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n_features))  # inputs are standardised: start at the mean
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, F) with NaN -> (B, F) finite
+        return torch.where(torch.isnan(x), self.weight, x)
+
+
+class NumericTokens(nn.Module):
+    """One token per numeric or binary column: v * scale_j, or column j's learned missing token."""
+
+    def __init__(self, n_cols: int, d: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(n_cols, d) / d**0.5)
+        self.missing = nn.Parameter(torch.randn(n_cols, d) * 0.02)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C) with NaN -> (B, C, d)
+        miss = torch.isnan(x).unsqueeze(-1)
+        value = torch.where(miss, torch.zeros_like(x).unsqueeze(-1), x.unsqueeze(-1))
+        return torch.where(miss, self.missing, value * self.scale)
+
+
+@register_grad_sampler(AddLearned)
+def _add_learned_grad_sample(layer: AddLearned, activations: list[Tensor], backprops: Tensor) -> dict:
+    return {layer.weight: backprops} if layer.weight.requires_grad else {}
+
+
+@register_grad_sampler(FeatureFill)
+def _feature_fill_grad_sample(layer: FeatureFill, activations: list[Tensor], backprops: Tensor) -> dict:
+    if not layer.weight.requires_grad:
+        return {}
+    return {layer.weight: backprops * torch.isnan(activations[0])}
+
+
+@register_grad_sampler(NumericTokens)
+def _numeric_tokens_grad_sample(layer: NumericTokens, activations: list[Tensor], backprops: Tensor) -> dict:
+    x = activations[0]
+    miss = torch.isnan(x).unsqueeze(-1)
+    value = torch.where(miss, torch.zeros_like(x).unsqueeze(-1), x.unsqueeze(-1))
+    out = {}
+    if layer.scale.requires_grad:
+        out[layer.scale] = backprops * value
+    if layer.missing.requires_grad:
+        out[layer.missing] = backprops * miss
+    return out
