@@ -1,0 +1,199 @@
+"""A site's privacy ledger: every DP-SGD mechanism ever run on its data, across rounds and runs.
+
+One JSON file per site (in the site's state directory, never sent anywhere). Entries are keyed by
+(dataset fingerprint, run id, round, attempt). A dataset's spend is the composition of every entry
+of every dataset that shares a patient with it: a patient in two datasets has spent both.
+
+Crash safety (write-ahead):
+1. `begin_round` checks the budget with the round's planned steps and writes a *pending* entry
+   before any training. A refused round writes nothing.
+2. `commit_round` records the steps actually executed, before the update leaves the site.
+A pending entry left by a crash counts as spent (the ledger never loses spend). If the same run
+retries the same round, that pending entry is replaced, not added to (nothing is counted twice).
+A committed round that runs again (a server resumed from an older checkpoint) is a second
+release of information and is counted again as a new attempt.
+
+Every write is atomic (temp file, fsync, rename) under an exclusive file lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from privacy.accounting import BudgetError, Mechanism, epsilon
+
+LEDGER_FORMAT = "oncofed-privacy-ledger/1"
+
+
+def dataset_fingerprint(patient_ids: list[str], schema_hash: str) -> tuple[str, list[str]]:
+    """(fingerprint, per-patient hashes): the same patients under the same schema = the same dataset.
+
+    Patient ids are stored only as salted hashes (the salt is the schema hash), enough to find
+    overlaps between a site's datasets.
+    """
+    hashed = sorted({hashlib.sha256(f"{schema_hash}:{pid}".encode()).hexdigest()[:16] for pid in patient_ids})
+    fp = hashlib.sha256(("\n".join(hashed)).encode()).hexdigest()
+    return fp, hashed
+
+
+@dataclass(frozen=True)
+class RoundTicket:
+    """A round that passed the budget check and is being trained."""
+
+    dataset: str
+    run_id: str
+    round: int
+    attempt: int
+    noise_multiplier: float
+    sample_rate: float
+    planned_steps: int
+    epsilon_before: float
+    projected_epsilon: float
+
+
+class PrivacyLedger:
+    def __init__(self, path: str | Path, budget_epsilon: float, delta: float):
+        if budget_epsilon <= 0:
+            raise BudgetError(f"privacy budget epsilon must be > 0 (got {budget_epsilon}); set the site's budget")
+        if not (0 < delta < 1):
+            raise BudgetError(f"delta must be in (0, 1) (got {delta}); use less than 1 / number of patients")
+        self.path, self.budget_epsilon, self.delta = Path(path), float(budget_epsilon), float(delta)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    # --- storage ----------------------------------------------------------------------------
+    @contextmanager
+    def _locked(self):
+        lock = self.path.with_suffix(self.path.suffix + ".lock")
+        with open(lock, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield self._read()
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _read(self) -> dict:
+        if not self.path.exists():
+            return {"format": LEDGER_FORMAT, "datasets": {}, "entries": []}
+        try:
+            state = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            # Refuse rather than start from zero: a lost ledger would silently reset the spend.
+            raise BudgetError(f"{self.path}: privacy ledger unreadable ({e}); restore it from backup. "
+                              "Training is refused until then") from None
+        if state.get("format") != LEDGER_FORMAT:
+            raise BudgetError(f"{self.path}: not an OncoFed privacy ledger")
+        return state
+
+    def _write(self, state: dict) -> None:
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        with open(tmp, "w") as fh:
+            json.dump(state, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    # --- queries ----------------------------------------------------------------------------
+    @staticmethod
+    def _related(state: dict, dataset: str) -> set[str]:
+        """Datasets sharing at least one patient with `dataset` (including itself)."""
+        mine = set(state["datasets"].get(dataset, {}).get("patients", []))
+        related = {dataset}
+        for fp, info in state["datasets"].items():
+            if fp != dataset and mine.intersection(info.get("patients", [])):
+                related.add(fp)
+        return related
+
+    @staticmethod
+    def _history(state: dict, datasets: set[str], skip: tuple | None = None) -> list[Mechanism]:
+        hist = []
+        for e in state["entries"]:
+            if e["dataset"] in datasets and (e["dataset"], e["run_id"], e["round"], e["attempt"]) != skip:
+                hist.append((e["noise_multiplier"], e["sample_rate"], e["steps"]))
+        return hist
+
+    def register_dataset(self, patient_ids: list[str], schema_hash: str) -> str:
+        fp, hashed = dataset_fingerprint(patient_ids, schema_hash)
+        with self._locked() as state:
+            if fp not in state["datasets"]:
+                state["datasets"][fp] = {"patients": hashed, "n_patients": len(hashed), "registered": time.time()}
+                self._write(state)
+        return fp
+
+    def history(self, dataset: str) -> list[Mechanism]:
+        state = self._read()
+        return self._history(state, self._related(state, dataset))
+
+    def spent(self, dataset: str) -> float:
+        return epsilon(self.history(dataset), self.delta)
+
+    def run_noise(self, dataset: str, run_id: str) -> dict | None:
+        """The noise chosen for a run (once, at its start), so a restarted run keeps it."""
+        return self._read().get("runs", {}).get(f"{dataset}:{run_id}")
+
+    def set_run_noise(self, dataset: str, run_id: str, noise_multiplier: float, sample_rate: float,
+                      planned_steps: int) -> None:
+        with self._locked() as state:
+            state.setdefault("runs", {})[f"{dataset}:{run_id}"] = {
+                "noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "planned_steps": planned_steps}
+            self._write(state)
+
+    # --- a round ------------------------------------------------------------------------------
+    def begin_round(self, dataset: str, run_id: str, rnd: int, noise_multiplier: float, sample_rate: float,
+                    steps: int) -> RoundTicket:
+        """Check the budget for this round and write a pending entry; raise BudgetError to refuse."""
+        with self._locked() as state:
+            same = [e for e in state["entries"] if (e["dataset"], e["run_id"], e["round"]) == (dataset, run_id, rnd)]
+            pending = [e for e in same if e["status"] == "pending"]
+            attempt = pending[-1]["attempt"] if pending else len(same) + 1
+            key = (dataset, run_id, rnd, attempt)
+            related = self._related(state, dataset)
+            before = epsilon(self._history(state, related, skip=key), self.delta)
+            projected = epsilon(self._history(state, related, skip=key) + [(noise_multiplier, sample_rate, steps)],
+                                self.delta)
+            if projected > self.budget_epsilon:
+                raise BudgetError(
+                    f"round {rnd} refused: the site has spent epsilon {before:.3f} of its budget "
+                    f"{self.budget_epsilon:g} (delta {self.delta:g}); this round ({steps} steps, noise "
+                    f"{noise_multiplier:.3f}) would bring it to {projected:.3f}. Nothing was trained or sent"
+                )
+            state["entries"] = [e for e in state["entries"]
+                                if (e["dataset"], e["run_id"], e["round"], e["attempt"]) != key]
+            state["entries"].append({
+                "dataset": dataset, "run_id": run_id, "round": rnd, "attempt": attempt, "status": "pending",
+                "noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "steps": steps,
+                "started": time.time()})
+            self._write(state)
+        return RoundTicket(dataset, run_id, rnd, attempt, noise_multiplier, sample_rate, steps, before, projected)
+
+    def commit_round(self, ticket: RoundTicket, executed_steps: int) -> float:
+        """Record the steps actually run; returns the dataset's cumulative epsilon."""
+        if executed_steps > ticket.planned_steps:
+            raise BudgetError(f"round {ticket.round} ran {executed_steps} steps, more than the "
+                              f"{ticket.planned_steps} checked against the budget")
+        with self._locked() as state:
+            for e in state["entries"]:
+                if (e["dataset"], e["run_id"], e["round"], e["attempt"]) == (
+                        ticket.dataset, ticket.run_id, ticket.round, ticket.attempt):
+                    e.update(status="committed", steps=int(executed_steps), committed=time.time())
+                    break
+            else:
+                raise BudgetError(f"{self.path}: no pending entry for round {ticket.round}; was the ledger replaced?")
+            spent = epsilon(self._history(state, self._related(state, ticket.dataset)), self.delta)
+            for e in state["entries"]:
+                if (e["dataset"], e["run_id"], e["round"], e["attempt"]) == (
+                        ticket.dataset, ticket.run_id, ticket.round, ticket.attempt):
+                    e["epsilon_after"] = spent
+            self._write(state)
+        return spent

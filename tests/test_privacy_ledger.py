@@ -1,0 +1,143 @@
+"""Site privacy accounting: exact epsilon, spend carried across runs, refusal, crash safety."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from opacus.accountants import PRVAccountant
+
+from privacy.accounting import BudgetError, compact, epsilon, noise_multiplier_for, planned_steps
+from privacy.ledger import PrivacyLedger
+
+DELTA = 1e-5
+IDS = [f"P{i:03d}" for i in range(200)]
+
+
+def closed_form(history, delta=DELTA):
+    acc = PRVAccountant()
+    acc.history = history
+    return acc.get_epsilon(delta=delta)
+
+
+def test_epsilon_of_a_known_schedule_matches_the_reference_value():
+    # shared/notes/opacus.md: sigma 0.812, q 1/32, 640 steps -> epsilon 7.99 at delta 1e-5
+    assert epsilon([(0.812, 1 / 32, 640)], DELTA) == pytest.approx(7.99, rel=0.01)
+
+
+def test_rounds_compose_to_the_closed_form_of_all_executed_steps():
+    rounds = [(0.9, 0.05, 40)] * 10
+    assert compact(rounds) == [(0.9, 0.05, 400)]
+    assert epsilon(rounds, DELTA) == pytest.approx(closed_form([(0.9, 0.05, 400)]), rel=0.01)
+
+
+def test_noise_is_chosen_once_so_the_whole_schedule_lands_on_the_budget():
+    q, steps = planned_steps(n_records=500, batch_size=50, local_epochs=1, rounds=10)
+    assert (q, steps) == (0.1, 100)
+    sigma = noise_multiplier_for(8.0, DELTA, q, steps)
+    total = closed_form([(sigma, q, steps)])
+    assert 7.8 <= total <= 8.0
+
+
+def _ledger(tmp_path, budget=8.0):
+    return PrivacyLedger(tmp_path / "ledger.json", budget_epsilon=budget, delta=DELTA)
+
+
+def _run_rounds(ledger, ds, run_id, sigma, q, steps_per_round, rounds, first=1):
+    spent = 0.0
+    for r in range(first, first + rounds):
+        ticket = ledger.begin_round(ds, run_id, r, sigma, q, steps_per_round)
+        spent = ledger.commit_round(ticket, steps_per_round)
+    return spent
+
+
+def test_reported_epsilon_equals_the_closed_form_of_the_executed_steps(tmp_path):
+    ledger = _ledger(tmp_path)
+    ds = ledger.register_dataset(IDS, "schema-hash")
+    spent = _run_rounds(ledger, ds, "run-1", 1.1, 0.1, 10, rounds=5)
+    assert spent == pytest.approx(closed_form([(1.1, 0.1, 50)]), rel=0.01)
+
+
+def test_a_second_run_on_the_same_data_starts_from_what_the_first_spent(tmp_path):
+    first = _ledger(tmp_path)
+    ds = first.register_dataset(IDS, "schema-hash")
+    spent_first = _run_rounds(first, ds, "run-1", 1.1, 0.1, 10, rounds=5)
+    second = _ledger(tmp_path)  # a new process, same site state directory
+    ds_again = second.register_dataset(list(reversed(IDS)), "schema-hash")
+    assert ds_again == ds
+    assert second.spent(ds) == pytest.approx(spent_first, rel=1e-9)
+    # the second run's noise is chosen for what is left of the budget
+    sigma = noise_multiplier_for(8.0, DELTA, 0.1, 50, spent=second.history(ds))
+    total = _run_rounds(second, ds, "run-2", sigma, 0.1, 10, rounds=5)
+    assert total == pytest.approx(closed_form([(1.1, 0.1, 50), (sigma, 0.1, 50)]), rel=0.01)
+    assert total <= 8.0
+
+
+def test_a_dataset_that_shares_patients_inherits_their_spend(tmp_path):
+    ledger = _ledger(tmp_path)
+    old = ledger.register_dataset(IDS, "h")
+    spent = _run_rounds(ledger, old, "run-1", 1.1, 0.1, 10, rounds=3)
+    grown = ledger.register_dataset(IDS + ["P999"], "h")  # one new patient
+    assert grown != old
+    assert ledger.spent(grown) == pytest.approx(spent)
+    unrelated = ledger.register_dataset(["Q1", "Q2"], "h")
+    assert ledger.spent(unrelated) == 0.0
+
+
+def test_an_exhausted_budget_refuses_the_round_and_writes_nothing(tmp_path):
+    ledger = _ledger(tmp_path, budget=2.0)
+    ds = ledger.register_dataset(IDS, "h")
+    before = (tmp_path / "ledger.json").read_text()
+    with pytest.raises(BudgetError, match=r"round 1 refused: .* budget 2 .* Nothing was trained or sent"):
+        ledger.begin_round(ds, "run-1", 1, 0.5, 0.5, 100)
+    assert (tmp_path / "ledger.json").read_text() == before
+    with pytest.raises(BudgetError, match="even noise multiplier 1024"):
+        noise_multiplier_for(2.0, DELTA, 0.5, 100, spent=[(0.3, 1.0, 10_000)])
+
+
+def _crash_after_begin(tmp_path, rnd):
+    """A real process that passes the budget check, starts the round and dies before committing."""
+    code = textwrap.dedent(f"""
+        import os
+        from privacy.ledger import PrivacyLedger
+        ledger = PrivacyLedger({str(tmp_path / 'ledger.json')!r}, budget_epsilon=8.0, delta={DELTA})
+        ds = ledger.register_dataset({IDS!r}, "h")
+        ledger.begin_round(ds, "run-1", {rnd}, 1.1, 0.1, 10)
+        os._exit(9)  # killed mid-round: no commit
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr
+
+
+def test_a_crash_mid_round_never_loses_spend(tmp_path):
+    ledger = _ledger(tmp_path)
+    ds = ledger.register_dataset(IDS, "h")
+    _run_rounds(ledger, ds, "run-1", 1.1, 0.1, 10, rounds=2)
+    _crash_after_begin(tmp_path, rnd=3)
+    assert ledger.spent(ds) == pytest.approx(closed_form([(1.1, 0.1, 30)]), rel=0.01)
+
+
+def test_retrying_a_crashed_round_does_not_count_it_twice(tmp_path):
+    ledger = _ledger(tmp_path)
+    ds = ledger.register_dataset(IDS, "h")
+    _run_rounds(ledger, ds, "run-1", 1.1, 0.1, 10, rounds=2)
+    _crash_after_begin(tmp_path, rnd=3)
+    spent = _run_rounds(ledger, ds, "run-1", 1.1, 0.1, 10, rounds=1, first=3)  # the retry
+    assert spent == pytest.approx(closed_form([(1.1, 0.1, 30)]), rel=0.01)
+
+
+def test_a_committed_round_that_runs_again_is_a_second_release_and_counts(tmp_path):
+    # A server resumed from an older checkpoint re-runs round 2: the site trains and sends again.
+    ledger = _ledger(tmp_path)
+    ds = ledger.register_dataset(IDS, "h")
+    _run_rounds(ledger, ds, "run-1", 1.1, 0.1, 10, rounds=2)
+    spent = _run_rounds(ledger, ds, "run-1", 1.1, 0.1, 10, rounds=1, first=2)
+    assert spent == pytest.approx(closed_form([(1.1, 0.1, 30)]), rel=0.01)
+
+
+def test_a_corrupt_ledger_refuses_training_instead_of_starting_from_zero(tmp_path):
+    (tmp_path / "ledger.json").write_text("{truncated")
+    with pytest.raises(BudgetError, match="privacy ledger unreadable .* restore it from backup"):
+        _ledger(tmp_path).register_dataset(IDS, "h")
