@@ -67,7 +67,7 @@ def train_flops_per_sample(model, x, y) -> float:
     return counter.get_total_flops() / len(x)
 
 
-def measure_shape(shape: str, steps: int, repeats: int) -> dict:
+def measure_shape(shape: str, steps: int, repeats: int, model_overrides: dict | None = None) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -82,8 +82,11 @@ def measure_shape(shape: str, steps: int, repeats: int) -> dict:
     schema = FeatureSchema.load(ROOT / "simulations" / "schemas" / SHAPES[shape])
     n_data = BATCH * steps
     x, y = _inputs(schema, n_data)
-    plain = MultiModalTransformer(schema)
-    private = MultiModalTransformer(schema)
+    from shared_models import ModelConfig
+
+    cfg = ModelConfig(**(model_overrides or {}))
+    plain = MultiModalTransformer(schema, cfg)
+    private = MultiModalTransformer(schema, cfg)
     private.load_state_dict(plain.state_dict())
     flops = train_flops_per_sample(plain, x[:BATCH], y[:BATCH])
 
@@ -124,6 +127,7 @@ def measure_shape(shape: str, steps: int, repeats: int) -> dict:
     hooks.cleanup()
     return {
         "shape": shape,
+        "model": cfg.model_dump(),
         "inputs": schema.layout().n_inputs,
         "classes": schema.n_classes,
         "parameters": plain.num_parameters(),
@@ -143,14 +147,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer steps: a smoke run, not a measurement")
     ap.add_argument("--child", choices=sorted(SHAPES), help=argparse.SUPPRESS)
     ap.add_argument("--shapes", default="brca,pancan")
+    ap.add_argument("--model", default="{}", help='ModelConfig overrides as JSON, e.g. \'{"n_latents": 32}\'')
     args = ap.parse_args()
     steps, repeats = (3, 1) if args.quick else (12, 3)
     if args.child:
-        print(json.dumps(measure_shape(args.child, steps, repeats)))
+        print(json.dumps(measure_shape(args.child, steps, repeats, json.loads(args.model))))
         return
     results = []
     for shape in args.shapes.split(","):
-        cmd = [sys.executable, __file__, "--child", shape] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, __file__, "--child", shape, "--model", args.model] + (["--quick"] if args.quick else [])
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
     head = ["shape", "inputs", "params", "MFLOP/sample", "plain/s", "DP/s", "DP overhead", "peak RSS MB",
@@ -163,6 +168,7 @@ def main() -> None:
         print("  ".join(str(c).rjust(w) for c, w in zip(row, widths)))
     print(f"batch {BATCH}, one thread, Opacus hooks mode, AdamW; best of interleaved repeats")
     print(json.dumps({"benchmark": "train_step", "batch": BATCH, "threads": 1, "quick": args.quick,
+                      "model_overrides": json.loads(args.model),
                       "shapes": {r["shape"]: r for r in results}}))
 
 

@@ -1,0 +1,101 @@
+"""The run configuration of a federated training run, parsed by the server and by every site.
+
+Flower hands both sides `context.run_config`, a flat dict with the kebab-case keys of
+`[tool.flwr.app.config]` in pyproject.toml (overridable with `flwr run . --run-config 'k=v'`).
+`RunConfig.from_flower` validates it once at start: a bad value stops the run immediately with a
+message naming the key and the fix.
+
+Paths are absolute or relative to the directory the run was started from (`base-dir`), because
+the ServerApp and the ClientApps do not run in the project directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shared_models.model import ModelConfig
+
+
+class RunConfigError(ValueError):
+    """A run configuration that cannot be used; names the key and the fix."""
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    # --- where things are -------------------------------------------------------------------
+    base_dir: str = Field("", alias="base-dir", description="directory relative paths are resolved from")
+    schema_path: str = Field(..., alias="schema", description="consortium feature schema JSON")
+    data_root: str = Field("", alias="data-root",
+                           description="simulation: directory of site dirs written by `oncofed partition`")
+    output_dir: str = Field("runs/latest", alias="output-dir",
+                            description="server: checkpoints, metrics.jsonl, final model")
+    site_state_root: str = Field("", alias="site-state-root",
+                                 description="simulation: per-site state (ledger, model store); default DATA-ROOT/state")
+    eval_data: str = Field("", alias="eval-data", description="server: optional validation site dir")
+    run_name: str = Field("oncofed", alias="run-name", description="names the run in ledgers and packages")
+    resume: bool = Field(False, description="continue from the latest checkpoint in output-dir")
+
+    # --- federation -------------------------------------------------------------------------
+    num_rounds: int = Field(10, alias="num-rounds", ge=1)
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    proximal_mu: float = Field(0.01, alias="proximal-mu", ge=0)
+    server_lr: float = Field(0.01, alias="server-lr", gt=0, description="FedAdam server learning rate")
+    min_sites: int = Field(2, alias="min-sites", ge=1, description="sites needed to start and finish a round")
+    round_timeout: float = Field(600.0, alias="round-timeout", gt=0, description="seconds; SecAgg+ needs one")
+    secagg: bool = Field(True, description="Flower SecAgg+ (the server sees only the sum of updates)")
+    secagg_clipping_range: float = Field(8.0, alias="secagg-clipping-range", gt=0)
+    secagg_quantization_range: int = Field(2**22, alias="secagg-quantization-range", ge=2**10)
+
+    # --- privacy (the site's node config overrides the budget in deployment) -----------------
+    dp: bool = True
+    epsilon: float = Field(8.0, gt=0, description="per-site budget (simulation; a site's node config wins)")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, alias="max-grad-norm", gt=0, description="per-sample clipping bound C")
+
+    # --- local training ---------------------------------------------------------------------
+    local_epochs: int = Field(1, alias="local-epochs", ge=1)
+    batch_size: int = Field(64, alias="batch-size", ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, alias="weight-decay", ge=0)
+    warmup_fraction: float = Field(0.1, alias="warmup-fraction", ge=0, lt=1)
+    val_fraction: float = Field(0.2, alias="val-fraction", ge=0, lt=1, description="site's local held-out part")
+    min_count: int = Field(5, alias="min-count", ge=1, description="counts below this are never reported")
+    seed: int = 0
+
+    # --- model (architecture; must match on every side) ---------------------------------------
+    d_model: int = Field(64, alias="d-model")
+    n_latents: int = Field(16, alias="n-latents")
+    chunk_size: int = Field(64, alias="chunk-size")
+    dropout: float = 0.1
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RunConfig":
+        if self.strategy == "fedprox" and self.proximal_mu == 0:
+            raise ValueError("strategy 'fedprox' with proximal-mu 0 is FedAvg; set proximal-mu > 0 or use fedavg")
+        return self
+
+    def model_config_(self) -> ModelConfig:
+        return ModelConfig(d_model=self.d_model, n_latents=self.n_latents, chunk_size=self.chunk_size,
+                           dropout=self.dropout)
+
+    def path(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() or not self.base_dir else Path(self.base_dir) / p
+
+    @classmethod
+    def from_flower(cls, run_config: dict, source: str = "run config") -> "RunConfig":
+        try:
+            return cls.model_validate(dict(run_config))
+        except ValidationError as e:
+            lines = [f"{source}: invalid ({e.error_count()} problem{'s' if e.error_count() > 1 else ''}):"]
+            for err in e.errors():
+                key = ".".join(str(k) for k in err["loc"]) or "(run config)"
+                hint = {"extra_forbidden": "unknown key: check its spelling against [tool.flwr.app.config]",
+                        "missing": "add it to [tool.flwr.app.config] or pass --run-config"}.get(err["type"], "")
+                got = f" (got {err['input']!r})" if err["type"] not in ("missing",) and "input" in err else ""
+                lines.append(f"  - {key}: {err['msg'].removeprefix('Value error, ')}{got}" + (f"; {hint}" if hint else ""))
+            raise RunConfigError("\n".join(lines)) from None
