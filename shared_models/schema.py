@@ -196,6 +196,8 @@ class FeatureSchema(BaseModel):
             raise SchemaError(f"{path}: schema file not found; pass the consortium's schema JSON") from None
         except OSError as e:
             raise SchemaError(f"{path}: cannot read the schema file ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise SchemaError(f"{path}: not a text file (schema files are UTF-8 JSON)") from None
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as e:

@@ -62,6 +62,7 @@ def read_table(path: Path, id_column: str) -> pd.DataFrame:
                     table = pq.read_table(pa.BufferReader(fh.read()))
             else:
                 table = pq.read_table(path)
+            _require_unique_columns(path, table.column_names)
             df = table.to_pandas()
         else:
             df = _read_delimited(path, "," if fmt == "csv" else "\t", id_column)
@@ -93,7 +94,20 @@ def _read_delimited(path: Path, sep: str, id_column: str) -> pd.DataFrame:
     convert = pacsv.ConvertOptions(column_types={id_column: pa.string()}, null_values=MISSING_TOKENS,
                                    strings_can_be_null=False)
     table = pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+    _require_unique_columns(path, table.column_names)
     return table.to_pandas()
+
+
+def _require_unique_columns(path: Path, names: list[str]) -> None:
+    # pandas keeps only one of two same-named columns, silently: refuse instead of losing data.
+    seen, dupes = set(), []
+    for n in names:
+        if n in seen and n not in dupes:
+            dupes.append(n)
+        seen.add(n)
+    if dupes:
+        raise TableError(f"{path}: duplicate column names {dupes[:5]}; give every column its own name "
+                         "(only one of two same-named columns would be read)")
 
 
 def _short(e: Exception) -> str:
