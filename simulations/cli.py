@@ -2,8 +2,95 @@
 
 from __future__ import annotations
 
+import time
+
 import typer
 
 
 def register(app: typer.Typer) -> None:
-    pass  # sub-commands are added as they land
+    app.command("partition")(partition)
+    app.command("synthetic")(synthetic)
+
+
+def _fail(message: str) -> None:
+    typer.echo(message, err=True)
+    raise typer.Exit(code=2)
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        _fail(f"{flag} {text!r}: give comma-separated whole numbers, e.g. {flag} 6000,500")
+        raise  # unreachable
+
+
+def partition(
+    cohort_dir: str = typer.Argument(..., help="pooled cohort directory (labels + one table per modality)"),
+    schema: str = typer.Option(..., "--schema", help="the cohort's schema JSON"),
+    out: str = typer.Option(..., "--out", help="federation directory to write (one sub-directory per site)"),
+    sites: int | None = typer.Option(None, "--sites", help="number of sites [with --by: one per value]"),
+    by: str | None = typer.Option(None, "--by", help="labels column whose values define the sites, e.g. center8"),
+    dirichlet: float | None = typer.Option(None, "--dirichlet", help="label skew: Dirichlet alpha (small = skewed)"),
+    iid: bool = typer.Option(False, "--iid", help="stratified IID split"),
+    seed: int = typer.Option(0, "--seed", help="random seed (same seed, same partition)"),
+    holdout_column: str | None = typer.Option(
+        None, "--holdout-column", help="hold out whole groups of this labels column (e.g. tss) for evaluation"),
+    holdout_frac: float = typer.Option(0.2, "--holdout-frac", help="share of patients to hold out"),
+    min_site_patients: int = typer.Option(10, "--min-site-patients", help="--dirichlet: fewest patients per site"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a federation directory written before"),
+) -> None:
+    """Split a pooled cohort into site directories (by a column, Dirichlet label skew or IID) + manifest.json."""
+    from shared_models.schema import FeatureSchema, SchemaError
+    from shared_models.site_data import TableError
+    from simulations.partition import PartitionError, format_manifest, partition_cohort
+
+    try:
+        s = FeatureSchema.load(schema)
+        start = time.perf_counter()
+        manifest = partition_cohort(cohort_dir, s, out, sites=sites, by=by, dirichlet=dirichlet, iid=iid, seed=seed,
+                                    holdout_column=holdout_column, holdout_frac=holdout_frac,
+                                    min_site_patients=min_site_patients, overwrite=overwrite)
+    except (SchemaError, TableError, PartitionError) as e:
+        _fail(str(e))
+    how = (f"by {by}" if by else f"Dirichlet alpha={dirichlet}" if dirichlet is not None else "IID") + f", seed {seed}"
+    held = f", {manifest.holdout.patients:,} held out by {holdout_column}" if manifest.holdout else ""
+    typer.echo(f"wrote {out}: {len(manifest.sites)} sites ({how}){held} in {time.perf_counter() - start:.1f}s")
+    typer.echo(format_manifest(manifest, s.modality_names))
+    for reason, n in manifest.dropped.items():
+        typer.echo(f"not copied: {n:,} rows ({reason})")
+
+
+def synthetic(
+    out: str = typer.Argument(..., help="federation directory to write"),
+    sites: int = typer.Option(6, "--sites", help="number of sites"),
+    classes: int = typer.Option(4, "--classes", help="number of classes"),
+    patients_per_site: int = typer.Option(300, "--patients-per-site", help="mean patients per site"),
+    omics_widths: str = typer.Option("6000,500", "--omics-widths", help="features of each omics modality"),
+    tabular_columns: int = typer.Option(10, "--tabular-columns", help="columns of the clinical table (0 = none)"),
+    alpha: float = typer.Option(0.5, "--alpha", help="label skew: Dirichlet alpha (small = skewed)"),
+    signal: float = typer.Option(2.5, "--signal", help="class separation in latent space"),
+    batch: float = typer.Option(0.3, "--batch", help="per-site batch effect strength"),
+    missing_modality_rate: float = typer.Option(0.15, "--missing-modality-rate",
+                                                help="mean share of a site's patients missing each modality"),
+    missing_value_rate: float = typer.Option(0.02, "--missing-value-rate", help="mean share of missing cells"),
+    holdout_patients: int = typer.Option(0, "--holdout-patients", help="patients of an extra unseen evaluation site"),
+    seed: int = typer.Option(0, "--seed", help="random seed (same seed, same federation)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a federation directory written before"),
+) -> None:
+    """Generate a synthetic federation: site directories, schema.json and manifest.json."""
+    from simulations.partition import PartitionError, format_manifest
+    from simulations.synthetic import SyntheticConfig, generate_federation
+
+    cfg = SyntheticConfig(sites=sites, classes=classes, patients_per_site=patients_per_site,
+                          omics_widths=_ints(omics_widths, "--omics-widths"), tabular_columns=tabular_columns,
+                          alpha=alpha, signal=signal, batch=batch, missing_modality_rate=missing_modality_rate,
+                          missing_value_rate=missing_value_rate, holdout_patients=holdout_patients, seed=seed)
+    start = time.perf_counter()
+    try:
+        manifest = generate_federation(out, cfg, overwrite=overwrite)
+    except PartitionError as e:
+        _fail(str(e))
+    typer.echo(f"wrote {out}: {len(manifest.sites)} synthetic sites, {classes} classes, seed {seed} "
+               f"in {time.perf_counter() - start:.1f}s")
+    typer.echo(format_manifest(manifest, list(manifest.sites[0].modality_counts)))
