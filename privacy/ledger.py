@@ -131,9 +131,12 @@ class PrivacyLedger:
                 self._write(state)
         return fp
 
-    def history(self, dataset: str) -> list[Mechanism]:
+    def history(self, dataset: str, excluding: "RoundTicket | None" = None) -> list[Mechanism]:
+        """Every mechanism run on this dataset's patients; `excluding` leaves out a round in progress
+        (Opacus' accountant, restored from this, adds the round's steps as they run)."""
         state = self._read()
-        return self._history(state, self._related(state, dataset))
+        skip = None if excluding is None else (excluding.dataset, excluding.run_id, excluding.round, excluding.attempt)
+        return self._history(state, self._related(state, dataset), skip=skip)
 
     def spent(self, dataset: str) -> float:
         return epsilon(self.history(dataset), self.delta)

@@ -1,0 +1,154 @@
+"""One federated round at a site: local training (DP-SGD by default) from the global weights.
+
+Privacy protocol of a round (the site's ledger is the authority, see privacy/ledger.py):
+1. the run's noise multiplier is chosen once, at the run's first round at this site, for the whole
+   planned schedule (rounds x local epochs x steps) composed with what the site already spent;
+2. `begin_round` refuses the round if its planned steps would exceed the site's budget (nothing is
+   trained or sent), else writes it ahead as pending;
+3. Opacus' PRV accountant is restored from the ledger's history before training, DP-SGD runs;
+4. the executed steps are committed before the update leaves the site; the accountant's own
+   epsilon must agree with the ledger's.
+The update sent is the weight delta (local - global), which keeps SecAgg+'s quantisation precise.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from client.site import PreparedSite
+from client.training import (TrainConfig, build_loader, build_loss, build_optimizer, class_counts, evaluate,
+                             lr_multiplier)
+from privacy.accounting import BudgetError, noise_multiplier_for, planned_steps
+from shared_models.model import MultiModalTransformer
+from shared_models.run_config import RunConfig
+
+
+@dataclass
+class RoundResult:
+    delta: list[np.ndarray]  # local - global, in state_dict order
+    num_examples: int
+    metrics: dict  # aggregates only: safe to send
+
+
+def state_arrays(model: torch.nn.Module) -> list[np.ndarray]:
+    return [v.detach().cpu().numpy().copy() for v in model.state_dict().values()]
+
+
+def load_arrays(model: torch.nn.Module, arrays: list[np.ndarray]) -> None:
+    keys = list(model.state_dict().keys())
+    if len(keys) != len(arrays):
+        raise ValueError(f"received {len(arrays)} arrays for a model with {len(keys)} tensors: the server runs "
+                         "another model or schema version")
+    model.load_state_dict({k: torch.from_numpy(np.asarray(a)).clone() for k, a in zip(keys, arrays)})
+
+
+def train_config(cfg: RunConfig) -> TrainConfig:
+    return TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+                       warmup_fraction=cfg.warmup_fraction, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed)
+
+
+def run_noise(site: PreparedSite, run_id: str, cfg: RunConfig) -> tuple[float, float, int]:
+    """(noise multiplier, sample rate, steps per round) of this run at this site, chosen once."""
+    n = len(site.train.y)
+    q, total = planned_steps(n, cfg.batch_size, cfg.local_epochs, cfg.num_rounds)
+    per_round = total // cfg.num_rounds
+    saved = site.ledger.run_noise(site.dataset_fingerprint, run_id)
+    if saved is not None:
+        return saved["noise_multiplier"], saved["sample_rate"], per_round
+    sigma = noise_multiplier_for(site.ledger.budget_epsilon, site.ledger.delta, q, total,
+                                 spent=site.ledger.history(site.dataset_fingerprint))
+    site.ledger.set_run_noise(site.dataset_fingerprint, run_id, sigma, q, total)
+    return sigma, q, per_round
+
+
+def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunConfig, run_id: str, rnd: int,
+                site_seed: int = 0) -> RoundResult:
+    """Train from the global weights and return the update; raises BudgetError to refuse the round."""
+    torch.manual_seed(cfg.seed * 1_000_003 + site_seed * 1009 + rnd)
+    model = MultiModalTransformer(site.schema, cfg.model_config_())
+    load_arrays(model, global_arrays)
+    global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tc = train_config(cfg)
+    x, y = (torch.from_numpy(a) for a in (site.train.x, site.train.y))
+    loss_fn = build_loss(tc, class_counts(site.train.y, site.schema.n_classes))
+    optimizer = build_optimizer(model, tc)
+    loader = build_loader(x, y, tc, seed=cfg.seed * 7919 + site_seed * 31 + rnd)
+    steps_per_round = cfg.local_epochs * len(loader)
+    total_steps = steps_per_round * cfg.num_rounds
+    first_step = (rnd - 1) * steps_per_round  # one warm-up + cosine schedule over the whole run
+
+    ticket, hooks, engine = None, None, None
+    if cfg.dp:
+        sigma, q, planned = run_noise(site, run_id, cfg)
+        ticket = site.ledger.begin_round(site.dataset_fingerprint, run_id, rnd, sigma, q, planned)
+        from opacus import PrivacyEngine
+
+        engine = PrivacyEngine(accountant="prv")
+        engine.accountant.history = site.ledger.history(site.dataset_fingerprint, excluding=ticket)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Opacus' notes on secure_mode and optimizer types
+            hooks, optimizer, loader = engine.make_private(
+                module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
+                max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",
+                wrap_model=False)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    prox = cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0
+
+    model.train()
+    step, loss_sum, seen = 0, 0.0, 0
+    try:
+        for _ in range(cfg.local_epochs):
+            for xb, yb in loader:
+                mult = lr_multiplier(first_step + step, total_steps, math.ceil(cfg.warmup_fraction * total_steps))
+                for g, lr in zip(optimizer.param_groups, base_lrs):
+                    g["lr"] = lr * mult
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model(xb), yb)
+                loss.backward()
+                if not cfg.dp:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                if prox:
+                    # FedProx's proximal term, applied as its own (data-independent) step after the
+                    # DP-SGD step: Opacus rebuilds the gradient from per-sample terms only.
+                    with torch.no_grad():
+                        for name, p in model.named_parameters():
+                            p.sub_(p - global_state[name], alpha=optimizer.param_groups[0]["lr"] * prox)
+                step += 1
+                loss_sum += float(loss.detach()) * len(yb)
+                seen += len(yb)
+    finally:
+        if hooks is not None:
+            hooks.cleanup()
+
+    metrics = {"train_loss": loss_sum / max(seen, 1), "local_steps": step}
+    if cfg.dp:
+        spent = site.ledger.commit_round(ticket, step)
+        accountant_eps = float(engine.get_epsilon(site.ledger.delta))
+        if not math.isclose(spent, accountant_eps, rel_tol=0.01):
+            raise BudgetError(f"ledger epsilon {spent:.4f} and Opacus' accountant {accountant_eps:.4f} disagree; "
+                              "the round's update is withheld")
+        metrics.update(epsilon=spent, noise_multiplier=ticket.noise_multiplier, sample_rate=ticket.sample_rate)
+    val = evaluate(model, torch.from_numpy(site.val.x), torch.from_numpy(site.val.y)) if len(site.val.y) else None
+    if val is not None and len(site.val.y) >= cfg.min_count:
+        metrics.update(local_val_accuracy=val.accuracy, local_val_macro_f1=val.macro_f1)
+    local = model.state_dict()
+    delta = [(local[k] - global_state[k]).detach().cpu().numpy() for k in global_state]
+    return RoundResult(delta=delta, num_examples=len(site.train.y), metrics=metrics)
+
+
+def evaluate_global(site: PreparedSite, arrays: list[np.ndarray], cfg: RunConfig) -> tuple[int, dict]:
+    """Metrics of the global weights on the site's held-out part; counts below min_count are not sent."""
+    model = MultiModalTransformer(site.schema, cfg.model_config_())
+    load_arrays(model, arrays)
+    n = len(site.val.y)
+    if n < cfg.min_count:
+        return 0, {}
+    m = evaluate(model, torch.from_numpy(site.val.x), torch.from_numpy(site.val.y))
+    return n, {"loss": m.loss, "accuracy": m.accuracy, "balanced_accuracy": m.balanced_accuracy,
+               "macro_f1": m.macro_f1}

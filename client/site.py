@@ -1,0 +1,77 @@
+"""A hospital site's data and privacy state, prepared once per process and reused every round.
+
+Preparing a site: validate its tables against the consortium schema (a site with invalid data
+refuses to train and says why), split a local held-out part (stratified, by seed), fit the
+normalisation on training rows only (saved in the site's state directory for prediction time),
+and register the training patients in the site's privacy ledger.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from privacy.ledger import PrivacyLedger
+from shared_models.schema import FeatureSchema
+from shared_models.site_data import Normalizer, encode_labels, make_dataset, raw_matrix, read_site, SiteDataset
+from shared_models.validation import validate_site
+
+
+class SiteDataError(ValueError):
+    """The site's data failed validation; the message lists every problem."""
+
+
+@dataclass(frozen=True)
+class SitePaths:
+    site_dir: Path  # the hospital's tables
+    state_dir: Path  # privacy ledger, normalisation, checkpoints of local state: never leaves the site
+    model_dir: Path  # the site's model store (global models delivered by the server)
+
+
+@dataclass
+class PreparedSite:
+    schema: FeatureSchema
+    paths: SitePaths
+    train: SiteDataset
+    val: SiteDataset
+    normalizer: Normalizer
+    ledger: PrivacyLedger
+    dataset_fingerprint: str
+    warnings: list[str]
+
+
+def stratified_split(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val): each class contributes round(val_fraction * n_c) patients to val, but a
+    class keeps at least one training patient."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        k = min(int(round(val_fraction * len(idx))), len(idx) - 1)
+        val.extend(idx[:k])
+        train.extend(idx[k:])
+    return np.sort(np.asarray(train, dtype=np.int64)), np.sort(np.asarray(val, dtype=np.int64))
+
+
+def prepare_site(schema: FeatureSchema, paths: SitePaths, *, budget_epsilon: float, delta: float,
+                 val_fraction: float, min_count: int, seed: int) -> PreparedSite:
+    report = validate_site(schema, paths.site_dir, min_count=min_count)
+    if not report.ok:
+        raise SiteDataError(report.format_report())
+    tables = read_site(schema, paths.site_dir)
+    ids = [str(i) for i in tables.labels.index]
+    y = encode_labels(schema, tables.labels)
+    raw = raw_matrix(schema, tables, ids)
+    tr, va = stratified_split(y, val_fraction, seed)
+    paths.state_dir.mkdir(parents=True, exist_ok=True)
+    normalizer = Normalizer.fit(schema, raw[tr])
+    normalizer.save(paths.state_dir / "normalizer.json")
+    train = make_dataset(schema, raw[tr], y[tr], [ids[i] for i in tr], normalizer)
+    val = make_dataset(schema, raw[va], y[va], [ids[i] for i in va], normalizer)
+    ledger = PrivacyLedger(paths.state_dir / "privacy-ledger.json", budget_epsilon=budget_epsilon, delta=delta)
+    # DP-SGD touches only the training patients; the held-out part is used for local metrics.
+    fingerprint = ledger.register_dataset(train.ids, schema.content_hash())
+    return PreparedSite(schema, paths, train, val, normalizer, ledger, fingerprint,
+                        [p.message for p in report.warnings])

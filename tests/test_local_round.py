@@ -1,0 +1,97 @@
+"""A site's federated round: DP-SGD with exact accounting, the budget is authoritative, the update is a delta."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from opacus.accountants import PRVAccountant
+
+from client.local_round import evaluate_global, state_arrays, train_round
+from client.site import SiteDataError, SitePaths, prepare_site
+from privacy.accounting import BudgetError
+from shared_models.model import MultiModalTransformer
+from shared_models.run_config import RunConfig
+from tests.sitefixtures import site_schema, site_tables, write_site
+
+
+def _setup(tmp_path, budget=8.0, rounds=3, **cfg):
+    schema = site_schema()
+    schema_path = schema.save(tmp_path / "schema.json")
+    write_site(tmp_path / "site", site_tables(n_per_class=20))
+    run = RunConfig.from_flower({"schema": str(schema_path), "num-rounds": rounds, "batch-size": 16,
+                                 "epsilon": budget, "d-model": 64, **cfg})
+    site = prepare_site(schema, SitePaths(tmp_path / "site", tmp_path / "state", tmp_path / "models"),
+                        budget_epsilon=budget, delta=1e-5, val_fraction=0.2, min_count=5, seed=0)
+    torch.manual_seed(0)
+    weights = state_arrays(MultiModalTransformer(schema, run.model_config_()))
+    return schema, run, site, weights
+
+
+def _closed_form(history, delta=1e-5):
+    acc = PRVAccountant()
+    acc.history = history
+    return acc.get_epsilon(delta=delta)
+
+
+def test_reported_epsilon_is_the_closed_form_of_the_executed_steps(tmp_path):
+    _, run, site, w = _setup(tmp_path)
+    r1 = train_round(site, w, run, "run-A", 1)
+    r2 = train_round(site, w, run, "run-A", 2)
+    sigma, q = r1.metrics["noise_multiplier"], r1.metrics["sample_rate"]
+    steps = r1.metrics["local_steps"] + r2.metrics["local_steps"]
+    assert r2.metrics["epsilon"] == pytest.approx(_closed_form([(sigma, q, steps)]), rel=0.01)
+
+
+def test_the_whole_planned_schedule_fits_the_budget_and_one_more_round_is_refused(tmp_path):
+    _, run, site, w = _setup(tmp_path, budget=3.0, rounds=2)
+    last = None
+    for rnd in (1, 2):
+        last = train_round(site, w, run, "run-A", rnd)
+    assert 2.8 <= last.metrics["epsilon"] <= 3.0  # noise chosen once, for both rounds
+    ledger_before = (tmp_path / "state" / "privacy-ledger.json").read_text()
+    with pytest.raises(BudgetError, match=r"round 3 refused: .* budget 3 .* Nothing was trained or sent"):
+        train_round(site, w, run, "run-A", 3)
+    assert (tmp_path / "state" / "privacy-ledger.json").read_text() == ledger_before
+
+
+def test_a_second_run_on_the_same_data_continues_the_spend(tmp_path):
+    schema, run, site, w = _setup(tmp_path, budget=8.0, rounds=2)
+    first = train_round(site, w, run, "run-A", 1).metrics["epsilon"]
+    # a new process prepares the same site again: the ledger carries the spend
+    again = prepare_site(schema, site.paths, budget_epsilon=8.0, delta=1e-5, val_fraction=0.2, min_count=5, seed=0)
+    assert again.dataset_fingerprint == site.dataset_fingerprint
+    assert again.ledger.spent(again.dataset_fingerprint) == pytest.approx(first, rel=1e-9)
+    second = train_round(again, w, run, "run-B", 1).metrics
+    assert second["noise_multiplier"] > 0
+    assert second["epsilon"] > first
+    ledger = json.loads((tmp_path / "state" / "privacy-ledger.json").read_text())
+    assert {e["run_id"] for e in ledger["entries"]} == {"run-A", "run-B"}
+
+
+def test_the_update_is_a_delta_from_the_global_weights(tmp_path):
+    schema, run, site, w = _setup(tmp_path, dp=False)
+    res = train_round(site, w, run, "run-A", 1)
+    assert [d.shape for d in res.delta] == [a.shape for a in w]
+    assert max(float(np.abs(d).max()) for d in res.delta) > 0
+    assert "epsilon" not in res.metrics  # DP off: nothing is claimed
+    assert not (tmp_path / "state" / "privacy-ledger.json").exists() or \
+        json.loads((tmp_path / "state" / "privacy-ledger.json").read_text())["entries"] == []
+
+
+def test_metrics_of_a_held_out_part_below_the_minimum_count_are_not_sent(tmp_path):
+    _, run, site, w = _setup(tmp_path)
+    n, metrics = evaluate_global(site, w, run.model_copy(update={"min_count": 100}))
+    assert (n, metrics) == (0, {})
+
+
+def test_a_site_with_invalid_data_refuses_with_every_problem(tmp_path):
+    schema = site_schema()
+    tables = site_tables()
+    tables["labels"].loc[0, "subtype"] = "Z"
+    write_site(tmp_path / "site", tables)
+    with pytest.raises(SiteDataError, match=r"labels\.csv.*'Z'"):
+        prepare_site(schema, SitePaths(tmp_path / "site", tmp_path / "state", tmp_path / "m"), budget_epsilon=8,
+                     delta=1e-5, val_fraction=0.2, min_count=5, seed=0)
