@@ -41,14 +41,19 @@ class RunConfig(BaseModel):
 
     # --- federation -------------------------------------------------------------------------
     num_rounds: int = Field(10, alias="num-rounds", ge=1)
+    sites: int = Field(0, ge=0, description="sites expected before round 1 (0: min-sites)")
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
     proximal_mu: float = Field(0.01, alias="proximal-mu", ge=0)
     server_lr: float = Field(0.01, alias="server-lr", gt=0, description="FedAdam server learning rate")
     min_sites: int = Field(2, alias="min-sites", ge=1, description="sites needed to start and finish a round")
     round_timeout: float = Field(600.0, alias="round-timeout", gt=0, description="seconds; SecAgg+ needs one")
     secagg: bool = Field(True, description="Flower SecAgg+ (the server sees only the sum of updates)")
-    secagg_clipping_range: float = Field(8.0, alias="secagg-clipping-range", gt=0)
-    secagg_quantization_range: int = Field(2**22, alias="secagg-quantization-range", ge=2**10)
+    secagg_clipping_range: float = Field(
+        1.0, alias="secagg-clipping-range", gt=0, description="bound on |delta * n / max-weight| per weight")
+    secagg_max_weight: float = Field(
+        2000.0, alias="secagg-max-weight", gt=0, description=">= the largest site's training patients")
+    secagg_threshold: float = Field(
+        0.66, alias="secagg-threshold", gt=0, le=1, description="share of sites needed to unmask a round")
 
     # --- privacy (the site's node config overrides the budget in deployment) -----------------
     dp: bool = True

@@ -1,0 +1,184 @@
+"""The hospital site's Flower ClientApp: validate, train under DP, answer SecAgg+, store the global model.
+
+The site's own settings come from the SuperNode's node config in a deployment:
+    data-path        the site directory (tables)           state-dir    ledger, normalisation
+    model-dir        the site's model store                 privacy-budget  epsilon the site allows
+    require-secagg   refuse unmasked training requests (default true)
+In a simulation each node only gets `partition-id`; the site is the partition-id-th site of the
+run config's `data-root` manifest, and its state lives under `site-state-root`.
+
+SecAgg+ exists only for Flower's legacy messages, so training answers legacy fit records.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.logger import log
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common.recorddict_compat import (
+    evaluateres_to_recorddict,
+    fitres_to_recorddict,
+    recorddict_to_evaluateins,
+    recorddict_to_fitins,
+)
+
+from client.local_round import evaluate_global, train_round
+from client.model_store import ModelStore, ModelStoreError
+from client.site import PreparedSite, SiteDataError, SitePaths, prepare_site
+from privacy.accounting import BudgetError
+from shared_models.run_config import RunConfig
+from shared_models.schema import FeatureSchema
+
+torch.set_num_threads(1)
+REFUSAL_KEY = "refused-reason"  # read by server.strategy (same literal: client and server do not import each other)
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    name: str
+    index: int
+    paths: SitePaths
+    budget_epsilon: float
+    require_secagg: bool
+
+
+def site_settings(context: Context, cfg: RunConfig) -> SiteSettings:
+    node = context.node_config
+    if "data-path" in node:  # a real deployment: the site's own configuration is authoritative
+        data = Path(str(node["data-path"]))
+        state = Path(str(node.get("state-dir", data.parent / "oncofed-state")))
+        models = Path(str(node.get("model-dir", state / "models")))
+        return SiteSettings(str(node.get("site-name", data.name)), 0, SitePaths(data, state, models),
+                            float(node.get("privacy-budget", cfg.epsilon)),
+                            str(node.get("require-secagg", "true")).lower() not in ("false", "0", "no"))
+    index = int(node["partition-id"])
+    root = cfg.path(cfg.data_root)
+    sites = json.loads((root / "manifest.json").read_text())["sites"]  # written by `oncofed partition`
+    if index >= len(sites):
+        raise ValueError(f"partition-id {index} but {root}/manifest.json lists {len(sites)} sites; run the simulation "
+                         f"with num-supernodes={len(sites)}")
+    name = sites[index]["name"]
+    state_root = cfg.path(cfg.site_state_root) if cfg.site_state_root else root / "state"
+    paths = SitePaths(root / sites[index]["dir"], state_root / name / "state", state_root / name / "models")
+    return SiteSettings(name, index, paths, cfg.epsilon, cfg.secagg)
+
+
+_PREPARED: dict[tuple, PreparedSite] = {}  # one per site and schema, reused across rounds in this process
+
+
+def prepared(settings: SiteSettings, cfg: RunConfig) -> PreparedSite:
+    schema = FeatureSchema.load(cfg.path(cfg.schema_path))
+    key = (str(settings.paths.site_dir), schema.content_hash(), settings.budget_epsilon, cfg.delta, cfg.seed,
+           cfg.val_fraction, cfg.min_count)
+    if key not in _PREPARED:
+        _PREPARED[key] = prepare_site(schema, settings.paths, budget_epsilon=settings.budget_epsilon,
+                                      delta=cfg.delta, val_fraction=cfg.val_fraction, min_count=cfg.min_count,
+                                      seed=cfg.seed)
+        site = _PREPARED[key]
+        log(INFO, "site %s: %s training and %s held-out patients, spent epsilon %.3f of %.3f", settings.name,
+            len(site.train.y), len(site.val.y), site.ledger.spent(site.dataset_fingerprint), settings.budget_epsilon)
+    return _PREPARED[key]
+
+
+def site_policy_mod(msg: Message, context: Context, call_next):
+    """SecAgg+ for training messages; a site that requires it refuses unmasked training requests
+    (otherwise a server could simply ask for individual updates)."""
+    if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS not in msg.content.config_records:
+        cfg = RunConfig.from_flower(context.run_config)
+        if site_settings(context, cfg).require_secagg:
+            raise PermissionError("site policy: training requests must use secure aggregation (SecAgg+); "
+                                  "this one does not, so the site sends nothing")
+        return call_next(msg, context)
+    return secaggplus_mod(msg, context, call_next)
+
+
+app = ClientApp()
+
+
+def _refusal(fitins, msg: Message, site: str, reason: str) -> Message:
+    """Weight 0 and a zero vector: under SecAgg+ the site still completes the protocol, adding 0."""
+    log(WARNING, "site %s refuses the round: %s", site, reason)
+    zeros = [np.zeros_like(a, dtype=np.float64) for a in parameters_to_ndarrays(fitins.parameters)]
+    res = FitRes(Status(Code.OK, f"refused: {reason}"), ndarrays_to_parameters(zeros), 0,
+                 {REFUSAL_KEY: f"{site}: {reason}", "site": site})
+    return Message(fitres_to_recorddict(res, keep_input=False), reply_to=msg)
+
+
+@app.train(mods=[site_policy_mod])
+def train(msg: Message, context: Context) -> Message:
+    fitins = recorddict_to_fitins(msg.content, keep_input=True)
+    cfg = RunConfig.from_flower(context.run_config, source="run config (site)")
+    settings = site_settings(context, cfg)
+    rnd = int(fitins.config["server-round"])
+    run_key = str(fitins.config["run-key"])
+    try:
+        site = prepared(settings, cfg)
+    except SiteDataError as e:
+        log(WARNING, "site %s: data failed validation:\n%s", settings.name, e)
+        # The report names patient rows: it stays in the site's log; the server gets the verdict only.
+        return _refusal(fitins, msg, settings.name, "its data failed validation (details in the site's log; run "
+                        "`oncofed validate` there)")
+    n = len(site.train.y)
+    max_weight = float(fitins.config.get("secagg-max-weight", 0) or 0)
+    if max_weight and n > max_weight:
+        return _refusal(fitins, msg, settings.name, f"{n} training patients exceed secagg-max-weight {max_weight:g}; "
+                        "the operator must raise secagg-max-weight")
+    try:
+        result = train_round(site, parameters_to_ndarrays(fitins.parameters), cfg, run_key, rnd,
+                             site_seed=settings.index)
+    except BudgetError as e:
+        return _refusal(fitins, msg, settings.name, str(e))
+    metrics = {k: float(v) for k, v in result.metrics.items()}
+    metrics["site"] = settings.name
+    delta = [d.astype(np.float64) for d in result.delta]  # SecAgg+ scales and quantises in float64
+    res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(delta), result.num_examples, metrics)
+    return Message(fitres_to_recorddict(res, keep_input=False), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    ins = recorddict_to_evaluateins(msg.content, keep_input=True)
+    cfg = RunConfig.from_flower(context.run_config, source="run config (site)")
+    settings = site_settings(context, cfg)
+    try:
+        site = prepared(settings, cfg)
+        n, metrics = evaluate_global(site, parameters_to_ndarrays(ins.parameters), cfg)
+    except SiteDataError:
+        n, metrics = 0, {}
+    res = EvaluateRes(Status(Code.OK, "ok"), float(metrics.get("loss", 0.0)), n, metrics)
+    return Message(evaluateres_to_recorddict(res), reply_to=msg)
+
+
+@app.query("save_model")
+def save_model(msg: Message, context: Context) -> Message:
+    """Install the final global model pushed by the server as a new version of the site's store."""
+    cfg = RunConfig.from_flower(context.run_config, source="run config (site)")
+    settings = site_settings(context, cfg)
+    schema = FeatureSchema.load(cfg.path(cfg.schema_path))
+    arrays = msg.content["arrays"].to_numpy_ndarrays()
+    info = json.loads(str(msg.content["config"]["package-info"]))
+    store = ModelStore(settings.paths.model_dir)
+    try:
+        if info["schema_hash"] != schema.content_hash():
+            raise ModelStoreError(f"model built for schema {info['schema_hash'][:12]}..., this site uses "
+                                  f"{schema.content_hash()[:12]}...")
+        version = store.install(schema, cfg.model_config_(), arrays, info,
+                                expected_arrays_sha256=info["arrays_sha256"])
+        reply = {"site": settings.name, "installed": True, "version": version, "path": str(store.root / version),
+                 "arrays_sha256": store.package(version)["arrays_sha256"]}
+        log(INFO, "site %s installed the global model of round %s as %s", settings.name, info.get("round"), version)
+    except ModelStoreError as e:
+        log(WARNING, "site %s did not install the model: %s", settings.name, e)
+        reply = {"site": settings.name, "installed": False, "error": str(e), "active": store.active() or ""}
+    return Message(RecordDict({"config": ConfigRecord({"reply": json.dumps(reply)})}), reply_to=msg)

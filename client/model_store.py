@@ -1,0 +1,109 @@
+"""A site's model store: versioned packages of the global model, one directory each.
+
+    MODEL_DIR/v0001/weights.pt     weights stamped with the schema hash (shared_models.weights)
+    MODEL_DIR/v0001/schema.json    the schema they were trained under
+    MODEL_DIR/v0001/package.json   run, round, metrics, per-site epsilon, SHA-256 of weights.pt
+    MODEL_DIR/ACTIVE               the active version's name
+
+A package is written under a temporary name and renamed into place, and ACTIVE is replaced
+atomically only after the package verifies: a crash never leaves a half-installed model active.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared_models.model import ModelConfig, MultiModalTransformer
+from shared_models.schema import FeatureSchema
+from shared_models.weights import save_weights
+
+PACKAGE_FORMAT = "oncofed-model-package/1"
+
+
+class ModelStoreError(ValueError):
+    """A package that cannot be installed or read; the active model is left as it was."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_arrays(arrays: list[np.ndarray]) -> str:
+    """Hash of the model's float32 arrays, computed identically by the server and the sites."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a, dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+class ModelStore:
+    def __init__(self, model_dir: str | Path):
+        self.root = Path(model_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def versions(self) -> list[str]:
+        return sorted(p.name for p in self.root.glob("v[0-9][0-9][0-9][0-9]") if (p / "package.json").exists())
+
+    def active(self) -> str | None:
+        f = self.root / "ACTIVE"
+        return f.read_text().strip() if f.exists() else None
+
+    def package(self, version: str) -> dict:
+        return json.loads((self.root / version / "package.json").read_text())
+
+    def install(self, schema: FeatureSchema, config: ModelConfig, arrays: list[np.ndarray], info: dict,
+                expected_arrays_sha256: str | None = None) -> str:
+        """Write a new version from the model's arrays and activate it; returns the version."""
+        got = sha256_arrays(arrays)
+        if expected_arrays_sha256 is not None and got != expected_arrays_sha256:
+            raise ModelStoreError(f"received model hash {got[:12]}... differs from the announced "
+                                  f"{expected_arrays_sha256[:12]}...: not installed, {self.active()} stays active")
+        model = MultiModalTransformer(schema, config)
+        keys = list(model.state_dict().keys())
+        if len(keys) != len(arrays):
+            raise ModelStoreError(f"received {len(arrays)} arrays for a model of {len(keys)} tensors: not installed")
+        model.load_state_dict({k: torch.from_numpy(np.asarray(a, dtype=np.float32)) for k, a in zip(keys, arrays)})
+        existing = self.versions()
+        version = f"v{(int(existing[-1][1:]) + 1 if existing else 1):04d}"
+        tmp = self.root / f".tmp-{version}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_weights(model, tmp / "weights.pt", extra={k: info[k] for k in ("run", "round") if k in info})
+        schema.save(tmp / "schema.json")
+        package = {"format": PACKAGE_FORMAT, "version": version, "installed": time.time(),
+                   "schema_hash": schema.content_hash(), "arrays_sha256": got,
+                   "weights_sha256": sha256_file(tmp / "weights.pt"), **info}
+        (tmp / "package.json").write_text(json.dumps(package, indent=1))
+        os.replace(tmp, self.root / version)
+        self.activate(version)
+        return version
+
+    def verify(self, version: str) -> dict:
+        pkg_dir = self.root / version
+        try:
+            package = self.package(version)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ModelStoreError(f"{pkg_dir}: unreadable package ({e})") from None
+        actual = sha256_file(pkg_dir / "weights.pt")
+        if actual != package.get("weights_sha256"):
+            raise ModelStoreError(f"{pkg_dir}/weights.pt: SHA-256 {actual[:12]}... does not match the package's "
+                                  f"{str(package.get('weights_sha256'))[:12]}...: the file was altered")
+        return package
+
+    def activate(self, version: str) -> None:
+        self.verify(version)
+        tmp = self.root / "ACTIVE.tmp"
+        tmp.write_text(version + "\n")
+        os.replace(tmp, self.root / "ACTIVE")

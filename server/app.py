@@ -1,0 +1,166 @@
+"""The consortium's Flower ServerApp: rounds of SecAgg+-aggregated site updates, checkpoints, delivery.
+
+    parse the run config -> initial (or checkpointed) weights -> strategy (deltas) ->
+    rounds (SecAgg+ fit, evaluate, checkpoint + metrics after each) -> push the final model to
+    every site (`query.save_model`) -> result.json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from logging import INFO, WARNING
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common import parameters_to_ndarrays
+from flwr.common.logger import log
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server import ServerConfig
+from flwr.server.compat import LegacyContext
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
+from flwr.serverapp import Grid, ServerApp
+
+from server.checkpoint import load_latest, save_checkpoint, write_json_atomic
+from server.strategy import build_strategy
+from server.workflow import RoundsWorkflow, evaluate_with_timeout
+from shared_models.model import MultiModalTransformer
+from shared_models.run_config import RunConfig
+from shared_models.schema import FeatureSchema
+
+torch.set_num_threads(1)
+app = ServerApp()
+
+
+def arrays_sha256(arrays: list[np.ndarray]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a, dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+def secagg_workflow(cfg: RunConfig, n_sites: int) -> SecAggPlusWorkflow:
+    """SecAgg+ parameters derived from the number of sites.
+
+    Every site is every other's neighbour (num_shares=1.0: consortia have 3-20 hospitals). The
+    sum of n quantised vectors must stay below the modulus (2**32, Flower's limit), so the
+    quantisation range is the largest power of two leaving room for n+1 summands. Sites send
+    deltas (|delta| << clipping range), so the quantisation step 2*clip/Q is ~1e-8 of the range.
+    """
+    q_bits = 32 - math.ceil(math.log2(n_sites + 1))
+    return SecAggPlusWorkflow(
+        num_shares=1.0, reconstruction_threshold=cfg.secagg_threshold, max_weight=cfg.secagg_max_weight,
+        clipping_range=cfg.secagg_clipping_range, quantization_range=2**q_bits, modulus_range=2**32,
+        timeout=cfg.round_timeout)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = RunConfig.from_flower(context.run_config, source="run config (server)")
+    t0 = time.time()
+    out = cfg.path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    schema = FeatureSchema.load(cfg.path(cfg.schema_path))
+    n_sites = cfg.sites or cfg.min_sites
+    ckpt_root = out / "checkpoints"
+
+    checkpoint = load_latest(ckpt_root) if cfg.resume else None
+    if checkpoint is not None:
+        if checkpoint.meta.get("schema_hash") != schema.content_hash():
+            raise ValueError(f"{ckpt_root}: checkpoint was trained under another schema; resume with that schema")
+        weights, first_round = checkpoint.weights, checkpoint.round + 1
+        run_key, site_epsilon = checkpoint.meta["run_key"], checkpoint.meta.get("site_epsilon", {})
+        log(INFO, "resuming run %s after round %s from %s", run_key, checkpoint.round, ckpt_root)
+    else:
+        torch.manual_seed(cfg.seed)
+        model = MultiModalTransformer(schema, cfg.model_config_())
+        weights = [v.detach().numpy().copy() for v in model.state_dict().values()]
+        first_round, run_key, site_epsilon = 1, f"{cfg.run_name}-{uuid.uuid4().hex[:8]}", {}
+    remaining = cfg.num_rounds - first_round + 1
+    if remaining < 1:
+        log(WARNING, "the checkpoint already holds all %s rounds; delivering the final model", cfg.num_rounds)
+
+    fit_config = {"run-key": run_key, "secagg-max-weight": cfg.secagg_max_weight}
+    strategy = build_strategy(cfg, weights, n_sites, fit_config)
+    if checkpoint is not None:
+        strategy.load_state_arrays(checkpoint.strategy_state)
+    metrics_file = out / "metrics.jsonl"
+
+    def on_round_end(rnd: int, lctx: LegacyContext) -> None:
+        arrays = parameters_to_ndarrays(compat.arrayrecord_to_parameters(
+            lctx.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
+        info = lctx.strategy.round_info
+        for site in info.get("sites", {}).values():
+            if "epsilon" in site and "site" in site:
+                site_epsilon[str(site["site"])] = float(site["epsilon"])
+        save_checkpoint(ckpt_root, rnd, arrays, lctx.strategy.state_arrays(), {
+            "run_key": run_key, "schema_hash": schema.content_hash(), "strategy": cfg.strategy,
+            "run_config": dict(context.run_config), "site_epsilon": site_epsilon})
+        h = lctx.history
+        line = {"round": rnd, "seconds": round(time.time() - t0, 2), **info,
+                "global": {"loss": dict(h.losses_distributed).get(rnd),
+                           **{k: dict(v).get(rnd) for k, v in h.metrics_distributed.items()}},
+                "fit": {k: dict(v).get(rnd) for k, v in h.metrics_distributed_fit.items()},
+                "site_epsilon": dict(site_epsilon), "weights_sha256": arrays_sha256(arrays)}
+        with metrics_file.open("a") as fh:
+            fh.write(json.dumps(line) + "\n")
+        g = line["global"]
+        log(INFO, "round %s done: %s sites, global macro-F1 %s, max site epsilon %s", rnd,
+            len(info.get("participants", [])), _fmt(g.get("macro_f1")),
+            _fmt(max(site_epsilon.values()) if site_epsilon else None))
+
+    lctx = LegacyContext(context=context, config=ServerConfig(num_rounds=max(remaining, 0)), strategy=strategy)
+    if remaining > 0:
+        RoundsWorkflow(fit_workflow=secagg_workflow(cfg, n_sites) if cfg.secagg else None,
+                       evaluate_workflow=evaluate_with_timeout(cfg.round_timeout), first_round=first_round,
+                       on_round_end=on_round_end, wait_for_sites=n_sites, wait_timeout=cfg.round_timeout)(grid, lctx)
+        final = parameters_to_ndarrays(compat.arrayrecord_to_parameters(
+            lctx.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
+    else:
+        final = weights
+    final = [np.asarray(a, dtype=np.float32) for a in final]
+    last = _last_metrics(metrics_file)
+    package = {"run": run_key, "round": cfg.num_rounds, "schema_hash": schema.content_hash(),
+               "arrays_sha256": arrays_sha256(final), "strategy": cfg.strategy, "secagg": cfg.secagg,
+               "dp": cfg.dp, "site_epsilon": site_epsilon, "delta": cfg.delta,
+               "metrics": (last or {}).get("global", {})}
+    np.savez(out / "final_weights.npz", *final)
+    deliveries = deliver(grid, final, package, cfg.round_timeout)
+    write_json_atomic(out / "result.json", {
+        **package, "first_round": first_round, "seconds": round(time.time() - t0, 1), "deliveries": deliveries,
+        "metrics_file": str(metrics_file), "checkpoints": str(ckpt_root)})
+    log(INFO, "final model delivered to %s/%s sites; result in %s",
+        sum(d.get("installed", False) for d in deliveries), len(deliveries), out / "result.json")
+
+
+def deliver(grid: Grid, final: list[np.ndarray], package: dict, timeout: float) -> list[dict]:
+    """Send the final model to every connected site; each installs it in its model store."""
+    content = RecordDict({"arrays": ArrayRecord(numpy_ndarrays=final),
+                          "config": ConfigRecord({"package-info": json.dumps(package)})})
+    messages = [Message(content=content, dst_node_id=nid, message_type="query.save_model")
+                for nid in grid.get_node_ids()]
+    out = []
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            out.append({"node": reply.metadata.src_node_id, "installed": False, "error": reply.error.reason[-300:]})
+        else:
+            out.append({"node": reply.metadata.src_node_id, **json.loads(str(reply.content["config"]["reply"]))})
+    return out
+
+
+def _last_metrics(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    return json.loads(lines[-1]) if lines else None
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}"

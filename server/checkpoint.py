@@ -1,0 +1,71 @@
+"""Atomic server checkpoints: a crash at any moment leaves the previous checkpoint intact.
+
+A checkpoint is a directory `round-NNNN/` (global weights, strategy state, round, run config,
+per-site epsilon) written under a temporary name and renamed into place; `latest.json` is then
+replaced atomically. Resuming reads `latest.json`, so a half-written directory is never used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used for resuming; names the directory and the fix."""
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(payload, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    weights: list[np.ndarray]
+    strategy_state: dict[str, np.ndarray]
+    meta: dict
+
+
+def save_checkpoint(root: Path, rnd: int, weights: list[np.ndarray], strategy_state: dict[str, np.ndarray],
+                    meta: dict) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"round-{rnd:04d}"
+    tmp = root / f".tmp-round-{rnd:04d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    np.savez(tmp / "weights.npz", *weights)
+    np.savez(tmp / "strategy_state.npz", **strategy_state)
+    write_json_atomic(tmp / "meta.json", {"round": rnd, **meta})
+    if final.exists():  # a resumed run re-running this round replaces it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    write_json_atomic(root / "latest.json", {"round": rnd, "path": final.name})
+    return final
+
+
+def load_latest(root: Path) -> Checkpoint | None:
+    pointer = root / "latest.json"
+    if not pointer.exists():
+        return None
+    try:
+        d = root / json.loads(pointer.read_text())["path"]
+        with np.load(d / "weights.npz") as z:
+            weights = [z[f"arr_{i}"] for i in range(len(z.files))]
+        with np.load(d / "strategy_state.npz") as z:
+            state = {k: z[k] for k in z.files}
+        meta = json.loads((d / "meta.json").read_text())
+    except (OSError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{root}: latest checkpoint unreadable ({e}); remove latest.json to fall back "
+                              "to an older round-NNNN directory by hand, or start a new run") from None
+    return Checkpoint(round=int(meta["round"]), weights=weights, strategy_state=state, meta=meta)

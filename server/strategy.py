@@ -1,0 +1,134 @@
+"""What differs from Flower's legacy FedAvg/FedProx/FedAdam: sites send deltas, and sites may refuse.
+
+SecAgg+ exists only for Flower's legacy stack, so the strategies are the legacy ones. Sites send
+weight deltas (local - global), which keep SecAgg+'s quantisation precise. The aggregated delta is
+turned back into full weights (global + mean delta, in float64) before the base strategy's
+aggregate_fit, so FedAvg and FedProx return global + mean delta and FedAdam receives the mean
+delta as its pseudo-gradient.
+
+A site that refuses a round (privacy budget, failed validation) answers with weight 0 and a zero
+vector, so SecAgg+ completes without dropout recovery; its reason arrives in the fit metrics.
+"""
+
+from __future__ import annotations
+
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.common import FitRes, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.logger import log
+from flwr.server.strategy import FedAdam, FedAvg, FedProx
+
+from shared_models.run_config import RunConfig
+
+BASES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
+REFUSAL_KEY = "refused-reason"
+
+
+def failure_reason(f) -> str:
+    """Readable text of one entry of Flower's `failures` list."""
+    if isinstance(f, BaseException):
+        err = f.args[0] if f.args else f
+        reason = str(getattr(err, "reason", err))
+        if "Message: " in reason:  # simulation wraps the site's exception text after a traceback
+            reason = reason.rsplit("Message: ", 1)[1].rstrip("'>")
+        return reason.strip()[-500:]
+    proxy, res = f
+    return f"node {proxy.node_id}: {res.status.code.name} {res.status.message}"
+
+
+def weighted_mean(pairs: list[tuple[int, dict]], key: str) -> float | None:
+    total = sum(n for n, m in pairs if key in m)
+    return sum(n * float(m[key]) for n, m in pairs if key in m) / total if total else None
+
+
+class DeltaMixin:
+    """Goes in front of a legacy strategy class (see `build_strategy`)."""
+
+    def init_delta(self, weights: list[np.ndarray]) -> None:
+        self.global_weights = [np.asarray(w, dtype=np.float32) for w in weights]
+        self.round_info: dict = {}
+        self.sampled: set[int] = set()
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        ins = super().configure_fit(server_round, parameters, client_manager)
+        self.sampled = {proxy.node_id for proxy, _ in ins}
+        return ins
+
+    def aggregate_fit(self, server_round, results, failures):
+        reasons = list(dict.fromkeys(failure_reason(f) for f in failures))  # SecAgg+ may repeat one
+        refused = [{"node": p.node_id, "reason": str(r.metrics.get(REFUSAL_KEY, r.status.message))}
+                   for p, r in results if r.num_examples == 0]
+        ok = [(p, r) for p, r in results if r.num_examples > 0]
+        dropped = sorted(self.sampled - {p.node_id for p, _ in results})
+        for r in reasons:
+            log(WARNING, "round %s: a site failed: %s", server_round, r)
+        for r in refused:
+            log(WARNING, "round %s: node %s refused: %s", server_round, r["node"], r["reason"])
+        if dropped:
+            log(WARNING, "round %s: no reply from nodes %s (dropped)", server_round, dropped)
+        self.round_info = {
+            "round": server_round, "participants": sorted(p.node_id for p, _ in ok), "failures": reasons,
+            "refused": refused, "dropped": dropped,
+            "sites": {str(p.node_id): {k: v for k, v in r.metrics.items() if isinstance(v, (int, float))}
+                      for p, r in results},
+        }
+        if not ok:
+            log(WARNING, "round %s: no site contributed; the global model is unchanged", server_round)
+            self.round_info["status"] = "no-update"
+            return None, {}
+        total = sum(r.num_examples for _, r in ok)
+        cache: dict[int, list[np.ndarray]] = {}
+        mean = None
+        for _, r in ok:  # under SecAgg+ every result carries the same (already summed) vector
+            d = cache.setdefault(id(r.parameters), [np.asarray(a, np.float64) for a in parameters_to_ndarrays(r.parameters)])
+            w = r.num_examples / total
+            mean = [w * a for a in d] if mean is None else [m + w * a for m, a in zip(mean, d)]
+        self.last_delta = mean
+        full = ndarrays_to_parameters([g.astype(np.float64) + d for g, d in zip(self.global_weights, mean)])
+        params, metrics = super().aggregate_fit(
+            server_round, [(p, FitRes(r.status, full, r.num_examples, r.metrics)) for p, r in ok], failures)
+        if params is None:
+            return None, metrics
+        self.global_weights = [a.astype(np.float32) for a in parameters_to_ndarrays(params)]
+        if hasattr(self, "current_weights"):  # FedAdam keeps its own copy of the weights
+            self.current_weights = [a.copy() for a in self.global_weights]
+        self.round_info["status"] = "updated"
+        log(INFO, "round %s: aggregated %s sites (%s refused, %s failed, %s dropped)", server_round, len(ok),
+            len(refused), len(reasons), len(dropped))
+        return ndarrays_to_parameters(self.global_weights), metrics
+
+    # FedAdam's moment estimates are strategy state: they go into every checkpoint.
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        return {f"{name}_{i}": a for name in ("m_t", "v_t") for i, a in enumerate(getattr(self, name, None) or [])}
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        for name in ("m_t", "v_t"):
+            keys = sorted((k for k in arrays if k.startswith(name + "_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+            if keys:
+                setattr(self, name, [arrays[k] for k in keys])
+
+
+def build_strategy(cfg: RunConfig, weights: list[np.ndarray], n_sites: int, fit_config: dict):
+    """The legacy strategy with deltas. `min_available_clients` is the per-round minimum, not the
+    number of sites: the legacy sampler blocks until that many nodes are connected, so one site gone
+    for good would freeze the run (the server waits for all sites once, before round 1)."""
+    base = BASES[cfg.strategy]
+    cls = type(f"Delta{base.__name__}", (DeltaMixin, base), {})
+    n_min = min(cfg.min_sites, n_sites)
+    kw = dict(
+        fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=n_min, min_evaluate_clients=n_min,
+        min_available_clients=n_min, initial_parameters=ndarrays_to_parameters(weights),
+        on_fit_config_fn=lambda rnd: {**fit_config, "server-round": rnd},
+        on_evaluate_config_fn=lambda rnd: {**fit_config, "server-round": rnd},
+        fit_metrics_aggregation_fn=lambda ms: {k: v for k in ("train_loss",) if (v := weighted_mean(ms, k)) is not None},
+        evaluate_metrics_aggregation_fn=lambda ms: {
+            k: v for k in ("accuracy", "balanced_accuracy", "macro_f1") if (v := weighted_mean(ms, k)) is not None},
+    )
+    if base is FedProx:
+        kw["proximal_mu"] = cfg.proximal_mu
+    if base is FedAdam:
+        kw.update(eta=cfg.server_lr, eta_l=cfg.lr, beta_1=0.9, beta_2=0.99, tau=1e-3)
+    strategy = cls(**kw)
+    strategy.init_delta(weights)
+    return strategy

@@ -1,0 +1,180 @@
+"""Run a simulated federation through Flower's simulation engine, end to end, and report it.
+
+    partition (if needed) -> start a private local SuperLink -> `flwr run <project> local` ->
+    stop the SuperLink -> evaluate the delivered global model on patients of held-out sites
+
+The SuperLink is started here (the same command `flwr run . local` would start, with its own
+FLWR_HOME and ports), so it is always stopped afterwards and never clashes with another user's.
+The apps run in this Python environment (FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1): Flower
+would otherwise install the project's dependencies, torch included, into a fresh environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VENDORED = ROOT / "simulations" / "data" / "tcga_pancan33"
+PANCAN_SCHEMA = ROOT / "simulations" / "schemas" / "tcga_pancan33.json"
+
+
+class SimulationError(RuntimeError):
+    """A simulated run that could not complete; the message says where its logs are."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flower_env(flwr_home: Path, http_port: int, control_port: int) -> dict:
+    env = dict(os.environ)
+    env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+               FLWR_HOME=str(flwr_home), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port),
+               FLWR_LOCAL_CONTROL_API_PORT=str(control_port), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return env
+
+
+@dataclass
+class LocalSuperLink:
+    process: subprocess.Popen
+    env: dict
+    log_file: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+
+def start_local_superlink(work: Path) -> LocalSuperLink:
+    flwr_home = work / ".flwr"
+    (flwr_home / "local-superlink").mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
+    http_port, control_port = _free_port(), _free_port()
+    env = flower_env(flwr_home, http_port, control_port)
+    log_file = flwr_home / "local-superlink" / "superlink.log"
+    cmd = ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+           "--control-api-address", f"127.0.0.1:{control_port}", "--host", "127.0.0.1", "--port", str(http_port),
+           "--log-file", str(log_file), "--database", ":flwr-in-memory:"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    import httpx
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SimulationError(f"flower-superlink exited with code {proc.returncode}; see {log_file}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=1).is_success:
+                return LocalSuperLink(proc, env, log_file)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    LocalSuperLink(proc, env, log_file).stop()
+    raise SimulationError(f"flower-superlink did not become ready within 60 s; see {log_file}")
+
+
+def ensure_partition(data_root: Path, *, by: str = "center8", seed: int = 0) -> Path:
+    """The vendored pan-cancer cohort cut into its center8 hospitals, with held-out tss patients."""
+    if (data_root / "manifest.json").exists():
+        return data_root
+    from shared_models.schema import FeatureSchema
+    from simulations.partition import partition_cohort
+
+    partition_cohort(VENDORED, FeatureSchema.load(PANCAN_SCHEMA), data_root, by=by, seed=seed, holdout_column="tss",
+                     holdout_frac=0.2)
+    return data_root
+
+
+def run_federation(work: Path, run_config: dict, n_sites: int, stream=sys.stdout) -> dict:
+    """`flwr run` the project as a simulated federation of n_sites; returns the server's result.json."""
+    link = start_local_superlink(work)
+    overrides = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else _toml(v)}" for k, v in run_config.items())
+    cmd = ["flwr", "run", str(ROOT), "local", "--stream",
+           "--federation-config", f"num-supernodes={n_sites} client-resources-num-cpus=1",
+           "--run-config", overrides]
+    log_path = work / "flwr-run.log"
+    try:
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, env=link.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for line in proc.stdout:
+                log.write(line)
+                if stream is not None and _interesting(line):
+                    stream.write(line)
+                    stream.flush()
+            proc.wait()
+    finally:
+        link.stop()
+    result_file = Path(run_config["output-dir"]) / "result.json"
+    if proc.returncode != 0 or not result_file.exists():
+        raise SimulationError(f"the federated run did not complete (flwr exit {proc.returncode}); "
+                              f"see {log_path} and {link.log_file}")
+    return json.loads(result_file.read_text())
+
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return repr(v)
+
+
+def _interesting(line: str) -> bool:
+    keys = ("round", "ROUND", "refuse", "failed", "dropped", "delivered", "WARNING", "ERROR", "installed",
+            "Traceback", "Error")
+    return any(k in line for k in keys)
+
+
+def evaluate_on_site(model_dir: Path, site_dir: Path) -> dict:
+    """The installed global model on a labelled site it never saw, normalised with that site's own
+    statistics (as a new hospital would serve it)."""
+    import torch
+
+    from client.model_store import ModelStore
+    from client.training import evaluate
+    from shared_models.schema import FeatureSchema
+    from shared_models.site_data import Normalizer, encode_labels, make_dataset, raw_matrix, read_site
+    from shared_models.weights import load_weights
+
+    store = ModelStore(model_dir)
+    version = store.active()
+    schema = FeatureSchema.load(model_dir / version / "schema.json")
+    model = load_weights(model_dir / version / "weights.pt", schema).eval()
+    tables = read_site(schema, site_dir)
+    ids = [str(i) for i in tables.labels.index]
+    raw = raw_matrix(schema, tables, ids)
+    ds = make_dataset(schema, raw, encode_labels(schema, tables.labels), ids, Normalizer.fit(schema, raw))
+    m = evaluate(model, torch.from_numpy(ds.x), torch.from_numpy(ds.y))
+    return {"patients": int(len(ds.y)), "accuracy": m.accuracy, "balanced_accuracy": m.balanced_accuracy,
+            "macro_f1": m.macro_f1, "model_version": version}
+
+
+def clean(work: Path) -> None:
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def summarize(metrics_file: Path) -> list[dict]:
+    rows = []
+    for line in metrics_file.read_text().splitlines():
+        r = json.loads(line)
+        eps = r.get("site_epsilon", {})
+        rows.append({"round": r["round"], "sites": len(r.get("participants", [])),
+                     "refused": len(r.get("refused", [])), "failed": len(r.get("failures", [])),
+                     "macro_f1": r.get("global", {}).get("macro_f1"), "accuracy": r.get("global", {}).get("accuracy"),
+                     "max_epsilon": max(eps.values()) if eps else None, "seconds": r.get("seconds")})
+    return rows
+
+
+__all__ = ["run_federation", "ensure_partition", "evaluate_on_site", "summarize", "SimulationError"]
