@@ -13,6 +13,7 @@ SecAgg+ exists only for Flower's legacy messages, so training answers legacy fit
 from __future__ import annotations
 
 import json
+import traceback
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
@@ -139,9 +140,19 @@ def train(msg: Message, context: Context) -> Message:
                              site_seed=settings.index)
     except BudgetError as e:
         return _refusal(fitins, msg, settings.name, str(e))
+    except Exception:  # noqa: BLE001 - an error reply would carry the traceback (and maybe data) to the server
+        log(WARNING, "site %s: local training failed:\n%s", settings.name, traceback.format_exc())
+        return _refusal(fitins, msg, settings.name, "local training failed (details in the site's log)")
+    delta = [d.astype(np.float64) for d in result.delta]  # SecAgg+ scales and quantises in float64
+    if max_weight:
+        # SecAgg+ clips |delta * n / max_weight| to the clipping range silently: refuse instead.
+        peak = max(float(np.abs(d).max()) for d in delta) * n / max_weight
+        clip = float(fitins.config.get("secagg-clipping-range", cfg.secagg_clipping_range))
+        if peak > clip:
+            return _refusal(fitins, msg, settings.name, f"its update ({peak:.3g}) exceeds secagg-clipping-range "
+                            f"{clip:g} and would be clipped silently; the operator must raise it")
     metrics = {k: float(v) for k, v in result.metrics.items()}
     metrics["site"] = settings.name
-    delta = [d.astype(np.float64) for d in result.delta]  # SecAgg+ scales and quantises in float64
     res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(delta), result.num_examples, metrics)
     return Message(fitres_to_recorddict(res, keep_input=False), reply_to=msg)
 

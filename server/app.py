@@ -87,7 +87,8 @@ def main(grid: Grid, context: Context) -> None:
     if remaining < 1:
         log(WARNING, "the checkpoint already holds all %s rounds; delivering the final model", cfg.num_rounds)
 
-    fit_config = {"run-key": run_key, "secagg-max-weight": cfg.secagg_max_weight}
+    fit_config = {"run-key": run_key, "secagg-max-weight": cfg.secagg_max_weight if cfg.secagg else 0.0,
+                  "secagg-clipping-range": cfg.secagg_clipping_range}
     strategy = build_strategy(cfg, weights, n_sites, fit_config)
     if checkpoint is not None:
         strategy.load_state_arrays(checkpoint.strategy_state)

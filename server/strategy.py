@@ -70,7 +70,7 @@ class DeltaMixin:
         self.round_info = {
             "round": server_round, "participants": sorted(p.node_id for p, _ in ok), "failures": reasons,
             "refused": refused, "dropped": dropped,
-            "sites": {str(p.node_id): {k: v for k, v in r.metrics.items() if isinstance(v, (int, float))}
+            "sites": {str(p.node_id): {k: v for k, v in r.metrics.items() if isinstance(v, (int, float, str))}
                       for p, r in results},
         }
         if not ok:
