@@ -8,8 +8,11 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
+    from simulations import cli_simulate
+
     app.command("partition")(partition)
     app.command("synthetic")(synthetic)
+    cli_simulate.register(app)
 
 
 def _fail(message: str) -> None:
