@@ -101,6 +101,9 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
 
     model.train()
     step, loss_sum, seen = 0, 0.0, 0
+    # Opacus' hooks sit on leaves whose inputs need no gradient (learned arrays, first layers): PyTorch
+    # warns on every step that the hook fires for module outputs, which is exactly what Opacus uses.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
     try:
         for _ in range(cfg.local_epochs):
             for xb, yb in loader:
