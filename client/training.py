@@ -1,0 +1,315 @@
+"""Local training of the shared model at a site: one loop for plain training and for DP-SGD.
+
+The pieces are built separately so that a DP-SGD caller can hand the optimizer and the loader to
+Opacus between building and training:
+
+    torch.manual_seed(cfg.seed)
+    model = MultiModalTransformer(schema, model_cfg)
+    optimizer = build_optimizer(model, cfg)
+    loss_fn = build_loss(cfg, class_counts(y_train, n_classes))
+    loader = build_loader(x_train, y_train, cfg)
+    # DP: hooks, optimizer, loader = PrivacyEngine(...).make_private(module=model, optimizer=optimizer,
+    #     data_loader=loader, max_grad_norm=C, ..., wrap_model=False)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=len(loader))
+    for epoch in range(cfg.epochs):
+        train_epoch(model, loader, optimizer, scheduler, loss_fn,
+                    clip_grad_norm=None if dp else cfg.max_grad_norm)   # Opacus clips per sample
+
+`fit` runs that loop with early stopping on a validation split and restores the best epoch's
+weights. `evaluate` computes the reported metrics from eval-mode predictions.
+
+The loss is per-sample: sum_i w[y_i] * CE_i / batch_size, with class weights normalised so that
+their mean over the training rows is 1. Unlike `F.cross_entropy(weight=...)` (which divides by the
+batch's total weight) each sample's term depends on that sample alone, which DP-SGD's per-sample
+clipping needs, and the loss keeps the scale of the unweighted loss, so one learning rate serves both.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class TrainConfig(BaseModel):
+    """Local training hyper-parameters; defaults measured on the two TCGA cohorts (docs in the baseline)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (after warm-up)")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled decay, Linear weights only")
+    epochs: int = Field(60, ge=1)
+    batch_size: int = Field(64, ge=1)
+    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="share of all steps spent warming up linearly")
+    min_lr_fraction: float = Field(0.0, ge=0, le=1, description="cosine decays to lr * this")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="global gradient-norm clip (non-private only)")
+    patience: int | None = Field(15, ge=1, description="epochs without validation improvement before stopping")
+    monitor: Literal["loss", "macro_f1", "balanced_accuracy", "accuracy"] = Field(
+        "loss", description="validation metric that picks the best epoch")
+    class_weighting: bool = Field(True, description="weight the loss by inverse training class frequency")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    eval_batch_size: int = Field(512, ge=1)
+    seed: int = 0
+
+
+# --- building blocks --------------------------------------------------------------------------------
+def class_counts(y: np.ndarray | Tensor, n_classes: int) -> np.ndarray:
+    y = y.numpy() if isinstance(y, Tensor) else np.asarray(y)
+    return np.bincount(y.astype(np.int64), minlength=n_classes)[:n_classes]
+
+
+def class_weights(counts: np.ndarray) -> Tensor:
+    """Inverse-frequency weights, normalised so that their mean over the training rows is 1.
+
+    w_c = N / (K_present * n_c) for the K_present classes with rows (sklearn's "balanced"); a class
+    with no training rows gets weight 0 (it has no loss term to weight, and an inf would poison a
+    validation loss that meets it).
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    present = counts > 0
+    w = np.zeros_like(counts)
+    if present.any():
+        w[present] = counts.sum() / (present.sum() * counts[present])
+    return torch.tensor(w, dtype=torch.float32)
+
+
+class WeightedCrossEntropy(nn.Module):
+    """sum_i w[y_i] * CE(logits_i, y_i) / batch_size: each sample's term depends on that sample only."""
+
+    def __init__(self, weight: Tensor | None = None, label_smoothing: float = 0.0):
+        super().__init__()
+        # A plain attribute, not a buffer: the loss is not part of any model state.
+        self.weight, self.label_smoothing = weight, label_smoothing
+
+    def forward(self, logits: Tensor, y: Tensor) -> Tensor:
+        ce = F.cross_entropy(logits, y, reduction="none", label_smoothing=self.label_smoothing)
+        if self.weight is not None:
+            ce = ce * self.weight.to(ce.device)[y]
+        return ce.sum() / max(len(y), 1)  # an empty (Poisson-sampled) batch gives 0, not NaN
+
+
+def build_loss(cfg: TrainConfig, counts: np.ndarray | None = None) -> WeightedCrossEntropy:
+    """The training loss; `counts` (training rows per class) are needed when class weighting is on."""
+    if cfg.class_weighting:
+        if counts is None:
+            raise ValueError("class_weighting needs the training class counts; pass class_counts(y_train, K)")
+        return WeightedCrossEntropy(class_weights(counts), cfg.label_smoothing)
+    return WeightedCrossEntropy(None, cfg.label_smoothing)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on Linear weights only (not on biases, norms, embeddings, learned arrays)."""
+    decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if id(p) in decay_ids]
+    no_decay = [p for p in params if id(p) not in decay_ids]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_fraction: float = 0.0) -> float:
+    """Linear warm-up from lr/warmup_steps to lr, then cosine decay to lr * min_fraction at total_steps.
+
+    `step` counts optimizer steps already taken (0 = the first step); past total_steps it stays at the floor.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(total_steps - warmup_steps, 1)
+    progress = min((step - warmup_steps) / decay_steps, 1.0)
+    return min_fraction + (1.0 - min_fraction) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int,
+                    epochs: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step warm-up + cosine over `epochs` (default cfg.epochs) epochs of `steps_per_epoch` steps."""
+    total = max(1, (epochs or cfg.epochs) * steps_per_epoch)
+    warmup = math.ceil(cfg.warmup_fraction * total)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, total, warmup, cfg.min_lr_fraction))
+
+
+def build_loader(x: Tensor, y: Tensor, cfg: TrainConfig, seed: int | None = None) -> DataLoader:
+    """Shuffled mini-batches in an order fixed by the seed."""
+    g = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
+    return DataLoader(TensorDataset(x, y), batch_size=cfg.batch_size, shuffle=True, generator=g)
+
+
+# --- one epoch ------------------------------------------------------------------------------------
+def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler | None, loss_fn: Callable[[Tensor, Tensor], Tensor],
+                clip_grad_norm: float | None) -> float:
+    """One pass over `loader`; returns the mean training loss per sample.
+
+    Pass clip_grad_norm=None under DP-SGD: Opacus' optimizer clips each sample's gradient itself,
+    and clipping the (noised) sum again would change the privacy calibration.
+    """
+    model.train()
+    total, n = 0.0, 0
+    for xb, yb in loader:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(xb), yb)
+        loss.backward()
+        if clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total += float(loss.detach()) * len(yb)
+        n += len(yb)
+    return total / max(n, 1)
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+@dataclass
+class Metrics:
+    n: int
+    loss: float
+    accuracy: float
+    balanced_accuracy: float
+    macro_f1: float
+    per_class_f1: list[float | None]  # None for a class absent from both labels and predictions
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def get(self, name: str) -> float:
+        return float(getattr(self, name))
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
+    """Eval-mode logits in batches; the model's train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else \
+            torch.empty(0)
+    finally:
+        model.train(was_training)
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict:
+    """Accuracy, balanced accuracy and F1 as scikit-learn defines them.
+
+    Balanced accuracy: mean recall over the classes present in y_true. Macro-F1: mean F1 over the
+    classes present in y_true or y_pred (a class predicted but absent counts with F1 0).
+    """
+    y_true, y_pred = np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)
+    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    tp = np.diag(cm).astype(np.float64)
+    support, predicted = cm.sum(axis=1), cm.sum(axis=0)
+    seen = (support > 0) | (predicted > 0)
+    denom = support + predicted
+    f1 = np.divide(2 * tp, denom, out=np.zeros(n_classes), where=denom > 0)
+    recall = np.divide(tp, support, out=np.zeros(n_classes), where=support > 0)
+    n = len(y_true)
+    return {
+        "accuracy": float(tp.sum() / n) if n else float("nan"),
+        "balanced_accuracy": float(recall[support > 0].mean()) if (support > 0).any() else float("nan"),
+        "macro_f1": float(f1[seen].mean()) if seen.any() else float("nan"),
+        "per_class_f1": [float(f1[c]) if seen[c] else None for c in range(n_classes)],
+    }
+
+
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512,
+             loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> Metrics:
+    """Metrics of the model's eval-mode predictions; loss is the mean unweighted CE unless loss_fn is given."""
+    logits = predict_logits(model, x, batch_size)
+    n_classes = logits.shape[1] if logits.dim() == 2 else 0
+    loss = float((loss_fn or F.cross_entropy)(logits, y)) if len(y) else float("nan")
+    m = classification_metrics(y.numpy(), logits.argmax(dim=1).numpy(), n_classes)
+    return Metrics(n=len(y), loss=loss, **m)
+
+
+# --- the whole local fit --------------------------------------------------------------------------
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    lr: float
+    seconds: float
+    val: dict | None = None
+
+
+@dataclass
+class FitResult:
+    best_epoch: int  # 1-based; the weights of this epoch are in the model after fit
+    epochs_run: int
+    seconds: float
+    samples_per_s: float  # training steps only (validation excluded)
+    best_val: Metrics | None
+    history: list[EpochRecord] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["best_val"] = self.best_val.to_dict() if self.best_val else None
+        return d
+
+
+def _better(monitor: str, new: float, best: float | None) -> bool:
+    if best is None or math.isnan(best):
+        return not math.isnan(new)
+    return new < best if monitor == "loss" else new > best
+
+
+def fit(model: nn.Module, x_train: Tensor, y_train: Tensor, cfg: TrainConfig,
+        x_val: Tensor | None = None, y_val: Tensor | None = None,
+        log: Callable[[EpochRecord], None] | None = None) -> FitResult:
+    """Train with AdamW, warm-up + cosine, gradient clipping and (with a validation split) early stopping.
+
+    With a validation split the weights of the best epoch by `cfg.monitor` are restored at the end;
+    without one, the last epoch's weights are kept. Deterministic for a given seed (one thread).
+    """
+    torch.manual_seed(cfg.seed)  # dropout
+    n_classes = _n_classes(model, y_train)
+    loss_fn = build_loss(cfg, class_counts(y_train, n_classes) if cfg.class_weighting else None)
+    loader = build_loader(x_train, y_train, cfg)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=len(loader))
+    has_val = x_val is not None and y_val is not None and len(y_val) > 0
+
+    best_score, best_epoch, best_state, best_val, stale = None, 0, None, None, 0
+    history: list[EpochRecord] = []
+    t_start, seen = time.perf_counter(), 0
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss = train_epoch(model, loader, optimizer, scheduler, loss_fn, cfg.max_grad_norm)
+        seen += len(y_train)
+        record = EpochRecord(epoch=epoch, train_loss=train_loss, lr=lr, seconds=time.perf_counter() - t0)
+        if has_val:
+            val = evaluate(model, x_val, y_val, cfg.eval_batch_size)
+            record.val = val.to_dict()
+            score = val.get(cfg.monitor)
+            if _better(cfg.monitor, score, best_score):
+                best_score, best_epoch, best_val, stale = score, epoch, val, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                stale += 1
+        history.append(record)
+        if log is not None:
+            log(record)
+        if has_val and cfg.patience is not None and stale >= cfg.patience:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    train_seconds = sum(r.seconds for r in history)
+    return FitResult(best_epoch=best_epoch if has_val else len(history), epochs_run=len(history),
+                     seconds=time.perf_counter() - t_start,
+                     samples_per_s=seen / train_seconds if train_seconds > 0 else float("nan"),
+                     best_val=best_val, history=history)
+
+
+def _n_classes(model: nn.Module, y: Tensor) -> int:
+    schema = getattr(model, "schema", None)
+    return schema.n_classes if schema is not None else int(y.max()) + 1
