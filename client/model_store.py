@@ -23,7 +23,7 @@ import torch
 
 from shared_models.model import ModelConfig, MultiModalTransformer
 from shared_models.schema import FeatureSchema
-from shared_models.weights import save_weights
+from shared_models.weights import arrays_sha256, save_weights
 
 PACKAGE_FORMAT = "oncofed-model-package/1"
 
@@ -37,14 +37,6 @@ def sha256_file(path: Path) -> str:
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()
-
-
-def sha256_arrays(arrays: list[np.ndarray]) -> str:
-    """Hash of the model's float32 arrays, computed identically by the server and the sites."""
-    h = hashlib.sha256()
-    for a in arrays:
-        h.update(np.ascontiguousarray(a, dtype=np.float32).tobytes())
     return h.hexdigest()
 
 
@@ -66,7 +58,7 @@ class ModelStore:
     def install(self, schema: FeatureSchema, config: ModelConfig, arrays: list[np.ndarray], info: dict,
                 expected_arrays_sha256: str | None = None) -> str:
         """Write a new version from the model's arrays and activate it; returns the version."""
-        got = sha256_arrays(arrays)
+        got = arrays_sha256(arrays)
         if expected_arrays_sha256 is not None and got != expected_arrays_sha256:
             raise ModelStoreError(f"received model hash {got[:12]}... differs from the announced "
                                   f"{expected_arrays_sha256[:12]}...: not installed, {self.active()} stays active")

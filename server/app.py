@@ -32,18 +32,10 @@ from server.workflow import RoundsWorkflow, evaluate_with_timeout
 from shared_models.model import MultiModalTransformer
 from shared_models.run_config import RunConfig
 from shared_models.schema import FeatureSchema
+from shared_models.weights import arrays_sha256
 
 torch.set_num_threads(1)
 app = ServerApp()
-
-
-def arrays_sha256(arrays: list[np.ndarray]) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for a in arrays:
-        h.update(np.ascontiguousarray(a, dtype=np.float32).tobytes())
-    return h.hexdigest()
 
 
 def secagg_workflow(cfg: RunConfig, n_sites: int) -> SecAggPlusWorkflow:

@@ -26,6 +26,19 @@ class WeightsFileError(ValueError):
     """A weights file that is missing, corrupt or not an OncoFed weights file."""
 
 
+def arrays_sha256(arrays) -> str:
+    """SHA-256 of a model's arrays as float32, in order: how the server announces a model and a site
+    checks the one it received (both must compute it the same way)."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a, dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
 def check_schema_hash(expected: str, found: str, source: str) -> None:
     if expected != found:
         raise SchemaMismatchError(
