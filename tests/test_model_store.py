@@ -1,0 +1,52 @@
+"""A site's model store: versioned packages, verified before activation, never half-installed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from client.model_store import ModelStore, ModelStoreError
+from shared_models.model import ModelConfig, MultiModalTransformer
+from shared_models.weights import arrays_sha256, load_weights
+from tests.factories import tiny_schema
+
+CFG = ModelConfig(dropout=0.0)
+
+
+def _arrays(seed: int):
+    torch.manual_seed(seed)
+    return [v.numpy().copy() for v in MultiModalTransformer(tiny_schema(), CFG).state_dict().values()]
+
+
+def test_a_delivered_model_becomes_a_new_active_version_with_its_package(tmp_path):
+    store, schema = ModelStore(tmp_path), tiny_schema()
+    first = store.install(schema, CFG, _arrays(0), {"run": "r1", "round": 10, "site_epsilon": {"C0": 7.9}})
+    second = store.install(schema, CFG, _arrays(1), {"run": "r2", "round": 10})
+    assert (first, second, store.active(), store.versions()) == ("v0001", "v0002", "v0002", ["v0001", "v0002"])
+    package = store.verify("v0001")
+    assert package["site_epsilon"] == {"C0": 7.9} and package["arrays_sha256"] == arrays_sha256(_arrays(0))
+    model = load_weights(tmp_path / "v0002" / "weights.pt", schema)
+    assert arrays_sha256([v.numpy() for v in model.state_dict().values()]) == arrays_sha256(_arrays(1))
+
+
+def test_a_model_whose_hash_differs_from_the_announced_one_is_not_installed(tmp_path):
+    store = ModelStore(tmp_path)
+    store.install(tiny_schema(), CFG, _arrays(0), {"round": 1})
+    with pytest.raises(ModelStoreError, match="differs from the announced .* v0001 stays active"):
+        store.install(tiny_schema(), CFG, _arrays(1), {"round": 2}, expected_arrays_sha256=arrays_sha256(_arrays(0)))
+    assert store.active() == "v0001" and store.versions() == ["v0001"]
+
+
+def test_an_altered_weights_file_is_detected_and_not_activated(tmp_path):
+    store = ModelStore(tmp_path)
+    store.install(tiny_schema(), CFG, _arrays(0), {"round": 1})
+    store.install(tiny_schema(), CFG, _arrays(1), {"round": 2})
+    with open(tmp_path / "v0001" / "weights.pt", "r+b") as fh:
+        fh.seek(200)
+        fh.write(b"\x00\x01\x02\x03")
+    with pytest.raises(ModelStoreError, match="weights.pt: SHA-256 .* the file was altered"):
+        store.activate("v0001")
+    assert store.active() == "v0002"
+    assert json.loads((tmp_path / "v0002" / "package.json").read_text())["round"] == 2
