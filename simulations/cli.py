@@ -8,11 +8,12 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    from simulations import cli_simulate
+    from simulations import cli_baseline, cli_simulate
 
     app.command("partition")(partition)
     app.command("synthetic")(synthetic)
     cli_simulate.register(app)
+    cli_baseline.register(app)
 
 
 def _fail(message: str) -> None:

@@ -1,0 +1,85 @@
+"""`oncofed baseline`: the centralized yardstick (transformer and logistic regression on held-out sites)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("baseline")(baseline)
+
+
+def baseline(
+    cohort: str = typer.Option(..., "--cohort", help="pancan33, brca, or a pooled cohort directory (site layout)"),
+    schema: Path | None = typer.Option(None, "--schema", help="schema JSON [default: the named cohort's committed schema]"),
+    seed: int = typer.Option(0, "--seed", help="seeds the site split, the initialisation and the batch order"),
+    epochs: int | None = typer.Option(None, "--epochs", min=1, help="most transformer epochs [default: TrainConfig's]"),
+    test_frac: float = typer.Option(0.2, "--test-frac", min=0.01, max=0.9,
+                                    help="share of patients in held-out tss sites (test)"),
+    val_frac: float = typer.Option(0.15, "--val-frac", min=0.01, max=0.9,
+                                   help="share of the remaining patients in validation sites (early stopping, C)"),
+    model: str | None = typer.Option(None, "--model", help='ModelConfig overrides as JSON, e.g. \'{"tabular_blocks": 0}\''),
+    only: str | None = typer.Option(None, "--only", help="run one model: transformer or logistic"),
+    out: Path | None = typer.Option(None, "--out", help="write the full result as JSON here"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="print each epoch's validation metrics"),
+) -> None:
+    """Centralized baseline on patients from held-out tissue-source sites: transformer vs logistic regression.
+
+    Whole `tss` sites are held out as the test set (the same patients as `oncofed partition
+    --holdout-column tss --holdout-frac F --seed S`), whole sites of the rest as validation.
+    """
+    import json
+
+    import torch
+
+    from client.training import TrainConfig
+    from shared_models.model import ModelConfig
+    from shared_models.schema import SchemaError
+    from shared_models.site_data import TableError
+    from simulations.baseline import BaselineError, format_result, load_cohort, resolve_cohort, run_baseline, save_result
+
+    torch.set_num_threads(1)
+    models = ("transformer", "logistic")
+    if only is not None:
+        if only not in models:
+            _fail(f"--only {only}: choose transformer or logistic")
+        models = (only,)
+    try:
+        model_cfg = ModelConfig(**json.loads(model)) if model else ModelConfig()
+    except (TypeError, ValueError) as e:  # bad JSON, not an object, or a field pydantic refuses
+        _fail(f"--model {model}: not a valid ModelConfig JSON object ({_reason(e)}); "
+              f"e.g. --model '{{\"d_model\": 64, \"tabular_blocks\": 0}}'")
+    try:
+        data_dir, feature_schema = resolve_cohort(cohort, schema)
+        data = load_cohort(data_dir, feature_schema)
+        train_cfg = TrainConfig(seed=seed, **({"epochs": epochs} if epochs else {}))
+
+        def log(r) -> None:
+            v = r.val or {}
+            typer.echo(f"epoch {r.epoch:>3}  train loss {r.train_loss:.4f}  lr {r.lr:.2e}  {r.seconds:5.1f} s  "
+                       f"val loss {v.get('loss', float('nan')):.4f}  macro-F1 {v.get('macro_f1', float('nan')):.3f}")
+
+        result = run_baseline(data, seed=seed, train_cfg=train_cfg, model_cfg=model_cfg, test_frac=test_frac,
+                              val_frac=val_frac, models=models, log=log if verbose else None)
+    except (BaselineError, SchemaError, TableError) as e:
+        _fail(str(e))
+    typer.echo(format_result(result))
+    if out is not None:
+        save_result(result, out)
+        typer.echo(f"wrote {out}")
+
+
+def _reason(e: Exception) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(e, ValidationError):
+        return "; ".join((f"{'.'.join(map(str, err['loc']))}: " if err["loc"] else "")
+                         + err["msg"].removeprefix("Value error, ") for err in e.errors())
+    return str(e).splitlines()[0]
+
+
+def _fail(message: str) -> None:
+    typer.echo(message, err=True)
+    raise typer.Exit(code=2)
