@@ -1,7 +1,8 @@
 """The shared multi-modal transformer (the Cancer Alpha design, made DP-trainable).
 
     flat input x: (B, n_inputs) float, NaN = missing value, modalities laid out by the schema
-      |-- omics modality   -> OmicsEncoder    (Perceiver-IO style: latents cross-attend to chunk tokens)
+      |-- omics modality   -> OmicsEncoder    (Perceiver-IO style: latents cross-attend to chunk tokens,
+      |                                        plus a low-rank linear path over all features)
       |-- tabular modality -> TabularEncoder  (TabTransformer style: one token per column)
       v  one token per modality (+ modality embedding), plus a CLS token
     FusionEncoder: transformer whose key mask drops each patient's missing modalities
@@ -41,8 +42,11 @@ class ModelConfig(BaseModel):
     n_heads: int = Field(4, ge=1)
     n_latents: int = Field(16, ge=1, description="Perceiver latent array size per omics modality")
     chunk_size: int = Field(64, ge=1, description="omics features per input token")
-    latent_blocks: int = Field(1, ge=0, description="latent self-attention blocks per omics encoder")
-    tabular_blocks: int = Field(1, ge=0, description="transformer blocks over column tokens")
+    latent_blocks: int = Field(0, ge=0, description="latent self-attention blocks per omics encoder")
+    linear_rank: int = Field(
+        16, ge=0, description="rank of each omics encoder's linear path over all its features (0 = none)")
+    tabular_blocks: int = Field(
+        0, ge=0, description="transformer blocks over column tokens (0 = a learned linear embedding, mean-pooled)")
     fusion_blocks: int = Field(2, ge=1)
     ff_mult: int = Field(2, ge=1)
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="on residual branches")
@@ -146,6 +150,11 @@ class OmicsEncoder(nn.Module):
     (a Linear shared by all chunks + a learned chunk identity). A small learned latent array
     cross-attends to the chunk tokens, then self-attends. Cost is linear in the number of features
     and the attention sees ceil(F / chunk_size) tokens, not F: 6,000 genes -> 94 tokens at chunk 64.
+
+    The shared chunk Linear gives feature i of every chunk the same weights, so the attention path
+    cannot weight single features the way a linear model does (on TCGA BRCA PAM50 it stays ~0.09
+    macro-F1 below logistic regression). A low-rank linear path, Linear(F, r) -> Linear(r, d), adds
+    that per-feature signal to the modality token (the "wide" part of wide-and-deep models).
     """
 
     def __init__(self, n_features: int, cfg: ModelConfig):
@@ -153,6 +162,8 @@ class OmicsEncoder(nn.Module):
         self.n_features, self.chunk = n_features, cfg.chunk_size
         self.n_chunks = math.ceil(n_features / cfg.chunk_size)
         self.fill = FeatureFill(n_features)
+        self.linear_down = nn.Linear(n_features, cfg.linear_rank) if cfg.linear_rank else None
+        self.linear_up = nn.Linear(cfg.linear_rank, cfg.d_model) if cfg.linear_rank else None
         self.chunk_proj = nn.Linear(cfg.chunk_size, cfg.d_model)
         self.chunk_id = AddLearned(self.n_chunks, cfg.d_model)
         self.latents = AddLearned(cfg.n_latents, cfg.d_model)
@@ -163,6 +174,7 @@ class OmicsEncoder(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # x: (B, F), NaN = missing -> (B, d)
         b = x.shape[0]
         x = self.fill(x)
+        linear = self.linear_up(self.linear_down(x)) if self.linear_down is not None else None  # (B, d)
         pad = self.n_chunks * self.chunk - self.n_features
         if pad:
             x = F.pad(x, (0, pad))
@@ -171,7 +183,8 @@ class OmicsEncoder(nn.Module):
         lat, _ = self.cross(lat, context=tokens)
         for blk in self.blocks:
             lat, _ = blk(lat)
-        return self.norm(lat.mean(dim=1))
+        pooled = lat.mean(dim=1)
+        return self.norm(pooled if linear is None else pooled + linear)
 
 
 class TabularEncoder(nn.Module):

@@ -75,6 +75,10 @@ class RunConfig(BaseModel):
     d_model: int = Field(64, alias="d-model")
     n_latents: int = Field(16, alias="n-latents")
     chunk_size: int = Field(64, alias="chunk-size")
+    linear_rank: int = Field(16, alias="linear-rank", ge=0)
+    latent_blocks: int = Field(0, alias="latent-blocks", ge=0)
+    tabular_blocks: int = Field(0, alias="tabular-blocks", ge=0)
+    fusion_blocks: int = Field(2, alias="fusion-blocks", ge=1)
     dropout: float = 0.1
 
     @model_validator(mode="after")
@@ -85,7 +89,8 @@ class RunConfig(BaseModel):
 
     def model_config_(self) -> ModelConfig:
         return ModelConfig(d_model=self.d_model, n_latents=self.n_latents, chunk_size=self.chunk_size,
-                           dropout=self.dropout)
+                           linear_rank=self.linear_rank, latent_blocks=self.latent_blocks,
+                           tabular_blocks=self.tabular_blocks, fusion_blocks=self.fusion_blocks, dropout=self.dropout)
 
     def path(self, value: str) -> Path:
         p = Path(value).expanduser()
