@@ -14,6 +14,7 @@ The update sent is the weight delta (local - global), which keeps SecAgg+'s quan
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from client.training import (TrainConfig, build_loader, build_loss, build_optimi
 from privacy.accounting import BudgetError, noise_multiplier_for, planned_steps
 from shared_models.model import MultiModalTransformer
 from shared_models.run_config import RunConfig
+from shared_models.weights import load_arrays, state_arrays  # noqa: F401 (state_arrays: re-export)
 
 
 @dataclass
@@ -33,18 +35,6 @@ class RoundResult:
     delta: list[np.ndarray]  # local - global, in state_dict order
     num_examples: int
     metrics: dict  # aggregates only: safe to send
-
-
-def state_arrays(model: torch.nn.Module) -> list[np.ndarray]:
-    return [v.detach().cpu().numpy().copy() for v in model.state_dict().values()]
-
-
-def load_arrays(model: torch.nn.Module, arrays: list[np.ndarray]) -> None:
-    keys = list(model.state_dict().keys())
-    if len(keys) != len(arrays):
-        raise ValueError(f"received {len(arrays)} arrays for a model with {len(keys)} tensors: the server runs "
-                         "another model or schema version")
-    model.load_state_dict({k: torch.from_numpy(np.asarray(a)).clone() for k, a in zip(keys, arrays)})
 
 
 def train_config(cfg: RunConfig) -> TrainConfig:
@@ -100,6 +90,7 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
     prox = cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0
 
     model.train()
+    t_train = time.perf_counter()
     step, loss_sum, seen = 0, 0.0, 0
     # Opacus' hooks sit on leaves whose inputs need no gradient (learned arrays, first layers): PyTorch
     # warns on every step that the hook fires for module outputs, which is exactly what Opacus uses.
@@ -129,7 +120,8 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
         if hooks is not None:
             hooks.cleanup()
 
-    metrics = {"train_loss": loss_sum / max(seen, 1), "local_steps": step}
+    metrics = {"train_loss": loss_sum / max(seen, 1), "local_steps": step,
+               "train_seconds": round(time.perf_counter() - t_train, 3)}
     if cfg.dp:
         spent = site.ledger.commit_round(ticket, step)
         accountant_eps = float(engine.get_epsilon(site.ledger.delta))

@@ -23,7 +23,7 @@ import torch
 
 from shared_models.model import ModelConfig, MultiModalTransformer
 from shared_models.schema import FeatureSchema
-from shared_models.weights import arrays_sha256, save_weights
+from shared_models.weights import ArrayCountError, arrays_sha256, load_arrays, save_weights
 
 PACKAGE_FORMAT = "oncofed-model-package/1"
 
@@ -63,10 +63,10 @@ class ModelStore:
             raise ModelStoreError(f"received model hash {got[:12]}... differs from the announced "
                                   f"{expected_arrays_sha256[:12]}...: not installed, {self.active()} stays active")
         model = MultiModalTransformer(schema, config)
-        keys = list(model.state_dict().keys())
-        if len(keys) != len(arrays):
-            raise ModelStoreError(f"received {len(arrays)} arrays for a model of {len(keys)} tensors: not installed")
-        model.load_state_dict({k: torch.from_numpy(np.asarray(a, dtype=np.float32)) for k, a in zip(keys, arrays)})
+        try:
+            load_arrays(model, arrays)
+        except ArrayCountError as e:
+            raise ModelStoreError(f"{e}: not installed") from None
         existing = self.versions()
         version = f"v{(int(existing[-1][1:]) + 1 if existing else 1):04d}"
         tmp = self.root / f".tmp-{version}"

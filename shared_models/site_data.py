@@ -321,3 +321,12 @@ def make_dataset(schema: FeatureSchema, raw: np.ndarray, y: np.ndarray, ids: lis
     layout = schema.layout()
     present = np.stack([~missing[:, layout.slices[m.name]].all(axis=1) for m in schema.modalities], axis=1)
     return SiteDataset(ids=ids, x=x, y=y, modality_present=present, feature_missing=missing)
+
+
+def load_labelled_site(schema: FeatureSchema, site_dir: str | Path) -> SiteDataset:
+    """A whole labelled site directory, normalised with its own statistics (as a site that serves
+    the model would); used to evaluate a model on patients no training site holds."""
+    tables = read_site(schema, site_dir)
+    ids = [str(i) for i in tables.labels.index]
+    raw = raw_matrix(schema, tables, ids)
+    return make_dataset(schema, raw, encode_labels(schema, tables.labels), ids, Normalizer.fit(schema, raw))

@@ -26,6 +26,26 @@ class WeightsFileError(ValueError):
     """A weights file that is missing, corrupt or not an OncoFed weights file."""
 
 
+class ArrayCountError(ValueError):
+    """Arrays of another model (or schema version) offered to this one."""
+
+
+def state_arrays(model: torch.nn.Module) -> list:
+    """The model's state as numpy arrays, in state_dict order (what travels between server and sites)."""
+    return [v.detach().cpu().numpy().copy() for v in model.state_dict().values()]
+
+
+def load_arrays(model: torch.nn.Module, arrays) -> None:
+    """Load arrays in state_dict order (as float32) into the model."""
+    import numpy as np
+
+    keys = list(model.state_dict().keys())
+    if len(keys) != len(arrays):
+        raise ArrayCountError(f"received {len(arrays)} arrays for a model with {len(keys)} tensors: the sender runs "
+                              "another model configuration or schema version")
+    model.load_state_dict({k: torch.from_numpy(np.asarray(a, dtype=np.float32)).clone() for k, a in zip(keys, arrays)})
+
+
 def arrays_sha256(arrays) -> str:
     """SHA-256 of a model's arrays as float32, in order: how the server announces a model and a site
     checks the one it received (both must compute it the same way)."""

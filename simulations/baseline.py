@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from shared_models.schema import ColumnType, FeatureSchema
-from shared_models.site_data import (LABELS_STEM, Normalizer, SiteDataset, TableError, encode_labels, find_table,
-                                     make_dataset, raw_matrix, read_site)
+from shared_models.site_data import (LABELS_STEM, Normalizer, SiteDataset, encode_labels, find_table, make_dataset,
+                                     raw_matrix, read_site)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = ROOT / "simulations" / "schemas"
@@ -163,7 +163,7 @@ def fit_logistic(x_train, y_train, x_val, y_val, n_classes: int, c_grid=LR_C_GRI
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             clf.fit(x_train, y_train)
-        pred = clf.classes_[clf.predict_proba(x_val).argmax(axis=1)]
+        pred = clf.predict(x_val)
         score = classification_metrics(y_val, pred, n_classes)[monitor]
         scores[c] = score
         if best is None or score > best[0]:
@@ -208,7 +208,7 @@ def run_baseline(cohort: Cohort, seed: int = 0, train_cfg=None, model_cfg=None, 
         t0 = time.perf_counter()
         ft, fv, fs = (lr_features(schema, d) for d in (train, val, test))
         clf, c, scores = fit_logistic(ft, train.y, fv, val.y, schema.n_classes, seed=seed)
-        pred = clf.classes_[clf.predict_proba(fs).argmax(axis=1)]
+        pred = clf.predict(fs)
         result["logistic"] = {
             "test": _named(classification_metrics(test.y, pred, schema.n_classes), schema), "C": c,
             "val_macro_f1_by_C": {str(k): round(v, 4) for k, v in scores.items()},
@@ -252,7 +252,3 @@ def save_result(result: dict, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     return path
-
-
-__all__ = ["BaselineError", "COHORTS", "Cohort", "Split", "TableError", "load_cohort", "resolve_cohort",
-           "run_baseline", "split_by_group", "make_datasets", "lr_features", "fit_logistic", "format_result"]

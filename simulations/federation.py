@@ -143,19 +143,16 @@ def evaluate_on_site(model_dir: Path, site_dir: Path) -> dict:
     import torch
 
     from client.model_store import ModelStore
-    from client.training import evaluate
+    from shared_models.evaluation import evaluate
     from shared_models.schema import FeatureSchema
-    from shared_models.site_data import Normalizer, encode_labels, make_dataset, raw_matrix, read_site
+    from shared_models.site_data import load_labelled_site
     from shared_models.weights import load_weights
 
     store = ModelStore(model_dir)
     version = store.active()
     schema = FeatureSchema.load(model_dir / version / "schema.json")
     model = load_weights(model_dir / version / "weights.pt", schema).eval()
-    tables = read_site(schema, site_dir)
-    ids = [str(i) for i in tables.labels.index]
-    raw = raw_matrix(schema, tables, ids)
-    ds = make_dataset(schema, raw, encode_labels(schema, tables.labels), ids, Normalizer.fit(schema, raw))
+    ds = load_labelled_site(schema, site_dir)
     m = evaluate(model, torch.from_numpy(ds.x), torch.from_numpy(ds.y))
     return {"patients": int(len(ds.y)), "accuracy": m.accuracy, "balanced_accuracy": m.balanced_accuracy,
             "macro_f1": m.macro_f1, "model_version": version}
