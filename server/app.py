@@ -22,23 +22,25 @@ from flwr.common.logger import log
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import ServerConfig
 from flwr.server.compat import LegacyContext
-from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.serverapp import Grid, ServerApp
 
 from server.checkpoint import load_latest, save_checkpoint, write_json_atomic
 from server.strategy import build_strategy
-from server.workflow import RoundsWorkflow, evaluate_with_timeout
+from server.workflow import PollingGrid, RoundsWorkflow, TimedSecAggPlusWorkflow
+from shared_models.evaluation import evaluate
 from shared_models.model import MultiModalTransformer
 from shared_models.run_config import RunConfig
 from shared_models.schema import FeatureSchema
-from shared_models.weights import arrays_sha256
+from shared_models.site_data import load_labelled_site
+from shared_models.validation import validate_site
+from shared_models.weights import arrays_sha256, load_arrays, state_arrays
 
 torch.set_num_threads(1)
 app = ServerApp()
 
 
-def secagg_workflow(cfg: RunConfig, n_sites: int) -> SecAggPlusWorkflow:
+def secagg_workflow(cfg: RunConfig, n_sites: int) -> TimedSecAggPlusWorkflow:
     """SecAgg+ parameters derived from the number of sites.
 
     Every site is every other's neighbour (num_shares=1.0: consortia have 3-20 hospitals). The
@@ -47,10 +49,32 @@ def secagg_workflow(cfg: RunConfig, n_sites: int) -> SecAggPlusWorkflow:
     deltas (|delta| << clipping range), so the quantisation step 2*clip/Q is ~1e-8 of the range.
     """
     q_bits = 32 - math.ceil(math.log2(n_sites + 1))
-    return SecAggPlusWorkflow(
+    return TimedSecAggPlusWorkflow(
         num_shares=1.0, reconstruction_threshold=cfg.secagg_threshold, max_weight=cfg.secagg_max_weight,
         clipping_range=cfg.secagg_clipping_range, quantization_range=2**q_bits, modulus_range=2**32,
         timeout=cfg.round_timeout)
+
+
+def server_evaluation(cfg: RunConfig, schema: FeatureSchema):
+    """`evaluate_fn` for the legacy strategy: the global model on the run config's `eval-data` site
+    directory (held by the operator, normalised with its own statistics), after every round."""
+    site_dir = cfg.path(cfg.eval_data)
+    report = validate_site(schema, site_dir, min_count=cfg.min_count)
+    if not report.ok:
+        raise ValueError(f"run config eval-data = {cfg.eval_data!r}: the validation site directory is not usable; "
+                         f"fix it or set eval-data = \"\"\n{report.format_report()}")
+    ds = load_labelled_site(schema, site_dir)
+    x, y = torch.from_numpy(ds.x), torch.from_numpy(ds.y)
+    model = MultiModalTransformer(schema, cfg.model_config_())
+    log(INFO, "server evaluation on %s patients of %s after every round", len(y), site_dir)
+
+    def evaluate_fn(server_round: int, arrays: list[np.ndarray], config: dict):
+        load_arrays(model, arrays)
+        m = evaluate(model, x, y)
+        return m.loss, {"accuracy": m.accuracy, "balanced_accuracy": m.balanced_accuracy, "macro_f1": m.macro_f1,
+                        "patients": len(y)}
+
+    return evaluate_fn
 
 
 @app.main()
@@ -73,7 +97,7 @@ def main(grid: Grid, context: Context) -> None:
     else:
         torch.manual_seed(cfg.seed)
         model = MultiModalTransformer(schema, cfg.model_config_())
-        weights = [v.detach().numpy().copy() for v in model.state_dict().values()]
+        weights = state_arrays(model)
         first_round, run_key, site_epsilon = 1, f"{cfg.run_name}-{uuid.uuid4().hex[:8]}", {}
     remaining = cfg.num_rounds - first_round + 1
     if remaining < 1:
@@ -81,7 +105,8 @@ def main(grid: Grid, context: Context) -> None:
 
     fit_config = {"run-key": run_key, "secagg-max-weight": cfg.secagg_max_weight if cfg.secagg else 0.0,
                   "secagg-clipping-range": cfg.secagg_clipping_range}
-    strategy = build_strategy(cfg, weights, n_sites, fit_config)
+    evaluate_fn = server_evaluation(cfg, schema) if cfg.eval_data else None
+    strategy = build_strategy(cfg, weights, n_sites, fit_config, evaluate_fn=evaluate_fn)
     if checkpoint is not None:
         strategy.load_state_arrays(checkpoint.strategy_state)
     metrics_file = out / "metrics.jsonl"
@@ -101,19 +126,25 @@ def main(grid: Grid, context: Context) -> None:
                 "global": {"loss": dict(h.losses_distributed).get(rnd),
                            **{k: dict(v).get(rnd) for k, v in h.metrics_distributed.items()}},
                 "fit": {k: dict(v).get(rnd) for k, v in h.metrics_distributed_fit.items()},
-                "site_epsilon": dict(site_epsilon), "weights_sha256": arrays_sha256(arrays)}
+                "server_eval": ({"loss": dict(h.losses_centralized).get(rnd),
+                                 **{k: dict(v).get(rnd) for k, v in h.metrics_centralized.items()}}
+                                if evaluate_fn is not None else None),
+                "site_epsilon": dict(site_epsilon), "weights_sha256": arrays_sha256(arrays),
+                "timing": dict(getattr(lctx.strategy, "timing", {}))}
         with metrics_file.open("a") as fh:
             fh.write(json.dumps(line) + "\n")
-        g = line["global"]
-        log(INFO, "round %s done: %s sites, global macro-F1 %s, max site epsilon %s", rnd,
+        g, se = line["global"], line["server_eval"] or {}
+        log(INFO, "round %s done: %s sites, global macro-F1 %s (sites' held-out parts)%s, max site epsilon %s", rnd,
             len(info.get("participants", [])), _fmt(g.get("macro_f1")),
+            f", {_fmt(se.get('macro_f1'))} on eval-data" if se else "",
             _fmt(max(site_epsilon.values()) if site_epsilon else None))
 
-    lctx = LegacyContext(context=context, config=ServerConfig(num_rounds=max(remaining, 0)), strategy=strategy)
+    lctx = LegacyContext(context=context, strategy=strategy,
+                         config=ServerConfig(num_rounds=max(remaining, 0), round_timeout=cfg.round_timeout))
     if remaining > 0:
         RoundsWorkflow(fit_workflow=secagg_workflow(cfg, n_sites) if cfg.secagg else None,
-                       evaluate_workflow=evaluate_with_timeout(cfg.round_timeout), first_round=first_round,
-                       on_round_end=on_round_end, wait_for_sites=n_sites, wait_timeout=cfg.round_timeout)(grid, lctx)
+                       first_round=first_round, on_round_end=on_round_end, wait_for_sites=n_sites,
+                       wait_timeout=cfg.round_timeout, message_timeout=cfg.round_timeout)(grid, lctx)
         final = parameters_to_ndarrays(compat.arrayrecord_to_parameters(
             lctx.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
     else:
@@ -140,7 +171,7 @@ def deliver(grid: Grid, final: list[np.ndarray], package: dict, timeout: float) 
     messages = [Message(content=content, dst_node_id=nid, message_type="query.save_model")
                 for nid in grid.get_node_ids()]
     out = []
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+    for reply in PollingGrid(grid, timeout).send_and_receive(messages):
         if reply.has_error():
             out.append({"node": reply.metadata.src_node_id, "installed": False, "error": reply.error.reason[-300:]})
         else:

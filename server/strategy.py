@@ -12,6 +12,7 @@ vector, so SecAgg+ completes without dropout recovery; its reason arrives in the
 
 from __future__ import annotations
 
+import time
 from logging import INFO, WARNING
 
 import numpy as np
@@ -48,6 +49,7 @@ class DeltaMixin:
     def init_delta(self, weights: list[np.ndarray]) -> None:
         self.global_weights = [np.asarray(w, dtype=np.float32) for w in weights]
         self.round_info: dict = {}
+        self.timing: dict = {}  # seconds per phase of the current round (server.workflow fills most of it)
         self.sampled: set[int] = set()
 
     def configure_fit(self, server_round, parameters, client_manager):
@@ -56,6 +58,13 @@ class DeltaMixin:
         return ins
 
     def aggregate_fit(self, server_round, results, failures):
+        t = time.perf_counter()
+        try:
+            return self._aggregate_fit(server_round, results, failures)
+        finally:
+            self.timing["aggregate"] = round(time.perf_counter() - t, 4)
+
+    def _aggregate_fit(self, server_round, results, failures):
         reasons = list(dict.fromkeys(failure_reason(f) for f in failures))  # SecAgg+ may repeat one
         refused = [{"node": p.node_id, "reason": str(r.metrics.get(REFUSAL_KEY, r.status.message))}
                    for p, r in results if r.num_examples == 0]
@@ -109,7 +118,7 @@ class DeltaMixin:
                 setattr(self, name, [arrays[k] for k in keys])
 
 
-def build_strategy(cfg: RunConfig, weights: list[np.ndarray], n_sites: int, fit_config: dict):
+def build_strategy(cfg: RunConfig, weights: list[np.ndarray], n_sites: int, fit_config: dict, evaluate_fn=None):
     """The legacy strategy with deltas. `min_available_clients` is the per-round minimum, not the
     number of sites: the legacy sampler blocks until that many nodes are connected, so one site gone
     for good would freeze the run (the server waits for all sites once, before round 1)."""
@@ -118,7 +127,7 @@ def build_strategy(cfg: RunConfig, weights: list[np.ndarray], n_sites: int, fit_
     n_min = min(cfg.min_sites, n_sites)
     kw = dict(
         fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=n_min, min_evaluate_clients=n_min,
-        min_available_clients=n_min, initial_parameters=ndarrays_to_parameters(weights),
+        min_available_clients=n_min, initial_parameters=ndarrays_to_parameters(weights), evaluate_fn=evaluate_fn,
         on_fit_config_fn=lambda rnd: {**fit_config, "server-round": rnd},
         on_evaluate_config_fn=lambda rnd: {**fit_config, "server-round": rnd},
         fit_metrics_aggregation_fn=lambda ms: {k: v for k in ("train_loss",) if (v := weighted_mean(ms, k)) is not None},

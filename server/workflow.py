@@ -2,59 +2,93 @@
 
 Same body as `flwr.server.workflow.DefaultWorkflow.__call__` (flwr 1.41), plus: the run waits for
 every site once before round 1; the round count can start after a checkpoint's round (SecAgg+ and
-FedAdam's bias correction use it); a hook runs after every round (checkpoint, metrics); the
-evaluate step gets a timeout (the legacy one has none, so a vanished site would block it).
+FedAdam's bias correction use it); a hook runs after every round (checkpoint, metrics); every
+message exchange gets a timeout and faster reply polling (`PollingGrid`); each phase is timed.
 """
 
 from __future__ import annotations
 
+import time
 import timeit
 from collections.abc import Callable
 from logging import INFO
 
-from flwr.app import ConfigRecord, Context
+from flwr.app import ConfigRecord
 from flwr.common.logger import log
 from flwr.server.compat import LegacyContext
 from flwr.server.compat.app_utils import start_update_client_manager_thread
-from flwr.server.workflow import DefaultWorkflow
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 from flwr.server.workflow.default_workflows import (
     default_centralized_evaluation_workflow,
-    default_evaluate_workflow,
     default_init_params_workflow,
 )
 from flwr.serverapp import Grid
 
 
-class _TimeoutGrid:
-    """A Grid whose send_and_receive always has a timeout."""
+class PollingGrid:
+    """The Grid, with a timeout on every exchange and replies polled every `interval` seconds.
 
-    def __init__(self, grid: Grid, timeout: float):
-        self._grid, self._timeout = grid, timeout
+    flwr 1.41's gRPC Grid polls the SuperLink for replies every 3 s, so each of a round's message
+    exchanges (SecAgg+ has four, evaluation one) costs up to 3 s of idle waiting, most of SecAgg+'s
+    overhead on a short round. The legacy evaluate workflow also calls send_and_receive without a
+    timeout, so a vanished site would block it. Same push/pull calls; only the pacing differs.
+    """
+
+    def __init__(self, grid: Grid, timeout: float, interval: float = 0.1):
+        self._grid, self._timeout, self._interval = grid, timeout, interval
 
     def __getattr__(self, name):
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages, *, timeout=None):
-        return self._grid.send_and_receive(messages, timeout=self._timeout if timeout is None else timeout)
+        timeout = self._timeout if timeout is None else timeout
+        pending = set(self._grid.push_messages(messages))
+        end, replies = time.monotonic() + timeout, []
+        while pending:
+            got = list(self._grid.pull_messages(pending))
+            replies.extend(got)
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not pending or time.monotonic() >= end:
+                break
+            time.sleep(self._interval)
+        return replies
 
 
-def evaluate_with_timeout(timeout: float) -> Callable[[Grid, Context], None]:
-    def workflow(grid: Grid, context: Context) -> None:
-        default_evaluate_workflow(_TimeoutGrid(grid, timeout), context)
+class TimedSecAggPlusWorkflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, unchanged, with the wall time of each of its four stages recorded
+    in `strategy.timing` (benchmarks/round.py reads them from metrics.jsonl)."""
 
-    return workflow
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name in ("setup_stage", "share_keys_stage", "collect_masked_vectors_stage", "unmask_stage"):
+            setattr(self, name, self._timed(name, getattr(self, name)))
+
+    @staticmethod
+    def _timed(name, stage):
+        def run(grid, context, state):
+            t = time.perf_counter()
+            try:
+                return stage(grid, context, state)
+            finally:
+                timing = getattr(context.strategy, "timing", None)
+                if timing is not None:
+                    timing[f"secagg_{name.removesuffix('_stage')}"] = round(time.perf_counter() - t, 3)
+
+        return run
 
 
 class RoundsWorkflow(DefaultWorkflow):
     def __init__(self, fit_workflow=None, evaluate_workflow=None, *, first_round: int = 1,
                  on_round_end: Callable[[int, LegacyContext], None] | None = None, wait_for_sites: int = 0,
-                 wait_timeout: float = 3600.0):
+                 wait_timeout: float = 3600.0, message_timeout: float = 600.0):
         super().__init__(fit_workflow=fit_workflow, evaluate_workflow=evaluate_workflow)
         self.first_round, self.on_round_end = first_round, on_round_end
         self.wait_for_sites, self.wait_timeout = wait_for_sites, wait_timeout
+        self.message_timeout = message_timeout
 
     def __call__(self, grid: Grid, context: LegacyContext) -> None:
+        grid = PollingGrid(grid, self.message_timeout)
         thread, f_stop, c_done = start_update_client_manager_thread(grid, context.client_manager)
         c_done.wait()
         try:
@@ -72,9 +106,16 @@ class RoundsWorkflow(DefaultWorkflow):
                 log(INFO, "[ROUND %s]", rnd)
                 cfg[Key.CURRENT_ROUND] = rnd
                 context.strategy.round_info = {"round": rnd, "status": "halted"}
+                timing = context.strategy.timing = {}
+                t = time.perf_counter()
                 self.fit_workflow(grid, context)
+                timing["fit"] = round(time.perf_counter() - t, 3)
+                t = time.perf_counter()
                 default_centralized_evaluation_workflow(grid, context)
+                timing["server_evaluate"] = round(time.perf_counter() - t, 3)
+                t = time.perf_counter()
                 self.evaluate_workflow(grid, context)
+                timing["site_evaluate"] = round(time.perf_counter() - t, 3)
                 if self.on_round_end is not None:
                     self.on_round_end(rnd, context)
         finally:

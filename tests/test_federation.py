@@ -57,7 +57,7 @@ def _metrics(work: Path) -> list[dict]:
 
 
 def test_secagg_aggregate_equals_plain_fedavg_and_every_site_holds_the_model(federation):
-    with_sa, work_sa = _run(federation, "secagg", secagg=True)
+    with_sa, work_sa = _run(federation, "secagg", secagg=True, **{"eval-data": str(federation / "sites" / "site_00")})
     plain, work_plain = _run(federation, "plain", secagg=False)
     a, b = _weights(work_sa), _weights(work_plain)
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-4
@@ -73,6 +73,25 @@ def test_secagg_aggregate_equals_plain_fedavg_and_every_site_holds_the_model(fed
     assert set(eps) == {"site_00", "site_01", "site_02"} and all(0 < e <= 8.0 for e in eps.values())
     assert all(rounds[0]["site_epsilon"][s] < eps[s] for s in eps)
     assert with_sa["site_epsilon"] == eps
+    # the operator's optional evaluation site is scored after every round; each phase is timed
+    labels = pd.read_csv(federation / "sites" / "site_00" / "labels.csv")
+    for r in rounds:
+        assert r["server_eval"]["patients"] == len(labels) and 0 <= r["server_eval"]["macro_f1"] <= 1
+        assert {"fit", "aggregate", "site_evaluate", "secagg_setup", "secagg_share_keys",
+                "secagg_collect_masked_vectors", "secagg_unmask"} <= set(r["timing"])
+        assert all(s["train_seconds"] > 0 for s in r["sites"].values())
+    assert _metrics(work_plain)[-1]["server_eval"] is None and "secagg_setup" not in _metrics(work_plain)[-1]["timing"]
+
+
+def test_an_unusable_eval_data_directory_stops_the_server_naming_the_setting(tmp_path):
+    from server.app import server_evaluation
+    from shared_models.run_config import RunConfig
+    from shared_models.schema import FeatureSchema
+
+    schema = FeatureSchema.load(ROOT / "simulations" / "schemas" / "tcga_pancan33.json")
+    cfg = RunConfig.from_flower({"schema": "x.json", "eval-data": str(tmp_path / "nowhere")})
+    with pytest.raises(ValueError, match="eval-data"):
+        server_evaluation(cfg, schema)
 
 
 def test_a_site_with_invalid_data_is_refused_and_the_round_goes_on(federation):
