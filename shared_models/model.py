@@ -8,6 +8,7 @@
     FusionEncoder: transformer whose key mask drops each patient's missing modalities
       v  CLS
     head: LayerNorm + Linear -> logits over schema.classes
+      +  wide paths: per present numeric modality, Linear(F, r) -> Linear(r, classes) on its inputs
 
 DP-SGD (Opacus, hooks mode) needs per-sample gradients that are exact, so the rules of
 `shared/notes/opacus.md` are followed by construction:
@@ -48,6 +49,9 @@ class ModelConfig(BaseModel):
     tabular_blocks: int = Field(
         0, ge=0, description="transformer blocks over column tokens (0 = a learned linear embedding, mean-pooled)")
     fusion_blocks: int = Field(2, ge=1)
+    wide_rank: int = Field(
+        16, ge=0, description="rank of each modality's wide path, a linear map from its numeric inputs straight "
+        "to the logits (0 = none); see MultiModalTransformer")
     ff_mult: int = Field(2, ge=1)
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="on residual branches")
     attention_dropout: float = Field(
@@ -259,7 +263,16 @@ class FusionEncoder(nn.Module):
 
 
 class MultiModalTransformer(nn.Module):
-    """Classifies patients from any subset of the schema's modalities."""
+    """Classifies patients from any subset of the schema's modalities.
+
+    logits = head(fused CLS) + sum over the patient's present modalities of wide_m(x_m): a "wide and
+    deep" classifier. Each wide path is Linear(F_m, wide_rank) -> Linear(wide_rank, classes) over the
+    modality's standardised values (missing values at the mean, 0); modalities with categorical
+    columns have none. Why: under DP-SGD every parameter receives the same noise, while the
+    gradient signal of the deep path concentrates in the fusion and head (measured at
+    initialisation on a pan-cancer site: encoders' input layers ~1% of the clipped gradient's
+    squared norm). The wide path gives the inputs a short, strongly-signalled route to the logits.
+    """
 
     def __init__(self, schema: FeatureSchema, config: ModelConfig | None = None):
         super().__init__()
@@ -275,8 +288,22 @@ class MultiModalTransformer(nn.Module):
         self.fusion = FusionEncoder(len(schema.modalities), self.config)
         self.head_norm = nn.LayerNorm(self.config.d_model)
         self.head = nn.Linear(self.config.d_model, schema.n_classes)
+        r = self.config.wide_rank
+        self.wide_modalities = [i for i, m in enumerate(schema.modalities) if r and all(
+            m.column_type(f) is not ColumnType.categorical for f in m.features)]
+        self.wide = nn.ModuleList(
+            nn.Sequential(nn.Linear(schema.modalities[i].n_features, r), nn.Linear(r, schema.n_classes))
+            for i in self.wide_modalities)
 
-    def _encode(self, x: Tensor, need_weights: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+    def _wide(self, parts: list[Tensor], present: Tensor) -> Tensor | None:  # -> (B, M, classes) or None
+        if not self.wide_modalities:
+            return None
+        out = parts[0].new_zeros(parts[0].shape[0], len(parts), self.head.out_features)
+        for path, i in zip(self.wide, self.wide_modalities):
+            out[:, i] = path(torch.nan_to_num(parts[i], nan=0.0)) * present[:, i : i + 1]
+        return out
+
+    def _encode(self, x: Tensor, need_weights: bool) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
         if x.dim() != 2 or x.shape[1] != self.n_inputs:
             raise ValueError(
                 f"model input must be (patients, {self.n_inputs}) for schema {self.schema.name!r}; got {tuple(x.shape)}"
@@ -286,17 +313,22 @@ class MultiModalTransformer(nn.Module):
         tokens = torch.stack([enc(p) for enc, p in zip(self.encoders, parts)], dim=1)  # (B, M, d)
         tokens = torch.where(present.unsqueeze(-1), tokens, torch.zeros_like(tokens))
         fused, weights = self.fusion(tokens, present, need_weights)
-        return fused, weights, present
+        return fused, weights, present, self._wide(parts, present)
 
     def forward(self, x: Tensor) -> Tensor:
-        fused, _, _ = self._encode(x, need_weights=False)
-        return self.head(self.head_norm(fused))
+        fused, _, _, wide = self._encode(x, need_weights=False)
+        logits = self.head(self.head_norm(fused))
+        return logits if wide is None else logits + wide.sum(dim=1)
 
     @torch.no_grad()
     def explain(self, x: Tensor) -> dict[str, Tensor]:
-        """Logits, fused representation, presence and per-sample modality weights (sum to 1 over present)."""
-        fused, weights, present = self._encode(x, need_weights=True)
-        return {"logits": self.head(self.head_norm(fused)), "fused": fused,
+        """Logits, fused representation, presence, per-sample modality weights (the CLS token's attention,
+        summing to 1 over present modalities) and each modality's wide-path logits (B, M, classes)."""
+        fused, weights, present, wide = self._encode(x, need_weights=True)
+        deep = self.head(self.head_norm(fused))
+        if wide is None:
+            wide = deep.new_zeros(deep.shape[0], len(self.slices), deep.shape[1])
+        return {"logits": deep + wide.sum(dim=1), "deep_logits": deep, "wide_logits": wide, "fused": fused,
                 "modality_weights": weights, "present": present}
 
     def num_parameters(self) -> int:

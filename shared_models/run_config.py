@@ -79,6 +79,7 @@ class RunConfig(BaseModel):
     latent_blocks: int = Field(0, alias="latent-blocks", ge=0)
     tabular_blocks: int = Field(0, alias="tabular-blocks", ge=0)
     fusion_blocks: int = Field(2, alias="fusion-blocks", ge=1)
+    wide_rank: int = Field(16, alias="wide-rank", ge=0)
     dropout: float = 0.1
 
     @model_validator(mode="after")
@@ -90,7 +91,8 @@ class RunConfig(BaseModel):
     def model_config_(self) -> ModelConfig:
         return ModelConfig(d_model=self.d_model, n_latents=self.n_latents, chunk_size=self.chunk_size,
                            linear_rank=self.linear_rank, latent_blocks=self.latent_blocks,
-                           tabular_blocks=self.tabular_blocks, fusion_blocks=self.fusion_blocks, dropout=self.dropout)
+                           tabular_blocks=self.tabular_blocks, fusion_blocks=self.fusion_blocks, wide_rank=self.wide_rank,
+                           dropout=self.dropout)
 
     def path(self, value: str) -> Path:
         p = Path(value).expanduser()

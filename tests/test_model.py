@@ -63,6 +63,10 @@ def test_modality_weights_sum_to_one_over_present_modalities(tiny_schema):
     some = present.any(dim=1)
     torch.testing.assert_close(w[some].sum(dim=1), torch.ones(int(some.sum())))
     torch.testing.assert_close(out["logits"], model(x))
+    # the wide paths' share of the logits, per modality: nothing from a missing modality
+    torch.testing.assert_close(out["deep_logits"] + out["wide_logits"].sum(dim=1), out["logits"])
+    assert torch.all(out["wide_logits"][~present] == 0)
+    assert out["wide_logits"][present].abs().sum() > 0
 
 
 def test_empty_batch_is_allowed(tiny_schema):
