@@ -95,3 +95,12 @@ def test_a_site_with_invalid_data_refuses_with_every_problem(tmp_path):
     with pytest.raises(SiteDataError, match=r"labels\.csv.*'Z'"):
         prepare_site(schema, SitePaths(tmp_path / "site", tmp_path / "state", tmp_path / "m"), budget_epsilon=8,
                      delta=1e-5, val_fraction=0.2, min_count=5, seed=0)
+
+
+def test_under_dp_the_loss_does_not_depend_on_the_sites_label_counts():
+    # class weights from the site's counts would tie every sample's gradient to other patients' labels
+    from client.local_round import train_config
+    from shared_models.run_config import RunConfig
+
+    assert train_config(RunConfig.from_flower({"schema": "s.json", "dp": True})).class_weighting is False
+    assert train_config(RunConfig.from_flower({"schema": "s.json", "dp": False})).class_weighting is True
