@@ -15,6 +15,8 @@ def baseline(
     cohort: str = typer.Option(..., "--cohort", help="pancan33, brca, or a pooled cohort directory (site layout)"),
     schema: Path | None = typer.Option(None, "--schema", help="schema JSON [default: the named cohort's committed schema]"),
     seed: int = typer.Option(0, "--seed", help="seeds the site split, the initialisation and the batch order"),
+    seeds: str | None = typer.Option(None, "--seeds", help="several seeds, e.g. 0,1,2,3,4: one split each, then the "
+                                     "mean and standard deviation over splits"),
     epochs: int | None = typer.Option(None, "--epochs", min=1, help="most transformer epochs [default: TrainConfig's]"),
     test_frac: float = typer.Option(0.2, "--test-frac", min=0.01, max=0.9,
                                     help="share of patients in held-out tss sites (test)"),
@@ -61,14 +63,56 @@ def baseline(
             typer.echo(f"epoch {r.epoch:>3}  train loss {r.train_loss:.4f}  lr {r.lr:.2e}  {r.seconds:5.1f} s  "
                        f"val loss {v.get('loss', float('nan')):.4f}  macro-F1 {v.get('macro_f1', float('nan')):.3f}")
 
-        result = run_baseline(data, seed=seed, train_cfg=train_cfg, model_cfg=model_cfg, test_frac=test_frac,
-                              val_frac=val_frac, models=models, log=log if verbose else None)
+        seed_list = _seed_list(seeds) if seeds else [seed]
+        results = []
+        for s in seed_list:
+            cfg = train_cfg.model_copy(update={"seed": s})
+            results.append(run_baseline(data, seed=s, train_cfg=cfg, model_cfg=model_cfg, test_frac=test_frac,
+                                        val_frac=val_frac, models=models, log=log if verbose else None))
+            typer.echo(format_result(results[-1]))
     except (BaselineError, SchemaError, TableError) as e:
         _fail(str(e))
-    typer.echo(format_result(result))
+    result = results[0] if len(results) == 1 else summarize_seeds(results)
+    if len(results) > 1:
+        typer.echo(format_seeds(result))
     if out is not None:
         save_result(result, out)
         typer.echo(f"wrote {out}")
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"--seeds {text}: give whole numbers separated by commas, e.g. --seeds 0,1,2")
+    if not out:
+        _fail("--seeds: give at least one seed, e.g. --seeds 0,1,2")
+    return out
+
+
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+
+
+def summarize_seeds(results: list[dict]) -> dict:
+    """Mean and standard deviation of each model's test metrics over splits, plus every split's result."""
+    import numpy as np
+
+    summary = {}
+    for model in ("transformer", "logistic"):
+        rows = [r[model]["test"] for r in results if model in r]
+        if rows:
+            summary[model] = {m: {"mean": float(np.mean([x[m] for x in rows])), "sd": float(np.std([x[m] for x in rows])),
+                                  "per_seed": [x[m] for x in rows]} for m in METRICS}
+    return {"seeds": [r["seed"] for r in results], "summary": summary, "runs": results}
+
+
+def format_seeds(result: dict) -> str:
+    lines = [f"over {len(result['seeds'])} splits (seeds {', '.join(map(str, result['seeds']))}): mean +- sd",
+             f"{'model':<20} {'accuracy':>14} {'balanced acc.':>14} {'macro-F1':>14}"]
+    names = {"transformer": "transformer", "logistic": "logistic regression"}
+    for model, s in result["summary"].items():
+        lines.append(f"{names[model]:<20} " + " ".join(f"{s[m]['mean']:>8.3f} +-{s[m]['sd']:.3f}" for m in METRICS))
+    return "\n".join(lines)
 
 
 def _reason(e: Exception) -> str:

@@ -287,6 +287,33 @@ def test_baseline_command_prints_both_models_and_writes_json(tmp_path, tiny_sche
         assert 0 <= result[model]["test"]["macro_f1"] <= 1
 
 
+def test_baseline_over_several_seeds_reports_mean_and_spread(tmp_path, tiny_schema):
+    import typer
+    from typer.testing import CliRunner
+
+    from simulations.cli_baseline import register
+
+    cohort_dir = tmp_path / "cohort"
+    cohort_dir.mkdir()
+    _write_cohort(cohort_dir, tiny_schema)
+    schema_path = tiny_schema.save(tmp_path / "schema.json")
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)
+    out = tmp_path / "result.json"
+    args = ["baseline", "--cohort", str(cohort_dir), "--schema", str(schema_path), "--epochs", "2", "--only",
+            "logistic", "--out", str(out)]
+    res = CliRunner().invoke(app, args + ["--seeds", "0,1"])
+    assert res.exit_code == 0, res.output
+    assert "over 2 splits (seeds 0, 1)" in res.output
+    result = json.loads(out.read_text())
+    f1 = result["summary"]["logistic"]["macro_f1"]
+    assert result["seeds"] == [0, 1] and len(f1["per_seed"]) == 2
+    assert f1["mean"] == pytest.approx(np.mean(f1["per_seed"]))
+    bad = CliRunner().invoke(app, args + ["--seeds", "0,x"])
+    assert bad.exit_code == 2 and "--seeds 0,x" in bad.output
+
+
 def test_baseline_command_without_a_schema_for_a_directory_says_what_to_pass(tmp_path):
     import typer
     from typer.testing import CliRunner
