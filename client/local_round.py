@@ -9,10 +9,14 @@ Privacy protocol of a round (the site's ledger is the authority, see privacy/led
 4. the executed steps are committed before the update leaves the site; the accountant's own
    epsilon must agree with the ledger's.
 The update sent is the weight delta (local - global), which keeps SecAgg+'s quantisation precise.
+Under DP the metrics sent are the privacy state (epsilon, noise multiplier, sample rate), the step
+count (fixed by the schedule) and metrics of the held-out part (suppressed below min-count); the
+training loss, a noiseless function of the DP-protected rows, is not sent.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
@@ -28,6 +32,8 @@ from privacy.accounting import BudgetError, noise_multiplier_for, planned_steps
 from shared_models.model import MultiModalTransformer
 from shared_models.run_config import RunConfig
 from shared_models.weights import load_arrays, state_arrays  # noqa: F401 (state_arrays: re-export)
+
+log = logging.getLogger("oncofed.site")
 
 
 @dataclass
@@ -124,9 +130,14 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
         if hooks is not None:
             hooks.cleanup()
 
-    metrics = {"train_loss": loss_sum / max(seen, 1), "local_steps": step,
-               "train_seconds": round(time.perf_counter() - t_train, 3)}
-    if cfg.dp:
+    metrics = {"local_steps": step, "train_seconds": round(time.perf_counter() - t_train, 3)}
+    train_loss = loss_sum / max(seen, 1)
+    if not cfg.dp:
+        metrics["train_loss"] = train_loss
+    else:
+        # The loss on the DP-SGD batches is computed from the training rows without noise: sending it
+        # would release what DP-SGD protects. It stays in the site's log.
+        log.info("round %s: train loss %.4f over %s sampled rows (not sent under DP)", rnd, train_loss, seen)
         spent = site.ledger.commit_round(ticket, step)
         accountant_eps = float(engine.get_epsilon(site.ledger.delta))
         if not math.isclose(spent, accountant_eps, rel_tol=0.01):

@@ -43,6 +43,8 @@ def test_reported_epsilon_is_the_closed_form_of_the_executed_steps(tmp_path):
     sigma, q = r1.metrics["noise_multiplier"], r1.metrics["sample_rate"]
     steps = r1.metrics["local_steps"] + r2.metrics["local_steps"]
     assert r2.metrics["epsilon"] == pytest.approx(_closed_form([(sigma, q, steps)]), rel=0.01)
+    # nothing computed from the DP-protected rows without noise leaves the site
+    assert "train_loss" not in r1.metrics and "train_loss" not in r2.metrics
 
 
 def test_the_whole_planned_schedule_fits_the_budget_and_one_more_round_is_refused(tmp_path):
