@@ -52,6 +52,8 @@ class ModelConfig(BaseModel):
     wide_rank: int = Field(
         16, ge=0, description="rank of each modality's wide path, a linear map from its numeric inputs straight "
         "to the logits (0 = none); see MultiModalTransformer")
+    wide_gain: float = Field(1.0, gt=0, description="the wide paths' input multiplier (their first layer's initial "
+                             "weights are divided by it): scales their share of each clipped per-sample gradient")
     ff_mult: int = Field(2, ge=1)
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="on residual branches")
     attention_dropout: float = Field(
@@ -294,13 +296,17 @@ class MultiModalTransformer(nn.Module):
         self.wide = nn.ModuleList(
             nn.Sequential(nn.Linear(schema.modalities[i].n_features, r), nn.Linear(r, schema.n_classes))
             for i in self.wide_modalities)
+        with torch.no_grad():  # the same function at initialisation; the first layers' gradients x gain
+            for path in self.wide:
+                path[0].weight.div_(self.config.wide_gain)
 
     def _wide(self, parts: list[Tensor], present: Tensor) -> Tensor | None:  # -> (B, M, classes) or None
         if not self.wide_modalities:
             return None
         out = parts[0].new_zeros(parts[0].shape[0], len(parts), self.head.out_features)
         for path, i in zip(self.wide, self.wide_modalities):
-            out[:, i] = path(torch.nan_to_num(parts[i], nan=0.0)) * present[:, i : i + 1]
+            x = torch.nan_to_num(parts[i], nan=0.0) * self.config.wide_gain
+            out[:, i] = path(x) * present[:, i : i + 1]
         return out
 
     def _encode(self, x: Tensor, need_weights: bool) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:

@@ -62,9 +62,10 @@ class RunConfig(BaseModel):
     max_grad_norm: float = Field(1.0, alias="max-grad-norm", gt=0, description="per-sample clipping bound C")
 
     # --- local training ---------------------------------------------------------------------
-    local_epochs: int = Field(1, alias="local-epochs", ge=1)
-    batch_size: int = Field(64, alias="batch-size", ge=1)
-    lr: float = Field(2e-3, gt=0)
+    # DP-SGD defaults, tuned on the 8-hospital pan-cancer federation (README, "Federated training")
+    local_epochs: int = Field(2, alias="local-epochs", ge=1)
+    batch_size: int = Field(256, alias="batch-size", ge=1, description="expected batch (Poisson sampling under DP)")
+    lr: float = Field(0.02, gt=0)
     weight_decay: float = Field(1e-4, alias="weight-decay", ge=0)
     warmup_fraction: float = Field(0.1, alias="warmup-fraction", ge=0, lt=1)
     val_fraction: float = Field(0.2, alias="val-fraction", ge=0, lt=1, description="site's local held-out part")
@@ -80,6 +81,9 @@ class RunConfig(BaseModel):
     tabular_blocks: int = Field(0, alias="tabular-blocks", ge=0)
     fusion_blocks: int = Field(2, alias="fusion-blocks", ge=1)
     wide_rank: int = Field(16, alias="wide-rank", ge=0)
+    wide_gain: float = Field(4.0, alias="wide-gain", gt=0,
+                             description="4 for DP-SGD (the wide paths' share of each clipped gradient); "
+                                         "ModelConfig's 1 is better for non-private centralized training")
     dropout: float = 0.1
 
     @model_validator(mode="after")
@@ -91,7 +95,7 @@ class RunConfig(BaseModel):
     def model_config_(self) -> ModelConfig:
         return ModelConfig(d_model=self.d_model, n_latents=self.n_latents, chunk_size=self.chunk_size,
                            linear_rank=self.linear_rank, latent_blocks=self.latent_blocks,
-                           tabular_blocks=self.tabular_blocks, fusion_blocks=self.fusion_blocks, wide_rank=self.wide_rank,
+                           tabular_blocks=self.tabular_blocks, fusion_blocks=self.fusion_blocks, wide_rank=self.wide_rank, wide_gain=self.wide_gain,
                            dropout=self.dropout)
 
     def path(self, value: str) -> Path:

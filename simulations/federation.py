@@ -170,7 +170,8 @@ def summarize(metrics_file: Path) -> list[dict]:
         rows.append({"round": r["round"], "sites": len(r.get("participants", [])),
                      "refused": len(r.get("refused", [])), "failed": len(r.get("failures", [])),
                      "macro_f1": r.get("global", {}).get("macro_f1"), "accuracy": r.get("global", {}).get("accuracy"),
-                     "max_epsilon": max(eps.values()) if eps else None, "seconds": r.get("seconds")})
+                     "max_epsilon": max(eps.values()) if eps else None, "seconds": r.get("seconds"),
+                     "server_macro_f1": (r.get("server_eval") or {}).get("macro_f1")})
     return rows
 
 

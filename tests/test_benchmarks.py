@@ -18,3 +18,13 @@ def test_train_step_benchmark_quick_run_ends_with_its_json_line():
     for r in result["shapes"].values():
         assert r["parameters"] > 0 and r["train_flops_per_sample"] > 0
         assert r["samples_per_s"] > 0 and r["dp_samples_per_s"] > 0 and r["peak_rss_mb"] > 0
+
+
+def test_round_benchmark_quick_run_breaks_a_real_round_down(tmp_path):
+    out = subprocess.run([sys.executable, "benchmarks/round.py", "--quick"], cwd=ROOT, check=True,
+                         capture_output=True, text=True, timeout=600).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert set(result["results"]) == {"dp", "dp+secagg"} and result["sites"] == 3
+    on = result["results"]["dp+secagg"]
+    assert set(on["secagg_stages"]) == {"setup", "share_keys", "collect_masked_vectors", "unmask"}
+    assert on["train_sum"] > 0 and on["round"] > 0 and "secagg_overhead_dp" in result
