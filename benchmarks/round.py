@@ -9,6 +9,8 @@ Where the time goes, from the server's per-round `timing` (metrics.jsonl) and ea
 `train_seconds`:
     local training   the sites' DP-SGD / SGD steps; sum over sites, and that sum divided by the
                      number of sites training at once here (2 cores: 2) as its wall-clock share
+    site other       the rest of a site's round: model set-up, Opacus, privacy ledger and
+                     accountant, local evaluation (same wall-clock share)
     SecAgg+          the protocol's setup, share-keys and unmask stages (key agreement, Shamir
                      shares, unmasking), plus its masking inside collect-masked-vectors, estimated
                      as that stage's time minus the same round's fit time without SecAgg+
@@ -67,11 +69,13 @@ def measure(work: Path, name: str, secagg: bool, dp: bool, sites: Path, schema: 
     line = [json.loads(x) for x in (run / "server" / "metrics.jsonl").read_text().splitlines()][-1]
     t = line["timing"]
     train = [float(s["train_seconds"]) for s in line["sites"].values() if "train_seconds" in s]
+    site = [float(s["round_seconds"]) for s in line["sites"].values() if "round_seconds" in s]
     parallel = min(n_sites, os.cpu_count() or 1)
     r = {"config": name, "secagg": secagg, "dp": dp, "sites": len(train), "run_seconds": round(total, 1),
          "fit": t["fit"], "evaluate": t.get("site_evaluate", 0.0), "round": round(t["fit"] + t.get("site_evaluate", 0.0), 2),
          "aggregate": t.get("aggregate", 0.0), "train_sum": round(sum(train), 2),
-         "train_wall": round(sum(train) / parallel, 2), "parallel_sites": parallel}
+         "train_wall": round(sum(train) / parallel, 2), "site_other_wall": round((sum(site) - sum(train)) / parallel, 2),
+         "parallel_sites": parallel}
     if secagg:
         r["secagg_stages"] = {k.removeprefix("secagg_"): v for k, v in t.items() if k.startswith("secagg_")}
     return r
@@ -80,17 +84,18 @@ def measure(work: Path, name: str, secagg: bool, dp: bool, sites: Path, schema: 
 def breakdown(results: dict) -> list[dict]:
     rows = []
     for name, r in results.items():
-        row = {"config": name, "round": r["round"], "training": r["train_wall"], "aggregation": r["aggregate"],
-               "evaluation": r["evaluate"]}
+        row = {"config": name, "round": r["round"], "training": r["train_wall"], "site_other": r["site_other_wall"],
+               "aggregation": r["aggregate"], "evaluation": r["evaluate"]}
+        local = r["train_wall"] + r["site_other_wall"]
         if r["secagg"]:
             st = r["secagg_stages"]
             base = results.get("dp" if r["dp"] else "plain")
             masking = max(0.0, st["collect_masked_vectors"] - base["fit"]) if base else 0.0
             row["secagg"] = round(st["setup"] + st["share_keys"] + st["unmask"] - r["aggregate"] + masking, 2)
-            row["messaging"] = round(r["fit"] - r["train_wall"] - r["aggregate"] - row["secagg"], 2)
+            row["messaging"] = round(r["fit"] - local - r["aggregate"] - row["secagg"], 2)
         else:
             row["secagg"] = 0.0
-            row["messaging"] = round(r["fit"] - r["train_wall"] - r["aggregate"], 2)
+            row["messaging"] = round(r["fit"] - local - r["aggregate"], 2)
         rows.append(row)
     return rows
 
@@ -114,8 +119,8 @@ def main() -> None:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     rows = breakdown(results)
-    head = ["config", "round s", "training", "SecAgg+", "aggregation", "messaging", "evaluation"]
-    table = [[r["config"], f"{r['round']:.1f}", f"{r['training']:.1f}", f"{r['secagg']:.1f}",
+    head = ["config", "round s", "training", "site other", "SecAgg+", "aggregation", "messaging", "evaluation"]
+    table = [[r["config"], f"{r['round']:.1f}", f"{r['training']:.1f}", f"{r['site_other']:.1f}", f"{r['secagg']:.1f}",
               f"{r['aggregation']:.3f}", f"{r['messaging']:.1f}", f"{r['evaluation']:.1f}"] for r in rows]
     widths = [max(len(str(c)) for c in col) for col in zip(head, *table)]
     for row in [head] + table:

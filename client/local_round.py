@@ -69,6 +69,7 @@ def run_noise(site: PreparedSite, run_id: str, cfg: RunConfig) -> tuple[float, f
 def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunConfig, run_id: str, rnd: int,
                 site_seed: int = 0) -> RoundResult:
     """Train from the global weights and return the update; raises BudgetError to refuse the round."""
+    t_round = time.perf_counter()
     torch.manual_seed(cfg.seed * 1_000_003 + site_seed * 1009 + rnd)
     model = MultiModalTransformer(site.schema, cfg.model_config_())
     load_arrays(model, global_arrays)
@@ -149,6 +150,7 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
         metrics.update(local_val_accuracy=val.accuracy, local_val_macro_f1=val.macro_f1)
     local = model.state_dict()
     delta = [(local[k] - global_state[k]).detach().cpu().numpy() for k in global_state]
+    metrics["round_seconds"] = round(time.perf_counter() - t_round, 3)  # training + privacy bookkeeping + eval
     return RoundResult(delta=delta, num_examples=len(site.train.y), metrics=metrics)
 
 
