@@ -329,4 +329,5 @@ def load_labelled_site(schema: FeatureSchema, site_dir: str | Path) -> SiteDatas
     tables = read_site(schema, site_dir)
     ids = [str(i) for i in tables.labels.index]
     raw = raw_matrix(schema, tables, ids)
-    return make_dataset(schema, raw, encode_labels(schema, tables.labels), ids, Normalizer.fit(schema, raw))
+    y = np.array(encode_labels(schema, tables.labels))  # a writable copy (torch.from_numpy warns otherwise)
+    return make_dataset(schema, raw, y, ids, Normalizer.fit(schema, raw))

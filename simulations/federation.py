@@ -12,6 +12,7 @@ would otherwise install the project's dependencies, torch included, into a fresh
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -131,7 +132,12 @@ def _toml(v) -> str:
     return repr(v)
 
 
+_DUPLICATE = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:")  # flwr streams each ServerApp line twice
+
+
 def _interesting(line: str) -> bool:
+    if _DUPLICATE.match(line):
+        return False
     keys = ("round", "ROUND", "refuse", "failed", "dropped", "delivered", "WARNING", "ERROR", "installed",
             "Traceback", "Error")
     return any(k in line for k in keys)
