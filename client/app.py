@@ -38,6 +38,7 @@ from client.local_round import evaluate_global, train_round
 from client.model_store import ModelStore, ModelStoreError
 from client.site import PreparedSite, SiteDataError, SitePaths, prepare_site
 from privacy.accounting import BudgetError
+from privacy.audit import AuditError, AuditLog
 from shared_models.run_config import RunConfig
 from shared_models.schema import FeatureSchema
 
@@ -107,9 +108,19 @@ def site_policy_mod(msg: Message, context: Context, call_next):
 app = ClientApp()
 
 
-def _refusal(fitins, msg: Message, site: str, reason: str) -> Message:
+def site_audit(settings: SiteSettings) -> AuditLog:
+    return AuditLog(settings.paths.state_dir / "audit.jsonl")
+
+
+def _refusal(fitins, msg: Message, site: str, reason: str, audit: AuditLog | None = None) -> Message:
     """Weight 0 and a zero vector: under SecAgg+ the site still completes the protocol, adding 0."""
     log(WARNING, "site %s refuses the round: %s", site, reason)
+    if audit is not None:
+        try:
+            audit.append("round_refused", run=str(fitins.config.get("run-key")),
+                         round=int(fitins.config.get("server-round", 0)), reason=reason)
+        except (AuditError, OSError) as e:
+            log(WARNING, "site %s: audit log: %s", site, e)
     zeros = [np.zeros_like(a, dtype=np.float64) for a in parameters_to_ndarrays(fitins.parameters)]
     res = FitRes(Status(Code.OK, f"refused: {reason}"), ndarrays_to_parameters(zeros), 0,
                  {REFUSAL_KEY: f"{site}: {reason}", "site": site})
@@ -123,26 +134,27 @@ def train(msg: Message, context: Context) -> Message:
     settings = site_settings(context, cfg)
     rnd = int(fitins.config["server-round"])
     run_key = str(fitins.config["run-key"])
+    audit = site_audit(settings)
     try:
         site = prepared(settings, cfg)
     except SiteDataError as e:
         log(WARNING, "site %s: data failed validation:\n%s", settings.name, e)
         # The report names patient rows: it stays in the site's log; the server gets the verdict only.
         return _refusal(fitins, msg, settings.name, "its data failed validation (details in the site's log; run "
-                        "`oncofed validate` there)")
+                        "`oncofed validate` there)", audit)
     n = len(site.train.y)
     max_weight = float(fitins.config.get("secagg-max-weight", 0) or 0)
     if max_weight and n > max_weight:
         return _refusal(fitins, msg, settings.name, f"{n} training patients exceed secagg-max-weight {max_weight:g}; "
-                        "the operator must raise secagg-max-weight")
+                        "the operator must raise secagg-max-weight", audit)
     try:
         result = train_round(site, parameters_to_ndarrays(fitins.parameters), cfg, run_key, rnd,
                              site_seed=settings.index)
     except BudgetError as e:
-        return _refusal(fitins, msg, settings.name, str(e))
+        return _refusal(fitins, msg, settings.name, str(e), audit)
     except Exception:  # noqa: BLE001 - an error reply would carry the traceback (and maybe data) to the server
         log(WARNING, "site %s: local training failed:\n%s", settings.name, traceback.format_exc())
-        return _refusal(fitins, msg, settings.name, "local training failed (details in the site's log)")
+        return _refusal(fitins, msg, settings.name, "local training failed (details in the site's log)", audit)
     delta = [d.astype(np.float64) for d in result.delta]  # SecAgg+ scales and quantises in float64
     if max_weight:
         # SecAgg+ clips |delta * n / max_weight| to the clipping range silently: refuse instead.
@@ -150,8 +162,14 @@ def train(msg: Message, context: Context) -> Message:
         clip = float(fitins.config.get("secagg-clipping-range", cfg.secagg_clipping_range))
         if peak > clip:
             return _refusal(fitins, msg, settings.name, f"its update ({peak:.3g}) exceeds secagg-clipping-range "
-                            f"{clip:g} and would be clipped silently; the operator must raise it")
+                            f"{clip:g} and would be clipped silently; the operator must raise it", audit)
     metrics = {k: float(v) for k, v in result.metrics.items()}
+    try:  # recorded before the update leaves the site
+        audit.append("round_trained", run=run_key, round=rnd, patients=result.num_examples,
+                     epsilon=metrics.get("epsilon"), steps=metrics.get("local_steps"))
+    except (AuditError, OSError) as e:
+        log(WARNING, "site %s: audit log: %s", settings.name, e)
+        return _refusal(fitins, msg, settings.name, "its audit log cannot be written (details in the site's log)")
     metrics["site"] = settings.name
     res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(delta), result.num_examples, metrics)
     return Message(fitres_to_recorddict(res, keep_input=False), reply_to=msg)
@@ -192,4 +210,11 @@ def save_model(msg: Message, context: Context) -> Message:
     except ModelStoreError as e:
         log(WARNING, "site %s did not install the model: %s", settings.name, e)
         reply = {"site": settings.name, "installed": False, "error": str(e), "active": store.active() or ""}
+    try:
+        site_audit(settings).append("model_installed" if reply["installed"] else "model_refused",
+                                    run=info.get("run"), round=info.get("round"), version=reply.get("version"),
+                                    arrays_sha256=reply.get("arrays_sha256") or info.get("arrays_sha256"),
+                                    error=reply.get("error"))
+    except (AuditError, OSError) as e:
+        log(WARNING, "site %s: audit log: %s", settings.name, e)
     return Message(RecordDict({"config": ConfigRecord({"reply": json.dumps(reply)})}), reply_to=msg)

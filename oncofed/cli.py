@@ -29,12 +29,14 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 def _register_all() -> None:
     # The entry point is the only module that sees every role; roles never import each other's CLI.
     from client.cli import register as register_client
+    from privacy.cli import register as register_privacy
     from shared_models.cli import register as register_shared
     from simulations.cli import register as register_simulations
 
     register_shared(app)
     register_client(app)
     register_simulations(app)
+    register_privacy(app)
 
 
 _register_all()

@@ -25,6 +25,7 @@ from flwr.server.compat import LegacyContext
 from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.serverapp import Grid, ServerApp
 
+from privacy.audit import AuditLog
 from server.checkpoint import load_latest, save_checkpoint, write_json_atomic
 from server.strategy import build_strategy
 from server.workflow import PollingGrid, RoundsWorkflow, TimedSecAggPlusWorkflow
@@ -103,6 +104,10 @@ def main(grid: Grid, context: Context) -> None:
     if remaining < 1:
         log(WARNING, "the checkpoint already holds all %s rounds; delivering the final model", cfg.num_rounds)
 
+    audit = AuditLog(out / "audit.jsonl")
+    audit.append("run_start", run=run_key, first_round=first_round, num_rounds=cfg.num_rounds,
+                 schema_hash=schema.content_hash(), strategy=cfg.strategy, secagg=cfg.secagg, dp=cfg.dp,
+                 min_sites=cfg.min_sites, run_config_sha256=_sha256_json(dict(context.run_config)))
     fit_config = {"run-key": run_key, "secagg-max-weight": cfg.secagg_max_weight if cfg.secagg else 0.0,
                   "secagg-clipping-range": cfg.secagg_clipping_range}
     evaluate_fn = server_evaluation(cfg, schema) if cfg.eval_data else None
@@ -133,6 +138,10 @@ def main(grid: Grid, context: Context) -> None:
                 "timing": dict(getattr(lctx.strategy, "timing", {}))}
         with metrics_file.open("a") as fh:
             fh.write(json.dumps(line) + "\n")
+        audit.append("round", run=run_key, round=rnd, status=info.get("status"),
+                     participants=info.get("participants", []), refused=info.get("refused", []),
+                     failures=info.get("failures", []), dropped=info.get("dropped", []),
+                     weights_sha256=line["weights_sha256"], site_epsilon=dict(site_epsilon))
         g, se = line["global"], line["server_eval"] or {}
         log(INFO, "round %s done: %s sites, global macro-F1 %s (sites' held-out parts)%s, max site epsilon %s", rnd,
             len(info.get("participants", [])), _fmt(g.get("macro_f1")),
@@ -157,6 +166,9 @@ def main(grid: Grid, context: Context) -> None:
                "metrics": (last or {}).get("global", {})}
     np.savez(out / "final_weights.npz", *final)
     deliveries = deliver(grid, final, package, cfg.round_timeout)
+    audit.append("run_end", run=run_key, round=cfg.num_rounds, arrays_sha256=package["arrays_sha256"],
+                 deliveries=[{k: d.get(k) for k in ("site", "node", "installed", "version", "error")}
+                             for d in deliveries])
     write_json_atomic(out / "result.json", {
         **package, "first_round": first_round, "seconds": round(time.time() - t0, 1), "deliveries": deliveries,
         "metrics_file": str(metrics_file), "checkpoints": str(ckpt_root)})
@@ -184,6 +196,12 @@ def _last_metrics(path: Path) -> dict | None:
         return None
     lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
     return json.loads(lines[-1]) if lines else None
+
+
+def _sha256_json(obj) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _fmt(v) -> str:

@@ -81,6 +81,19 @@ def test_secagg_aggregate_equals_plain_fedavg_and_every_site_holds_the_model(fed
                 "secagg_collect_masked_vectors", "secagg_unmask"} <= set(r["timing"])
         assert all(s["train_seconds"] > 0 for s in r["sites"].values())
     assert _metrics(work_plain)[-1]["server_eval"] is None and "secagg_setup" not in _metrics(work_plain)[-1]["timing"]
+    # the server's and every site's hash-chained audit log verify, and say what happened
+    from privacy.audit import verify
+
+    server_log = work_sa / "server" / "audit.jsonl"
+    assert verify(server_log).ok
+    events = [json.loads(x) for x in server_log.read_text().splitlines()]
+    assert [e["event"] for e in events] == ["run_start", "round", "round", "run_end"]
+    assert events[2]["site_epsilon"] == eps and events[-1]["arrays_sha256"] == with_sa["arrays_sha256"]
+    for site in eps:
+        site_log = work_sa / "state" / site / "state" / "audit.jsonl"
+        assert verify(site_log).ok
+        site_events = [json.loads(x)["event"] for x in site_log.read_text().splitlines()]
+        assert site_events == ["round_trained", "round_trained", "model_installed"]
 
 
 def test_an_unusable_eval_data_directory_stops_the_server_naming_the_setting(tmp_path):
@@ -105,6 +118,8 @@ def test_a_site_with_invalid_data_is_refused_and_the_round_goes_on(federation):
     assert len(r["participants"]) == 2 and r["status"] == "updated"
     assert len(r["refused"]) == 1 and "site_01" in r["refused"][0]["reason"]
     assert "failed validation" in r["refused"][0]["reason"] and "not-a-class" not in r["refused"][0]["reason"]
+    site_log = work / "state" / "site_01" / "state" / "audit.jsonl"
+    assert [json.loads(x)["event"] for x in site_log.read_text().splitlines()][0] == "round_refused"
 
 
 def _descendants(pid: int) -> list[int]:

@@ -1,0 +1,177 @@
+"""Append-only, hash-chained audit log (JSON lines), kept by the server and by every site.
+
+Each line is one event: `seq` (0, 1, ...), `time` (UTC, ISO 8601), `event`, the event's fields,
+`prev` (the previous entry's hash; 64 zeros for the first) and `hash`, the SHA-256 of the entry's
+canonical JSON without `hash`. A head file beside the log (`<log>.head`, replaced atomically after
+every append) holds the entry count and the last hash, so that removing entries from the end is
+detected too. `verify` reports every edited, inserted, removed or reordered entry.
+
+What the chain does and does not prove: anyone who edits an entry must recompute every later hash
+and the head; a chain alone cannot stop someone with write access from doing exactly that. Anchor
+the head elsewhere (another party's log, a signed copy) to detect a wholesale rewrite.
+
+Appends take an exclusive lock (flock) on the head file, so concurrent writers (several ServerApp
+or ClientApp processes) serialise; the line is fsynced before the head moves. A crash between the
+two leaves a head one entry behind: `verify` reports it as a warning and the next append repairs it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+GENESIS = "0" * 64
+
+
+class AuditError(ValueError):
+    """An audit log that cannot be appended to (its chain is broken): names the file and the fix."""
+
+
+def entry_hash(entry: dict) -> str:
+    body = {k: v for k, v in entry.items() if k != "hash"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass
+class VerifyReport:
+    path: Path
+    entries: int = 0
+    last_hash: str = GENESIS
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def format(self) -> str:
+        if self.ok:
+            lines = [f"{self.path}: ok, {self.entries} entries, chain intact, last hash {self.last_hash[:16]}..."]
+        else:
+            lines = [f"{self.path}: {len(self.problems)} problem(s); the log has been altered or damaged:"]
+            lines += [f"  - {p}" for p in self.problems]
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _read_head(head: Path) -> dict | None:
+    try:
+        return json.loads(head.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"unreadable": True}
+
+
+def verify(path: str | Path) -> VerifyReport:
+    """Check every line, the chain and the head. Never raises for a damaged file."""
+    path = Path(path)
+    report = VerifyReport(path)
+    if not path.exists():
+        report.problems.append(f"{path} does not exist")
+        return report
+    prev, expected_seq = GENESIS, 0
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        report.problems.append(f"{path} cannot be read: {e}")
+        return report
+    for lineno, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+            if not isinstance(entry, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            report.problems.append(f"line {lineno}: not a JSON entry ({e}): edited or damaged")
+            continue
+        seq = entry.get("seq")
+        if entry.get("hash") != entry_hash(entry):
+            report.problems.append(f"line {lineno} (seq {seq}): its content does not match its hash: edited")
+        if seq != expected_seq:
+            kind = "removed before it" if isinstance(seq, int) and seq > expected_seq else "inserted or reordered"
+            report.problems.append(f"line {lineno}: seq {seq} where {expected_seq} was expected: entries {kind}")
+        if entry.get("prev") != prev:
+            report.problems.append(f"line {lineno} (seq {seq}): does not chain to the entry before it: an entry "
+                                   "was inserted, removed or reordered")
+        prev = str(entry.get("hash"))
+        expected_seq = (seq + 1) if isinstance(seq, int) else expected_seq + 1
+        report.entries += 1
+    report.last_hash = prev
+    head = _read_head(_head_path(path))
+    if head is None:
+        if report.entries:
+            report.problems.append(f"{_head_path(path).name} is missing: entries may have been removed from the end")
+    elif head.get("unreadable"):
+        report.problems.append(f"{_head_path(path).name} is unreadable")
+    elif head.get("entries") == report.entries + 1:
+        report.problems.append(f"the last entry (seq {report.entries}) was removed: the head records "
+                               f"{head['entries']} entries")
+    elif head.get("entries") == report.entries - 1 and head.get("hash") == _hash_at(lines, report.entries - 2):
+        report.warnings.append("the head is one entry behind (a crash between append and head update); the next "
+                               "append repairs it")
+    elif head.get("entries") != report.entries or head.get("hash") != report.last_hash:
+        report.problems.append(f"the head records {head.get('entries')} entries ending in "
+                               f"{str(head.get('hash'))[:16]}..., the log has {report.entries} ending in "
+                               f"{report.last_hash[:16]}...: entries were removed or rewritten")
+    return report
+
+
+def _hash_at(lines: list[str], index: int) -> str:
+    if index < 0:
+        return GENESIS
+    try:
+        return json.loads(lines[index]).get("hash", "")
+    except (ValueError, IndexError, AttributeError):
+        return ""
+
+
+def _head_path(path: Path) -> Path:
+    return path.with_name(path.name + ".head")
+
+
+class AuditLog:
+    """`AuditLog(path).append("round", round=3, participants=[...])`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.head = _head_path(self.path)
+
+    def append(self, event: str, **fields) -> dict:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.head.with_name(self.head.name + ".lock"), "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            seq, prev = self._tail()
+            entry = {"seq": seq, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                     "event": event, **fields, "prev": prev}
+            entry["hash"] = entry_hash(entry)
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(entry, sort_keys=True, default=str) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            self._write_head(seq + 1, entry["hash"])
+        return entry
+
+    def _tail(self) -> tuple[int, str]:
+        """(next seq, last hash), from the log itself; refuses to extend a broken chain."""
+        if not self.path.exists():
+            return 0, GENESIS
+        report = verify(self.path)
+        if not report.ok:
+            raise AuditError(f"{self.path}: refusing to append to an audit log whose chain is broken "
+                             f"(run `oncofed audit verify {self.path}`); keep it as evidence and start a new "
+                             f"log:\n{report.format()}")
+        return report.entries, report.last_hash
+
+    def _write_head(self, entries: int, last: str) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.head.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"entries": entries, "hash": last}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.head)

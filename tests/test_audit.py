@@ -1,0 +1,131 @@
+"""The hash-chained audit log: every edit, insertion, removal or reordering is reported."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+from pathlib import Path
+
+import pytest
+
+from privacy.audit import AuditError, AuditLog, verify
+
+
+def _log(tmp_path: Path, n: int = 5) -> Path:
+    log = AuditLog(tmp_path / "audit.jsonl")
+    for i in range(n):
+        log.append("round", round=i + 1, participants=[11, 22], site_epsilon={"C0": 0.5 * (i + 1)})
+    return log.path
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def _write(path: Path, lines: list[str]) -> None:
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_an_intact_log_verifies(tmp_path):
+    report = verify(_log(tmp_path))
+    assert report.ok and report.entries == 5 and not report.warnings
+
+
+def test_an_edited_entry_is_reported(tmp_path):
+    path = _log(tmp_path)
+    lines = _lines(path)
+    entry = json.loads(lines[2])
+    entry["site_epsilon"]["C0"] = 0.1  # understate a site's spend
+    lines[2] = json.dumps(entry, sort_keys=True)
+    _write(path, lines)
+    report = verify(path)
+    assert not report.ok and any("line 3" in p and "edited" in p for p in report.problems)
+
+
+def test_an_inserted_entry_is_reported_even_with_a_valid_hash(tmp_path):
+    path = _log(tmp_path)
+    lines = _lines(path)
+    forged = json.loads(lines[1])
+    forged["round"] = 99
+    from privacy.audit import entry_hash
+
+    forged["hash"] = entry_hash(forged)
+    _write(path, lines[:2] + [json.dumps(forged, sort_keys=True)] + lines[2:])
+    report = verify(path)
+    assert not report.ok and any("inserted" in p for p in report.problems)
+
+
+def test_a_removed_entry_in_the_middle_is_reported(tmp_path):
+    path = _log(tmp_path)
+    lines = _lines(path)
+    _write(path, lines[:2] + lines[3:])
+    report = verify(path)
+    assert not report.ok and any("seq 3 where 2 was expected" in p for p in report.problems)
+
+
+def test_removed_entries_at_the_end_are_reported_by_the_head(tmp_path):
+    path = _log(tmp_path)
+    lines = _lines(path)
+    _write(path, lines[:-1])
+    assert any("last entry (seq 4) was removed" in p for p in verify(path).problems)
+    _write(path, lines[:-2])
+    assert any("entries were removed or rewritten" in p for p in verify(path).problems)
+
+
+def test_reordered_entries_are_reported(tmp_path):
+    path = _log(tmp_path)
+    lines = _lines(path)
+    lines[1], lines[2] = lines[2], lines[1]
+    _write(path, lines)
+    assert not verify(path).ok
+
+
+def test_a_crash_between_append_and_head_update_is_a_warning_and_the_next_append_repairs_it(tmp_path):
+    path = _log(tmp_path)
+    head = path.with_name(path.name + ".head")
+    before = head.read_text()
+    AuditLog(path).append("round", round=6)
+    head.write_text(before)  # as if the process died after writing the line, before moving the head
+    report = verify(path)
+    assert report.ok and report.warnings and "one entry behind" in report.warnings[0]
+    AuditLog(path).append("run_end")
+    report = verify(path)
+    assert report.ok and not report.warnings and report.entries == 7
+
+
+def test_appending_to_a_broken_chain_is_refused_naming_the_command(tmp_path):
+    path = _log(tmp_path)
+    lines = _lines(path)
+    _write(path, lines[:1] + lines[2:])
+    with pytest.raises(AuditError, match="oncofed audit verify"):
+        AuditLog(path).append("round", round=6)
+
+
+def _append_many(path: str, worker: int) -> None:
+    log = AuditLog(path)
+    for i in range(10):
+        log.append("round", worker=worker, i=i)
+
+
+def test_concurrent_writers_keep_one_valid_chain(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    procs = [multiprocessing.Process(target=_append_many, args=(str(path), w)) for w in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    report = verify(path)
+    assert report.ok and report.entries == 30
+
+
+def test_oncofed_audit_verify_exits_non_zero_on_tampering(tmp_path):
+    from typer.testing import CliRunner
+
+    from oncofed.cli import app
+
+    path = _log(tmp_path)
+    ok = CliRunner().invoke(app, ["audit", "verify", str(path)])
+    assert ok.exit_code == 0 and "ok, 5 entries" in ok.output
+    _write(path, _lines(path)[1:])
+    bad = CliRunner().invoke(app, ["audit", "verify", str(path)])
+    assert bad.exit_code == 1 and "altered or damaged" in bad.output
