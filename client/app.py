@@ -39,6 +39,8 @@ from client.model_store import ModelStore, ModelStoreError
 from client.site import PreparedSite, SiteDataError, SitePaths, prepare_site
 from privacy.accounting import BudgetError
 from privacy.audit import AuditError, AuditLog
+from privacy.signing import SignatureError, load_public
+from privacy.signing import verify as verify_signature
 from shared_models.run_config import RunConfig
 from shared_models.schema import FeatureSchema
 
@@ -198,7 +200,17 @@ def save_model(msg: Message, context: Context) -> Message:
     arrays = msg.content["arrays"].to_numpy_ndarrays()
     info = json.loads(str(msg.content["config"]["package-info"]))
     store = ModelStore(settings.paths.model_dir)
+    trust = str(context.node_config.get("signing-public-key", "")) or (
+        str(cfg.path(cfg.signing_public_key)) if cfg.signing_public_key else "")
     try:
+        if trust:
+            try:
+                verify_signature(info, load_public(trust))
+            except SignatureError as e:
+                raise ModelStoreError(f"{e}; not installed, {store.active() or 'no model'} stays active") from None
+        else:
+            log(WARNING, "site %s has no model-signing trust anchor (node config signing-public-key): the "
+                "package's signature is not checked", settings.name)
         if info["schema_hash"] != schema.content_hash():
             raise ModelStoreError(f"model built for schema {info['schema_hash'][:12]}..., this site uses "
                                   f"{schema.content_hash()[:12]}...")

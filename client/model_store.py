@@ -23,7 +23,8 @@ import torch
 
 from shared_models.model import ModelConfig, MultiModalTransformer
 from shared_models.schema import FeatureSchema
-from shared_models.weights import ArrayCountError, arrays_sha256, load_arrays, save_weights
+from shared_models.weights import (ArrayCountError, arrays_sha256, load_arrays, load_weights, save_weights,
+                                   state_arrays)
 
 PACKAGE_FORMAT = "oncofed-model-package/1"
 
@@ -76,13 +77,16 @@ class ModelStore:
         schema.save(tmp / "schema.json")
         package = {"format": PACKAGE_FORMAT, "version": version, "installed": time.time(),
                    "schema_hash": schema.content_hash(), "arrays_sha256": got,
-                   "weights_sha256": sha256_file(tmp / "weights.pt"), **info}
+                   "weights_sha256": sha256_file(tmp / "weights.pt"), **info,
+                   "delivery": info}  # verbatim, as signed by the server: re-verifiable later
         (tmp / "package.json").write_text(json.dumps(package, indent=1))
         os.replace(tmp, self.root / version)
         self.activate(version)
         return version
 
-    def verify(self, version: str) -> dict:
+    def verify(self, version: str, signing_public_key=None) -> dict:
+        """The package, after checking its weights file against its SHA-256 and, given the consortium's
+        model-signing public key, the server's signature on what was delivered."""
         pkg_dir = self.root / version
         try:
             package = self.package(version)
@@ -92,6 +96,17 @@ class ModelStore:
         if actual != package.get("weights_sha256"):
             raise ModelStoreError(f"{pkg_dir}/weights.pt: SHA-256 {actual[:12]}... does not match the package's "
                                   f"{str(package.get('weights_sha256'))[:12]}...: the file was altered")
+        if signing_public_key is not None:
+            from privacy.signing import SignatureError
+            from privacy.signing import verify as verify_signature
+
+            try:
+                verify_signature(package.get("delivery", {}), signing_public_key)
+            except SignatureError as e:
+                raise ModelStoreError(f"{pkg_dir}: {e}") from None
+            model = load_weights(pkg_dir / "weights.pt", FeatureSchema.load(pkg_dir / "schema.json"))
+            if arrays_sha256(state_arrays(model)) != package["delivery"].get("arrays_sha256"):
+                raise ModelStoreError(f"{pkg_dir}: the installed weights are not the ones the server signed")
         return package
 
     def activate(self, version: str) -> None:

@@ -26,6 +26,7 @@ from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.serverapp import Grid, ServerApp
 
 from privacy.audit import AuditLog
+from privacy.signing import load_private, sign
 from server.checkpoint import load_latest, save_checkpoint, write_json_atomic
 from server.strategy import build_strategy
 from server.workflow import PollingGrid, RoundsWorkflow, TimedSecAggPlusWorkflow
@@ -86,6 +87,7 @@ def main(grid: Grid, context: Context) -> None:
     out.mkdir(parents=True, exist_ok=True)
     schema = FeatureSchema.load(cfg.path(cfg.schema_path))
     n_sites = cfg.sites or cfg.min_sites
+    signing_key = load_private(cfg.path(cfg.signing_key)) if cfg.signing_key else None  # fail before round 1
     ckpt_root = out / "checkpoints"
 
     checkpoint = load_latest(ckpt_root) if cfg.resume else None
@@ -164,6 +166,11 @@ def main(grid: Grid, context: Context) -> None:
                "arrays_sha256": arrays_sha256(final), "strategy": cfg.strategy, "secagg": cfg.secagg,
                "dp": cfg.dp, "site_epsilon": site_epsilon, "delta": cfg.delta,
                "metrics": (last or {}).get("global", {})}
+    if signing_key is not None:
+        package = sign(package, signing_key)
+    else:
+        log(WARNING, "run config signing-key is empty: the final model is delivered unsigned; sites with a trust "
+            "anchor will refuse it")
     np.savez(out / "final_weights.npz", *final)
     deliveries = deliver(grid, final, package, cfg.round_timeout)
     audit.append("run_end", run=run_key, round=cfg.num_rounds, arrays_sha256=package["arrays_sha256"],

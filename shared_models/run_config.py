@@ -38,6 +38,10 @@ class RunConfig(BaseModel):
     eval_data: str = Field("", alias="eval-data", description="server: optional validation site dir")
     run_name: str = Field("oncofed", alias="run-name", description="names the run in ledgers and packages")
     resume: bool = Field(False, description="continue from the latest checkpoint in output-dir")
+    signing_key: str = Field("", alias="signing-key",
+                             description="server: Ed25519 key that signs the delivered model (empty: unsigned)")
+    signing_public_key: str = Field("", alias="signing-public-key", description="simulation: the sites' trust "
+                                    "anchor for model packages (a site's node config wins); set: unsigned refused")
 
     # --- federation -------------------------------------------------------------------------
     num_rounds: int = Field(10, alias="num-rounds", ge=1)

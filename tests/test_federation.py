@@ -29,6 +29,10 @@ def federation(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fed")
     generate_federation(root / "sites", SyntheticConfig(sites=3, classes=3, patients_per_site=60, omics_widths=[200],
                                                         tabular_columns=4, alpha=5.0, seed=1))
+    from privacy.signing import generate_signing_key
+
+    generate_signing_key(root / "signing.key", root / "signing.pub")  # the consortium's
+    generate_signing_key(root / "other.key", root / "other.pub")  # someone else's
     return root
 
 
@@ -57,7 +61,9 @@ def _metrics(work: Path) -> list[dict]:
 
 
 def test_secagg_aggregate_equals_plain_fedavg_and_every_site_holds_the_model(federation):
-    with_sa, work_sa = _run(federation, "secagg", secagg=True, **{"eval-data": str(federation / "sites" / "site_00")})
+    with_sa, work_sa = _run(federation, "secagg", secagg=True, **{
+        "eval-data": str(federation / "sites" / "site_00"), "signing-key": str(federation / "signing.key"),
+        "signing-public-key": str(federation / "signing.pub")})
     plain, work_plain = _run(federation, "plain", secagg=False)
     a, b = _weights(work_sa), _weights(work_plain)
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-4
@@ -66,6 +72,13 @@ def test_secagg_aggregate_equals_plain_fedavg_and_every_site_holds_the_model(fed
         for d in result["deliveries"]:
             package = json.loads((Path(d["path"]) / "package.json").read_text())
             assert package["arrays_sha256"] == result["arrays_sha256"] and package["round"] == 2
+    for d in with_sa["deliveries"]:  # signed by the server, verified by the site, re-verifiable in its store
+        from client.model_store import ModelStore
+        from privacy.signing import load_public
+
+        store = ModelStore(Path(d["path"]).parent)
+        assert "signature" in store.verify(d["version"], signing_public_key=load_public(federation / "signing.pub"))[
+            "delivery"]
     # per-site cumulative epsilon is reported every round and saved with the model
     rounds = _metrics(work_sa)
     assert [r["round"] for r in rounds] == [1, 2]
@@ -113,13 +126,21 @@ def test_a_site_with_invalid_data_is_refused_and_the_round_goes_on(federation):
     labels = pd.read_csv(broken / "site_01" / "labels.csv", dtype=str, keep_default_na=False)
     labels.loc[0, labels.columns[1]] = "not-a-class"
     labels.to_csv(broken / "site_01" / "labels.csv", index=False)
-    result, work = _run(federation, "refusal", sites_dir=broken, **{"num-rounds": 1})
+    result, work = _run(federation, "refusal", sites_dir=broken, **{
+        "num-rounds": 1, "signing-key": str(federation / "other.key"),
+        "signing-public-key": str(federation / "signing.pub")})
     (r,) = _metrics(work)
     assert len(r["participants"]) == 2 and r["status"] == "updated"
     assert len(r["refused"]) == 1 and "site_01" in r["refused"][0]["reason"]
     assert "failed validation" in r["refused"][0]["reason"] and "not-a-class" not in r["refused"][0]["reason"]
     site_log = work / "state" / "site_01" / "state" / "audit.jsonl"
     assert [json.loads(x)["event"] for x in site_log.read_text().splitlines()][0] == "round_refused"
+    # a model signed by a key the sites do not trust is refused by every site, which says why
+    assert len(result["deliveries"]) == 3
+    for d in result["deliveries"]:
+        assert not d["installed"] and "signed by another key" in d["error"]
+    events = [json.loads(x)["event"] for x in site_log.read_text().splitlines()]
+    assert events[-1] == "model_refused" and not (work / "state" / "site_01" / "models" / "ACTIVE").exists()
 
 
 def _descendants(pid: int) -> list[int]:
