@@ -55,10 +55,18 @@ def simulate(
                f", SecAgg+ {'on' if secagg else 'off'}, {strategy}, {rounds} rounds of {local_epochs} local epochs, batch "
                f"{batch_size}, lr {lr:g}")
     (out / "flower").mkdir(parents=True, exist_ok=True)
+    # The consortium's model-signing key for this simulation: the server signs the final model and
+    # every site verifies it before installing it (a deployment provisions it with `consortium init`).
+    from privacy.signing import generate_signing_key
+
+    keys = out / "keys"
+    if not (keys / "signing.key").exists():
+        generate_signing_key(keys / "signing.key", keys / "signing.pub")
     cfg = {"base-dir": str(ROOT), "data-root": str(sites), "site-state-root": str(out / "state"),
            "output-dir": str(out / "server"), "num-rounds": rounds, "sites": n_sites, "min-sites": 2,
            "epsilon": epsilon, "dp": dp, "secagg": secagg, "strategy": strategy, "local-epochs": local_epochs,
-           "lr": lr, "batch-size": batch_size, "seed": seed, "round-timeout": 900.0}
+           "lr": lr, "batch-size": batch_size, "seed": seed, "round-timeout": 900.0,
+           "signing-key": str(keys / "signing.key"), "signing-public-key": str(keys / "signing.pub")}
     if eval_data:
         cfg["eval-data"] = str(sites / manifest["holdout"]["dir"])
     cfg.update(extra)
@@ -76,7 +84,14 @@ def simulate(
         typer.echo(f"{r['round']:>5} {r['sites']:>5} {r['refused']:>7} {f1:>8} {acc:>8} {held_f1:>11} {eps:>7} "
                    f"{r['seconds']:>6.0f}")
     installed = [d for d in result["deliveries"] if d.get("installed")]
-    typer.echo(f"\nglobal model {result['arrays_sha256'][:12]} installed at {len(installed)}/{n_sites} sites")
+    typer.echo(f"\nglobal model {result['arrays_sha256'][:12]} (signed) installed and verified at {len(installed)}/"
+               f"{n_sites} sites")
+    for d in result["deliveries"]:
+        if not d.get("installed"):
+            typer.echo(f"  site {d.get('site', d.get('node'))} did not install it: {d.get('error')}", err=True)
+    if not installed:
+        typer.echo("no site installed the global model; nothing to evaluate", err=True)
+        raise typer.Exit(code=1)
     held = evaluate_on_site(Path(installed[0]["path"]).parent, sites / manifest["holdout"]["dir"])
     typer.echo(f"held-out tss patients ({held['patients']:,}): accuracy {held['accuracy']:.3f}, balanced accuracy "
                f"{held['balanced_accuracy']:.3f}, macro-F1 {held['macro_f1']:.3f}")
