@@ -13,6 +13,9 @@ def register(app: typer.Typer) -> None:
     app.add_typer(audit, name="audit")
     consortium = typer.Typer(help="The operator's keys and certificates.", no_args_is_help=True)
     consortium.command("init")(consortium_init)
+    consortium.command("add-site")(add_site)
+    consortium.command("list-sites")(list_sites)
+    consortium.command("remove-site")(remove_site)
     app.add_typer(consortium, name="consortium")
     site = typer.Typer(help="A hospital site's keys, trust anchors and settings.", no_args_is_help=True)
     site.command("init")(site_init)
@@ -66,3 +69,44 @@ def site_init(
     typer.echo(f"site {name!r} in {directory} for consortium {settings['consortium']!r} at {settings['superlink']}")
     typer.echo(f"send {directory / 'keys' / 'site.key.pub'} to the operator to register (fingerprint "
                f"{settings['public-key-sha256'][:16]}...); the private key never leaves this machine")
+
+
+def _registry(action):
+    from privacy.pki import ProvisioningError
+
+    try:
+        return action()
+    except ProvisioningError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(code=2)
+
+
+def add_site(
+    directory: Path = typer.Argument(..., help="the consortium directory"),
+    name: str = typer.Option(..., "--name", help="the site's name"),
+    key: Path = typer.Option(..., "--key", help="the site's site.key.pub"),
+) -> None:
+    """Register a site's public key with the SuperLink (Flower node authentication)."""
+    from privacy import registry
+
+    site = _registry(lambda: registry.add_site(directory, name, key))
+    typer.echo(f"site {name!r} registered as node {site['node_id']} (key {site['key_sha256'][:16]}...)")
+
+
+def list_sites(directory: Path = typer.Argument(..., help="the consortium directory")) -> None:
+    """The registered sites and the SuperLink's status of each."""
+    from privacy import registry
+
+    for s in _registry(lambda: registry.list_sites(directory)):
+        typer.echo(f"{s['name']:<20} node {s['node_id']:<22} {s['status']:<12} key {s['key_sha256'][:16]}...")
+
+
+def remove_site(
+    directory: Path = typer.Argument(..., help="the consortium directory"),
+    name: str = typer.Option(..., "--name", help="the site's name"),
+) -> None:
+    """Unregister a site: its SuperNode can no longer connect."""
+    from privacy import registry
+
+    site = _registry(lambda: registry.remove_site(directory, name))
+    typer.echo(f"site {name!r} (node {site['node_id']}) removed")

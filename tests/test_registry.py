@@ -1,0 +1,87 @@
+"""The operator's site register against a real SuperLink with TLS and node authentication."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from privacy.audit import verify
+from privacy.pki import ProvisioningError, init_consortium, init_site
+from privacy.registry import add_site, list_sites, remove_site
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def consortium(tmp_path):
+    port = _free_port()
+    root = tmp_path / "op"
+    init_consortium(root, "test consortium", f"127.0.0.1:{port}")
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "link"), "FLWR_TELEMETRY_ENABLED": "0"}
+    proc = subprocess.Popen(
+        ["flower-superlink", "--ssl-ca-certfile", str(root / "ca" / "ca.crt"), "--ssl-certfile",
+         str(root / "server" / "server.crt"), "--ssl-keyfile", str(root / "server" / "server.key"),
+         "--enable-supernode-auth", "--database", str(tmp_path / "link.db"), "--host", "127.0.0.1", "--port",
+         str(port), "--disable-runtime-dependency-installation"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.3)
+    time.sleep(1.0)
+    yield root
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def test_sites_are_registered_listed_and_removed_with_an_audit_trail(consortium, tmp_path):
+    for name in ("C0", "C1"):
+        init_site(tmp_path / name, name, consortium / "public")
+        add_site(consortium, name, tmp_path / name / "keys" / "site.key.pub")
+    listed = {s["name"]: s for s in list_sites(consortium)}
+    assert set(listed) == {"C0", "C1"} and all(s["status"] == "registered" for s in listed.values())
+    with pytest.raises(ProvisioningError, match="already registered"):
+        add_site(consortium, "C0", tmp_path / "C0" / "keys" / "site.key.pub")
+    remove_site(consortium, "C1")
+    assert [s["name"] for s in list_sites(consortium)] == ["C0"]
+    events = [json.loads(x)["event"] for x in (consortium / "audit.jsonl").read_text().splitlines()]
+    assert events == ["site_added", "site_added", "site_removed"] and verify(consortium / "audit.jsonl").ok
+
+
+def test_a_key_flower_would_refuse_is_refused_before_contacting_the_superlink(consortium, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate().public_key()
+    path = tmp_path / "ed.pub"
+    path.write_bytes(key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b" x\n")
+    with pytest.raises(ProvisioningError, match="must be ECDSA P-384"):
+        add_site(consortium, "bad", path)
+
+
+def test_an_unreachable_superlink_is_named(tmp_path):
+    init_consortium(tmp_path / "op", "c", f"127.0.0.1:{_free_port()}")
+    init_site(tmp_path / "s", "C0", tmp_path / "op" / "public")
+    with pytest.raises(ProvisioningError, match="is the consortium's SuperLink running"):
+        add_site(tmp_path / "op", "C0", tmp_path / "s" / "keys" / "site.key.pub")
+    from typer.testing import CliRunner
+
+    from oncofed.cli import app
+
+    res = CliRunner().invoke(app, ["consortium", "add-site", str(tmp_path / "op"), "--name", "C0", "--key",
+                                   str(tmp_path / "s" / "keys" / "site.key.pub")])
+    assert res.exit_code == 2 and "SuperLink running" in res.output
