@@ -11,7 +11,6 @@ atomically only after the package verifies: a crash never leaves a half-installe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,8 +18,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from shared_models.files import sha256_file
 from shared_models.model import ModelConfig, MultiModalTransformer
 from shared_models.schema import FeatureSchema
 from shared_models.weights import (ArrayCountError, arrays_sha256, load_arrays, load_weights, save_weights,
@@ -31,14 +30,6 @@ PACKAGE_FORMAT = "oncofed-model-package/1"
 
 class ModelStoreError(ValueError):
     """A package that cannot be installed or read; the active model is left as it was."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class ModelStore:

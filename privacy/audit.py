@@ -21,10 +21,11 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+
+from shared_models.files import write_json_atomic
 
 GENESIS = "0" * 64
 
@@ -168,10 +169,5 @@ class AuditLog:
                              f"log:\n{report.format()}")
         return report.entries, report.last_hash
 
-    def _write_head(self, entries: int, last: str) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.head.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"entries": entries, "hash": last}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.head)
+    def _write_head(self, entries: int, last: str) -> None:  # under the append lock
+        write_json_atomic(self.head, {"entries": entries, "hash": last})

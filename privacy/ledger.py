@@ -21,13 +21,13 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from privacy.accounting import BudgetError, Mechanism, epsilon
+from shared_models.files import write_json_atomic
 
 LEDGER_FORMAT = "oncofed-privacy-ledger/1"
 
@@ -92,17 +92,7 @@ class PrivacyLedger:
         return state
 
     def _write(self, state: dict) -> None:
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        with open(tmp, "w") as fh:
-            json.dump(state, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_json_atomic(self.path, state)
 
     # --- queries ----------------------------------------------------------------------------
     @staticmethod

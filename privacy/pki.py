@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from privacy.signing import generate_signing_key, write_private
+from shared_models.files import sha256_file
 
 CA_DAYS, SERVER_DAYS = 5 * 365, 397
 FORMAT = "oncofed-consortium/1"
@@ -39,10 +40,6 @@ FORMAT = "oncofed-consortium/1"
 
 class ProvisioningError(ValueError):
     """Bad provisioning input: names the setting or file and the fix."""
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def parse_address(address: str) -> tuple[str, int]:

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
 from privacy.audit import AuditLog
 from privacy.pki import ProvisioningError
+from shared_models.files import write_json_atomic
 
 CONNECTION = "consortium"
 
@@ -34,9 +35,7 @@ def _record(root: Path) -> dict:
 
 
 def _save(root: Path, record: dict) -> None:
-    tmp = root / "consortium.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, root / "consortium.json")
+    write_json_atomic(root / "consortium.json", record)
 
 
 def flwr_home(root: Path) -> Path:

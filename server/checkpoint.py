@@ -15,18 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from shared_models.files import write_json_atomic  # noqa: F401 (server.app imports it from here)
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used for resuming; names the directory and the fix."""
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass

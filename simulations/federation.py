@@ -32,7 +32,7 @@ class SimulationError(RuntimeError):
     """A simulated run that could not complete; the message says where its logs are."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -65,7 +65,7 @@ def start_local_superlink(work: Path) -> LocalSuperLink:
     flwr_home = work / ".flwr"
     (flwr_home / "local-superlink").mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
-    http_port, control_port = _free_port(), _free_port()
+    http_port, control_port = free_port(), free_port()
     env = flower_env(flwr_home, http_port, control_port)
     log_file = flwr_home / "local-superlink" / "superlink.log"
     cmd = ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",

@@ -14,19 +14,14 @@ import pytest
 from privacy.audit import verify
 from privacy.pki import ProvisioningError, init_consortium, init_site
 from privacy.registry import add_site, list_sites, remove_site
+from simulations.federation import free_port
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def consortium(tmp_path):
-    port = _free_port()
+    port = free_port()
     root = tmp_path / "op"
     init_consortium(root, "test consortium", f"127.0.0.1:{port}")
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "link"), "FLWR_TELEMETRY_ENABLED": "0"}
@@ -74,7 +69,7 @@ def test_a_key_flower_would_refuse_is_refused_before_contacting_the_superlink(co
 
 
 def test_an_unreachable_superlink_is_named(tmp_path):
-    init_consortium(tmp_path / "op", "c", f"127.0.0.1:{_free_port()}")
+    init_consortium(tmp_path / "op", "c", f"127.0.0.1:{free_port()}")
     init_site(tmp_path / "s", "C0", tmp_path / "op" / "public")
     with pytest.raises(ProvisioningError, match="is the consortium's SuperLink running"):
         add_site(tmp_path / "op", "C0", tmp_path / "s" / "keys" / "site.key.pub")

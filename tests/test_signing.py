@@ -69,7 +69,7 @@ def test_the_store_reverifies_an_installed_package_down_to_its_weights(tmp_path,
     save_weights(model, tmp_path / "models" / version / "weights.pt")
     import json
 
-    from client.model_store import sha256_file
+    from shared_models.files import sha256_file
 
     pkg = tmp_path / "models" / version / "package.json"
     data = json.loads(pkg.read_text())

@@ -264,22 +264,28 @@ def test_baseline_test_patients_are_the_partition_holdout(tmp_path, tiny_schema)
     assert np.array_equal(np.flatnonzero(held), split.test)
 
 
-def test_baseline_command_prints_both_models_and_writes_json(tmp_path, tiny_schema):
+def _baseline_cli(tmp_path, schema):
+    """(the `baseline` command in an app of its own, arguments for a small cohort written under tmp_path)."""
     import typer
-    from typer.testing import CliRunner
 
     from simulations.cli_baseline import register
 
     cohort_dir = tmp_path / "cohort"
     cohort_dir.mkdir()
-    _write_cohort(cohort_dir, tiny_schema)
-    schema_path = tiny_schema.save(tmp_path / "schema.json")
+    _write_cohort(cohort_dir, schema)
+    schema_path = schema.save(tmp_path / "schema.json")
     app = typer.Typer()
     register(app)
     app.command("noop")(lambda: None)  # a second command keeps `baseline` a named sub-command
+    return app, ["baseline", "--cohort", str(cohort_dir), "--schema", str(schema_path), "--epochs", "2"]
+
+
+def test_baseline_command_prints_both_models_and_writes_json(tmp_path, tiny_schema):
+    from typer.testing import CliRunner
+
+    app, args = _baseline_cli(tmp_path, tiny_schema)
     out = tmp_path / "result.json"
-    res = CliRunner().invoke(app, ["baseline", "--cohort", str(cohort_dir), "--schema", str(schema_path),
-                                   "--epochs", "2", "--out", str(out)])
+    res = CliRunner().invoke(app, args + ["--out", str(out)])
     assert res.exit_code == 0, res.output
     assert "transformer" in res.output and "logistic regression" in res.output
     result = json.loads(out.read_text())
@@ -288,21 +294,11 @@ def test_baseline_command_prints_both_models_and_writes_json(tmp_path, tiny_sche
 
 
 def test_baseline_over_several_seeds_reports_mean_and_spread(tmp_path, tiny_schema):
-    import typer
     from typer.testing import CliRunner
 
-    from simulations.cli_baseline import register
-
-    cohort_dir = tmp_path / "cohort"
-    cohort_dir.mkdir()
-    _write_cohort(cohort_dir, tiny_schema)
-    schema_path = tiny_schema.save(tmp_path / "schema.json")
-    app = typer.Typer()
-    register(app)
-    app.command("noop")(lambda: None)
+    app, args = _baseline_cli(tmp_path, tiny_schema)
     out = tmp_path / "result.json"
-    args = ["baseline", "--cohort", str(cohort_dir), "--schema", str(schema_path), "--epochs", "2", "--only",
-            "logistic", "--out", str(out)]
+    args = args + ["--only", "logistic", "--out", str(out)]
     res = CliRunner().invoke(app, args + ["--seeds", "0,1"])
     assert res.exit_code == 0, res.output
     assert "over 2 splits (seeds 0, 1)" in res.output
