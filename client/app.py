@@ -15,11 +15,11 @@ from __future__ import annotations
 import json
 import traceback
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
-import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
@@ -34,17 +34,14 @@ from flwr.compat.common.recorddict_compat import (
     recorddict_to_fitins,
 )
 
-from client.local_round import evaluate_global, train_round
-from client.model_store import ModelStore, ModelStoreError
-from client.site import PreparedSite, SiteDataError, SitePaths, prepare_site
-from privacy.accounting import BudgetError
 from privacy.audit import AuditError, AuditLog
-from privacy.signing import SignatureError, load_public
-from privacy.signing import verify as verify_signature
 from shared_models.run_config import RunConfig
-from shared_models.schema import FeatureSchema
 
-torch.set_num_threads(1)
+if TYPE_CHECKING:
+    from client.site import PreparedSite, SitePaths
+
+# torch, Opacus and the site's data are imported only by the handlers that need them: in a deployment
+# every message starts a fresh ClientApp process, and three of SecAgg+'s four stages need neither.
 REFUSAL_KEY = "refused-reason"  # read by server.strategy (same literal: client and server do not import each other)
 
 
@@ -52,12 +49,14 @@ REFUSAL_KEY = "refused-reason"  # read by server.strategy (same literal: client 
 class SiteSettings:
     name: str
     index: int
-    paths: SitePaths
+    paths: "SitePaths"
     budget_epsilon: float
     require_secagg: bool
 
 
 def site_settings(context: Context, cfg: RunConfig) -> SiteSettings:
+    from client.site import SitePaths
+
     node = context.node_config
     if "data-path" in node:  # a real deployment: the site's own configuration is authoritative
         data = Path(str(node["data-path"]))
@@ -78,10 +77,13 @@ def site_settings(context: Context, cfg: RunConfig) -> SiteSettings:
     return SiteSettings(name, index, paths, cfg.epsilon, cfg.secagg)
 
 
-_PREPARED: dict[tuple, PreparedSite] = {}  # one per site and schema, reused across rounds in this process
+_PREPARED: dict[tuple, "PreparedSite"] = {}  # one per site and schema, reused across rounds in this process
 
 
-def prepared(settings: SiteSettings, cfg: RunConfig) -> PreparedSite:
+def prepared(settings: SiteSettings, cfg: RunConfig) -> "PreparedSite":
+    from client.site import prepare_site
+    from shared_models.schema import FeatureSchema
+
     schema = FeatureSchema.load(cfg.path(cfg.schema_path))
     key = (str(settings.paths.site_dir), schema.content_hash(), settings.budget_epsilon, cfg.delta, cfg.seed,
            cfg.val_fraction, cfg.min_count)
@@ -131,6 +133,13 @@ def _refusal(fitins, msg: Message, site: str, reason: str, audit: AuditLog | Non
 
 @app.train(mods=[site_policy_mod])
 def train(msg: Message, context: Context) -> Message:
+    import torch
+
+    from client.local_round import train_round
+    from client.site import SiteDataError
+    from privacy.accounting import BudgetError
+
+    torch.set_num_threads(1)
     fitins = recorddict_to_fitins(msg.content, keep_input=True)
     cfg = RunConfig.from_flower(context.run_config, source="run config (site)")
     settings = site_settings(context, cfg)
@@ -179,6 +188,12 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    import torch
+
+    from client.local_round import evaluate_global
+    from client.site import SiteDataError
+
+    torch.set_num_threads(1)
     ins = recorddict_to_evaluateins(msg.content, keep_input=True)
     cfg = RunConfig.from_flower(context.run_config, source="run config (site)")
     settings = site_settings(context, cfg)
@@ -194,6 +209,11 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query("save_model")
 def save_model(msg: Message, context: Context) -> Message:
     """Install the final global model pushed by the server as a new version of the site's store."""
+    from client.model_store import ModelStore, ModelStoreError
+    from privacy.signing import SignatureError, load_public
+    from privacy.signing import verify as verify_signature
+    from shared_models.schema import FeatureSchema
+
     cfg = RunConfig.from_flower(context.run_config, source="run config (site)")
     settings = site_settings(context, cfg)
     schema = FeatureSchema.load(cfg.path(cfg.schema_path))

@@ -12,11 +12,13 @@ the ServerApp and the ClientApps do not run in the project directory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from shared_models.model import ModelConfig
+if TYPE_CHECKING:
+    from shared_models.model import ModelConfig
+
 
 
 class RunConfigError(ValueError):
@@ -49,6 +51,8 @@ class RunConfig(BaseModel):
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
     proximal_mu: float = Field(0.01, alias="proximal-mu", ge=0)
     server_lr: float = Field(0.01, alias="server-lr", gt=0, description="FedAdam server learning rate")
+    evaluate_every: int = Field(1, alias="evaluate-every", ge=1,
+                                description="sites score the global model every N rounds and after the last")
     min_sites: int = Field(2, alias="min-sites", ge=1, description="sites needed to start and finish a round")
     round_timeout: float = Field(600.0, alias="round-timeout", gt=0, description="seconds; SecAgg+ needs one")
     secagg: bool = Field(True, description="Flower SecAgg+ (the server sees only the sum of updates)")
@@ -96,7 +100,9 @@ class RunConfig(BaseModel):
             raise ValueError("strategy 'fedprox' with proximal-mu 0 is FedAvg; set proximal-mu > 0 or use fedavg")
         return self
 
-    def model_config_(self) -> ModelConfig:
+    def model_config_(self) -> "ModelConfig":
+        from shared_models.model import ModelConfig  # torch: only where a model is built
+
         return ModelConfig(d_model=self.d_model, n_latents=self.n_latents, chunk_size=self.chunk_size,
                            linear_rank=self.linear_rank, latent_blocks=self.latent_blocks,
                            tabular_blocks=self.tabular_blocks, fusion_blocks=self.fusion_blocks, wide_rank=self.wide_rank, wide_gain=self.wide_gain,
@@ -119,3 +125,32 @@ class RunConfig(BaseModel):
                 got = f" (got {err['input']!r})" if err["type"] not in ("missing",) and "input" in err else ""
                 lines.append(f"  - {key}: {err['msg'].removeprefix('Value error, ')}{got}" + (f"; {hint}" if hint else ""))
             raise RunConfigError("\n".join(lines)) from None
+
+
+def parse_overrides(items: list[str], source: str = "--set") -> dict:
+    """KEY=VALUE pairs typed as TOML would type them (a bare word is a string), checked against RunConfig."""
+    import tomllib
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise RunConfigError(f"{source} {item}: write KEY=VALUE, e.g. {source} num-rounds=10")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = value.strip()
+    RunConfig.from_flower({"schema": "check.json", **out}, source=source)
+    return out
+
+
+def flwr_overrides(values: dict) -> str:
+    """The `flwr run --run-config` string for a dict of run-config values."""
+    import json
+
+    def fmt(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        return json.dumps(v) if isinstance(v, str) else repr(v)
+
+    return " ".join(f"{k}={fmt(v)}" for k, v in values.items())
