@@ -52,6 +52,15 @@ class DeltaMixin:
         self.timing: dict = {}  # seconds per phase of the current round (server.workflow fills most of it)
         self.sampled: set[int] = set()
 
+    evaluate_every, num_rounds = 1, 0
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        """Sites score the global model every `evaluate-every` rounds and always after the last one (in a
+        deployment each evaluation is a fresh process per site that reloads its data)."""
+        if server_round != self.num_rounds and server_round % max(self.evaluate_every, 1):
+            return []
+        return super().configure_evaluate(server_round, parameters, client_manager)
+
     def configure_fit(self, server_round, parameters, client_manager):
         ins = super().configure_fit(server_round, parameters, client_manager)
         self.sampled = {proxy.node_id for proxy, _ in ins}
@@ -139,5 +148,6 @@ def build_strategy(cfg: RunConfig, weights: list[np.ndarray], n_sites: int, fit_
     if base is FedAdam:
         kw.update(eta=cfg.server_lr, eta_l=cfg.lr, beta_1=0.9, beta_2=0.99, tau=1e-3)
     strategy = cls(**kw)
+    strategy.evaluate_every, strategy.num_rounds = cfg.evaluate_every, cfg.num_rounds
     strategy.init_delta(weights)
     return strategy

@@ -105,23 +105,10 @@ def simulate(
 
 def _parse_overrides(items: list[str]) -> dict:
     """--set KEY=VALUE pairs, typed as TOML would type them and checked against the run config at once."""
-    import tomllib
+    from shared_models.run_config import RunConfigError, parse_overrides
 
-    from shared_models.run_config import RunConfig, RunConfigError
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            typer.echo(f"--set {item}: write KEY=VALUE, e.g. --set wide-rank=0", err=True)
-            raise typer.Exit(code=2)
-        try:
-            out[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key.strip()] = value.strip()  # a bare string
     try:
-        RunConfig.from_flower({"schema": "check.json", **out}, source="--set")
+        return parse_overrides(items, source="--set")
     except RunConfigError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(code=2)
-    return out

@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared_models.run_config import flwr_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 VENDORED = ROOT / "simulations" / "data" / "tcga_pancan33"
 PANCAN_SCHEMA = ROOT / "simulations" / "schemas" / "tcga_pancan33.json"
@@ -103,7 +105,7 @@ def ensure_partition(data_root: Path, *, by: str = "center8", seed: int = 0) -> 
 def run_federation(work: Path, run_config: dict, n_sites: int, stream=sys.stdout) -> dict:
     """`flwr run` the project as a simulated federation of n_sites; returns the server's result.json."""
     link = start_local_superlink(work)
-    overrides = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else _toml(v)}" for k, v in run_config.items())
+    overrides = flwr_overrides(run_config)
     cmd = ["flwr", "run", str(ROOT), "local", "--stream",
            "--federation-config", f"num-supernodes={n_sites} client-resources-num-cpus=1",
            "--run-config", overrides]
@@ -124,12 +126,6 @@ def run_federation(work: Path, run_config: dict, n_sites: int, stream=sys.stdout
         raise SimulationError(f"the federated run did not complete (flwr exit {proc.returncode}); "
                               f"see {log_path} and {link.log_file}")
     return json.loads(result_file.read_text())
-
-
-def _toml(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return repr(v)
 
 
 _DUPLICATE = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:")  # flwr streams each ServerApp line twice
