@@ -60,7 +60,10 @@ def run_noise(site: PreparedSite, run_id: str, cfg: RunConfig) -> tuple[float, f
     saved = site.ledger.run_noise(site.dataset_fingerprint, run_id)
     if saved is not None:
         return saved["noise_multiplier"], saved["sample_rate"], per_round
-    sigma = noise_multiplier_for(site.ledger.budget_epsilon, site.ledger.delta, q, total,
+    # This run may bring the site's total to (spent + the run's epsilon), never beyond the site's budget:
+    # a site with budget 30 can join several runs of epsilon 8 instead of spending it all on the first.
+    target = min(site.ledger.budget_epsilon, site.ledger.spent(site.dataset_fingerprint) + cfg.epsilon)
+    sigma = noise_multiplier_for(target, site.ledger.delta, q, total,
                                  spent=site.ledger.history(site.dataset_fingerprint))
     site.ledger.set_run_noise(site.dataset_fingerprint, run_id, sigma, q, total)
     return sigma, q, per_round
