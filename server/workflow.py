@@ -56,8 +56,17 @@ class PollingGrid:
 
 
 class TimedSecAggPlusWorkflow(SecAggPlusWorkflow):
-    """Flower's SecAgg+ workflow, unchanged, with the wall time of each of its four stages recorded
-    in `strategy.timing` (benchmarks/round.py reads them from metrics.jsonl)."""
+    """Flower's SecAgg+ workflow with the wall time of each of its four stages recorded in
+    `strategy.timing` (benchmarks/round.py reads them from metrics.jsonl), and one fix.
+
+    The fix (flwr 1.41): the workflow fixes its set of sampled sites before the setup stage, and at
+    unmask asks every survivor for the key shares of every sampled site that is gone. A site lost in
+    setup or share-keys never distributed shares (and no survivor masked with it), so every survivor
+    failed with `KeyError` in `secaggplus_mod._unmask` and the round was lost: one hospital's
+    SuperNode dying as a round starts stopped the round for all (tests/test_deployment.py, fault b).
+    After those two stages the sampled set (and each site's neighbours) is narrowed to the sites that
+    completed them; a site lost later is still unmasked with the survivors' shares, as Flower intends.
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -65,11 +74,20 @@ class TimedSecAggPlusWorkflow(SecAggPlusWorkflow):
             setattr(self, name, self._timed(name, getattr(self, name)))
 
     @staticmethod
-    def _timed(name, stage):
+    def _narrow_to_active(state) -> None:
+        keep = set(state.active_node_ids)
+        state.sampled_node_ids = keep
+        state.nid_to_neighbours = {nid: set(nb) & keep for nid, nb in state.nid_to_neighbours.items() if nid in keep}
+
+    @classmethod
+    def _timed(cls, name, stage):
         def run(grid, context, state):
             t = time.perf_counter()
             try:
-                return stage(grid, context, state)
+                ok = stage(grid, context, state)
+                if ok and name in ("setup_stage", "share_keys_stage"):
+                    cls._narrow_to_active(state)
+                return ok
             finally:
                 timing = getattr(context.strategy, "timing", None)
                 if timing is not None:
