@@ -30,6 +30,7 @@ def _register_all() -> None:
     # The entry point is the only module that sees every role; roles never import each other's CLI.
     from client.cli import register as register_client
     from privacy.cli import register as register_privacy
+    from server.cli import register as register_server
     from shared_models.cli import register as register_shared
     from simulations.cli import register as register_simulations
 
@@ -37,6 +38,7 @@ def _register_all() -> None:
     register_client(app)
     register_simulations(app)
     register_privacy(app)
+    register_server(app)
 
 
 _register_all()

@@ -7,7 +7,9 @@ key, and each site's node-authentication key with its trust anchors.
                                         own launcher connects over loopback), serverAuth
       DIR/signing/signing.key, .pub     Ed25519 model-signing key pair
       DIR/public/                       what every site receives: ca.crt, signing.pub, consortium.json
-      DIR/consortium.json               the operator's record (fingerprints, validity, address)
+      DIR/consortium.json               the operator's record (fingerprints, validity, public address, the
+                                        SuperLink's loopback control address)
+      DIR/proxy/nginx.conf              (server/proxy.py) the TLS proxy exposing only the Fleet API
     oncofed site init DIR --name NAME --consortium PUBLIC_DIR [--data PATH] [--budget EPS]
       DIR/keys/site.key, site.key.pub   ECDSA P-384 in OpenSSH format (what Flower's node authentication
                                         accepts; ed25519 and RSA are refused by Flower)
@@ -67,9 +69,14 @@ def _fresh_dir(path: Path, what: str) -> None:
     path.mkdir(parents=True, exist_ok=True)
 
 
-def init_consortium(root: str | Path, name: str, address: str, now: dt.datetime | None = None) -> dict:
-    root = Path(root)
+def init_consortium(root: str | Path, name: str, address: str, now: dt.datetime | None = None,
+                    internal_port: int = 9092) -> dict:
+    """`address` is where sites reach the TLS proxy; the SuperLink itself listens on 127.0.0.1:internal_port."""
+    root = Path(root).resolve()
     host, port = parse_address(address)
+    if not 0 < internal_port < 65536 or (internal_port == port and host in ("127.0.0.1", "localhost")):
+        raise ProvisioningError(f"--internal-port {internal_port}: the SuperLink's loopback port must be a free port "
+                                f"other than the public one ({port})")
     _fresh_dir(root, "consortium init")
     now = now or dt.datetime.now(dt.timezone.utc)
 
@@ -116,7 +123,8 @@ def init_consortium(root: str | Path, name: str, address: str, now: dt.datetime 
               "ca_sha256": sha256_file(public / "ca.crt"), "signing_pub_sha256": sha256_file(public / "signing.pub"),
               "ca_not_after": (now + dt.timedelta(days=CA_DAYS)).isoformat(),
               "server_not_after": (now + dt.timedelta(days=SERVER_DAYS)).isoformat(),
-              "server_sans": sans, "sites": []}
+              "server_sans": sans, "sites": [],
+              "control-address": f"127.0.0.1:{internal_port}"}
     (public / "consortium.json").write_text(json.dumps(record, indent=1) + "\n")
     (root / "consortium.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
@@ -124,7 +132,7 @@ def init_consortium(root: str | Path, name: str, address: str, now: dt.datetime 
 
 def init_site(root: str | Path, name: str, consortium_public: str | Path, data_path: str = "",
               budget: float = 8.0, min_count: int = 5) -> dict:
-    root, bundle = Path(root), Path(consortium_public)
+    root, bundle = Path(root).resolve(), Path(consortium_public)
     try:
         record = json.loads((bundle / "consortium.json").read_text())
     except (OSError, ValueError) as e:

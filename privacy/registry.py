@@ -43,9 +43,14 @@ def flwr_home(root: Path) -> Path:
     record, home = _record(root), root / "flwr"
     home.mkdir(exist_ok=True)
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{record["address"]}"\n'
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{control_address(record)}"\n'
         f'root-certificates = "{(root / "ca" / "ca.crt").resolve()}"\n')
     return home
+
+
+def control_address(record: dict) -> str:
+    """The SuperLink's own port on the server machine (Control API); sites use the proxy's public address."""
+    return record.get("control-address") or record["address"]
 
 
 def _flwr(root: Path, *args: str) -> dict:
@@ -57,9 +62,9 @@ def _flwr(root: Path, *args: str) -> dict:
     except ValueError:
         out = {"success": False, "error-message": (proc.stdout + proc.stderr).strip()[-500:]}
     if proc.returncode != 0 or not out.get("success"):
-        raise ProvisioningError(f"`flwr supernode {args[0]}` against {_record(root)['address']} failed: "
+        raise ProvisioningError(f"`flwr supernode {args[0]}` against {control_address(_record(root))} failed: "
                                 f"{out.get('error-message', out)}; is the consortium's SuperLink running there "
-                                "with TLS and --enable-supernode-auth?")
+                                "(`oncofed server start`)?")
     return out
 
 

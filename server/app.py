@@ -117,6 +117,10 @@ def main(grid: Grid, context: Context) -> None:
     if checkpoint is not None:
         strategy.load_state_arrays(checkpoint.strategy_state)
     metrics_file = out / "metrics.jsonl"
+    status = {"run": run_key, "num_rounds": cfg.num_rounds, "round": first_round - 1, "finished": 0,
+              "site_epsilon": site_epsilon}
+    write_json_atomic(out / "status.json", status)  # read by server/metrics.py (Prometheus)
+    round_started = [time.time()]
 
     def on_round_end(rnd: int, lctx: LegacyContext) -> None:
         arrays = parameters_to_ndarrays(compat.arrayrecord_to_parameters(
@@ -140,6 +144,11 @@ def main(grid: Grid, context: Context) -> None:
                 "timing": dict(getattr(lctx.strategy, "timing", {}))}
         with metrics_file.open("a") as fh:
             fh.write(json.dumps(line) + "\n")
+        status.update(round=rnd, round_seconds=round(time.time() - round_started[0], 2),
+                      participating=len(info.get("participants", [])), site_epsilon=dict(site_epsilon),
+                      weights_sha256=line["weights_sha256"])
+        write_json_atomic(out / "status.json", status)
+        round_started[0] = time.time()
         audit.append("round", run=run_key, round=rnd, status=info.get("status"),
                      participants=info.get("participants", []), refused=info.get("refused", []),
                      failures=info.get("failures", []), dropped=info.get("dropped", []),
@@ -176,6 +185,9 @@ def main(grid: Grid, context: Context) -> None:
     audit.append("run_end", run=run_key, round=cfg.num_rounds, arrays_sha256=package["arrays_sha256"],
                  deliveries=[{k: d.get(k) for k in ("site", "node", "installed", "version", "error")}
                              for d in deliveries])
+    status.update(finished=1, delivered=sum(d.get("installed", False) for d in deliveries),
+                  weights_sha256=package["arrays_sha256"])
+    write_json_atomic(out / "status.json", status)
     write_json_atomic(out / "result.json", {
         **package, "first_round": first_round, "seconds": round(time.time() - t0, 1), "deliveries": deliveries,
         "metrics_file": str(metrics_file), "checkpoints": str(ckpt_root)})

@@ -1,0 +1,162 @@
+"""`oncofed site start`: preflight, then Flower's SuperNode with the site's key, CA and node config.
+
+The site's settings are its site.json (`oncofed site init`). The SuperNode runs in this process
+(flwr's own `flower-supernode` entry point); two of its idle waits are shortened, both within what
+Flower exposes: the SuperExec task poll through its documented FLWR_SUPEREXEC_TASK_POLL_INTERVAL, and
+the SuperNode's 3 s sleep between empty pulls (a module-level `time.sleep(3)` in
+flwr.supernode.start_client_internal, 1.41) through `poll_interval`. Every SecAgg+ round is four
+message exchanges, each waiting for the slowest site's next pull: at 3 s a deployment round spent
+most of its time asleep (2 rounds took 2 min 47 s by hand before this).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import types
+from pathlib import Path
+
+from privacy.preflight import Check, check_ca, check_port_free, check_private_key, check_reachable, check_site_key
+
+UNREGISTERED_EXIT = 305  # flwr's exit code when the SuperLink refuses to activate the node (e.g. unknown key)
+
+
+REFUSED_EXIT = 3  # what `oncofed site start` exits with then (305 does not fit in an exit status)
+
+
+class SiteConfigError(ValueError):
+    """site.json is missing or wrong: names the file and key."""
+
+
+def load_site(site_dir: str | Path) -> dict:
+    site_dir = Path(site_dir).resolve()
+    try:
+        settings = json.loads((site_dir / "site.json").read_text())
+    except (OSError, ValueError) as e:
+        raise SiteConfigError(f"{site_dir}: no readable site.json ({e}); pass the directory written by "
+                              "`oncofed site init`") from None
+    for key in ("site-name", "superlink", "root-certificates", "auth-supernode-private-key", "state-dir",
+                "model-dir", "privacy-budget", "data-path"):
+        if key not in settings:
+            raise SiteConfigError(f"{site_dir / 'site.json'}: key {key!r} is missing; run `oncofed site init` again "
+                                  "or add it")
+    if not settings["data-path"]:
+        raise SiteConfigError(f"{site_dir / 'site.json'}: data-path is empty: set it to the site directory of tables "
+                              "(see `oncofed validate`)")
+    return settings
+
+
+def node_config(settings: dict) -> str:
+    """The SuperNode's --node-config: the ClientApp reads the site's authority from it (client/app.py)."""
+    keys = ("data-path", "state-dir", "model-dir", "privacy-budget", "site-name", "signing-public-key", "min-count",
+            "require-secagg")
+    return " ".join(f"{k}={json.dumps(settings[k])}" for k in keys if k in settings and settings[k] != "")
+
+
+def site_checks(settings: dict, port: int, schema: Path | None, superlink: str | None = None) -> list[Check]:
+    ca = Path(settings["root-certificates"])
+    checks = [check_ca(ca), check_site_key(Path(settings["auth-supernode-private-key"]))]
+    if settings.get("signing-public-key"):
+        from privacy.signing import SignatureError, load_public
+
+        try:
+            load_public(settings["signing-public-key"])
+            checks.append(Check(f"model-signing trust anchor {settings['signing-public-key']}", True, "Ed25519"))
+        except (SignatureError, OSError, ValueError) as e:
+            checks.append(Check(f"model-signing trust anchor {settings['signing-public-key']}", False,
+                                f"unreadable ({e}); copy signing.pub from the consortium's public/ bundle"))
+    else:
+        checks.append(Check("model-signing trust anchor", True, "not set: delivered models are installed without "
+                            "checking their signature", warning=True))
+    data = Path(settings["data-path"])
+    if schema is None:
+        checks.append(Check(f"site data {data}", data.is_dir(), "present (pass --schema to validate it)" if
+                            data.is_dir() else "not a directory: set data-path in site.json"))
+    else:
+        checks.append(_data_check(data, schema))
+    for key in ("state-dir", "model-dir"):
+        d = Path(settings[key])
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            checks.append(Check(f"{key} {d}", True, "writable"))
+        except OSError as e:
+            checks.append(Check(f"{key} {d}", False, f"cannot be created ({e.strerror})"))
+    checks.append(check_private_key(Path(settings["auth-supernode-private-key"]), "site key"))
+    checks.append(check_port_free("127.0.0.1", port, "local runtime port"))
+    checks.append(check_reachable(superlink or settings["superlink"], ca, "consortium server"))
+    return checks
+
+
+def _data_check(data: Path, schema_path: Path) -> Check:
+    from shared_models.schema import FeatureSchema
+    from shared_models.validation import validate_site
+
+    name = f"site data {data}"
+    try:
+        rep = validate_site(FeatureSchema.load(schema_path), data)
+    except (OSError, ValueError) as e:
+        return Check(name, False, f"{e}")
+    if not rep.ok:
+        first = rep.errors[0]
+        return Check(name, False, f"fails validation ({len(rep.errors)} error(s); first: {first.where}: {first.message}); "
+                     f"run `oncofed validate --schema {schema_path} --data {data}` for all")
+    return Check(name, True, f"valid against {schema_path.name}")
+
+
+def _patch_idle_poll(poll_interval: float) -> None:
+    from flwr.supernode import start_client_internal as sci
+
+    real = time
+
+    class _Clock(types.ModuleType):
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            real.sleep(min(seconds, poll_interval))
+
+    sci.time = _Clock("time")
+
+
+def supernode_argv(settings: dict, port: int, superlink: str | None = None) -> list[str]:
+    return ["flower-supernode", "--superlink", superlink or settings["superlink"],
+            "--root-certificates", settings["root-certificates"],
+            "--auth-supernode-private-key", settings["auth-supernode-private-key"],
+            "--port", str(port), "--node-config", node_config(settings)]
+
+
+def run_supernode(settings: dict, port: int, poll_interval: float = 0.5, superlink: str | None = None) -> int:
+    """Run Flower's SuperNode in this process until it stops; returns its exit status."""
+    import os
+
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(min(poll_interval, 1.0)))
+    _patch_idle_poll(poll_interval)
+    from flwr.supernode import fleet_http_connection as fhc
+    from flwr.supernode import start_client_internal as sci
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    # flwr logs its own exit code (305: unknown key) but the process exits 1: keep flwr's code
+    flwr_codes: list[int] = []
+    real_exit = sci.flwr_exit
+
+    def recording_exit(code, *args, **kwargs):
+        flwr_codes.append(int(code))
+        return real_exit(code, *args, **kwargs)
+
+    sci.flwr_exit = fhc.flwr_exit = recording_exit
+    sys.argv = supernode_argv(settings, port, superlink)
+    try:
+        flower_supernode()
+    except SystemExit as e:
+        code = flwr_codes[0] if flwr_codes else (e.code if isinstance(e.code, int) else 1)
+        if code == UNREGISTERED_EXIT:
+            sys.stderr.write(f"site {settings['site-name']!r}: the consortium server refused to activate this site "
+                             f"(flwr exit {UNREGISTERED_EXIT}); the usual cause is a key it has not registered. Send {settings['auth-supernode-private-key']}.pub "
+                             "to the operator, who runs `oncofed consortium add-site`; then start again.\n")
+            return REFUSED_EXIT
+        return code
+    return 0

@@ -1,0 +1,188 @@
+"""Preflight checks before a server or a site starts: each names the file or setting and the fix.
+
+Used by `oncofed server start`, `oncofed site start` and `oncofed run`: the process refuses to start
+(exit 2) with every failed check listed, rather than failing later inside Flower with a stack trace.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import http.client
+import ipaddress
+import socket
+import ssl
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+RENEW_DAYS = 30  # a certificate expiring sooner is reported (not refused)
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    warning: bool = False  # ok, but the operator should act soon
+
+    def line(self) -> str:
+        mark = "ok  " if self.ok and not self.warning else ("warn" if self.ok else "FAIL")
+        return f"  [{mark}] {self.name}: {self.detail}"
+
+
+class PreflightError(RuntimeError):
+    def __init__(self, what: str, checks: list[Check]):
+        self.checks = checks
+        failed = [c for c in checks if not c.ok]
+        super().__init__(f"{what}: {len(failed)} preflight check{'s' if len(failed) > 1 else ''} failed; nothing "
+                         "was started\n" + "\n".join(c.line() for c in checks))
+
+
+def report(what: str, checks: list[Check]) -> str:
+    """Raise PreflightError if any check failed; otherwise the printable report."""
+    if any(not c.ok for c in checks):
+        raise PreflightError(what, checks)
+    return f"{what}: preflight passed\n" + "\n".join(c.line() for c in checks)
+
+
+def _load_cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def check_ca(path: Path, now: dt.datetime | None = None) -> Check:
+    name = f"CA certificate {path}"
+    try:
+        cert = _load_cert(path)
+    except (OSError, ValueError) as e:
+        return Check(name, False, f"unreadable ({e}); copy ca.crt from the consortium's public/ bundle again")
+    return _validity(name, cert, now or dt.datetime.now(dt.timezone.utc), "the consortium must issue a new CA "
+                     "(`oncofed consortium init`) and every site must receive it")
+
+
+def _validity(name: str, cert: x509.Certificate, now: dt.datetime, fix: str) -> Check:
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    if now < start:
+        return Check(name, False, f"not valid before {start:%Y-%m-%d %H:%M} UTC: check this machine's clock")
+    if now > end:
+        return Check(name, False, f"expired on {end:%Y-%m-%d}; {fix}")
+    days = (end - now).days
+    if days < RENEW_DAYS:
+        return Check(name, True, f"valid until {end:%Y-%m-%d}, only {days} days left; {fix}", warning=True)
+    return Check(name, True, f"valid until {end:%Y-%m-%d} ({days} days)")
+
+
+def _san_matches(cert: x509.Certificate, host: str) -> bool:
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    try:
+        return ipaddress.ip_address(host) in sans.get_values_for_type(x509.IPAddress)
+    except ValueError:
+        return host.lower() in [d.lower() for d in sans.get_values_for_type(x509.DNSName)]
+
+
+def check_server_certificate(cert_path: Path, key_path: Path, ca_path: Path, hosts: list[str],
+                             now: dt.datetime | None = None) -> list[Check]:
+    """The server certificate: valid now, issued by the CA, SANs cover every host, matches its key."""
+    name = f"server certificate {cert_path}"
+    try:
+        cert, ca = _load_cert(cert_path), _load_cert(ca_path)
+    except (OSError, ValueError) as e:
+        return [Check(name, False, f"unreadable ({e}); the files `oncofed consortium init` wrote are needed")]
+    fix = "issue a new server certificate from the consortium CA (a new `oncofed consortium init` for now)"
+    checks = [_validity(name, cert, now or dt.datetime.now(dt.timezone.utc), fix)]
+    try:
+        ca.public_key().verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))
+        checks.append(Check(f"{name} issuer", True, f"signed by the consortium CA {ca_path.name}"))
+    except (InvalidSignature, TypeError, ValueError):
+        checks.append(Check(f"{name} issuer", False, f"not signed by {ca_path}: the sites trust that CA only, so "
+                            f"they would refuse this server; {fix}"))
+    missing = [h for h in hosts if not _san_matches(cert, h)]
+    checks.append(Check(f"{name} names", not missing,
+                        f"covers {', '.join(hosts)}" if not missing else
+                        f"has no subjectAltName for {', '.join(missing)}: sites connecting to that name refuse the "
+                        f"connection; {fix} with --address naming it"))
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+        same = key.public_key().public_numbers() == cert.public_key().public_numbers()
+        checks.append(Check(f"server key {key_path}", same, "matches the certificate" if same else
+                            "does not match the certificate: restore the key written with it"))
+    except (OSError, ValueError, TypeError) as e:
+        checks.append(Check(f"server key {key_path}", False, f"unreadable ({e})"))
+    return checks
+
+
+def check_private_key(path: Path, what: str) -> Check:
+    """A private key exists and is readable by its owner only."""
+    name = f"{what} {path}"
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError as e:
+        return Check(name, False, f"missing ({e.strerror})")
+    if mode & 0o077:
+        return Check(name, False, f"mode {mode:04o} lets others read it: run `chmod 600 {path}` (and consider the "
+                     "key compromised if others could log in here)")
+    return Check(name, True, f"mode {mode:04o}")
+
+
+def check_site_key(path: Path) -> Check:
+    """The site's node-authentication key: owner-only, OpenSSH ECDSA P-384 (what Flower accepts)."""
+    c = check_private_key(path, "site key")
+    if not c.ok:
+        return c
+    try:
+        key = serialization.load_ssh_private_key(path.read_bytes(), None)
+    except (ValueError, TypeError) as e:
+        return Check(c.name, False, f"not an unencrypted OpenSSH private key ({e}); run `oncofed site init` again")
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp384r1":
+        return Check(c.name, False, "Flower's node authentication accepts ECDSA P-384 keys only; run `oncofed site "
+                     "init` again")
+    return Check(c.name, True, f"{c.detail}, ECDSA P-384")
+
+
+def check_port_free(host: str, port: int, what: str) -> Check:
+    name = f"{what} {host}:{port}"
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is not "in use"
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return Check(name, False, f"cannot listen there ({e.strerror}): another process holds it (an OncoFed "
+                         "server already running?) or the address is not this machine's")
+    return Check(name, True, "free")
+
+
+def https_health(address: str, ca_path: Path, timeout: float = 5.0, path: str = "/health",
+                 method: str = "GET") -> int:
+    """Status code of a request over TLS verified against the consortium CA (raises OSError/SSLError)."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    ctx = ssl.create_default_context(cafile=str(ca_path))
+    conn = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=timeout)
+    try:
+        conn.request(method, path, body=b"" if method == "POST" else None)
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def check_reachable(address: str, ca_path: Path, what: str) -> Check:
+    """TLS handshake with the name in `address`, certificate verified against the CA, and /health answers."""
+    name = f"{what} https://{address}"
+    try:
+        status = https_health(address, ca_path)
+    except ssl.SSLCertVerificationError as e:
+        return Check(name, False, f"TLS certificate refused ({e.verify_message}): the server's certificate is not "
+                     f"from the CA in {ca_path} or does not name {address.rpartition(':')[0]}")
+    except (OSError, ssl.SSLError) as e:
+        return Check(name, False, f"unreachable ({e}); check the address, that the server is started "
+                     "(`oncofed server start`) and that outbound HTTPS to it is allowed")
+    if status != 200:
+        return Check(name, False, f"/health answered {status}")
+    return Check(name, True, "TLS verified against the consortium CA, /health 200")

@@ -1,0 +1,147 @@
+"""The operator's commands: `oncofed consortium ...` (keys, proxy, sites), `oncofed server start`, `oncofed run`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    consortium = typer.Typer(help="The operator's keys, certificates, proxy and registered sites.",
+                             no_args_is_help=True)
+    consortium.command("init")(consortium_init)
+    consortium.command("add-site")(add_site)
+    consortium.command("list-sites")(list_sites)
+    consortium.command("remove-site")(remove_site)
+    app.add_typer(consortium, name="consortium")
+    server = typer.Typer(help="The consortium's server (SuperLink behind its TLS proxy).", no_args_is_help=True)
+    server.command("start")(server_start)
+    server.command("preflight")(server_preflight)
+    app.add_typer(server, name="server")
+    app.command("run")(run)
+
+
+def consortium_init(
+    directory: Path = typer.Argument(..., help="an empty directory for the consortium's keys"),
+    name: str = typer.Option(..., "--name", help="the consortium's name"),
+    address: str = typer.Option(..., "--address", help="HOST:PORT at which sites reach the server (the TLS proxy)"),
+    internal_port: int = typer.Option(9092, "--internal-port",
+                                      help="the SuperLink's own port, on 127.0.0.1 only (never exposed)"),
+) -> None:
+    """Create the CA, the server's TLS key and certificate, the model-signing key pair and the proxy config."""
+    from privacy.pki import ProvisioningError, init_consortium, parse_address
+    from server.proxy import write_config
+
+    try:
+        record = init_consortium(directory, name, address, internal_port=internal_port)
+    except ProvisioningError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(code=2)
+    host, port = parse_address(record["address"])
+    conf = write_config(directory, host, port, internal_port)
+    typer.echo(f"consortium {name!r} in {directory}: CA valid until {record['ca_not_after'][:10]}, server "
+               f"certificate for {', '.join(record['server_sans'])} until {record['server_not_after'][:10]}")
+    typer.echo(f"proxy configuration {conf}: sites reach only the Fleet API at {record['address']}")
+    typer.echo(f"send {directory / 'public'} to every site; confirm out of band the CA fingerprint "
+               f"{record['ca_sha256'][:16]}... and the signing key fingerprint {record['signing_pub_sha256'][:16]}...")
+
+
+def _registry(action):
+    from privacy.pki import ProvisioningError
+
+    try:
+        return action()
+    except ProvisioningError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(code=2)
+
+
+def add_site(
+    directory: Path = typer.Argument(..., help="the consortium directory"),
+    name: str = typer.Option(..., "--name", help="the site's name"),
+    key: Path = typer.Option(..., "--key", help="the site's site.key.pub"),
+) -> None:
+    """Register a site's public key with the SuperLink (Flower node authentication)."""
+    from privacy import registry
+
+    site = _registry(lambda: registry.add_site(directory, name, key))
+    typer.echo(f"site {name!r} registered as node {site['node_id']} (key {site['key_sha256'][:16]}...)")
+
+
+def list_sites(directory: Path = typer.Argument(..., help="the consortium directory")) -> None:
+    """The registered sites and the SuperLink's status of each."""
+    from privacy import registry
+
+    for s in _registry(lambda: registry.list_sites(directory)):
+        typer.echo(f"{s['name']:<20} node {s['node_id']:<22} {s['status']:<12} key {s['key_sha256'][:16]}...")
+
+
+def remove_site(
+    directory: Path = typer.Argument(..., help="the consortium directory"),
+    name: str = typer.Option(..., "--name", help="the site's name"),
+) -> None:
+    """Unregister a site: its SuperNode can no longer connect."""
+    from privacy import registry
+
+    site = _registry(lambda: registry.remove_site(directory, name))
+    typer.echo(f"site {name!r} (node {site['node_id']}) removed")
+
+
+def server_preflight(directory: Path = typer.Argument(..., help="the consortium directory")) -> None:
+    """Run the server's preflight checks only (certificates, keys, ports, nginx)."""
+    from privacy.preflight import PreflightError, report
+    from server.deploy import Consortium, DeployError, server_checks
+
+    try:
+        c = Consortium.load(directory)
+        typer.echo(report(f"server {c.record['name']!r}", server_checks(c)))
+    except (DeployError, PreflightError) as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(code=2)
+
+
+def server_start(
+    directory: Path = typer.Argument(..., help="the consortium directory"),
+    metrics_port: int = typer.Option(9464, "--metrics-port", help="Prometheus /metrics on 127.0.0.1 (0: off)"),
+) -> None:
+    """Preflight, then the SuperLink (TLS, node authentication, database) on loopback behind the TLS proxy.
+
+    Stays in the foreground; stop with Ctrl-C or SIGTERM. Exit 2: a preflight check failed (listed).
+    """
+    import sys
+
+    from privacy.preflight import PreflightError
+    from server.deploy import DeployError, start_server
+
+    try:
+        code = start_server(directory, metrics_port=metrics_port, out=sys.stdout)
+    except (DeployError, PreflightError) as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
+
+
+def run(
+    directory: Path = typer.Argument(..., help="the consortium directory"),
+    name: str = typer.Option("run", "--name", help="the run's directory under CONSORTIUM/runs/"),
+    overrides: list[str] = typer.Option([], "--set", help="a run-config KEY=VALUE (repeatable), e.g. --set "
+                                        "num-rounds=10 (keys: [tool.flwr.app.config] in pyproject.toml)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run NAME from its latest checkpoint"),
+    timeout: float = typer.Option(0.0, "--timeout", help="give up after this many seconds (0: never)"),
+) -> None:
+    """Preflight, then submit a training run to the consortium's SuperLink and follow it to the end."""
+    import sys
+
+    from privacy.preflight import PreflightError
+    from server.deploy import DeployError
+    from server.submit import submit_run
+    from shared_models.run_config import RunConfigError, parse_overrides
+
+    try:
+        code = submit_run(directory, name, parse_overrides(overrides, source="--set"), resume=resume,
+                          timeout=timeout, out=sys.stdout)
+    except (DeployError, PreflightError, RunConfigError) as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(code=2)
+    raise typer.Exit(code=code)

@@ -1,0 +1,162 @@
+"""`oncofed run`: preflight, then `flwr run` of this project on the consortium's SuperLink, followed to the end.
+
+Every run has a directory CONSORTIUM/runs/NAME (checkpoints, metrics.jsonl, audit.jsonl, status.json,
+result.json). The run config starts from pyproject's [tool.flwr.app.config], then the consortium's
+own values (absolute paths, the signing key, the number of registered sites), then `--set` overrides.
+`--resume` continues NAME from its latest checkpoint after a server crash: same run key, so every
+site's privacy ledger replaces a round it never finished instead of counting it twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+from privacy.preflight import Check, check_private_key, https_health, report
+from server.deploy import FLOWER_ENV, Consortium, DeployError
+from shared_models.files import write_json_atomic
+from shared_models.run_config import RunConfig, flwr_overrides
+
+PROJECT = Path(__file__).resolve().parents[1]
+_DUPLICATE = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:")  # flwr streams each ServerApp line twice
+
+
+def is_duplicate_log_line(line: str) -> bool:
+    return bool(_DUPLICATE.match(line))
+
+
+_STARTED = re.compile(r"Successfully started run (\d+)")
+
+
+def env_for(c: Consortium) -> dict:
+    from privacy.registry import flwr_home
+
+    return {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(flwr_home(c.root))}
+
+
+def _record_flwr_run(run_dir: Path, run_id: int) -> None:
+    f = run_dir / "flwr-runs.json"
+    ids = json.loads(f.read_text()) if f.exists() else []
+    write_json_atomic(f, ids + [run_id])
+
+
+def stop_previous(run_dir: Path, env: dict, out) -> None:
+    """Before resuming: stop the SuperLink's earlier runs of this name (after a server crash its database
+    may still hold them as running or pending, and a restarted SuperLink would launch a pending one)."""
+    f = run_dir / "flwr-runs.json"
+    for run_id in (json.loads(f.read_text()) if f.exists() else []):
+        proc = subprocess.run(["flwr", "stop", str(run_id), "consortium"], env=env, capture_output=True, text=True,
+                              timeout=120)
+        out.write(f"earlier flwr run {run_id}: " + ("stopped\n" if proc.returncode == 0 else "already ended\n"))
+
+
+def project_defaults() -> dict:
+    try:
+        data = tomllib.loads((PROJECT / "pyproject.toml").read_text())
+        return dict(data["tool"]["flwr"]["app"]["config"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError) as e:
+        raise DeployError(f"{PROJECT / 'pyproject.toml'}: no [tool.flwr.app.config] ({e}); `oncofed run` submits the "
+                          "OncoFed project directory: run it from a checkout (pip install -e .)") from None
+
+
+def run_values(c: Consortium, run_dir: Path, overrides: dict, resume: bool, n_sites: int) -> dict:
+    values = {**project_defaults(), "base-dir": str(PROJECT), "output-dir": str(run_dir),
+              "signing-key": str(c.path("signing", "signing.key")), "resume": resume}
+    if n_sites:
+        values["sites"] = n_sites
+    values.update(overrides)
+    return values
+
+
+def run_checks(c: Consortium, cfg: RunConfig, run_dir: Path, resume: bool, sites: list[dict] | None,
+               sites_error: str) -> list[Check]:
+    checks = []
+    try:
+        status = https_health(c.control_address, c.path("ca", "ca.crt"))
+        checks.append(Check(f"SuperLink {c.control_address}", status == 200, f"/health {status}"))
+    except OSError as e:
+        checks.append(Check(f"SuperLink {c.control_address}", False, f"unreachable ({e}); start it with "
+                            f"`oncofed server start {c.root}`"))
+    checks.append(check_private_key(Path(cfg.signing_key), "model-signing key"))
+    schema = cfg.path(cfg.schema_path)
+    checks.append(Check(f"schema {schema}", schema.is_file(), "present" if schema.is_file() else
+                        "missing: set --set schema=PATH (relative paths start at the project directory)"))
+    if cfg.eval_data:
+        ev = cfg.path(cfg.eval_data)
+        checks.append(Check(f"eval-data {ev}", ev.is_dir(), "present" if ev.is_dir() else "not a directory"))
+    has_ckpt = any((run_dir / "checkpoints").glob("round-*"))
+    if resume:
+        checks.append(Check(f"run {run_dir.name}", has_ckpt, "a checkpoint to resume from" if has_ckpt else
+                            f"no checkpoint in {run_dir / 'checkpoints'}: nothing to resume; drop --resume"))
+    else:
+        checks.append(Check(f"run {run_dir.name}", not has_ckpt, "new" if not has_ckpt else
+                            f"{run_dir} already holds checkpoints: pass --resume to continue it or choose another "
+                            "--name"))
+    if sites is None:
+        checks.append(Check("registered sites", False, f"cannot be listed ({sites_error})"))
+    else:
+        online = sum(s.get("status") == "online" for s in sites)
+        enough = len(sites) >= cfg.min_sites
+        checks.append(Check("registered sites", enough, f"{len(sites)} registered, {online} online; min-sites "
+                            f"{cfg.min_sites}" + ("" if enough else ": register more with `oncofed consortium "
+                                                  "add-site`, or lower --set min-sites")))
+        if enough and online < (cfg.sites or cfg.min_sites):
+            checks.append(Check("sites online", True, f"only {online} online: the run waits up to round-timeout "
+                                f"({cfg.round_timeout:g} s) for {cfg.sites or cfg.min_sites}", warning=True))
+    return checks
+
+
+def submit_run(root: str | Path, name: str, overrides: dict, *, resume: bool = False, timeout: float = 0.0,
+               out=sys.stdout) -> int:
+    from privacy.pki import ProvisioningError
+    from privacy.registry import list_sites
+
+    c = Consortium.load(root)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise DeployError(f"--name {name!r}: use letters, digits, '.', '_' and '-'")
+    run_dir = c.path("runs", name)
+    try:
+        sites, sites_error = list_sites(c.root), ""
+    except ProvisioningError as e:
+        sites, sites_error = None, str(e)
+    values = run_values(c, run_dir, overrides, resume, len(sites or []) if "sites" not in overrides else 0)
+    cfg = RunConfig.from_flower(values, source="run config")
+    out.write(report(f"run {name!r}", run_checks(c, cfg, run_dir, resume, sites, sites_error)) + "\n")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        stop_previous(run_dir, env_for(c), out)
+    result = run_dir / "result.json"
+    started = time.time()
+    cmd = ["flwr", "run", str(PROJECT), "consortium", "--stream", "--run-config", flwr_overrides(values)]
+    env = env_for(c)
+    log_path = run_dir / "flwr-run.log"
+    with log_path.open("a") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if m := _STARTED.search(line):
+                    _record_flwr_run(run_dir, int(m.group(1)))
+                if not is_duplicate_log_line(line):
+                    out.write(line)
+                    out.flush()
+                if timeout and time.time() - started > timeout:
+                    break
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+            proc.wait()
+    if result.exists() and result.stat().st_mtime >= started:
+        out.write(f"run {name!r} finished: {result}\n")
+        return 0
+    out.write(f"run {name!r} did not finish (flwr exit {proc.returncode}); see {log_path} and "
+              f"{c.path('logs', 'superlink.log')}; after fixing the cause continue it with --resume\n")
+    return 1
