@@ -1,0 +1,259 @@
+"""A real deployment on loopback, every part a real process: `oncofed server start` (SuperLink with TLS,
+node authentication and a database, behind the nginx proxy), three `oncofed site start` SuperNodes on
+vendored pan-cancer hospitals, `oncofed run` with DP and SecAgg+. Then the faults of issue 5:
+
+  a) a site whose key is not registered is refused;
+  b) a SuperNode killed during round 2: the run completes with the others, the audit log records it;
+  c) the server killed during round 2: restart, `oncofed run --resume`, rounds complete from the
+     checkpoint, and every site's privacy ledger holds exactly the rounds it trained;
+  d) a model package not signed by the consortium's key is refused; the previous model stays active;
+  e) the Control API through the proxy is refused (flwr's own CLI and raw requests) while training passes.
+
+The tests share one deployment and run in file order (about 5 minutes). They need nginx (`.ci/run`
+installs Debian's nginx-light) and skip with that reason without it.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from privacy.accounting import epsilon
+from server.proxy import nginx_binary
+from simulations.federation import ensure_partition, free_port
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(nginx_binary() is None, reason="needs nginx (Debian: apt-get install nginx-light; "
+                                 ".ci/run installs it)")]
+
+ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+RUN = ["--set", "local-epochs=1", "--set", "min-sites=2", "--set", "round-timeout=90.0", "--set", "epsilon=4.0",
+       "--set", "evaluate-every=10"]
+
+
+def oncofed(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "oncofed", *args], env=ENV, capture_output=True, text=True,
+                          **kw)
+
+
+def spawn(args: list[str], log: Path) -> subprocess.Popen:
+    with log.open("a") as fh:
+        return subprocess.Popen([sys.executable, "-m", "oncofed", *args], env=ENV, stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    proc.wait(30)
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+class Deployment:
+    def __init__(self, root: Path):
+        self.root = root
+        self.op = root / "op"
+        self.public, self.internal, self.metrics = free_port(), free_port(), free_port()
+        self.server: subprocess.Popen | None = None
+        self.sites: dict[str, subprocess.Popen] = {}
+        self.site_ports = {f"C{i}": free_port() for i in range(4)}
+
+    def start_server(self) -> None:
+        log = self.root / "server.out"
+        before = log.read_text().count("serving:") if log.exists() else 0
+        self.server = spawn(["server", "start", str(self.op), "--metrics-port", str(self.metrics)], log)
+        wait_for(lambda: log.read_text().count("serving:") > before or self.server.poll() is not None,
+                 90, "the server to start")
+        assert self.server.poll() is None, (self.root / "server.out").read_text()[-3000:]
+
+    def kill_server(self) -> None:
+        """SIGKILL the service and every process under it (SuperLink, its ServerApp, nginx): a crash."""
+        pids = json.loads((self.op / "state" / "server.json").read_text())
+        for key in ("superlink_pid", "proxy_pid"):
+            try:
+                os.killpg(pids[key], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        kill_group(self.server)
+
+    def start_site(self, name: str) -> subprocess.Popen:
+        proc = spawn(["site", "start", str(self.root / name), "--port", str(self.site_ports[name]),
+                      "--poll-interval", "0.3"], self.root / f"{name}.out")
+        self.sites[name] = proc
+        return proc
+
+    def site_audit(self, name: str) -> list[dict]:
+        return read_jsonl(self.root / name / "state" / "audit.jsonl")
+
+    def run(self, name: str, *args: str) -> subprocess.Popen:
+        return spawn(["run", str(self.op), "--name", name, *RUN, *args], self.root / f"run-{name}.out")
+
+    def status(self, run: str) -> dict:
+        try:
+            return json.loads((self.op / "runs" / run / "status.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def stop(self) -> None:
+        for proc in [*self.sites.values(), self.server]:
+            if proc is not None and proc.poll() is None:
+                kill_group(proc, signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def dep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deployment")
+    data = ensure_partition(root / "data")
+    d = Deployment(root)
+    r = oncofed("consortium", "init", str(d.op), "--name", "e2e", "--address", f"127.0.0.1:{d.public}",
+                "--internal-port", str(d.internal))
+    assert r.returncode == 0, r.stderr
+    for i in range(4):
+        r = oncofed("site", "init", str(root / f"C{i}"), "--name", f"C{i}", "--consortium", str(d.op / "public"),
+                    "--data", str(data / f"C{i}"), "--budget", "100")
+        assert r.returncode == 0, r.stderr
+    d.start_server()
+    for i in range(3):
+        r = oncofed("consortium", "add-site", str(d.op), "--name", f"C{i}", "--key",
+                    str(root / f"C{i}" / "keys" / "site.key.pub"))
+        assert r.returncode == 0, r.stderr + r.stdout
+        d.start_site(f"C{i}")
+    yield d
+    d.stop()
+
+
+def _https(d: Deployment, method: str, path: str) -> int:
+    ctx = ssl.create_default_context(cafile=str(d.op / "ca" / "ca.crt"))
+    conn = http.client.HTTPSConnection("127.0.0.1", d.public, context=ctx, timeout=10)
+    try:
+        conn.putrequest(method, path, skip_accept_encoding=True)  # the raw path: no client-side normalising
+        conn.putheader("Content-Length", "0")
+        conn.endheaders()
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def test_a_unregistered_site_is_refused(dep):
+    proc = dep.start_site("C3")
+    code = proc.wait(120)
+    out = (dep.root / "C3.out").read_text()
+    assert code == 3, out[-2000:]
+    assert "oncofed consortium add-site" in out and "preflight passed" in out
+
+
+def test_c_e_run_survives_a_server_crash_and_the_proxy_hides_the_control_api(dep):
+    run = dep.run("main", "--set", "num-rounds=3")
+    # (e) while the run's training traffic passes through the proxy
+    wait_for(lambda: dep.status("main").get("round", 0) >= 1, 240, "round 1 of run main")
+    assert _https(dep, "GET", "/health") == 200
+    for path in ("/v1/control/list-runs", "/v1/runtime/get-run", "/v1/fleet/../control/list-runs",
+                 "/v1/fleet/%2e%2e/control/list-runs", "//v1/control/list-runs"):
+        assert _https(dep, "POST", path) == 403, path
+    assert _https(dep, "POST", "/v1/fleet/pull-messages") not in (403, 404)  # reaches Flower's Fleet API
+    home = dep.root / "flwr-home-outsider"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "p"\n[superlink.p]\naddress = "127.0.0.1:{dep.public}"\n'
+                                      f'root-certificates = "{dep.op / "ca" / "ca.crt"}"\n')
+    outsider = subprocess.run(["flwr", "ls", "p"], env={**ENV, "FLWR_HOME": str(home)}, capture_output=True,
+                              text=True, timeout=120)
+    assert outsider.returncode != 0 and "main" not in outsider.stdout
+    # (c) kill the whole server while round 2 is under way: once a site has trained round 2
+    wait_for(lambda: any(e.get("event") == "round_trained" and e.get("round") == 2
+                         for n in ("C0", "C1", "C2") for e in dep.site_audit(n)), 240, "round 2 training")
+    dep.kill_server()
+    kill_group(run)
+    assert dep.status("main")["round"] == 1
+    dep.start_server()
+    resumed = dep.run("main", "--set", "num-rounds=3", "--resume")
+    assert resumed.wait(600) == 0, (dep.root / "run-main.out").read_text()[-4000:]
+    result = json.loads((dep.op / "runs" / "main" / "result.json").read_text())
+    assert result["first_round"] == 2 and result["round"] == 3
+    assert sorted(d["site"] for d in result["deliveries"] if d["installed"]) == ["C0", "C1", "C2"]
+    metrics = read_jsonl(dep.op / "runs" / "main" / "metrics.jsonl")
+    assert [m["round"] for m in metrics][-2:] == [2, 3]
+    from client.model_store import ModelStore
+    from privacy.signing import load_public
+
+    for name in ("C0", "C1", "C2"):
+        store = ModelStore(dep.root / name / "models")
+        assert store.active() == "v0001"
+        store.verify("v0001", load_public(dep.root / name / "trust" / "signing.pub"))
+        # the ledger holds every round the site trained (audit log), once each, and nothing else
+        ledger = json.loads((dep.root / name / "state" / "privacy-ledger.json").read_text())
+        entries = [e for e in ledger["entries"] if e["run_id"] == result["run"]]
+        trained = [e for e in dep.site_audit(name) if e.get("event") == "round_trained" and e["run"] == result["run"]]
+        assert all(e["status"] == "committed" for e in entries), entries
+        assert sorted((e["round"], e["steps"]) for e in entries) == sorted((t["round"], int(t["steps"]))
+                                                                            for t in trained)
+        assert {e["round"] for e in entries} == {1, 2, 3}
+        mechanisms = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries]
+        assert result["site_epsilon"][name] == pytest.approx(epsilon(mechanisms, ledger_delta(ledger)), rel=1e-6)
+    audit = read_jsonl(dep.op / "runs" / "main" / "audit.jsonl")
+    assert [e["event"] for e in audit].count("run_start") == 2 and audit[-1]["event"] == "run_end"
+    assert oncofed("audit", "verify", str(dep.op / "runs" / "main" / "audit.jsonl")).returncode == 0
+    scrape = wait_for(lambda: _metrics(dep), 60, "metrics")
+    assert 'oncofed_rounds_completed{run="' in scrape and "oncofed_site_epsilon{site=\"C0\"}" in scrape
+
+
+def ledger_delta(ledger: dict) -> float:
+    return float(ledger.get("delta", 1e-5))
+
+
+def _metrics(dep: Deployment) -> str:
+    import urllib.request
+
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{dep.metrics}/metrics", timeout=5).read().decode()
+    except OSError:
+        return ""
+
+
+def test_b_d_site_killed_in_round_2_and_unsigned_model_refused(dep):
+    """One run for two faults: C2's SuperNode dies in round 2; the final package is signed with a key that is
+    not the consortium's (what a tampered or substituted package looks like to a site)."""
+    from privacy.signing import generate_signing_key
+
+    forged = dep.root / "forged"
+    generate_signing_key(forged / "signing.key", forged / "signing.pub")
+    run = dep.run("drop", "--set", "num-rounds=2", "--set", "round-timeout=60.0",
+                  "--set", f'signing-key="{forged / "signing.key"}"')
+    wait_for(lambda: dep.status("drop").get("round", 0) >= 1, 300, "round 1 of run drop")
+    kill_group(dep.sites["C2"])  # as round 2 starts: SecAgg+ goes on with the two sites left
+    assert run.wait(600) == 0, (dep.root / "run-drop.out").read_text()[-4000:]
+    result = json.loads((dep.op / "runs" / "drop" / "result.json").read_text())
+    rounds = [e for e in read_jsonl(dep.op / "runs" / "drop" / "audit.jsonl") if e["event"] == "round"]
+    node = {s["name"]: int(s["node_id"]) for s in json.loads((dep.op / "consortium.json").read_text())["sites"]}
+    assert sorted(rounds[-1]["participants"]) == sorted([node["C0"], node["C1"]])
+    assert node["C2"] in rounds[-1]["dropped"]
+    from client.model_store import ModelStore
+
+    for name in ("C0", "C1"):
+        delivery = next(d for d in result["deliveries"] if d.get("site") == name)
+        assert not delivery["installed"] and "signature" in delivery["error"]
+        assert ModelStore(dep.root / name / "models").active() == "v0001"
+        assert dep.site_audit(name)[-1]["event"] == "model_refused"

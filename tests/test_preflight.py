@@ -1,0 +1,124 @@
+"""Preflight checks, the proxy configuration and the Prometheus collector, without starting servers
+(tests/test_deployment.py runs them for real)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+
+import pytest
+
+from privacy.pki import init_consortium, init_site
+from privacy.preflight import (
+    PreflightError,
+    check_ca,
+    check_port_free,
+    check_private_key,
+    check_reachable,
+    check_server_certificate,
+    check_site_key,
+    report,
+)
+from server.metrics import ConsortiumCollector
+from server.proxy import listen_host, render
+from shared_models.run_config import RunConfigError, flwr_overrides, parse_overrides
+
+
+@pytest.fixture
+def consortium(tmp_path):
+    init_consortium(tmp_path / "op", "t", "fl.example.org:8443", internal_port=9092)
+    return tmp_path / "op"
+
+
+def _server(op, hosts, now=None):
+    return check_server_certificate(op / "server/server.crt", op / "server/server.key", op / "ca/ca.crt", hosts, now)
+
+
+def test_server_certificate_checks(consortium, tmp_path):
+    assert all(c.ok and not c.warning for c in _server(consortium, ["fl.example.org", "127.0.0.1", "localhost"]))
+    wrong_name = [c for c in _server(consortium, ["other.example.org"]) if not c.ok]
+    assert len(wrong_name) == 1 and "other.example.org" in wrong_name[0].detail
+    late = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=380)
+    soon = [c for c in _server(consortium, ["fl.example.org"], now=late) if c.warning]
+    assert soon and "days left" in soon[0].detail
+    expired = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=400)
+    assert any("expired" in c.detail and not c.ok for c in _server(consortium, ["fl.example.org"], now=expired))
+    other = init_consortium(tmp_path / "other", "o", "x.example:1") and tmp_path / "other"
+    foreign = check_server_certificate(other / "server/server.crt", other / "server/server.key",
+                                       consortium / "ca/ca.crt", ["x.example"])
+    assert any("not signed by" in c.detail for c in foreign if not c.ok)
+    mixed = check_server_certificate(consortium / "server/server.crt", other / "server/server.key",
+                                     consortium / "ca/ca.crt", ["fl.example.org"])
+    assert any("does not match" in c.detail for c in mixed if not c.ok)
+    assert check_ca(consortium / "ca/ca.crt").ok
+
+
+def test_key_permissions_and_kind(consortium, tmp_path):
+    key = consortium / "signing/signing.key"
+    assert check_private_key(key, "signing key").ok
+    os.chmod(key, 0o644)
+    bad = check_private_key(key, "signing key")
+    assert not bad.ok and "chmod 600" in bad.detail
+    site = init_site(tmp_path / "s", "S", consortium / "public", "")
+    assert check_site_key(tmp_path / "s/keys/site.key").ok
+    assert not check_site_key(consortium / "server/server.key").ok  # PEM, not OpenSSH
+    assert site["state-dir"].startswith("/")  # absolute: the ClientApp runs elsewhere
+
+
+def test_port_and_reachability(consortium):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert not check_port_free("127.0.0.1", port, "p").ok
+        bad = check_reachable(f"127.0.0.1:{port}", consortium / "ca/ca.crt", "server")  # not TLS
+        assert not bad.ok
+    closed = check_reachable(f"127.0.0.1:{port}", consortium / "ca/ca.crt", "server")
+    assert not closed.ok and "oncofed server start" in closed.detail
+
+
+def test_report_lists_every_failure(consortium):
+    checks = _server(consortium, ["nope.example"]) + [check_private_key(consortium / "missing.key", "k")]
+    with pytest.raises(PreflightError) as e:
+        report("server", checks)
+    assert "2 preflight checks failed" in str(e.value) and "nope.example" in str(e.value) and "missing" in str(e.value)
+
+
+def test_proxy_exposes_only_fleet_and_health(consortium):
+    conf = render(consortium, "fl.example.org", 8443, 9092)
+    locations = [line.strip() for line in conf.splitlines() if line.strip().startswith("location")]
+    assert locations == ["location /v1/fleet/ {", "location = /health {", "location / {"]
+    assert "return 403" in conf and "server 127.0.0.1:9092;" in conf and "proxy_ssl_verify on;" in conf
+    assert "listen 0.0.0.0:8443 ssl;" in conf and listen_host("10.1.2.3") == "10.1.2.3"
+    assert json.loads((consortium / "consortium.json").read_text())["control-address"] == "127.0.0.1:9092"
+
+
+def test_collector_reads_the_latest_run(tmp_path):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old/status.json").write_text(json.dumps({"run": "old", "round": 9}))
+    os.utime(tmp_path / "old/status.json", (1, 1))
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new/status.json").write_text(json.dumps({
+        "run": "r-1", "round": 2, "round_seconds": 12.5, "participating": 3, "finished": 0,
+        "site_epsilon": {"C0": 2.5}, "weights_sha256": "ab"}))
+    reg = CollectorRegistry()
+    reg.register(ConsortiumCollector(tmp_path))
+    text = generate_latest(reg).decode()
+    assert 'oncofed_rounds_completed{run="r-1"} 2.0' in text
+    assert 'oncofed_round_duration_seconds{run="r-1"} 12.5' in text
+    assert 'oncofed_site_epsilon{site="C0"} 2.5' in text
+    assert 'oncofed_model_info{round="2",run="r-1",sha256="ab"} 1.0' in text
+
+
+def test_run_config_overrides():
+    values = parse_overrides(["num-rounds=3", 'schema="a b.json"', "dp=false", "run-name=x"])
+    assert values == {"num-rounds": 3, "schema": "a b.json", "dp": False, "run-name": "x"}
+    assert flwr_overrides(values) == 'num-rounds=3 schema="a b.json" dp=false run-name="x"'
+    with pytest.raises(RunConfigError, match="num-rounds"):
+        parse_overrides(["num-rounds=zero"])
+    with pytest.raises(RunConfigError, match="KEY=VALUE"):
+        parse_overrides(["num-rounds"])
