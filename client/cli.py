@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -13,6 +14,16 @@ def register(app: typer.Typer) -> None:
     site.command("init")(site_init)
     site.command("start")(site_start)
     app.add_typer(site, name="site")
+    serve = typer.Typer(help="The global model as a local REST service (and its tokens).",
+                        invoke_without_command=True)
+    serve.callback()(serve_main)
+    token = typer.Typer(help="API tokens of the prediction service.", no_args_is_help=True)
+    token.command("add")(token_add)
+    token.command("revoke")(token_revoke)
+    serve.add_typer(token, name="token")
+    serve.command("fit-normalizer")(serve_fit_normalizer)
+    app.add_typer(serve, name="serve")
+    app.command("predict")(predict)
 
 
 def validate(
@@ -85,3 +96,123 @@ def site_start(
         typer.echo(str(e), err=True)
         raise typer.Exit(code=2)
     raise typer.Exit(code=run_supernode(settings, port, poll_interval, superlink or None))
+
+
+
+def _site_settings(site_config: Path) -> dict:
+    try:
+        return json.loads(Path(site_config).read_text())
+    except (OSError, ValueError) as e:
+        typer.echo(f"--site-config {site_config}: unreadable ({e}); pass the site.json written by `oncofed site "
+                   "init`", err=True)
+        raise typer.Exit(code=2)
+
+
+def serve_main(
+    ctx: typer.Context,
+    site_config: Path = typer.Option(None, "--site-config", help="the site's site.json"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (put TLS in front for the network)"),
+    port: int = typer.Option(8088, "--port"),
+) -> None:
+    """Serve the site's active global model: /v1/predict, /v1/predict/file, /v1/model, /health, /metrics, /."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if site_config is None:
+        typer.echo("--site-config is required (the site's site.json)", err=True)
+        raise typer.Exit(code=2)
+    import uvicorn
+
+    from client.model_store import ModelStoreError
+    from client.serve import create_app
+
+    try:
+        app = create_app(_site_settings(site_config))
+    except ModelStoreError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(code=2)
+    typer.echo(f"serving model {app.state.predictor.current.version} on http://{host}:{port}/")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def token_add(
+    site_config: Path = typer.Option(..., "--site-config", help="the site's site.json"),
+    name: str = typer.Option(..., "--name", help="who or what uses the token"),
+    role: str = typer.Option("clinician", "--role", help="clinician (predict) or admin (also activate, roll back)"),
+) -> None:
+    """Create a token (printed once; only its SHA-256 is stored)."""
+    from client.serve import TOKENS_FILE, TokenStore
+
+    settings = _site_settings(site_config)
+    try:
+        token = TokenStore(Path(settings["state-dir"]) / TOKENS_FILE).add(name, role)
+    except ValueError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(code=2)
+    typer.echo(token)
+
+
+def token_revoke(
+    site_config: Path = typer.Option(..., "--site-config", help="the site's site.json"),
+    name: str = typer.Option(..., "--name"),
+) -> None:
+    """Revoke a token by name."""
+    from client.serve import TOKENS_FILE, TokenStore
+
+    settings = _site_settings(site_config)
+    if not TokenStore(Path(settings["state-dir"]) / TOKENS_FILE).revoke(name):
+        typer.echo(f"no token named {name!r}", err=True)
+        raise typer.Exit(code=1)
+
+
+def serve_fit_normalizer(
+    site_config: Path = typer.Option(..., "--site-config", help="the site's site.json"),
+    data: Path = typer.Option(..., "--data", help="the hospital's tables (labels not needed)"),
+    schema: Path = typer.Option(None, "--schema", help="default: the active model's schema"),
+) -> None:
+    """A hospital that never trained: fit the input normalisation on its own unlabelled patients."""
+    from client.serve import fit_normalizer
+
+    try:
+        path, n = fit_normalizer(_site_settings(site_config), data, schema)
+    except (ValueError, OSError) as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(code=2)
+    typer.echo(f"normalisation fitted on {n} patients: {path}")
+
+
+def predict(
+    site_config: Path = typer.Option(..., "--site-config", help="the site's site.json"),
+    data: Path = typer.Option(..., "--data", help="tables in the site layout (labels not needed)"),
+    out: Path = typer.Option(..., "--out", help="predictions.csv"),
+    batch_size: int = typer.Option(512, "--batch-size", min=1),
+) -> None:
+    """Batch predictions of the active model for every patient of a site directory."""
+    import csv
+
+    from rich.progress import Progress
+
+    from client.model_store import ModelStoreError
+    from client.predict import PredictionInputError, Predictor
+
+    settings = _site_settings(site_config)
+    try:
+        predictor = Predictor(settings["model-dir"], Path(settings["state-dir"]) / "normalizer.json",
+                              settings.get("signing-public-key") or None)
+        ids, raw = predictor.raw_from_tables(data)
+    except (ModelStoreError, PredictionInputError, ValueError, OSError) as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(code=2)
+    lm = predictor.current
+    classes = lm.schema.classes
+    with open(out, "w", newline="") as fh, Progress(transient=True) as bar:
+        w = csv.writer(fh)
+        w.writerow(["id", "predicted", "probability", "model_version", *[f"p_{c}" for c in classes]])
+        task = bar.add_task("predicting", total=len(ids))
+        for start in range(0, len(ids), batch_size):
+            _, result = predictor.predict(raw[start:start + batch_size])
+            for i, pid in enumerate(ids[start:start + batch_size]):
+                p = result["probabilities"][i]
+                k = int(result["predicted"][i])
+                w.writerow([pid, classes[k], f"{p[k]:.6f}", lm.version, *[f"{v:.6f}" for v in p]])
+            bar.advance(task, min(batch_size, len(ids) - start))
+    typer.echo(f"{len(ids)} patients -> {out} (model {lm.version})")
