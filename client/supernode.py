@@ -17,6 +17,7 @@ import time
 import types
 from pathlib import Path
 
+from shared_models.files import read_json_file
 from privacy.preflight import Check, check_ca, check_port_free, check_private_key, check_reachable, check_site_key
 
 UNREGISTERED_EXIT = 305  # flwr's exit code when the SuperLink refuses to activate the node (e.g. unknown key)
@@ -31,11 +32,8 @@ class SiteConfigError(ValueError):
 
 def load_site(site_dir: str | Path) -> dict:
     site_dir = Path(site_dir).resolve()
-    try:
-        settings = json.loads((site_dir / "site.json").read_text())
-    except (OSError, ValueError) as e:
-        raise SiteConfigError(f"{site_dir}: no readable site.json ({e}); pass the directory written by "
-                              "`oncofed site init`") from None
+    settings = read_json_file(site_dir / "site.json", SiteConfigError,
+                              "pass the directory written by `oncofed site init`")
     for key in ("site-name", "superlink", "root-certificates", "auth-supernode-private-key", "state-dir",
                 "model-dir", "privacy-budget", "data-path"):
         if key not in settings:

@@ -21,17 +21,14 @@ from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
 from privacy.audit import AuditLog
 from privacy.pki import ProvisioningError
-from shared_models.files import write_json_atomic
+from shared_models.files import read_json_file, write_json_atomic
 
 CONNECTION = "consortium"
 
 
 def _record(root: Path) -> dict:
-    try:
-        return json.loads((root / "consortium.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ProvisioningError(f"{root}: no readable consortium.json ({e}); pass the directory written by "
-                                "`oncofed consortium init`") from None
+    return read_json_file(root / "consortium.json", ProvisioningError,
+                          "pass the directory written by `oncofed consortium init`")
 
 
 def _save(root: Path, record: dict) -> None:

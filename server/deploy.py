@@ -13,7 +13,6 @@ If the SuperLink or the proxy dies, the other is stopped too and the exit status
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -33,7 +32,7 @@ from privacy.preflight import (
 )
 from privacy.registry import control_address
 from server import proxy
-from shared_models.files import write_json_atomic
+from shared_models.files import read_json_file, write_json_atomic
 
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
               # the SuperLink's task launcher polls every second by default; 0.2 s shortens each round
@@ -52,12 +51,8 @@ class Consortium:
     @classmethod
     def load(cls, root: str | Path) -> "Consortium":
         root = Path(root).resolve()
-        try:
-            record = json.loads((root / "consortium.json").read_text())
-        except (OSError, ValueError) as e:
-            raise DeployError(f"{root}: no readable consortium.json ({e}); pass the directory written by "
-                              "`oncofed consortium init`") from None
-        return cls(root, record)
+        return cls(root, read_json_file(root / "consortium.json", DeployError,
+                                        "pass the directory written by `oncofed consortium init`"))
 
     @property
     def public(self) -> tuple[str, int]:

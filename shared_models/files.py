@@ -32,3 +32,11 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def read_json_file(path: Path, error: type[Exception], hint: str) -> dict:
+    """A JSON settings file, or `error` naming the file and how to produce it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise error(f"{Path(path).parent}: no readable {Path(path).name} ({e}); {hint}") from None

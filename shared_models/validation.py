@@ -690,7 +690,7 @@ class _SiteCheck:
             found.append(Problem("error", "label_leak", f"the values are {kind} the label "
                                  f"{self.schema.label_column!r} ({_names(pairs[:6], quote=False, total=len(pairs))}): "
                                  "the model would read the answer from this column",
-                                 f"delete this column (if the schema lists it, ask the consortium to remove it); "
+                                 "delete this column (if the schema lists it, ask the consortium to remove it); "
                                  "a model input must not be derived from the label", file, col))
         self.add_folded(found, "derived from the label")
 
@@ -865,9 +865,9 @@ def _content_hint(path: Path) -> str | None:
     name = path.name.lower()
     gz = head[:2] == b"\x1f\x8b"
     if name.endswith(".gz") and not gz:
-        return f"the file is not gzip-compressed although its name ends in .gz: compress it, or drop '.gz'"
+        return "the file is not gzip-compressed although its name ends in .gz: compress it, or drop '.gz'"
     if gz and not name.endswith(".gz"):
-        return f"the file is gzip-compressed: add '.gz' to its name"
+        return "the file is gzip-compressed: add '.gz' to its name"
     if gz:
         return "the compressed file is damaged or incomplete (interrupted copy?): copy or export it again"
     if name.endswith(".parquet") and head[:4] != b"PAR1":
