@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 def consortium(tmp_path):
     port = free_port()
     root = tmp_path / "op"
-    init_consortium(root, "test consortium", f"127.0.0.1:{port}")
+    # the SuperLink on its loopback (control) port, as `oncofed server start` runs it; no proxy needed here
+    init_consortium(root, "test consortium", f"127.0.0.1:{free_port()}", internal_port=port)
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "link"), "FLWR_TELEMETRY_ENABLED": "0"}
     proc = subprocess.Popen(
         ["flower-superlink", "--ssl-ca-certfile", str(root / "ca" / "ca.crt"), "--ssl-certfile",
