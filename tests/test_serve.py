@@ -239,3 +239,26 @@ def test_web_page_in_headless_chromium(site, tmp_path):
         t.join(10)
     assert len(rows) == N and set(rows) <= set(site["schema"].classes)
     assert (site["root"] / "web-page.png").stat().st_size > 10_000
+
+
+def test_a_hospital_that_never_trained_fits_its_normalizer_and_serves(site, tmp_path):
+    """No normalizer.json in its state: the service refuses to start naming the fix; after
+    `oncofed serve fit-normalizer` on its own unlabelled tables it serves the same model."""
+    from client.model_store import ModelStoreError
+
+    new_state = tmp_path / "state"
+    new_state.mkdir()
+    settings = {"model-dir": str(site["root"] / "models"), "state-dir": str(new_state)}
+    (tmp_path / "site.json").write_text(json.dumps(settings))
+    with pytest.raises(ModelStoreError, match="fit-normalizer"):
+        create_app(settings)
+    r = subprocess.run([sys.executable, "-m", "oncofed", "serve", "fit-normalizer", "--site-config",
+                        str(tmp_path / "site.json"), "--data", str(site["data"])], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"fitted on {N} patients" in r.stdout
+    from fastapi.testclient import TestClient
+
+    token = TokenStore(new_state / TOKENS_FILE).add("dr", "clinician")
+    resp = TestClient(create_app(settings)).post("/v1/predict", json={"patients": [_patient(site, 3)]},
+                                                 headers=_auth(token))
+    assert resp.status_code == 200 and resp.json()["model_version"] == "v0002"
