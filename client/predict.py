@@ -28,6 +28,7 @@ from shared_models.site_data import Normalizer, TableError, raw_matrix, read_tab
 from shared_models.weights import load_weights
 
 IG_STEPS = 16
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class PredictionInputError(ValueError):
@@ -77,6 +78,7 @@ class Predictor:
         self.signing_public_key = Path(signing_public_key) if signing_public_key else None
         self._lock = threading.Lock()
         self.current: LoadedModel | None = None
+        self.failed: tuple[str, str] | None = None  # (version, why): not retried until ACTIVE changes
         self.refresh()
 
     def _load(self, version: str) -> LoadedModel:
@@ -105,7 +107,14 @@ class Predictor:
                                   "federated run)")
         if self.current is not None and self.current.version == active:
             return False
-        loaded = self._load(active)
+        if self.failed is not None and self.failed[0] == active:
+            raise ModelStoreError(self.failed[1])
+        try:
+            loaded = self._load(active)
+        except Exception as e:
+            self.failed = (active, f"{active}: {e}")
+            raise
+        self.failed = None
         with self._lock:
             self.current = loaded
         return True
@@ -116,7 +125,7 @@ class Predictor:
 
         null (or an absent feature / modality) is missing; every problem is reported, each naming the
         patient, modality and feature."""
-        lm = self.current
+        lm = self.current  # the caller scores with this same model: predict(..., lm=...)
         inputs = lm.inputs
         raw = np.full((len(patients), lm.schema.layout().n_inputs), np.nan, dtype=np.float32)
         problems, ids = [], []
@@ -163,9 +172,9 @@ class Predictor:
                     if isinstance(v, bool) or not isinstance(v, (int, float)):
                         problems.append({"loc": f"patients[{i}].modalities.{mname}.{f}",
                                          "msg": f"expected a number, got {type(v).__name__} {v!r}"})
-                    elif v != v or v in (float("inf"), float("-inf")):
+                    elif v != v or not -FLOAT32_MAX < v < FLOAT32_MAX:
                         problems.append({"loc": f"patients[{i}].modalities.{mname}.{f}",
-                                         "msg": "NaN or infinite: send null for a missing value"})
+                                         "msg": "NaN, infinite or beyond float32: send null for a missing value"})
                     elif kind == "log":
                         if v <= -1:
                             problems.append({"loc": f"patients[{i}].modalities.{mname}.{f}",
@@ -198,9 +207,11 @@ class Predictor:
         return ids, raw_matrix(schema, tables, ids)
 
     # --- outputs -----------------------------------------------------------------------------------
-    def predict(self, raw: np.ndarray, top_k: int = 0) -> tuple[LoadedModel, dict]:
-        with self._lock:
-            lm = self.current
+    def predict(self, raw: np.ndarray, top_k: int = 0, lm: LoadedModel | None = None) -> tuple[LoadedModel, dict]:
+        """Score raw inputs with `lm` (the model they were built for) or the current model."""
+        if lm is None:
+            with self._lock:
+                lm = self.current
         x = torch.from_numpy(lm.normalizer.transform(raw.copy()))
         with torch.no_grad():
             out = lm.model.explain(x)

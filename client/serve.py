@@ -18,6 +18,7 @@ picked up without a restart: the store's ACTIVE file is checked before each requ
 import hashlib
 import hmac
 import json
+import os
 import secrets
 import tempfile
 import threading
@@ -111,18 +112,19 @@ class Batcher:
             try:
                 self.on_batch([(it[3], o) for it, o in done])
                 for it, o in done:
-                    it[4].call_soon_threadsafe(_resolve, it[5], o, None)
+                    _answer(it[4], it[5], o)
             except Exception as e:  # noqa: BLE001 - no answer without its audit entry
                 for it, _ in done:
-                    it[4].call_soon_threadsafe(_resolve, it[5], None, e)
+                    _answer(it[4], it[5], None, e)
 
-    async def submit(self, ids: list[str], raw: np.ndarray, top_k: int, who: dict) -> tuple[str, list[dict]]:
+    async def submit(self, ids: list[str], raw: np.ndarray, top_k: int, who: dict, lm,
+                     timeout: float = 120.0) -> tuple[str, list[dict]]:
         import asyncio
 
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self.queue.put((ids, raw, top_k, who, loop, fut))
-        return await fut
+        self.queue.put((ids, raw, top_k, who, loop, fut, lm))
+        return await asyncio.wait_for(fut, timeout)
 
     def _run(self) -> None:
         import queue
@@ -137,14 +139,14 @@ class Batcher:
                     break
                 items.append(item)
                 n += len(item[0])
-            by_k: dict[int, list] = {}
-            for it in items:  # one model call per top_k (0: no explanations)
-                by_k.setdefault(it[2], []).append(it)
+            by_k: dict[tuple, list] = {}
+            for it in items:  # one model call per model and top_k (0: no explanations)
+                by_k.setdefault((id(it[6]), it[2]), []).append(it)
             groups = list(by_k.values())
             for group in groups:
                 try:
                     raw = np.concatenate([it[1] for it in group]) if len(group) > 1 else group[0][1]
-                    lm, result = self.predictor.predict(raw, top_k=group[0][2])
+                    lm, result = self.predictor.predict(raw, top_k=group[0][2], lm=group[0][6])
                     rows = format_predictions(lm, [i for it in group for i in it[0]], result, group[0][2])
                     out, start = [], 0
                     for it in group:
@@ -153,16 +155,23 @@ class Batcher:
                     self.committing.put(list(zip(group, out)))
                 except Exception as e:  # noqa: BLE001 - every waiting request gets the error
                     for it in group:
-                        it[4].call_soon_threadsafe(_resolve, it[5], None, e)
+                        _answer(it[4], it[5], None, e)
 
 
 def _resolve(fut, value, error) -> None:
-    if fut.done():
+    if fut.done():  # e.g. the request timed out
         return
     if error is not None:
         fut.set_exception(error)
     else:
         fut.set_result(value)
+
+
+def _answer(loop, fut, value, error=None) -> None:
+    try:
+        loop.call_soon_threadsafe(_resolve, fut, value, error)
+    except RuntimeError:  # the event loop is gone (shutdown): nobody is waiting
+        pass
 
 
 def patient_hash(site_salt: str, patient_id: str) -> str:
@@ -185,8 +194,9 @@ def create_app(settings: dict, *, audit_predictions: bool = True, threads: int =
     audit = AuditLog(state_dir / "audit.jsonl")
     salt_file = state_dir / "patient-id-salt"
     if not salt_file.exists():
-        salt_file.write_text(secrets.token_hex(16))
-        salt_file.chmod(0o600)
+        fd = os.open(salt_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(16))
     salt = salt_file.read_text().strip()
 
     registry = CollectorRegistry()
@@ -224,7 +234,7 @@ def create_app(settings: dict, *, audit_predictions: bool = True, threads: int =
         t0 = time.perf_counter()
         size = int(request.headers.get("content-length") or 0)
         if size > MAX_BODY_BYTES:
-            errors.labels(request.url.path, "too_large").inc()
+            errors.labels("any", "too_large").inc()  # a fixed label: paths are client-chosen
             return JSONResponse({"detail": f"request body {size} bytes exceeds {MAX_BODY_BYTES}"}, status_code=413)
         response = await call_next(request)
         endpoint = request.scope.get("route").path if request.scope.get("route") else "other"
@@ -257,9 +267,15 @@ def create_app(settings: dict, *, audit_predictions: bool = True, threads: int =
             errors.labels(endpoint, "too_many_rows").inc()
             raise HTTPException(413, f"{n} patients in one request; at most {MAX_PATIENTS}")
 
-    async def respond(ids: list[str], raw: np.ndarray, top_k: int, who: dict, endpoint: str) -> dict:
+    async def respond(ids: list[str], raw: np.ndarray, top_k: int, who: dict, endpoint: str, lm) -> dict:
+        import asyncio
+
         check_rows(len(ids), endpoint)
-        version, rows = await batcher.submit(ids, raw, top_k, who)
+        try:
+            version, rows = await batcher.submit(ids, raw, top_k, who, lm)
+        except asyncio.TimeoutError:
+            errors.labels(endpoint, "timeout").inc()
+            raise HTTPException(503, "the model did not answer within 120 s (overloaded?); retry later") from None
         return {"model_version": version, "predictions": rows}
 
     def unprocessable(e: PredictionInputError, endpoint: str):
@@ -283,11 +299,12 @@ def create_app(settings: dict, *, audit_predictions: bool = True, threads: int =
             raise unprocessable(PredictionInputError([{"loc": "body.top_k", "msg": "an integer from 0 to 50"}]),
                                 "/v1/predict")
         check_rows(len(patients), "/v1/predict")
+        lm = predictor.current
         try:
             ids, raw = predictor.raw_from_json(patients)
         except PredictionInputError as e:
             raise unprocessable(e, "/v1/predict") from None
-        return await respond(ids, raw, top_k, who, "/v1/predict")
+        return await respond(ids, raw, top_k, who, "/v1/predict", lm)
 
     @app.post("/v1/predict/file")
     async def predict_file(files: list[UploadFile], top_k: int = 5, who: dict = Depends(role("predict"))):
@@ -299,13 +316,14 @@ def create_app(settings: dict, *, audit_predictions: bool = True, threads: int =
                     raise unprocessable(PredictionInputError([{"loc": "files", "msg": "each file needs a name: "
                                                                "MODALITY.csv / .tsv / .parquet"}]), "/v1/predict/file")
                 (Path(tmp) / name).write_bytes(await f.read())
+            lm = predictor.current
             try:
                 ids, raw = predictor.raw_from_tables(Path(tmp))
             except PredictionInputError as e:
                 raise unprocessable(e, "/v1/predict/file") from None
             except (ValueError, OSError) as e:
                 raise unprocessable(PredictionInputError([{"loc": "files", "msg": str(e)}]), "/v1/predict/file") from None
-        return await respond(ids, raw, min(max(top_k, 0), 50), who, "/v1/predict/file")
+        return await respond(ids, raw, min(max(top_k, 0), 50), who, "/v1/predict/file", lm)
 
     @app.get("/v1/model")
     def model_info(who: dict = Depends(role("read"))):

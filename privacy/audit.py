@@ -113,9 +113,11 @@ def verify(path: str | Path) -> VerifyReport:
     elif head.get("entries") == report.entries + 1:
         report.problems.append(f"the last entry (seq {report.entries}) was removed: the head records "
                                f"{head['entries']} entries")
-    elif head.get("entries") == report.entries - 1 and head.get("hash") == _hash_at(lines, report.entries - 2):
-        report.warnings.append("the head is one entry behind (a crash between append and head update); the next "
-                               "append repairs it")
+    elif (isinstance(head.get("entries"), int) and 0 <= head["entries"] < report.entries
+          and head.get("hash") == _hash_at(lines, head["entries"] - 1)):
+        behind = report.entries - head["entries"]
+        report.warnings.append(f"the head is {'one entry' if behind == 1 else f'{behind} entries'} behind (a crash "
+                               "between append and head update); the next append repairs it")
     elif head.get("entries") != report.entries or head.get("hash") != report.last_hash:
         report.problems.append(f"the head records {head.get('entries')} entries ending in "
                                f"{str(head.get('hash'))[:16]}..., the log has {report.entries} ending in "

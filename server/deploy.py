@@ -115,9 +115,8 @@ def wait_healthy(address: str, ca: Path, proc: subprocess.Popen | None, timeout:
 
 
 def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """Stop a process and its children (each service runs in its own process group)."""
-    if proc.poll() is not None:
-        return
+    """Stop a process and its children (each service runs in its own process group); the group is
+    signalled even if its leader already exited (nginx workers, flower-superexec may remain)."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(grace)

@@ -139,6 +139,12 @@ def submit_run(root: str | Path, name: str, overrides: dict, *, resume: bool = F
     with log_path.open("a") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
+        timer = None
+        if timeout:  # a run waiting for sites prints nothing: a watchdog, not a check per line
+            import threading
+
+            timer = threading.Timer(timeout, proc.terminate)
+            timer.start()
         try:
             for line in proc.stdout:
                 log.write(line)
@@ -148,13 +154,17 @@ def submit_run(root: str | Path, name: str, overrides: dict, *, resume: bool = F
                 if not is_duplicate_log_line(line):
                     out.write(line)
                     out.flush()
-                if timeout and time.time() - started > timeout:
-                    break
         finally:
+            if timer is not None:
+                timer.cancel()
             if proc.poll() is None:
                 proc.terminate()
             proc.wait()
-    if result.exists() and result.stat().st_mtime >= started:
+    finished = result.exists() and result.stat().st_mtime >= started
+    if timeout and time.time() - started >= timeout and not finished:
+        out.write(f"--timeout {timeout:g} s reached: stopping the run on the SuperLink\n")
+        stop_previous(run_dir, env, out)
+    if finished:
         out.write(f"run {name!r} finished: {result}\n")
         return 0
     out.write(f"run {name!r} did not finish (flwr exit {proc.returncode}); see {log_path} and "

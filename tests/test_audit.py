@@ -129,3 +129,17 @@ def test_oncofed_audit_verify_exits_non_zero_on_tampering(tmp_path):
     _write(path, _lines(path)[1:])
     bad = CliRunner().invoke(app, ["audit", "verify", str(path)])
     assert bad.exit_code == 1 and "altered or damaged" in bad.output
+
+
+def test_a_crash_during_a_group_commit_is_a_warning_and_the_next_append_repairs_it(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    log.append("run_start")
+    head = (tmp_path / "audit.jsonl.head").read_text()
+    log.append_many([("prediction", {"i": i}) for i in range(3)])
+    (tmp_path / "audit.jsonl.head").write_text(head)  # the lines reached the disk, the head did not
+    report = verify(path)
+    assert report.ok and "3 entries behind" in report.warnings[0]
+    log.append("run_end")
+    report = verify(path)
+    assert report.ok and not report.warnings and report.entries == 5

@@ -140,10 +140,12 @@ def test_bad_payloads_name_modality_feature_and_problem(site, client):
     bad["modalities"]["expr"]["g1"] = "high"
     bad["modalities"]["clinical"]["stage"] = "IV"
     bad["modalities"]["genome"] = {"x": 1}
+    bad["modalities"]["prot"]["p0"] = 1e39  # beyond float32
     r = client.post("/v1/predict", json={"patients": [bad]}, headers=_auth(site["clinician"]))
     assert r.status_code == 422
     text = json.dumps(r.json())
-    for needle in ("expr.nope", "unknown feature", "genome", "unknown modality", "'IV' not in", "expr.g1"):
+    for needle in ("expr.nope", "unknown feature", "genome", "unknown modality", "'IV' not in", "expr.g1",
+                   "prot.p0", "beyond float32"):
         assert needle in text, needle
     too_many = {"patients": [_patient(site, 0)] * 1001}
     assert client.post("/v1/predict", json=too_many, headers=_auth(site["clinician"])).status_code == 413
