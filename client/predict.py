@@ -129,34 +129,36 @@ class Predictor:
         inputs = lm.inputs
         raw = np.full((len(patients), lm.schema.layout().n_inputs), np.nan, dtype=np.float32)
         problems, ids = [], []
+
+        def bad(loc: str, msg: str) -> None:
+            problems.append({"loc": loc, "msg": msg})
+
         for i, p in enumerate(patients):
             if not isinstance(p, dict):
-                problems.append({"loc": f"patients[{i}]", "msg": "must be an object with 'id' and 'modalities'"})
+                bad(f"patients[{i}]", "must be an object with 'id' and 'modalities'")
                 ids.append(str(i))
                 continue
             ids.append(str(p.get("id", i)))
             mods = p.get("modalities") or {}
             if not isinstance(mods, dict):
-                problems.append({"loc": f"patients[{i}].modalities", "msg": "must be an object: modality -> features"})
+                bad(f"patients[{i}].modalities", "must be an object: modality -> features")
                 continue
             for mname, feats in mods.items():
                 fmap = inputs.get(mname)
                 if fmap is None:
-                    problems.append({"loc": f"patients[{i}].modalities.{mname}",
-                                     "msg": f"unknown modality; the schema has {', '.join(inputs)}"})
+                    bad(f"patients[{i}].modalities.{mname}", f"unknown modality; the schema has {', '.join(inputs)}")
                     continue
                 if feats is None:
                     continue  # the modality is missing for this patient
                 if not isinstance(feats, dict):
-                    problems.append({"loc": f"patients[{i}].modalities.{mname}", "msg": "must be an object of "
-                                     "feature: value"})
+                    bad(f"patients[{i}].modalities.{mname}", "must be an object of feature: value")
                     continue
                 row = raw[i]
                 for f, v in feats.items():
                     spec = fmap.get(f)
+                    loc = f"patients[{i}].modalities.{mname}.{f}"
                     if spec is None:
-                        problems.append({"loc": f"patients[{i}].modalities.{mname}.{f}",
-                                         "msg": f"unknown feature of modality {mname!r}"})
+                        bad(loc, f"unknown feature of modality {mname!r}")
                         continue
                     if v is None:
                         continue  # missing value
@@ -164,22 +166,18 @@ class Predictor:
                     if kind == "cat":
                         code = levels.get(str(v).strip())
                         if code is None:
-                            problems.append({"loc": f"patients[{i}].modalities.{mname}.{f}",
-                                             "msg": f"level {v!r} not in {list(levels)}"})
+                            bad(loc, f"level {v!r} not in {list(levels)}")
                         else:
                             row[col] = code
                         continue
                     if isinstance(v, bool) or not isinstance(v, (int, float)):
-                        problems.append({"loc": f"patients[{i}].modalities.{mname}.{f}",
-                                         "msg": f"expected a number, got {type(v).__name__} {v!r}"})
+                        bad(loc, f"expected a number, got {type(v).__name__} {v!r}")
                     elif v != v or not -FLOAT32_MAX < v < FLOAT32_MAX:
-                        problems.append({"loc": f"patients[{i}].modalities.{mname}.{f}",
-                                         "msg": "NaN, infinite or beyond float32: send null for a missing value"})
+                        bad(loc, "NaN, infinite or beyond float32: send null for a missing value")
                     elif kind == "log":
                         if v <= -1:
-                            problems.append({"loc": f"patients[{i}].modalities.{mname}.{f}",
-                                             "msg": f"{v} is <= -1: modality {mname!r} is log1p-transformed, so "
-                                             "values must be > -1 (raw counts/levels, not logs)"})
+                            bad(loc, f"{v} is <= -1: modality {mname!r} is log1p-transformed, so values must be "
+                                "> -1 (raw counts/levels, not logs)")
                         else:
                             row[col] = np.log1p(v)
                     else:
