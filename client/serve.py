@@ -37,6 +37,47 @@ MAX_BODY_BYTES = 50 * 1024 * 1024
 TOKENS_FILE = "serve-tokens.json"
 
 
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: counts the bytes actually received, so a chunked body (no Content-Length) is
+    stopped at the limit too; answers 413 if nothing was sent yet."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        total, started = 0, False
+
+        async def counted():
+            nonlocal total
+            message = await receive()
+            if message["type"] == "http.request":
+                total += len(message.get("body", b""))
+                if total > self.limit:
+                    raise BodyTooLarge()
+            return message
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except BodyTooLarge:
+            if not started:
+                body = json.dumps({"detail": f"request body exceeds {self.limit} bytes"}).encode()
+                await send({"type": "http.response.start", "status": 413,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+
+
 class TokenStore:
     """Bearer tokens, kept only as SHA-256 hashes (they are 256-bit random: no slow hash needed)."""
 
@@ -178,7 +219,8 @@ def patient_hash(site_salt: str, patient_id: str) -> str:
     return hmac.new(site_salt.encode(), patient_id.encode(), hashlib.sha256).hexdigest()[:32]
 
 
-def create_app(settings: dict, *, audit_predictions: bool = True, threads: int = 1):
+def create_app(settings: dict, *, audit_predictions: bool = True, threads: int = 1,
+               max_body_bytes: int = MAX_BODY_BYTES):
     from fastapi import Depends, FastAPI, HTTPException, Request, UploadFile
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -207,6 +249,7 @@ def create_app(settings: dict, *, audit_predictions: bool = True, threads: int =
     errors = Counter("oncofed_serve_errors", "requests refused or failed", ["endpoint", "reason"], registry=registry)
 
     app = FastAPI(title="OncoFed site prediction service", version="1")
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
 
     class Activate(BaseModel):
         version: str | None = None
@@ -233,9 +276,9 @@ def create_app(settings: dict, *, audit_predictions: bool = True, threads: int =
     async def limits_and_metrics(request: Request, call_next):
         t0 = time.perf_counter()
         size = int(request.headers.get("content-length") or 0)
-        if size > MAX_BODY_BYTES:
+        if size > max_body_bytes:
             errors.labels("any", "too_large").inc()  # a fixed label: paths are client-chosen
-            return JSONResponse({"detail": f"request body {size} bytes exceeds {MAX_BODY_BYTES}"}, status_code=413)
+            return JSONResponse({"detail": f"request body {size} bytes exceeds {max_body_bytes}"}, status_code=413)
         response = await call_next(request)
         endpoint = request.scope.get("route").path if request.scope.get("route") else "other"
         requests.labels(endpoint, str(response.status_code)).inc()

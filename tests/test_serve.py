@@ -154,6 +154,22 @@ def test_bad_payloads_name_modality_feature_and_problem(site, client):
     assert huge.status_code == 413
 
 
+def test_a_chunked_body_over_the_limit_is_refused(site):
+    from fastapi.testclient import TestClient
+
+    small = TestClient(create_app(site["settings"], max_body_bytes=10_000))
+
+    def chunks():
+        for _ in range(100):
+            yield b" " * 1000  # no Content-Length: sent chunked
+
+    r = small.post("/v1/predict", content=chunks(), headers={**_auth(site["clinician"]),
+                                                            "Content-Type": "application/json"})
+    assert r.status_code == 413 and "exceeds 10000 bytes" in r.text
+    ok = small.post("/v1/predict", json={"patients": [_patient(site, 0)], "top_k": 0}, headers=_auth(site["clinician"]))
+    assert ok.status_code == 200
+
+
 def test_tokens_and_roles(site, client):
     assert client.post("/v1/predict", json={"patients": [_patient(site, 0)]}).status_code == 401
     assert client.post("/v1/predict", json={"patients": [_patient(site, 0)]},
