@@ -47,7 +47,7 @@ class LoadedModel:
     package: dict
     signature: str  # "verified", "unsigned", "not checked (no trust anchor)"
     normalizer: Normalizer
-    inputs: dict | None = None  # modality -> (start, {feature: (column, kind, levels)}), built once
+    inputs: dict  # modality -> {feature: (column, kind, levels)}, built once (input_map)
 
 
 def input_map(schema: FeatureSchema) -> dict:
@@ -120,12 +120,13 @@ class Predictor:
         return True
 
     # --- inputs ------------------------------------------------------------------------------------
-    def raw_from_json(self, patients: list[dict]) -> tuple[list[str], np.ndarray]:
-        """[{"id": ..., "modalities": {name: {feature: value}}}] -> ids and the raw (n, n_inputs) matrix.
+    def raw_from_json(self, patients: list[dict], lm: LoadedModel | None = None) -> tuple[list[str], np.ndarray]:
+        """[{"id": ..., "modalities": {name: {feature: value}}}] -> ids and the raw (n, n_inputs) matrix
+        for `lm` (default: the current model; score it with the same `lm`).
 
         null (or an absent feature / modality) is missing; every problem is reported, each naming the
         patient, modality and feature."""
-        lm = self.current  # the caller scores with this same model: predict(..., lm=...)
+        lm = lm or self.current
         inputs = lm.inputs
         raw = np.full((len(patients), lm.schema.layout().n_inputs), np.nan, dtype=np.float32)
         problems, ids = [], []
@@ -187,22 +188,7 @@ class Predictor:
         return ids, raw
 
     def raw_from_tables(self, site_dir: Path) -> tuple[list[str], np.ndarray]:
-        """A site-layout directory (one table per modality; labels optional) -> ids and raw matrix."""
-        from shared_models.site_data import SiteTables, find_table
-
-        schema = self.current.schema
-        modalities, seen = {}, {}
-        for m in schema.modalities:
-            found = find_table(site_dir, m.name)
-            if found:
-                modalities[m.name] = read_table(found[0], schema.id_column)
-                seen.update(dict.fromkeys(str(i) for i in modalities[m.name].index))
-        if not modalities:
-            raise PredictionInputError([{"loc": str(site_dir), "msg": "no modality table: name each file after its "
-                                         f"modality ({', '.join(m.name for m in schema.modalities)})"}])
-        ids = list(seen)
-        tables = SiteTables(site_dir, pd.Series(index=ids, dtype="string"), modalities)
-        return ids, raw_matrix(schema, tables, ids)
+        return tables_to_raw(self.current.schema, site_dir)
 
     # --- outputs -----------------------------------------------------------------------------------
     def predict(self, raw: np.ndarray, top_k: int = 0, lm: LoadedModel | None = None) -> tuple[LoadedModel, dict]:
@@ -223,17 +209,31 @@ class Predictor:
         return lm, result
 
 
+def tables_to_raw(schema: FeatureSchema, site_dir: Path) -> tuple[list[str], np.ndarray]:
+    """A site-layout directory (one table per modality; labels not needed) -> ids and raw matrix."""
+    from shared_models.site_data import SiteTables, find_table
+
+    modalities, seen = {}, {}
+    for m in schema.modalities:
+        found = find_table(site_dir, m.name)
+        if found:
+            modalities[m.name] = read_table(found[0], schema.id_column)
+            seen.update(dict.fromkeys(str(i) for i in modalities[m.name].index))
+    if not modalities:
+        raise PredictionInputError([{"loc": str(site_dir), "msg": "no modality table: name each file after its "
+                                     f"modality ({', '.join(m.name for m in schema.modalities)})"}])
+    ids = list(seen)
+    tables = SiteTables(site_dir, pd.Series(index=ids, dtype="string"), modalities)
+    return ids, raw_matrix(schema, tables, ids)
+
+
 def integrated_gradients(lm: LoadedModel, x: torch.Tensor, target: torch.Tensor, steps: int = IG_STEPS) -> np.ndarray:
     """(n, n_inputs) attribution of each present numeric feature to the target class's logit."""
-    schema = lm.schema
-    numeric = np.zeros(x.shape[1], dtype=bool)
-    layout = schema.layout()
-    for m in schema.modalities:
-        s = layout.slices[m.name]
-        numeric[s] = [m.column_type(f) is not ColumnType.categorical for f in m.features]
-    mask = torch.from_numpy(numeric) & ~torch.isnan(x)
+    numeric = torch.zeros(x.shape[1], dtype=torch.bool)
+    numeric[[col for feats in lm.inputs.values() for col, kind, _ in feats.values() if kind != "cat"]] = True
+    mask = numeric & ~torch.isnan(x)
     base = torch.where(mask, torch.zeros_like(x), x)  # categorical / missing stay as they are
-    delta = torch.where(mask, x, torch.zeros_like(x)) - torch.where(mask, base, torch.zeros_like(x))
+    delta = torch.where(mask, x, torch.zeros_like(x))  # from 0 (the site mean) to the patient
     total = torch.zeros_like(x)
     for a in (torch.arange(steps, dtype=torch.float32) + 0.5) / steps:  # midpoint rule
         xi = (base + a * delta).requires_grad_(True)
@@ -249,7 +249,7 @@ def feature_names(schema: FeatureSchema) -> list[tuple[str, str]]:
 
 def format_predictions(lm: LoadedModel, ids: list[str], result: dict, top_k: int = 0) -> list[dict]:
     schema = lm.schema
-    names = feature_names(schema)
+    names = feature_names(schema) if top_k and "attributions" in result else None
     out = []
     for i, pid in enumerate(ids):
         probs = result["probabilities"][i]
@@ -260,7 +260,7 @@ def format_predictions(lm: LoadedModel, ids: list[str], result: dict, top_k: int
         if result["modality_weights"] is not None:
             row["modality_contributions"] = {m.name: round(float(w), 6) for m, w, p in zip(
                 schema.modalities, result["modality_weights"][i], result["present"][i]) if p}
-        if top_k and "attributions" in result:
+        if names is not None:
             a = result["attributions"][i]
             order = np.argsort(-np.abs(a))[:top_k]
             row["top_features"] = [{"modality": names[j][0], "feature": names[j][1], "attribution": round(float(a[j]), 6)}

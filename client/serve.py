@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.predict import PredictionInputError, Predictor, format_predictions
+from client.predict import PredictionInputError, Predictor, format_predictions, tables_to_raw
 from privacy.audit import AuditLog
 from shared_models.files import write_json_atomic
 
@@ -42,15 +42,26 @@ class BodyTooLarge(Exception):
 
 
 class BodyLimit:
-    """ASGI middleware: counts the bytes actually received, so a chunked body (no Content-Length) is
-    stopped at the limit too; answers 413 if nothing was sent yet."""
+    """ASGI middleware, the one size limit: a declared Content-Length over the limit is refused before
+    anything is read, and the bytes actually received are counted, so a chunked body is stopped too.
+    Answers 413 if nothing was sent yet; `on_refused()` is called for each refusal (metrics)."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, on_refused=lambda: None):
+        self.app, self.limit, self.on_refused = app, limit, on_refused
+
+    async def _refuse(self, send, detail: str) -> None:
+        self.on_refused()
+        body = json.dumps({"detail": detail}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send, f"request body {int(declared)} bytes exceeds {self.limit}")
         total, started = 0, False
 
         async def counted():
@@ -71,11 +82,7 @@ class BodyLimit:
             await self.app(scope, counted, tracked)
         except BodyTooLarge:
             if not started:
-                body = json.dumps({"detail": f"request body exceeds {self.limit} bytes"}).encode()
-                await send({"type": "http.response.start", "status": 413,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body})
+                await self._refuse(send, f"request body exceeds {self.limit} bytes")
 
 
 class TokenStore:
@@ -249,7 +256,8 @@ def create_app(settings: dict, *, audit_predictions: bool = True, threads: int =
     errors = Counter("oncofed_serve_errors", "requests refused or failed", ["endpoint", "reason"], registry=registry)
 
     app = FastAPI(title="OncoFed site prediction service", version="1")
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    # a fixed metrics label: paths are client-chosen
+    app.add_middleware(BodyLimit, limit=max_body_bytes, on_refused=lambda: errors.labels("any", "too_large").inc())
 
     class Activate(BaseModel):
         version: str | None = None
@@ -273,12 +281,8 @@ def create_app(settings: dict, *, audit_predictions: bool = True, threads: int =
         return check
 
     @app.middleware("http")
-    async def limits_and_metrics(request: Request, call_next):
+    async def request_metrics(request: Request, call_next):
         t0 = time.perf_counter()
-        size = int(request.headers.get("content-length") or 0)
-        if size > max_body_bytes:
-            errors.labels("any", "too_large").inc()  # a fixed label: paths are client-chosen
-            return JSONResponse({"detail": f"request body {size} bytes exceeds {max_body_bytes}"}, status_code=413)
         response = await call_next(request)
         endpoint = request.scope.get("route").path if request.scope.get("route") else "other"
         requests.labels(endpoint, str(response.status_code)).inc()
@@ -328,7 +332,7 @@ def create_app(settings: dict, *, audit_predictions: bool = True, threads: int =
     @app.post("/v1/predict")
     async def predict(request: Request, who: dict = Depends(role("predict"))):
         """{"patients": [{"id": ..., "modalities": {MODALITY: {FEATURE: value or null}}}], "top_k": 5}"""
-        current()
+        lm = current()  # parsed and scored with this one model, even if another is activated meanwhile
         try:
             body = json.loads(await request.body())
         except ValueError as e:
@@ -342,16 +346,15 @@ def create_app(settings: dict, *, audit_predictions: bool = True, threads: int =
             raise unprocessable(PredictionInputError([{"loc": "body.top_k", "msg": "an integer from 0 to 50"}]),
                                 "/v1/predict")
         check_rows(len(patients), "/v1/predict")
-        lm = predictor.current
         try:
-            ids, raw = predictor.raw_from_json(patients)
+            ids, raw = predictor.raw_from_json(patients, lm)
         except PredictionInputError as e:
             raise unprocessable(e, "/v1/predict") from None
         return await respond(ids, raw, top_k, who, "/v1/predict", lm)
 
     @app.post("/v1/predict/file")
     async def predict_file(files: list[UploadFile], top_k: int = 5, who: dict = Depends(role("predict"))):
-        current()
+        lm = current()
         with tempfile.TemporaryDirectory() as tmp:
             for f in files:
                 name = Path(f.filename or "").name
@@ -359,9 +362,8 @@ def create_app(settings: dict, *, audit_predictions: bool = True, threads: int =
                     raise unprocessable(PredictionInputError([{"loc": "files", "msg": "each file needs a name: "
                                                                "MODALITY.csv / .tsv / .parquet"}]), "/v1/predict/file")
                 (Path(tmp) / name).write_bytes(await f.read())
-            lm = predictor.current
             try:
-                ids, raw = predictor.raw_from_tables(Path(tmp))
+                ids, raw = tables_to_raw(lm.schema, Path(tmp))
             except PredictionInputError as e:
                 raise unprocessable(e, "/v1/predict/file") from None
             except (ValueError, OSError) as e:
@@ -439,9 +441,7 @@ def fit_normalizer(settings: dict, data_dir: Path, schema_path: Path | None = No
     if schema_path is None and active is None:
         raise ValueError(f"{settings['model-dir']}: no model installed; pass --schema")
     schema = FeatureSchema.load(schema_path or store.root / active / "schema.json")
-    holder = Predictor.__new__(Predictor)
-    holder.current = type("S", (), {"schema": schema})()
-    ids, raw = Predictor.raw_from_tables(holder, Path(data_dir))
+    ids, raw = tables_to_raw(schema, Path(data_dir))
     path = Path(settings["state-dir"]) / "normalizer.json"
     Normalizer.fit(schema, raw).save(path)
     return path, len(ids)
