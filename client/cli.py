@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -100,11 +99,12 @@ def site_start(
 
 
 def _site_settings(site_config: Path) -> dict:
+    from shared_models.files import read_json_file
+
     try:
-        return json.loads(Path(site_config).read_text())
-    except (OSError, ValueError) as e:
-        typer.echo(f"--site-config {site_config}: unreadable ({e}); pass the site.json written by `oncofed site "
-                   "init`", err=True)
+        return read_json_file(site_config, ValueError, "pass --site-config the site.json written by `oncofed site init`")
+    except ValueError as e:
+        typer.echo(str(e), err=True)
         raise typer.Exit(code=2)
 
 

@@ -17,8 +17,8 @@ import time
 import types
 from pathlib import Path
 
+from privacy.preflight import Check, check_ca, check_port_free, check_reachable, check_site_key
 from shared_models.files import read_json_file
-from privacy.preflight import Check, check_ca, check_port_free, check_private_key, check_reachable, check_site_key
 
 UNREGISTERED_EXIT = 305  # flwr's exit code when the SuperLink refuses to activate the node (e.g. unknown key)
 
@@ -80,7 +80,6 @@ def site_checks(settings: dict, port: int, schema: Path | None, superlink: str |
             checks.append(Check(f"{key} {d}", True, "writable"))
         except OSError as e:
             checks.append(Check(f"{key} {d}", False, f"cannot be created ({e.strerror})"))
-    checks.append(check_private_key(Path(settings["auth-supernode-private-key"]), "site key"))
     checks.append(check_port_free("127.0.0.1", port, "local runtime port"))
     checks.append(check_reachable(superlink or settings["superlink"], ca, "consortium server"))
     return checks

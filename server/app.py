@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -26,7 +27,7 @@ from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.serverapp import Grid, ServerApp
 
 from privacy.audit import AuditLog
-from privacy.signing import load_private, sign
+from privacy.signing import canonical, load_private, sign
 from server.checkpoint import load_latest, save_checkpoint, write_json_atomic
 from server.strategy import build_strategy
 from server.workflow import PollingGrid, RoundsWorkflow, TimedSecAggPlusWorkflow
@@ -109,7 +110,7 @@ def main(grid: Grid, context: Context) -> None:
     audit = AuditLog(out / "audit.jsonl")
     audit.append("run_start", run=run_key, first_round=first_round, num_rounds=cfg.num_rounds,
                  schema_hash=schema.content_hash(), strategy=cfg.strategy, secagg=cfg.secagg, dp=cfg.dp,
-                 min_sites=cfg.min_sites, run_config_sha256=_sha256_json(dict(context.run_config)))
+                 min_sites=cfg.min_sites, run_config_sha256=hashlib.sha256(canonical(dict(context.run_config))).hexdigest())
     fit_config = {"run-key": run_key, "secagg-max-weight": cfg.secagg_max_weight if cfg.secagg else 0.0,
                   "secagg-clipping-range": cfg.secagg_clipping_range}
     evaluate_fn = server_evaluation(cfg, schema) if cfg.eval_data else None
@@ -215,12 +216,6 @@ def _last_metrics(path: Path) -> dict | None:
         return None
     lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
     return json.loads(lines[-1]) if lines else None
-
-
-def _sha256_json(obj) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _fmt(v) -> str:

@@ -47,6 +47,11 @@ def save_checkpoint(root: Path, rnd: int, weights: list[np.ndarray], strategy_st
     return final
 
 
+def has_checkpoint(root: Path) -> bool:
+    """What `load_latest` (and so a resumed ServerApp) will find something in."""
+    return (root / "latest.json").exists()
+
+
 def load_latest(root: Path) -> Checkpoint | None:
     pointer = root / "latest.json"
     if not pointer.exists():

@@ -18,7 +18,8 @@ import time
 import tomllib
 from pathlib import Path
 
-from privacy.preflight import Check, check_private_key, https_health, report
+from privacy.preflight import Check, check_private_key, check_reachable, report
+from server.checkpoint import has_checkpoint
 from server.deploy import FLOWER_ENV, Consortium, DeployError
 from shared_models.files import write_json_atomic
 from shared_models.run_config import RunConfig, flwr_overrides
@@ -76,13 +77,7 @@ def run_values(c: Consortium, run_dir: Path, overrides: dict, resume: bool, n_si
 
 def run_checks(c: Consortium, cfg: RunConfig, run_dir: Path, resume: bool, sites: list[dict] | None,
                sites_error: str) -> list[Check]:
-    checks = []
-    try:
-        status = https_health(c.control_address, c.path("ca", "ca.crt"))
-        checks.append(Check(f"SuperLink {c.control_address}", status == 200, f"/health {status}"))
-    except OSError as e:
-        checks.append(Check(f"SuperLink {c.control_address}", False, f"unreachable ({e}); start it with "
-                            f"`oncofed server start {c.root}`"))
+    checks = [check_reachable(c.control_address, c.path("ca", "ca.crt"), "SuperLink")]
     checks.append(check_private_key(Path(cfg.signing_key), "model-signing key"))
     schema = cfg.path(cfg.schema_path)
     checks.append(Check(f"schema {schema}", schema.is_file(), "present" if schema.is_file() else
@@ -90,7 +85,7 @@ def run_checks(c: Consortium, cfg: RunConfig, run_dir: Path, resume: bool, sites
     if cfg.eval_data:
         ev = cfg.path(cfg.eval_data)
         checks.append(Check(f"eval-data {ev}", ev.is_dir(), "present" if ev.is_dir() else "not a directory"))
-    has_ckpt = any((run_dir / "checkpoints").glob("round-*"))
+    has_ckpt = has_checkpoint(run_dir / "checkpoints")
     if resume:
         checks.append(Check(f"run {run_dir.name}", has_ckpt, "a checkpoint to resume from" if has_ckpt else
                             f"no checkpoint in {run_dir / 'checkpoints'}: nothing to resume; drop --resume"))

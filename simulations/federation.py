@@ -12,7 +12,6 @@ would otherwise install the project's dependencies, torch included, into a fresh
 from __future__ import annotations
 
 import json
-import re
 import os
 import shutil
 import signal
@@ -23,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.submit import is_duplicate_log_line
 from shared_models.run_config import flwr_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,11 +128,8 @@ def run_federation(work: Path, run_config: dict, n_sites: int, stream=sys.stdout
     return json.loads(result_file.read_text())
 
 
-_DUPLICATE = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:")  # flwr streams each ServerApp line twice
-
-
 def _interesting(line: str) -> bool:
-    if _DUPLICATE.match(line):
+    if is_duplicate_log_line(line):
         return False
     keys = ("round", "ROUND", "refuse", "failed", "dropped", "delivered", "WARNING", "ERROR", "installed",
             "Traceback", "Error")
