@@ -202,6 +202,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         n, metrics = evaluate_global(site, parameters_to_ndarrays(ins.parameters), cfg)
     except SiteDataError:
         n, metrics = 0, {}
+    if n:
+        metrics["site"] = settings.name
     res = EvaluateRes(Status(Code.OK, "ok"), float(metrics.get("loss", 0.0)), n, metrics)
     return Message(evaluateres_to_recorddict(res), reply_to=msg)
 

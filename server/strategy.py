@@ -116,6 +116,14 @@ class DeltaMixin:
             len(refused), len(reasons), len(dropped))
         return ndarrays_to_parameters(self.global_weights), metrics
 
+    def aggregate_evaluate(self, server_round, results, failures):
+        """Keeps each site's own evaluation (its held-out part) for the round's metrics line."""
+        self.round_info["site_eval"] = {
+            str(r.metrics.get("site", p.node_id)): {"patients": r.num_examples, **{
+                k: float(v) for k, v in r.metrics.items() if isinstance(v, (int, float))}}
+            for p, r in results if r.num_examples > 0}
+        return super().aggregate_evaluate(server_round, results, failures)
+
     # FedAdam's moment estimates are strategy state: they go into every checkpoint.
     def state_arrays(self) -> dict[str, np.ndarray]:
         return {f"{name}_{i}": a for name in ("m_t", "v_t") for i, a in enumerate(getattr(self, name, None) or [])}

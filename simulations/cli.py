@@ -14,6 +14,7 @@ def register(app: typer.Typer) -> None:
     app.command("synthetic")(synthetic)
     cli_simulate.register(app)
     cli_baseline.register(app)
+    app.command("experiment")(experiment)
 
 
 def _fail(message: str) -> None:
@@ -98,3 +99,30 @@ def synthetic(
     typer.echo(f"wrote {out}: {len(manifest.sites)} synthetic sites, {classes} classes, seed {seed} "
                f"in {time.perf_counter() - start:.1f}s")
     typer.echo(format_manifest(manifest, list(manifest.sites[0].modality_counts)))
+
+
+def experiment(
+    config: str = typer.Argument(..., help="experiment config (TOML), e.g. simulations/experiments/real-study.toml"),
+    out: str | None = typer.Option(None, "--out", help="results directory [default: runs/experiments/<name>]"),
+    only: str | None = typer.Option(None, "--only", help="run only the cells whose id matches this regular expression"),
+) -> None:
+    """Run a grid of simulated federations and baselines (resumable: finished cells are skipped) and write
+    tidy results (results.csv, results.json: one row per cell x round x site). Then: oncofed report DIR."""
+    from pathlib import Path
+
+    from shared_models.schema import SchemaError
+    from shared_models.site_data import TableError
+    from simulations.experiment import ExperimentConfig, ExperimentError, run_experiment
+    from simulations.federation import SimulationError
+    from simulations.partition import PartitionError
+
+    try:
+        name = ExperimentConfig.load(config).experiment.name
+        results = Path(out) if out else Path("runs") / "experiments" / name
+        run_experiment(config, results, log=typer.echo, only=only)
+    except (ExperimentError, SchemaError, TableError, PartitionError) as e:
+        _fail(str(e))
+    except SimulationError as e:
+        typer.echo(f"{e}\nthe finished cells are kept: run the same command again to resume", err=True)
+        raise typer.Exit(code=1)
+    typer.echo(f"next: oncofed report {results}")

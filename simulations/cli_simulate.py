@@ -35,13 +35,10 @@ def simulate(
     """Federate the 8 center8 hospitals of the vendored TCGA pan-cancer cohort and report the global
     model on patients of tissue-source sites no hospital holds."""
     from simulations.federation import ROOT, SimulationError, ensure_partition, evaluate_on_site, run_federation
-    from simulations.federation import summarize
+    from simulations.federation import federation_config, summarize
 
     extra = _parse_overrides(overrides)
     out = out.resolve()
-    # Tuned on this federation (README): DP-SGD wants large expected batches and a larger step.
-    lr = lr if lr is not None else (0.02 if dp else 0.002)
-    batch_size = batch_size if batch_size is not None else (256 if dp else 64)
     if fresh:
         import shutil
 
@@ -50,26 +47,14 @@ def simulate(
     sites = ensure_partition(out / "sites", seed=seed)
     manifest = json.loads((sites / "manifest.json").read_text())
     n_sites = len(manifest["sites"])
+    (out / "flower").mkdir(parents=True, exist_ok=True)
+    cfg = federation_config(out, sites, n_sites, rounds=rounds, dp=dp, epsilon=epsilon, secagg=secagg,
+                            strategy=strategy, seed=seed, local_epochs=local_epochs, lr=lr, batch_size=batch_size,
+                            eval_data=sites / manifest["holdout"]["dir"] if eval_data else None, extra=extra)
     typer.echo(f"{n_sites} hospitals ({', '.join(s['name'] for s in manifest['sites'])}), "
                f"{manifest['holdout']['patients']:,} held-out patients; DP {'on, epsilon ' + str(epsilon) if dp else 'off'}"
                f", SecAgg+ {'on' if secagg else 'off'}, {strategy}, {rounds} rounds of {local_epochs} local epochs, batch "
-               f"{batch_size}, lr {lr:g}")
-    (out / "flower").mkdir(parents=True, exist_ok=True)
-    # The consortium's model-signing key for this simulation: the server signs the final model and
-    # every site verifies it before installing it (a deployment provisions it with `consortium init`).
-    from privacy.signing import generate_signing_key
-
-    keys = out / "keys"
-    if not (keys / "signing.key").exists():
-        generate_signing_key(keys / "signing.key", keys / "signing.pub")
-    cfg = {"base-dir": str(ROOT), "data-root": str(sites), "site-state-root": str(out / "state"),
-           "output-dir": str(out / "server"), "num-rounds": rounds, "sites": n_sites, "min-sites": 2,
-           "epsilon": epsilon, "dp": dp, "secagg": secagg, "strategy": strategy, "local-epochs": local_epochs,
-           "lr": lr, "batch-size": batch_size, "seed": seed, "round-timeout": 900.0,
-           "signing-key": str(keys / "signing.key"), "signing-public-key": str(keys / "signing.pub")}
-    if eval_data:
-        cfg["eval-data"] = str(sites / manifest["holdout"]["dir"])
-    cfg.update(extra)
+               f"{cfg['batch-size']}, lr {cfg['lr']:g}")
     t0 = time.time()
     try:
         result = run_federation(out / "flower", cfg, n_sites=n_sites)

@@ -1,0 +1,590 @@
+"""`oncofed experiment CONFIG.toml`: a grid of simulated federations and baselines, resumable, tidy.
+
+A config names the grid (data x partition x sites x strategy x privacy x seed) and the baselines;
+every federated cell is a real `flwr run` through Flower's simulation engine (the same ServerApp and
+ClientApp as a deployment, DP-SGD at the sites, SecAgg+ unless the run section turns it off), and
+every baseline trains the same model (or a logistic regression) on the same partition:
+
+    RESULTS/partitions/<data>-<partition>-<n>-s<seed>/   site directories + held-out patients
+    RESULTS/cells/<cell>/                                 one directory per cell; rows.json when done
+    RESULTS/results.csv, results.json                     one row per cell x round x site
+
+Finished cells (rows.json present) are skipped on a second run, so an interrupted grid resumes; an
+unfinished cell is started again from scratch (its partial files are removed first). Evaluation is
+always on patients of held-out sites (`holdout-column`, or the synthetic generator's extra site), each
+normalised with its own statistics, as a hospital that never trained would serve the model.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import re
+import shutil
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from shared_models.files import write_json_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("pooled", "pooled-cv", "local", "logistic", "local-logistic")
+COLUMNS = ["experiment", "cell", "data", "partition", "sites", "strategy", "privacy", "epsilon_target", "seed",
+           "method", "round", "site", "patients", "accuracy", "balanced_accuracy", "macro_f1", "epsilon_spent",
+           "seconds"]
+TSNE_SITE_SAMPLE = 150  # patients per federated site embedded for the 2-D map coloured by site
+
+
+class ExperimentError(ValueError):
+    """A config or results directory that cannot be used; the message names the key or file and the fix."""
+
+
+# --- the config ------------------------------------------------------------------------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, alias_generator=lambda s: s.replace("_", "-"))
+
+
+class ExperimentSection(_Strict):
+    name: str = Field(..., min_length=1)
+    rounds: int = Field(10, ge=1)
+    local_epochs: int = Field(2, ge=1)
+    holdout_column: str = "tss"
+    holdout_frac: float = Field(0.2, gt=0, lt=0.9)
+    min_site_patients: int = Field(10, ge=1)
+
+
+class GridSection(_Strict):
+    data: list[str] = Field(..., min_length=1)
+    strategy: list[Literal["fedavg", "fedprox", "fedadam"]] = ["fedavg"]
+    privacy: list[str | float] = ["off"]
+    sites: list[int] | dict[str, list[int]] = [8]
+    partition: list[str] | dict[str, list[str]] = ["iid"]
+    seed: list[int] = [0]
+
+    @field_validator("privacy")
+    @classmethod
+    def _privacy(cls, v):
+        for p in v:
+            if not (p == "off" or (isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0)):
+                raise ValueError(f"{p!r}: give \"off\" or a positive per-site epsilon, e.g. privacy = [\"off\", 1, 3, 8]")
+        return v
+
+    @field_validator("partition")
+    @classmethod
+    def _partition(cls, v):
+        for p in (itertools.chain(*v.values()) if isinstance(v, dict) else v):
+            parse_partition(p)
+        return v
+
+    def for_data(self, name: str, field: str) -> list:
+        value = getattr(self, field)
+        if isinstance(value, dict):
+            if name not in value:
+                raise ExperimentError(f"[grid] {field}: no entry for data {name!r}; add {name} = [...] to "
+                                      f"[grid.{field}] or give one list for every data set")
+            return value[name]
+        return value
+
+
+class BaselineSection(_Strict):
+    methods: list[Literal["pooled", "pooled-cv", "local", "logistic", "local-logistic"]] = []
+    cv_folds: int = Field(5, ge=2)
+
+
+class ExperimentConfig(_Strict):
+    experiment: ExperimentSection
+    grid: GridSection
+    baselines: BaselineSection = BaselineSection()
+    run: dict[str, Any] = {}  # run-config overrides for every federated cell (keys of [tool.flwr.app.config])
+    synthetic: dict[str, Any] = {}  # SyntheticConfig fields for data = "synthetic"
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ExperimentConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ExperimentError(f"{path}: experiment config not found; see simulations/experiments/ for examples")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ExperimentError(f"{path}: not valid TOML ({e})") from e
+        try:
+            cfg = cls.model_validate(raw)
+        except ValidationError as e:
+            raise ExperimentError(f"{path}: " + "; ".join(
+                f"{'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}" for err in e.errors()))
+        cfg.check(path)
+        return cfg
+
+    def run_config(self) -> dict:
+        """The project's run config ([tool.flwr.app.config]) with this experiment's [run] overrides."""
+        defaults = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+        return {**defaults, **self.run}
+
+    def check(self, path: Path) -> None:
+        from shared_models.run_config import RunConfig
+        from simulations.synthetic import SyntheticConfig
+
+        for name in self.grid.data:
+            if name != "synthetic":
+                data_dir(name)  # raises naming the data set
+        try:
+            RunConfig.from_flower(self.run_config(), source=f"{path} [run]")
+        except ValueError as e:
+            raise ExperimentError(str(e)) from e
+        reserved = {"data-root", "site-state-root", "output-dir", "num-rounds", "sites", "dp", "epsilon", "strategy",
+                    "seed", "schema", "eval-data"} & set(self.run)
+        if reserved:
+            raise ExperimentError(f"{path} [run]: {sorted(reserved)} are set by the grid and [experiment]; remove them")
+        try:
+            SyntheticConfig(**{k.replace("-", "_"): v for k, v in self.synthetic.items()}).check()
+        except TypeError as e:
+            raise ExperimentError(f"{path} [synthetic]: {e}; the keys are SyntheticConfig's fields "
+                                  f"(simulations/synthetic.py)") from e
+
+
+def parse_partition(spec: str) -> tuple[str, Any]:
+    """'iid' | 'dirichlet:ALPHA' | 'by:COLUMN' (or a bare column name such as center8)."""
+    if spec == "iid":
+        return "iid", None
+    if spec.startswith("dirichlet:"):
+        try:
+            alpha = float(spec.split(":", 1)[1])
+        except ValueError:
+            alpha = -1
+        if alpha <= 0:
+            raise ValueError(f"partition {spec!r}: give a positive alpha, e.g. dirichlet:0.5")
+        return "dirichlet", alpha
+    column = spec.split(":", 1)[1] if spec.startswith("by:") else spec
+    if not re.fullmatch(r"[A-Za-z0-9_]+", column):
+        raise ValueError(f"partition {spec!r}: use iid, dirichlet:ALPHA or by:COLUMN (a labels column, e.g. center8)")
+    return "by", column
+
+
+def data_dir(name: str) -> tuple[Path, Path]:
+    from simulations.baseline import COHORTS
+
+    if name not in COHORTS:
+        raise ExperimentError(f"[grid] data: unknown data set {name!r}; use {', '.join([*COHORTS, 'synthetic'])}")
+    path, schema = COHORTS[name]
+    if not path.is_dir():
+        raise ExperimentError(f"[grid] data {name!r}: {path} not found (the {name} cohort lives in ../shared/data)")
+    return path, schema
+
+
+# --- cells -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cell:
+    data: str
+    partition: str
+    sites: int | None  # None: one site per value of a `by:` column
+    seed: int
+    method: str  # "federated" or a baseline
+    strategy: str = ""
+    privacy: str = ""  # "off" or the per-site epsilon as text
+
+    @property
+    def part_key(self) -> str:
+        n = "" if self.sites is None else f"-{self.sites}"
+        return _slug(f"{self.data}-{self.partition}{n}-s{self.seed}")
+
+    @property
+    def id(self) -> str:
+        tail = f"{self.strategy}-eps{self.privacy}" if self.method == "federated" else self.method
+        return _slug(f"{self.part_key}-{tail}")
+
+    def describe(self) -> dict:
+        return {"cell": self.id, "data": self.data, "partition": self.partition, "sites": self.sites,
+                "strategy": self.strategy or None, "privacy": self.privacy or None, "seed": self.seed,
+                "method": self.method}
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)
+
+
+def cells(cfg: ExperimentConfig) -> list[Cell]:
+    """Federated cells first (grid order), then each partition's baselines once."""
+    out: list[Cell] = []
+    parts = []
+    for data in cfg.grid.data:
+        for spec in cfg.grid.for_data(data, "partition"):
+            kind, _ = parse_partition(spec)
+            counts = [None] if kind == "by" and data != "synthetic" else cfg.grid.for_data(data, "sites")
+            for n, seed in itertools.product(counts, cfg.grid.seed):
+                parts.append((data, spec, n, seed))
+    for data, spec, n, seed in parts:
+        for strategy, privacy in itertools.product(cfg.grid.strategy, cfg.grid.privacy):
+            out.append(Cell(data, spec, n, seed, "federated", strategy, "off" if privacy == "off" else f"{privacy:g}"))
+    for (data, spec, n, seed), method in itertools.product(parts, cfg.baselines.methods):
+        out.append(Cell(data, spec, n, seed, method))
+    return out
+
+
+# --- partitions --------------------------------------------------------------------------------------------
+def ensure_cell_partition(cfg: ExperimentConfig, cell: Cell, root: Path) -> tuple[Path, Path, dict]:
+    """(federation dir, schema path, manifest): made once per data x partition x sites x seed."""
+    from shared_models.schema import FeatureSchema
+    from simulations.partition import partition_cohort
+    from simulations.synthetic import SyntheticConfig, generate_federation
+
+    fed = root / "partitions" / cell.part_key
+    if not (fed / "manifest.json").exists():
+        shutil.rmtree(fed, ignore_errors=True)
+        fed.parent.mkdir(parents=True, exist_ok=True)
+        kind, arg = parse_partition(cell.partition)
+        if cell.data == "synthetic":
+            if kind == "by":
+                raise ExperimentError(f"partition {cell.partition!r}: synthetic data has no site column; use iid or "
+                                      "dirichlet:ALPHA")
+            fields = {k.replace("-", "_"): v for k, v in cfg.synthetic.items()}
+            fields.setdefault("holdout_patients", 400)
+            alpha = 1e4 if kind == "iid" else arg
+            generate_federation(fed, SyntheticConfig(**{**fields, "sites": cell.sites, "alpha": alpha, "seed": cell.seed}))
+        else:
+            path, schema_path = data_dir(cell.data)
+            e = cfg.experiment
+            partition_cohort(path, FeatureSchema.load(schema_path), fed, sites=cell.sites if kind != "by" else None,
+                             by=arg if kind == "by" else None, dirichlet=arg if kind == "dirichlet" else None,
+                             iid=kind == "iid", seed=cell.seed, holdout_column=e.holdout_column,
+                             holdout_frac=e.holdout_frac, min_site_patients=e.min_site_patients)
+    manifest = json.loads((fed / "manifest.json").read_text())
+    if not manifest.get("holdout"):
+        raise ExperimentError(f"{fed}: the partition has no held-out patients to evaluate on")
+    schema = fed / "schema.json" if cell.data == "synthetic" else data_dir(cell.data)[1]
+    return fed, schema, manifest
+
+
+# --- running a cell ----------------------------------------------------------------------------------------
+def run_cell(cfg: ExperimentConfig, cell: Cell, root: Path, log=print) -> list[dict]:
+    fed, schema_path, manifest = ensure_cell_partition(cfg, cell, root)
+    work = root / "cells" / cell.id
+    shutil.rmtree(work, ignore_errors=True)  # a cell left unfinished starts again from scratch
+    work.mkdir(parents=True)
+    write_json_atomic(work / "cell.json", cell.describe())
+    t0 = time.time()
+    if cell.method == "federated":
+        rows = _run_federated(cfg, cell, fed, schema_path, manifest, work, log)
+    else:
+        rows = _run_baseline(cfg, cell, fed, schema_path, manifest, work)
+    base = {"experiment": cfg.experiment.name, **cell.describe(),
+            "epsilon_target": None if cell.privacy in ("", "off") else float(cell.privacy)}
+    rows = [{c: {**base, **r}.get(c) for c in COLUMNS} for r in rows]
+    write_json_atomic(work / "rows.json", {"seconds": round(time.time() - t0, 1), "rows": rows})
+    return rows
+
+
+def _run_federated(cfg, cell, fed, schema_path, manifest, work, log) -> list[dict]:
+    from simulations.federation import federation_config, run_federation
+
+    n = len(manifest["sites"])
+    dp = cell.privacy != "off"
+    holdout = fed / manifest["holdout"]["dir"]
+    run_cfg = federation_config(work, fed, n, rounds=cfg.experiment.rounds, dp=dp,
+                                epsilon=float(cell.privacy) if dp else 8.0, secagg=bool(cfg.run.get("secagg", True)),
+                                strategy=cell.strategy, seed=cell.seed, local_epochs=cfg.experiment.local_epochs,
+                                eval_data=holdout, schema=schema_path, extra=cfg.run)
+    (work / "flower").mkdir()
+    result = run_federation(work / "flower", run_cfg, n_sites=n, stream=_RoundEcho(log))
+    rows = []
+    for line in (work / "server" / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        se, g = r.get("server_eval") or {}, r.get("global") or {}
+        rows.append({"round": r["round"], "site": "held-out", "patients": manifest["holdout"]["patients"],
+                     **_metrics(se), "seconds": r.get("seconds")})
+        rows.append({"round": r["round"], "site": "global", **_metrics(g)})
+        eps = r.get("site_epsilon", {})
+        fit = {str(s.get("site")): s for s in r.get("sites", {}).values() if "site" in s}
+        for site, m in sorted((r.get("site_eval") or {}).items()):
+            rows.append({"round": r["round"], "site": site, "patients": int(m.get("patients", 0)), **_metrics(m),
+                         "epsilon_spent": eps.get(site) if dp else None})
+        for site in sorted(set(fit) - set(r.get("site_eval") or {})):  # trained but no evaluation this round
+            rows.append({"round": r["round"], "site": site, "epsilon_spent": eps.get(site) if dp else None})
+    installed = [d for d in result["deliveries"] if d.get("installed")]
+    if not installed:
+        raise ExperimentError(f"cell {cell.id}: no site installed the final model; see {work / 'flower'}")
+    model_dir = Path(installed[0]["path"]).parent
+    from client.model_store import ModelStore
+    from shared_models.schema import FeatureSchema
+    from shared_models.weights import load_weights
+
+    version = ModelStore(model_dir).active()
+    schema = FeatureSchema.load(model_dir / version / "schema.json")
+    model = load_weights(model_dir / version / "weights.pt", schema).eval()
+    final_evaluation(model, schema, fed, manifest, work)
+    return rows
+
+
+class _RoundEcho:
+    """Passes the server's 'round N done' lines through, indented, as the cell's progress."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def write(self, line: str) -> None:
+        m = re.search(r"round \d+ done:.*", line)
+        if m:
+            self.log("    " + m.group(0).strip())
+
+    def flush(self) -> None:
+        pass
+
+
+def _metrics(m: dict) -> dict:
+    return {k: m.get(k) for k in ("accuracy", "balanced_accuracy", "macro_f1")}
+
+
+# --- baselines ---------------------------------------------------------------------------------------------
+def _site_sets(schema, fed: Path, manifest: dict):
+    from shared_models.site_data import load_labelled_site
+
+    sites = {s["name"]: load_labelled_site(schema, fed / s["dir"]) for s in manifest["sites"]}
+    return sites, load_labelled_site(schema, fed / manifest["holdout"]["dir"])
+
+
+def _concat(sets):
+    from shared_models.site_data import SiteDataset
+
+    sets = list(sets)
+    return SiteDataset(ids=[i for s in sets for i in s.ids], x=np.concatenate([s.x for s in sets]),
+                       y=np.concatenate([s.y for s in sets]),
+                       modality_present=np.concatenate([s.modality_present for s in sets]),
+                       feature_missing=np.concatenate([s.feature_missing for s in sets]))
+
+
+def _take(ds, idx):
+    from shared_models.site_data import SiteDataset
+
+    return SiteDataset(ids=[ds.ids[i] for i in idx], x=ds.x[idx], y=ds.y[idx], modality_present=ds.modality_present[idx],
+                       feature_missing=ds.feature_missing[idx])
+
+
+def val_split(y: np.ndarray, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (train, validation) indices; a class with fewer than 3 patients stays in training."""
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        if len(idx) >= 3:
+            val.extend(idx[: max(1, round(frac * len(idx)))])
+    val = np.array(sorted(val), dtype=np.int64)
+    return np.setdiff1d(np.arange(len(y)), val), val
+
+
+def train_transformer(schema, train, cfg: ExperimentConfig, seed: int):
+    """The federation's model (the run section's model settings), trained centrally with early stopping
+    on a stratified 15% of its training patients."""
+    import torch
+
+    from client.training import TrainConfig, fit
+    from shared_models.model import MultiModalTransformer
+    from shared_models.run_config import RunConfig
+
+    torch.set_num_threads(1)
+    tr, va = val_split(train.y, 0.15, seed)
+    torch.manual_seed(seed)
+    model = MultiModalTransformer(schema, RunConfig.from_flower(cfg.run_config()).model_config_())
+    a, b = _take(train, tr), _take(train, va)
+    fit(model, *a.tensors(), TrainConfig(seed=seed), *(b.tensors() if len(va) else (None, None)))
+    return model.eval()
+
+
+def _score(model, ds) -> dict:
+    import torch
+
+    from shared_models.evaluation import evaluate
+
+    m = evaluate(model, torch.from_numpy(ds.x), torch.from_numpy(ds.y))
+    return {"patients": m.n, "accuracy": m.accuracy, "balanced_accuracy": m.balanced_accuracy, "macro_f1": m.macro_f1}
+
+
+def _logistic(schema, train, test, seed: int) -> dict:
+    from client.training import classification_metrics
+    from simulations.baseline import fit_logistic, lr_features
+
+    tr, va = val_split(train.y, 0.15, seed)
+    a, b = _take(train, tr), _take(train, va)
+    clf, _, _ = fit_logistic(lr_features(schema, a), a.y, lr_features(schema, b), b.y, schema.n_classes, seed=seed)
+    m = classification_metrics(test.y, clf.predict(lr_features(schema, test)), schema.n_classes)
+    return {"patients": len(test.y), **{k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}}
+
+
+def _run_baseline(cfg, cell, fed, schema_path, manifest, work) -> list[dict]:
+    from shared_models.schema import FeatureSchema
+
+    schema = FeatureSchema.load(schema_path)
+    sites, holdout = _site_sets(schema, fed, manifest)
+    pooled = _concat(sites.values())
+    t0 = time.time()
+    if cell.method == "pooled":
+        model = train_transformer(schema, pooled, cfg, cell.seed)
+        final_evaluation(model, schema, fed, manifest, work)
+        return [{"site": "held-out", **_score(model, holdout), "seconds": round(time.time() - t0, 1)}]
+    if cell.method == "logistic":
+        return [{"site": "held-out", **_logistic(schema, pooled, holdout, cell.seed), "seconds": round(time.time() - t0, 1)}]
+    if cell.method == "local":
+        return [{"site": name, **_score(train_transformer(schema, ds, cfg, cell.seed), holdout)}
+                for name, ds in sites.items()]
+    if cell.method == "local-logistic":
+        return [{"site": name, **_logistic(schema, ds, holdout, cell.seed)} for name, ds in sites.items()]
+    if cell.method == "pooled-cv":
+        from sklearn.model_selection import StratifiedKFold
+
+        rows = []
+        y = pooled.y
+        # Classes with fewer members than folds cannot be stratified: they are spread by the splitter anyway.
+        folds = StratifiedKFold(cfg.baselines.cv_folds, shuffle=True, random_state=cell.seed)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            splits = list(folds.split(np.zeros(len(y)), y))
+        for k, (tr, te) in enumerate(splits):
+            model = train_transformer(schema, _take(pooled, tr), cfg, cell.seed + k)
+            rows.append({"site": f"fold-{k}", **_score(model, _take(pooled, te))})
+        rows.append({"site": "mean", "patients": len(y), **{m: float(np.mean([r[m] for r in rows])) for m in
+                                                            ("accuracy", "balanced_accuracy", "macro_f1")},
+                     "seconds": round(time.time() - t0, 1)})
+        return rows
+    raise ExperimentError(f"unknown baseline {cell.method!r}; use one of {', '.join(METHODS)}")
+
+
+# --- the final model's held-out predictions (for the report) ------------------------------------------------
+def final_evaluation(model, schema, fed: Path, manifest: dict, work: Path) -> None:
+    """predictions.npz (held-out patients + a sample of each site's, for the 2-D map) and final.json
+    (held-out metrics, mean modality attention, macro-F1 with each modality removed)."""
+    import torch
+
+    from shared_models.evaluation import classification_metrics
+    from shared_models.site_data import load_labelled_site
+
+    parts = []
+    rng = np.random.default_rng(0)
+    hold_dir = fed / manifest["holdout"]["dir"]
+    hold = load_labelled_site(schema, hold_dir)
+    parts.append(("held-out", hold, np.arange(len(hold.y)), hold_dir))
+    for s in manifest["sites"]:
+        ds = load_labelled_site(schema, fed / s["dir"])
+        idx = np.sort(rng.permutation(len(ds.y))[:TSNE_SITE_SAMPLE])
+        parts.append((s["name"], ds, idx, fed / s["dir"]))
+    out: dict[str, list] = {k: [] for k in ("y", "proba", "fused", "modality_weights", "present", "split", "site",
+                                            "age", "gender")}
+    for name, ds, idx, d in parts:
+        x = torch.from_numpy(ds.x[idx])
+        e = _explain(model, x)
+        out["y"].append(ds.y[idx])
+        out["proba"].append(torch.softmax(e["logits"], 1).numpy().astype(np.float32))
+        out["fused"].append(e["fused"].numpy().astype(np.float32))
+        out["modality_weights"].append(np.nan_to_num(e["modality_weights"].numpy()).astype(np.float32))
+        out["present"].append(e["present"].numpy())
+        out["split"].append(np.array(["held-out" if name == "held-out" else "site"] * len(idx)))
+        age, gender, group = _demographics(d, [ds.ids[i] for i in idx], schema)
+        out["site"].append(group if name == "held-out" else np.array([name] * len(idx)))
+        out["age"].append(age)
+        out["gender"].append(gender)
+    arrays = {k: np.concatenate(v) for k, v in out.items()}
+    np.savez_compressed(work / "predictions.npz", classes=np.array(schema.classes), modalities=np.array(
+        schema.modality_names), **arrays)
+    hx = torch.from_numpy(hold.x)
+    base = classification_metrics(hold.y, _explain(model, hx)["logits"].argmax(1).numpy(), schema.n_classes)
+    layout = schema.layout()
+    ablation = {}
+    for m in schema.modality_names:
+        x = hx.clone()
+        x[:, layout.slices[m]] = float("nan")
+        ablation[m] = classification_metrics(hold.y, _explain(model, x)["logits"].argmax(1).numpy(),
+                                             schema.n_classes)["macro_f1"]
+    held = arrays["split"] == "held-out"
+    w, p = arrays["modality_weights"][held], arrays["present"][held]
+    write_json_atomic(work / "final.json", {
+        "held_out": {"patients": int(len(hold.y)), **{k: base[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}},
+        "modality_weight_mean": {m: float(w[p[:, j], j].mean()) if p[:, j].any() else None
+                                 for j, m in enumerate(schema.modality_names)},
+        "modality_ablation": ablation})
+
+
+def _explain(model, x, batch: int = 512) -> dict:
+    parts = [model.explain(x[i: i + batch]) for i in range(0, len(x), batch)]
+    import torch
+
+    return {k: torch.cat([p[k] for p in parts]) for k in ("logits", "fused", "modality_weights", "present")}
+
+
+def _demographics(site_dir: Path, ids: list[str], schema) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Age (years), gender and source-site code per patient, read from the raw tables (gender may be
+    kept out of the model's features; it is still a subgroup to report)."""
+    import pandas as pd
+
+    from shared_models.site_data import LABELS_STEM, find_table, read_table
+
+    def column(stem: str, names: tuple[str, ...]) -> pd.Series | None:
+        for path in find_table(site_dir, stem):
+            df = read_table(path, schema.id_column)
+            for n in names:
+                if n in df.columns:
+                    return df[n].reindex(ids)
+        return None
+
+    age = column("clinical", ("age", "age_at_diagnosis", "age_at_initial_pathologic_diagnosis"))
+    gender = column("clinical", ("gender", "sex"))
+    group = column(LABELS_STEM, ("tss",))
+    n = len(ids)
+    return (pd.to_numeric(age, errors="coerce").to_numpy(np.float64) if age is not None else np.full(n, np.nan),
+            gender.fillna("").astype(str).str.lower().to_numpy() if gender is not None else np.full(n, ""),
+            group.fillna("held-out").astype(str).to_numpy() if group is not None else np.full(n, "held-out"))
+
+
+# --- the grid ---------------------------------------------------------------------------------------------
+def run_experiment(config_path: str | Path, results: str | Path, log=print, only: str | None = None) -> Path:
+    cfg = ExperimentConfig.load(config_path)
+    root = Path(results)
+    root.mkdir(parents=True, exist_ok=True)
+    previous = root / "experiment.toml"
+    text = Path(config_path).read_text()
+    if previous.exists() and ExperimentConfig.model_validate(tomllib.loads(previous.read_text())) != cfg:
+        log(f"note: {previous} differs from {config_path}; finished cells are kept, new cells are added")
+    previous.write_text(text)
+    todo = [c for c in cells(cfg) if only is None or re.search(only, c.id)]
+    t_all = time.time()
+    for i, cell in enumerate(todo, 1):
+        done = root / "cells" / cell.id / "rows.json"
+        if done.exists():
+            log(f"[{i}/{len(todo)}] {cell.id}: done before, skipped")
+            continue
+        log(f"[{i}/{len(todo)}] {cell.id} ...")
+        t0 = time.time()
+        rows = run_cell(cfg, cell, root, log)
+        held = [r for r in rows if r["site"] in ("held-out", "mean")]
+        last = held[-1] if held else None
+        summary = f"held-out macro-F1 {last['macro_f1']:.3f}" if last and last["macro_f1"] is not None else \
+            f"{len(rows)} rows"
+        log(f"[{i}/{len(todo)}] {cell.id}: {summary} ({time.time() - t0:.0f} s)")
+        write_results(root, cfg)
+    write_results(root, cfg)
+    log(f"{len(todo)} cells in {time.time() - t_all:.0f} s; results in {root / 'results.csv'}")
+    return root
+
+
+def write_results(root: Path, cfg: ExperimentConfig) -> None:
+    """results.csv / results.json from every finished cell of this config (in grid order)."""
+    rows = []
+    for cell in cells(cfg):
+        f = root / "cells" / cell.id / "rows.json"
+        if f.exists():
+            rows.extend(json.loads(f.read_text())["rows"])
+    write_json_atomic(root / "results.json", {"experiment": cfg.model_dump(by_alias=True), "rows": rows})
+    tmp = root / "results.csv.tmp"
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, COLUMNS)
+        w.writeheader()
+        w.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
+    tmp.replace(root / "results.csv")
+
+
+__all__ = ["ExperimentConfig", "ExperimentError", "run_experiment", "cells", "write_results"]
