@@ -119,7 +119,10 @@ class ExperimentConfig(_Strict):
         except ValidationError as e:
             raise ExperimentError(f"{path}: " + "; ".join(
                 f"{'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}" for err in e.errors()))
-        cfg.check(path)
+        try:
+            cfg.check(path)
+        except ExperimentError as e:
+            raise ExperimentError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
         return cfg
 
     def run_config(self) -> dict:
@@ -147,6 +150,8 @@ class ExperimentConfig(_Strict):
         except TypeError as e:
             raise ExperimentError(f"{path} [synthetic]: {e}; the keys are SyntheticConfig's fields "
                                   f"(simulations/synthetic.py)") from e
+        except ValueError as e:  # the generator's own check names the setting as its CLI flag
+            raise ExperimentError(f"{path} [synthetic]: {str(e).replace('--', '')}") from e
 
 
 def parse_partition(spec: str) -> tuple[str, Any]:
@@ -183,7 +188,7 @@ def data_dir(name: str) -> tuple[Path, Path]:
 class Cell:
     data: str
     partition: str
-    sites: int | None  # None: one site per value of a `by:` column
+    sites: int  # by:COLUMN partitions pack the column's values into this many sites (all values: one each)
     seed: int
     method: str  # "federated" or a baseline
     strategy: str = ""
@@ -191,8 +196,7 @@ class Cell:
 
     @property
     def part_key(self) -> str:
-        n = "" if self.sites is None else f"-{self.sites}"
-        return _slug(f"{self.data}-{self.partition}{n}-s{self.seed}")
+        return _slug(f"{self.data}-{self.partition}-{self.sites}-s{self.seed}")
 
     @property
     def id(self) -> str:
@@ -215,9 +219,7 @@ def cells(cfg: ExperimentConfig) -> list[Cell]:
     parts = []
     for data in cfg.grid.data:
         for spec in cfg.grid.for_data(data, "partition"):
-            kind, _ = parse_partition(spec)
-            counts = [None] if kind == "by" and data != "synthetic" else cfg.grid.for_data(data, "sites")
-            for n, seed in itertools.product(counts, cfg.grid.seed):
+            for n, seed in itertools.product(cfg.grid.for_data(data, "sites"), cfg.grid.seed):
                 parts.append((data, spec, n, seed))
     for data, spec, n, seed in parts:
         for strategy, privacy in itertools.product(cfg.grid.strategy, cfg.grid.privacy):
@@ -250,7 +252,7 @@ def ensure_cell_partition(cfg: ExperimentConfig, cell: Cell, root: Path) -> tupl
         else:
             path, schema_path = data_dir(cell.data)
             e = cfg.experiment
-            partition_cohort(path, FeatureSchema.load(schema_path), fed, sites=cell.sites if kind != "by" else None,
+            partition_cohort(path, FeatureSchema.load(schema_path), fed, sites=cell.sites,
                              by=arg if kind == "by" else None, dirichlet=arg if kind == "dirichlet" else None,
                              iid=kind == "iid", seed=cell.seed, holdout_column=e.holdout_column,
                              holdout_frac=e.holdout_frac, min_site_patients=e.min_site_patients)

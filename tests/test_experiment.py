@@ -1,0 +1,128 @@
+"""`oncofed experiment`: config checks, the grid, and one real (tiny) grid through Flower's simulation engine."""
+
+from __future__ import annotations
+
+import csv
+import json
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from simulations.experiment import COLUMNS, ExperimentConfig, ExperimentError, cells, run_experiment
+
+TINY = """
+[experiment]
+name = "tiny"
+rounds = 2
+local-epochs = 1
+
+[grid]
+data = ["synthetic"]
+strategy = ["fedavg"]
+privacy = [8]
+sites = [2]
+partition = ["dirichlet:1.0"]
+seed = [0]
+
+[baselines]
+methods = ["pooled", "pooled-cv", "local", "logistic"]
+cv-folds = 2
+
+[synthetic]
+classes = 3
+patients-per-site = 60
+omics-widths = [120, 30]
+holdout-patients = 90
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "exp.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (("privacy = [8]", "privacy = [0]"), "grid.privacy"),
+    (("privacy = [8]", 'privacy = ["none"]'), '"off" or a positive per-site epsilon'),
+    (('partition = ["dirichlet:1.0"]', 'partition = ["dirichlet:-1"]'), "dirichlet:0.5"),
+    (('strategy = ["fedavg"]', 'strategy = ["fedsgd"]'), "grid.strategy"),
+    (('data = ["synthetic"]', 'data = ["lung"]'), "unknown data set 'lung'"),
+    (("rounds = 2", "rounds = 2\nround = 3"), "experiment.round"),
+    (("cv-folds = 2", "cv-folds = 2\n[run]\nnum-rounds = 3"), "set by the grid"),
+    (("cv-folds = 2", "cv-folds = 2\n[run]\nlr = -1"), "lr"),
+    (("classes = 3", "classes = 1"), "classes must be at least 2"),
+])
+def test_bad_config_names_the_key(tmp_path, edit, expected):
+    old, new = edit
+    assert old in TINY
+    with pytest.raises(ExperimentError) as e:
+        ExperimentConfig.load(write(tmp_path, TINY.replace(old, new)))
+    assert str(tmp_path / "exp.toml") in str(e.value) and expected in str(e.value), str(e.value)
+
+
+def test_grid_enumerates_every_combination_once(tmp_path):
+    text = TINY.replace('strategy = ["fedavg"]', 'strategy = ["fedavg", "fedprox", "fedadam"]') \
+               .replace("privacy = [8]", 'privacy = ["off", 1, 3, 8]').replace("seed = [0]", "seed = [0, 1]")
+    cfg = ExperimentConfig.load(write(tmp_path, text))
+    grid = cells(cfg)
+    fed = [c for c in grid if c.method == "federated"]
+    assert len(fed) == 3 * 4 * 2 and len(grid) == len(fed) + 4 * 2
+    assert len({c.id for c in grid}) == len(grid)
+    assert {c.privacy for c in fed} == {"off", "1", "3", "8"}
+
+
+def test_per_data_partitions_must_cover_every_data_set(tmp_path):
+    text = TINY.replace('partition = ["dirichlet:1.0"]', 'partition = { brca = ["iid"] }')
+    with pytest.raises(ExperimentError, match="no entry for data 'synthetic'"):
+        cells(ExperimentConfig.load(write(tmp_path, text)))
+
+
+@pytest.mark.slow
+def test_tiny_grid_runs_writes_tidy_rows_and_resumes(tmp_path):
+    config, out = write(tmp_path, TINY), tmp_path / "results"
+    run_experiment(config, out, log=lambda s: None)
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    with open(out / "results.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert len(table) == len(rows) and list(table[0]) == COLUMNS
+
+    fed = [r for r in rows if r["method"] == "federated"]
+    for rnd in (1, 2):
+        sites = {r["site"]: r for r in fed if r["round"] == rnd}
+        assert {"held-out", "global", "site_00", "site_01"} <= set(sites)
+        assert sites["held-out"]["patients"] == 90 and 0 <= sites["held-out"]["macro_f1"] <= 1
+        for s in ("site_00", "site_01"):  # each site's own evaluation and its cumulative spend
+            assert 0 < sites[s]["epsilon_spent"] <= 8.0
+    last = {r["site"]: r for r in fed if r["round"] == 2}
+    first = {r["site"]: r for r in fed if r["round"] == 1}
+    assert last["site_00"]["epsilon_spent"] > first["site_00"]["epsilon_spent"]
+
+    by_method = {m: [r for r in rows if r["method"] == m] for m in ("pooled", "pooled-cv", "local", "logistic")}
+    assert [r["site"] for r in by_method["pooled"]] == ["held-out"]
+    assert [r["site"] for r in by_method["pooled-cv"]] == ["fold-0", "fold-1", "mean"]
+    assert sorted(r["site"] for r in by_method["local"]) == ["site_00", "site_01"]
+    assert all(r["patients"] == 90 for r in by_method["local"] + by_method["logistic"])
+
+    cell = next(out.glob("cells/*fedavg-eps8"))
+    pred = np.load(cell / "predictions.npz")
+    held = pred["split"] == "held-out"
+    assert held.sum() == 90 and (~held).sum() > 0  # site patients sampled for the 2-D map
+    assert pred["proba"].shape == (len(pred["y"]), 3) and np.allclose(pred["proba"].sum(1), 1, atol=1e-4)
+    final = json.loads((cell / "final.json").read_text())
+    # The final held-out row of the grid is the delivered model's score, which final.json recomputes.
+    assert final["held_out"]["macro_f1"] == pytest.approx(last["held-out"]["macro_f1"], abs=1e-6)
+    assert set(final["modality_ablation"]) == set(pred["modalities"])
+
+    # Resume: finished cells are skipped; an unfinished one (no rows.json) is run again from scratch.
+    (out / "cells" / "synthetic-dirichlet_1.0-2-s0-logistic" / "rows.json").unlink()
+    (out / "cells" / "synthetic-dirichlet_1.0-2-s0-logistic" / "partial.tmp").write_text("left by a crash")
+    said: list[str] = []
+    run_experiment(config, out, log=said.append)
+    skipped = [s for s in said if "skipped" in s]
+    assert len(skipped) == 4 and any("logistic: held-out macro-F1" in s for s in said)
+    assert not (out / "cells" / "synthetic-dirichlet_1.0-2-s0-logistic" / "partial.tmp").exists()
+    again = json.loads((out / "results.json").read_text())["rows"]
+    assert [{**r, "seconds": None} for r in again] == [{**r, "seconds": None} for r in rows]  # same split, same fit
