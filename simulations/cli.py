@@ -8,13 +8,14 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    from simulations import cli_baseline, cli_simulate
+    from simulations import cli_baseline, cli_report, cli_simulate
 
     app.command("partition")(partition)
     app.command("synthetic")(synthetic)
     cli_simulate.register(app)
     cli_baseline.register(app)
     app.command("experiment")(experiment)
+    cli_report.register(app)
 
 
 def _fail(message: str) -> None:

@@ -491,6 +491,7 @@ def final_evaluation(model, schema, fed: Path, manifest: dict, work: Path) -> No
         out["age"].append(age)
         out["gender"].append(gender)
     arrays = {k: np.concatenate(v) for k, v in out.items()}
+    arrays = {k: np.asarray(v, dtype=str) if v.dtype == object else v for k, v in arrays.items()}
     np.savez_compressed(work / "predictions.npz", classes=np.array(schema.classes), modalities=np.array(
         schema.modality_names), **arrays)
     hx = torch.from_numpy(hold.x)
@@ -538,8 +539,8 @@ def _demographics(site_dir: Path, ids: list[str], schema) -> tuple[np.ndarray, n
     group = column(LABELS_STEM, ("tss",))
     n = len(ids)
     return (pd.to_numeric(age, errors="coerce").to_numpy(np.float64) if age is not None else np.full(n, np.nan),
-            gender.fillna("").astype(str).str.lower().to_numpy() if gender is not None else np.full(n, ""),
-            group.fillna("held-out").astype(str).to_numpy() if group is not None else np.full(n, "held-out"))
+            np.asarray(gender.fillna("").astype(str).str.lower(), dtype=str) if gender is not None else np.full(n, ""),
+            np.asarray(group.fillna("held-out").astype(str), dtype=str) if group is not None else np.full(n, "held-out"))
 
 
 # --- the grid ---------------------------------------------------------------------------------------------

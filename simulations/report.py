@@ -18,18 +18,19 @@ from pathlib import Path
 from typing import NamedTuple
 
 import matplotlib
+import matplotlib.colors
+import matplotlib.transforms
 
 matplotlib.use("Agg")  # files only: no display on servers/CI, and no GUI backend probing on import
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator, NullLocator
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
-METRIC_NAMES = {"accuracy": "accuracy", "balanced_accuracy": "balanced acc.", "macro_f1": "macro-F1"}
 REQUIRED = ("cell", "data", "method", "round", "site", *METRICS)
 TEXT = ("experiment", "cell", "data", "partition", "sites", "strategy", "privacy", "seed", "method", "site")
 NUMBER = ("round", "patients", "epsilon_spent", "epsilon_target", "seconds", *METRICS)
@@ -42,6 +43,8 @@ FIX = "re-run `oncofed experiment CONFIG.toml`"
 BASELINE_STYLE = {"pooled": ("black", "pooled"), "logistic": ("0.45", "logistic regression"),
                   "local": ("#a0522d", "mean of local-only")}
 DPI = 120
+KIND_TEXT = {"federated, no DP": "federated cell without DP", "federated, DP": "federated cell with DP",
+             "pooled": "pooled cell with predictions"}
 
 
 class ReportError(Exception):
@@ -66,6 +69,8 @@ class Featured:
 
 @dataclass
 class Results:
+    """The rows plus the tables derived once (final per cell, per configuration), and cell files read on demand."""
+
     dir: Path
     experiment: dict
     rows: pd.DataFrame
@@ -107,7 +112,8 @@ def load_results(results_dir: Path) -> Results:
         raise ReportError(f"{d} is not a directory: pass the directory `oncofed experiment CONFIG.toml` wrote")
     path = d / "results.json"
     if not path.is_file():
-        raise ReportError(f"{path} not found: run `oncofed experiment CONFIG.toml` first (or pass the directory it wrote)")
+        raise ReportError(f"{path} not found: run `oncofed experiment CONFIG.toml` first "
+                          "(or pass the directory it wrote)")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -165,7 +171,7 @@ def _plabel(privacy: str) -> str:
 
 
 def _lines(df: pd.DataFrame) -> list[str]:
-    """Legend label of a configuration: the strategy (or method), plus partition/sites when they vary in the data set."""
+    """Legend label of a configuration: the strategy (or method), plus partition/sites if they vary in the data set."""
     varying = {}
     for data, g in df.groupby("data"):
         varying[data] = [c for c in ("partition", "sites") if g.loc[g.method == "federated", c].nunique() > 1]
@@ -194,25 +200,40 @@ NPZ_CORE = ("classes", "y", "proba", "split")
 
 
 def _read_predictions(path: Path) -> tuple[dict[str, np.ndarray] | None, str]:
-    """Load predictions.npz without pickles (string arrays must be stored as unicode, as the contract says)."""
+    """Load predictions.npz without unpickling anything (a results directory may come from elsewhere).
+
+    Returns (arrays, note): arrays None when the file cannot serve any plot (the note says why), else the readable
+    arrays and, if some were stored as pickled object arrays (e.g. a pandas 3 `.to_numpy()` of strings), a note
+    naming them and the fix; the plots needing them then say they lack them."""
     if not path.is_file():
         return None, f"{_rel(path)} not found (only cells with a model have one)"
+    arrays, pickled = {}, []
     try:
         with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+            for k in z.files:
+                try:
+                    arrays[k] = z[k]
+                except ValueError:  # "Object arrays cannot be loaded when allow_pickle=False"
+                    pickled.append(k)
     except (OSError, ValueError, EOFError) as e:
-        return None, f"{_rel(path)} is not readable ({str(e).splitlines()[0]}): store str arrays as unicode; {FIX}"
+        return None, f"{_rel(path)} is not readable ({str(e).splitlines()[0]}): {FIX}"
+    note = (f"{_rel(path)} stores {', '.join(pickled)} as pickled object arrays, which the report does not load: "
+            f"save them as unicode, e.g. np.asarray(x, dtype=str)" if pickled else "")
     missing = [k for k in NPZ_CORE if k not in arrays]
     if missing:
-        return None, f"{_rel(path)} lacks {', '.join(missing)}: {FIX}"
+        return None, note or f"{_rel(path)} lacks {', '.join(missing)}: {FIX}"
     n, c = len(arrays["y"]), len(arrays["classes"])
     bad = [k for k, a in arrays.items() if k not in ("classes", "modalities") and (a.ndim == 0 or len(a) != n)]
     if bad or arrays["proba"].ndim != 2 or arrays["proba"].shape[1] != c:
         return None, (f"{_rel(path)}: arrays disagree in length ({', '.join(bad) or 'proba columns vs classes'}; "
                       f"y has {n} rows, {c} classes): {FIX}")
     arrays["y"] = arrays["y"].astype(np.int64)
+    if n and (arrays["y"].min() < 0 or arrays["y"].max() >= c):
+        return None, f"{_rel(path)}: y has labels outside 0..{c - 1} (one per entry of classes): {FIX}"
+    if not np.isfinite(arrays["proba"]).all():
+        return None, f"{_rel(path)}: proba has NaN or infinite values (a diverged model?): {FIX} with a smaller lr"
     arrays["split"] = arrays["split"].astype(str)
-    return arrays, ""
+    return arrays, note
 
 
 def _rel(path: Path) -> str:
@@ -228,13 +249,16 @@ def final_table(rows: pd.DataFrame) -> pd.DataFrame:
 
     federated: the held-out row of the last round; pooled/logistic: the held-out row; pooled-cv: the "mean" row
     (cross-validation inside the pool, not held-out); local/local-logistic: the mean over the sites' models, each
-    trained alone and evaluated on the held-out patients.
+    trained alone and evaluated on the held-out patients (grouped by configuration and seed, so it does not matter
+    whether the runner writes one local cell per seed or one per site).
     """
+    local = rows.method.isin(["local", "local-logistic"])
+    unit = rows.cell.where(~local, rows[[*ARM, "seed"]].astype(str).agg("|".join, axis=1))
     out = []
-    for cell, g in rows.groupby("cell", sort=False):
-        method = g.method.iloc[0]
+    for _, g in rows.groupby(unit, sort=False):
+        method, cell = g.method.iloc[0], g.cell.iloc[0]
         if method == "federated":
-            h = g[(g.site == "held-out") & g["round"].notna()]
+            h = g[(g.site == "held-out") & g["round"].notna() & g.macro_f1.notna()]
             if h.empty:
                 continue
             r = h.loc[h["round"].idxmax()]
@@ -261,8 +285,9 @@ def arm_table(final: pd.DataFrame) -> pd.DataFrame:
     arms = final.groupby(ARM, sort=False).agg(**agg).reset_index()
     arms["order"] = arms.method.map(METHOD_ORDER).fillna(9)
     arms["data_order"] = arms.data.map({d: i for i, d in enumerate(dict.fromkeys(final.data))})
-    return (arms.sort_values(["data_order", "order", "line", "eps"], na_position="last")
-            .drop(columns="data_order").reset_index(drop=True))
+    arms["privacy_order"] = -arms.eps.replace(math.inf, 1e300).fillna(0)
+    return (arms.sort_values(["data_order", "order", "line", "privacy_order"])
+            .drop(columns=["data_order", "privacy_order"]).reset_index(drop=True))
 
 
 def select_featured(res: Results) -> dict[str, list[Featured]]:
@@ -278,11 +303,12 @@ def select_featured(res: Results) -> dict[str, list[Featured]]:
                            ("federated, DP", fed[fed.privacy != "off"])):
             if len(part):
                 r = part.iloc[0]
-                chosen.append(Featured(data, kind, r.cell, f"{r.line}, {_plabel(r.privacy)}, seed {r.seed}", r))
+                title = f"{data} · {r.line}, {_plabel(r.privacy)}, seed {r.seed}"
+                chosen.append(Featured(data, kind, r.cell, title, r))
         pooled = f[f.method == "pooled"].sort_values("macro_f1", ascending=False, kind="stable")
         for r in pooled.itertuples():
             if res.cell_file(r.cell, "predictions.npz").is_file():
-                chosen.append(Featured(data, "pooled", r.cell, f"pooled, {_plabel(r.privacy)}, seed {r.seed}",
+                chosen.append(Featured(data, "pooled", r.cell, f"{data} · pooled, {_plabel(r.privacy)}, seed {r.seed}",
                                        pooled.loc[r.Index]))
                 break
         out[data] = chosen
@@ -295,7 +321,7 @@ def select_featured(res: Results) -> dict[str, list[Featured]]:
 def age_band(age: np.ndarray) -> np.ndarray:
     """Age at diagnosis -> "<40", "40-49", "50-59", "60-69", ">=70", or "unknown" (NaN)."""
     age = np.asarray(age, dtype=float)
-    idx = np.clip(np.floor((age - 30) / 10).astype("float"), 0, 4)
+    idx = np.clip(np.floor((age - 30) / 10), 0, 4)  # NaN stays NaN and is masked below
     out = np.array(["unknown"] * len(age), dtype=object)
     ok = ~np.isnan(age)
     out[ok] = np.array(AGE_BANDS, dtype=object)[idx[ok].astype(int)]
@@ -319,44 +345,45 @@ def subgroup_table(y: Sequence, pred: Sequence, group: Sequence, min_patients: i
     return pd.DataFrame(rows, columns=["group", "patients", "accuracy", "macro_f1", "in_gaps"])
 
 
-def _eligible(group: np.ndarray, min_patients: int) -> list:
+def gap_terms(y: Sequence, pred: Sequence, group: Sequence, kind: str,
+              min_patients: int = MIN_GROUP) -> list[tuple[float, object, str]] | None:
+    """Every (spread across groups, class, rate) behind a gap, so the report can name the class driving it.
+
+    kind "dp": rate P(pred=c | g); kind "eo": TPR P(pred=c | y=c, g) and FPR P(pred=c | y!=c, g), one-vs-rest. A
+    rate counts only if it is defined in every group (TPR: each group has a patient of class c; FPR: each has a
+    patient of another class), because a rate over zero patients is undefined, not 0. Only groups with at least
+    min_patients take part; None when fewer than two do (no gap to measure). Classes: those in y or pred.
+    """
+    y, pred, group = np.asarray(y), np.asarray(pred), np.asarray(group, dtype=object)
     values, counts = np.unique(group, return_counts=True)
-    return [v for v, n in zip(values, counts) if n >= min_patients]
+    groups = [g for g, n in zip(values, counts) if n >= min_patients]
+    if len(groups) < 2:
+        return None
+    terms = []
+    for c in np.union1d(y, pred):
+        pairs = [(np.ones(len(y), bool), "share predicted")] if kind == "dp" else [(y == c, "TPR"), (y != c, "FPR")]
+        for cond, rate in pairs:
+            rates = [np.mean(pred[(group == g) & cond] == c) for g in groups if ((group == g) & cond).any()]
+            if len(rates) == len(groups):
+                terms.append((float(max(rates) - min(rates)), c, rate))
+    return terms
 
 
 def demographic_parity_gap(y: Sequence, pred: Sequence, group: Sequence, min_patients: int = MIN_GROUP) -> float:
     """max over classes c of (max_g P(pred=c | g) - min_g P(pred=c | g)), over groups with >= min_patients.
 
-    y only fixes the class set (classes in y or pred). NaN with fewer than two such groups: no gap to measure.
-    """
-    y, pred, group = np.asarray(y), np.asarray(pred), np.asarray(group, dtype=object)
-    groups = _eligible(group, min_patients)
-    if len(groups) < 2:
-        return math.nan
-    gap = 0.0
-    for c in np.union1d(y, pred):
-        rates = [np.mean(pred[group == g] == c) for g in groups]
-        gap = max(gap, float(max(rates) - min(rates)))
-    return gap
+    y only fixes the class set. NaN with fewer than two such groups."""
+    terms = gap_terms(y, pred, group, "dp", min_patients)
+    return max(t[0] for t in terms) if terms else math.nan
 
 
 def equalized_odds_gap(y: Sequence, pred: Sequence, group: Sequence, min_patients: int = MIN_GROUP) -> float:
     """max over classes c (one-vs-rest) of max(TPR gap, FPR gap) across groups with >= min_patients.
 
-    A class contributes its TPR gap only if every group has a patient of that class, and its FPR gap only if every
-    group has a patient of another class: a rate over zero patients is undefined, not 0. NaN when nothing is defined.
-    """
-    y, pred, group = np.asarray(y), np.asarray(pred), np.asarray(group, dtype=object)
-    groups = _eligible(group, min_patients)
-    if len(groups) < 2:
-        return math.nan
-    gaps = []
-    for c in np.union1d(y, pred):
-        for cond in (y == c, y != c):  # TPR: among patients of class c; FPR: among the others
-            rates = [np.mean(pred[(group == g) & cond] == c) for g in groups if ((group == g) & cond).any()]
-            if len(rates) == len(groups):
-                gaps.append(float(max(rates) - min(rates)))
-    return max(gaps) if gaps else math.nan
+    A class contributes its TPR gap only if every group has a patient of that class (FPR: of another class).
+    NaN with fewer than two such groups, or when no rate is defined in every group."""
+    terms = gap_terms(y, pred, group, "eo", min_patients)
+    return max(t[0] for t in terms) if terms else math.nan
 
 
 # ----------------------------------------------------------------------------------------------- plots
@@ -384,7 +411,8 @@ def _privacies(values) -> list[str]:
 
 def plot_rounds(res: Results, fig_dir: Path) -> Drawn:
     """(a) Held-out macro-F1 of the global model per round: one line per strategy, one panel per (data, privacy)."""
-    fed = res.rows[(res.rows.method == "federated") & (res.rows.site == "held-out") & res.rows["round"].notna()]
+    rows = res.rows
+    fed = rows[(rows.method == "federated") & (rows.site == "held-out") & rows["round"].notna() & rows.macro_f1.notna()]
     if fed.empty:
         return Drawn(None, "results.json has no federated held-out rows (no federated cell has finished a round)")
     datas = list(dict.fromkeys(fed.data))
@@ -463,19 +491,22 @@ def plot_privacy_utility(res: Results, fig_dir: Path) -> Drawn:
         ax.set_xlabel("per-site ε budget (log scale)")
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel("final held-out macro-F1")
-    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=min(len(handles), 5),
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=min(len(handles), 8),
                frameon=False, fontsize=9)
     return _save(fig, fig_dir / "privacy_utility.png")
 
 
-def _site_scores(rows: pd.DataFrame) -> pd.Series:
-    """Each site's latest own-evaluation macro-F1 in a federated cell (a site may have skipped the last round)."""
-    s = rows[~rows.site.isin(NOT_A_SITE) & ~rows.site.str.startswith("fold-") & rows["round"].notna()]
-    return s.sort_values("round").groupby("site").macro_f1.last()
+def _site_scores(rows: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Each site's latest own-evaluation macro-F1 and its round in a federated cell (a site may have skipped the last
+    round, or trained in it without an evaluation row)."""
+    s = rows[~rows.site.isin(NOT_A_SITE) & ~rows.site.str.startswith("fold-") & rows["round"].notna()
+             & rows.macro_f1.notna()]
+    last = s.sort_values("round").groupby("site").last()
+    return last.macro_f1, last["round"]
 
 
 def _local_for(res: Results, ref: pd.Series) -> tuple[pd.Series, str]:
-    """Local-only macro-F1 per site, from the local cells closest to `ref` (same partition and sites, same seed if any)."""
+    """Local-only macro-F1 per site, from the local cells closest to `ref` (same partition, sites and seed if any)."""
     loc = res.rows[(res.rows.method == "local") & (res.rows.data == ref.data) & (res.rows.privacy == "off")]
     for keys in (("partition", "sites", "seed"), ("partition", "sites"), ()):
         m = loc
@@ -494,16 +525,16 @@ def plot_sites(res: Results, data: str, featured: list[Featured], fig_dir: Path)
     fed = [f for f in featured if f.kind.startswith("federated")]
     if not fed:
         return Drawn(None, f"no federated cell for {data}"), []
-    notes, series, styles = [], [], []
+    notes, series, styles, stale_sites = [], [], [], []
     for f in fed:
-        rows = res.rows[res.rows.cell == f.cell]
-        s = _site_scores(rows)
-        late = rows.loc[rows.site.isin(s.index), ["site", "round"]].groupby("site")["round"].max()
+        s, late = _site_scores(res.rows[res.rows.cell == f.cell])
         stale = [f"{site} (round {int(r)})" for site, r in late.items() if r < f.final["round"]]
+        stale_sites.append({site: int(r) for site, r in late.items() if r < f.final["round"]})
         if stale:
-            notes.append(f"{f.title}: last evaluated before the final round: {', '.join(stale)}.")
+            notes.append(f"{_short(f)}: sites not evaluated in the final round ({int(f.final['round'])}), shown "
+                         f"with their last evaluation (bar label rK): {', '.join(stale)}.")
         series.append(s)
-        styles.append((f"federated {f.title}: each site's own evaluation part", res.colors[f.final.line],
+        styles.append((f"federated {_short(f)}: each site's own evaluation part", res.colors[f.final.line],
                        "//" if f.kind.endswith(", DP") else None))
     local, how = _local_for(res, fed[0].final)
     if len(local):
@@ -517,16 +548,21 @@ def plot_sites(res: Results, data: str, featured: list[Featured], fig_dir: Path)
         return Drawn(None, f"the featured cells of {data} have no per-site rows"), notes
     x = np.arange(len(sites))
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(6.5, 0.75 * len(sites) * len(series) + 2), 4.8), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(min(14.0, max(6.5, 0.45 * len(sites) * len(series) + 2)), 5.0),
+                           constrained_layout=True)
     handles = []
     for k, (s, (label, color, hatch)) in enumerate(zip(series, styles)):
         vals = s.reindex(sites).to_numpy(dtype=float)
-        handles.append(ax.bar(x - 0.4 + width * (k + 0.5), np.nan_to_num(vals), width, color=color, hatch=hatch,
+        xk = x - 0.4 + width * (k + 0.5)
+        handles.append(ax.bar(xk, np.nan_to_num(vals), width, color=color, hatch=hatch,
                               edgecolor="white" if hatch else None, alpha=0.9 if k < len(fed) else 0.75, label=label))
+        for site, rnd in (stale_sites[k] if k < len(stale_sites) else {}).items():
+            i = sites.index(site)
+            ax.text(xk[i], np.nan_to_num(vals[i]) + 0.01, f"r{rnd}", ha="center", va="bottom", fontsize=7)
     for f in fed:
         handles.append(ax.axhline(f.final.macro_f1, color=res.colors[f.final.line], lw=1.2,
                                   ls="--" if f.kind.endswith("no DP") else ":",
-                                  label=f"federated {f.title}: held-out patients"))
+                                  label=f"federated {_short(f)}: held-out patients"))
     ax.set_xticks(x, sites, rotation=45 if len(sites) > 8 else 0, ha="right" if len(sites) > 8 else "center")
     ax.set_ylabel("macro-F1")
     ax.set_ylim(0, 1.05)
@@ -534,6 +570,11 @@ def plot_sites(res: Results, data: str, featured: list[Featured], fig_dir: Path)
     ax.grid(axis="y", alpha=0.3)
     fig.legend(handles=handles, loc="outside lower center", ncol=1, frameon=False, fontsize=8)
     return _save(fig, fig_dir / f"sites_{_slug(data)}.png"), notes
+
+
+def _short(f: Featured) -> str:
+    """The title without the data set, for legends inside a per-data-set figure."""
+    return f.title.removeprefix(f"{f.data} · ")
 
 
 def _held_out(p: dict[str, np.ndarray]) -> np.ndarray:
@@ -568,7 +609,8 @@ def plot_roc(p: dict[str, np.ndarray], title: str, path: Path) -> tuple[Drawn, l
     others = [c for c in curves if c not in worst]
     for c in others:
         ax.plot(*curves[c], color="0.72", lw=0.7)
-    handles = [ax.plot(grid, mean_tpr, color="black", lw=2.6, label=f"macro-average (AUC {np.mean(list(aucs.values())):.3f})")[0]]
+    macro = float(np.mean(list(aucs.values())))
+    handles = ax.plot(grid, mean_tpr, color="black", lw=2.6, label=f"macro-average (AUC {macro:.3f})")
     palette = plt.get_cmap("Set1").colors
     for i, c in enumerate(worst):
         handles += ax.plot(*curves[c], color=palette[i], lw=1.3, label=f"{names[c]}: AUC {aucs[c]:.3f}")
@@ -578,7 +620,8 @@ def plot_roc(p: dict[str, np.ndarray], title: str, path: Path) -> tuple[Drawn, l
     ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="false positive rate", ylabel="true positive rate",
            aspect="equal")
     ax.set_title(f"{title}\nheld-out patients (n={len(y)}), one-vs-rest", fontsize=10)
-    ax.legend(handles=handles, loc="lower right", fontsize=8, title=f"lowest {len(worst)} classes by AUC",
+    ax.legend(handles=handles, loc="lower right", fontsize=8,
+              title="classes by AUC" if not others else f"lowest {len(worst)} classes by AUC",
               title_fontsize=8, framealpha=0.95)
     ax.grid(alpha=0.3)
     return _save(fig, path), skipped
@@ -599,7 +642,8 @@ def plot_confusion(p: dict[str, np.ndarray], title: str, path: Path) -> Drawn:
     big = k > 12
     fig, ax = plt.subplots(figsize=(10, 9) if big else (6.4, 5.6), constrained_layout=True)
     cmap = plt.get_cmap("Blues").with_extremes(bad="0.88")
-    im = ax.imshow(np.ma.masked_invalid(norm), cmap=cmap, vmin=0, vmax=1)
+    # square-root colour scale: a 5% confusion is visible next to a 95% diagonal
+    im = ax.imshow(np.ma.masked_invalid(norm), cmap=cmap, norm=matplotlib.colors.PowerNorm(0.5, vmin=0, vmax=1))
     fs = 6.5 if big else 9
     ax.set_xticks(np.arange(k), names, rotation=90, fontsize=fs)
     ax.set_yticks(np.arange(k), [f"{name} ({int(m)})" for name, m in zip(names, n)], fontsize=fs)
@@ -611,8 +655,10 @@ def plot_confusion(p: dict[str, np.ndarray], title: str, path: Path) -> Drawn:
                             color="white" if norm[i, j] > 0.6 else "black")
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class (held-out patients)")
-    ax.set_title(f"{title}\nrow-normalised; grey rows: no held-out patient of that class", fontsize=10)
-    fig.colorbar(im, ax=ax, shrink=0.8, label="share of the true class's patients")
+    ax.set_title(f"{title}\nrow-normalised (square-root colour scale); grey rows: no held-out patient of that class",
+                 fontsize=10)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="share of the true class's patients",
+                 ticks=[0, 0.05, 0.2, 0.4, 0.6, 0.8, 1])
     return _save(fig, path)
 
 
@@ -639,6 +685,8 @@ def plot_tsne(p: dict[str, np.ndarray], title: str, path: Path, max_rows: int = 
     if len(idx) < 5:
         return Drawn(None, f"only {len(idx)} rows in predictions.npz: too few for a 2-D map")
     fused = np.asarray(p["fused"][idx], dtype=np.float64).reshape(len(idx), -1)
+    if not np.isfinite(fused).all():
+        return Drawn(None, "fused has NaN or infinite values: no 2-D map")
     perplexity = min(30.0, (len(idx) - 1) / 3)
     # One thread: Barnes-Hut's OpenMP threads spin-wait, so on a machine busy with experiments they run ~20x slower.
     with threadpool_limits(limits=1, user_api="openmp"):
@@ -652,11 +700,12 @@ def plot_tsne(p: dict[str, np.ndarray], title: str, path: Path, max_rows: int = 
         values = [v for v in names if v in set(labels)] if what == "class" else \
             sorted(set(labels) - {"held-out"}, key=_natural) + (["held-out"] if "held-out" in labels else [])
         colors = _palette(len(values))
+        size = 14 if len(idx) <= 1000 else 7
         for v, color in zip(values, colors):
             m = labels == v
-            if v == "held-out" and what == "site":
-                color = "black"
-            ax.scatter(xy[m, 0], xy[m, 1], s=7, color=color, alpha=0.75, lw=0, label=f"{v} ({m.sum()})")
+            held = v == "held-out" and what == "site"  # many rows: grey and underneath, so the sites stay visible
+            ax.scatter(xy[m, 0], xy[m, 1], s=size, color="0.7" if held else color, alpha=0.6 if held else 0.85, lw=0,
+                       label=f"{v} ({m.sum()})", zorder=1 if held else 2)
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(f"coloured by {what}", fontsize=10)
@@ -685,8 +734,11 @@ def plot_modalities(final: dict | None, why: str, title: str, path: Path) -> Dra
         v = np.array(vals, dtype=float)
         ax.barh(y, np.nan_to_num(v), color=color)
         for yi, vi in zip(y, v):
-            ax.text(vi if np.isfinite(vi) else 0, yi, f" {vi:.3f}" if np.isfinite(vi) else " n/a", va="center",
-                    ha="left" if not np.isfinite(vi) or vi >= 0 else "right", fontsize=8)
+            neg = np.isfinite(vi) and vi < 0
+            ax.text(vi if np.isfinite(vi) else 0, yi, "n/a" if not np.isfinite(vi) else f"{vi:.3f}",
+                    va="center", ha="right" if neg else "left", fontsize=8,
+                    transform=ax.transData + matplotlib.transforms.ScaledTranslation(-0.04 if neg else 0.04, 0,
+                                                                                      ax.figure.dpi_scale_trans))
         ax.axvline(0, color="0.3", lw=0.8)
         ax.set_xlabel(label)
         lo, hi = np.nanmin(np.append(v, 0)), np.nanmax(np.append(v, 0))
@@ -699,13 +751,12 @@ def plot_modalities(final: dict | None, why: str, title: str, path: Path) -> Dra
     return _save(fig, path)
 
 
-def subgroups(p: dict[str, np.ndarray]) -> dict[str, tuple[pd.DataFrame, float, float]]:
-    """Per grouping (age band, gender) present among the held-out rows: table, demographic-parity gap, EO gap.
-
-    Unknown age/gender rows are listed as "unknown" but never enter the gaps (not a demographic group)."""
+def subgroups(p: dict[str, np.ndarray]) -> dict[str, tuple[pd.DataFrame, float, float, str, str]]:
+    """Per grouping (age band, gender) present among the held-out rows: table, demographic-parity gap, EO gap, and
+    which class and rate drive each gap. Unknown age/gender is listed as "unknown" but never enters the gaps."""
     ho = _held_out(p)
     y, pred = p["y"][ho], p["proba"][ho].argmax(1)
-    out = {}
+    names = [str(c) for c in p["classes"]]
     groupings = []
     if "age" in p and np.isfinite(np.asarray(p["age"], dtype=float)[ho]).any():
         groupings.append(("age at diagnosis", age_band(p["age"][ho]), [*AGE_BANDS, "unknown"]))
@@ -713,23 +764,31 @@ def subgroups(p: dict[str, np.ndarray]) -> dict[str, tuple[pd.DataFrame, float, 
         g = np.char.strip(p["gender"][ho].astype(str)).astype(object)
         g[g == ""] = "unknown"
         groupings.append(("gender", g, sorted(set(g) - {"unknown"}) + ["unknown"]))
+    out = {}
     for name, group, order in groupings:
         table = subgroup_table(y, pred, group, order=order)
         table.loc[table.group == "unknown", "in_gaps"] = False
         known = group != "unknown"
-        out[name] = (table, demographic_parity_gap(y[known], pred[known], group[known]),
-                     equalized_odds_gap(y[known], pred[known], group[known]))
+        gaps, drivers = [], []
+        for kind in ("dp", "eo"):
+            terms = gap_terms(y[known], pred[known], group[known], kind)
+            top = max(terms, key=lambda t: t[0]) if terms else None
+            gaps.append(top[0] if top else math.nan)
+            link = "as" if kind == "dp" else "of"
+            drivers.append(f"{top[2]} {link} {names[int(top[1])]}" if top and top[0] > 0 else "")
+        out[name] = (table, gaps[0], gaps[1], *drivers)
     return out
 
 
-def plot_subgroups(groups: dict[str, tuple[pd.DataFrame, float, float]], title: str, path: Path) -> Drawn:
+def plot_subgroups(groups: dict[str, tuple[pd.DataFrame, float, float, str, str]], title: str, path: Path) -> Drawn:
     """(h) Accuracy and macro-F1 per subgroup (hatched: < MIN_GROUP patients or unknown, outside the gaps)."""
     if not groups:
         return Drawn(None, "predictions.npz has no age or gender for the held-out patients of this cohort")
-    fig, axes = plt.subplots(1, len(groups), figsize=(max(5.0, 1.1 * sum(len(t) for t, _, _ in groups.values()) + 2.5), 4.4),
+    bars = sum(len(t[0]) for t in groups.values())
+    fig, axes = plt.subplots(1, len(groups), figsize=(max(5.0, 1.1 * bars + 2.5), 4.4),
                              squeeze=False, sharey=True, constrained_layout=True,
-                             gridspec_kw={"width_ratios": [len(t) + 1 for t, _, _ in groups.values()]})
-    for ax, (name, (table, dp, eo)) in zip(axes[0], groups.items()):
+                             gridspec_kw={"width_ratios": [len(t[0]) + 1 for t in groups.values()]})
+    for ax, (name, (table, dp, eo, *_)) in zip(axes[0], groups.items()):
         x = np.arange(len(table))
         for k, (metric, color) in enumerate((("accuracy", "#4c72b0"), ("macro_f1", "#55a868"))):
             for xi, r in zip(x, table.itertuples()):
@@ -739,9 +798,10 @@ def plot_subgroups(groups: dict[str, tuple[pd.DataFrame, float, float]], title: 
         ax.set_title(f"{name}\nDP gap {_f(dp)} · EO gap {_f(eo)}", fontsize=9)
         ax.set_ylim(0, 1.05)
         ax.grid(axis="y", alpha=0.3)
-    axes[0, 0].set_ylabel("held-out patients")
+    axes[0, 0].set_ylabel("score on held-out patients")
     handles = [Patch(color="#4c72b0", label="accuracy"), Patch(color="#55a868", label="macro-F1"),
-               Patch(facecolor="0.8", hatch="//", edgecolor="white", label=f"not in gaps (< {MIN_GROUP} patients or unknown)")]
+               Patch(facecolor="0.8", hatch="//", edgecolor="white",
+                     label=f"not in gaps (< {MIN_GROUP} patients or unknown)")]
     fig.legend(handles=handles, loc="outside lower center", ncol=3, frameon=False, fontsize=8)
     fig.suptitle(f"{title}: subgroups", fontsize=10)
     return _save(fig, path)
@@ -772,17 +832,17 @@ def _table(header: list[str], rows: list[list[str]], right: set[int] = frozenset
 def summary_section(res: Results) -> list[str]:
     """Per data set: the final-metrics table and the cost of federation / of privacy, computed from the numbers."""
     md = ["## Summary", "",
-          "Final metrics per configuration. *federated*: the global model after the last round on the patients of the "
+          ("Final metrics per configuration. *federated*: the global model after the last round on the patients of the "
           "held-out sites; *pooled* / *logistic*: one centralized model on the same held-out patients; *local*: the "
           "mean over the sites' models trained alone, each on the held-out patients; *pooled-cv*: cross-validation "
-          "inside the pool (not held-out). Several seeds: mean ± sample sd (n−1) over seeds.", ""]
+          "inside the pool (not held-out). Several seeds: mean ± sample sd (n−1) over seeds."), ""]
     for data, a in res.arms.groupby("data", sort=False):
         md += [f"### {data}", ""]
         rows = [[r.method, r.line if r.method == "federated" else (r.line.partition(" · ")[2] or "—"),
                  _plabel(r.privacy), str(r.seeds), _f(r.patients, 0),
                  *(_msd(getattr(r, f"{m}_mean"), getattr(r, f"{m}_sd")) for m in METRICS), _f(r.eps_spent, 2)]
                 for r in a.itertuples()]
-        md += [_table(["method", "configuration", "privacy", "seeds", "held-out patients", "accuracy",
+        md += [_table(["method", "configuration", "privacy", "seeds", "evaluated patients", "accuracy",
                        "balanced acc.", "macro-F1", "max ε spent"], rows, right={3, 4, 5, 6, 7, 8}), ""]
         md += [f"- {s}" for s in cost_sentences(a)] + [""]
     return md
@@ -805,7 +865,8 @@ def cost_sentences(arms: pd.DataFrame) -> list[str]:
         same = pooled[(pooled.partition == best.partition) & (pooled.sites == best.sites)]
         p = (same if len(same) else pooled).iloc[0]
         out.append(f"**Cost of federation**: best federated without DP ({best.line}, macro-F1 "
-                   f"{_f(best.macro_f1_mean)}) minus pooled ({_f(p.macro_f1_mean)}): {diff(best.macro_f1_mean, p.macro_f1_mean)}.")
+                   f"{_f(best.macro_f1_mean)}) minus pooled ({_f(p.macro_f1_mean)}): "
+                   f"{diff(best.macro_f1_mean, p.macro_f1_mean)}.")
     else:
         out.append("**Cost of federation**: not computed: needs a federated configuration without DP and a pooled "
                    "baseline.")
@@ -817,7 +878,8 @@ def cost_sentences(arms: pd.DataFrame) -> list[str]:
             out.append(f"**Cost of privacy, {_plabel(privacy)}**: not computed: no federated configuration without DP.")
             continue
         out.append(f"**Cost of privacy, {_plabel(privacy)}**: best with DP ({b.line}, {_f(b.macro_f1_mean)}) minus "
-                   f"best without ({best.line}, {_f(best.macro_f1_mean)}): {diff(b.macro_f1_mean, best.macro_f1_mean)}.")
+                   f"best without ({best.line}, {_f(best.macro_f1_mean)}): "
+                   f"{diff(b.macro_f1_mean, best.macro_f1_mean)}.")
     return out
 
 
@@ -825,11 +887,14 @@ def featured_section(res: Results, f: Featured, fig_dir: Path, out_dir: Path) ->
     """ROC, confusion, 2-D map, modality importance and subgroups of one featured cell."""
     slug = _slug(f.cell)
     r = f.final
-    md = [f"### {f.data}: {f.kind}: {f.title}", "",
-          f"Cell `{f.cell}`. Final held-out ({_f(r.patients, 0)} patients): accuracy {_f(r.accuracy)}, balanced "
+    md = [f"### {f.title}", "",
+          f"Best {KIND_TEXT[f.kind]}: cell `{f.cell}`. Final held-out ({_f(r.patients, 0)} patients): "
+          f"accuracy {_f(r.accuracy)}, balanced "
           f"accuracy {_f(r.balanced_accuracy)}, macro-F1 {_f(r.macro_f1)}"
           + (f"; max per-site ε spent {_f(r.epsilon_spent, 2)}." if np.isfinite(r.epsilon_spent) else "."), ""]
     p, why = res.predictions(f.cell)
+    if p is not None and why:
+        md += [f"*Note: {why}.*", ""]
     if p is None:
         roc, cm, tsne, groups, skipped = Drawn(None, why), Drawn(None, why), Drawn(None, why), {}, []
     else:
@@ -840,64 +905,81 @@ def featured_section(res: Results, f: Featured, fig_dir: Path, out_dir: Path) ->
     md += ["#### ROC curves (one-vs-rest, held-out patients)", "", _figure(roc, f"ROC {f.cell}", out_dir), ""]
     if skipped:
         md += [f"Classes without a curve (no held-out patient, or only them): {', '.join(skipped)}.", ""]
-    md += ["#### Confusion matrix (held-out patients, row-normalised)", "", _figure(cm, f"confusion {f.cell}", out_dir), ""]
+    md += ["#### Confusion matrix (held-out patients, row-normalised)", "",
+           _figure(cm, f"confusion {f.cell}", out_dir), ""]
     md += ["#### 2-D map of the fused representation (t-SNE)", "",
-           "All rows of predictions.npz: a sample of the federation's own patients (coloured by their site) and the "
-           "held-out patients (colour \"held-out\").", "", _figure(tsne, f"t-SNE {f.cell}", out_dir), ""]
+           ("All rows of predictions.npz: a sample of the federation's own patients (coloured by their site) and the "
+           "held-out patients (colour \"held-out\")."), "", _figure(tsne, f"t-SNE {f.cell}", out_dir), ""]
     final, fwhy = res.final_json(f.cell)
     md += ["#### Modality importance", "",
-           "Left: mean CLS attention weight over held-out patients who have the modality. Right: held-out macro-F1 "
-           "minus macro-F1 with the modality removed for every patient (positive: the model relies on it).", "",
+           ("Left: mean CLS attention weight over held-out patients who have the modality. Right: held-out macro-F1 "
+           "minus macro-F1 with the modality removed for every patient (positive: the model relies on it)."), "",
            _figure(plot_modalities(final, fwhy, f.title, fig_dir / f"modalities_{slug}.png"), f"modalities {f.cell}",
                    out_dir), ""]
     md += ["#### Subgroups (held-out patients)", ""]
     if p is not None and groups:
         rows = [[name, str(t.group), str(t.patients), _f(t.accuracy), _f(t.macro_f1), "yes" if t.in_gaps else "no"]
-                for name, (table, _, _) in groups.items() for t in table.itertuples()]
+                for name, (table, *_) in groups.items() for t in table.itertuples()]
         md += [_table(["grouping", "group", "patients", "accuracy", "macro-F1", "in gaps"], rows, right={2, 3, 4}), ""]
-        for name, (_, dp, eo) in groups.items():
-            md.append(f"- {name}: demographic-parity gap {_f(dp)}, equalized-odds gap {_f(eo)}"
-                      + (" (fewer than two groups with enough patients: no gap)" if not np.isfinite(dp) else "") + ".")
-        md += ["", f"Gaps are computed over groups with at least {MIN_GROUP} patients; smaller groups and unknown "
+        for name, (_, dp, eo, dp_by, eo_by) in groups.items():
+            if not np.isfinite(dp):
+                md.append(f"- {name}: no gap (fewer than two groups with at least {MIN_GROUP} patients).")
+                continue
+            md.append(f"- {name}: demographic-parity gap {_f(dp)}" + (f" ({dp_by})" if dp_by else "")
+                      + f", equalized-odds gap {_f(eo)}" + (f" ({eo_by})" if eo_by else "") + ".")
+        md += ["", (f"Gaps are computed over groups with at least {MIN_GROUP} patients; smaller groups and unknown "
                "age/gender are listed but excluded. Demographic parity: max over classes of the spread of "
                "P(pred = c | group); equalized odds: max over classes of the larger spread of TPR and FPR "
-               "(one-vs-rest; a class's TPR counts only if every group has a patient of it).", ""]
-    md += [_figure(plot_subgroups(groups, f.title, fig_dir / f"subgroups_{slug}.png") if p is not None else Drawn(None, why),
-                   f"subgroups {f.cell}", out_dir), ""]
+               "(one-vs-rest; a class's TPR counts only if every group has a patient of it). With many classes and "
+               "small groups, a gap is often driven by one rare class: the class and rate behind each gap are in "
+               "brackets."), ""]
+    drawn = plot_subgroups(groups, f.title, fig_dir / f"subgroups_{slug}.png") if p is not None else Drawn(None, why)
+    md += [_figure(drawn, f"subgroups {f.cell}", out_dir), ""]
     return md
+
+
+def _experiment_name(res: Results) -> str:
+    """results.json's experiment name: top-level "name", or the config dump's [experiment] name, or the rows'."""
+    e = res.experiment
+    section = e.get("experiment") if isinstance(e.get("experiment"), dict) else {}
+    names = [n for n in res.rows.experiment if n]
+    return str(e.get("name") or section.get("name") or (names[0] if names else res.dir.name))
 
 
 def build_markdown(res: Results, out_dir: Path) -> str:
     fig_dir = out_dir / "figures"
     rows = res.rows
-    name = res.experiment.get("name") or res.dir.name
+    name = _experiment_name(res)
     fed = rows[rows.method == "federated"]
     md = [f"# OncoFed experiment report: {name}", "",
-          f"Results directory `{res.dir}`: {rows.cell.nunique()} cells, data sets {', '.join(dict.fromkeys(rows.data))}; "
+          (f"Results directory `{res.dir}`: {rows.cell.nunique()} cells, "
+           f"data sets {', '.join(dict.fromkeys(rows.data))}; "
           f"strategies {', '.join(sorted(set(fed.strategy) - {''})) or '—'}; privacy "
           f"{', '.join(_plabel(p) for p in _privacies(fed.privacy)) or '—'}; seeds "
           f"{', '.join(sorted(set(rows.seed) - {''}, key=_natural)) or '—'}; "
-          f"rounds {int(fed['round'].max()) if fed['round'].notna().any() else '—'}.", ""]
+          f"rounds {int(fed['round'].max()) if fed['round'].notna().any() else '—'}."), ""]
     md += summary_section(res)
     md += ["## Held-out macro-F1 per round", "",
            "The global model after each round on the patients of the held-out sites; band: ± sd over seeds.", "",
            _figure(plot_rounds(res, fig_dir), "held-out macro-F1 per round", out_dir), ""]
     md += ["## Privacy–utility", "",
-           "Final held-out macro-F1 against the per-site ε budget (error bars: sd over seeds); the open diamond at the "
-           "right is the same strategy without DP. Dashed: baselines without DP.", "",
+           ("Final held-out macro-F1 against the per-site ε budget (error bars: sd over seeds); the open diamond at "
+            "the "
+           "right is the same strategy without DP. Dashed: baselines without DP."), "",
            _figure(plot_privacy_utility(res, fig_dir), "privacy-utility", out_dir), ""]
     featured = select_featured(res)
     md += ["## Per-site performance", "",
-           "Bars: federated featured cells on each site's own evaluation part (final round), next to the local-only "
+           ("Bars: federated featured cells on each site's own evaluation part (final round), next to the local-only "
            "model of each site (trained on that site alone) on the held-out patients. Lines: the federated model on "
-           "the held-out patients, the number comparable with the local-only bars.", ""]
+           "the held-out patients, the number comparable with the local-only bars."), ""]
     for data in dict.fromkeys(rows.data):
         drawn, notes = plot_sites(res, data, featured.get(data, []), fig_dir)
-        md += [f"### {data}", "", _figure(drawn, f"per-site {data}", out_dir), "", *notes, ""]
+        md += [f"### {data}", "", _figure(drawn, f"per-site {data}", out_dir), "", *(f"- {n}" for n in notes), ""]
     md += ["## Featured cells", "",
-           "Per data set: the federated cell (one seed) with the best final held-out macro-F1 without DP, the best with "
+           ("Per data set: the federated cell (one seed) with the best final held-out macro-F1 without DP, the best "
+            "with "
            "DP, and the best pooled cell with predictions. ROC, confusion matrix and subgroups use the held-out rows "
-           "of predictions.npz.", ""]
+           "of predictions.npz."), ""]
     for data, cells in featured.items():
         if not cells:
             md += [f"*No featured cell for {data}: no federated or pooled cell finished.*", ""]

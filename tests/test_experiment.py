@@ -110,6 +110,8 @@ def test_tiny_grid_runs_writes_tidy_rows_and_resumes(tmp_path):
     pred = np.load(cell / "predictions.npz")
     held = pred["split"] == "held-out"
     assert held.sum() == 90 and (~held).sum() > 0  # site patients sampled for the 2-D map
+    pred = np.load(cell / "predictions.npz", allow_pickle=False)  # plain arrays: no pickled objects
+    assert {pred[k].dtype.kind for k in ("split", "site", "gender", "classes")} == {"U"}
     assert pred["proba"].shape == (len(pred["y"]), 3) and np.allclose(pred["proba"].sum(1), 1, atol=1e-4)
     final = json.loads((cell / "final.json").read_text())
     # The final held-out row of the grid is the delivered model's score, which final.json recomputes.
@@ -126,3 +128,22 @@ def test_tiny_grid_runs_writes_tidy_rows_and_resumes(tmp_path):
     assert not (out / "cells" / "synthetic-dirichlet_1.0-2-s0-logistic" / "partial.tmp").exists()
     again = json.loads((out / "results.json").read_text())["rows"]
     assert [{**r, "seconds": None} for r in again] == [{**r, "seconds": None} for r in rows]  # same split, same fit
+
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "simulations" / "experiments"
+
+
+def test_committed_strategy_grid_is_valid():
+    cfg = ExperimentConfig.load(EXPERIMENTS / "strategies.toml")
+    assert {c.strategy for c in cells(cfg)} >= {"fedavg", "fedprox", "fedadam"}
+
+
+def test_committed_real_study_is_valid():
+    brca = Path(__file__).resolve().parents[2] / "shared" / "data" / "tcga_brca_pam50"
+    if not brca.is_dir():
+        pytest.skip(f"the real-data study reads BRCA from {brca}, which is absent (../shared/data not beside the "
+                    "checkout)")
+    cfg = ExperimentConfig.load(EXPERIMENTS / "real-study.toml")
+    grid = cells(cfg)
+    assert {c.data for c in grid} == {"pancan33", "brca"}
+    assert {c.method for c in grid} == {"federated", "pooled", "pooled-cv", "local", "logistic"}
