@@ -538,7 +538,10 @@ def _demographics(site_dir: Path, ids: list[str], schema) -> tuple[np.ndarray, n
     gender = column("clinical", ("gender", "sex"))
     group = column(LABELS_STEM, ("tss",))
     n = len(ids)
-    return (pd.to_numeric(age, errors="coerce").to_numpy(np.float64) if age is not None else np.full(n, np.nan),
+    years = pd.to_numeric(age, errors="coerce").to_numpy(np.float64) if age is not None else np.full(n, np.nan)
+    if np.nanmedian(years) > 150 if np.isfinite(years).any() else False:
+        years = years / 365.25  # GDC's age_at_diagnosis is in days (the BRCA cohort's clinical table)
+    return (years,
             np.asarray(gender.fillna("").astype(str).str.lower(), dtype=str) if gender is not None else np.full(n, ""),
             np.asarray(group.fillna("held-out").astype(str), dtype=str) if group is not None else np.full(n, "held-out"))
 

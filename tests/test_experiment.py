@@ -147,3 +147,16 @@ def test_committed_real_study_is_valid():
     grid = cells(cfg)
     assert {c.data for c in grid} == {"pancan33", "brca"}
     assert {c.method for c in grid} == {"federated", "pooled", "pooled-cv", "local", "logistic"}
+
+
+def test_demographics_read_age_in_days_as_years_and_keep_plain_strings(tmp_path):
+    from simulations.experiment import _demographics
+
+    class Schema:  # only the id column is read
+        id_column = "patient"
+
+    (tmp_path / "clinical.csv").write_text("patient,age_at_diagnosis,gender\nA,20211.0,Female\nB,,\nC,14610,male\n")
+    (tmp_path / "labels.csv").write_text("patient,pam50,tss\nA,LumA,3C\nB,Basal,NA\nC,Her2,A2\n")
+    age, gender, tss = _demographics(tmp_path, ["A", "B", "C"], Schema)
+    assert age[0] == pytest.approx(55.33, abs=0.01) and np.isnan(age[1]) and age[2] == pytest.approx(40.0, abs=0.01)
+    assert list(gender) == ["female", "", "male"] and gender.dtype.kind == "U" and tss.dtype.kind == "U"
