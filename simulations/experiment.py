@@ -283,7 +283,7 @@ def run_cell(cfg: ExperimentConfig, cell: Cell, root: Path, log=print) -> list[d
 
 
 def _run_federated(cfg, cell, fed, schema_path, manifest, work, log) -> list[dict]:
-    from simulations.federation import federation_config, run_federation
+    from simulations.federation import federation_config, load_installed, run_federation
 
     n = len(manifest["sites"])
     dp = cell.privacy != "off"
@@ -311,14 +311,7 @@ def _run_federated(cfg, cell, fed, schema_path, manifest, work, log) -> list[dic
     installed = [d for d in result["deliveries"] if d.get("installed")]
     if not installed:
         raise ExperimentError(f"cell {cell.id}: no site installed the final model; see {work / 'flower'}")
-    model_dir = Path(installed[0]["path"]).parent
-    from client.model_store import ModelStore
-    from shared_models.schema import FeatureSchema
-    from shared_models.weights import load_weights
-
-    version = ModelStore(model_dir).active()
-    schema = FeatureSchema.load(model_dir / version / "schema.json")
-    model = load_weights(model_dir / version / "weights.pt", schema).eval()
+    model, schema, _ = load_installed(Path(installed[0]["path"]).parent)
     final_evaluation(model, schema, fed, manifest, work)
     return rows
 

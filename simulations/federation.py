@@ -166,21 +166,26 @@ def _interesting(line: str) -> bool:
     return any(k in line for k in keys)
 
 
+def load_installed(model_dir: Path):
+    """(model in eval mode, schema, version) of the active version of a site's model store."""
+    from client.model_store import ModelStore
+    from shared_models.schema import FeatureSchema
+    from shared_models.weights import load_weights
+
+    version = ModelStore(model_dir).active()
+    schema = FeatureSchema.load(model_dir / version / "schema.json")
+    return load_weights(model_dir / version / "weights.pt", schema).eval(), schema, version
+
+
 def evaluate_on_site(model_dir: Path, site_dir: Path) -> dict:
     """The installed global model on a labelled site it never saw, normalised with that site's own
     statistics (as a new hospital would serve it)."""
     import torch
 
-    from client.model_store import ModelStore
     from shared_models.evaluation import evaluate
-    from shared_models.schema import FeatureSchema
     from shared_models.site_data import load_labelled_site
-    from shared_models.weights import load_weights
 
-    store = ModelStore(model_dir)
-    version = store.active()
-    schema = FeatureSchema.load(model_dir / version / "schema.json")
-    model = load_weights(model_dir / version / "weights.pt", schema).eval()
+    model, schema, version = load_installed(model_dir)
     ds = load_labelled_site(schema, site_dir)
     m = evaluate(model, torch.from_numpy(ds.x), torch.from_numpy(ds.y))
     return {"patients": int(len(ds.y)), "accuracy": m.accuracy, "balanced_accuracy": m.balanced_accuracy,
