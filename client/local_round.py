@@ -28,7 +28,7 @@ import torch
 from client.site import PreparedSite
 from client.training import (TrainConfig, build_loader, build_loss, build_optimizer, class_counts, evaluate,
                              lr_multiplier)
-from privacy.accounting import BudgetError, noise_multiplier_for, planned_steps
+from privacy.accounting import BudgetError, compact, noise_multiplier_for, planned_steps
 from shared_models.model import MultiModalTransformer
 from shared_models.run_config import RunConfig
 from shared_models.weights import load_arrays, state_arrays  # noqa: F401 (state_arrays: re-export)
@@ -93,7 +93,8 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
         from opacus import PrivacyEngine
 
         engine = PrivacyEngine(accountant="prv")
-        engine.accountant.history = site.ledger.history(site.dataset_fingerprint, excluding=ticket)
+        # compacted: one entry per (sigma, q) instead of one per past round (PRV's cost grows with entries)
+        engine.accountant.history = compact(site.ledger.history(site.dataset_fingerprint, excluding=ticket))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Opacus' notes on secure_mode and optimizer types
             hooks, optimizer, loader = engine.make_private(
