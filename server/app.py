@@ -43,17 +43,23 @@ torch.set_num_threads(1)
 app = ServerApp()
 
 
+SECAGG_MAX_SHARES = 21  # odd: Flower's neighbour graph wants an odd share count below the number of sites
+
+
 def secagg_workflow(cfg: RunConfig, n_sites: int) -> TimedSecAggPlusWorkflow:
     """SecAgg+ parameters derived from the number of sites.
 
-    Every site is every other's neighbour (num_shares=1.0: consortia have 3-20 hospitals). The
+    Up to SECAGG_MAX_SHARES sites every site is every other's neighbour (num_shares=1.0: consortia
+    have 3-20 hospitals); beyond that each site shares its keys with SECAGG_MAX_SHARES neighbours
+    (SecAgg+'s sparse graph: all-to-all sharing made a 100-site round 2.5x slower than without
+    SecAgg+, see docs/research-guide.md), and the threshold stays that share of the neighbours. The
     sum of n quantised vectors must stay below the modulus (2**32, Flower's limit), so the
     quantisation range is the largest power of two leaving room for n+1 summands. Sites send
     deltas (|delta| << clipping range), so the quantisation step 2*clip/Q is ~1e-8 of the range.
     """
     q_bits = 32 - math.ceil(math.log2(n_sites + 1))
     return TimedSecAggPlusWorkflow(
-        num_shares=1.0, reconstruction_threshold=cfg.secagg_threshold, max_weight=cfg.secagg_max_weight,
+        num_shares=min(1.0, SECAGG_MAX_SHARES / n_sites), reconstruction_threshold=cfg.secagg_threshold, max_weight=cfg.secagg_max_weight,
         clipping_range=cfg.secagg_clipping_range, quantization_range=2**q_bits, modulus_range=2**32,
         timeout=cfg.round_timeout)
 

@@ -109,6 +109,22 @@ def test_secagg_aggregate_equals_plain_fedavg_and_every_site_holds_the_model(fed
         assert site_events == ["round_trained", "round_trained", "model_installed"]
 
 
+@pytest.mark.parametrize("n_sites, shares", [(3, 3), (8, 8), (21, 21), (30, 21), (100, 21)])
+def test_secagg_parameters_follow_the_number_of_sites(n_sites, shares):
+    """All-to-all key sharing up to 21 sites, 21 neighbours beyond; the quantised sum never wraps."""
+    from server.app import secagg_workflow
+    from shared_models.run_config import RunConfig
+
+    cfg = RunConfig.from_flower({"schema": "x.json"})
+    wf = secagg_workflow(cfg, n_sites)
+    derived = round(wf.num_shares * n_sites)  # Flower's rule for a float num_shares (SecAggPlusWorkflow)
+    if derived < n_sites and derived % 2 == 0:
+        derived += 1
+    assert derived == shares
+    assert (n_sites + 1) * wf.quantization_range <= wf.modulus_range == 2**32
+    assert wf.timeout == cfg.round_timeout
+
+
 def test_an_unusable_eval_data_directory_stops_the_server_naming_the_setting(tmp_path):
     from server.app import server_evaluation
     from shared_models.run_config import RunConfig
