@@ -48,6 +48,36 @@ def flower_env(flwr_home: Path, http_port: int, control_port: int) -> dict:
     return env
 
 
+def _proc_table() -> dict[int, tuple[int, int]]:
+    """{pid: (parent pid, session id)} of every process (Linux /proc; empty elsewhere)."""
+    out = {}
+    for d in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat", "rb") as fh:
+                    stat = fh.read()
+            except OSError:  # ended meanwhile
+                continue
+            fields = stat[stat.rfind(b")") + 2:].split()  # after "pid (comm) ": state ppid pgrp session
+            out[int(d)] = (int(fields[1]), int(fields[3]))
+    return out
+
+
+def _sessions_below(root: int) -> set[int]:
+    """Session ids of `root` and of every process below it (the SuperExec and Ray start their own)."""
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    sessions, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        if pid in table:
+            sessions.add(table[pid][1])
+        todo.extend(children.get(pid, []))
+    return sessions - {os.getsid(0)}
+
+
 @dataclass
 class LocalSuperLink:
     process: subprocess.Popen
@@ -55,12 +85,28 @@ class LocalSuperLink:
     log_file: Path
 
     def stop(self) -> None:
+        """End the SuperLink and everything it started, also what left its process group: the SuperExec
+        and the simulation's Ray processes run in sessions of their own and would outlive an
+        interrupted run, holding memory and CPU."""
+        sessions = _sessions_below(self.process.pid) if self.process.poll() is None else set()
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 2.0)):
+            left = [p for p, (_, sid) in _proc_table().items() if sid in sessions and p != os.getpid()]
+            for pid in left:
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+            deadline = time.monotonic() + grace
+            while left and time.monotonic() < deadline:
+                time.sleep(0.2)
+                left = [p for p, (_, sid) in _proc_table().items() if sid in sessions and p != os.getpid()]
 
 
 def start_local_superlink(work: Path) -> LocalSuperLink:
@@ -140,6 +186,7 @@ def run_federation(work: Path, run_config: dict, n_sites: int, stream=sys.stdout
            "--federation-config", f"num-supernodes={n_sites} client-resources-num-cpus=1",
            "--run-config", overrides]
     log_path = work / "flwr-run.log"
+    proc = None
     try:
         with open(log_path, "w") as log:
             proc = subprocess.Popen(cmd, env=link.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -150,6 +197,9 @@ def run_federation(work: Path, run_config: dict, n_sites: int, stream=sys.stdout
                     stream.flush()
             proc.wait()
     finally:
+        if proc is not None and proc.poll() is None:  # interrupted: end `flwr run` too
+            proc.terminate()
+            proc.wait()
         link.stop()
     result_file = Path(run_config["output-dir"]) / "result.json"
     if proc.returncode != 0 or not result_file.exists():

@@ -212,3 +212,29 @@ def test_a_server_killed_mid_run_resumes_from_its_checkpoint_and_ledgers_stay_ex
         # round 2 was re-run after the crash: once if the first attempt never finished (its pending entry
         # was replaced), twice if it had finished (its update may have left the site: a real release)
         assert 1 <= len([e for e in entries if e["round"] == 2]) <= 2
+
+
+def test_stopping_the_local_superlink_ends_what_it_started_in_other_sessions(tmp_path):
+    """The SuperExec and Ray leave the SuperLink's process group (new sessions); stop() ends them too."""
+    import sys
+
+    from simulations.federation import LocalSuperLink
+
+    pid_file = tmp_path / "grandchild.pid"
+    script = ("import subprocess, sys, time\n"
+              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True)\n"
+              f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+              "time.sleep(300)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    deadline = time.monotonic() + 20
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline, "the stand-in SuperLink did not start its child"
+        time.sleep(0.1)
+    grandchild = int(pid_file.read_text())
+    assert os.getsid(grandchild) != os.getsid(proc.pid)  # it left the SuperLink's session
+    LocalSuperLink(proc, {}, tmp_path / "log").stop()
+    assert proc.poll() is not None
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{grandchild}").exists() and "Z" not in Path(f"/proc/{grandchild}/stat").read_text().split()[2]:
+        assert time.monotonic() < deadline, "the process in its own session outlived stop()"
+        time.sleep(0.1)
