@@ -196,8 +196,8 @@ class TreeSampler(threading.Thread):
 
     def reap(self, grace: float = 15.0) -> int:
         """End the processes of the run's sessions still alive `grace` s after it (an interrupted or
-        failed run leaves flwr-simulation and Ray behind: LocalSuperLink.stop ends only the SuperLink's
-        own process group). Returns how many had to be ended."""
+        failed run could leave flwr-simulation and Ray behind; LocalSuperLink.stop now ends them, this
+        is the benchmark's own check that nothing outlives a measured run). Returns how many had to be ended."""
         def alive() -> list[int]:
             return [p for p, st in _stats().items() if st[2] in self.sessions and p != os.getpid()]
 
