@@ -24,6 +24,7 @@ DP-SGD (Opacus, hooks mode) needs per-sample gradients that are exact, so the ru
 from __future__ import annotations
 
 import math
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -49,9 +50,9 @@ class ModelConfig(BaseModel):
     tabular_blocks: int = Field(
         0, ge=0, description="transformer blocks over column tokens (0 = a learned linear embedding, mean-pooled)")
     fusion_blocks: int = Field(2, ge=1)
-    wide_rank: int = Field(
-        16, ge=0, description="rank of each modality's wide path, a linear map from its numeric inputs straight "
-        "to the logits (0 = none); see MultiModalTransformer")
+    wide_rank: Annotated[int, Field(ge=0)] | Literal["full"] = Field(
+        16, description="rank of each modality's wide path, a linear map from its numeric inputs straight to the "
+        "logits (0 = none; 'full' = one unfactorised Linear(F, classes)); see MultiModalTransformer")
     wide_gain: float = Field(1.0, gt=0, description="the wide paths' input multiplier (their first layer's initial "
                              "weights are divided by it): scales their share of each clipped per-sample gradient")
     ff_mult: int = Field(2, ge=1)
@@ -293,8 +294,10 @@ class MultiModalTransformer(nn.Module):
         r = self.config.wide_rank
         self.wide_modalities = [i for i, m in enumerate(schema.modalities) if r and all(
             m.column_type(f) is not ColumnType.categorical for f in m.features)]
+        k = schema.n_classes
         self.wide = nn.ModuleList(
-            nn.Sequential(nn.Linear(schema.modalities[i].n_features, r), nn.Linear(r, schema.n_classes))
+            nn.Sequential(nn.Linear(schema.modalities[i].n_features, k)) if r == "full" else
+            nn.Sequential(nn.Linear(schema.modalities[i].n_features, r), nn.Linear(r, k))
             for i in self.wide_modalities)
         with torch.no_grad():  # the same function at initialisation; the first layers' gradients x gain
             for path in self.wide:

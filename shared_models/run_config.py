@@ -12,7 +12,7 @@ the ServerApp and the ClientApps do not run in the project directory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -88,7 +88,9 @@ class RunConfig(BaseModel):
     latent_blocks: int = Field(0, alias="latent-blocks", ge=0)
     tabular_blocks: int = Field(0, alias="tabular-blocks", ge=0)
     fusion_blocks: int = Field(2, alias="fusion-blocks", ge=1)
-    wide_rank: int = Field(16, alias="wide-rank", ge=0)
+    wide_rank: Annotated[int, Field(ge=0)] | Literal["full"] = Field(
+        "full", alias="wide-rank", description="'full' for DP-SGD: a factorised wide path multiplies the noise of "
+        "its two factors (README, 'Federated training'); ModelConfig's 16 serves centralized training")
     wide_gain: float = Field(4.0, alias="wide-gain", gt=0,
                              description="4 for DP-SGD (the wide paths' share of each clipped gradient); "
                                          "ModelConfig's 1 is better for non-private centralized training")

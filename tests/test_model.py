@@ -69,6 +69,17 @@ def test_modality_weights_sum_to_one_over_present_modalities(tiny_schema):
     assert out["wide_logits"][present].abs().sum() > 0
 
 
+def test_a_full_wide_path_is_one_linear_map_per_numeric_modality(tiny_schema):
+    model = MultiModalTransformer(tiny_schema, ModelConfig(wide_rank="full"))
+    assert model.wide_modalities  # the tiny schema has numeric modalities
+    for path, i in zip(model.wide, model.wide_modalities):
+        assert len(path) == 1 and path[0].weight.shape == (tiny_schema.n_classes,
+                                                            tiny_schema.modalities[i].n_features)
+    assert torch.isfinite(model(_every_subset_batch(tiny_schema))).all()
+    with pytest.raises(ValueError, match="wide_rank"):
+        ModelConfig(wide_rank="half")
+
+
 def test_empty_batch_is_allowed(tiny_schema):
     # Poisson sampling (DP-SGD) can draw an empty batch.
     model = MultiModalTransformer(tiny_schema)
@@ -124,15 +135,16 @@ def _opacus_grad_samples(model, x, y):
     return samples
 
 
+@pytest.mark.parametrize("wide_rank", [16, "full"], ids=["wide-rank-16", "wide-full"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("missing", [False, True], ids=["all-present", "missing-modalities"])
-def test_opacus_per_sample_gradients_equal_a_brute_force_loop(tiny_schema, missing, dtype):
+def test_opacus_per_sample_gradients_equal_a_brute_force_loop(tiny_schema, missing, dtype, wide_rank):
     # float64 shows the two computations are the same function, parameter by parameter (~1e-11).
     # In float32 some true gradients are exactly zero (attention over a single chunk token) and come
     # out as ~1e-9 round-off, so there each sample's whole gradient vector is compared: it is what
     # DP-SGD clips and noises.
     torch.manual_seed(0)
-    model = MultiModalTransformer(tiny_schema, NO_DROPOUT).to(dtype)
+    model = MultiModalTransformer(tiny_schema, ModelConfig(dropout=0.0, wide_rank=wide_rank)).to(dtype)
     x = _every_subset_batch(tiny_schema, n=10) if missing else random_inputs(tiny_schema, 10)
     if missing:
         x[3, 7] = float("nan")  # plus a missing value inside a present modality
