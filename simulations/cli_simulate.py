@@ -35,7 +35,7 @@ def simulate(
     """Federate the 8 center8 hospitals of the vendored TCGA pan-cancer cohort and report the global
     model on patients of tissue-source sites no hospital holds."""
     from simulations.federation import ROOT, SimulationError, ensure_partition, evaluate_on_site, run_federation
-    from simulations.federation import federation_config, summarize
+    from simulations.federation import f1_by_class_size, federation_config, summarize
 
     extra = _parse_overrides(overrides)
     out = out.resolve()
@@ -80,6 +80,17 @@ def simulate(
     held = evaluate_on_site(Path(installed[0]["path"]).parent, sites / manifest["holdout"]["dir"])
     typer.echo(f"held-out tss patients ({held['patients']:,}): accuracy {held['accuracy']:.3f}, balanced accuracy "
                f"{held['balanced_accuracy']:.3f}, macro-F1 {held['macro_f1']:.3f}")
+    counts: dict[str, int] = {}
+    for site in manifest["sites"]:
+        for c, k in site["class_counts"].items():
+            counts[c] = counts.get(c, 0) + k
+    held["by_class_size"] = sizes = f1_by_class_size(held["per_class_f1"], counts)
+    common, rare = sizes["common"], sizes["rare"]
+    if common["types"] and rare["types"]:
+        typer.echo(f"  by type size across the hospitals: {len(common['types'])} types with >= {sizes['threshold']} "
+                   f"patients, mean F1 {common['mean_f1']:.3f}; {len(rare['types'])} with fewer "
+                   f"({', '.join(rare['types'])}: {min(rare['patients'])}-{max(rare['patients'])}), "
+                   f"mean F1 {rare['mean_f1']:.3f}")
     eps = result.get("site_epsilon", {})
     if eps:
         typer.echo("epsilon spent per site: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(eps.items())))

@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from server.submit import is_duplicate_log_line
 from shared_models.run_config import flwr_overrides
 
@@ -238,8 +240,24 @@ def evaluate_on_site(model_dir: Path, site_dir: Path) -> dict:
     model, schema, version = load_installed(model_dir)
     ds = load_labelled_site(schema, site_dir)
     m = evaluate(model, torch.from_numpy(ds.x), torch.from_numpy(ds.y))
+    present = set(np.unique(ds.y).tolist())
     return {"patients": int(len(ds.y)), "accuracy": m.accuracy, "balanced_accuracy": m.balanced_accuracy,
-            "macro_f1": m.macro_f1, "model_version": version}
+            "macro_f1": m.macro_f1, "model_version": version,
+            "per_class_f1": {schema.classes[c]: f for c, f in enumerate(m.per_class_f1) if c in present}}
+
+
+RARE_PATIENTS = 60  # a type with fewer patients across all training sites counts as rare in the summary
+
+
+def f1_by_class_size(per_class_f1: dict[str, float], class_counts: dict[str, int],
+                     threshold: int = RARE_PATIENTS) -> dict:
+    """Mean held-out F1 of the types with >= threshold training patients across the federation and of
+    the rarer ones (DP-SGD's cost falls on small groups; macro-F1 weighs them like the others)."""
+    groups = {"common": [c for c in per_class_f1 if class_counts.get(c, 0) >= threshold],
+              "rare": [c for c in per_class_f1 if class_counts.get(c, 0) < threshold]}
+    return {name: {"types": sorted(cs), "patients": [class_counts.get(c, 0) for c in sorted(cs)],
+                   "mean_f1": float(np.mean([per_class_f1[c] for c in cs])) if cs else None}
+            for name, cs in groups.items()} | {"threshold": threshold}
 
 
 def clean(work: Path) -> None:
@@ -259,4 +277,4 @@ def summarize(metrics_file: Path) -> list[dict]:
     return rows
 
 
-__all__ = ["run_federation", "federation_config", "ensure_partition", "evaluate_on_site", "summarize", "SimulationError"]
+__all__ = ["run_federation", "federation_config", "ensure_partition", "evaluate_on_site", "f1_by_class_size", "summarize", "SimulationError"]

@@ -28,3 +28,15 @@ def test_round_benchmark_quick_run_breaks_a_real_round_down(tmp_path):
     on = result["results"]["dp+secagg"]
     assert set(on["secagg_stages"]) == {"setup", "share_keys", "collect_masked_vectors", "unmask"}
     assert on["train_sum"] > 0 and on["round"] > 0 and "secagg_overhead_dp" in result
+
+
+def test_dp_yardstick_pools_the_hospitals_and_spends_exactly_the_budget():
+    """The linear model only (seconds): DP at epsilon 8 spends what it was given and costs accuracy."""
+    out = subprocess.run([sys.executable, "benchmarks/dp_yardstick.py", "--models", "linear", "--epsilons", "8"],
+                         cwd=ROOT, check=True, capture_output=True, text=True, timeout=600).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["patients"] > 4000 and result["held_out"] > 1000
+    plain, dp = result["rows"]
+    assert plain["epsilon"] is None and plain["epsilon_spent"] == 0
+    assert dp["epsilon"] == 8 and 7.5 <= dp["epsilon_spent"] <= 8.0
+    assert 0.3 < dp["macro_f1"] < plain["macro_f1"]

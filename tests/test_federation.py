@@ -238,3 +238,12 @@ def test_stopping_the_local_superlink_ends_what_it_started_in_other_sessions(tmp
     while Path(f"/proc/{grandchild}").exists() and "Z" not in Path(f"/proc/{grandchild}/stat").read_text().split()[2]:
         assert time.monotonic() < deadline, "the process in its own session outlived stop()"
         time.sleep(0.1)
+
+
+def test_held_out_f1_is_split_by_how_many_patients_a_type_has_across_the_federation():
+    from simulations.federation import f1_by_class_size
+
+    sizes = f1_by_class_size({"A": 0.9, "B": 0.7, "C": 0.2, "D": 0.4}, {"A": 300, "B": 60, "C": 24, "D": 59})
+    assert sizes["common"] == {"types": ["A", "B"], "patients": [300, 60], "mean_f1": pytest.approx(0.8)}
+    assert sizes["rare"] == {"types": ["C", "D"], "patients": [24, 59], "mean_f1": pytest.approx(0.3)}
+    assert f1_by_class_size({"A": 1.0}, {"A": 5}, threshold=5)["rare"]["mean_f1"] is None

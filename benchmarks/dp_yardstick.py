@@ -1,0 +1,150 @@
+"""What DP-SGD costs before federation does anything: the DP yardstick of the main job.
+
+The training patients of the 8 center8 hospitals of `oncofed simulate` (same partition, same
+site-local split and per-site normalisation) are pooled in one place and trained centrally with
+Opacus DP-SGD at the per-site budget of the federation (epsilon, delta), with its schedule
+(rounds x local epochs passes, expected batch, AdamW, learning rate, warm-up + cosine, clipping
+bound, no class weighting under DP), then scored on the held-out tss patients exactly as the
+federation's global model is. A pooled mechanism protects every patient at the same epsilon with
+8x fewer noise draws per update than 8 hospitals each adding their own, so it is the natural
+ceiling to hold the federated DP result against, as the centralized baseline is for the non-private
+one. Two models: multinomial logistic regression (one nn.Linear on the standardised inputs,
+missing values at 0) and the shared transformer with the run-config defaults; each also without DP
+(class-weighted, lr 0.002, batch 64: the federation's non-private settings).
+
+    python benchmarks/dp_yardstick.py                       # epsilon 8; both models, DP and not
+    python benchmarks/dp_yardstick.py --epsilons 1,3,8 --models linear
+
+Prints a table and ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from client.site import SitePaths, prepare_site  # noqa: E402
+from client.training import (TrainConfig, build_loader, build_loss, build_optimizer, class_counts,  # noqa: E402
+                             evaluate, lr_multiplier)
+from privacy.accounting import noise_multiplier_for, planned_steps  # noqa: E402
+from shared_models.model import MultiModalTransformer  # noqa: E402
+from shared_models.run_config import RunConfig  # noqa: E402
+from shared_models.schema import FeatureSchema  # noqa: E402
+from shared_models.site_data import load_labelled_site  # noqa: E402
+from simulations.federation import ensure_partition  # noqa: E402
+
+
+class Linear(nn.Module):
+    """Multinomial logistic regression on the model's input vector (missing values at the mean, 0)."""
+
+    def __init__(self, n_inputs: int, n_classes: int):
+        super().__init__()
+        self.linear = nn.Linear(n_inputs, n_classes)
+
+    def forward(self, x):
+        return self.linear(torch.nan_to_num(x, nan=0.0))
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig, n_classes: int, *, dp: bool,
+          epsilon: float, epochs: int) -> float:
+    """Central training on the pooled rows; returns the epsilon Opacus' accountant reports (0 without DP)."""
+    tc = TrainConfig(lr=cfg.lr if dp else 0.002, weight_decay=cfg.weight_decay, epochs=epochs,
+                     batch_size=cfg.batch_size if dp else 64, warmup_fraction=cfg.warmup_fraction,
+                     max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, class_weighting=not dp)
+    loss_fn = build_loss(tc, class_counts(y, n_classes) if tc.class_weighting else None)
+    optimizer = build_optimizer(model, tc)
+    loader = build_loader(x, y, tc)
+    engine = None
+    if dp:
+        from opacus import PrivacyEngine
+
+        q, total = planned_steps(len(y), tc.batch_size, epochs, 1)
+        sigma = noise_multiplier_for(epsilon, cfg.delta, q, total, spent=[])
+        engine = PrivacyEngine(accountant="prv")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, optimizer, loader = engine.make_private(
+                module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
+                max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks")
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    total_steps = epochs * len(loader)
+    base = [g["lr"] for g in optimizer.param_groups]
+    step = 0
+    model.train()
+    for _ in range(epochs):
+        for xb, yb in loader:
+            mult = lr_multiplier(step, total_steps, math.ceil(tc.warmup_fraction * total_steps))
+            for g, lr in zip(optimizer.param_groups, base):
+                g["lr"] = lr * mult
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(xb), yb).backward()
+            if not dp:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+            optimizer.step()
+            step += 1
+    return float(engine.get_epsilon(cfg.delta)) if engine else 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epsilons", default="8", help="comma-separated per-site budgets (default 8)")
+    ap.add_argument("--models", default="linear,transformer")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    from shared_models.run_config import parse_overrides
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        sites_root = ensure_partition(tmp / "sites")
+        schema = FeatureSchema.load(sites_root / "schema.json")
+        cfg = RunConfig.from_flower({"schema": str(sites_root / "schema.json"), **parse_overrides(args.set)})
+        xs, ys = [], []
+        for site_dir in sorted(p for p in sites_root.iterdir() if p.is_dir() and p.name != "holdout"):
+            site = prepare_site(schema, SitePaths(site_dir, tmp / "state" / site_dir.name, tmp / "models"),
+                                budget_epsilon=1e9, delta=cfg.delta, val_fraction=cfg.val_fraction,
+                                min_count=cfg.min_count, seed=cfg.seed)
+            xs.append(site.train.x)
+            ys.append(site.train.y)
+        x, y = torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+        held = load_labelled_site(schema, sites_root / "holdout")
+    epochs = cfg.num_rounds * cfg.local_epochs
+    print(f"pooled training patients of {len(xs)} hospitals: {len(y):,}; held-out tss patients: {len(held.y):,}; "
+          f"{epochs} passes, expected batch {cfg.batch_size}, lr {cfg.lr}, C {cfg.max_grad_norm}, delta {cfg.delta}",
+          flush=True)
+    rows = []
+    for name in args.models.split(","):
+        for eps in [None] + [float(e) for e in args.epsilons.split(",")]:
+            torch.manual_seed(cfg.seed)
+            model = (Linear(x.shape[1], schema.n_classes) if name == "linear"
+                     else MultiModalTransformer(schema, cfg.model_config_()))
+            t0 = time.perf_counter()
+            spent = train(model, x, y, cfg, schema.n_classes, dp=eps is not None, epsilon=eps or 0.0, epochs=epochs)
+            m = evaluate(model, torch.from_numpy(held.x), torch.from_numpy(held.y))
+            rows.append({"model": name, "epsilon": eps, "epsilon_spent": round(spent, 3), "accuracy": m.accuracy,
+                         "balanced_accuracy": m.balanced_accuracy, "macro_f1": m.macro_f1,
+                         "seconds": round(time.perf_counter() - t0, 1)})
+            r = rows[-1]
+            print(f"{name:<12} {'no DP' if eps is None else f'eps {eps:g}':<8} accuracy {r['accuracy']:.3f}  "
+                  f"balanced {r['balanced_accuracy']:.3f}  macro-F1 {r['macro_f1']:.3f}  "
+                  f"(spent {r['epsilon_spent']:.2f}, {r['seconds']:.0f} s)", flush=True)
+    print(json.dumps({"benchmark": "dp_yardstick", "patients": int(len(y)), "held_out": int(len(held.y)),
+                      "rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
