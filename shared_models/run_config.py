@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 if TYPE_CHECKING:
     from shared_models.model import ModelConfig
@@ -95,6 +95,14 @@ class RunConfig(BaseModel):
                              description="4 for DP-SGD (the wide paths' share of each clipped gradient); "
                                          "ModelConfig's 1 is better for non-private centralized training")
     dropout: float = 0.1
+
+    @field_validator("wide_rank", mode="before")
+    @classmethod
+    def _wide_rank(cls, v):
+        if v == "full" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            return v
+        raise ValueError('use "full" (one Linear(F, classes) per modality, the default) or a rank >= 0 '
+                         "(0: no wide paths)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":

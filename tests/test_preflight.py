@@ -122,3 +122,8 @@ def test_run_config_overrides():
         parse_overrides(["num-rounds=zero"])
     with pytest.raises(RunConfigError, match="KEY=VALUE"):
         parse_overrides(["num-rounds"])
+    assert parse_overrides(["wide-rank=full", "wide-gain=2"]) == {"wide-rank": "full", "wide-gain": 2}
+    assert parse_overrides(["wide-rank=16"]) == {"wide-rank": 16}
+    for bad in ("half", "-1", "true"):
+        with pytest.raises(RunConfigError, match=r'wide-rank: use "full" .* or a rank >= 0'):
+            parse_overrides([f"wide-rank={bad}"])
