@@ -26,7 +26,7 @@ RSS of each kind of process, to show which part grows with the number of sites.
 
     python benchmarks/scale.py                        # 10, 30, 100 sites x 5 rounds, DP + SecAgg+
     python benchmarks/scale.py --no-secagg            # the same without SecAgg+
-    python benchmarks/scale.py --quick                # 3 and 5 sites x 2 rounds (the test suite)
+    python benchmarks/scale.py --quick                # 3 sites x 2 rounds (the test suite)
 """
 
 from __future__ import annotations
@@ -341,7 +341,7 @@ def main() -> None:
     ap.add_argument("--sites", default="10,30,100", help="comma-separated site counts")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-secagg", dest="secagg", action="store_false", help="plain FedAvg messages (DP stays on)")
-    ap.add_argument("--quick", action="store_true", help="3 and 5 sites x 2 rounds: a smoke run")
+    ap.add_argument("--quick", action="store_true", help="3 sites x 2 rounds: a smoke run")
     ap.add_argument("--evaluate-every", type=int, default=0, help="default: the number of rounds (last round only)")
     ap.add_argument("--patients-per-site", type=int, default=80)
     ap.add_argument("--local-epochs", type=int, default=2)
@@ -354,7 +354,7 @@ def main() -> None:
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, _interrupt)
     if args.quick:
-        args.sites, args.rounds = "3,5", 2
+        args.sites, args.rounds = "3", 2
     counts = [int(s) for s in args.sites.split(",") if s.strip()]
     work = args.work or Path(tempfile.mkdtemp(prefix="oncofed-scale-"))
     work.mkdir(parents=True, exist_ok=True)
