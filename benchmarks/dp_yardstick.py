@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -37,8 +36,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from client.site import SitePaths, prepare_site  # noqa: E402
-from client.training import (TrainConfig, build_loader, build_loss, build_optimizer, class_counts,  # noqa: E402
-                             evaluate, lr_multiplier)
+from client.training import (TrainConfig, build_loader, build_loss, build_optimizer, build_scheduler,  # noqa: E402
+                             class_counts, evaluate, train_epoch)
 from privacy.accounting import noise_multiplier_for, planned_steps  # noqa: E402
 from shared_models.model import MultiModalTransformer  # noqa: E402
 from shared_models.run_config import RunConfig  # noqa: E402
@@ -80,21 +79,9 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig, n_
                 module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
                 max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks")
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    total_steps = epochs * len(loader)
-    base = [g["lr"] for g in optimizer.param_groups]
-    step = 0
-    model.train()
+    scheduler = build_scheduler(optimizer, tc, steps_per_epoch=len(loader))
     for _ in range(epochs):
-        for xb, yb in loader:
-            mult = lr_multiplier(step, total_steps, math.ceil(tc.warmup_fraction * total_steps))
-            for g, lr in zip(optimizer.param_groups, base):
-                g["lr"] = lr * mult
-            optimizer.zero_grad(set_to_none=True)
-            loss_fn(model(xb), yb).backward()
-            if not dp:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-            optimizer.step()
-            step += 1
+        train_epoch(model, loader, optimizer, scheduler, loss_fn, clip_grad_norm=None if dp else tc.max_grad_norm)
     return float(engine.get_epsilon(cfg.delta)) if engine else 0.0
 
 
