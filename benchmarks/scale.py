@@ -47,42 +47,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from simulations import federation  # noqa: E402
-from simulations.federation import SimulationError, run_federation  # noqa: E402
+from simulations.federation import (SimulationError, end_sessions, process_table,  # noqa: E402
+                                    process_tree, run_federation, session_processes)
 
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 # --- memory: every process in the trees rooted at this process and the SuperLink -----------------
-
-def _stats() -> dict[int, tuple[int, int, int]]:
-    """{pid: (ppid, utime + stime in clock ticks, session id)} of every process."""
-    out = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:  # the process ended
-            continue
-        fields = stat[stat.rfind(b")") + 2:].split()  # after "pid (comm) ": state ppid pgrp session ... utime stime
-        out[int(d)] = (int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[3]))
-    return out
-
-
-def tree(roots: list[int], stats: dict[int, tuple[int, int, int]] | None = None) -> list[int]:
-    stats = _stats() if stats is None else stats
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in stats.items():
-        children.setdefault(ppid, []).append(pid)
-    seen, todo = set(), [r for r in roots if r]
-    while todo:
-        pid = todo.pop()
-        if pid not in seen:
-            seen.add(pid)
-            todo.extend(children.get(pid, []))
-    return sorted(seen)
-
 
 def _rss_kb(pid: int) -> int | None:
     try:
@@ -154,8 +125,8 @@ class TreeSampler(threading.Thread):
         return sum(self.cpu_ticks.values()) / self.ticks_per_s
 
     def sample(self) -> None:
-        stats = _stats()
-        pids = tree(list(self.roots) + [p for p, st in stats.items() if st[2] in self.sessions], stats)
+        stats = process_table()
+        pids = process_tree(list(self.roots) + [p for p, st in stats.items() if st[2] in self.sessions], stats)
         total = pss_total = 0
         by_name: dict[str, int] = {}
         for pid in pids:
@@ -198,22 +169,11 @@ class TreeSampler(threading.Thread):
         """End the processes of the run's sessions still alive `grace` s after it (an interrupted or
         failed run could leave flwr-simulation and Ray behind; LocalSuperLink.stop now ends them, this
         is the benchmark's own check that nothing outlives a measured run). Returns how many had to be ended."""
-        def alive() -> list[int]:
-            return [p for p, st in _stats().items() if st[2] in self.sessions and p != os.getpid()]
-
         deadline = time.monotonic() + grace
-        while alive() and time.monotonic() < deadline:
+        while session_processes(self.sessions) and time.monotonic() < deadline:
             time.sleep(0.5)
-        left = alive()
-        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 2.0)):
-            for pid in alive():
-                try:
-                    os.kill(pid, sig)
-                except OSError:
-                    pass
-            deadline = time.monotonic() + wait
-            while alive() and time.monotonic() < deadline:
-                time.sleep(0.5)
+        left = session_processes(self.sessions)
+        end_sessions(self.sessions)
         return len(left)
 
     def stop(self) -> dict:

@@ -50,8 +50,9 @@ def flower_env(flwr_home: Path, http_port: int, control_port: int) -> dict:
     return env
 
 
-def _proc_table() -> dict[int, tuple[int, int]]:
-    """{pid: (parent pid, session id)} of every process (Linux /proc; empty elsewhere)."""
+def process_table() -> dict[int, tuple[int, int, int]]:
+    """{pid: (parent pid, utime + stime in clock ticks, session id)} of every process (Linux /proc; empty
+    elsewhere)."""
     out = {}
     for d in os.listdir("/proc") if os.path.isdir("/proc") else []:
         if d.isdigit():
@@ -60,24 +61,48 @@ def _proc_table() -> dict[int, tuple[int, int]]:
                     stat = fh.read()
             except OSError:  # ended meanwhile
                 continue
-            fields = stat[stat.rfind(b")") + 2:].split()  # after "pid (comm) ": state ppid pgrp session
-            out[int(d)] = (int(fields[1]), int(fields[3]))
+            fields = stat[stat.rfind(b")") + 2:].split()  # after "pid (comm) ": state ppid pgrp session ... utime stime
+            out[int(d)] = (int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[3]))
     return out
+
+
+def process_tree(roots: list[int], table: dict[int, tuple[int, int, int]] | None = None) -> list[int]:
+    """The given processes and every process below them, sorted."""
+    table = process_table() if table is None else table
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    seen, todo = set(), [r for r in roots if r]
+    while todo:
+        pid = todo.pop()
+        if pid not in seen:
+            seen.add(pid)
+            todo.extend(children.get(pid, []))
+    return sorted(seen)
 
 
 def _sessions_below(root: int) -> set[int]:
     """Session ids of `root` and of every process below it (the SuperExec and Ray start their own)."""
-    table = _proc_table()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    sessions, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        if pid in table:
-            sessions.add(table[pid][1])
-        todo.extend(children.get(pid, []))
-    return sessions - {os.getsid(0)}
+    table = process_table()
+    return {table[p][2] for p in process_tree([root], table) if p in table} - {os.getsid(0)}
+
+
+def session_processes(sessions: set[int]) -> list[int]:
+    """The live processes of these sessions, this one excepted."""
+    return [p for p, (_, _, sid) in process_table().items() if sid in sessions and p != os.getpid()]
+
+
+def end_sessions(sessions: set[int]) -> None:
+    """SIGTERM every process of these sessions (this one excepted), SIGKILL what is left 10 s later."""
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 2.0)):
+        for pid in session_processes(sessions):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace
+        while session_processes(sessions) and time.monotonic() < deadline:
+            time.sleep(0.2)
 
 
 @dataclass
@@ -98,17 +123,7 @@ class LocalSuperLink:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-        for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 2.0)):
-            left = [p for p, (_, sid) in _proc_table().items() if sid in sessions and p != os.getpid()]
-            for pid in left:
-                try:
-                    os.kill(pid, sig)
-                except OSError:
-                    pass
-            deadline = time.monotonic() + grace
-            while left and time.monotonic() < deadline:
-                time.sleep(0.2)
-                left = [p for p, (_, sid) in _proc_table().items() if sid in sessions and p != os.getpid()]
+        end_sessions(sessions)
 
 
 def start_local_superlink(work: Path) -> LocalSuperLink:
