@@ -59,8 +59,8 @@ def secagg_workflow(cfg: RunConfig, n_sites: int) -> TimedSecAggPlusWorkflow:
     """
     q_bits = 32 - math.ceil(math.log2(n_sites + 1))
     return TimedSecAggPlusWorkflow(
-        num_shares=min(1.0, SECAGG_MAX_SHARES / n_sites), reconstruction_threshold=cfg.secagg_threshold, max_weight=cfg.secagg_max_weight,
-        clipping_range=cfg.secagg_clipping_range, quantization_range=2**q_bits, modulus_range=2**32,
+        num_shares=min(1.0, SECAGG_MAX_SHARES / n_sites), reconstruction_threshold=cfg.secagg_threshold,
+        max_weight=cfg.secagg_max_weight, clipping_range=cfg.secagg_clipping_range, quantization_range=2**q_bits, modulus_range=2**32,
         timeout=cfg.round_timeout)
 
 

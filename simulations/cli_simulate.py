@@ -34,8 +34,9 @@ def simulate(
 ) -> None:
     """Federate the 8 center8 hospitals of the vendored TCGA pan-cancer cohort and report the global
     model on patients of tissue-source sites no hospital holds."""
-    from simulations.federation import ROOT, SimulationError, ensure_partition, evaluate_on_site, run_federation
+    from simulations.federation import SimulationError, ensure_partition, evaluate_on_site, run_federation
     from simulations.federation import f1_by_class_size, federation_config, summarize
+    from simulations.partition import FederationManifest
 
     extra = _parse_overrides(overrides)
     out = out.resolve()
@@ -80,10 +81,7 @@ def simulate(
     held = evaluate_on_site(Path(installed[0]["path"]).parent, sites / manifest["holdout"]["dir"])
     typer.echo(f"held-out tss patients ({held['patients']:,}): accuracy {held['accuracy']:.3f}, balanced accuracy "
                f"{held['balanced_accuracy']:.3f}, macro-F1 {held['macro_f1']:.3f}")
-    counts: dict[str, int] = {}
-    for site in manifest["sites"]:
-        for c, k in site["class_counts"].items():
-            counts[c] = counts.get(c, 0) + k
+    counts = FederationManifest.load(sites / "manifest.json").federation_class_counts
     held["by_class_size"] = sizes = f1_by_class_size(held["per_class_f1"], counts)
     common, rare = sizes["common"], sizes["rare"]
     if common["types"] and rare["types"]:

@@ -22,7 +22,6 @@ import itertools
 import json
 import re
 import shutil
-import sys
 import time
 import tomllib
 from dataclasses import dataclass
@@ -532,7 +531,7 @@ def _demographics(site_dir: Path, ids: list[str], schema) -> tuple[np.ndarray, n
     group = column(LABELS_STEM, ("tss",))
     n = len(ids)
     years = pd.to_numeric(age, errors="coerce").to_numpy(np.float64) if age is not None else np.full(n, np.nan)
-    if np.nanmedian(years) > 150 if np.isfinite(years).any() else False:
+    if np.isfinite(years).any() and np.nanmedian(years) > 150:
         years = years / 365.25  # GDC's age_at_diagnosis is in days (the BRCA cohort's clinical table)
     return (years,
             np.asarray(gender.fillna("").astype(str).str.lower(), dtype=str) if gender is not None else np.full(n, ""),
