@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from privacy.accounting import BudgetError, Mechanism, epsilon
+from privacy.accounting import MAX_BUDGET, BudgetError, Mechanism, epsilon
 from shared_models.files import write_json_atomic
 
 LEDGER_FORMAT = "oncofed-privacy-ledger/1"
@@ -62,6 +62,13 @@ class PrivacyLedger:
     def __init__(self, path: str | Path, budget_epsilon: float, delta: float):
         if budget_epsilon <= 0:
             raise BudgetError(f"privacy budget epsilon must be > 0 (got {budget_epsilon}); set the site's budget")
+        if budget_epsilon > MAX_BUDGET:
+            raise BudgetError(
+                f"privacy budget epsilon {budget_epsilon:g} is above {MAX_BUDGET:g}, the largest this site's accounting "
+                f"verifies (Opacus' PRV accountant; above it the ledger can only give a looser bound that Opacus "
+                f"contradicts, and every round would be refused). A budget this large protects no record in any "
+                f"meaningful sense: set the site's budget (node config privacy-budget; simulation: epsilon) to at "
+                f"most {MAX_BUDGET:g}, or train without DP (run config dp = false)")
         if not (0 < delta < 1):
             raise BudgetError(f"delta must be in (0, 1) (got {delta}); use less than 1 / number of patients")
         self.path, self.budget_epsilon, self.delta = Path(path), float(budget_epsilon), float(delta)

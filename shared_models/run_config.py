@@ -65,7 +65,8 @@ class RunConfig(BaseModel):
 
     # --- privacy (the site's node config overrides the budget in deployment) -----------------
     dp: bool = True
-    epsilon: float = Field(8.0, gt=0, description="per-site budget (simulation; a site's node config wins)")
+    epsilon: float = Field(8.0, gt=0, le=100, description="per-site budget (simulation; a site's node config wins); "
+                           "at most 100, privacy.accounting.MAX_BUDGET: what the site's accounting verifies")
     delta: float = Field(1e-5, gt=0, lt=1)
     max_grad_norm: float = Field(1.0, alias="max-grad-norm", gt=0, description="per-sample clipping bound C")
 
@@ -132,6 +133,10 @@ class RunConfig(BaseModel):
                 key = ".".join(str(k) for k in err["loc"]) or "(run config)"
                 hint = {"extra_forbidden": "unknown key: check its spelling against [tool.flwr.app.config]",
                         "missing": "add it to [tool.flwr.app.config] or pass --run-config"}.get(err["type"], "")
+                field = cls.model_fields.get(str(err["loc"][0]) if err["loc"] else "")
+                field = field or next((f for f in cls.model_fields.values() if f.alias == key), None)
+                if not hint and field is not None and field.description:
+                    hint = field.description  # what the setting means and its limits
                 got = f" (got {err['input']!r})" if err["type"] not in ("missing",) and "input" in err else ""
                 lines.append(f"  - {key}: {err['msg'].removeprefix('Value error, ')}{got}" + (f"; {hint}" if hint else ""))
             raise RunConfigError("\n".join(lines)) from None

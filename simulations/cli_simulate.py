@@ -52,6 +52,16 @@ def simulate(
     cfg = federation_config(out, sites, n_sites, rounds=rounds, dp=dp, epsilon=epsilon, secagg=secagg,
                             strategy=strategy, seed=seed, local_epochs=local_epochs, lr=lr, batch_size=batch_size,
                             eval_data=sites / manifest["holdout"]["dir"] if eval_data else None, extra=extra)
+    import tomllib
+
+    from shared_models.run_config import RunConfig, RunConfigError
+
+    app_defaults = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    try:  # the whole run config (as `flwr run` will merge it), before a SuperLink starts: a bad value stops here
+        RunConfig.from_flower({**app_defaults["tool"]["flwr"]["app"]["config"], **cfg}, source="oncofed simulate")
+    except RunConfigError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(code=2)
     typer.echo(f"{n_sites} hospitals ({', '.join(s['name'] for s in manifest['sites'])}), "
                f"{manifest['holdout']['patients']:,} held-out patients; DP {'on, epsilon ' + str(epsilon) if dp else 'off'}"
                f", SecAgg+ {'on' if secagg else 'off'}, {strategy}, {rounds} rounds of {local_epochs} local epochs, batch "
@@ -64,11 +74,16 @@ def simulate(
         raise typer.Exit(code=1)
     typer.echo(f"\n{'round':>5} {'sites':>5} {'refused':>7} {'macro-F1':>8} {'accuracy':>8} {'held-out F1':>11} "
                f"{'max eps':>7} {'s':>6}   (macro-F1, accuracy: on the sites' own held-out parts)")
-    for r in summarize(out / "server" / "metrics.jsonl"):
+    rounds_done = summarize(out / "server" / "metrics.jsonl")
+    for r in rounds_done:
         f1, acc, held_f1, eps = (("-" if r[k] is None else f"{r[k]:.{p}f}") for k, p in
                                  (("macro_f1", 3), ("accuracy", 3), ("server_macro_f1", 3), ("max_epsilon", 2)))
         typer.echo(f"{r['round']:>5} {r['sites']:>5} {r['refused']:>7} {f1:>8} {acc:>8} {held_f1:>11} {eps:>7} "
                    f"{r['seconds']:>6.0f}")
+    if not any(r["sites"] for r in rounds_done):
+        typer.echo("no round aggregated an update from any site (see 'refused' above and the sites' reasons in "
+                   f"{out / 'flower'}): the global model is the initial one, so it is not evaluated", err=True)
+        raise typer.Exit(code=1)
     installed = [d for d in result["deliveries"] if d.get("installed")]
     typer.echo(f"\nglobal model {result['arrays_sha256'][:12]} (signed) installed and verified at {len(installed)}/"
                f"{n_sites} sites")

@@ -127,3 +127,16 @@ def test_run_config_overrides():
     for bad in ("half", "-1", "true"):
         with pytest.raises(RunConfigError, match=r'wide-rank: use "full" .* or a rank >= 0'):
             parse_overrides([f"wide-rank={bad}"])
+    with pytest.raises(RunConfigError, match=r"epsilon: Input should be less than or equal to 100 .*what the site's "
+                                             r"accounting verifies"):
+        parse_overrides(["epsilon=1000"])
+
+
+def test_simulate_refuses_a_bad_run_config_before_starting_anything(tmp_path):
+    from typer.testing import CliRunner
+
+    from oncofed.cli import app
+
+    result = CliRunner().invoke(app, ["simulate", "--epsilon", "1000", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "epsilon" in result.output and "at most 100" in result.output
+    assert not (tmp_path / "run" / "server").exists() and not any((tmp_path / "run" / "flower").iterdir())

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 from opacus.accountants import PRVAccountant
 
-from privacy.accounting import BudgetError, compact, epsilon, noise_multiplier_for, planned_steps
+from privacy.accounting import MAX_BUDGET, BudgetError, compact, epsilon, noise_multiplier_for, planned_steps
 from privacy.ledger import PrivacyLedger
 
 DELTA = 1e-5
@@ -95,6 +95,20 @@ def test_an_exhausted_budget_refuses_the_round_and_writes_nothing(tmp_path):
     assert (tmp_path / "ledger.json").read_text() == before
     with pytest.raises(BudgetError, match="even noise multiplier 1024"):
         noise_multiplier_for(2.0, DELTA, 0.5, 100, spent=[(0.3, 1.0, 10_000)])
+
+
+def test_a_budget_above_what_the_accounting_verifies_is_refused_up_front(tmp_path):
+    """Above MAX_BUDGET the ledger's bound (RDP) and Opacus' PRV figure part ways, so every round would be
+    refused after training (a measured run at budget 1000 refused all 10): the site says so at start instead."""
+    with pytest.raises(BudgetError, match=r"budget epsilon 1000 is above 100.*at most 100, or train without DP"):
+        _ledger(tmp_path, budget=1000.0)
+    # at the ceiling the ledger and Opacus' own accountant still agree, and the spend stays within it
+    q, steps = planned_steps(350, 256, 2, 10)
+    sigma = noise_multiplier_for(MAX_BUDGET, DELTA, q, steps)
+    acc = PRVAccountant()
+    acc.history = [(sigma, q, steps)]
+    assert epsilon([(sigma, q, steps)], DELTA) == pytest.approx(acc.get_epsilon(DELTA), rel=0.01)
+    assert epsilon([(sigma, q, steps)], DELTA) <= MAX_BUDGET
 
 
 def _crash_after_begin(tmp_path, rnd):
