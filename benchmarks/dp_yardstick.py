@@ -10,10 +10,15 @@ federation's global model is. A pooled mechanism protects every patient at the s
 ceiling to hold the federated DP result against, as the centralized baseline is for the non-private
 one. Two models: multinomial logistic regression (one nn.Linear on the standardised inputs,
 missing values at 0) and the shared transformer with the run-config defaults; each also without DP
-(class-weighted, lr 0.002, batch 64: the federation's non-private settings).
+(class-weighted, lr 0.002, batch 64: the federation's non-private settings). `transformer-es` is the
+non-private centralized recipe instead (`oncofed baseline`'s: lr 0.001, up to 60 epochs, early
+stopping on a stratified 15% of the pooled rows, the best epoch's weights): what model selection on
+pooled data adds, which the federation's fixed schedule does not do. `--seeds` repeats every row
+with other run-config seeds (initialisation, sampling, DP noise; the partition stays that of seed 0).
 
     python benchmarks/dp_yardstick.py                       # epsilon 8; both models, DP and not
     python benchmarks/dp_yardstick.py --epsilons 1,3,8 --models linear
+    python benchmarks/dp_yardstick.py --models transformer,transformer-es --epsilons none --seeds 0,1,2
 
 Prints a table and ends with one JSON line.
 """
@@ -37,13 +42,16 @@ from torch import nn  # noqa: E402
 
 from client.site import SitePaths, prepare_site  # noqa: E402
 from client.training import (TrainConfig, build_loader, build_loss, build_optimizer, build_scheduler,  # noqa: E402
-                             class_counts, evaluate, train_epoch)
-from privacy.accounting import noise_multiplier_for, planned_steps  # noqa: E402
+                             class_counts, evaluate, fit, train_epoch)
+from privacy.accounting import MAX_BUDGET, noise_multiplier_for, planned_steps  # noqa: E402
 from shared_models.model import MultiModalTransformer  # noqa: E402
 from shared_models.run_config import RunConfig  # noqa: E402
 from shared_models.schema import FeatureSchema  # noqa: E402
 from shared_models.site_data import load_labelled_site  # noqa: E402
+from simulations.experiment import val_split  # noqa: E402
 from simulations.federation import ensure_partition  # noqa: E402
+
+MODELS = ("linear", "transformer", "transformer-es")
 
 
 class Linear(nn.Module):
@@ -85,12 +93,28 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig, n_
     return float(engine.get_epsilon(cfg.delta)) if engine else 0.0
 
 
+def train_early_stopped(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> dict:
+    """The centralized baseline's recipe (TrainConfig defaults), validation on 15% of the rows."""
+    tr, va = (torch.from_numpy(i) for i in val_split(y.numpy(), 0.15, seed))
+    f = fit(model, x[tr], y[tr], TrainConfig(seed=seed), x[va], y[va])
+    return {"best_epoch": f.best_epoch, "epochs_run": f.epochs_run}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epsilons", default="8", help="comma-separated per-site budgets (default 8)")
-    ap.add_argument("--models", default="linear,transformer")
+    ap.add_argument("--epsilons", default="8", help="comma-separated per-site budgets (default 8; 'none': no DP only)")
+    ap.add_argument("--models", default="linear,transformer", help=f"comma-separated, of {', '.join(MODELS)}")
+    ap.add_argument("--seeds", default="", help="comma-separated run-config seeds (default: the run config's)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override")
     args = ap.parse_args(argv)
+    models = args.models.split(",")
+    if bad := [m for m in models if m not in MODELS]:
+        ap.error(f"--models: unknown {', '.join(bad)}; choose from {', '.join(MODELS)}")
+    try:
+        epsilons = [] if args.epsilons == "none" else [float(e) for e in args.epsilons.split(",")]
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    except ValueError as e:
+        ap.error(f"--epsilons/--seeds: {e}; give comma-separated numbers, e.g. --epsilons 1,3,8 --seeds 0,1,2")
     torch.set_num_threads(1)
     from shared_models.run_config import parse_overrides
 
@@ -102,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         xs, ys = [], []
         for site_dir in sorted(p for p in sites_root.iterdir() if p.is_dir() and p.name != "holdout"):
             site = prepare_site(schema, SitePaths(site_dir, tmp / "state" / site_dir.name, tmp / "models"),
-                                budget_epsilon=1e9, delta=cfg.delta, val_fraction=cfg.val_fraction,
+                                budget_epsilon=MAX_BUDGET, delta=cfg.delta, val_fraction=cfg.val_fraction,
                                 min_count=cfg.min_count, seed=cfg.seed)
             xs.append(site.train.x)
             ys.append(site.train.y)
@@ -113,21 +137,29 @@ def main(argv: list[str] | None = None) -> int:
           f"{epochs} passes, expected batch {cfg.batch_size}, lr {cfg.lr}, C {cfg.max_grad_norm}, delta {cfg.delta}",
           flush=True)
     rows = []
-    for name in args.models.split(","):
-        for eps in [None] + [float(e) for e in args.epsilons.split(",")]:
-            torch.manual_seed(cfg.seed)
-            model = (Linear(x.shape[1], schema.n_classes) if name == "linear"
-                     else MultiModalTransformer(schema, cfg.model_config_()))
-            t0 = time.perf_counter()
-            spent = train(model, x, y, cfg, schema.n_classes, dp=eps is not None, epsilon=eps or 0.0, epochs=epochs)
-            m = evaluate(model, torch.from_numpy(held.x), torch.from_numpy(held.y))
-            rows.append({"model": name, "epsilon": eps, "epsilon_spent": round(spent, 3), "accuracy": m.accuracy,
-                         "balanced_accuracy": m.balanced_accuracy, "macro_f1": m.macro_f1,
-                         "seconds": round(time.perf_counter() - t0, 1)})
-            r = rows[-1]
-            print(f"{name:<12} {'no DP' if eps is None else f'eps {eps:g}':<8} accuracy {r['accuracy']:.3f}  "
-                  f"balanced {r['balanced_accuracy']:.3f}  macro-F1 {r['macro_f1']:.3f}  "
-                  f"(spent {r['epsilon_spent']:.2f}, {r['seconds']:.0f} s)", flush=True)
+    for seed in seeds or [cfg.seed]:
+        scfg = cfg.model_copy(update={"seed": seed})
+        for name in models:
+            for eps in [None] + ([] if name == "transformer-es" else epsilons):
+                torch.manual_seed(seed)
+                model = (Linear(x.shape[1], schema.n_classes) if name == "linear"
+                         else MultiModalTransformer(schema, scfg.model_config_()))
+                t0 = time.perf_counter()
+                extra, spent = {}, 0.0
+                if name == "transformer-es":
+                    extra = train_early_stopped(model, x, y, seed)
+                else:
+                    spent = train(model, x, y, scfg, schema.n_classes, dp=eps is not None, epsilon=eps or 0.0,
+                                  epochs=epochs)
+                m = evaluate(model, torch.from_numpy(held.x), torch.from_numpy(held.y))
+                rows.append({"model": name, "seed": seed, "epsilon": eps, "epsilon_spent": round(spent, 3),
+                             "accuracy": m.accuracy, "balanced_accuracy": m.balanced_accuracy, "macro_f1": m.macro_f1,
+                             "seconds": round(time.perf_counter() - t0, 1), **extra})
+                r = rows[-1]
+                note = f"best epoch {extra['best_epoch']} of {extra['epochs_run']}" if extra else f"spent {spent:.2f}"
+                print(f"{name:<15} seed {seed}  {'no DP' if eps is None else f'eps {eps:g}':<8} accuracy "
+                      f"{r['accuracy']:.3f}  balanced {r['balanced_accuracy']:.3f}  macro-F1 {r['macro_f1']:.3f}  "
+                      f"({note}, {r['seconds']:.0f} s)", flush=True)
     print(json.dumps({"benchmark": "dp_yardstick", "patients": int(len(y)), "held_out": int(len(held.y)),
                       "rows": rows}))
     return 0

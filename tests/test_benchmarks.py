@@ -40,3 +40,11 @@ def test_dp_yardstick_pools_the_hospitals_and_spends_exactly_the_budget():
     assert plain["epsilon"] is None and plain["epsilon_spent"] == 0
     assert dp["epsilon"] == 8 and 7.5 <= dp["epsilon_spent"] <= 8.0
     assert 0.3 < dp["macro_f1"] < plain["macro_f1"]
+
+
+def test_dp_yardstick_names_a_bad_model_or_epsilon_before_any_work():
+    for args, named in ((["--models", "linear,forest"], "--models: unknown forest"),
+                        (["--epsilons", "8,x"], "--epsilons/--seeds")):
+        run = subprocess.run([sys.executable, "benchmarks/dp_yardstick.py", *args], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+        assert run.returncode == 2 and named in run.stderr
