@@ -16,13 +16,11 @@ import numpy as np
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 
+from privacy import MAX_BUDGET  # re-exported: the largest budget a site may set
+
 Mechanism = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
 EPS_ERROR = 0.01  # PRV accountant's epsilon discretisation error; the upper bound is reported
-PRV_LIMIT = 100.0  # above this RDP bound PRV's grid grows to many GB; such spends are reported by RDP
-# The largest budget a site may set: up to it, the ledger's epsilon is PRV's, which Opacus' own accountant
-# confirms after every round; above it the ledger falls back to the looser RDP bound, which Opacus' PRV
-# figure contradicts, so every round would be refused (measured: a budget of 1000 refused all 10 rounds).
-MAX_BUDGET = PRV_LIMIT
+PRV_LIMIT = MAX_BUDGET  # above this RDP bound PRV's grid grows to many GB; such spends are reported by RDP
 
 
 class BudgetError(ValueError):

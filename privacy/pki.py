@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from privacy import MAX_BUDGET
 from privacy.signing import generate_signing_key, write_private
 from shared_models.files import sha256_file
 
@@ -143,8 +144,9 @@ def init_site(root: str | Path, name: str, consortium_public: str | Path, data_p
             raise ProvisioningError(f"{bundle / file}: missing or its SHA-256 differs from consortium.json's {key}: "
                                     "the bundle was altered in transit; ask the operator for it again and compare "
                                     "the fingerprints out of band")
-    if budget <= 0:
-        raise ProvisioningError(f"--budget {budget}: the site's privacy budget (epsilon) must be positive")
+    if not 0 < budget <= MAX_BUDGET:
+        raise ProvisioningError(f"--budget {budget:g}: the site's privacy budget (epsilon) must be positive and at "
+                                f"most {MAX_BUDGET:g}, the largest the site's privacy accounting verifies")
     _fresh_dir(root, "site init")
 
     key = ec.generate_private_key(ec.SECP384R1())

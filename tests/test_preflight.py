@@ -130,6 +130,11 @@ def test_run_config_overrides():
     with pytest.raises(RunConfigError, match=r"epsilon: Input should be less than or equal to 100 .*what the site's "
                                              r"accounting verifies"):
         parse_overrides(["epsilon=1000"])
+    from privacy import MAX_BUDGET
+
+    assert parse_overrides([f"epsilon={MAX_BUDGET}"]) == {"epsilon": MAX_BUDGET}  # the run config's limit is the site's
+    with pytest.raises(RunConfigError, match="epsilon"):
+        parse_overrides([f"epsilon={MAX_BUDGET + 0.5}"])
 
 
 def test_simulate_refuses_a_bad_run_config_before_starting_anything(tmp_path):

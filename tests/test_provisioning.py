@@ -81,6 +81,8 @@ def test_nothing_is_overwritten_and_bad_settings_are_named(consortium, tmp_path)
         init_consortium(tmp_path / "x", "c", "fl.example.org")
     with pytest.raises(ProvisioningError, match="--budget -1"):
         init_site(tmp_path / "s", "C0", consortium / "public", budget=-1)
+    with pytest.raises(ProvisioningError, match="--budget 500: .* at most 100"):
+        init_site(tmp_path / "s", "C0", consortium / "public", budget=500)
     with pytest.raises(ProvisioningError, match="no readable consortium.json"):
         init_site(tmp_path / "s", "C0", tmp_path)
 
