@@ -14,11 +14,15 @@ missing values at 0) and the shared transformer with the run-config defaults; ea
 non-private centralized recipe instead (`oncofed baseline`'s: lr 0.001, up to 60 epochs, early
 stopping on a stratified 15% of the pooled rows, the best epoch's weights): what model selection on
 pooled data adds, which the federation's fixed schedule does not do. `--seeds` repeats every row
-with other run-config seeds (initialisation, sampling, DP noise; the partition stays that of seed 0).
+with other run-config seeds (initialisation, sampling, DP noise; the partition stays that of seed 0,
+and the sites' evaluation parts those of the run config's seed). `--all-rows` also pools the parts
+the sites keep for their own evaluation (every patient of every site, as the real-data study's
+"pooled" cell).
 
     python benchmarks/dp_yardstick.py                       # epsilon 8; both models, DP and not
     python benchmarks/dp_yardstick.py --epsilons 1,3,8 --models linear
     python benchmarks/dp_yardstick.py --models transformer,transformer-es --epsilons none --seeds 0,1,2
+    python benchmarks/dp_yardstick.py --models transformer-es --epsilons none --seeds 0,1,2 --all-rows
 
 Prints a table and ends with one JSON line.
 """
@@ -105,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epsilons", default="8", help="comma-separated per-site budgets (default 8; 'none': no DP only)")
     ap.add_argument("--models", default="linear,transformer", help=f"comma-separated, of {', '.join(MODELS)}")
     ap.add_argument("--seeds", default="", help="comma-separated run-config seeds (default: the run config's)")
+    ap.add_argument("--all-rows", action="store_true",
+                    help="pool every patient of each site, including the part a federated site keeps for its own "
+                         "evaluation (val-fraction), as the real-data study's 'pooled' cell does")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override")
     args = ap.parse_args(argv)
     models = args.models.split(",")
@@ -125,15 +132,18 @@ def main(argv: list[str] | None = None) -> int:
         cfg = RunConfig.from_flower({"schema": str(sites_root / "schema.json"), **parse_overrides(args.set)})
         xs, ys = [], []
         for site_dir in sorted(p for p in sites_root.iterdir() if p.is_dir() and p.name != "holdout"):
-            site = prepare_site(schema, SitePaths(site_dir, tmp / "state" / site_dir.name, tmp / "models"),
-                                budget_epsilon=MAX_BUDGET, delta=cfg.delta, val_fraction=cfg.val_fraction,
-                                min_count=cfg.min_count, seed=cfg.seed)
-            xs.append(site.train.x)
-            ys.append(site.train.y)
+            if args.all_rows:  # every patient of the site, normalised over the whole site (the study's pooled cell)
+                rows_ = load_labelled_site(schema, site_dir)
+            else:  # the rows a federated site trains on: its training split, normalised on it
+                rows_ = prepare_site(schema, SitePaths(site_dir, tmp / "state" / site_dir.name, tmp / "models"),
+                                     budget_epsilon=MAX_BUDGET, delta=cfg.delta, val_fraction=cfg.val_fraction,
+                                     min_count=cfg.min_count, seed=cfg.seed).train
+            xs.append(rows_.x)
+            ys.append(rows_.y)
         x, y = torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
         held = load_labelled_site(schema, sites_root / "holdout")
     epochs = cfg.num_rounds * cfg.local_epochs
-    print(f"pooled training patients of {len(xs)} hospitals: {len(y):,}; held-out tss patients: {len(held.y):,}; "
+    print(f"pooled {'' if args.all_rows else 'training '}patients of {len(xs)} hospitals: {len(y):,}; held-out tss patients: {len(held.y):,}; "
           f"{epochs} passes, expected batch {cfg.batch_size}, lr {cfg.lr}, C {cfg.max_grad_norm}, delta {cfg.delta}",
           flush=True)
     rows = []
