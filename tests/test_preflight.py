@@ -145,3 +145,25 @@ def test_simulate_refuses_a_bad_run_config_before_starting_anything(tmp_path):
     result = CliRunner().invoke(app, ["simulate", "--epsilon", "1000", "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "epsilon" in result.output and "at most 100" in result.output
     assert not (tmp_path / "run" / "server").exists() and not any((tmp_path / "run" / "flower").iterdir())
+
+
+def test_simulate_does_not_report_a_model_no_site_contributed_to(tmp_path, monkeypatch):
+    """Every round refused (e.g. every site over its budget): the initial weights are not scored as a result."""
+    import json as _json
+
+    from typer.testing import CliRunner
+
+    import simulations.federation as federation
+    from oncofed.cli import app
+
+    def refused_everywhere(flower_dir, cfg, n_sites):
+        server = tmp_path / "run" / "server"
+        server.mkdir(parents=True)
+        (server / "metrics.jsonl").write_text("".join(_json.dumps(
+            {"round": r, "participants": [], "refused": list(range(n_sites)), "seconds": r}) + "\n" for r in (1, 2)))
+        return {"deliveries": [{"site": "C0", "installed": True, "path": str(tmp_path / "x")}], "arrays_sha256": "0" * 64}
+
+    monkeypatch.setattr(federation, "run_federation", refused_everywhere)
+    result = CliRunner().invoke(app, ["simulate", "--rounds", "2", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "no round aggregated an update from any site" in result.output
+    assert not (tmp_path / "run" / "summary.json").exists()
