@@ -50,7 +50,8 @@ class RunConfig(BaseModel):
     sites: int = Field(0, ge=0, description="sites expected before round 1 (0: min-sites)")
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
     proximal_mu: float = Field(0.01, alias="proximal-mu", ge=0)
-    server_lr: float = Field(0.01, alias="server-lr", gt=0, description="FedAdam server learning rate")
+    server_lr: float = Field(0.03, alias="server-lr", gt=0, description="FedAdam server learning rate (0.03: best of "
+                             "0.003-0.1 on the main job with DP, README)")
     evaluate_every: int = Field(1, alias="evaluate-every", ge=1,
                                 description="sites score the global model every N rounds and after the last")
     min_sites: int = Field(2, alias="min-sites", ge=1, description="sites needed to start and finish a round")
