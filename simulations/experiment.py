@@ -31,6 +31,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from privacy import MAX_BUDGET
 from shared_models.files import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,8 +72,9 @@ class GridSection(_Strict):
     @classmethod
     def _privacy(cls, v):
         for p in v:
-            if not (p == "off" or (isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0)):
-                raise ValueError(f"{p!r}: give \"off\" or a positive per-site epsilon, e.g. privacy = [\"off\", 1, 3, 8]")
+            if not (p == "off" or (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p <= MAX_BUDGET)):
+                raise ValueError(f"{p!r}: give \"off\" or a per-site epsilon in (0, {MAX_BUDGET:g}] (the largest budget "
+                                 "a site's accounting verifies), e.g. privacy = [\"off\", 1, 3, 8]")
         return v
 
     @field_validator("partition")

@@ -46,7 +46,8 @@ def write(tmp_path: Path, text: str) -> Path:
 
 @pytest.mark.parametrize("edit, expected", [
     (("privacy = [8]", "privacy = [0]"), "grid.privacy"),
-    (("privacy = [8]", 'privacy = ["none"]'), '"off" or a positive per-site epsilon'),
+    (("privacy = [8]", 'privacy = ["none"]'), '"off" or a per-site epsilon in (0, 100]'),
+    (("privacy = [8]", "privacy = [1000]"), "the largest budget a site's accounting verifies"),
     (('partition = ["dirichlet:1.0"]', 'partition = ["dirichlet:-1"]'), "dirichlet:0.5"),
     (('strategy = ["fedavg"]', 'strategy = ["fedsgd"]'), "grid.strategy"),
     (('data = ["synthetic"]', 'data = ["lung"]'), "unknown data set 'lung'"),
