@@ -46,13 +46,13 @@ from torch import nn  # noqa: E402
 
 from client.site import SitePaths, prepare_site  # noqa: E402
 from client.training import (TrainConfig, build_loader, build_loss, build_optimizer, build_scheduler,  # noqa: E402
-                             class_counts, evaluate, fit, train_epoch)
+                             class_counts, evaluate, train_epoch)
 from privacy.accounting import MAX_BUDGET, noise_multiplier_for, planned_steps  # noqa: E402
 from shared_models.model import MultiModalTransformer  # noqa: E402
 from shared_models.run_config import RunConfig  # noqa: E402
 from shared_models.schema import FeatureSchema  # noqa: E402
 from shared_models.site_data import load_labelled_site  # noqa: E402
-from simulations.experiment import val_split  # noqa: E402
+from simulations.experiment import fit_early_stopped  # noqa: E402
 from simulations.federation import ensure_partition  # noqa: E402
 
 MODELS = ("linear", "transformer", "transformer-es")
@@ -95,13 +95,6 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig, n_
     for _ in range(epochs):
         train_epoch(model, loader, optimizer, scheduler, loss_fn, clip_grad_norm=None if dp else tc.max_grad_norm)
     return float(engine.get_epsilon(cfg.delta)) if engine else 0.0
-
-
-def train_early_stopped(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> dict:
-    """The centralized baseline's recipe (TrainConfig defaults), validation on 15% of the rows."""
-    tr, va = (torch.from_numpy(i) for i in val_split(y.numpy(), 0.15, seed))
-    f = fit(model, x[tr], y[tr], TrainConfig(seed=seed), x[va], y[va])
-    return {"best_epoch": f.best_epoch, "epochs_run": f.epochs_run}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 extra, spent = {}, 0.0
                 if name == "transformer-es":
-                    extra = train_early_stopped(model, x, y, seed)
+                    f = fit_early_stopped(model, x, y, seed)
+                    extra = {"best_epoch": f.best_epoch, "epochs_run": f.epochs_run}
                 else:
                     spent = train(model, x, y, scfg, schema.n_classes, dp=eps is not None, epsilon=eps or 0.0,
                                   epochs=epochs)

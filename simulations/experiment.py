@@ -378,17 +378,25 @@ def train_transformer(schema, train, cfg: ExperimentConfig, seed: int):
     on a stratified 15% of its training patients."""
     import torch
 
-    from client.training import TrainConfig, fit
     from shared_models.model import MultiModalTransformer
     from shared_models.run_config import RunConfig
 
     torch.set_num_threads(1)
-    tr, va = val_split(train.y, 0.15, seed)
     torch.manual_seed(seed)
     model = MultiModalTransformer(schema, RunConfig.from_flower(cfg.run_config()).model_config_())
-    a, b = _take(train, tr), _take(train, va)
-    fit(model, *a.tensors(), TrainConfig(seed=seed), *(b.tensors() if len(va) else (None, None)))
+    fit_early_stopped(model, *train.tensors(), seed)
     return model.eval()
+
+
+def fit_early_stopped(model, x, y, seed: int):
+    """The centralized recipe (`TrainConfig` defaults: up to 60 epochs, patience 15) with early stopping
+    on a stratified 15% of the rows (x, y: tensors); returns client.training's FitResult."""
+    import torch
+
+    from client.training import TrainConfig, fit
+
+    tr, va = (torch.from_numpy(i) for i in val_split(y.numpy(), 0.15, seed))
+    return fit(model, x[tr], y[tr], TrainConfig(seed=seed), *((x[va], y[va]) if len(va) else (None, None)))
 
 
 def _score(model, ds) -> dict:
