@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from privacy import MAX_BUDGET  # a constant only: privacy/__init__ imports nothing
+
 if TYPE_CHECKING:
     from shared_models.model import ModelConfig
 
@@ -66,8 +68,8 @@ class RunConfig(BaseModel):
 
     # --- privacy (the site's node config overrides the budget in deployment) -----------------
     dp: bool = True
-    epsilon: float = Field(8.0, gt=0, le=100, description="per-site budget (simulation; a site's node config wins); "
-                           "at most 100, privacy.accounting.MAX_BUDGET: what the site's accounting verifies")
+    epsilon: float = Field(8.0, gt=0, le=MAX_BUDGET, description="per-site budget (simulation; a site's node config "
+                           f"wins); at most {MAX_BUDGET:g} (privacy.MAX_BUDGET): what the site's accounting verifies")
     delta: float = Field(1e-5, gt=0, lt=1)
     max_grad_norm: float = Field(1.0, alias="max-grad-norm", gt=0, description="per-sample clipping bound C")
 
