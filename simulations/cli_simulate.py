@@ -34,7 +34,7 @@ def simulate(
 ) -> None:
     """Federate the 8 center8 hospitals of the vendored TCGA pan-cancer cohort and report the global
     model on patients of tissue-source sites no hospital holds."""
-    from simulations.federation import SimulationError, ensure_partition, evaluate_on_site, run_federation
+    from simulations.federation import ROOT, SimulationError, ensure_partition, evaluate_on_site, run_federation
     from simulations.federation import f1_by_class_size, federation_config, summarize
     from simulations.partition import FederationManifest
 
@@ -56,7 +56,7 @@ def simulate(
 
     from shared_models.run_config import RunConfig, RunConfigError
 
-    app_defaults = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    app_defaults = tomllib.loads((ROOT / "pyproject.toml").read_text())  # the app `flwr run` starts
     try:  # the whole run config (as `flwr run` will merge it), before a SuperLink starts: a bad value stops here
         RunConfig.from_flower({**app_defaults["tool"]["flwr"]["app"]["config"], **cfg}, source="oncofed simulate")
     except RunConfigError as e:
