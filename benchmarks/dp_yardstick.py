@@ -75,7 +75,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig, n_
     tc = TrainConfig(lr=cfg.lr if dp else 0.002, weight_decay=cfg.weight_decay, epochs=epochs,
                      batch_size=cfg.batch_size if dp else 64, warmup_fraction=cfg.warmup_fraction,
                      max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, class_weighting=not dp)
-    loss_fn = build_loss(tc, class_counts(y, n_classes) if tc.class_weighting else None)
+    loss_fn = build_loss(tc, class_counts(y, n_classes))
     optimizer = build_optimizer(model, tc)
     loader = build_loader(x, y, tc)
     engine = None

@@ -46,10 +46,11 @@ class RoundResult:
 def train_config(cfg: RunConfig) -> TrainConfig:
     """Under DP the loss is not class-weighted: weights computed from the site's label counts would make
     every sample's gradient depend on the other patients' labels, a release DP-SGD's analysis does not
-    cover (and per-sample clipping largely undoes a weighting anyway)."""
+    cover (and per-sample clipping largely undoes a weighting anyway). For the same reason the run config
+    refuses a softmax over the site's own classes (`local-softmax = "site"`) together with DP."""
     return TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
                        warmup_fraction=cfg.warmup_fraction, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed,
-                       class_weighting=not cfg.dp)
+                       class_weighting=not cfg.dp, softmax_over="present" if cfg.local_softmax == "site" else "all")
 
 
 def run_noise(site: PreparedSite, run_id: str, cfg: RunConfig) -> tuple[float, float, int]:
@@ -79,7 +80,7 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     tc = train_config(cfg)
     x, y = (torch.from_numpy(a) for a in (site.train.x, site.train.y))
-    loss_fn = build_loss(tc, class_counts(site.train.y, site.schema.n_classes) if tc.class_weighting else None)
+    loss_fn = build_loss(tc, class_counts(site.train.y, site.schema.n_classes))
     optimizer = build_optimizer(model, tc)
     loader = build_loader(x, y, tc, seed=cfg.seed * 7919 + site_seed * 31 + rnd)
     steps_per_round = cfg.local_epochs * len(loader)

@@ -64,6 +64,9 @@ class TrainConfig(BaseModel):
     monitor: Literal["loss", "macro_f1", "balanced_accuracy", "accuracy"] = Field(
         "loss", description="validation metric that picks the best epoch")
     class_weighting: bool = Field(True, description="weight the loss by inverse training class frequency")
+    softmax_over: Literal["all", "present"] = Field(
+        "all", description="'present': the loss's softmax runs over the classes with training rows only (FedRS "
+                           "with alpha 0, for label-skewed federations; needs the training class counts)")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     eval_batch_size: int = Field(512, ge=1)
     seed: int = 0
@@ -91,27 +94,49 @@ def class_weights(counts: np.ndarray) -> Tensor:
 
 
 class WeightedCrossEntropy(nn.Module):
-    """sum_i w[y_i] * CE(logits_i, y_i) / batch_size: each sample's term depends on that sample only."""
+    """sum_i w[y_i] * CE(logits_i, y_i) / batch_size: each sample's term depends on that sample only.
 
-    def __init__(self, weight: Tensor | None = None, label_smoothing: float = 0.0):
+    With `classes` (indices), the softmax runs over those classes only: the other logits get no gradient,
+    so a site that never sees a class does not teach the model that its patients are not of that class
+    (Li & Zhan, FedRS, KDD 2021, with alpha 0). A label outside `classes` is an error.
+    """
+
+    def __init__(self, weight: Tensor | None = None, label_smoothing: float = 0.0, classes: Tensor | None = None):
         super().__init__()
-        # A plain attribute, not a buffer: the loss is not part of any model state.
+        # Plain attributes, not buffers: the loss is not part of any model state.
         self.weight, self.label_smoothing = weight, label_smoothing
+        self.classes, self._position = None, None
+        if classes is not None:
+            self.classes = torch.as_tensor(classes, dtype=torch.int64)
+            if self.classes.numel() == 0:
+                raise ValueError("softmax over no classes: the site has no training rows")
+            self._position = torch.full((int(self.classes.max()) + 1,), -1, dtype=torch.int64)
+            self._position[self.classes] = torch.arange(len(self.classes))
 
     def forward(self, logits: Tensor, y: Tensor) -> Tensor:
-        ce = F.cross_entropy(logits, y, reduction="none", label_smoothing=self.label_smoothing)
+        target = y
+        if self.classes is not None:
+            pos = self._position.to(y.device)
+            target = pos[y.clamp(max=len(pos) - 1)].masked_fill(y >= len(pos), -1)
+            if bool((target < 0).any()):
+                raise ValueError(f"labels {sorted(set(y[target < 0].tolist()))} are outside the classes this loss "
+                                 "was built for (softmax_over='present' takes them from the training class counts)")
+            logits = logits.index_select(1, self.classes.to(logits.device))
+        ce = F.cross_entropy(logits, target, reduction="none", label_smoothing=self.label_smoothing)
         if self.weight is not None:
             ce = ce * self.weight.to(ce.device)[y]
         return ce.sum() / max(len(y), 1)  # an empty (Poisson-sampled) batch gives 0, not NaN
 
 
 def build_loss(cfg: TrainConfig, counts: np.ndarray | None = None) -> WeightedCrossEntropy:
-    """The training loss; `counts` (training rows per class) are needed when class weighting is on."""
-    if cfg.class_weighting:
-        if counts is None:
-            raise ValueError("class_weighting needs the training class counts; pass class_counts(y_train, K)")
-        return WeightedCrossEntropy(class_weights(counts), cfg.label_smoothing)
-    return WeightedCrossEntropy(None, cfg.label_smoothing)
+    """The training loss; `counts` (training rows per class) are needed for class weighting and for a
+    softmax over the present classes."""
+    if counts is None and (cfg.class_weighting or cfg.softmax_over == "present"):
+        raise ValueError("class_weighting and softmax_over='present' need the training class counts; pass "
+                         "class_counts(y_train, K)")
+    weight = class_weights(counts) if cfg.class_weighting else None
+    classes = torch.from_numpy(np.flatnonzero(np.asarray(counts) > 0)) if cfg.softmax_over == "present" else None
+    return WeightedCrossEntropy(weight, cfg.label_smoothing, classes)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -217,7 +242,7 @@ def fit(model: nn.Module, x_train: Tensor, y_train: Tensor, cfg: TrainConfig,
     """
     torch.manual_seed(cfg.seed)  # dropout
     n_classes = _n_classes(model, y_train)
-    loss_fn = build_loss(cfg, class_counts(y_train, n_classes) if cfg.class_weighting else None)
+    loss_fn = build_loss(cfg, class_counts(y_train, n_classes))
     loader = build_loader(x_train, y_train, cfg)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=len(loader))

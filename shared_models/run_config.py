@@ -82,6 +82,10 @@ class RunConfig(BaseModel):
     warmup_fraction: float = Field(0.1, alias="warmup-fraction", ge=0, lt=1)
     val_fraction: float = Field(0.2, alias="val-fraction", ge=0, lt=1, description="site's local held-out part")
     min_count: int = Field(5, alias="min-count", ge=1, description="counts below this are never reported")
+    local_softmax: Literal["all", "site"] = Field(
+        "all", alias="local-softmax", description="'site': each site's loss is a softmax over the cancer types it "
+        "has training patients of (FedRS, alpha 0), for label-skewed federations; without DP only (README, "
+        "'Federated training')")
     seed: int = 0
 
     # --- model (architecture; must match on every side) ---------------------------------------
@@ -112,6 +116,9 @@ class RunConfig(BaseModel):
     def _consistent(self) -> "RunConfig":
         if self.strategy == "fedprox" and self.proximal_mu == 0:
             raise ValueError("strategy 'fedprox' with proximal-mu 0 is FedAvg; set proximal-mu > 0 or use fedavg")
+        if self.dp and self.local_softmax == "site":
+            raise ValueError("local-softmax 'site' takes each site's set of cancer types from its labels, which "
+                             "DP-SGD's analysis does not cover; use local-softmax 'all' with dp, or dp false")
         return self
 
     def model_config_(self) -> "ModelConfig":
@@ -140,13 +147,16 @@ class RunConfig(BaseModel):
                 field = field or next((f for f in cls.model_fields.values() if f.alias == key), None)
                 if not hint and field is not None and field.description:
                     hint = field.description  # what the setting means and its limits
-                got = f" (got {err['input']!r})" if err["type"] not in ("missing",) and "input" in err else ""
+                got = f" (got {err['input']!r})" if err["loc"] and err["type"] != "missing" and "input" in err else ""
                 lines.append(f"  - {key}: {err['msg'].removeprefix('Value error, ')}{got}" + (f"; {hint}" if hint else ""))
             raise RunConfigError("\n".join(lines)) from None
 
 
 def parse_overrides(items: list[str], source: str = "--set") -> dict:
-    """KEY=VALUE pairs typed as TOML would type them (a bare word is a string), checked against RunConfig."""
+    """KEY=VALUE pairs typed as TOML would type them (a bare word is a string), each checked against RunConfig.
+
+    Checks across keys (e.g. dp with local-softmax) wait for the whole run config: the overrides alone
+    do not know what the command line or pyproject set besides them."""
     import tomllib
 
     out = {}
@@ -158,7 +168,11 @@ def parse_overrides(items: list[str], source: str = "--set") -> dict:
             out[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
         except tomllib.TOMLDecodeError:
             out[key.strip()] = value.strip()
-    RunConfig.from_flower({"schema": "check.json", **out}, source=source)
+    try:
+        RunConfig.model_validate({"schema": "check.json", **out})
+    except ValidationError as e:
+        if any(err["loc"] for err in e.errors()):  # a value wrong whatever else is set: say which, and why
+            RunConfig.from_flower({"schema": "check.json", **out}, source=source)
     return out
 
 

@@ -13,7 +13,7 @@ from client.local_round import evaluate_global, state_arrays, train_round
 from client.site import SiteDataError, SitePaths, prepare_site
 from privacy.accounting import BudgetError
 from shared_models.model import MultiModalTransformer
-from shared_models.run_config import RunConfig
+from shared_models.run_config import RunConfig, RunConfigError
 from tests.sitefixtures import site_schema, site_tables, write_site
 
 
@@ -106,3 +106,8 @@ def test_under_dp_the_loss_does_not_depend_on_the_sites_label_counts():
 
     assert train_config(RunConfig.from_flower({"schema": "s.json", "dp": True})).class_weighting is False
     assert train_config(RunConfig.from_flower({"schema": "s.json", "dp": False})).class_weighting is True
+    # nor on the set of classes the site holds: a softmax over the site's own classes is refused with DP
+    site_softmax = {"schema": "s.json", "local-softmax": "site"}
+    assert train_config(RunConfig.from_flower({**site_softmax, "dp": False})).softmax_over == "present"
+    with pytest.raises(RunConfigError, match="local-softmax 'site'.*dp false"):
+        RunConfig.from_flower({**site_softmax, "dp": True})

@@ -135,6 +135,10 @@ def test_run_config_overrides():
     assert parse_overrides([f"epsilon={MAX_BUDGET}"]) == {"epsilon": MAX_BUDGET}  # the run config's limit is the site's
     with pytest.raises(RunConfigError, match="epsilon"):
         parse_overrides([f"epsilon={MAX_BUDGET + 0.5}"])
+    # checks across keys wait for the whole run config: --no-dp may come from another option
+    assert parse_overrides(["local-softmax=site"]) == {"local-softmax": "site"}
+    with pytest.raises(RunConfigError, match="local-softmax: Input should be 'all' or 'site'"):
+        parse_overrides(["local-softmax=mine"])
 
 
 def test_simulate_refuses_a_bad_run_config_before_starting_anything(tmp_path):
@@ -144,6 +148,10 @@ def test_simulate_refuses_a_bad_run_config_before_starting_anything(tmp_path):
 
     result = CliRunner().invoke(app, ["simulate", "--epsilon", "1000", "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "epsilon" in result.output and "at most 100" in result.output
+    assert not (tmp_path / "run" / "server").exists() and not any((tmp_path / "run" / "flower").iterdir())
+    # a check across keys, on the run config as flwr would merge it (DP is on by default)
+    result = CliRunner().invoke(app, ["simulate", "--set", "local-softmax=site", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "local-softmax 'site'" in result.output and "dp false" in result.output
     assert not (tmp_path / "run" / "server").exists() and not any((tmp_path / "run" / "flower").iterdir())
 
 

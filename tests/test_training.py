@@ -134,6 +134,34 @@ def test_build_loss_without_class_weighting_is_plain_cross_entropy():
     torch.testing.assert_close(loss(logits, y), F.cross_entropy(logits, y))
 
 
+def test_softmax_over_present_classes_gives_absent_classes_no_gradient():
+    # FedRS with alpha 0: a site without class 1 must neither push class 1's logit down nor up
+    counts = np.array([4, 0, 6])
+    logits = torch.randn(5, 3, requires_grad=True)
+    y = torch.tensor([0, 2, 2, 0, 2])
+    loss = build_loss(TrainConfig(class_weighting=False, softmax_over="present"), counts)
+    value = loss(logits, y)
+    value.backward()
+    assert torch.all(logits.grad[:, 1] == 0) and torch.all(logits.grad[:, [0, 2]] != 0)
+    kept = logits.detach()[:, [0, 2]]
+    torch.testing.assert_close(value, F.cross_entropy(kept, torch.tensor([0, 1, 1, 0, 1])))
+    # with class weights the weights are those of the full class index
+    weighted = build_loss(TrainConfig(class_weighting=True, softmax_over="present"), counts)(logits.detach(), y)
+    w = class_weights(counts)
+    torch.testing.assert_close(weighted, (w[y] * F.cross_entropy(kept, torch.tensor([0, 1, 1, 0, 1]),
+                                                                 reduction="none")).mean())
+    # still per sample: an empty batch gives 0
+    assert loss(logits.detach()[:0], y[:0]) == 0
+
+
+def test_softmax_over_present_classes_refuses_a_label_it_was_not_built_for():
+    loss = build_loss(TrainConfig(class_weighting=False, softmax_over="present"), np.array([4, 0, 6]))
+    with pytest.raises(ValueError, match=r"labels \[1\] are outside"):
+        loss(torch.randn(2, 3), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="need the training class counts"):
+        build_loss(TrainConfig(class_weighting=False, softmax_over="present"))
+
+
 def test_weight_decay_applies_to_linear_weights_only(tiny_schema):
     model = _model(tiny_schema)
     groups = build_optimizer(model, TrainConfig(weight_decay=0.05)).param_groups
