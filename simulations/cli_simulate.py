@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import typer
 
 
@@ -104,6 +105,11 @@ def simulate(
                    f"patients, mean F1 {common['mean_f1']:.3f}; {len(rare['types'])} with fewer "
                    f"({', '.join(rare['types'])}: {min(rare['patients'])}-{max(rare['patients'])}), "
                    f"mean F1 {rare['mean_f1']:.3f}")
+    if held["predicted_absent_types"]:
+        typer.echo("  predicted although no held-out patient has them (each counts F1 0 in macro-F1): " + ", ".join(
+            f"{k} for {n} patient{'s' if n > 1 else ''}" for k, n in held["predicted_absent_types"].items())
+            + f"; macro-F1 over the {len(held['per_class_f1'])} types the held-out patients have: "
+              f"{np.mean(list(held['per_class_f1'].values())):.3f}")
     eps = result.get("site_epsilon", {})
     if eps:
         typer.echo("epsilon spent per site: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(eps.items())))

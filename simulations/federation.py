@@ -249,16 +249,21 @@ def evaluate_on_site(model_dir: Path, site_dir: Path) -> dict:
     statistics (as a new hospital would serve it)."""
     import torch
 
-    from shared_models.evaluation import evaluate
+    from shared_models.evaluation import classification_metrics, predict_logits
     from shared_models.site_data import load_labelled_site
 
     model, schema, version = load_installed(model_dir)
     ds = load_labelled_site(schema, site_dir)
-    m = evaluate(model, torch.from_numpy(ds.x), torch.from_numpy(ds.y))
+    pred = predict_logits(model, torch.from_numpy(ds.x)).argmax(dim=1).numpy()
+    m = classification_metrics(ds.y, pred, len(schema.classes))
     present = set(np.unique(ds.y).tolist())
-    return {"patients": int(len(ds.y)), "accuracy": m.accuracy, "balanced_accuracy": m.balanced_accuracy,
-            "macro_f1": m.macro_f1, "model_version": version,
-            "per_class_f1": {schema.classes[c]: f for c, f in enumerate(m.per_class_f1) if c in present}}
+    absent = np.bincount(pred[~np.isin(pred, list(present))], minlength=len(schema.classes))
+    return {"patients": int(len(ds.y)), "accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"],
+            "macro_f1": m["macro_f1"], "model_version": version,
+            "per_class_f1": {schema.classes[c]: f for c, f in enumerate(m["per_class_f1"]) if c in present},
+            # types none of these patients has, predicted anyway: each counts F1 0 in macro-F1 (scikit-learn's
+            # definition: the mean over the types in the labels or the predictions)
+            "predicted_absent_types": {schema.classes[c]: int(n) for c, n in enumerate(absent) if n}}
 
 
 RARE_PATIENTS = 60  # a type with fewer patients across all training sites counts as rare in the summary

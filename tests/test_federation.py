@@ -94,6 +94,22 @@ def test_secagg_aggregate_equals_plain_fedavg_and_every_site_holds_the_model(fed
                 "secagg_collect_masked_vectors", "secagg_unmask"} <= set(r["timing"])
         assert all(s["train_seconds"] > 0 for s in r["sites"].values())
     assert _metrics(work_plain)[-1]["server_eval"] is None and "secagg_setup" not in _metrics(work_plain)[-1]["timing"]
+    # the held-out evaluation names the types it predicts that none of the scored patients has
+    from simulations.federation import evaluate_on_site
+
+    store = Path(with_sa["deliveries"][0]["path"]).parent
+    one_type = federation / "one_type"
+    shutil.copytree(federation / "sites" / "site_01", one_type, dirs_exist_ok=True)
+    labels1 = pd.read_csv(one_type / "labels.csv")
+    label_col = [c for c in labels1.columns if c != labels1.columns[0]][0]
+    kept = labels1[labels1[label_col] == labels1[label_col].mode()[0]]
+    kept.to_csv(one_type / "labels.csv", index=False)
+    held = evaluate_on_site(store, one_type)
+    (only, f1), = held["per_class_f1"].items()
+    wrong = held["patients"] - round(held["accuracy"] * held["patients"])
+    assert held["patients"] == len(kept) and sum(held["predicted_absent_types"].values()) == wrong
+    assert only not in held["predicted_absent_types"]
+    assert held["macro_f1"] == pytest.approx(f1 / (1 + len(held["predicted_absent_types"])))
     # the server's and every site's hash-chained audit log verify, and say what happened
     from privacy.audit import verify
 
