@@ -138,10 +138,12 @@ class ExperimentConfig(_Strict):
         for name in self.grid.data:
             if name != "synthetic":
                 data_dir(name)  # raises naming the data set
-        try:
-            RunConfig.from_flower(self.run_config(), source=f"{path} [run]")
-        except ValueError as e:
-            raise ExperimentError(str(e)) from e
+        for privacy in self.grid.privacy:  # as the cells will run it: dp and epsilon come from the grid
+            cell = {"dp": False} if privacy == "off" else {"dp": True, "epsilon": float(privacy)}
+            try:
+                RunConfig.from_flower({**self.run_config(), **cell}, source=f"{path} [run] with privacy = {privacy!r}")
+            except ValueError as e:
+                raise ExperimentError(str(e)) from e
         reserved = {"data-root", "site-state-root", "output-dir", "num-rounds", "sites", "dp", "epsilon", "strategy",
                     "seed", "schema", "eval-data"} & set(self.run)
         if reserved:

@@ -55,6 +55,7 @@ def write(tmp_path: Path, text: str) -> Path:
     (("cv-folds = 2", "cv-folds = 2\n[run]\nnum-rounds = 3"), "set by the grid"),
     (("cv-folds = 2", "cv-folds = 2\n[run]\nlr = -1"), "lr"),
     (("classes = 3", "classes = 1"), "classes must be at least 2"),
+    (("cv-folds = 2", 'cv-folds = 2\n[run]\nlocal-softmax = "site"'), "with privacy = 8"),  # refused with DP
 ])
 def test_bad_config_names_the_key(tmp_path, edit, expected):
     old, new = edit
@@ -62,6 +63,12 @@ def test_bad_config_names_the_key(tmp_path, edit, expected):
     with pytest.raises(ExperimentError) as e:
         ExperimentConfig.load(write(tmp_path, TINY.replace(old, new)))
     assert str(tmp_path / "exp.toml") in str(e.value) and expected in str(e.value), str(e.value)
+
+
+def test_run_keys_are_checked_as_each_privacy_level_runs_them(tmp_path):
+    # a softmax over each site's own types is refused with DP only: fine in a grid without DP
+    text = TINY.replace("privacy = [8]", 'privacy = ["off"]').replace("cv-folds = 2", 'cv-folds = 2\n[run]\nlocal-softmax = "site"')
+    assert ExperimentConfig.load(write(tmp_path, text)).run == {"local-softmax": "site"}
 
 
 def test_grid_enumerates_every_combination_once(tmp_path):
