@@ -50,7 +50,8 @@ def train_config(cfg: RunConfig) -> TrainConfig:
     refuses a softmax over the site's own classes (`local-softmax = "site"`) together with DP."""
     return TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
                        warmup_fraction=cfg.warmup_fraction, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed,
-                       class_weighting=not cfg.dp, softmax_over="present" if cfg.local_softmax == "site" else "all")
+                       class_weighting=not cfg.dp, softmax_over="present" if cfg.local_softmax == "site" else "all",
+                       optimizer=cfg.local_optimizer, momentum=cfg.momentum)
 
 
 def run_noise(site: PreparedSite, run_id: str, cfg: RunConfig) -> tuple[float, float, int]:

@@ -54,6 +54,8 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     lr: float = Field(1e-3, gt=0, description="peak learning rate (after warm-up)")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="'sgd': SGD with `momentum`")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD's momentum")
     weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled decay, Linear weights only")
     epochs: int = Field(60, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -139,14 +141,18 @@ def build_loss(cfg: TrainConfig, counts: np.ndarray | None = None) -> WeightedCr
     return WeightedCrossEntropy(weight, cfg.label_smoothing, classes)
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on Linear weights only (not on biases, norms, embeddings, learned arrays)."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (or SGD with momentum); weight decay on Linear weights only (not on biases, norms,
+    embeddings, learned arrays)."""
     decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if id(p) in decay_ids]
     no_decay = [p for p in params if id(p) not in decay_ids]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "sgd":  # weight decay here is an L2 term on the same Linear weights
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_fraction: float = 0.0) -> float:

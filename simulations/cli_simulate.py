@@ -22,7 +22,8 @@ def simulate(
     secagg: bool = typer.Option(True, "--secagg/--no-secagg", help="Flower SecAgg+"),
     strategy: str = typer.Option("fedavg", help="fedavg | fedprox | fedadam"),
     local_epochs: int = typer.Option(2, min=1),
-    lr: float | None = typer.Option(None, help="peak local learning rate [default: 0.02 with DP, 0.002 without]"),
+    lr: float | None = typer.Option(None, help="peak local learning rate [default: 0.02 with DP (AdamW); without DP "
+                                    "0.2 (SGD with momentum), 0.002 with --set local-optimizer=adamw]"),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1,
                                           help="(expected, under DP) batch size [default: 256 with DP, 64 without]"),
     eval_data: bool = typer.Option(False, "--eval-data/--no-eval-data",
@@ -66,7 +67,7 @@ def simulate(
     typer.echo(f"{n_sites} hospitals ({', '.join(s['name'] for s in manifest['sites'])}), "
                f"{manifest['holdout']['patients']:,} held-out patients; DP {'on, epsilon ' + str(epsilon) if dp else 'off'}"
                f", SecAgg+ {'on' if secagg else 'off'}, {strategy}, {rounds} rounds of {local_epochs} local epochs, batch "
-               f"{cfg['batch-size']}, lr {cfg['lr']:g}")
+               f"{cfg['batch-size']}, {cfg['local-optimizer']} lr {cfg['lr']:g}")
     t0 = time.time()
     try:
         result = run_federation(out / "flower", cfg, n_sites=n_sites)

@@ -171,19 +171,23 @@ def federation_config(out: Path, sites: Path, n_sites: int, *, rounds: int, dp: 
                       extra: dict | None = None) -> dict:
     """The run config of a simulated federation whose working files live under `out`.
 
-    Learning rate and batch default to the values tuned on the pan-cancer federation (README): DP-SGD
-    wants large expected batches and a larger step. The consortium's model-signing key is generated
-    once in out/keys: the server signs the final model and every site verifies it before installing it.
+    Optimizer, learning rate and batch default to the values tuned on the pan-cancer federation (README):
+    DP-SGD wants large expected batches and a larger step; without DP the sites use SGD with momentum
+    (lr 0.2), or AdamW at lr 0.002 when `extra` sets local-optimizer = "adamw". The consortium's
+    model-signing key is generated once in out/keys: the server signs the final model and every site
+    verifies it before installing it.
     """
     from privacy.signing import generate_signing_key
 
     keys = out / "keys"
     if not (keys / "signing.key").exists():
         generate_signing_key(keys / "signing.key", keys / "signing.pub")
+    optimizer = (extra or {}).get("local-optimizer", "adamw" if dp else "sgd")
+    default_lr = 0.02 if dp else {"sgd": 0.2}.get(optimizer, 0.002)
     cfg = {"base-dir": str(ROOT), "data-root": str(sites), "site-state-root": str(out / "state"),
            "output-dir": str(out / "server"), "num-rounds": rounds, "sites": n_sites, "min-sites": min(2, n_sites),
            "epsilon": epsilon, "dp": dp, "secagg": secagg, "strategy": strategy, "local-epochs": local_epochs,
-           "lr": lr if lr is not None else (0.02 if dp else 0.002),
+           "local-optimizer": optimizer, "lr": lr if lr is not None else default_lr,
            "batch-size": batch_size if batch_size is not None else (256 if dp else 64), "seed": seed,
            "round-timeout": 900.0, "signing-key": str(keys / "signing.key"),
            "signing-public-key": str(keys / "signing.pub")}

@@ -256,6 +256,19 @@ def test_stopping_the_local_superlink_ends_what_it_started_in_other_sessions(tmp
         time.sleep(0.1)
 
 
+def test_simulated_federations_default_to_sgd_without_dp_and_adamw_with_it(tmp_path):
+    from simulations.federation import federation_config
+
+    def cfg(dp, **extra):
+        c = federation_config(tmp_path, tmp_path / "sites", 2, rounds=1, dp=dp, epsilon=8, secagg=True,
+                              strategy="fedavg", seed=0, extra=extra)
+        return c["local-optimizer"], c["lr"], c["batch-size"]
+
+    assert cfg(False) == ("sgd", 0.2, 64)
+    assert cfg(False, **{"local-optimizer": "adamw"}) == ("adamw", 0.002, 64)
+    assert cfg(True) == ("adamw", 0.02, 256)
+
+
 def test_held_out_f1_is_split_by_how_many_patients_a_type_has_across_the_federation():
     from simulations.federation import f1_by_class_size
 

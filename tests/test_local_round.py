@@ -59,6 +59,15 @@ def test_the_whole_planned_schedule_fits_the_budget_and_one_more_round_is_refuse
     assert (tmp_path / "state" / "privacy-ledger.json").read_text() == ledger_before
 
 
+def test_dp_sgd_with_the_sgd_optimizer_accounts_like_adamw(tmp_path):
+    # the optimizer changes how a noisy clipped gradient is applied, never the noise or the accounting
+    _, run, site, w = _setup(tmp_path, **{"local-optimizer": "sgd", "lr": 1.0})
+    r1 = train_round(site, w, run, "run-A", 1)
+    sigma, q = r1.metrics["noise_multiplier"], r1.metrics["sample_rate"]
+    assert r1.metrics["epsilon"] == pytest.approx(_closed_form([(sigma, q, r1.metrics["local_steps"])]), rel=0.01)
+    assert max(float(np.abs(d).max()) for d in r1.delta) > 0
+
+
 def test_a_second_run_on_the_same_data_continues_the_spend(tmp_path):
     schema, run, site, w = _setup(tmp_path, budget=8.0, rounds=2)
     first = train_round(site, w, run, "run-A", 1).metrics["epsilon"]
@@ -73,9 +82,12 @@ def test_a_second_run_on_the_same_data_continues_the_spend(tmp_path):
     assert {e["run_id"] for e in ledger["entries"]} == {"run-A", "run-B"}
 
 
-def test_the_update_is_a_delta_from_the_global_weights(tmp_path):
-    schema, run, site, w = _setup(tmp_path, dp=False)
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_the_update_is_a_delta_from_the_global_weights(tmp_path, optimizer):
+    schema, run, site, w = _setup(tmp_path, dp=False, **{"local-optimizer": optimizer, "lr": 0.2 if optimizer == "sgd"
+                                                        else 0.002})
     res = train_round(site, w, run, "run-A", 1)
+    assert all(np.isfinite(d).all() for d in res.delta)
     assert [d.shape for d in res.delta] == [a.shape for a in w]
     assert max(float(np.abs(d).max()) for d in res.delta) > 0
     assert "epsilon" not in res.metrics  # DP off: nothing is claimed

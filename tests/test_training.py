@@ -162,12 +162,17 @@ def test_softmax_over_present_classes_refuses_a_label_it_was_not_built_for():
         build_loss(TrainConfig(class_weighting=False, softmax_over="present"))
 
 
-def test_weight_decay_applies_to_linear_weights_only(tiny_schema):
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_weight_decay_applies_to_linear_weights_only(tiny_schema, optimizer):
     model = _model(tiny_schema)
-    groups = build_optimizer(model, TrainConfig(weight_decay=0.05)).param_groups
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.05, optimizer=optimizer, momentum=0.8))
+    assert isinstance(opt, {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[optimizer])
+    groups = opt.param_groups
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decayed == {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    if optimizer == "sgd":
+        assert all(g["momentum"] == 0.8 for g in groups)
 
 
 # --- early stopping ------------------------------------------------------------------------------------
