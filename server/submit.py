@@ -15,14 +15,13 @@ import re
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 from privacy.preflight import Check, check_private_key, check_reachable, report
 from server.checkpoint import has_checkpoint
 from server.deploy import FLOWER_ENV, Consortium, DeployError
 from shared_models.files import write_json_atomic
-from shared_models.run_config import RunConfig, flwr_overrides
+from shared_models.run_config import RunConfig, RunConfigError, app_defaults, flwr_overrides
 
 PROJECT = Path(__file__).resolve().parents[1]
 _DUPLICATE = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:")  # flwr streams each ServerApp line twice
@@ -59,11 +58,9 @@ def stop_previous(run_dir: Path, env: dict, out) -> None:
 
 def project_defaults() -> dict:
     try:
-        data = tomllib.loads((PROJECT / "pyproject.toml").read_text())
-        return dict(data["tool"]["flwr"]["app"]["config"])
-    except (OSError, KeyError, tomllib.TOMLDecodeError) as e:
-        raise DeployError(f"{PROJECT / 'pyproject.toml'}: no [tool.flwr.app.config] ({e}); `oncofed run` submits the "
-                          "OncoFed project directory: run it from a checkout (pip install -e .)") from None
+        return app_defaults(PROJECT)
+    except RunConfigError as e:
+        raise DeployError(f"{e}; `oncofed run` submits the OncoFed project directory") from None
 
 
 def run_values(c: Consortium, run_dir: Path, overrides: dict, resume: bool, n_sites: int) -> dict:

@@ -157,6 +157,19 @@ class RunConfig(BaseModel):
             raise RunConfigError("\n".join(lines)) from None
 
 
+def app_defaults(project: Path) -> dict:
+    """The run config the project's Flower app declares (`[tool.flwr.app.config]` of its pyproject.toml),
+    which `flwr run` merges overrides into."""
+    import tomllib
+
+    path = Path(project) / "pyproject.toml"
+    try:
+        return dict(tomllib.loads(path.read_text())["tool"]["flwr"]["app"]["config"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError) as e:
+        raise RunConfigError(f"{path}: no [tool.flwr.app.config] ({e}); run OncoFed from its project directory "
+                             "(a checkout installed with pip install -e .)") from None
+
+
 def parse_overrides(items: list[str], source: str = "--set") -> dict:
     """KEY=VALUE pairs typed as TOML would type them (a bare word is a string), each checked against RunConfig.
 

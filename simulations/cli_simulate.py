@@ -6,7 +6,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import typer
 
 
@@ -54,13 +53,10 @@ def simulate(
     cfg = federation_config(out, sites, n_sites, rounds=rounds, dp=dp, epsilon=epsilon, secagg=secagg,
                             strategy=strategy, seed=seed, local_epochs=local_epochs, lr=lr, batch_size=batch_size,
                             eval_data=sites / manifest["holdout"]["dir"] if eval_data else None, extra=extra)
-    import tomllib
+    from shared_models.run_config import RunConfig, RunConfigError, app_defaults
 
-    from shared_models.run_config import RunConfig, RunConfigError
-
-    app_defaults = tomllib.loads((ROOT / "pyproject.toml").read_text())  # the app `flwr run` starts
     try:  # the whole run config (as `flwr run` will merge it), before a SuperLink starts: a bad value stops here
-        RunConfig.from_flower({**app_defaults["tool"]["flwr"]["app"]["config"], **cfg}, source="oncofed simulate")
+        RunConfig.from_flower({**app_defaults(ROOT), **cfg}, source="oncofed simulate")
     except RunConfigError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(code=2)
@@ -107,6 +103,8 @@ def simulate(
                    f"({', '.join(rare['types'])}: {min(rare['patients'])}-{max(rare['patients'])}), "
                    f"mean F1 {rare['mean_f1']:.3f}")
     if held["predicted_absent_types"]:
+        import numpy as np
+
         typer.echo("  predicted although no held-out patient has them (each counts F1 0 in macro-F1): " + ", ".join(
             f"{k} for {n} patient{'s' if n > 1 else ''}" for k, n in held["predicted_absent_types"].items())
             + f"; macro-F1 over the {len(held['per_class_f1'])} types the held-out patients have: "

@@ -128,8 +128,9 @@ class ExperimentConfig(_Strict):
 
     def run_config(self) -> dict:
         """The project's run config ([tool.flwr.app.config]) with this experiment's [run] overrides."""
-        defaults = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-        return {**defaults, **self.run}
+        from shared_models.run_config import app_defaults
+
+        return {**app_defaults(ROOT), **self.run}
 
     def check(self, path: Path) -> None:
         from shared_models.run_config import RunConfig

@@ -183,7 +183,7 @@ def federation_config(out: Path, sites: Path, n_sites: int, *, rounds: int, dp: 
     if not (keys / "signing.key").exists():
         generate_signing_key(keys / "signing.key", keys / "signing.pub")
     optimizer = (extra or {}).get("local-optimizer", "adamw" if dp else "sgd")
-    default_lr = 0.02 if dp else {"sgd": 0.2}.get(optimizer, 0.002)
+    default_lr = 0.02 if dp else (0.2 if optimizer == "sgd" else 0.002)
     cfg = {"base-dir": str(ROOT), "data-root": str(sites), "site-state-root": str(out / "state"),
            "output-dir": str(out / "server"), "num-rounds": rounds, "sites": n_sites, "min-sites": min(2, n_sites),
            "epsilon": epsilon, "dp": dp, "secagg": secagg, "strategy": strategy, "local-epochs": local_epochs,
