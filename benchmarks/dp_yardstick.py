@@ -23,6 +23,14 @@ the sites keep for their own evaluation (every patient of every site, as the rea
     python benchmarks/dp_yardstick.py --epsilons 1,3,8 --models linear
     python benchmarks/dp_yardstick.py --models transformer,transformer-es --epsilons none --seeds 0,1,2
     python benchmarks/dp_yardstick.py --models transformer-es --epsilons none --seeds 0,1,2 --all-rows
+    python benchmarks/dp_yardstick.py --models linear --grid batch-size=256,1024,2048 --grid lr=0.005,0.01,0.02 \
+        --grid local-epochs=2,5                                # tune the pooled DP recipe: its ceiling
+
+`--grid KEY=V1,V2,...` (repeatable) trains every combination of the values (run-config keys of the
+training recipe, on top of `--set`) and ends with the best combination per model and budget. The
+best is picked on the held-out patients themselves, so it is an optimistic ceiling for the pooled
+mechanism, not a recipe validated for deployment: the point is to see whether any recipe reaches a
+target, and a ceiling picked this way is the generous side of that question.
 
 Prints a table and ends with one JSON line.
 """
@@ -56,6 +64,32 @@ from simulations.experiment import fit_early_stopped  # noqa: E402
 from simulations.federation import ensure_partition  # noqa: E402
 
 MODELS = ("linear", "transformer", "transformer-es")
+# what --grid may vary: the training recipe only (the partition, the sites' splits and normalisation stay fixed)
+GRID_KEYS = ("batch-size", "lr", "local-epochs", "num-rounds", "max-grad-norm", "weight-decay", "warmup-fraction",
+             "local-optimizer", "momentum")
+
+
+def grid_overrides(items: list[str]) -> list[dict]:
+    """Every combination of `--grid KEY=V1,V2,...` values, each combination one dict of run-config overrides."""
+    import itertools
+
+    from shared_models.run_config import RunConfigError, parse_overrides
+
+    if not items:
+        return []
+    axes = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip()
+        if not sep or not values.strip():
+            raise RunConfigError(f"--grid {item}: write KEY=V1,V2,..., e.g. --grid lr=0.005,0.01,0.02")
+        if key not in GRID_KEYS:
+            raise RunConfigError(f"--grid {key}: not a training-recipe key; use one of {', '.join(GRID_KEYS)} "
+                             "(seeds: --seeds; the data split stays the main job's)")
+        if key in (k for k, _ in axes):
+            raise RunConfigError(f"--grid {key}: given twice; list all its values in one --grid {key}=V1,V2,...")
+        axes.append((key, [parse_overrides([f"{key}={v}"], source="--grid")[key] for v in values.split(",")]))
+    return [dict(zip([k for k, _ in axes], combo)) for combo in itertools.product(*(v for _, v in axes))]
 
 
 class Linear(nn.Module):
@@ -106,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="pool every patient of each site, including the part a federated site keeps for its own "
                          "evaluation (val-fraction), as the real-data study's 'pooled' cell does")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override")
+    ap.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                    help=f"train every combination of these values of the recipe's run-config keys "
+                         f"({', '.join(GRID_KEYS)}); ends with the best per model and budget")
     args = ap.parse_args(argv)
     models = args.models.split(",")
     if bad := [m for m in models if m not in MODELS]:
@@ -116,13 +153,27 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         ap.error(f"--epsilons/--seeds: {e}; give comma-separated numbers, e.g. --epsilons 1,3,8 --seeds 0,1,2")
     torch.set_num_threads(1)
-    from shared_models.run_config import parse_overrides
+    from shared_models.run_config import RunConfigError, parse_overrides
+
+    try:  # a bad --grid stops here, before the partition is cut
+        grids = grid_overrides(args.grid)
+    except RunConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    if grids and not epsilons:
+        ap.error("--grid varies the DP recipe: give --epsilons (e.g. 8), not 'none'")
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         sites_root = ensure_partition(tmp / "sites")
         schema = FeatureSchema.load(sites_root / "schema.json")
-        cfg = RunConfig.from_flower({"schema": str(sites_root / "schema.json"), **parse_overrides(args.set)})
+        base = {"schema": str(sites_root / "schema.json"), **parse_overrides(args.set)}
+        cfg = RunConfig.from_flower(base)
+        try:  # every grid point is a whole run config, checked before anything trains
+            recipes = [(g, RunConfig.from_flower({**base, **g}, source=f"--grid {g}")) for g in grids]
+        except RunConfigError as e:
+            print(e, file=sys.stderr)
+            return 2
         xs, ys = [], []
         for site_dir in sorted(p for p in sites_root.iterdir() if p.is_dir() and p.name != "holdout"):
             if args.all_rows:  # every patient of the site, normalised over the whole site (the study's pooled cell)
@@ -137,33 +188,48 @@ def main(argv: list[str] | None = None) -> int:
         held = load_labelled_site(schema, sites_root / "holdout")
     epochs = cfg.num_rounds * cfg.local_epochs
     print(f"pooled {'' if args.all_rows else 'training '}patients of {len(xs)} hospitals: {len(y):,}; held-out tss patients: {len(held.y):,}; "
-          f"{epochs} passes, expected batch {cfg.batch_size}, lr {cfg.lr}, C {cfg.max_grad_norm}, delta {cfg.delta}",
-          flush=True)
+          f"{epochs} passes, expected batch {cfg.batch_size}, lr {cfg.lr}, C {cfg.max_grad_norm}, delta {cfg.delta}"
+          + (f"; {len(recipes)} DP recipes (--grid)" if recipes else ""), flush=True)
     rows = []
     for seed in seeds or [cfg.seed]:
-        scfg = cfg.model_copy(update={"seed": seed})
         for name in models:
-            for eps in [None] + ([] if name == "transformer-es" else epsilons):
-                torch.manual_seed(seed)
-                model = (Linear(x.shape[1], schema.n_classes) if name == "linear"
-                         else MultiModalTransformer(schema, scfg.model_config_()))
-                t0 = time.perf_counter()
-                extra, spent = {}, 0.0
-                if name == "transformer-es":
-                    f = fit_early_stopped(model, x, y, seed)
-                    extra = {"best_epoch": f.best_epoch, "epochs_run": f.epochs_run}
-                else:
-                    spent = train(model, x, y, scfg, schema.n_classes, dp=eps is not None, epsilon=eps or 0.0,
-                                  epochs=epochs)
-                m = evaluate(model, torch.from_numpy(held.x), torch.from_numpy(held.y))
-                rows.append({"model": name, "seed": seed, "epsilon": eps, "epsilon_spent": round(spent, 3),
-                             "accuracy": m.accuracy, "balanced_accuracy": m.balanced_accuracy, "macro_f1": m.macro_f1,
-                             "seconds": round(time.perf_counter() - t0, 1), **extra})
-                r = rows[-1]
-                note = f"best epoch {extra['best_epoch']} of {extra['epochs_run']}" if extra else f"spent {spent:.2f}"
-                print(f"{name:<15} seed {seed}  {'no DP' if eps is None else f'eps {eps:g}':<8} accuracy "
-                      f"{r['accuracy']:.3f}  balanced {r['balanced_accuracy']:.3f}  macro-F1 {r['macro_f1']:.3f}  "
-                      f"({note}, {r['seconds']:.0f} s)", flush=True)
+            for i, (grid, rcfg) in enumerate(recipes or [({}, cfg)]):
+                scfg = rcfg.model_copy(update={"seed": seed})
+                # the non-private settings are fixed (lr 0.002, batch 64): no DP once, not once per DP recipe
+                for eps in ([None] if i == 0 else []) + ([] if name == "transformer-es" else epsilons):
+                    torch.manual_seed(seed)
+                    model = (Linear(x.shape[1], schema.n_classes) if name == "linear"
+                             else MultiModalTransformer(schema, scfg.model_config_()))
+                    t0 = time.perf_counter()
+                    extra, spent = {}, 0.0
+                    if name == "transformer-es":
+                        f = fit_early_stopped(model, x, y, seed)
+                        extra = {"best_epoch": f.best_epoch, "epochs_run": f.epochs_run}
+                    else:
+                        spent = train(model, x, y, scfg, schema.n_classes, dp=eps is not None, epsilon=eps or 0.0,
+                                      epochs=scfg.num_rounds * scfg.local_epochs)
+                    m = evaluate(model, torch.from_numpy(held.x), torch.from_numpy(held.y))
+                    rows.append({"model": name, "seed": seed, "epsilon": eps, "epsilon_spent": round(spent, 3),
+                                 "recipe": grid if eps is not None else {},
+                                 "accuracy": m.accuracy, "balanced_accuracy": m.balanced_accuracy,
+                                 "macro_f1": m.macro_f1, "seconds": round(time.perf_counter() - t0, 1), **extra})
+                    r = rows[-1]
+                    note = (f"best epoch {extra['best_epoch']} of {extra['epochs_run']}" if extra
+                            else f"spent {spent:.2f}")
+                    recipe = " ".join(f"{k}={v}" for k, v in r["recipe"].items())
+                    print(f"{name:<15} seed {seed}  {'no DP' if eps is None else f'eps {eps:g}':<8} accuracy "
+                          f"{r['accuracy']:.3f}  balanced {r['balanced_accuracy']:.3f}  macro-F1 {r['macro_f1']:.3f}  "
+                          f"({note}, {r['seconds']:.0f} s){'  ' + recipe if recipe else ''}", flush=True)
+    if recipes:
+        print(f"best DP recipe of {len(recipes)}, by macro-F1 on the held-out patients (an optimistic ceiling):")
+        for name in models:
+            for eps in epsilons:
+                for seed in seeds or [cfg.seed]:
+                    cell = [r for r in rows if (r["model"], r["epsilon"], r["seed"]) == (name, eps, seed)]
+                    if cell:
+                        b = max(cell, key=lambda r: r["macro_f1"])
+                        print(f"  {name:<15} seed {seed}  eps {eps:g}  macro-F1 {b['macro_f1']:.3f}  accuracy "
+                              f"{b['accuracy']:.3f}  " + " ".join(f"{k}={v}" for k, v in b["recipe"].items()))
     print(json.dumps({"benchmark": "dp_yardstick", "patients": int(len(y)), "held_out": int(len(held.y)),
                       "rows": rows}))
     return 0

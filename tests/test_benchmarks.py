@@ -31,20 +31,29 @@ def test_round_benchmark_quick_run_breaks_a_real_round_down(tmp_path):
 
 
 def test_dp_yardstick_pools_the_hospitals_and_spends_exactly_the_budget():
-    """The linear model only (seconds): DP at epsilon 8 spends what it was given and costs accuracy."""
-    out = subprocess.run([sys.executable, "benchmarks/dp_yardstick.py", "--models", "linear", "--epsilons", "8"],
+    """The linear model only (seconds), two DP recipes from --grid: each spends what it was given and costs
+    accuracy; the non-private row runs once; the best recipe is named."""
+    out = subprocess.run([sys.executable, "benchmarks/dp_yardstick.py", "--models", "linear", "--epsilons", "8",
+                          "--grid", "lr=0.01,0.02"],
                          cwd=ROOT, check=True, capture_output=True, text=True, timeout=600).stdout
     result = json.loads(out.strip().splitlines()[-1])
     assert result["patients"] > 4000 and result["held_out"] > 1000
-    plain, dp = result["rows"]
+    plain, *dp = result["rows"]
     assert plain["epsilon"] is None and plain["epsilon_spent"] == 0
-    assert dp["epsilon"] == 8 and 7.5 <= dp["epsilon_spent"] <= 8.0
-    assert 0.3 < dp["macro_f1"] < plain["macro_f1"]
+    assert [r["recipe"] for r in dp] == [{"lr": 0.01}, {"lr": 0.02}]
+    for r in dp:
+        assert r["epsilon"] == 8 and 7.5 <= r["epsilon_spent"] <= 8.0
+        assert 0.3 < r["macro_f1"] < plain["macro_f1"]
+    best = max(dp, key=lambda r: r["macro_f1"])
+    assert f"eps 8  macro-F1 {best['macro_f1']:.3f}" in out and f"lr={best['recipe']['lr']}" in out.split("best DP")[1]
 
 
-def test_dp_yardstick_names_a_bad_model_or_epsilon_before_any_work():
+def test_dp_yardstick_names_a_bad_model_epsilon_or_grid_before_any_work():
     for args, named in ((["--models", "linear,forest"], "--models: unknown forest"),
-                        (["--epsilons", "8,x"], "--epsilons/--seeds")):
+                        (["--epsilons", "8,x"], "--epsilons/--seeds"),
+                        (["--grid", "val-fraction=0.1,0.2"], "--grid val-fraction: not a training-recipe key"),
+                        (["--grid", "lr=0.01,-1"], "lr: Input should be greater than 0"),
+                        (["--grid", "lr=0.01", "--epsilons", "none"], "give --epsilons")):
         run = subprocess.run([sys.executable, "benchmarks/dp_yardstick.py", *args], cwd=ROOT, capture_output=True,
                              text=True, timeout=120)
-        assert run.returncode == 2 and named in run.stderr
+        assert run.returncode == 2 and named in run.stderr, (args, run.stderr)
