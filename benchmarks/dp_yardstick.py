@@ -23,8 +23,8 @@ the sites keep for their own evaluation (every patient of every site, as the rea
     python benchmarks/dp_yardstick.py --epsilons 1,3,8 --models linear
     python benchmarks/dp_yardstick.py --models transformer,transformer-es --epsilons none --seeds 0,1,2
     python benchmarks/dp_yardstick.py --models transformer-es --epsilons none --seeds 0,1,2 --all-rows
-    python benchmarks/dp_yardstick.py --models linear --grid batch-size=256,1024,2048 --grid lr=0.005,0.01,0.02 \
-        --grid local-epochs=2,5                                # tune the pooled DP recipe: its ceiling
+    # tune the pooled DP recipe (18 combinations): the ceiling the federation is held against
+    python benchmarks/dp_yardstick.py --models linear --grid batch-size=256,1024,2048 --grid lr=0.005,0.01,0.02 --grid local-epochs=2,5
 
 `--grid KEY=V1,V2,...` (repeatable) trains every combination of the values (run-config keys of the
 training recipe, on top of `--set`) and ends with the best combination per model and budget. The
