@@ -52,6 +52,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from client.local_round import train_config  # noqa: E402
 from client.site import SitePaths, prepare_site  # noqa: E402
 from client.training import (TrainConfig, build_loader, build_loss, build_optimizer, build_scheduler,  # noqa: E402
                              class_counts, evaluate, train_epoch)
@@ -103,12 +104,21 @@ class Linear(nn.Module):
         return self.linear(torch.nan_to_num(x, nan=0.0))
 
 
+# the federation's non-private settings (AdamW, lr 0.002, batch 64): the no-DP rows do not follow the DP recipe
+NON_PRIVATE = {"lr": 0.002, "batch_size": 64, "optimizer": "adamw", "softmax_over": "all"}
+
+
+def recipe(cfg: RunConfig, *, dp: bool, epochs: int) -> TrainConfig:
+    """The training recipe of one row: a site's (`client.local_round.train_config`: optimizer, lr, batch,
+    clipping, schedule, ...) over `epochs` pooled passes; without DP, class-weighted with NON_PRIVATE."""
+    return train_config(cfg).model_copy(update={"epochs": epochs, "class_weighting": not dp,
+                                                **({} if dp else NON_PRIVATE)})
+
+
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig, n_classes: int, *, dp: bool,
           epsilon: float, epochs: int) -> float:
     """Central training on the pooled rows; returns the epsilon Opacus' accountant reports (0 without DP)."""
-    tc = TrainConfig(lr=cfg.lr if dp else 0.002, weight_decay=cfg.weight_decay, epochs=epochs,
-                     batch_size=cfg.batch_size if dp else 64, warmup_fraction=cfg.warmup_fraction,
-                     max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, class_weighting=not dp)
+    tc = recipe(cfg, dp=dp, epochs=epochs)
     loss_fn = build_loss(tc, class_counts(y, n_classes))
     optimizer = build_optimizer(model, tc)
     loader = build_loader(x, y, tc)
@@ -195,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in models:
             for i, (grid, rcfg) in enumerate(recipes or [({}, cfg)]):
                 scfg = rcfg.model_copy(update={"seed": seed})
-                # the non-private settings are fixed (lr 0.002, batch 64): no DP once, not once per DP recipe
+                # the non-private settings are fixed (NON_PRIVATE): no DP once, not once per DP recipe
                 for eps in ([None] if i == 0 else []) + ([] if name == "transformer-es" else epsilons):
                     torch.manual_seed(seed)
                     model = (Linear(x.shape[1], schema.n_classes) if name == "linear"

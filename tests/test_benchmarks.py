@@ -57,3 +57,24 @@ def test_dp_yardstick_names_a_bad_model_epsilon_or_grid_before_any_work():
         run = subprocess.run([sys.executable, "benchmarks/dp_yardstick.py", *args], cwd=ROOT, capture_output=True,
                              text=True, timeout=120)
         assert run.returncode == 2 and named in run.stderr, (args, run.stderr)
+
+
+def test_dp_yardstick_rows_train_with_the_recipe_the_grid_names():
+    """Every recipe key --grid accepts reaches the DP rows' training (a site's train_config); the no-DP row
+    keeps the federation's fixed non-private settings whatever the recipe."""
+    import importlib.util
+
+    from shared_models.run_config import RunConfig
+
+    spec = importlib.util.spec_from_file_location("dp_yardstick", ROOT / "benchmarks" / "dp_yardstick.py")
+    yardstick = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(yardstick)
+    grid = {"batch-size": 1024, "lr": 0.01, "local-epochs": 5, "num-rounds": 3, "max-grad-norm": 0.5,
+            "weight-decay": 0.001, "warmup-fraction": 0.2, "local-optimizer": "sgd", "momentum": 0.5}
+    assert set(grid) == set(yardstick.GRID_KEYS)
+    cfg = RunConfig.from_flower({"schema": "s.json", **grid})
+    dp = yardstick.recipe(cfg, dp=True, epochs=15)
+    assert (dp.batch_size, dp.lr, dp.epochs, dp.max_grad_norm, dp.weight_decay, dp.warmup_fraction, dp.optimizer,
+            dp.momentum, dp.class_weighting) == (1024, 0.01, 15, 0.5, 0.001, 0.2, "sgd", 0.5, False)
+    plain = yardstick.recipe(cfg, dp=False, epochs=15)
+    assert (plain.lr, plain.batch_size, plain.optimizer, plain.class_weighting) == (0.002, 64, "adamw", True)
