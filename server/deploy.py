@@ -114,7 +114,7 @@ def wait_healthy(address: str, ca: Path, proc: subprocess.Popen | None, timeout:
     raise DeployError(f"{what} did not answer https://{address}/health within {timeout:.0f} s; see {log_file}")
 
 
-def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
     """Stop a process and its children (each service runs in its own process group); the group is
     signalled even if its leader already exited (nginx workers, flower-superexec may remain)."""
     try:
@@ -183,4 +183,4 @@ def start_server(root: str | Path, metrics_port: int = 9464, out=sys.stdout) -> 
         return 1
     finally:
         for _, proc, _ in reversed(procs):
-            _stop(proc)
+            stop_group(proc)

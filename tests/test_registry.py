@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -14,6 +13,7 @@ import pytest
 from privacy.audit import verify
 from privacy.pki import ProvisioningError, init_consortium, init_site
 from privacy.registry import add_site, list_sites, remove_site
+from server.deploy import stop_group
 from simulations.federation import free_port
 
 pytestmark = pytest.mark.slow
@@ -40,8 +40,7 @@ def consortium(tmp_path):
         time.sleep(0.3)
     time.sleep(1.0)
     yield root
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    stop_group(proc, grace=30)  # SIGTERM, then SIGKILL if the SuperLink has not exited: never left running
 
 
 def test_sites_are_registered_listed_and_removed_with_an_audit_trail(consortium, tmp_path):
