@@ -79,10 +79,15 @@ def site_start(
     superlink: str = typer.Option("", "--superlink", help="override site.json's server address HOST:PORT"),
     poll_interval: float = typer.Option(0.5, "--poll-interval", min=0.1, max=3.0,
                                         help="seconds between the SuperNode's pulls when idle (Flower: 3)"),
+    retry_seconds: float = typer.Option(600.0, "--retry-seconds", min=0.0,
+                                        help="how long the server's errors (HTTP 5xx, 429) are retried with backoff "
+                                        "before the SuperNode exits 4"),
 ) -> None:
     """Preflight (CA, key, data, server reachable), then the site's SuperNode, in the foreground.
 
     Exit 2: a preflight check failed (listed). Exit 3: the server refused to activate the site (its key is not registered).
+    Exit 4: Flower's loop ended on an error (e.g. the server failed for longer than --retry-seconds): restart it
+    (the systemd unit in docs/systemd/ does, Restart=always).
     """
     from client.supernode import SiteConfigError, load_site, run_supernode, site_checks
     from privacy.preflight import PreflightError, report
@@ -94,7 +99,7 @@ def site_start(
     except (SiteConfigError, PreflightError) as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(code=2)
-    raise typer.Exit(code=run_supernode(settings, port, poll_interval, superlink or None))
+    raise typer.Exit(code=run_supernode(settings, port, poll_interval, superlink or None, retry_seconds))
 
 
 

@@ -24,6 +24,11 @@ UNREGISTERED_EXIT = 305  # flwr's exit code when the SuperLink refuses to activa
 
 
 REFUSED_EXIT = 3  # what `oncofed site start` exits with then (305 does not fit in an exit status)
+LOOP_ENDED_EXIT = 4  # Flower's loop ended on an error it does not retry: restart the SuperNode (systemd does)
+# The SuperLink's transient failures ("database is locked" under load surfaces as HTTP 500): retried with
+# Flower's own backoff (exponential, jittered, at most 20 s apart) for this long before the loop gives up.
+SERVER_ERROR_RETRY_SECONDS = 600.0
+RETRIED_STATUS = frozenset({429, 500, 502, 503, 504})
 
 
 class SiteConfigError(ValueError):
@@ -117,6 +122,73 @@ def _patch_idle_poll(poll_interval: float) -> None:
     sci.time = _Clock("time")
 
 
+def _patch_retries(window: float) -> None:
+    """Retry the SuperLink's 5xx answers (and 429) with backoff instead of ending the loop.
+
+    flwr 1.41's HTTP retry invoker retries transport errors and 502/503/504 only: one 500 on
+    `pull-messages` escaped the SuperNode's loop, its connection closed ("deactivated") and the process
+    then hung in `threading._shutdown` on the Runtime API thread (issue 17). Every request of the loop
+    goes through this invoker; an error that lasts longer than `window` still ends the loop (and then
+    `run_supernode` exits LOOP_ENDED_EXIT). The heartbeat thread had the same flaw: a 500 killed it, so
+    the SuperLink soon saw the site as offline; it now retries too.
+    """
+    import httpx
+    from flwr.supercore.heartbeat import HeartbeatFailure, HeartbeatSender
+    from flwr.supernode import fleet_http_connection as fhc
+
+    make_invoker = fhc.make_simple_http_retry_invoker
+
+    def make_retrying_invoker():
+        invoker = make_invoker()
+        flwr_giveup, flwr_success = invoker.should_giveup, invoker.on_success
+        first_failure: list[float | None] = [None]
+
+        def should_giveup(exc: Exception) -> bool:
+            if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code in RETRIED_STATUS:
+                now = time.monotonic()
+                first_failure[0] = first_failure[0] or now
+                if now - first_failure[0] < window:
+                    sys.stderr.write(f"the consortium server answered {exc.response.status_code} to "
+                                     f"{exc.request.url.path}; retrying with backoff\n")
+                    return False
+            return flwr_giveup(exc) if flwr_giveup else False
+
+        def on_success(state) -> None:
+            first_failure[0] = None
+            if flwr_success:
+                flwr_success(state)
+
+        invoker.should_giveup, invoker.on_success = should_giveup, on_success
+        return invoker
+
+    class RetryingHeartbeat(HeartbeatSender):
+        def _heartbeat(self) -> None:
+            try:
+                super()._heartbeat()
+            except httpx.HTTPStatusError as e:
+                if e.response.status_code in RETRIED_STATUS:
+                    raise HeartbeatFailure from e  # HeartbeatSender retries these with backoff
+                raise
+
+    fhc.make_simple_http_retry_invoker = make_retrying_invoker
+    fhc.HeartbeatSender = RetryingHeartbeat
+
+
+def _exit_now(code: int) -> None:
+    """Flower's exit handlers (stop the Runtime API server thread), then exit even if a thread lingers."""
+    import os
+    import threading
+
+    from flwr.supercore.exit.exit_handler import trigger_exit_handlers
+
+    threading.Timer(10.0, lambda: os._exit(code)).start()
+    for before in (True, False):
+        trigger_exit_handlers(run_before_force_exit=before)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def supernode_argv(settings: dict, port: int, superlink: str | None = None) -> list[str]:
     return ["flower-supernode", "--superlink", superlink or settings["superlink"],
             "--root-certificates", settings["root-certificates"],
@@ -124,14 +196,17 @@ def supernode_argv(settings: dict, port: int, superlink: str | None = None) -> l
             "--port", str(port), "--node-config", node_config(settings)]
 
 
-def run_supernode(settings: dict, port: int, poll_interval: float = 0.5, superlink: str | None = None) -> int:
-    """Run Flower's SuperNode in this process until it stops; returns its exit status."""
+def run_supernode(settings: dict, port: int, poll_interval: float = 0.5, superlink: str | None = None,
+                  retry_seconds: float = SERVER_ERROR_RETRY_SECONDS) -> int:
+    """Run Flower's SuperNode in this process until it stops; returns its exit status (0 only when stopped by
+    a signal: Flower's loop never ends on its own, so its end is an error, LOOP_ENDED_EXIT)."""
     import os
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(min(poll_interval, 1.0)))
     _patch_idle_poll(poll_interval)
+    _patch_retries(retry_seconds)
     from flwr.supernode import fleet_http_connection as fhc
     from flwr.supernode import start_client_internal as sci
     from flwr.supernode.cli.flower_supernode import flower_supernode
@@ -156,4 +231,9 @@ def run_supernode(settings: dict, port: int, poll_interval: float = 0.5, superli
                              "to the operator, who runs `oncofed consortium add-site`; then start again.\n")
             return REFUSED_EXIT
         return code
-    return 0
+    # flwr's connection context logs the error that ended the loop and swallows it: without an exit here
+    # the process hung (non-daemon Runtime API thread) and a kill exited 0, so systemd never restarted it
+    sys.stderr.write(f"site {settings['site-name']!r}: Flower's SuperNode loop ended on an error (logged above); "
+                     f"exiting with code {LOOP_ENDED_EXIT} so that the service manager restarts it\n")
+    _exit_now(LOOP_ENDED_EXIT)
+    return LOOP_ENDED_EXIT
