@@ -6,21 +6,30 @@ key, and each site's node-authentication key with its trust anchors.
       DIR/server/server.key, server.crt EC P-384, 397 days, SANs: HOST, localhost, 127.0.0.1 (the SuperLink's
                                         own launcher connects over loopback), serverAuth
       DIR/signing/signing.key, .pub     Ed25519 model-signing key pair
-      DIR/public/                       what every site receives: ca.crt, signing.pub, consortium.json
+      DIR/public/                       what every site receives: ca.crt, signing.pub, schema.json and
+                                        consortium.json, the manifest: every file's SHA-256, signed by the CA
       DIR/consortium.json               the operator's record (fingerprints, validity, public address, the
                                         SuperLink's loopback control address)
       DIR/proxy/nginx.conf              (server/proxy.py) the TLS proxy exposing only the Fleet API
-    oncofed site init DIR --name NAME --consortium PUBLIC_DIR [--data PATH] [--budget EPS]
+    oncofed site init DIR --name NAME --consortium PUBLIC_DIR --ca-fingerprint SHA256 [--data PATH] [--budget EPS]
       DIR/keys/site.key, site.key.pub   ECDSA P-384 in OpenSSH format (what Flower's node authentication
                                         accepts; ed25519 and RSA are refused by Flower)
-      DIR/trust/ca.crt, signing.pub     trust anchors, checked against the bundle's fingerprints
+      DIR/trust/ca.crt, signing.pub,    trust anchors and the consortium's schema, accepted only if ca.crt has
+                schema.json             the fingerprint the operator read out, the manifest verifies with
+                                        that CA and every file has the manifest's SHA-256
       DIR/site.json                     the site's settings (data, model store, state, budget, min count)
+
+Why a fingerprint read out of band: a bundle is self-consistent whoever made it, so only a value that
+did not travel with it can tell the consortium's from an attacker's. One value is enough because the
+CA signs the manifest, which pins every other file by hash. Every fingerprint OncoFed prints is
+`fingerprint()`: the full SHA-256 of the file, as `sha256sum FILE` prints it.
 
 Private keys are created with mode 0600 from their first byte. Nothing is overwritten.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import ipaddress
@@ -29,6 +38,7 @@ import shutil
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -39,10 +49,40 @@ from shared_models.files import sha256_file
 
 CA_DAYS, SERVER_DAYS = 5 * 365, 397
 FORMAT = "oncofed-consortium/1"
+MANIFEST_SIGNATURE = "ca_signature"  # the manifest's field holding the CA's signature of the rest
+BUNDLE_FILES = (("ca.crt", "ca_sha256"), ("signing.pub", "signing_pub_sha256"), ("schema.json", "schema_sha256"))
 
 
 class ProvisioningError(ValueError):
     """Bad provisioning input: names the setting or file and the fix."""
+
+
+def fingerprint(source: bytes | str | Path) -> str:
+    """The one fingerprint format of OncoFed: the full SHA-256 of a file's bytes as 64 lowercase hex digits,
+    exactly what `sha256sum FILE` prints (so anyone can check it with standard tools)."""
+    if isinstance(source, bytes):
+        return hashlib.sha256(source).hexdigest()
+    return sha256_file(source)
+
+
+def normalise_fingerprint(text: str) -> str:
+    """A fingerprint as typed after a phone call: case, spaces, colons and a `sha256:` prefix do not matter."""
+    t = text.strip().lower()
+    t = t.removeprefix("sha256:").removeprefix("sha256")
+    return "".join(ch for ch in t if ch not in " :-\t")
+
+
+def _default_schema() -> Path:
+    """The schema the project's Flower app trains on by default (`schema` in [tool.flwr.app.config])."""
+    from shared_models.run_config import app_defaults
+
+    project = Path(__file__).resolve().parents[1]
+    return project / app_defaults(project)["schema"]
+
+
+def _manifest_body(record: dict) -> bytes:
+    body = {k: v for k, v in record.items() if k != MANIFEST_SIGNATURE}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -71,9 +111,13 @@ def _fresh_dir(path: Path, what: str) -> None:
 
 
 def init_consortium(root: str | Path, name: str, address: str, now: dt.datetime | None = None,
-                    internal_port: int = 9092) -> dict:
-    """`address` is where sites reach the TLS proxy; the SuperLink itself listens on 127.0.0.1:internal_port."""
+                    internal_port: int = 9092, schema: str | Path | None = None) -> dict:
+    """`address` is where sites reach the TLS proxy; the SuperLink itself listens on 127.0.0.1:internal_port.
+    `schema` (default: the project's default schema) travels in the bundle, pinned by its hash."""
     root = Path(root).resolve()
+    schema = Path(schema) if schema is not None else _default_schema()
+    if not schema.is_file():
+        raise ProvisioningError(f"--schema {schema}: no such file; pass the consortium's feature schema JSON")
     host, port = parse_address(address)
     if not 0 < internal_port < 65536 or (internal_port == port and host in ("127.0.0.1", "localhost")):
         raise ProvisioningError(f"--internal-port {internal_port}: the SuperLink's loopback port must be a free port "
@@ -120,30 +164,63 @@ def init_consortium(root: str | Path, name: str, address: str, now: dt.datetime 
     public.mkdir()
     shutil.copy(root / "ca" / "ca.crt", public / "ca.crt")
     shutil.copy(root / "signing" / "signing.pub", public / "signing.pub")
+    shutil.copy(schema, public / "schema.json")
     record = {"format": FORMAT, "name": name, "address": f"{host}:{port}", "created": now.isoformat(),
-              "ca_sha256": sha256_file(public / "ca.crt"), "signing_pub_sha256": sha256_file(public / "signing.pub"),
+              **{key: fingerprint(public / file) for file, key in BUNDLE_FILES},
               "ca_not_after": (now + dt.timedelta(days=CA_DAYS)).isoformat(),
               "server_not_after": (now + dt.timedelta(days=SERVER_DAYS)).isoformat(),
               "server_sans": sans, "sites": [],
               "control-address": f"127.0.0.1:{internal_port}"}
-    (public / "consortium.json").write_text(json.dumps(record, indent=1) + "\n")
+    manifest = {**record, MANIFEST_SIGNATURE: base64.b64encode(
+        ca_key.sign(_manifest_body(record), ec.ECDSA(hashes.SHA384()))).decode()}
+    (public / "consortium.json").write_text(json.dumps(manifest, indent=1) + "\n")
     (root / "consortium.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
 
 
-def init_site(root: str | Path, name: str, consortium_public: str | Path, data_path: str = "",
-              budget: float = 8.0, min_count: int = 5) -> dict:
-    root, bundle = Path(root).resolve(), Path(consortium_public)
+def check_bundle(bundle: Path, ca_fingerprint: str) -> dict:
+    """The consortium's manifest, if and only if the bundle is the one whose CA fingerprint was read out:
+    ca.crt has that fingerprint, the manifest carries that CA's signature, every file has the manifest's
+    SHA-256. Raises ProvisioningError naming what does not match."""
     try:
         record = json.loads((bundle / "consortium.json").read_text())
     except (OSError, ValueError) as e:
         raise ProvisioningError(f"--consortium {bundle}: no readable consortium.json ({e}); pass the public/ "
                                 "directory the operator's `oncofed consortium init` wrote") from None
-    for file, key in (("ca.crt", "ca_sha256"), ("signing.pub", "signing_pub_sha256")):
-        if not (bundle / file).exists() or sha256_file(bundle / file) != record.get(key):
+    expected = normalise_fingerprint(ca_fingerprint)
+    if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
+        raise ProvisioningError(f"--ca-fingerprint {ca_fingerprint!r}: write the 64 hexadecimal digits of the CA's "
+                                "SHA-256 fingerprint as the operator read them out (`oncofed consortium init` "
+                                "printed them)")
+    ca_path = bundle / "ca.crt"
+    try:
+        actual = fingerprint(ca_path)
+        ca = x509.load_pem_x509_certificate(ca_path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise ProvisioningError(f"{ca_path}: unreadable ({e}); ask the operator for the public/ bundle again") from None
+    if actual != expected:
+        raise ProvisioningError(f"{ca_path}: its fingerprint {actual} is not the {expected} you were given: this bundle "
+                                "is not your consortium's (or the fingerprint was misheard); do not use it, call the "
+                                "operator and compare again")
+    try:
+        ca.public_key().verify(base64.b64decode(record.get(MANIFEST_SIGNATURE) or ""), _manifest_body(record),
+                               ec.ECDSA(hashes.SHA384()))
+    except (InvalidSignature, ValueError, TypeError, AttributeError):
+        raise ProvisioningError(f"{bundle / 'consortium.json'}: not signed by the consortium's CA (the manifest was "
+                                "altered, or written by an older `oncofed consortium init`); ask the operator for the "
+                                "bundle again") from None
+    for file, key in BUNDLE_FILES:
+        if not (bundle / file).exists() or fingerprint(bundle / file) != record.get(key):
             raise ProvisioningError(f"{bundle / file}: missing or its SHA-256 differs from consortium.json's {key}: "
-                                    "the bundle was altered in transit; ask the operator for it again and compare "
-                                    "the fingerprints out of band")
+                                    "the bundle was altered in transit; ask the operator for it again")
+    return record
+
+
+def init_site(root: str | Path, name: str, consortium_public: str | Path, data_path: str = "",
+              budget: float = 8.0, min_count: int = 5, *, ca_fingerprint: str) -> dict:
+    """`ca_fingerprint`: the CA's SHA-256 as the operator read it out (never taken from the bundle itself)."""
+    root, bundle = Path(root).resolve(), Path(consortium_public)
+    record = check_bundle(bundle, ca_fingerprint)
     if not 0 < budget <= MAX_BUDGET:
         raise ProvisioningError(f"--budget {budget:g}: the site's privacy budget (epsilon) must be positive and at "
                                 f"most {MAX_BUDGET:g}, the largest the site's privacy accounting verifies")
@@ -158,12 +235,14 @@ def init_site(root: str | Path, name: str, consortium_public: str | Path, data_p
     (root / "trust").mkdir()
     shutil.copy(bundle / "ca.crt", root / "trust" / "ca.crt")
     shutil.copy(bundle / "signing.pub", root / "trust" / "signing.pub")
+    shutil.copy(bundle / "schema.json", root / "trust" / "schema.json")
     settings = {"format": "oncofed-site/1", "site-name": name, "consortium": record["name"],
                 "superlink": record["address"], "data-path": data_path, "state-dir": str(root / "state"),
                 "model-dir": str(root / "models"), "privacy-budget": float(budget), "min-count": int(min_count),
                 "require-secagg": True, "signing-public-key": str(root / "trust" / "signing.pub"),
                 "root-certificates": str(root / "trust" / "ca.crt"),
                 "auth-supernode-private-key": str(root / "keys" / "site.key"),
-                "public-key-sha256": hashlib.sha256(public).hexdigest()}
+                "schema": str(root / "trust" / "schema.json"), "schema-sha256": record["schema_sha256"],
+                "public-key-sha256": fingerprint(root / "keys" / "site.key.pub")}
     (root / "site.json").write_text(json.dumps(settings, indent=1) + "\n")
     return settings

@@ -9,7 +9,6 @@ FLWR_HOME under the consortium directory (`flwr/config.toml`: the SuperLink addr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -20,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
 from privacy.audit import AuditLog
-from privacy.pki import ProvisioningError
+from privacy.pki import ProvisioningError, fingerprint
 from shared_models.files import read_json_file, write_json_atomic
 
 CONNECTION = "consortium"
@@ -85,7 +84,7 @@ def add_site(root: str | Path, name: str, public_key: str | Path) -> dict:
         raise ProvisioningError(f"site {name!r} is already registered; remove it first to replace its key")
     data = _check_site_key(public_key)
     out = _flwr(root, "register", str(public_key.resolve()))
-    site = {"name": name, "node_id": str(out["node-id"]), "key_sha256": hashlib.sha256(data).hexdigest(),
+    site = {"name": name, "node_id": str(out["node-id"]), "key_sha256": fingerprint(data),
             "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     record["sites"].append(site)
     _save(root, record)

@@ -19,7 +19,11 @@ NGINX_HINT = "install nginx (Debian: `apt-get install nginx-light`) or put its d
 
 
 def listen_host(host: str) -> str:
-    """nginx listens on an IP literal if the public address is one, otherwise on every interface."""
+    """nginx listens on an IP literal if the public address is one, on loopback only for `localhost` (a
+    consortium tried out on one machine must not be reachable from the network), otherwise on every
+    interface (a DNS name may resolve to any of them)."""
+    if host.lower().rstrip(".") == "localhost":
+        return "127.0.0.1"
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
