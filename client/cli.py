@@ -54,21 +54,25 @@ def site_init(
     directory: Path = typer.Argument(..., help="an empty directory for the site's keys and settings"),
     name: str = typer.Option(..., "--name", help="the site's name"),
     consortium: Path = typer.Option(..., "--consortium", help="the public/ directory received from the operator"),
+    ca_fingerprint: str = typer.Option(..., "--ca-fingerprint", help="the CA's SHA-256 fingerprint (64 hex digits) "
+                                       "as the operator read it to you by phone or another channel, never from the "
+                                       "bundle itself"),
     data: str = typer.Option("", "--data", help="the site directory of tables (see `oncofed validate`)"),
     budget: float = typer.Option(8.0, "--budget", help="the site's privacy budget (epsilon) over all runs"),
     min_count: int = typer.Option(5, "--min-count", min=1, help="counts below this are never reported"),
 ) -> None:
-    """Create the site's node-authentication key (ECDSA P-384, OpenSSH) and settings."""
+    """Check the consortium's bundle against the CA fingerprint read out to you, then create the site's
+    node-authentication key (ECDSA P-384, OpenSSH) and settings."""
     from privacy.pki import ProvisioningError, init_site
 
     try:
-        settings = init_site(directory, name, consortium, data, budget, min_count)
+        settings = init_site(directory, name, consortium, data, budget, min_count, ca_fingerprint=ca_fingerprint)
     except ProvisioningError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(code=2)
     typer.echo(f"site {name!r} in {directory} for consortium {settings['consortium']!r} at {settings['superlink']}")
-    typer.echo(f"send {directory / 'keys' / 'site.key.pub'} to the operator to register (fingerprint "
-               f"{settings['public-key-sha256'][:16]}...); the private key never leaves this machine")
+    typer.echo(f"send {directory / 'keys' / 'site.key.pub'} to the operator to register and read them its "
+               f"fingerprint {settings['public-key-sha256']}; the private key never leaves this machine")
 
 
 def site_start(

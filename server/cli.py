@@ -28,13 +28,15 @@ def consortium_init(
     address: str = typer.Option(..., "--address", help="HOST:PORT at which sites reach the server (the TLS proxy)"),
     internal_port: int = typer.Option(9092, "--internal-port",
                                       help="the SuperLink's own port, on 127.0.0.1 only (never exposed)"),
+    schema: Path = typer.Option(None, "--schema", help="the consortium's feature schema, sent to every site in "
+                                "public/ (default: the project's, `schema` in [tool.flwr.app.config])"),
 ) -> None:
     """Create the CA, the server's TLS key and certificate, the model-signing key pair and the proxy config."""
     from privacy.pki import ProvisioningError, init_consortium, parse_address
     from server.proxy import write_config
 
     try:
-        record = init_consortium(directory, name, address, internal_port=internal_port)
+        record = init_consortium(directory, name, address, internal_port=internal_port, schema=schema)
     except ProvisioningError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(code=2)
@@ -43,8 +45,11 @@ def consortium_init(
     typer.echo(f"consortium {name!r} in {directory}: CA valid until {record['ca_not_after'][:10]}, server "
                f"certificate for {', '.join(record['server_sans'])} until {record['server_not_after'][:10]}")
     typer.echo(f"proxy configuration {conf}: sites reach only the Fleet API at {record['address']}")
-    typer.echo(f"send {directory / 'public'} to every site; confirm out of band the CA fingerprint "
-               f"{record['ca_sha256'][:16]}... and the signing key fingerprint {record['signing_pub_sha256'][:16]}...")
+    typer.echo(f"send {directory / 'public'} to every site, and read each hospital the CA fingerprint by phone or "
+               f"another channel (their `oncofed site init --ca-fingerprint` refuses any other bundle):\n"
+               f"  CA fingerprint (SHA-256)          {record['ca_sha256']}\n"
+               f"  model-signing key (SHA-256)       {record['signing_pub_sha256']}\n"
+               f"  schema (SHA-256)                  {record['schema_sha256']}")
 
 
 def _registry(action):
@@ -66,7 +71,8 @@ def add_site(
     from privacy import registry
 
     site = _registry(lambda: registry.add_site(directory, name, key))
-    typer.echo(f"site {name!r} registered as node {site['node_id']} (key {site['key_sha256'][:16]}...)")
+    typer.echo(f"site {name!r} registered as node {site['node_id']}; key fingerprint {site['key_sha256']} (compare "
+               "it with the one the hospital read out)")
 
 
 def list_sites(directory: Path = typer.Argument(..., help="the consortium directory")) -> None:
@@ -74,7 +80,7 @@ def list_sites(directory: Path = typer.Argument(..., help="the consortium direct
     from privacy import registry
 
     for s in _registry(lambda: registry.list_sites(directory)):
-        typer.echo(f"{s['name']:<20} node {s['node_id']:<22} {s['status']:<12} key {s['key_sha256'][:16]}...")
+        typer.echo(f"{s['name']:<20} node {s['node_id']:<22} {s['status']:<12} key {s['key_sha256']}")
 
 
 def remove_site(

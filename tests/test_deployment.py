@@ -134,6 +134,7 @@ def dep(tmp_path_factory):
     assert r.returncode == 0, r.stderr
     for i in range(4):
         r = oncofed("site", "init", str(root / f"C{i}"), "--name", f"C{i}", "--consortium", str(d.op / "public"),
+                    "--ca-fingerprint", json.loads((d.op / "consortium.json").read_text())["ca_sha256"],
                     "--data", str(data / f"C{i}"), "--budget", "100")
         assert r.returncode == 0, r.stderr
     d.start_server()

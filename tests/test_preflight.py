@@ -10,7 +10,7 @@ import socket
 
 import pytest
 
-from privacy.pki import init_consortium, init_site
+from privacy.pki import fingerprint, init_consortium, init_site
 from privacy.preflight import (
     PreflightError,
     check_ca,
@@ -61,7 +61,8 @@ def test_key_permissions_and_kind(consortium, tmp_path):
     os.chmod(key, 0o644)
     bad = check_private_key(key, "signing key")
     assert not bad.ok and "chmod 600" in bad.detail
-    site = init_site(tmp_path / "s", "S", consortium / "public", "")
+    site = init_site(tmp_path / "s", "S", consortium / "public", "",
+                     ca_fingerprint=fingerprint(consortium / "ca/ca.crt"))
     assert check_site_key(tmp_path / "s/keys/site.key").ok
     assert not check_site_key(consortium / "server/server.key").ok  # PEM, not OpenSSH
     assert site["state-dir"].startswith("/")  # absolute: the ClientApp runs elsewhere

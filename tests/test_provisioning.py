@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from privacy.pki import ProvisioningError, init_consortium, init_site
+from privacy.pki import ProvisioningError, fingerprint, init_consortium, init_site
 from privacy.signing import load_private, load_public, sign, verify
 
 
@@ -21,6 +21,11 @@ from privacy.signing import load_private, load_public, sign, verify
 def consortium(tmp_path):
     init_consortium(tmp_path / "op", "TCGA consortium", "fl.example.org:443")
     return tmp_path / "op"
+
+
+def _read_out(consortium) -> str:
+    """The CA fingerprint as the operator reads it out over the phone (from the operator's own record)."""
+    return json.loads((consortium / "consortium.json").read_text())["ca_sha256"]
 
 
 def _cert(path):
@@ -52,7 +57,8 @@ def test_the_model_signing_pair_signs_and_verifies(consortium):
 
 
 def test_a_site_key_is_an_openssh_p384_key_as_flower_node_authentication_loads_it(consortium, tmp_path):
-    settings = init_site(tmp_path / "site", "C0", consortium / "public", data_path="/data/C0", budget=4.0)
+    settings = init_site(tmp_path / "site", "C0", consortium / "public", data_path="/data/C0", budget=4.0,
+                         ca_fingerprint=_read_out(consortium))
     key = load_ssh_private_key((tmp_path / "site" / "keys" / "site.key").read_bytes(), None)  # as flower-supernode
     assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
     pub_line = (tmp_path / "site" / "keys" / "site.key.pub").read_text()
@@ -70,7 +76,7 @@ def test_an_altered_bundle_is_refused(consortium, tmp_path):
     init_consortium(other, "someone else", "evil.example.org:443")
     (bundle / "signing.pub").write_bytes((other / "public" / "signing.pub").read_bytes())
     with pytest.raises(ProvisioningError, match="signing.pub: missing or its SHA-256 differs"):
-        init_site(tmp_path / "site", "C0", bundle)
+        init_site(tmp_path / "site", "C0", bundle, ca_fingerprint=_read_out(consortium))
     assert not (tmp_path / "site").exists()
 
 
@@ -80,23 +86,127 @@ def test_nothing_is_overwritten_and_bad_settings_are_named(consortium, tmp_path)
     with pytest.raises(ProvisioningError, match="--address 'fl.example.org': write HOST:PORT"):
         init_consortium(tmp_path / "x", "c", "fl.example.org")
     with pytest.raises(ProvisioningError, match="--budget -1"):
-        init_site(tmp_path / "s", "C0", consortium / "public", budget=-1)
+        init_site(tmp_path / "s", "C0", consortium / "public", budget=-1, ca_fingerprint=_read_out(consortium))
     with pytest.raises(ProvisioningError, match="--budget 500: .* at most 100"):
-        init_site(tmp_path / "s", "C0", consortium / "public", budget=500)
+        init_site(tmp_path / "s", "C0", consortium / "public", budget=500, ca_fingerprint=_read_out(consortium))
     with pytest.raises(ProvisioningError, match="no readable consortium.json"):
-        init_site(tmp_path / "s", "C0", tmp_path)
+        init_site(tmp_path / "s", "C0", tmp_path, ca_fingerprint=_read_out(consortium))
 
 
-def test_the_commands_print_the_fingerprints_to_compare(tmp_path):
+def test_a_self_consistent_bundle_from_someone_else_is_refused_by_the_fingerprint_read_out(consortium, tmp_path):
+    """An attacker's bundle verifies against itself (its CA signed its manifest); only the fingerprint that
+    did not travel with it tells it apart."""
+    init_consortium(tmp_path / "evil", "TCGA consortium", "fl.example.org:443")
+    with pytest.raises(ProvisioningError, match="is not the .* you were given: this bundle is not your consortium"):
+        init_site(tmp_path / "site", "C0", tmp_path / "evil" / "public", ca_fingerprint=_read_out(consortium))
+    assert not (tmp_path / "site").exists()
+    with pytest.raises(ProvisioningError, match="64 hexadecimal digits"):
+        init_site(tmp_path / "site", "C0", consortium / "public", ca_fingerprint=_read_out(consortium)[:16])
+    # as typed after the call: upper case, in groups, with the prefix sha256sum users see elsewhere
+    spoken = "SHA256: " + " ".join(_read_out(consortium).upper()[i:i + 4] for i in range(0, 64, 4))
+    init_site(tmp_path / "site", "C0", consortium / "public", ca_fingerprint=spoken)
+
+
+def test_a_manifest_re_hashed_by_someone_without_the_ca_key_is_refused(consortium, tmp_path):
+    """Swap the signing key and fix the manifest's hash of it: the CA's signature of the manifest breaks."""
+    init_consortium(tmp_path / "evil", "x", "fl.example.org:443")
+    bundle = consortium / "public"
+    (bundle / "signing.pub").write_bytes((tmp_path / "evil" / "public" / "signing.pub").read_bytes())
+    manifest = json.loads((bundle / "consortium.json").read_text())
+    manifest["signing_pub_sha256"] = fingerprint(bundle / "signing.pub")
+    (bundle / "consortium.json").write_text(json.dumps(manifest))
+    with pytest.raises(ProvisioningError, match="not signed by the consortium's CA"):
+        init_site(tmp_path / "site", "C0", bundle, ca_fingerprint=_read_out(consortium))
+
+
+def test_the_schema_travels_in_the_bundle_pinned_by_its_hash(consortium, tmp_path):
+    from shared_models.schema import FeatureSchema
+
+    bundle = consortium / "public"
+    manifest = json.loads((bundle / "consortium.json").read_text())
+    assert manifest["schema_sha256"] == fingerprint(bundle / "schema.json")
+    FeatureSchema.load(bundle / "schema.json")
+    settings = init_site(tmp_path / "site", "C0", bundle, ca_fingerprint=_read_out(consortium))
+    assert settings["schema-sha256"] == manifest["schema_sha256"] == fingerprint(settings["schema"])
+    schema = json.loads((bundle / "schema.json").read_text())
+    schema["name"] = str(schema.get("name", "")) + " (edited)"
+    (bundle / "schema.json").write_text(json.dumps(schema))
+    with pytest.raises(ProvisioningError, match="schema.json: missing or its SHA-256 differs"):
+        init_site(tmp_path / "site2", "C1", bundle, ca_fingerprint=_read_out(consortium))
+
+
+def test_one_fingerprint_format_everywhere(tmp_path):
+    """`consortium init`, `site init` and `add-site` print the full SHA-256 of the file, what sha256sum prints."""
+    import hashlib
+    import re
+
     from typer.testing import CliRunner
 
     from oncofed.cli import app
 
     res = CliRunner().invoke(app, ["consortium", "init", str(tmp_path / "op"), "--name", "c", "--address",
                                    "10.0.0.5:8443"])
-    assert res.exit_code == 0 and "CA fingerprint" in res.output
+    ca = hashlib.sha256((tmp_path / "op" / "public" / "ca.crt").read_bytes()).hexdigest()
+    assert res.exit_code == 0 and f"CA fingerprint (SHA-256)          {ca}" in res.output
     res = CliRunner().invoke(app, ["site", "init", str(tmp_path / "s"), "--name", "C1", "--consortium",
-                                   str(tmp_path / "op" / "public")])
-    assert res.exit_code == 0 and "site.key.pub" in res.output
+                                   str(tmp_path / "op" / "public"), "--ca-fingerprint", ca])
+    key = hashlib.sha256((tmp_path / "s" / "keys" / "site.key.pub").read_bytes()).hexdigest()
+    assert res.exit_code == 0 and f"fingerprint {key};" in res.output
+    assert fingerprint(tmp_path / "s" / "keys" / "site.key.pub") == key  # what add-site records and prints
+    assert all(len(h) == 64 for h in re.findall(r"\b[0-9a-f]{16,}\b", res.output))
+    missing = CliRunner().invoke(app, ["site", "init", str(tmp_path / "s2"), "--name", "C2", "--consortium",
+                                       str(tmp_path / "op" / "public")])
+    assert missing.exit_code == 2 and "--ca-fingerprint" in missing.output
+    wrong = CliRunner().invoke(app, ["site", "init", str(tmp_path / "s3"), "--name", "C3", "--consortium",
+                                     str(tmp_path / "op" / "public"), "--ca-fingerprint", "ab" * 32])
+    assert wrong.exit_code == 2 and "not your consortium's" in wrong.output and not (tmp_path / "s3").exists()
     bad = CliRunner().invoke(app, ["consortium", "init", str(tmp_path / "op"), "--name", "c", "--address", "h:1"])
     assert bad.exit_code == 2 and "already holds files" in bad.output
+
+
+def test_address_localhost_makes_the_proxy_listen_on_loopback_only(tmp_path):
+    from server.proxy import listen_host, write_config
+
+    init_consortium(tmp_path / "op", "c", "localhost:8443")
+    conf = write_config(tmp_path / "op", "localhost", 8443, 9092).read_text()
+    assert "listen 127.0.0.1:8443 ssl;" in conf and "0.0.0.0" not in conf
+    assert listen_host("LOCALHOST") == "127.0.0.1" and listen_host("fl.example.org") == "0.0.0.0"
+
+
+def _listening(port: int) -> set[str]:
+    """Local addresses with a TCP socket listening on `port` (/proc/net/tcp, state 0A)."""
+    import socket
+    import struct
+
+    out = set()
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        addr, p = local.split(":")
+        if state == "0A" and int(p, 16) == port:
+            out.add(socket.inet_ntoa(struct.pack("<I", int(addr, 16))))
+    return out
+
+
+@pytest.mark.skipif(__import__("server.proxy").proxy.nginx_binary() is None, reason="needs nginx")
+def test_the_proxy_of_a_localhost_consortium_is_bound_to_loopback(tmp_path):
+    """The real nginx with the config `oncofed server start` writes: listening on 127.0.0.1, not 0.0.0.0."""
+    import subprocess
+    import time
+
+    from server.proxy import nginx_command, write_config
+    from simulations.federation import free_port
+
+    port = free_port()
+    init_consortium(tmp_path / "op", "c", f"localhost:{port}")
+    write_config(tmp_path / "op", "localhost", port, free_port())
+    proc = subprocess.Popen(nginx_command(tmp_path / "op"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not _listening(port) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert _listening(port) == {"127.0.0.1"}
+    finally:
+        from server.deploy import stop_group
+
+        stop_group(proc)

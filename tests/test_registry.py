@@ -11,7 +11,7 @@ import time
 import pytest
 
 from privacy.audit import verify
-from privacy.pki import ProvisioningError, init_consortium, init_site
+from privacy.pki import ProvisioningError, fingerprint, init_consortium, init_site
 from privacy.registry import add_site, list_sites, remove_site
 from server.deploy import stop_group
 from simulations.federation import free_port
@@ -45,10 +45,12 @@ def consortium(tmp_path):
 
 def test_sites_are_registered_listed_and_removed_with_an_audit_trail(consortium, tmp_path):
     for name in ("C0", "C1"):
-        init_site(tmp_path / name, name, consortium / "public")
+        init_site(tmp_path / name, name, consortium / "public",
+                  ca_fingerprint=fingerprint(consortium / "ca" / "ca.crt"))
         add_site(consortium, name, tmp_path / name / "keys" / "site.key.pub")
     listed = {s["name"]: s for s in list_sites(consortium)}
     assert set(listed) == {"C0", "C1"} and all(s["status"] == "registered" for s in listed.values())
+    assert listed["C0"]["key_sha256"] == fingerprint(tmp_path / "C0" / "keys" / "site.key.pub")  # as site init printed
     with pytest.raises(ProvisioningError, match="already registered"):
         add_site(consortium, "C0", tmp_path / "C0" / "keys" / "site.key.pub")
     remove_site(consortium, "C1")
@@ -70,7 +72,8 @@ def test_a_key_flower_would_refuse_is_refused_before_contacting_the_superlink(co
 
 def test_an_unreachable_superlink_is_named(tmp_path):
     init_consortium(tmp_path / "op", "c", f"127.0.0.1:{free_port()}")
-    init_site(tmp_path / "s", "C0", tmp_path / "op" / "public")
+    init_site(tmp_path / "s", "C0", tmp_path / "op" / "public",
+              ca_fingerprint=fingerprint(tmp_path / "op" / "ca" / "ca.crt"))
     with pytest.raises(ProvisioningError, match="is the consortium's SuperLink running"):
         add_site(tmp_path / "op", "C0", tmp_path / "s" / "keys" / "site.key.pub")
     from typer.testing import CliRunner
