@@ -1,14 +1,21 @@
 """`oncofed server start`: preflight, then the SuperLink (TLS, node authentication, database) on loopback,
-the nginx proxy on the public address, and the Prometheus endpoint, supervised as one service.
+its SuperExec (which launches every run's ServerApp), the nginx proxy on the public address, and the
+Prometheus endpoint, supervised as one service.
 
     CONSORTIUM/state/superlink.db   runs and registered sites survive a restart
-    CONSORTIUM/state/server.json    process ids of this service, its SuperLink and its proxy
+    CONSORTIUM/state/server.json    process ids and state of this service and of each process it supervises
     CONSORTIUM/logs/superlink.log   the SuperLink's log (and every ServerApp's)
+    CONSORTIUM/logs/superexec.log   the SuperExec's log
     CONSORTIUM/proxy/               nginx.conf, its logs and pid
     CONSORTIUM/runs/NAME/           one training run (`oncofed run`): checkpoints, metrics, audit, status
 
 The process stays in the foreground (for systemd or a terminal); SIGTERM or Ctrl-C stops all of it.
-If the SuperLink or the proxy dies, the other is stopped too and the exit status is non-zero.
+Flower's SuperLink starts its SuperExec itself and never notices when it dies (runs then stay pending
+forever while the SuperLink's /health says 200: issue 17). So the SuperLink runs with `--isolation
+process` and this service starts the SuperExec itself, next to the SuperLink and nginx, watches all
+three, and restarts whichever dies (backoff from 2 s, doubling to 60 s). `/health` on the public
+address is answered by this service (nginx forwards it here): 200 when all three are up and the
+SuperLink answers, otherwise 503 naming what is down; `oncofed run` checks it before submitting.
 """
 
 from __future__ import annotations
@@ -96,7 +103,15 @@ def superlink_command(c: Consortium) -> list[str]:
     return ["flower-superlink", "--ssl-ca-certfile", str(c.path("ca", "ca.crt")),
             "--ssl-certfile", str(c.path("server", "server.crt")), "--ssl-keyfile", str(c.path("server", "server.key")),
             "--enable-supernode-auth", "--database", str(c.path("state", "superlink.db")),
-            "--host", "127.0.0.1", "--port", str(c.internal_port), "--disable-runtime-dependency-installation"]
+            "--host", "127.0.0.1", "--port", str(c.internal_port), "--disable-runtime-dependency-installation",
+            "--isolation", "process"]
+
+
+def superexec_command(c: Consortium, parent_pid: int) -> list[str]:
+    """The SuperExec that launches ServerApps for the SuperLink (its Runtime API, over TLS on loopback);
+    it exits when this service does (`--parent-pid`)."""
+    return ["flower-superexec", "--runtime-api-address", f"127.0.0.1:{c.internal_port}",
+            "--root-certificates", str(c.path("ca", "ca.crt")), "--parent-pid", str(parent_pid)]
 
 
 def wait_healthy(address: str, ca: Path, proc: subprocess.Popen | None, timeout: float, what: str,
@@ -128,53 +143,175 @@ def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
         proc.wait()
 
 
+RESTART_FIRST_DELAY = 2.0
+RESTART_MAX_DELAY = 60.0
+STABLE_SECONDS = 60.0  # up this long: the next failure restarts after RESTART_FIRST_DELAY again
+
+
+@dataclass
+class Supervised:
+    """One process of the service, restarted with backoff whenever it exits while the service runs."""
+    key: str
+    what: str
+    command: list[str]
+    log_file: Path
+    env: dict | None = None
+    cwd: Path | None = None
+    # nginx's workers outlive a killed master and keep the port: stop the whole group before restarting.
+    # Not the SuperExec's: a running ServerApp it launched carries on and finishes its run.
+    reap_group: bool = True
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    restarts: int = 0
+    last_exit: str = ""
+    down_since: float | None = None
+    next_start: float = 0.0
+    delay: float = RESTART_FIRST_DELAY
+
+    def start(self) -> None:
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("a") as fh:
+            self.proc = subprocess.Popen(self.command, env=self.env, cwd=self.cwd, stdout=fh,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        self.started, self.down_since = time.time(), None
+
+    @property
+    def up(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def check(self, out) -> bool:
+        """Notice an exit (schedule the restart) or restart when due; True if the state changed."""
+        now = time.time()
+        if self.proc is not None and self.down_since is None and self.proc.poll() is not None:
+            code = self.proc.returncode
+            if self.reap_group:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)  # the leader is gone: only orphans remain
+                except ProcessLookupError:
+                    pass
+            self.last_exit = (f"killed by signal {-code}" if code < 0 else f"exited with code {code}") + \
+                time.strftime(" at %Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+            if now - self.started > STABLE_SECONDS:
+                self.delay = RESTART_FIRST_DELAY
+            self.down_since, self.next_start = now, now + self.delay
+            out.write(f"{self.what} {self.last_exit}; restarting it in {self.delay:.0f} s; see {self.log_file}\n")
+            out.flush()
+            self.delay = min(self.delay * 2, RESTART_MAX_DELAY)
+            return True
+        if self.down_since is not None and now >= self.next_start:
+            self.restarts += 1
+            self.start()
+            out.write(f"{self.what} restarted (restart {self.restarts})\n")
+            out.flush()
+            return True
+        return False
+
+    def state(self) -> dict:
+        """What /health shows (to the sites too: no paths, no process ids)."""
+        return {"up": self.up, "restarts": self.restarts, "last_exit": self.last_exit, "down_since": self.down_since}
+
+
+def health_report(services: list[Supervised], superlink_answers) -> tuple[int, dict]:
+    """(HTTP status, body) of /health: 200 only when every process is up and the SuperLink answers."""
+    components = {s.key: s.state() for s in services}
+    down = [s.key for s in services if not s.up]
+    if "superlink" not in down and not superlink_answers():
+        components["superlink"]["up"] = False
+        components["superlink"]["last_exit"] = "running but its /health does not answer 200"
+        down.append("superlink")
+    body = {"status": "ok" if not down else "down", "down": down, "components": components}
+    if down:
+        body["reason"] = "; ".join(f"{k} is down ({components[k]['last_exit'] or 'starting'}; being restarted, "
+                                   f"see logs/{k}.log on the server)" for k in down)
+    return (200 if not down else 503), body
+
+
+def serve_health(report, host: str = "127.0.0.1", port: int = 0):
+    """A plain-HTTP /health on loopback (nginx forwards the public /health here); returns the server."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            code, body = report() if self.path.split("?")[0] == "/health" else (404, {"error": "only /health"})
+            data = (json.dumps(body) + "\n").encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):  # nginx logs the requests
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True, name="oncofed-health").start()
+    return server
+
+
 def start_server(root: str | Path, metrics_port: int = 9464, out=sys.stdout) -> int:
     """Run the consortium's server until stopped; returns the exit status."""
     c = Consortium.load(root)
     out.write(report(f"server {c.record['name']!r}", server_checks(c)) + "\n")
     host, port = c.public
-    proxy.write_config(c.root, host, port, c.internal_port)
     c.path("logs").mkdir(exist_ok=True)
     c.path("runs").mkdir(exist_ok=True)
     env = {**os.environ, **FLOWER_ENV}
-    link_log = c.path("logs", "superlink.log")
-    procs: list[tuple[str, subprocess.Popen, Path]] = []
+    ca = c.path("ca", "ca.crt")
+    link = Supervised("superlink", "the SuperLink", superlink_command(c), c.path("logs", "superlink.log"), env, c.root)
+    superexec = Supervised("superexec", "the SuperExec", superexec_command(c, os.getpid()),
+                           c.path("logs", "superexec.log"), env, c.root, reap_group=False)
+    nginx = Supervised("proxy", "the proxy (nginx)", proxy.nginx_command(c.root), c.path("logs", "proxy.log"))
+    services = [link, superexec, nginx]
     stopping = False
 
     def shutdown(signum=None, frame=None):
         nonlocal stopping
         stopping = True
 
+    def superlink_answers() -> bool:
+        try:
+            return link.up and https_health(c.control_address, ca, timeout=2.0) == 200
+        except OSError:
+            return False
+
+    health = serve_health(lambda: health_report(services, superlink_answers))
+    health_port = health.server_address[1]
+    proxy.write_config(c.root, host, port, c.internal_port, health_port=health_port)
+    started = time.time()
+
+    def record() -> None:
+        write_json_atomic(c.path("state", "server.json"), {
+            "pid": os.getpid(), "superlink_pid": link.proc.pid if link.proc else None,
+            "superexec_pid": superexec.proc.pid if superexec.proc else None,
+            "proxy_pid": nginx.proc.pid if nginx.proc else None, "started": started,
+            "public": c.record["address"], "control": c.control_address, "metrics_port": metrics_port,
+            "health_port": health_port,
+            "components": {s.key: {**s.state(), "pid": s.proc.pid if s.proc else None, "log": str(s.log_file)}
+                           for s in services}})
+
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
     try:
-        with link_log.open("a") as fh:
-            link = subprocess.Popen(superlink_command(c), env=env, cwd=c.root, stdout=fh, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        procs.append(("SuperLink", link, link_log))
-        wait_healthy(c.control_address, c.path("ca", "ca.crt"), link, 60, "the SuperLink", link_log)
-        nginx_log = c.path("proxy", "logs", "error.log")
-        with c.path("logs", "nginx.out").open("a") as fh:
-            nginx = subprocess.Popen(proxy.nginx_command(c.root), stdout=fh, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        procs.append(("proxy (nginx)", nginx, nginx_log))
-        wait_healthy(f"127.0.0.1:{port}", c.path("ca", "ca.crt"), nginx, 30, "the proxy", nginx_log)
-        write_json_atomic(c.path("state", "server.json"), {
-            "pid": os.getpid(), "superlink_pid": link.pid, "proxy_pid": nginx.pid, "started": time.time(),
-            "public": c.record["address"], "control": c.control_address, "metrics_port": metrics_port})
+        link.start()
+        wait_healthy(c.control_address, ca, link.proc, 60, "the SuperLink", link.log_file)
+        superexec.start()
+        nginx.start()
+        wait_healthy(f"127.0.0.1:{port}", ca, nginx.proc, 30, "the proxy", c.path("proxy", "logs", "error.log"))
+        record()
         if metrics_port:
             from server.metrics import serve_metrics
 
             serve_metrics(c, metrics_port)
         out.write(f"serving: sites connect to https://{host}:{port} (Fleet API only); operator commands use "
                   f"{c.control_address} (loopback); metrics on http://127.0.0.1:{metrics_port}/metrics; "
-                  f"logs in {c.path('logs')}\n")
+                  f"health on https://{host}:{port}/health; logs in {c.path('logs')}\n")
         out.flush()
         while not stopping:
-            for what, proc, log_file in procs:
-                if proc.poll() is not None:
-                    out.write(f"{what} exited with code {proc.returncode}; stopping the server; see {log_file}\n")
-                    return 1
+            if any([s.check(out) for s in services]):
+                record()
             time.sleep(0.5)
         out.write("stopped\n")
         return 0
@@ -182,5 +319,7 @@ def start_server(root: str | Path, metrics_port: int = 9464, out=sys.stdout) -> 
         out.write(f"{e}\n")
         return 1
     finally:
-        for _, proc, _ in reversed(procs):
-            stop_group(proc)
+        health.shutdown()
+        for s in reversed(services):
+            if s.proc is not None:
+                stop_group(s.proc)

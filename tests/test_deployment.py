@@ -93,10 +93,10 @@ class Deployment:
     def kill_server(self) -> None:
         """SIGKILL the service and every process under it (SuperLink, its ServerApp, nginx): a crash."""
         pids = json.loads((self.op / "state" / "server.json").read_text())
-        for key in ("superlink_pid", "proxy_pid"):
+        for key in ("superlink_pid", "superexec_pid", "proxy_pid"):
             try:
                 os.killpg(pids[key], signal.SIGKILL)
-            except ProcessLookupError:
+            except (ProcessLookupError, TypeError):
                 pass
         kill_group(self.server)
 
