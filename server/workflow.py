@@ -25,6 +25,8 @@ from flwr.server.workflow.default_workflows import (
 )
 from flwr.serverapp import Grid
 
+from server import progress
+
 
 class PollingGrid:
     """The Grid, with a timeout on every exchange and replies polled every `interval` seconds.
@@ -43,11 +45,16 @@ class PollingGrid:
 
     def send_and_receive(self, messages, *, timeout=None):
         timeout = self._timeout if timeout is None else timeout
+        messages = list(messages)
+        kind, asked = (messages[0].metadata.message_type if messages else ""), [m.metadata.dst_node_id for m in messages]
         pending = set(self._grid.push_messages(messages))
         end, replies = time.monotonic() + timeout, []
+        progress.exchange(kind, asked, [])
         while pending:
             got = list(self._grid.pull_messages(pending))
             replies.extend(got)
+            if got:
+                progress.exchange(kind, asked, [m.metadata.src_node_id for m in replies])
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             if not pending or time.monotonic() >= end:
                 break
@@ -82,6 +89,7 @@ class TimedSecAggPlusWorkflow(SecAggPlusWorkflow):
     @classmethod
     def _timed(cls, name, stage):
         def run(grid, context, state):
+            progress.stage(context, name)  # RUN_DIR/progress.json, for `oncofed run` / `oncofed runs follow`
             t = time.perf_counter()
             try:
                 ok = stage(grid, context, state)
