@@ -1,0 +1,329 @@
+"""DP-SGD's per-sample clipping without per-sample gradients ("book-keeping" mixed ghost clipping).
+
+DP-SGD needs, for a batch of B samples with losses l_i, the clipped sum
+
+    sum_i c_i g_i,   g_i = d l_i / d theta,   c_i = min(1, C / (||g_i|| + 1e-6))
+
+(then Gaussian noise of std sigma*C and a division by the expected batch size). Opacus' hooks mode
+materialises g_i for every parameter: a B x parameters tensor (64 x 613k on the BRCA shape), most of
+it for the wide and linear paths over 12,503 features. Nothing here materialises it:
+
+- a Linear applied to one row per sample (activation a_i, output gradient e_i) has g_i = e_i a_i^T,
+  so ||g_i|| = ||a_i|| ||e_i||: a B-vector from the activations autograd already holds;
+- a Linear applied to T tokens per sample has g_i = sum_t e_it a_it^T; its squared norm is
+  <a_i a_i^T, e_i e_i^T> (Gram matrices, T x T: "ghost" norm, Li et al. 2021) or sum(g_i^2) with g_i
+  materialised for that one layer (B x out x in), whichever is cheaper for the shape (mixed ghost
+  clipping, Bu et al. 2022); a Linear called k times per forward is one Linear over all k calls'
+  tokens, so the cross terms between calls are counted;
+- every other parameter (LayerNorm gains, embeddings, the learned arrays of shared_models/layers.py)
+  is small: its per-sample gradients are materialised with Opacus' own registered rules;
+- the clipped sum is then formed from the same activations and output gradients, weighted by c_i,
+  in the same backward pass (book-keeping, Bu et al. 2023): sum_i c_i e_i a_i^T is one matmul, the
+  cost of the plain step's weight gradient, which the Linear layers' autograd backward here skips.
+
+Everything else stays Opacus': Poisson sampling (DPDataLoader), the noise (its
+DPOptimizerFastGradientClipping adds N(0, (sigma C)^2) per parameter and divides by the expected
+batch size exactly as the hooks-mode DPOptimizer does, drawing in the same parameter order) and the
+accountant (the same optimizer step hook). `make_private` mirrors `PrivacyEngine.make_private`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from opacus.data_loader import DPDataLoader
+from opacus.grad_sample import GradSampleModule
+from opacus.optimizers import DPOptimizerFastGradientClipping
+from torch import Tensor, nn
+
+import shared_models.layers  # noqa: F401  (registers the per-sample rules of the model's learned arrays)
+
+# Opacus' per-sample clip factor, to the constant: C / (norm + 1e-6), at most 1.
+_NORM_EPS = 1e-6
+
+
+class _TapedLinear(torch.autograd.Function):
+    """F.linear whose backward hands (input, output gradient) to the tape instead of computing the
+    weight and bias gradients: the clipper forms their clipped sum itself."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, tape: list) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.tape = tape
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, weight = ctx.saved_tensors
+        ctx.tape.append((x, grad_out))
+        grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None
+
+
+def _grad_samplers() -> dict:
+    return GradSampleModule.GRAD_SAMPLERS
+
+
+class BookKeepingClipper:
+    """Records what each parameterised layer sees during forward and backward, then writes
+    p.grad = sum_i c_i g_i for every trainable parameter of `model`.
+
+        clipper = BookKeepingClipper(model, max_grad_norm=C).attach()
+        loss_fn(model(x), y).backward()     # loss = sum_i l_i / B  (loss_reduction="mean")
+        norms = clipper.clip_()             # per-sample gradient norms (B,); p.grad = clipped sum
+        clipper.detach()
+
+    The per-sample gradient is that of B * loss with respect to sample i's terms, as Opacus takes
+    it for loss_reduction="mean"; with "sum" the loss is taken as sum_i l_i.
+    """
+
+    def __init__(self, model: nn.Module, max_grad_norm: float, loss_reduction: str = "mean",
+                 token_norm: str = "auto"):
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum'; got {loss_reduction!r}")
+        if token_norm not in ("auto", "ghost", "materialise"):
+            raise ValueError(f"token_norm must be 'auto', 'ghost' or 'materialise'; got {token_norm!r}")
+        self.model, self.max_grad_norm, self.loss_reduction = model, float(max_grad_norm), loss_reduction
+        self.token_norm = token_norm  # how a Linear over several tokens per sample gets its norms ("auto": cheaper)
+        self._linears: list[tuple[nn.Linear, list]] = []   # (layer, tape of (activation, output grad))
+        self._others: list[tuple[nn.Module, list]] = []    # (layer, tape), per-sample grads by Opacus' rules
+        self._handles: list = []
+        self._attached = False
+        self._plan(model)
+
+    # --- which layers, and how -------------------------------------------------------------------
+    def _plan(self, model: nn.Module) -> None:
+        samplers = _grad_samplers()
+        owner: dict[int, str] = {}
+        for name, module in model.named_modules():
+            params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if not params:
+                continue
+            for p in params:
+                if id(p) in owner:
+                    raise ValueError(
+                        f"parameter of {name or 'the model'} is also owned by {owner[id(p)]}: a parameter shared by "
+                        "two modules is not supported by the book-keeping clipper; untie it, or train with "
+                        "clipping='opacus'")
+                owner[id(p)] = name or "the model"
+            if type(module) is nn.Linear:
+                self._linears.append((module, []))
+            elif type(module) in samplers:
+                self._others.append((module, []))
+            else:
+                raise ValueError(
+                    f"{name} ({type(module).__name__}) owns trainable parameters but has no per-sample gradient rule: "
+                    "register one with opacus.grad_sample.register_grad_sampler (see shared_models/layers.py), or "
+                    "train with clipping='opacus'")
+
+    def attach(self) -> "BookKeepingClipper":
+        if self._attached:
+            return self
+        for layer, tape in self._linears:
+            layer.forward = _taped_forward(layer, tape)  # instance attribute: shadows nn.Linear.forward
+        for layer, tape in self._others:
+            self._handles.append(layer.register_forward_hook(_recording_hook(tape)))
+        self._attached = True
+        return self
+
+    def detach(self) -> None:
+        for layer, tape in self._linears:
+            if "forward" in layer.__dict__:
+                del layer.forward
+            tape.clear()
+        for h in self._handles:
+            h.remove()
+        for _, tape in self._others:
+            tape.clear()
+        self._handles, self._attached = [], False
+
+    def __enter__(self) -> "BookKeepingClipper":
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    cleanup = detach  # the name of Opacus' hooks object's method, so callers treat both alike
+
+    def clear(self) -> None:
+        """Forget what the last backward recorded (zero_grad calls it)."""
+        for _, tape in self._linears + self._others:
+            tape.clear()
+
+    @property
+    def parameters(self) -> list[Tensor]:
+        out = []
+        for layer, _ in self._linears + self._others:
+            out += [p for p in layer.parameters(recurse=False) if p.requires_grad]
+        return out
+
+    # --- the clipped sum -------------------------------------------------------------------------
+    @torch.no_grad()
+    def clip_(self) -> Tensor:
+        """Write p.grad = sum_i c_i g_i (every trainable parameter) from the recorded backward; return
+        the per-sample gradient norms ||g_i||. Raises if no backward was recorded."""
+        if not any(tape for _, tape in self._linears + self._others):
+            raise RuntimeError("no backward pass was recorded since the last step: call loss.backward() with the "
+                               "clipper attached before clip_()")
+        batch = self._batch_size()
+        scale = float(batch) if self.loss_reduction == "mean" else 1.0
+        sq = None  # per-sample squared norms of the recorded (unscaled) gradients
+        prepared = []
+        for layer, tape in self._linears:
+            item = _prepare_linear(layer, tape, batch, self.token_norm)
+            sq = item.sq if sq is None else sq + item.sq
+            prepared.append(item)
+        for layer, tape in self._others:
+            item = _prepare_other(layer, tape, batch)
+            sq = item.sq if sq is None else sq + item.sq
+            prepared.append(item)
+        norms = sq.clamp_min(0).sqrt() * scale
+        weights = (self.max_grad_norm / (norms + _NORM_EPS)).clamp(max=1.0) * scale  # c_i x the loss scale
+        for item in prepared:
+            item.write_grads(weights)
+        self.clear()
+        return norms
+
+    def _batch_size(self) -> int:
+        for _, tape in self._linears + self._others:
+            if tape:
+                return tape[0][1].shape[0]
+        return 0
+
+
+def _taped_forward(layer: nn.Linear, tape: list):
+    def forward(x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():
+            return F.linear(x, layer.weight, layer.bias)
+        return _TapedLinear.apply(x, layer.weight, layer.bias, tape)
+    return forward
+
+
+def _recording_hook(tape: list):
+    def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
+            return
+        activation = inputs[0].detach()
+        output.register_hook(lambda grad: tape.append((activation, grad.detach())))
+    return hook
+
+
+class _Prepared:
+    """One layer's per-sample squared norms (sq, (B,)) and how to write its clipped, summed gradient."""
+
+    def __init__(self, sq: Tensor, write):
+        self.sq, self._write = sq, write
+
+    def write_grads(self, weights: Tensor) -> None:
+        self._write(weights)
+
+
+def _prepare_linear(layer: nn.Linear, tape: list, batch: int, token_norm: str) -> _Prepared:
+    w, b = layer.weight, layer.bias
+    train_w, train_b = w.requires_grad, b is not None and b.requires_grad
+    d_in, d_out = w.shape[1], w.shape[0]
+    if not tape or batch == 0:  # not used in this forward, or an empty (Poisson) batch: a zero sum
+        def write_zero(_):
+            for p in (w, b):
+                if p is not None and p.requires_grad:
+                    p.grad = torch.zeros_like(p)
+        return _Prepared(w.new_zeros(batch), write_zero)
+    # every call's tokens (a row is one token): (B, T, in), (B, T, out)
+    acts = [a.reshape(batch, -1, d_in) for a, _ in tape]
+    grads = [g.reshape(batch, -1, d_out) for _, g in tape]
+    a = acts[0] if len(acts) == 1 else torch.cat(acts, dim=1)
+    e = grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
+    a = a.to(e.dtype)
+    tokens = a.shape[1]
+    sq = e.new_zeros(batch)
+    per_sample_w = None
+    if train_w:
+        ghost = tokens * (d_in + d_out) < d_in * d_out if token_norm == "auto" else token_norm == "ghost"
+        if tokens == 1:  # ||e a^T|| = ||a|| ||e||
+            sq = sq + a[:, 0].pow(2).sum(1) * e[:, 0].pow(2).sum(1)
+        elif ghost:  # ghost norm: <a a^T, e e^T>, O(T^2 (in + out))
+            sq = sq + (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(e, e.transpose(1, 2))).sum((1, 2))
+        else:  # materialise this layer's per-sample gradients, O(T in out), kept for the weighted sum
+            per_sample_w = torch.bmm(e.transpose(1, 2), a)  # (B, out, in)
+            sq = sq + per_sample_w.pow(2).sum((1, 2))
+    bias_ps = None
+    if train_b:
+        bias_ps = e.sum(1)  # (B, out)
+        sq = sq + bias_ps.pow(2).sum(1)
+
+    def write(weights: Tensor) -> None:
+        if train_w:
+            if per_sample_w is not None:
+                w.grad = (weights @ per_sample_w.reshape(batch, -1)).view_as(w).to(w.dtype)
+            else:  # sum_i c_i e_i^T a_i as one matmul over all samples' tokens
+                ew = (e * weights.view(-1, 1, 1)).reshape(-1, d_out)
+                w.grad = (ew.t() @ a.reshape(-1, d_in)).to(w.dtype)
+        if train_b:
+            b.grad = (weights @ bias_ps).to(b.dtype)
+    return _Prepared(sq, write)
+
+
+def _prepare_other(layer: nn.Module, tape: list, batch: int) -> _Prepared:
+    sampler = _grad_samplers()[type(layer)]
+    params = [p for p in layer.parameters(recurse=False) if p.requires_grad]
+    per_sample: dict[int, Tensor] = {}
+    for activation, grad in tape if batch else ():  # a layer called k times: per-sample gradients of the calls add up
+        for p, gs in sampler(layer, [activation], grad).items():
+            per_sample[id(p)] = gs if id(p) not in per_sample else per_sample[id(p)] + gs
+    ref = tape[0][1] if tape else params[0]
+    sq = ref.new_zeros(batch)
+    for gs in per_sample.values():
+        sq = sq + gs.reshape(batch, -1).pow(2).sum(1)
+
+    def write(weights: Tensor) -> None:
+        for p in params:
+            gs = per_sample.get(id(p))
+            p.grad = torch.zeros_like(p) if gs is None else (weights @ gs.reshape(batch, -1)).view_as(p).to(p.dtype)
+    return _Prepared(sq, write)
+
+
+# --- DP-SGD with Opacus' sampling, noise and accounting ------------------------------------------
+def make_private(engine, model: nn.Module, optimizer: torch.optim.Optimizer, data_loader, *,
+                 noise_multiplier: float, max_grad_norm: float, poisson_sampling: bool = True,
+                 loss_reduction: str = "mean"):
+    """`engine.make_private(..., grad_sample_mode="hooks", wrap_model=False)` with the book-keeping clipper
+    in place of Opacus' per-sample gradients: returns (clipper, optimizer, data_loader); the loop is
+    unchanged (zero_grad, loss.backward(), optimizer.step()); call clipper.detach() when done.
+
+    `engine` is an opacus.PrivacyEngine: its accountant gets the optimizer's step hook, as in
+    make_private. The data loader is Opacus' DPDataLoader (Poisson sampling), the optimizer Opacus'
+    DPOptimizerFastGradientClipping (its noise and scaling), whose step first runs the clipper.
+    """
+    if engine.secure_mode:
+        raise ValueError("secure_mode needs torchcsprng, unavailable for this torch; create the PrivacyEngine "
+                         "without secure_mode (see shared/notes/opacus.md)")
+    model_params = set(model.parameters())
+    if any(p not in model_params for g in optimizer.param_groups for p in g["params"]):
+        raise ValueError("the optimizer holds parameters that are not the model's: build it from model.parameters()")
+    if poisson_sampling:
+        data_loader = DPDataLoader.from_data_loader(data_loader, distributed=False)
+    sample_rate = 1 / len(data_loader)
+    expected_batch_size = int(len(data_loader.dataset) * sample_rate)
+    clipper = BookKeepingClipper(model, max_grad_norm, loss_reduction).attach()
+    dp_optimizer = BookKeepingDPOptimizer(
+        optimizer, clipper=clipper, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size, loss_reduction=loss_reduction)
+    dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+    return clipper, dp_optimizer, data_loader
+
+
+class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
+    """Opacus' ghost-clipping optimizer (noise on the clipped sum in p.grad, division by the expected
+    batch size, accountant hook) whose step first writes the clipped sum with the clipper."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, clipper: BookKeepingClipper, **kwargs):
+        super().__init__(optimizer, **kwargs)
+        self.clipper = clipper
+
+    def pre_step(self, closure=None):
+        self.clipper.clip_()
+        return super().pre_step(closure)
+
+    def zero_grad(self, set_to_none: bool = False):
+        self.clipper.clear()
+        super().zero_grad(set_to_none)

@@ -1,0 +1,300 @@
+"""The book-keeping clipper (privacy/clipping.py) computes DP-SGD's clipped sum exactly.
+
+Reference: a brute-force per-sample loop in float64. From one batched forward (so dropout masks are
+the same), each sample's gradient g_i = d l_i / d theta by its own autograd call; clip to C with
+Opacus' factor min(1, C / (||g_i|| + 1e-6)); sum. Samples never interact in these models, so g_i
+from the batched graph is the gradient of sample i alone (checked separately in eval mode).
+The clipping bound is the median norm, so some samples are clipped and some are not.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from privacy.clipping import BookKeepingClipper, BookKeepingDPOptimizer, make_private
+from shared_models import ModelConfig, MultiModalTransformer
+from shared_models.layers import AddLearned, FeatureFill, NumericTokens
+from shared_models.model import Block
+from tests.factories import drop_modalities, random_inputs, tiny_schema
+
+TOL = 1e-9
+
+
+def per_sample_loop(model: nn.Module, forward, n: int, seed: int = 1):
+    """Per-sample gradients by one autograd call per sample: (norms, [per-sample grads per parameter])."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(seed)
+    losses = forward()  # (n,) per-sample losses
+    grads = []
+    for i in range(n):
+        g = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
+        grads.append([torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params)])
+    norms = torch.tensor([math.sqrt(sum(float(gi.pow(2).sum()) for gi in g)) for g in grads], dtype=torch.float64)
+    return norms, grads
+
+
+def clipped_sum(norms, grads, c: float):
+    factors = (c / (norms + 1e-6)).clamp(max=1.0)
+    return [sum(float(factors[i]) * grads[i][k] for i in range(len(grads))) for k in range(len(grads[0]))]
+
+
+def assert_clipper_matches_loop(model: nn.Module, forward, n: int, **clipper_kwargs) -> torch.Tensor:
+    """forward() returns per-sample losses; the clipper sees their mean, as in training."""
+    model = model.double()
+    ref_norms, ref_grads = per_sample_loop(model, forward, n)
+    c = float(ref_norms.median())
+    expected = clipped_sum(ref_norms, ref_grads, c)
+    with BookKeepingClipper(model, c, **clipper_kwargs) as clipper:
+        torch.manual_seed(1)
+        forward().mean().backward()
+        norms = clipper.clip_()
+    assert torch.allclose(norms, ref_norms, rtol=TOL, atol=0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for (name, p), want in zip([(n_, p) for n_, p in model.named_parameters() if p.requires_grad], expected):
+        scale = float(want.abs().max()) or 1.0
+        err = float((p.grad - want).abs().max()) / scale
+        assert err <= TOL, f"{name}: relative error {err:.2e}"
+    assert len(params) == len(expected)
+    return norms
+
+
+class RowsLinear(nn.Module):  # one row per sample: the wide path
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(30, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+class TokensLinear(nn.Module):  # several tokens per sample: chunk projection, attention projections
+    def __init__(self):
+        super().__init__()
+        self.proj, self.head = nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.proj(x.view(len(x), 5, 6))).mean(1))
+
+
+class LinearTwice(nn.Module):  # one Linear called twice per forward: norm of the sum, with cross terms
+    def __init__(self):
+        super().__init__()
+        self.shared, self.head = nn.Linear(15, 15), nn.Linear(15, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.shared(x[:, :15]))
+        return self.head(self.shared(h + x[:, 15:]))
+
+
+class LearnedArrays(nn.Module):  # shared_models.layers: fill values, numeric tokens, added arrays
+    def __init__(self):
+        super().__init__()
+        self.fill, self.num, self.pos = FeatureFill(30), NumericTokens(30, 4), AddLearned(30, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.pos(self.num(self.fill(x))).mean(1))
+
+
+class NormAndEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.norm, self.head = nn.Embedding(7, 6), nn.LayerNorm(6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        codes = (x[:, :5].abs() * 3).long().clamp(max=6)  # (B, 5) indices
+        return self.head(self.norm(self.emb(codes) + x[:, 5:10, None]).mean(1))
+
+
+class AttentionBlocks(nn.Module):  # self-attention (fused qkv, key mask) and cross-attention blocks
+    def __init__(self):
+        super().__init__()
+        cfg = ModelConfig(d_model=8, n_heads=2, dropout=0.2)
+        self.inp, self.self_blk, self.cross_blk = nn.Linear(6, 8), Block(cfg), Block(cfg, cross=True)
+        self.lat, self.head = AddLearned(3, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        tokens = self.inp(x.view(len(x), 5, 6))
+        mask = torch.ones(len(x), 5, dtype=torch.bool)
+        mask[::3, 3:] = False  # some samples' last tokens masked out
+        tokens, _ = self.self_blk(tokens, key_mask=mask)
+        lat, _ = self.cross_blk(self.lat(x.new_zeros(len(x), 3, 8)), context=tokens)
+        return self.head(lat.mean(1))
+
+
+LAYERS = {"linear on rows": RowsLinear, "linear on tokens": TokensLinear, "linear called twice": LinearTwice,
+          "learned arrays": LearnedArrays, "layer norm and embedding": NormAndEmbedding,
+          "attention blocks": AttentionBlocks}
+
+
+@pytest.mark.parametrize("token_norm", ["ghost", "materialise"])
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_each_layer_types_clipped_sum_equals_the_per_sample_loop(layer, token_norm):
+    torch.manual_seed(0)
+    model = LAYERS[layer]()
+    x = torch.randn(8, 30, dtype=torch.float64)
+    x[1, 3] = x[4, 20] = x[4, 21] = float("nan") if layer == "learned arrays" else x[1, 3]
+    y = torch.randint(0, 3, (8,))
+    model.train()
+    assert_clipper_matches_loop(model, lambda: F.cross_entropy(model(x), y, reduction="none"), 8,
+                                token_norm=token_norm)
+
+
+def _full_model(**overrides):
+    cfg = dict(d_model=16, n_heads=2, n_latents=4, chunk_size=16, latent_blocks=1, tabular_blocks=1, dropout=0.2)
+    return MultiModalTransformer(tiny_schema(), ModelConfig(**{**cfg, **overrides}))
+
+
+def _batch_with_missing(n: int = 12):
+    schema = tiny_schema()
+    x = random_inputs(schema, n, seed=3).double()
+    drop_modalities(schema, x, 1, ["expr"])
+    drop_modalities(schema, x, 2, ["clinical", "prot"])
+    drop_modalities(schema, x, 5, ["mutation"])
+    x[3, 5] = x[4, 140] = x[6, 131] = float("nan")  # missing values inside present modalities
+    return x, torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("wide_rank", [16, "full"])
+def test_the_full_models_clipped_sum_equals_the_per_sample_loop_with_missing_modalities(wide_rank):
+    model = _full_model(wide_rank=wide_rank).train()
+    x, y = _batch_with_missing()
+    assert_clipper_matches_loop(model, lambda: F.cross_entropy(model(x.double()), y, reduction="none"), len(y))
+
+
+def test_samples_do_not_interact_each_samples_norm_is_its_own_forwards():
+    model = _full_model(dropout=0.0).double().eval()  # eval: no dropout, so separate forwards are comparable
+    x, y = _batch_with_missing(8)
+    params = list(model.parameters())
+    alone = []
+    for i in range(len(y)):
+        g = torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), params, allow_unused=True)
+        alone.append(math.sqrt(sum(float(t.pow(2).sum()) for t in g if t is not None)))
+    with BookKeepingClipper(model, 1.0) as clipper:
+        F.cross_entropy(model(x), y).backward()
+        norms = clipper.clip_()
+    assert torch.allclose(norms, torch.tensor(alone, dtype=torch.float64), rtol=TOL, atol=0)
+
+
+def _dp_step(model, x, y, sigma, clipping: str, seed: int):
+    from opacus import PrivacyEngine
+
+    engine = PrivacyEngine(accountant="prv")
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if clipping == "opacus":
+            hooks, opt, _ = engine.make_private(module=model, optimizer=opt, data_loader=loader, noise_multiplier=sigma,
+                                                max_grad_norm=0.5, poisson_sampling=True, wrap_model=False)
+        else:
+            hooks, opt, _ = make_private(engine, model, opt, loader, noise_multiplier=sigma, max_grad_norm=0.5)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()  # the batch itself, not a Poisson draw: the same rows for both
+        torch.manual_seed(seed)  # the noise's draws
+        opt.step()
+    hooks.cleanup()
+    return [b - p.detach() for b, p in zip(before, model.parameters())], engine
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1.3])
+def test_a_dp_step_is_opacus_hooks_step_noise_included(sigma):
+    """Same weights, rows and noise seed: the update (clipped sum + noise) / expected batch equals Opacus'."""
+    torch.manual_seed(0)
+    base = _full_model(dropout=0.0).double()
+    x, y = _batch_with_missing()
+    ours, _ = _dp_step(copy.deepcopy(base), x, y, sigma, "ghost", seed=7)
+    theirs, _ = _dp_step(copy.deepcopy(base), x, y, sigma, "opacus", seed=7)
+    for a, b in zip(ours, theirs):
+        assert float((a - b).abs().max()) <= TOL * max(float(b.abs().max()), 1e-12)
+
+
+def test_the_noise_is_opacus_std_sigma_c_over_the_expected_batch():
+    torch.manual_seed(0)
+    model = _full_model(dropout=0.0).double()
+    x, y = _batch_with_missing()
+    zero, _ = _dp_step(copy.deepcopy(model), x, y, 0.0, "ghost", seed=7)
+    noisy, _ = _dp_step(copy.deepcopy(model), x, y, 2.0, "ghost", seed=7)
+    noise = torch.cat([(a - b).flatten() for a, b in zip(noisy, zero)])
+    assert noise.numel() > 10_000
+    assert abs(float(noise.std()) / (2.0 * 0.5 / len(y)) - 1) < 0.03 and abs(float(noise.mean())) < 3e-3
+
+
+def test_make_private_keeps_opacus_poisson_sampling_and_accountant():
+    from opacus import PrivacyEngine
+    from opacus.data_loader import DPDataLoader
+
+    torch.manual_seed(0)
+    model = _full_model()
+    x = random_inputs(tiny_schema(), 64)
+    y = torch.randint(0, 3, (64,))
+    engine = PrivacyEngine(accountant="prv")
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    clipper, opt, dp_loader = make_private(engine, model, torch.optim.AdamW(model.parameters()), loader,
+                                           noise_multiplier=1.1, max_grad_norm=1.0)
+    assert isinstance(dp_loader, DPDataLoader) and isinstance(opt, BookKeepingDPOptimizer)
+    assert opt.expected_batch_size == 16
+    steps = 0
+    for xb, yb in dp_loader:  # Poisson batches, possibly empty
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+        steps += 1
+    clipper.cleanup()
+    assert engine.accountant.history == [(1.1, 0.25, steps)]
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_an_empty_poisson_batch_gives_a_zero_clipped_sum():
+    model = _full_model()
+    x = random_inputs(tiny_schema(), 0)
+    with BookKeepingClipper(model, 1.0) as clipper:
+        F.cross_entropy(model(x), torch.zeros(0, dtype=torch.long), reduction="sum").backward()
+        assert clipper.clip_().shape == (0,)
+    assert all(float(p.grad.abs().max()) == 0 for p in model.parameters())
+
+
+def test_after_detach_the_model_trains_as_before():
+    torch.manual_seed(0)
+    model = _full_model(dropout=0.0).eval()
+    x, y = random_inputs(tiny_schema(), 8), torch.randint(0, 3, (8,))
+    F.cross_entropy(model(x), y).backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    BookKeepingClipper(model, 1.0).attach().detach()
+    F.cross_entropy(model(x), y).backward()
+    assert all(torch.equal(a, p.grad) for a, p in zip(want, model.parameters()))
+
+
+def test_a_layer_without_a_per_sample_rule_is_refused_with_the_fix():
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x * self.w
+
+    with pytest.raises(ValueError, match="no per-sample gradient rule.*register_grad_sampler.*clipping='opacus'"):
+        BookKeepingClipper(nn.Sequential(nn.Linear(3, 3), Scale()), 1.0)
+
+
+def test_a_parameter_shared_by_two_modules_is_refused():
+    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
+    b.weight = a.weight
+    with pytest.raises(ValueError, match="shared by two modules"):
+        BookKeepingClipper(nn.Sequential(a, b), 1.0)
+
+
+def test_step_without_a_recorded_backward_is_an_error():
+    clipper = BookKeepingClipper(nn.Linear(3, 3), 1.0)
+    with pytest.raises(RuntimeError, match="call loss.backward"):
+        clipper.clip_()
