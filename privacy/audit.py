@@ -7,8 +7,14 @@ every append) holds the entry count and the last hash, so that removing entries 
 detected too. `verify` reports every edited, inserted, removed or reordered entry.
 
 What the chain does and does not prove: anyone who edits an entry must recompute every later hash
-and the head; a chain alone cannot stop someone with write access from doing exactly that. Anchor
-the head elsewhere (another party's log, a signed copy) to detect a wholesale rewrite.
+and the head; a chain alone cannot stop someone with write access from doing exactly that, or from
+emptying the log and deleting the head. So each party's head is anchored with the other party
+(shared_models.protocol): every round the server sends each site its run log's head signed with the
+consortium's model-signing key (`signed_anchor`; the site keeps the newest per run in its
+`AnchorStore`), and each site sends its own head to the server, which records it in the run's log.
+`verify(path, anchors)` then requires every anchored hash to still be in the log at its position: a
+log rewritten or emptied before an anchor was taken no longer holds it. (Entries after the last
+anchor the other party received are protected by the chain alone until the next exchange.)
 
 Appends take an exclusive lock (flock) on the head file, so concurrent writers (several ServerApp
 or ClientApp processes) serialise; the line is fsynced before the head moves. A crash between the
@@ -28,6 +34,8 @@ from pathlib import Path
 from shared_models.files import write_json_atomic
 
 GENESIS = "0" * 64
+ANCHOR_KIND = "oncofed-audit-anchor/1"
+ANCHORS_FORMAT = "oncofed-audit-anchors/1"
 
 
 class AuditError(ValueError):
@@ -46,6 +54,7 @@ class VerifyReport:
     last_hash: str = GENESIS
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    anchored: int = 0  # anchors held by another party that this log was checked against
 
     @property
     def ok(self) -> bool:
@@ -53,7 +62,8 @@ class VerifyReport:
 
     def format(self) -> str:
         if self.ok:
-            lines = [f"{self.path}: ok, {self.entries} entries, chain intact, last hash {self.last_hash[:16]}..."]
+            lines = [f"{self.path}: ok, {self.entries} entries, chain intact, last hash {self.last_hash[:16]}..."
+                     + (f", holds all {self.anchored} anchored head(s)" if self.anchored else "")]
         else:
             lines = [f"{self.path}: {len(self.problems)} problem(s); the log has been altered or damaged:"]
             lines += [f"  - {p}" for p in self.problems]
@@ -70,8 +80,9 @@ def _read_head(head: Path) -> dict | None:
         return {"unreadable": True}
 
 
-def verify(path: str | Path) -> VerifyReport:
-    """Check every line, the chain and the head. Never raises for a damaged file."""
+def verify(path: str | Path, anchors: list[dict] = ()) -> VerifyReport:
+    """Check every line, the chain and the head, and that the log still holds every anchored entry
+    (`anchors`: {"hash", optional "entries", "source"} held by another party). Never raises for a damaged file."""
     path = Path(path)
     report = VerifyReport(path)
     if not path.exists():
@@ -122,7 +133,127 @@ def verify(path: str | Path) -> VerifyReport:
         report.problems.append(f"the head records {head.get('entries')} entries ending in "
                                f"{str(head.get('hash'))[:16]}..., the log has {report.entries} ending in "
                                f"{report.last_hash[:16]}...: entries were removed or rewritten")
+    _check_anchors(report, lines, anchors)
     return report
+
+
+def _check_anchors(report: VerifyReport, lines: list[str], anchors: list[dict]) -> None:
+    seq_of = {}
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            seq_of[str(entry.get("hash"))] = entry.get("seq")
+        except (ValueError, AttributeError):
+            continue
+    before = len(report.problems)
+    for a in anchors:
+        at = f"{a['entries']} entries ending in " if isinstance(a.get("entries"), int) else "an entry hashing to "
+        what = f"{a.get('source', 'an anchor')} holds this log's head as of {a.get('time', '?')} ({at}{a['hash'][:16]}...)"
+        if a["hash"] not in seq_of:
+            report.problems.append(f"{what}, which this log ({report.entries} entries) no longer holds: the log was "
+                                   "rewritten, its chain recomputed, or it was emptied or replaced after that point")
+        elif isinstance(a.get("entries"), int) and seq_of[a["hash"]] != a["entries"] - 1:
+            report.problems.append(f"{what}, found here as seq {seq_of[a['hash']]}: entries were inserted or removed "
+                                   "before it")
+    if len(report.problems) == before:
+        report.anchored = len(anchors)
+
+
+def signed_anchor(log: "AuditLog", key, **ids) -> dict:
+    """The log's current head (entries, last hash) with `ids` (run key, run name), signed with `key`
+    (the consortium's Ed25519 model-signing key): what the server sends to every site each round."""
+    from privacy.signing import sign
+
+    entries, last = log.current_head()
+    return sign({"kind": ANCHOR_KIND, **ids, "entries": entries, "hash": last,
+                 "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}, key)
+
+
+class AnchorStore:
+    """A party's copies of the other party's audit heads (a site's `state/audit-anchors.json`): the newest
+    server anchor per run, its signature checked against the consortium's model-signing key."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def load(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {"format": ANCHORS_FORMAT, "server": {}}
+        return data if isinstance(data, dict) and isinstance(data.get("server"), dict) else \
+            {"format": ANCHORS_FORMAT, "server": {}}
+
+    def keep(self, anchor_json: str, signing_public_key: str | Path | None) -> dict | None:
+        """Store a server anchor if its signature verifies (or no trust anchor is configured: then it is
+        kept marked unverified) and it is newer than the one held for its run. Returns what was kept."""
+        from privacy.signing import SignatureError, load_public, verify as verify_signature
+
+        anchor = json.loads(anchor_json)
+        if not isinstance(anchor, dict) or anchor.get("kind") != ANCHOR_KIND or "run_name" not in anchor:
+            raise AuditError(f"not an audit anchor: {anchor_json[:200]}")
+        if signing_public_key:
+            try:
+                verify_signature(anchor, load_public(signing_public_key))
+            except SignatureError as e:
+                raise AuditError(f"the server's audit anchor for run {anchor.get('run')} does not verify: {e}") from None
+        else:
+            anchor = {**anchor, "unverified": True}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = self.load()
+            held = data["server"].get(str(anchor["run_name"]))
+            if held and int(held.get("entries", 0)) >= int(anchor.get("entries", 0)):
+                return None
+            data["server"][str(anchor["run_name"])] = anchor
+            write_json_atomic(self.path, data)
+        return anchor
+
+
+def anchors_for(log: str | Path, source: str | Path, site: str | None = None,
+                signing_public_key: str | Path | None = None) -> tuple[list[dict], list[str]]:
+    """The anchors `source` holds for `log`, and problems with the source itself.
+
+    `source` is either a site's anchor store (audit-anchors.json: the server's signed heads, for the run
+    log runs/NAME/audit.jsonl, matched by NAME) or a server run audit log (.jsonl: the heads site `site`
+    sent, recorded in its `round`, `run_end` and `redelivery` entries)."""
+    from privacy.signing import SignatureError, load_public, verify as verify_signature
+
+    log, source = Path(log), Path(source)
+    problems: list[str] = []
+    if source.suffix == ".jsonl":
+        if not site:
+            raise AuditError(f"--anchors {source} is a server run log: name the site whose log {log} is with --site")
+        rep = verify(source)
+        if not rep.ok:
+            problems.append(f"the anchoring log {source} does not verify itself: its anchors prove nothing")
+        out = []
+        for line in source.read_text().splitlines():
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue
+            heads = dict(e.get("site_audit_heads") or {})
+            for d in e.get("deliveries") or []:
+                if isinstance(d, dict) and d.get("site") and d.get("audit_head"):
+                    heads[str(d["site"])] = d["audit_head"]
+            if heads.get(site):
+                out.append({"hash": str(heads[site]), "time": e.get("time"),
+                            "source": f"{source} ({e.get('event')} entry seq {e.get('seq')})"})
+        return out, problems
+    store = AnchorStore(source).load()
+    run_name = log.parent.name
+    anchor = store["server"].get(run_name)
+    if anchor is None:
+        return [], [f"{source} holds no anchor for run {run_name!r} (runs: {', '.join(store['server']) or 'none'})"]
+    if signing_public_key:
+        try:
+            verify_signature(anchor, load_public(signing_public_key))
+        except SignatureError as e:
+            return [], [f"{source}: the anchor for run {run_name!r} is not the consortium's ({e})"]
+    return [{"hash": str(anchor["hash"]), "entries": int(anchor["entries"]), "time": anchor.get("time"),
+             "source": f"{source} (run {run_name!r}, signed by the server)"}], problems
 
 
 def _hash_at(lines: list[str], index: int) -> str:
@@ -168,6 +299,12 @@ class AuditLog:
                 os.fsync(fh.fileno())
             self._write_head(seq, prev, self.path.stat().st_size)
         return entries
+
+    def current_head(self) -> tuple[int, str]:
+        """(entries, last hash) of the log now."""
+        with open(self.head.with_name(self.head.name + ".lock"), "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            return self._tail()
 
     def _fast_tail(self) -> tuple[int, str] | None:
         """O(1): the head names the log's size, entry count and last hash, and the last line matches them.

@@ -143,3 +143,107 @@ def test_a_crash_during_a_group_commit_is_a_warning_and_the_next_append_repairs_
     log.append("run_end")
     report = verify(path)
     assert report.ok and not report.warnings and report.entries == 5
+
+
+# --- anchors held by the other party: a rewrite by whoever holds the log and its head ---------------------
+
+def _recompute(path: Path, lines: list[dict]) -> None:
+    """What someone with write access does: rewrite entries, recompute every hash and the head."""
+    from privacy.audit import GENESIS, entry_hash
+
+    prev, out = GENESIS, []
+    for seq, entry in enumerate(lines):
+        entry = {**entry, "seq": seq, "prev": prev}
+        entry.pop("hash", None)
+        entry["hash"] = prev = entry_hash(entry)
+        out.append(json.dumps(entry, sort_keys=True))
+    _write(path, out)
+    path.with_name(path.name + ".head").write_text(json.dumps({"entries": len(out), "hash": prev}))
+
+
+@pytest.fixture()
+def server_run(tmp_path):
+    """A server run log (CONSORTIUM/runs/r1/audit.jsonl) whose signed head reached a site after round 2."""
+    from privacy.audit import AnchorStore, signed_anchor
+    from privacy.signing import generate_signing_key, load_private
+
+    op = tmp_path / "op"
+    generate_signing_key(op / "signing" / "signing.key", op / "signing" / "signing.pub")
+    log = AuditLog(op / "runs" / "r1" / "audit.jsonl")
+    log.append("run_start", run="r1-abc")
+    for rnd in (1, 2):
+        log.append("round", round=rnd, site_epsilon={"C0": 0.5 * rnd})
+    anchor = signed_anchor(log, load_private(op / "signing" / "signing.key"), run="r1-abc", run_name="r1")
+    store = tmp_path / "C0" / "state" / "audit-anchors.json"
+    assert AnchorStore(store).keep(json.dumps(anchor), op / "signing" / "signing.pub") is not None
+    log.append("round", round=3, site_epsilon={"C0": 1.5})
+    return log.path, store
+
+
+def test_a_recomputed_server_chain_verifies_alone_but_not_against_the_sites_anchor(server_run):
+    path, store = server_run
+    entries = [json.loads(x) for x in _lines(path)]
+    entries[1]["site_epsilon"]["C0"] = 0.1  # understate a site's spend, then make the chain whole again
+    _recompute(path, entries)
+    assert verify(path).ok  # the weakness: the chain and the head are where the writer is
+    from privacy.audit import anchors_for
+
+    report = verify(path, anchors_for(path, store)[0])
+    assert not report.ok and any("no longer holds" in p for p in report.problems)
+
+
+def test_an_emptied_server_log_with_its_head_deleted_is_detected_by_the_anchor(server_run):
+    from typer.testing import CliRunner
+
+    from oncofed.cli import app
+
+    path, store = server_run
+    ok = CliRunner().invoke(app, ["audit", "verify", str(path), "--anchors", str(store)])
+    assert ok.exit_code == 0 and "holds all 1 anchored head(s)" in ok.output
+    path.write_text("")
+    path.with_name(path.name + ".head").unlink()
+    assert verify(path).ok  # alone, an empty log is a clean one
+    bad = CliRunner().invoke(app, ["audit", "verify", str(path), "--anchors", str(store)])
+    assert bad.exit_code == 1 and "no longer holds" in bad.output and "signed by the server" in bad.output
+
+
+def test_a_site_keeps_only_server_anchors_that_verify_and_the_newest_per_run(server_run, tmp_path):
+    from privacy.audit import AnchorStore, signed_anchor
+    from privacy.signing import generate_signing_key, load_private
+
+    path, store = server_run
+    generate_signing_key(tmp_path / "evil.key", tmp_path / "evil.pub")
+    forged = signed_anchor(AuditLog(path), load_private(tmp_path / "evil.key"), run="r1-abc", run_name="r1")
+    with pytest.raises(AuditError, match="does not verify"):
+        AnchorStore(store).keep(json.dumps(forged), path.parents[2] / "signing" / "signing.pub")
+    newer = signed_anchor(AuditLog(path), load_private(path.parents[2] / "signing" / "signing.key"),
+                          run="r1-abc", run_name="r1")
+    assert AnchorStore(store).keep(json.dumps(newer), path.parents[2] / "signing" / "signing.pub")["entries"] == 4
+    assert AnchorStore(store).load()["server"]["r1"]["entries"] == 4
+
+
+def test_a_recomputed_site_chain_is_detected_by_the_heads_the_server_recorded(tmp_path):
+    """The site sends its head with every update; the server's run log records it; a site that rewrites
+    its history (say, drops a round it trained) no longer holds the recorded head."""
+    from typer.testing import CliRunner
+
+    from oncofed.cli import app
+
+    site_log = AuditLog(tmp_path / "C0" / "state" / "audit.jsonl")
+    site_log.path.parent.mkdir(parents=True)
+    (tmp_path / "C0" / "site.json").write_text(json.dumps({"site-name": "C0"}))
+    server = AuditLog(tmp_path / "op" / "runs" / "r1" / "audit.jsonl")
+    for rnd in (1, 2):
+        head = site_log.append("round_trained", run="r1-abc", round=rnd, epsilon=0.5 * rnd)["hash"]
+        server.append("round", round=rnd, site_audit_heads={"C0": head, "C1": "f" * 64})
+    site_log.append("prediction", model="v0001")
+    ok = CliRunner().invoke(app, ["audit", "verify", str(site_log.path), "--anchors", str(server.path)])
+    assert ok.exit_code == 0 and "holds all 2 anchored head(s)" in ok.output
+    entries = [json.loads(x) for x in _lines(site_log.path)]
+    _recompute(site_log.path, [entries[0], entries[2]])  # round 2's training removed, chain recomputed
+    assert verify(site_log.path).ok
+    bad = CliRunner().invoke(app, ["audit", "verify", str(site_log.path), "--anchors", str(server.path)])
+    assert bad.exit_code == 1 and "round entry seq 1" in bad.output
+    site_log.path.write_text("")
+    site_log.head.unlink()
+    assert CliRunner().invoke(app, ["audit", "verify", str(site_log.path), "--anchors", str(server.path)]).exit_code == 1
