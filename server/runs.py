@@ -1,0 +1,316 @@
+"""The operator's view of training runs: `oncofed runs list | follow | stop`, the progress `oncofed run` prints
+while its run trains, and what the Prometheus exporter knows of the sites.
+
+Everything here reads; nothing starts a process or calls the SuperLink's APIs (except `stop`, which asks
+the SuperLink through `flwr stop`):
+  - each run's files, written by its ServerApp: status.json (after every round), progress.json (at every
+    SecAgg+ stage and reply, server/progress.py), metrics.jsonl, result.json (at the end), and
+    flwr-runs.json (the SuperLink's run ids of this run, written by `oncofed run`);
+  - the SuperLink's SQLite database (state/superlink.db), opened read-only for one short query: the
+    status of each run (pending, starting, running, finished:completed|failed|stopped) and of each site
+    (online, offline, registered). Its layout is flwr 1.41's (tables run, task, node); a query that fails
+    on another layout answers "unknown" instead of failing the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RUNNING = ("pending", "starting", "running")
+
+
+def _u64(v: int | None) -> int | None:
+    """Flower stores its uint64 ids as signed 64-bit integers."""
+    return v + 2**64 if v is not None and v < 0 else v
+
+
+def read_superlink(db: Path) -> dict | None:
+    """{"runs": {run_id: status}, "nodes": {node_id: status}} from the SuperLink's database, read-only;
+    None when it cannot be read (no database yet, another flwr layout, locked for longer than 1 s)."""
+    if not db.exists():
+        return None
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1.0)
+        try:
+            runs = {}
+            for run_id, starting, running, finished, sub in con.execute(
+                    "SELECT run.run_id, task.starting_at, task.running_at, task.finished_at, task.sub_status "
+                    "FROM run JOIN task ON task.task_id = run.primary_task_id"):
+                runs[_u64(run_id)] = (f"finished:{sub}" if finished else "running" if running else
+                                      "starting" if starting else "pending")
+            now, nodes = time.time(), {}
+            for node_id, status, online_until in con.execute("SELECT node_id, status, online_until FROM node"):
+                if status == "online" and online_until is not None and online_until < now:
+                    status = "offline"  # Flower marks it so at its next read; the heartbeat has lapsed
+                nodes[_u64(node_id)] = status
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None
+    return {"runs": runs, "nodes": nodes}
+
+
+def registered_sites(root: Path, superlink: dict | None) -> list[dict]:
+    """consortium.json's sites (not removed) with the SuperLink's status of each."""
+    record = _json(root / "consortium.json") or {}
+    nodes = (superlink or {}).get("nodes", {})
+    return [{**s, "status": nodes.get(int(s["node_id"]), "unknown to the SuperLink") if superlink else "unknown"}
+            for s in record.get("sites", []) if not s.get("removed")]
+
+
+def site_names(root: Path) -> dict[int, str]:
+    record = _json(root / "consortium.json") or {}
+    return {int(s["node_id"]): s["name"] for s in record.get("sites", [])}
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _rounds_seconds(metrics: Path) -> list[float]:
+    """Wall seconds of each completed round of the current ServerApp process (metrics.jsonl `seconds`)."""
+    try:
+        lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    except (OSError, ValueError):
+        return []
+    marks = [float(x.get("seconds", 0.0)) for x in lines]
+    return [b - a for a, b in zip(marks, marks[1:]) if b > a]
+
+
+@dataclass
+class RunView:
+    name: str
+    run_dir: Path
+    status: dict = field(default_factory=dict)
+    progress: dict = field(default_factory=dict)
+    result: dict | None = None
+    flwr_ids: list[int] = field(default_factory=list)
+    superlink_status: str | None = None  # of the latest flwr run of this name; None: unknown
+    round_seconds: list[float] = field(default_factory=list)
+    status_written: float = 0.0  # when status.json was last written: the end of the last round
+
+    @classmethod
+    def load(cls, root: Path, name: str, superlink: dict | None) -> "RunView":
+        d = root / "runs" / name
+        ids = _json(d / "flwr-runs.json") or []
+        return cls(name, d, _json(d / "status.json") or {}, _json(d / "progress.json") or {},
+                   _json(d / "result.json"), ids,
+                   (superlink or {}).get("runs", {}).get(ids[-1]) if ids and superlink else None,
+                   _rounds_seconds(d / "metrics.jsonl"), _mtime(d / "status.json"))
+
+    @property
+    def state(self) -> str:
+        """pending | starting | running | completed | failed | stopped | unknown (SuperLink's view first)."""
+        if self.superlink_status:
+            return self.superlink_status.removeprefix("finished:")
+        return "completed" if self.result else "unknown"
+
+    @property
+    def running(self) -> bool:
+        return self.state in RUNNING
+
+    def eta_seconds(self) -> float | None:
+        done, total = int(self.status.get("round") or 0), int(self.status.get("num_rounds") or 0)
+        if not self.round_seconds and self.status.get("round_seconds"):
+            self.round_seconds = [float(self.status["round_seconds"])]
+        if not total or not self.round_seconds or not self.running:
+            return None
+        per_round = sum(self.round_seconds[-3:]) / len(self.round_seconds[-3:])
+        into = time.time() - (self.status_written or time.time())
+        return max(0.0, per_round * (total - done) - max(0.0, into))
+
+    def describe(self, names: dict[int, str]) -> str:
+        """One line: round, SecAgg+ stage, which sites answered and which are awaited, ETA."""
+        done, total = int(self.status.get("round") or 0), self.status.get("num_rounds") or "?"
+        parts = [f"{self.state}", f"round {done}/{total} done"]
+        p = self.progress
+        if self.running and p.get("stage"):
+            name = lambda n: names.get(int(n), str(n))  # noqa: E731
+            answered, asked = p.get("answered", []), p.get("asked", [])
+            waiting = [n for n in asked if n not in answered]
+            stage = f"round {p.get('round') or done + 1}: {p['stage']}"
+            if asked:
+                stage += f", {len(answered)}/{len(asked)} sites answered"
+                if answered:
+                    stage += f" ({', '.join(sorted(name(n) for n in answered))})"
+                if waiting:
+                    stage += f", waiting for {', '.join(sorted(name(n) for n in waiting))}"
+            if p.get("stage_started"):
+                stage += f", {time.time() - float(p['stage_started']):.0f} s in this stage"
+            parts.append(stage)
+        eta = self.eta_seconds()
+        if eta is not None:
+            parts.append(f"ETA ~{_minutes(eta)}")
+        elif self.running and done == 0:
+            parts.append("ETA after round 1")
+        if self.result:
+            delivered = sum(bool(d.get("installed")) for d in self.result.get("deliveries", []))
+            parts.append(f"final model installed at {delivered}/{len(self.result.get('deliveries', []))} sites")
+        return " · ".join(parts)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def list_runs(root: Path) -> list[RunView]:
+    superlink = read_superlink(root / "state" / "superlink.db")
+    dirs = sorted((d for d in (root / "runs").glob("*") if d.is_dir()), key=lambda d: d.stat().st_mtime)
+    return [RunView.load(root, d.name, superlink) for d in dirs]
+
+
+def follow(root: Path, name: str, out, poll: float = 2.0, health=None, timeout: float = 0.0) -> int:
+    """Print the run's progress whenever it changes, until it ends: 0 completed (result.json written),
+    1 failed or stopped, 3 given up (`timeout` seconds, or the SuperLink's state unreadable for 10 min)."""
+    names, last, unknown_since, t0 = site_names(root), "", None, time.time()
+    last_health = ""
+    while True:
+        view = RunView.load(root, name, read_superlink(root / "state" / "superlink.db"))
+        line = view.describe(names)
+        if line != last:
+            out.write(f"[{time.strftime('%H:%M:%S')}] run {name}: {line}\n")
+            out.flush()
+            last = line
+        if health is not None:
+            ok, reason = health()
+            if not ok and reason != last_health:
+                out.write(f"[{time.strftime('%H:%M:%S')}] server: {reason}\n")
+                out.flush()
+            last_health = "" if ok else reason
+        if view.superlink_status is None and not view.result:
+            unknown_since = unknown_since or time.time()
+            if time.time() - unknown_since > 600:
+                out.write(f"run {name}: the SuperLink's state has been unreadable for 10 minutes; stopped following\n")
+                return 3
+        else:
+            unknown_since = None
+        if not view.running and view.state != "unknown":
+            return 0 if view.state == "completed" and view.result else 1
+        if view.state == "unknown" and view.result:
+            return 0
+        if timeout and time.time() - t0 > timeout:
+            return 3
+        time.sleep(poll)
+
+
+def stop(root: Path, name: str, env: dict, out) -> int:
+    """Ask the SuperLink to stop every flwr run of this name that has not finished; returns how many."""
+    superlink = read_superlink(root / "state" / "superlink.db")
+    view = RunView.load(root, name, superlink)
+    stopped = 0
+    for run_id in view.flwr_ids:
+        status = (superlink or {}).get("runs", {}).get(run_id)
+        if status is not None and status not in RUNNING:
+            continue
+        proc = subprocess.run(["flwr", "stop", str(run_id), "consortium"], env=env, capture_output=True, text=True,
+                              timeout=120)
+        ok = proc.returncode == 0
+        stopped += ok
+        why = (proc.stdout + proc.stderr).strip()[-300:]
+        out.write(f"flwr run {run_id}: " + ("stopped\n" if ok else f"not stopped ({why})\n"))
+    return stopped
+
+
+SERVER_DOWN_GIVE_UP = 180.0  # `oncofed run` stops following (the run stays) when the server is down this long
+
+
+class ProgressPrinter:
+    """While `oncofed run` streams the ServerApp's log: a line of progress whenever it changes (the log is
+    silent for minutes between sampling and aggregation), the server's health when a process is down, and
+    `on_server_down` once the server has been down for SERVER_DOWN_GIVE_UP seconds."""
+
+    def __init__(self, root: Path, name: str, out, health=None, on_server_down=None, poll: float = 3.0):
+        import threading
+
+        self.root, self.name, self.out, self.health, self.poll = root, name, out, health, poll
+        self.on_server_down, self.server_down = on_server_down, ""
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="oncofed-progress")
+
+    def write(self, text: str) -> None:
+        with self._lock:
+            self.out.write(text)
+            self.out.flush()
+
+    def start(self) -> "ProgressPrinter":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        names, last, last_health, down_since = site_names(self.root), "", "", None
+        while not self._stop.wait(self.poll):
+            try:
+                view = RunView.load(self.root, self.name, read_superlink(self.root / "state" / "superlink.db"))
+                line = view.describe(names) if view.flwr_ids else ""
+                if line and line != last:
+                    self.write(f"[progress {time.strftime('%H:%M:%S')}] {line}\n")
+                    last = line
+                if self.health is None:
+                    continue
+                ok, reason = self.health()
+                if ok:
+                    if last_health:
+                        self.write("[server] all processes up again\n")
+                    last_health, down_since = "", None
+                    continue
+                if reason != last_health:
+                    self.write(f"[server] {reason}\n")
+                last_health, down_since = reason, down_since or time.time()
+                if time.time() - down_since > SERVER_DOWN_GIVE_UP and not self.server_down:
+                    self.server_down = reason
+                    if self.on_server_down is not None:
+                        self.on_server_down()
+            except Exception as e:  # noqa: BLE001 - the display must never end the run's follower
+                self.write(f"[progress] cannot be shown ({e})\n")
+
+
+def after_stream(root: Path, name: str, flwr_exit: int | None, log_path: Path, out, health=None,
+                 server_down: str = "") -> int:
+    """`oncofed run`'s log stream ended without result.json: say what happened to the run, from the
+    SuperLink's own state. A run still running is followed from its files until it ends (a dropped stream
+    used to suggest `--resume`, which would have stopped a healthy run)."""
+    superlink_log = root / "logs" / "superlink.log"
+    view = RunView.load(root, name, read_superlink(root / "state" / "superlink.db"))
+    if server_down:
+        out.write(f"run {name!r}: the server has been down for {SERVER_DOWN_GIVE_UP:.0f} s ({server_down}); stopped "
+                  f"following. The run itself is {view.state} as far as the SuperLink's database tells; once the "
+                  f"server is up, `oncofed runs follow {root} {name}` shows it\n")
+        return 1
+    if view.running:
+        out.write(f"the log stream ended (flwr exit {flwr_exit}) but run {name!r} is still {view.state} on the "
+                  f"SuperLink: following its progress instead (Ctrl-C stops following, not the run; "
+                  f"`oncofed runs stop {root} {name}` stops the run)\n")
+        follow(root, name, out, health=health)
+        view = RunView.load(root, name, read_superlink(root / "state" / "superlink.db"))
+    if view.result and view.state in ("completed", "unknown"):
+        out.write(f"run {name!r} finished: {view.run_dir / 'result.json'}\n")
+        return 0
+    if view.state in ("failed", "stopped"):
+        out.write(f"run {name!r} {view.state} (flwr exit {flwr_exit}); see {log_path} and {superlink_log}; after "
+                  "fixing the cause continue it with --resume\n")
+    elif view.state == "completed":
+        out.write(f"run {name!r} ended without writing its result (flwr exit {flwr_exit}); see {superlink_log}\n")
+    else:
+        out.write(f"run {name!r}: the log stream ended (flwr exit {flwr_exit}) and the SuperLink's state of the run "
+                  f"cannot be read ({root / 'state' / 'superlink.db'}); check `oncofed runs list {root}` once the "
+                  "server is up, and continue with --resume only when it shows the run failed or stopped\n")
+    return 1
