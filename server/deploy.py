@@ -251,6 +251,34 @@ def serve_health(report, host: str = "127.0.0.1", port: int = 0):
     return server
 
 
+def server_health(c: Consortium, timeout: float = 3.0) -> tuple[bool, str]:
+    """(all up, why not) from the running `oncofed server start`'s /health (its loopback port in server.json)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    state = c.path("state", "server.json")
+    try:
+        port = json.loads(state.read_text())["health_port"]
+    except (OSError, ValueError, KeyError):
+        return False, f"the server is not running ({state} has no health port): start it with `oncofed server start`"
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=timeout) as r:
+            return True, json.loads(r.read()).get("status", "ok")
+    except urllib.error.HTTPError as e:
+        try:
+            return False, json.loads(e.read()).get("reason", f"/health answered {e.code}")
+        except ValueError:
+            return False, f"/health answered {e.code}"
+    except (OSError, ValueError):
+        return False, "the server is not running (its /health does not answer): start it with `oncofed server start`"
+
+
+def check_server_health(c: Consortium) -> Check:
+    ok, why = server_health(c)
+    return Check("server processes (SuperLink, SuperExec, proxy)", ok, "all up" if ok else why)
+
+
 def start_server(root: str | Path, metrics_port: int = 9464, out=sys.stdout) -> int:
     """Run the consortium's server until stopped; returns the exit status."""
     c = Consortium.load(root)
@@ -323,3 +351,4 @@ def start_server(root: str | Path, metrics_port: int = 9464, out=sys.stdout) -> 
         for s in reversed(services):
             if s.proc is not None:
                 stop_group(s.proc)
+        write_json_atomic(c.path("state", "server.json"), {"pid": None, "stopped": time.time()})

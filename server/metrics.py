@@ -1,27 +1,26 @@
 """Prometheus metrics of the consortium server (prometheus-client), served by `oncofed server start`.
 
 Each ServerApp writes RUN_DIR/status.json atomically after every round (server/app.py); the
-collector reads the most recent run's status at scrape time, and the SuperLink's view of the
-registered sites (`flwr supernode ls`) refreshed in the background every 30 s. Nothing here can
-stop or slow a training run: a scrape only reads files.
+collector reads the most recent run's status at scrape time, and the registered sites' status from
+the SuperLink's database, opened read-only for one query (server/runs.py). No process is started
+(this used to spawn `flwr supernode ls` every 30 s, ~20% of a core). Nothing here can stop or slow a
+training run: a scrape only reads files.
 
     oncofed_rounds_completed{run}              rounds aggregated in the current run
     oncofed_round_duration_seconds{run}        duration of its last round
-    oncofed_sites_registered / _online         sites the SuperLink knows / sees online
+    oncofed_sites_registered / _online         sites the SuperLink knows / sees online (its database)
     oncofed_sites_participating{run}           sites whose update entered the last aggregate
     oncofed_site_epsilon{site}                 cumulative epsilon each site reported
     oncofed_model_info{run,round,sha256}       the current global model (value 1)
     oncofed_run_finished{run}                  1 when the final model was delivered
+    oncofed_server_process_up{process}         superlink / superexec / proxy running (server.json)
+    oncofed_server_process_restarts{process}   how often `oncofed server start` restarted each
 """
 
 from __future__ import annotations
 
 import json
-import threading
-import time
 from pathlib import Path
-
-SITES_REFRESH_SECONDS = 30.0
 
 
 def latest_status(runs: Path) -> dict | None:
@@ -36,32 +35,41 @@ def latest_status(runs: Path) -> dict | None:
     return best
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 class ConsortiumCollector:
     def __init__(self, runs: Path, list_sites=None):
+        """`list_sites`: a callable returning the registered sites with their `status`, called at scrape
+        time (it must be cheap: server.runs reads the SuperLink's database), or None."""
         self.runs = runs
         self._list_sites = list_sites
-        self._sites: list[dict] | None = None
-        self._sites_error = ""
-        if list_sites is not None:
-            threading.Thread(target=self._refresh_sites, daemon=True, name="oncofed-sites").start()
-
-    def _refresh_sites(self) -> None:
-        while True:
-            try:
-                self._sites, self._sites_error = self._list_sites(), ""
-            except Exception as e:  # noqa: BLE001 - a scrape must never fail because the SuperLink is busy
-                self._sites_error = str(e)
-            time.sleep(SITES_REFRESH_SECONDS)
 
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
         status = latest_status(self.runs)
-        if self._sites is not None:
+        server = _read_json(self.runs.parent / "state" / "server.json") or {}
+        if server.get("components"):
+            up = GaugeMetricFamily("oncofed_server_process_up", "1 while the supervised process runs",
+                                   labels=["process"])
+            restarts = GaugeMetricFamily("oncofed_server_process_restarts", "restarts since the server started",
+                                         labels=["process"])
+            for name, comp in sorted(server["components"].items()):
+                up.add_metric([name], float(bool(comp.get("up"))))
+                restarts.add_metric([name], float(comp.get("restarts", 0)))
+            yield up
+            yield restarts
+        sites = self._list_sites() if self._list_sites is not None else None
+        if sites is not None:
             yield GaugeMetricFamily("oncofed_sites_registered", "sites registered with the SuperLink",
-                                    value=len(self._sites))
+                                    value=len(sites))
             yield GaugeMetricFamily("oncofed_sites_online", "registered sites the SuperLink sees online",
-                                    value=sum(s.get("status") == "online" for s in self._sites))
+                                    value=sum(s.get("status") == "online" for s in sites))
         if status is None:
             return
         run = str(status.get("run", ""))
@@ -86,8 +94,12 @@ def serve_metrics(consortium, port: int, host: str = "127.0.0.1"):
     """Expose /metrics on host:port in a background thread (loopback: the operator's Prometheus scrapes it)."""
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from privacy.registry import list_sites
+    from server.runs import read_superlink, registered_sites
+
+    def sites():
+        superlink = read_superlink(consortium.path("state", "superlink.db"))
+        return None if superlink is None else registered_sites(consortium.root, superlink)
 
     registry = CollectorRegistry()
-    registry.register(ConsortiumCollector(consortium.path("runs"), lambda: list_sites(consortium.root)))
+    registry.register(ConsortiumCollector(consortium.path("runs"), sites))
     return start_http_server(port, addr=host, registry=registry)
