@@ -19,7 +19,7 @@ from pathlib import Path
 
 from privacy.preflight import Check, check_private_key, check_reachable, report
 from server.checkpoint import has_checkpoint
-from server.deploy import FLOWER_ENV, Consortium, DeployError
+from server.deploy import FLOWER_ENV, Consortium, DeployError, check_server_health, server_health
 from shared_models.files import write_json_atomic
 from shared_models.run_config import RunConfig, RunConfigError, app_defaults, flwr_overrides
 
@@ -74,7 +74,7 @@ def run_values(c: Consortium, run_dir: Path, overrides: dict, resume: bool, n_si
 
 def run_checks(c: Consortium, cfg: RunConfig, run_dir: Path, resume: bool, sites: list[dict] | None,
                sites_error: str) -> list[Check]:
-    checks = [check_reachable(c.control_address, c.path("ca", "ca.crt"), "SuperLink")]
+    checks = [check_reachable(c.control_address, c.path("ca", "ca.crt"), "SuperLink"), check_server_health(c)]
     checks.append(check_private_key(Path(cfg.signing_key), "model-signing key"))
     schema = cfg.path(cfg.schema_path)
     checks.append(Check(f"schema {schema}", schema.is_file(), "present" if schema.is_file() else
@@ -137,6 +137,10 @@ def submit_run(root: str | Path, name: str, overrides: dict, *, resume: bool = F
 
             timer = threading.Timer(timeout, proc.terminate)
             timer.start()
+        from server.runs import ProgressPrinter, after_stream
+
+        shown = ProgressPrinter(c.root, name, out, health=lambda: server_health(c), on_server_down=proc.terminate)
+        shown.start()
         try:
             for line in proc.stdout:
                 log.write(line)
@@ -144,9 +148,9 @@ def submit_run(root: str | Path, name: str, overrides: dict, *, resume: bool = F
                 if m := _STARTED.search(line):
                     _record_flwr_run(run_dir, int(m.group(1)))
                 if not is_duplicate_log_line(line):
-                    out.write(line)
-                    out.flush()
+                    shown.write(line)
         finally:
+            shown.stop()
             if timer is not None:
                 timer.cancel()
             if proc.poll() is None:
@@ -156,9 +160,10 @@ def submit_run(root: str | Path, name: str, overrides: dict, *, resume: bool = F
     if timeout and time.time() - started >= timeout and not finished:
         out.write(f"--timeout {timeout:g} s reached: stopping the run on the SuperLink\n")
         stop_previous(run_dir, env, out)
+        out.write(f"run {name!r} stopped; continue it with --resume\n")
+        return 1
     if finished:
         out.write(f"run {name!r} finished: {result}\n")
         return 0
-    out.write(f"run {name!r} did not finish (flwr exit {proc.returncode}); see {log_path} and "
-              f"{c.path('logs', 'superlink.log')}; after fixing the cause continue it with --resume\n")
-    return 1
+    return after_stream(c.root, name, proc.returncode, log_path, out, health=lambda: server_health(c),
+                        server_down=shown.server_down)
