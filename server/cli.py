@@ -20,6 +20,11 @@ def register(app: typer.Typer) -> None:
     server.command("preflight")(server_preflight)
     app.add_typer(server, name="server")
     app.command("run")(run)
+    runs = typer.Typer(help="Training runs on the consortium's server: list, follow, stop.", no_args_is_help=True)
+    runs.command("list")(runs_list)
+    runs.command("follow")(runs_follow)
+    runs.command("stop")(runs_stop)
+    app.add_typer(runs, name="runs")
 
 
 def consortium_init(
@@ -151,3 +156,67 @@ def run(
         typer.echo(str(e), err=True)
         raise typer.Exit(code=2)
     raise typer.Exit(code=code)
+
+
+def _consortium(directory: Path):
+    from server.deploy import Consortium, DeployError
+
+    try:
+        return Consortium.load(directory)
+    except DeployError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(code=2)
+
+
+def runs_list(directory: Path = typer.Argument(..., help="the consortium directory")) -> None:
+    """Every run under CONSORTIUM/runs/: its state on the SuperLink, rounds done, current stage, ETA."""
+    from server.runs import list_runs, site_names
+
+    c = _consortium(directory)
+    views, names = list_runs(c.root), site_names(c.root)
+    if not views:
+        typer.echo(f"no runs in {c.path('runs')}; start one with `oncofed run {directory} --name NAME`")
+        return
+    for v in views:
+        ids = ",".join(str(i) for i in v.flwr_ids[-1:]) or "-"
+        typer.echo(f"{v.name:<24} flwr run {ids:<22} {v.describe(names)}")
+
+
+def runs_follow(
+    directory: Path = typer.Argument(..., help="the consortium directory"),
+    name: str = typer.Argument(..., help="the run's name (its directory under CONSORTIUM/runs/)"),
+    poll: float = typer.Option(2.0, "--poll", min=0.5, help="seconds between looks"),
+) -> None:
+    """Show a run's progress (round, SecAgg+ stage, sites answered and awaited, ETA) until it ends.
+
+    Ctrl-C stops following, not the run. Exit 0: the run completed; 1: it failed or was stopped.
+    """
+    import sys
+
+    from server.deploy import server_health
+    from server.runs import follow
+
+    c = _consortium(directory)
+    if not c.path("runs", name).is_dir():
+        typer.echo(f"no run {name!r} in {c.path('runs')}; see `oncofed runs list {directory}`", err=True)
+        raise typer.Exit(code=2)
+    raise typer.Exit(code=follow(c.root, name, sys.stdout, poll=poll, health=lambda: server_health(c)))
+
+
+def runs_stop(
+    directory: Path = typer.Argument(..., help="the consortium directory"),
+    name: str = typer.Argument(..., help="the run's name"),
+) -> None:
+    """Stop a run on the SuperLink (its flwr runs that have not finished). Its checkpoints stay: `oncofed run
+    --name NAME --resume` continues it later."""
+    import sys
+
+    from server.runs import stop
+    from server.submit import env_for
+
+    c = _consortium(directory)
+    if not c.path("runs", name).is_dir():
+        typer.echo(f"no run {name!r} in {c.path('runs')}; see `oncofed runs list {directory}`", err=True)
+        raise typer.Exit(code=2)
+    n = stop(c.root, name, env_for(c), sys.stdout)
+    typer.echo(f"run {name!r}: {n} flwr run(s) stopped" if n else f"run {name!r}: nothing running to stop")
