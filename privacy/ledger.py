@@ -10,8 +10,13 @@ Crash safety (write-ahead):
 2. `commit_round` records the steps actually executed, before the update leaves the site.
 A pending entry left by a crash counts as spent (the ledger never loses spend). If the same run
 retries the same round, that pending entry is replaced, not added to (nothing is counted twice).
-A committed round that runs again (a server resumed from an older checkpoint) is a second
-release of information and is counted again as a new attempt.
+A committed round is never trained again: `begin_round` raises `AlreadyReleased`, and the site
+resends the update it already released for that round (client/releases.py) or refuses. So a round
+whose update left the site counts once, whatever happens to the server afterwards.
+
+Each run has a plan, fixed at its first round at this site (`start_run`): the run's epsilon, its
+rounds and steps, its noise. A later request of the same run that changes any of them, a round
+beyond the plan, more steps than planned, or a spend beyond the run's epsilon is refused.
 
 Every write is atomic (temp file, fsync, rename) under an exclusive file lock.
 """
@@ -23,13 +28,14 @@ import hashlib
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from privacy.accounting import MAX_BUDGET, BudgetError, Mechanism, epsilon
 from shared_models.files import write_json_atomic
 
 LEDGER_FORMAT = "oncofed-privacy-ledger/1"
+EPSILON_SLACK = 1e-6  # PRV's grid is deterministic: the run's last round lands on its cap up to float noise
 
 
 def dataset_fingerprint(patient_ids: list[str], schema_hash: str) -> tuple[str, list[str]]:
@@ -41,6 +47,31 @@ def dataset_fingerprint(patient_ids: list[str], schema_hash: str) -> tuple[str, 
     hashed = sorted({hashlib.sha256(f"{schema_hash}:{pid}".encode()).hexdigest()[:16] for pid in patient_ids})
     fp = hashlib.sha256(("\n".join(hashed)).encode()).hexdigest()
     return fp, hashed
+
+
+class AlreadyReleased(BudgetError):
+    """The run's round was committed (its update left the site) before: it is not trained again."""
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a site agreed to when a run first asked it to train: fixed for the run's whole life."""
+
+    epsilon: float  # what the run may add to the site's spend
+    epsilon_cap: float  # the site's total spend may not pass this while the run trains (<= the site's budget)
+    num_rounds: int
+    steps_per_round: int
+    noise_multiplier: float
+    sample_rate: float
+    terms: dict = field(default_factory=dict)  # the run-config values that fix the mechanism, as requested
+
+    @property
+    def planned_steps(self) -> int:
+        return self.num_rounds * self.steps_per_round
+
+    def changes(self, terms: dict) -> list[str]:
+        """The terms a later request of this run changes, as 'key: planned -> requested'."""
+        return [f"{k}: {self.terms.get(k)!r} -> {v!r}" for k, v in sorted(terms.items()) if self.terms.get(k) != v]
 
 
 @dataclass(frozen=True)
@@ -138,16 +169,34 @@ class PrivacyLedger:
     def spent(self, dataset: str) -> float:
         return epsilon(self.history(dataset), self.delta)
 
-    def run_noise(self, dataset: str, run_id: str) -> dict | None:
-        """The noise chosen for a run (once, at its start), so a restarted run keeps it."""
-        return self._read().get("runs", {}).get(f"{dataset}:{run_id}")
+    @staticmethod
+    def _plan(state: dict, dataset: str, run_id: str) -> RunPlan | None:
+        d = state.get("runs", {}).get(f"{dataset}:{run_id}")
+        if d is None or "num_rounds" not in d:
+            return None
+        return RunPlan(**{k: d[k] for k in RunPlan.__dataclass_fields__})
 
-    def set_run_noise(self, dataset: str, run_id: str, noise_multiplier: float, sample_rate: float,
-                      planned_steps: int) -> None:
+    def run_plan(self, dataset: str, run_id: str) -> RunPlan | None:
+        """The plan a run was given at its first round here (None for a run this site has not seen)."""
+        return self._plan(self._read(), dataset, run_id)
+
+    def start_run(self, dataset: str, run_id: str, plan: RunPlan) -> RunPlan:
+        """Record the run's plan; if the run already has one (a restarted site or server), that one stands."""
         with self._locked() as state:
+            saved = self._plan(state, dataset, run_id)
+            if saved is not None:
+                return saved
             state.setdefault("runs", {})[f"{dataset}:{run_id}"] = {
-                "noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "planned_steps": planned_steps}
+                **asdict(plan), "planned_steps": plan.planned_steps, "started": time.time()}
             self._write(state)
+        return plan
+
+    def released(self, dataset: str, run_id: str, rnd: int) -> dict | None:
+        """The committed entry of a run's round, if its update already left the site."""
+        for e in self._read()["entries"]:
+            if (e["dataset"], e["run_id"], e["round"], e["status"]) == (dataset, run_id, rnd, "committed"):
+                return e
+        return None
 
     # --- a round ------------------------------------------------------------------------------
     def begin_round(self, dataset: str, run_id: str, rnd: int, noise_multiplier: float, sample_rate: float,
@@ -155,6 +204,12 @@ class PrivacyLedger:
         """Check the budget for this round and write a pending entry; raise BudgetError to refuse."""
         with self._locked() as state:
             same = [e for e in state["entries"] if (e["dataset"], e["run_id"], e["round"]) == (dataset, run_id, rnd)]
+            if any(e["status"] == "committed" for e in same):
+                raise AlreadyReleased(f"round {rnd} of run {run_id} was trained and its update sent before; the "
+                                      "site does not train it again (a resumed server gets the same update back)")
+            plan = self._plan(state, dataset, run_id)
+            if plan is not None:
+                self._check_plan(state, plan, dataset, run_id, rnd, noise_multiplier, sample_rate, steps)
             pending = [e for e in same if e["status"] == "pending"]
             attempt = pending[-1]["attempt"] if pending else len(same) + 1
             key = (dataset, run_id, rnd, attempt)
@@ -162,6 +217,11 @@ class PrivacyLedger:
             before = epsilon(self._history(state, related, skip=key), self.delta)
             projected = epsilon(self._history(state, related, skip=key) + [(noise_multiplier, sample_rate, steps)],
                                 self.delta)
+            if plan is not None and projected > plan.epsilon_cap + EPSILON_SLACK:
+                raise BudgetError(
+                    f"round {rnd} refused: run {run_id} may bring this site's spend to epsilon "
+                    f"{plan.epsilon_cap:.3f} (its epsilon {plan.epsilon:g} on top of what was spent when it started); "
+                    f"this round would bring it to {projected:.3f}. Nothing was trained or sent")
             if projected > self.budget_epsilon:
                 raise BudgetError(
                     f"round {rnd} refused: the site has spent epsilon {before:.3f} of its budget "
@@ -176,6 +236,22 @@ class PrivacyLedger:
                 "started": time.time()})
             self._write(state)
         return RoundTicket(dataset, run_id, rnd, attempt, noise_multiplier, sample_rate, steps, before, projected)
+
+    @staticmethod
+    def _check_plan(state: dict, plan: RunPlan, dataset: str, run_id: str, rnd: int, noise_multiplier: float,
+                    sample_rate: float, steps: int) -> None:
+        if not 1 <= rnd <= plan.num_rounds:
+            raise BudgetError(f"round {rnd} refused: run {run_id} was planned with {plan.num_rounds} rounds at this "
+                              "site. Nothing was trained or sent")
+        if (noise_multiplier, sample_rate) != (plan.noise_multiplier, plan.sample_rate):
+            raise BudgetError(f"round {rnd} refused: run {run_id} was planned with noise multiplier "
+                              f"{plan.noise_multiplier:.4f} and sample rate {plan.sample_rate:.4f}, not "
+                              f"{noise_multiplier:.4f} and {sample_rate:.4f}")
+        done = sum(e["steps"] for e in state["entries"] if (e["dataset"], e["run_id"]) == (dataset, run_id)
+                   and e["round"] != rnd and e["status"] == "committed")
+        if done + steps > plan.planned_steps:
+            raise BudgetError(f"round {rnd} refused: run {run_id} has run {done} of its {plan.planned_steps} planned "
+                              f"steps here; {steps} more would exceed the plan. Nothing was trained or sent")
 
     def commit_round(self, ticket: RoundTicket, executed_steps: int) -> float:
         """Record the steps actually run; returns the dataset's cumulative epsilon."""

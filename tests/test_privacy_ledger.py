@@ -10,7 +10,7 @@ import pytest
 from opacus.accountants import PRVAccountant
 
 from privacy.accounting import MAX_BUDGET, BudgetError, compact, epsilon, noise_multiplier_for, planned_steps
-from privacy.ledger import PrivacyLedger
+from privacy.ledger import AlreadyReleased, PrivacyLedger, RunPlan
 
 DELTA = 1e-5
 IDS = [f"P{i:03d}" for i in range(200)]
@@ -115,7 +115,7 @@ def _crash_after_begin(tmp_path, rnd):
     """A real process that passes the budget check, starts the round and dies before committing."""
     code = textwrap.dedent(f"""
         import os
-        from privacy.ledger import PrivacyLedger
+        from privacy.ledger import AlreadyReleased, PrivacyLedger, RunPlan
         ledger = PrivacyLedger({str(tmp_path / 'ledger.json')!r}, budget_epsilon=8.0, delta={DELTA})
         ds = ledger.register_dataset({IDS!r}, "h")
         ledger.begin_round(ds, "run-1", {rnd}, 1.1, 0.1, 10)
@@ -142,13 +142,61 @@ def test_retrying_a_crashed_round_does_not_count_it_twice(tmp_path):
     assert spent == pytest.approx(closed_form([(1.1, 0.1, 30)]), rel=0.01)
 
 
-def test_a_committed_round_that_runs_again_is_a_second_release_and_counts(tmp_path):
-    # A server resumed from an older checkpoint re-runs round 2: the site trains and sends again.
+def test_a_committed_round_is_never_trained_again(tmp_path):
+    # A server resumed from an older checkpoint asks for round 2 again: its update already left the site, so
+    # the ledger refuses a second training (the site resends what it released; client/releases.py).
     ledger = _ledger(tmp_path)
     ds = ledger.register_dataset(IDS, "h")
     _run_rounds(ledger, ds, "run-1", 1.1, 0.1, 10, rounds=2)
-    spent = _run_rounds(ledger, ds, "run-1", 1.1, 0.1, 10, rounds=1, first=2)
-    assert spent == pytest.approx(closed_form([(1.1, 0.1, 30)]), rel=0.01)
+    with pytest.raises(AlreadyReleased, match="round 2 of run run-1 was trained and its update sent before"):
+        ledger.begin_round(ds, "run-1", 2, 1.1, 0.1, 10)
+    assert ledger.released(ds, "run-1", 2)["steps"] == 10 and ledger.released(ds, "run-1", 3) is None
+    assert ledger.spent(ds) == pytest.approx(closed_form([(1.1, 0.1, 20)]), rel=0.01)
+
+
+def _plan(sigma=1.1, q=0.1, rounds=3, steps=10, cap=8.0):
+    return RunPlan(epsilon=cap, epsilon_cap=cap, num_rounds=rounds, steps_per_round=steps, noise_multiplier=sigma,
+                   sample_rate=q, terms={"num-rounds": rounds, "epsilon": cap})
+
+
+def test_a_run_plan_is_fixed_at_its_first_round(tmp_path):
+    ledger = _ledger(tmp_path)
+    ds = ledger.register_dataset(IDS, "h")
+    first = ledger.start_run(ds, "run-1", _plan())
+    assert ledger.start_run(ds, "run-1", _plan(rounds=10)) == first, "a restarted run keeps the plan it started with"
+    assert first.changes({"num-rounds": 10, "epsilon": 8.0}) == ["num-rounds: 3 -> 10"]
+
+
+def test_a_round_beyond_the_runs_plan_is_refused_and_writes_nothing(tmp_path):
+    ledger = _ledger(tmp_path)
+    ds = ledger.register_dataset(IDS, "h")
+    ledger.start_run(ds, "run-1", _plan(rounds=3))
+    _run_rounds(ledger, ds, "run-1", 1.1, 0.1, 10, rounds=2)
+    before = (tmp_path / "ledger.json").read_text()
+    with pytest.raises(BudgetError, match="run run-1 was planned with 3 rounds"):
+        ledger.begin_round(ds, "run-1", 4, 1.1, 0.1, 10)
+    with pytest.raises(BudgetError, match="planned with noise multiplier 1.1000"):
+        ledger.begin_round(ds, "run-1", 3, 0.9, 0.1, 10)
+    assert (tmp_path / "ledger.json").read_text() == before
+
+
+def test_more_steps_than_the_run_planned_are_refused(tmp_path):
+    ledger = _ledger(tmp_path)
+    ds = ledger.register_dataset(IDS, "h")
+    ledger.start_run(ds, "run-1", _plan(rounds=3, steps=10))
+    _run_rounds(ledger, ds, "run-1", 1.1, 0.1, 10, rounds=2)
+    with pytest.raises(BudgetError, match="has run 20 of its 30 planned steps"):
+        ledger.begin_round(ds, "run-1", 3, 1.1, 0.1, 11)
+
+
+def test_a_run_cannot_spend_beyond_its_own_epsilon_even_within_the_sites_budget(tmp_path):
+    ledger = _ledger(tmp_path, budget=30.0)
+    ds = ledger.register_dataset(IDS, "h")
+    cap = closed_form([(1.1, 0.1, 20)])  # the run agreed to what 2 rounds spend
+    ledger.start_run(ds, "run-1", _plan(rounds=3, cap=cap))
+    _run_rounds(ledger, ds, "run-1", 1.1, 0.1, 10, rounds=2)
+    with pytest.raises(BudgetError, match="run run-1 may bring this site's spend to epsilon"):
+        ledger.begin_round(ds, "run-1", 3, 1.1, 0.1, 10)
 
 
 def test_a_corrupt_ledger_refuses_training_instead_of_starting_from_zero(tmp_path):
