@@ -34,7 +34,8 @@ from flwr.compat.common.recorddict_compat import (
     recorddict_to_fitins,
 )
 
-from privacy.audit import AuditError, AuditLog
+from privacy.audit import ANCHORS_FILE, AnchorStore, AuditError, AuditLog
+from shared_models.protocol import AUDIT_ANCHOR, AUDIT_HEAD
 from shared_models.run_config import RunConfig
 
 if TYPE_CHECKING:
@@ -116,6 +117,19 @@ def site_audit(settings: SiteSettings) -> AuditLog:
     return AuditLog(settings.paths.state_dir / "audit.jsonl")
 
 
+def keep_server_anchor(settings: SiteSettings, context: Context, cfg: RunConfig, anchor_json) -> None:
+    """The server's signed audit head (shared_models.protocol), kept in the site's own state: what
+    `oncofed audit verify --anchors` checks the server's run log against. Never stops a round."""
+    if not anchor_json:
+        return
+    trust = str(context.node_config.get("signing-public-key", "")) or (
+        str(cfg.path(cfg.signing_public_key)) if cfg.signing_public_key else "")
+    try:
+        AnchorStore(settings.paths.state_dir / ANCHORS_FILE).keep(str(anchor_json), trust or None)
+    except (AuditError, OSError, ValueError) as e:
+        log(WARNING, "site %s: the server's audit anchor was not kept: %s", settings.name, e)
+
+
 def _refusal(fitins, msg: Message, site: str, reason: str, audit: AuditLog | None = None) -> Message:
     """Weight 0 and a zero vector: under SecAgg+ the site still completes the protocol, adding 0."""
     log(WARNING, "site %s refuses the round: %s", site, reason)
@@ -146,6 +160,7 @@ def train(msg: Message, context: Context) -> Message:
     rnd = int(fitins.config["server-round"])
     run_key = str(fitins.config["run-key"])
     audit = site_audit(settings)
+    keep_server_anchor(settings, context, cfg, fitins.config.get(AUDIT_ANCHOR))
     try:
         site = prepared(settings, cfg)
     except SiteDataError as e:
@@ -176,12 +191,13 @@ def train(msg: Message, context: Context) -> Message:
                             f"{clip:g} and would be clipped silently; the operator must raise it", audit)
     metrics = {k: float(v) for k, v in result.metrics.items()}
     try:  # recorded before the update leaves the site
-        audit.append("round_trained", run=run_key, round=rnd, patients=result.num_examples,
-                     epsilon=metrics.get("epsilon"), steps=metrics.get("local_steps"))
+        trained = audit.append("round_trained", run=run_key, round=rnd, patients=result.num_examples,
+                               epsilon=metrics.get("epsilon"), steps=metrics.get("local_steps"))
     except (AuditError, OSError) as e:
         log(WARNING, "site %s: audit log: %s", settings.name, e)
         return _refusal(fitins, msg, settings.name, "its audit log cannot be written (details in the site's log)")
     metrics["site"] = settings.name
+    metrics[AUDIT_HEAD] = trained["hash"]  # the server records it: an anchor of this log outside the site
     res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(delta), result.num_examples, metrics)
     return Message(fitres_to_recorddict(res, keep_input=False), reply_to=msg)
 
@@ -221,6 +237,7 @@ def save_model(msg: Message, context: Context) -> Message:
     schema = FeatureSchema.load(cfg.path(cfg.schema_path))
     arrays = msg.content["arrays"].to_numpy_ndarrays()
     info = json.loads(str(msg.content["config"]["package-info"]))
+    keep_server_anchor(settings, context, cfg, msg.content["config"].get(AUDIT_ANCHOR))
     store = ModelStore(settings.paths.model_dir)
     trust = str(context.node_config.get("signing-public-key", "")) or (
         str(cfg.path(cfg.signing_public_key)) if cfg.signing_public_key else "")
@@ -245,10 +262,11 @@ def save_model(msg: Message, context: Context) -> Message:
         log(WARNING, "site %s did not install the model: %s", settings.name, e)
         reply = {"site": settings.name, "installed": False, "error": str(e), "active": store.active() or ""}
     try:
-        site_audit(settings).append("model_installed" if reply["installed"] else "model_refused",
-                                    run=info.get("run"), round=info.get("round"), version=reply.get("version"),
-                                    arrays_sha256=reply.get("arrays_sha256") or info.get("arrays_sha256"),
-                                    error=reply.get("error"))
+        entry = site_audit(settings).append("model_installed" if reply["installed"] else "model_refused",
+                                            run=info.get("run"), round=info.get("round"), version=reply.get("version"),
+                                            arrays_sha256=reply.get("arrays_sha256") or info.get("arrays_sha256"),
+                                            error=reply.get("error"))
+        reply["audit_head"] = entry["hash"]  # the server records it (run_end): this log anchored outside the site
     except (AuditError, OSError) as e:
         log(WARNING, "site %s: audit log: %s", settings.name, e)
     return Message(RecordDict({"config": ConfigRecord({"reply": json.dumps(reply)})}), reply_to=msg)

@@ -36,6 +36,7 @@ from shared_models.files import write_json_atomic
 GENESIS = "0" * 64
 ANCHOR_KIND = "oncofed-audit-anchor/1"
 ANCHORS_FORMAT = "oncofed-audit-anchors/1"
+ANCHORS_FILE = "audit-anchors.json"  # in a site's state directory, beside its audit.jsonl
 
 
 class AuditError(ValueError):

@@ -186,3 +186,26 @@ def check_reachable(address: str, ca_path: Path, what: str) -> Check:
     if status != 200:
         return Check(name, False, f"/health answered {status}")
     return Check(name, True, "TLS verified against the consortium CA, /health 200")
+
+
+def check_signing_key(private_path: Path, trusted_public_path: Path) -> Check:
+    """The model-signing key is the one whose public half the sites trust (the consortium's public/
+    signing.pub, which every site copied at `site init`): checked before a run starts, because a model
+    signed with any other key is refused by every site after they have spent their privacy budget on it."""
+    from privacy.signing import SignatureError, load_private, load_public
+
+    name = f"model-signing key {private_path}"
+    try:
+        key = load_private(private_path)
+    except SignatureError as e:
+        return Check(name, False, str(e))
+    try:
+        trusted = load_public(trusted_public_path)
+    except SignatureError as e:
+        return Check(name, False, f"cannot compare with the sites' trust anchor: {e}")
+    raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    if key.public_key().public_bytes(*raw) != trusted.public_bytes(*raw):
+        return Check(name, False, f"is not the key the sites trust ({trusted_public_path}, which they copied at "
+                     "`oncofed site init`): every site would refuse the model after training on it; use the "
+                     "consortium's signing/signing.key (drop --set signing-key)")
+    return Check(name, True, f"mode 0600, its public key is the sites' trust anchor {trusted_public_path.name}")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context
 from flwr.common import parameters_to_ndarrays
 from flwr.common.logger import log
 from flwr.compat.common import recorddict_compat as compat
@@ -26,13 +26,15 @@ from flwr.server.compat import LegacyContext
 from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.serverapp import Grid, ServerApp
 
-from privacy.audit import AuditLog
+from privacy.audit import AuditLog, signed_anchor
 from privacy.signing import canonical, load_private, sign
 from server.checkpoint import load_latest, save_checkpoint, write_json_atomic
+from server.delivery import deliver, delivery_status, redeliver, save_package
 from server.strategy import build_strategy
-from server.workflow import PollingGrid, RoundsWorkflow, TimedSecAggPlusWorkflow
+from server.workflow import RoundsWorkflow, TimedSecAggPlusWorkflow
 from shared_models.evaluation import evaluate
 from shared_models.model import MultiModalTransformer
+from shared_models.protocol import AUDIT_ANCHOR, AUDIT_HEAD
 from shared_models.run_config import RunConfig
 from shared_models.schema import FeatureSchema
 from shared_models.site_data import load_labelled_site
@@ -92,6 +94,8 @@ def main(grid: Grid, context: Context) -> None:
     t0 = time.time()
     out = cfg.path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.deliver_only:  # `oncofed deliver`: the saved final model again, no training
+        return redeliver(grid, cfg)
     schema = FeatureSchema.load(cfg.path(cfg.schema_path))
     n_sites = cfg.sites or cfg.min_sites
     signing_key = load_private(cfg.path(cfg.signing_key)) if cfg.signing_key else None  # fail before round 1
@@ -119,6 +123,14 @@ def main(grid: Grid, context: Context) -> None:
                  min_sites=cfg.min_sites, run_config_sha256=hashlib.sha256(canonical(dict(context.run_config))).hexdigest())
     fit_config = {"run-key": run_key, "secagg-max-weight": cfg.secagg_max_weight if cfg.secagg else 0.0,
                   "secagg-clipping-range": cfg.secagg_clipping_range}
+
+    def anchor_audit() -> str:  # the run log's head, signed, for every site to keep (privacy/audit.py)
+        if signing_key is None:
+            return ""
+        fit_config[AUDIT_ANCHOR] = json.dumps(signed_anchor(audit, signing_key, run=run_key, run_name=out.name))
+        return fit_config[AUDIT_ANCHOR]
+
+    anchor_audit()
     evaluate_fn = server_evaluation(cfg, schema) if cfg.eval_data else None
     strategy = build_strategy(cfg, weights, n_sites, fit_config, evaluate_fn=evaluate_fn)
     if checkpoint is not None:
@@ -159,7 +171,10 @@ def main(grid: Grid, context: Context) -> None:
         audit.append("round", run=run_key, round=rnd, status=info.get("status"),
                      participants=info.get("participants", []), refused=info.get("refused", []),
                      failures=info.get("failures", []), dropped=info.get("dropped", []),
-                     weights_sha256=line["weights_sha256"], site_epsilon=dict(site_epsilon))
+                     weights_sha256=line["weights_sha256"], site_epsilon=dict(site_epsilon),
+                     site_audit_heads={str(m["site"]): m[AUDIT_HEAD] for m in info.get("sites", {}).values()
+                                       if AUDIT_HEAD in m and "site" in m})
+        anchor_audit()
         g, se = line["global"], line["server_eval"] or {}
         log(INFO, "round %s done: %s sites, global macro-F1 %s (sites' held-out parts)%s, max site epsilon %s", rnd,
             len(info.get("participants", [])), _fmt(g.get("macro_f1")),
@@ -188,33 +203,18 @@ def main(grid: Grid, context: Context) -> None:
         log(WARNING, "run config signing-key is empty: the final model is delivered unsigned; sites with a trust "
             "anchor will refuse it")
     np.savez(out / "final_weights.npz", *final)
-    deliveries = deliver(grid, final, package, cfg.round_timeout)
+    save_package(out, package)  # with final_weights.npz: what `oncofed deliver` sends again
+    deliveries = deliver(grid, final, package, cfg.round_timeout, anchor=anchor_audit())
     audit.append("run_end", run=run_key, round=cfg.num_rounds, arrays_sha256=package["arrays_sha256"],
-                 deliveries=[{k: d.get(k) for k in ("site", "node", "installed", "version", "error")}
+                 deliveries=[{k: d.get(k) for k in ("site", "node", "installed", "version", "error", "audit_head")}
                              for d in deliveries])
-    status.update(finished=1, delivered=sum(d.get("installed", False) for d in deliveries),
-                  weights_sha256=package["arrays_sha256"])
+    status.update(finished=1, weights_sha256=package["arrays_sha256"], **delivery_status(out, deliveries))
     write_json_atomic(out / "status.json", status)
     write_json_atomic(out / "result.json", {
         **package, "first_round": first_round, "seconds": round(time.time() - t0, 1), "deliveries": deliveries,
         "metrics_file": str(metrics_file), "checkpoints": str(ckpt_root)})
     log(INFO, "final model delivered to %s/%s sites; result in %s",
         sum(d.get("installed", False) for d in deliveries), len(deliveries), out / "result.json")
-
-
-def deliver(grid: Grid, final: list[np.ndarray], package: dict, timeout: float) -> list[dict]:
-    """Send the final model to every connected site; each installs it in its model store."""
-    content = RecordDict({"arrays": ArrayRecord(numpy_ndarrays=final),
-                          "config": ConfigRecord({"package-info": json.dumps(package)})})
-    messages = [Message(content=content, dst_node_id=nid, message_type="query.save_model")
-                for nid in grid.get_node_ids()]
-    out = []
-    for reply in PollingGrid(grid, timeout).send_and_receive(messages):
-        if reply.has_error():
-            out.append({"node": reply.metadata.src_node_id, "installed": False, "error": reply.error.reason[-300:]})
-        else:
-            out.append({"node": reply.metadata.src_node_id, **json.loads(str(reply.content["config"]["reply"]))})
-    return out
 
 
 def _last_metrics(path: Path) -> dict | None:

@@ -20,6 +20,7 @@ def register(app: typer.Typer) -> None:
     server.command("preflight")(server_preflight)
     app.add_typer(server, name="server")
     app.command("run")(run)
+    app.command("deliver")(deliver)
     runs = typer.Typer(help="Training runs on the consortium's server: list, follow, stop.", no_args_is_help=True)
     runs.command("list")(runs_list)
     runs.command("follow")(runs_follow)
@@ -141,7 +142,11 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="continue the run NAME from its latest checkpoint"),
     timeout: float = typer.Option(0.0, "--timeout", help="give up after this many seconds (0: never)"),
 ) -> None:
-    """Preflight, then submit a training run to the consortium's SuperLink and follow it to the end."""
+    """Preflight, then submit a training run to the consortium's SuperLink and follow it to the end.
+
+    Exit 0: trained and installed at every site that trained; 1: did not finish; 2: preflight failed (listed);
+    3: trained, but some site that trained did not install the model (send it again: `oncofed deliver`).
+    """
     import sys
 
     from privacy.preflight import PreflightError
@@ -220,3 +225,24 @@ def runs_stop(
         raise typer.Exit(code=2)
     n = stop(c.root, name, env_for(c), sys.stdout)
     typer.echo(f"run {name!r}: {n} flwr run(s) stopped" if n else f"run {name!r}: nothing running to stop")
+
+
+def deliver(
+    directory: Path = typer.Argument(..., help="the consortium directory"),
+    name: str = typer.Argument(..., help="the run (its directory under CONSORTIUM/runs/)"),
+) -> None:
+    """Send a finished run's final model again, signed with the consortium's key, to every site that has not
+    installed it (no training, no privacy spend). Exit 3: some site that trained still has not installed it."""
+    import sys
+
+    from privacy.preflight import PreflightError
+    from server.delivery import submit_delivery
+    from server.deploy import DeployError
+    from shared_models.run_config import RunConfigError
+
+    try:
+        code = submit_delivery(directory, name, out=sys.stdout)
+    except (DeployError, PreflightError, RunConfigError) as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(code=2)
+    raise typer.Exit(code=code)

@@ -12,7 +12,10 @@ training run: a scrape only reads files.
     oncofed_sites_participating{run}           sites whose update entered the last aggregate
     oncofed_site_epsilon{site}                 cumulative epsilon each site reported
     oncofed_model_info{run,round,sha256}       the current global model (value 1)
-    oncofed_run_finished{run}                  1 when the final model was delivered
+    oncofed_run_finished{run}                  1 once training finished and delivery was tried
+    oncofed_sites_trained{run}                 sites whose update entered an aggregate of the run
+    oncofed_sites_delivered{run}               sites that installed its final model
+    oncofed_run_delivery_ok{run}               1 once every site that trained installed it (else `oncofed deliver`)
     oncofed_server_process_up{process}         superlink / superexec / proxy running (server.json)
     oncofed_server_process_restarts{process}   how often `oncofed server start` restarted each
 """
@@ -76,7 +79,11 @@ class ConsortiumCollector:
         for name, doc, key in (("oncofed_rounds_completed", "rounds aggregated in the current run", "round"),
                                ("oncofed_round_duration_seconds", "duration of the last round", "round_seconds"),
                                ("oncofed_sites_participating", "sites in the last aggregate", "participating"),
-                               ("oncofed_run_finished", "1 once the final model was delivered", "finished")):
+                               ("oncofed_run_finished", "1 once training finished and delivery was tried", "finished"),
+                               ("oncofed_sites_trained", "sites whose update entered an aggregate of the run", "trained"),
+                               ("oncofed_sites_delivered", "sites that installed the run's final model", "delivered"),
+                               ("oncofed_run_delivery_ok", "1 once every site that trained installed the final model "
+                                "(alert on oncofed_run_finished == 1 and this == 0: `oncofed deliver`)", "delivery_ok")):
             g = GaugeMetricFamily(name, doc, labels=["run"])
             g.add_metric([run], float(status.get(key) or 0))
             yield g

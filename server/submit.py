@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from privacy.preflight import Check, check_private_key, check_reachable, report
+from privacy.preflight import Check, check_reachable, check_signing_key, report
 from server.checkpoint import has_checkpoint
 from server.deploy import FLOWER_ENV, Consortium, DeployError, check_server_health, server_health
 from shared_models.files import write_json_atomic
@@ -75,7 +75,8 @@ def run_values(c: Consortium, run_dir: Path, overrides: dict, resume: bool, n_si
 def run_checks(c: Consortium, cfg: RunConfig, run_dir: Path, resume: bool, sites: list[dict] | None,
                sites_error: str) -> list[Check]:
     checks = [check_reachable(c.control_address, c.path("ca", "ca.crt"), "SuperLink"), check_server_health(c)]
-    checks.append(check_private_key(Path(cfg.signing_key), "model-signing key"))
+    # the sites' trust anchor, before any site spends epsilon on a model it would then refuse
+    checks.append(check_signing_key(Path(cfg.signing_key), c.path("public", "signing.pub")))
     schema = cfg.path(cfg.schema_path)
     checks.append(Check(f"schema {schema}", schema.is_file(), "present" if schema.is_file() else
                         "missing: set --set schema=PATH (relative paths start at the project directory)"))
@@ -163,7 +164,10 @@ def submit_run(root: str | Path, name: str, overrides: dict, *, resume: bool = F
         out.write(f"run {name!r} stopped; continue it with --resume\n")
         return 1
     if finished:
-        out.write(f"run {name!r} finished: {result}\n")
-        return 0
+        from server.delivery import DELIVERY_SHORT_EXIT, delivery_verdict
+
+        delivered, message = delivery_verdict(run_dir)
+        out.write(f"run {name!r} finished training: {result}; {message}\n")
+        return 0 if delivered else DELIVERY_SHORT_EXIT
     return after_stream(c.root, name, proc.returncode, log_path, out, health=lambda: server_health(c),
                         server_down=shown.server_down)

@@ -42,6 +42,9 @@ class RunConfig(BaseModel):
     eval_data: str = Field("", alias="eval-data", description="server: optional validation site dir")
     run_name: str = Field("oncofed", alias="run-name", description="names the run in ledgers and packages")
     resume: bool = Field(False, description="continue from the latest checkpoint in output-dir")
+    deliver_only: bool = Field(False, alias="deliver-only", description="server: no training, only sign and send "
+                               "output-dir's saved final model to the sites that have not installed it "
+                               "(`oncofed deliver`)")
     signing_key: str = Field("", alias="signing-key",
                              description="server: Ed25519 key that signs the delivered model (empty: unsigned)")
     signing_public_key: str = Field("", alias="signing-public-key", description="simulation: the sites' trust "

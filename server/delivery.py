@@ -1,0 +1,238 @@
+"""Delivery of a run's final model as a step of its own: the ServerApp's push after training, and
+`oncofed deliver CONSORTIUM RUN`, which pushes the saved final model again without retraining.
+
+A run ends with RUN_DIR/final_weights.npz and package.json (the package description the server signs).
+Delivery signs the package with the run config's signing key, sends it with the weights to sites
+(`query.save_model`; each site verifies the signature and the weights' SHA-256 before installing)
+and records who installed it:
+
+    result.json   deliveries: one entry per site (installed, version, or the error)
+    status.json   delivered (sites that installed it), trained (sites whose update entered a round),
+                  delivery_ok (1 when every site that trained installed it); read by server/metrics.py
+    audit.jsonl   run_end (the first delivery), redelivery (every later one)
+
+`oncofed deliver` submits the same Flower app with `deliver-only = true` and the run's own config
+(from its checkpoint), so the ServerApp skips training: it re-signs the saved package (a run signed
+with the wrong key is delivered again with the right one), waits up to round-timeout for the sites
+that trained but have not installed it, and sends it to every connected site that has not.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from logging import INFO, WARNING
+from pathlib import Path
+
+import numpy as np
+
+from shared_models.files import write_json_atomic
+from shared_models.protocol import AUDIT_ANCHOR
+
+FINAL_WEIGHTS, PACKAGE, RESULT, STATUS = "final_weights.npz", "package.json", "result.json", "status.json"
+SAVE_MODEL = "query.save_model"
+DELIVERY_SHORT_EXIT = 3  # `oncofed run` / `oncofed deliver`: trained, but not every site that trained installed it
+_RESULT_ONLY = ("first_round", "seconds", "deliveries", "metrics_file", "checkpoints", "redelivered")
+
+
+def deliver(grid, final: list[np.ndarray], package: dict, timeout: float, node_ids=None,
+            anchor: str = "") -> list[dict]:
+    """Send the final model to `node_ids` (default: every connected site); each installs it in its model store."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+    from server.workflow import PollingGrid
+
+    config = {"package-info": json.dumps(package)}
+    if anchor:
+        config[AUDIT_ANCHOR] = anchor
+    content = RecordDict({"arrays": ArrayRecord(numpy_ndarrays=final), "config": ConfigRecord(config)})
+    nodes = list(grid.get_node_ids()) if node_ids is None else list(node_ids)
+    messages = [Message(content=content, dst_node_id=nid, message_type=SAVE_MODEL) for nid in nodes]
+    out = []
+    for reply in PollingGrid(grid, timeout).send_and_receive(messages):
+        if reply.has_error():
+            out.append({"node": reply.metadata.src_node_id, "installed": False, "error": reply.error.reason[-300:]})
+        else:
+            out.append({"node": reply.metadata.src_node_id, **json.loads(str(reply.content["config"]["reply"]))})
+    answered = {d["node"] for d in out}
+    out += [{"node": nid, "installed": False, "error": f"no reply within {timeout:g} s"}
+            for nid in nodes if nid not in answered]
+    return out
+
+
+def trained_nodes(run_dir: Path) -> set[int]:
+    """Nodes whose update entered at least one aggregate of the run (metrics.jsonl, every attempt)."""
+    out: set[int] = set()
+    f = run_dir / "metrics.jsonl"
+    for line in (f.read_text().splitlines() if f.exists() else []):
+        try:
+            out.update(int(n) for n in json.loads(line).get("participants", []))
+        except (ValueError, TypeError, AttributeError):
+            continue
+    return out
+
+
+def installed_nodes(deliveries: list[dict]) -> set[int]:
+    return {int(d["node"]) for d in deliveries if d.get("installed") and d.get("node") is not None}
+
+
+def delivery_status(run_dir: Path, deliveries: list[dict]) -> dict:
+    """status.json's delivery fields: who installed the final model against who trained it."""
+    trained, installed = trained_nodes(run_dir), installed_nodes(deliveries)
+    missing = sorted(trained - installed)
+    return {"delivered": len(installed), "trained": len(trained), "delivery_ok": int(not missing),
+            "undelivered": missing}
+
+
+def site_names(deliveries: list[dict], nodes) -> list[str]:
+    names = {int(d["node"]): d["site"] for d in deliveries if d.get("site") and d.get("node") is not None}
+    return [names.get(int(n), f"node {n}") for n in nodes]
+
+
+def save_package(run_dir: Path, package: dict) -> None:
+    """The signed package description, beside final_weights.npz: what `oncofed deliver` sends again."""
+    write_json_atomic(run_dir / PACKAGE, package)
+
+
+def load_final(run_dir: Path) -> tuple[list[np.ndarray], dict]:
+    """The saved final weights and their package description (unsigned), checked against each other."""
+    from privacy.signing import SIGNATURE_KEY
+    from shared_models.weights import arrays_sha256
+
+    weights = run_dir / FINAL_WEIGHTS
+    if not weights.exists():
+        raise ValueError(f"{weights} is missing: run {run_dir.name!r} never finished training; continue it with "
+                         "`oncofed run --resume` instead")
+    with np.load(weights) as z:
+        final = [z[f"arr_{i}"] for i in range(len(z.files))]
+    if (run_dir / PACKAGE).exists():
+        package = json.loads((run_dir / PACKAGE).read_text())
+    elif (run_dir / RESULT).exists():  # a run finished before package.json was kept
+        package = {k: v for k, v in json.loads((run_dir / RESULT).read_text()).items() if k not in _RESULT_ONLY}
+    else:
+        raise ValueError(f"{run_dir}: neither {PACKAGE} nor {RESULT}: nothing describes the final model to sign")
+    package = {k: v for k, v in package.items() if k != SIGNATURE_KEY}
+    if arrays_sha256(final) != package.get("arrays_sha256"):
+        raise ValueError(f"{weights}: SHA-256 {arrays_sha256(final)[:16]}... is not the package's "
+                         f"{str(package.get('arrays_sha256'))[:16]}...: the saved final model was altered; not sent")
+    return final, package
+
+
+def redeliver(grid, cfg) -> None:
+    """The ServerApp with `deliver-only = true`: sign and send the run's saved final model to every site
+    that has not installed it; no training, no privacy spend."""
+    from flwr.common.logger import log
+
+    from privacy.audit import AuditLog, signed_anchor
+    from privacy.signing import load_private, sign
+
+    out = cfg.path(cfg.output_dir)
+    final, package = load_final(out)
+    if not cfg.signing_key:
+        raise ValueError("run config signing-key is empty: `oncofed deliver` sends signed models only")
+    key = load_private(cfg.path(cfg.signing_key))
+    package = sign(package, key)
+    result = json.loads((out / RESULT).read_text()) if (out / RESULT).exists() else {**package}
+    before = list(result.get("deliveries", []))
+    done = installed_nodes(before)
+    wanted = trained_nodes(out) - done
+    deadline = time.monotonic() + cfg.round_timeout
+    while wanted - set(grid.get_node_ids()) and time.monotonic() < deadline:
+        time.sleep(1.0)  # a site that trained may be reconnecting
+    targets = sorted(set(grid.get_node_ids()) - done)
+    log(INFO, "delivering run %s's final model again to %s site(s) (%s installed it before)", package.get("run"),
+        len(targets), len(done))
+    audit = AuditLog(out / "audit.jsonl")
+    anchor = json.dumps(signed_anchor(audit, key, run=package.get("run"), run_name=out.name))
+    new = deliver(grid, final, package, cfg.round_timeout, node_ids=targets, anchor=anchor)
+    renewed = {d["node"] for d in new}
+    deliveries = [d for d in before if d.get("node") not in renewed] + new
+    save_package(out, package)
+    write_json_atomic(out / RESULT, {**result, **package, "deliveries": deliveries, "redelivered": time.time()})
+    status = json.loads((out / STATUS).read_text()) if (out / STATUS).exists() else {"run": package.get("run")}
+    status.update(delivery_status(out, deliveries))
+    write_json_atomic(out / STATUS, status)
+    audit.append("redelivery", run=package.get("run"), arrays_sha256=package["arrays_sha256"],
+                 deliveries=[{k: d.get(k) for k in ("site", "node", "installed", "version", "error", "audit_head")}
+                             for d in new])
+    short = status["undelivered"]
+    log(WARNING if short else INFO, "final model now installed at %s site(s)%s", status["delivered"],
+        f"; not at {', '.join(site_names(deliveries, short))}, which trained" if short else "")
+
+
+# --- the operator's side: `oncofed run`'s verdict and `oncofed deliver` ---------------------------------------
+
+def delivery_verdict(run_dir: Path) -> tuple[bool, str]:
+    """(ok, message) for a run whose training finished: did every site that trained install the model?"""
+    try:
+        status = json.loads((run_dir / STATUS).read_text())
+        deliveries = json.loads((run_dir / RESULT).read_text()).get("deliveries", [])
+    except (OSError, ValueError):
+        return False, f"{run_dir / STATUS} or {RESULT} unreadable: delivery unknown"
+    if "delivery_ok" not in status:
+        status.update(delivery_status(run_dir, deliveries))
+    if status["delivery_ok"]:
+        return True, f"final model installed at {status['delivered']} site(s), every site that trained"
+    missing = site_names(deliveries, status.get("undelivered", []))
+    errors = sorted({str(d.get("error")) for d in deliveries if not d.get("installed") and d.get("error")})
+    return False, (f"final model installed at {status['delivered']} of the {status['trained']} sites that trained; "
+                   f"not at {', '.join(missing)}" + (f" ({'; '.join(e[:200] for e in errors)})" if errors else "")
+                   + f". When the cause is fixed, send it again without retraining: "
+                   f"`oncofed deliver {run_dir.parent.parent} {run_dir.name}`")
+
+
+def delivery_checks(c, run_dir: Path, cfg) -> list:
+    from privacy.preflight import Check, check_reachable, check_signing_key
+
+    checks = [check_reachable(c.control_address, c.path("ca", "ca.crt"), "SuperLink"),
+              check_signing_key(Path(cfg.signing_key), c.path("public", "signing.pub"))]
+    try:
+        load_final(run_dir)
+        checks.append(Check(f"final model {run_dir / FINAL_WEIGHTS}", True, "matches its package"))
+    except (OSError, ValueError) as e:
+        checks.append(Check(f"final model {run_dir / FINAL_WEIGHTS}", False, str(e)))
+    return checks
+
+
+def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
+    """`oncofed deliver`: preflight, then the Flower app with deliver-only = true and the run's own config."""
+    from privacy.preflight import report
+    from server.checkpoint import CheckpointError, load_latest
+    from server.deploy import Consortium, DeployError
+    from server.submit import PROJECT, env_for, is_duplicate_log_line
+    from shared_models.run_config import RunConfig, flwr_overrides
+
+    c = Consortium.load(root)
+    run_dir = c.path("runs", name)
+    try:
+        checkpoint = load_latest(run_dir / "checkpoints")
+    except CheckpointError as e:
+        raise DeployError(str(e)) from None
+    if checkpoint is None or "run_config" not in checkpoint.meta:
+        raise DeployError(f"run {name!r}: no checkpoint in {run_dir / 'checkpoints'}; `oncofed deliver` sends the "
+                          "final model of a run that finished training")
+    values = {**checkpoint.meta["run_config"], "signing-key": str(c.path("signing", "signing.key")),
+              "resume": False, "deliver-only": True}
+    cfg = RunConfig.from_flower(values, source=f"run {name!r}'s run config")
+    out.write(report(f"deliver {name!r}", delivery_checks(c, run_dir, cfg)) + "\n")
+    log_path = run_dir / "flwr-run.log"
+    cmd = ["flwr", "run", str(PROJECT), "consortium", "--stream", "--run-config", flwr_overrides(values)]
+    started = time.time()
+    with log_path.open("a") as log:
+        proc = subprocess.Popen(cmd, env=env_for(c), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        for line in proc.stdout:
+            log.write(line)
+            if not is_duplicate_log_line(line):
+                out.write(line)
+                out.flush()
+        proc.wait()
+    result = run_dir / RESULT
+    if not (result.exists() and json.loads(result.read_text()).get("redelivered", 0) >= started):
+        out.write(f"delivery of run {name!r} did not finish (flwr exit {proc.returncode}); see {log_path}\n")
+        return 1
+    ok, message = delivery_verdict(run_dir)
+    out.write(f"run {name!r}: {message}\n")
+    return 0 if ok else DELIVERY_SHORT_EXIT

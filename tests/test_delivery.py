@@ -1,0 +1,103 @@
+"""Delivery as a step of its own: the signing key checked against the sites' trust anchor before any
+training, who installed the final model against who trained it, the saved model sent again as it was.
+(The real-process scenario, `oncofed run` exiting 3 and `oncofed deliver` completing the delivery, is
+in tests/test_deployment.py.)"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from privacy.pki import init_consortium
+from privacy.preflight import check_signing_key
+from privacy.signing import generate_signing_key
+from server.delivery import DELIVERY_SHORT_EXIT, delivery_status, delivery_verdict, load_final, save_package
+from shared_models.weights import arrays_sha256
+
+
+@pytest.fixture(scope="module")
+def consortium(tmp_path_factory):
+    root = tmp_path_factory.mktemp("delivery") / "op"
+    init_consortium(root, "c", "fl.example.org:443")
+    return root
+
+
+def test_the_consortium_signing_key_matches_what_the_sites_trust(consortium):
+    check = check_signing_key(consortium / "signing" / "signing.key", consortium / "public" / "signing.pub")
+    assert check.ok, check.detail
+
+
+def test_a_signing_key_the_sites_do_not_trust_fails_preflight(consortium, tmp_path):
+    generate_signing_key(tmp_path / "other.key", tmp_path / "other.pub")
+    check = check_signing_key(tmp_path / "other.key", consortium / "public" / "signing.pub")
+    assert not check.ok and "is not the key the sites trust" in check.detail and "drop --set signing-key" in check.detail
+
+
+def test_oncofed_run_preflight_refuses_a_wrong_signing_key_before_submitting(consortium, tmp_path):
+    """The same checks `oncofed run` prints and stops on (exit 2) before anything reaches a site."""
+    from privacy.preflight import PreflightError, report
+    from server.deploy import Consortium
+    from server.submit import run_checks, run_values
+    from shared_models.run_config import RunConfig
+
+    generate_signing_key(tmp_path / "other.key", tmp_path / "other.pub")
+    c = Consortium.load(consortium)
+    values = run_values(c, c.path("runs", "r"), {"signing-key": str(tmp_path / "other.key")}, False, 3)
+    checks = run_checks(c, RunConfig.from_flower(values), c.path("runs", "r"), False, [{"status": "online"}] * 3, "")
+    failed = [ch for ch in checks if not ch.ok and "model-signing key" in ch.name]
+    assert failed and "not the key the sites trust" in failed[0].detail
+    with pytest.raises(PreflightError, match="is not the key the sites trust"):
+        report("run 'r'", checks)
+
+
+def _run_dir(tmp_path, installed: list[int], trained: list[list[int]]):
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"round": i + 1, "participants": p}) + "\n"
+                                               for i, p in enumerate(trained)))
+    deliveries = [{"node": n, "site": f"C{n}", "installed": n in installed,
+                   **({} if n in installed else {"error": "no reply within 90 s"})} for n in (1, 2, 3)]
+    (run / "result.json").write_text(json.dumps({"deliveries": deliveries}))
+    (run / "status.json").write_text(json.dumps({"run": "r1", "finished": 1, **delivery_status(run, deliveries)}))
+    return run
+
+
+def test_a_site_that_trained_but_did_not_install_makes_the_delivery_short(tmp_path):
+    run = _run_dir(tmp_path, installed=[1, 2], trained=[[1, 2, 3], [1, 2]])  # C3 trained round 1, then vanished
+    status = json.loads((run / "status.json").read_text())
+    assert status["trained"] == 3 and status["delivered"] == 2 and status["delivery_ok"] == 0
+    ok, message = delivery_verdict(run)
+    assert not ok and "not at C3" in message and "oncofed deliver" in message and "no reply" in message
+    assert DELIVERY_SHORT_EXIT not in (0, 1, 2)
+
+
+def test_a_site_that_never_trained_does_not_make_the_delivery_short(tmp_path):
+    run = _run_dir(tmp_path, installed=[1, 2], trained=[[1, 2], [1, 2]])
+    assert delivery_verdict(run)[0] and json.loads((run / "status.json").read_text())["delivery_ok"] == 1
+
+
+def test_the_metrics_show_a_short_delivery(tmp_path):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from server.metrics import ConsortiumCollector
+
+    _run_dir(tmp_path, installed=[1], trained=[[1, 2, 3]])
+    reg = CollectorRegistry()
+    reg.register(ConsortiumCollector(tmp_path / "runs"))
+    text = generate_latest(reg).decode()
+    assert 'oncofed_run_delivery_ok{run="r1"} 0.0' in text and 'oncofed_sites_trained{run="r1"} 3.0' in text
+    assert 'oncofed_sites_delivered{run="r1"} 1.0' in text and 'oncofed_run_finished{run="r1"} 1.0' in text
+
+
+def test_the_saved_final_model_is_sent_again_only_as_it_was_signed(tmp_path):
+    final = [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(4, dtype=np.float32)]
+    np.savez(tmp_path / "final_weights.npz", *final)
+    save_package(tmp_path, {"run": "r1", "arrays_sha256": arrays_sha256(final), "signature": "by the wrong key"})
+    weights, package = load_final(tmp_path)
+    assert arrays_sha256(weights) == package["arrays_sha256"] and "signature" not in package  # re-signed on sending
+    final[1][0] = 7.0
+    np.savez(tmp_path / "final_weights.npz", *final)
+    with pytest.raises(ValueError, match="the saved final model was altered"):
+        load_final(tmp_path)
