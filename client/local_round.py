@@ -92,9 +92,9 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
     if cfg.dp:
         sigma, q, planned = run_noise(site, run_id, cfg)
         ticket = site.ledger.begin_round(site.dataset_fingerprint, run_id, rnd, sigma, q, planned)
-        from opacus import PrivacyEngine
+        from privacy.dp_randomness import private_engine
 
-        engine = PrivacyEngine(accountant="prv")
+        engine = private_engine("prv")  # sampling and noise from a secret seed, not the run's (see there)
         # compacted: one entry per (sigma, q) instead of one per past round (PRV's cost grows with entries)
         engine.accountant.history = compact(site.ledger.history(site.dataset_fingerprint, excluding=ticket))
         with warnings.catch_warnings():
@@ -102,7 +102,7 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
             hooks, optimizer, loader = engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
                 max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",
-                wrap_model=False)
+                wrap_model=False, noise_generator=engine.secure_rng)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     prox = cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0
 
