@@ -234,6 +234,74 @@ def _metrics(dep: Deployment) -> str:
         return ""
 
 
+def _health(dep: Deployment) -> tuple[int, dict]:
+    """The public /health (through the proxy): status and JSON body."""
+    ctx = ssl.create_default_context(cafile=str(dep.op / "ca" / "ca.crt"))
+    conn = http.client.HTTPSConnection("127.0.0.1", dep.public, context=ctx, timeout=10)
+    try:
+        conn.request("GET", "/health")
+        r = conn.getresponse()
+        data = r.read()
+        try:
+            return r.status, json.loads(data)
+        except ValueError:
+            return r.status, {}
+    except OSError:
+        return 0, {}
+    finally:
+        conn.close()
+
+
+FAULT = '        location = /v1/fleet/pull-messages { return 500 "database is locked\\n"; }\n'
+
+
+def _proxy_answers_500(dep: Deployment, on: bool) -> None:
+    """Make the proxy answer every Fleet pull with HTTP 500, as the SuperLink did under load ("database is
+    locked"), or stop it: nginx reloads its configuration on SIGHUP."""
+    conf = dep.op / "proxy" / "nginx.conf"
+    text = conf.read_text()
+    text = text.replace("        location /v1/fleet/ {", FAULT + "        location /v1/fleet/ {", 1) if on else \
+        text.replace(FAULT, "")
+    conf.write_text(text)
+    os.kill(json.loads((dep.op / "state" / "server.json").read_text())["proxy_pid"], signal.SIGHUP)
+
+
+def test_f_g_superexec_killed_is_restarted_and_sites_ride_out_http_500(dep):
+    """(g) the SuperExec killed: /health names it while it is down, `oncofed server start` restarts it and a
+    new run runs; (f) during that run the Fleet API answers HTTP 500 to every pull for a while (injected at
+    the proxy): every SuperNode retries with backoff and stays up, and the round completes with all three
+    sites. Before issue 17 the SuperExec stayed dead behind a 200 /health (runs pending forever), and one
+    500 ended each SuperNode's loop for good."""
+    os.kill(json.loads((dep.op / "state" / "server.json").read_text())["superexec_pid"], signal.SIGKILL)
+    code, body = wait_for(lambda: (lambda h: h if h[0] == 503 else None)(_health(dep)), 10,
+                          "/health to report the SuperExec down", poll=0.1)
+    assert body["down"] == ["superexec"] and "superexec" in body["reason"], body
+    wait_for(lambda: _health(dep)[0] == 200, 60, "the SuperExec to be restarted")
+    assert json.loads((dep.op / "state" / "server.json").read_text())["components"]["superexec"]["restarts"] == 1
+
+    run = dep.run("heal", "--set", "num-rounds=1")
+    wait_for(lambda: (dep.op / "runs" / "heal" / "progress.json").exists(), 240, "round 1 of run heal to start")
+    _proxy_answers_500(dep, True)
+    try:
+        wait_for(lambda: all("answered 500" in (dep.root / f"{n}.out").read_text() for n in ("C0", "C1", "C2")),
+                 90, "every site to be answered 500")
+        time.sleep(3)
+    finally:
+        _proxy_answers_500(dep, False)
+    assert run.wait(600) == 0, (dep.root / "run-heal.out").read_text()[-4000:]
+    assert all(dep.sites[n].poll() is None for n in ("C0", "C1", "C2"))
+    rounds = [e for e in read_jsonl(dep.op / "runs" / "heal" / "audit.jsonl") if e["event"] == "round"]
+    assert len(rounds) == 1 and len(rounds[0]["participants"]) == 3, rounds
+    out = (dep.root / "run-heal.out").read_text()
+    assert "[progress" in out and "sites answered" in out, out[-3000:]
+    listed = oncofed("runs", "list", str(dep.op))
+    assert listed.returncode == 0 and any(ln.startswith("heal ") and "completed" in ln
+                                          for ln in listed.stdout.splitlines()), listed.stdout
+    scrape = wait_for(lambda: _metrics(dep), 60, "metrics")
+    assert 'oncofed_server_process_restarts{process="superexec"} 1.0' in scrape
+    assert "oncofed_sites_registered 3.0" in scrape and "oncofed_sites_online 3.0" in scrape, scrape
+
+
 def test_b_d_site_killed_in_round_2_and_unsigned_model_refused(dep):
     """One run for two faults: C2's SuperNode dies in round 2; the final package is signed with a key that is
     not the consortium's (what a tampered or substituted package looks like to a site)."""
