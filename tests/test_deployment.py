@@ -6,7 +6,9 @@ vendored pan-cancer hospitals, `oncofed run` with DP and SecAgg+. Then the fault
   b) a SuperNode killed during round 2: the run completes with the others, the audit log records it;
   c) the server killed during round 2: restart, `oncofed run --resume`, rounds complete from the
      checkpoint, and every site's privacy ledger holds exactly the rounds it trained;
-  d) a model package not signed by the consortium's key is refused; the previous model stays active;
+  d) a signing key the sites do not trust stops `oncofed run` at preflight (no site spends anything); a
+     package signed by it is refused by the site, whose previous model stays active; a site that trained
+     but missed the delivery makes `oncofed run` exit 3, and `oncofed deliver` installs the model there;
   e) the Control API through the proxy is refused (flwr's own CLI and raw requests) while training passes.
 
 The tests share one deployment and run in file order (about 5 minutes). They need nginx (`.ci/run`
@@ -302,27 +304,83 @@ def test_f_g_superexec_killed_is_restarted_and_sites_ride_out_http_500(dep):
     assert "oncofed_sites_registered 3.0" in scrape and "oncofed_sites_online 3.0" in scrape, scrape
 
 
-def test_b_d_site_killed_in_round_2_and_unsigned_model_refused(dep):
-    """One run for two faults: C2's SuperNode dies in round 2; the final package is signed with a key that is
-    not the consortium's (what a tampered or substituted package looks like to a site)."""
+def _ledgers(dep: Deployment) -> dict[str, bytes]:
+    files = {n: dep.root / n / "state" / "privacy-ledger.json" for n in ("C0", "C1", "C2")}
+    return {n: f.read_bytes() if f.exists() else b"" for n, f in files.items()}
+
+
+def _deliver_with(dep: Deployment, run: str, signing_key: Path) -> subprocess.CompletedProcess:
+    """What `oncofed deliver` submits, but with another signing key and without its preflight: a package
+    signed by a key the sites do not trust, as a misconfigured or hostile server would send it."""
+    from server.checkpoint import load_latest
+    from shared_models.run_config import flwr_overrides
+
+    values = {**load_latest(dep.op / "runs" / run / "checkpoints").meta["run_config"], "resume": False,
+              "deliver-only": True, "signing-key": str(signing_key)}
+    project = Path(__file__).resolve().parents[1]
+    return subprocess.run(["flwr", "run", str(project), "consortium", "--stream", "--run-config",
+                           flwr_overrides(values)], env={**ENV, "FLWR_HOME": str(dep.op / "flwr")},
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_b_d_wrong_key_refused_before_training_site_killed_in_round_2_and_delivery_completed_later(dep):
+    """(d) a signing key the sites do not trust stops `oncofed run` at preflight, before any site spends epsilon;
+    (b) C2's SuperNode dies in round 2: the run completes with the others, but C2 trained round 1 and has no
+    model, so `oncofed run` exits 3 and the metrics say so; a package signed by another key is refused by C2;
+    `oncofed deliver` then installs the run's model at C2 without retraining."""
+    from client.model_store import ModelStore
     from privacy.signing import generate_signing_key
 
     forged = dep.root / "forged"
     generate_signing_key(forged / "signing.key", forged / "signing.pub")
-    run = dep.run("drop", "--set", "num-rounds=2", "--set", "round-timeout=60.0",
-                  "--set", f'signing-key="{forged / "signing.key"}"')
+    before = _ledgers(dep)
+    r = oncofed("run", str(dep.op), "--name", "forged", *RUN, "--set", "num-rounds=2",
+                "--set", f'signing-key="{forged / "signing.key"}"')
+    assert r.returncode == 2 and "not the key the sites trust" in r.stderr, r.stdout + r.stderr
+    assert _ledgers(dep) == before and not (dep.op / "runs" / "forged" / "checkpoints").exists()
+
+    run = dep.run("drop", "--set", "num-rounds=2", "--set", "round-timeout=60.0")
     wait_for(lambda: dep.status("drop").get("round", 0) >= 1, 300, "round 1 of run drop")
     kill_group(dep.sites["C2"])  # as round 2 starts: SecAgg+ goes on with the two sites left
-    assert run.wait(600) == 0, (dep.root / "run-drop.out").read_text()[-4000:]
-    result = json.loads((dep.op / "runs" / "drop" / "result.json").read_text())
+    assert run.wait(600) == 3, (dep.root / "run-drop.out").read_text()[-4000:]
+    out = (dep.root / "run-drop.out").read_text()
+    assert "installed at 2 of the 3 sites that trained; not at node" in out and "oncofed deliver" in out
     rounds = [e for e in read_jsonl(dep.op / "runs" / "drop" / "audit.jsonl") if e["event"] == "round"]
     node = {s["name"]: int(s["node_id"]) for s in json.loads((dep.op / "consortium.json").read_text())["sites"]}
     assert sorted(rounds[-1]["participants"]) == sorted([node["C0"], node["C1"]])
     assert node["C2"] in rounds[-1]["dropped"]
-    from client.model_store import ModelStore
+    status = dep.status("drop")
+    assert (status["finished"], status["trained"], status["delivered"], status["delivery_ok"]) == (1, 3, 2, 0)
+    scrape = wait_for(lambda: 'oncofed_run_delivery_ok{run="' in (m := _metrics(dep)) and m, 60, "metrics")
+    assert f'oncofed_run_delivery_ok{{run="{status["run"]}"}} 0.0' in scrape
+    final_sha256 = json.loads((dep.op / "runs" / "drop" / "result.json").read_text())["arrays_sha256"]
 
-    for name in ("C0", "C1"):
-        delivery = next(d for d in result["deliveries"] if d.get("site") == name)
-        assert not delivery["installed"] and "signature" in delivery["error"]
-        assert ModelStore(dep.root / name / "models").active() == "v0001"
-        assert dep.site_audit(name)[-1]["event"] == "model_refused"
+    def active_sha256(name: str) -> str | None:
+        store = ModelStore(dep.root / name / "models")
+        return store.package(store.active())["arrays_sha256"] if store.active() else None
+
+    assert active_sha256("C0") == active_sha256("C1") == final_sha256 != active_sha256("C2")
+
+    dep.start_site("C2")
+    refused = _deliver_with(dep, "drop", forged / "signing.key")
+    assert refused.returncode == 0, refused.stdout[-3000:] + refused.stderr[-2000:]
+    assert dep.site_audit("C2")[-1]["event"] == "model_refused" and active_sha256("C2") != final_sha256
+    c2 = next(d for d in json.loads((dep.op / "runs" / "drop" / "result.json").read_text())["deliveries"]
+              if d.get("site") == "C2")
+    assert not c2["installed"] and "signature" in c2["error"]
+
+    ledgers = _ledgers(dep)
+    r = oncofed("deliver", str(dep.op), "drop", timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "installed at 3 site(s), every site that trained" in r.stdout
+    assert active_sha256("C2") == final_sha256
+    assert dep.site_audit("C2")[-1]["event"] == "model_installed" and _ledgers(dep) == ledgers  # no spend
+    assert dep.status("drop")["delivery_ok"] == 1
+    # (7) each side's audit log verifies against the head the other side holds
+    for name in ("C0", "C2"):
+        r = oncofed("audit", "verify", str(dep.op / "runs" / "drop" / "audit.jsonl"), "--anchors",
+                    str(dep.root / name / "state" / "audit-anchors.json"))
+        assert r.returncode == 0 and "anchored head" in r.stdout, r.stdout + r.stderr
+        r = oncofed("audit", "verify", str(dep.root / name / "state" / "audit.jsonl"), "--anchors",
+                    str(dep.op / "runs" / "drop" / "audit.jsonl"))
+        assert r.returncode == 0 and "anchored head" in r.stdout, r.stdout + r.stderr
