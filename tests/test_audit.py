@@ -247,3 +247,21 @@ def test_a_recomputed_site_chain_is_detected_by_the_heads_the_server_recorded(tm
     site_log.path.write_text("")
     site_log.head.unlink()
     assert CliRunner().invoke(app, ["audit", "verify", str(site_log.path), "--anchors", str(server.path)]).exit_code == 1
+
+
+def test_an_anchor_kept_by_a_site_without_a_trust_anchor_still_verifies_later_and_a_forged_one_does_not(tmp_path):
+    from privacy.audit import AnchorStore, anchors_for, signed_anchor
+    from privacy.signing import generate_signing_key, load_private
+
+    generate_signing_key(tmp_path / "signing.key", tmp_path / "signing.pub")
+    generate_signing_key(tmp_path / "evil.key", tmp_path / "evil.pub")
+    log = AuditLog(tmp_path / "runs" / "r1" / "audit.jsonl")
+    log.append("run_start", run="r1-abc")
+    store = tmp_path / "site" / "audit-anchors.json"
+    AnchorStore(store).keep(json.dumps(signed_anchor(log, load_private(tmp_path / "signing.key"), run="r1-abc",
+                                                     run_name="r1")), None)  # kept, marked unverified
+    assert AnchorStore(store).load()["server"]["r1"]["unverified"] is True
+    held, problems = anchors_for(log.path, store, signing_public_key=tmp_path / "signing.pub")
+    assert len(held) == 1 and not problems and verify(log.path, held).ok
+    held, problems = anchors_for(log.path, store, signing_public_key=tmp_path / "evil.pub")
+    assert not held and "is not the consortium's" in problems[0]
