@@ -26,7 +26,10 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.logger import log
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.app import Error
+from flwr.common.constant import ErrorCode
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 from flwr.compat.common.recorddict_compat import (
     evaluateres_to_recorddict,
     fitres_to_recorddict,
@@ -34,6 +37,7 @@ from flwr.compat.common.recorddict_compat import (
     recorddict_to_fitins,
 )
 
+from client.releases import Release, ReleaseStore
 from privacy.audit import ANCHORS_FILE, AnchorStore, AuditError, AuditLog
 from shared_models.protocol import AUDIT_ANCHOR, AUDIT_HEAD
 from shared_models.run_config import RunConfig
@@ -43,7 +47,12 @@ if TYPE_CHECKING:
 
 # torch, Opacus and the site's data are imported only by the handlers that need them: in a deployment
 # every message starts a fresh ClientApp process, and three of SecAgg+'s four stages need neither.
-REFUSAL_KEY = "refused-reason"  # read by server.strategy (same literal: client and server do not import each other)
+REFUSAL_PREFIX = "refused: "  # read by server.strategy (same literal: client and server do not import each other)
+MIN_AGGREGATE_SITES = 2  # a sum of fewer sites' updates is one site's update: never helped to be unmasked
+
+
+class SiteRefusal(Exception):
+    """The site does not take part in this round; the reason (no patient data in it) goes to the server."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,7 @@ class SiteSettings:
     paths: "SitePaths"
     budget_epsilon: float
     require_secagg: bool
+    min_aggregate_sites: int = MIN_AGGREGATE_SITES  # node config min-aggregate-sites: the site's own floor
 
 
 def site_settings(context: Context, cfg: RunConfig) -> SiteSettings:
@@ -65,7 +75,8 @@ def site_settings(context: Context, cfg: RunConfig) -> SiteSettings:
         models = Path(str(node.get("model-dir", state / "models")))
         return SiteSettings(str(node.get("site-name", data.name)), 0, SitePaths(data, state, models),
                             float(node.get("privacy-budget", cfg.epsilon)),
-                            str(node.get("require-secagg", "true")).lower() not in ("false", "0", "no"))
+                            str(node.get("require-secagg", "true")).lower() not in ("false", "0", "no"),
+                            max(MIN_AGGREGATE_SITES, int(node.get("min-aggregate-sites", MIN_AGGREGATE_SITES))))
     index = int(node["partition-id"])
     root = cfg.path(cfg.data_root)
     sites = json.loads((root / "manifest.json").read_text())["sites"]  # written by `oncofed partition`
@@ -99,15 +110,53 @@ def prepared(settings: SiteSettings, cfg: RunConfig) -> "PreparedSite":
 
 
 def site_policy_mod(msg: Message, context: Context, call_next):
-    """SecAgg+ for training messages; a site that requires it refuses unmasked training requests
-    (otherwise a server could simply ask for individual updates)."""
-    if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS not in msg.content.config_records:
-        cfg = RunConfig.from_flower(context.run_config)
+    """SecAgg+ for training messages, with the site's rules around it:
+    - a site that requires SecAgg+ refuses unmasked training requests (otherwise a server could simply ask
+      for individual updates);
+    - a site that refuses a round drops out of its SecAgg+ exchange (an error reply, no masked vector)
+      instead of adding a zero vector: a refusal must not count as a contribution, or the unmasked "sum"
+      of the round could be one hospital's update;
+    - at the unmask stage the site gives its key shares only if at least max(min-sites, its own
+      min-aggregate-sites) sites sent masked vectors: it never helps unmask a sum of fewer sites."""
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return secaggplus_mod(msg, context, call_next)
+    cfg = RunConfig.from_flower(context.run_config)
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:
         if site_settings(context, cfg).require_secagg:
             raise PermissionError("site policy: training requests must use secure aggregation (SecAgg+); "
                                   "this one does not, so the site sends nothing")
+        return _refusing(msg, context, call_next)
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    if configs.get(SecAggKey.STAGE) == Stage.UNMASK:
+        settings = site_settings(context, cfg)
+        need = max(cfg.min_sites, settings.min_aggregate_sites)
+        active = list(configs.get(SecAggKey.ACTIVE_NODE_ID_LIST, []))
+        if len(active) < need:
+            reason = (f"{settings.name}: {len(active)} sites sent masked vectors, fewer than {need} (min-sites "
+                      f"{cfg.min_sites}, the site's min-aggregate-sites {settings.min_aggregate_sites}); the site "
+                      "gives no key shares, so this sum is never unmasked")
+            log(WARNING, "site %s: %s", settings.name, reason)
+            _audit_quietly(settings, "unmask_refused", run=_run_key(context), active_sites=len(active), needed=need)
+            return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=REFUSAL_PREFIX + reason), reply_to=msg)
+    return _refusing(msg, context, lambda m, c: secaggplus_mod(m, c, call_next))
+
+
+def _refusing(msg: Message, context: Context, call_next) -> Message:
+    try:
         return call_next(msg, context)
-    return secaggplus_mod(msg, context, call_next)
+    except SiteRefusal as e:
+        return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=REFUSAL_PREFIX + str(e)), reply_to=msg)
+
+
+def _run_key(context: Context) -> str:
+    return str(context.state.config_records.get("oncofed", {}).get("run-key", ""))
+
+
+def _audit_quietly(settings: "SiteSettings", event: str, **fields) -> None:
+    try:
+        site_audit(settings).append(event, **fields)
+    except (AuditError, OSError) as e:
+        log(WARNING, "site %s: audit log: %s", settings.name, e)
 
 
 app = ClientApp()
@@ -130,8 +179,9 @@ def keep_server_anchor(settings: SiteSettings, context: Context, cfg: RunConfig,
         log(WARNING, "site %s: the server's audit anchor was not kept: %s", settings.name, e)
 
 
-def _refusal(fitins, msg: Message, site: str, reason: str, audit: AuditLog | None = None) -> Message:
-    """Weight 0 and a zero vector: under SecAgg+ the site still completes the protocol, adding 0."""
+def _refusal(fitins, msg: Message, site: str, reason: str, audit: AuditLog | None = None) -> SiteRefusal:
+    """The round is refused: logged and audited here; raised by the caller, the site then drops out of the
+    round (see site_policy_mod). The reason says why in words that name no patient."""
     log(WARNING, "site %s refuses the round: %s", site, reason)
     if audit is not None:
         try:
@@ -139,10 +189,7 @@ def _refusal(fitins, msg: Message, site: str, reason: str, audit: AuditLog | Non
                          round=int(fitins.config.get("server-round", 0)), reason=reason)
         except (AuditError, OSError) as e:
             log(WARNING, "site %s: audit log: %s", site, e)
-    zeros = [np.zeros_like(a, dtype=np.float64) for a in parameters_to_ndarrays(fitins.parameters)]
-    res = FitRes(Status(Code.OK, f"refused: {reason}"), ndarrays_to_parameters(zeros), 0,
-                 {REFUSAL_KEY: f"{site}: {reason}", "site": site})
-    return Message(fitres_to_recorddict(res, keep_input=False), reply_to=msg)
+    return SiteRefusal(f"{site}: {reason}")
 
 
 @app.train(mods=[site_policy_mod])
@@ -159,6 +206,7 @@ def train(msg: Message, context: Context) -> Message:
     settings = site_settings(context, cfg)
     rnd = int(fitins.config["server-round"])
     run_key = str(fitins.config["run-key"])
+    context.state.config_records["oncofed"] = ConfigRecord({"run-key": run_key})
     audit = site_audit(settings)
     keep_server_anchor(settings, context, cfg, fitins.config.get(AUDIT_ANCHOR))
     try:
@@ -166,28 +214,33 @@ def train(msg: Message, context: Context) -> Message:
     except SiteDataError as e:
         log(WARNING, "site %s: data failed validation:\n%s", settings.name, e)
         # The report names patient rows: it stays in the site's log; the server gets the verdict only.
-        return _refusal(fitins, msg, settings.name, "its data failed validation (details in the site's log; run "
+        raise _refusal(fitins, msg, settings.name, "its data failed validation (details in the site's log; run "
                         "`oncofed validate` there)", audit)
     n = len(site.train.y)
     max_weight = float(fitins.config.get("secagg-max-weight", 0) or 0)
     if max_weight and n > max_weight:
-        return _refusal(fitins, msg, settings.name, f"{n} training patients exceed secagg-max-weight {max_weight:g}; "
+        raise _refusal(fitins, msg, settings.name, f"{n} training patients exceed secagg-max-weight {max_weight:g}; "
                         "the operator must raise secagg-max-weight", audit)
+    from shared_models.weights import arrays_sha256
+
+    global_arrays = parameters_to_ndarrays(fitins.parameters)
+    releases = ReleaseStore(settings.paths.state_dir)
+    if cfg.dp and site.ledger.released(site.dataset_fingerprint, run_key, rnd) is not None:
+        return _resend(msg, fitins, settings, releases.load(run_key, rnd), arrays_sha256(global_arrays), audit)
     try:
-        result = train_round(site, parameters_to_ndarrays(fitins.parameters), cfg, run_key, rnd,
-                             site_seed=settings.index)
+        result = train_round(site, global_arrays, cfg, run_key, rnd, site_seed=settings.index)
     except BudgetError as e:
-        return _refusal(fitins, msg, settings.name, str(e), audit)
+        raise _refusal(fitins, msg, settings.name, str(e), audit)
     except Exception:  # noqa: BLE001 - an error reply would carry the traceback (and maybe data) to the server
         log(WARNING, "site %s: local training failed:\n%s", settings.name, traceback.format_exc())
-        return _refusal(fitins, msg, settings.name, "local training failed (details in the site's log)", audit)
+        raise _refusal(fitins, msg, settings.name, "local training failed (details in the site's log)", audit)
     delta = [d.astype(np.float64) for d in result.delta]  # SecAgg+ scales and quantises in float64
     if max_weight:
         # SecAgg+ clips |delta * n / max_weight| to the clipping range silently: refuse instead.
         peak = max(float(np.abs(d).max()) for d in delta) * n / max_weight
         clip = float(fitins.config.get("secagg-clipping-range", cfg.secagg_clipping_range))
         if peak > clip:
-            return _refusal(fitins, msg, settings.name, f"its update ({peak:.3g}) exceeds secagg-clipping-range "
+            raise _refusal(fitins, msg, settings.name, f"its update ({peak:.3g}) exceeds secagg-clipping-range "
                             f"{clip:g} and would be clipped silently; the operator must raise it", audit)
     metrics = {k: float(v) for k, v in result.metrics.items()}
     try:  # recorded before the update leaves the site
@@ -195,10 +248,27 @@ def train(msg: Message, context: Context) -> Message:
                                epsilon=metrics.get("epsilon"), steps=metrics.get("local_steps"))
     except (AuditError, OSError) as e:
         log(WARNING, "site %s: audit log: %s", settings.name, e)
-        return _refusal(fitins, msg, settings.name, "its audit log cannot be written (details in the site's log)")
+        raise _refusal(fitins, msg, settings.name, "its audit log cannot be written (details in the site's log)")
     metrics["site"] = settings.name
     metrics[AUDIT_HEAD] = trained["hash"]  # the server records it: an anchor of this log outside the site
+    if cfg.dp:  # kept before it leaves: a resumed server asking for this round again gets these bits back
+        releases.save(run_key, rnd, Release(arrays_sha256(global_arrays), delta, result.num_examples, metrics))
     res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(delta), result.num_examples, metrics)
+    return Message(fitres_to_recorddict(res, keep_input=False), reply_to=msg)
+
+
+def _resend(msg: Message, fitins, settings: SiteSettings, release, global_sha256: str, audit: AuditLog) -> Message:
+    """A round of this run whose update already left the site: the same update again, or a refusal."""
+    rnd, run_key = int(fitins.config["server-round"]), str(fitins.config["run-key"])
+    if release is None or release.global_sha256 != global_sha256:
+        raise _refusal(fitins, msg, settings.name, f"round {rnd} of run {run_key} was already trained and sent "
+                       + ("from other global weights" if release is not None else "(its copy is gone)")
+                       + "; training it again would spend the privacy budget twice, so the site sends nothing", audit)
+    log(INFO, "site %s: round %s of run %s was released before; sending the same update again (no new spend)",
+        settings.name, rnd, run_key)
+    _audit_quietly(settings, "round_resent", run=run_key, round=rnd)
+    res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(release.delta), release.num_examples,
+                 {**release.metrics, "resent": 1})
     return Message(fitres_to_recorddict(res, keep_input=False), reply_to=msg)
 
 

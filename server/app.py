@@ -28,7 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from privacy.audit import AuditLog, signed_anchor
 from privacy.signing import canonical, load_private, sign
-from server.checkpoint import load_latest, save_checkpoint, write_json_atomic
+from server.checkpoint import freeze_run, frozen_run, load_latest, run_config_changes, save_checkpoint, write_json_atomic
 from server.delivery import deliver, delivery_status, redeliver, save_package
 from server.strategy import build_strategy
 from server.workflow import RoundsWorkflow, TimedSecAggPlusWorkflow
@@ -63,7 +63,7 @@ def secagg_workflow(cfg: RunConfig, n_sites: int) -> TimedSecAggPlusWorkflow:
     return TimedSecAggPlusWorkflow(
         num_shares=min(1.0, SECAGG_MAX_SHARES / n_sites), reconstruction_threshold=cfg.secagg_threshold,
         max_weight=cfg.secagg_max_weight, clipping_range=cfg.secagg_clipping_range, quantization_range=2**q_bits, modulus_range=2**32,
-        timeout=cfg.round_timeout)
+        timeout=cfg.round_timeout, min_contributors=max(2, min(cfg.min_sites, n_sites)))
 
 
 def server_evaluation(cfg: RunConfig, schema: FeatureSchema):
@@ -101,6 +101,15 @@ def main(grid: Grid, context: Context) -> None:
     signing_key = load_private(cfg.path(cfg.signing_key)) if cfg.signing_key else None  # fail before round 1
     ckpt_root = out / "checkpoints"
 
+    frozen = frozen_run(out) if cfg.resume else None
+    if cfg.resume:
+        if frozen is None:
+            raise ValueError(f"run config resume = true but {out} holds no started run ({out / 'run.json'} is "
+                             "missing): nothing to resume; start the run without resume")
+        if changed := run_config_changes(frozen["run_config"], dict(context.run_config)):
+            raise ValueError(f"{out / 'run.json'}: a resumed run keeps the configuration it started with; this "
+                             f"request changes {'; '.join(changed)}. Resume without changes (`oncofed run --resume` "
+                             "reloads it), or start a new run under another name")
     checkpoint = load_latest(ckpt_root) if cfg.resume else None
     if checkpoint is not None:
         if checkpoint.meta.get("schema_hash") != schema.content_hash():
@@ -108,11 +117,16 @@ def main(grid: Grid, context: Context) -> None:
         weights, first_round = checkpoint.weights, checkpoint.round + 1
         run_key, site_epsilon = checkpoint.meta["run_key"], checkpoint.meta.get("site_epsilon", {})
         log(INFO, "resuming run %s after round %s from %s", run_key, checkpoint.round, ckpt_root)
-    else:
+    else:  # a new run, or one that crashed before its first checkpoint (same seed: the same initial weights)
         torch.manual_seed(cfg.seed)
         model = MultiModalTransformer(schema, cfg.model_config_())
         weights = state_arrays(model)
-        first_round, run_key, site_epsilon = 1, f"{cfg.run_name}-{uuid.uuid4().hex[:8]}", {}
+        first_round, site_epsilon = 1, {}
+        run_key = frozen["run_key"] if frozen else f"{cfg.run_name}-{uuid.uuid4().hex[:8]}"
+        if frozen:
+            log(INFO, "resuming run %s from its start (it ended before its first checkpoint)", run_key)
+    if not cfg.resume:
+        freeze_run(out, run_key, dict(context.run_config))
     remaining = cfg.num_rounds - first_round + 1
     if remaining < 1:
         log(WARNING, "the checkpoint already holds all %s rounds; delivering the final model", cfg.num_rounds)

@@ -1,4 +1,8 @@
-"""Atomic server checkpoints: a crash at any moment leaves the previous checkpoint intact.
+"""Atomic server checkpoints and the frozen run: a crash at any moment leaves the previous checkpoint intact.
+
+`run.json` freezes a run when it starts (before any site trains): its run key and its whole run
+config. Resuming reloads both and refuses any change, so a resumed run is the run the sites agreed
+to (same rounds, same epsilon, same recipe) and the sites recognise it by its key.
 
 A checkpoint is a directory `round-NNNN/` (global weights, strategy state, round, run config,
 per-site epsilon) written under a temporary name and renamed into place; `latest.json` is then
@@ -67,3 +71,39 @@ def load_latest(root: Path) -> Checkpoint | None:
         raise CheckpointError(f"{root}: latest checkpoint unreadable ({e}); remove latest.json to fall back "
                               "to an older round-NNNN directory by hand, or start a new run") from None
     return Checkpoint(round=int(meta["round"]), weights=weights, strategy_state=state, meta=meta)
+
+
+RUN_FILE = "run.json"
+UNFROZEN = ("resume",)  # the only run-config key a resumed run may change
+
+
+def freeze_run(out: Path, run_key: str, run_config: dict) -> None:
+    """Record the run before round 1: a crash at any later moment can be resumed as exactly this run."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / RUN_FILE, {"run_key": run_key, "run_config": {
+        k: v for k, v in sorted(run_config.items()) if k not in UNFROZEN}})
+
+
+def frozen_run(out: Path) -> dict | None:
+    """{"run_key", "run_config"} of the run in `out`, or None if no run was started there."""
+    f = out / RUN_FILE
+    if not f.exists():
+        return None
+    try:
+        frozen = json.loads(f.read_text())
+        return {"run_key": str(frozen["run_key"]), "run_config": dict(frozen["run_config"])}
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{f}: unreadable ({e}); the run cannot be resumed as it was started: start a new "
+                              "run under another name") from None
+
+
+def run_config_changes(frozen: dict, requested: dict) -> list[str]:
+    """The keys a resume request changes, as 'key: frozen -> requested' (values compared as parsed)."""
+    from shared_models.run_config import RunConfig
+
+    a = RunConfig.from_flower(frozen, source="frozen run config").model_dump()
+    b = RunConfig.from_flower({k: v for k, v in requested.items() if k not in UNFROZEN},
+                              source="run config").model_dump()
+    fields = RunConfig.model_fields
+    return [f"{(fields[k].alias or k)}: {a[k]!r} -> {b[k]!r}" for k in sorted(a)
+            if k not in ("resume",) and a[k] != b[k]]

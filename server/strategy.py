@@ -6,8 +6,10 @@ turned back into full weights (global + mean delta, in float64) before the base 
 aggregate_fit, so FedAvg and FedProx return global + mean delta and FedAdam receives the mean
 delta as its pseudo-gradient.
 
-A site that refuses a round (privacy budget, failed validation) answers with weight 0 and a zero
-vector, so SecAgg+ completes without dropout recovery; its reason arrives in the fit metrics.
+A site that refuses a round (privacy budget, failed validation) drops out of it: its reply is an
+error whose reason starts with "refused: " (no vector, so under SecAgg+ a refusal never counts as a
+contribution; SecAgg+ removes its masks as for any dropout). The round's record keeps refusals,
+failures and dropouts apart.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from flwr.server.strategy import FedAdam, FedAvg, FedProx
 from shared_models.run_config import RunConfig
 
 BASES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
-REFUSAL_KEY = "refused-reason"
+REFUSAL_PREFIX = "refused: "  # how a site's refusal reason starts (client.app; the two do not import each other)
 
 
 def failure_reason(f) -> str:
@@ -73,24 +75,36 @@ class DeltaMixin:
         finally:
             self.timing["aggregate"] = round(time.perf_counter() - t, 4)
 
-    def _aggregate_fit(self, server_round, results, failures):
+    def record_outcomes(self, server_round: int, failures, replied: set[int]) -> tuple[list, list, list]:
+        """(refused, failed, dropped) of a round, logged and kept in `round_info`."""
         reasons = list(dict.fromkeys(failure_reason(f) for f in failures))  # SecAgg+ may repeat one
-        refused = [{"node": p.node_id, "reason": str(r.metrics.get(REFUSAL_KEY, r.status.message))}
-                   for p, r in results if r.num_examples == 0]
-        ok = [(p, r) for p, r in results if r.num_examples > 0]
-        dropped = sorted(self.sampled - {p.node_id for p, _ in results})
-        for r in reasons:
+        refused = [{"reason": r.split(REFUSAL_PREFIX, 1)[1]} for r in reasons if REFUSAL_PREFIX in r]
+        failed = [r for r in reasons if REFUSAL_PREFIX not in r]
+        dropped = sorted(self.sampled - replied)
+        for r in failed:
             log(WARNING, "round %s: a site failed: %s", server_round, r)
         for r in refused:
-            log(WARNING, "round %s: node %s refused: %s", server_round, r["node"], r["reason"])
+            log(WARNING, "round %s: refused by %s", server_round, r["reason"])
         if dropped:
-            log(WARNING, "round %s: no reply from nodes %s (dropped)", server_round, dropped)
+            log(WARNING, "round %s: no reply from nodes %s (dropped or refused)", server_round, dropped)
+        self.round_info.update(round=server_round, failures=failed, refused=refused, dropped=dropped)
+        return refused, failed, dropped
+
+    def record_abandoned(self, server_round: int, failures, replied: set[int], reason: str) -> None:
+        """A round that ended without an update (too few contributions to unmask, or SecAgg+ halted)."""
+        self.round_info = {"round": server_round, "participants": [], "sites": {}}
+        self.record_outcomes(server_round, failures, replied)
+        self.round_info.update(status="abandoned", reason=reason)
+        log(WARNING, "round %s abandoned: %s; the global model is unchanged", server_round, reason)
+
+    def _aggregate_fit(self, server_round, results, failures):
+        ok = [(p, r) for p, r in results if r.num_examples > 0]
         self.round_info = {
-            "round": server_round, "participants": sorted(p.node_id for p, _ in ok), "failures": reasons,
-            "refused": refused, "dropped": dropped,
+            "round": server_round, "participants": sorted(p.node_id for p, _ in ok),
             "sites": {str(p.node_id): {k: v for k, v in r.metrics.items() if isinstance(v, (int, float, str))}
                       for p, r in results},
         }
+        refused, reasons, dropped = self.record_outcomes(server_round, failures, {p.node_id for p, _ in results})
         if not ok:
             log(WARNING, "round %s: no site contributed; the global model is unchanged", server_round)
             self.round_info["status"] = "no-update"

@@ -3,8 +3,10 @@
 Every run has a directory CONSORTIUM/runs/NAME (checkpoints, metrics.jsonl, audit.jsonl, status.json,
 result.json). The run config starts from pyproject's [tool.flwr.app.config], then the consortium's
 own values (absolute paths, the signing key, the number of registered sites), then `--set` overrides.
-`--resume` continues NAME from its latest checkpoint after a server crash: same run key, so every
-site's privacy ledger replaces a round it never finished instead of counting it twice.
+`--resume` continues NAME from its latest checkpoint after a server crash with the run config frozen
+when it started (run.json; a `--set` that changes it is refused) and the same run key, so every site
+recognises the run: a round it never finished replaces its pending entry, a round whose update it had
+already sent is sent again unchanged, never trained (and spent) twice.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 from pathlib import Path
 
 from privacy.preflight import Check, check_reachable, check_signing_key, report
-from server.checkpoint import has_checkpoint
+from server.checkpoint import RUN_FILE, CheckpointError, frozen_run, has_checkpoint, run_config_changes
 from server.deploy import FLOWER_ENV, Consortium, DeployError, check_server_health, server_health
 from shared_models.files import write_json_atomic
 from shared_models.run_config import RunConfig, RunConfigError, app_defaults, flwr_overrides
@@ -72,6 +74,26 @@ def run_values(c: Consortium, run_dir: Path, overrides: dict, resume: bool, n_si
     return values
 
 
+def resume_values(run_dir: Path, overrides: dict) -> dict:
+    """The run config a run was started with (frozen in its run.json), for `--resume`; a `--set` that
+    changes any of it is refused: the sites agreed to the run as it started (rounds, epsilon, recipe)."""
+    try:
+        frozen = frozen_run(run_dir)
+    except CheckpointError as e:
+        raise DeployError(str(e)) from None
+    if frozen is None:
+        raise DeployError(f"run {run_dir.name!r} was never started ({run_dir / RUN_FILE} is missing): nothing to "
+                          "resume; drop --resume")
+    try:
+        changed = run_config_changes(frozen["run_config"], {**frozen["run_config"], **overrides})
+    except RunConfigError as e:
+        raise DeployError(str(e)) from None
+    if changed:
+        raise DeployError(f"--resume continues run {run_dir.name!r} exactly as it started; --set would change "
+                          f"{'; '.join(changed)}. Drop those --set values, or start a new run with another --name")
+    return {**frozen["run_config"], "resume": True}
+
+
 def run_checks(c: Consortium, cfg: RunConfig, run_dir: Path, resume: bool, sites: list[dict] | None,
                sites_error: str) -> list[Check]:
     checks = [check_reachable(c.control_address, c.path("ca", "ca.crt"), "SuperLink"), check_server_health(c)]
@@ -83,13 +105,14 @@ def run_checks(c: Consortium, cfg: RunConfig, run_dir: Path, resume: bool, sites
     if cfg.eval_data:
         ev = cfg.path(cfg.eval_data)
         checks.append(Check(f"eval-data {ev}", ev.is_dir(), "present" if ev.is_dir() else "not a directory"))
-    has_ckpt = has_checkpoint(run_dir / "checkpoints")
+    started = (run_dir / RUN_FILE).exists() or has_checkpoint(run_dir / "checkpoints")
     if resume:
-        checks.append(Check(f"run {run_dir.name}", has_ckpt, "a checkpoint to resume from" if has_ckpt else
-                            f"no checkpoint in {run_dir / 'checkpoints'}: nothing to resume; drop --resume"))
+        checks.append(Check(f"run {run_dir.name}", started, "started before: resumed with its frozen configuration"
+                            if started else f"never started ({run_dir / RUN_FILE} is missing): nothing to resume; "
+                            "drop --resume"))
     else:
-        checks.append(Check(f"run {run_dir.name}", not has_ckpt, "new" if not has_ckpt else
-                            f"{run_dir} already holds checkpoints: pass --resume to continue it or choose another "
+        checks.append(Check(f"run {run_dir.name}", not started, "new" if not started else
+                            f"{run_dir} already holds a run: pass --resume to continue it or choose another "
                             "--name"))
     if sites is None:
         checks.append(Check("registered sites", False, f"cannot be listed ({sites_error})"))
@@ -118,7 +141,10 @@ def submit_run(root: str | Path, name: str, overrides: dict, *, resume: bool = F
         sites, sites_error = list_sites(c.root), ""
     except ProvisioningError as e:
         sites, sites_error = None, str(e)
-    values = run_values(c, run_dir, overrides, resume, len(sites or []) if "sites" not in overrides else 0)
+    if resume:
+        values = resume_values(run_dir, overrides)
+    else:
+        values = run_values(c, run_dir, overrides, resume, len(sites or []) if "sites" not in overrides else 0)
     cfg = RunConfig.from_flower(values, source="run config")
     out.write(report(f"run {name!r}", run_checks(c, cfg, run_dir, resume, sites, sites_error)) + "\n")
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -75,10 +75,24 @@ class TimedSecAggPlusWorkflow(SecAggPlusWorkflow):
     completed them; a site lost later is still unmasked with the survivors' shares, as Flower intends.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, min_contributors: int = 2, **kwargs):
         super().__init__(*args, **kwargs)
+        self.min_contributors = min_contributors
         for name in ("setup_stage", "share_keys_stage", "collect_masked_vectors_stage", "unmask_stage"):
             setattr(self, name, self._timed(name, getattr(self, name)))
+
+    def _enough_to_unmask(self, context, state) -> bool:
+        """The sum is unmasked only if at least `min_contributors` sites sent masked vectors. Refusing sites
+        send none (they drop out), so a round in which all but one site refused is never unmasked: the
+        "sum" would be that one hospital's update. The sites check the same before giving key shares."""
+        n = len(state.active_node_ids)
+        if n >= self.min_contributors:
+            return True
+        rnd = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+        context.strategy.record_abandoned(rnd, state.failures, set(state.active_node_ids),
+                                          f"{n} sites sent masked vectors, fewer than min-sites "
+                                          f"{self.min_contributors}: the sum is not unmasked")
+        return False
 
     @staticmethod
     def _narrow_to_active(state) -> None:
@@ -86,15 +100,21 @@ class TimedSecAggPlusWorkflow(SecAggPlusWorkflow):
         state.sampled_node_ids = keep
         state.nid_to_neighbours = {nid: set(nb) & keep for nid, nb in state.nid_to_neighbours.items() if nid in keep}
 
-    @classmethod
-    def _timed(cls, name, stage):
+    def _timed(self, name, stage):
         def run(grid, context, state):
             progress.stage(context, name)  # RUN_DIR/progress.json, for `oncofed run` / `oncofed runs follow`
             t = time.perf_counter()
             try:
                 ok = stage(grid, context, state)
                 if ok and name in ("setup_stage", "share_keys_stage"):
-                    cls._narrow_to_active(state)
+                    self._narrow_to_active(state)
+                if ok and name == "collect_masked_vectors_stage":
+                    ok = self._enough_to_unmask(context, state)
+                if not ok and context.strategy.round_info.get("status") == "halted":
+                    rnd = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+                    context.strategy.record_abandoned(rnd, getattr(state, "failures", []),
+                                                      set(state.active_node_ids),
+                                                      f"SecAgg+ halted in its {name.removesuffix('_stage')} stage")
                 return ok
             finally:
                 timing = getattr(context.strategy, "timing", None)

@@ -224,10 +224,45 @@ def test_a_server_killed_mid_run_resumes_from_its_checkpoint_and_ledgers_stay_ex
     for site in ("site_00", "site_01", "site_02"):
         entries = json.loads((work / "state" / site / "state" / "privacy-ledger.json").read_text())["entries"]
         assert all(e["status"] == "committed" for e in entries), "no pending spend is left behind"
-        assert [e["round"] for e in entries if e["round"] == 1] == [1], "round 1 is counted once"
-        # round 2 was re-run after the crash: once if the first attempt never finished (its pending entry
-        # was replaced), twice if it had finished (its update may have left the site: a real release)
-        assert 1 <= len([e for e in entries if e["round"] == 2]) <= 2
+        # round 2 was asked for again after the crash: a site whose update had left resent it (no new spend),
+        # one that had not finished replaced its pending entry; either way each round counts once
+        assert sorted(e["round"] for e in entries) == [1, 2], entries
+        events = [json.loads(x)["event"] for x in (work / "state" / site / "state" / "audit.jsonl").read_text().splitlines()]
+        assert events.count("round_trained") + events.count("round_resent") >= 2
+        assert events.count("round_trained") == 2, "no round was trained twice"
+
+
+def test_a_round_most_sites_refuse_is_never_unmasked(federation):
+    """2 of 3 sites refuse (their data fails validation): the one site that trained would be the whole
+    "sum", so the server does not unmask it; the round is abandoned and the model is unchanged. The site
+    that trained counts its spend once; the refusals do not count as contributions."""
+    broken = federation / "two-broken"
+    shutil.rmtree(broken, ignore_errors=True)
+    shutil.copytree(federation / "sites", broken)
+    for site in ("site_01", "site_02"):
+        labels = pd.read_csv(broken / site / "labels.csv", dtype=str, keep_default_na=False)
+        labels.loc[0, labels.columns[1]] = "not-a-class"
+        labels.to_csv(broken / site / "labels.csv", index=False)
+    result, work = _run(federation, "abandoned", sites_dir=broken, **{"num-rounds": 1})
+    (r,) = _metrics(work)
+    assert r["status"] == "abandoned" and r["participants"] == [], r
+    assert "fewer than min-sites 2" in r["reason"] or "SecAgg+ halted" in r["reason"]
+    assert sorted(x["reason"].split(":")[0] for x in r["refused"]) == ["site_01", "site_02"]
+    with np.load(work / "server" / "checkpoints" / "round-0001" / "weights.npz") as z:
+        after = [z[f"arr_{i}"] for i in range(len(z.files))]
+    import torch
+
+    from shared_models.model import MultiModalTransformer
+    from shared_models.run_config import RunConfig
+    from shared_models.schema import FeatureSchema
+    from shared_models.weights import state_arrays
+
+    cfg = RunConfig.from_flower({"schema": str(broken / "schema.json"), "d-model": 64, "seed": 7})
+    torch.manual_seed(7)
+    initial = state_arrays(MultiModalTransformer(FeatureSchema.load(broken / "schema.json"), cfg.model_config_()))
+    assert all(np.array_equal(a, b) for a, b in zip(after, initial)), "nothing was aggregated"
+    entries = json.loads((work / "state" / "site_00" / "state" / "privacy-ledger.json").read_text())["entries"]
+    assert [(e["round"], e["status"]) for e in entries] == [(1, "committed")], "its spend counts, once"
 
 
 def test_stopping_the_local_superlink_ends_what_it_started_in_other_sessions(tmp_path):

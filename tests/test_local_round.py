@@ -54,9 +54,23 @@ def test_the_whole_planned_schedule_fits_the_budget_and_one_more_round_is_refuse
         last = train_round(site, w, run, "run-A", rnd)
     assert 2.8 <= last.metrics["epsilon"] <= 3.0  # noise chosen once, for both rounds
     ledger_before = (tmp_path / "state" / "privacy-ledger.json").read_text()
-    with pytest.raises(BudgetError, match=r"round 3 refused: .* budget 3 .* Nothing was trained or sent"):
+    with pytest.raises(BudgetError, match=r"round 3 refused: run run-A was planned with 2 rounds.*Nothing was"):
         train_round(site, w, run, "run-A", 3)
     assert (tmp_path / "state" / "privacy-ledger.json").read_text() == ledger_before
+
+
+def test_a_run_resumed_with_another_plan_is_refused_by_the_site(tmp_path):
+    """The issue's fault: a 2-round epsilon-2 run, resumed by a server that lost its --set values (10 rounds,
+    epsilon 8), would have kept the saved noise and spent beyond 2. The site refuses the changed run."""
+    schema, run, site, w = _setup(tmp_path, budget=8.0, rounds=2, epsilon=2.0)
+    first = train_round(site, w, run, "run-A", 1).metrics["epsilon"]
+    changed = RunConfig.from_flower({**run.model_dump(by_alias=True), "num-rounds": 10, "epsilon": 8.0})
+    ledger_before = (tmp_path / "state" / "privacy-ledger.json").read_text()
+    with pytest.raises(BudgetError, match=r"changes epsilon: 2.0 -> 8.0; num-rounds: 2 -> 10.*nothing was trained"):
+        train_round(site, w, changed, "run-A", 2)
+    assert (tmp_path / "state" / "privacy-ledger.json").read_text() == ledger_before
+    last = train_round(site, w, run, "run-A", 2).metrics["epsilon"]  # the run as agreed goes on
+    assert first < last <= 2.0
 
 
 def test_dp_sgd_with_the_sgd_optimizer_accounts_like_adamw(tmp_path):

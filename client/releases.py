@@ -1,0 +1,62 @@
+"""The updates a site has released, kept so that a resumed server gets the same bits, not a new spend.
+
+Under DP a round's update is a release of the site's data: its privacy ledger counts it once, when it
+is committed (before the update leaves the site). If the server crashes after that and resumes the
+run from an earlier checkpoint, it asks for the same round again. Training again would be a second
+release (a second spend); instead the site sends back the update it already released, which reveals
+nothing new (resending is post-processing of what the server could already have kept). It does so
+only for the same run, round and global weights: any other request for a released round is refused.
+
+One file per (run, round) in the site's state directory, written atomically before the update leaves.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Release:
+    global_sha256: str  # the global weights the update was trained from
+    delta: list[np.ndarray]
+    num_examples: int
+    metrics: dict
+
+
+class ReleaseStore:
+    def __init__(self, state_dir: str | Path):
+        self.root = Path(state_dir) / "released"
+
+    def _path(self, run_id: str, rnd: int) -> Path:
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", run_id)
+        return self.root / safe / f"round-{rnd:04d}.npz"
+
+    def save(self, run_id: str, rnd: int, release: Release) -> None:
+        path = self._path(run_id, rnd)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"global_sha256": release.global_sha256, "num_examples": release.num_examples,
+                "metrics": release.metrics}
+        buf = io.BytesIO()
+        np.savez(buf, *release.delta, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(buf.getvalue())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    def load(self, run_id: str, rnd: int) -> Release | None:
+        path = self._path(run_id, rnd)
+        if not path.exists():
+            return None
+        with np.load(path) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            arrays = [z[f"arr_{i}"] for i in range(len(z.files) - 1)]
+        return Release(meta["global_sha256"], arrays, int(meta["num_examples"]), meta["metrics"])

@@ -1,0 +1,106 @@
+"""What a site and the server do so that faults never spend beyond a run's plan or reveal one site's update.
+
+- a run's configuration is frozen when it starts; resuming reloads it and refuses any change;
+- a site gives its SecAgg+ key shares only for a sum of enough sites, and a refusing site drops out of
+  the round instead of adding a zero vector;
+- a released update is kept so that a resumed server gets the same bits back (no second spend).
+(The real-process versions of these faults are in tests/test_federation.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+from client.app import site_policy_mod
+from client.releases import Release, ReleaseStore
+from server.checkpoint import freeze_run, frozen_run, run_config_changes
+from server.deploy import DeployError
+from server.submit import resume_values
+
+
+def _unmask_message(active: list[int], dead: list[int]) -> Message:
+    cfg = ConfigRecord({Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: active, Key.DEAD_NODE_ID_LIST: dead})
+    meta = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
+                    created_at=time.time(), ttl=600.0, message_type=MessageType.TRAIN)
+    return Message(RecordDict({RECORD_KEY_CONFIGS: cfg}), metadata=meta)
+
+
+def _context(tmp_path, node: dict | None = None, **run) -> Context:
+    node = {"data-path": str(tmp_path / "site"), "state-dir": str(tmp_path / "state"), **(node or {})}
+    return Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
+                   run_config={"schema": "schema.json", "min-sites": 2, **run})
+
+
+def _never_called(msg, context):
+    raise AssertionError("the SecAgg+ mod must not run: the site refuses before it")
+
+
+def test_a_site_gives_no_key_shares_for_a_sum_of_fewer_than_min_sites(tmp_path):
+    reply = site_policy_mod(_unmask_message(active=[1], dead=[2, 3]), _context(tmp_path), _never_called)
+    assert reply.has_error()
+    assert reply.error.reason.startswith("refused: ") and "1 sites sent masked vectors, fewer than 2" in reply.error.reason
+    events = [json.loads(x) for x in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "unmask_refused" and events[-1]["active_sites"] == 1
+
+
+def test_the_sites_own_floor_wins_over_a_lower_min_sites_from_the_server(tmp_path):
+    ctx = _context(tmp_path, node={"min-aggregate-sites": 3}, **{"min-sites": 1})
+    reply = site_policy_mod(_unmask_message(active=[1, 2], dead=[3]), ctx, _never_called)
+    assert reply.has_error() and "fewer than 3" in reply.error.reason and "min-aggregate-sites 3" in reply.error.reason
+
+
+def test_a_sum_of_enough_sites_goes_on_to_secagg(tmp_path):
+    seen = []
+
+    def secagg(msg, context):  # stands in for what follows the policy: Flower's own SecAgg+ mod
+        seen.append(msg)
+        return Message(RecordDict(), reply_to=msg)
+
+    import client.app as app_module
+
+    original = app_module.secaggplus_mod
+    app_module.secaggplus_mod = lambda msg, ctx, call_next: secagg(msg, ctx)
+    try:
+        reply = site_policy_mod(_unmask_message(active=[1, 2], dead=[3]), _context(tmp_path), _never_called)
+    finally:
+        app_module.secaggplus_mod = original
+    assert not reply.has_error() and len(seen) == 1
+
+
+def test_a_run_is_frozen_and_a_resume_that_changes_it_is_named(tmp_path):
+    config = {"schema": "s.json", "num-rounds": 2, "epsilon": 2.0, "batch-size": 64, "resume": False}
+    freeze_run(tmp_path, "r3-abc", config)
+    frozen = frozen_run(tmp_path)
+    assert frozen["run_key"] == "r3-abc" and "resume" not in frozen["run_config"]
+    assert run_config_changes(frozen["run_config"], {**config, "resume": True}) == []
+    assert run_config_changes(frozen["run_config"], {**config, "num-rounds": 10, "epsilon": 2}) == [
+        "num-rounds: 2 -> 10"], "2 and 2.0 are the same epsilon; 10 rounds are not 2"
+
+
+def test_oncofed_run_resume_reloads_the_frozen_config_and_refuses_a_changing_set(tmp_path):
+    config = {"schema": "s.json", "num-rounds": 2, "epsilon": 2.0, "strategy": "fedavg"}
+    freeze_run(tmp_path / "r3", "r3-abc", config)
+    assert resume_values(tmp_path / "r3", {}) == {**config, "resume": True}
+    assert resume_values(tmp_path / "r3", {"epsilon": 2})["epsilon"] == 2.0  # restating a value is no change
+    with pytest.raises(DeployError, match=r"--set would change num-rounds: 2 -> 10; strategy: 'fedavg' -> 'fedadam'"):
+        resume_values(tmp_path / "r3", {"num-rounds": 10, "strategy": "fedadam"})
+    with pytest.raises(DeployError, match="was never started .* nothing to resume"):
+        resume_values(tmp_path / "never", {})
+
+
+def test_a_released_update_is_kept_bit_for_bit(tmp_path):
+    store = ReleaseStore(tmp_path)
+    delta = [np.random.default_rng(0).normal(size=(3, 4)), np.arange(5, dtype=np.float64)]
+    store.save("run-A/../x", 2, Release("abc", delta, 17, {"epsilon": 1.5, "site": "s"}))
+    got = store.load("run-A/../x", 2)
+    assert got.global_sha256 == "abc" and got.num_examples == 17 and got.metrics == {"epsilon": 1.5, "site": "s"}
+    assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(got.delta, delta))
+    assert store.load("run-A/../x", 3) is None
+    assert all(p.is_relative_to(tmp_path / "released") for p in tmp_path.rglob("*.npz")), "the run key is no path"
