@@ -4,6 +4,7 @@ The site's own settings come from the SuperNode's node config in a deployment:
     data-path        the site directory (tables)           state-dir    ledger, normalisation
     model-dir        the site's model store                 privacy-budget  epsilon the site allows
     require-secagg   refuse unmasked training requests (default true)
+    min-aggregate-sites  the fewest sites whose sum the site helps unmask (default and minimum 2)
 In a simulation each node only gets `partition-id`; the site is the partition-id-th site of the
 run config's `data-root` manifest, and its state lives under `site-state-root`.
 
