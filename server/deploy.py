@@ -100,7 +100,8 @@ def server_checks(c: Consortium) -> list[Check]:
 
 
 def superlink_command(c: Consortium) -> list[str]:
-    return ["flower-superlink", "--ssl-ca-certfile", str(c.path("ca", "ca.crt")),
+    """Flower's SuperLink through server/flower_processes.py (a longer SQLite busy timeout)."""
+    return [sys.executable, "-m", "server.flower_processes", "superlink", "--ssl-ca-certfile", str(c.path("ca", "ca.crt")),
             "--ssl-certfile", str(c.path("server", "server.crt")), "--ssl-keyfile", str(c.path("server", "server.key")),
             "--enable-supernode-auth", "--database", str(c.path("state", "superlink.db")),
             "--host", "127.0.0.1", "--port", str(c.internal_port), "--disable-runtime-dependency-installation",
@@ -110,7 +111,8 @@ def superlink_command(c: Consortium) -> list[str]:
 def superexec_command(c: Consortium, parent_pid: int) -> list[str]:
     """The SuperExec that launches ServerApps for the SuperLink (its Runtime API, over TLS on loopback);
     it exits when this service does (`--parent-pid`)."""
-    return ["flower-superexec", "--runtime-api-address", f"127.0.0.1:{c.internal_port}",
+    return [sys.executable, "-m", "server.flower_processes", "superexec", "--runtime-api-address",
+            f"127.0.0.1:{c.internal_port}",
             "--root-certificates", str(c.path("ca", "ca.crt")), "--parent-pid", str(parent_pid)]
 
 
