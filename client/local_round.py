@@ -5,7 +5,8 @@ Privacy protocol of a round (the site's ledger is the authority, see privacy/led
    planned schedule (rounds x local epochs x steps) composed with what the site already spent;
 2. `begin_round` refuses the round if its planned steps would exceed the site's budget (nothing is
    trained or sent), else writes it ahead as pending;
-3. Opacus' PRV accountant is restored from the ledger's history before training, DP-SGD runs;
+3. Opacus' PRV accountant is restored from the ledger's history before training, DP-SGD runs
+   (per-sample clipping by privacy/clipping.py, or Opacus' hooks with dp-clipping = "opacus");
 4. the executed steps are committed before the update leaves the site; the accountant's own
    epsilon must agree with the ledger's.
 The update sent is the weight delta (local - global), which keeps SecAgg+'s quantisation precise.
@@ -29,6 +30,7 @@ from client.site import PreparedSite
 from client.training import (TrainConfig, build_loader, build_loss, build_optimizer, class_counts, evaluate,
                              lr_multiplier)
 from privacy.accounting import BudgetError, compact, noise_multiplier_for, planned_steps
+from privacy.clipping import make_private
 from shared_models.model import MultiModalTransformer
 from shared_models.run_config import RunConfig
 from shared_models.weights import load_arrays, state_arrays  # noqa: F401 (state_arrays: re-export)
@@ -99,10 +101,14 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
         engine.accountant.history = compact(site.ledger.history(site.dataset_fingerprint, excluding=ticket))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Opacus' notes on secure_mode and optimizer types
-            hooks, optimizer, loader = engine.make_private(
-                module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
-                max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",
-                wrap_model=False, noise_generator=engine.secure_rng)
+            if cfg.dp_clipping == "ghost":  # per-sample clipping without per-sample gradients; Opacus' noise
+                hooks, optimizer, loader = make_private(  # sampling and accountant (privacy/clipping.py)
+                    engine, model, optimizer, loader, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm)
+            else:
+                hooks, optimizer, loader = engine.make_private(
+                    module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
+                    max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",
+                    wrap_model=False, noise_generator=engine.secure_rng)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     prox = cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0
 

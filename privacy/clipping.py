@@ -301,13 +301,14 @@ def make_private(engine, model: nn.Module, optimizer: torch.optim.Optimizer, dat
     if any(p not in model_params for g in optimizer.param_groups for p in g["params"]):
         raise ValueError("the optimizer holds parameters that are not the model's: build it from model.parameters()")
     if poisson_sampling:
-        data_loader = DPDataLoader.from_data_loader(data_loader, distributed=False)
+        # engine.secure_rng: the secret generator of privacy.dp_randomness.private_engine (None: torch's global)
+        data_loader = DPDataLoader.from_data_loader(data_loader, distributed=False, generator=engine.secure_rng)
     sample_rate = 1 / len(data_loader)
     expected_batch_size = int(len(data_loader.dataset) * sample_rate)
     clipper = BookKeepingClipper(model, max_grad_norm, loss_reduction).attach()
     dp_optimizer = BookKeepingDPOptimizer(
         optimizer, clipper=clipper, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-        expected_batch_size=expected_batch_size, loss_reduction=loss_reduction)
+        expected_batch_size=expected_batch_size, loss_reduction=loss_reduction, generator=engine.secure_rng)
     dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
     return clipper, dp_optimizer, data_loader
 

@@ -75,6 +75,9 @@ class RunConfig(BaseModel):
                            f"wins); at most {MAX_BUDGET:g} (privacy.MAX_BUDGET): what the site's accounting verifies")
     delta: float = Field(1e-5, gt=0, lt=1)
     max_grad_norm: float = Field(1.0, alias="max-grad-norm", gt=0, description="per-sample clipping bound C")
+    dp_clipping: Literal["ghost", "opacus"] = Field(
+        "ghost", alias="dp-clipping", description="how DP-SGD clips per sample: 'ghost' = privacy/clipping.py "
+        "(norms without per-sample gradients; Opacus' sampling, noise and accountant), 'opacus' = Opacus' hooks mode")
 
     # --- local training ---------------------------------------------------------------------
     # DP-SGD defaults, tuned on the 8-hospital pan-cancer federation (README, "Federated training")
