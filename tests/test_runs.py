@@ -1,0 +1,127 @@
+"""The operator's view of runs (server/runs.py) and of the server's processes (server.deploy.server_health),
+on real files: a SQLite database with the SuperLink's layout (flwr 1.41: run, task, node), run
+directories as the ServerApp writes them, a /health answered over HTTP."""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from server.runs import RunView, after_stream, read_superlink
+
+RUN_ID = 2**64 - 5  # Flower's uint64 ids are stored as signed integers: this one is -5 in the database
+NODES = {"C0": 11, "C1": 2**63 + 7}
+
+
+def _superlink_db(root: Path, run_state: str) -> Path:
+    db = root / "state" / "superlink.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(db)
+    con.executescript("CREATE TABLE run (run_id INTEGER, primary_task_id INTEGER);"
+                      "CREATE TABLE task (task_id INTEGER, starting_at TEXT, running_at TEXT, finished_at TEXT, "
+                      "sub_status TEXT);"
+                      "CREATE TABLE node (node_id INTEGER, status TEXT, online_until REAL);")
+    con.execute("INSERT INTO run VALUES (?, 1)", (RUN_ID - 2**64,))
+    con.execute("INSERT INTO task VALUES (1, NULL, NULL, NULL, '')")
+    con.execute("INSERT INTO node VALUES (?, 'online', ?)", (NODES["C0"], time.time() + 60))
+    con.execute("INSERT INTO node VALUES (?, 'online', ?)", (NODES["C1"] - 2**64, time.time() - 60))
+    con.commit()
+    con.close()
+    _set_run_state(db, run_state)
+    return db
+
+
+def _set_run_state(db: Path, state: str) -> None:
+    now = "2026-12-02 10:00:00"
+    cols = {"pending": (None, None, None, ""), "running": (now, now, None, ""),
+            "completed": (now, now, now, "completed"), "failed": (now, now, now, "failed")}[state]
+    con = sqlite3.connect(db)
+    con.execute("UPDATE task SET starting_at=?, running_at=?, finished_at=?, sub_status=?", cols)
+    con.commit()
+    con.close()
+
+
+@pytest.fixture
+def consortium(tmp_path):
+    (tmp_path / "consortium.json").write_text(json.dumps({"sites": [
+        {"name": n, "node_id": str(i)} for n, i in NODES.items()]}))
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    (run / "flwr-runs.json").write_text(json.dumps([RUN_ID]))
+    (run / "status.json").write_text(json.dumps({"run": "r1-x", "num_rounds": 3, "round": 1, "round_seconds": 60}))
+    (run / "progress.json").write_text(json.dumps({"round": 2, "stage": "share_keys", "asked": list(NODES.values()),
+                                                   "answered": [NODES["C0"]], "stage_started": time.time()}))
+    return tmp_path
+
+
+def test_the_superlink_database_is_read_with_uint64_ids_and_lapsed_heartbeats_as_offline(consortium):
+    view = read_superlink(_superlink_db(consortium, "running"))
+    assert view["runs"] == {RUN_ID: "running"}
+    assert view["nodes"] == {NODES["C0"]: "online", NODES["C1"]: "offline"}
+    assert read_superlink(consortium / "state" / "missing.db") is None
+
+
+def test_progress_names_the_stage_the_sites_that_answered_those_awaited_and_an_eta(consortium):
+    superlink = read_superlink(_superlink_db(consortium, "running"))
+    line = RunView.load(consortium, "r1", superlink).describe({v: k for k, v in NODES.items()})
+    assert line.startswith("running · round 1/3 done · round 2: share_keys, 1/2 sites answered (C0), waiting for C1"), line
+    assert "ETA ~" in line
+
+
+def test_a_dropped_log_stream_of_a_running_run_follows_it_and_never_suggests_resume(consortium):
+    db = _superlink_db(consortium, "running")
+
+    def finish_later():
+        time.sleep(1.0)
+        (consortium / "runs" / "r1" / "result.json").write_text(json.dumps({"deliveries": []}))
+        _set_run_state(db, "completed")
+
+    threading.Thread(target=finish_later).start()
+    out = io.StringIO()
+    code = after_stream(consortium, "r1", 0, consortium / "runs" / "r1" / "flwr-run.log", out)
+    assert code == 0, out.getvalue()
+    assert "still running" in out.getvalue() and "--resume" not in out.getvalue()
+
+
+def test_a_failed_run_suggests_resume(consortium):
+    _superlink_db(consortium, "failed")
+    out = io.StringIO()
+    assert after_stream(consortium, "r1", 1, consortium / "runs" / "r1" / "flwr-run.log", out) == 1
+    assert "failed" in out.getvalue() and "--resume" in out.getvalue()
+
+
+def test_preflight_names_the_server_process_that_is_down(tmp_path):
+    from server.deploy import Consortium, check_server_health
+
+    body = {"status": "down", "down": ["superexec"], "reason": "superexec is down (killed by signal 9)"}
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            data = json.dumps(body).encode()
+            self.send_response(503)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        (tmp_path / "state").mkdir()
+        c = Consortium(tmp_path, {})
+        check = check_server_health(c)
+        assert not check.ok and "oncofed server start" in check.detail
+        (tmp_path / "state" / "server.json").write_text(json.dumps({"health_port": server.server_address[1]}))
+        check = check_server_health(c)
+        assert not check.ok and "superexec is down" in check.detail
+    finally:
+        server.shutdown()
