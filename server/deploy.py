@@ -132,17 +132,33 @@ def wait_healthy(address: str, ca: Path, proc: subprocess.Popen | None, timeout:
 
 
 def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """Stop a process and its children (each service runs in its own process group); the group is
-    signalled even if its leader already exited (nginx workers, flower-superexec may remain)."""
+    """Stop a process and its children (each service runs in its own process group): SIGTERM to the group,
+    then SIGKILL to whatever is left after `grace` seconds, the leader's children included (nginx workers,
+    the ServerApp a SuperExec launched) even if the leader exited first."""
+    deadline = time.time() + grace
     try:
         os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
         proc.wait(grace)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+    except subprocess.TimeoutExpired:
+        pass
+    while time.time() < deadline and _group_alive(proc.pid):
+        time.sleep(0.2)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 RESTART_FIRST_DELAY = 2.0
