@@ -4,6 +4,7 @@ The site's own settings come from the SuperNode's node config in a deployment:
     data-path        the site directory (tables)           state-dir    ledger, normalisation
     model-dir        the site's model store                 privacy-budget  epsilon the site allows
     require-secagg   refuse unmasked training requests (default true)
+    require-dp       refuse training requests without DP-SGD (run config dp = false; default true)
     min-aggregate-sites  the fewest sites whose sum the site helps unmask (default and minimum 2)
 In a simulation each node only gets `partition-id`; the site is the partition-id-th site of the
 run config's `data-root` manifest, and its state lives under `site-state-root`.
@@ -64,6 +65,7 @@ class SiteSettings:
     budget_epsilon: float
     require_secagg: bool
     min_aggregate_sites: int = MIN_AGGREGATE_SITES  # node config min-aggregate-sites: the site's own floor
+    require_dp: bool = False  # node config require-dp (a deployment's default: true)
 
 
 def site_settings(context: Context, cfg: RunConfig) -> SiteSettings:
@@ -77,7 +79,8 @@ def site_settings(context: Context, cfg: RunConfig) -> SiteSettings:
         return SiteSettings(str(node.get("site-name", data.name)), 0, SitePaths(data, state, models),
                             float(node.get("privacy-budget", cfg.epsilon)),
                             str(node.get("require-secagg", "true")).lower() not in ("false", "0", "no"),
-                            max(MIN_AGGREGATE_SITES, int(node.get("min-aggregate-sites", MIN_AGGREGATE_SITES))))
+                            max(MIN_AGGREGATE_SITES, int(node.get("min-aggregate-sites", MIN_AGGREGATE_SITES))),
+                            str(node.get("require-dp", "true")).lower() not in ("false", "0", "no"))
     index = int(node["partition-id"])
     root = cfg.path(cfg.data_root)
     sites = json.loads((root / "manifest.json").read_text())["sites"]  # written by `oncofed partition`
@@ -217,6 +220,9 @@ def train(msg: Message, context: Context) -> Message:
         # The report names patient rows: it stays in the site's log; the server gets the verdict only.
         raise _refusal(fitins, msg, settings.name, "its data failed validation (details in the site's log; run "
                         "`oncofed validate` there)", audit)
+    if settings.require_dp and not cfg.dp:
+        raise _refusal(fitins, msg, settings.name, "site policy: training without differential privacy (run config "
+                       "dp = false) is refused; the site's node config require-dp allows only DP-SGD", audit)
     n = len(site.train.y)
     max_weight = float(fitins.config.get("secagg-max-weight", 0) or 0)
     if max_weight and n > max_weight:

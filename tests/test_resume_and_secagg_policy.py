@@ -104,3 +104,31 @@ def test_a_released_update_is_kept_bit_for_bit(tmp_path):
     assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(got.delta, delta))
     assert store.load("run-A/../x", 3) is None
     assert all(p.is_relative_to(tmp_path / "released") for p in tmp_path.rglob("*.npz")), "the run key is no path"
+
+
+def _train_message(run_key: str = "run-A", rnd: int = 1) -> Message:
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import fitins_to_recorddict
+
+    content = fitins_to_recorddict(FitIns(ndarrays_to_parameters([np.zeros(2)]),
+                                          {"server-round": rnd, "run-key": run_key}), keep_input=True)
+    meta = Metadata(run_id=1, message_id="m2", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
+                    created_at=time.time(), ttl=600.0, message_type=MessageType.TRAIN)
+    return Message(content, metadata=meta)
+
+
+def test_a_deployed_site_refuses_a_run_without_dp_unless_its_node_config_allows_it(tmp_path):
+    """The server chooses the run config; the site decides whether its patients are trained on without noise."""
+    from client.app import train
+    from tests.sitefixtures import site_schema, write_site
+
+    schema_path = site_schema().save(tmp_path / "schema.json")
+    write_site(tmp_path / "site")
+    ctx = _context(tmp_path, node={"require-secagg": "false"}, schema=str(schema_path), dp=False, secagg=False)
+    reply = site_policy_mod(_train_message(), ctx, train)
+    assert reply.has_error() and reply.error.reason.startswith("refused: ")
+    assert "training without differential privacy (run config dp = false) is refused" in reply.error.reason
+    events = [json.loads(x) for x in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "round_refused"
+    ledger = json.loads((tmp_path / "state" / "privacy-ledger.json").read_text())
+    assert ledger["entries"] == [] and ledger.get("runs", {}) == {}, "nothing trained, nothing spent"
