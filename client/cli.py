@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -18,9 +19,11 @@ def register(app: typer.Typer) -> None:
     serve.callback()(serve_main)
     token = typer.Typer(help="API tokens of the prediction service.", no_args_is_help=True)
     token.command("add")(token_add)
+    token.command("list")(token_list)
     token.command("revoke")(token_revoke)
     serve.add_typer(token, name="token")
     serve.command("fit-normalizer")(serve_fit_normalizer)
+    serve.command("calibrate")(serve_calibrate)
     app.add_typer(serve, name="serve")
     app.command("predict")(predict)
 
@@ -136,10 +139,18 @@ def serve_main(
 
     try:
         app = create_app(_site_settings(site_config))
-    except ModelStoreError as e:
+    except (ModelStoreError, ValueError) as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(code=2)
+    import sys
+
+    degraded = app.state.predictor.degraded
+    if degraded:
+        typer.echo(f"DEGRADED: {degraded['reason']}", err=True)
     typer.echo(f"serving model {app.state.predictor.current.version} on http://{host}:{port}/")
+    # the event loop takes the GIL back from the model and parsing threads within 1 ms (default 5 ms):
+    # /health and small requests stay fast while an explanation or an upload is being worked on
+    sys.setswitchinterval(0.001)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
@@ -147,17 +158,57 @@ def token_add(
     site_config: Path = typer.Option(..., "--site-config", help="the site's site.json"),
     name: str = typer.Option(..., "--name", help="who or what uses the token"),
     role: str = typer.Option("clinician", "--role", help="clinician (predict) or admin (also activate, roll back)"),
+    replace: bool = typer.Option(False, "--replace", help="revoke the existing token of this name and issue a new one"),
 ) -> None:
     """Create a token (printed once; only its SHA-256 is stored)."""
     from client.serve import TOKENS_FILE, TokenStore
 
     settings = _site_settings(site_config)
     try:
-        token = TokenStore(Path(settings["state-dir"]) / TOKENS_FILE).add(name, role)
+        token = TokenStore(Path(settings["state-dir"]) / TOKENS_FILE).add(name, role, replace=replace)
     except ValueError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(code=2)
     typer.echo(token)
+
+
+def token_list(
+    site_config: Path = typer.Option(..., "--site-config", help="the site's site.json"),
+) -> None:
+    """Names, roles and creation dates of the site's tokens (the tokens themselves are never stored)."""
+    import datetime
+
+    from client.serve import TOKENS_FILE, TokenStore
+
+    settings = _site_settings(site_config)
+    tokens = TokenStore(Path(settings["state-dir"]) / TOKENS_FILE).list()
+    if not tokens:
+        typer.echo("no tokens; create one with `oncofed serve token add --name NAME --role clinician`")
+        return
+    typer.echo(f"{'name':<24} {'role':<10} created (UTC)")
+    for t in tokens:
+        created = datetime.datetime.fromtimestamp(t["created"] or 0, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+        typer.echo(f"{t['name']:<24} {t['role']:<10} {created}")
+
+
+def serve_calibrate(
+    site_config: Path = typer.Option(..., "--site-config", help="the site's site.json"),
+    data: Path = typer.Option(..., "--data", help="the site's labelled tables (labels.csv and the modalities)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the fit / held-out split"),
+) -> None:
+    """Temperature-scale the active model on the site's labelled patients; ECE before/after on held-out ones."""
+    from client.calibration import calibrate
+
+    try:
+        r = calibrate(_site_settings(site_config), data, seed)
+    except (ValueError, OSError) as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(code=2)
+    h = r["heldout"]
+    typer.echo(f"model {r['model_version']}: temperature {r['temperature']:.3f} fitted on {r['n_fit']} patients; on "
+               f"{r['n_heldout']} held-out patients ECE {h['ece_before']:.3f} -> {h['ece_after']:.3f}, log-loss "
+               f"{h['log_loss_before']:.3f} -> {h['log_loss_after']:.3f} (accuracy {h['accuracy']:.3f}, unchanged)\n"
+               f"-> {r['path']} (served from the next request)")
 
 
 def token_revoke(
@@ -200,28 +251,56 @@ def predict(
 
     from rich.progress import Progress
 
+    import getpass
+
     from client.model_store import ModelStoreError
     from client.predict import PredictionInputError, Predictor
+    from client.prediction_input import ServeSettings
+    from client.serve import _site_salt, prediction_entry
+    from privacy.audit import AuditLog
 
     settings = _site_settings(site_config)
+    state = Path(settings["state-dir"])
+    audit = AuditLog(state / "audit.jsonl")
     try:
-        predictor = Predictor(settings["model-dir"], Path(settings["state-dir"]) / "normalizer.json",
-                              settings.get("signing-public-key") or None)
-        ids, raw = predictor.raw_from_tables(data)
-    except (ModelStoreError, PredictionInputError, ValueError, OSError) as e:
+        limits = ServeSettings.from_site(settings).model_copy(update={"max_patients": 10**9})
+        predictor = Predictor(settings["model-dir"], state / "normalizer.json",
+                              settings.get("signing-public-key") or None,
+                              on_fallback=lambda entry: audit.append("model_fallback", **entry))
+        checked = predictor.checked_tables(data, limits)
+    except PredictionInputError as e:  # the service's contract: the same problems, one per line
+        typer.echo(f"{data}: refused, nothing predicted:", err=True)
+        for p in e.problems:
+            typer.echo(f"  {p['loc']}: {p['msg']}" + (f"\n    fix: {p['fix']}" if p.get("fix") else ""), err=True)
+        raise typer.Exit(code=2)
+    except (ModelStoreError, ValueError, OSError) as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(code=2)
-    lm = predictor.current
+    if predictor.degraded:
+        typer.echo(f"warning: {predictor.degraded['reason']}", err=True)
+    lm, ids, raw = predictor.current, checked.ids, checked.raw
     classes = lm.schema.classes
+    user, salt = getpass.getuser(), _site_salt(state)
     with open(out, "w", newline="") as fh, Progress(transient=True) as bar:
         w = csv.writer(fh)
-        w.writerow(["id", "predicted", "probability", "model_version", *[f"p_{c}" for c in classes]])
+        w.writerow(["id", "predicted", "probability", "model_version", "coverage", "warnings",
+                    *[f"p_{c}" for c in classes]])
         task = bar.add_task("predicting", total=len(ids))
         for start in range(0, len(ids), batch_size):
-            _, result = predictor.predict(raw[start:start + batch_size])
+            _, result = predictor.predict(raw[start:start + batch_size], lm=lm)
+            rows = []
             for i, pid in enumerate(ids[start:start + batch_size]):
                 p = result["probabilities"][i]
                 k = int(result["predicted"][i])
-                w.writerow([pid, classes[k], f"{p[k]:.6f}", lm.version, *[f"{v:.6f}" for v in p]])
+                note = checked.notes[start + i]
+                flags = [x["code"] for x in note["warnings"]] + (["low_confidence"] if p[k] < limits.low_confidence else [])
+                w.writerow([pid, classes[k], f"{p[k]:.6f}", lm.version, f"{note['coverage_total']:.3f}",
+                            ";".join(flags), *[f"{v:.6f}" for v in p]])
+                rows.append({"id": pid, "predicted": classes[k]})
+            fh.flush()
+            os.fsync(fh.fileno())
+            audit.append_many([prediction_entry(salt, user, lm.version, rows, "cli")])  # one entry per written batch
             bar.advance(task, min(batch_size, len(ids) - start))
-    typer.echo(f"{len(ids)} patients -> {out} (model {lm.version})")
+    for w_ in checked.warnings:
+        typer.echo(f"warning: {w_['loc']}: {w_['msg']}", err=True)
+    typer.echo(f"{len(ids)} patients -> {out} (model {lm.version}{', calibrated' if lm.calibration else ''})")

@@ -28,15 +28,9 @@ from shared_models.site_data import Normalizer, TableError, raw_matrix, read_tab
 from shared_models.weights import load_weights
 
 IG_STEPS = 16
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-class PredictionInputError(ValueError):
-    """A payload or table the model cannot score: names the modality, feature and problem."""
-
-    def __init__(self, problems: list[dict]):
-        self.problems = problems
-        super().__init__("; ".join(f"{p['loc']}: {p['msg']}" for p in problems[:10]))
+from client.prediction_input import PredictionInputError  # noqa: E402,F401 - re-exported: the contract's error
 
 
 @dataclass
@@ -48,10 +42,21 @@ class LoadedModel:
     signature: str  # "verified", "unsigned", "not checked (no trust anchor)"
     normalizer: Normalizer
     inputs: dict  # modality -> {feature: (column, kind, levels)}, built once (input_map)
+    scaled: np.ndarray = None  # columns the normaliser standardises (out-of-range checks)
+    feature_at: list = None  # column -> (modality, feature)
+    temperature: float = 1.0  # fitted at the site on its labelled patients (client/calibration.py)
+    calibration: dict | None = None
+
+    def __post_init__(self):
+        from shared_models.site_data import scaled_columns
+
+        self.scaled = scaled_columns(self.schema)
+        self.feature_at = feature_names(self.schema)
 
 
 def input_map(schema: FeatureSchema) -> dict:
-    """Where each feature of a JSON payload goes: column, and kind "cat" (level -> code), "log" (log1p), "num"."""
+    """Where each feature of a JSON payload goes: column, and kind "cat" (level -> code), "log" (log1p),
+    "bin" (0/1) or "num"."""
     from shared_models.schema import Transform
 
     layout, out = schema.layout(), {}
@@ -63,6 +68,8 @@ def input_map(schema: FeatureSchema) -> dict:
                 feats[f] = (start + j, "cat", {lvl: k for k, lvl in enumerate(m.levels[f])})
             elif m.transform is Transform.log1p and t is ColumnType.numeric:
                 feats[f] = (start + j, "log", None)
+            elif t is ColumnType.binary:
+                feats[f] = (start + j, "bin", None)
             else:
                 feats[f] = (start + j, "num", None)
         out[m.name] = feats
@@ -70,15 +77,24 @@ def input_map(schema: FeatureSchema) -> dict:
 
 
 class Predictor:
-    """Thread-safe holder of the active model; `refresh()` picks up a newly activated version."""
+    """Thread-safe holder of the active model; `refresh()` picks up a newly activated version.
 
-    def __init__(self, model_dir: str | Path, normalizer_path: str | Path, signing_public_key: str | Path | None = None):
+    When the active version fails verification, the newest older version that verifies is served
+    instead (`degraded` says which and why; `on_fallback(entry)` is called once per change, e.g. to
+    write the audit log); with none, `current` stays None and `failed` says why."""
+
+    def __init__(self, model_dir: str | Path, normalizer_path: str | Path, signing_public_key: str | Path | None = None,
+                 on_fallback=None, calibration_path: str | Path | None = None):
         self.store = ModelStore(model_dir)
         self.normalizer_path = Path(normalizer_path)
+        self.calibration_path = Path(calibration_path) if calibration_path else self.normalizer_path.with_name(
+            "calibration.json")
         self.signing_public_key = Path(signing_public_key) if signing_public_key else None
+        self.on_fallback = on_fallback or (lambda entry: None)
         self._lock = threading.Lock()
         self.current: LoadedModel | None = None
         self.failed: tuple[str, str] | None = None  # (version, why): not retried until ACTIVE changes
+        self.degraded: dict | None = None  # {"active", "serving", "reason"} while a fallback is served
         self.refresh()
 
     def _load(self, version: str) -> LoadedModel:
@@ -97,10 +113,18 @@ class Predictor:
             normalizer = Normalizer.load(self.normalizer_path, schema)
         except TableError as e:
             raise ModelStoreError(f"{e}; a site that never trained fits one with `oncofed serve fit-normalizer`") from None
-        return LoadedModel(version, schema, model, package, signature, normalizer, input_map(schema))
+        lm = LoadedModel(version, schema, model, package, signature, normalizer, input_map(schema))
+        from client.calibration import load_calibration
+
+        lm.calibration = load_calibration(self.calibration_path, version, package)
+        if lm.calibration is not None:
+            lm.temperature = float(lm.calibration["temperature"])
+        return lm
 
     def refresh(self) -> bool:
-        """Load the store's active version if it changed; True if the model changed."""
+        """Load the store's active version if it changed; True if the model changed.
+
+        Raises ModelStoreError only when nothing can be served (no version verifies)."""
         active = self.store.active()
         if active is None:
             raise ModelStoreError(f"{self.store.root}: no model installed yet (the global model arrives after a "
@@ -108,87 +132,47 @@ class Predictor:
         if self.current is not None and self.current.version == active:
             return False
         if self.failed is not None and self.failed[0] == active:
-            raise ModelStoreError(self.failed[1])
+            if self.current is None:
+                raise ModelStoreError(self.failed[1])
+            return False  # the fallback keeps serving until ACTIVE changes
         try:
             loaded = self._load(active)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any failure: look for a version that verifies
             self.failed = (active, f"{active}: {e}")
-            raise
-        self.failed = None
+            return self._fall_back(active, str(e))
+        self.failed, self.degraded = None, None
         with self._lock:
             self.current = loaded
         return True
 
-    # --- inputs ------------------------------------------------------------------------------------
-    def raw_from_json(self, patients: list[dict], lm: LoadedModel | None = None) -> tuple[list[str], np.ndarray]:
-        """[{"id": ..., "modalities": {name: {feature: value}}}] -> ids and the raw (n, n_inputs) matrix
-        for `lm` (default: the current model; score it with the same `lm`).
-
-        null (or an absent feature / modality) is missing; every problem is reported, each naming the
-        patient, modality and feature."""
-        lm = lm or self.current
-        inputs = lm.inputs
-        raw = np.full((len(patients), lm.schema.layout().n_inputs), np.nan, dtype=np.float32)
-        problems, ids = [], []
-
-        def bad(loc: str, msg: str) -> None:
-            problems.append({"loc": loc, "msg": msg})
-
-        for i, p in enumerate(patients):
-            if not isinstance(p, dict):
-                bad(f"patients[{i}]", "must be an object with 'id' and 'modalities'")
-                ids.append(str(i))
+    def _fall_back(self, active: str, reason: str) -> bool:
+        for version in reversed([v for v in self.store.versions() if v < active]):
+            try:
+                loaded = self._load(version)
+            except Exception:  # noqa: BLE001 - older versions may be broken too
                 continue
-            ids.append(str(p.get("id", i)))
-            mods = p.get("modalities") or {}
-            if not isinstance(mods, dict):
-                bad(f"patients[{i}].modalities", "must be an object: modality -> features")
-                continue
-            for mname, feats in mods.items():
-                fmap = inputs.get(mname)
-                if fmap is None:
-                    bad(f"patients[{i}].modalities.{mname}", f"unknown modality; the schema has {', '.join(inputs)}")
-                    continue
-                if feats is None:
-                    continue  # the modality is missing for this patient
-                if not isinstance(feats, dict):
-                    bad(f"patients[{i}].modalities.{mname}", "must be an object of feature: value")
-                    continue
-                row = raw[i]
-                for f, v in feats.items():
-                    spec = fmap.get(f)
-                    loc = f"patients[{i}].modalities.{mname}.{f}"
-                    if spec is None:
-                        bad(loc, f"unknown feature of modality {mname!r}")
-                        continue
-                    if v is None:
-                        continue  # missing value
-                    col, kind, levels = spec
-                    if kind == "cat":
-                        code = levels.get(str(v).strip())
-                        if code is None:
-                            bad(loc, f"level {v!r} not in {list(levels)}")
-                        else:
-                            row[col] = code
-                        continue
-                    if isinstance(v, bool) or not isinstance(v, (int, float)):
-                        bad(loc, f"expected a number, got {type(v).__name__} {v!r}")
-                    elif v != v or not -FLOAT32_MAX < v < FLOAT32_MAX:
-                        bad(loc, "NaN, infinite or beyond float32: send null for a missing value")
-                    elif kind == "log":
-                        if v <= -1:
-                            bad(loc, f"{v} is <= -1: modality {mname!r} is log1p-transformed, so values must be "
-                                "> -1 (raw counts/levels, not logs)")
-                        else:
-                            row[col] = np.log1p(v)
-                    else:
-                        row[col] = v
-        if problems:
-            raise PredictionInputError(problems)
-        return ids, raw
+            self.degraded = {"active": active, "serving": version,
+                             "reason": f"active version {active} refused: {reason}; serving {version}, the newest "
+                                       "installed version that verifies"}
+            with self._lock:
+                self.current = loaded
+            self.on_fallback(dict(self.degraded))
+            return True
+        with self._lock:
+            self.current = None
+        self.degraded = None
+        why = (f"{active}: {reason}; no older installed version verifies either "
+               f"({', '.join(v for v in self.store.versions() if v < active) or 'none installed'})")
+        self.failed = (active, why)
+        raise ModelStoreError(why)
 
-    def raw_from_tables(self, site_dir: Path) -> tuple[list[str], np.ndarray]:
-        return tables_to_raw(self.current.schema, site_dir)
+    # --- inputs (client/prediction_input.py holds the contract) ----------------------------------
+    def checked_tables(self, site_dir: Path, limits=None):
+        """A site-layout directory, through the same input contract as the service's uploads."""
+        from client.prediction_input import ServeSettings, checked_tables
+
+        return checked_tables(self.current, Path(site_dir), limits or ServeSettings(max_patients=10**9,
+                                                                                    max_decompressed_mb=1e9))
 
     # --- outputs -----------------------------------------------------------------------------------
     def predict(self, raw: np.ndarray, top_k: int = 0, lm: LoadedModel | None = None) -> tuple[LoadedModel, dict]:
@@ -199,7 +183,7 @@ class Predictor:
         x = torch.from_numpy(lm.normalizer.transform(raw.copy()))
         with torch.no_grad():
             out = lm.model.explain(x)
-        probs = torch.softmax(out["logits"], dim=1).numpy()
+        probs = torch.softmax(out["logits"] / lm.temperature, dim=1).numpy()
         weights = out["modality_weights"]
         result = {"probabilities": probs, "predicted": probs.argmax(1),
                   "modality_weights": None if weights is None else weights.numpy(),

@@ -15,25 +15,22 @@ picked up without a restart: the store's ACTIVE file is checked before each requ
 """
 
 
+import asyncio
 import hashlib
 import hmac
 import json
 import os
 import secrets
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
-from client.predict import PredictionInputError, Predictor, format_predictions, tables_to_raw
+from client.predict import Predictor, format_predictions, tables_to_raw
+from client.serve_queue import ModelQueue, QueueFull
 from privacy.audit import AuditLog
 from shared_models.files import write_json_atomic
 
 ROLES = {"clinician": {"predict", "read"}, "admin": {"predict", "read", "manage"}}
-MAX_PATIENTS = 1000
-MAX_BODY_BYTES = 50 * 1024 * 1024
 TOKENS_FILE = "serve-tokens.json"
 
 
@@ -102,9 +99,16 @@ class TokenStore:
             self._cache = (st.st_mtime, st.st_size, json.loads(self.path.read_text())["tokens"])
         return self._cache[2]
 
-    def add(self, name: str, role: str) -> str:
+    def list(self) -> list[dict]:
+        """Name, role and creation time of each token (never the hash)."""
+        return [{k: t.get(k) for k in ("name", "role", "created")} for t in self._read()]
+
+    def add(self, name: str, role: str, replace: bool = False) -> str:
         if role not in ROLES:
             raise ValueError(f"--role {role!r}: one of {', '.join(ROLES)}")
+        if not replace and any(t["name"] == name for t in self._read()):
+            raise ValueError(f"a token named {name!r} exists; pass --replace to revoke it and issue a new one, "
+                             "or choose another --name")
         tokens = [t for t in self._read() if t["name"] != name]
         token = "ofd_" + secrets.token_urlsafe(32)
         tokens.append({"name": name, "role": role, "sha256": hashlib.sha256(token.encode()).hexdigest(),
@@ -128,267 +132,264 @@ class TokenStore:
         return found
 
 
-class Batcher:
-    """Dynamic batching: concurrent requests are scored together by one worker thread.
-
-    A request waits at most for the batch in flight; the worker takes whatever has queued (up to
-    `max_patients`), runs the model once, writes the batch's audit entries with one fsync, and hands
-    each request its rows. Requests with explanations (integrated gradients) are scored apart.
-    """
-
-    def __init__(self, predictor: Predictor, on_batch, max_patients: int = 256):
-        import queue
-
-        self.predictor, self.on_batch, self.max_patients = predictor, on_batch, max_patients
-        self.queue: "queue.Queue" = queue.Queue()
-        self.committing: "queue.Queue" = queue.Queue()
-        threading.Thread(target=self._run, daemon=True, name="oncofed-batcher").start()
-        threading.Thread(target=self._commit, daemon=True, name="oncofed-audit").start()
-
-    def _commit(self) -> None:
-        """Audit entries are durable before their requests are answered; the model does not wait for the disk."""
-        import queue
-
-        while True:
-            batches = [self.committing.get()]
-            while True:
-                try:
-                    batches.append(self.committing.get_nowait())
-                except queue.Empty:
-                    break
-            done = [(it, o) for group in batches for it, o in group]
-            try:
-                self.on_batch([(it[3], o) for it, o in done])
-                for it, o in done:
-                    _answer(it[4], it[5], o)
-            except Exception as e:  # noqa: BLE001 - no answer without its audit entry
-                for it, _ in done:
-                    _answer(it[4], it[5], None, e)
-
-    async def submit(self, ids: list[str], raw: np.ndarray, top_k: int, who: dict, lm,
-                     timeout: float = 120.0) -> tuple[str, list[dict]]:
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self.queue.put((ids, raw, top_k, who, loop, fut, lm))
-        return await asyncio.wait_for(fut, timeout)
-
-    def _run(self) -> None:
-        import queue
-
-        while True:
-            items = [self.queue.get()]
-            n = len(items[0][0])
-            while n < self.max_patients:
-                try:
-                    item = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                items.append(item)
-                n += len(item[0])
-            by_k: dict[tuple, list] = {}
-            for it in items:  # one model call per model and top_k (0: no explanations)
-                by_k.setdefault((id(it[6]), it[2]), []).append(it)
-            groups = list(by_k.values())
-            for group in groups:
-                try:
-                    raw = np.concatenate([it[1] for it in group]) if len(group) > 1 else group[0][1]
-                    lm, result = self.predictor.predict(raw, top_k=group[0][2], lm=group[0][6])
-                    rows = format_predictions(lm, [i for it in group for i in it[0]], result, group[0][2])
-                    out, start = [], 0
-                    for it in group:
-                        out.append((lm.version, rows[start:start + len(it[0])]))
-                        start += len(it[0])
-                    self.committing.put(list(zip(group, out)))
-                except Exception as e:  # noqa: BLE001 - every waiting request gets the error
-                    for it in group:
-                        _answer(it[4], it[5], None, e)
-
-
-def _resolve(fut, value, error) -> None:
-    if fut.done():  # e.g. the request timed out
-        return
-    if error is not None:
-        fut.set_exception(error)
-    else:
-        fut.set_result(value)
-
-
-def _answer(loop, fut, value, error=None) -> None:
-    try:
-        loop.call_soon_threadsafe(_resolve, fut, value, error)
-    except RuntimeError:  # the event loop is gone (shutdown): nobody is waiting
-        pass
-
-
 def patient_hash(site_salt: str, patient_id: str) -> str:
     return hmac.new(site_salt.encode(), patient_id.encode(), hashlib.sha256).hexdigest()[:32]
 
 
-def create_app(settings: dict, *, audit_predictions: bool = True, threads: int = 1,
-               max_body_bytes: int = MAX_BODY_BYTES):
-    from fastapi import Depends, FastAPI, HTTPException, Request, UploadFile
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-    from pydantic import BaseModel
-
-    import torch
-
-    torch.set_num_threads(threads)  # the batcher is the only thread running the model
-    state_dir = Path(settings["state-dir"])
-    predictor = Predictor(settings["model-dir"], state_dir / "normalizer.json",
-                          settings.get("signing-public-key") or None)
-    tokens = TokenStore(state_dir / TOKENS_FILE)
-    audit = AuditLog(state_dir / "audit.jsonl")
+def _site_salt(state_dir: Path) -> str:
     salt_file = state_dir / "patient-id-salt"
     if not salt_file.exists():
         fd = os.open(salt_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(secrets.token_hex(16))
-    salt = salt_file.read_text().strip()
+    return salt_file.read_text().strip()
 
-    registry = CollectorRegistry()
-    requests = Counter("oncofed_serve_requests", "requests", ["endpoint", "status"], registry=registry)
-    latency = Histogram("oncofed_serve_latency_seconds", "request latency", ["endpoint"], registry=registry,
-                        buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-    predictions = Counter("oncofed_serve_predictions", "predictions per class", ["predicted"], registry=registry)
-    errors = Counter("oncofed_serve_errors", "requests refused or failed", ["endpoint", "reason"], registry=registry)
 
-    app = FastAPI(title="OncoFed site prediction service", version="1")
-    # a fixed metrics label: paths are client-chosen
-    app.add_middleware(BodyLimit, limit=max_body_bytes, on_refused=lambda: errors.labels("any", "too_large").inc())
+def prediction_entry(salt: str, who: str, version: str, rows: list[dict], via: str) -> tuple[str, dict]:
+    """The audit entry of one answered request: who, which model, salted patient hashes, the classes."""
+    return ("prediction", {"token": who, "via": via, "model_version": version, "patients": len(rows),
+                           "patient_sha": [patient_hash(salt, r["id"]) for r in rows],
+                           "predicted": [r["predicted"] for r in rows]})
 
-    class Activate(BaseModel):
-        version: str | None = None
-        rollback: bool = False
+
+class Metrics:
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("oncofed_serve_requests", "requests", ["endpoint", "status"], registry=r)
+        self.latency = Histogram("oncofed_serve_latency_seconds", "request latency", ["endpoint"], registry=r,
+                                 buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.predictions = Counter("oncofed_serve_predictions", "predictions per class", ["predicted"], registry=r)
+        self.errors = Counter("oncofed_serve_errors", "requests refused or failed", ["endpoint", "reason"], registry=r)
+
+
+class RequestMetrics:
+    """ASGI middleware: count and time every request by route (paths are client-chosen: routes only)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), [500]
+
+        async def tracked(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        finally:
+            route = scope.get("route")
+            endpoint = route.path if route is not None else "other"
+            self.metrics.requests.labels(endpoint, str(status[0])).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+
+
+class Site:
+    """What the routes share: the model, tokens, audit log, limits, queues and metrics."""
+
+    def __init__(self, settings: dict, audit_predictions: bool, max_body_bytes: int | None):
+        from client.prediction_input import ServeSettings
+
+        self.limits = ServeSettings.from_site(settings)
+        if max_body_bytes is not None:
+            self.limits = self.limits.model_copy(update={"max_body_mb": max_body_bytes / (1024 * 1024)})
+        self.max_body_bytes = int(self.limits.max_body_mb * 1024 * 1024)
+        self.state_dir = Path(settings["state-dir"])
+        self.audit = AuditLog(self.state_dir / "audit.jsonl")
+        self.predictor = Predictor(settings["model-dir"], self.state_dir / "normalizer.json",
+                                   settings.get("signing-public-key") or None, on_fallback=self._fell_back)
+        self.tokens = TokenStore(self.state_dir / TOKENS_FILE)
+        self.salt = _site_salt(self.state_dir)
+        self.audit_predictions = audit_predictions
+        self.metrics = Metrics()
+        self.predictions = ModelQueue("model", self.predictor, format_predictions, self._commit,
+                                      capacity=self.limits.queue_patients, window_s=self.limits.batch_window_ms / 1000)
+        self.explanations = ModelQueue("explain", self.predictor, format_predictions, self._commit, max_patients=64,
+                                       capacity=self.limits.explain_queue_patients)
+
+    def _fell_back(self, entry: dict) -> None:
+        self.audit.append("model_fallback", **entry)
+
+    def _commit(self, done: list) -> None:
+        for _, _, rows in done:
+            for r in rows:
+                self.metrics.predictions.labels(r["predicted"]).inc()
+        if self.audit_predictions:
+            self.audit.append_many([prediction_entry(self.salt, job.who["name"], version, rows, job.extra["via"])
+                                    for job, version, rows in done])
+
+    def current(self):
+        """The model to score this request with (a newly activated version is picked up here)."""
+        from fastapi import HTTPException
+
+        try:
+            self.predictor.refresh()
+        except Exception as e:  # noqa: BLE001 - nothing verifies: the service answers, but refuses to guess
+            if self.predictor.current is None:
+                raise HTTPException(503, f"no usable model: {e}") from None
+        return self.predictor.current
+
+
+def _auth(site: Site):
+    """Dependency factory: the bearer token's entry if its role may `permission`; failures are audited."""
+    from fastapi import HTTPException, Request
+
+    def refuse(request: Request, status: int, reason: str, detail: str, name: str | None = None):
+        site.metrics.errors.labels(request.url.path, "unauthenticated" if status == 401 else "forbidden").inc()
+        client = request.client.host if request.client else None
+        site.audit.append("login_failed", reason=reason, path=request.url.path, client=client, token=name)
+        raise HTTPException(status, detail, headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
 
     def role(permission: str):
         async def check(request: Request) -> dict:
             header = request.headers.get("authorization", "")
             if not header.lower().startswith("bearer "):
-                errors.labels(request.url.path, "unauthenticated").inc()
-                raise HTTPException(401, "missing bearer token: send 'Authorization: Bearer <token>' (tokens come "
-                                    "from `oncofed serve token add`)", headers={"WWW-Authenticate": "Bearer"})
-            entry = tokens.lookup(header[7:].strip())
+                refuse(request, 401, "no bearer token", "missing bearer token: send 'Authorization: Bearer <token>' "
+                       "(tokens come from `oncofed serve token add`)")
+            entry = site.tokens.lookup(header[7:].strip())
             if entry is None:
-                errors.labels(request.url.path, "unauthenticated").inc()
-                raise HTTPException(401, "unknown or revoked token", headers={"WWW-Authenticate": "Bearer"})
+                refuse(request, 401, "unknown or revoked token", "unknown or revoked token")
             if permission not in ROLES[entry["role"]]:
-                errors.labels(request.url.path, "forbidden").inc()
-                raise HTTPException(403, f"role {entry['role']!r} may not {permission}")
+                refuse(request, 403, f"role {entry['role']} may not {permission}",
+                       f"role {entry['role']!r} may not {permission}", entry["name"])
             return entry
         return check
+    return role
 
-    @app.middleware("http")
-    async def request_metrics(request: Request, call_next):
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        endpoint = request.scope.get("route").path if request.scope.get("route") else "other"
-        requests.labels(endpoint, str(response.status_code)).inc()
-        latency.labels(endpoint).observe(time.perf_counter() - t0)
-        return response
 
-    def current():
+def _prediction_routes(app, site: Site, role) -> None:
+    """POST /v1/predict and /v1/predict/file: parse and check off the event loop, then queue for the model."""
+    from anyio import CapacityLimiter, to_thread
+    from fastapi import Depends, HTTPException, Request, UploadFile
+    from fastapi.responses import JSONResponse, Response
+
+    from client.prediction_input import (DecompressedBudget, InputTooLarge, PredictionInputError, checked_json,
+                                         checked_tables, parse_json, store_upload)
+
+    parsing = CapacityLimiter(2)  # request parsing never occupies more threads than the machine has cores
+
+    def refused(e: PredictionInputError, endpoint: str):
+        site.metrics.errors.labels(endpoint, "too_large" if e.status == 413 else "invalid_input").inc()
+        return JSONResponse({"detail": e.problems}, status_code=e.status)
+
+    async def answer(checked, top_k: int, who: dict, lm, endpoint: str, via: str):
+        queue = site.explanations if top_k else site.predictions
         try:
-            predictor.refresh()
-        except Exception as e:  # noqa: BLE001 - a broken new package must not take the service down
-            if predictor.current is None:
-                raise HTTPException(503, f"no usable model: {e}") from None
-        return predictor.current
-
-    def audit_batch(done: list[tuple[dict, tuple[str, list[dict]]]]) -> None:
-        for _, (_, rows) in done:
-            for r in rows:
-                predictions.labels(r["predicted"]).inc()
-        if audit_predictions:
-            audit.append_many([("prediction", {
-                "token": who["name"], "model_version": version, "patients": len(rows),
-                "patient_sha": [patient_hash(salt, r["id"]) for r in rows],
-                "predicted": [r["predicted"] for r in rows]}) for who, (version, rows) in done])
-
-    batcher = Batcher(predictor, audit_batch)
-
-    def check_rows(n: int, endpoint: str) -> None:
-        if n > MAX_PATIENTS:
-            errors.labels(endpoint, "too_many_rows").inc()
-            raise HTTPException(413, f"{n} patients in one request; at most {MAX_PATIENTS}")
-
-    async def respond(ids: list[str], raw: np.ndarray, top_k: int, who: dict, endpoint: str, lm) -> dict:
-        import asyncio
-
-        check_rows(len(ids), endpoint)
-        try:
-            version, rows = await batcher.submit(ids, raw, top_k, who, lm)
+            version, rows = await queue.submit(checked.ids, checked.raw, top_k, who, lm, {"via": via})
+        except QueueFull as e:
+            site.metrics.errors.labels(endpoint, "queue_full").inc()
+            return JSONResponse({"detail": str(e)}, status_code=503, headers={"Retry-After": str(e.retry_after)})
         except asyncio.TimeoutError:
-            errors.labels(endpoint, "timeout").inc()
+            site.metrics.errors.labels(endpoint, "timeout").inc()
             raise HTTPException(503, "the model did not answer within 120 s (overloaded?); retry later") from None
-        return {"model_version": version, "predictions": rows}
+        for row, note in zip(rows, checked.notes):
+            row.update(note)
+            confidence = row["probabilities"][row["predicted"]]
+            if confidence < site.limits.low_confidence:
+                row["warnings"] = row["warnings"] + [{"code": "low_confidence", "msg": f"the most likely class has "
+                                                      f"probability {confidence:.0%} (below "
+                                                      f"{site.limits.low_confidence:.0%}): no confident answer"}]
+        body = {"model_version": version, "calibrated": lm.calibration is not None, "warnings": checked.warnings,
+                "degraded": site.predictor.degraded, "predictions": rows}
+        if len(rows) <= 8:
+            return Response(json.dumps(body).encode(), media_type="application/json")
+        # a large answer is encoded off the event loop, which keeps answering /health meanwhile
+        encoded = await to_thread.run_sync(lambda: json.dumps(body).encode(), limiter=parsing)
+        return Response(encoded, media_type="application/json")
 
-    def unprocessable(e: PredictionInputError, endpoint: str):
-        errors.labels(endpoint, "invalid_input").inc()
-        return HTTPException(422, e.problems)
+    def via(request: Request) -> str:
+        return "page" if request.headers.get("x-oncofed-client") == "page" else "api"
 
     @app.post("/v1/predict")
     async def predict(request: Request, who: dict = Depends(role("predict"))):
         """{"patients": [{"id": ..., "modalities": {MODALITY: {FEATURE: value or null}}}], "top_k": 5}"""
-        lm = current()  # parsed and scored with this one model, even if another is activated meanwhile
+        lm = site.current()  # parsed and scored with this one model, even if another is activated meanwhile
+        body = await request.body()
+
+        def parse():
+            data = parse_json(body, site.limits)
+            patients = data.get("patients") if isinstance(data, dict) else None
+            top_k = data.get("top_k", 5) if isinstance(data, dict) else 5
+            if not isinstance(patients, list) or not patients:
+                raise PredictionInputError([{"loc": "body.patients", "code": "no_patients",
+                                             "msg": "a non-empty list of patients is required"}])
+            if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= 50:
+                raise PredictionInputError([{"loc": "body.top_k", "code": "bad_top_k", "msg": "an integer from 0 to 50"}])
+            return checked_json(lm, patients, site.limits), top_k
+
         try:
-            body = json.loads(await request.body())
-        except ValueError as e:
-            raise unprocessable(PredictionInputError([{"loc": "body", "msg": f"not JSON ({e})"}]), "/v1/predict")
-        patients = body.get("patients") if isinstance(body, dict) else None
-        top_k = body.get("top_k", 5) if isinstance(body, dict) else 5
-        if not isinstance(patients, list) or not patients:
-            raise unprocessable(PredictionInputError([{"loc": "body.patients", "msg": "a non-empty list of "
-                                                       "patients is required"}]), "/v1/predict")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= 50:
-            raise unprocessable(PredictionInputError([{"loc": "body.top_k", "msg": "an integer from 0 to 50"}]),
-                                "/v1/predict")
-        check_rows(len(patients), "/v1/predict")
-        try:
-            ids, raw = predictor.raw_from_json(patients, lm)
+            checked, top_k = await to_thread.run_sync(parse, limiter=parsing)
         except PredictionInputError as e:
-            raise unprocessable(e, "/v1/predict") from None
-        return await respond(ids, raw, top_k, who, "/v1/predict", lm)
+            return refused(e, "/v1/predict")
+        return await answer(checked, top_k, who, lm, "/v1/predict", via(request))
 
     @app.post("/v1/predict/file")
-    async def predict_file(files: list[UploadFile], top_k: int = 5, who: dict = Depends(role("predict"))):
-        lm = current()
-        with tempfile.TemporaryDirectory() as tmp:
-            for f in files:
-                name = Path(f.filename or "").name
-                if not name or name.startswith("."):
-                    raise unprocessable(PredictionInputError([{"loc": "files", "msg": "each file needs a name: "
-                                                               "MODALITY.csv / .tsv / .parquet"}]), "/v1/predict/file")
-                (Path(tmp) / name).write_bytes(await f.read())
-            try:
-                ids, raw = tables_to_raw(lm.schema, Path(tmp))
-            except PredictionInputError as e:
-                raise unprocessable(e, "/v1/predict/file") from None
-            except (ValueError, OSError) as e:
-                raise unprocessable(PredictionInputError([{"loc": "files", "msg": str(e)}]), "/v1/predict/file") from None
-        return await respond(ids, raw, min(max(top_k, 0), 50), who, "/v1/predict/file", lm)
+    async def predict_file(request: Request, files: list[UploadFile], top_k: int = 5,
+                           who: dict = Depends(role("predict"))):
+        lm = site.current()
+        top_k = min(max(top_k, 0), 50)
+
+        def parse():
+            budget = DecompressedBudget(site.limits)
+            with tempfile.TemporaryDirectory() as tmp:
+                for f in files:
+                    name = Path(f.filename or "").name
+                    if not name or name.startswith("."):
+                        raise PredictionInputError([{"loc": "files", "code": "no_name", "msg": "each file needs a "
+                                                     "name: MODALITY.csv / .tsv / .parquet (optionally .gz)"}])
+                    f.file.seek(0)
+                    store_upload(iter(lambda: f.file.read(1 << 20), b""), Path(tmp) / name, budget,
+                                 site.limits.max_patients)
+                return checked_tables(lm, Path(tmp), site.limits)
+
+        try:
+            checked = await to_thread.run_sync(parse, limiter=parsing)
+        except PredictionInputError as e:
+            return refused(e, "/v1/predict/file")
+        except InputTooLarge as e:
+            return refused(e, "/v1/predict/file")
+        return await answer(checked, top_k, who, lm, "/v1/predict/file", via(request))
+
+
+def _model_routes(app, site: Site, role) -> None:
+    """The active model (read) and model management (admin)."""
+    from fastapi import Depends, HTTPException
+    from pydantic import BaseModel
+
+    class Activate(BaseModel):
+        version: str | None = None
+        rollback: bool = False
 
     @app.get("/v1/model")
     def model_info(who: dict = Depends(role("read"))):
-        lm = current()
+        lm = site.current()
         p = lm.package
         return {"version": lm.version, "run": p.get("run"), "round": p.get("round"),
                 "weights_sha256": p.get("weights_sha256"), "arrays_sha256": p.get("arrays_sha256"),
                 "signature": lm.signature, "metrics": p.get("metrics", {}), "site_epsilon": p.get("site_epsilon", {}),
                 "delta": p.get("delta"), "schema_hash": p.get("schema_hash"), "classes": lm.schema.classes,
-                "modalities": [{"name": m.name, "features": len(m.features)} for m in lm.schema.modalities]}
+                "class_names": class_names(lm.schema),
+                "calibration": lm.calibration and {k: lm.calibration[k] for k in (
+                    "temperature", "heldout", "n_fit", "n_heldout", "fitted")},
+                "degraded": site.predictor.degraded,
+                "modalities": [{"name": m.name, "features": len(m.features), "description": m.description}
+                               for m in lm.schema.modalities]}
 
     @app.get("/v1/models")
     def models(who: dict = Depends(role("manage"))):
-        store = predictor.store
+        store = site.predictor.store
         return {"active": store.active(), "versions": [
             {"version": v, **{k: store.package(v).get(k) for k in ("run", "round", "installed", "arrays_sha256")}}
             for v in store.versions()]}
 
     @app.post("/v1/models/activate")
     def activate(body: Activate, who: dict = Depends(role("manage"))):
+        predictor = site.predictor
         store = predictor.store
         versions, active = store.versions(), store.active()
         if body.rollback:
@@ -406,28 +407,99 @@ def create_app(settings: dict, *, audit_predictions: bool = True, threads: int =
             raise HTTPException(409, f"{target} does not verify: {e}") from None
         store.activate(target)
         predictor.refresh()
-        audit.append("model_activated", version=target, previous=active, token=who["name"])
+        site.audit.append("model_activated", version=target, previous=active, token=who["name"])
         return {"active": target, "previous": active}
 
+
+def _operations_routes(app, site: Site) -> None:
+    """/health, /metrics, /v1/limits and the page: no token needed."""
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
     @app.get("/health")
-    def health():
-        ok = predictor.current is not None
-        return JSONResponse({"status": "ok" if ok else "no model", "model_version": ok and predictor.current.version},
-                            status_code=200 if ok else 503)
+    async def health():  # on the event loop: no thread hop, answers while the workers are busy
+        predictor = site.predictor
+        try:
+            predictor.refresh()
+        except Exception:  # noqa: BLE001 - reported below
+            pass
+        if predictor.current is None:
+            reason = predictor.failed[1] if predictor.failed else "no model"
+            return JSONResponse({"status": "unhealthy", "model_version": None, "reason": reason}, status_code=503)
+        if predictor.degraded:
+            return {"status": "degraded", "model_version": predictor.current.version, **predictor.degraded}
+        return {"status": "ok", "model_version": predictor.current.version,
+                "queues": {"predictions": site.predictions.waiting, "explanations": site.explanations.waiting}}
 
     @app.get("/metrics")
     def metrics():
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(site.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/limits")
+    def limits():
+        """What the page states before an upload."""
+        lim = site.limits
+        return {"max_patients": lim.max_patients, "max_body_mb": lim.max_body_mb,
+                "max_decompressed_mb": lim.max_decompressed_mb, "min_coverage": lim.min_coverage,
+                "warn_coverage": lim.warn_coverage, "out_of_range_sd": lim.out_of_range_sd,
+                "refuse_out_of_range": lim.refuse_out_of_range, "low_confidence": lim.low_confidence,
+                "formats": ".csv, .tsv, .txt, .parquet, each optionally .gz"}
 
     @app.get("/", response_class=HTMLResponse)
     def page():
         return (Path(__file__).parent / "web" / "index.html").read_text()
 
-    app.state.predictor = predictor
+
+def class_names(schema) -> dict[str, str]:
+    """Full names of the classes when the schema's description carries them ("CODE: name" lines) or
+    the vendored TCGA table knows them; else the codes themselves."""
+    from client.class_names import names_for
+
+    return names_for(schema)
+
+
+def create_app(settings: dict, *, audit_predictions: bool = True, threads: int = 1,
+               max_body_bytes: int | None = None):
+    """The service for one site (site.json's settings); routes are grouped by what they do."""
     import gc
 
+    import torch
+    from fastapi import FastAPI
+
+    torch.set_num_threads(threads)  # each queue's thread runs the model on one core
+    site = Site(settings, audit_predictions, max_body_bytes)
+    docs = site.limits.api_docs
+    app = FastAPI(title="OncoFed site prediction service", version="1", docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json" if docs else None)
+    app.add_middleware(RequestMetrics, metrics=site.metrics)
+    # the one size limit, outermost: a fixed metrics label (paths are client-chosen)
+    app.add_middleware(BodyLimit, limit=site.max_body_bytes,
+                       on_refused=lambda: site.metrics.errors.labels("any", "too_large").inc())
+    role = _auth(site)
+    _prediction_routes(app, site, role)
+    _model_routes(app, site, role)
+    _operations_routes(app, site)
+    if docs:
+        _offline_docs(app)
+    app.state.predictor = site.predictor
+    app.state.site = site
     gc.freeze()  # the loaded model, schema and libraries: never rescanned by the collector (shorter pauses)
     return app
+
+
+def _offline_docs(app) -> None:
+    """/docs with no internet: a plain list of the routes from the OpenAPI document (no CDN assets)."""
+    from fastapi.responses import HTMLResponse
+
+    @app.get("/docs", include_in_schema=False, response_class=HTMLResponse)
+    def docs():
+        spec = app.openapi()
+        rows = "".join(f"<tr><td>{m.upper()}</td><td><code>{path}</code></td><td>{op.get('summary', '')}</td>"
+                       f"<td>{(op.get('description') or '').splitlines()[0] if op.get('description') else ''}</td></tr>"
+                       for path, ops in spec["paths"].items() for m, op in ops.items())
+        return ("<!doctype html><meta charset=utf-8><title>OncoFed API</title><h1>OncoFed site prediction API</h1>"
+                "<p>The OpenAPI document: <a href=/openapi.json>/openapi.json</a></p><table border=1 cellpadding=4>"
+                f"<tr><th>method</th><th>path</th><th>summary</th><th>description</th></tr>{rows}</table>")
 
 
 def fit_normalizer(settings: dict, data_dir: Path, schema_path: Path | None = None) -> tuple[Path, int]:

@@ -47,6 +47,7 @@ Severity = Literal["error", "warning"]
 MAX_EXAMPLES = 3  # example cells shown per problem
 MAX_NAMES = 8  # ids or column names listed in one message
 MAX_PER_CHECK = 10  # problems of one kind in one file; more are folded into one
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,52 @@ def validate_site(schema: FeatureSchema, site_dir: str | Path, min_count: int = 
     return ValidationReport(problems=check.problems, summary=summary, seconds=time.perf_counter() - start)
 
 
+@dataclass
+class PredictionTables:
+    """Patients to score, checked with the same rules as a training site's tables."""
+
+    ids: list[str]  # every patient with a row in at least one table, first-seen order
+    raw: np.ndarray  # (patients, n_inputs) float32 in schema layout, transforms applied; NaN = missing
+    problems: list[Problem]  # errors refuse the request; warnings go with the answer
+
+
+def check_prediction_tables(schema: FeatureSchema, frames: dict[str, tuple[pd.DataFrame, str]]) -> PredictionTables:
+    """The input contract of predictions, for uploaded tables and JSON payloads alike.
+
+    `frames`: modality -> (table indexed by patient id, the name its problems are reported under:
+    the file name, or e.g. "JSON modality 'mirna'"). Cells are read by the checks training's
+    validation runs (`_check_frame`): duplicate ids, non-numbers, infinities and values beyond float32,
+    non-0/1 binaries, unknown levels, log1p's domain, no schema feature; and a table mostly of columns
+    that are not its modality's features is refused. Never raises for bad input."""
+    check = _SiteCheck(schema, Path("."), min_count=1, for_prediction=True)
+    layout = schema.layout()
+    checked: dict[str, tuple[Modality, _Checked]] = {}
+    seen: dict[str, None] = {}
+    for m in schema.modalities:
+        if m.name not in frames:
+            continue
+        df, file = frames[m.name]
+        result = check._guarded(Path(file), lambda p, m=m, df=df: check._check_frame(m, df, p))
+        if result is not None:
+            checked[m.name] = (m, result)
+            seen.update(dict.fromkeys(str(i) for i in result.ids))
+    ids = list(seen)
+    raw = np.full((len(ids), layout.n_inputs), np.nan, dtype=np.float32)
+    index = pd.Index(ids)
+    for m, result in checked.values():
+        rows = index.get_indexer(result.ids)
+        values = result.values.copy()
+        values[np.abs(values) > FLOAT32_MAX] = np.nan  # refused above; never cast to float32's infinity
+        if m.transform is Transform.log1p:  # as training's raw_matrix: numeric columns only, binary 0/1 stays
+            numeric = [j for j, f in enumerate(result.present) if m.column_type(f) is ColumnType.numeric]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                values[:, numeric] = np.log1p(np.where(values[:, numeric] > -1, values[:, numeric], np.nan))
+        pos = {f: i for i, f in enumerate(m.features)}
+        cols = [layout.slices[m.name].start + pos[f] for f in result.present]
+        raw[np.ix_(rows, cols)] = values
+    return PredictionTables(ids, raw, check.problems)
+
+
 # --- the checks ------------------------------------------------------------------------------------------
 
 
@@ -219,8 +266,9 @@ class _Checked:
 
 
 class _SiteCheck:
-    def __init__(self, schema: FeatureSchema, site_dir: Path, min_count: int):
+    def __init__(self, schema: FeatureSchema, site_dir: Path, min_count: int, for_prediction: bool = False):
         self.schema, self.site_dir, self.min_count = schema, site_dir, min_count
+        self.for_prediction = for_prediction  # a table mostly of other columns is refused, not just noted
         self.problems: list[Problem] = []
         self.labels: _Labels | None = None
         self.labels_file = LABELS_STEM + ".csv"
@@ -426,7 +474,8 @@ class _SiteCheck:
             listing = _names([f"{i} (x{n})" for i, n in counts.items()], quote=False)
             what = "with one label each" if is_labels else "(merge replicates or aliquots before export)"
             self.add("error", "duplicate_ids", f"{_plural(len(counts), 'patient id')} more than once: {listing}",
-                     f"keep one row per patient {what}; training would silently use the first row",
+                     f"keep one row per patient {what}; " + ("which row is the patient cannot be guessed, so "
+                     "nothing is scored" if self.for_prediction else "training would silently use the first row"),
                      path.name, self.schema.id_column, list(counts.index[:MAX_NAMES]))
         keep = ~empty & ~np.asarray(ids.duplicated(keep="first"))
         return df[keep]
@@ -493,6 +542,9 @@ class _SiteCheck:
         df = self._read(path)
         if df is None:
             return None
+        return self._check_frame(m, df, path)
+
+    def _check_frame(self, m: Modality, df: pd.DataFrame, path: Path) -> _Checked | None:
         df = self._unique_rows(df, path, is_labels=False)
         file = path.name
         columns = list(df.columns)
@@ -508,11 +560,18 @@ class _SiteCheck:
             self.add("error", "no_schema_features", f"none of the schema's {m.n_features:,} {m.name!r} features is a "
                      f"column here ({found})", hint, file)
             return None
-        if absent:
+        if absent and not self.for_prediction:  # a prediction reports coverage per patient instead
             rename = f"; or rename: {renames}" if renames else ""
             self.add("warning", "absent_features", f"absent: {len(absent):,} of the schema's {m.n_features:,} "
                      f"{m.name!r} features ({len(absent) / m.n_features:.0%}): {_names(absent)}; they are masked at "
                      "training", f"nothing, if the site does not measure them{rename}", file)
+        if self.for_prediction and len(extra) > len(present):
+            # a table of another kind saved under this modality's name: scoring it would be a guess
+            self.add("error", "foreign_columns", f"{len(extra):,} of the {len(columns):,} columns are not "
+                     f"{m.name!r} features ({_names(extra)}); only {_plural(len(present), 'column')} "
+                     f"({_names(present)}) belong to the modality", f"check that this is the {m.name} table; "
+                     f"its columns must be the schema's {m.name!r} features (e.g. {_names(m.features[:3])})", file)
+            return None
         if extra:
             fix = "nothing, unless one of them should be a schema feature (then check its spelling)"
             if renames:
@@ -524,6 +583,8 @@ class _SiteCheck:
         if self.labels is not None and len(self.labels.all_ids):
             self._check_overlap(df.index, file)
         values, unusable, texts = self._check_cells(m, df[present], file)
+        if self.for_prediction:  # empty or constant columns are normal in a few patients
+            return _Checked(df.index, present, extra, values)
         self._check_columns(m, present, values, unusable, file)
         if self.labels is not None and len(self.labels.ids):
             self._check_leakage(m, present, values, texts, df.index, file)
@@ -613,7 +674,7 @@ class _SiteCheck:
 
         finite_problems = {"infinite": [], "not_binary": [], "log1p_domain": []}
         with np.errstate(invalid="ignore"):
-            inf = np.isinf(values)
+            inf = np.abs(values) > FLOAT32_MAX  # the model reads float32: 1e300 would become infinite
             binary = np.array([kind[c] is ColumnType.binary for c in cols])
             not01 = np.isfinite(values) & (values != 0) & (values != 1) & binary
             counts_t = np.array([kind[c] is ColumnType.numeric for c in cols]) & (m.transform is Transform.log1p)
@@ -623,7 +684,8 @@ class _SiteCheck:
                 rows = np.flatnonzero(mask[:, j])
                 examples = [(values[r, j], ids[r]) for r in rows[:MAX_EXAMPLES]]
                 message, fix = {
-                    "infinite": (f"{_plural(len(rows), 'infinite cell')}: {_examples(examples)}",
+                    "infinite": (f"{_plural(len(rows), 'cell')} infinite or beyond float32 (+-3.4e38): "
+                                 f"{_examples(examples)}",
                                  "infinities come from log(0) or a division by zero upstream: write the finite "
                                  "value, or leave the cell empty (missing)"),
                     "not_binary": (f"{_plural(len(rows), 'cell')} neither 0 nor 1 in a binary column: "

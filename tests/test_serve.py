@@ -5,9 +5,11 @@ hot reload, rollback, the web page in headless Chromium (when installed)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pandas as pd
@@ -144,9 +146,13 @@ def test_bad_payloads_name_modality_feature_and_problem(site, client):
     r = client.post("/v1/predict", json={"patients": [bad]}, headers=_auth(site["clinician"]))
     assert r.status_code == 422
     text = json.dumps(r.json())
-    for needle in ("expr.nope", "unknown feature", "genome", "unknown modality", "'IV' not in", "expr.g1",
-                   "prot.p0", "beyond float32"):
+    for needle in ("genome", "unknown modality", "'IV'", "not a level", "column 'g1'", "'high'",
+                   "column 'p0'", "beyond float32", "row P002"):
         assert needle in text, needle
+    typo = _patient(site, 2)
+    typo["modalities"]["expr"]["nope"] = 1.0  # not a feature: scored without it, and the answer says so
+    r = client.post("/v1/predict", json={"patients": [typo]}, headers=_auth(site["clinician"]))
+    assert r.status_code == 200 and "'nope'" in r.json()["warnings"][0]["msg"]
     too_many = {"patients": [_patient(site, 0)] * 1001}
     assert client.post("/v1/predict", json=too_many, headers=_auth(site["clinician"])).status_code == 413
     huge = client.post("/v1/predict", content=b"{}", headers={**_auth(site["clinician"]),
@@ -280,3 +286,323 @@ def test_a_hospital_that_never_trained_fits_its_normalizer_and_serves(site, tmp_
     resp = TestClient(create_app(settings)).post("/v1/predict", json={"patients": [_patient(site, 3)]},
                                                  headers=_auth(token))
     assert resp.status_code == 200 and resp.json()["model_version"] == "v0002"
+
+
+# --- issue 20: refuse rather than guess --------------------------------------------------------------
+def _post(client, site, patients, **extra):
+    return client.post("/v1/predict", json={"patients": patients, "top_k": 0, **extra}, headers=_auth(site["clinician"]))
+
+
+def _codes(r) -> set[str]:
+    return {p["code"] for p in r.json()["detail"]}
+
+
+def _upload(client, site, files: dict[str, bytes], top_k: int = 0):
+    return client.post(f"/v1/predict/file?top_k={top_k}", headers=_auth(site["clinician"]),
+                       files=[("files", (name, data, "text/csv")) for name, data in files.items()])
+
+
+def _csv(site, modality: str, rows: list[int], edit=None) -> bytes:
+    df = pd.read_csv(site["data"] / f"{modality}.csv", dtype=str).iloc[rows]
+    if edit:
+        edit(df)
+    return df.to_csv(index=False).encode()
+
+
+def test_a_patient_without_data_is_refused_not_guessed(site, client):
+    for patient in ({"id": "E1", "modalities": {}},
+                    {"id": "E2", "modalities": {"expr": {f: None for f in site["schema"].modality("expr").features}}}):
+        r = _post(client, site, [patient])
+        assert r.status_code == 422 and _codes(r) == {"no_usable_feature"}, r.text
+        assert patient["id"] in r.text
+
+
+def test_coverage_below_the_site_minimum_is_refused_with_coverage_per_modality(site, client):
+    r = _post(client, site, [{"id": "A1", "modalities": {"clinical": {"age": 0.3}}}])  # 1 of 61 inputs
+    assert r.status_code == 422 and _codes(r) == {"low_coverage"}
+    problem = r.json()["detail"][0]
+    assert problem["coverage"]["clinical"] == pytest.approx(1 / 3, abs=1e-3) and problem["coverage"]["expr"] == 0
+    assert "min-coverage" in problem["fix"]
+    ok = _post(client, site, [_patient(site, 4, drop=("prot", "clinical", "mutation"))])
+    p = ok.json()["predictions"][0]
+    assert ok.status_code == 200 and p["coverage"]["expr"] == 1 and p["coverage"]["prot"] == 0
+    assert 0.4 < p["coverage_total"] < 0.5 and [w["code"] for w in p["warnings"]][:1] == ["low_coverage"]
+
+
+def test_tables_of_another_kind_are_refused(site, client):
+    prot_as_expr = _csv(site, "prot", range(5))  # a protein table saved as the expression table
+    r = _upload(client, site, {"expr.csv": prot_as_expr})
+    assert r.status_code == 422 and "no_schema_features" in _codes(r) and "expr.csv" in r.text
+    labels = pd.DataFrame({"patient": ["P000", "P001"], "cancer_type": ["A", "B"]}).to_csv(index=False).encode()
+    r = _upload(client, site, {"clinical.csv": labels})
+    assert r.status_code == 422 and "no_schema_features" in _codes(r)
+
+    def mostly_foreign(df):  # one expression column among 40 others
+        for k in range(40):
+            df[f"x{k}"] = "1"
+    r = _upload(client, site, {"expr.csv": _csv(site, "expr", range(3), lambda df: (
+        df.drop(columns=[c for c in df.columns if c not in ("patient", "g0")], inplace=True), mostly_foreign(df)))})
+    assert r.status_code == 422 and "foreign_columns" in _codes(r)
+
+
+@pytest.mark.parametrize("cell, code", [("high", "non_numeric"), ("12,5", "non_numeric"), ("inf", "infinite"),
+                                        ("1e300", "infinite")])
+def test_a_bad_cell_is_refused_the_same_way_in_a_table_and_in_json(site, client, cell, code):
+    def edit(df):
+        df.loc[df.index[1], "g3"] = cell
+    r_csv = _upload(client, site, {"expr.csv": _csv(site, "expr", range(3), edit)})
+    patient = _patient(site, 1, drop=("prot", "clinical", "mutation"))
+    patient["modalities"]["expr"]["g3"] = cell if code == "non_numeric" or cell == "inf" else float(cell)
+    r_json = _post(client, site, [patient])
+    assert r_csv.status_code == r_json.status_code == 422
+    (a,), (b,) = r_csv.json()["detail"], r_json.json()["detail"]
+    assert a["code"] == b["code"] == code and a["feature"] == b["feature"] == "g3"
+    assert a["patients"] == b["patients"] == ["P001"] and a["msg"] == b["msg"] and a["fix"] == b["fix"]
+
+
+def test_duplicate_patient_ids_are_refused_in_json_and_tables(site, client):
+    r = _post(client, site, [_patient(site, 5), _patient(site, 5)])
+    assert r.status_code == 422 and "duplicate_ids" in _codes(r) and "P005" in r.text
+    r = _upload(client, site, {"expr.csv": _csv(site, "expr", [5, 6, 5])})
+    assert r.status_code == 422 and "duplicate_ids" in _codes(r) and "P005" in r.text
+
+
+def test_values_far_outside_the_training_distribution_are_flagged_or_refused(site, client, tmp_path):
+    from fastapi.testclient import TestClient
+
+    patient = _patient(site, 8)
+    patient["modalities"]["clinical"]["age"] = -40.0  # the site's normaliser: mean 0, SD 1
+    patient["modalities"]["expr"]["g5"] = 3e38
+    r = _post(client, site, [patient])
+    assert r.status_code == 200
+    p = r.json()["predictions"][0]
+    flagged = {(o["modality"], o["feature"]) for o in p["out_of_range"]}
+    assert flagged == {("clinical", "age"), ("expr", "g5")} and "out_of_range" in [w["code"] for w in p["warnings"]]
+    mutation = _patient(site, 8)
+    mutation["modalities"]["mutation"]["m0"] = 7  # binary
+    assert "not_binary" in _codes(_post(client, site, [mutation]))
+    strict = TestClient(create_app({**site["settings"], "serve": {"refuse-out-of-range": True}}))
+    r = _post(strict, site, [patient])
+    assert r.status_code == 422 and _codes(r) == {"out_of_range"} and "refuse-out-of-range" in r.text
+
+
+def test_input_limits_answer_413_or_422_naming_the_limit(site, client):
+    deep = b'{"patients": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = client.post("/v1/predict", content=deep, headers={**_auth(site["clinician"]), "Content-Type": "application/json"})
+    assert r.status_code == 422 and "at most 32" in r.text
+    keys = {"patients": [{"id": "K1", "modalities": {"expr": {f"k{i}": 1.0 for i in range(200_000)}}}]}
+    r = _post(client, site, keys["patients"])
+    assert r.status_code == 422 and _codes(r) == {"foreign_columns"} and len(r.content) < 2000
+    many = [{"id": f"Z{i}", "modalities": {}} for i in range(500)]  # 500 problems, 50 listed
+    r = _post(client, site, many)
+    assert r.status_code == 422 and len(r.json()["detail"]) == 51 and "serve.max-problems" in r.text
+    too_many = _csv(site, "expr", list(range(N)) * 2)
+    r = _upload(client, site, {"expr.csv": too_many})
+    assert r.status_code == 413 and "serve.max-patients" in r.text
+
+
+def _gzip_bomb(mb: int) -> bytes:
+    """A gzip file of `mb` MB of text in about mb kB: one compressed megabyte repeated as gzip members."""
+    import gzip
+
+    header = b"patient," + b",".join(f"g{i}".encode() for i in range(30)) + b"\n"
+    return gzip.compress(header) + gzip.compress(b"0" * (1 << 20), 9) * mb
+
+
+@pytest.fixture(scope="module")
+def live(site):
+    """`oncofed serve` as a real process on loopback."""
+    import time
+
+    import httpx
+
+    from simulations.federation import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "oncofed", "serve", "--site-config", str(site["root"] / "site.json"),
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.2)
+    yield {"url": url, "process": proc}
+    proc.terminate()
+    proc.wait(20)
+
+
+def test_health_answers_within_100_ms_during_a_gzip_bomb_and_a_300_patient_explanation(site, live):
+    import threading
+    import time
+
+    import httpx
+
+    bomb = _gzip_bomb(400)  # 400 MB of text in ~0.4 MB
+    results = {}
+    with httpx.Client(base_url=live["url"]) as c:  # the same machine, idle: what its load alone costs
+        idle = []
+        for _ in range(30):
+            t0 = time.perf_counter()
+            c.get("/health")
+            idle.append(time.perf_counter() - t0)
+            time.sleep(0.01)
+
+    # everything the client threads send is encoded before timing starts: they share this process's GIL
+    explain_body = json.dumps({"patients": [_patient(site, i) for i in range(300)], "top_k": 5}).encode()
+    upload = httpx.Request("POST", f"{live['url']}/v1/predict/file", headers=_auth(site["clinician"]),
+                           files=[("files", ("expr.csv.gz", bomb, "application/gzip"))])
+    upload.read()
+    json_headers = {**_auth(site["clinician"]), "Content-Type": "application/json"}
+    warm = httpx.post(f"{live['url']}/v1/predict", headers=json_headers, timeout=60,
+                      content=json.dumps({"patients": [_patient(site, 0)], "top_k": 5}))
+    assert warm.status_code == 200  # the process's first explanation initialises autograd
+
+    def send_bomb():
+        with httpx.Client(timeout=60) as c:
+            results["bomb"] = c.send(upload)
+
+    def explain():
+        results["explain"] = httpx.post(f"{live['url']}/v1/predict", headers=json_headers, timeout=60,
+                                        content=explain_body)
+
+    workers = [threading.Thread(target=send_bomb), threading.Thread(target=explain)]
+    for w in workers:
+        w.start()
+    times = []
+    with httpx.Client(base_url=live["url"]) as c:
+        while any(w.is_alive() for w in workers):
+            t0 = time.perf_counter()
+            assert c.get("/health").status_code == 200
+            times.append(time.perf_counter() - t0)
+            time.sleep(0.02)
+    for w in workers:
+        w.join()
+    assert results["bomb"].status_code == 413 and "serve.max-decompressed-mb" in results["bomb"].text
+    assert results["explain"].status_code == 200 and len(results["explain"].json()["predictions"]) == 300
+    print(f"/health idle: max {max(idle) * 1e3:.0f} ms; during: median {np.median(times) * 1e3:.0f} ms, "
+          f"p90 {np.quantile(times, 0.9) * 1e3:.0f} ms, max {max(times) * 1e3:.0f} ms, {len(times)} requests; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    # the target is 100 ms on a quiet machine; on a shared one, what the machine's load alone costs is allowed
+    assert len(times) >= 3 and np.quantile(times, 0.9) < 0.1 and max(times) < 0.1 + max(idle), times
+
+
+def test_a_full_queue_answers_503_with_retry_after(site):
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    app = create_app({**site["settings"], "serve": {"explain-queue-patients": 300}})
+    c = TestClient(app)
+    first = {}
+    t = threading.Thread(target=lambda: first.setdefault("r", c.post(
+        "/v1/predict", json={"patients": [_patient(site, i) for i in range(300)], "top_k": 5},
+        headers=_auth(site["clinician"]))))
+    t.start()
+    while app.state.site.explanations.waiting == 0 and t.is_alive():
+        pass
+    r = c.post("/v1/predict", json={"patients": [_patient(site, 0)], "top_k": 5}, headers=_auth(site["clinician"]))
+    fast = c.post("/v1/predict", json={"patients": [_patient(site, 0)], "top_k": 0}, headers=_auth(site["clinician"]))
+    t.join()
+    assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1 and "at most 300" in r.text
+    assert fast.status_code == 200  # predictions have their own queue
+    assert first["r"].status_code == 200
+
+
+# --- issue 20: operations ----------------------------------------------------------------------------
+def _copy_site(site, tmp_path) -> dict:
+    shutil.copytree(site["root"] / "models", tmp_path / "models")
+    shutil.copytree(site["root"] / "state", tmp_path / "state")
+    (tmp_path / "state" / "audit.jsonl").unlink(missing_ok=True)
+    (tmp_path / "state" / "audit.head.json").unlink(missing_ok=True)
+    settings = {"model-dir": str(tmp_path / "models"), "state-dir": str(tmp_path / "state")}
+    (tmp_path / "site.json").write_text(json.dumps(settings))
+    return settings
+
+
+def test_a_tampered_active_package_falls_back_to_the_newest_verified_version(site, tmp_path):
+    from fastapi.testclient import TestClient
+
+    settings = _copy_site(site, tmp_path)
+    ModelStore(tmp_path / "models").activate("v0002")
+    with open(tmp_path / "models" / "v0002" / "weights.pt", "ab") as fh:
+        fh.write(b"tampered")
+    c = TestClient(create_app(settings))
+    health = c.get("/health").json()
+    assert health["status"] == "degraded" and health["model_version"] == "v0001" and health["active"] == "v0002"
+    assert "does not match" in health["reason"]
+    r = c.post("/v1/predict", json={"patients": [_patient(site, 0)], "top_k": 0}, headers=_auth(site["clinician"]))
+    assert r.json()["model_version"] == "v0001" and r.json()["degraded"]["serving"] == "v0001"
+    entries = [json.loads(x) for x in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
+    assert [e for e in entries if e["event"] == "model_fallback"][0]["serving"] == "v0001"
+    with open(tmp_path / "models" / "v0001" / "weights.pt", "ab") as fh:  # nothing verifies any more
+        fh.write(b"tampered")
+    shutil.copytree(tmp_path / "models" / "v0002", tmp_path / "models" / "v0003")
+    (tmp_path / "models" / "ACTIVE").write_text("v0003\n")  # e.g. an admin activates a broken copy
+    r = c.get("/health")
+    assert r.status_code == 503 and r.json()["status"] == "unhealthy"
+    assert "v0003" in r.json()["reason"] and "no older installed version verifies" in r.json()["reason"]
+
+
+def test_failed_logins_and_every_prediction_path_are_audited(site, tmp_path):
+    from fastapi.testclient import TestClient
+
+    settings = _copy_site(site, tmp_path)
+    c = TestClient(create_app(settings))
+    c.post("/v1/predict", json={"patients": [_patient(site, 0)]}, headers=_auth("ofd_guess"))
+    c.get("/v1/models", headers=_auth(site["clinician"]))
+    c.post("/v1/predict", json={"patients": [_patient(site, 0)], "top_k": 0},
+           headers={**_auth(site["clinician"]), "X-OncoFed-Client": "page"})
+    from typer.testing import CliRunner
+
+    from oncofed.cli import app
+
+    r = CliRunner().invoke(app, ["predict", "--site-config", str(tmp_path / "site.json"), "--data", str(site["data"]),
+                                 "--out", str(tmp_path / "p.csv")])  # as a process: test_batch_cli
+    assert r.exit_code == 0, r.output
+    entries = [json.loads(x) for x in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
+    failed = [e for e in entries if e["event"] == "login_failed"]
+    assert [f["reason"] for f in failed] == ["unknown or revoked token", "role clinician may not manage"]
+    assert "ofd_guess" not in json.dumps(entries)
+    vias = [e["via"] for e in entries if e["event"] == "prediction"]
+    assert vias[0] == "page" and vias[1:] == ["cli"] * len(vias[1:]) and len(vias) >= 2
+    assert sum(e["patients"] for e in entries if e.get("via") == "cli") == N
+    assert verify(tmp_path / "state" / "audit.jsonl").ok
+
+
+def test_token_list_and_replace(site, tmp_path):
+    from typer.testing import CliRunner
+
+    from oncofed.cli import app
+
+    _copy_site(site, tmp_path)
+    cfg = ["--site-config", str(tmp_path / "site.json")]
+
+    def oncofed(*args):
+        r = CliRunner().invoke(app, ["serve", "token", *args, *cfg])
+        return types.SimpleNamespace(returncode=r.exit_code, stdout=r.output, stderr=r.output)
+
+    listed = oncofed("list")
+    assert listed.returncode == 0 and "dr" in listed.stdout and "clinician" in listed.stdout
+    assert "sha256" not in listed.stdout and site["clinician"] not in listed.stdout
+    again = oncofed("add", "--name", "dr")
+    assert again.returncode == 2 and "--replace" in again.stderr
+    replaced = oncofed("add", "--name", "dr", "--replace")
+    assert replaced.returncode == 0 and replaced.stdout.strip().startswith("ofd_")
+
+
+def test_api_docs_are_off_by_default_and_offline_when_on(site, client):
+    from fastapi.testclient import TestClient
+
+    assert client.get("/docs").status_code == 404 and client.get("/openapi.json").status_code == 404
+    docs = TestClient(create_app({**site["settings"], "serve": {"api-docs": True}})).get("/docs")
+    assert docs.status_code == 200 and "/v1/predict" in docs.text and "http" not in docs.text.replace(
+        "http-equiv", "")
+
+
+def test_a_bad_serve_setting_names_the_key(site):
+    with pytest.raises(ValueError, match="serve.min-coverage"):
+        create_app({**site["settings"], "serve": {"min-coverage": 2}})

@@ -1,0 +1,443 @@
+"""The input contract of predictions: what the site service and `oncofed predict` score, and what they refuse.
+
+JSON payloads and uploaded tables go through the same checks with the same messages
+(`shared_models.validation.check_prediction_tables`, the rules a training site's tables are held to),
+then through the patient checks here, which work on the raw matrix whatever its source:
+
+- refused (422): a patient with no usable feature; coverage (share of the schema's features present)
+  below the site's minimum; values far outside the site's training distribution when the site asks
+  for that (`serve.refuse-out-of-range`);
+- flagged in the answer: coverage per modality, low coverage, values far outside the training
+  distribution (more than `serve.out-of-range-sd` standard deviations from the normaliser's mean).
+
+Limits (413 / 422, each naming the limit and the setting that raises it): patients per request,
+decompressed bytes of uploaded tables (counted while decompressing, not after), JSON nesting depth,
+problems listed in one answer.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shared_models.schema import FeatureSchema
+from shared_models.site_data import TABLE_SUFFIXES, TableError, read_table, scaled_columns
+from shared_models.validation import FLOAT32_MAX, Problem, check_prediction_tables
+
+
+class ServeSettings(BaseModel):
+    """The `serve` object of site.json (every key optional): limits and what the service refuses."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    min_coverage: float = Field(0.02, ge=0, le=1, alias="min-coverage",
+                                description="refuse a patient with a smaller share of the schema's features")
+    warn_coverage: float = Field(0.5, ge=0, le=1, alias="warn-coverage", description="flag coverage below this")
+    out_of_range_sd: float = Field(6.0, gt=0, alias="out-of-range-sd",
+                                   description="flag values this many SDs from the site's training mean")
+    refuse_out_of_range: bool = Field(False, alias="refuse-out-of-range")
+    low_confidence: float = Field(0.5, ge=0, le=1, alias="low-confidence",
+                                  description="flag a prediction whose probability is below this")
+    max_patients: int = Field(1000, ge=1, alias="max-patients")
+    max_body_mb: float = Field(50, gt=0, alias="max-body-mb")
+    max_decompressed_mb: float = Field(64, gt=0, alias="max-decompressed-mb")
+    max_json_depth: int = Field(32, ge=6, alias="max-json-depth")
+    max_problems: int = Field(50, ge=1, alias="max-problems")
+    queue_patients: int = Field(4096, ge=1, alias="queue-patients",
+                                description="patients waiting for the model; more: 503 with Retry-After")
+    explain_queue_patients: int = Field(2000, ge=1, alias="explain-queue-patients")
+    batch_window_ms: float = Field(0.0, ge=0, le=100, alias="batch-window-ms",
+                                   description="wait this long for more requests before scoring a batch")
+    api_docs: bool = Field(False, alias="api-docs", description="serve /docs (Swagger UI, bundled: no internet)")
+
+    @classmethod
+    def from_site(cls, settings: dict) -> "ServeSettings":
+        try:
+            return cls.model_validate(settings.get("serve") or {})
+        except ValidationError as e:
+            first = e.errors()[0]
+            key = ".".join(str(x) for x in first["loc"])
+            raise ValueError(f"site.json: serve.{key}: {first['msg']}; fix the value or remove the key "
+                             f"(keys: {', '.join(f.alias for f in cls.model_fields.values())})") from None
+
+
+class PredictionInputError(ValueError):
+    """Input the model cannot score honestly: each problem names patient, modality, feature or row."""
+
+    def __init__(self, problems: list[dict], status: int = 422):
+        self.problems, self.status = problems, status
+        super().__init__("; ".join(f"{p['loc']}: {p['msg']}" for p in problems[:10]))
+
+
+class InputTooLarge(PredictionInputError):
+    def __init__(self, loc: str, msg: str):
+        super().__init__([{"loc": loc, "code": "too_large", "msg": msg}], status=413)
+
+
+@dataclass
+class CheckedPatients:
+    ids: list[str]
+    raw: np.ndarray  # (patients, n_inputs) float32, schema layout, transforms applied
+    notes: list[dict]  # per patient: coverage per modality, out-of-range values, warnings
+    warnings: list[dict]  # about the input as a whole (e.g. columns that are not features, ignored)
+
+
+def problem_dict(p: Problem, modality: str | None = None) -> dict:
+    out = {"loc": p.where, "code": p.code, "msg": p.message, "fix": p.fix}
+    if modality:
+        out["modality"] = modality
+    if p.column is not None:
+        out["feature"] = p.column
+    if p.rows:
+        out["patients"] = list(p.rows)
+    return out
+
+
+def capped(problems: list[dict], limit: int) -> list[dict]:
+    if len(problems) <= limit:
+        return problems
+    return problems[:limit] + [{"loc": "request", "code": "more_problems",
+                                "msg": f"{len(problems) - limit} more problems not listed (at most {limit} per "
+                                       "answer: serve.max-problems in site.json)"}]
+
+
+# --- JSON ----------------------------------------------------------------------------------------------
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def json_depth(body: bytes) -> int:
+    """Deepest nesting of [ and { outside strings, without parsing (a parser recurses)."""
+    brackets = np.frombuffer(_STRING.sub(b'""', body), dtype=np.uint8)
+    step = np.zeros(256, np.int8)
+    step[[ord("["), ord("{")]] = 1
+    step[[ord("]"), ord("}")]] = -1
+    moves = step[brackets]
+    return int(np.cumsum(moves[moves != 0], dtype=np.int64).max(initial=0))
+
+
+def parse_json(body: bytes, limits: ServeSettings):
+    """The request body as Python objects, refusing nesting beyond the limit before parsing."""
+    import json
+
+    depth = json_depth(body)
+    if depth > limits.max_json_depth:
+        raise PredictionInputError([{"loc": "body", "code": "too_deep", "msg": f"JSON nested {depth} levels deep; "
+                                     f"at most {limits.max_json_depth} (a prediction request needs 5)"}])
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as e:
+        raise PredictionInputError([{"loc": "body", "code": "not_json", "msg": f"not JSON ({e})"}]) from None
+
+
+def json_frames(schema: FeatureSchema, patients: list, inputs: dict, limits: ServeSettings
+                ) -> tuple[np.ndarray | None, list[str], dict, list[dict]]:
+    """Patients of a JSON payload -> (raw matrix or None, ids, frames, structural problems).
+
+    The raw matrix is built directly when every value is a plain in-range number or a known level and
+    every id is unique (the common case, and fast); anything else returns None and the per-modality
+    frames, which `check_prediction_tables` reads exactly as uploaded tables (the same messages)."""
+    problems: list[dict] = []
+    n_inputs = schema.layout().n_inputs
+    raw = np.full((len(patients), n_inputs), np.nan, dtype=np.float32)
+    ids: list[str] = []
+    records: dict[str, list[tuple[str, dict]]] = {}
+    fast = True
+    for i, p in enumerate(patients):
+        loc = f"patients[{i}]"
+        if not isinstance(p, dict):
+            problems.append({"loc": loc, "code": "not_a_patient", "msg": "must be an object with 'id' and 'modalities'"})
+            continue
+        pid = p.get("id")
+        if isinstance(pid, bool) or not isinstance(pid, (str, int)) or str(pid).strip() == "":
+            problems.append({"loc": f"{loc}.id", "code": "empty_id", "msg": "each patient needs an 'id' (text)"})
+            continue
+        pid = str(pid).strip()
+        ids.append(pid)
+        mods = p.get("modalities")
+        if mods is None:
+            mods = {}
+        if not isinstance(mods, dict):
+            problems.append({"loc": f"{loc}.modalities", "code": "not_an_object", "patients": [pid],
+                             "msg": "must be an object: modality -> {feature: value}"})
+            continue
+        row = raw[len(ids) - 1]
+        for mname, feats in mods.items():
+            fmap = inputs.get(mname)
+            mloc = f"{loc}.modalities.{mname}"
+            if fmap is None:
+                problems.append({"loc": mloc, "code": "unknown_modality", "patients": [pid], "modality": str(mname),
+                                 "msg": f"unknown modality; the schema has {', '.join(inputs)}"})
+                continue
+            if feats is None:
+                continue
+            if not isinstance(feats, dict):
+                problems.append({"loc": mloc, "code": "not_an_object", "patients": [pid], "modality": mname,
+                                 "msg": "must be an object of feature: value"})
+                continue
+            if len(feats) > 2 * len(fmap):  # necessarily mostly foreign keys: refused without building a table
+                unknown = [f for f in feats if f not in fmap]
+                problems.append({"loc": mloc, "code": "foreign_columns", "patients": [pid], "modality": mname,
+                                 "msg": f"{len(unknown):,} of the {len(feats):,} keys are not {mname!r} features "
+                                        f"(e.g. {unknown[:3]}); the modality has {len(fmap):,}",
+                                 "fix": f"send the schema's {mname!r} features only"})
+                continue
+            records.setdefault(mname, []).append((pid, feats))
+            if fast:
+                fast = _fill_row(row, fmap, feats)
+    if fast and len(set(ids)) < len(ids):
+        fast = False
+    frames = {}
+    if not fast or problems:
+        for mname, recs in records.items():
+            df = pd.DataFrame.from_records([r for _, r in recs], index=pd.Index([i for i, _ in recs], dtype=object),
+                                           coerce_float=False)
+            frames[mname] = (df, f"modalities.{mname}")
+    return (raw[:len(ids)] if fast and not problems else None), ids, frames, problems
+
+
+def _fill_row(row: np.ndarray, fmap: dict, feats: dict) -> bool:
+    """Write a modality's values into the row; False at the first value the fast path does not decide."""
+    for f, v in feats.items():
+        spec = fmap.get(f)
+        if spec is None:
+            return False
+        if v is None:
+            continue
+        col, kind, levels = spec
+        if kind == "cat":
+            code = levels.get(v) if isinstance(v, str) else None
+            if code is None:
+                return False
+            row[col] = code
+            continue
+        if type(v) not in (int, float) or not -FLOAT32_MAX <= v <= FLOAT32_MAX:  # also NaN and bool
+            return False
+        if kind == "log":
+            if v <= -1:
+                return False
+            row[col] = math.log1p(v)
+        elif kind == "bin":
+            if v != 0 and v != 1:
+                return False
+            row[col] = v
+        else:
+            row[col] = v
+    return True
+
+
+# --- tables --------------------------------------------------------------------------------------------
+class DecompressedBudget:
+    """Bytes written after decompression, over every table of one request, and rows of delimited tables."""
+
+    def __init__(self, limits: ServeSettings):
+        self.left = int(limits.max_decompressed_mb * 1024 * 1024)
+        self.limit_mb, self.max_rows = limits.max_decompressed_mb, limits.max_patients
+
+    def spend(self, n: int, name: str) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise InputTooLarge(name, f"the uploaded tables decompress to more than {self.limit_mb:g} MB "
+                                      "(serve.max-decompressed-mb in site.json); send fewer patients per upload")
+
+
+def store_upload(chunks, dest: Path, budget: DecompressedBudget, max_rows: int) -> None:
+    """Write an uploaded table to `dest` (without .gz), decompressing gzip as it streams; stops at the budget.
+
+    `chunks` yields the bytes as uploaded. Delimited tables are also stopped at `max_rows` data rows."""
+    name = dest.name
+    gz = name.lower().endswith(".gz")
+    target = dest.with_name(name[:-3]) if gz else dest
+    delimited = not target.name.lower().endswith(".parquet")
+    inflate = zlib.decompressobj(wbits=31) if gz else None
+    lines = 0
+    with open(target, "wb") as out:
+        for chunk in chunks:
+            pieces = [chunk]
+            if inflate is not None:
+                pieces = []
+                data = chunk
+                while data:
+                    piece = inflate.decompress(data, 1 << 20)  # at most 1 MiB at a time: a bomb never expands whole
+                    budget.spend(len(piece), name)
+                    pieces.append(piece)
+                    data = inflate.unconsumed_tail
+                    if inflate.eof and inflate.unused_data:  # a second gzip member
+                        rest = inflate.unused_data
+                        inflate = zlib.decompressobj(wbits=31)
+                        data = rest
+                    out.write(piece)
+                    if delimited:
+                        lines += piece.count(b"\n")
+                        if lines > max_rows + 1:
+                            _too_many_rows(name, max_rows)
+                continue
+            budget.spend(len(chunk), name)
+            out.write(chunk)
+            if delimited:
+                lines += chunk.count(b"\n")
+                if lines > max_rows + 1:
+                    _too_many_rows(name, max_rows)
+        if inflate is not None and not inflate.eof:
+            raise PredictionInputError([{"loc": name, "code": "unreadable", "msg": "the gzip stream is incomplete",
+                                         "fix": "upload the file again (the copy was cut short)"}])
+    if not delimited:
+        _check_parquet(target, budget, max_rows)
+
+
+def _too_many_rows(name: str, max_rows: int):
+    raise InputTooLarge(name, f"more than {max_rows} patients (rows) in one request (serve.max-patients in "
+                              "site.json); split the upload")
+
+
+def _check_parquet(path: Path, budget: DecompressedBudget, max_rows: int) -> None:
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except Exception:  # noqa: BLE001 - read_table reports the unreadable file with its fix
+        return
+    if meta.num_rows > max_rows:
+        _too_many_rows(path.name, max_rows)
+    budget.spend(sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)), path.name)
+
+
+def table_frames(schema: FeatureSchema, table_dir: Path) -> tuple[dict, list[dict]]:
+    """Modality tables of a directory -> frames for the contract; other files are reported, not read."""
+    frames, problems = {}, []
+    names = {m.name for m in schema.modalities}
+    for path in sorted(table_dir.iterdir()):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        stem = next((s for s in names if any(path.name == s + suf for suf in TABLE_SUFFIXES)), None)
+        if stem is None:
+            problems.append({"loc": path.name, "code": "unrelated_file", "severity": "warning",
+                             "msg": "not a table of this schema's modalities; ignored",
+                             "fix": f"name each table after its modality: {', '.join(sorted(names))} "
+                                    "(.csv, .tsv, .parquet, optionally .gz)"})
+            continue
+        if stem in frames:
+            problems.append({"loc": path.name, "code": "ambiguous_table",
+                             "msg": f"a second table for modality {stem!r} (also {frames[stem][1]})",
+                             "fix": "send one table per modality"})
+            continue
+        try:
+            frames[stem] = (read_table(path, schema.id_column), path.name)
+        except TableError as e:
+            problems.append({"loc": path.name, "code": "unreadable", "modality": stem,
+                             "msg": str(e).removeprefix(f"{path}: ")})
+    if not frames and not any(p.get("severity") != "warning" for p in problems):
+        problems.append({"loc": "files", "code": "no_modality", "msg": "no modality table: name each file after "
+                         f"its modality ({', '.join(m.name for m in schema.modalities)})"})
+    return frames, problems
+
+
+# --- the contract --------------------------------------------------------------------------------------
+def check_frames(schema: FeatureSchema, frames: dict, limits: ServeSettings) -> tuple[list[str], np.ndarray, list[dict], list[dict]]:
+    """Frames -> ids, raw, errors, warnings (validation's messages)."""
+    checked = check_prediction_tables(schema, frames)
+    modality_of_file = {file: m for m, (_, file) in frames.items()}
+    errors, warnings = [], []
+    for p in checked.problems:
+        (errors if p.severity == "error" else warnings).append(problem_dict(p, modality_of_file.get(p.file)))
+    if len(checked.ids) > limits.max_patients:
+        raise InputTooLarge("patients", f"{len(checked.ids)} patients in one request; at most {limits.max_patients} "
+                                        "(serve.max-patients in site.json)")
+    return checked.ids, checked.raw, errors, warnings
+
+
+def check_patients(lm, ids: list[str], raw: np.ndarray, limits: ServeSettings) -> tuple[list[dict], list[dict]]:
+    """Coverage and distance from the training distribution, per patient: (notes, errors)."""
+    schema = lm.schema
+    layout = schema.layout()
+    observed = ~np.isnan(raw)
+    total = observed.sum(axis=1) / layout.n_inputs
+    per_modality = {m.name: observed[:, layout.slices[m.name]].mean(axis=1) for m in schema.modalities}
+    # standard deviations from the site's training mean, numeric standardised columns only
+    cols = lm.scaled
+    norm = lm.normalizer
+    with np.errstate(invalid="ignore", over="ignore"):
+        z = np.abs((raw[:, cols].astype(np.float64) - norm.mean[cols]) / norm.scale[cols])
+    far = np.nan_to_num(z, nan=0.0) > limits.out_of_range_sd
+    notes, errors = [], []
+    for i, pid in enumerate(ids):
+        coverage = {m: round(float(v[i]), 4) for m, v in per_modality.items()}
+        note = {"coverage": coverage, "coverage_total": round(float(total[i]), 4), "warnings": [], "out_of_range": []}
+        summary = ", ".join(f"{m} {int(round(v * schema.modality(m).n_features))}/{schema.modality(m).n_features}"
+                            for m, v in coverage.items())
+        if not observed[i].any():
+            errors.append({"loc": f"patient {pid}", "code": "no_usable_feature", "patients": [pid],
+                           "msg": "no usable feature: every modality is missing or empty, so any prediction would "
+                                  "be a guess", "fix": "send at least one modality with values"})
+        elif total[i] < limits.min_coverage:
+            errors.append({"loc": f"patient {pid}", "code": "low_coverage", "patients": [pid], "coverage": coverage,
+                           "msg": f"{observed[i].sum()} of the schema's {layout.n_inputs} features present "
+                                  f"({total[i]:.1%}), below the site's minimum {limits.min_coverage:.0%} "
+                                  f"(per modality: {summary})",
+                           "fix": "send more of the patient's data, or lower serve.min-coverage in site.json"})
+        elif total[i] < limits.warn_coverage:
+            note["warnings"].append({"code": "low_coverage", "msg": f"only {total[i]:.0%} of the model's inputs "
+                                     f"present ({summary}): the prediction rests on less data than usual"})
+        if far[i].any():
+            js = np.flatnonzero(far[i])
+            js = js[np.argsort(-z[i, js])][:5]
+            for j in js:
+                col = int(cols[j])
+                m, f = lm.feature_at[col]
+                value = float(raw[i, col])
+                if lm.inputs[m][f][1] == "log":
+                    value = float(np.expm1(value))
+                note["out_of_range"].append({"modality": m, "feature": f, "value": value,
+                                             "sd_from_mean": round(float(z[i, j]), 1)})
+            listing = ", ".join(f"{o['modality']}.{o['feature']} = {o['value']:.4g} ({o['sd_from_mean']:g} SD)"
+                                for o in note["out_of_range"])
+            msg = (f"{int(far[i].sum())} value(s) more than {limits.out_of_range_sd:g} SD from the site's training "
+                   f"mean: {listing}")
+            if limits.refuse_out_of_range:
+                errors.append({"loc": f"patient {pid}", "code": "out_of_range", "patients": [pid], "msg": msg,
+                               "fix": "check the units and the export; the site refuses such values "
+                                      "(serve.refuse-out-of-range in site.json)"})
+            else:
+                note["warnings"].append({"code": "out_of_range", "msg": msg + "; the model never saw such values"})
+        notes.append(note)
+    return notes, errors
+
+
+def checked_json(lm, patients: list, limits: ServeSettings) -> CheckedPatients:
+    if len(patients) > limits.max_patients:
+        raise InputTooLarge("body.patients", f"{len(patients)} patients in one request; at most "
+                                             f"{limits.max_patients} (serve.max-patients in site.json)")
+    raw, ids, frames, problems = json_frames(lm.schema, patients, lm.inputs, limits)
+    warnings: list[dict] = []
+    if raw is None:
+        ids_t, raw_t, errors, warnings = check_frames(lm.schema, frames, limits)
+        problems += errors
+        if not problems:  # patients without any modality have no row in any frame
+            index = {pid: k for k, pid in enumerate(ids_t)}
+            raw = np.full((len(ids), lm.schema.layout().n_inputs), np.nan, dtype=np.float32)
+            for k, pid in enumerate(ids):
+                if pid in index:
+                    raw[k] = raw_t[index[pid]]
+    return _finish(lm, ids, raw, problems, warnings, limits)
+
+
+def checked_tables(lm, table_dir: Path, limits: ServeSettings) -> CheckedPatients:
+    frames, problems = table_frames(lm.schema, table_dir)
+    warnings = [p for p in problems if p.get("severity") == "warning"]
+    problems = [p for p in problems if p.get("severity") != "warning"]
+    ids, raw, errors, more = check_frames(lm.schema, frames, limits)
+    return _finish(lm, ids, raw, problems + errors, warnings + more, limits)
+
+
+def _finish(lm, ids, raw, problems, warnings, limits) -> CheckedPatients:
+    if not problems:
+        notes, problems = check_patients(lm, ids, raw, limits)
+    if problems:
+        raise PredictionInputError(capped(problems, limits.max_problems))
+    return CheckedPatients(ids, raw, notes, capped(warnings, limits.max_problems))
