@@ -83,6 +83,9 @@ def simulate(
                    f"{out / 'flower'}): the global model is the initial one, so it is not evaluated", err=True)
         raise typer.Exit(code=1)
     installed = [d for d in result["deliveries"] if d.get("installed")]
+    configs = write_site_configs(out, sites, manifest, cfg)
+    typer.echo(f"each site's site.json: {configs[0].parent.parent}/<site>/site.json (serve one with `oncofed serve "
+               f"--site-config {configs[0]}`)")
     typer.echo(f"\nglobal model {result['arrays_sha256'][:12]} (signed) installed and verified at {len(installed)}/"
                f"{n_sites} sites")
     for d in result["deliveries"]:
@@ -126,3 +129,20 @@ def _parse_overrides(items: list[str]) -> dict:
     except RunConfigError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(code=2)
+
+
+def write_site_configs(out: Path, sites: Path, manifest: dict, cfg: dict) -> list[Path]:
+    """A site.json per simulated hospital, as `oncofed site init` writes for a real one, so that
+    `oncofed serve --site-config`, `oncofed predict` and `oncofed serve token add` work on the run's output."""
+    from shared_models.files import write_json_atomic
+
+    paths = []
+    for site in manifest["sites"]:
+        root = Path(cfg["site-state-root"]) / site["name"]
+        settings = {"site-name": site["name"], "data-path": str(sites / site["dir"]), "state-dir": str(root / "state"),
+                    "model-dir": str(root / "models"), "signing-public-key": cfg.get("signing-public-key", ""),
+                    "privacy-budget": cfg.get("epsilon")}
+        root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(root / "site.json", settings)
+        paths.append(root / "site.json")
+    return paths

@@ -606,3 +606,50 @@ def test_api_docs_are_off_by_default_and_offline_when_on(site, client):
 def test_a_bad_serve_setting_names_the_key(site):
     with pytest.raises(ValueError, match="serve.min-coverage"):
         create_app({**site["settings"], "serve": {"min-coverage": 2}})
+
+
+def test_simulate_writes_a_site_json_that_serve_starts_from(site, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from simulations.cli_simulate import write_site_configs
+
+    state_root = tmp_path / "state"
+    shutil.copytree(site["root"] / "models", state_root / "C0" / "models")
+    shutil.copytree(site["root"] / "state", state_root / "C0" / "state")
+    manifest = {"sites": [{"name": "C0", "dir": "C0"}]}
+    (path,) = write_site_configs(tmp_path, tmp_path / "sites", manifest, {"site-state-root": str(state_root),
+                                                                         "epsilon": 8.0})
+    settings = json.loads(path.read_text())
+    assert settings["site-name"] == "C0" and settings["data-path"] == str(tmp_path / "sites" / "C0")
+    c = TestClient(create_app(settings))
+    assert c.get("/health").json()["status"] == "ok"
+
+
+def test_calibration_is_fitted_at_the_site_and_checked_on_held_out_patients(site, tmp_path):
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from oncofed.cli import app
+
+    settings = _copy_site(site, tmp_path)
+    data = tmp_path / "labelled"
+    shutil.copytree(site["data"], data)
+    classes = site["schema"].classes
+    pd.DataFrame({"patient": [f"P{i:03d}" for i in range(N)], site["schema"].label_column:
+                  [classes[int(v)] for v in site["y"]]}).to_csv(data / "labels.csv", index=False)
+    before = TestClient(create_app(settings)).post("/v1/predict", json={"patients": [_patient(site, 9)], "top_k": 0},
+                                                   headers=_auth(site["clinician"])).json()
+    assert before["calibrated"] is False
+    r = CliRunner().invoke(app, ["serve", "calibrate", "--site-config", str(tmp_path / "site.json"), "--data", str(data)])
+    assert r.exit_code == 0, r.output
+    cal = json.loads((tmp_path / "state" / "calibration.json").read_text())
+    assert cal["n_fit"] + cal["n_heldout"] == N and abs(cal["n_fit"] - cal["n_heldout"]) <= len(classes)
+    assert cal["heldout"]["ece_after"] <= cal["heldout"]["ece_before"] and "ECE" in r.output
+    c = TestClient(create_app(settings))
+    after = c.post("/v1/predict", json={"patients": [_patient(site, 9)], "top_k": 0},
+                   headers=_auth(site["clinician"])).json()
+    assert after["calibrated"] is True
+    assert after["predictions"][0]["predicted"] == before["predictions"][0]["predicted"]  # only the confidence moves
+    assert after["predictions"][0]["probabilities"] != before["predictions"][0]["probabilities"]
+    info = c.get("/v1/model", headers=_auth(site["clinician"])).json()
+    assert info["calibration"]["temperature"] == cal["temperature"]
