@@ -281,7 +281,7 @@ def test_f_g_superexec_killed_is_restarted_and_sites_ride_out_http_500(dep):
     wait_for(lambda: _health(dep)[0] == 200, 60, "the SuperExec to be restarted")
     assert json.loads((dep.op / "state" / "server.json").read_text())["components"]["superexec"]["restarts"] == 1
 
-    run = dep.run("heal", "--set", "num-rounds=1")
+    run = dep.run("heal", "--set", "num-rounds=1", "--set", "round-timeout=300.0")  # a busy 2-core machine
     wait_for(lambda: (dep.op / "runs" / "heal" / "progress.json").exists(), 240, "round 1 of run heal to start")
     _proxy_answers_500(dep, True)
     try:
@@ -302,6 +302,10 @@ def test_f_g_superexec_killed_is_restarted_and_sites_ride_out_http_500(dep):
     scrape = wait_for(lambda: _metrics(dep), 60, "metrics")
     assert 'oncofed_server_process_restarts{process="superexec"} 1.0' in scrape
     assert "oncofed_sites_registered 3.0" in scrape and "oncofed_sites_online 3.0" in scrape, scrape
+    # the proxy killed too: restarted, its orphaned workers (which hold the port) reaped first
+    os.killpg(json.loads((dep.op / "state" / "server.json").read_text())["proxy_pid"], signal.SIGKILL)
+    wait_for(lambda: json.loads((dep.op / "state" / "server.json").read_text())["components"]["proxy"]["restarts"]
+             == 1 and _health(dep)[0] == 200, 60, "the proxy to be restarted")
 
 
 def _ledgers(dep: Deployment) -> dict[str, bytes]:
