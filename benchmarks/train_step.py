@@ -1,13 +1,27 @@
-"""Training-step throughput of the shared model, non-private vs Opacus DP-SGD (hooks), on one thread.
+"""Training-step cost of the shared model: plain vs DP-SGD (Opacus hooks, Opacus ghost, book-keeping), one thread.
 
 Two reference shapes, the committed cohort schemas: BRCA PAM50 (6,000 + 6,000 + 503 omics features
-+ 4 clinical columns, 5 classes) and pan-cancer (513 + 41 + 301 + 120 + 1 features, 33 classes).
-Each shape runs in its own process so that its peak RSS is its own. Inputs are synthetic values of
-the right shape (throughput does not depend on the values), with one modality missing for a
++ 4 clinical columns, 5 classes) and pan-cancer (513 + 41 + 301 + 120 + 1 features, 33 classes),
+each at batch 64 and 512. Each shape runs in its own process. Inputs are synthetic values of the
+right shape (the step's cost does not depend on the values), with one modality missing for a
 quarter of the patients.
 
+Steps compared, on the same batches, interleaved so that all see the same machine load:
+- plain:        AdamW step with global gradient-norm clipping (the non-private recipe; the baseline);
+- plain-before: the same with torch's default (for-loop) AdamW and clip_grad_norm_, as before issue 21;
+- opacus-hooks: Opacus DP-SGD, grad_sample_mode="hooks" (per-sample gradients materialised; the
+                site's DP path before issue 21);
+- opacus-ghost: Opacus DP-SGD, grad_sample_mode="ghost" with its DP loss wrapper (two backward passes);
+- book-keeping: privacy/clipping.py (norms without per-sample gradients, clipped sum in the same pass;
+                the site's DP path now).
+Every DP step includes Opacus' noise and scaling; every step but plain-before uses the sites' optimizer
+(client.training.build_optimizer: fused AdamW). Ratios are step times over the plain step's in the
+same run, in the process's CPU time (on a busy machine, time spent waiting for a core is not the
+step's; the matmul rate is measured the same way). Step memory is the peak RSS during a step above the RSS before it (glibc's free memory
+returned first, the kernel's peak counter reset), so it counts what the step allocates.
+
     python benchmarks/train_step.py            # table + one JSON line
-    python benchmarks/train_step.py --quick    # fewer steps (used by the test suite)
+    python benchmarks/train_step.py --quick    # batch 64, fewer steps (used by the test suite)
 
 The achieved FLOP/s is reported as a fraction of a plain float32 matmul measured on the same core
 in the same process, so the numbers compare across machines.
@@ -16,7 +30,10 @@ in the same process, so the numbers compare across machines.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -26,7 +43,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"brca": "tcga_brca_pam50.json", "pancan": "tcga_pancan33.json"}
-BATCH = 64
+VARIANTS = ("plain", "plain-before", "opacus-hooks", "opacus-ghost", "book-keeping")
 FLUSH_DENORMAL = True
 
 
@@ -36,24 +53,33 @@ def matmul_flops_per_s(n: int = 512, seconds: float = 1.0) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     for _ in range(3):
         a @ b
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    reps, t0 = 0, time.process_time()
+    while time.process_time() - t0 < seconds:
         a @ b
         reps += 1
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+    return 2 * n**3 * reps / (time.process_time() - t0)
 
 
-def _inputs(schema, n: int, seed: int = 0):
+def synthetic_batch(schema, n: int, seed: int = 0):
+    """Standard normals, level indices for categoricals, 0/1 for binaries; a quarter of the patients
+    lack one modality (all NaN), in turn."""
     import torch
 
-    sys.path.insert(0, str(ROOT))
-    from tests.factories import drop_modalities, random_inputs
-
-    x = random_inputs(schema, n, seed)
+    g = torch.Generator().manual_seed(seed)
+    layout = schema.layout()
+    x = torch.randn(n, layout.n_inputs, generator=g)
+    for m in schema.modalities:
+        start = layout.slices[m.name].start
+        for j, f in enumerate(m.features):
+            kind = m.column_type(f).value
+            if kind == "categorical":
+                x[:, start + j] = torch.randint(0, len(m.levels[f]), (n,), generator=g).float()
+            elif kind == "binary":
+                x[:, start + j] = torch.randint(0, 2, (n,), generator=g).float()
     names = schema.modality_names
-    for i in range(0, n, 4):  # a quarter of the patients lack one modality
-        drop_modalities(schema, x, i, [names[(i // 4) % len(names)]])
-    y = torch.randint(0, schema.n_classes, (n,), generator=torch.Generator().manual_seed(seed))
+    for i in range(0, n, 4):
+        x[i, layout.slices[names[(i // 4) % len(names)]]] = float("nan")
+    y = torch.randint(0, schema.n_classes, (n,), generator=g)
     return x, y
 
 
@@ -67,109 +93,184 @@ def train_flops_per_sample(model, x, y) -> float:
     return counter.get_total_flops() / len(x)
 
 
-def measure_shape(shape: str, steps: int, repeats: int, model_overrides: dict | None = None) -> dict:
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def step_memory_mb(step) -> float:
+    """Peak RSS during step() above the RSS before it."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the kernel's peak-RSS counter (VmHWM)
+    except OSError:
+        return float("nan")
+    before = _rss_mb("VmRSS")
+    step()
+    return _rss_mb("VmHWM") - before
+
+
+def build_steps(schema, cfg, n_data: int, batch: int, variants=VARIANTS) -> tuple[dict, object, list]:
+    """One step function per variant, each with its own copy of the same initial model."""
     import torch
     import torch.nn.functional as F
+    from opacus import PrivacyEngine
+
+    from client.training import TrainConfig, build_optimizer, clip_global_grad_norm_
+    from privacy.clipping import make_private
+    from shared_models import MultiModalTransformer
+
+    torch.manual_seed(0)
+    base = MultiModalTransformer(schema, cfg)
+    dataset = torch.utils.data.TensorDataset(torch.zeros(n_data, 1), torch.zeros(n_data))  # sets the sample rate
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch)
+    keep = []  # Opacus' hooks and the clipper stay attached while the steps run
+
+    def copy_model():
+        m = MultiModalTransformer(schema, cfg)
+        m.load_state_dict(base.state_dict())
+        return m
+
+    def adamw(m):  # the sites' optimizer (no weight decay here: the benchmark times the step)
+        return build_optimizer(m, TrainConfig(lr=1e-3, weight_decay=0.0))
+
+    def step_fn(m, opt, loss=F.cross_entropy, clip=None):
+        def step(x, y):
+            opt.zero_grad(set_to_none=True)
+            loss(m(x), y).backward()
+            if clip is not None:
+                clip(m.parameters(), 1.0)
+            opt.step()
+        return step
+
+    def plain():
+        m = copy_model()
+        return step_fn(m, adamw(m), clip=clip_global_grad_norm_)
+
+    def plain_before():
+        m = copy_model()
+        return step_fn(m, torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.0),
+                       clip=torch.nn.utils.clip_grad_norm_)
+
+    def opacus(mode: str):
+        m = copy_model()
+        kwargs = dict(criterion=torch.nn.CrossEntropyLoss()) if mode == "ghost" else dict(wrap_model=False)
+        out = PrivacyEngine(accountant="prv").make_private(
+            module=m, optimizer=adamw(m), data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
+            poisson_sampling=True, grad_sample_mode=mode, **kwargs)
+        if mode == "ghost":  # the wrapped model and Opacus' DP loss (its two backward passes)
+            gm, opt, crit, _ = out
+            keep.append(gm)
+            return step_fn(gm, opt, loss=crit)
+        hooks, opt, _ = out
+        keep.append(hooks)
+        return step_fn(m, opt)
+
+    def book_keeping():
+        m = copy_model()
+        clipper, opt, _ = make_private(PrivacyEngine(accountant="prv"), m, adamw(m), loader, noise_multiplier=1.0,
+                                       max_grad_norm=1.0)
+        keep.append(clipper)
+        return step_fn(m, opt)
+
+    builders = {"plain": plain, "plain-before": plain_before, "opacus-hooks": lambda: opacus("hooks"),
+                "opacus-ghost": lambda: opacus("ghost"), "book-keeping": book_keeping}
+    return {v: builders[v]() for v in variants}, base, keep
+
+
+def measure(shape: str, batch: int, steps_per_repeat: int, repeats: int, variants: list[str],
+            model_overrides: dict | None = None) -> dict:
+    import torch
 
     torch.set_num_threads(1)
     torch.set_flush_denormal(FLUSH_DENORMAL)
-    torch.manual_seed(0)
     warnings.filterwarnings("ignore")
-    from opacus import PrivacyEngine
-
-    from shared_models import FeatureSchema, MultiModalTransformer
+    from shared_models import FeatureSchema, ModelConfig
 
     schema = FeatureSchema.load(ROOT / "simulations" / "schemas" / SHAPES[shape])
-    n_data = BATCH * steps
-    x, y = _inputs(schema, n_data)
-    from shared_models import ModelConfig
-
     cfg = ModelConfig(**(model_overrides or {}))
-    plain = MultiModalTransformer(schema, cfg)
-    private = MultiModalTransformer(schema, cfg)
-    private.load_state_dict(plain.state_dict())
-    flops = train_flops_per_sample(plain, x[:BATCH], y[:BATCH])
+    batches = [synthetic_batch(schema, batch, seed) for seed in range(steps_per_repeat)]
+    steps, base, _keep = build_steps(schema, cfg, n_data=batch * 20, batch=batch, variants=variants)
+    flops = train_flops_per_sample(base, *batches[0])
 
-    opt_plain = torch.optim.AdamW(plain.parameters(), lr=1e-3)
-    loader_plain = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH, shuffle=True)
-    opt_dp = torch.optim.AdamW(private.parameters(), lr=1e-3)
-    loader_dp = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH)
-    hooks, opt_dp, loader_dp = PrivacyEngine(accountant="prv").make_private(
-        module=private, optimizer=opt_dp, data_loader=loader_dp, noise_multiplier=1.0, max_grad_norm=1.0,
-        poisson_sampling=True, grad_sample_mode="hooks", wrap_model=False)
+    def run(step) -> float:  # CPU seconds per step: on a shared machine, waiting for a core is not the step's cost
+        t0 = time.process_time()
+        for x, y in batches:
+            step(x, y)
+        return (time.process_time() - t0) / len(batches)
 
-    def run_plain() -> float:
-        n, t0 = 0, time.perf_counter()
-        for xb, yb in loader_plain:
-            opt_plain.zero_grad(set_to_none=True)
-            F.cross_entropy(plain(xb), yb).backward()
-            torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
-            opt_plain.step()
-            n += len(xb)
-        return n / (time.perf_counter() - t0)
-
-    def run_dp() -> float:
-        n, t0 = 0, time.perf_counter()
-        for xb, yb in loader_dp:
-            opt_dp.zero_grad(set_to_none=True)
-            F.cross_entropy(private(xb), yb).backward()
-            opt_dp.step()
-            n += len(xb)
-        return n / (time.perf_counter() - t0)
-
-    run_plain(), run_dp()  # warm-up
+    for v in variants:
+        run(steps[v])  # warm-up
+    memory = {v: max(step_memory_mb(lambda: steps[v](*batches[0])) for _ in range(min(repeats, 2))) for v in variants}
     peak = matmul_flops_per_s()
-    plain_rates, dp_rates = [], []
-    for _ in range(repeats):  # interleaved, so both see the same machine load
-        plain_rates.append(run_plain())
-        dp_rates.append(run_dp())
-    best_plain, best_dp = max(plain_rates), max(dp_rates)
-    hooks.cleanup()
+    times = {v: [] for v in variants}
+    for _ in range(repeats):  # interleaved: every variant sees the same machine load
+        for v in variants:
+            times[v].append(run(steps[v]))
+    best = {v: min(t) for v, t in times.items()}
     return {
-        "shape": shape,
-        "model": cfg.model_dump(),
-        "inputs": schema.layout().n_inputs,
-        "classes": schema.n_classes,
-        "parameters": plain.num_parameters(),
-        "train_flops_per_sample": flops,
-        "samples_per_s": round(best_plain, 1),
-        "dp_samples_per_s": round(best_dp, 1),
-        "dp_overhead": round(best_plain / best_dp, 3),
+        "shape": shape, "batch": batch, "model": cfg.model_dump(), "inputs": schema.layout().n_inputs,
+        "classes": schema.n_classes, "parameters": base.num_parameters(), "train_flops_per_sample": flops,
+        "samples_per_s": {v: round(batch / best[v], 1) for v in variants},
+        "step_ratio": {v: round(best[v] / best["plain"], 3) for v in variants},
+        "step_memory_mb": {v: round(memory[v], 1) for v in variants},
+        "memory_ratio": {v: round(memory[v] / memory["plain"], 3) for v in variants},
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "matmul_gflops": round(peak / 1e9, 2),
-        "flops_fraction_of_matmul": round(flops * best_plain / peak, 4),
-        "dp_flops_fraction_of_matmul": round(flops * best_dp / peak, 4),
+        "plain_fraction_of_matmul": round(flops * batch / best["plain"] / peak, 4),
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer steps: a smoke run, not a measurement")
-    ap.add_argument("--child", choices=sorted(SHAPES), help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="batch 64, few steps: a smoke run, not a measurement")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--shapes", default="brca,pancan")
-    ap.add_argument("--model", default="{}", help='ModelConfig overrides as JSON, e.g. \'{"n_latents": 32}\'')
+    ap.add_argument("--batches", default="64,512")
+    ap.add_argument("--variants", help=f"plain is always measured (the baseline) [default: {','.join(VARIANTS)}; "
+                    "with --quick: opacus-hooks,book-keeping]")
+    ap.add_argument("--model", default="{}", help='ModelConfig overrides as JSON, e.g. \'{"wide_rank": "full"}\'')
     args = ap.parse_args()
-    steps, repeats = (3, 1) if args.quick else (12, 3)
+    chosen = args.variants or ("opacus-hooks,book-keeping" if args.quick else ",".join(VARIANTS))
+    variants = ["plain"] + [v for v in chosen.split(",") if v != "plain"]
+    if bad := [v for v in variants if v not in VARIANTS]:
+        ap.error(f"--variants: unknown {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
     if args.child:
-        print(json.dumps(measure_shape(args.child, steps, repeats, json.loads(args.model))))
+        shape, batch = args.child.split(":")
+        steps, repeats = (2, 1) if args.quick else (8 if int(batch) <= 64 else 3, 3)
+        print(json.dumps(measure(shape, int(batch), steps, repeats, variants, json.loads(args.model))))
         return
+    batches = ["64"] if args.quick else args.batches.split(",")
+    load_before = os.getloadavg()
     results = []
     for shape in args.shapes.split(","):
-        cmd = [sys.executable, __file__, "--child", shape, "--model", args.model] + (["--quick"] if args.quick else [])
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    head = ["shape", "inputs", "params", "MFLOP/sample", "plain/s", "DP/s", "DP overhead", "peak RSS MB",
-            "matmul GFLOP/s", "plain % of matmul"]
-    rows = [[r["shape"], r["inputs"], r["parameters"], f"{r['train_flops_per_sample'] / 1e6:.1f}",
-             r["samples_per_s"], r["dp_samples_per_s"], f"{r['dp_overhead']:.2f}x", r["peak_rss_mb"],
-             r["matmul_gflops"], f"{100 * r['flops_fraction_of_matmul']:.1f}%"] for r in results]
+        for batch in batches:
+            cmd = [sys.executable, __file__, "--child", f"{shape}:{batch}", "--model", args.model,
+                   "--variants", ",".join(variants)] + (["--quick"] if args.quick else [])
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    load = os.getloadavg()
+    dp = [v for v in variants if v != "plain"]
+    head = (["shape", "batch", "params", "MFLOP/sample", "plain/s"] + [f"{v} x" for v in dp] + ["plain step MB"]
+            + [f"{v} mem x" for v in dp] + ["plain % of matmul"])
+    rows = [[r["shape"], r["batch"], r["parameters"], f"{r['train_flops_per_sample'] / 1e6:.1f}",
+             r["samples_per_s"]["plain"]] + [f"{r['step_ratio'][v]:.2f}x" for v in dp]
+            + [r["step_memory_mb"]["plain"]] + [f"{r['memory_ratio'][v]:.2f}x" for v in dp]
+            + [f"{100 * r['plain_fraction_of_matmul']:.1f}%"] for r in results]
     widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
     for row in [head] + rows:
         print("  ".join(str(c).rjust(w) for c, w in zip(row, widths)))
-    print(f"batch {BATCH}, one thread, Opacus hooks mode, AdamW; best of interleaved repeats")
-    print(json.dumps({"benchmark": "train_step", "batch": BATCH, "threads": 1, "quick": args.quick,
-                      "model_overrides": json.loads(args.model),
-                      "shapes": {r["shape"]: r for r in results}}))
+    print(f"one thread; step CPU time and step memory as ratios to the plain step in the same process; best of "
+          f"interleaved repeats; matmul: float32 512x512 on the same core ({results[0]['matmul_gflops']} GFLOP/s); "
+          f"load average {load_before[0]:.2f} before, {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} after")
+    print(json.dumps({"benchmark": "train_step", "threads": 1, "quick": args.quick, "variants": variants,
+                      "model_overrides": json.loads(args.model), "load_average": [round(v, 2) for v in load],
+                      "shapes": {f"{r['shape']}:{r['batch']}": r for r in results}}))
 
 
 if __name__ == "__main__":

@@ -14,10 +14,12 @@ def test_train_step_benchmark_quick_run_ends_with_its_json_line():
     out = subprocess.run([sys.executable, "benchmarks/train_step.py", "--quick"], cwd=ROOT, check=True,
                          capture_output=True, text=True, timeout=300).stdout
     result = json.loads(out.strip().splitlines()[-1])
-    assert set(result["shapes"]) == {"brca", "pancan"}
+    assert set(result["shapes"]) == {"brca:64", "pancan:64"}
     for r in result["shapes"].values():
-        assert r["parameters"] > 0 and r["train_flops_per_sample"] > 0
-        assert r["samples_per_s"] > 0 and r["dp_samples_per_s"] > 0 and r["peak_rss_mb"] > 0
+        assert r["parameters"] > 0 and r["train_flops_per_sample"] > 0 and r["peak_rss_mb"] > 0
+        assert set(r["step_ratio"]) == set(result["variants"]) and r["step_ratio"]["plain"] == 1.0
+        assert all(v > 0 for v in r["samples_per_s"].values())
+        assert all(v > 0 for v in r["step_memory_mb"].values())
 
 
 def test_round_benchmark_quick_run_breaks_a_real_round_down(tmp_path):

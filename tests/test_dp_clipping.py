@@ -205,27 +205,57 @@ def _dp_step(model, x, y, sigma, clipping: str, seed: int):
     return [b - p.detach() for b, p in zip(before, model.parameters())], engine
 
 
-@pytest.mark.parametrize("sigma", [0.0, 1.3])
-def test_a_dp_step_is_opacus_hooks_step_noise_included(sigma):
-    """Same weights, rows and noise seed: the update (clipped sum + noise) / expected batch equals Opacus'."""
+def test_without_noise_a_dp_step_is_opacus_hooks_step():
+    """Same weights and rows: the update (clipped sum / expected batch, then the optimizer) equals Opacus'."""
     torch.manual_seed(0)
     base = _full_model(dropout=0.0).double()
     x, y = _batch_with_missing()
-    ours, _ = _dp_step(copy.deepcopy(base), x, y, sigma, "ghost", seed=7)
-    theirs, _ = _dp_step(copy.deepcopy(base), x, y, sigma, "opacus", seed=7)
+    ours, _ = _dp_step(copy.deepcopy(base), x, y, 0.0, "ghost", seed=7)
+    theirs, _ = _dp_step(copy.deepcopy(base), x, y, 0.0, "opacus", seed=7)
     for a, b in zip(ours, theirs):
         assert float((a - b).abs().max()) <= TOL * max(float(b.abs().max()), 1e-12)
 
 
-def test_the_noise_is_opacus_std_sigma_c_over_the_expected_batch():
+def test_the_noise_has_opacus_distribution_independent_gaussians_of_std_sigma_c_over_the_expected_batch():
+    from scipy import stats
+
     torch.manual_seed(0)
     model = _full_model(dropout=0.0).double()
     x, y = _batch_with_missing()
+    sigma, c, ebs = 2.0, 0.5, len(y)
     zero, _ = _dp_step(copy.deepcopy(model), x, y, 0.0, "ghost", seed=7)
-    noisy, _ = _dp_step(copy.deepcopy(model), x, y, 2.0, "ghost", seed=7)
-    noise = torch.cat([(a - b).flatten() for a, b in zip(noisy, zero)])
-    assert noise.numel() > 10_000
-    assert abs(float(noise.std()) / (2.0 * 0.5 / len(y)) - 1) < 0.03 and abs(float(noise.mean())) < 3e-3
+    noise = {}
+    for clipping in ("ghost", "opacus"):
+        noisy, _ = _dp_step(copy.deepcopy(model), x, y, sigma, clipping, seed=7)
+        noise[clipping] = torch.cat([(a - b).flatten() for a, b in zip(noisy, zero)]).numpy()
+    assert noise["ghost"].size > 10_000
+    std = sigma * c / ebs
+    assert stats.kstest(noise["ghost"] / std, "norm").pvalue > 1e-3  # N(0, (sigma C / B)^2) per coordinate
+    assert stats.ks_2samp(noise["ghost"], noise["opacus"]).pvalue > 1e-3  # the same law as Opacus' noise
+    first, second = noise["ghost"][: len(noise["ghost"]) // 2], noise["ghost"][len(noise["ghost"]) // 2:]
+    assert abs(stats.pearsonr(first[: len(second)], second[: len(first)])[0]) < 0.03  # no reuse across coordinates
+
+
+def test_the_noise_comes_from_the_optimizers_generator():
+    from opacus import PrivacyEngine
+
+    def update(seed: int):
+        torch.manual_seed(0)
+        model = _full_model(dropout=0.0).double()
+        x, y = _batch_with_missing()
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(y))
+        engine = PrivacyEngine(accountant="prv")
+        engine.secure_rng = torch.Generator().manual_seed(seed)  # as privacy.dp_randomness.private_engine
+        clipper, opt, _ = make_private(engine, model, torch.optim.SGD(model.parameters(), lr=1.0), loader,
+                                       noise_multiplier=1.0, max_grad_norm=1.0)
+        assert opt.generator is engine.secure_rng
+        F.cross_entropy(model(x), y).backward()
+        torch.manual_seed(123)  # the global generator is not where the noise comes from
+        opt.step()
+        clipper.cleanup()
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(update(1), update(1)) and not torch.equal(update(1), update(2))
 
 
 def test_make_private_keeps_opacus_poisson_sampling_and_accountant():
