@@ -210,6 +210,10 @@ def _recording_hook(tape: list):
     return hook
 
 
+def _sq_norms(t: Tensor) -> Tensor:  # (B, ...) -> (B,) squared norms, one pass without a t**2 temporary
+    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1).square()
+
+
 class _Prepared:
     """One layer's per-sample squared norms (sq, (B,)) and how to write its clipped, summed gradient."""
 
@@ -242,16 +246,16 @@ def _prepare_linear(layer: nn.Linear, tape: list, batch: int, token_norm: str) -
     if train_w:
         ghost = tokens * (d_in + d_out) < d_in * d_out if token_norm == "auto" else token_norm == "ghost"
         if tokens == 1:  # ||e a^T|| = ||a|| ||e||
-            sq = sq + a[:, 0].pow(2).sum(1) * e[:, 0].pow(2).sum(1)
+            sq = sq + _sq_norms(a[:, 0]) * _sq_norms(e[:, 0])
         elif ghost:  # ghost norm: <a a^T, e e^T>, O(T^2 (in + out))
             sq = sq + (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(e, e.transpose(1, 2))).sum((1, 2))
         else:  # materialise this layer's per-sample gradients, O(T in out), kept for the weighted sum
             per_sample_w = torch.bmm(e.transpose(1, 2), a)  # (B, out, in)
-            sq = sq + per_sample_w.pow(2).sum((1, 2))
+            sq = sq + _sq_norms(per_sample_w)
     bias_ps = None
     if train_b:
         bias_ps = e.sum(1)  # (B, out)
-        sq = sq + bias_ps.pow(2).sum(1)
+        sq = sq + _sq_norms(bias_ps)
 
     def write(weights: Tensor) -> None:
         if train_w:
@@ -299,7 +303,7 @@ def _prepare_other(layer: nn.Module, tape: list, batch: int) -> _Prepared:
     ref = tape[0][1] if tape else params[0]
     sq = ref.new_zeros(batch)
     for gs in per_sample.values():
-        sq = sq + gs.reshape(batch, -1).pow(2).sum(1)
+        sq = sq + _sq_norms(gs)
 
     def write(weights: Tensor) -> None:
         for p in params:
