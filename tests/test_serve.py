@@ -226,43 +226,70 @@ def test_batch_cli(site, tmp_path):
     assert len(df) == N and (df["predicted"] == [site["schema"].classes[int(v)] for v in site["y"]]).mean() >= 0.8
 
 
-def test_web_page_in_headless_chromium(site, tmp_path):
+def test_web_page_in_headless_chromium(site, live, tmp_path):
+    """The page as a lab analyst sees it: notice and limits before upload, the token kept for the tab,
+    full names, coverage per modality, warnings, feature meanings, the attention view labelled, CSV export."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("needs Debian's chromium (.ci/run installs it)")
     pytest.importorskip("playwright")
-    import threading
-
-    import uvicorn
     from playwright.sync_api import sync_playwright
 
-    from simulations.federation import free_port
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(site["settings"]), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    while not server.started:
-        pass
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
-            page = browser.new_page()
-            page.goto(f"http://127.0.0.1:{port}/")
-            page.fill("#token", site["clinician"])
-            page.set_input_files("#files", [str(f) for f in sorted(site["data"].glob("*.csv"))])
-            page.click("#go")
-            page.wait_for_selector("tr.prediction", timeout=30000)
-            rows = page.locator("tr.prediction td.predicted").all_inner_texts()
-            page.screenshot(path=str(site["root"] / "web-page.png"), full_page=False)
-            browser.close()
-    finally:
-        server.should_exit = True
-        t.join(10)
-    assert len(rows) == N and set(rows) <= set(site["schema"].classes)
+    upload = tmp_path / "upload"
+    upload.mkdir()
+    for f in site["data"].glob("*.csv"):
+        df = pd.read_csv(f, dtype=str)
+        if f.stem == "expr":
+            df.loc[df["patient"] == "P000", "g5"] = "1000000"  # far outside the site's training values
+        else:
+            df = df[df["patient"] != "P001"]  # P001: expression only, 30 of 61 inputs
+        df.to_csv(upload / f.name, index=False)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        page = browser.new_page(accept_downloads=True)
+        page.goto(f"{live['url']}/")
+        page.wait_for_function("document.getElementById('limits').textContent.includes('at most')")
+        notice, limits = page.inner_text("#research-notice"), page.inner_text("#limits")
+        page.fill("#token", site["clinician"])
+        page.dispatch_event("#token", "change")
+        page.wait_for_function("document.getElementById('model').textContent.includes('v0002')")
+        page.reload()  # the token is kept for this tab's session
+        kept = page.input_value("#token")
+        page.wait_for_function("document.getElementById('model').textContent.includes('v0002')")
+        page.set_input_files("#files", [str(f) for f in sorted(upload.glob("*.csv"))])
+        page.click("#go")
+        page.wait_for_selector("tr.prediction", timeout=120000)
+        rows = page.locator("tr.prediction td.predicted").all_inner_texts()
+        first = page.locator("tr.prediction").nth(0)
+        p000 = {"warnings": first.locator("td.warnings").inner_text(), "coverage": first.locator("td.coverage").inner_text(),
+                "features": first.locator("td.features").inner_text()}
+        p001_warnings = page.locator("tr.prediction").nth(1).locator("td.warnings [data-code]").evaluate_all(
+            "els => els.map(e => e.dataset.code)")
+        attention = first.locator("details summary").inner_text()
+        page.screenshot(path=str(site["root"] / "web-page.png"), full_page=False)
+        with page.expect_download() as download:
+            page.click("#export")
+        exported = pd.read_csv(download.value.path())
+        browser.close()
+    assert "research use only" in notice.lower() and "at most 1000 patients" in limits
+    assert kept == site["clinician"]
+    assert len(rows) == N and set(rows) <= set(site["schema"].classes)  # no full names known for A, B, C
+    assert "SD from the site's training mean" in p000["warnings"] and "expr.g5" in p000["warnings"]
+    assert "expr 100%" in p000["coverage"] and "pushed the prediction" in p000["features"]
+    assert "low_coverage" in p001_warnings and attention == "attention weights of the fusion layer"
+    assert len(exported) == N and list(exported.columns[:4]) == ["patient", "predicted", "cancer type", "probability"]
     assert (site["root"] / "web-page.png").stat().st_size > 10_000
+
+
+def test_the_pan_cancer_classes_have_full_names():
+    from client.class_names import names_for
+    from shared_models.schema import FeatureSchema
+    from simulations.federation import ROOT
+
+    names = names_for(FeatureSchema.load(ROOT / "simulations" / "schemas" / "tcga_pancan33.json"))
+    assert len(names) == 33 and all(name != code for code, name in names.items())
+    assert names["GBM"] == "Glioblastoma multiforme"
 
 
 def test_a_hospital_that_never_trained_fits_its_normalizer_and_serves(site, tmp_path):
