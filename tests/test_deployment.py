@@ -290,7 +290,7 @@ def test_f_g_superexec_killed_is_restarted_and_sites_ride_out_http_500(dep):
         time.sleep(3)
     finally:
         _proxy_answers_500(dep, False)
-    assert run.wait(600) == 0, (dep.root / "run-heal.out").read_text()[-4000:]
+    assert run.wait(900) == 0, (dep.root / "run-heal.out").read_text()[-4000:]
     assert all(dep.sites[n].poll() is None for n in ("C0", "C1", "C2"))
     rounds = [e for e in read_jsonl(dep.op / "runs" / "heal" / "audit.jsonl") if e["event"] == "round"]
     assert len(rounds) == 1 and len(rounds[0]["participants"]) == 3, rounds
