@@ -28,7 +28,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared_models.schema import FeatureSchema
-from shared_models.site_data import TABLE_SUFFIXES, TableError, read_table, scaled_columns
+from shared_models.site_data import TABLE_SUFFIXES, TableError, read_table
 from shared_models.validation import FLOAT32_MAX, Problem, check_prediction_tables
 
 
@@ -369,8 +369,10 @@ def check_patients(lm, ids: list[str], raw: np.ndarray, limits: ServeSettings) -
     for i, pid in enumerate(ids):
         coverage = {m: round(float(v[i]), 4) for m, v in per_modality.items()}
         note = {"coverage": coverage, "coverage_total": round(float(total[i]), 4), "warnings": [], "out_of_range": []}
-        summary = ", ".join(f"{m} {int(round(v * schema.modality(m).n_features))}/{schema.modality(m).n_features}"
-                            for m, v in coverage.items())
+        def summary() -> str:
+            return ", ".join(f"{m} {int(round(v * schema.modality(m).n_features))}/{schema.modality(m).n_features}"
+                             for m, v in coverage.items())
+
         if not observed[i].any():
             errors.append({"loc": f"patient {pid}", "code": "no_usable_feature", "patients": [pid],
                            "msg": "no usable feature: every modality is missing or empty, so any prediction would "
@@ -379,11 +381,11 @@ def check_patients(lm, ids: list[str], raw: np.ndarray, limits: ServeSettings) -
             errors.append({"loc": f"patient {pid}", "code": "low_coverage", "patients": [pid], "coverage": coverage,
                            "msg": f"{observed[i].sum()} of the schema's {layout.n_inputs} features present "
                                   f"({total[i]:.1%}), below the site's minimum {limits.min_coverage:.0%} "
-                                  f"(per modality: {summary})",
+                                  f"(per modality: {summary()})",
                            "fix": "send more of the patient's data, or lower serve.min-coverage in site.json"})
         elif total[i] < limits.warn_coverage:
             note["warnings"].append({"code": "low_coverage", "msg": f"only {total[i]:.0%} of the model's inputs "
-                                     f"present ({summary}): the prediction rests on less data than usual"})
+                                     f"present ({summary()}): the prediction rests on less data than usual"})
         if far[i].any():
             js = np.flatnonzero(far[i])
             js = js[np.argsort(-z[i, js])][:5]

@@ -268,8 +268,8 @@ def _prediction_routes(app, site: Site, role) -> None:
     from fastapi import Depends, HTTPException, Request, UploadFile
     from fastapi.responses import JSONResponse, Response
 
-    from client.prediction_input import (DecompressedBudget, InputTooLarge, PredictionInputError, checked_json,
-                                         checked_tables, parse_json, store_upload)
+    from client.prediction_input import (DecompressedBudget, PredictionInputError, checked_json, checked_tables,
+                                         parse_json, store_upload)
 
     parsing = CapacityLimiter(2)  # request parsing never occupies more threads than the machine has cores
 
@@ -349,9 +349,7 @@ def _prediction_routes(app, site: Site, role) -> None:
 
         try:
             checked = await to_thread.run_sync(parse, limiter=parsing)
-        except PredictionInputError as e:
-            return refused(e, "/v1/predict/file")
-        except InputTooLarge as e:
+        except PredictionInputError as e:  # InputTooLarge too (413)
             return refused(e, "/v1/predict/file")
         return await answer(checked, top_k, who, lm, "/v1/predict/file", via(request))
 
