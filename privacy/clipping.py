@@ -15,8 +15,11 @@ it for the wide and linear paths over 12,503 features. Nothing here materialises
   materialised for that one layer (B x out x in), whichever is cheaper for the shape (mixed ghost
   clipping, Bu et al. 2022); a Linear called k times per forward is one Linear over all k calls'
   tokens, so the cross terms between calls are counted;
-- every other parameter (LayerNorm gains, embeddings, the learned arrays of shared_models/layers.py)
-  is small: its per-sample gradients are materialised with Opacus' own registered rules;
+- NumericTokens (v x scale_c, or missing_c, per tabular column c): both norms in closed form from the
+  output gradient's per-column squared norms (B x columns), never B x columns x d;
+- every other parameter (LayerNorm gains, embeddings, the other learned arrays of
+  shared_models/layers.py) is small: its per-sample gradients are materialised with Opacus' own
+  registered rules, and summed over calls when a layer is called more than once;
 - the clipped sum is then formed from the same activations and output gradients, weighted by c_i,
   in the same backward pass (book-keeping, Bu et al. 2023): sum_i c_i e_i a_i^T is one matmul, the
   cost of the plain step's weight gradient, which the Linear layers' autograd backward here skips.
@@ -25,6 +28,11 @@ Everything else stays Opacus': Poisson sampling (DPDataLoader), the noise (N(0, 
 coordinate, then division by the expected batch size, as Opacus' DPOptimizer; drawn in one flat tensor,
 see BookKeepingDPOptimizer) and the accountant (the same optimizer step hook). `make_private` mirrors
 `PrivacyEngine.make_private`.
+
+Dropout and missing modalities need nothing special: each sample's activations and output gradients
+are its own (its dropout masks, its key mask), so the recorded ones give its exact gradient.
+tests/test_dp_clipping.py checks every layer type and the whole model with missing modalities against
+a float64 per-sample loop (<= 1e-9 relative), and the step against Opacus' hooks-mode step.
 """
 
 from __future__ import annotations
