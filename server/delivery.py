@@ -86,8 +86,16 @@ def delivery_status(run_dir: Path, deliveries: list[dict]) -> dict:
             "undelivered": missing}
 
 
-def site_names(deliveries: list[dict], nodes) -> list[str]:
-    names = {int(d["node"]): d["site"] for d in deliveries if d.get("site") and d.get("node") is not None}
+def site_names(deliveries: list[dict], nodes, consortium_dir: Path | None = None) -> list[str]:
+    """Names for node ids: from the sites' own replies, else the operator's register (consortium.json)."""
+    names = {}
+    if consortium_dir is not None:
+        try:
+            names = {int(site["node_id"]): site["name"] for site in
+                     json.loads((consortium_dir / "consortium.json").read_text()).get("sites", [])}
+        except (OSError, ValueError, KeyError, TypeError):
+            names = {}
+    names.update({int(d["node"]): d["site"] for d in deliveries if d.get("site") and d.get("node") is not None})
     return [names.get(int(n), f"node {n}") for n in nodes]
 
 
@@ -159,7 +167,7 @@ def redeliver(grid, cfg) -> None:
                              for d in new])
     short = status["undelivered"]
     log(WARNING if short else INFO, "final model now installed at %s site(s)%s", status["delivered"],
-        f"; not at {', '.join(site_names(deliveries, short))}, which trained" if short else "")
+        f"; not at {', '.join(site_names(deliveries, short, out.parent.parent))}, which trained" if short else "")
 
 
 # --- the operator's side: `oncofed run`'s verdict and `oncofed deliver` ---------------------------------------
@@ -175,7 +183,7 @@ def delivery_verdict(run_dir: Path) -> tuple[bool, str]:
         status.update(delivery_status(run_dir, deliveries))
     if status["delivery_ok"]:
         return True, f"final model installed at {status['delivered']} site(s), every site that trained"
-    missing = site_names(deliveries, status.get("undelivered", []))
+    missing = site_names(deliveries, status.get("undelivered", []), run_dir.parent.parent)
     errors = sorted({str(d.get("error")) for d in deliveries if not d.get("installed") and d.get("error")})
     return False, (f"final model installed at {status['delivered']} of the {status['trained']} sites that trained; "
                    f"not at {', '.join(missing)}" + (f" ({'; '.join(e[:200] for e in errors)})" if errors else "")

@@ -73,6 +73,16 @@ def test_a_site_that_trained_but_did_not_install_makes_the_delivery_short(tmp_pa
     assert DELIVERY_SHORT_EXIT not in (0, 1, 2)
 
 
+def test_a_site_that_trained_but_never_answered_is_named_from_the_operators_register(tmp_path):
+    run = _run_dir(tmp_path, installed=[1, 2], trained=[[1, 2, 3]])
+    result = json.loads((run / "result.json").read_text())
+    result["deliveries"] = result["deliveries"][:2]  # node 3 was offline: no reply, so no name from it
+    (run / "result.json").write_text(json.dumps(result))
+    (tmp_path / "consortium.json").write_text(json.dumps({"sites": [{"name": "St Mary", "node_id": "3"}]}))
+    ok, message = delivery_verdict(run)
+    assert not ok and "not at St Mary." in message
+
+
 def test_a_site_that_never_trained_does_not_make_the_delivery_short(tmp_path):
     run = _run_dir(tmp_path, installed=[1, 2], trained=[[1, 2], [1, 2]])
     assert delivery_verdict(run)[0] and json.loads((run / "status.json").read_text())["delivery_ok"] == 1

@@ -349,7 +349,7 @@ def test_b_d_wrong_key_refused_before_training_site_killed_in_round_2_and_delive
     kill_group(dep.sites["C2"])  # as round 2 starts: SecAgg+ goes on with the two sites left
     assert run.wait(1200) == 3, (dep.root / "run-drop.out").read_text()[-4000:]
     out = (dep.root / "run-drop.out").read_text()
-    assert "installed at 2 of the 3 sites that trained; not at node" in out and "oncofed deliver" in out
+    assert "installed at 2 of the 3 sites that trained; not at C2." in out and "oncofed deliver" in out
     rounds = [e for e in read_jsonl(dep.op / "runs" / "drop" / "audit.jsonl") if e["event"] == "round"]
     node = {s["name"]: int(s["node_id"]) for s in json.loads((dep.op / "consortium.json").read_text())["sites"]}
     assert sorted(rounds[-1]["participants"]) == sorted([node["C0"], node["C1"]])
