@@ -209,8 +209,9 @@ class Site:
         self.metrics = Metrics()
         self.predictions = ModelQueue("model", self.predictor, format_predictions, self._commit,
                                       capacity=self.limits.queue_patients, window_s=self.limits.batch_window_ms / 1000)
+        # explanations: their own thread at a lower CPU priority, so that they use what predictions leave
         self.explanations = ModelQueue("explain", self.predictor, format_predictions, self._commit, max_patients=64,
-                                       capacity=self.limits.explain_queue_patients)
+                                       capacity=self.limits.explain_queue_patients, nice=10)
 
     def _fell_back(self, entry: dict) -> None:
         self.audit.append("model_fallback", **entry)

@@ -15,6 +15,7 @@ an answered prediction always has its durable audit entry.
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import threading
 import time
@@ -44,9 +45,9 @@ class Job:
 
 class ModelQueue:
     def __init__(self, name: str, predictor, format_rows, commit, *, max_patients: int = 256, capacity: int = 4096,
-                 window_s: float = 0.0):
+                 window_s: float = 0.0, nice: int = 0):
         self.name, self.predictor, self.format_rows, self.commit = name, predictor, format_rows, commit
-        self.max_patients, self.capacity, self.window_s = max_patients, capacity, window_s
+        self.max_patients, self.capacity, self.window_s, self.nice = max_patients, capacity, window_s, nice
         self.jobs: "queue.Queue[Job]" = queue.Queue()
         self.committing: "queue.Queue[list]" = queue.Queue()
         self._waiting = 0
@@ -90,6 +91,11 @@ class ModelQueue:
         return jobs
 
     def _score(self) -> None:
+        if self.nice:  # Linux schedules threads: a nicer thread yields the cores to the prediction path
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
+            except (AttributeError, OSError):
+                pass
         while True:
             jobs = self._take()
             groups: dict[tuple, list[Job]] = {}
