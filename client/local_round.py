@@ -31,6 +31,7 @@ from client.training import (TrainConfig, build_loader, build_loss, build_optimi
                              lr_multiplier)
 from privacy.accounting import BudgetError, compact, noise_multiplier_for, planned_steps
 from privacy.clipping import make_private
+from privacy.ledger import RunPlan
 from shared_models.model import MultiModalTransformer
 from shared_models.run_config import RunConfig
 from shared_models.weights import load_arrays, state_arrays  # noqa: F401 (state_arrays: re-export)
@@ -56,21 +57,36 @@ def train_config(cfg: RunConfig) -> TrainConfig:
                        optimizer=cfg.local_optimizer, momentum=cfg.momentum)
 
 
+def plan_terms(cfg: RunConfig) -> dict:
+    """The run-config values that fix a run's privacy mechanism at a site: none may change during the run."""
+    return {"epsilon": cfg.epsilon, "delta": cfg.delta, "num-rounds": cfg.num_rounds, "batch-size": cfg.batch_size,
+            "local-epochs": cfg.local_epochs, "max-grad-norm": cfg.max_grad_norm}
+
+
 def run_noise(site: PreparedSite, run_id: str, cfg: RunConfig) -> tuple[float, float, int]:
-    """(noise multiplier, sample rate, steps per round) of this run at this site, chosen once."""
+    """(noise multiplier, sample rate, steps per round) of this run at this site, fixed at its first round.
+
+    The run's plan is recorded in the site's ledger then; a later request of the same run (a resumed or
+    misconfigured server) that changes any term of it is refused, and the ledger enforces its rounds, steps
+    and epsilon on every round."""
+    saved = site.ledger.run_plan(site.dataset_fingerprint, run_id)
+    if saved is not None:
+        if changed := saved.changes(plan_terms(cfg)):
+            raise BudgetError(f"run {run_id} was started at this site with another privacy plan; this request "
+                              f"changes {'; '.join(changed)}. A run's plan is fixed when it starts: nothing was "
+                              "trained or sent (resume the run with its frozen configuration, or start a new run)")
+        return saved.noise_multiplier, saved.sample_rate, saved.steps_per_round
     n = len(site.train.y)
     q, total = planned_steps(n, cfg.batch_size, cfg.local_epochs, cfg.num_rounds)
-    per_round = total // cfg.num_rounds
-    saved = site.ledger.run_noise(site.dataset_fingerprint, run_id)
-    if saved is not None:
-        return saved["noise_multiplier"], saved["sample_rate"], per_round
     # This run may bring the site's total to (spent + the run's epsilon), never beyond the site's budget:
     # a site with budget 30 can join several runs of epsilon 8 instead of spending it all on the first.
     target = min(site.ledger.budget_epsilon, site.ledger.spent(site.dataset_fingerprint) + cfg.epsilon)
     sigma = noise_multiplier_for(target, site.ledger.delta, q, total,
                                  spent=site.ledger.history(site.dataset_fingerprint))
-    site.ledger.set_run_noise(site.dataset_fingerprint, run_id, sigma, q, total)
-    return sigma, q, per_round
+    plan = site.ledger.start_run(site.dataset_fingerprint, run_id, RunPlan(
+        epsilon=cfg.epsilon, epsilon_cap=target, num_rounds=cfg.num_rounds, steps_per_round=total // cfg.num_rounds,
+        noise_multiplier=sigma, sample_rate=q, terms=plan_terms(cfg)))
+    return plan.noise_multiplier, plan.sample_rate, plan.steps_per_round
 
 
 def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunConfig, run_id: str, rnd: int,
