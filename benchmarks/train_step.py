@@ -65,17 +65,11 @@ def synthetic_batch(schema, n: int, seed: int = 0):
     lack one modality (all NaN), in turn."""
     import torch
 
-    g = torch.Generator().manual_seed(seed)
+    from simulations.synthetic import random_model_inputs
+
+    g = torch.Generator().manual_seed(seed + 1)  # the labels' stream, apart from the inputs'
     layout = schema.layout()
-    x = torch.randn(n, layout.n_inputs, generator=g)
-    for m in schema.modalities:
-        start = layout.slices[m.name].start
-        for j, f in enumerate(m.features):
-            kind = m.column_type(f).value
-            if kind == "categorical":
-                x[:, start + j] = torch.randint(0, len(m.levels[f]), (n,), generator=g).float()
-            elif kind == "binary":
-                x[:, start + j] = torch.randint(0, 2, (n,), generator=g).float()
+    x = random_model_inputs(schema, n, seed)
     names = schema.modality_names
     for i in range(0, n, 4):
         x[i, layout.slices[names[(i // 4) % len(names)]]] = float("nan")

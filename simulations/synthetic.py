@@ -292,3 +292,22 @@ def generate_federation(out_dir: str | Path, cfg: SyntheticConfig, overwrite: bo
         holdout=next((e for e in entries if e.name == HOLDOUT_DIR), None))
     manifest.save(out_dir / "manifest.json")
     return manifest
+
+
+def random_model_inputs(schema: FeatureSchema, n: int, seed: int = 0):
+    """A (n, inputs) float tensor of valid model inputs for `schema`: standard normals, level indices for
+    categoricals, 0/1 for binaries (shapes and speed, not data: tests and benchmarks)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    layout = schema.layout()
+    x = torch.randn(n, layout.n_inputs, generator=g)
+    for m in schema.modalities:
+        start = layout.slices[m.name].start
+        for j, f in enumerate(m.features):
+            kind = m.column_type(f).value
+            if kind == "categorical":
+                x[:, start + j] = torch.randint(0, len(m.levels[f]), (n,), generator=g).float()
+            elif kind == "binary":
+                x[:, start + j] = torch.randint(0, 2, (n,), generator=g).float()
+    return x

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from shared_models.schema import FeatureSchema, Modality
+from simulations.synthetic import random_model_inputs
 
 
 def tiny_schema(omics_width: int = 130, name: str = "tiny") -> FeatureSchema:
@@ -27,18 +28,7 @@ def tiny_schema(omics_width: int = 130, name: str = "tiny") -> FeatureSchema:
 
 def random_inputs(schema: FeatureSchema, n: int, seed: int = 0) -> torch.Tensor:
     """Valid model inputs: standard normals, level indices for categoricals, 0/1 for binaries."""
-    g = torch.Generator().manual_seed(seed)
-    layout = schema.layout()
-    x = torch.randn(n, layout.n_inputs, generator=g)
-    for m in schema.modalities:
-        start = layout.slices[m.name].start
-        for j, f in enumerate(m.features):
-            t = m.column_type(f).value
-            if t == "categorical":
-                x[:, start + j] = torch.randint(0, len(m.levels[f]), (n,), generator=g).float()
-            elif t == "binary":
-                x[:, start + j] = torch.randint(0, 2, (n,), generator=g).float()
-    return x
+    return random_model_inputs(schema, n, seed)
 
 
 def drop_modalities(schema: FeatureSchema, x: torch.Tensor, row: int, names: list[str]) -> None:
