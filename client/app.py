@@ -140,7 +140,8 @@ def site_policy_mod(msg: Message, context: Context, call_next):
                       f"{cfg.min_sites}, the site's min-aggregate-sites {settings.min_aggregate_sites}); the site "
                       "gives no key shares, so this sum is never unmasked")
             log(WARNING, "site %s: %s", settings.name, reason)
-            _audit_quietly(settings, "unmask_refused", run=_run_key(context), active_sites=len(active), needed=need)
+            _audit_quietly(site_audit(settings), settings.name, "unmask_refused", run=_run_key(context),
+                           active_sites=len(active), needed=need)
             return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=REFUSAL_PREFIX + reason), reply_to=msg)
     return _refusing(msg, context, lambda m, c: secaggplus_mod(m, c, call_next))
 
@@ -156,11 +157,12 @@ def _run_key(context: Context) -> str:
     return str(context.state.config_records.get("oncofed", {}).get("run-key", ""))
 
 
-def _audit_quietly(settings: "SiteSettings", event: str, **fields) -> None:
+def _audit_quietly(audit: AuditLog, site: str, event: str, **fields) -> None:
+    """An audit entry whose failure is logged, not raised: the event (a refusal) happens either way."""
     try:
-        site_audit(settings).append(event, **fields)
+        audit.append(event, **fields)
     except (AuditError, OSError) as e:
-        log(WARNING, "site %s: audit log: %s", settings.name, e)
+        log(WARNING, "site %s: audit log: %s", site, e)
 
 
 app = ClientApp()
@@ -170,13 +172,19 @@ def site_audit(settings: SiteSettings) -> AuditLog:
     return AuditLog(settings.paths.state_dir / "audit.jsonl")
 
 
+def signing_trust(context: Context, cfg: RunConfig) -> str:
+    """The site's trust anchor for what the server signs (models, audit anchors): its node config's
+    signing-public-key, else (simulation) the run config's; "" when it has none."""
+    return str(context.node_config.get("signing-public-key", "")) or (
+        str(cfg.path(cfg.signing_public_key)) if cfg.signing_public_key else "")
+
+
 def keep_server_anchor(settings: SiteSettings, context: Context, cfg: RunConfig, anchor_json) -> None:
     """The server's signed audit head (shared_models.protocol), kept in the site's own state: what
     `oncofed audit verify --anchors` checks the server's run log against. Never stops a round."""
     if not anchor_json:
         return
-    trust = str(context.node_config.get("signing-public-key", "")) or (
-        str(cfg.path(cfg.signing_public_key)) if cfg.signing_public_key else "")
+    trust = signing_trust(context, cfg)
     try:
         AnchorStore(settings.paths.state_dir / ANCHORS_FILE).keep(str(anchor_json), trust or None)
     except (AuditError, OSError, ValueError) as e:
@@ -188,11 +196,8 @@ def _refusal(fitins, msg: Message, site: str, reason: str, audit: AuditLog | Non
     round (see site_policy_mod). The reason says why in words that name no patient."""
     log(WARNING, "site %s refuses the round: %s", site, reason)
     if audit is not None:
-        try:
-            audit.append("round_refused", run=str(fitins.config.get("run-key")),
-                         round=int(fitins.config.get("server-round", 0)), reason=reason)
-        except (AuditError, OSError) as e:
-            log(WARNING, "site %s: audit log: %s", site, e)
+        _audit_quietly(audit, site, "round_refused", run=str(fitins.config.get("run-key")),
+                       round=int(fitins.config.get("server-round", 0)), reason=reason)
     return SiteRefusal(f"{site}: {reason}")
 
 
@@ -273,7 +278,7 @@ def _resend(msg: Message, fitins, settings: SiteSettings, release, global_sha256
                        + "; training it again would spend the privacy budget twice, so the site sends nothing", audit)
     log(INFO, "site %s: round %s of run %s was released before; sending the same update again (no new spend)",
         settings.name, rnd, run_key)
-    _audit_quietly(settings, "round_resent", run=run_key, round=rnd)
+    _audit_quietly(audit, settings.name, "round_resent", run=run_key, round=rnd)
     res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(release.delta), release.num_examples,
                  {**release.metrics, "resent": 1})
     return Message(fitres_to_recorddict(res, keep_input=False), reply_to=msg)
@@ -316,8 +321,7 @@ def save_model(msg: Message, context: Context) -> Message:
     info = json.loads(str(msg.content["config"]["package-info"]))
     keep_server_anchor(settings, context, cfg, msg.content["config"].get(AUDIT_ANCHOR))
     store = ModelStore(settings.paths.model_dir)
-    trust = str(context.node_config.get("signing-public-key", "")) or (
-        str(cfg.path(cfg.signing_public_key)) if cfg.signing_public_key else "")
+    trust = signing_trust(context, cfg)
     try:
         if trust:
             try:
