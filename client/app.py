@@ -142,7 +142,8 @@ def site_policy_mod(msg: Message, context: Context, call_next):
             log(WARNING, "site %s: %s", settings.name, reason)
             _audit_quietly(site_audit(settings), settings.name, "unmask_refused", run=_run_key(context),
                            active_sites=len(active), needed=need)
-            return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=REFUSAL_PREFIX + reason), reply_to=msg)
+            return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=REFUSAL_PREFIX + reason),
+                           reply_to=msg)
     return _refusing(msg, context, lambda m, c: secaggplus_mod(m, c, call_next))
 
 
