@@ -55,23 +55,41 @@ def stratified_split(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.
     return np.sort(np.asarray(train, dtype=np.int64)), np.sort(np.asarray(val, dtype=np.int64))
 
 
-def prepare_site(schema: FeatureSchema, paths: SitePaths, *, budget_epsilon: float, delta: float,
-                 val_fraction: float, min_count: int, seed: int) -> PreparedSite:
-    report = validate_site(schema, paths.site_dir, min_count=min_count)
+@dataclass
+class SiteParts:
+    """A site's patients as the federation trains on them: the training part (members of every model the
+    site trains) and the held-out part, normalised with statistics of the training part only."""
+
+    train: SiteDataset
+    val: SiteDataset
+    normalizer: Normalizer
+    warnings: list[str]
+
+
+def split_site(schema: FeatureSchema, site_dir: Path, *, val_fraction: float, min_count: int,
+               seed: int) -> SiteParts:
+    """Validate, read, split and normalise a site's data; writes nothing. The one definition of which
+    patients a site trains on: `prepare_site` trains on it, `oncofed site privacy-audit` attacks with it."""
+    report = validate_site(schema, site_dir, min_count=min_count)
     if not report.ok:
         raise SiteDataError(report.format_report())
-    tables = read_site(schema, paths.site_dir)
+    tables = read_site(schema, site_dir)
     ids = [str(i) for i in tables.labels.index]
     y = encode_labels(schema, tables.labels)
     raw = raw_matrix(schema, tables, ids)
     tr, va = stratified_split(y, val_fraction, seed)
-    paths.state_dir.mkdir(parents=True, exist_ok=True)
     normalizer = Normalizer.fit(schema, raw[tr])
-    normalizer.save(paths.state_dir / "normalizer.json")
     train = make_dataset(schema, raw[tr], y[tr], [ids[i] for i in tr], normalizer)
     val = make_dataset(schema, raw[va], y[va], [ids[i] for i in va], normalizer)
+    return SiteParts(train, val, normalizer, [p.message for p in report.warnings])
+
+
+def prepare_site(schema: FeatureSchema, paths: SitePaths, *, budget_epsilon: float, delta: float,
+                 val_fraction: float, min_count: int, seed: int) -> PreparedSite:
+    parts = split_site(schema, paths.site_dir, val_fraction=val_fraction, min_count=min_count, seed=seed)
+    paths.state_dir.mkdir(parents=True, exist_ok=True)
+    parts.normalizer.save(paths.state_dir / "normalizer.json")
     ledger = PrivacyLedger(paths.state_dir / "privacy-ledger.json", budget_epsilon=budget_epsilon, delta=delta)
     # DP-SGD touches only the training patients; the held-out part is used for local metrics.
-    fingerprint = ledger.register_dataset(train.ids, schema.content_hash())
-    return PreparedSite(schema, paths, train, val, normalizer, ledger, fingerprint,
-                        [p.message for p in report.warnings])
+    fingerprint = ledger.register_dataset(parts.train.ids, schema.content_hash())
+    return PreparedSite(schema, paths, parts.train, parts.val, parts.normalizer, ledger, fingerprint, parts.warnings)
