@@ -1,24 +1,58 @@
 """Record-level DP accounting for a site: epsilon of a DP-SGD history, and the noise for a schedule.
 
-A history is a list of (noise_multiplier, sample_rate, steps) mechanisms, the format of Opacus'
-PRV accountant. Everything a site ever ran on its data is composed into one history, across rounds
-and runs; the noise multiplier is chosen once per run so that the whole planned schedule, composed
-with what was already spent, lands on the site's budget (see shared/notes/opacus.md for the common
-per-round mistakes this avoids).
+A history is a list of mechanisms: (noise_multiplier, sample_rate, steps) for the Gaussian steps of
+DP-SGD at a site (`dp-mode = "site"`, the format of Opacus' PRV accountant), and `SkellamSteps` for the
+Skellam steps of `dp-mode = "distributed"` (privacy/distributed.py). Everything a site ever ran on its
+data is composed into one history, across rounds, runs and modes; the noise is chosen once per run so
+that the whole planned schedule, composed with what was already spent, lands on the site's budget (see
+shared/notes/opacus.md for the common per-round mistakes this avoids).
+
+A Gaussian-only history is accounted by Opacus' PRV accountant (tightest). A history with Skellam steps
+is accounted in Renyi DP, all of it: Opacus' RDP of the sampled Gaussian for the Gaussian steps, the
+Skellam RDP of Agarwal, Kairouz & Liu (NeurIPS 2021, Theorem 3.5) amplified by Poisson subsampling with
+Zhu & Wang's general upper bound (ICML 2019, Theorem 5) for the Skellam steps, summed order by order
+and converted by Opacus' `get_privacy_spent`.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import gammaln, logsumexp
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from privacy import MAX_BUDGET  # re-exported: the largest budget a site may set
 
-Mechanism = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
+Gaussian = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
+
+
+@dataclass(frozen=True)
+class SkellamSteps:
+    """`steps` steps of the Poisson-subsampled Skellam mechanism, in grid units (privacy/distributed.py).
+
+    l2, l1: the sensitivity of the grid vector to one record (after randomized rounding, see there);
+    variance: the variance of the aggregate noise per coordinate (a Skellam's, 2 x its Poisson mean);
+    bad_event: a bound on the probability per step that the analysed mechanism and the one run differ
+    (the rounding's norm exceeding l2, a value outside SecAgg+'s range), paid in delta."""
+
+    l2: float
+    l1: float
+    variance: float
+    sample_rate: float
+    steps: int
+    bad_event: float = 0.0
+
+    def key(self) -> tuple:
+        return (self.l2, self.l1, self.variance, self.sample_rate, self.bad_event)
+
+
+Mechanism = Gaussian | SkellamSteps
+RDP_ORDERS = tuple(range(2, 65)) + (80, 96, 128, 192, 256)  # integer: the subsampling bound needs them
 EPS_ERROR = 0.01  # PRV accountant's epsilon discretisation error; the upper bound is reported
 PRV_LIMIT = MAX_BUDGET  # above this RDP bound PRV's grid grows to many GB; such spends are reported by RDP
 
@@ -29,18 +63,95 @@ class BudgetError(ValueError):
 
 def compact(history: list[Mechanism]) -> list[Mechanism]:
     """Merge entries of the same mechanism: T1 then T2 steps of one mechanism = T1 + T2 steps."""
-    merged: OrderedDict[tuple[float, float], int] = OrderedDict()
-    for sigma, q, steps in history:
+    merged: OrderedDict[tuple, int] = OrderedDict()
+    skellam: OrderedDict[tuple, SkellamSteps] = OrderedDict()
+    for m in history:
+        if isinstance(m, SkellamSteps):
+            if m.steps > 0:
+                kept = skellam.get(m.key())
+                skellam[m.key()] = m if kept is None else SkellamSteps(*m.key()[:4], kept.steps + m.steps, m.bad_event)
+            continue
+        sigma, q, steps = m
         if steps > 0:
             merged[(float(sigma), float(q))] = merged.get((float(sigma), float(q)), 0) + int(steps)
-    return [(s, q, t) for (s, q), t in merged.items()]
+    return [(s, q, t) for (s, q), t in merged.items()] + list(skellam.values())
 
 
-def epsilon(history: list[Mechanism], delta: float) -> float:
-    """Epsilon (PRV upper bound) of composing every mechanism in `history` at `delta`."""
+def skellam_rdp(order: int, l2: float, l1: float, variance: float) -> float:
+    """RDP at `order` of the multi-dimensional Skellam mechanism (Agarwal, Kairouz, Liu 2021, Theorem 3.5)
+    with noise of `variance` per coordinate (Sk(mu, mu), variance = 2 mu) and sensitivities l2, l1:
+        alpha l2^2 / (2 V) + min(((2 alpha - 1) l2^2 + 6 l1) / (4 V^2), 3 l1 / (2 V)).
+    The first term is the Gaussian mechanism's of the same variance; the second vanishes as V grows."""
+    a = float(order)
+    return a * l2 ** 2 / (2 * variance) + min(((2 * a - 1) * l2 ** 2 + 6 * l1) / (4 * variance ** 2),
+                                             3 * l1 / (2 * variance))
+
+
+def subsampled_rdp(order: int, q: float, rdp) -> float:
+    """RDP at integer `order` of a mechanism with RDP `rdp(alpha)` run on a Poisson sample of rate q:
+    Zhu & Wang (ICML 2019), Theorem 5, the general upper bound (no condition on the mechanism), capped by
+    the mechanism's own RDP (subsampling never hurts)."""
+    alpha = int(order)
+    if alpha < 2 or alpha != order:
+        raise ValueError(f"subsampled RDP needs an integer order >= 2, got {order}")
+    if q >= 1:
+        return rdp(alpha)
+    log_terms = [math.log((1 - q) ** (alpha - 1) * (alpha * q - q + 1)),
+                 math.log(alpha * (alpha - 1) / 2) + 2 * math.log(q) + (alpha - 2) * math.log1p(-q) + rdp(2)]
+    for k in range(3, alpha + 1):
+        log_comb = gammaln(alpha + 1) - gammaln(k + 1) - gammaln(alpha - k + 1)
+        log_terms.append(math.log(3) + log_comb + (alpha - k) * math.log1p(-q) + k * math.log(q) + (k - 1) * rdp(k))
+    return min(float(logsumexp(log_terms)) / (alpha - 1), rdp(alpha))
+
+
+def skellam_steps_rdp(m: SkellamSteps, orders=RDP_ORDERS) -> np.ndarray:
+    """RDP of `m.steps` subsampled Skellam steps at every order (composition adds RDP)."""
+    def rdp(a: int) -> float:
+        return skellam_rdp(a, m.l2, m.l1, m.variance)
+    return np.array([m.steps * subsampled_rdp(a, m.sample_rate, rdp) for a in orders])
+
+
+def bad_event_delta(history: list[Mechanism]) -> float:
+    """The delta paid for the Skellam steps' bad events: the mechanism run and the one analysed differ
+    with probability at most P = sum of steps x bad_event over the whole history, which costs
+    (1 + e^eps) P in delta (a total-variation argument); e^eps is taken at MAX_BUDGET, the largest
+    epsilon any budget allows."""
+    p = sum(m.steps * m.bad_event for m in history if isinstance(m, SkellamSteps))
+    return (1 + math.exp(MAX_BUDGET)) * p
+
+
+def rdp_epsilon(history: list[Mechanism], delta: float, orders=RDP_ORDERS) -> float:
+    """Epsilon of the whole history in Renyi DP (Gaussian steps by Opacus' RDP, Skellam steps above), with
+    the Skellam steps' bad-event delta taken out of `delta` first."""
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
     hist = compact(history)
     if not hist:
         return 0.0
+    rdp = np.zeros(len(orders))
+    for m in hist:
+        if isinstance(m, SkellamSteps):
+            rdp = rdp + skellam_steps_rdp(m, orders)
+        else:
+            sigma, q, steps = m
+            rdp = rdp + np.asarray(compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=list(orders)))
+    delta_rdp = delta - bad_event_delta(hist)
+    if delta_rdp <= 0:
+        raise BudgetError(f"the Skellam steps' bad-event probability uses all of delta {delta:g}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "optimal order is the largest alpha": then epsilon is tiny anyway
+        eps, _ = get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta_rdp)
+    return float(eps)
+
+
+def epsilon(history: list[Mechanism], delta: float) -> float:
+    """Epsilon of composing every mechanism in `history` at `delta`: the PRV upper bound for a Gaussian-only
+    history, the RDP bound (rdp_epsilon) once it holds Skellam steps."""
+    hist = compact(history)
+    if not hist:
+        return 0.0
+    if any(isinstance(m, SkellamSteps) for m in hist):
+        return rdp_epsilon(hist, delta)
     # RDP is a looser upper bound than PRV (so reporting it is conservative) and cheap. PRV's
     # discretisation needs memory that grows with epsilon: past PRV_LIMIT (no real budget is that
     # large) the RDP bound is the answer.

@@ -22,7 +22,14 @@ from __future__ import annotations
 import secrets
 import warnings
 
+import numpy as np
 import torch
+
+
+def dp_numpy_generator() -> np.random.Generator:
+    """numpy's generator for a round's distributed-DP draws (randomized rounding, Skellam noise:
+    privacy/distributed.py), seeded with 128 bits of the OS CSPRNG, never stored."""
+    return np.random.Generator(np.random.PCG64(secrets.randbits(128)))
 
 
 def dp_generator() -> torch.Generator:
