@@ -1,4 +1,5 @@
-"""Hospital-site commands: `oncofed validate`, `oncofed site init`, `oncofed site start`."""
+"""Hospital-site commands: `oncofed validate`, `oncofed site init`, `oncofed site start`,
+`oncofed site privacy-audit`, `oncofed serve ...`, `oncofed predict`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ def register(app: typer.Typer) -> None:
     site = typer.Typer(help="A hospital site's keys, trust anchors, settings and SuperNode.", no_args_is_help=True)
     site.command("init")(site_init)
     site.command("start")(site_start)
+    site.command("privacy-audit")(site_privacy_audit)
     app.add_typer(site, name="site")
     serve = typer.Typer(help="The global model as a local REST service (and its tokens).",
                         invoke_without_command=True)
@@ -108,6 +110,54 @@ def site_start(
         raise typer.Exit(code=2)
     raise typer.Exit(code=run_supernode(settings, port, poll_interval, superlink or None, retry_seconds))
 
+
+
+def site_privacy_audit(
+    directory: Path = typer.Argument(..., help="the site directory written by `oncofed site init` (its site.json)"),
+    val_fraction: float = typer.Option(0.2, "--val-fraction", help="the run's val-fraction: which of the site's "
+                                       "patients were held out (run config; default 0.2)"),
+    seed: int = typer.Option(0, "--seed", help="the run's seed (run config seed), which fixed the held-out part"),
+    lira_models: int = typer.Option(0, "--lira-models", min=0, help="also run offline LiRA with this many reference "
+                                    "models (>= 2; trained here on halves of the held-out part; 0: skip)"),
+    lira_epochs: int = typer.Option(30, "--lira-epochs", min=1, help="epochs of each LiRA reference model"),
+    confidence: float = typer.Option(0.95, "--confidence", help="confidence of the bound test (all attacks together)"),
+    version: str = typer.Option("", "--version", help="the model version to audit (default: the active one)"),
+    out: Path = typer.Option(None, "--out", help="report directory (default: STATE_DIR/privacy-audit/VERSION)"),
+) -> None:
+    """Attack the site's global model with membership inference: its training patients (members) against its
+    held-out part (non-members). Prints AUC and TPR at 0.1% and 1% FPR per attack beside the bound the model's
+    epsilon implies, writes privacy-audit.json and a ROC plot.
+
+    Exit 0: no attack beats the bound (or the model claims no DP); 1: an attack beats the bound with the test's
+    confidence (a DP bug); 2: the audit cannot run (the message says why).
+    """
+    from client.privacy_audit import PrivacyAuditError, audit, format_report, verdict, write_outputs
+    from shared_models.files import read_json_file
+
+    try:
+        settings = read_json_file(directory / "site.json", PrivacyAuditError,
+                                  "pass the directory written by `oncofed site init`")
+        missing = [k for k in ("site-name", "data-path", "state-dir", "model-dir") if not settings.get(k)]
+        if missing:
+            raise PrivacyAuditError(f"{directory / 'site.json'}: {', '.join(missing)} not set; add them (`oncofed site "
+                                    "init` writes them)")
+        report = audit(Path(settings["data-path"]), Path(settings["state-dir"]), Path(settings["model-dir"]),
+                       settings["site-name"], val_fraction=val_fraction, seed=seed,
+                       min_count=int(settings.get("min-count", 5)), lira_models=lira_models, lira_epochs=lira_epochs,
+                       confidence=confidence, version=version or None,
+                       signing_public_key=settings.get("signing-public-key") or None)
+        target = out or Path(settings["state-dir"]) / "privacy-audit" / report["model_version"]
+        json_path, plot = write_outputs(report, target)
+    except PrivacyAuditError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(code=2)
+    except OSError as e:
+        typer.echo(f"cannot write the audit to {e.filename or out}: {e.strerror}; pass a writable --out DIR", err=True)
+        raise typer.Exit(code=2)
+    typer.echo(format_report(report))
+    typer.echo(f"report {json_path}, plot {plot}")
+    typer.echo(verdict(report), err=report["flagged"])
+    raise typer.Exit(code=1 if report["flagged"] else 0)
 
 
 def _site_settings(site_config: Path) -> dict:

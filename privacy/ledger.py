@@ -49,6 +49,20 @@ def dataset_fingerprint(patient_ids: list[str], schema_hash: str) -> tuple[str, 
     return fp, hashed
 
 
+def read_ledger(path: str | Path) -> dict:
+    """A ledger file's contents (datasets, runs, entries), for reading only: no lock, no budget needed."""
+    path = Path(path)
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        # Refuse rather than start from zero: a lost ledger would silently reset the spend.
+        raise BudgetError(f"{path}: privacy ledger unreadable ({e}); restore it from backup. "
+                          "Training is refused until then") from None
+    if not isinstance(state, dict) or state.get("format") != LEDGER_FORMAT:
+        raise BudgetError(f"{path}: not an OncoFed privacy ledger")
+    return state
+
+
 class AlreadyReleased(BudgetError):
     """The run's round was committed (its update left the site) before: it is not trained again."""
 
@@ -119,15 +133,7 @@ class PrivacyLedger:
     def _read(self) -> dict:
         if not self.path.exists():
             return {"format": LEDGER_FORMAT, "datasets": {}, "entries": []}
-        try:
-            state = json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            # Refuse rather than start from zero: a lost ledger would silently reset the spend.
-            raise BudgetError(f"{self.path}: privacy ledger unreadable ({e}); restore it from backup. "
-                              "Training is refused until then") from None
-        if state.get("format") != LEDGER_FORMAT:
-            raise BudgetError(f"{self.path}: not an OncoFed privacy ledger")
-        return state
+        return read_ledger(self.path)
 
     def _write(self, state: dict) -> None:
         write_json_atomic(self.path, state)

@@ -1,0 +1,353 @@
+"""`oncofed site privacy-audit`: a site attacks the global model it received, on its own patients.
+
+Members are the site's training part, non-members its held-out part: the split `client.site.split_site`
+makes for every run (stratified by class, by the run's `val-fraction` and `seed`). The site's privacy
+ledger confirms it: the training part's fingerprint must be a dataset the ledger registered (and, for a DP
+model, the one its run trained on), so an audit never attacks patients the model did not train on.
+
+Attacks (privacy/membership.py holds the maths): the loss and the confidence attack by default; with
+`lira_models` N >= 2, offline LiRA with N reference models trained by client/training.py's `fit` on random
+halves of the non-members (each non-member in N // 2 of them; members in none).
+
+The claim tested is the model's (epsilon, delta) for this site: the delivered package's `site_epsilon`
+and `delta`, else the site's ledger (its committed rounds of the package's run). An attack that proves a
+larger epsilon at the audit's confidence flags the model (`flagged`; the command exits 1).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from privacy.membership import (REPORTED_FPRS, AttackResult, attack, clopper_pearson_upper, dp_auc_bound,
+                                dp_tpr_bound, logit_confidence, lira_offline, max_probability, per_example_loss,
+                                strongest_provable_epsilon)
+
+AUDIT_FORMAT = "oncofed-privacy-audit/1"
+REPORT_FILE, PLOT_FILE = "privacy-audit.json", "privacy-audit-roc.png"
+MIN_PATIENTS = 10  # members and non-members each: fewer cannot prove anything
+WEAK_AUDIT = 200  # below this many non-members (or members) the report says the audit is weak
+MIN_LIRA_NONMEMBERS = 20  # each reference model trains on half of them
+
+
+class PrivacyAuditError(ValueError):
+    """An audit that cannot run; the message names the file or setting and the fix."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What the model claims about this site's patients."""
+
+    dp: bool
+    epsilon: float | None
+    delta: float | None
+    source: str  # where the numbers come from (file and key)
+
+
+def _ledger_state(state_dir: Path) -> dict:
+    from privacy.accounting import BudgetError
+    from privacy.ledger import read_ledger
+
+    path = state_dir / "privacy-ledger.json"
+    if not path.is_file():
+        raise PrivacyAuditError(f"{path}: no privacy ledger; the audit needs the site's ledger to know which patients "
+                                "trained (state-dir must be the one the site trained with)")
+    try:
+        return read_ledger(path)
+    except BudgetError as e:
+        raise PrivacyAuditError(str(e)) from None
+
+
+def check_membership(ledger: dict, fingerprint: str, run: str | None, dp: bool, ledger_path: Path,
+                     val_fraction: float, seed: int) -> None:
+    """The training part must be what the site trained on: a dataset of its ledger, the run's for DP."""
+    fix = (f"pass the run's --val-fraction and --seed (its run config; now {val_fraction:g} and {seed}), and the "
+           "site's own data-path and state-dir")
+    if fingerprint not in ledger.get("datasets", {}):
+        raise PrivacyAuditError(f"{ledger_path}: the training part of val-fraction {val_fraction:g}, seed {seed} is "
+                                f"not a set of patients this site trained on; {fix}")
+    if dp and run:
+        runs = {k.split(":", 1)[1]: k.split(":", 1)[0] for k in ledger.get("runs", {})}
+        if run in runs and runs[run] != fingerprint:
+            raise PrivacyAuditError(f"{ledger_path}: run {run} trained on another training part of this site than "
+                                    f"val-fraction {val_fraction:g}, seed {seed} gives; {fix}")
+
+
+def claimed_privacy(package: dict, site: str, ledger: dict, fingerprint: str, package_path: Path,
+                    ledger_path: Path) -> Claim:
+    if not package.get("dp"):
+        return Claim(False, None, None, f"{package_path}: dp = false")
+    delta = package.get("delta")
+    if not isinstance(delta, (int, float)) or not 0 < delta < 1:
+        raise PrivacyAuditError(f"{package_path}: a DP model without a delta in (0, 1) (got {delta!r}); the package "
+                                "was not written by OncoFed's server: ask the operator to deliver it again")
+    eps = (package.get("site_epsilon") or {}).get(site)
+    if isinstance(eps, (int, float)) and eps > 0:
+        return Claim(True, float(eps), float(delta), f"{package_path}: site_epsilon[{site!r}], delta")
+    run = package.get("run")
+    spent = [e.get("epsilon_after") for e in ledger.get("entries", [])
+             if e.get("dataset") == fingerprint and e.get("run_id") == run and e.get("status") == "committed"]
+    spent = [x for x in spent if isinstance(x, (int, float))]
+    if spent:
+        return Claim(True, float(max(spent)), float(delta), f"{ledger_path}: committed rounds of run {run}")
+    raise PrivacyAuditError(f"{package_path}: the model is DP but records no epsilon for site {site!r}, and "
+                            f"{ledger_path} has no committed round of run {run}: this site did not train the model, "
+                            "so its patients are not members; audit it at a site that trained it")
+
+
+@dataclass
+class AuditData:
+    """The model's logits on the site's members and non-members."""
+
+    member_logits: np.ndarray
+    member_y: np.ndarray
+    nonmember_logits: np.ndarray
+    nonmember_y: np.ndarray
+
+
+def _logits(model, x: np.ndarray) -> np.ndarray:
+    import torch
+
+    from shared_models.evaluation import predict_logits
+
+    return predict_logits(model, torch.from_numpy(x)).numpy().astype(np.float64)
+
+
+def reference_logit_confidence(schema, model_config, parts, n_models: int, epochs: int,
+                               seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """phi of every member and non-member (in that order) under `n_models` reference models, and which
+    reference model trained on which of them (members: none). Each non-member is in exactly n_models // 2
+    reference trainings, so every patient has at least one reference model that never saw it."""
+    import torch
+
+    from client.training import TrainConfig, fit
+    from shared_models.model import MultiModalTransformer
+
+    n_m, n_n = len(parts.train.y), len(parts.val.y)
+    rng = np.random.default_rng(seed)
+    trained_on = np.zeros((n_models, n_m + n_n), dtype=bool)
+    for j in range(n_n):
+        trained_on[rng.choice(n_models, n_models // 2, replace=False), n_m + j] = True
+    x_all = np.concatenate([parts.train.x, parts.val.x])
+    y_all = np.concatenate([parts.train.y, parts.val.y])
+    phi = np.zeros((n_models, n_m + n_n))
+    for k in range(n_models):
+        rows = np.flatnonzero(trained_on[k])
+        torch.manual_seed(seed * 1009 + k)
+        model = MultiModalTransformer(schema, model_config)
+        cfg = TrainConfig(epochs=epochs, batch_size=min(64, len(rows)), patience=None, seed=seed * 1009 + k)
+        fit(model, torch.from_numpy(x_all[rows]), torch.from_numpy(y_all[rows]), cfg)
+        phi[k] = logit_confidence(_logits(model, x_all), y_all)
+    return phi, trained_on
+
+
+def run_attacks(data: AuditData, claim: Claim, confidence: float,
+                lira: tuple[np.ndarray, np.ndarray] | None = None) -> list[AttackResult]:
+    """The loss and confidence attacks (and LiRA, given reference phi and training masks) with the
+    audit's error level shared equally among them (a union bound: flagging needs one to beat the bound)."""
+    n_m = len(data.member_y)
+    scores = {"loss": (-per_example_loss(data.member_logits, data.member_y),
+                       -per_example_loss(data.nonmember_logits, data.nonmember_y)),
+              "confidence": (max_probability(data.member_logits), max_probability(data.nonmember_logits))}
+    if lira is not None:
+        phi = np.concatenate([logit_confidence(data.member_logits, data.member_y),
+                              logit_confidence(data.nonmember_logits, data.nonmember_y)])
+        z = lira_offline(phi, *lira)
+        scores["offline LiRA"] = (z[:n_m], z[n_m:])
+    alpha = (1 - confidence) / len(scores)
+    return [attack(name, m, n, claim.epsilon, claim.delta, alpha) for name, (m, n) in scores.items()]
+
+
+def audit(site_dir: Path, state_dir: Path, model_dir: Path, site: str, *, val_fraction: float, seed: int,
+          min_count: int = 5, lira_models: int = 0, lira_epochs: int = 30, confidence: float = 0.95,
+          version: str | None = None, signing_public_key: str | None = None) -> dict:
+    """The audit report (JSON-ready) of the site's installed model (the active one, or `version`)."""
+    from client.model_store import ModelStore, ModelStoreError
+    from client.site import SiteDataError, split_site
+    from privacy.ledger import dataset_fingerprint
+    from shared_models.schema import FeatureSchema
+    from shared_models.site_data import TableError
+    from shared_models.weights import load_weights
+
+    site_dir, state_dir, model_dir = Path(site_dir), Path(state_dir), Path(model_dir)
+    if not 0 < confidence < 1:
+        raise PrivacyAuditError(f"--confidence {confidence}: give a level in (0, 1), e.g. 0.95")
+    if lira_models == 1 or lira_models < 0:
+        raise PrivacyAuditError(f"--lira-models {lira_models}: offline LiRA needs at least 2 reference models "
+                                "(each patient must be left out of one); 0 skips it")
+    store = ModelStore(model_dir) if model_dir.is_dir() else None
+    version = version or (store.active() if store else None)
+    if store is None or version is None:
+        raise PrivacyAuditError(f"{model_dir}: no model installed; a run must deliver its global model to this site "
+                                "(the operator's `oncofed deliver`) before it can be audited")
+    try:
+        from privacy.signing import load_public
+
+        package = store.verify(version, load_public(signing_public_key) if signing_public_key else None)
+        schema = FeatureSchema.load(model_dir / version / "schema.json")
+        model = load_weights(model_dir / version / "weights.pt", schema).eval()
+    except (ModelStoreError, OSError, ValueError) as e:
+        raise PrivacyAuditError(f"{model_dir / version}: the model cannot be audited: {e}") from None
+    if not 0 <= val_fraction < 1:
+        raise PrivacyAuditError(f"--val-fraction {val_fraction}: give the run's val-fraction in [0, 1)")
+    try:
+        parts = split_site(schema, site_dir, val_fraction=val_fraction, min_count=min_count, seed=seed)
+    except (SiteDataError, TableError) as e:
+        raise PrivacyAuditError(f"{site_dir}: the site's data cannot be read as the model's schema:\n{e}") from None
+    if len(parts.val.y) == 0:
+        raise PrivacyAuditError(f"{site_dir}: no held-out part (val-fraction {val_fraction:g} leaves every patient "
+                                "in training), so there are no non-members to compare with; pass the run's "
+                                "--val-fraction (a run with val-fraction 0 cannot be audited on the site's data)")
+    for what, n in (("members (training part)", len(parts.train.y)), ("non-members (held-out part)", len(parts.val.y))):
+        if n < MIN_PATIENTS:
+            raise PrivacyAuditError(f"{site_dir}: {n} {what}; an audit needs at least {MIN_PATIENTS} of each "
+                                    "(too few patients to tell anything from chance)")
+    ledger_path = state_dir / "privacy-ledger.json"
+    ledger = _ledger_state(state_dir)
+    fingerprint = dataset_fingerprint(parts.train.ids, schema.content_hash())[0]
+    package_path = model_dir / version / "package.json"
+    check_membership(ledger, fingerprint, package.get("run"), bool(package.get("dp")), ledger_path, val_fraction,
+                     seed)
+    claim = claimed_privacy(package, site, ledger, fingerprint, package_path, ledger_path)
+    if lira_models and len(parts.val.y) < MIN_LIRA_NONMEMBERS:
+        raise PrivacyAuditError(f"{site_dir}: {len(parts.val.y)} non-members; offline LiRA's reference models train "
+                                f"on halves of them and need at least {MIN_LIRA_NONMEMBERS}: drop --lira-models")
+
+    t0 = time.perf_counter()
+    data = AuditData(_logits(model, parts.train.x), parts.train.y, _logits(model, parts.val.x), parts.val.y)
+    lira = (reference_logit_confidence(schema, model.config, parts, lira_models, lira_epochs, seed)
+            if lira_models else None)
+    results = run_attacks(data, claim, confidence, lira)
+    n_m, n_n = len(data.member_y), len(data.nonmember_y)
+    strongest = (strongest_provable_epsilon(n_m, n_n, claim.delta, (1 - confidence) / len(results))
+                 if claim.dp else None)
+    flagged = [r.name for r in results if r.test is not None and r.test.flagged]
+    return {
+        "format": AUDIT_FORMAT, "site": site, "model_version": version, "run": package.get("run"),
+        "arrays_sha256": package.get("arrays_sha256"), "audited": time.time(),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "split": {"site_dir": str(site_dir), "val_fraction": val_fraction, "seed": seed, "members": n_m,
+                  "nonmembers": n_n, "dataset_fingerprint": fingerprint},
+        "claim": {"dp": claim.dp, "epsilon": claim.epsilon, "delta": claim.delta, "source": claim.source,
+                  "auc_bound": dp_auc_bound(claim.epsilon, claim.delta) if claim.dp else None,
+                  "strongest_provable_epsilon": strongest},
+        "confidence": confidence, "lira_models": lira_models,
+        "attacks": [r.to_dict() for r in results],
+        "flagged": bool(flagged), "flagged_by": flagged,
+        "notes": notes(n_m, n_n, claim, strongest, confidence),
+    }
+
+
+def notes(n_m: int, n_n: int, claim: Claim, strongest: float | None, confidence: float) -> list[str]:
+    out = []
+    if n_n < 1 / min(REPORTED_FPRS[-1], 1):
+        out.append(f"with {n_n} non-members the smallest false-positive rate measured is 1/{n_n} = {1 / n_n:.1%}: "
+                   "TPR at 0.1% and 1% FPR are the TPR at no false positive, whose true FPR may be up to "
+                   f"{clopper_pearson_upper(0, n_n, 1 - confidence):.1%} ({confidence:.0%}); a TPR above the bound "
+                   "there is not yet a leak: 'eps proven' is the test")
+    if min(n_m, n_n) < WEAK_AUDIT:
+        out.append(f"a small site gives a weak audit: {n_m} members and {n_n} non-members can prove only large leaks")
+    if strongest is not None:
+        caught = "can" if strongest > claim.epsilon else "cannot"
+        out.append(f"even a perfect attack proves at most epsilon {strongest:.2f} at {confidence:.0%} confidence with "
+                   f"these patients: a model that leaks beyond its epsilon {claim.epsilon:.2f} {caught} be caught here")
+    if not claim.dp:
+        out.append("the model claims no differential privacy: the attacks are reported, there is no bound to check")
+    return out
+
+
+# --- output ------------------------------------------------------------------------------------------------------
+def _num(x: float | None, digits: int = 3) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def format_report(report: dict) -> str:
+    s, c = report["split"], report["claim"]
+    lines = [f"privacy audit of model {report['model_version']} (run {report['run']}) at site {report['site']}: "
+             f"{s['members']} members (training part) vs {s['nonmembers']} non-members (held-out part; val-fraction "
+             f"{s['val_fraction']:g}, seed {s['seed']})"]
+    if c["dp"]:
+        lines.append(f"claim: ({c['epsilon']:.3g}, {c['delta']:.3g})-DP ({c['source']}); it allows AUC <= "
+                     f"{c['auc_bound']:.3f} and TPR <= e^{c['epsilon']:.3g} x FPR + {c['delta']:.3g}")
+    else:
+        lines.append(f"claim: no differential privacy ({c['source']})")
+    head = f"{'attack':<14}{'AUC':>7}" + "".join(f"{'TPR@' + f'{f:.1%}'.replace('.0%', '%') + 'FPR':>14}{'bound':>8}"
+                                                 for f in REPORTED_FPRS)
+    if c["dp"]:
+        head += f"  {'eps proven':>10}"
+    lines += ["", head]
+    for a in report["attacks"]:
+        row = f"{a['attack']:<14}{a['auc']:>7.3f}"
+        for f in REPORTED_FPRS:
+            bound = a["bound_at_fpr"][f"{f:g}"] if a["bound_at_fpr"] else None
+            row += f"{a['tpr_at_fpr'][f'{f:g}']:>14.3f}{_num(bound, 4):>8}"
+        if a["bound_test"]:
+            t = a["bound_test"]
+            row += f"  {t['epsilon_lower']:>10.2f}" + ("  BEATS THE BOUND" if t["flagged"] else "")
+        lines.append(row)
+    if c["dp"]:
+        lines.append(f"(eps proven: the largest epsilon the attack proves at {report['confidence']:.0%} confidence, "
+                     "Clopper-Pearson on both rates; 0 = nothing beyond chance)")
+    lines += [""] + [f"note: {n}" for n in report["notes"]]
+    return "\n".join(lines)
+
+
+def verdict(report: dict) -> str:
+    c = report["claim"]
+    if not report["flagged"]:
+        if not c["dp"]:
+            return "no DP claimed: nothing to flag (the numbers above are what an attacker gets)"
+        return (f"within the bound: no attack proves more than epsilon {c['epsilon']:.3g} at "
+                f"{report['confidence']:.0%} confidence")
+    worst = max((a for a in report["attacks"] if a["bound_test"]), key=lambda a: a["bound_test"]["epsilon_lower"])
+    return (f"FLAGGED: the {worst['attack']} attack proves epsilon >= {worst['bound_test']['epsilon_lower']:.2f} at "
+            f"{report['confidence']:.0%} confidence on this site's patients, above the model's epsilon "
+            f"{c['epsilon']:.3g}. The model leaks more than its DP label allows: a bug in its DP training or "
+            "accounting. Do not rely on its epsilon; send this report to the consortium's operator")
+
+
+def plot_roc(report: dict, path: Path) -> Path:
+    """ROC curves on log-log axes with the bound the claimed epsilon allows (and chance) drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_n = report["split"]["nonmembers"]
+    lo = min(1e-3, 0.5 / n_n)
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    grid = np.logspace(math.log10(lo), 0, 200)
+    ax.plot(grid, grid, color="0.6", lw=1, ls=":", label="chance")
+    ax.axvspan(lo, 1 / n_n, color="0.92", lw=0, label=f"FPR below 1/{n_n}: not measurable here")
+    c = report["claim"]
+    if c["dp"]:
+        ax.plot(grid, dp_tpr_bound(grid, c["epsilon"], c["delta"]), color="crimson", lw=1.6, ls="--",
+                label=f"bound of ε = {c['epsilon']:.3g}, δ = {c['delta']:.0e}")
+    for a in report["attacks"]:
+        fpr, tpr = np.asarray(a["roc"]["fpr"]), np.asarray(a["roc"]["tpr"])
+        # a step curve; FPR 0 (off a log axis) is drawn at the axis' left edge
+        ax.step(np.maximum(fpr, lo), np.maximum(tpr, lo), where="post", lw=1.4,
+                label=f"{a['attack']} (AUC {a['auc']:.3f})")
+    ax.set(xscale="log", yscale="log", xlim=(lo, 1), ylim=(lo, 1.05), xlabel="false-positive rate (non-members)",
+           ylabel="true-positive rate (members)",
+           title=f"{report['site']}: {report['split']['members']} members, {n_n} non-members")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(report: dict, out_dir: Path) -> tuple[Path, Path]:
+    from shared_models.files import write_json_atomic
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot = plot_roc(report, out_dir / PLOT_FILE)
+    report["plot"] = str(plot)
+    write_json_atomic(out_dir / REPORT_FILE, report)
+    return out_dir / REPORT_FILE, plot

@@ -1,0 +1,331 @@
+"""The empirical privacy audit: membership-inference maths (privacy/membership.py) against hand-computed
+cases, the bound (eps, delta)-DP puts on any attack, and `oncofed site privacy-audit` on a real site
+directory, where the planted bug of issue 18 (a model trained without noise but labelled DP) must be flagged
+and honest models (DP-trained, untrained) at the same label must not."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from privacy.membership import (attack, auc, bound_test, clopper_pearson_lower, clopper_pearson_upper,
+                                dp_auc_bound, dp_tpr_bound, lira_offline, logit_confidence, max_probability,
+                                per_example_loss, roc, strongest_provable_epsilon, tpr_at_fpr)
+
+LABELLED_EPSILON = 0.5  # what the planted model claims: a small epsilon, which its training does not deliver
+DELTA = 1e-5
+
+
+# --- ROC, AUC, TPR at a fixed FPR -------------------------------------------------------------------------------
+def test_auc_is_the_share_of_member_non_member_pairs_the_attack_orders_correctly():
+    # members 0.9, 0.8 beat both non-members (0.7, 0.2); member 0.3 beats only 0.2: 5 of 6 pairs
+    assert auc([0.9, 0.8, 0.3], [0.7, 0.2]) == pytest.approx(5 / 6)
+
+
+def test_a_tie_between_a_member_and_a_non_member_counts_half():
+    # pairs: (1 vs 1) twice -> 0.5 each, (1 vs 0) twice -> 1 each: 3 of 4
+    assert auc([1.0, 1.0], [1.0, 0.0]) == pytest.approx(0.75)
+
+
+def test_roc_steps_once_per_distinct_score_from_nothing_accused_to_everyone():
+    curve = roc([0.9, 0.8, 0.3], [0.8, 0.2])
+    assert curve.tp.tolist() == [0, 1, 2, 3, 3]
+    assert curve.fp.tolist() == [0, 0, 1, 1, 2]  # 0.8 is a tie: one step takes a member and a non-member
+    assert curve.tpr.tolist() == pytest.approx([0, 1 / 3, 2 / 3, 1, 1])
+    assert curve.fpr.tolist() == pytest.approx([0, 0, 0.5, 0.5, 1])
+
+
+def test_tpr_at_fpr_is_the_best_operating_point_that_accuses_at_most_that_share_of_non_members():
+    # 4 members (scores 10, 9, 8, 1), 10 non-members (7, 5, 5, ...): above 7 three members are caught with no
+    # false positive; threshold 7 accuses one non-member of ten (FPR 0.1) and catches no one more; the fourth
+    # member (1) is caught only once every non-member is accused
+    curve = roc([10, 9, 8, 1], [7] + [5] * 9)
+    assert tpr_at_fpr(curve, 0.01) == pytest.approx(0.75)
+    assert tpr_at_fpr(curve, 0.1) == pytest.approx(0.75)
+    assert tpr_at_fpr(curve, 1.0) == pytest.approx(1.0)
+
+
+def test_scores_from_logits_loss_confidence_and_logit_scaled_confidence():
+    p = 0.8
+    logits = np.log([[p, 1 - p], [0.5, 0.5]])
+    y = np.array([0, 1])
+    assert per_example_loss(logits, y) == pytest.approx([-math.log(0.8), -math.log(0.5)])
+    assert max_probability(logits) == pytest.approx([0.8, 0.5])
+    assert logit_confidence(logits, y) == pytest.approx([math.log(0.8 / 0.2), 0.0])
+    # a patient fitted so well that p rounds to 1.0 in float64 still gets a finite, exact phi
+    assert logit_confidence(np.array([[50.0, 0.0, 0.0]]), np.array([0]))[0] == pytest.approx(50 - math.log(2))
+
+
+def test_offline_lira_compares_each_patient_with_the_reference_models_that_did_not_train_on_it():
+    # patient 0: out-models give phi 0, 2, 4 (mean 2, sd 2); the model that trained on it (phi 100) is left out
+    reference = np.array([[0.0, 1.0], [2.0, 1.5], [4.0, 0.5], [100.0, 1.0]])
+    trained_on = np.array([[False, False], [False, False], [False, False], [True, False]])
+    z = lira_offline(np.array([6.0, 1.0]), reference, trained_on, min_models_for_own_variance=3)
+    assert z[0] == pytest.approx((6 - 2) / 2)
+    assert z[1] == pytest.approx(0.0)  # patient 1 scores its out-models' mean: no evidence either way
+
+
+def test_offline_lira_refuses_a_patient_that_every_reference_model_trained_on():
+    with pytest.raises(ValueError, match="every reference model"):
+        lira_offline(np.zeros(1), np.zeros((2, 1)), np.ones((2, 1), dtype=bool))
+
+
+# --- the bound ----------------------------------------------------------------------------------------------------
+def test_the_dp_bound_is_e_to_the_eps_times_fpr_plus_delta_and_its_mirror_image():
+    eps = math.log(2)
+    assert dp_tpr_bound(0.1, eps, 0.0) == pytest.approx(0.2)  # e^eps * FPR
+    assert dp_tpr_bound(0.6, eps, 0.0) == pytest.approx(0.8)  # 1 - (1 - FPR) / e^eps: the swapped inequality
+    assert dp_tpr_bound(0.1, eps, 0.01) == pytest.approx(0.21)
+    assert dp_tpr_bound(np.array([0.0, 0.3, 1.0]), 0.0, 0.0) == pytest.approx([0.0, 0.3, 1.0])  # eps 0: chance
+
+
+def test_the_dp_auc_bound_is_the_area_under_the_bound():
+    grid = np.linspace(0, 1, 200_001)
+    for eps, delta in ((0.0, 0.0), (0.5, DELTA), (2.0, 0.01), (8.0, DELTA)):
+        assert dp_auc_bound(eps, delta) == pytest.approx(np.trapezoid(dp_tpr_bound(grid, eps, delta), grid), abs=1e-6)
+    assert dp_auc_bound(0.0, 0.0) == pytest.approx(0.5)
+
+
+def test_clopper_pearson_bounds_in_their_closed_forms():
+    # all n successes: the lower bound is alpha^(1/n); none: the upper bound is 1 - alpha^(1/n)
+    assert clopper_pearson_lower(10, 10, 0.05) == pytest.approx(0.05 ** (1 / 10))
+    assert clopper_pearson_upper(0, 10, 0.05) == pytest.approx(1 - 0.05 ** (1 / 10))
+    assert clopper_pearson_lower(0, 10, 0.05) == 0.0 and clopper_pearson_upper(10, 10, 0.05) == 1.0
+
+
+def test_a_perfect_attack_on_many_patients_beats_a_small_epsilon():
+    test = bound_test(roc(np.ones(400), np.zeros(400)), LABELLED_EPSILON, DELTA)
+    assert test.flagged and test.epsilon_lower > 3
+
+
+def test_a_lucky_small_sample_is_no_false_alarm():
+    # five members all above five non-members happens by chance once in 252 draws: proves nothing about eps 0.5
+    test = bound_test(roc(np.ones(5), np.zeros(5)), LABELLED_EPSILON, DELTA)
+    assert not test.flagged
+    assert strongest_provable_epsilon(5, 5, DELTA) < LABELLED_EPSILON
+
+
+def test_an_attack_on_an_exactly_eps_dp_mechanism_proves_close_to_eps_and_never_more():
+    # randomised response is exactly eps-DP: a member answers 1 with probability e^eps / (1 + e^eps)
+    eps, rng = 1.0, np.random.default_rng(0)
+    p = math.exp(eps) / (1 + math.exp(eps))
+    proven = []
+    for _ in range(20):
+        members, nonmembers = rng.random(5000) < p, rng.random(5000) < 1 - p
+        test = bound_test(roc(members.astype(float), nonmembers.astype(float)), eps, 0.0)
+        assert not test.flagged
+        proven.append(test.epsilon_lower)
+    assert 0.7 * eps < np.mean(proven) <= eps
+
+
+def test_attack_reports_auc_tpr_and_the_bound_at_the_reported_fprs():
+    r = attack("loss", [3.0, 2.0, 1.0], [0.0, -1.0], LABELLED_EPSILON, DELTA).to_dict()
+    assert r["auc"] == 1.0 and r["tpr_at_fpr"] == {"0.001": 1.0, "0.01": 1.0}
+    assert r["bound_at_fpr"]["0.01"] == pytest.approx(math.exp(0.5) * 0.01 + DELTA)
+    assert r["auc_bound"] == pytest.approx(dp_auc_bound(LABELLED_EPSILON, DELTA))
+    assert attack("loss", [1.0], [0.0], None, None).to_dict()["bound_test"] is None  # no DP claimed: no test
+
+
+# --- the command on a site -----------------------------------------------------------------------------------------
+N_PATIENTS = 300  # one site: 240 training patients (members), 60 held out (non-members)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """One synthetic hospital with few patients and many features (500 omics + 4 clinical) and a weak class
+    signal: a model that fits its training patients without noise memorises them."""
+    from simulations.synthetic import SyntheticConfig, generate_federation
+
+    root = tmp_path_factory.mktemp("fed")
+    generate_federation(root, SyntheticConfig(sites=1, classes=4, patients_per_site=N_PATIENTS, omics_widths=[500],
+                                              tabular_columns=4, signal=1.0, seed=0))
+    return root
+
+
+def _prepared(federation, home):
+    """The site's state as training leaves it: its split, normalisation and ledger (client/site.py)."""
+    from client.site import SitePaths, prepare_site
+    from shared_models.schema import FeatureSchema
+
+    schema = FeatureSchema.load(federation / "schema.json")
+    paths = SitePaths(federation / "site_00", home / "state", home / "models")
+    site = prepare_site(schema, paths, budget_epsilon=8.0, delta=DELTA, val_fraction=0.2, min_count=5, seed=0)
+    (home / "site.json").write_text(json.dumps({"site-name": "site_00", "data-path": str(paths.site_dir),
+                                                "state-dir": str(paths.state_dir), "model-dir": str(paths.model_dir),
+                                                "min-count": 5}))
+    return schema, site
+
+
+def _install(site, schema, model, info: dict) -> str:
+    from client.model_store import ModelStore
+    from shared_models.weights import state_arrays
+
+    return ModelStore(site.paths.model_dir).install(schema, model.config, state_arrays(model),
+                                                    {"run": "r1", "round": 1, "delta": DELTA, **info})
+
+
+def _dp_label(epsilon: float = LABELLED_EPSILON) -> dict:
+    return {"dp": True, "site_epsilon": {"site_00": epsilon}}
+
+
+def _audit(home, *args):
+    from typer.testing import CliRunner
+
+    from oncofed.cli import app
+
+    r = CliRunner().invoke(app, ["site", "privacy-audit", str(home), "--out", str(home / "audit"), *args])
+    report = json.loads((home / "audit" / "privacy-audit.json").read_text()) if r.exit_code in (0, 1) else None
+    return r, report
+
+
+@pytest.fixture(scope="module")
+def planted(federation, tmp_path_factory):
+    """The planted bug: trained without any noise until it fits its training patients, then labelled
+    (0.5, 1e-5)-DP (v0001); the same weights honestly labelled non-DP are v0002."""
+    import torch
+
+    from client.training import TrainConfig, fit
+    from shared_models.model import ModelConfig, MultiModalTransformer
+
+    home = tmp_path_factory.mktemp("planted")
+    schema, site = _prepared(federation, home)
+    torch.manual_seed(0)
+    model = MultiModalTransformer(schema, ModelConfig(d_model=32))
+    fit(model, *site.train.tensors(), TrainConfig(epochs=20, batch_size=32, lr=3e-3, weight_decay=0.0, patience=None))
+    _install(site, schema, model, _dp_label())
+    _install(site, schema, model, {"dp": False})
+    return home, site
+
+
+@pytest.mark.slow
+def test_a_model_trained_without_noise_but_labelled_dp_is_flagged(planted):
+    home, _ = planted
+    r, report = _audit(home, "--version", "v0001")
+    assert r.exit_code == 1, r.output
+    assert report["flagged"] and "loss" in report["flagged_by"]
+    assert "FLAGGED" in r.output and "above the model's epsilon 0.5" in r.output
+    loss = next(a for a in report["attacks"] if a["attack"] == "loss")
+    assert loss["bound_test"]["epsilon_lower"] > LABELLED_EPSILON
+    assert loss["auc"] > report["claim"]["auc_bound"]
+    assert (home / "audit" / "privacy-audit-roc.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_the_audit_attacks_exactly_the_training_part_the_site_trains_on(planted):
+    home, site = planted
+    r, report = _audit(home, "--version", "v0001")
+    assert report["split"]["members"] == len(site.train.y) == 240
+    assert report["split"]["nonmembers"] == len(site.val.y) == 60
+    assert report["split"]["dataset_fingerprint"] == site.dataset_fingerprint
+    assert "240 members (training part) vs 60 non-members (held-out part" in r.output
+    assert "a small site gives a weak audit" in r.output
+
+
+@pytest.mark.slow
+def test_the_same_model_labelled_non_dp_is_reported_but_not_flagged(planted):
+    home, _ = planted
+    r, report = _audit(home)  # the active version: v0002, dp = false
+    assert r.exit_code == 0, r.output
+    assert not report["flagged"] and report["claim"]["dp"] is False
+    assert report["attacks"][0]["auc"] > 0.8  # the leak is there; no DP was promised
+    assert "no DP claimed" in r.output
+
+
+@pytest.mark.slow
+def test_offline_lira_with_reference_models_also_flags_the_planted_model(planted):
+    home, _ = planted
+    r, report = _audit(home, "--version", "v0001", "--lira-models", "4", "--lira-epochs", "15")
+    assert r.exit_code == 1, r.output
+    lira = next(a for a in report["attacks"] if a["attack"] == "offline LiRA")
+    assert lira["auc"] > 0.75 and lira["bound_test"]["flagged"]
+    assert report["lira_models"] == 4 and "offline LiRA" in r.output
+
+
+@pytest.mark.slow
+def test_a_genuinely_dp_trained_model_at_the_same_epsilon_is_not_flagged(federation, tmp_path):
+    import torch
+
+    from client.local_round import train_round
+    from shared_models.model import MultiModalTransformer
+    from shared_models.run_config import RunConfig
+    from shared_models.weights import load_arrays, state_arrays
+
+    schema, site = _prepared(federation, tmp_path)
+    cfg = RunConfig.from_flower({"schema": str(federation / "schema.json"), "d-model": 32, "epsilon": LABELLED_EPSILON,
+                                 "delta": DELTA, "num-rounds": 3, "local-epochs": 2, "batch-size": 64})
+    torch.manual_seed(0)
+    model = MultiModalTransformer(schema, cfg.model_config_())
+    arrays = state_arrays(model)
+    for rnd in (1, 2, 3):  # the site's own DP-SGD rounds (a federation of one), recorded in its ledger
+        arrays = [a + d for a, d in zip(arrays, train_round(site, arrays, cfg, "r1", rnd).delta)]
+    load_arrays(model, arrays)
+    spent = site.ledger.spent(site.dataset_fingerprint)
+    assert spent <= LABELLED_EPSILON + 1e-6
+    _install(site, schema, model, _dp_label(spent))
+    r, report = _audit(tmp_path)
+    assert r.exit_code == 0, r.output
+    assert not report["flagged"] and "within the bound" in r.output
+
+
+def test_an_untrained_model_labelled_dp_is_not_flagged(federation, tmp_path):
+    import torch
+
+    from shared_models.model import ModelConfig, MultiModalTransformer
+
+    schema, site = _prepared(federation, tmp_path)
+    torch.manual_seed(0)
+    _install(site, schema, MultiModalTransformer(schema, ModelConfig(d_model=32)), _dp_label())
+    r, report = _audit(tmp_path)
+    assert r.exit_code == 0, r.output
+    assert not report["flagged"]
+    assert all(a["bound_test"]["epsilon_lower"] < LABELLED_EPSILON for a in report["attacks"])
+
+
+def test_the_epsilon_comes_from_the_site_ledger_when_the_package_has_none_for_the_site(federation, tmp_path):
+    from client.privacy_audit import claimed_privacy
+
+    ledger = {"entries": [{"dataset": "fp", "run_id": "r1", "status": "committed", "epsilon_after": 0.3},
+                          {"dataset": "fp", "run_id": "r1", "status": "committed", "epsilon_after": 0.42},
+                          {"dataset": "fp", "run_id": "other", "status": "committed", "epsilon_after": 5.0}]}
+    claim = claimed_privacy({"dp": True, "run": "r1", "delta": DELTA, "site_epsilon": {}}, "site_00", ledger, "fp",
+                            tmp_path / "package.json", tmp_path / "ledger.json")
+    assert (claim.epsilon, claim.delta) == (0.42, DELTA) and "ledger.json" in claim.source
+
+
+# --- what the command refuses, and says -----------------------------------------------------------------------------
+def test_no_installed_model_is_named_with_the_fix(federation, tmp_path):
+    _prepared(federation, tmp_path)
+    r, _ = _audit(tmp_path)
+    assert r.exit_code == 2
+    assert str(tmp_path / "models") in r.output and "no model installed" in r.output and "oncofed deliver" in r.output
+
+
+def test_a_run_without_a_held_out_part_cannot_be_audited(federation, tmp_path):
+    import torch
+
+    from shared_models.model import ModelConfig, MultiModalTransformer
+
+    schema, site = _prepared(federation, tmp_path)
+    torch.manual_seed(0)
+    _install(site, schema, MultiModalTransformer(schema, ModelConfig(d_model=32)), _dp_label())
+    r, _ = _audit(tmp_path, "--val-fraction", "0")
+    assert r.exit_code == 2 and "no held-out part" in r.output and "--val-fraction" in r.output
+    r, _ = _audit(tmp_path, "--val-fraction", "0.01")  # 3 non-members
+    assert r.exit_code == 2 and "non-members (held-out part); an audit needs at least 10" in r.output
+
+
+def test_a_split_the_site_never_trained_on_is_refused(federation, tmp_path):
+    import torch
+
+    from shared_models.model import ModelConfig, MultiModalTransformer
+
+    schema, site = _prepared(federation, tmp_path)
+    torch.manual_seed(0)
+    _install(site, schema, MultiModalTransformer(schema, ModelConfig(d_model=32)), _dp_label())
+    r, _ = _audit(tmp_path, "--seed", "7")  # another held-out part than the run's: its "members" did not train
+    assert r.exit_code == 2
+    assert "privacy-ledger.json" in r.output and "not a set of patients this site trained on" in r.output
+    assert "--seed" in r.output
