@@ -255,6 +255,12 @@ def bound_test(curve: Roc, epsilon: float, delta: float, alpha: float = 0.05) ->
                      epsilon_lower=float(best), flagged=best > epsilon, witness=witness)
 
 
+def strongest_provable_epsilon(members: int, nonmembers: int, delta: float, alpha: float = 0.05) -> float:
+    """The epsilon a perfect attack (every member above every non-member) would prove with these counts:
+    an audit of this size cannot catch a model whose claimed epsilon is larger."""
+    return bound_test(roc(np.ones(members), np.zeros(nonmembers)), 0.0, delta, alpha).epsilon_lower
+
+
 # --- one attack, summarised ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AttackResult:
