@@ -317,6 +317,9 @@ def _run_federated(cfg, cell, fed, schema_path, manifest, work, log) -> list[dic
         raise ExperimentError(f"cell {cell.id}: no site installed the final model; see {work / 'flower'}")
     model, schema, _ = load_installed(Path(installed[0]["path"]).parent)
     final_evaluation(model, schema, fed, manifest, work)
+    from simulations.privacy_audit import audit_cell
+
+    audit_cell(work, fed, manifest, run_cfg)  # each site attacks the delivered model: the report's audit table
     return rows
 
 

@@ -1,7 +1,7 @@
 """`oncofed report`: a research report (Markdown + HTML + PNG plots) from an `oncofed experiment` results directory.
 
-Reads only what the runner writes (results.json rows, cells/<id>/final.json and predictions.npz; see the
-results-directory contract), never a model: the report can be rebuilt anywhere, without torch, as often as wanted.
+Reads only what the runner writes (results.json rows, cells/<id>/final.json, predictions.npz and privacy_audit.json;
+see the results-directory contract), never a model: the report can be rebuilt anywhere, without torch, as often as wanted.
 Every plot function returns `Drawn(path, why)`: a PNG, or None and the reason, which the report prints in its place,
 so a partial results directory (a run still going, a cell without predictions) still gives a report.
 """
@@ -967,6 +967,9 @@ def build_markdown(res: Results, out_dir: Path) -> str:
             "the "
            "right is the same strategy without DP. Dashed: baselines without DP."), "",
            _figure(plot_privacy_utility(res, fig_dir), "privacy-utility", out_dir), ""]
+    from simulations.privacy_audit import audit_section  # its own module: this one is long enough
+
+    md += audit_section(res)  # nothing for cells run before the audit existed
     featured = select_featured(res)
     md += ["## Per-site performance", "",
            ("Bars: federated featured cells on each site's own evaluation part (final round), next to the local-only "

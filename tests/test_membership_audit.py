@@ -329,3 +329,40 @@ def test_a_split_the_site_never_trained_on_is_refused(federation, tmp_path):
     assert r.exit_code == 2
     assert "privacy-ledger.json" in r.output and "not a set of patients this site trained on" in r.output
     assert "--seed" in r.output
+
+
+# --- the research report ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_the_research_report_tables_the_audit_of_dp_and_non_dp_cells(planted, federation, tmp_path):
+    from simulations.privacy_audit import AUDIT_FILE, audit_cell
+    from simulations.report import build_report
+    from shared_models.weights import load_weights
+    from tests.test_report import make_results
+
+    results = make_results(tmp_path / "results", datasets=(("mini3", 3, False),), strategies=("fedavg",),
+                           privacies=("off", "8"))
+    manifest = json.loads((federation / "manifest.json").read_text())
+    planted_home, _ = planted
+    for cell, label in (("mini3-fedavg-8-s0", _dp_label()), ("mini3-fedavg-off-s0", {"dp": False})):
+        work = tmp_path / cell  # a federated cell as `oncofed experiment` leaves it: site states under state/
+        schema, site = _prepared(federation, work / "state" / "site_00")
+        _install(site, schema, load_weights(planted_home / "models" / "v0001" / "weights.pt", schema), label)
+        audit_cell(work, federation, manifest, {"schema": str(federation / "schema.json"),
+                                                "site-state-root": str(work / "state")})
+        (results / "cells" / cell / AUDIT_FILE).write_bytes((work / AUDIT_FILE).read_bytes())
+    md = build_report(results).read_text()
+    assert "## Empirical privacy audit" in md
+    dp_row = next(line for line in md.splitlines() if line.startswith("| `mini3-fedavg-8-s0`"))
+    off_row = next(line for line in md.splitlines() if line.startswith("| `mini3-fedavg-off-s0`"))
+    assert "**beats the bound** (1 site)" in dp_row and "| 0.50 |" in dp_row
+    assert "| no DP |" in off_row and "beats" not in off_row
+    assert "even a perfect attack could prove at most" in md and "held out 60 patients" in md
+
+
+def test_a_results_directory_without_audits_has_no_audit_section(tmp_path):
+    from simulations.privacy_audit import audit_section
+    from simulations.report import load_results
+    from tests.test_report import make_results
+
+    res = load_results(make_results(tmp_path, datasets=(("mini3", 3, False),), strategies=("fedavg",)))
+    assert audit_section(res) == []

@@ -1,0 +1,131 @@
+"""The empirical privacy audit in research reports: every site of a federated cell attacks the delivered model.
+
+`oncofed experiment` calls `audit_cell` after each federated cell, while the sites' states and model stores are
+on disk: each site runs the audit of `oncofed site privacy-audit` (client/privacy_audit.py: the loss and the
+confidence attack on its own training part against its own held-out part, with the run's val-fraction and
+seed) and the results go to `cells/<cell>/privacy_audit.json`. `oncofed report` reads only that file
+(`audit_section`: no model, no torch), so a results directory from before the audit existed simply has no
+audit section.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+AUDIT_FILE = "privacy_audit.json"
+FORMAT = "oncofed-cell-privacy-audit/1"
+
+
+def audit_cell(work: Path, fed: Path, manifest: dict, run_config: dict) -> Path:
+    """Each site's audit of the cell's delivered model into work/privacy_audit.json. A site whose audit cannot
+    run (it trained in no round, too few patients) is recorded with the reason; the cell never fails on it."""
+    from client.privacy_audit import PrivacyAuditError, audit
+    from shared_models.files import write_json_atomic
+    from shared_models.run_config import RunConfig
+
+    cfg = RunConfig.from_flower(run_config)
+    state_root = cfg.path(cfg.site_state_root) if cfg.site_state_root else fed / "state"
+    sites = []
+    for s in manifest["sites"]:
+        home = state_root / s["name"]
+        try:
+            report = audit(fed / s["dir"], home / "state", home / "models", s["name"], val_fraction=cfg.val_fraction,
+                           seed=cfg.seed, min_count=cfg.min_count)
+        except PrivacyAuditError as e:
+            sites.append({"site": s["name"], "error": str(e)})
+            continue
+        for a in report["attacks"]:
+            a.pop("roc")  # the curve's points: per-patient detail the report does not draw
+        sites.append(report)
+    path = Path(work) / AUDIT_FILE
+    write_json_atomic(path, {"format": FORMAT, "sites": sites})
+    return path
+
+
+def _read(path: Path) -> list[dict] | None:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return doc.get("sites") if isinstance(doc, dict) and doc.get("format") == FORMAT else None
+
+
+def _f(x, digits: int = 3) -> str:
+    return "—" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
+
+
+def cell_summary(sites: list[dict]) -> dict:
+    """The cell's audit in one row: per site the strongest attack (largest AUC, TPR, proven epsilon), then the
+    mean and the worst over the sites."""
+    ok = [s for s in sites if "attacks" in s]
+    if not ok:
+        return {"sites": 0, "errors": len(sites)}
+    auc = [max(a["auc"] for a in s["attacks"]) for s in ok]
+    tpr = [max(a["tpr_at_fpr"]["0.01"] for a in s["attacks"]) for s in ok]
+    dp = [s for s in ok if s["claim"]["dp"]]
+    eps = [s["claim"]["epsilon"] for s in dp]
+    proven = [max(a["bound_test"]["epsilon_lower"] for a in s["attacks"]) for s in dp]
+    loosest = max(dp, key=lambda s: s["claim"]["epsilon"]) if dp else None
+    return {"sites": len(ok), "errors": len(sites) - len(ok), "auc_mean": float(np.mean(auc)),
+            "auc_max": max(auc), "tpr_1pct_max": max(tpr),
+            "members": (min(s["split"]["members"] for s in ok), max(s["split"]["members"] for s in ok)),
+            "nonmembers": (min(s["split"]["nonmembers"] for s in ok), max(s["split"]["nonmembers"] for s in ok)),
+            "epsilon": (min(eps), max(eps)) if dp else None,
+            "auc_bound": loosest["claim"]["auc_bound"] if dp else None,
+            "bound_1pct": loosest["attacks"][0]["bound_at_fpr"]["0.01"] if dp else None,
+            "epsilon_proven_max": max(proven) if dp else None,
+            "provable_min": min(s["claim"]["strongest_provable_epsilon"] for s in dp) if dp else None,
+            "flagged": sum(bool(s["flagged"]) for s in ok)}
+
+
+def audit_section(res) -> list[str]:
+    """Markdown for the report (res: simulations.report.Results): one row per federated cell that has an audit,
+    DP and non-DP alike; [] when no cell has one (results from before the audit)."""
+    fed = res.final[res.final.method == "federated"]
+    rows, held_out, provable = [], [], []
+    for r in fed.itertuples():
+        sites = _read(res.cell_file(r.cell, AUDIT_FILE))
+        if sites is None:
+            continue
+        c = cell_summary(sites)
+        if not c["sites"]:
+            rows.append([f"`{r.cell}`", "no DP" if r.privacy == "off" else f"ε={r.privacy}", "0"] + ["—"] * 8
+                        + [f"no site could be audited ({c['errors']})"])
+            continue
+        eps = "—" if c["epsilon"] is None else (_f(c["epsilon"][1], 2) if c["epsilon"][1] - c["epsilon"][0] < 0.005
+                                               else f"{_f(c['epsilon'][0], 2)}–{_f(c['epsilon'][1], 2)}")
+        verdict = "—" if c["epsilon"] is None else ("**beats the bound**" if c["flagged"] else "within")
+        if c["flagged"]:
+            verdict += f" ({c['flagged']} site{'s' if c['flagged'] > 1 else ''})"
+        rows.append([f"`{r.cell}`", "no DP" if r.privacy == "off" else f"ε={r.privacy}", str(c["sites"]), eps,
+                     _f(c["auc_mean"]), _f(c["auc_max"]), _f(c["auc_bound"]), _f(c["tpr_1pct_max"]),
+                     _f(c["bound_1pct"], 4), _f(c["epsilon_proven_max"], 2), verdict])
+        held_out.append(c["nonmembers"][0])
+        if c["provable_min"] is not None:
+            provable.append(c["provable_min"])
+    if not rows:
+        return []
+    header = ["cell", "privacy", "sites", "site ε", "AUC mean", "AUC worst site", "AUC bound", "TPR@1%FPR worst",
+              "bound @1%FPR", "ε proven (max)", "verdict"]
+    sep = ["---", "---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---"]
+    md = ["## Empirical privacy audit", "",
+          ("Each site attacked the delivered global model with membership inference on its own patients: its "
+           "training part (members) against its own held-out part (non-members), loss and confidence attacks "
+           "(`oncofed site privacy-audit`, docs/privacy.md). Per site the stronger attack counts; *AUC mean* is over "
+           "the sites. *AUC bound* and *bound @1%FPR* are what the largest site ε allows (TPR ≤ e^ε·FPR + δ). "
+           "*ε proven*: the largest ε any attack proves at 95% confidence (Clopper-Pearson); a DP cell whose attack "
+           "proves more than its ε beats the bound: a bug."), "",
+          "\n".join("| " + " | ".join(x) + " |" for x in [header, sep, *rows]), ""]
+    if held_out:
+        n = min(held_out)
+        note = f"- The smallest audited site held out {n} patients (its non-members)"
+        if n < 100:
+            note += "; with fewer than 100, TPR at 1% FPR is the TPR at no false positive"
+        if provable:
+            note += (f"; at the least-powered DP site even a perfect attack could prove at most ε {min(provable):.2f}: "
+                     "small sites catch only large leaks")
+        md += [note + "."]
+    return md + [""]
