@@ -15,18 +15,20 @@ from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[1]
 AUDIT_FILE = "privacy_audit.json"
 FORMAT = "oncofed-cell-privacy-audit/1"
 
 
 def audit_cell(work: Path, fed: Path, manifest: dict, run_config: dict) -> Path:
-    """Each site's audit of the cell's delivered model into work/privacy_audit.json. A site whose audit cannot
-    run (it trained in no round, too few patients) is recorded with the reason; the cell never fails on it."""
+    """Each site's audit of the cell's delivered model into work/privacy_audit.json (run_config: the cell's
+    overrides of the project's run config). A site whose audit cannot run (it trained in no round, too few
+    patients) is recorded with the reason; the cell, whose training is done by now, never fails on it."""
     from client.privacy_audit import PrivacyAuditError, audit
     from shared_models.files import write_json_atomic
-    from shared_models.run_config import RunConfig
+    from shared_models.run_config import RunConfig, app_defaults
 
-    cfg = RunConfig.from_flower(run_config)
+    cfg = RunConfig.from_flower({**app_defaults(ROOT), **run_config})  # as `flwr run` gave it to the sites
     state_root = cfg.path(cfg.site_state_root) if cfg.site_state_root else fed / "state"
     sites = []
     for s in manifest["sites"]:
@@ -36,6 +38,9 @@ def audit_cell(work: Path, fed: Path, manifest: dict, run_config: dict) -> Path:
                            seed=cfg.seed, min_count=cfg.min_count)
         except PrivacyAuditError as e:
             sites.append({"site": s["name"], "error": str(e)})
+            continue
+        except Exception as e:  # noqa: BLE001 - an audit bug must not throw away a finished cell's training
+            sites.append({"site": s["name"], "error": f"the audit failed: {type(e).__name__}: {e}"})
             continue
         for a in report["attacks"]:
             a.pop("roc")  # the curve's points: per-patient detail the report does not draw
