@@ -6,6 +6,9 @@ The site's own settings come from the SuperNode's node config in a deployment:
     require-secagg   refuse unmasked training requests (default true)
     require-dp       refuse training requests without DP-SGD (run config dp = false; default true)
     min-aggregate-sites  the fewest sites whose sum the site helps unmask (default and minimum 2)
+    max-trusted-sites    dp-mode "distributed": the most sites (itself included) the site will assume add
+                     their noise share honestly (default 1: it relies on no other site, so it refuses
+                     distributed runs until its data-protection officer raises it)
 In a simulation each node only gets `partition-id`; the site is the partition-id-th site of the
 run config's `data-root` manifest, and its state lives under `site-state-root`.
 
@@ -46,6 +49,7 @@ from shared_models.run_config import RunConfig
 
 if TYPE_CHECKING:
     from client.site import PreparedSite, SitePaths
+    from privacy.distributed import SecAggGrid
 
 # torch, Opacus and the site's data are imported only by the handlers that need them: in a deployment
 # every message starts a fresh ClientApp process, and three of SecAgg+'s four stages need neither.
@@ -66,6 +70,7 @@ class SiteSettings:
     require_secagg: bool
     min_aggregate_sites: int = MIN_AGGREGATE_SITES  # node config min-aggregate-sites: the site's own floor
     require_dp: bool = False  # node config require-dp (a deployment's default: true)
+    max_trusted_sites: int | None = None  # node config max-trusted-sites (deployment default 1); None: simulation
 
 
 def site_settings(context: Context, cfg: RunConfig) -> SiteSettings:
@@ -80,7 +85,8 @@ def site_settings(context: Context, cfg: RunConfig) -> SiteSettings:
                             float(node.get("privacy-budget", cfg.epsilon)),
                             str(node.get("require-secagg", "true")).lower() not in ("false", "0", "no"),
                             max(MIN_AGGREGATE_SITES, int(node.get("min-aggregate-sites", MIN_AGGREGATE_SITES))),
-                            str(node.get("require-dp", "true")).lower() not in ("false", "0", "no"))
+                            str(node.get("require-dp", "true")).lower() not in ("false", "0", "no"),
+                            max(1, int(node.get("max-trusted-sites", 1))))
     index = int(node["partition-id"])
     root = cfg.path(cfg.data_root)
     sites = json.loads((root / "manifest.json").read_text())["sites"]  # written by `oncofed partition`
@@ -133,11 +139,14 @@ def site_policy_mod(msg: Message, context: Context, call_next):
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
     if configs.get(SecAggKey.STAGE) == Stage.UNMASK:
         settings = site_settings(context, cfg)
-        need = max(cfg.min_sites, settings.min_aggregate_sites)
+        # dp-mode "distributed": a sum of fewer than trusted-sites contributions carries less noise than assumed
+        trusted = cfg.trusted_sites if cfg.dp and cfg.dp_mode == "distributed" else 0
+        need = max(cfg.min_sites, settings.min_aggregate_sites, trusted)
         active = list(configs.get(SecAggKey.ACTIVE_NODE_ID_LIST, []))
         if len(active) < need:
             reason = (f"{settings.name}: {len(active)} sites sent masked vectors, fewer than {need} (min-sites "
-                      f"{cfg.min_sites}, the site's min-aggregate-sites {settings.min_aggregate_sites}); the site "
+                      f"{cfg.min_sites}, the site's min-aggregate-sites {settings.min_aggregate_sites}"
+                      + (f", the run's trusted-sites {trusted}" if trusted else "") + "); the site "
                       "gives no key shares, so this sum is never unmasked")
             log(WARNING, "site %s: %s", settings.name, reason)
             _audit_quietly(site_audit(settings), settings.name, "unmask_refused", run=_run_key(context),
@@ -229,6 +238,8 @@ def train(msg: Message, context: Context) -> Message:
     if settings.require_dp and not cfg.dp:
         raise _refusal(fitins, msg, settings.name, "site policy: training without differential privacy (run config "
                        "dp = false) is refused; the site's node config require-dp allows only DP-SGD", audit)
+    if cfg.dp and cfg.dp_mode == "distributed":
+        return _train_distributed(msg, fitins, context, cfg, settings, site, audit)
     n = len(site.train.y)
     max_weight = float(fitins.config.get("secagg-max-weight", 0) or 0)
     if max_weight and n > max_weight:
@@ -267,6 +278,73 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.dp:  # kept before it leaves: a resumed server asking for this round again gets these bits back
         releases.save(run_key, rnd, Release(arrays_sha256(global_arrays), delta, result.num_examples, metrics))
     res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(delta), result.num_examples, metrics)
+    return Message(fitres_to_recorddict(res, keep_input=False), reply_to=msg)
+
+
+def secagg_grid(context: Context) -> "SecAggGrid":
+    """The SecAgg+ parameters this round's values go through, as Flower's setup stage gave them to this
+    site (secaggplus_mod keeps them in the context's state before the fit stage calls the train handler)."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+
+    from privacy.distributed import SecAggGrid
+
+    state = context.state.config_records.get(RECORD_KEY_STATE)
+    if state is None or not state.get("target_range"):
+        raise SiteRefusal("dp-mode 'distributed' trains only inside SecAgg+ (no SecAgg+ setup was received)")
+    return SecAggGrid(float(state["clipping_range"]), int(state["target_range"]), int(state["mod_range"]),
+                      float(state["max_weight"]))
+
+
+def trust_refusal(settings: SiteSettings, cfg: RunConfig) -> str:
+    """Why this site refuses the run's trust assumption ("" if it accepts it): the site is authoritative on
+    how many sites it relies on to add their noise share."""
+    if settings.max_trusted_sites is not None and cfg.trusted_sites > settings.max_trusted_sites:
+        return (f"site policy: the run assumes {cfg.trusted_sites} sites add their noise share honestly (run config "
+                f"trusted-sites); this site relies on at most {settings.max_trusted_sites} (node config "
+                "max-trusted-sites). Nothing was trained or sent")
+    return ""
+
+
+def _train_distributed(msg: Message, fitins, context: Context, cfg: RunConfig, settings: SiteSettings, site,
+                       audit: AuditLog) -> Message:
+    """dp-mode "distributed": the site's trust contract, then one DP step on SecAgg+'s grid (client/local_round)."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+
+    from client.local_round import distributed_round
+    from privacy.accounting import BudgetError
+    from privacy.distributed import GridError
+    from shared_models.weights import arrays_sha256
+
+    rnd, run_key = int(fitins.config["server-round"]), str(fitins.config["run-key"])
+    if reason := trust_refusal(settings, cfg):
+        raise _refusal(fitins, msg, settings.name, reason, audit)
+    grid = secagg_grid(context)
+    state = context.state.config_records[RECORD_KEY_STATE]
+    n_sites = len(state.get("public_keys_dict:K", [])) or cfg.sites or cfg.min_sites
+    global_arrays = parameters_to_ndarrays(fitins.parameters)
+    releases = ReleaseStore(settings.paths.state_dir)
+    if site.ledger.released(site.dataset_fingerprint, run_key, rnd) is not None:
+        return _resend(msg, fitins, settings, releases.load(run_key, rnd), arrays_sha256(global_arrays), audit)
+    try:
+        grid.check(n_sites)
+        result = distributed_round(site, global_arrays, cfg, run_key, rnd, grid, site_seed=settings.index)
+    except (BudgetError, GridError) as e:
+        raise _refusal(fitins, msg, settings.name, str(e), audit)
+    except Exception:  # noqa: BLE001 - an error reply would carry the traceback (and maybe data) to the server
+        log(WARNING, "site %s: distributed step failed:\n%s", settings.name, traceback.format_exc())
+        raise _refusal(fitins, msg, settings.name, "local training failed (details in the site's log)", audit)
+    metrics = {k: float(v) for k, v in result.metrics.items()}
+    try:  # recorded before the update leaves the site
+        trained = audit.append("round_trained", run=run_key, round=rnd, patients=metrics["patients"],
+                               epsilon=metrics["epsilon"], epsilon_worst_case=metrics["epsilon_worst_case"],
+                               mechanism="skellam", trusted_sites=cfg.trusted_sites, steps=1)
+    except (AuditError, OSError) as e:
+        log(WARNING, "site %s: audit log: %s", settings.name, e)
+        raise _refusal(fitins, msg, settings.name, "its audit log cannot be written (details in the site's log)")
+    metrics["site"] = settings.name
+    metrics[AUDIT_HEAD] = trained["hash"]
+    releases.save(run_key, rnd, Release(arrays_sha256(global_arrays), result.delta, result.num_examples, metrics))
+    res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(result.delta), result.num_examples, metrics)
     return Message(fitres_to_recorddict(res, keep_input=False), reply_to=msg)
 
 

@@ -10,6 +10,11 @@ Privacy protocol of a round (the site's ledger is the authority, see privacy/led
 4. the executed steps are committed before the update leaves the site; the accountant's own
    epsilon must agree with the ledger's.
 The update sent is the weight delta (local - global), which keeps SecAgg+'s quantisation precise.
+
+In `dp-mode = "distributed"` a round is instead one DP-SGD step of the whole consortium
+(`distributed_round`): the site Poisson-samples its patients, sums their clipped gradients at the
+global weights (privacy/clipping.py) and sends that sum on SecAgg+'s grid with its Skellam noise share
+(privacy/distributed.py); the ledger's protocol is the same, one step per round.
 Under DP the metrics sent are the privacy state (epsilon, noise multiplier, sample rate), the step
 count (fixed by the schedule) and metrics of the held-out part (suppressed below min-count); the
 training loss, a noiseless function of the DP-protected rows, is not sent.
@@ -29,8 +34,9 @@ import torch
 from client.site import PreparedSite
 from client.training import (TrainConfig, build_loader, build_loss, build_optimizer, class_counts, evaluate,
                              lr_multiplier)
-from privacy.accounting import BudgetError, compact, noise_multiplier_for, planned_steps
-from privacy.clipping import make_private
+from privacy.accounting import BudgetError, SkellamSteps, compact, noise_multiplier_for, planned_steps
+from privacy.clipping import BookKeepingClipper, make_private
+from privacy import distributed
 from privacy.ledger import RunPlan
 from shared_models.model import MultiModalTransformer
 from shared_models.run_config import RunConfig
@@ -59,6 +65,9 @@ def train_config(cfg: RunConfig) -> TrainConfig:
 
 def plan_terms(cfg: RunConfig) -> dict:
     """The run-config values that fix a run's privacy mechanism at a site: none may change during the run."""
+    if cfg.dp_mode == "distributed":
+        return {"dp-mode": cfg.dp_mode, "epsilon": cfg.epsilon, "delta": cfg.delta, "num-rounds": cfg.num_rounds,
+                "sample-rate": cfg.sample_rate, "trusted-sites": cfg.trusted_sites, "max-grad-norm": cfg.max_grad_norm}
     return {"epsilon": cfg.epsilon, "delta": cfg.delta, "num-rounds": cfg.num_rounds, "batch-size": cfg.batch_size,
             "local-epochs": cfg.local_epochs, "max-grad-norm": cfg.max_grad_norm}
 
@@ -114,7 +123,10 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
 
         engine = private_engine("prv")  # sampling and noise from a secret seed, not the run's (see there)
         # compacted: one entry per (sigma, q) instead of one per past round (PRV's cost grows with entries)
-        engine.accountant.history = compact(site.ledger.history(site.dataset_fingerprint, excluding=ticket))
+        past = compact(site.ledger.history(site.dataset_fingerprint, excluding=ticket))
+        # Opacus' accountant knows Gaussian steps only: after distributed rounds the ledger's RDP is the check
+        engine.accountant.history = [m for m in past if not isinstance(m, SkellamSteps)]
+        opacus_checks = len(engine.accountant.history) == len(past)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Opacus' notes on secure_mode and optimizer types
             if cfg.dp_clipping == "ghost":  # per-sample clipping without per-sample gradients; Opacus' noise
@@ -168,7 +180,7 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
         # would release what DP-SGD protects. It stays in the site's log.
         log.info("round %s: train loss %.4f over %s sampled rows (not sent under DP)", rnd, train_loss, seen)
         spent = site.ledger.commit_round(ticket, step)
-        accountant_eps = float(engine.get_epsilon(site.ledger.delta))
+        accountant_eps = float(engine.get_epsilon(site.ledger.delta)) if opacus_checks else spent
         if not math.isclose(spent, accountant_eps, rel_tol=0.01):
             raise BudgetError(f"ledger epsilon {spent:.4f} and Opacus' accountant {accountant_eps:.4f} disagree; "
                               "the round's update is withheld")
@@ -180,6 +192,89 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
     delta = [(local[k] - global_state[k]).detach().cpu().numpy() for k in global_state]
     metrics["round_seconds"] = round(time.perf_counter() - t_round, 3)  # training + privacy bookkeeping + eval
     return RoundResult(delta=delta, num_examples=len(site.train.y), metrics=metrics)
+
+
+def distributed_plan(site: PreparedSite, run_id: str, cfg: RunConfig, dim: int) -> distributed.SkellamPlan:
+    """The Skellam mechanism of this distributed run at this site, fixed at its first round.
+
+    The aggregate noise is a function of the run config alone (epsilon, delta, rounds, sample rate, C,
+    trusted sites) and the model's size, so every site computes the same and adds the same share: any
+    `trusted-sites` honest shares then sum to the noise each site's accounting assumes. (A site's own
+    earlier spend cannot raise the noise, as it does in dp-mode "site": the other sites would not add it.)
+    The ledger refuses the run's rounds at a site whose budget the run would exceed."""
+    saved = site.ledger.run_plan(site.dataset_fingerprint, run_id)
+    if saved is not None:
+        if changed := saved.changes(plan_terms(cfg)):
+            raise BudgetError(f"run {run_id} was started at this site with another privacy plan; this request "
+                              f"changes {'; '.join(changed)}. A run's plan is fixed when it starts: nothing was "
+                              "trained or sent (resume the run with its frozen configuration, or start a new run)")
+        return distributed.SkellamPlan.from_dict(saved.mechanism)
+    base = distributed.plan(cfg.max_grad_norm, dim, cfg.trusted_sites, cfg.sample_rate)
+    p = distributed.plan_for_budget(base, cfg.epsilon, site.ledger.delta, cfg.num_rounds)
+    spent = site.ledger.spent(site.dataset_fingerprint)
+    cap = min(site.ledger.budget_epsilon, spent + cfg.epsilon)
+    site.ledger.start_run(site.dataset_fingerprint, run_id, RunPlan(
+        epsilon=cfg.epsilon, epsilon_cap=cap, num_rounds=cfg.num_rounds, steps_per_round=1,
+        noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate, terms=plan_terms(cfg), mechanism=p.to_dict()))
+    return p
+
+
+def trainable_layout(model: torch.nn.Module) -> tuple[list[tuple[int, ...]], np.ndarray]:
+    """(shapes in state_dict order, mask of the flattened coordinates that are trainable parameters): what a
+    distributed round sends, and which of it carries gradients (and so noise)."""
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    shapes, mask = [], []
+    for k, v in model.state_dict().items():
+        shapes.append(tuple(v.shape))
+        mask.append(np.full(v.numel(), k in params))
+    return shapes, np.concatenate(mask)
+
+
+def distributed_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunConfig, run_id: str, rnd: int,
+                      grid: distributed.SecAggGrid, site_seed: int = 0) -> RoundResult:
+    """One DP-SGD step at the global weights, as the site's share of the consortium's step: the sum of the
+    clipped per-sample gradients of a Poisson sample of its patients, on SecAgg+'s grid with its Skellam
+    noise share. Returns the float arrays for Flower (num_examples = max_weight: Flower's weight factor 1);
+    raises BudgetError or distributed.GridError to refuse (nothing is sent)."""
+    from privacy.dp_randomness import dp_generator, dp_numpy_generator
+
+    t_round = time.perf_counter()
+    torch.manual_seed(cfg.seed * 1_000_003 + site_seed * 1009 + rnd)  # dropout only: the DP draws are secret
+    model = MultiModalTransformer(site.schema, cfg.model_config_())
+    load_arrays(model, global_arrays)
+    shapes, noised = trainable_layout(model)
+    p = distributed_plan(site, run_id, cfg, int(noised.sum()))
+    n = len(site.train.y)
+    distributed.check_range(p, grid, n)  # before any spend: a configuration that could be clipped is refused
+    ticket = site.ledger.begin_round(site.dataset_fingerprint, run_id, rnd, p.noise_multiplier, p.sample_rate, 1,
+                                     mechanism=p)
+    t_train = time.perf_counter()
+    sampled = torch.rand(n, generator=dp_generator()) < p.sample_rate  # Poisson sampling, secret
+    grads = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    if bool(sampled.any()):
+        tc = train_config(cfg)
+        loss_fn = build_loss(tc, class_counts(site.train.y, site.schema.n_classes))
+        model.train()
+        with BookKeepingClipper(model, cfg.max_grad_norm, loss_reduction="mean") as clipper:
+            loss = loss_fn(model(torch.from_numpy(site.train.x[sampled.numpy()])),
+                           torch.from_numpy(site.train.y[sampled.numpy()]))
+            loss.backward()
+            clipper.clip_()  # p.grad = the sum of the clipped per-sample gradients
+        for k, param in model.named_parameters():
+            if param.requires_grad and param.grad is not None:
+                grads[k] = param.grad.detach()
+    x = np.concatenate([g.numpy().astype(np.float64).ravel() for g in grads.values()])
+    z = distributed.encode(x, p, grid, dp_numpy_generator(), noised=noised)
+    arrays = distributed.to_flower(z, grid, shapes)
+    train_seconds = time.perf_counter() - t_train
+    log.info("round %s: one distributed DP step over %s sampled patients (not sent)", rnd, int(sampled.sum()))
+    spent = site.ledger.commit_round(ticket, 1)
+    worst = site.ledger.spent(site.dataset_fingerprint, worst_case=True)
+    metrics = {"local_steps": 1, "train_seconds": round(train_seconds, 3), "epsilon": spent,
+               "epsilon_worst_case": worst, "noise_multiplier": p.noise_multiplier, "sample_rate": p.sample_rate,
+               "trusted_sites": p.trusted_sites, "grid_scale": p.scale, "patients": n,
+               "round_seconds": round(time.perf_counter() - t_round, 3)}
+    return RoundResult(delta=arrays, num_examples=int(grid.max_weight), metrics=metrics)
 
 
 def evaluate_global(site: PreparedSite, arrays: list[np.ndarray], cfg: RunConfig) -> tuple[int, dict]:

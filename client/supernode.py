@@ -53,7 +53,7 @@ def load_site(site_dir: str | Path) -> dict:
 def node_config(settings: dict) -> str:
     """The SuperNode's --node-config: the ClientApp reads the site's authority from it (client/app.py)."""
     keys = ("data-path", "state-dir", "model-dir", "privacy-budget", "site-name", "signing-public-key", "min-count",
-            "require-secagg", "min-aggregate-sites", "require-dp")
+            "require-secagg", "min-aggregate-sites", "require-dp", "max-trusted-sites")
     return " ".join(f"{k}={json.dumps(settings[k])}" for k in keys if k in settings and settings[k] != "")
 
 

@@ -18,6 +18,12 @@ Each run has a plan, fixed at its first round at this site (`start_run`): the ru
 rounds and steps, its noise. A later request of the same run that changes any of them, a round
 beyond the plan, more steps than planned, or a spend beyond the run's epsilon is refused.
 
+A round of `dp-mode = "distributed"` (privacy/distributed.py) is one Skellam step; its entry keeps the
+mechanism relied on (the grid, the sensitivities, the aggregate noise and the trusted sites), and the
+ledger reports two epsilons for it: under the run's trust assumption (the aggregate noise of
+`trusted-sites` honest shares; the budget is enforced on it) and the worst case, the site's own noise
+share alone (`spent(..., worst_case=True)`).
+
 Every write is atomic (temp file, fsync, rename) under an exclusive file lock.
 """
 
@@ -32,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from privacy.accounting import MAX_BUDGET, BudgetError, Mechanism, epsilon
+from privacy.distributed import SkellamPlan
 from shared_models.files import write_json_atomic
 
 LEDGER_FORMAT = "oncofed-privacy-ledger/1"
@@ -78,6 +85,7 @@ class RunPlan:
     noise_multiplier: float
     sample_rate: float
     terms: dict = field(default_factory=dict)  # the run-config values that fix the mechanism, as requested
+    mechanism: dict = field(default_factory=dict)  # dp-mode "distributed": SkellamPlan.to_dict(); {}: Gaussian
 
     @property
     def planned_steps(self) -> int:
@@ -150,11 +158,12 @@ class PrivacyLedger:
         return related
 
     @staticmethod
-    def _history(state: dict, datasets: set[str], skip: tuple | None = None) -> list[Mechanism]:
+    def _history(state: dict, datasets: set[str], skip: tuple | None = None, worst_case: bool = False
+                 ) -> list[Mechanism]:
         hist = []
         for e in state["entries"]:
             if e["dataset"] in datasets and (e["dataset"], e["run_id"], e["round"], e["attempt"]) != skip:
-                hist.append((e["noise_multiplier"], e["sample_rate"], e["steps"]))
+                hist.append(_mechanism(e, worst_case))
         return hist
 
     def register_dataset(self, patient_ids: list[str], schema_hash: str) -> str:
@@ -165,22 +174,26 @@ class PrivacyLedger:
                 self._write(state)
         return fp
 
-    def history(self, dataset: str, excluding: "RoundTicket | None" = None) -> list[Mechanism]:
+    def history(self, dataset: str, excluding: "RoundTicket | None" = None, worst_case: bool = False
+                ) -> list[Mechanism]:
         """Every mechanism run on this dataset's patients; `excluding` leaves out a round in progress
-        (Opacus' accountant, restored from this, adds the round's steps as they run)."""
+        (Opacus' accountant, restored from this, adds the round's steps as they run); `worst_case` takes
+        distributed rounds with the site's own noise share alone."""
         state = self._read()
         skip = None if excluding is None else (excluding.dataset, excluding.run_id, excluding.round, excluding.attempt)
-        return self._history(state, self._related(state, dataset), skip=skip)
+        return self._history(state, self._related(state, dataset), skip=skip, worst_case=worst_case)
 
-    def spent(self, dataset: str) -> float:
-        return epsilon(self.history(dataset), self.delta)
+    def spent(self, dataset: str, worst_case: bool = False) -> float:
+        """The dataset's epsilon; with worst_case, distributed rounds count only the site's own noise share
+        (what it has if every other site colluded with the server)."""
+        return epsilon(self.history(dataset, worst_case=worst_case), self.delta)
 
     @staticmethod
     def _plan(state: dict, dataset: str, run_id: str) -> RunPlan | None:
         d = state.get("runs", {}).get(f"{dataset}:{run_id}")
         if d is None or "num_rounds" not in d:
             return None
-        return RunPlan(**{k: d[k] for k in RunPlan.__dataclass_fields__})
+        return RunPlan(**{k: d[k] for k in RunPlan.__dataclass_fields__ if k in d})
 
     def run_plan(self, dataset: str, run_id: str) -> RunPlan | None:
         """The plan a run was given at its first round here (None for a run this site has not seen)."""
@@ -206,8 +219,9 @@ class PrivacyLedger:
 
     # --- a round ------------------------------------------------------------------------------
     def begin_round(self, dataset: str, run_id: str, rnd: int, noise_multiplier: float, sample_rate: float,
-                    steps: int) -> RoundTicket:
-        """Check the budget for this round and write a pending entry; raise BudgetError to refuse."""
+                    steps: int, mechanism: SkellamPlan | None = None) -> RoundTicket:
+        """Check the budget for this round and write a pending entry; raise BudgetError to refuse.
+        `mechanism`: a distributed round's Skellam plan (None: DP-SGD's Gaussian steps)."""
         with self._locked() as state:
             same = [e for e in state["entries"] if (e["dataset"], e["run_id"], e["round"]) == (dataset, run_id, rnd)]
             if any(e["status"] == "committed" for e in same):
@@ -221,8 +235,8 @@ class PrivacyLedger:
             key = (dataset, run_id, rnd, attempt)
             related = self._related(state, dataset)
             before = epsilon(self._history(state, related, skip=key), self.delta)
-            projected = epsilon(self._history(state, related, skip=key) + [(noise_multiplier, sample_rate, steps)],
-                                self.delta)
+            this = mechanism.steps(steps) if mechanism is not None else (noise_multiplier, sample_rate, steps)
+            projected = epsilon(self._history(state, related, skip=key) + [this], self.delta)
             if plan is not None and projected > plan.epsilon_cap + EPSILON_SLACK:
                 raise BudgetError(
                     f"round {rnd} refused: run {run_id} may bring this site's spend to epsilon "
@@ -239,7 +253,7 @@ class PrivacyLedger:
             state["entries"].append({
                 "dataset": dataset, "run_id": run_id, "round": rnd, "attempt": attempt, "status": "pending",
                 "noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "steps": steps,
-                "started": time.time()})
+                **({"mechanism": mechanism.to_dict()} if mechanism is not None else {}), "started": time.time()})
             self._write(state)
         return RoundTicket(dataset, run_id, rnd, attempt, noise_multiplier, sample_rate, steps, before, projected)
 
@@ -272,10 +286,21 @@ class PrivacyLedger:
                     break
             else:
                 raise BudgetError(f"{self.path}: no pending entry for round {ticket.round}; was the ledger replaced?")
-            spent = epsilon(self._history(state, self._related(state, ticket.dataset)), self.delta)
+            related = self._related(state, ticket.dataset)
+            spent = epsilon(self._history(state, related), self.delta)
             for e in state["entries"]:
                 if (e["dataset"], e["run_id"], e["round"], e["attempt"]) == (
                         ticket.dataset, ticket.run_id, ticket.round, ticket.attempt):
                     e["epsilon_after"] = spent
+                    if "mechanism" in e:  # the second number of a distributed round: the site's share alone
+                        e["epsilon_worst_case_after"] = epsilon(self._history(state, related, worst_case=True),
+                                                                self.delta)
             self._write(state)
         return spent
+
+
+def _mechanism(entry: dict, worst_case: bool = False) -> Mechanism:
+    """A ledger entry as the accountant takes it."""
+    if entry.get("mechanism", {}).get("kind") == "skellam":
+        return SkellamPlan.from_dict(entry["mechanism"]).steps(entry["steps"], worst_case=worst_case)
+    return (entry["noise_multiplier"], entry["sample_rate"], entry["steps"])

@@ -63,7 +63,24 @@ def secagg_workflow(cfg: RunConfig, n_sites: int) -> TimedSecAggPlusWorkflow:
     return TimedSecAggPlusWorkflow(
         num_shares=min(1.0, SECAGG_MAX_SHARES / n_sites), reconstruction_threshold=cfg.secagg_threshold,
         max_weight=cfg.secagg_max_weight, clipping_range=cfg.secagg_clipping_range, quantization_range=2**q_bits, modulus_range=2**32,
-        timeout=cfg.round_timeout, min_contributors=max(2, min(cfg.min_sites, n_sites)))
+        timeout=cfg.round_timeout, min_contributors=max(2, min(cfg.min_sites, n_sites),
+                                                        cfg.trusted_sites if distributed_dp(cfg) else 0))
+
+
+def distributed_dp(cfg: RunConfig) -> bool:
+    return cfg.dp and cfg.dp_mode == "distributed"
+
+
+def privacy_summary(cfg: RunConfig) -> str:
+    """What the run's DP relies on, in one line for the operator's log and the package."""
+    if not cfg.dp:
+        return "no differential privacy: the model's only protection is SecAgg+ (the server sees sums of updates)"
+    if distributed_dp(cfg):
+        return (f"dp-mode distributed (Skellam noise shares under SecAgg+): each site's epsilon holds for what the "
+                f"server sees as long as at least {cfg.trusted_sites} sites add their noise share and the server does "
+                "not collude with enough sites to unmask single updates; each site also reports its worst case, its "
+                "own share alone")
+    return "dp-mode site: each site's update is DP on its own; it holds whatever the server and other sites do"
 
 
 def server_evaluation(cfg: RunConfig, schema: FeatureSchema):
@@ -116,12 +133,13 @@ def main(grid: Grid, context: Context) -> None:
             raise ValueError(f"{ckpt_root}: checkpoint was trained under another schema; resume with that schema")
         weights, first_round = checkpoint.weights, checkpoint.round + 1
         run_key, site_epsilon = checkpoint.meta["run_key"], checkpoint.meta.get("site_epsilon", {})
+        site_epsilon_worst_case = checkpoint.meta.get("site_epsilon_worst_case", {})
         log(INFO, "resuming run %s after round %s from %s", run_key, checkpoint.round, ckpt_root)
     else:  # a new run, or one that crashed before its first checkpoint (same seed: the same initial weights)
         torch.manual_seed(cfg.seed)
         model = MultiModalTransformer(schema, cfg.model_config_())
         weights = state_arrays(model)
-        first_round, site_epsilon = 1, {}
+        first_round, site_epsilon, site_epsilon_worst_case = 1, {}, {}
         run_key = frozen["run_key"] if frozen else f"{cfg.run_name}-{uuid.uuid4().hex[:8]}"
         if frozen:
             log(INFO, "resuming run %s from its start (it ended before its first checkpoint)", run_key)
@@ -147,6 +165,14 @@ def main(grid: Grid, context: Context) -> None:
     anchor_audit()
     evaluate_fn = server_evaluation(cfg, schema) if cfg.eval_data else None
     strategy = build_strategy(cfg, weights, n_sites, fit_config, evaluate_fn=evaluate_fn)
+    log(INFO, "privacy: %s", privacy_summary(cfg))
+    fit_workflow = secagg_workflow(cfg, n_sites) if cfg.secagg else None
+    if distributed_dp(cfg):
+        from privacy.distributed import SecAggGrid
+
+        strategy.grid = SecAggGrid(fit_workflow.clipping_range, fit_workflow.quantization_range,
+                                   fit_workflow.modulus_range, fit_workflow.max_weight)
+        strategy.grid.check(n_sites)  # before round 1: a grid the sites' values could leave is refused
     if checkpoint is not None:
         strategy.load_state_arrays(checkpoint.strategy_state)
     metrics_file = out / "metrics.jsonl"
@@ -162,9 +188,12 @@ def main(grid: Grid, context: Context) -> None:
         for site in info.get("sites", {}).values():
             if "epsilon" in site and "site" in site:
                 site_epsilon[str(site["site"])] = float(site["epsilon"])
+            if "epsilon_worst_case" in site and "site" in site:
+                site_epsilon_worst_case[str(site["site"])] = float(site["epsilon_worst_case"])
         save_checkpoint(ckpt_root, rnd, arrays, lctx.strategy.state_arrays(), {
             "run_key": run_key, "schema_hash": schema.content_hash(), "strategy": cfg.strategy,
-            "run_config": dict(context.run_config), "site_epsilon": site_epsilon})
+            "run_config": dict(context.run_config), "site_epsilon": site_epsilon,
+            "site_epsilon_worst_case": site_epsilon_worst_case})
         h = lctx.history
         line = {"round": rnd, "seconds": round(time.time() - t0, 2), **info,
                 "global": {"loss": dict(h.losses_distributed).get(rnd),
@@ -174,6 +203,7 @@ def main(grid: Grid, context: Context) -> None:
                                  **{k: dict(v).get(rnd) for k, v in h.metrics_centralized.items()}}
                                 if evaluate_fn is not None else None),
                 "site_epsilon": dict(site_epsilon), "weights_sha256": arrays_sha256(arrays),
+                **({"site_epsilon_worst_case": dict(site_epsilon_worst_case)} if distributed_dp(cfg) else {}),
                 "timing": dict(getattr(lctx.strategy, "timing", {}))}
         with metrics_file.open("a") as fh:
             fh.write(json.dumps(line) + "\n")
@@ -198,7 +228,7 @@ def main(grid: Grid, context: Context) -> None:
     lctx = LegacyContext(context=context, strategy=strategy,
                          config=ServerConfig(num_rounds=max(remaining, 0), round_timeout=cfg.round_timeout))
     if remaining > 0:
-        RoundsWorkflow(fit_workflow=secagg_workflow(cfg, n_sites) if cfg.secagg else None,
+        RoundsWorkflow(fit_workflow=fit_workflow,
                        first_round=first_round, on_round_end=on_round_end, wait_for_sites=n_sites,
                        wait_timeout=cfg.round_timeout, message_timeout=cfg.round_timeout)(grid, lctx)
         final = parameters_to_ndarrays(compat.arrayrecord_to_parameters(
@@ -210,6 +240,9 @@ def main(grid: Grid, context: Context) -> None:
     package = {"run": run_key, "round": cfg.num_rounds, "schema_hash": schema.content_hash(),
                "arrays_sha256": arrays_sha256(final), "strategy": cfg.strategy, "secagg": cfg.secagg,
                "dp": cfg.dp, "site_epsilon": site_epsilon, "delta": cfg.delta,
+               **({"dp_mode": cfg.dp_mode, "trusted_sites": cfg.trusted_sites, "mechanism": "skellam",
+                   "site_epsilon_worst_case": site_epsilon_worst_case} if distributed_dp(cfg) else {}),
+               "privacy": privacy_summary(cfg),
                "metrics": (last or {}).get("global", {})}
     if signing_key is not None:
         package = sign(package, signing_key)

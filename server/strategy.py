@@ -6,6 +6,12 @@ turned back into full weights (global + mean delta, in float64) before the base 
 aggregate_fit, so FedAvg and FedProx return global + mean delta and FedAdam receives the mean
 delta as its pseudo-gradient.
 
+In dp-mode "distributed" (privacy/distributed.py) the SecAgg+ sum is the consortium's noisy sum of
+clipped per-sample gradients on an integer grid: the strategy decodes the exact integer sum, divides it
+by the grid scale and the expected total batch (sample rate x the contributing sites' patients) and
+hands minus that gradient to the base strategy as the mean delta, so FedAvgM steps server momentum and
+FedAdam steps Adam on it (post-processing of the DP sum).
+
 A site that refuses a round (privacy budget, failed validation) drops out of it: its reply is an
 error whose reason starts with "refused: " (no vector, so under SecAgg+ a refusal never counts as a
 contribution; SecAgg+ removes its masks as for any dropout). The round's record keeps refusals,
@@ -14,17 +20,19 @@ failures and dropouts apart.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from logging import INFO, WARNING
 
 import numpy as np
 from flwr.common import FitRes, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.logger import log
-from flwr.server.strategy import FedAdam, FedAvg, FedProx
+from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
+from privacy.distributed import SecAggGrid, decode_sum
 from shared_models.run_config import RunConfig
 
-BASES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
+BASES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedavgm": FedAvgM}
 REFUSAL_PREFIX = "refused: "  # how a site's refusal reason starts (client.app; the two do not import each other)
 
 
@@ -55,6 +63,7 @@ class DeltaMixin:
         self.sampled: set[int] = set()
 
     evaluate_every, num_rounds = 1, 0
+    grid: SecAggGrid | None = None  # dp-mode "distributed": the SecAgg+ grid the sites' sums are on
 
     def configure_evaluate(self, server_round, parameters, client_manager):
         """Sites score the global model every `evaluate-every` rounds and always after the last one (in a
@@ -109,26 +118,64 @@ class DeltaMixin:
             log(WARNING, "round %s: no site contributed; the global model is unchanged", server_round)
             self.round_info["status"] = "no-update"
             return None, {}
-        total = sum(r.num_examples for _, r in ok)
-        cache: dict[int, list[np.ndarray]] = {}
-        mean = None
-        for _, r in ok:  # under SecAgg+ every result carries the same (already summed) vector
-            d = cache.setdefault(id(r.parameters), [np.asarray(a, np.float64) for a in parameters_to_ndarrays(r.parameters)])
-            w = r.num_examples / total
-            mean = [w * a for a in d] if mean is None else [m + w * a for m, a in zip(mean, d)]
+        if self.grid is not None:
+            mean = self._distributed_step(server_round, ok)
+            if mean is None:
+                return None, {}
+        else:
+            total = sum(r.num_examples for _, r in ok)
+            cache: dict[int, list[np.ndarray]] = {}
+            mean = None
+            for _, r in ok:  # under SecAgg+ every result carries the same (already summed) vector
+                d = cache.setdefault(id(r.parameters), [np.asarray(a, np.float64) for a in parameters_to_ndarrays(r.parameters)])
+                w = r.num_examples / total
+                mean = [w * a for a in d] if mean is None else [m + w * a for m, a in zip(mean, d)]
         self.last_delta = mean
         full = ndarrays_to_parameters([g.astype(np.float64) + d for g, d in zip(self.global_weights, mean)])
+        # FedAvgM starts its momentum at "round 1" (it asserts a momentum vector after): a resumed run or an
+        # abandoned first round starts it later
+        base_round = 1 if isinstance(self, FedAvgM) and not getattr(self, "momentum_vector", None) else server_round
         params, metrics = super().aggregate_fit(
-            server_round, [(p, FitRes(r.status, full, r.num_examples, r.metrics)) for p, r in ok], failures)
+            base_round, [(p, FitRes(r.status, full, r.num_examples, r.metrics)) for p, r in ok], failures)
         if params is None:
             return None, metrics
         self.global_weights = [a.astype(np.float32) for a in parameters_to_ndarrays(params)]
         if hasattr(self, "current_weights"):  # FedAdam keeps its own copy of the weights
             self.current_weights = [a.copy() for a in self.global_weights]
+        if isinstance(self, FedAvgM):  # and FedAvgM its own
+            self.initial_parameters = ndarrays_to_parameters(self.global_weights)
         self.round_info["status"] = "updated"
         log(INFO, "round %s: aggregated %s sites (%s refused, %s failed, %s dropped)", server_round, len(ok),
             len(refused), len(reasons), len(dropped))
         return ndarrays_to_parameters(self.global_weights), metrics
+
+    def _distributed_step(self, server_round: int, ok) -> list[np.ndarray] | None:
+        """Minus the consortium's noisy mean gradient, from the SecAgg+ sum of the sites' grid vectors."""
+        sites = [r.metrics for _, r in ok]
+        weights = {r.num_examples for _, r in ok}
+        scales = {float(m.get("grid_scale", 0)) for m in sites}
+        rates = {float(m.get("sample_rate", 0)) for m in sites}
+        problem = ""
+        if weights != {int(self.grid.max_weight)}:
+            problem = f"sites sent weights {sorted(weights)}, not max-weight {self.grid.max_weight:g}"
+        elif len(scales) != 1 or len(rates) != 1 or 0 in scales or 0 in rates:
+            problem = f"the sites' grids disagree (grid scales {sorted(scales)}, sample rates {sorted(rates)})"
+        if problem:
+            self.round_info.update(status="abandoned", reason=problem)
+            log(WARNING, "round %s abandoned: %s; the global model is unchanged", server_round, problem)
+            return None
+        total = decode_sum(parameters_to_ndarrays(ok[0][1].parameters), len(ok), self.grid)
+        expected_batch = rates.pop() * sum(float(m["patients"]) for m in sites)
+        gradient = total.astype(np.float64) / (scales.pop() * expected_batch)
+        # the exact integer sum the step is made of, for audit (tests/test_distributed_dp.py checks it against
+        # the sum of what the sites released)
+        self.round_info.update(expected_batch=round(expected_batch, 1),
+                               grid_sum_sha256=hashlib.sha256(total.astype("<i8").tobytes()).hexdigest())
+        out, at = [], 0
+        for g in self.global_weights:
+            out.append(-gradient[at:at + g.size].reshape(g.shape))
+            at += g.size
+        return out
 
     def aggregate_evaluate(self, server_round, results, failures):
         """Keeps each site's own evaluation (its held-out part) for the round's metrics line."""
@@ -140,10 +187,11 @@ class DeltaMixin:
 
     # FedAdam's moment estimates are strategy state: they go into every checkpoint.
     def state_arrays(self) -> dict[str, np.ndarray]:
-        return {f"{name}_{i}": a for name in ("m_t", "v_t") for i, a in enumerate(getattr(self, name, None) or [])}
+        return {f"{name}_{i}": a for name in ("m_t", "v_t", "momentum_vector")
+                for i, a in enumerate(getattr(self, name, None) or [])}
 
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        for name in ("m_t", "v_t"):
+        for name in ("m_t", "v_t", "momentum_vector"):
             keys = sorted((k for k in arrays if k.startswith(name + "_")), key=lambda k: int(k.rsplit("_", 1)[1]))
             if keys:
                 setattr(self, name, [arrays[k] for k in keys])
@@ -169,6 +217,8 @@ def build_strategy(cfg: RunConfig, weights: list[np.ndarray], n_sites: int, fit_
         kw["proximal_mu"] = cfg.proximal_mu
     if base is FedAdam:
         kw.update(eta=cfg.server_lr, eta_l=cfg.lr, beta_1=0.9, beta_2=0.99, tau=1e-3)
+    if base is FedAvgM:
+        kw.update(server_learning_rate=cfg.server_lr, server_momentum=cfg.momentum)
     strategy = cls(**kw)
     strategy.evaluate_every, strategy.num_rounds = cfg.evaluate_every, cfg.num_rounds
     strategy.init_delta(weights)

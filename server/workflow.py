@@ -86,12 +86,15 @@ class TimedSecAggPlusWorkflow(SecAggPlusWorkflow):
         send none (they drop out), so a round in which all but one site refused is never unmasked: the
         "sum" would be that one hospital's update. The sites check the same before giving key shares."""
         n = len(state.active_node_ids)
-        if n >= self.min_contributors:
+        if n >= self.min_contributors and n * self.quantization_range < self.modulus_range:
             return True
         rnd = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+        reason = (f"{n} sites sent masked vectors, fewer than {self.min_contributors} (min-sites, or trusted-sites in "
+                  "dp-mode 'distributed')" if n < self.min_contributors else
+                  f"{n} sites' values of range {self.quantization_range} could wrap SecAgg+'s modulus "
+                  f"{self.modulus_range} (the range was sized for fewer sites: set the run config's sites)")
         context.strategy.record_abandoned(rnd, state.failures, set(state.active_node_ids),
-                                          f"{n} sites sent masked vectors, fewer than min-sites "
-                                          f"{self.min_contributors}: the sum is not unmasked")
+                                          f"{reason}: the sum is not unmasked")
         return False
 
     @staticmethod

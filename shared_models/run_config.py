@@ -53,7 +53,9 @@ class RunConfig(BaseModel):
     # --- federation -------------------------------------------------------------------------
     num_rounds: int = Field(10, alias="num-rounds", ge=1)
     sites: int = Field(0, ge=0, description="sites expected before round 1 (0: min-sites)")
-    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedavgm"] = Field(
+        "fedavg", description="'fedavgm': FedAvg with server momentum (server-lr, momentum); dp-mode 'distributed' "
+        "steps a server optimizer: 'fedavgm' or 'fedadam'")
     proximal_mu: float = Field(0.01, alias="proximal-mu", ge=0)
     server_lr: float = Field(0.03, alias="server-lr", gt=0, description="FedAdam server learning rate (0.03: best of "
                              "0.003-0.1 on the main job with DP, README)")
@@ -75,6 +77,16 @@ class RunConfig(BaseModel):
                            f"wins); at most {MAX_BUDGET:g} (privacy.MAX_BUDGET): what the site's accounting verifies")
     delta: float = Field(1e-5, gt=0, lt=1)
     max_grad_norm: float = Field(1.0, alias="max-grad-norm", gt=0, description="per-sample clipping bound C")
+    dp_mode: Literal["site", "distributed"] = Field(
+        "site", alias="dp-mode", description="'site': each site's update is DP on its own (trusts nobody); "
+        "'distributed': one DP-SGD step of the whole consortium per round, DP for the SecAgg+ sum as long as "
+        "trusted-sites sites add their noise share (docs/privacy.md)")
+    trusted_sites: int = Field(2, alias="trusted-sites", ge=1, description="dp-mode 'distributed': the fewest sites "
+                               "(each site itself included) assumed to add their noise share honestly; each adds "
+                               "1/trusted-sites of the noise. A site refuses a run assuming more than its node config "
+                               "max-trusted-sites")
+    sample_rate: float = Field(0.3, alias="sample-rate", gt=0, le=1, description="dp-mode 'distributed': the share of "
+                               "its training patients each site Poisson-samples for a round's step")
     dp_clipping: Literal["ghost", "opacus"] = Field(
         "ghost", alias="dp-clipping", description="how DP-SGD clips per sample: 'ghost' = privacy/clipping.py "
         "(norms without per-sample gradients; Opacus' sampling, noise and accountant), 'opacus' = Opacus' hooks mode")
@@ -127,6 +139,27 @@ class RunConfig(BaseModel):
     def _consistent(self) -> "RunConfig":
         if self.strategy == "fedprox" and self.proximal_mu == 0:
             raise ValueError("strategy 'fedprox' with proximal-mu 0 is FedAvg; set proximal-mu > 0 or use fedavg")
+        if self.dp_mode == "distributed":
+            from math import frexp
+
+            problems = []
+            if not self.dp:
+                problems.append("needs dp = true")
+            if not self.secagg:
+                problems.append("needs secagg = true: without SecAgg+ the server sees each site's share, whose noise "
+                                "alone is 1/trusted-sites of what the guarantee assumes")
+            if self.strategy not in ("fedavgm", "fedadam"):
+                problems.append(f"steps a server optimizer: set strategy to 'fedavgm' (momentum) or 'fedadam', not "
+                                f"{self.strategy!r}")
+            if frexp(self.secagg_clipping_range)[0] != 0.5:
+                problems.append(f"needs secagg-clipping-range a power of two (got {self.secagg_clipping_range:g}): "
+                                "the sites' grid values must pass SecAgg+'s scaling exactly")
+            if self.secagg_max_weight != int(self.secagg_max_weight):
+                problems.append(f"needs a whole secagg-max-weight (got {self.secagg_max_weight:g})")
+            if self.sites and self.trusted_sites > self.sites:
+                problems.append(f"trusted-sites {self.trusted_sites} exceeds the run's {self.sites} sites")
+            if problems:
+                raise ValueError("dp-mode 'distributed' " + "; ".join(problems))
         if self.dp and self.local_softmax == "site":
             raise ValueError("local-softmax 'site' takes each site's set of cancer types from its labels, which "
                              "DP-SGD's analysis does not cover; use local-softmax 'all' with dp, or dp false")

@@ -194,3 +194,182 @@ def test_the_skellam_share_is_a_difference_of_poissons():
     s = skellam(3.0, 400_000, rng)
     assert s.dtype == np.int64 and abs(s.mean()) < 0.02 and s.var() == pytest.approx(6.0, rel=0.02)
     assert np.mean(s == 0) == pytest.approx(math.exp(-6) * np.i0(6), rel=0.03)  # P(Sk = 0) = e^-2mu I0(2mu)
+
+
+# --- the ledger, the trust contract, the round -------------------------------------------------------
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from privacy.ledger import PrivacyLedger  # noqa: E402
+from shared_models.run_config import RunConfig, RunConfigError  # noqa: E402
+
+
+def test_the_ledger_records_the_mechanism_relied_on_and_reports_two_epsilons(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "ledger.json", budget_epsilon=8.0, delta=DELTA)
+    ds = ledger.register_dataset([f"P{i}" for i in range(100)], "schema")
+    p = plan_for_budget(plan(1.0, DIM, trusted_sites=3, sample_rate=0.3), 8.0, DELTA, steps=10)
+    for rnd in (1, 2):
+        ticket = ledger.begin_round(ds, "run", rnd, p.noise_multiplier, p.sample_rate, 1, mechanism=p)
+        spent = ledger.commit_round(ticket, 1)
+    entry = ledger._read()["entries"][-1]
+    assert entry["mechanism"]["kind"] == "skellam" and entry["mechanism"]["trusted_sites"] == 3
+    assert spent == entry["epsilon_after"] == pytest.approx(epsilon([p.steps(2)], DELTA))
+    worst = ledger.spent(ds, worst_case=True)
+    assert worst == entry["epsilon_worst_case_after"] == pytest.approx(epsilon([p.steps(2, worst_case=True)], DELTA))
+    assert worst > spent
+    # site-mode rounds of another run on the same patients compose with them (one ledger, both modes)
+    ticket = ledger.begin_round(ds, "site-run", 1, 1.2, 0.1, 20)
+    assert ledger.commit_round(ticket, 20) > spent
+
+
+def test_the_run_config_refuses_distributed_dp_without_secagg_or_a_server_optimizer():
+    base = {"schema": "s.json", "dp-mode": "distributed", "strategy": "fedavgm"}
+    assert RunConfig.from_flower(base).trusted_sites == 2
+    with pytest.raises(RunConfigError, match="needs secagg = true"):
+        RunConfig.from_flower({**base, "secagg": False})
+    with pytest.raises(RunConfigError, match="server optimizer"):
+        RunConfig.from_flower({**base, "strategy": "fedavg"})
+    with pytest.raises(RunConfigError, match="power of two"):
+        RunConfig.from_flower({**base, "secagg-clipping-range": 3.0})
+    with pytest.raises(RunConfigError, match="exceeds the run's 3 sites"):
+        RunConfig.from_flower({**base, "sites": 3, "trusted-sites": 4})
+
+
+def test_a_site_refuses_a_run_that_assumes_more_honest_sites_than_it_relies_on(tmp_path):
+    from client.app import SiteSettings, site_settings, trust_refusal
+    from flwr.app import Context, RecordDict
+
+    cfg = RunConfig.from_flower({"schema": "s.json", "dp-mode": "distributed", "strategy": "fedavgm",
+                                 "trusted-sites": 4})
+
+    def settings(node: dict) -> SiteSettings:
+        ctx = Context(run_id=1, node_id=1, node_config={"data-path": str(tmp_path / "site"), **node},
+                      state=RecordDict(), run_config={})
+        return site_settings(ctx, cfg)
+
+    assert "relies on at most 1" in trust_refusal(settings({}), cfg)  # a deployment's default: nobody else
+    assert "relies on at most 3 (node config max-trusted-sites)" in trust_refusal(
+        settings({"max-trusted-sites": 3}), cfg)
+    assert trust_refusal(settings({"max-trusted-sites": 4}), cfg) == ""
+
+
+def _site(tmp_path: Path, **cfg):
+    from client.site import SitePaths, prepare_site
+    from tests.sitefixtures import site_schema, site_tables, write_site
+
+    schema = site_schema()
+    schema_path = schema.save(tmp_path / "schema.json")
+    write_site(tmp_path / "site", site_tables(n_per_class=20))
+    run = RunConfig.from_flower({"schema": str(schema_path), "num-rounds": 3, "d-model": 32, "dp-mode": "distributed",
+                                 "strategy": "fedavgm", "trusted-sites": 2, "sample-rate": 0.5, **cfg})
+    site = prepare_site(schema, SitePaths(tmp_path / "site", tmp_path / "state", tmp_path / "models"),
+                        budget_epsilon=8.0, delta=DELTA, val_fraction=0.2, min_count=5, seed=0)
+    return schema, run, site
+
+
+def test_a_distributed_round_sends_the_sites_clipped_gradient_sum_on_the_grid_and_spends_one_step(tmp_path):
+    from client.local_round import distributed_round, state_arrays, trainable_layout
+    from shared_models.model import MultiModalTransformer
+
+    schema, run, site = _site(tmp_path)
+    torch.manual_seed(0)
+    model = MultiModalTransformer(schema, run.model_config_())
+    weights = state_arrays(model)
+    grid = _grid(3)
+    result = distributed_round(site, weights, run, "run-d", 1, grid)
+    assert result.num_examples == int(grid.max_weight)  # Flower's weight factor is exactly 1
+    assert [a.shape for a in result.delta] == [w.shape for w in weights]
+    assert all(a.dtype == np.float64 for a in result.delta)
+    z = np.concatenate([a.ravel() for a in result.delta]) / grid.step
+    assert np.array_equal(z, np.rint(z)) and np.abs(z).max() <= grid.half_range  # on the grid, in range
+    m = result.metrics
+    assert m["local_steps"] == 1 and m["patients"] == len(site.train.y) and m["trusted_sites"] == 2
+    assert 0 < m["epsilon"] < m["epsilon_worst_case"]
+    plan_ = site.ledger.run_plan(site.dataset_fingerprint, "run-d")
+    assert plan_.mechanism["kind"] == "skellam" and plan_.steps_per_round == 1
+    _, noised = trainable_layout(model)
+    assert plan_.mechanism["dim"] == int(noised.sum())
+    # the whole run (3 rounds) was planned on the run's epsilon: its last round lands on it
+    for rnd in (2, 3):
+        last = distributed_round(site, weights, run, "run-d", rnd, grid).metrics["epsilon"]
+    assert 7.8 <= last <= 8.0
+    with pytest.raises(BudgetError, match="round 4 refused"):
+        distributed_round(site, weights, run, "run-d", 4, grid)
+
+
+def test_a_site_whose_sum_could_leave_secaggs_range_refuses_before_spending(tmp_path):
+    from client.local_round import distributed_round, state_arrays
+    from shared_models.model import MultiModalTransformer
+
+    schema, run, site = _site(tmp_path)
+    weights = state_arrays(MultiModalTransformer(schema, run.model_config_()))
+    with pytest.raises(GridError, match="could leave SecAgg"):
+        distributed_round(site, weights, run, "run-r", 1, SecAggGrid(1.0, 2 ** 10, 2 ** 32, 2000.0))
+    assert site.ledger.spent(site.dataset_fingerprint) == 0.0
+
+
+def test_the_server_steps_its_optimizer_on_the_decoded_sum_divided_by_the_expected_batch():
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+
+    from server.strategy import build_strategy
+
+    cfg = RunConfig.from_flower({"schema": "s.json", "dp-mode": "distributed", "strategy": "fedavgm",
+                                 "server-lr": 0.5, "momentum": 0.9, "sample-rate": 0.25})
+    rng = np.random.default_rng(0)
+    weights = [rng.normal(size=s).astype(np.float32) for s in SHAPES]
+    grid = _grid(3)
+    strategy = build_strategy(cfg, weights, 3, {})
+    strategy.grid = grid
+    p = plan(1.0, DIM, trusted_sites=2, sample_rate=0.25, variance=1e6)
+    z = [_site_vector(rng, p, grid) for _ in range(3)]
+    summed = _flower_secagg([to_flower(zi, grid, SHAPES) for zi in z], grid)
+    patients = [40, 60, 100]
+
+    class Proxy:
+        def __init__(self, node_id):
+            self.node_id = node_id
+
+    results = [(Proxy(i), FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(summed), 2000,
+                                 {"grid_scale": p.scale, "sample_rate": 0.25, "patients": n}))
+               for i, n in enumerate(patients)]
+    strategy.sampled = {0, 1, 2}
+    params, _ = strategy.aggregate_fit(1, results, [])
+    gradient = np.sum(z, axis=0) / (p.scale * 0.25 * sum(patients))
+    expected = np.concatenate([w.ravel() for w in weights]).astype(np.float64) - 0.5 * gradient  # momentum starts at g
+    got = np.concatenate([a.ravel() for a in parameters_to_ndarrays(params)])
+    assert np.allclose(got, expected, atol=1e-6) and strategy.round_info["expected_batch"] == 50.0
+
+
+@pytest.mark.slow
+def test_a_distributed_federation_trains_through_real_secagg_and_the_server_sum_is_the_sites_sum(tmp_path):
+    """3 simulated sites in Flower's simulation engine (real SuperLink, real SecAgg+), 2 distributed rounds."""
+    import hashlib
+    import json
+
+    from client.releases import ReleaseStore
+    from simulations.federation import ROOT, run_federation
+    from simulations.synthetic import SyntheticConfig, generate_federation
+
+    sites = tmp_path / "sites"
+    generate_federation(sites, SyntheticConfig(sites=3, classes=3, patients_per_site=60, omics_widths=[200],
+                                               tabular_columns=4, alpha=5.0, seed=1))
+    cfg = {"base-dir": str(ROOT), "schema": str(sites / "schema.json"), "data-root": str(sites),
+           "site-state-root": str(tmp_path / "state"), "output-dir": str(tmp_path / "server"), "num-rounds": 2,
+           "sites": 3, "min-sites": 2, "round-timeout": 300.0, "d-model": 32, "seed": 7, "dp-mode": "distributed",
+           "strategy": "fedavgm", "server-lr": 0.5, "trusted-sites": 3, "sample-rate": 0.5}
+    result = run_federation(tmp_path, cfg, n_sites=3, stream=None)
+    rounds = [json.loads(x) for x in (tmp_path / "server" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in rounds] == ["updated", "updated"]
+    names = ("site_00", "site_01", "site_02")
+    for r in rounds:  # the sum the server stepped on is the sum of what the three sites released, bit for bit
+        released = [ReleaseStore(tmp_path / "state" / s / "state").load(result["run"], r["round"]) for s in names]
+        step = 2 * 1.0 / 2 ** 30  # secagg-clipping-range 1, quantisation range 2^30 for 3 sites (server/app.py)
+        z = sum(np.rint(np.concatenate([a.ravel() for a in rel.delta]) / step).astype(np.int64) for rel in released)
+        assert r["grid_sum_sha256"] == hashlib.sha256(z.astype("<i8").tobytes()).hexdigest()
+        assert all(rel.num_examples == 2000 for rel in released)
+    eps, worst = rounds[-1]["site_epsilon"], rounds[-1]["site_epsilon_worst_case"]
+    assert set(eps) == set(worst) == set(names) and all(0 < eps[s] <= 8.0 < worst[s] for s in names)
+    assert result["dp_mode"] == "distributed" and result["trusted_sites"] == 3 and result["mechanism"] == "skellam"
+    assert result["site_epsilon_worst_case"] == worst and "at least 3 sites" in result["privacy"]
+    assert all(d["installed"] for d in result["deliveries"])
