@@ -64,7 +64,8 @@ def secagg_workflow(cfg: RunConfig, n_sites: int) -> TimedSecAggPlusWorkflow:
         num_shares=min(1.0, SECAGG_MAX_SHARES / n_sites), reconstruction_threshold=cfg.secagg_threshold,
         max_weight=cfg.secagg_max_weight, clipping_range=cfg.secagg_clipping_range, quantization_range=2**q_bits, modulus_range=2**32,
         timeout=cfg.round_timeout, min_contributors=max(2, min(cfg.min_sites, n_sites),
-                                                        cfg.trusted_sites if distributed_dp(cfg) else 0))
+                                                        cfg.trusted_sites if distributed_dp(cfg) else 0),
+        refuse_wrap=distributed_dp(cfg))
 
 
 def distributed_dp(cfg: RunConfig) -> bool:

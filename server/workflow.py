@@ -75,9 +75,11 @@ class TimedSecAggPlusWorkflow(SecAggPlusWorkflow):
     completed them; a site lost later is still unmasked with the survivors' shares, as Flower intends.
     """
 
-    def __init__(self, *args, min_contributors: int = 2, **kwargs):
+    def __init__(self, *args, min_contributors: int = 2, refuse_wrap: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.min_contributors = min_contributors
+        # refuse_wrap (dp-mode "distributed"): a sum of more sites than the range was sized for is not unmasked,
+        # since it could wrap the modulus (in dp-mode "site" the values sit near the range's centre)
+        self.min_contributors, self.refuse_wrap = min_contributors, refuse_wrap
         for name in ("setup_stage", "share_keys_stage", "collect_masked_vectors_stage", "unmask_stage"):
             setattr(self, name, self._timed(name, getattr(self, name)))
 
@@ -86,7 +88,8 @@ class TimedSecAggPlusWorkflow(SecAggPlusWorkflow):
         send none (they drop out), so a round in which all but one site refused is never unmasked: the
         "sum" would be that one hospital's update. The sites check the same before giving key shares."""
         n = len(state.active_node_ids)
-        if n >= self.min_contributors and n * self.quantization_range < self.modulus_range:
+        wraps = self.refuse_wrap and n * self.quantization_range >= self.modulus_range
+        if n >= self.min_contributors and not wraps:
             return True
         rnd = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
         reason = (f"{n} sites sent masked vectors, fewer than {self.min_contributors} (min-sites, or trusted-sites in "
