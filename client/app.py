@@ -44,7 +44,7 @@ from flwr.compat.common.recorddict_compat import (
 
 from client.releases import Release, ReleaseStore
 from privacy.audit import ANCHORS_FILE, AnchorStore, AuditError, AuditLog
-from shared_models.protocol import AUDIT_ANCHOR, AUDIT_HEAD
+from shared_models.protocol import AUDIT_ANCHOR, AUDIT_HEAD, PREVIOUS_ROUND
 from shared_models.run_config import RunConfig
 
 if TYPE_CHECKING:
@@ -240,6 +240,8 @@ def train(msg: Message, context: Context) -> Message:
                        "dp = false) is refused; the site's node config require-dp allows only DP-SGD", audit)
     if cfg.dp and cfg.dp_mode == "distributed":
         return _train_distributed(msg, fitins, context, cfg, settings, site, audit)
+    if cfg.dp:
+        _note_previous_round(site, settings, run_key, fitins.config.get(PREVIOUS_ROUND), audit)
     n = len(site.train.y)
     max_weight = float(fitins.config.get("secagg-max-weight", 0) or 0)
     if max_weight and n > max_weight:
@@ -305,6 +307,22 @@ def trust_refusal(settings: SiteSettings, cfg: RunConfig) -> str:
     return ""
 
 
+def _note_previous_round(site, settings: SiteSettings, run_key: str, previous, audit: AuditLog) -> None:
+    """The server's word on the last round (server.strategy, PREVIOUS_ROUND): an abandoned round's entry in the
+    ledger says why its update was never used (its spend stays counted, once). Never stops a round."""
+    if not previous:
+        return
+    try:
+        info = json.loads(str(previous))
+        if info.get("status") == "abandoned" and site.ledger.note_outcome(
+                site.dataset_fingerprint, run_key, int(info["round"]), status="abandoned",
+                reason=str(info.get("reason", ""))[:500]):
+            _audit_quietly(audit, settings.name, "round_abandoned", run=run_key, round=int(info["round"]),
+                           reason=str(info.get("reason", ""))[:500])
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        log(WARNING, "site %s: the server's note on the last round was not recorded: %s", settings.name, e)
+
+
 def _train_distributed(msg: Message, fitins, context: Context, cfg: RunConfig, settings: SiteSettings, site,
                        audit: AuditLog) -> Message:
     """dp-mode "distributed": the site's trust contract, then one DP step on SecAgg+'s grid (client/local_round)."""
@@ -321,6 +339,7 @@ def _train_distributed(msg: Message, fitins, context: Context, cfg: RunConfig, s
     grid = secagg_grid(context)
     state = context.state.config_records[RECORD_KEY_STATE]
     n_sites = len(state.get("public_keys_dict:K", [])) or cfg.sites or cfg.min_sites
+    _note_previous_round(site, settings, run_key, fitins.config.get(PREVIOUS_ROUND), audit)
     global_arrays = parameters_to_ndarrays(fitins.parameters)
     releases = ReleaseStore(settings.paths.state_dir)
     if site.ledger.released(site.dataset_fingerprint, run_key, rnd) is not None:

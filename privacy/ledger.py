@@ -273,6 +273,18 @@ class PrivacyLedger:
             raise BudgetError(f"round {rnd} refused: run {run_id} has run {done} of its {plan.planned_steps} planned "
                               f"steps here; {steps} more would exceed the plan. Nothing was trained or sent")
 
+    def note_outcome(self, dataset: str, run_id: str, rnd: int, **outcome) -> bool:
+        """Record what became of a committed round's update (e.g. status "abandoned" and the server's reason: its
+        sum was never unmasked). The spend stays counted: the masked update left the site. False if the
+        round has no committed entry here."""
+        with self._locked() as state:
+            for e in state["entries"]:
+                if (e["dataset"], e["run_id"], e["round"], e["status"]) == (dataset, run_id, rnd, "committed"):
+                    e["outcome"] = {**outcome, "noted": time.time()}
+                    self._write(state)
+                    return True
+        return False
+
     def commit_round(self, ticket: RoundTicket, executed_steps: int) -> float:
         """Record the steps actually run; returns the dataset's cumulative epsilon."""
         if executed_steps > ticket.planned_steps:

@@ -21,6 +21,7 @@ failures and dropouts apart.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from logging import INFO, WARNING
 
@@ -30,6 +31,7 @@ from flwr.common.logger import log
 from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from privacy.distributed import SecAggGrid, decode_sum
+from shared_models.protocol import PREVIOUS_ROUND
 from shared_models.run_config import RunConfig
 
 BASES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedavgm": FedAvgM}
@@ -61,6 +63,7 @@ class DeltaMixin:
         self.round_info: dict = {}
         self.timing: dict = {}  # seconds per phase of the current round (server.workflow fills most of it)
         self.sampled: set[int] = set()
+        self.outcomes: dict[int, dict] = {}  # round -> {"status", "reason"}: told to the sites in the next round
 
     evaluate_every, num_rounds = 1, 0
     grid: SecAggGrid | None = None  # dp-mode "distributed": the SecAgg+ grid the sites' sums are on
@@ -75,6 +78,10 @@ class DeltaMixin:
     def configure_fit(self, server_round, parameters, client_manager):
         ins = super().configure_fit(server_round, parameters, client_manager)
         self.sampled = {proxy.node_id for proxy, _ in ins}
+        previous = self.outcomes.get(server_round - 1)
+        if previous is not None:  # what became of the last round's updates: the sites' ledgers record it
+            for _, fit_ins in ins:
+                fit_ins.config[PREVIOUS_ROUND] = json.dumps({"round": server_round - 1, **previous})
         return ins
 
     def aggregate_fit(self, server_round, results, failures):
@@ -104,6 +111,7 @@ class DeltaMixin:
         self.round_info = {"round": server_round, "participants": [], "sites": {}}
         self.record_outcomes(server_round, failures, replied)
         self.round_info.update(status="abandoned", reason=reason)
+        self.outcomes[server_round] = {"status": "abandoned", "reason": reason}
         log(WARNING, "round %s abandoned: %s; the global model is unchanged", server_round, reason)
 
     def _aggregate_fit(self, server_round, results, failures):
@@ -145,6 +153,7 @@ class DeltaMixin:
         if isinstance(self, FedAvgM):  # and FedAvgM its own
             self.initial_parameters = ndarrays_to_parameters(self.global_weights)
         self.round_info["status"] = "updated"
+        self.outcomes[server_round] = {"status": "updated"}
         log(INFO, "round %s: aggregated %s sites (%s refused, %s failed, %s dropped)", server_round, len(ok),
             len(refused), len(reasons), len(dropped))
         return ndarrays_to_parameters(self.global_weights), metrics
@@ -162,6 +171,7 @@ class DeltaMixin:
             problem = f"the sites' grids disagree (grid scales {sorted(scales)}, sample rates {sorted(rates)})"
         if problem:
             self.round_info.update(status="abandoned", reason=problem)
+            self.outcomes[server_round] = {"status": "abandoned", "reason": problem}
             log(WARNING, "round %s abandoned: %s; the global model is unchanged", server_round, problem)
             return None
         total = decode_sum(parameters_to_ndarrays(ok[0][1].parameters), len(ok), self.grid)

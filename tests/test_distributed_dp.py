@@ -373,3 +373,77 @@ def test_a_distributed_federation_trains_through_real_secagg_and_the_server_sum_
     assert result["dp_mode"] == "distributed" and result["trusted_sites"] == 3 and result["mechanism"] == "skellam"
     assert result["site_epsilon_worst_case"] == worst and "at least 3 sites" in result["privacy"]
     assert all(d["installed"] for d in result["deliveries"])
+
+
+def test_a_site_gives_no_key_shares_for_a_sum_of_fewer_than_trusted_sites(tmp_path):
+    import json
+    import time
+
+    from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+    from flwr.app.message_type import MessageType
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+    from client.app import site_policy_mod
+
+    def never(msg, context):
+        raise AssertionError("the site must refuse before Flower's SecAgg+ mod runs")
+
+    cfg = ConfigRecord({Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: [1, 2, 3], Key.DEAD_NODE_ID_LIST: [4]})
+    meta = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
+                    created_at=time.time(), ttl=600.0, message_type=MessageType.TRAIN)
+    ctx = Context(run_id=1, node_id=1, node_config={"data-path": str(tmp_path / "site"),
+                                                    "state-dir": str(tmp_path / "state"), "max-trusted-sites": 4},
+                  state=RecordDict(), run_config={"schema": "s.json", "min-sites": 2, "dp-mode": "distributed",
+                                                  "strategy": "fedavgm", "trusted-sites": 4})
+    reply = site_policy_mod(Message(RecordDict({RECORD_KEY_CONFIGS: cfg}), metadata=meta), ctx, never)
+    assert reply.has_error() and "3 sites sent masked vectors, fewer than 4" in reply.error.reason
+    assert "the run's trusted-sites 4" in reply.error.reason
+    events = [json.loads(x) for x in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "unmask_refused" and events[-1]["needed"] == 4
+
+
+@pytest.mark.slow
+def test_a_round_with_fewer_contributors_than_trusted_sites_is_abandoned_and_each_ledger_says_why(tmp_path):
+    """One of 3 sites has no budget left and refuses; with trusted-sites 3 the two others' sum is never unmasked."""
+    import json
+
+    from client.site import SitePaths, prepare_site
+    from shared_models.schema import FeatureSchema
+    from simulations.federation import ROOT, run_federation
+    from simulations.synthetic import SyntheticConfig, generate_federation
+
+    sites = tmp_path / "sites"
+    generate_federation(sites, SyntheticConfig(sites=3, classes=3, patients_per_site=60, omics_widths=[200],
+                                               tabular_columns=4, alpha=5.0, seed=1))
+    spent = prepare_site(FeatureSchema.load(sites / "schema.json"),  # the split the federation will use (seed 7)
+                         SitePaths(sites / "site_02", tmp_path / "state" / "site_02" / "state", tmp_path / "m"),
+                         budget_epsilon=8.0, delta=DELTA, val_fraction=0.2, min_count=5, seed=7)
+    from privacy.accounting import noise_multiplier_for
+
+    sigma = noise_multiplier_for(7.95, DELTA, 0.5, 40)  # an earlier run left this site almost no budget
+    ticket = spent.ledger.begin_round(spent.dataset_fingerprint, "earlier-run", 1, sigma, 0.5, 40)
+    assert spent.ledger.commit_round(ticket, 40) > 7.8
+    cfg = {"base-dir": str(ROOT), "schema": str(sites / "schema.json"), "data-root": str(sites),
+           "site-state-root": str(tmp_path / "state"), "output-dir": str(tmp_path / "server"), "num-rounds": 2,
+           "sites": 3, "min-sites": 2, "round-timeout": 300.0, "d-model": 32, "seed": 7, "dp-mode": "distributed",
+           "strategy": "fedadam", "trusted-sites": 3, "sample-rate": 0.5}
+    result = run_federation(tmp_path, cfg, n_sites=3, stream=None)
+    rounds = [json.loads(x) for x in (tmp_path / "server" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in rounds] == ["abandoned", "abandoned"]
+    assert "fewer than 3" in rounds[0]["reason"] and "round 1 refused" in rounds[0]["refused"][0]["reason"]
+    with np.load(tmp_path / "server" / "final_weights.npz") as z:
+        final = [z[f"arr_{i}"] for i in range(len(z.files))]
+    from shared_models.model import MultiModalTransformer
+    from shared_models.weights import state_arrays
+
+    torch.manual_seed(7)
+    initial = state_arrays(MultiModalTransformer(FeatureSchema.load(sites / "schema.json"),
+                                                 RunConfig.from_flower(cfg).model_config_()))
+    assert all(np.array_equal(a, b) for a, b in zip(final, initial))  # the global model never moved
+    for name in ("site_00", "site_01"):  # each round spent once (the masked update left), round 1 says why
+        ledger = json.loads((tmp_path / "state" / name / "state" / "privacy-ledger.json").read_text())
+        entries = [e for e in ledger["entries"] if e["run_id"] == result["run"]]
+        assert [(e["round"], e["status"]) for e in entries] == [(1, "committed"), (2, "committed")]
+        assert entries[0]["outcome"]["status"] == "abandoned" and "fewer than 3" in entries[0]["outcome"]["reason"]
+    ledger = json.loads((tmp_path / "state" / "site_02" / "state" / "privacy-ledger.json").read_text())
+    assert not [e for e in ledger["entries"] if e["run_id"] == result["run"]]  # the refusing site spent nothing
