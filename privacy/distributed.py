@@ -240,6 +240,9 @@ def encode(x: np.ndarray, p: SkellamPlan, grid: SecAggGrid, rng: np.random.Gener
     data) get no noise. Raises GridError if a value would leave Flower's range (a bad event of the
     accounting: the site then withdraws from the round)."""
     x = np.asarray(x, dtype=np.float64).ravel()
+    if not np.isfinite(x).all():  # a training failure, not a privacy event: nothing is sent
+        raise GridError("the round's gradient sum is not finite (NaN or infinity): nothing is sent; lower the "
+                        "server's learning rate or check the site's data")
     z = randomized_round(x * p.scale, rng)
     mask = np.ones(x.size, bool) if noised is None else np.asarray(noised, bool).ravel()
     z[mask] += skellam(p.share_mean, int(mask.sum()), rng)
