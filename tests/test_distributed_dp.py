@@ -447,3 +447,83 @@ def test_a_round_with_fewer_contributors_than_trusted_sites_is_abandoned_and_eac
         assert entries[0]["outcome"]["status"] == "abandoned" and "fewer than 3" in entries[0]["outcome"]["reason"]
     ledger = json.loads((tmp_path / "state" / "site_02" / "state" / "privacy-ledger.json").read_text())
     assert not [e for e in ledger["entries"] if e["run_id"] == result["run"]]  # the refusing site spent nothing
+
+
+def _kill_server_stack_in(work: Path, rnd: int, stage: str):
+    """A thread that SIGKILLs the local SuperLink's process tree (server and simulated sites) once the server's
+    progress file says round `rnd` is in `stage`."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    def ready() -> bool:
+        try:
+            p = json.loads((work / "server" / "progress.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return p.get("round") == rnd and p.get("stage") == stage
+
+    def watch():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not ready():
+            time.sleep(0.05)
+        out = subprocess.run(["pgrep", "-f", f"{work}/.flwr/local-superlink"], capture_output=True, text=True).stdout
+        roots = [int(p) for p in out.split()]
+        tree = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout.split()
+        children: dict[int, list[int]] = {}
+        for pid, ppid in zip(tree[::2], tree[1::2]):
+            children.setdefault(int(ppid), []).append(int(pid))
+        todo, victims = list(roots), []
+        while todo:
+            victims.append(todo.pop())
+            todo += children.get(victims[-1], [])
+        for victim in victims:
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.slow
+def test_a_distributed_run_killed_at_unmask_resumes_and_every_round_spends_once(tmp_path):
+    """SIGKILL of the whole server stack while round 2's sum is being unmasked, then a resume: the sites resend
+    the round-2 contributions they released (no new noise, no new spend) and the run finishes."""
+    import json
+
+    from simulations.federation import ROOT, SimulationError, run_federation
+    from simulations.synthetic import SyntheticConfig, generate_federation
+
+    sites = tmp_path / "sites"
+    generate_federation(sites, SyntheticConfig(sites=3, classes=3, patients_per_site=60, omics_widths=[200],
+                                               tabular_columns=4, alpha=5.0, seed=1))
+    cfg = {"base-dir": str(ROOT), "schema": str(sites / "schema.json"), "data-root": str(sites),
+           "site-state-root": str(tmp_path / "state"), "output-dir": str(tmp_path / "server"), "num-rounds": 2,
+           "sites": 3, "min-sites": 2, "round-timeout": 300.0, "d-model": 32, "seed": 7, "dp-mode": "distributed",
+           "strategy": "fedavgm", "trusted-sites": 2, "sample-rate": 0.5}
+    watcher = _kill_server_stack_in(tmp_path, 2, "unmask")
+    with pytest.raises(SimulationError):
+        run_federation(tmp_path, cfg, n_sites=3, stream=None)
+    watcher.join()
+    latest = tmp_path / "server" / "checkpoints" / "latest.json"
+    checkpointed = latest.exists() and json.loads(latest.read_text())["round"] == 2
+    (tmp_path / "again").mkdir()
+    resumed = run_federation(tmp_path / "again", {**cfg, "resume": True}, n_sites=3, stream=None)
+    assert resumed["first_round"] == (3 if checkpointed else 2) and resumed["dp_mode"] == "distributed"
+    rounds = [json.loads(x) for x in (tmp_path / "server" / "metrics.jsonl").read_text().splitlines()]
+    assert rounds[-1]["round"] == 2 and rounds[-1]["status"] == "updated"
+    for name in ("site_00", "site_01", "site_02"):
+        state = tmp_path / "state" / name / "state"
+        entries = json.loads((state / "privacy-ledger.json").read_text())["entries"]
+        assert sorted((e["round"], e["status"], e["steps"]) for e in entries) == [(1, "committed", 1),
+                                                                                  (2, "committed", 1)]
+        events = [json.loads(x)["event"] for x in (state / "audit.jsonl").read_text().splitlines()]
+        assert events.count("round_trained") == 2, "no round was trained (and noised) twice"
+        if not checkpointed:
+            assert events.count("round_resent") == 1
