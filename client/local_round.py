@@ -209,8 +209,8 @@ def distributed_plan(site: PreparedSite, run_id: str, cfg: RunConfig, dim: int) 
                               f"changes {'; '.join(changed)}. A run's plan is fixed when it starts: nothing was "
                               "trained or sent (resume the run with its frozen configuration, or start a new run)")
         return distributed.SkellamPlan.from_dict(saved.mechanism)
-    base = distributed.plan(cfg.max_grad_norm, dim, cfg.trusted_sites, cfg.sample_rate)
-    p = distributed.plan_for_budget(base, cfg.epsilon, site.ledger.delta, cfg.num_rounds)
+    p = distributed.run_plan(cfg.max_grad_norm, dim, cfg.trusted_sites, cfg.sample_rate, cfg.epsilon,
+                             site.ledger.delta, cfg.num_rounds)
     spent = site.ledger.spent(site.dataset_fingerprint)
     cap = min(site.ledger.budget_epsilon, spent + cfg.epsilon)
     site.ledger.start_run(site.dataset_fingerprint, run_id, RunPlan(

@@ -195,6 +195,13 @@ def plan_for_budget(base: SkellamPlan, budget_epsilon: float, delta: float, step
     return _with(base, (hi * unit) ** 2)
 
 
+def run_plan(max_grad_norm: float, dim: int, trusted_sites: int, sample_rate: float, run_epsilon: float,
+             delta: float, rounds: int) -> SkellamPlan:
+    """The plan of a distributed run: a function of the run config and the model's size alone, so that every
+    site (and the server, which prints it) computes the same aggregate noise and the shares agree."""
+    return plan_for_budget(plan(max_grad_norm, dim, trusted_sites, sample_rate), run_epsilon, delta, rounds)
+
+
 def _with(p: SkellamPlan, variance: float) -> SkellamPlan:
     return SkellamPlan(p.scale, p.max_grad_norm, p.dim, p.l2, p.l1, float(variance), p.trusted_sites, p.sample_rate)
 

@@ -72,6 +72,24 @@ def distributed_dp(cfg: RunConfig) -> bool:
     return cfg.dp and cfg.dp_mode == "distributed"
 
 
+def log_distributed_plan(cfg: RunConfig, weights: list[np.ndarray]) -> None:
+    """The noise every site will add (the sites compute the same plan), beside what pooled DP-SGD with the
+    Gaussian mechanism would need for the same schedule: the cost of the exact discrete mechanism's accounting."""
+    from privacy.accounting import noise_multiplier_for
+    from privacy.distributed import run_plan
+
+    p = run_plan(cfg.max_grad_norm, sum(int(w.size) for w in weights), cfg.trusted_sites, cfg.sample_rate,
+                 cfg.epsilon, cfg.delta, cfg.num_rounds)
+    gaussian = noise_multiplier_for(cfg.epsilon, cfg.delta, cfg.sample_rate, cfg.num_rounds)
+    log(INFO, "distributed DP: %s rounds of one step at sample rate %s; aggregate noise multiplier %.3f (pooled "
+        "Gaussian DP-SGD: %.3f); each site adds 1/%s of the noise variance", cfg.num_rounds, cfg.sample_rate,
+        p.noise_multiplier * p.scale * p.max_grad_norm / p.l2, gaussian, cfg.trusted_sites)
+    if p.noise_multiplier * p.scale * p.max_grad_norm / p.l2 > 1.5 * gaussian:
+        log(WARNING, "distributed DP: at sample rate %s the accountant's bound for Poisson subsampling (valid for "
+            "any mechanism) is loose; a lower sample-rate with more rounds costs less noise (docs/privacy.md)",
+            cfg.sample_rate)
+
+
 def privacy_summary(cfg: RunConfig) -> str:
     """What the run's DP relies on, in one line for the operator's log and the package."""
     if not cfg.dp:
@@ -174,6 +192,7 @@ def main(grid: Grid, context: Context) -> None:
         strategy.grid = SecAggGrid(fit_workflow.clipping_range, fit_workflow.quantization_range,
                                    fit_workflow.modulus_range, fit_workflow.max_weight)
         strategy.grid.check(n_sites)  # before round 1: a grid the sites' values could leave is refused
+        log_distributed_plan(cfg, weights)
     if checkpoint is not None:
         strategy.load_state_arrays(checkpoint.strategy_state)
     metrics_file = out / "metrics.jsonl"

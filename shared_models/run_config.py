@@ -85,8 +85,9 @@ class RunConfig(BaseModel):
                                "(each site itself included) assumed to add their noise share honestly; each adds "
                                "1/trusted-sites of the noise. A site refuses a run assuming more than its node config "
                                "max-trusted-sites")
-    sample_rate: float = Field(0.3, alias="sample-rate", gt=0, le=1, description="dp-mode 'distributed': the share of "
-                               "its training patients each site Poisson-samples for a round's step")
+    sample_rate: float = Field(0.1, alias="sample-rate", gt=0, le=1, description="dp-mode 'distributed': the share of "
+                               "its training patients each site Poisson-samples for a round's step (above ~0.1 with "
+                               "hundreds of rounds the subsampling bound gets loose: docs/privacy.md)")
     dp_clipping: Literal["ghost", "opacus"] = Field(
         "ghost", alias="dp-clipping", description="how DP-SGD clips per sample: 'ghost' = privacy/clipping.py "
         "(norms without per-sample gradients; Opacus' sampling, noise and accountant), 'opacus' = Opacus' hooks mode")
