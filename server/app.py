@@ -229,6 +229,7 @@ def main(grid: Grid, context: Context) -> None:
             fh.write(json.dumps(line) + "\n")
         status.update(round=rnd, round_seconds=round(time.time() - round_started[0], 2),
                       participating=len(info.get("participants", [])), site_epsilon=dict(site_epsilon),
+                      **({"site_epsilon_worst_case": dict(site_epsilon_worst_case)} if distributed_dp(cfg) else {}),
                       weights_sha256=line["weights_sha256"])
         write_json_atomic(out / "status.json", status)
         round_started[0] = time.time()

@@ -11,6 +11,7 @@ training run: a scrape only reads files.
     oncofed_sites_registered / _online         sites the SuperLink knows / sees online (its database)
     oncofed_sites_participating{run}           sites whose update entered the last aggregate
     oncofed_site_epsilon{site}                 cumulative epsilon each site reported
+    oncofed_site_epsilon_worst_case{site}      dp-mode distributed: each site's epsilon from its own noise share alone
     oncofed_model_info{run,round,sha256}       the current global model (value 1)
     oncofed_run_finished{run}                  1 once training finished and delivery was tried
     oncofed_sites_trained{run}                 sites whose update entered an aggregate of the run
@@ -91,6 +92,12 @@ class ConsortiumCollector:
         for site, value in sorted((status.get("site_epsilon") or {}).items()):
             eps.add_metric([site], float(value))
         yield eps
+        if status.get("site_epsilon_worst_case"):
+            worst = GaugeMetricFamily("oncofed_site_epsilon_worst_case", "dp-mode distributed: each site's epsilon "
+                                      "if only its own noise share protected it", labels=["site"])
+            for site, value in sorted(status["site_epsilon_worst_case"].items()):
+                worst.add_metric([site], float(value))
+            yield worst
         info = InfoMetricFamily("oncofed_model", "the current global model")
         info.add_metric([], {"run": run, "round": str(status.get("round", 0)),
                              "sha256": str(status.get("weights_sha256", ""))})

@@ -372,6 +372,8 @@ def test_a_distributed_federation_trains_through_real_secagg_and_the_server_sum_
     assert set(eps) == set(worst) == set(names) and all(0 < eps[s] <= 8.0 < worst[s] for s in names)
     assert result["dp_mode"] == "distributed" and result["trusted_sites"] == 3 and result["mechanism"] == "skellam"
     assert result["site_epsilon_worst_case"] == worst and "at least 3 sites" in result["privacy"]
+    status = json.loads((tmp_path / "server" / "status.json").read_text())  # what Prometheus is served
+    assert status["site_epsilon_worst_case"] == worst
     assert all(d["installed"] for d in result["deliveries"])
 
 
@@ -527,3 +529,15 @@ def test_a_distributed_run_killed_at_unmask_resumes_and_every_round_spends_once(
         assert events.count("round_trained") == 2, "no round was trained (and noised) twice"
         if not checkpointed:
             assert events.count("round_resent") == 1
+
+
+def test_prometheus_serves_both_epsilons_of_a_distributed_run(tmp_path):
+    import json
+
+    from server.metrics import ConsortiumCollector
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "status.json").write_text(json.dumps({
+        "run": "run", "round": 2, "site_epsilon": {"h1": 7.9}, "site_epsilon_worst_case": {"h1": 16.3}}))
+    metrics = {m.name: [s.value for s in m.samples] for m in ConsortiumCollector(tmp_path, lambda: None).collect()}
+    assert metrics["oncofed_site_epsilon"] == [7.9] and metrics["oncofed_site_epsilon_worst_case"] == [16.3]
