@@ -191,6 +191,10 @@ def main(grid: Grid, context: Context) -> None:
 
         strategy.grid = SecAggGrid(fit_workflow.clipping_range, fit_workflow.quantization_range,
                                    fit_workflow.modulus_range, fit_workflow.max_weight)
+        if cfg.trusted_sites > n_sites:
+            raise ValueError(f"run config trusted-sites = {cfg.trusted_sites} but the run is sized for {n_sites} sites "
+                             "(sites, or min-sites when sites is 0): no round could ever be unmasked; set sites to the "
+                             "number of hospitals or lower trusted-sites")
         strategy.grid.check(n_sites)  # before round 1: a grid the sites' values could leave is refused
         log_distributed_plan(cfg, weights)
     if checkpoint is not None:
