@@ -50,27 +50,41 @@ def test_dp_yardstick_pools_the_hospitals_and_spends_exactly_the_budget():
     assert f"eps 8  macro-F1 {best['macro_f1']:.3f}" in out and f"lr={best['recipe']['lr']}" in out.split("best DP")[1]
 
 
-def test_dp_yardstick_names_a_bad_model_epsilon_or_grid_before_any_work():
-    for args, named in ((["--models", "linear,forest"], "--models: unknown forest"),
-                        (["--epsilons", "8,x"], "--epsilons/--seeds"),
-                        (["--grid", "val-fraction=0.1,0.2"], "--grid val-fraction: not a training-recipe key"),
-                        (["--grid", "lr=0.01,-1"], "lr: Input should be greater than 0"),
-                        (["--grid", "lr=0.01", "--epsilons", "none"], "give --epsilons")):
-        run = subprocess.run([sys.executable, "benchmarks/dp_yardstick.py", *args], cwd=ROOT, capture_output=True,
-                             text=True, timeout=120)
-        assert run.returncode == 2 and named in run.stderr, (args, run.stderr)
+def _yardstick():
+    """benchmarks/dp_yardstick.py as a module (benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dp_yardstick", ROOT / "benchmarks" / "dp_yardstick.py")
+    yardstick = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(yardstick)
+    return yardstick
+
+
+def test_dp_yardstick_names_a_bad_model_epsilon_or_grid_before_any_work(capsys):
+    import torch
+
+    main, threads = _yardstick().main, torch.get_num_threads()  # main() sets one thread, as a benchmark should
+    try:
+        for args, named in ((["--models", "linear,forest"], "--models: unknown forest"),
+                            (["--epsilons", "8,x"], "--epsilons/--seeds"),
+                            (["--grid", "val-fraction=0.1,0.2"], "--grid val-fraction: not a training-recipe key"),
+                            (["--grid", "lr=0.01,-1"], "lr: Input should be greater than 0"),
+                            (["--grid", "lr=0.01", "--epsilons", "none"], "give --epsilons")):
+            try:
+                code = main(args)
+            except SystemExit as e:  # argparse's error()
+                code = e.code
+            assert code == 2 and named in capsys.readouterr().err, args
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_dp_yardstick_rows_train_with_the_recipe_the_grid_names():
     """Every recipe key --grid accepts reaches the DP rows' training (a site's train_config); the no-DP row
     keeps the federation's fixed non-private settings whatever the recipe."""
-    import importlib.util
-
     from shared_models.run_config import RunConfig
 
-    spec = importlib.util.spec_from_file_location("dp_yardstick", ROOT / "benchmarks" / "dp_yardstick.py")
-    yardstick = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(yardstick)
+    yardstick = _yardstick()
     grid = {"batch-size": 1024, "lr": 0.01, "local-epochs": 5, "num-rounds": 3, "max-grad-norm": 0.5,
             "weight-decay": 0.001, "warmup-fraction": 0.2, "local-optimizer": "sgd", "momentum": 0.5}
     assert set(grid) == set(yardstick.GRID_KEYS)

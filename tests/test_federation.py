@@ -233,7 +233,7 @@ def _in_stage(progress: Path, rnd: int, stage: str, answered: bool):
 @pytest.mark.parametrize("stage, answered", [
     ("setup", False),  # before any site trained round 2: the retry replaces nothing, trains once
     ("unmask", False),  # every site trained and sent round 2's masked update: resumed, they resend it
-    ("evaluate", True),  # round 2 was aggregated but not checkpointed: re-run from round 1's checkpoint
+    ("evaluate", False),  # round 2 was aggregated but not checkpointed: re-run from round 1's checkpoint
 ])
 def test_a_server_killed_in_any_stage_resumes_and_every_round_spends_once(federation, stage, answered):
     """SIGKILL of the whole server stack (SuperLink, ServerApp, simulated sites) in a stage of round 2 of a
@@ -246,9 +246,13 @@ def test_a_server_killed_in_any_stage_resumes_and_every_round_spends_once(federa
     with pytest.raises(SimulationError):
         _run_in(federation, work, {})
     watcher.join()
+    # the kill races the server: on a loaded machine the sites may answer round 2's evaluation and the server
+    # checkpoint round 2 before the SIGKILL lands. Then the resume has nothing to train, which it must also get right.
+    latest = work / "server" / "checkpoints" / "latest.json"
+    checkpointed = latest.exists() and json.loads(latest.read_text())["round"] == 2
     (work / "again").mkdir()
     resumed = _run_in(federation, work, {"resume": True}, flower_dir=work / "again")
-    assert resumed["first_round"] == 2
+    assert resumed["first_round"] == (3 if checkpointed else 2)
     assert [r["round"] for r in _metrics(work)][-1] == 2
     for site in ("site_00", "site_01", "site_02"):
         state = work / "state" / site / "state"
@@ -260,7 +264,7 @@ def test_a_server_killed_in_any_stage_resumes_and_every_round_spends_once(federa
         assert [e["steps"] for e in entries] == [plan["steps_per_round"]] * 2, "the ledger, to the step"
         events = [json.loads(x)["event"] for x in (state / "audit.jsonl").read_text().splitlines()]
         assert events.count("round_trained") == 2, "no round was trained twice"
-        if stage in ("unmask", "evaluate"):
+        if stage in ("unmask", "evaluate") and not checkpointed:
             assert events.count("round_resent") == 1, "the released round 2 was sent again, not retrained"
 
 
