@@ -341,42 +341,6 @@ def test_the_server_steps_its_optimizer_on_the_decoded_sum_divided_by_the_expect
     assert np.allclose(got, expected, atol=1e-6) and strategy.round_info["expected_batch"] == 50.0
 
 
-@pytest.mark.slow
-def test_a_distributed_federation_trains_through_real_secagg_and_the_server_sum_is_the_sites_sum(tmp_path):
-    """3 simulated sites in Flower's simulation engine (real SuperLink, real SecAgg+), 2 distributed rounds."""
-    import hashlib
-    import json
-
-    from client.releases import ReleaseStore
-    from simulations.federation import ROOT, run_federation
-    from simulations.synthetic import SyntheticConfig, generate_federation
-
-    sites = tmp_path / "sites"
-    generate_federation(sites, SyntheticConfig(sites=3, classes=3, patients_per_site=60, omics_widths=[200],
-                                               tabular_columns=4, alpha=5.0, seed=1))
-    cfg = {"base-dir": str(ROOT), "schema": str(sites / "schema.json"), "data-root": str(sites),
-           "site-state-root": str(tmp_path / "state"), "output-dir": str(tmp_path / "server"), "num-rounds": 2,
-           "sites": 3, "min-sites": 2, "round-timeout": 300.0, "d-model": 32, "seed": 7, "dp-mode": "distributed",
-           "strategy": "fedavgm", "server-lr": 0.5, "trusted-sites": 3, "sample-rate": 0.5}
-    result = run_federation(tmp_path, cfg, n_sites=3, stream=None)
-    rounds = [json.loads(x) for x in (tmp_path / "server" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["status"] for r in rounds] == ["updated", "updated"]
-    names = ("site_00", "site_01", "site_02")
-    for r in rounds:  # the sum the server stepped on is the sum of what the three sites released, bit for bit
-        released = [ReleaseStore(tmp_path / "state" / s / "state").load(result["run"], r["round"]) for s in names]
-        step = 2 * 1.0 / 2 ** 30  # secagg-clipping-range 1, quantisation range 2^30 for 3 sites (server/app.py)
-        z = sum(np.rint(np.concatenate([a.ravel() for a in rel.delta]) / step).astype(np.int64) for rel in released)
-        assert r["grid_sum_sha256"] == hashlib.sha256(z.astype("<i8").tobytes()).hexdigest()
-        assert all(rel.num_examples == 2000 for rel in released)
-    eps, worst = rounds[-1]["site_epsilon"], rounds[-1]["site_epsilon_worst_case"]
-    assert set(eps) == set(worst) == set(names) and all(0 < eps[s] <= 8.0 < worst[s] for s in names)
-    assert result["dp_mode"] == "distributed" and result["trusted_sites"] == 3 and result["mechanism"] == "skellam"
-    assert result["site_epsilon_worst_case"] == worst and "at least 3 sites" in result["privacy"]
-    status = json.loads((tmp_path / "server" / "status.json").read_text())  # what Prometheus is served
-    assert status["site_epsilon_worst_case"] == worst
-    assert all(d["installed"] for d in result["deliveries"])
-
-
 def test_a_site_gives_no_key_shares_for_a_sum_of_fewer_than_trusted_sites(tmp_path):
     import json
     import time
@@ -494,10 +458,15 @@ def _kill_server_stack_in(work: Path, rnd: int, stage: str):
 
 
 @pytest.mark.slow
-def test_a_distributed_run_killed_at_unmask_resumes_and_every_round_spends_once(tmp_path):
-    """SIGKILL of the whole server stack while round 2's sum is being unmasked, then a resume: the sites resend
-    the round-2 contributions they released (no new noise, no new spend) and the run finishes."""
+def test_a_distributed_run_through_real_secagg_survives_a_kill_at_unmask_and_every_round_spends_once(tmp_path):
+    """3 simulated sites in Flower's simulation engine (real SuperLink, real SecAgg+), 2 distributed rounds, and a
+    SIGKILL of the whole server stack while round 2's sum is being unmasked, then a resume: the sites resend the
+    round-2 contributions they released (no new noise, no new spend), the run finishes, and the sum the server
+    stepped on in each round is the sum of what the three sites released, bit for bit."""
+    import hashlib
     import json
+
+    from client.releases import ReleaseStore
 
     from simulations.federation import ROOT, SimulationError, run_federation
     from simulations.synthetic import SyntheticConfig, generate_federation
@@ -508,7 +477,7 @@ def test_a_distributed_run_killed_at_unmask_resumes_and_every_round_spends_once(
     cfg = {"base-dir": str(ROOT), "schema": str(sites / "schema.json"), "data-root": str(sites),
            "site-state-root": str(tmp_path / "state"), "output-dir": str(tmp_path / "server"), "num-rounds": 2,
            "sites": 3, "min-sites": 2, "round-timeout": 300.0, "d-model": 32, "seed": 7, "dp-mode": "distributed",
-           "strategy": "fedavgm", "trusted-sites": 2, "sample-rate": 0.5}
+           "strategy": "fedavgm", "server-lr": 0.5, "trusted-sites": 3, "sample-rate": 0.5}
     watcher = _kill_server_stack_in(tmp_path, 2, "unmask")
     with pytest.raises(SimulationError):
         run_federation(tmp_path, cfg, n_sites=3, stream=None)
@@ -529,6 +498,21 @@ def test_a_distributed_run_killed_at_unmask_resumes_and_every_round_spends_once(
         assert events.count("round_trained") == 2, "no round was trained (and noised) twice"
         if not checkpointed:
             assert events.count("round_resent") == 1
+    names = ("site_00", "site_01", "site_02")
+    assert [r["round"] for r in rounds] == [1, 2] and all(r["status"] == "updated" for r in rounds)
+    for r in rounds:  # the sum the server stepped on is the sum of what the three sites released, bit for bit
+        released = [ReleaseStore(tmp_path / "state" / s / "state").load(resumed["run"], r["round"]) for s in names]
+        step = 2 * 1.0 / 2 ** 30  # secagg-clipping-range 1, quantisation range 2^30 for 3 sites (server/app.py)
+        z = sum(np.rint(np.concatenate([a.ravel() for a in rel.delta]) / step).astype(np.int64) for rel in released)
+        assert r["grid_sum_sha256"] == hashlib.sha256(z.astype("<i8").tobytes()).hexdigest()
+        assert all(rel.num_examples == 2000 for rel in released)
+    eps, worst = rounds[-1]["site_epsilon"], rounds[-1]["site_epsilon_worst_case"]
+    assert set(eps) == set(worst) == set(names) and all(0 < eps[s] <= 8.0 < worst[s] for s in names)
+    assert resumed["trusted_sites"] == 3 and resumed["mechanism"] == "skellam"
+    assert resumed["site_epsilon_worst_case"] == worst and "at least 3 sites" in resumed["privacy"]
+    status = json.loads((tmp_path / "server" / "status.json").read_text())  # what Prometheus is served
+    assert status["site_epsilon_worst_case"] == worst
+    assert all(d["installed"] for d in resumed["deliveries"])
 
 
 def test_prometheus_serves_both_epsilons_of_a_distributed_run(tmp_path):
