@@ -46,6 +46,7 @@ from client.releases import Release, ReleaseStore
 from privacy.audit import ANCHORS_FILE, AnchorStore, AuditError, AuditLog
 from shared_models.protocol import AUDIT_ANCHOR, AUDIT_HEAD, PREVIOUS_ROUND
 from shared_models.run_config import RunConfig
+from shared_models.wire import is_packed, pack, unpack
 
 if TYPE_CHECKING:
     from client.site import PreparedSite, SitePaths
@@ -175,7 +176,18 @@ def _audit_quietly(audit: AuditLog, site: str, event: str, **fields) -> None:
         log(WARNING, "site %s: audit log: %s", site, e)
 
 
-app = ClientApp()
+def packed_arrays_mod(msg: Message, context: Context, call_next) -> Message:
+    """Outermost: what arrives packed (shared_models/wire.py: one array per ArrayRecord, a few objects to pull
+    instead of two per tensor) is unpacked before anything reads it, SecAgg+ included; the reply is packed."""
+    if msg.has_content() and is_packed(msg.content):
+        msg.content = unpack(msg.content)
+    reply = call_next(msg, context)
+    if reply.has_content():
+        reply.content = pack(reply.content)
+    return reply
+
+
+app = ClientApp(mods=[packed_arrays_mod])
 
 
 def site_audit(settings: SiteSettings) -> AuditLog:

@@ -26,6 +26,7 @@ from flwr.server.workflow.default_workflows import (
 from flwr.serverapp import Grid
 
 from server import progress
+from shared_models.wire import is_packed, pack, unpack
 
 
 class PollingGrid:
@@ -47,11 +48,17 @@ class PollingGrid:
         timeout = self._timeout if timeout is None else timeout
         messages = list(messages)
         kind, asked = (messages[0].metadata.message_type if messages else ""), [m.metadata.dst_node_id for m in messages]
+        for m in messages:  # one array per ArrayRecord on the wire (shared_models/wire.py)
+            if m.has_content():
+                m.content = pack(m.content)
         pending = set(self._grid.push_messages(messages))
         end, replies = time.monotonic() + timeout, []
         progress.exchange(kind, asked, [])
         while pending:
             got = list(self._grid.pull_messages(pending))
+            for m in got:
+                if m.has_content() and is_packed(m.content):
+                    m.content = unpack(m.content)
             replies.extend(got)
             if got:
                 progress.exchange(kind, asked, [m.metadata.src_node_id for m in replies])
