@@ -72,18 +72,24 @@ def plan_terms(cfg: RunConfig) -> dict:
             "local-epochs": cfg.local_epochs, "max-grad-norm": cfg.max_grad_norm}
 
 
+def saved_plan(site: PreparedSite, run_id: str, cfg: RunConfig) -> RunPlan | None:
+    """The plan this run recorded at its first round here, or None (its first round); raises BudgetError when
+    this request changes any of its terms (a resumed or misconfigured server)."""
+    saved = site.ledger.run_plan(site.dataset_fingerprint, run_id)
+    if saved is not None and (changed := saved.changes(plan_terms(cfg))):
+        raise BudgetError(f"run {run_id} was started at this site with another privacy plan; this request "
+                          f"changes {'; '.join(changed)}. A run's plan is fixed when it starts: nothing was "
+                          "trained or sent (resume the run with its frozen configuration, or start a new run)")
+    return saved
+
+
 def run_noise(site: PreparedSite, run_id: str, cfg: RunConfig) -> tuple[float, float, int]:
     """(noise multiplier, sample rate, steps per round) of this run at this site, fixed at its first round.
 
     The run's plan is recorded in the site's ledger then; a later request of the same run (a resumed or
     misconfigured server) that changes any term of it is refused, and the ledger enforces its rounds, steps
     and epsilon on every round."""
-    saved = site.ledger.run_plan(site.dataset_fingerprint, run_id)
-    if saved is not None:
-        if changed := saved.changes(plan_terms(cfg)):
-            raise BudgetError(f"run {run_id} was started at this site with another privacy plan; this request "
-                              f"changes {'; '.join(changed)}. A run's plan is fixed when it starts: nothing was "
-                              "trained or sent (resume the run with its frozen configuration, or start a new run)")
+    if (saved := saved_plan(site, run_id, cfg)) is not None:
         return saved.noise_multiplier, saved.sample_rate, saved.steps_per_round
     n = len(site.train.y)
     q, total = planned_steps(n, cfg.batch_size, cfg.local_epochs, cfg.num_rounds)
@@ -202,12 +208,7 @@ def distributed_plan(site: PreparedSite, run_id: str, cfg: RunConfig, dim: int) 
     `trusted-sites` honest shares then sum to the noise each site's accounting assumes. (A site's own
     earlier spend cannot raise the noise, as it does in dp-mode "site": the other sites would not add it.)
     The ledger refuses the run's rounds at a site whose budget the run would exceed."""
-    saved = site.ledger.run_plan(site.dataset_fingerprint, run_id)
-    if saved is not None:
-        if changed := saved.changes(plan_terms(cfg)):
-            raise BudgetError(f"run {run_id} was started at this site with another privacy plan; this request "
-                              f"changes {'; '.join(changed)}. A run's plan is fixed when it starts: nothing was "
-                              "trained or sent (resume the run with its frozen configuration, or start a new run)")
+    if (saved := saved_plan(site, run_id, cfg)) is not None:
         return distributed.SkellamPlan.from_dict(saved.mechanism)
     p = distributed.run_plan(cfg.max_grad_norm, dim, cfg.trusted_sites, cfg.sample_rate, cfg.epsilon,
                              site.ledger.delta, cfg.num_rounds)

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
 import torch
 
 from shared_models.schema import FeatureSchema, Modality
@@ -35,3 +43,35 @@ def drop_modalities(schema: FeatureSchema, x: torch.Tensor, row: int, names: lis
     layout = schema.layout()
     for name in names:
         x[row, layout.slices[name]] = float("nan")
+
+
+def in_stage(progress: Path, rnd: int, stage: str, answered: bool = False):
+    """A predicate: the server's progress.json says round `rnd` is in `stage` (and, if `answered`, a site has
+    replied in it)."""
+    def ready() -> bool:
+        try:
+            p = json.loads(progress.read_text())
+        except (OSError, ValueError):
+            return False
+        return p.get("round") == rnd and p.get("stage") == stage and (not answered or bool(p.get("answered")))
+    return ready
+
+
+def kill_local_superlink_when(work: Path, ready, timeout: float = 300.0) -> threading.Thread:
+    """A thread that SIGKILLs the local SuperLink of `work` (simulations.federation) and every process below it
+    (ServerApp, simulated sites) once `ready()` holds: a crash of the whole server stack."""
+    from simulations.federation import process_tree
+
+    def watch():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not ready():
+            time.sleep(0.05)
+        out = subprocess.run(["pgrep", "-f", f"{work}/.flwr/local-superlink"], capture_output=True, text=True).stdout
+        for victim in process_tree([int(p) for p in out.split()]):
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t

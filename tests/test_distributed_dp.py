@@ -201,6 +201,8 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+from tests.factories import in_stage, kill_local_superlink_when  # noqa: E402
+
 from privacy.ledger import PrivacyLedger  # noqa: E402
 from shared_models.run_config import RunConfig, RunConfigError  # noqa: E402
 
@@ -415,48 +417,6 @@ def test_a_round_with_fewer_contributors_than_trusted_sites_is_abandoned_and_eac
     assert not [e for e in ledger["entries"] if e["run_id"] == result["run"]]  # the refusing site spent nothing
 
 
-def _kill_server_stack_in(work: Path, rnd: int, stage: str):
-    """A thread that SIGKILLs the local SuperLink's process tree (server and simulated sites) once the server's
-    progress file says round `rnd` is in `stage`."""
-    import json
-    import os
-    import signal
-    import subprocess
-    import threading
-    import time
-
-    def ready() -> bool:
-        try:
-            p = json.loads((work / "server" / "progress.json").read_text())
-        except (OSError, ValueError):
-            return False
-        return p.get("round") == rnd and p.get("stage") == stage
-
-    def watch():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not ready():
-            time.sleep(0.05)
-        out = subprocess.run(["pgrep", "-f", f"{work}/.flwr/local-superlink"], capture_output=True, text=True).stdout
-        roots = [int(p) for p in out.split()]
-        tree = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout.split()
-        children: dict[int, list[int]] = {}
-        for pid, ppid in zip(tree[::2], tree[1::2]):
-            children.setdefault(int(ppid), []).append(int(pid))
-        todo, victims = list(roots), []
-        while todo:
-            victims.append(todo.pop())
-            todo += children.get(victims[-1], [])
-        for victim in victims:
-            try:
-                os.kill(victim, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    t = threading.Thread(target=watch, daemon=True)
-    t.start()
-    return t
-
-
 @pytest.mark.slow
 def test_a_distributed_run_through_real_secagg_survives_a_kill_at_unmask_and_every_round_spends_once(tmp_path):
     """3 simulated sites in Flower's simulation engine (real SuperLink, real SecAgg+), 2 distributed rounds, and a
@@ -478,7 +438,7 @@ def test_a_distributed_run_through_real_secagg_survives_a_kill_at_unmask_and_eve
            "site-state-root": str(tmp_path / "state"), "output-dir": str(tmp_path / "server"), "num-rounds": 2,
            "sites": 3, "min-sites": 2, "round-timeout": 300.0, "d-model": 32, "seed": 7, "dp-mode": "distributed",
            "strategy": "fedavgm", "server-lr": 0.5, "trusted-sites": 3, "sample-rate": 0.5}
-    watcher = _kill_server_stack_in(tmp_path, 2, "unmask")
+    watcher = kill_local_superlink_when(tmp_path, in_stage(tmp_path / "server" / "progress.json", 2, "unmask"))
     with pytest.raises(SimulationError):
         run_federation(tmp_path, cfg, n_sites=3, stream=None)
     watcher.join()

@@ -8,9 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import pytest
 
 from simulations.federation import ROOT, SimulationError, run_federation
 from simulations.synthetic import SyntheticConfig, generate_federation
+from tests.factories import in_stage, kill_local_superlink_when
 
 pytestmark = pytest.mark.slow
 
@@ -186,50 +185,6 @@ def test_a_site_with_invalid_data_is_refused_and_the_round_goes_on(federation):
     assert events[-1] == "model_refused" and not (work / "state" / "site_01" / "models" / "ACTIVE").exists()
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def _kill_superlink_when(work: Path, ready, timeout: float = 300.0) -> threading.Thread:
-    """SIGKILL the local SuperLink's whole process group (server, simulated sites) once `ready()` holds."""
-    def watch():
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not ready():
-            time.sleep(0.05)
-        out = subprocess.run(["pgrep", "-f", f"{work}/.flwr/local-superlink"], capture_output=True, text=True).stdout
-        for pid in [int(p) for p in out.split()]:
-            for victim in [pid, *_descendants(pid)]:
-                try:
-                    os.kill(victim, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-    t = threading.Thread(target=watch, daemon=True)
-    t.start()
-    return t
-
-
-def _in_stage(progress: Path, rnd: int, stage: str, answered: bool):
-    def ready() -> bool:
-        try:
-            p = json.loads(progress.read_text())
-        except (OSError, ValueError):
-            return False
-        return p.get("round") == rnd and p.get("stage") == stage and (not answered or bool(p.get("answered")))
-    return ready
-
-
 @pytest.mark.parametrize("stage, answered", [
     ("setup", False),  # before any site trained round 2: the retry replaces nothing, trains once
     ("unmask", False),  # every site trained and sent round 2's masked update: resumed, they resend it
@@ -242,7 +197,7 @@ def test_a_server_killed_in_any_stage_resumes_and_every_round_spends_once(federa
     work = federation / f"crash-{stage}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
-    watcher = _kill_superlink_when(work, _in_stage(work / "server" / "progress.json", 2, stage, answered))
+    watcher = kill_local_superlink_when(work, in_stage(work / "server" / "progress.json", 2, stage, answered))
     with pytest.raises(SimulationError):
         _run_in(federation, work, {})
     watcher.join()
