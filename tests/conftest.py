@@ -19,6 +19,18 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
+# xdist hands out whole modules (--dist loadfile), in collection order (--no-loadscope-reorder): the modules
+# that take longest start first, so the suite ends when the longest one does rather than when a long module
+# handed out last does. Minutes each in a fresh clone's run on 2 workers (docs/results.md#the-test-suite).
+LONGEST_FIRST = ("test_deployment.py", "test_federation.py", "test_distributed_dp.py", "test_benchmarks.py",
+                 "test_scale.py", "test_experiment.py", "test_privacy_ledger.py", "test_serve.py", "test_registry.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module's own order is kept
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not (SHARED_DATA / "tcga_pancan33" / "labels.csv").is_file():
