@@ -233,7 +233,7 @@ def _interesting(line: str) -> bool:
     if is_duplicate_log_line(line):
         return False
     keys = ("round", "ROUND", "refuse", "failed", "dropped", "delivered", "WARNING", "ERROR", "installed",
-            "Traceback", "Error")
+            "Traceback", "Error", "privacy: ", "distributed DP: ")  # which DP mode ran and what it assumes
     return any(k in line for k in keys)
 
 
