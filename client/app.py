@@ -398,8 +398,7 @@ def _resend(msg: Message, fitins, settings: SiteSettings, release, global_sha256
 def evaluate(msg: Message, context: Context) -> Message:
     import torch
 
-    from client.local_round import evaluate_global
-    from client.site import SiteDataError
+    from client.site import SiteDataError, evaluate_global
 
     torch.set_num_threads(1)
     ins = recorddict_to_evaluateins(msg.content, keep_input=True)

@@ -276,15 +276,3 @@ def distributed_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: 
                "trusted_sites": p.trusted_sites, "grid_scale": p.scale, "patients": n,
                "round_seconds": round(time.perf_counter() - t_round, 3)}
     return RoundResult(delta=arrays, num_examples=int(grid.max_weight), metrics=metrics)
-
-
-def evaluate_global(site: PreparedSite, arrays: list[np.ndarray], cfg: RunConfig) -> tuple[int, dict]:
-    """Metrics of the global weights on the site's held-out part; counts below min_count are not sent."""
-    model = MultiModalTransformer(site.schema, cfg.model_config_())
-    load_arrays(model, arrays)
-    n = len(site.val.y)
-    if n < cfg.min_count:
-        return 0, {}
-    m = evaluate(model, torch.from_numpy(site.val.x), torch.from_numpy(site.val.y))
-    return n, {"loss": m.loss, "accuracy": m.accuracy, "balanced_accuracy": m.balanced_accuracy,
-               "macro_f1": m.macro_f1}

@@ -8,6 +8,8 @@ and register the training patients in the site's privacy ledger.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,9 @@ from privacy.ledger import PrivacyLedger
 from shared_models.schema import FeatureSchema
 from shared_models.site_data import Normalizer, encode_labels, make_dataset, raw_matrix, read_site, SiteDataset
 from shared_models.validation import validate_site
+
+if TYPE_CHECKING:
+    from shared_models.run_config import RunConfig
 
 
 class SiteDataError(ValueError):
@@ -93,3 +98,22 @@ def prepare_site(schema: FeatureSchema, paths: SitePaths, *, budget_epsilon: flo
     # DP-SGD touches only the training patients; the held-out part is used for local metrics.
     fingerprint = ledger.register_dataset(parts.train.ids, schema.content_hash())
     return PreparedSite(schema, paths, parts.train, parts.val, parts.normalizer, ledger, fingerprint, parts.warnings)
+
+
+def evaluate_global(site: PreparedSite, arrays: list[np.ndarray], cfg: RunConfig) -> tuple[int, dict]:
+    """Metrics of the global weights on the site's held-out part; counts below min_count are not sent.
+    Here rather than beside the training (client/local_round.py) so that evaluating does not import Opacus."""
+    import torch
+
+    from shared_models.evaluation import evaluate
+    from shared_models.model import MultiModalTransformer
+    from shared_models.weights import load_arrays
+
+    model = MultiModalTransformer(site.schema, cfg.model_config_())
+    load_arrays(model, arrays)
+    n = len(site.val.y)
+    if n < cfg.min_count:
+        return 0, {}
+    m = evaluate(model, torch.from_numpy(site.val.x), torch.from_numpy(site.val.y))
+    return n, {"loss": m.loss, "accuracy": m.accuracy, "balanced_accuracy": m.balanced_accuracy,
+               "macro_f1": m.macro_f1}

@@ -9,7 +9,8 @@ import pytest
 import torch
 from opacus.accountants import PRVAccountant
 
-from client.local_round import evaluate_global, state_arrays, train_round
+from client.local_round import state_arrays, train_round
+from client.site import evaluate_global
 from client.site import SiteDataError, SitePaths, prepare_site
 from privacy.accounting import BudgetError
 from shared_models.model import MultiModalTransformer

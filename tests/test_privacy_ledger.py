@@ -27,6 +27,19 @@ def test_epsilon_of_a_known_schedule_matches_the_reference_value():
     assert epsilon([(0.812, 1 / 32, 640)], DELTA) == pytest.approx(7.99, rel=0.01)
 
 
+def test_the_numpy_series_of_the_sampled_gaussian_equals_opacus_own():
+    """privacy.accounting sums Opacus' fractional-order series with numpy (log_a_fractional) in Opacus' place."""
+    from privacy.accounting import _opacus_accountants, log_a_fractional
+
+    _opacus_accountants()
+    orders = [a for a in (1 + x / 10 for x in range(1, 100)) if not a.is_integer()]
+    for q in (0.01, 0.05, 0.25, 1 / 3, 0.5, 0.9):
+        for sigma in (0.5, 0.8, 1.24, 3.0, 10.0):
+            for alpha in orders[::7]:
+                ours, opacus = log_a_fractional(q, sigma, alpha), log_a_fractional.opacus(q, sigma, alpha)
+                assert ours == pytest.approx(opacus, rel=1e-9, abs=1e-12), (q, sigma, alpha)
+
+
 def test_rounds_compose_to_the_closed_form_of_all_executed_steps():
     rounds = [(0.9, 0.05, 40)] * 10
     assert compact(rounds) == [(0.9, 0.05, 400)]
