@@ -54,13 +54,14 @@ from torch import nn  # noqa: E402
 
 from client.local_round import train_config  # noqa: E402
 from client.site import SitePaths, prepare_site  # noqa: E402
-from client.training import (TrainConfig, build_loader, build_loss, build_optimizer, build_scheduler,  # noqa: E402
-                             class_counts, evaluate, train_epoch)
 from privacy.accounting import MAX_BUDGET, noise_multiplier_for, planned_steps  # noqa: E402
+from shared_models.evaluation import evaluate  # noqa: E402
 from shared_models.model import MultiModalTransformer  # noqa: E402
 from shared_models.run_config import RunConfig  # noqa: E402
 from shared_models.schema import FeatureSchema  # noqa: E402
 from shared_models.site_data import load_labelled_site  # noqa: E402
+from shared_models.training import (TrainConfig, build_loader, build_loss, build_optimizer,  # noqa: E402
+                                    build_scheduler, class_counts, train_epoch)
 from simulations.experiment import fit_early_stopped  # noqa: E402
 from simulations.federation import ensure_partition  # noqa: E402
 

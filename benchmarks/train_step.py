@@ -15,7 +15,7 @@ Steps compared, on the same batches, interleaved so that all see the same machin
 - book-keeping: privacy/clipping.py (norms without per-sample gradients, clipped sum in the same pass;
                 the site's DP path now).
 Every DP step includes Opacus' noise and scaling; every step but plain-before uses the sites' optimizer
-(client.training.build_optimizer: fused AdamW). Ratios are step times over the plain step's in the
+(shared_models.training.build_optimizer: fused AdamW). Ratios are step times over the plain step's in the
 same run, in the process's CPU time (on a busy machine, time spent waiting for a core is not the
 step's; the matmul rate is measured the same way). Step memory is the peak RSS during a step above the RSS before it (glibc's free memory
 returned first, the kernel's peak counter reset), so it counts what the step allocates.
@@ -115,7 +115,7 @@ def build_steps(schema, cfg, n_data: int, batch: int, variants=VARIANTS) -> tupl
     import torch.nn.functional as F
     from opacus import PrivacyEngine
 
-    from client.training import TrainConfig, build_optimizer, clip_global_grad_norm_
+    from shared_models.training import TrainConfig, build_optimizer, clip_global_grad_norm_
     from privacy.clipping import make_private
     from shared_models import MultiModalTransformer
 

@@ -32,14 +32,14 @@ import numpy as np
 import torch
 
 from client.site import PreparedSite
-from client.training import (TrainConfig, build_loader, build_loss, build_optimizer, class_counts, evaluate,
-                             lr_multiplier)
 from privacy.accounting import BudgetError, SkellamSteps, compact, noise_multiplier_for, planned_steps
 from privacy.clipping import BookKeepingClipper, make_private
 from privacy import distributed
 from privacy.ledger import RunPlan
+from shared_models.evaluation import evaluate
 from shared_models.model import MultiModalTransformer
 from shared_models.run_config import RunConfig
+from shared_models.training import TrainConfig, build_loader, build_loss, build_optimizer, class_counts, lr_multiplier
 from shared_models.weights import load_arrays, state_arrays  # noqa: F401 (state_arrays: re-export)
 
 log = logging.getLogger("oncofed.site")

@@ -6,7 +6,7 @@ ledger confirms it: the training part's fingerprint must be a dataset the ledger
 model, the one its run trained on), so an audit never attacks patients the model did not train on.
 
 Attacks (privacy/membership.py holds the maths): the loss and the confidence attack by default; with
-`lira_models` N >= 2, offline LiRA with N reference models trained by client/training.py's `fit` on random
+`lira_models` N >= 2, offline LiRA with N reference models trained by shared_models/training.py's `fit` on random
 halves of the non-members (each non-member in N // 2 of them; members in none).
 
 The claim tested is the model's (epsilon, delta) for this site: the delivered package's `site_epsilon`
@@ -124,8 +124,8 @@ def reference_logit_confidence(schema, model_config, parts, n_models: int, epoch
     reference trainings, so every patient has at least one reference model that never saw it."""
     import torch
 
-    from client.training import TrainConfig, fit
     from shared_models.model import MultiModalTransformer
+    from shared_models.training import TrainConfig, fit
 
     n_m, n_n = len(parts.train.y), len(parts.val.y)
     rng = np.random.default_rng(seed)

@@ -5,7 +5,7 @@ test set (patients from hospitals the model never saw), then whole sites of the 
 as a validation set (early stopping, regularisation strength). Two models on the same features:
 
 - the shared transformer (`MultiModalTransformer`, the federation's model) trained by
-  `client.training.fit`;
+  `shared_models.training.fit`;
 - multinomial logistic regression on the same normalised features (missing value -> 0, the
   training mean; categorical columns one-hot; one missing indicator per modality), with its
   inverse regularisation C chosen on the validation sites.
@@ -154,7 +154,7 @@ def fit_logistic(x_train, y_train, x_val, y_val, n_classes: int, c_grid=LR_C_GRI
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    from client.training import classification_metrics
+    from shared_models.evaluation import classification_metrics
 
     best = None
     scores = {}
@@ -176,8 +176,9 @@ def run_baseline(cohort: Cohort, seed: int = 0, train_cfg=None, model_cfg=None, 
                  val_frac: float = 0.15, models=("transformer", "logistic"), log=None) -> dict:
     import torch
 
-    from client.training import TrainConfig, classification_metrics, evaluate, fit
+    from shared_models.evaluation import classification_metrics, evaluate
     from shared_models.model import ModelConfig, MultiModalTransformer
+    from shared_models.training import TrainConfig, fit
 
     torch.set_num_threads(1)
     schema = cohort.schema

@@ -36,7 +36,7 @@ def baseline(
 
     import torch
 
-    from client.training import TrainConfig
+    from shared_models.training import TrainConfig
     from shared_models.model import ModelConfig
     from shared_models.schema import SchemaError
     from shared_models.site_data import TableError

@@ -396,10 +396,10 @@ def train_transformer(schema, train, cfg: ExperimentConfig, seed: int):
 
 def fit_early_stopped(model, x, y, seed: int):
     """The centralized recipe (`TrainConfig` defaults: up to 60 epochs, patience 15) with early stopping
-    on a stratified 15% of the rows (x, y: tensors); returns client.training's FitResult."""
+    on a stratified 15% of the rows (x, y: tensors); returns shared_models.training's FitResult."""
     import torch
 
-    from client.training import TrainConfig, fit
+    from shared_models.training import TrainConfig, fit
 
     tr, va = (torch.from_numpy(i) for i in val_split(y.numpy(), 0.15, seed))
     return fit(model, x[tr], y[tr], TrainConfig(seed=seed), *((x[va], y[va]) if len(va) else (None, None)))
@@ -415,7 +415,7 @@ def _score(model, ds) -> dict:
 
 
 def _logistic(schema, train, test, seed: int) -> dict:
-    from client.training import classification_metrics
+    from shared_models.evaluation import classification_metrics
     from simulations.baseline import fit_logistic, lr_features
 
     tr, va = val_split(train.y, 0.15, seed)

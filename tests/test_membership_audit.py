@@ -187,7 +187,7 @@ def planted(federation, tmp_path_factory):
     (0.5, 1e-5)-DP (v0001); the same weights honestly labelled non-DP are v0002."""
     import torch
 
-    from client.training import TrainConfig, fit
+    from shared_models.training import TrainConfig, fit
     from shared_models.model import ModelConfig, MultiModalTransformer
 
     home = tmp_path_factory.mktemp("planted")

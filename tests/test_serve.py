@@ -34,7 +34,7 @@ def _labels(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    from client.training import TrainConfig, fit
+    from shared_models.training import TrainConfig, fit
 
     root = tmp_path_factory.mktemp("serve")
     schema = tiny_schema(omics_width=30)

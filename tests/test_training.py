@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from client.training import (
+from shared_models import ModelConfig, MultiModalTransformer
+from shared_models.evaluation import evaluate
+from shared_models.training import (
     TrainConfig,
     WeightedCrossEntropy,
     build_loader,
@@ -23,12 +25,10 @@ from client.training import (
     build_scheduler,
     class_counts,
     class_weights,
-    evaluate,
     fit,
     lr_multiplier,
     train_epoch,
 )
-from shared_models import ModelConfig, MultiModalTransformer
 from tests.factories import drop_modalities, random_inputs
 
 TINY = ModelConfig(d_model=16, n_heads=2, n_latents=4, chunk_size=16, latent_blocks=0, tabular_blocks=0,

@@ -1,4 +1,5 @@
-"""Local training of the shared model at a site: one loop for plain training and for DP-SGD.
+"""Training of the shared model: one loop for plain training and for DP-SGD (a site's local rounds, the
+centralized baseline, the membership audit's reference models).
 
 The pieces are built separately so that a DP-SGD caller can hand the optimizer and the loader to
 Opacus between building and training:
@@ -16,7 +17,7 @@ Opacus between building and training:
                     clip_grad_norm=None if dp else cfg.max_grad_norm)   # Opacus clips per sample
 
 `fit` runs that loop with early stopping on a validation split and restores the best epoch's
-weights. `evaluate` computes the reported metrics from eval-mode predictions.
+weights. `evaluate` (shared_models.evaluation) computes the reported metrics from eval-mode predictions.
 
 The loss is per-sample: sum_i w[y_i] * CE_i / batch_size, with class weights normalised so that
 their mean over the training rows is 1. Unlike `F.cross_entropy(weight=...)` (which divides by the
@@ -39,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from shared_models.evaluation import Metrics, classification_metrics, evaluate, predict_logits  # noqa: F401
+from shared_models.evaluation import Metrics, evaluate
 
 
 class TrainConfig(BaseModel):
