@@ -90,7 +90,8 @@ def grid_overrides(items: list[str]) -> list[dict]:
                              "(seeds: --seeds; the data split stays the main job's)")
         if key in (k for k, _ in axes):
             raise RunConfigError(f"--grid {key}: given twice; list all its values in one --grid {key}=V1,V2,...")
-        axes.append((key, [parse_overrides([f"{key}={v}"], source="--grid")[key] for v in values.split(",")]))
+        axes.append((key, [parse_overrides([f"{key}={v}"], source="--grid", max_epsilon=MAX_BUDGET)[key]
+                           for v in values.split(",")]))
     return [dict(zip([k for k, _ in axes], combo)) for combo in itertools.product(*(v for _, v in axes))]
 
 
@@ -178,10 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         sites_root = ensure_partition(tmp / "sites")
         schema = FeatureSchema.load(sites_root / "schema.json")
-        base = {"schema": str(sites_root / "schema.json"), **parse_overrides(args.set)}
-        cfg = RunConfig.from_flower(base)
+        base = {"schema": str(sites_root / "schema.json"), **parse_overrides(args.set, max_epsilon=MAX_BUDGET)}
+        cfg = RunConfig.from_flower(base, max_epsilon=MAX_BUDGET)
         try:  # every grid point is a whole run config, checked before anything trains
-            recipes = [(g, RunConfig.from_flower({**base, **g}, source=f"--grid {g}")) for g in grids]
+            recipes = [(g, RunConfig.from_flower({**base, **g}, source=f"--grid {g}", max_epsilon=MAX_BUDGET))
+                       for g in grids]
         except RunConfigError as e:
             print(e, file=sys.stderr)
             return 2

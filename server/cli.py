@@ -149,13 +149,15 @@ def run(
     """
     import sys
 
+    from privacy import MAX_BUDGET
     from privacy.preflight import PreflightError
     from server.deploy import DeployError
     from server.submit import submit_run
     from shared_models.run_config import RunConfigError, parse_overrides
 
     try:
-        code = submit_run(directory, name, parse_overrides(overrides, source="--set"), resume=resume,
+        code = submit_run(directory, name, parse_overrides(overrides, source="--set", max_epsilon=MAX_BUDGET),
+                          resume=resume,
                           timeout=timeout, out=sys.stdout)
     except (DeployError, PreflightError, RunConfigError) as e:
         typer.echo(str(e), err=True)

@@ -206,6 +206,7 @@ def delivery_checks(c, run_dir: Path, cfg) -> list:
 
 def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
     """`oncofed deliver`: preflight, then the Flower app with deliver-only = true and the run's own config."""
+    from privacy import MAX_BUDGET
     from privacy.preflight import report
     from server.checkpoint import CheckpointError, load_latest
     from server.deploy import Consortium, DeployError
@@ -223,7 +224,7 @@ def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
                           "final model of a run that finished training")
     values = {**checkpoint.meta["run_config"], "signing-key": str(c.path("signing", "signing.key")),
               "resume": False, "deliver-only": True}
-    cfg = RunConfig.from_flower(values, source=f"run {name!r}'s run config")
+    cfg = RunConfig.from_flower(values, source=f"run {name!r}'s run config", max_epsilon=MAX_BUDGET)
     out.write(report(f"deliver {name!r}", delivery_checks(c, run_dir, cfg)) + "\n")
     log_path = run_dir / "flwr-run.log"
     cmd = ["flwr", "run", str(PROJECT), "consortium", "--stream", "--run-config", flwr_overrides(values)]

@@ -3,7 +3,9 @@
 Flower hands both sides `context.run_config`, a flat dict with the kebab-case keys of
 `[tool.flwr.app.config]` in pyproject.toml (overridable with `flwr run . --run-config 'k=v'`).
 `RunConfig.from_flower` validates it once at start: a bad value stops the run immediately with a
-message naming the key and the fix.
+message naming the key and the fix. The largest epsilon a site's accounting verifies is the privacy
+layer's fact (privacy.MAX_BUDGET), which this contract layer does not import: the server, the sites and
+the command lines pass it as `max_epsilon`.
 
 Paths are absolute or relative to the directory the run was started from (`base-dir`), because
 the ServerApp and the ClientApps do not run in the project directory.
@@ -14,9 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from privacy import MAX_BUDGET  # a constant only: privacy/__init__ imports nothing
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 if TYPE_CHECKING:
     from shared_models.model import ModelConfig
@@ -73,8 +74,8 @@ class RunConfig(BaseModel):
 
     # --- privacy (the site's node config overrides the budget in deployment) -----------------
     dp: bool = True
-    epsilon: float = Field(8.0, gt=0, le=MAX_BUDGET, description="per-site budget (simulation; a site's node config "
-                           f"wins); at most {MAX_BUDGET:g} (privacy.MAX_BUDGET): what the site's accounting verifies")
+    epsilon: float = Field(8.0, gt=0, description="per-site budget (simulation; a site's node config wins); at most "
+                           "privacy.MAX_BUDGET: what the site's accounting verifies")
     delta: float = Field(1e-5, gt=0, lt=1)
     max_grad_norm: float = Field(1.0, alias="max-grad-norm", gt=0, description="per-sample clipping bound C")
     dp_mode: Literal["site", "distributed"] = Field(
@@ -128,6 +129,14 @@ class RunConfig(BaseModel):
                                          "ModelConfig's 1 is better for non-private centralized training")
     dropout: float = 0.1
 
+    @field_validator("epsilon")
+    @classmethod
+    def _within_the_accounting(cls, v: float, info: ValidationInfo) -> float:
+        limit = (info.context or {}).get("max_epsilon")
+        if limit is not None and v > limit:  # worded as pydantic's own le= bound
+            raise PydanticCustomError("less_than_equal", "Input should be less than or equal to {le}", {"le": f"{limit:g}"})
+        return v
+
     @field_validator("wide_rank", mode="before")
     @classmethod
     def _wide_rank(cls, v):
@@ -179,9 +188,11 @@ class RunConfig(BaseModel):
         return p if p.is_absolute() or not self.base_dir else Path(self.base_dir) / p
 
     @classmethod
-    def from_flower(cls, run_config: dict, source: str = "run config") -> "RunConfig":
+    def from_flower(cls, run_config: dict, source: str = "run config", *,
+                    max_epsilon: float | None = None) -> "RunConfig":
+        """`max_epsilon`: refuse an epsilon above it (pass privacy.MAX_BUDGET; None: no upper bound)."""
         try:
-            return cls.model_validate(dict(run_config))
+            return cls.model_validate(dict(run_config), context={"max_epsilon": max_epsilon})
         except ValidationError as e:
             lines = [f"{source}: invalid ({e.error_count()} problem{'s' if e.error_count() > 1 else ''}):"]
             for err in e.errors():
@@ -192,6 +203,8 @@ class RunConfig(BaseModel):
                 field = field or next((f for f in cls.model_fields.values() if f.alias == key), None)
                 if not hint and field is not None and field.description:
                     hint = field.description  # what the setting means and its limits
+                    if max_epsilon is not None:
+                        hint = hint.replace("privacy.MAX_BUDGET", f"{max_epsilon:g} (privacy.MAX_BUDGET)")
                 got = f" (got {err['input']!r})" if err["loc"] and err["type"] != "missing" and "input" in err else ""
                 lines.append(f"  - {key}: {err['msg'].removeprefix('Value error, ')}{got}" + (f"; {hint}" if hint else ""))
             raise RunConfigError("\n".join(lines)) from None
@@ -210,8 +223,9 @@ def app_defaults(project: Path) -> dict:
                              "(a checkout installed with pip install -e .)") from None
 
 
-def parse_overrides(items: list[str], source: str = "--set") -> dict:
-    """KEY=VALUE pairs typed as TOML would type them (a bare word is a string), each checked against RunConfig.
+def parse_overrides(items: list[str], source: str = "--set", *, max_epsilon: float | None = None) -> dict:
+    """KEY=VALUE pairs typed as TOML would type them (a bare word is a string), each checked against RunConfig
+    (`max_epsilon` as in RunConfig.from_flower).
 
     Checks across keys (e.g. dp with local-softmax) wait for the whole run config: the overrides alone
     do not know what the command line or pyproject set besides them."""
@@ -227,10 +241,10 @@ def parse_overrides(items: list[str], source: str = "--set") -> dict:
         except tomllib.TOMLDecodeError:
             out[key.strip()] = value.strip()
     try:
-        RunConfig.model_validate({"schema": "check.json", **out})
+        RunConfig.model_validate({"schema": "check.json", **out}, context={"max_epsilon": max_epsilon})
     except ValidationError as e:
         if any(err["loc"] for err in e.errors()):  # a value wrong whatever else is set: say which, and why
-            RunConfig.from_flower({"schema": "check.json", **out}, source=source)
+            RunConfig.from_flower({"schema": "check.json", **out}, source=source, max_epsilon=max_epsilon)
     return out
 
 

@@ -142,7 +142,8 @@ class ExperimentConfig(_Strict):
         for privacy in self.grid.privacy:  # as the cells will run it: dp and epsilon come from the grid
             cell = {"dp": False} if privacy == "off" else {"dp": True, "epsilon": float(privacy)}
             try:
-                RunConfig.from_flower({**self.run_config(), **cell}, source=f"{path} [run] with privacy = {privacy!r}")
+                RunConfig.from_flower({**self.run_config(), **cell}, source=f"{path} [run] with privacy = {privacy!r}",
+                                      max_epsilon=MAX_BUDGET)
             except ValueError as e:
                 raise ExperimentError(str(e)) from e
         reserved = {"data-root", "site-state-root", "output-dir", "num-rounds", "sites", "dp", "epsilon", "strategy",
@@ -389,7 +390,7 @@ def train_transformer(schema, train, cfg: ExperimentConfig, seed: int):
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
-    model = MultiModalTransformer(schema, RunConfig.from_flower(cfg.run_config()).model_config_())
+    model = MultiModalTransformer(schema, RunConfig.from_flower(cfg.run_config(), max_epsilon=MAX_BUDGET).model_config_())
     fit_early_stopped(model, *train.tensors(), seed)
     return model.eval()
 
