@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from shared_models.files import write_text_atomic
+
 FORMAT = "oncofed-calibration/1"
 ECE_BINS = 15
 
@@ -123,9 +125,7 @@ def calibrate(settings: dict, data_dir: Path, seed: int = 0) -> dict:
                           "log_loss_after": round(log_loss(logits[held], y[held], t), 4),
                           "accuracy": round(float((before.argmax(1) == y[held]).mean()), 4)}}
     path = state / "calibration.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(result, indent=1))
     result["path"] = str(path)
     return result
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared_models.files import sha256_file
+from shared_models.files import sha256_file, write_text_atomic
 from shared_models.model import ModelConfig, MultiModalTransformer
 from shared_models.schema import FeatureSchema
 from shared_models.weights import (ArrayCountError, arrays_sha256, load_arrays, load_weights, save_weights,
@@ -102,6 +102,4 @@ class ModelStore:
 
     def activate(self, version: str) -> None:
         self.verify(version)
-        tmp = self.root / "ACTIVE.tmp"
-        tmp.write_text(version + "\n")
-        os.replace(tmp, self.root / "ACTIVE")
+        write_text_atomic(self.root / "ACTIVE", version + "\n")

@@ -12,14 +12,14 @@ One file per (run, round) in the site's state directory, written atomically befo
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from shared_models.files import atomic_file
 
 
 @dataclass
@@ -43,14 +43,8 @@ class ReleaseStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"global_sha256": release.global_sha256, "num_examples": release.num_examples,
                 "metrics": release.metrics}
-        buf = io.BytesIO()
-        np.savez(buf, *release.delta, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(buf.getvalue())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        with atomic_file(path, "wb") as fh:
+            np.savez(fh, *release.delta, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
 
     def load(self, run_id: str, rnd: int) -> Release | None:
         path = self._path(run_id, rnd)

@@ -5,25 +5,50 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 
-def write_json_atomic(path: str | Path, payload, indent: int = 1) -> None:
-    """Replace `path` with `payload` as JSON so that a crash leaves either the old or the new file:
-    written to a sibling, fsynced, renamed over, and the rename made durable (directory fsync)."""
+@contextmanager
+def atomic_file(path: str | Path, mode: str = "w", *, newline: str | None = None,
+                owner_only: bool = False) -> Iterator[IO]:
+    """A file opened for writing whose content replaces `path` when the block ends, so that a crash leaves
+    either the old or the new file: written to a sibling, fsynced, renamed over, and the rename made durable
+    (directory fsync). An error in the block leaves `path` as it was. `owner_only`: mode 0600 whatever the
+    umask. One file only: a directory of files is written to a sibling directory and renamed over."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=indent)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode, newline=newline) as fh:
+            if owner_only:
+                os.fchmod(fh.fileno(), 0o600)
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_json_atomic(path: str | Path, payload, indent: int = 1) -> None:
+    """Replace `path` with `payload` as JSON (and a final newline), atomically (`atomic_file`)."""
+    with atomic_file(path) as fh:
+        json.dump(payload, fh, indent=indent)
+        fh.write("\n")
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace `path` with `text`, atomically (`atomic_file`)."""
+    with atomic_file(path) as fh:
+        fh.write(text)
 
 
 def sha256_file(path: str | Path) -> str:

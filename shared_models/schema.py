@@ -21,6 +21,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from shared_models.files import write_text_atomic
+
 SCHEMA_FORMAT = "oncofed-schema/1"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
@@ -182,9 +184,7 @@ class FeatureSchema(BaseModel):
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.model_dump(mode="json"), indent=1) + "\n")
-        tmp.replace(path)
+        write_text_atomic(path, json.dumps(self.model_dump(mode="json"), indent=1) + "\n")
         return path
 
     @classmethod

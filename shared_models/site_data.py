@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from shared_models.files import write_text_atomic
 from shared_models.schema import ColumnType, FeatureSchema, Modality, Transform
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".csv.gz", ".tsv.gz", ".txt.gz", ".parquet.gz")
@@ -257,9 +258,7 @@ class Normalizer:
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"format": self.FORMAT, "schema_hash": self.schema.content_hash(),
                    "mean": self.mean.tolist(), "scale": self.scale.tolist()}
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(payload))
-        tmp.replace(path)
+        write_text_atomic(path, json.dumps(payload))
         return path
 
     @classmethod

@@ -6,12 +6,11 @@ under a different schema is refused: the input layout or classes would silently 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from shared_models.files import atomic_file
 from shared_models.model import ModelConfig, MultiModalTransformer
 from shared_models.schema import FeatureSchema
 
@@ -69,7 +68,7 @@ def check_schema_hash(expected: str, found: str, source: str) -> None:
 
 
 def save_weights(model: MultiModalTransformer, path: str | Path, extra: dict | None = None) -> Path:
-    """Write weights atomically (temp file + rename): a crash never leaves a half-written file."""
+    """Write weights atomically (`atomic_file`; owner-only, 0600): a crash never leaves a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -80,14 +79,8 @@ def save_weights(model: MultiModalTransformer, path: str | Path, extra: dict | N
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": extra or {},
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path, "wb", owner_only=True) as fh:
+        torch.save(payload, fh)
     return path
 
 

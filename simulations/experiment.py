@@ -32,7 +32,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from privacy import MAX_BUDGET
-from shared_models.files import write_json_atomic
+from shared_models.files import atomic_file, write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("pooled", "pooled-cv", "local", "logistic", "local-logistic")
@@ -594,12 +594,10 @@ def write_results(root: Path, cfg: ExperimentConfig) -> None:
         if f.exists():
             rows.extend(json.loads(f.read_text())["rows"])
     write_json_atomic(root / "results.json", {"experiment": cfg.model_dump(by_alias=True), "rows": rows})
-    tmp = root / "results.csv.tmp"
-    with open(tmp, "w", newline="") as fh:
+    with atomic_file(root / "results.csv", newline="") as fh:
         w = csv.DictWriter(fh, COLUMNS)
         w.writeheader()
         w.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
-    tmp.replace(root / "results.csv")
 
 
 __all__ = ["ExperimentConfig", "ExperimentError", "run_experiment", "cells", "write_results"]

@@ -33,6 +33,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
+from shared_models.files import write_text_atomic
 from shared_models.schema import FeatureSchema
 from shared_models.site_data import LABELS_STEM, TableError, find_table, table_format
 
@@ -91,9 +92,7 @@ class FederationManifest(BaseModel):
         return float(np.mean([s.label_skew(ref) for s in self.sites]))
 
     def save(self, path: Path) -> Path:
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(self.model_dump_json(indent=1) + "\n")
-        tmp.replace(path)
+        write_text_atomic(path, self.model_dump_json(indent=1) + "\n")
         return path
 
     @classmethod
