@@ -1,4 +1,5 @@
-"""The top-level folders are layers, and imports only point down (docs: the folder says who runs a file).
+"""The top-level folders are layers and imports only point down: a file's folder says who runs it and what
+it may touch.
 
 `shared_models` is the contract both sides share; `privacy` builds on it; the site (`client`) and the
 consortium (`server`) build on both and never on each other; `simulations` and `benchmarks` drive them;
