@@ -741,7 +741,7 @@ class _SiteCheck:
             text = series.astype("string").str.strip()
             codes, levels_of[j] = pd.factorize(text.where(~(text.isna() | text.isin(MISSING_TOKENS))))
             x[:, j] = np.where(codes[pos[have]] < 0, np.nan, codes[pos[have]])
-        leak, one_to_one, per_class, classes = _label_determined(x, self.labels.codes[have])
+        leak, one_to_one, per_class, classes = _label_determined(x, self.labels.codes[have], self.min_count)
         found = []
         for j in np.flatnonzero(leak):
             col = present[j]
@@ -804,11 +804,14 @@ class _SiteCheck:
 # --- helpers -----------------------------------------------------------------------------------------------
 
 
-def _label_determined(x: np.ndarray, y: np.ndarray):
+def _label_determined(x: np.ndarray, y: np.ndarray, min_support: int = 5):
     """Columns of x whose value is constant within every class and differs between classes.
 
     Returns (leak, one_to_one, per-class value (k, p), class codes present). Needs two classes with at least
-    two observed patients each, so a class of one patient cannot make every feature look derived.
+    two observed patients each, so a class of one patient cannot make every feature look derived; and,
+    unless the column recodes three or more such classes one to one, two of its values each held by at
+    least `min_support` patients: a rare binary feature present in all 3 patients of a small class and
+    absent elsewhere (a CDH1 mutation in a site's few breast cancers) is chance or biology, not a recoding.
     """
     order = np.argsort(y, kind="stable")
     ys, xs = y[order], x[order]
@@ -818,15 +821,21 @@ def _label_determined(x: np.ndarray, y: np.ndarray):
     count = np.add.reduceat(observed, starts, axis=0)  # (k, p)
     lo, hi = np.fmin.reduceat(xs, starts, axis=0), np.fmax.reduceat(xs, starts, axis=0)
     within = np.all((count == 0) | (lo == hi), axis=0)
-    support = (count >= 2).sum(axis=0) >= 2
+    supported_classes = (count >= 2).sum(axis=0)
     per_class = np.where(count > 0, lo, np.nan)
     srt = np.sort(per_class, axis=0)  # NaN last
     n_obs = (count > 0).sum(axis=0)
     with np.errstate(invalid="ignore"):
         steps = (np.diff(srt, axis=0) != 0) & ~np.isnan(srt[1:]) & ~np.isnan(srt[:-1])
     distinct = (n_obs > 0).astype(int) + steps.sum(axis=0)
-    leak = within & support & (distinct >= 2)
-    return leak, leak & (distinct == n_obs), per_class, classes
+    leak = within & (supported_classes >= 2) & (distinct >= 2)
+    one_to_one = leak & (distinct == n_obs)
+    for j in np.flatnonzero(leak & ~(one_to_one & (supported_classes >= 3))):
+        held = {}  # value -> patients with it
+        for c in np.flatnonzero(count[:, j] > 0):
+            held[per_class[c, j]] = held.get(per_class[c, j], 0) + int(count[c, j])
+        leak[j] = sum(n >= min_support for n in held.values()) >= 2
+    return leak, leak & one_to_one, per_class, classes
 
 
 def _decode_bytes(block: np.ndarray) -> tuple[np.ndarray, list[int]]:
