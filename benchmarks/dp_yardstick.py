@@ -55,6 +55,7 @@ from torch import nn  # noqa: E402
 from client.local_round import train_config  # noqa: E402
 from client.site import SitePaths, prepare_site  # noqa: E402
 from privacy.accounting import MAX_BUDGET, noise_multiplier_for, planned_steps  # noqa: E402
+from privacy.run_config import load_run_config, parse_run_overrides  # noqa: E402
 from shared_models.evaluation import evaluate  # noqa: E402
 from shared_models.model import MultiModalTransformer  # noqa: E402
 from shared_models.run_config import RunConfig  # noqa: E402
@@ -75,7 +76,7 @@ def grid_overrides(items: list[str]) -> list[dict]:
     """Every combination of `--grid KEY=V1,V2,...` values, each combination one dict of run-config overrides."""
     import itertools
 
-    from shared_models.run_config import RunConfigError, parse_overrides
+    from shared_models.run_config import RunConfigError
 
     if not items:
         return []
@@ -90,7 +91,7 @@ def grid_overrides(items: list[str]) -> list[dict]:
                              "(seeds: --seeds; the data split stays the main job's)")
         if key in (k for k, _ in axes):
             raise RunConfigError(f"--grid {key}: given twice; list all its values in one --grid {key}=V1,V2,...")
-        axes.append((key, [parse_overrides([f"{key}={v}"], source="--grid", max_epsilon=MAX_BUDGET)[key]
+        axes.append((key, [parse_run_overrides([f"{key}={v}"], source="--grid")[key]
                            for v in values.split(",")]))
     return [dict(zip([k for k, _ in axes], combo)) for combo in itertools.product(*(v for _, v in axes))]
 
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         ap.error(f"--epsilons/--seeds: {e}; give comma-separated numbers, e.g. --epsilons 1,3,8 --seeds 0,1,2")
     torch.set_num_threads(1)
-    from shared_models.run_config import RunConfigError, parse_overrides
+    from shared_models.run_config import RunConfigError
 
     try:  # a bad --grid stops here, before the partition is cut
         grids = grid_overrides(args.grid)
@@ -179,10 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         sites_root = ensure_partition(tmp / "sites")
         schema = FeatureSchema.load(sites_root / "schema.json")
-        base = {"schema": str(sites_root / "schema.json"), **parse_overrides(args.set, max_epsilon=MAX_BUDGET)}
-        cfg = RunConfig.from_flower(base, max_epsilon=MAX_BUDGET)
+        base = {"schema": str(sites_root / "schema.json"), **parse_run_overrides(args.set)}
+        cfg = load_run_config(base)
         try:  # every grid point is a whole run config, checked before anything trains
-            recipes = [(g, RunConfig.from_flower({**base, **g}, source=f"--grid {g}", max_epsilon=MAX_BUDGET))
+            recipes = [(g, load_run_config({**base, **g}, source=f"--grid {g}"))
                        for g in grids]
         except RunConfigError as e:
             print(e, file=sys.stderr)

@@ -43,8 +43,8 @@ from flwr.compat.common.recorddict_compat import (
 )
 
 from client.releases import Release, ReleaseStore
-from privacy import MAX_BUDGET
 from privacy.audit import ANCHORS_FILE, AnchorStore, AuditError, AuditLog
+from privacy.run_config import load_run_config
 from shared_models.protocol import AUDIT_ANCHOR, AUDIT_HEAD, PREVIOUS_ROUND
 from shared_models.run_config import RunConfig
 from shared_models.wire import is_packed, pack, unpack
@@ -132,7 +132,7 @@ def site_policy_mod(msg: Message, context: Context, call_next):
       min-aggregate-sites) sites sent masked vectors: it never helps unmask a sum of fewer sites."""
     if msg.metadata.message_type != MessageType.TRAIN:
         return secaggplus_mod(msg, context, call_next)
-    cfg = RunConfig.from_flower(context.run_config, max_epsilon=MAX_BUDGET)
+    cfg = load_run_config(context.run_config)
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
         if site_settings(context, cfg).require_secagg:
             raise PermissionError("site policy: training requests must use secure aggregation (SecAgg+); "
@@ -234,7 +234,7 @@ def train(msg: Message, context: Context) -> Message:
 
     torch.set_num_threads(1)
     fitins = recorddict_to_fitins(msg.content, keep_input=True)
-    cfg = RunConfig.from_flower(context.run_config, source="run config (site)", max_epsilon=MAX_BUDGET)
+    cfg = load_run_config(context.run_config, source="run config (site)")
     settings = site_settings(context, cfg)
     rnd = int(fitins.config["server-round"])
     run_key = str(fitins.config["run-key"])
@@ -403,7 +403,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     torch.set_num_threads(1)
     ins = recorddict_to_evaluateins(msg.content, keep_input=True)
-    cfg = RunConfig.from_flower(context.run_config, source="run config (site)", max_epsilon=MAX_BUDGET)
+    cfg = load_run_config(context.run_config, source="run config (site)")
     settings = site_settings(context, cfg)
     try:
         site = prepared(settings, cfg)
@@ -424,7 +424,7 @@ def save_model(msg: Message, context: Context) -> Message:
     from privacy.signing import verify as verify_signature
     from shared_models.schema import FeatureSchema
 
-    cfg = RunConfig.from_flower(context.run_config, source="run config (site)", max_epsilon=MAX_BUDGET)
+    cfg = load_run_config(context.run_config, source="run config (site)")
     settings = site_settings(context, cfg)
     schema = FeatureSchema.load(cfg.path(cfg.schema_path))
     arrays = msg.content["arrays"].to_numpy_ndarrays()

@@ -26,8 +26,8 @@ from flwr.server.compat import LegacyContext
 from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.serverapp import Grid, ServerApp
 
-from privacy import MAX_BUDGET
 from privacy.audit import AuditLog, signed_anchor
+from privacy.run_config import load_run_config
 from privacy.signing import canonical, load_private, sign
 from server.checkpoint import freeze_run, frozen_run, load_latest, run_config_changes, save_checkpoint, write_json_atomic
 from server.delivery import deliver, delivery_status, redeliver, save_package
@@ -127,7 +127,7 @@ def server_evaluation(cfg: RunConfig, schema: FeatureSchema):
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = RunConfig.from_flower(context.run_config, source="run config (server)", max_epsilon=MAX_BUDGET)
+    cfg = load_run_config(context.run_config, source="run config (server)")
     t0 = time.time()
     out = cfg.path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

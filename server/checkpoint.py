@@ -99,12 +99,11 @@ def frozen_run(out: Path) -> dict | None:
 
 def run_config_changes(frozen: dict, requested: dict) -> list[str]:
     """The keys a resume request changes, as 'key: frozen -> requested' (values compared as parsed)."""
-    from privacy import MAX_BUDGET
+    from privacy.run_config import load_run_config
     from shared_models.run_config import RunConfig
 
-    a = RunConfig.from_flower(frozen, source="frozen run config", max_epsilon=MAX_BUDGET).model_dump()
-    b = RunConfig.from_flower({k: v for k, v in requested.items() if k not in UNFROZEN},
-                              source="run config", max_epsilon=MAX_BUDGET).model_dump()
+    a = load_run_config(frozen, source="frozen run config").model_dump()
+    b = load_run_config({k: v for k, v in requested.items() if k not in UNFROZEN}, source="run config").model_dump()
     fields = RunConfig.model_fields
     return [f"{(fields[k].alias or k)}: {a[k]!r} -> {b[k]!r}" for k in sorted(a)
             if k not in ("resume",) and a[k] != b[k]]

@@ -149,14 +149,14 @@ def run(
     """
     import sys
 
-    from privacy import MAX_BUDGET
     from privacy.preflight import PreflightError
+    from privacy.run_config import parse_run_overrides
     from server.deploy import DeployError
     from server.submit import submit_run
-    from shared_models.run_config import RunConfigError, parse_overrides
+    from shared_models.run_config import RunConfigError
 
     try:
-        code = submit_run(directory, name, parse_overrides(overrides, source="--set", max_epsilon=MAX_BUDGET),
+        code = submit_run(directory, name, parse_run_overrides(overrides, source="--set"),
                           resume=resume,
                           timeout=timeout, out=sys.stdout)
     except (DeployError, PreflightError, RunConfigError) as e:

@@ -206,12 +206,12 @@ def delivery_checks(c, run_dir: Path, cfg) -> list:
 
 def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
     """`oncofed deliver`: preflight, then the Flower app with deliver-only = true and the run's own config."""
-    from privacy import MAX_BUDGET
     from privacy.preflight import report
+    from privacy.run_config import load_run_config
     from server.checkpoint import CheckpointError, load_latest
     from server.deploy import Consortium, DeployError
     from server.submit import PROJECT, env_for, is_duplicate_log_line
-    from shared_models.run_config import RunConfig, flwr_overrides
+    from shared_models.run_config import flwr_overrides
 
     c = Consortium.load(root)
     run_dir = c.path("runs", name)
@@ -224,7 +224,7 @@ def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
                           "final model of a run that finished training")
     values = {**checkpoint.meta["run_config"], "signing-key": str(c.path("signing", "signing.key")),
               "resume": False, "deliver-only": True}
-    cfg = RunConfig.from_flower(values, source=f"run {name!r}'s run config", max_epsilon=MAX_BUDGET)
+    cfg = load_run_config(values, source=f"run {name!r}'s run config")
     out.write(report(f"deliver {name!r}", delivery_checks(c, run_dir, cfg)) + "\n")
     log_path = run_dir / "flwr-run.log"
     cmd = ["flwr", "run", str(PROJECT), "consortium", "--stream", "--run-config", flwr_overrides(values)]

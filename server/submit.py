@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from privacy import MAX_BUDGET
 from privacy.preflight import Check, check_reachable, check_signing_key, report
+from privacy.run_config import load_run_config
 from server.checkpoint import RUN_FILE, CheckpointError, frozen_run, has_checkpoint, run_config_changes
 from server.deploy import FLOWER_ENV, Consortium, DeployError, check_server_health, server_health
 from shared_models.files import write_json_atomic
@@ -146,7 +146,7 @@ def submit_run(root: str | Path, name: str, overrides: dict, *, resume: bool = F
         values = resume_values(run_dir, overrides)
     else:
         values = run_values(c, run_dir, overrides, resume, len(sites or []) if "sites" not in overrides else 0)
-    cfg = RunConfig.from_flower(values, source="run config", max_epsilon=MAX_BUDGET)
+    cfg = load_run_config(values, source="run config")
     out.write(report(f"run {name!r}", run_checks(c, cfg, run_dir, resume, sites, sites_error)) + "\n")
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume:

@@ -4,8 +4,11 @@ Flower hands both sides `context.run_config`, a flat dict with the kebab-case ke
 `[tool.flwr.app.config]` in pyproject.toml (overridable with `flwr run . --run-config 'k=v'`).
 `RunConfig.from_flower` validates it once at start: a bad value stops the run immediately with a
 message naming the key and the fix. The largest epsilon a site's accounting verifies is the privacy
-layer's fact (privacy.MAX_BUDGET), which this contract layer does not import: the server, the sites and
-the command lines pass it as `max_epsilon`.
+layer's fact (privacy.MAX_BUDGET), which this contract layer does not import, so `RunConfig.from_flower`
+and `parse_overrides` require it as `max_epsilon`. Product code (server, sites, command lines,
+simulations, benchmarks) calls neither directly: it reads run configs through
+`privacy.run_config.load_run_config` and `parse_run_overrides`, which pass the bound. `max_epsilon=None`
+(no upper bound) is for tests of this contract alone.
 
 Paths are absolute or relative to the directory the run was started from (`base-dir`), because
 the ServerApp and the ClientApps do not run in the project directory.
@@ -207,9 +210,12 @@ class RunConfig(BaseModel):
         return p if p.is_absolute() or not self.base_dir else Path(self.base_dir) / p
 
     @classmethod
-    def from_flower(cls, run_config: dict, source: str = "run config", *,
-                    max_epsilon: float | None = None) -> "RunConfig":
-        """`max_epsilon`: refuse an epsilon above it (pass privacy.MAX_BUDGET; None: no upper bound)."""
+    def from_flower(cls, run_config: dict, source: str = "run config", *, max_epsilon: float | None) -> "RunConfig":
+        """The run config, or RunConfigError listing every bad key and its fix.
+
+        `max_epsilon` (required): refuse an epsilon above it. Product code does not call this: it calls
+        `privacy.run_config.load_run_config`, which passes privacy.MAX_BUDGET. `max_epsilon=None` says
+        explicitly that there is no upper bound (tests of this contract alone)."""
         try:
             return cls.model_validate(dict(run_config), context={"max_epsilon": max_epsilon})
         except ValidationError as e:
@@ -242,9 +248,10 @@ def app_defaults(project: Path) -> dict:
                              "(a checkout installed with pip install -e .)") from None
 
 
-def parse_overrides(items: list[str], source: str = "--set", *, max_epsilon: float | None = None) -> dict:
+def parse_overrides(items: list[str], source: str = "--set", *, max_epsilon: float | None) -> dict:
     """KEY=VALUE pairs typed as TOML would type them (a bare word is a string), each checked against RunConfig
-    (`max_epsilon` as in RunConfig.from_flower).
+    (`max_epsilon` required, as in RunConfig.from_flower: product code calls
+    `privacy.run_config.parse_run_overrides`, which passes privacy.MAX_BUDGET; None: no upper bound).
 
     Checks across keys (e.g. dp with local-softmax) wait for the whole run config: the overrides alone
     do not know what the command line or pyproject set besides them."""

@@ -53,11 +53,11 @@ def simulate(
     cfg = federation_config(out, sites, n_sites, rounds=rounds, dp=dp, epsilon=epsilon, secagg=secagg,
                             strategy=strategy, seed=seed, local_epochs=local_epochs, lr=lr, batch_size=batch_size,
                             eval_data=sites / manifest["holdout"]["dir"] if eval_data else None, extra=extra)
-    from privacy import MAX_BUDGET
-    from shared_models.run_config import RunConfig, RunConfigError, app_defaults
+    from privacy.run_config import load_run_config
+    from shared_models.run_config import RunConfigError, app_defaults
 
     try:  # the whole run config (as `flwr run` will merge it), before a SuperLink starts: a bad value stops here
-        RunConfig.from_flower({**app_defaults(ROOT), **cfg}, source="oncofed simulate", max_epsilon=MAX_BUDGET)
+        load_run_config({**app_defaults(ROOT), **cfg}, source="oncofed simulate")
     except RunConfigError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(code=2)
@@ -123,11 +123,11 @@ def simulate(
 
 def _parse_overrides(items: list[str]) -> dict:
     """--set KEY=VALUE pairs, typed as TOML would type them and checked against the run config at once."""
-    from privacy import MAX_BUDGET
-    from shared_models.run_config import RunConfigError, parse_overrides
+    from privacy.run_config import parse_run_overrides
+    from shared_models.run_config import RunConfigError
 
     try:
-        return parse_overrides(items, source="--set", max_epsilon=MAX_BUDGET)
+        return parse_run_overrides(items, source="--set")
     except RunConfigError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(code=2)

@@ -133,7 +133,7 @@ class ExperimentConfig(_Strict):
         return {**app_defaults(ROOT), **self.run}
 
     def check(self, path: Path) -> None:
-        from shared_models.run_config import RunConfig
+        from privacy.run_config import load_run_config
         from simulations.synthetic import SyntheticConfig
 
         for name in self.grid.data:
@@ -142,8 +142,7 @@ class ExperimentConfig(_Strict):
         for privacy in self.grid.privacy:  # as the cells will run it: dp and epsilon come from the grid
             cell = {"dp": False} if privacy == "off" else {"dp": True, "epsilon": float(privacy)}
             try:
-                RunConfig.from_flower({**self.run_config(), **cell}, source=f"{path} [run] with privacy = {privacy!r}",
-                                      max_epsilon=MAX_BUDGET)
+                load_run_config({**self.run_config(), **cell}, source=f"{path} [run] with privacy = {privacy!r}")
             except ValueError as e:
                 raise ExperimentError(str(e)) from e
         reserved = {"data-root", "site-state-root", "output-dir", "num-rounds", "sites", "dp", "epsilon", "strategy",
@@ -385,12 +384,12 @@ def train_transformer(schema, train, cfg: ExperimentConfig, seed: int):
     on a stratified 15% of its training patients."""
     import torch
 
+    from privacy.run_config import load_run_config
     from shared_models.model import MultiModalTransformer
-    from shared_models.run_config import RunConfig
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
-    model = MultiModalTransformer(schema, RunConfig.from_flower(cfg.run_config(), max_epsilon=MAX_BUDGET).model_config_())
+    model = MultiModalTransformer(schema, load_run_config(cfg.run_config()).model_config_())
     fit_early_stopped(model, *train.tensors(), seed)
     return model.eval()
 

@@ -25,11 +25,11 @@ def audit_cell(work: Path, fed: Path, manifest: dict, run_config: dict) -> Path:
     overrides of the project's run config). A site whose audit cannot run (it trained in no round, too few
     patients) is recorded with the reason; the cell, whose training is done by now, never fails on it."""
     from client.privacy_audit import PrivacyAuditError, audit
-    from privacy import MAX_BUDGET
+    from privacy.run_config import load_run_config
     from shared_models.files import write_json_atomic
-    from shared_models.run_config import RunConfig, app_defaults
+    from shared_models.run_config import app_defaults
 
-    cfg = RunConfig.from_flower({**app_defaults(ROOT), **run_config}, max_epsilon=MAX_BUDGET)  # as the sites got it
+    cfg = load_run_config({**app_defaults(ROOT), **run_config})  # as the sites got it
     state_root = cfg.path(cfg.site_state_root) if cfg.site_state_root else fed / "state"
     sites = []
     for s in manifest["sites"]:

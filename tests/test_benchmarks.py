@@ -83,13 +83,13 @@ def test_dp_yardstick_names_a_bad_model_epsilon_or_grid_before_any_work(capsys):
 def test_dp_yardstick_rows_train_with_the_recipe_the_grid_names():
     """Every recipe key --grid accepts reaches the DP rows' training (a site's train_config); the no-DP row
     keeps the federation's fixed non-private settings whatever the recipe."""
-    from shared_models.run_config import RunConfig
+    from privacy.run_config import load_run_config
 
     yardstick = _yardstick()
     grid = {"batch-size": 1024, "lr": 0.01, "local-epochs": 5, "num-rounds": 3, "max-grad-norm": 0.5,
             "weight-decay": 0.001, "warmup-fraction": 0.2, "local-optimizer": "sgd", "momentum": 0.5}
     assert set(grid) == set(yardstick.GRID_KEYS)
-    cfg = RunConfig.from_flower({"schema": "s.json", **grid})
+    cfg = load_run_config({"schema": "s.json", **grid})
     dp = yardstick.recipe(cfg, dp=True, epochs=15)
     assert (dp.batch_size, dp.lr, dp.epochs, dp.max_grad_norm, dp.weight_decay, dp.warmup_fraction, dp.optimizer,
             dp.momentum, dp.class_weighting) == (1024, 0.01, 15, 0.5, 0.001, 0.2, "sgd", 0.5, False)

@@ -38,14 +38,14 @@ def test_a_signing_key_the_sites_do_not_trust_fails_preflight(consortium, tmp_pa
 def test_oncofed_run_preflight_refuses_a_wrong_signing_key_before_submitting(consortium, tmp_path):
     """The same checks `oncofed run` prints and stops on (exit 2) before anything reaches a site."""
     from privacy.preflight import PreflightError, report
+    from privacy.run_config import load_run_config
     from server.deploy import Consortium
     from server.submit import run_checks, run_values
-    from shared_models.run_config import RunConfig
 
     generate_signing_key(tmp_path / "other.key", tmp_path / "other.pub")
     c = Consortium.load(consortium)
     values = run_values(c, c.path("runs", "r"), {"signing-key": str(tmp_path / "other.key")}, False, 3)
-    checks = run_checks(c, RunConfig.from_flower(values), c.path("runs", "r"), False, [{"status": "online"}] * 3, "")
+    checks = run_checks(c, load_run_config(values), c.path("runs", "r"), False, [{"status": "online"}] * 3, "")
     failed = [ch for ch in checks if not ch.ok and "model-signing key" in ch.name]
     assert failed and "not the key the sites trust" in failed[0].detail
     with pytest.raises(PreflightError, match="is not the key the sites trust"):

@@ -204,6 +204,7 @@ import torch  # noqa: E402
 from tests.factories import in_stage, kill_local_superlink_when  # noqa: E402
 
 from privacy.ledger import PrivacyLedger  # noqa: E402
+from privacy.run_config import load_run_config  # noqa: E402
 from shared_models.run_config import RunConfig, RunConfigError  # noqa: E402
 
 
@@ -227,23 +228,22 @@ def test_the_ledger_records_the_mechanism_relied_on_and_reports_two_epsilons(tmp
 
 def test_the_run_config_refuses_distributed_dp_without_secagg_or_a_server_optimizer():
     base = {"schema": "s.json", "dp-mode": "distributed", "strategy": "fedavgm"}
-    assert RunConfig.from_flower(base).trusted_sites == 2
+    assert RunConfig.from_flower(base, max_epsilon=None).trusted_sites == 2
     with pytest.raises(RunConfigError, match="needs secagg = true"):
-        RunConfig.from_flower({**base, "secagg": False})
+        RunConfig.from_flower({**base, "secagg": False}, max_epsilon=None)
     with pytest.raises(RunConfigError, match="server optimizer"):
-        RunConfig.from_flower({**base, "strategy": "fedavg"})
+        RunConfig.from_flower({**base, "strategy": "fedavg"}, max_epsilon=None)
     with pytest.raises(RunConfigError, match="power of two"):
-        RunConfig.from_flower({**base, "secagg-clipping-range": 3.0})
+        RunConfig.from_flower({**base, "secagg-clipping-range": 3.0}, max_epsilon=None)
     with pytest.raises(RunConfigError, match="exceeds the run's 3 sites"):
-        RunConfig.from_flower({**base, "sites": 3, "trusted-sites": 4})
+        RunConfig.from_flower({**base, "sites": 3, "trusted-sites": 4}, max_epsilon=None)
 
 
 def test_a_site_refuses_a_run_that_assumes_more_honest_sites_than_it_relies_on(tmp_path):
     from client.app import SiteSettings, site_settings, trust_refusal
     from flwr.app import Context, RecordDict
 
-    cfg = RunConfig.from_flower({"schema": "s.json", "dp-mode": "distributed", "strategy": "fedavgm",
-                                 "trusted-sites": 4})
+    cfg = load_run_config({"schema": "s.json", "dp-mode": "distributed", "strategy": "fedavgm", "trusted-sites": 4})
 
     def settings(node: dict) -> SiteSettings:
         ctx = Context(run_id=1, node_id=1, node_config={"data-path": str(tmp_path / "site"), **node},
@@ -263,8 +263,8 @@ def _site(tmp_path: Path, **cfg):
     schema = site_schema()
     schema_path = schema.save(tmp_path / "schema.json")
     write_site(tmp_path / "site", site_tables(n_per_class=20))
-    run = RunConfig.from_flower({"schema": str(schema_path), "num-rounds": 3, "d-model": 32, "dp-mode": "distributed",
-                                 "strategy": "fedavgm", "trusted-sites": 2, "sample-rate": 0.5, **cfg})
+    run = load_run_config({"schema": str(schema_path), "num-rounds": 3, "d-model": 32, "dp-mode": "distributed",
+                           "strategy": "fedavgm", "trusted-sites": 2, "sample-rate": 0.5, **cfg})
     site = prepare_site(schema, SitePaths(tmp_path / "site", tmp_path / "state", tmp_path / "models"),
                         budget_epsilon=8.0, delta=DELTA, val_fraction=0.2, min_count=5, seed=0)
     return schema, run, site
@@ -316,8 +316,8 @@ def test_the_server_steps_its_optimizer_on_the_decoded_sum_divided_by_the_expect
 
     from server.strategy import build_strategy
 
-    cfg = RunConfig.from_flower({"schema": "s.json", "dp-mode": "distributed", "strategy": "fedavgm",
-                                 "server-lr": 0.5, "momentum": 0.9, "sample-rate": 0.25})
+    cfg = load_run_config({"schema": "s.json", "dp-mode": "distributed", "strategy": "fedavgm",
+                           "server-lr": 0.5, "momentum": 0.9, "sample-rate": 0.25})
     rng = np.random.default_rng(0)
     weights = [rng.normal(size=s).astype(np.float32) for s in SHAPES]
     grid = _grid(3)
@@ -406,7 +406,7 @@ def test_a_round_with_fewer_contributors_than_trusted_sites_is_abandoned_and_eac
 
     torch.manual_seed(7)
     initial = state_arrays(MultiModalTransformer(FeatureSchema.load(sites / "schema.json"),
-                                                 RunConfig.from_flower(cfg).model_config_()))
+                                                 load_run_config(cfg).model_config_()))
     assert all(np.array_equal(a, b) for a, b in zip(final, initial))  # the global model never moved
     for name in ("site_00", "site_01"):  # each round spent once (the masked update left), round 1 says why
         ledger = json.loads((tmp_path / "state" / name / "state" / "privacy-ledger.json").read_text())

@@ -138,10 +138,10 @@ def test_secagg_aggregate_equals_fedavg_of_what_the_sites_released_and_every_sit
 @pytest.mark.parametrize("n_sites, shares", [(3, 3), (8, 8), (21, 21), (30, 21), (100, 21)])
 def test_secagg_parameters_follow_the_number_of_sites(n_sites, shares):
     """All-to-all key sharing up to 21 sites, 21 neighbours beyond; the quantised sum never wraps."""
+    from privacy.run_config import load_run_config
     from server.app import secagg_workflow
-    from shared_models.run_config import RunConfig
 
-    cfg = RunConfig.from_flower({"schema": "x.json"})
+    cfg = load_run_config({"schema": "x.json"})
     wf = secagg_workflow(cfg, n_sites)
     derived = round(wf.num_shares * n_sites)  # Flower's rule for a float num_shares (SecAggPlusWorkflow)
     if derived < n_sites and derived % 2 == 0:
@@ -152,12 +152,12 @@ def test_secagg_parameters_follow_the_number_of_sites(n_sites, shares):
 
 
 def test_an_unusable_eval_data_directory_stops_the_server_naming_the_setting(tmp_path):
+    from privacy.run_config import load_run_config
     from server.app import server_evaluation
-    from shared_models.run_config import RunConfig
     from shared_models.schema import FeatureSchema
 
     schema = FeatureSchema.load(ROOT / "simulations" / "schemas" / "tcga_pancan33.json")
-    cfg = RunConfig.from_flower({"schema": "x.json", "eval-data": str(tmp_path / "nowhere")})
+    cfg = load_run_config({"schema": "x.json", "eval-data": str(tmp_path / "nowhere")})
     with pytest.raises(ValueError, match="eval-data"):
         server_evaluation(cfg, schema)
 
@@ -260,12 +260,12 @@ def test_a_round_most_sites_refuse_is_never_unmasked(federation):
         after = [z[f"arr_{i}"] for i in range(len(z.files))]
     import torch
 
+    from privacy.run_config import load_run_config
     from shared_models.model import MultiModalTransformer
-    from shared_models.run_config import RunConfig
     from shared_models.schema import FeatureSchema
     from shared_models.weights import state_arrays
 
-    cfg = RunConfig.from_flower({"schema": str(broken / "schema.json"), "d-model": 64, "seed": 7})
+    cfg = load_run_config({"schema": str(broken / "schema.json"), "d-model": 64, "seed": 7})
     torch.manual_seed(7)
     initial = state_arrays(MultiModalTransformer(FeatureSchema.load(broken / "schema.json"), cfg.model_config_()))
     assert all(np.array_equal(a, b) for a, b in zip(after, initial)), "nothing was aggregated"

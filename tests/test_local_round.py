@@ -13,8 +13,9 @@ from client.local_round import state_arrays, train_round
 from client.site import evaluate_global
 from client.site import SiteDataError, SitePaths, prepare_site
 from privacy.accounting import BudgetError
+from privacy.run_config import load_run_config
 from shared_models.model import MultiModalTransformer
-from shared_models.run_config import RunConfig, RunConfigError
+from shared_models.run_config import RunConfigError
 from tests.sitefixtures import site_schema, site_tables, write_site
 
 
@@ -22,8 +23,8 @@ def _setup(tmp_path, budget=8.0, rounds=3, **cfg):
     schema = site_schema()
     schema_path = schema.save(tmp_path / "schema.json")
     write_site(tmp_path / "site", site_tables(n_per_class=20))
-    run = RunConfig.from_flower({"schema": str(schema_path), "num-rounds": rounds, "batch-size": 16,
-                                 "epsilon": budget, "d-model": 64, **cfg})
+    run = load_run_config({"schema": str(schema_path), "num-rounds": rounds, "batch-size": 16,
+                           "epsilon": budget, "d-model": 64, **cfg})
     site = prepare_site(schema, SitePaths(tmp_path / "site", tmp_path / "state", tmp_path / "models"),
                         budget_epsilon=budget, delta=1e-5, val_fraction=0.2, min_count=5, seed=0)
     torch.manual_seed(0)
@@ -65,7 +66,7 @@ def test_a_run_resumed_with_another_plan_is_refused_by_the_site(tmp_path):
     epsilon 8), would have kept the saved noise and spent beyond 2. The site refuses the changed run."""
     schema, run, site, w = _setup(tmp_path, budget=8.0, rounds=2, epsilon=2.0)
     first = train_round(site, w, run, "run-A", 1).metrics["epsilon"]
-    changed = RunConfig.from_flower({**run.model_dump(by_alias=True), "num-rounds": 10, "epsilon": 8.0})
+    changed = load_run_config({**run.model_dump(by_alias=True), "num-rounds": 10, "epsilon": 8.0})
     ledger_before = (tmp_path / "state" / "privacy-ledger.json").read_text()
     with pytest.raises(BudgetError, match=r"changes epsilon: 2.0 -> 8.0; num-rounds: 2 -> 10.*nothing was trained"):
         train_round(site, w, changed, "run-A", 2)
@@ -129,15 +130,14 @@ def test_a_site_with_invalid_data_refuses_with_every_problem(tmp_path):
 def test_under_dp_the_loss_does_not_depend_on_the_sites_label_counts():
     # class weights from the site's counts would tie every sample's gradient to other patients' labels
     from client.local_round import train_config
-    from shared_models.run_config import RunConfig
 
-    assert train_config(RunConfig.from_flower({"schema": "s.json", "dp": True})).class_weighting is False
-    assert train_config(RunConfig.from_flower({"schema": "s.json", "dp": False})).class_weighting is True
+    assert train_config(load_run_config({"schema": "s.json", "dp": True})).class_weighting is False
+    assert train_config(load_run_config({"schema": "s.json", "dp": False})).class_weighting is True
     # nor on the set of classes the site holds: a softmax over the site's own classes is refused with DP
     site_softmax = {"schema": "s.json", "local-softmax": "site"}
-    assert train_config(RunConfig.from_flower({**site_softmax, "dp": False})).softmax_over == "present"
+    assert train_config(load_run_config({**site_softmax, "dp": False})).softmax_over == "present"
     with pytest.raises(RunConfigError, match="local-softmax 'site'.*dp false"):
-        RunConfig.from_flower({**site_softmax, "dp": True})
+        load_run_config({**site_softmax, "dp": True})
 
 
 def test_frozen_parts_keep_the_global_weights_and_a_bad_part_name_is_refused(tmp_path):
@@ -148,4 +148,4 @@ def test_frozen_parts_keep_the_global_weights_and_a_bad_part_name_is_refused(tmp
     moved = {n.split(".")[0] for n, d in zip(names, res.delta) if np.abs(d).max() > 0}
     assert moved == {"head", "head_norm", "wide"}
     with pytest.raises(RunConfigError, match="train-parts: .*comma-separated subset of encoders, fusion, head, wide"):
-        RunConfig.from_flower({"schema": "s.json", "train-parts": "wide,decoder"})
+        load_run_config({"schema": "s.json", "train-parts": "wide,decoder"})

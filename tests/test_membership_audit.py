@@ -249,13 +249,13 @@ def test_a_genuinely_dp_trained_model_at_the_same_epsilon_is_not_flagged(federat
     import torch
 
     from client.local_round import train_round
+    from privacy.run_config import load_run_config
     from shared_models.model import MultiModalTransformer
-    from shared_models.run_config import RunConfig
     from shared_models.weights import load_arrays, state_arrays
 
     schema, site = _prepared(federation, tmp_path)
-    cfg = RunConfig.from_flower({"schema": str(federation / "schema.json"), "d-model": 32, "epsilon": LABELLED_EPSILON,
-                                 "delta": DELTA, "num-rounds": 3, "local-epochs": 2, "batch-size": 64})
+    cfg = load_run_config({"schema": str(federation / "schema.json"), "d-model": 32, "epsilon": LABELLED_EPSILON,
+                           "delta": DELTA, "num-rounds": 3, "local-epochs": 2, "batch-size": 64})
     torch.manual_seed(0)
     model = MultiModalTransformer(schema, cfg.model_config_())
     arrays = state_arrays(model)

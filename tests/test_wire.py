@@ -10,8 +10,8 @@ from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, pa
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+from privacy.run_config import load_run_config
 from shared_models.model import MultiModalTransformer
-from shared_models.run_config import RunConfig
 from shared_models.schema import FeatureSchema
 from shared_models.weights import state_arrays
 from shared_models.wire import is_packed, pack, unpack
@@ -20,7 +20,7 @@ from simulations.federation import PANCAN_SCHEMA
 
 def _model_arrays() -> list[np.ndarray]:
     torch.manual_seed(0)
-    cfg = RunConfig.from_flower({"schema": str(PANCAN_SCHEMA)})
+    cfg = load_run_config({"schema": str(PANCAN_SCHEMA)})
     return state_arrays(MultiModalTransformer(FeatureSchema.load(PANCAN_SCHEMA), cfg.model_config_()))
 
 
