@@ -111,7 +111,6 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
     torch.manual_seed(cfg.seed * 1_000_003 + site_seed * 1009 + rnd)
     model = MultiModalTransformer(site.schema, cfg.model_config_())
     load_arrays(model, global_arrays)
-    model.train_only(cfg.trained_parts())
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     tc = train_config(cfg)
     x, y = (torch.from_numpy(a) for a in (site.train.x, site.train.y))
@@ -244,7 +243,6 @@ def distributed_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: 
     torch.manual_seed(cfg.seed * 1_000_003 + site_seed * 1009 + rnd)  # dropout only: the DP draws are secret
     model = MultiModalTransformer(site.schema, cfg.model_config_())
     load_arrays(model, global_arrays)
-    model.train_only(cfg.trained_parts())
     shapes, noised = trainable_layout(model)
     p = distributed_plan(site, run_id, cfg, int(noised.sum()))
     n = len(site.train.y)

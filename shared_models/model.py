@@ -340,20 +340,5 @@ class MultiModalTransformer(nn.Module):
         return {"logits": deep + wide.sum(dim=1), "deep_logits": deep, "wide_logits": wide, "fused": fused,
                 "modality_weights": weights, "present": present}
 
-    #: the model's parts a run may train (run config `train-parts`); a part not trained keeps its initial value
-    PARTS = {"encoders": ("encoders",), "fusion": ("fusion",), "head": ("head_norm", "head"), "wide": ("wide",)}
-
-    def train_only(self, parts: tuple[str, ...] | None) -> None:
-        """Freeze every parameter outside `parts` (None: train all). A frozen part keeps the global model's
-        value, its initial one: a data-independent random map that receives no gradient and, under DP, no
-        noise (DP-SGD noises every trained coordinate; fewer of them leave more of each clipped gradient's
-        norm to the ones that carry the signal)."""
-        unknown = set(parts or ()) - set(self.PARTS)
-        if unknown:
-            raise ValueError(f"unknown model parts {sorted(unknown)}; the parts are {sorted(self.PARTS)}")
-        keep = {m for part in (parts if parts is not None else self.PARTS) for m in self.PARTS[part]}
-        for name, child in self.named_children():
-            child.requires_grad_(name in keep)
-
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -114,10 +114,6 @@ class RunConfig(BaseModel):
         "all", alias="local-softmax", description="'site': each site's loss is a softmax over the cancer types it "
         "has training patients of (FedRS, alpha 0), for label-skewed federations; without DP only (README, "
         "'Federated training')")
-    train_parts: str = Field(
-        "all", alias="train-parts", description="'all', or a comma-separated subset of the model's parts encoders, "
-        "fusion, head, wide that sites train; the others keep the global model's initial values (with DP: fewer "
-        "noised coordinates; docs/results.md 'DP: what moved it')")
     seed: int = 0
 
     # --- model (architecture; must match on every side) ---------------------------------------
@@ -151,21 +147,6 @@ class RunConfig(BaseModel):
             return v
         raise ValueError('use "full" (one Linear(F, classes) per modality, the default) or a rank >= 0 '
                          "(0: no wide paths)")
-
-    @field_validator("train_parts")
-    @classmethod
-    def _train_parts(cls, v: str) -> str:
-        parts = [p.strip() for p in v.split(",") if p.strip()]
-        known = ("encoders", "fusion", "head", "wide")
-        if v.strip() == "all":
-            return "all"
-        if not parts or any(p not in known for p in parts):
-            raise ValueError(f"use 'all' or a comma-separated subset of {', '.join(known)}")
-        return ",".join(p for p in known if p in parts)
-
-    def trained_parts(self) -> tuple[str, ...] | None:
-        """The model parts sites train (None: all)."""
-        return None if self.train_parts == "all" else tuple(self.train_parts.split(","))
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":

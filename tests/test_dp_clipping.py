@@ -169,20 +169,6 @@ def test_the_full_models_clipped_sum_equals_the_per_sample_loop_with_missing_mod
     assert_clipper_matches_loop(model, lambda: F.cross_entropy(model(x.double()), y, reduction="none"), len(y))
 
 
-@pytest.mark.parametrize("parts", [("wide", "head"), ("fusion", "head"), ("encoders",)])
-def test_with_frozen_parts_only_the_trained_ones_are_clipped_and_summed(parts):
-    """run config train-parts: the frozen parts get no gradient, and each sample's norm is over the trained
-    parameters alone (the per-sample loop sees only them too)."""
-    model = _full_model(wide_rank="full")
-    model.train_only(parts)
-    model.train()
-    x, y = _batch_with_missing()
-    assert_clipper_matches_loop(model, lambda: F.cross_entropy(model(x.double()), y, reduction="none"), len(y))
-    trained = {n for n, p in model.named_parameters() if p.grad is not None}
-    assert trained == {n for n, p in model.named_parameters() if p.requires_grad}
-    assert {n.split(".")[0] for n in trained} == {m for part in parts for m in model.PARTS[part]}
-
-
 def test_samples_do_not_interact_each_samples_norm_is_its_own_forwards():
     model = _full_model(dropout=0.0).double().eval()  # eval: no dropout, so separate forwards are comparable
     x, y = _batch_with_missing(8)

@@ -138,14 +138,3 @@ def test_under_dp_the_loss_does_not_depend_on_the_sites_label_counts():
     assert train_config(load_run_config({**site_softmax, "dp": False})).softmax_over == "present"
     with pytest.raises(RunConfigError, match="local-softmax 'site'.*dp false"):
         load_run_config({**site_softmax, "dp": True})
-
-
-def test_frozen_parts_keep_the_global_weights_and_a_bad_part_name_is_refused(tmp_path):
-    schema, run, site, w = _setup(tmp_path, **{"train-parts": "head, wide"})
-    assert run.train_parts == "head,wide"
-    res = train_round(site, w, run, "run-A", 1)
-    names = list(MultiModalTransformer(schema, run.model_config_()).state_dict())
-    moved = {n.split(".")[0] for n, d in zip(names, res.delta) if np.abs(d).max() > 0}
-    assert moved == {"head", "head_norm", "wide"}
-    with pytest.raises(RunConfigError, match="train-parts: .*comma-separated subset of encoders, fusion, head, wide"):
-        load_run_config({"schema": "s.json", "train-parts": "wide,decoder"})
