@@ -47,11 +47,64 @@ class LoadedModel:
     temperature: float = 1.0  # fitted at the site on its labelled patients (client/calibration.py)
     calibration: dict | None = None
 
+    _traced: object = None
+
     def __post_init__(self):
         from shared_models.site_data import scaled_columns
 
         self.scaled = scaled_columns(self.schema)
         self.feature_at = feature_names(self.schema)
+
+    def forward(self):
+        """x (B, n_inputs), normalised -> (logits, modality weights or None, present): the model's
+        `explain` as a TorchScript trace when one reproduces it exactly, else the module itself.
+
+        Why: the eager forward is some 150 small ops, each dispatched from Python; the trace runs
+        them in C++ without holding the GIL, so the event loop and request parsing no longer stretch
+        a batch's forward pass (and it costs about half the CPU at batch 1-16)."""
+        if self._traced is None:
+            self._traced = _trace(self.model) or _eager(self.model)
+        return self._traced
+
+
+class _Explain(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        out = self.model.explain(x)
+        return out["logits"], out["modality_weights"], out["present"]
+
+
+def _eager(model: torch.nn.Module):
+    return _Explain(model).eval()
+
+
+def _trace(model: torch.nn.Module):
+    """The traced `explain`, or None if tracing fails or the trace differs from the module on a probe
+    batch (other batch size than the trace's, every modality missing in turn)."""
+    import warnings
+
+    eager = _Explain(model).eval()
+    n = model.n_inputs
+    gen = torch.Generator().manual_seed(0)
+    example = torch.randn(3, n, generator=gen)
+    probe = torch.randn(2 + len(model.slices), n, generator=gen)
+    for i, s in enumerate(model.slices):
+        probe[i, s] = float("nan")  # patient i lacks modality i
+    probe[-1, : n // 2] = float("nan")
+    try:
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")  # torch.jit's deprecation and constant-shape notices
+            traced = torch.jit.trace(eager, example, check_trace=False)
+            want, got = eager(probe), traced(probe)
+        same = all((a is None and b is None) or (a is not None and b is not None and a.shape == b.shape and
+                                                 torch.allclose(a.float(), b.float(), atol=1e-5, rtol=1e-5))
+                   for a, b in zip(want, got))
+    except Exception:  # noqa: BLE001 - the eager module is always right
+        return None
+    return traced if same else None
 
 
 def input_map(schema: FeatureSchema) -> dict:
@@ -119,6 +172,7 @@ class Predictor:
         lm.calibration = load_calibration(self.calibration_path, version, package)
         if lm.calibration is not None:
             lm.temperature = float(lm.calibration["temperature"])
+        lm.forward()  # traced here, before the version is served, not on a request
         return lm
 
     def refresh(self) -> bool:
@@ -181,13 +235,12 @@ class Predictor:
             with self._lock:
                 lm = self.current
         x = torch.from_numpy(lm.normalizer.transform(raw.copy()))
-        with torch.no_grad():
-            out = lm.model.explain(x)
-        probs = torch.softmax(out["logits"] / lm.temperature, dim=1).numpy()
-        weights = out["modality_weights"]
+        with torch.inference_mode():
+            logits, weights, present = lm.forward()(x)
+            probs = torch.softmax(logits / lm.temperature, dim=1).numpy()
         result = {"probabilities": probs, "predicted": probs.argmax(1),
                   "modality_weights": None if weights is None else weights.numpy(),
-                  "present": out["present"].numpy()}
+                  "present": present.numpy()}
         if top_k:
             result["attributions"] = integrated_gradients(lm, x, torch.from_numpy(result["predicted"]))
         return lm, result

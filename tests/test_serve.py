@@ -539,6 +539,69 @@ def test_a_full_queue_answers_503_with_retry_after(site):
     assert first["r"].status_code == 200
 
 
+# --- issue 20: throughput ----------------------------------------------------------------------------
+def test_the_traced_forward_pass_answers_exactly_as_the_model(site):
+    from client.predict import Predictor
+
+    lm = Predictor(site["settings"]["model-dir"], site["root"] / "state" / "normalizer.json").current
+    x = site["x"][:40].clone()
+    for i, s in enumerate(lm.model.slices):
+        x[i::len(lm.model.slices), s] = float("nan")  # every modality missing for some patients
+    assert isinstance(lm.forward(), torch.jit.ScriptModule)  # the model thread does not hold the GIL
+    with torch.no_grad():
+        want = lm.model.explain(x)
+        logits, weights, present = lm.forward()(x)
+    assert torch.equal(logits, want["logits"]) and torch.equal(weights, want["modality_weights"])
+    assert torch.equal(present, want["present"])
+
+
+def test_an_answer_waits_for_its_audit_commit_while_the_model_scores_the_next_batch(site):
+    """The group commit overlaps the next forward pass, but no request is answered before its commit returns."""
+    import asyncio
+    import threading
+
+    from client.predict import Predictor, format_predictions
+    from client.serve_queue import ModelQueue
+
+    predictor = Predictor(site["settings"]["model-dir"], site["root"] / "state" / "normalizer.json")
+    lm = predictor.current
+    release, committed = threading.Event(), []
+
+    def commit(done):  # stands for the audit's write + fsync, held until the test releases it
+        release.wait(30)
+        committed.extend(job.ids[0] for job, _, _ in done)
+
+    q = ModelQueue("test", predictor, format_predictions, commit)
+    raw = site["x"][:2].numpy()
+
+    async def scenario():
+        first = asyncio.ensure_future(q.submit(["a"], raw[:1], 0, {"name": "t"}, lm, {}))
+        await asyncio.sleep(0.3)  # "a" is scored and its commit has started (and blocks)
+        second = asyncio.ensure_future(q.submit(["b"], raw[1:], 0, {"name": "t"}, lm, {}))
+        for _ in range(300):  # the model scores "b" while "a" is still being committed
+            if q.committing.qsize() == 1:
+                break
+            await asyncio.sleep(0.01)
+        scored_during_commit = q.committing.qsize() == 1
+        unanswered = not first.done() and not second.done()
+        release.set()
+        answers = await asyncio.gather(first, second)
+        return scored_during_commit, unanswered, answers
+
+    scored_during_commit, unanswered, answers = asyncio.run(scenario())
+    assert scored_during_commit and unanswered
+    assert committed == ["a", "b"] and [rows[0]["id"] for _, rows in answers] == ["a", "b"]
+
+
+def test_fast_json_parsing_keeps_the_standard_parsers_answers():
+    from client.prediction_input import ServeSettings, parse_json
+
+    limits = ServeSettings()
+    assert parse_json(b'{"a": [1, 2.5, null, "x"]}', limits) == {"a": [1, 2.5, None, "x"]}
+    big = parse_json(b'{"v": NaN, "n": 123456789012345678901234567890}', limits)  # orjson refuses both
+    assert np.isnan(big["v"]) and big["n"] == 123456789012345678901234567890
+
+
 # --- issue 20: operations ----------------------------------------------------------------------------
 def _copy_site(site, tmp_path) -> dict:
     shutil.copytree(site["root"] / "models", tmp_path / "models")
