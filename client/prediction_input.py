@@ -28,6 +28,11 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared_models.schema import FeatureSchema
+
+try:
+    import orjson as _orjson
+except ImportError:  # optional: the standard library parses the same documents, slower
+    _orjson = None
 from shared_models.site_data import TABLE_SUFFIXES, TableError, read_table
 from shared_models.validation import FLOAT32_MAX, Problem, check_prediction_tables
 
@@ -131,6 +136,11 @@ def parse_json(body: bytes, limits: ServeSettings):
     if depth > limits.max_json_depth:
         raise PredictionInputError([{"loc": "body", "code": "too_deep", "msg": f"JSON nested {depth} levels deep; "
                                      f"at most {limits.max_json_depth} (a prediction request needs 5)"}])
+    if _orjson is not None:
+        try:  # ~3x faster; anything it refuses (NaN literals, huge integers, lone surrogates) is left to json
+            return _orjson.loads(body)
+        except _orjson.JSONDecodeError:
+            pass
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as e:
@@ -204,7 +214,11 @@ def json_frames(schema: FeatureSchema, patients: list, inputs: dict, limits: Ser
 
 
 def _fill_row(row: np.ndarray, fmap: dict, feats: dict) -> bool:
-    """Write a modality's values into the row; False at the first value the fast path does not decide."""
+    """Write a modality's values into the row; False at the first value the fast path does not decide.
+
+    The values are collected and written with one indexed assignment: per-element writes into a numpy
+    row cost ~0.1 us each, most of a request's parsing time at ~700 features per patient."""
+    cols, vals = [], []
     for f, v in feats.items():
         spec = fmap.get(f)
         if spec is None:
@@ -216,20 +230,21 @@ def _fill_row(row: np.ndarray, fmap: dict, feats: dict) -> bool:
             code = levels.get(v) if isinstance(v, str) else None
             if code is None:
                 return False
-            row[col] = code
+            cols.append(col)
+            vals.append(code)
             continue
         if type(v) not in (int, float) or not -FLOAT32_MAX <= v <= FLOAT32_MAX:  # also NaN and bool
             return False
         if kind == "log":
             if v <= -1:
                 return False
-            row[col] = math.log1p(v)
-        elif kind == "bin":
-            if v != 0 and v != 1:
-                return False
-            row[col] = v
-        else:
-            row[col] = v
+            v = math.log1p(v)
+        elif kind == "bin" and v != 0 and v != 1:
+            return False
+        cols.append(col)
+        vals.append(v)
+    if cols:
+        row[cols] = vals  # float64 -> float32 rounds as an element-wise write does
     return True
 
 

@@ -263,6 +263,15 @@ def _auth(site: Site):
     return role
 
 
+def _encode(body: dict) -> bytes:
+    """JSON of an answer: orjson when installed (~5x faster than json.dumps on the event loop)."""
+    try:
+        import orjson
+    except ImportError:
+        return json.dumps(body).encode()
+    return orjson.dumps(body)
+
+
 def _prediction_routes(app, site: Site, role) -> None:
     """POST /v1/predict and /v1/predict/file: parse and check off the event loop, then queue for the model."""
     from anyio import CapacityLimiter, to_thread
@@ -298,9 +307,9 @@ def _prediction_routes(app, site: Site, role) -> None:
         body = {"model_version": version, "calibrated": lm.calibration is not None, "warnings": checked.warnings,
                 "degraded": site.predictor.degraded, "predictions": rows}
         if len(rows) <= 8:
-            return Response(json.dumps(body).encode(), media_type="application/json")
+            return Response(_encode(body), media_type="application/json")
         # a large answer is encoded off the event loop, which keeps answering /health meanwhile
-        encoded = await to_thread.run_sync(lambda: json.dumps(body).encode(), limiter=parsing)
+        encoded = await to_thread.run_sync(lambda: _encode(body), limiter=parsing)
         return Response(encoded, media_type="application/json")
 
     def via(request: Request) -> str:
