@@ -8,8 +8,8 @@ vendored cohort's held-out patients, normalised with the statistics of hospital 
 Measured in this one invocation, against real `oncofed serve` processes on loopback:
     single     one patient per request, no explanations, at 1, 16 and 64 concurrent connections: p50 / p99
                latency and predictions per minute (targets at 16: p99 <= 30 ms, >= 40,000 / min, quiet machine)
-    +explain   the same at 16 connections while 2 more clients ask for 300-patient explanations
-               (target: prediction p99 at most 1.2x the baseline's)
+    +explain   the same at 1, 16 and 64 connections while 2 more clients ask for 300-patient explanations
+               (target: prediction p99 at 16 at most 1.2x the baseline's)
     window     16 connections against a second server with `serve.batch-window-ms = 2` (Triton's
                max_queue_delay) instead of none
     batch      4 clients, 100 patients per request: patients per second
@@ -63,7 +63,7 @@ def prepare(work: Path, site_state: Path | None) -> tuple[dict, Path, list[dict]
     else:
         model_dir = work / "models"
         torch.manual_seed(0)
-        cfg = RunConfig.from_flower({"schema": "x"}).model_config_()
+        cfg = RunConfig.from_flower({"schema": "x"}, max_epsilon=None).model_config_()
         model = MultiModalTransformer(schema, cfg)
         ModelStore(model_dir).install(schema, cfg, state_arrays(model), {"run": "benchmark", "round": 0})
         tables = read_site(schema, data / "C0")
@@ -165,14 +165,15 @@ def load(port: int, token: str, bodies: list[bytes], clients: int, seconds: floa
             "loadavg_1min": round(os.getloadavg()[0], 2)}
 
 
-def with_explanations(port: int, token: str, single: list[bytes], explain_body: bytes, seconds: float) -> dict:
-    """Single-patient load at 16 connections while 2 clients keep 300-patient explanations in flight."""
+def with_explanations(port: int, token: str, single: list[bytes], explain_body: bytes, seconds: float,
+                      connections: int = 16) -> dict:
+    """Single-patient load at `connections` while 2 clients keep 300-patient explanations in flight."""
     stop = threading.Event()
     background = {}
     t = threading.Thread(target=lambda: background.update(load(port, token, [explain_body], 2, seconds + 60, stop)))
     t.start()
     time.sleep(0.5)  # the explanations are in flight before the measurement starts
-    res = load(port, token, single, 16, seconds)
+    res = load(port, token, single, connections, seconds)
     stop.set()
     t.join()
     res["explanation_requests"] = background.get("requests", 0)
@@ -224,7 +225,9 @@ def main() -> None:
             load(port, token, single[:50], 4, 1.0)  # warm-up
             for n in (1, 16, 64):
                 rows[f"single, {n} connection{'s' if n > 1 else ''}"] = load(port, token, single, n, secs)
-            rows["single + 300-patient explanations, 16"] = with_explanations(port, token, single, explain_300, secs)
+            for n in (1, 16, 64):
+                rows[f"single + 300-patient explanations, {n}"] = with_explanations(port, token, single, explain_300,
+                                                                                    secs, n)
             rows["batches of 100 patients, 4"] = load(port, token, batches, 4, secs / 2)
         finally:
             server.terminate()
@@ -257,6 +260,12 @@ def main() -> None:
         print(f"{name:<40}{r['requests']:>9}{r['errors']:>7}{r['p50_ms']:>9}{r['p99_ms']:>9}{per_min:>10,}"
               f"{r['p99_ms'] / base['p99_ms']:>10.2f}{r['requests_per_s'] / base['requests_per_s']:>10.2f}"
               f"{r['loadavg_1min']:>8}")
+    for n in (1, 16, 64):
+        plain = rows[f"single, {n} connection{'s' if n > 1 else ''}"]
+        loaded = rows[f"single + 300-patient explanations, {n}"]
+        print(f"explanations raise prediction p99 at {n} connection{'s' if n > 1 else ''}: "
+              f"{loaded['p99_ms'] / plain['p99_ms']:.2f}x (p50 {loaded['p50_ms'] / plain['p50_ms']:.2f}x, "
+              f"throughput {loaded['requests_per_s'] / plain['requests_per_s']:.2f}x)")
     c = {"patients": n_cli, "seconds": round(cli_s, 2), "patients_per_s": round(n_cli / cli_s, 1),
          "small_patients": n_small, "small_seconds": round(s_small, 2)}
     print(f"\ncli: {c['patients']} patients in {c['seconds']} s = {c['patients_per_s']:,} patients/s including process "
