@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +168,68 @@ def test_cost_sentences_come_from_the_numbers(report):
     best_nodp = fed[fed.privacy == "off"].macro_f1.max()
     pooled = ho[ho.method == "pooled"].macro_f1.iloc[0]
     assert f"{best_nodp - pooled:+.3f}" in md.split("### mini3")[0]
+
+
+class _Page(HTMLParser):
+    """The elements of an HTML page that matter here: tags opened, headings (level, text), tables (rows of cells)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.headings: list[tuple[int, str]] = []
+        self.tables: list[list[list[str]]] = []
+        self._text: list[str] | None = None
+        self.feed(text)
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        self.tags.append(tag)
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        if re.fullmatch(r"h[1-6]|th|td", tag):
+            self._text = []
+
+    def handle_data(self, data: str) -> None:
+        if self._text is not None:
+            self._text.append(data)
+
+    def handle_endtag(self, tag: str) -> None:
+        if re.fullmatch(r"h[1-6]", tag):
+            self.headings.append((int(tag[1]), "".join(self._text)))
+        elif tag in ("th", "td"):
+            self.tables[-1][-1].append("".join(self._text))
+        if re.fullmatch(r"h[1-6]|th|td", tag):
+            self._text = None
+
+
+def test_the_html_has_the_headings_and_tables_of_the_markdown(report):
+    md = report.read_text()
+    page = _Page((report.parent / "report.html").read_text())
+    assert page.headings == [(len(m[1]), m[2]) for m in re.finditer(r"^(#{1,6}) (.*)$", md, re.MULTILINE)]
+    blocks = re.findall(r"(?:^\|.*\|\n)+", md, re.MULTILINE)
+    tables = [[[c.strip() for c in line.strip("|").split("|")] for line in b.splitlines()] for b in blocks]
+    assert len(tables) == 5
+    assert page.tables == [[t[0], *t[2:]] for t in tables]  # the "---:" line aligns, it is not a row
+
+
+def test_a_run_name_with_html_is_shown_as_text_in_the_html_never_run(tmp_path):
+    root = make_results(tmp_path / "r", datasets=(("mini3", 3, False),), strategies=("fedavg",), privacies=("off",),
+                        n_held=40, n_site=5)
+    doc = json.loads((root / "results.json").read_text())
+    name = "<script>alert(1)</script>"
+    doc["experiment"]["name"] = name
+    for r in doc["rows"]:
+        r["strategy"] = name if r["strategy"] else r["strategy"]
+    (root / "results.json").write_text(json.dumps(doc))
+    md = build_report(root).read_text()
+    assert md.startswith(f"# OncoFed experiment report: {name}\n")  # the Markdown keeps the name as it is
+    html = (root / "report" / "report.html").read_text()
+    page = _Page(html)
+    assert "script" not in page.tags
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<script>" not in html
+    assert page.headings[0] == (1, f"OncoFed experiment report: {name}")  # shown as the text it is
+    assert [name, "no DP"] == page.tables[0][-1][1:3]  # the federated row of the summary table
 
 
 def test_demographic_parity_and_equalized_odds_on_a_hand_example():
