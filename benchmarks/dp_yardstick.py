@@ -61,8 +61,8 @@ from shared_models.model import MultiModalTransformer  # noqa: E402
 from shared_models.run_config import RunConfig  # noqa: E402
 from shared_models.schema import FeatureSchema  # noqa: E402
 from shared_models.site_data import load_labelled_site  # noqa: E402
-from shared_models.training import (TrainConfig, build_loader, build_loss, build_optimizer,  # noqa: E402
-                                    build_scheduler, class_counts, train_epoch)
+from shared_models.training import (TrainConfig, WarmupCosine, build_loader, build_loss,  # noqa: E402
+                                    build_optimizer, class_counts, train_epochs)
 from simulations.experiment import fit_early_stopped  # noqa: E402
 from simulations.federation import ensure_partition  # noqa: E402
 
@@ -138,9 +138,10 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig, n_
                 module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
                 max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks")
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    scheduler = build_scheduler(optimizer, tc, steps_per_epoch=len(loader))
-    for _ in range(epochs):
-        train_epoch(model, loader, optimizer, scheduler, loss_fn, clip_grad_norm=None if dp else tc.max_grad_norm)
+    # the sites' loop (client.local_round.train_round): one schedule over all passes, as over a run's rounds
+    schedule = WarmupCosine.of(optimizer, tc, total_steps=epochs * len(loader))
+    train_epochs(model, loader, optimizer, loss_fn, epochs=epochs, schedule=schedule,
+                 max_grad_norm=None if dp else tc.max_grad_norm)
     return float(engine.get_epsilon(cfg.delta)) if engine else 0.0
 
 

@@ -1,5 +1,6 @@
-"""Training of the shared model: one loop for plain training and for DP-SGD (a site's local rounds, the
-centralized baseline, the membership audit's reference models).
+"""Training of the shared model: one loop, `train_epochs`, for plain training and for DP-SGD (a site's
+local rounds, the centralized baseline, the membership audit's reference models, the DP yardstick and
+the step benchmark).
 
 The pieces are built separately so that a DP-SGD caller can hand the optimizer and the loader to
 Opacus between building and training:
@@ -9,15 +10,16 @@ Opacus between building and training:
     optimizer = build_optimizer(model, cfg)
     loss_fn = build_loss(cfg, class_counts(y_train, n_classes))
     loader = build_loader(x_train, y_train, cfg)
+    schedule = WarmupCosine.of(optimizer, cfg, total_steps=cfg.epochs * len(loader))
     # DP: hooks, optimizer, loader = PrivacyEngine(...).make_private(module=model, optimizer=optimizer,
     #     data_loader=loader, max_grad_norm=C, ..., wrap_model=False)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=len(loader))
-    for epoch in range(cfg.epochs):
-        train_epoch(model, loader, optimizer, scheduler, loss_fn,
-                    clip_grad_norm=None if dp else cfg.max_grad_norm)   # Opacus clips per sample
+    train_epochs(model, loader, optimizer, loss_fn, epochs=cfg.epochs, schedule=schedule,
+                 max_grad_norm=None if dp else cfg.max_grad_norm)   # Opacus clips per sample
 
-`fit` runs that loop with early stopping on a validation split and restores the best epoch's
-weights. `evaluate` (shared_models.evaluation) computes the reported metrics from eval-mode predictions.
+A site's round is one stretch of its run's schedule (`WarmupCosine.of(..., first_step=...)`) and adds
+FedProx's proximal step through `after_step`. `fit` runs the loop one epoch at a time with early
+stopping on a validation split and restores the best epoch's weights. `evaluate`
+(shared_models.evaluation) computes the reported metrics from eval-mode predictions.
 
 The loss is per-sample: sum_i w[y_i] * CE_i / batch_size, with class weights normalised so that
 their mean over the training rows is 1. Unlike `F.cross_entropy(weight=...)` (which divides by the
@@ -171,13 +173,37 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_fraction: 
     return min_fraction + (1.0 - min_fraction) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int,
-                    epochs: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step warm-up + cosine over `epochs` (default cfg.epochs) epochs of `steps_per_epoch` steps."""
-    total = max(1, (epochs or cfg.epochs) * steps_per_epoch)
-    warmup = math.ceil(cfg.warmup_fraction * total)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, total, warmup, cfg.min_lr_fraction))
+@dataclass
+class WarmupCosine:
+    """The learning rate of every optimizer step of a training run: `lr_multiplier` times each param group's
+    base lr. `next_step` is the run's step the next optimizer step takes, so a site's round continues its
+    run's one schedule where the previous round stopped."""
+
+    base_lrs: list[float]
+    total_steps: int
+    warmup_steps: int
+    min_fraction: float = 0.0
+    next_step: int = 0
+
+    @classmethod
+    def of(cls, optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int,
+           first_step: int = 0) -> "WarmupCosine":
+        """Warm-up over cfg.warmup_fraction of the run's `total_steps`, from the optimizer's lr (its peak)."""
+        total = max(1, total_steps)
+        return cls([g["lr"] for g in optimizer.param_groups], total, math.ceil(cfg.warmup_fraction * total),
+                   cfg.min_lr_fraction, first_step)
+
+    def multiplier(self) -> float:
+        return lr_multiplier(self.next_step, self.total_steps, self.warmup_steps, self.min_fraction)
+
+    def lr(self) -> float:
+        """The first param group's learning rate at the next step."""
+        return self.base_lrs[0] * self.multiplier()
+
+    def apply(self, optimizer: torch.optim.Optimizer) -> None:
+        mult = self.multiplier()
+        for g, lr in zip(optimizer.param_groups, self.base_lrs):
+            g["lr"] = lr * mult
 
 
 def build_loader(x: Tensor, y: Tensor, cfg: TrainConfig, seed: int | None = None) -> DataLoader:
@@ -198,29 +224,53 @@ def clip_global_grad_norm_(parameters, max_norm: float) -> Tensor:
     return norm
 
 
-# --- one epoch ------------------------------------------------------------------------------------
-def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
-                scheduler: torch.optim.lr_scheduler.LRScheduler | None, loss_fn: Callable[[Tensor, Tensor], Tensor],
-                clip_grad_norm: float | None) -> float:
-    """One pass over `loader`; returns the mean training loss per sample.
+# --- the training loop ---------------------------------------------------------------------------
+@dataclass
+class LoopTotals:
+    """What a call of `train_epochs` ran: optimizer steps, samples and the sum of their loss terms."""
 
-    Pass clip_grad_norm=None under DP-SGD: Opacus' optimizer clips each sample's gradient itself,
-    and clipping the (noised) sum again would change the privacy calibration.
+    steps: int = 0
+    samples: int = 0
+    loss_sum: float = 0.0
+
+    @property
+    def mean_loss(self) -> float:
+        """The mean training loss per sample (0 when no sample was seen)."""
+        return self.loss_sum / max(self.samples, 1)
+
+
+def train_epochs(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
+                 loss_fn: Callable[[Tensor, Tensor], Tensor], *, epochs: int = 1,
+                 schedule: WarmupCosine | None = None, max_grad_norm: float | None = None,
+                 clip_with: Callable[..., Tensor] = clip_global_grad_norm_,
+                 after_step: Callable[[], None] | None = None) -> LoopTotals:
+    """`epochs` passes over `loader` (any iterable of (x, y) batches), one optimizer step per batch.
+
+    Before each step the `schedule` (if any) sets the learning rate and advances. Pass max_grad_norm=None
+    under DP-SGD: the DP optimizer clips each sample's gradient itself, and clipping the (noised) sum
+    again would change the privacy calibration. `clip_with(parameters, max_norm)` clips the global norm
+    otherwise. `after_step` runs after every optimizer step (FedProx's proximal step).
     """
     model.train()
-    total, n = 0.0, 0
-    for xb, yb in loader:
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(xb), yb)
-        loss.backward()
-        if clip_grad_norm is not None:
-            clip_global_grad_norm_(model.parameters(), clip_grad_norm)
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        total += float(loss.detach()) * len(yb)
-        n += len(yb)
-    return total / max(n, 1)
+    totals = LoopTotals()
+    for _ in range(epochs):
+        for xb, yb in loader:
+            if schedule is not None:
+                schedule.apply(optimizer)
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            if max_grad_norm is not None:
+                clip_with(model.parameters(), max_grad_norm)
+            optimizer.step()
+            if schedule is not None:
+                schedule.next_step += 1
+            if after_step is not None:
+                after_step()
+            totals.steps += 1
+            totals.loss_sum += float(loss.detach()) * len(yb)
+            totals.samples += len(yb)
+    return totals
 
 
 # --- the whole local fit --------------------------------------------------------------------------
@@ -267,7 +317,7 @@ def fit(model: nn.Module, x_train: Tensor, y_train: Tensor, cfg: TrainConfig,
     loss_fn = build_loss(cfg, class_counts(y_train, n_classes))
     loader = build_loader(x_train, y_train, cfg)
     optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=len(loader))
+    schedule = WarmupCosine.of(optimizer, cfg, total_steps=cfg.epochs * len(loader))
     has_val = x_val is not None and y_val is not None and len(y_val) > 0
 
     best_score, best_epoch, best_state, best_val, stale = None, 0, None, None, 0
@@ -275,8 +325,9 @@ def fit(model: nn.Module, x_train: Tensor, y_train: Tensor, cfg: TrainConfig,
     t_start, seen = time.perf_counter(), 0
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        train_loss = train_epoch(model, loader, optimizer, scheduler, loss_fn, cfg.max_grad_norm)
+        lr = schedule.lr()
+        train_loss = train_epochs(model, loader, optimizer, loss_fn, schedule=schedule,
+                                  max_grad_norm=cfg.max_grad_norm).mean_loss
         seen += len(y_train)
         record = EpochRecord(epoch=epoch, train_loss=train_loss, lr=lr, seconds=time.perf_counter() - t0)
         if has_val:

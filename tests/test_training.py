@@ -18,16 +18,16 @@ from shared_models import ModelConfig, MultiModalTransformer
 from shared_models.evaluation import evaluate
 from shared_models.training import (
     TrainConfig,
+    WarmupCosine,
     WeightedCrossEntropy,
     build_loader,
     build_loss,
     build_optimizer,
-    build_scheduler,
     class_counts,
     class_weights,
     fit,
     lr_multiplier,
-    train_epoch,
+    train_epochs,
 )
 from tests.factories import drop_modalities, random_inputs
 
@@ -90,19 +90,44 @@ def test_warmup_is_linear_then_cosine_decays_to_the_floor():
     assert lr_multiplier(0, total, 0) == pytest.approx(1.0)  # no warm-up
 
 
-def test_the_scheduler_sets_the_optimizer_lr_per_step():
-    cfg = TrainConfig(lr=0.01, epochs=4, warmup_fraction=0.1)
-    optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=25)  # 100 steps, 10 of warm-up
+def _lrs_of_steps(cfg: TrainConfig, total_steps: int, first_step: int, batches: int, epochs: int) -> list[float]:
+    """The learning rate of every optimizer step of one `train_epochs` call, seen from its per-step hook."""
+    model = nn.Linear(2, 3)
+    optimizer = build_optimizer(model, cfg)
+    schedule = WarmupCosine.of(optimizer, cfg, total_steps=total_steps, first_step=first_step)
+    loader = [(torch.zeros(1, 2), torch.zeros(1, dtype=torch.int64))] * batches
     seen = []
-    for _ in range(101):
-        seen.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
+    train_epochs(model, loader, optimizer, F.cross_entropy, epochs=epochs, schedule=schedule,
+                 after_step=lambda: seen.append(optimizer.param_groups[0]["lr"]))
+    return seen
+
+
+def test_the_loop_sets_the_scheduled_lr_before_every_step():
+    seen = _lrs_of_steps(TrainConfig(lr=0.01, warmup_fraction=0.1), total_steps=100, first_step=0, batches=25,
+                         epochs=4)  # 100 steps, 10 of warm-up
+    assert len(seen) == 100
     assert seen[0] == pytest.approx(0.001)
     assert seen[9] == pytest.approx(0.01)
     assert seen[55] == pytest.approx(0.005)
-    assert seen[100] == pytest.approx(0.0, abs=1e-12)
+    assert seen[99] < 1e-5
+
+
+def test_a_later_round_continues_the_runs_one_schedule():
+    cfg = TrainConfig(lr=0.01, warmup_fraction=0.1)
+    whole_run = _lrs_of_steps(cfg, total_steps=100, first_step=0, batches=25, epochs=4)
+    third_round = _lrs_of_steps(cfg, total_steps=100, first_step=50, batches=25, epochs=1)
+    assert third_round == whole_run[50:75]  # the same floats: one schedule, however the run is cut into rounds
+
+
+def test_the_loop_counts_steps_and_samples_and_averages_the_loss_per_sample():
+    model = nn.Linear(2, 3)
+    nn.init.zeros_(model.weight)  # every logit 0: each sample's loss is log 3
+    nn.init.zeros_(model.bias)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    loader = [(torch.ones(n, 2), torch.zeros(n, dtype=torch.int64)) for n in (4, 4, 1)]
+    totals = train_epochs(model, loader, optimizer, F.cross_entropy, epochs=2)
+    assert (totals.steps, totals.samples) == (6, 18)
+    assert totals.mean_loss == pytest.approx(math.log(3))
 
 
 # --- loss ----------------------------------------------------------------------------------------------
@@ -228,7 +253,7 @@ def test_evaluate_matches_scikit_learn_in_eval_mode_and_batches():
 
 
 # --- DP-SGD reuse --------------------------------------------------------------------------------------
-def test_train_epoch_runs_under_opacus_without_its_own_clipping(tiny_schema):
+def test_the_loop_runs_under_opacus_without_its_own_clipping(tiny_schema):
     from opacus import PrivacyEngine
 
     x, y = _toy(tiny_schema, 128)
@@ -241,12 +266,12 @@ def test_train_epoch_runs_under_opacus_without_its_own_clipping(tiny_schema):
         hooks, optimizer, loader = PrivacyEngine(accountant="prv").make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
             poisson_sampling=True, grad_sample_mode="hooks", wrap_model=False)
-        scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=len(loader))
+        schedule = WarmupCosine.of(optimizer, cfg, total_steps=len(loader))
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        loss = train_epoch(model, loader, optimizer, scheduler, build_loss(cfg, class_counts(y, 3)),
-                           clip_grad_norm=None)
+        totals = train_epochs(model, loader, optimizer, build_loss(cfg, class_counts(y, 3)), schedule=schedule,
+                              max_grad_norm=None)
     hooks.cleanup()
-    assert math.isfinite(loss)
+    assert math.isfinite(totals.mean_loss)
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
