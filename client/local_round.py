@@ -39,7 +39,8 @@ from privacy.ledger import RunPlan
 from shared_models.evaluation import evaluate
 from shared_models.model import MultiModalTransformer
 from shared_models.run_config import RunConfig
-from shared_models.training import TrainConfig, build_loader, build_loss, build_optimizer, class_counts, lr_multiplier
+from shared_models.training import (TrainConfig, WarmupCosine, build_loader, build_loss, build_optimizer, class_counts,
+                                    train_epochs)
 from shared_models.weights import load_arrays, state_arrays  # noqa: F401 (state_arrays: re-export)
 
 log = logging.getLogger("oncofed.site")
@@ -118,8 +119,9 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
     optimizer = build_optimizer(model, tc)
     loader = build_loader(x, y, tc, seed=cfg.seed * 7919 + site_seed * 31 + rnd)
     steps_per_round = cfg.local_epochs * len(loader)
-    total_steps = steps_per_round * cfg.num_rounds
-    first_step = (rnd - 1) * steps_per_round  # one warm-up + cosine schedule over the whole run
+    # one warm-up + cosine schedule over the whole run: this round is its stretch from (rnd - 1) * steps_per_round
+    schedule = WarmupCosine.of(optimizer, tc, total_steps=steps_per_round * cfg.num_rounds,
+                               first_step=(rnd - 1) * steps_per_round)
 
     ticket, hooks, engine = None, None, None
     if cfg.dp:
@@ -143,49 +145,40 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
                     module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
                     max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",
                     wrap_model=False, noise_generator=engine.secure_rng)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    prox = cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0
 
-    model.train()
+    proximal_step = None
+    if cfg.strategy == "fedprox":
+        def proximal_step() -> None:
+            # FedProx's proximal term, applied as its own (data-independent) step after the DP-SGD step:
+            # Opacus rebuilds the gradient from per-sample terms only.
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.sub_(p - global_state[name], alpha=optimizer.param_groups[0]["lr"] * cfg.proximal_mu)
+
     t_train = time.perf_counter()
-    step, loss_sum, seen = 0, 0.0, 0
     # Opacus' hooks sit on leaves whose inputs need no gradient (learned arrays, first layers): PyTorch
     # warns on every step that the hook fires for module outputs, which is exactly what Opacus uses.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     try:
-        for _ in range(cfg.local_epochs):
-            for xb, yb in loader:
-                mult = lr_multiplier(first_step + step, total_steps, math.ceil(cfg.warmup_fraction * total_steps))
-                for g, lr in zip(optimizer.param_groups, base_lrs):
-                    g["lr"] = lr * mult
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(xb), yb)
-                loss.backward()
-                if not cfg.dp:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                if prox:
-                    # FedProx's proximal term, applied as its own (data-independent) step after the
-                    # DP-SGD step: Opacus rebuilds the gradient from per-sample terms only.
-                    with torch.no_grad():
-                        for name, p in model.named_parameters():
-                            p.sub_(p - global_state[name], alpha=optimizer.param_groups[0]["lr"] * prox)
-                step += 1
-                loss_sum += float(loss.detach()) * len(yb)
-                seen += len(yb)
+        # Without DP the global norm is clipped with torch's clip_grad_norm_, not clip_global_grad_norm_: the
+        # two round the scale factor differently in the last bit, and a site's rounds stay bit for bit those
+        # of earlier runs (changing it is a change of results, to be measured on its own).
+        totals = train_epochs(model, loader, optimizer, loss_fn, epochs=cfg.local_epochs, schedule=schedule,
+                              max_grad_norm=None if cfg.dp else cfg.max_grad_norm,
+                              clip_with=torch.nn.utils.clip_grad_norm_, after_step=proximal_step)
     finally:
         if hooks is not None:
             hooks.cleanup()
 
-    metrics = {"local_steps": step, "train_seconds": round(time.perf_counter() - t_train, 3)}
-    train_loss = loss_sum / max(seen, 1)
+    metrics = {"local_steps": totals.steps, "train_seconds": round(time.perf_counter() - t_train, 3)}
     if not cfg.dp:
-        metrics["train_loss"] = train_loss
+        metrics["train_loss"] = totals.mean_loss
     else:
         # The loss on the DP-SGD batches is computed from the training rows without noise: sending it
         # would release what DP-SGD protects. It stays in the site's log.
-        log.info("round %s: train loss %.4f over %s sampled rows (not sent under DP)", rnd, train_loss, seen)
-        spent = site.ledger.commit_round(ticket, step)
+        log.info("round %s: train loss %.4f over %s sampled rows (not sent under DP)", rnd, totals.mean_loss,
+                 totals.samples)
+        spent = site.ledger.commit_round(ticket, totals.steps)
         accountant_eps = float(engine.get_epsilon(site.ledger.delta)) if opacus_checks else spent
         if not math.isclose(spent, accountant_eps, rel_tol=0.01):
             raise BudgetError(f"ledger epsilon {spent:.4f} and Opacus' accountant {accountant_eps:.4f} disagree; "
