@@ -15,7 +15,8 @@ Steps compared, on the same batches, interleaved so that all see the same machin
 - book-keeping: privacy/clipping.py (norms without per-sample gradients, clipped sum in the same pass;
                 the site's DP path now).
 Every DP step includes Opacus' noise and scaling; every step but plain-before uses the sites' optimizer
-(shared_models.training.build_optimizer: fused AdamW). Ratios are step times over the plain step's in the
+(shared_models.training.build_optimizer: fused AdamW), and every variant runs its batches through the one
+training loop of sites and baselines (shared_models.training.train_epochs). Ratios are step times over the plain step's in the
 same run, in the process's CPU time (on a busy machine, time spent waiting for a core is not the
 step's; the matmul rate is measured the same way). Step memory is the peak RSS during a step above the RSS before it (glibc's free memory
 returned first, the kernel's peak counter reset), so it counts what the step allocates.
@@ -110,12 +111,13 @@ def step_memory_mb(step) -> float:
 
 
 def build_steps(schema, cfg, n_data: int, batch: int, variants=VARIANTS) -> tuple[dict, object, list]:
-    """One step function per variant, each with its own copy of the same initial model."""
+    """One training function per variant (it trains on a list of (x, y) batches, one step each), each with its
+    own copy of the same initial model."""
     import torch
     import torch.nn.functional as F
     from opacus import PrivacyEngine
 
-    from shared_models.training import TrainConfig, build_optimizer, clip_global_grad_norm_
+    from shared_models.training import TrainConfig, build_optimizer, clip_global_grad_norm_, train_epochs
     from privacy.clipping import make_private
     from shared_models import MultiModalTransformer
 
@@ -133,22 +135,17 @@ def build_steps(schema, cfg, n_data: int, batch: int, variants=VARIANTS) -> tupl
     def adamw(m):  # the sites' optimizer (no weight decay here: the benchmark times the step)
         return build_optimizer(m, TrainConfig(lr=1e-3, weight_decay=0.0))
 
-    def step_fn(m, opt, loss=F.cross_entropy, clip=None):
-        def step(x, y):
-            opt.zero_grad(set_to_none=True)
-            loss(m(x), y).backward()
-            if clip is not None:
-                clip(m.parameters(), 1.0)
-            opt.step()
-        return step
+    def trainer(m, opt, loss=F.cross_entropy, clip=None):
+        clipping = {} if clip is None else {"max_grad_norm": 1.0, "clip_with": clip}
+        return lambda batches: train_epochs(m, batches, opt, loss, **clipping)
 
     def plain():
         m = copy_model()
-        return step_fn(m, adamw(m), clip=clip_global_grad_norm_)
+        return trainer(m, adamw(m), clip=clip_global_grad_norm_)
 
     def plain_before():
         m = copy_model()
-        return step_fn(m, torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.0),
+        return trainer(m, torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.0),
                        clip=torch.nn.utils.clip_grad_norm_)
 
     def opacus(mode: str):
@@ -160,17 +157,17 @@ def build_steps(schema, cfg, n_data: int, batch: int, variants=VARIANTS) -> tupl
         if mode == "ghost":  # the wrapped model and Opacus' DP loss (its two backward passes)
             gm, opt, crit, _ = out
             keep.append(gm)
-            return step_fn(gm, opt, loss=crit)
+            return trainer(gm, opt, loss=crit)
         hooks, opt, _ = out
         keep.append(hooks)
-        return step_fn(m, opt)
+        return trainer(m, opt)
 
     def book_keeping():
         m = copy_model()
         clipper, opt, _ = make_private(PrivacyEngine(accountant="prv"), m, adamw(m), loader, noise_multiplier=1.0,
                                        max_grad_norm=1.0)
         keep.append(clipper)
-        return step_fn(m, opt)
+        return trainer(m, opt)
 
     builders = {"plain": plain, "plain-before": plain_before, "opacus-hooks": lambda: opacus("hooks"),
                 "opacus-ghost": lambda: opacus("ghost"), "book-keeping": book_keeping}
@@ -192,15 +189,14 @@ def measure(shape: str, batch: int, steps_per_repeat: int, repeats: int, variant
     steps, base, _keep = build_steps(schema, cfg, n_data=batch * 20, batch=batch, variants=variants)
     flops = train_flops_per_sample(base, *batches[0])
 
-    def run(step) -> float:  # CPU seconds per step: on a shared machine, waiting for a core is not the step's cost
+    def run(train) -> float:  # CPU seconds per step: on a shared machine, waiting for a core is not the step's cost
         t0 = time.process_time()
-        for x, y in batches:
-            step(x, y)
+        train(batches)
         return (time.process_time() - t0) / len(batches)
 
     for v in variants:
         run(steps[v])  # warm-up
-    memory = {v: max(step_memory_mb(lambda: steps[v](*batches[0])) for _ in range(min(repeats, 2))) for v in variants}
+    memory = {v: max(step_memory_mb(lambda: steps[v](batches[:1])) for _ in range(min(repeats, 2))) for v in variants}
     peak = matmul_flops_per_s()
     times = {v: [] for v in variants}
     for _ in range(repeats):  # interleaved: every variant sees the same machine load
