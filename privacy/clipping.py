@@ -44,7 +44,9 @@ from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch import Tensor, nn
 
-from shared_models.layers import NumericTokens  # importing it registers the learned arrays' Opacus rules
+from shared_models.layers import NumericTokens, register_grad_samplers
+
+register_grad_samplers()  # the learned arrays' per-sample rules, for the clipper and for Opacus' hooks mode
 
 # Opacus' per-sample clip factor, to the constant: C / (norm + 1e-6), at most 1.
 _NORM_EPS = 1e-6

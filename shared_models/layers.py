@@ -4,14 +4,17 @@ Learned arrays added to every sample (latents, CLS, identities) and per-feature 
 live in nn.Embedding tables indexed by arange, but then each step pays Opacus' generic embedding
 rule (a scatter into a batch x table tensor) and autograd's slow embedding_dense_backward over
 batch x features indices. Each leaf below takes one tensor input (what Opacus' hooks capture) and
-registers the closed form of its per-sample gradient; tests/test_model.py checks every rule against
-a brute-force per-sample loop in float64.
+has the closed form of its per-sample gradient, which `register_grad_samplers` hands to Opacus;
+tests/test_model.py checks every rule against a brute-force per-sample loop in float64.
+
+Opacus is imported only by `register_grad_samplers` (privacy/clipping.py calls it): importing the model
+must not load Opacus, whose import costs seconds of CPU in every process that serves, predicts or
+evaluates (a deployed site starts one per message).
 """
 
 from __future__ import annotations
 
 import torch
-from opacus.grad_sample import register_grad_sampler
 from torch import Tensor, nn
 
 
@@ -51,19 +54,16 @@ class NumericTokens(nn.Module):
         return torch.where(miss, self.missing, value * self.scale)
 
 
-@register_grad_sampler(AddLearned)
 def _add_learned_grad_sample(layer: AddLearned, activations: list[Tensor], backprops: Tensor) -> dict:
     return {layer.weight: backprops} if layer.weight.requires_grad else {}
 
 
-@register_grad_sampler(FeatureFill)
 def _feature_fill_grad_sample(layer: FeatureFill, activations: list[Tensor], backprops: Tensor) -> dict:
     if not layer.weight.requires_grad:
         return {}
     return {layer.weight: backprops * torch.isnan(activations[0])}
 
 
-@register_grad_sampler(NumericTokens)
 def _numeric_tokens_grad_sample(layer: NumericTokens, activations: list[Tensor], backprops: Tensor) -> dict:
     x = activations[0]
     miss = torch.isnan(x).unsqueeze(-1)
@@ -74,3 +74,16 @@ def _numeric_tokens_grad_sample(layer: NumericTokens, activations: list[Tensor],
     if layer.missing.requires_grad:
         out[layer.missing] = backprops * miss
     return out
+
+
+GRAD_SAMPLERS = {AddLearned: _add_learned_grad_sample, FeatureFill: _feature_fill_grad_sample,
+                 NumericTokens: _numeric_tokens_grad_sample}
+
+
+def register_grad_samplers() -> None:
+    """Give Opacus the per-sample gradient rules of the leaves above (idempotent). Whoever runs Opacus on the
+    model calls it first: privacy/clipping.py does at import, so DP training always has them."""
+    from opacus.grad_sample import register_grad_sampler
+
+    for layer, rule in GRAD_SAMPLERS.items():
+        register_grad_sampler(layer)(rule)

@@ -63,3 +63,16 @@ def test_imports_point_down_the_layers():
                 if top in FORBIDDEN[package]:
                     violations.append(f"{path.relative_to(ROOT)}:{line}: {written}  ({package} -> {top})")
     assert not violations, "imports against the layers:\n" + "\n".join(violations)
+
+
+def test_serving_predicting_and_evaluating_never_load_opacus():
+    """Opacus' import costs seconds of CPU; a deployed site starts a process per message and the service loads
+    the model on start: only DP training (privacy/clipping.py) may pay it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, shared_models.model, shared_models.evaluation, client.site, client.predict, client.serve; "
+            "from client.site import evaluate_global; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'opacus'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", out

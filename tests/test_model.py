@@ -121,6 +121,10 @@ def _brute_force_grads(model, x, y):
 def _opacus_grad_samples(model, x, y):
     from opacus import PrivacyEngine
 
+    from shared_models.layers import register_grad_samplers
+
+    register_grad_samplers()
+
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(x))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with warnings.catch_warnings():

@@ -256,6 +256,10 @@ def test_evaluate_matches_scikit_learn_in_eval_mode_and_batches():
 def test_the_loop_runs_under_opacus_without_its_own_clipping(tiny_schema):
     from opacus import PrivacyEngine
 
+    from shared_models.layers import register_grad_samplers
+
+    register_grad_samplers()
+
     x, y = _toy(tiny_schema, 128)
     model = _model(tiny_schema)
     cfg = TrainConfig(batch_size=32, epochs=1)
