@@ -262,8 +262,7 @@ def distributed_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: 
     arrays = distributed.to_flower(z, grid, shapes)
     train_seconds = time.perf_counter() - t_train
     log.info("round %s: one distributed DP step over %s sampled patients (not sent)", rnd, int(sampled.sum()))
-    spent = site.ledger.commit_round(ticket, 1)
-    worst = site.ledger.spent(site.dataset_fingerprint, worst_case=True)
+    spent, worst = site.ledger.commit_distributed_round(ticket, 1)
     metrics = {"local_steps": 1, "train_seconds": round(train_seconds, 3), "epsilon": spent,
                "epsilon_worst_case": worst, "noise_multiplier": p.noise_multiplier, "sample_rate": p.sample_rate,
                "trusted_sites": p.trusted_sites, "grid_scale": p.scale, "patients": n,

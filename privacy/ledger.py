@@ -30,6 +30,7 @@ Every write is atomic (temp file, fsync, rename) under an exclusive file lock.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import time
@@ -233,10 +234,10 @@ class PrivacyLedger:
             pending = [e for e in same if e["status"] == "pending"]
             attempt = pending[-1]["attempt"] if pending else len(same) + 1
             key = (dataset, run_id, rnd, attempt)
-            related = self._related(state, dataset)
-            before = epsilon(self._history(state, related, skip=key), self.delta)
+            past = self._history(state, self._related(state, dataset), skip=key)
+            before = epsilon(past, self.delta)
             this = mechanism.steps(steps) if mechanism is not None else (noise_multiplier, sample_rate, steps)
-            projected = epsilon(self._history(state, related, skip=key) + [this], self.delta)
+            projected = epsilon(past + [this], self.delta)
             if plan is not None and projected > plan.epsilon_cap + EPSILON_SLACK:
                 raise BudgetError(
                     f"round {rnd} refused: run {run_id} may bring this site's spend to epsilon "
@@ -287,6 +288,17 @@ class PrivacyLedger:
 
     def commit_round(self, ticket: RoundTicket, executed_steps: int) -> float:
         """Record the steps actually run; returns the dataset's cumulative epsilon."""
+        return self._commit(ticket, executed_steps)[0]
+
+    def commit_distributed_round(self, ticket: RoundTicket, executed_steps: int) -> tuple[float, float]:
+        """commit_round for a distributed round: (epsilon under the trust assumption, worst-case epsilon with
+        the site's own noise share alone), both as recorded in the entry."""
+        spent, worst = self._commit(ticket, executed_steps)
+        if worst is None:
+            raise BudgetError(f"round {ticket.round} of run {ticket.run_id} is not a distributed round")
+        return spent, worst
+
+    def _commit(self, ticket: RoundTicket, executed_steps: int) -> tuple[float, float | None]:
         if executed_steps > ticket.planned_steps:
             raise BudgetError(f"round {ticket.round} ran {executed_steps} steps, more than the "
                               f"{ticket.planned_steps} checked against the budget")
@@ -299,20 +311,23 @@ class PrivacyLedger:
             else:
                 raise BudgetError(f"{self.path}: no pending entry for round {ticket.round}; was the ledger replaced?")
             related = self._related(state, ticket.dataset)
-            spent = epsilon(self._history(state, related), self.delta)
-            for e in state["entries"]:
-                if (e["dataset"], e["run_id"], e["round"], e["attempt"]) == (
-                        ticket.dataset, ticket.run_id, ticket.round, ticket.attempt):
-                    e["epsilon_after"] = spent
-                    if "mechanism" in e:  # the second number of a distributed round: the site's share alone
-                        e["epsilon_worst_case_after"] = epsilon(self._history(state, related, worst_case=True),
+            spent, worst = epsilon(self._history(state, related), self.delta), None
+            e["epsilon_after"] = spent
+            if "mechanism" in e:  # the second number of a distributed round: the site's share alone
+                worst = e["epsilon_worst_case_after"] = epsilon(self._history(state, related, worst_case=True),
                                                                 self.delta)
             self._write(state)
-        return spent
+        return spent, worst
 
 
 def _mechanism(entry: dict, worst_case: bool = False) -> Mechanism:
     """A ledger entry as the accountant takes it."""
     if entry.get("mechanism", {}).get("kind") == "skellam":
-        return SkellamPlan.from_dict(entry["mechanism"]).steps(entry["steps"], worst_case=worst_case)
+        return _skellam_steps(tuple(sorted(entry["mechanism"].items())), entry["steps"], worst_case)
     return (entry["noise_multiplier"], entry["sample_rate"], entry["steps"])
+
+
+@functools.lru_cache(maxsize=1024)
+def _skellam_steps(mechanism: tuple, steps: int, worst_case: bool) -> Mechanism:
+    """Memoised: a distributed run's entries all carry the same plan, and every budget check reads them all."""
+    return SkellamPlan.from_dict(dict(mechanism)).steps(steps, worst_case=worst_case)
