@@ -100,11 +100,13 @@ class RunConfig(BaseModel):
     # DP-SGD defaults, tuned on the 8-hospital pan-cancer federation (README, "Federated training")
     local_epochs: int = Field(2, alias="local-epochs", ge=1)
     batch_size: int = Field(256, alias="batch-size", ge=1, description="expected batch (Poisson sampling under DP)")
-    lr: float = Field(0.02, gt=0)
+    lr: float = Field(1.0, gt=0, description="peak local learning rate; 1.0 is the DP recipe's (SGD with momentum, "
+                      "per-sample clipping bounds each step). Without DP use 0.2 with batch-size 64 (SGD) or 0.002 "
+                      "(AdamW), as `oncofed simulate --no-dp` does")
     local_optimizer: Literal["adamw", "sgd"] = Field(
-        "adamw", alias="local-optimizer", description="'adamw' (with DP; the default) or 'sgd' with momentum (without "
-        "DP, lr about 0.2: it finds the cancer types confined to hospitals that lack their look-alikes, which AdamW "
-        "misses; README 'Federated training')")
+        "sgd", alias="local-optimizer", description="'sgd' with momentum (the default, with and without DP: chosen on "
+        "the sites' validation parts, docs/results.md 'Site mode, chosen on the sites' validation parts') or "
+        "'adamw' (lr 0.02 with DP, 0.002 without)")
     momentum: float = Field(0.9, ge=0, lt=1, description="momentum of local-optimizer 'sgd'")
     weight_decay: float = Field(1e-4, alias="weight-decay", ge=0)
     warmup_fraction: float = Field(0.1, alias="warmup-fraction", ge=0, lt=1)

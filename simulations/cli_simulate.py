@@ -21,8 +21,8 @@ def simulate(
     secagg: bool = typer.Option(True, "--secagg/--no-secagg", help="Flower SecAgg+"),
     strategy: str = typer.Option("fedavg", help="fedavg | fedprox | fedadam"),
     local_epochs: int = typer.Option(2, min=1),
-    lr: float | None = typer.Option(None, help="peak local learning rate [default: 0.02 with DP (AdamW); without DP "
-                                    "0.2 (SGD with momentum), 0.002 with --set local-optimizer=adamw]"),
+    lr: float | None = typer.Option(None, help="peak local learning rate [default, SGD with momentum: 1 with DP, 0.2 "
+                                    "without; with --set local-optimizer=adamw: 0.02 with DP, 0.002 without]"),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1,
                                           help="(expected, under DP) batch size [default: 256 with DP, 64 without]"),
     eval_data: bool = typer.Option(False, "--eval-data/--no-eval-data",

@@ -299,7 +299,7 @@ def test_stopping_the_local_superlink_ends_what_it_started_in_other_sessions(tmp
         time.sleep(0.1)
 
 
-def test_simulated_federations_default_to_sgd_without_dp_and_adamw_with_it(tmp_path):
+def test_simulated_federations_default_to_sgd_with_the_recipe_of_their_privacy(tmp_path):
     from simulations.federation import federation_config
 
     def cfg(dp, **extra):
@@ -309,7 +309,8 @@ def test_simulated_federations_default_to_sgd_without_dp_and_adamw_with_it(tmp_p
 
     assert cfg(False) == ("sgd", 0.2, 64)
     assert cfg(False, **{"local-optimizer": "adamw"}) == ("adamw", 0.002, 64)
-    assert cfg(True) == ("adamw", 0.02, 256)
+    assert cfg(True) == ("sgd", 1.0, 256)
+    assert cfg(True, **{"local-optimizer": "adamw"}) == ("adamw", 0.02, 256)
 
 
 def test_held_out_f1_is_split_by_how_many_patients_a_type_has_across_the_federation():
