@@ -24,15 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared_models.schema import FeatureSchema
-
-try:
-    import orjson as _orjson
-except ImportError:  # optional: the standard library parses the same documents, slower
-    _orjson = None
 from shared_models.site_data import TABLE_SUFFIXES, TableError, read_table
 from shared_models.validation import FLOAT32_MAX, Problem, check_prediction_tables
 
@@ -136,11 +132,10 @@ def parse_json(body: bytes, limits: ServeSettings):
     if depth > limits.max_json_depth:
         raise PredictionInputError([{"loc": "body", "code": "too_deep", "msg": f"JSON nested {depth} levels deep; "
                                      f"at most {limits.max_json_depth} (a prediction request needs 5)"}])
-    if _orjson is not None:
-        try:  # ~3x faster; anything it refuses (NaN literals, huge integers, lone surrogates) is left to json
-            return _orjson.loads(body)
-        except _orjson.JSONDecodeError:
-            pass
+    try:  # ~3x faster; anything it refuses (NaN literals, huge integers, lone surrogates) is left to json
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as e:
