@@ -1,0 +1,226 @@
+"""The site service's HTTP routes, grouped by purpose: predictions and explanations, the model and its
+versions, operations (health, metrics, limits, the page) and the offline API docs.
+
+Each group is a function that adds its routes to the app; they share the service's state (`client.serve.Site`)
+and its token check (`role(permission)`, a FastAPI dependency), both passed in.
+"""
+
+import asyncio
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import orjson
+
+from client.serve_queue import QueueFull
+
+if TYPE_CHECKING:
+    from client.serve import Site
+
+
+def _encode(body: dict) -> bytes:
+    """JSON of an answer with orjson (~5x faster than json.dumps on the event loop)."""
+    return orjson.dumps(body)
+
+
+def prediction_routes(app, site: "Site", role) -> None:
+    """POST /v1/predict and /v1/predict/file: parse and check off the event loop, then queue for the model."""
+    from anyio import CapacityLimiter, to_thread
+    from fastapi import Depends, HTTPException, Request, UploadFile
+    from fastapi.responses import JSONResponse, Response
+
+    from client.prediction_input import (DecompressedBudget, PredictionInputError, checked_json, checked_tables,
+                                         parse_json, store_upload)
+
+    parsing = CapacityLimiter(2)  # request parsing never occupies more threads than the machine has cores
+
+    def refused(e: PredictionInputError, endpoint: str):
+        site.metrics.errors.labels(endpoint, "too_large" if e.status == 413 else "invalid_input").inc()
+        return JSONResponse({"detail": e.problems}, status_code=e.status)
+
+    async def answer(checked, top_k: int, who: dict, lm, endpoint: str, via: str):
+        queue = site.explanations if top_k else site.predictions
+        try:
+            version, rows = await queue.submit(checked.ids, checked.raw, top_k, who, lm, {"via": via})
+        except QueueFull as e:
+            site.metrics.errors.labels(endpoint, "queue_full").inc()
+            return JSONResponse({"detail": str(e)}, status_code=503, headers={"Retry-After": str(e.retry_after)})
+        except asyncio.TimeoutError:
+            site.metrics.errors.labels(endpoint, "timeout").inc()
+            raise HTTPException(503, "the model did not answer within 120 s (overloaded?); retry later") from None
+        for row, note in zip(rows, checked.notes):
+            row.update(note)
+            confidence = row["probabilities"][row["predicted"]]
+            if confidence < site.limits.low_confidence:
+                row["warnings"] = row["warnings"] + [{"code": "low_confidence", "msg": f"the most likely class has "
+                                                      f"probability {confidence:.0%} (below "
+                                                      f"{site.limits.low_confidence:.0%}): no confident answer"}]
+        body = {"model_version": version, "calibrated": lm.calibration is not None, "warnings": checked.warnings,
+                "degraded": site.predictor.degraded, "predictions": rows}
+        if len(rows) <= 8:
+            return Response(_encode(body), media_type="application/json")
+        # a large answer is encoded off the event loop, which keeps answering /health meanwhile
+        encoded = await to_thread.run_sync(lambda: _encode(body), limiter=parsing)
+        return Response(encoded, media_type="application/json")
+
+    def via(request: Request) -> str:
+        return "page" if request.headers.get("x-oncofed-client") == "page" else "api"
+
+    @app.post("/v1/predict")
+    async def predict(request: Request, who: dict = Depends(role("predict"))):
+        """{"patients": [{"id": ..., "modalities": {MODALITY: {FEATURE: value or null}}}], "top_k": 5}"""
+        lm = site.current()  # parsed and scored with this one model, even if another is activated meanwhile
+        body = await request.body()
+
+        def parse():
+            data = parse_json(body, site.limits)
+            patients = data.get("patients") if isinstance(data, dict) else None
+            top_k = data.get("top_k", 5) if isinstance(data, dict) else 5
+            if not isinstance(patients, list) or not patients:
+                raise PredictionInputError([{"loc": "body.patients", "code": "no_patients",
+                                             "msg": "a non-empty list of patients is required"}])
+            if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= 50:
+                raise PredictionInputError([{"loc": "body.top_k", "code": "bad_top_k", "msg": "an integer from 0 to 50"}])
+            return checked_json(lm, patients, site.limits), top_k
+
+        try:
+            checked, top_k = await to_thread.run_sync(parse, limiter=parsing)
+        except PredictionInputError as e:
+            return refused(e, "/v1/predict")
+        return await answer(checked, top_k, who, lm, "/v1/predict", via(request))
+
+    @app.post("/v1/predict/file")
+    async def predict_file(request: Request, files: list[UploadFile], top_k: int = 5,
+                           who: dict = Depends(role("predict"))):
+        lm = site.current()
+        top_k = min(max(top_k, 0), 50)
+
+        def parse():
+            budget = DecompressedBudget(site.limits)
+            with tempfile.TemporaryDirectory() as tmp:
+                for f in files:
+                    name = Path(f.filename or "").name
+                    if not name or name.startswith("."):
+                        raise PredictionInputError([{"loc": "files", "code": "no_name", "msg": "each file needs a "
+                                                     "name: MODALITY.csv / .tsv / .parquet (optionally .gz)"}])
+                    f.file.seek(0)
+                    store_upload(iter(lambda: f.file.read(1 << 20), b""), Path(tmp) / name, budget,
+                                 site.limits.max_patients)
+                return checked_tables(lm, Path(tmp), site.limits)
+
+        try:
+            checked = await to_thread.run_sync(parse, limiter=parsing)
+        except PredictionInputError as e:  # InputTooLarge too (413)
+            return refused(e, "/v1/predict/file")
+        return await answer(checked, top_k, who, lm, "/v1/predict/file", via(request))
+
+
+def model_routes(app, site: "Site", role) -> None:
+    """The active model (read) and model management (admin)."""
+    from fastapi import Depends, HTTPException
+    from pydantic import BaseModel
+
+    from client.class_names import names_for
+
+    class Activate(BaseModel):
+        version: str | None = None
+        rollback: bool = False
+
+    @app.get("/v1/model")
+    def model_info(who: dict = Depends(role("read"))):
+        lm = site.current()
+        p = lm.package
+        return {"version": lm.version, "run": p.get("run"), "round": p.get("round"),
+                "weights_sha256": p.get("weights_sha256"), "arrays_sha256": p.get("arrays_sha256"),
+                "signature": lm.signature, "metrics": p.get("metrics", {}), "site_epsilon": p.get("site_epsilon", {}),
+                "delta": p.get("delta"), "schema_hash": p.get("schema_hash"), "classes": lm.schema.classes,
+                "class_names": names_for(lm.schema),
+                "calibration": lm.calibration and {k: lm.calibration[k] for k in (
+                    "temperature", "heldout", "n_fit", "n_heldout", "fitted")},
+                "degraded": site.predictor.degraded,
+                "modalities": [{"name": m.name, "features": len(m.features), "description": m.description}
+                               for m in lm.schema.modalities]}
+
+    @app.get("/v1/models")
+    def models(who: dict = Depends(role("manage"))):
+        store = site.predictor.store
+        return {"active": store.active(), "versions": [
+            {"version": v, **{k: store.package(v).get(k) for k in ("run", "round", "installed", "arrays_sha256")}}
+            for v in store.versions()]}
+
+    @app.post("/v1/models/activate")
+    def activate(body: Activate, who: dict = Depends(role("manage"))):
+        predictor = site.predictor
+        store = predictor.store
+        versions, active = store.versions(), store.active()
+        if body.rollback:
+            older = [v for v in versions if active is None or v < active]
+            if not older:
+                raise HTTPException(409, f"nothing to roll back to: {active} is the oldest installed version")
+            target = older[-1]
+        elif body.version in versions:
+            target = body.version
+        else:
+            raise HTTPException(404, f"version {body.version!r} not installed; installed: {', '.join(versions)}")
+        try:
+            predictor._load(target)  # verify before switching: a bad package never becomes active
+        except Exception as e:  # noqa: BLE001
+            raise HTTPException(409, f"{target} does not verify: {e}") from None
+        store.activate(target)
+        predictor.refresh()
+        site.audit.append("model_activated", version=target, previous=active, token=who["name"])
+        return {"active": target, "previous": active}
+
+
+def operations_routes(app, site: "Site") -> None:
+    """/health, /metrics, /v1/limits and the page: no token needed."""
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    @app.get("/health")
+    async def health():  # on the event loop: no thread hop, answers while the workers are busy
+        predictor = site.predictor
+        try:
+            predictor.refresh()
+        except Exception:  # noqa: BLE001 - reported below
+            pass
+        if predictor.current is None:
+            reason = predictor.failed[1] if predictor.failed else "no model"
+            return JSONResponse({"status": "unhealthy", "model_version": None, "reason": reason}, status_code=503)
+        if predictor.degraded:
+            return {"status": "degraded", "model_version": predictor.current.version, **predictor.degraded}
+        return {"status": "ok", "model_version": predictor.current.version,
+                "queues": {"predictions": site.predictions.waiting, "explanations": site.explanations.waiting}}
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(generate_latest(site.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/limits")
+    def limits():
+        """What the page states before an upload."""
+        lim = site.limits
+        return {"max_patients": lim.max_patients, "max_body_mb": lim.max_body_mb,
+                "max_decompressed_mb": lim.max_decompressed_mb, "min_coverage": lim.min_coverage,
+                "warn_coverage": lim.warn_coverage, "out_of_range_sd": lim.out_of_range_sd,
+                "refuse_out_of_range": lim.refuse_out_of_range, "low_confidence": lim.low_confidence,
+                "formats": ".csv, .tsv, .txt, .parquet, each optionally .gz"}
+
+    @app.get("/", response_class=HTMLResponse)
+    def page():
+        return (Path(__file__).parent / "web" / "index.html").read_text()
+
+
+def offline_docs(app) -> None:
+    """/docs with no internet: a plain list of the routes from the OpenAPI document (no CDN assets)."""
+    from fastapi.responses import HTMLResponse
+
+    @app.get("/docs", include_in_schema=False, response_class=HTMLResponse)
+    def docs():
+        spec = app.openapi()
+        rows = "".join(f"<tr><td>{m.upper()}</td><td><code>{path}</code></td><td>{op.get('summary', '')}</td>"
+                       f"<td>{(op.get('description') or '').splitlines()[0] if op.get('description') else ''}</td></tr>"
+                       for path, ops in spec["paths"].items() for m, op in ops.items())
+        return ("<!doctype html><meta charset=utf-8><title>OncoFed API</title><h1>OncoFed site prediction API</h1>"
+                "<p>The OpenAPI document: <a href=/openapi.json>/openapi.json</a></p><table border=1 cellpadding=4>"
+                f"<tr><th>method</th><th>path</th><th>summary</th><th>description</th></tr>{rows}</table>")
