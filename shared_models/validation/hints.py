@@ -1,0 +1,120 @@
+"""Guesses at the fix: the class or level a value was meant to be, a rename, why ids or a file do not match."""
+
+from __future__ import annotations
+
+import difflib
+import gzip
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from shared_models.site_data import table_format
+from shared_models.validation.messages import names
+
+
+def norm(name: str) -> str:
+    text = re.sub(r"[^0-9a-z]", "", str(name).lower())
+    return text
+
+
+def closest(value: str, choices: list[str]) -> str | None:
+    value = str(value).strip()
+    if re.fullmatch(r"-?\d+\.0+", value):
+        value = value.split(".")[0]
+    key = norm(value)
+    for c in choices:
+        if str(c) == value or (key and norm(c) == key):
+            return c
+    close = difflib.get_close_matches(value.lower(), [str(c).lower() for c in choices], n=1, cutoff=0.75)
+    if close:
+        return next(c for c in choices if str(c).lower() == close[0])
+    return None
+
+
+def rename_hints(absent: list[str], extra: list[str]) -> str:
+    by_key = {}
+    for f in absent:
+        by_key.setdefault(norm(f), f)
+    pairs = [(c, by_key[norm(c)]) for c in extra if norm(c) in by_key]
+    if not pairs:
+        return ""
+    return names([f"{a!r} -> {b!r}" for a, b in pairs[:4]], quote=False, total=len(pairs))
+
+
+def number_fix(examples) -> str:
+    texts = [str(v) for v, _ in examples]
+    if any("\n" in t for t in texts):
+        return ("a cell holds a line break: look for an unbalanced quote (\") in the file; then write numbers only, "
+                "and leave missing cells empty")
+    if any(re.fullmatch(r"-?\d+,\d+", t.strip()) for t in texts):
+        return "write decimals with a point (1.5, not 1,5) and no thousands separators"
+    return "write numbers only (no units or text; decimal point '.'); leave a missing value empty or write NA"
+
+
+def id_mismatch_hint(ids: pd.Index, label_ids: pd.Index) -> str | None:
+    lengths = label_ids.str.len()
+    if len(lengths):
+        n = int(lengths.value_counts().idxmax())
+        if (ids.str.len() > n).mean() > 0.5 and len(ids.str[:n].intersection(label_ids)):
+            return (f"the ids here are longer than the patient ids in the labels (e.g. {ids[0]!r}): cut them to "
+                    f"the patient id ({n} characters), keeping one row per patient")
+    if len(ids.str.upper().intersection(label_ids.str.upper())):
+        return "the ids differ only in upper/lower case: write them exactly as in the labels table"
+    return None
+
+
+def content_hint(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return None
+    name = path.name.lower()
+    gz = head[:2] == b"\x1f\x8b"
+    if name.endswith(".gz") and not gz:
+        return "the file is not gzip-compressed although its name ends in .gz: compress it, or drop '.gz'"
+    if gz and not name.endswith(".gz"):
+        return "the file is gzip-compressed: add '.gz' to its name"
+    if gz:
+        return "the compressed file is damaged or incomplete (interrupted copy?): copy or export it again"
+    if name.endswith(".parquet") and head[:4] != b"PAR1":
+        return "this is not a parquet file: export it again with a parquet writer (pandas: df.to_parquet)"
+    if b"\x00" in head and not name.endswith(".parquet"):
+        return "the file holds binary data, not text: export the table again as csv or tsv"
+    return None
+
+
+def id_hint(path: Path, idc: str) -> str | None:
+    """Why a table has no id column `idc`: a saved pandas index, another separator, a near name, a row index."""
+    try:
+        fmt = table_format(path)
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            meta = pq.read_schema(path).pandas_metadata or {}
+            if idc in [c for c in meta.get("index_columns", []) if isinstance(c, str)]:
+                return (f"{idc!r} was saved as the pandas index: write the table with "
+                        "df.reset_index().to_parquet(...)")
+            return None
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        with opener(path, "rb") as fh:
+            header = fh.read(1 << 20).split(b"\n")[0].decode("utf-8", "replace").strip("\r\ufeff")
+    except Exception:  # noqa: BLE001 - a hint is optional
+        return None
+    sep = "," if fmt == "csv" else "\t"
+    if sep not in header:
+        for other, name in ((",", "commas"), ("\t", "tabs"), (";", "semicolons"), ("|", "'|'")):
+            if other != sep and other in header:
+                proper = {",": f"{path.name.split('.')[0]}.csv", "\t": f"{path.name.split('.')[0]}.tsv"}
+                rename = f", or rename the file to {proper[other]}" if other in proper else ""
+                return (f"the header is separated by {name}, but a {fmt} file must be separated by "
+                        f"{'commas' if sep == ',' else 'tabs'}: export it again with that separator{rename}")
+    cells = [c.strip().strip('"') for c in header.split(sep)]
+    near = [c for c in cells if c.lower() == idc.lower() or norm(c) == norm(idc)]
+    if near:
+        return f"rename the column {near[0]!r} to {idc!r} (names are case-sensitive)"
+    if cells and cells[0] in ("", "Unnamed: 0", "index", "X", "rownames"):
+        return (f"the first column has no usable name (a saved row index?): name it {idc!r}, or export "
+                "without the index (pandas: index=False)")
+    return None

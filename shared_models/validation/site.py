@@ -1,0 +1,70 @@
+"""`validate_site`: every file of a site directory, in the order the report lists them."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from shared_models.schema import FeatureSchema
+from shared_models.site_data import LABELS_STEM
+from shared_models.validation.check import Check
+from shared_models.validation.inventory import inventory
+from shared_models.validation.labels import check_labels
+from shared_models.validation.messages import MAX_NAMES, names, plural
+from shared_models.validation.report import ModalitySummary, SiteSummary, ValidationReport
+from shared_models.validation.summary import modality_summary, site_summary
+from shared_models.validation.tables import check_modality
+
+
+def validate_site(schema: FeatureSchema, site_dir: str | Path, min_count: int = 5) -> ValidationReport:
+    """Check every file of a site directory against the schema. Never raises for bad input."""
+    if min_count < 1:
+        raise ValueError(f"min_count must be at least 1, got {min_count}")
+    start = time.perf_counter()
+    check = Check(schema, min_count)
+    summary = _check_site(check, Path(site_dir))
+    return ValidationReport(problems=check.problems, summary=summary, seconds=time.perf_counter() - start)
+
+
+def _check_site(check: Check, site_dir: Path) -> SiteSummary:
+    """The directory, the labels, each modality's table, then the patients no table covers."""
+    schema = check.schema
+    empty = site_summary(check, site_dir, [ModalitySummary(m.name, None, m.n_features, list(m.features), [], 0,
+                                                           None, None) for m in schema.modalities], None)
+    if not site_dir.is_dir():
+        what = "is a file, not a directory" if site_dir.exists() else "does not exist"
+        check.add("error", "no_site_dir", f"{site_dir} {what}",
+                  "pass the site directory that holds labels.csv and one table per modality")
+        return empty
+    try:
+        paths = inventory(check, site_dir)
+    except OSError as e:
+        check.add("error", "unreadable", f"cannot list the directory ({e.strerror})",
+                  "check the path and that you may read it")
+        return empty
+    if LABELS_STEM in paths:
+        check.labels = check.guarded(paths[LABELS_STEM], lambda p: check_labels(check, p))
+    else:
+        check.add("error", "no_labels", "no labels table",
+                  f"add labels.csv (or .tsv, .txt, .parquet, optionally gzipped) with the columns "
+                  f"{schema.id_column!r} and {schema.label_column!r}")
+    summaries, checked = [], {}
+    for m in schema.modalities:
+        path = paths.get(m.name)
+        result = check.guarded(path, lambda p, m=m: check_modality(check, m, p)) if path else None
+        if result is not None:
+            checked[m.name] = result
+        summaries.append(modality_summary(check, m, path, result))
+    if not any(p for name, p in paths.items() if name != LABELS_STEM):
+        check.add("error", "no_modality", "the site has no table for any modality of the schema: nothing to "
+                  "train on", f"add at least one of {names([m + '.csv' for m in schema.modality_names])}")
+    elif check.labels is not None and checked:
+        covered = pd.Index([]).append([c.ids for c in checked.values()])
+        orphans = check.labels.ids.difference(covered)
+        if len(orphans):
+            check.add("warning", "no_data", f"{plural(len(orphans), 'labelled patient')} with no row in any "
+                      "modality table: unusable for training", "add their data, or ignore this if they have "
+                      "none", check.labels.file, rows=orphans[:MAX_NAMES])
+    return site_summary(check, site_dir, summaries, check.labels)
