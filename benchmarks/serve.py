@@ -45,6 +45,7 @@ def prepare(work: Path, site_state: Path | None) -> tuple[dict, Path, list[dict]
     from client.model_store import ModelStore
     from client.predict import Predictor
     from client.serve import TOKENS_FILE, TokenStore
+    from privacy.site_config import SiteConfig
     from shared_models.model import MultiModalTransformer
     from shared_models.run_config import RunConfig
     from shared_models.schema import FeatureSchema
@@ -69,10 +70,9 @@ def prepare(work: Path, site_state: Path | None) -> tuple[dict, Path, list[dict]
         tables = read_site(schema, data / "C0")
         Normalizer.fit(schema, raw_matrix(schema, tables)).save(state / "normalizer.json")
         source = f"initial weights ({model.num_parameters():,} parameters)"
-    settings = {"model-dir": str(model_dir), "state-dir": str(state), "source": source}
-    (work / "site.json").write_text(json.dumps(settings))
-    token = TokenStore(state / TOKENS_FILE).add("bench", "clinician")
-    settings["token"] = token
+    site = SiteConfig(model_dir=str(model_dir), state_dir=str(state))
+    site.write(work / "site.json")
+    settings = {"site": site, "source": source, "token": TokenStore(state / TOKENS_FILE).add("bench", "clinician")}
     # JSON patients from the held-out directory
     pred = Predictor(model_dir, state / "normalizer.json")
     checked = pred.checked_tables(data / "holdout")
@@ -181,12 +181,13 @@ def with_explanations(port: int, token: str, single: list[bytes], explain_body: 
 
 
 def start_server(work: Path, settings: dict, name: str, serve: dict) -> tuple[subprocess.Popen, int]:
+    from privacy.site_config import SiteConfig
     from simulations.federation import free_port
 
-    site = {k: v for k, v in settings.items() if k != "token"}
+    site = settings["site"]
     if serve:
-        site["serve"] = serve
-    (work / f"{name}.json").write_text(json.dumps(site))
+        site = SiteConfig.parse({**site.model_dump(by_alias=True, exclude_unset=True), "serve": serve})
+    site.write(work / f"{name}.json")
     port = free_port()
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
     server = subprocess.Popen([sys.executable, "-m", "oncofed", "serve", "--site-config", str(work / f"{name}.json"),

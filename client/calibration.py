@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from privacy.site_config import SiteConfig
 from shared_models.files import write_text_atomic
 
 FORMAT = "oncofed-calibration/1"
@@ -89,13 +90,13 @@ def site_logits(lm, raw: np.ndarray, batch: int = 512) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, lm.schema.n_classes))
 
 
-def calibrate(settings: dict, data_dir: Path, seed: int = 0) -> dict:
+def calibrate(settings: SiteConfig, data_dir: Path, seed: int = 0) -> dict:
     """Fit the active model's temperature on half of the site's labelled patients; report on the other half."""
     from client.predict import Predictor
     from shared_models.site_data import LABELS_STEM, find_table, read_table
 
-    state = Path(settings["state-dir"])
-    predictor = Predictor(settings["model-dir"], state / "normalizer.json", settings.get("signing-public-key") or None,
+    state = Path(settings.state_dir)
+    predictor = Predictor(settings.model_dir, state / "normalizer.json", settings.signing_public_key or None,
                           calibration_path=state / "calibration.none")  # fitted on the uncalibrated model
     lm = predictor.current
     data_dir = Path(data_dir)

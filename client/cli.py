@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    from privacy.site_config import SiteConfig
 
 
 def register(app: typer.Typer) -> None:
@@ -75,9 +79,9 @@ def site_init(
     except ProvisioningError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(code=2)
-    typer.echo(f"site {name!r} in {directory} for consortium {settings['consortium']!r} at {settings['superlink']}")
+    typer.echo(f"site {name!r} in {directory} for consortium {settings.consortium!r} at {settings.superlink}")
     typer.echo(f"send {directory / 'keys' / 'site.key.pub'} to the operator to register and read them its "
-               f"fingerprint {settings['public-key-sha256']}; the private key never leaves this machine")
+               f"fingerprint {settings.public_key_sha256}; the private key never leaves this machine")
 
 
 def site_start(
@@ -98,12 +102,13 @@ def site_start(
     Exit 4: Flower's loop ended on an error (e.g. the server failed for longer than --retry-seconds): restart it
     (the systemd unit in docs/systemd/ does, Restart=always).
     """
-    from client.supernode import SiteConfigError, load_site, run_supernode, site_checks
+    from client.supernode import load_site, run_supernode, site_checks
     from privacy.preflight import PreflightError, report
+    from privacy.site_config import SiteConfigError
 
     try:
         settings = load_site(directory)
-        typer.echo(report(f"site {settings['site-name']!r}",
+        typer.echo(report(f"site {settings.site_name!r}",
                           site_checks(settings, port, schema, superlink or None)))
     except (SiteConfigError, PreflightError) as e:
         typer.echo(str(e), err=True)
@@ -132,23 +137,18 @@ def site_privacy_audit(
     confidence (a DP bug); 2: the audit cannot run (the message says why).
     """
     from client.privacy_audit import PrivacyAuditError, audit, format_report, verdict, write_outputs
-    from shared_models.files import read_json_file
+    from privacy.site_config import SiteConfig, SiteConfigError
 
     try:
-        settings = read_json_file(directory / "site.json", PrivacyAuditError,
-                                  "pass the directory written by `oncofed site init`")
-        missing = [k for k in ("site-name", "data-path", "state-dir", "model-dir") if not settings.get(k)]
-        if missing:
-            raise PrivacyAuditError(f"{directory / 'site.json'}: {', '.join(missing)} not set; add them (`oncofed site "
-                                    "init` writes them)")
-        report = audit(Path(settings["data-path"]), Path(settings["state-dir"]), Path(settings["model-dir"]),
-                       settings["site-name"], val_fraction=val_fraction, seed=seed,
-                       min_count=int(settings.get("min-count", 5)), lira_models=lira_models, lira_epochs=lira_epochs,
-                       confidence=confidence, version=version or None,
-                       signing_public_key=settings.get("signing-public-key") or None)
-        target = out or Path(settings["state-dir"]) / "privacy-audit" / report["model_version"]
+        settings = SiteConfig.load(directory / "site.json").require("site-name", "data-path",
+                                                                    fix="set it (`oncofed site init` writes it)")
+        report = audit(Path(settings.data_path), Path(settings.state_dir), Path(settings.model_dir),
+                       settings.site_name, val_fraction=val_fraction, seed=seed, min_count=settings.min_count,
+                       lira_models=lira_models, lira_epochs=lira_epochs, confidence=confidence,
+                       version=version or None, signing_public_key=settings.signing_public_key or None)
+        target = out or Path(settings.state_dir) / "privacy-audit" / report["model_version"]
         json_path, plot = write_outputs(report, target)
-    except PrivacyAuditError as e:
+    except (PrivacyAuditError, SiteConfigError) as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(code=2)
     except OSError as e:
@@ -160,12 +160,12 @@ def site_privacy_audit(
     raise typer.Exit(code=1 if report["flagged"] else 0)
 
 
-def _site_settings(site_config: Path) -> dict:
-    from shared_models.files import read_json_file
+def _site_settings(site_config: Path) -> SiteConfig:
+    from privacy.site_config import SiteConfig, SiteConfigError
 
     try:
-        return read_json_file(site_config, ValueError, "pass --site-config the site.json written by `oncofed site init`")
-    except ValueError as e:
+        return SiteConfig.load(site_config)
+    except SiteConfigError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(code=2)
 
@@ -215,7 +215,7 @@ def token_add(
 
     settings = _site_settings(site_config)
     try:
-        token = TokenStore(Path(settings["state-dir"]) / TOKENS_FILE).add(name, role, replace=replace)
+        token = TokenStore(Path(settings.state_dir) / TOKENS_FILE).add(name, role, replace=replace)
     except ValueError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(code=2)
@@ -231,7 +231,7 @@ def token_list(
     from client.serve import TOKENS_FILE, TokenStore
 
     settings = _site_settings(site_config)
-    tokens = TokenStore(Path(settings["state-dir"]) / TOKENS_FILE).list()
+    tokens = TokenStore(Path(settings.state_dir) / TOKENS_FILE).list()
     if not tokens:
         typer.echo("no tokens; create one with `oncofed serve token add --name NAME --role clinician`")
         return
@@ -269,7 +269,7 @@ def token_revoke(
     from client.serve import TOKENS_FILE, TokenStore
 
     settings = _site_settings(site_config)
-    if not TokenStore(Path(settings["state-dir"]) / TOKENS_FILE).revoke(name):
+    if not TokenStore(Path(settings.state_dir) / TOKENS_FILE).revoke(name):
         typer.echo(f"no token named {name!r}", err=True)
         raise typer.Exit(code=1)
 
@@ -305,17 +305,15 @@ def predict(
 
     from client.model_store import ModelStoreError
     from client.predict import PredictionInputError, Predictor
-    from client.prediction_input import ServeSettings
     from client.serve import _site_salt, prediction_entry
     from privacy.audit import AuditLog
 
     settings = _site_settings(site_config)
-    state = Path(settings["state-dir"])
+    state = Path(settings.state_dir)
     audit = AuditLog(state / "audit.jsonl")
     try:
-        limits = ServeSettings.from_site(settings).model_copy(update={"max_patients": 10**9})
-        predictor = Predictor(settings["model-dir"], state / "normalizer.json",
-                              settings.get("signing-public-key") or None,
+        limits = settings.serve.model_copy(update={"max_patients": 10**9})
+        predictor = Predictor(settings.model_dir, state / "normalizer.json", settings.signing_public_key or None,
                               on_fallback=lambda entry: audit.append("model_fallback", **entry))
         checked = predictor.checked_tables(data, limits)
     except PredictionInputError as e:  # the service's contract: the same problems, one per line

@@ -26,47 +26,11 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from privacy.site_config import ServeSettings
 from shared_models.schema import FeatureSchema
 from shared_models.site_data import TABLE_SUFFIXES, TableError, read_table
 from shared_models.validation import FLOAT32_MAX, Problem, check_prediction_tables
-
-
-class ServeSettings(BaseModel):
-    """The `serve` object of site.json (every key optional): limits and what the service refuses."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    min_coverage: float = Field(0.02, ge=0, le=1, alias="min-coverage",
-                                description="refuse a patient with a smaller share of the schema's features")
-    warn_coverage: float = Field(0.5, ge=0, le=1, alias="warn-coverage", description="flag coverage below this")
-    out_of_range_sd: float = Field(6.0, gt=0, alias="out-of-range-sd",
-                                   description="flag values this many SDs from the site's training mean")
-    refuse_out_of_range: bool = Field(False, alias="refuse-out-of-range")
-    low_confidence: float = Field(0.5, ge=0, le=1, alias="low-confidence",
-                                  description="flag a prediction whose probability is below this")
-    max_patients: int = Field(1000, ge=1, alias="max-patients")
-    max_body_mb: float = Field(50, gt=0, alias="max-body-mb")
-    max_decompressed_mb: float = Field(64, gt=0, alias="max-decompressed-mb")
-    max_json_depth: int = Field(32, ge=6, alias="max-json-depth")
-    max_problems: int = Field(50, ge=1, alias="max-problems")
-    queue_patients: int = Field(4096, ge=1, alias="queue-patients",
-                                description="patients waiting for the model; more: 503 with Retry-After")
-    explain_queue_patients: int = Field(2000, ge=1, alias="explain-queue-patients")
-    batch_window_ms: float = Field(0.0, ge=0, le=100, alias="batch-window-ms",
-                                   description="wait this long for more requests before scoring a batch")
-    api_docs: bool = Field(False, alias="api-docs", description="serve /docs (Swagger UI, bundled: no internet)")
-
-    @classmethod
-    def from_site(cls, settings: dict) -> "ServeSettings":
-        try:
-            return cls.model_validate(settings.get("serve") or {})
-        except ValidationError as e:
-            first = e.errors()[0]
-            key = ".".join(str(x) for x in first["loc"])
-            raise ValueError(f"site.json: serve.{key}: {first['msg']}; fix the value or remove the key "
-                             f"(keys: {', '.join(f.alias for f in cls.model_fields.values())})") from None
 
 
 class PredictionInputError(ValueError):

@@ -27,6 +27,7 @@ from client.predict import Predictor, format_predictions, tables_to_raw
 from client.serve_queue import ModelQueue
 from client.serve_routes import model_routes, offline_docs, operations_routes, prediction_routes
 from privacy.audit import AuditLog
+from privacy.site_config import SiteConfig
 from shared_models.files import write_json_atomic
 
 ROLES = {"clinician": {"predict", "read"}, "admin": {"predict", "read", "manage"}}
@@ -191,17 +192,15 @@ class RequestMetrics:
 class Site:
     """What the routes share: the model, tokens, audit log, limits, queues and metrics."""
 
-    def __init__(self, settings: dict, audit_predictions: bool, max_body_bytes: int | None):
-        from client.prediction_input import ServeSettings
-
-        self.limits = ServeSettings.from_site(settings)
+    def __init__(self, settings: SiteConfig, audit_predictions: bool, max_body_bytes: int | None):
+        self.limits = settings.serve
         if max_body_bytes is not None:
             self.limits = self.limits.model_copy(update={"max_body_mb": max_body_bytes / (1024 * 1024)})
         self.max_body_bytes = int(self.limits.max_body_mb * 1024 * 1024)
-        self.state_dir = Path(settings["state-dir"])
+        self.state_dir = Path(settings.state_dir)
         self.audit = AuditLog(self.state_dir / "audit.jsonl")
-        self.predictor = Predictor(settings["model-dir"], self.state_dir / "normalizer.json",
-                                   settings.get("signing-public-key") or None, on_fallback=self._fell_back)
+        self.predictor = Predictor(settings.model_dir, self.state_dir / "normalizer.json",
+                                   settings.signing_public_key or None, on_fallback=self._fell_back)
         self.tokens = TokenStore(self.state_dir / TOKENS_FILE)
         self.salt = _site_salt(self.state_dir)
         self.audit_predictions = audit_predictions
@@ -262,7 +261,7 @@ def _auth(site: Site):
     return role
 
 
-def create_app(settings: dict, *, audit_predictions: bool = True, threads: int = 1,
+def create_app(settings: SiteConfig, *, audit_predictions: bool = True, threads: int = 1,
                max_body_bytes: int | None = None):
     """The service for one site (site.json's settings): its state, the middleware, then the routes by group
     (client/serve_routes.py)."""
@@ -292,18 +291,18 @@ def create_app(settings: dict, *, audit_predictions: bool = True, threads: int =
     return app
 
 
-def fit_normalizer(settings: dict, data_dir: Path, schema_path: Path | None = None) -> tuple[Path, int]:
+def fit_normalizer(settings: SiteConfig, data_dir: Path, schema_path: Path | None = None) -> tuple[Path, int]:
     """A new hospital: fit the normalisation on its own (unlabelled) patients, for the active model's schema."""
     from client.model_store import ModelStore
     from shared_models.schema import FeatureSchema
     from shared_models.site_data import Normalizer
 
-    store = ModelStore(settings["model-dir"])
+    store = ModelStore(settings.model_dir)
     active = store.active()
     if schema_path is None and active is None:
-        raise ValueError(f"{settings['model-dir']}: no model installed; pass --schema")
+        raise ValueError(f"{settings.model_dir}: no model installed; pass --schema")
     schema = FeatureSchema.load(schema_path or store.root / active / "schema.json")
     ids, raw = tables_to_raw(schema, Path(data_dir))
-    path = Path(settings["state-dir"]) / "normalizer.json"
+    path = Path(settings.state_dir) / "normalizer.json"
     Normalizer.fit(schema, raw).save(path)
     return path, len(ids)

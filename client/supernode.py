@@ -18,7 +18,7 @@ import types
 from pathlib import Path
 
 from privacy.preflight import Check, check_ca, check_port_free, check_reachable, check_site_key
-from shared_models.files import read_json_file
+from privacy.site_config import SiteConfig
 
 UNREGISTERED_EXIT = 305  # flwr's exit code when the SuperLink refuses to activate the node (e.g. unknown key)
 
@@ -31,62 +31,50 @@ SERVER_ERROR_RETRY_SECONDS = 600.0
 RETRIED_STATUS = frozenset({429, 500, 502, 503, 504})
 
 
-class SiteConfigError(ValueError):
-    """site.json is missing or wrong: names the file and key."""
+def load_site(site_dir: str | Path) -> SiteConfig:
+    """The site's settings with everything the SuperNode needs set, or SiteConfigError naming the key."""
+    return SiteConfig.load(Path(site_dir).resolve() / "site.json").require(
+        "site-name", "superlink", "root-certificates", "auth-supernode-private-key", "privacy-budget", "data-path",
+        fix="run `oncofed site init` again or set it")
 
 
-def load_site(site_dir: str | Path) -> dict:
-    site_dir = Path(site_dir).resolve()
-    settings = read_json_file(site_dir / "site.json", SiteConfigError,
-                              "pass the directory written by `oncofed site init`")
-    for key in ("site-name", "superlink", "root-certificates", "auth-supernode-private-key", "state-dir",
-                "model-dir", "privacy-budget", "data-path"):
-        if key not in settings:
-            raise SiteConfigError(f"{site_dir / 'site.json'}: key {key!r} is missing; run `oncofed site init` again "
-                                  "or add it")
-    if not settings["data-path"]:
-        raise SiteConfigError(f"{site_dir / 'site.json'}: data-path is empty: set it to the site directory of tables "
-                              "(see `oncofed validate`)")
-    return settings
-
-
-def node_config(settings: dict) -> str:
+def node_config(settings: SiteConfig) -> str:
     """The SuperNode's --node-config: the ClientApp reads the site's authority from it (client/app.py)."""
     keys = ("data-path", "state-dir", "model-dir", "privacy-budget", "site-name", "signing-public-key", "min-count",
             "require-secagg", "min-aggregate-sites", "require-dp", "max-trusted-sites")
-    return " ".join(f"{k}={json.dumps(settings[k])}" for k in keys if k in settings and settings[k] != "")
+    values = settings.model_dump(by_alias=True, exclude_unset=True)
+    return " ".join(f"{k}={json.dumps(values[k])}" for k in keys if values.get(k, "") != "")
 
 
-def site_checks(settings: dict, port: int, schema: Path | None, superlink: str | None = None) -> list[Check]:
-    ca = Path(settings["root-certificates"])
-    checks = [check_ca(ca), check_site_key(Path(settings["auth-supernode-private-key"]))]
-    if settings.get("signing-public-key"):
+def site_checks(settings: SiteConfig, port: int, schema: Path | None, superlink: str | None = None) -> list[Check]:
+    ca = Path(settings.root_certificates)
+    checks = [check_ca(ca), check_site_key(Path(settings.auth_supernode_private_key))]
+    if settings.signing_public_key:
         from privacy.signing import SignatureError, load_public
 
         try:
-            load_public(settings["signing-public-key"])
-            checks.append(Check(f"model-signing trust anchor {settings['signing-public-key']}", True, "Ed25519"))
+            load_public(settings.signing_public_key)
+            checks.append(Check(f"model-signing trust anchor {settings.signing_public_key}", True, "Ed25519"))
         except (SignatureError, OSError, ValueError) as e:
-            checks.append(Check(f"model-signing trust anchor {settings['signing-public-key']}", False,
+            checks.append(Check(f"model-signing trust anchor {settings.signing_public_key}", False,
                                 f"unreadable ({e}); copy signing.pub from the consortium's public/ bundle"))
     else:
         checks.append(Check("model-signing trust anchor", True, "not set: delivered models are installed without "
                             "checking their signature", warning=True))
-    data = Path(settings["data-path"])
+    data = Path(settings.data_path)
     if schema is None:
         checks.append(Check(f"site data {data}", data.is_dir(), "present (pass --schema to validate it)" if
                             data.is_dir() else "not a directory: set data-path in site.json"))
     else:
         checks.append(_data_check(data, schema))
-    for key in ("state-dir", "model-dir"):
-        d = Path(settings[key])
+    for key, d in (("state-dir", Path(settings.state_dir)), ("model-dir", Path(settings.model_dir))):
         try:
             d.mkdir(parents=True, exist_ok=True)
             checks.append(Check(f"{key} {d}", True, "writable"))
         except OSError as e:
             checks.append(Check(f"{key} {d}", False, f"cannot be created ({e.strerror})"))
     checks.append(check_port_free("127.0.0.1", port, "local runtime port"))
-    checks.append(check_reachable(superlink or settings["superlink"], ca, "consortium server"))
+    checks.append(check_reachable(superlink or settings.superlink, ca, "consortium server"))
     return checks
 
 
@@ -189,14 +177,14 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
-def supernode_argv(settings: dict, port: int, superlink: str | None = None) -> list[str]:
-    return ["flower-supernode", "--superlink", superlink or settings["superlink"],
-            "--root-certificates", settings["root-certificates"],
-            "--auth-supernode-private-key", settings["auth-supernode-private-key"],
+def supernode_argv(settings: SiteConfig, port: int, superlink: str | None = None) -> list[str]:
+    return ["flower-supernode", "--superlink", superlink or settings.superlink,
+            "--root-certificates", settings.root_certificates,
+            "--auth-supernode-private-key", settings.auth_supernode_private_key,
             "--port", str(port), "--node-config", node_config(settings)]
 
 
-def run_supernode(settings: dict, port: int, poll_interval: float = 0.5, superlink: str | None = None,
+def run_supernode(settings: SiteConfig, port: int, poll_interval: float = 0.5, superlink: str | None = None,
                   retry_seconds: float = SERVER_ERROR_RETRY_SECONDS) -> int:
     """Run Flower's SuperNode in this process until it stops; returns its exit status (0 only when stopped by
     a signal: Flower's loop never ends on its own, so its end is an error, LOOP_ENDED_EXIT)."""
@@ -226,14 +214,14 @@ def run_supernode(settings: dict, port: int, poll_interval: float = 0.5, superli
     except SystemExit as e:
         code = flwr_codes[0] if flwr_codes else (e.code if isinstance(e.code, int) else 1)
         if code == UNREGISTERED_EXIT:
-            sys.stderr.write(f"site {settings['site-name']!r}: the consortium server refused to activate this site "
-                             f"(flwr exit {UNREGISTERED_EXIT}); the usual cause is a key it has not registered. Send {settings['auth-supernode-private-key']}.pub "
+            sys.stderr.write(f"site {settings.site_name!r}: the consortium server refused to activate this site "
+                             f"(flwr exit {UNREGISTERED_EXIT}); the usual cause is a key it has not registered. Send {settings.auth_supernode_private_key}.pub "
                              "to the operator, who runs `oncofed consortium add-site`; then start again.\n")
             return REFUSED_EXIT
         return code
     # flwr's connection context logs the error that ended the loop and swallows it: without an exit here
     # the process hung (non-daemon Runtime API thread) and a kill exited 0, so systemd never restarted it
-    sys.stderr.write(f"site {settings['site-name']!r}: Flower's SuperNode loop ended on an error (logged above); "
+    sys.stderr.write(f"site {settings.site_name!r}: Flower's SuperNode loop ended on an error (logged above); "
                      f"exiting with code {LOOP_ENDED_EXIT} so that the service manager restarts it\n")
     _exit_now(LOOP_ENDED_EXIT)
     return LOOP_ENDED_EXIT

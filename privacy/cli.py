@@ -47,13 +47,12 @@ def verify(
 
 
 def _site_name(log: Path) -> str | None:
-    import json
+    """site-name of the site.json beside LOG's state directory (or LOG); a site.json there that is wrong says so."""
+    from privacy.site_config import SiteConfig
 
     for d in (log.resolve().parent.parent, log.resolve().parent):
-        try:
-            return str(json.loads((d / "site.json").read_text())["site-name"])
-        except (OSError, ValueError, KeyError):
-            continue
+        if (d / "site.json").is_file() and (name := SiteConfig.load(d / "site.json").site_name):
+            return name
     return None
 
 

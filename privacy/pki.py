@@ -17,7 +17,8 @@ key, and each site's node-authentication key with its trust anchors.
       DIR/trust/ca.crt, signing.pub,    trust anchors and the consortium's schema, accepted only if ca.crt has
                 schema.json             the fingerprint the operator read out, the manifest verifies with
                                         that CA and every file has the manifest's SHA-256
-      DIR/site.json                     the site's settings (data, model store, state, budget, min count)
+      DIR/site.json                     the site's settings (data, model store, state, budget, min count):
+                                        privacy/site_config.py
 
 Why a fingerprint read out of band: a bundle is self-consistent whoever made it, so only a value that
 did not travel with it can tell the consortium's from an attacker's. One value is enough because the
@@ -45,6 +46,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from privacy import MAX_BUDGET
 from privacy.signing import generate_signing_key, write_private
+from privacy.site_config import FILE_FORMAT, SiteConfig
 from shared_models.files import sha256_file
 
 CA_DAYS, SERVER_DAYS = 5 * 365, 397
@@ -217,7 +219,7 @@ def check_bundle(bundle: Path, ca_fingerprint: str) -> dict:
 
 
 def init_site(root: str | Path, name: str, consortium_public: str | Path, data_path: str = "",
-              budget: float = 8.0, min_count: int = 5, *, ca_fingerprint: str) -> dict:
+              budget: float = 8.0, min_count: int = 5, *, ca_fingerprint: str) -> SiteConfig:
     """`ca_fingerprint`: the CA's SHA-256 as the operator read it out (never taken from the bundle itself)."""
     root, bundle = Path(root).resolve(), Path(consortium_public)
     record = check_bundle(bundle, ca_fingerprint)
@@ -236,13 +238,13 @@ def init_site(root: str | Path, name: str, consortium_public: str | Path, data_p
     shutil.copy(bundle / "ca.crt", root / "trust" / "ca.crt")
     shutil.copy(bundle / "signing.pub", root / "trust" / "signing.pub")
     shutil.copy(bundle / "schema.json", root / "trust" / "schema.json")
-    settings = {"format": "oncofed-site/1", "site-name": name, "consortium": record["name"],
-                "superlink": record["address"], "data-path": data_path, "state-dir": str(root / "state"),
-                "model-dir": str(root / "models"), "privacy-budget": float(budget), "min-count": int(min_count),
-                "require-secagg": True, "signing-public-key": str(root / "trust" / "signing.pub"),
-                "root-certificates": str(root / "trust" / "ca.crt"),
-                "auth-supernode-private-key": str(root / "keys" / "site.key"),
-                "schema": str(root / "trust" / "schema.json"), "schema-sha256": record["schema_sha256"],
-                "public-key-sha256": fingerprint(root / "keys" / "site.key.pub")}
-    (root / "site.json").write_text(json.dumps(settings, indent=1) + "\n")
+    settings = SiteConfig.parse({
+        "format": FILE_FORMAT, "site-name": name, "consortium": record["name"], "superlink": record["address"],
+        "data-path": data_path, "state-dir": str(root / "state"), "model-dir": str(root / "models"),
+        "privacy-budget": float(budget), "min-count": int(min_count), "require-secagg": True,
+        "signing-public-key": str(root / "trust" / "signing.pub"), "root-certificates": str(root / "trust" / "ca.crt"),
+        "auth-supernode-private-key": str(root / "keys" / "site.key"), "schema": str(root / "trust" / "schema.json"),
+        "schema-sha256": record["schema_sha256"], "public-key-sha256": fingerprint(root / "keys" / "site.key.pub")},
+        source=str(root / "site.json"))
+    settings.write(root / "site.json")
     return settings

@@ -136,15 +136,15 @@ def _parse_overrides(items: list[str]) -> dict:
 def write_site_configs(out: Path, sites: Path, manifest: dict, cfg: dict) -> list[Path]:
     """A site.json per simulated hospital, as `oncofed site init` writes for a real one, so that
     `oncofed serve --site-config`, `oncofed predict` and `oncofed serve token add` work on the run's output."""
-    from shared_models.files import write_json_atomic
+    from privacy.site_config import SiteConfig
 
     paths = []
     for site in manifest["sites"]:
         root = Path(cfg["site-state-root"]) / site["name"]
-        settings = {"site-name": site["name"], "data-path": str(sites / site["dir"]), "state-dir": str(root / "state"),
-                    "model-dir": str(root / "models"), "signing-public-key": cfg.get("signing-public-key", ""),
-                    "privacy-budget": cfg.get("epsilon")}
+        settings = SiteConfig(site_name=site["name"], data_path=str(sites / site["dir"]), state_dir=str(root / "state"),
+                              model_dir=str(root / "models"), signing_public_key=cfg.get("signing-public-key", ""),
+                              privacy_budget=cfg.get("epsilon"))
         root.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(root / "site.json", settings)
+        settings.write(root / "site.json")
         paths.append(root / "site.json")
     return paths

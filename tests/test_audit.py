@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from privacy.audit import AuditError, AuditLog, verify
+from privacy.site_config import SiteConfig
 
 
 def _log(tmp_path: Path, n: int = 5) -> Path:
@@ -231,7 +232,8 @@ def test_a_recomputed_site_chain_is_detected_by_the_heads_the_server_recorded(tm
 
     site_log = AuditLog(tmp_path / "C0" / "state" / "audit.jsonl")
     site_log.path.parent.mkdir(parents=True)
-    (tmp_path / "C0" / "site.json").write_text(json.dumps({"site-name": "C0"}))
+    SiteConfig(site_name="C0", state_dir=str(site_log.path.parent), model_dir=str(tmp_path / "C0" / "models")).write(
+        tmp_path / "C0" / "site.json")
     server = AuditLog(tmp_path / "op" / "runs" / "r1" / "audit.jsonl")
     for rnd in (1, 2):
         head = site_log.append("round_trained", run="r1-abc", round=rnd, epsilon=0.5 * rnd)["hash"]

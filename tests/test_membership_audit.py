@@ -148,14 +148,14 @@ def federation(tmp_path_factory):
 def _prepared(federation, home):
     """The site's state as training leaves it: its split, normalisation and ledger (client/site.py)."""
     from client.site import SitePaths, prepare_site
+    from privacy.site_config import SiteConfig
     from shared_models.schema import FeatureSchema
 
     schema = FeatureSchema.load(federation / "schema.json")
     paths = SitePaths(federation / "site_00", home / "state", home / "models")
     site = prepare_site(schema, paths, budget_epsilon=8.0, delta=DELTA, val_fraction=0.2, min_count=5, seed=0)
-    (home / "site.json").write_text(json.dumps({"site-name": "site_00", "data-path": str(paths.site_dir),
-                                                "state-dir": str(paths.state_dir), "model-dir": str(paths.model_dir),
-                                                "min-count": 5}))
+    SiteConfig(site_name="site_00", data_path=str(paths.site_dir), state_dir=str(paths.state_dir),
+               model_dir=str(paths.model_dir), min_count=5).write(home / "site.json")
     return schema, site
 
 

@@ -65,7 +65,7 @@ def test_key_permissions_and_kind(consortium, tmp_path):
                      ca_fingerprint=fingerprint(consortium / "ca/ca.crt"))
     assert check_site_key(tmp_path / "s/keys/site.key").ok
     assert not check_site_key(consortium / "server/server.key").ok  # PEM, not OpenSSH
-    assert site["state-dir"].startswith("/")  # absolute: the ClientApp runs elsewhere
+    assert site.state_dir.startswith("/")  # absolute: the ClientApp runs elsewhere
 
 
 def test_port_and_reachability(consortium):

@@ -66,7 +66,9 @@ def test_a_site_key_is_an_openssh_p384_key_as_flower_node_authentication_loads_i
     assert load_ssh_public_key(pub_line.encode()).public_numbers() == key.public_key().public_numbers()
     assert os.stat(tmp_path / "site" / "keys" / "site.key").st_mode & 0o777 == 0o600
     saved = json.loads((tmp_path / "site" / "site.json").read_text())
-    assert saved == settings and saved["privacy-budget"] == 4.0 and saved["superlink"] == "fl.example.org:443"
+    assert saved == settings.model_dump(mode="json", by_alias=True, exclude_unset=True)  # written via the model
+    assert saved["format"] == "oncofed-site/1" and saved["require-secagg"] is True and saved["min-count"] == 5
+    assert saved["privacy-budget"] == 4.0 and saved["superlink"] == "fl.example.org:443"
     assert (tmp_path / "site" / "trust" / "signing.pub").read_bytes() == (consortium / "public" / "signing.pub").read_bytes()
 
 
@@ -127,7 +129,7 @@ def test_the_schema_travels_in_the_bundle_pinned_by_its_hash(consortium, tmp_pat
     assert manifest["schema_sha256"] == fingerprint(bundle / "schema.json")
     FeatureSchema.load(bundle / "schema.json")
     settings = init_site(tmp_path / "site", "C0", bundle, ca_fingerprint=_read_out(consortium))
-    assert settings["schema-sha256"] == manifest["schema_sha256"] == fingerprint(settings["schema"])
+    assert settings.schema_sha256 == manifest["schema_sha256"] == fingerprint(settings.schema_path)
     schema = json.loads((bundle / "schema.json").read_text())
     schema["name"] = str(schema.get("name", "")) + " (edited)"
     (bundle / "schema.json").write_text(json.dumps(schema))

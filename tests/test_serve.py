@@ -19,6 +19,7 @@ import torch
 from client.model_store import ModelStore
 from client.serve import TOKENS_FILE, TokenStore, create_app
 from privacy.audit import verify
+from privacy.site_config import SiteConfig
 from shared_models.model import ModelConfig, MultiModalTransformer
 from shared_models.site_data import Normalizer
 from shared_models.weights import state_arrays
@@ -62,11 +63,16 @@ def site(tmp_path_factory):
             df["stage"] = [m.levels["stage"][int(v)] for v in df["stage"]]
         df.insert(0, schema.id_column, ids)
         df.to_csv(data / f"{m.name}.csv", index=False)
-    settings = {"model-dir": str(root / "models"), "state-dir": str(root / "state")}
-    (root / "site.json").write_text(json.dumps(settings))
+    settings = SiteConfig(model_dir=str(root / "models"), state_dir=str(root / "state"))
+    settings.write(root / "site.json")
     tokens = TokenStore(root / "state" / TOKENS_FILE)
     return {"root": root, "schema": schema, "x": x, "y": y, "settings": settings, "data": data,
             "clinician": tokens.add("dr", "clinician"), "admin": tokens.add("it", "admin")}
+
+
+def _serving(site, serve: dict) -> SiteConfig:
+    """The test site's settings with a `serve` object, checked as site.json is."""
+    return SiteConfig.parse({**site["settings"].model_dump(by_alias=True, exclude_unset=True), "serve": serve})
 
 
 @pytest.fixture(scope="module")
@@ -299,8 +305,8 @@ def test_a_hospital_that_never_trained_fits_its_normalizer_and_serves(site, tmp_
 
     new_state = tmp_path / "state"
     new_state.mkdir()
-    settings = {"model-dir": str(site["root"] / "models"), "state-dir": str(new_state)}
-    (tmp_path / "site.json").write_text(json.dumps(settings))
+    settings = SiteConfig(model_dir=str(site["root"] / "models"), state_dir=str(new_state))
+    settings.write(tmp_path / "site.json")
     with pytest.raises(ModelStoreError, match="fit-normalizer"):
         create_app(settings)
     r = subprocess.run([sys.executable, "-m", "oncofed", "serve", "fit-normalizer", "--site-config",
@@ -408,7 +414,7 @@ def test_values_far_outside_the_training_distribution_are_flagged_or_refused(sit
     mutation = _patient(site, 8)
     mutation["modalities"]["mutation"]["m0"] = 7  # binary
     assert "not_binary" in _codes(_post(client, site, [mutation]))
-    strict = TestClient(create_app({**site["settings"], "serve": {"refuse-out-of-range": True}}))
+    strict = TestClient(create_app(_serving(site, {"refuse-out-of-range": True})))
     r = _post(strict, site, [patient])
     assert r.status_code == 422 and _codes(r) == {"out_of_range"} and "refuse-out-of-range" in r.text
 
@@ -522,7 +528,7 @@ def test_a_full_queue_answers_503_with_retry_after(site):
 
     from fastapi.testclient import TestClient
 
-    app = create_app({**site["settings"], "serve": {"explain-queue-patients": 300}})
+    app = create_app(_serving(site, {"explain-queue-patients": 300}))
     c = TestClient(app)
     first = {}
     t = threading.Thread(target=lambda: first.setdefault("r", c.post(
@@ -543,7 +549,7 @@ def test_a_full_queue_answers_503_with_retry_after(site):
 def test_the_traced_forward_pass_answers_exactly_as_the_model(site):
     from client.predict import Predictor
 
-    lm = Predictor(site["settings"]["model-dir"], site["root"] / "state" / "normalizer.json").current
+    lm = Predictor(site["settings"].model_dir, site["root"] / "state" / "normalizer.json").current
     x = site["x"][:40].clone()
     for i, s in enumerate(lm.model.slices):
         x[i::len(lm.model.slices), s] = float("nan")  # every modality missing for some patients
@@ -563,7 +569,7 @@ def test_an_answer_waits_for_its_audit_commit_while_the_model_scores_the_next_ba
     from client.predict import Predictor, format_predictions
     from client.serve_queue import ModelQueue
 
-    predictor = Predictor(site["settings"]["model-dir"], site["root"] / "state" / "normalizer.json")
+    predictor = Predictor(site["settings"].model_dir, site["root"] / "state" / "normalizer.json")
     lm = predictor.current
     release, committed = threading.Event(), []
 
@@ -608,8 +614,8 @@ def _copy_site(site, tmp_path) -> dict:
     shutil.copytree(site["root"] / "state", tmp_path / "state")
     (tmp_path / "state" / "audit.jsonl").unlink(missing_ok=True)
     (tmp_path / "state" / "audit.head.json").unlink(missing_ok=True)
-    settings = {"model-dir": str(tmp_path / "models"), "state-dir": str(tmp_path / "state")}
-    (tmp_path / "site.json").write_text(json.dumps(settings))
+    settings = SiteConfig(model_dir=str(tmp_path / "models"), state_dir=str(tmp_path / "state"))
+    settings.write(tmp_path / "site.json")
     return settings
 
 
@@ -688,14 +694,14 @@ def test_api_docs_are_off_by_default_and_offline_when_on(site, client):
     from fastapi.testclient import TestClient
 
     assert client.get("/docs").status_code == 404 and client.get("/openapi.json").status_code == 404
-    docs = TestClient(create_app({**site["settings"], "serve": {"api-docs": True}})).get("/docs")
+    docs = TestClient(create_app(_serving(site, {"api-docs": True}))).get("/docs")
     assert docs.status_code == 200 and "/v1/predict" in docs.text and "http" not in docs.text.replace(
         "http-equiv", "")
 
 
 def test_a_bad_serve_setting_names_the_key(site):
     with pytest.raises(ValueError, match="serve.min-coverage"):
-        create_app({**site["settings"], "serve": {"min-coverage": 2}})
+        create_app(_serving(site, {"min-coverage": 2}))
 
 
 def test_simulate_writes_a_site_json_that_serve_starts_from(site, tmp_path):
@@ -709,8 +715,8 @@ def test_simulate_writes_a_site_json_that_serve_starts_from(site, tmp_path):
     manifest = {"sites": [{"name": "C0", "dir": "C0"}]}
     (path,) = write_site_configs(tmp_path, tmp_path / "sites", manifest, {"site-state-root": str(state_root),
                                                                          "epsilon": 8.0})
-    settings = json.loads(path.read_text())
-    assert settings["site-name"] == "C0" and settings["data-path"] == str(tmp_path / "sites" / "C0")
+    settings = SiteConfig.load(path)
+    assert settings.site_name == "C0" and settings.data_path == str(tmp_path / "sites" / "C0")
     c = TestClient(create_app(settings))
     assert c.get("/health").json()["status"] == "ok"
 

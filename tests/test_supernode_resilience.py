@@ -44,8 +44,9 @@ fs = sys.modules["flwr.supernode.cli.flower_supernode"]  # the package attribute
 threading.Thread(target=threading.Event().wait, name="like-the-runtime-api").start()  # non-daemon: used to hang
 fs.flower_supernode = lambda: None  # Flower's loop returns: it swallowed the error that ended it
 from client.supernode import run_supernode
-raise SystemExit(run_supernode({"site-name": "C9", "superlink": "127.0.0.1:1", "root-certificates": "ca.crt",
-                                "auth-supernode-private-key": "site.key"}, port=1))
+from privacy.site_config import SiteConfig
+raise SystemExit(run_supernode(SiteConfig.parse({"site-name": "C9", "superlink": "127.0.0.1:1", "root-certificates": "ca.crt",
+                                "auth-supernode-private-key": "site.key", "state-dir": "state", "model-dir": "models"}), port=1))
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 4, proc.stderr

@@ -1,0 +1,145 @@
+"""A hospital site's settings: its site.json, and the `serve` object in it.
+
+Written by `oncofed site init` (privacy/pki.py) and `oncofed simulate`; read by `oncofed site start`,
+`site privacy-audit`, `serve`, `predict` and `audit verify`. Every key's type, bound, default and
+meaning is defined here once. `SiteConfig.load` refuses an unknown key or a bad value with a message
+naming the file, the key and the fix; a command asks for the keys it needs with `require`. `write`
+writes the keys that were set (a file without a key keeps its default when read), so what a writer
+writes is what a reader reads. It lives beside the provisioning that writes it, below client/.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from privacy import MAX_BUDGET
+from shared_models.files import read_json_file, write_json_atomic
+
+FILE_FORMAT = "oncofed-site/1"
+
+
+class SiteConfigError(ValueError):
+    """site.json is missing or wrong: names the file, the key and the fix."""
+
+
+class ServeSettings(BaseModel):
+    """The `serve` object of site.json (every key optional): limits and what the service refuses."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    min_coverage: float = Field(0.02, ge=0, le=1, alias="min-coverage",
+                                description="refuse a patient with a smaller share of the schema's features")
+    warn_coverage: float = Field(0.5, ge=0, le=1, alias="warn-coverage", description="flag coverage below this")
+    out_of_range_sd: float = Field(6.0, gt=0, alias="out-of-range-sd",
+                                   description="flag values this many SDs from the site's training mean")
+    refuse_out_of_range: bool = Field(False, alias="refuse-out-of-range")
+    low_confidence: float = Field(0.5, ge=0, le=1, alias="low-confidence",
+                                  description="flag a prediction whose probability is below this")
+    max_patients: int = Field(1000, ge=1, alias="max-patients")
+    max_body_mb: float = Field(50, gt=0, alias="max-body-mb")
+    max_decompressed_mb: float = Field(64, gt=0, alias="max-decompressed-mb")
+    max_json_depth: int = Field(32, ge=6, alias="max-json-depth")
+    max_problems: int = Field(50, ge=1, alias="max-problems")
+    queue_patients: int = Field(4096, ge=1, alias="queue-patients",
+                                description="patients waiting for the model; more: 503 with Retry-After")
+    explain_queue_patients: int = Field(2000, ge=1, alias="explain-queue-patients")
+    batch_window_ms: float = Field(0.0, ge=0, le=100, alias="batch-window-ms",
+                                   description="wait this long for more requests before scoring a batch")
+    api_docs: bool = Field(False, alias="api-docs", description="serve /docs (Swagger UI, bundled: no internet)")
+
+
+class SiteConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    file_format: Literal["oncofed-site/1"] = Field(FILE_FORMAT, alias="format", description="the file's format")
+    site_name: str = Field("", alias="site-name", description="the site's name in the consortium (its ledger, "
+                           "audit anchors and the server's records)")
+    consortium: str = Field("", description="the consortium's name, from its public/ bundle")
+    superlink: str = Field("", description="the consortium server's address HOST:PORT (`site start --superlink` "
+                           "overrides it)")
+    data_path: str = Field("", alias="data-path", description="the site directory of tables the site trains on "
+                           "(see `oncofed validate`)")
+    state_dir: str = Field(..., alias="state-dir", min_length=1, description="the site's state: privacy ledger, "
+                           "audit log, tokens, normaliser")
+    model_dir: str = Field(..., alias="model-dir", min_length=1, description="the store of installed global models")
+    privacy_budget: float | None = Field(None, alias="privacy-budget", gt=0, le=MAX_BUDGET, description="the "
+                                         "site's privacy budget: the total epsilon allowed on its data over all "
+                                         f"runs, at most {MAX_BUDGET:g} (what the site's accounting verifies)")
+    min_count: int = Field(5, alias="min-count", ge=1, description="counts below this are never reported")
+    require_secagg: bool = Field(True, alias="require-secagg", description="refuse training requests without "
+                                 "SecAgg+ (the server would see this site's update)")
+    min_aggregate_sites: int = Field(2, alias="min-aggregate-sites", ge=2, description="the fewest sites whose "
+                                     "SecAgg+ sum the site helps unmask (a sum of one is one site's update)")
+    require_dp: bool = Field(True, alias="require-dp", description="refuse training requests without DP-SGD")
+    max_trusted_sites: int = Field(1, alias="max-trusted-sites", ge=1, description="the most sites, this one "
+                                   "included, relied on to add their noise share in a dp-mode 'distributed' run")
+    signing_public_key: str = Field("", alias="signing-public-key", description="the consortium's model-signing "
+                                    "key (signing.pub); empty: delivered models are installed without checking")
+    root_certificates: str = Field("", alias="root-certificates", description="the consortium's CA certificate "
+                                   "(trust/ca.crt)")
+    auth_supernode_private_key: str = Field("", alias="auth-supernode-private-key", description="the site's "
+                                            "node-authentication key (keys/site.key)")
+    schema_path: str = Field("", alias="schema", description="the consortium's feature schema (trust/schema.json)")
+    schema_sha256: str = Field("", alias="schema-sha256", description="the schema's SHA-256 from the bundle")
+    public_key_sha256: str = Field("", alias="public-key-sha256", description="the SHA-256 of keys/site.key.pub, "
+                                   "as the operator registers it")
+    serve: ServeSettings = Field(default_factory=ServeSettings, description="the prediction service's limits")
+
+    _source: str = PrivateAttr("site.json")
+
+    @classmethod
+    def load(cls, path: str | Path) -> SiteConfig:
+        path = Path(path)
+        settings = read_json_file(path, SiteConfigError, "`oncofed site init` writes it")
+        return cls.parse(settings, source=str(path))
+
+    @classmethod
+    def parse(cls, settings: dict, source: str = "site.json") -> SiteConfig:
+        """The settings, or SiteConfigError naming `source`, each bad key, what was found and the fix."""
+        try:
+            config = cls.model_validate(settings)
+        except ValidationError as e:
+            raise _error(source, [_problem(cls, err) for err in e.errors()]) from None
+        config._source = source
+        return config
+
+    def write(self, path: str | Path) -> None:
+        write_json_atomic(path, self.model_dump(mode="json", by_alias=True, exclude_unset=True))
+
+    def require(self, *keys: str, fix: str) -> SiteConfig:
+        """This config if every key (site.json's spelling) is set and not empty; else SiteConfigError naming them."""
+        fields = {f.alias or name: (name, f) for name, f in type(self).model_fields.items()}
+        missing = [k for k in keys if getattr(self, fields[k][0]) in (None, "")]
+        if missing:
+            raise _error(self._source, [f"{k}: not set; {fix}: {fields[k][1].description}" for k in missing])
+        return self
+
+
+def _error(source: str, problems: list[str]) -> SiteConfigError:
+    if len(problems) == 1:
+        return SiteConfigError(f"{source}: {problems[0]}")
+    return SiteConfigError(f"{source}: invalid ({len(problems)} problems):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _problem(model: type[BaseModel], err: dict) -> str:
+    """One validation error as `key: what is wrong (got value); the fix, and what the key means`."""
+    loc = [str(k) for k in err["loc"]]
+    if not loc:
+        return f"{err['msg']}; write a JSON object of settings, as `oncofed site init` does"
+    fields = model.model_fields
+    for part in loc[:-1]:  # down to the object holding the key (the `serve` object)
+        inner = next(f.annotation for name, f in fields.items() if part in (name, f.alias))
+        fields = inner.model_fields
+    field = next((f for name, f in fields.items() if loc[-1] in (name, f.alias)), None)
+    if field is None:
+        hint = f"unknown key: check its spelling or remove it (keys: {', '.join(f.alias or n for n, f in fields.items())})"
+    elif err["type"] == "missing":
+        hint = f"add it (`oncofed site init` writes it): {field.description}"
+    else:
+        hint = "fix the value" + ("" if field.is_required() else " or remove the key") + (
+            f": {field.description}" if field.description else "")
+    got = f" (got {err['input']!r})" if field is not None and err["type"] != "missing" else ""
+    return f"{'.'.join(loc)}: {err['msg'].removeprefix('Value error, ')}{got}; {hint}"

@@ -1,0 +1,104 @@
+"""site.json, a site's settings: one typed model (privacy/site_config.py) that every writer writes and every
+command reads, refusing what it does not know with the file, the key and the fix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from oncofed.cli import app
+from privacy.site_config import SiteConfig, SiteConfigError
+
+# as `oncofed site init` wrote it before the model existed (keys in its order, values as it typed them)
+SITE_INIT = {"format": "oncofed-site/1", "site-name": "C0", "consortium": "c", "superlink": "fl.example.org:443",
+             "data-path": "/data/C0", "state-dir": "/srv/site/state", "model-dir": "/srv/site/models",
+             "privacy-budget": 8.0, "min-count": 5, "require-secagg": True,
+             "signing-public-key": "/srv/site/trust/signing.pub", "root-certificates": "/srv/site/trust/ca.crt",
+             "auth-supernode-private-key": "/srv/site/keys/site.key", "schema": "/srv/site/trust/schema.json",
+             "schema-sha256": "a" * 64, "public-key-sha256": "b" * 64}
+
+
+def _write(tmp_path, settings: dict):
+    path = tmp_path / "site.json"
+    path.write_text(json.dumps(settings, indent=1) + "\n")
+    return path
+
+
+def test_a_site_init_file_and_a_serving_only_file_load(tmp_path):
+    site = SiteConfig.load(_write(tmp_path, {**SITE_INIT, "max-trusted-sites": 3, "serve": {"max-patients": 10}}))
+    assert site.site_name == "C0" and site.privacy_budget == 8.0 and site.max_trusted_sites == 3
+    assert site.serve.max_patients == 10 and site.serve.min_coverage == 0.02  # unset serve keys: their defaults
+    minimal = SiteConfig.load(_write(tmp_path, {"model-dir": "m", "state-dir": "s"}))  # what serving needs
+    assert (minimal.require_secagg, minimal.require_dp, minimal.min_aggregate_sites, minimal.min_count,
+            minimal.signing_public_key, minimal.privacy_budget) == (True, True, 2, 5, "", None)
+
+
+@pytest.mark.parametrize("change, key, said", [
+    ({"privacy-budgt": 8.0}, "privacy-budgt", "unknown key: check its spelling"),
+    ({"serve": {"max-patient": 5}}, "serve.max-patient", "unknown key"),
+    ({"require-dp": "sometimes"}, "require-dp", "(got 'sometimes')"),
+    ({"min-count": "five"}, "min-count", "valid integer"),
+    ({"privacy-budget": -1}, "privacy-budget", "greater than 0 (got -1); fix the value or remove the key"),
+    ({"privacy-budget": 500}, "privacy-budget", "less than or equal to 100 (got 500)"),
+    ({"min-aggregate-sites": 1}, "min-aggregate-sites", "greater than or equal to 2"),
+    ({"serve": {"min-coverage": 2}}, "serve.min-coverage", "less than or equal to 1 (got 2)"),
+    ({"state-dir": None}, "state-dir", "valid string"),
+])
+def test_a_bad_file_names_the_file_the_key_and_the_fix(tmp_path, change, key, said):
+    path = _write(tmp_path, {**SITE_INIT, **change})
+    with pytest.raises(SiteConfigError) as e:
+        SiteConfig.load(path)
+    assert str(e.value).startswith(f"{path}: {key}: ") and said in str(e.value)
+
+
+def test_every_problem_at_once_and_a_missing_key(tmp_path):
+    path = _write(tmp_path, {"model-dir": "m", "min-count": 0, "colour": "blue"})
+    with pytest.raises(SiteConfigError) as e:
+        SiteConfig.load(path)
+    lines = str(e.value).splitlines()
+    assert lines[0] == f"{path}: invalid (3 problems):"
+    assert any(x.startswith("  - state-dir: Field required; add it (`oncofed site init` writes it)") for x in lines)
+    assert any(x.startswith("  - min-count: ") for x in lines) and any(x.startswith("  - colour: ") for x in lines)
+    with pytest.raises(SiteConfigError, match="no readable site.json"):
+        SiteConfig.load(tmp_path / "absent" / "site.json")
+
+
+def test_a_command_names_the_setting_it_needs(tmp_path):
+    path = _write(tmp_path, {"model-dir": "m", "state-dir": "s", "data-path": ""})
+    with pytest.raises(SiteConfigError, match=rf"^{path}: invalid \(2 problems\):\n  - site-name: not set; fix: the "
+                                              r"site's name.*\n  - data-path: not set; fix: the site directory"):
+        SiteConfig.load(path).require("site-name", "data-path", fix="fix")
+    r = CliRunner().invoke(app, ["site", "start", str(tmp_path)])
+    assert r.exit_code == 2 and "site-name: not set; run `oncofed site init` again or set it" in r.output
+    r = CliRunner().invoke(app, ["serve", "token", "list", "--site-config", str(_write(tmp_path, {"model-dir": "m"}))])
+    assert r.exit_code == 2 and "state-dir: Field required" in r.output
+
+
+def test_what_a_writer_writes_is_what_a_reader_reads(tmp_path):
+    """Only the keys the writer set are written (a default stays the reader's), byte for byte as site init wrote."""
+    site = SiteConfig.parse(SITE_INIT)
+    site.write(tmp_path / "site.json")
+    assert (tmp_path / "site.json").read_text() == json.dumps(SITE_INIT, indent=1) + "\n"
+    assert _set(SiteConfig.load(tmp_path / "site.json")) == _set(site)
+    served = SiteConfig(model_dir="m", state_dir="s", serve={"api-docs": True})
+    served.write(tmp_path / "served.json")
+    assert json.loads((tmp_path / "served.json").read_text()) == {"model-dir": "m", "state-dir": "s",
+                                                                  "serve": {"api-docs": True}}
+    assert _set(SiteConfig.load(tmp_path / "served.json")) == _set(served)
+
+
+def _set(site: SiteConfig) -> dict:
+    return site.model_dump(exclude_unset=True)
+
+
+def test_simulate_writes_its_sites_settings_through_the_model(tmp_path):
+    from simulations.cli_simulate import write_site_configs
+
+    manifest = {"sites": [{"name": "C0", "dir": "C0"}, {"name": "C1", "dir": "C1"}]}
+    paths = write_site_configs(tmp_path, tmp_path / "sites", manifest, {"site-state-root": str(tmp_path / "state"),
+                                                                        "epsilon": 4.0, "signing-public-key": "k.pub"})
+    sites = [SiteConfig.load(p) for p in paths]
+    assert [s.site_name for s in sites] == ["C0", "C1"] and {s.privacy_budget for s in sites} == {4.0}
+    assert sites[1].model_dir == str(tmp_path / "state" / "C1" / "models") and sites[0].signing_public_key == "k.pub"
