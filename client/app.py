@@ -45,7 +45,11 @@ from flwr.compat.common.recorddict_compat import (
 from client.releases import Release, ReleaseStore
 from privacy.audit import ANCHORS_FILE, AnchorStore, AuditError, AuditLog
 from privacy.run_config import load_run_config
-from shared_models.protocol import AUDIT_ANCHOR, AUDIT_HEAD, PREVIOUS_ROUND
+from shared_models.protocol import (ARRAYS_RECORD, AUDIT_ANCHOR, AUDIT_HEAD, CONFIG_RECORD, EPSILON, EPSILON_WORST_CASE,
+                                    EVALUATE_METRICS, FIT_METRICS, LOCAL_STEPS, LOSS, PACKAGE_INFO, PATIENTS,
+                                    PREVIOUS_ROUND, REFUSAL_PREFIX, REPLY, RESENT, RUN_KEY, SAVE_MODEL,
+                                    SECAGG_CLIPPING_RANGE, SECAGG_MAX_WEIGHT, SERVER_ROUND, SITE, DeliveryReply,
+                                    ModelPackage, allowed_metrics)
 from shared_models.run_config import RunConfig
 from shared_models.wire import is_packed, pack, unpack
 
@@ -55,7 +59,6 @@ if TYPE_CHECKING:
 
 # torch, Opacus and the site's data are imported only by the handlers that need them: in a deployment
 # every message starts a fresh ClientApp process, and three of SecAgg+'s four stages need neither.
-REFUSAL_PREFIX = "refused: "  # read by server.strategy (same literal: client and server do not import each other)
 MIN_AGGREGATE_SITES = 2  # a sum of fewer sites' updates is one site's update: never helped to be unmasked
 
 
@@ -166,7 +169,7 @@ def _refusing(msg: Message, context: Context, call_next) -> Message:
 
 
 def _run_key(context: Context) -> str:
-    return str(context.state.config_records.get("oncofed", {}).get("run-key", ""))
+    return str(context.state.config_records.get("oncofed", {}).get(RUN_KEY, ""))
 
 
 def _audit_quietly(audit: AuditLog, site: str, event: str, **fields) -> None:
@@ -175,6 +178,15 @@ def _audit_quietly(audit: AuditLog, site: str, event: str, **fields) -> None:
         audit.append(event, **fields)
     except (AuditError, OSError) as e:
         log(WARNING, "site %s: audit log: %s", site, e)
+
+
+def sent_metrics(metrics: dict, allowed: frozenset[str], site: str) -> dict:
+    """Only the metric names of the protocol's allow-list leave the site; any other stays (and is logged) here."""
+    kept, left_out = allowed_metrics(metrics, allowed)
+    if left_out:
+        log(WARNING, "site %s: metrics %s are not in shared_models.protocol's allow-list; not sent", site,
+            ", ".join(left_out))
+    return kept
 
 
 def packed_arrays_mod(msg: Message, context: Context, call_next) -> Message:
@@ -219,8 +231,8 @@ def _refusal(fitins, msg: Message, site: str, reason: str, audit: AuditLog | Non
     round (see site_policy_mod). The reason says why in words that name no patient."""
     log(WARNING, "site %s refuses the round: %s", site, reason)
     if audit is not None:
-        _audit_quietly(audit, site, "round_refused", run=str(fitins.config.get("run-key")),
-                       round=int(fitins.config.get("server-round", 0)), reason=reason)
+        _audit_quietly(audit, site, "round_refused", run=str(fitins.config.get(RUN_KEY)),
+                       round=int(fitins.config.get(SERVER_ROUND, 0)), reason=reason)
     return SiteRefusal(f"{site}: {reason}")
 
 
@@ -236,9 +248,9 @@ def train(msg: Message, context: Context) -> Message:
     fitins = recorddict_to_fitins(msg.content, keep_input=True)
     cfg = load_run_config(context.run_config, source="run config (site)")
     settings = site_settings(context, cfg)
-    rnd = int(fitins.config["server-round"])
-    run_key = str(fitins.config["run-key"])
-    context.state.config_records["oncofed"] = ConfigRecord({"run-key": run_key})
+    rnd = int(fitins.config[SERVER_ROUND])
+    run_key = str(fitins.config[RUN_KEY])
+    context.state.config_records["oncofed"] = ConfigRecord({RUN_KEY: run_key})
     audit = site_audit(settings)
     keep_server_anchor(settings, context, cfg, fitins.config.get(AUDIT_ANCHOR))
     try:
@@ -256,7 +268,7 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.dp:
         _note_previous_round(site, settings, run_key, fitins.config.get(PREVIOUS_ROUND), audit)
     n = len(site.train.y)
-    max_weight = float(fitins.config.get("secagg-max-weight", 0) or 0)
+    max_weight = float(fitins.config.get(SECAGG_MAX_WEIGHT, 0) or 0)
     if max_weight and n > max_weight:
         raise _refusal(fitins, msg, settings.name, f"{n} training patients exceed secagg-max-weight {max_weight:g}; "
                         "the operator must raise secagg-max-weight", audit)
@@ -277,19 +289,20 @@ def train(msg: Message, context: Context) -> Message:
     if max_weight:
         # SecAgg+ clips |delta * n / max_weight| to the clipping range silently: refuse instead.
         peak = max(float(np.abs(d).max()) for d in delta) * n / max_weight
-        clip = float(fitins.config.get("secagg-clipping-range", cfg.secagg_clipping_range))
+        clip = float(fitins.config.get(SECAGG_CLIPPING_RANGE, cfg.secagg_clipping_range))
         if peak > clip:
             raise _refusal(fitins, msg, settings.name, f"its update ({peak:.3g}) exceeds secagg-clipping-range "
                             f"{clip:g} and would be clipped silently; the operator must raise it", audit)
     metrics = {k: float(v) for k, v in result.metrics.items()}
     try:  # recorded before the update leaves the site
         trained = audit.append("round_trained", run=run_key, round=rnd, patients=result.num_examples,
-                               epsilon=metrics.get("epsilon"), steps=metrics.get("local_steps"))
+                               epsilon=metrics.get(EPSILON), steps=metrics.get(LOCAL_STEPS))
     except (AuditError, OSError) as e:
         log(WARNING, "site %s: audit log: %s", settings.name, e)
         raise _refusal(fitins, msg, settings.name, "its audit log cannot be written (details in the site's log)")
-    metrics["site"] = settings.name
+    metrics[SITE] = settings.name
     metrics[AUDIT_HEAD] = trained["hash"]  # the server records it: an anchor of this log outside the site
+    metrics = sent_metrics(metrics, FIT_METRICS, settings.name)
     if cfg.dp:  # kept before it leaves: a resumed server asking for this round again gets these bits back
         releases.save(run_key, rnd, Release(arrays_sha256(global_arrays), delta, result.num_examples, metrics))
     res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(delta), result.num_examples, metrics)
@@ -346,7 +359,7 @@ def _train_distributed(msg: Message, fitins, context: Context, cfg: RunConfig, s
     from privacy.distributed import GridError
     from shared_models.weights import arrays_sha256
 
-    rnd, run_key = int(fitins.config["server-round"]), str(fitins.config["run-key"])
+    rnd, run_key = int(fitins.config[SERVER_ROUND]), str(fitins.config[RUN_KEY])
     if reason := trust_refusal(settings, cfg):
         raise _refusal(fitins, msg, settings.name, reason, audit)
     grid = secagg_grid(context)
@@ -367,14 +380,15 @@ def _train_distributed(msg: Message, fitins, context: Context, cfg: RunConfig, s
         raise _refusal(fitins, msg, settings.name, "local training failed (details in the site's log)", audit)
     metrics = {k: float(v) for k, v in result.metrics.items()}
     try:  # recorded before the update leaves the site
-        trained = audit.append("round_trained", run=run_key, round=rnd, patients=metrics["patients"],
-                               epsilon=metrics["epsilon"], epsilon_worst_case=metrics["epsilon_worst_case"],
+        trained = audit.append("round_trained", run=run_key, round=rnd, patients=metrics[PATIENTS],
+                               epsilon=metrics[EPSILON], epsilon_worst_case=metrics[EPSILON_WORST_CASE],
                                mechanism="skellam", trusted_sites=cfg.trusted_sites, steps=1)
     except (AuditError, OSError) as e:
         log(WARNING, "site %s: audit log: %s", settings.name, e)
         raise _refusal(fitins, msg, settings.name, "its audit log cannot be written (details in the site's log)")
-    metrics["site"] = settings.name
+    metrics[SITE] = settings.name
     metrics[AUDIT_HEAD] = trained["hash"]
+    metrics = sent_metrics(metrics, FIT_METRICS, settings.name)
     releases.save(run_key, rnd, Release(arrays_sha256(global_arrays), result.delta, result.num_examples, metrics))
     res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(result.delta), result.num_examples, metrics)
     return Message(fitres_to_recorddict(res, keep_input=False), reply_to=msg)
@@ -382,7 +396,7 @@ def _train_distributed(msg: Message, fitins, context: Context, cfg: RunConfig, s
 
 def _resend(msg: Message, fitins, settings: SiteSettings, release, global_sha256: str, audit: AuditLog) -> Message:
     """A round of this run whose update already left the site: the same update again, or a refusal."""
-    rnd, run_key = int(fitins.config["server-round"]), str(fitins.config["run-key"])
+    rnd, run_key = int(fitins.config[SERVER_ROUND]), str(fitins.config[RUN_KEY])
     if release is None or release.global_sha256 != global_sha256:
         raise _refusal(fitins, msg, settings.name, f"round {rnd} of run {run_key} was already trained and sent "
                        + ("from other global weights" if release is not None else "(its copy is gone)")
@@ -391,7 +405,7 @@ def _resend(msg: Message, fitins, settings: SiteSettings, release, global_sha256
         settings.name, rnd, run_key)
     _audit_quietly(audit, settings.name, "round_resent", run=run_key, round=rnd)
     res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(release.delta), release.num_examples,
-                 {**release.metrics, "resent": 1})
+                 sent_metrics({**release.metrics, RESENT: 1}, FIT_METRICS, settings.name))
     return Message(fitres_to_recorddict(res, keep_input=False), reply_to=msg)
 
 
@@ -411,12 +425,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     except SiteDataError:
         n, metrics = 0, {}
     if n:
-        metrics["site"] = settings.name
-    res = EvaluateRes(Status(Code.OK, "ok"), float(metrics.get("loss", 0.0)), n, metrics)
+        metrics[SITE] = settings.name
+    metrics = sent_metrics(metrics, EVALUATE_METRICS, settings.name)
+    res = EvaluateRes(Status(Code.OK, "ok"), float(metrics.get(LOSS, 0.0)), n, metrics)
     return Message(evaluateres_to_recorddict(res), reply_to=msg)
 
 
-@app.query("save_model")
+@app.query(SAVE_MODEL)
 def save_model(msg: Message, context: Context) -> Message:
     """Install the final global model pushed by the server as a new version of the site's store."""
     from client.model_store import ModelStore, ModelStoreError
@@ -427,12 +442,17 @@ def save_model(msg: Message, context: Context) -> Message:
     cfg = load_run_config(context.run_config, source="run config (site)")
     settings = site_settings(context, cfg)
     schema = FeatureSchema.load(cfg.path(cfg.schema_path))
-    arrays = msg.content["arrays"].to_numpy_ndarrays()
-    info = json.loads(str(msg.content["config"]["package-info"]))
-    keep_server_anchor(settings, context, cfg, msg.content["config"].get(AUDIT_ANCHOR))
+    arrays = msg.content[ARRAYS_RECORD].to_numpy_ndarrays()
+    info = json.loads(str(msg.content[CONFIG_RECORD][PACKAGE_INFO]))  # kept verbatim: what the server signed
+    keep_server_anchor(settings, context, cfg, msg.content[CONFIG_RECORD].get(AUDIT_ANCHOR))
     store = ModelStore(settings.paths.model_dir)
     trust = signing_trust(context, cfg)
+    package = None
     try:
+        try:
+            package = ModelPackage.parse(info)
+        except ValueError as e:
+            raise ModelStoreError(f"{e}; not installed, {store.active() or 'no model'} stays active") from None
         if trust:
             try:
                 verify_signature(info, load_public(trust))
@@ -441,23 +461,24 @@ def save_model(msg: Message, context: Context) -> Message:
         else:
             log(WARNING, "site %s has no model-signing trust anchor (node config signing-public-key): the "
                 "package's signature is not checked", settings.name)
-        if info["schema_hash"] != schema.content_hash():
-            raise ModelStoreError(f"model built for schema {info['schema_hash'][:12]}..., this site uses "
+        if package.schema_hash != schema.content_hash():
+            raise ModelStoreError(f"model built for schema {package.schema_hash[:12]}..., this site uses "
                                   f"{schema.content_hash()[:12]}...")
         version = store.install(schema, cfg.model_config_(), arrays, info,
-                                expected_arrays_sha256=info["arrays_sha256"])
-        reply = {"site": settings.name, "installed": True, "version": version, "path": str(store.root / version),
-                 "arrays_sha256": store.package(version)["arrays_sha256"]}
-        log(INFO, "site %s installed the global model of round %s as %s", settings.name, info.get("round"), version)
+                                expected_arrays_sha256=package.arrays_sha256)
+        reply = DeliveryReply(site=settings.name, installed=True, version=version, path=str(store.root / version),
+                              arrays_sha256=store.package(version)["arrays_sha256"])
+        log(INFO, "site %s installed the global model of round %s as %s", settings.name, package.round, version)
     except ModelStoreError as e:
         log(WARNING, "site %s did not install the model: %s", settings.name, e)
-        reply = {"site": settings.name, "installed": False, "error": str(e), "active": store.active() or ""}
+        reply = DeliveryReply(site=settings.name, installed=False, error=str(e), active=store.active() or "")
     try:
-        entry = site_audit(settings).append("model_installed" if reply["installed"] else "model_refused",
-                                            run=info.get("run"), round=info.get("round"), version=reply.get("version"),
-                                            arrays_sha256=reply.get("arrays_sha256") or info.get("arrays_sha256"),
-                                            error=reply.get("error"))
-        reply["audit_head"] = entry["hash"]  # the server records it (run_end): this log anchored outside the site
+        entry = site_audit(settings).append("model_installed" if reply.installed else "model_refused",
+                                            run=package and package.run, round=package and package.round,
+                                            version=reply.version,
+                                            arrays_sha256=reply.arrays_sha256 or (package and package.arrays_sha256),
+                                            error=reply.error)
+        reply.audit_head = entry["hash"]  # the server records it (run_end): this log anchored outside the site
     except (AuditError, OSError) as e:
         log(WARNING, "site %s: audit log: %s", settings.name, e)
-    return Message(RecordDict({"config": ConfigRecord({"reply": json.dumps(reply)})}), reply_to=msg)
+    return Message(RecordDict({CONFIG_RECORD: ConfigRecord({REPLY: reply.to_json()})}), reply_to=msg)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from privacy.ledger import PrivacyLedger
+from shared_models.protocol import ACCURACY, BALANCED_ACCURACY, LOSS, MACRO_F1
 from shared_models.schema import FeatureSchema
 from shared_models.site_data import Normalizer, encode_labels, make_dataset, raw_matrix, read_site, SiteDataset
 from shared_models.validation import validate_site
@@ -115,5 +116,4 @@ def evaluate_global(site: PreparedSite, arrays: list[np.ndarray], cfg: RunConfig
     if n < cfg.min_count:
         return 0, {}
     m = evaluate(model, torch.from_numpy(site.val.x), torch.from_numpy(site.val.y))
-    return n, {"loss": m.loss, "accuracy": m.accuracy, "balanced_accuracy": m.balanced_accuracy,
-               "macro_f1": m.macro_f1}
+    return n, {LOSS: m.loss, ACCURACY: m.accuracy, BALANCED_ACCURACY: m.balanced_accuracy, MACRO_F1: m.macro_f1}

@@ -30,12 +30,13 @@ from privacy.audit import AuditLog, signed_anchor
 from privacy.run_config import load_run_config
 from privacy.signing import canonical, load_private, sign
 from server.checkpoint import freeze_run, frozen_run, load_latest, run_config_changes, save_checkpoint, write_json_atomic
-from server.delivery import deliver, delivery_status, redeliver, save_package
+from server.delivery import audited, deliver, delivery_status, redeliver, save_package
 from server.strategy import build_strategy
 from server.workflow import RoundsWorkflow, TimedSecAggPlusWorkflow
 from shared_models.evaluation import evaluate
 from shared_models.model import MultiModalTransformer
-from shared_models.protocol import AUDIT_ANCHOR, AUDIT_HEAD
+from shared_models.protocol import (AUDIT_ANCHOR, AUDIT_HEAD, EPSILON, EPSILON_WORST_CASE, RUN_KEY, SECAGG_CLIPPING_RANGE,
+                                    SECAGG_MAX_WEIGHT, SITE, ModelPackage)
 from shared_models.run_config import RunConfig
 from shared_models.schema import FeatureSchema
 from shared_models.site_data import load_labelled_site
@@ -173,8 +174,8 @@ def main(grid: Grid, context: Context) -> None:
     audit.append("run_start", run=run_key, first_round=first_round, num_rounds=cfg.num_rounds,
                  schema_hash=schema.content_hash(), strategy=cfg.strategy, secagg=cfg.secagg, dp=cfg.dp,
                  min_sites=cfg.min_sites, run_config_sha256=hashlib.sha256(canonical(dict(context.run_config))).hexdigest())
-    fit_config = {"run-key": run_key, "secagg-max-weight": cfg.secagg_max_weight if cfg.secagg else 0.0,
-                  "secagg-clipping-range": cfg.secagg_clipping_range}
+    fit_config = {RUN_KEY: run_key, SECAGG_MAX_WEIGHT: cfg.secagg_max_weight if cfg.secagg else 0.0,
+                  SECAGG_CLIPPING_RANGE: cfg.secagg_clipping_range}
 
     def anchor_audit() -> str:  # the run log's head, signed, for every site to keep (privacy/audit.py)
         if signing_key is None:
@@ -211,10 +212,10 @@ def main(grid: Grid, context: Context) -> None:
             lctx.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
         info = lctx.strategy.round_info
         for site in info.get("sites", {}).values():
-            if "epsilon" in site and "site" in site:
-                site_epsilon[str(site["site"])] = float(site["epsilon"])
-            if "epsilon_worst_case" in site and "site" in site:
-                site_epsilon_worst_case[str(site["site"])] = float(site["epsilon_worst_case"])
+            if EPSILON in site and SITE in site:
+                site_epsilon[str(site[SITE])] = float(site[EPSILON])
+            if EPSILON_WORST_CASE in site and SITE in site:
+                site_epsilon_worst_case[str(site[SITE])] = float(site[EPSILON_WORST_CASE])
         save_checkpoint(ckpt_root, rnd, arrays, lctx.strategy.state_arrays(), {
             "run_key": run_key, "schema_hash": schema.content_hash(), "strategy": cfg.strategy,
             "run_config": dict(context.run_config), "site_epsilon": site_epsilon,
@@ -242,8 +243,8 @@ def main(grid: Grid, context: Context) -> None:
                      participants=info.get("participants", []), refused=info.get("refused", []),
                      failures=info.get("failures", []), dropped=info.get("dropped", []),
                      weights_sha256=line["weights_sha256"], site_epsilon=dict(site_epsilon),
-                     site_audit_heads={str(m["site"]): m[AUDIT_HEAD] for m in info.get("sites", {}).values()
-                                       if AUDIT_HEAD in m and "site" in m})
+                     site_audit_heads={str(m[SITE]): m[AUDIT_HEAD] for m in info.get("sites", {}).values()
+                                       if AUDIT_HEAD in m and SITE in m})
         anchor_audit()
         g, se = line["global"], line["server_eval"] or {}
         log(INFO, "round %s done: %s sites, global macro-F1 %s (sites' held-out parts)%s, max site epsilon %s", rnd,
@@ -263,13 +264,12 @@ def main(grid: Grid, context: Context) -> None:
         final = weights
     final = [np.asarray(a, dtype=np.float32) for a in final]
     last = _last_metrics(metrics_file)
-    package = {"run": run_key, "round": cfg.num_rounds, "schema_hash": schema.content_hash(),
-               "arrays_sha256": arrays_sha256(final), "strategy": cfg.strategy, "secagg": cfg.secagg,
-               "dp": cfg.dp, "site_epsilon": site_epsilon, "delta": cfg.delta,
-               **({"dp_mode": cfg.dp_mode, "trusted_sites": cfg.trusted_sites, "mechanism": "skellam",
-                   "site_epsilon_worst_case": site_epsilon_worst_case} if distributed_dp(cfg) else {}),
-               "privacy": privacy_summary(cfg),
-               "metrics": (last or {}).get("global", {})}
+    package = ModelPackage(
+        run=run_key, round=cfg.num_rounds, schema_hash=schema.content_hash(), arrays_sha256=arrays_sha256(final),
+        strategy=cfg.strategy, secagg=cfg.secagg, dp=cfg.dp, site_epsilon=site_epsilon, delta=cfg.delta,
+        **(dict(dp_mode=cfg.dp_mode, trusted_sites=cfg.trusted_sites, mechanism="skellam",
+                site_epsilon_worst_case=site_epsilon_worst_case) if distributed_dp(cfg) else {}),
+        privacy=privacy_summary(cfg), metrics=(last or {}).get("global", {})).description()
     if signing_key is not None:
         package = sign(package, signing_key)
     else:
@@ -279,8 +279,7 @@ def main(grid: Grid, context: Context) -> None:
     save_package(out, package)  # with final_weights.npz: what `oncofed deliver` sends again
     deliveries = deliver(grid, final, package, cfg.round_timeout, anchor=anchor_audit())
     audit.append("run_end", run=run_key, round=cfg.num_rounds, arrays_sha256=package["arrays_sha256"],
-                 deliveries=[{k: d.get(k) for k in ("site", "node", "installed", "version", "error", "audit_head")}
-                             for d in deliveries])
+                 deliveries=audited(deliveries))
     status.update(finished=1, weights_sha256=package["arrays_sha256"], **delivery_status(out, deliveries))
     write_json_atomic(out / "status.json", status)
     write_json_atomic(out / "result.json", {

@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from shared_models.files import write_json_atomic
-from shared_models.protocol import AUDIT_ANCHOR
+from shared_models.protocol import (ARRAYS_RECORD, AUDIT_ANCHOR, CONFIG_RECORD, PACKAGE_INFO, REPLY, SAVE_MODEL,
+                                    DeliveryReply)
 
 FINAL_WEIGHTS, PACKAGE, RESULT, STATUS = "final_weights.npz", "package.json", "result.json", "status.json"
-SAVE_MODEL = "query.save_model"
 DELIVERY_SHORT_EXIT = 3  # `oncofed run` / `oncofed deliver`: trained, but not every site that trained installed it
 _RESULT_ONLY = ("first_round", "seconds", "deliveries", "metrics_file", "checkpoints", "redelivered")
 
@@ -41,25 +41,43 @@ def deliver(grid, final: list[np.ndarray], package: dict, timeout: float, node_i
             anchor: str = "") -> list[dict]:
     """Send the final model to `node_ids` (default: every connected site); each installs it in its model store."""
     from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+    from flwr.app.message_type import MessageType
 
     from server.workflow import PollingGrid
 
-    config = {"package-info": json.dumps(package)}
+    config = {PACKAGE_INFO: json.dumps(package)}
     if anchor:
         config[AUDIT_ANCHOR] = anchor
-    content = RecordDict({"arrays": ArrayRecord(numpy_ndarrays=final), "config": ConfigRecord(config)})
+    content = RecordDict({ARRAYS_RECORD: ArrayRecord(numpy_ndarrays=final), CONFIG_RECORD: ConfigRecord(config)})
     nodes = list(grid.get_node_ids()) if node_ids is None else list(node_ids)
-    messages = [Message(content=content, dst_node_id=nid, message_type=SAVE_MODEL) for nid in nodes]
+    messages = [Message(content=content, dst_node_id=nid, message_type=f"{MessageType.QUERY}.{SAVE_MODEL}")
+                for nid in nodes]
     out = []
     for reply in PollingGrid(grid, timeout).send_and_receive(messages):
-        if reply.has_error():
-            out.append({"node": reply.metadata.src_node_id, "installed": False, "error": reply.error.reason[-300:]})
-        else:
-            out.append({"node": reply.metadata.src_node_id, **json.loads(str(reply.content["config"]["reply"]))})
+        out.append({"node": reply.metadata.src_node_id, **_reply(reply)})
     answered = {d["node"] for d in out}
-    out += [{"node": nid, "installed": False, "error": f"no reply within {timeout:g} s"}
-            for nid in nodes if nid not in answered]
+    out += [{"node": nid, **_not_installed(f"no reply within {timeout:g} s")} for nid in nodes if nid not in answered]
     return out
+
+
+def _not_installed(error: str) -> dict:
+    return {"installed": False, "error": error}
+
+
+def _reply(reply) -> dict:
+    """A site's delivery reply (shared_models.protocol.DeliveryReply) as the server records it."""
+    if reply.has_error():
+        return _not_installed(reply.error.reason[-300:])
+    try:
+        text = str(reply.content[CONFIG_RECORD][REPLY])
+        return DeliveryReply.model_validate_json(text).model_dump(exclude_unset=True)
+    except (KeyError, ValueError) as e:
+        return _not_installed(f"the site's reply is not a delivery reply: {str(e)[:300]}")
+
+
+def audited(deliveries: list[dict]) -> list[dict]:
+    """What the run's audit log keeps of each delivery: who, whether it installed (or why not), its audit head."""
+    return [{k: d.get(k) for k in ("site", "node", "installed", "version", "error", "audit_head")} for d in deliveries]
 
 
 def trained_nodes(run_dir: Path) -> set[int]:
@@ -163,8 +181,7 @@ def redeliver(grid, cfg) -> None:
     status.update(delivery_status(out, deliveries))
     write_json_atomic(out / STATUS, status)
     audit.append("redelivery", run=package.get("run"), arrays_sha256=package["arrays_sha256"],
-                 deliveries=[{k: d.get(k) for k in ("site", "node", "installed", "version", "error", "audit_head")}
-                             for d in new])
+                 deliveries=audited(new))
     short = status["undelivered"]
     log(WARNING if short else INFO, "final model now installed at %s site(s)%s", status["delivered"],
         f"; not at {', '.join(site_names(deliveries, short, out.parent.parent))}, which trained" if short else "")

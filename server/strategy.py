@@ -31,11 +31,12 @@ from flwr.common.logger import log
 from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from privacy.distributed import SecAggGrid, decode_sum
-from shared_models.protocol import PREVIOUS_ROUND
+from shared_models.protocol import (ACCURACY, BALANCED_ACCURACY, EVALUATE_METRICS, FIT_METRICS, GRID_SCALE, MACRO_F1,
+                                    PATIENTS, PREVIOUS_ROUND, REFUSAL_PREFIX, SAMPLE_RATE, SERVER_ROUND, SITE,
+                                    TRAIN_LOSS, allowed_metrics)
 from shared_models.run_config import RunConfig
 
 BASES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedavgm": FedAvgM}
-REFUSAL_PREFIX = "refused: "  # how a site's refusal reason starts (client.app; the two do not import each other)
 
 
 def failure_reason(f) -> str:
@@ -48,6 +49,15 @@ def failure_reason(f) -> str:
         return reason.strip()[-500:]
     proxy, res = f
     return f"node {proxy.node_id}: {res.status.code.name} {res.status.message}"
+
+
+def recorded(metrics, allowed: frozenset[str], node_id) -> dict:
+    """A site's metrics as the server records them: the protocol's allow-list only (shared_models.protocol)."""
+    kept, left_out = allowed_metrics(metrics, allowed)
+    if left_out:
+        log(WARNING, "node %s sent metrics outside the protocol's allow-list (%s); not recorded", node_id,
+            ", ".join(left_out))
+    return kept
 
 
 def weighted_mean(pairs: list[tuple[int, dict]], key: str) -> float | None:
@@ -118,8 +128,8 @@ class DeltaMixin:
         ok = [(p, r) for p, r in results if r.num_examples > 0]
         self.round_info = {
             "round": server_round, "participants": sorted(p.node_id for p, _ in ok),
-            "sites": {str(p.node_id): {k: v for k, v in r.metrics.items() if isinstance(v, (int, float, str))}
-                      for p, r in results},
+            "sites": {str(p.node_id): {k: v for k, v in recorded(r.metrics, FIT_METRICS, p.node_id).items()
+                                       if isinstance(v, (int, float, str))} for p, r in results},
         }
         refused, reasons, dropped = self.record_outcomes(server_round, failures, {p.node_id for p, _ in results})
         if not ok:
@@ -162,8 +172,8 @@ class DeltaMixin:
         """Minus the consortium's noisy mean gradient, from the SecAgg+ sum of the sites' grid vectors."""
         sites = [r.metrics for _, r in ok]
         weights = {r.num_examples for _, r in ok}
-        scales = {float(m.get("grid_scale", 0)) for m in sites}
-        rates = {float(m.get("sample_rate", 0)) for m in sites}
+        scales = {float(m.get(GRID_SCALE, 0)) for m in sites}
+        rates = {float(m.get(SAMPLE_RATE, 0)) for m in sites}
         problem = ""
         if weights != {int(self.grid.max_weight)}:
             problem = f"sites sent weights {sorted(weights)}, not max-weight {self.grid.max_weight:g}"
@@ -175,7 +185,7 @@ class DeltaMixin:
             log(WARNING, "round %s abandoned: %s; the global model is unchanged", server_round, problem)
             return None
         total = decode_sum(parameters_to_ndarrays(ok[0][1].parameters), len(ok), self.grid)
-        expected_batch = rates.pop() * sum(float(m["patients"]) for m in sites)
+        expected_batch = rates.pop() * sum(float(m[PATIENTS]) for m in sites)
         gradient = total.astype(np.float64) / (scales.pop() * expected_batch)
         # the exact integer sum the step is made of, for audit (tests/test_distributed_dp.py checks it against
         # the sum of what the sites released)
@@ -190,8 +200,9 @@ class DeltaMixin:
     def aggregate_evaluate(self, server_round, results, failures):
         """Keeps each site's own evaluation (its held-out part) for the round's metrics line."""
         self.round_info["site_eval"] = {
-            str(r.metrics.get("site", p.node_id)): {"patients": r.num_examples, **{
-                k: float(v) for k, v in r.metrics.items() if isinstance(v, (int, float))}}
+            str(r.metrics.get(SITE, p.node_id)): {"patients": r.num_examples, **{
+                k: float(v) for k, v in recorded(r.metrics, EVALUATE_METRICS, p.node_id).items()
+                if isinstance(v, (int, float))}}
             for p, r in results if r.num_examples > 0}
         return super().aggregate_evaluate(server_round, results, failures)
 
@@ -217,11 +228,11 @@ def build_strategy(cfg: RunConfig, weights: list[np.ndarray], n_sites: int, fit_
     kw = dict(
         fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=n_min, min_evaluate_clients=n_min,
         min_available_clients=n_min, initial_parameters=ndarrays_to_parameters(weights), evaluate_fn=evaluate_fn,
-        on_fit_config_fn=lambda rnd: {**fit_config, "server-round": rnd},
-        on_evaluate_config_fn=lambda rnd: {**fit_config, "server-round": rnd},
-        fit_metrics_aggregation_fn=lambda ms: {k: v for k in ("train_loss",) if (v := weighted_mean(ms, k)) is not None},
+        on_fit_config_fn=lambda rnd: {**fit_config, SERVER_ROUND: rnd},
+        on_evaluate_config_fn=lambda rnd: {**fit_config, SERVER_ROUND: rnd},
+        fit_metrics_aggregation_fn=lambda ms: {k: v for k in (TRAIN_LOSS,) if (v := weighted_mean(ms, k)) is not None},
         evaluate_metrics_aggregation_fn=lambda ms: {
-            k: v for k in ("accuracy", "balanced_accuracy", "macro_f1") if (v := weighted_mean(ms, k)) is not None},
+            k: v for k in (ACCURACY, BALANCED_ACCURACY, MACRO_F1) if (v := weighted_mean(ms, k)) is not None},
     )
     if base is FedProx:
         kw["proximal_mu"] = cfg.proximal_mu

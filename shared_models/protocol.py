@@ -1,20 +1,130 @@
-"""Names of the message fields the server and the sites exchange beyond Flower's own (one definition,
-imported by server/ and client/, which never import each other).
+"""What the server and the sites exchange beyond Flower's own messages: field names, the metric names a
+site may send, and the model package the server delivers (one definition, imported by server/ and
+client/, which never import each other).
 
-    AUDIT_ANCHOR   server -> site, in every round's fit config and in the final model's delivery: the
-                   server's run audit-log head (entries, last hash) signed with the consortium's
-                   model-signing key; the site keeps the newest per run (privacy.audit.AnchorStore).
-    AUDIT_HEAD     site -> server, in the fit metrics and the delivery reply: the last hash of the site's
-                   audit log after the round's entry; the server records it in its run audit log.
-
-    PREVIOUS_ROUND server -> site, in a round's fit config: JSON {"round", "status", "reason"} of the round
-                   before (e.g. "abandoned": its sum was never unmasked); a distributed-DP site records it
-                   in that round's ledger entry.
-
-Each party's copy of the other's head is what `oncofed audit verify --anchors` checks a log against:
-a log rewritten from the start, chain and head recomputed, no longer holds the anchored hash.
+The audit anchors: every round the server sends AUDIT_ANCHOR, its run audit-log head (entries, last hash)
+signed with the consortium's model-signing key, and each site keeps the newest per run
+(privacy.audit.AnchorStore); each site sends AUDIT_HEAD, the last hash of its own audit log, which the
+server records in its run log. Each party's copy of the other's head is what `oncofed audit verify
+--anchors` checks a log against: a log rewritten from the start, chain and head recomputed, no longer
+holds the anchored hash.
 """
 
-AUDIT_ANCHOR = "audit-anchor"
-AUDIT_HEAD = "audit-head"
-PREVIOUS_ROUND = "previous-round"
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+# --- server -> site: a round's fit config (server.strategy.build_strategy; evaluation gets the same) ------------
+RUN_KEY = "run-key"  # the run's key (run name + random suffix): a site's ledger, releases, audit are per run key
+SERVER_ROUND = "server-round"  # the round number; a resumed run goes on counting
+SECAGG_MAX_WEIGHT = "secagg-max-weight"  # SecAgg+'s max-weight, 0 without SecAgg+: a larger site refuses
+SECAGG_CLIPPING_RANGE = "secagg-clipping-range"  # SecAgg+'s clipping range: a larger update is refused, not clipped
+AUDIT_ANCHOR = "audit-anchor"  # also in the model delivery: the server's signed audit head (JSON); absent when the
+#                                run has no signing key
+PREVIOUS_ROUND = "previous-round"  # JSON {"round", "status", "reason"} of the round before (e.g. "abandoned": its
+#                                    sum was never unmasked); a DP site notes it on that round's ledger entry
+
+# --- site -> server: a refusal, an error reply instead of a fit result (client.app.site_policy_mod) ------------
+REFUSAL_PREFIX = "refused: "  # how the reason starts; the rest says why in words that name no patient
+
+# --- site -> server: fit metrics (client.app, from client.local_round's results) -------------------------------
+SITE = "site"  # the site's name (also in evaluation metrics and the delivery reply)
+AUDIT_HEAD = "audit-head"  # the last hash of the site's audit log after the round's entry
+RESENT = "resent"  # 1: the update was released before (a resumed server asked again): same bits, no new spend
+LOCAL_STEPS = "local_steps"
+TRAIN_SECONDS = "train_seconds"
+ROUND_SECONDS = "round_seconds"  # training, privacy bookkeeping and local evaluation
+TRAIN_LOSS = "train_loss"  # without DP only: under DP the loss on the sampled batches stays at the site
+EPSILON = "epsilon"  # the site's cumulative epsilon after the round
+NOISE_MULTIPLIER = "noise_multiplier"
+SAMPLE_RATE = "sample_rate"
+LOCAL_VAL_ACCURACY = "local_val_accuracy"  # the trained local model on the site's held-out part
+LOCAL_VAL_MACRO_F1 = "local_val_macro_f1"
+# dp-mode "distributed": what the server needs to decode the SecAgg+ sum, and the site's worst case
+EPSILON_WORST_CASE = "epsilon_worst_case"  # epsilon if only the site's own noise share protected it
+TRUSTED_SITES = "trusted_sites"
+GRID_SCALE = "grid_scale"
+PATIENTS = "patients"  # the site's training patients (its weight on the grid is max-weight)
+
+# --- site -> server: evaluation metrics of the global model on the site's held-out part ----------------------
+LOSS = "loss"
+ACCURACY = "accuracy"
+BALANCED_ACCURACY = "balanced_accuracy"
+MACRO_F1 = "macro_f1"
+
+# What a site may send and the server records: a site cannot leak another value by accident.
+FIT_METRICS = frozenset({SITE, AUDIT_HEAD, RESENT, LOCAL_STEPS, TRAIN_SECONDS, ROUND_SECONDS, TRAIN_LOSS, EPSILON,
+                         NOISE_MULTIPLIER, SAMPLE_RATE, LOCAL_VAL_ACCURACY, LOCAL_VAL_MACRO_F1, EPSILON_WORST_CASE,
+                         TRUSTED_SITES, GRID_SCALE, PATIENTS})
+EVALUATE_METRICS = frozenset({SITE, LOSS, ACCURACY, BALANCED_ACCURACY, MACRO_F1})
+
+
+def allowed_metrics(metrics: Mapping[str, Any], allowed: frozenset[str]) -> tuple[dict, list[str]]:
+    """(the metrics whose names are allowed, the names left out)."""
+    return {k: v for k, v in metrics.items() if k in allowed}, sorted(k for k in metrics if k not in allowed)
+
+
+# --- the model delivery: server -> site `query.save_model`, and the site's reply -----------------------------
+SAVE_MODEL = "save_model"  # the query's action: the server sends message type "query.save_model"
+ARRAYS_RECORD = "arrays"  # the final model's weight arrays (state_dict order)
+CONFIG_RECORD = "config"  # PACKAGE_INFO and AUDIT_ANCHOR; in the reply, REPLY
+PACKAGE_INFO = "package-info"  # JSON of the signed ModelPackage
+REPLY = "reply"  # JSON of the site's DeliveryReply
+
+
+class ModelPackage(BaseModel):
+    """The description of a delivered model, as the server signs it (privacy.signing: canonical JSON of these
+    fields, plus a "signature" field, kept as an extra). Fields are declared in the order the server has always
+    sent them; `description()` gives the fields set, so packages and signatures of earlier runs are unchanged."""
+
+    model_config = ConfigDict(extra="allow")
+
+    run: str
+    round: int
+    schema_hash: str
+    arrays_sha256: str  # shared_models.weights.arrays_sha256 of the delivered arrays
+    strategy: str = ""
+    secagg: bool = True
+    dp: bool = True
+    site_epsilon: dict[str, float] = {}  # each site's cumulative epsilon, by site name
+    delta: float = 0.0
+    # dp-mode "distributed" only
+    dp_mode: str | None = None
+    trusted_sites: int | None = None
+    mechanism: str | None = None
+    site_epsilon_worst_case: dict[str, float] | None = None
+    privacy: str = ""  # what the run's DP relies on, in one line
+    metrics: dict[str, Any] = {}  # the last round's global metrics (the sites' held-out parts)
+
+    @classmethod
+    def parse(cls, info) -> ModelPackage:
+        """The package of a delivery's JSON object; ValueError names each missing or mistyped field."""
+        try:
+            return cls.model_validate(info)
+        except ValidationError as e:
+            raise ValueError("not a model package: " + "; ".join(
+                f"{'.'.join(map(str, err['loc'])) or 'package'}: {err['msg']}" for err in e.errors())) from None
+
+    def description(self) -> dict:
+        """The package as the server signs and sends it: the fields set, in declaration order."""
+        return self.model_dump(exclude_unset=True)
+
+
+class DeliveryReply(BaseModel):
+    """A site's answer to the model delivery (the server adds the node id and keeps it in result.json)."""
+
+    site: str
+    installed: bool
+    version: str | None = None  # installed: the model store's version, its path, and its arrays' SHA-256
+    path: str | None = None
+    arrays_sha256: str | None = None
+    error: str | None = None  # not installed: why, and the version that stays active ("" none)
+    active: str | None = None
+    audit_head: str | None = None  # the last hash of the site's audit log after recording the delivery
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(exclude_unset=True))

@@ -23,6 +23,7 @@ from client.releases import Release, ReleaseStore
 from server.checkpoint import freeze_run, frozen_run, run_config_changes
 from server.deploy import DeployError
 from server.submit import resume_values
+from shared_models.protocol import RUN_KEY, SERVER_ROUND
 
 
 def _unmask_message(active: list[int], dead: list[int]) -> Message:
@@ -111,7 +112,7 @@ def _train_message(run_key: str = "run-A", rnd: int = 1) -> Message:
     from flwr.compat.common.recorddict_compat import fitins_to_recorddict
 
     content = fitins_to_recorddict(FitIns(ndarrays_to_parameters([np.zeros(2)]),
-                                          {"server-round": rnd, "run-key": run_key}), keep_input=True)
+                                          {SERVER_ROUND: rnd, RUN_KEY: run_key}), keep_input=True)
     meta = Metadata(run_id=1, message_id="m2", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
                     created_at=time.time(), ttl=600.0, message_type=MessageType.TRAIN)
     return Message(content, metadata=meta)

@@ -1,0 +1,141 @@
+"""The contract between the server and the sites (shared_models/protocol.py): the model package keeps the
+bytes earlier runs signed, each side uses the same names, and only allow-listed metrics leave a site or
+enter the server's records."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+
+from shared_models.protocol import (ARRAYS_RECORD, AUDIT_HEAD, CONFIG_RECORD, EVALUATE_METRICS, FIT_METRICS,
+                                    PACKAGE_INFO, REPLY, SAVE_MODEL, DeliveryReply, ModelPackage, allowed_metrics)
+
+
+def _old_package(distributed: bool) -> dict:
+    """The package as server/app.py built it before ModelPackage (a dict literal), values of a real run."""
+    return {"run": "demo-1a2b3c4d", "round": 3, "schema_hash": "ab" * 32, "arrays_sha256": "cd" * 32,
+            "strategy": "fedadam", "secagg": True, "dp": True, "site_epsilon": {"site_00": 2.71, "site_01": 2.69},
+            "delta": 1e-05,
+            **({"dp_mode": "distributed", "trusted_sites": 2, "mechanism": "skellam",
+                "site_epsilon_worst_case": {"site_00": 5.2, "site_01": 5.1}} if distributed else {}),
+            "privacy": "dp-mode site: each site's update is DP on its own",
+            "metrics": {"loss": 0.91, "accuracy": 0.7, "balanced_accuracy": None, "macro_f1": 0.66}}
+
+
+@pytest.mark.parametrize("distributed", [False, True])
+def test_the_typed_package_is_byte_identical_to_the_old_dict_and_old_signatures_verify(tmp_path, distributed):
+    from privacy.signing import generate_signing_key, load_private, load_public, sign, verify
+
+    old = _old_package(distributed)
+    extra = {k: old[k] for k in ("dp_mode", "trusted_sites", "mechanism", "site_epsilon_worst_case") if k in old}
+    built = ModelPackage(run=old["run"], round=old["round"], schema_hash=old["schema_hash"],
+                         arrays_sha256=old["arrays_sha256"], strategy=old["strategy"], secagg=old["secagg"],
+                         dp=old["dp"], site_epsilon=old["site_epsilon"], delta=old["delta"], **extra,
+                         privacy=old["privacy"], metrics=old["metrics"]).description()
+    assert json.dumps(built) == json.dumps(old), "the package-info a site receives is unchanged, key order included"
+    generate_signing_key(tmp_path / "k", tmp_path / "k.pub")
+    signed = sign(old, load_private(tmp_path / "k"))  # a package of an earlier run
+    parsed = ModelPackage.parse(json.loads(json.dumps(signed)))
+    assert parsed.schema_hash == old["schema_hash"] and parsed.round == 3 and parsed.signature == signed["signature"]
+    verify(parsed.model_dump(exclude_unset=True), load_public(tmp_path / "k.pub"))  # nothing lost in the parse
+
+
+def test_a_package_without_its_hashes_is_named_not_a_model_package():
+    with pytest.raises(ValueError, match=r"not a model package: schema_hash: Field required; arrays_sha256: Field"):
+        ModelPackage.parse({"run": "r", "round": 1})
+    with pytest.raises(ValueError, match="not a model package: package: Input should be"):
+        ModelPackage.parse(["not", "an", "object"])
+
+
+def test_a_delivery_reply_keeps_its_json_and_the_server_reads_it_back():
+    installed = DeliveryReply(site="s", installed=True, version="v0001", path="/m/v0001", arrays_sha256="ab")
+    installed.audit_head = "h"
+    assert installed.to_json() == json.dumps({"site": "s", "installed": True, "version": "v0001", "path": "/m/v0001",
+                                              "arrays_sha256": "ab", "audit_head": "h"})
+    refused = DeliveryReply(site="s", installed=False, error="bad", active="")
+    assert refused.to_json() == json.dumps({"site": "s", "installed": False, "error": "bad", "active": ""})
+
+    from server.delivery import _reply
+
+    class Reply:
+        def __init__(self, text):
+            self.content = RecordDict({CONFIG_RECORD: ConfigRecord({REPLY: text})})
+
+        def has_error(self):
+            return False
+
+    assert _reply(Reply(installed.to_json())) == json.loads(installed.to_json())
+    garbled = _reply(Reply('{"installed": "perhaps"}'))
+    assert garbled["installed"] is False and garbled["error"].startswith("the site's reply is not a delivery reply")
+
+
+def test_only_allow_listed_metrics_leave_a_site_or_enter_the_servers_round_record():
+    from client.app import sent_metrics
+    from server.strategy import build_strategy
+    from privacy.run_config import load_run_config
+
+    kept, left_out = allowed_metrics({"epsilon": 1.0, "patient_id": "P001", "site": "s"}, FIT_METRICS)
+    assert kept == {"epsilon": 1.0, "site": "s"} and left_out == ["patient_id"]
+    assert sent_metrics({"loss": 0.5, "val_rows": 12.0}, EVALUATE_METRICS, "s") == {"loss": 0.5}
+
+    cfg = load_run_config({"schema": "s.json", "dp": False})
+    weights = [np.zeros(3, np.float32)]
+    strategy = build_strategy(cfg, weights, 2, {})
+    strategy.sampled = {1, 2}
+
+    class Proxy:
+        def __init__(self, node_id):
+            self.node_id = node_id
+
+    results = [(Proxy(i), FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([np.ones(3)]), 10,
+                                 {"site": f"s{i}", AUDIT_HEAD: "h", "train_loss": 0.5, "leak": 3.0}))
+               for i in (1, 2)]
+    strategy.aggregate_fit(1, results, [])
+    assert strategy.round_info["sites"]["1"] == {"site": "s1", AUDIT_HEAD: "h", "train_loss": 0.5}
+
+
+def _save_model_message(package: dict, arrays: list[np.ndarray]) -> Message:
+    content = RecordDict({ARRAYS_RECORD: ArrayRecord(numpy_ndarrays=arrays),
+                          CONFIG_RECORD: ConfigRecord({PACKAGE_INFO: json.dumps(package)})})
+    meta = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
+                    created_at=time.time(), ttl=600.0, message_type=f"{MessageType.QUERY}.{SAVE_MODEL}")
+    return Message(content, metadata=meta)
+
+
+def test_a_site_installs_a_signed_package_and_refuses_one_that_is_not_a_package(tmp_path):
+    from client.app import save_model
+    from privacy.run_config import load_run_config
+    from privacy.signing import generate_signing_key, load_private, sign
+    from shared_models.model import MultiModalTransformer
+    from shared_models.weights import arrays_sha256, state_arrays
+    from tests.sitefixtures import site_schema
+
+    schema = site_schema()
+    schema_path = schema.save(tmp_path / "schema.json")
+    generate_signing_key(tmp_path / "k", tmp_path / "k.pub")
+    run = {"schema": str(schema_path), "min-sites": 2}
+    arrays = state_arrays(MultiModalTransformer(schema, load_run_config(run).model_config_()))
+    ctx = Context(run_id=1, node_id=1, state=RecordDict(), run_config=run,
+                  node_config={"data-path": str(tmp_path / "site"), "state-dir": str(tmp_path / "state"),
+                               "signing-public-key": str(tmp_path / "k.pub")})
+    package = sign(ModelPackage(run="r-1", round=2, schema_hash=schema.content_hash(),
+                                arrays_sha256=arrays_sha256(arrays)).description(), load_private(tmp_path / "k"))
+
+    reply = json.loads(str(save_model(_save_model_message(package, arrays), ctx).content[CONFIG_RECORD][REPLY]))
+    assert reply["installed"] and reply["version"] == "v0001" and reply["audit_head"]
+    stored = json.loads((tmp_path / "state" / "models" / "v0001" / "package.json").read_text())
+    assert stored["delivery"] == package, "the package is stored as signed: re-verifiable later"
+
+    unsigned_fields = {k: v for k, v in package.items() if k != "schema_hash"}
+    reply = json.loads(str(save_model(_save_model_message(unsigned_fields, arrays), ctx).content[CONFIG_RECORD][REPLY]))
+    assert not reply["installed"] and reply["active"] == "v0001"
+    assert reply["error"].startswith("not a model package: schema_hash: Field required")
+    events = [json.loads(x) for x in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["run"], e["round"]) for e in events] == [("model_installed", "r-1", 2),
+                                                                    ("model_refused", None, None)]
