@@ -46,9 +46,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from server.processes import end_sessions, process_table, process_tree, session_processes  # noqa: E402
 from simulations import federation  # noqa: E402
-from simulations.federation import (SimulationError, end_sessions, process_table,  # noqa: E402
-                                    process_tree, run_federation, session_processes)
+from simulations.federation import SimulationError, run_federation  # noqa: E402
 
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
@@ -115,14 +115,13 @@ class TreeSampler(threading.Thread):
         self.peak_processes = 0
         self.peak_by_name: dict[str, int] = {}  # kB, summed over the processes of that name
         self.pss_readable = True
-        self.cpu_ticks: dict[int, int] = {}
+        self.cpu: dict[int, float] = {}  # CPU seconds of each process, at its last sample
         self.round_cpu: list[float] = []  # cumulative CPU seconds at the end of each round
-        self.ticks_per_s = os.sysconf("SC_CLK_TCK")
         self.own_session = os.getsid(0)
         self.sessions: set[int] = set()  # sessions started by the run (SuperLink, SuperExec)
 
     def cpu_seconds(self) -> float:
-        return sum(self.cpu_ticks.values()) / self.ticks_per_s
+        return sum(self.cpu.values())
 
     def sample(self) -> None:
         stats = process_table()
@@ -130,7 +129,7 @@ class TreeSampler(threading.Thread):
         total = pss_total = 0
         by_name: dict[str, int] = {}
         for pid in pids:
-            self.cpu_ticks[pid] = stats[pid][1]
+            self.cpu[pid] = stats[pid][1]
             if stats[pid][2] != self.own_session:
                 self.sessions.add(stats[pid][2])
             rss = _rss_kb(pid)

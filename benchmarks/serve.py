@@ -182,7 +182,7 @@ def with_explanations(port: int, token: str, single: list[bytes], explain_body: 
 
 def start_server(work: Path, settings: dict, name: str, serve: dict) -> tuple[subprocess.Popen, int]:
     from privacy.site_config import SiteConfig
-    from simulations.federation import free_port
+    from server.processes import free_port
 
     site = settings["site"]
     if serve:

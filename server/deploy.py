@@ -34,14 +34,22 @@ from privacy.preflight import (
     check_port_free,
     check_private_key,
     check_server_certificate,
-    https_health,
     report,
 )
 from privacy.registry import control_address
 from server import proxy
+from server.processes import (
+    QUIET_ENV,
+    answers_health,
+    secure_superlink_command,
+    signal_group,
+    start_group,
+    stop_group,
+    wait_healthy,
+)
 from shared_models.files import read_json_file, write_json_atomic
 
-FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+FLOWER_ENV = {**QUIET_ENV,
               # the SuperLink's task launcher polls every second by default; 0.2 s shortens each round
               "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
 
@@ -99,66 +107,12 @@ def server_checks(c: Consortium) -> list[Check]:
     return checks
 
 
-def superlink_command(c: Consortium) -> list[str]:
-    """Flower's SuperLink through server/flower_processes.py (a longer SQLite busy timeout)."""
-    return [sys.executable, "-m", "server.flower_processes", "superlink", "--ssl-ca-certfile", str(c.path("ca", "ca.crt")),
-            "--ssl-certfile", str(c.path("server", "server.crt")), "--ssl-keyfile", str(c.path("server", "server.key")),
-            "--enable-supernode-auth", "--database", str(c.path("state", "superlink.db")),
-            "--host", "127.0.0.1", "--port", str(c.internal_port), "--disable-runtime-dependency-installation",
-            "--isolation", "process"]
-
-
 def superexec_command(c: Consortium, parent_pid: int) -> list[str]:
     """The SuperExec that launches ServerApps for the SuperLink (its Runtime API, over TLS on loopback);
     it exits when this service does (`--parent-pid`)."""
     return [sys.executable, "-m", "server.flower_processes", "superexec", "--runtime-api-address",
             f"127.0.0.1:{c.internal_port}",
             "--root-certificates", str(c.path("ca", "ca.crt")), "--parent-pid", str(parent_pid)]
-
-
-def wait_healthy(address: str, ca: Path, proc: subprocess.Popen | None, timeout: float, what: str,
-                 log_file: Path) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise DeployError(f"{what} exited with code {proc.returncode} while starting; see {log_file}")
-        try:
-            if https_health(address, ca, timeout=2.0) == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise DeployError(f"{what} did not answer https://{address}/health within {timeout:.0f} s; see {log_file}")
-
-
-def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """Stop a process and its children (each service runs in its own process group): SIGTERM to the group,
-    then SIGKILL to whatever is left after `grace` seconds, the leader's children included (nginx workers,
-    the ServerApp a SuperExec launched) even if the leader exited first."""
-    deadline = time.time() + grace
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        pass
-    while time.time() < deadline and _group_alive(proc.pid):
-        time.sleep(0.2)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
 
 
 RESTART_FIRST_DELAY = 2.0
@@ -187,10 +141,7 @@ class Supervised:
     delay: float = RESTART_FIRST_DELAY
 
     def start(self) -> None:
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_file.open("a") as fh:
-            self.proc = subprocess.Popen(self.command, env=self.env, cwd=self.cwd, stdout=fh,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = start_group(self.command, self.env, self.cwd, self.log_file)
         self.started, self.down_since = time.time(), None
 
     @property
@@ -203,10 +154,7 @@ class Supervised:
         if self.proc is not None and self.down_since is None and self.proc.poll() is not None:
             code = self.proc.returncode
             if self.reap_group:
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)  # the leader is gone: only orphans remain
-                except ProcessLookupError:
-                    pass
+                signal_group(self.proc.pid, signal.SIGKILL)  # the leader is gone: only orphans remain
             self.last_exit = (f"killed by signal {-code}" if code < 0 else f"exited with code {code}") + \
                 time.strftime(" at %Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
             if now - self.started > STABLE_SECONDS:
@@ -306,7 +254,9 @@ def start_server(root: str | Path, metrics_port: int = 9464, out=sys.stdout) -> 
     c.path("runs").mkdir(exist_ok=True)
     env = {**os.environ, **FLOWER_ENV}
     ca = c.path("ca", "ca.crt")
-    link = Supervised("superlink", "the SuperLink", superlink_command(c), c.path("logs", "superlink.log"), env, c.root)
+    command = secure_superlink_command(ca, c.path("server", "server.crt"), c.path("server", "server.key"),
+                                       c.path("state", "superlink.db"), c.internal_port)
+    link = Supervised("superlink", "the SuperLink", command, c.path("logs", "superlink.log"), env, c.root)
     superexec = Supervised("superexec", "the SuperExec", superexec_command(c, os.getpid()),
                            c.path("logs", "superexec.log"), env, c.root, reap_group=False)
     nginx = Supervised("proxy", "the proxy (nginx)", proxy.nginx_command(c.root), c.path("logs", "proxy.log"))
@@ -318,10 +268,7 @@ def start_server(root: str | Path, metrics_port: int = 9464, out=sys.stdout) -> 
         stopping = True
 
     def superlink_answers() -> bool:
-        try:
-            return link.up and https_health(c.control_address, ca, timeout=2.0) == 200
-        except OSError:
-            return False
+        return link.up and answers_health(c.control_address, ca)
 
     health = serve_health(lambda: health_report(services, superlink_answers))
     health_port = health.server_address[1]
@@ -342,10 +289,11 @@ def start_server(root: str | Path, metrics_port: int = 9464, out=sys.stdout) -> 
     signal.signal(signal.SIGINT, shutdown)
     try:
         link.start()
-        wait_healthy(c.control_address, ca, link.proc, 60, "the SuperLink", link.log_file)
+        wait_healthy(c.control_address, ca, link.proc, 60, "the SuperLink", link.log_file, DeployError)
         superexec.start()
         nginx.start()
-        wait_healthy(f"127.0.0.1:{port}", ca, nginx.proc, 30, "the proxy", c.path("proxy", "logs", "error.log"))
+        wait_healthy(f"127.0.0.1:{port}", ca, nginx.proc, 30, "the proxy", c.path("proxy", "logs", "error.log"),
+                     DeployError)
         record()
         if metrics_port:
             from server.metrics import serve_metrics

@@ -3,27 +3,20 @@
     partition (if needed) -> start a private local SuperLink -> `flwr run <project> local` ->
     stop the SuperLink -> evaluate the delivered global model on patients of held-out sites
 
-The SuperLink is started here (the same command `flwr run . local` would start, with its own
-FLWR_HOME and ports), so it is always stopped afterwards and never clashes with another user's.
-The apps run in this Python environment (FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1): Flower
-would otherwise install the project's dependencies, torch included, into a fresh environment.
+The SuperLink and `flwr run` are started and stopped by server/processes.py (start_local_superlink:
+its own FLWR_HOME and ports, always stopped afterwards, never clashing with another user's).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from server.processes import LaunchError, run_flwr, start_local_superlink
 from server.submit import is_duplicate_log_line
 from shared_models.run_config import flwr_overrides
 
@@ -34,123 +27,6 @@ PANCAN_SCHEMA = ROOT / "simulations" / "schemas" / "tcga_pancan33.json"
 
 class SimulationError(RuntimeError):
     """A simulated run that could not complete; the message says where its logs are."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def flower_env(flwr_home: Path, http_port: int, control_port: int) -> dict:
-    env = dict(os.environ)
-    env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-               FLWR_HOME=str(flwr_home), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port),
-               FLWR_LOCAL_CONTROL_API_PORT=str(control_port), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return env
-
-
-def process_table() -> dict[int, tuple[int, int, int]]:
-    """{pid: (parent pid, utime + stime in clock ticks, session id)} of every process (Linux /proc; empty
-    elsewhere)."""
-    out = {}
-    for d in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat", "rb") as fh:
-                    stat = fh.read()
-            except OSError:  # ended meanwhile
-                continue
-            fields = stat[stat.rfind(b")") + 2:].split()  # after "pid (comm) ": state ppid pgrp session ... utime stime
-            out[int(d)] = (int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[3]))
-    return out
-
-
-def process_tree(roots: list[int], table: dict[int, tuple[int, int, int]] | None = None) -> list[int]:
-    """The given processes and every process below them, sorted."""
-    table = process_table() if table is None else table
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    seen, todo = set(), [r for r in roots if r]
-    while todo:
-        pid = todo.pop()
-        if pid not in seen:
-            seen.add(pid)
-            todo.extend(children.get(pid, []))
-    return sorted(seen)
-
-
-def _sessions_below(root: int) -> set[int]:
-    """Session ids of `root` and of every process below it (the SuperExec and Ray start their own)."""
-    table = process_table()
-    return {table[p][2] for p in process_tree([root], table) if p in table} - {os.getsid(0)}
-
-
-def session_processes(sessions: set[int]) -> list[int]:
-    """The live processes of these sessions, this one excepted."""
-    return [p for p, (_, _, sid) in process_table().items() if sid in sessions and p != os.getpid()]
-
-
-def end_sessions(sessions: set[int]) -> None:
-    """SIGTERM every process of these sessions (this one excepted), SIGKILL what is left 10 s later."""
-    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 2.0)):
-        for pid in session_processes(sessions):
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-        deadline = time.monotonic() + grace
-        while session_processes(sessions) and time.monotonic() < deadline:
-            time.sleep(0.2)
-
-
-@dataclass
-class LocalSuperLink:
-    process: subprocess.Popen
-    env: dict
-    log_file: Path
-
-    def stop(self) -> None:
-        """End the SuperLink and everything it started, also what left its process group: the SuperExec
-        and the simulation's Ray processes run in sessions of their own and would outlive an
-        interrupted run, holding memory and CPU."""
-        sessions = _sessions_below(self.process.pid) if self.process.poll() is None else set()
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        end_sessions(sessions)
-
-
-def start_local_superlink(work: Path) -> LocalSuperLink:
-    flwr_home = work / ".flwr"
-    (flwr_home / "local-superlink").mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
-    http_port, control_port = free_port(), free_port()
-    env = flower_env(flwr_home, http_port, control_port)
-    log_file = flwr_home / "local-superlink" / "superlink.log"
-    cmd = ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
-           "--control-api-address", f"127.0.0.1:{control_port}", "--host", "127.0.0.1", "--port", str(http_port),
-           "--log-file", str(log_file), "--database", ":flwr-in-memory:"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    import httpx
-
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SimulationError(f"flower-superlink exited with code {proc.returncode}; see {log_file}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=1).is_success:
-                return LocalSuperLink(proc, env, log_file)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    LocalSuperLink(proc, env, log_file).stop()
-    raise SimulationError(f"flower-superlink did not become ready within 60 s; see {log_file}")
 
 
 def ensure_partition(data_root: Path, *, by: str = "center8", seed: int = 0) -> Path:
@@ -202,30 +78,26 @@ def federation_config(out: Path, sites: Path, n_sites: int, *, rounds: int, dp: 
 
 def run_federation(work: Path, run_config: dict, n_sites: int, stream=sys.stdout) -> dict:
     """`flwr run` the project as a simulated federation of n_sites; returns the server's result.json."""
-    link = start_local_superlink(work)
-    overrides = flwr_overrides(run_config)
-    cmd = ["flwr", "run", str(ROOT), "local", "--stream",
-           "--federation-config", f"num-supernodes={n_sites} client-resources-num-cpus=1",
-           "--run-config", overrides]
-    log_path = work / "flwr-run.log"
-    proc = None
     try:
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen(cmd, env=link.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for line in proc.stdout:
-                log.write(line)
-                if stream is not None and _interesting(line):
-                    stream.write(line)
-                    stream.flush()
-            proc.wait()
+        link = start_local_superlink(work)
+    except LaunchError as e:
+        raise SimulationError(str(e)) from None
+
+    def show(line: str) -> None:
+        if stream is not None and _interesting(line):
+            stream.write(line)
+            stream.flush()
+
+    args = [str(ROOT), "local", "--stream", "--federation-config",
+            f"num-supernodes={n_sites} client-resources-num-cpus=1", "--run-config", flwr_overrides(run_config)]
+    log_path = work / "flwr-run.log"
+    try:
+        code = run_flwr(args, link.env, log_path, show)
     finally:
-        if proc is not None and proc.poll() is None:  # interrupted: end `flwr run` too
-            proc.terminate()
-            proc.wait()
         link.stop()
     result_file = Path(run_config["output-dir"]) / "result.json"
-    if proc.returncode != 0 or not result_file.exists():
-        raise SimulationError(f"the federated run did not complete (flwr exit {proc.returncode}); "
+    if code != 0 or not result_file.exists():
+        raise SimulationError(f"the federated run did not complete (flwr exit {code}); "
                               f"see {log_path} and {link.log_file}")
     return json.loads(result_file.read_text())
 

@@ -60,7 +60,7 @@ def in_stage(progress: Path, rnd: int, stage: str, answered: bool = False):
 def kill_local_superlink_when(work: Path, ready, timeout: float = 300.0) -> threading.Thread:
     """A thread that SIGKILLs the local SuperLink of `work` (simulations.federation) and every process below it
     (ServerApp, simulated sites) once `ready()` holds: a crash of the whole server stack."""
-    from simulations.federation import process_tree
+    from server.processes import process_tree
 
     def watch():
         deadline = time.monotonic() + timeout

@@ -32,8 +32,9 @@ from pathlib import Path
 import pytest
 
 from privacy.accounting import epsilon
+from server.processes import free_port
 from server.proxy import nginx_binary
-from simulations.federation import ensure_partition, free_port
+from simulations.federation import ensure_partition
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(nginx_binary() is None, reason="needs nginx (Debian: apt-get install nginx-light; "

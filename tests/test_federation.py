@@ -277,7 +277,7 @@ def test_stopping_the_local_superlink_ends_what_it_started_in_other_sessions(tmp
     """The SuperExec and Ray leave the SuperLink's process group (new sessions); stop() ends them too."""
     import sys
 
-    from simulations.federation import LocalSuperLink
+    from server.processes import LocalSuperLink
 
     pid_file = tmp_path / "grandchild.pid"
     script = ("import subprocess, sys, time\n"

@@ -196,7 +196,7 @@ def test_the_proxy_of_a_localhost_consortium_is_bound_to_loopback(tmp_path):
     import time
 
     from server.proxy import nginx_command, write_config
-    from simulations.federation import free_port
+    from server.processes import free_port
 
     port = free_port()
     init_consortium(tmp_path / "op", "c", f"localhost:{port}")
@@ -209,6 +209,6 @@ def test_the_proxy_of_a_localhost_consortium_is_bound_to_loopback(tmp_path):
             time.sleep(0.1)
         assert _listening(port) == {"127.0.0.1"}
     finally:
-        from server.deploy import stop_group
+        from server.processes import stop_group
 
         stop_group(proc)

@@ -13,8 +13,7 @@ import pytest
 from privacy.audit import verify
 from privacy.pki import ProvisioningError, fingerprint, init_consortium, init_site
 from privacy.registry import add_site, list_sites, remove_site
-from server.deploy import stop_group
-from simulations.federation import free_port
+from server.processes import free_port, stop_group
 
 pytestmark = pytest.mark.slow
 

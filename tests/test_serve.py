@@ -449,7 +449,7 @@ def live(site):
 
     import httpx
 
-    from simulations.federation import free_port
+    from server.processes import free_port
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "oncofed", "serve", "--site-config", str(site["root"] / "site.json"),
