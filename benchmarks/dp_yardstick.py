@@ -52,7 +52,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from client.local_round import train_config  # noqa: E402
 from client.site import SitePaths, prepare_site  # noqa: E402
 from privacy.accounting import MAX_BUDGET, noise_multiplier_for, planned_steps  # noqa: E402
 from privacy.run_config import load_run_config, parse_run_overrides  # noqa: E402
@@ -107,15 +106,14 @@ class Linear(nn.Module):
         return self.linear(torch.nan_to_num(x, nan=0.0))
 
 
-# the federation's non-private settings (AdamW, lr 0.002, batch 64): the no-DP rows do not follow the DP recipe
-NON_PRIVATE = {"lr": 0.002, "batch_size": 64, "optimizer": "adamw", "softmax_over": "all"}
-
-
 def recipe(cfg: RunConfig, *, dp: bool, epochs: int) -> TrainConfig:
-    """The training recipe of one row: a site's (`client.local_round.train_config`: optimizer, lr, batch,
-    clipping, schedule, ...) over `epochs` pooled passes; without DP, class-weighted with NON_PRIVATE."""
-    return train_config(cfg).model_copy(update={"epochs": epochs, "class_weighting": not dp,
-                                                **({} if dp else NON_PRIVATE)})
+    """The training recipe of one row: a site's (`RunConfig.train_config`: optimizer, lr, batch, clipping,
+    schedule, ...) over `epochs` pooled passes. Without DP: the run config's no-DP recipe with AdamW (lr 0.002,
+    batch 64, class-weighted), the recipe the no-DP rows were measured with."""
+    if not dp:
+        cfg = load_run_config({**cfg.flat(), "dp": False, "local-optimizer": "adamw", "lr": "auto",
+                               "batch-size": "auto", "local-softmax": "all"}, source="the no-DP rows' recipe")
+    return cfg.train_config().model_copy(update={"epochs": epochs})
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig, n_classes: int, *, dp: bool,
@@ -130,19 +128,19 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig, n_
         from opacus import PrivacyEngine
 
         q, total = planned_steps(len(y), tc.batch_size, epochs, 1)
-        sigma = noise_multiplier_for(epsilon, cfg.delta, q, total, spent=[])
+        sigma = noise_multiplier_for(epsilon, cfg.privacy.delta, q, total, spent=[])
         engine = PrivacyEngine(accountant="prv")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model, optimizer, loader = engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
-                max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks")
+                max_grad_norm=cfg.privacy.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks")
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     # the sites' loop (client.local_round.train_round): one schedule over all passes, as over a run's rounds
     schedule = WarmupCosine.of(optimizer, tc, total_steps=epochs * len(loader))
     train_epochs(model, loader, optimizer, loss_fn, epochs=epochs, schedule=schedule,
                  max_grad_norm=None if dp else tc.max_grad_norm)
-    return float(engine.get_epsilon(cfg.delta)) if engine else 0.0
+    return float(engine.get_epsilon(cfg.privacy.delta)) if engine else 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,26 +193,26 @@ def main(argv: list[str] | None = None) -> int:
                 rows_ = load_labelled_site(schema, site_dir)
             else:  # the rows a federated site trains on: its training split, normalised on it
                 rows_ = prepare_site(schema, SitePaths(site_dir, tmp / "state" / site_dir.name, tmp / "models"),
-                                     budget_epsilon=MAX_BUDGET, delta=cfg.delta, val_fraction=cfg.val_fraction,
-                                     min_count=cfg.min_count, seed=cfg.seed).train
+                                     budget_epsilon=MAX_BUDGET, delta=cfg.privacy.delta, val_fraction=cfg.site.val_fraction,
+                                     min_count=cfg.site.min_count, seed=cfg.training.seed).train
             xs.append(rows_.x)
             ys.append(rows_.y)
         x, y = torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
         held = load_labelled_site(schema, sites_root / "holdout")
-    epochs = cfg.num_rounds * cfg.local_epochs
+    epochs = cfg.federation.num_rounds * cfg.training.local_epochs
     print(f"pooled {'' if args.all_rows else 'training '}patients of {len(xs)} hospitals: {len(y):,}; held-out tss patients: {len(held.y):,}; "
-          f"{epochs} passes, expected batch {cfg.batch_size}, lr {cfg.lr}, C {cfg.max_grad_norm}, delta {cfg.delta}"
+          f"{epochs} passes, expected batch {cfg.training.batch_size}, lr {cfg.training.lr}, C {cfg.privacy.max_grad_norm}, delta {cfg.privacy.delta}"
           + (f"; {len(recipes)} DP recipes (--grid)" if recipes else ""), flush=True)
     rows = []
-    for seed in seeds or [cfg.seed]:
+    for seed in seeds or [cfg.training.seed]:
         for name in models:
             for i, (grid, rcfg) in enumerate(recipes or [({}, cfg)]):
-                scfg = rcfg.model_copy(update={"seed": seed})
+                scfg = rcfg.model_copy(update={"training": rcfg.training.model_copy(update={"seed": seed})})
                 # the non-private settings are fixed (NON_PRIVATE): no DP once, not once per DP recipe
                 for eps in ([None] if i == 0 else []) + ([] if name == "transformer-es" else epsilons):
                     torch.manual_seed(seed)
                     model = (Linear(x.shape[1], schema.n_classes) if name == "linear"
-                             else MultiModalTransformer(schema, scfg.model_config_()))
+                             else MultiModalTransformer(schema, scfg.model))
                     t0 = time.perf_counter()
                     extra, spent = {}, 0.0
                     if name == "transformer-es":
@@ -222,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                         extra = {"best_epoch": f.best_epoch, "epochs_run": f.epochs_run}
                     else:
                         spent = train(model, x, y, scfg, schema.n_classes, dp=eps is not None, epsilon=eps or 0.0,
-                                      epochs=scfg.num_rounds * scfg.local_epochs)
+                                      epochs=scfg.federation.num_rounds * scfg.training.local_epochs)
                     m = evaluate(model, torch.from_numpy(held.x), torch.from_numpy(held.y))
                     rows.append({"model": name, "seed": seed, "epsilon": eps, "epsilon_spent": round(spent, 3),
                                  "recipe": grid if eps is not None else {},
@@ -239,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"best DP recipe of {len(recipes)}, by macro-F1 on the held-out patients (an optimistic ceiling):")
         for name in models:
             for eps in epsilons:
-                for seed in seeds or [cfg.seed]:
+                for seed in seeds or [cfg.training.seed]:
                     cell = [r for r in rows if (r["model"], r["epsilon"], r["seed"]) == (name, eps, seed)]
                     if cell:
                         b = max(cell, key=lambda r: r["macro_f1"])

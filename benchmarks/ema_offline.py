@@ -43,10 +43,10 @@ def main() -> None:
     at = sorted(int(r) for r in args.rounds.split(","))
     cfg = load_run_config({**json.loads((run_dir / "server/run.json").read_text())["run_config"], "base-dir": str(ROOT)})
     schema = FeatureSchema.load(run_dir / "sites/schema.json")
-    sites = [split_site(schema, d, val_fraction=cfg.val_fraction, min_count=cfg.min_count, seed=cfg.seed)
+    sites = [split_site(schema, d, val_fraction=cfg.site.val_fraction, min_count=cfg.site.min_count, seed=cfg.training.seed)
              for d in sorted((run_dir / "sites").glob("C*"))]
     held = load_labelled_site(schema, run_dir / "sites/holdout")
-    model = MultiModalTransformer(schema, cfg.model_config_())
+    model = MultiModalTransformer(schema, cfg.model)
 
     def score(arrays: list[np.ndarray]) -> tuple[float, float]:
         load_arrays(model, [a.astype(np.float32) for a in arrays])

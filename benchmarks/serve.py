@@ -47,7 +47,7 @@ def prepare(work: Path, site_state: Path | None) -> tuple[dict, Path, list[dict]
     from client.serve import TOKENS_FILE, TokenStore
     from privacy.site_config import SiteConfig
     from shared_models.model import MultiModalTransformer
-    from shared_models.run_config import RunConfig
+    from shared_models.run_config import ModelConfig
     from shared_models.schema import FeatureSchema
     from shared_models.site_data import Normalizer, raw_matrix, read_site
     from shared_models.weights import state_arrays
@@ -64,7 +64,7 @@ def prepare(work: Path, site_state: Path | None) -> tuple[dict, Path, list[dict]
     else:
         model_dir = work / "models"
         torch.manual_seed(0)
-        cfg = RunConfig.from_flower({"schema": "x"}, max_epsilon=None).model_config_()
+        cfg = ModelConfig()  # the run config's model
         model = MultiModalTransformer(schema, cfg)
         ModelStore(model_dir).install(schema, cfg, state_arrays(model), {"run": "benchmark", "round": 0})
         tables = read_site(schema, data / "C0")

@@ -182,9 +182,10 @@ def measure(shape: str, batch: int, steps_per_repeat: int, repeats: int, variant
     torch.set_flush_denormal(FLUSH_DENORMAL)
     warnings.filterwarnings("ignore")
     from shared_models import FeatureSchema, ModelConfig
+    from shared_models.run_config import CENTRALIZED_MODEL
 
     schema = FeatureSchema.load(ROOT / "simulations" / "schemas" / SHAPES[shape])
-    cfg = ModelConfig(**(model_overrides or {}))
+    cfg = ModelConfig(**{**CENTRALIZED_MODEL.model_dump(), **(model_overrides or {})})  # the shapes measured since 2026-11
     batches = [synthetic_batch(schema, batch, seed) for seed in range(steps_per_repeat)]
     steps, base, _keep = build_steps(schema, cfg, n_data=batch * 20, batch=batch, variants=variants)
     flops = train_flops_per_sample(base, *batches[0])

@@ -87,21 +87,21 @@ def site_settings(context: Context, cfg: RunConfig) -> SiteSettings:
         state = Path(str(node.get("state-dir", data.parent / "oncofed-state")))
         models = Path(str(node.get("model-dir", state / "models")))
         return SiteSettings(str(node.get("site-name", data.name)), 0, SitePaths(data, state, models),
-                            float(node.get("privacy-budget", cfg.epsilon)),
+                            float(node.get("privacy-budget", cfg.privacy.epsilon)),
                             str(node.get("require-secagg", "true")).lower() not in ("false", "0", "no"),
                             max(MIN_AGGREGATE_SITES, int(node.get("min-aggregate-sites", MIN_AGGREGATE_SITES))),
                             str(node.get("require-dp", "true")).lower() not in ("false", "0", "no"),
                             max(1, int(node.get("max-trusted-sites", 1))))
     index = int(node["partition-id"])
-    root = cfg.path(cfg.data_root)
+    root = cfg.path(cfg.run.data_root)
     sites = json.loads((root / "manifest.json").read_text())["sites"]  # written by `oncofed partition`
     if index >= len(sites):
         raise ValueError(f"partition-id {index} but {root}/manifest.json lists {len(sites)} sites; run the simulation "
                          f"with num-supernodes={len(sites)}")
     name = sites[index]["name"]
-    state_root = cfg.path(cfg.site_state_root) if cfg.site_state_root else root / "state"
+    state_root = cfg.path(cfg.run.site_state_root) if cfg.run.site_state_root else root / "state"
     paths = SitePaths(root / sites[index]["dir"], state_root / name / "state", state_root / name / "models")
-    return SiteSettings(name, index, paths, cfg.epsilon, cfg.secagg)
+    return SiteSettings(name, index, paths, cfg.privacy.epsilon, cfg.secagg.enabled)
 
 
 _PREPARED: dict[tuple, "PreparedSite"] = {}  # one per site and schema, reused across rounds in this process
@@ -111,13 +111,13 @@ def prepared(settings: SiteSettings, cfg: RunConfig) -> "PreparedSite":
     from client.site import prepare_site
     from shared_models.schema import FeatureSchema
 
-    schema = FeatureSchema.load(cfg.path(cfg.schema_path))
-    key = (str(settings.paths.site_dir), schema.content_hash(), settings.budget_epsilon, cfg.delta, cfg.seed,
-           cfg.val_fraction, cfg.min_count)
+    schema = FeatureSchema.load(cfg.path(cfg.run.schema_path))
+    key = (str(settings.paths.site_dir), schema.content_hash(), settings.budget_epsilon, cfg.privacy.delta, cfg.training.seed,
+           cfg.site.val_fraction, cfg.site.min_count)
     if key not in _PREPARED:
         _PREPARED[key] = prepare_site(schema, settings.paths, budget_epsilon=settings.budget_epsilon,
-                                      delta=cfg.delta, val_fraction=cfg.val_fraction, min_count=cfg.min_count,
-                                      seed=cfg.seed)
+                                      delta=cfg.privacy.delta, val_fraction=cfg.site.val_fraction, min_count=cfg.site.min_count,
+                                      seed=cfg.training.seed)
         site = _PREPARED[key]
         log(INFO, "site %s: %s training and %s held-out patients, spent epsilon %.3f of %.3f", settings.name,
             len(site.train.y), len(site.val.y), site.ledger.spent(site.dataset_fingerprint), settings.budget_epsilon)
@@ -145,12 +145,12 @@ def site_policy_mod(msg: Message, context: Context, call_next):
     if configs.get(SecAggKey.STAGE) == Stage.UNMASK:
         settings = site_settings(context, cfg)
         # dp-mode "distributed": a sum of fewer than trusted-sites contributions carries less noise than assumed
-        trusted = cfg.trusted_sites if cfg.dp and cfg.dp_mode == "distributed" else 0
-        need = max(cfg.min_sites, settings.min_aggregate_sites, trusted)
+        trusted = cfg.privacy.trusted_sites if cfg.privacy.enabled and cfg.privacy.mode == "distributed" else 0
+        need = max(cfg.federation.min_sites, settings.min_aggregate_sites, trusted)
         active = list(configs.get(SecAggKey.ACTIVE_NODE_ID_LIST, []))
         if len(active) < need:
             reason = (f"{settings.name}: {len(active)} sites sent masked vectors, fewer than {need} (min-sites "
-                      f"{cfg.min_sites}, the site's min-aggregate-sites {settings.min_aggregate_sites}"
+                      f"{cfg.federation.min_sites}, the site's min-aggregate-sites {settings.min_aggregate_sites}"
                       + (f", the run's trusted-sites {trusted}" if trusted else "") + "); the site "
                       "gives no key shares, so this sum is never unmasked")
             log(WARNING, "site %s: %s", settings.name, reason)
@@ -211,7 +211,7 @@ def signing_trust(context: Context, cfg: RunConfig) -> str:
     """The site's trust anchor for what the server signs (models, audit anchors): its node config's
     signing-public-key, else (simulation) the run config's; "" when it has none."""
     return str(context.node_config.get("signing-public-key", "")) or (
-        str(cfg.path(cfg.signing_public_key)) if cfg.signing_public_key else "")
+        str(cfg.path(cfg.run.signing_public_key)) if cfg.run.signing_public_key else "")
 
 
 def keep_server_anchor(settings: SiteSettings, context: Context, cfg: RunConfig, anchor_json) -> None:
@@ -260,12 +260,12 @@ def train(msg: Message, context: Context) -> Message:
         # The report names patient rows: it stays in the site's log; the server gets the verdict only.
         raise _refusal(fitins, msg, settings.name, "its data failed validation (details in the site's log; run "
                         "`oncofed validate` there)", audit)
-    if settings.require_dp and not cfg.dp:
+    if settings.require_dp and not cfg.privacy.enabled:
         raise _refusal(fitins, msg, settings.name, "site policy: training without differential privacy (run config "
                        "dp = false) is refused; the site's node config require-dp allows only DP-SGD", audit)
-    if cfg.dp and cfg.dp_mode == "distributed":
+    if cfg.privacy.enabled and cfg.privacy.mode == "distributed":
         return _train_distributed(msg, fitins, context, cfg, settings, site, audit)
-    if cfg.dp:
+    if cfg.privacy.enabled:
         _note_previous_round(site, settings, run_key, fitins.config.get(PREVIOUS_ROUND), audit)
     n = len(site.train.y)
     max_weight = float(fitins.config.get(SECAGG_MAX_WEIGHT, 0) or 0)
@@ -276,7 +276,7 @@ def train(msg: Message, context: Context) -> Message:
 
     global_arrays = parameters_to_ndarrays(fitins.parameters)
     releases = ReleaseStore(settings.paths.state_dir)
-    if cfg.dp and site.ledger.released(site.dataset_fingerprint, run_key, rnd) is not None:
+    if cfg.privacy.enabled and site.ledger.released(site.dataset_fingerprint, run_key, rnd) is not None:
         return _resend(msg, fitins, settings, releases.load(run_key, rnd), arrays_sha256(global_arrays), audit)
     try:
         result = train_round(site, global_arrays, cfg, run_key, rnd, site_seed=settings.index)
@@ -289,7 +289,7 @@ def train(msg: Message, context: Context) -> Message:
     if max_weight:
         # SecAgg+ clips |delta * n / max_weight| to the clipping range silently: refuse instead.
         peak = max(float(np.abs(d).max()) for d in delta) * n / max_weight
-        clip = float(fitins.config.get(SECAGG_CLIPPING_RANGE, cfg.secagg_clipping_range))
+        clip = float(fitins.config.get(SECAGG_CLIPPING_RANGE, cfg.secagg.clipping_range))
         if peak > clip:
             raise _refusal(fitins, msg, settings.name, f"its update ({peak:.3g}) exceeds secagg-clipping-range "
                             f"{clip:g} and would be clipped silently; the operator must raise it", audit)
@@ -303,7 +303,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics[SITE] = settings.name
     metrics[AUDIT_HEAD] = trained["hash"]  # the server records it: an anchor of this log outside the site
     metrics = sent_metrics(metrics, FIT_METRICS, settings.name)
-    if cfg.dp:  # kept before it leaves: a resumed server asking for this round again gets these bits back
+    if cfg.privacy.enabled:  # kept before it leaves: a resumed server asking for this round again gets these bits back
         releases.save(run_key, rnd, Release(arrays_sha256(global_arrays), delta, result.num_examples, metrics))
     res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(delta), result.num_examples, metrics)
     return Message(fitres_to_recorddict(res, keep_input=False), reply_to=msg)
@@ -326,8 +326,8 @@ def secagg_grid(context: Context) -> "SecAggGrid":
 def trust_refusal(settings: SiteSettings, cfg: RunConfig) -> str:
     """Why this site refuses the run's trust assumption ("" if it accepts it): the site is authoritative on
     how many sites it relies on to add their noise share."""
-    if settings.max_trusted_sites is not None and cfg.trusted_sites > settings.max_trusted_sites:
-        return (f"site policy: the run assumes {cfg.trusted_sites} sites add their noise share honestly (run config "
+    if settings.max_trusted_sites is not None and cfg.privacy.trusted_sites > settings.max_trusted_sites:
+        return (f"site policy: the run assumes {cfg.privacy.trusted_sites} sites add their noise share honestly (run config "
                 f"trusted-sites); this site relies on at most {settings.max_trusted_sites} (node config "
                 "max-trusted-sites). Nothing was trained or sent")
     return ""
@@ -364,7 +364,7 @@ def _train_distributed(msg: Message, fitins, context: Context, cfg: RunConfig, s
         raise _refusal(fitins, msg, settings.name, reason, audit)
     grid = secagg_grid(context)
     state = context.state.config_records[RECORD_KEY_STATE]
-    n_sites = len(state.get("public_keys_dict:K", [])) or cfg.sites or cfg.min_sites
+    n_sites = len(state.get("public_keys_dict:K", [])) or cfg.federation.sites or cfg.federation.min_sites
     _note_previous_round(site, settings, run_key, fitins.config.get(PREVIOUS_ROUND), audit)
     global_arrays = parameters_to_ndarrays(fitins.parameters)
     releases = ReleaseStore(settings.paths.state_dir)
@@ -382,7 +382,7 @@ def _train_distributed(msg: Message, fitins, context: Context, cfg: RunConfig, s
     try:  # recorded before the update leaves the site
         trained = audit.append("round_trained", run=run_key, round=rnd, patients=metrics[PATIENTS],
                                epsilon=metrics[EPSILON], epsilon_worst_case=metrics[EPSILON_WORST_CASE],
-                               mechanism="skellam", trusted_sites=cfg.trusted_sites, steps=1)
+                               mechanism="skellam", trusted_sites=cfg.privacy.trusted_sites, steps=1)
     except (AuditError, OSError) as e:
         log(WARNING, "site %s: audit log: %s", settings.name, e)
         raise _refusal(fitins, msg, settings.name, "its audit log cannot be written (details in the site's log)")
@@ -441,7 +441,7 @@ def save_model(msg: Message, context: Context) -> Message:
 
     cfg = load_run_config(context.run_config, source="run config (site)")
     settings = site_settings(context, cfg)
-    schema = FeatureSchema.load(cfg.path(cfg.schema_path))
+    schema = FeatureSchema.load(cfg.path(cfg.run.schema_path))
     arrays = msg.content[ARRAYS_RECORD].to_numpy_ndarrays()
     info = json.loads(str(msg.content[CONFIG_RECORD][PACKAGE_INFO]))  # kept verbatim: what the server signed
     keep_server_anchor(settings, context, cfg, msg.content[CONFIG_RECORD].get(AUDIT_ANCHOR))
@@ -464,7 +464,7 @@ def save_model(msg: Message, context: Context) -> Message:
         if package.schema_hash != schema.content_hash():
             raise ModelStoreError(f"model built for schema {package.schema_hash[:12]}..., this site uses "
                                   f"{schema.content_hash()[:12]}...")
-        version = store.install(schema, cfg.model_config_(), arrays, info,
+        version = store.install(schema, cfg.model, arrays, info,
                                 expected_arrays_sha256=package.arrays_sha256)
         reply = DeliveryReply(site=settings.name, installed=True, version=version, path=str(store.root / version),
                               arrays_sha256=store.package(version)["arrays_sha256"])

@@ -53,24 +53,13 @@ class RoundResult:
     metrics: dict  # aggregates only: safe to send
 
 
-def train_config(cfg: RunConfig) -> TrainConfig:
-    """Under DP the loss is not class-weighted: weights computed from the site's label counts would make
-    every sample's gradient depend on the other patients' labels, a release DP-SGD's analysis does not
-    cover (and per-sample clipping largely undoes a weighting anyway). For the same reason the run config
-    refuses a softmax over the site's own classes (`local-softmax = "site"`) together with DP."""
-    return TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-                       warmup_fraction=cfg.warmup_fraction, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed,
-                       class_weighting=not cfg.dp, softmax_over="present" if cfg.local_softmax == "site" else "all",
-                       optimizer=cfg.local_optimizer, momentum=cfg.momentum)
-
-
 def plan_terms(cfg: RunConfig) -> dict:
     """The run-config values that fix a run's privacy mechanism at a site: none may change during the run."""
-    if cfg.dp_mode == "distributed":
-        return {"dp-mode": cfg.dp_mode, "epsilon": cfg.epsilon, "delta": cfg.delta, "num-rounds": cfg.num_rounds,
-                "sample-rate": cfg.sample_rate, "trusted-sites": cfg.trusted_sites, "max-grad-norm": cfg.max_grad_norm}
-    return {"epsilon": cfg.epsilon, "delta": cfg.delta, "num-rounds": cfg.num_rounds, "batch-size": cfg.batch_size,
-            "local-epochs": cfg.local_epochs, "max-grad-norm": cfg.max_grad_norm}
+    if cfg.privacy.mode == "distributed":
+        return {"dp-mode": cfg.privacy.mode, "epsilon": cfg.privacy.epsilon, "delta": cfg.privacy.delta, "num-rounds": cfg.federation.num_rounds,
+                "sample-rate": cfg.privacy.sample_rate, "trusted-sites": cfg.privacy.trusted_sites, "max-grad-norm": cfg.privacy.max_grad_norm}
+    return {"epsilon": cfg.privacy.epsilon, "delta": cfg.privacy.delta, "num-rounds": cfg.federation.num_rounds, "batch-size": cfg.training.batch_size,
+            "local-epochs": cfg.training.local_epochs, "max-grad-norm": cfg.privacy.max_grad_norm}
 
 
 def saved_plan(site: PreparedSite, run_id: str, cfg: RunConfig) -> RunPlan | None:
@@ -93,14 +82,14 @@ def run_noise(site: PreparedSite, run_id: str, cfg: RunConfig) -> tuple[float, f
     if (saved := saved_plan(site, run_id, cfg)) is not None:
         return saved.noise_multiplier, saved.sample_rate, saved.steps_per_round
     n = len(site.train.y)
-    q, total = planned_steps(n, cfg.batch_size, cfg.local_epochs, cfg.num_rounds)
+    q, total = planned_steps(n, cfg.training.batch_size, cfg.training.local_epochs, cfg.federation.num_rounds)
     # This run may bring the site's total to (spent + the run's epsilon), never beyond the site's budget:
     # a site with budget 30 can join several runs of epsilon 8 instead of spending it all on the first.
-    target = min(site.ledger.budget_epsilon, site.ledger.spent(site.dataset_fingerprint) + cfg.epsilon)
+    target = min(site.ledger.budget_epsilon, site.ledger.spent(site.dataset_fingerprint) + cfg.privacy.epsilon)
     sigma = noise_multiplier_for(target, site.ledger.delta, q, total,
                                  spent=site.ledger.history(site.dataset_fingerprint))
     plan = site.ledger.start_run(site.dataset_fingerprint, run_id, RunPlan(
-        epsilon=cfg.epsilon, epsilon_cap=target, num_rounds=cfg.num_rounds, steps_per_round=total // cfg.num_rounds,
+        epsilon=cfg.privacy.epsilon, epsilon_cap=target, num_rounds=cfg.federation.num_rounds, steps_per_round=total // cfg.federation.num_rounds,
         noise_multiplier=sigma, sample_rate=q, terms=plan_terms(cfg)))
     return plan.noise_multiplier, plan.sample_rate, plan.steps_per_round
 
@@ -109,22 +98,22 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
                 site_seed: int = 0) -> RoundResult:
     """Train from the global weights and return the update; raises BudgetError to refuse the round."""
     t_round = time.perf_counter()
-    torch.manual_seed(cfg.seed * 1_000_003 + site_seed * 1009 + rnd)
-    model = MultiModalTransformer(site.schema, cfg.model_config_())
+    torch.manual_seed(cfg.training.seed * 1_000_003 + site_seed * 1009 + rnd)
+    model = MultiModalTransformer(site.schema, cfg.model)
     load_arrays(model, global_arrays)
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    tc = train_config(cfg)
+    tc = cfg.train_config()
     x, y = (torch.from_numpy(a) for a in (site.train.x, site.train.y))
     loss_fn = build_loss(tc, class_counts(site.train.y, site.schema.n_classes))
     optimizer = build_optimizer(model, tc)
-    loader = build_loader(x, y, tc, seed=cfg.seed * 7919 + site_seed * 31 + rnd)
-    steps_per_round = cfg.local_epochs * len(loader)
+    loader = build_loader(x, y, tc, seed=cfg.training.seed * 7919 + site_seed * 31 + rnd)
+    steps_per_round = cfg.training.local_epochs * len(loader)
     # one warm-up + cosine schedule over the whole run: this round is its stretch from (rnd - 1) * steps_per_round
-    schedule = WarmupCosine.of(optimizer, tc, total_steps=steps_per_round * cfg.num_rounds,
+    schedule = WarmupCosine.of(optimizer, tc, total_steps=steps_per_round * cfg.federation.num_rounds,
                                first_step=(rnd - 1) * steps_per_round)
 
     ticket, hooks, engine = None, None, None
-    if cfg.dp:
+    if cfg.privacy.enabled:
         sigma, q, planned = run_noise(site, run_id, cfg)
         ticket = site.ledger.begin_round(site.dataset_fingerprint, run_id, rnd, sigma, q, planned)
         from privacy.dp_randomness import private_engine
@@ -137,23 +126,23 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
         opacus_checks = len(engine.accountant.history) == len(past)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Opacus' notes on secure_mode and optimizer types
-            if cfg.dp_clipping == "ghost":  # per-sample clipping without per-sample gradients; Opacus' noise
+            if cfg.privacy.clipping == "ghost":  # per-sample clipping without per-sample gradients; Opacus' noise
                 hooks, optimizer, loader = make_private(  # sampling and accountant (privacy/clipping.py)
-                    engine, model, optimizer, loader, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm)
+                    engine, model, optimizer, loader, noise_multiplier=sigma, max_grad_norm=cfg.privacy.max_grad_norm)
             else:
                 hooks, optimizer, loader = engine.make_private(
                     module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
-                    max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",
+                    max_grad_norm=cfg.privacy.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",
                     wrap_model=False, noise_generator=engine.secure_rng)
 
     proximal_step = None
-    if cfg.strategy == "fedprox":
+    if cfg.federation.strategy == "fedprox":
         def proximal_step() -> None:
             # FedProx's proximal term, applied as its own (data-independent) step after the DP-SGD step:
             # Opacus rebuilds the gradient from per-sample terms only.
             with torch.no_grad():
                 for name, p in model.named_parameters():
-                    p.sub_(p - global_state[name], alpha=optimizer.param_groups[0]["lr"] * cfg.proximal_mu)
+                    p.sub_(p - global_state[name], alpha=optimizer.param_groups[0]["lr"] * cfg.federation.proximal_mu)
 
     t_train = time.perf_counter()
     # Opacus' hooks sit on leaves whose inputs need no gradient (learned arrays, first layers): PyTorch
@@ -163,15 +152,15 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
         # Without DP the global norm is clipped with torch's clip_grad_norm_, not clip_global_grad_norm_: the
         # two round the scale factor differently in the last bit, and a site's rounds stay bit for bit those
         # of earlier runs (changing it is a change of results, to be measured on its own).
-        totals = train_epochs(model, loader, optimizer, loss_fn, epochs=cfg.local_epochs, schedule=schedule,
-                              max_grad_norm=None if cfg.dp else cfg.max_grad_norm,
+        totals = train_epochs(model, loader, optimizer, loss_fn, epochs=cfg.training.local_epochs, schedule=schedule,
+                              max_grad_norm=None if cfg.privacy.enabled else cfg.privacy.max_grad_norm,
                               clip_with=torch.nn.utils.clip_grad_norm_, after_step=proximal_step)
     finally:
         if hooks is not None:
             hooks.cleanup()
 
     metrics = {"local_steps": totals.steps, "train_seconds": round(time.perf_counter() - t_train, 3)}
-    if not cfg.dp:
+    if not cfg.privacy.enabled:
         metrics["train_loss"] = totals.mean_loss
     else:
         # The loss on the DP-SGD batches is computed from the training rows without noise: sending it
@@ -185,7 +174,7 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
                               "the round's update is withheld")
         metrics.update(epsilon=spent, noise_multiplier=ticket.noise_multiplier, sample_rate=ticket.sample_rate)
     val = evaluate(model, torch.from_numpy(site.val.x), torch.from_numpy(site.val.y)) if len(site.val.y) else None
-    if val is not None and len(site.val.y) >= cfg.min_count:
+    if val is not None and len(site.val.y) >= cfg.site.min_count:
         metrics.update(local_val_accuracy=val.accuracy, local_val_macro_f1=val.macro_f1)
     local = model.state_dict()
     delta = [(local[k] - global_state[k]).detach().cpu().numpy() for k in global_state]
@@ -203,12 +192,12 @@ def distributed_plan(site: PreparedSite, run_id: str, cfg: RunConfig, dim: int) 
     The ledger refuses the run's rounds at a site whose budget the run would exceed."""
     if (saved := saved_plan(site, run_id, cfg)) is not None:
         return distributed.SkellamPlan.from_dict(saved.mechanism)
-    p = distributed.run_plan(cfg.max_grad_norm, dim, cfg.trusted_sites, cfg.sample_rate, cfg.epsilon,
-                             site.ledger.delta, cfg.num_rounds)
+    p = distributed.run_plan(cfg.privacy.max_grad_norm, dim, cfg.privacy.trusted_sites, cfg.privacy.sample_rate, cfg.privacy.epsilon,
+                             site.ledger.delta, cfg.federation.num_rounds)
     spent = site.ledger.spent(site.dataset_fingerprint)
-    cap = min(site.ledger.budget_epsilon, spent + cfg.epsilon)
+    cap = min(site.ledger.budget_epsilon, spent + cfg.privacy.epsilon)
     site.ledger.start_run(site.dataset_fingerprint, run_id, RunPlan(
-        epsilon=cfg.epsilon, epsilon_cap=cap, num_rounds=cfg.num_rounds, steps_per_round=1,
+        epsilon=cfg.privacy.epsilon, epsilon_cap=cap, num_rounds=cfg.federation.num_rounds, steps_per_round=1,
         noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate, terms=plan_terms(cfg), mechanism=p.to_dict()))
     return p
 
@@ -233,8 +222,8 @@ def distributed_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: 
     from privacy.dp_randomness import dp_generator, dp_numpy_generator
 
     t_round = time.perf_counter()
-    torch.manual_seed(cfg.seed * 1_000_003 + site_seed * 1009 + rnd)  # dropout only: the DP draws are secret
-    model = MultiModalTransformer(site.schema, cfg.model_config_())
+    torch.manual_seed(cfg.training.seed * 1_000_003 + site_seed * 1009 + rnd)  # dropout only: the DP draws are secret
+    model = MultiModalTransformer(site.schema, cfg.model)
     load_arrays(model, global_arrays)
     shapes, noised = trainable_layout(model)
     p = distributed_plan(site, run_id, cfg, int(noised.sum()))
@@ -246,10 +235,10 @@ def distributed_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: 
     sampled = torch.rand(n, generator=dp_generator()) < p.sample_rate  # Poisson sampling, secret
     grads = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
     if bool(sampled.any()):
-        tc = train_config(cfg)
+        tc = cfg.train_config()
         loss_fn = build_loss(tc, class_counts(site.train.y, site.schema.n_classes))
         model.train()
-        with BookKeepingClipper(model, cfg.max_grad_norm, loss_reduction="mean") as clipper:
+        with BookKeepingClipper(model, cfg.privacy.max_grad_norm, loss_reduction="mean") as clipper:
             loss = loss_fn(model(torch.from_numpy(site.train.x[sampled.numpy()])),
                            torch.from_numpy(site.train.y[sampled.numpy()]))
             loss.backward()

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from shared_models.files import sha256_file, write_text_atomic
-from shared_models.model import ModelConfig, MultiModalTransformer
+from shared_models.model import MultiModalTransformer
+from shared_models.run_config import ModelConfig
 from shared_models.schema import FeatureSchema
 from shared_models.weights import (ArrayCountError, arrays_sha256, load_arrays, load_weights, save_weights,
                                    state_arrays)

@@ -110,10 +110,10 @@ def evaluate_global(site: PreparedSite, arrays: list[np.ndarray], cfg: RunConfig
     from shared_models.model import MultiModalTransformer
     from shared_models.weights import load_arrays
 
-    model = MultiModalTransformer(site.schema, cfg.model_config_())
+    model = MultiModalTransformer(site.schema, cfg.model)
     load_arrays(model, arrays)
     n = len(site.val.y)
-    if n < cfg.min_count:
+    if n < cfg.site.min_count:
         return 0, {}
     m = evaluate(model, torch.from_numpy(site.val.x), torch.from_numpy(site.val.y))
     return n, {LOSS: m.loss, ACCURACY: m.accuracy, BALANCED_ACCURACY: m.balanced_accuracy, MACRO_F1: m.macro_f1}

@@ -63,15 +63,15 @@ def secagg_workflow(cfg: RunConfig, n_sites: int) -> TimedSecAggPlusWorkflow:
     """
     q_bits = 32 - math.ceil(math.log2(n_sites + 1))
     return TimedSecAggPlusWorkflow(
-        num_shares=min(1.0, SECAGG_MAX_SHARES / n_sites), reconstruction_threshold=cfg.secagg_threshold,
-        max_weight=cfg.secagg_max_weight, clipping_range=cfg.secagg_clipping_range, quantization_range=2**q_bits, modulus_range=2**32,
-        timeout=cfg.round_timeout, min_contributors=max(2, min(cfg.min_sites, n_sites),
-                                                        cfg.trusted_sites if distributed_dp(cfg) else 0),
+        num_shares=min(1.0, SECAGG_MAX_SHARES / n_sites), reconstruction_threshold=cfg.secagg.threshold,
+        max_weight=cfg.secagg.max_weight, clipping_range=cfg.secagg.clipping_range, quantization_range=2**q_bits, modulus_range=2**32,
+        timeout=cfg.federation.round_timeout, min_contributors=max(2, min(cfg.federation.min_sites, n_sites),
+                                                        cfg.privacy.trusted_sites if distributed_dp(cfg) else 0),
         refuse_wrap=distributed_dp(cfg))
 
 
 def distributed_dp(cfg: RunConfig) -> bool:
-    return cfg.dp and cfg.dp_mode == "distributed"
+    return cfg.privacy.enabled and cfg.privacy.mode == "distributed"
 
 
 def log_distributed_plan(cfg: RunConfig, weights: list[np.ndarray]) -> None:
@@ -80,25 +80,25 @@ def log_distributed_plan(cfg: RunConfig, weights: list[np.ndarray]) -> None:
     from privacy.accounting import noise_multiplier_for
     from privacy.distributed import run_plan
 
-    p = run_plan(cfg.max_grad_norm, sum(int(w.size) for w in weights), cfg.trusted_sites, cfg.sample_rate,
-                 cfg.epsilon, cfg.delta, cfg.num_rounds)
-    gaussian = noise_multiplier_for(cfg.epsilon, cfg.delta, cfg.sample_rate, cfg.num_rounds)
+    p = run_plan(cfg.privacy.max_grad_norm, sum(int(w.size) for w in weights), cfg.privacy.trusted_sites, cfg.privacy.sample_rate,
+                 cfg.privacy.epsilon, cfg.privacy.delta, cfg.federation.num_rounds)
+    gaussian = noise_multiplier_for(cfg.privacy.epsilon, cfg.privacy.delta, cfg.privacy.sample_rate, cfg.federation.num_rounds)
     log(INFO, "distributed DP: %s rounds of one step at sample rate %s; aggregate noise multiplier %.3f (pooled "
-        "Gaussian DP-SGD: %.3f); each site adds 1/%s of the noise variance", cfg.num_rounds, cfg.sample_rate,
-        p.noise_multiplier * p.scale * p.max_grad_norm / p.l2, gaussian, cfg.trusted_sites)
+        "Gaussian DP-SGD: %.3f); each site adds 1/%s of the noise variance", cfg.federation.num_rounds, cfg.privacy.sample_rate,
+        p.noise_multiplier * p.scale * p.max_grad_norm / p.l2, gaussian, cfg.privacy.trusted_sites)
     if p.noise_multiplier * p.scale * p.max_grad_norm / p.l2 > 1.5 * gaussian:
         log(WARNING, "distributed DP: at sample rate %s the accountant's bound for Poisson subsampling (valid for "
             "any mechanism) is loose; a lower sample-rate with more rounds costs less noise (docs/privacy.md)",
-            cfg.sample_rate)
+            cfg.privacy.sample_rate)
 
 
 def privacy_summary(cfg: RunConfig) -> str:
     """What the run's DP relies on, in one line for the operator's log and the package."""
-    if not cfg.dp:
+    if not cfg.privacy.enabled:
         return "no differential privacy: the model's only protection is SecAgg+ (the server sees sums of updates)"
     if distributed_dp(cfg):
         return (f"dp-mode distributed (Skellam noise shares under SecAgg+): each site's epsilon holds for what the "
-                f"server sees as long as at least {cfg.trusted_sites} sites add their noise share and the server does "
+                f"server sees as long as at least {cfg.privacy.trusted_sites} sites add their noise share and the server does "
                 "not collude with enough sites to unmask single updates; each site also reports its worst case, its "
                 "own share alone")
     return "dp-mode site: each site's update is DP on its own; it holds whatever the server and other sites do"
@@ -107,14 +107,14 @@ def privacy_summary(cfg: RunConfig) -> str:
 def server_evaluation(cfg: RunConfig, schema: FeatureSchema):
     """`evaluate_fn` for the legacy strategy: the global model on the run config's `eval-data` site
     directory (held by the operator, normalised with its own statistics), after every round."""
-    site_dir = cfg.path(cfg.eval_data)
-    report = validate_site(schema, site_dir, min_count=cfg.min_count)
+    site_dir = cfg.path(cfg.run.eval_data)
+    report = validate_site(schema, site_dir, min_count=cfg.site.min_count)
     if not report.ok:
-        raise ValueError(f"run config eval-data = {cfg.eval_data!r}: the validation site directory is not usable; "
+        raise ValueError(f"run config eval-data = {cfg.run.eval_data!r}: the validation site directory is not usable; "
                          f"fix it or set eval-data = \"\"\n{report.format_report()}")
     ds = load_labelled_site(schema, site_dir)
     x, y = torch.from_numpy(ds.x), torch.from_numpy(ds.y)
-    model = MultiModalTransformer(schema, cfg.model_config_())
+    model = MultiModalTransformer(schema, cfg.model)
     log(INFO, "server evaluation on %s patients of %s after every round", len(y), site_dir)
 
     def evaluate_fn(server_round: int, arrays: list[np.ndarray], config: dict):
@@ -130,17 +130,17 @@ def server_evaluation(cfg: RunConfig, schema: FeatureSchema):
 def main(grid: Grid, context: Context) -> None:
     cfg = load_run_config(context.run_config, source="run config (server)")
     t0 = time.time()
-    out = cfg.path(cfg.output_dir)
+    out = cfg.path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.deliver_only:  # `oncofed deliver`: the saved final model again, no training
+    if cfg.run.deliver_only:  # `oncofed deliver`: the saved final model again, no training
         return redeliver(grid, cfg)
-    schema = FeatureSchema.load(cfg.path(cfg.schema_path))
-    n_sites = cfg.sites or cfg.min_sites
-    signing_key = load_private(cfg.path(cfg.signing_key)) if cfg.signing_key else None  # fail before round 1
+    schema = FeatureSchema.load(cfg.path(cfg.run.schema_path))
+    n_sites = cfg.federation.sites or cfg.federation.min_sites
+    signing_key = load_private(cfg.path(cfg.run.signing_key)) if cfg.run.signing_key else None  # fail before round 1
     ckpt_root = out / "checkpoints"
 
-    frozen = frozen_run(out) if cfg.resume else None
-    if cfg.resume:
+    frozen = frozen_run(out) if cfg.run.resume else None
+    if cfg.run.resume:
         if frozen is None:
             raise ValueError(f"run config resume = true but {out} holds no started run ({out / 'run.json'} is "
                              "missing): nothing to resume; start the run without resume")
@@ -148,7 +148,7 @@ def main(grid: Grid, context: Context) -> None:
             raise ValueError(f"{out / 'run.json'}: a resumed run keeps the configuration it started with; this "
                              f"request changes {'; '.join(changed)}. Resume without changes (`oncofed run --resume` "
                              "reloads it), or start a new run under another name")
-    checkpoint = load_latest(ckpt_root) if cfg.resume else None
+    checkpoint = load_latest(ckpt_root) if cfg.run.resume else None
     if checkpoint is not None:
         if checkpoint.meta.get("schema_hash") != schema.content_hash():
             raise ValueError(f"{ckpt_root}: checkpoint was trained under another schema; resume with that schema")
@@ -157,25 +157,25 @@ def main(grid: Grid, context: Context) -> None:
         site_epsilon_worst_case = checkpoint.meta.get("site_epsilon_worst_case", {})
         log(INFO, "resuming run %s after round %s from %s", run_key, checkpoint.round, ckpt_root)
     else:  # a new run, or one that crashed before its first checkpoint (same seed: the same initial weights)
-        torch.manual_seed(cfg.seed)
-        model = MultiModalTransformer(schema, cfg.model_config_())
+        torch.manual_seed(cfg.training.seed)
+        model = MultiModalTransformer(schema, cfg.model)
         weights = state_arrays(model)
         first_round, site_epsilon, site_epsilon_worst_case = 1, {}, {}
-        run_key = frozen["run_key"] if frozen else f"{cfg.run_name}-{uuid.uuid4().hex[:8]}"
+        run_key = frozen["run_key"] if frozen else f"{cfg.run.name}-{uuid.uuid4().hex[:8]}"
         if frozen:
             log(INFO, "resuming run %s from its start (it ended before its first checkpoint)", run_key)
-    if not cfg.resume:
+    if not cfg.run.resume:
         freeze_run(out, run_key, dict(context.run_config))
-    remaining = cfg.num_rounds - first_round + 1
+    remaining = cfg.federation.num_rounds - first_round + 1
     if remaining < 1:
-        log(WARNING, "the checkpoint already holds all %s rounds; delivering the final model", cfg.num_rounds)
+        log(WARNING, "the checkpoint already holds all %s rounds; delivering the final model", cfg.federation.num_rounds)
 
     audit = AuditLog(out / "audit.jsonl")
-    audit.append("run_start", run=run_key, first_round=first_round, num_rounds=cfg.num_rounds,
-                 schema_hash=schema.content_hash(), strategy=cfg.strategy, secagg=cfg.secagg, dp=cfg.dp,
-                 min_sites=cfg.min_sites, run_config_sha256=hashlib.sha256(canonical(dict(context.run_config))).hexdigest())
-    fit_config = {RUN_KEY: run_key, SECAGG_MAX_WEIGHT: cfg.secagg_max_weight if cfg.secagg else 0.0,
-                  SECAGG_CLIPPING_RANGE: cfg.secagg_clipping_range}
+    audit.append("run_start", run=run_key, first_round=first_round, num_rounds=cfg.federation.num_rounds,
+                 schema_hash=schema.content_hash(), strategy=cfg.federation.strategy, secagg=cfg.secagg.enabled, dp=cfg.privacy.enabled,
+                 min_sites=cfg.federation.min_sites, run_config_sha256=hashlib.sha256(canonical(dict(context.run_config))).hexdigest())
+    fit_config = {RUN_KEY: run_key, SECAGG_MAX_WEIGHT: cfg.secagg.max_weight if cfg.secagg.enabled else 0.0,
+                  SECAGG_CLIPPING_RANGE: cfg.secagg.clipping_range}
 
     def anchor_audit() -> str:  # the run log's head, signed, for every site to keep (privacy/audit.py)
         if signing_key is None:
@@ -184,17 +184,17 @@ def main(grid: Grid, context: Context) -> None:
         return fit_config[AUDIT_ANCHOR]
 
     anchor_audit()
-    evaluate_fn = server_evaluation(cfg, schema) if cfg.eval_data else None
+    evaluate_fn = server_evaluation(cfg, schema) if cfg.run.eval_data else None
     strategy = build_strategy(cfg, weights, n_sites, fit_config, evaluate_fn=evaluate_fn)
     log(INFO, "privacy: %s", privacy_summary(cfg))
-    fit_workflow = secagg_workflow(cfg, n_sites) if cfg.secagg else None
+    fit_workflow = secagg_workflow(cfg, n_sites) if cfg.secagg.enabled else None
     if distributed_dp(cfg):
         from privacy.distributed import SecAggGrid
 
         strategy.grid = SecAggGrid(fit_workflow.clipping_range, fit_workflow.quantization_range,
                                    fit_workflow.modulus_range, fit_workflow.max_weight)
-        if cfg.trusted_sites > n_sites:
-            raise ValueError(f"run config trusted-sites = {cfg.trusted_sites} but the run is sized for {n_sites} sites "
+        if cfg.privacy.trusted_sites > n_sites:
+            raise ValueError(f"run config trusted-sites = {cfg.privacy.trusted_sites} but the run is sized for {n_sites} sites "
                              "(sites, or min-sites when sites is 0): no round could ever be unmasked; set sites to the "
                              "number of hospitals or lower trusted-sites")
         strategy.grid.check(n_sites)  # before round 1: a grid the sites' values could leave is refused
@@ -202,7 +202,7 @@ def main(grid: Grid, context: Context) -> None:
     if checkpoint is not None:
         strategy.load_state_arrays(checkpoint.strategy_state)
     metrics_file = out / "metrics.jsonl"
-    status = {"run": run_key, "num_rounds": cfg.num_rounds, "round": first_round - 1, "finished": 0,
+    status = {"run": run_key, "num_rounds": cfg.federation.num_rounds, "round": first_round - 1, "finished": 0,
               "site_epsilon": site_epsilon}
     write_json_atomic(out / "status.json", status)  # read by server/metrics.py (Prometheus)
     round_started = [time.time()]
@@ -217,7 +217,7 @@ def main(grid: Grid, context: Context) -> None:
             if EPSILON_WORST_CASE in site and SITE in site:
                 site_epsilon_worst_case[str(site[SITE])] = float(site[EPSILON_WORST_CASE])
         save_checkpoint(ckpt_root, rnd, arrays, lctx.strategy.state_arrays(), {
-            "run_key": run_key, "schema_hash": schema.content_hash(), "strategy": cfg.strategy,
+            "run_key": run_key, "schema_hash": schema.content_hash(), "strategy": cfg.federation.strategy,
             "run_config": dict(context.run_config), "site_epsilon": site_epsilon,
             "site_epsilon_worst_case": site_epsilon_worst_case})
         h = lctx.history
@@ -253,11 +253,11 @@ def main(grid: Grid, context: Context) -> None:
             _fmt(max(site_epsilon.values()) if site_epsilon else None))
 
     lctx = LegacyContext(context=context, strategy=strategy,
-                         config=ServerConfig(num_rounds=max(remaining, 0), round_timeout=cfg.round_timeout))
+                         config=ServerConfig(num_rounds=max(remaining, 0), round_timeout=cfg.federation.round_timeout))
     if remaining > 0:
         RoundsWorkflow(fit_workflow=fit_workflow,
                        first_round=first_round, on_round_end=on_round_end, wait_for_sites=n_sites,
-                       wait_timeout=cfg.round_timeout, message_timeout=cfg.round_timeout)(grid, lctx)
+                       wait_timeout=cfg.federation.round_timeout, message_timeout=cfg.federation.round_timeout)(grid, lctx)
         final = parameters_to_ndarrays(compat.arrayrecord_to_parameters(
             lctx.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
     else:
@@ -265,9 +265,9 @@ def main(grid: Grid, context: Context) -> None:
     final = [np.asarray(a, dtype=np.float32) for a in final]
     last = _last_metrics(metrics_file)
     package = ModelPackage(
-        run=run_key, round=cfg.num_rounds, schema_hash=schema.content_hash(), arrays_sha256=arrays_sha256(final),
-        strategy=cfg.strategy, secagg=cfg.secagg, dp=cfg.dp, site_epsilon=site_epsilon, delta=cfg.delta,
-        **(dict(dp_mode=cfg.dp_mode, trusted_sites=cfg.trusted_sites, mechanism="skellam",
+        run=run_key, round=cfg.federation.num_rounds, schema_hash=schema.content_hash(), arrays_sha256=arrays_sha256(final),
+        strategy=cfg.federation.strategy, secagg=cfg.secagg.enabled, dp=cfg.privacy.enabled, site_epsilon=site_epsilon, delta=cfg.privacy.delta,
+        **(dict(dp_mode=cfg.privacy.mode, trusted_sites=cfg.privacy.trusted_sites, mechanism="skellam",
                 site_epsilon_worst_case=site_epsilon_worst_case) if distributed_dp(cfg) else {}),
         privacy=privacy_summary(cfg), metrics=(last or {}).get("global", {})).description()
     if signing_key is not None:
@@ -277,8 +277,8 @@ def main(grid: Grid, context: Context) -> None:
             "anchor will refuse it")
     np.savez(out / "final_weights.npz", *final)
     save_package(out, package)  # with final_weights.npz: what `oncofed deliver` sends again
-    deliveries = deliver(grid, final, package, cfg.round_timeout, anchor=anchor_audit())
-    audit.append("run_end", run=run_key, round=cfg.num_rounds, arrays_sha256=package["arrays_sha256"],
+    deliveries = deliver(grid, final, package, cfg.federation.round_timeout, anchor=anchor_audit())
+    audit.append("run_end", run=run_key, round=cfg.federation.num_rounds, arrays_sha256=package["arrays_sha256"],
                  deliveries=audited(deliveries))
     status.update(finished=1, weights_sha256=package["arrays_sha256"], **delivery_status(out, deliveries))
     write_json_atomic(out / "status.json", status)

@@ -100,10 +100,7 @@ def frozen_run(out: Path) -> dict | None:
 def run_config_changes(frozen: dict, requested: dict) -> list[str]:
     """The keys a resume request changes, as 'key: frozen -> requested' (values compared as parsed)."""
     from privacy.run_config import load_run_config
-    from shared_models.run_config import RunConfig
 
-    a = load_run_config(frozen, source="frozen run config").model_dump()
-    b = load_run_config({k: v for k, v in requested.items() if k not in UNFROZEN}, source="run config").model_dump()
-    fields = RunConfig.model_fields
-    return [f"{(fields[k].alias or k)}: {a[k]!r} -> {b[k]!r}" for k in sorted(a)
-            if k not in ("resume",) and a[k] != b[k]]
+    a = load_run_config(frozen, source="frozen run config").flat()
+    b = load_run_config({k: v for k, v in requested.items() if k not in UNFROZEN}, source="run config").flat()
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in sorted(a) if k != "resume" and a[k] != b[k]]

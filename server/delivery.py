@@ -154,17 +154,17 @@ def redeliver(grid, cfg) -> None:
     from privacy.audit import AuditLog, signed_anchor
     from privacy.signing import load_private, sign
 
-    out = cfg.path(cfg.output_dir)
+    out = cfg.path(cfg.run.output_dir)
     final, package = load_final(out)
-    if not cfg.signing_key:
+    if not cfg.run.signing_key:
         raise ValueError("run config signing-key is empty: `oncofed deliver` sends signed models only")
-    key = load_private(cfg.path(cfg.signing_key))
+    key = load_private(cfg.path(cfg.run.signing_key))
     package = sign(package, key)
     result = json.loads((out / RESULT).read_text()) if (out / RESULT).exists() else {**package}
     before = list(result.get("deliveries", []))
     done = installed_nodes(before)
     wanted = trained_nodes(out) - done
-    deadline = time.monotonic() + cfg.round_timeout
+    deadline = time.monotonic() + cfg.federation.round_timeout
     while wanted - set(grid.get_node_ids()) and time.monotonic() < deadline:
         time.sleep(1.0)  # a site that trained may be reconnecting
     targets = sorted(set(grid.get_node_ids()) - done)
@@ -172,7 +172,7 @@ def redeliver(grid, cfg) -> None:
         len(targets), len(done))
     audit = AuditLog(out / "audit.jsonl")
     anchor = json.dumps(signed_anchor(audit, key, run=package.get("run"), run_name=out.name))
-    new = deliver(grid, final, package, cfg.round_timeout, node_ids=targets, anchor=anchor)
+    new = deliver(grid, final, package, cfg.federation.round_timeout, node_ids=targets, anchor=anchor)
     renewed = {d["node"] for d in new}
     deliveries = [d for d in before if d.get("node") not in renewed] + new
     save_package(out, package)
@@ -212,7 +212,7 @@ def delivery_checks(c, run_dir: Path, cfg) -> list:
     from privacy.preflight import Check, check_reachable, check_signing_key
 
     checks = [check_reachable(c.control_address, c.path("ca", "ca.crt"), "SuperLink"),
-              check_signing_key(Path(cfg.signing_key), c.path("public", "signing.pub"))]
+              check_signing_key(Path(cfg.run.signing_key), c.path("public", "signing.pub"))]
     try:
         load_final(run_dir)
         checks.append(Check(f"final model {run_dir / FINAL_WEIGHTS}", True, "matches its package"))

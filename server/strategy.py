@@ -222,9 +222,9 @@ def build_strategy(cfg: RunConfig, weights: list[np.ndarray], n_sites: int, fit_
     """The legacy strategy with deltas. `min_available_clients` is the per-round minimum, not the
     number of sites: the legacy sampler blocks until that many nodes are connected, so one site gone
     for good would freeze the run (the server waits for all sites once, before round 1)."""
-    base = BASES[cfg.strategy]
+    base = BASES[cfg.federation.strategy]
     cls = type(f"Delta{base.__name__}", (DeltaMixin, base), {})
-    n_min = min(cfg.min_sites, n_sites)
+    n_min = min(cfg.federation.min_sites, n_sites)
     kw = dict(
         fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=n_min, min_evaluate_clients=n_min,
         min_available_clients=n_min, initial_parameters=ndarrays_to_parameters(weights), evaluate_fn=evaluate_fn,
@@ -235,12 +235,12 @@ def build_strategy(cfg: RunConfig, weights: list[np.ndarray], n_sites: int, fit_
             k: v for k in (ACCURACY, BALANCED_ACCURACY, MACRO_F1) if (v := weighted_mean(ms, k)) is not None},
     )
     if base is FedProx:
-        kw["proximal_mu"] = cfg.proximal_mu
+        kw["proximal_mu"] = cfg.federation.proximal_mu
     if base is FedAdam:
-        kw.update(eta=cfg.server_lr, eta_l=cfg.lr, beta_1=0.9, beta_2=0.99, tau=1e-3)
+        kw.update(eta=cfg.federation.server_lr, eta_l=cfg.training.lr, beta_1=0.9, beta_2=0.99, tau=1e-3)
     if base is FedAvgM:
-        kw.update(server_learning_rate=cfg.server_lr, server_momentum=cfg.momentum)
+        kw.update(server_learning_rate=cfg.federation.server_lr, server_momentum=cfg.training.momentum)
     strategy = cls(**kw)
-    strategy.evaluate_every, strategy.num_rounds = cfg.evaluate_every, cfg.num_rounds
+    strategy.evaluate_every, strategy.num_rounds = cfg.federation.evaluate_every, cfg.federation.num_rounds
     strategy.init_delta(weights)
     return strategy

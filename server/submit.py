@@ -99,12 +99,12 @@ def run_checks(c: Consortium, cfg: RunConfig, run_dir: Path, resume: bool, sites
                sites_error: str) -> list[Check]:
     checks = [check_reachable(c.control_address, c.path("ca", "ca.crt"), "SuperLink"), check_server_health(c)]
     # the sites' trust anchor, before any site spends epsilon on a model it would then refuse
-    checks.append(check_signing_key(Path(cfg.signing_key), c.path("public", "signing.pub")))
-    schema = cfg.path(cfg.schema_path)
+    checks.append(check_signing_key(Path(cfg.run.signing_key), c.path("public", "signing.pub")))
+    schema = cfg.path(cfg.run.schema_path)
     checks.append(Check(f"schema {schema}", schema.is_file(), "present" if schema.is_file() else
                         "missing: set --set schema=PATH (relative paths start at the project directory)"))
-    if cfg.eval_data:
-        ev = cfg.path(cfg.eval_data)
+    if cfg.run.eval_data:
+        ev = cfg.path(cfg.run.eval_data)
         checks.append(Check(f"eval-data {ev}", ev.is_dir(), "present" if ev.is_dir() else "not a directory"))
     started = (run_dir / RUN_FILE).exists() or has_checkpoint(run_dir / "checkpoints")
     if resume:
@@ -119,13 +119,13 @@ def run_checks(c: Consortium, cfg: RunConfig, run_dir: Path, resume: bool, sites
         checks.append(Check("registered sites", False, f"cannot be listed ({sites_error})"))
     else:
         online = sum(s.get("status") == "online" for s in sites)
-        enough = len(sites) >= cfg.min_sites
+        enough = len(sites) >= cfg.federation.min_sites
         checks.append(Check("registered sites", enough, f"{len(sites)} registered, {online} online; min-sites "
-                            f"{cfg.min_sites}" + ("" if enough else ": register more with `oncofed consortium "
+                            f"{cfg.federation.min_sites}" + ("" if enough else ": register more with `oncofed consortium "
                                                   "add-site`, or lower --set min-sites")))
-        if enough and online < (cfg.sites or cfg.min_sites):
+        if enough and online < (cfg.federation.sites or cfg.federation.min_sites):
             checks.append(Check("sites online", True, f"only {online} online: the run waits up to round-timeout "
-                                f"({cfg.round_timeout:g} s) for {cfg.sites or cfg.min_sites}", warning=True))
+                                f"({cfg.federation.round_timeout:g} s) for {cfg.federation.sites or cfg.federation.min_sites}", warning=True))
     return checks
 
 

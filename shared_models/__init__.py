@@ -9,7 +9,7 @@ from importlib import import_module
 _EXPORTS = {
     "ColumnType": "schema", "FeatureSchema": "schema", "Modality": "schema", "ModalityKind": "schema",
     "SchemaError": "schema", "Transform": "schema",
-    "ModelConfig": "model", "MultiModalTransformer": "model",
+    "ModelConfig": "run_config", "MultiModalTransformer": "model",
     "SchemaMismatchError": "weights", "load_weights": "weights", "save_weights": "weights",
 }
 __all__ = sorted(_EXPORTS)

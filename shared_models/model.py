@@ -24,46 +24,14 @@ DP-SGD (Opacus, hooks mode) needs per-sample gradients that are exact, so the ru
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from shared_models.layers import AddLearned, FeatureFill, NumericTokens
+from shared_models.run_config import ModelConfig
 from shared_models.schema import ColumnType, FeatureSchema, Modality, ModalityKind
-
-
-class ModelConfig(BaseModel):
-    """Architecture hyper-parameters; the defaults are sized for CPU training under DP-SGD."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    d_model: int = Field(64, ge=8)
-    n_heads: int = Field(4, ge=1)
-    n_latents: int = Field(16, ge=1, description="Perceiver latent array size per omics modality")
-    chunk_size: int = Field(64, ge=1, description="omics features per input token")
-    latent_blocks: int = Field(0, ge=0, description="latent self-attention blocks per omics encoder")
-    linear_rank: int = Field(
-        16, ge=0, description="rank of each omics encoder's linear path over all its features (0 = none)")
-    tabular_blocks: int = Field(
-        0, ge=0, description="transformer blocks over column tokens (0 = a learned linear embedding, mean-pooled)")
-    fusion_blocks: int = Field(2, ge=1)
-    wide_rank: Annotated[int, Field(ge=0)] | Literal["full"] = Field(
-        16, description="rank of each modality's wide path, a linear map from its numeric inputs straight to the "
-        "logits (0 = none; 'full' = one unfactorised Linear(F, classes)); see MultiModalTransformer")
-    wide_gain: float = Field(1.0, gt=0, description="the wide paths' input multiplier (their first layer's initial "
-                             "weights are divided by it): scales their share of each clipped per-sample gradient")
-    ff_mult: int = Field(2, ge=1)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="on residual branches")
-    attention_dropout: float = Field(
-        0.0, ge=0.0, lt=1.0, description="on attention probabilities; > 0 forces SDPA's slow math path on CPU"
-    )
-
-    def model_post_init(self, __context) -> None:
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
 
 
 class Attention(nn.Module):

@@ -1,12 +1,25 @@
 """The run configuration of a federated training run, parsed by the server and by every site.
 
+One typed, nested configuration: `RunConfig` has a section per concern (`run`: files and identity;
+`federation`: rounds, sites, strategy; `secagg`; `privacy`; `training`: a site's local recipe; `site`: what a
+site holds back and reports; `model`: the architecture, `ModelConfig`, which the model is built from as it
+is). Every default is defined once, here; `pyproject.toml`'s `[tool.flwr.app.config]` lists the same values
+(a test compares them: `python -m shared_models.run_config` prints the block).
+
 Flower hands both sides `context.run_config`, a flat dict with the kebab-case keys of
-`[tool.flwr.app.config]` in pyproject.toml (overridable with `flwr run . --run-config 'k=v'`).
-`RunConfig.from_flower` validates it once at start: a bad value stops the run immediately with a
-message naming the key and the fix. The largest epsilon a site's accounting verifies is the privacy
-layer's fact (privacy.MAX_BUDGET), which this contract layer does not import, so `RunConfig.from_flower`
-and `parse_overrides` require it as `max_epsilon`. Product code (server, sites, command lines,
-simulations, benchmarks) calls neither directly: it reads run configs through
+`[tool.flwr.app.config]` (overridable with `flwr run . --run-config 'k=v'`). Each setting keeps its flat
+key (`lr`, `epsilon`, `d-model`: the alias of its field), so a user writes the same key in pyproject, in
+`--run-config` and in `oncofed simulate --set`; `RunConfig.from_flower` files the keys into their sections
+and validates them once at start: a bad value stops the run immediately with a message naming the key and
+the fix.
+
+The DP and the no-DP recipe differ in learning rate and batch (`RECIPES`): `lr = "auto"` and
+`batch-size = "auto"` (the defaults) take the recipe of the run's `dp` and `local-optimizer`, so a deployment
+and a simulation get the same recipe without setting either; a number overrides it.
+
+The largest epsilon a site's accounting verifies is the privacy layer's fact (privacy.MAX_BUDGET), which
+this contract layer does not import, so `RunConfig.from_flower` and `parse_overrides` require it as
+`max_epsilon`. Product code calls neither directly: it reads run configs through
 `privacy.run_config.load_run_config` and `parse_run_overrides`, which pass the bound. `max_epsilon=None`
 (no upper bound) is for tests of this contract alone.
 
@@ -16,131 +29,53 @@ the ServerApp and the ClientApps do not run in the project directory.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 if TYPE_CHECKING:
-    from shared_models.model import ModelConfig
-
+    from shared_models.training import TrainConfig
 
 
 class RunConfigError(ValueError):
     """A run configuration that cannot be used; names the key and the fix."""
 
 
-class RunConfig(BaseModel):
+class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    # --- where things are -------------------------------------------------------------------
-    base_dir: str = Field("", alias="base-dir", description="directory relative paths are resolved from")
-    schema_path: str = Field(..., alias="schema", description="consortium feature schema JSON")
-    data_root: str = Field("", alias="data-root",
-                           description="simulation: directory of site dirs written by `oncofed partition`")
-    output_dir: str = Field("runs/latest", alias="output-dir",
-                            description="server: checkpoints, metrics.jsonl, final model")
-    site_state_root: str = Field("", alias="site-state-root",
-                                 description="simulation: per-site state (ledger, model store); default DATA-ROOT/state")
-    eval_data: str = Field("", alias="eval-data", description="server: optional validation site dir")
-    run_name: str = Field("oncofed", alias="run-name", description="names the run in ledgers and packages")
-    resume: bool = Field(False, description="continue from the latest checkpoint in output-dir")
-    deliver_only: bool = Field(False, alias="deliver-only", description="server: no training, only sign and send "
-                               "output-dir's saved final model to the sites that have not installed it "
-                               "(`oncofed deliver`)")
-    signing_key: str = Field("", alias="signing-key",
-                             description="server: Ed25519 key that signs the delivered model (empty: unsigned)")
-    signing_public_key: str = Field("", alias="signing-public-key", description="simulation: the sites' trust "
-                                    "anchor for model packages (a site's node config wins); set: unsigned refused")
 
-    # --- federation -------------------------------------------------------------------------
-    num_rounds: int = Field(10, alias="num-rounds", ge=1)
-    sites: int = Field(0, ge=0, description="sites expected before round 1 (0: min-sites)")
-    strategy: Literal["fedavg", "fedprox", "fedadam", "fedavgm"] = Field(
-        "fedavg", description="'fedavgm': FedAvg with server momentum (server-lr, momentum); dp-mode 'distributed' "
-        "steps a server optimizer: 'fedavgm' or 'fedadam'")
-    proximal_mu: float = Field(0.01, alias="proximal-mu", ge=0)
-    server_lr: float = Field(0.03, alias="server-lr", gt=0, description="FedAdam server learning rate (0.03: best of "
-                             "0.003-0.1 on the main job with DP, README)")
-    evaluate_every: int = Field(1, alias="evaluate-every", ge=1,
-                                description="sites score the global model every N rounds and after the last")
-    min_sites: int = Field(2, alias="min-sites", ge=1, description="sites needed to start and finish a round")
-    round_timeout: float = Field(600.0, alias="round-timeout", gt=0, description="seconds; SecAgg+ needs one")
-    secagg: bool = Field(True, description="Flower SecAgg+ (the server sees only the sum of updates)")
-    secagg_clipping_range: float = Field(
-        1.0, alias="secagg-clipping-range", gt=0, description="bound on |delta * n / max-weight| per weight")
-    secagg_max_weight: float = Field(
-        2000.0, alias="secagg-max-weight", gt=0, description=">= the largest site's training patients")
-    secagg_threshold: float = Field(
-        0.66, alias="secagg-threshold", gt=0, le=1, description="share of sites needed to unmask a round")
+class ModelConfig(_Section):
+    """Architecture hyper-parameters (must match on every side); the defaults are sized for CPU training under
+    DP-SGD. `CENTRALIZED_MODEL` is the variant measured better for non-private centralized training."""
 
-    # --- privacy (the site's node config overrides the budget in deployment) -----------------
-    dp: bool = True
-    epsilon: float = Field(8.0, gt=0, description="per-site budget (simulation; a site's node config wins); at most "
-                           "privacy.MAX_BUDGET: what the site's accounting verifies")
-    delta: float = Field(1e-5, gt=0, lt=1)
-    max_grad_norm: float = Field(1.0, alias="max-grad-norm", gt=0, description="per-sample clipping bound C")
-    dp_mode: Literal["site", "distributed"] = Field(
-        "site", alias="dp-mode", description="'site': each site's update is DP on its own (trusts nobody); "
-        "'distributed': one DP-SGD step of the whole consortium per round, DP for the SecAgg+ sum as long as "
-        "trusted-sites sites add their noise share (docs/privacy.md)")
-    trusted_sites: int = Field(2, alias="trusted-sites", ge=1, description="dp-mode 'distributed': the fewest sites "
-                               "(each site itself included) assumed to add their noise share honestly; each adds "
-                               "1/trusted-sites of the noise. A site refuses a run assuming more than its node config "
-                               "max-trusted-sites")
-    sample_rate: float = Field(0.1, alias="sample-rate", gt=0, le=1, description="dp-mode 'distributed': the share of "
-                               "its training patients each site Poisson-samples for a round's step (above ~0.1 with "
-                               "hundreds of rounds the subsampling bound gets loose: docs/privacy.md)")
-    dp_clipping: Literal["ghost", "opacus"] = Field(
-        "ghost", alias="dp-clipping", description="how DP-SGD clips per sample: 'ghost' = privacy/clipping.py "
-        "(norms without per-sample gradients; Opacus' sampling, noise and accountant), 'opacus' = Opacus' hooks mode")
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
+                              alias_generator=lambda name: name.replace("_", "-"))
 
-    # --- local training ---------------------------------------------------------------------
-    # DP-SGD defaults, tuned on the 8-hospital pan-cancer federation (README, "Federated training")
-    local_epochs: int = Field(2, alias="local-epochs", ge=1)
-    batch_size: int = Field(256, alias="batch-size", ge=1, description="expected batch (Poisson sampling under DP)")
-    lr: float = Field(1.0, gt=0, description="peak local learning rate; 1.0 is the DP recipe's (SGD with momentum, "
-                      "per-sample clipping bounds each step). Without DP use 0.2 with batch-size 64 (SGD) or 0.002 "
-                      "(AdamW), as `oncofed simulate --no-dp` does")
-    local_optimizer: Literal["adamw", "sgd"] = Field(
-        "sgd", alias="local-optimizer", description="'sgd' with momentum (the default, with and without DP: chosen on "
-        "the sites' validation parts, docs/results.md 'Site mode, chosen on the sites' validation parts') or "
-        "'adamw' (lr 0.02 with DP, 0.002 without)")
-    momentum: float = Field(0.9, ge=0, lt=1, description="momentum of local-optimizer 'sgd'")
-    weight_decay: float = Field(1e-4, alias="weight-decay", ge=0)
-    warmup_fraction: float = Field(0.1, alias="warmup-fraction", ge=0, lt=1)
-    val_fraction: float = Field(0.2, alias="val-fraction", ge=0, lt=1, description="site's local held-out part")
-    min_count: int = Field(5, alias="min-count", ge=1, description="counts below this are never reported")
-    local_softmax: Literal["all", "site"] = Field(
-        "all", alias="local-softmax", description="'site': each site's loss is a softmax over the cancer types it "
-        "has training patients of (FedRS, alpha 0), for label-skewed federations; without DP only (README, "
-        "'Federated training')")
-    seed: int = 0
-
-    # --- model (architecture; must match on every side) ---------------------------------------
-    d_model: int = Field(64, alias="d-model")
-    n_latents: int = Field(16, alias="n-latents")
-    chunk_size: int = Field(64, alias="chunk-size")
-    linear_rank: int = Field(16, alias="linear-rank", ge=0)
-    latent_blocks: int = Field(0, alias="latent-blocks", ge=0)
-    tabular_blocks: int = Field(0, alias="tabular-blocks", ge=0)
-    fusion_blocks: int = Field(2, alias="fusion-blocks", ge=1)
+    d_model: int = Field(64, ge=8)
+    n_heads: int = Field(4, ge=1)
+    n_latents: int = Field(16, ge=1, description="Perceiver latent array size per omics modality")
+    chunk_size: int = Field(64, ge=1, description="omics features per input token")
+    latent_blocks: int = Field(0, ge=0, description="latent self-attention blocks per omics encoder")
+    linear_rank: int = Field(
+        16, ge=0, description="rank of each omics encoder's linear path over all its features (0 = none)")
+    tabular_blocks: int = Field(
+        0, ge=0, description="transformer blocks over column tokens (0 = a learned linear embedding, mean-pooled)")
+    fusion_blocks: int = Field(2, ge=1)
     wide_rank: Annotated[int, Field(ge=0)] | Literal["full"] = Field(
-        "full", alias="wide-rank", description="'full' for DP-SGD: a factorised wide path multiplies the noise of "
-        "its two factors (README, 'Federated training'); ModelConfig's 16 serves centralized training")
-    wide_gain: float = Field(4.0, alias="wide-gain", gt=0,
-                             description="4 for DP-SGD (the wide paths' share of each clipped gradient); "
-                                         "ModelConfig's 1 is better for non-private centralized training")
-    dropout: float = 0.1
-
-    @field_validator("epsilon")
-    @classmethod
-    def _within_the_accounting(cls, v: float, info: ValidationInfo) -> float:
-        limit = (info.context or {}).get("max_epsilon")
-        if limit is not None and v > limit:  # worded as pydantic's own le= bound
-            raise PydanticCustomError("less_than_equal", "Input should be less than or equal to {le}", {"le": f"{limit:g}"})
-        return v
+        "full", description="rank of each modality's wide path, a linear map from its numeric inputs straight to "
+        "the logits (0 = none; 'full' = one unfactorised Linear(F, classes), the DP-SGD choice: a factorised wide "
+        "path multiplies the noise of its two factors, docs/model.md)")
+    wide_gain: float = Field(4.0, gt=0, description="the wide paths' input multiplier (their first layer's initial "
+                             "weights are divided by it): scales their share of each clipped per-sample gradient; "
+                             "4 for DP-SGD")
+    ff_mult: int = Field(2, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="on residual branches")
+    attention_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="on attention probabilities; > 0 forces SDPA's slow math path on CPU")
 
     @field_validator("wide_rank", mode="before")
     @classmethod
@@ -151,46 +86,246 @@ class RunConfig(BaseModel):
                          "(0: no wide paths)")
 
     @model_validator(mode="after")
+    def _heads(self) -> "ModelConfig":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d-model ({self.d_model}) must be divisible by n-heads ({self.n_heads})")
+        return self
+
+
+CENTRALIZED_MODEL = ModelConfig(wide_rank=16, wide_gain=1.0)
+"""Non-private centralized training (`oncofed baseline`): a rank-16 wide path at gain 1 measured better there."""
+
+
+class RunSection(_Section):
+    """Where things are and which run this is."""
+
+    base_dir: str = Field("", alias="base-dir", description="directory relative paths are resolved from")
+    schema_path: str = Field(..., alias="schema", description="consortium feature schema JSON")
+    data_root: str = Field("", alias="data-root",
+                           description="simulation: directory of site dirs written by `oncofed partition`")
+    output_dir: str = Field("runs/latest", alias="output-dir",
+                            description="server: checkpoints, metrics.jsonl, final model")
+    site_state_root: str = Field("", alias="site-state-root",
+                                 description="simulation: per-site state (ledger, model store); default DATA-ROOT/state")
+    eval_data: str = Field("", alias="eval-data", description="server: optional validation site dir")
+    name: str = Field("oncofed", alias="run-name", description="names the run in ledgers and packages")
+    resume: bool = Field(False, description="continue from the latest checkpoint in output-dir")
+    deliver_only: bool = Field(False, alias="deliver-only", description="server: no training, only sign and send "
+                               "output-dir's saved final model to the sites that have not installed it "
+                               "(`oncofed deliver`)")
+    signing_key: str = Field("", alias="signing-key",
+                             description="server: Ed25519 key that signs the delivered model (empty: unsigned)")
+    signing_public_key: str = Field("", alias="signing-public-key", description="simulation: the sites' trust "
+                                    "anchor for model packages (a site's node config wins); set: unsigned refused")
+
+
+class FederationSection(_Section):
+    num_rounds: int = Field(10, alias="num-rounds", ge=1)
+    sites: int = Field(0, ge=0, description="sites expected before round 1 (0: min-sites)")
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedavgm"] = Field(
+        "fedavg", description="'fedavgm': FedAvg with server momentum (server-lr, momentum); dp-mode 'distributed' "
+        "steps a server optimizer: 'fedavgm' or 'fedadam'")
+    proximal_mu: float = Field(0.01, alias="proximal-mu", ge=0)
+    server_lr: float = Field(0.03, alias="server-lr", gt=0, description="server learning rate of 'fedadam' and "
+                             "'fedavgm' (0.03: best of 0.003-0.1 on the main job with DP, docs/results.md)")
+    min_sites: int = Field(2, alias="min-sites", ge=1, description="sites needed to start and finish a round")
+    evaluate_every: int = Field(1, alias="evaluate-every", ge=1,
+                                description="sites score the global model every N rounds and after the last")
+    round_timeout: float = Field(600.0, alias="round-timeout", gt=0, description="seconds; SecAgg+ needs one")
+
+
+class SecAggSection(_Section):
+    enabled: bool = Field(True, alias="secagg", description="Flower SecAgg+ (the server sees only the sum of updates)")
+    clipping_range: float = Field(
+        1.0, alias="secagg-clipping-range", gt=0, description="bound on |delta * n / max-weight| per weight")
+    max_weight: float = Field(
+        2000.0, alias="secagg-max-weight", gt=0, description=">= the largest site's training patients")
+    threshold: float = Field(
+        0.66, alias="secagg-threshold", gt=0, le=1, description="share of sites needed to unmask a round")
+
+
+class PrivacySection(_Section):
+    """Record-level DP at each site (the site's node config overrides the budget in deployment)."""
+
+    enabled: bool = Field(True, alias="dp", description="DP-SGD at every site (docs/privacy.md)")
+    epsilon: float = Field(8.0, gt=0, description="per-site budget (simulation; a site's node config wins); at most "
+                           "privacy.MAX_BUDGET: what the site's accounting verifies")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, alias="max-grad-norm", gt=0, description="per-sample clipping bound C (without "
+                                 "DP: the bound of each step's global gradient norm)")
+    clipping: Literal["ghost", "opacus"] = Field(
+        "ghost", alias="dp-clipping", description="how DP-SGD clips per sample: 'ghost' = privacy/clipping.py "
+        "(norms without per-sample gradients; Opacus' sampling, noise and accountant), 'opacus' = Opacus' hooks mode")
+    mode: Literal["site", "distributed"] = Field(
+        "site", alias="dp-mode", description="'site': each site's update is DP on its own (trusts nobody); "
+        "'distributed': one DP-SGD step of the whole consortium per round, DP for the SecAgg+ sum as long as "
+        "trusted-sites sites add their noise share (docs/privacy.md)")
+    trusted_sites: int = Field(2, alias="trusted-sites", ge=1, description="dp-mode 'distributed': the fewest sites "
+                               "(each site itself included) assumed to add their noise share honestly; each adds "
+                               "1/trusted-sites of the noise. A site refuses a run assuming more than its node config "
+                               "max-trusted-sites")
+    sample_rate: float = Field(0.1, alias="sample-rate", gt=0, le=1, description="dp-mode 'distributed': the share of "
+                               "its training patients each site Poisson-samples for a round's step (above ~0.1 with "
+                               "hundreds of rounds the subsampling bound gets loose: docs/privacy.md)")
+
+    @field_validator("epsilon")
+    @classmethod
+    def _within_the_accounting(cls, v: float, info: ValidationInfo) -> float:
+        limit = (info.context or {}).get("max_epsilon")
+        if limit is not None and v > limit:  # worded as pydantic's own le= bound
+            raise PydanticCustomError("less_than_equal", "Input should be less than or equal to {le}", {"le": f"{limit:g}"})
+        return v
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named local-training recipe: expected batch and peak learning rate per local optimizer."""
+
+    batch_size: int
+    lr: dict[str, float]
+
+
+RECIPES = {
+    # chosen on the pan-cancer federation's sites' validation parts (docs/results.md): with DP, per-sample
+    # clipping bounds every step, so SGD with momentum takes lr 1 over Poisson batches of expected size 256
+    "dp": Recipe(batch_size=256, lr={"sgd": 1.0, "adamw": 0.02}),
+    "no-dp": Recipe(batch_size=64, lr={"sgd": 0.2, "adamw": 0.002}),
+}
+"""The recipes `lr = "auto"` and `batch-size = "auto"` take, by the run's `dp` (true: "dp")."""
+
+
+class TrainingSection(_Section):
+    """A site's local training in a round."""
+
+    local_epochs: int = Field(2, alias="local-epochs", ge=1)
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", alias="batch-size", description="expected batch (Poisson sampling under DP); 'auto': the recipe's "
+        "(256 with DP, 64 without: RECIPES)")
+    lr: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        "auto", description="peak local learning rate; 'auto': the recipe's for the run's dp and local-optimizer "
+        "(with DP 1.0 for SGD, 0.02 for AdamW; without 0.2 and 0.002: RECIPES)")
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "sgd", alias="local-optimizer", description="'sgd' with momentum (chosen on the sites' validation parts, "
+        "docs/results.md) or 'adamw'")
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum of local-optimizer 'sgd'")
+    weight_decay: float = Field(1e-4, alias="weight-decay", ge=0)
+    warmup_fraction: float = Field(0.1, alias="warmup-fraction", ge=0, lt=1)
+    softmax: Literal["all", "site"] = Field(
+        "all", alias="local-softmax", description="'site': each site's loss is a softmax over the cancer types it "
+        "has training patients of (FedRS, alpha 0), for label-skewed federations; without DP only")
+    seed: int = 0
+
+    @field_validator("batch_size", "lr", mode="before")
+    @classmethod
+    def _number_or_auto(cls, v, info: ValidationInfo):
+        positive = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+        if v == "auto" or (positive and (info.field_name == "lr" or v == int(v))):
+            return v
+        raise ValueError(f"use {'a number > 0' if info.field_name == 'lr' else 'a whole number >= 1'} or \"auto\" "
+                         "(the recipe's)")
+
+
+class SiteSection(_Section):
+    """What a site holds back and what it may report."""
+
+    val_fraction: float = Field(0.2, alias="val-fraction", ge=0, lt=1, description="site's local held-out part")
+    min_count: int = Field(5, alias="min-count", ge=1, description="counts below this are never reported")
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run: RunSection
+    federation: FederationSection = FederationSection()
+    secagg: SecAggSection = SecAggSection()
+    privacy: PrivacySection = PrivacySection()
+    training: TrainingSection = TrainingSection()
+    site: SiteSection = SiteSection()
+    model: ModelConfig = ModelConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _file_flat_keys(cls, data: Any) -> Any:
+        """Flower's flat keys into their sections (a nested dict passes as it is), and "auto" resolved from
+        the recipe of the run's dp and local optimizer."""
+        if not isinstance(data, dict):
+            return data
+        out: dict[str, Any] = {k: dict(v) for k, v in data.items() if k in SECTIONS and isinstance(v, dict)}
+        for key, value in data.items():
+            if key in SECTIONS and isinstance(value, dict):
+                continue
+            if key in FLAT_KEYS:
+                section, name = FLAT_KEYS[key]
+                out.setdefault(section, {})[name] = value
+            else:
+                out[key] = value  # unknown: extra="forbid" names it
+        privacy, training = out.get("privacy", {}), out.setdefault("training", {})
+        dp = privacy.get("enabled", privacy.get("dp", PrivacySection.model_fields["enabled"].default))
+        recipe = RECIPES["dp" if dp is not False else "no-dp"]
+        optimizer = training.get("optimizer", training.get("local-optimizer",
+                                                           TrainingSection.model_fields["optimizer"].default))
+        for name, alias, value in (("batch_size", "batch-size", recipe.batch_size),
+                                   ("lr", "lr", recipe.lr.get(optimizer))):
+            given = training.pop(alias, training.get(name, "auto"))
+            training[name] = value if given == "auto" and value is not None else given
+        return out
+
+    @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
-        if self.strategy == "fedprox" and self.proximal_mu == 0:
+        fed, sa, dp = self.federation, self.secagg, self.privacy
+        if fed.strategy == "fedprox" and fed.proximal_mu == 0:
             raise ValueError("strategy 'fedprox' with proximal-mu 0 is FedAvg; set proximal-mu > 0 or use fedavg")
-        if self.dp_mode == "distributed":
+        if dp.mode == "distributed":
             from math import frexp
 
             problems = []
-            if not self.dp:
+            if not dp.enabled:
                 problems.append("needs dp = true")
-            if not self.secagg:
+            if not sa.enabled:
                 problems.append("needs secagg = true: without SecAgg+ the server sees each site's share, whose noise "
                                 "alone is 1/trusted-sites of what the guarantee assumes")
-            if self.strategy not in ("fedavgm", "fedadam"):
+            if fed.strategy not in ("fedavgm", "fedadam"):
                 problems.append(f"steps a server optimizer: set strategy to 'fedavgm' (momentum) or 'fedadam', not "
-                                f"{self.strategy!r}")
-            if frexp(self.secagg_clipping_range)[0] != 0.5:
-                problems.append(f"needs secagg-clipping-range a power of two (got {self.secagg_clipping_range:g}): "
+                                f"{fed.strategy!r}")
+            if frexp(sa.clipping_range)[0] != 0.5:
+                problems.append(f"needs secagg-clipping-range a power of two (got {sa.clipping_range:g}): "
                                 "the sites' grid values must pass SecAgg+'s scaling exactly")
-            if self.secagg_max_weight != int(self.secagg_max_weight):
-                problems.append(f"needs a whole secagg-max-weight (got {self.secagg_max_weight:g})")
-            if self.sites and self.trusted_sites > self.sites:
-                problems.append(f"trusted-sites {self.trusted_sites} exceeds the run's {self.sites} sites")
+            if sa.max_weight != int(sa.max_weight):
+                problems.append(f"needs a whole secagg-max-weight (got {sa.max_weight:g})")
+            if fed.sites and dp.trusted_sites > fed.sites:
+                problems.append(f"trusted-sites {dp.trusted_sites} exceeds the run's {fed.sites} sites")
             if problems:
                 raise ValueError("dp-mode 'distributed' " + "; ".join(problems))
-        if self.dp and self.local_softmax == "site":
+        if dp.enabled and self.training.softmax == "site":
             raise ValueError("local-softmax 'site' takes each site's set of cancer types from its labels, which "
                              "DP-SGD's analysis does not cover; use local-softmax 'all' with dp, or dp false")
         return self
 
-    def model_config_(self) -> "ModelConfig":
-        from shared_models.model import ModelConfig  # torch: only where a model is built
+    def train_config(self) -> "TrainConfig":
+        """The local training loop's configuration for a site's round (a view of `training`, `privacy`, `site`).
 
-        return ModelConfig(d_model=self.d_model, n_latents=self.n_latents, chunk_size=self.chunk_size,
-                           linear_rank=self.linear_rank, latent_blocks=self.latent_blocks,
-                           tabular_blocks=self.tabular_blocks, fusion_blocks=self.fusion_blocks, wide_rank=self.wide_rank, wide_gain=self.wide_gain,
-                           dropout=self.dropout)
+        Under DP the loss is not class-weighted: weights computed from the site's label counts would make
+        every sample's gradient depend on the other patients' labels, a release DP-SGD's analysis does not
+        cover (and per-sample clipping largely undoes a weighting anyway). For the same reason the run config
+        refuses a softmax over the site's own classes (`local-softmax = "site"`) together with DP."""
+        from shared_models.training import TrainConfig  # torch: only where a model is trained
+
+        t = self.training
+        return TrainConfig(lr=t.lr, weight_decay=t.weight_decay, epochs=t.local_epochs, batch_size=t.batch_size,
+                           warmup_fraction=t.warmup_fraction, max_grad_norm=self.privacy.max_grad_norm, seed=t.seed,
+                           class_weighting=not self.privacy.enabled,
+                           softmax_over="present" if t.softmax == "site" else "all",
+                           optimizer=t.optimizer, momentum=t.momentum)
+
+    def flat(self) -> dict:
+        """The run config as Flower's flat keys (`lr`, `d-model`, ...), "auto" values resolved."""
+        return {alias: getattr(getattr(self, section), name) for alias, (section, name) in FLAT_KEYS.items()
+                if alias == _alias(section, name)}
 
     def path(self, value: str) -> Path:
         p = Path(value).expanduser()
-        return p if p.is_absolute() or not self.base_dir else Path(self.base_dir) / p
+        base = self.run.base_dir
+        return p if p.is_absolute() or not base else Path(base) / p
 
     @classmethod
     def from_flower(cls, run_config: dict, source: str = "run config", *, max_epsilon: float | None) -> "RunConfig":
@@ -204,18 +339,70 @@ class RunConfig(BaseModel):
         except ValidationError as e:
             lines = [f"{source}: invalid ({e.error_count()} problem{'s' if e.error_count() > 1 else ''}):"]
             for err in e.errors():
-                key = ".".join(str(k) for k in err["loc"]) or "(run config)"
+                key, field = _flat_key(err["loc"])
                 hint = {"extra_forbidden": "unknown key: check its spelling against [tool.flwr.app.config]",
                         "missing": "add it to [tool.flwr.app.config] or pass --run-config"}.get(err["type"], "")
-                field = cls.model_fields.get(str(err["loc"][0]) if err["loc"] else "")
-                field = field or next((f for f in cls.model_fields.values() if f.alias == key), None)
                 if not hint and field is not None and field.description:
                     hint = field.description  # what the setting means and its limits
                     if max_epsilon is not None:
                         hint = hint.replace("privacy.MAX_BUDGET", f"{max_epsilon:g} (privacy.MAX_BUDGET)")
-                got = f" (got {err['input']!r})" if err["loc"] and err["type"] != "missing" and "input" in err else ""
+                got = f" (got {err['input']!r})" if field is not None and err["type"] != "missing" and "input" in err \
+                    else ""
                 lines.append(f"  - {key}: {err['msg'].removeprefix('Value error, ')}{got}" + (f"; {hint}" if hint else ""))
             raise RunConfigError("\n".join(lines)) from None
+
+
+SECTIONS: dict[str, type[BaseModel]] = {name: f.annotation for name, f in RunConfig.model_fields.items()}
+
+
+def _alias(section: str, name: str) -> str:
+    return SECTIONS[section].model_fields[name].alias or name
+
+
+FLAT_KEYS: dict[str, tuple[str, str]] = {
+    key: (section, name) for section, cls in SECTIONS.items() for name in cls.model_fields
+    for key in (_alias(section, name), name)}
+"""Every flat key (alias, or field name) -> (section, field name); the aliases are unique across sections."""
+assert len({_alias(s, n) for s, c in SECTIONS.items() for n in c.model_fields}) == \
+    sum(len(c.model_fields) for c in SECTIONS.values()), "a flat run-config key is defined in two sections"
+
+
+def _flat_key(loc: tuple) -> tuple[str, Any]:
+    """The flat key a validation error's location names, and its field (None for a whole-config error)."""
+    if loc and loc[0] in SECTIONS:
+        fields = SECTIONS[loc[0]].model_fields
+        if len(loc) == 1:
+            return ("schema", fields["schema_path"]) if loc[0] == "run" else ("(run config)", None)
+        name = next((n for n, f in fields.items() if loc[1] in (n, f.alias)), None)
+        if name is not None:
+            return _alias(loc[0], name), fields[name]
+    return (".".join(str(k) for k in loc) or "(run config)"), None
+
+
+def defaults() -> dict:
+    """The flat key -> default of every setting that has one: what `[tool.flwr.app.config]` must list."""
+    return {_alias(s, n): f.default for s, c in SECTIONS.items() for n, f in c.model_fields.items()
+            if not f.is_required()}
+
+
+APP_SCHEMA = "simulations/schemas/tcga_pancan33.json"
+"""The schema the project's Flower app runs with when a run sets none (the only value pyproject adds)."""
+
+
+def pyproject_block() -> str:
+    """`[tool.flwr.app.config]` as pyproject.toml must have it: every default, a comment line per section."""
+    import json
+
+    def toml(v):
+        return ("true" if v else "false") if isinstance(v, bool) else json.dumps(v) if isinstance(v, str) else repr(v)
+
+    lines = ["[tool.flwr.app.config]",
+             "# generated from shared_models/run_config.py (python -m shared_models.run_config); a test compares them"]
+    for section, cls in SECTIONS.items():
+        lines.append(f"# {section}")
+        for name, f in cls.model_fields.items():
+            lines.append(f"{_alias(section, name)} = {toml(APP_SCHEMA if f.is_required() else f.default)}")
+    return "\n".join(lines) + "\n"
 
 
 def app_defaults(project: Path) -> dict:
@@ -267,3 +454,7 @@ def flwr_overrides(values: dict) -> str:
         return json.dumps(v) if isinstance(v, str) else repr(v)
 
     return " ".join(f"{k}={fmt(v)}" for k, v in values.items())
+
+
+if __name__ == "__main__":
+    print(pyproject_block(), end="")

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from shared_models.files import atomic_file
-from shared_models.model import ModelConfig, MultiModalTransformer
+from shared_models.model import MultiModalTransformer
+from shared_models.run_config import ModelConfig
 from shared_models.schema import FeatureSchema
 
 WEIGHTS_FORMAT = "oncofed-weights/1"

@@ -177,7 +177,8 @@ def run_baseline(cohort: Cohort, seed: int = 0, train_cfg=None, model_cfg=None, 
     import torch
 
     from shared_models.evaluation import classification_metrics, evaluate
-    from shared_models.model import ModelConfig, MultiModalTransformer
+    from shared_models.model import MultiModalTransformer
+    from shared_models.run_config import CENTRALIZED_MODEL
     from shared_models.training import TrainConfig, fit
 
     torch.set_num_threads(1)
@@ -191,7 +192,7 @@ def run_baseline(cohort: Cohort, seed: int = 0, train_cfg=None, model_cfg=None, 
     }
     if "transformer" in models:
         train_cfg = train_cfg or TrainConfig(seed=seed)
-        model_cfg = model_cfg or ModelConfig()
+        model_cfg = model_cfg or CENTRALIZED_MODEL
         torch.manual_seed(train_cfg.seed)
         model = MultiModalTransformer(schema, model_cfg)
         xt, yt = train.tensors()

@@ -37,7 +37,7 @@ def baseline(
     import torch
 
     from shared_models.training import TrainConfig
-    from shared_models.model import ModelConfig
+    from shared_models.run_config import CENTRALIZED_MODEL, ModelConfig
     from shared_models.schema import SchemaError
     from shared_models.site_data import TableError
     from simulations.baseline import BaselineError, format_result, load_cohort, resolve_cohort, run_baseline, save_result
@@ -49,7 +49,7 @@ def baseline(
             _fail(f"--only {only}: choose transformer or logistic")
         models = (only,)
     try:
-        model_cfg = ModelConfig(**json.loads(model)) if model else ModelConfig()
+        model_cfg = ModelConfig(**{**CENTRALIZED_MODEL.model_dump(), **json.loads(model)}) if model else CENTRALIZED_MODEL
     except (TypeError, ValueError) as e:  # bad JSON, not an object, or a field pydantic refuses
         _fail(f"--model {model}: not a valid ModelConfig JSON object ({_reason(e)}); "
               f"e.g. --model '{{\"d_model\": 64, \"tabular_blocks\": 0}}'")

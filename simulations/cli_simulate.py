@@ -21,8 +21,9 @@ def simulate(
     secagg: bool = typer.Option(True, "--secagg/--no-secagg", help="Flower SecAgg+"),
     strategy: str = typer.Option("fedavg", help="fedavg | fedprox | fedadam"),
     local_epochs: int = typer.Option(2, min=1),
-    lr: float | None = typer.Option(None, help="peak local learning rate [default, SGD with momentum: 1 with DP, 0.2 "
-                                    "without; with --set local-optimizer=adamw: 0.02 with DP, 0.002 without]"),
+    lr: float | None = typer.Option(None, help="peak local learning rate [default: the recipe of --dp/--no-dp, SGD with "
+                                    "momentum: 1 with DP, 0.2 without; with --set local-optimizer=adamw: 0.02 with DP, "
+                                    "0.002 without]"),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1,
                                           help="(expected, under DP) batch size [default: 256 with DP, 64 without]"),
     eval_data: bool = typer.Option(False, "--eval-data/--no-eval-data",
@@ -57,14 +58,14 @@ def simulate(
     from shared_models.run_config import RunConfigError, app_defaults
 
     try:  # the whole run config (as `flwr run` will merge it), before a SuperLink starts: a bad value stops here
-        load_run_config({**app_defaults(ROOT), **cfg}, source="oncofed simulate")
+        run = load_run_config({**app_defaults(ROOT), **cfg}, source="oncofed simulate")
     except RunConfigError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(code=2)
     typer.echo(f"{n_sites} hospitals ({', '.join(s['name'] for s in manifest['sites'])}), "
                f"{manifest['holdout']['patients']:,} held-out patients; DP {'on, epsilon ' + str(epsilon) if dp else 'off'}"
                f", SecAgg+ {'on' if secagg else 'off'}, {strategy}, {rounds} rounds of {local_epochs} local epochs, batch "
-               f"{cfg['batch-size']}, {cfg['local-optimizer']} lr {cfg['lr']:g}")
+               f"{run.training.batch_size}, {run.training.optimizer} lr {run.training.lr:g}")
     t0 = time.time()
     try:
         result = run_federation(out / "flower", cfg, n_sites=n_sites)

@@ -389,7 +389,7 @@ def train_transformer(schema, train, cfg: ExperimentConfig, seed: int):
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
-    model = MultiModalTransformer(schema, load_run_config(cfg.run_config()).model_config_())
+    model = MultiModalTransformer(schema, load_run_config(cfg.run_config()).model)
     fit_early_stopped(model, *train.tensors(), seed)
     return model.eval()
 

@@ -47,10 +47,8 @@ def federation_config(out: Path, sites: Path, n_sites: int, *, rounds: int, dp: 
                       extra: dict | None = None) -> dict:
     """The run config of a simulated federation whose working files live under `out`.
 
-    Optimizer, learning rate and batch default to the values chosen on the pan-cancer federation's sites'
-    validation parts (docs/results.md): SGD with momentum, with DP at lr 1 and expected batch 256 (per-sample
-    clipping bounds every step), without DP at lr 0.2 and batch 64; AdamW when `extra` sets local-optimizer =
-    "adamw" (lr 0.02 with DP, 0.002 without). The consortium's
+    Learning rate and batch are the run config's recipe for `dp` (`lr = "auto"`, `batch-size = "auto"`:
+    shared_models.run_config.RECIPES, the same a deployment gets) unless given. The consortium's
     model-signing key is generated once in out/keys: the server signs the final model and every site
     verifies it before installing it.
     """
@@ -59,17 +57,15 @@ def federation_config(out: Path, sites: Path, n_sites: int, *, rounds: int, dp: 
     keys = out / "keys"
     if not (keys / "signing.key").exists():
         generate_signing_key(keys / "signing.key", keys / "signing.pub")
-    optimizer = (extra or {}).get("local-optimizer", "sgd")
-    default_lr = (1.0 if optimizer == "sgd" else 0.02) if dp else (0.2 if optimizer == "sgd" else 0.002)
     cfg = {"base-dir": str(ROOT), "data-root": str(sites), "site-state-root": str(out / "state"),
            "output-dir": str(out / "server"), "num-rounds": rounds, "sites": n_sites, "min-sites": min(2, n_sites),
            "epsilon": epsilon, "dp": dp, "secagg": secagg, "strategy": strategy, "local-epochs": local_epochs,
-           "local-optimizer": optimizer, "lr": lr if lr is not None else default_lr,
-           "batch-size": batch_size if batch_size is not None else (256 if dp else 64), "seed": seed,
+           "seed": seed,
            "round-timeout": 900.0, "signing-key": str(keys / "signing.key"),
            "signing-public-key": str(keys / "signing.pub")}
-    if schema is not None:
-        cfg["schema"] = str(schema)
+    for key, value in (("lr", lr), ("batch-size", batch_size), ("schema", schema)):
+        if value is not None:
+            cfg[key] = value if key != "schema" else str(value)
     if eval_data is not None:
         cfg["eval-data"] = str(eval_data)
     cfg.update(extra or {})

@@ -30,13 +30,13 @@ def audit_cell(work: Path, fed: Path, manifest: dict, run_config: dict) -> Path:
     from shared_models.run_config import app_defaults
 
     cfg = load_run_config({**app_defaults(ROOT), **run_config})  # as the sites got it
-    state_root = cfg.path(cfg.site_state_root) if cfg.site_state_root else fed / "state"
+    state_root = cfg.path(cfg.run.site_state_root) if cfg.run.site_state_root else fed / "state"
     sites = []
     for s in manifest["sites"]:
         home = state_root / s["name"]
         try:
-            report = audit(fed / s["dir"], home / "state", home / "models", s["name"], val_fraction=cfg.val_fraction,
-                           seed=cfg.seed, min_count=cfg.min_count)
+            report = audit(fed / s["dir"], home / "state", home / "models", s["name"], val_fraction=cfg.site.val_fraction,
+                           seed=cfg.training.seed, min_count=cfg.site.min_count)
         except PrivacyAuditError as e:
             sites.append({"site": s["name"], "error": str(e)})
             continue

@@ -69,7 +69,7 @@ def test_dp_yardstick_names_a_bad_model_epsilon_or_grid_before_any_work(capsys):
         for args, named in ((["--models", "linear,forest"], "--models: unknown forest"),
                             (["--epsilons", "8,x"], "--epsilons/--seeds"),
                             (["--grid", "val-fraction=0.1,0.2"], "--grid val-fraction: not a training-recipe key"),
-                            (["--grid", "lr=0.01,-1"], "lr: Input should be greater than 0"),
+                            (["--grid", "lr=0.01,-1"], "lr: use a number > 0"),
                             (["--grid", "lr=0.01", "--epsilons", "none"], "give --epsilons")):
             try:
                 code = main(args)
@@ -81,7 +81,7 @@ def test_dp_yardstick_names_a_bad_model_epsilon_or_grid_before_any_work(capsys):
 
 
 def test_dp_yardstick_rows_train_with_the_recipe_the_grid_names():
-    """Every recipe key --grid accepts reaches the DP rows' training (a site's train_config); the no-DP row
+    """Every recipe key --grid accepts reaches the DP rows' training (a site's RunConfig.train_config); the no-DP row
     keeps the federation's fixed non-private settings whatever the recipe."""
     from privacy.run_config import load_run_config
 

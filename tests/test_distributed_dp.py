@@ -228,7 +228,7 @@ def test_the_ledger_records_the_mechanism_relied_on_and_reports_two_epsilons(tmp
 
 def test_the_run_config_refuses_distributed_dp_without_secagg_or_a_server_optimizer():
     base = {"schema": "s.json", "dp-mode": "distributed", "strategy": "fedavgm"}
-    assert RunConfig.from_flower(base, max_epsilon=None).trusted_sites == 2
+    assert RunConfig.from_flower(base, max_epsilon=None).privacy.trusted_sites == 2
     with pytest.raises(RunConfigError, match="needs secagg = true"):
         RunConfig.from_flower({**base, "secagg": False}, max_epsilon=None)
     with pytest.raises(RunConfigError, match="server optimizer"):
@@ -276,7 +276,7 @@ def test_a_distributed_round_sends_the_sites_clipped_gradient_sum_on_the_grid_an
 
     schema, run, site = _site(tmp_path)
     torch.manual_seed(0)
-    model = MultiModalTransformer(schema, run.model_config_())
+    model = MultiModalTransformer(schema, run.model)
     weights = state_arrays(model)
     grid = _grid(3)
     result = distributed_round(site, weights, run, "run-d", 1, grid)
@@ -305,7 +305,7 @@ def test_a_site_whose_sum_could_leave_secaggs_range_refuses_before_spending(tmp_
     from shared_models.model import MultiModalTransformer
 
     schema, run, site = _site(tmp_path)
-    weights = state_arrays(MultiModalTransformer(schema, run.model_config_()))
+    weights = state_arrays(MultiModalTransformer(schema, run.model))
     with pytest.raises(GridError, match="could leave SecAgg"):
         distributed_round(site, weights, run, "run-r", 1, SecAggGrid(1.0, 2 ** 10, 2 ** 32, 2000.0))
     assert site.ledger.spent(site.dataset_fingerprint) == 0.0
@@ -406,7 +406,7 @@ def test_a_round_with_fewer_contributors_than_trusted_sites_is_abandoned_and_eac
 
     torch.manual_seed(7)
     initial = state_arrays(MultiModalTransformer(FeatureSchema.load(sites / "schema.json"),
-                                                 load_run_config(cfg).model_config_()))
+                                                 load_run_config(cfg).model))
     assert all(np.array_equal(a, b) for a, b in zip(final, initial))  # the global model never moved
     for name in ("site_00", "site_01"):  # each round spent once (the masked update left), round 1 says why
         ledger = json.loads((tmp_path / "state" / name / "state" / "privacy-ledger.json").read_text())

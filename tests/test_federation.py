@@ -148,7 +148,7 @@ def test_secagg_parameters_follow_the_number_of_sites(n_sites, shares):
         derived += 1
     assert derived == shares
     assert (n_sites + 1) * wf.quantization_range <= wf.modulus_range == 2**32
-    assert wf.timeout == cfg.round_timeout
+    assert wf.timeout == cfg.federation.round_timeout
 
 
 def test_an_unusable_eval_data_directory_stops_the_server_naming_the_setting(tmp_path):
@@ -267,7 +267,7 @@ def test_a_round_most_sites_refuse_is_never_unmasked(federation):
 
     cfg = load_run_config({"schema": str(broken / "schema.json"), "d-model": 64, "seed": 7})
     torch.manual_seed(7)
-    initial = state_arrays(MultiModalTransformer(FeatureSchema.load(broken / "schema.json"), cfg.model_config_()))
+    initial = state_arrays(MultiModalTransformer(FeatureSchema.load(broken / "schema.json"), cfg.model))
     assert all(np.array_equal(a, b) for a, b in zip(after, initial)), "nothing was aggregated"
     entries = json.loads((work / "state" / "site_00" / "state" / "privacy-ledger.json").read_text())["entries"]
     assert [(e["round"], e["status"]) for e in entries] == [(1, "committed")], "its spend counts, once"
@@ -299,13 +299,17 @@ def test_stopping_the_local_superlink_ends_what_it_started_in_other_sessions(tmp
         time.sleep(0.1)
 
 
-def test_simulated_federations_default_to_sgd_with_the_recipe_of_their_privacy(tmp_path):
+def test_simulated_federations_get_the_recipe_of_their_privacy_as_a_deployment_does(tmp_path):
+    from privacy.run_config import load_run_config
+    from shared_models.run_config import app_defaults
     from simulations.federation import federation_config
 
     def cfg(dp, **extra):
         c = federation_config(tmp_path, tmp_path / "sites", 2, rounds=1, dp=dp, epsilon=8, secagg=True,
                               strategy="fedavg", seed=0, extra=extra)
-        return c["local-optimizer"], c["lr"], c["batch-size"]
+        assert "lr" not in c and "batch-size" not in c  # the run config's recipe, not a copy of it here
+        t = load_run_config({**app_defaults(ROOT), **c}).training
+        return t.optimizer, t.lr, t.batch_size
 
     assert cfg(False) == ("sgd", 0.2, 64)
     assert cfg(False, **{"local-optimizer": "adamw"}) == ("adamw", 0.002, 64)

@@ -28,7 +28,7 @@ def _setup(tmp_path, budget=8.0, rounds=3, **cfg):
     site = prepare_site(schema, SitePaths(tmp_path / "site", tmp_path / "state", tmp_path / "models"),
                         budget_epsilon=budget, delta=1e-5, val_fraction=0.2, min_count=5, seed=0)
     torch.manual_seed(0)
-    weights = state_arrays(MultiModalTransformer(schema, run.model_config_()))
+    weights = state_arrays(MultiModalTransformer(schema, run.model))
     return schema, run, site, weights
 
 
@@ -66,7 +66,7 @@ def test_a_run_resumed_with_another_plan_is_refused_by_the_site(tmp_path):
     epsilon 8), would have kept the saved noise and spent beyond 2. The site refuses the changed run."""
     schema, run, site, w = _setup(tmp_path, budget=8.0, rounds=2, epsilon=2.0)
     first = train_round(site, w, run, "run-A", 1).metrics["epsilon"]
-    changed = load_run_config({**run.model_dump(by_alias=True), "num-rounds": 10, "epsilon": 8.0})
+    changed = load_run_config({**run.flat(), "num-rounds": 10, "epsilon": 8.0})
     ledger_before = (tmp_path / "state" / "privacy-ledger.json").read_text()
     with pytest.raises(BudgetError, match=r"changes epsilon: 2.0 -> 8.0; num-rounds: 2 -> 10.*nothing was trained"):
         train_round(site, w, changed, "run-A", 2)
@@ -113,7 +113,7 @@ def test_the_update_is_a_delta_from_the_global_weights(tmp_path, optimizer):
 
 def test_metrics_of_a_held_out_part_below_the_minimum_count_are_not_sent(tmp_path):
     _, run, site, w = _setup(tmp_path)
-    n, metrics = evaluate_global(site, w, run.model_copy(update={"min_count": 100}))
+    n, metrics = evaluate_global(site, w, run.model_copy(update={"site": run.site.model_copy(update={"min_count": 100})}))
     assert (n, metrics) == (0, {})
 
 
@@ -129,12 +129,10 @@ def test_a_site_with_invalid_data_refuses_with_every_problem(tmp_path):
 
 def test_under_dp_the_loss_does_not_depend_on_the_sites_label_counts():
     # class weights from the site's counts would tie every sample's gradient to other patients' labels
-    from client.local_round import train_config
-
-    assert train_config(load_run_config({"schema": "s.json", "dp": True})).class_weighting is False
-    assert train_config(load_run_config({"schema": "s.json", "dp": False})).class_weighting is True
+    assert load_run_config({"schema": "s.json", "dp": True}).train_config().class_weighting is False
+    assert load_run_config({"schema": "s.json", "dp": False}).train_config().class_weighting is True
     # nor on the set of classes the site holds: a softmax over the site's own classes is refused with DP
     site_softmax = {"schema": "s.json", "local-softmax": "site"}
-    assert train_config(load_run_config({**site_softmax, "dp": False})).softmax_over == "present"
+    assert load_run_config({**site_softmax, "dp": False}).train_config().softmax_over == "present"
     with pytest.raises(RunConfigError, match="local-softmax 'site'.*dp false"):
         load_run_config({**site_softmax, "dp": True})

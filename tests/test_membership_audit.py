@@ -188,7 +188,8 @@ def planted(federation, tmp_path_factory):
     import torch
 
     from shared_models.training import TrainConfig, fit
-    from shared_models.model import ModelConfig, MultiModalTransformer
+    from shared_models.model import MultiModalTransformer
+    from shared_models.run_config import ModelConfig
 
     home = tmp_path_factory.mktemp("planted")
     schema, site = _prepared(federation, home)
@@ -257,7 +258,7 @@ def test_a_genuinely_dp_trained_model_at_the_same_epsilon_is_not_flagged(federat
     cfg = load_run_config({"schema": str(federation / "schema.json"), "d-model": 32, "epsilon": LABELLED_EPSILON,
                            "delta": DELTA, "num-rounds": 3, "local-epochs": 2, "batch-size": 64})
     torch.manual_seed(0)
-    model = MultiModalTransformer(schema, cfg.model_config_())
+    model = MultiModalTransformer(schema, cfg.model)
     arrays = state_arrays(model)
     for rnd in (1, 2, 3):  # the site's own DP-SGD rounds (a federation of one), recorded in its ledger
         arrays = [a + d for a, d in zip(arrays, train_round(site, arrays, cfg, "r1", rnd).delta)]
@@ -273,7 +274,8 @@ def test_a_genuinely_dp_trained_model_at_the_same_epsilon_is_not_flagged(federat
 def test_an_untrained_model_labelled_dp_is_not_flagged(federation, tmp_path):
     import torch
 
-    from shared_models.model import ModelConfig, MultiModalTransformer
+    from shared_models.model import MultiModalTransformer
+    from shared_models.run_config import ModelConfig
 
     schema, site = _prepared(federation, tmp_path)
     torch.manual_seed(0)
@@ -306,7 +308,8 @@ def test_no_installed_model_is_named_with_the_fix(federation, tmp_path):
 def test_a_run_without_a_held_out_part_cannot_be_audited(federation, tmp_path):
     import torch
 
-    from shared_models.model import ModelConfig, MultiModalTransformer
+    from shared_models.model import MultiModalTransformer
+    from shared_models.run_config import ModelConfig
 
     schema, site = _prepared(federation, tmp_path)
     torch.manual_seed(0)
@@ -320,7 +323,8 @@ def test_a_run_without_a_held_out_part_cannot_be_audited(federation, tmp_path):
 def test_a_split_the_site_never_trained_on_is_refused(federation, tmp_path):
     import torch
 
-    from shared_models.model import ModelConfig, MultiModalTransformer
+    from shared_models.model import MultiModalTransformer
+    from shared_models.run_config import ModelConfig
 
     schema, site = _prepared(federation, tmp_path)
     torch.manual_seed(0)

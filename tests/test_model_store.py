@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from client.model_store import ModelStore, ModelStoreError
-from shared_models.model import ModelConfig, MultiModalTransformer
+from shared_models.model import MultiModalTransformer
+from shared_models.run_config import ModelConfig
 from shared_models.weights import arrays_sha256, load_weights
 from tests.factories import tiny_schema
 

@@ -19,7 +19,7 @@ def test_the_entry_point_refuses_an_epsilon_above_what_the_sites_accounting_veri
                                              rf"{LIMIT} \(got {re.escape(f'{MAX_BUDGET + 0.5!r}')}\).*at most {LIMIT} "
                                              r"\(privacy.MAX_BUDGET\)"):
         load_run_config({"schema": "s.json", "epsilon": MAX_BUDGET + 0.5}, source="study.toml")
-    assert load_run_config({"schema": "s.json", "epsilon": MAX_BUDGET}).epsilon == MAX_BUDGET
+    assert load_run_config({"schema": "s.json", "epsilon": MAX_BUDGET}).privacy.epsilon == MAX_BUDGET
 
 
 def test_the_overrides_entry_point_refuses_an_epsilon_above_the_limit_and_says_why():
@@ -37,5 +37,71 @@ def test_the_contract_cannot_be_called_without_saying_which_bound_applies():
 
 
 def test_max_epsilon_none_is_an_explicit_no_bound():
-    assert RunConfig.from_flower({"schema": "s.json", "epsilon": 1000.0}, max_epsilon=None).epsilon == 1000.0
+    assert RunConfig.from_flower({"schema": "s.json", "epsilon": 1000.0}, max_epsilon=None).privacy.epsilon == 1000.0
     assert parse_overrides(["epsilon=1000"], max_epsilon=None) == {"epsilon": 1000}
+
+
+# --- one typed, nested run config; every default defined once --------------------------------------------------
+def test_pyproject_lists_exactly_the_typed_defaults():
+    """`[tool.flwr.app.config]` is generated from the typed config (`python -m shared_models.run_config`): a
+    default changed in one place and not the other fails here."""
+    import tomllib
+    from pathlib import Path
+
+    from shared_models.run_config import APP_SCHEMA, app_defaults, defaults, pyproject_block
+
+    root = Path(__file__).resolve().parents[1]
+    assert app_defaults(root) == {**defaults(), "schema": APP_SCHEMA}
+    text = (root / "pyproject.toml").read_text()
+    assert pyproject_block() in text, "pyproject.toml's [tool.flwr.app.config]: regenerate it with " \
+                                      "python -m shared_models.run_config"
+    assert tomllib.loads(pyproject_block())["tool"]["flwr"]["app"]["config"] == app_defaults(root)
+
+
+def test_the_flat_keys_fill_typed_sections_and_the_model_is_built_from_its_section_as_it_is():
+    from shared_models.run_config import ModelConfig
+
+    cfg = load_run_config({"schema": "s.json", "d-model": 32, "num-rounds": 3, "secagg": False, "dp-mode": "site",
+                           "min-count": 7, "local-optimizer": "adamw"})
+    assert (cfg.model.d_model, cfg.federation.num_rounds, cfg.secagg.enabled, cfg.site.min_count,
+            cfg.training.optimizer) == (32, 3, False, 7, "adamw")
+    assert isinstance(cfg.model, ModelConfig) and cfg.model == ModelConfig(d_model=32)
+    assert load_run_config(cfg.flat()) == cfg  # the flat view reads back as the same config
+    assert load_run_config(cfg.model_dump(by_alias=True)) == cfg  # and so does the nested form
+
+
+def test_the_dp_and_no_dp_recipes_are_named_presets_a_deployment_and_a_simulation_both_get():
+    from shared_models.run_config import RECIPES
+
+    def training(**values):
+        t = load_run_config({"schema": "s.json", **values}).training
+        return t.optimizer, t.lr, t.batch_size
+
+    assert training() == ("sgd", RECIPES["dp"].lr["sgd"], RECIPES["dp"].batch_size) == ("sgd", 1.0, 256)
+    assert training(dp=False) == ("sgd", 0.2, 64)
+    assert training(dp=False, **{"local-optimizer": "adamw"}) == ("adamw", 0.002, 64)
+    assert training(**{"local-optimizer": "adamw"}) == ("adamw", 0.02, 256)
+    assert training(dp=False, lr=0.5, **{"batch-size": 32}) == ("sgd", 0.5, 32)  # a number overrides the recipe
+    with pytest.raises(RunConfigError, match=r'batch-size: use a whole number >= 1 or "auto" .*\(got 2.5\)'):
+        load_run_config({"schema": "s.json", "batch-size": 2.5})
+
+
+def test_the_training_loop_config_is_a_view_of_the_run_config():
+    cfg = load_run_config({"schema": "s.json", "dp": False, "local-epochs": 3, "local-softmax": "site", "seed": 4})
+    tc = cfg.train_config()
+    assert (tc.lr, tc.batch_size, tc.epochs, tc.optimizer, tc.seed, tc.max_grad_norm) == \
+        (cfg.training.lr, cfg.training.batch_size, 3, "sgd", 4, cfg.privacy.max_grad_norm)
+    assert tc.class_weighting and tc.softmax_over == "present"
+    assert load_run_config({"schema": "s.json"}).train_config().class_weighting is False  # DP: no label weights
+
+
+def test_an_error_names_the_flat_key_a_user_writes():
+    with pytest.raises(RunConfigError) as e:
+        load_run_config({"schema": "s.json", "secagg-threshold": 2, "d-model": 4, "bogus": 1, "n-heads": 3})
+    text = str(e.value)
+    for line in ("secagg-threshold: Input should be less than or equal to 1 (got 2)",
+                 "d-model: Input should be greater than or equal to 8 (got 4)",
+                 "bogus: Extra inputs are not permitted; unknown key"):
+        assert f"  - {line}" in text
+    with pytest.raises(RunConfigError, match=r"d-model \(64\) must be divisible by n-heads \(3\)"):
+        load_run_config({"schema": "s.json", "n-heads": 3})

@@ -20,7 +20,8 @@ from client.model_store import ModelStore
 from client.serve import TOKENS_FILE, TokenStore, create_app
 from privacy.audit import verify
 from privacy.site_config import SiteConfig
-from shared_models.model import ModelConfig, MultiModalTransformer
+from shared_models.model import MultiModalTransformer
+from shared_models.run_config import ModelConfig
 from shared_models.site_data import Normalizer
 from shared_models.weights import state_arrays
 from tests.factories import random_inputs, tiny_schema

@@ -9,7 +9,8 @@ import torch
 
 from client.model_store import ModelStore, ModelStoreError
 from privacy.signing import SignatureError, generate_signing_key, load_private, load_public, sign, verify
-from shared_models.model import ModelConfig, MultiModalTransformer
+from shared_models.model import MultiModalTransformer
+from shared_models.run_config import ModelConfig
 from shared_models.weights import arrays_sha256, save_weights
 from tests.factories import tiny_schema
 

@@ -21,7 +21,7 @@ from simulations.federation import PANCAN_SCHEMA
 def _model_arrays() -> list[np.ndarray]:
     torch.manual_seed(0)
     cfg = load_run_config({"schema": str(PANCAN_SCHEMA)})
-    return state_arrays(MultiModalTransformer(FeatureSchema.load(PANCAN_SCHEMA), cfg.model_config_()))
+    return state_arrays(MultiModalTransformer(FeatureSchema.load(PANCAN_SCHEMA), cfg.model))
 
 
 def test_packed_content_unpacks_to_the_same_bytes_for_every_dtype_and_shape():
