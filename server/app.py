@@ -12,6 +12,7 @@ import json
 import math
 import time
 import uuid
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -126,19 +127,22 @@ def server_evaluation(cfg: RunConfig, schema: FeatureSchema):
     return evaluate_fn
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    cfg = load_run_config(context.run_config, source="run config (server)")
-    t0 = time.time()
-    out = cfg.path(cfg.run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.run.deliver_only:  # `oncofed deliver`: the saved final model again, no training
-        return redeliver(grid, cfg)
-    schema = FeatureSchema.load(cfg.path(cfg.run.schema_path))
-    n_sites = cfg.federation.sites or cfg.federation.min_sites
-    signing_key = load_private(cfg.path(cfg.run.signing_key)) if cfg.run.signing_key else None  # fail before round 1
-    ckpt_root = out / "checkpoints"
+@dataclass
+class RunStart:
+    """Where the rounds start: a new run's initial weights, or a resumed run's checkpoint."""
 
+    run_key: str
+    weights: list[np.ndarray]
+    first_round: int
+    site_epsilon: dict[str, float]
+    site_epsilon_worst_case: dict[str, float]
+    strategy_state: dict[str, np.ndarray] | None = None
+
+
+def start_or_resume(cfg: RunConfig, context: Context, schema: FeatureSchema, out: Path) -> RunStart:
+    """A new run (its run config frozen in run.json), or the checkpointed one to resume, refused if the request
+    changes the run config it started with or its schema."""
+    ckpt_root = out / "checkpoints"
     frozen = frozen_run(out) if cfg.run.resume else None
     if cfg.run.resume:
         if frozen is None:
@@ -152,40 +156,119 @@ def main(grid: Grid, context: Context) -> None:
     if checkpoint is not None:
         if checkpoint.meta.get("schema_hash") != schema.content_hash():
             raise ValueError(f"{ckpt_root}: checkpoint was trained under another schema; resume with that schema")
-        weights, first_round = checkpoint.weights, checkpoint.round + 1
-        run_key, site_epsilon = checkpoint.meta["run_key"], checkpoint.meta.get("site_epsilon", {})
-        site_epsilon_worst_case = checkpoint.meta.get("site_epsilon_worst_case", {})
-        log(INFO, "resuming run %s after round %s from %s", run_key, checkpoint.round, ckpt_root)
-    else:  # a new run, or one that crashed before its first checkpoint (same seed: the same initial weights)
-        torch.manual_seed(cfg.training.seed)
-        model = MultiModalTransformer(schema, cfg.model)
-        weights = state_arrays(model)
-        first_round, site_epsilon, site_epsilon_worst_case = 1, {}, {}
-        run_key = frozen["run_key"] if frozen else f"{cfg.run.name}-{uuid.uuid4().hex[:8]}"
-        if frozen:
-            log(INFO, "resuming run %s from its start (it ended before its first checkpoint)", run_key)
+        log(INFO, "resuming run %s after round %s from %s", checkpoint.meta["run_key"], checkpoint.round, ckpt_root)
+        return RunStart(checkpoint.meta["run_key"], checkpoint.weights, checkpoint.round + 1,
+                        checkpoint.meta.get("site_epsilon", {}), checkpoint.meta.get("site_epsilon_worst_case", {}),
+                        checkpoint.strategy_state)
+    # a new run, or one that crashed before its first checkpoint (same seed: the same initial weights)
+    torch.manual_seed(cfg.training.seed)
+    weights = state_arrays(MultiModalTransformer(schema, cfg.model))
+    run_key = frozen["run_key"] if frozen else f"{cfg.run.name}-{uuid.uuid4().hex[:8]}"
+    if frozen:
+        log(INFO, "resuming run %s from its start (it ended before its first checkpoint)", run_key)
     if not cfg.run.resume:
         freeze_run(out, run_key, dict(context.run_config))
-    remaining = cfg.federation.num_rounds - first_round + 1
+    return RunStart(run_key, weights, 1, {}, {})
+
+
+class RoundRecorder:
+    """What the server keeps after every round: the checkpoint, a metrics.jsonl line, status.json (Prometheus),
+    the run audit log's round entry and a new signed anchor for the sites, and the round's log line."""
+
+    def __init__(self, cfg: RunConfig, context: Context, schema: FeatureSchema, out: Path, start: RunStart,
+                 audit: AuditLog, anchor_audit, evaluate_fn, t0: float) -> None:
+        self.cfg, self.run_config, self.schema_hash, self.out = cfg, dict(context.run_config), schema.content_hash(), out
+        self.run_key, self.audit, self.anchor_audit, self.evaluated = start.run_key, audit, anchor_audit, evaluate_fn is not None
+        self.site_epsilon, self.site_epsilon_worst_case = start.site_epsilon, start.site_epsilon_worst_case
+        self.metrics_file, self.ckpt_root = out / "metrics.jsonl", out / "checkpoints"
+        self.t0, self.round_started = t0, time.time()  # t0: the ServerApp's start
+        self.status = {"run": self.run_key, "num_rounds": cfg.federation.num_rounds, "round": start.first_round - 1,
+                       "finished": 0, "site_epsilon": self.site_epsilon}
+        write_json_atomic(out / "status.json", self.status)  # read by server/metrics.py (Prometheus)
+
+    def _worst_case(self) -> dict:
+        return {"site_epsilon_worst_case": dict(self.site_epsilon_worst_case)} if distributed_dp(self.cfg) else {}
+
+    def __call__(self, rnd: int, lctx: LegacyContext) -> None:
+        arrays = parameters_to_ndarrays(compat.arrayrecord_to_parameters(
+            lctx.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
+        info = lctx.strategy.round_info
+        for site in info.get("sites", {}).values():
+            if EPSILON in site and SITE in site:
+                self.site_epsilon[str(site[SITE])] = float(site[EPSILON])
+            if EPSILON_WORST_CASE in site and SITE in site:
+                self.site_epsilon_worst_case[str(site[SITE])] = float(site[EPSILON_WORST_CASE])
+        save_checkpoint(self.ckpt_root, rnd, arrays, lctx.strategy.state_arrays(), {
+            "run_key": self.run_key, "schema_hash": self.schema_hash, "strategy": self.cfg.federation.strategy,
+            "run_config": self.run_config, "site_epsilon": self.site_epsilon,
+            "site_epsilon_worst_case": self.site_epsilon_worst_case})
+        line = self._metrics_line(rnd, lctx, info, arrays)
+        with self.metrics_file.open("a") as fh:
+            fh.write(json.dumps(line) + "\n")
+        self.status.update(round=rnd, round_seconds=round(time.time() - self.round_started, 2),
+                           participating=len(info.get("participants", [])), site_epsilon=dict(self.site_epsilon),
+                           **self._worst_case(), weights_sha256=line["weights_sha256"])
+        write_json_atomic(self.out / "status.json", self.status)
+        self.round_started = time.time()
+        self.audit.append("round", run=self.run_key, round=rnd, status=info.get("status"),
+                          participants=info.get("participants", []), refused=info.get("refused", []),
+                          failures=info.get("failures", []), dropped=info.get("dropped", []),
+                          weights_sha256=line["weights_sha256"], site_epsilon=dict(self.site_epsilon),
+                          site_audit_heads={str(m[SITE]): m[AUDIT_HEAD] for m in info.get("sites", {}).values()
+                                            if AUDIT_HEAD in m and SITE in m})
+        self.anchor_audit()
+        g, se = line["global"], line["server_eval"] or {}
+        log(INFO, "round %s done: %s sites, global macro-F1 %s (sites' held-out parts)%s, max site epsilon %s", rnd,
+            len(info.get("participants", [])), _fmt(g.get("macro_f1")),
+            f", {_fmt(se.get('macro_f1'))} on eval-data" if se else "",
+            _fmt(max(self.site_epsilon.values()) if self.site_epsilon else None))
+
+    def _metrics_line(self, rnd: int, lctx: LegacyContext, info: dict, arrays: list[np.ndarray]) -> dict:
+        h = lctx.history
+        return {"round": rnd, "seconds": round(time.time() - self.t0, 2), **info,
+                "global": {"loss": dict(h.losses_distributed).get(rnd),
+                           **{k: dict(v).get(rnd) for k, v in h.metrics_distributed.items()}},
+                "fit": {k: dict(v).get(rnd) for k, v in h.metrics_distributed_fit.items()},
+                "server_eval": ({"loss": dict(h.losses_centralized).get(rnd),
+                                 **{k: dict(v).get(rnd) for k, v in h.metrics_centralized.items()}}
+                                if self.evaluated else None),
+                "site_epsilon": dict(self.site_epsilon), "weights_sha256": arrays_sha256(arrays),
+                **self._worst_case(), "timing": dict(getattr(lctx.strategy, "timing", {}))}
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = load_run_config(context.run_config, source="run config (server)")
+    t0 = time.time()
+    out = cfg.path(cfg.run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.run.deliver_only:  # `oncofed deliver`: the saved final model again, no training
+        return redeliver(grid, cfg)
+    schema = FeatureSchema.load(cfg.path(cfg.run.schema_path))
+    n_sites = cfg.federation.sites or cfg.federation.min_sites
+    signing_key = load_private(cfg.path(cfg.run.signing_key)) if cfg.run.signing_key else None  # fail before round 1
+    start = start_or_resume(cfg, context, schema, out)
+    remaining = cfg.federation.num_rounds - start.first_round + 1
     if remaining < 1:
         log(WARNING, "the checkpoint already holds all %s rounds; delivering the final model", cfg.federation.num_rounds)
 
     audit = AuditLog(out / "audit.jsonl")
-    audit.append("run_start", run=run_key, first_round=first_round, num_rounds=cfg.federation.num_rounds,
-                 schema_hash=schema.content_hash(), strategy=cfg.federation.strategy, secagg=cfg.secagg.enabled, dp=cfg.privacy.enabled,
-                 min_sites=cfg.federation.min_sites, run_config_sha256=hashlib.sha256(canonical(dict(context.run_config))).hexdigest())
-    fit_config = {RUN_KEY: run_key, SECAGG_MAX_WEIGHT: cfg.secagg.max_weight if cfg.secagg.enabled else 0.0,
+    audit.append("run_start", run=start.run_key, first_round=start.first_round, num_rounds=cfg.federation.num_rounds,
+                 schema_hash=schema.content_hash(), strategy=cfg.federation.strategy, secagg=cfg.secagg.enabled,
+                 dp=cfg.privacy.enabled, min_sites=cfg.federation.min_sites,
+                 run_config_sha256=hashlib.sha256(canonical(dict(context.run_config))).hexdigest())
+    fit_config = {RUN_KEY: start.run_key, SECAGG_MAX_WEIGHT: cfg.secagg.max_weight if cfg.secagg.enabled else 0.0,
                   SECAGG_CLIPPING_RANGE: cfg.secagg.clipping_range}
 
     def anchor_audit() -> str:  # the run log's head, signed, for every site to keep (privacy/audit.py)
         if signing_key is None:
             return ""
-        fit_config[AUDIT_ANCHOR] = json.dumps(signed_anchor(audit, signing_key, run=run_key, run_name=out.name))
+        fit_config[AUDIT_ANCHOR] = json.dumps(signed_anchor(audit, signing_key, run=start.run_key, run_name=out.name))
         return fit_config[AUDIT_ANCHOR]
 
     anchor_audit()
     evaluate_fn = server_evaluation(cfg, schema) if cfg.run.eval_data else None
-    strategy = build_strategy(cfg, weights, n_sites, fit_config, evaluate_fn=evaluate_fn)
+    strategy = build_strategy(cfg, start.weights, n_sites, fit_config, evaluate_fn=evaluate_fn)
     log(INFO, "privacy: %s", privacy_summary(cfg))
     fit_workflow = secagg_workflow(cfg, n_sites) if cfg.secagg.enabled else None
     if distributed_dp(cfg):
@@ -194,81 +277,38 @@ def main(grid: Grid, context: Context) -> None:
         strategy.grid = SecAggGrid(fit_workflow.clipping_range, fit_workflow.quantization_range,
                                    fit_workflow.modulus_range, fit_workflow.max_weight)
         if cfg.privacy.trusted_sites > n_sites:
-            raise ValueError(f"run config trusted-sites = {cfg.privacy.trusted_sites} but the run is sized for {n_sites} sites "
-                             "(sites, or min-sites when sites is 0): no round could ever be unmasked; set sites to the "
-                             "number of hospitals or lower trusted-sites")
+            raise ValueError(f"run config trusted-sites = {cfg.privacy.trusted_sites} but the run is sized for "
+                             f"{n_sites} sites (sites, or min-sites when sites is 0): no round could ever be "
+                             "unmasked; set sites to the number of hospitals or lower trusted-sites")
         strategy.grid.check(n_sites)  # before round 1: a grid the sites' values could leave is refused
-        log_distributed_plan(cfg, weights)
-    if checkpoint is not None:
-        strategy.load_state_arrays(checkpoint.strategy_state)
-    metrics_file = out / "metrics.jsonl"
-    status = {"run": run_key, "num_rounds": cfg.federation.num_rounds, "round": first_round - 1, "finished": 0,
-              "site_epsilon": site_epsilon}
-    write_json_atomic(out / "status.json", status)  # read by server/metrics.py (Prometheus)
-    round_started = [time.time()]
-
-    def on_round_end(rnd: int, lctx: LegacyContext) -> None:
-        arrays = parameters_to_ndarrays(compat.arrayrecord_to_parameters(
-            lctx.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
-        info = lctx.strategy.round_info
-        for site in info.get("sites", {}).values():
-            if EPSILON in site and SITE in site:
-                site_epsilon[str(site[SITE])] = float(site[EPSILON])
-            if EPSILON_WORST_CASE in site and SITE in site:
-                site_epsilon_worst_case[str(site[SITE])] = float(site[EPSILON_WORST_CASE])
-        save_checkpoint(ckpt_root, rnd, arrays, lctx.strategy.state_arrays(), {
-            "run_key": run_key, "schema_hash": schema.content_hash(), "strategy": cfg.federation.strategy,
-            "run_config": dict(context.run_config), "site_epsilon": site_epsilon,
-            "site_epsilon_worst_case": site_epsilon_worst_case})
-        h = lctx.history
-        line = {"round": rnd, "seconds": round(time.time() - t0, 2), **info,
-                "global": {"loss": dict(h.losses_distributed).get(rnd),
-                           **{k: dict(v).get(rnd) for k, v in h.metrics_distributed.items()}},
-                "fit": {k: dict(v).get(rnd) for k, v in h.metrics_distributed_fit.items()},
-                "server_eval": ({"loss": dict(h.losses_centralized).get(rnd),
-                                 **{k: dict(v).get(rnd) for k, v in h.metrics_centralized.items()}}
-                                if evaluate_fn is not None else None),
-                "site_epsilon": dict(site_epsilon), "weights_sha256": arrays_sha256(arrays),
-                **({"site_epsilon_worst_case": dict(site_epsilon_worst_case)} if distributed_dp(cfg) else {}),
-                "timing": dict(getattr(lctx.strategy, "timing", {}))}
-        with metrics_file.open("a") as fh:
-            fh.write(json.dumps(line) + "\n")
-        status.update(round=rnd, round_seconds=round(time.time() - round_started[0], 2),
-                      participating=len(info.get("participants", [])), site_epsilon=dict(site_epsilon),
-                      **({"site_epsilon_worst_case": dict(site_epsilon_worst_case)} if distributed_dp(cfg) else {}),
-                      weights_sha256=line["weights_sha256"])
-        write_json_atomic(out / "status.json", status)
-        round_started[0] = time.time()
-        audit.append("round", run=run_key, round=rnd, status=info.get("status"),
-                     participants=info.get("participants", []), refused=info.get("refused", []),
-                     failures=info.get("failures", []), dropped=info.get("dropped", []),
-                     weights_sha256=line["weights_sha256"], site_epsilon=dict(site_epsilon),
-                     site_audit_heads={str(m[SITE]): m[AUDIT_HEAD] for m in info.get("sites", {}).values()
-                                       if AUDIT_HEAD in m and SITE in m})
-        anchor_audit()
-        g, se = line["global"], line["server_eval"] or {}
-        log(INFO, "round %s done: %s sites, global macro-F1 %s (sites' held-out parts)%s, max site epsilon %s", rnd,
-            len(info.get("participants", [])), _fmt(g.get("macro_f1")),
-            f", {_fmt(se.get('macro_f1'))} on eval-data" if se else "",
-            _fmt(max(site_epsilon.values()) if site_epsilon else None))
+        log_distributed_plan(cfg, start.weights)
+    if start.strategy_state is not None:
+        strategy.load_state_arrays(start.strategy_state)
+    recorder = RoundRecorder(cfg, context, schema, out, start, audit, anchor_audit, evaluate_fn, t0)
 
     lctx = LegacyContext(context=context, strategy=strategy,
                          config=ServerConfig(num_rounds=max(remaining, 0), round_timeout=cfg.federation.round_timeout))
+    final = start.weights
     if remaining > 0:
-        RoundsWorkflow(fit_workflow=fit_workflow,
-                       first_round=first_round, on_round_end=on_round_end, wait_for_sites=n_sites,
-                       wait_timeout=cfg.federation.round_timeout, message_timeout=cfg.federation.round_timeout)(grid, lctx)
+        RoundsWorkflow(fit_workflow=fit_workflow, first_round=start.first_round, on_round_end=recorder,
+                       wait_for_sites=n_sites, wait_timeout=cfg.federation.round_timeout,
+                       message_timeout=cfg.federation.round_timeout)(grid, lctx)
         final = parameters_to_ndarrays(compat.arrayrecord_to_parameters(
             lctx.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
-    else:
-        final = weights
-    final = [np.asarray(a, dtype=np.float32) for a in final]
-    last = _last_metrics(metrics_file)
+    deliver_final(grid, cfg, schema, out, recorder, [np.asarray(a, dtype=np.float32) for a in final], signing_key,
+                  start.first_round)
+
+
+def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, recorder: RoundRecorder,
+                  final: list[np.ndarray], signing_key, first_round: int) -> None:
+    """The final model: described, signed, saved beside the checkpoints, sent to every site; result.json."""
+    last = _last_metrics(recorder.metrics_file)
     package = ModelPackage(
-        run=run_key, round=cfg.federation.num_rounds, schema_hash=schema.content_hash(), arrays_sha256=arrays_sha256(final),
-        strategy=cfg.federation.strategy, secagg=cfg.secagg.enabled, dp=cfg.privacy.enabled, site_epsilon=site_epsilon, delta=cfg.privacy.delta,
+        run=recorder.run_key, round=cfg.federation.num_rounds, schema_hash=schema.content_hash(),
+        arrays_sha256=arrays_sha256(final), strategy=cfg.federation.strategy, secagg=cfg.secagg.enabled,
+        dp=cfg.privacy.enabled, site_epsilon=recorder.site_epsilon, delta=cfg.privacy.delta,
         **(dict(dp_mode=cfg.privacy.mode, trusted_sites=cfg.privacy.trusted_sites, mechanism="skellam",
-                site_epsilon_worst_case=site_epsilon_worst_case) if distributed_dp(cfg) else {}),
+                site_epsilon_worst_case=recorder.site_epsilon_worst_case) if distributed_dp(cfg) else {}),
         privacy=privacy_summary(cfg), metrics=(last or {}).get("global", {})).description()
     if signing_key is not None:
         package = sign(package, signing_key)
@@ -277,14 +317,14 @@ def main(grid: Grid, context: Context) -> None:
             "anchor will refuse it")
     np.savez(out / "final_weights.npz", *final)
     save_package(out, package)  # with final_weights.npz: what `oncofed deliver` sends again
-    deliveries = deliver(grid, final, package, cfg.federation.round_timeout, anchor=anchor_audit())
-    audit.append("run_end", run=run_key, round=cfg.federation.num_rounds, arrays_sha256=package["arrays_sha256"],
-                 deliveries=audited(deliveries))
-    status.update(finished=1, weights_sha256=package["arrays_sha256"], **delivery_status(out, deliveries))
-    write_json_atomic(out / "status.json", status)
+    deliveries = deliver(grid, final, package, cfg.federation.round_timeout, anchor=recorder.anchor_audit())
+    recorder.audit.append("run_end", run=recorder.run_key, round=cfg.federation.num_rounds,
+                          arrays_sha256=package["arrays_sha256"], deliveries=audited(deliveries))
+    recorder.status.update(finished=1, weights_sha256=package["arrays_sha256"], **delivery_status(out, deliveries))
+    write_json_atomic(out / "status.json", recorder.status)
     write_json_atomic(out / "result.json", {
-        **package, "first_round": first_round, "seconds": round(time.time() - t0, 1), "deliveries": deliveries,
-        "metrics_file": str(metrics_file), "checkpoints": str(ckpt_root)})
+        **package, "first_round": first_round, "seconds": round(time.time() - recorder.t0, 1),
+        "deliveries": deliveries, "metrics_file": str(recorder.metrics_file), "checkpoints": str(out / "checkpoints")})
     log(INFO, "final model delivered to %s/%s sites; result in %s",
         sum(d.get("installed", False) for d in deliveries), len(deliveries), out / "result.json")
 
