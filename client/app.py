@@ -45,6 +45,7 @@ from flwr.compat.common.recorddict_compat import (
 from client.releases import Release, ReleaseStore
 from privacy.audit import ANCHORS_FILE, AnchorStore, AuditError, AuditLog
 from privacy.run_config import load_run_config
+from privacy.site_config import SiteConfig
 from shared_models.protocol import (ARRAYS_RECORD, AUDIT_ANCHOR, AUDIT_HEAD, CONFIG_RECORD, EPSILON, EPSILON_WORST_CASE,
                                     EVALUATE_METRICS, FIT_METRICS, LOCAL_STEPS, LOSS, PACKAGE_INFO, PATIENTS,
                                     PREVIOUS_ROUND, REFUSAL_PREFIX, REPLY, RESENT, RUN_KEY, SAVE_MODEL,
@@ -59,7 +60,8 @@ if TYPE_CHECKING:
 
 # torch, Opacus and the site's data are imported only by the handlers that need them: in a deployment
 # every message starts a fresh ClientApp process, and three of SecAgg+'s four stages need neither.
-MIN_AGGREGATE_SITES = 2  # a sum of fewer sites' updates is one site's update: never helped to be unmasked
+MIN_AGGREGATE_SITES = SiteConfig.model_fields["min_aggregate_sites"].default  # a sum of one is one site's update
+NODE_POLICY = ("site-name", "privacy-budget", "require-secagg", "min-aggregate-sites", "require-dp", "max-trusted-sites")
 
 
 class SiteRefusal(Exception):
@@ -86,12 +88,12 @@ def site_settings(context: Context, cfg: RunConfig) -> SiteSettings:
         data = Path(str(node["data-path"]))
         state = Path(str(node.get("state-dir", data.parent / "oncofed-state")))
         models = Path(str(node.get("model-dir", state / "models")))
-        return SiteSettings(str(node.get("site-name", data.name)), 0, SitePaths(data, state, models),
-                            float(node.get("privacy-budget", cfg.privacy.epsilon)),
-                            str(node.get("require-secagg", "true")).lower() not in ("false", "0", "no"),
-                            max(MIN_AGGREGATE_SITES, int(node.get("min-aggregate-sites", MIN_AGGREGATE_SITES))),
-                            str(node.get("require-dp", "true")).lower() not in ("false", "0", "no"),
-                            max(1, int(node.get("max-trusted-sites", 1))))
+        # its policy typed and bounded by site.json's model (privacy/site_config.py), whose defaults are a deployment's
+        site = SiteConfig.parse({**{k: node[k] for k in NODE_POLICY if k in node}, "state-dir": str(state),
+                                 "model-dir": str(models)}, source="the SuperNode's --node-config (site.json)")
+        return SiteSettings(site.site_name or data.name, 0, SitePaths(data, state, models),
+                            cfg.privacy.epsilon if site.privacy_budget is None else site.privacy_budget,
+                            site.require_secagg, site.min_aggregate_sites, site.require_dp, site.max_trusted_sites)
     index = int(node["partition-id"])
     root = cfg.path(cfg.run.data_root)
     sites = json.loads((root / "manifest.json").read_text())["sites"]  # written by `oncofed partition`
