@@ -120,7 +120,7 @@ def test_a_site_installs_a_signed_package_and_refuses_one_that_is_not_a_package(
     schema_path = schema.save(tmp_path / "schema.json")
     generate_signing_key(tmp_path / "k", tmp_path / "k.pub")
     run = {"schema": str(schema_path), "min-sites": 2}
-    arrays = state_arrays(MultiModalTransformer(schema, load_run_config(run).model_config_()))
+    arrays = state_arrays(MultiModalTransformer(schema, load_run_config(run).model))
     ctx = Context(run_id=1, node_id=1, state=RecordDict(), run_config=run,
                   node_config={"data-path": str(tmp_path / "site"), "state-dir": str(tmp_path / "state"),
                                "signing-public-key": str(tmp_path / "k.pub")})
