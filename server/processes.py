@@ -216,19 +216,28 @@ def start_local_superlink(work: Path) -> LocalSuperLink:
     return link
 
 
-def run_flwr(args: list[str], env: dict, log_path: Path, on_line: Callable[[str], None]) -> int:
+def run_flwr(args: list[str], env: dict, log_path: Path, on_line: Callable[[str], None], *, append: bool = False,
+             new_session: bool = False, on_start: Callable[[subprocess.Popen], Callable[[], None]] | None = None) -> int:
     """`flwr run ARGS` to its end, every line of its output written to `log_path` and handed to `on_line`;
-    returns its exit code. Interrupted (an exception, Ctrl-C), it is ended too."""
-    proc = None
+    returns its exit code. Interrupted (an exception, Ctrl-C), it is ended too.
+
+    `on_start(proc)`, called once it runs, may start what watches it (a timeout, a progress printer that ends
+    it when the server goes down) and returns what stops those when the stream ends. `new_session`: its own
+    session (`oncofed run`: a terminal's Ctrl-C reaches this process, which ends it)."""
+    proc, stop_watching = None, None
     try:
-        with open(log_path, "w") as log:
+        with open(log_path, "a" if append else "w") as log:
             proc = subprocess.Popen(["flwr", "run", *args], env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True)
+                                    stderr=subprocess.STDOUT, text=True, start_new_session=new_session)
+            stop_watching = on_start(proc) if on_start is not None else None
             for line in proc.stdout:
                 log.write(line)
+                log.flush()
                 on_line(line)
             return proc.wait()
     finally:
+        if stop_watching is not None:
+            stop_watching()
         if proc is not None and proc.poll() is None:
             proc.terminate()
             proc.wait()

@@ -23,6 +23,7 @@ from privacy.preflight import Check, check_reachable, check_signing_key, report
 from privacy.run_config import load_run_config
 from server.checkpoint import RUN_FILE, CheckpointError, frozen_run, has_checkpoint, run_config_changes
 from server.deploy import FLOWER_ENV, Consortium, DeployError, check_server_health, server_health
+from server.processes import run_flwr
 from shared_models.files import write_json_atomic
 from shared_models.run_config import RunConfig, RunConfigError, app_defaults, flwr_overrides
 
@@ -153,37 +154,31 @@ def submit_run(root: str | Path, name: str, overrides: dict, *, resume: bool = F
         stop_previous(run_dir, env_for(c), out)
     result = run_dir / "result.json"
     started = time.time()
-    cmd = ["flwr", "run", str(PROJECT), "consortium", "--stream", "--run-config", flwr_overrides(values)]
     env = env_for(c)
     log_path = run_dir / "flwr-run.log"
-    with log_path.open("a") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        timer = None
-        if timeout:  # a run waiting for sites prints nothing: a watchdog, not a check per line
-            import threading
+    from server.runs import ProgressPrinter, after_stream
 
-            timer = threading.Timer(timeout, proc.terminate)
+    shown: list[ProgressPrinter] = []
+
+    def watch(proc: subprocess.Popen):
+        import threading
+
+        # a run waiting for sites prints nothing: a watchdog, not a check per line
+        timer = threading.Timer(timeout, proc.terminate) if timeout else None
+        if timer is not None:
             timer.start()
-        from server.runs import ProgressPrinter, after_stream
+        shown.append(ProgressPrinter(c.root, name, out, health=lambda: server_health(c), on_server_down=proc.terminate))
+        shown[0].start()
+        return lambda: (shown[0].stop(), timer is not None and timer.cancel())
 
-        shown = ProgressPrinter(c.root, name, out, health=lambda: server_health(c), on_server_down=proc.terminate)
-        shown.start()
-        try:
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()
-                if m := _STARTED.search(line):
-                    _record_flwr_run(run_dir, int(m.group(1)))
-                if not is_duplicate_log_line(line):
-                    shown.write(line)
-        finally:
-            shown.stop()
-            if timer is not None:
-                timer.cancel()
-            if proc.poll() is None:
-                proc.terminate()
-            proc.wait()
+    def on_line(line: str) -> None:
+        if m := _STARTED.search(line):
+            _record_flwr_run(run_dir, int(m.group(1)))
+        if not is_duplicate_log_line(line):
+            shown[0].write(line)
+
+    returncode = run_flwr([str(PROJECT), "consortium", "--stream", "--run-config", flwr_overrides(values)], env,
+                          log_path, on_line, append=True, new_session=True, on_start=watch)
     finished = result.exists() and result.stat().st_mtime >= started
     if timeout and time.time() - started >= timeout and not finished:
         out.write(f"--timeout {timeout:g} s reached: stopping the run on the SuperLink\n")
@@ -196,5 +191,5 @@ def submit_run(root: str | Path, name: str, overrides: dict, *, resume: bool = F
         delivered, message = delivery_verdict(run_dir)
         out.write(f"run {name!r} finished training: {result}; {message}\n")
         return 0 if delivered else DELIVERY_SHORT_EXIT
-    return after_stream(c.root, name, proc.returncode, log_path, out, health=lambda: server_health(c),
-                        server_down=shown.server_down)
+    return after_stream(c.root, name, returncode, log_path, out, health=lambda: server_health(c),
+                        server_down=shown[0].server_down)
