@@ -48,7 +48,7 @@ from privacy.run_config import load_run_config
 from privacy.site_config import SiteConfig
 from shared_models.protocol import (ARRAYS_RECORD, AUDIT_ANCHOR, AUDIT_HEAD, CONFIG_RECORD, EPSILON, EPSILON_WORST_CASE,
                                     EVALUATE_METRICS, FIT_METRICS, LOCAL_STEPS, LOSS, PACKAGE_INFO, PATIENTS,
-                                    PREVIOUS_ROUND, REFUSAL_PREFIX, REPLY, RESENT, RUN_KEY, SAVE_MODEL,
+                                    NOISE_PLAN, PREVIOUS_ROUND, REFUSAL_PREFIX, REPLY, RESENT, RUN_KEY, SAVE_MODEL,
                                     SECAGG_CLIPPING_RANGE, SECAGG_MAX_WEIGHT, SERVER_ROUND, SITE, DeliveryReply,
                                     ModelPackage, allowed_metrics)
 from shared_models.run_config import RunConfig
@@ -374,7 +374,9 @@ def _train_distributed(msg: Message, fitins, context: Context, cfg: RunConfig, s
         return _resend(msg, fitins, settings, releases.load(run_key, rnd), arrays_sha256(global_arrays), audit)
     try:
         grid.check(n_sites)
-        result = distributed_round(site, global_arrays, cfg, run_key, rnd, grid, site_seed=settings.index)
+        server_plan = json.loads(fitins.config[NOISE_PLAN]) if NOISE_PLAN in fitins.config else None
+        result = distributed_round(site, global_arrays, cfg, run_key, rnd, grid, site_seed=settings.index,
+                                   server_plan=server_plan)
     except (BudgetError, GridError) as e:
         raise _refusal(fitins, msg, settings.name, str(e), audit)
     except Exception:  # noqa: BLE001 - an error reply would carry the traceback (and maybe data) to the server

@@ -214,11 +214,12 @@ def trainable_layout(model: torch.nn.Module) -> tuple[list[tuple[int, ...]], np.
 
 
 def distributed_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunConfig, run_id: str, rnd: int,
-                      grid: distributed.SecAggGrid, site_seed: int = 0) -> RoundResult:
+                      grid: distributed.SecAggGrid, site_seed: int = 0, server_plan: dict | None = None) -> RoundResult:
     """One DP-SGD step at the global weights, as the site's share of the consortium's step: the sum of the
     clipped per-sample gradients of a Poisson sample of its patients, on SecAgg+'s grid with its Skellam
     noise share. Returns the float arrays for Flower (num_examples = max_weight: Flower's weight factor 1);
-    raises BudgetError or distributed.GridError to refuse (nothing is sent)."""
+    raises BudgetError or distributed.GridError to refuse (nothing is sent), also when `server_plan` (the
+    server's NOISE_PLAN) is not this site's plan."""
     from privacy.dp_randomness import dp_generator, dp_numpy_generator
 
     t_round = time.perf_counter()
@@ -227,6 +228,7 @@ def distributed_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: 
     load_arrays(model, global_arrays)
     shapes, noised = trainable_layout(model)
     p = distributed_plan(site, run_id, cfg, int(noised.sum()))
+    distributed.check_same_plan(p, server_plan)
     n = len(site.train.y)
     distributed.check_range(p, grid, n)  # before any spend: a configuration that could be clipped is refused
     ticket = site.ledger.begin_round(site.dataset_fingerprint, run_id, rnd, p.noise_multiplier, p.sample_rate, 1,

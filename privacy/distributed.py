@@ -41,6 +41,7 @@ Randomness: rounding and noise come from numpy generators seeded from the operat
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 
@@ -137,6 +138,26 @@ class SkellamPlan:
     @classmethod
     def from_dict(cls, d: dict) -> "SkellamPlan":
         return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+
+def check_same_plan(p: SkellamPlan, server: dict | None) -> None:
+    """Refuse a round whose server planned other aggregate noise than this site: every share must be
+    1/t of the variance every party accounts for, or a site's guarantee no longer holds (a party on an
+    older accountant, or a run started on one release and resumed on another)."""
+    if not server:
+        return
+    theirs = (float(server["scale"]), float(server["variance"]))
+    if theirs[0] != p.scale or not math.isclose(theirs[1], p.variance, rel_tol=1e-9):
+        raise GridError(
+            f"distributed DP: the server plans aggregate noise of variance {theirs[1]:.6g} on grid scale {theirs[0]:g}, "
+            f"this site {p.variance:.6g} on {p.scale:g}: the server and the sites run different OncoFed accountants "
+            "(privacy/accounting.py) or the run started on another release. Run the same release everywhere and "
+            "finish a run on the release it started with")
+
+
+def plan_message(p: SkellamPlan) -> str:
+    """What the server sends every site as the protocol's NOISE_PLAN."""
+    return json.dumps({"scale": p.scale, "variance": p.variance})
 
 
 def grid_scale(max_grad_norm: float, dim: int) -> float:

@@ -36,8 +36,8 @@ from server.strategy import build_strategy
 from server.workflow import RoundsWorkflow, TimedSecAggPlusWorkflow
 from shared_models.evaluation import evaluate
 from shared_models.model import MultiModalTransformer
-from shared_models.protocol import (AUDIT_ANCHOR, AUDIT_HEAD, EPSILON, EPSILON_WORST_CASE, RUN_KEY, SECAGG_CLIPPING_RANGE,
-                                    SECAGG_MAX_WEIGHT, SITE, ModelPackage)
+from shared_models.protocol import (AUDIT_ANCHOR, AUDIT_HEAD, EPSILON, EPSILON_WORST_CASE, NOISE_PLAN, RUN_KEY,
+                                    SECAGG_CLIPPING_RANGE, SECAGG_MAX_WEIGHT, SITE, ModelPackage)
 from shared_models.run_config import RunConfig
 from shared_models.schema import FeatureSchema
 from shared_models.site_data import load_labelled_site
@@ -75,11 +75,12 @@ def distributed_dp(cfg: RunConfig) -> bool:
     return cfg.privacy.enabled and cfg.privacy.mode == "distributed"
 
 
-def log_distributed_plan(cfg: RunConfig, weights: list[np.ndarray]) -> None:
-    """The noise every site will add (the sites compute the same plan), beside what pooled DP-SGD with the
-    Gaussian mechanism would need for the same schedule: the cost of the exact discrete mechanism's accounting."""
+def log_distributed_plan(cfg: RunConfig, weights: list[np.ndarray]) -> str:
+    """The noise every site will add (the sites compute the same plan and refuse a round whose NOISE_PLAN,
+    returned here, differs), beside what pooled DP-SGD with the Gaussian mechanism would need for the same
+    schedule: the cost of the exact discrete mechanism's accounting."""
     from privacy.accounting import noise_multiplier_for
-    from privacy.distributed import run_plan
+    from privacy.distributed import plan_message, run_plan
 
     p = run_plan(cfg.privacy.max_grad_norm, sum(int(w.size) for w in weights), cfg.privacy.trusted_sites, cfg.privacy.sample_rate,
                  cfg.privacy.epsilon, cfg.privacy.delta, cfg.federation.num_rounds)
@@ -91,6 +92,7 @@ def log_distributed_plan(cfg: RunConfig, weights: list[np.ndarray]) -> None:
         log(WARNING, "distributed DP: at sample rate %s the accountant's bound for Poisson subsampling (valid for "
             "any mechanism) is loose; a lower sample-rate with more rounds costs less noise (docs/privacy.md)",
             cfg.privacy.sample_rate)
+    return plan_message(p)
 
 
 def privacy_summary(cfg: RunConfig) -> str:
@@ -281,7 +283,7 @@ def main(grid: Grid, context: Context) -> None:
                              f"{n_sites} sites (sites, or min-sites when sites is 0): no round could ever be "
                              "unmasked; set sites to the number of hospitals or lower trusted-sites")
         strategy.grid.check(n_sites)  # before round 1: a grid the sites' values could leave is refused
-        log_distributed_plan(cfg, start.weights)
+        fit_config[NOISE_PLAN] = log_distributed_plan(cfg, start.weights)
     if start.strategy_state is not None:
         strategy.load_state_arrays(start.strategy_state)
     recorder = RoundRecorder(cfg, context, schema, out, start, audit, anchor_audit, evaluate_fn, t0)

@@ -25,6 +25,8 @@ SECAGG_MAX_WEIGHT = "secagg-max-weight"  # SecAgg+'s max-weight, 0 without SecAg
 SECAGG_CLIPPING_RANGE = "secagg-clipping-range"  # SecAgg+'s clipping range: a larger update is refused, not clipped
 AUDIT_ANCHOR = "audit-anchor"  # also in the model delivery: the server's signed audit head (JSON); absent when the
 #                                run has no signing key
+NOISE_PLAN = "noise-plan"  # dp-mode "distributed": JSON {"scale", "variance"} of the aggregate noise the server
+#                            computed; a site whose own plan differs refuses (the parties run different accountants)
 PREVIOUS_ROUND = "previous-round"  # JSON {"round", "status", "reason"} of the round before (e.g. "abandoned": its
 #                                    sum was never unmasked); a DP site notes it on that round's ledger entry
 

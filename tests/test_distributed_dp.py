@@ -313,6 +313,31 @@ def test_a_site_whose_sum_could_leave_secaggs_range_refuses_before_spending(tmp_
     assert site.ledger.spent(site.dataset_fingerprint) == 0.0
 
 
+def test_a_site_refuses_a_server_that_planned_other_noise_before_spending(tmp_path):
+    """A server on another accountant (another release) plans another aggregate variance: the shares would not
+    add up to what the site accounts for, so the site refuses; the server's own plan is accepted."""
+    import json
+
+    from client.local_round import distributed_round, state_arrays
+    from privacy.distributed import plan_message, run_plan
+    from server.app import log_distributed_plan
+    from shared_models.model import MultiModalTransformer
+
+    schema, run, site = _site(tmp_path)
+    weights = state_arrays(MultiModalTransformer(schema, run.model))
+    grid = _grid(3)
+    theirs = json.loads(log_distributed_plan(run, weights))  # exactly what the server sends
+    mine = run_plan(run.privacy.max_grad_norm, sum(w.size for w in weights), run.privacy.trusted_sites,
+                    run.privacy.sample_rate, run.privacy.epsilon, DELTA, run.federation.num_rounds)
+    assert theirs == json.loads(plan_message(mine))
+    older = {**theirs, "variance": theirs["variance"] * 1.3}
+    with pytest.raises(GridError, match="different OncoFed accountants"):
+        distributed_round(site, weights, run, "run-p", 1, grid, server_plan=older)
+    assert site.ledger.spent(site.dataset_fingerprint) == 0.0
+    result = distributed_round(site, weights, run, "run-p", 1, grid, server_plan=theirs)
+    assert result.metrics["epsilon"] > 0
+
+
 def test_the_server_steps_its_optimizer_on_the_decoded_sum_divided_by_the_expected_batch():
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
