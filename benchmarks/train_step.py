@@ -174,6 +174,44 @@ def build_steps(schema, cfg, n_data: int, batch: int, variants=VARIANTS) -> tupl
     return {v: builders[v]() for v in variants}, base, keep
 
 
+def book_keeping_phases(train, batches) -> dict:
+    """CPU ms per step of the book-keeping DP step's own parts (one extra, untimed pass with the clipper's
+    functions wrapped): per-sample norms of the Linear layers and of the other layers, the clip factors and
+    the weighted sums, the noise and scaling. The rest of the step is the forward and backward passes and
+    the optimizer, as in the plain step."""
+    import privacy.clipping as pc
+
+    spent: dict[str, float] = {}
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            t0 = time.process_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.process_time() - t0
+        return wrapper
+
+    originals = {"_prepare_linear": pc._prepare_linear, "_prepare_other": pc._prepare_other}
+    clip, noise = pc.BookKeepingClipper.clip_, pc.BookKeepingDPOptimizer.add_noise_and_scale
+    pc._prepare_linear, pc._prepare_other = timed("norms_linear", pc._prepare_linear), timed("norms_other", pc._prepare_other)
+    pc.BookKeepingClipper.clip_ = timed("clip", clip)
+    pc.BookKeepingDPOptimizer.add_noise_and_scale = timed("noise", noise)
+    try:
+        t0 = time.process_time()
+        train(batches)
+        total = time.process_time() - t0
+    finally:
+        for k, v in originals.items():
+            setattr(pc, k, v)
+        pc.BookKeepingClipper.clip_, pc.BookKeepingDPOptimizer.add_noise_and_scale = clip, noise
+    ms = {k: 1000 * v / len(batches) for k, v in spent.items()}
+    return {"step": round(1000 * total / len(batches), 2), "norms_linear": round(ms.get("norms_linear", 0), 2),
+            "norms_other": round(ms.get("norms_other", 0), 2),
+            "weighted_sums": round(ms.get("clip", 0) - ms.get("norms_linear", 0) - ms.get("norms_other", 0), 2),
+            "noise": round(ms.get("noise", 0), 2)}
+
+
 def measure(shape: str, batch: int, steps_per_repeat: int, repeats: int, variants: list[str],
             model_overrides: dict | None = None) -> dict:
     import torch
@@ -204,6 +242,7 @@ def measure(shape: str, batch: int, steps_per_repeat: int, repeats: int, variant
         for v in variants:
             times[v].append(run(steps[v]))
     best = {v: min(t) for v, t in times.items()}
+    phases = book_keeping_phases(steps["book-keeping"], batches) if "book-keeping" in steps else None
     return {
         "shape": shape, "batch": batch, "model": cfg.model_dump(), "inputs": schema.layout().n_inputs,
         "classes": schema.n_classes, "parameters": base.num_parameters(), "train_flops_per_sample": flops,
@@ -214,6 +253,7 @@ def measure(shape: str, batch: int, steps_per_repeat: int, repeats: int, variant
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "matmul_gflops": round(peak / 1e9, 2),
         "plain_fraction_of_matmul": round(flops * batch / best["plain"] / peak, 4),
+        "plain_step_ms": round(1000 * best["plain"], 2), "book_keeping_phases_ms": phases,
     }
 
 
@@ -256,6 +296,14 @@ def main() -> None:
     widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
     for row in [head] + rows:
         print("  ".join(str(c).rjust(w) for c, w in zip(row, widths)))
+    if any(r["book_keeping_phases_ms"] for r in results):
+        print("\nbook-keeping DP step, CPU ms per step (one extra pass, wrapped): plain step | DP step = forward, backward "
+              "and optimizer + norms (Linear) + norms (other layers) + clip factors and weighted sums + noise")
+        for r in results:
+            if ph := r["book_keeping_phases_ms"]:
+                print(f"  {r['shape']:>6} {r['batch']:>4}: plain {r['plain_step_ms']:6.1f} | DP {ph['step']:6.1f} = "
+                      f"{ph['step'] - ph['norms_linear'] - ph['norms_other'] - ph['weighted_sums'] - ph['noise']:6.1f} "
+                      f"+ {ph['norms_linear']:5.1f} + {ph['norms_other']:5.1f} + {ph['weighted_sums']:5.1f} + {ph['noise']:5.1f}")
     print(f"one thread; step CPU time and step memory as ratios to the plain step in the same process; best of "
           f"interleaved repeats; matmul: float32 512x512 on the same core ({results[0]['matmul_gflops']} GFLOP/s); "
           f"load average {load_before[0]:.2f} before, {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} after")

@@ -129,7 +129,21 @@ class AttentionBlocks(nn.Module):  # self-attention (fused qkv, key mask) and cr
         return self.head(lat.mean(1))
 
 
-LAYERS = {"linear on rows": RowsLinear, "linear on tokens": TokensLinear, "linear called twice": LinearTwice,
+class BiasOrWeightOnly(nn.Module):  # no bias; a frozen weight with a trained bias, on rows and on tokens
+    def __init__(self):
+        super().__init__()
+        self.rows, self.tokens = nn.Linear(30, 6), nn.Linear(6, 5, bias=False)
+        self.frozen_rows, self.frozen_tokens, self.head = nn.Linear(6, 6), nn.Linear(5, 4), nn.Linear(4, 3)
+        self.frozen_rows.weight.requires_grad_(False)
+        self.frozen_tokens.weight.requires_grad_(False)
+
+    def forward(self, x):
+        h = torch.tanh(self.frozen_rows(torch.tanh(self.rows(x))))
+        t = torch.tanh(self.tokens(x.view(len(x), 5, 6) + h[:, None, :]))
+        return self.head(torch.tanh(self.frozen_tokens(t)).mean(1))
+
+
+LAYERS = {"linear on rows": RowsLinear, "bias or weight only": BiasOrWeightOnly, "linear on tokens": TokensLinear, "linear called twice": LinearTwice,
           "learned arrays": LearnedArrays, "layer norm and embedding": NormAndEmbedding,
           "attention blocks": AttentionBlocks}
 
