@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shared_models.layers import AddLearned, FeatureFill, NumericTokens
+from shared_models.layers import AddLearned, Dropout, FeatureFill, NumericTokens
 from shared_models.run_config import ModelConfig
 from shared_models.schema import ColumnType, FeatureSchema, Modality, ModalityKind
 
@@ -82,7 +82,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.up = nn.Linear(cfg.d_model, cfg.ff_mult * cfg.d_model)
         self.down = nn.Linear(cfg.ff_mult * cfg.d_model, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.drop(self.down(F.gelu(self.up(x))))
@@ -106,7 +106,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg, cross=cross)
         self.norm_ff = _norm(cfg)
         self.ff = FeedForward(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(
         self, x: Tensor, context: Tensor | None = None, key_mask: Tensor | None = None, need_weights: bool = False

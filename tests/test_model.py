@@ -177,3 +177,32 @@ def test_every_parameter_gets_a_gradient_when_a_modality_is_missing_for_the_whol
         drop_modalities(tiny_schema, x, i, ["prot", "clinical"])
     samples = _opacus_grad_samples(model, x, torch.arange(6) % 3)
     assert set(samples) == {n for n, _ in model.named_parameters()}
+
+
+def test_dropout_drops_each_element_independently_at_rate_p_and_keeps_the_expectation():
+    """shared_models.layers.Dropout (nn.Dropout's function, cheaper on CPU): rate, expectation, independence
+    between elements and samples, identity in evaluation and at p = 0, and the backward uses the same mask."""
+    from scipy import stats
+
+    from shared_models.layers import Dropout
+
+    torch.manual_seed(0)
+    d = Dropout(0.1)
+    x = torch.ones(400_000, requires_grad=True)
+    y = d(x)
+    dropped = (y == 0).double()
+    assert stats.binomtest(int(dropped.sum()), len(dropped), 0.1).pvalue > 1e-3
+    assert float(y.mean()) == pytest.approx(1.0, abs=0.005)
+    assert y.unique().tolist() == pytest.approx([0.0, d.scale])
+    pairs = dropped.view(-1, 2)  # neighbouring elements (and so the four 16-bit parts of one word) independent
+    assert float(torch.corrcoef(pairs.T)[0, 1]) == pytest.approx(0.0, abs=0.01)
+    quads = dropped.view(-1, 4)
+    assert float(torch.corrcoef(quads.T)[0, 3]) == pytest.approx(0.0, abs=0.01)
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d y / d x is the mask
+    assert not torch.equal(d(torch.ones(64, 16)), d(torch.ones(64, 16)))  # a new mask each call
+    d.eval()
+    assert torch.equal(d(x), x)
+    assert Dropout(0.0)(x) is x
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        Dropout(1.0)
