@@ -3,8 +3,9 @@
 Each line is one event: `seq` (0, 1, ...), `time` (UTC, ISO 8601), `event`, the event's fields,
 `prev` (the previous entry's hash; 64 zeros for the first) and `hash`, the SHA-256 of the entry's
 canonical JSON without `hash`. A head file beside the log (`<log>.head`, replaced atomically after
-every append) holds the entry count and the last hash, so that removing entries from the end is
-detected too. `verify` reports every edited, inserted, removed or reordered entry.
+appends; the prediction service defers it, below) holds the entry count and the last hash, so that
+removing entries from the end is detected too. `verify` reports every edited, inserted, removed or
+reordered entry.
 
 What the chain does and does not prove: anyone who edits an entry must recompute every later hash
 and the head; a chain alone cannot stop someone with write access from doing exactly that, or from
@@ -17,8 +18,19 @@ log rewritten or emptied before an anchor was taken no longer holds it. (Entries
 anchor the other party received are protected by the chain alone until the next exchange.)
 
 Appends take an exclusive lock (flock) on the head file, so concurrent writers (several ServerApp
-or ClientApp processes) serialise; the line is fsynced before the head moves. A crash between the
-two leaves a head one entry behind: `verify` reports it as a warning and the next append repairs it.
+or ClientApp processes) serialise; the line is fsynced before the head moves, so the head is never
+ahead of the durable log. A head BEHIND the log is a handled state: `verify` reports it as a warning
+and the next append (or `write_head`) repairs it. It arises two ways:
+- a crash between the line and the head;
+- the prediction service's group commit (`append_many(..., head=False)`): it fsyncs the lines, answers,
+  and moves the head only when its audit queue goes idle (at least once a second under load, and at
+  shutdown), so a commit under load costs one fsync, not three. Truncation detection by the head lags
+  by at most that; the writing process itself keeps the log's end in memory and refuses to extend a
+  log that lost entries it wrote.
+The head is replaced by rename without a directory fsync: after a crash either the old head (behind: a
+warning) or the new one is found, never a torn one (the temporary file is fsynced before the rename).
+A new log's head (0 entries) is written, with its directory fsynced, before its first line, so that
+no crash leaves entries without a head (which reads as entries removed from the end).
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ import fcntl
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,7 +53,7 @@ ANCHORS_FILE = "audit-anchors.json"  # in a site's state directory, beside its a
 
 
 class AuditError(ValueError):
-    """An audit log that cannot be appended to (its chain is broken): names the file and the fix."""
+    """An audit log that cannot be appended to (its chain is broken, or it lost entries): names the file and the fix."""
 
 
 def entry_hash(entry: dict) -> str:
@@ -128,8 +141,10 @@ def verify(path: str | Path, anchors: list[dict] = ()) -> VerifyReport:
     elif (isinstance(head.get("entries"), int) and 0 <= head["entries"] < report.entries
           and head.get("hash") == _hash_at(lines, head["entries"] - 1)):
         behind = report.entries - head["entries"]
-        report.warnings.append(f"the head is {'one entry' if behind == 1 else f'{behind} entries'} behind (a crash "
-                               "between append and head update); the next append repairs it")
+        report.warnings.append(f"the head is {'one entry' if behind == 1 else f'{behind} entries'} behind the log: "
+                               "a running prediction service moves it when its audit queue goes idle (at least once "
+                               "a second), else a crash came between an append and the head update; the next "
+                               "append repairs it")
     elif head.get("entries") != report.entries or head.get("hash") != report.last_hash:
         report.problems.append(f"the head records {head.get('entries')} entries ending in "
                                f"{str(head.get('hash'))[:16]}..., the log has {report.entries} ending in "
@@ -271,21 +286,29 @@ def _head_path(path: Path) -> Path:
 
 
 class AuditLog:
-    """`AuditLog(path).append("round", round=3, participants=[...])`."""
+    """`AuditLog(path).append("round", round=3, participants=[...])`. `fsyncs` counts this process's
+    fsyncs by file (log, head, directory): the disk's share of a commit, for the service's /metrics."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.head = _head_path(self.path)
+        self.fsyncs = {"log": 0, "head": 0, "directory": 0}
+        self._end: dict | None = None  # {"entries", "hash", "bytes", "time"} of the log as this process last saw it
+        self._head: tuple | None = None  # (entries, hash, bytes) this process last wrote to the head
 
     def append(self, event: str, **fields) -> dict:
         return self.append_many([(event, fields)])[0]
 
-    def append_many(self, items: list[tuple[str, dict]]) -> list[dict]:
-        """Several entries under one lock and one fsync (the prediction service's group commit)."""
+    def append_many(self, items: list[tuple[str, dict]], *, head: bool = True) -> list[dict]:
+        """Several entries under one lock and one fsync (the prediction service's group commit). With
+        `head=False` the head is left behind for `write_head` (the module docstring says why that is safe)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.head.with_name(self.head.name + ".lock"), "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with self._lock(fcntl.LOCK_EX):
             seq, prev = self._tail()
+            if seq == 0 and not self.head.exists():  # a head of 0 entries first: a crash after the line is "behind"
+                self._end = {"entries": 0, "hash": GENESIS, "bytes": self.path.stat().st_size if self.path.exists()
+                             else 0, "time": None}
+                self._write_head()
             entries, lines = [], []
             for event, fields in items:
                 entry = {"seq": seq, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
@@ -297,48 +320,112 @@ class AuditLog:
             with open(self.path, "a") as fh:
                 fh.write("".join(lines))
                 fh.flush()
-                os.fsync(fh.fileno())
-            self._write_head(seq, prev, self.path.stat().st_size)
+                self._fsync(fh.fileno(), "log")
+                self._end = {"entries": seq, "hash": prev, "bytes": os.fstat(fh.fileno()).st_size,
+                             "time": entries[-1]["time"]}
+            if head:
+                self._write_head()
         return entries
+
+    @property
+    def head_behind(self) -> bool:
+        """This process appended entries the head does not record yet (a hint: `write_head` checks under the lock)."""
+        end = self._end
+        return end is not None and self._head != (end["entries"], end["hash"], end["bytes"])
+
+    def write_head(self) -> bool:
+        """Move the head to the log's end if appends left it behind; True if it was written."""
+        if not self.head_behind:
+            return False
+        with self._lock(fcntl.LOCK_EX):
+            self._tail()
+            if self._end is None:
+                return False
+            if _read_head(self.head) == {k: self._end[k] for k in ("entries", "hash", "bytes")}:  # another writer's
+                self._head = (self._end["entries"], self._end["hash"], self._end["bytes"])
+                return False
+            self._write_head()
+        return True
 
     def current_head(self) -> tuple[int, str]:
         """(entries, last hash) of the log now."""
-        with open(self.head.with_name(self.head.name + ".lock"), "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_SH)
+        with self._lock(fcntl.LOCK_SH):
             return self._tail()
 
-    def _fast_tail(self) -> tuple[int, str] | None:
-        """O(1): the head names the log's size, entry count and last hash, and the last line matches them.
-        Anything else (an older head, a crash between line and head, any change of size) takes the
-        full verification. `oncofed audit verify` always checks the whole chain."""
-        head = _read_head(self.head)
-        if not head or "bytes" not in head or head.get("unreadable") or self.path.stat().st_size != head["bytes"]:
+    @contextmanager
+    def _lock(self, kind: int):
+        """The append lock (flock on `<log>.head.lock`): across processes, and across threads of one process
+        (each opens its own file description)."""
+        with open(self.head.with_name(self.head.name + ".lock"), "a+") as fh:
+            fcntl.flock(fh, kind)
+            yield
+
+    def _fast_tail(self, known: dict | None) -> tuple[int, str] | None:
+        """O(1): `known` (the head, or this process's last view) names the log's size, entry count and last
+        hash, and the last line matches them. Anything else (an older head, a crash between line and head,
+        another writer, any change of size) takes the full verification. `oncofed audit verify` always
+        checks the whole chain."""
+        if not known or "bytes" not in known or known.get("unreadable") or self.path.stat().st_size != known["bytes"]:
             return None
         with open(self.path, "rb") as fh:
-            fh.seek(max(0, head["bytes"] - 65536))
-            last = fh.read().splitlines()[-1:] if head["bytes"] else []
+            fh.seek(max(0, known["bytes"] - 65536))
+            last = fh.read().splitlines()[-1:] if known["bytes"] else []
         try:
             entry = json.loads(last[0]) if last else None
         except ValueError:
             return None
-        if (entry is None or entry.get("hash") != head.get("hash") or entry.get("seq") != head.get("entries", 0) - 1
+        if (entry is None or entry.get("hash") != known.get("hash") or entry.get("seq") != known.get("entries", 0) - 1
                 or entry_hash(entry) != entry["hash"]):
             return None
-        return head["entries"], head["hash"]
+        return known["entries"], known["hash"]
 
-    def _tail(self) -> tuple[int, str]:
-        """(next seq, last hash), from the log itself; refuses to extend a broken chain."""
+    def _tail(self) -> tuple[int, str]:  # under the lock
+        """(next seq, last hash), from the log itself; refuses to extend a broken chain, or a log that no
+        longer holds the entries this process last saw in it (the head may lag: see the module docstring)."""
         if not self.path.exists():
+            self._end = None
             return 0, GENESIS
-        fast = self._fast_tail()
-        if fast is not None:
-            return fast
-        report = verify(self.path)
-        if not report.ok:
-            raise AuditError(f"{self.path}: refusing to append to an audit log whose chain is broken "
-                             f"(run `oncofed audit verify {self.path}`); keep it as evidence and start a new "
-                             f"log:\n{report.format()}")
-        return report.entries, report.last_hash
+        size = self.path.stat().st_size
+        fast = self._fast_tail(self._end) or self._fast_tail(_read_head(self.head))
+        if fast is None:
+            seen = ([{**self._end, "source": f"this process's last view of {self.path.name}"}]
+                    if self._end and self._end["entries"] else [])
+            report = verify(self.path, seen)
+            if not report.ok:
+                raise AuditError(f"{self.path}: refusing to append to an audit log whose chain is broken or "
+                                 "that lost entries "
+                                 f"(run `oncofed audit verify {self.path}`); keep it as evidence and start a new "
+                                 f"log:\n{report.format()}")
+            fast = report.entries, report.last_hash
+        same = self._end is not None and (self._end["entries"], self._end["hash"]) == fast
+        self._end = {"entries": fast[0], "hash": fast[1], "bytes": size,
+                     "time": self._end["time"] if same else datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
+        return fast
 
-    def _write_head(self, entries: int, last: str, size: int) -> None:  # under the append lock
-        write_json_atomic(self.head, {"entries": entries, "hash": last, "bytes": size})
+    def _write_head(self) -> None:  # under the lock
+        """Replace the head by rename after fsyncing the new one; the directory is fsynced only when the head
+        is created (a lost rename leaves the old head: behind, a warning)."""
+        first = not self.head.exists()
+        tmp = self.head.with_name(self.head.name + ".tmp")
+        end = self._end
+        try:
+            with open(tmp, "w") as fh:
+                json.dump({"entries": end["entries"], "hash": end["hash"], "bytes": end["bytes"]}, fh, indent=1)
+                fh.write("\n")
+                fh.flush()
+                self._fsync(fh.fileno(), "head")
+            os.replace(tmp, self.head)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._head = (end["entries"], end["hash"], end["bytes"])
+        if first:
+            dir_fd = os.open(self.head.parent, os.O_RDONLY)
+            try:
+                self._fsync(dir_fd, "directory")
+            finally:
+                os.close(dir_fd)
+
+    def _fsync(self, fd: int, what: str) -> None:
+        os.fsync(fd)
+        self.fsyncs[what] += 1

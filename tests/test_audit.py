@@ -146,6 +146,115 @@ def test_a_crash_during_a_group_commit_is_a_warning_and_the_next_append_repairs_
     assert report.ok and not report.warnings and report.entries == 5
 
 
+
+# --- the head's durability off the request path: crash points and the deferred head ----------------------
+class _Crash(Exception):
+    pass
+
+
+def _crash_at(monkeypatch, step: int) -> list[str]:
+    """From now on, the `step`-th durability call (os.fsync or os.replace, in order) raises, as a crash there
+    would stop the writer; returns the calls made."""
+    import os
+
+    calls, fsync, replace = [], os.fsync, os.replace
+
+    def hook(name, real):
+        def call(*args):
+            calls.append(name)
+            if len(calls) == step:
+                raise _Crash(name)
+            return real(*args)
+        return call
+
+    monkeypatch.setattr(os, "fsync", hook("fsync", fsync))
+    monkeypatch.setattr(os, "replace", hook("replace", replace))
+    return calls
+
+
+@pytest.mark.parametrize("restarted", [True, False], ids=["restarted-writer", "same-writer"])
+@pytest.mark.parametrize("first", [True, False], ids=["first-append", "later-append"])
+@pytest.mark.parametrize("step", range(1, 7))
+def test_a_crash_at_any_durability_step_leaves_a_log_that_verifies_and_the_next_append_repairs(
+        tmp_path, monkeypatch, first, step, restarted):
+    """A new log: its empty head (fsync, rename, directory fsync), then the lines (fsync) and the head (fsync,
+    rename); later appends: the last three only. After a crash at each step the log verifies with at most a
+    warning (never a removed or rewritten entry), the head is never ahead of it, and a restarted writer
+    appends and repairs the head (as does the same writer, whose failed step was an error, not a crash)."""
+    path = tmp_path / "audit.jsonl"
+    if not first:
+        _log(tmp_path, 3)
+    steps = (["fsync", "replace", "fsync"] if first else []) + ["fsync", "fsync", "replace"]
+    log = AuditLog(path)
+    calls = _crash_at(monkeypatch, step)
+    try:
+        log.append_many([("prediction", {"i": i}) for i in range(2)])
+    except _Crash:
+        assert calls == steps[:step]
+    else:
+        assert step > len(steps) and calls == steps
+    monkeypatch.undo()
+    if path.exists():  # else the crash came before the first line: there is no log yet
+        report = verify(path)
+        assert report.ok, report.format()
+        assert all("behind" in w for w in report.warnings)
+    (AuditLog(path) if restarted else log).append("run_end")
+    report = verify(path)
+    written = step >= len(steps) - 2  # the lines are written before their fsync (a crash there may keep them)
+    assert report.ok and not report.warnings and report.entries == (0 if first else 3) + 2 * written + 1
+
+
+def test_a_deferred_head_costs_one_fsync_per_commit_and_write_head_catches_up(tmp_path):
+    path = _log(tmp_path, 2)
+    log = AuditLog(path)
+    for i in range(3):
+        log.append_many([("prediction", {"i": i}), ("prediction", {"i": -i})], head=False)
+    assert log.fsyncs == {"log": 3, "head": 0, "directory": 0}
+    report = verify(path)
+    assert report.ok and "6 entries behind" in report.warnings[0] and "prediction service" in report.warnings[0]
+    assert log.head_behind and log.write_head() and not log.write_head()
+    report = verify(path)
+    assert report.ok and not report.warnings and report.entries == 8
+    assert log.fsyncs == {"log": 3, "head": 1, "directory": 0}
+
+
+def test_a_crash_while_writing_a_deferred_head_leaves_it_behind_never_ahead(tmp_path, monkeypatch):
+    path = _log(tmp_path, 2)
+    log = AuditLog(path)
+    log.append_many([("prediction", {"i": 1})], head=False)
+    for step in (1, 2):  # the head's fsync, its rename
+        _crash_at(monkeypatch, step)
+        with pytest.raises(_Crash):
+            log.write_head()
+        monkeypatch.undo()
+        report = verify(path)
+        assert report.ok and "one entry behind" in report.warnings[0]
+    assert log.write_head() and not verify(path).warnings
+
+
+def test_a_writer_whose_head_lags_refuses_a_log_that_lost_entries_it_wrote(tmp_path):
+    """The head lags the service's commits, so it cannot see the last entries removed; the writer can."""
+    path = _log(tmp_path, 2)
+    log = AuditLog(path)
+    log.append_many([("prediction", {"i": i}) for i in range(3)], head=False)
+    _write(path, _lines(path)[:-1])
+    assert verify(path).ok  # the head (2 entries) is behind what is left: only a warning
+    with pytest.raises(AuditError, match="no longer holds"):
+        log.append_many([("prediction", {"i": 9})], head=False)
+
+
+def test_another_writer_appending_while_the_head_lags_keeps_one_chain_and_the_head_never_moves_back(tmp_path):
+    path = _log(tmp_path, 1)
+    service, other = AuditLog(path), AuditLog(path)
+    service.append_many([("prediction", {"i": 0})], head=False)
+    other.append("model_fallback", version="v0001")  # e.g. `oncofed predict`: verifies, appends, writes the head
+    service.append_many([("prediction", {"i": 1})], head=False)
+    assert service.write_head()
+    report = verify(path)
+    assert report.ok and not report.warnings and report.entries == 4
+    other.append("run_end")
+    assert not service.write_head() and verify(path).entries == 5 and not verify(path).warnings
+
 # --- anchors held by the other party: a rewrite by whoever holds the log and its head ---------------------
 
 def _recompute(path: Path, lines: list[dict]) -> None:
