@@ -21,6 +21,8 @@ import json
 import os
 import secrets
 import time
+from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 from client.predict import Predictor, format_predictions, tables_to_raw
@@ -153,7 +155,11 @@ def prediction_entry(salt: str, who: str, version: str, rows: list[dict], via: s
 
 
 class Metrics:
-    def __init__(self):
+    """Requests, predictions and the audit log's cost. The disk's share of a commit: the commit seconds
+    (write + fsync of the lines, before answering), the deferred head writes, and the fsyncs by file;
+    fsyncs per commit = rate(oncofed_serve_audit_fsyncs_total) / rate(oncofed_serve_audit_commit_seconds_count)."""
+
+    def __init__(self, audit: AuditLog):
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.registry = r = CollectorRegistry()
@@ -162,6 +168,28 @@ class Metrics:
                                  buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self.predictions = Counter("oncofed_serve_predictions", "predictions per class", ["predicted"], registry=r)
         self.errors = Counter("oncofed_serve_errors", "requests refused or failed", ["endpoint", "reason"], registry=r)
+        disk = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1)
+        self.audit_commit = Histogram("oncofed_serve_audit_commit_seconds", "audit group commit of answered batches "
+                                      "(lines written and fsynced before answering)", ["queue"], registry=r,
+                                      buckets=disk)
+        self.audit_head = Histogram("oncofed_serve_audit_head_seconds", "audit head writes deferred to idle moments "
+                                    "(off the request path)", registry=r, buckets=disk)
+        r.register(_AuditFsyncs(audit))
+
+
+class _AuditFsyncs:
+    """Collector: the audit log's fsyncs in this process by file (log, head, directory), read at each scrape."""
+
+    def __init__(self, audit: AuditLog):
+        self.audit = audit
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        family = CounterMetricFamily("oncofed_serve_audit_fsyncs", "fsyncs by the audit log, by file", labels=["file"])
+        for what, n in self.audit.fsyncs.items():
+            family.add_metric([what], n)
+        yield family
 
 
 class RequestMetrics:
@@ -204,23 +232,34 @@ class Site:
         self.tokens = TokenStore(self.state_dir / TOKENS_FILE)
         self.salt = _site_salt(self.state_dir)
         self.audit_predictions = audit_predictions
-        self.metrics = Metrics()
-        self.predictions = ModelQueue("model", self.predictor, format_predictions, self._commit,
-                                      capacity=self.limits.queue_patients, window_s=self.limits.batch_window_ms / 1000)
+        self.metrics = Metrics(self.audit)
+        self.predictions = ModelQueue("model", self.predictor, format_predictions, partial(self._commit, "model"),
+                                      idle=self.write_head, capacity=self.limits.queue_patients,
+                                      window_s=self.limits.batch_window_ms / 1000)
         # explanations: their own thread at a lower CPU priority, so that they use what predictions leave
-        self.explanations = ModelQueue("explain", self.predictor, format_predictions, self._commit, max_patients=64,
+        self.explanations = ModelQueue("explain", self.predictor, format_predictions, partial(self._commit, "explain"),
+                                       idle=self.write_head, max_patients=64,
                                        capacity=self.limits.explain_queue_patients, nice=10)
 
     def _fell_back(self, entry: dict) -> None:
         self.audit.append("model_fallback", **entry)
 
-    def _commit(self, done: list) -> None:
+    def _commit(self, queue: str, done: list) -> None:
+        """The answered batches' entries, durable before they are answered; the head follows at `write_head`."""
         for _, _, rows in done:
             for r in rows:
                 self.metrics.predictions.labels(r["predicted"]).inc()
         if self.audit_predictions:
+            t0 = time.perf_counter()
             self.audit.append_many([prediction_entry(self.salt, job.who["name"], version, rows, job.extra["via"])
-                                    for job, version, rows in done])
+                                    for job, version, rows in done], head=False)
+            self.metrics.audit_commit.labels(queue).observe(time.perf_counter() - t0)
+
+    def write_head(self) -> None:
+        """The audit head the commits deferred: when a queue is idle, and at shutdown."""
+        t0 = time.perf_counter()
+        if self.audit.write_head():
+            self.metrics.audit_head.observe(time.perf_counter() - t0)
 
     def current(self):
         """The model to score this request with (a newly activated version is picked up here)."""
@@ -273,8 +312,14 @@ def create_app(settings: SiteConfig, *, audit_predictions: bool = True, threads:
     torch.set_num_threads(threads)  # each queue's thread runs the model on one core
     site = Site(settings, audit_predictions, max_body_bytes)
     docs = site.limits.api_docs
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        site.write_head()  # stopped: the audit head records every committed entry
+
     app = FastAPI(title="OncoFed site prediction service", version="1", docs_url=None, redoc_url=None,
-                  openapi_url="/openapi.json" if docs else None)
+                  openapi_url="/openapi.json" if docs else None, lifespan=lifespan)
     app.add_middleware(RequestMetrics, metrics=site.metrics)
     # the one size limit, outermost: a fixed metrics label (paths are client-chosen)
     app.add_middleware(BodyLimit, limit=site.max_body_bytes,

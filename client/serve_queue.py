@@ -9,12 +9,15 @@ Per queue, the model thread takes whatever has queued (up to `max_patients`; aft
 `window_s` for more when a batching window is set), scores it in one call, and hands the batch to
 the audit thread, which writes every entry of the batches waiting for it with one fsync and only
 then answers their requests. The model scores the next batch while the disk commits the last one:
-an answered prediction always has its durable audit entry.
+an answered prediction always has its durable audit entry. What a commit may defer (the audit log's
+head: privacy/audit.py says why that is safe) is done by `idle()` once no batch has come for
+`IDLE_S`, and at least every `MAX_DEFER_S` under continuous load, never on a request's path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import queue
 import threading
@@ -22,6 +25,9 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+
+IDLE_S = 0.05  # no batch for this long: the audit thread is idle
+MAX_DEFER_S = 1.0  # under continuous load, deferred work still runs this often
 
 
 class QueueFull(Exception):
@@ -44,9 +50,10 @@ class Job:
 
 
 class ModelQueue:
-    def __init__(self, name: str, predictor, format_rows, commit, *, max_patients: int = 256, capacity: int = 4096,
-                 window_s: float = 0.0, nice: int = 0):
+    def __init__(self, name: str, predictor, format_rows, commit, *, idle=None, max_patients: int = 256,
+                 capacity: int = 4096, window_s: float = 0.0, nice: int = 0):
         self.name, self.predictor, self.format_rows, self.commit = name, predictor, format_rows, commit
+        self.idle = idle  # what commits deferred (e.g. AuditLog.write_head); None: nothing is deferred
         self.max_patients, self.capacity, self.window_s, self.nice = max_patients, capacity, window_s, nice
         self.jobs: "queue.Queue[Job]" = queue.Queue()
         self.committing: "queue.Queue[list]" = queue.Queue()
@@ -122,8 +129,13 @@ class ModelQueue:
                     self.seconds_per_patient = 0.8 * self.seconds_per_patient + 0.2 * per
 
     def _audit(self) -> None:
+        deferred_since = None  # when the oldest commit whose deferred work is not done yet returned
         while True:
-            done = list(self.committing.get())
+            try:
+                done = list(self.committing.get(timeout=None if deferred_since is None else IDLE_S))
+            except queue.Empty:
+                deferred_since = self._run_idle()
+                continue
             while True:
                 try:
                     done += self.committing.get_nowait()
@@ -136,6 +148,16 @@ class ModelQueue:
             except Exception as e:  # noqa: BLE001 - no answer without its audit entry
                 for job, _, _ in done:
                     _answer(job, None, e)
+            if self.idle is not None:
+                deferred_since = deferred_since or time.monotonic()
+                if time.monotonic() - deferred_since >= MAX_DEFER_S:
+                    deferred_since = self._run_idle()
+
+    def _run_idle(self) -> None:
+        try:
+            self.idle()
+        except Exception:  # retried at the next idle moment; the next commit reports a broken log
+            logging.getLogger(__name__).exception("%s queue: deferred audit work failed", self.name)
 
 
 def _resolve(fut, value, error) -> None:

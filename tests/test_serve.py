@@ -600,6 +600,59 @@ def test_an_answer_waits_for_its_audit_commit_while_the_model_scores_the_next_ba
     assert committed == ["a", "b"] and [rows[0]["id"] for _, rows in answers] == ["a", "b"]
 
 
+def test_commits_answer_after_one_fsync_and_the_audit_head_follows_when_the_queue_goes_idle(site, tmp_path,
+                                                                                           monkeypatch):
+    import asyncio
+    import time
+
+    from client import serve_queue
+    from client.predict import Predictor, format_predictions
+    from client.serve_queue import ModelQueue
+    from privacy.audit import AuditLog
+
+    monkeypatch.setattr(serve_queue, "IDLE_S", 0.5)  # long enough that every answer below comes first
+    predictor = Predictor(site["settings"].model_dir, site["root"] / "state" / "normalizer.json")
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.append("run_start")
+    heads = log.fsyncs["head"]
+
+    def commit(done):
+        log.append_many([("prediction", {"id": i}) for job, _, _ in done for i in job.ids], head=False)
+
+    q = ModelQueue("test", predictor, format_predictions, commit, idle=log.write_head)
+    raw = site["x"][:8].numpy()
+
+    async def scenario():
+        return await asyncio.gather(*(q.submit([f"p{i}"], raw[i:i + 1], 0, {"name": "t"}, predictor.current, {})
+                                      for i in range(8)))
+
+    assert len(asyncio.run(scenario())) == 8
+    assert log.fsyncs["head"] == heads  # every request answered after its commit's one fsync, before any head
+    assert "behind the log" in verify(log.path).warnings[0]
+    for _ in range(100):
+        if not log.head_behind:
+            break
+        time.sleep(0.05)
+    report = verify(log.path)
+    assert report.ok and not report.warnings and report.entries == 9 and log.fsyncs["head"] == heads + 1
+
+
+def test_audit_cost_in_metrics_and_the_head_written_at_shutdown(site, tmp_path):
+    from fastapi.testclient import TestClient
+
+    settings = _copy_site(site, tmp_path)
+    with TestClient(create_app(settings)) as c:
+        for i, top_k in enumerate((0, 0, 3)):  # top features: the explanation queue
+            assert c.post("/v1/predict", json={"patients": [_patient(site, i)], "top_k": top_k},
+                          headers=_auth(site["clinician"])).status_code == 200
+        text = c.get("/metrics").text
+    assert 'oncofed_serve_audit_commit_seconds_count{queue="model"} 2.0' in text
+    assert 'oncofed_serve_audit_commit_seconds_count{queue="explain"} 1.0' in text
+    assert 'oncofed_serve_audit_fsyncs_total{file="log"}' in text and "oncofed_serve_audit_head_seconds" in text
+    report = verify(tmp_path / "state" / "audit.jsonl")
+    assert report.ok and not report.warnings and report.entries == 3
+
+
 def test_fast_json_parsing_keeps_the_standard_parsers_answers():
     from client.prediction_input import ServeSettings, parse_json
 
@@ -614,7 +667,7 @@ def _copy_site(site, tmp_path) -> dict:
     shutil.copytree(site["root"] / "models", tmp_path / "models")
     shutil.copytree(site["root"] / "state", tmp_path / "state")
     (tmp_path / "state" / "audit.jsonl").unlink(missing_ok=True)
-    (tmp_path / "state" / "audit.head.json").unlink(missing_ok=True)
+    (tmp_path / "state" / "audit.jsonl.head").unlink(missing_ok=True)
     settings = SiteConfig(model_dir=str(tmp_path / "models"), state_dir=str(tmp_path / "state"))
     settings.write(tmp_path / "site.json")
     return settings
