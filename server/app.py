@@ -89,9 +89,9 @@ def log_distributed_plan(cfg: RunConfig, weights: list[np.ndarray]) -> str:
         "Gaussian DP-SGD: %.3f); each site adds 1/%s of the noise variance", cfg.federation.num_rounds, cfg.privacy.sample_rate,
         p.noise_multiplier * p.scale * p.max_grad_norm / p.l2, gaussian, cfg.privacy.trusted_sites)
     if p.noise_multiplier * p.scale * p.max_grad_norm / p.l2 > 1.5 * gaussian:
-        log(WARNING, "distributed DP: at sample rate %s the accountant's bound for Poisson subsampling (valid for "
-            "any mechanism) is loose; a lower sample-rate with more rounds costs less noise (docs/privacy.md)",
-            cfg.privacy.sample_rate)
+        log(WARNING, "distributed DP: at sample rate %s and %s rounds the Skellam accounting (Renyi DP) needs over 1.5x "
+            "the noise of pooled Gaussian DP-SGD; a lower sample-rate with more rounds costs less (docs/privacy.md)",
+            cfg.privacy.sample_rate, cfg.federation.num_rounds)
     return plan_message(p)
 
 
