@@ -45,7 +45,7 @@ from flwr.compat.common.recorddict_compat import (
 from client.releases import Release, ReleaseStore
 from privacy.audit import ANCHORS_FILE, AnchorStore, AuditError, AuditLog
 from privacy.run_config import load_run_config
-from privacy.site_config import SiteConfig
+from privacy.site_config import NODE_POLICY_KEYS, SiteConfig
 from shared_models.protocol import (ARRAYS_RECORD, AUDIT_ANCHOR, AUDIT_HEAD, CONFIG_RECORD, EPSILON, EPSILON_WORST_CASE,
                                     EVALUATE_METRICS, FIT_METRICS, LOCAL_STEPS, LOSS, PACKAGE_INFO, PATIENTS,
                                     NOISE_PLAN, PREVIOUS_ROUND, REFUSAL_PREFIX, REPLY, RESENT, RUN_KEY, SAVE_MODEL,
@@ -61,9 +61,6 @@ if TYPE_CHECKING:
 # torch, Opacus and the site's data are imported only by the handlers that need them: in a deployment
 # every message starts a fresh ClientApp process, and three of SecAgg+'s four stages need neither.
 MIN_AGGREGATE_SITES = SiteConfig.model_fields["min_aggregate_sites"].default  # a sum of one is one site's update
-NODE_POLICY = ("site-name", "privacy-budget", "require-secagg", "min-aggregate-sites", "require-dp", "max-trusted-sites")
-
-
 class SiteRefusal(Exception):
     """The site does not take part in this round; the reason (no patient data in it) goes to the server."""
 
@@ -89,7 +86,7 @@ def site_settings(context: Context, cfg: RunConfig) -> SiteSettings:
         state = Path(str(node.get("state-dir", data.parent / "oncofed-state")))
         models = Path(str(node.get("model-dir", state / "models")))
         # its policy typed and bounded by site.json's model (privacy/site_config.py), whose defaults are a deployment's
-        site = SiteConfig.parse({**{k: node[k] for k in NODE_POLICY if k in node}, "state-dir": str(state),
+        site = SiteConfig.parse({**{k: node[k] for k in NODE_POLICY_KEYS if k in node}, "state-dir": str(state),
                                  "model-dir": str(models)}, source="the SuperNode's --node-config (site.json)")
         return SiteSettings(site.site_name or data.name, 0, SitePaths(data, state, models),
                             cfg.privacy.epsilon if site.privacy_budget is None else site.privacy_budget,

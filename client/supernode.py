@@ -18,7 +18,7 @@ import types
 from pathlib import Path
 
 from privacy.preflight import Check, check_ca, check_port_free, check_reachable, check_site_key
-from privacy.site_config import SiteConfig
+from privacy.site_config import NODE_CONFIG_KEYS, SiteConfig
 
 UNREGISTERED_EXIT = 305  # flwr's exit code when the SuperLink refuses to activate the node (e.g. unknown key)
 
@@ -40,10 +40,8 @@ def load_site(site_dir: str | Path) -> SiteConfig:
 
 def node_config(settings: SiteConfig) -> str:
     """The SuperNode's --node-config: the ClientApp reads the site's authority from it (client/app.py)."""
-    keys = ("data-path", "state-dir", "model-dir", "privacy-budget", "site-name", "signing-public-key", "min-count",
-            "require-secagg", "min-aggregate-sites", "require-dp", "max-trusted-sites")
     values = settings.model_dump(by_alias=True, exclude_unset=True)
-    return " ".join(f"{k}={json.dumps(values[k])}" for k in keys if values.get(k, "") != "")
+    return " ".join(f"{k}={json.dumps(values[k])}" for k in NODE_CONFIG_KEYS if values.get(k, "") != "")
 
 
 def site_checks(settings: SiteConfig, port: int, schema: Path | None, superlink: str | None = None) -> list[Check]:

@@ -19,6 +19,11 @@ from privacy import MAX_BUDGET
 from shared_models.files import read_json_file, write_json_atomic
 
 FILE_FORMAT = "oncofed-site/1"
+# What the SuperNode hands the deployed ClientApp (--node-config): where the site's data and state live,
+# and its policy, the keys on which the site is authoritative over any run config.
+NODE_POLICY_KEYS = ("site-name", "privacy-budget", "require-secagg", "min-aggregate-sites", "require-dp",
+                    "max-trusted-sites")
+NODE_CONFIG_KEYS = ("data-path", "state-dir", "model-dir", "signing-public-key", "min-count") + NODE_POLICY_KEYS
 
 
 class SiteConfigError(ValueError):

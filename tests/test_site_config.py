@@ -102,3 +102,18 @@ def test_simulate_writes_its_sites_settings_through_the_model(tmp_path):
     sites = [SiteConfig.load(p) for p in paths]
     assert [s.site_name for s in sites] == ["C0", "C1"] and {s.privacy_budget for s in sites} == {4.0}
     assert sites[1].model_dir == str(tmp_path / "state" / "C1" / "models") and sites[0].signing_public_key == "k.pub"
+
+
+def test_the_supernodes_node_config_carries_every_node_key_and_each_is_a_site_json_key():
+    """One list (privacy.site_config.NODE_CONFIG_KEYS) says what the SuperNode hands the deployed ClientApp."""
+    from client.supernode import node_config
+    from privacy.site_config import NODE_CONFIG_KEYS, NODE_POLICY_KEYS
+
+    aliases = {f.alias or name for name, f in SiteConfig.model_fields.items()}
+    assert set(NODE_CONFIG_KEYS) <= aliases and set(NODE_POLICY_KEYS) <= set(NODE_CONFIG_KEYS)
+    values = {"data-path": "/d", "state-dir": "/s", "model-dir": "/m", "signing-public-key": "/k.pub", "min-count": 5,
+              "site-name": "H1", "privacy-budget": 4.0, "require-secagg": True, "min-aggregate-sites": 3,
+              "require-dp": True, "max-trusted-sites": 2}
+    sent = dict(item.split("=", 1) for item in node_config(SiteConfig.parse(values, source="test")).split())
+    assert set(sent) == set(NODE_CONFIG_KEYS)
+    assert {k: json.loads(v) for k, v in sent.items()} == values
