@@ -38,6 +38,9 @@ from privacy import distributed
 from privacy.ledger import RunPlan
 from shared_models.evaluation import evaluate
 from shared_models.model import MultiModalTransformer
+from shared_models.protocol import (EPSILON, EPSILON_WORST_CASE, GRID_SCALE, LOCAL_STEPS, LOCAL_VAL_ACCURACY,
+                                    LOCAL_VAL_MACRO_F1, NOISE_MULTIPLIER, PATIENTS, ROUND_SECONDS, SAMPLE_RATE,
+                                    TRAIN_LOSS, TRAIN_SECONDS, TRUSTED_SITES)
 from shared_models.run_config import RunConfig
 from shared_models.training import (TrainConfig, WarmupCosine, build_loader, build_loss, build_optimizer, class_counts,
                                     train_epochs)
@@ -159,9 +162,9 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
         if hooks is not None:
             hooks.cleanup()
 
-    metrics = {"local_steps": totals.steps, "train_seconds": round(time.perf_counter() - t_train, 3)}
+    metrics = {LOCAL_STEPS: totals.steps, TRAIN_SECONDS: round(time.perf_counter() - t_train, 3)}
     if not cfg.privacy.enabled:
-        metrics["train_loss"] = totals.mean_loss
+        metrics[TRAIN_LOSS] = totals.mean_loss
     else:
         # The loss on the DP-SGD batches is computed from the training rows without noise: sending it
         # would release what DP-SGD protects. It stays in the site's log.
@@ -172,13 +175,13 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
         if not math.isclose(spent, accountant_eps, rel_tol=0.01):
             raise BudgetError(f"ledger epsilon {spent:.4f} and Opacus' accountant {accountant_eps:.4f} disagree; "
                               "the round's update is withheld")
-        metrics.update(epsilon=spent, noise_multiplier=ticket.noise_multiplier, sample_rate=ticket.sample_rate)
+        metrics.update({EPSILON: spent, NOISE_MULTIPLIER: ticket.noise_multiplier, SAMPLE_RATE: ticket.sample_rate})
     val = evaluate(model, torch.from_numpy(site.val.x), torch.from_numpy(site.val.y)) if len(site.val.y) else None
     if val is not None and len(site.val.y) >= cfg.site.min_count:
-        metrics.update(local_val_accuracy=val.accuracy, local_val_macro_f1=val.macro_f1)
+        metrics.update({LOCAL_VAL_ACCURACY: val.accuracy, LOCAL_VAL_MACRO_F1: val.macro_f1})
     local = model.state_dict()
     delta = [(local[k] - global_state[k]).detach().cpu().numpy() for k in global_state]
-    metrics["round_seconds"] = round(time.perf_counter() - t_round, 3)  # training + privacy bookkeeping + eval
+    metrics[ROUND_SECONDS] = round(time.perf_counter() - t_round, 3)  # training + privacy bookkeeping + eval
     return RoundResult(delta=delta, num_examples=len(site.train.y), metrics=metrics)
 
 
@@ -254,8 +257,7 @@ def distributed_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: 
     train_seconds = time.perf_counter() - t_train
     log.info("round %s: one distributed DP step over %s sampled patients (not sent)", rnd, int(sampled.sum()))
     spent, worst = site.ledger.commit_distributed_round(ticket, 1)
-    metrics = {"local_steps": 1, "train_seconds": round(train_seconds, 3), "epsilon": spent,
-               "epsilon_worst_case": worst, "noise_multiplier": p.noise_multiplier, "sample_rate": p.sample_rate,
-               "trusted_sites": p.trusted_sites, "grid_scale": p.scale, "patients": n,
-               "round_seconds": round(time.perf_counter() - t_round, 3)}
+    metrics = {LOCAL_STEPS: 1, TRAIN_SECONDS: round(train_seconds, 3), EPSILON: spent, EPSILON_WORST_CASE: worst,
+               NOISE_MULTIPLIER: p.noise_multiplier, SAMPLE_RATE: p.sample_rate, TRUSTED_SITES: p.trusted_sites,
+               GRID_SCALE: p.scale, PATIENTS: n, ROUND_SECONDS: round(time.perf_counter() - t_round, 3)}
     return RoundResult(delta=arrays, num_examples=int(grid.max_weight), metrics=metrics)
