@@ -265,7 +265,16 @@ def tables_to_raw(schema: FeatureSchema, site_dir: Path) -> tuple[list[str], np.
 
 
 def integrated_gradients(lm: LoadedModel, x: torch.Tensor, target: torch.Tensor, steps: int = IG_STEPS) -> np.ndarray:
-    """(n, n_inputs) attribution of each present numeric feature to the target class's logit."""
+    """(n, n_inputs) attribution of each present numeric feature to the target class's logit.
+
+    The passes run through the model's trace when it has one: the eager forward's ~240 small ops each
+    retake the GIL from the prediction path (event loop, parsing, model thread), the trace's run in C++.
+    The trace records no grad mode (`explain`'s no_grad is Python's), so autograd follows it, and one
+    trace serves both threads: its executor hands out one plan under a lock and each call runs it in
+    its own interpreter state (tests/test_serve.py checks both against the module). Without a trace,
+    the module itself (its `explain` runs without gradients)."""
+    forward = lm.forward()
+    logits_of = lm.model if isinstance(forward, _Explain) else lambda xi: forward(xi)[0]
     numeric = torch.zeros(x.shape[1], dtype=torch.bool)
     numeric[[col for feats in lm.inputs.values() for col, kind, _ in feats.values() if kind != "cat"]] = True
     mask = numeric & ~torch.isnan(x)
@@ -274,7 +283,7 @@ def integrated_gradients(lm: LoadedModel, x: torch.Tensor, target: torch.Tensor,
     total = torch.zeros_like(x)
     for a in (torch.arange(steps, dtype=torch.float32) + 0.5) / steps:  # midpoint rule
         xi = (base + a * delta).requires_grad_(True)
-        logit = lm.model(xi).gather(1, target.view(-1, 1)).sum()
+        logit = logits_of(xi).gather(1, target.view(-1, 1)).sum()
         (grad,) = torch.autograd.grad(logit, xi)
         total += torch.nan_to_num(grad)
     return (total * delta / steps).masked_fill(~mask, 0.0).numpy()

@@ -562,6 +562,63 @@ def test_the_traced_forward_pass_answers_exactly_as_the_model(site):
     assert torch.equal(present, want["present"])
 
 
+def test_explanations_run_through_the_trace_with_the_models_attributions_while_predictions_share_it(site):
+    """Integrated gradients through the trace (its ops do not take the GIL from the prediction path) attribute
+    as through the module, also while another thread runs the same trace without gradients."""
+    import dataclasses
+    import threading
+
+    from client.predict import IG_STEPS, Predictor, _eager, integrated_gradients
+
+    lm = Predictor(site["settings"].model_dir, site["root"] / "state" / "normalizer.json").current
+    x = site["x"][:32].clone()
+    for i, s in enumerate(lm.model.slices):
+        x[i::len(lm.model.slices) + 1, s] = float("nan")
+    with torch.inference_mode():
+        target = lm.forward()(x)[0].argmax(1)
+    target = target.clone()
+    calls = []
+    hook = lm.model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        traced = integrated_gradients(lm, x, target)
+        assert not calls  # the trace, not the module
+        eager = integrated_gradients(dataclasses.replace(lm, _traced=_eager(lm.model)), x, target)
+        assert len(calls) == IG_STEPS
+    finally:
+        hook.remove()
+    assert np.abs(traced - eager).max() <= 1e-5 * np.abs(eager).max()
+    top = lambda a: np.argsort(-np.abs(a), axis=1, kind="stable")[:, :5]  # noqa: E731
+    assert (top(traced) == top(eager)).all()
+
+    # one trace, two threads: explanations with gradients, predictions under inference mode
+    with torch.inference_mode():
+        batches = [x[:1], x[:16]]
+        alone = [lm.forward()(b) for b in batches]
+    small = integrated_gradients(lm, x[:4], target[:4])
+    done, wrong, counts = threading.Event(), [], {"ig": 0, "forward": 0}
+
+    def explain():
+        for _ in range(6):
+            wrong.extend(["ig"] if not np.array_equal(integrated_gradients(lm, x[:4], target[:4]), small) else [])
+            counts["ig"] += 1
+        done.set()
+
+    def predict():
+        while not done.is_set():
+            for b, want in zip(batches, alone):
+                with torch.inference_mode():
+                    got = lm.forward()(b)
+                wrong.extend([] if all(torch.equal(g, w) for g, w in zip(got, want)) else [f"forward {len(b)}"])
+                counts["forward"] += 1
+
+    threads = [threading.Thread(target=explain), threading.Thread(target=predict)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not wrong and counts["ig"] == 6 and counts["forward"] >= 6, (wrong, counts)
+
+
 def test_an_answer_waits_for_its_audit_commit_while_the_model_scores_the_next_batch(site):
     """The group commit overlaps the next forward pass, but no request is answered before its commit returns."""
     import asyncio
