@@ -587,7 +587,9 @@ def test_explanations_run_through_the_trace_with_the_models_attributions_while_p
     finally:
         hook.remove()
     assert np.abs(traced - eager).max() <= 1e-5 * np.abs(eager).max()
-    top = lambda a: np.argsort(-np.abs(a), axis=1, kind="stable")[:, :5]  # noqa: E731
+    def top(a):
+        return np.argsort(-np.abs(a), axis=1, kind="stable")[:, :5]
+
     assert (top(traced) == top(eager)).all()
 
     # one trace, two threads: explanations with gradients, predictions under inference mode
