@@ -307,12 +307,15 @@ def _prepare_numeric_tokens(layer: NumericTokens, tape: list, batch: int) -> _Pr
     if layer.missing.requires_grad:
         sq = sq + (missing * e_sq).sum(1)
 
-    def write(weights: Tensor) -> None:  # sum over b of w_bc e_bcd: a product and a sum (einsum's batched
-        # matmul over the columns is ~3x slower at 301 columns: one tiny matrix per column)
-        if layer.scale.requires_grad:
-            layer.scale.grad = (e * (value * weights[:, None]).unsqueeze(-1)).sum(0).to(layer.scale.dtype)
-        if layer.missing.requires_grad:
-            layer.missing.grad = (e * (missing * weights[:, None]).unsqueeze(-1)).sum(0).to(layer.missing.dtype)
+    def write(weights: Tensor) -> None:
+        # sum over b of w_bc e_bcd for both parameters in one batched matmul over the columns, (C, 2, B) @ (C, B, d):
+        # one pass over e (measured at 301 columns: 0.5x einsum's two passes at batch 64, 0.7x at 512; a
+        # broadcast product and sum was 3x slower at 512)
+        params = [p for p in (layer.scale, layer.missing) if p.requires_grad]
+        rows = [(value if p is layer.scale else missing) * weights[:, None] for p in params]
+        sums = torch.bmm(torch.stack(rows, 0).permute(2, 0, 1), e.transpose(0, 1))  # (C, k, d)
+        for i, p in enumerate(params):
+            p.grad = sums[:, i].contiguous().to(p.dtype)
     return _Prepared(sq, write)
 
 
