@@ -61,6 +61,8 @@ if TYPE_CHECKING:
 # torch, Opacus and the site's data are imported only by the handlers that need them: in a deployment
 # every message starts a fresh ClientApp process, and three of SecAgg+'s four stages need neither.
 MIN_AGGREGATE_SITES = SiteConfig.model_fields["min_aggregate_sites"].default  # a sum of one is one site's update
+
+
 class SiteRefusal(Exception):
     """The site does not take part in this round; the reason (no patient data in it) goes to the server."""
 

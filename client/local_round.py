@@ -42,7 +42,7 @@ from shared_models.protocol import (EPSILON, EPSILON_WORST_CASE, GRID_SCALE, LOC
                                     LOCAL_VAL_MACRO_F1, NOISE_MULTIPLIER, PATIENTS, ROUND_SECONDS, SAMPLE_RATE,
                                     TRAIN_LOSS, TRAIN_SECONDS, TRUSTED_SITES)
 from shared_models.run_config import RunConfig
-from shared_models.training import (TrainConfig, WarmupCosine, build_loader, build_loss, build_optimizer, class_counts,
+from shared_models.training import (WarmupCosine, build_loader, build_loss, build_optimizer, class_counts,
                                     train_epochs)
 from shared_models.weights import load_arrays, state_arrays  # noqa: F401 (state_arrays: re-export)
 

@@ -134,7 +134,8 @@ class ModelQueue:
             try:
                 done = list(self.committing.get(timeout=None if deferred_since is None else IDLE_S))
             except queue.Empty:
-                deferred_since = self._run_idle()
+                self._run_idle()
+                deferred_since = None
                 continue
             while True:
                 try:
@@ -151,7 +152,8 @@ class ModelQueue:
             if self.idle is not None:
                 deferred_since = deferred_since or time.monotonic()
                 if time.monotonic() - deferred_since >= MAX_DEFER_S:
-                    deferred_since = self._run_idle()
+                    self._run_idle()
+                    deferred_since = None
 
     def _run_idle(self) -> None:
         try:
