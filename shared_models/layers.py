@@ -33,7 +33,7 @@ class Dropout(nn.Module):
     """nn.Dropout's function at half its CPU cost on this model's small activations (B x 16 x 64).
 
     torch's CPU dropout draws one 32-bit random number per element through `bernoulli_` and compares in
-    bool tensors, both slow on CPU (~10 ns per element; dropout was 6-10% of a training step). Here each
+    bool tensors, both slow on CPU (a visible share of a training step in the profile). Here each
     64-bit random word gives four 16-bit uniforms, compared with a threshold in float arithmetic: element
     kept with probability 1 - k / 65536, k = round(p x 65536) (|error| <= 2^-17: p = 0.1 drops with
     probability 0.100006), scaled by the exact inverse of that, so the expectation is x. Masks are drawn
