@@ -8,6 +8,9 @@ nothing new (resending is post-processing of what the server could already have 
 only for the same run, round and global weights: any other request for a released round is refused.
 
 One file per (run, round) in the site's state directory, written atomically before the update leaves.
+Only the newest `KEEP` rounds of a run stay: the server asks for round r only after checkpointing round
+r - 1, and it resumes from its latest checkpoint, so a resumed server can ask again only for the newest
+round the site released. An older round asked again finds no copy and is refused (no second spend).
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ class Release:
     metrics: dict
 
 
+KEEP = 2  # the newest released round is the one a resumed server can ask again; one more for margin
+
+
 class ReleaseStore:
     def __init__(self, state_dir: str | Path):
         self.root = Path(state_dir) / "released"
@@ -45,6 +51,9 @@ class ReleaseStore:
                 "metrics": release.metrics}
         with atomic_file(path, "wb") as fh:
             np.savez(fh, *release.delta, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+        for old in sorted(path.parent.glob("round-[0-9]*.npz"))[:-KEEP]:  # after the new one is durable
+            if int(old.stem.split("-")[1]) < rnd:
+                old.unlink(missing_ok=True)
 
     def load(self, run_id: str, rnd: int) -> Release | None:
         path = self._path(run_id, rnd)

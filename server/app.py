@@ -203,7 +203,7 @@ class RoundRecorder:
         save_checkpoint(self.ckpt_root, rnd, arrays, lctx.strategy.state_arrays(), {
             "run_key": self.run_key, "schema_hash": self.schema_hash, "strategy": self.cfg.federation.strategy,
             "run_config": self.run_config, "site_epsilon": self.site_epsilon,
-            "site_epsilon_worst_case": self.site_epsilon_worst_case})
+            "site_epsilon_worst_case": self.site_epsilon_worst_case}, keep=self.cfg.run.keep_checkpoints)
         line = self._metrics_line(rnd, lctx, info, arrays)
         with self.metrics_file.open("a") as fh:
             fh.write(json.dumps(line) + "\n")

@@ -110,6 +110,8 @@ class RunSection(_Section):
     eval_data: str = Field("", alias="eval-data", description="server: optional validation site dir")
     name: str = Field("oncofed", alias="run-name", description="names the run in ledgers and packages")
     resume: bool = Field(False, description="continue from the latest checkpoint in output-dir")
+    keep_checkpoints: int = Field(3, alias="keep-checkpoints", ge=0, description="server: round checkpoints kept "
+                                  "in output-dir (the newest; resuming needs only the latest); 0 keeps all")
     deliver_only: bool = Field(False, alias="deliver-only", description="server: no training, only sign and send "
                                "output-dir's saved final model to the sites that have not installed it "
                                "(`oncofed deliver`)")

@@ -20,7 +20,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from client.app import site_policy_mod
 from client.releases import Release, ReleaseStore
-from server.checkpoint import freeze_run, frozen_run, run_config_changes
+from server.checkpoint import freeze_run, frozen_run, load_latest, run_config_changes, save_checkpoint
 from server.deploy import DeployError
 from server.submit import resume_values
 from shared_models.protocol import RUN_KEY, SERVER_ROUND
@@ -105,6 +105,36 @@ def test_a_released_update_is_kept_bit_for_bit(tmp_path):
     assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(got.delta, delta))
     assert store.load("run-A/../x", 3) is None
     assert all(p.is_relative_to(tmp_path / "released") for p in tmp_path.rglob("*.npz")), "the run key is no path"
+
+
+def test_a_long_run_keeps_a_bounded_number_of_checkpoints_and_released_updates(tmp_path):
+    """250 rounds would keep 1.3 GB of server checkpoints and 500 MB of released updates per site: only the
+    newest few stay, the latest is always there to resume from, and a change of keep-checkpoints on resume
+    is allowed (it changes no training)."""
+    weights = [np.zeros((300, 100), np.float32)]
+    root = tmp_path / "checkpoints"
+    for rnd in range(1, 41):
+        save_checkpoint(root, rnd, [w + rnd for w in weights], {"m_t_0": np.ones(3)}, {"run_key": "r"}, keep=3)
+    assert sorted(d.name for d in root.iterdir() if d.is_dir()) == ["round-0038", "round-0039", "round-0040"]
+    latest = load_latest(root)
+    assert latest.round == 40 and latest.weights[0][0, 0] == 40
+    save_checkpoint(root, 39, weights, {}, {"run_key": "r"}, keep=1)  # rewriting an older round: latest stays
+    assert sorted(d.name for d in root.iterdir() if d.is_dir()) == ["round-0039", "round-0040"]
+    assert load_latest(root).round == 39
+    save_checkpoint(root, 41, weights, {}, {"run_key": "r"}, keep=0)  # 0 keeps all
+    assert len([d for d in root.iterdir() if d.is_dir()]) == 3
+
+    store = ReleaseStore(tmp_path / "site")
+    for rnd in range(1, 41):
+        store.save("run-A", rnd, Release("abc", [np.full(4, rnd, np.float64)], 17, {}))
+        store.save("run-B", rnd, Release("abc", [np.zeros(4)], 17, {})) if rnd < 3 else None
+    assert sorted(p.name for p in (tmp_path / "site" / "released" / "run-A").iterdir()) == [
+        "round-0039.npz", "round-0040.npz"]
+    assert store.load("run-A", 40).delta[0][0] == 40 and store.load("run-A", 30) is None
+    assert store.load("run-B", 1) is not None, "another run's releases are its own"
+    freeze_run(tmp_path / "run", "k", {"schema": "s.json", "min-sites": 2, "keep-checkpoints": 3})
+    assert run_config_changes(frozen_run(tmp_path / "run")["run_config"],
+                              {"schema": "s.json", "min-sites": 2, "keep-checkpoints": 10}) == []
 
 
 def _train_message(run_key: str = "run-A", rnd: int = 1) -> Message:
