@@ -7,7 +7,8 @@ decay's average is scored on the sites' validation parts (what chooses) and on t
 
     python benchmarks/ema_offline.py RUN_DIR [--decays 0,0.9,0.95] [--rounds 150,250]
 
-RUN_DIR is an `oncofed simulate --out` directory (server/checkpoints/round-NNNN, sites/). Decay 0 is the
+RUN_DIR is an `oncofed simulate --out` directory (server/checkpoints/round-NNNN, sites/) of a run made with
+`--set keep-checkpoints=0` (by default the server keeps only the newest three rounds). Decay 0 is the
 run's own model, a check that the scoring matches the run's log.
 """
 
