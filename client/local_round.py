@@ -44,7 +44,7 @@ from shared_models.protocol import (EPSILON, EPSILON_WORST_CASE, GRID_SCALE, LOC
 from shared_models.run_config import RunConfig
 from shared_models.training import (WarmupCosine, build_loader, build_loss, build_optimizer, class_counts,
                                     train_epochs)
-from shared_models.weights import load_arrays, state_arrays  # noqa: F401 (state_arrays: re-export)
+from shared_models.weights import load_arrays, state_arrays, trainable_layout  # noqa: F401 (state_arrays, trainable_layout: re-export)
 
 log = logging.getLogger("oncofed.site")
 
@@ -185,35 +185,30 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
     return RoundResult(delta=delta, num_examples=len(site.train.y), metrics=metrics)
 
 
-def distributed_plan(site: PreparedSite, run_id: str, cfg: RunConfig, dim: int) -> distributed.SkellamPlan:
+def distributed_plan(site: PreparedSite, run_id: str, cfg: RunConfig, dim: int,
+                     check=lambda p: None) -> distributed.SkellamPlan:
     """The Skellam mechanism of this distributed run at this site, fixed at its first round.
 
     The aggregate noise is a function of the run config alone (epsilon, delta, rounds, sample rate, C,
     trusted sites) and the model's size, so every site computes the same and adds the same share: any
     `trusted-sites` honest shares then sum to the noise each site's accounting assumes. (A site's own
     earlier spend cannot raise the noise, as it does in dp-mode "site": the other sites would not add it.)
-    The ledger refuses the run's rounds at a site whose budget the run would exceed."""
+    The ledger refuses the run's rounds at a site whose budget the run would exceed. `check(plan)` raises to
+    refuse the round; on a run's first round it runs before the ledger records the run, so a refused first
+    round leaves no trace of the run in the ledger."""
     if (saved := saved_plan(site, run_id, cfg)) is not None:
-        return distributed.SkellamPlan.from_dict(saved.mechanism)
+        p = distributed.SkellamPlan.from_dict(saved.mechanism)
+        check(p)
+        return p
     p = distributed.run_plan(cfg.privacy.max_grad_norm, dim, cfg.privacy.trusted_sites, cfg.privacy.sample_rate, cfg.privacy.epsilon,
                              site.ledger.delta, cfg.federation.num_rounds)
+    check(p)
     spent = site.ledger.spent(site.dataset_fingerprint)
     cap = min(site.ledger.budget_epsilon, spent + cfg.privacy.epsilon)
     site.ledger.start_run(site.dataset_fingerprint, run_id, RunPlan(
         epsilon=cfg.privacy.epsilon, epsilon_cap=cap, num_rounds=cfg.federation.num_rounds, steps_per_round=1,
         noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate, terms=plan_terms(cfg), mechanism=p.to_dict()))
     return p
-
-
-def trainable_layout(model: torch.nn.Module) -> tuple[list[tuple[int, ...]], np.ndarray]:
-    """(shapes in state_dict order, mask of the flattened coordinates that are trainable parameters): what a
-    distributed round sends, and which of it carries gradients (and so noise)."""
-    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    shapes, mask = [], []
-    for k, v in model.state_dict().items():
-        shapes.append(tuple(v.shape))
-        mask.append(np.full(v.numel(), k in params))
-    return shapes, np.concatenate(mask)
 
 
 def distributed_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunConfig, run_id: str, rnd: int,
@@ -230,10 +225,13 @@ def distributed_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: 
     model = MultiModalTransformer(site.schema, cfg.model)
     load_arrays(model, global_arrays)
     shapes, noised = trainable_layout(model)
-    p = distributed_plan(site, run_id, cfg, int(noised.sum()))
-    distributed.check_same_plan(p, server_plan)
     n = len(site.train.y)
-    distributed.check_range(p, grid, n)  # before any spend: a configuration that could be clipped is refused
+
+    def check(p: distributed.SkellamPlan) -> None:  # before any spend, and before a new run is recorded
+        distributed.check_same_plan(p, server_plan)
+        distributed.check_range(p, grid, n)  # a configuration that could be clipped is refused
+
+    p = distributed_plan(site, run_id, cfg, int(noised.sum()), check)
     ticket = site.ledger.begin_round(site.dataset_fingerprint, run_id, rnd, p.noise_multiplier, p.sample_rate, 1,
                                      mechanism=p)
     t_train = time.perf_counter()

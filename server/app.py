@@ -42,7 +42,7 @@ from shared_models.run_config import RunConfig
 from shared_models.schema import FeatureSchema
 from shared_models.site_data import load_labelled_site
 from shared_models.validation import validate_site
-from shared_models.weights import arrays_sha256, load_arrays, state_arrays
+from shared_models.weights import arrays_sha256, load_arrays, state_arrays, trainable_layout
 
 torch.set_num_threads(1)
 app = ServerApp()
@@ -75,14 +75,16 @@ def distributed_dp(cfg: RunConfig) -> bool:
     return cfg.privacy.enabled and cfg.privacy.mode == "distributed"
 
 
-def log_distributed_plan(cfg: RunConfig, weights: list[np.ndarray]) -> str:
+def log_distributed_plan(cfg: RunConfig, schema: FeatureSchema) -> str:
     """The noise every site will add (the sites compute the same plan and refuse a round whose NOISE_PLAN,
     returned here, differs), beside what pooled DP-SGD with the Gaussian mechanism would need for the same
-    schedule: the cost of the exact discrete mechanism's accounting."""
+    schedule: the cost of the exact discrete mechanism's accounting. Sized, as at the sites, by the model's
+    trainable coordinates (the noised ones), not by every array the model sends."""
     from privacy.accounting import noise_multiplier_for
     from privacy.distributed import plan_message, run_plan
 
-    p = run_plan(cfg.privacy.max_grad_norm, sum(int(w.size) for w in weights), cfg.privacy.trusted_sites, cfg.privacy.sample_rate,
+    _, noised = trainable_layout(MultiModalTransformer(schema, cfg.model))
+    p = run_plan(cfg.privacy.max_grad_norm, int(noised.sum()), cfg.privacy.trusted_sites, cfg.privacy.sample_rate,
                  cfg.privacy.epsilon, cfg.privacy.delta, cfg.federation.num_rounds)
     gaussian = noise_multiplier_for(cfg.privacy.epsilon, cfg.privacy.delta, cfg.privacy.sample_rate, cfg.federation.num_rounds)
     log(INFO, "distributed DP: %s rounds of one step at sample rate %s; aggregate noise multiplier %.3f (pooled "
@@ -283,7 +285,7 @@ def main(grid: Grid, context: Context) -> None:
                              f"{n_sites} sites (sites, or min-sites when sites is 0): no round could ever be "
                              "unmasked; set sites to the number of hospitals or lower trusted-sites")
         strategy.grid.check(n_sites)  # before round 1: a grid the sites' values could leave is refused
-        fit_config[NOISE_PLAN] = log_distributed_plan(cfg, start.weights)
+        fit_config[NOISE_PLAN] = log_distributed_plan(cfg, schema)
     if start.strategy_state is not None:
         strategy.load_state_arrays(start.strategy_state)
     recorder = RoundRecorder(cfg, context, schema, out, start, audit, anchor_audit, evaluate_fn, t0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from shared_models.files import atomic_file
@@ -35,10 +36,20 @@ def state_arrays(model: torch.nn.Module) -> list:
     return [v.detach().cpu().numpy().copy() for v in model.state_dict().values()]
 
 
+def trainable_layout(model: torch.nn.Module) -> tuple[list[tuple[int, ...]], np.ndarray]:
+    """(shapes in state_dict order, mask of the flattened coordinates that are trainable parameters): what a
+    distributed round sends, and which of it carries gradients (and so noise). The one definition of the
+    noised dimension, which sizes the Skellam plan at the server and at every site alike."""
+    params = {k for k, p in model.named_parameters() if p.requires_grad}
+    shapes, mask = [], []
+    for k, v in model.state_dict().items():
+        shapes.append(tuple(v.shape))
+        mask.append(np.full(v.numel(), k in params))
+    return shapes, np.concatenate(mask)
+
+
 def load_arrays(model: torch.nn.Module, arrays) -> None:
     """Load arrays in state_dict order (as float32) into the model."""
-    import numpy as np
-
     keys = list(model.state_dict().keys())
     if len(keys) != len(arrays):
         raise ArrayCountError(f"received {len(arrays)} arrays for a model with {len(keys)} tensors: the sender runs "
@@ -50,8 +61,6 @@ def arrays_sha256(arrays) -> str:
     """SHA-256 of a model's arrays as float32, in order: how the server announces a model and a site
     checks the one it received (both must compute it the same way)."""
     import hashlib
-
-    import numpy as np
 
     h = hashlib.sha256()
     for a in arrays:

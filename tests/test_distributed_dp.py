@@ -321,19 +321,22 @@ def test_a_site_refuses_a_server_that_planned_other_noise_before_spending(tmp_pa
     from client.local_round import distributed_round, state_arrays
     from privacy.distributed import plan_message, run_plan
     from server.app import log_distributed_plan
+    from shared_models.weights import trainable_layout
     from shared_models.model import MultiModalTransformer
 
     schema, run, site = _site(tmp_path)
     weights = state_arrays(MultiModalTransformer(schema, run.model))
     grid = _grid(3)
-    theirs = json.loads(log_distributed_plan(run, weights))  # exactly what the server sends
-    mine = run_plan(run.privacy.max_grad_norm, sum(w.size for w in weights), run.privacy.trusted_sites,
+    theirs = json.loads(log_distributed_plan(run, schema))  # exactly what the server sends
+    _, noised = trainable_layout(MultiModalTransformer(schema, run.model))
+    mine = run_plan(run.privacy.max_grad_norm, int(noised.sum()), run.privacy.trusted_sites,
                     run.privacy.sample_rate, run.privacy.epsilon, DELTA, run.federation.num_rounds)
     assert theirs == json.loads(plan_message(mine))
     older = {**theirs, "variance": theirs["variance"] * 1.3}
     with pytest.raises(GridError, match="different OncoFed accountants"):
         distributed_round(site, weights, run, "run-p", 1, grid, server_plan=older)
     assert site.ledger.spent(site.dataset_fingerprint) == 0.0
+    assert site.ledger.run_plan(site.dataset_fingerprint, "run-p") is None, "a refused first round records no run"
     result = distributed_round(site, weights, run, "run-p", 1, grid, server_plan=theirs)
     assert result.metrics["epsilon"] > 0
 
