@@ -179,16 +179,8 @@ class BookKeepingClipper:
                                "clipper attached before clip_()")
         batch = self._batch_size()
         scale = float(batch) if self.loss_reduction == "mean" else 1.0
-        sq = None  # per-sample squared norms of the recorded (unscaled) gradients
-        prepared = []
-        for layer, tape in self._linears:
-            item = _prepare_linear(layer, tape, batch, self.token_norm)
-            sq = item.sq if sq is None else sq + item.sq
-            prepared.append(item)
-        for layer, tape in self._others:
-            item = _prepare_other(layer, tape, batch)
-            sq = item.sq if sq is None else sq + item.sq
-            prepared.append(item)
+        prepared = _prepare_linear(self._linears, batch, self.token_norm) + _prepare_other(self._others, batch)
+        sq = torch.stack([item.sq for item in prepared]).sum(0)  # per-sample squared norms of the (unscaled) gradients
         norms = sq.clamp_min(0).sqrt() * scale
         weights = (self.max_grad_norm / (norms + _NORM_EPS)).clamp(max=1.0) * scale  # c_i x the loss scale
         for item in prepared:
@@ -225,7 +217,7 @@ def _sq_norms(t: Tensor) -> Tensor:  # (B, ...) -> (B,) squared norms, one pass 
 
 
 class _Prepared:
-    """One layer's per-sample squared norms (sq, (B,)) and how to write its clipped, summed gradient."""
+    """One or more layers' per-sample squared norms (sq, (B,)) and how to write their clipped, summed gradients."""
 
     def __init__(self, sq: Tensor, write):
         self.sq, self._write = sq, write
@@ -234,16 +226,28 @@ class _Prepared:
         self._write(weights)
 
 
-def _prepare_linear(layer: nn.Linear, tape: list, batch: int, token_norm: str) -> _Prepared:
+def _zero_grads(params: list[Tensor], batch: int) -> _Prepared:  # layers not used in this forward, or an empty batch
+    def write(_):
+        for p in params:
+            p.grad = torch.zeros_like(p)
+    return _Prepared(params[0].new_zeros(batch), write)
+
+
+def _prepare_linear(linears: list, batch: int, token_norm: str) -> list[_Prepared]:
+    """Every Linear layer's norms and how to write its clipped sum; the unused ones' zeros as one item."""
+    items, zeros = [], []
+    for layer, tape in linears:
+        if not tape or batch == 0:  # not used in this forward, or an empty (Poisson) batch: a zero sum
+            zeros += [p for p in layer.parameters(recurse=False) if p.requires_grad]
+        else:
+            items.append(_prepare_one_linear(layer, tape, batch, token_norm))
+    return items + [_zero_grads(zeros, batch)] if zeros else items
+
+
+def _prepare_one_linear(layer: nn.Linear, tape: list, batch: int, token_norm: str) -> _Prepared:
     w, b = layer.weight, layer.bias
     train_w, train_b = w.requires_grad, b is not None and b.requires_grad
     d_in, d_out = w.shape[1], w.shape[0]
-    if not tape or batch == 0:  # not used in this forward, or an empty (Poisson) batch: a zero sum
-        def write_zero(_):
-            for p in (w, b):
-                if p is not None and p.requires_grad:
-                    p.grad = torch.zeros_like(p)
-        return _Prepared(w.new_zeros(batch), write_zero)
     # every call's tokens (a row is one token): (B, T, in), (B, T, out)
     acts = [a.reshape(batch, -1, d_in) for a, _ in tape]
     grads = [g.reshape(batch, -1, d_out) for _, g in tape]
@@ -308,20 +312,26 @@ def _prepare_numeric_tokens(layer: NumericTokens, tape: list, batch: int) -> _Pr
         sq = sq + (missing * e_sq).sum(1)
 
     def write(weights: Tensor) -> None:
-        # sum over b of w_bc e_bcd for both parameters in one batched matmul over the columns, (C, 2, B) @ (C, B, d):
+        # sum over b of w_bc e_bcd for both parameters in one batched matmul over the columns, (C, k, B) @ (C, B, d):
         # one pass over e (measured at 301 columns: 0.5x einsum's two passes at batch 64, 0.7x at 512; a
-        # broadcast product and sum was 3x slower at 512)
+        # broadcast product and sum was 3x slower at 512). The (C, k, B) factor is built contiguous: a
+        # permuted view of it made the matmul 4x slower at batch 64.
         params = [p for p in (layer.scale, layer.missing) if p.requires_grad]
-        rows = [(value if p is layer.scale else missing) * weights[:, None] for p in params]
-        sums = torch.bmm(torch.stack(rows, 0).permute(2, 0, 1), e.transpose(0, 1))  # (C, k, d)
+        rows = [(value if p is layer.scale else missing).t() * weights for p in params]
+        sums = torch.bmm(torch.stack(rows, 1), e.transpose(0, 1))  # (C, k, d)
         for i, p in enumerate(params):
             p.grad = sums[:, i].contiguous().to(p.dtype)
     return _Prepared(sq, write)
 
 
-def _prepare_other(layer: nn.Module, tape: list, batch: int) -> _Prepared:
-    if type(layer) is NumericTokens and len(tape) == 1 and batch:
-        return _prepare_numeric_tokens(layer, tape, batch)
+def _prepare_other(others: list, batch: int) -> list[_Prepared]:
+    """Every other layer's norms and clipped sums, from Opacus' per-sample gradient rules (NumericTokens
+    in closed form)."""
+    return [_prepare_numeric_tokens(layer, tape, batch) if type(layer) is NumericTokens and len(tape) == 1 and batch
+            else _prepare_by_rule(layer, tape, batch) for layer, tape in others]
+
+
+def _prepare_by_rule(layer: nn.Module, tape: list, batch: int) -> _Prepared:
     sampler = _grad_samplers()[type(layer)]
     params = [p for p in layer.parameters(recurse=False) if p.requires_grad]
     per_sample: dict[int, Tensor] = {}

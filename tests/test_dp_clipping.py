@@ -143,7 +143,22 @@ class BiasOrWeightOnly(nn.Module):  # no bias; a frozen weight with a trained bi
         return self.head(torch.tanh(self.frozen_tokens(t)).mean(1))
 
 
-LAYERS = {"linear on rows": RowsLinear, "bias or weight only": BiasOrWeightOnly, "linear on tokens": TokensLinear, "linear called twice": LinearTwice,
+class SameShapesSomeUnused(nn.Module):  # same-shape layers: one unused in the forward, one with a frozen bias
+    def __init__(self):
+        super().__init__()
+        self.num = NumericTokens(30, 4)
+        self.num.missing.requires_grad_(False)  # numeric tokens with one trained array
+        self.a, self.b, self.unused = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+        self.rows, self.rows_unused = nn.Linear(30, 4), nn.Linear(30, 4)
+        self.b.bias.requires_grad_(False)
+        self.pos_unused, self.head = AddLearned(30, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        t = self.b(torch.tanh(self.a(self.num(x))))
+        return self.head(t.mean(1) + self.rows(torch.nan_to_num(x)))
+
+
+LAYERS = {"linear on rows": RowsLinear, "same shapes, some unused": SameShapesSomeUnused, "bias or weight only": BiasOrWeightOnly, "linear on tokens": TokensLinear, "linear called twice": LinearTwice,
           "learned arrays": LearnedArrays, "layer norm and embedding": NormAndEmbedding,
           "attention blocks": AttentionBlocks}
 
@@ -154,7 +169,7 @@ def test_each_layer_types_clipped_sum_equals_the_per_sample_loop(layer, token_no
     torch.manual_seed(0)
     model = LAYERS[layer]()
     x = torch.randn(8, 30, dtype=torch.float64)
-    x[1, 3] = x[4, 20] = x[4, 21] = float("nan") if layer == "learned arrays" else x[1, 3]
+    x[1, 3] = x[4, 20] = x[4, 21] = float("nan") if layer in ("learned arrays", "same shapes, some unused") else x[1, 3]
     y = torch.randint(0, 3, (8,))
     model.train()
     assert_clipper_matches_loop(model, lambda: F.cross_entropy(model(x), y, reduction="none"), 8,
