@@ -19,7 +19,9 @@ it for the wide and linear paths over 12,503 features. Nothing here materialises
   output gradient's per-column squared norms (B x columns), never B x columns x d;
 - every other parameter (LayerNorm gains, embeddings, the other learned arrays of
   shared_models/layers.py) is small: its per-sample gradients are materialised with Opacus' own
-  registered rules, and summed over calls when a layer is called more than once;
+  registered rules, and summed over calls when a layer is called more than once (LayerNorms' by the
+  same rule written here: every LayerNorm of one width in one stacked tensor, 0.27 ms instead of 0.49
+  for pan-cancer's six at batch 64);
 - the clipped sum is then formed from the same activations and output gradients, weighted by c_i,
   in the same backward pass (book-keeping, Bu et al. 2023): sum_i c_i e_i a_i^T is one matmul, the
   cost of the plain step's weight gradient, which the Linear layers' autograd backward here skips.
@@ -36,6 +38,8 @@ a float64 per-sample loop (<= 1e-9 relative), and the step against Opacus' hooks
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -326,9 +330,50 @@ def _prepare_numeric_tokens(layer: NumericTokens, tape: list, batch: int) -> _Pr
 
 def _prepare_other(others: list, batch: int) -> list[_Prepared]:
     """Every other layer's norms and clipped sums, from Opacus' per-sample gradient rules (NumericTokens
-    in closed form)."""
-    return [_prepare_numeric_tokens(layer, tape, batch) if type(layer) is NumericTokens and len(tape) == 1 and batch
-            else _prepare_by_rule(layer, tape, batch) for layer, tape in others]
+    and the used LayerNorms directly)."""
+    norms = [(layer, tape) for layer, tape in others if type(layer) is nn.LayerNorm and tape and batch]
+    groups: dict[tuple, list] = {}  # LayerNorms of one width and eps (and gradients' dtype, device): one item
+    for layer, tape in norms:
+        key = (math.prod(layer.normalized_shape), layer.eps, tape[0][1].dtype, tape[0][1].device)
+        groups.setdefault(key, []).append((layer, tape))
+    return [_prepare_layer_norms(group, batch) for group in groups.values()] + [
+        _prepare_numeric_tokens(layer, tape, batch) if type(layer) is NumericTokens and len(tape) == 1 and batch
+        else _prepare_by_rule(layer, tape, batch)
+        for layer, tape in others if not (type(layer) is nn.LayerNorm and tape and batch)]
+
+
+def _prepare_layer_norms(group: list, batch: int) -> _Prepared:
+    """LayerNorms of one width d: per sample, the gain's gradient is sum_t e_t * xhat_t and the bias's
+    sum_t e_t (xhat: the input normalised without the affine). Every layer's and call's tokens go
+    through one layer_norm and one product, as rows concatenated whole (a concatenation along the
+    token dimension was 3x slower), and every trained parameter's per-sample gradients are one
+    (B, k, d) tensor: one norm and one matmul for the group instead of Opacus' rule per layer."""
+    d, eps = math.prod(group[0][0].normalized_shape), group[0][0].eps
+    calls = [(layer_index, a.reshape(-1, d), g.reshape(-1, d)) for layer_index, (_, tape) in enumerate(group)
+             for a, g in tape]
+    e = torch.cat([g for _, _, g in calls]) if len(calls) > 1 else calls[0][2]  # (every call's B x tokens, d)
+    a = torch.cat([a for _, a, _ in calls]) if len(calls) > 1 else calls[0][1]
+    prod = F.layer_norm(a.to(e.dtype), (d,), eps=eps).mul_(e)
+    if len(calls) == len(group) and all(len(g) == batch for _, _, g in calls):  # one call, one token per sample
+        gains, shifts = prod.view(len(group), batch, d), e.view(len(group), batch, d)
+    else:  # sum each sample's tokens, and a layer's calls: row r of call c adds to (layer of c, sample of r)
+        rows = torch.cat([i * batch + torch.arange(batch, device=e.device).repeat_interleave(len(g) // batch)
+                          for i, _, g in calls])
+        gains = prod.new_zeros(len(group) * batch, d).index_add_(0, rows, prod).view(len(group), batch, d)
+        shifts = e.new_zeros(len(group) * batch, d).index_add_(0, rows, e).view(len(group), batch, d)
+    # (B, gain and bias of each layer, d), sample-major in one copy: the norm and the weighted sum over
+    # samples then read contiguous rows (on the (k, B, d) layout both were 2x slower)
+    per_sample = torch.stack([gains.transpose(0, 1), shifts.transpose(0, 1)], 2).view(batch, 2 * len(group), d)
+    params = [p for layer, _ in group for p in (layer.weight, layer.bias)]
+    trained = [i for i, p in enumerate(params) if p is not None and p.requires_grad]
+    if len(trained) < len(params):
+        per_sample, params = per_sample[:, trained], [params[i] for i in trained]
+    sq = _sq_norms(per_sample)
+
+    def write(weights: Tensor) -> None:
+        for p, s in zip(params, (weights @ per_sample.reshape(batch, -1)).view(len(params), d)):
+            p.grad = s.view_as(p).to(p.dtype)
+    return _Prepared(sq, write)
 
 
 def _prepare_by_rule(layer: nn.Module, tape: list, batch: int) -> _Prepared:

@@ -158,7 +158,23 @@ class SameShapesSomeUnused(nn.Module):  # same-shape layers: one unused in the f
         return self.head(t.mean(1) + self.rows(torch.nan_to_num(x)))
 
 
-LAYERS = {"linear on rows": RowsLinear, "same shapes, some unused": SameShapesSomeUnused, "bias or weight only": BiasOrWeightOnly, "linear on tokens": TokensLinear, "linear called twice": LinearTwice,
+class LayerNorms(nn.Module):  # LayerNorms stacked by width: called twice, bias only, no bias, on rows and tokens
+    def __init__(self):
+        super().__init__()
+        self.inp, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+        self.twice, self.rows, self.bias_only = nn.LayerNorm(6), nn.LayerNorm(6), nn.LayerNorm(6)
+        self.bias_only.weight.requires_grad_(False)  # elementwise_affine, only the bias trained
+        self.no_bias, self.wide = nn.LayerNorm(6, bias=False), nn.LayerNorm((5, 6), eps=1e-3)  # another width and eps
+        self.unused = nn.LayerNorm(6)
+
+    def forward(self, x):
+        t = self.twice(torch.tanh(self.inp(x.view(len(x), 5, 6))))  # (B, 5, 6)
+        t = self.wide(self.twice(t * 2 + 1))  # the second call on the first's output
+        r = self.rows(torch.tanh(self.inp(x[:, :6])))  # one row per sample
+        return self.head(self.no_bias(self.bias_only(t.mean(1) + r)))
+
+
+LAYERS = {"layer norms": LayerNorms, "linear on rows": RowsLinear, "same shapes, some unused": SameShapesSomeUnused, "bias or weight only": BiasOrWeightOnly, "linear on tokens": TokensLinear, "linear called twice": LinearTwice,
           "learned arrays": LearnedArrays, "layer norm and embedding": NormAndEmbedding,
           "attention blocks": AttentionBlocks}
 
