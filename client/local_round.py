@@ -44,7 +44,7 @@ from shared_models.protocol import (EPSILON, EPSILON_WORST_CASE, GRID_SCALE, LOC
 from shared_models.run_config import RunConfig
 from shared_models.training import (WarmupCosine, build_loader, build_loss, build_optimizer, class_counts,
                                     train_epochs)
-from shared_models.weights import load_arrays, state_arrays, trainable_layout  # noqa: F401 (state_arrays, trainable_layout: re-export)
+from shared_models.weights import load_arrays, state_arrays, trainable_layout  # noqa: F401 (state_arrays: re-export)
 
 log = logging.getLogger("oncofed.site")
 

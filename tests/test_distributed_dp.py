@@ -321,8 +321,8 @@ def test_a_site_refuses_a_server_that_planned_other_noise_before_spending(tmp_pa
     from client.local_round import distributed_round, state_arrays
     from privacy.distributed import plan_message, run_plan
     from server.app import log_distributed_plan
-    from shared_models.weights import trainable_layout
     from shared_models.model import MultiModalTransformer
+    from shared_models.weights import trainable_layout
 
     schema, run, site = _site(tmp_path)
     weights = state_arrays(MultiModalTransformer(schema, run.model))
