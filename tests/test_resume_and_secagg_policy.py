@@ -148,6 +148,26 @@ def _train_message(run_key: str = "run-A", rnd: int = 1) -> Message:
     return Message(content, metadata=meta)
 
 
+def test_a_released_round_whose_copy_was_pruned_is_refused_not_trained_again(tmp_path):
+    """What the bounded release store relies on: asked again for a released round it no longer holds (or one
+    released from other weights), the site refuses, audited, instead of training it again (a second spend)."""
+    from flwr.compat.common.recorddict_compat import recorddict_to_fitins
+
+    from client.app import SiteRefusal, SiteSettings, _resend
+    from privacy.audit import AuditLog
+
+    msg = _train_message("run-A", 3)
+    fitins = recorddict_to_fitins(msg.content, keep_input=True)
+    settings = SiteSettings(name="s", index=0, paths=None, budget_epsilon=8.0, require_secagg=True)
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    with pytest.raises(SiteRefusal, match="its copy is gone.*spend the privacy budget twice"):
+        _resend(msg, fitins, settings, None, "abc", audit)
+    with pytest.raises(SiteRefusal, match="from other global weights"):
+        _resend(msg, fitins, settings, Release("xyz", [np.zeros(2)], 17, {}), "abc", audit)
+    events = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["round"]) for e in events] == [("round_refused", 3), ("round_refused", 3)]
+
+
 def test_a_deployed_site_refuses_a_run_without_dp_unless_its_node_config_allows_it(tmp_path):
     """The server chooses the run config; the site decides whether its patients are trained on without noise."""
     from client.app import train
