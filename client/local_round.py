@@ -33,7 +33,7 @@ import torch
 
 from client.site import PreparedSite
 from privacy.accounting import BudgetError, SkellamSteps, compact, noise_multiplier_for, planned_steps
-from privacy.clipping import BookKeepingClipper, make_private
+from privacy.clipping import clipped_sum, make_private
 from privacy import distributed
 from privacy.ledger import RunPlan
 from shared_models.evaluation import evaluate
@@ -241,11 +241,11 @@ def distributed_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: 
         tc = cfg.train_config()
         loss_fn = build_loss(tc, class_counts(site.train.y, site.schema.n_classes))
         model.train()
-        with BookKeepingClipper(model, cfg.privacy.max_grad_norm, loss_reduction="mean") as clipper:
-            loss = loss_fn(model(torch.from_numpy(site.train.x[sampled.numpy()])),
-                           torch.from_numpy(site.train.y[sampled.numpy()]))
-            loss.backward()
-            clipper.clip_()  # p.grad = the sum of the clipped per-sample gradients
+        xs, ys = (torch.from_numpy(a[sampled.numpy()]) for a in (site.train.x, site.train.y))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus' hooks (see train_round)
+            # p.grad = the sum of the clipped per-sample gradients, by the run config's dp-clipping
+            clipped_sum(model, lambda: loss_fn(model(xs), ys), cfg.privacy.max_grad_norm, cfg.privacy.clipping)
         for k, param in model.named_parameters():
             if param.requires_grad and param.grad is not None:
                 grads[k] = param.grad.detach()

@@ -397,6 +397,35 @@ def _prepare_by_rule(layer: nn.Module, tape: list, batch: int) -> _Prepared:
     return _Prepared(sq, write)
 
 
+def clipped_sum(model: nn.Module, batch_loss, max_grad_norm: float, how: str = "ghost") -> None:
+    """p.grad = sum_i c_i g_i for every trainable parameter of `model` (no noise, no division): the sum
+    of one batch's clipped per-sample gradients. `batch_loss()` runs the forward and returns the batch's
+    mean loss. how = "ghost": the book-keeping clipper above; "opacus": Opacus' hooks-mode per-sample
+    gradients and DPOptimizer's own clip_and_accumulate (run config dp-clipping, the reference path)."""
+    if how == "ghost":
+        with BookKeepingClipper(model, max_grad_norm, loss_reduction="mean") as clipper:
+            batch_loss().backward()
+            clipper.clip_()
+        return
+    if how != "opacus":
+        raise ValueError(f"how must be 'ghost' or 'opacus'; got {how!r}")
+    from opacus.grad_sample.utils import prepare_module
+    from opacus.optimizers import DPOptimizer
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    hooks = prepare_module(model, "hooks", wrap_model=False, batch_first=True, loss_reduction="mean")
+    try:
+        optimizer = DPOptimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier=0.0, max_grad_norm=max_grad_norm,
+                                expected_batch_size=1, loss_reduction="mean")
+        batch_loss().backward()
+        optimizer.clip_and_accumulate()
+        for p in params:
+            p.grad = p.summed_grad if p.summed_grad is not None else torch.zeros_like(p)
+            p.grad_sample, p.summed_grad = None, None
+    finally:
+        hooks.cleanup()
+
+
 # --- DP-SGD with Opacus' sampling, noise and accounting ------------------------------------------
 def make_private(engine, model: nn.Module, optimizer: torch.optim.Optimizer, data_loader, *,
                  noise_multiplier: float, max_grad_norm: float, poisson_sampling: bool = True,

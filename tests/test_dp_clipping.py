@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from privacy.clipping import BookKeepingClipper, BookKeepingDPOptimizer, make_private
+from privacy.clipping import BookKeepingClipper, BookKeepingDPOptimizer, clipped_sum, make_private
 from shared_models import ModelConfig, MultiModalTransformer
 from shared_models.layers import AddLearned, FeatureFill, NumericTokens
 from shared_models.model import Block
@@ -40,7 +40,7 @@ def per_sample_loop(model: nn.Module, forward, n: int, seed: int = 1):
     return norms, grads
 
 
-def clipped_sum(norms, grads, c: float):
+def loop_clipped_sum(norms, grads, c: float):
     factors = (c / (norms + 1e-6)).clamp(max=1.0)
     return [sum(float(factors[i]) * grads[i][k] for i in range(len(grads))) for k in range(len(grads[0]))]
 
@@ -50,7 +50,7 @@ def assert_clipper_matches_loop(model: nn.Module, forward, n: int, **clipper_kwa
     model = model.double()
     ref_norms, ref_grads = per_sample_loop(model, forward, n)
     c = float(ref_norms.median())
-    expected = clipped_sum(ref_norms, ref_grads, c)
+    expected = loop_clipped_sum(ref_norms, ref_grads, c)
     with BookKeepingClipper(model, c, **clipper_kwargs) as clipper:
         torch.manual_seed(1)
         forward().mean().backward()
@@ -258,6 +258,25 @@ def test_without_noise_a_dp_step_is_opacus_hooks_step():
     ours, _ = _dp_step(copy.deepcopy(base), x, y, 0.0, "ghost", seed=7)
     theirs, _ = _dp_step(copy.deepcopy(base), x, y, 0.0, "opacus", seed=7)
     for a, b in zip(ours, theirs):
+        assert float((a - b).abs().max()) <= TOL * max(float(b.abs().max()), 1e-12)
+
+
+def test_the_distributed_rounds_clipped_sum_is_the_same_by_either_dp_clipping():
+    """distributed_round's sum (privacy.clipping.clipped_sum): dp-clipping "ghost" and "opacus" (Opacus'
+    hooks and DPOptimizer.clip_and_accumulate) give the same p.grad, float64, missing modalities."""
+    torch.manual_seed(0)
+    base = _full_model(dropout=0.0).double()
+    x, y = _batch_with_missing()
+    grads = {}
+    for how in ("ghost", "opacus"):
+        model = copy.deepcopy(base)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            clipped_sum(model, lambda: F.cross_entropy(model(x), y), 0.5, how)
+        grads[how] = [p.grad for p in model.parameters()]
+        assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
+    assert max(float(a.abs().max()) for a in grads["opacus"]) > 0.01
+    for a, b in zip(grads["ghost"], grads["opacus"]):
         assert float((a - b).abs().max()) <= TOL * max(float(b.abs().max()), 1e-12)
 
 
