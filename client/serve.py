@@ -236,10 +236,10 @@ class Site:
         self.predictions = ModelQueue("model", self.predictor, format_predictions, partial(self._commit, "model"),
                                       idle=self.write_head, capacity=self.limits.queue_patients,
                                       window_s=self.limits.batch_window_ms / 1000)
-        # explanations: their own thread at a lower CPU priority, so that they use what predictions leave
+        # explanations: their own thread, scheduled only on CPU time the predictions leave (SCHED_IDLE)
         self.explanations = ModelQueue("explain", self.predictor, format_predictions, partial(self._commit, "explain"),
                                        idle=self.write_head, max_patients=64,
-                                       capacity=self.limits.explain_queue_patients, nice=10)
+                                       capacity=self.limits.explain_queue_patients, background=True)
 
     def _fell_back(self, entry: dict) -> None:
         self.audit.append("model_fallback", **entry)

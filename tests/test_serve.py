@@ -659,6 +659,30 @@ def test_an_answer_waits_for_its_audit_commit_while_the_model_scores_the_next_ba
     assert committed == ["a", "b"] and [rows[0]["id"] for _, rows in answers] == ["a", "b"]
 
 
+def test_the_explanations_model_thread_runs_only_on_cpu_time_predictions_leave(site):
+    """A background queue's model thread is SCHED_IDLE (Linux), the prediction queue's stays normal, and the
+    background queue still answers."""
+    import asyncio
+    import os
+    import threading
+
+    from client.predict import Predictor, format_predictions
+    from client.serve_queue import ModelQueue
+
+    if not hasattr(os, "SCHED_IDLE"):
+        pytest.skip("SCHED_IDLE is Linux's")
+    predictor = Predictor(site["settings"].model_dir, site["root"] / "state" / "normalizer.json")
+    background = ModelQueue("bg-test", predictor, format_predictions, lambda done: None, background=True)
+    normal = ModelQueue("fg-test", predictor, format_predictions, lambda done: None)
+    raw = site["x"][:1].numpy()
+    version, rows = asyncio.run(background.submit(["a"], raw, 2, {"name": "t"}, predictor.current, {}))
+    assert rows[0]["id"] == "a" and rows[0]["top_features"]
+    threads = {t.name: t.native_id for t in threading.enumerate()}
+    assert os.sched_getscheduler(threads["oncofed-bg-test"]) == os.SCHED_IDLE
+    assert os.sched_getscheduler(threads["oncofed-fg-test"]) == os.SCHED_OTHER
+    assert normal.background is False
+
+
 def test_commits_answer_after_one_fsync_and_the_audit_head_follows_when_the_queue_goes_idle(site, tmp_path,
                                                                                            monkeypatch):
     import asyncio
