@@ -27,6 +27,7 @@ from shared_models.weights import (ArrayCountError, arrays_sha256, load_arrays, 
                                    state_arrays)
 
 PACKAGE_FORMAT = "oncofed-model-package/1"
+ACTIVE_REREAD_S = 1.0  # ModelStore.active reads ACTIVE again at least this often
 
 
 class ModelStoreError(ValueError):
@@ -37,13 +38,24 @@ class ModelStore:
     def __init__(self, model_dir: str | Path):
         self.root = Path(model_dir)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._active: tuple | None = None  # (ACTIVE's stat key, when read, its version)
 
     def versions(self) -> list[str]:
         return sorted(p.name for p in self.root.glob("v[0-9][0-9][0-9][0-9]") if (p / "package.json").exists())
 
     def active(self) -> str | None:
+        """The active version. The service asks before every request, so ACTIVE is re-read only when its
+        inode, time or size changed, and at least every ACTIVE_REREAD_S (two replacements within the file
+        system's timestamp tick could reuse an inode): one stat per call otherwise."""
         f = self.root / "ACTIVE"
-        return f.read_text().strip() if f.exists() else None
+        try:
+            st = f.stat()
+        except FileNotFoundError:
+            return None
+        key, now = (st.st_ino, st.st_mtime_ns, st.st_size), time.monotonic()
+        if self._active is None or self._active[0] != key or now - self._active[1] > ACTIVE_REREAD_S:
+            self._active = (key, now, f.read_text().strip())
+        return self._active[2]
 
     def package(self, version: str) -> dict:
         return json.loads((self.root / version / "package.json").read_text())

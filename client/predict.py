@@ -234,7 +234,7 @@ class Predictor:
         if lm is None:
             with self._lock:
                 lm = self.current
-        x = torch.from_numpy(lm.normalizer.transform(raw.copy()))
+        x = torch.from_numpy(lm.normalizer.transform(raw))  # a new array: raw is not changed
         with torch.inference_mode():
             logits, weights, present = lm.forward()(x)
             probs = torch.softmax(logits / lm.temperature, dim=1).numpy()

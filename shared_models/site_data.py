@@ -229,6 +229,7 @@ class Normalizer:
 
     def __init__(self, schema: FeatureSchema, mean: np.ndarray, scale: np.ndarray):
         self.schema, self.mean, self.scale = schema, mean.astype(np.float32), scale.astype(np.float32)
+        self._scaled = scaled_columns(schema)  # once: the prediction service transforms every batch
 
     @classmethod
     def fit(cls, schema: FeatureSchema, raw_train: np.ndarray) -> "Normalizer":
@@ -248,7 +249,7 @@ class Normalizer:
 
     def transform(self, raw: np.ndarray) -> np.ndarray:
         x = (raw - self.mean) / self.scale
-        cols = scaled_columns(self.schema)
+        cols = self._scaled
         if cols.size:
             x[:, cols] = np.clip(x[:, cols], -CLIP, CLIP)
         return x.astype(np.float32, copy=False)
