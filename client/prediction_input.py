@@ -339,7 +339,7 @@ def check_patients(lm, ids: list[str], raw: np.ndarray, limits: ServeSettings) -
     norm = lm.normalizer
     with np.errstate(invalid="ignore", over="ignore"):
         z = np.abs((raw[:, cols].astype(np.float64) - norm.mean[cols]) / norm.scale[cols])
-    far = np.nan_to_num(z, nan=0.0) > limits.out_of_range_sd
+        far = z > limits.out_of_range_sd  # a missing value (NaN) is never far
     notes, errors = [], []
     for i, pid in enumerate(ids):
         coverage = {m: round(float(v[i]), 4) for m, v in per_modality.items()}

@@ -367,9 +367,14 @@ class AuditLog:
         checks the whole chain."""
         if not known or "bytes" not in known or known.get("unreadable") or self.path.stat().st_size != known["bytes"]:
             return None
+        size = known["bytes"]
         with open(self.path, "rb") as fh:
-            fh.seek(max(0, known["bytes"] - 65536))
-            last = fh.read().splitlines()[-1:] if known["bytes"] else []
+            for window in (4096, 65536):  # an entry is a few hundred bytes: the small window nearly always holds it
+                fh.seek(max(0, size - window))
+                chunk = fh.read()
+                if size <= window or b"\n" in chunk[:-1]:  # the last line starts inside the window
+                    break
+            last = chunk.splitlines()[-1:] if size else []
         try:
             entry = json.loads(last[0]) if last else None
         except ValueError:

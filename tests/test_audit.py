@@ -32,6 +32,20 @@ def test_an_intact_log_verifies(tmp_path):
     assert report.ok and report.entries == 5 and not report.warnings
 
 
+@pytest.mark.parametrize("size", [10, 5000, 70000])
+def test_appends_after_an_entry_longer_than_the_tail_window_keep_one_chain(tmp_path, size):
+    """The O(1) tail check reads a small window first: an entry that does not fit in it (or in the large one)
+    still leads to a correct next append, by a fresh writer too."""
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.append("a", note="x" * size)
+    log.append("b")
+    AuditLog(tmp_path / "audit.jsonl").append("c", note="y" * size)
+    AuditLog(tmp_path / "audit.jsonl").append_many([("d", {}), ("e", {"note": "z" * size})], head=False)
+    AuditLog(tmp_path / "audit.jsonl").append("f")
+    report = verify(tmp_path / "audit.jsonl")
+    assert report.ok and report.entries == 6 and not report.warnings
+
+
 def test_an_edited_entry_is_reported(tmp_path):
     path = _log(tmp_path)
     lines = _lines(path)
