@@ -333,6 +333,9 @@ def create_app(settings: SiteConfig, *, audit_predictions: bool = True, threads:
     app.state.predictor = site.predictor
     app.state.site = site
     gc.freeze()  # the loaded model, schema and libraries: never rescanned by the collector (shorter pauses)
+    # a request allocates thousands of short-lived objects: collect the young generation every 50,000
+    # allocations instead of 700 (in three one-off pairs at 16 connections: as fast or faster, p99 as low or lower)
+    gc.set_threshold(50_000, 10, 10)
     return app
 
 
