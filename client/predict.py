@@ -137,7 +137,7 @@ class Predictor:
     write the audit log); with none, `current` stays None and `failed` says why."""
 
     def __init__(self, model_dir: str | Path, normalizer_path: str | Path, signing_public_key: str | Path | None = None,
-                 on_fallback=None, calibration_path: str | Path | None = None):
+                 on_fallback=None, calibration_path: str | Path | None = None, load_active: bool = True):
         self.store = ModelStore(model_dir)
         self.normalizer_path = Path(normalizer_path)
         self.calibration_path = Path(calibration_path) if calibration_path else self.normalizer_path.with_name(
@@ -148,7 +148,9 @@ class Predictor:
         self.current: LoadedModel | None = None
         self.failed: tuple[str, str] | None = None  # (version, why): not retried until ACTIVE changes
         self.degraded: dict | None = None  # {"active", "serving", "reason"} while a fallback is served
-        self.refresh()
+        self.explainer = None  # attributions (lm, x, target) -> array elsewhere (client/explain_process.py); None: here
+        if load_active:
+            self.refresh()
 
     def _load(self, version: str) -> LoadedModel:
         key = None
@@ -242,7 +244,7 @@ class Predictor:
                   "modality_weights": None if weights is None else weights.numpy(),
                   "present": present.numpy()}
         if top_k:
-            result["attributions"] = integrated_gradients(lm, x, torch.from_numpy(result["predicted"]))
+            result["attributions"] = (self.explainer or integrated_gradients)(lm, x, torch.from_numpy(result["predicted"]))
         return lm, result
 
 

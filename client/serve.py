@@ -236,6 +236,12 @@ class Site:
         self.predictions = ModelQueue("model", self.predictor, format_predictions, partial(self._commit, "model"),
                                       idle=self.write_head, capacity=self.limits.queue_patients,
                                       window_s=self.limits.batch_window_ms / 1000)
+        if self.limits.explanations == "process":  # integrated gradients off the service's GIL and CPU priority
+            from client.explain_process import ExplainProcess
+
+            self.predictor.explainer = ExplainProcess(settings.model_dir, self.state_dir / "normalizer.json",
+                                                      settings.signing_public_key or None,
+                                                      self.predictor.calibration_path)
         # explanations: their own thread, scheduled only on CPU time the predictions leave (SCHED_IDLE)
         self.explanations = ModelQueue("explain", self.predictor, format_predictions, partial(self._commit, "explain"),
                                        idle=self.write_head, max_patients=64,
@@ -317,6 +323,8 @@ def create_app(settings: SiteConfig, *, audit_predictions: bool = True, threads:
     async def lifespan(app):
         yield
         site.write_head()  # stopped: the audit head records every committed entry
+        if site.predictor.explainer is not None:
+            site.predictor.explainer.close()
 
     app = FastAPI(title="OncoFed site prediction service", version="1", docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json" if docs else None, lifespan=lifespan)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from client.explain_process import ExplainProcessError
 from client.serve_queue import QueueFull
 
 if TYPE_CHECKING:
@@ -45,6 +46,9 @@ def prediction_routes(app, site: "Site", role) -> None:
         except QueueFull as e:
             site.metrics.errors.labels(endpoint, "queue_full").inc()
             return JSONResponse({"detail": str(e)}, status_code=503, headers={"Retry-After": str(e.retry_after)})
+        except ExplainProcessError as e:  # the child died or failed: the service itself is fine
+            site.metrics.errors.labels(endpoint, "explain_process").inc()
+            return JSONResponse({"detail": str(e)}, status_code=503, headers={"Retry-After": "5"})
         except asyncio.TimeoutError:
             site.metrics.errors.labels(endpoint, "timeout").inc()
             raise HTTPException(503, "the model did not answer within 120 s (overloaded?); retry later") from None

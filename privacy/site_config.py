@@ -54,6 +54,9 @@ class ServeSettings(BaseModel):
     batch_window_ms: float = Field(0.0, ge=0, le=100, alias="batch-window-ms",
                                    description="wait this long for more requests before scoring a batch")
     api_docs: bool = Field(False, alias="api-docs", description="serve /docs (Swagger UI, bundled: no internet)")
+    explanations: Literal["process", "thread"] = Field(
+        "process", description="where integrated gradients run: 'process' = a child process at the lowest CPU "
+        "priority (off the service's GIL), 'thread' = the service's explanation thread")
 
 
 class SiteConfig(BaseModel):

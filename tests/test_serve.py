@@ -621,6 +621,55 @@ def test_explanations_run_through_the_trace_with_the_models_attributions_while_p
     assert not wrong and counts["ig"] == 6 and counts["forward"] >= 6, (wrong, counts)
 
 
+def test_explanations_come_from_a_child_process_equal_to_the_services_own_and_a_dead_child_is_replaced(site):
+    """The default `explanations = "process"`: the attributions are those integrated_gradients computes in the
+    service, from a SCHED_IDLE child; a child killed between requests is replaced, one killed during a request
+    costs that request a 503 with Retry-After, and the next one works."""
+    import os
+    import signal
+
+    from fastapi.testclient import TestClient
+
+    from client.predict import integrated_gradients
+
+    body = {"patients": [_patient(site, i) for i in range(3)], "top_k": 4}
+    with TestClient(create_app(site["settings"])) as c:
+        explainer = c.app.state.predictor.explainer
+        first = c.post("/v1/predict", json=body, headers=_auth(site["clinician"]))
+        assert first.status_code == 200
+        pid = explainer.pid
+        assert pid is not None and pid != os.getpid()
+        if hasattr(os, "SCHED_IDLE"):
+            assert os.sched_getscheduler(pid) == os.SCHED_IDLE
+        lm = c.app.state.predictor.current
+        x = torch.from_numpy(lm.normalizer.transform(site["x"][:3].numpy()))
+        target = torch.tensor([lm.schema.classes.index(r["predicted"]) for r in first.json()["predictions"]])
+        here = integrated_gradients(lm, x, target)
+        there = explainer(lm, x, target)
+        assert np.array_equal(here, there)
+
+        os.kill(pid, signal.SIGKILL)  # between requests: the next one starts a new child
+        explainer._proc.join(10)
+        again = c.post("/v1/predict", json=body, headers=_auth(site["clinician"]))
+        assert again.status_code == 200 and explainer.pid not in (None, pid)
+        assert again.json()["predictions"] == first.json()["predictions"]
+
+        start = explainer._start
+
+        def start_then_die():  # the child dies while the request is in flight
+            start()
+            os.kill(explainer._proc.pid, signal.SIGKILL)
+            explainer._proc.join(10)
+
+        explainer._start = start_then_die
+        refused = c.post("/v1/predict", json=body, headers=_auth(site["clinician"]))
+        assert refused.status_code == 503 and "explanation process ended" in refused.json()["detail"]
+        assert refused.headers["retry-after"]
+        explainer._start = start
+        assert c.post("/v1/predict", json=body, headers=_auth(site["clinician"])).status_code == 200
+    assert explainer.pid is None  # closed with the service
+
+
 def test_an_answer_waits_for_its_audit_commit_while_the_model_scores_the_next_batch(site):
     """The group commit overlaps the next forward pass, but no request is answered before its commit returns."""
     import asyncio
