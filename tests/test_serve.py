@@ -708,6 +708,28 @@ def test_an_answer_waits_for_its_audit_commit_while_the_model_scores_the_next_ba
     assert committed == ["a", "b"] and [rows[0]["id"] for _, rows in answers] == ["a", "b"]
 
 
+def test_small_requests_checked_on_the_loop_answer_as_large_ones_checked_in_a_thread(site, client):
+    """Bodies of at most INLINE_BYTES with at most INLINE_PATIENTS patients are parsed and checked on the event
+    loop, the rest in a parsing thread: the same contract, the same answers and refusals either way."""
+    from client import serve_routes
+
+    patients = [_patient(site, i) for i in range(12)]
+    assert len(json.dumps({"patients": patients[:1]})) <= serve_routes.INLINE_BYTES and serve_routes.INLINE_PATIENTS < 12
+    big = client.post("/v1/predict", json={"patients": patients, "top_k": 0}, headers=_auth(site["clinician"]))
+    assert big.status_code == 200
+    for i, p in enumerate(patients):
+        one = client.post("/v1/predict", json={"patients": [p], "top_k": 0}, headers=_auth(site["clinician"]))
+        a, b = one.json()["predictions"][0], big.json()["predictions"][i]
+        assert {k: v for k, v in a.items() if k not in ("probabilities", "modality_contributions")} == \
+            {k: v for k, v in b.items() if k not in ("probabilities", "modality_contributions")}
+        assert all(abs(a["probabilities"][c] - b["probabilities"][c]) < 1e-4 for c in a["probabilities"])
+    empty = [{"id": f"e{i}", "modalities": {}} for i in range(6)]
+    inline = client.post("/v1/predict", json={"patients": empty[:1], "top_k": 0}, headers=_auth(site["clinician"]))
+    threaded = client.post("/v1/predict", json={"patients": empty, "top_k": 0}, headers=_auth(site["clinician"]))
+    assert inline.status_code == threaded.status_code == 422
+    assert inline.json()["detail"][0]["code"] == threaded.json()["detail"][0]["code"] == "no_usable_feature"
+
+
 def test_the_explanations_model_thread_runs_only_on_cpu_time_predictions_leave(site):
     """A background queue's model thread is SCHED_IDLE (Linux), the prediction queue's stays normal, and the
     background queue still answers."""
