@@ -14,7 +14,6 @@ A child that dies is started again for the next explanation; the explanation in 
 from __future__ import annotations
 
 import multiprocessing
-import os
 import threading
 from pathlib import Path
 
@@ -81,13 +80,9 @@ class ExplainProcess:
 
 def _serve(conn, model_dir: str, normalizer_path: str, signing_public_key: str | None,
            calibration_path: str | None) -> None:
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        try:
-            os.nice(19)
-        except OSError:
-            pass
+    from client.serve_queue import run_in_background
+
+    run_in_background()  # inherited from the explanation thread that started it; set again to say so
     import torch
 
     from client.predict import Predictor, integrated_gradients

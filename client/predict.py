@@ -42,7 +42,7 @@ class LoadedModel:
     signature: str  # "verified", "unsigned", "not checked (no trust anchor)"
     normalizer: Normalizer
     inputs: dict  # modality -> {feature: (column, kind, levels)}, built once (input_map)
-    scaled: np.ndarray = None  # columns the normaliser standardises (out-of-range checks)
+    scaled: np.ndarray = None  # columns the normaliser standardises (out-of-range checks): normalizer.scaled
     feature_at: list = None  # column -> (modality, feature)
     temperature: float = 1.0  # fitted at the site on its labelled patients (client/calibration.py)
     calibration: dict | None = None
@@ -50,9 +50,7 @@ class LoadedModel:
     _traced: object = None
 
     def __post_init__(self):
-        from shared_models.site_data import scaled_columns
-
-        self.scaled = scaled_columns(self.schema)
+        self.scaled = self.normalizer.scaled
         self.feature_at = feature_names(self.schema)
 
     def forward(self):

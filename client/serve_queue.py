@@ -100,7 +100,7 @@ class ModelQueue:
 
     def _score(self) -> None:
         if self.background:
-            _run_in_background()
+            run_in_background()
         while True:
             jobs = self._take()
             groups: dict[tuple, list[Job]] = {}
@@ -160,8 +160,8 @@ class ModelQueue:
             logging.getLogger(__name__).exception("%s queue: deferred audit work failed", self.name)
 
 
-def _run_in_background() -> None:
-    """This thread gets the CPU only when no normal thread wants it: Linux's SCHED_IDLE (a normal thread
+def run_in_background() -> None:
+    """The calling thread (or a process's main thread) gets the CPU only when no normal thread wants it: Linux's SCHED_IDLE (a normal thread
     that wakes up preempts it at once; at nice 10 it waits for the running thread's slice), else nice 10.
     Under benchmarks/serve.py's explanation load the prediction p99 rose less with SCHED_IDLE than at
     nice 10 in each of five one-off pairs (docs/results.md)."""

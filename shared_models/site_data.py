@@ -229,10 +229,11 @@ class Normalizer:
 
     def __init__(self, schema: FeatureSchema, mean: np.ndarray, scale: np.ndarray):
         self.schema, self.mean, self.scale = schema, mean.astype(np.float32), scale.astype(np.float32)
-        # once: the prediction service transforms every batch. Standardised columns are clipped to +-CLIP,
-        # the others pass (+-inf bounds): one np.clip over the row, no gather and scatter of the columns
+        self.scaled = scaled_columns(schema)  # once: the prediction service transforms every batch
+        # standardised columns are clipped to +-CLIP, the others pass (+-inf bounds): one np.clip over the
+        # row, no gather and scatter of the columns
         self._low = np.full(len(self.mean), -np.inf, np.float32)
-        self._low[scaled_columns(schema)] = -CLIP
+        self._low[self.scaled] = -CLIP
         self._high = -self._low
 
     @classmethod
