@@ -69,15 +69,24 @@ def logit_confidence(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def lira_offline(target_phi: np.ndarray, reference_phi: np.ndarray, reference_trained_on: np.ndarray,
-                 min_models_for_own_variance: int = 8) -> np.ndarray:
+                 min_models_for_own_variance: int = 8, seed: int = 0) -> np.ndarray:
     """Offline LiRA score per patient: z = (phi - mu_out) / sigma_out, higher = more likely a member.
 
     target_phi: (n,) phi under the attacked model; reference_phi: (models, n) phi under each reference model;
     reference_trained_on: (models, n) True where a reference model trained on that patient (those are left
     out: offline LiRA fits only the "out" distribution). mu_out is each patient's own mean; sigma_out its own
-    standard deviation when it has at least `min_models_for_own_variance` out-models, else the deviation
-    pooled over all patients (Carlini et al.: with few reference models a global variance is more stable).
-    The paper's one-sided test, 1 - P[Z > phi] with Z ~ N(mu_out, sigma_out^2), is Phi(z): the same order.
+    standard deviation when every patient has at least `min_models_for_own_variance` out-models, else the
+    deviation pooled over all patients (Carlini et al.: with few reference models a global variance is more
+    stable). The paper's one-sided test, 1 - P[Z > phi] with Z ~ N(mu_out, sigma_out^2), is Phi(z): the
+    same order.
+
+    Every patient is scored the same way: against exactly as many out-models as the patient with the fewest
+    has (a random choice of its own, from `seed`), and with the same sigma rule. Otherwise the statistic's
+    distribution differs between groups with different out-model counts (members are in no reference
+    model, non-members in half of them): a member's own deviation from 8 models against a non-member's
+    pooled one from 4 turns any offset between the attacked model and the references (a model trained on
+    thousands of patients is more confident than references trained on dozens) into a spurious AUC above
+    0.5 with no membership signal at all (0.56-0.61 in tests/test_membership_audit.py's null).
     """
     target_phi = np.asarray(target_phi, dtype=np.float64)
     ref = np.asarray(reference_phi, dtype=np.float64)
@@ -89,12 +98,16 @@ def lira_offline(target_phi: np.ndarray, reference_phi: np.ndarray, reference_tr
     if (counts == 0).any():
         raise ValueError(f"{int((counts == 0).sum())} patient(s) are in every reference model's training data: "
                          "offline LiRA needs at least one reference model that did not train on each patient")
-    mu = np.where(out, ref, 0.0).sum(axis=0) / counts
-    sq = np.where(out, (ref - mu) ** 2, 0.0).sum(axis=0)
-    dof = counts.sum() - len(counts)
-    pooled = math.sqrt(sq.sum() / dof) if dof > 0 else 1.0
-    own = np.sqrt(sq / np.maximum(counts - 1, 1))
-    sigma = np.where(counts >= max(min_models_for_own_variance, 2), own, pooled)
+    k = int(counts.min())
+    keys = np.where(out, np.random.default_rng(seed).random(out.shape), np.inf)
+    use = np.argsort(np.argsort(keys, axis=0, kind="stable"), axis=0) < k  # k random out-models per patient
+    mu = np.where(use, ref, 0.0).sum(axis=0) / k
+    sq = np.where(use, (ref - mu) ** 2, 0.0).sum(axis=0)
+    if k >= max(min_models_for_own_variance, 2):
+        sigma = np.sqrt(sq / (k - 1))
+    else:
+        dof = len(counts) * (k - 1)
+        sigma = np.full(len(counts), math.sqrt(sq.sum() / dof) if dof > 0 else 1.0)
     return (target_phi - mu) / np.maximum(sigma, 1e-6)
 
 

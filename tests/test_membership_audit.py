@@ -61,11 +61,44 @@ def test_scores_from_logits_loss_confidence_and_logit_scaled_confidence():
 
 def test_offline_lira_compares_each_patient_with_the_reference_models_that_did_not_train_on_it():
     # patient 0: out-models give phi 0, 2, 4 (mean 2, sd 2); the model that trained on it (phi 100) is left out
-    reference = np.array([[0.0, 1.0], [2.0, 1.5], [4.0, 0.5], [100.0, 1.0]])
-    trained_on = np.array([[False, False], [False, False], [False, False], [True, False]])
+    reference = np.array([[0.0, 1.0], [2.0, 1.5], [4.0, 0.5], [100.0, 7.0]])
+    trained_on = np.array([[False, False], [False, False], [False, False], [True, True]])
     z = lira_offline(np.array([6.0, 1.0]), reference, trained_on, min_models_for_own_variance=3)
     assert z[0] == pytest.approx((6 - 2) / 2)
     assert z[1] == pytest.approx(0.0)  # patient 1 scores its out-models' mean: no evidence either way
+
+
+def test_offline_lira_scores_every_patient_against_as_many_out_models_and_one_sigma_rule():
+    # patient 0 has 4 out-models, patient 1 only 2: patient 0 is compared with 2 of its 4, and with fewer
+    # than 8 out-models both get the deviation pooled over both patients
+    reference = np.array([[0.0, 10.0], [2.0, 12.0], [4.0, 50.0], [6.0, 50.0]])
+    trained_on = np.array([[False, False], [False, False], [False, True], [False, True]])
+    for seed in range(10):
+        z = lira_offline(np.array([3.0, 11.0]), reference, trained_on, seed=seed)
+        pairs = [(a, b) for a in (0.0, 2.0, 4.0, 6.0) for b in (0.0, 2.0, 4.0, 6.0) if a < b]
+        candidates = [((3 - (a + b) / 2), ((a - b) ** 2 / 2 + 2.0) / 2) for a, b in pairs]
+        assert any(z[0] == pytest.approx(d / np.sqrt(v)) and z[1] == pytest.approx(0.0) for d, v in candidates)
+
+
+def test_offline_lira_has_no_advantage_without_membership_and_finds_it_when_there_is():
+    # members are in no reference model, non-members in half of them (as the site's audit trains them), and
+    # the attacked model is more confident than its references on everyone: with no membership signal the
+    # AUC stays at chance (before the equal-count rule, members' own sigma against non-members' pooled one
+    # gave 0.56 at offset 1 and 0.61 at offset 3 here)
+    rng = np.random.default_rng(0)
+    models, n_m, n_n = 8, 650, 160
+    for offset in (1.0, 3.0):
+        for signal, lo, hi in ((0.0, 0.45, 0.55), (1.0, 0.7, 1.0)):
+            mu, spread = rng.normal(0, 2, n_m + n_n), rng.uniform(0.5, 2, n_m + n_n)
+            ref = mu + spread * rng.normal(size=(models, n_m + n_n))
+            trained_on = np.zeros((models, n_m + n_n), dtype=bool)
+            for j in range(n_n):
+                trained_on[rng.choice(models, models // 2, replace=False), n_m + j] = True
+            ref = np.where(trained_on, ref + 2, ref)
+            target = mu + offset + spread * rng.normal(size=n_m + n_n)
+            target[:n_m] += signal * spread[:n_m]
+            z = lira_offline(target, ref, trained_on)
+            assert lo < auc(z[:n_m], z[n_m:]) < hi
 
 
 def test_offline_lira_refuses_a_patient_that_every_reference_model_trained_on():
