@@ -123,7 +123,7 @@ def site_privacy_audit(
                                        "patients were held out (run config; default 0.2)"),
     seed: int = typer.Option(0, "--seed", help="the run's seed (run config seed), which fixed the held-out part"),
     lira_models: int = typer.Option(0, "--lira-models", min=0, help="also run offline LiRA with this many reference "
-                                    "models (>= 2; trained here on halves of the held-out part; 0: skip)"),
+                                    "models (>= 2; trained here on halves of the site's patients; 0: skip)"),
     lira_epochs: int = typer.Option(30, "--lira-epochs", min=1, help="epochs of each LiRA reference model"),
     confidence: float = typer.Option(0.95, "--confidence", help="confidence of the bound test (all attacks together)"),
     version: str = typer.Option("", "--version", help="the model version to audit (default: the active one)"),

@@ -119,7 +119,9 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
     if cfg.privacy.enabled:
         sigma, q, planned = run_noise(site, run_id, cfg)
         ticket = site.ledger.begin_round(site.dataset_fingerprint, run_id, rnd, sigma, q, planned)
-        from privacy.dp_randomness import private_engine
+        from privacy.dp_randomness import private_engine, secret_dropout
+
+        secret_dropout()  # the masks depend on which records a step sampled: secret, as the sampling
 
         engine = private_engine("prv")  # sampling and noise from a secret seed, not the run's (see there)
         # compacted: one entry per (sigma, q) instead of one per past round (PRV's cost grows with entries)
@@ -218,10 +220,10 @@ def distributed_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: 
     noise share. Returns the float arrays for Flower (num_examples = max_weight: Flower's weight factor 1);
     raises BudgetError or distributed.GridError to refuse (nothing is sent), also when `server_plan` (the
     server's NOISE_PLAN) is not this site's plan."""
-    from privacy.dp_randomness import dp_generator, dp_numpy_generator
+    from privacy.dp_randomness import dp_generator, dp_numpy_generator, secret_dropout
 
     t_round = time.perf_counter()
-    torch.manual_seed(cfg.training.seed * 1_000_003 + site_seed * 1009 + rnd)  # dropout only: the DP draws are secret
+    torch.manual_seed(cfg.training.seed * 1_000_003 + site_seed * 1009 + rnd)  # the model's initialisation only
     model = MultiModalTransformer(site.schema, cfg.model)
     load_arrays(model, global_arrays)
     shapes, noised = trainable_layout(model)
@@ -235,6 +237,7 @@ def distributed_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: 
     ticket = site.ledger.begin_round(site.dataset_fingerprint, run_id, rnd, p.noise_multiplier, p.sample_rate, 1,
                                      mechanism=p)
     t_train = time.perf_counter()
+    secret_dropout()  # the masks depend on which records were sampled: secret, as the sampling (dp_randomness)
     sampled = torch.rand(n, generator=dp_generator()) < p.sample_rate  # Poisson sampling, secret
     grads = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
     if bool(sampled.any()):

@@ -7,7 +7,9 @@ model, the one its run trained on), so an audit never attacks patients the model
 
 Attacks (privacy/membership.py holds the maths): the loss and the confidence attack by default; with
 `lira_models` N >= 2, offline LiRA with N reference models trained by shared_models/training.py's `fit` on random
-halves of the non-members (each non-member in N // 2 of them; members in none).
+halves of all the site's patients, members and non-members alike (each patient in N // 2 of them), so that
+every patient is compared with the N - N // 2 reference models that did not train on it, and the references
+are trained on as many patients as the site gave the federation, not on a few dozen.
 
 The claim tested is the model's (epsilon, delta) for this site: the delivered package's `site_epsilon`
 and `delta`, else the site's ledger (its committed rounds of the package's run). An attack that proves a
@@ -31,7 +33,6 @@ AUDIT_FORMAT = "oncofed-privacy-audit/1"
 REPORT_FILE, PLOT_FILE = "privacy-audit.json", "privacy-audit-roc.png"
 MIN_PATIENTS = 10  # members and non-members each: fewer cannot prove anything
 WEAK_AUDIT = 200  # below this many non-members (or members) the report says the audit is weak
-MIN_LIRA_NONMEMBERS = 20  # each reference model trains on half of them
 
 
 class PrivacyAuditError(ValueError):
@@ -120,21 +121,20 @@ def _logits(model, x: np.ndarray) -> np.ndarray:
 def reference_logit_confidence(schema, model_config, parts, n_models: int, epochs: int,
                                seed: int) -> tuple[np.ndarray, np.ndarray]:
     """phi of every member and non-member (in that order) under `n_models` reference models, and which
-    reference model trained on which of them (members: none). Each non-member is in exactly n_models // 2
-    reference trainings, so every patient has at least one reference model that never saw it."""
+    reference model trained on which of them. Each reference model trains on a random half of all the site's
+    patients; each patient is in exactly n_models // 2 of them, so every patient has as many that never saw it."""
     import torch
 
     from shared_models.model import MultiModalTransformer
     from shared_models.training import TrainConfig, fit
 
-    n_m, n_n = len(parts.train.y), len(parts.val.y)
+    n = len(parts.train.y) + len(parts.val.y)
     rng = np.random.default_rng(seed)
-    trained_on = np.zeros((n_models, n_m + n_n), dtype=bool)
-    for j in range(n_n):
-        trained_on[rng.choice(n_models, n_models // 2, replace=False), n_m + j] = True
+    keys = rng.random((n_models, n))
+    trained_on = np.argsort(np.argsort(keys, axis=0), axis=0) < n_models // 2  # n_models // 2 per patient
     x_all = np.concatenate([parts.train.x, parts.val.x])
     y_all = np.concatenate([parts.train.y, parts.val.y])
-    phi = np.zeros((n_models, n_m + n_n))
+    phi = np.zeros((n_models, n))
     for k in range(n_models):
         rows = np.flatnonzero(trained_on[k])
         torch.manual_seed(seed * 1009 + k)
@@ -213,9 +213,6 @@ def audit(site_dir: Path, state_dir: Path, model_dir: Path, site: str, *, val_fr
     check_membership(ledger, fingerprint, package.get("run"), bool(package.get("dp")), ledger_path, val_fraction,
                      seed)
     claim = claimed_privacy(package, site, ledger, fingerprint, package_path, ledger_path)
-    if lira_models and len(parts.val.y) < MIN_LIRA_NONMEMBERS:
-        raise PrivacyAuditError(f"{site_dir}: {len(parts.val.y)} non-members; offline LiRA's reference models train "
-                                f"on halves of them and need at least {MIN_LIRA_NONMEMBERS}: drop --lira-models")
 
     t0 = time.perf_counter()
     data = AuditData(_logits(model, parts.train.x), parts.train.y, _logits(model, parts.val.x), parts.val.y)

@@ -197,13 +197,16 @@ def _one_skellam_step_rdp(l2: float, l1: float, variance: float, sample_rate: fl
     return out
 
 
-def bad_event_delta(history: list[Mechanism]) -> float:
+def bad_event_delta(history: list[Mechanism], at_epsilon: float = MAX_BUDGET) -> float:
     """The delta paid for the Skellam steps' bad events: the mechanism run and the one analysed differ
     with probability at most P = sum of steps x bad_event over the whole history, which costs
-    (1 + e^eps) P in delta (a total-variation argument); e^eps is taken at MAX_BUDGET, the largest
-    epsilon any budget allows."""
+    (1 + e^eps) P in delta (a total-variation argument) for a claim of epsilon eps; by default e^eps is
+    taken at MAX_BUDGET, the largest epsilon any budget allows (rdp_epsilon takes it at the epsilon it
+    reports when that is larger, e.g. a site's worst case)."""
     p = sum(m.steps * m.bad_event for m in history if isinstance(m, SkellamSteps))
-    return (1 + math.exp(MAX_BUDGET)) * p
+    if p == 0:
+        return 0.0
+    return math.inf if at_epsilon > 700 else (1 + math.exp(at_epsilon)) * p
 
 
 def rdp_epsilon(history: list[Mechanism], delta: float, orders=RDP_ORDERS) -> float:
@@ -228,6 +231,20 @@ def rdp_epsilon(history: list[Mechanism], delta: float, orders=RDP_ORDERS) -> fl
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "optimal order is the largest alpha": then epsilon is tiny anyway
         eps, _ = get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta_rdp)
+        # above MAX_BUDGET (only a worst case, e.g. a site's own noise share alone, gets there) the bad
+        # events cost (1 + e^eps) P at the epsilon claimed: find the fixed point, or no finite epsilon holds
+        for _ in range(50):
+            if eps <= MAX_BUDGET:
+                break
+            delta_rdp = delta - bad_event_delta(hist, eps)
+            if delta_rdp <= 0:
+                return math.inf
+            eps_next, _ = get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta_rdp)
+            if eps_next <= eps * (1 + 1e-9):
+                return float(max(eps, eps_next))
+            eps = eps_next
+        else:
+            return math.inf
     return float(eps)
 
 

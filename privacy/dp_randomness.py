@@ -3,9 +3,16 @@
 Both must be secret from everyone outside the site, the server included. DP's guarantee assumes the
 adversary cannot predict the noise (whoever can, subtracts it from the aggregate) nor which records a
 step sampled (the amplification by subsampling that the accountant counts on assumes a secret sample).
-A site seeds torch from the run config (seed, site index, round: client/local_round.py) so that dropout
-and non-DP runs are reproducible; the server knows those seeds, so the DP draws must not come from
-torch's global generator, which is where Opacus takes them from by default (`secure_mode=False`).
+A site seeds torch from the run config (seed, site index, round: client/local_round.py) so that model
+initialisation and non-DP runs are reproducible; the server knows those seeds, so the DP draws must not
+come from torch's global generator, which is where Opacus takes them from by default (`secure_mode=False`).
+
+Dropout's masks must be secret too (`secret_dropout`): they are drawn for the whole batch from torch's
+global generator, so a record's mask depends on its position in the batch, that is on which other records
+the step sampled. From a public seed the server could compute every mask, and removing one patient would
+change the other sampled patients' (known) gradients: the sensitivity C the accountant assumes would not
+hold. With secret, independent masks, the step is a mixture over masks of mechanisms each of sensitivity C
+(couple the other records' masks), and the accounting holds (joint quasi-convexity of the Renyi divergence).
 
 Opacus' `secure_mode=True` would take them from torchcsprng (/dev/urandom) and draw each noise value
 as a sum of four Gaussians (a defence against floating-point attacks on the noise). It is not used:
@@ -35,6 +42,12 @@ def dp_numpy_generator() -> np.random.Generator:
 def dp_generator() -> torch.Generator:
     """A generator for one round's DP draws, seeded from the OS CSPRNG (unknown to anyone, the site too)."""
     return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+def secret_dropout() -> None:
+    """Seed torch's global generator, which dropout and attention dropout draw from, from the OS CSPRNG for
+    the rest of a DP round (after the model's initialisation from the run's public seed): see above."""
+    torch.manual_seed(secrets.randbits(63))
 
 
 def private_engine(accountant: str = "prv"):

@@ -37,7 +37,8 @@ class Dropout(nn.Module):
     64-bit random word gives four 16-bit uniforms, compared with a threshold in float arithmetic: element
     kept with probability 1 - k / 65536, k = round(p x 65536) (|error| <= 2^-17: p = 0.1 drops with
     probability 0.100006), scaled by the exact inverse of that, so the expectation is x. Masks are drawn
-    per element from torch's global generator, as nn.Dropout's: nothing mixes samples (DP-safe)."""
+    per element from torch's global generator, as nn.Dropout's. A sample's mask depends on its position in the
+    batch, so under DP that generator must be secret (privacy/dp_randomness.py `secret_dropout`)."""
 
     def __init__(self, p: float):
         super().__init__()

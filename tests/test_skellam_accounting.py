@@ -65,3 +65,19 @@ def test_the_bound_is_above_both_exact_directions_of_the_subsampled_skellam(vari
                 def exact(k: int) -> float:
                     return renyi(log_q, log_p, k)
                 assert subsampled_rdp(a, q, exact) == pytest.approx(min(removal, exact(a)), rel=1e-7, abs=1e-12)
+
+
+def test_a_worst_case_above_the_largest_budget_pays_its_bad_events_at_its_own_epsilon():
+    # (1 + e^eps) P in delta at the epsilon claimed: a site's own share alone at sample rate 0.1 (250 rounds,
+    # 8 trusted) would be epsilon ~194 by RDP, where e^194 P is far above delta: no finite epsilon is proven
+    import math
+
+    from privacy.accounting import bad_event_delta, epsilon
+    from privacy.distributed import run_plan
+
+    low, high = (run_plan(1.0, 258_431, 8, q, 8.0, 1e-5, 250) for q in (0.1, 0.3))
+    assert math.isinf(epsilon([low.steps(250, worst_case=True)], 1e-5))
+    wc = high.steps(250, worst_case=True)
+    e = epsilon([wc], 1e-5)
+    assert 30 < e < 100 and bad_event_delta([wc], e) < 1e-5  # below MAX_BUDGET nothing changes
+    assert epsilon([low.steps(250)], 1e-5) <= 8.0  # nor under the trust assumption
