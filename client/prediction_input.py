@@ -87,19 +87,46 @@ def json_depth(body: bytes) -> int:
     return int(np.cumsum(moves[moves != 0], dtype=np.int64).max(initial=0))
 
 
+def object_depth(value) -> int:
+    """Deepest nesting of lists and dicts in a parsed value, iteratively (~20 ms for a 10 MB request of 300
+    patients, against ~150 ms for json_depth's scan of the same bytes)."""
+    if not isinstance(value, (dict, list)):
+        return 0
+    best, stack = 0, [(value, 1)]
+    while stack:
+        x, depth = stack.pop()
+        if depth > best:
+            best = depth
+        for v in (x.values() if isinstance(x, dict) else x):
+            if isinstance(v, (dict, list)):
+                stack.append((v, depth + 1))
+    return best
+
+
+def _too_deep(depth: int, limits: ServeSettings) -> PredictionInputError:
+    return PredictionInputError([{"loc": "body", "code": "too_deep", "msg": f"JSON nested {depth} levels deep; "
+                                  f"at most {limits.max_json_depth} (a prediction request needs 5)"}])
+
+
 def parse_json(body: bytes, limits: ServeSettings):
-    """The request body as Python objects, refusing nesting beyond the limit before parsing."""
+    """The request body as Python objects, refusing nesting beyond the limit. orjson parses without
+    recursion at any depth, so its result's depth is checked after it; json (the fallback for what orjson
+    refuses: NaN literals, huge integers, lone surrogates) recurses, so its input's depth is checked first."""
     import json
 
     brackets = body.count(b"[") + body.count(b"{")  # C speed; a body with few brackets cannot nest deeply
-    depth = json_depth(body) if brackets > limits.max_json_depth else 0
-    if depth > limits.max_json_depth:
-        raise PredictionInputError([{"loc": "body", "code": "too_deep", "msg": f"JSON nested {depth} levels deep; "
-                                     f"at most {limits.max_json_depth} (a prediction request needs 5)"}])
-    try:  # ~3x faster; anything it refuses (NaN literals, huge integers, lone surrogates) is left to json
-        return orjson.loads(body)
+    try:  # ~3x faster than json
+        value = orjson.loads(body)
     except orjson.JSONDecodeError:
         pass
+    else:
+        depth = object_depth(value) if brackets > limits.max_json_depth else 0
+        if depth > limits.max_json_depth:
+            raise _too_deep(depth, limits)
+        return value
+    depth = json_depth(body) if brackets > limits.max_json_depth else 0
+    if depth > limits.max_json_depth:
+        raise _too_deep(depth, limits)
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as e:

@@ -957,3 +957,14 @@ def test_calibration_is_fitted_at_the_site_and_checked_on_held_out_patients(site
     assert after["predictions"][0]["probabilities"] != before["predictions"][0]["probabilities"]
     info = c.get("/v1/model", headers=_auth(site["clinician"])).json()
     assert info["calibration"]["temperature"] == cal["temperature"]
+
+
+def test_the_depth_of_a_parsed_request_is_the_depth_of_its_bytes():
+    # orjson parses any depth without recursion, so the limit is checked on its result (cheaper than scanning)
+    import orjson
+
+    from client.prediction_input import json_depth, object_depth
+
+    for body in (b"1", b'"x"', b"[]", b"{}", b"[1,[2,[3]]]", b'{"a":{"b":[{"c":1}]}}', b'{"a":"[[[[["}',
+                 b'{"p":[' + b"[" * 5000 + b"]" * 5000 + b"]}"):
+        assert object_depth(orjson.loads(body)) == json_depth(body)
