@@ -75,3 +75,18 @@ def kill_local_superlink_when(work: Path, ready, timeout: float = 300.0) -> thre
     t = threading.Thread(target=watch, daemon=True)
     t.start()
     return t
+
+
+def dropout_seeds(monkeypatch) -> list[int]:
+    """The seed of torch's global generator each time a Dropout layer draws its masks."""
+    from shared_models import layers
+
+    seen, forward = [], layers.Dropout.forward
+
+    def recording(self, x):
+        if self.training and self.p > 0:
+            seen.append(torch.initial_seed())
+        return forward(self, x)
+
+    monkeypatch.setattr(layers.Dropout, "forward", recording)
+    return seen

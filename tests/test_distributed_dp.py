@@ -519,19 +519,12 @@ def test_prometheus_serves_both_epsilons_of_a_distributed_run(tmp_path):
 
 def test_a_distributed_rounds_dropout_masks_come_from_a_secret_seed(tmp_path, monkeypatch):
     from client.local_round import distributed_round, state_arrays
-    from shared_models import layers
     from shared_models.model import MultiModalTransformer
+    from tests.factories import dropout_seeds
 
     schema, run, site = _site(tmp_path)
     torch.manual_seed(0)
     weights = state_arrays(MultiModalTransformer(schema, run.model))
-    seen, forward = [], layers.Dropout.forward
-
-    def recording(self, x):
-        if self.training and self.p > 0:
-            seen.append(torch.initial_seed())
-        return forward(self, x)
-
-    monkeypatch.setattr(layers.Dropout, "forward", recording)
+    seen = dropout_seeds(monkeypatch)
     distributed_round(site, weights, run, "run-d", 1, _grid(3))
     assert seen and run.training.seed * 1_000_003 + 1 not in seen

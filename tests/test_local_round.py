@@ -16,6 +16,7 @@ from privacy.accounting import BudgetError
 from privacy.run_config import load_run_config
 from shared_models.model import MultiModalTransformer
 from shared_models.run_config import RunConfigError
+from tests.factories import dropout_seeds
 from tests.sitefixtures import site_schema, site_tables, write_site
 
 
@@ -138,27 +139,12 @@ def test_under_dp_the_loss_does_not_depend_on_the_sites_label_counts():
         load_run_config({**site_softmax, "dp": True})
 
 
-def _dropout_seeds(monkeypatch) -> list[int]:
-    """The seed of torch's global generator each time a Dropout layer draws its masks."""
-    from shared_models import layers
-
-    seen, forward = [], layers.Dropout.forward
-
-    def recording(self, x):
-        if self.training and self.p > 0:
-            seen.append(torch.initial_seed())
-        return forward(self, x)
-
-    monkeypatch.setattr(layers.Dropout, "forward", recording)
-    return seen
-
-
 def test_under_dp_dropout_masks_come_from_a_secret_seed_not_the_runs(tmp_path, monkeypatch):
     # a record's mask depends on its batch position, i.e. on which other records were sampled: from the run's
     # public seed the server could compute them, and one patient's removal would move the others' gradients
     _, run, site, w = _setup(tmp_path, dropout=0.1)
     public = {run.training.seed * 1_000_003 + 0 * 1009 + rnd for rnd in (1, 2)}
-    seen = _dropout_seeds(monkeypatch)
+    seen = dropout_seeds(monkeypatch)
     train_round(site, w, run, "run-A", 1)
     train_round(site, w, run, "run-A", 2)
     assert seen and not public & set(seen) and len(set(seen)) == 2  # one secret seed per round
