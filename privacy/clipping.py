@@ -185,6 +185,15 @@ class BookKeepingClipper:
         scale = float(batch) if self.loss_reduction == "mean" else 1.0
         prepared = _prepare_linear(self._linears, batch, self.token_norm) + _prepare_other(self._others, batch)
         sq = torch.stack([item.sq for item in prepared]).sum(0)  # per-sample squared norms of the (unscaled) gradients
+        finite = torch.isfinite(sq)
+        if not bool(finite.all()):
+            # a sample whose gradient is not finite (overflow) counts as a zero gradient: norm 0 <= C, so the
+            # sensitivity holds, and the sum stays finite instead of making the site withdraw from the round
+            # where the server sees it (samples never mix, so only its own recorded rows are not finite)
+            for _, tape in self._linears + self._others:
+                tape[:] = [tuple(_keep_rows(t, finite, batch) for t in entry) for entry in tape]
+            prepared = _prepare_linear(self._linears, batch, self.token_norm) + _prepare_other(self._others, batch)
+            sq = torch.stack([item.sq for item in prepared]).sum(0)
         norms = sq.clamp_min(0).sqrt() * scale
         weights = (self.max_grad_norm / (norms + _NORM_EPS)).clamp(max=1.0) * scale  # c_i x the loss scale
         for item in prepared:
@@ -197,6 +206,14 @@ class BookKeepingClipper:
             if tape:
                 return tape[0][1].shape[0]
         return 0
+
+
+def _keep_rows(t, keep: Tensor, batch: int):
+    """A recorded (batch-major) tensor with the rows of the samples not in `keep` set to zero."""
+    if not isinstance(t, Tensor) or t.dim() == 0 or t.shape[0] % batch:
+        return t
+    rows = t.reshape(batch, -1)
+    return torch.where(keep.view(batch, 1), rows, torch.zeros((), dtype=t.dtype)).reshape(t.shape)
 
 
 def _taped_forward(layer: nn.Linear, tape: list):

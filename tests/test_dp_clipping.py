@@ -392,3 +392,25 @@ def test_step_without_a_recorded_backward_is_an_error():
     clipper = BookKeepingClipper(nn.Linear(3, 3), 1.0)
     with pytest.raises(RuntimeError, match="call loss.backward"):
         clipper.clip_()
+
+
+def test_a_sample_whose_gradient_is_not_finite_counts_as_a_zero_gradient():
+    # one patient whose values overflow: the clipped sum is the other patients' alone, finite, so the site
+    # need not withdraw from the round (a withdrawal the server would see)
+    model = _full_model(dropout=0.0).double().eval()
+    x, y = _batch_with_missing(8)
+    bad = x.clone()
+    bad[0] = torch.where(torch.isnan(bad[0]), bad[0], torch.full_like(bad[0], 1e308))
+    params = [p for p in model.parameters() if p.requires_grad]
+    with BookKeepingClipper(model, 0.5, loss_reduction="sum") as clipper:
+        F.cross_entropy(model(bad), y, reduction="sum").backward()
+        norms = clipper.clip_()
+    got = [p.grad.clone() for p in params]
+    assert norms[0] == 0 and all(torch.isfinite(g).all() for g in got)
+    model.zero_grad()
+    with BookKeepingClipper(model, 0.5, loss_reduction="sum") as clipper:
+        F.cross_entropy(model(x[1:]), y[1:], reduction="sum").backward()
+        want_norms = clipper.clip_()
+    assert torch.allclose(norms[1:], want_norms, rtol=TOL, atol=0)
+    for g, p in zip(got, params):
+        assert torch.allclose(g, p.grad, rtol=1e-9, atol=1e-12)
