@@ -236,13 +236,14 @@ def rdp_epsilon(history: list[Mechanism], delta: float, orders=RDP_ORDERS) -> fl
         for _ in range(50):
             if eps <= MAX_BUDGET:
                 break
-            delta_rdp = delta - bad_event_delta(hist, eps)
+            claim = eps * (1 + 1e-6)  # a candidate: valid when its own bad-event price leaves RDP at most it
+            delta_rdp = delta - bad_event_delta(hist, claim)
             if delta_rdp <= 0:
                 return math.inf
-            eps_next, _ = get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta_rdp)
-            if eps_next <= eps * (1 + 1e-9):
-                return float(max(eps, eps_next))
-            eps = eps_next
+            eps_rdp, _ = get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta_rdp)
+            if eps_rdp <= claim:
+                return float(claim)
+            eps = eps_rdp
         else:
             return math.inf
     return float(eps)

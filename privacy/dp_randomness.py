@@ -12,7 +12,9 @@ global generator, so a record's mask depends on its position in the batch, that 
 the step sampled. From a public seed the server could compute every mask, and removing one patient would
 change the other sampled patients' (known) gradients: the sensitivity C the accountant assumes would not
 hold. With secret, independent masks, the step is a mixture over masks of mechanisms each of sensitivity C
-(couple the other records' masks), and the accounting holds (joint quasi-convexity of the Renyi divergence).
+(couple the other records' masks), and the accounting holds: for RDP (distributed mode) by the joint
+quasi-convexity of the Renyi divergence, for PRV (site mode) by the joint convexity of the hockey-stick
+divergence. The generator is the process's: nothing else may seed it during a DP round.
 
 Opacus' `secure_mode=True` would take them from torchcsprng (/dev/urandom) and draw each noise value
 as a sum of four Gaussians (a defence against floating-point attacks on the noise). It is not used:

@@ -81,3 +81,17 @@ def test_a_worst_case_above_the_largest_budget_pays_its_bad_events_at_its_own_ep
     e = epsilon([wc], 1e-5)
     assert 30 < e < 100 and bad_event_delta([wc], e) < 1e-5  # below MAX_BUDGET nothing changes
     assert epsilon([low.steps(250)], 1e-5) <= 8.0  # nor under the trust assumption
+
+
+def test_a_worst_case_above_the_largest_budget_is_a_claim_whose_own_bad_event_price_holds():
+    # a history whose RDP epsilon is above MAX_BUDGET with a bad-event probability small enough for it
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    from privacy.accounting import MAX_BUDGET, RDP_ORDERS, SkellamSteps, bad_event_delta, epsilon, skellam_steps_rdp
+
+    m = SkellamSteps(l2=1.0, l1=1.0, variance=0.5, sample_rate=1.0, steps=20, bad_event=math.exp(-170) / 20)
+    e = epsilon([m], 1e-5)
+    assert MAX_BUDGET < e < math.inf
+    rdp_at_claim, _ = get_privacy_spent(orders=list(RDP_ORDERS), rdp=skellam_steps_rdp(m, RDP_ORDERS),
+                                        delta=1e-5 - bad_event_delta([m], e))
+    assert rdp_at_claim <= e
