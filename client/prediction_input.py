@@ -88,8 +88,8 @@ def json_depth(body: bytes) -> int:
 
 
 def object_depth(value) -> int:
-    """Deepest nesting of lists and dicts in a parsed value, iteratively (~20 ms for a 10 MB request of 300
-    patients, against ~150 ms for json_depth's scan of the same bytes)."""
+    """Deepest nesting of lists and dicts in a parsed value, iteratively (13 ms for the serve benchmark's
+    6.4 MB request of 300 patients, against 91 ms for json_depth's scan of the same bytes)."""
     if not isinstance(value, (dict, list)):
         return 0
     best, stack = 0, [(value, 1)]
@@ -103,44 +103,41 @@ def object_depth(value) -> int:
     return best
 
 
-def _too_deep(depth: int, limits: ServeSettings) -> PredictionInputError:
-    return PredictionInputError([{"loc": "body", "code": "too_deep", "msg": f"JSON nested {depth} levels deep; "
-                                  f"at most {limits.max_json_depth} (a prediction request needs 5)"}])
+def _check_depth(depth: int, limits: ServeSettings) -> None:
+    if depth > limits.max_json_depth:
+        raise PredictionInputError([{"loc": "body", "code": "too_deep", "msg": f"JSON nested {depth} levels deep; "
+                                     f"at most {limits.max_json_depth} (a prediction request needs 5)"}])
 
 
 # orjson (3.8) recurses once per nesting level: a 292 KB body nested 150,000 deep crashed the whole process
 # (segfault) in a parsing thread. A body with at most this many brackets cannot nest deeper than that, 7x
-# below the crash; a 300-patient request has ~2,700.
+# below the crash; the serve benchmark's 300-patient request has ~1,800.
 ORJSON_SAFE_BRACKETS = 20_000
 
 
 def parse_json(body: bytes, limits: ServeSettings):
-    """The request body as Python objects, refusing nesting beyond the limit. A body whose bracket count
-    bounds its depth far below where orjson's recursion would crash is parsed first and its depth read from
-    the result (~20 ms for 10 MB); any other body's depth is scanned from its bytes first (~150 ms for
-    10 MB), as before json (the fallback for what orjson refuses: NaN literals, huge integers, lone
-    surrogates), which recurses too."""
+    """The request body as Python objects, refusing nesting beyond the limit. The bracket count bounds the
+    depth: a body with more than ORJSON_SAFE_BRACKETS has its depth scanned from its bytes before any
+    parser sees it; any other body is parsed by orjson first and its depth read from the result (cheaper),
+    or, if orjson refuses it (NaN literals, huge integers, lone surrogates), scanned before json, which
+    recurses."""
     import json
 
     brackets = body.count(b"[") + body.count(b"{")  # C speed; an upper bound on the depth
-    if brackets <= ORJSON_SAFE_BRACKETS:
-        try:  # ~3x faster than json
-            value = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            pass
-        else:
-            depth = object_depth(value) if brackets > limits.max_json_depth else 0
-            if depth > limits.max_json_depth:
-                raise _too_deep(depth, limits)
-            return value
-    depth = json_depth(body) if brackets > limits.max_json_depth else 0
-    if depth > limits.max_json_depth:
-        raise _too_deep(depth, limits)
-    if brackets > ORJSON_SAFE_BRACKETS:
-        try:
-            return orjson.loads(body)  # its depth is checked: safe
-        except orjson.JSONDecodeError:
-            pass
+    may_nest = brackets > limits.max_json_depth
+    scanned = brackets > ORJSON_SAFE_BRACKETS
+    if scanned:
+        _check_depth(json_depth(body), limits)
+    try:  # ~3x faster than json
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    else:
+        if may_nest and not scanned:
+            _check_depth(object_depth(value), limits)
+        return value
+    if may_nest and not scanned:
+        _check_depth(json_depth(body), limits)
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as e:

@@ -27,7 +27,7 @@ import numpy as np
 
 from privacy.membership import (REPORTED_FPRS, AttackResult, attack, clopper_pearson_upper, dp_auc_bound,
                                 dp_tpr_bound, logit_confidence, lira_offline, max_probability, per_example_loss,
-                                strongest_provable_epsilon)
+                                random_per_column, strongest_provable_epsilon)
 
 AUDIT_FORMAT = "oncofed-privacy-audit/1"
 REPORT_FILE, PLOT_FILE = "privacy-audit.json", "privacy-audit-roc.png"
@@ -129,9 +129,7 @@ def reference_logit_confidence(schema, model_config, parts, n_models: int, epoch
     from shared_models.training import TrainConfig, fit
 
     n = len(parts.train.y) + len(parts.val.y)
-    rng = np.random.default_rng(seed)
-    keys = rng.random((n_models, n))
-    trained_on = np.argsort(np.argsort(keys, axis=0), axis=0) < n_models // 2  # n_models // 2 per patient
+    trained_on = random_per_column(np.ones((n_models, n), dtype=bool), n_models // 2, np.random.default_rng(seed))
     x_all = np.concatenate([parts.train.x, parts.val.x])
     y_all = np.concatenate([parts.train.y, parts.val.y])
     phi = np.zeros((n_models, n))

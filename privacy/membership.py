@@ -68,6 +68,13 @@ def logit_confidence(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
     return logp[rows, y] - log_rest
 
 
+def random_per_column(eligible: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """A boolean mask of eligible's shape choosing, in each column, k of its eligible rows uniformly at random
+    (every column must have at least k)."""
+    keys = np.where(eligible, rng.random(eligible.shape), np.inf)
+    return np.argsort(np.argsort(keys, axis=0, kind="stable"), axis=0) < k
+
+
 def lira_offline(target_phi: np.ndarray, reference_phi: np.ndarray, reference_trained_on: np.ndarray,
                  min_models_for_own_variance: int = 8, seed: int = 0) -> np.ndarray:
     """Offline LiRA score per patient: z = (phi - mu_out) / sigma_out, higher = more likely a member.
@@ -99,8 +106,7 @@ def lira_offline(target_phi: np.ndarray, reference_phi: np.ndarray, reference_tr
         raise ValueError(f"{int((counts == 0).sum())} patient(s) are in every reference model's training data: "
                          "offline LiRA needs at least one reference model that did not train on each patient")
     k = int(counts.min())
-    keys = np.where(out, np.random.default_rng(seed).random(out.shape), np.inf)
-    use = np.argsort(np.argsort(keys, axis=0, kind="stable"), axis=0) < k  # k random out-models per patient
+    use = random_per_column(out, k, np.random.default_rng(seed))  # k random out-models per patient
     mu = np.where(use, ref, 0.0).sum(axis=0) / k
     sq = np.where(use, (ref - mu) ** 2, 0.0).sum(axis=0)
     if k >= max(min_models_for_own_variance, 2):

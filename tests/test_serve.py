@@ -962,7 +962,7 @@ def test_calibration_is_fitted_at_the_site_and_checked_on_held_out_patients(site
 
 
 def test_the_depth_of_a_parsed_request_is_the_depth_of_its_bytes():
-    # orjson parses any depth without recursion, so the limit is checked on its result (cheaper than scanning)
+    # a body of few enough brackets has its depth read from orjson's result (cheaper than scanning its bytes)
     import orjson
 
     from client.prediction_input import json_depth, object_depth
