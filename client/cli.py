@@ -336,18 +336,18 @@ def predict(
         task = bar.add_task("predicting", total=len(ids))
         for start in range(0, len(ids), batch_size):
             _, result = predictor.predict(raw[start:start + batch_size], lm=lm)
-            rows = []
-            for i, pid in enumerate(ids[start:start + batch_size]):
+            batch_ids = ids[start:start + batch_size]
+            for i, pid in enumerate(batch_ids):
                 p = result["probabilities"][i]
                 k = int(result["predicted"][i])
                 note = checked.notes[start + i]
                 flags = [x["code"] for x in note["warnings"]] + (["low_confidence"] if p[k] < limits.low_confidence else [])
                 w.writerow([pid, classes[k], f"{p[k]:.6f}", lm.version, f"{note['coverage_total']:.3f}",
                             ";".join(flags), *[f"{v:.6f}" for v in p]])
-                rows.append({"id": pid, "predicted": classes[k]})
             fh.flush()
             os.fsync(fh.fileno())
-            audit.append_many([prediction_entry(salt, user, lm.version, rows, "cli")])  # one entry per written batch
+            audit.append_many([prediction_entry(salt, user, lm.version, batch_ids,  # one entry per written batch
+                                                [classes[int(k)] for k in result["predicted"]], "cli")])
             bar.advance(task, min(batch_size, len(ids) - start))
     for w_ in checked.warnings:
         typer.echo(f"warning: {w_['loc']}: {w_['msg']}", err=True)

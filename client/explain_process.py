@@ -1,14 +1,19 @@
-"""Explanations in a process of their own, at the lowest CPU priority.
+"""Explanation requests, answered whole away from the prediction path.
 
-Integrated gradients cost ~30 forward passes per patient. In the service's process they share the GIL
-with the prediction path (event loop, parsing, model thread, audit thread) however low their thread's
-priority. Here they run in a child process under Linux's SCHED_IDLE: it gets only CPU time that no
-normal process wants, and it holds no lock the service needs. The service sends the normalised rows,
-the target classes and the model version; the child loads that version from the store itself (verified
-as the service verifies it: the same `Predictor`), computes the attributions and sends them back. The
-probabilities, calibration and answer stay the service's.
+Integrated gradients cost ~30 forward passes per patient, and a large explanation request costs the
+service more than its attributions: a 300-patient body takes ~40 ms to parse, ~50 ms to check against
+the input contract, ~70 ms to score and ~10 ms to format (CPU time, the serve benchmark's request).
+Done in the service's process, that work holds the GIL the single-patient predictions need.
 
-A child that dies is started again for the next explanation; the explanation in flight gets the error.
+`explain_request` is the whole answer to one request (parse, check, score, explain, format);
+`ExplainProcess` runs it in a child process under Linux's SCHED_IDLE (it gets only CPU time no normal
+process wants, and holds no lock the service needs), `InProcess` in the calling thread (`serve.explanations
+= "thread"`). Either way the service only receives the bytes (or stores the uploaded tables), queues the
+request, writes the audit entry from the patient ids and classes it gets back, and sends the answer:
+the formatted rows arrive already encoded. The child loads the model version the service chose, verified
+as the service verifies it (the same `Predictor`).
+
+A child that dies is started again for the next request; the request in flight gets the error.
 """
 
 from __future__ import annotations
@@ -17,36 +22,71 @@ import multiprocessing
 import threading
 from pathlib import Path
 
-import numpy as np
+import orjson
 
 
 class ExplainProcessError(RuntimeError):
     pass
 
 
-class ExplainProcess:
-    """`attributions(lm, x, target)`, the signature of client.predict.integrated_gradients, computed in a
-    child process started on first use."""
+def explain_request(predictor, lm, limits, kind: str, payload, top_k: int) -> dict:
+    """One request, whole: `kind` "json" (payload: the /v1/predict body; its own top_k counts) or "tables"
+    (payload: a directory of uploaded modality tables). Raises PredictionInputError for input the contract
+    refuses. Returns the answer's parts: version, calibrated, warnings, ids, predicted, rows (JSON bytes)."""
+    from client.predict import add_notes, format_predictions
+    from client.prediction_input import checked_json, checked_tables, parse_request
 
-    def __init__(self, model_dir: str | Path, normalizer_path: str | Path, signing_public_key: str | Path | None = None,
-                 calibration_path: str | Path | None = None):
+    if kind == "json":
+        patients, top_k = parse_request(payload, limits)
+        checked = checked_json(lm, patients, limits)
+    else:
+        checked = checked_tables(lm, Path(payload), limits)
+    lm, result = predictor.predict(checked.raw, top_k=top_k, lm=lm)
+    rows = add_notes(format_predictions(lm, checked.ids, result, top_k), checked.notes, limits.low_confidence)
+    return {"version": lm.version, "calibrated": lm.calibration is not None, "warnings": checked.warnings,
+            "ids": checked.ids, "predicted": [r["predicted"] for r in rows], "rows": orjson.dumps(rows)}
+
+
+class InProcess:
+    """`request(lm, kind, payload, top_k)` in the calling thread (the service's explanation thread)."""
+
+    def __init__(self, predictor, limits):
+        self.predictor, self.limits = predictor, limits
+
+    def request(self, lm, kind: str, payload, top_k: int) -> dict:
+        return explain_request(self.predictor, lm, self.limits, kind, payload, top_k)
+
+    def close(self) -> None:
+        pass
+
+
+class ExplainProcess:
+    """`request(lm, kind, payload, top_k)`, answered by a child process started on first use with the model
+    version `lm` names."""
+
+    def __init__(self, model_dir: str | Path, normalizer_path: str | Path, signing_public_key: str | Path | None,
+                 calibration_path: str | Path | None, limits):
         self._args = (str(model_dir), str(normalizer_path), str(signing_public_key) if signing_public_key else None,
-                      str(calibration_path) if calibration_path else None)
+                      str(calibration_path) if calibration_path else None, limits.model_dump())
         self._lock = threading.Lock()
         self._proc = None
         self._conn = None
 
-    def __call__(self, lm, x, target) -> np.ndarray:
-        with self._lock:  # one explanation batch at a time (the service has one explanation thread)
+    def request(self, lm, kind: str, payload, top_k: int) -> dict:
+        from client.prediction_input import PredictionInputError
+
+        with self._lock:  # one request at a time (the service has one explanation thread)
             self._start()
             try:
-                self._conn.send((lm.version, x.numpy(), target.numpy()))
-                ok, value = self._conn.recv()
+                self._conn.send((lm.version, kind, payload if kind == "json" else str(payload), top_k))
+                status, value = self._conn.recv()
             except (EOFError, OSError) as e:
                 self._stop()
                 raise ExplainProcessError(f"the explanation process ended ({type(e).__name__}); it starts again "
                                           "with the next explanation") from None
-        if not ok:
+        if status == "refused":
+            raise PredictionInputError(*value)
+        if status == "failed":
             raise ExplainProcessError(value)
         return value
 
@@ -79,28 +119,32 @@ class ExplainProcess:
 
 
 def _serve(conn, model_dir: str, normalizer_path: str, signing_public_key: str | None,
-           calibration_path: str | None) -> None:
+           calibration_path: str | None, limits: dict) -> None:
     from client.serve_queue import run_in_background
 
     run_in_background()  # inherited from the explanation thread that started it; set again to say so
     import torch
 
-    from client.predict import Predictor, integrated_gradients
+    from client.predict import Predictor
+    from client.prediction_input import PredictionInputError
+    from privacy.site_config import ServeSettings
 
     torch.set_num_threads(1)
+    settings = ServeSettings.model_validate(limits)
     predictor = Predictor(model_dir, normalizer_path, signing_public_key, calibration_path=calibration_path,
                           load_active=False)
     models: dict = {}
     while True:
         try:
-            version, x, target = conn.recv()
+            version, kind, payload, top_k = conn.recv()
         except (EOFError, OSError):
             return
         try:
             if version not in models:
                 models.clear()  # the version the service serves now: one at a time
                 models[version] = predictor._load(version)
-            out = integrated_gradients(models[version], torch.from_numpy(x), torch.from_numpy(target))
-            conn.send((True, out))
+            conn.send(("ok", explain_request(predictor, models[version], settings, kind, payload, top_k)))
+        except PredictionInputError as e:  # the service answers it as it answers its own refusals
+            conn.send(("refused", (e.problems, e.status)))
         except Exception as e:  # noqa: BLE001 - the service answers the request with it
-            conn.send((False, f"explanation failed in the explanation process: {type(e).__name__}: {e}"))
+            conn.send(("failed", f"explanation failed in the explanation process: {type(e).__name__}: {e}"))

@@ -146,7 +146,6 @@ class Predictor:
         self.current: LoadedModel | None = None
         self.failed: tuple[str, str] | None = None  # (version, why): not retried until ACTIVE changes
         self.degraded: dict | None = None  # {"active", "serving", "reason"} while a fallback is served
-        self.explainer = None  # attributions (lm, x, target) -> array elsewhere (client/explain_process.py); None: here
         if load_active:
             self.refresh()
 
@@ -242,7 +241,7 @@ class Predictor:
                   "modality_weights": None if weights is None else weights.numpy(),
                   "present": present.numpy()}
         if top_k:
-            result["attributions"] = (self.explainer or integrated_gradients)(lm, x, torch.from_numpy(result["predicted"]))
+            result["attributions"] = integrated_gradients(lm, x, torch.from_numpy(result["predicted"]))
         return lm, result
 
 
@@ -313,3 +312,16 @@ def format_predictions(lm: LoadedModel, ids: list[str], result: dict, top_k: int
                                    for j in order if a[j] != 0]
         out.append(row)
     return out
+
+
+def add_notes(rows: list[dict], notes: list[dict], low_confidence: float) -> list[dict]:
+    """The input contract's notes on each patient (coverage, out-of-range values) and a low-confidence warning
+    when the most likely class is below the site's `serve.low-confidence`."""
+    for row, note in zip(rows, notes):
+        row.update(note)
+        confidence = row["probabilities"][row["predicted"]]
+        if confidence < low_confidence:
+            row["warnings"] = row["warnings"] + [{"code": "low_confidence", "msg": f"the most likely class has "
+                                                  f"probability {confidence:.0%} (below {low_confidence:.0%}): "
+                                                  "no confident answer"}]
+    return rows

@@ -144,6 +144,39 @@ def parse_json(body: bytes, limits: ServeSettings):
         raise PredictionInputError([{"loc": "body", "code": "not_json", "msg": f"not JSON ({e})"}]) from None
 
 
+def parse_request(body: bytes, limits: ServeSettings) -> tuple[list, int]:
+    """A /v1/predict body -> (patients, top_k), or the 422 that says what is wrong."""
+    data = parse_json(body, limits)
+    patients = data.get("patients") if isinstance(data, dict) else None
+    top_k = data.get("top_k", 5) if isinstance(data, dict) else 5
+    if not isinstance(patients, list) or not patients:
+        raise PredictionInputError([{"loc": "body.patients", "code": "no_patients",
+                                     "msg": "a non-empty list of patients is required"}])
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= 50:
+        raise PredictionInputError([{"loc": "body.top_k", "code": "bad_top_k", "msg": "an integer from 0 to 50"}])
+    return patients, top_k
+
+
+# "top_k": N as the first or the last member of the body's top-level object (the two places clients put it)
+_TOP_K_FIRST = re.compile(rb'\A\s*\{\s*"top_k"\s*:\s*(\d+)\s*[,}]')
+_TOP_K_LAST = re.compile(rb',\s*"top_k"\s*:\s*(\d+)\s*\}\s*\Z')
+
+
+def asks_explanations(body: bytes) -> bool:
+    """Whether a /v1/predict body asks for explanations, read from its first and last 64 bytes without parsing
+    it (a 300-patient body takes ~40 ms of the service's GIL to parse). Only a hint for routing the request:
+    whoever answers parses the body and its top_k in full. A body whose top_k sits elsewhere reads as no
+    (the service then parses it and routes on the parsed value)."""
+    found = _TOP_K_FIRST.match(body[:64]) or _TOP_K_LAST.search(body[-64:])
+    return found is not None and int(found.group(1)) > 0
+
+
+def estimated_patients(body: bytes) -> int:
+    """An upper bound on a JSON body's patients for queue admission, without parsing: every patient the
+    contract accepts has a "modalities" member."""
+    return max(1, body.count(b'"modalities"'))
+
+
 def json_frames(schema: FeatureSchema, patients: list, inputs: dict, limits: ServeSettings
                 ) -> tuple[np.ndarray | None, list[str], dict, list[dict]]:
     """Patients of a JSON payload -> (raw matrix or None, ids, frames, structural problems).
@@ -260,10 +293,11 @@ class DecompressedBudget:
                                       "(serve.max-decompressed-mb in site.json); send fewer patients per upload")
 
 
-def store_upload(chunks, dest: Path, budget: DecompressedBudget, max_rows: int) -> None:
+def store_upload(chunks, dest: Path, budget: DecompressedBudget, max_rows: int) -> int:
     """Write an uploaded table to `dest` (without .gz), decompressing gzip as it streams; stops at the budget.
 
-    `chunks` yields the bytes as uploaded. Delimited tables are also stopped at `max_rows` data rows."""
+    `chunks` yields the bytes as uploaded. Delimited tables are also stopped at `max_rows` data rows.
+    Returns an upper bound on the table's data rows (its lines but the header; a Parquet file's rows)."""
     name = dest.name
     gz = name.lower().endswith(".gz")
     target = dest.with_name(name[:-3]) if gz else dest
@@ -301,7 +335,8 @@ def store_upload(chunks, dest: Path, budget: DecompressedBudget, max_rows: int) 
             raise PredictionInputError([{"loc": name, "code": "unreadable", "msg": "the gzip stream is incomplete",
                                          "fix": "upload the file again (the copy was cut short)"}])
     if not delimited:
-        _check_parquet(target, budget, max_rows)
+        return _check_parquet(target, budget, max_rows)
+    return max(lines, 1)
 
 
 def _too_many_rows(name: str, max_rows: int):
@@ -309,16 +344,17 @@ def _too_many_rows(name: str, max_rows: int):
                               "site.json); split the upload")
 
 
-def _check_parquet(path: Path, budget: DecompressedBudget, max_rows: int) -> None:
+def _check_parquet(path: Path, budget: DecompressedBudget, max_rows: int) -> int:
     import pyarrow.parquet as pq
 
     try:
         meta = pq.ParquetFile(path).metadata
     except Exception:  # noqa: BLE001 - read_table reports the unreadable file with its fix
-        return
+        return 1
     if meta.num_rows > max_rows:
         _too_many_rows(path.name, max_rows)
     budget.spend(sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)), path.name)
+    return max(meta.num_rows, 1)
 
 
 def table_frames(schema: FeatureSchema, table_dir: Path) -> tuple[dict, list[dict]]:

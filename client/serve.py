@@ -26,7 +26,7 @@ from functools import partial
 from pathlib import Path
 
 from client.predict import Predictor, format_predictions, tables_to_raw
-from client.serve_queue import ModelQueue
+from client.serve_queue import ExplanationLane, ModelQueue
 from client.serve_routes import model_routes, offline_docs, operations_routes, prediction_routes
 from privacy.audit import AuditLog
 from privacy.site_config import SiteConfig
@@ -147,11 +147,11 @@ def _site_salt(state_dir: Path) -> str:
     return salt_file.read_text().strip()
 
 
-def prediction_entry(salt: str, who: str, version: str, rows: list[dict], via: str) -> tuple[str, dict]:
+def prediction_entry(salt: str, who: str, version: str, ids: list[str], predicted: list[str],
+                     via: str) -> tuple[str, dict]:
     """The audit entry of one answered request: who, which model, salted patient hashes, the classes."""
-    return ("prediction", {"token": who, "via": via, "model_version": version, "patients": len(rows),
-                           "patient_sha": [patient_hash(salt, r["id"]) for r in rows],
-                           "predicted": [r["predicted"] for r in rows]})
+    return ("prediction", {"token": who, "via": via, "model_version": version, "patients": len(ids),
+                           "patient_sha": [patient_hash(salt, i) for i in ids], "predicted": list(predicted)})
 
 
 class Metrics:
@@ -236,29 +236,42 @@ class Site:
         self.predictions = ModelQueue("model", self.predictor, format_predictions, partial(self._commit, "model"),
                                       idle=self.write_head, capacity=self.limits.queue_patients,
                                       window_s=self.limits.batch_window_ms / 1000)
-        if self.limits.explanations == "process":  # integrated gradients off the service's GIL and CPU priority
+        # explanation requests: answered whole in a child process (default) or a thread, on CPU time the
+        # predictions leave (client/explain_process.py)
+        if self.limits.explanations == "process":
             from client.explain_process import ExplainProcess
 
-            self.predictor.explainer = ExplainProcess(settings.model_dir, self.state_dir / "normalizer.json",
-                                                      settings.signing_public_key or None,
-                                                      self.predictor.calibration_path)
-        # explanations: their own thread, scheduled only on CPU time the predictions leave (SCHED_IDLE)
-        self.explanations = ModelQueue("explain", self.predictor, format_predictions, partial(self._commit, "explain"),
-                                       idle=self.write_head, max_patients=64,
-                                       capacity=self.limits.explain_queue_patients, background=True)
+            explainer = ExplainProcess(settings.model_dir, self.state_dir / "normalizer.json",
+                                       settings.signing_public_key or None, self.predictor.calibration_path,
+                                       self.limits)
+        else:
+            from client.explain_process import InProcess
+
+            explainer = InProcess(self.predictor, self.limits)
+        self.explanations = ExplanationLane(explainer, self._commit_explained, idle=self.write_head,
+                                            capacity=self.limits.explain_queue_patients)
 
     def _fell_back(self, entry: dict) -> None:
         self.audit.append("model_fallback", **entry)
 
     def _commit(self, queue: str, done: list) -> None:
         """The answered batches' entries, durable before they are answered; the head follows at `write_head`."""
-        for _, _, rows in done:
-            for r in rows:
-                self.metrics.predictions.labels(r["predicted"]).inc()
+        self._audit_answers(queue, [(job, version, [r["id"] for r in rows], [r["predicted"] for r in rows])
+                                    for job, version, rows in done])
+
+    def _commit_explained(self, job, out: dict) -> None:
+        """An explanation request's entry (client/serve_queue.py ExplanationLane), durable before its answer."""
+        self._audit_answers("explain", [(job, out["version"], out["ids"], out["predicted"])])
+
+    def _audit_answers(self, queue: str, answered: list) -> None:
+        for *_, predicted in answered:
+            for c in predicted:
+                self.metrics.predictions.labels(c).inc()
         if self.audit_predictions:
             t0 = time.perf_counter()
-            self.audit.append_many([prediction_entry(self.salt, job.who["name"], version, rows, job.extra["via"])
-                                    for job, version, rows in done], head=False)
+            self.audit.append_many([prediction_entry(self.salt, job.who["name"], version, ids, predicted,
+                                                     job.extra["via"]) for job, version, ids, predicted in answered],
+                                   head=False)
             self.metrics.audit_commit.labels(queue).observe(time.perf_counter() - t0)
 
     def write_head(self) -> None:
@@ -323,8 +336,7 @@ def create_app(settings: SiteConfig, *, audit_predictions: bool = True, threads:
     async def lifespan(app):
         yield
         site.write_head()  # stopped: the audit head records every committed entry
-        if site.predictor.explainer is not None:
-            site.predictor.explainer.close()
+        site.explanations.explainer.close()
 
     app = FastAPI(title="OncoFed site prediction service", version="1", docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json" if docs else None, lifespan=lifespan)

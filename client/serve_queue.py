@@ -1,9 +1,10 @@
 """The model's work queues in the site service: bounded, batched, audited before answering.
 
-One `ModelQueue` serves plain predictions, another explanations (integrated gradients cost ~30x a
-forward pass): each has its own thread, so a 300-patient explanation never waits in front of a
-single-patient prediction. A queue holds at most `capacity` patients; `submit` beyond that raises
-`QueueFull` at once (the service answers 503 with Retry-After) instead of letting latency grow.
+A `ModelQueue` serves plain predictions, an `ExplanationLane` explanation requests (integrated gradients
+cost ~30x a forward pass, and the lane answers each request whole elsewhere): each has its own thread, so
+a 300-patient explanation never waits in front of a single-patient prediction. Each holds at most
+`capacity` patients; `submit` beyond that raises `QueueFull` at once (the service answers 503 with
+Retry-After) instead of letting latency grow.
 
 Per queue, the model thread takes whatever has queued (up to `max_patients`; after waiting up to
 `window_s` for more when a batching window is set), scores it in one call, and hands the batch to
@@ -51,11 +52,10 @@ class Job:
 
 class ModelQueue:
     def __init__(self, name: str, predictor, format_rows, commit, *, idle=None, max_patients: int = 256,
-                 capacity: int = 4096, window_s: float = 0.0, background: bool = False):
+                 capacity: int = 4096, window_s: float = 0.0):
         self.name, self.predictor, self.format_rows, self.commit = name, predictor, format_rows, commit
         self.idle = idle  # what commits deferred (e.g. AuditLog.write_head); None: nothing is deferred
         self.max_patients, self.capacity, self.window_s = max_patients, capacity, window_s
-        self.background = background  # the model thread only uses CPU time nothing else wants (explanations)
         self.jobs: "queue.Queue[Job]" = queue.Queue()
         self.committing: "queue.Queue[list]" = queue.Queue()
         self._waiting = 0
@@ -99,8 +99,6 @@ class ModelQueue:
         return jobs
 
     def _score(self) -> None:
-        if self.background:
-            run_in_background()
         while True:
             jobs = self._take()
             groups: dict[tuple, list[Job]] = {}
@@ -160,6 +158,73 @@ class ModelQueue:
             logging.getLogger(__name__).exception("%s queue: deferred audit work failed", self.name)
 
 
+@dataclass
+class Explanation:
+    kind: str  # "json" or "tables" (client/explain_process.py)
+    payload: object
+    top_k: int
+    patients: int  # an upper bound, for admission
+    who: dict
+    lm: object
+    extra: dict
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+
+class ExplanationLane:
+    """Explanation requests, each answered whole by `explainer.request(lm, kind, payload, top_k)` (a child
+    process or this thread: client/explain_process.py), one at a time, in a thread that only gets CPU time
+    the predictions leave. Holds at most `capacity` patients (counted by an upper bound before parsing);
+    beyond that `submit` raises QueueFull. Each answer's audit entry is durable (`commit`) before it is
+    answered; the deferred head is written (`idle`) whenever the lane has nothing waiting."""
+
+    def __init__(self, explainer, commit, *, idle, capacity: int):
+        self.explainer, self.commit, self.idle, self.capacity = explainer, commit, idle, capacity
+        self.jobs: "queue.Queue[Explanation]" = queue.Queue()
+        self._waiting = 0
+        self._count_lock = threading.Lock()
+        self.seconds_per_patient = 0.01  # moving estimate, for Retry-After
+        threading.Thread(target=self._work, daemon=True, name="oncofed-explain").start()
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    async def submit(self, kind: str, payload, top_k: int, patients: int, who: dict, lm, extra: dict,
+                     timeout: float = 120.0) -> dict:
+        with self._count_lock:
+            if self._waiting + patients > self.capacity and self._waiting > 0:
+                retry = max(1, int(np.ceil(self._waiting * self.seconds_per_patient)))
+                raise QueueFull(self._waiting, self.capacity, retry)
+            self._waiting += patients
+        loop = asyncio.get_running_loop()
+        job = Explanation(kind, payload, top_k, patients, who, lm, extra, loop, loop.create_future())
+        self.jobs.put(job)
+        return await asyncio.wait_for(job.future, timeout)
+
+    def _work(self) -> None:
+        run_in_background()
+        while True:
+            job = self.jobs.get()
+            t0 = time.perf_counter()
+            try:
+                out = self.explainer.request(job.lm, job.kind, job.payload, job.top_k)
+                self.commit(job, out)
+                _answer(job, out)
+            except Exception as e:  # noqa: BLE001 - the request gets the error (no answer without its audit entry)
+                _answer(job, None, e)
+            finally:
+                with self._count_lock:
+                    self._waiting -= job.patients
+                per = (time.perf_counter() - t0) / job.patients
+                self.seconds_per_patient = 0.8 * self.seconds_per_patient + 0.2 * per
+            if self.jobs.empty() and self.idle is not None:
+                try:
+                    self.idle()
+                except Exception:  # retried after the next request; the next commit reports a broken log
+                    logging.getLogger(__name__).exception("explanations: deferred audit work failed")
+
+
 def run_in_background() -> None:
     """The calling thread (or a process's main thread) gets the CPU only when no normal thread wants it: Linux's SCHED_IDLE (a normal thread
     that wakes up preempts it at once; at nice 10 it waits for the running thread's slice), else nice 10.
@@ -184,7 +249,7 @@ def _resolve(fut, value, error) -> None:
         fut.set_result(value)
 
 
-def _answer(job: Job, value, error=None) -> None:
+def _answer(job, value, error=None) -> None:
     try:
         job.loop.call_soon_threadsafe(_resolve, job.future, value, error)
     except RuntimeError:  # the event loop is gone (shutdown): nobody is waiting

@@ -31,13 +31,17 @@ def _encode(body: dict) -> bytes:
 
 
 def prediction_routes(app, site: "Site", role) -> None:
-    """POST /v1/predict and /v1/predict/file: parse and check off the event loop, then queue for the model."""
+    """POST /v1/predict and /v1/predict/file: predictions are parsed and checked off the event loop, then
+    queued for the model; explanation requests go whole to the explanation lane (client/explain_process.py)."""
+    import shutil
+
     from anyio import CapacityLimiter, to_thread
     from fastapi import Depends, HTTPException, Request, UploadFile
     from fastapi.responses import JSONResponse, Response
 
-    from client.prediction_input import (DecompressedBudget, PredictionInputError, checked_json, checked_tables,
-                                         parse_json, store_upload)
+    from client.predict import add_notes
+    from client.prediction_input import (DecompressedBudget, PredictionInputError, asks_explanations, checked_json,
+                                         checked_tables, estimated_patients, parse_request, store_upload)
 
     parsing = CapacityLimiter(2)  # request parsing never occupies more threads than the machine has cores
 
@@ -45,26 +49,29 @@ def prediction_routes(app, site: "Site", role) -> None:
         site.metrics.errors.labels(endpoint, "too_large" if e.status == 413 else "invalid_input").inc()
         return JSONResponse({"detail": e.problems}, status_code=e.status)
 
-    async def answer(checked, top_k: int, who: dict, lm, endpoint: str, via: str):
-        queue = site.explanations if top_k else site.predictions
+    async def queued(endpoint: str, submit):
+        """The queue's answer, or the response that says why there is none."""
         try:
-            version, rows = await queue.submit(checked.ids, checked.raw, top_k, who, lm, {"via": via})
+            return await submit()
         except QueueFull as e:
             site.metrics.errors.labels(endpoint, "queue_full").inc()
             return JSONResponse({"detail": str(e)}, status_code=503, headers={"Retry-After": str(e.retry_after)})
         except ExplainProcessError as e:  # the child died or failed: the service itself is fine
             site.metrics.errors.labels(endpoint, "explain_process").inc()
             return JSONResponse({"detail": str(e)}, status_code=503, headers={"Retry-After": "5"})
+        except PredictionInputError as e:  # refused by the explanation lane, which parses its requests
+            return refused(e, endpoint)
         except asyncio.TimeoutError:
             site.metrics.errors.labels(endpoint, "timeout").inc()
             raise HTTPException(503, "the model did not answer within 120 s (overloaded?); retry later") from None
-        for row, note in zip(rows, checked.notes):
-            row.update(note)
-            confidence = row["probabilities"][row["predicted"]]
-            if confidence < site.limits.low_confidence:
-                row["warnings"] = row["warnings"] + [{"code": "low_confidence", "msg": f"the most likely class has "
-                                                      f"probability {confidence:.0%} (below "
-                                                      f"{site.limits.low_confidence:.0%}): no confident answer"}]
+
+    async def answer(checked, top_k: int, who: dict, lm, endpoint: str, via: str):
+        out = await queued(endpoint, lambda: site.predictions.submit(checked.ids, checked.raw, top_k, who, lm,
+                                                                      {"via": via}))
+        if isinstance(out, Response):
+            return out
+        version, rows = out
+        add_notes(rows, checked.notes, site.limits.low_confidence)
         body = {"model_version": version, "calibrated": lm.calibration is not None, "warnings": checked.warnings,
                 "degraded": site.predictor.degraded, "predictions": rows}
         if len(rows) <= 8:
@@ -72,6 +79,15 @@ def prediction_routes(app, site: "Site", role) -> None:
         # a large answer is encoded off the event loop, which keeps answering /health meanwhile
         encoded = await to_thread.run_sync(lambda: _encode(body), limiter=parsing)
         return Response(encoded, media_type="application/json")
+
+    async def explained(kind: str, payload, top_k: int, patients: int, who: dict, lm, endpoint: str, via: str):
+        out = await queued(endpoint, lambda: site.explanations.submit(kind, payload, top_k, patients, who, lm,
+                                                                       {"via": via}))
+        if isinstance(out, Response):
+            return out
+        head = _encode({"model_version": out["version"], "calibrated": out["calibrated"],
+                        "warnings": out["warnings"], "degraded": site.predictor.degraded})
+        return Response(head[:-1] + b',"predictions":' + out["rows"] + b"}", media_type="application/json")
 
     def via(request: Request) -> str:
         return "page" if request.headers.get("x-oncofed-client") == "page" else "api"
@@ -81,34 +97,27 @@ def prediction_routes(app, site: "Site", role) -> None:
         """{"patients": [{"id": ..., "modalities": {MODALITY: {FEATURE: value or null}}}], "top_k": 5}"""
         lm = site.current()  # parsed and scored with this one model, even if another is activated meanwhile
         body = await request.body()
-
-        def parse():
-            data = parse_json(body, site.limits)
-            patients = data.get("patients") if isinstance(data, dict) else None
-            top_k = data.get("top_k", 5) if isinstance(data, dict) else 5
-            if not isinstance(patients, list) or not patients:
-                raise PredictionInputError([{"loc": "body.patients", "code": "no_patients",
-                                             "msg": "a non-empty list of patients is required"}])
-            if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= 50:
-                raise PredictionInputError([{"loc": "body.top_k", "code": "bad_top_k", "msg": "an integer from 0 to 50"}])
-            return patients, top_k
+        if asks_explanations(body):  # not parsed here: the lane does it all
+            return await explained("json", body, 0, estimated_patients(body), who, lm, "/v1/predict", via(request))
 
         def check(patients):
             return checked_json(lm, patients, site.limits)
 
         def parse_and_check():
-            patients, top_k = parse()
-            return check(patients), top_k
+            patients, top_k = parse_request(body, site.limits)
+            return (check(patients) if not top_k else None), top_k
 
         try:
             if len(body) > INLINE_BYTES:
                 checked, top_k = await to_thread.run_sync(parse_and_check, limiter=parsing)
             else:
-                patients, top_k = parse()
-                checked = (check(patients) if len(patients) <= INLINE_PATIENTS
-                           else await to_thread.run_sync(check, patients, limiter=parsing))
+                patients, top_k = parse_request(body, site.limits)
+                checked = None if top_k else (check(patients) if len(patients) <= INLINE_PATIENTS
+                                              else await to_thread.run_sync(check, patients, limiter=parsing))
         except PredictionInputError as e:
             return refused(e, "/v1/predict")
+        if top_k:  # top_k was not where asks_explanations looks
+            return await explained("json", body, 0, estimated_patients(body), who, lm, "/v1/predict", via(request))
         return await answer(checked, top_k, who, lm, "/v1/predict", via(request))
 
     @app.post("/v1/predict/file")
@@ -117,23 +126,30 @@ def prediction_routes(app, site: "Site", role) -> None:
         lm = site.current()
         top_k = min(max(top_k, 0), 50)
 
-        def parse():
-            budget = DecompressedBudget(site.limits)
-            with tempfile.TemporaryDirectory() as tmp:
-                for f in files:
-                    name = Path(f.filename or "").name
-                    if not name or name.startswith("."):
-                        raise PredictionInputError([{"loc": "files", "code": "no_name", "msg": "each file needs a "
-                                                     "name: MODALITY.csv / .tsv / .parquet (optionally .gz)"}])
-                    f.file.seek(0)
-                    store_upload(iter(lambda: f.file.read(1 << 20), b""), Path(tmp) / name, budget,
-                                 site.limits.max_patients)
-                return checked_tables(lm, Path(tmp), site.limits)
+        def store(tmp: Path) -> int:
+            """The uploads in `tmp`, decompressed within the limits; an upper bound on their patients."""
+            budget, rows = DecompressedBudget(site.limits), 1
+            for f in files:
+                name = Path(f.filename or "").name
+                if not name or name.startswith("."):
+                    raise PredictionInputError([{"loc": "files", "code": "no_name", "msg": "each file needs a "
+                                                 "name: MODALITY.csv / .tsv / .parquet (optionally .gz)"}])
+                f.file.seek(0)
+                rows = max(rows, store_upload(iter(lambda: f.file.read(1 << 20), b""), tmp / name, budget,
+                                              site.limits.max_patients))
+            return rows
 
+        tmp = Path(tempfile.mkdtemp(prefix="oncofed-upload-"))
         try:
-            checked = await to_thread.run_sync(parse, limiter=parsing)
+            if top_k:  # the lane reads the stored tables itself
+                patients = await to_thread.run_sync(store, tmp, limiter=parsing)
+                return await explained("tables", tmp, top_k, patients, who, lm, "/v1/predict/file", via(request))
+            checked = await to_thread.run_sync(lambda: (store(tmp), checked_tables(lm, tmp, site.limits))[1],
+                                               limiter=parsing)
         except PredictionInputError as e:  # InputTooLarge too (413)
             return refused(e, "/v1/predict/file")
+        finally:
+            await to_thread.run_sync(shutil.rmtree, tmp, True)
         return await answer(checked, top_k, who, lm, "/v1/predict/file", via(request))
 
 

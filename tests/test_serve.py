@@ -623,38 +623,56 @@ def test_explanations_run_through_the_trace_with_the_models_attributions_while_p
     assert not wrong and counts["ig"] == 6 and counts["forward"] >= 6, (wrong, counts)
 
 
-def test_explanations_come_from_a_child_process_equal_to_the_services_own_and_a_dead_child_is_replaced(site):
-    """The default `explanations = "process"`: the attributions are those integrated_gradients computes in the
-    service, from a SCHED_IDLE child; a child killed between requests is replaced, one killed during a request
-    costs that request a 503 with Retry-After, and the next one works."""
+def test_explanation_requests_are_answered_whole_by_a_child_process_as_in_the_service_and_a_dead_child_is_replaced(
+        site, monkeypatch):
+    """The default `explanations = "process"`: an explanation request is parsed, checked, scored, explained and
+    formatted in a SCHED_IDLE child (the service's own parsing, contract and formatting are made to fail here),
+    and its answer equals the in-service one (`"thread"`), for JSON and uploaded tables, refusals included; a
+    child killed between requests is replaced, one killed during a request costs that request a 503 with
+    Retry-After, and the next one works."""
     import os
     import signal
 
     from fastapi.testclient import TestClient
 
-    from client.predict import integrated_gradients
+    import client.predict
+    import client.prediction_input
 
     body = {"patients": [_patient(site, i) for i in range(3)], "top_k": 4}
+    late = {"top_k": 2, "patients": [_patient(site, 5)]}  # top_k first: also read without parsing
+    bad = {"patients": [{"id": "empty", "modalities": {}}], "top_k": 3}
+    files = {f"{m}.csv": _csv(site, m, [0, 1, 2]) for m in ("expr", "prot")}
+    headers = _auth(site["clinician"])
+
+    def asked(c):
+        return ([c.post("/v1/predict", json=b, headers=headers) for b in (body, late, bad)]
+                + [_upload(c, site, files, top_k=3)])
+
+    with TestClient(create_app(_serving(site, {"explanations": "thread"}))) as c:
+        here = asked(c)
+    assert [r.status_code for r in here] == [200, 200, 422, 200]
+
+    def broken(*a, **k):
+        raise AssertionError("the service parsed, checked or formatted an explanation request itself")
+
+    for module, name in ((client.prediction_input, "parse_request"), (client.prediction_input, "checked_json"),
+                         (client.prediction_input, "checked_tables"), (client.predict, "format_predictions")):
+        monkeypatch.setattr(module, name, broken)
     with TestClient(create_app(site["settings"])) as c:
-        explainer = c.app.state.predictor.explainer
-        first = c.post("/v1/predict", json=body, headers=_auth(site["clinician"]))
-        assert first.status_code == 200
+        explainer = c.app.state.site.explanations.explainer
+        there = asked(c)
+        assert [r.json() for r in there] == [r.json() for r in here]
+        assert there[1].json()["predictions"][0]["top_features"] and len(there[1].json()["predictions"]) == 1
         pid = explainer.pid
         assert pid is not None and pid != os.getpid()
         if hasattr(os, "SCHED_IDLE"):
             assert os.sched_getscheduler(pid) == os.SCHED_IDLE
-        lm = c.app.state.predictor.current
-        x = torch.from_numpy(lm.normalizer.transform(site["x"][:3].numpy()))
-        target = torch.tensor([lm.schema.classes.index(r["predicted"]) for r in first.json()["predictions"]])
-        here = integrated_gradients(lm, x, target)
-        there = explainer(lm, x, target)
-        assert np.array_equal(here, there)
 
         os.kill(pid, signal.SIGKILL)  # between requests: the next one starts a new child
         explainer._proc.join(10)
-        again = c.post("/v1/predict", json=body, headers=_auth(site["clinician"]))
+        again = c.post("/v1/predict", json=body, headers=headers)
         assert again.status_code == 200 and explainer.pid not in (None, pid)
-        assert again.json()["predictions"] == first.json()["predictions"]
+        assert again.json() == here[0].json()
 
         start = explainer._start
 
@@ -664,12 +682,26 @@ def test_explanations_come_from_a_child_process_equal_to_the_services_own_and_a_
             explainer._proc.join(10)
 
         explainer._start = start_then_die
-        refused = c.post("/v1/predict", json=body, headers=_auth(site["clinician"]))
+        refused = c.post("/v1/predict", json=body, headers=headers)
         assert refused.status_code == 503 and "explanation process ended" in refused.json()["detail"]
         assert refused.headers["retry-after"]
         explainer._start = start
-        assert c.post("/v1/predict", json=body, headers=_auth(site["clinician"])).status_code == 200
+        assert c.post("/v1/predict", json=body, headers=headers).status_code == 200
+        assert c.get("/health").json()["queues"]["explanations"] == 0
     assert explainer.pid is None  # closed with the service
+
+
+def test_whether_a_body_asks_for_explanations_is_read_from_its_ends_and_only_routes_it():
+    from client.prediction_input import asks_explanations, estimated_patients
+
+    patients = [{"id": "a", "modalities": {"expr": {"top_k": 3}}}]
+    assert asks_explanations(json.dumps({"patients": patients, "top_k": 5}).encode())
+    assert asks_explanations(b' { "top_k" : 1 , "patients": []}')
+    assert not asks_explanations(json.dumps({"patients": patients, "top_k": 0}).encode())
+    assert not asks_explanations(json.dumps({"patients": patients}).encode())  # default 5: parsed, then routed
+    assert not asks_explanations(b'{"patients": [{"id": "a", "modalities": {"expr": {"x": 1, "top_k": 3}}}]}')
+    assert not asks_explanations(b'{"patients": [], "top_k": 3}}')  # not its top level
+    assert estimated_patients(json.dumps({"patients": patients * 7}).encode()) == 7
 
 
 def test_an_answer_waits_for_its_audit_commit_while_the_model_scores_the_next_batch(site):
@@ -732,28 +764,36 @@ def test_small_requests_checked_on_the_loop_answer_as_large_ones_checked_in_a_th
     assert inline.json()["detail"][0]["code"] == threaded.json()["detail"][0]["code"] == "no_usable_feature"
 
 
-def test_the_explanations_model_thread_runs_only_on_cpu_time_predictions_leave(site):
-    """A background queue's model thread is SCHED_IDLE (Linux), the prediction queue's stays normal, and the
-    background queue still answers."""
-    import asyncio
+def test_the_explanation_thread_runs_only_on_cpu_time_predictions_leave_and_audits_before_answering(site):
+    """With `explanations = "thread"` the lane's thread is SCHED_IDLE (Linux), the prediction queue's model thread
+    stays normal; an explanation's audit entry is committed before its answer and the head follows once the
+    lane is idle."""
     import os
     import threading
+    import time
 
-    from client.predict import Predictor, format_predictions
-    from client.serve_queue import ModelQueue
+    from fastapi.testclient import TestClient
+
+    from privacy.audit import verify
 
     if not hasattr(os, "SCHED_IDLE"):
         pytest.skip("SCHED_IDLE is Linux's")
-    predictor = Predictor(site["settings"].model_dir, site["root"] / "state" / "normalizer.json")
-    background = ModelQueue("bg-test", predictor, format_predictions, lambda done: None, background=True)
-    normal = ModelQueue("fg-test", predictor, format_predictions, lambda done: None)
-    raw = site["x"][:1].numpy()
-    version, rows = asyncio.run(background.submit(["a"], raw, 2, {"name": "t"}, predictor.current, {}))
-    assert rows[0]["id"] == "a" and rows[0]["top_features"]
-    threads = {t.name: t.native_id for t in threading.enumerate()}
-    assert os.sched_getscheduler(threads["oncofed-bg-test"]) == os.SCHED_IDLE
-    assert os.sched_getscheduler(threads["oncofed-fg-test"]) == os.SCHED_OTHER
-    assert normal.background is False
+    with TestClient(create_app(_serving(site, {"explanations": "thread"}))) as c:
+        audit = c.app.state.site.audit
+        r = c.post("/v1/predict", json={"patients": [_patient(site, 1)], "top_k": 2}, headers=_auth(site["clinician"]))
+        assert r.status_code == 200 and r.json()["predictions"][0]["top_features"]
+        last = json.loads(audit.path.read_text().splitlines()[-1])
+        assert last["event"] == "prediction" and last["patients"] == 1
+        assert last["predicted"] == [r.json()["predictions"][0]["predicted"]]
+        threads = {t.name: t.native_id for t in threading.enumerate()}
+        assert os.sched_getscheduler(threads["oncofed-explain"]) == os.SCHED_IDLE
+        assert os.sched_getscheduler(threads["oncofed-model"]) == os.SCHED_OTHER
+        for _ in range(100):  # the head is written when the lane has nothing waiting
+            if not audit.head_behind:
+                break
+            time.sleep(0.02)
+        assert not audit.head_behind and json.loads(audit.head.read_text())["entries"] == audit.current_head()[0]
+        assert verify(audit.path).ok
 
 
 def test_commits_answer_after_one_fsync_and_the_audit_head_follows_when_the_queue_goes_idle(site, tmp_path,
