@@ -1010,3 +1010,17 @@ def test_the_depth_of_a_parsed_request_is_the_depth_of_its_bytes():
     for body in (b"1", b'"x"', b"[]", b"{}", b"[1,[2,[3]]]", b'{"a":{"b":[{"c":1}]}}', b'{"a":"[[[[["}',
                  b'{"p":[' + b"[" * 5000 + b"]" * 5000 + b"]}"):
         assert object_depth(orjson.loads(body)) == json_depth(body)
+
+
+def test_integrated_gradients_in_chunks_are_those_of_one_batch(site, monkeypatch):
+    import client.predict
+    from client.predict import Predictor, integrated_gradients
+
+    lm = Predictor(site["settings"].model_dir, site["root"] / "state" / "normalizer.json").current
+    x = site["x"][:10].clone()
+    x[::3, lm.model.slices[0]] = float("nan")
+    target = torch.arange(10) % len(lm.schema.classes)
+    whole = integrated_gradients(lm, x, target)
+    monkeypatch.setattr(client.predict, "IG_CHUNK", 3)
+    chunked = integrated_gradients(lm, x, target)
+    assert chunked.shape == whole.shape and np.allclose(chunked, whole, rtol=1e-5, atol=1e-7)
