@@ -109,9 +109,23 @@ def _trace(model: torch.nn.Module):
     return traced if same else None
 
 
+class ModalityInputs(dict):
+    """feature -> (column, kind, levels) of one modality (kind "cat": level -> code, "log": log1p, "bin": 0/1,
+    "num"), with what a whole row of it needs at once: `col` (feature -> column), and for modalities without
+    categorical features (`numeric_only`) `is_log` and `is_bin` over its columns (offset from `start`)."""
+
+    def __init__(self, start: int, feats: dict):
+        super().__init__(feats)
+        self.start = start
+        self.col = {f: spec[0] for f, spec in feats.items()}
+        kinds = [spec[1] for spec in feats.values()]
+        self.numeric_only = "cat" not in kinds
+        self.is_log = np.array([k == "log" for k in kinds], dtype=bool)
+        self.is_bin = np.array([k == "bin" for k in kinds], dtype=bool)
+
+
 def input_map(schema: FeatureSchema) -> dict:
-    """Where each feature of a JSON payload goes: column, and kind "cat" (level -> code), "log" (log1p),
-    "bin" (0/1) or "num"."""
+    """Where each feature of a JSON payload goes: modality -> ModalityInputs."""
     from shared_models.schema import Transform
 
     layout, out = schema.layout(), {}
@@ -127,7 +141,7 @@ def input_map(schema: FeatureSchema) -> dict:
                 feats[f] = (start + j, "bin", None)
             else:
                 feats[f] = (start + j, "num", None)
-        out[m.name] = feats
+        out[m.name] = ModalityInputs(start, feats)
     return out
 
 

@@ -243,11 +243,20 @@ def json_frames(schema: FeatureSchema, patients: list, inputs: dict, limits: Ser
     return (raw[:len(ids)] if fast and not problems else None), ids, frames, problems
 
 
-def _fill_row(row: np.ndarray, fmap: dict, feats: dict) -> bool:
+_NUMBER_OR_NULL = {int, float, type(None)}  # exactly: bool and numpy scalars are not JSON numbers
+VECTOR_MIN = 8  # a modality with at least this many values is filled with array operations
+
+
+def _fill_row(row: np.ndarray, fmap, feats: dict) -> bool:
     """Write a modality's values into the row; False at the first value the fast path does not decide.
 
-    The values are collected and written with one indexed assignment: per-element writes into a numpy
-    row cost ~0.1 us each, most of a request's parsing time at ~700 features per patient."""
+    `fmap` is the modality's client.predict.ModalityInputs. The values are collected and written with one
+    indexed assignment: per-element writes into a numpy row cost ~0.1 us each. A modality without
+    categorical features and with at least VECTOR_MIN values is checked and transformed with array
+    operations (the same decisions; in a one-off timing, 1 ms of the service's GIL per request at 16
+    connections went to this loop)."""
+    if fmap.numeric_only and len(feats) >= VECTOR_MIN:
+        return _fill_numeric(row, fmap, feats)
     cols, vals = [], []
     for f, v in feats.items():
         spec = fmap.get(f)
@@ -278,7 +287,38 @@ def _fill_row(row: np.ndarray, fmap: dict, feats: dict) -> bool:
     return True
 
 
-# --- tables --------------------------------------------------------------------------------------------
+def _fill_numeric(row: np.ndarray, fmap, feats: dict) -> bool:
+    """_fill_row's decisions for a modality of numeric and binary features, on arrays."""
+    from operator import itemgetter
+
+    vals = list(feats.values())
+    if not set(map(type, vals)) <= _NUMBER_OR_NULL:
+        return False
+    try:
+        cols = np.array(itemgetter(*feats)(fmap.col), dtype=np.intp)
+        v = np.array(vals, dtype=np.float64)  # None -> NaN
+    except (KeyError, OverflowError):  # a foreign feature; an integer beyond float64
+        return False
+    missing = np.isnan(v)
+    nulls = vals.count(None)
+    if int(missing.sum()) != nulls:  # a NaN value, not a null
+        return False
+    if nulls:
+        cols, v = cols[~missing], v[~missing]
+    if not (np.abs(v) <= FLOAT32_MAX).all():
+        return False
+    at = cols - fmap.start
+    log, binary = fmap.is_log[at], fmap.is_bin[at]
+    if log.any():
+        if (v[log] <= -1).any():
+            return False
+        v[log] = np.log1p(v[log])
+    if binary.any() and not np.isin(v[binary], (0.0, 1.0)).all():
+        return False
+    row[cols] = v  # float64 -> float32 rounds as an element-wise write does
+    return True
+
+
 class DecompressedBudget:
     """Bytes written after decompression, over every table of one request, and rows of delimited tables."""
 

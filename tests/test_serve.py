@@ -858,6 +858,38 @@ def test_fast_json_parsing_keeps_the_standard_parsers_answers():
     assert np.isnan(big["v"]) and big["n"] == 123456789012345678901234567890
 
 
+def test_a_modalitys_values_filled_as_arrays_decide_and_write_exactly_as_one_by_one(monkeypatch):
+    """The array path of the JSON fast path (client/prediction_input.py _fill_numeric) against the element
+    loop, on rows of numeric (log1p), binary and plain features with every kind of value the loop rejects."""
+    import client.prediction_input as pin
+    from client.predict import ModalityInputs
+
+    feats = {f"f{j}": (3 + j, ("log", "bin", "num")[j % 3], None) for j in range(12)}
+    fmap = ModalityInputs(3, feats)
+    rng = np.random.default_rng(0)
+    odd = [None, True, "1.5", float("nan"), float("inf"), 1e300, -1.0, -2, 2, 0.5, 10**400, 7, np.float64(1.0)]
+    cases = []
+    for _ in range(400):
+        row = {f: float(rng.normal(3, 1)) if spec[1] != "bin" else int(rng.integers(0, 2)) for f, spec in feats.items()}
+        for f in rng.choice(list(feats), size=int(rng.integers(0, 3)), replace=False):
+            row[str(f)] = odd[int(rng.integers(len(odd)))]
+        if rng.random() < 0.05:
+            row["foreign"] = 1.0
+        cases.append(row)
+    agree = 0
+    for row in cases:
+        vec, loop = np.full(20, np.nan, np.float32), np.full(20, np.nan, np.float32)
+        a = pin._fill_row(vec, fmap, row)
+        monkeypatch.setattr(pin, "VECTOR_MIN", 10**9)
+        b = pin._fill_row(loop, fmap, row)
+        monkeypatch.setattr(pin, "VECTOR_MIN", 8)
+        assert a == b, row
+        if a:
+            assert np.array_equal(vec, loop, equal_nan=True), row
+            agree += 1
+    assert 100 < agree < 400  # both outcomes were exercised
+
+
 # --- issue 20: operations ----------------------------------------------------------------------------
 def _copy_site(site, tmp_path) -> dict:
     shutil.copytree(site["root"] / "models", tmp_path / "models")
