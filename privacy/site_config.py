@@ -55,8 +55,9 @@ class ServeSettings(BaseModel):
                                    description="wait this long for more requests before scoring a batch")
     api_docs: bool = Field(False, alias="api-docs", description="serve /docs (Swagger UI, bundled: no internet)")
     explanations: Literal["process", "thread"] = Field(
-        "process", description="where integrated gradients run: 'process' = a child process at the lowest CPU "
-        "priority (off the service's GIL), 'thread' = the service's explanation thread")
+        "process", description="where explanation requests (top_k > 0) are parsed, checked, scored and explained: "
+        "'process' = a child process at the lowest CPU priority (off the service's GIL), 'thread' = the service's "
+        "explanation thread")
 
 
 class SiteConfig(BaseModel):
