@@ -133,6 +133,36 @@ def test_concurrent_writers_keep_one_valid_chain(tmp_path):
     assert report.ok and report.entries == 30
 
 
+def _append_with(log: AuditLog, worker: int) -> None:
+    for i in range(20):
+        log.append_many([("prediction", {"worker": worker, "i": i})] * 2, head=i % 5 == 0)
+
+
+def test_one_log_object_shared_by_threads_and_forked_children_keeps_one_valid_chain(tmp_path):
+    """The log keeps its files open between appends: threads of one process share them behind a mutex, a
+    forked child opens its own (flock does not tell apart holders of one open file description), and a log
+    replaced under the same path is reopened."""
+    import threading
+
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    log.append("start")  # the files are open before the fork
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_append_with, args=(log, 10 + w)) for w in range(2)]
+    threads = [threading.Thread(target=_append_with, args=(log, w)) for w in range(3)]
+    for t in procs + threads:
+        t.start()
+    for t in procs + threads:
+        t.join()
+    assert all(p.exitcode == 0 for p in procs)
+    report = verify(path)
+    assert report.ok and report.entries == 1 + 5 * 20 * 2, report.format()
+    path.rename(tmp_path / "old.jsonl")
+    (tmp_path / "audit.jsonl.head").unlink()
+    log.append("new log")  # another file under the path: read and appended afresh
+    assert verify(path).ok and verify(path).entries == 1
+
+
 def test_oncofed_audit_verify_exits_non_zero_on_tampering(tmp_path):
     from typer.testing import CliRunner
 
