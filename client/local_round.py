@@ -213,6 +213,21 @@ def distributed_plan(site: PreparedSite, run_id: str, cfg: RunConfig, dim: int,
     return p
 
 
+def padded_sample(n: int, sample_rate: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Poisson sample of n patients at `sample_rate`, padded to distributed.padded_batch(n, q) rows with
+    patients it did not sample: (row indices, mask: 1 sampled, 0 filler). Both parts in a secret random
+    order. A sample larger than the padded batch is returned whole (no filler)."""
+    sampled = torch.rand(n, generator=generator) < sample_rate
+    chosen = sampled.nonzero().squeeze(1)
+    fill = max(0, distributed.padded_batch(n, sample_rate) - len(chosen))
+    others = (~sampled).nonzero().squeeze(1)
+    filler = others[torch.randperm(len(others), generator=generator)[:fill]]
+    rows = torch.cat([chosen, filler])
+    mask = torch.cat([torch.ones(len(chosen)), torch.zeros(len(filler))])
+    order = torch.randperm(len(rows), generator=generator)
+    return rows[order], mask[order]
+
+
 def distributed_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunConfig, run_id: str, rnd: int,
                       grid: distributed.SecAggGrid, site_seed: int = 0, server_plan: dict | None = None) -> RoundResult:
     """One DP-SGD step at the global weights, as the site's share of the consortium's step: the sum of the
@@ -238,17 +253,18 @@ def distributed_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: 
                                      mechanism=p)
     t_train = time.perf_counter()
     secret_dropout()  # the masks depend on which records were sampled: secret, as the sampling (dp_randomness)
-    sampled = torch.rand(n, generator=dp_generator()) < p.sample_rate  # Poisson sampling, secret
+    rows, mask = padded_sample(n, p.sample_rate, dp_generator())  # Poisson sampling, secret; fixed cost
     grads = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
-    if bool(sampled.any()):
+    if len(rows):
         tc = cfg.train_config()
         loss_fn = build_loss(tc, class_counts(site.train.y, site.schema.n_classes))
         model.train()
-        xs, ys = (torch.from_numpy(a[sampled.numpy()]) for a in (site.train.x, site.train.y))
+        xs, ys = (torch.from_numpy(a[rows.numpy()]) for a in (site.train.x, site.train.y))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus' hooks (see train_round)
-            # p.grad = the sum of the clipped per-sample gradients, by the run config's dp-clipping
-            clipped_sum(model, lambda: loss_fn(model(xs), ys), cfg.privacy.max_grad_norm, cfg.privacy.clipping)
+            # p.grad = the sum of the clipped per-sample gradients of the sampled rows (the filler rows' are 0),
+            # by the run config's dp-clipping
+            clipped_sum(model, lambda: loss_fn(model(xs), ys, mask), cfg.privacy.max_grad_norm, cfg.privacy.clipping)
         for k, param in model.named_parameters():
             if param.requires_grad and param.grad is not None:
                 grads[k] = param.grad.detach()
@@ -256,7 +272,8 @@ def distributed_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: 
     z = distributed.encode(x, p, grid, dp_numpy_generator(), noised=noised)
     arrays = distributed.to_flower(z, grid, shapes)
     train_seconds = time.perf_counter() - t_train
-    log.info("round %s: one distributed DP step over %s sampled patients (not sent)", rnd, int(sampled.sum()))
+    log.info("round %s: one distributed DP step over %s sampled patients in %s rows (not sent)", rnd, int(mask.sum()),
+             len(rows))
     spent, worst = site.ledger.commit_distributed_round(ticket, 1)
     metrics = {LOCAL_STEPS: 1, TRAIN_SECONDS: round(train_seconds, 3), EPSILON: spent, EPSILON_WORST_CASE: worst,
                NOISE_MULTIPLIER: p.noise_multiplier, SAMPLE_RATE: p.sample_rate, TRUSTED_SITES: p.trusted_sites,

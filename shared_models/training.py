@@ -118,7 +118,9 @@ class WeightedCrossEntropy(nn.Module):
             self._position = torch.full((int(self.classes.max()) + 1,), -1, dtype=torch.int64)
             self._position[self.classes] = torch.arange(len(self.classes))
 
-    def forward(self, logits: Tensor, y: Tensor) -> Tensor:
+    def forward(self, logits: Tensor, y: Tensor, mask: Tensor | None = None) -> Tensor:
+        """`mask` (0/1 per row): rows with 0 add nothing (a padded batch's filler rows); the divisor stays
+        the batch's length, so every row's term is the same as without the mask."""
         target = y
         if self.classes is not None:
             pos = self._position.to(y.device)
@@ -130,6 +132,8 @@ class WeightedCrossEntropy(nn.Module):
         ce = F.cross_entropy(logits, target, reduction="none", label_smoothing=self.label_smoothing)
         if self.weight is not None:
             ce = ce * self.weight.to(ce.device)[y]
+        if mask is not None:
+            ce = ce * mask
         return ce.sum() / max(len(y), 1)  # an empty (Poisson-sampled) batch gives 0, not NaN
 
 

@@ -280,6 +280,57 @@ def test_the_distributed_rounds_clipped_sum_is_the_same_by_either_dp_clipping():
         assert float((a - b).abs().max()) <= TOL * max(float(b.abs().max()), 1e-12)
 
 
+@pytest.mark.parametrize("how", ["ghost", "opacus"])
+def test_a_padded_batchs_clipped_sum_is_its_samples_alone(how):
+    """distributed_round pads its Poisson sample with zero-weight patients (a fixed cost whatever the sample):
+    the clipped sum is the sampled rows' alone, float64, missing modalities, by either dp-clipping."""
+    from shared_models.training import WeightedCrossEntropy
+
+    torch.manual_seed(0)
+    base = _full_model(dropout=0.0).double()
+    x, y = _batch_with_missing()
+    loss = WeightedCrossEntropy(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
+    mask = torch.zeros(len(y), dtype=torch.float64)
+    mask[[0, 3, 4, 7]] = 1.0
+    grads = []
+    for rows, weights in ((mask.bool(), None), (slice(None), mask)):
+        model = copy.deepcopy(base)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            clipped_sum(model, lambda: loss(model(x[rows]), y[rows], weights), 0.5, how)
+        grads.append([p.grad for p in model.parameters()])
+    assert max(float(a.abs().max()) for a in grads[0]) > 0.01
+    for a, b in zip(*grads):
+        assert float((a - b).abs().max()) <= TOL * max(float(a.abs().max()), 1e-12)
+
+
+def test_a_padded_poisson_sample_has_a_fixed_size_and_samples_each_patient_independently_at_the_rate():
+    from scipy import stats
+
+    from client.local_round import padded_sample
+    from privacy.distributed import padded_batch
+
+    n, q = 620, 0.3
+    b = padded_batch(n, q)
+    assert 186 < b < n and stats.binom.sf(b, n, q) <= 2.0 ** -40 < stats.binom.sf(b - 1, n, q)
+    assert padded_batch(5, 0.3) == 5 and padded_batch(0, 0.3) == 0  # a small site computes every patient, always
+    gen = torch.Generator().manual_seed(0)
+    counts, sizes = torch.zeros(n), []
+    for _ in range(2000):
+        rows, mask = padded_sample(n, q, gen)
+        assert len(rows) == b and len(set(rows.tolist())) == b  # every step computes b distinct patients
+        counts[rows[mask.bool()]] += 1
+        sizes.append(int(mask.sum()))
+    sd = math.sqrt(n * q * (1 - q))  # the sample's size is Binomial(n, q), as Poisson sampling draws it
+    assert abs(sum(sizes) / len(sizes) - n * q) < 4 * sd / math.sqrt(len(sizes))
+    assert 0.85 < float(torch.tensor(sizes, dtype=torch.float64).var()) / sd ** 2 < 1.15
+    # each patient sampled at rate q, whatever its index
+    expected = torch.full((n,), float(counts.sum()) / n)
+    assert stats.chisquare(counts.numpy(), expected.numpy()).pvalue > 1e-4
+    rows, mask = padded_sample(8, 1.0, gen)  # a sample larger than the padding is computed whole
+    assert sorted(rows.tolist()) == list(range(8)) and bool(mask.all())
+
+
 def test_the_noise_has_opacus_distribution_independent_gaussians_of_std_sigma_c_over_the_expected_batch():
     from scipy import stats
 
