@@ -286,6 +286,13 @@ def _head_path(path: Path) -> Path:
     return path.with_name(path.name + ".head")
 
 
+def _stat_or_none(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+
+
 class AuditLog:
     """`AuditLog(path).append("round", round=3, participants=[...])`. `fsyncs` counts this process's
     fsyncs by file (log, head, directory): the disk's share of a commit, for the service's /metrics."""
@@ -302,7 +309,7 @@ class AuditLog:
         # entries took 6.5 ms at the median beside a busy thread, 0.4 ms alone (docs/results.md)
         self._open: tuple | None = None  # (pid, device, inode, reader, appender)
         self._lock_fd: tuple | None = None  # (pid, descriptor of <log>.head.lock)
-        self._mutex = threading.Lock()
+        self._mutexes: dict[int, threading.Lock] = {}  # by process id (see _lock)
         self._dir_made = False
 
     def append(self, event: str, **fields) -> dict:
@@ -344,10 +351,7 @@ class AuditLog:
         """(pid, device, inode, reader fd, appender fd) of the file the path names now (`st`: its stat, if
         taken), opened again when that is another file or this is a forked child; None if there is none."""
         if st is None:
-            try:
-                st = os.stat(self.path)
-            except FileNotFoundError:
-                st = None
+            st = _stat_or_none(self.path)
         kept = self._open
         if kept is not None and st is not None and kept[:3] == (os.getpid(), st.st_dev, st.st_ino):
             return kept
@@ -355,13 +359,17 @@ class AuditLog:
             return None
         self._close_files()
         appender = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        reader = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            reader = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            os.close(appender)
+            raise
         st = os.fstat(appender)
         self._open = (os.getpid(), st.st_dev, st.st_ino, reader, appender)
         return self._open
 
     def _close_files(self) -> None:
-        kept, self._open = self._open, None
+        kept, self._open = getattr(self, "_open", None), None
         if kept is not None and kept[0] == os.getpid():  # a forked child leaves its parent's descriptors alone
             for fd in kept[3:]:
                 try:
@@ -406,14 +414,23 @@ class AuditLog:
     @contextmanager
     def _lock(self, kind: int):
         """The append lock (flock on `<log>.head.lock`) across processes; across this process's threads, a mutex
-        in front of it (they share one open file description, which flock does not tell apart)."""
-        with self._mutex:
-            pid = os.getpid()
-            if self._lock_fd is None or self._lock_fd[0] != pid:  # new, or a forked child: its own description
-                self._lock_fd = (pid, os.open(self.head.with_name(self.head.name + ".lock"),
-                                              os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644))
-            fd = self._lock_fd[1]
-            fcntl.flock(fd, kind)
+        in front of it (they share one open file description, which flock does not tell apart). A forked child
+        gets a mutex and a description of its own (the parent's mutex may have been held at the fork); a lock
+        file replaced under its path is opened again (a flock on the old one would exclude nobody)."""
+        pid = os.getpid()
+        with self._mutexes.setdefault(pid, threading.Lock()):
+            path = self.head.with_name(self.head.name + ".lock")
+            while True:
+                if self._lock_fd is None or self._lock_fd[0] != pid:  # new, or a forked child: its own description
+                    self._lock_fd = (pid, os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644))
+                fd = self._lock_fd[1]
+                fcntl.flock(fd, kind)
+                held, now = os.fstat(fd), _stat_or_none(path)
+                if now is not None and (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+                    break
+                fcntl.flock(fd, fcntl.LOCK_UN)  # the path names another file (or none) now: lock that one
+                os.close(fd)
+                self._lock_fd = None
             try:
                 yield
             finally:

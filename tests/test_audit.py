@@ -163,6 +163,48 @@ def test_one_log_object_shared_by_threads_and_forked_children_keeps_one_valid_ch
     assert verify(path).ok and verify(path).entries == 1
 
 
+def test_a_child_forked_while_a_thread_holds_the_log_appends_and_a_replaced_lock_file_still_excludes(tmp_path,
+                                                                                                     monkeypatch):
+    import fcntl
+    import os
+    import threading
+    import time
+
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    log.append("start")
+    slow = threading.Event()
+    real_fsync, parent = os.fsync, os.getpid()
+
+    def slowed(fd):
+        if os.getpid() == parent:
+            slow.set()
+            time.sleep(0.5)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slowed)
+    t = threading.Thread(target=lambda: log.append("slow"))
+    t.start()
+    slow.wait(5)  # the thread holds the log's mutex and lock now
+    child = multiprocessing.get_context("fork").Process(target=_append_with, args=(log, 99))
+    child.start()
+    child.join(30)
+    t.join()
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert child.exitcode == 0  # not stuck on the parent's mutex, copied while held
+    assert verify(path).ok and verify(path).entries == 2 + 20 * 2
+
+    lock = tmp_path / "audit.jsonl.head.lock"
+    lock.unlink()  # e.g. a clean-up: the next lock is taken on the file the path names now
+    with log._lock(fcntl.LOCK_EX):
+        other = os.open(lock, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(other)
+
+
 def test_oncofed_audit_verify_exits_non_zero_on_tampering(tmp_path):
     from typer.testing import CliRunner
 
