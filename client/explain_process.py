@@ -11,7 +11,8 @@ process wants, and holds no lock the service needs), `InProcess` in the calling 
 = "thread"`). Either way the service only receives the bytes (or stores the uploaded tables), queues the
 request, writes the audit entry from the patient ids and classes it gets back, and sends the answer:
 the formatted rows arrive already encoded. The child loads the model version the service chose, verified
-as the service verifies it (the same `Predictor`).
+as the service verifies it (the same `Predictor`), and uses the service's normalisation and calibration,
+sent with each request (not the files, which may have changed since the service loaded them).
 
 A child that dies is started again for the next request; the request in flight gets the error.
 """
@@ -23,6 +24,9 @@ import threading
 from pathlib import Path
 
 import orjson
+
+
+ANSWER_WITHIN_S = 600.0  # a child that takes longer (hung) is stopped; the service answers 503 at 120 s anyway
 
 
 class ExplainProcessError(RuntimeError):
@@ -75,10 +79,17 @@ class ExplainProcess:
     def request(self, lm, kind: str, payload, top_k: int) -> dict:
         from client.prediction_input import PredictionInputError
 
+        # the service's normalisation and calibration, not whatever the files hold when the child reads them
+        state = {"mean": lm.normalizer.mean, "scale": lm.normalizer.scale, "temperature": lm.temperature,
+                 "calibration": lm.calibration}
         with self._lock:  # one request at a time (the service has one explanation thread)
             self._start()
             try:
-                self._conn.send((lm.version, kind, payload if kind == "json" else str(payload), top_k))
+                self._conn.send((lm.version, state, kind, payload if kind == "json" else str(payload), top_k))
+                if not self._conn.poll(ANSWER_WITHIN_S):
+                    self._stop()
+                    raise ExplainProcessError(f"the explanation process did not answer within {ANSWER_WITHIN_S:g} s "
+                                              "and was stopped; it starts again with the next explanation")
                 status, value = self._conn.recv()
             except (EOFError, OSError) as e:
                 self._stop()
@@ -128,6 +139,7 @@ def _serve(conn, model_dir: str, normalizer_path: str, signing_public_key: str |
     from client.predict import Predictor
     from client.prediction_input import PredictionInputError
     from privacy.site_config import ServeSettings
+    from shared_models.site_data import Normalizer
 
     torch.set_num_threads(1)
     settings = ServeSettings.model_validate(limits)
@@ -136,14 +148,18 @@ def _serve(conn, model_dir: str, normalizer_path: str, signing_public_key: str |
     models: dict = {}
     while True:
         try:
-            version, kind, payload, top_k = conn.recv()
+            version, state, kind, payload, top_k = conn.recv()
         except (EOFError, OSError):
             return
         try:
-            if version not in models:
-                models.clear()  # the version the service serves now: one at a time
-                models[version] = predictor._load(version)
-            conn.send(("ok", explain_request(predictor, models[version], settings, kind, payload, top_k)))
+            key = (version, state["mean"].tobytes(), state["scale"].tobytes(), state["temperature"])
+            if key not in models:
+                models.clear()  # the model the service serves now: one at a time
+                lm = predictor._load(version)
+                lm.normalizer = Normalizer(lm.schema, state["mean"], state["scale"])
+                lm.temperature, lm.calibration = state["temperature"], state["calibration"]
+                models[key] = lm
+            conn.send(("ok", explain_request(predictor, models[key], settings, kind, payload, top_k)))
         except PredictionInputError as e:  # the service answers it as it answers its own refusals
             conn.send(("refused", (e.problems, e.status)))
         except Exception as e:  # noqa: BLE001 - the service answers the request with it

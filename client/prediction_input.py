@@ -171,9 +171,12 @@ def asks_explanations(body: bytes) -> bool:
     return found is not None and int(found.group(1)) > 0
 
 
-def estimated_patients(body: bytes) -> int:
+def estimated_patients(body: bytes) -> int | None:
     """An upper bound on a JSON body's patients for queue admission, without parsing: every patient the
-    contract accepts has a "modalities" member."""
+    contract accepts has a "modalities" member, spelt out unless the body uses \\u escapes (then None: the
+    body must be parsed to be counted)."""
+    if b"\\u" in body:
+        return None
     return max(1, body.count(b'"modalities"'))
 
 
@@ -292,8 +295,11 @@ def _fill_numeric(row: np.ndarray, fmap, feats: dict) -> bool:
     from operator import itemgetter
 
     vals = list(feats.values())
-    if not set(map(type, vals)) <= _NUMBER_OR_NULL:
+    types = set(map(type, vals))
+    if not types <= _NUMBER_OR_NULL:
         return False
+    if int in types and not all(-FLOAT32_MAX <= v <= FLOAT32_MAX for v in vals if type(v) is int):
+        return False  # exactly, as the loop compares: float64 would round an int just beyond into range
     try:
         cols = np.array(itemgetter(*feats)(fmap.col), dtype=np.intp)
         v = np.array(vals, dtype=np.float64)  # None -> NaN

@@ -34,6 +34,7 @@ from shared_models.files import write_json_atomic
 
 ROLES = {"clinician": {"predict", "read"}, "admin": {"predict", "read", "manage"}}
 TOKENS_FILE = "serve-tokens.json"
+EXPLAIN_QUEUE_BODIES = 4  # waiting explanation requests hold at most this many maximal bodies' bytes
 
 
 class BodyTooLarge(Exception):
@@ -249,7 +250,9 @@ class Site:
 
             explainer = InProcess(self.predictor, self.limits)
         self.explanations = ExplanationLane(explainer, self._commit_explained, idle=self.write_head,
-                                            capacity=self.limits.explain_queue_patients)
+                                            capacity=self.limits.explain_queue_patients,
+                                            max_bytes=EXPLAIN_QUEUE_BODIES * self.max_body_bytes,
+                                            background=self.limits.explanations == "thread")
 
     def _fell_back(self, entry: dict) -> None:
         self.audit.append("model_fallback", **entry)

@@ -164,6 +164,7 @@ class Explanation:
     payload: object
     top_k: int
     patients: int  # an upper bound, for admission
+    size: int  # bytes held while it waits
     who: dict
     lm: object
     extra: dict
@@ -173,52 +174,67 @@ class Explanation:
 
 class ExplanationLane:
     """Explanation requests, each answered whole by `explainer.request(lm, kind, payload, top_k)` (a child
-    process or this thread: client/explain_process.py), one at a time, in a thread that only gets CPU time
-    the predictions leave. Holds at most `capacity` patients (counted by an upper bound before parsing);
-    beyond that `submit` raises QueueFull. Each answer's audit entry is durable (`commit`) before it is
-    answered; the deferred head is written (`idle`) whenever the lane has nothing waiting."""
+    process or this process: client/explain_process.py), one at a time. Holds at most `capacity` patients
+    (counted by an upper bound before parsing) and `max_bytes` of waiting requests; beyond either, `submit`
+    raises QueueFull. The work runs in one thread (at SCHED_IDLE with `background`, when it is done in this
+    process); each answer's audit entry is made durable (`commit`) by a second thread at normal priority
+    (it shares the audit log with the predictions), before the answer is sent; the deferred head is written
+    (`idle`) whenever nothing is waiting."""
 
-    def __init__(self, explainer, commit, *, idle, capacity: int):
-        self.explainer, self.commit, self.idle, self.capacity = explainer, commit, idle, capacity
+    def __init__(self, explainer, commit, *, idle, capacity: int, max_bytes: int, background: bool = False):
+        self.explainer, self.commit, self.idle = explainer, commit, idle
+        self.capacity, self.max_bytes, self.background = capacity, max_bytes, background
         self.jobs: "queue.Queue[Explanation]" = queue.Queue()
-        self._waiting = 0
+        self.done: "queue.Queue[tuple]" = queue.Queue()
+        self._waiting = self._bytes = 0
         self._count_lock = threading.Lock()
         self.seconds_per_patient = 0.01  # moving estimate, for Retry-After
         threading.Thread(target=self._work, daemon=True, name="oncofed-explain").start()
+        threading.Thread(target=self._commit, daemon=True, name="oncofed-explain-audit").start()
 
     @property
     def waiting(self) -> int:
         return self._waiting
 
     async def submit(self, kind: str, payload, top_k: int, patients: int, who: dict, lm, extra: dict,
-                     timeout: float = 120.0) -> dict:
+                     size: int = 0, timeout: float = 120.0) -> dict:
         with self._count_lock:
-            if self._waiting + patients > self.capacity and self._waiting > 0:
+            if self._waiting > 0 and (self._waiting + patients > self.capacity or self._bytes + size > self.max_bytes):
                 retry = max(1, int(np.ceil(self._waiting * self.seconds_per_patient)))
                 raise QueueFull(self._waiting, self.capacity, retry)
             self._waiting += patients
+            self._bytes += size
         loop = asyncio.get_running_loop()
-        job = Explanation(kind, payload, top_k, patients, who, lm, extra, loop, loop.create_future())
+        job = Explanation(kind, payload, top_k, patients, size, who, lm, extra, loop, loop.create_future())
         self.jobs.put(job)
         return await asyncio.wait_for(job.future, timeout)
 
     def _work(self) -> None:
-        run_in_background()
+        if self.background:
+            run_in_background()
         while True:
             job = self.jobs.get()
             t0 = time.perf_counter()
             try:
-                out = self.explainer.request(job.lm, job.kind, job.payload, job.top_k)
-                self.commit(job, out)
-                _answer(job, out)
-            except Exception as e:  # noqa: BLE001 - the request gets the error (no answer without its audit entry)
-                _answer(job, None, e)
-            finally:
-                with self._count_lock:
-                    self._waiting -= job.patients
-                per = (time.perf_counter() - t0) / job.patients
-                self.seconds_per_patient = 0.8 * self.seconds_per_patient + 0.2 * per
-            if self.jobs.empty() and self.idle is not None:
+                out, error = self.explainer.request(job.lm, job.kind, job.payload, job.top_k), None
+            except Exception as e:  # noqa: BLE001 - the request gets the error
+                out, error = None, e
+            with self._count_lock:  # done with: before its answer, which may come at once
+                self._waiting -= job.patients
+                self._bytes -= job.size
+            self.seconds_per_patient = 0.8 * self.seconds_per_patient + 0.2 * (time.perf_counter() - t0) / job.patients
+            self.done.put((job, out, error))
+
+    def _commit(self) -> None:
+        while True:
+            job, out, error = self.done.get()
+            if error is None:
+                try:
+                    self.commit(job, out)
+                except Exception as e:  # noqa: BLE001 - no answer without its audit entry
+                    out, error = None, e
+            _answer(job, out, error)
+            if self.done.empty() and self.jobs.empty() and self.idle is not None:
                 try:
                     self.idle()
                 except Exception:  # retried after the next request; the next commit reports a broken log

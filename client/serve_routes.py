@@ -80,9 +80,10 @@ def prediction_routes(app, site: "Site", role) -> None:
         encoded = await to_thread.run_sync(lambda: _encode(body), limiter=parsing)
         return Response(encoded, media_type="application/json")
 
-    async def explained(kind: str, payload, top_k: int, patients: int, who: dict, lm, endpoint: str, via: str):
+    async def explained(kind: str, payload, top_k: int, patients: int, who: dict, lm, endpoint: str, via: str,
+                        size: int = 0):
         out = await queued(endpoint, lambda: site.explanations.submit(kind, payload, top_k, patients, who, lm,
-                                                                       {"via": via}))
+                                                                       {"via": via}, size))
         if isinstance(out, Response):
             return out
         head = _encode({"model_version": out["version"], "calibrated": out["calibrated"],
@@ -97,27 +98,27 @@ def prediction_routes(app, site: "Site", role) -> None:
         """{"patients": [{"id": ..., "modalities": {MODALITY: {FEATURE: value or null}}}], "top_k": 5}"""
         lm = site.current()  # parsed and scored with this one model, even if another is activated meanwhile
         body = await request.body()
-        if asks_explanations(body):  # not parsed here: the lane does it all
-            return await explained("json", body, 0, estimated_patients(body), who, lm, "/v1/predict", via(request))
+        if asks_explanations(body) and (patients := estimated_patients(body)):  # not parsed here: the lane does it all
+            return await explained("json", body, 0, patients, who, lm, "/v1/predict", via(request), len(body))
 
         def check(patients):
             return checked_json(lm, patients, site.limits)
 
         def parse_and_check():
             patients, top_k = parse_request(body, site.limits)
-            return (check(patients) if not top_k else None), top_k
+            return patients, (check(patients) if not top_k else None), top_k
 
         try:
             if len(body) > INLINE_BYTES:
-                checked, top_k = await to_thread.run_sync(parse_and_check, limiter=parsing)
+                patients, checked, top_k = await to_thread.run_sync(parse_and_check, limiter=parsing)
             else:
                 patients, top_k = parse_request(body, site.limits)
                 checked = None if top_k else (check(patients) if len(patients) <= INLINE_PATIENTS
                                               else await to_thread.run_sync(check, patients, limiter=parsing))
         except PredictionInputError as e:
             return refused(e, "/v1/predict")
-        if top_k:  # top_k was not where asks_explanations looks
-            return await explained("json", body, 0, estimated_patients(body), who, lm, "/v1/predict", via(request))
+        if top_k:  # top_k was not where asks_explanations looks, or the patients could not be counted unparsed
+            return await explained("json", body, 0, len(patients), who, lm, "/v1/predict", via(request), len(body))
         return await answer(checked, top_k, who, lm, "/v1/predict", via(request))
 
     @app.post("/v1/predict/file")
@@ -128,28 +129,29 @@ def prediction_routes(app, site: "Site", role) -> None:
 
         def store(tmp: Path) -> int:
             """The uploads in `tmp`, decompressed within the limits; an upper bound on their patients."""
-            budget, rows = DecompressedBudget(site.limits), 1
+            budget, rows = DecompressedBudget(site.limits), 0
             for f in files:
                 name = Path(f.filename or "").name
                 if not name or name.startswith("."):
                     raise PredictionInputError([{"loc": "files", "code": "no_name", "msg": "each file needs a "
                                                  "name: MODALITY.csv / .tsv / .parquet (optionally .gz)"}])
                 f.file.seek(0)
-                rows = max(rows, store_upload(iter(lambda: f.file.read(1 << 20), b""), tmp / name, budget,
-                                              site.limits.max_patients))
-            return rows
+                rows += store_upload(iter(lambda: f.file.read(1 << 20), b""), tmp / name, budget,
+                                     site.limits.max_patients)  # a patient may be in one table only
+            return max(rows, 1)
 
         tmp = Path(tempfile.mkdtemp(prefix="oncofed-upload-"))
         try:
             if top_k:  # the lane reads the stored tables itself
                 patients = await to_thread.run_sync(store, tmp, limiter=parsing)
-                return await explained("tables", tmp, top_k, patients, who, lm, "/v1/predict/file", via(request))
+                return await explained("tables", tmp, top_k, patients, who, lm, "/v1/predict/file", via(request),
+                                       sum(f.size or 0 for f in files))
             checked = await to_thread.run_sync(lambda: (store(tmp), checked_tables(lm, tmp, site.limits))[1],
                                                limiter=parsing)
         except PredictionInputError as e:  # InputTooLarge too (413)
             return refused(e, "/v1/predict/file")
-        finally:
-            await to_thread.run_sync(shutil.rmtree, tmp, True)
+        finally:  # not awaited: a cancelled request (shutdown) still removes its patients' tables
+            shutil.rmtree(tmp, ignore_errors=True)
         return await answer(checked, top_k, who, lm, "/v1/predict/file", via(request))
 
 

@@ -702,6 +702,30 @@ def test_whether_a_body_asks_for_explanations_is_read_from_its_ends_and_only_rou
     assert not asks_explanations(b'{"patients": [{"id": "a", "modalities": {"expr": {"x": 1, "top_k": 3}}}]}')
     assert not asks_explanations(b'{"patients": [], "top_k": 3}}')  # not its top level
     assert estimated_patients(json.dumps({"patients": patients * 7}).encode()) == 7
+    escaped = json.dumps({"patients": patients * 7}).replace('"modalities"', '"modalit\\u0069es"').encode()
+    assert json.loads(escaped)["patients"][6]["modalities"] and estimated_patients(escaped) is None  # parsed, then
+
+
+def test_an_explanation_is_scored_with_the_services_normalisation_even_if_the_file_changed_since(site, tmp_path):
+    """The child takes the normalisation and calibration the service loaded with the model, not the files as
+    they are when it first reads them: an explanation's probabilities are the plain prediction's."""
+    from fastapi.testclient import TestClient
+
+    from shared_models.site_data import Normalizer
+
+    settings = _copy_site(site, tmp_path)
+    with TestClient(create_app(settings)) as c:
+        n = site["schema"].layout().n_inputs
+        Normalizer(site["schema"], np.full(n, 3.0), np.full(n, 0.1)).save(tmp_path / "state" / "normalizer.json")
+        patients = [_patient(site, i) for i in range(4)]
+        # escaped keys: counted by parsing in the service, then answered by the child
+        body = json.dumps({"patients": patients, "top_k": 3}).replace('"modalities"', '"modalit\\u0069es"')
+        plain = c.post("/v1/predict", json={"patients": patients, "top_k": 0}, headers=_auth(site["clinician"]))
+        explained = c.post("/v1/predict", content=body, headers={**_auth(site["clinician"]),
+                                                                  "content-type": "application/json"})
+        assert plain.status_code == explained.status_code == 200
+        for a, b in zip(plain.json()["predictions"], explained.json()["predictions"]):
+            assert a["probabilities"] == b["probabilities"] and b["top_features"]
 
 
 def test_an_answer_waits_for_its_audit_commit_while_the_model_scores_the_next_batch(site):
@@ -787,6 +811,8 @@ def test_the_explanation_thread_runs_only_on_cpu_time_predictions_leave_and_audi
         assert last["predicted"] == [r.json()["predictions"][0]["predicted"]]
         threads = {t.name: t.native_id for t in threading.enumerate()}
         assert os.sched_getscheduler(threads["oncofed-explain"]) == os.SCHED_IDLE
+        # the commit shares the audit log with the predictions: never at idle priority
+        assert os.sched_getscheduler(threads["oncofed-explain-audit"]) == os.SCHED_OTHER
         assert os.sched_getscheduler(threads["oncofed-model"]) == os.SCHED_OTHER
         for _ in range(100):  # the head is written when the lane has nothing waiting
             if not audit.head_behind:
@@ -867,7 +893,8 @@ def test_a_modalitys_values_filled_as_arrays_decide_and_write_exactly_as_one_by_
     feats = {f"f{j}": (3 + j, ("log", "bin", "num")[j % 3], None) for j in range(12)}
     fmap = ModalityInputs(3, feats)
     rng = np.random.default_rng(0)
-    odd = [None, True, "1.5", float("nan"), float("inf"), 1e300, -1.0, -2, 2, 0.5, 10**400, 7, np.float64(1.0)]
+    odd = [None, True, "1.5", float("nan"), float("inf"), 1e300, -1.0, -2, 2, 0.5, 10**400, 7, np.float64(1.0),
+           int(np.finfo(np.float32).max) + 1, -int(np.finfo(np.float32).max) - 1]
     cases = []
     for _ in range(400):
         row = {f: float(rng.normal(3, 1)) if spec[1] != "bin" else int(rng.integers(0, 2)) for f, spec in feats.items()}
@@ -1056,3 +1083,33 @@ def test_integrated_gradients_in_chunks_are_those_of_one_batch(site, monkeypatch
     monkeypatch.setattr(client.predict, "IG_CHUNK", 3)
     chunked = integrated_gradients(lm, x, target)
     assert chunked.shape == whole.shape and np.allclose(chunked, whole, rtol=1e-5, atol=1e-7)
+
+
+def test_the_explanation_lane_bounds_waiting_bytes_and_patients_and_counts_a_request_done_before_answering_it():
+    import asyncio
+    import threading
+
+    from client.serve_queue import ExplanationLane, QueueFull
+
+    release, entries = threading.Event(), []
+
+    class Slow:
+        def request(self, lm, kind, payload, top_k):
+            release.wait(10)
+            return {"payload": payload}
+
+    lane = ExplanationLane(Slow(), lambda job, out: entries.append(out), idle=None, capacity=10, max_bytes=100)
+
+    async def scenario():
+        first = asyncio.ensure_future(lane.submit("json", b"a", 0, 2, {}, None, {}, size=80))
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFull):  # bytes: 80 + 80 > 100
+            await lane.submit("json", b"b", 0, 1, {}, None, {}, size=80)
+        with pytest.raises(QueueFull):  # patients: 2 + 9 > 10
+            await lane.submit("json", b"c", 0, 9, {}, None, {}, size=1)
+        release.set()
+        out = await first
+        assert lane.waiting == 0 and lane._bytes == 0  # counted done before the answer arrived
+        return out
+
+    assert asyncio.run(scenario()) == {"payload": b"a"} and entries == [{"payload": b"a"}]
