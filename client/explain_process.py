@@ -69,9 +69,9 @@ class ExplainProcess:
     version `lm` names."""
 
     def __init__(self, model_dir: str | Path, normalizer_path: str | Path, signing_public_key: str | Path | None,
-                 calibration_path: str | Path | None, limits):
+                 limits):
         self._args = (str(model_dir), str(normalizer_path), str(signing_public_key) if signing_public_key else None,
-                      str(calibration_path) if calibration_path else None, limits.model_dump())
+                      limits.model_dump())
         self._lock = threading.Lock()
         self._proc = None
         self._conn = None
@@ -129,8 +129,7 @@ class ExplainProcess:
             self._stop()
 
 
-def _serve(conn, model_dir: str, normalizer_path: str, signing_public_key: str | None,
-           calibration_path: str | None, limits: dict) -> None:
+def _serve(conn, model_dir: str, normalizer_path: str, signing_public_key: str | None, limits: dict) -> None:
     from client.serve_queue import run_in_background
 
     run_in_background()  # inherited from the explanation thread that started it; set again to say so
@@ -143,8 +142,9 @@ def _serve(conn, model_dir: str, normalizer_path: str, signing_public_key: str |
 
     torch.set_num_threads(1)
     settings = ServeSettings.model_validate(limits)
-    predictor = Predictor(model_dir, normalizer_path, signing_public_key, calibration_path=calibration_path,
-                          load_active=False)
+    # normalisation and calibration come with each request (the service's); the files are read only because
+    # loading a version reads them
+    predictor = Predictor(model_dir, normalizer_path, signing_public_key, load_active=False)
     models: dict = {}
     while True:
         try:

@@ -256,8 +256,8 @@ def _fill_row(row: np.ndarray, fmap, feats: dict) -> bool:
     `fmap` is the modality's client.predict.ModalityInputs. The values are collected and written with one
     indexed assignment: per-element writes into a numpy row cost ~0.1 us each. A modality without
     categorical features and with at least VECTOR_MIN values is checked and transformed with array
-    operations (the same decisions; in a one-off timing, 1 ms of the service's GIL per request at 16
-    connections went to this loop)."""
+    operations (the same decisions; py-spy at 16 connections found the per-value loop in 21% of the event
+    loop's GIL samples)."""
     if fmap.numeric_only and len(feats) >= VECTOR_MIN:
         return _fill_numeric(row, fmap, feats)
     cols, vals = [], []
@@ -325,6 +325,7 @@ def _fill_numeric(row: np.ndarray, fmap, feats: dict) -> bool:
     return True
 
 
+# --- tables --------------------------------------------------------------------------------------------
 class DecompressedBudget:
     """Bytes written after decompression, over every table of one request, and rows of delimited tables."""
 

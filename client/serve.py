@@ -243,8 +243,7 @@ class Site:
             from client.explain_process import ExplainProcess
 
             explainer = ExplainProcess(settings.model_dir, self.state_dir / "normalizer.json",
-                                       settings.signing_public_key or None, self.predictor.calibration_path,
-                                       self.limits)
+                                       settings.signing_public_key or None, self.limits)
         else:
             from client.explain_process import InProcess
 

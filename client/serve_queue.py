@@ -37,6 +37,11 @@ class QueueFull(Exception):
         super().__init__(f"{waiting} patients already wait for the model (at most {capacity}); retry in "
                          f"{retry_after} s")
 
+    @classmethod
+    def of(cls, waiting: int, capacity: int, seconds_per_patient: float) -> "QueueFull":
+        """The refusal of a queue holding `waiting` patients, which it works off at `seconds_per_patient`."""
+        return cls(waiting, capacity, max(1, int(np.ceil(waiting * seconds_per_patient))))
+
 
 @dataclass
 class Job:
@@ -72,8 +77,7 @@ class ModelQueue:
         n = len(ids)
         with self._count_lock:
             if self._waiting + n > self.capacity and self._waiting > 0:
-                retry = max(1, int(np.ceil(self._waiting * self.seconds_per_patient)))
-                raise QueueFull(self._waiting, self.capacity, retry)
+                raise QueueFull.of(self._waiting, self.capacity, self.seconds_per_patient)
             self._waiting += n
         loop = asyncio.get_running_loop()
         job = Job(ids, raw, top_k, who, lm, extra, loop, loop.create_future())
@@ -152,10 +156,7 @@ class ModelQueue:
                     deferred_since = None
 
     def _run_idle(self) -> None:
-        try:
-            self.idle()
-        except Exception:  # retried at the next idle moment; the next commit reports a broken log
-            logging.getLogger(__name__).exception("%s queue: deferred audit work failed", self.name)
+        run_deferred(self.idle, f"{self.name} queue")
 
 
 @dataclass
@@ -200,8 +201,7 @@ class ExplanationLane:
                      size: int = 0, timeout: float = 120.0) -> dict:
         with self._count_lock:
             if self._waiting > 0 and (self._waiting + patients > self.capacity or self._bytes + size > self.max_bytes):
-                retry = max(1, int(np.ceil(self._waiting * self.seconds_per_patient)))
-                raise QueueFull(self._waiting, self.capacity, retry)
+                raise QueueFull.of(self._waiting, self.capacity, self.seconds_per_patient)
             self._waiting += patients
             self._bytes += size
         loop = asyncio.get_running_loop()
@@ -235,10 +235,16 @@ class ExplanationLane:
                     out, error = None, e
             _answer(job, out, error)
             if self.done.empty() and self.jobs.empty() and self.idle is not None:
-                try:
-                    self.idle()
-                except Exception:  # retried after the next request; the next commit reports a broken log
-                    logging.getLogger(__name__).exception("explanations: deferred audit work failed")
+                run_deferred(self.idle, "explanations")
+
+
+def run_deferred(idle, who: str) -> None:
+    """What the audit commits deferred (`idle`, e.g. AuditLog.write_head); a failure is logged and retried at
+    the next idle moment (the next commit reports a broken log)."""
+    try:
+        idle()
+    except Exception:  # noqa: BLE001
+        logging.getLogger(__name__).exception("%s: deferred audit work failed", who)
 
 
 def run_in_background() -> None:
