@@ -48,7 +48,7 @@ from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch import Tensor, nn
 
-from shared_models.layers import NumericTokens, register_grad_samplers
+from shared_models.layers import AddLearned, NumericTokens, register_grad_samplers
 
 register_grad_samplers()  # the learned arrays' per-sample rules, for the clipper and for Opacus' hooks mode
 
@@ -69,13 +69,48 @@ class _TapedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, weight = ctx.saved_tensors
-        ctx.tape.append((x, grad_out))
+        ctx.tape.record(x, grad_out)
         grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
         return grad_x, None, None, None
 
 
 def _grad_samplers() -> dict:
     return GradSampleModule.GRAD_SAMPLERS
+
+
+class _LinearTape(list):
+    """One Linear layer's (activation, output gradient) pairs of the last backward, and the number of forward
+    calls they come from. When the backward has reached every call and this layer's norms come from its
+    materialised per-sample gradients, those are formed at once and the pairs dropped: materialising is
+    chosen when the per-sample gradients are the smaller of the two (T (in + out) >= in x out), so holding
+    them until the step lowers the step's peak memory (on the BRCA shape the chunk-token layers' pairs
+    were the largest entries of the tapes)."""
+
+    def __init__(self, layer: nn.Linear, token_norm: str):
+        super().__init__()
+        self.layer, self.token_norm = layer, token_norm
+        self.calls = 0            # forward calls with gradients since the last reset
+        self.prepared = None      # the materialised per-sample gradients (a _Prepared), once formed
+
+    def __bool__(self) -> bool:
+        return len(self) > 0 or self.prepared is not None
+
+    def reset(self) -> None:
+        self.clear()
+        self.calls, self.prepared = 0, None
+
+    def record(self, x: Tensor, grad_out: Tensor) -> None:
+        self.append((x, grad_out))
+        if len(self) != self.calls or any(a.dim() < 3 for a, _ in self):
+            return  # calls still to come, or rows that may not be batch-major: prepared at the step
+        batch = self[0][1].shape[0]
+        if batch == 0 or any(g.shape[0] != batch for _, g in self):
+            return
+        tokens = sum(a[0].numel() // a.shape[-1] for a, _ in self)
+        if _linear_route(self.layer, tokens, self.token_norm) == "materialise":
+            with torch.no_grad():
+                self.prepared = _prepare_one_linear(self.layer, list(self), batch, self.token_norm)
+            self.clear()
 
 
 class BookKeepingClipper:
@@ -99,7 +134,7 @@ class BookKeepingClipper:
             raise ValueError(f"token_norm must be 'auto', 'ghost' or 'materialise'; got {token_norm!r}")
         self.model, self.max_grad_norm, self.loss_reduction = model, float(max_grad_norm), loss_reduction
         self.token_norm = token_norm  # how a Linear over several tokens per sample gets its norms ("auto": cheaper)
-        self._linears: list[tuple[nn.Linear, list]] = []   # (layer, tape of (activation, output grad))
+        self._linears: list[tuple[nn.Linear, _LinearTape]] = []   # (layer, tape of (activation, output grad))
         self._others: list[tuple[nn.Module, list]] = []    # (layer, tape), per-sample grads by Opacus' rules
         self._handles: list = []
         self._attached = False
@@ -121,7 +156,7 @@ class BookKeepingClipper:
                         "clipping='opacus'")
                 owner[id(p)] = name or "the model"
             if type(module) is nn.Linear:
-                self._linears.append((module, []))
+                self._linears.append((module, _LinearTape(module, self.token_norm)))
             elif type(module) is NumericTokens:
                 self._others.append((module, []))
             elif type(module) in samplers:
@@ -138,7 +173,8 @@ class BookKeepingClipper:
         for layer, tape in self._linears:
             layer.forward = _taped_forward(layer, tape)  # instance attribute: shadows nn.Linear.forward
         for layer, tape in self._others:
-            self._handles.append(layer.register_forward_hook(_recording_hook(tape)))
+            # an AddLearned's per-sample gradient is its output gradient: its input is not kept
+            self._handles.append(layer.register_forward_hook(_recording_hook(tape, type(layer) is not AddLearned)))
         self._attached = True
         return self
 
@@ -146,7 +182,7 @@ class BookKeepingClipper:
         for layer, tape in self._linears:
             if "forward" in layer.__dict__:
                 del layer.forward
-            tape.clear()
+            tape.reset()
         for h in self._handles:
             h.remove()
         for _, tape in self._others:
@@ -162,8 +198,10 @@ class BookKeepingClipper:
     cleanup = detach  # the name of Opacus' hooks object's method, so callers treat both alike
 
     def clear(self) -> None:
-        """Forget what the last backward recorded (zero_grad calls it)."""
-        for _, tape in self._linears + self._others:
+        """Forget what the last forward and backward recorded (zero_grad calls it)."""
+        for _, tape in self._linears:
+            tape.reset()
+        for _, tape in self._others:
             tape.clear()
 
     @property
@@ -189,11 +227,10 @@ class BookKeepingClipper:
         if not bool(finite.all()):
             # a sample whose gradient is not finite (overflow) counts as a zero gradient: norm 0 <= C, so the
             # sensitivity holds, and the sum stays finite instead of making the site withdraw from the round
-            # where the server sees it (samples never mix, so only its own recorded rows are not finite)
-            for _, tape in self._linears + self._others:
-                tape[:] = [tuple(_keep_rows(t, finite, batch) for t in entry) for entry in tape]
-            prepared = _prepare_linear(self._linears, batch, self.token_norm) + _prepare_other(self._others, batch)
-            sq = torch.stack([item.sq for item in prepared]).sum(0)
+            # where the server sees it (samples never mix, so only its own rows are not finite)
+            for item in prepared:
+                item.keep_rows(finite)
+            sq = torch.where(finite, sq, torch.zeros((), dtype=sq.dtype))
         norms = sq.clamp_min(0).sqrt() * scale
         weights = (self.max_grad_norm / (norms + _NORM_EPS)).clamp(max=1.0) * scale  # c_i x the loss scale
         for item in prepared:
@@ -203,32 +240,36 @@ class BookKeepingClipper:
 
     def _batch_size(self) -> int:
         for _, tape in self._linears + self._others:
-            if tape:
+            if len(tape):
                 return tape[0][1].shape[0]
+        for _, tape in self._linears:
+            if tape.prepared is not None:
+                return tape.prepared.sq.shape[0]
         return 0
 
 
-def _keep_rows(t, keep: Tensor, batch: int):
-    """A recorded (batch-major) tensor with the rows of the samples not in `keep` set to zero."""
-    if not isinstance(t, Tensor) or t.dim() == 0 or t.shape[0] % batch:
+def _keep_rows(t: Tensor | None, keep: Tensor) -> Tensor | None:
+    """A per-sample (batch-major) tensor with the rows of the samples not in `keep` set to zero."""
+    if t is None:
         return t
-    rows = t.reshape(batch, -1)
-    return torch.where(keep.view(batch, 1), rows, torch.zeros((), dtype=t.dtype)).reshape(t.shape)
+    rows = t.reshape(keep.shape[0], -1)
+    return torch.where(keep.view(-1, 1), rows, torch.zeros((), dtype=t.dtype)).reshape(t.shape)
 
 
 def _taped_forward(layer: nn.Linear, tape: list):
     def forward(x: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
             return F.linear(x, layer.weight, layer.bias)
+        tape.calls += 1
         return _TapedLinear.apply(x, layer.weight, layer.bias, tape)
     return forward
 
 
-def _recording_hook(tape: list):
+def _recording_hook(tape: list, keep_input: bool = True):
     def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
         if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
             return
-        activation = inputs[0].detach()
+        activation = inputs[0].detach() if keep_input else None
         output.register_hook(lambda grad: tape.append((activation, grad.detach())))
     return hook
 
@@ -238,13 +279,20 @@ def _sq_norms(t: Tensor) -> Tensor:  # (B, ...) -> (B,) squared norms, one pass 
 
 
 class _Prepared:
-    """One or more layers' per-sample squared norms (sq, (B,)) and how to write their clipped, summed gradients."""
+    """One or more layers' per-sample squared norms (sq, (B,)) and how to write their clipped, summed
+    gradients: write(weights, **rows), from the per-sample (batch-major) tensors in rows."""
 
-    def __init__(self, sq: Tensor, write):
-        self.sq, self._write = sq, write
+    def __init__(self, sq: Tensor, write, **rows: Tensor | None):
+        self.sq, self._write, self.rows = sq, write, rows
 
     def write_grads(self, weights: Tensor) -> None:
-        self._write(weights)
+        self._write(weights, **self.rows)
+
+    def keep_rows(self, keep: Tensor) -> None:
+        """Zero the rows of the samples not in `keep` (their gradient counts as zero; a zero weight would not
+        do: 0 x inf is NaN)."""
+        self.rows = {k: _keep_rows(t, keep) for k, t in self.rows.items()}
+        self.sq = torch.where(keep, self.sq, torch.zeros((), dtype=self.sq.dtype))
 
 
 def _zero_grads(params: list[Tensor], batch: int) -> _Prepared:  # layers not used in this forward, or an empty batch
@@ -258,11 +306,27 @@ def _prepare_linear(linears: list, batch: int, token_norm: str) -> list[_Prepare
     """Every Linear layer's norms and how to write its clipped sum; the unused ones' zeros as one item."""
     items, zeros = [], []
     for layer, tape in linears:
-        if not tape or batch == 0:  # not used in this forward, or an empty (Poisson) batch: a zero sum
+        if tape.prepared is not None:  # materialised during the backward
+            if len(tape) or tape.prepared.sq.shape[0] != batch:
+                raise RuntimeError("the clipper's tapes are inconsistent (a backward pass after the per-sample "
+                                   "gradients were formed?): zero_grad() before each forward")
+            items.append(tape.prepared)
+        elif not tape or batch == 0:  # not used in this forward, or an empty (Poisson) batch: a zero sum
             zeros += [p for p in layer.parameters(recurse=False) if p.requires_grad]
         else:
             items.append(_prepare_one_linear(layer, tape, batch, token_norm))
     return items + [_zero_grads(zeros, batch)] if zeros else items
+
+
+def _linear_route(layer: nn.Linear, tokens: int, token_norm: str) -> str:
+    """How a Linear layer over `tokens` tokens per sample gets its per-sample norms: "row" (one token: the
+    product of two norms), "ghost" (Gram matrices, O(T^2 (in + out))) or "materialise" (O(T in out))."""
+    d_out, d_in = layer.weight.shape
+    if tokens == 1 or not layer.weight.requires_grad:
+        return "row"
+    if token_norm == "auto":
+        return "ghost" if tokens * (d_in + d_out) < d_in * d_out else "materialise"
+    return token_norm
 
 
 def _prepare_one_linear(layer: nn.Linear, tape: list, batch: int, token_norm: str) -> _Prepared:
@@ -274,48 +338,52 @@ def _prepare_one_linear(layer: nn.Linear, tape: list, batch: int, token_norm: st
     grads = [g.reshape(batch, -1, d_out) for _, g in tape]
     a = acts[0] if len(acts) == 1 else torch.cat(acts, dim=1)
     e = grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
+    del acts, grads
     if a.dtype != e.dtype:
         a = a.to(e.dtype)
-    tokens = a.shape[1]
+    route = _linear_route(layer, a.shape[1], token_norm)
     # The bias's per-sample gradient is sum_t e_it, the weight's with an input of ones: the bias folds
     # into the weight's norm as one more input feature (a row of ones, or +1 on every Gram entry).
-    per_sample_w = bias_ps = None
-    if tokens == 1:  # ||e a^T||^2 = ||a||^2 ||e||^2, and the bias's is ||e||^2
-        e_sq = _sq_norms(e[:, 0])
-        if train_w:
-            sq = _sq_norms(a[:, 0]) + 1.0 if train_b else _sq_norms(a[:, 0])
-            sq = sq * e_sq
-        else:
-            sq = e_sq if train_b else e.new_zeros(batch)
-    elif train_w and (tokens * (d_in + d_out) < d_in * d_out if token_norm == "auto" else token_norm == "ghost"):
-        # ghost norm: <a a^T (+ 1 for the bias), e e^T>, O(T^2 (in + out))
+    if route == "materialise":  # this layer's per-sample gradients, kept for the weighted sum; a and e are dropped
+        per_sample_w = torch.bmm(e.transpose(1, 2), a)  # (B, out, in)
+        sq = _sq_norms(per_sample_w)
+        bias_ps = None
+        if train_b:
+            bias_ps = e.sum(1)  # (B, out)
+            sq = sq + _sq_norms(bias_ps)
+        return _Prepared(sq, _write_materialised(w, b if train_b else None, batch), ws=per_sample_w, bs=bias_ps)
+    if route == "row":
+        if a.shape[1] == 1:  # ||e a^T||^2 = ||a||^2 ||e||^2, and the bias's is ||e||^2
+            e_sq = _sq_norms(e[:, 0])
+            if train_w:
+                sq = _sq_norms(a[:, 0]) + 1.0 if train_b else _sq_norms(a[:, 0])
+                sq = sq * e_sq
+            else:
+                sq = e_sq if train_b else e.new_zeros(batch)
+        else:  # a frozen weight over several tokens: the bias's per-sample gradient alone
+            sq = _sq_norms(e.sum(1)) if train_b else e.new_zeros(batch)
+    else:  # ghost norm: <a a^T (+ 1 for the bias), e e^T>
         gram = torch.bmm(a, a.transpose(1, 2))
         if train_b:
             gram += 1.0
         sq = (gram.mul_(torch.bmm(e, e.transpose(1, 2)))).sum((1, 2))
-    else:  # materialise this layer's per-sample gradients, O(T in out), kept for the weighted sum
-        sq = e.new_zeros(batch)
-        if train_w:
-            per_sample_w = torch.bmm(e.transpose(1, 2), a)  # (B, out, in)
-            sq = _sq_norms(per_sample_w)
-        if train_b:
-            bias_ps = e.sum(1)  # (B, out)
-            sq = sq + _sq_norms(bias_ps)
 
-    def write(weights: Tensor) -> None:
-        if per_sample_w is not None or bias_ps is not None:
-            if per_sample_w is not None:
-                w.grad = (weights @ per_sample_w.reshape(batch, -1)).view_as(w).to(w.dtype)
-            if bias_ps is not None:
-                b.grad = (weights @ bias_ps).to(b.dtype)
-            return
+    def write(weights: Tensor, a: Tensor, e: Tensor) -> None:
         # sum_i c_i e_i^T a_i as one matmul over all samples' tokens; the bias's, the column sums
         ew = (e * weights.view(-1, 1, 1)).reshape(-1, d_out)
         if train_w:
             w.grad = (ew.t() @ a.reshape(-1, d_in)).to(w.dtype)
         if train_b:
             b.grad = ew.sum(0).to(b.dtype)
-    return _Prepared(sq, write)
+    return _Prepared(sq, write, a=a, e=e)
+
+
+def _write_materialised(w: Tensor, b: Tensor | None, batch: int):
+    def write(weights: Tensor, ws: Tensor, bs: Tensor | None) -> None:
+        w.grad = (weights @ ws.reshape(batch, -1)).view_as(w).to(w.dtype)
+        if b is not None:
+            b.grad = (weights @ bs).to(b.dtype)
+    return write
 
 
 def _prepare_numeric_tokens(layer: NumericTokens, tape: list, batch: int) -> _Prepared:
@@ -332,7 +400,7 @@ def _prepare_numeric_tokens(layer: NumericTokens, tape: list, batch: int) -> _Pr
     if layer.missing.requires_grad:
         sq = sq + (missing * e_sq).sum(1)
 
-    def write(weights: Tensor) -> None:
+    def write(weights: Tensor, value: Tensor, missing: Tensor, e: Tensor) -> None:
         # sum over b of w_bc e_bcd for both parameters in one batched matmul over the columns, (C, k, B) @ (C, B, d):
         # one pass over e (measured at 301 columns: 0.5x einsum's two passes at batch 64, 0.7x at 512; a
         # broadcast product and sum was 3x slower at 512). The (C, k, B) factor is built contiguous: a
@@ -342,7 +410,7 @@ def _prepare_numeric_tokens(layer: NumericTokens, tape: list, batch: int) -> _Pr
         sums = torch.bmm(torch.stack(rows, 1), e.transpose(0, 1))  # (C, k, d)
         for i, p in enumerate(params):
             p.grad = sums[:, i].contiguous().to(p.dtype)
-    return _Prepared(sq, write)
+    return _Prepared(sq, write, value=value, missing=missing, e=e)
 
 
 def _prepare_other(others: list, batch: int) -> list[_Prepared]:
@@ -389,10 +457,10 @@ def _prepare_layer_norms(group: list, batch: int) -> _Prepared:
         per_sample, params = per_sample[:, trained], [params[i] for i in trained]
     sq = _sq_norms(per_sample)
 
-    def write(weights: Tensor) -> None:
+    def write(weights: Tensor, per_sample: Tensor) -> None:
         for p, s in zip(params, (weights @ per_sample.reshape(batch, -1)).view(len(params), d)):
             p.grad = s.view_as(p).to(p.dtype)
-    return _Prepared(sq, write)
+    return _Prepared(sq, write, per_sample=per_sample)
 
 
 def _prepare_by_rule(layer: nn.Module, tape: list, batch: int) -> _Prepared:
@@ -407,11 +475,11 @@ def _prepare_by_rule(layer: nn.Module, tape: list, batch: int) -> _Prepared:
     for gs in per_sample.values():
         sq = sq + _sq_norms(gs)
 
-    def write(weights: Tensor) -> None:
-        for p in params:
-            gs = per_sample.get(id(p))
+    def write(weights: Tensor, **per_sample: Tensor) -> None:
+        for i, p in enumerate(params):
+            gs = per_sample.get(str(i))
             p.grad = torch.zeros_like(p) if gs is None else (weights @ gs.reshape(batch, -1)).view_as(p).to(p.dtype)
-    return _Prepared(sq, write)
+    return _Prepared(sq, write, **{str(i): per_sample[id(p)] for i, p in enumerate(params) if id(p) in per_sample})
 
 
 def clipped_sum(model: nn.Module, batch_loss, max_grad_norm: float, how: str = "ghost") -> None:

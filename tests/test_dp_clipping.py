@@ -93,6 +93,16 @@ class LinearTwice(nn.Module):  # one Linear called twice per forward: norm of th
         return self.head(self.shared(h + x[:, 15:]))
 
 
+class TokensLinearTwice(nn.Module):  # one Linear over tokens called twice: per-sample gradients formed after both
+    def __init__(self):
+        super().__init__()
+        self.shared, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        t = x.view(len(x), 5, 6)
+        return self.head(self.shared(torch.tanh(self.shared(t)) + t).mean(1))
+
+
 class LearnedArrays(nn.Module):  # shared_models.layers: fill values, numeric tokens, added arrays
     def __init__(self):
         super().__init__()
@@ -175,6 +185,7 @@ class LayerNorms(nn.Module):  # LayerNorms stacked by width: called twice, bias 
 
 
 LAYERS = {"layer norms": LayerNorms, "linear on rows": RowsLinear, "same shapes, some unused": SameShapesSomeUnused, "bias or weight only": BiasOrWeightOnly, "linear on tokens": TokensLinear, "linear called twice": LinearTwice,
+          "linear on tokens called twice": TokensLinearTwice,
           "learned arrays": LearnedArrays, "layer norm and embedding": NormAndEmbedding,
           "attention blocks": AttentionBlocks}
 
@@ -445,23 +456,47 @@ def test_step_without_a_recorded_backward_is_an_error():
         clipper.clip_()
 
 
-def test_a_sample_whose_gradient_is_not_finite_counts_as_a_zero_gradient():
+@pytest.mark.parametrize("token_norm", ["ghost", "materialise"])
+def test_a_sample_whose_gradient_is_not_finite_counts_as_a_zero_gradient(token_norm):
     # one patient whose values overflow: the clipped sum is the other patients' alone, finite, so the site
-    # need not withdraw from the round (a withdrawal the server would see)
+    # need not withdraw from the round (a withdrawal the server would see); with "materialise" the token
+    # layers' per-sample gradients are formed during the backward, and the bad rows are zeroed there
     model = _full_model(dropout=0.0).double().eval()
     x, y = _batch_with_missing(8)
     bad = x.clone()
     bad[0] = torch.where(torch.isnan(bad[0]), bad[0], torch.full_like(bad[0], 1e308))
     params = [p for p in model.parameters() if p.requires_grad]
-    with BookKeepingClipper(model, 0.5, loss_reduction="sum") as clipper:
+    with BookKeepingClipper(model, 0.5, loss_reduction="sum", token_norm=token_norm) as clipper:
         F.cross_entropy(model(bad), y, reduction="sum").backward()
         norms = clipper.clip_()
     got = [p.grad.clone() for p in params]
     assert norms[0] == 0 and all(torch.isfinite(g).all() for g in got)
     model.zero_grad()
-    with BookKeepingClipper(model, 0.5, loss_reduction="sum") as clipper:
+    with BookKeepingClipper(model, 0.5, loss_reduction="sum", token_norm=token_norm) as clipper:
         F.cross_entropy(model(x[1:]), y[1:], reduction="sum").backward()
         want_norms = clipper.clip_()
     assert torch.allclose(norms[1:], want_norms, rtol=TOL, atol=0)
     for g, p in zip(got, params):
         assert torch.allclose(g, p.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_materialised_layers_drop_their_activations_and_output_gradients_during_the_backward():
+    # the step's peak memory: a token layer whose norms come from its per-sample gradients holds those
+    # (B x out x in) from its backward on, not the (B x T x in, B x T x out) pairs; a layer called twice
+    # only once both calls' gradients are in; a layer whose forward and backward calls do not match keeps
+    # its pairs for the step
+    model = TokensLinearTwice().double()
+    x, y = torch.randn(8, 30, dtype=torch.float64), torch.randint(0, 3, (8,))
+    clipper = BookKeepingClipper(model, 1.0, token_norm="materialise").attach()
+    shared = dict(clipper._linears)[model.shared]
+    F.cross_entropy(model(x), y).backward()
+    assert len(shared) == 0 and shared.prepared is not None and shared.prepared.rows["ws"].shape == (8, 6, 6)
+    clipper.clip_()
+    got = model.shared.weight.grad.clone()
+    model.zero_grad()
+    model(x)  # a forward whose graph is never differentiated: calls and backward entries no longer match
+    F.cross_entropy(model(x), y).backward()
+    assert len(shared) == 2 and shared.prepared is None
+    clipper.clip_()
+    assert torch.allclose(model.shared.weight.grad, got, rtol=1e-12)
+    clipper.detach()
