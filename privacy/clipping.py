@@ -556,6 +556,7 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
     def __init__(self, optimizer: torch.optim.Optimizer, *, clipper: BookKeepingClipper, **kwargs):
         super().__init__(optimizer, **kwargs)
         self.clipper = clipper
+        self._noise: Tensor | None = None
 
     def pre_step(self, closure=None):
         self.clipper.clip_()
@@ -576,7 +577,10 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
             for g in grads:
                 g.add_(torch.empty_like(g).normal_(0.0, std, generator=self.generator))
         elif std > 0 and grads:
-            noise = torch.empty(sum(g.numel() for g in grads), dtype=grads[0].dtype, device=grads[0].device)
+            n, dtype, device = sum(g.numel() for g in grads), grads[0].dtype, grads[0].device
+            noise = self._noise  # one buffer for every step: a fresh one was new memory pages each step
+            if noise is None or (noise.numel(), noise.dtype, noise.device) != (n, dtype, device):
+                noise = self._noise = torch.empty(n, dtype=dtype, device=device)
             noise.normal_(0.0, std, generator=self.generator)
             torch._foreach_add_(grads, [n.view_as(g) for n, g in zip(noise.split([g.numel() for g in grads]), grads)])
         if self.loss_reduction == "mean" and grads:
