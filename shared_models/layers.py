@@ -70,7 +70,10 @@ class FeatureFill(nn.Module):
         self.weight = nn.Parameter(torch.zeros(n_features))  # inputs are standardised: start at the mean
 
     def forward(self, x: Tensor) -> Tensor:  # (B, F) with NaN -> (B, F) finite
-        return torch.where(torch.isnan(x), self.weight, x)
+        # x where present, the fill value where NaN, in float arithmetic: torch.where over torch.isnan's bool
+        # mask cost 0.40 ms forward and 0.71 ms forward and backward at (64, 6000) on this machine's CPU,
+        # this 0.17 / 0.50 ms (same values for finite inputs; the input contract refuses infinite ones)
+        return torch.nan_to_num(x, nan=0.0) + missing_mask(x) * self.weight
 
 
 class NumericTokens(nn.Module):
@@ -87,6 +90,12 @@ class NumericTokens(nn.Module):
         return torch.where(miss, self.missing, value * self.scale)
 
 
+def missing_mask(x: Tensor) -> Tensor:
+    """1.0 where x is NaN, 0.0 where it is finite, in x's dtype (x - x is NaN exactly there): two float passes,
+    cheaper on CPU than torch.isnan's bool tensor (0.21 ms at 64 x 6000, these 0.10 ms)."""
+    return torch.nan_to_num(x - x, nan=1.0)
+
+
 def _add_learned_grad_sample(layer: AddLearned, activations: list[Tensor], backprops: Tensor) -> dict:
     return {layer.weight: backprops} if layer.weight.requires_grad else {}
 
@@ -94,7 +103,7 @@ def _add_learned_grad_sample(layer: AddLearned, activations: list[Tensor], backp
 def _feature_fill_grad_sample(layer: FeatureFill, activations: list[Tensor], backprops: Tensor) -> dict:
     if not layer.weight.requires_grad:
         return {}
-    return {layer.weight: backprops * torch.isnan(activations[0])}
+    return {layer.weight: backprops * missing_mask(activations[0])}
 
 
 def _numeric_tokens_grad_sample(layer: NumericTokens, activations: list[Tensor], backprops: Tensor) -> dict:
