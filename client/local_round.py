@@ -36,6 +36,7 @@ from privacy.accounting import BudgetError, SkellamSteps, compact, noise_multipl
 from privacy.clipping import clipped_sum, make_private
 from privacy import distributed
 from privacy.ledger import RunPlan
+from privacy.sampling import PaddedPoissonLoader, padded_sample
 from shared_models.evaluation import evaluate
 from shared_models.model import MultiModalTransformer
 from shared_models.protocol import (EPSILON, EPSILON_WORST_CASE, GRID_SCALE, LOCAL_STEPS, LOCAL_VAL_ACCURACY,
@@ -131,14 +132,17 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
         opacus_checks = len(engine.accountant.history) == len(past)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Opacus' notes on secure_mode and optimizer types
+            if cfg.privacy.pad_batches:  # Poisson batches at a fixed cost (privacy/sampling.py), from the secret rng
+                loader = PaddedPoissonLoader.from_data_loader(loader, generator=engine.secure_rng)
             if cfg.privacy.clipping == "ghost":  # per-sample clipping without per-sample gradients; Opacus' noise
                 hooks, optimizer, loader = make_private(  # sampling and accountant (privacy/clipping.py)
-                    engine, model, optimizer, loader, noise_multiplier=sigma, max_grad_norm=cfg.privacy.max_grad_norm)
+                    engine, model, optimizer, loader, noise_multiplier=sigma, max_grad_norm=cfg.privacy.max_grad_norm,
+                    poisson_sampling=not cfg.privacy.pad_batches)
             else:
                 hooks, optimizer, loader = engine.make_private(
                     module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
-                    max_grad_norm=cfg.privacy.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",
-                    wrap_model=False, noise_generator=engine.secure_rng)
+                    max_grad_norm=cfg.privacy.max_grad_norm, poisson_sampling=not cfg.privacy.pad_batches,
+                    grad_sample_mode="hooks", wrap_model=False, noise_generator=engine.secure_rng)
 
     proximal_step = None
     if cfg.federation.strategy == "fedprox":
@@ -211,21 +215,6 @@ def distributed_plan(site: PreparedSite, run_id: str, cfg: RunConfig, dim: int,
         epsilon=cfg.privacy.epsilon, epsilon_cap=cap, num_rounds=cfg.federation.num_rounds, steps_per_round=1,
         noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate, terms=plan_terms(cfg), mechanism=p.to_dict()))
     return p
-
-
-def padded_sample(n: int, sample_rate: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A Poisson sample of n patients at `sample_rate`, padded to distributed.padded_batch(n, q) rows with
-    patients it did not sample: (row indices, mask: 1 sampled, 0 filler). Both parts in a secret random
-    order. A sample larger than the padded batch is returned whole (no filler)."""
-    sampled = torch.rand(n, generator=generator) < sample_rate
-    chosen = sampled.nonzero().squeeze(1)
-    fill = max(0, distributed.padded_batch(n, sample_rate) - len(chosen))
-    others = (~sampled).nonzero().squeeze(1)
-    filler = others[torch.randperm(len(others), generator=generator)[:fill]]
-    rows = torch.cat([chosen, filler])
-    mask = torch.cat([torch.ones(len(chosen)), torch.zeros(len(filler))])
-    order = torch.randperm(len(rows), generator=generator)
-    return rows[order], mask[order]
 
 
 def distributed_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunConfig, run_id: str, rnd: int,

@@ -235,22 +235,6 @@ def skellam_log_tail(k: float, mean: float) -> float:
     return math.log(2) + 2 * mean * (math.cosh(t) - 1) - t * k
 
 
-PADDING_TAIL = 2.0 ** -40  # per round and site: how rarely a Poisson sample outgrows its padded batch
-
-
-def padded_batch(n_patients: int, sample_rate: float, tail: float = PADDING_TAIL) -> int:
-    """The rows a site's distributed step always computes: the smallest b with P(Binomial(n, q) > b) <= tail,
-    at most n (for n = 620 at q = 0.3: 269, against 186 sampled on average). The Poisson sample is padded to
-    b rows with patients it did not sample, weighted 0, so the step's cost, and with it the reply's arrival
-    time and the round's reported seconds, do not depend on how many patients were sampled, which the
-    subsampling analysis assumes secret. A larger sample (probability <= tail per round) is computed whole."""
-    from scipy.stats import binom
-
-    if n_patients <= 0:
-        return 0
-    return int(min(n_patients, binom.isf(tail, n_patients, sample_rate)))
-
-
 def check_range(p: SkellamPlan, grid: SecAggGrid, n_patients: int) -> None:
     """Refuse a plan whose values could leave Flower's range [-Q/2, Q/2] at this site other than through the
     noise's tail of probability <= BAD_EVENT per step: the rounded sum of at most n clipped gradients is

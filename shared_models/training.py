@@ -248,7 +248,8 @@ def train_epochs(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
                  schedule: WarmupCosine | None = None, max_grad_norm: float | None = None,
                  clip_with: Callable[..., Tensor] = clip_global_grad_norm_,
                  after_step: Callable[[], None] | None = None) -> LoopTotals:
-    """`epochs` passes over `loader` (any iterable of (x, y) batches), one optimizer step per batch.
+    """`epochs` passes over `loader` (any iterable of (x, y) or (x, y, mask) batches: a padded Poisson batch's
+    mask, 1 sampled and 0 filler, goes to `loss_fn` as its third argument), one optimizer step per batch.
 
     Before each step the `schedule` (if any) sets the learning rate and advances. Pass max_grad_norm=None
     under DP-SGD: the DP optimizer clips each sample's gradient itself, and clipping the (noised) sum
@@ -258,11 +259,11 @@ def train_epochs(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
     model.train()
     totals = LoopTotals()
     for _ in range(epochs):
-        for xb, yb in loader:
+        for xb, yb, *mask in loader:
             if schedule is not None:
                 schedule.apply(optimizer)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xb), yb)
+            loss = loss_fn(model(xb), yb, *mask)
             loss.backward()
             if max_grad_norm is not None:
                 clip_with(model.parameters(), max_grad_norm)
@@ -272,8 +273,8 @@ def train_epochs(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
             if after_step is not None:
                 after_step()
             totals.steps += 1
-            totals.loss_sum += float(loss.detach()) * len(yb)
-            totals.samples += len(yb)
+            totals.loss_sum += float(loss.detach()) * len(yb)  # the batch's summed loss terms (filler rows add 0)
+            totals.samples += int(mask[0].sum()) if mask else len(yb)
     return totals
 
 

@@ -318,8 +318,7 @@ def test_a_padded_batchs_clipped_sum_is_its_samples_alone(how):
 def test_a_padded_poisson_sample_has_a_fixed_size_and_samples_each_patient_independently_at_the_rate():
     from scipy import stats
 
-    from client.local_round import padded_sample
-    from privacy.distributed import padded_batch
+    from privacy.sampling import padded_batch, padded_sample
 
     n, q = 620, 0.3
     b = padded_batch(n, q)
@@ -407,6 +406,51 @@ def test_make_private_keeps_opacus_poisson_sampling_and_accountant():
     clipper.cleanup()
     assert engine.accountant.history == [(1.1, 0.25, steps)]
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("how", ["ghost", "opacus"])
+def test_site_mode_padded_batches_keep_opacus_sampling_rate_expected_batch_and_accountant(how):
+    """dp-pad-batches: every step computes the same number of rows whatever the sample; the optimizer's
+    gradient is the sampled rows' clipped sum over the expected batch, as without padding; the accountant
+    records the same (sigma, q, steps)."""
+    from opacus import PrivacyEngine
+
+    from privacy.sampling import PaddedPoissonLoader, padded_batch
+    from shared_models.training import WeightedCrossEntropy, train_epochs
+
+    torch.manual_seed(0)
+    model = _full_model(dropout=0.0).double()
+    reference = copy.deepcopy(model)
+    x, y = _batch_with_missing(64)
+    loss = WeightedCrossEntropy()
+    loader = PaddedPoissonLoader.from_data_loader(
+        torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16),
+        generator=torch.Generator().manual_seed(1))
+    assert len(loader) == 4 and loader.sample_rate == 0.25 and loader.rows == padded_batch(64, 0.25)
+    sizes = [(len(yb), int(mask.sum())) for _ in range(5) for _, yb, mask in loader]
+    assert {rows for rows, _ in sizes} == {loader.rows} and len({n for _, n in sizes}) > 1  # fixed rows, varying sample
+    engine = PrivacyEngine(accountant="prv")
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if how == "ghost":
+            hooks, opt, dp_loader = make_private(engine, model, opt, loader, noise_multiplier=0.0, max_grad_norm=0.5,
+                                                 poisson_sampling=False)
+        else:
+            hooks, opt, dp_loader = engine.make_private(
+                module=model, optimizer=opt, data_loader=loader, noise_multiplier=0.0, max_grad_norm=0.5,
+                poisson_sampling=False, grad_sample_mode="hooks", wrap_model=False)
+        assert dp_loader is loader and opt.expected_batch_size == 16
+        batches = [next(iter(loader))]
+        totals = train_epochs(model, batches, opt, loss)
+        hooks.cleanup()
+        xb, yb, mask = batches[0]
+        sampled = mask.bool()
+        clipped_sum(reference, lambda: loss(reference(xb[sampled]), yb[sampled]), 0.5, how)
+    assert totals.samples == int(mask.sum())
+    assert engine.accountant.history == [(0.0, 0.25, 1)]
+    for p, r in zip(model.parameters(), reference.parameters()):
+        assert torch.allclose(p.grad, r.grad / 16, rtol=1e-9, atol=1e-12)
 
 
 def test_an_empty_poisson_batch_gives_a_zero_clipped_sum():

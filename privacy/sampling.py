@@ -1,0 +1,76 @@
+"""Poisson sampling at a fixed cost: padded batches.
+
+DP-SGD's subsampling analysis assumes the sampled set secret, its size included. A step's cost grows with
+the rows it computes, and a site's round seconds and its reply's arrival time are visible to the server,
+so a batch of exactly the sampled patients would publish their number step by step. Here every step
+computes `padded_batch(n, q)` rows: the Poisson sample, filled up with patients it did not sample,
+weighted 0 in the loss (WeightedCrossEntropy's mask), in a secret random order. A filler row's
+per-sample gradient is exactly zero, so the clipped sum, the noise, the division by the expected batch
+and the accounting are those of the unpadded step (tests/test_dp_clipping.py). A sample larger than
+the padding (probability <= PADDING_TAIL per step) is computed whole.
+
+Both DP modes use it: `dp-mode = "distributed"` for its one step per round (client/local_round.py), and
+`dp-mode = "site"` for every step of its local epochs (run config `dp-pad-batches`, on by default; the
+padding costs ~1.35x the rows at the main job's expected batch of 256: docs/results.md).
+"""
+
+from __future__ import annotations
+
+import torch
+
+PADDING_TAIL = 2.0 ** -40  # per step: how rarely a Poisson sample outgrows its padded batch
+
+
+def padded_batch(n_patients: int, sample_rate: float, tail: float = PADDING_TAIL) -> int:
+    """The rows a step always computes: the smallest b with P(Binomial(n, q) > b) <= tail, at most n (for
+    n = 620 at q = 0.3: 269, against 186 sampled on average)."""
+    from scipy.stats import binom
+
+    if n_patients <= 0:
+        return 0
+    return int(min(n_patients, binom.isf(tail, n_patients, sample_rate)))
+
+
+def padded_sample(n: int, sample_rate: float, generator: torch.Generator | None,
+                  rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Poisson sample of n patients at `sample_rate` (each independently, as Opacus' DPDataLoader draws it),
+    padded to `rows` (default padded_batch(n, q)) with patients it did not sample: (row indices, mask: 1
+    sampled, 0 filler), both parts in a secret random order. A sample larger than `rows` is returned whole."""
+    sampled = torch.rand(n, generator=generator) < sample_rate
+    chosen = sampled.nonzero().squeeze(1)
+    fill = max(0, (padded_batch(n, sample_rate) if rows is None else rows) - len(chosen))
+    others = (~sampled).nonzero().squeeze(1)
+    filler = others[torch.randperm(len(others), generator=generator)[:fill]]
+    index = torch.cat([chosen, filler])
+    mask = torch.cat([torch.ones(len(chosen)), torch.zeros(len(filler))])
+    order = torch.randperm(len(index), generator=generator)
+    return index[order], mask[order]
+
+
+class PaddedPoissonLoader:
+    """Opacus' DPDataLoader's batches (len(loader) steps per epoch, each patient sampled independently at
+    sample_rate = 1 / len(loader)), each padded: an epoch yields (x, y, mask) batches of padded_batch(n, q)
+    rows. `dataset` is the loader's TensorDataset (kept: Opacus' make_private reads len(loader.dataset))."""
+
+    def __init__(self, dataset: torch.utils.data.TensorDataset, steps: int, generator: torch.Generator | None):
+        if steps < 1:
+            raise ValueError(f"a padded Poisson loader needs at least one step per epoch; got {steps}")
+        self.dataset, self.steps, self.generator = dataset, steps, generator
+        self.sample_rate = 1.0 / steps
+        self.rows = padded_batch(len(dataset), self.sample_rate)
+
+    @classmethod
+    def from_data_loader(cls, loader, generator: torch.Generator | None) -> "PaddedPoissonLoader":
+        if not isinstance(loader.dataset, torch.utils.data.TensorDataset):
+            raise TypeError("padded Poisson batches need the loader's dataset as a TensorDataset (x, y); got "
+                            f"{type(loader.dataset).__name__}")
+        return cls(loader.dataset, len(loader), generator)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        x, y = self.dataset.tensors[:2]
+        for _ in range(self.steps):
+            index, mask = padded_sample(len(y), self.sample_rate, self.generator, self.rows)
+            yield x[index], y[index], mask
