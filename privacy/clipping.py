@@ -101,7 +101,8 @@ class _LinearTape(list):
 
     def record(self, x: Tensor, grad_out: Tensor) -> None:
         self.append((x, grad_out))
-        if len(self) != self.calls or any(a.dim() < 3 for a, _ in self):
+        if self.prepared is not None or len(self) != self.calls or any(a.dim() < 3 for a, _ in self):
+            # (a second backward over the same forward leaves pairs beside the prepared gradients: the step refuses)
             return  # calls still to come, or rows that may not be batch-major: prepared at the step
         batch = self[0][1].shape[0]
         if batch == 0 or any(g.shape[0] != batch for _, g in self):

@@ -543,4 +543,10 @@ def test_materialised_layers_drop_their_activations_and_output_gradients_during_
     assert len(shared) == 2 and shared.prepared is None
     clipper.clip_()
     assert torch.allclose(model.shared.weight.grad, got, rtol=1e-12)
+    model.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward(retain_graph=True)
+    loss.backward()  # twice over one forward: the step refuses rather than clip a mix
+    with pytest.raises(RuntimeError, match="zero_grad"):
+        clipper.clip_()
     clipper.detach()
