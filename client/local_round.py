@@ -33,7 +33,7 @@ import torch
 
 from client.site import PreparedSite
 from privacy.accounting import BudgetError, SkellamSteps, compact, noise_multiplier_for, planned_steps
-from privacy.clipping import clipped_sum, make_private
+from privacy.clipping import clipped_sum, finite_samples_only, make_private
 from privacy import distributed
 from privacy.ledger import RunPlan
 from privacy.sampling import PaddedPoissonLoader, padded_sample
@@ -143,6 +143,8 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
                     module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
                     max_grad_norm=cfg.privacy.max_grad_norm, poisson_sampling=not cfg.privacy.pad_batches,
                     grad_sample_mode="hooks", wrap_model=False, noise_generator=engine.secure_rng)
+                hooks.forbid_grad_accumulation()  # Opacus sets it only for its own Poisson loader
+                finite_samples_only(optimizer)  # an overflowing patient (sampled or filler) counts as zero
 
     proximal_step = None
     if cfg.federation.strategy == "fedprox":

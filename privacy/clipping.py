@@ -312,6 +312,9 @@ def _prepare_linear(linears: list, batch: int, token_norm: str) -> list[_Prepare
                 raise RuntimeError("the clipper's tapes are inconsistent (a backward pass after the per-sample "
                                    "gradients were formed?): zero_grad() before each forward")
             items.append(tape.prepared)
+        elif len(tape) > tape.calls:
+            raise RuntimeError("the clipper recorded more backward passes than forward calls of a layer (a second "
+                               "backward over one forward?): zero_grad() before each forward")
         elif not tape or batch == 0:  # not used in this forward, or an empty (Poisson) batch: a zero sum
             zeros += [p for p in layer.parameters(recurse=False) if p.requires_grad]
         else:
@@ -504,12 +507,42 @@ def clipped_sum(model: nn.Module, batch_loss, max_grad_norm: float, how: str = "
         optimizer = DPOptimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier=0.0, max_grad_norm=max_grad_norm,
                                 expected_batch_size=1, loss_reduction="mean")
         batch_loss().backward()
+        zero_nonfinite_samples(params)
         optimizer.clip_and_accumulate()
         for p in params:
             p.grad = p.summed_grad if p.summed_grad is not None else torch.zeros_like(p)
             p.grad_sample, p.summed_grad = None, None
     finally:
         hooks.cleanup()
+
+
+def zero_nonfinite_samples(params: list[Tensor]) -> None:
+    """Opacus' hooks mode: a sample whose per-sample gradient is not finite (overflow) counts as a zero
+    gradient, as in the book-keeping clipper (norm 0 <= C: the sensitivity holds), instead of making the
+    clipped sum NaN and the site withdraw, an event the server sees. Call between backward and clipping."""
+    grads = [p.grad_sample for p in params if getattr(p, "grad_sample", None) is not None]
+    if not grads:
+        return
+    batch = grads[0].shape[0]
+    finite = torch.ones(batch, dtype=torch.bool, device=grads[0].device)
+    for g in grads:
+        finite &= torch.isfinite(g.reshape(batch, -1)).all(1)
+    if bool(finite.all()):
+        return
+    for p in params:
+        if getattr(p, "grad_sample", None) is not None:
+            p.grad_sample = _keep_rows(p.grad_sample, finite)
+
+
+def finite_samples_only(optimizer) -> None:
+    """Make an Opacus DPOptimizer zero non-finite samples' per-sample gradients before it clips them (its
+    pre_step calls clip_and_accumulate; Opacus builds the optimizer, so the instance's method is wrapped)."""
+    clip = optimizer.clip_and_accumulate
+
+    def clip_and_accumulate() -> None:
+        zero_nonfinite_samples(optimizer.params)
+        clip()
+    optimizer.clip_and_accumulate = clip_and_accumulate
 
 
 # --- DP-SGD with Opacus' sampling, noise and accounting ------------------------------------------

@@ -39,8 +39,8 @@ def padded_sample(n: int, sample_rate: float, generator: torch.Generator | None,
     sampled = torch.rand(n, generator=generator) < sample_rate
     chosen = sampled.nonzero().squeeze(1)
     fill = max(0, (padded_batch(n, sample_rate) if rows is None else rows) - len(chosen))
-    others = (~sampled).nonzero().squeeze(1)
-    filler = others[torch.randperm(len(others), generator=generator)[:fill]]
+    perm = torch.randperm(n, generator=generator)  # over all n: its cost does not depend on the sample
+    filler = perm[~sampled[perm]][:fill]
     index = torch.cat([chosen, filler])
     mask = torch.cat([torch.ones(len(chosen)), torch.zeros(len(filler))])
     order = torch.randperm(len(index), generator=generator)
@@ -48,8 +48,9 @@ def padded_sample(n: int, sample_rate: float, generator: torch.Generator | None,
 
 
 class PaddedPoissonLoader:
-    """Opacus' DPDataLoader's batches (len(loader) steps per epoch, each patient sampled independently at
-    sample_rate = 1 / len(loader)), each padded: an epoch yields (x, y, mask) batches of padded_batch(n, q)
+    """Poisson batches as Opacus' DPDataLoader draws them (each patient independently at sample_rate =
+    1 / len(loader); exactly len(loader) steps per epoch, where DPDataLoader's int(1 / sample_rate) is one
+    fewer for some lengths, e.g. 92 for 93), each padded: an epoch yields (x, y, mask) batches of padded_batch(n, q)
     rows. `dataset` is the loader's TensorDataset (kept: Opacus' make_private reads len(loader.dataset))."""
 
     def __init__(self, dataset: torch.utils.data.TensorDataset, steps: int, generator: torch.Generator | None):

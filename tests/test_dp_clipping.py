@@ -524,6 +524,30 @@ def test_a_sample_whose_gradient_is_not_finite_counts_as_a_zero_gradient(token_n
         assert torch.allclose(g, p.grad, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("filler", [False, True])
+def test_with_opacus_hooks_a_sample_whose_gradient_is_not_finite_counts_as_a_zero_gradient(filler):
+    # dp-clipping = "opacus": the same rule as the book-keeping clipper, so an overflowing patient (sampled, or
+    # an unsampled filler row of a padded batch, weighted 0) does not make the clipped sum NaN
+    from shared_models.training import WeightedCrossEntropy
+
+    base = _full_model(dropout=0.0).double().train()  # Opacus' hooks record in training mode only
+    x, y = _batch_with_missing(8)
+    bad = x.clone()
+    bad[0] = torch.where(torch.isnan(bad[0]), bad[0], torch.full_like(bad[0], 1e308))
+    mask = torch.ones(8, dtype=torch.float64)
+    if filler:
+        mask[0] = 0.0
+    loss = WeightedCrossEntropy()
+    got, want = copy.deepcopy(base), copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clipped_sum(got, lambda: loss(got(bad), y, mask), 0.5, "opacus")
+        clipped_sum(want, lambda: loss(want(x[1:]), y[1:]), 0.5, "opacus")
+    for g, w in zip(got.parameters(), want.parameters()):
+        assert torch.isfinite(g.grad).all()
+        assert torch.allclose(g.grad, w.grad, rtol=1e-9, atol=1e-12)
+
+
 def test_materialised_layers_drop_their_activations_and_output_gradients_during_the_backward():
     # the step's peak memory: a token layer whose norms come from its per-sample gradients holds those
     # (B x out x in) from its backward on, not the (B x T x in, B x T x out) pairs; a layer called twice
