@@ -9,6 +9,7 @@ The site's own settings come from the SuperNode's node config in a deployment:
     max-trusted-sites    dp-mode "distributed": the most sites (itself included) the site will assume add
                      their noise share honestly (default 1: it relies on no other site, so it refuses
                      distributed runs until its data-protection officer raises it)
+    require-padded-batches  refuse DP-SGD runs with dp-pad-batches = false (default true)
 In a simulation each node only gets `partition-id`; the site is the partition-id-th site of the
 run config's `data-root` manifest, and its state lives under `site-state-root`.
 
@@ -77,6 +78,7 @@ class SiteSettings:
     min_aggregate_sites: int = MIN_AGGREGATE_SITES  # node config min-aggregate-sites: the site's own floor
     require_dp: bool = False  # node config require-dp (a deployment's default: true)
     max_trusted_sites: int | None = None  # node config max-trusted-sites (deployment default 1); None: simulation
+    require_padded_batches: bool = False  # node config require-padded-batches (a deployment's default: true)
 
 
 def site_settings(context: Context, cfg: RunConfig) -> SiteSettings:
@@ -92,7 +94,8 @@ def site_settings(context: Context, cfg: RunConfig) -> SiteSettings:
                                  "model-dir": str(models)}, source="the SuperNode's --node-config (site.json)")
         return SiteSettings(site.site_name or data.name, 0, SitePaths(data, state, models),
                             cfg.privacy.epsilon if site.privacy_budget is None else site.privacy_budget,
-                            site.require_secagg, site.min_aggregate_sites, site.require_dp, site.max_trusted_sites)
+                            site.require_secagg, site.min_aggregate_sites, site.require_dp, site.max_trusted_sites,
+                            site.require_padded_batches)
     index = int(node["partition-id"])
     root = cfg.path(cfg.run.data_root)
     sites = json.loads((root / "manifest.json").read_text())["sites"]  # written by `oncofed partition`
@@ -264,6 +267,8 @@ def train(msg: Message, context: Context) -> Message:
     if settings.require_dp and not cfg.privacy.enabled:
         raise _refusal(fitins, msg, settings.name, "site policy: training without differential privacy (run config "
                        "dp = false) is refused; the site's node config require-dp allows only DP-SGD", audit)
+    if reason := padding_refusal(settings, cfg):
+        raise _refusal(fitins, msg, settings.name, reason, audit)
     if cfg.privacy.enabled and cfg.privacy.mode == "distributed":
         return _train_distributed(msg, fitins, context, cfg, settings, site, audit)
     if cfg.privacy.enabled:
@@ -331,6 +336,17 @@ def trust_refusal(settings: SiteSettings, cfg: RunConfig) -> str:
         return (f"site policy: the run assumes {cfg.privacy.trusted_sites} sites add their noise share honestly (run config "
                 f"trusted-sites); this site relies on at most {settings.max_trusted_sites} (node config "
                 "max-trusted-sites). Nothing was trained or sent")
+    return ""
+
+
+def padding_refusal(settings: SiteSettings, cfg: RunConfig) -> str:
+    """Why this site refuses the run's DP batches ("" if it accepts them): with require-padded-batches, a
+    site-mode DP run must pad its Poisson batches (distributed steps always do)."""
+    if (settings.require_padded_batches and cfg.privacy.enabled and cfg.privacy.mode == "site"
+            and not cfg.privacy.pad_batches):
+        return ("site policy: the run's DP-SGD steps would compute exactly the patients sampled (run config "
+                "dp-pad-batches = false), so the round's seconds would reveal how many were; the site's node config "
+                "require-padded-batches allows only padded batches. Nothing was trained or sent")
     return ""
 
 

@@ -22,7 +22,7 @@ FILE_FORMAT = "oncofed-site/1"
 # What the SuperNode hands the deployed ClientApp (--node-config): where the site's data and state live,
 # and its policy, the keys on which the site is authoritative over any run config.
 NODE_POLICY_KEYS = ("site-name", "privacy-budget", "require-secagg", "min-aggregate-sites", "require-dp",
-                    "max-trusted-sites")
+                    "max-trusted-sites", "require-padded-batches")
 NODE_CONFIG_KEYS = ("data-path", "state-dir", "model-dir", "signing-public-key", "min-count") + NODE_POLICY_KEYS
 
 
@@ -85,6 +85,9 @@ class SiteConfig(BaseModel):
     require_dp: bool = Field(True, alias="require-dp", description="refuse training requests without DP-SGD")
     max_trusted_sites: int = Field(1, alias="max-trusted-sites", ge=1, description="the most sites, this one "
                                    "included, relied on to add their noise share in a dp-mode 'distributed' run")
+    require_padded_batches: bool = Field(True, alias="require-padded-batches", description="refuse DP-SGD runs "
+                                         "whose steps' cost would grow with the patients sampled (run config "
+                                         "dp-pad-batches = false): the round's seconds would reveal it")
     signing_public_key: str = Field("", alias="signing-public-key", description="the consortium's model-signing "
                                     "key (signing.pub); empty: delivered models are installed without checking")
     root_certificates: str = Field("", alias="root-certificates", description="the consortium's CA certificate "

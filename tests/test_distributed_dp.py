@@ -258,6 +258,21 @@ def test_a_site_refuses_a_run_that_assumes_more_honest_sites_than_it_relies_on(t
     assert trust_refusal(settings({"max-trusted-sites": 4}), cfg) == ""
 
 
+def test_a_site_refuses_a_site_mode_run_with_unpadded_batches_unless_its_policy_allows_them(tmp_path):
+    from client.app import site_settings, padding_refusal
+    from flwr.app import Context, RecordDict
+
+    def refusal(node: dict, **run) -> str:
+        cfg = load_run_config({"schema": "s.json", **run})
+        ctx = Context(run_id=1, node_id=1, node_config={"data-path": str(tmp_path / "site"), **node},
+                      state=RecordDict(), run_config={})
+        return padding_refusal(site_settings(ctx, cfg), cfg)
+
+    assert "require-padded-batches allows only padded batches" in refusal({}, **{"dp-pad-batches": False})
+    assert refusal({"require-padded-batches": False}, **{"dp-pad-batches": False}) == ""
+    assert refusal({}) == "" and refusal({}, **{"dp-pad-batches": False, "dp": False}) == ""  # padded; no DP at all
+
+
 def _site(tmp_path: Path, **cfg):
     from client.site import SitePaths, prepare_site
     from tests.sitefixtures import site_schema, site_tables, write_site
