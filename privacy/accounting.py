@@ -312,10 +312,10 @@ def noise_multiplier_for(
 
 
 def planned_steps(n_records: int, batch_size: int, local_epochs: int, rounds: int) -> tuple[float, int]:
-    """(sample_rate, total steps) of a schedule, as Opacus' Poisson DPDataLoader will run it.
-
-    Opacus turns a DataLoader of `b = ceil(n / batch_size)` batches into `b` Poisson-sampled steps
-    per epoch with sample rate 1 / b.
+    """(sample_rate, total steps) of a schedule: a DataLoader of `b = ceil(n / batch_size)` batches becomes
+    `b` Poisson-sampled steps per epoch at sample rate 1 / b, as privacy.sampling.PaddedPoissonLoader (the
+    sites' default) runs it. Opacus' DPDataLoader (dp-pad-batches = false) runs int(1 / (1 / b)) steps, one
+    fewer for some b (92 for 93); the ledger commits the steps actually run.
     """
     if n_records < 1:
         raise BudgetError("a site with no training records cannot train")

@@ -26,7 +26,8 @@ it for the wide and linear paths over 12,503 features. Nothing here materialises
   in the same backward pass (book-keeping, Bu et al. 2023): sum_i c_i e_i a_i^T is one matmul, the
   cost of the plain step's weight gradient, which the Linear layers' autograd backward here skips.
 
-Everything else stays Opacus': Poisson sampling (DPDataLoader), the noise (N(0, (sigma C)^2) on every
+Everything else stays Opacus': Poisson sampling (DPDataLoader's, or privacy/sampling.py's padded batches of
+the same sampling), the noise (N(0, (sigma C)^2) on every
 coordinate, then division by the expected batch size, as Opacus' DPOptimizer; drawn in one flat tensor,
 see BookKeepingDPOptimizer) and the accountant (the same optimizer step hook). `make_private` mirrors
 `PrivacyEngine.make_private`.
@@ -554,8 +555,10 @@ def make_private(engine, model: nn.Module, optimizer: torch.optim.Optimizer, dat
     unchanged (zero_grad, loss.backward(), optimizer.step()); call clipper.detach() when done.
 
     `engine` is an opacus.PrivacyEngine: its accountant gets the optimizer's step hook, as in
-    make_private. The data loader is Opacus' DPDataLoader (Poisson sampling), the optimizer Opacus'
-    DPOptimizerFastGradientClipping (its noise and scaling), whose step first runs the clipper.
+    make_private. The data loader is Opacus' DPDataLoader (Poisson sampling), or with poisson_sampling=False
+    the loader given (the sites pass privacy.sampling.PaddedPoissonLoader: the same sampling, padded); the
+    optimizer is Opacus' DPOptimizerFastGradientClipping (its noise and scaling), whose step first runs the
+    clipper.
     """
     if engine.secure_mode:
         raise ValueError("secure_mode needs torchcsprng, unavailable for this torch; create the PrivacyEngine "
