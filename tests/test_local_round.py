@@ -50,6 +50,23 @@ def test_reported_epsilon_is_the_closed_form_of_the_executed_steps(tmp_path):
     assert "train_loss" not in r1.metrics and "train_loss" not in r2.metrics
 
 
+@pytest.mark.parametrize("clipping", ["ghost", "opacus"])
+@pytest.mark.parametrize("pad", [True, False])
+def test_every_dp_path_runs_the_planned_steps_and_accounts_them(tmp_path, clipping, pad):
+    """Both clippers, with padded batches (the default) and Opacus' own: the round runs its planned steps, the
+    update is finite, and the reported epsilon is the closed form of them."""
+    from privacy.accounting import planned_steps
+
+    _, run, site, w = _setup(tmp_path, **{"dp-clipping": clipping, "dp-pad-batches": pad})
+    r = train_round(site, w, run, "run-A", 1)
+    q, _ = planned_steps(len(site.train.y), 16, run.training.local_epochs, 1)
+    assert r.metrics["sample_rate"] == pytest.approx(q)
+    assert r.metrics["local_steps"] == round(run.training.local_epochs / q)
+    assert all(np.isfinite(d).all() for d in r.delta)
+    assert r.metrics["epsilon"] == pytest.approx(
+        _closed_form([(r.metrics["noise_multiplier"], q, r.metrics["local_steps"])]), rel=0.01)
+
+
 def test_the_whole_planned_schedule_fits_the_budget_and_one_more_round_is_refused(tmp_path):
     _, run, site, w = _setup(tmp_path, budget=3.0, rounds=2)
     last = None
