@@ -102,9 +102,10 @@ class _LinearTape(list):
 
     def record(self, x: Tensor, grad_out: Tensor) -> None:
         self.append((x, grad_out))
+        # calls still to come, or rows that may not be batch-major: prepared at the step (a second backward over
+        # one forward leaves pairs beside the prepared gradients, which the step refuses)
         if self.prepared is not None or len(self) != self.calls or any(a.dim() < 3 for a, _ in self):
-            # (a second backward over the same forward leaves pairs beside the prepared gradients: the step refuses)
-            return  # calls still to come, or rows that may not be batch-major: prepared at the step
+            return
         batch = self[0][1].shape[0]
         if batch == 0 or any(g.shape[0] != batch for _, g in self):
             return
@@ -507,8 +508,8 @@ def clipped_sum(model: nn.Module, batch_loss, max_grad_norm: float, how: str = "
     try:
         optimizer = DPOptimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier=0.0, max_grad_norm=max_grad_norm,
                                 expected_batch_size=1, loss_reduction="mean")
+        finite_samples_only(optimizer)  # as the sites' Opacus path: an overflowing sample counts as zero
         batch_loss().backward()
-        zero_nonfinite_samples(params)
         optimizer.clip_and_accumulate()
         for p in params:
             p.grad = p.summed_grad if p.summed_grad is not None else torch.zeros_like(p)
@@ -517,7 +518,7 @@ def clipped_sum(model: nn.Module, batch_loss, max_grad_norm: float, how: str = "
         hooks.cleanup()
 
 
-def zero_nonfinite_samples(params: list[Tensor]) -> None:
+def _zero_nonfinite_samples(params: list[Tensor]) -> None:
     """Opacus' hooks mode: a sample whose per-sample gradient is not finite (overflow) counts as a zero
     gradient, as in the book-keeping clipper (norm 0 <= C: the sensitivity holds), instead of making the
     clipped sum NaN and the site withdraw, an event the server sees. Call between backward and clipping."""
@@ -541,7 +542,7 @@ def finite_samples_only(optimizer) -> None:
     clip = optimizer.clip_and_accumulate
 
     def clip_and_accumulate() -> None:
-        zero_nonfinite_samples(optimizer.params)
+        _zero_nonfinite_samples(optimizer.params)
         clip()
     optimizer.clip_and_accumulate = clip_and_accumulate
 
