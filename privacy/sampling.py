@@ -11,7 +11,8 @@ the padding (probability <= PADDING_TAIL per step) is computed whole.
 
 Both DP modes use it: `dp-mode = "distributed"` for its one step per round (client/local_round.py), and
 `dp-mode = "site"` for every step of its local epochs (run config `dp-pad-batches`, on by default; the
-padding costs ~1.35x the rows at the main job's expected batch of 256: docs/results.md).
+padding computes 1.37-1.39x the rows at the main job's expected batch of 256, and its sites' training took
+1.24x the time: docs/results.md).
 """
 
 from __future__ import annotations

@@ -161,7 +161,7 @@ class PrivacySection(_Section):
     pad_batches: bool = Field(
         True, alias="dp-pad-batches", description="dp-mode 'site': every DP-SGD step computes a fixed number of rows "
         "(the Poisson sample, padded with patients it did not sample, weighted 0), so a round's seconds do not "
-        "reveal how many patients were sampled; ~1.35x the rows at the default batch (privacy/sampling.py). "
+        "reveal how many patients were sampled; ~1.4x the rows at the default batch (privacy/sampling.py). "
         "dp-mode 'distributed' always pads")
     mode: Literal["site", "distributed"] = Field(
         "site", alias="dp-mode", description="'site': each site's update is DP on its own (trusts nobody); "
