@@ -49,7 +49,7 @@ from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch import Tensor, nn
 
-from shared_models.layers import AddLearned, NumericTokens, register_grad_samplers
+from shared_models.layers import AddLearned, NumericTokens, numeric_parts, register_grad_samplers
 
 register_grad_samplers()  # the learned arrays' per-sample rules, for the clipper and for Opacus' hooks mode
 
@@ -176,6 +176,8 @@ class BookKeepingClipper:
         for layer, tape in self._linears:
             layer.forward = _taped_forward(layer, tape)  # instance attribute: shadows nn.Linear.forward
         for layer, tape in self._others:
+            if type(layer) is NumericTokens:
+                layer.param_grads = False  # the clipper writes them: the backward's own sums would be discarded
             # an AddLearned's per-sample gradient is its output gradient: its input is not kept
             self._handles.append(layer.register_forward_hook(_recording_hook(tape, type(layer) is not AddLearned)))
         self._attached = True
@@ -188,7 +190,9 @@ class BookKeepingClipper:
             tape.reset()
         for h in self._handles:
             h.remove()
-        for _, tape in self._others:
+        for layer, tape in self._others:
+            if type(layer) is NumericTokens:
+                layer.param_grads = True
             tape.clear()
         self._handles, self._attached = [], False
 
@@ -396,9 +400,7 @@ def _prepare_numeric_tokens(layer: NumericTokens, tape: list, batch: int) -> _Pr
     """v * scale_c or missing_c per column c: per sample, scale's gradient is e_ic v_ic and missing's
     e_ic [v_ic missing], so both norms come from ||e_ic||^2 (B x columns), never B x columns x d."""
     (x, e), = tape
-    miss = torch.isnan(x)
-    value = torch.where(miss, torch.zeros_like(x), x).to(e.dtype)
-    missing = miss.to(e.dtype)
+    value, missing = (t.to(e.dtype) for t in numeric_parts(x))
     e_sq = torch.linalg.vector_norm(e, dim=-1).square()  # (B, C), one pass without an e**2 temporary
     sq = e.new_zeros(batch)
     if layer.scale.requires_grad:

@@ -77,17 +77,49 @@ class FeatureFill(nn.Module):
 
 
 class NumericTokens(nn.Module):
-    """One token per numeric or binary column: v * scale_j, or column j's learned missing token."""
+    """One token per numeric or binary column: v * scale_j, or column j's learned missing token.
+
+    Computed as one batched product over the columns, (C, B, 2) @ (C, 2, d), whose (C, B, d) result is
+    returned as a (B, C, d) view, and differentiated by the transposed product: at 64 patients x 301
+    columns x 64 the forward and backward took 1.2 ms here against 7.0 ms for the same function written
+    with torch.where (one-off timing, 50 calls). Set `param_grads = False` (the DP clipper does, while
+    attached) and the backward leaves the parameters' gradients to whoever writes them."""
 
     def __init__(self, n_cols: int, d: int):
         super().__init__()
         self.scale = nn.Parameter(torch.randn(n_cols, d) / d**0.5)
         self.missing = nn.Parameter(torch.randn(n_cols, d) * 0.02)
+        self.param_grads = True
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C) with NaN -> (B, C, d)
-        miss = torch.isnan(x).unsqueeze(-1)
-        value = torch.where(miss, torch.zeros_like(x).unsqueeze(-1), x.unsqueeze(-1))
-        return torch.where(miss, self.missing, value * self.scale)
+        return _NumericTokensFn.apply(x, self.scale, self.missing, self.param_grads)
+
+
+def numeric_parts(x: Tensor) -> tuple[Tensor, Tensor]:
+    """A tabular block's (value, missing) factors: x with NaN as 0, and 1.0 where x is NaN (else 0.0)."""
+    return torch.nan_to_num(x, nan=0.0), missing_mask(x)
+
+
+class _NumericTokensFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, missing: Tensor, param_grads: bool) -> Tensor:
+        value, miss = numeric_parts(x)
+        factors = torch.stack([value.t(), miss.t()], 1).to(scale.dtype)  # (C, 2, B), contiguous for the backward
+        ctx.param_grads = param_grads
+        ctx.save_for_backward(factors, scale if ctx.needs_input_grad[0] else None)
+        return torch.bmm(factors.transpose(1, 2), torch.stack([scale, missing], 1)).transpose(0, 1)  # (B, C, d)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        factors, scale = ctx.saved_tensors
+        grad_x = grad_scale = grad_missing = None
+        if ctx.needs_input_grad[0]:  # d(v scale_c)/dv where v is present; a missing value's token is a constant
+            grad_x = (grad * scale).sum(-1) * (1 - factors[:, 1].t()).to(grad.dtype)
+        if ctx.param_grads and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+            sums = torch.bmm(factors, grad.transpose(0, 1))  # (C, 2, d): sums over the patients
+            grad_scale = sums[:, 0] if ctx.needs_input_grad[1] else None
+            grad_missing = sums[:, 1] if ctx.needs_input_grad[2] else None
+        return grad_x, grad_scale, grad_missing, None
 
 
 def missing_mask(x: Tensor) -> Tensor:
@@ -107,14 +139,12 @@ def _feature_fill_grad_sample(layer: FeatureFill, activations: list[Tensor], bac
 
 
 def _numeric_tokens_grad_sample(layer: NumericTokens, activations: list[Tensor], backprops: Tensor) -> dict:
-    x = activations[0]
-    miss = torch.isnan(x).unsqueeze(-1)
-    value = torch.where(miss, torch.zeros_like(x).unsqueeze(-1), x.unsqueeze(-1))
+    value, miss = numeric_parts(activations[0])
     out = {}
     if layer.scale.requires_grad:
-        out[layer.scale] = backprops * value
+        out[layer.scale] = backprops * value.unsqueeze(-1).to(backprops.dtype)
     if layer.missing.requires_grad:
-        out[layer.missing] = backprops * miss
+        out[layer.missing] = backprops * miss.unsqueeze(-1).to(backprops.dtype)
     return out
 
 
