@@ -28,8 +28,8 @@ it for the wide and linear paths over 12,503 features. Nothing here materialises
 
 Everything else stays Opacus': Poisson sampling (DPDataLoader's, or privacy/sampling.py's padded batches of
 the same sampling), the noise (N(0, (sigma C)^2) on every
-coordinate, then division by the expected batch size, as Opacus' DPOptimizer; drawn in one flat tensor,
-see BookKeepingDPOptimizer) and the accountant (the same optimizer step hook). `make_private` mirrors
+coordinate, then division by the expected batch size, as Opacus' DPOptimizer, in distribution; drawn in one
+flat tensor, see BookKeepingDPOptimizer) and the accountant (the same optimizer step hook). `make_private` mirrors
 `PrivacyEngine.make_private`.
 
 Dropout and missing modalities need nothing special: each sample's activations and output gradients
@@ -220,14 +220,15 @@ class BookKeepingClipper:
 
     # --- the clipped sum -------------------------------------------------------------------------
     @torch.no_grad()
-    def clip_(self) -> Tensor:
-        """Write p.grad = sum_i c_i g_i (every trainable parameter) from the recorded backward; return
-        the per-sample gradient norms ||g_i||. Raises if no backward was recorded."""
+    def clip_(self, scale: float = 1.0) -> Tensor:
+        """Write p.grad = scale x sum_i c_i g_i (every trainable parameter) from the recorded backward; return
+        the per-sample gradient norms ||g_i||. Raises if no backward was recorded. (The DP optimizer passes
+        scale = 1 / expected batch: the division folded into the clip weights costs no pass over the gradients.)"""
         if not any(tape for _, tape in self._linears + self._others):
             raise RuntimeError("no backward pass was recorded since the last step: call loss.backward() with the "
                                "clipper attached before clip_()")
         batch = self._batch_size()
-        scale = float(batch) if self.loss_reduction == "mean" else 1.0
+        loss_scale = float(batch) if self.loss_reduction == "mean" else 1.0
         prepared = _prepare_linear(self._linears, batch, self.token_norm) + _prepare_other(self._others, batch)
         sq = torch.stack([item.sq for item in prepared]).sum(0)  # per-sample squared norms of the (unscaled) gradients
         finite = torch.isfinite(sq)
@@ -238,8 +239,8 @@ class BookKeepingClipper:
             for item in prepared:
                 item.keep_rows(finite)
             sq = torch.where(finite, sq, torch.zeros((), dtype=sq.dtype))
-        norms = sq.clamp_min(0).sqrt() * scale
-        weights = (self.max_grad_norm / (norms + _NORM_EPS)).clamp(max=1.0) * scale  # c_i x the loss scale
+        norms = sq.clamp_min(0).sqrt() * loss_scale
+        weights = (self.max_grad_norm / (norms + _NORM_EPS)).clamp(max=1.0) * (loss_scale * scale)  # c_i x scales
         for item in prepared:
             item.write_grads(weights)
         self.clear()
@@ -588,18 +589,21 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
     every trainable parameter, drawn from the optimizer's generator, division by the expected batch size
     (loss_reduction "mean"), the accountant's step hook, the wrapped optimizer's step.
 
-    The noise is Opacus' DPOptimizer.add_noise in distribution (independent Gaussians of that std), drawn
-    as one flat tensor instead of one zeros + normal + add per parameter (and without Opacus' copy of
-    each gradient into summed_grad): ~5 kernels per parameter less, which on this model cost ~10% of a
-    plain step. secure_mode (a sum of Gaussians per coordinate) is refused by make_private."""
+    The noise and division are Opacus' DPOptimizer.add_noise and scale_grad in distribution: the clipper
+    writes the clipped sum already divided by the expected batch size B (folded into its clip weights), and
+    the noise is drawn as N(0, (noise_multiplier x max_grad_norm / B)^2), independent per coordinate, in one
+    flat tensor instead of one zeros + normal + add per parameter (and without Opacus' copy of each gradient
+    into summed_grad, or a pass to divide): ~6 kernels per parameter less, which on this model cost ~10% of
+    a plain step. secure_mode (a sum of Gaussians per coordinate) is refused by make_private."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, clipper: BookKeepingClipper, **kwargs):
         super().__init__(optimizer, **kwargs)
         self.clipper = clipper
         self._noise: Tensor | None = None
+        self._noise_views: list[Tensor] = []
 
     def pre_step(self, closure=None):
-        self.clipper.clip_()
+        self.clipper.clip_(scale=1.0 / self._divisor())
         if self._check_skip_next_step():
             self._is_last_step_skipped = True
             return False
@@ -609,10 +613,15 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
         self._is_last_step_skipped = False
         return True
 
+    def _divisor(self) -> float:  # Opacus' scaling: the expected batch size for loss_reduction "mean"
+        return float(self.expected_batch_size * self.accumulated_iterations) if self.loss_reduction == "mean" else 1.0
+
     @torch.no_grad()
     def add_noise_and_scale(self) -> None:
+        """Noise on gradients the clipper already divided by the expected batch size: N(0, (sigma C / B)^2) per
+        coordinate, Opacus' (sum + N(0, (sigma C)^2)) / B in distribution, without a second pass to divide."""
         grads = [p.grad for p in self.params]
-        std = self.noise_multiplier * self.max_grad_norm
+        std = self.noise_multiplier * self.max_grad_norm / self._divisor()
         if std > 0 and len({(g.dtype, g.device) for g in grads}) > 1:
             for g in grads:
                 g.add_(torch.empty_like(g).normal_(0.0, std, generator=self.generator))
@@ -621,10 +630,9 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
             noise = self._noise  # one buffer for every step: a fresh one was new memory pages each step
             if noise is None or (noise.numel(), noise.dtype, noise.device) != (n, dtype, device):
                 noise = self._noise = torch.empty(n, dtype=dtype, device=device)
+                self._noise_views = [v.view_as(g) for v, g in zip(noise.split([g.numel() for g in grads]), grads)]
             noise.normal_(0.0, std, generator=self.generator)
-            torch._foreach_add_(grads, [n.view_as(g) for n, g in zip(noise.split([g.numel() for g in grads]), grads)])
-        if self.loss_reduction == "mean" and grads:
-            torch._foreach_div_(grads, float(self.expected_batch_size * self.accumulated_iterations))
+            torch._foreach_add_(grads, self._noise_views)
 
     def zero_grad(self, set_to_none: bool = False):
         self.clipper.clear()
