@@ -208,24 +208,28 @@ def test_dropout_drops_each_element_independently_at_rate_p_and_keeps_the_expect
         Dropout(1.0)
 
 
-def test_numeric_tokens_are_value_times_scale_or_the_missing_token_with_exact_gradients():
-    """shared_models.layers.NumericTokens (one batched product, its own backward) against the definition
-    written with torch.where, in float64: output, and gradients for the input (zero where missing), scale
-    and missing; with param_grads off (the DP clipper writes those) the input's gradient is unchanged."""
+@pytest.mark.parametrize("patients", [6, 12])  # below and above _NUMERIC_BMM_FROM: both forward routes
+def test_numeric_tokens_are_value_times_scale_or_the_missing_token_with_exact_gradients(patients):
+    """shared_models.layers.NumericTokens (one batched product or a fused multiply, its own backward) against
+    the definition written with torch.where, in float64: output, and gradients for the input (zero where
+    missing), scale and missing; with param_grads off (the DP clipper writes those) the input's gradient is
+    unchanged."""
     from shared_models.layers import NumericTokens
 
     torch.manual_seed(0)
     layer = NumericTokens(7, 5).double()
-    x = torch.randn(6, 7, dtype=torch.float64)
-    x[torch.rand(6, 7) < 0.3] = float("nan")
+    x = torch.randn(patients, 7, dtype=torch.float64)
+    x[torch.rand(patients, 7) < 0.3] = float("nan")
     x.requires_grad_(True)
-    e = torch.randn(6, 7, 5, dtype=torch.float64)
+    e = torch.randn(patients, 7, 5, dtype=torch.float64)
 
     miss = torch.isnan(x).unsqueeze(-1)
     want = torch.where(miss, layer.missing, torch.where(miss, 0.0, x.unsqueeze(-1)) * layer.scale)
     want_grads = torch.autograd.grad(want, [x, layer.scale, layer.missing], e)
     got = layer(x)
     assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    with torch.no_grad():  # inference takes no autograd Function
+        assert torch.allclose(layer(x), want, rtol=1e-12, atol=0)
     got_grads = torch.autograd.grad(got, [x, layer.scale, layer.missing], e)
     for g, w in zip(got_grads, want_grads):
         assert torch.allclose(g, w, rtol=1e-12, atol=1e-15)
