@@ -574,3 +574,39 @@ def test_materialised_layers_drop_their_activations_and_output_gradients_during_
     with pytest.raises(RuntimeError, match="zero_grad"):
         clipper.clip_()
     clipper.detach()
+
+
+class ColumnsOverNumericTokens(nn.Module):  # the tabular encoder: column identities added to the value tokens
+    def __init__(self, categorical: bool):
+        super().__init__()
+        self.num, self.head = NumericTokens(12, 4), nn.Linear(4, 3)
+        self.emb = nn.Embedding(5, 4) if categorical else None
+        self.column = AddLearned(12 + (3 if categorical else 0), 4)
+
+    def forward(self, x):
+        tokens = self.num(x[:, :12])
+        if self.emb is not None:
+            tokens = torch.cat([tokens, self.emb((x[:, 12:15].abs() * 2).long().clamp(max=4))], 1)
+        return self.head(self.column(tokens).mean(1))
+
+
+@pytest.mark.parametrize("categorical", [False, True])
+def test_column_identities_over_numeric_tokens_alone_share_their_passes_and_equal_the_loop(monkeypatch, categorical):
+    """An AddLearned whose output gradient is NumericTokens' own (the tabular encoder without categorical
+    columns) is normed and summed with it, from the same (B, C) norms and one batched matmul; over a
+    concatenation with other tokens it keeps its own rule. Both equal the per-sample loop."""
+    import privacy.clipping as pc
+
+    fused = []
+    prepare = pc._prepare_numeric_tokens
+    monkeypatch.setattr(pc, "_prepare_numeric_tokens",
+                        lambda layer, tape, batch, added=None: fused.append(added is not None) or
+                        prepare(layer, tape, batch, added))
+    torch.manual_seed(0)
+    model = ColumnsOverNumericTokens(categorical)
+    for n in (5, 10):  # NumericTokens' two forward routes
+        x = torch.randn(n, 15, dtype=torch.float64)
+        x[1, 3] = x[3, 0] = float("nan")
+        y = torch.randint(0, 3, (n,))
+        assert_clipper_matches_loop(model, lambda: F.cross_entropy(model(x), y, reduction="none"), n)
+    assert fused == [not categorical] * 2
