@@ -66,6 +66,7 @@ class ModelQueue:
         self._waiting = 0
         self._count_lock = threading.Lock()
         self.seconds_per_patient = 0.001  # moving estimate, for Retry-After
+        self._last_jobs = 1  # requests in the last batch: how many a batching window waits for
         threading.Thread(target=self._score, daemon=True, name=f"oncofed-{name}").start()
         threading.Thread(target=self._audit, daemon=True, name=f"oncofed-{name}-audit").start()
 
@@ -89,17 +90,22 @@ class ModelQueue:
             self._waiting -= n
 
     def _take(self) -> list[Job]:
+        """The next batch: what has queued, and with a window, up to window_s more waiting for as many requests
+        as the last batch held (a lone client's request never waits for company that is not coming; under
+        concurrency the batch is held until the requests that came together last time are in)."""
         jobs = [self.jobs.get()]
         n = len(jobs[0].ids)
         deadline = time.perf_counter() + self.window_s
         while n < self.max_patients:
             try:
                 left = deadline - time.perf_counter()
-                job = self.jobs.get(timeout=left) if left > 0 else self.jobs.get_nowait()
+                wait = left > 0 and len(jobs) < self._last_jobs
+                job = self.jobs.get(timeout=left) if wait else self.jobs.get_nowait()
             except queue.Empty:
                 break
             jobs.append(job)
             n += len(job.ids)
+        self._last_jobs = len(jobs)
         return jobs
 
     def _score(self) -> None:

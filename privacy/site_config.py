@@ -51,8 +51,9 @@ class ServeSettings(BaseModel):
     queue_patients: int = Field(4096, ge=1, alias="queue-patients",
                                 description="patients waiting for the model; more: 503 with Retry-After")
     explain_queue_patients: int = Field(2000, ge=1, alias="explain-queue-patients")
-    batch_window_ms: float = Field(0.0, ge=0, le=100, alias="batch-window-ms",
-                                   description="wait this long for more requests before scoring a batch")
+    batch_window_ms: float = Field(2.0, ge=0, le=100, alias="batch-window-ms",
+                                   description="wait up to this long for as many requests as the last batch held "
+                                               "before scoring a batch (a lone client never waits); 0: never wait")
     api_docs: bool = Field(False, alias="api-docs", description="serve /docs (Swagger UI, bundled: no internet)")
     explanations: Literal["process", "thread"] = Field(
         "process", description="where explanation requests (top_k > 0) are parsed, checked, scored and explained: "

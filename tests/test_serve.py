@@ -1113,3 +1113,49 @@ def test_the_explanation_lane_bounds_waiting_bytes_and_patients_and_counts_a_req
         return out
 
     assert asyncio.run(scenario()) == {"payload": b"a"} and entries == [{"payload": b"a"}]
+
+
+def test_the_batching_window_waits_only_for_as_many_requests_as_the_last_batch_held():
+    """ModelQueue._take with a window: a lone client's request is scored at once; after a batch of three, the
+    next waits (up to the window) until three are in, or the window ends; with window 0 nothing waits."""
+    import queue
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from client.serve_queue import ModelQueue
+
+    def queue_with(window_s):
+        q = ModelQueue.__new__(ModelQueue)  # no threads: _take alone
+        q.jobs, q.window_s, q.max_patients, q._last_jobs = queue.Queue(), window_s, 256, 1
+        return q
+
+    def job():
+        return SimpleNamespace(ids=["p"])
+
+    def timed_take(q):
+        t0 = time.perf_counter()
+        jobs = q._take()
+        return len(jobs), time.perf_counter() - t0
+
+    q = queue_with(0.3)
+    q.jobs.put(job())
+    n, took = timed_take(q)
+    assert n == 1 and took < 0.1  # a lone client: no wait
+    for _ in range(3):
+        q.jobs.put(job())
+    assert timed_take(q)[0] == 3 and q._last_jobs == 3
+    q.jobs.put(job())
+    threading.Timer(0.05, lambda: [q.jobs.put(job()) for _ in range(2)]).start()
+    n, took = timed_take(q)
+    assert n == 3 and 0.04 <= took < 0.25  # held until the other two came, not for the whole window
+    q.jobs.put(job())
+    n, took = timed_take(q)
+    assert n == 1 and took >= 0.25  # they did not come: the window ends it
+    q.jobs.put(job())
+    assert timed_take(q)[1] < 0.1  # and the next lone request waits no more
+
+    q = queue_with(0.0)
+    q._last_jobs = 5
+    q.jobs.put(job())
+    assert timed_take(q)[1] < 0.1
