@@ -610,3 +610,6 @@ def test_column_identities_over_numeric_tokens_alone_share_their_passes_and_equa
         y = torch.randint(0, 3, (n,))
         assert_clipper_matches_loop(model, lambda: F.cross_entropy(model(x), y, reduction="none"), n)
     assert fused == [not categorical] * 2
+    with BookKeepingClipper(model, 1.0):  # the backward leaves NumericTokens' sums to the clipper while attached
+        assert model.num.param_grads is False
+    assert model.num.param_grads is True
