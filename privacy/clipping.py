@@ -49,7 +49,7 @@ from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch import Tensor, nn
 
-from shared_models.layers import AddLearned, NumericTokens, numeric_parts, register_grad_samplers
+from shared_models.layers import AddLearned, FeatureFill, NumericTokens, numeric_parts, register_grad_samplers
 
 register_grad_samplers()  # the learned arrays' per-sample rules, for the clipper and for Opacus' hooks mode
 
@@ -176,8 +176,11 @@ class BookKeepingClipper:
         for layer, tape in self._linears:
             layer.forward = _taped_forward(layer, tape)  # instance attribute: shadows nn.Linear.forward
         for layer, tape in self._others:
-            if type(layer) is NumericTokens:
+            if type(layer) in (NumericTokens, FeatureFill):
                 layer.param_grads = False  # the clipper writes them: the backward's own sums would be discarded
+            if type(layer) is FeatureFill:  # its backward hands over the per-sample gradients, (None, (B, F)) a call
+                layer.sample_grads = tape
+                continue
             # an AddLearned's per-sample gradient is its output gradient: its input is not kept
             self._handles.append(layer.register_forward_hook(_recording_hook(tape, type(layer) is not AddLearned)))
         self._attached = True
@@ -191,8 +194,10 @@ class BookKeepingClipper:
         for h in self._handles:
             h.remove()
         for layer, tape in self._others:
-            if type(layer) is NumericTokens:
+            if type(layer) in (NumericTokens, FeatureFill):
                 layer.param_grads = True
+            if type(layer) is FeatureFill:
+                layer.sample_grads = None
             tape.clear()
         self._handles, self._attached = [], False
 
@@ -457,9 +462,24 @@ def _prepare_other(others: list, batch: int) -> list[_Prepared]:
             groups.setdefault(key, []).append((layer, tape))
         elif type(layer) is NumericTokens and len(tape) == 1 and batch:
             items.append(_prepare_numeric_tokens(layer, tape, batch, added.get(id(layer))))
+        elif type(layer) is FeatureFill and tape and batch:
+            items.append(_prepare_feature_fill(layer, tape, batch))
         else:
             items.append(_prepare_by_rule(layer, tape, batch))
     return [_prepare_layer_norms(group, batch) for group in groups.values()] + items
+
+
+def _prepare_feature_fill(layer: FeatureFill, tape: list, batch: int) -> _Prepared:
+    """A FeatureFill's per-sample gradients (output gradient x missing mask, (B, F)), handed over by its
+    backward; a layer called k times adds its calls' up."""
+    per_sample = tape[0][1]
+    for _, more in tape[1:]:
+        per_sample = per_sample + more
+    w = layer.weight
+
+    def write(weights: Tensor, per_sample: Tensor) -> None:
+        w.grad = (weights @ per_sample.reshape(batch, -1)).view_as(w).to(w.dtype)
+    return _Prepared(_sq_norms(per_sample), write, per_sample=per_sample)
 
 
 def _prepare_layer_norms(group: list, batch: int) -> _Prepared:

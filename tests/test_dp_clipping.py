@@ -613,3 +613,7 @@ def test_column_identities_over_numeric_tokens_alone_share_their_passes_and_equa
     with BookKeepingClipper(model, 1.0):  # the backward leaves NumericTokens' sums to the clipper while attached
         assert model.num.param_grads is False
     assert model.num.param_grads is True
+    arrays = LearnedArrays()
+    with BookKeepingClipper(arrays, 1.0):  # FeatureFill hands its per-sample gradients over while attached
+        assert arrays.fill.param_grads is False and arrays.fill.sample_grads == []
+    assert arrays.fill.param_grads is True and arrays.fill.sample_grads is None

@@ -239,3 +239,37 @@ def test_numeric_tokens_are_value_times_scale_or_the_missing_token_with_exact_gr
     layer(x).backward(e)
     assert layer.scale.grad is None and layer.missing.grad is None
     assert torch.allclose(x.grad, want_grads[0], rtol=1e-12, atol=1e-15)
+
+
+def test_feature_fill_is_x_or_the_fill_value_with_exact_gradients_and_hands_over_per_sample_ones():
+    """shared_models.layers.FeatureFill (its own backward, reusing the forward's mask) against torch.where's
+    definition in float64: output, the input's gradient (zero where missing) and the fill values'; in
+    inference; and with the DP clipper's settings (no parameter gradient, per-sample gradients handed over)."""
+    from shared_models.layers import FeatureFill
+
+    torch.manual_seed(0)
+    layer = FeatureFill(9).double()
+    with torch.no_grad():
+        layer.weight.normal_()
+    x = torch.randn(5, 9, dtype=torch.float64)
+    x[torch.rand(5, 9) < 0.3] = float("nan")
+    x.requires_grad_(True)
+    e = torch.randn(5, 9, dtype=torch.float64)
+
+    want = torch.where(torch.isnan(x), layer.weight, torch.where(torch.isnan(x), 0.0, x))
+    want_grads = torch.autograd.grad(want, [x, layer.weight], e)
+    got = layer(x)
+    assert torch.equal(got, want)
+    for g, w in zip(torch.autograd.grad(got, [x, layer.weight], e), want_grads):
+        assert torch.allclose(g, w, rtol=1e-12, atol=1e-15)
+    with torch.no_grad():
+        assert torch.equal(layer(x), want)
+
+    layer.param_grads, layer.sample_grads = False, []
+    layer(x).backward(e)
+    assert layer.weight.grad is None and len(layer.sample_grads) == 1
+    per_sample = layer.sample_grads[0][1]
+    for b in range(5):  # sample b's gradient alone
+        one = torch.autograd.grad(torch.where(torch.isnan(x[b]), layer.weight, 0.0), layer.weight, e[b])[0]
+        assert torch.allclose(per_sample[b], one, rtol=1e-12, atol=0)
+    assert torch.allclose(x.grad, want_grads[0], rtol=1e-12, atol=1e-15)
