@@ -270,10 +270,21 @@ def _keep_rows(t: Tensor | None, keep: Tensor) -> Tensor | None:
 
 
 def _taped_forward(layer: nn.Linear, tape: list):
+    """The layer's forward while the clipper is attached. An input that needs a gradient takes torch's own
+    linear with the parameters detached (autograd's C++ backward computes the input's gradient and no
+    parameter gradient) and a hook on the output that tapes (input, output gradient): ~15 us a call less than
+    the Python autograd Function, which an input without a gradient (the model's data) still takes, since
+    nothing would run the hook's backward there."""
     def forward(x: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
             return F.linear(x, layer.weight, layer.bias)
         tape.calls += 1
+        if x.requires_grad:
+            bias = layer.bias.detach() if layer.bias is not None else None
+            out = F.linear(x, layer.weight.detach(), bias)
+            saved = x.detach()
+            out.register_hook(lambda grad: tape.record(saved, grad))
+            return out
         return _TapedLinear.apply(x, layer.weight, layer.bias, tape)
     return forward
 
