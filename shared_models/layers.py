@@ -124,7 +124,7 @@ class NumericTokens(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C) with NaN -> (B, C, d)
         if not torch.is_grad_enabled():  # inference: nothing to keep for a backward
-            return _numeric_tokens(x, self.scale, self.missing)
+            return _numeric_tokens(*numeric_parts(x), self.scale, self.missing)
         return _NumericTokensFn.apply(x, self.scale, self.missing, self.param_grads)
 
 
@@ -138,23 +138,25 @@ def numeric_parts(x: Tensor) -> tuple[Tensor, Tensor]:
 _NUMERIC_BMM_FROM = 8
 
 
-def _numeric_tokens(x: Tensor, scale: Tensor, missing: Tensor, factors: Tensor | None = None) -> Tensor:
-    """(B, C) -> (B, C, d): value x scale + missing flag x missing token; `factors`: numeric_parts stacked (C, 2, B)."""
-    if x.shape[0] < _NUMERIC_BMM_FROM:
-        value, miss = (t.unsqueeze(-1).to(scale.dtype) for t in numeric_parts(x))
-        return torch.addcmul(value * scale, miss, missing)
+def _numeric_tokens(value: Tensor, miss: Tensor, scale: Tensor, missing: Tensor,
+                    factors: Tensor | None = None) -> Tensor:
+    """numeric_parts (B, C) -> (B, C, d): value x scale + missing flag x missing token; `factors`: the two
+    stacked as (C, 2, B), if already built."""
+    if value.shape[0] < _NUMERIC_BMM_FROM:
+        return torch.addcmul(value.unsqueeze(-1).to(scale.dtype) * scale, miss.unsqueeze(-1).to(scale.dtype), missing)
     if factors is None:
-        factors = torch.stack([t.t() for t in numeric_parts(x)], 1).to(scale.dtype)
+        factors = torch.stack([value.t(), miss.t()], 1).to(scale.dtype)
     return torch.bmm(factors.transpose(1, 2), torch.stack([scale, missing], 1)).transpose(0, 1)  # a (B, C, d) view
 
 
 class _NumericTokensFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, missing: Tensor, param_grads: bool) -> Tensor:
-        factors = torch.stack([t.t() for t in numeric_parts(x)], 1).to(scale.dtype)  # (C, 2, B), for the backward
+        value, miss = numeric_parts(x)
+        factors = torch.stack([value.t(), miss.t()], 1).to(scale.dtype)  # (C, 2, B), for the backward
         ctx.param_grads = param_grads
         ctx.save_for_backward(factors, scale if ctx.needs_input_grad[0] else None)
-        return _numeric_tokens(x, scale, missing, factors)
+        return _numeric_tokens(value, miss, scale, missing, factors)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
