@@ -438,11 +438,13 @@ def _prepare_numeric_tokens(layer: NumericTokens, tape: list, batch: int, added:
         # one pass over e (measured at 301 columns: 0.5x einsum's two passes at batch 64, 0.7x at 512; a
         # broadcast product and sum was 3x slower at 512). The (C, k, B) factor is built contiguous: a
         # permuted view of it made the matmul 4x slower at batch 64.
-        params = [p for p in (layer.scale, layer.missing) if p.requires_grad] + ([added.weight] if added_trained else [])
-        factor = {id(layer.scale): value, id(layer.missing): missing}
-        rows = [factor[id(p)].t() * weights if id(p) in factor else weights.expand(e.shape[1], -1) for p in params]
+        # (parameter, its per-sample factor per column; None: the column identities', 1 for every column)
+        params = [(p, f) for p, f in ((layer.scale, value), (layer.missing, missing)) if p.requires_grad]
+        if added_trained:
+            params.append((added.weight, None))
+        rows = [weights.expand(e.shape[1], -1) if f is None else f.t() * weights for _, f in params]
         sums = torch.bmm(torch.stack(rows, 1), e.transpose(0, 1))  # (C, k, d)
-        for i, p in enumerate(params):
+        for i, (p, _) in enumerate(params):
             p.grad = sums[:, i].contiguous().to(p.dtype)
     return _Prepared(sq, write, value=value, missing=missing, e=e)
 
