@@ -56,6 +56,10 @@ class LoadedModel:
     def __post_init__(self):
         self.scaled = self.normalizer.scaled
         self.feature_at = feature_names(self.schema)
+        # for the input contract's per-request checks (client/prediction_input.py check_patients), once
+        layout = self.schema.layout()
+        self.modality_starts = np.array([layout.slices[m.name].start for m in self.schema.modalities], np.intp)
+        self.modality_sizes = np.array([m.n_features for m in self.schema.modalities], np.float64)
 
     def forward(self):
         """x (B, n_inputs), normalised -> (logits, modality weights or None, present): the model's
@@ -112,7 +116,8 @@ def _trace(model: torch.nn.Module):
 class ModalityInputs(dict):
     """feature -> (column, kind, levels) of one modality (kind "cat": level -> code, "log": log1p, "bin": 0/1,
     "num"), with what a whole row of it needs at once: `col` (feature -> column), and for modalities without
-    categorical features (`numeric_only`) `is_log` and `is_bin` over its columns (offset from `start`)."""
+    categorical features (`numeric_only`) `is_log` and `is_bin` over its columns (offset from `start`), and the
+    columns of the last key order a client sent (`order`)."""
 
     def __init__(self, start: int, feats: dict):
         super().__init__(feats)
@@ -122,6 +127,7 @@ class ModalityInputs(dict):
         self.numeric_only = "cat" not in kinds
         self.is_log = np.array([k == "log" for k in kinds], dtype=bool)
         self.is_bin = np.array([k == "bin" for k in kinds], dtype=bool)
+        self.order = None  # (keys in a client's order, their columns, log and binary positions): _fill_numeric
 
 
 def input_map(schema: FeatureSchema) -> dict:

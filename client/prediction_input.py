@@ -291,37 +291,48 @@ def _fill_row(row: np.ndarray, fmap, feats: dict) -> bool:
 
 
 def _fill_numeric(row: np.ndarray, fmap, feats: dict) -> bool:
-    """_fill_row's decisions for a modality of numeric and binary features, on arrays."""
+    """_fill_row's decisions for a modality of numeric and binary features, on arrays.
+
+    The columns of a key order are looked up once and kept on `fmap` (`fmap.order`): a client sends its
+    features in one order, so the lookup of ~500 keys is a tuple comparison from the second request on.
+    Nulls stay NaN through every step (the row starts as NaN), so they are never filtered out."""
     from operator import itemgetter
 
+    keys = tuple(feats)
+    order = fmap.order
+    if order is None or order[0] != keys:
+        try:
+            cols = np.array(itemgetter(*keys)(fmap.col), dtype=np.intp)
+        except KeyError:  # a foreign feature
+            return False
+        at = cols - fmap.start
+        order = fmap.order = (keys, cols, np.flatnonzero(fmap.is_log[at]), np.flatnonzero(fmap.is_bin[at]))
+    _, cols, log, binary = order
     vals = list(feats.values())
     types = set(map(type, vals))
     if not types <= _NUMBER_OR_NULL:
         return False
-    if int in types and not all(-FLOAT32_MAX <= v <= FLOAT32_MAX for v in vals if type(v) is int):
-        return False  # exactly, as the loop compares: float64 would round an int just beyond into range
     try:
-        cols = np.array(itemgetter(*feats)(fmap.col), dtype=np.intp)
         v = np.array(vals, dtype=np.float64)  # None -> NaN
-    except (KeyError, OverflowError):  # a foreign feature; an integer beyond float64
+    except OverflowError:  # an integer beyond float64
         return False
-    missing = np.isnan(v)
-    nulls = vals.count(None)
-    if int(missing.sum()) != nulls:  # a NaN value, not a null
+    if float in types and int(np.isnan(v).sum()) != vals.count(None):  # a NaN value, not a null
         return False
-    if nulls:
-        cols, v = cols[~missing], v[~missing]
-    if not (np.abs(v) <= FLOAT32_MAX).all():
+    # NaN (a null) compares False. An integer just beyond the float32 range can round onto its edge in
+    # float64: values on the edge are compared exactly as sent.
+    edge = np.abs(v) >= FLOAT32_MAX
+    if edge.any() and not all(-FLOAT32_MAX <= vals[i] <= FLOAT32_MAX for i in np.flatnonzero(edge)):
         return False
-    at = cols - fmap.start
-    log, binary = fmap.is_log[at], fmap.is_bin[at]
-    if log.any():
-        if (v[log] <= -1).any():
+    if len(log):
+        lv = v[log]
+        if (lv <= -1).any():
             return False
-        v[log] = np.log1p(v[log])
-    if binary.any() and not np.isin(v[binary], (0.0, 1.0)).all():
-        return False
-    row[cols] = v  # float64 -> float32 rounds as an element-wise write does
+        v[log] = np.log1p(lv)
+    if len(binary):
+        bv = v[binary]
+        if not ((bv == 0) | (bv == 1) | (bv != bv)).all():
+            return False
+    row[cols] = v  # float64 -> float32 rounds as an element-wise write does; a null writes the row's NaN
     return True
 
 
@@ -451,42 +462,45 @@ def check_frames(schema: FeatureSchema, frames: dict, limits: ServeSettings) -> 
 def check_patients(lm, ids: list[str], raw: np.ndarray, limits: ServeSettings) -> tuple[list[dict], list[dict]]:
     """Coverage and distance from the training distribution, per patient: (notes, errors)."""
     schema = lm.schema
-    layout = schema.layout()
+    n_inputs = raw.shape[1]
     observed = ~np.isnan(raw)
-    total = observed.sum(axis=1) / layout.n_inputs
-    per_modality = {m.name: observed[:, layout.slices[m.name]].mean(axis=1) for m in schema.modalities}
+    present = np.add.reduceat(observed, lm.modality_starts, axis=1, dtype=np.int64)  # (patients, modalities)
+    counts = present.sum(axis=1)
+    total = counts / n_inputs
+    per_modality = present / lm.modality_sizes
     # standard deviations from the site's training mean, numeric standardised columns only
-    cols = lm.scaled
-    norm = lm.normalizer
     with np.errstate(invalid="ignore", over="ignore"):
-        z = np.abs((raw[:, cols].astype(np.float64) - norm.mean[cols]) / norm.scale[cols])
+        norm = lm.normalizer
+        z = np.abs((raw[:, norm.scaled].astype(np.float64) - norm.scaled_mean) / norm.scaled_scale)
         far = z > limits.out_of_range_sd  # a missing value (NaN) is never far
+    n_far = far.sum(axis=1)
+    names = [m.name for m in schema.modalities]
     notes, errors = [], []
     for i, pid in enumerate(ids):
-        coverage = {m: round(float(v[i]), 4) for m, v in per_modality.items()}
+        coverage = {m: round(v, 4) for m, v in zip(names, per_modality[i].tolist())}
         note = {"coverage": coverage, "coverage_total": round(float(total[i]), 4), "warnings": [], "out_of_range": []}
         def summary() -> str:
             return ", ".join(f"{m} {int(round(v * schema.modality(m).n_features))}/{schema.modality(m).n_features}"
                              for m, v in coverage.items())
 
-        if not observed[i].any():
+        if not counts[i]:
             errors.append({"loc": f"patient {pid}", "code": "no_usable_feature", "patients": [pid],
                            "msg": "no usable feature: every modality is missing or empty, so any prediction would "
                                   "be a guess", "fix": "send at least one modality with values"})
         elif total[i] < limits.min_coverage:
             errors.append({"loc": f"patient {pid}", "code": "low_coverage", "patients": [pid], "coverage": coverage,
-                           "msg": f"{observed[i].sum()} of the schema's {layout.n_inputs} features present "
+                           "msg": f"{counts[i]} of the schema's {n_inputs} features present "
                                   f"({total[i]:.1%}), below the site's minimum {limits.min_coverage:.0%} "
                                   f"(per modality: {summary()})",
                            "fix": "send more of the patient's data, or lower serve.min-coverage in site.json"})
         elif total[i] < limits.warn_coverage:
             note["warnings"].append({"code": "low_coverage", "msg": f"only {total[i]:.0%} of the model's inputs "
                                      f"present ({summary()}): the prediction rests on less data than usual"})
-        if far[i].any():
+        if n_far[i]:
             js = np.flatnonzero(far[i])
             js = js[np.argsort(-z[i, js])][:5]
             for j in js:
-                col = int(cols[j])
+                col = int(norm.scaled[j])
                 m, f = lm.feature_at[col]
                 value = float(raw[i, col])
                 if lm.inputs[m][f][1] == "log":
@@ -495,7 +509,7 @@ def check_patients(lm, ids: list[str], raw: np.ndarray, limits: ServeSettings) -
                                              "sd_from_mean": round(float(z[i, j]), 1)})
             listing = ", ".join(f"{o['modality']}.{o['feature']} = {o['value']:.4g} ({o['sd_from_mean']:g} SD)"
                                 for o in note["out_of_range"])
-            msg = (f"{int(far[i].sum())} value(s) more than {limits.out_of_range_sd:g} SD from the site's training "
+            msg = (f"{int(n_far[i])} value(s) more than {limits.out_of_range_sd:g} SD from the site's training "
                    f"mean: {listing}")
             if limits.refuse_out_of_range:
                 errors.append({"loc": f"patient {pid}", "code": "out_of_range", "patients": [pid], "msg": msg,

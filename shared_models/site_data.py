@@ -235,6 +235,9 @@ class Normalizer:
         self._low = np.full(len(self.mean), -np.inf, np.float32)
         self._low[self.scaled] = -CLIP
         self._high = -self._low
+        # the standardised columns' statistics in float64, for the prediction service's out-of-range check
+        self.scaled_mean = self.mean[self.scaled].astype(np.float64)
+        self.scaled_scale = self.scale[self.scaled].astype(np.float64)
 
     @classmethod
     def fit(cls, schema: FeatureSchema, raw_train: np.ndarray) -> "Normalizer":

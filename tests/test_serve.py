@@ -886,7 +886,8 @@ def test_fast_json_parsing_keeps_the_standard_parsers_answers():
 
 def test_a_modalitys_values_filled_as_arrays_decide_and_write_exactly_as_one_by_one(monkeypatch):
     """The array path of the JSON fast path (client/prediction_input.py _fill_numeric) against the element
-    loop, on rows of numeric (log1p), binary and plain features with every kind of value the loop rejects."""
+    loop, on rows of numeric (log1p), binary and plain features with every kind of value the loop rejects, the
+    float32 range's edges, and features in changing orders."""
     import client.prediction_input as pin
     from client.predict import ModalityInputs
 
@@ -894,7 +895,8 @@ def test_a_modalitys_values_filled_as_arrays_decide_and_write_exactly_as_one_by_
     fmap = ModalityInputs(3, feats)
     rng = np.random.default_rng(0)
     odd = [None, True, "1.5", float("nan"), float("inf"), 1e300, -1.0, -2, 2, 0.5, 10**400, 7, np.float64(1.0),
-           int(np.finfo(np.float32).max) + 1, -int(np.finfo(np.float32).max) - 1]
+           int(np.finfo(np.float32).max) + 1, -int(np.finfo(np.float32).max) - 1, float(np.finfo(np.float32).max),
+           -float(np.finfo(np.float32).max)]
     cases = []
     for _ in range(400):
         row = {f: float(rng.normal(3, 1)) if spec[1] != "bin" else int(rng.integers(0, 2)) for f, spec in feats.items()}
@@ -902,6 +904,8 @@ def test_a_modalitys_values_filled_as_arrays_decide_and_write_exactly_as_one_by_
             row[str(f)] = odd[int(rng.integers(len(odd)))]
         if rng.random() < 0.05:
             row["foreign"] = 1.0
+        if rng.random() < 0.3:  # another key order: the columns kept for the last order must not be reused
+            row = {f: row[f] for f in rng.permutation(list(row))}
         cases.append(row)
     agree = 0
     for row in cases:
