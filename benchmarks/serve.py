@@ -13,6 +13,8 @@ Measured in this one invocation, against real `oncofed serve` processes on loopb
     no window  16 connections against a second server with `serve.batch-window-ms = 0` instead of the default 2
                ms (a batching window like Triton's max_queue_delay, waiting only for as many requests as the
                last batch held)
+    inline     1 and 16 connections against a third server with `serve.input-check = "inline"` (requests parsed and
+               checked on the event loop) instead of the default "process" (client/input_process.py)
     batch      4 clients, 100 patients per request: patients per second
     cli        `oncofed predict` over the whole held-out directory: patients per second (target >= 1,000)
     pairs      `--pairs` N more back-to-back pairs at 16 connections, without then with the explanation load:
@@ -267,13 +269,16 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(30)
-        server, port = start_server(work, settings, "nowindow", {"batch-window-ms": 0})
-        try:
-            load(port, token, single[:50], 4, 1.0)
-            rows["single, 16, no batch window"] = load(port, token, single, 16, secs)
-        finally:
-            server.terminate()
-            server.wait(30)
+        for name, serve in (("single, 16, no batch window", {"batch-window-ms": 0}),
+                            ("single, 16, input checked inline", {"input-check": "inline"})):
+            server, port = start_server(work, settings, "variant", serve)  # one default changed
+            try:
+                load(port, token, single[:50], 4, 1.0)
+                for n in (1, 16) if "inline" in name else (16,):
+                    rows[name if n == 16 else f"single, {n}, input checked inline"] = load(port, token, single, n, secs)
+            finally:
+                server.terminate()
+                server.wait(30)
         big = replicate(holdout, work / "big", CLI_COPIES)
         cli = {}
         for name, data in (("held-out", holdout), (f"held-out x{CLI_COPIES}", big)):

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from client.model_store import ModelStore, ModelStoreError
-from shared_models.schema import ColumnType, FeatureSchema
+from shared_models.schema import FeatureSchema
 from shared_models.site_data import Normalizer, TableError, raw_matrix, read_table
 from shared_models.weights import load_weights
 
@@ -35,6 +35,7 @@ IG_CHUNK = 64
 
 
 from client.prediction_input import PredictionInputError  # noqa: E402,F401 - re-exported: the contract's error
+from client.prediction_input import feature_names, input_map, modality_bounds  # noqa: E402
 
 
 @dataclass
@@ -57,9 +58,7 @@ class LoadedModel:
         self.scaled = self.normalizer.scaled
         self.feature_at = feature_names(self.schema)
         # for the input contract's per-request checks (client/prediction_input.py check_patients), once
-        layout = self.schema.layout()
-        self.modality_starts = np.array([layout.slices[m.name].start for m in self.schema.modalities], np.intp)
-        self.modality_sizes = np.array([m.n_features for m in self.schema.modalities], np.float64)
+        self.modality_starts, self.modality_sizes = modality_bounds(self.schema)
 
     def forward(self):
         """x (B, n_inputs), normalised -> (logits, modality weights or None, present): the model's
@@ -111,44 +110,6 @@ def _trace(model: torch.nn.Module):
     except Exception:  # noqa: BLE001 - the eager module is always right
         return None
     return traced if same else None
-
-
-class ModalityInputs(dict):
-    """feature -> (column, kind, levels) of one modality (kind "cat": level -> code, "log": log1p, "bin": 0/1,
-    "num"), with what a whole row of it needs at once: `col` (feature -> column), and for modalities without
-    categorical features (`numeric_only`) `is_log` and `is_bin` over its columns (offset from `start`), and the
-    columns of the last key order a client sent (`order`)."""
-
-    def __init__(self, start: int, feats: dict):
-        super().__init__(feats)
-        self.start = start
-        self.col = {f: spec[0] for f, spec in feats.items()}
-        kinds = [spec[1] for spec in feats.values()]
-        self.numeric_only = "cat" not in kinds
-        self.is_log = np.array([k == "log" for k in kinds], dtype=bool)
-        self.is_bin = np.array([k == "bin" for k in kinds], dtype=bool)
-        self.order = None  # (keys in a client's order, their columns, log and binary positions): _fill_numeric
-
-
-def input_map(schema: FeatureSchema) -> dict:
-    """Where each feature of a JSON payload goes: modality -> ModalityInputs."""
-    from shared_models.schema import Transform
-
-    layout, out = schema.layout(), {}
-    for m in schema.modalities:
-        start, feats = layout.slices[m.name].start, {}
-        for j, f in enumerate(m.features):
-            t = m.column_type(f)
-            if t is ColumnType.categorical:
-                feats[f] = (start + j, "cat", {lvl: k for k, lvl in enumerate(m.levels[f])})
-            elif m.transform is Transform.log1p and t is ColumnType.numeric:
-                feats[f] = (start + j, "log", None)
-            elif t is ColumnType.binary:
-                feats[f] = (start + j, "bin", None)
-            else:
-                feats[f] = (start + j, "num", None)
-        out[m.name] = ModalityInputs(start, feats)
-    return out
 
 
 class Predictor:
@@ -313,10 +274,6 @@ def integrated_gradients(lm: LoadedModel, x: torch.Tensor, target: torch.Tensor,
         (grad,) = torch.autograd.grad(logit, xi)
         total += torch.nan_to_num(grad)
     return (total * delta / steps).masked_fill(~mask, 0.0).numpy()
-
-
-def feature_names(schema: FeatureSchema) -> list[tuple[str, str]]:
-    return [(m.name, f) for m in schema.modalities for f in m.features]
 
 
 def format_predictions(lm: LoadedModel, ids: list[str], result: dict, top_k: int = 0) -> list[dict]:

@@ -28,7 +28,7 @@ import orjson
 import pandas as pd
 
 from privacy.site_config import ServeSettings
-from shared_models.schema import FeatureSchema
+from shared_models.schema import ColumnType, FeatureSchema
 from shared_models.site_data import TABLE_SUFFIXES, TableError, read_table
 from shared_models.validation import FLOAT32_MAX, Problem, check_prediction_tables
 
@@ -52,6 +52,73 @@ class CheckedPatients:
     raw: np.ndarray  # (patients, n_inputs) float32, schema layout, transforms applied
     notes: list[dict]  # per patient: coverage per modality, out-of-range values, warnings
     warnings: list[dict]  # about the input as a whole (e.g. columns that are not features, ignored)
+
+
+# --- what the contract reads of a model ----------------------------------------------------------------
+class ModalityInputs(dict):
+    """feature -> (column, kind, levels) of one modality (kind "cat": level -> code, "log": log1p, "bin": 0/1,
+    "num"), with what a whole row of it needs at once: `col` (feature -> column), and for modalities without
+    categorical features (`numeric_only`) `is_log` and `is_bin` over its columns (offset from `start`), and the
+    columns of the last key order a client sent (`order`)."""
+
+    def __init__(self, start: int, feats: dict):
+        super().__init__(feats)
+        self.start = start
+        self.col = {f: spec[0] for f, spec in feats.items()}
+        kinds = [spec[1] for spec in feats.values()]
+        self.numeric_only = "cat" not in kinds
+        self.is_log = np.array([k == "log" for k in kinds], dtype=bool)
+        self.is_bin = np.array([k == "bin" for k in kinds], dtype=bool)
+        self.order = None  # (keys in a client's order, their columns, log and binary positions): _fill_numeric
+
+
+def input_map(schema: FeatureSchema) -> dict:
+    """Where each feature of a JSON payload goes: modality -> ModalityInputs."""
+    from shared_models.schema import Transform
+
+    layout, out = schema.layout(), {}
+    for m in schema.modalities:
+        start, feats = layout.slices[m.name].start, {}
+        for j, f in enumerate(m.features):
+            t = m.column_type(f)
+            if t is ColumnType.categorical:
+                feats[f] = (start + j, "cat", {lvl: k for k, lvl in enumerate(m.levels[f])})
+            elif m.transform is Transform.log1p and t is ColumnType.numeric:
+                feats[f] = (start + j, "log", None)
+            elif t is ColumnType.binary:
+                feats[f] = (start + j, "bin", None)
+            else:
+                feats[f] = (start + j, "num", None)
+        out[m.name] = ModalityInputs(start, feats)
+    return out
+
+
+def feature_names(schema: FeatureSchema) -> list[tuple[str, str]]:
+    return [(m.name, f) for m in schema.modalities for f in m.features]
+
+
+def modality_bounds(schema: FeatureSchema) -> tuple[np.ndarray, np.ndarray]:
+    """Each modality's first column and its number of features, in the schema's order."""
+    layout = schema.layout()
+    return (np.array([layout.slices[m.name].start for m in schema.modalities], np.intp),
+            np.array([m.n_features for m in schema.modalities], np.float64))
+
+
+@dataclass
+class ContractModel:
+    """What the contract reads of a loaded model: `client.predict.LoadedModel` has the same attributes; this
+    is the model-free form a process that only checks inputs builds (client/input_process.py)."""
+    schema: FeatureSchema
+    normalizer: object  # shared_models.site_data.Normalizer
+    inputs: dict = None
+    feature_at: list = None
+    modality_starts: np.ndarray = None
+    modality_sizes: np.ndarray = None
+
+    def __post_init__(self):
+        self.inputs = input_map(self.schema)
+        self.feature_at = feature_names(self.schema)
+        self.modality_starts, self.modality_sizes = modality_bounds(self.schema)
 
 
 def problem_dict(p: Problem, modality: str | None = None) -> dict:
@@ -253,7 +320,7 @@ VECTOR_MIN = 8  # a modality with at least this many values is filled with array
 def _fill_row(row: np.ndarray, fmap, feats: dict) -> bool:
     """Write a modality's values into the row; False at the first value the fast path does not decide.
 
-    `fmap` is the modality's client.predict.ModalityInputs. The values are collected and written with one
+    `fmap` is the modality's ModalityInputs. The values are collected and written with one
     indexed assignment: per-element writes into a numpy row cost ~0.1 us each. A modality without
     categorical features and with at least VECTOR_MIN values is checked and transformed with array
     operations (the same decisions; py-spy at 16 connections found the per-value loop in 21% of the event

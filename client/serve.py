@@ -253,6 +253,14 @@ class Site:
                                             max_bytes=EXPLAIN_QUEUE_BODIES * self.max_body_bytes,
                                             background=self.limits.explanations == "thread")
 
+        # small JSON prediction requests: parsed and checked in a child process (client/input_process.py)
+        if self.limits.input_check == "process":
+            from client.input_process import InputProcess
+
+            self.input_check = InputProcess(self.limits)
+        else:
+            self.input_check = None
+
     def _fell_back(self, entry: dict) -> None:
         self.audit.append("model_fallback", **entry)
 
@@ -336,9 +344,13 @@ def create_app(settings: SiteConfig, *, audit_predictions: bool = True, threads:
 
     @asynccontextmanager
     async def lifespan(app):
+        if site.input_check is not None:
+            await site.input_check.start()  # its imports overlap the service's start
         yield
         site.write_head()  # stopped: the audit head records every committed entry
         site.explanations.explainer.close()
+        if site.input_check is not None:
+            site.input_check.stop()
 
     app = FastAPI(title="OncoFed site prediction service", version="1", docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json" if docs else None, lifespan=lifespan)

@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING
 import orjson
 
 from client.explain_process import ExplainProcessError
+from client.input_process import InputProcessError
 from client.serve_queue import QueueFull
 
-# A request this small with this few patients is parsed and checked on the event loop (~0.5-1.5 ms for
-# 1-3 patients): a thread hop costs a single-patient request more than its parsing (docs/results.md). Anything
-# larger goes to a parsing thread, so no body holds the loop.
+# A request this small is parsed and checked by the input-check process (client/input_process.py), or with
+# `serve.input-check = "inline"` on the event loop when it has at most INLINE_PATIENTS patients (~0.3-1 ms
+# for 1-3): a thread hop costs a single-patient request more than its parsing. Anything larger goes to a
+# parsing thread, so no body holds the loop or the input-check process.
 INLINE_BYTES = 64 * 1024
 INLINE_PATIENTS = 4
 
@@ -111,14 +113,21 @@ def prediction_routes(app, site: "Site", role) -> None:
         try:
             if len(body) > INLINE_BYTES:
                 patients, checked, top_k = await to_thread.run_sync(parse_and_check, limiter=parsing)
+                n = len(patients)
+            elif site.input_check is not None:  # a child process (client/input_process.py): off the GIL
+                n, top_k, checked = await site.input_check.check(lm, body)
             else:
                 patients, top_k = parse_request(body, site.limits)
-                checked = None if top_k else (check(patients) if len(patients) <= INLINE_PATIENTS
+                n = len(patients)
+                checked = None if top_k else (check(patients) if n <= INLINE_PATIENTS
                                               else await to_thread.run_sync(check, patients, limiter=parsing))
         except PredictionInputError as e:
             return refused(e, "/v1/predict")
+        except InputProcessError as e:
+            site.metrics.errors.labels("/v1/predict", "input_process").inc()
+            return JSONResponse({"detail": str(e)}, status_code=503, headers={"Retry-After": "1"})
         if top_k:  # top_k was not where asks_explanations looks, or the patients could not be counted unparsed
-            return await explained("json", body, 0, len(patients), who, lm, "/v1/predict", via(request), len(body))
+            return await explained("json", body, 0, n, who, lm, "/v1/predict", via(request), len(body))
         return await answer(checked, top_k, who, lm, "/v1/predict", via(request))
 
     @app.post("/v1/predict/file")

@@ -549,6 +549,103 @@ def test_a_full_queue_answers_503_with_retry_after(site):
 
 
 # --- issue 20: throughput ----------------------------------------------------------------------------
+def test_the_input_check_process_answers_each_body_as_the_contract_does_in_the_service(site):
+    """client/input_process.py: the child's answer to each body is checked_json's in this process (the checked
+    patients, or the refusal with the same problems and status, or the top_k of an explanation request), under
+    two normalisations in turn (the child is sent a model's statistics when they change) and with many bodies
+    in flight at once (answers are matched to their requests)."""
+    import asyncio
+    import dataclasses
+
+    from client.input_process import InputProcess
+    from client.predict import Predictor
+    from client.prediction_input import PredictionInputError, checked_json, parse_request
+    from privacy.site_config import ServeSettings
+
+    lm = Predictor(site["settings"].model_dir, site["root"] / "state" / "normalizer.json").current
+    shifted = dataclasses.replace(lm)
+    n = site["schema"].layout().n_inputs
+    shifted.normalizer = Normalizer(lm.schema, np.full(n, 0.5), np.full(n, 0.1))  # out-of-range flags differ
+    p0, p1 = _patient(site, 0), _patient(site, 1, drop=("expr",))
+    bad = _patient(site, 2)
+    bad["modalities"]["expr"]["g1"] = "high"
+    bodies = [json.dumps(b).encode() for b in (
+        {"patients": [p0], "top_k": 0}, {"patients": [p0, p1], "top_k": 0}, {"patients": [p0, p0], "top_k": 0},
+        {"patients": [bad], "top_k": 0}, {"patients": [{"id": "E", "modalities": {}}], "top_k": 0},
+        {"patients": [p0, p1], "top_k": 3}, {"patients": [], "top_k": 0})] + [b"{not json", b"[" * 40 + b"]" * 40]
+    limits = ServeSettings()
+
+    def expected(model, body):
+        try:
+            patients, top_k = parse_request(body, limits)
+            return "ok", (len(patients), top_k, None if top_k else checked_json(model, patients, limits))
+        except PredictionInputError as e:
+            return "refused", (e.problems, e.status)
+
+    async def answered(proc, model, body):
+        try:
+            return "ok", await proc.check(model, body)
+        except PredictionInputError as e:
+            return "refused", (e.problems, e.status)
+
+    async def run():
+        proc = InputProcess(limits)
+        try:
+            one_by_one = [(m, b, await answered(proc, m, b)) for m in (lm, shifted, lm) for b in bodies]
+            at_once = await asyncio.gather(*(answered(proc, m, b) for m in (lm, shifted) for b in bodies * 3))
+            return one_by_one + list(zip([m for m in (lm, shifted) for _ in bodies * 3], bodies * 6, at_once))
+        finally:
+            proc.stop()
+
+    kinds = set()
+    for model, body, (kind, value) in asyncio.run(run()):
+        want_kind, want = expected(model, body)
+        assert kind == want_kind, body
+        kinds.add((kind, value[1] if kind == "ok" else value[1]))
+        if kind == "refused" or value[2] is None:
+            assert value == want
+            continue
+        got, exp = value[2], want[2]
+        assert value[:2] == want[:2] and got.ids == exp.ids and got.notes == exp.notes and got.warnings == exp.warnings
+        assert np.array_equal(got.raw, exp.raw, equal_nan=True)
+    assert {("ok", 0), ("ok", 3), ("refused", 422)} <= kinds
+    out_of_range = [expected(m, bodies[0])[1][2].notes[0]["out_of_range"] for m in (lm, shifted)]
+    assert out_of_range[0] != out_of_range[1]  # the two normalisations were told apart
+
+
+def test_a_hung_or_killed_input_check_process_costs_one_answer_not_the_service(site, monkeypatch):
+    """A child that does not answer in time is stopped and its request answered 503 with Retry-After; a killed
+    one is replaced; either way the next request is answered by a new child."""
+    import signal
+
+    from fastapi.testclient import TestClient
+
+    import client.input_process as ip
+
+    body = {"patients": [_patient(site, 0)], "top_k": 0}
+    with TestClient(create_app(site["settings"])) as c:
+        lane = c.app.state.site.input_check
+
+        def post():
+            return c.post("/v1/predict", json=body, headers=_auth(site["clinician"]))
+
+        assert post().status_code == 200
+        first = lane.pid
+        os.kill(first, signal.SIGSTOP)  # hung
+        monkeypatch.setattr(ip, "ANSWER_WITHIN_S", 0.5)
+        r = post()
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1" and "did not answer" in r.text
+        monkeypatch.undo()  # the new child's start (its imports) counts against the next answer's time
+        r = post()
+        assert r.status_code == 200 and lane.pid not in (None, first), r.text
+        second = lane.pid
+        os.kill(second, signal.SIGKILL)
+        lane._proc.join(5)
+        r = post()
+        assert r.status_code == 200 and lane.pid not in (None, second), r.text
+        assert r.json()["predictions"][0]["id"] == "P000"
+
+
 def test_the_traced_forward_pass_answers_exactly_as_the_model(site):
     from client.predict import Predictor
 
@@ -889,7 +986,7 @@ def test_a_modalitys_values_filled_as_arrays_decide_and_write_exactly_as_one_by_
     loop, on rows of numeric (log1p), binary and plain features with every kind of value the loop rejects, the
     float32 range's edges, and features in changing orders."""
     import client.prediction_input as pin
-    from client.predict import ModalityInputs
+    from client.prediction_input import ModalityInputs
 
     feats = {f"f{j}": (3 + j, ("log", "bin", "num")[j % 3], None) for j in range(12)}
     fmap = ModalityInputs(3, feats)
