@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from privacy.site_config import ServeSettings
 from shared_models.schema import ColumnType, FeatureSchema
 from shared_models.site_data import TABLE_SUFFIXES, TableError, read_table
 from shared_models.validation import FLOAT32_MAX, Problem, check_prediction_tables
+from shared_models.validation.messages import MAX_NAMES
 
 
 class PredictionInputError(ValueError):
@@ -132,12 +134,26 @@ def problem_dict(p: Problem, modality: str | None = None) -> dict:
     return out
 
 
+MAX_TEXT = 300  # characters of one text in a problem (an id or feature name may be megabytes long)
+
+
+def _short(v):
+    if isinstance(v, str) and len(v) > MAX_TEXT:
+        return f"{v[:MAX_TEXT]}... ({len(v):,} characters)"
+    if isinstance(v, (list, tuple)):
+        return [_short(x) for x in v]
+    return v
+
+
 def capped(problems: list[dict], limit: int) -> list[dict]:
+    """At most `limit` problems, then a count; each text at most MAX_TEXT characters, so an answer stays small
+    whatever the request held."""
+    out = [{k: _short(v) for k, v in p.items()} for p in problems[:limit]]
     if len(problems) <= limit:
-        return problems
-    return problems[:limit] + [{"loc": "request", "code": "more_problems",
-                                "msg": f"{len(problems) - limit} more problems not listed (at most {limit} per "
-                                       "answer: serve.max-problems in site.json)"}]
+        return out
+    return out + [{"loc": "request", "code": "more_problems",
+                   "msg": f"{len(problems) - limit} more problems not listed (at most {limit} per "
+                          "answer: serve.max-problems in site.json)"}]
 
 
 # --- JSON ----------------------------------------------------------------------------------------------
@@ -302,12 +318,22 @@ def json_frames(schema: FeatureSchema, patients: list, inputs: dict, limits: Ser
             records.setdefault(mname, []).append((pid, feats))
             if fast:
                 fast = _fill_row(row, fmap, feats)
-    if fast and len(set(ids)) < len(ids):
-        fast = False
+    if len(set(ids)) < len(ids):  # across the request: two entries of one patient may carry other modalities
+        counts = Counter(ids)
+        dups = [i for i, n in counts.items() if n > 1]
+        problems.append({"loc": "body.patients", "code": "duplicate_ids", "patients": dups[:MAX_NAMES],
+                         "msg": f"{len(dups)} patient id(s) more than once: "
+                                f"{', '.join(f'{i} (x{counts[i]})' for i in dups[:MAX_NAMES])}",
+                         "fix": "send each patient once, with all of its modalities in one entry; which entry is "
+                                "the patient cannot be guessed, so nothing is scored"})
     frames = {}
     if not fast or problems:
         for mname, recs in records.items():
-            df = pd.DataFrame.from_records([r for _, r in recs], index=pd.Index([i for i, _ in recs], dtype=object),
+            # JSON true/false as a table's cell would spell them: a number column refuses them as text, as it
+            # refuses the same cell in a CSV (pandas would read a bool as 1/0)
+            rows = [{f: ("true" if v is True else "false" if v is False else v) for f, v in r.items()}
+                    if any(type(v) is bool for v in r.values()) else r for _, r in recs]
+            df = pd.DataFrame.from_records(rows, index=pd.Index([i for i, _ in recs], dtype=object),
                                            coerce_float=False)
             frames[mname] = (df, f"modalities.{mname}")
     return (raw[:len(ids)] if fast and not problems else None), ids, frames, problems
@@ -596,6 +622,8 @@ def checked_json(lm, patients: list, limits: ServeSettings) -> CheckedPatients:
     warnings: list[dict] = []
     if raw is None:
         ids_t, raw_t, errors, warnings = check_frames(lm.schema, frames, limits)
+        if any(p["code"] == "duplicate_ids" for p in problems):  # said once for the request, not per modality
+            errors = [e for e in errors if e["code"] != "duplicate_ids"]
         problems += errors
         if not problems:  # patients without any modality have no row in any frame
             index = {pid: k for k, pid in enumerate(ids_t)}

@@ -236,10 +236,17 @@ def operations_routes(app, site: "Site") -> None:
         if predictor.current is None:
             reason = predictor.failed[1] if predictor.failed else "no model"
             return JSONResponse({"status": "unhealthy", "model_version": None, "reason": reason}, status_code=503)
-        if predictor.degraded:
-            return {"status": "degraded", "model_version": predictor.current.version, **predictor.degraded}
+        if predictor.degraded:  # the active version was refused: monitoring must see it, though predictions go on
+            return JSONResponse({"status": "unhealthy", "model_version": predictor.current.version,
+                                 **predictor.degraded}, status_code=503)
         return {"status": "ok", "model_version": predictor.current.version,
                 "queues": {"predictions": site.predictions.waiting, "explanations": site.explanations.waiting}}
+
+    @app.get("/health/live")
+    async def live():
+        """The process answers: for a supervisor that restarts the service (a restart cannot repair what makes
+        /health unhealthy, and predictions go on from a verified older version meanwhile)."""
+        return {"status": "live"}
 
     @app.get("/metrics")
     def metrics():

@@ -54,7 +54,8 @@ class ServeSettings(BaseModel):
     batch_window_ms: float = Field(2.0, ge=0, le=100, alias="batch-window-ms",
                                    description="wait up to this long for as many requests as the last batch held "
                                                "before scoring a batch (a lone client never waits); 0: never wait")
-    api_docs: bool = Field(False, alias="api-docs", description="serve /docs (Swagger UI, bundled: no internet)")
+    api_docs: bool = Field(False, alias="api-docs", description="serve /openapi.json and /docs (a plain list of the "
+                           "routes, no assets from the internet)")
     explanations: Literal["process", "thread"] = Field(
         "process", description="where explanation requests (top_k > 0) are parsed, checked, scored and explained: "
         "'process' = a child process at the lowest CPU priority (off the service's GIL), 'thread' = the service's "

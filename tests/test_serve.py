@@ -274,6 +274,7 @@ def test_web_page_in_headless_chromium(site, live, tmp_path):
         p001_warnings = page.locator("tr.prediction").nth(1).locator("td.warnings [data-code]").evaluate_all(
             "els => els.map(e => e.dataset.code)")
         attention = first.locator("details summary").inner_text()
+        quality, meaning = page.inner_text("#quality"), page.inner_text("#meaning")
         page.screenshot(path=str(site["root"] / "web-page.png"), full_page=False)
         with page.expect_download() as download:
             page.click("#export")
@@ -286,6 +287,8 @@ def test_web_page_in_headless_chromium(site, live, tmp_path):
     assert "expr 100%" in p000["coverage"] and "pushed the prediction" in p000["features"]
     assert "low_coverage" in p001_warnings and attention == "attention weights of the fusion layer"
     assert len(exported) == N and list(exported.columns[:4]) == ["patient", "predicted", "cancer type", "probability"]
+    assert "Held-out quality from the model package" in quality and "0.9" in quality  # the package's macro-F1
+    assert meaning.startswith("What a probability means") and "calibrated" in meaning
     assert (site["root"] / "web-page.png").stat().st_size > 10_000
 
 
@@ -379,14 +382,15 @@ def test_tables_of_another_kind_are_refused(site, client):
     assert r.status_code == 422 and "foreign_columns" in _codes(r)
 
 
-@pytest.mark.parametrize("cell, code", [("high", "non_numeric"), ("12,5", "non_numeric"), ("inf", "infinite"),
-                                        ("1e300", "infinite")])
+@pytest.mark.parametrize("cell, code", [("high", "non_numeric"), ("12,5", "non_numeric"), ("true", "non_numeric"),
+                                        ("inf", "infinite"), ("1e300", "infinite")])
 def test_a_bad_cell_is_refused_the_same_way_in_a_table_and_in_json(site, client, cell, code):
     def edit(df):
         df.loc[df.index[1], "g3"] = cell
     r_csv = _upload(client, site, {"expr.csv": _csv(site, "expr", range(3), edit)})
     patient = _patient(site, 1, drop=("prot", "clinical", "mutation"))
-    patient["modalities"]["expr"]["g3"] = cell if code == "non_numeric" or cell == "inf" else float(cell)
+    patient["modalities"]["expr"]["g3"] = (True if cell == "true" else  # JSON true, a CSV's "true"
+                                           cell if code == "non_numeric" or cell == "inf" else float(cell))
     r_json = _post(client, site, [patient])
     assert r_csv.status_code == r_json.status_code == 422
     (a,), (b,) = r_csv.json()["detail"], r_json.json()["detail"]
@@ -394,9 +398,36 @@ def test_a_bad_cell_is_refused_the_same_way_in_a_table_and_in_json(site, client,
     assert a["patients"] == b["patients"] == ["P001"] and a["msg"] == b["msg"] and a["fix"] == b["fix"]
 
 
+def test_a_prediction_below_the_sites_confidence_threshold_says_so(site):
+    """serve.low-confidence: an answer whose most likely class is below it carries a low_confidence warning
+    with the probability; above it, none."""
+    from fastapi.testclient import TestClient
+
+    body = {"patients": [_patient(site, i) for i in range(12)], "top_k": 0}
+    for threshold in (0.999999, 0.0):
+        c = TestClient(create_app(_serving(site, {"low-confidence": threshold})))
+        rows = c.post("/v1/predict", json=body, headers=_auth(site["clinician"])).json()["predictions"]
+        for row in rows:
+            top = row["probabilities"][row["predicted"]]
+            flagged = [w for w in row["warnings"] if w["code"] == "low_confidence"]
+            assert len(flagged) == (top < threshold), row
+            if flagged:
+                assert f"probability {top:.0%}" in flagged[0]["msg"] and "no confident answer" in flagged[0]["msg"]
+        assert threshold == 0.0 or any(w["code"] == "low_confidence" for r in rows for w in r["warnings"])
+
+
 def test_duplicate_patient_ids_are_refused_in_json_and_tables(site, client):
     r = _post(client, site, [_patient(site, 5), _patient(site, 5)])
     assert r.status_code == 422 and "duplicate_ids" in _codes(r) and "P005" in r.text
+    five = _patient(site, 5)
+    expr_only = {"id": "P005", "modalities": {"expr": five["modalities"]["expr"]}}
+    rest = {"id": "P005", "modalities": {m: v for m, v in five["modalities"].items() if m != "expr"}}
+    numbered = {"id": 5, "modalities": rest["modalities"]}
+    for pair in ([expr_only, rest], [expr_only, {"id": "P005", "modalities": {}}],
+                 [{**expr_only, "id": "5"}, numbered]):  # other modalities, an empty entry, "5" and 5
+        r = _post(client, site, pair)
+        assert r.status_code == 422 and _codes(r) == {"duplicate_ids"}, r.text
+        assert [p["code"] for p in r.json()["detail"]].count("duplicate_ids") == 1
     r = _upload(client, site, {"expr.csv": _csv(site, "expr", [5, 6, 5])})
     assert r.status_code == 422 and "duplicate_ids" in _codes(r) and "P005" in r.text
 
@@ -432,6 +463,12 @@ def test_input_limits_answer_413_or_422_naming_the_limit(site, client):
     many = [{"id": f"Z{i}", "modalities": {}} for i in range(500)]  # 500 problems, 50 listed
     r = _post(client, site, many)
     assert r.status_code == 422 and len(r.json()["detail"]) == 51 and "serve.max-problems" in r.text
+    huge = "P" * 1_000_000  # a megabyte id (twice, and without data) is named, not echoed, in the refusal
+    r = _post(client, site, [{"id": huge, "modalities": {}}, {"id": huge, "modalities": {}}])
+    assert r.status_code == 422 and "duplicate_ids" in _codes(r) and "1,000,000 characters" in r.text
+    assert len(r.content) < 5000
+    r = _post(client, site, [{"id": huge, "modalities": {}}])
+    assert r.status_code == 422 and _codes(r) == {"no_usable_feature"} and len(r.content) < 5000
     too_many = _csv(site, "expr", list(range(N)) * 2)
     r = _upload(client, site, {"expr.csv": too_many})
     assert r.status_code == 413 and "serve.max-patients" in r.text
@@ -546,6 +583,49 @@ def test_a_full_queue_answers_503_with_retry_after(site):
     assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1 and "at most 300" in r.text
     assert fast.status_code == 200  # predictions have their own queue
     assert first["r"].status_code == 200
+
+
+def test_a_full_prediction_queue_answers_503_with_retry_after(site, monkeypatch):
+    """The prediction queue's bound: while the model holds 3 patients (its thread stopped inside the forward
+    pass) and the queue takes at most 4, a 2-patient request is refused with Retry-After and a 1-patient one
+    still fits; both waiting requests are answered once the model goes on."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    app = create_app(_serving(site, {"queue-patients": 4}))
+    predictor = app.state.site.predictor
+    scoring, go_on = threading.Event(), threading.Event()
+    predict = predictor.predict
+
+    def held(*a, **kw):
+        scoring.set()
+        go_on.wait(30)
+        return predict(*a, **kw)
+
+    monkeypatch.setattr(predictor, "predict", held)
+    with TestClient(app) as c:
+        def post(n, out):
+            out.append(c.post("/v1/predict", json={"patients": [_patient(site, i) for i in range(n)], "top_k": 0},
+                              headers=_auth(site["clinician"])))
+
+        first, fits = [], []
+        threading.Thread(target=post, args=(3, first)).start()
+        assert scoring.wait(30)
+        refused = []
+        post(2, refused)
+        t = threading.Thread(target=post, args=(1, fits))
+        t.start()
+        while app.state.site.predictions.waiting < 4 and t.is_alive():
+            pass
+        go_on.set()
+        t.join(30)
+        while not first:
+            t.join(0.05)
+    (r,) = refused
+    assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1 and "at most 4" in r.text
+    assert first[0].status_code == 200 and fits[0].status_code == 200
+    assert len(first[0].json()["predictions"]) == 3
 
 
 # --- issue 20: throughput ----------------------------------------------------------------------------
@@ -1037,9 +1117,12 @@ def test_a_tampered_active_package_falls_back_to_the_newest_verified_version(sit
     with open(tmp_path / "models" / "v0002" / "weights.pt", "ab") as fh:
         fh.write(b"tampered")
     c = TestClient(create_app(settings))
-    health = c.get("/health").json()
-    assert health["status"] == "degraded" and health["model_version"] == "v0001" and health["active"] == "v0002"
+    r = c.get("/health")  # unhealthy for monitoring, while the newest verified version answers predictions
+    health = r.json()
+    assert r.status_code == 503 and health["status"] == "unhealthy"
+    assert health["model_version"] == health["serving"] == "v0001" and health["active"] == "v0002"
     assert "does not match" in health["reason"]
+    assert c.get("/health/live").status_code == 200
     r = c.post("/v1/predict", json={"patients": [_patient(site, 0)], "top_k": 0}, headers=_auth(site["clinician"]))
     assert r.json()["model_version"] == "v0001" and r.json()["degraded"]["serving"] == "v0001"
     entries = [json.loads(x) for x in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
