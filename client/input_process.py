@@ -50,6 +50,7 @@ class InputProcess:
         self._limits = limits.model_dump()
         self._proc = self._sock = None  # the child and our end of its socket pair
         self._loop = self._conn = self._writer = self._reading = None  # the connection on one event loop
+        self._ready = None  # the task that makes that connection: concurrent requests await the same one
         self._broken = False  # the child's end closed: start another before sending
         self._pending: dict[int, asyncio.Future] = {}
         self._next = 0
@@ -57,10 +58,18 @@ class InputProcess:
 
     async def check(self, lm, body: bytes):
         loop = asyncio.get_running_loop()
-        if self._proc is None or self._broken or not self._proc.is_alive():
-            self._spawn()
-        if self._loop is not loop:
-            await self._connect(loop)
+        for _ in range(3):  # a child that ends while connecting is replaced once or twice, then the request fails
+            if self._proc is None or self._broken or not self._proc.is_alive():
+                self._spawn()
+            if self._loop is not loop:
+                self._disconnect()
+                self._loop, self._ready = loop, loop.create_task(self._connect())
+            ready = self._ready
+            await ready  # done after the first request on this loop: no suspension
+            if ready is self._ready and self._writer is not None:
+                break
+        else:
+            raise InputProcessError("the input-check process could not be started; retry")
         if self._sent is None or self._sent[0] is not lm or self._sent[1] is not lm.normalizer:
             norm = lm.normalizer
             self._send(("model", lm.schema.canonical_json(), norm.mean, norm.scale))
@@ -90,7 +99,9 @@ class InputProcess:
         """A new child, connected on the running loop (the service's startup: its imports overlap the
         service's; otherwise `check` starts one when there is none or it ended)."""
         self._spawn()
-        await self._connect(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        self._loop, self._ready = loop, loop.create_task(self._connect())
+        await self._ready
 
     def _spawn(self) -> None:
         self.stop()
@@ -101,12 +112,16 @@ class InputProcess:
         theirs.close()
         self._sock, self._broken = ours, False
 
-    async def _connect(self, loop) -> None:
-        self._disconnect()
-        self._conn = self._sock.dup()
-        reader, self._writer = await asyncio.open_connection(sock=self._conn)
-        self._loop = loop
-        self._reading = loop.create_task(self._read(reader))
+    async def _connect(self) -> None:
+        conn = self._conn = self._sock.dup()
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn)
+        except OSError:  # closed by a replacement meanwhile; the requests waiting on this try again
+            return
+        if self._ready is not asyncio.current_task():  # replaced meanwhile (the child ended): not ours to keep
+            writer.close()
+            return
+        self._writer, self._reading = writer, self._loop.create_task(self._read(reader))
 
     def _send(self, msg: tuple) -> None:
         data = pickle.dumps(msg, protocol=5)
@@ -121,6 +136,8 @@ class InputProcess:
                 if fut is not None and not fut.done():
                     fut.set_result((status, value))
         except (asyncio.IncompleteReadError, ConnectionError, OSError):  # the child ended
+            if self._reading is not asyncio.current_task():  # a connection left behind: not the current child's
+                return
             self._broken = True
             self._fail_pending("the input-check process ended; retry (a new one starts with the next request)")
 
@@ -134,14 +151,13 @@ class InputProcess:
 
     def _disconnect(self) -> None:
         """Leave the current loop's connection: closed through its loop if that still runs, else its socket."""
-        if self._writer is not None:
-            if self._loop is not None and not self._loop.is_closed():
-                self._reading.cancel()
-                self._writer.close()
-            else:
-                self._conn.close()
+        if self._writer is not None and not self._loop.is_closed():
+            self._reading.cancel()
+            self._writer.close()
+        elif self._conn is not None:
+            self._conn.close()
         self._fail_pending("the input-check connection was closed; retry")
-        self._loop = self._conn = self._writer = self._reading = None
+        self._loop = self._conn = self._writer = self._reading = self._ready = None
 
     def stop(self) -> None:
         self._disconnect()

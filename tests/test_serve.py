@@ -633,7 +633,7 @@ def test_the_input_check_process_answers_each_body_as_the_contract_does_in_the_s
     """client/input_process.py: the child's answer to each body is checked_json's in this process (the checked
     patients, or the refusal with the same problems and status, or the top_k of an explanation request), under
     two normalisations in turn (the child is sent a model's statistics when they change) and with many bodies
-    in flight at once (answers are matched to their requests)."""
+    in flight at once (answers are matched to their requests), also while a new child starts."""
     import asyncio
     import dataclasses
 
@@ -668,12 +668,21 @@ def test_the_input_check_process_answers_each_body_as_the_contract_does_in_the_s
         except PredictionInputError as e:
             return "refused", (e.problems, e.status)
 
+    async def at_once(proc):  # many in flight: on a new child (lazily started by all of them), then a running one
+        out = await asyncio.gather(*(answered(proc, m, b) for m in (lm, shifted) for b in bodies * 3))
+        return list(zip([m for m in (lm, shifted) for _ in bodies * 3], bodies * 6, out))
+
     async def run():
         proc = InputProcess(limits)
         try:
+            first = await at_once(proc)
             one_by_one = [(m, b, await answered(proc, m, b)) for m in (lm, shifted, lm) for b in bodies]
-            at_once = await asyncio.gather(*(answered(proc, m, b) for m in (lm, shifted) for b in bodies * 3))
-            return one_by_one + list(zip([m for m in (lm, shifted) for _ in bodies * 3], bodies * 6, at_once))
+            pid = proc.pid
+            proc._proc.kill()  # killed: the next requests all start one new child between them
+            proc._proc.join(5)
+            after = await at_once(proc)
+            assert proc.pid not in (None, pid)
+            return first + one_by_one + await at_once(proc) + after
         finally:
             proc.stop()
 
