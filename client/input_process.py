@@ -32,6 +32,7 @@ from client.prediction_input import PredictionInputError
 
 FRAME = struct.Struct("!I")
 ANSWER_WITHIN_S = 30.0  # a 64 KB body is checked in milliseconds; a child this late is hung
+MAX_IN_FLIGHT = 256  # requests sent and not answered (at most 16 MB of bodies): beyond, 503 at once
 
 
 class InputProcessError(RuntimeError):
@@ -58,6 +59,9 @@ class InputProcess:
 
     async def check(self, lm, body: bytes):
         loop = asyncio.get_running_loop()
+        if len(self._pending) >= MAX_IN_FLIGHT:  # a stalled child: bodies would pile up in the socket's buffer
+            raise InputProcessError(f"{len(self._pending)} requests wait for the input-check process (at most "
+                                    f"{MAX_IN_FLIGHT}); retry")
         for _ in range(3):  # a child that ends while connecting is replaced once or twice, then the request fails
             if self._proc is None or self._broken or not self._proc.is_alive():
                 self._spawn()

@@ -704,7 +704,8 @@ def test_the_input_check_process_answers_each_body_as_the_contract_does_in_the_s
 
 def test_a_hung_or_killed_input_check_process_costs_one_answer_not_the_service(site, monkeypatch):
     """A child that does not answer in time is stopped and its request answered 503 with Retry-After; a killed
-    one is replaced; either way the next request is answered by a new child."""
+    one is replaced; either way the next request is answered by a new child. Beyond MAX_IN_FLIGHT requests
+    waiting for the child, a request is answered 503 at once."""
     import signal
 
     from fastapi.testclient import TestClient
@@ -719,6 +720,10 @@ def test_a_hung_or_killed_input_check_process_costs_one_answer_not_the_service(s
             return c.post("/v1/predict", json=body, headers=_auth(site["clinician"]))
 
         assert post().status_code == 200
+        monkeypatch.setattr(ip, "MAX_IN_FLIGHT", 0)  # as if 256 requests were waiting for a stalled child
+        r = post()
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1" and "requests wait" in r.text
+        monkeypatch.setattr(ip, "MAX_IN_FLIGHT", 256)
         first = lane.pid
         os.kill(first, signal.SIGSTOP)  # hung
         monkeypatch.setattr(ip, "ANSWER_WITHIN_S", 0.5)
