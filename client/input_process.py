@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import pickle
+import signal
 import socket
 import struct
 
@@ -65,12 +66,12 @@ class InputProcess:
         for _ in range(3):  # a child that ends while connecting is replaced once or twice, then the request fails
             if self._proc is None or self._broken or not self._proc.is_alive():
                 self._spawn()
-            if self._loop is not loop:
+            if self._loop is not loop or (self._ready.done() and self._writer is None):  # none yet, or it failed
                 self._disconnect()
-                self._loop, self._ready = loop, loop.create_task(self._connect())
+                self._loop, self._ready = loop, loop.create_task(self._connect(self._sock))
             ready = self._ready
-            await ready  # done after the first request on this loop: no suspension
-            if ready is self._ready and self._writer is not None:
+            await asyncio.shield(ready)  # done after the first request: no suspension; a cancelled request
+            if ready is self._ready and self._writer is not None:  # leaves the connection to the others
                 break
         else:
             raise InputProcessError("the input-check process could not be started; retry")
@@ -104,23 +105,32 @@ class InputProcess:
         service's; otherwise `check` starts one when there is none or it ended)."""
         self._spawn()
         loop = asyncio.get_running_loop()
-        self._loop, self._ready = loop, loop.create_task(self._connect())
-        await self._ready
+        self._loop, self._ready = loop, loop.create_task(self._connect(self._sock))
+        await asyncio.shield(self._ready)
 
     def _spawn(self) -> None:
         self.stop()
-        ours, theirs = socket.socketpair()
-        ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads and a loaded model
-        self._proc = ctx.Process(target=_serve, args=(theirs, self._limits), daemon=True, name="oncofed-input-check")
-        self._proc.start()
-        theirs.close()
-        self._sock, self._broken = ours, False
-
-    async def _connect(self) -> None:
-        conn = self._conn = self._sock.dup()
         try:
+            ours, theirs = socket.socketpair()
+        except OSError as e:  # e.g. out of file descriptors
+            raise InputProcessError(f"the input-check process could not be started ({e}); retry") from None
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads and a loaded model
+        proc = ctx.Process(target=_serve, args=(theirs, self._limits), daemon=True, name="oncofed-input-check")
+        try:
+            proc.start()
+        except OSError as e:  # file descriptors, memory: nothing is kept, the next request tries again
+            ours.close()
+            raise InputProcessError(f"the input-check process could not be started ({e}); retry") from None
+        finally:
+            theirs.close()
+        self._proc, self._sock, self._broken = proc, ours, False
+
+    async def _connect(self, sock: socket.socket) -> None:
+        """A connection over a duplicate of `sock`; on failure none (the requests waiting on it try again)."""
+        try:
+            conn = self._conn = sock.dup()
             reader, writer = await asyncio.open_connection(sock=conn)
-        except OSError:  # closed by a replacement meanwhile; the requests waiting on this try again
+        except OSError:  # out of file descriptors, or closed by a replacement meanwhile
             return
         if self._ready is not asyncio.current_task():  # replaced meanwhile (the child ended): not ours to keep
             writer.close()
@@ -139,7 +149,7 @@ class InputProcess:
                 fut = self._pending.get(rid)
                 if fut is not None and not fut.done():
                     fut.set_result((status, value))
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):  # the child ended
+        except Exception:  # noqa: BLE001 - the child ended, or its stream is no longer frames: replace it
             if self._reading is not asyncio.current_task():  # a connection left behind: not the current child's
                 return
             self._broken = True
@@ -170,7 +180,7 @@ class InputProcess:
         if self._proc is not None:
             if self._proc.is_alive():
                 self._proc.kill()  # it keeps no state; a hung (or stopped) child ends at once
-            self._proc.join(5)
+            self._proc.join(5)  # reaped: no zombie
         self._proc = self._sock = self._sent = None
 
 
@@ -181,6 +191,7 @@ def _serve(sock: socket.socket, limits: dict) -> None:
     from shared_models.schema import FeatureSchema
     from shared_models.site_data import Normalizer
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the service, which then stops this child
     settings = ServeSettings.model_validate(limits)
     stream = sock.makefile("rb")
     model = None

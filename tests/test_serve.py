@@ -702,6 +702,58 @@ def test_the_input_check_process_answers_each_body_as_the_contract_does_in_the_s
     assert out_of_range[0] != out_of_range[1]  # the two normalisations were told apart
 
 
+def test_a_failed_start_or_connection_of_the_input_check_process_is_tried_again(site, monkeypatch):
+    """Failures while a child starts cost at most the request that met them, never the ones after: a start
+    that fails (out of file descriptors) answers InputProcessError (503) and the next request starts one; a
+    connection that fails is made again; a request cancelled while the connection is made leaves it to the
+    others."""
+    import asyncio
+    import multiprocessing.context
+    import socket
+
+    from client.input_process import InputProcess, InputProcessError
+    from client.predict import Predictor
+    from privacy.site_config import ServeSettings
+
+    lm = Predictor(site["settings"].model_dir, site["root"] / "state" / "normalizer.json").current
+    body = json.dumps({"patients": [_patient(site, 0)], "top_k": 0}).encode()
+    start, dup = multiprocessing.context.SpawnProcess.start, socket.socket.dup
+
+    def once(real, error):
+        failed = []
+
+        def fail_once(self, *a, **kw):
+            if not failed:
+                failed.append(1)
+                raise error
+            return real(self, *a, **kw)
+        return fail_once
+
+    async def run():
+        proc = InputProcess(ServeSettings())
+        try:
+            monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", once(start, OSError(24, "Too many open files")))
+            with pytest.raises(InputProcessError, match="could not be started"):
+                await proc.check(lm, body)
+            assert (await proc.check(lm, body))[0] == 1
+            proc._proc.kill()
+            proc._proc.join(5)
+            monkeypatch.setattr(socket.socket, "dup", once(dup, OSError(24, "Too many open files")))
+            assert (await proc.check(lm, body))[0] == 1  # the connection is made again within the request
+            proc._proc.kill()
+            proc._proc.join(5)
+            first = asyncio.ensure_future(proc.check(lm, body))
+            others = [asyncio.ensure_future(proc.check(lm, body)) for _ in range(3)]
+            await asyncio.sleep(0)
+            first.cancel()
+            assert [r[0] for r in await asyncio.gather(*others)] == [1, 1, 1]
+            assert (await proc.check(lm, body))[0] == 1
+        finally:
+            proc.stop()
+
+    asyncio.run(run())
+
+
 def test_a_hung_or_killed_input_check_process_costs_one_answer_not_the_service(site, monkeypatch):
     """A child that does not answer in time is stopped and its request answered 503 with Retry-After; a killed
     one is replaced; either way the next request is answered by a new child. Beyond MAX_IN_FLIGHT requests
@@ -720,6 +772,10 @@ def test_a_hung_or_killed_input_check_process_costs_one_answer_not_the_service(s
             return c.post("/v1/predict", json=body, headers=_auth(site["clinician"]))
 
         assert post().status_code == 200
+        sent = lane._next
+        many = {"patients": [{"id": f"E{i}", "modalities": {}} for i in range(500)], "top_k": 0}  # ~20 KB
+        r = c.post("/v1/predict", json=many, headers=_auth(site["clinician"]))
+        assert r.status_code == 422 and lane._next == sent  # many patients: checked in a thread, not the child
         monkeypatch.setattr(ip, "MAX_IN_FLIGHT", 0)  # as if 256 requests were waiting for a stalled child
         r = post()
         assert r.status_code == 503 and r.headers["Retry-After"] == "1" and "requests wait" in r.text
