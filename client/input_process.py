@@ -13,7 +13,9 @@ The child holds no model: it checks with the schema and the normalisation of the
 chose for the request (`ContractModel`), sent to it before the first request that uses them. Requests
 are answered in the order they are sent. A child that dies or does not answer within ANSWER_WITHIN_S
 is stopped; the requests in flight get `InputProcessError` (the service answers 503 with Retry-After)
-and the next request starts a new child. A body that crashes the child crashes only the child.
+and the next request starts a new child. A body that crashes the child crashes only the child. The child
+is a crash boundary, not a security boundary: it runs as the service's user (as the explanation child
+does), and the service unpickles its answers.
 
 Framing: 4-byte big-endian length, then a pickle (protocol 5) of a tuple. To the child: ("model",
 schema JSON, mean, scale) or ("check", id, body). From it: (id, "ok", (patients, top_k, checked or None)),
