@@ -307,14 +307,14 @@ def test_simulated_federations_get_the_recipe_of_their_privacy_as_a_deployment_d
     def cfg(dp, **extra):
         c = federation_config(tmp_path, tmp_path / "sites", 2, rounds=1, dp=dp, epsilon=8, secagg=True,
                               strategy="fedavg", seed=0, extra=extra)
-        assert "lr" not in c and "batch-size" not in c  # the run config's recipe, not a copy of it here
-        t = load_run_config({**app_defaults(ROOT), **c}).training
-        return t.optimizer, t.lr, t.batch_size
+        assert "lr" not in c and "batch-size" not in c and "max-grad-norm" not in c  # the recipe's, not a copy
+        run = load_run_config({**app_defaults(ROOT), **c})
+        return run.training.optimizer, run.training.lr, run.training.batch_size, run.privacy.max_grad_norm
 
-    assert cfg(False) == ("sgd", 0.2, 64)
-    assert cfg(False, **{"local-optimizer": "adamw"}) == ("adamw", 0.002, 64)
-    assert cfg(True) == ("sgd", 1.0, 256)
-    assert cfg(True, **{"local-optimizer": "adamw"}) == ("adamw", 0.02, 256)
+    assert cfg(False) == ("sgd", 0.2, 64, 1.0)
+    assert cfg(False, **{"local-optimizer": "adamw"}) == ("adamw", 0.002, 64, 1.0)
+    assert cfg(True) == ("sgd", 100.0, 256, 0.01)
+    assert cfg(True, **{"local-optimizer": "adamw"}) == ("adamw", 0.02, 256, 1.0)
 
 
 def test_held_out_f1_is_split_by_how_many_patients_a_type_has_across_the_federation():
