@@ -25,12 +25,35 @@ from pathlib import Path
 
 import orjson
 
+from client.prediction_input import PredictionInputError
 
 ANSWER_WITHIN_S = 600.0  # a child that takes longer (hung) is stopped; the service answers 503 at 120 s anyway
 
 
 class ExplainProcessError(RuntimeError):
     pass
+
+
+def answered(work, failed: str) -> tuple[str, object]:
+    """A child process's answer to one request (here and client/input_process.py): ("ok", work()), or
+    ("refused", (problems, status)) for input the contract refuses, which the service answers as it answers
+    its own refusals, or ("failed", message) for anything else, the message prefixed `failed`."""
+    try:
+        return "ok", work()
+    except PredictionInputError as e:
+        return "refused", (e.problems, e.status)
+    except Exception as e:  # noqa: BLE001 - the service answers the request with it
+        return "failed", f"{failed}: {type(e).__name__}: {e}"
+
+
+def answer_value(status: str, value, error: type[Exception]):
+    """What the service makes of a child's answer (`answered`): its value, or the refusal raised as
+    PredictionInputError, or the failure raised as `error`."""
+    if status == "refused":
+        raise PredictionInputError(*value)
+    if status == "failed":
+        raise error(value)
+    return value
 
 
 def explain_request(predictor, lm, limits, kind: str, payload, top_k: int) -> dict:
@@ -77,8 +100,6 @@ class ExplainProcess:
         self._conn = None
 
     def request(self, lm, kind: str, payload, top_k: int) -> dict:
-        from client.prediction_input import PredictionInputError
-
         # the service's normalisation and calibration, not whatever the files hold when the child reads them
         state = {"mean": lm.normalizer.mean, "scale": lm.normalizer.scale, "temperature": lm.temperature,
                  "calibration": lm.calibration}
@@ -95,11 +116,7 @@ class ExplainProcess:
                 self._stop()
                 raise ExplainProcessError(f"the explanation process ended ({type(e).__name__}); it starts again "
                                           "with the next explanation") from None
-        if status == "refused":
-            raise PredictionInputError(*value)
-        if status == "failed":
-            raise ExplainProcessError(value)
-        return value
+        return answer_value(status, value, ExplainProcessError)
 
     @property
     def pid(self) -> int | None:
@@ -136,7 +153,6 @@ def _serve(conn, model_dir: str, normalizer_path: str, signing_public_key: str |
     import torch
 
     from client.predict import Predictor
-    from client.prediction_input import PredictionInputError
     from privacy.site_config import ServeSettings
     from shared_models.site_data import Normalizer
 
@@ -151,7 +167,8 @@ def _serve(conn, model_dir: str, normalizer_path: str, signing_public_key: str |
             version, state, kind, payload, top_k = conn.recv()
         except (EOFError, OSError):
             return
-        try:
+
+        def work():
             key = (version, state["mean"].tobytes(), state["scale"].tobytes(), state["temperature"])
             if key not in models:
                 models.clear()  # the model the service serves now: one at a time
@@ -159,8 +176,6 @@ def _serve(conn, model_dir: str, normalizer_path: str, signing_public_key: str |
                 lm.normalizer = Normalizer(lm.schema, state["mean"], state["scale"])
                 lm.temperature, lm.calibration = state["temperature"], state["calibration"]
                 models[key] = lm
-            conn.send(("ok", explain_request(predictor, models[key], settings, kind, payload, top_k)))
-        except PredictionInputError as e:  # the service answers it as it answers its own refusals
-            conn.send(("refused", (e.problems, e.status)))
-        except Exception as e:  # noqa: BLE001 - the service answers the request with it
-            conn.send(("failed", f"explanation failed in the explanation process: {type(e).__name__}: {e}"))
+            return explain_request(predictor, models[key], settings, kind, payload, top_k)
+
+        conn.send(answered(work, "explanation failed in the explanation process"))

@@ -31,7 +31,7 @@ import signal
 import socket
 import struct
 
-from client.prediction_input import PredictionInputError
+from client.explain_process import answer_value, answered
 
 FRAME = struct.Struct("!I")
 ANSWER_WITHIN_S = 30.0  # a 64 KB body is checked in milliseconds; a child this late is hung
@@ -92,11 +92,7 @@ class InputProcess:
                                     "was stopped; retry (a new one starts with the next request)") from None
         finally:
             self._pending.pop(rid, None)
-        if status == "refused":
-            raise PredictionInputError(*value)
-        if status == "failed":
-            raise InputProcessError(value)
-        return value
+        return answer_value(status, value, InputProcessError)
 
     @property
     def pid(self) -> int | None:
@@ -207,12 +203,10 @@ def _serve(sock: socket.socket, limits: dict) -> None:
             model = ContractModel(schema, Normalizer(schema, msg[2], msg[3]))
             continue
         _, rid, body = msg
-        try:
+
+        def work():
             patients, top_k = parse_request(body, settings)
-            answer = (rid, "ok", (len(patients), top_k, None if top_k else checked_json(model, patients, settings)))
-        except PredictionInputError as e:
-            answer = (rid, "refused", (e.problems, e.status))
-        except Exception as e:  # noqa: BLE001 - the service answers the request with it
-            answer = (rid, "failed", f"the input check failed: {type(e).__name__}: {e}")
-        data = pickle.dumps(answer, protocol=5)
+            return len(patients), top_k, None if top_k else checked_json(model, patients, settings)
+
+        data = pickle.dumps((rid, *answered(work, "the input check failed")), protocol=5)
         sock.sendall(FRAME.pack(len(data)) + data)

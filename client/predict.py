@@ -47,7 +47,6 @@ class LoadedModel:
     signature: str  # "verified", "unsigned", "not checked (no trust anchor)"
     normalizer: Normalizer
     inputs: dict  # modality -> {feature: (column, kind, levels)}, built once (input_map)
-    scaled: np.ndarray = None  # columns the normaliser standardises (out-of-range checks): normalizer.scaled
     feature_at: list = None  # column -> (modality, feature)
     temperature: float = 1.0  # fitted at the site on its labelled patients (client/calibration.py)
     calibration: dict | None = None
@@ -55,7 +54,6 @@ class LoadedModel:
     _traced: object = None
 
     def __post_init__(self):
-        self.scaled = self.normalizer.scaled
         self.feature_at = feature_names(self.schema)
         # for the input contract's per-request checks (client/prediction_input.py check_patients), once
         self.modality_starts, self.modality_sizes = modality_bounds(self.schema)

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections import Counter
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -278,21 +278,19 @@ class RunConfig(BaseModel):
                 out.setdefault(section, {})[name] = value
             else:
                 out[key] = value  # unknown: extra="forbid" names it
-        privacy, training = out.get("privacy", {}), out.setdefault("training", {})
+        privacy, training = out.setdefault("privacy", {}), out.setdefault("training", {})
         dp = privacy.get("enabled", privacy.get("dp", PrivacySection.model_fields["enabled"].default))
+        mode = privacy.get("mode", privacy.get("dp-mode", PrivacySection.model_fields["mode"].default))
         recipe = RECIPES["dp" if dp is not False else "no-dp"]
         optimizer = training.get("optimizer", training.get("local-optimizer",
                                                            TrainingSection.model_fields["optimizer"].default))
-        for name, alias, value in (("batch_size", "batch-size", recipe.batch_size),
-                                   ("lr", "lr", recipe.lr.get(optimizer))):
-            given = training.pop(alias, training.get(name, "auto"))
-            training[name] = value if given == "auto" and value is not None else given
-        privacy = out.setdefault("privacy", {})
-        mode = privacy.get("mode", privacy.get("dp-mode", PrivacySection.model_fields["mode"].default))
-        value = (DISTRIBUTED_MAX_GRAD_NORM if dp is not False and mode == "distributed"
+        bound = (DISTRIBUTED_MAX_GRAD_NORM if dp is not False and mode == "distributed"
                  else recipe.max_grad_norm.get(optimizer))
-        given = privacy.pop("max-grad-norm", privacy.get("max_grad_norm", "auto"))
-        privacy["max_grad_norm"] = value if given == "auto" and value is not None else given
+        for section, name, alias, value in ((training, "batch_size", "batch-size", recipe.batch_size),
+                                            (training, "lr", "lr", recipe.lr.get(optimizer)),
+                                            (privacy, "max_grad_norm", "max-grad-norm", bound)):
+            given = section.pop(alias, section.get(name, "auto"))
+            section[name] = value if given == "auto" and value is not None else given
         return out
 
     @model_validator(mode="after")
