@@ -269,13 +269,13 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(30)
-        for name, serve in (("single, 16, no batch window", {"batch-window-ms": 0}),
-                            ("single, 16, input checked inline", {"input-check": "inline"})):
+        for label, serve, connections in (("no batch window", {"batch-window-ms": 0}, (16,)),
+                                          ("input checked inline", {"input-check": "inline"}, (1, 16))):
             server, port = start_server(work, settings, "variant", serve)  # one default changed
             try:
                 load(port, token, single[:50], 4, 1.0)
-                for n in (1, 16) if "inline" in name else (16,):
-                    rows[name if n == 16 else f"single, {n}, input checked inline"] = load(port, token, single, n, secs)
+                for n in connections:
+                    rows[f"single, {n}, {label}"] = load(port, token, single, n, secs)
             finally:
                 server.terminate()
                 server.wait(30)

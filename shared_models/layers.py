@@ -80,8 +80,12 @@ class FeatureFill(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (B, F) with NaN -> (B, F) finite
         if not torch.is_grad_enabled():
-            return torch.nan_to_num(x, nan=0.0) + missing_mask(x) * self.weight
+            return _filled(x, missing_mask(x), self.weight)
         return _FeatureFillFn.apply(x, self.weight, self.param_grads, self.sample_grads)
+
+
+def _filled(x: Tensor, mask: Tensor, weight: Tensor) -> Tensor:
+    return torch.nan_to_num(x, nan=0.0) + mask * weight
 
 
 class _FeatureFillFn(torch.autograd.Function):
@@ -90,7 +94,7 @@ class _FeatureFillFn(torch.autograd.Function):
         mask = missing_mask(x)
         ctx.save_for_backward(mask)
         ctx.param_grads, ctx.sample_grads = param_grads, sample_grads
-        return torch.nan_to_num(x, nan=0.0) + mask * weight
+        return _filled(x, mask, weight)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
