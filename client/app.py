@@ -79,6 +79,7 @@ class SiteSettings:
     require_dp: bool = False  # node config require-dp (a deployment's default: true)
     max_trusted_sites: int | None = None  # node config max-trusted-sites (deployment default 1); None: simulation
     require_padded_batches: bool = False  # node config require-padded-batches (a deployment's default: true)
+    delta: float | None = None  # node config privacy-delta; None: the run's (the ledger keeps the smallest)
 
 
 def site_settings(context: Context, cfg: RunConfig) -> SiteSettings:
@@ -95,7 +96,7 @@ def site_settings(context: Context, cfg: RunConfig) -> SiteSettings:
         return SiteSettings(site.site_name or data.name, 0, SitePaths(data, state, models),
                             cfg.privacy.epsilon if site.privacy_budget is None else site.privacy_budget,
                             site.require_secagg, site.min_aggregate_sites, site.require_dp, site.max_trusted_sites,
-                            site.require_padded_batches)
+                            site.require_padded_batches, site.privacy_delta)
     index = int(node["partition-id"])
     root = cfg.path(cfg.run.data_root)
     sites = json.loads((root / "manifest.json").read_text())["sites"]  # written by `oncofed partition`
@@ -108,6 +109,13 @@ def site_settings(context: Context, cfg: RunConfig) -> SiteSettings:
     return SiteSettings(name, index, paths, cfg.privacy.epsilon, cfg.secagg.enabled)
 
 
+def accounting_delta(settings: SiteSettings, cfg: RunConfig) -> float:
+    """The delta the site's ledger is opened with: the site's own (node config privacy-delta), or the run's if
+    smaller (a run asking for a stronger guarantee is accounted at it). The ledger itself keeps the smallest
+    delta it was ever opened with, so no later run re-prices the spend downwards."""
+    return cfg.privacy.delta if settings.delta is None else min(settings.delta, cfg.privacy.delta)
+
+
 _PREPARED: dict[tuple, "PreparedSite"] = {}  # one per site and schema, reused across rounds in this process
 
 
@@ -116,11 +124,12 @@ def prepared(settings: SiteSettings, cfg: RunConfig) -> "PreparedSite":
     from shared_models.schema import FeatureSchema
 
     schema = FeatureSchema.load(cfg.path(cfg.run.schema_path))
-    key = (str(settings.paths.site_dir), schema.content_hash(), settings.budget_epsilon, cfg.privacy.delta, cfg.training.seed,
+    delta = accounting_delta(settings, cfg)
+    key = (str(settings.paths.site_dir), schema.content_hash(), settings.budget_epsilon, delta, cfg.training.seed,
            cfg.site.val_fraction, cfg.site.min_count)
     if key not in _PREPARED:
         _PREPARED[key] = prepare_site(schema, settings.paths, budget_epsilon=settings.budget_epsilon,
-                                      delta=cfg.privacy.delta, val_fraction=cfg.site.val_fraction, min_count=cfg.site.min_count,
+                                      delta=delta, val_fraction=cfg.site.val_fraction, min_count=cfg.site.min_count,
                                       seed=cfg.training.seed)
         site = _PREPARED[key]
         log(INFO, "site %s: %s training and %s held-out patients, spent epsilon %.3f of %.3f", settings.name,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared_models.files import sha256_file, write_text_atomic
+from shared_models.files import fsync_path, sha256_file, sync_directory, write_text_atomic
 from shared_models.model import MultiModalTransformer
 from shared_models.run_config import ModelConfig
 from shared_models.schema import FeatureSchema
@@ -84,7 +84,9 @@ class ModelStore:
                    "weights_sha256": sha256_file(tmp / "weights.pt"), **info,
                    "delivery": info}  # verbatim, as signed by the server: re-verifiable later
         (tmp / "package.json").write_text(json.dumps(package, indent=1))
+        sync_directory(tmp)  # on disk before its name is, and before the active pointer names it
         os.replace(tmp, self.root / version)
+        fsync_path(self.root)
         self.activate(version)
         return version
 

@@ -24,6 +24,15 @@ ledger reports two epsilons for it: under the run's trust assumption (the aggreg
 `trusted-sites` honest shares; the budget is enforced on it) and the worst case, the site's own noise
 share alone (`spent(..., worst_case=True)`).
 
+Every epsilon is accounted at the ledger's delta, pinned in the file: the smallest delta the site was ever
+opened with (its own node config's, or in a simulation the run's). A later run with a larger delta cannot
+re-price the site's past spend downwards; one with a smaller delta re-prices it upwards (conservative).
+
+A run's patients are fixed when it starts: its plan and its released rounds are found whatever the site's
+dataset is now, so a run whose training set changes (patients added, another split) is refused instead of
+being trained again under a fresh plan. Two processes training the same round (a resumed server asking
+again while the first attempt still trains) both run, but only the first to commit sends its update.
+
 Every write is atomic (temp file, fsync, rename) under an exclusive file lock.
 """
 
@@ -127,6 +136,8 @@ class PrivacyLedger:
             raise BudgetError(f"delta must be in (0, 1) (got {delta}); use less than 1 / number of patients")
         self.path, self.budget_epsilon, self.delta = Path(path), float(budget_epsilon), float(delta)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            self._read()  # the delta pinned in the file, if smaller than the one asked for
 
     # --- storage ----------------------------------------------------------------------------
     @contextmanager
@@ -141,10 +152,15 @@ class PrivacyLedger:
 
     def _read(self) -> dict:
         if not self.path.exists():
-            return {"format": LEDGER_FORMAT, "datasets": {}, "entries": []}
-        return read_ledger(self.path)
+            return {"format": LEDGER_FORMAT, "delta": self.delta, "datasets": {}, "entries": []}
+        state = read_ledger(self.path)
+        pinned = state.get("delta")
+        if isinstance(pinned, (int, float)) and 0 < pinned < self.delta:
+            self.delta = float(pinned)  # every epsilon at the smallest delta the site was ever opened with
+        return state
 
     def _write(self, state: dict) -> None:
+        state["delta"] = self.delta
         write_json_atomic(self.path, state)
 
     # --- queries ----------------------------------------------------------------------------
@@ -191,7 +207,20 @@ class PrivacyLedger:
 
     @staticmethod
     def _plan(state: dict, dataset: str, run_id: str) -> RunPlan | None:
-        d = state.get("runs", {}).get(f"{dataset}:{run_id}")
+        """The run's plan at this dataset; BudgetError if the run started here on another dataset (its
+        patients changed: added or removed rows, another split)."""
+        runs = state.get("runs", {})
+        for key, d in runs.items():
+            started_on, _, rid = key.partition(":")
+            if rid == run_id and started_on != dataset and "num_rounds" in d:
+                then = state["datasets"].get(started_on, {}).get("n_patients", "?")
+                now = state["datasets"].get(dataset, {}).get("n_patients", "?")
+                raise BudgetError(
+                    f"run {run_id} started at this site on another training set ({then} patients; now {now}): the "
+                    "site's tables or their split (seed, val-fraction) changed during the run. A run's patients are "
+                    "fixed when it starts, so nothing was trained or sent: finish the run on the tables it started "
+                    "with, or start a new run")
+        d = runs.get(f"{dataset}:{run_id}")
         if d is None or "num_rounds" not in d:
             return None
         return RunPlan(**{k: d[k] for k in RunPlan.__dataclass_fields__ if k in d})
@@ -212,11 +241,11 @@ class PrivacyLedger:
         return plan
 
     def released(self, dataset: str, run_id: str, rnd: int) -> dict | None:
-        """The committed entry of a run's round, if its update already left the site."""
-        for e in self._read()["entries"]:
-            if (e["dataset"], e["run_id"], e["round"], e["status"]) == (dataset, run_id, rnd, "committed"):
-                return e
-        return None
+        """The committed entry of a run's round, if its update already left the site (from this dataset or,
+        had the site's tables changed since, from the one the run trained on)."""
+        entries = [e for e in self._read()["entries"]
+                   if (e["run_id"], e["round"], e["status"]) == (run_id, rnd, "committed")]
+        return next((e for e in entries if e["dataset"] == dataset), entries[0] if entries else None)
 
     # --- a round ------------------------------------------------------------------------------
     def begin_round(self, dataset: str, run_id: str, rnd: int, noise_multiplier: float, sample_rate: float,
@@ -224,11 +253,11 @@ class PrivacyLedger:
         """Check the budget for this round and write a pending entry; raise BudgetError to refuse.
         `mechanism`: a distributed round's Skellam plan (None: DP-SGD's Gaussian steps)."""
         with self._locked() as state:
-            same = [e for e in state["entries"] if (e["dataset"], e["run_id"], e["round"]) == (dataset, run_id, rnd)]
-            if any(e["status"] == "committed" for e in same):
+            if any((e["run_id"], e["round"], e["status"]) == (run_id, rnd, "committed") for e in state["entries"]):
                 raise AlreadyReleased(f"round {rnd} of run {run_id} was trained and its update sent before; the "
                                       "site does not train it again (a resumed server gets the same update back)")
             plan = self._plan(state, dataset, run_id)
+            same = [e for e in state["entries"] if (e["dataset"], e["run_id"], e["round"]) == (dataset, run_id, rnd)]
             if plan is not None:
                 self._check_plan(state, plan, dataset, run_id, rnd, noise_multiplier, sample_rate, steps)
             pending = [e for e in same if e["status"] == "pending"]
@@ -306,6 +335,10 @@ class PrivacyLedger:
             for e in state["entries"]:
                 if (e["dataset"], e["run_id"], e["round"], e["attempt"]) == (
                         ticket.dataset, ticket.run_id, ticket.round, ticket.attempt):
+                    if e["status"] == "committed":  # another process trained this round at the same time, and sent it
+                        raise AlreadyReleased(
+                            f"round {ticket.round} of run {ticket.run_id} was trained by another attempt at the same "
+                            "time (a resumed server asked again), whose update was sent: this one is withheld")
                     e.update(status="committed", steps=int(executed_steps), committed=time.time())
                     break
             else:

@@ -21,7 +21,7 @@ from shared_models.files import read_json_file, write_json_atomic
 FILE_FORMAT = "oncofed-site/1"
 # What the SuperNode hands the deployed ClientApp (--node-config): where the site's data and state live,
 # and its policy, the keys on which the site is authoritative over any run config.
-NODE_POLICY_KEYS = ("site-name", "privacy-budget", "require-secagg", "min-aggregate-sites", "require-dp",
+NODE_POLICY_KEYS = ("site-name", "privacy-budget", "privacy-delta", "require-secagg", "min-aggregate-sites", "require-dp",
                     "max-trusted-sites", "require-padded-batches")
 NODE_CONFIG_KEYS = ("data-path", "state-dir", "model-dir", "signing-public-key", "min-count") + NODE_POLICY_KEYS
 
@@ -83,6 +83,9 @@ class SiteConfig(BaseModel):
     privacy_budget: float | None = Field(None, alias="privacy-budget", gt=0, le=MAX_BUDGET, description="the "
                                          "site's privacy budget: the total epsilon allowed on its data over all "
                                          f"runs, at most {MAX_BUDGET:g} (what the site's accounting verifies)")
+    privacy_delta: float | None = Field(None, alias="privacy-delta", gt=0, lt=1, description="the delta at which "
+                                        "the budget is accounted (empty: the runs' delta); the ledger keeps the "
+                                        "smallest delta it was ever opened with, so no run re-prices past spend down")
     min_count: int = Field(5, alias="min-count", ge=1, description="counts below this are never reported")
     require_secagg: bool = Field(True, alias="require-secagg", description="refuse training requests without "
                                  "SecAgg+ (the server would see this site's update)")

@@ -35,6 +35,7 @@ from server.delivery import audited, deliver, delivery_status, redeliver, save_p
 from server.strategy import build_strategy
 from server.workflow import RoundsWorkflow, TimedSecAggPlusWorkflow
 from shared_models.evaluation import evaluate
+from shared_models.files import atomic_file
 from shared_models.model import MultiModalTransformer
 from shared_models.protocol import (AUDIT_ANCHOR, AUDIT_HEAD, EPSILON, EPSILON_WORST_CASE, NOISE_PLAN, RUN_KEY,
                                     SECAGG_CLIPPING_RANGE, SECAGG_MAX_WEIGHT, SITE, ModelPackage)
@@ -319,7 +320,8 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
     else:
         log(WARNING, "run config signing-key is empty: the final model is delivered unsigned; sites with a trust "
             "anchor will refuse it")
-    np.savez(out / "final_weights.npz", *final)
+    with atomic_file(out / "final_weights.npz", "wb") as fh:  # a crash leaves the old file or the whole new one
+        np.savez(fh, *final)
     save_package(out, package)  # with final_weights.npz: what `oncofed deliver` sends again
     deliveries = deliver(grid, final, package, cfg.federation.round_timeout, anchor=recorder.anchor_audit())
     recorder.audit.append("run_end", run=recorder.run_key, round=cfg.federation.num_rounds,

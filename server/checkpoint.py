@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared_models.files import write_json_atomic  # noqa: F401 (server.app imports it from here)
+from shared_models.files import sync_directory, write_json_atomic  # noqa: F401 (server.app imports it from here)
 
 
 class CheckpointError(ValueError):
@@ -46,6 +46,7 @@ def save_checkpoint(root: Path, rnd: int, weights: list[np.ndarray], strategy_st
     np.savez(tmp / "weights.npz", *weights)
     np.savez(tmp / "strategy_state.npz", **strategy_state)
     write_json_atomic(tmp / "meta.json", {"round": rnd, **meta})
+    sync_directory(tmp)  # the arrays on disk before latest.json, fsynced, can name them
     if final.exists():  # a resumed run re-running this round replaces it
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -31,11 +31,24 @@ def atomic_file(path: str | Path, mode: str = "w", *, newline: str | None = None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_path(path.parent)
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's or a directory's content (a directory's: its entries, so a rename into it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
+
+
+def sync_directory(path: str | Path) -> None:
+    """fsync every file of a directory written as a sibling, then the directory itself: call before renaming it
+    into place, so that after a power loss the name never points at files the disk did not get."""
+    for f in sorted(Path(path).rglob("*"), key=lambda p: -len(p.parts)):  # files first, then their directories
+        fsync_path(f)
+    fsync_path(path)
 
 
 def write_json_atomic(path: str | Path, payload, indent: int = 1) -> None:

@@ -51,3 +51,15 @@ def test_an_altered_weights_file_is_detected_and_not_activated(tmp_path):
         store.activate("v0001")
     assert store.active() == "v0002"
     assert json.loads((tmp_path / "v0002" / "package.json").read_text())["round"] == 2
+
+
+def test_an_installed_version_is_on_disk_before_it_is_named_active(tmp_path, monkeypatch):
+    import os
+
+    synced, real = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd))[1])
+    ModelStore(tmp_path).install(tiny_schema(), CFG, _arrays(0), {"round": 1})
+    before = synced[:next(i for i, p in enumerate(synced) if p.endswith("ACTIVE.tmp"))]
+    for name in ("weights.pt", "schema.json", "package.json"):
+        assert any(p.endswith(f".tmp-v0001/{name}") for p in before), (name, before)
+    assert str(tmp_path) in before  # the rename of .tmp-v0001 to v0001

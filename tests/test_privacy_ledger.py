@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from opacus.accountants import PRVAccountant
@@ -216,3 +217,69 @@ def test_a_corrupt_ledger_refuses_training_instead_of_starting_from_zero(tmp_pat
     (tmp_path / "ledger.json").write_text("{truncated")
     with pytest.raises(BudgetError, match="privacy ledger unreadable .* restore it from backup"):
         _ledger(tmp_path).register_dataset(IDS, "h")
+
+
+def test_the_ledger_accounts_at_the_smallest_delta_it_was_ever_opened_with(tmp_path):
+    # A later run asking for a larger delta must not re-price the spend downwards (at delta 0.1 the same steps
+    # cost a fraction of their epsilon at 1e-5), and one asking for a smaller delta re-prices it upwards for good.
+    ledger = _ledger(tmp_path)
+    ds = ledger.register_dataset(IDS, "h")
+    spent = _run_rounds(ledger, ds, "run-1", 1.1, 0.1, 10, rounds=3)
+    looser = PrivacyLedger(tmp_path / "ledger.json", budget_epsilon=8.0, delta=0.1)
+    assert looser.delta == DELTA and looser.spent(ds) == pytest.approx(spent)
+    stricter = PrivacyLedger(tmp_path / "ledger.json", budget_epsilon=8.0, delta=1e-7)
+    assert stricter.spent(ds) == pytest.approx(closed_form([(1.1, 0.1, 30)], delta=1e-7), rel=0.01)
+    assert stricter.spent(ds) > spent
+    stricter.register_dataset(IDS[:10], "h")  # any write pins it
+    assert PrivacyLedger(tmp_path / "ledger.json", budget_epsilon=8.0, delta=DELTA).delta == 1e-7
+
+
+def test_a_run_whose_training_set_changed_is_refused_not_trained_under_a_fresh_plan(tmp_path):
+    # Patients added to the site's tables (or another split) during a run give another dataset fingerprint: its
+    # released rounds and its plan are still found, so no round is trained twice and no fresh cap is set.
+    ledger = _ledger(tmp_path, budget=30.0)
+    before = ledger.register_dataset(IDS, "h")
+    ledger.start_run(before, "run-1", _plan(rounds=3, steps=10))
+    _run_rounds(ledger, before, "run-1", 1.1, 0.1, 10, rounds=1)
+    after = ledger.register_dataset(IDS + ["P900", "P901", "P902"], "h")
+    with pytest.raises(AlreadyReleased):
+        ledger.begin_round(after, "run-1", 1, 1.1, 0.1, 10)
+    assert ledger.released(after, "run-1", 1)["dataset"] == before
+    with pytest.raises(BudgetError, match="run run-1 started at this site on another training set .200 patients; "
+                                          "now 203."):
+        ledger.begin_round(after, "run-1", 2, 1.1, 0.1, 10)
+    with pytest.raises(BudgetError, match="another training set"):
+        ledger.start_run(after, "run-1", _plan(rounds=3, steps=10))
+    assert ledger.spent(after) == pytest.approx(closed_form([(1.1, 0.1, 10)]), rel=0.01)
+
+
+def test_a_round_trained_twice_at_once_releases_one_update(tmp_path):
+    # A resumed server asks for a round while the first attempt still trains in another process: both train,
+    # only the first to commit may send; the other's commit is refused (its update is withheld).
+    path, go = tmp_path / "ledger.json", tmp_path / "go"
+    ledger = _ledger(tmp_path)
+    ds = ledger.register_dataset(IDS, "h")
+    first = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from privacy.ledger import PrivacyLedger
+        ledger = PrivacyLedger({str(path)!r}, budget_epsilon=8.0, delta={DELTA})
+        ticket = ledger.begin_round({ds!r}, "run-1", 1, 1.1, 0.1, 10)
+        Path({str(go)!r} + ".started").touch()
+        while not Path({str(go)!r}).exists():  # training while the second request arrives
+            time.sleep(0.02)
+        ledger.commit_round(ticket, 10)  # the first attempt's update leaves
+    """)])
+    try:
+        for _ in range(1500):
+            if (tmp_path / "go.started").exists() or first.poll() is not None:
+                break
+            time.sleep(0.02)
+        second = ledger.begin_round(ds, "run-1", 1, 1.1, 0.1, 10)  # a second ClientApp process, the same round
+        go.touch()
+        assert first.wait(60) == 0
+    finally:
+        first.kill()
+    with pytest.raises(AlreadyReleased, match="trained by another attempt at the same time"):
+        ledger.commit_round(second, 10)
+    assert ledger.spent(ds) == pytest.approx(closed_form([(1.1, 0.1, 10)]), rel=0.01)

@@ -112,3 +112,12 @@ def test_an_error_names_the_flat_key_a_user_writes():
         assert f"  - {line}" in text
     with pytest.raises(RunConfigError, match=r"d-model \(64\) must be divisible by n-heads \(3\)"):
         load_run_config({"schema": "s.json", "n-heads": 3})
+
+
+@pytest.mark.parametrize("key", ["max-grad-norm", "lr", "server-lr", "round-timeout", "secagg-clipping-range",
+                                 "weight-decay", "delta"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_number_that_is_not_finite_is_refused(key, value):
+    # max-grad-norm = inf would make the DP noise infinite and the update NaN; none of these has a meaning at inf
+    with pytest.raises(RunConfigError, match=f"  - {key}: (Input should be a finite number|use a number > 0)"):
+        load_run_config({"schema": "s.json", key: value})

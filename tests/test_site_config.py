@@ -43,6 +43,7 @@ def test_a_site_init_file_and_a_serving_only_file_load(tmp_path):
     ({"privacy-budget": -1}, "privacy-budget", "greater than 0 (got -1); fix the value or remove the key"),
     ({"privacy-budget": 500}, "privacy-budget", "less than or equal to 100 (got 500)"),
     ({"min-aggregate-sites": 1}, "min-aggregate-sites", "greater than or equal to 2"),
+    ({"privacy-delta": 1}, "privacy-delta", "less than 1 (got 1)"),
     ({"serve": {"min-coverage": 2}}, "serve.min-coverage", "less than or equal to 1 (got 2)"),
     ({"state-dir": None}, "state-dir", "valid string"),
 ])
@@ -113,7 +114,25 @@ def test_the_supernodes_node_config_carries_every_node_key_and_each_is_a_site_js
     assert set(NODE_CONFIG_KEYS) <= aliases and set(NODE_POLICY_KEYS) <= set(NODE_CONFIG_KEYS)
     values = {"data-path": "/d", "state-dir": "/s", "model-dir": "/m", "signing-public-key": "/k.pub", "min-count": 5,
               "site-name": "H1", "privacy-budget": 4.0, "require-secagg": True, "min-aggregate-sites": 3,
-              "require-dp": True, "max-trusted-sites": 2, "require-padded-batches": True}
+              "require-dp": True, "max-trusted-sites": 2, "require-padded-batches": True, "privacy-delta": 1e-6}
     sent = dict(item.split("=", 1) for item in node_config(SiteConfig.parse(values, source="test")).split())
     assert set(sent) == set(NODE_CONFIG_KEYS)
     assert {k: json.loads(v) for k, v in sent.items()} == values
+
+
+def test_the_sites_delta_bounds_every_runs_accounting(tmp_path):
+    """privacy-delta in site.json: the ledger accounts at it, or at a run's delta if that is smaller."""
+    from flwr.app import Context, RecordDict
+
+    from client.app import accounting_delta, site_settings
+    from privacy.run_config import load_run_config
+
+    def delta(node: dict, run_delta: float) -> float:
+        cfg = load_run_config({"schema": "s.json", "delta": run_delta})
+        ctx = Context(run_id=1, node_id=1, node_config={"data-path": str(tmp_path / "site"), **node},
+                      state=RecordDict(), run_config={})
+        return accounting_delta(site_settings(ctx, cfg), cfg)
+
+    assert delta({}, 1e-3) == 1e-3  # no site delta: the run's (the ledger then keeps the smallest ever)
+    assert delta({"privacy-delta": 1e-6}, 1e-3) == 1e-6
+    assert delta({"privacy-delta": 1e-6}, 1e-8) == 1e-8
