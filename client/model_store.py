@@ -102,6 +102,16 @@ class ModelStore:
         if actual != package.get("weights_sha256"):
             raise ModelStoreError(f"{pkg_dir}/weights.pt: SHA-256 {actual[:12]}... does not match the package's "
                                   f"{str(package.get('weights_sha256'))[:12]}...: the file was altered")
+        try:
+            installed = FeatureSchema.load(pkg_dir / "schema.json").content_hash()
+        except Exception as e:  # noqa: BLE001 - any unreadable schema: the package cannot be served
+            raise ModelStoreError(f"{pkg_dir}/schema.json: unreadable ({e})") from None
+        for source, expected in (("package.json", package.get("schema_hash")),
+                                 ("the delivery the server signed", package.get("delivery", {}).get("schema_hash"))):
+            if expected is not None and expected != installed:
+                # the schema names the classes: one altered after delivery answers with the wrong names
+                raise ModelStoreError(f"{pkg_dir}/schema.json: SHA-256 {installed[:12]}... is not the schema of "
+                                      f"{source} ({str(expected)[:12]}...): the file was altered")
         if signing_public_key is not None:
             from privacy.signing import SignatureError
             from privacy.signing import verify as verify_signature

@@ -166,6 +166,7 @@ class Predictor:
             raise ModelStoreError(f"{self.store.root}: no model installed yet (the global model arrives after a "
                                   "federated run)")
         if self.current is not None and self.current.version == active:
+            self.failed, self.degraded = None, None  # e.g. rolled back to the version serving as the fallback
             return False
         if self.failed is not None and self.failed[0] == active:
             if self.current is None:

@@ -53,6 +53,34 @@ def test_an_altered_weights_file_is_detected_and_not_activated(tmp_path):
     assert json.loads((tmp_path / "v0002" / "package.json").read_text())["round"] == 2
 
 
+def test_a_schema_altered_after_delivery_is_detected_even_with_the_weights_resaved_to_match(tmp_path):
+    # The schema names the classes: swapping two names (weights re-saved under the new schema, package.json's
+    # weights hash updated) must not be served as verified.
+    from shared_models.files import sha256_file
+    from shared_models.schema import FeatureSchema
+    from shared_models.weights import save_weights
+
+    store = ModelStore(tmp_path)
+    store.install(tiny_schema(), CFG, _arrays(0), {"round": 1, "schema_hash": tiny_schema().content_hash()})
+    d = tmp_path / "v0001"
+    spec = json.loads((d / "schema.json").read_text())
+    spec["classes"][0], spec["classes"][1] = spec["classes"][1], spec["classes"][0]
+    (d / "schema.json").write_text(json.dumps(spec))
+    swapped = FeatureSchema.load(d / "schema.json")
+    model = MultiModalTransformer(swapped, CFG)
+    model.load_state_dict(load_weights(d / "weights.pt", tiny_schema()).state_dict())
+    save_weights(model, d / "weights.pt")
+    package = json.loads((d / "package.json").read_text())
+    package["weights_sha256"] = sha256_file(d / "weights.pt")
+    (d / "package.json").write_text(json.dumps(package))
+    with pytest.raises(ModelStoreError, match="schema.json: SHA-256 .* is not the schema of package.json"):
+        store.verify("v0001")
+    package["schema_hash"] = swapped.content_hash()  # package.json rewritten too: the signed delivery still says
+    (d / "package.json").write_text(json.dumps(package))
+    with pytest.raises(ModelStoreError, match="is not the schema of the delivery the server signed"):
+        store.verify("v0001")
+
+
 def test_an_installed_version_is_on_disk_before_it_is_named_active(tmp_path, monkeypatch):
     import os
 

@@ -1206,6 +1206,23 @@ def test_a_tampered_active_package_falls_back_to_the_newest_verified_version(sit
     assert "v0003" in r.json()["reason"] and "no older installed version verifies" in r.json()["reason"]
 
 
+def test_rolling_back_to_the_fallback_version_clears_the_degraded_state(site, tmp_path):
+    from fastapi.testclient import TestClient
+
+    settings = _copy_site(site, tmp_path)
+    ModelStore(tmp_path / "models").activate("v0002")
+    with open(tmp_path / "models" / "v0002" / "weights.pt", "ab") as fh:
+        fh.write(b"tampered")
+    c = TestClient(create_app(settings))
+    assert c.get("/health").status_code == 503
+    r = c.post("/v1/models/activate", json={"rollback": True}, headers=_auth(site["admin"]))
+    assert r.status_code == 200 and r.json()["active"] == "v0001"
+    health = c.get("/health")
+    assert health.status_code == 200 and health.json()["model_version"] == "v0001", health.json()
+    r = c.post("/v1/predict", json={"patients": [_patient(site, 0)], "top_k": 0}, headers=_auth(site["clinician"]))
+    assert r.json()["model_version"] == "v0001" and not r.json().get("degraded")
+
+
 def test_failed_logins_and_every_prediction_path_are_audited(site, tmp_path):
     from fastapi.testclient import TestClient
 
