@@ -462,7 +462,12 @@ def store_upload(chunks, dest: Path, budget: DecompressedBudget, max_rows: int) 
                 pieces = []
                 data = chunk
                 while data:
-                    piece = inflate.decompress(data, 1 << 20)  # at most 1 MiB at a time: a bomb never expands whole
+                    try:  # at most 1 MiB at a time: a bomb never expands whole
+                        piece = inflate.decompress(data, 1 << 20)
+                    except zlib.error as e:
+                        raise PredictionInputError([{"loc": name, "code": "unreadable", "msg": f"not a gzip file ({e})",
+                                                     "fix": "upload it without the .gz ending if it is not "
+                                                            "compressed, or compress it again"}]) from None
                     budget.spend(len(piece), name)
                     pieces.append(piece)
                     data = inflate.unconsumed_tail

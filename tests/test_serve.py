@@ -382,6 +382,19 @@ def test_tables_of_another_kind_are_refused(site, client):
     assert r.status_code == 422 and "foreign_columns" in _codes(r)
 
 
+@pytest.mark.parametrize("top_k", [0, 3])
+def test_a_gz_upload_that_is_not_gzip_is_refused_with_the_fix(site, client, top_k):
+    import gzip
+
+    plain = _csv(site, "expr", range(3))
+    broken = bytearray(gzip.compress(plain))
+    broken[20:50] = bytes(30)
+    for data in (plain, bytes(broken)):
+        r = _upload(client, site, {"expr.csv.gz": data}, top_k=top_k)
+        assert r.status_code == 422 and _codes(r) == {"unreadable"}, r.text
+        assert "expr.csv.gz" in r.text and "compress it again" in r.json()["detail"][0]["fix"]
+
+
 @pytest.mark.parametrize("cell, code", [("high", "non_numeric"), ("12,5", "non_numeric"), ("true", "non_numeric"),
                                         ("inf", "infinite"), ("1e300", "infinite")])
 def test_a_bad_cell_is_refused_the_same_way_in_a_table_and_in_json(site, client, cell, code):
