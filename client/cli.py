@@ -282,12 +282,26 @@ def serve_fit_normalizer(
     """A hospital that never trained: fit the input normalisation on its own unlabelled patients."""
     from client.serve import fit_normalizer
 
+    from client.prediction_input import PredictionInputError
+
     try:
-        path, n = fit_normalizer(_site_settings(site_config), data, schema)
+        path, n, notes = fit_normalizer(_site_settings(site_config), data, schema)
+    except PredictionInputError as e:
+        _echo_problems(f"{data}: refused, the normalisation was not changed:", e)
+        raise typer.Exit(code=2)
     except (ValueError, OSError) as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(code=2)
+    for note in notes:
+        typer.echo(f"note: {note}", err=True)
     typer.echo(f"normalisation fitted on {n} patients: {path}")
+
+
+def _echo_problems(headline: str, e) -> None:
+    """A refusal of the prediction contract, one problem per line with its fix (as the service answers it)."""
+    typer.echo(headline, err=True)
+    for p in e.problems:
+        typer.echo(f"  {p['loc']}: {p['msg']}" + (f"\n    fix: {p['fix']}" if p.get("fix") else ""), err=True)
 
 
 def predict(
@@ -317,9 +331,7 @@ def predict(
                               on_fallback=lambda entry: audit.append("model_fallback", **entry))
         checked = predictor.checked_tables(data, limits)
     except PredictionInputError as e:  # the service's contract: the same problems, one per line
-        typer.echo(f"{data}: refused, nothing predicted:", err=True)
-        for p in e.problems:
-            typer.echo(f"  {p['loc']}: {p['msg']}" + (f"\n    fix: {p['fix']}" if p.get("fix") else ""), err=True)
+        _echo_problems(f"{data}: refused, nothing predicted:", e)
         raise typer.Exit(code=2)
     except (ModelStoreError, ValueError, OSError) as e:
         typer.echo(str(e), err=True)

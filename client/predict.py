@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from client.model_store import ModelStore, ModelStoreError
 from shared_models.schema import FeatureSchema
-from shared_models.site_data import Normalizer, TableError, raw_matrix, read_table
+from shared_models.site_data import Normalizer, TableError
 from shared_models.weights import load_weights
 
 IG_STEPS = 16
@@ -227,24 +226,6 @@ class Predictor:
         if top_k:
             result["attributions"] = integrated_gradients(lm, x, torch.from_numpy(result["predicted"]))
         return lm, result
-
-
-def tables_to_raw(schema: FeatureSchema, site_dir: Path) -> tuple[list[str], np.ndarray]:
-    """A site-layout directory (one table per modality; labels not needed) -> ids and raw matrix."""
-    from shared_models.site_data import SiteTables, find_table
-
-    modalities, seen = {}, {}
-    for m in schema.modalities:
-        found = find_table(site_dir, m.name)
-        if found:
-            modalities[m.name] = read_table(found[0], schema.id_column)
-            seen.update(dict.fromkeys(str(i) for i in modalities[m.name].index))
-    if not modalities:
-        raise PredictionInputError([{"loc": str(site_dir), "msg": "no modality table: name each file after its "
-                                     f"modality ({', '.join(m.name for m in schema.modalities)})"}])
-    ids = list(seen)
-    tables = SiteTables(site_dir, pd.Series(index=ids, dtype="string"), modalities)
-    return ids, raw_matrix(schema, tables, ids)
 
 
 def integrated_gradients(lm: LoadedModel, x: torch.Tensor, target: torch.Tensor, steps: int = IG_STEPS) -> np.ndarray:

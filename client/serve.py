@@ -25,7 +25,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
-from client.predict import Predictor, format_predictions, tables_to_raw
+from client.predict import Predictor, format_predictions
 from client.serve_queue import ExplanationLane, ModelQueue
 from client.serve_routes import model_routes, offline_docs, operations_routes, prediction_routes
 from privacy.audit import AuditLog
@@ -373,18 +373,61 @@ def create_app(settings: SiteConfig, *, audit_predictions: bool = True, threads:
     return app
 
 
-def fit_normalizer(settings: SiteConfig, data_dir: Path, schema_path: Path | None = None) -> tuple[Path, int]:
-    """A new hospital: fit the normalisation on its own (unlabelled) patients, for the active model's schema."""
+MIN_FIT_PATIENTS = 20  # fewer observations of a feature estimate its mean and spread too poorly to scale by
+
+
+def fit_normalizer(settings: SiteConfig, data_dir: Path, schema_path: Path | None = None
+                   ) -> tuple[Path, int, list[str]]:
+    """A new hospital: fit the normalisation on its own (unlabelled) patients, for the active model's schema.
+
+    The tables are held to the prediction contract (the checks a training site's tables get: foreign tables,
+    duplicate ids, non-numbers are refused, PredictionInputError) and need at least MIN_FIT_PATIENTS patients.
+    A feature observed in fewer keeps the normalisation saved before (none: unscaled), and the returned notes
+    name its modality. Nothing is written unless the fit is accepted. Returns (path, patients, notes)."""
+    import numpy as np
+
     from client.model_store import ModelStore
+    from client.prediction_input import PredictionInputError, ServeSettings, check_frames, table_frames
     from shared_models.schema import FeatureSchema
-    from shared_models.site_data import Normalizer
+    from shared_models.site_data import Normalizer, TableError, scaled_columns
 
     store = ModelStore(settings.model_dir)
     active = store.active()
     if schema_path is None and active is None:
         raise ValueError(f"{settings.model_dir}: no model installed; pass --schema")
     schema = FeatureSchema.load(schema_path or store.root / active / "schema.json")
-    ids, raw = tables_to_raw(schema, Path(data_dir))
+    if not Path(data_dir).is_dir():
+        raise ValueError(f"--data {data_dir}: not a directory of tables (one per modality, named after it)")
+    frames, problems = table_frames(schema, Path(data_dir))
+    errors = [p for p in problems if p.get("severity") != "warning"]
+    ids, raw = [], None
+    if frames:
+        ids, raw, more, _ = check_frames(schema, frames, ServeSettings(max_patients=10**9))
+        errors += more
+    if errors:
+        raise PredictionInputError(errors)
+    if len(ids) < MIN_FIT_PATIENTS:
+        raise PredictionInputError([{"loc": str(data_dir), "code": "too_few_patients",
+                                     "msg": f"{len(ids)} patients: the normalisation needs at least {MIN_FIT_PATIENTS} to "
+                                            "estimate each feature's mean and spread",
+                                     "fix": "fit it on more of the hospital's patients"}])
+    fitted = Normalizer.fit(schema, raw)
     path = Path(settings.state_dir) / "normalizer.json"
-    Normalizer.fit(schema, raw).save(path)
-    return path, len(ids)
+    try:
+        before = Normalizer.load(path, schema) if path.exists() else None
+    except (TableError, ValueError):
+        before = None  # another schema's, or unreadable: replaced
+    cols = scaled_columns(schema)
+    thin = cols[(~np.isnan(raw[:, cols])).sum(axis=0) < MIN_FIT_PATIENTS]
+    mean, scale = fitted.mean.copy(), fitted.scale.copy()
+    mean[thin], scale[thin] = (before.mean[thin], before.scale[thin]) if before is not None else (0.0, 1.0)
+    layout, notes = schema.layout(), []
+    for m in schema.modalities:
+        sl = layout.slices[m.name]
+        n = int(((thin >= sl.start) & (thin < sl.stop)).sum())
+        if n:
+            notes.append(f"{m.name}: {n} feature{'s' if n > 1 else ''} with fewer than {MIN_FIT_PATIENTS} patients' "
+                         + ("values keep the normalisation fitted before" if before is not None
+                            else "values are not scaled (no normalisation was fitted before)"))
+    Normalizer(schema, mean, scale).save(path)
+    return path, len(ids), notes

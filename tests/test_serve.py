@@ -325,6 +325,45 @@ def test_a_hospital_that_never_trained_fits_its_normalizer_and_serves(site, tmp_
     assert resp.status_code == 200 and resp.json()["model_version"] == "v0002"
 
 
+def test_fit_normalizer_refuses_tables_it_cannot_fit_honestly_and_keeps_the_one_before(site, tmp_path):
+    """Foreign tables, too few patients, duplicate ids: refused with the contract's problems, nothing written.
+    A feature too few patients have keeps the normalisation fitted before, and the note says which modality."""
+    from client.prediction_input import PredictionInputError
+    from client.serve import MIN_FIT_PATIENTS, fit_normalizer
+    from shared_models.site_data import Normalizer
+
+    shutil.copytree(site["root"] / "state", tmp_path / "state")
+    settings = SiteConfig(model_dir=str(site["root"] / "models"), state_dir=str(tmp_path / "state"))
+    saved = tmp_path / "state" / "normalizer.json"
+    before = saved.read_bytes()
+
+    def tables(name: str, edit) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        for f in site["data"].glob("*.csv"):
+            df = pd.read_csv(f, dtype=str)
+            edit(f.stem, df).to_csv(d / f.name, index=False)
+        return d
+
+    foreign = tables("foreign", lambda m, df: df.rename(columns={c: f"{c}_v2" for c in df.columns[1:]}))
+    few = tables("few", lambda m, df: df.head(MIN_FIT_PATIENTS - 1))
+    twice = tables("twice", lambda m, df: pd.concat([df, df]))
+    for d, code in ((foreign, "no_schema_features"), (few, "too_few_patients"), (twice, "duplicate_ids")):
+        with pytest.raises(PredictionInputError) as e:
+            fit_normalizer(settings, d)
+        assert code in {p.get("code") for p in e.value.problems}, (code, e.value.problems)
+        assert saved.read_bytes() == before
+
+    def thin_expr(m, df):  # only a few patients have an expression table
+        return df.head(MIN_FIT_PATIENTS - 5) if m == "expr" else df
+    path, n, notes = fit_normalizer(settings, tables("thin", thin_expr))
+    schema = site["schema"]
+    fitted, old = Normalizer.load(path, schema), Normalizer.load(site["root"] / "state" / "normalizer.json", schema)
+    expr = schema.layout().slices["expr"]
+    assert n == N and np.array_equal(fitted.mean[expr], old.mean[expr]) and len(notes) == 1
+    assert notes[0].startswith("expr: ") and "keep the normalisation fitted before" in notes[0]
+
+
 # --- issue 20: refuse rather than guess --------------------------------------------------------------
 def _post(client, site, patients, **extra):
     return client.post("/v1/predict", json={"patients": patients, "top_k": 0, **extra}, headers=_auth(site["clinician"]))
