@@ -30,6 +30,7 @@ def register(app: typer.Typer) -> None:
     serve.add_typer(token, name="token")
     serve.command("fit-normalizer")(serve_fit_normalizer)
     serve.command("calibrate")(serve_calibrate)
+    serve.command("activate")(serve_activate)
     app.add_typer(serve, name="serve")
     app.command("predict")(predict)
 
@@ -297,6 +298,38 @@ def serve_fit_normalizer(
     typer.echo(f"normalisation fitted on {n} patients: {path}")
 
 
+def serve_activate(
+    site_config: Path = typer.Option(..., "--site-config", help="the site's site.json"),
+    version: str = typer.Option(..., "--version", help="an installed version, e.g. v0002"),
+) -> None:
+    """Make an installed model version the one served (verified first: a package that does not verify is never
+    made active). A running service picks it up at its next request, as after POST /v1/models/activate."""
+    import getpass
+
+    from client.model_store import ModelStoreError
+    from client.predict import Predictor
+    from privacy.audit import AuditLog
+
+    settings = _site_settings(site_config)
+    state = Path(settings.state_dir)
+    predictor = Predictor(settings.model_dir, state / "normalizer.json", settings.signing_public_key or None,
+                          load_active=False)
+    versions, previous = predictor.store.versions(), predictor.store.active()
+    if version not in versions:
+        typer.echo(f"--version {version}: not installed in {settings.model_dir}; installed: "
+                   f"{', '.join(versions) or 'none'}", err=True)
+        raise typer.Exit(code=2)
+    try:
+        predictor._load(version)  # verify before switching, as the service's route does
+    except (ModelStoreError, ValueError, OSError) as e:
+        typer.echo(f"{version} does not verify, nothing changed: {e}", err=True)
+        raise typer.Exit(code=2)
+    predictor.store.activate(version)
+    AuditLog(state / "audit.jsonl").append("model_activated", version=version, previous=previous,
+                                           token=f"cli:{getpass.getuser()}")
+    typer.echo(f"{version} is active (was {previous or 'none'})")
+
+
 def _echo_problems(headline: str, e) -> None:
     """A refusal of the prediction contract, one problem per line with its fix (as the service answers it)."""
     typer.echo(headline, err=True)
@@ -323,6 +356,13 @@ def predict(
     from privacy.audit import AuditLog
 
     settings = _site_settings(site_config)
+    if not data.is_dir():
+        typer.echo(f"--data {data}: not a directory (the tables, one per modality, named after it)", err=True)
+        raise typer.Exit(code=2)
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        typer.echo(f"--out {out}: {out.parent} is not a directory this user may write to; choose another path",
+                   err=True)
+        raise typer.Exit(code=2)
     state = Path(settings.state_dir)
     audit = AuditLog(state / "audit.jsonl")
     try:

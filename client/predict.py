@@ -162,6 +162,10 @@ class Predictor:
         Raises ModelStoreError only when nothing can be served (no version verifies)."""
         active = self.store.active()
         if active is None:
+            if versions := self.store.versions():  # e.g. an install interrupted between its rename and ACTIVE
+                raise ModelStoreError(f"{self.store.root}: {', '.join(versions)} installed but none is active (no "
+                                      "ACTIVE file); activate one: oncofed serve activate --site-config site.json "
+                                      f"--version {versions[-1]}")
             raise ModelStoreError(f"{self.store.root}: no model installed yet (the global model arrives after a "
                                   "federated run)")
         if self.current is not None and self.current.version == active:

@@ -30,8 +30,9 @@ import pandas as pd
 
 from privacy.site_config import ServeSettings
 from shared_models.schema import ColumnType, FeatureSchema
-from shared_models.site_data import TABLE_SUFFIXES, TableError, read_table
-from shared_models.validation import FLOAT32_MAX, Problem, check_prediction_tables
+from shared_models.site_data import TABLE_SUFFIXES
+from shared_models.validation import FLOAT32_MAX, Problem, check_prediction_tables, read_prediction_table
+from shared_models.validation.hints import id_mismatch_hint
 from shared_models.validation.messages import MAX_NAMES
 
 
@@ -532,15 +533,32 @@ def table_frames(schema: FeatureSchema, table_dir: Path) -> tuple[dict, list[dic
                              "msg": f"a second table for modality {stem!r} (also {frames[stem][1]})",
                              "fix": "send one table per modality"})
             continue
-        try:
-            frames[stem] = (read_table(path, schema.id_column), path.name)
-        except TableError as e:
-            problems.append({"loc": path.name, "code": "unreadable", "modality": stem,
-                             "msg": str(e).removeprefix(f"{path}: ")})
+        df, read_problems = read_prediction_table(schema, path)
+        if df is not None:
+            frames[stem] = (df, path.name)
+        problems += [problem_dict(p, stem) for p in read_problems]
     if not frames and not any(p.get("severity") != "warning" for p in problems):
         problems.append({"loc": "files", "code": "no_modality", "msg": "no modality table: name each file after "
                          f"its modality ({', '.join(m.name for m in schema.modalities)})"})
     return frames, problems
+
+
+def tables_apart(frames: dict) -> dict | None:
+    """Tables of one upload that share no patient: each row would be scored as a patient of its table alone.
+    Refused when the ids differ in a systematic way (longer ids, letter case: the same patients written
+    differently); otherwise a warning, as they may be different patients."""
+    if len(frames) < 2:
+        return None
+    ids = [(pd.Index(df.index.astype(str)), file) for df, file in frames.values()]
+    if any(len(a.intersection(b)) for i, (a, _) in enumerate(ids) for b, _ in ids[i + 1:]):
+        return None
+    hint = next((f"{fa}: {h}" for a, fa in ids for b, fb in ids
+                 if a is not b and (h := id_mismatch_hint(a, b, reference=fb))), None)
+    files = ", ".join(file for _, file in ids)
+    return {"loc": files, "code": "no_common_patients", **({} if hint else {"severity": "warning"}),
+            "msg": f"no patient id appears in more than one table ({files}): each row is scored as a patient "
+                   "with that table's data alone",
+            "fix": hint or "if these are the same patients, write their ids the same way in every table"}
 
 
 # --- the contract --------------------------------------------------------------------------------------
@@ -641,6 +659,8 @@ def checked_json(lm, patients: list, limits: ServeSettings) -> CheckedPatients:
 
 def checked_tables(lm, table_dir: Path, limits: ServeSettings) -> CheckedPatients:
     frames, problems = table_frames(lm.schema, table_dir)
+    if (apart := tables_apart(frames)) is not None:
+        problems.append(apart)
     warnings = [p for p in problems if p.get("severity") == "warning"]
     problems = [p for p in problems if p.get("severity") != "warning"]
     ids, raw, errors, more = check_frames(lm.schema, frames, limits)

@@ -421,6 +421,35 @@ def test_tables_of_another_kind_are_refused(site, client):
     assert r.status_code == 422 and "foreign_columns" in _codes(r)
 
 
+@pytest.mark.parametrize("sep, said", [(";", "semicolons"), ("\t", "tab")])
+def test_an_excel_style_table_gets_validates_message_and_fix(site, client, sep, said):
+    df = pd.read_csv(site["data"] / "expr.csv", dtype=str).head(3)
+    r = _upload(client, site, {"expr.csv": df.to_csv(index=False, sep=sep).encode()})
+    assert r.status_code == 422 and _codes(r) == {"no_id_column"}, r.text
+    assert said in r.json()["detail"][0]["fix"]
+
+
+def test_a_clinical_export_with_more_columns_is_scored_its_extra_columns_reported(site, client):
+    def wider(df):
+        for k in range(5):
+            df[f"ehr_field_{k}"] = "x"
+    r = _upload(client, site, {"clinical.csv": _csv(site, "clinical", range(3), wider),
+                               "expr.csv": _csv(site, "expr", range(3))})
+    assert r.status_code == 200, r.text
+    assert "extra_columns" in {w["code"] for w in r.json()["warnings"]}
+
+
+def test_tables_that_share_no_patient_are_refused_or_flagged(site, client):
+    def suffixed(df):
+        df["patient"] = df["patient"] + "-01A"
+    r = _upload(client, site, {"expr.csv": _csv(site, "expr", range(3), suffixed),
+                               "prot.csv": _csv(site, "prot", range(3))})
+    assert r.status_code == 422 and _codes(r) == {"no_common_patients"}, r.text
+    assert "longer than the patient ids in prot.csv" in r.json()["detail"][0]["fix"]
+    r = _upload(client, site, {"expr.csv": _csv(site, "expr", range(3)), "prot.csv": _csv(site, "prot", range(3, 6))})
+    assert r.status_code == 200 and "no_common_patients" in {w["code"] for w in r.json()["warnings"]}
+
+
 @pytest.mark.parametrize("top_k", [0, 3])
 def test_a_gz_upload_that_is_not_gzip_is_refused_with_the_fix(site, client, top_k):
     import gzip
@@ -1273,6 +1302,26 @@ def test_rolling_back_to_the_fallback_version_clears_the_degraded_state(site, tm
     assert health.status_code == 200 and health.json()["model_version"] == "v0001", health.json()
     r = c.post("/v1/predict", json={"patients": [_patient(site, 0)], "top_k": 0}, headers=_auth(site["clinician"]))
     assert r.json()["model_version"] == "v0001" and not r.json().get("degraded")
+
+
+def test_installed_versions_without_an_active_one_name_the_command_that_activates_one(site, tmp_path):
+    from client.model_store import ModelStoreError
+    from client.predict import Predictor
+
+    settings = _copy_site(site, tmp_path)
+    (tmp_path / "models" / "ACTIVE").unlink()  # an install interrupted between its rename and ACTIVE
+    with pytest.raises(ModelStoreError, match="v0001, v0002 installed but none is active .* oncofed serve activate"):
+        Predictor(settings.model_dir, tmp_path / "state" / "normalizer.json")
+    cli = [sys.executable, "-m", "oncofed", "serve", "activate", "--site-config", str(tmp_path / "site.json")]
+    r = subprocess.run(cli + ["--version", "v0009"], capture_output=True, text=True)
+    assert r.returncode == 2 and "installed: v0001, v0002" in r.stderr
+    r = subprocess.run(cli + ["--version", "v0001"], capture_output=True, text=True)
+    assert r.returncode == 0 and "v0001 is active (was none)" in r.stdout, r.stderr
+    assert ModelStore(tmp_path / "models").active() == "v0001"
+    r = subprocess.run([sys.executable, "-m", "oncofed", "predict", "--site-config", str(tmp_path / "site.json"),
+                        "--data", str(site["data"]), "--out", str(tmp_path / "missing" / "p.csv")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "is not a directory this user may write to" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_failed_logins_and_every_prediction_path_are_audited(site, tmp_path):

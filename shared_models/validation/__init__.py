@@ -32,8 +32,9 @@ In the order a site is checked:
 from __future__ import annotations
 
 from shared_models.validation.cells import FLOAT32_MAX
-from shared_models.validation.prediction import check_prediction_tables
+from shared_models.validation.prediction import check_prediction_tables, read_prediction_table
 from shared_models.validation.report import Problem, ValidationReport
 from shared_models.validation.site import validate_site
 
-__all__ = ["FLOAT32_MAX", "Problem", "ValidationReport", "check_prediction_tables", "validate_site"]
+__all__ = ["FLOAT32_MAX", "Problem", "ValidationReport", "check_prediction_tables", "read_prediction_table",
+           "validate_site"]

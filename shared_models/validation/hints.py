@@ -52,15 +52,16 @@ def number_fix(examples) -> str:
     return "write numbers only (no units or text; decimal point '.'); leave a missing value empty or write NA"
 
 
-def id_mismatch_hint(ids: pd.Index, label_ids: pd.Index) -> str | None:
+def id_mismatch_hint(ids: pd.Index, label_ids: pd.Index, reference: str = "the labels table") -> str | None:
+    """How `ids` (a table's) are the patient ids of `reference` written differently, if they are."""
     lengths = label_ids.str.len()
     if len(lengths):
         n = int(lengths.value_counts().idxmax())
         if (ids.str.len() > n).mean() > 0.5 and len(ids.str[:n].intersection(label_ids)):
-            return (f"the ids here are longer than the patient ids in the labels (e.g. {ids[0]!r}): cut them to "
+            return (f"the ids here are longer than the patient ids in {reference} (e.g. {ids[0]!r}): cut them to "
                     f"the patient id ({n} characters), keeping one row per patient")
     if len(ids.str.upper().intersection(label_ids.str.upper())):
-        return "the ids differ only in upper/lower case: write them exactly as in the labels table"
+        return f"the ids differ only in upper/lower case: write them exactly as in {reference}"
     return None
 
 

@@ -11,6 +11,7 @@ import pandas as pd
 from shared_models.schema import ColumnType, FeatureSchema, Modality, Transform
 from shared_models.validation.cells import FLOAT32_MAX
 from shared_models.validation.check import Check
+from shared_models.validation.reading import read
 from shared_models.validation.report import Problem
 from shared_models.validation.tables import Checked, check_frame
 
@@ -22,6 +23,13 @@ class PredictionTables:
     ids: list[str]  # every patient with a row in at least one table, first-seen order
     raw: np.ndarray  # (patients, n_inputs) float32 in schema layout, transforms applied; NaN = missing
     problems: list[Problem]  # errors refuse the request; warnings go with the answer
+
+
+def read_prediction_table(schema: FeatureSchema, path: Path) -> tuple[pd.DataFrame | None, list[Problem]]:
+    """A table of patients to score, read as `oncofed validate` reads a site's (the same codes, messages and
+    fixes: another separator, a saved index, an empty file); None and the problems when it cannot be."""
+    check = Check(schema, min_count=1, for_prediction=True)
+    return read(check, path), check.problems
 
 
 def check_prediction_tables(schema: FeatureSchema, frames: dict[str, tuple[pd.DataFrame, str]]) -> PredictionTables:

@@ -27,6 +27,10 @@ class Checked:
     values: np.ndarray  # (rows, present) float64, NaN = missing or unusable
 
 
+# a prediction table of a modality this wide, mostly of columns that are not its features, is of another kind
+FOREIGN_MIN_FEATURES = 20
+
+
 def check_modality(check: Check, m: Modality, path: Path) -> Checked | None:
     df = read(check, path)
     if df is None:
@@ -59,8 +63,9 @@ def check_frame(check: Check, m: Modality, df: pd.DataFrame, path: Path) -> Chec
         check.add("warning", "absent_features", f"absent: {len(absent):,} of the schema's {m.n_features:,} "
                   f"{m.name!r} features ({len(absent) / m.n_features:.0%}): {names(absent)}; they are masked at "
                   "training", f"nothing, if the site does not measure them{rename}", file)
-    if check.for_prediction and len(extra) > len(present):
-        # a table of another kind saved under this modality's name: scoring it would be a guess
+    if check.for_prediction and m.n_features >= FOREIGN_MIN_FEATURES and len(extra) > len(present):
+        # a table of another kind saved under this modality's name: scoring it would be a guess (a modality of a
+        # few columns, like clinical fields, comes within wider exports: its other columns are only reported)
         check.add("error", "foreign_columns", f"{len(extra):,} of the {len(columns):,} columns are not "
                   f"{m.name!r} features ({names(extra)}); only {plural(len(present), 'column')} "
                   f"({names(present)}) belong to the modality", f"check that this is the {m.name} table; "
