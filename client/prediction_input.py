@@ -135,6 +135,7 @@ def problem_dict(p: Problem, modality: str | None = None) -> dict:
     return out
 
 
+UNITS_MIN_VALUES = 10  # a modality's unit is judged on at least this many standardised values of a patient
 MAX_TEXT = 300  # characters of one text in a problem (an id or feature name may be megabytes long)
 
 
@@ -590,6 +591,11 @@ def check_patients(lm, ids: list[str], raw: np.ndarray, limits: ServeSettings) -
         z = np.abs((raw[:, norm.scaled].astype(np.float64) - norm.scaled_mean) / norm.scaled_scale)
         far = z > limits.out_of_range_sd  # a missing value (NaN) is never far
     n_far = far.sum(axis=1)
+    # another unit or scale (raw counts for log values, x1000): most of a modality's values far from the site's
+    # patients, which no patient of the site's own (or of the held-out hospitals) comes near (docs/results.md)
+    with np.errstate(invalid="ignore"):
+        beyond = np.concatenate([np.zeros((len(z), 1), np.int64), np.cumsum(z > limits.units_sd, axis=1)], axis=1)
+    seen = np.concatenate([np.zeros((len(z), 1), np.int64), np.cumsum(~np.isnan(z), axis=1)], axis=1)
     names = [m.name for m in schema.modalities]
     notes, errors = [], []
     for i, pid in enumerate(ids):
@@ -612,6 +618,16 @@ def check_patients(lm, ids: list[str], raw: np.ndarray, limits: ServeSettings) -
         elif total[i] < limits.warn_coverage:
             note["warnings"].append({"code": "low_coverage", "msg": f"only {total[i]:.0%} of the model's inputs "
                                      f"present ({summary()}): the prediction rests on less data than usual"})
+        for m, a, b in norm.scaled_groups:
+            n_seen, n_beyond = int(seen[i, b] - seen[i, a]), int(beyond[i, b] - beyond[i, a])
+            if n_seen >= UNITS_MIN_VALUES and 2 * n_beyond > n_seen:
+                errors.append({"loc": f"patient {pid}", "code": "units", "patients": [pid], "modality": m,
+                               "msg": f"{n_beyond} of the {n_seen} {m!r} values are more than {limits.units_sd:g} SD "
+                                      "from the site's training mean: the table seems to be in another unit or "
+                                      "scale (e.g. raw counts instead of log values, or x1000), and any prediction "
+                                      "would be a guess",
+                               "fix": f"export the {m} values in the unit the schema describes (docs/site-data.md); "
+                                      "if they are right, raise serve.units-sd in site.json"})
         if n_far[i]:
             js = np.flatnonzero(far[i])
             js = js[np.argsort(-z[i, js])][:5]

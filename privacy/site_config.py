@@ -41,6 +41,10 @@ class ServeSettings(BaseModel):
     out_of_range_sd: float = Field(6.0, gt=0, alias="out-of-range-sd",
                                    description="flag values this many SDs from the site's training mean")
     refuse_out_of_range: bool = Field(False, alias="refuse-out-of-range")
+    units_sd: float = Field(4.0, gt=0, alias="units-sd", description="refuse a patient's modality when most of "
+                            "its values (of at least 10 standardised features) are this many SDs from the site's "
+                            "training mean: another unit or scale (the training and held-out patients' medians stay "
+                            "below 2.6 SD)")
     low_confidence: float = Field(0.5, ge=0, le=1, alias="low-confidence",
                                   description="flag a prediction whose probability is below this")
     max_patients: int = Field(1000, ge=1, alias="max-patients")

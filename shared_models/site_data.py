@@ -238,6 +238,11 @@ class Normalizer:
         # the standardised columns' statistics in float64, for the prediction service's out-of-range check
         self.scaled_mean = self.mean[self.scaled].astype(np.float64)
         self.scaled_scale = self.scale[self.scaled].astype(np.float64)
+        # each modality's standardised columns as a range of `scaled` (which lists them modality by modality)
+        layout = schema.layout()
+        self.scaled_groups = [(m.name, *np.searchsorted(self.scaled, [layout.slices[m.name].start,
+                                                                        layout.slices[m.name].stop]).tolist())
+                              for m in schema.modalities]
 
     @classmethod
     def fit(cls, schema: FeatureSchema, raw_train: np.ndarray) -> "Normalizer":

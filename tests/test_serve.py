@@ -429,6 +429,18 @@ def test_an_excel_style_table_gets_validates_message_and_fix(site, client, sep, 
     assert said in r.json()["detail"][0]["fix"]
 
 
+def test_a_modality_in_another_unit_is_refused_not_flagged(site, client):
+    # x1000 (or raw counts for log values): most of the modality's values far from every patient the site has
+    def x1000(df):
+        cols = [c for c in df.columns if c != "patient"]
+        df[cols] = (df[cols].astype(float) * 1000).astype(str)
+    r = _upload(client, site, {"expr.csv": _csv(site, "expr", range(3), x1000), "prot.csv": _csv(site, "prot", range(3))})
+    assert r.status_code == 422 and _codes(r) == {"units"}, r.text
+    assert r.json()["detail"][0]["modality"] == "expr" and "units-sd" in r.json()["detail"][0]["fix"]
+    r = _upload(client, site, {"expr.csv": _csv(site, "expr", range(3)), "prot.csv": _csv(site, "prot", range(3))})
+    assert r.status_code == 200, r.text
+
+
 def test_a_clinical_export_with_more_columns_is_scored_its_extra_columns_reported(site, client):
     def wider(df):
         for k in range(5):

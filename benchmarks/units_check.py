@@ -1,0 +1,72 @@
+"""How far from a site's training patients real patients sit, per modality: the evidence for `serve.units-sd`.
+
+The prediction service refuses a patient's modality when most of its values (at least 10 standardised
+features) are more than `serve.units-sd` SDs from the site's training mean (client/prediction_input.py,
+code "units"): a table in another unit or scale. This prints, for the sites of an `oncofed simulate`
+output, the percentiles of each patient's median |z| per modality over the site's own patients and over
+the held-out hospitals' patients, and the same for the held-out patients with the modality's values
+x1000 (a unit error), so that the threshold sits between what real patients reach and what a unit
+error gives.
+
+    python benchmarks/units_check.py RUN_DIR [--sites C0,C5]     # RUN_DIR: oncofed simulate --out RUN_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def median_z(lm, raw: np.ndarray) -> dict[str, np.ndarray]:
+    """Per modality with at least 10 standardised features: each patient's median |z| (patients with values)."""
+    norm = lm.normalizer
+    z = np.abs((raw[:, norm.scaled].astype(np.float64) - norm.scaled_mean) / norm.scaled_scale)
+    out = {}
+    for m, a, b in norm.scaled_groups:
+        if b - a < 10:
+            continue
+        block = z[:, a:b]
+        has = ~np.isnan(block).all(axis=1)
+        out[m] = np.nanmedian(block[has], axis=1)
+    return out
+
+
+def main() -> None:
+    from client.predict import Predictor
+    from privacy.site_config import ServeSettings, SiteConfig
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path, help="an `oncofed simulate --out` directory")
+    ap.add_argument("--sites", default="C0,C5")
+    args = ap.parse_args()
+    limits = ServeSettings(max_patients=10**9)
+    rows = []
+    print(f"{'site':5} {'patients':22} {'modality':9} {'n':>5}  median |z| per patient: p50 / p99 / p99.9 / max")
+    for site in args.sites.split(","):
+        cfg = SiteConfig.load(args.run / "state" / site / "site.json")
+        predictor = Predictor(cfg.model_dir, Path(cfg.state_dir) / "normalizer.json", cfg.signing_public_key or None)
+        lm = predictor.current
+        own = predictor.checked_tables(args.run / "sites" / site, limits).raw
+        held = predictor.checked_tables(args.run / "sites" / "holdout", limits).raw
+        layout = lm.schema.layout()
+        cases = [("own", own, None), ("held-out", held, None)]
+        for m in median_z(lm, held):
+            scaled = held.copy()
+            scaled[:, layout.slices[m]] *= 1000  # the model's inputs (log values where the schema says so) x1000
+            cases.append((f"held-out, {m} x1000", scaled, m))
+        for name, raw, only in cases:
+            for m, med in median_z(lm, raw).items():
+                if only is not None and m != only:
+                    continue
+                p50, p99, p999 = np.percentile(med, [50, 99, 99.9])
+                rows.append({"site": site, "patients": name, "modality": m, "n": int(len(med)), "p50": round(p50, 2),
+                             "p99": round(p99, 2), "p99.9": round(p999, 2), "max": round(float(med.max()), 2)})
+                print(f"{site:5} {name:22} {m:9} {len(med):5}  {p50:8.2f} / {p99:8.2f} / {p999:8.2f} / {med.max():8.2f}")
+    print(json.dumps({"benchmark": "units_check", "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
