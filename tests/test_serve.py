@@ -738,7 +738,7 @@ def test_the_input_check_process_answers_each_body_as_the_contract_does_in_the_s
     lm = Predictor(site["settings"].model_dir, site["root"] / "state" / "normalizer.json").current
     shifted = dataclasses.replace(lm)
     n = site["schema"].layout().n_inputs
-    shifted.normalizer = Normalizer(lm.schema, np.full(n, 0.5), np.full(n, 0.1))  # out-of-range flags differ
+    shifted.normalizer = Normalizer(lm.schema, np.full(n, 0.5), np.full(n, 0.3))  # out-of-range flags differ
     p0, p1 = _patient(site, 0), _patient(site, 1, drop=("expr",))
     bad = _patient(site, 2)
     bad["modalities"]["expr"]["g1"] = "high"
