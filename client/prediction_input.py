@@ -206,7 +206,6 @@ def parse_json(body: bytes, limits: ServeSettings):
     parser sees it; any other body is parsed by orjson first and its depth read from the result (cheaper),
     or, if orjson refuses it (NaN literals, huge integers, lone surrogates), scanned before json, which
     recurses."""
-    import json
 
     brackets = body.count(b"[") + body.count(b"{")  # C speed; an upper bound on the depth
     may_nest = brackets > limits.max_json_depth
@@ -220,12 +219,50 @@ def parse_json(body: bytes, limits: ServeSettings):
     else:
         if may_nest and not scanned:
             _check_depth(object_depth(value), limits)
+        # a key given twice in one object: the parser keeps the last value, which would be a guess. Every member
+        # of compact or "key": value JSON holds one '":'; only when their count differs from the keys parsed
+        # (a duplicate, or '":' inside a string, or space before a colon) is the body parsed again to say which
+        if body.count(b'":') != object_keys(value):
+            _refuse_duplicate_keys(body)
         return value
     if may_nest and not scanned:
         _check_depth(json_depth(body), limits)
+    return _refuse_duplicate_keys(body)
+
+
+def object_keys(value) -> int:
+    """Keys of every object in a parsed value, iteratively."""
+    keys, stack = 0, [value]
+    pop, push = stack.pop, stack.append
+    while stack:
+        x = pop()
+        if type(x) is dict:
+            keys += len(x)
+            x = x.values()
+        for v in x:
+            if type(v) is dict or type(v) is list:
+                push(v)
+    return keys
+
+
+def _refuse_duplicate_keys(body: bytes):
+    """The body parsed by json with every object's members seen in order: a key given twice is refused."""
+    import json
+
+    def members(pairs: list) -> dict:
+        out = dict(pairs)
+        if len(out) < len(pairs):
+            seen: set = set()
+            twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+            raise PredictionInputError([{"loc": "body", "code": "duplicate_key",
+                                         "msg": f"the key {_short(twice)!r} appears twice in one object: which "
+                                                "value is meant cannot be told", "fix": "send each key once"}])
+        return out
     try:
-        return json.loads(body)
+        return json.loads(body, object_pairs_hook=members)
     except (ValueError, RecursionError) as e:
+        if isinstance(e, PredictionInputError):
+            raise
         raise PredictionInputError([{"loc": "body", "code": "not_json", "msg": f"not JSON ({e})"}]) from None
 
 
@@ -284,8 +321,13 @@ def json_frames(schema: FeatureSchema, patients: list, inputs: dict, limits: Ser
             problems.append({"loc": loc, "code": "not_a_patient", "msg": "must be an object with 'id' and 'modalities'"})
             continue
         pid = p.get("id")
-        if isinstance(pid, bool) or not isinstance(pid, (str, int)) or str(pid).strip() == "":
+        if pid is None or (isinstance(pid, str) and pid.strip() == ""):
             problems.append({"loc": f"{loc}.id", "code": "empty_id", "msg": "each patient needs an 'id' (text)"})
+            continue
+        if isinstance(pid, bool) or not isinstance(pid, (str, int)):
+            # a number beyond 64 bits arrives as a float: its digits are no longer the id that was sent
+            problems.append({"loc": f"{loc}.id", "code": "bad_id", "msg": f"an id must be text or a whole number "
+                             f"(got {type(pid).__name__} {_short(repr(pid))})", "fix": "send the id as text: \"P001\""})
             continue
         pid = str(pid).strip()
         ids.append(pid)
@@ -524,10 +566,15 @@ def table_frames(schema: FeatureSchema, table_dir: Path) -> tuple[dict, list[dic
             continue
         stem = next((s for s in names if any(path.name == s + suf for suf in TABLE_SUFFIXES)), None)
         if stem is None:
+            fix = (f"name each table after its modality: {', '.join(sorted(names))} (.csv, .tsv, .parquet, "
+                   "optionally .gz)")
+            lower = path.name.lower()
+            if any(lower == s + suf for s in names for suf in TABLE_SUFFIXES):
+                fix = f"names are matched in lower case: rename it {lower}"
+            elif lower.endswith((".xlsx", ".xls", ".ods")):
+                fix = "spreadsheet workbooks are not read: save the sheet as CSV (comma-separated) named after its modality"
             problems.append({"loc": path.name, "code": "unrelated_file", "severity": "warning",
-                             "msg": "not a table of this schema's modalities; ignored",
-                             "fix": f"name each table after its modality: {', '.join(sorted(names))} "
-                                    "(.csv, .tsv, .parquet, optionally .gz)"})
+                             "msg": "not a table of this schema's modalities; ignored", "fix": fix})
             continue
         if stem in frames:
             problems.append({"loc": path.name, "code": "ambiguous_table",

@@ -441,6 +441,36 @@ def test_a_modality_in_another_unit_is_refused_not_flagged(site, client):
     assert r.status_code == 200, r.text
 
 
+def test_an_upper_case_or_spreadsheet_file_name_is_told_how_to_fix_it(site, client):
+    r = _upload(client, site, {"EXPR.csv": _csv(site, "expr", range(2)), "prot.xlsx": b"PK\x03\x04",
+                               "prot.csv": _csv(site, "prot", range(2))})
+    assert r.status_code == 200, r.text
+    fixes = {w["loc"]: w["fix"] for w in r.json()["warnings"] if w["code"] == "unrelated_file"}
+    assert "rename it expr.csv" in fixes["EXPR.csv"] and "save the sheet as CSV" in fixes["prot.xlsx"]
+
+
+def test_an_id_that_is_not_text_or_a_whole_number_is_refused_as_such(site, client):
+    patient = _patient(site, 0)
+    for pid, code in ((18446744073709551617, "bad_id"), (1.5, "bad_id"), ("  ", "empty_id"), (None, "empty_id")):
+        r = _post(client, site, [{**patient, "id": pid}])
+        assert r.status_code == 422 and _codes(r) == {code}, (pid, r.text)
+    assert _post(client, site, [{**patient, "id": 17}]).status_code == 200
+
+
+def test_a_key_given_twice_in_a_json_object_is_refused(site, client):
+    patient = json.dumps(_patient(site, 0))
+    for body in ('{"patients": [%s], "top_k": 0, "top_k": 3}' % patient,
+                 '{"patients": [{"id": "A", "id": "B", %s], "top_k": 0}' % patient[1:].split(",", 1)[1],
+                 '{"patients": [%s], "top_k": 0}' % patient.replace('"modalities": {', '"modalities": {"expr": {}, ', 1)):
+        r = client.post("/v1/predict", content=body.encode(), headers={**_auth(site["clinician"]),
+                                                                       "Content-Type": "application/json"})
+        assert r.status_code == 422 and _codes(r) == {"duplicate_key"}, (body[:80], r.text)
+    spaced = json.dumps({"patients": [_patient(site, 0)], "top_k": 0}, separators=(", ", " : "))  # no '":' at all
+    r = client.post("/v1/predict", content=spaced.encode(), headers={**_auth(site["clinician"]),
+                                                                   "Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+
+
 def test_a_clinical_export_with_more_columns_is_scored_its_extra_columns_reported(site, client):
     def wider(df):
         for k in range(5):
