@@ -337,7 +337,7 @@ def test_fit_normalizer_refuses_tables_it_cannot_fit_honestly_and_keeps_the_one_
     saved = tmp_path / "state" / "normalizer.json"
     before = saved.read_bytes()
 
-    def tables(name: str, edit) -> Path:
+    def tables(name: str, edit):
         d = tmp_path / name
         d.mkdir()
         for f in site["data"].glob("*.csv"):
@@ -1302,14 +1302,19 @@ def _copy_site(site, tmp_path) -> dict:
     return settings
 
 
-def test_a_tampered_active_package_falls_back_to_the_newest_verified_version(site, tmp_path):
+def _serving_a_tampered_v0002(site, tmp_path):
+    """A copy of the site whose active version v0002 was altered after install: the service falls back."""
     from fastapi.testclient import TestClient
 
     settings = _copy_site(site, tmp_path)
     ModelStore(tmp_path / "models").activate("v0002")
     with open(tmp_path / "models" / "v0002" / "weights.pt", "ab") as fh:
         fh.write(b"tampered")
-    c = TestClient(create_app(settings))
+    return TestClient(create_app(settings))
+
+
+def test_a_tampered_active_package_falls_back_to_the_newest_verified_version(site, tmp_path):
+    c = _serving_a_tampered_v0002(site, tmp_path)
     r = c.get("/health")  # unhealthy for monitoring, while the newest verified version answers predictions
     health = r.json()
     assert r.status_code == 503 and health["status"] == "unhealthy"
@@ -1330,13 +1335,7 @@ def test_a_tampered_active_package_falls_back_to_the_newest_verified_version(sit
 
 
 def test_rolling_back_to_the_fallback_version_clears_the_degraded_state(site, tmp_path):
-    from fastapi.testclient import TestClient
-
-    settings = _copy_site(site, tmp_path)
-    ModelStore(tmp_path / "models").activate("v0002")
-    with open(tmp_path / "models" / "v0002" / "weights.pt", "ab") as fh:
-        fh.write(b"tampered")
-    c = TestClient(create_app(settings))
+    c = _serving_a_tampered_v0002(site, tmp_path)
     assert c.get("/health").status_code == 503
     r = c.post("/v1/models/activate", json={"rollback": True}, headers=_auth(site["admin"]))
     assert r.status_code == 200 and r.json()["active"] == "v0001"
