@@ -210,7 +210,7 @@ def start_local_superlink(work: Path) -> LocalSuperLink:
     try:
         wait_healthy(f"127.0.0.1:{http_port}", None, link.process, 60, "the local SuperLink (flower-superlink)",
                      log_file)
-    except LaunchError:
+    except BaseException:  # LaunchError, or Ctrl-C / SIGTERM while it starts: never left running
         link.stop()
         raise
     return link

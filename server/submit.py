@@ -67,6 +67,10 @@ def project_defaults() -> dict:
         raise DeployError(f"{e}; `oncofed run` submits the OncoFed project directory") from None
 
 
+# run-config keys `oncofed run` sets from the consortium directory, --name and --resume
+RUN_SETS = frozenset({"base-dir", "output-dir", "signing-key", "resume", "deliver-only"})
+
+
 def run_values(c: Consortium, run_dir: Path, overrides: dict, resume: bool, n_sites: int) -> dict:
     values = {**project_defaults(), "base-dir": str(PROJECT), "output-dir": str(run_dir),
               "signing-key": str(c.path("signing", "signing.key")), "resume": resume}
@@ -120,13 +124,17 @@ def run_checks(c: Consortium, cfg: RunConfig, run_dir: Path, resume: bool, sites
         checks.append(Check("registered sites", False, f"cannot be listed ({sites_error})"))
     else:
         online = sum(s.get("status") == "online" for s in sites)
-        enough = len(sites) >= cfg.federation.min_sites
+        needed = max(cfg.federation.min_sites, cfg.federation.sites)
+        enough = len(sites) >= needed
         checks.append(Check("registered sites", enough, f"{len(sites)} registered, {online} online; min-sites "
-                            f"{cfg.federation.min_sites}" + ("" if enough else ": register more with `oncofed consortium "
-                                                  "add-site`, or lower --set min-sites")))
+                            f"{cfg.federation.min_sites}" + (f", sites {cfg.federation.sites}" if cfg.federation.sites
+                                                             else "")
+                            + ("" if enough else f": fewer than the {needed} the run needs; register more with "
+                               "`oncofed consortium add-site`, or lower --set min-sites / sites")))
         if enough and online < (cfg.federation.sites or cfg.federation.min_sites):
             checks.append(Check("sites online", True, f"only {online} online: the run waits up to round-timeout "
-                                f"({cfg.federation.round_timeout:g} s) for {cfg.federation.sites or cfg.federation.min_sites}", warning=True))
+                                f"({cfg.federation.round_timeout:g} s) for {cfg.federation.sites or cfg.federation.min_sites}"
+                                f", then starts if at least min-sites ({cfg.federation.min_sites}) came", warning=True))
     return checks
 
 
@@ -135,6 +143,10 @@ def submit_run(root: str | Path, name: str, overrides: dict, *, resume: bool = F
     from privacy.pki import ProvisioningError
     from privacy.registry import list_sites
 
+    if reserved := sorted(set(overrides) & RUN_SETS):
+        raise DeployError(f"--set {', '.join(reserved)}: `oncofed run` sets {'these' if len(reserved) > 1 else 'this'} "
+                          "itself (the run's files live in the consortium's runs/NAME; --resume continues a run; "
+                          "`oncofed deliver` sends a final model again)")
     c = Consortium.load(root)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise DeployError(f"--name {name!r}: use letters, digits, '.', '_' and '-'")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import timeit
 from collections.abc import Callable
-from logging import INFO
+from logging import INFO, WARNING
 
 from flwr.app import ConfigRecord
 from flwr.common.logger import log
@@ -140,10 +140,11 @@ class TimedSecAggPlusWorkflow(SecAggPlusWorkflow):
 class RoundsWorkflow(DefaultWorkflow):
     def __init__(self, fit_workflow=None, evaluate_workflow=None, *, first_round: int = 1,
                  on_round_end: Callable[[int, LegacyContext], None] | None = None, wait_for_sites: int = 0,
-                 wait_timeout: float = 3600.0, message_timeout: float = 600.0):
+                 wait_timeout: float = 3600.0, message_timeout: float = 600.0, enough_sites: int = 0):
         super().__init__(fit_workflow=fit_workflow, evaluate_workflow=evaluate_workflow)
         self.first_round, self.on_round_end = first_round, on_round_end
         self.wait_for_sites, self.wait_timeout = wait_for_sites, wait_timeout
+        self.enough_sites = enough_sites  # after the wait, start with this many (min-sites) rather than fail
         self.message_timeout = message_timeout
 
     def __call__(self, grid: Grid, context: LegacyContext) -> None:
@@ -154,8 +155,15 @@ class RoundsWorkflow(DefaultWorkflow):
             if self.wait_for_sites:
                 log(INFO, "waiting for %s sites to connect", self.wait_for_sites)
                 if not context.client_manager.wait_for(self.wait_for_sites, timeout=int(self.wait_timeout)):
-                    raise RuntimeError(f"fewer than {self.wait_for_sites} sites connected within "
-                                       f"{self.wait_timeout:.0f} s; check that every site's SuperNode is running")
+                    connected = context.client_manager.num_available()
+                    if not self.enough_sites or connected < self.enough_sites:
+                        raise RuntimeError(f"fewer than {self.wait_for_sites} sites connected within "
+                                           f"{self.wait_timeout:.0f} s ({connected} did; at least "
+                                           f"{max(self.enough_sites, 1)} needed); check that every site's SuperNode "
+                                           "is running")
+                    # every round still needs min-sites (and its SecAgg+ floor): a missing site only trains less
+                    log(WARNING, "only %s of the %s expected sites connected within %.0f s; starting with them",
+                        connected, self.wait_for_sites, self.wait_timeout)
             default_init_params_workflow(grid, context)
             cfg = ConfigRecord()
             cfg[Key.START_TIME] = timeit.default_timer()

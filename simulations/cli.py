@@ -114,9 +114,10 @@ def experiment(
     from shared_models.schema import SchemaError
     from shared_models.site_data import TableError
     from simulations.experiment import ExperimentConfig, ExperimentError, run_experiment
-    from simulations.federation import SimulationError
+    from simulations.federation import SimulationError, terminate_as_exit
     from simulations.partition import PartitionError
 
+    terminate_as_exit()  # SIGTERM too stops a cell's local SuperLink and its apps
     try:
         name = ExperimentConfig.load(config).experiment.name
         results = Path(out) if out else Path("runs") / "experiments" / name

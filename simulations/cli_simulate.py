@@ -19,35 +19,49 @@ def simulate(
     epsilon: float = typer.Option(8.0, help="each site's privacy budget"),
     dp: bool = typer.Option(True, "--dp/--no-dp", help="record-level DP-SGD at every site"),
     secagg: bool = typer.Option(True, "--secagg/--no-secagg", help="Flower SecAgg+"),
-    strategy: str = typer.Option("fedavg", help="fedavg | fedprox | fedadam"),
+    strategy: str = typer.Option("fedavg", help="fedavg | fedprox | fedadam | fedavgm"),
     local_epochs: int = typer.Option(2, min=1),
-    lr: float | None = typer.Option(None, help="peak local learning rate [default: the recipe of --dp/--no-dp, SGD with "
-                                    "momentum: 1 with DP, 0.2 without; with --set local-optimizer=adamw: 0.02 with DP, "
-                                    "0.002 without]"),
+    lr: float | None = typer.Option(None, help="peak local learning rate (default: the recipe of --dp/--no-dp, SGD with "
+                                    "momentum: 100 with DP at max-grad-norm 0.01, 0.2 without; with --set "
+                                    "local-optimizer=adamw: 0.02 with DP, 0.002 without)"),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1,
-                                          help="(expected, under DP) batch size [default: 256 with DP, 64 without]"),
+                                          help="(expected, under DP) batch size (default: 256 with DP, 64 without)"),
     eval_data: bool = typer.Option(False, "--eval-data/--no-eval-data",
                                    help="also score the global model on the held-out patients at the server after "
                                         "every round (as an operator's validation site would be)"),
     seed: int = typer.Option(0),
     fresh: bool = typer.Option(True, "--fresh/--keep", help="start from new site ledgers and models"),
     overrides: list[str] = typer.Option([], "--set", help="any run-config key, e.g. --set wide-rank=0 --set "
-                                        "fusion-blocks=1 (keys: [tool.flwr.app.config] in pyproject.toml)"),
+                                        "fusion-blocks=1 (keys: tool.flwr.app.config in pyproject.toml)"),
 ) -> None:
     """Federate the 8 center8 hospitals of the vendored TCGA pan-cancer cohort and report the global
     model on patients of tissue-source sites no hospital holds."""
+    import shutil
+
     from simulations.federation import ROOT, SimulationError, ensure_partition, evaluate_on_site, run_federation
-    from simulations.federation import f1_by_class_size, federation_config, summarize
-    from simulations.partition import FederationManifest
+    from simulations.federation import f1_by_class_size, federation_config, summarize, terminate_as_exit
+    from simulations.partition import FederationManifest, PartitionError
 
     extra = _parse_overrides(overrides)
+    if reserved := sorted(set(extra) & SIMULATE_SETS):
+        typer.echo(f"--set {', '.join(reserved)}: oncofed simulate sets {'these' if len(reserved) > 1 else 'this'} "
+                   f"itself (its working files live under --out; the eval data: --eval-data)", err=True)
+        raise typer.Exit(code=2)
+    terminate_as_exit()  # SIGTERM too stops the local SuperLink and its apps
     out = out.resolve()
-    if fresh:
-        import shutil
-
-        for sub in ("state", "server", "flower"):
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        # the server's output is this run's alone (its metrics and result are read back); --keep keeps the sites'
+        # ledgers and models
+        for sub in (("state", "server", "flower") if fresh else ("server", "flower")):
             shutil.rmtree(out / sub, ignore_errors=True)
-    sites = ensure_partition(out / "sites", seed=seed)
+        sites = ensure_partition(out / "sites", seed=seed, replace=fresh)
+    except (OSError, PartitionError) as e:
+        typer.echo(f"--out {out}: {e}", err=True)
+        raise typer.Exit(code=2)
+    except SimulationError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(code=2)
     manifest = json.loads((sites / "manifest.json").read_text())
     n_sites = len(manifest["sites"])
     (out / "flower").mkdir(parents=True, exist_ok=True)
@@ -62,10 +76,12 @@ def simulate(
     except RunConfigError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(code=2)
+    dp_text = f"on ({run.privacy.mode} mode), epsilon {run.privacy.epsilon:g}" if run.privacy.enabled else "off"
     typer.echo(f"{n_sites} hospitals ({', '.join(s['name'] for s in manifest['sites'])}), "
-               f"{manifest['holdout']['patients']:,} held-out patients; DP {'on, epsilon ' + str(epsilon) if dp else 'off'}"
-               f", SecAgg+ {'on' if secagg else 'off'}, {strategy}, {rounds} rounds of {local_epochs} local epochs, batch "
-               f"{run.training.batch_size}, {run.training.optimizer} lr {run.training.lr:g}")
+               f"{manifest['holdout']['patients']:,} held-out patients; DP {dp_text}, SecAgg+ "
+               f"{'on' if run.secagg.enabled else 'off'}, {run.federation.strategy}, {run.federation.num_rounds} rounds "
+               f"of {run.training.local_epochs} local epochs, batch {run.training.batch_size}, {run.training.optimizer} lr "
+               f"{run.training.lr:g}, seed {run.training.seed} (partition seed {seed})")
     t0 = time.time()
     try:
         result = run_federation(out / "flower", cfg, n_sites=n_sites)
@@ -120,6 +136,11 @@ def simulate(
     (out / "summary.json").write_text(json.dumps({"held_out": held, "seconds": round(time.time() - t0, 1),
                                                   "site_epsilon": eps, "config": cfg}, indent=1))
     typer.echo(f"total {time.time() - t0:.0f} s; details in {out}")
+
+
+# run-config keys `oncofed simulate` sets from --out and its options (the others have their own option or may be set)
+SIMULATE_SETS = frozenset({"base-dir", "data-root", "site-state-root", "output-dir", "sites", "eval-data",
+                           "signing-key", "signing-public-key", "resume", "deliver-only"})
 
 
 def _parse_overrides(items: list[str]) -> dict:

@@ -62,7 +62,7 @@ class ExperimentSection(_Strict):
 
 class GridSection(_Strict):
     data: list[str] = Field(..., min_length=1)
-    strategy: list[Literal["fedavg", "fedprox", "fedadam"]] = ["fedavg"]
+    strategy: list[Literal["fedavg", "fedprox", "fedadam", "fedavgm"]] = ["fedavg"]
     privacy: list[str | float] = ["off"]
     sites: list[int] | dict[str, list[int]] = [8]
     partition: list[str] | dict[str, list[str]] = ["iid"]
@@ -139,12 +139,18 @@ class ExperimentConfig(_Strict):
         for name in self.grid.data:
             if name != "synthetic":
                 data_dir(name)  # raises naming the data set
-        for privacy in self.grid.privacy:  # as the cells will run it: dp and epsilon come from the grid
-            cell = {"dp": False} if privacy == "off" else {"dp": True, "epsilon": float(privacy)}
-            try:
-                load_run_config({**self.run_config(), **cell}, source=f"{path} [run] with privacy = {privacy!r}")
-            except ValueError as e:
-                raise ExperimentError(str(e)) from e
+        counts = self.grid.sites if isinstance(self.grid.sites, list) else \
+            sorted({n for ns in self.grid.sites.values() for n in ns})
+        for privacy in self.grid.privacy:  # as the cells will run it: dp, epsilon, strategy and sites from the grid
+            for strategy in self.grid.strategy:
+                for n in counts:
+                    cell = {"dp": False} if privacy == "off" else {"dp": True, "epsilon": float(privacy)}
+                    cell.update(strategy=strategy, sites=n)
+                    try:
+                        load_run_config({**self.run_config(), **cell}, source=f"{path} [run] with privacy = "
+                                        f"{privacy!r}, strategy = {strategy!r}, sites = {n}")
+                    except ValueError as e:
+                        raise ExperimentError(str(e)) from e
         reserved = {"data-root", "site-state-root", "output-dir", "num-rounds", "sites", "dp", "epsilon", "strategy",
                     "seed", "schema", "eval-data"} & set(self.run)
         if reserved:

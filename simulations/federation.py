@@ -29,16 +29,50 @@ class SimulationError(RuntimeError):
     """A simulated run that could not complete; the message says where its logs are."""
 
 
-def ensure_partition(data_root: Path, *, by: str = "center8", seed: int = 0) -> Path:
-    """The vendored pan-cancer cohort cut into its center8 hospitals, with held-out tss patients."""
-    if (data_root / "manifest.json").exists():
-        return data_root
+def ensure_partition(data_root: Path, *, by: str = "center8", seed: int = 0, replace: bool = False) -> Path:
+    """The vendored pan-cancer cohort cut into its center8 hospitals, with held-out tss patients.
+
+    An existing partition is reused if it was drawn with this `by` and `seed`; another one is replaced when
+    `replace`, else refused (SimulationError). The partition is written beside `data_root` and renamed into
+    place when complete, so an interrupted one never stands in for a partition."""
+
+    manifest = data_root / "manifest.json"
+    if manifest.exists():
+        try:
+            drawn = json.loads(manifest.read_text())
+            same = drawn.get("seed") == seed and drawn.get("method", {}).get("by") == by
+        except (OSError, ValueError):
+            drawn, same = {}, False
+        if same:
+            return data_root
+        if not replace:
+            raise SimulationError(f"{data_root} holds a partition drawn with seed {drawn.get('seed')!r}, not {seed}: "
+                                  "use another --out, or let --fresh replace it")
+    elif data_root.exists() and any(data_root.iterdir()):
+        raise SimulationError(f"{data_root} exists but holds no complete partition (no manifest.json): delete it, "
+                              "or use another --out")
     from shared_models.schema import FeatureSchema
     from simulations.partition import partition_cohort
 
-    partition_cohort(VENDORED, FeatureSchema.load(PANCAN_SCHEMA), data_root, by=by, seed=seed, holdout_column="tss",
+    partial = data_root.with_name(data_root.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # this function's own, from an interrupted run
+    partition_cohort(VENDORED, FeatureSchema.load(PANCAN_SCHEMA), partial, by=by, seed=seed, holdout_column="tss",
                      holdout_frac=0.2)
+    shutil.rmtree(data_root, ignore_errors=True)
+    partial.rename(data_root)
     return data_root
+
+
+def terminate_as_exit():
+    """SIGTERM and SIGHUP (`timeout`, systemd, a closed terminal) raise SystemExit in the main thread, so that
+    `finally` blocks stop the local SuperLink and its apps as Ctrl-C does (Python's default ends the process
+    without them)."""
+    import signal
+
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
 
 
 def federation_config(out: Path, sites: Path, n_sites: int, *, rounds: int, dp: bool, epsilon: float, secagg: bool,

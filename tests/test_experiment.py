@@ -56,12 +56,17 @@ def write(tmp_path: Path, text: str) -> Path:
     (("cv-folds = 2", "cv-folds = 2\n[run]\nlr = -1"), "lr"),
     (("classes = 3", "classes = 1"), "classes must be at least 2"),
     (("cv-folds = 2", 'cv-folds = 2\n[run]\nlocal-softmax = "site"'), "with privacy = 8"),  # refused with DP
+    # each cell's strategy and sites count too: fedprox with mu 0 is FedAvg, trusted-sites above the cell's sites
+    (('strategy = ["fedavg"]', 'strategy = ["fedavg", "fedprox"]\n'), "strategy = 'fedprox'"),
 ])
 def test_bad_config_names_the_key(tmp_path, edit, expected):
     old, new = edit
     assert old in TINY
+    text = TINY.replace(old, new)
+    if "fedprox" in new:
+        text = text.replace("cv-folds = 2", "cv-folds = 2\n[run]\nproximal-mu = 0")
     with pytest.raises(ExperimentError) as e:
-        ExperimentConfig.load(write(tmp_path, TINY.replace(old, new)))
+        ExperimentConfig.load(write(tmp_path, text))
     assert str(tmp_path / "exp.toml") in str(e.value) and expected in str(e.value), str(e.value)
 
 
@@ -69,6 +74,12 @@ def test_run_keys_are_checked_as_each_privacy_level_runs_them(tmp_path):
     # a softmax over each site's own types is refused with DP only: fine in a grid without DP
     text = TINY.replace("privacy = [8]", 'privacy = ["off"]').replace("cv-folds = 2", 'cv-folds = 2\n[run]\nlocal-softmax = "site"')
     assert ExperimentConfig.load(write(tmp_path, text)).run == {"local-softmax": "site"}
+
+
+def test_a_distributed_dp_grid_is_checked_with_the_cells_server_optimizer(tmp_path):
+    text = TINY.replace('strategy = ["fedavg"]', 'strategy = ["fedadam"]').replace(
+        "cv-folds = 2", 'cv-folds = 2\n[run]\ndp-mode = "distributed"\ntrusted-sites = 2')
+    assert ExperimentConfig.load(write(tmp_path, text)).grid.strategy == ["fedadam"]
 
 
 def test_grid_enumerates_every_combination_once(tmp_path):

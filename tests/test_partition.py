@@ -234,3 +234,29 @@ def test_pancan33_by_center8_with_held_out_tss_sites(tmp_path):
     assert "NA" in set(read_labels(REPO / "simulations" / "data" / "tcga_pancan33")["tss"])
     for s in manifest.sites:
         assert held_tss.isdisjoint(read_labels(out / s.dir)["tss"])
+
+
+def test_simulate_reuses_a_partition_only_if_drawn_with_its_seed(tmp_path):
+    """`oncofed simulate --seed N` into an --out holding another seed's partition: replaced with --fresh (the
+    default), refused with --keep; a directory without a complete partition (an interrupted one) is refused."""
+    import json
+
+    from simulations.federation import SimulationError, ensure_partition
+
+    sites = tmp_path / "sites"
+    sites.mkdir()
+    (sites / "manifest.json").write_text(json.dumps({"seed": 0, "method": {"by": "center8"}}))
+    assert ensure_partition(sites, seed=0) == sites  # the same draw: reused as it is
+    with pytest.raises(SimulationError, match="drawn with seed 0, not 1: use another --out, or let --fresh"):
+        ensure_partition(sites, seed=1)
+    (sites / "manifest.json").unlink()
+    (sites / "C0").mkdir()
+    with pytest.raises(SimulationError, match="holds no complete partition"):
+        ensure_partition(sites, seed=0)
+
+
+def test_simulate_refuses_set_keys_it_sets_itself(tmp_path):
+    r = CliRunner().invoke(app, ["simulate", "--out", str(tmp_path / "o"), "--set", "output-dir=/tmp/x",
+                                 "--set", "sites=100"])
+    assert r.exit_code == 2 and "--set output-dir, sites: oncofed simulate sets these itself" in r.output
+    assert not (tmp_path / "o").exists()

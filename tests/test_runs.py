@@ -125,3 +125,13 @@ def test_preflight_names_the_server_process_that_is_down(tmp_path):
         assert not check.ok and "superexec is down" in check.detail
     finally:
         server.shutdown()
+
+
+def test_oncofed_run_refuses_set_keys_it_sets_itself(tmp_path):
+    # an --set output-dir trained, completed and then reported failure (the result was outside runs/NAME)
+    from server.deploy import DeployError
+    from server.submit import submit_run
+
+    for key in ("output-dir", "base-dir", "resume", "deliver-only"):
+        with pytest.raises(DeployError, match=f"--set {key}: `oncofed run` sets this itself"):
+            submit_run(tmp_path / "consortium", "r1", {key: "x"})
