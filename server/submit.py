@@ -68,7 +68,7 @@ def project_defaults() -> dict:
 
 
 # run-config keys `oncofed run` sets from the consortium directory, --name and --resume
-RUN_SETS = frozenset({"base-dir", "output-dir", "signing-key", "resume", "deliver-only"})
+RUN_SETS = frozenset({"base-dir", "output-dir", "resume", "deliver-only"})
 
 
 def run_values(c: Consortium, run_dir: Path, overrides: dict, resume: bool, n_sites: int) -> dict:
