@@ -162,6 +162,10 @@ def run(
     except (DeployError, PreflightError, RunConfigError) as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(code=2)
+    except KeyboardInterrupt:  # the run lives on the SuperLink: only following it stopped
+        typer.echo(f"\nstopped following run {name!r}; it goes on training on the server: `oncofed runs follow "
+                   f"{directory} {name}` to watch it again, `oncofed runs stop {directory} {name}` to stop it", err=True)
+        raise typer.Exit(code=130)
     raise typer.Exit(code=code)
 
 

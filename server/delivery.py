@@ -232,6 +232,10 @@ def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
 
     c = Consortium.load(root)
     run_dir = c.path("runs", name)
+    if not run_dir.is_dir():
+        known = sorted(d.name for d in c.path("runs").glob("*") if d.is_dir()) if c.path("runs").is_dir() else []
+        raise DeployError(f"no run {name!r} in {c.path('runs')} (runs: {', '.join(known) or 'none'}); "
+                          "`oncofed runs list` names them")
     try:
         checkpoint = load_latest(run_dir / "checkpoints")
     except CheckpointError as e:

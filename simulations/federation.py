@@ -127,8 +127,8 @@ def run_federation(work: Path, run_config: dict, n_sites: int, stream=sys.stdout
         link.stop()
     result_file = Path(run_config["output-dir"]) / "result.json"
     if code != 0 or not result_file.exists():
-        raise SimulationError(f"the federated run did not complete (flwr exit {code}); "
-                              f"see {log_path} and {link.log_file}")
+        why = f"flwr exit {code}" if code else "the server app ended without a result"
+        raise SimulationError(f"the federated run did not complete ({why}); see {log_path} and {link.log_file}")
     return json.loads(result_file.read_text())
 
 
