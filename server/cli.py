@@ -35,7 +35,7 @@ def consortium_init(
     internal_port: int = typer.Option(9092, "--internal-port",
                                       help="the SuperLink's own port, on 127.0.0.1 only (never exposed)"),
     schema: Path = typer.Option(None, "--schema", help="the consortium's feature schema, sent to every site in "
-                                "public/ (default: the project's, `schema` in [tool.flwr.app.config])"),
+                                "public/ (default: the project's, `schema` in tool.flwr.app.config)"),
 ) -> None:
     """Create the CA, the server's TLS key and certificate, the model-signing key pair and the proxy config."""
     from privacy.pki import ProvisioningError, init_consortium, parse_address
@@ -138,7 +138,7 @@ def run(
     directory: Path = typer.Argument(..., help="the consortium directory"),
     name: str = typer.Option("run", "--name", help="the run's directory under CONSORTIUM/runs/"),
     overrides: list[str] = typer.Option([], "--set", help="a run-config KEY=VALUE (repeatable), e.g. --set "
-                                        "num-rounds=10 (keys: [tool.flwr.app.config] in pyproject.toml)"),
+                                        "num-rounds=10 (keys: tool.flwr.app.config in pyproject.toml)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run NAME from its latest checkpoint"),
     timeout: float = typer.Option(0.0, "--timeout", help="give up after this many seconds (0: never)"),
 ) -> None:

@@ -104,7 +104,7 @@ def synthetic(
 
 def experiment(
     config: str = typer.Argument(..., help="experiment config (TOML), e.g. simulations/experiments/real-study.toml"),
-    out: str | None = typer.Option(None, "--out", help="results directory [default: runs/experiments/<name>]"),
+    out: str | None = typer.Option(None, "--out", help="results directory (default: runs/experiments/<name>)"),
     only: str | None = typer.Option(None, "--only", help="run only the cells whose id matches this regular expression"),
 ) -> None:
     """Run a grid of simulated federations and baselines (resumable: finished cells are skipped) and write
