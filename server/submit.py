@@ -117,9 +117,12 @@ def run_checks(c: Consortium, cfg: RunConfig, run_dir: Path, resume: bool, sites
                             if started else f"never started ({run_dir / RUN_FILE} is missing): nothing to resume; "
                             "drop --resume"))
     else:
+        finished = (run_dir / "result.json").exists()
         checks.append(Check(f"run {run_dir.name}", not started, "new" if not started else
-                            f"{run_dir} already holds a run: pass --resume to continue it or choose another "
-                            "--name"))
+                            f"{run_dir} holds a run that finished: choose another --name (`oncofed deliver` sends "
+                            "its model again)" if finished else
+                            f"{run_dir} already holds a run: if it stopped, pass --resume to continue it (`oncofed "
+                            "runs list` says whether it still runs); else choose another --name"))
     if sites is None:
         checks.append(Check("registered sites", False, f"cannot be listed ({sites_error})"))
     else:
