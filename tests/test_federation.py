@@ -162,6 +162,18 @@ def test_an_unusable_eval_data_directory_stops_the_server_naming_the_setting(tmp
         server_evaluation(cfg, schema)
 
 
+def test_a_run_expecting_more_sites_than_come_starts_with_min_sites_after_the_wait(federation):
+    """`sites` 4 but 3 hospitals: after round-timeout the run starts with the 3 (min-sites 2 met) instead of failing
+    because one hospital is down; with min-sites 4 it fails naming how many came."""
+    result, work = _run(federation, "fewer", sites=4, **{"round-timeout": 20.0, "num-rounds": 1})
+    assert [len(m["sites"]) for m in _metrics(work)] == [3]
+    assert all(d.get("installed") for d in result["deliveries"])
+    with pytest.raises(SimulationError):
+        _run(federation, "too-few", sites=4, **{"min-sites": 4, "round-timeout": 20.0, "num-rounds": 1})
+    log = (federation / "too-few" / "flwr-run.log").read_text()
+    assert "fewer than 4 sites connected within 20 s (3 did; at least 4 needed)" in log
+
+
 def test_a_site_with_invalid_data_is_refused_and_the_round_goes_on(federation):
     broken = federation / "broken"
     shutil.copytree(federation / "sites", broken)
