@@ -130,7 +130,8 @@ class FederationSection(_Section):
         "steps a server optimizer: 'fedavgm' or 'fedadam'")
     proximal_mu: float = Field(0.01, alias="proximal-mu", ge=0)
     server_lr: float = Field(0.03, alias="server-lr", gt=0, description="server learning rate of 'fedadam' and "
-                             "'fedavgm' (0.03: best of 0.003-0.1 on the main job with DP, docs/results.md)")
+                             "'fedavgm' (0.03: FedAdam's best of 0.003-0.1 on the main job with the AdamW DP recipe of 2026-12-02, in the "
+                             "git history of docs/results.md; dp-mode 'distributed' ran at 0.003, docs/privacy.md)")
     min_sites: int = Field(2, alias="min-sites", ge=1, description="sites needed to start and finish a round")
     evaluate_every: int = Field(1, alias="evaluate-every", ge=1,
                                 description="sites score the global model every N rounds and after the last")
