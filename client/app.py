@@ -110,10 +110,19 @@ def site_settings(context: Context, cfg: RunConfig) -> SiteSettings:
 
 
 def accounting_delta(settings: SiteSettings, cfg: RunConfig) -> float:
-    """The delta the site's ledger is opened with: the site's own (node config privacy-delta), or the run's if
-    smaller (a run asking for a stronger guarantee is accounted at it). The ledger itself keeps the smallest
-    delta it was ever opened with, so no later run re-prices the spend downwards."""
-    return cfg.privacy.delta if settings.delta is None else min(settings.delta, cfg.privacy.delta)
+    """The delta the site's ledger is opened with: the site's own (node config privacy-delta), or without one
+    the run's. The ledger keeps the smallest delta it was ever opened with, so no later run re-prices the spend
+    downwards. A run asking for a smaller delta than the site's is refused (`delta_refusal`): recorded, it would
+    re-price the site's spend upwards for good."""
+    return cfg.privacy.delta if settings.delta is None else settings.delta
+
+
+def delta_refusal(settings: SiteSettings, cfg: RunConfig) -> str:
+    """Why this site refuses the run's DP delta ("" when it does not)."""
+    if cfg.privacy.enabled and settings.delta is not None and cfg.privacy.delta < settings.delta:
+        return (f"the run's delta {cfg.privacy.delta:g} is below this site's privacy-delta {settings.delta:g} (its node "
+                "config), at which it accounts every epsilon: the operator must set delta >= it")
+    return ""
 
 
 _PREPARED: dict[tuple, "PreparedSite"] = {}  # one per site and schema, reused across rounds in this process
@@ -266,6 +275,8 @@ def train(msg: Message, context: Context) -> Message:
     context.state.config_records["oncofed"] = ConfigRecord({RUN_KEY: run_key})
     audit = site_audit(settings)
     keep_server_anchor(settings, context, cfg, fitins.config.get(AUDIT_ANCHOR))
+    if reason := delta_refusal(settings, cfg):
+        raise _refusal(fitins, msg, settings.name, reason, audit)
     try:
         site = prepared(settings, cfg)
     except SiteDataError as e:

@@ -208,8 +208,10 @@ def distributed_plan(site: PreparedSite, run_id: str, cfg: RunConfig, dim: int,
         p = distributed.SkellamPlan.from_dict(saved.mechanism)
         check(p)
         return p
+    # the plan at the run's delta, as the server and every other site compute it; the ledger accounts it at its own
+    # (never larger) delta, and refuses the rounds that would pass the budget there
     p = distributed.run_plan(cfg.privacy.max_grad_norm, dim, cfg.privacy.trusted_sites, cfg.privacy.sample_rate, cfg.privacy.epsilon,
-                             site.ledger.delta, cfg.federation.num_rounds)
+                             cfg.privacy.delta, cfg.federation.num_rounds)
     check(p)
     spent = site.ledger.spent(site.dataset_fingerprint)
     cap = min(site.ledger.budget_epsilon, spent + cfg.privacy.epsilon)

@@ -155,6 +155,10 @@ class PrivacyLedger:
             return {"format": LEDGER_FORMAT, "delta": self.delta, "datasets": {}, "entries": []}
         state = read_ledger(self.path)
         pinned = state.get("delta")
+        if pinned is None:  # a ledger from before the delta was pinned: the smallest delta its runs were planned at
+            planned = [r.get("terms", {}).get("delta") for r in state.get("runs", {}).values()]
+            planned = [d for d in planned if isinstance(d, (int, float)) and 0 < d < 1]
+            pinned = min(planned) if planned else None
         if isinstance(pinned, (int, float)) and 0 < pinned < self.delta:
             self.delta = float(pinned)  # every epsilon at the smallest delta the site was ever opened with
         return state

@@ -283,3 +283,18 @@ def test_a_round_trained_twice_at_once_releases_one_update(tmp_path):
     with pytest.raises(AlreadyReleased, match="trained by another attempt at the same time"):
         ledger.commit_round(second, 10)
     assert ledger.spent(ds) == pytest.approx(closed_form([(1.1, 0.1, 10)]), rel=0.01)
+
+
+def test_a_ledger_from_before_the_pinned_delta_takes_the_smallest_delta_its_runs_were_planned_at(tmp_path):
+    import json
+
+    ledger = _ledger(tmp_path)
+    ds = ledger.register_dataset(IDS, "h")
+    ledger.start_run(ds, "run-1", RunPlan(epsilon=8.0, epsilon_cap=8.0, num_rounds=3, steps_per_round=10,
+                                          noise_multiplier=1.1, sample_rate=0.1, terms={"delta": DELTA}))
+    spent = _run_rounds(ledger, ds, "run-1", 1.1, 0.1, 10, rounds=3)
+    state = json.loads((tmp_path / "ledger.json").read_text())
+    del state["delta"]  # as written before the delta was pinned
+    (tmp_path / "ledger.json").write_text(json.dumps(state))
+    looser = PrivacyLedger(tmp_path / "ledger.json", budget_epsilon=8.0, delta=0.1)
+    assert looser.delta == DELTA and looser.spent(ds) == pytest.approx(spent)

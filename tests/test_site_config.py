@@ -124,15 +124,17 @@ def test_the_sites_delta_bounds_every_runs_accounting(tmp_path):
     """privacy-delta in site.json: the ledger accounts at it, or at a run's delta if that is smaller."""
     from flwr.app import Context, RecordDict
 
-    from client.app import accounting_delta, site_settings
+    from client.app import accounting_delta, delta_refusal, site_settings
     from privacy.run_config import load_run_config
 
-    def delta(node: dict, run_delta: float) -> float:
+    def delta(node: dict, run_delta: float) -> tuple[float, str]:
         cfg = load_run_config({"schema": "s.json", "delta": run_delta})
         ctx = Context(run_id=1, node_id=1, node_config={"data-path": str(tmp_path / "site"), **node},
                       state=RecordDict(), run_config={})
-        return accounting_delta(site_settings(ctx, cfg), cfg)
+        settings = site_settings(ctx, cfg)
+        return accounting_delta(settings, cfg), delta_refusal(settings, cfg)
 
-    assert delta({}, 1e-3) == 1e-3  # no site delta: the run's (the ledger then keeps the smallest ever)
-    assert delta({"privacy-delta": 1e-6}, 1e-3) == 1e-6
-    assert delta({"privacy-delta": 1e-6}, 1e-8) == 1e-8
+    assert delta({}, 1e-3) == (1e-3, "")  # no site delta: the run's (the ledger then keeps the smallest ever)
+    assert delta({"privacy-delta": 1e-6}, 1e-3) == (1e-6, "")  # a looser run: accounted at the site's
+    # a stricter run would re-price the site's spend for good: refused, naming both
+    assert "the run's delta 1e-08 is below this site's privacy-delta 1e-06" in delta({"privacy-delta": 1e-6}, 1e-8)[1]
