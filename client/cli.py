@@ -359,8 +359,9 @@ def predict(
     if not data.is_dir():
         typer.echo(f"--data {data}: not a directory (the tables, one per modality, named after it)", err=True)
         raise typer.Exit(code=2)
-    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
-        typer.echo(f"--out {out}: {out.parent} is not a directory this user may write to; choose another path",
+    if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        typer.echo(f"--out {out}: " + ("a directory; name the file to write" if out.is_dir() else
+                                        f"{out.parent} is not a directory this user may write to; choose another path"),
                    err=True)
         raise typer.Exit(code=2)
     state = Path(settings.state_dir)

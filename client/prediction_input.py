@@ -220,14 +220,18 @@ def parse_json(body: bytes, limits: ServeSettings):
         if may_nest and not scanned:
             _check_depth(object_depth(value), limits)
         # a key given twice in one object: the parser keeps the last value, which would be a guess. Every member
-        # of compact or "key": value JSON holds one '":'; only when their count differs from the keys parsed
-        # (a duplicate, or '":' inside a string, or space before a colon) is the body parsed again to say which
-        if body.count(b'":') != object_keys(value):
+        # is a '"' then optional whitespace then ':', so their count (plus any inside strings) is at least the
+        # members'; equal to the keys parsed, no key repeats. Otherwise the body is parsed again to say which
+        spaced = any(q in body for q in (b'" ', b'"\n', b'"\t', b'"\r')) and len(_SPACED_COLON.findall(body))
+        if body.count(b'":') + spaced != object_keys(value):
             _refuse_duplicate_keys(body)
         return value
     if may_nest and not scanned:
         _check_depth(json_depth(body), limits)
     return _refuse_duplicate_keys(body)
+
+
+_SPACED_COLON = re.compile(rb'"[ \t\r\n]+:')
 
 
 def object_keys(value) -> int:
@@ -600,10 +604,18 @@ def tables_apart(frames: dict) -> dict | None:
     ids = [(pd.Index(df.index.astype(str)), file) for df, file in frames.values()]
     if any(len(a.intersection(b)) for i, (a, _) in enumerate(ids) for b, _ in ids[i + 1:]):
         return None
-    hint = next((f"{fa}: {h}" for a, fa in ids for b, fb in ids
-                 if a is not b and (h := id_mismatch_hint(a, b, reference=fb))), None)
+    hint, refuse = None, False
+    for a, fa in ids:
+        for b, fb in ids:
+            if a is not b and hint is None and (h := id_mismatch_hint(a, b, reference=fb)):
+                hint = f"{fa}: {h}"
+                # refused only when written alike most of them meet: P10, P11 against P1, P2 are other patients
+                n = int(b.str.len().value_counts().idxmax())
+                written = a.str[:n] if "longer" in h else a.str.upper()
+                alike = written.isin(b if "longer" in h else b.str.upper())
+                refuse = float(alike.mean()) >= 0.8 and written.is_unique
     files = ", ".join(file for _, file in ids)
-    return {"loc": files, "code": "no_common_patients", **({} if hint else {"severity": "warning"}),
+    return {"loc": files, "code": "no_common_patients", **({} if refuse else {"severity": "warning"}),
             "msg": f"no patient id appears in more than one table ({files}): each row is scored as a patient "
                    "with that table's data alone",
             "fix": hint or "if these are the same patients, write their ids the same way in every table"}
@@ -640,9 +652,12 @@ def check_patients(lm, ids: list[str], raw: np.ndarray, limits: ServeSettings) -
     n_far = far.sum(axis=1)
     # another unit or scale (raw counts for log values, x1000): most of a modality's values far from the site's
     # patients, which no patient of the site's own (or of the held-out hospitals) comes near (docs/results.md)
+    units = []  # (modality, values seen, values beyond units-sd) per patient, for the modalities wide enough
     with np.errstate(invalid="ignore"):
-        beyond = np.concatenate([np.zeros((len(z), 1), np.int64), np.cumsum(z > limits.units_sd, axis=1)], axis=1)
-    seen = np.concatenate([np.zeros((len(z), 1), np.int64), np.cumsum(~np.isnan(z), axis=1)], axis=1)
+        for m, a, b in norm.scaled_groups:
+            if b - a >= UNITS_MIN_VALUES:
+                block = z[:, a:b]
+                units.append((m, (block == block).sum(axis=1), (block > limits.units_sd).sum(axis=1)))
     names = [m.name for m in schema.modalities]
     notes, errors = [], []
     for i, pid in enumerate(ids):
@@ -665,8 +680,8 @@ def check_patients(lm, ids: list[str], raw: np.ndarray, limits: ServeSettings) -
         elif total[i] < limits.warn_coverage:
             note["warnings"].append({"code": "low_coverage", "msg": f"only {total[i]:.0%} of the model's inputs "
                                      f"present ({summary()}): the prediction rests on less data than usual"})
-        for m, a, b in norm.scaled_groups:
-            n_seen, n_beyond = int(seen[i, b] - seen[i, a]), int(beyond[i, b] - beyond[i, a])
+        for m, seen, beyond in units:
+            n_seen, n_beyond = int(seen[i]), int(beyond[i])
             if n_seen >= UNITS_MIN_VALUES and 2 * n_beyond > n_seen:
                 errors.append({"loc": f"patient {pid}", "code": "units", "patients": [pid], "modality": m,
                                "msg": f"{n_beyond} of the {n_seen} {m!r} values are more than {limits.units_sd:g} SD "

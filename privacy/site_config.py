@@ -33,7 +33,7 @@ class SiteConfigError(ValueError):
 class ServeSettings(BaseModel):
     """The `serve` object of site.json (every key optional): limits and what the service refuses."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     min_coverage: float = Field(0.02, ge=0, le=1, alias="min-coverage",
                                 description="refuse a patient with a smaller share of the schema's features")
@@ -71,7 +71,7 @@ class ServeSettings(BaseModel):
 
 
 class SiteConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     file_format: Literal["oncofed-site/1"] = Field(FILE_FORMAT, alias="format", description="the file's format")
     site_name: str = Field("", alias="site-name", description="the site's name in the consortium (its ledger, "

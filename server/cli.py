@@ -163,8 +163,9 @@ def run(
         typer.echo(str(e), err=True)
         raise typer.Exit(code=2)
     except KeyboardInterrupt:  # the run lives on the SuperLink: only following it stopped
-        typer.echo(f"\nstopped following run {name!r}; it goes on training on the server: `oncofed runs follow "
-                   f"{directory} {name}` to watch it again, `oncofed runs stop {directory} {name}` to stop it", err=True)
+        typer.echo(f"\nstopped following run {name!r}; if it was submitted it goes on training on the server "
+                   f"(`oncofed runs list {directory}`): `oncofed runs follow {directory} {name}` to watch it again, "
+                   f"`oncofed runs stop {directory} {name}` to stop it", err=True)
         raise typer.Exit(code=130)
     raise typer.Exit(code=code)
 

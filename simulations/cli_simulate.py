@@ -51,11 +51,11 @@ def simulate(
     out = out.resolve()
     try:
         out.mkdir(parents=True, exist_ok=True)
+        sites = ensure_partition(out / "sites", seed=seed, replace=fresh)  # may refuse: before anything is deleted
         # the server's output is this run's alone (its metrics and result are read back); --keep keeps the sites'
         # ledgers and models
         for sub in (("state", "server", "flower") if fresh else ("server", "flower")):
             shutil.rmtree(out / sub, ignore_errors=True)
-        sites = ensure_partition(out / "sites", seed=seed, replace=fresh)
     except (OSError, PartitionError) as e:
         typer.echo(f"--out {out}: {e}", err=True)
         raise typer.Exit(code=2)

@@ -460,6 +460,7 @@ def test_an_id_that_is_not_text_or_a_whole_number_is_refused_as_such(site, clien
 def test_a_key_given_twice_in_a_json_object_is_refused(site, client):
     patient = json.dumps(_patient(site, 0))
     for body in ('{"patients": [%s], "top_k": 0, "top_k": 3}' % patient,
+                 '{"patients": [%s], "top_k" : 0, "top_k": 3}' % patient,  # a space before one colon
                  '{"patients": [{"id": "A", "id": "B", %s], "top_k": 0}' % patient[1:].split(",", 1)[1],
                  '{"patients": [%s], "top_k": 0}' % patient.replace('"modalities": {', '"modalities": {"expr": {}, ', 1)):
         r = client.post("/v1/predict", content=body.encode(), headers={**_auth(site["clinician"]),
@@ -490,6 +491,13 @@ def test_tables_that_share_no_patient_are_refused_or_flagged(site, client):
     assert "longer than the patient ids in prot.csv" in r.json()["detail"][0]["fix"]
     r = _upload(client, site, {"expr.csv": _csv(site, "expr", range(3)), "prot.csv": _csv(site, "prot", range(3, 6))})
     assert r.status_code == 200 and "no_common_patients" in {w["code"] for w in r.json()["warnings"]}
+    from client.prediction_input import tables_apart
+
+    def frame(ids):
+        return pd.DataFrame({"x": range(len(ids))}, index=pd.Index(ids))
+    # P10, P11 cut to two characters are both P1: other patients, not the same ones written longer
+    assert tables_apart({"expr": (frame(["P10", "P11"]), "expr.csv"),
+                         "prot": (frame(["P1", "P2"]), "prot.csv")})["severity"] == "warning"
 
 
 @pytest.mark.parametrize("top_k", [0, 3])
