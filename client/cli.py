@@ -320,11 +320,10 @@ def serve_activate(
                    f"{', '.join(versions) or 'none'}", err=True)
         raise typer.Exit(code=2)
     try:
-        predictor._load(version)  # verify before switching, as the service's route does
+        predictor.activate(version)  # verified before switching, as the service's route does
     except (ModelStoreError, ValueError, OSError) as e:
         typer.echo(f"{version} does not verify, nothing changed: {e}", err=True)
         raise typer.Exit(code=2)
-    predictor.store.activate(version)
     AuditLog(state / "audit.jsonl").append("model_activated", version=version, previous=previous,
                                            token=f"cli:{getpass.getuser()}")
     typer.echo(f"{version} is active (was {previous or 'none'})")

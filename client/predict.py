@@ -156,6 +156,12 @@ class Predictor:
         lm.forward()  # traced here, before the version is served, not on a request
         return lm
 
+    def activate(self, version: str) -> None:
+        """Make an installed version the active one, after loading it as it would be served: a package that does
+        not verify (or load) raises and never becomes active."""
+        self._load(version)
+        self.store.activate(version)
+
     def refresh(self) -> bool:
         """Load the store's active version if it changed; True if the model changed.
 

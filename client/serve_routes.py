@@ -213,10 +213,9 @@ def model_routes(app, site: "Site", role) -> None:
         else:
             raise HTTPException(404, f"version {body.version!r} not installed; installed: {', '.join(versions)}")
         try:
-            predictor._load(target)  # verify before switching: a bad package never becomes active
+            predictor.activate(target)  # verified before switching: a bad package never becomes active
         except Exception as e:  # noqa: BLE001
             raise HTTPException(409, f"{target} does not verify: {e}") from None
-        store.activate(target)
         predictor.refresh()
         site.audit.append("model_activated", version=target, previous=active, token=who["name"])
         return {"active": target, "previous": active}

@@ -90,3 +90,12 @@ def dropout_seeds(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(layers.Dropout, "forward", recording)
     return seen
+
+
+def fsynced_paths(monkeypatch) -> list[str]:
+    """The paths os.fsync is called on, in order (a file's or a directory's)."""
+    import os
+
+    synced, real = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd))[1])
+    return synced

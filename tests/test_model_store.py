@@ -11,7 +11,7 @@ from client.model_store import ModelStore, ModelStoreError
 from shared_models.model import MultiModalTransformer
 from shared_models.run_config import ModelConfig
 from shared_models.weights import arrays_sha256, load_weights
-from tests.factories import tiny_schema
+from tests.factories import fsynced_paths, tiny_schema
 
 CFG = ModelConfig(dropout=0.0)
 
@@ -82,10 +82,7 @@ def test_a_schema_altered_after_delivery_is_detected_even_with_the_weights_resav
 
 
 def test_an_installed_version_is_on_disk_before_it_is_named_active(tmp_path, monkeypatch):
-    import os
-
-    synced, real = [], os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd))[1])
+    synced = fsynced_paths(monkeypatch)
     ModelStore(tmp_path).install(tiny_schema(), CFG, _arrays(0), {"round": 1})
     before = synced[:next(i for i, p in enumerate(synced) if p.endswith("ACTIVE.tmp"))]
     for name in ("weights.pt", "schema.json", "package.json"):

@@ -23,6 +23,7 @@ from client.releases import Release, ReleaseStore
 from server.checkpoint import freeze_run, frozen_run, load_latest, run_config_changes, save_checkpoint
 from server.deploy import DeployError
 from server.submit import resume_values
+from tests.factories import fsynced_paths
 from shared_models.protocol import RUN_KEY, SERVER_ROUND
 
 
@@ -185,18 +186,9 @@ def test_a_deployed_site_refuses_a_run_without_dp_unless_its_node_config_allows_
     assert ledger["entries"] == [] and ledger.get("runs", {}) == {}, "nothing trained, nothing spent"
 
 
-def _fsynced(monkeypatch) -> list[str]:
-    """The paths os.fsync is called on, in order (a file's or a directory's)."""
-    import os
-
-    synced, real = [], os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd))[1])
-    return synced
-
-
 def test_a_checkpoints_arrays_are_on_disk_before_latest_json_names_them(tmp_path, monkeypatch):
     """A power loss must not leave latest.json (fsynced) naming a round whose arrays were still in the page cache."""
-    synced = _fsynced(monkeypatch)
+    synced = fsynced_paths(monkeypatch)
     save_checkpoint(tmp_path / "ckpt", 1, [np.ones(3)], {"m": np.zeros(2)}, {"run_key": "k"})
     before = synced[:next(i for i, p in enumerate(synced) if p.endswith("latest.json.tmp"))]
     for name in ("weights.npz", "strategy_state.npz", "meta.json"):
