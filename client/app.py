@@ -303,6 +303,7 @@ def train(msg: Message, context: Context) -> Message:
     global_arrays = parameters_to_ndarrays(fitins.parameters)
     releases = ReleaseStore(settings.paths.state_dir)
     if cfg.privacy.enabled and site.ledger.released(site.dataset_fingerprint, run_key, rnd) is not None:
+        _resend_terms(fitins, msg, settings, site, run_key, cfg, audit)
         return _resend(msg, fitins, settings, releases.load(run_key, rnd), arrays_sha256(global_arrays), audit)
     try:
         result = train_round(site, global_arrays, cfg, run_key, rnd, site_seed=settings.index)
@@ -406,7 +407,13 @@ def _train_distributed(msg: Message, fitins, context: Context, cfg: RunConfig, s
     global_arrays = parameters_to_ndarrays(fitins.parameters)
     releases = ReleaseStore(settings.paths.state_dir)
     if site.ledger.released(site.dataset_fingerprint, run_key, rnd) is not None:
-        return _resend(msg, fitins, settings, releases.load(run_key, rnd), arrays_sha256(global_arrays), audit)
+        _resend_terms(fitins, msg, settings, site, run_key, cfg, audit)
+        release = releases.load(run_key, rnd)
+        if release is not None and (problem := _off_grid(release, grid, n_sites)):
+            raise _refusal(fitins, msg, settings.name, f"round {rnd} of run {run_key} was released on another SecAgg+ "
+                           f"grid ({problem}); resent into this one, Flower would change the values and the sum would "
+                           "not be the Skellam mechanism the site accounted for, so the site sends nothing", audit)
+        return _resend(msg, fitins, settings, release, arrays_sha256(global_arrays), audit)
     try:
         grid.check(n_sites)
         server_plan = json.loads(fitins.config[NOISE_PLAN]) if NOISE_PLAN in fitins.config else None
@@ -431,6 +438,38 @@ def _train_distributed(msg: Message, fitins, context: Context, cfg: RunConfig, s
     releases.save(run_key, rnd, Release(arrays_sha256(global_arrays), result.delta, result.num_examples, metrics))
     res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(result.delta), result.num_examples, metrics)
     return Message(fitres_to_recorddict(res, keep_input=False), reply_to=msg)
+
+
+def _resend_terms(fitins, msg: Message, settings: SiteSettings, site, run_key: str, cfg: RunConfig,
+                  audit: AuditLog) -> None:
+    """A released round is resent only under the plan it was released under: a request of the run that changes
+    any term of its plan (dp-mode, trusted-sites, epsilon, ...) is refused, as for a fresh round. Otherwise the
+    next stages would run under the request's terms: a share noised for `trusted-sites` t unmasked in a sum the
+    request's smaller trusted-sites allows, or a distributed share sent as a site-mode update, unmasked."""
+    from client.local_round import saved_plan
+    from privacy.accounting import BudgetError
+
+    try:
+        saved_plan(site, run_key, cfg)
+    except BudgetError as e:
+        raise _refusal(fitins, msg, settings.name, str(e), audit) from None
+
+
+def _off_grid(release, grid: "SecAggGrid", n_sites: int) -> str:
+    """Why Flower's arithmetic on this SecAgg+ grid would not be the identity on a released distributed update
+    ("" when it is): the values must be integers times the grid step within +-Q/2, with weight max-weight."""
+    from privacy.distributed import GridError
+
+    try:
+        grid.check(n_sites)
+    except GridError as e:
+        return str(e)
+    if release.num_examples != grid.max_weight:
+        return f"weight {release.num_examples}, this grid's max-weight {grid.max_weight:g}"
+    z = np.concatenate([np.asarray(a, np.float64).ravel() for a in release.delta]) / grid.step
+    if not np.array_equal(z, np.rint(z)) or np.abs(z).max(initial=0) > grid.half_range:
+        return f"its values are not on this grid's step {grid.step:g} within +-{grid.half_range}"
+    return ""
 
 
 def _resend(msg: Message, fitins, settings: SiteSettings, release, global_sha256: str, audit: AuditLog) -> Message:

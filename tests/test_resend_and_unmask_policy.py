@@ -1,0 +1,103 @@
+"""A released distributed round is resent only under the plan and grid it was released under, and a site gives
+SecAgg+ key shares only for a well-formed unmask request (review of 2026-12-04, faults of dp-mode "distributed")."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
+from flwr.compat.common.recorddict_compat import fitins_to_recorddict, recorddict_to_fitres
+
+from shared_models.protocol import RUN_KEY, SERVER_ROUND
+
+
+def _meta() -> Metadata:
+    return Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
+                    created_at=time.time(), ttl=600.0, message_type=MessageType.TRAIN)
+
+
+def _run(schema_path, **kw) -> dict:
+    return {"schema": str(schema_path), "num-rounds": 3, "d-model": 32, "dp-mode": "distributed", "strategy": "fedavgm",
+            "trusted-sites": 3, "sites": 3, "min-sites": 2, "sample-rate": 0.5, **kw}
+
+
+def _context(tmp: Path, run: dict, node: dict | None = None, q: int = 2 ** 30) -> Context:
+    node = {"data-path": str(tmp / "site"), "state-dir": str(tmp / "state"), "privacy-budget": 8.0,
+            "max-trusted-sites": 3, **(node or {})}
+    state = RecordDict()
+    state.config_records[RECORD_KEY_STATE] = ConfigRecord({  # what Flower's setup stage leaves in the state
+        "clipping_range": 1.0, "target_range": int(q), "mod_range": 2 ** 32, "max_weight": 2000.0,
+        "public_keys_dict:K": [1, 2, 3]})
+    return Context(run_id=1, node_id=1, node_config=node, state=state, run_config=run)
+
+
+def _fit(weights, rnd: int = 1) -> Message:
+    return Message(fitins_to_recorddict(FitIns(ndarrays_to_parameters(weights), {SERVER_ROUND: rnd, RUN_KEY: "run-X"}),
+                                        keep_input=True), metadata=_meta())
+
+
+def _unmask(active: list[int], dead: list[int]) -> Message:
+    return Message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({
+        Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: active, Key.DEAD_NODE_ID_LIST: dead})}), metadata=_meta())
+
+
+@pytest.fixture()
+def released(tmp_path):
+    """A deployed site that trained and released round 1 of a distributed run planned for trusted-sites 3."""
+    from client.app import train
+    from privacy.run_config import load_run_config
+    from shared_models.model import MultiModalTransformer
+    from shared_models.weights import state_arrays
+    from tests.sitefixtures import site_schema, site_tables, write_site
+
+    schema = site_schema()
+    schema_path = schema.save(tmp_path / "schema.json")
+    write_site(tmp_path / "site", site_tables(n_per_class=20))
+    run = _run(schema_path)
+    torch.manual_seed(0)
+    weights = state_arrays(MultiModalTransformer(schema, load_run_config(run).model))
+    first = train(_fit(weights), _context(tmp_path, run, {"require-secagg": False}))
+    assert not first.has_error()
+    return tmp_path, schema_path, weights, parameters_to_ndarrays(recorddict_to_fitres(first.content, True).parameters)
+
+
+def test_a_resumed_request_with_the_same_terms_gets_the_same_bits(released):
+    from client.app import train
+
+    tmp, schema_path, weights, sent = released
+    again = train(_fit(weights), _context(tmp, _run(schema_path)))
+    assert all(np.array_equal(a, b) for a, b in zip(parameters_to_ndarrays(recorddict_to_fitres(again.content, True).parameters), sent))
+
+
+@pytest.mark.parametrize("changed", [{"trusted-sites": 2}, {"dp-mode": "site", "batch-size": 32}])
+def test_a_released_round_is_not_resent_under_other_trust_terms(released, changed):
+    """Resent under trusted-sites 2 the share (noised for 3) would then be unmasked in a sum of 2 sites."""
+    from client.app import SiteRefusal, train
+
+    tmp, schema_path, weights, _ = released
+    with pytest.raises(SiteRefusal, match="another privacy plan"):
+        train(_fit(weights), _context(tmp, _run(schema_path, **changed)))
+
+
+def test_a_distributed_share_is_never_resent_without_secagg(released):
+    from client.app import site_policy_mod, train
+
+    tmp, schema_path, weights, _ = released
+    run = _run(schema_path, **{"dp-mode": "site", "secagg": False, "batch-size": 32})
+    reply = site_policy_mod(_fit(weights), _context(tmp, run, {"require-secagg": False}), train)
+    assert reply.has_error() and "another privacy plan" in reply.error.reason
+
+
+def test_a_released_round_is_not_resent_into_another_grid(released):
+    from client.app import SiteRefusal, train
+
+    tmp, schema_path, weights, _ = released
+    with pytest.raises(SiteRefusal, match="released on another SecAgg\\+ grid"):
+        train(_fit(weights), _context(tmp, _run(schema_path), q=2 ** 28))
