@@ -169,7 +169,21 @@ def site_policy_mod(msg: Message, context: Context, call_next):
         # dp-mode "distributed": a sum of fewer than trusted-sites contributions carries less noise than assumed
         trusted = cfg.privacy.trusted_sites if cfg.privacy.enabled and cfg.privacy.mode == "distributed" else 0
         need = max(cfg.federation.min_sites, settings.min_aggregate_sites, trusted)
-        active = list(configs.get(SecAggKey.ACTIVE_NODE_ID_LIST, []))
+        listed = list(configs.get(SecAggKey.ACTIVE_NODE_ID_LIST, []))
+        dead = list(configs.get(SecAggKey.DEAD_NODE_ID_LIST, []))
+        active = set(listed)
+        # Flower's mod hands over, per listed node, its self-mask seed share (active) or its pairwise-key share
+        # (dead) without checking the lists: a node listed twice would count twice below, and a node listed both
+        # active and dead would have both its secrets handed over, which unmask its vector alone.
+        if len(active) != len(listed) or len(set(dead)) != len(dead) or active & set(dead) or (
+                msg.metadata.dst_node_id not in active):
+            reason = (f"{settings.name}: the server's unmask request lists a node twice, as both active and dead, or "
+                      "not this site among the active ones; the site gives no key shares")
+            log(WARNING, "site %s: %s", settings.name, reason)
+            _audit_quietly(site_audit(settings), settings.name, "unmask_refused", run=_run_key(context),
+                           active_sites=len(active), needed=need, malformed=True)
+            return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=REFUSAL_PREFIX + reason),
+                           reply_to=msg)
         if len(active) < need:
             reason = (f"{settings.name}: {len(active)} sites sent masked vectors, fewer than {need} (min-sites "
                       f"{cfg.federation.min_sites}, the site's min-aggregate-sites {settings.min_aggregate_sites}"

@@ -101,3 +101,19 @@ def test_a_released_round_is_not_resent_into_another_grid(released):
     tmp, schema_path, weights, _ = released
     with pytest.raises(SiteRefusal, match="released on another SecAgg\\+ grid"):
         train(_fit(weights), _context(tmp, _run(schema_path), q=2 ** 28))
+
+
+@pytest.mark.parametrize("active, dead", [([1, 2, 3, 3], [4]), ([1, 2, 3, 4], [4]), ([1, 1, 1, 1], [2, 3, 4]),
+                                          ([2, 3, 4, 5], [6])])
+def test_a_site_gives_no_key_shares_for_a_malformed_unmask_request(tmp_path, active, dead):
+    """A node listed twice counts once; a node listed active and dead would have both its secrets handed over."""
+    from client.app import site_policy_mod
+
+    def never(msg, context):
+        raise AssertionError("the site must refuse before Flower's SecAgg+ mod runs")
+
+    run = {"schema": "s.json", "min-sites": 2, "dp-mode": "distributed", "strategy": "fedavgm", "trusted-sites": 4}
+    ctx = Context(run_id=1, node_id=1, node_config={"data-path": str(tmp_path / "site"), "state-dir": str(tmp_path / "s"),
+                                                    "max-trusted-sites": 4}, state=RecordDict(), run_config=run)
+    reply = site_policy_mod(_unmask(active, dead), ctx, never)
+    assert reply.has_error() and reply.error.reason.startswith("refused: ")
