@@ -80,6 +80,7 @@ class SiteSettings:
     max_trusted_sites: int | None = None  # node config max-trusted-sites (deployment default 1); None: simulation
     require_padded_batches: bool = False  # node config require-padded-batches (a deployment's default: true)
     delta: float | None = None  # node config privacy-delta; None: the run's (the ledger keeps the smallest)
+    budget_missing: bool = False  # a deployed site without privacy-budget: it trains no DP run (budget_refusal)
 
 
 def site_settings(context: Context, cfg: RunConfig) -> SiteSettings:
@@ -96,7 +97,7 @@ def site_settings(context: Context, cfg: RunConfig) -> SiteSettings:
         return SiteSettings(site.site_name or data.name, 0, SitePaths(data, state, models),
                             cfg.privacy.epsilon if site.privacy_budget is None else site.privacy_budget,
                             site.require_secagg, site.min_aggregate_sites, site.require_dp, site.max_trusted_sites,
-                            site.require_padded_batches, site.privacy_delta)
+                            site.require_padded_batches, site.privacy_delta, site.privacy_budget is None)
     index = int(node["partition-id"])
     root = cfg.path(cfg.run.data_root)
     sites = json.loads((root / "manifest.json").read_text())["sites"]  # written by `oncofed partition`
@@ -115,6 +116,16 @@ def accounting_delta(settings: SiteSettings, cfg: RunConfig) -> float:
     downwards. A run asking for a smaller delta than the site's is refused (`delta_refusal`): recorded, it would
     re-price the site's spend upwards for good."""
     return cfg.privacy.delta if settings.delta is None else settings.delta
+
+
+def budget_refusal(settings: SiteSettings, cfg: RunConfig) -> str:
+    """Why this site refuses to spend on the run ("" when it does not): a deployed site's budget is its own. Taken
+    from the run's epsilon, the operator could raise it run by run (the ledger checks spend against the budget it
+    is opened with)."""
+    if cfg.privacy.enabled and settings.budget_missing:
+        return ("this site's node config sets no privacy-budget, and a deployed site does not take the run's epsilon "
+                "as its budget: set privacy-budget in the site's site.json (`oncofed site init --budget` writes it)")
+    return ""
 
 
 def delta_refusal(settings: SiteSettings, cfg: RunConfig) -> str:
@@ -164,6 +175,22 @@ def site_policy_mod(msg: Message, context: Context, call_next):
                                   "this one does not, so the site sends nothing")
         return _refusing(msg, context, call_next)
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    if configs.get(SecAggKey.STAGE) == Stage.SETUP:
+        # Withholding its own key shares enforces the site's floor only if every unmasking needs at least that
+        # many sites' shares: with SecAgg+'s threshold below it, the other sites' shares unmask a smaller sum that
+        # includes this site's update. Run-wide floors (min-sites, trusted-sites) every honest site enforces alike.
+        settings = site_settings(context, cfg)
+        threshold = int(configs.get(SecAggKey.THRESHOLD, 0))
+        if threshold < settings.min_aggregate_sites:
+            reason = (f"{settings.name}: SecAgg+ unmasks a sum with the key shares of {threshold} sites, fewer than the "
+                      f"site's min-aggregate-sites {settings.min_aggregate_sites}, so the other sites could unmask a sum "
+                      "of fewer sites without this one; the site takes no part in the round (the operator raises "
+                      "secagg-threshold, or the site lowers min-aggregate-sites)")
+            log(WARNING, "site %s: %s", settings.name, reason)
+            _audit_quietly(site_audit(settings), settings.name, "unmask_refused", run=_run_key(context),
+                           secagg_threshold=threshold, needed=settings.min_aggregate_sites)
+            return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=REFUSAL_PREFIX + reason),
+                           reply_to=msg)
     if configs.get(SecAggKey.STAGE) == Stage.UNMASK:
         settings = site_settings(context, cfg)
         # dp-mode "distributed": a sum of fewer than trusted-sites contributions carries less noise than assumed
@@ -289,7 +316,7 @@ def train(msg: Message, context: Context) -> Message:
     context.state.config_records["oncofed"] = ConfigRecord({RUN_KEY: run_key})
     audit = site_audit(settings)
     keep_server_anchor(settings, context, cfg, fitins.config.get(AUDIT_ANCHOR))
-    if reason := delta_refusal(settings, cfg):
+    if reason := budget_refusal(settings, cfg) or delta_refusal(settings, cfg):
         raise _refusal(fitins, msg, settings.name, reason, audit)
     try:
         site = prepared(settings, cfg)

@@ -117,3 +117,47 @@ def test_a_site_gives_no_key_shares_for_a_malformed_unmask_request(tmp_path, act
                                                     "max-trusted-sites": 4}, state=RecordDict(), run_config=run)
     reply = site_policy_mod(_unmask(active, dead), ctx, never)
     assert reply.has_error() and reply.error.reason.startswith("refused: ")
+
+
+def _setup(threshold: int) -> Message:
+    return Message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({
+        Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 4, Key.SHARE_NUMBER: 4, Key.THRESHOLD: threshold,
+        Key.CLIPPING_RANGE: 1.0, Key.TARGET_RANGE: 2 ** 22, Key.MOD_RANGE: 2 ** 32, Key.MAX_WEIGHT: 2000.0})}),
+        metadata=_meta())
+
+
+@pytest.mark.parametrize("threshold, refused", [(2, True), (3, False)])
+def test_a_site_takes_no_part_when_secagg_could_unmask_below_its_own_floor(tmp_path, threshold, refused):
+    """Withholding its key shares holds the site's min-aggregate-sites only if SecAgg+ needs at least that many
+    sites' shares to unmask; otherwise the other sites unmask a smaller sum with this site's update in it."""
+    from client.app import site_policy_mod
+
+    run = {"schema": "s.json", "min-sites": 2}
+    ctx = Context(run_id=1, node_id=1, node_config={"data-path": str(tmp_path / "site"), "state-dir": str(tmp_path / "s"),
+                                                    "min-aggregate-sites": 3}, state=RecordDict(), run_config=run)
+    reply = site_policy_mod(_setup(threshold), ctx, lambda m, c: None)
+    assert reply.has_error() is refused
+    if refused:
+        assert reply.error.reason.startswith("refused: ") and "min-aggregate-sites 3" in reply.error.reason
+    else:  # Flower's setup ran: the site's public keys are in the reply
+        assert Key.PUBLIC_KEY_1 in reply.content.config_records[RECORD_KEY_CONFIGS]
+
+
+def test_a_deployed_site_without_its_own_budget_spends_nothing(tmp_path):
+    """Taken from the run's epsilon, the budget would be the operator's to raise run by run."""
+    from client.app import SiteRefusal, train
+    from privacy.run_config import load_run_config
+    from shared_models.model import MultiModalTransformer
+    from shared_models.weights import state_arrays
+    from tests.sitefixtures import site_schema, site_tables, write_site
+
+    schema = site_schema()
+    schema_path = schema.save(tmp_path / "schema.json")
+    write_site(tmp_path / "site", site_tables(n_per_class=20))
+    run = {"schema": str(schema_path), "num-rounds": 3, "d-model": 32, "sites": 3, "min-sites": 2, "epsilon": 50.0}
+    weights = state_arrays(MultiModalTransformer(schema, load_run_config(run).model))
+    ctx = _context(tmp_path, run, {"require-secagg": False})
+    del ctx.node_config["privacy-budget"]
+    with pytest.raises(SiteRefusal, match="sets no privacy-budget"):
+        train(_fit(weights), ctx)
+    assert not (tmp_path / "state" / "privacy-ledger.json").exists()
