@@ -29,7 +29,7 @@ from shared_models.weights import load_weights
 IG_STEPS = 16
 # integrated gradients over at most this many patients at a time: for the serve benchmark's 300 patients,
 # 1.2 s of CPU against 1.8 s in one batch (the passes' activations stay in cache; identical attributions),
-# 1.4 s at 32, 2.0 s at 16 (one thread, best of two; docs/results.md)
+# 1.4 s at 32, 2.0 s at 16 (one thread, best of two; git log -p docs/results.md)
 IG_CHUNK = 64
 
 

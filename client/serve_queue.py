@@ -257,7 +257,7 @@ def run_in_background() -> None:
     """The calling thread (or a process's main thread) gets the CPU only when no normal thread wants it: Linux's SCHED_IDLE (a normal thread
     that wakes up preempts it at once; at nice 10 it waits for the running thread's slice), else nice 10.
     Under benchmarks/serve.py's explanation load the prediction p99 rose less with SCHED_IDLE than at
-    nice 10 in each of five one-off pairs (docs/results.md)."""
+    nice 10 in each of five one-off pairs (git log -p docs/results.md)."""
     tid = threading.get_native_id()
     try:
         os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))

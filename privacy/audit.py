@@ -306,7 +306,7 @@ class AuditLog:
         # the log kept open between appends, for reading its tail and appending (reopened when the path names
         # another file, or in a forked child): a commit then makes 8 system calls, not ~15. Each one gives up
         # the GIL, and the service's event loop may keep it for up to the switch interval: a commit of 5
-        # entries took 2.5 ms at the median beside a busy thread instead of 6.5 (docs/results.md)
+        # entries took 2.5 ms at the median beside a busy thread instead of 6.5 (git log -p docs/results.md)
         self._open: tuple | None = None  # (pid, device, inode, reader, appender)
         self._lock_fd: tuple | None = None  # (pid, descriptor of <log>.head.lock)
         self._mutexes: dict[int, threading.Lock] = {}  # by process id (see _lock)

@@ -58,7 +58,7 @@ def secagg_workflow(cfg: RunConfig, n_sites: int) -> TimedSecAggPlusWorkflow:
     Up to SECAGG_MAX_SHARES sites every site is every other's neighbour (num_shares=1.0: consortia
     have 3-20 hospitals); beyond that each site shares its keys with SECAGG_MAX_SHARES neighbours
     (SecAgg+'s sparse graph: all-to-all sharing made a 100-site round 2.5x slower than without
-    SecAgg+, see docs/results.md), and the threshold stays that share of the neighbours. The
+    SecAgg+, git log -p docs/results.md), and the threshold stays that share of the neighbours. The
     sum of n quantised vectors must stay below the modulus (2**32, Flower's limit), so the
     quantisation range is the largest power of two leaving room for n+1 summands. Sites send
     deltas (|delta| << clipping range), so the quantisation step 2*clip/Q is ~1e-8 of the range.
