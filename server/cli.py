@@ -100,14 +100,18 @@ def remove_site(
     typer.echo(f"site {name!r} (node {site['node_id']}) removed")
 
 
-def server_preflight(directory: Path = typer.Argument(..., help="the consortium directory")) -> None:
+def server_preflight(
+    directory: Path = typer.Argument(..., help="the consortium directory"),
+    metrics_port: int = typer.Option(9464, "--metrics-port", help="the Prometheus port `server start` will use "
+                                     "(0: off)"),
+) -> None:
     """Run the server's preflight checks only (certificates, keys, ports, nginx)."""
     from privacy.preflight import PreflightError, report
     from server.deploy import Consortium, DeployError, server_checks
 
     try:
         c = Consortium.load(directory)
-        typer.echo(report(f"server {c.record['name']!r}", server_checks(c)))
+        typer.echo(report(f"server {c.record['name']!r}", server_checks(c, metrics_port)))
     except (DeployError, PreflightError) as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(code=2)

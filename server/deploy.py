@@ -85,7 +85,7 @@ class Consortium:
         return self.root.joinpath(*parts)
 
 
-def server_checks(c: Consortium) -> list[Check]:
+def server_checks(c: Consortium, metrics_port: int = 0) -> list[Check]:
     host, port = c.public
     checks = check_server_certificate(c.path("server", "server.crt"), c.path("server", "server.key"),
                                       c.path("ca", "ca.crt"), list(dict.fromkeys([host, "127.0.0.1", "localhost"])))
@@ -96,6 +96,8 @@ def server_checks(c: Consortium) -> list[Check]:
     checks.append(Check("nginx", binary is not None, binary or proxy.NGINX_HINT))
     checks.append(check_port_free(proxy.listen_host(host).strip("[]"), port, "public (proxy) address"))
     checks.append(check_port_free("127.0.0.1", c.internal_port, "SuperLink loopback address"))
+    if metrics_port:
+        checks.append(check_port_free("127.0.0.1", metrics_port, "metrics (--metrics-port) address"))
     try:
         c.path("state").mkdir(exist_ok=True)
         probe = c.path("state", ".write-probe")
@@ -248,7 +250,7 @@ def check_server_health(c: Consortium) -> Check:
 def start_server(root: str | Path, metrics_port: int = 9464, out=sys.stdout) -> int:
     """Run the consortium's server until stopped; returns the exit status."""
     c = Consortium.load(root)
-    out.write(report(f"server {c.record['name']!r}", server_checks(c)) + "\n")
+    out.write(report(f"server {c.record['name']!r}", server_checks(c, metrics_port)) + "\n")
     host, port = c.public
     c.path("logs").mkdir(exist_ok=True)
     c.path("runs").mkdir(exist_ok=True)
@@ -298,7 +300,11 @@ def start_server(root: str | Path, metrics_port: int = 9464, out=sys.stdout) -> 
         if metrics_port:
             from server.metrics import serve_metrics
 
-            serve_metrics(c, metrics_port)
+            try:
+                serve_metrics(c, metrics_port)
+            except OSError as e:  # taken between preflight and now
+                raise DeployError(f"metrics: cannot listen on 127.0.0.1:{metrics_port} ({e.strerror}); choose "
+                                  "another --metrics-port (0: off)") from None
         out.write(f"serving: sites connect to https://{host}:{port} (Fleet API only); operator commands use "
                   f"{c.control_address} (loopback); metrics on http://127.0.0.1:{metrics_port}/metrics; "
                   f"health on https://{host}:{port}/health; logs in {c.path('logs')}\n")
