@@ -30,7 +30,8 @@ from flwr.serverapp import Grid, ServerApp
 from privacy.audit import AuditLog, signed_anchor
 from privacy.run_config import load_run_config
 from privacy.signing import canonical, load_private, sign
-from server.checkpoint import freeze_run, frozen_run, load_latest, run_config_changes, save_checkpoint, write_json_atomic
+from server.checkpoint import (freeze_run, frozen_run, hold_run_lock, load_latest, run_config_changes, save_checkpoint,
+                               write_json_atomic)
 from server.delivery import audited, deliver, delivery_status, redeliver, save_package
 from server.strategy import build_strategy
 from server.workflow import RoundsWorkflow, TimedSecAggPlusWorkflow
@@ -148,7 +149,10 @@ def start_or_resume(cfg: RunConfig, context: Context, schema: FeatureSchema, out
     """A new run (its run config frozen in run.json), or the checkpointed one to resume, refused if the request
     changes the run config it started with or its schema."""
     ckpt_root = out / "checkpoints"
-    frozen = frozen_run(out) if cfg.run.resume else None
+    frozen = frozen_run(out)
+    if frozen is not None and not cfg.run.resume:
+        raise ValueError(f"{out} already holds run {frozen['run_key']} ({out / 'run.json'}); a new run never replaces "
+                         "it: continue it with `oncofed run --resume`, or choose another --name")
     if cfg.run.resume:
         if frozen is None:
             raise ValueError(f"run config resume = true but {out} holds no started run ({out / 'run.json'} is "
@@ -247,6 +251,8 @@ def main(grid: Grid, context: Context) -> None:
     t0 = time.time()
     out = cfg.path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # held until this process ends: a second ServerApp of this run fails here, before it touches any file
+    lock = hold_run_lock(out, wait=60.0 if (cfg.run.resume or cfg.run.deliver_only) else 0.0)  # noqa: F841
     if cfg.run.deliver_only:  # `oncofed deliver`: the saved final model again, no training
         return redeliver(grid, cfg)
     schema = FeatureSchema.load(cfg.path(cfg.run.schema_path))

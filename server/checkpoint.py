@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +87,32 @@ def load_latest(root: Path) -> Checkpoint | None:
         raise CheckpointError(f"{root}: latest checkpoint unreadable ({e}); remove latest.json to fall back "
                               "to an older round-NNNN directory by hand, or start a new run") from None
     return Checkpoint(round=int(meta["round"]), weights=weights, strategy_state=state, meta=meta)
+
+
+RUN_LOCK = ".serverapp.lock"
+
+
+def hold_run_lock(out: Path, wait: float = 0.0):
+    """An exclusive lock on the run directory, held for the ServerApp's life (the kernel releases it when the
+    process ends, a crash included), so that two ServerApps never write one run's run.json, checkpoints and
+    audit log. `wait`: seconds to wait for a previous ServerApp being stopped (a resume, a delivery). Returns
+    the open lock file: keep a reference to it."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    fh = open(out / RUN_LOCK, "a+")  # noqa: SIM115 - held open: the lock lives as long as the file stays open
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fh
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                fh.close()
+                raise CheckpointError(f"{out}: another ServerApp is running this run (two `oncofed run` of one name, "
+                                      "or a delivery during training); nothing was started. `oncofed runs list` shows "
+                                      "it; let it finish, or `oncofed runs stop` it first") from None
+            time.sleep(0.5)
 
 
 RUN_FILE = "run.json"

@@ -112,7 +112,11 @@ def run_checks(c: Consortium, cfg: RunConfig, run_dir: Path, resume: bool, sites
         ev = cfg.path(cfg.run.eval_data)
         checks.append(Check(f"eval-data {ev}", ev.is_dir(), "present" if ev.is_dir() else "not a directory"))
     started = (run_dir / RUN_FILE).exists() or has_checkpoint(run_dir / "checkpoints")
-    if resume:
+    if not resume and (live := live_flwr_runs(c, run_dir)):
+        checks.append(Check(f"run {run_dir.name}", False, f"flwr run {live[-1]} of this name is still "
+                            "pending or running on the SuperLink (submitted by another `oncofed run`): "
+                            f"follow it with `oncofed runs follow {c.root} {run_dir.name}`, or choose another --name"))
+    elif resume:
         checks.append(Check(f"run {run_dir.name}", started, "started before: resumed with its frozen configuration"
                             if started else f"never started ({run_dir / RUN_FILE} is missing): nothing to resume; "
                             "drop --resume"))
@@ -141,11 +145,37 @@ def run_checks(c: Consortium, cfg: RunConfig, run_dir: Path, resume: bool, sites
     return checks
 
 
+def live_flwr_runs(c: Consortium, run_dir: Path) -> list[int]:
+    """This run name's flwr runs the SuperLink's database holds as pending, starting or running."""
+    from server.runs import RUNNING, read_superlink
+
+    try:
+        ids = json.loads((run_dir / "flwr-runs.json").read_text())
+    except (OSError, ValueError):
+        return []
+    runs = (read_superlink(c.path("state", "superlink.db")) or {}).get("runs", {})
+    return [i for i in ids if runs.get(i) in RUNNING]
+
+
+def submit_lock(c: Consortium, name: str):
+    """Held by one `oncofed run NAME` from its preflight until its flwr run is recorded (flwr-runs.json): a second
+    `oncofed run NAME` at the same moment would pass the same preflight and start a second ServerApp on the
+    same run directory."""
+    import fcntl
+
+    c.path("runs").mkdir(parents=True, exist_ok=True)
+    fh = open(c.path("runs", f".{name}.submit.lock"), "a+")  # noqa: SIM115 - the lock is the open file
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise DeployError(f"another `oncofed run --name {name}` is submitting run {name!r} right now; nothing was "
+                          f"submitted. `oncofed runs follow {c.root} {name}` follows it") from None
+    return fh
+
+
 def submit_run(root: str | Path, name: str, overrides: dict, *, resume: bool = False, timeout: float = 0.0,
                out=sys.stdout) -> int:
-    from privacy.pki import ProvisioningError
-    from privacy.registry import list_sites
-
     if reserved := sorted(set(overrides) & RUN_SETS):
         raise DeployError(f"--set {', '.join(reserved)}: `oncofed run` sets {'these' if len(reserved) > 1 else 'this'} "
                           "itself (the run's files live in the consortium's runs/NAME; --resume continues a run; "
@@ -154,6 +184,18 @@ def submit_run(root: str | Path, name: str, overrides: dict, *, resume: bool = F
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise DeployError(f"--name {name!r}: use letters, digits, '.', '_' and '-'")
     run_dir = c.path("runs", name)
+    lock = submit_lock(c, name)
+    try:
+        return _submit_run(c, name, run_dir, overrides, resume, timeout, out, lock)
+    finally:
+        lock.close()
+
+
+def _submit_run(c: Consortium, name: str, run_dir: Path, overrides: dict, resume: bool, timeout: float, out,
+                lock) -> int:
+    from privacy.pki import ProvisioningError
+    from privacy.registry import list_sites
+
     try:
         sites, sites_error = list_sites(c.root), ""
     except ProvisioningError as e:
@@ -189,6 +231,7 @@ def submit_run(root: str | Path, name: str, overrides: dict, *, resume: bool = F
     def on_line(line: str) -> None:
         if m := _STARTED.search(line):
             _record_flwr_run(run_dir, int(m.group(1)))
+            lock.close()  # recorded: the next `oncofed run NAME` sees it in its preflight
         if not is_duplicate_log_line(line):
             shown[0].write(line)
 

@@ -24,3 +24,44 @@ def test_a_metrics_port_in_use_fails_preflight_naming_the_option(consortium):
         failed = [c for c in server_checks(consortium, port) if not c.ok]
     assert any(f"127.0.0.1:{port}" in c.name and "--metrics-port" in c.name for c in failed), failed
     assert all("--metrics-port" not in c.name for c in server_checks(consortium, 0))
+
+
+def test_b_two_serverapps_of_one_run_never_share_its_directory(tmp_path):
+    """Two `oncofed run --name X` at once both passed preflight (run.json is written only by the ServerApp)
+    and both ServerApps trained into runs/X: run.json's key replaced, checkpoints of two runs interleaved."""
+    from flwr.app import Context, RecordDict
+
+    from privacy.run_config import load_run_config
+    from server.app import start_or_resume
+    from server.checkpoint import CheckpointError, frozen_run, hold_run_lock
+    from shared_models.schema import FeatureSchema
+    from shared_models.run_config import app_defaults
+    from server.submit import PROJECT
+
+    out = tmp_path / "runs" / "x"
+    first = hold_run_lock(out)
+    with pytest.raises(CheckpointError, match="another ServerApp is running this run"):
+        hold_run_lock(out)  # a second process (or open file) cannot take it
+    first.close()  # the first ServerApp's process ended (a crash included): the run is free again
+    hold_run_lock(out).close()
+
+    values = {**app_defaults(PROJECT), "base-dir": str(PROJECT), "output-dir": str(out)}
+    cfg = load_run_config(values, source="run config")
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=values)
+    schema = FeatureSchema.load(cfg.path(cfg.run.schema_path))
+    key = start_or_resume(cfg, ctx, schema, out).run_key
+    with pytest.raises(ValueError, match=f"already holds run {key}"):
+        start_or_resume(cfg, ctx, schema, out)  # a second new run on the same directory
+    assert frozen_run(out)["run_key"] == key
+
+
+def test_c_a_second_oncofed_run_of_one_name_is_refused_while_the_first_submits(consortium):
+    from server.deploy import DeployError
+    from server.submit import submit_lock
+
+    held = submit_lock(consortium, "x")
+    with pytest.raises(DeployError, match="is submitting run 'x' right now"):
+        submit_lock(consortium, "x")
+    submit_lock(consortium, "y").close()  # another name is not held up
+    held.close()
+    submit_lock(consortium, "x").close()
