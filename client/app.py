@@ -136,14 +136,22 @@ def delta_refusal(settings: SiteSettings, cfg: RunConfig) -> str:
     return ""
 
 
+def site_schema_path(context: Context, cfg: RunConfig) -> Path:
+    """The schema the site trains and installs under: its own pinned copy (site.json `schema`, trust/schema.json,
+    in the node config) in a deployment; the run config's in a simulation. The run config's path is the server
+    machine's and may not exist at the site."""
+    own = str(context.node_config.get("schema", ""))
+    return Path(own) if own else cfg.path(cfg.run.schema_path)
+
+
 _PREPARED: dict[tuple, "PreparedSite"] = {}  # one per site and schema, reused across rounds in this process
 
 
-def prepared(settings: SiteSettings, cfg: RunConfig) -> "PreparedSite":
+def prepared(settings: SiteSettings, cfg: RunConfig, schema_path: Path | None = None) -> "PreparedSite":
     from client.site import prepare_site
     from shared_models.schema import FeatureSchema
 
-    schema = FeatureSchema.load(cfg.path(cfg.run.schema_path))
+    schema = FeatureSchema.load(schema_path or cfg.path(cfg.run.schema_path))
     delta = accounting_delta(settings, cfg)
     key = (str(settings.paths.site_dir), schema.content_hash(), settings.budget_epsilon, delta, cfg.training.seed,
            cfg.site.val_fraction, cfg.site.min_count)
@@ -319,7 +327,7 @@ def train(msg: Message, context: Context) -> Message:
     if reason := budget_refusal(settings, cfg) or delta_refusal(settings, cfg):
         raise _refusal(fitins, msg, settings.name, reason, audit)
     try:
-        site = prepared(settings, cfg)
+        site = prepared(settings, cfg, site_schema_path(context, cfg))
     except SiteDataError as e:
         log(WARNING, "site %s: data failed validation:\n%s", settings.name, e)
         # The report names patient rows: it stays in the site's log; the server gets the verdict only.
@@ -539,7 +547,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg = load_run_config(context.run_config, source="run config (site)")
     settings = site_settings(context, cfg)
     try:
-        site = prepared(settings, cfg)
+        site = prepared(settings, cfg, site_schema_path(context, cfg))
         n, metrics = evaluate_global(site, parameters_to_ndarrays(ins.parameters), cfg)
     except SiteDataError:
         n, metrics = 0, {}
@@ -560,7 +568,7 @@ def save_model(msg: Message, context: Context) -> Message:
 
     cfg = load_run_config(context.run_config, source="run config (site)")
     settings = site_settings(context, cfg)
-    schema = FeatureSchema.load(cfg.path(cfg.run.schema_path))
+    schema = FeatureSchema.load(site_schema_path(context, cfg))
     arrays = msg.content[ARRAYS_RECORD].to_numpy_ndarrays()
     info = json.loads(str(msg.content[CONFIG_RECORD][PACKAGE_INFO]))  # kept verbatim: what the server signed
     keep_server_anchor(settings, context, cfg, msg.content[CONFIG_RECORD].get(AUDIT_ANCHOR))

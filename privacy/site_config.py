@@ -23,7 +23,7 @@ FILE_FORMAT = "oncofed-site/1"
 # and its policy, the keys on which the site is authoritative over any run config.
 NODE_POLICY_KEYS = ("site-name", "privacy-budget", "privacy-delta", "require-secagg", "min-aggregate-sites", "require-dp",
                     "max-trusted-sites", "require-padded-batches")
-NODE_CONFIG_KEYS = ("data-path", "state-dir", "model-dir", "signing-public-key", "min-count") + NODE_POLICY_KEYS
+NODE_CONFIG_KEYS = ("data-path", "state-dir", "model-dir", "signing-public-key", "min-count", "schema") + NODE_POLICY_KEYS
 
 
 class SiteConfigError(ValueError):

@@ -74,6 +74,8 @@ RUN_SETS = frozenset({"base-dir", "output-dir", "resume", "deliver-only"})
 def run_values(c: Consortium, run_dir: Path, overrides: dict, resume: bool, n_sites: int) -> dict:
     values = {**project_defaults(), "base-dir": str(PROJECT), "output-dir": str(run_dir),
               "signing-key": str(c.path("signing", "signing.key")), "resume": resume}
+    if c.path("public", "schema.json").is_file():  # the schema every site received in its bundle (and validated)
+        values["schema"] = str(c.path("public", "schema.json"))
     if n_sites:
         values["sites"] = n_sites
     values.update(overrides)
@@ -108,6 +110,14 @@ def run_checks(c: Consortium, cfg: RunConfig, run_dir: Path, resume: bool, sites
     schema = cfg.path(cfg.run.schema_path)
     checks.append(Check(f"schema {schema}", schema.is_file(), "present" if schema.is_file() else
                         "missing: set --set schema=PATH (relative paths start at the project directory)"))
+    if schema.is_file() and c.record.get("schema_sha256"):
+        from privacy.pki import fingerprint
+
+        same = fingerprint(schema) == c.record["schema_sha256"]
+        checks.append(Check(f"schema {schema} against the sites' bundle", same, "the one every site received" if same
+                            else f"SHA-256 {fingerprint(schema)} is not the {c.record['schema_sha256']} of the schema "
+                            f"every site received ({c.path('public', 'schema.json')}): the sites validated their data "
+                            "against that one; drop --set schema"))
     if cfg.run.eval_data:
         ev = cfg.path(cfg.run.eval_data)
         checks.append(Check(f"eval-data {ev}", ev.is_dir(), "present" if ev.is_dir() else "not a directory"))

@@ -65,3 +65,37 @@ def test_c_a_second_oncofed_run_of_one_name_is_refused_while_the_first_submits(c
     submit_lock(consortium, "y").close()  # another name is not held up
     held.close()
     submit_lock(consortium, "x").close()
+
+
+def test_d_oncofed_run_trains_on_the_schema_the_sites_received(tmp_path):
+    """`consortium init --schema` sent the sites one schema; `oncofed run` trained on the project's default."""
+    from privacy.pki import fingerprint
+    from privacy.run_config import load_run_config
+    from server.submit import PROJECT, run_checks, run_values
+
+    init_consortium(tmp_path / "brca", "b", "127.0.0.1:8443", schema=PROJECT / "simulations/schemas/tcga_brca_pam50.json")
+    c = Consortium.load(tmp_path / "brca")
+    cfg = load_run_config(run_values(c, c.path("runs", "x"), {}, False, 2), source="run config")
+    assert fingerprint(cfg.path(cfg.run.schema_path)) == c.record["schema_sha256"]
+    other = run_values(c, c.path("runs", "x"), {"schema": "simulations/schemas/tcga_pancan33.json"}, False, 2)
+    checks = run_checks(c, load_run_config(other, source="run config"), c.path("runs", "x"), False, [], "")
+    assert any("against the sites' bundle" in k.name and not k.ok and "drop --set schema" in k.detail for k in checks)
+
+
+def test_e_a_deployed_site_uses_its_own_pinned_schema_not_the_servers_path(tmp_path):
+    """The ClientApp loaded the schema from the run config's path, an absolute path on the server machine
+    (base-dir): at a site whose checkout lives elsewhere every round and every delivery failed."""
+    from flwr.app import Context, RecordDict
+
+    from client.app import site_schema_path
+    from privacy.run_config import load_run_config
+
+    cfg = load_run_config({"schema": "simulations/schemas/tcga_pancan33.json", "base-dir": "/srv/elsewhere/oncofed"},
+                          source="run config")
+    own = tmp_path / "trust" / "schema.json"
+    deployed = Context(run_id=1, node_id=1, node_config={"data-path": "/d", "schema": str(own)}, state=RecordDict(),
+                       run_config={})
+    simulated = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    assert site_schema_path(deployed, cfg) == own
+    assert site_schema_path(simulated, cfg) == __import__("pathlib").Path(
+        "/srv/elsewhere/oncofed/simulations/schemas/tcga_pancan33.json")

@@ -114,7 +114,8 @@ def test_the_supernodes_node_config_carries_every_node_key_and_each_is_a_site_js
     assert set(NODE_CONFIG_KEYS) <= aliases and set(NODE_POLICY_KEYS) <= set(NODE_CONFIG_KEYS)
     values = {"data-path": "/d", "state-dir": "/s", "model-dir": "/m", "signing-public-key": "/k.pub", "min-count": 5,
               "site-name": "H1", "privacy-budget": 4.0, "require-secagg": True, "min-aggregate-sites": 3,
-              "require-dp": True, "max-trusted-sites": 2, "require-padded-batches": True, "privacy-delta": 1e-6}
+              "require-dp": True, "max-trusted-sites": 2, "require-padded-batches": True, "privacy-delta": 1e-6,
+              "schema": "/t/schema.json"}
     sent = dict(item.split("=", 1) for item in node_config(SiteConfig.parse(values, source="test")).split())
     assert set(sent) == set(NODE_CONFIG_KEYS)
     assert {k: json.loads(v) for k, v in sent.items()} == values
