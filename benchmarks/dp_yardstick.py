@@ -191,10 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         for site_dir in sorted(p for p in sites_root.iterdir() if p.is_dir() and p.name != "holdout"):
             if args.all_rows:  # every patient of the site, normalised over the whole site (the study's pooled cell)
                 rows_ = load_labelled_site(schema, site_dir)
-            else:  # the rows a federated site trains on: its training split, normalised on it
+            else:  # the rows a federated site trains on: its training split, normalised as its runs normalise it
                 rows_ = prepare_site(schema, SitePaths(site_dir, tmp / "state" / site_dir.name, tmp / "models"),
                                      budget_epsilon=MAX_BUDGET, delta=cfg.privacy.delta, val_fraction=cfg.site.val_fraction,
-                                     min_count=cfg.site.min_count, seed=cfg.training.seed).train
+                                     min_count=cfg.site.min_count, seed=cfg.training.seed, dp=bool(epsilons)).train
             xs.append(rows_.x)
             ys.append(rows_.y)
         x, y = torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))

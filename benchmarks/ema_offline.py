@@ -44,7 +44,8 @@ def main() -> None:
     at = sorted(int(r) for r in args.rounds.split(","))
     cfg = load_run_config({**json.loads((run_dir / "server/run.json").read_text())["run_config"], "base-dir": str(ROOT)})
     schema = FeatureSchema.load(run_dir / "sites/schema.json")
-    sites = [split_site(schema, d, val_fraction=cfg.site.val_fraction, min_count=cfg.site.min_count, seed=cfg.training.seed)
+    sites = [split_site(schema, d, val_fraction=cfg.site.val_fraction, min_count=cfg.site.min_count, seed=cfg.training.seed,
+                        dp=cfg.privacy.enabled)
              for d in sorted((run_dir / "sites").glob("C*"))]
     held = load_labelled_site(schema, run_dir / "sites/holdout")
     model = MultiModalTransformer(schema, cfg.model)

@@ -154,11 +154,11 @@ def prepared(settings: SiteSettings, cfg: RunConfig, schema_path: Path | None = 
     schema = FeatureSchema.load(schema_path or cfg.path(cfg.run.schema_path))
     delta = accounting_delta(settings, cfg)
     key = (str(settings.paths.site_dir), schema.content_hash(), settings.budget_epsilon, delta, cfg.training.seed,
-           cfg.site.val_fraction, cfg.site.min_count)
+           cfg.site.val_fraction, cfg.site.min_count, cfg.privacy.enabled)
     if key not in _PREPARED:
         _PREPARED[key] = prepare_site(schema, settings.paths, budget_epsilon=settings.budget_epsilon,
                                       delta=delta, val_fraction=cfg.site.val_fraction, min_count=cfg.site.min_count,
-                                      seed=cfg.training.seed)
+                                      seed=cfg.training.seed, dp=cfg.privacy.enabled)
         site = _PREPARED[key]
         log(INFO, "site %s: %s training and %s held-out patients, spent epsilon %.3f of %.3f", settings.name,
             len(site.train.y), len(site.val.y), site.ledger.spent(site.dataset_fingerprint), settings.budget_epsilon)

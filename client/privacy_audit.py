@@ -1,7 +1,7 @@
 """`oncofed site privacy-audit`: a site attacks the global model it received, on its own patients.
 
 Members are the site's training part, non-members its held-out part: the split `client.site.split_site`
-makes for every run (stratified by class, by the run's `val-fraction` and `seed`). The site's privacy
+makes for every run (patient by patient, by the run's `val-fraction` and `seed`). The site's privacy
 ledger confirms it: the training part's fingerprint must be a dataset the ledger registered (and, for a DP
 model, the one its run trained on), so an audit never attacks patients the model did not train on.
 
@@ -192,11 +192,15 @@ def audit(site_dir: Path, state_dir: Path, model_dir: Path, site: str, *, val_fr
         raise PrivacyAuditError(f"{model_dir / version}: the model cannot be audited: {e}") from None
     if not 0 <= val_fraction < 1:
         raise PrivacyAuditError(f"--val-fraction {val_fraction}: give the run's val-fraction in [0, 1)")
-    try:
-        parts = split_site(schema, site_dir, val_fraction=val_fraction, min_count=min_count, seed=seed)
-    except (SiteDataError, TableError) as e:
-        raise PrivacyAuditError(f"{site_dir}: the site's data cannot be read as the model's schema:\n{e}") from None
-    if len(parts.val.y) == 0:
+    no_held_out = val_fraction == 0
+    if not no_held_out:
+        try:
+            parts = split_site(schema, site_dir, val_fraction=val_fraction, min_count=min_count, seed=seed,
+                               dp=bool(package.get("dp")))
+        except (SiteDataError, TableError) as e:
+            raise PrivacyAuditError(f"{site_dir}: the site's data cannot be read as the model's schema:\n{e}") from None
+        no_held_out = len(parts.val.y) == 0
+    if no_held_out:
         raise PrivacyAuditError(f"{site_dir}: no held-out part (val-fraction {val_fraction:g} leaves every patient "
                                 "in training), so there are no non-members to compare with; pass the run's "
                                 "--val-fraction (a run with val-fraction 0 cannot be audited on the site's data)")

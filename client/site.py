@@ -1,17 +1,18 @@
 """A hospital site's data and privacy state, prepared once per process and reused every round.
 
 Preparing a site: validate its tables against the consortium schema (a site with invalid data
-refuses to train and says why), split a local held-out part (stratified, by seed), fit the
-normalisation on training rows only (saved in the site's state directory for prediction time),
-and register the training patients in the site's privacy ledger.
+refuses to train and says why), split a local held-out part (patient by patient, keyed by the run's
+seed), fit the normalisation (on the held-out part under DP, else on the training part; saved in the
+site's state directory for prediction time), and register the training patients in the site's
+privacy ledger.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -48,17 +49,20 @@ class PreparedSite:
     warnings: list[str]
 
 
-def stratified_split(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, val): each class contributes round(val_fraction * n_c) patients to val, but a
-    class keeps at least one training patient."""
-    rng = np.random.default_rng(seed)
-    train, val = [], []
-    for c in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        k = min(int(round(val_fraction * len(idx))), len(idx) - 1)
-        val.extend(idx[:k])
-        train.extend(idx[k:])
-    return np.sort(np.asarray(train, dtype=np.int64)), np.sort(np.asarray(val, dtype=np.int64))
+def held_out_split(ids: list[str], val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val): a patient is held out when a keyed hash of its id falls below val_fraction.
+
+    Decided patient by patient: whether one patient is in the site's data changes no other patient's part. DP-SGD's
+    guarantee for the training part needs that: a neighbouring dataset (one patient more or less) must give a
+    neighbouring training part. A split stratified by class did not (one more patient of a class reshuffled that
+    class and, through the shared generator, every later class). The run's seed keys the hash."""
+    key = f"oncofed-split/{seed}/".encode()
+    u = np.array([int.from_bytes(hashlib.sha256(key + i.encode()).digest()[:8], "big") for i in ids], dtype=np.float64)
+    held = u < val_fraction * 2.0 ** 64
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+MIN_NORMALISATION_PATIENTS = 20  # below this a held-out part's statistics are noisy: the site is warned
 
 
 @dataclass
@@ -73,9 +77,14 @@ class SiteParts:
 
 
 def split_site(schema: FeatureSchema, site_dir: Path, *, val_fraction: float, min_count: int,
-               seed: int) -> SiteParts:
+               seed: int, dp: bool) -> SiteParts:
     """Validate, read, split and normalise a site's data; writes nothing. The one definition of which
-    patients a site trains on: `prepare_site` trains on it, `oncofed site privacy-audit` attacks with it."""
+    patients a site trains on: `prepare_site` trains on it, `oncofed site privacy-audit` attacks with it.
+
+    `dp`: the normalisation is fitted on the held-out part. Statistics of the training part would make every
+    training row depend on every other training patient, which DP-SGD's analysis does not cover; the held-out
+    part is outside the DP guarantee anyway (its metrics are reported as aggregates, docs/privacy.md). Without
+    DP it is fitted on the training part, the larger."""
     report = validate_site(schema, site_dir, min_count=min_count)
     if not report.ok:
         raise SiteDataError(report.format_report())
@@ -83,16 +92,24 @@ def split_site(schema: FeatureSchema, site_dir: Path, *, val_fraction: float, mi
     ids = [str(i) for i in tables.labels.index]
     y = encode_labels(schema, tables.labels)
     raw = raw_matrix(schema, tables, ids)
-    tr, va = stratified_split(y, val_fraction, seed)
-    normalizer = Normalizer.fit(schema, raw[tr])
+    tr, va = held_out_split(ids, val_fraction, seed)
+    warnings = [p.message for p in report.warnings]
+    if dp and len(va) == 0:
+        raise SiteDataError(f"{site_dir}: no held-out part (the run's val-fraction {val_fraction:g} over {len(ids)} "
+                            "patients), and a DP run fits the site's normalisation on it: the operator sets "
+                            "val-fraction > 0 (0.2 by default)")
+    if dp and len(va) < MIN_NORMALISATION_PATIENTS:
+        warnings.append(f"the normalisation is fitted on the held-out part's {len(va)} patients (fewer than "
+                        f"{MIN_NORMALISATION_PATIENTS}); a larger val-fraction steadies it")
+    normalizer = Normalizer.fit(schema, raw[va] if dp else raw[tr])
     train = make_dataset(schema, raw[tr], y[tr], [ids[i] for i in tr], normalizer)
     val = make_dataset(schema, raw[va], y[va], [ids[i] for i in va], normalizer)
-    return SiteParts(train, val, normalizer, [p.message for p in report.warnings])
+    return SiteParts(train, val, normalizer, warnings)
 
 
 def prepare_site(schema: FeatureSchema, paths: SitePaths, *, budget_epsilon: float, delta: float,
-                 val_fraction: float, min_count: int, seed: int) -> PreparedSite:
-    parts = split_site(schema, paths.site_dir, val_fraction=val_fraction, min_count=min_count, seed=seed)
+                 val_fraction: float, min_count: int, seed: int, dp: bool) -> PreparedSite:
+    parts = split_site(schema, paths.site_dir, val_fraction=val_fraction, min_count=min_count, seed=seed, dp=dp)
     paths.state_dir.mkdir(parents=True, exist_ok=True)
     parts.normalizer.save(paths.state_dir / "normalizer.json")
     ledger = PrivacyLedger(paths.state_dir / "privacy-ledger.json", budget_epsilon=budget_epsilon, delta=delta)

@@ -283,7 +283,7 @@ def _site(tmp_path: Path, **cfg):
     run = load_run_config({"schema": str(schema_path), "num-rounds": 3, "d-model": 32, "dp-mode": "distributed",
                            "strategy": "fedavgm", "trusted-sites": 2, "sample-rate": 0.5, **cfg})
     site = prepare_site(schema, SitePaths(tmp_path / "site", tmp_path / "state", tmp_path / "models"),
-                        budget_epsilon=8.0, delta=DELTA, val_fraction=0.2, min_count=5, seed=0)
+                        budget_epsilon=8.0, delta=DELTA, val_fraction=0.2, min_count=5, seed=0, dp=True)
     return schema, run, site
 
 
@@ -430,7 +430,7 @@ def test_a_round_with_fewer_contributors_than_trusted_sites_is_abandoned_and_eac
                                                tabular_columns=4, alpha=5.0, seed=1))
     spent = prepare_site(FeatureSchema.load(sites / "schema.json"),  # the split the federation will use (seed 7)
                          SitePaths(sites / "site_02", tmp_path / "state" / "site_02" / "state", tmp_path / "m"),
-                         budget_epsilon=8.0, delta=DELTA, val_fraction=0.2, min_count=5, seed=7)
+                         budget_epsilon=8.0, delta=DELTA, val_fraction=0.2, min_count=5, seed=7, dp=True)
     from privacy.accounting import noise_multiplier_for
 
     sigma = noise_multiplier_for(7.95, DELTA, 0.5, 40)  # an earlier run left this site almost no budget

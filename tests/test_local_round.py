@@ -27,7 +27,7 @@ def _setup(tmp_path, budget=8.0, rounds=3, **cfg):
     run = load_run_config({"schema": str(schema_path), "num-rounds": rounds, "batch-size": 16,
                            "epsilon": budget, "d-model": 64, **cfg})
     site = prepare_site(schema, SitePaths(tmp_path / "site", tmp_path / "state", tmp_path / "models"),
-                        budget_epsilon=budget, delta=1e-5, val_fraction=0.2, min_count=5, seed=0)
+                        budget_epsilon=budget, delta=1e-5, val_fraction=0.2, min_count=5, seed=0, dp=True)
     torch.manual_seed(0)
     weights = state_arrays(MultiModalTransformer(schema, run.model))
     return schema, run, site, weights
@@ -106,7 +106,7 @@ def test_a_second_run_on_the_same_data_continues_the_spend(tmp_path):
     schema, run, site, w = _setup(tmp_path, budget=8.0, rounds=2)
     first = train_round(site, w, run, "run-A", 1).metrics["epsilon"]
     # a new process prepares the same site again: the ledger carries the spend
-    again = prepare_site(schema, site.paths, budget_epsilon=8.0, delta=1e-5, val_fraction=0.2, min_count=5, seed=0)
+    again = prepare_site(schema, site.paths, budget_epsilon=8.0, delta=1e-5, val_fraction=0.2, min_count=5, seed=0, dp=True)
     assert again.dataset_fingerprint == site.dataset_fingerprint
     assert again.ledger.spent(again.dataset_fingerprint) == pytest.approx(first, rel=1e-9)
     second = train_round(again, w, run, "run-B", 1).metrics
@@ -142,7 +142,7 @@ def test_a_site_with_invalid_data_refuses_with_every_problem(tmp_path):
     write_site(tmp_path / "site", tables)
     with pytest.raises(SiteDataError, match=r"labels\.csv.*'Z'"):
         prepare_site(schema, SitePaths(tmp_path / "site", tmp_path / "state", tmp_path / "m"), budget_epsilon=8,
-                     delta=1e-5, val_fraction=0.2, min_count=5, seed=0)
+                     delta=1e-5, val_fraction=0.2, min_count=5, seed=0, dp=True)
 
 
 def test_under_dp_the_loss_does_not_depend_on_the_sites_label_counts():
@@ -178,7 +178,7 @@ def test_a_later_run_with_a_larger_delta_cannot_spend_the_budget_again(tmp_path)
     schema, run, site, w = _setup(tmp_path, budget=3.0, rounds=1)
     assert train_round(site, w, run, "run-A", 1).metrics["epsilon"] == pytest.approx(3.0, abs=0.05)
     looser = prepare_site(schema, SitePaths(tmp_path / "site", tmp_path / "state", tmp_path / "models"),
-                          budget_epsilon=3.0, delta=0.1, val_fraction=0.2, min_count=5, seed=0)
+                          budget_epsilon=3.0, delta=0.1, val_fraction=0.2, min_count=5, seed=0, dp=True)
     run_b = load_run_config({"schema": str(tmp_path / "schema.json"), "num-rounds": 1, "batch-size": 16,
                              "epsilon": 3.0, "delta": 0.1, "d-model": 64})
     assert looser.ledger.delta == 1e-5
@@ -194,7 +194,7 @@ def test_a_run_whose_patients_changed_is_refused(tmp_path):
     train_round(site, w, run, "run-A", 1)
     write_site(tmp_path / "site", site_tables(n_per_class=21))  # patients added to the site's tables mid-run
     grown = prepare_site(schema, SitePaths(tmp_path / "site", tmp_path / "state", tmp_path / "models"),
-                         budget_epsilon=30.0, delta=1e-5, val_fraction=0.2, min_count=5, seed=0)
+                         budget_epsilon=30.0, delta=1e-5, val_fraction=0.2, min_count=5, seed=0, dp=True)
     assert grown.dataset_fingerprint != site.dataset_fingerprint
     with pytest.raises(BudgetError, match="another training set"):
         train_round(grown, w, run, "run-A", 2)
