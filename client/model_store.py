@@ -62,11 +62,16 @@ class ModelStore:
 
     def install(self, schema: FeatureSchema, config: ModelConfig, arrays: list[np.ndarray], info: dict,
                 expected_arrays_sha256: str | None = None) -> str:
-        """Write a new version from the model's arrays and activate it; returns the version."""
+        """Write a new version from the model's arrays and activate it; returns the version. The same run's same
+        model delivered again (`oncofed deliver`, a run resumed after a crash during its delivery) activates the
+        intact version already installed instead of adding a copy."""
         got = arrays_sha256(arrays)
         if expected_arrays_sha256 is not None and got != expected_arrays_sha256:
             raise ModelStoreError(f"received model hash {got[:12]}... differs from the announced "
                                   f"{expected_arrays_sha256[:12]}...: not installed, {self.active()} stays active")
+        if info.get("run") and (same := self._installed(got, info)) is not None:
+            self.activate(same)
+            return same
         model = MultiModalTransformer(schema, config)
         try:
             load_arrays(model, arrays)
@@ -89,6 +94,19 @@ class ModelStore:
         fsync_path(self.root)
         self.activate(version)
         return version
+
+    def _installed(self, arrays_sha: str, info: dict) -> str | None:
+        """The newest intact version holding these arrays from the same run and schema, if any."""
+        for version in reversed(self.versions()):
+            try:
+                package = self.package(version)
+                if (package.get("arrays_sha256") == arrays_sha and package.get("run") == info.get("run")
+                        and package.get("schema_hash") == info.get("schema_hash", package.get("schema_hash"))):
+                    self.verify(version)
+                    return version
+            except (ModelStoreError, OSError, ValueError):
+                continue  # damaged: a fresh copy is installed
+        return None
 
     def verify(self, version: str, signing_public_key=None) -> dict:
         """The package, after checking its weights file against its SHA-256 and, given the consortium's

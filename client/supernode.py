@@ -35,7 +35,8 @@ def load_site(site_dir: str | Path) -> SiteConfig:
     """The site's settings with everything the SuperNode needs set, or SiteConfigError naming the key."""
     return SiteConfig.load(Path(site_dir).resolve() / "site.json").require(
         "site-name", "superlink", "root-certificates", "auth-supernode-private-key", "privacy-budget", "data-path",
-        fix="run `oncofed site init` again or set it")
+        fix="set it in site.json (`oncofed site init` wrote it; a new `site init` would start an empty privacy "
+            "ledger elsewhere, forgetting the budget spent)")
 
 
 def node_config(settings: SiteConfig) -> str:

@@ -131,6 +131,13 @@ def check_private_key(path: Path, what: str) -> Check:
     return Check(name, True, f"mode {mode:04o}")
 
 
+def _new_key(path: Path) -> str:
+    # not `oncofed site init` again: it wants an empty directory, and a new one starts an empty privacy ledger,
+    # so the site's spent budget would be forgotten
+    return (f"make a new key in place, keeping the site directory (its privacy ledger holds the budget already "
+            f"spent): `ssh-keygen -t ecdsa -b 384 -N '' -f {path}`, then send the new .pub to the operator")
+
+
 def check_site_key(path: Path) -> Check:
     """The site's node-authentication key: owner-only, OpenSSH ECDSA P-384 (what Flower accepts)."""
     c = check_private_key(path, "site key")
@@ -139,10 +146,9 @@ def check_site_key(path: Path) -> Check:
     try:
         key = serialization.load_ssh_private_key(path.read_bytes(), None)
     except (ValueError, TypeError) as e:
-        return Check(c.name, False, f"not an unencrypted OpenSSH private key ({e}); run `oncofed site init` again")
+        return Check(c.name, False, f"not an unencrypted OpenSSH private key ({e}); {_new_key(path)}")
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp384r1":
-        return Check(c.name, False, "Flower's node authentication accepts ECDSA P-384 keys only; run `oncofed site "
-                     "init` again")
+        return Check(c.name, False, f"Flower's node authentication accepts ECDSA P-384 keys only; {_new_key(path)}")
     return Check(c.name, True, f"{c.detail}, ECDSA P-384")
 
 

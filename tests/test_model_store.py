@@ -32,6 +32,19 @@ def test_a_delivered_model_becomes_a_new_active_version_with_its_package(tmp_pat
     assert arrays_sha256([v.numpy() for v in model.state_dict().values()]) == arrays_sha256(_arrays(1))
 
 
+def test_the_same_runs_model_delivered_again_activates_its_installed_version(tmp_path):
+    """`oncofed deliver`, or a run resumed after a crash during its delivery, sends the same model again."""
+    store, schema = ModelStore(tmp_path), tiny_schema()
+    first = store.install(schema, CFG, _arrays(0), {"run": "r1", "round": 10})
+    store.install(schema, CFG, _arrays(1), {"run": "r2", "round": 10})
+    assert store.install(schema, CFG, _arrays(0), {"run": "r1", "round": 10}) == first == store.active()
+    assert store.versions() == ["v0001", "v0002"]
+    with open(tmp_path / first / "weights.pt", "r+b") as fh:  # a damaged copy is not reused
+        fh.seek(200)
+        fh.write(b"\x00\x01\x02\x03")
+    assert store.install(schema, CFG, _arrays(0), {"run": "r1", "round": 10}) == "v0003" == store.active()
+
+
 def test_a_model_whose_hash_differs_from_the_announced_one_is_not_installed(tmp_path):
     store = ModelStore(tmp_path)
     store.install(tiny_schema(), CFG, _arrays(0), {"round": 1})

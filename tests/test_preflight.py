@@ -64,7 +64,9 @@ def test_key_permissions_and_kind(consortium, tmp_path):
     site = init_site(tmp_path / "s", "S", consortium / "public", "",
                      ca_fingerprint=fingerprint(consortium / "ca/ca.crt"))
     assert check_site_key(tmp_path / "s/keys/site.key").ok
-    assert not check_site_key(consortium / "server/server.key").ok  # PEM, not OpenSSH
+    pem = check_site_key(consortium / "server/server.key")  # PEM, not OpenSSH
+    # the fix keeps the site directory: a new `site init` would start an empty privacy ledger elsewhere
+    assert not pem.ok and "ssh-keygen -t ecdsa -b 384" in pem.detail and "site init" not in pem.detail
     assert site.state_dir.startswith("/")  # absolute: the ClientApp runs elsewhere
 
 

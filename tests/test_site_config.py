@@ -72,7 +72,7 @@ def test_a_command_names_the_setting_it_needs(tmp_path):
                                               r"site's name.*\n  - data-path: not set; fix: the site directory"):
         SiteConfig.load(path).require("site-name", "data-path", fix="fix")
     r = CliRunner().invoke(app, ["site", "start", str(tmp_path)])
-    assert r.exit_code == 2 and "site-name: not set; run `oncofed site init` again or set it" in r.output
+    assert r.exit_code == 2 and "site-name: not set; set it in site.json" in r.output
     r = CliRunner().invoke(app, ["serve", "token", "list", "--site-config", str(_write(tmp_path, {"model-dir": "m"}))])
     assert r.exit_code == 2 and "state-dir: Field required" in r.output
 
