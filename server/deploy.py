@@ -20,6 +20,7 @@ SuperLink answers, otherwise 503 naming what is down; `oncofed run` checks it be
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -98,6 +99,11 @@ def server_checks(c: Consortium, metrics_port: int = 0) -> list[Check]:
     checks.append(check_port_free("127.0.0.1", c.internal_port, "SuperLink loopback address"))
     if metrics_port:
         checks.append(check_port_free("127.0.0.1", metrics_port, "metrics (--metrics-port) address"))
+    if left := orphaned_processes(c):
+        pids = " ".join(str(pid) for _, pid in left)
+        checks.append(Check("processes of an earlier `oncofed server start`", False, "its supervisor (pid "
+                            f"{_read_state(c).get('pid')}) was killed and left {', '.join(f'{k} pid {p}' for k, p in left)} "
+                            f"running, holding the ports: stop them with `kill {pids}`, then start again"))
     try:
         c.path("state").mkdir(exist_ok=True)
         probe = c.path("state", ".write-probe")
@@ -107,6 +113,42 @@ def server_checks(c: Consortium, metrics_port: int = 0) -> list[Check]:
     except OSError as e:
         checks.append(Check(f"database directory {c.path('state')}", False, f"not writable ({e.strerror})"))
     return checks
+
+
+def _read_state(c: Consortium) -> dict:
+    try:
+        return json.loads(c.path("state", "server.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, TypeError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def orphaned_processes(c: Consortium) -> list[tuple[str, int]]:
+    """(component, pid) of the processes a killed `oncofed server start` of this consortium left running (its
+    children run in their own sessions, so they outlive it unless a service manager kills its cgroup). A pid is
+    named only if its command line names this consortium's directory, so a reused pid is never blamed."""
+    state = _read_state(c)
+    if not state.get("pid") or _alive(state["pid"]):
+        return []
+    left = []
+    for key in ("superlink_pid", "superexec_pid", "proxy_pid"):
+        pid = state.get(key)
+        try:
+            cmdline = Path(f"/proc/{int(pid)}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, TypeError, ValueError):
+            continue
+        if str(c.root) in cmdline:
+            left.append((key.removesuffix("_pid"), int(pid)))
+    return left
 
 
 def superexec_command(c: Consortium, parent_pid: int) -> list[str]:
@@ -221,14 +263,12 @@ def serve_health(report, host: str = "127.0.0.1", port: int = 0):
 
 def server_health(c: Consortium, timeout: float = 3.0) -> tuple[bool, str]:
     """(all up, why not) from the running `oncofed server start`'s /health (its loopback port in server.json)."""
-    import json
     import urllib.error
     import urllib.request
 
     state = c.path("state", "server.json")
-    try:
-        port = json.loads(state.read_text())["health_port"]
-    except (OSError, ValueError, KeyError):
+    port = _read_state(c).get("health_port")
+    if port is None:
         return False, f"the server is not running ({state} has no health port): start it with `oncofed server start`"
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=timeout) as r:

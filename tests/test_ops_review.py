@@ -99,3 +99,29 @@ def test_e_a_deployed_site_uses_its_own_pinned_schema_not_the_servers_path(tmp_p
     assert site_schema_path(deployed, cfg) == own
     assert site_schema_path(simulated, cfg) == __import__("pathlib").Path(
         "/srv/elsewhere/oncofed/simulations/schemas/tcga_pancan33.json")
+
+
+def test_f_processes_a_killed_server_start_left_running_are_named_with_the_fix(consortium):
+    """Killed (kill -9) outside a service manager, `oncofed server start` left its SuperLink and nginx running
+    (their own sessions), and a restart said only that the ports were taken."""
+    import json
+    import subprocess
+    import sys
+
+    from server.deploy import orphaned_processes
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(consortium.root)])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        consortium.path("state").mkdir(exist_ok=True)
+        consortium.path("state", "server.json").write_text(json.dumps(
+            {"pid": dead.pid, "superlink_pid": ours.pid, "proxy_pid": other.pid}))
+        # a pid whose command line does not name this consortium (a reused pid) is not blamed
+        assert orphaned_processes(consortium) == [("superlink", ours.pid)]
+        failed = [c for c in server_checks(consortium) if not c.ok]
+        assert any(f"kill {ours.pid}" in c.detail and "was killed" in c.detail for c in failed), failed
+    finally:
+        ours.kill()
+        other.kill()
