@@ -83,6 +83,14 @@ def add_site(root: str | Path, name: str, public_key: str | Path) -> dict:
     if any(s["name"] == name and not s.get("removed") for s in record["sites"]):
         raise ProvisioningError(f"site {name!r} is already registered; remove it first to replace its key")
     data = _check_site_key(public_key)
+    # Flower refuses a key it has ever registered ("Public key already in use"), a removed site's included:
+    # name who holds (or held) it, since the fix is a new key at the hospital
+    for s in record["sites"]:
+        if s.get("key_sha256") == fingerprint(data):
+            raise ProvisioningError(f"{public_key}: this key is (or was) site {s['name']!r}'s"
+                                    + (" (removed)" if s.get("removed") else "") + "; the SuperLink never takes a "
+                                    "key twice: the hospital makes a new one (`ssh-keygen -t ecdsa -b 384 -N '' -f "
+                                    "keys/site.key` in its site directory) and sends its .pub")
     out = _flwr(root, "register", str(public_key.resolve()))
     site = {"name": name, "node_id": str(out["node-id"]), "key_sha256": fingerprint(data),
             "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -54,6 +54,11 @@ def test_sites_are_registered_listed_and_removed_with_an_audit_trail(consortium,
         add_site(consortium, "C0", tmp_path / "C0" / "keys" / "site.key.pub")
     remove_site(consortium, "C1")
     assert [s["name"] for s in list_sites(consortium)] == ["C0"]
+    # Flower never takes a key twice: the removed site's key, or another site's under a new name, is named
+    with pytest.raises(ProvisioningError, match="site 'C1'.s \\(removed\\).*makes a new one"):
+        add_site(consortium, "C1", tmp_path / "C1" / "keys" / "site.key.pub")
+    with pytest.raises(ProvisioningError, match="site 'C0'.s;"):
+        add_site(consortium, "C9", tmp_path / "C0" / "keys" / "site.key.pub")
     events = [json.loads(x)["event"] for x in (consortium / "audit.jsonl").read_text().splitlines()]
     assert events == ["site_added", "site_added", "site_removed"] and verify(consortium / "audit.jsonl").ok
 
