@@ -229,7 +229,33 @@ def site_policy_mod(msg: Message, context: Context, call_next):
                            active_sites=len(active), needed=need)
             return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=REFUSAL_PREFIX + reason),
                            reply_to=msg)
+        if reason := _unmasked_before(settings, context, sorted(active)):
+            log(WARNING, "site %s: %s", settings.name, reason)
+            _audit_quietly(site_audit(settings), settings.name, "unmask_refused", run=_run_key(context),
+                           active_sites=len(active), needed=need, unmasked_before=True)
+            return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=REFUSAL_PREFIX + reason),
+                           reply_to=msg)
     return _refusing(msg, context, lambda m, c: secaggplus_mod(m, c, call_next))
+
+
+def _unmasked_before(settings: SiteSettings, context: Context, active: list[int]) -> str:
+    """Why the site gives no key shares for this round's sum ("" when it gives them): its released update was
+    unmasked before in a sum over other sites. A resumed round resends the same bits; two sums over different
+    sets would reveal, by their difference, single sites' updates. The set is kept before the shares leave."""
+    state = context.state.config_records.get("oncofed", {})
+    run_key, rnd = str(state.get(RUN_KEY, "")), int(state.get(SERVER_ROUND, 0) or 0)
+    releases = ReleaseStore(settings.paths.state_dir)
+    if not run_key or not rnd or not releases.has(run_key, rnd):
+        return ""
+    before = releases.unmasked_with(run_key, rnd)
+    if before is None:
+        releases.record_unmask(run_key, rnd, active)
+        return ""
+    if before == active:
+        return ""  # the same sum again: nothing new
+    return (f"{settings.name}: round {rnd} of run {run_key} was unmasked before in a sum over other sites "
+            f"({len(before)} then, {len(active)} now); its update goes into no second sum, whose difference with "
+            "the first could reveal single updates, so the site gives no key shares")
 
 
 def _refusing(msg: Message, context: Context, call_next) -> Message:
@@ -321,7 +347,7 @@ def train(msg: Message, context: Context) -> Message:
     settings = site_settings(context, cfg)
     rnd = int(fitins.config[SERVER_ROUND])
     run_key = str(fitins.config[RUN_KEY])
-    context.state.config_records["oncofed"] = ConfigRecord({RUN_KEY: run_key})
+    context.state.config_records["oncofed"] = ConfigRecord({RUN_KEY: run_key, SERVER_ROUND: rnd})
     audit = site_audit(settings)
     keep_server_anchor(settings, context, cfg, fitins.config.get(AUDIT_ANCHOR))
     if reason := budget_refusal(settings, cfg) or delta_refusal(settings, cfg):

@@ -54,6 +54,25 @@ class ReleaseStore:
         for old in sorted(path.parent.glob("round-[0-9]*.npz"))[:-KEEP]:  # after the new one is durable
             if int(old.stem.split("-")[1]) < rnd:
                 old.unlink(missing_ok=True)
+                old.with_suffix(".unmask.json").unlink(missing_ok=True)
+
+    def has(self, run_id: str, rnd: int) -> bool:
+        return self._path(run_id, rnd).exists()
+
+    def unmasked_with(self, run_id: str, rnd: int) -> list[int] | None:
+        """The sites (SecAgg+ node ids) whose sum this site helped unmask in this round, if it did."""
+        try:
+            return json.loads(self._path(run_id, rnd).with_suffix(".unmask.json").read_text())["active"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def record_unmask(self, run_id: str, rnd: int, active: list[int]) -> None:
+        """Kept before the key shares leave: a released update is only ever unmasked in this one sum. In a
+        second sum over other sites (a resumed round) the difference of the two would reveal single updates."""
+        path = self._path(run_id, rnd).with_suffix(".unmask.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path, "w") as fh:
+            fh.write(json.dumps({"active": sorted(int(i) for i in active)}))
 
     def load(self, run_id: str, rnd: int) -> Release | None:
         path = self._path(run_id, rnd)

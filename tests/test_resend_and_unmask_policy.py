@@ -161,3 +161,32 @@ def test_a_deployed_site_without_its_own_budget_spends_nothing(tmp_path):
     with pytest.raises(SiteRefusal, match="sets no privacy-budget"):
         train(_fit(weights), ctx)
     assert not (tmp_path / "state" / "privacy-ledger.json").exists()
+
+
+def test_a_released_round_is_unmasked_in_one_sum_only(released, monkeypatch):
+    """A resumed round resends the same bits: unmasked again over other sites, the two sums' difference would
+    reveal single updates. The same sum again reveals nothing new."""
+    import client.app
+    from client.app import site_policy_mod
+    from client.releases import ReleaseStore
+    from shared_models.protocol import RUN_KEY, SERVER_ROUND
+
+    tmp, schema_path, _, _ = released
+    store, handed = ReleaseStore(tmp / "state"), []
+
+    def flowers_mod(msg, ctx, call_next):  # Flower's SecAgg+ mod: where the key shares would be handed over
+        handed.append(store.unmasked_with("run-X", 1))
+        return Message(RecordDict(), reply_to=msg)
+
+    monkeypatch.setattr(client.app, "secaggplus_mod", flowers_mod)
+
+    def unmask(active):
+        ctx = _context(tmp, _run(schema_path))
+        ctx.state.config_records["oncofed"] = ConfigRecord({RUN_KEY: "run-X", SERVER_ROUND: 1})
+        return site_policy_mod(_unmask(active, []), ctx, None)
+
+    assert not unmask([1, 2, 3]).has_error() and handed == [[1, 2, 3]]  # the set kept before any share leaves
+    assert not unmask([3, 2, 1]).has_error() and len(handed) == 2  # the same sum again
+    reply = unmask([1, 2, 4])
+    assert reply.has_error() and "unmasked before in a sum over other sites" in reply.error.reason
+    assert len(handed) == 2 and store.unmasked_with("run-X", 1) == [1, 2, 3]
