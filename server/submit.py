@@ -35,6 +35,27 @@ def is_duplicate_log_line(line: str) -> bool:
     return bool(_DUPLICATE.match(line))
 
 
+class TracebackFolder:
+    """An operator reads the ServerApp's stream: a Python traceback in it (a refusal the ServerApp raises, e.g. a
+    resumed run whose config changed) is shown as its last line, the error, and where the whole one is kept."""
+
+    def __init__(self, log_path: Path):
+        self.log_path, self.inside = log_path, False
+
+    def show(self, line: str) -> str | None:
+        """The line to show (None: folded away)."""
+        if "Traceback (most recent call last):" in line:
+            self.inside = True
+            return None
+        if self.inside:
+            if line[:1].isspace() or not line.strip() or line.startswith(("During handling of the above",
+                                                                          "The above exception was")):
+                return None
+            self.inside = False
+            return f"{line.rstrip()}  (traceback in {self.log_path})\n"
+        return line
+
+
 _STARTED = re.compile(r"Successfully started run (\d+)")
 
 
@@ -238,11 +259,13 @@ def _submit_run(c: Consortium, name: str, run_dir: Path, overrides: dict, resume
         shown[0].start()
         return lambda: (shown[0].stop(), timer is not None and timer.cancel())
 
+    folder = TracebackFolder(log_path)
+
     def on_line(line: str) -> None:
         if m := _STARTED.search(line):
             _record_flwr_run(run_dir, int(m.group(1)))
             lock.close()  # recorded: the next `oncofed run NAME` sees it in its preflight
-        if not is_duplicate_log_line(line):
+        if not is_duplicate_log_line(line) and (line := folder.show(line)) is not None:
             shown[0].write(line)
 
     returncode = run_flwr([str(PROJECT), "consortium", "--stream", "--run-config", flwr_overrides(values)], env,

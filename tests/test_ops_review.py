@@ -125,3 +125,18 @@ def test_f_processes_a_killed_server_start_left_running_are_named_with_the_fix(c
     finally:
         ours.kill()
         other.kill()
+
+
+def test_g_a_serverapp_traceback_reaches_the_operator_as_its_error_line(tmp_path):
+    from server.submit import TracebackFolder
+
+    stream = ["INFO :      [ROUND 1]\n", "ERROR :     ServerApp thread raised an exception\n",
+              "Traceback (most recent call last):\n", '  File "/x/flwr/server/run.py", line 10, in run\n',
+              "    main(grid, context)\n", "\n", "During handling of the above exception, another exception occurred:\n",
+              "\n", "Traceback (most recent call last):\n", '  File "/x/server/app.py", line 160, in main\n',
+              "ValueError: run config resume = true but runs/x holds no started run\n", "INFO :      done\n"]
+    folder = TracebackFolder(tmp_path / "flwr-run.log")
+    shown = [out for line in stream if (out := folder.show(line)) is not None]
+    assert shown == ["INFO :      [ROUND 1]\n", "ERROR :     ServerApp thread raised an exception\n",
+                     f"ValueError: run config resume = true but runs/x holds no started run  (traceback in "
+                     f"{tmp_path / 'flwr-run.log'})\n", "INFO :      done\n"]
