@@ -62,8 +62,8 @@ class ModelStore:
 
     def install(self, schema: FeatureSchema, config: ModelConfig, arrays: list[np.ndarray], info: dict,
                 expected_arrays_sha256: str | None = None) -> str:
-        """Write a new version from the model's arrays and activate it; returns the version. The same run's same
-        model delivered again (`oncofed deliver`, a run resumed after a crash during its delivery) activates the
+        """Write a new version from the model's arrays and activate it; returns the version. The same run's model
+        delivered again with the same description (`oncofed deliver` sends the saved package) activates the
         intact version already installed instead of adding a copy."""
         got = arrays_sha256(arrays)
         if expected_arrays_sha256 is not None and got != expected_arrays_sha256:
@@ -96,12 +96,16 @@ class ModelStore:
         return version
 
     def _installed(self, arrays_sha: str, info: dict) -> str | None:
-        """The newest intact version holding these arrays from the same run and schema, if any."""
+        """The newest intact version holding these arrays under the same delivery description (signature aside:
+        each signing draws a new one), if any."""
+        from privacy.signing import SIGNATURE_KEY
+
+        described = {k: v for k, v in info.items() if k != SIGNATURE_KEY}
         for version in reversed(self.versions()):
             try:
                 package = self.package(version)
-                if (package.get("arrays_sha256") == arrays_sha and package.get("run") == info.get("run")
-                        and package.get("schema_hash") == info.get("schema_hash", package.get("schema_hash"))):
+                delivered = {k: v for k, v in package.get("delivery", {}).items() if k != SIGNATURE_KEY}
+                if package.get("arrays_sha256") == arrays_sha and delivered == described:
                     self.verify(version)
                     return version
             except (ModelStoreError, OSError, ValueError):

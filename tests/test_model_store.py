@@ -37,12 +37,14 @@ def test_the_same_runs_model_delivered_again_activates_its_installed_version(tmp
     store, schema = ModelStore(tmp_path), tiny_schema()
     first = store.install(schema, CFG, _arrays(0), {"run": "r1", "round": 10})
     store.install(schema, CFG, _arrays(1), {"run": "r2", "round": 10})
-    assert store.install(schema, CFG, _arrays(0), {"run": "r1", "round": 10}) == first == store.active()
-    assert store.versions() == ["v0001", "v0002"]
+    assert store.install(schema, CFG, _arrays(0), {"run": "r1", "round": 10, "signature": "another"}) == first
+    assert store.active() == first and store.versions() == ["v0001", "v0002"]
+    # described otherwise (another label on the same weights): a version of its own
+    assert store.install(schema, CFG, _arrays(0), {"run": "r1", "round": 10, "dp": False}) == "v0003"
     with open(tmp_path / first / "weights.pt", "r+b") as fh:  # a damaged copy is not reused
         fh.seek(200)
         fh.write(b"\x00\x01\x02\x03")
-    assert store.install(schema, CFG, _arrays(0), {"run": "r1", "round": 10}) == "v0003" == store.active()
+    assert store.install(schema, CFG, _arrays(0), {"run": "r1", "round": 10}) == "v0004" == store.active()
 
 
 def test_a_model_whose_hash_differs_from_the_announced_one_is_not_installed(tmp_path):
