@@ -147,11 +147,11 @@ def site_schema_path(context: Context, cfg: RunConfig) -> Path:
 _PREPARED: dict[tuple, "PreparedSite"] = {}  # one per site and schema, reused across rounds in this process
 
 
-def prepared(settings: SiteSettings, cfg: RunConfig, schema_path: Path | None = None) -> "PreparedSite":
+def prepared(settings: SiteSettings, cfg: RunConfig, schema_path: Path) -> "PreparedSite":
     from client.site import prepare_site
     from shared_models.schema import FeatureSchema
 
-    schema = FeatureSchema.load(schema_path or cfg.path(cfg.run.schema_path))
+    schema = FeatureSchema.load(schema_path)  # site_schema_path: the site's own in a deployment
     delta = accounting_delta(settings, cfg)
     key = (str(settings.paths.site_dir), schema.content_hash(), settings.budget_epsilon, delta, cfg.training.seed,
            cfg.site.val_fraction, cfg.site.min_count, cfg.privacy.enabled)
@@ -194,11 +194,8 @@ def site_policy_mod(msg: Message, context: Context, call_next):
                       f"site's min-aggregate-sites {settings.min_aggregate_sites}, so the other sites could unmask a sum "
                       "of fewer sites without this one; the site takes no part in the round (the operator raises "
                       "secagg-threshold, or the site lowers min-aggregate-sites)")
-            log(WARNING, "site %s: %s", settings.name, reason)
-            _audit_quietly(site_audit(settings), settings.name, "unmask_refused", run=_run_key(context),
-                           secagg_threshold=threshold, needed=settings.min_aggregate_sites)
-            return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=REFUSAL_PREFIX + reason),
-                           reply_to=msg)
+            return _no_key_shares(msg, context, settings, reason, secagg_threshold=threshold,
+                                  needed=settings.min_aggregate_sites)
     if configs.get(SecAggKey.STAGE) == Stage.UNMASK:
         settings = site_settings(context, cfg)
         # dp-mode "distributed": a sum of fewer than trusted-sites contributions carries less noise than assumed
@@ -214,28 +211,26 @@ def site_policy_mod(msg: Message, context: Context, call_next):
                 msg.metadata.dst_node_id not in active):
             reason = (f"{settings.name}: the server's unmask request lists a node twice, as both active and dead, or "
                       "not this site among the active ones; the site gives no key shares")
-            log(WARNING, "site %s: %s", settings.name, reason)
-            _audit_quietly(site_audit(settings), settings.name, "unmask_refused", run=_run_key(context),
-                           active_sites=len(active), needed=need, malformed=True)
-            return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=REFUSAL_PREFIX + reason),
-                           reply_to=msg)
+            return _no_key_shares(msg, context, settings, reason, active_sites=len(active), needed=need,
+                                  malformed=True)
         if len(active) < need:
             reason = (f"{settings.name}: {len(active)} sites sent masked vectors, fewer than {need} (min-sites "
                       f"{cfg.federation.min_sites}, the site's min-aggregate-sites {settings.min_aggregate_sites}"
                       + (f", the run's trusted-sites {trusted}" if trusted else "") + "); the site "
                       "gives no key shares, so this sum is never unmasked")
-            log(WARNING, "site %s: %s", settings.name, reason)
-            _audit_quietly(site_audit(settings), settings.name, "unmask_refused", run=_run_key(context),
-                           active_sites=len(active), needed=need)
-            return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=REFUSAL_PREFIX + reason),
-                           reply_to=msg)
+            return _no_key_shares(msg, context, settings, reason, active_sites=len(active), needed=need)
         if reason := _unmasked_before(settings, context, sorted(active)):
-            log(WARNING, "site %s: %s", settings.name, reason)
-            _audit_quietly(site_audit(settings), settings.name, "unmask_refused", run=_run_key(context),
-                           active_sites=len(active), needed=need, unmasked_before=True)
-            return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=REFUSAL_PREFIX + reason),
-                           reply_to=msg)
+            return _no_key_shares(msg, context, settings, reason, active_sites=len(active), needed=need,
+                                  unmasked_before=True)
     return _refusing(msg, context, lambda m, c: secaggplus_mod(m, c, call_next))
+
+
+def _no_key_shares(msg: Message, context: Context, settings: SiteSettings, reason: str, **fields) -> Message:
+    """The site's refusal at a SecAgg+ stage: logged, in its audit log (`unmask_refused` with `fields`), and the
+    error reply that keeps its key shares (and, at setup, its whole part in the round) from the server."""
+    log(WARNING, "site %s: %s", settings.name, reason)
+    _audit_quietly(site_audit(settings), settings.name, "unmask_refused", run=_run_key(context), **fields)
+    return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=REFUSAL_PREFIX + reason), reply_to=msg)
 
 
 def _unmasked_before(settings: SiteSettings, context: Context, active: list[int]) -> str:
@@ -484,7 +479,7 @@ def _train_distributed(msg: Message, fitins, context: Context, cfg: RunConfig, s
     if site.ledger.released(site.dataset_fingerprint, run_key, rnd) is not None:
         _resend_terms(fitins, msg, settings, site, run_key, cfg, audit)
         release = releases.load(run_key, rnd)
-        if release is not None and (problem := _off_grid(release, grid, n_sites)):
+        if release is not None and (problem := grid.off_grid(release.delta, release.num_examples, n_sites)):
             raise _refusal(fitins, msg, settings.name, f"round {rnd} of run {run_key} was released on another SecAgg+ "
                            f"grid ({problem}); resent into this one, Flower would change the values and the sum would "
                            "not be the Skellam mechanism the site accounted for, so the site sends nothing", audit)
@@ -528,23 +523,6 @@ def _resend_terms(fitins, msg: Message, settings: SiteSettings, site, run_key: s
         saved_plan(site, run_key, cfg)
     except BudgetError as e:
         raise _refusal(fitins, msg, settings.name, str(e), audit) from None
-
-
-def _off_grid(release, grid: "SecAggGrid", n_sites: int) -> str:
-    """Why Flower's arithmetic on this SecAgg+ grid would not be the identity on a released distributed update
-    ("" when it is): the values must be integers times the grid step within +-Q/2, with weight max-weight."""
-    from privacy.distributed import GridError
-
-    try:
-        grid.check(n_sites)
-    except GridError as e:
-        return str(e)
-    if release.num_examples != grid.max_weight:
-        return f"weight {release.num_examples}, this grid's max-weight {grid.max_weight:g}"
-    z = np.concatenate([np.asarray(a, np.float64).ravel() for a in release.delta]) / grid.step
-    if not np.array_equal(z, np.rint(z)) or np.abs(z).max(initial=0) > grid.half_range:
-        return f"its values are not on this grid's step {grid.step:g} within +-{grid.half_range}"
-    return ""
 
 
 def _resend(msg: Message, fitins, settings: SiteSettings, release, global_sha256: str, audit: AuditLog) -> Message:

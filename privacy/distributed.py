@@ -82,6 +82,21 @@ class SecAggGrid:
     def half_range(self) -> int:  # the largest |z| Flower takes without clipping
         return self.quantization_range // 2
 
+    def off_grid(self, arrays: list[np.ndarray], weight: float, n_sites: int) -> str:
+        """Why Flower's arithmetic on this grid would not be the identity on `arrays` sent with `weight` ("" when it
+        is): the values must be whole grid steps within +-half_range (what `to_flower` gives), with weight
+        max-weight, and the grid itself must pass `check`. For a released update resent into another session."""
+        try:
+            self.check(n_sites)
+        except GridError as e:
+            return str(e)
+        if weight != self.max_weight:
+            return f"weight {weight}, this grid's max-weight {self.max_weight:g}"
+        z = np.concatenate([np.asarray(a, np.float64).ravel() for a in arrays]) / self.step
+        if not np.array_equal(z, np.rint(z)) or np.abs(z).max(initial=0) > self.half_range:
+            return f"its values are not on this grid's step {self.step:g} within +-{self.half_range}"
+        return ""
+
     def check(self, n_sites: int) -> None:
         """Refuse parameters under which Flower's arithmetic is not the identity on the grid, or a sum of
         `n_sites` in-range values could wrap the modulus."""

@@ -92,15 +92,14 @@ def load_latest(root: Path) -> Checkpoint | None:
 RUN_LOCK = ".serverapp.lock"
 
 
-def hold_run_lock(out: Path, wait: float = 0.0):
-    """An exclusive lock on the run directory, held for the ServerApp's life (the kernel releases it when the
-    process ends, a crash included), so that two ServerApps never write one run's run.json, checkpoints and
-    audit log. `wait`: seconds to wait for a previous ServerApp being stopped (a resume, a delivery). Returns
-    the open lock file: keep a reference to it."""
+def exclusive_lock(path: Path, wait: float = 0.0):
+    """The open file `path` holding an exclusive flock (the kernel releases it when the file is closed or the
+    process ends, a crash included), or None if another holder keeps it for `wait` seconds. Keep a reference
+    to the file: the lock lives as long as it stays open."""
     import fcntl
 
-    out.mkdir(parents=True, exist_ok=True)
-    fh = open(out / RUN_LOCK, "a+")  # noqa: SIM115 - held open: the lock lives as long as the file stays open
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")  # noqa: SIM115 - held open: the lock is the open file
     deadline = time.monotonic() + wait
     while True:
         try:
@@ -109,10 +108,20 @@ def hold_run_lock(out: Path, wait: float = 0.0):
         except BlockingIOError:
             if time.monotonic() >= deadline:
                 fh.close()
-                raise CheckpointError(f"{out}: another ServerApp is running this run (two `oncofed run` of one name, "
-                                      "or a delivery during training); nothing was started. `oncofed runs list` shows "
-                                      "it; let it finish, or `oncofed runs stop` it first") from None
+                return None
             time.sleep(0.5)
+
+
+def hold_run_lock(out: Path, wait: float = 0.0):
+    """An exclusive lock on the run directory, held for the ServerApp's life, so that two ServerApps never write
+    one run's run.json, checkpoints and audit log. `wait`: seconds to wait for a previous ServerApp being
+    stopped (a resume, a delivery). Returns the open lock file: keep a reference to it."""
+    fh = exclusive_lock(out / RUN_LOCK, wait)
+    if fh is None:
+        raise CheckpointError(f"{out}: another ServerApp is running this run (two `oncofed run` of one name, or a "
+                              "delivery during training); nothing was started. `oncofed runs list` shows it; let it "
+                              "finish, or `oncofed runs stop` it first")
+    return fh
 
 
 RUN_FILE = "run.json"

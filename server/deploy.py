@@ -42,6 +42,7 @@ from server import proxy
 from server.processes import (
     QUIET_ENV,
     answers_health,
+    pid_alive,
     secure_superlink_command,
     signal_group,
     start_group,
@@ -102,7 +103,7 @@ def server_checks(c: Consortium, metrics_port: int = 0) -> list[Check]:
     if left := orphaned_processes(c):
         pids = " ".join(str(pid) for _, pid in left)
         checks.append(Check("processes of an earlier `oncofed server start`", False, "its supervisor (pid "
-                            f"{_read_state(c).get('pid')}) was killed and left {', '.join(f'{k} pid {p}' for k, p in left)} "
+                            f"{server_state(c.root).get('pid')}) was killed and left {', '.join(f'{k} pid {p}' for k, p in left)} "
                             f"running, holding the ports: stop them with `kill {pids}`, then start again"))
     try:
         c.path("state").mkdir(exist_ok=True)
@@ -115,29 +116,20 @@ def server_checks(c: Consortium, metrics_port: int = 0) -> list[Check]:
     return checks
 
 
-def _read_state(c: Consortium) -> dict:
+def server_state(root: Path) -> dict:
+    """The consortium's state/server.json (what `oncofed server start` records), {} when absent or unreadable."""
     try:
-        return json.loads(c.path("state", "server.json").read_text())
+        return json.loads((Path(root) / "state" / "server.json").read_text())
     except (OSError, ValueError):
         return {}
-
-
-def _alive(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, TypeError, ValueError):
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def orphaned_processes(c: Consortium) -> list[tuple[str, int]]:
     """(component, pid) of the processes a killed `oncofed server start` of this consortium left running (its
     children run in their own sessions, so they outlive it unless a service manager kills its cgroup). A pid is
     named only if its command line names this consortium's directory, so a reused pid is never blamed."""
-    state = _read_state(c)
-    if not state.get("pid") or _alive(state["pid"]):
+    state = server_state(c.root)
+    if not state.get("pid") or pid_alive(state["pid"]):
         return []
     left = []
     for key in ("superlink_pid", "superexec_pid", "proxy_pid"):
@@ -267,7 +259,7 @@ def server_health(c: Consortium, timeout: float = 3.0) -> tuple[bool, str]:
     import urllib.request
 
     state = c.path("state", "server.json")
-    port = _read_state(c).get("health_port")
+    port = server_state(c.root).get("health_port")
     if port is None:
         return False, f"the server is not running ({state} has no health port): start it with `oncofed server start`"
     try:

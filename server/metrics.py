@@ -39,13 +39,6 @@ def latest_status(runs: Path) -> dict | None:
     return best
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 class ConsortiumCollector:
     def __init__(self, runs: Path, list_sites=None):
         """`list_sites`: a callable returning the registered sites with their `status`, called at scrape
@@ -56,8 +49,10 @@ class ConsortiumCollector:
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
+        from server.deploy import server_state
+
         status = latest_status(self.runs)
-        server = _read_json(self.runs.parent / "state" / "server.json") or {}
+        server = server_state(self.runs.parent)
         if server.get("components"):
             up = GaugeMetricFamily("oncofed_server_process_up", "1 while the supervised process runs",
                                    labels=["process"])

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from privacy.preflight import Check, check_reachable, check_signing_key, report
 from privacy.run_config import load_run_config
-from server.checkpoint import RUN_FILE, CheckpointError, frozen_run, has_checkpoint, run_config_changes
+from server.checkpoint import (RUN_FILE, CheckpointError, exclusive_lock, frozen_run, has_checkpoint,
+                               run_config_changes)
 from server.deploy import FLOWER_ENV, Consortium, DeployError, check_server_health, server_health
 from server.processes import run_flwr
 from shared_models.files import write_json_atomic
@@ -192,16 +193,10 @@ def submit_lock(c: Consortium, name: str):
     """Held by one `oncofed run NAME` from its preflight until its flwr run is recorded (flwr-runs.json): a second
     `oncofed run NAME` at the same moment would pass the same preflight and start a second ServerApp on the
     same run directory."""
-    import fcntl
-
-    c.path("runs").mkdir(parents=True, exist_ok=True)
-    fh = open(c.path("runs", f".{name}.submit.lock"), "a+")  # noqa: SIM115 - the lock is the open file
-    try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.close()
+    fh = exclusive_lock(c.path("runs", f".{name}.submit.lock"))
+    if fh is None:
         raise DeployError(f"another `oncofed run --name {name}` is submitting run {name!r} right now; nothing was "
-                          f"submitted. `oncofed runs follow {c.root} {name}` follows it") from None
+                          f"submitted. `oncofed runs follow {c.root} {name}` follows it")
     return fh
 
 
