@@ -99,3 +99,23 @@ def fsynced_paths(monkeypatch) -> list[str]:
     synced, real = [], os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd))[1])
     return synced
+
+
+def site_message(content, message_type: str | None = None):
+    """A message from the server to the site of node 1, as its SuperNode hands it to the ClientApp (a TRAIN
+    message unless `message_type` says otherwise)."""
+    from flwr.app import Message, Metadata
+    from flwr.app.message_type import MessageType
+
+    meta = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
+                    created_at=time.time(), ttl=600.0, message_type=message_type or MessageType.TRAIN)
+    return Message(content, metadata=meta)
+
+
+def unmask_message(active: list[int], dead: list[int]):
+    """SecAgg+'s unmask stage for node 1: the sites that sent masked vectors (active) and those that did not."""
+    from flwr.app import ConfigRecord, RecordDict
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+    return site_message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({
+        Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: active, Key.DEAD_NODE_ID_LIST: dead})}))

@@ -390,25 +390,20 @@ def test_the_server_steps_its_optimizer_on_the_decoded_sum_divided_by_the_expect
 
 def test_a_site_gives_no_key_shares_for_a_sum_of_fewer_than_trusted_sites(tmp_path):
     import json
-    import time
 
-    from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
-    from flwr.app.message_type import MessageType
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+    from flwr.app import Context, RecordDict
 
     from client.app import site_policy_mod
+    from tests.factories import unmask_message
 
     def never(msg, context):
         raise AssertionError("the site must refuse before Flower's SecAgg+ mod runs")
 
-    cfg = ConfigRecord({Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: [1, 2, 3], Key.DEAD_NODE_ID_LIST: [4]})
-    meta = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
-                    created_at=time.time(), ttl=600.0, message_type=MessageType.TRAIN)
     ctx = Context(run_id=1, node_id=1, node_config={"data-path": str(tmp_path / "site"),
                                                     "state-dir": str(tmp_path / "state"), "max-trusted-sites": 4},
                   state=RecordDict(), run_config={"schema": "s.json", "min-sites": 2, "dp-mode": "distributed",
                                                   "strategy": "fedavgm", "trusted-sites": 4})
-    reply = site_policy_mod(Message(RecordDict({RECORD_KEY_CONFIGS: cfg}), metadata=meta), ctx, never)
+    reply = site_policy_mod(unmask_message([1, 2, 3], [4]), ctx, never)
     assert reply.has_error() and "3 sites sent masked vectors, fewer than 4" in reply.error.reason
     assert "the run's trusted-sites 4" in reply.error.reason
     events = [json.loads(x) for x in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]

@@ -5,16 +5,16 @@ enter the server's records."""
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
 from shared_models.protocol import (ARRAYS_RECORD, AUDIT_HEAD, CONFIG_RECORD, EVALUATE_METRICS, FIT_METRICS,
                                     PACKAGE_INFO, REPLY, SAVE_MODEL, DeliveryReply, ModelPackage, allowed_metrics)
+from tests.factories import site_message
 
 
 def _old_package(distributed: bool) -> dict:
@@ -103,9 +103,7 @@ def test_only_allow_listed_metrics_leave_a_site_or_enter_the_servers_round_recor
 def _save_model_message(package: dict, arrays: list[np.ndarray]) -> Message:
     content = RecordDict({ARRAYS_RECORD: ArrayRecord(numpy_ndarrays=arrays),
                           CONFIG_RECORD: ConfigRecord({PACKAGE_INFO: json.dumps(package)})})
-    meta = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
-                    created_at=time.time(), ttl=600.0, message_type=f"{MessageType.QUERY}.{SAVE_MODEL}")
-    return Message(content, metadata=meta)
+    return site_message(content, f"{MessageType.QUERY}.{SAVE_MODEL}")
 
 
 def test_a_site_installs_a_signed_package_and_refuses_one_that_is_not_a_package(tmp_path):

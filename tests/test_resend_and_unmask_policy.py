@@ -3,24 +3,18 @@ SecAgg+ key shares only for a well-formed unmask request (review of 2026-12-04, 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
-from flwr.app.message_type import MessageType
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 from flwr.compat.common.recorddict_compat import fitins_to_recorddict, recorddict_to_fitres
 
 from shared_models.protocol import RUN_KEY, SERVER_ROUND
-
-
-def _meta() -> Metadata:
-    return Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
-                    created_at=time.time(), ttl=600.0, message_type=MessageType.TRAIN)
+from tests.factories import site_message, unmask_message
 
 
 def _run(schema_path, **kw) -> dict:
@@ -39,13 +33,8 @@ def _context(tmp: Path, run: dict, node: dict | None = None, q: int = 2 ** 30) -
 
 
 def _fit(weights, rnd: int = 1) -> Message:
-    return Message(fitins_to_recorddict(FitIns(ndarrays_to_parameters(weights), {SERVER_ROUND: rnd, RUN_KEY: "run-X"}),
-                                        keep_input=True), metadata=_meta())
-
-
-def _unmask(active: list[int], dead: list[int]) -> Message:
-    return Message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({
-        Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: active, Key.DEAD_NODE_ID_LIST: dead})}), metadata=_meta())
+    return site_message(fitins_to_recorddict(FitIns(ndarrays_to_parameters(weights),
+                                                    {SERVER_ROUND: rnd, RUN_KEY: "run-X"}), keep_input=True))
 
 
 @pytest.fixture()
@@ -115,15 +104,14 @@ def test_a_site_gives_no_key_shares_for_a_malformed_unmask_request(tmp_path, act
     run = {"schema": "s.json", "min-sites": 2, "dp-mode": "distributed", "strategy": "fedavgm", "trusted-sites": 4}
     ctx = Context(run_id=1, node_id=1, node_config={"data-path": str(tmp_path / "site"), "state-dir": str(tmp_path / "s"),
                                                     "max-trusted-sites": 4}, state=RecordDict(), run_config=run)
-    reply = site_policy_mod(_unmask(active, dead), ctx, never)
+    reply = site_policy_mod(unmask_message(active, dead), ctx, never)
     assert reply.has_error() and reply.error.reason.startswith("refused: ")
 
 
 def _setup(threshold: int) -> Message:
-    return Message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({
+    return site_message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({
         Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 4, Key.SHARE_NUMBER: 4, Key.THRESHOLD: threshold,
-        Key.CLIPPING_RANGE: 1.0, Key.TARGET_RANGE: 2 ** 22, Key.MOD_RANGE: 2 ** 32, Key.MAX_WEIGHT: 2000.0})}),
-        metadata=_meta())
+        Key.CLIPPING_RANGE: 1.0, Key.TARGET_RANGE: 2 ** 22, Key.MOD_RANGE: 2 ** 32, Key.MAX_WEIGHT: 2000.0})}))
 
 
 @pytest.mark.parametrize("threshold, refused", [(2, True), (3, False)])
@@ -183,7 +171,7 @@ def test_a_released_round_is_unmasked_in_one_sum_only(released, monkeypatch):
     def unmask(active):
         ctx = _context(tmp, _run(schema_path))
         ctx.state.config_records["oncofed"] = ConfigRecord({RUN_KEY: "run-X", SERVER_ROUND: 1})
-        return site_policy_mod(_unmask(active, []), ctx, None)
+        return site_policy_mod(unmask_message(active, []), ctx, None)
 
     assert not unmask([1, 2, 3]).has_error() and handed == [[1, 2, 3]]  # the set kept before any share leaves
     assert not unmask([3, 2, 1]).has_error() and len(handed) == 2  # the same sum again

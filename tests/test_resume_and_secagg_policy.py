@@ -10,28 +10,18 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
-from flwr.app.message_type import MessageType
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.app import Context, Message, RecordDict
 
 from client.app import site_policy_mod
 from client.releases import Release, ReleaseStore
 from server.checkpoint import freeze_run, frozen_run, load_latest, run_config_changes, save_checkpoint
 from server.deploy import DeployError
 from server.submit import resume_values
-from tests.factories import fsynced_paths
+from tests.factories import fsynced_paths, site_message, unmask_message
 from shared_models.protocol import RUN_KEY, SERVER_ROUND
-
-
-def _unmask_message(active: list[int], dead: list[int]) -> Message:
-    cfg = ConfigRecord({Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: active, Key.DEAD_NODE_ID_LIST: dead})
-    meta = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
-                    created_at=time.time(), ttl=600.0, message_type=MessageType.TRAIN)
-    return Message(RecordDict({RECORD_KEY_CONFIGS: cfg}), metadata=meta)
 
 
 def _context(tmp_path, node: dict | None = None, **run) -> Context:
@@ -45,7 +35,7 @@ def _never_called(msg, context):
 
 
 def test_a_site_gives_no_key_shares_for_a_sum_of_fewer_than_min_sites(tmp_path):
-    reply = site_policy_mod(_unmask_message(active=[1], dead=[2, 3]), _context(tmp_path), _never_called)
+    reply = site_policy_mod(unmask_message(active=[1], dead=[2, 3]), _context(tmp_path), _never_called)
     assert reply.has_error()
     assert reply.error.reason.startswith("refused: ") and "1 sites sent masked vectors, fewer than 2" in reply.error.reason
     events = [json.loads(x) for x in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
@@ -54,7 +44,7 @@ def test_a_site_gives_no_key_shares_for_a_sum_of_fewer_than_min_sites(tmp_path):
 
 def test_the_sites_own_floor_wins_over_a_lower_min_sites_from_the_server(tmp_path):
     ctx = _context(tmp_path, node={"min-aggregate-sites": 3}, **{"min-sites": 1})
-    reply = site_policy_mod(_unmask_message(active=[1, 2], dead=[3]), ctx, _never_called)
+    reply = site_policy_mod(unmask_message(active=[1, 2], dead=[3]), ctx, _never_called)
     assert reply.has_error() and "fewer than 3" in reply.error.reason and "min-aggregate-sites 3" in reply.error.reason
 
 
@@ -70,7 +60,7 @@ def test_a_sum_of_enough_sites_goes_on_to_secagg(tmp_path):
     original = app_module.secaggplus_mod
     app_module.secaggplus_mod = lambda msg, ctx, call_next: secagg(msg, ctx)
     try:
-        reply = site_policy_mod(_unmask_message(active=[1, 2], dead=[3]), _context(tmp_path), _never_called)
+        reply = site_policy_mod(unmask_message(active=[1, 2], dead=[3]), _context(tmp_path), _never_called)
     finally:
         app_module.secaggplus_mod = original
     assert not reply.has_error() and len(seen) == 1
@@ -144,9 +134,7 @@ def _train_message(run_key: str = "run-A", rnd: int = 1) -> Message:
 
     content = fitins_to_recorddict(FitIns(ndarrays_to_parameters([np.zeros(2)]),
                                           {SERVER_ROUND: rnd, RUN_KEY: run_key}), keep_input=True)
-    meta = Metadata(run_id=1, message_id="m2", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
-                    created_at=time.time(), ttl=600.0, message_type=MessageType.TRAIN)
-    return Message(content, metadata=meta)
+    return site_message(content)
 
 
 def test_a_released_round_whose_copy_was_pruned_is_refused_not_trained_again(tmp_path):
