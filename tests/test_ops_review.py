@@ -107,6 +107,8 @@ def test_f_processes_a_killed_server_start_left_running_are_named_with_the_fix(c
     import json
     import subprocess
     import sys
+    import time
+    from pathlib import Path
 
     from server.deploy import orphaned_processes
 
@@ -114,6 +116,10 @@ def test_f_processes_a_killed_server_start_left_running_are_named_with_the_fix(c
     dead.wait()
     ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(consortium.root)])
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    deadline = time.monotonic() + 30  # until the children have exec'd: before, /proc shows the forking parent's
+    while str(consortium.root).encode() not in Path(f"/proc/{ours.pid}/cmdline").read_bytes() and (
+            time.monotonic() < deadline):
+        time.sleep(0.05)
     try:
         consortium.path("state").mkdir(exist_ok=True)
         consortium.path("state", "server.json").write_text(json.dumps(
