@@ -315,6 +315,21 @@ class AuditLog:
     def append(self, event: str, **fields) -> dict:
         return self.append_many([(event, fields)])[0]
 
+    def last(self, event: str, **match) -> dict:
+        """The newest entry of `event` whose fields equal `match`, or {} (read from the end of the log)."""
+        try:
+            lines = self.path.read_text().splitlines()
+        except FileNotFoundError:
+            return {}
+        for line in reversed(lines):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("event") == event and all(entry.get(k) == v for k, v in match.items()):
+                return entry
+        return {}
+
     def append_many(self, items: list[tuple[str, dict]], *, head: bool = True) -> list[dict]:
         """Several entries under one lock and one fsync (the prediction service's group commit). With
         `head=False` the head is left behind for `write_head` (the module docstring says why that is safe)."""

@@ -36,7 +36,7 @@ from server.delivery import audited, deliver, delivery_status, redeliver, save_p
 from server.strategy import build_strategy
 from server.workflow import RoundsWorkflow, TimedSecAggPlusWorkflow
 from shared_models.evaluation import evaluate
-from shared_models.files import atomic_file
+from shared_models.files import append_json_line, atomic_file, cut_partial_line
 from shared_models.model import MultiModalTransformer
 from shared_models.protocol import (AUDIT_ANCHOR, AUDIT_HEAD, EPSILON, EPSILON_WORST_CASE, NOISE_PLAN, RUN_KEY,
                                     SECAGG_CLIPPING_RANGE, SECAGG_MAX_WEIGHT, SITE, ModelPackage)
@@ -143,6 +143,7 @@ class RunStart:
     site_epsilon: dict[str, float]
     site_epsilon_worst_case: dict[str, float]
     strategy_state: dict[str, np.ndarray] | None = None
+    round_records: dict | None = None  # the checkpointed round's metrics line and audit entry
 
 
 def start_or_resume(cfg: RunConfig, context: Context, schema: FeatureSchema, out: Path) -> RunStart:
@@ -168,7 +169,7 @@ def start_or_resume(cfg: RunConfig, context: Context, schema: FeatureSchema, out
         log(INFO, "resuming run %s after round %s from %s", checkpoint.meta["run_key"], checkpoint.round, ckpt_root)
         return RunStart(checkpoint.meta["run_key"], checkpoint.weights, checkpoint.round + 1,
                         checkpoint.meta.get("site_epsilon", {}), checkpoint.meta.get("site_epsilon_worst_case", {}),
-                        checkpoint.strategy_state)
+                        checkpoint.strategy_state, checkpoint.meta.get(ROUND_RECORDS))
     # a new run, or one that crashed before its first checkpoint (same seed: the same initial weights)
     torch.manual_seed(cfg.training.seed)
     weights = state_arrays(MultiModalTransformer(schema, cfg.model))
@@ -178,6 +179,31 @@ def start_or_resume(cfg: RunConfig, context: Context, schema: FeatureSchema, out
     if not cfg.run.resume:
         freeze_run(out, run_key, dict(context.run_config))
     return RunStart(run_key, weights, 1, {}, {})
+
+
+ROUND_RECORDS = "round_records"  # checkpoint meta: the round's metrics.jsonl line and audit entry
+
+
+def recover_round_records(out: Path, start: RunStart, audit: AuditLog) -> None:
+    """Before a resumed run's first round: metrics.jsonl cut back to its last complete line, and the
+    checkpointed round's metrics line and audit entry written if a crash came between the checkpoint and
+    them (marked `recovered`). Without this a partial line stopped every reader of metrics.jsonl (the
+    delivery of a finished run included) and the audit log lacked the round the run resumed after."""
+    metrics = out / "metrics.jsonl"
+    if cut := cut_partial_line(metrics):
+        log(WARNING, "%s: removed the last %s bytes, a line a crash cut short (the checkpoint keeps the round's "
+            "line)", metrics, cut)
+    rec = start.round_records
+    if not rec:
+        return
+    rnd = rec["metrics"]["round"]
+    last = _last_metrics(metrics)
+    if last is None or last.get("round") != rnd:
+        append_json_line(metrics, {**rec["metrics"], "recovered": True})
+        log(WARNING, "%s: round %s's line written from its checkpoint (a crash came before it)", metrics, rnd)
+    if audit.last("round", run=rec["audit"]["run"]).get("round") != rnd:
+        audit.append("round", **rec["audit"], recovered=True)
+        log(WARNING, "%s: round %s's entry written from its checkpoint (a crash came before it)", audit.path, rnd)
 
 
 class RoundRecorder:
@@ -207,24 +233,27 @@ class RoundRecorder:
                 self.site_epsilon[str(site[SITE])] = float(site[EPSILON])
             if EPSILON_WORST_CASE in site and SITE in site:
                 self.site_epsilon_worst_case[str(site[SITE])] = float(site[EPSILON_WORST_CASE])
+        line = self._metrics_line(rnd, lctx, info, arrays)
+        audit_round = dict(run=self.run_key, round=rnd, status=info.get("status"),
+                           participants=info.get("participants", []), refused=info.get("refused", []),
+                           failures=info.get("failures", []), dropped=info.get("dropped", []),
+                           weights_sha256=line["weights_sha256"], site_epsilon=dict(self.site_epsilon),
+                           site_audit_heads={str(m[SITE]): m[AUDIT_HEAD] for m in info.get("sites", {}).values()
+                                             if AUDIT_HEAD in m and SITE in m})
+        # the round's records travel in its checkpoint: a crash before they reach metrics.jsonl and the audit
+        # log leaves them for the resumed run to write (recover_round_records)
         save_checkpoint(self.ckpt_root, rnd, arrays, lctx.strategy.state_arrays(), {
             "run_key": self.run_key, "schema_hash": self.schema_hash, "strategy": self.cfg.federation.strategy,
             "run_config": self.run_config, "site_epsilon": self.site_epsilon,
-            "site_epsilon_worst_case": self.site_epsilon_worst_case}, keep=self.cfg.run.keep_checkpoints)
-        line = self._metrics_line(rnd, lctx, info, arrays)
-        with self.metrics_file.open("a") as fh:
-            fh.write(json.dumps(line) + "\n")
+            "site_epsilon_worst_case": self.site_epsilon_worst_case,
+            ROUND_RECORDS: {"metrics": line, "audit": audit_round}}, keep=self.cfg.run.keep_checkpoints)
+        append_json_line(self.metrics_file, line)
         self.status.update(round=rnd, round_seconds=round(time.time() - self.round_started, 2),
                            participating=len(info.get("participants", [])), site_epsilon=dict(self.site_epsilon),
                            **self._worst_case(), weights_sha256=line["weights_sha256"])
         write_json_atomic(self.out / "status.json", self.status)
         self.round_started = time.time()
-        self.audit.append("round", run=self.run_key, round=rnd, status=info.get("status"),
-                          participants=info.get("participants", []), refused=info.get("refused", []),
-                          failures=info.get("failures", []), dropped=info.get("dropped", []),
-                          weights_sha256=line["weights_sha256"], site_epsilon=dict(self.site_epsilon),
-                          site_audit_heads={str(m[SITE]): m[AUDIT_HEAD] for m in info.get("sites", {}).values()
-                                            if AUDIT_HEAD in m and SITE in m})
+        self.audit.append("round", **audit_round)
         self.anchor_audit()
         g, se = line["global"], line["server_eval"] or {}
         log(INFO, "round %s done: %s sites, global macro-F1 %s (sites' held-out parts)%s, max site epsilon %s", rnd,
@@ -264,6 +293,8 @@ def main(grid: Grid, context: Context) -> None:
         log(WARNING, "the checkpoint already holds all %s rounds; delivering the final model", cfg.federation.num_rounds)
 
     audit = AuditLog(out / "audit.jsonl")
+    if cfg.run.resume:
+        recover_round_records(out, start, audit)
     audit.append("run_start", run=start.run_key, first_round=start.first_round, num_rounds=cfg.federation.num_rounds,
                  schema_hash=schema.content_hash(), strategy=cfg.federation.strategy, secagg=cfg.secagg.enabled,
                  dp=cfg.privacy.enabled, min_sites=cfg.federation.min_sites,

@@ -57,6 +57,33 @@ def write_json_atomic(path: str | Path, payload, indent: int = 1) -> None:
         json.dump(payload, fh, indent=indent)
         fh.write("\n")
 
+def cut_partial_line(path: str | Path) -> int:
+    """Cuts a JSON-lines file back to the end of its last complete line and returns the bytes cut (0 when it
+    ends in a newline, or is missing). A crash in the middle of an append leaves a partial line; the next
+    append would join its own line to it, and one unparseable line stops every reader of the file."""
+    path = Path(path)
+    try:
+        with open(path, "rb+") as fh:
+            data = fh.read()
+            keep = data.rfind(b"\n") + 1
+            if keep == len(data):
+                return 0
+            fh.truncate(keep)
+            fh.flush()
+            os.fsync(fh.fileno())
+            return len(data) - keep
+    except FileNotFoundError:
+        return 0
+
+
+def append_json_line(path: str | Path, payload) -> None:
+    """One JSON line appended to `path` and fsynced (JSON-lines logs: metrics.jsonl)."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps(payload) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Replace `path` with `text`, atomically (`atomic_file`)."""

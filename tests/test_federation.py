@@ -226,6 +226,13 @@ def test_a_server_killed_in_any_stage_resumes_and_every_round_spends_once(federa
     resumed = _run_in(federation, work, overrides, flower_dir=flower_dir)
     assert resumed["first_round"] == checkpointed + 1
     assert [r["round"] for r in _metrics(work)][-1] == 4
+    from server.app import ROUND_RECORDS
+    from server.checkpoint import load_latest
+
+    assert load_latest(work / "server" / "checkpoints").meta[ROUND_RECORDS]["metrics"] == _metrics(work)[-1], \
+        "the checkpoint carries the round's records, for a resume after a crash before them"
+    run_log = [json.loads(x) for x in (work / "server" / "audit.jsonl").read_text().splitlines()]
+    assert sorted({e["round"] for e in run_log if e["event"] == "round"}) == [1, 2, 3, 4]
     for site in ("site_00", "site_01", "site_02"):
         state = work / "state" / site / "state"
         ledger = json.loads((state / "privacy-ledger.json").read_text())

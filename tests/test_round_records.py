@@ -1,0 +1,94 @@
+"""A crash between a round's checkpoint and its records (metrics.jsonl, the run's audit log), or in the middle
+of the metrics line, leaves the resumed run's records whole: each round once, every line readable."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from flwr.app import Context, RecordDict
+
+from privacy.audit import AuditLog, verify
+from privacy.run_config import load_run_config
+from server.app import ROUND_RECORDS, _last_metrics, recover_round_records, start_or_resume
+from server.checkpoint import save_checkpoint
+from server.submit import PROJECT
+from shared_models.files import cut_partial_line
+from shared_models.run_config import app_defaults
+from shared_models.schema import FeatureSchema
+
+
+def _records(key: str, rnd: int) -> dict:
+    return {"metrics": {"round": rnd, "seconds": 10.0 * rnd, "participants": [11, 12], "weights_sha256": f"w{rnd}"},
+            "audit": {"run": key, "round": rnd, "participants": [11, 12], "weights_sha256": f"w{rnd}"}}
+
+
+def _run(tmp_path, crash_after_checkpoint: str):
+    """A run whose round 3 is checkpointed, then crashes: 'before-records' before its metrics line and audit
+    entry, 'mid-line' with half its metrics line written and no audit entry."""
+    out = tmp_path / "runs" / "x"
+    values = {**app_defaults(PROJECT), "base-dir": str(PROJECT), "output-dir": str(out)}
+    cfg = load_run_config(values, source="run config")
+    schema = FeatureSchema.load(cfg.path(cfg.run.schema_path))
+    start = start_or_resume(cfg, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=values),
+                            schema, out)
+    audit = AuditLog(out / "audit.jsonl")
+    audit.append("run_start", run=start.run_key, first_round=1)
+    metrics = out / "metrics.jsonl"
+    for rnd in (1, 2, 3):
+        rec = _records(start.run_key, rnd)
+        save_checkpoint(out / "checkpoints", rnd, [np.zeros(2, np.float32)], {},
+                        {"run_key": start.run_key, "schema_hash": schema.content_hash(), ROUND_RECORDS: rec})
+        if rnd < 3:
+            metrics.open("a").write(json.dumps(rec["metrics"]) + "\n")
+            audit.append("round", **rec["audit"])
+        elif crash_after_checkpoint == "mid-line":
+            metrics.open("a").write(json.dumps(rec["metrics"])[:25])
+    resume = {**values, "resume": True}
+    cfg = load_run_config(resume, source="run config")
+    ctx = Context(run_id=2, node_id=0, node_config={}, state=RecordDict(), run_config=resume)
+    return out, start_or_resume(cfg, ctx, schema, out), AuditLog(out / "audit.jsonl")
+
+
+def _check_whole(out):
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2, 3]
+    assert lines[-1]["recovered"] is True and lines[-1]["weights_sha256"] == "w3"
+    assert _last_metrics(out / "metrics.jsonl")["round"] == 3  # what the final model's package describes
+    entries = [json.loads(x) for x in (out / "audit.jsonl").read_text().splitlines()]
+    assert [e["round"] for e in entries if e["event"] == "round"] == [1, 2, 3]
+    assert entries[-1]["recovered"] is True
+    assert verify(out / "audit.jsonl").ok
+
+
+def test_a_crash_mid_metrics_line_leaves_a_readable_file_with_the_round_once(tmp_path):
+    out, start, audit = _run(tmp_path, "mid-line")
+    assert start.first_round == 4 and start.round_records["metrics"]["round"] == 3
+    recover_round_records(out, start, audit)
+    _check_whole(out)
+
+
+def test_a_crash_before_the_records_gets_them_from_the_checkpoint_once(tmp_path):
+    out, start, audit = _run(tmp_path, "before-records")
+    recover_round_records(out, start, audit)
+    recover_round_records(out, start, AuditLog(out / "audit.jsonl"))  # a second resume adds nothing
+    _check_whole(out)
+
+
+def test_records_already_written_are_not_written_again(tmp_path):
+    out, start, audit = _run(tmp_path, "before-records")
+    (out / "metrics.jsonl").open("a").write(json.dumps(start.round_records["metrics"]) + "\n")
+    audit.append("round", **start.round_records["audit"])
+    before = ((out / "metrics.jsonl").read_bytes(), (out / "audit.jsonl").read_bytes())
+    recover_round_records(out, start, audit)
+    assert ((out / "metrics.jsonl").read_bytes(), (out / "audit.jsonl").read_bytes()) == before
+
+
+def test_cut_partial_line(tmp_path):
+    f = tmp_path / "m.jsonl"
+    assert cut_partial_line(f) == 0  # missing
+    f.write_text('{"a": 1}\n{"b"')
+    assert cut_partial_line(f) == 4 and f.read_text() == '{"a": 1}\n'
+    assert cut_partial_line(f) == 0 and f.read_text() == '{"a": 1}\n'
+    f.write_text('{"b"')
+    assert cut_partial_line(f) == 4 and f.read_text() == ""
