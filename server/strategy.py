@@ -36,6 +36,8 @@ from shared_models.protocol import (ACCURACY, BALANCED_ACCURACY, EVALUATE_METRIC
                                     TRAIN_LOSS, allowed_metrics)
 from shared_models.run_config import RunConfig
 
+FEDADAM_TAU = 1e-3
+
 BASES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedavgm": FedAvgM}
 
 
@@ -237,7 +239,10 @@ def build_strategy(cfg: RunConfig, weights: list[np.ndarray], n_sites: int, fit_
     if base is FedProx:
         kw["proximal_mu"] = cfg.federation.proximal_mu
     if base is FedAdam:
-        kw.update(eta=cfg.federation.server_lr, eta_l=cfg.training.lr, beta_1=0.9, beta_2=0.99, tau=1e-3)
+        # tau, Adam's floor under sqrt(v), in the units of what it steps on: in dp-mode "distributed" a mean of
+        # gradients clipped to C, so that the recipe does not change with C but through the clipping
+        unit = cfg.privacy.max_grad_norm if cfg.privacy.enabled and cfg.privacy.mode == "distributed" else 1.0
+        kw.update(eta=cfg.federation.server_lr, eta_l=cfg.training.lr, beta_1=0.9, beta_2=0.99, tau=FEDADAM_TAU * unit)
     if base is FedAvgM:
         kw.update(server_learning_rate=cfg.federation.server_lr, server_momentum=cfg.training.momentum)
     strategy = cls(**kw)

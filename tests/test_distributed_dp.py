@@ -538,3 +538,35 @@ def test_a_distributed_rounds_dropout_masks_come_from_a_secret_seed(tmp_path, mo
     seen = dropout_seeds(monkeypatch)
     distributed_round(site, weights, run, "run-d", 1, _grid(3))
     assert seen and run.training.seed * 1_000_003 + 1 not in seen
+
+
+def test_fedadam_steps_the_same_whatever_the_clipping_bound_scales_the_gradient_by():
+    """In dp-mode distributed FedAdam steps on a mean of gradients clipped to C: its tau is in units of C, so a
+    gradient k times larger under a bound k times larger moves the weights the same (the bound then changes the
+    training only through which patients it clips)."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+
+    from server.strategy import build_strategy
+
+    rng = np.random.default_rng(0)
+    weights = [rng.normal(size=s).astype(np.float32) for s in SHAPES]
+    g = rng.normal(scale=2e-3, size=DIM)  # the size of the noise in the 250-round run's mean gradient at C 1
+    moved = []
+    for c in (1.0, 0.1, 0.01):
+        cfg = load_run_config({"schema": "s.json", "dp-mode": "distributed", "strategy": "fedadam",
+                               "server-lr": 0.003, "max-grad-norm": c})
+        strategy = build_strategy(cfg, weights, 3, {})
+        strategy.grid = _grid(3)  # what server/app.py sets in dp-mode distributed
+        strategy._distributed_step = lambda rnd, ok, c=c: [-(g * c)[a:a + w.size].reshape(w.shape) for a, w in
+                                                           zip(np.cumsum([0] + [w.size for w in weights]), weights)]
+
+        class Proxy:
+            node_id = 0
+
+        strategy.sampled = {0}
+        res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(weights), 1, {})
+        params, _ = strategy.aggregate_fit(1, [(Proxy(), res)], [])
+        moved.append(np.concatenate([(a - w).ravel() for a, w in zip(parameters_to_ndarrays(params), weights)]))
+    assert np.allclose(moved[0], moved[1], rtol=1e-4, atol=1e-9) and np.allclose(moved[0], moved[2], rtol=1e-4,
+                                                                                   atol=1e-9)
+    assert np.abs(moved[0]).max() > 1e-6
