@@ -83,7 +83,7 @@ def test_the_dp_and_no_dp_recipes_are_named_presets_a_deployment_and_a_simulatio
     assert training() == ("sgd", RECIPES["dp"].lr["sgd"], RECIPES["dp"].batch_size) == ("sgd", 100.0, 256)
     # the clipping bound: the recipe's in dp-mode 'site', its own in 'distributed', 1.0 without DP; a number wins
     assert (bound(), bound(**{"local-optimizer": "adamw"}), bound(dp=False)) == (0.01, 1.0, 1.0)
-    assert bound(**{"dp-mode": "distributed", "strategy": "fedadam"}) == 1.0
+    assert bound(**{"dp-mode": "distributed", "strategy": "fedadam"}) == 0.1
     assert bound(**{"max-grad-norm": 0.5}) == bound(**{"max-grad-norm": 0.5, "dp": False}) == 0.5
     assert training(dp=False) == ("sgd", 0.2, 64)
     assert training(dp=False, **{"local-optimizer": "adamw"}) == ("adamw", 0.002, 64)
