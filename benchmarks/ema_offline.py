@@ -15,21 +15,16 @@ run's own model, a check that the scoring matches the run's log.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from client.site import split_site
-from privacy.run_config import load_run_config
 from shared_models.evaluation import classification_metrics, evaluate, predict_logits
 from shared_models.model import MultiModalTransformer
-from shared_models.schema import FeatureSchema
 from shared_models.site_data import load_labelled_site
 from shared_models.weights import load_arrays
-
-ROOT = Path(__file__).resolve().parents[1]
+from simulations.federation import finished_run_sites
 
 
 def main() -> None:
@@ -42,11 +37,8 @@ def main() -> None:
     run_dir = args.run_dir
     decays = [float(d) for d in args.decays.split(",")]
     at = sorted(int(r) for r in args.rounds.split(","))
-    cfg = load_run_config({**json.loads((run_dir / "server/run.json").read_text())["run_config"], "base-dir": str(ROOT)})
-    schema = FeatureSchema.load(run_dir / "sites/schema.json")
-    sites = [split_site(schema, d, val_fraction=cfg.site.val_fraction, min_count=cfg.site.min_count, seed=cfg.training.seed,
-                        dp=cfg.privacy.enabled)
-             for d in sorted((run_dir / "sites").glob("C*"))]
+    cfg, schema, parts = finished_run_sites(run_dir)
+    sites = list(parts.values())
     held = load_labelled_site(schema, run_dir / "sites/holdout")
     model = MultiModalTransformer(schema, cfg.model)
 

@@ -5,7 +5,7 @@ macro-F1 over every site's held-out patients, as the held-out tss patients are s
     python benchmarks/site_parts.py RUN_DIR [RUN_DIR ...] [--common]
 
 RUN_DIR is an `oncofed simulate --out` directory. Each run's sites are split and normalised as the run did
-(`client.site.split_site` with its run config). `--common`: only the patients that every listed run held out,
+(`simulations.federation.finished_run_sites`). `--common`: only the patients that every listed run held out,
 so that runs whose held-out parts differ (another seed's split, another `val-fraction`) are compared on the
 same patients, none of which any of them trained on. These parts chose the DP recipe (docs/results.md); the
 held-out tss patients are scored by `oncofed simulate` itself.
@@ -14,28 +14,13 @@ held-out tss patients are scored by `oncofed simulate` itself.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from client.site import split_site
-from privacy.run_config import load_run_config
 from shared_models.evaluation import classification_metrics, predict_logits
-from shared_models.schema import FeatureSchema
-from simulations.federation import load_installed
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def held_out_parts(run_dir: Path) -> dict[str, object]:
-    """{site: SiteParts} of a finished run, as its sites prepared them."""
-    cfg = load_run_config({**json.loads((run_dir / "server/run.json").read_text())["run_config"], "base-dir": str(ROOT)})
-    schema = FeatureSchema.load(run_dir / "sites/schema.json")
-    return {d.name: split_site(schema, d, val_fraction=cfg.site.val_fraction, min_count=cfg.site.min_count,
-                               seed=cfg.training.seed, dp=cfg.privacy.enabled)
-            for d in sorted((run_dir / "sites").glob("C*"))}
+from simulations.federation import finished_run_sites, load_installed
 
 
 def score(run_dir: Path, parts: dict, keep: dict[str, set[str]] | None) -> dict:
@@ -59,7 +44,7 @@ def main() -> None:
     ap.add_argument("--common", action="store_true", help="only the patients every listed run held out")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    parts = {r: held_out_parts(r) for r in args.runs}
+    parts = {r: finished_run_sites(r)[2] for r in args.runs}
     keep = None
     if args.common:
         sites = set.intersection(*(set(p) for p in parts.values()))

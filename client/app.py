@@ -199,7 +199,7 @@ def site_policy_mod(msg: Message, context: Context, call_next):
     if configs.get(SecAggKey.STAGE) == Stage.UNMASK:
         settings = site_settings(context, cfg)
         # dp-mode "distributed": a sum of fewer than trusted-sites contributions carries less noise than assumed
-        trusted = cfg.privacy.trusted_sites if cfg.privacy.enabled and cfg.privacy.mode == "distributed" else 0
+        trusted = cfg.privacy.trusted_sites if cfg.privacy.distributed else 0
         need = max(cfg.federation.min_sites, settings.min_aggregate_sites, trusted)
         listed = list(configs.get(SecAggKey.ACTIVE_NODE_ID_LIST, []))
         dead = list(configs.get(SecAggKey.DEAD_NODE_ID_LIST, []))
@@ -359,7 +359,7 @@ def train(msg: Message, context: Context) -> Message:
                        "dp = false) is refused; the site's node config require-dp allows only DP-SGD", audit)
     if reason := padding_refusal(settings, cfg):
         raise _refusal(fitins, msg, settings.name, reason, audit)
-    if cfg.privacy.enabled and cfg.privacy.mode == "distributed":
+    if cfg.privacy.distributed:
         return _train_distributed(msg, fitins, context, cfg, settings, site, audit)
     if cfg.privacy.enabled:
         _note_previous_round(site, settings, run_key, fitins.config.get(PREVIOUS_ROUND), audit)

@@ -69,12 +69,8 @@ def secagg_workflow(cfg: RunConfig, n_sites: int) -> TimedSecAggPlusWorkflow:
         num_shares=min(1.0, SECAGG_MAX_SHARES / n_sites), reconstruction_threshold=cfg.secagg.threshold,
         max_weight=cfg.secagg.max_weight, clipping_range=cfg.secagg.clipping_range, quantization_range=2**q_bits, modulus_range=2**32,
         timeout=cfg.federation.round_timeout, min_contributors=max(2, min(cfg.federation.min_sites, n_sites),
-                                                        cfg.privacy.trusted_sites if distributed_dp(cfg) else 0),
-        refuse_wrap=distributed_dp(cfg))
-
-
-def distributed_dp(cfg: RunConfig) -> bool:
-    return cfg.privacy.enabled and cfg.privacy.mode == "distributed"
+                                                        cfg.privacy.trusted_sites if cfg.privacy.distributed else 0),
+        refuse_wrap=cfg.privacy.distributed)
 
 
 def log_distributed_plan(cfg: RunConfig, schema: FeatureSchema) -> str:
@@ -103,7 +99,7 @@ def privacy_summary(cfg: RunConfig) -> str:
     """What the run's DP relies on, in one line for the operator's log and the package."""
     if not cfg.privacy.enabled:
         return "no differential privacy: the model's only protection is SecAgg+ (the server sees sums of updates)"
-    if distributed_dp(cfg):
+    if cfg.privacy.distributed:
         return (f"dp-mode distributed (Skellam noise shares under SecAgg+): each site's epsilon holds for what the "
                 f"server sees as long as at least {cfg.privacy.trusted_sites} sites add their noise share and the server does "
                 "not collude with enough sites to unmask single updates; each site also reports its worst case, its "
@@ -222,7 +218,7 @@ class RoundRecorder:
         write_json_atomic(out / "status.json", self.status)  # read by server/metrics.py (Prometheus)
 
     def _worst_case(self) -> dict:
-        return {"site_epsilon_worst_case": dict(self.site_epsilon_worst_case)} if distributed_dp(self.cfg) else {}
+        return {"site_epsilon_worst_case": dict(self.site_epsilon_worst_case)} if self.cfg.privacy.distributed else {}
 
     def __call__(self, rnd: int, lctx: LegacyContext) -> None:
         arrays = parameters_to_ndarrays(compat.arrayrecord_to_parameters(
@@ -313,7 +309,7 @@ def main(grid: Grid, context: Context) -> None:
     strategy = build_strategy(cfg, start.weights, n_sites, fit_config, evaluate_fn=evaluate_fn)
     log(INFO, "privacy: %s", privacy_summary(cfg))
     fit_workflow = secagg_workflow(cfg, n_sites) if cfg.secagg.enabled else None
-    if distributed_dp(cfg):
+    if cfg.privacy.distributed:
         from privacy.distributed import SecAggGrid
 
         strategy.grid = SecAggGrid(fit_workflow.clipping_range, fit_workflow.quantization_range,
@@ -335,7 +331,7 @@ def main(grid: Grid, context: Context) -> None:
         RoundsWorkflow(fit_workflow=fit_workflow, first_round=start.first_round, on_round_end=recorder,
                        wait_for_sites=n_sites, wait_timeout=cfg.federation.round_timeout,
                        message_timeout=cfg.federation.round_timeout,
-                       enough_sites=max(cfg.federation.min_sites, cfg.privacy.trusted_sites if distributed_dp(cfg) else 0)
+                       enough_sites=max(cfg.federation.min_sites, cfg.privacy.trusted_sites if cfg.privacy.distributed else 0)
                        )(grid, lctx)
         final = parameters_to_ndarrays(compat.arrayrecord_to_parameters(
             lctx.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
@@ -352,7 +348,7 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
         arrays_sha256=arrays_sha256(final), strategy=cfg.federation.strategy, secagg=cfg.secagg.enabled,
         dp=cfg.privacy.enabled, site_epsilon=recorder.site_epsilon, delta=cfg.privacy.delta,
         **(dict(dp_mode=cfg.privacy.mode, trusted_sites=cfg.privacy.trusted_sites, mechanism="skellam",
-                site_epsilon_worst_case=recorder.site_epsilon_worst_case) if distributed_dp(cfg) else {}),
+                site_epsilon_worst_case=recorder.site_epsilon_worst_case) if cfg.privacy.distributed else {}),
         privacy=privacy_summary(cfg), metrics=(last or {}).get("global", {})).description()
     if signing_key is not None:
         package = sign(package, signing_key)

@@ -241,7 +241,7 @@ def build_strategy(cfg: RunConfig, weights: list[np.ndarray], n_sites: int, fit_
     if base is FedAdam:
         # tau, Adam's floor under sqrt(v), in the units of what it steps on: in dp-mode "distributed" a mean of
         # gradients clipped to C, so that the recipe does not change with C but through the clipping
-        unit = cfg.privacy.max_grad_norm if cfg.privacy.enabled and cfg.privacy.mode == "distributed" else 1.0
+        unit = cfg.privacy.max_grad_norm if cfg.privacy.distributed else 1.0
         kw.update(eta=cfg.federation.server_lr, eta_l=cfg.training.lr, beta_1=0.9, beta_2=0.99, tau=FEDADAM_TAU * unit)
     if base is FedAvgM:
         kw.update(server_learning_rate=cfg.federation.server_lr, server_momentum=cfg.training.momentum)

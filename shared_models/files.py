@@ -57,6 +57,7 @@ def write_json_atomic(path: str | Path, payload, indent: int = 1) -> None:
         json.dump(payload, fh, indent=indent)
         fh.write("\n")
 
+
 def cut_partial_line(path: str | Path) -> int:
     """Cuts a JSON-lines file back to the end of its last complete line and returns the bytes cut (0 when it
     ends in a newline, or is missing). A crash in the middle of an append leaves a partial line; the next
@@ -82,7 +83,6 @@ def append_json_line(path: str | Path, payload) -> None:
         fh.write(json.dumps(payload) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
-
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

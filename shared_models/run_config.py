@@ -188,6 +188,11 @@ class PrivacySection(_Section):
             raise PydanticCustomError("less_than_equal", "Input should be less than or equal to {le}", {"le": f"{limit:g}"})
         return v
 
+    @property
+    def distributed(self) -> bool:
+        """dp-mode "distributed" in a DP run: one Skellam step of the whole consortium per round under SecAgg+."""
+        return self.enabled and self.mode == "distributed"
+
 
 @dataclass(frozen=True)
 class Recipe:

@@ -140,6 +140,22 @@ def _interesting(line: str) -> bool:
     return any(k in line for k in keys)
 
 
+def finished_run_sites(run_dir: Path):
+    """(run config, schema, {site: SiteParts}) of a finished `oncofed simulate --out` run, each site split and
+    normalised as it was in the run (`client.site.split_site` with the run's frozen config): for measuring its
+    models on the sites' held-out parts afterwards (benchmarks/site_parts.py, benchmarks/ema_offline.py)."""
+    from client.site import split_site
+    from privacy.run_config import load_run_config
+    from shared_models.schema import FeatureSchema
+
+    cfg = load_run_config({**json.loads((run_dir / "server" / "run.json").read_text())["run_config"],
+                           "base-dir": str(ROOT)})
+    schema = FeatureSchema.load(run_dir / "sites" / "schema.json")
+    return cfg, schema, {d.name: split_site(schema, d, val_fraction=cfg.site.val_fraction, min_count=cfg.site.min_count,
+                                            seed=cfg.training.seed, dp=cfg.privacy.enabled)
+                         for d in sorted((run_dir / "sites").glob("C*"))}
+
+
 def load_installed(model_dir: Path):
     """(model in eval mode, schema, version) of the active version of a site's model store."""
     from client.model_store import ModelStore
