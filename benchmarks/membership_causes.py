@@ -1,0 +1,115 @@
+"""What raises the loss attack's AUC on a finished run's models: the one-off analyses of docs/results.md
+("Membership inference", "Distributed DP"), on stored `oncofed simulate --out` runs.
+
+    python benchmarks/membership_causes.py MODE SPLIT NORM RUN_DIR ...
+
+MODE: `auc` (the loss attack's AUC per site), `auc-by-type` (the same within each type, then averaged),
+`halves` (the normalisation refitted on one half of each held-out part), `both-held-out` (pooled macro-F1 of
+the final model on the patients that both splits hold out: none trained on by a run of either split).
+
+SPLIT is how the run split its sites: `hash` (client.site.held_out_split, since ab86b15) or `strat` (the
+class-stratified split before it, re-created here); NORM is what its normalisation was fitted on: `val` (the
+held-out part, DP runs since ab86b15) or `train`. Runs made before ab86b15, or with a switch, need the SPLIT
+and NORM they were made with; `oncofed site privacy-audit` audits the current preparation only. `halves`:
+each held-out part cut in two by a hash of the patient id, the normalisation refitted on one half, the AUC
+against the half it saw and the half it did not (both ways round). The members are the training part.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from client.site import held_out_split
+from shared_models.evaluation import classification_metrics, predict_logits
+from shared_models.site_data import Normalizer, encode_labels, make_dataset, raw_matrix, read_site
+from simulations.federation import load_installed
+
+
+def stratified_split(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The class-stratified split before ab86b15 (git show ab86b15 -- client/site.py)."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        k = min(int(round(val_fraction * len(idx))), len(idx) - 1)
+        val.extend(idx[:k])
+        train.extend(idx[k:])
+    return np.sort(np.asarray(train, dtype=np.int64)), np.sort(np.asarray(val, dtype=np.int64))
+
+
+def sites(run_dir: Path):
+    """(site, model, schema, ids, y, raw, seed) of each site of a run, with the model it installed."""
+    seed = json.loads((run_dir / "summary.json").read_text())["config"]["seed"]
+    for d in sorted((run_dir / "sites").glob("C*")):
+        model, schema, _ = load_installed(run_dir / "state" / d.name / "models")
+        tables = read_site(schema, d)
+        ids = [str(i) for i in tables.labels.index]
+        yield d.name, model, schema, ids, encode_labels(schema, tables.labels), raw_matrix(schema, tables, ids), seed
+
+
+def losses(model, schema, raw, y, ids, rows, normalizer) -> np.ndarray:
+    ds = make_dataset(schema, raw[rows], y[rows], [ids[i] for i in rows], normalizer)
+    logits = predict_logits(model, torch.from_numpy(ds.x))
+    return torch.nn.functional.cross_entropy(logits, torch.from_numpy(ds.y), reduction="none").numpy()
+
+
+def auc(member: np.ndarray, nonmember: np.ndarray) -> float:
+    """The loss attack: a lower loss says member."""
+    return float(roc_auc_score(np.r_[np.ones(len(member)), np.zeros(len(nonmember))], np.r_[-member, -nonmember]))
+
+
+def auc_by_type(member, nonmember, y_member, y_nonmember) -> float:
+    """Within each type with members and non-members, weighted by its number of pairs: no class-mix effect."""
+    num = den = 0.0
+    for c in np.intersect1d(y_member, y_nonmember):
+        a, b = member[y_member == c], nonmember[y_nonmember == c]
+        num, den = num + len(a) * len(b) * auc(a, b), den + len(a) * len(b)
+    return num / den
+
+
+def main() -> None:
+    mode, split, norm, runs = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+    for run in map(Path, runs):
+        out, inside, outside, ys, ps = [], [], [], [], []
+        for _, model, schema, ids, y, raw, seed in sites(run):
+            tr, va = stratified_split(y, 0.2, seed) if split == "strat" else held_out_split(ids, 0.2, seed)
+            if mode == "both-held-out":
+                common = np.intersect1d(stratified_split(y, 0.2, seed)[1], held_out_split(ids, 0.2, seed)[1])
+                nz = Normalizer.fit(schema, raw[va] if norm == "val" else raw[tr])
+                ys.append(y[common])
+                ps.append(predict_logits(model, torch.from_numpy(make_dataset(
+                    schema, raw[common], y[common], [ids[i] for i in common], nz).x)).argmax(1).numpy())
+                continue
+            if mode == "halves":
+                half = np.array([hashlib.sha256(b"half" + ids[i].encode()).digest()[0] % 2 for i in va])
+                parts = [va[half == 0], va[half == 1]]
+                for seen, unseen in ((0, 1), (1, 0)):
+                    nz = Normalizer.fit(schema, raw[parts[seen]])
+                    m = losses(model, schema, raw, y, ids, tr, nz)
+                    inside.append(auc(m, losses(model, schema, raw, y, ids, parts[seen], nz)))
+                    outside.append(auc(m, losses(model, schema, raw, y, ids, parts[unseen], nz)))
+                continue
+            nz = Normalizer.fit(schema, raw[va] if norm == "val" else raw[tr])
+            m, n = losses(model, schema, raw, y, ids, tr, nz), losses(model, schema, raw, y, ids, va, nz)
+            out.append(auc_by_type(m, n, y[tr], y[va]) if mode == "auc-by-type" else auc(m, n))
+        if mode == "both-held-out":
+            f = classification_metrics(np.concatenate(ys), np.concatenate(ps), len(schema.classes))
+            print(f"{run.name}: {sum(map(len, ys))} patients, pooled macro-F1 {f['macro_f1']:.3f}, "
+                  f"accuracy {f['accuracy']:.3f}")
+        elif mode == "halves":
+            print(f"{run.name}: the half the normalisation saw {np.mean(inside):.3f}, the other half "
+                  f"{np.mean(outside):.3f} (mean AUC over sites and both ways round)")
+        else:
+            print(f"{run.name} ({split} split, normalisation on {norm}): {' '.join(f'{a:.3f}' for a in out)}; "
+                  f"max {max(out):.3f}, mean {np.mean(out):.3f}")
+
+
+if __name__ == "__main__":
+    main()
