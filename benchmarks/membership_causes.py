@@ -8,8 +8,9 @@ MODE: `auc` (the loss attack's AUC per site), `auc-by-type` (the same within eac
 the final model on the patients that both splits hold out: none trained on by a run of either split).
 
 SPLIT is how the run split its sites: `hash` (client.site.held_out_split, since ab86b15) or `strat` (the
-class-stratified split before it, re-created here); NORM is what its normalisation was fitted on: `val` (the
-held-out part, DP runs since ab86b15) or `train`. Runs made before ab86b15, or with a switch, need the SPLIT
+class-stratified split before it, re-created here); NORM is what its normalisation was fitted on: `half` (half
+the held-out part, DP runs since this file's `half` was added; the non-members are the other half), `val` (the
+held-out part, DP runs from ab86b15 until then) or `train`. Runs made before ab86b15, or with a switch, need the SPLIT
 and NORM they were made with; `oncofed site privacy-audit` audits the current preparation only. `halves`:
 each held-out part cut in two by a hash of the patient id, the normalisation refitted on one half, the AUC
 against the half it saw and the half it did not (both ways round). The members are the training part.
@@ -26,7 +27,8 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from client.site import held_out_split
+from client.site import held_out_split, normalisation_half
+from privacy.membership import per_example_loss
 from shared_models.evaluation import classification_metrics, predict_logits
 from shared_models.site_data import Normalizer, encode_labels, make_dataset, raw_matrix, read_site
 from simulations.federation import load_installed
@@ -56,8 +58,8 @@ def sites(run_dir: Path):
 
 def losses(model, schema, raw, y, ids, rows, normalizer) -> np.ndarray:
     ds = make_dataset(schema, raw[rows], y[rows], [ids[i] for i in rows], normalizer)
-    logits = predict_logits(model, torch.from_numpy(ds.x))
-    return torch.nn.functional.cross_entropy(logits, torch.from_numpy(ds.y), reduction="none").numpy()
+    # in float64 from the logits, as the audit does: float32 rounds many members' losses to exactly 0 (ties)
+    return per_example_loss(predict_logits(model, torch.from_numpy(ds.x)).numpy().astype(np.float64), ds.y)
 
 
 def auc(member: np.ndarray, nonmember: np.ndarray) -> float:
@@ -96,9 +98,12 @@ def main() -> None:
                     inside.append(auc(m, losses(model, schema, raw, y, ids, parts[seen], nz)))
                     outside.append(auc(m, losses(model, schema, raw, y, ids, parts[unseen], nz)))
                 continue
-            nz = Normalizer.fit(schema, raw[va] if norm == "val" else raw[tr])
-            m, n = losses(model, schema, raw, y, ids, tr, nz), losses(model, schema, raw, y, ids, va, nz)
-            out.append(auc_by_type(m, n, y[tr], y[va]) if mode == "auc-by-type" else auc(m, n))
+            fit_on = {"half": va[normalisation_half([ids[i] for i in va], seed)], "val": va, "train": tr}[norm]
+            nz, non = Normalizer.fit(schema, raw[fit_on]), (np.setdiff1d(va, fit_on) if norm == "half" else va)
+            m, n = losses(model, schema, raw, y, ids, tr, nz), losses(model, schema, raw, y, ids, non, nz)
+            out.append(auc_by_type(m, n, y[tr], y[non]) if mode == "auc-by-type" else auc(m, n))
+            inside.append(m)
+            outside.append(n)
         if mode == "both-held-out":
             f = classification_metrics(np.concatenate(ys), np.concatenate(ps), len(schema.classes))
             print(f"{run.name}: {sum(map(len, ys))} patients, pooled macro-F1 {f['macro_f1']:.3f}, "
@@ -107,8 +112,9 @@ def main() -> None:
             print(f"{run.name}: the half the normalisation saw {np.mean(inside):.3f}, the other half "
                   f"{np.mean(outside):.3f} (mean AUC over sites and both ways round)")
         else:
+            pooled = auc(np.concatenate(inside), np.concatenate(outside))
             print(f"{run.name} ({split} split, normalisation on {norm}): {' '.join(f'{a:.3f}' for a in out)}; "
-                  f"max {max(out):.3f}, mean {np.mean(out):.3f}")
+                  f"max {max(out):.3f}, mean {np.mean(out):.3f}, all sites' patients pooled {pooled:.3f}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """`oncofed site privacy-audit`: a site attacks the global model it received, on its own patients.
 
 Members are the site's training part, non-members its held-out part: the split `client.site.split_site`
-makes for every run (patient by patient, by the run's `val-fraction` and `seed`). The site's privacy
+makes for every run (patient by patient, by the run's `val-fraction` and `seed`). For a DP model, only the half
+of the held-out part its normalisation was not fitted on: patients the model depends on in no way. The site's privacy
 ledger confirms it: the training part's fingerprint must be a dataset the ledger registered (and, for a DP
 model, the one its run trained on), so an audit never attacks patients the model did not train on.
 
@@ -204,7 +205,10 @@ def audit(site_dir: Path, state_dir: Path, model_dir: Path, site: str, *, val_fr
         raise PrivacyAuditError(f"{site_dir}: no held-out part (val-fraction {val_fraction:g} leaves every patient "
                                 "in training), so there are no non-members to compare with; pass the run's "
                                 "--val-fraction (a run with val-fraction 0 cannot be audited on the site's data)")
-    for what, n in (("members (training part)", len(parts.train.y)), ("non-members (held-out part)", len(parts.val.y))):
+    unseen = parts.unseen  # a DP model's normalisation was fitted on the other half of the held-out part
+    nonmembers = ("non-members (held-out part)" if len(unseen) == len(parts.val.y) else
+                  "non-members (the held-out patients the normalisation was not fitted on)")
+    for what, n in (("members (training part)", len(parts.train.y)), (nonmembers, len(unseen))):
         if n < MIN_PATIENTS:
             raise PrivacyAuditError(f"{site_dir}: {n} {what}; an audit needs at least {MIN_PATIENTS} of each "
                                     "(too few patients to tell anything from chance)")
@@ -217,9 +221,13 @@ def audit(site_dir: Path, state_dir: Path, model_dir: Path, site: str, *, val_fr
     claim = claimed_privacy(package, site, ledger, fingerprint, package_path, ledger_path)
 
     t0 = time.perf_counter()
-    data = AuditData(_logits(model, parts.train.x), parts.train.y, _logits(model, parts.val.x), parts.val.y)
-    lira = (reference_logit_confidence(schema, model.config, parts, lira_models, lira_epochs, seed)
-            if lira_models else None)
+    data = AuditData(_logits(model, parts.train.x), parts.train.y, _logits(model, parts.val.x[unseen]),
+                     parts.val.y[unseen])
+    lira = None
+    if lira_models:
+        phi, trained_on = reference_logit_confidence(schema, model.config, parts, lira_models, lira_epochs, seed)
+        audited = np.r_[np.arange(len(parts.train.y)), len(parts.train.y) + unseen]  # columns: train, then val
+        lira = phi[:, audited], trained_on[:, audited]
     results = run_attacks(data, claim, confidence, lira)
     n_m, n_n = len(data.member_y), len(data.nonmember_y)
     strongest = (strongest_provable_epsilon(n_m, n_n, claim.delta, (1 - confidence) / len(results))
@@ -230,7 +238,7 @@ def audit(site_dir: Path, state_dir: Path, model_dir: Path, site: str, *, val_fr
         "arrays_sha256": package.get("arrays_sha256"), "audited": time.time(),
         "seconds": round(time.perf_counter() - t0, 2),
         "split": {"site_dir": str(site_dir), "val_fraction": val_fraction, "seed": seed, "members": n_m,
-                  "nonmembers": n_n, "dataset_fingerprint": fingerprint},
+                  "nonmembers": n_n, "held_out": len(parts.val.y), "dataset_fingerprint": fingerprint},
         "claim": {"dp": claim.dp, "epsilon": claim.epsilon, "delta": claim.delta, "source": claim.source,
                   "auc_bound": dp_auc_bound(claim.epsilon, claim.delta) if claim.dp else None,
                   "strongest_provable_epsilon": strongest},
@@ -267,8 +275,10 @@ def _num(x: float | None, digits: int = 3) -> str:
 def format_report(report: dict) -> str:
     s, c = report["split"], report["claim"]
     lines = [f"privacy audit of model {report['model_version']} (run {report['run']}) at site {report['site']}: "
-             f"{s['members']} members (training part) vs {s['nonmembers']} non-members (held-out part; val-fraction "
-             f"{s['val_fraction']:g}, seed {s['seed']})"]
+             f"{s['members']} members (training part) vs {s['nonmembers']} non-members (held-out part"
+             + (f": the {s['nonmembers']} of {s['held_out']} the normalisation was not fitted on"
+                if s.get("held_out", s["nonmembers"]) != s["nonmembers"] else "")
+             + f"; val-fraction {s['val_fraction']:g}, seed {s['seed']})"]
     if c["dp"]:
         lines.append(f"claim: ({c['epsilon']:.3g}, {c['delta']:.3g})-DP ({c['source']}); it allows AUC <= "
                      f"{c['auc_bound']:.3f} and TPR <= e^{c['epsilon']:.3g} x FPR + {c['delta']:.3g}")

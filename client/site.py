@@ -2,8 +2,8 @@
 
 Preparing a site: validate its tables against the consortium schema (a site with invalid data
 refuses to train and says why), split a local held-out part (patient by patient, keyed by the run's
-seed), fit the normalisation (on the held-out part under DP, else on the training part; saved in the
-site's state directory for prediction time), and register the training patients in the site's
+seed), fit the normalisation (under DP on one half of the held-out part, else on the training part; saved in
+the site's state directory for prediction time), and register the training patients in the site's
 privacy ledger.
 """
 
@@ -62,18 +62,29 @@ def held_out_split(ids: list[str], val_fraction: float, seed: int) -> tuple[np.n
     return np.flatnonzero(~held), np.flatnonzero(held)
 
 
-MIN_NORMALISATION_PATIENTS = 20  # below this a held-out part's statistics are noisy: the site is warned
+def normalisation_half(ids: list[str], seed: int) -> np.ndarray:
+    """Which of these (held-out) patients a DP run fits the normalisation on: a keyed hash of each id, about half.
+
+    The other half are non-members the model never depended on in any way, the ones a membership audit needs
+    (`SiteParts.unseen`); patient by patient, as the split."""
+    key = f"oncofed-normalise/{seed}/".encode()
+    return np.array([hashlib.sha256(key + i.encode()).digest()[0] < 128 for i in ids], dtype=bool)
+
+
+MIN_NORMALISATION_PATIENTS = 20  # below this a normalisation's statistics are noisy: the site is warned
 
 
 @dataclass
 class SiteParts:
     """A site's patients as the federation trains on them: the training part (members of every model the
-    site trains) and the held-out part, normalised with statistics of the training part only."""
+    site trains) and the held-out part, with the normalisation fitted on the training part (no DP) or on
+    one half of the held-out part (DP)."""
 
     train: SiteDataset
     val: SiteDataset
     normalizer: Normalizer
     warnings: list[str]
+    unseen: np.ndarray  # rows of `val` the normalisation was not fitted on: clean non-members for an audit
 
 
 def split_site(schema: FeatureSchema, site_dir: Path, *, val_fraction: float, min_count: int,
@@ -81,10 +92,12 @@ def split_site(schema: FeatureSchema, site_dir: Path, *, val_fraction: float, mi
     """Validate, read, split and normalise a site's data; writes nothing. The one definition of which
     patients a site trains on: `prepare_site` trains on it, `oncofed site privacy-audit` attacks with it.
 
-    `dp`: the normalisation is fitted on the held-out part. Statistics of the training part would make every
-    training row depend on every other training patient, which DP-SGD's analysis does not cover; the held-out
-    part is outside the DP guarantee anyway (its metrics are reported as aggregates, docs/privacy.md). Without
-    DP it is fitted on the training part, the larger."""
+    `dp`: the normalisation is fitted on one half of the held-out part (`normalisation_half`). Statistics of the
+    training part would make every training row depend on every other training patient, which DP-SGD's
+    analysis does not cover; the held-out part is outside the DP guarantee anyway (its metrics are reported as
+    aggregates, docs/privacy.md). Only half of it, so that the other half are non-members the model depends on
+    in no way (a membership audit on patients the normalisation was fitted on overstates the attack,
+    docs/results.md). Without DP it is fitted on the training part, the larger."""
     report = validate_site(schema, site_dir, min_count=min_count)
     if not report.ok:
         raise SiteDataError(report.format_report())
@@ -98,13 +111,18 @@ def split_site(schema: FeatureSchema, site_dir: Path, *, val_fraction: float, mi
         raise SiteDataError(f"{site_dir}: no held-out part (the run's val-fraction {val_fraction:g} over {len(ids)} "
                             "patients), and a DP run fits the site's normalisation on it: the operator sets "
                             "val-fraction > 0 (0.2 by default)")
-    if dp and len(va) < MIN_NORMALISATION_PATIENTS:
-        warnings.append(f"the normalisation is fitted on the held-out part's {len(va)} patients (fewer than "
+    seen = normalisation_half([ids[i] for i in va], seed) if dp else np.zeros(len(va), dtype=bool)
+    if dp and not seen.any():
+        raise SiteDataError(f"{site_dir}: the held-out part's {len(va)} patients (val-fraction {val_fraction:g}) leave "
+                            "none to fit the normalisation on (a DP run fits it on about half of them): the operator "
+                            "sets a larger val-fraction")
+    if dp and seen.sum() < MIN_NORMALISATION_PATIENTS:
+        warnings.append(f"the normalisation is fitted on {seen.sum()} held-out patients (fewer than "
                         f"{MIN_NORMALISATION_PATIENTS}); a larger val-fraction steadies it")
-    normalizer = Normalizer.fit(schema, raw[va] if dp else raw[tr])
+    normalizer = Normalizer.fit(schema, raw[va[seen]] if dp else raw[tr])
     train = make_dataset(schema, raw[tr], y[tr], [ids[i] for i in tr], normalizer)
     val = make_dataset(schema, raw[va], y[va], [ids[i] for i in va], normalizer)
-    return SiteParts(train, val, normalizer, warnings)
+    return SiteParts(train, val, normalizer, warnings, np.flatnonzero(~seen))
 
 
 def prepare_site(schema: FeatureSchema, paths: SitePaths, *, budget_epsilon: float, delta: float,

@@ -250,12 +250,18 @@ def test_a_model_trained_without_noise_but_labelled_dp_is_flagged(planted):
 
 @pytest.mark.slow
 def test_the_audit_attacks_exactly_the_training_part_the_site_trains_on(planted):
+    from client.site import normalisation_half
+
     home, site = planted
     r, report = _audit(home, "--version", "v0001")
     assert report["split"]["members"] == len(site.train.y) and 220 <= len(site.train.y) <= 260
-    assert report["split"]["nonmembers"] == len(site.val.y) == N_PATIENTS - len(site.train.y)
+    # a DP model's normalisation was fitted on half the held-out part: the other half are the non-members
+    unseen = [site.val.ids[i] for i in range(len(site.val.y)) if not normalisation_half([site.val.ids[i]], 0)[0]]
+    assert report["split"]["held_out"] == len(site.val.y) == N_PATIENTS - len(site.train.y)
+    assert report["split"]["nonmembers"] == len(unseen) and 0 < len(unseen) < len(site.val.y)
     assert report["split"]["dataset_fingerprint"] == site.dataset_fingerprint
-    assert f"{len(site.train.y)} members (training part) vs {len(site.val.y)} non-members (held-out part" in r.output
+    assert (f"{len(site.train.y)} members (training part) vs {len(unseen)} non-members (held-out part: the "
+            f"{len(unseen)} of {len(site.val.y)} the normalisation was not fitted on") in r.output
     assert "a small site gives a weak audit" in r.output
 
 
@@ -350,8 +356,9 @@ def test_a_run_without_a_held_out_part_cannot_be_audited(federation, tmp_path):
     _install(site, schema, MultiModalTransformer(schema, ModelConfig(d_model=32)), _dp_label())
     r, _ = _audit(tmp_path, "--val-fraction", "0")
     assert r.exit_code == 2 and "no held-out part" in r.output and "--val-fraction" in r.output
-    r, _ = _audit(tmp_path, "--val-fraction", "0.01")  # 3 non-members
-    assert r.exit_code == 2 and "non-members (held-out part); an audit needs at least 10" in r.output
+    r, _ = _audit(tmp_path, "--val-fraction", "0.01")  # 3 non-members: the held-out half the normalisation never saw
+    assert r.exit_code == 2
+    assert "non-members (the held-out patients the normalisation was not fitted on); an audit needs at least 10" in r.output
 
 
 def test_a_split_the_site_never_trained_on_is_refused(federation, tmp_path):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client.site import SiteDataError, held_out_split, split_site
+from client.site import SiteDataError, held_out_split, normalisation_half, split_site
+from shared_models.site_data import Normalizer, raw_matrix, read_site
 from tests.sitefixtures import site_schema, site_tables, write_site
 
 
@@ -63,3 +64,26 @@ def test_a_dp_run_without_a_held_out_part_is_refused_naming_val_fraction(tmp_pat
         split_site(site_schema(), tmp_path / "s", val_fraction=0.0, min_count=5, seed=0, dp=True)
     parts = split_site(site_schema(), tmp_path / "s", val_fraction=0.0, min_count=5, seed=0, dp=False)
     assert len(parts.val.y) == 0 and len(parts.train.y) == 30
+
+
+def test_under_dp_the_normalisation_is_fitted_on_half_the_held_out_part_and_the_other_half_is_unseen(tmp_path):
+    """The half the normalisation never saw are the audit's non-members: no held-out patient of it changes the
+    normalisation, and the half is decided patient by patient."""
+    schema, tables = site_schema(), site_tables(n_per_class=60)
+    write_site(tmp_path / "a", tables)
+    a = split_site(schema, tmp_path / "a", val_fraction=0.2, min_count=5, seed=0, dp=True)
+    seen = normalisation_half(a.val.ids, 0)
+    assert 0 < seen.sum() < len(seen) and np.array_equal(a.unseen, np.flatnonzero(~seen))
+    read = read_site(schema, tmp_path / "a")
+    fitted = Normalizer.fit(schema, raw_matrix(schema, read, [a.val.ids[i] for i in np.flatnonzero(seen)]))
+    assert np.allclose(fitted.mean, a.normalizer.mean, equal_nan=True)
+    assert np.allclose(fitted.scale, a.normalizer.scale, equal_nan=True)
+    # changing an unseen held-out patient's values changes no other row, training or held out
+    who = a.val.ids[a.unseen[0]]
+    changed, _ = _changed_patient(tables, [who])
+    write_site(tmp_path / "b", changed)
+    b = split_site(schema, tmp_path / "b", val_fraction=0.2, min_count=5, seed=0, dp=True)
+    assert np.array_equal(a.train.x, b.train.x, equal_nan=True)
+    assert normalisation_half(["P1", "P2", "P3"], 0).tolist() == normalisation_half(["P3", "P2", "P1"], 0).tolist()[::-1]
+    # without DP the whole held-out part is unseen
+    assert len(split_site(schema, tmp_path / "a", val_fraction=0.2, min_count=5, seed=0, dp=False).unseen) == len(a.val.y)
