@@ -131,8 +131,9 @@ def site_privacy_audit(
     out: Path = typer.Option(None, "--out", help="report directory (default: STATE_DIR/privacy-audit/VERSION)"),
 ) -> None:
     """Attack the site's global model with membership inference: its training patients (members) against its
-    held-out part (non-members). Prints AUC and TPR at 0.1% and 1% FPR per attack beside the bound the model's
-    epsilon implies, writes privacy-audit.json and a ROC plot.
+    held-out part (non-members; for a DP model, the half of it the normalisation was not fitted on). Prints AUC
+    and TPR at 0.1% and 1% FPR per attack beside the bound the model's epsilon implies, writes privacy-audit.json
+    and a ROC plot.
 
     Exit 0: no attack beats the bound (or the model claims no DP); 1: an attack beats the bound with the test's
     confidence (a DP bug); 2: the audit cannot run (the message says why).

@@ -119,7 +119,8 @@ def audit_section(res) -> list[str]:
     sep = ["---", "---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---"]
     md = ["## Empirical privacy audit", "",
           ("Each site attacked the delivered global model with membership inference on its own patients: its "
-           "training part (members) against its own held-out part (non-members), loss and confidence attacks "
+           "training part (members) against its own held-out part (non-members; for a DP model the half its "
+           "normalisation was not fitted on), loss and confidence attacks "
            "(`oncofed site privacy-audit`, docs/privacy.md). Per site the stronger attack counts; *AUC mean* is over "
            "the sites. *AUC bound* and *bound @1%FPR* are what the largest site ε allows (TPR ≤ e^ε·FPR + δ). "
            "*ε proven*: the largest ε any attack proves at 95% confidence (Clopper-Pearson); a DP cell whose attack "
@@ -127,7 +128,7 @@ def audit_section(res) -> list[str]:
           "\n".join("| " + " | ".join(x) + " |" for x in [header, sep, *rows]), ""]
     if held_out:
         n = min(held_out)
-        note = f"- The smallest audited site held out {n} patients (its non-members)"
+        note = f"- The smallest audited site had {n} non-members"
         if n < 100:
             note += "; with fewer than 100, TPR at 1% FPR is the TPR at no false positive"
         if provable:

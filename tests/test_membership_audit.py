@@ -358,7 +358,8 @@ def test_a_run_without_a_held_out_part_cannot_be_audited(federation, tmp_path):
     assert r.exit_code == 2 and "no held-out part" in r.output and "--val-fraction" in r.output
     r, _ = _audit(tmp_path, "--val-fraction", "0.01")  # 3 non-members: the held-out half the normalisation never saw
     assert r.exit_code == 2
-    assert "non-members (the held-out patients the normalisation was not fitted on); an audit needs at least 10" in r.output
+    assert ("non-members (the held-out patients the normalisation was not fitted on); an audit needs at least 10"
+            in r.output)
 
 
 def test_a_split_the_site_never_trained_on_is_refused(federation, tmp_path):
