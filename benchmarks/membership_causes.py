@@ -76,6 +76,12 @@ def auc_by_type(member, nonmember, y_member, y_nonmember) -> float:
     return num / den
 
 
+def fit_on(norm: str, tr: np.ndarray, va: np.ndarray, ids: list[str], seed: int) -> np.ndarray:
+    """The rows a run's normalisation was fitted on, by NORM."""
+    return {"half": lambda: va[normalisation_half([ids[i] for i in va], seed)], "val": lambda: va,
+            "train": lambda: tr}[norm]()
+
+
 def main() -> None:
     mode, split, norm, runs = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
     for run in map(Path, runs):
@@ -84,7 +90,7 @@ def main() -> None:
             tr, va = stratified_split(y, 0.2, seed) if split == "strat" else held_out_split(ids, 0.2, seed)
             if mode == "both-held-out":
                 common = np.intersect1d(stratified_split(y, 0.2, seed)[1], held_out_split(ids, 0.2, seed)[1])
-                nz = Normalizer.fit(schema, raw[va] if norm == "val" else raw[tr])
+                nz = Normalizer.fit(schema, raw[fit_on(norm, tr, va, ids, seed)])
                 ys.append(y[common])
                 ps.append(predict_logits(model, torch.from_numpy(make_dataset(
                     schema, raw[common], y[common], [ids[i] for i in common], nz).x)).argmax(1).numpy())
@@ -98,8 +104,8 @@ def main() -> None:
                     inside.append(auc(m, losses(model, schema, raw, y, ids, parts[seen], nz)))
                     outside.append(auc(m, losses(model, schema, raw, y, ids, parts[unseen], nz)))
                 continue
-            fit_on = {"half": va[normalisation_half([ids[i] for i in va], seed)], "val": va, "train": tr}[norm]
-            nz, non = Normalizer.fit(schema, raw[fit_on]), (np.setdiff1d(va, fit_on) if norm == "half" else va)
+            seen = fit_on(norm, tr, va, ids, seed)
+            nz, non = Normalizer.fit(schema, raw[seen]), (np.setdiff1d(va, seen) if norm == "half" else va)
             m, n = losses(model, schema, raw, y, ids, tr, nz), losses(model, schema, raw, y, ids, non, nz)
             out.append(auc_by_type(m, n, y[tr], y[non]) if mode == "auc-by-type" else auc(m, n))
             inside.append(m)

@@ -64,6 +64,61 @@ def _ledger_state(state_dir: Path) -> dict:
         raise PrivacyAuditError(str(e)) from None
 
 
+def enough_patients(parts, site_dir: Path) -> None:
+    # under DP the normalisation is fitted on half the held-out part: the non-members are the other half
+    nonmembers = ("non-members (held-out part)" if len(parts.unseen) == len(parts.val.y) else
+                  "non-members (the held-out patients the normalisation was not fitted on)")
+    for what, n in (("members (training part)", len(parts.train.y)), (nonmembers, len(parts.unseen))):
+        if n < MIN_PATIENTS:
+            raise PrivacyAuditError(f"{site_dir}: {n} {what}; an audit needs at least {MIN_PATIENTS} of each "
+                                    "(too few patients to tell anything from chance)")
+
+
+def _split(schema, site_dir: Path, split: dict, dp: bool):
+    from client.site import HeldOutError, SiteDataError, split_site
+    from shared_models.site_data import TableError
+
+    try:
+        return split_site(schema, site_dir, dp=dp, **split)
+    except HeldOutError as e:
+        raise PrivacyAuditError(str(e)) from None
+    except (SiteDataError, TableError) as e:
+        raise PrivacyAuditError(f"{site_dir}: the site's data cannot be read as the model's schema:\n{e}") from None
+
+
+def as_trained(parts, schema, site_dir: Path, saved_path: Path, split: dict, dp: bool):
+    """The split with the normalisation the site trained with (its saved normalizer.json): the DP preparation's
+    (fitted on half the held-out part, whose other half are then the non-members) or the plain one's (fitted on
+    the training part), whichever it is, the model's `dp` tried first. Any other normalisation feeds the model
+    inputs it never saw and may have been fitted on the audit's non-members: refused."""
+    from shared_models.site_data import Normalizer
+
+    if not saved_path.is_file():
+        raise PrivacyAuditError(f"{saved_path}: no saved normalisation; the audit needs the one the site trained with "
+                                "(state-dir must be the one the site trained with)")
+    try:
+        saved = Normalizer.load(saved_path, schema)
+    except (OSError, ValueError) as e:
+        raise PrivacyAuditError(f"{saved_path}: cannot be read: {e}") from None
+    def same(fitted) -> bool:
+        return (np.allclose(saved.mean, fitted.mean, rtol=1e-5, atol=1e-6)
+                and np.allclose(saved.scale, fitted.scale, rtol=1e-5, atol=1e-6))
+
+    if same(parts.normalizer):
+        return parts
+    try:
+        other = _split(schema, site_dir, split, not dp)
+    except PrivacyAuditError:
+        other = None
+    if other is not None and same(other.normalizer):
+        return other
+    raise PrivacyAuditError(f"{saved_path}: the site's saved normalisation is not the one this split fits (a run "
+                                "prepared before the normalisation was fitted on half the held-out part, another "
+                                "--val-fraction or --seed than the run's, or `oncofed serve fit-normalizer` since): "
+                                "the audit cannot tell which patients it was fitted on; audit a model of a run made "
+                                "with the current preparation, with the run's --val-fraction and --seed")
+
+
 def check_membership(ledger: dict, fingerprint: str, run: str | None, dp: bool, ledger_path: Path,
                      val_fraction: float, seed: int) -> None:
     """The training part must be what the site trained on: a dataset of its ledger, the run's for DP."""
@@ -166,10 +221,8 @@ def audit(site_dir: Path, state_dir: Path, model_dir: Path, site: str, *, val_fr
           version: str | None = None, signing_public_key: str | None = None) -> dict:
     """The audit report (JSON-ready) of the site's installed model (the active one, or `version`)."""
     from client.model_store import ModelStore, ModelStoreError
-    from client.site import SiteDataError, split_site
     from privacy.ledger import dataset_fingerprint
     from shared_models.schema import FeatureSchema
-    from shared_models.site_data import TableError
     from shared_models.weights import load_weights
 
     site_dir, state_dir, model_dir = Path(site_dir), Path(state_dir), Path(model_dir)
@@ -195,29 +248,23 @@ def audit(site_dir: Path, state_dir: Path, model_dir: Path, site: str, *, val_fr
         raise PrivacyAuditError(f"--val-fraction {val_fraction}: give the run's val-fraction in [0, 1)")
     no_held_out = val_fraction == 0
     if not no_held_out:
-        try:
-            parts = split_site(schema, site_dir, val_fraction=val_fraction, min_count=min_count, seed=seed,
-                               dp=bool(package.get("dp")))
-        except (SiteDataError, TableError) as e:
-            raise PrivacyAuditError(f"{site_dir}: the site's data cannot be read as the model's schema:\n{e}") from None
+        split = dict(val_fraction=val_fraction, min_count=min_count, seed=seed)
+        parts = _split(schema, site_dir, split, bool(package.get("dp")))
         no_held_out = len(parts.val.y) == 0
     if no_held_out:
         raise PrivacyAuditError(f"{site_dir}: no held-out part (val-fraction {val_fraction:g} leaves every patient "
                                 "in training), so there are no non-members to compare with; pass the run's "
                                 "--val-fraction (a run with val-fraction 0 cannot be audited on the site's data)")
-    unseen = parts.unseen  # a DP model's normalisation was fitted on the other half of the held-out part
-    nonmembers = ("non-members (held-out part)" if len(unseen) == len(parts.val.y) else
-                  "non-members (the held-out patients the normalisation was not fitted on)")
-    for what, n in (("members (training part)", len(parts.train.y)), (nonmembers, len(unseen))):
-        if n < MIN_PATIENTS:
-            raise PrivacyAuditError(f"{site_dir}: {n} {what}; an audit needs at least {MIN_PATIENTS} of each "
-                                    "(too few patients to tell anything from chance)")
+    enough_patients(parts, site_dir)
     ledger_path = state_dir / "privacy-ledger.json"
     ledger = _ledger_state(state_dir)
     fingerprint = dataset_fingerprint(parts.train.ids, schema.content_hash())[0]
     package_path = model_dir / version / "package.json"
     check_membership(ledger, fingerprint, package.get("run"), bool(package.get("dp")), ledger_path, val_fraction,
                      seed)
+    parts = as_trained(parts, schema, site_dir, state_dir / "normalizer.json", split, bool(package.get("dp")))
+    enough_patients(parts, site_dir)
+    unseen = parts.unseen
     claim = claimed_privacy(package, site, ledger, fingerprint, package_path, ledger_path)
 
     t0 = time.perf_counter()

@@ -30,6 +30,10 @@ class SiteDataError(ValueError):
     """The site's data failed validation; the message lists every problem."""
 
 
+class HeldOutError(SiteDataError):
+    """The site's held-out part is too small for what the run needs of it; the message names val-fraction."""
+
+
 @dataclass(frozen=True)
 class SitePaths:
     site_dir: Path  # the hospital's tables
@@ -88,7 +92,7 @@ class SiteParts:
 
 
 def split_site(schema: FeatureSchema, site_dir: Path, *, val_fraction: float, min_count: int,
-               seed: int, dp: bool) -> SiteParts:
+               seed: int, dp: bool, normalizer: Normalizer | None = None) -> SiteParts:
     """Validate, read, split and normalise a site's data; writes nothing. The one definition of which
     patients a site trains on: `prepare_site` trains on it, `oncofed site privacy-audit` attacks with it.
 
@@ -97,7 +101,8 @@ def split_site(schema: FeatureSchema, site_dir: Path, *, val_fraction: float, mi
     analysis does not cover; the held-out part is outside the DP guarantee anyway (its metrics are reported as
     aggregates, docs/privacy.md). Only half of it, so that the other half are non-members the model depends on
     in no way (a membership audit on patients the normalisation was fitted on overstates the attack,
-    docs/results.md). Without DP it is fitted on the training part, the larger."""
+    docs/results.md). Without DP it is fitted on the training part, the larger. `normalizer`: use this one
+    instead (a finished run's saved normalisation, as the run's models saw their inputs)."""
     report = validate_site(schema, site_dir, min_count=min_count)
     if not report.ok:
         raise SiteDataError(report.format_report())
@@ -108,18 +113,19 @@ def split_site(schema: FeatureSchema, site_dir: Path, *, val_fraction: float, mi
     tr, va = held_out_split(ids, val_fraction, seed)
     warnings = [p.message for p in report.warnings]
     if dp and len(va) == 0:
-        raise SiteDataError(f"{site_dir}: no held-out part (the run's val-fraction {val_fraction:g} over {len(ids)} "
+        raise HeldOutError(f"{site_dir}: no held-out part (the run's val-fraction {val_fraction:g} over {len(ids)} "
                             "patients), and a DP run fits the site's normalisation on it: the operator sets "
                             "val-fraction > 0 (0.2 by default)")
     seen = normalisation_half([ids[i] for i in va], seed) if dp else np.zeros(len(va), dtype=bool)
     if dp and not seen.any():
-        raise SiteDataError(f"{site_dir}: the held-out part's {len(va)} patients (val-fraction {val_fraction:g}) leave "
+        raise HeldOutError(f"{site_dir}: the held-out part's {len(va)} patients (val-fraction {val_fraction:g}) leave "
                             "none to fit the normalisation on (a DP run fits it on about half of them): the operator "
                             "sets a larger val-fraction")
     if dp and seen.sum() < MIN_NORMALISATION_PATIENTS:
         warnings.append(f"the normalisation is fitted on {seen.sum()} held-out patients (fewer than "
                         f"{MIN_NORMALISATION_PATIENTS}); a larger val-fraction steadies it")
-    normalizer = Normalizer.fit(schema, raw[va[seen]] if dp else raw[tr])
+    if normalizer is None:
+        normalizer = Normalizer.fit(schema, raw[va[seen]] if dp else raw[tr])
     train = make_dataset(schema, raw[tr], y[tr], [ids[i] for i in tr], normalizer)
     val = make_dataset(schema, raw[va], y[va], [ids[i] for i in va], normalizer)
     return SiteParts(train, val, normalizer, warnings, np.flatnonzero(~seen))

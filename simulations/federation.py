@@ -142,18 +142,22 @@ def _interesting(line: str) -> bool:
 
 def finished_run_sites(run_dir: Path):
     """(run config, schema, {site: SiteParts}) of a finished `oncofed simulate --out` run, each site split and
-    normalised as it was in the run (`client.site.split_site` with the run's frozen config): for measuring its
-    models on the sites' held-out parts afterwards (benchmarks/site_parts.py, benchmarks/ema_offline.py)."""
+    normalised as it was in the run (`client.site.split_site` with the run's frozen config and the normalisation
+    the site saved, whichever preparation made it): for measuring its models on the sites' held-out parts
+    afterwards (benchmarks/site_parts.py, benchmarks/ema_offline.py)."""
     from client.site import split_site
     from privacy.run_config import load_run_config
     from shared_models.schema import FeatureSchema
+    from shared_models.site_data import Normalizer
 
     cfg = load_run_config({**json.loads((run_dir / "server" / "run.json").read_text())["run_config"],
                            "base-dir": str(ROOT)})
     schema = FeatureSchema.load(run_dir / "sites" / "schema.json")
-    return cfg, schema, {d.name: split_site(schema, d, val_fraction=cfg.site.val_fraction, min_count=cfg.site.min_count,
-                                            seed=cfg.training.seed, dp=cfg.privacy.enabled)
-                         for d in sorted((run_dir / "sites").glob("C*"))}
+    saved = {d.name: Normalizer.load(run_dir / "state" / d.name / "state" / "normalizer.json", schema)
+             for d in sorted((run_dir / "sites").glob("C*"))}
+    return cfg, schema, {name: split_site(schema, run_dir / "sites" / name, val_fraction=cfg.site.val_fraction,
+                                          min_count=cfg.site.min_count, seed=cfg.training.seed,
+                                          dp=cfg.privacy.enabled, normalizer=nz) for name, nz in saved.items()}
 
 
 def load_installed(model_dir: Path):

@@ -402,7 +402,8 @@ def test_the_research_report_tables_the_audit_of_dp_and_non_dp_cells(planted, fe
     off_row = next(line for line in md.splitlines() if line.startswith("| `mini3-fedavg-off-s0`"))
     assert "**beats the bound** (1 site)" in dp_row and "| 0.50 |" in dp_row
     assert "| no DP |" in off_row and "beats" not in off_row
-    assert "even a perfect attack could prove at most" in md and re.search(r"held out \d+ patients", md)
+    assert "even a perfect attack could prove at most" in md
+    assert re.search(r"smallest audited site had \d+ non-members", md)
 
 
 def test_a_results_directory_without_audits_has_no_audit_section(tmp_path):
@@ -412,3 +413,21 @@ def test_a_results_directory_without_audits_has_no_audit_section(tmp_path):
 
     res = load_results(make_results(tmp_path, datasets=(("mini3", 3, False),), strategies=("fedavg",)))
     assert audit_section(res) == []
+
+
+def test_an_audit_refuses_a_normalisation_other_than_the_one_the_site_trained_with(planted, tmp_path):
+    """A site whose saved normalisation is neither preparation's (a run before the held-out half, or refitted since)
+    cannot say which patients it was fitted on: the audit refuses, naming the file."""
+    import shutil
+
+    home, site = planted
+    copy = tmp_path / "home"
+    shutil.copytree(home, copy)
+    cfg = json.loads((copy / "site.json").read_text())
+    cfg.update({"state-dir": str(copy / "state"), "model-dir": str(copy / "models")})
+    (copy / "site.json").write_text(json.dumps(cfg))
+    site.normalizer.__class__(site.schema, site.normalizer.mean + 0.5, site.normalizer.scale).save(
+        copy / "state" / "normalizer.json")
+    r, _ = _audit(copy, "--version", "v0001")
+    assert r.exit_code == 2 and str(copy / "state" / "normalizer.json") in r.output
+    assert "not the one this split fits" in r.output
