@@ -64,7 +64,8 @@ class Modality(BaseModel):
     )
     transform: Transform = Transform.none
     standardize: bool = Field(
-        default=True, description="z-score numeric features with statistics fitted on training rows"
+        default=True,
+        description="z-score numeric features with statistics fitted on the site's patients (client/site.py)",
     )
     description: str = ""
 

@@ -219,7 +219,8 @@ def _modality_block(m: Modality, df: pd.DataFrame) -> np.ndarray:
 
 
 class Normalizer:
-    """Per-feature z-scoring fitted on training rows only, saved and reused at prediction time.
+    """Per-feature z-scoring fitted on the rows `client.site.split_site` picks (never a DP run's training part), saved
+    and reused at prediction time.
 
     Only numeric columns of modalities with `standardize` are scaled; binary and categorical
     columns pass through. A feature never observed in training keeps mean 0, scale 1.

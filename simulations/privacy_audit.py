@@ -2,8 +2,8 @@
 
 `oncofed experiment` calls `audit_cell` after each federated cell, while the sites' states and model stores are
 on disk: each site runs the audit of `oncofed site privacy-audit` (client/privacy_audit.py: the loss and the
-confidence attack on its own training part against its own held-out part, with the run's val-fraction and
-seed) and the results go to `cells/<cell>/privacy_audit.json`. `oncofed report` reads only that file
+confidence attack on its own training part against its own held-out part, for DP the half the normalisation
+never saw, with the run's val-fraction and seed) and the results go to `cells/<cell>/privacy_audit.json`. `oncofed report` reads only that file
 (`audit_section`: no model, no torch), so a results directory from before the audit existed simply has no
 audit section.
 """

@@ -44,7 +44,7 @@ def _changed_patient(tables, train_ids, column="g0"):
 
 @pytest.mark.parametrize("dp", [True, False])
 def test_under_dp_no_training_row_depends_on_another_training_patient(tmp_path, dp):
-    """Under DP the normalisation is fitted on the held-out part: changing one training patient changes that
+    """Under DP the normalisation is fitted on half the held-out part: changing one training patient changes that
     patient's row alone. Fitted on the training part (without DP) it shifts every training row."""
     schema, tables = site_schema(), site_tables(n_per_class=30)
     write_site(tmp_path / "a", tables)
