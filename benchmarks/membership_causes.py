@@ -3,15 +3,16 @@
 
     python benchmarks/membership_causes.py MODE SPLIT NORM RUN_DIR ...
 
-MODE: `auc` (the loss attack's AUC per site), `auc-by-type` (the same within each type, then averaged),
+MODE: `auc` (the loss attack's AUC per site, and over all sites' patients pooled against the one global model
+with a 95% bootstrap interval: a site's own AUC rests on 40-120 non-members), `auc-by-type` (the same within each type, then averaged),
 `halves` (the normalisation refitted on one half of each held-out part), `both-held-out` (pooled macro-F1 of
 the final model on the patients that both splits hold out: none trained on by a run of either split).
 
 SPLIT is how the run split its sites: `hash` (client.site.held_out_split, since ab86b15) or `strat` (the
 class-stratified split before it, re-created here); NORM is what its normalisation was fitted on: `half` (half
-the held-out part, DP runs since this file's `half` was added; the non-members are the other half), `val` (the
-held-out part, DP runs from ab86b15 until then) or `train`. Runs made before ab86b15, or with a switch, need the SPLIT
-and NORM they were made with; `oncofed site privacy-audit` audits the current preparation only. `halves`:
+the held-out part, DP runs since 131929d; the non-members are then the other half), `val` (the held-out part,
+DP runs from ab86b15 to 131929d) or `train` (runs without DP; DP runs before ab86b15). A run needs the SPLIT and
+NORM it was made with; `oncofed site privacy-audit` refuses a normalisation it cannot place. `halves`:
 each held-out part cut in two by a hash of the patient id, the normalisation refitted on one half, the AUC
 against the half it saw and the half it did not (both ways round). The members are the training part.
 """
@@ -67,6 +68,13 @@ def auc(member: np.ndarray, nonmember: np.ndarray) -> float:
     return float(roc_auc_score(np.r_[np.ones(len(member)), np.zeros(len(nonmember))], np.r_[-member, -nonmember]))
 
 
+def bootstrap_interval(member: np.ndarray, nonmember: np.ndarray, draws: int = 1000) -> tuple[float, float]:
+    """The pooled AUC's 95% interval: members and non-members each resampled with replacement."""
+    rng = np.random.default_rng(0)
+    a = [auc(rng.choice(member, len(member)), rng.choice(nonmember, len(nonmember))) for _ in range(draws)]
+    return float(np.quantile(a, 0.025)), float(np.quantile(a, 0.975))
+
+
 def auc_by_type(member, nonmember, y_member, y_nonmember) -> float:
     """Within each type with members and non-members, weighted by its number of pairs: no class-mix effect."""
     num = den = 0.0
@@ -118,9 +126,11 @@ def main() -> None:
             print(f"{run.name}: the half the normalisation saw {np.mean(inside):.3f}, the other half "
                   f"{np.mean(outside):.3f} (mean AUC over sites and both ways round)")
         else:
-            pooled = auc(np.concatenate(inside), np.concatenate(outside))
+            m, n = np.concatenate(inside), np.concatenate(outside)
+            lo, hi = bootstrap_interval(m, n)
             print(f"{run.name} ({split} split, normalisation on {norm}): {' '.join(f'{a:.3f}' for a in out)}; "
-                  f"max {max(out):.3f}, mean {np.mean(out):.3f}, all sites' patients pooled {pooled:.3f}")
+                  f"max {max(out):.3f}, mean {np.mean(out):.3f}, all sites' patients pooled {auc(m, n):.3f} "
+                  f"(95% bootstrap interval {lo:.3f}-{hi:.3f}; {len(m)} members, {len(n)} non-members)")
 
 
 if __name__ == "__main__":
