@@ -89,3 +89,13 @@ def test_under_dp_the_normalisation_is_fitted_on_half_the_held_out_part_and_the_
     # without DP the whole held-out part is unseen
     plain = split_site(schema, tmp_path / "a", val_fraction=0.2, min_count=5, seed=0, dp=False)
     assert len(plain.unseen) == len(plain.val.y)
+
+
+def test_a_dp_run_whose_held_out_part_leaves_no_patient_to_fit_on_is_refused_naming_val_fraction(tmp_path):
+    """Seed 9 at val-fraction 0.1 holds out 2 of these 30 patients and neither falls in the normalisation's half."""
+    from client.site import HeldOutError
+
+    write_site(tmp_path / "s", site_tables(n_per_class=10))
+    with pytest.raises(HeldOutError, match="2 patients .*larger val-fraction"):
+        split_site(site_schema(), tmp_path / "s", val_fraction=0.1, min_count=5, seed=9, dp=True)
+    assert len(split_site(site_schema(), tmp_path / "s", val_fraction=0.1, min_count=5, seed=9, dp=False).val.y) == 2
