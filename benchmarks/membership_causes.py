@@ -86,8 +86,9 @@ def auc_by_type(member, nonmember, y_member, y_nonmember) -> float:
 
 def fit_on(norm: str, tr: np.ndarray, va: np.ndarray, ids: list[str], seed: int) -> np.ndarray:
     """The rows a run's normalisation was fitted on, by NORM."""
-    return {"half": lambda: va[normalisation_half([ids[i] for i in va], seed)], "val": lambda: va,
-            "train": lambda: tr}[norm]()
+    if norm == "half":
+        return va[normalisation_half([ids[i] for i in va], seed)]
+    return {"val": va, "train": tr}[norm]
 
 
 def main() -> None:

@@ -100,6 +100,7 @@ def as_trained(parts, schema, site_dir: Path, saved_path: Path, split: dict, dp:
         saved = Normalizer.load(saved_path, schema)
     except (OSError, ValueError) as e:
         raise PrivacyAuditError(f"{saved_path}: cannot be read: {e}") from None
+
     def same(fitted) -> bool:
         return (np.allclose(saved.mean, fitted.mean, rtol=1e-5, atol=1e-6)
                 and np.allclose(saved.scale, fitted.scale, rtol=1e-5, atol=1e-6))
@@ -113,10 +114,10 @@ def as_trained(parts, schema, site_dir: Path, saved_path: Path, split: dict, dp:
     if other is not None and same(other.normalizer):
         return other
     raise PrivacyAuditError(f"{saved_path}: the site's saved normalisation is not the one this split fits (a run "
-                                "prepared before the normalisation was fitted on half the held-out part, another "
-                                "--val-fraction or --seed than the run's, or `oncofed serve fit-normalizer` since): "
-                                "the audit cannot tell which patients it was fitted on; audit a model of a run made "
-                                "with the current preparation, with the run's --val-fraction and --seed")
+                            "prepared before the normalisation was fitted on half the held-out part, another "
+                            "--val-fraction or --seed than the run's, or `oncofed serve fit-normalizer` since): "
+                            "the audit cannot tell which patients it was fitted on; audit a model of a run made "
+                            "with the current preparation, with the run's --val-fraction and --seed")
 
 
 def check_membership(ledger: dict, fingerprint: str, run: str | None, dp: bool, ledger_path: Path,
