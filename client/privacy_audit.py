@@ -214,7 +214,7 @@ def run_attacks(data: AuditData, claim: Claim, confidence: float,
         z = lira_offline(phi, *lira)
         scores["offline LiRA"] = (z[:n_m], z[n_m:])
     alpha = (1 - confidence) / len(scores)
-    return [attack(name, m, n, claim.epsilon, claim.delta, alpha) for name, (m, n) in scores.items()]
+    return [attack(name, m, n, claim.epsilon, claim.delta, alpha, confidence) for name, (m, n) in scores.items()]
 
 
 def audit(site_dir: Path, state_dir: Path, model_dir: Path, site: str, *, val_fraction: float, seed: int,
@@ -332,13 +332,15 @@ def format_report(report: dict) -> str:
                      f"{c['auc_bound']:.3f} and TPR <= e^{c['epsilon']:.3g} x FPR + {c['delta']:.3g}")
     else:
         lines.append(f"claim: no differential privacy ({c['source']})")
-    head = f"{'attack':<14}{'AUC':>7}" + "".join(f"{'TPR@' + f'{f:.1%}'.replace('.0%', '%') + 'FPR':>14}{'bound':>8}"
-                                                 for f in REPORTED_FPRS)
+    level = f"{report['confidence']:.0%}"
+    head = f"{'attack':<14}{'AUC':>7}{level + ' interval':>16}" + "".join(
+        f"{'TPR@' + f'{f:.1%}'.replace('.0%', '%') + 'FPR':>14}{'bound':>8}" for f in REPORTED_FPRS)
     if c["dp"]:
         head += f"  {'eps proven':>10}"
     lines += ["", head]
     for a in report["attacks"]:
-        row = f"{a['attack']:<14}{a['auc']:>7.3f}"
+        low, high = a.get("auc_interval") or (None, None)  # reports before 2026-12-05 have none
+        row = f"{a['attack']:<14}{a['auc']:>7.3f}{(f'{low:.3f}-{high:.3f}' if low is not None else '—'):>16}"
         for f in REPORTED_FPRS:
             bound = a["bound_at_fpr"][f"{f:g}"] if a["bound_at_fpr"] else None
             row += f"{a['tpr_at_fpr'][f'{f:g}']:>14.3f}{_num(bound, 4):>8}"
@@ -346,8 +348,10 @@ def format_report(report: dict) -> str:
             t = a["bound_test"]
             row += f"  {t['epsilon_lower']:>10.2f}" + ("  BEATS THE BOUND" if t["flagged"] else "")
         lines.append(row)
+    lines.append(f"(interval: DeLong's, where the model's true AUC lies at {level} confidence given how few patients "
+                 "were attacked; an interval holding 0.5 is a score chance alone could give)")
     if c["dp"]:
-        lines.append(f"(eps proven: the largest epsilon the attack proves at {report['confidence']:.0%} confidence, "
+        lines.append(f"(eps proven: the largest epsilon the attack proves at {level} confidence, "
                      "Clopper-Pearson on both rates; 0 = nothing beyond chance)")
     lines += [""] + [f"note: {n}" for n in report["notes"]]
     return "\n".join(lines)

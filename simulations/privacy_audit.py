@@ -63,20 +63,29 @@ def _f(x, digits: int = 3) -> str:
     return "—" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
 
 
+def _worst(c: dict) -> str:
+    i = c.get("auc_max_interval")
+    return _f(c["auc_max"]) + ("" if i is None else f" ({_f(i[0])}–{_f(i[1])})")
+
+
 def cell_summary(sites: list[dict]) -> dict:
     """The cell's audit in one row: per site the strongest attack (largest AUC, TPR, proven epsilon), then the
     mean and the worst over the sites."""
     ok = [s for s in sites if "attacks" in s]
     if not ok:
         return {"sites": 0, "errors": len(sites)}
-    auc = [max(a["auc"] for a in s["attacks"]) for s in ok]
+    strongest = [max(s["attacks"], key=lambda a: a["auc"]) for s in ok]
+    auc = [a["auc"] for a in strongest]
+    intervals = [a.get("auc_interval") for a in strongest]  # DeLong's; audits before 2026-12-05 have none
     tpr = [max(a["tpr_at_fpr"]["0.01"] for a in s["attacks"]) for s in ok]
     dp = [s for s in ok if s["claim"]["dp"]]
     eps = [s["claim"]["epsilon"] for s in dp]
     proven = [max(a["bound_test"]["epsilon_lower"] for a in s["attacks"]) for s in dp]
     loosest = max(dp, key=lambda s: s["claim"]["epsilon"]) if dp else None
     return {"sites": len(ok), "errors": len(sites) - len(ok), "auc_mean": float(np.mean(auc)),
-            "auc_max": max(auc), "tpr_1pct_max": max(tpr),
+            "auc_max": max(auc), "auc_max_interval": intervals[int(np.argmax(auc))],
+            "above_chance": sum(i is not None and i[0] > 0.5 for i in intervals),
+            "with_interval": sum(i is not None for i in intervals), "tpr_1pct_max": max(tpr),
             "members": (min(s["split"]["members"] for s in ok), max(s["split"]["members"] for s in ok)),
             "nonmembers": (min(s["split"]["nonmembers"] for s in ok), max(s["split"]["nonmembers"] for s in ok)),
             "epsilon": (min(eps), max(eps)) if dp else None,
@@ -91,7 +100,7 @@ def audit_section(res) -> list[str]:
     """Markdown for the report (res: simulations.report.Results): one row per federated cell that has an audit,
     DP and non-DP alike; [] when no cell has one (results from before the audit)."""
     fed = res.final[res.final.method == "federated"]
-    rows, held_out, provable = [], [], []
+    rows, held_out, provable, beyond = [], [], [], []
     for r in fed.itertuples():
         sites = _read(res.cell_file(r.cell, AUDIT_FILE))
         if sites is None:
@@ -107,9 +116,11 @@ def audit_section(res) -> list[str]:
         if c["flagged"]:
             verdict += f" ({c['flagged']} site{'s' if c['flagged'] > 1 else ''})"
         rows.append([f"`{r.cell}`", "no DP" if r.privacy == "off" else f"ε={r.privacy}", str(c["sites"]), eps,
-                     _f(c["auc_mean"]), _f(c["auc_max"]), _f(c["auc_bound"]), _f(c["tpr_1pct_max"]),
+                     _f(c["auc_mean"]), _worst(c), _f(c["auc_bound"]), _f(c["tpr_1pct_max"]),
                      _f(c["bound_1pct"], 4), _f(c["epsilon_proven_max"], 2), verdict])
         held_out.append(c["nonmembers"][0])
+        if c["with_interval"]:
+            beyond.append(f"`{r.cell}` {c['above_chance']} of {c['with_interval']}")
         if c["provable_min"] is not None:
             provable.append(c["provable_min"])
     if not rows:
@@ -122,7 +133,8 @@ def audit_section(res) -> list[str]:
            "training part (members) against its own held-out part (non-members; for a DP model the half its "
            "normalisation was not fitted on), loss and confidence attacks "
            "(`oncofed site privacy-audit`, docs/privacy.md). Per site the stronger attack counts; *AUC mean* is over "
-           "the sites. *AUC bound* and *bound @1%FPR* are what the largest site ε allows (TPR ≤ e^ε·FPR + δ). "
+           "the sites; the worst site's AUC is given with its 95% interval (DeLong's: where its true AUC lies, given "
+           "how few patients a site can attack). *AUC bound* and *bound @1%FPR* are what the largest site ε allows (TPR ≤ e^ε·FPR + δ). "
            "*ε proven*: the largest ε any attack proves at 95% confidence (Clopper-Pearson); a DP cell whose attack "
            "proves more than its ε beats the bound: a bug."), "",
           "\n".join("| " + " | ".join(x) + " |" for x in [header, sep, *rows]), ""]
@@ -135,4 +147,6 @@ def audit_section(res) -> list[str]:
             note += (f"; at the least-powered DP site even a perfect attack could prove at most ε {min(provable):.2f}: "
                      "small sites catch only large leaks")
         md += [note + "."]
+    if beyond:
+        md += [f"- Sites whose AUC interval lies above 0.5 (a leak beyond what chance gives): {'; '.join(beyond)}."]
     return md + [""]

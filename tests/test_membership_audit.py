@@ -12,8 +12,8 @@ import re
 import numpy as np
 import pytest
 
-from privacy.membership import (attack, auc, bound_test, clopper_pearson_lower, clopper_pearson_upper,
-                                dp_auc_bound, dp_tpr_bound, lira_offline, logit_confidence, max_probability,
+from privacy.membership import (attack, auc, auc_interval, bound_test, clopper_pearson_lower,
+                                clopper_pearson_upper, dp_auc_bound, dp_tpr_bound, lira_offline, logit_confidence, max_probability,
                                 per_example_loss, roc, strongest_provable_epsilon, tpr_at_fpr)
 
 LABELLED_EPSILON = 0.5  # what the planted model claims: a small epsilon, which its training does not deliver
@@ -29,6 +29,43 @@ def test_auc_is_the_share_of_member_non_member_pairs_the_attack_orders_correctly
 def test_a_tie_between_a_member_and_a_non_member_counts_half():
     # pairs: (1 vs 1) twice -> 0.5 each, (1 vs 0) twice -> 1 each: 3 of 4
     assert auc([1.0, 1.0], [1.0, 0.0]) == pytest.approx(0.75)
+
+
+def _pairwise_delong(m, n, z):
+    """DeLong's interval from its definition, pair by pair (O(m n)): the reference for the midrank form."""
+    m, n = np.asarray(m, float), np.asarray(n, float)
+    wins = (m[:, None] > n[None, :]) + 0.5 * (m[:, None] == n[None, :])  # member i against non-member j
+    v10, v01 = wins.mean(1), wins.mean(0)
+    se = math.sqrt(v10.var(ddof=1) / len(m) + v01.var(ddof=1) / len(n))
+    return wins.mean() - z * se, wins.mean() + z * se
+
+
+def test_auc_interval_is_delongs_pair_by_pair_ties_included():
+    rng = np.random.default_rng(0)
+    for m, n in ((rng.normal(0.3, 1, 57), rng.normal(0, 1, 31)),                  # no ties
+                 (rng.integers(0, 4, 40).astype(float), rng.integers(0, 3, 25).astype(float))):  # many ties
+        low, high = auc_interval(m, n, 0.9)
+        ref = _pairwise_delong(m, n, 1.6448536269514722)
+        assert (low, high) == pytest.approx(ref, abs=1e-12)
+        assert low < auc(m, n) < high
+
+
+def test_auc_interval_holds_the_true_auc_as_often_as_its_confidence_says():
+    # 2,000 audits of a model whose loss attack has true AUC Phi(0.3 / sqrt 2) = 0.584, with 40 members and 30
+    # non-members (a small site): the 95% interval must hold it in ~95% of them (binomial sd 0.5%)
+    from scipy import stats
+
+    rng = np.random.default_rng(1)
+    true = stats.norm.cdf(0.3 / math.sqrt(2))
+    held = [low <= true <= high for low, high in
+            (auc_interval(rng.normal(0.3, 1, 40), rng.normal(0, 1, 30)) for _ in range(2000))]
+    assert 0.93 <= np.mean(held) <= 0.97
+
+
+def test_auc_interval_of_too_few_patients_is_everything():
+    assert auc_interval([1.0], [0.0, 0.5]) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="confidence"):
+        auc_interval([1.0, 2.0], [0.0, 0.5], 1.0)
 
 
 def test_roc_steps_once_per_distinct_score_from_nothing_accused_to_everyone():
@@ -245,6 +282,9 @@ def test_a_model_trained_without_noise_but_labelled_dp_is_flagged(planted):
     loss = next(a for a in report["attacks"] if a["attack"] == "loss")
     assert loss["bound_test"]["epsilon_lower"] > LABELLED_EPSILON
     assert loss["auc"] > report["claim"]["auc_bound"]
+    low, high = loss["auc_interval"]
+    assert 0.5 < low < loss["auc"] <= high <= 1  # the leak is beyond chance, and the report says how far
+    assert f"{low:.3f}-{high:.3f}" in r.output and "95% interval" in r.output
     assert (home / "audit" / "privacy-audit-roc.png").stat().st_size > 10_000
 
 
@@ -401,6 +441,8 @@ def test_the_research_report_tables_the_audit_of_dp_and_non_dp_cells(planted, fe
     dp_row = next(line for line in md.splitlines() if line.startswith("| `mini3-fedavg-8-s0`"))
     off_row = next(line for line in md.splitlines() if line.startswith("| `mini3-fedavg-off-s0`"))
     assert "**beats the bound** (1 site)" in dp_row and "| 0.50 |" in dp_row
+    assert re.search(r"\| 0\.\d{3} \(0\.\d{3}–[01]\.\d{3}\) \|", dp_row)  # the worst site with its interval
+    assert "`mini3-fedavg-8-s0` 1 of 1" in md  # the planted leak lies beyond chance
     assert "| no DP |" in off_row and "beats" not in off_row
     assert "even a perfect attack could prove at most" in md
     assert re.search(r"smallest audited site had \d+ non-members", md)
