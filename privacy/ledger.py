@@ -33,7 +33,15 @@ dataset is now, so a run whose training set changes (patients added, another spl
 being trained again under a fresh plan. Two processes training the same round (a resumed server asking
 again while the first attempt still trains) both run, but only the first to commit sends its update.
 
-Every write is atomic (temp file, fsync, rename) under an exclusive file lock.
+Which datasets share a patient is found from per-patient hashes salted with the ledger's own random salt
+(`patient_salt`), so it does not depend on the schema: the same patients under an edited schema (a new
+description or version) are related datasets, and their spend carries over. A dataset recorded before the
+salt (2026-12-05) holds only schema-salted hashes: it is taken to share patients with every dataset (its
+spend counts against all of them) until the site registers it again, which adds the salted hashes.
+
+Every write is atomic (temp file, fsync, rename) under an exclusive file lock. The ledger file is created,
+empty, before its lock file ever exists, so a lock file beside no ledger means the ledger was lost: the site
+refuses to train (a fresh ledger would forget the spend) until it is restored from backup.
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ import fcntl
 import functools
 import hashlib
 import json
+import os
+import secrets
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -61,9 +71,13 @@ def dataset_fingerprint(patient_ids: list[str], schema_hash: str) -> tuple[str, 
     Patient ids are stored only as salted hashes (the salt is the schema hash), enough to find
     overlaps between a site's datasets.
     """
-    hashed = sorted({hashlib.sha256(f"{schema_hash}:{pid}".encode()).hexdigest()[:16] for pid in patient_ids})
+    hashed = _patient_hashes(patient_ids, schema_hash)
     fp = hashlib.sha256(("\n".join(hashed)).encode()).hexdigest()
     return fp, hashed
+
+
+def _patient_hashes(patient_ids, salt: str) -> list[str]:
+    return sorted({hashlib.sha256(f"{salt}:{pid}".encode()).hexdigest()[:16] for pid in patient_ids})
 
 
 def read_ledger(path: str | Path) -> dict:
@@ -136,13 +150,38 @@ class PrivacyLedger:
             raise BudgetError(f"delta must be in (0, 1) (got {delta}); use less than 1 / number of patients")
         self.path, self.budget_epsilon, self.delta = Path(path), float(budget_epsilon), float(delta)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            self._read()  # the delta pinned in the file, if smaller than the one asked for
+        if not self.path.exists():
+            self._create()
+        self._read()  # the delta pinned in the file, if smaller than the one asked for
 
     # --- storage ----------------------------------------------------------------------------
+    @property
+    def _lock_path(self) -> Path:
+        return self.path.with_suffix(self.path.suffix + ".lock")
+
+    def _create(self) -> None:
+        """A new site's empty ledger, before any lock file: link(2) puts it in place only if no ledger is there
+        (another process may create it at the same moment), so an existing ledger is never overwritten."""
+        lost = self._lock_path.exists() or any((self.path.parent / "released").glob("*/round-*.npz"))
+        if lost:
+            raise BudgetError(
+                f"{self.path}: the privacy ledger is missing, but {self._lock_path.name} or released updates in "
+                f"{self.path.parent / 'released'} show that this site has trained with one. A new ledger would "
+                "start from zero and forget the spend: restore the ledger from backup. Training is refused until "
+                "then. (If this state directory never trained, delete the lock file and the released/ directory.)")
+        tmp = self.path.with_name(f"{self.path.name}.{secrets.token_hex(4)}.new")
+        write_json_atomic(tmp, {"format": LEDGER_FORMAT, "delta": self.delta, "datasets": {}, "entries": [],
+                                "patient_salt": secrets.token_hex(16)})
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:
+            pass  # another process created it first: its ledger stands
+        finally:
+            tmp.unlink(missing_ok=True)
+
     @contextmanager
     def _locked(self):
-        lock = self.path.with_suffix(self.path.suffix + ".lock")
+        lock = self._lock_path
         with open(lock, "a") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
@@ -151,9 +190,7 @@ class PrivacyLedger:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def _read(self) -> dict:
-        if not self.path.exists():
-            return {"format": LEDGER_FORMAT, "delta": self.delta, "datasets": {}, "entries": []}
-        state = read_ledger(self.path)
+        state = read_ledger(self.path)  # refuses a missing ledger: it was created when this object was
         pinned = state.get("delta")
         if pinned is None:  # a ledger from before the delta was pinned: the smallest delta its runs were planned at
             planned = [r.get("terms", {}).get("delta") for r in state.get("runs", {}).values()]
@@ -170,11 +207,14 @@ class PrivacyLedger:
     # --- queries ----------------------------------------------------------------------------
     @staticmethod
     def _related(state: dict, dataset: str) -> set[str]:
-        """Datasets sharing at least one patient with `dataset` (including itself)."""
-        mine = set(state["datasets"].get(dataset, {}).get("patients", []))
+        """Datasets sharing at least one patient with `dataset` (including itself), by the ledger-salted hashes,
+        whatever schema each was registered under; a dataset without them (recorded before the salt) counts as
+        sharing patients with every dataset: its overlap cannot be told, so its spend counts (conservative)."""
+        mine = state["datasets"].get(dataset, {}).get("members")
         related = {dataset}
         for fp, info in state["datasets"].items():
-            if fp != dataset and mine.intersection(info.get("patients", [])):
+            theirs = info.get("members")
+            if fp != dataset and (mine is None or theirs is None or not set(mine).isdisjoint(theirs)):
                 related.add(fp)
         return related
 
@@ -190,8 +230,12 @@ class PrivacyLedger:
     def register_dataset(self, patient_ids: list[str], schema_hash: str) -> str:
         fp, hashed = dataset_fingerprint(patient_ids, schema_hash)
         with self._locked() as state:
-            if fp not in state["datasets"]:
-                state["datasets"][fp] = {"patients": hashed, "n_patients": len(hashed), "registered": time.time()}
+            salt = state.setdefault("patient_salt", secrets.token_hex(16))  # a ledger from before the salt gets one
+            record = state["datasets"].get(fp)
+            if record is None or "members" not in record:
+                record = record or {"patients": hashed, "n_patients": len(hashed), "registered": time.time()}
+                record["members"] = _patient_hashes(patient_ids, salt)  # what relates datasets across schemas
+                state["datasets"][fp] = record
                 self._write(state)
         return fp
 

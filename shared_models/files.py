@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,11 +18,15 @@ def atomic_file(path: str | Path, mode: str = "w", *, newline: str | None = None
     """A file opened for writing whose content replaces `path` when the block ends, so that a crash leaves
     either the old or the new file: written to a sibling, fsynced, renamed over, and the rename made durable
     (directory fsync). An error in the block leaves `path` as it was. `owner_only`: mode 0600 whatever the
-    umask. One file only: a directory of files is written to a sibling directory and renamed over."""
+    umask. One file only: a directory of files is written to a sibling directory and renamed over.
+    The sibling's name is unique (created exclusively), so two writers of one file never write into the same
+    temporary: each renames a whole file over `path`, and the last rename wins."""
     path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    if "w" not in mode:
+        raise ValueError(f"atomic_file writes a new file: mode {mode!r} must contain 'w'")
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, mode, newline=newline) as fh:
+        with open(tmp, mode.replace("w", "x"), newline=newline) as fh:
             if owner_only:
                 os.fchmod(fh.fileno(), 0o600)
             yield fh

@@ -35,3 +35,17 @@ def test_binary_and_owner_only_files(tmp_path):
         fh.write(b"\x00\x01")
     assert path.read_bytes() == b"\x00\x01"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_two_writers_of_one_file_never_share_a_temporary(tmp_path):
+    # two writers interleaved (e.g. two processes fitting one normalisation): each writes its own sibling and
+    # renames a whole file over the path; the last rename wins and no half of either is ever in place
+    path = tmp_path / "normalizer.json"
+    with atomic_file(path) as first:
+        first.write("first, ")
+        with atomic_file(path) as second:
+            second.write("second, whole")
+        assert path.read_text() == "second, whole"
+        first.write("whole")
+    assert path.read_text() == "first, whole"
+    assert [p.name for p in tmp_path.iterdir()] == ["normalizer.json"]

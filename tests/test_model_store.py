@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -99,7 +100,7 @@ def test_a_schema_altered_after_delivery_is_detected_even_with_the_weights_resav
 def test_an_installed_version_is_on_disk_before_it_is_named_active(tmp_path, monkeypatch):
     synced = fsynced_paths(monkeypatch)
     ModelStore(tmp_path).install(tiny_schema(), CFG, _arrays(0), {"round": 1})
-    before = synced[:next(i for i, p in enumerate(synced) if p.endswith("ACTIVE.tmp"))]
+    before = synced[:next(i for i, p in enumerate(synced) if re.search(r"/ACTIVE\.[0-9a-f]+\.tmp$", p))]
     for name in ("weights.pt", "schema.json", "package.json"):
         assert any(p.endswith(f".tmp-v0001/{name}") for p in before), (name, before)
     assert str(tmp_path) in before  # the rename of .tmp-v0001 to v0001

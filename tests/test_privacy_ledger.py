@@ -100,6 +100,51 @@ def test_a_dataset_that_shares_patients_inherits_their_spend(tmp_path):
     assert ledger.spent(unrelated) == 0.0
 
 
+def test_the_same_patients_under_an_edited_schema_keep_their_spend(tmp_path):
+    # a schema's description or version changes its hash: the patients are the same, so is their spend
+    ledger = _ledger(tmp_path)
+    v1 = ledger.register_dataset(IDS, "schema-v1")
+    spent = _run_rounds(ledger, v1, "run-1", 1.1, 0.1, 10, rounds=3)
+    v2 = ledger.register_dataset(IDS, "schema-v2")
+    assert v2 != v1 and ledger.spent(v2) == pytest.approx(spent)
+    _run_rounds(ledger, v2, "run-2", 1.1, 0.1, 10, rounds=3)
+    both = closed_form([(1.1, 0.1, 30), (1.1, 0.1, 30)])
+    assert ledger.spent(v1) == pytest.approx(both, rel=0.01) and ledger.spent(v2) == pytest.approx(both, rel=0.01)
+    assert ledger.spent(ledger.register_dataset(["Q1", "Q2"], "schema-v2")) == 0.0  # other patients: nothing
+
+
+def test_a_dataset_recorded_before_the_salt_counts_against_every_dataset_until_registered_again(tmp_path):
+    import json
+
+    ledger = _ledger(tmp_path)
+    old = ledger.register_dataset(IDS, "h")
+    spent = _run_rounds(ledger, old, "run-1", 1.1, 0.1, 10, rounds=3)
+    state = json.loads((tmp_path / "ledger.json").read_text())
+    del state["patient_salt"], state["datasets"][old]["members"]  # as written before 2026-12-05
+    (tmp_path / "ledger.json").write_text(json.dumps(state))
+    ledger = _ledger(tmp_path)
+    other = ledger.register_dataset(["Q1", "Q2"], "h2")
+    assert ledger.spent(other) == pytest.approx(spent)  # its overlap cannot be told: it counts (conservative)
+    assert ledger.register_dataset(IDS, "h") == old  # the site's tables seen again: the salted hashes are added
+    assert ledger.spent(other) == 0.0 and ledger.spent(old) == pytest.approx(spent)
+
+
+@pytest.mark.parametrize("evidence", ["lock", "released"])
+def test_a_lost_ledger_refuses_training_instead_of_starting_from_zero(tmp_path, evidence):
+    ledger = _ledger(tmp_path)
+    _run_rounds(ledger, ledger.register_dataset(IDS, "h"), "run-1", 1.1, 0.1, 10, rounds=2)
+    (tmp_path / "ledger.json").unlink()
+    if evidence == "released":  # the lock file gone too: the site's released updates still tell
+        (tmp_path / "ledger.json.lock").unlink()
+        (tmp_path / "released" / "run-1").mkdir(parents=True)
+        (tmp_path / "released" / "run-1" / "round-0002.npz").write_bytes(b"")
+    with pytest.raises(BudgetError, match="the privacy ledger is missing.*restore the ledger from backup"):
+        _ledger(tmp_path)
+    (tmp_path / "ledger.json.lock").unlink(missing_ok=True)
+    if evidence == "lock":
+        assert _ledger(tmp_path).spent(_ledger(tmp_path).register_dataset(IDS, "h")) == 0.0  # a new site: a new ledger
+
+
 def test_an_exhausted_budget_refuses_the_round_and_writes_nothing(tmp_path):
     ledger = _ledger(tmp_path, budget=2.0)
     ds = ledger.register_dataset(IDS, "h")
