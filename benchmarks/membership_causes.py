@@ -87,7 +87,7 @@ def fit_on(norm: str, tr: np.ndarray, va: np.ndarray, ids: list[str], seed: int)
 def main() -> None:
     mode, split, norm, runs = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
     for run in map(Path, runs):
-        out, inside, outside, ys, ps = [], [], [], [], []
+        out, inside, outside, ys, ps, intervals = [], [], [], [], [], []
         for _, model, schema, ids, y, raw, seed in sites(run):
             tr, va = stratified_split(y, 0.2, seed) if split == "strat" else held_out_split(ids, 0.2, seed)
             if mode == "both-held-out":
@@ -110,6 +110,8 @@ def main() -> None:
             nz, non = Normalizer.fit(schema, raw[seen]), (np.setdiff1d(va, seen) if norm == "half" else va)
             m, n = losses(model, schema, raw, y, ids, tr, nz), losses(model, schema, raw, y, ids, non, nz)
             out.append(auc_by_type(m, n, y[tr], y[non]) if mode == "auc-by-type" else auc(m, n))
+            if mode == "auc":
+                intervals.append(membership.auc_interval(-m, -n))
             inside.append(m)
             outside.append(n)
         if mode == "both-held-out":
@@ -125,6 +127,10 @@ def main() -> None:
             print(f"{run.name} ({split} split, normalisation on {norm}): {' '.join(f'{a:.3f}' for a in out)}; "
                   f"max {max(out):.3f}, mean {np.mean(out):.3f}, all sites' patients pooled {auc(m, n):.3f} "
                   f"(95% interval {lo:.3f}-{hi:.3f}; {len(m)} members, {len(n)} non-members)")
+            if intervals:
+                print("  per site, 95% intervals: " + " ".join(f"{a:.3f}-{b:.3f}" for a, b in intervals)
+                      + f"; wholly above 0.5 at {sum(a > 0.5 for a, _ in intervals)}, above 0.55 at "
+                      f"{sum(a > 0.55 for a, _ in intervals)} of {len(intervals)} sites")
 
 
 if __name__ == "__main__":

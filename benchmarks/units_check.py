@@ -23,9 +23,9 @@ import numpy as np
 def median_z(lm, raw: np.ndarray) -> dict[str, np.ndarray]:
     """Per modality with at least 10 standardised features: each patient's median |z| (patients with values)."""
     norm = lm.normalizer
-    z = np.abs((raw[:, norm.scaled].astype(np.float64) - norm.scaled_mean) / norm.scaled_scale)
+    z = np.abs((raw[:, norm.checked].astype(np.float64) - norm.checked_mean) / norm.checked_scale)
     out = {}
-    for m, a, b in norm.scaled_groups:
+    for m, a, b in norm.checked_groups:
         if b - a < 10:
             continue
         block = z[:, a:b]

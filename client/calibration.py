@@ -51,9 +51,12 @@ def log_loss(logits: np.ndarray, y: np.ndarray, t: float = 1.0) -> float:
     return float(-np.log(np.clip(p, 1e-12, 1)).mean())
 
 
+TEMPERATURES = (0.05, 20.0)  # what the fit searches, and so all a calibration file can hold
+
+
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
-    """T > 0 minimising the log-loss: a coarse grid over log T, then golden-section refinement."""
-    grid = np.exp(np.linspace(np.log(0.05), np.log(20), 61))
+    """T in TEMPERATURES minimising the log-loss: a coarse grid over log T, then golden-section refinement."""
+    grid = np.exp(np.linspace(np.log(TEMPERATURES[0]), np.log(TEMPERATURES[1]), 61))
     losses = [log_loss(logits, y, t) for t in grid]
     k = int(np.argmin(losses))
     lo, hi = np.log(grid[max(k - 1, 0)]), np.log(grid[min(k + 1, len(grid) - 1)])
@@ -140,6 +143,6 @@ def load_calibration(path: Path, version: str, package: dict) -> dict | None:
     if data.get("format") != FORMAT or data.get("weights_sha256") != package.get("weights_sha256"):
         return None
     t = data.get("temperature")
-    if not isinstance(t, (int, float)) or not 0 < t < 1e3:
-        return None
+    if not isinstance(t, (int, float)) or not TEMPERATURES[0] <= t <= TEMPERATURES[1]:
+        return None  # no fit gives it (a file edited by hand, or damaged): served uncalibrated, as /v1/model says
     return data

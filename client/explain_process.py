@@ -101,8 +101,7 @@ class ExplainProcess:
 
     def request(self, lm, kind: str, payload, top_k: int) -> dict:
         # the service's normalisation and calibration, not whatever the files hold when the child reads them
-        state = {"mean": lm.normalizer.mean, "scale": lm.normalizer.scale, "temperature": lm.temperature,
-                 "calibration": lm.calibration}
+        state = {"normalizer": lm.normalizer.arrays(), "temperature": lm.temperature, "calibration": lm.calibration}
         with self._lock:  # one request at a time (the service has one explanation thread)
             self._start()
             try:
@@ -169,11 +168,11 @@ def _serve(conn, model_dir: str, normalizer_path: str, signing_public_key: str |
             return
 
         def work():
-            key = (version, state["mean"].tobytes(), state["scale"].tobytes(), state["temperature"])
+            key = (version, *(a.tobytes() for a in state["normalizer"].values()), state["temperature"])
             if key not in models:
                 models.clear()  # the model the service serves now: one at a time
                 lm = predictor._load(version)
-                lm.normalizer = Normalizer(lm.schema, state["mean"], state["scale"])
+                lm.normalizer = Normalizer.from_arrays(lm.schema, state["normalizer"])
                 lm.temperature, lm.calibration = state["temperature"], state["calibration"]
                 models[key] = lm
             return explain_request(predictor, models[key], settings, kind, payload, top_k)

@@ -79,7 +79,7 @@ class InputProcess:
             raise InputProcessError("the input-check process could not be started; retry")
         if self._sent is None or self._sent[0] is not lm or self._sent[1] is not lm.normalizer:
             norm = lm.normalizer
-            self._send(("model", lm.schema.canonical_json(), norm.mean, norm.scale))
+            self._send(("model", lm.schema.canonical_json(), norm.arrays()))
             self._sent = (lm, norm)
         rid = self._next = self._next + 1
         fut = self._pending[rid] = loop.create_future()
@@ -200,7 +200,7 @@ def _serve(sock: socket.socket, limits: dict) -> None:
         msg = pickle.loads(stream.read(FRAME.unpack(head)[0]))
         if msg[0] == "model":
             schema = FeatureSchema.model_validate_json(msg[1])
-            model = ContractModel(schema, Normalizer(schema, msg[2], msg[3]))
+            model = ContractModel(schema, Normalizer.from_arrays(schema, msg[2]))
             continue
         _, rid, body = msg
 

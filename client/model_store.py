@@ -134,6 +134,14 @@ class ModelStore:
                 # the schema names the classes: one altered after delivery answers with the wrong names
                 raise ModelStoreError(f"{pkg_dir}/schema.json: SHA-256 {installed[:12]}... is not the schema of "
                                       f"{source} ({str(expected)[:12]}...): the file was altered")
+        from privacy.signing import SIGNATURE_KEY
+
+        delivery = package.get("delivery", {})
+        # the service, the audit and the site's tools read the top-level copies: they must be what was delivered
+        altered = sorted(k for k, v in delivery.items() if k != SIGNATURE_KEY and k in package and package[k] != v)
+        if altered:
+            raise ModelStoreError(f"{pkg_dir}/package.json: {', '.join(altered)} differ from the delivery the server "
+                                  "signed (its 'delivery' entry): the file was altered")
         if signing_public_key is not None:
             from privacy.signing import SignatureError
             from privacy.signing import verify as verify_signature

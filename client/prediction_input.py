@@ -503,7 +503,14 @@ def store_upload(chunks, dest: Path, budget: DecompressedBudget, max_rows: int) 
     delimited = not target.name.lower().endswith(".parquet")
     inflate = zlib.decompressobj(wbits=31) if gz else None
     lines = 0
-    with open(target, "wb") as out:
+    try:
+        out = open(target, "xb")
+    except FileExistsError:  # two uploads of one name (or NAME and NAME.gz): the second must not replace the first
+        raise PredictionInputError([{
+            "loc": name, "code": "ambiguous_table",
+            "msg": f"a second uploaded file for the table {target.name!r}: which to score would be a guess",
+            "fix": "send one table per modality"}]) from None
+    with out:
         for chunk in chunks:
             pieces = [chunk]
             if inflate is not None:
@@ -644,17 +651,17 @@ def check_patients(lm, ids: list[str], raw: np.ndarray, limits: ServeSettings) -
     counts = present.sum(axis=1)
     total = counts / n_inputs
     per_modality = present / lm.modality_sizes
-    # standard deviations from the site's training mean, numeric standardised columns only
+    # standard deviations from the site's training mean, numeric columns with statistics only (scaled, and unscaled ones observed)
     with np.errstate(invalid="ignore", over="ignore"):
         norm = lm.normalizer
-        z = np.abs((raw[:, norm.scaled].astype(np.float64) - norm.scaled_mean) / norm.scaled_scale)
+        z = np.abs((raw[:, norm.checked].astype(np.float64) - norm.checked_mean) / norm.checked_scale)
         far = z > limits.out_of_range_sd  # a missing value (NaN) is never far
     n_far = far.sum(axis=1)
     # another unit or scale (raw counts for log values, x1000): most of a modality's values far from the site's
     # patients, which no patient of the site's own (or of the held-out hospitals) comes near (docs/results.md)
     units = []  # (modality, values seen, values beyond units-sd) per patient, for the modalities wide enough
     with np.errstate(invalid="ignore"):
-        for m, a, b in norm.scaled_groups:
+        for m, a, b in norm.checked_groups:
             if b - a >= UNITS_MIN_VALUES:
                 block = z[:, a:b]
                 units.append((m, (block == block).sum(axis=1), (block > limits.units_sd).sum(axis=1)))
@@ -694,7 +701,7 @@ def check_patients(lm, ids: list[str], raw: np.ndarray, limits: ServeSettings) -
             js = np.flatnonzero(far[i])
             js = js[np.argsort(-z[i, js])][:5]
             for j in js:
-                col = int(norm.scaled[j])
+                col = int(norm.checked[j])
                 m, f = lm.feature_at[col]
                 value = float(raw[i, col])
                 if lm.inputs[m][f][1] == "log":

@@ -429,5 +429,5 @@ def fit_normalizer(settings: SiteConfig, data_dir: Path, schema_path: Path | Non
             notes.append(f"{m.name}: {n} feature{'s' if n > 1 else ''} with fewer than {MIN_FIT_PATIENTS} patients' "
                          + ("values keep the normalisation fitted before" if before is not None
                             else "values are not scaled (no normalisation was fitted before)"))
-    Normalizer(schema, mean, scale).save(path)
+    Normalizer(schema, mean, scale, (fitted.unscaled_mean, fitted.unscaled_scale)).save(path)
     return path, len(ids), notes

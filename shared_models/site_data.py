@@ -224,26 +224,64 @@ class Normalizer:
 
     Only numeric columns of modalities with `standardize` are scaled; binary and categorical
     columns pass through. A feature never observed in training keeps mean 0, scale 1.
+    The numeric columns of modalities without `standardize` pass unscaled, but their mean and standard deviation
+    on the same rows are kept too (`unscaled_stats`), so that they are clipped to +-CLIP standard deviations like
+    the scaled ones and the prediction service can flag their out-of-range values (a file from before
+    2026-12-05 has none: those columns pass unchecked, as they did).
     """
 
     FORMAT = "oncofed-normalizer/1"
 
-    def __init__(self, schema: FeatureSchema, mean: np.ndarray, scale: np.ndarray):
+    def __init__(self, schema: FeatureSchema, mean: np.ndarray, scale: np.ndarray,
+                 unscaled_stats: tuple[np.ndarray, np.ndarray] | None = None):
         self.schema, self.mean, self.scale = schema, mean.astype(np.float32), scale.astype(np.float32)
         self.scaled = scaled_columns(schema)  # once: the prediction service transforms every batch
-        # standardised columns are clipped to +-CLIP, the others pass (+-inf bounds): one np.clip over the
-        # row, no gather and scatter of the columns
+        self.unscaled = numeric_columns(schema, standardized=False)
+        if unscaled_stats is None:
+            unscaled_stats = (np.full(len(self.unscaled), np.nan), np.full(len(self.unscaled), np.nan))
+        self.unscaled_mean, self.unscaled_scale = (np.asarray(a, np.float64) for a in unscaled_stats)
+        known = np.isfinite(self.unscaled_mean) & np.isfinite(self.unscaled_scale)
+        # every column with statistics (the scaled ones, the unscaled ones observed), sorted: modality by modality
+        checked_mean = np.full(len(self.mean), np.nan)
+        checked_scale = np.full(len(self.mean), np.nan)
+        checked_mean[self.scaled], checked_scale[self.scaled] = self.mean[self.scaled], self.scale[self.scaled]
+        checked_mean[self.unscaled[known]] = self.unscaled_mean[known]
+        checked_scale[self.unscaled[known]] = self.unscaled_scale[known]
+        self.checked = np.flatnonzero(np.isfinite(checked_mean))
+        # their statistics in float64, for the prediction service's out-of-range check
+        self.checked_mean, self.checked_scale = checked_mean[self.checked], checked_scale[self.checked]
+        # checked columns are clipped to +-CLIP standard deviations (in the model's input: +-CLIP for the scaled
+        # ones), the others pass (+-inf bounds): one np.clip over the row, no gather and scatter of the columns
         self._low = np.full(len(self.mean), -np.inf, np.float32)
-        self._low[self.scaled] = -CLIP
-        self._high = -self._low
-        # the standardised columns' statistics in float64, for the prediction service's out-of-range check
-        self.scaled_mean = self.mean[self.scaled].astype(np.float64)
-        self.scaled_scale = self.scale[self.scaled].astype(np.float64)
-        # each modality's standardised columns as a range of `scaled` (which lists them modality by modality)
+        self._high = np.full(len(self.mean), np.inf, np.float32)
+        self._low[self.scaled], self._high[self.scaled] = -CLIP, CLIP
+        cols = self.unscaled[known]
+        self._low[cols] = self.unscaled_mean[known] - CLIP * self.unscaled_scale[known]
+        self._high[cols] = self.unscaled_mean[known] + CLIP * self.unscaled_scale[known]
+        # each modality's checked columns as a range of `checked`
         layout = schema.layout()
-        self.scaled_groups = [(m.name, *np.searchsorted(self.scaled, [layout.slices[m.name].start,
-                                                                        layout.slices[m.name].stop]).tolist())
-                              for m in schema.modalities]
+        self.checked_groups = [(m.name, *np.searchsorted(self.checked, [layout.slices[m.name].start,
+                                                                          layout.slices[m.name].stop]).tolist())
+                               for m in schema.modalities]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Everything it is made of (for another process): `Normalizer.from_arrays(schema, n.arrays())`."""
+        return {"mean": self.mean, "scale": self.scale, "unscaled_mean": self.unscaled_mean,
+                "unscaled_scale": self.unscaled_scale}
+
+    @classmethod
+    def from_arrays(cls, schema: FeatureSchema, arrays: dict[str, np.ndarray]) -> "Normalizer":
+        return cls(schema, arrays["mean"], arrays["scale"], (arrays["unscaled_mean"], arrays["unscaled_scale"]))
+
+    @staticmethod
+    def _stats(raw: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Mean, standard deviation and observed count of each column (NaN = missing)."""
+        sub = raw[:, cols].astype(np.float64)
+        counts = (~np.isnan(sub)).sum(axis=0)
+        with np.errstate(invalid="ignore"):
+            mu = np.nanmean(np.where(counts > 0, sub, 0.0), axis=0)
+            sd = np.nanstd(np.where(counts > 0, sub, 0.0), axis=0)
+        return mu, sd, counts
 
     @classmethod
     def fit(cls, schema: FeatureSchema, raw_train: np.ndarray) -> "Normalizer":
@@ -251,15 +289,16 @@ class Normalizer:
         mean, scale = np.zeros(n, np.float32), np.ones(n, np.float32)
         cols = scaled_columns(schema)
         if cols.size and raw_train.shape[0]:
-            sub = raw_train[:, cols].astype(np.float64)
-            counts = (~np.isnan(sub)).sum(axis=0)
-            with np.errstate(invalid="ignore"):
-                mu = np.nanmean(np.where(counts > 0, sub, 0.0), axis=0)
-                sd = np.nanstd(np.where(counts > 0, sub, 0.0), axis=0)
-            mu = np.where(counts > 0, mu, 0.0)
-            sd = np.where((counts > 1) & (sd > 1e-8), sd, 1.0)
-            mean[cols], scale[cols] = mu, sd
-        return cls(schema, mean, scale)
+            mu, sd, counts = cls._stats(raw_train, cols)
+            mean[cols] = np.where(counts > 0, mu, 0.0)
+            scale[cols] = np.where((counts > 1) & (sd > 1e-8), sd, 1.0)
+        unscaled = numeric_columns(schema, standardized=False)
+        stats = (np.full(len(unscaled), np.nan), np.full(len(unscaled), np.nan))
+        if unscaled.size and raw_train.shape[0]:
+            mu, sd, counts = cls._stats(raw_train, unscaled)
+            seen = counts > 1  # one value says nothing of the spread: such a column stays unchecked
+            stats = (np.where(seen, mu, np.nan), np.where(seen, np.maximum(sd, 1e-8), np.nan))
+        return cls(schema, mean, scale, stats)
 
     def transform(self, raw: np.ndarray) -> np.ndarray:
         x = (raw - self.mean) / self.scale
@@ -271,6 +310,9 @@ class Normalizer:
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"format": self.FORMAT, "schema_hash": self.schema.content_hash(),
                    "mean": self.mean.tolist(), "scale": self.scale.tolist()}
+        if self.unscaled.size:  # null: a column not observed often enough to say its spread
+            payload["unscaled"] = {"mean": [None if np.isnan(v) else v for v in self.unscaled_mean.tolist()],
+                                   "scale": [None if np.isnan(v) else v for v in self.unscaled_scale.tolist()]}
         write_text_atomic(path, json.dumps(payload))
         return path
 
@@ -288,13 +330,22 @@ class Normalizer:
         if payload.get("format") != cls.FORMAT:
             raise TableError(f"{path}: not an OncoFed normalisation file")
         check_schema_hash(schema.content_hash(), payload["schema_hash"], str(path))
-        return cls(schema, np.asarray(payload["mean"], np.float32), np.asarray(payload["scale"], np.float32))
+        unscaled = payload.get("unscaled")
+        stats = None if unscaled is None else tuple(np.asarray([np.nan if v is None else v for v in unscaled[k]],
+                                                               np.float64) for k in ("mean", "scale"))
+        return cls(schema, np.asarray(payload["mean"], np.float32), np.asarray(payload["scale"], np.float32), stats)
 
 
 def scaled_columns(schema: FeatureSchema) -> np.ndarray:
+    """The numeric columns of modalities with `standardize`: those the normalisation scales."""
+    return numeric_columns(schema, standardized=True)
+
+
+def numeric_columns(schema: FeatureSchema, standardized: bool) -> np.ndarray:
+    """The numeric columns of the modalities whose `standardize` is `standardized`, in layout order."""
     layout, cols = schema.layout(), []
     for m in schema.modalities:
-        if not m.standardize:
+        if bool(m.standardize) != standardized:
             continue
         start = layout.slices[m.name].start
         cols += [start + i for i, f in enumerate(m.features) if m.column_type(f) is ColumnType.numeric]

@@ -97,6 +97,22 @@ def test_a_schema_altered_after_delivery_is_detected_even_with_the_weights_resav
         store.verify("v0001")
 
 
+def test_a_package_whose_top_level_copies_differ_from_the_signed_delivery_is_not_served(tmp_path):
+    # the service shows run, round, metrics and epsilon from package.json's top level: a smaller epsilon written
+    # there beside an intact signed delivery must not be shown as verified
+    store = ModelStore(tmp_path)
+    store.install(tiny_schema(), CFG, _arrays(0), {"run": "r1", "round": 10, "site_epsilon": {"C0": 7.9},
+                                                   "metrics": {"macro_f1": 0.41}})
+    store.install(tiny_schema(), CFG, _arrays(1), {"run": "r2", "round": 10})
+    package = json.loads((tmp_path / "v0001" / "package.json").read_text())
+    package["site_epsilon"], package["metrics"] = {"C0": 0.5}, {"macro_f1": 0.97}
+    (tmp_path / "v0001" / "package.json").write_text(json.dumps(package))
+    with pytest.raises(ModelStoreError, match="package.json: metrics, site_epsilon differ from the delivery the "
+                                              "server signed .* the file was altered"):
+        store.activate("v0001")
+    assert store.active() == "v0002"
+
+
 def test_an_installed_version_is_on_disk_before_it_is_named_active(tmp_path, monkeypatch):
     synced = fsynced_paths(monkeypatch)
     ModelStore(tmp_path).install(tiny_schema(), CFG, _arrays(0), {"round": 1})

@@ -513,6 +513,19 @@ def test_a_gz_upload_that_is_not_gzip_is_refused_with_the_fix(site, client, top_
         assert "expr.csv.gz" in r.text and "compress it again" in r.json()["detail"][0]["fix"]
 
 
+@pytest.mark.parametrize("top_k", [0, 3])
+@pytest.mark.parametrize("second", ["expr.csv", "expr.csv.gz"])
+def test_two_uploads_of_one_table_are_refused_not_the_last_one_scored(site, client, top_k, second):
+    import gzip
+
+    first, other = _csv(site, "expr", range(3)), _csv(site, "expr", range(3, 6))
+    r = client.post(f"/v1/predict/file?top_k={top_k}", headers=_auth(site["clinician"]), files=[
+        ("files", ("expr.csv", first, "text/csv")),
+        ("files", (second, gzip.compress(other) if second.endswith(".gz") else other, "text/csv"))])
+    assert r.status_code == 422 and _codes(r) == {"ambiguous_table"}, r.text
+    assert r.json()["detail"][0]["loc"] == second and "one table per modality" in r.text
+
+
 @pytest.mark.parametrize("cell, code", [("high", "non_numeric"), ("12,5", "non_numeric"), ("true", "non_numeric"),
                                         ("inf", "infinite"), ("1e300", "infinite")])
 def test_a_bad_cell_is_refused_the_same_way_in_a_table_and_in_json(site, client, cell, code):
@@ -1479,6 +1492,12 @@ def test_calibration_is_fitted_at_the_site_and_checked_on_held_out_patients(site
     assert after["predictions"][0]["probabilities"] != before["predictions"][0]["probabilities"]
     info = c.get("/v1/model", headers=_auth(site["clinician"])).json()
     assert info["calibration"]["temperature"] == cal["temperature"]
+    # a temperature no fit gives (edited by hand, damaged: 1e-39 would make every answer certain) is not served
+    (tmp_path / "state" / "calibration.json").write_text(json.dumps({**cal, "temperature": 1e-39}))
+    edited = TestClient(create_app(settings)).post("/v1/predict", json={"patients": [_patient(site, 9)], "top_k": 0},
+                                                   headers=_auth(site["clinician"])).json()
+    assert edited["calibrated"] is False and edited["predictions"][0]["probabilities"] == \
+        before["predictions"][0]["probabilities"]
 
 
 def test_the_depth_of_a_parsed_request_is_the_depth_of_its_bytes():
