@@ -11,10 +11,12 @@ atomically only after the package verifies: a crash never leaves a half-installe
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +67,20 @@ class ModelStore:
         """Write a new version from the model's arrays and activate it; returns the version. The same run's model
         delivered again with the same description (`oncofed deliver` sends the saved package) activates the
         intact version already installed instead of adding a copy."""
+        with self._install_lock():  # two deliveries at once (a resumed run's and `oncofed deliver`'s): one at a time
+            return self._install(schema, config, arrays, info, expected_arrays_sha256)
+
+    @contextmanager
+    def _install_lock(self):
+        with open(self.root / ".install.lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _install(self, schema: FeatureSchema, config: ModelConfig, arrays: list[np.ndarray], info: dict,
+                 expected_arrays_sha256: str | None) -> str:
         got = arrays_sha256(arrays)
         if expected_arrays_sha256 is not None and got != expected_arrays_sha256:
             raise ModelStoreError(f"received model hash {got[:12]}... differs from the announced "

@@ -120,3 +120,32 @@ def test_an_installed_version_is_on_disk_before_it_is_named_active(tmp_path, mon
     for name in ("weights.pt", "schema.json", "package.json"):
         assert any(p.endswith(f".tmp-v0001/{name}") for p in before), (name, before)
     assert str(tmp_path) in before  # the rename of .tmp-v0001 to v0001
+
+
+def test_two_deliveries_at_once_install_two_whole_versions(tmp_path):
+    # a resumed run's delivery and an operator's `oncofed deliver` at the same moment, in two processes: each
+    # takes its own version number, neither removes the other's package being written
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    code = textwrap.dedent(f"""
+        import sys
+        import time
+        import client.model_store as ms
+        from client.model_store import ModelStore
+        from tests.factories import tiny_schema
+        from tests.test_model_store import CFG, _arrays
+        save = ms.save_weights
+        ms.save_weights = lambda *a, **k: (time.sleep(1.5), save(*a, **k))  # both mid-install at once, unless locked
+        seed = int(sys.argv[1])
+        print(ModelStore({str(tmp_path)!r}).install(tiny_schema(), CFG, _arrays(seed), {{"run": f"r{{seed}}"}}))
+    """)
+    root = Path(__file__).resolve().parents[1]
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(seed)], stdout=subprocess.PIPE, text=True, cwd=root)
+             for seed in (0, 1)]
+    versions = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
+    assert versions == ["v0001", "v0002"] and all(p.returncode == 0 for p in procs)
+    store = ModelStore(tmp_path)
+    assert store.versions() == versions and {store.verify(v)["run"] for v in versions} == {"r0", "r1"}
