@@ -383,6 +383,14 @@ def train(msg: Message, context: Context) -> Message:
         log(WARNING, "site %s: local training failed:\n%s", settings.name, traceback.format_exc())
         raise _refusal(fitins, msg, settings.name, "local training failed (details in the site's log)", audit)
     delta = [d.astype(np.float64) for d in result.delta]  # SecAgg+ scales and quantises in float64
+    if not all(np.isfinite(d).all() for d in delta):
+        # NaN or inf would pass SecAgg+'s range check and be quantised into garbage (or, without it, make the
+        # global model NaN for every site): the site sends nothing instead
+        start = "the global weights it received are not finite" if not all(
+            np.isfinite(a).all() for a in global_arrays) else "local training diverged"
+        raise _refusal(fitins, msg, settings.name, f"its update is not finite ({start}): nothing was sent; the "
+                       "operator should lower the learning rate (run config lr) or restart from a finite "
+                       "checkpoint", audit)
     if max_weight:
         # SecAgg+ clips |delta * n / max_weight| to the clipping range silently: refuse instead.
         peak = max(float(np.abs(d).max()) for d in delta) * n / max_weight

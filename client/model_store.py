@@ -82,6 +82,10 @@ class ModelStore:
     def _install(self, schema: FeatureSchema, config: ModelConfig, arrays: list[np.ndarray], info: dict,
                  expected_arrays_sha256: str | None) -> str:
         got = arrays_sha256(arrays)
+        if not all(np.isfinite(a).all() for a in arrays if np.issubdtype(np.asarray(a).dtype, np.floating)):
+            raise ModelStoreError(f"the delivered model (run {info.get('run')}, round {info.get('round')}) has weights "
+                                  f"that are not finite (NaN or inf): it would answer every patient with a guess; not "
+                                  f"installed, {self.active()} stays active")
         if expected_arrays_sha256 is not None and got != expected_arrays_sha256:
             raise ModelStoreError(f"received model hash {got[:12]}... differs from the announced "
                                   f"{expected_arrays_sha256[:12]}...: not installed, {self.active()} stays active")

@@ -56,6 +56,19 @@ def test_a_model_whose_hash_differs_from_the_announced_one_is_not_installed(tmp_
     assert store.active() == "v0001" and store.versions() == ["v0001"]
 
 
+def test_a_model_with_weights_that_are_not_finite_is_not_installed(tmp_path):
+    # a diverged run's model would answer every patient with the first class and NaN probabilities
+    import numpy as np
+
+    store = ModelStore(tmp_path)
+    store.install(tiny_schema(), CFG, _arrays(0), {"round": 1})
+    arrays = _arrays(1)
+    arrays[3] = np.full_like(arrays[3], np.nan)
+    with pytest.raises(ModelStoreError, match="not finite .* not installed, v0001 stays active"):
+        store.install(tiny_schema(), CFG, arrays, {"run": "r2", "round": 2})
+    assert store.active() == "v0001" and store.versions() == ["v0001"]
+
+
 def test_an_altered_weights_file_is_detected_and_not_activated(tmp_path):
     store = ModelStore(tmp_path)
     store.install(tiny_schema(), CFG, _arrays(0), {"round": 1})

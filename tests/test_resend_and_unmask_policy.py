@@ -178,3 +178,25 @@ def test_a_released_round_is_unmasked_in_one_sum_only(released, monkeypatch):
     reply = unmask([1, 2, 4])
     assert reply.has_error() and "unmasked before in a sum over other sites" in reply.error.reason
     assert len(handed) == 2 and store.unmasked_with("run-X", 1) == [1, 2, 3]
+
+
+def test_a_site_whose_update_is_not_finite_sends_nothing(tmp_path):
+    """NaN would pass SecAgg+'s range check and be quantised into garbage in the sum (or, without SecAgg+, make
+    the global model NaN for every site): the site refuses, saying why."""
+    import numpy as np
+
+    from client.app import SiteRefusal, train
+    from privacy.run_config import load_run_config
+    from shared_models.model import MultiModalTransformer
+    from shared_models.weights import state_arrays
+    from tests.sitefixtures import site_schema, site_tables, write_site
+
+    schema = site_schema()
+    schema_path = schema.save(tmp_path / "schema.json")
+    write_site(tmp_path / "site", site_tables(n_per_class=20))
+    run = {"schema": str(schema_path), "num-rounds": 3, "d-model": 32, "sites": 3, "min-sites": 2, "dp": False}
+    weights = state_arrays(MultiModalTransformer(schema, load_run_config(run).model))
+    weights[0] = np.full_like(weights[0], np.nan)
+    with pytest.raises(SiteRefusal, match="its update is not finite \\(the global weights it received are not "
+                                          "finite\\): nothing was sent"):
+        train(_fit(weights), _context(tmp_path, run, {"require-secagg": False, "require-dp": False}))
