@@ -32,6 +32,11 @@ PACKAGE_FORMAT = "oncofed-model-package/1"
 ACTIVE_REREAD_S = 1.0  # ModelStore.active reads ACTIVE again at least this often
 
 
+_STORE_KEYS = frozenset({"format", "version", "installed", "schema_hash", "arrays_sha256", "weights_sha256",
+                         "delivery"})  # what the store itself writes into package.json; the rest is the delivery's
+_MISSING = object()
+
+
 class ModelStoreError(ValueError):
     """A package that cannot be installed or read; the active model is left as it was."""
 
@@ -156,12 +161,15 @@ class ModelStore:
                                       f"{source} ({str(expected)[:12]}...): the file was altered")
         from privacy.signing import SIGNATURE_KEY
 
-        delivery = package.get("delivery", {})
-        # the service, the audit and the site's tools read the top-level copies: they must be what was delivered
-        altered = sorted(k for k, v in delivery.items() if k != SIGNATURE_KEY and k in package and package[k] != v)
+        delivery = package.get("delivery")
+        # the service, the audit and the site's tools read the top-level copies: they must be what was delivered,
+        # none removed (a DP label deleted would skip the audit's bound) and none added beside it
+        altered = [] if delivery is None else sorted(
+            {k for k, v in delivery.items() if k != SIGNATURE_KEY and package.get(k, _MISSING) != v}
+            | {k for k in package if k not in delivery and k not in _STORE_KEYS})
         if altered:
             raise ModelStoreError(f"{pkg_dir}/package.json: {', '.join(altered)} differ from the delivery the server "
-                                  "signed (its 'delivery' entry): the file was altered")
+                                  "signed (its 'delivery' entry: changed, removed or added): the file was altered")
         if signing_public_key is not None:
             from privacy.signing import SignatureError
             from privacy.signing import verify as verify_signature

@@ -102,8 +102,11 @@ def as_trained(parts, schema, site_dir: Path, saved_path: Path, split: dict, dp:
         raise PrivacyAuditError(f"{saved_path}: cannot be read: {e}") from None
 
     def same(fitted) -> bool:
-        return (np.allclose(saved.mean, fitted.mean, rtol=1e-5, atol=1e-6)
-                and np.allclose(saved.scale, fitted.scale, rtol=1e-5, atol=1e-6))
+        kept, now = saved.arrays(), fitted.arrays()
+        keys = ["mean", "scale"]
+        if not np.isnan(kept["unscaled_mean"]).all():  # a file from before has no unscaled columns' statistics
+            keys += ["unscaled_mean", "unscaled_scale"]
+        return all(np.allclose(kept[k], now[k], rtol=1e-5, atol=1e-6, equal_nan=True) for k in keys)
 
     if same(parts.normalizer):
         return parts

@@ -389,7 +389,7 @@ def fit_normalizer(settings: SiteConfig, data_dir: Path, schema_path: Path | Non
     from client.model_store import ModelStore
     from client.prediction_input import PredictionInputError, ServeSettings, check_frames, table_frames
     from shared_models.schema import FeatureSchema
-    from shared_models.site_data import Normalizer, TableError, scaled_columns
+    from shared_models.site_data import Normalizer, TableError, numeric_columns, scaled_columns
 
     store = ModelStore(settings.model_dir)
     active = store.active()
@@ -429,5 +429,11 @@ def fit_normalizer(settings: SiteConfig, data_dir: Path, schema_path: Path | Non
             notes.append(f"{m.name}: {n} feature{'s' if n > 1 else ''} with fewer than {MIN_FIT_PATIENTS} patients' "
                          + ("values keep the normalisation fitted before" if before is not None
                             else "values are not scaled (no normalisation was fitted before)"))
-    Normalizer(schema, mean, scale, (fitted.unscaled_mean, fitted.unscaled_scale)).save(path)
+    # the unscaled columns' spreads by the same rule: from enough patients, else the one kept before (or none)
+    unscaled = numeric_columns(schema, standardized=False)
+    thin_u = (~np.isnan(raw[:, unscaled])).sum(axis=0) < MIN_FIT_PATIENTS
+    u_mean, u_scale = fitted.unscaled_mean.copy(), fitted.unscaled_scale.copy()
+    u_mean[thin_u], u_scale[thin_u] = ((before.unscaled_mean[thin_u], before.unscaled_scale[thin_u])
+                                       if before is not None else (np.nan, np.nan))
+    Normalizer(schema, mean, scale, (u_mean, u_scale)).save(path)
     return path, len(ids), notes

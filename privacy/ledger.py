@@ -163,6 +163,8 @@ class PrivacyLedger:
         """A new site's empty ledger, before any lock file: link(2) puts it in place only if no ledger is there
         (another process may create it at the same moment), so an existing ledger is never overwritten."""
         lost = self._lock_path.exists() or any((self.path.parent / "released").glob("*/round-*.npz"))
+        if lost and self.path.exists():
+            return  # another process created it (and took its lock) since this one looked
         if lost:
             raise BudgetError(
                 f"{self.path}: the privacy ledger is missing, but {self._lock_path.name} or released updates in "

@@ -29,6 +29,7 @@ TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".csv.gz", ".tsv.gz", ".tx
 MISSING_TOKENS = ["", "NA", "NaN", "nan", "null", "NULL", ".", "N/A", "n/a"]
 LABELS_STEM = "labels"
 CLIP = 10.0  # standardised values beyond +-CLIP are clipped: one outlier must not dominate a token
+MIN_SPREAD_VALUES = 10  # an unscaled column's spread is kept (to clip and check it) from this many values on
 
 
 class TableError(ValueError):
@@ -296,8 +297,10 @@ class Normalizer:
         stats = (np.full(len(unscaled), np.nan), np.full(len(unscaled), np.nan))
         if unscaled.size and raw_train.shape[0]:
             mu, sd, counts = cls._stats(raw_train, unscaled)
-            seen = counts > 1  # one value says nothing of the spread: such a column stays unchecked
-            stats = (np.where(seen, mu, np.nan), np.where(seen, np.maximum(sd, 1e-8), np.nan))
+            # too few values, or none that differ, say nothing of the spread: such a column stays unchecked (a
+            # spread of ~0 would clip every other value to the constant and flag it; the scaled columns take 1)
+            seen = (counts >= MIN_SPREAD_VALUES) & (sd > 1e-8)
+            stats = (np.where(seen, mu, np.nan), np.where(seen, sd, np.nan))
         return cls(schema, mean, scale, stats)
 
     def transform(self, raw: np.ndarray) -> np.ndarray:

@@ -124,6 +124,18 @@ def test_a_package_whose_top_level_copies_differ_from_the_signed_delivery_is_not
                                               "server signed .* the file was altered"):
         store.activate("v0001")
     assert store.active() == "v0002"
+    for edit in ("removed", "added"):  # a DP label deleted (the audit would test no bound), or one written beside
+        package = json.loads((tmp_path / "v0002" / "package.json").read_text())
+        if edit == "removed":
+            del package["round"]
+        else:
+            package["dp"] = True
+        (tmp_path / "v0002" / "package.json").write_text(json.dumps(package))
+        with pytest.raises(ModelStoreError, match="(round|dp) differ from the delivery .* removed or added"):
+            store.verify("v0002")
+        if edit == "removed":
+            package["round"] = 10
+            (tmp_path / "v0002" / "package.json").write_text(json.dumps(package))
 
 
 def test_an_installed_version_is_on_disk_before_it_is_named_active(tmp_path, monkeypatch):

@@ -68,3 +68,16 @@ def test_a_value_far_outside_an_unscaled_columns_spread_is_flagged_or_refused(re
         assert not errors
         assert [(o["modality"], o["feature"]) for o in notes[0]["out_of_range"]] == [("counts", "c1")]
         assert "out_of_range" in [w["code"] for w in notes[0]["warnings"]]
+
+
+def test_an_unscaled_column_with_no_spread_or_few_values_stays_unchecked_not_erased():
+    # all zeros where it was fitted (a sparse count in a small held-out half): a spread of ~0 would clip every
+    # other value to 0 in training and serving alike, and flag it; so does a column seen in fewer than 10 rows
+    schema = _schema()
+    raw = np.concatenate([np.random.default_rng(0).normal(0, 1, (50, 6)), np.zeros((50, 4)),
+                          np.full((50, 1), np.nan)], axis=1)
+    raw[:5, 10] = [1.0, 2.0, 3.0, 4.0, 5.0]
+    norm = Normalizer.fit(schema, raw.astype(np.float32))
+    assert norm.checked.tolist() == list(range(6))
+    assert norm.transform(np.array([[0.0] * 6 + [4.0, 1.0, 0.0, 7.0, 9.0]], np.float32))[0, 6:].tolist() == \
+        [4.0, 1.0, 0.0, 7.0, 9.0]
