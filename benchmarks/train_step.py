@@ -13,7 +13,9 @@ Steps compared, on the same batches, interleaved so that all see the same machin
                 site's DP path before issue 21);
 - opacus-ghost: Opacus DP-SGD, grad_sample_mode="ghost" with its DP loss wrapper (two backward passes);
 - book-keeping: privacy/clipping.py (norms without per-sample gradients, clipped sum in the same pass;
-                the site's DP path now).
+                the site's DP path now);
+- plain-compiled (only when named in --variants): the plain step with the model under torch.compile
+                (inductor, default mode), compiled before the timing (its compile time is printed).
 Every DP step includes Opacus' noise and scaling; every step but plain-before uses the sites' optimizer
 (shared_models.training.build_optimizer: fused AdamW), and every variant runs its batches through the one
 training loop of sites and baselines (shared_models.training.train_epochs). Ratios are step times over the plain step's in the
@@ -45,6 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"brca": "tcga_brca_pam50.json", "pancan": "tcga_pancan33.json"}
 VARIANTS = ("plain", "plain-before", "opacus-hooks", "opacus-ghost", "book-keeping")
+OPT_IN = ("plain-compiled",)  # measured only when asked for: compiling takes a minute or more per process
 FLUSH_DENORMAL = True
 
 
@@ -162,6 +165,13 @@ def build_steps(schema, cfg, n_data: int, batch: int, variants=VARIANTS) -> tupl
         keep.append(hooks)
         return trainer(m, opt)
 
+    def plain_compiled():
+        m = copy_model()
+        compiled = torch.compile(m)
+        opt = adamw(m)
+        return lambda batches: train_epochs(compiled, batches, opt, F.cross_entropy, max_grad_norm=1.0,
+                                            clip_with=clip_global_grad_norm_)
+
     def book_keeping():
         m = copy_model()
         clipper, opt, _ = make_private(PrivacyEngine(accountant="prv"), m, adamw(m), loader, noise_multiplier=1.0,
@@ -170,7 +180,8 @@ def build_steps(schema, cfg, n_data: int, batch: int, variants=VARIANTS) -> tupl
         return trainer(m, opt)
 
     builders = {"plain": plain, "plain-before": plain_before, "opacus-hooks": lambda: opacus("hooks"),
-                "opacus-ghost": lambda: opacus("ghost"), "book-keeping": book_keeping}
+                "opacus-ghost": lambda: opacus("ghost"), "book-keeping": book_keeping,
+                "plain-compiled": plain_compiled}
     return {v: builders[v]() for v in variants}, base, keep
 
 
@@ -233,8 +244,11 @@ def measure(shape: str, batch: int, steps_per_repeat: int, repeats: int, variant
         train(batches)
         return (time.process_time() - t0) / len(batches)
 
+    compile_s = {}
     for v in variants:
-        run(steps[v])  # warm-up
+        t0 = time.perf_counter()
+        run(steps[v])  # warm-up (and the compiling, for plain-compiled)
+        compile_s[v] = round(time.perf_counter() - t0, 1)
     memory = {v: max(step_memory_mb(lambda: steps[v](batches[:1])) for _ in range(min(repeats, 2))) for v in variants}
     peak = matmul_flops_per_s()
     times = {v: [] for v in variants}
@@ -254,6 +268,7 @@ def measure(shape: str, batch: int, steps_per_repeat: int, repeats: int, variant
         "matmul_gflops": round(peak / 1e9, 2),
         "plain_fraction_of_matmul": round(flops * batch / best["plain"] / peak, 4),
         "plain_step_ms": round(1000 * best["plain"], 2), "book_keeping_phases_ms": phases,
+        "first_pass_s": compile_s,
     }
 
 
@@ -269,8 +284,8 @@ def main() -> None:
     args = ap.parse_args()
     chosen = args.variants or ("opacus-hooks,book-keeping" if args.quick else ",".join(VARIANTS))
     variants = ["plain"] + [v for v in chosen.split(",") if v != "plain"]
-    if bad := [v for v in variants if v not in VARIANTS]:
-        ap.error(f"--variants: unknown {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
+    if bad := [v for v in variants if v not in VARIANTS + OPT_IN]:
+        ap.error(f"--variants: unknown {', '.join(bad)}; choose from {', '.join(VARIANTS + OPT_IN)}")
     if args.child:
         shape, batch = args.child.split(":")
         steps, repeats = (2, 1) if args.quick else (8 if int(batch) <= 64 else 3, 3)
@@ -304,6 +319,10 @@ def main() -> None:
                 print(f"  {r['shape']:>6} {r['batch']:>4}: plain {r['plain_step_ms']:6.1f} | DP {ph['step']:6.1f} = "
                       f"{ph['step'] - ph['norms_linear'] - ph['norms_other'] - ph['weighted_sums'] - ph['noise']:6.1f} "
                       f"+ {ph['norms_linear']:5.1f} + {ph['norms_other']:5.1f} + {ph['weighted_sums']:5.1f} + {ph['noise']:5.1f}")
+    for r in results:
+        if "plain-compiled" in r["first_pass_s"]:
+            print(f"  {r['shape']} {r['batch']}: plain-compiled's first pass (compiling included) "
+                  f"{r['first_pass_s']['plain-compiled']} s, the plain step's {r['first_pass_s']['plain']} s")
     print(f"one thread; step CPU time and step memory as ratios to the plain step in the same process; best of "
           f"interleaved repeats; matmul: float32 512x512 on the same core ({results[0]['matmul_gflops']} GFLOP/s); "
           f"load average {load_before[0]:.2f} before, {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} after")

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 if TYPE_CHECKING:
@@ -288,6 +288,10 @@ class RunConfig(BaseModel):
                 out[key] = value  # unknown: extra="forbid" names it
         privacy, training = out.setdefault("privacy", {}), out.setdefault("training", {})
         dp = privacy.get("enabled", privacy.get("dp", PrivacySection.model_fields["enabled"].default))
+        try:  # as the field will read it ("false", 0, "no" are False): the recipe must be the one of the dp that runs
+            dp = TypeAdapter(bool).validate_python(dp)
+        except ValidationError:
+            pass  # not a boolean: the field's own check names it
         mode = privacy.get("mode", privacy.get("dp-mode", PrivacySection.model_fields["mode"].default))
         recipe = RECIPES["dp" if dp is not False else "no-dp"]
         optimizer = training.get("optimizer", training.get("local-optimizer",
@@ -304,6 +308,10 @@ class RunConfig(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
         fed, sa, dp = self.federation, self.secagg, self.privacy
+        if fed.sites and fed.min_sites > fed.sites:
+            raise ValueError(f"min-sites {fed.min_sites} exceeds sites {fed.sites}: the server would wait for {fed.sites} "
+                             f"sites while each site asks for {fed.min_sites} before it helps unmask a sum; lower "
+                             "min-sites or raise sites")
         if fed.strategy == "fedprox" and fed.proximal_mu == 0:
             raise ValueError("strategy 'fedprox' with proximal-mu 0 is FedAvg; set proximal-mu > 0 or use fedavg")
         if dp.mode == "distributed":
@@ -323,8 +331,11 @@ class RunConfig(BaseModel):
                                 "the sites' grid values must pass SecAgg+'s scaling exactly")
             if sa.max_weight != int(sa.max_weight):
                 problems.append(f"needs a whole secagg-max-weight (got {sa.max_weight:g})")
-            if fed.sites and dp.trusted_sites > fed.sites:
-                problems.append(f"trusted-sites {dp.trusted_sites} exceeds the run's {fed.sites} sites")
+            if dp.trusted_sites > (fed.sites or fed.min_sites):
+                problems.append(f"trusted-sites {dp.trusted_sites} exceeds the run's "
+                                + (f"{fed.sites} sites" if fed.sites else f"min-sites {fed.min_sites} (sites 0)")
+                                + ": no round could ever be unmasked; set sites to the number of hospitals or lower "
+                                "trusted-sites")
             if problems:
                 raise ValueError("dp-mode 'distributed' " + "; ".join(problems))
         if dp.enabled and self.training.softmax == "site":
@@ -373,6 +384,8 @@ class RunConfig(BaseModel):
                 key, field = _flat_key(err["loc"])
                 hint = {"extra_forbidden": "unknown key: check its spelling against [tool.flwr.app.config]",
                         "missing": "add it to [tool.flwr.app.config] or pass --run-config"}.get(err["type"], "")
+                if err["type"] == "extra_forbidden" and (keys := _keys_of_field(str(key))):
+                    hint = f"unknown key: the run config's key is {' or '.join(repr(k) for k in keys)}"
                 if not hint and field is not None and field.description:
                     hint = field.description  # what the setting means and its limits
                     if max_epsilon is not None:
@@ -386,14 +399,21 @@ class RunConfig(BaseModel):
 SECTIONS: dict[str, type[BaseModel]] = {name: f.annotation for name, f in RunConfig.model_fields.items()}
 
 
+def _keys_of_field(name: str) -> list[str]:
+    """The documented keys of the fields called `name` (or `name` with dashes for underscores)."""
+    want = name.replace("-", "_")
+    return sorted(_alias(s, n) for s, c in SECTIONS.items() for n in c.model_fields if n == want and _alias(s, n) != name)
+
+
 def _alias(section: str, name: str) -> str:
     return SECTIONS[section].model_fields[name].alias or name
 
 
 FLAT_KEYS: dict[str, tuple[str, str]] = {
-    key: (section, name) for section, cls in SECTIONS.items() for name in cls.model_fields
-    for key in (_alias(section, name), name)}
-"""Every flat key (alias, or field name) -> (section, field name); the aliases are unique across sections."""
+    _alias(section, name): (section, name) for section, cls in SECTIONS.items() for name in cls.model_fields}
+"""Every flat key -> (section, field name). Only the documented keys (the aliases, unique across sections): a field
+name (`enabled` is both secagg's and privacy's, `num_rounds` is not a key pyproject declares) is refused as
+unknown here, not passed on for Flower to refuse without naming it."""
 assert len({_alias(s, n) for s, c in SECTIONS.items() for n in c.model_fields}) == \
     sum(len(c.model_fields) for c in SECTIONS.values()), "a flat run-config key is defined in two sections"
 

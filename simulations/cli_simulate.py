@@ -52,10 +52,6 @@ def simulate(
     try:
         out.mkdir(parents=True, exist_ok=True)
         sites = ensure_partition(out / "sites", seed=seed, replace=fresh)  # may refuse: before anything is deleted
-        # the server's output is this run's alone (its metrics and result are read back); --keep keeps the sites'
-        # ledgers and models
-        for sub in (("state", "server", "flower") if fresh else ("server", "flower")):
-            shutil.rmtree(out / sub, ignore_errors=True)
     except (OSError, PartitionError) as e:
         typer.echo(f"--out {out}: {e}", err=True)
         raise typer.Exit(code=2)
@@ -64,7 +60,6 @@ def simulate(
         raise typer.Exit(code=2)
     manifest = json.loads((sites / "manifest.json").read_text())
     n_sites = len(manifest["sites"])
-    (out / "flower").mkdir(parents=True, exist_ok=True)
     cfg = federation_config(out, sites, n_sites, rounds=rounds, dp=dp, epsilon=epsilon, secagg=secagg,
                             strategy=strategy, seed=seed, local_epochs=local_epochs, lr=lr, batch_size=batch_size,
                             eval_data=sites / manifest["holdout"]["dir"] if eval_data else None, extra=extra)
@@ -75,6 +70,15 @@ def simulate(
         run = load_run_config({**app_defaults(ROOT), **cfg}, source="oncofed simulate")
     except RunConfigError as e:
         typer.echo(str(e), err=True)
+        raise typer.Exit(code=2)
+    # only a run that will start clears the last one's output: the server's is this run's alone (its metrics and
+    # result are read back); --keep keeps the sites' ledgers and models
+    try:
+        for sub in (("state", "server", "flower") if fresh else ("server", "flower")):
+            shutil.rmtree(out / sub, ignore_errors=True)
+        (out / "flower").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        typer.echo(f"--out {out}: {e}", err=True)
         raise typer.Exit(code=2)
     dp_text = f"on ({run.privacy.mode} mode), epsilon {run.privacy.epsilon:g}" if run.privacy.enabled else "off"
     typer.echo(f"{n_sites} hospitals ({', '.join(s['name'] for s in manifest['sites'])}), "

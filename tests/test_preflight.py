@@ -141,13 +141,20 @@ def test_simulate_refuses_a_bad_run_config_before_starting_anything(tmp_path):
 
     from oncofed.cli import app
 
-    result = CliRunner().invoke(app, ["simulate", "--epsilon", "1000", "--out", str(tmp_path / "run")])
-    assert result.exit_code == 2 and "epsilon" in result.output and "at most 100" in result.output
-    assert not (tmp_path / "run" / "server").exists() and not any((tmp_path / "run" / "flower").iterdir())
+    # the last run's output is there: a refused run deletes none of it (its sites' ledgers, its checkpoints)
+    kept = [tmp_path / "run" / "state" / "C0" / "privacy-ledger.json", tmp_path / "run" / "server" / "latest.json",
+            tmp_path / "run" / "flower" / "flwr-run.log"]
+    for f in kept:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("the last run's")
+    for keep in ([], ["--keep"]):
+        result = CliRunner().invoke(app, ["simulate", "--epsilon", "1000", "--out", str(tmp_path / "run"), *keep])
+        assert result.exit_code == 2 and "epsilon" in result.output and "at most 100" in result.output
+        assert all(f.read_text() == "the last run's" for f in kept)
     # a check across keys, on the run config as flwr would merge it (DP is on by default)
     result = CliRunner().invoke(app, ["simulate", "--set", "local-softmax=site", "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "local-softmax 'site'" in result.output and "dp false" in result.output
-    assert not (tmp_path / "run" / "server").exists() and not any((tmp_path / "run" / "flower").iterdir())
+    assert all(f.read_text() == "the last run's" for f in kept)
 
 
 def test_simulate_does_not_report_a_model_no_site_contributed_to(tmp_path, monkeypatch):

@@ -121,3 +121,31 @@ def test_a_number_that_is_not_finite_is_refused(key, value):
     # max-grad-norm = inf would make the DP noise infinite and the update NaN; none of these has a meaning at inf
     with pytest.raises(RunConfigError, match=f"  - {key}: (Input should be a finite number|use a number > 0)"):
         load_run_config({"schema": "s.json", key: value})
+
+
+@pytest.mark.parametrize("off", ["false", "False", "no", "0", 0, False])
+def test_dp_off_in_any_spelling_gets_the_no_dp_recipe(off):
+    # DP off but the DP recipe kept (lr 100, clipping bound 0.01) would train a model without noise at the DP rates
+    cfg = load_run_config({"schema": "s.json", "dp": off})
+    plain = load_run_config({"schema": "s.json", "dp": False})
+    assert not cfg.privacy.enabled
+    assert (cfg.training.lr, cfg.training.batch_size, cfg.privacy.max_grad_norm) == \
+        (plain.training.lr, plain.training.batch_size, plain.privacy.max_grad_norm)
+
+
+@pytest.mark.parametrize("key, says", [("enabled", "'dp' or 'secagg'"), ("num_rounds", "'num-rounds'"),
+                                       ("trusted_sites", "'trusted-sites'")])
+def test_a_field_name_is_not_a_key_and_the_refusal_names_the_key(key, says):
+    # `enabled` is secagg's and privacy's field alike: it was read as one of them, then Flower refused the run
+    # without naming the key
+    with pytest.raises(RunConfigError, match=f"{key}: .*unknown key: the run config's key is {says}"):
+        parse_overrides([f"{key}=1"], max_epsilon=None)
+
+
+@pytest.mark.parametrize("values, says", [
+    ({"min-sites": 5, "sites": 2}, "min-sites 5 exceeds sites 2"),
+    ({"dp-mode": "distributed", "strategy": "fedadam", "trusted-sites": 5}, "trusted-sites 5 exceeds the run's min-sites 2"),
+    ({"dp-mode": "distributed", "strategy": "fedadam", "trusted-sites": 5, "sites": 4}, "trusted-sites 5 exceeds the run's 4 sites")])
+def test_site_counts_that_contradict_each_other_are_refused_before_a_run_starts(values, says):
+    with pytest.raises(RunConfigError, match=says):
+        load_run_config({"schema": "s.json", **values})
