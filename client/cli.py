@@ -122,7 +122,7 @@ def site_privacy_audit(
     directory: Path = typer.Argument(..., help="the site directory written by `oncofed site init` (its site.json)"),
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="the run's val-fraction: which of the site's "
                                        "patients were held out (run config; default 0.2)"),
-    seed: int = typer.Option(0, "--seed", help="the run's seed (run config seed), which fixed the held-out part"),
+    seed: int = typer.Option(0, "--seed", min=0, help="the run's seed (run config seed), which fixed the held-out part"),
     lira_models: int = typer.Option(0, "--lira-models", min=0, help="also run offline LiRA with this many reference "
                                     "models (>= 2; trained here on halves of the site's patients; 0: skip)"),
     lira_epochs: int = typer.Option(30, "--lira-epochs", min=1, help="epochs of each LiRA reference model"),
@@ -246,7 +246,7 @@ def token_list(
 def serve_calibrate(
     site_config: Path = typer.Option(..., "--site-config", help="the site's site.json"),
     data: Path = typer.Option(..., "--data", help="the site's labelled tables (labels.csv and the modalities)"),
-    seed: int = typer.Option(0, "--seed", help="seed of the fit / held-out split"),
+    seed: int = typer.Option(0, "--seed", min=0, help="seed of the fit / held-out split"),
 ) -> None:
     """Temperature-scale the active model on the site's labelled patients; ECE before/after on held-out ones."""
     from client.calibration import calibrate

@@ -24,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from shared_models.files import write_text_atomic
 
 SCHEMA_FORMAT = "oncofed-schema/1"
+# the file names a site's table may have, after its modality's name (shared_models/site_data.py reads them)
+TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".csv.gz", ".tsv.gz", ".txt.gz", ".parquet.gz")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -77,6 +79,10 @@ class Modality(BaseModel):
                 f"modality name {v!r} must start with a letter or digit and contain only letters, "
                 "digits, '_', '-' or '.' (it is also the site table's file name)"
             )
+        if v.lower().endswith(TABLE_SUFFIXES):
+            stem = v[: len(v) - max(len(x) for x in TABLE_SUFFIXES if v.lower().endswith(x))]
+            raise ValueError(f"modality name {v!r} ends in a table's file extension: name the modality {stem!r} "
+                             f"(its table is then {stem}.csv, .tsv or .parquet)")
         return v
 
     @model_validator(mode="after")
@@ -84,6 +90,9 @@ class Modality(BaseModel):
         dupes = _duplicates(self.features)
         if dupes:
             raise ValueError(f"modality {self.name!r}: duplicate feature names {dupes[:5]}; make them unique")
+        if blank := [f for f in self.features if not f.strip() or f != f.strip()]:
+            raise ValueError(f"modality {self.name!r}: feature names {blank[:5]} are empty or begin or end with "
+                             "spaces; a table's column header must match them exactly: trim them")
         if self.kind is ModalityKind.omics:
             if self.column_types or self.levels:
                 raise ValueError(
@@ -145,6 +154,19 @@ class FeatureSchema(BaseModel):
     def _consistent(self) -> "FeatureSchema":
         if _duplicates(self.classes):
             raise ValueError(f"classes: duplicate labels {_duplicates(self.classes)}; list each class once")
+        if blank := [c for c in self.classes if not c.strip() or c != c.strip()]:
+            raise ValueError(f"classes: labels {blank} are empty or begin or end with spaces; a label in the "
+                             "labels table must match exactly: trim them")
+        if self.id_column == self.label_column:
+            raise ValueError(f"id_column and label_column are both {self.id_column!r}: the patient id and the class "
+                             "must be two columns")
+        for m in self.modalities:
+            for column, what in ((self.label_column, "label_column"), (self.id_column, "id_column")):
+                if column in m.features:
+                    raise ValueError(f"modality {m.name!r} lists {column!r}, the schema's {what}, as a feature"
+                                     + (": the model would read the answer it must predict" if what == "label_column"
+                                        else ": it identifies the patient, it is not a measurement")
+                                     + "; remove it from the features")
         names = [m.name for m in self.modalities]
         if _duplicates(names):
             raise ValueError(f"modalities: duplicate names {_duplicates(names)}; each modality needs its own name")

@@ -23,9 +23,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from shared_models.files import write_text_atomic
-from shared_models.schema import ColumnType, FeatureSchema, Modality, Transform
+from shared_models.schema import TABLE_SUFFIXES, ColumnType, FeatureSchema, Modality, Transform  # noqa: F401 (re-exported)
 
-TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".csv.gz", ".tsv.gz", ".txt.gz", ".parquet.gz")
 MISSING_TOKENS = ["", "NA", "NaN", "nan", "null", "NULL", ".", "N/A", "n/a"]
 LABELS_STEM = "labels"
 CLIP = 10.0  # standardised values beyond +-CLIP are clipped: one outlier must not dominate a token

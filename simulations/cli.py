@@ -39,7 +39,7 @@ def partition(
     by: str | None = typer.Option(None, "--by", help="labels column whose values define the sites, e.g. center8"),
     dirichlet: float | None = typer.Option(None, "--dirichlet", help="label skew: Dirichlet alpha (small = skewed)"),
     iid: bool = typer.Option(False, "--iid", help="stratified IID split"),
-    seed: int = typer.Option(0, "--seed", help="random seed (same seed, same partition)"),
+    seed: int = typer.Option(0, "--seed", min=0, help="random seed (same seed, same partition)"),
     holdout_column: str | None = typer.Option(
         None, "--holdout-column", help="hold out whole groups of this labels column (e.g. tss) for evaluation"),
     holdout_frac: float = typer.Option(0.2, "--holdout-frac", help="share of patients to hold out"),
@@ -81,7 +81,7 @@ def synthetic(
                                                 help="mean share of a site's patients missing each modality"),
     missing_value_rate: float = typer.Option(0.02, "--missing-value-rate", help="mean share of missing cells"),
     holdout_patients: int = typer.Option(0, "--holdout-patients", help="patients of an extra unseen evaluation site"),
-    seed: int = typer.Option(0, "--seed", help="random seed (same seed, same federation)"),
+    seed: int = typer.Option(0, "--seed", min=0, help="random seed (same seed, same federation)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a federation directory written before"),
 ) -> None:
     """Generate a synthetic federation: site directories, schema.json and manifest.json."""

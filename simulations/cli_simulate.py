@@ -29,7 +29,7 @@ def simulate(
     eval_data: bool = typer.Option(False, "--eval-data/--no-eval-data",
                                    help="also score the global model on the held-out patients at the server after "
                                         "every round (as an operator's validation site would be)"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0),
     fresh: bool = typer.Option(True, "--fresh/--keep", help="start from new site ledgers and models"),
     overrides: list[str] = typer.Option([], "--set", help="any run-config key, e.g. --set wide-rank=0 --set "
                                         "fusion-blocks=1 (keys: tool.flwr.app.config in pyproject.toml)"),
@@ -70,6 +70,10 @@ def simulate(
         run = load_run_config({**app_defaults(ROOT), **cfg}, source="oncofed simulate")
     except RunConfigError as e:
         typer.echo(str(e), err=True)
+        raise typer.Exit(code=2)
+    if not (schema_file := run.path(run.run.schema_path)).is_file():  # else found by the server, after Ray starts
+        typer.echo(f"schema {run.run.schema_path}: {schema_file} is not a file; pass an existing schema "
+                   "(--set schema=PATH, relative to the project directory)", err=True)
         raise typer.Exit(code=2)
     # only a run that will start clears the last one's output: the server's is this run's alone (its metrics and
     # result are read back); --keep keeps the sites' ledgers and models

@@ -26,7 +26,7 @@ import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -66,7 +66,15 @@ class GridSection(_Strict):
     privacy: list[str | float] = ["off"]
     sites: list[int] | dict[str, list[int]] = [8]
     partition: list[str] | dict[str, list[str]] = ["iid"]
-    seed: list[int] = [0]
+    seed: list[Annotated[int, Field(ge=0)]] = [0]
+
+    @field_validator("sites")
+    @classmethod
+    def _sites(cls, v):
+        counts = v if isinstance(v, list) else [n for ns in v.values() for n in ns]
+        if any(n < 1 for n in counts):
+            raise ValueError("every site count must be at least 1")
+        return v
 
     @field_validator("privacy")
     @classmethod

@@ -95,3 +95,24 @@ def test_corrupt_weights_file_is_named(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsFileError, match=str(bad)):
         load_weights(bad, tiny_schema())
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"modalities": [{"name": "clin", "kind": "tabular", "features": ["age", "subtype"]}]},
+     "lists 'subtype', the schema's label_column, as a feature: the model would read the answer"),
+    ({"modalities": [{"name": "clin", "kind": "tabular", "features": ["age", "patient"]}]},
+     "lists 'patient', the schema's id_column, as a feature"),
+    ({"id_column": "subtype"}, "id_column and label_column are both 'subtype'"),
+    ({"classes": ["A", "B "]}, r"classes: labels \['B '\] are empty or begin or end with spaces"),
+    ({"classes": ["A", ""]}, r"classes: labels \[''\] are empty"),
+    ({"modalities": [{"name": "expr", "kind": "omics", "features": ["g1", ""]}]}, r"feature names \[''\] are empty"),
+    ({"modalities": [{"name": "omics1.csv.gz", "kind": "omics", "features": ["g1"]}]},
+     "ends in a table's file extension: name the modality 'omics1'"),
+])
+def test_a_schema_that_would_leak_the_label_or_never_match_a_table_is_refused(change, says):
+    from shared_models.schema import FeatureSchema, SchemaError
+
+    spec = {"format": "oncofed-schema/1", "name": "t", "label_column": "subtype", "classes": ["A", "B"],
+            "modalities": [{"name": "clin", "kind": "tabular", "features": ["age"]}], **change}
+    with pytest.raises((SchemaError, ValueError), match=says):
+        FeatureSchema.model_validate(spec)
