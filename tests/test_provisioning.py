@@ -57,8 +57,9 @@ def test_the_model_signing_pair_signs_and_verifies(consortium):
 
 
 def test_a_site_key_is_an_openssh_p384_key_as_flower_node_authentication_loads_it(consortium, tmp_path):
-    settings = init_site(tmp_path / "site", "C0", consortium / "public", data_path="/data/C0", budget=4.0,
-                         ca_fingerprint=_read_out(consortium))
+    (tmp_path / "data" / "C0").mkdir(parents=True)
+    settings = init_site(tmp_path / "site", "C0", consortium / "public", data_path=str(tmp_path / "data" / "C0"),
+                         budget=4.0, ca_fingerprint=_read_out(consortium))
     key = load_ssh_private_key((tmp_path / "site" / "keys" / "site.key").read_bytes(), None)  # as flower-supernode
     assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
     pub_line = (tmp_path / "site" / "keys" / "site.key.pub").read_text()
@@ -93,6 +94,20 @@ def test_nothing_is_overwritten_and_bad_settings_are_named(consortium, tmp_path)
         init_site(tmp_path / "s", "C0", consortium / "public", budget=500, ca_fingerprint=_read_out(consortium))
     with pytest.raises(ProvisioningError, match="no readable consortium.json"):
         init_site(tmp_path / "s", "C0", tmp_path, ca_fingerprint=_read_out(consortium))
+    for name in ("", "a/b", " C0"):
+        with pytest.raises(ProvisioningError, match="--name .* a site name starts with a letter or digit"):
+            init_site(tmp_path / "s", name, consortium / "public", ca_fingerprint=_read_out(consortium))
+    with pytest.raises(ProvisioningError, match="--data /nope: /nope is not a directory"):
+        init_site(tmp_path / "s", "C0", consortium / "public", data_path="/nope", ca_fingerprint=_read_out(consortium))
+    assert not (tmp_path / "s").exists()  # refused before anything is written
+
+
+def test_a_relative_data_path_is_stored_absolute(consortium, tmp_path, monkeypatch):
+    (tmp_path / "tables").mkdir()
+    monkeypatch.chdir(tmp_path)  # the site will run from another directory
+    settings = init_site(tmp_path / "site", "C0", consortium / "public", data_path="tables",
+                         ca_fingerprint=_read_out(consortium))
+    assert settings.data_path == str(tmp_path / "tables")
 
 
 def test_a_self_consistent_bundle_from_someone_else_is_refused_by_the_fingerprint_read_out(consortium, tmp_path):
