@@ -162,6 +162,15 @@ def start_or_resume(cfg: RunConfig, context: Context, schema: FeatureSchema, out
     if checkpoint is not None:
         if checkpoint.meta.get("schema_hash") != schema.content_hash():
             raise ValueError(f"{ckpt_root}: checkpoint was trained under another schema; resume with that schema")
+        if checkpoint.meta.get("run_key") != frozen["run_key"]:  # its sites' ledgers and spend are another run's
+            raise ValueError(f"{ckpt_root}: the checkpoint is of run {checkpoint.meta.get('run_key')}, but "
+                             f"{out / 'run.json'} is of run {frozen['run_key']}: checkpoints of another run were put "
+                             "here; restore this run's checkpoints, or start a new run under another name")
+        expected = [a.shape for a in state_arrays(MultiModalTransformer(schema, cfg.model))]
+        if [np.shape(a) for a in checkpoint.weights] != expected:
+            raise ValueError(f"{ckpt_root}: the checkpoint's weights do not fit the model of this run config "
+                             f"({len(checkpoint.weights)} arrays against {len(expected)}, or other shapes): it is not "
+                             "this run's; restore this run's checkpoints")
         log(INFO, "resuming run %s after round %s from %s", checkpoint.meta["run_key"], checkpoint.round, ckpt_root)
         return RunStart(checkpoint.meta["run_key"], checkpoint.weights, checkpoint.round + 1,
                         checkpoint.meta.get("site_epsilon", {}), checkpoint.meta.get("site_epsilon_worst_case", {}),

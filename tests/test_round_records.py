@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from flwr.app import Context, RecordDict
 
 from privacy.audit import AuditLog, verify
@@ -37,7 +38,7 @@ def _run(tmp_path, crash_after_checkpoint: str):
     metrics = out / "metrics.jsonl"
     for rnd in (1, 2, 3):
         rec = _records(start.run_key, rnd)
-        save_checkpoint(out / "checkpoints", rnd, [np.zeros(2, np.float32)], {},
+        save_checkpoint(out / "checkpoints", rnd, start.weights, {},
                         {"run_key": start.run_key, "schema_hash": schema.content_hash(), ROUND_RECORDS: rec})
         if rnd < 3:
             metrics.open("a").write(json.dumps(rec["metrics"]) + "\n")
@@ -92,3 +93,23 @@ def test_cut_partial_line(tmp_path):
     assert cut_partial_line(f) == 0 and f.read_text() == '{"a": 1}\n'
     f.write_text('{"b"')
     assert cut_partial_line(f) == 4 and f.read_text() == ""
+
+
+@pytest.mark.parametrize("wrong", ["run", "shapes"])
+def test_a_checkpoint_that_is_not_this_runs_is_refused_not_resumed(tmp_path, wrong):
+    """Checkpoints copied from another run: resumed under that run's key, with its sites' spend, or with weights
+    that do not fit the run config's model."""
+    out = tmp_path / "runs" / "x"
+    values = {**app_defaults(PROJECT), "base-dir": str(PROJECT), "output-dir": str(out)}
+    cfg = load_run_config(values, source="run config")
+    schema = FeatureSchema.load(cfg.path(cfg.run.schema_path))
+    start = start_or_resume(cfg, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=values),
+                            schema, out)
+    key = "another-run-0000" if wrong == "run" else start.run_key
+    weights = start.weights if wrong == "run" else [np.zeros(2, np.float32)]
+    save_checkpoint(out / "checkpoints", 1, weights, {}, {"run_key": key, "schema_hash": schema.content_hash()})
+    resume = {**values, "resume": True}
+    with pytest.raises(ValueError, match="checkpoint is of run another-run-0000" if wrong == "run"
+                       else "weights do not fit the model of this run config"):
+        start_or_resume(load_run_config(resume, source="run config"), Context(
+            run_id=2, node_id=0, node_config={}, state=RecordDict(), run_config=resume), schema, out)
