@@ -32,7 +32,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from privacy import MAX_BUDGET
-from shared_models.files import atomic_file, write_json_atomic
+from shared_models.files import atomic_file, write_json_atomic, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("pooled", "pooled-cv", "local", "logistic", "local-logistic")
@@ -575,9 +575,16 @@ def run_experiment(config_path: str | Path, results: str | Path, log=print, only
     root.mkdir(parents=True, exist_ok=True)
     previous = root / "experiment.toml"
     text = Path(config_path).read_text()
-    if previous.exists() and ExperimentConfig.model_validate(tomllib.loads(previous.read_text())) != cfg:
-        log(f"note: {previous} differs from {config_path}; finished cells are kept, new cells are added")
-    previous.write_text(text)
+    if previous.exists() and (before := ExperimentConfig.model_validate(tomllib.loads(previous.read_text()))) != cfg:
+        if changed := [k for k in ExperimentConfig.model_fields if k != "grid" and getattr(before, k) != getattr(cfg, k)]:
+            # a finished cell is skipped by its id, which names only its grid values: its rows would be another
+            # configuration's, mixed into the results without a trace
+            raise ExperimentError(
+                f"{root}: its finished cells ran under {previous}, whose {', '.join(f'[{k}]' for k in changed)} "
+                f"differ from {config_path}'s; the results would mix two configurations. Use another --out, or "
+                f"delete {root / 'cells'} to run every cell again under the new configuration")
+        log(f"note: {previous}'s grid differs from {config_path}'s; finished cells are kept, new cells are added")
+    write_text_atomic(previous, text)
     todo = [c for c in cells(cfg) if only is None or re.search(only, c.id)]
     t_all = time.time()
     for i, cell in enumerate(todo, 1):

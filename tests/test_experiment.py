@@ -148,6 +148,15 @@ def test_tiny_grid_runs_writes_tidy_rows_and_resumes(tmp_path):
     again = json.loads((out / "results.json").read_text())["rows"]
     assert [{**r, "seconds": None} for r in again] == [{**r, "seconds": None} for r in rows]  # same split, same fit
 
+    # another configuration beside the grid: its finished cells would be skipped by their ids and mixed in
+    kept = (out / "experiment.toml").read_text()
+    other = tmp_path / "other" / "exp.toml"
+    other.parent.mkdir()
+    other.write_text(config.read_text().replace("classes = 3", "classes = 5"))
+    with pytest.raises(ExperimentError, match=r"\[synthetic\] differ from .*results would mix two configurations"):
+        run_experiment(other, out, log=lambda s: None)
+    assert (out / "experiment.toml").read_text() == kept
+
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "simulations" / "experiments"
 
