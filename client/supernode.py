@@ -61,7 +61,12 @@ def site_checks(settings: SiteConfig, port: int, schema: Path | None, superlink:
         checks.append(Check("model-signing trust anchor", True, "not set: delivered models are installed without "
                             "checking their signature", warning=True))
     data = Path(settings.data_path)
-    if schema is None:
+    schema_ok, schema = _schema_check(settings, schema)
+    if schema_ok is not None:
+        checks.append(schema_ok)
+    if schema_ok is not None and not schema_ok.ok:
+        checks.append(Check(f"site data {data}", False, "not validated: the schema above must be fixed first"))
+    elif schema is None:
         checks.append(Check(f"site data {data}", data.is_dir(), "present (pass --schema to validate it)" if
                             data.is_dir() else "not a directory: set data-path in site.json"))
     else:
@@ -75,6 +80,26 @@ def site_checks(settings: SiteConfig, port: int, schema: Path | None, superlink:
     checks.append(check_port_free("127.0.0.1", port, "local runtime port"))
     checks.append(check_reachable(superlink or settings.superlink, ca, "consortium server"))
     return checks
+
+
+def _schema_check(settings: SiteConfig, given: Path | None) -> tuple[Check | None, Path | None]:
+    """The schema training uses is site.json's (the consortium's, as the bundle brought it): checked against the
+    bundle's SHA-256, and the one the data is validated with; a --schema that differs is refused."""
+    from privacy.pki import fingerprint
+
+    if not settings.schema_path:
+        return None, given  # a site.json without one (older): the given schema, if any
+    own = Path(settings.schema_path)
+    name = f"schema {own}"
+    if not own.is_file():
+        return Check(name, False, "missing: copy schema.json from the consortium's public bundle to it"), None
+    if settings.schema_sha256 and fingerprint(own) != settings.schema_sha256:
+        return Check(name, False, "its SHA-256 differs from site.json's schema-sha256 (the consortium's): the file "
+                     "was altered; copy schema.json from the consortium's public bundle again"), None
+    if given is not None and (not Path(given).is_file() or fingerprint(given) != fingerprint(own)):
+        return Check(name, False, f"--schema {given} is not the schema training uses (site.json's schema {own}); "
+                     "leave --schema out: the data is validated against site.json's"), None
+    return Check(name, True, "the consortium's (SHA-256 as the bundle's)"), own
 
 
 def _data_check(data: Path, schema_path: Path) -> Check:

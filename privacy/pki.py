@@ -35,7 +35,6 @@ import datetime as dt
 import hashlib
 import ipaddress
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -227,9 +226,10 @@ def init_site(root: str | Path, name: str, consortium_public: str | Path, data_p
     if not 0 < budget <= MAX_BUDGET:
         raise ProvisioningError(f"--budget {budget:g}: the site's privacy budget (epsilon) must be positive and at "
                                 f"most {MAX_BUDGET:g}, the largest the site's privacy accounting verifies")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        raise ProvisioningError(f"--name {name!r}: a site name starts with a letter or digit and holds only letters, "
-                                "digits, '_', '-' or '.' (it names the site in logs, keys and the audit), e.g. C0")
+    if not name.strip() or name != name.strip() or not name.isprintable() or any(c in name for c in "/\\"):
+        raise ProvisioningError(f"--name {name!r}: a site name is printable text without '/' or '\\', not empty and "
+                                "not beginning or ending with a space (it names the site in logs, keys and the "
+                                "audit), e.g. \"St Mary\" or C0")
     if data_path:
         data = Path(data_path).expanduser().resolve()  # the site runs from any directory: never a relative path
         if not data.is_dir():

@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -180,3 +181,21 @@ def test_simulate_does_not_report_a_model_no_site_contributed_to(tmp_path, monke
     result = CliRunner().invoke(app, ["simulate", "--rounds", "2", "--out", str(tmp_path / "run")])
     assert result.exit_code == 1 and "no round aggregated an update from any site" in result.output
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_a_site_checks_its_data_against_the_schema_training_uses(consortium, tmp_path):
+    """site.json's schema (the consortium's, as the bundle brought it) is the one the data is validated with; an
+    altered copy, or a --schema other than it, fails preflight instead of validating against the wrong schema."""
+    from client.supernode import _schema_check
+
+    site = init_site(tmp_path / "s", "S", consortium / "public", "", ca_fingerprint=fingerprint(consortium / "ca/ca.crt"))
+    check, used = _schema_check(site, None)
+    assert check.ok and used == Path(site.schema_path)  # validated even without --schema
+    assert _schema_check(site, Path(site.schema_path))[0].ok
+    other = tmp_path / "other.json"
+    other.write_text(Path(site.schema_path).read_text().replace('"version"', '"description": "x", "version"', 1))
+    check, used = _schema_check(site, other)
+    assert not check.ok and "is not the schema training uses" in check.detail and used is None
+    Path(site.schema_path).write_text(other.read_text())  # trust/schema.json altered
+    check, _ = _schema_check(site, None)
+    assert not check.ok and "SHA-256 differs from site.json's schema-sha256" in check.detail
