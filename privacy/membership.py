@@ -171,7 +171,8 @@ def auc_interval(member_scores, nonmember_scores, confidence: float = 0.95) -> t
     Sun & Xu 2014, exact with ties): AUC +- z sqrt(var(V10) / m + var(V01) / n), where V10_i is the share of
     non-members member i outscores (ties half) and V01_j the share of members that outscore non-member j;
     clipped to [0, 1]. It says how far an audit's AUC may be from the model's true one with these patients:
-    with 30 non-members it is about +-0.1."""
+    with 30 non-members it is about +-0.1. Where every member outscores every non-member (or all scores tie) the
+    estimated variance is 0 and so is the width: the normal approximation says nothing there."""
     m, n = _scores("member", member_scores), _scores("non-member", nonmember_scores)
     if not 0 < confidence < 1:
         raise ValueError(f"confidence {confidence}: give a level in (0, 1)")

@@ -77,6 +77,7 @@ def cell_summary(sites: list[dict]) -> dict:
     strongest = [max(s["attacks"], key=lambda a: a["auc"]) for s in ok]
     auc = [a["auc"] for a in strongest]
     intervals = [a.get("auc_interval") for a in strongest]  # DeLong's; audits before 2026-12-05 have none
+    loss_intervals = [next((a.get("auc_interval") for a in s["attacks"] if a["attack"] == "loss"), None) for s in ok]
     tpr = [max(a["tpr_at_fpr"]["0.01"] for a in s["attacks"]) for s in ok]
     dp = [s for s in ok if s["claim"]["dp"]]
     eps = [s["claim"]["epsilon"] for s in dp]
@@ -84,8 +85,10 @@ def cell_summary(sites: list[dict]) -> dict:
     loosest = max(dp, key=lambda s: s["claim"]["epsilon"]) if dp else None
     return {"sites": len(ok), "errors": len(sites) - len(ok), "auc_mean": float(np.mean(auc)),
             "auc_max": max(auc), "auc_max_interval": intervals[int(np.argmax(auc))],
-            "above_chance": sum(i is not None and i[0] > 0.5 for i in intervals),
-            "with_interval": sum(i is not None for i in intervals), "tpr_1pct_max": max(tpr),
+            # counted on one attack named in advance, the loss attack: the strongest of several would be a choice
+            # made after seeing them, and its 95% interval would hold chance less often than 95%
+            "above_chance": sum(i is not None and i[0] > 0.5 for i in loss_intervals),
+            "with_interval": sum(i is not None for i in loss_intervals), "tpr_1pct_max": max(tpr),
             "members": (min(s["split"]["members"] for s in ok), max(s["split"]["members"] for s in ok)),
             "nonmembers": (min(s["split"]["nonmembers"] for s in ok), max(s["split"]["nonmembers"] for s in ok)),
             "epsilon": (min(eps), max(eps)) if dp else None,
@@ -148,5 +151,6 @@ def audit_section(res) -> list[str]:
                      "small sites catch only large leaks")
         md += [note + "."]
     if beyond:
-        md += [f"- Sites whose AUC interval lies above 0.5 (a leak beyond what chance gives): {'; '.join(beyond)}."]
+        md += [f"- Sites whose loss-attack AUC interval lies wholly above 0.5 (a leak beyond what chance gives): "
+               f"{'; '.join(beyond)}."]
     return md + [""]
