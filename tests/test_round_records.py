@@ -24,15 +24,28 @@ def _records(key: str, rnd: int) -> dict:
             "audit": {"run": key, "round": rnd, "participants": [11, 12], "weights_sha256": f"w{rnd}"}}
 
 
-def _run(tmp_path, crash_after_checkpoint: str):
-    """A run whose round 3 is checkpointed, then crashes: 'before-records' before its metrics line and audit
-    entry, 'mid-line' with half its metrics line written and no audit entry."""
+def _started(tmp_path):
+    """A new run under tmp_path/runs/x: (its output directory, run config values, schema, RunStart)."""
     out = tmp_path / "runs" / "x"
     values = {**app_defaults(PROJECT), "base-dir": str(PROJECT), "output-dir": str(out)}
     cfg = load_run_config(values, source="run config")
     schema = FeatureSchema.load(cfg.path(cfg.run.schema_path))
     start = start_or_resume(cfg, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=values),
                             schema, out)
+    return out, values, schema, start
+
+
+def _resumed(out, values, schema):
+    resume = {**values, "resume": True}
+    return start_or_resume(load_run_config(resume, source="run config"),
+                           Context(run_id=2, node_id=0, node_config={}, state=RecordDict(), run_config=resume),
+                           schema, out)
+
+
+def _run(tmp_path, crash_after_checkpoint: str):
+    """A run whose round 3 is checkpointed, then crashes: 'before-records' before its metrics line and audit
+    entry, 'mid-line' with half its metrics line written and no audit entry."""
+    out, values, schema, start = _started(tmp_path)
     audit = AuditLog(out / "audit.jsonl")
     audit.append("run_start", run=start.run_key, first_round=1)
     metrics = out / "metrics.jsonl"
@@ -45,10 +58,7 @@ def _run(tmp_path, crash_after_checkpoint: str):
             audit.append("round", **rec["audit"])
         elif crash_after_checkpoint == "mid-line":
             metrics.open("a").write(json.dumps(rec["metrics"])[:25])
-    resume = {**values, "resume": True}
-    cfg = load_run_config(resume, source="run config")
-    ctx = Context(run_id=2, node_id=0, node_config={}, state=RecordDict(), run_config=resume)
-    return out, start_or_resume(cfg, ctx, schema, out), AuditLog(out / "audit.jsonl")
+    return out, _resumed(out, values, schema), AuditLog(out / "audit.jsonl")
 
 
 def _check_whole(out):
@@ -99,17 +109,10 @@ def test_cut_partial_line(tmp_path):
 def test_a_checkpoint_that_is_not_this_runs_is_refused_not_resumed(tmp_path, wrong):
     """Checkpoints copied from another run: resumed under that run's key, with its sites' spend, or with weights
     that do not fit the run config's model."""
-    out = tmp_path / "runs" / "x"
-    values = {**app_defaults(PROJECT), "base-dir": str(PROJECT), "output-dir": str(out)}
-    cfg = load_run_config(values, source="run config")
-    schema = FeatureSchema.load(cfg.path(cfg.run.schema_path))
-    start = start_or_resume(cfg, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=values),
-                            schema, out)
+    out, values, schema, start = _started(tmp_path)
     key = "another-run-0000" if wrong == "run" else start.run_key
     weights = start.weights if wrong == "run" else [np.zeros(2, np.float32)]
     save_checkpoint(out / "checkpoints", 1, weights, {}, {"run_key": key, "schema_hash": schema.content_hash()})
-    resume = {**values, "resume": True}
     with pytest.raises(ValueError, match="checkpoint is of run another-run-0000" if wrong == "run"
                        else "weights do not fit the model of this run config"):
-        start_or_resume(load_run_config(resume, source="run config"), Context(
-            run_id=2, node_id=0, node_config={}, state=RecordDict(), run_config=resume), schema, out)
+        _resumed(out, values, schema)
