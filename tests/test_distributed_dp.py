@@ -245,7 +245,8 @@ def test_a_site_refuses_a_run_that_assumes_more_honest_sites_than_it_relies_on(t
     from client.app import SiteSettings, site_settings, trust_refusal
     from flwr.app import Context, RecordDict
 
-    cfg = load_run_config({"schema": "s.json", "dp-mode": "distributed", "strategy": "fedavgm", "trusted-sites": 4})
+    cfg = load_run_config({"schema": "s.json", "dp-mode": "distributed", "strategy": "fedavgm", "trusted-sites": 4,
+                           "sites": 4})
 
     def settings(node: dict) -> SiteSettings:
         ctx = Context(run_id=1, node_id=1, node_config={"data-path": str(tmp_path / "site"), **node},
@@ -402,7 +403,7 @@ def test_a_site_gives_no_key_shares_for_a_sum_of_fewer_than_trusted_sites(tmp_pa
     ctx = Context(run_id=1, node_id=1, node_config={"data-path": str(tmp_path / "site"),
                                                     "state-dir": str(tmp_path / "state"), "max-trusted-sites": 4},
                   state=RecordDict(), run_config={"schema": "s.json", "min-sites": 2, "dp-mode": "distributed",
-                                                  "strategy": "fedavgm", "trusted-sites": 4})
+                                                  "strategy": "fedavgm", "trusted-sites": 4, "sites": 4})
     reply = site_policy_mod(unmask_message([1, 2, 3], [4]), ctx, never)
     assert reply.has_error() and "3 sites sent masked vectors, fewer than 4" in reply.error.reason
     assert "the run's trusted-sites 4" in reply.error.reason

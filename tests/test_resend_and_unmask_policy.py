@@ -101,7 +101,8 @@ def test_a_site_gives_no_key_shares_for_a_malformed_unmask_request(tmp_path, act
     def never(msg, context):
         raise AssertionError("the site must refuse before Flower's SecAgg+ mod runs")
 
-    run = {"schema": "s.json", "min-sites": 2, "dp-mode": "distributed", "strategy": "fedavgm", "trusted-sites": 4}
+    run = {"schema": "s.json", "min-sites": 2, "dp-mode": "distributed", "strategy": "fedavgm", "trusted-sites": 4,
+           "sites": 4}
     ctx = Context(run_id=1, node_id=1, node_config={"data-path": str(tmp_path / "site"), "state-dir": str(tmp_path / "s"),
                                                     "max-trusted-sites": 4}, state=RecordDict(), run_config=run)
     reply = site_policy_mod(unmask_message(active, dead), ctx, never)
