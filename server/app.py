@@ -350,7 +350,22 @@ def main(grid: Grid, context: Context) -> None:
 
 def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, recorder: RoundRecorder,
                   final: list[np.ndarray], signing_key, first_round: int) -> None:
-    """The final model: described, signed, saved beside the checkpoints, sent to every site; result.json."""
+    """The final model: described, signed, saved beside the checkpoints, sent to every site; result.json. A run
+    in which no round updated the model (every site refused, or every round was abandoned, in this attempt and
+    any before a resume) delivers nothing: its model is the untrained initial one."""
+    if not _rounds_with_status(recorder.metrics_file, "updated"):
+        reason = (f"no round updated the global model (every site refused, or every round was abandoned: "
+                  f"{recorder.metrics_file} says why), so the untrained initial model is neither signed nor delivered")
+        log(WARNING, "run %s: %s", recorder.run_key, reason)
+        recorder.audit.append("run_end", run=recorder.run_key, round=cfg.federation.num_rounds, arrays_sha256=None,
+                              deliveries=[], not_delivered=reason)
+        recorder.status.update(finished=1, delivered=0, trained=0, delivery_ok=0, undelivered=[])
+        write_json_atomic(out / "status.json", recorder.status)
+        write_json_atomic(out / "result.json", {
+            "run": recorder.run_key, "round": cfg.federation.num_rounds, "first_round": first_round,
+            "not_delivered": reason, "deliveries": [], "seconds": round(time.time() - recorder.t0, 1),
+            "metrics_file": str(recorder.metrics_file), "checkpoints": str(out / "checkpoints")})
+        return
     last = _last_metrics(recorder.metrics_file)
     package = ModelPackage(
         run=recorder.run_key, round=cfg.federation.num_rounds, schema_hash=schema.content_hash(),
@@ -377,6 +392,14 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
         "deliveries": deliveries, "metrics_file": str(recorder.metrics_file), "checkpoints": str(out / "checkpoints")})
     log(INFO, "final model delivered to %s/%s sites; result in %s",
         sum(d.get("installed", False) for d in deliveries), len(deliveries), out / "result.json")
+
+
+def _rounds_with_status(path: Path, status: str) -> list[int]:
+    """The rounds of metrics.jsonl (this attempt's and any before a resume) whose status is `status`."""
+    if not path.exists():
+        return []
+    lines = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return [ln["round"] for ln in lines if ln.get("status") == status]
 
 
 def _last_metrics(path: Path) -> dict | None:

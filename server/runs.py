@@ -158,7 +158,9 @@ class RunView:
             parts.append(f"ETA ~{_minutes(eta)}")
         elif self.running and done == 0:
             parts.append("ETA after round 1")
-        if self.result:
+        if self.result and self.result.get("not_delivered"):
+            parts.append(f"no model delivered: {self.result['not_delivered']}")
+        elif self.result:
             delivered = sum(bool(d.get("installed")) for d in self.result.get("deliveries", []))
             parts.append(f"final model installed at {delivered}/{len(self.result.get('deliveries', []))} sites")
         return " · ".join(parts)
@@ -200,7 +202,7 @@ def follow(root: Path, name: str, out, poll: float = 2.0, health=None, timeout: 
         else:
             unknown_since = None
         if not view.running and view.state != "unknown":
-            return 0 if view.state == "completed" and view.result else 1
+            return 0 if view.state == "completed" and view.result and not view.result.get("not_delivered") else 1
         if view.state == "unknown" and view.result:
             return 0
         if timeout and time.time() - t0 > timeout:

@@ -108,6 +108,9 @@ def simulate(
         typer.echo("no round aggregated an update from any site (see 'refused' above and the sites' reasons in "
                    f"{out / 'flower'}): the global model is the initial one, so it is not evaluated", err=True)
         raise typer.Exit(code=1)
+    if result.get("not_delivered"):
+        typer.echo(f"run {result['run']}: {result['not_delivered']}", err=True)
+        raise typer.Exit(code=1)
     installed = [d for d in result["deliveries"] if d.get("installed")]
     configs = write_site_configs(out, sites, manifest, cfg)
     typer.echo(f"each site's site.json: {configs[0].parent.parent}/<site>/site.json (serve one with `oncofed serve "
