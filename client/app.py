@@ -234,13 +234,14 @@ def _no_key_shares(msg: Message, context: Context, settings: SiteSettings, reaso
 
 
 def _unmasked_before(settings: SiteSettings, context: Context, active: list[int]) -> str:
-    """Why the site gives no key shares for this round's sum ("" when it gives them): its released update was
-    unmasked before in a sum over other sites. A resumed round resends the same bits; two sums over different
-    sets would reveal, by their difference, single sites' updates. The set is kept before the shares leave."""
+    """Why the site gives no key shares for this round's sum ("" when it gives them): its update for this round
+    was unmasked before in a sum over other sites. A resumed round resends the same bits under DP, and without DP
+    retrains the same bits (seeded training); two sums over different sets would reveal, by their difference,
+    single sites' updates. The set is kept, for every round with or without DP, before the shares leave."""
     state = context.state.config_records.get("oncofed", {})
     run_key, rnd = str(state.get(RUN_KEY, "")), int(state.get(SERVER_ROUND, 0) or 0)
     releases = ReleaseStore(settings.paths.state_dir)
-    if not run_key or not rnd or not releases.has(run_key, rnd):
+    if not run_key or not rnd:
         return ""
     before = releases.unmasked_with(run_key, rnd)
     if before is None:

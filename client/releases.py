@@ -73,6 +73,11 @@ class ReleaseStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(path, "w") as fh:
             fh.write(json.dumps({"active": sorted(int(i) for i in active)}))
+        # kept for every round, DP or not (a run without DP keeps no release beside it): only the newest KEEP
+        # rounds can be asked again, as for the releases
+        for old in sorted(path.parent.glob("round-[0-9]*.unmask.json"))[:-KEEP]:
+            if int(old.name.split(".")[0].split("-")[1]) < rnd:
+                old.unlink(missing_ok=True)
 
     def load(self, run_id: str, rnd: int) -> Release | None:
         path = self._path(run_id, rnd)

@@ -201,3 +201,33 @@ def test_a_site_whose_update_is_not_finite_sends_nothing(tmp_path):
     with pytest.raises(SiteRefusal, match="its update is not finite \\(the global weights it received are not "
                                           "finite\\): nothing was sent"):
         train(_fit(weights), _context(tmp_path, run, {"require-secagg": False, "require-dp": False}))
+
+
+def test_without_dp_a_round_is_unmasked_in_one_sum_only_too(tmp_path, monkeypatch):
+    """Without DP SecAgg+ is the only protection, and a resumed round retrains the same bits (seeded training): a
+    second sum over other sites would reveal, by its difference with the first, one site's update. No release is
+    kept without DP, but the set each round was unmasked over is, for the newest rounds."""
+    import client.app
+    from client.app import site_policy_mod
+    from client.releases import KEEP, ReleaseStore
+    from shared_models.protocol import RUN_KEY, SERVER_ROUND
+    from tests.sitefixtures import site_schema, site_tables, write_site
+
+    schema_path = site_schema().save(tmp_path / "schema.json")
+    write_site(tmp_path / "site", site_tables(n_per_class=20))
+    monkeypatch.setattr(client.app, "secaggplus_mod", lambda msg, ctx, call_next: Message(RecordDict(), reply_to=msg))
+    run = {"schema": str(schema_path), "num-rounds": 5, "d-model": 32, "sites": 3, "min-sites": 2, "dp": False}
+
+    def unmask(rnd, active):
+        ctx = _context(tmp_path, run, {"require-dp": False})
+        ctx.state.config_records["oncofed"] = ConfigRecord({RUN_KEY: "run-X", SERVER_ROUND: rnd})
+        return site_policy_mod(unmask_message(active, []), ctx, None)
+
+    store = ReleaseStore(tmp_path / "state")
+    assert not unmask(1, [1, 2, 3]).has_error() and not store.has("run-X", 1)  # no release without DP
+    reply = unmask(1, [1, 2])  # the server resumed round 1 and one site dropped
+    assert reply.has_error() and "unmasked before in a sum over other sites" in reply.error.reason
+    for rnd in range(2, 6):
+        assert not unmask(rnd, [1, 2, 3]).has_error()
+    kept = sorted(p.name for p in (tmp_path / "state" / "released" / "run-X").glob("*.unmask.json"))
+    assert kept == [f"round-{r:04d}.unmask.json" for r in range(6 - KEEP, 6)]  # only the newest rounds
