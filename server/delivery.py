@@ -143,7 +143,25 @@ def load_final(run_dir: Path) -> tuple[list[np.ndarray], dict]:
     if arrays_sha256(final) != package.get("arrays_sha256"):
         raise ValueError(f"{weights}: SHA-256 {arrays_sha256(final)[:16]}... is not the package's "
                          f"{str(package.get('arrays_sha256'))[:16]}...: the saved final model was altered; not sent")
+    _check_against_audit(run_dir, package)
     return final, package
+
+
+def _check_against_audit(run_dir: Path, package: dict) -> None:
+    """The model to re-sign must be the global model the run's hash-chained audit log (whose heads the sites
+    hold) recorded after its last round: final_weights.npz and package.json rewritten together are not."""
+    from privacy.audit import AuditLog, verify
+
+    log = run_dir / "audit.jsonl"
+    report = verify(log)
+    if not report.ok:
+        raise ValueError(f"{log}: the run's audit log does not verify ({'; '.join(report.problems[:2])}): the final "
+                         "model cannot be tied to the run; not signed or sent")
+    last = AuditLog(log).last("round", run=package.get("run"))
+    if last.get("weights_sha256") != package.get("arrays_sha256"):
+        raise ValueError(f"{run_dir / FINAL_WEIGHTS}: its SHA-256 {str(package.get('arrays_sha256'))[:16]}... is not "
+                         f"the global model the audit log recorded after run {package.get('run')}'s last round "
+                         f"({str(last.get('weights_sha256'))[:16]}...): not signed or sent")
 
 
 def redeliver(grid, cfg) -> None:

@@ -105,9 +105,16 @@ def test_the_saved_final_model_is_sent_again_only_as_it_was_signed(tmp_path):
     final = [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(4, dtype=np.float32)]
     np.savez(tmp_path / "final_weights.npz", *final)
     save_package(tmp_path, {"run": "r1", "arrays_sha256": arrays_sha256(final), "signature": "by the wrong key"})
+    from privacy.audit import AuditLog
+
+    AuditLog(tmp_path / "audit.jsonl").append("round", run="r1", round=3, weights_sha256=arrays_sha256(final))
     weights, package = load_final(tmp_path)
     assert arrays_sha256(weights) == package["arrays_sha256"] and "signature" not in package  # re-signed on sending
     final[1][0] = 7.0
     np.savez(tmp_path / "final_weights.npz", *final)
     with pytest.raises(ValueError, match="the saved final model was altered"):
+        load_final(tmp_path)
+    # the weights and package.json replaced together: not the model the run's audit log recorded
+    save_package(tmp_path, {"run": "r1", "arrays_sha256": arrays_sha256(final)})
+    with pytest.raises(ValueError, match="is not the global model the audit log recorded after run r1's last round"):
         load_final(tmp_path)
