@@ -94,6 +94,7 @@ class ModelStore:
         if expected_arrays_sha256 is not None and got != expected_arrays_sha256:
             raise ModelStoreError(f"received model hash {got[:12]}... differs from the announced "
                                   f"{expected_arrays_sha256[:12]}...: not installed, {self.active()} stays active")
+        self._not_older(info)
         if info.get("run") and (same := self._installed(got, info)) is not None:
             self.activate(same)
             return same
@@ -119,6 +120,22 @@ class ModelStore:
         fsync_path(self.root)
         self.activate(version)
         return version
+
+    def _not_older(self, info: dict) -> None:
+        """Refuses a delivery whose run finished before the active model's: re-delivering an earlier run must not
+        roll a site back without its say (its admin can activate any installed version: /v1/models/activate)."""
+        active = self.active()
+        if active is None or not isinstance(info.get("finished"), (int, float)):
+            return
+        try:
+            theirs = self.package(active).get("delivery", {}).get("finished")
+        except (OSError, ValueError):
+            return  # an unreadable active package: the new model is the better one to serve
+        if isinstance(theirs, (int, float)) and info["finished"] < theirs:
+            raise ModelStoreError(
+                f"the delivered model (run {info.get('run')}) finished training before the active {active} (run "
+                f"{self.package(active).get('run')}): not installed, {active} stays active; to go back to an "
+                "earlier model, the site activates it itself")
 
     def _installed(self, arrays_sha: str, info: dict) -> str | None:
         """The newest intact version holding these arrays under the same delivery description (signature aside:

@@ -373,7 +373,7 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
         dp=cfg.privacy.enabled, site_epsilon=recorder.site_epsilon, delta=cfg.privacy.delta,
         **(dict(dp_mode=cfg.privacy.mode, trusted_sites=cfg.privacy.trusted_sites, mechanism="skellam",
                 site_epsilon_worst_case=recorder.site_epsilon_worst_case) if cfg.privacy.distributed else {}),
-        privacy=privacy_summary(cfg), metrics=(last or {}).get("global", {})).description()
+        privacy=privacy_summary(cfg), metrics=(last or {}).get("global", {}), finished=round(time.time(), 3)).description()
     if signing_key is not None:
         package = sign(package, signing_key)
     else:

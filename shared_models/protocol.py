@@ -101,6 +101,9 @@ class ModelPackage(BaseModel):
     site_epsilon_worst_case: dict[str, float] | None = None
     privacy: str = ""  # what the run's DP relies on, in one line
     metrics: dict[str, Any] = {}  # the last round's global metrics (the sites' held-out parts)
+    # when the run's training ended (Unix time): a site does not activate a model older than its active one
+    # (a re-delivery of an earlier run would roll it back); packages from before 2026-12-05 have none
+    finished: float | None = None
 
     @classmethod
     def parse(cls, info) -> ModelPackage:

@@ -174,3 +174,19 @@ def test_two_deliveries_at_once_install_two_whole_versions(tmp_path):
     assert versions == ["v0001", "v0002"] and all(p.returncode == 0 for p in procs)
     store = ModelStore(tmp_path)
     assert store.versions() == versions and {store.verify(v)["run"] for v in versions} == {"r0", "r1"}
+
+
+def test_a_model_that_finished_before_the_active_one_is_not_installed_over_it(tmp_path):
+    # re-delivering an earlier run (`oncofed deliver OLD`, or a finished run resumed) rolled every site back to it
+    store = ModelStore(tmp_path)
+    store.install(tiny_schema(), CFG, _arrays(0), {"run": "r1", "round": 10, "finished": 1000.0})
+    store.install(tiny_schema(), CFG, _arrays(1), {"run": "r2", "round": 10, "finished": 2000.0})
+    for old in ({"run": "r1", "round": 10, "finished": 1000.0}, {"run": "r0", "round": 10, "finished": 500.0}):
+        with pytest.raises(ModelStoreError, match="finished training before the active v0002 .* v0002 stays active"):
+            store.install(tiny_schema(), CFG, _arrays(0) if old["run"] == "r1" else _arrays(2), old)
+        assert store.active() == "v0002" and store.versions() == ["v0001", "v0002"]
+    store.activate("v0001")  # the site itself may go back
+    assert store.active() == "v0001"
+    # a newer run installs; a package without the field (before 2026-12-05) is not compared
+    assert store.install(tiny_schema(), CFG, _arrays(3), {"run": "r3", "round": 10, "finished": 3000.0}) == "v0003"
+    assert store.install(tiny_schema(), CFG, _arrays(4), {"run": "r4", "round": 10}) == "v0004"
