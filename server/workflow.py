@@ -90,21 +90,26 @@ class TimedSecAggPlusWorkflow(SecAggPlusWorkflow):
         for name in ("setup_stage", "share_keys_stage", "collect_masked_vectors_stage", "unmask_stage"):
             setattr(self, name, self._timed(name, getattr(self, name)))
 
-    def _enough_to_unmask(self, context, state) -> bool:
+    def _enough_to_unmask(self, context, state, stage: str = "collect_masked_vectors_stage") -> bool:
         """The sum is unmasked only if at least `min_contributors` sites sent masked vectors. Refusing sites
         send none (they drop out), so a round in which all but one site refused is never unmasked: the
-        "sum" would be that one hospital's update. The sites check the same before giving key shares."""
+        "sum" would be that one hospital's update. The sites check the same before giving key shares.
+        After setup and key sharing (before any site trains) the same count abandons a round that could never
+        be unmasked, so that no site spends budget on an update nobody will use."""
         n = len(state.active_node_ids)
-        wraps = self.refuse_wrap and n * self.quantization_range >= self.modulus_range
+        before = stage != "collect_masked_vectors_stage"
+        wraps = not before and self.refuse_wrap and n * self.quantization_range >= self.modulus_range
         if n >= self.min_contributors and not wraps:
             return True
         rnd = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
-        reason = (f"{n} sites sent masked vectors, fewer than {self.min_contributors} (min-sites, or trusted-sites in "
+        did = "completed SecAgg+'s " + stage.removesuffix("_stage").replace("_", " ") if before else "sent masked vectors"
+        reason = (f"{n} sites {did}, fewer than {self.min_contributors} (min-sites, or trusted-sites in "
                   "dp-mode 'distributed')" if n < self.min_contributors else
                   f"{n} sites' values of range {self.quantization_range} could wrap SecAgg+'s modulus "
                   f"{self.modulus_range} (the range was sized for fewer sites: set the run config's sites)")
-        context.strategy.record_abandoned(rnd, state.failures, set(state.active_node_ids),
-                                          f"{reason}: the sum is not unmasked")
+        context.strategy.record_abandoned(rnd, getattr(state, "failures", []), set(state.active_node_ids),
+                                          f"{reason}: " + ("abandoned before any site trains" if before
+                                                           else "the sum is not unmasked"))
         return False
 
     @staticmethod
@@ -121,6 +126,7 @@ class TimedSecAggPlusWorkflow(SecAggPlusWorkflow):
                 ok = stage(grid, context, state)
                 if ok and name in ("setup_stage", "share_keys_stage"):
                     self._narrow_to_active(state)
+                    ok = self._enough_to_unmask(context, state, name)
                 if ok and name == "collect_masked_vectors_stage":
                     ok = self._enough_to_unmask(context, state)
                 if not ok and context.strategy.round_info.get("status") == "halted":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import types
 
 import pytest
 
@@ -146,3 +147,49 @@ def test_g_a_serverapp_traceback_reaches_the_operator_as_its_error_line(tmp_path
     assert shown == ["INFO :      [ROUND 1]\n", "ERROR :     ServerApp thread raised an exception\n",
                      f"ValueError: run config resume = true but runs/x holds no started run  (traceback in "
                      f"{tmp_path / 'flwr-run.log'})\n", "INFO :      done\n"]
+
+
+def test_h_a_round_that_can_never_be_unmasked_is_abandoned_before_any_site_trains(monkeypatch):
+    """After key sharing 2 of 3 sites remain and min-sites is 3: the collect stage, where the sites train and
+    spend their budget, used to run before the round was abandoned."""
+    from flwr.server.workflow import SecAggPlusWorkflow
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
+    from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+
+    import server.workflow
+    from server.workflow import TimedSecAggPlusWorkflow
+
+    ran = []
+
+    def stage(name, active):
+        def run(self, grid, context, state):
+            state.active_node_ids = set(active)
+            state.sampled_node_ids, state.nid_to_neighbours = set(active), {i: set(active) for i in active}
+            ran.append(name)
+            return True
+        return run
+
+    for name, active in (("setup_stage", {1, 2, 3}), ("share_keys_stage", {1, 2}),
+                         ("collect_masked_vectors_stage", {1, 2}), ("unmask_stage", {1, 2})):
+        monkeypatch.setattr(SecAggPlusWorkflow, name, stage(name, active))
+    monkeypatch.setattr(server.workflow.progress, "stage", lambda *a: None)
+    abandoned = []
+
+    class Strategy:
+        round_info, timing = {"status": "halted"}, {}
+
+        def record_abandoned(self, rnd, failures, replied, reason):  # as server.strategy's
+            abandoned.append(reason)
+            self.round_info = {"round": rnd, "status": "abandoned", "reason": reason}
+
+    context = types.SimpleNamespace(strategy=Strategy(), state=types.SimpleNamespace(
+        config_records={MAIN_CONFIGS_RECORD: {Key.CURRENT_ROUND: 1}}))
+    wf = TimedSecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=0.66, max_weight=1000.0, timeout=10,
+                                 min_contributors=3)
+    state = WorkflowState()
+    for step in (wf.setup_stage, wf.share_keys_stage, wf.collect_masked_vectors_stage, wf.unmask_stage):
+        if not step(None, context, state):
+            break
+    assert ran == ["setup_stage", "share_keys_stage"]  # no site was asked to train
+    assert abandoned == ["2 sites completed SecAgg+'s share keys, fewer than 3 (min-sites, or trusted-sites in "
+                         "dp-mode 'distributed'): abandoned before any site trains"]
