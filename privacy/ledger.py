@@ -2,7 +2,7 @@
 
 One JSON file per site (in the site's state directory, never sent anywhere). Entries are keyed by
 (dataset fingerprint, run id, round, attempt). A dataset's spend is the composition of every entry
-of every dataset that shares a patient with it: a patient in two datasets has spent both.
+of every dataset of the site (below).
 
 Crash safety (write-ahead):
 1. `begin_round` checks the budget with the round's planned steps and writes a *pending* entry
@@ -33,11 +33,9 @@ dataset is now, so a run whose training set changes (patients added, another spl
 being trained again under a fresh plan. Two processes training the same round (a resumed server asking
 again while the first attempt still trains) both run, but only the first to commit sends its update.
 
-Which datasets share a patient is found from per-patient hashes salted with the ledger's own random salt
-(`patient_salt`), so it does not depend on the schema: the same patients under an edited schema (a new
-description or version) are related datasets, and their spend carries over. A dataset recorded before the
-salt (2026-12-05) holds only schema-salted hashes: it is taken to share patients with every dataset (its
-spend counts against all of them) until the site registers it again, which adds the salted hashes.
+A site's spend is one sum over every dataset it ever registered (every run on its data, whatever the schema
+or split), not only over those sharing a patient with the current one: which patients were in an earlier
+dataset must not change the noise or the epsilon a run reports.
 
 Every write is atomic (temp file, fsync, rename) under an exclusive file lock. The ledger file is created,
 empty, before its lock file ever exists, so a lock file beside no ledger means the ledger was lost: the site
@@ -71,13 +69,9 @@ def dataset_fingerprint(patient_ids: list[str], schema_hash: str) -> tuple[str, 
     Patient ids are stored only as salted hashes (the salt is the schema hash), enough to find
     overlaps between a site's datasets.
     """
-    hashed = _patient_hashes(patient_ids, schema_hash)
+    hashed = sorted({hashlib.sha256(f"{schema_hash}:{pid}".encode()).hexdigest()[:16] for pid in patient_ids})
     fp = hashlib.sha256(("\n".join(hashed)).encode()).hexdigest()
     return fp, hashed
-
-
-def _patient_hashes(patient_ids, salt: str) -> list[str]:
-    return sorted({hashlib.sha256(f"{salt}:{pid}".encode()).hexdigest()[:16] for pid in patient_ids})
 
 
 def read_ledger(path: str | Path) -> dict:
@@ -172,8 +166,7 @@ class PrivacyLedger:
                 "start from zero and forget the spend: restore the ledger from backup. Training is refused until "
                 "then. (If this state directory never trained, delete the lock file and the released/ directory.)")
         tmp = self.path.with_name(f"{self.path.name}.{secrets.token_hex(4)}.new")
-        write_json_atomic(tmp, {"format": LEDGER_FORMAT, "delta": self.delta, "datasets": {}, "entries": [],
-                                "patient_salt": secrets.token_hex(16)})
+        write_json_atomic(tmp, {"format": LEDGER_FORMAT, "delta": self.delta, "datasets": {}, "entries": []})
         try:
             os.link(tmp, self.path)
         except FileExistsError:
@@ -209,16 +202,11 @@ class PrivacyLedger:
     # --- queries ----------------------------------------------------------------------------
     @staticmethod
     def _related(state: dict, dataset: str) -> set[str]:
-        """Datasets sharing at least one patient with `dataset` (including itself), by the ledger-salted hashes,
-        whatever schema each was registered under; a dataset without them (recorded before the salt) counts as
-        sharing patients with every dataset: its overlap cannot be told, so its spend counts (conservative)."""
-        mine = state["datasets"].get(dataset, {}).get("members")
-        related = {dataset}
-        for fp, info in state["datasets"].items():
-            theirs = info.get("members")
-            if fp != dataset and (mine is None or theirs is None or not set(mine).isdisjoint(theirs)):
-                related.add(fp)
-        return related
+        """Every dataset of the site: its spend is one, over all its runs, whoever was in each. Counting only the
+        datasets that share a patient with this one made the spend, and so the run's noise multiplier and its
+        reported epsilon (both sent to the server), depend on whether one patient had been in an earlier dataset:
+        a bit about a patient outside any DP mechanism. The site-wide sum depends only on the site's run history."""
+        return set(state["datasets"]) | {dataset}
 
     @staticmethod
     def _history(state: dict, datasets: set[str], skip: tuple | None = None, worst_case: bool = False
@@ -232,12 +220,8 @@ class PrivacyLedger:
     def register_dataset(self, patient_ids: list[str], schema_hash: str) -> str:
         fp, hashed = dataset_fingerprint(patient_ids, schema_hash)
         with self._locked() as state:
-            salt = state.setdefault("patient_salt", secrets.token_hex(16))  # a ledger from before the salt gets one
-            record = state["datasets"].get(fp)
-            if record is None or "members" not in record:
-                record = record or {"patients": hashed, "n_patients": len(hashed), "registered": time.time()}
-                record["members"] = _patient_hashes(patient_ids, salt)  # what relates datasets across schemas
-                state["datasets"][fp] = record
+            if fp not in state["datasets"]:
+                state["datasets"][fp] = {"patients": hashed, "n_patients": len(hashed), "registered": time.time()}
                 self._write(state)
         return fp
 
