@@ -197,9 +197,16 @@ def redeliver(grid, cfg) -> None:
     write_json_atomic(out / RESULT, {**result, **package, "deliveries": deliveries, "redelivered": time.time()})
     status = json.loads((out / STATUS).read_text()) if (out / STATUS).exists() else {"run": package.get("run")}
     status.update(delivery_status(out, deliveries))
+    ended = bool(audit.last("run_end", run=package.get("run")))
+    if not ended:  # the run's own delivery never finished (the server crashed while delivering): this one ends it
+        status["finished"] = 1
     write_json_atomic(out / STATUS, status)
-    audit.append("redelivery", run=package.get("run"), arrays_sha256=package["arrays_sha256"],
-                 deliveries=audited(new))
+    if ended:
+        audit.append("redelivery", run=package.get("run"), arrays_sha256=package["arrays_sha256"],
+                     deliveries=audited(new))
+    else:
+        audit.append("run_end", run=package.get("run"), round=package.get("round"),
+                     arrays_sha256=package["arrays_sha256"], deliveries=audited(deliveries), by="oncofed deliver")
     short = status["undelivered"]
     log(WARNING if short else INFO, "final model now installed at %s site(s)%s", status["delivered"],
         f"; not at {', '.join(site_names(deliveries, short, out.parent.parent))}, which trained" if short else "")

@@ -6,6 +6,7 @@ in tests/test_deployment.py.)"""
 from __future__ import annotations
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -118,3 +119,36 @@ def test_the_saved_final_model_is_sent_again_only_as_it_was_signed(tmp_path):
     save_package(tmp_path, {"run": "r1", "arrays_sha256": arrays_sha256(final)})
     with pytest.raises(ValueError, match="is not the global model the audit log recorded after run r1's last round"):
         load_final(tmp_path)
+
+
+@pytest.mark.parametrize("first_delivery_ended", [True, False])
+def test_oncofed_deliver_ends_a_run_whose_own_delivery_a_crash_cut_short(tmp_path, monkeypatch, first_delivery_ended):
+    """A server crash while a run delivered its model left no run_end in the audit log and status finished 0, so the
+    alert on a finished run's delivery never fired: `oncofed deliver` ends it then, and is a redelivery otherwise."""
+    import server.delivery
+    from privacy.audit import AuditLog
+    from privacy.run_config import load_run_config
+    from server.delivery import redeliver
+
+    out = tmp_path / "runs" / "x"
+    out.mkdir(parents=True)
+    final = [np.ones(3, dtype=np.float32)]
+    np.savez(out / "final_weights.npz", *final)
+    save_package(out, {"run": "r1", "round": 2, "arrays_sha256": arrays_sha256(final)})
+    audit = AuditLog(out / "audit.jsonl")
+    audit.append("round", run="r1", round=2, weights_sha256=arrays_sha256(final))
+    if first_delivery_ended:
+        audit.append("run_end", run="r1", round=2, arrays_sha256=arrays_sha256(final), deliveries=[])
+    (out / "metrics.jsonl").write_text(json.dumps({"round": 2, "participants": [1, 2]}) + "\n")
+    (out / "status.json").write_text(json.dumps({"run": "r1", "finished": int(first_delivery_ended)}))
+    generate_signing_key(tmp_path / "signing.key", tmp_path / "signing.pub")
+    monkeypatch.setattr(server.delivery, "deliver", lambda grid, final, package, timeout, node_ids, anchor: [
+        {"node": n, "site": f"C{n}", "installed": True} for n in node_ids])
+    grid = types.SimpleNamespace(get_node_ids=lambda: [1, 2])
+    cfg = load_run_config({"schema": "s.json", "output-dir": str(out), "signing-key": str(tmp_path / "signing.key"),
+                           "round-timeout": 5.0, "base-dir": str(tmp_path)})
+    redeliver(grid, cfg)
+    events = [json.loads(x)["event"] for x in (out / "audit.jsonl").read_text().splitlines()]
+    status = json.loads((out / "status.json").read_text())
+    assert events[-1] == ("redelivery" if first_delivery_ended else "run_end")
+    assert events.count("run_end") == 1 and status["finished"] == 1 and status["delivery_ok"] == 1
