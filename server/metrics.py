@@ -28,10 +28,14 @@ from pathlib import Path
 
 
 def latest_status(runs: Path) -> dict | None:
+    """The status of the run started last: its run.json is written once, when the run starts (a resume keeps
+    it), so `oncofed deliver` of an earlier run, which rewrites that run's status.json, does not make it the
+    current one. A run directory without run.json counts by its status.json's time."""
     best, best_t = None, -1.0
     for f in runs.glob("*/status.json"):
         try:
-            t = f.stat().st_mtime
+            started = f.with_name("run.json")
+            t = (started if started.exists() else f).stat().st_mtime
             if t > best_t:
                 best, best_t = json.loads(f.read_text()), t
         except (OSError, ValueError):

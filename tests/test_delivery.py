@@ -152,3 +152,18 @@ def test_oncofed_deliver_ends_a_run_whose_own_delivery_a_crash_cut_short(tmp_pat
     status = json.loads((out / "status.json").read_text())
     assert events[-1] == ("redelivery" if first_delivery_ended else "run_end")
     assert events.count("run_end") == 1 and status["finished"] == 1 and status["delivery_ok"] == 1
+
+
+def test_the_current_run_in_the_metrics_is_the_one_started_last_not_the_one_delivered_again(tmp_path):
+    import os
+
+    from server.metrics import latest_status
+
+    for i, name in enumerate(("old", "new")):
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        (run / "run.json").write_text("{}")
+        (run / "status.json").write_text(json.dumps({"run": name}))
+        os.utime(run / "run.json", (1000 + i, 1000 + i))  # "new" started after "old"
+    (tmp_path / "runs" / "old" / "status.json").write_text(json.dumps({"run": "old", "redelivered": True}))
+    assert latest_status(tmp_path / "runs")["run"] == "new"  # `oncofed deliver old` rewrote old's status
