@@ -201,21 +201,14 @@ class PrivacyLedger:
 
     # --- queries ----------------------------------------------------------------------------
     @staticmethod
-    def _related(state: dict, dataset: str) -> set[str]:
-        """Every dataset of the site: its spend is one, over all its runs, whoever was in each. Counting only the
-        datasets that share a patient with this one made the spend, and so the run's noise multiplier and its
-        reported epsilon (both sent to the server), depend on whether one patient had been in an earlier dataset:
-        a bit about a patient outside any DP mechanism. The site-wide sum depends only on the site's run history."""
-        return set(state["datasets"]) | {dataset}
-
-    @staticmethod
-    def _history(state: dict, datasets: set[str], skip: tuple | None = None, worst_case: bool = False
-                 ) -> list[Mechanism]:
-        hist = []
-        for e in state["entries"]:
-            if e["dataset"] in datasets and (e["dataset"], e["run_id"], e["round"], e["attempt"]) != skip:
-                hist.append(_mechanism(e, worst_case))
-        return hist
+    def _history(state: dict, skip: tuple | None = None, worst_case: bool = False) -> list[Mechanism]:
+        """Every mechanism the site ran, on any of its datasets: its spend is one, whoever was in each. Counting
+        only the datasets that share a patient with the current one made the spend, and so the run's noise
+        multiplier and its reported epsilon (both sent to the server), depend on whether one patient had been in
+        an earlier dataset: a bit about a patient outside any DP mechanism. The site-wide sum depends only on the
+        site's run history."""
+        return [_mechanism(e, worst_case) for e in state["entries"]
+                if (e["dataset"], e["run_id"], e["round"], e["attempt"]) != skip]
 
     def register_dataset(self, patient_ids: list[str], schema_hash: str) -> str:
         fp, hashed = dataset_fingerprint(patient_ids, schema_hash)
@@ -227,15 +220,15 @@ class PrivacyLedger:
 
     def history(self, dataset: str, excluding: "RoundTicket | None" = None, worst_case: bool = False
                 ) -> list[Mechanism]:
-        """Every mechanism run on this dataset's patients; `excluding` leaves out a round in progress
-        (Opacus' accountant, restored from this, adds the round's steps as they run); `worst_case` takes
-        distributed rounds with the site's own noise share alone."""
+        """Every mechanism run on the site's data (any dataset's: `dataset` names the one asking); `excluding`
+        leaves out a round in progress (Opacus' accountant, restored from this, adds the round's steps as they
+        run); `worst_case` takes distributed rounds with the site's own noise share alone."""
         state = self._read()
         skip = None if excluding is None else (excluding.dataset, excluding.run_id, excluding.round, excluding.attempt)
-        return self._history(state, self._related(state, dataset), skip=skip, worst_case=worst_case)
+        return self._history(state, skip=skip, worst_case=worst_case)
 
     def spent(self, dataset: str, worst_case: bool = False) -> float:
-        """The dataset's epsilon; with worst_case, distributed rounds count only the site's own noise share
+        """The site's epsilon (every dataset's: `dataset` names the one asking); with worst_case, distributed rounds count only the site's own noise share
         (what it has if every other site colluded with the server)."""
         return epsilon(self.history(dataset, worst_case=worst_case), self.delta)
 
@@ -297,7 +290,7 @@ class PrivacyLedger:
             pending = [e for e in same if e["status"] == "pending"]
             attempt = pending[-1]["attempt"] if pending else len(same) + 1
             key = (dataset, run_id, rnd, attempt)
-            past = self._history(state, self._related(state, dataset), skip=key)
+            past = self._history(state, skip=key)
             before = epsilon(past, self.delta)
             this = mechanism.steps(steps) if mechanism is not None else (noise_multiplier, sample_rate, steps)
             projected = epsilon(past + [this], self.delta)
@@ -377,12 +370,10 @@ class PrivacyLedger:
                     break
             else:
                 raise BudgetError(f"{self.path}: no pending entry for round {ticket.round}; was the ledger replaced?")
-            related = self._related(state, ticket.dataset)
-            spent, worst = epsilon(self._history(state, related), self.delta), None
+            spent, worst = epsilon(self._history(state), self.delta), None
             e["epsilon_after"] = spent
             if "mechanism" in e:  # the second number of a distributed round: the site's share alone
-                worst = e["epsilon_worst_case_after"] = epsilon(self._history(state, related, worst_case=True),
-                                                                self.delta)
+                worst = e["epsilon_worst_case_after"] = epsilon(self._history(state, worst_case=True), self.delta)
             self._write(state)
         return spent, worst
 
