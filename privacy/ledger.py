@@ -63,15 +63,11 @@ LEDGER_FORMAT = "oncofed-privacy-ledger/1"
 EPSILON_SLACK = 1e-6  # PRV's grid is deterministic: the run's last round lands on its cap up to float noise
 
 
-def dataset_fingerprint(patient_ids: list[str], schema_hash: str) -> tuple[str, list[str]]:
-    """(fingerprint, per-patient hashes): the same patients under the same schema = the same dataset.
-
-    Patient ids are stored only as salted hashes (the salt is the schema hash), enough to find
-    overlaps between a site's datasets.
-    """
+def dataset_fingerprint(patient_ids: list[str], schema_hash: str) -> tuple[str, int]:
+    """(fingerprint, number of patients): the same patients under the same schema = the same dataset. The
+    ledger keeps only the fingerprint and the count: one spend per site needs no patient's id, hashed or not."""
     hashed = sorted({hashlib.sha256(f"{schema_hash}:{pid}".encode()).hexdigest()[:16] for pid in patient_ids})
-    fp = hashlib.sha256(("\n".join(hashed)).encode()).hexdigest()
-    return fp, hashed
+    return hashlib.sha256(("\n".join(hashed)).encode()).hexdigest(), len(hashed)
 
 
 def read_ledger(path: str | Path) -> dict:
@@ -211,10 +207,10 @@ class PrivacyLedger:
                 if (e["dataset"], e["run_id"], e["round"], e["attempt"]) != skip]
 
     def register_dataset(self, patient_ids: list[str], schema_hash: str) -> str:
-        fp, hashed = dataset_fingerprint(patient_ids, schema_hash)
+        fp, n = dataset_fingerprint(patient_ids, schema_hash)
         with self._locked() as state:
             if fp not in state["datasets"]:
-                state["datasets"][fp] = {"patients": hashed, "n_patients": len(hashed), "registered": time.time()}
+                state["datasets"][fp] = {"n_patients": n, "registered": time.time()}
                 self._write(state)
         return fp
 
