@@ -128,14 +128,15 @@ class ModelStore:
         if active is None or not isinstance(info.get("finished"), (int, float)):
             return
         try:
-            theirs = self.package(active).get("delivery", {}).get("finished")
+            package = self.package(active)
         except (OSError, ValueError):
             return  # an unreadable active package: the new model is the better one to serve
+        theirs = package.get("delivery", {}).get("finished")
         if isinstance(theirs, (int, float)) and info["finished"] < theirs:
             raise ModelStoreError(
                 f"the delivered model (run {info.get('run')}) finished training before the active {active} (run "
-                f"{self.package(active).get('run')}): not installed, {active} stays active; to go back to an "
-                "earlier model, the site activates it itself")
+                f"{package.get('run')}): not installed, {active} stays active; to go back to an earlier model, the "
+                "site activates it itself")
 
     def _installed(self, arrays_sha: str, info: dict) -> str | None:
         """The newest intact version holding these arrays under the same delivery description (signature aside:

@@ -353,7 +353,8 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
     """The final model: described, signed, saved beside the checkpoints, sent to every site; result.json. A run
     in which no round updated the model (every site refused, or every round was abandoned, in this attempt and
     any before a resume) delivers nothing: its model is the untrained initial one."""
-    if not _rounds_with_status(recorder.metrics_file, "updated"):
+    rounds = _metrics_lines(recorder.metrics_file)
+    if not any(r.get("status") == "updated" for r in rounds):
         reason = (f"no round updated the global model (every site refused, or every round was abandoned: "
                   f"{recorder.metrics_file} says why), so the untrained initial model is neither signed nor delivered")
         log(WARNING, "run %s: %s", recorder.run_key, reason)
@@ -366,14 +367,14 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
             "not_delivered": reason, "deliveries": [], "seconds": round(time.time() - recorder.t0, 1),
             "metrics_file": str(recorder.metrics_file), "checkpoints": str(out / "checkpoints")})
         return
-    last = _last_metrics(recorder.metrics_file)
+    last = rounds[-1]
     package = ModelPackage(
         run=recorder.run_key, round=cfg.federation.num_rounds, schema_hash=schema.content_hash(),
         arrays_sha256=arrays_sha256(final), strategy=cfg.federation.strategy, secagg=cfg.secagg.enabled,
         dp=cfg.privacy.enabled, site_epsilon=recorder.site_epsilon, delta=cfg.privacy.delta,
         **(dict(dp_mode=cfg.privacy.mode, trusted_sites=cfg.privacy.trusted_sites, mechanism="skellam",
                 site_epsilon_worst_case=recorder.site_epsilon_worst_case) if cfg.privacy.distributed else {}),
-        privacy=privacy_summary(cfg), metrics=(last or {}).get("global", {}), finished=round(time.time(), 3)).description()
+        privacy=privacy_summary(cfg), metrics=last.get("global", {}), finished=round(time.time(), 3)).description()
     if signing_key is not None:
         package = sign(package, signing_key)
     else:
@@ -394,19 +395,14 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
         sum(d.get("installed", False) for d in deliveries), len(deliveries), out / "result.json")
 
 
-def _rounds_with_status(path: Path, status: str) -> list[int]:
-    """The rounds of metrics.jsonl (this attempt's and any before a resume) whose status is `status`."""
-    if not path.exists():
-        return []
-    lines = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-    return [ln["round"] for ln in lines if ln.get("status") == status]
+def _metrics_lines(path: Path) -> list[dict]:
+    """metrics.jsonl's rounds, this attempt's and any before a resume."""
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
 
 
 def _last_metrics(path: Path) -> dict | None:
-    if not path.exists():
-        return None
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    return json.loads(lines[-1]) if lines else None
+    lines = _metrics_lines(path)
+    return lines[-1] if lines else None
 
 
 def _fmt(v) -> str:
