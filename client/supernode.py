@@ -93,10 +93,11 @@ def _schema_check(settings: SiteConfig, given: Path | None) -> tuple[Check | Non
     name = f"schema {own}"
     if not own.is_file():
         return Check(name, False, "missing: copy schema.json from the consortium's public bundle to it"), None
-    if settings.schema_sha256 and fingerprint(own) != settings.schema_sha256:
+    digest = fingerprint(own)
+    if settings.schema_sha256 and digest != settings.schema_sha256:
         return Check(name, False, "its SHA-256 differs from site.json's schema-sha256 (the consortium's): the file "
                      "was altered; copy schema.json from the consortium's public bundle again"), None
-    if given is not None and (not Path(given).is_file() or fingerprint(given) != fingerprint(own)):
+    if given is not None and (not Path(given).is_file() or fingerprint(given) != digest):
         return Check(name, False, f"--schema {given} is not the schema training uses (site.json's schema {own}); "
                      "leave --schema out: the data is validated against site.json's"), None
     return Check(name, True, "the consortium's (SHA-256 as the bundle's)"), own
