@@ -53,7 +53,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from client.site import SitePaths, prepare_site  # noqa: E402
-from privacy.accounting import MAX_BUDGET, noise_multiplier_for, planned_steps  # noqa: E402
+from privacy.accounting import MAX_BUDGET, noise_multiplier_for  # noqa: E402
 from privacy.run_config import load_run_config, parse_run_overrides  # noqa: E402
 from shared_models.evaluation import evaluate  # noqa: E402
 from shared_models.model import MultiModalTransformer  # noqa: E402
@@ -127,7 +127,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig, n_
     if dp:
         from opacus import PrivacyEngine
 
-        q, total = planned_steps(len(y), tc.batch_size, epochs, 1)
+        # pooled DP-SGD as Opacus runs it: len(loader) Poisson steps per epoch at rate 1 / len(loader)
+        q, total = 1.0 / len(loader), len(loader) * epochs
         sigma = noise_multiplier_for(epsilon, cfg.privacy.delta, q, total, spent=[])
         engine = PrivacyEngine(accountant="prv")
         with warnings.catch_warnings():

@@ -48,7 +48,7 @@ from privacy.audit import ANCHORS_FILE, AnchorStore, AuditError, AuditLog
 from privacy.run_config import load_run_config
 from privacy.site_config import NODE_POLICY_KEYS, SiteConfig
 from shared_models.protocol import (ARRAYS_RECORD, AUDIT_ANCHOR, AUDIT_HEAD, CONFIG_RECORD, EPSILON, EPSILON_WORST_CASE,
-                                    EVALUATE_METRICS, FIT_METRICS, LOCAL_STEPS, LOSS, PACKAGE_INFO, PATIENTS,
+                                    EVALUATE_METRICS, FIT_METRICS, LOCAL_STEPS, LOSS, PACKAGE_INFO,
                                     NOISE_PLAN, PREVIOUS_ROUND, REFUSAL_PREFIX, REPLY, RESENT, RUN_KEY, SAVE_MODEL,
                                     SECAGG_CLIPPING_RANGE, SECAGG_MAX_WEIGHT, SERVER_ROUND, SITE, DeliveryReply,
                                     ModelPackage, allowed_metrics)
@@ -366,7 +366,12 @@ def train(msg: Message, context: Context) -> Message:
         _note_previous_round(site, settings, run_key, fitins.config.get(PREVIOUS_ROUND), audit)
     n = len(site.train.y)
     max_weight = float(fitins.config.get(SECAGG_MAX_WEIGHT, 0) or 0)
-    if max_weight and n > max_weight:
+    # The update's FedAvg weight: the site's patient count without DP; under DP the same for every site, since the
+    # count would otherwise leave the site beside an epsilon accounted for adding or removing one patient
+    # (docs/privacy.md). Under SecAgg+ that weight is max-weight, Flower's factor 1 (a smaller one would scale the
+    # update down before quantisation); the DP update is already a sum over the site's patients, not a mean.
+    weight = (int(max_weight) if max_weight else 1) if cfg.privacy.enabled else n
+    if max_weight and weight > max_weight:
         raise _refusal(fitins, msg, settings.name, f"{n} training patients exceed secagg-max-weight {max_weight:g}; "
                         "the operator must raise secagg-max-weight", audit)
     from shared_models.weights import arrays_sha256
@@ -394,14 +399,14 @@ def train(msg: Message, context: Context) -> Message:
                        "checkpoint", audit)
     if max_weight:
         # SecAgg+ clips |delta * n / max_weight| to the clipping range silently: refuse instead.
-        peak = max(float(np.abs(d).max()) for d in delta) * n / max_weight
+        peak = max(float(np.abs(d).max()) for d in delta) * weight / max_weight
         clip = float(fitins.config.get(SECAGG_CLIPPING_RANGE, cfg.secagg.clipping_range))
         if peak > clip:
             raise _refusal(fitins, msg, settings.name, f"its update ({peak:.3g}) exceeds secagg-clipping-range "
                             f"{clip:g} and would be clipped silently; the operator must raise it", audit)
     metrics = {k: float(v) for k, v in result.metrics.items()}
     try:  # recorded before the update leaves the site
-        trained = audit.append("round_trained", run=run_key, round=rnd, patients=result.num_examples,
+        trained = audit.append("round_trained", run=run_key, round=rnd, patients=n,
                                epsilon=metrics.get(EPSILON), steps=metrics.get(LOCAL_STEPS))
     except (AuditError, OSError) as e:
         log(WARNING, "site %s: audit log: %s", settings.name, e)
@@ -410,8 +415,8 @@ def train(msg: Message, context: Context) -> Message:
     metrics[AUDIT_HEAD] = trained["hash"]  # the server records it: an anchor of this log outside the site
     metrics = sent_metrics(metrics, FIT_METRICS, settings.name)
     if cfg.privacy.enabled:  # kept before it leaves: a resumed server asking for this round again gets these bits back
-        releases.save(run_key, rnd, Release(arrays_sha256(global_arrays), delta, result.num_examples, metrics))
-    res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(delta), result.num_examples, metrics)
+        releases.save(run_key, rnd, Release(arrays_sha256(global_arrays), delta, weight, metrics))
+    res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(delta), weight, metrics)
     return Message(fitres_to_recorddict(res, keep_input=False), reply_to=msg)
 
 
@@ -505,7 +510,7 @@ def _train_distributed(msg: Message, fitins, context: Context, cfg: RunConfig, s
         raise _refusal(fitins, msg, settings.name, "local training failed (details in the site's log)", audit)
     metrics = {k: float(v) for k, v in result.metrics.items()}
     try:  # recorded before the update leaves the site
-        trained = audit.append("round_trained", run=run_key, round=rnd, patients=metrics[PATIENTS],
+        trained = audit.append("round_trained", run=run_key, round=rnd, patients=len(site.train.y),
                                epsilon=metrics[EPSILON], epsilon_worst_case=metrics[EPSILON_WORST_CASE],
                                mechanism="skellam", trusted_sites=cfg.privacy.trusted_sites, steps=1)
     except (AuditError, OSError) as e:

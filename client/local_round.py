@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from client.site import PreparedSite
-from privacy.accounting import BudgetError, SkellamSteps, compact, noise_multiplier_for, planned_steps
+from privacy.accounting import BudgetError, SkellamSteps, compact, noise_multiplier_for, public_schedule
 from privacy.clipping import clipped_sum, finite_samples_only, make_private
 from privacy import distributed
 from privacy.ledger import RunPlan
@@ -40,7 +40,7 @@ from privacy.sampling import PaddedPoissonLoader, padded_sample
 from shared_models.evaluation import evaluate
 from shared_models.model import MultiModalTransformer
 from shared_models.protocol import (EPSILON, EPSILON_WORST_CASE, GRID_SCALE, LOCAL_STEPS, LOCAL_VAL_ACCURACY,
-                                    LOCAL_VAL_MACRO_F1, NOISE_MULTIPLIER, PATIENTS, ROUND_SECONDS, SAMPLE_RATE,
+                                    LOCAL_VAL_MACRO_F1, NOISE_MULTIPLIER, ROUND_SECONDS, SAMPLE_RATE,
                                     TRAIN_LOSS, TRAIN_SECONDS, TRUSTED_SITES)
 from shared_models.run_config import RunConfig
 from shared_models.training import (WarmupCosine, build_loader, build_loss, build_optimizer, class_counts,
@@ -62,7 +62,8 @@ def plan_terms(cfg: RunConfig) -> dict:
     if cfg.privacy.mode == "distributed":
         return {"dp-mode": cfg.privacy.mode, "epsilon": cfg.privacy.epsilon, "delta": cfg.privacy.delta, "num-rounds": cfg.federation.num_rounds,
                 "sample-rate": cfg.privacy.sample_rate, "trusted-sites": cfg.privacy.trusted_sites, "max-grad-norm": cfg.privacy.max_grad_norm}
-    return {"epsilon": cfg.privacy.epsilon, "delta": cfg.privacy.delta, "num-rounds": cfg.federation.num_rounds, "batch-size": cfg.training.batch_size,
+    return {"epsilon": cfg.privacy.epsilon, "delta": cfg.privacy.delta, "num-rounds": cfg.federation.num_rounds,
+            "sample-rate": cfg.privacy.sample_rate, "batch-size": cfg.training.batch_size,
             "local-epochs": cfg.training.local_epochs, "max-grad-norm": cfg.privacy.max_grad_norm}
 
 
@@ -85,8 +86,7 @@ def run_noise(site: PreparedSite, run_id: str, cfg: RunConfig) -> tuple[float, f
     and epsilon on every round."""
     if (saved := saved_plan(site, run_id, cfg)) is not None:
         return saved.noise_multiplier, saved.sample_rate, saved.steps_per_round
-    n = len(site.train.y)
-    q, total = planned_steps(n, cfg.training.batch_size, cfg.training.local_epochs, cfg.federation.num_rounds)
+    q, total = public_schedule(cfg.privacy.sample_rate, cfg.training.local_epochs, cfg.federation.num_rounds)
     # This run may bring the site's total to (spent + the run's epsilon), never beyond the site's budget:
     # a site with budget 30 can join several runs of epsilon 8 instead of spending it all on the first.
     target = min(site.ledger.budget_epsilon, site.ledger.spent(site.dataset_fingerprint) + cfg.privacy.epsilon)
@@ -112,14 +112,17 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
     optimizer = build_optimizer(model, tc)
     loader = build_loader(x, y, tc, seed=cfg.training.seed * 7919 + site_seed * 31 + rnd)
     steps_per_round = cfg.training.local_epochs * len(loader)
-    # one warm-up + cosine schedule over the whole run: this round is its stretch from (rnd - 1) * steps_per_round
-    schedule = WarmupCosine.of(optimizer, tc, total_steps=steps_per_round * cfg.federation.num_rounds,
-                               first_step=(rnd - 1) * steps_per_round)
 
     ticket, hooks, engine = None, None, None
     if cfg.privacy.enabled:
-        sigma, q, planned = run_noise(site, run_id, cfg)
-        ticket = site.ledger.begin_round(site.dataset_fingerprint, run_id, rnd, sigma, q, planned)
+        # Under DP nothing the site sends may depend on its number of patients (the accountant's add/remove
+        # adjacency; docs/privacy.md): the sample rate and steps come from the run config (public_schedule), and
+        # the noisy sum of clipped gradients is divided by the run's batch-size, a public number, not by the
+        # expected batch (sample rate x patients). A site with more patients per batch takes larger steps.
+        sigma, q, steps_per_round = run_noise(site, run_id, cfg)
+        ticket = site.ledger.begin_round(site.dataset_fingerprint, run_id, rnd, sigma, q, steps_per_round)
+        from opacus.data_loader import DPDataLoader
+
         from privacy.dp_randomness import private_engine, secret_dropout
 
         secret_dropout()  # the masks depend on which records a step sampled: secret, as the sampling
@@ -130,22 +133,33 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
         # Opacus' accountant knows Gaussian steps only: after distributed rounds the ledger's RDP is the check
         engine.accountant.history = [m for m in past if not isinstance(m, SkellamSteps)]
         opacus_checks = len(engine.accountant.history) == len(past)
+        per_epoch = steps_per_round // cfg.training.local_epochs
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Opacus' notes on secure_mode and optimizer types
             if cfg.privacy.pad_batches:  # Poisson batches at a fixed cost (privacy/sampling.py), from the secret rng
-                loader = PaddedPoissonLoader.from_data_loader(loader, generator=engine.secure_rng)
+                loader = PaddedPoissonLoader.from_data_loader(loader, generator=engine.secure_rng, sample_rate=q,
+                                                              steps=per_epoch)
+            else:  # Opacus' own Poisson loader, at the run's sample rate
+                loader = DPDataLoader(loader.dataset, sample_rate=q, generator=engine.secure_rng)
             if cfg.privacy.clipping == "ghost":  # per-sample clipping without per-sample gradients; Opacus' noise
                 hooks, optimizer, loader = make_private(  # sampling and accountant (privacy/clipping.py)
                     engine, model, optimizer, loader, noise_multiplier=sigma, max_grad_norm=cfg.privacy.max_grad_norm,
-                    poisson_sampling=not cfg.privacy.pad_batches)
+                    poisson_sampling=False, expected_batch_size=cfg.training.batch_size)
             else:
                 hooks, optimizer, loader = engine.make_private(
                     module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
-                    max_grad_norm=cfg.privacy.max_grad_norm, poisson_sampling=not cfg.privacy.pad_batches,
+                    max_grad_norm=cfg.privacy.max_grad_norm, poisson_sampling=False,
                     grad_sample_mode="hooks", wrap_model=False, noise_generator=engine.secure_rng)
+                # Opacus takes the sample rate as 1 / len(loader) and divides by the dataset's size x it: the
+                # run's sample rate and batch-size instead
+                optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=q))
+                optimizer.expected_batch_size = cfg.training.batch_size
                 hooks.forbid_grad_accumulation()  # Opacus sets it only for its own Poisson loader
                 finite_samples_only(optimizer)  # an overflowing patient (sampled or filler) counts as zero
 
+    # one warm-up + cosine schedule over the whole run: this round is its stretch from (rnd - 1) * steps_per_round
+    schedule = WarmupCosine.of(optimizer, tc, total_steps=steps_per_round * cfg.federation.num_rounds,
+                               first_step=(rnd - 1) * steps_per_round)
     proximal_step = None
     if cfg.federation.strategy == "fedprox":
         def proximal_step() -> None:
@@ -239,7 +253,9 @@ def distributed_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: 
 
     def check(p: distributed.SkellamPlan) -> None:  # before any spend, and before a new run is recorded
         distributed.check_same_plan(p, server_plan)
-        distributed.check_range(p, grid, n)  # a configuration that could be clipped is refused
+        # a configuration that could be clipped is refused; checked for secagg-max-weight patients, a public
+        # bound, since a refusal that turned on the site's own count would publish it
+        distributed.check_range(p, grid, int(grid.max_weight))
 
     p = distributed_plan(site, run_id, cfg, int(noised.sum()), check)
     ticket = site.ledger.begin_round(site.dataset_fingerprint, run_id, rnd, p.noise_multiplier, p.sample_rate, 1,
@@ -270,5 +286,5 @@ def distributed_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: 
     spent, worst = site.ledger.commit_distributed_round(ticket, 1)
     metrics = {LOCAL_STEPS: 1, TRAIN_SECONDS: round(train_seconds, 3), EPSILON: spent, EPSILON_WORST_CASE: worst,
                NOISE_MULTIPLIER: p.noise_multiplier, SAMPLE_RATE: p.sample_rate, TRUSTED_SITES: p.trusted_sites,
-               GRID_SCALE: p.scale, PATIENTS: n, ROUND_SECONDS: round(time.perf_counter() - t_round, 3)}
+               GRID_SCALE: p.scale, ROUND_SECONDS: round(time.perf_counter() - t_round, 3)}
     return RoundResult(delta=arrays, num_examples=int(grid.max_weight), metrics=metrics)

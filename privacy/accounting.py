@@ -311,13 +311,14 @@ def noise_multiplier_for(
     return hi
 
 
-def planned_steps(n_records: int, batch_size: int, local_epochs: int, rounds: int) -> tuple[float, int]:
-    """(sample_rate, total steps) of a schedule: a DataLoader of `b = ceil(n / batch_size)` batches becomes
-    `b` Poisson-sampled steps per epoch at sample rate 1 / b, as privacy.sampling.PaddedPoissonLoader (the
-    sites' default) runs it. Opacus' DPDataLoader (dp-pad-batches = false) runs int(1 / (1 / b)) steps, one
-    fewer for some b (92 for 93); the ledger commits the steps actually run.
-    """
-    if n_records < 1:
-        raise BudgetError("a site with no training records cannot train")
-    batches = math.ceil(n_records / batch_size)
-    return 1.0 / batches, batches * local_epochs * rounds
+def public_schedule(sample_rate: float, local_epochs: int, rounds: int) -> tuple[float, int]:
+    """(sample_rate, total steps) of a site-mode DP run: `round(1 / q)` Poisson-sampled steps per local epoch at
+    the run config's sample rate q, as privacy.sampling.PaddedPoissonLoader (the sites' default) runs them.
+
+    A function of the run config alone: under add/remove adjacency (what the accountant analyses) a schedule
+    derived from the site's patient count would differ between neighbouring datasets, and the count would be
+    published through it (the epsilon, the noise multiplier and the steps are sent). Opacus' DPDataLoader
+    (dp-pad-batches = false) runs int(1 / q) steps per epoch, one fewer for some q; the ledger commits the steps
+    actually run."""
+    per_epoch = max(1, round(1.0 / sample_rate))
+    return sample_rate, per_epoch * local_epochs * rounds

@@ -610,14 +610,16 @@ def finite_samples_only(optimizer) -> None:
 # --- DP-SGD with Opacus' sampling, noise and accounting ------------------------------------------
 def make_private(engine, model: nn.Module, optimizer: torch.optim.Optimizer, data_loader, *,
                  noise_multiplier: float, max_grad_norm: float, poisson_sampling: bool = True,
-                 loss_reduction: str = "mean"):
+                 loss_reduction: str = "mean", expected_batch_size: int | None = None):
     """`engine.make_private(..., grad_sample_mode="hooks", wrap_model=False)` with the book-keeping clipper
     in place of Opacus' per-sample gradients: returns (clipper, optimizer, data_loader); the loop is
     unchanged (zero_grad, loss.backward(), optimizer.step()); call clipper.detach() when done.
 
     `engine` is an opacus.PrivacyEngine: its accountant gets the optimizer's step hook, as in
     make_private. The data loader is Opacus' DPDataLoader (Poisson sampling), or with poisson_sampling=False
-    the loader given (the sites pass privacy.sampling.PaddedPoissonLoader: the same sampling, padded); the
+    the loader given (the sites pass privacy.sampling.PaddedPoissonLoader: the same sampling, padded, at the
+    loader's `sample_rate`); `expected_batch_size` is what the noisy sum is divided by (default Opacus': the
+    dataset's size x the sample rate; the sites pass a public number, see client/local_round.py); the
     optimizer is Opacus' DPOptimizerFastGradientClipping (its noise and scaling), whose step first runs the
     clipper.
     """
@@ -630,8 +632,9 @@ def make_private(engine, model: nn.Module, optimizer: torch.optim.Optimizer, dat
     if poisson_sampling:
         # engine.secure_rng: the secret generator of privacy.dp_randomness.private_engine (None: torch's global)
         data_loader = DPDataLoader.from_data_loader(data_loader, distributed=False, generator=engine.secure_rng)
-    sample_rate = 1 / len(data_loader)
-    expected_batch_size = int(len(data_loader.dataset) * sample_rate)
+    sample_rate = float(getattr(data_loader, "sample_rate", 1 / len(data_loader)))
+    if expected_batch_size is None:  # Opacus' own: from the dataset's size
+        expected_batch_size = int(len(data_loader.dataset) * sample_rate)
     clipper = BookKeepingClipper(model, max_grad_norm, loss_reduction).attach()
     dp_optimizer = BookKeepingDPOptimizer(
         optimizer, clipper=clipper, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,

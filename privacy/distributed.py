@@ -253,17 +253,18 @@ def skellam_log_tail(k: float, mean: float) -> float:
 def check_range(p: SkellamPlan, grid: SecAggGrid, n_patients: int) -> None:
     """Refuse a plan whose values could leave Flower's range [-Q/2, Q/2] at this site other than through the
     noise's tail of probability <= BAD_EVENT per step: the rounded sum of at most n clipped gradients is
-    at most gamma n C + 1 per coordinate, whatever the data; the noise share needs the rest."""
+    at most gamma n C + 1 per coordinate, whatever the data; the noise share needs the rest. The sites pass
+    secagg-max-weight for n, a public bound: a refusal that turned on a site's own count would publish it."""
     data = p.scale * n_patients * p.max_grad_norm * (1 + CLIP_MARGIN) + 1
     room = grid.half_range - data
     if room <= 0 or skellam_log_tail(room, p.share_mean) + math.log(max(p.dim, 1)) > LOG2_BAD_EVENT * math.log(2):
         need = math.ceil(math.log2(max(data, 1) + 12 * math.sqrt(p.variance / p.trusted_sites))) + 1
         raise GridError(
-            f"distributed DP: this site's {n_patients} patients' gradient sum (up to {data:.3g} grid units per "
+            f"distributed DP: a gradient sum of {n_patients} patients (secagg-max-weight) (up to {data:.3g} grid units per "
             f"coordinate) plus its noise share (std {math.sqrt(p.variance / p.trusted_sites):.3g}) could leave SecAgg+'s "
             f"range of +-{grid.half_range} (quantization range {grid.quantization_range}); Flower would clip it "
             f"silently. The range needs about 2^{need}: run with fewer sites (the server derives the range from "
-            "them) or a smaller max-grad-norm scale; nothing was trained or sent")
+            "them), a smaller secagg-max-weight or a smaller max-grad-norm scale; nothing was trained or sent")
 
 
 def randomized_round(v: np.ndarray, rng: np.random.Generator) -> np.ndarray:

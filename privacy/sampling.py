@@ -49,24 +49,27 @@ def padded_sample(n: int, sample_rate: float, generator: torch.Generator | None,
 
 
 class PaddedPoissonLoader:
-    """Poisson batches as Opacus' DPDataLoader draws them (each patient independently at sample_rate =
-    1 / len(loader); exactly len(loader) steps per epoch, where DPDataLoader's int(1 / sample_rate) is one
-    fewer for some lengths, e.g. 92 for 93), each padded: an epoch yields (x, y, mask) batches of padded_batch(n, q)
-    rows. `dataset` is the loader's TensorDataset (kept: Opacus' make_private reads len(loader.dataset))."""
+    """Poisson batches as Opacus' DPDataLoader draws them (each patient independently at `sample_rate`, by
+    default 1 / len(loader); exactly `steps` steps per epoch, where DPDataLoader's int(1 / sample_rate) is one
+    fewer for some rates, e.g. 92 for 1 / 93), each padded: an epoch yields (x, y, mask) batches of
+    padded_batch(n, q) rows. `dataset` is the loader's TensorDataset (kept: Opacus' make_private reads
+    len(loader.dataset))."""
 
-    def __init__(self, dataset: torch.utils.data.TensorDataset, steps: int, generator: torch.Generator | None):
+    def __init__(self, dataset: torch.utils.data.TensorDataset, steps: int, generator: torch.Generator | None,
+                 sample_rate: float | None = None):
         if steps < 1:
             raise ValueError(f"a padded Poisson loader needs at least one step per epoch; got {steps}")
         self.dataset, self.steps, self.generator = dataset, steps, generator
-        self.sample_rate = 1.0 / steps
+        self.sample_rate = 1.0 / steps if sample_rate is None else float(sample_rate)
         self.rows = padded_batch(len(dataset), self.sample_rate)
 
     @classmethod
-    def from_data_loader(cls, loader, generator: torch.Generator | None) -> "PaddedPoissonLoader":
+    def from_data_loader(cls, loader, generator: torch.Generator | None, sample_rate: float | None = None,
+                         steps: int | None = None) -> "PaddedPoissonLoader":
         if not isinstance(loader.dataset, torch.utils.data.TensorDataset):
             raise TypeError("padded Poisson batches need the loader's dataset as a TensorDataset (x, y); got "
                             f"{type(loader.dataset).__name__}")
-        return cls(loader.dataset, len(loader), generator)
+        return cls(loader.dataset, len(loader) if steps is None else steps, generator, sample_rate)
 
     def __len__(self) -> int:
         return self.steps

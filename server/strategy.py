@@ -8,7 +8,7 @@ delta as its pseudo-gradient.
 
 In dp-mode "distributed" (privacy/distributed.py) the SecAgg+ sum is the consortium's noisy sum of
 clipped per-sample gradients on an integer grid: the strategy decodes the exact integer sum, divides it
-by the grid scale and the expected total batch (sample rate x the contributing sites' patients) and
+by the grid scale and the run's batch-size (a public stand-in for the expected total batch) and
 hands minus that gradient to the base strategy as the mean delta, so FedAvgM steps server momentum and
 FedAdam steps Adam on it (post-processing of the DP sum).
 
@@ -32,7 +32,7 @@ from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from privacy.distributed import SecAggGrid, decode_sum
 from shared_models.protocol import (ACCURACY, BALANCED_ACCURACY, EVALUATE_METRICS, FIT_METRICS, GRID_SCALE, MACRO_F1,
-                                    PATIENTS, PREVIOUS_ROUND, REFUSAL_PREFIX, SAMPLE_RATE, SERVER_ROUND, SITE,
+                                    PREVIOUS_ROUND, REFUSAL_PREFIX, SAMPLE_RATE, SERVER_ROUND, SITE,
                                     TRAIN_LOSS, allowed_metrics)
 from shared_models.run_config import RunConfig
 
@@ -79,6 +79,7 @@ class DeltaMixin:
 
     evaluate_every, num_rounds = 1, 0
     grid: SecAggGrid | None = None  # dp-mode "distributed": the SecAgg+ grid the sites' sums are on
+    expected_batch: float = 0.0  # and what the noisy sum is divided by: the run's batch-size (build_strategy)
 
     def configure_evaluate(self, server_round, parameters, client_manager):
         """Sites score the global model every `evaluate-every` rounds and always after the last one (in a
@@ -187,7 +188,9 @@ class DeltaMixin:
             log(WARNING, "round %s abandoned: %s; the global model is unchanged", server_round, problem)
             return None
         total = decode_sum(parameters_to_ndarrays(ok[0][1].parameters), len(ok), self.grid)
-        expected_batch = rates.pop() * sum(float(m[PATIENTS]) for m in sites)
+        # divided by the run's batch-size, a public number: the true expected batch (sample rate x the sites'
+        # patients) would need their counts, which under DP no site sends (docs/privacy.md)
+        expected_batch = float(self.expected_batch)
         gradient = total.astype(np.float64) / (scales.pop() * expected_batch)
         # the exact integer sum the step is made of, for audit (tests/test_distributed_dp.py checks it against
         # the sum of what the sites released)
@@ -247,5 +250,6 @@ def build_strategy(cfg: RunConfig, weights: list[np.ndarray], n_sites: int, fit_
         kw.update(server_learning_rate=cfg.federation.server_lr, server_momentum=cfg.training.momentum)
     strategy = cls(**kw)
     strategy.evaluate_every, strategy.num_rounds = cfg.federation.evaluate_every, cfg.federation.num_rounds
+    strategy.expected_batch = cfg.training.batch_size  # dp-mode "distributed": what the noisy sum is divided by
     strategy.init_delta(weights)
     return strategy

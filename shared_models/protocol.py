@@ -50,7 +50,6 @@ LOCAL_VAL_MACRO_F1 = "local_val_macro_f1"
 EPSILON_WORST_CASE = "epsilon_worst_case"  # epsilon if only the site's own noise share protected it
 TRUSTED_SITES = "trusted_sites"
 GRID_SCALE = "grid_scale"
-PATIENTS = "patients"  # the site's training patients (its weight on the grid is max-weight)
 
 # --- site -> server: evaluation metrics of the global model on the site's held-out part ----------------------
 LOSS = "loss"
@@ -61,7 +60,8 @@ MACRO_F1 = "macro_f1"
 # What a site may send and the server records: a site cannot leak another value by accident.
 FIT_METRICS = frozenset({SITE, AUDIT_HEAD, RESENT, LOCAL_STEPS, TRAIN_SECONDS, ROUND_SECONDS, TRAIN_LOSS, EPSILON,
                          NOISE_MULTIPLIER, SAMPLE_RATE, LOCAL_VAL_ACCURACY, LOCAL_VAL_MACRO_F1, EPSILON_WORST_CASE,
-                         TRUSTED_SITES, GRID_SCALE, PATIENTS})
+                         TRUSTED_SITES, GRID_SCALE})
+# No site's patient count is among them: under DP it would tell neighbouring datasets apart (docs/privacy.md).
 EVALUATE_METRICS = frozenset({SITE, LOSS, ACCURACY, BALANCED_ACCURACY, MACRO_F1})
 
 

@@ -175,10 +175,11 @@ class PrivacySection(_Section):
                                "(each site itself included) assumed to add their noise share honestly; each adds "
                                "1/trusted-sites of the noise. A site refuses a run assuming more than its node config "
                                "max-trusted-sites")
-    sample_rate: float = Field(0.3, alias="sample-rate", gt=0, le=1, description="dp-mode 'distributed': the share of "
-                               "its training patients each site Poisson-samples for a round's step (0.3: better than "
-                               "0.1 on the sites' validation parts at 250 rounds, and a tighter worst case; "
-                               "docs/results.md)")
+    sample_rate: float = Field(0.3, alias="sample-rate", gt=0, le=1, description="under DP the share of its "
+                               "training patients each site Poisson-samples for a step, the same at every site (a rate "
+                               "from the site's own count would publish it). dp-mode 'site': round(1 / sample-rate) "
+                               "steps per local epoch; 'distributed': one step per round (0.3: better than 0.1 on the "
+                               "sites' validation parts at 250 rounds, and a tighter worst case; docs/results.md)")
 
     @field_validator("epsilon")
     @classmethod
@@ -221,13 +222,21 @@ DISTRIBUTED_MAX_GRAD_NORM = 0.1
 and FedAdam's tau follows C (server/strategy.py)."""
 
 
+DISTRIBUTED_BATCH_SIZE = 1500
+"""dp-mode 'distributed': what the server divides the consortium's noisy sum by, a public stand-in for the
+expected total batch (sample-rate x the sites' training patients, which no site sends under DP): 0.3 x the main
+job's 5,021 training patients, rounded. A consortium of another size sets batch-size to its own such figure."""
+
+
 class TrainingSection(_Section):
     """A site's local training in a round."""
 
     local_epochs: int = Field(2, alias="local-epochs", ge=1)
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        "auto", alias="batch-size", description="expected batch (Poisson sampling under DP); 'auto': the recipe's "
-        "(256 with DP, 64 without: RECIPES)")
+        "auto", alias="batch-size", description="without DP the batch; under DP a public number the noisy sum of "
+        "clipped gradients is divided by, in place of the expected batch (sample-rate x the patients), which would "
+        "publish the patient count: a site's in dp-mode 'site', the consortium's in 'distributed'. 'auto': 64 "
+        "without DP, 256 with (RECIPES), 1500 in dp-mode 'distributed' (DISTRIBUTED_BATCH_SIZE)")
     lr: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
         "auto", description="peak local learning rate; 'auto': the recipe's for the run's dp and local-optimizer "
         "(with DP 100 for SGD at max-grad-norm 0.01, 0.02 for AdamW; without 0.2 and 0.002: RECIPES)")
@@ -296,9 +305,10 @@ class RunConfig(BaseModel):
         recipe = RECIPES["dp" if dp is not False else "no-dp"]
         optimizer = training.get("optimizer", training.get("local-optimizer",
                                                            TrainingSection.model_fields["optimizer"].default))
-        bound = (DISTRIBUTED_MAX_GRAD_NORM if dp is not False and mode == "distributed"
-                 else recipe.max_grad_norm.get(optimizer))
-        for section, name, alias, value in ((training, "batch_size", "batch-size", recipe.batch_size),
+        distributed = dp is not False and mode == "distributed"
+        bound = DISTRIBUTED_MAX_GRAD_NORM if distributed else recipe.max_grad_norm.get(optimizer)
+        batch = DISTRIBUTED_BATCH_SIZE if distributed else recipe.batch_size
+        for section, name, alias, value in ((training, "batch_size", "batch-size", batch),
                                             (training, "lr", "lr", recipe.lr.get(optimizer)),
                                             (privacy, "max_grad_norm", "max-grad-norm", bound)):
             given = section.pop(alias, section.get(name, "auto"))

@@ -304,7 +304,7 @@ def test_a_distributed_round_sends_the_sites_clipped_gradient_sum_on_the_grid_an
     z = np.concatenate([a.ravel() for a in result.delta]) / grid.step
     assert np.array_equal(z, np.rint(z)) and np.abs(z).max() <= grid.half_range  # on the grid, in range
     m = result.metrics
-    assert m["local_steps"] == 1 and m["patients"] == len(site.train.y) and m["trusted_sites"] == 2
+    assert m["local_steps"] == 1 and "patients" not in m and m["trusted_sites"] == 2
     assert 0 < m["epsilon"] < m["epsilon_worst_case"]
     plan_ = site.ledger.run_plan(site.dataset_fingerprint, "run-d")
     assert plan_.mechanism["kind"] == "skellam" and plan_.steps_per_round == 1
@@ -357,13 +357,14 @@ def test_a_site_refuses_a_server_that_planned_other_noise_before_spending(tmp_pa
     assert result.metrics["epsilon"] > 0
 
 
-def test_the_server_steps_its_optimizer_on_the_decoded_sum_divided_by_the_expected_batch():
+def test_the_server_steps_its_optimizer_on_the_decoded_sum_divided_by_the_runs_batch_size():
+    """The divisor is the run's batch-size, a public number: no site sends its patient count."""
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
     from server.strategy import build_strategy
 
     cfg = load_run_config({"schema": "s.json", "dp-mode": "distributed", "strategy": "fedavgm",
-                           "server-lr": 0.5, "momentum": 0.9, "sample-rate": 0.25})
+                           "server-lr": 0.5, "momentum": 0.9, "sample-rate": 0.25, "batch-size": 50})
     rng = np.random.default_rng(0)
     weights = [rng.normal(size=s).astype(np.float32) for s in SHAPES]
     grid = _grid(3)
@@ -372,18 +373,17 @@ def test_the_server_steps_its_optimizer_on_the_decoded_sum_divided_by_the_expect
     p = plan(1.0, DIM, trusted_sites=2, sample_rate=0.25, variance=1e6)
     z = [_site_vector(rng, p, grid) for _ in range(3)]
     summed = _flower_secagg([to_flower(zi, grid, SHAPES) for zi in z], grid)
-    patients = [40, 60, 100]
 
     class Proxy:
         def __init__(self, node_id):
             self.node_id = node_id
 
     results = [(Proxy(i), FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(summed), 2000,
-                                 {"grid_scale": p.scale, "sample_rate": 0.25, "patients": n}))
-               for i, n in enumerate(patients)]
+                                 {"grid_scale": p.scale, "sample_rate": 0.25}))
+               for i in range(3)]
     strategy.sampled = {0, 1, 2}
     params, _ = strategy.aggregate_fit(1, results, [])
-    gradient = np.sum(z, axis=0) / (p.scale * 0.25 * sum(patients))
+    gradient = np.sum(z, axis=0) / (p.scale * 50)
     expected = np.concatenate([w.ravel() for w in weights]).astype(np.float64) - 0.5 * gradient  # momentum starts at g
     got = np.concatenate([a.ravel() for a in parameters_to_ndarrays(params)])
     assert np.allclose(got, expected, atol=1e-6) and strategy.round_info["expected_batch"] == 50.0
@@ -577,3 +577,13 @@ def test_fedadam_steps_the_same_whatever_the_clipping_bound_scales_the_gradient_
     assert np.allclose(moved[0], moved[1], rtol=1e-4, atol=1e-9) and np.allclose(moved[0], moved[2], rtol=1e-4,
                                                                                    atol=1e-9)
     assert np.abs(moved[0]).max() > 1e-6
+
+
+def test_batch_size_auto_is_the_public_divisor_of_each_mode():
+    from shared_models.run_config import DISTRIBUTED_BATCH_SIZE, RECIPES
+
+    def batch(**kw) -> int:
+        return load_run_config({"schema": "s.json", **kw}).training.batch_size
+
+    assert batch(**{"dp-mode": "distributed", "strategy": "fedadam"}) == DISTRIBUTED_BATCH_SIZE
+    assert batch() == RECIPES["dp"].batch_size and batch(dp=False) == RECIPES["no-dp"].batch_size

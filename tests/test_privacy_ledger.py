@@ -10,7 +10,7 @@ import time
 import pytest
 from opacus.accountants import PRVAccountant
 
-from privacy.accounting import MAX_BUDGET, BudgetError, compact, epsilon, noise_multiplier_for, planned_steps
+from privacy.accounting import MAX_BUDGET, BudgetError, compact, epsilon, noise_multiplier_for, public_schedule
 from privacy.ledger import AlreadyReleased, PrivacyLedger, RunPlan
 
 DELTA = 1e-5
@@ -48,8 +48,9 @@ def test_rounds_compose_to_the_closed_form_of_all_executed_steps():
 
 
 def test_noise_is_chosen_once_so_the_whole_schedule_lands_on_the_budget():
-    q, steps = planned_steps(n_records=500, batch_size=50, local_epochs=1, rounds=10)
+    q, steps = public_schedule(sample_rate=0.1, local_epochs=1, rounds=10)
     assert (q, steps) == (0.1, 100)
+    assert public_schedule(0.3, 2, 10) == (0.3, 60)  # round(1 / 0.3) = 3 steps per local epoch
     sigma = noise_multiplier_for(8.0, DELTA, q, steps)
     total = closed_form([(sigma, q, steps)])
     assert 7.8 <= total <= 8.0
@@ -147,7 +148,7 @@ def test_a_budget_above_what_the_accounting_verifies_is_refused_up_front(tmp_pat
     with pytest.raises(BudgetError, match=r"budget epsilon 1000 is above 100.*at most 100, or train without DP"):
         _ledger(tmp_path, budget=1000.0)
     # at the ceiling the ledger and Opacus' own accountant still agree, and the spend stays within it
-    q, steps = planned_steps(350, 256, 2, 10)
+    q, steps = public_schedule(0.5, 2, 10)
     sigma = noise_multiplier_for(MAX_BUDGET, DELTA, q, steps)
     acc = PRVAccountant()
     acc.history = [(sigma, q, steps)]
