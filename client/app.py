@@ -366,11 +366,7 @@ def train(msg: Message, context: Context) -> Message:
         _note_previous_round(site, settings, run_key, fitins.config.get(PREVIOUS_ROUND), audit)
     n = len(site.train.y)
     max_weight = float(fitins.config.get(SECAGG_MAX_WEIGHT, 0) or 0)
-    # The update's FedAvg weight: the site's patient count without DP; under DP the same for every site, since the
-    # count would otherwise leave the site beside an epsilon accounted for adding or removing one patient
-    # (docs/privacy.md). Under SecAgg+ that weight is max-weight, Flower's factor 1 (a smaller one would scale the
-    # update down before quantisation); the DP update is already a sum over the site's patients, not a mean.
-    weight = (int(max_weight) if max_weight else 1) if cfg.privacy.enabled else n
+    weight = fedavg_weight(cfg, n, max_weight)
     if max_weight and weight > max_weight:
         raise _refusal(fitins, msg, settings.name, f"{n} training patients exceed secagg-max-weight {max_weight:g}; "
                         "the operator must raise secagg-max-weight", audit)
@@ -418,6 +414,18 @@ def train(msg: Message, context: Context) -> Message:
         releases.save(run_key, rnd, Release(arrays_sha256(global_arrays), delta, weight, metrics))
     res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(delta), weight, metrics)
     return Message(fitres_to_recorddict(res, keep_input=False), reply_to=msg)
+
+
+def fedavg_weight(cfg: RunConfig, n_patients: int, max_weight: float) -> int:
+    """A site-mode update's FedAvg weight: the site's patient count without DP. Under DP the same public number at
+    every site, since the count would otherwise leave it beside an epsilon accounted for adding or removing one
+    patient (docs/privacy.md): batch-size / sample-rate, the count whose expected batch is batch-size, at most
+    max-weight. The DP update is a sum over the site's patients divided by batch-size, so SecAgg+ (which scales
+    it by weight / max-weight before its clipping range) sees the magnitudes a weight of the count gave it."""
+    if not cfg.privacy.enabled:
+        return n_patients
+    public = max(1, round(cfg.training.batch_size / cfg.privacy.sample_rate))
+    return min(int(max_weight), public) if max_weight else public
 
 
 def secagg_grid(context: Context) -> "SecAggGrid":
