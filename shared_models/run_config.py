@@ -207,11 +207,13 @@ class Recipe:
 
 RECIPES = {
     # chosen on the pan-cancer federation's sites' validation parts (docs/results.md): with DP, per-sample
-    # clipping bounds every step, so SGD with momentum takes a large lr over Poisson batches of expected size
-    # 256. A bound of 0.01 clips every patient's gradient to that norm, so each step is the mean of unit
-    # directions times lr x C = 1 (automatic clipping, Bu et al. 2023, in effect); on the validation parts
-    # (mean of seeds 0-2) C 0.01 / lr 100: 0.613, C 0.1 / lr 5: 0.610, C 0.1 / lr 10: 0.601, C 1 / lr 1: 0.577
-    "dp": Recipe(batch_size=256, lr={"sgd": 100.0, "adamw": 0.02}, max_grad_norm={"sgd": 0.01, "adamw": 1.0}),
+    # clipping bounds every step, so SGD with momentum takes a large lr over Poisson batches. A bound of 0.01
+    # clips every patient's gradient to that norm, so each step is the sum of unit directions over batch-size
+    # times lr x C = 1 (automatic clipping, Bu et al. 2023, in effect); on the validation parts (mean of seeds
+    # 0-2) C 0.01 / lr 100: 0.613, C 0.1 / lr 5: 0.610, C 0.1 / lr 10: 0.601, C 1 / lr 1: 0.577. batch-size is
+    # the public divisor of that sum (sample-rate 0.3 x the main job's ~630 training patients a site, rounded):
+    # 192: 0.620, 256: 0.586 and 128: 0.569 (seed 0), sample-rate 0.5 with 320: 0.626
+    "dp": Recipe(batch_size=192, lr={"sgd": 100.0, "adamw": 0.02}, max_grad_norm={"sgd": 0.01, "adamw": 1.0}),
     "no-dp": Recipe(batch_size=64, lr={"sgd": 0.2, "adamw": 0.002}, max_grad_norm={"sgd": 1.0, "adamw": 1.0}),
 }
 """The recipes `lr`, `batch-size` and `max-grad-norm` = "auto" take, by the run's `dp` (true: "dp")."""
@@ -236,7 +238,7 @@ class TrainingSection(_Section):
         "auto", alias="batch-size", description="without DP the batch; under DP a public number the noisy sum of "
         "clipped gradients is divided by, in place of the expected batch (sample-rate x the patients), which would "
         "publish the patient count: a site's in dp-mode 'site', the consortium's in 'distributed'. 'auto': 64 "
-        "without DP, 256 with (RECIPES), 1500 in dp-mode 'distributed' (DISTRIBUTED_BATCH_SIZE)")
+        "without DP, 192 with (RECIPES), 1500 in dp-mode 'distributed' (DISTRIBUTED_BATCH_SIZE)")
     lr: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
         "auto", description="peak local learning rate; 'auto': the recipe's for the run's dp and local-optimizer "
         "(with DP 100 for SGD at max-grad-norm 0.01, 0.02 for AdamW; without 0.2 and 0.002: RECIPES)")

@@ -80,14 +80,14 @@ def test_the_dp_and_no_dp_recipes_are_named_presets_a_deployment_and_a_simulatio
     def bound(**values):
         return load_run_config({"schema": "s.json", **values}).privacy.max_grad_norm
 
-    assert training() == ("sgd", RECIPES["dp"].lr["sgd"], RECIPES["dp"].batch_size) == ("sgd", 100.0, 256)
+    assert training() == ("sgd", RECIPES["dp"].lr["sgd"], RECIPES["dp"].batch_size) == ("sgd", 100.0, 192)
     # the clipping bound: the recipe's in dp-mode 'site', its own in 'distributed', 1.0 without DP; a number wins
     assert (bound(), bound(**{"local-optimizer": "adamw"}), bound(dp=False)) == (0.01, 1.0, 1.0)
     assert bound(**{"dp-mode": "distributed", "strategy": "fedadam"}) == 0.1
     assert bound(**{"max-grad-norm": 0.5}) == bound(**{"max-grad-norm": 0.5, "dp": False}) == 0.5
     assert training(dp=False) == ("sgd", 0.2, 64)
     assert training(dp=False, **{"local-optimizer": "adamw"}) == ("adamw", 0.002, 64)
-    assert training(**{"local-optimizer": "adamw"}) == ("adamw", 0.02, 256)
+    assert training(**{"local-optimizer": "adamw"}) == ("adamw", 0.02, 192)
     assert training(dp=False, lr=0.5, **{"batch-size": 32}) == ("sgd", 0.5, 32)  # a number overrides the recipe
     with pytest.raises(RunConfigError, match=r'batch-size: use a whole number >= 1 or "auto" .*\(got 2.5\)'):
         load_run_config({"schema": "s.json", "batch-size": 2.5})
