@@ -11,8 +11,9 @@ the padding (probability <= PADDING_TAIL per step) is computed whole.
 
 Both DP modes use it: `dp-mode = "distributed"` for its one step per round (client/local_round.py), and
 `dp-mode = "site"` for every step of its local epochs (run config `dp-pad-batches`, on by default; the
-padding computes 1.37-1.39x the rows at the main job's expected batch of 256, and its sites' training took
-1.24x the time: docs/results.md).
+padding computed 1.37-1.39x the rows at the main job's expected batches of ~200 patients, and its sites'
+training took 1.24x the time: docs/results.md). The padded size grows with the site's patient count, so a
+round's seconds reveal the site's size roughly: a side channel the epsilon does not cover (docs/privacy.md).
 """
 
 from __future__ import annotations
