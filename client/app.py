@@ -394,7 +394,7 @@ def train(msg: Message, context: Context) -> Message:
                        "operator should lower the learning rate (run config lr) or restart from a finite "
                        "checkpoint", audit)
     if max_weight:
-        # SecAgg+ clips |delta * n / max_weight| to the clipping range silently: refuse instead.
+        # SecAgg+ clips |delta * weight / max_weight| to the clipping range silently: refuse instead.
         peak = max(float(np.abs(d).max()) for d in delta) * weight / max_weight
         clip = float(fitins.config.get(SECAGG_CLIPPING_RANGE, cfg.secagg.clipping_range))
         if peak > clip:
@@ -402,7 +402,11 @@ def train(msg: Message, context: Context) -> Message:
                             f"{clip:g} and would be clipped silently; the operator must raise it", audit)
     metrics = {k: float(v) for k, v in result.metrics.items()}
     try:  # recorded before the update leaves the site
-        trained = audit.append("round_trained", run=run_key, round=rnd, patients=n,
+        # under DP without the patient count: the entry's hash leaves as AUDIT_HEAD, and with every other field
+        # known to the server (or guessable: seq, a timestamp in the round's window) a count in it could be found
+        # by trying each value; the ledger keeps the count
+        counted = {} if cfg.privacy.enabled else {"patients": n}
+        trained = audit.append("round_trained", run=run_key, round=rnd, **counted,
                                epsilon=metrics.get(EPSILON), steps=metrics.get(LOCAL_STEPS))
     except (AuditError, OSError) as e:
         log(WARNING, "site %s: audit log: %s", settings.name, e)
@@ -518,7 +522,7 @@ def _train_distributed(msg: Message, fitins, context: Context, cfg: RunConfig, s
         raise _refusal(fitins, msg, settings.name, "local training failed (details in the site's log)", audit)
     metrics = {k: float(v) for k, v in result.metrics.items()}
     try:  # recorded before the update leaves the site
-        trained = audit.append("round_trained", run=run_key, round=rnd, patients=len(site.train.y),
+        trained = audit.append("round_trained", run=run_key, round=rnd,  # no patient count (see train)
                                epsilon=metrics[EPSILON], epsilon_worst_case=metrics[EPSILON_WORST_CASE],
                                mechanism="skellam", trusted_sites=cfg.privacy.trusted_sites, steps=1)
     except (AuditError, OSError) as e:

@@ -287,7 +287,12 @@ def encode(x: np.ndarray, p: SkellamPlan, grid: SecAggGrid, rng: np.random.Gener
     if not np.isfinite(x).all():  # a training failure, not a privacy event: nothing is sent
         raise GridError("the round's gradient sum is not finite (NaN or infinity): nothing is sent; lower the "
                         "server's learning rate or check the site's data")
-    z = randomized_round(x * p.scale, rng)
+    # at most max-weight patients' clipped gradients per coordinate: a no-op for a site of at most max-weight patients,
+    # and for a larger one what keeps its values in the range check_range verified (clamping each coordinate moves two
+    # neighbouring sums no further apart, so the sensitivity the accounting assumes holds), instead of a refusal
+    # that would turn on its size
+    bound = grid.max_weight * p.max_grad_norm * (1 + CLIP_MARGIN)
+    z = randomized_round(np.clip(x, -bound, bound) * p.scale, rng)
     mask = np.ones(x.size, bool) if noised is None else np.asarray(noised, bool).ravel()
     z[mask] += skellam(p.share_mean, int(mask.sum()), rng)
     if np.abs(z).max(initial=0) > grid.half_range:

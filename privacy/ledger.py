@@ -236,10 +236,9 @@ class PrivacyLedger:
         for key, d in runs.items():
             started_on, _, rid = key.partition(":")
             if rid == run_id and started_on != dataset and "num_rounds" in d:
-                then = state["datasets"].get(started_on, {}).get("n_patients", "?")
-                now = state["datasets"].get(dataset, {}).get("n_patients", "?")
+                # no patient counts in the text: a refusal's reason goes to the server
                 raise BudgetError(
-                    f"run {run_id} started at this site on another training set ({then} patients; now {now}): the "
+                    f"run {run_id} started at this site on another training set: the "
                     "site's tables or their split (seed, val-fraction) changed during the run. A run's patients are "
                     "fixed when it starts, so nothing was trained or sent: finish the run on the tables it started "
                     "with, or start a new run")

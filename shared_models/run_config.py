@@ -141,9 +141,11 @@ class FederationSection(_Section):
 class SecAggSection(_Section):
     enabled: bool = Field(True, alias="secagg", description="Flower SecAgg+ (the server sees only the sum of updates)")
     clipping_range: float = Field(
-        1.0, alias="secagg-clipping-range", gt=0, description="bound on |delta * n / max-weight| per weight")
+        1.0, alias="secagg-clipping-range", gt=0, description="bound on |delta * weight / max-weight| (the weight: a "
+        "site's patients without DP, batch-size / sample-rate in dp-mode 'site')")
     max_weight: float = Field(
-        2000.0, alias="secagg-max-weight", gt=0, description=">= the largest site's training patients")
+        2000.0, alias="secagg-max-weight", gt=0, description=">= the largest site's training patients (without DP "
+        "a larger site is refused; in dp-mode 'distributed' the public bound the grid's range is checked for)")
     threshold: float = Field(
         0.66, alias="secagg-threshold", gt=0, le=1, description="share of sites needed to unmask a round")
 

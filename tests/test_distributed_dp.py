@@ -187,8 +187,13 @@ def test_configurations_that_could_wrap_or_be_clipped_are_refused():
     check_range(p, _grid(8), 500)
     with pytest.raises(GridError, match="could leave SecAgg"):  # +-2^27 grid units hold ~260k patients at gamma 512
         check_range(p, _grid(8), 1_000_000)
-    with pytest.raises(GridError, match="withdraws"):  # a sum beyond what check_range allows never goes out
-        encode(np.full(DIM, 1e9), p, _grid(8), np.random.default_rng(0))
+    # a sum beyond max-weight patients' (a site larger than the public bound) is clamped to it, not refused: a
+    # refusal would turn on the site's size
+    z = encode(np.full(DIM, 1e9), p, _grid(8), np.random.default_rng(0))
+    bound = 2000.0 * p.max_grad_norm * (1 + 1e-4) * p.scale
+    assert np.abs(z).max() <= _grid(8).half_range and np.median(z) == pytest.approx(bound, abs=10 * math.sqrt(p.variance))
+    with pytest.raises(GridError, match="withdraws"):  # a value that still leaves the range never goes out
+        encode(np.full(DIM, 1e9), p, SecAggGrid(1.0, 2 ** 10, 2 ** 32, 2000.0), np.random.default_rng(0))
 
 
 def test_the_skellam_share_is_a_difference_of_poissons():

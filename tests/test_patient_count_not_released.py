@@ -75,9 +75,14 @@ def test_what_a_dp_site_sends_is_the_same_with_one_training_patient_less(tmp_pat
     assert {"epsilon", "noise_multiplier", "sample_rate", "local_steps"} <= set(same)
     n = len(train_rows)
     assert not {n, n - 1} & {v for v in a.metrics.values() if isinstance(v, (int, float))}
-    # the site's own ledgers hold the same plan: sample rate, steps and noise from the run config alone
+    # nor is it in the audit entry whose hash is sent (AUDIT_HEAD): every other field is known to the server
     import json
 
+    for site in ("a", "b"):
+        trained = [json.loads(line) for line in (tmp_path / f"{site}-state" / "audit.jsonl").read_text().splitlines()
+                   if '"round_trained"' in line]
+        assert trained and not any("patients" in e for e in trained)
+    # the site's own ledgers hold the same plan: sample rate, steps and noise from the run config alone
     plans = []
     for site in ("a", "b"):
         runs = json.loads((tmp_path / f"{site}-state" / "privacy-ledger.json").read_text())["runs"]

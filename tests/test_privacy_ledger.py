@@ -276,9 +276,9 @@ def test_a_run_whose_training_set_changed_is_refused_not_trained_under_a_fresh_p
     with pytest.raises(AlreadyReleased):
         ledger.begin_round(after, "run-1", 1, 1.1, 0.1, 10)
     assert ledger.released(after, "run-1", 1)["dataset"] == before
-    with pytest.raises(BudgetError, match="run run-1 started at this site on another training set .200 patients; "
-                                          "now 203."):
+    with pytest.raises(BudgetError, match="run run-1 started at this site on another training set: ") as refused:
         ledger.begin_round(after, "run-1", 2, 1.1, 0.1, 10)
+    assert "200" not in str(refused.value) and "203" not in str(refused.value)  # the reason goes to the server
     with pytest.raises(BudgetError, match="another training set"):
         ledger.start_run(after, "run-1", _plan(rounds=3, steps=10))
     assert ledger.spent(after) == pytest.approx(closed_form([(1.1, 0.1, 10)]), rel=0.01)
