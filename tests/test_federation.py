@@ -333,8 +333,8 @@ def test_simulated_federations_get_the_recipe_of_their_privacy_as_a_deployment_d
 
     assert cfg(False) == ("sgd", 0.2, 64, 1.0)
     assert cfg(False, **{"local-optimizer": "adamw"}) == ("adamw", 0.002, 64, 1.0)
-    assert cfg(True) == ("sgd", 100.0, 256, 0.01)
-    assert cfg(True, **{"local-optimizer": "adamw"}) == ("adamw", 0.02, 256, 1.0)
+    assert cfg(True) == ("sgd", 100.0, 192, 0.01)
+    assert cfg(True, **{"local-optimizer": "adamw"}) == ("adamw", 0.02, 192, 1.0)
 
 
 def test_held_out_f1_is_split_by_how_many_patients_a_type_has_across_the_federation():
