@@ -316,6 +316,7 @@ def main(grid: Grid, context: Context) -> None:
     anchor_audit()
     evaluate_fn = server_evaluation(cfg, schema) if cfg.run.eval_data else None
     strategy = build_strategy(cfg, start.weights, n_sites, fit_config, evaluate_fn=evaluate_fn)
+    strategy.outcomes.update(resumed_outcome(out, start.first_round))
     log(INFO, "privacy: %s", privacy_summary(cfg))
     fit_workflow = secagg_workflow(cfg, n_sites) if cfg.secagg.enabled else None
     if cfg.privacy.distributed:
@@ -398,6 +399,16 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
 def _metrics_lines(path: Path) -> list[dict]:
     """metrics.jsonl's rounds, this attempt's and any before a resume."""
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+
+
+def resumed_outcome(out: Path, first_round: int) -> dict[int, dict]:
+    """The outcome of the round a resumed run continues after ({} for a fresh run), from metrics.jsonl (recovered
+    from the checkpoint if a crash came before its line): told to the sites with the next round, as any round's,
+    so that an abandoned round's entry in their ledgers says why also across a resume."""
+    last = _last_metrics(out / "metrics.jsonl") if first_round > 1 else None
+    if not last or last.get("round") != first_round - 1 or not last.get("status"):
+        return {}
+    return {first_round - 1: {"status": last["status"], **({"reason": last["reason"]} if last.get("reason") else {})}}
 
 
 def _last_metrics(path: Path) -> dict | None:

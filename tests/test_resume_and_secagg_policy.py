@@ -183,3 +183,18 @@ def test_a_checkpoints_arrays_are_on_disk_before_latest_json_names_them(tmp_path
     for name in ("weights.npz", "strategy_state.npz", "meta.json"):
         assert any(p.endswith(f".tmp-round-0001/{name}") for p in before), (name, before)
     assert any(p.endswith(".tmp-round-0001") for p in before)
+
+
+def test_a_resumed_server_tells_the_sites_the_outcome_of_the_round_before_the_resume(tmp_path):
+    """The outcome of a round is told to the sites with the next round; after a resume the strategy (in memory)
+    starts empty, so it is read back from metrics.jsonl, and the next round's request carries it."""
+    import json
+
+    from server.app import resumed_outcome
+
+    (tmp_path / "metrics.jsonl").write_text(
+        json.dumps({"round": 1, "status": "updated"}) + "\n"
+        + json.dumps({"round": 2, "status": "abandoned", "reason": "3 sites sent masked vectors, fewer than 4"}) + "\n")
+    assert resumed_outcome(tmp_path, 3) == {2: {"status": "abandoned", "reason": "3 sites sent masked vectors, fewer than 4"}}
+    assert resumed_outcome(tmp_path, 1) == {}  # a fresh run
+    assert resumed_outcome(tmp_path, 5) == {}  # the line is not the round the run continues after
