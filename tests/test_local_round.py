@@ -196,3 +196,22 @@ def test_a_run_whose_patients_changed_is_refused(tmp_path):
     assert grown.dataset_fingerprint != site.dataset_fingerprint
     with pytest.raises(BudgetError, match="another training set"):
         train_round(grown, w, run, "run-A", 2)
+
+
+def test_a_dp_round_divides_by_the_runs_batch_size_not_by_the_sites_expected_batch(tmp_path, monkeypatch):
+    """The noisy sum of clipped gradients is divided by the run's batch-size, a public number: the site's own
+    expected batch (sample rate x its patients) would publish its count through the update's scale."""
+    import client.local_round as local_round
+
+    seen = {}
+    real = local_round.make_private
+
+    def spy(engine, model, optimizer, loader, **kw):
+        seen.update(kw, sample_rate=loader.sample_rate, patients=len(loader.dataset))
+        return real(engine, model, optimizer, loader, **kw)
+
+    monkeypatch.setattr(local_round, "make_private", spy)
+    _, run, site, w = _setup(tmp_path, **{"sample-rate": 0.25, "batch-size": 7})
+    train_round(site, w, run, "run-A", 1)
+    assert seen["expected_batch_size"] == 7 and seen["sample_rate"] == 0.25 and not seen["poisson_sampling"]
+    assert seen["patients"] * 0.25 != 7  # not the site's expected batch
