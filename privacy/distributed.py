@@ -250,12 +250,17 @@ def skellam_log_tail(k: float, mean: float) -> float:
     return math.log(2) + 2 * mean * (math.cosh(t) - 1) - t * k
 
 
+def sum_bound(p: SkellamPlan, n_patients: float) -> float:
+    """The largest |value| of one coordinate of a sum of n clipped per-sample gradients (before the grid scale)."""
+    return n_patients * p.max_grad_norm * (1 + CLIP_MARGIN)
+
+
 def check_range(p: SkellamPlan, grid: SecAggGrid, n_patients: int) -> None:
     """Refuse a plan whose values could leave Flower's range [-Q/2, Q/2] at this site other than through the
     noise's tail of probability <= BAD_EVENT per step: the rounded sum of at most n clipped gradients is
     at most gamma n C + 1 per coordinate, whatever the data; the noise share needs the rest. The sites pass
     secagg-max-weight for n, a public bound: a refusal that turned on a site's own count would publish it."""
-    data = p.scale * n_patients * p.max_grad_norm * (1 + CLIP_MARGIN) + 1
+    data = p.scale * sum_bound(p, n_patients) + 1
     room = grid.half_range - data
     if room <= 0 or skellam_log_tail(room, p.share_mean) + math.log(max(p.dim, 1)) > LOG2_BAD_EVENT * math.log(2):
         need = math.ceil(math.log2(max(data, 1) + 12 * math.sqrt(p.variance / p.trusted_sites))) + 1
@@ -291,7 +296,7 @@ def encode(x: np.ndarray, p: SkellamPlan, grid: SecAggGrid, rng: np.random.Gener
     # and for a larger one what keeps its values in the range check_range verified (clamping each coordinate moves two
     # neighbouring sums no further apart, so the sensitivity the accounting assumes holds), instead of a refusal
     # that would turn on its size
-    bound = grid.max_weight * p.max_grad_norm * (1 + CLIP_MARGIN)
+    bound = sum_bound(p, grid.max_weight)  # the sum check_range verifies the range for (client/local_round.py)
     z = randomized_round(np.clip(x, -bound, bound) * p.scale, rng)
     mask = np.ones(x.size, bool) if noised is None else np.asarray(noised, bool).ravel()
     z[mask] += skellam(p.share_mean, int(mask.sum()), rng)
