@@ -6,7 +6,10 @@
 MODE: `auc` (the loss attack's AUC per site, and over all sites' patients pooled against the one global model
 with its 95% interval, DeLong's as the audit reports it: a site's own AUC rests on 29-132 non-members), `auc-by-type` (the same within each type, then averaged),
 `halves` (the normalisation refitted on one half of each held-out part), `both-held-out` (pooled macro-F1 of
-the final model on the patients that both splits hold out: none trained on by a run of either split).
+the final model on the patients that both splits hold out: none trained on by a run of either split),
+`unseen` (the same attack with the same members and non-members at each site, against a logistic regression
+trained on the other 7 sites' training parts only: a model that never saw the site, so whatever AUC it gives
+is the split's, not membership's).
 
 SPLIT is how the run split its sites: `hash` (client.site.held_out_split, since ab86b15) or `strat` (the
 class-stratified split before it, re-created here); NORM is what its normalisation was fitted on: `half` (half
@@ -84,9 +87,52 @@ def fit_on(norm: str, tr: np.ndarray, va: np.ndarray, ids: list[str], seed: int)
     return {"val": va, "train": tr}[norm]
 
 
+def against_unseen(run: Path, split: str, norm: str) -> None:
+    """Mode `unseen`: each site's loss attack against the run's model and against a model that never saw it."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    from simulations.baseline import lr_features
+
+    parts = []
+    for name, model, schema, ids, y, raw, seed in sites(run):
+        tr, va = stratified_split(y, 0.2, seed) if split == "strat" else held_out_split(ids, 0.2, seed)
+        seen = fit_on(norm, tr, va, ids, seed)
+        non = np.setdiff1d(va, seen) if norm == "half" else va
+        nz = Normalizer.fit(schema, raw[seen])
+        run_auc = auc(losses(model, schema, raw, y, ids, tr, nz), losses(model, schema, raw, y, ids, non, nz))
+        parts.append((name, schema, ids, y, raw, tr, non, run_auc))
+    print(f"{run.name}: loss-attack AUC per site, the run's model / a logistic regression trained without the site")
+    for name, schema, ids, y, raw, tr, non, run_auc in parts:
+        others = [p for p in parts if p[0] != name]
+        nz = Normalizer.fit(schema, np.concatenate([p[4][p[5]] for p in others]))
+        feats = lambda p, rows: lr_features(schema, make_dataset(schema, p[4][rows], p[3][rows],  # noqa: E731
+                                                                 [p[2][i] for i in rows], nz))
+        x = np.concatenate([feats(p, p[5]) for p in others])
+        yy = np.concatenate([p[3][p[5]] for p in others])
+        clf = LogisticRegression(C=0.1, max_iter=500)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf.fit(x, yy)
+        site = (name, schema, ids, y, raw)
+        def ref_loss(rows):
+            proba = np.full((len(rows), len(schema.classes)), 1e-12)
+            proba[:, clf.classes_] = np.maximum(clf.predict_proba(feats(site, rows)), 1e-12)
+            return -np.log(proba[np.arange(len(rows)), y[rows]])
+        m, n = ref_loss(tr), ref_loss(non)
+        lo, hi = membership.auc_interval(-m, -n)
+        print(f"  {name}: {run_auc:.3f} / {auc(m, n):.3f} ({lo:.3f}-{hi:.3f}), by type {auc_by_type(m, n, y[tr], y[non]):.3f}; "
+              f"{len(m)} members, {len(n)} non-members")
+
+
 def main() -> None:
     mode, split, norm, runs = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
     for run in map(Path, runs):
+        if mode == "unseen":
+            against_unseen(run, split, norm)
+            continue
         out, inside, outside, ys, ps, intervals = [], [], [], [], [], []
         for _, model, schema, ids, y, raw, seed in sites(run):
             tr, va = stratified_split(y, 0.2, seed) if split == "strat" else held_out_split(ids, 0.2, seed)
