@@ -49,7 +49,8 @@ from privacy.run_config import load_run_config
 from privacy.site_config import NODE_POLICY_KEYS, SiteConfig
 from shared_models.protocol import (ARRAYS_RECORD, AUDIT_ANCHOR, AUDIT_HEAD, CONFIG_RECORD, EPSILON, EPSILON_WORST_CASE,
                                     EVALUATE_METRICS, FIT_METRICS, LOCAL_STEPS, LOSS, PACKAGE_INFO,
-                                    NOISE_PLAN, PREVIOUS_ROUND, REFUSAL_PREFIX, REPLY, RESENT, RUN_KEY, SAVE_MODEL,
+                                    NOISE_PLAN, PREVIOUS_ROUND, REFUSAL_PREFIX, REPLY, RESENT, ROUND_OUTCOME, RUN_KEY,
+                                    SAVE_MODEL,
                                     SECAGG_CLIPPING_RANGE, SECAGG_MAX_WEIGHT, SERVER_ROUND, SITE, DeliveryReply,
                                     ModelPackage, allowed_metrics)
 from shared_models.run_config import RunConfig
@@ -363,7 +364,8 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.privacy.distributed:
         return _train_distributed(msg, fitins, context, cfg, settings, site, audit)
     if cfg.privacy.enabled:
-        _note_previous_round(site, settings, run_key, fitins.config.get(PREVIOUS_ROUND), audit)
+        _note_previous_round(site.ledger, site.dataset_fingerprint, settings, run_key, fitins.config.get(PREVIOUS_ROUND),
+                             audit)
     n = len(site.train.y)
     max_weight = float(fitins.config.get(SECAGG_MAX_WEIGHT, 0) or 0)
     weight = fedavg_weight(cfg, n, max_weight)
@@ -467,16 +469,16 @@ def padding_refusal(settings: SiteSettings, cfg: RunConfig) -> str:
     return ""
 
 
-def _note_previous_round(site, settings: SiteSettings, run_key: str, previous, audit: AuditLog) -> None:
+def _note_previous_round(ledger, dataset: str | None, settings: SiteSettings, run_key: str, previous,
+                         audit: AuditLog) -> None:
     """The server's word on the last round (server.strategy, PREVIOUS_ROUND): an abandoned round's entry in the
     ledger says why its update was never used (its spend stays counted, once). Never stops a round."""
     if not previous:
         return
     try:
         info = json.loads(str(previous))
-        if info.get("status") == "abandoned" and site.ledger.note_outcome(
-                site.dataset_fingerprint, run_key, int(info["round"]), status="abandoned",
-                reason=str(info.get("reason", ""))[:500]):
+        if info.get("status") == "abandoned" and ledger.note_outcome(
+                dataset, run_key, int(info["round"]), status="abandoned", reason=str(info.get("reason", ""))[:500]):
             _audit_quietly(audit, settings.name, "round_abandoned", run=run_key, round=int(info["round"]),
                            reason=str(info.get("reason", ""))[:500])
     except (ValueError, KeyError, TypeError, OSError) as e:
@@ -499,7 +501,8 @@ def _train_distributed(msg: Message, fitins, context: Context, cfg: RunConfig, s
     grid = secagg_grid(context)
     state = context.state.config_records[RECORD_KEY_STATE]
     n_sites = len(state.get("public_keys_dict:K", [])) or cfg.federation.sites or cfg.federation.min_sites
-    _note_previous_round(site, settings, run_key, fitins.config.get(PREVIOUS_ROUND), audit)
+    _note_previous_round(site.ledger, site.dataset_fingerprint, settings, run_key, fitins.config.get(PREVIOUS_ROUND),
+                             audit)
     global_arrays = parameters_to_ndarrays(fitins.parameters)
     releases = ReleaseStore(settings.paths.state_dir)
     if site.ledger.released(site.dataset_fingerprint, run_key, rnd) is not None:
@@ -588,6 +591,46 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(evaluateres_to_recorddict(res), reply_to=msg)
 
 
+def _note_last_round(settings: SiteSettings, cfg: RunConfig, config) -> None:
+    """The run's last round has no next round to carry its outcome: the model delivery (or, when no model is
+    delivered, a `query.round_outcome`) carries it. No data is loaded here: the entry is found by run key and round."""
+    from client.site import ledger_path
+    from privacy.ledger import PrivacyLedger
+
+    previous, run_key = config.get(PREVIOUS_ROUND), config.get(RUN_KEY)
+    path = ledger_path(settings.paths)
+    if not (previous and run_key and cfg.privacy.enabled and path.exists()):
+        return
+    try:
+        ledger = PrivacyLedger(path, budget_epsilon=settings.budget_epsilon, delta=accounting_delta(settings, cfg))
+    except (ValueError, OSError) as e:
+        log(WARNING, "site %s: the server's note on the last round was not recorded: %s", settings.name, e)
+        return
+    _note_previous_round(ledger, None, settings, str(run_key), previous, site_audit(settings))
+
+
+@app.query(ROUND_OUTCOME)
+def round_outcome(msg: Message, context: Context) -> Message:
+    """The last round's outcome, sent by a run that delivers no model (no round updated it)."""
+    cfg = load_run_config(context.run_config, source="run config (site)")
+    _note_last_round(site_settings(context, cfg), cfg, msg.content[CONFIG_RECORD])
+    return Message(RecordDict({CONFIG_RECORD: ConfigRecord({REPLY: "noted"})}), reply_to=msg)
+
+
+def package_architecture(package: ModelPackage, cfg: RunConfig):
+    """The architecture to build the delivered arrays into: the one the server signed (the run config's for a
+    package from before it was signed)."""
+    from client.model_store import ModelStoreError
+    from shared_models.run_config import ModelConfig
+
+    if package.architecture is None:
+        return cfg.model
+    try:
+        return ModelConfig(**package.architecture)
+    except ValueError as e:
+        raise ModelStoreError(f"the package's architecture is not one this site can build ({e}); not installed") from None
+
+
 @app.query(SAVE_MODEL)
 def save_model(msg: Message, context: Context) -> Message:
     """Install the final global model pushed by the server as a new version of the site's store."""
@@ -598,6 +641,7 @@ def save_model(msg: Message, context: Context) -> Message:
 
     cfg = load_run_config(context.run_config, source="run config (site)")
     settings = site_settings(context, cfg)
+    _note_last_round(settings, cfg, msg.content[CONFIG_RECORD])
     schema = FeatureSchema.load(site_schema_path(context, cfg))
     arrays = msg.content[ARRAYS_RECORD].to_numpy_ndarrays()
     info = json.loads(str(msg.content[CONFIG_RECORD][PACKAGE_INFO]))  # kept verbatim: what the server signed
@@ -621,7 +665,7 @@ def save_model(msg: Message, context: Context) -> Message:
         if package.schema_hash != schema.content_hash():
             raise ModelStoreError(f"model built for schema {package.schema_hash[:12]}..., this site uses "
                                   f"{schema.content_hash()[:12]}...")
-        version = store.install(schema, cfg.model, arrays, info,
+        version = store.install(schema, package_architecture(package, cfg), arrays, info,
                                 expected_arrays_sha256=package.arrays_sha256)
         reply = DeliveryReply(site=settings.name, installed=True, version=version, path=str(store.root / version),
                               arrays_sha256=store.package(version)["arrays_sha256"])

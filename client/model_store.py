@@ -25,8 +25,8 @@ from shared_models.files import fsync_path, sha256_file, sync_directory, write_t
 from shared_models.model import MultiModalTransformer
 from shared_models.run_config import ModelConfig
 from shared_models.schema import FeatureSchema
-from shared_models.weights import (ArrayCountError, arrays_sha256, load_arrays, load_weights, save_weights,
-                                   state_arrays)
+from shared_models.weights import (ArrayCountError, arrays_sha256, load_arrays, load_weights, read_weights,
+                                   save_weights, state_arrays)
 
 PACKAGE_FORMAT = "oncofed-model-package/1"
 ACTIVE_REREAD_S = 1.0  # ModelStore.active reads ACTIVE again at least this often
@@ -199,6 +199,15 @@ class ModelStore:
             model = load_weights(pkg_dir / "weights.pt", FeatureSchema.load(pkg_dir / "schema.json"))
             if arrays_sha256(state_arrays(model)) != package["delivery"].get("arrays_sha256"):
                 raise ModelStoreError(f"{pkg_dir}: the installed weights are not the ones the server signed")
+        signed = (delivery or {}).get("architecture")
+        if signed is not None:
+            # the weights file builds the model from its own copy of the settings: one edited after delivery (a
+            # gain, the number of heads) changes every answer without changing an array
+            found = json.loads(json.dumps(read_weights(pkg_dir / "weights.pt").get("config")))  # tuples as lists
+            if found != signed:
+                changed = sorted(k for k in set(signed) | set(found or {}) if (found or {}).get(k) != signed.get(k))
+                raise ModelStoreError(f"{pkg_dir}/weights.pt: its architecture ({', '.join(changed)}) is not the one "
+                                      "the server signed: the file was altered")
         return package
 
     def activate(self, version: str) -> None:

@@ -54,7 +54,9 @@ def _ledger_state(state_dir: Path) -> dict:
     from privacy.accounting import BudgetError
     from privacy.ledger import read_ledger
 
-    path = state_dir / "privacy-ledger.json"
+    from client.site import LEDGER_FILE
+
+    path = state_dir / LEDGER_FILE
     if not path.is_file():
         raise PrivacyAuditError(f"{path}: no privacy ledger; the audit needs the site's ledger to know which patients "
                                 "trained (state-dir must be the one the site trained with)")
@@ -260,7 +262,9 @@ def audit(site_dir: Path, state_dir: Path, model_dir: Path, site: str, *, val_fr
                                 "in training), so there are no non-members to compare with; pass the run's "
                                 "--val-fraction (a run with val-fraction 0 cannot be audited on the site's data)")
     enough_patients(parts, site_dir)
-    ledger_path = state_dir / "privacy-ledger.json"
+    from client.site import LEDGER_FILE
+
+    ledger_path = state_dir / LEDGER_FILE
     ledger = _ledger_state(state_dir)
     fingerprint = dataset_fingerprint(parts.train.ids, schema.content_hash())[0]
     package_path = model_dir / version / "package.json"

@@ -131,12 +131,19 @@ def split_site(schema: FeatureSchema, site_dir: Path, *, val_fraction: float, mi
     return SiteParts(train, val, normalizer, warnings, np.flatnonzero(~seen))
 
 
+LEDGER_FILE = "privacy-ledger.json"  # in the site's state directory
+
+
+def ledger_path(paths: SitePaths) -> Path:
+    return paths.state_dir / LEDGER_FILE
+
+
 def prepare_site(schema: FeatureSchema, paths: SitePaths, *, budget_epsilon: float, delta: float,
                  val_fraction: float, min_count: int, seed: int, dp: bool) -> PreparedSite:
     parts = split_site(schema, paths.site_dir, val_fraction=val_fraction, min_count=min_count, seed=seed, dp=dp)
     paths.state_dir.mkdir(parents=True, exist_ok=True)
     parts.normalizer.save(paths.state_dir / "normalizer.json")
-    ledger = PrivacyLedger(paths.state_dir / "privacy-ledger.json", budget_epsilon=budget_epsilon, delta=delta)
+    ledger = PrivacyLedger(ledger_path(paths), budget_epsilon=budget_epsilon, delta=delta)
     # DP-SGD touches only the training patients; the held-out part is used for local metrics.
     fingerprint = ledger.register_dataset(parts.train.ids, schema.content_hash())
     return PreparedSite(schema, paths, parts.train, parts.val, parts.normalizer, ledger, fingerprint, parts.warnings)

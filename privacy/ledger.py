@@ -325,13 +325,15 @@ class PrivacyLedger:
             raise BudgetError(f"round {rnd} refused: run {run_id} has run {done} of its {plan.planned_steps} planned "
                               f"steps here; {steps} more would exceed the plan. Nothing was trained or sent")
 
-    def note_outcome(self, dataset: str, run_id: str, rnd: int, **outcome) -> bool:
+    def note_outcome(self, dataset: str | None, run_id: str, rnd: int, **outcome) -> bool:
         """Record what became of a committed round's update (e.g. status "abandoned" and the server's reason: its
         sum was never unmasked). The spend stays counted: the masked update left the site. False if the
-        round has no committed entry here."""
+        round has no committed entry here. `dataset` None: the run's round on whichever dataset it trained (a run
+        key and round name one spend; the model delivery, which loads no data, notes the last round so)."""
         with self._locked() as state:
             for e in state["entries"]:
-                if (e["dataset"], e["run_id"], e["round"], e["status"]) == (dataset, run_id, rnd, "committed"):
+                if ((e["run_id"], e["round"], e["status"]) == (run_id, rnd, "committed")
+                        and dataset in (None, e["dataset"])):
                     e["outcome"] = {**outcome, "noted": time.time()}
                     self._write(state)
                     return True

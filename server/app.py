@@ -30,9 +30,10 @@ from flwr.serverapp import Grid, ServerApp
 from privacy.audit import AuditLog, signed_anchor
 from privacy.run_config import load_run_config
 from privacy.signing import canonical, load_private, sign
-from server.checkpoint import (freeze_run, frozen_run, hold_run_lock, load_latest, run_config_changes, save_checkpoint,
+from server.checkpoint import (freeze_run, frozen_run, hold_run_lock, load_latest, metrics_lines, round_outcome,
+                               run_config_changes, save_checkpoint,
                                write_json_atomic)
-from server.delivery import audited, deliver, delivery_status, redeliver, save_package
+from server.delivery import audited, deliver, delivery_status, redeliver, save_package, tell_outcome
 from server.strategy import build_strategy
 from server.workflow import RoundsWorkflow, TimedSecAggPlusWorkflow
 from shared_models.evaluation import evaluate
@@ -354,11 +355,13 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
     """The final model: described, signed, saved beside the checkpoints, sent to every site; result.json. A run
     in which no round updated the model (every site refused, or every round was abandoned, in this attempt and
     any before a resume) delivers nothing: its model is the untrained initial one."""
-    rounds = _metrics_lines(recorder.metrics_file)
+    rounds = metrics_lines(recorder.metrics_file)
     if not any(r.get("status") == "updated" for r in rounds):
         reason = (f"no round updated the global model (every site refused, or every round was abandoned: "
                   f"{recorder.metrics_file} says why), so the untrained initial model is neither signed nor delivered")
         log(WARNING, "run %s: %s", recorder.run_key, reason)
+        if previous := round_outcome(out, cfg.federation.num_rounds):  # no delivery to carry it to the ledgers
+            tell_outcome(grid, previous, recorder.run_key, cfg.federation.round_timeout)
         recorder.audit.append("run_end", run=recorder.run_key, round=cfg.federation.num_rounds, arrays_sha256=None,
                               deliveries=[], not_delivered=reason)
         recorder.status.update(finished=1, delivered=0, trained=0, delivery_ok=0, undelivered=[])
@@ -375,7 +378,8 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
         dp=cfg.privacy.enabled, site_epsilon=recorder.site_epsilon, delta=cfg.privacy.delta,
         **(dict(dp_mode=cfg.privacy.mode, trusted_sites=cfg.privacy.trusted_sites, mechanism="skellam",
                 site_epsilon_worst_case=recorder.site_epsilon_worst_case) if cfg.privacy.distributed else {}),
-        privacy=privacy_summary(cfg), metrics=last.get("global", {}), finished=round(time.time(), 3)).description()
+        privacy=privacy_summary(cfg), metrics=last.get("global", {}), finished=round(time.time(), 3),
+        architecture=cfg.model.model_dump()).description()
     if signing_key is not None:
         package = sign(package, signing_key)
     else:
@@ -384,7 +388,8 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
     with atomic_file(out / "final_weights.npz", "wb") as fh:  # a crash leaves the old file or the whole new one
         np.savez(fh, *final)
     save_package(out, package)  # with final_weights.npz: what `oncofed deliver` sends again
-    deliveries = deliver(grid, final, package, cfg.federation.round_timeout, anchor=recorder.anchor_audit())
+    deliveries = deliver(grid, final, package, cfg.federation.round_timeout, anchor=recorder.anchor_audit(),
+                         previous=round_outcome(out, cfg.federation.num_rounds))
     recorder.audit.append("run_end", run=recorder.run_key, round=cfg.federation.num_rounds,
                           arrays_sha256=package["arrays_sha256"], deliveries=audited(deliveries))
     recorder.status.update(finished=1, weights_sha256=package["arrays_sha256"], **delivery_status(out, deliveries))
@@ -396,23 +401,16 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
         sum(d.get("installed", False) for d in deliveries), len(deliveries), out / "result.json")
 
 
-def _metrics_lines(path: Path) -> list[dict]:
-    """metrics.jsonl's rounds, this attempt's and any before a resume."""
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
-
-
 def resumed_outcome(out: Path, first_round: int) -> dict[int, dict]:
     """The outcome of the round a resumed run continues after ({} for a fresh run), from metrics.jsonl (recovered
     from the checkpoint if a crash came before its line): told to the sites with the next round, as any round's,
     so that an abandoned round's entry in their ledgers says why also across a resume."""
-    last = _last_metrics(out / "metrics.jsonl") if first_round > 1 else None
-    if not last or last.get("round") != first_round - 1 or not last.get("status"):
-        return {}
-    return {first_round - 1: {"status": last["status"], **({"reason": last["reason"]} if last.get("reason") else {})}}
+    outcome = round_outcome(out, first_round - 1)
+    return {} if outcome is None else {first_round - 1: {k: v for k, v in outcome.items() if k != "round"}}
 
 
 def _last_metrics(path: Path) -> dict | None:
-    lines = _metrics_lines(path)
+    lines = metrics_lines(path)
     return lines[-1] if lines else None
 
 

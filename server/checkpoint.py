@@ -36,6 +36,22 @@ class Checkpoint:
     meta: dict
 
 
+def metrics_lines(path: Path) -> list[dict]:
+    """RUN_DIR/metrics.jsonl's rounds, this attempt's and any before a resume."""
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+
+
+def round_outcome(run_dir: Path, rnd: int) -> dict | None:
+    """{"round", "status"[, "reason"]} of round `rnd` when it is the last line of RUN_DIR/metrics.jsonl (None
+    otherwise): what the sites are told of a round whose next message (the next round, or the model delivery
+    after the last) may come from another server process."""
+    lines = metrics_lines(run_dir / "metrics.jsonl") if rnd >= 1 else []
+    last = lines[-1] if lines else {}
+    if last.get("round") != rnd or not last.get("status"):
+        return None
+    return {"round": rnd, "status": last["status"], **({"reason": last["reason"]} if last.get("reason") else {})}
+
+
 def save_checkpoint(root: Path, rnd: int, weights: list[np.ndarray], strategy_state: dict[str, np.ndarray],
                     meta: dict, keep: int = 0) -> Path:
     """Writes round `rnd`'s checkpoint, then (keep > 0) removes all but the `keep` newest rounds."""

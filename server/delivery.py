@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from shared_models.files import write_json_atomic
-from shared_models.protocol import (ARRAYS_RECORD, AUDIT_ANCHOR, CONFIG_RECORD, PACKAGE_INFO, REPLY, SAVE_MODEL,
-                                    DeliveryReply)
+from shared_models.protocol import (ARRAYS_RECORD, AUDIT_ANCHOR, CONFIG_RECORD, PACKAGE_INFO, PREVIOUS_ROUND, REPLY,
+                                    ROUND_OUTCOME, RUN_KEY, SAVE_MODEL, DeliveryReply)
 
 FINAL_WEIGHTS, PACKAGE, RESULT, STATUS = "final_weights.npz", "package.json", "result.json", "status.json"
 DELIVERY_SHORT_EXIT = 3  # `oncofed run` / `oncofed deliver`: trained, but not every site that trained installed it
@@ -38,26 +38,43 @@ _RESULT_ONLY = ("first_round", "seconds", "deliveries", "metrics_file", "checkpo
 
 
 def deliver(grid, final: list[np.ndarray], package: dict, timeout: float, node_ids=None,
-            anchor: str = "") -> list[dict]:
-    """Send the final model to `node_ids` (default: every connected site); each installs it in its model store."""
-    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+            anchor: str = "", previous: dict | None = None) -> list[dict]:
+    """Send the final model to `node_ids` (default: every connected site); each installs it in its model store.
+    `previous`: the last round's outcome (server.checkpoint.round_outcome), which no next round will carry: a DP
+    site notes an abandoned one on that round's ledger entry."""
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    config = {PACKAGE_INFO: json.dumps(package), RUN_KEY: str(package.get("run", ""))}
+    if anchor:
+        config[AUDIT_ANCHOR] = anchor
+    if previous:
+        config[PREVIOUS_ROUND] = json.dumps(previous)
+    content = RecordDict({ARRAYS_RECORD: ArrayRecord(numpy_ndarrays=final), CONFIG_RECORD: ConfigRecord(config)})
+    nodes = list(grid.get_node_ids()) if node_ids is None else list(node_ids)
+    out = [{"node": reply.metadata.src_node_id, **_reply(reply)}
+           for reply in _query(grid, SAVE_MODEL, content, nodes, timeout)]
+    answered = {d["node"] for d in out}
+    out += [{"node": nid, **_not_installed(f"no reply within {timeout:g} s")} for nid in nodes if nid not in answered]
+    return out
+
+
+def tell_outcome(grid, previous: dict, run_key: str, timeout: float) -> int:
+    """A run that delivers no model still tells every site what became of its last round (`query.round_outcome`),
+    so that an abandoned round's ledger entry says why; returns how many sites answered."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    content = RecordDict({CONFIG_RECORD: ConfigRecord({PREVIOUS_ROUND: json.dumps(previous), RUN_KEY: run_key})})
+    return len(_query(grid, ROUND_OUTCOME, content, list(grid.get_node_ids()), timeout))
+
+
+def _query(grid, action: str, content, nodes: list[int], timeout: float) -> list:
+    from flwr.app import Message
     from flwr.app.message_type import MessageType
 
     from server.workflow import PollingGrid
 
-    config = {PACKAGE_INFO: json.dumps(package)}
-    if anchor:
-        config[AUDIT_ANCHOR] = anchor
-    content = RecordDict({ARRAYS_RECORD: ArrayRecord(numpy_ndarrays=final), CONFIG_RECORD: ConfigRecord(config)})
-    nodes = list(grid.get_node_ids()) if node_ids is None else list(node_ids)
-    messages = [Message(content=content, dst_node_id=nid, message_type=f"{MessageType.QUERY}.{SAVE_MODEL}")
-                for nid in nodes]
-    out = []
-    for reply in PollingGrid(grid, timeout).send_and_receive(messages):
-        out.append({"node": reply.metadata.src_node_id, **_reply(reply)})
-    answered = {d["node"] for d in out}
-    out += [{"node": nid, **_not_installed(f"no reply within {timeout:g} s")} for nid in nodes if nid not in answered]
-    return out
+    messages = [Message(content=content, dst_node_id=nid, message_type=f"{MessageType.QUERY}.{action}") for nid in nodes]
+    return list(PollingGrid(grid, timeout).send_and_receive(messages))
 
 
 def _not_installed(error: str) -> dict:
@@ -177,7 +194,8 @@ def redeliver(grid, cfg) -> None:
     if not cfg.run.signing_key:
         raise ValueError("run config signing-key is empty: `oncofed deliver` sends signed models only")
     key = load_private(cfg.path(cfg.run.signing_key))
-    package = sign(package, key)
+    # a package saved before the architecture was signed gains it: the run's own config built these arrays
+    package = sign({**package, "architecture": package.get("architecture") or cfg.model.model_dump()}, key)
     result = json.loads((out / RESULT).read_text()) if (out / RESULT).exists() else {**package}
     before = list(result.get("deliveries", []))
     done = installed_nodes(before)
@@ -190,7 +208,10 @@ def redeliver(grid, cfg) -> None:
         len(targets), len(done))
     audit = AuditLog(out / "audit.jsonl")
     anchor = json.dumps(signed_anchor(audit, key, run=package.get("run"), run_name=out.name))
-    new = deliver(grid, final, package, cfg.federation.round_timeout, node_ids=targets, anchor=anchor)
+    from server.checkpoint import round_outcome
+
+    new = deliver(grid, final, package, cfg.federation.round_timeout, node_ids=targets, anchor=anchor,
+                  previous=round_outcome(out, int(package.get("round", 0))))
     renewed = {d["node"] for d in new}
     deliveries = [d for d in before if d.get("node") not in renewed] + new
     save_package(out, package)

@@ -28,7 +28,9 @@ AUDIT_ANCHOR = "audit-anchor"  # also in the model delivery: the server's signed
 NOISE_PLAN = "noise-plan"  # dp-mode "distributed": JSON {"scale", "variance"} of the aggregate noise the server
 #                            computed; a site whose own plan differs refuses (the parties run different accountants)
 PREVIOUS_ROUND = "previous-round"  # JSON {"round", "status", "reason"} of the round before (e.g. "abandoned": its
-#                                    sum was never unmasked); a DP site notes it on that round's ledger entry
+#                                    sum was never unmasked); a DP site notes it on that round's ledger entry. The
+#                                    last round's travels with the model delivery (with RUN_KEY), or in a
+#                                    `query.round_outcome` (ROUND_OUTCOME) when no model is delivered
 
 # --- site -> server: a refusal, an error reply instead of a fit result (client.app.site_policy_mod) ------------
 REFUSAL_PREFIX = "refused: "  # how the reason starts; the rest says why in words that name no patient
@@ -72,8 +74,9 @@ def allowed_metrics(metrics: Mapping[str, Any], allowed: frozenset[str]) -> tupl
 
 # --- the model delivery: server -> site `query.save_model`, and the site's reply -----------------------------
 SAVE_MODEL = "save_model"  # the query's action: the server sends message type "query.save_model"
+ROUND_OUTCOME = "round_outcome"  # "query.round_outcome": the last round's PREVIOUS_ROUND and RUN_KEY, no model
 ARRAYS_RECORD = "arrays"  # the final model's weight arrays (state_dict order)
-CONFIG_RECORD = "config"  # PACKAGE_INFO and AUDIT_ANCHOR; in the reply, REPLY
+CONFIG_RECORD = "config"  # PACKAGE_INFO, AUDIT_ANCHOR, RUN_KEY, PREVIOUS_ROUND; in the reply, REPLY
 PACKAGE_INFO = "package-info"  # JSON of the signed ModelPackage
 REPLY = "reply"  # JSON of the site's DeliveryReply
 
@@ -104,6 +107,10 @@ class ModelPackage(BaseModel):
     # when the run's training ended (Unix time): a site does not activate a model older than its active one
     # (a re-delivery of an earlier run would roll it back); packages from before 2026-12-05 have none
     finished: float | None = None
+    # the architecture the arrays belong to (ModelConfig.model_dump()): signed, so that a weights file whose
+    # settings were edited (e.g. a gain, the number of heads: no array changes shape) is refused as altered; the
+    # site builds the model from it. Packages signed before 2026-12-05 15:00 have none (`oncofed deliver` adds it)
+    architecture: dict[str, Any] | None = None
 
     @classmethod
     def parse(cls, info) -> ModelPackage:

@@ -142,8 +142,13 @@ def test_oncofed_deliver_ends_a_run_whose_own_delivery_a_crash_cut_short(tmp_pat
     (out / "metrics.jsonl").write_text(json.dumps({"round": 2, "participants": [1, 2]}) + "\n")
     (out / "status.json").write_text(json.dumps({"run": "r1", "finished": int(first_delivery_ended)}))
     generate_signing_key(tmp_path / "signing.key", tmp_path / "signing.pub")
-    monkeypatch.setattr(server.delivery, "deliver", lambda grid, final, package, timeout, node_ids, anchor: [
-        {"node": n, "site": f"C{n}", "installed": True} for n in node_ids])
+    sent = {}
+
+    def deliver(grid, final, package, timeout, node_ids, anchor, previous):
+        sent.update(package=package, previous=previous)
+        return [{"node": n, "site": f"C{n}", "installed": True} for n in node_ids]
+
+    monkeypatch.setattr(server.delivery, "deliver", deliver)
     grid = types.SimpleNamespace(get_node_ids=lambda: [1, 2])
     cfg = load_run_config({"schema": "s.json", "output-dir": str(out), "signing-key": str(tmp_path / "signing.key"),
                            "round-timeout": 5.0, "base-dir": str(tmp_path)})
@@ -152,6 +157,9 @@ def test_oncofed_deliver_ends_a_run_whose_own_delivery_a_crash_cut_short(tmp_pat
     status = json.loads((out / "status.json").read_text())
     assert events[-1] == ("redelivery" if first_delivery_ended else "run_end")
     assert events.count("run_end") == 1 and status["finished"] == 1 and status["delivery_ok"] == 1
+    # a package saved before the architecture was signed is sent with the run's, signed
+    assert sent["package"]["architecture"] == cfg.model.model_dump() and "signature" in sent["package"]
+    assert sent["previous"] is None  # metrics.jsonl's last round has no status (a line of before 2026-12-05)
 
 
 def test_the_current_run_in_the_metrics_is_the_one_started_last_not_the_one_delivered_again(tmp_path):

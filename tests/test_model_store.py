@@ -110,6 +110,29 @@ def test_a_schema_altered_after_delivery_is_detected_even_with_the_weights_resav
         store.verify("v0001")
 
 
+def test_a_weights_file_whose_architecture_was_edited_after_delivery_is_detected(tmp_path):
+    # The weights file builds the model from its own copy of the settings. An edited gain changes every answer
+    # (a review made a model answer 0.99-1.0 for the wrong classes) without changing an array; the weights
+    # re-saved and package.json's hash updated, only the architecture the server signed can tell.
+    from shared_models.files import sha256_file
+    from shared_models.weights import read_weights, save_weights
+
+    store = ModelStore(tmp_path)
+    store.install(tiny_schema(), CFG, _arrays(0), {"run": "r1", "round": 1, "architecture": CFG.model_dump()})
+    store.verify("v0001")
+    d = tmp_path / "v0001"
+    edited = ModelConfig(**{**read_weights(d / "weights.pt")["config"], "wide_gain": 50.0})
+    model = MultiModalTransformer(tiny_schema(), edited)
+    model.load_state_dict(load_weights(d / "weights.pt", tiny_schema()).state_dict())
+    save_weights(model, d / "weights.pt")
+    package = json.loads((d / "package.json").read_text())
+    package["weights_sha256"] = sha256_file(d / "weights.pt")
+    (d / "package.json").write_text(json.dumps(package))
+    with pytest.raises(ModelStoreError, match=r"weights.pt: its architecture \(wide_gain\) is not the one the server "
+                                              "signed: the file was altered"):
+        store.verify("v0001")
+
+
 def test_a_package_whose_top_level_copies_differ_from_the_signed_delivery_is_not_served(tmp_path):
     # the service shows run, round, metrics and epsilon from package.json's top level: a smaller epsilon written
     # there beside an intact signed delivery must not be shown as verified

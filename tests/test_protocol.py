@@ -137,3 +137,66 @@ def test_a_site_installs_a_signed_package_and_refuses_one_that_is_not_a_package(
     events = [json.loads(x) for x in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
     assert [(e["event"], e["run"], e["round"]) for e in events] == [("model_installed", "r-1", 2),
                                                                     ("model_refused", None, None)]
+
+    # the model is built from the architecture the server signed, not from whatever the site's config says
+    from shared_models.weights import read_weights
+
+    signed = {**load_run_config(run).model.model_dump(), "wide_gain": 2.5}
+    package = sign(ModelPackage(run="r-2", round=2, schema_hash=schema.content_hash(), arrays_sha256=arrays_sha256(
+        arrays), architecture=signed).description(), load_private(tmp_path / "k"))
+    reply = json.loads(str(save_model(_save_model_message(package, arrays), ctx).content[CONFIG_RECORD][REPLY]))
+    assert reply["installed"], reply
+    assert read_weights(tmp_path / "state" / "models" / reply["version"] / "weights.pt")["config"]["wide_gain"] == 2.5
+
+
+def test_the_last_rounds_outcome_reaches_the_sites_ledger_with_the_model_or_without_one(tmp_path):
+    """No next round carries the last round's outcome: the model delivery does (and `query.round_outcome` when no
+    model is delivered). A DP site notes an abandoned last round on that round's ledger entry, found by run key and
+    round without loading the site's data; its spend is unchanged; another run's note or "updated" touches nothing."""
+    from client.app import round_outcome, save_model
+    from privacy.accounting import noise_multiplier_for
+    from privacy.ledger import PrivacyLedger
+    from privacy.run_config import load_run_config
+    from shared_models.model import MultiModalTransformer
+    from shared_models.protocol import PREVIOUS_ROUND, ROUND_OUTCOME, RUN_KEY
+    from shared_models.weights import arrays_sha256, state_arrays
+    from tests.sitefixtures import site_schema
+
+    schema = site_schema()
+    run = {"schema": str(schema.save(tmp_path / "schema.json")), "min-sites": 2, "epsilon": 8.0}
+    ctx = Context(run_id=1, node_id=1, state=RecordDict(), run_config=run,
+                  node_config={"data-path": str(tmp_path / "site"), "state-dir": str(tmp_path / "state")})
+    ledger = PrivacyLedger(tmp_path / "state" / "privacy-ledger.json", budget_epsilon=8.0, delta=1e-5)
+    dataset = ledger.register_dataset([f"p{i}" for i in range(50)], schema.content_hash())
+    sigma = noise_multiplier_for(8.0, 1e-5, 0.3, 60)
+    for rnd in (1, 2):
+        ledger.commit_round(ledger.begin_round(dataset, "r-1", rnd, sigma, 0.3, 3), 3)
+    spent = ledger.spent(dataset)
+
+    def outcome(rnd, status, run_key="r-1"):
+        return {PREVIOUS_ROUND: json.dumps({"round": rnd, "status": status, "reason": "2 sites sent masked vectors"}),
+                RUN_KEY: run_key}
+
+    def entries():
+        return {e["round"]: e for e in json.loads(ledger.path.read_text())["entries"]}
+
+    arrays = state_arrays(MultiModalTransformer(schema, load_run_config(run).model))
+    package = ModelPackage(run="r-1", round=2, schema_hash=schema.content_hash(), arrays_sha256=arrays_sha256(arrays))
+    message = site_message(RecordDict({
+        ARRAYS_RECORD: ArrayRecord(numpy_ndarrays=arrays),
+        CONFIG_RECORD: ConfigRecord({PACKAGE_INFO: json.dumps(package.description()), **outcome(2, "abandoned")})}),
+        f"{MessageType.QUERY}.{SAVE_MODEL}")
+    reply = json.loads(str(save_model(message, ctx).content[CONFIG_RECORD][REPLY]))
+    assert reply["installed"], reply
+    assert entries()[2]["outcome"]["status"] == "abandoned" and "masked" in entries()[2]["outcome"]["reason"]
+    assert "outcome" not in entries()[1] and ledger.spent(dataset) == spent
+
+    for config in (outcome(1, "updated"), outcome(1, "abandoned", run_key="another-run")):
+        round_outcome(site_message(RecordDict({CONFIG_RECORD: ConfigRecord(config)}),
+                                   f"{MessageType.QUERY}.{ROUND_OUTCOME}"), ctx)
+        assert "outcome" not in entries()[1]
+    round_outcome(site_message(RecordDict({CONFIG_RECORD: ConfigRecord(outcome(1, "abandoned"))}),
+                               f"{MessageType.QUERY}.{ROUND_OUTCOME}"), ctx)
+    assert entries()[1]["outcome"]["status"] == "abandoned" and ledger.spent(dataset) == spent
+    events = [json.loads(x)["event"] for x in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
+    assert events.count("round_abandoned") == 2

@@ -198,3 +198,8 @@ def test_a_resumed_server_tells_the_sites_the_outcome_of_the_round_before_the_re
     assert resumed_outcome(tmp_path, 3) == {2: {"status": "abandoned", "reason": "3 sites sent masked vectors, fewer than 4"}}
     assert resumed_outcome(tmp_path, 1) == {}  # a fresh run
     assert resumed_outcome(tmp_path, 5) == {}  # the line is not the round the run continues after
+    from server.checkpoint import round_outcome  # and the last round's, which the model delivery carries
+
+    assert round_outcome(tmp_path, 2) == {"round": 2, "status": "abandoned",
+                                          "reason": "3 sites sent masked vectors, fewer than 4"}
+    assert round_outcome(tmp_path, 1) is None and round_outcome(tmp_path / "none", 2) is None
