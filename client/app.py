@@ -359,7 +359,7 @@ def train(msg: Message, context: Context) -> Message:
     if settings.require_dp and not cfg.privacy.enabled:
         raise _refusal(fitins, msg, settings.name, "site policy: training without differential privacy (run config "
                        "dp = false) is refused; the site's node config require-dp allows only DP-SGD", audit)
-    if reason := padding_refusal(settings, cfg):
+    if reason := padding_refusal(settings, cfg) or (cfg.privacy.enabled and stale_ledger_refusal(settings, site)):
         raise _refusal(fitins, msg, settings.name, reason, audit)
     if cfg.privacy.distributed:
         return _train_distributed(msg, fitins, context, cfg, settings, site, audit)
@@ -456,6 +456,20 @@ def trust_refusal(settings: SiteSettings, cfg: RunConfig) -> str:
                 f"trusted-sites); this site relies on at most {settings.max_trusted_sites} (node config "
                 "max-trusted-sites). Nothing was trained or sent")
     return ""
+
+
+def stale_ledger_refusal(settings: SiteSettings, site) -> str:
+    """Why this site cannot train on its ledger ("" if it can): the ledger lacks rounds whose updates the site's
+    release copies show it sent (a ledger restored from a backup older than the last round). Trained on, it would
+    spend them again and a resumed server asking for one would get a second, fresh update of the same patients."""
+    missing = ReleaseStore(settings.paths.state_dir).unrecorded(site.ledger.committed_rounds())
+    if not missing:
+        return ""
+    return (f"its privacy ledger has no record of {len(missing)} update(s) the site sent ({', '.join(missing[:3])}"
+            f"{' ...' if len(missing) > 3 else ''} in its released/ directory): the ledger is older than the site's "
+            "state, e.g. restored from a backup taken before those rounds, and would spend them again. Restore a "
+            "backup of the ledger newer than the last round; training is refused until then. Nothing was trained "
+            "or sent")
 
 
 def padding_refusal(settings: SiteSettings, cfg: RunConfig) -> str:

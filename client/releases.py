@@ -40,9 +40,22 @@ class ReleaseStore:
     def __init__(self, state_dir: str | Path):
         self.root = Path(state_dir) / "released"
 
+    @staticmethod
+    def directory(run_id: str) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]", "_", run_id)
+
     def _path(self, run_id: str, rnd: int) -> Path:
-        safe = re.sub(r"[^A-Za-z0-9._-]", "_", run_id)
-        return self.root / safe / f"round-{rnd:04d}.npz"
+        return self.root / self.directory(run_id) / f"round-{rnd:04d}.npz"
+
+    def kept(self) -> list[tuple[str, int]]:
+        """(run directory, round) of every release copy on disk: updates that left the site under DP."""
+        return sorted((p.parent.name, int(p.stem.split("-")[1])) for p in self.root.glob("*/round-[0-9]*.npz"))
+
+    def unrecorded(self, committed: set[tuple[str, int]]) -> list[str]:
+        """The release copies whose round a ledger's committed rounds (PrivacyLedger.committed_rounds) lack: that
+        ledger is older than what the site sent (restored from an old backup), and would spend those rounds again."""
+        recorded = {(self.directory(run), rnd) for run, rnd in committed}
+        return [f"{run}/round-{rnd:04d}" for run, rnd in self.kept() if (run, rnd) not in recorded]
 
     def save(self, run_id: str, rnd: int, release: Release) -> None:
         path = self._path(run_id, rnd)

@@ -262,6 +262,10 @@ class PrivacyLedger:
             self._write(state)
         return plan
 
+    def committed_rounds(self) -> set[tuple[str, int]]:
+        """(run, round) of every update this ledger says left the site, on any dataset."""
+        return {(e["run_id"], e["round"]) for e in self._read()["entries"] if e["status"] == "committed"}
+
     def released(self, dataset: str, run_id: str, rnd: int) -> dict | None:
         """The committed entry of a run's round, if its update already left the site (from this dataset or,
         had the site's tables changed since, from the one the run trained on)."""

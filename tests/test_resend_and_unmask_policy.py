@@ -231,3 +231,38 @@ def test_without_dp_a_round_is_unmasked_in_one_sum_only_too(tmp_path, monkeypatc
         assert not unmask(rnd, [1, 2, 3]).has_error()
     kept = sorted(p.name for p in (tmp_path / "state" / "released" / "run-X").glob("*.unmask.json"))
     assert kept == [f"round-{r:04d}.unmask.json" for r in range(6 - KEEP, 6)]  # only the newest rounds
+
+
+@pytest.mark.parametrize("mode", ["distributed", "site"])
+def test_a_ledger_older_than_the_sites_releases_is_not_trained_on(tmp_path, mode):
+    """A ledger restored from a backup taken before a round forgets that round's spend: asked for the round again
+    (a resumed server), the site would train and send a second, fresh update of the same patients and count the
+    round once. Its release copy shows the round left: the site refuses, trains nothing, and its ledger is left as
+    restored until a newer backup replaces it."""
+    import json
+
+    from client.app import SiteRefusal, train
+    from privacy.run_config import load_run_config
+    from shared_models.model import MultiModalTransformer
+    from shared_models.weights import state_arrays
+    from tests.sitefixtures import site_schema, site_tables, write_site
+
+    schema = site_schema()
+    schema_path = schema.save(tmp_path / "schema.json")
+    write_site(tmp_path / "site", site_tables(n_per_class=20))
+    run = _run(schema_path, **({"dp-mode": "site", "batch-size": 32} if mode == "site" else {}))
+    torch.manual_seed(0)
+    weights = state_arrays(MultiModalTransformer(schema, load_run_config(run).model))
+    ledger = tmp_path / "state" / "privacy-ledger.json"
+    backup = None
+    for rnd in (1, 2):
+        if rnd == 2:
+            backup = ledger.read_text()  # taken after round 1, before round 2
+        assert not train(_fit(weights, rnd), _context(tmp_path, run, {"require-secagg": False})).has_error()
+    sent_before = (tmp_path / "state" / "released" / "run-X" / "round-0002.npz").read_bytes()
+    ledger.write_text(backup)  # the operator restores it
+    with pytest.raises(SiteRefusal, match=r"no record of 1 update\(s\) the site sent \(run-X/round-0002 .* Restore a "
+                       "backup of the ledger newer than the last round"):
+        train(_fit(weights, 2), _context(tmp_path, run, {"require-secagg": False}))
+    assert json.loads(ledger.read_text()) == json.loads(backup), "nothing was trained or spent"
+    assert (tmp_path / "state" / "released" / "run-X" / "round-0002.npz").read_bytes() == sent_before
