@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from logging import INFO, WARNING
@@ -376,48 +377,49 @@ def train(msg: Message, context: Context) -> Message:
 
     global_arrays = parameters_to_ndarrays(fitins.parameters)
     releases = ReleaseStore(settings.paths.state_dir)
-    if cfg.privacy.enabled and site.ledger.released(site.dataset_fingerprint, run_key, rnd) is not None:
+    if cfg.privacy.enabled and (entry := site.ledger.released(site.dataset_fingerprint, run_key, rnd)) is not None:
         _resend_terms(fitins, msg, settings, site, run_key, cfg, audit)
-        return _resend(msg, fitins, settings, releases.load(run_key, rnd), arrays_sha256(global_arrays), audit)
-    try:
-        result = train_round(site, global_arrays, cfg, run_key, rnd, site_seed=settings.index)
-    except BudgetError as e:
-        raise _refusal(fitins, msg, settings.name, str(e), audit)
-    except Exception:  # noqa: BLE001 - an error reply would carry the traceback (and maybe data) to the server
-        log(WARNING, "site %s: local training failed:\n%s", settings.name, traceback.format_exc())
-        raise _refusal(fitins, msg, settings.name, "local training failed (details in the site's log)", audit)
-    delta = [d.astype(np.float64) for d in result.delta]  # SecAgg+ scales and quantises in float64
-    if not all(np.isfinite(d).all() for d in delta):
-        # NaN or inf would pass SecAgg+'s range check and be quantised into garbage (or, without it, make the
-        # global model NaN for every site): the site sends nothing instead
-        start = "the global weights it received are not finite" if not all(
-            np.isfinite(a).all() for a in global_arrays) else "local training diverged"
-        raise _refusal(fitins, msg, settings.name, f"its update is not finite ({start}): nothing was sent; the "
-                       "operator should lower the learning rate (run config lr) or restart from a finite "
-                       "checkpoint", audit)
-    if max_weight:
-        # SecAgg+ clips |delta * weight / max_weight| to the clipping range silently: refuse instead.
-        peak = max(float(np.abs(d).max()) for d in delta) * weight / max_weight
-        clip = float(fitins.config.get(SECAGG_CLIPPING_RANGE, cfg.secagg.clipping_range))
-        if peak > clip:
-            raise _refusal(fitins, msg, settings.name, f"its update ({peak:.3g}) exceeds secagg-clipping-range "
-                            f"{clip:g} and would be clipped silently; the operator must raise it", audit)
-    metrics = {k: float(v) for k, v in result.metrics.items()}
-    try:  # recorded before the update leaves the site
-        # under DP without the patient count: the entry's hash leaves as AUDIT_HEAD, and with every other field
-        # known to the server (or guessable: seq, a timestamp in the round's window) a count in it could be found
-        # by trying each value; the ledger keeps the count
-        counted = {} if cfg.privacy.enabled else {"patients": n}
-        trained = audit.append("round_trained", run=run_key, round=rnd, **counted,
-                               epsilon=metrics.get(EPSILON), steps=metrics.get(LOCAL_STEPS))
-    except (AuditError, OSError) as e:
-        log(WARNING, "site %s: audit log: %s", settings.name, e)
-        raise _refusal(fitins, msg, settings.name, "its audit log cannot be written (details in the site's log)")
-    metrics[SITE] = settings.name
-    metrics[AUDIT_HEAD] = trained["hash"]  # the server records it: an anchor of this log outside the site
-    metrics = sent_metrics(metrics, FIT_METRICS, settings.name)
-    if cfg.privacy.enabled:  # kept before it leaves: a resumed server asking for this round again gets these bits back
-        releases.save(run_key, rnd, Release(arrays_sha256(global_arrays), delta, weight, metrics))
+        return _resend(msg, fitins, settings, releases.load(run_key, rnd), arrays_sha256(global_arrays), audit, entry)
+    with _withheld_if_refused(site, settings, run_key, rnd):  # a refusal after the spend: the ledger says so
+        try:
+            result = train_round(site, global_arrays, cfg, run_key, rnd, site_seed=settings.index)
+        except BudgetError as e:
+            raise _refusal(fitins, msg, settings.name, str(e), audit)
+        except Exception:  # noqa: BLE001 - an error reply would carry the traceback (and maybe data) to the server
+            log(WARNING, "site %s: local training failed:\n%s", settings.name, traceback.format_exc())
+            raise _refusal(fitins, msg, settings.name, "local training failed (details in the site's log)", audit)
+        delta = [d.astype(np.float64) for d in result.delta]  # SecAgg+ scales and quantises in float64
+        if not all(np.isfinite(d).all() for d in delta):
+            # NaN or inf would pass SecAgg+'s range check and be quantised into garbage (or, without it, make the
+            # global model NaN for every site): the site sends nothing instead
+            start = "the global weights it received are not finite" if not all(
+                np.isfinite(a).all() for a in global_arrays) else "local training diverged"
+            raise _refusal(fitins, msg, settings.name, f"its update is not finite ({start}): nothing was sent; the "
+                           "operator should lower the learning rate (run config lr) or restart from a finite "
+                           "checkpoint", audit)
+        if max_weight:
+            # SecAgg+ clips |delta * weight / max_weight| to the clipping range silently: refuse instead.
+            peak = max(float(np.abs(d).max()) for d in delta) * weight / max_weight
+            clip = float(fitins.config.get(SECAGG_CLIPPING_RANGE, cfg.secagg.clipping_range))
+            if peak > clip:
+                raise _refusal(fitins, msg, settings.name, f"its update ({peak:.3g}) exceeds secagg-clipping-range "
+                                f"{clip:g} and would be clipped silently; the operator must raise it", audit)
+        metrics = {k: float(v) for k, v in result.metrics.items()}
+        try:  # recorded before the update leaves the site
+            # under DP without the patient count: the entry's hash leaves as AUDIT_HEAD, and with every other field
+            # known to the server (or guessable: seq, a timestamp in the round's window) a count in it could be found
+            # by trying each value; the ledger keeps the count
+            counted = {} if cfg.privacy.enabled else {"patients": n}
+            trained = audit.append("round_trained", run=run_key, round=rnd, **counted,
+                                   epsilon=metrics.get(EPSILON), steps=metrics.get(LOCAL_STEPS))
+        except (AuditError, OSError) as e:
+            log(WARNING, "site %s: audit log: %s", settings.name, e)
+            raise _refusal(fitins, msg, settings.name, "its audit log cannot be written (details in the site's log)")
+        metrics[SITE] = settings.name
+        metrics[AUDIT_HEAD] = trained["hash"]  # the server records it: an anchor of this log outside the site
+        metrics = sent_metrics(metrics, FIT_METRICS, settings.name)
+        if cfg.privacy.enabled:  # kept before it leaves: a resumed server asking for this round again gets these bits back
+            releases.save(run_key, rnd, Release(arrays_sha256(global_arrays), delta, weight, metrics))
     res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(delta), weight, metrics)
     return Message(fitres_to_recorddict(res, keep_input=False), reply_to=msg)
 
@@ -519,36 +521,37 @@ def _train_distributed(msg: Message, fitins, context: Context, cfg: RunConfig, s
                              audit)
     global_arrays = parameters_to_ndarrays(fitins.parameters)
     releases = ReleaseStore(settings.paths.state_dir)
-    if site.ledger.released(site.dataset_fingerprint, run_key, rnd) is not None:
+    if (entry := site.ledger.released(site.dataset_fingerprint, run_key, rnd)) is not None:
         _resend_terms(fitins, msg, settings, site, run_key, cfg, audit)
         release = releases.load(run_key, rnd)
         if release is not None and (problem := grid.off_grid(release.delta, release.num_examples, n_sites)):
             raise _refusal(fitins, msg, settings.name, f"round {rnd} of run {run_key} was released on another SecAgg+ "
                            f"grid ({problem}); resent into this one, Flower would change the values and the sum would "
                            "not be the Skellam mechanism the site accounted for, so the site sends nothing", audit)
-        return _resend(msg, fitins, settings, release, arrays_sha256(global_arrays), audit)
-    try:
-        grid.check(n_sites)
-        server_plan = json.loads(fitins.config[NOISE_PLAN]) if NOISE_PLAN in fitins.config else None
-        result = distributed_round(site, global_arrays, cfg, run_key, rnd, grid, site_seed=settings.index,
-                                   server_plan=server_plan)
-    except (BudgetError, GridError) as e:
-        raise _refusal(fitins, msg, settings.name, str(e), audit)
-    except Exception:  # noqa: BLE001 - an error reply would carry the traceback (and maybe data) to the server
-        log(WARNING, "site %s: distributed step failed:\n%s", settings.name, traceback.format_exc())
-        raise _refusal(fitins, msg, settings.name, "local training failed (details in the site's log)", audit)
-    metrics = {k: float(v) for k, v in result.metrics.items()}
-    try:  # recorded before the update leaves the site
-        trained = audit.append("round_trained", run=run_key, round=rnd,  # no patient count (see train)
-                               epsilon=metrics[EPSILON], epsilon_worst_case=metrics[EPSILON_WORST_CASE],
-                               mechanism="skellam", trusted_sites=cfg.privacy.trusted_sites, steps=1)
-    except (AuditError, OSError) as e:
-        log(WARNING, "site %s: audit log: %s", settings.name, e)
-        raise _refusal(fitins, msg, settings.name, "its audit log cannot be written (details in the site's log)")
-    metrics[SITE] = settings.name
-    metrics[AUDIT_HEAD] = trained["hash"]
-    metrics = sent_metrics(metrics, FIT_METRICS, settings.name)
-    releases.save(run_key, rnd, Release(arrays_sha256(global_arrays), result.delta, result.num_examples, metrics))
+        return _resend(msg, fitins, settings, release, arrays_sha256(global_arrays), audit, entry)
+    with _withheld_if_refused(site, settings, run_key, rnd):  # a refusal after the spend: the ledger says so
+        try:
+            grid.check(n_sites)
+            server_plan = json.loads(fitins.config[NOISE_PLAN]) if NOISE_PLAN in fitins.config else None
+            result = distributed_round(site, global_arrays, cfg, run_key, rnd, grid, site_seed=settings.index,
+                                       server_plan=server_plan)
+        except (BudgetError, GridError) as e:
+            raise _refusal(fitins, msg, settings.name, str(e), audit)
+        except Exception:  # noqa: BLE001 - an error reply would carry the traceback (and maybe data) to the server
+            log(WARNING, "site %s: distributed step failed:\n%s", settings.name, traceback.format_exc())
+            raise _refusal(fitins, msg, settings.name, "local training failed (details in the site's log)", audit)
+        metrics = {k: float(v) for k, v in result.metrics.items()}
+        try:  # recorded before the update leaves the site
+            trained = audit.append("round_trained", run=run_key, round=rnd,  # no patient count (see train)
+                                   epsilon=metrics[EPSILON], epsilon_worst_case=metrics[EPSILON_WORST_CASE],
+                                   mechanism="skellam", trusted_sites=cfg.privacy.trusted_sites, steps=1)
+        except (AuditError, OSError) as e:
+            log(WARNING, "site %s: audit log: %s", settings.name, e)
+            raise _refusal(fitins, msg, settings.name, "its audit log cannot be written (details in the site's log)")
+        metrics[SITE] = settings.name
+        metrics[AUDIT_HEAD] = trained["hash"]
+        metrics = sent_metrics(metrics, FIT_METRICS, settings.name)
+        releases.save(run_key, rnd, Release(arrays_sha256(global_arrays), result.delta, result.num_examples, metrics))
     res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(result.delta), result.num_examples, metrics)
     return Message(fitres_to_recorddict(res, keep_input=False), reply_to=msg)
 
@@ -568,9 +571,35 @@ def _resend_terms(fitins, msg: Message, settings: SiteSettings, site, run_key: s
         raise _refusal(fitins, msg, settings.name, str(e), audit) from None
 
 
-def _resend(msg: Message, fitins, settings: SiteSettings, release, global_sha256: str, audit: AuditLog) -> Message:
+@contextmanager
+def _withheld_if_refused(site, settings: SiteSettings, run_key: str, rnd: int):
+    """A refusal once the round's spend is committed (the accountants disagree, the update is not finite or
+    outside SecAgg+'s range, the audit log cannot be written): nothing left the site, yet the spend counts (the
+    computation ran). The ledger entry says so (outcome "withheld" and why), so that a resumed server asking for
+    the round is told the truth, not that its copy is gone."""
+    try:
+        yield
+    except SiteRefusal as e:
+        try:
+            if (site.ledger.released(site.dataset_fingerprint, run_key, rnd) is not None
+                    and not ReleaseStore(settings.paths.state_dir).has(run_key, rnd)):
+                site.ledger.note_outcome(site.dataset_fingerprint, run_key, rnd, status="withheld",
+                                         reason=str(e)[:500])
+        except (ValueError, OSError) as note_error:
+            log(WARNING, "site %s: the ledger's note of a withheld update was not written: %s", settings.name,
+                note_error)
+        raise
+
+
+def _resend(msg: Message, fitins, settings: SiteSettings, release, global_sha256: str, audit: AuditLog,
+            entry: dict | None = None) -> Message:
     """A round of this run whose update already left the site: the same update again, or a refusal."""
     rnd, run_key = int(fitins.config[SERVER_ROUND]), str(fitins.config[RUN_KEY])
+    withheld = (entry or {}).get("outcome", {}).get("status") == "withheld"
+    if release is None and withheld:
+        raise _refusal(fitins, msg, settings.name, f"round {rnd} of run {run_key} was trained before and its update "
+                       f"withheld ({entry['outcome'].get('reason', '')}); its spend counts, and training it again "
+                       "would spend the privacy budget twice, so the site sends nothing", audit)
     if release is None or release.global_sha256 != global_sha256:
         raise _refusal(fitins, msg, settings.name, f"round {rnd} of run {run_key} was already trained and sent "
                        + ("from other global weights" if release is not None else "(its copy is gone)")

@@ -266,3 +266,35 @@ def test_a_ledger_older_than_the_sites_releases_is_not_trained_on(tmp_path, mode
         train(_fit(weights, 2), _context(tmp_path, run, {"require-secagg": False}))
     assert json.loads(ledger.read_text()) == json.loads(backup), "nothing was trained or spent"
     assert (tmp_path / "state" / "released" / "run-X" / "round-0002.npz").read_bytes() == sent_before
+
+
+def test_a_dp_update_withheld_after_its_spend_is_recorded_as_withheld_not_as_sent(tmp_path):
+    """A refusal after the round's spend is committed (here: the update is not finite) sends nothing, yet the spend
+    counts. The ledger entry says "withheld" and why, and a resumed server asking for the round is told that, not
+    that the update was sent and its copy is gone."""
+    import json
+
+    import numpy as np
+
+    from client.app import SiteRefusal, train
+    from privacy.run_config import load_run_config
+    from shared_models.model import MultiModalTransformer
+    from shared_models.weights import state_arrays
+    from tests.sitefixtures import site_schema, site_tables, write_site
+
+    schema = site_schema()
+    schema_path = schema.save(tmp_path / "schema.json")
+    write_site(tmp_path / "site", site_tables(n_per_class=20))
+    run = _run(schema_path, **{"dp-mode": "site", "batch-size": 32})
+    weights = state_arrays(MultiModalTransformer(schema, load_run_config(run).model))
+    weights[0] = np.full_like(weights[0], np.nan)
+    node = {"require-secagg": False}
+    with pytest.raises(SiteRefusal, match="its update is not finite"):
+        train(_fit(weights), _context(tmp_path, run, node))
+    [entry] = json.loads((tmp_path / "state" / "privacy-ledger.json").read_text())["entries"]
+    assert entry["status"] == "committed" and entry["outcome"]["status"] == "withheld"
+    assert "not finite" in entry["outcome"]["reason"]
+    assert not (tmp_path / "state" / "released" / "run-X").exists()
+    with pytest.raises(SiteRefusal, match="round 1 of run run-X was trained before and its update withheld "
+                                          r"\(.*not finite.*\); its spend counts"):
+        train(_fit(weights), _context(tmp_path, run, node))
