@@ -36,8 +36,8 @@ from privacy.accounting import BudgetError, SkellamSteps, compact, noise_multipl
 from privacy.clipping import clipped_sum, finite_samples_only, make_private
 from privacy import distributed
 from privacy.ledger import RunPlan
-from privacy.sampling import PaddedPoissonLoader, padded_sample
-from shared_models.evaluation import evaluate
+from privacy.sampling import PaddedPoissonLoader, padded_sample, step_rows
+from shared_models.evaluation import evaluate, predict_logits
 from shared_models.model import MultiModalTransformer
 from shared_models.protocol import (EPSILON, EPSILON_WORST_CASE, GRID_SCALE, LOCAL_STEPS, LOCAL_VAL_ACCURACY,
                                     LOCAL_VAL_MACRO_F1, NOISE_MULTIPLIER, ROUND_SECONDS, SAMPLE_RATE,
@@ -138,7 +138,7 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
             warnings.simplefilter("ignore")  # Opacus' notes on secure_mode and optimizer types
             if cfg.privacy.pad_batches:  # Poisson batches at a fixed cost (privacy/sampling.py), from the secret rng
                 loader = PaddedPoissonLoader.from_data_loader(loader, generator=engine.secure_rng, sample_rate=q,
-                                                              steps=per_epoch)
+                                                              steps=per_epoch, pad_to=cfg.privacy.pad_to)
             else:  # Opacus' own Poisson loader, at the run's sample rate
                 loader = DPDataLoader(loader.dataset, sample_rate=q, generator=engine.secure_rng)
             if cfg.privacy.clipping == "ghost":  # per-sample clipping without per-sample gradients; Opacus' noise
@@ -199,6 +199,12 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
                               "the round's update is withheld")
         metrics.update({EPSILON: spent, NOISE_MULTIPLIER: ticket.noise_multiplier, SAMPLE_RATE: ticket.sample_rate})
     val = evaluate(model, torch.from_numpy(site.val.x), torch.from_numpy(site.val.y)) if len(site.val.y) else None
+    if cfg.privacy.enabled and cfg.privacy.pad_to and len(site.val.y):
+        # dp-pad-to: the held-out part's forward pass costs what the bound's would (its rows again, discarded), so
+        # round_seconds do not tell the held-out part's size either
+        bound = round(cfg.privacy.pad_to * cfg.site.val_fraction / (1 - cfg.site.val_fraction))
+        if (extra := bound - len(site.val.y)) > 0:
+            predict_logits(model, torch.from_numpy(site.val.x[np.arange(extra) % len(site.val.y)]))
     if val is not None and len(site.val.y) >= cfg.site.min_count:
         metrics.update({LOCAL_VAL_ACCURACY: val.accuracy, LOCAL_VAL_MACRO_F1: val.macro_f1})
     local = model.state_dict()
@@ -262,7 +268,8 @@ def distributed_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: 
                                      mechanism=p)
     t_train = time.perf_counter()
     secret_dropout()  # the masks depend on which records were sampled: secret, as the sampling (dp_randomness)
-    rows, mask = padded_sample(n, p.sample_rate, dp_generator())  # Poisson sampling, secret; fixed cost
+    rows, mask = padded_sample(n, p.sample_rate, dp_generator(),  # Poisson sampling, secret; fixed cost
+                               step_rows(n, p.sample_rate, cfg.privacy.pad_to))
     grads = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
     if len(rows):
         tc = cfg.train_config()

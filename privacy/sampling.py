@@ -13,7 +13,9 @@ Both DP modes use it: `dp-mode = "distributed"` for its one step per round (clie
 `dp-mode = "site"` for every step of its local epochs (run config `dp-pad-batches`, on by default; the
 padding computed 1.37-1.39x the rows at the main job's expected batches of ~200 patients, and its sites'
 training took 1.24x the time: docs/results.md). The padded size grows with the site's patient count, so a
-round's seconds reveal the site's size roughly: a side channel the epsilon does not cover (docs/privacy.md).
+round's seconds reveal the site's size roughly: a side channel the epsilon does not cover (docs/privacy.md),
+unless the run sets `dp-pad-to`, a public bound on the sites' training patients: every site's steps then compute
+the bound's rows (`step_rows`), filler patients repeated where the site has fewer.
 """
 
 from __future__ import annotations
@@ -33,16 +35,26 @@ def padded_batch(n_patients: int, sample_rate: float, tail: float = PADDING_TAIL
     return int(min(n_patients, binom.isf(tail, n_patients, sample_rate)))
 
 
+def step_rows(n_patients: int, sample_rate: float, pad_to: int = 0) -> int:
+    """The rows each DP step of a site computes: padded_batch of its own patient count, or, with the run's public
+    bound `dp-pad-to` (at least the site's count), of the bound: then the seconds do not depend on the count."""
+    return padded_batch(max(n_patients, pad_to), sample_rate) if n_patients > 0 else 0
+
+
 def padded_sample(n: int, sample_rate: float, generator: torch.Generator | None,
                   rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A Poisson sample of n patients at `sample_rate` (each independently, as Opacus' DPDataLoader draws it),
     padded to `rows` (default padded_batch(n, q)) with patients it did not sample: (row indices, mask: 1
-    sampled, 0 filler), both parts in a secret random order. A sample larger than `rows` is returned whole."""
+    sampled, 0 filler), both parts in a secret random order. A sample larger than `rows` is returned whole.
+    `rows` above n (a public bound, `step_rows`): the filler repeats patients, still weighted 0."""
     sampled = torch.rand(n, generator=generator) < sample_rate
     chosen = sampled.nonzero().squeeze(1)
     fill = max(0, (padded_batch(n, sample_rate) if rows is None else rows) - len(chosen))
     perm = torch.randperm(n, generator=generator)  # over all n: its cost does not depend on the sample
     filler = perm[~sampled[perm]][:fill]
+    if len(filler) < fill:  # drawn whatever the sample is: the cost stays the bound's
+        extra = torch.randint(n, (max(0, (rows or 0) - n),), generator=generator)
+        filler = torch.cat([filler, extra[:fill - len(filler)]])
     index = torch.cat([chosen, filler])
     mask = torch.cat([torch.ones(len(chosen)), torch.zeros(len(filler))])
     order = torch.randperm(len(index), generator=generator)
@@ -57,20 +69,20 @@ class PaddedPoissonLoader:
     len(loader.dataset))."""
 
     def __init__(self, dataset: torch.utils.data.TensorDataset, steps: int, generator: torch.Generator | None,
-                 sample_rate: float | None = None):
+                 sample_rate: float | None = None, pad_to: int = 0):
         if steps < 1:
             raise ValueError(f"a padded Poisson loader needs at least one step per epoch; got {steps}")
         self.dataset, self.steps, self.generator = dataset, steps, generator
         self.sample_rate = 1.0 / steps if sample_rate is None else float(sample_rate)
-        self.rows = padded_batch(len(dataset), self.sample_rate)
+        self.rows = step_rows(len(dataset), self.sample_rate, pad_to)
 
     @classmethod
     def from_data_loader(cls, loader, generator: torch.Generator | None, sample_rate: float | None = None,
-                         steps: int | None = None) -> "PaddedPoissonLoader":
+                         steps: int | None = None, pad_to: int = 0) -> "PaddedPoissonLoader":
         if not isinstance(loader.dataset, torch.utils.data.TensorDataset):
             raise TypeError("padded Poisson batches need the loader's dataset as a TensorDataset (x, y); got "
                             f"{type(loader.dataset).__name__}")
-        return cls(loader.dataset, len(loader) if steps is None else steps, generator, sample_rate)
+        return cls(loader.dataset, len(loader) if steps is None else steps, generator, sample_rate, pad_to)
 
     def __len__(self) -> int:
         return self.steps

@@ -169,6 +169,11 @@ class PrivacySection(_Section):
         "(the Poisson sample, padded with patients it did not sample, weighted 0), so a round's seconds do not "
         "reveal how many patients were sampled; ~1.4x the rows at the default batch (privacy/sampling.py). "
         "dp-mode 'distributed' always pads")
+    pad_to: int = Field(
+        0, alias="dp-pad-to", ge=0, description="under DP with padded batches, every site's steps compute the rows "
+        "of a site of this many training patients (a public bound, at least the largest site's), so a round's "
+        "seconds do not depend on a site's patient count; a site with more pads to its own. 0: each site pads to "
+        "its own count, and the seconds reveal its size roughly (docs/privacy.md)")
     mode: Literal["site", "distributed"] = Field(
         "site", alias="dp-mode", description="'site': each site's update is DP on its own (trusts nobody); "
         "'distributed': one DP-SGD step of the whole consortium per round, DP for the SecAgg+ sum as long as "

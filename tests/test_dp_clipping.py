@@ -341,6 +341,35 @@ def test_a_padded_poisson_sample_has_a_fixed_size_and_samples_each_patient_indep
     assert sorted(rows.tolist()) == list(range(8)) and bool(mask.all())
 
 
+def test_with_a_public_bound_every_site_computes_the_same_rows_and_samples_as_before():
+    """dp-pad-to: a site of 40 patients and one of 300 both compute the bound's rows each step (the seconds no
+    longer tell their sizes apart); the filler repeats patients where the site has fewer, weighted 0, and each
+    patient is still sampled independently at the rate."""
+    from scipy import stats
+
+    from privacy.sampling import PaddedPoissonLoader, padded_batch, padded_sample, step_rows
+
+    q, bound = 0.3, 1000
+    assert step_rows(40, q, bound) == step_rows(300, q, bound) == padded_batch(bound, q) > 300
+    assert step_rows(1200, q, bound) == padded_batch(1200, q)  # a site above the bound pads to its own
+    assert step_rows(300, q) == padded_batch(300, q) and step_rows(0, q, bound) == 0
+    gen = torch.Generator().manual_seed(1)
+    n, rows = 40, step_rows(40, q, bound)
+    counts, sizes = torch.zeros(n), []
+    for _ in range(3000):
+        index, mask = padded_sample(n, q, gen, rows)
+        assert len(index) == rows and int(index.max()) < n
+        assert len(set(index[mask.bool()].tolist())) == int(mask.sum())  # a sampled patient appears once
+        counts[index[mask.bool()]] += 1
+        sizes.append(int(mask.sum()))
+    sd = math.sqrt(n * q * (1 - q))
+    assert abs(sum(sizes) / len(sizes) - n * q) < 4 * sd / math.sqrt(len(sizes))
+    assert stats.chisquare(counts.numpy(), torch.full((n,), float(counts.sum()) / n).numpy()).pvalue > 1e-4
+    dataset = torch.utils.data.TensorDataset(torch.zeros(40, 3), torch.zeros(40, dtype=torch.long))
+    loader = PaddedPoissonLoader(dataset, steps=3, generator=gen, sample_rate=q, pad_to=bound)
+    assert loader.rows == rows and all(len(y) == rows for _, y, _ in loader)
+
+
 def test_the_noise_has_opacus_distribution_independent_gaussians_of_std_sigma_c_over_the_expected_batch():
     from scipy import stats
 

@@ -51,11 +51,13 @@ def test_reported_epsilon_is_the_closed_form_of_the_executed_steps(tmp_path):
 
 
 @pytest.mark.parametrize("clipping", ["ghost", "opacus"])
-@pytest.mark.parametrize("pad", [True, False])
+@pytest.mark.parametrize("pad", [True, False, 500])
 def test_every_dp_path_runs_the_planned_steps_and_accounts_them(tmp_path, clipping, pad):
-    """Both clippers, with padded batches (the default) and Opacus' own: the round runs its planned steps, the
-    update is finite, and the reported epsilon is the closed form of them."""
-    _, run, site, w = _setup(tmp_path, **{"dp-clipping": clipping, "dp-pad-batches": pad, "sample-rate": 0.25})
+    """Both clippers, with padded batches (the default; 500: to a public bound of 500 patients, above the site's)
+    and Opacus' own: the round runs its planned steps, the update is finite, and the reported epsilon is the
+    closed form of them."""
+    _, run, site, w = _setup(tmp_path, **{"dp-clipping": clipping, "dp-pad-batches": bool(pad), "sample-rate": 0.25,
+                                          "dp-pad-to": 0 if isinstance(pad, bool) else pad})
     r = train_round(site, w, run, "run-A", 1)
     q = 0.25
     assert r.metrics["sample_rate"] == pytest.approx(q)
