@@ -45,6 +45,7 @@ from flwr.compat.common.recorddict_compat import (
 )
 
 from client.releases import Release, ReleaseStore
+from privacy import secagg_masks
 from privacy.audit import ANCHORS_FILE, AnchorStore, AuditError, AuditLog
 from privacy.run_config import load_run_config
 from privacy.site_config import NODE_POLICY_KEYS, SiteConfig
@@ -64,6 +65,9 @@ if TYPE_CHECKING:
 # torch, Opacus and the site's data are imported only by the handlers that need them: in a deployment
 # every message starts a fresh ClientApp process, and three of SecAgg+'s four stages need neither.
 MIN_AGGREGATE_SITES = SiteConfig.model_fields["min_aggregate_sites"].default  # a sum of one is one site's update
+
+
+secagg_masks.install()  # SecAgg+'s masks from the whole seed, as the server's workflow draws them (privacy/secagg_masks.py)
 
 
 class SiteRefusal(Exception):

@@ -102,7 +102,8 @@ def privacy_summary(cfg: RunConfig) -> str:
         return "no differential privacy: the model's only protection is SecAgg+ (the server sees sums of updates)"
     if cfg.privacy.distributed:
         return (f"dp-mode distributed (Skellam noise shares under SecAgg+): each site's epsilon holds for what the "
-                f"server sees as long as at least {cfg.privacy.trusted_sites} sites add their noise share and the server does "
+                f"server sees as long as at least {cfg.privacy.trusted_sites} of the sites in each round's sum add their noise "
+                f"share and the server does "
                 "not collude with enough sites to unmask single updates; each site also reports its worst case, its "
                 "own share alone")
     return "dp-mode site: each site's update is DP on its own; it holds whatever the server and other sites do"

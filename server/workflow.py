@@ -25,8 +25,11 @@ from flwr.server.workflow.default_workflows import (
 )
 from flwr.serverapp import Grid
 
+from privacy import secagg_masks
 from server import progress
 from shared_models.wire import is_packed, pack, unpack
+
+secagg_masks.install()  # SecAgg+'s masks from the whole seed, as the sites' mod draws them (privacy/secagg_masks.py)
 
 
 class PollingGrid:
