@@ -52,7 +52,7 @@ from privacy.site_config import NODE_POLICY_KEYS, SiteConfig
 from shared_models.protocol import (ARRAYS_RECORD, AUDIT_ANCHOR, AUDIT_HEAD, CONFIG_RECORD, EPSILON, EPSILON_WORST_CASE,
                                     EVALUATE_METRICS, FIT_METRICS, LOCAL_STEPS, LOSS, PACKAGE_INFO,
                                     NOISE_PLAN, PREVIOUS_ROUND, REFUSAL_PREFIX, REPLY, RESENT, ROUND_OUTCOME, RUN_KEY,
-                                    SAVE_MODEL,
+                                    SAVE_MODEL, SECAGG_MASKS,
                                     SECAGG_CLIPPING_RANGE, SECAGG_MAX_WEIGHT, SERVER_ROUND, SITE, DeliveryReply,
                                     ModelPackage, allowed_metrics)
 from shared_models.run_config import RunConfig
@@ -352,7 +352,7 @@ def train(msg: Message, context: Context) -> Message:
     context.state.config_records["oncofed"] = ConfigRecord({RUN_KEY: run_key, SERVER_ROUND: rnd})
     audit = site_audit(settings)
     keep_server_anchor(settings, context, cfg, fitins.config.get(AUDIT_ANCHOR))
-    if reason := budget_refusal(settings, cfg) or delta_refusal(settings, cfg):
+    if reason := budget_refusal(settings, cfg) or delta_refusal(settings, cfg) or masks_refusal(fitins):
         raise _refusal(fitins, msg, settings.name, reason, audit)
     try:
         site = prepared(settings, cfg, site_schema_path(context, cfg))
@@ -476,6 +476,19 @@ def stale_ledger_refusal(settings: SiteSettings, site) -> str:
             "state, e.g. restored from a backup taken before those rounds, and would spend them again. Restore a "
             "backup of the ledger newer than the last round; training is refused until then. Nothing was trained "
             "or sent")
+
+
+def masks_refusal(fitins) -> str:
+    """Why this site refuses a SecAgg+ round whose server draws masks another way ("" if it does not): the masks
+    would not cancel, and the sum the server steps on would be noise of the modulus' size, not the sites' sum."""
+    if float(fitins.config.get(SECAGG_MAX_WEIGHT, 0) or 0) <= 0:
+        return ""  # no SecAgg+
+    theirs = fitins.config.get(SECAGG_MASKS)
+    if theirs == secagg_masks.VERSION:
+        return ""
+    return (f"the server's SecAgg+ draws its masks as {theirs or 'Flower 1.41 does (32-bit seeds)'}, this site as "
+            f"{secagg_masks.VERSION} (privacy/secagg_masks.py): the masks would not cancel in the sum; the consortium "
+            "runs one OncoFed version at the server and every site. Nothing was trained or sent")
 
 
 def padding_refusal(settings: SiteSettings, cfg: RunConfig) -> str:

@@ -23,6 +23,7 @@ import hashlib
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+VERSION = "aes256-ctr-sha256-v1"  # sent with every training request (shared_models.protocol.SECAGG_MASKS)
 DOMAIN = b"oncofed secagg+ mask v1\x00"  # the key is SHA-256(DOMAIN + seed): no other use of a seed shares it
 
 

@@ -27,6 +27,7 @@ from flwr.server.compat import LegacyContext
 from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.serverapp import Grid, ServerApp
 
+from privacy import secagg_masks
 from privacy.audit import AuditLog, signed_anchor
 from privacy.run_config import load_run_config
 from privacy.signing import canonical, load_private, sign
@@ -40,7 +41,7 @@ from shared_models.evaluation import evaluate
 from shared_models.files import append_json_line, atomic_file, cut_partial_line
 from shared_models.model import MultiModalTransformer
 from shared_models.protocol import (AUDIT_ANCHOR, AUDIT_HEAD, EPSILON, EPSILON_WORST_CASE, NOISE_PLAN, RUN_KEY,
-                                    SECAGG_CLIPPING_RANGE, SECAGG_MAX_WEIGHT, SITE, ModelPackage)
+                                    SECAGG_CLIPPING_RANGE, SECAGG_MASKS, SECAGG_MAX_WEIGHT, SITE, ModelPackage)
 from shared_models.run_config import RunConfig
 from shared_models.schema import FeatureSchema
 from shared_models.site_data import load_labelled_site
@@ -307,7 +308,7 @@ def main(grid: Grid, context: Context) -> None:
                  dp=cfg.privacy.enabled, min_sites=cfg.federation.min_sites,
                  run_config_sha256=hashlib.sha256(canonical(dict(context.run_config))).hexdigest())
     fit_config = {RUN_KEY: start.run_key, SECAGG_MAX_WEIGHT: cfg.secagg.max_weight if cfg.secagg.enabled else 0.0,
-                  SECAGG_CLIPPING_RANGE: cfg.secagg.clipping_range}
+                  SECAGG_CLIPPING_RANGE: cfg.secagg.clipping_range, SECAGG_MASKS: secagg_masks.VERSION}
 
     def anchor_audit() -> str:  # the run log's head, signed, for every site to keep (privacy/audit.py)
         if signing_key is None:

@@ -27,6 +27,8 @@ AUDIT_ANCHOR = "audit-anchor"  # also in the model delivery: the server's signed
 #                                run has no signing key
 NOISE_PLAN = "noise-plan"  # dp-mode "distributed": JSON {"scale", "variance"} of the aggregate noise the server
 #                            computed; a site whose own plan differs refuses (the parties run different accountants)
+SECAGG_MASKS = "secagg-masks"  # how the server's SecAgg+ draws masks (privacy.secagg_masks.VERSION): a site that
+#                                draws them another way refuses, since their masks would not cancel in the sum
 PREVIOUS_ROUND = "previous-round"  # JSON {"round", "status", "reason"} of the round before (e.g. "abandoned": its
 #                                    sum was never unmasked); a DP site notes it on that round's ledger entry. The
 #                                    last round's travels with the model delivery (with RUN_KEY), or in a

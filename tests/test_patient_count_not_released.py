@@ -19,7 +19,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
 from flwr.compat.common.recorddict_compat import fitins_to_recorddict, recorddict_to_fitres
 
 from shared_models.protocol import (AUDIT_HEAD, LOCAL_VAL_ACCURACY, LOCAL_VAL_MACRO_F1, ROUND_SECONDS, RUN_KEY,
-                                    SECAGG_MAX_WEIGHT, SERVER_ROUND, TRAIN_SECONDS)
+                                    SECAGG_MASKS, SECAGG_MAX_WEIGHT, SERVER_ROUND, TRAIN_SECONDS)
+from privacy.secagg_masks import VERSION
 from tests.factories import site_message
 
 # What may differ between the two: the seconds (a side channel docs/privacy.md names), the audit chain's hash
@@ -40,7 +41,8 @@ def _reply(tmp: Path, site: str, tables, run: dict, weights):
     context = Context(run_id=1, node_id=1, state=state, run_config=run, node_config={
         "data-path": str(tmp / site), "state-dir": str(tmp / f"{site}-state"), "privacy-budget": 8.0,
         "max-trusted-sites": 3, "require-secagg": False, "site-name": "St Mary"})
-    fit = FitIns(ndarrays_to_parameters(weights), {SERVER_ROUND: 1, RUN_KEY: "run-X", SECAGG_MAX_WEIGHT: 2000.0})
+    fit = FitIns(ndarrays_to_parameters(weights), {SERVER_ROUND: 1, RUN_KEY: "run-X", SECAGG_MAX_WEIGHT: 2000.0,
+                                                   SECAGG_MASKS: VERSION})
     reply = train(site_message(fitins_to_recorddict(fit, keep_input=True)), context)
     assert not reply.has_error(), reply.error
     return recorddict_to_fitres(reply.content, keep_input=True)

@@ -41,3 +41,21 @@ def test_the_sites_mod_and_the_servers_workflow_both_use_them():
     from privacy.secagg_masks import installed
 
     assert installed()
+
+
+def test_a_site_refuses_a_secagg_round_whose_server_draws_masks_another_way():
+    """Masks drawn two ways do not cancel: the sum would be noise of the modulus' size. A site refuses a SecAgg+
+    round from a server that does not say it draws them as the site does, before anything is trained."""
+    from flwr.common import FitIns, ndarrays_to_parameters
+
+    from client.app import masks_refusal
+    from privacy.secagg_masks import VERSION
+    from shared_models.protocol import SECAGG_MASKS, SECAGG_MAX_WEIGHT
+
+    def fit(**config):
+        return FitIns(ndarrays_to_parameters([np.zeros(2)]), config)
+
+    assert masks_refusal(fit(**{SECAGG_MAX_WEIGHT: 2000.0, SECAGG_MASKS: VERSION})) == ""
+    assert masks_refusal(fit(**{SECAGG_MAX_WEIGHT: 0.0})) == ""  # no SecAgg+: no masks
+    assert "Flower 1.41 does (32-bit seeds)" in masks_refusal(fit(**{SECAGG_MAX_WEIGHT: 2000.0}))
+    assert "the masks would not cancel" in masks_refusal(fit(**{SECAGG_MAX_WEIGHT: 2000.0, SECAGG_MASKS: "other"}))
