@@ -325,14 +325,18 @@ def keep_server_anchor(settings: SiteSettings, context: Context, cfg: RunConfig,
         log(WARNING, "site %s: the server's audit anchor was not kept: %s", settings.name, e)
 
 
-def _refusal(fitins, msg: Message, site: str, reason: str, audit: AuditLog | None = None) -> SiteRefusal:
+def _refusal(fitins, msg: Message, site: str, reason: str, audit: AuditLog | None = None,
+             run_config: bool = False) -> SiteRefusal:
     """The round is refused: logged and audited here; raised by the caller, the site then drops out of the
-    round (see site_policy_mod). The reason says why in words that name no patient."""
+    round (see site_policy_mod). The reason says why in words that name no patient. `run_config`: the run's
+    settings cause it, and would again in every later round (see `_withheld_if_refused`)."""
     log(WARNING, "site %s refuses the round: %s", site, reason)
     if audit is not None:
         _audit_quietly(audit, site, "round_refused", run=str(fitins.config.get(RUN_KEY)),
                        round=int(fitins.config.get(SERVER_ROUND, 0)), reason=reason)
-    return SiteRefusal(f"{site}: {reason}")
+    refusal = SiteRefusal(f"{site}: {reason}")
+    refusal.run_config = run_config
+    return refusal
 
 
 @app.train(mods=[site_policy_mod])
@@ -364,7 +368,8 @@ def train(msg: Message, context: Context) -> Message:
     if settings.require_dp and not cfg.privacy.enabled:
         raise _refusal(fitins, msg, settings.name, "site policy: training without differential privacy (run config "
                        "dp = false) is refused; the site's node config require-dp allows only DP-SGD", audit)
-    if reason := padding_refusal(settings, cfg) or (cfg.privacy.enabled and stale_ledger_refusal(settings, site)):
+    if reason := padding_refusal(settings, cfg) or (cfg.privacy.enabled and (
+            stale_ledger_refusal(settings, site) or withheld_refusal(site, run_key))):
         raise _refusal(fitins, msg, settings.name, reason, audit)
     if cfg.privacy.distributed:
         return _train_distributed(msg, fitins, context, cfg, settings, site, audit)
@@ -400,14 +405,15 @@ def train(msg: Message, context: Context) -> Message:
                 np.isfinite(a).all() for a in global_arrays) else "local training diverged"
             raise _refusal(fitins, msg, settings.name, f"its update is not finite ({start}): nothing was sent; the "
                            "operator should lower the learning rate (run config lr) or restart from a finite "
-                           "checkpoint", audit)
+                           "checkpoint", audit, run_config=True)
         if max_weight:
             # SecAgg+ clips |delta * weight / max_weight| to the clipping range silently: refuse instead.
             peak = max(float(np.abs(d).max()) for d in delta) * weight / max_weight
             clip = float(fitins.config.get(SECAGG_CLIPPING_RANGE, cfg.secagg.clipping_range))
             if peak > clip:
                 raise _refusal(fitins, msg, settings.name, f"its update ({peak:.3g}) exceeds secagg-clipping-range "
-                                f"{clip:g} and would be clipped silently; the operator must raise it", audit)
+                                f"{clip:g} and would be clipped silently; the operator must raise it", audit,
+                               run_config=True)
         metrics = {k: float(v) for k, v in result.metrics.items()}
         try:  # recorded before the update leaves the site
             # under DP without the patient count: the entry's hash leaves as AUDIT_HEAD, and with every other field
@@ -476,6 +482,18 @@ def stale_ledger_refusal(settings: SiteSettings, site) -> str:
             "state, e.g. restored from a backup taken before those rounds, and would spend them again. Restore a "
             "backup of the ledger newer than the last round; training is refused until then. Nothing was trained "
             "or sent")
+
+
+def withheld_refusal(site, run_key: str) -> str:
+    """Why this site refuses the run's next round before spending ("" if it does not): an earlier round of the run
+    was withheld after its spend for a cause the run's settings make (an update outside SecAgg+'s range, or not
+    finite), which every later round would meet again, spending the site's budget for nothing each time."""
+    for rnd, outcome in site.ledger.withheld(run_key):
+        if outcome.get("cause") == "run-config":
+            return (f"round {rnd} of run {run_key} was withheld after its spend ({outcome.get('reason', '')}); "
+                    "the run's settings would withhold every later round the same way, so the site refuses them "
+                    "before spending. The operator fixes the setting and starts a new run. Nothing was trained or sent")
+    return ""
 
 
 def masks_refusal(fitins) -> str:
@@ -601,7 +619,8 @@ def _withheld_if_refused(site, settings: SiteSettings, run_key: str, rnd: int):
             if (site.ledger.released(site.dataset_fingerprint, run_key, rnd) is not None
                     and not ReleaseStore(settings.paths.state_dir).has(run_key, rnd)):
                 site.ledger.note_outcome(site.dataset_fingerprint, run_key, rnd, status="withheld",
-                                         reason=str(e)[:500])
+                                         reason=str(e)[:500], **({"cause": "run-config"} if getattr(
+                                             e, "run_config", False) else {}))
         except (ValueError, OSError) as note_error:
             log(WARNING, "site %s: the ledger's note of a withheld update was not written: %s", settings.name,
                 note_error)

@@ -262,6 +262,11 @@ class PrivacyLedger:
             self._write(state)
         return plan
 
+    def withheld(self, run_id: str) -> list[tuple[int, dict]]:
+        """(round, outcome) of the run's rounds that were spent but whose update never left (outcome "withheld")."""
+        return [(e["round"], e["outcome"]) for e in self._read()["entries"] if e["run_id"] == run_id
+                and e["status"] == "committed" and e.get("outcome", {}).get("status") == "withheld"]
+
     def committed_rounds(self) -> set[tuple[str, int]]:
         """(run, round) of every update this ledger says left the site, on any dataset."""
         return {(e["run_id"], e["round"]) for e in self._read()["entries"] if e["status"] == "committed"}

@@ -268,10 +268,11 @@ def test_a_ledger_older_than_the_sites_releases_is_not_trained_on(tmp_path, mode
     assert (tmp_path / "state" / "released" / "run-X" / "round-0002.npz").read_bytes() == sent_before
 
 
-def test_a_dp_update_withheld_after_its_spend_is_recorded_as_withheld_not_as_sent(tmp_path):
+def test_a_dp_update_withheld_after_its_spend_is_recorded_as_withheld_and_the_runs_later_rounds_refused(tmp_path):
     """A refusal after the round's spend is committed (here: the update is not finite) sends nothing, yet the spend
-    counts. The ledger entry says "withheld" and why, and a resumed server asking for the round is told that, not
-    that the update was sent and its copy is gone."""
+    counts. The ledger entry says "withheld" and why. A cause the run's settings make (a review found a too small
+    secagg-clipping-range withholding every round, spending each) would recur in every later round: the site
+    refuses them before spending."""
     import json
 
     import numpy as np
@@ -295,6 +296,10 @@ def test_a_dp_update_withheld_after_its_spend_is_recorded_as_withheld_not_as_sen
     assert entry["status"] == "committed" and entry["outcome"]["status"] == "withheld"
     assert "not finite" in entry["outcome"]["reason"]
     assert not (tmp_path / "state" / "released" / "run-X").exists()
-    with pytest.raises(SiteRefusal, match="round 1 of run run-X was trained before and its update withheld "
-                                          r"\(.*not finite.*\); its spend counts"):
-        train(_fit(weights), _context(tmp_path, run, node))
+    assert entry["outcome"]["cause"] == "run-config"
+    # the run's settings (here its global weights) would withhold every later round after spending: refused first
+    ledger = (tmp_path / "state" / "privacy-ledger.json").read_text()
+    with pytest.raises(SiteRefusal, match="round 1 of run run-X was withheld after its spend .* the site refuses them "
+                                          "before spending"):
+        train(_fit(weights, 2), _context(tmp_path, run, node))
+    assert (tmp_path / "state" / "privacy-ledger.json").read_text() == ledger, "nothing spent"
