@@ -252,7 +252,7 @@ def init_site(root: str | Path, name: str, consortium_public: str | Path, data_p
     settings = SiteConfig.parse({
         "format": FILE_FORMAT, "site-name": name, "consortium": record["name"], "superlink": record["address"],
         "data-path": data_path, "state-dir": str(root / "state"), "model-dir": str(root / "models"),
-        "privacy-budget": float(budget), "min-count": int(min_count), "require-secagg": True,
+        "privacy-budget": float(budget), "privacy-delta": 1e-5, "min-count": int(min_count), "require-secagg": True,
         "signing-public-key": str(root / "trust" / "signing.pub"), "root-certificates": str(root / "trust" / "ca.crt"),
         "auth-supernode-private-key": str(root / "keys" / "site.key"), "schema": str(root / "trust" / "schema.json"),
         "schema-sha256": record["schema_sha256"], "public-key-sha256": fingerprint(root / "keys" / "site.key.pub")},

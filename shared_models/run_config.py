@@ -150,13 +150,18 @@ class SecAggSection(_Section):
         0.66, alias="secagg-threshold", gt=0, le=1, description="share of sites needed to unmask a round")
 
 
+MAX_DELTA = 1e-3  # the largest delta a run may ask for: far below 1 / (the patients of any site)
+
+
 class PrivacySection(_Section):
     """Record-level DP at each site (the site's node config overrides the budget in deployment)."""
 
     enabled: bool = Field(True, alias="dp", description="DP-SGD at every site (docs/privacy.md)")
     epsilon: float = Field(8.0, gt=0, description="per-site budget (simulation; a site's node config wins); at most "
                            "privacy.MAX_BUDGET: what the site's accounting verifies")
-    delta: float = Field(1e-5, gt=0, lt=1)
+    delta: float = Field(1e-5, gt=0, le=MAX_DELTA, description="the chance each site's guarantee fails outright; "
+                         f"at most {MAX_DELTA:g} (a delta near 1 / patients allows releasing a patient's record "
+                         "whole), 1e-5 by default")
     max_grad_norm: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
         "auto", alias="max-grad-norm", description="per-sample clipping bound C (without DP: the bound of each step's "
         "global gradient norm); 'auto': the recipe's for the run's dp and local optimizer in dp-mode 'site' (0.01 for "

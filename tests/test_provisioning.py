@@ -70,6 +70,7 @@ def test_a_site_key_is_an_openssh_p384_key_as_flower_node_authentication_loads_i
     assert saved == settings.model_dump(mode="json", by_alias=True, exclude_unset=True)  # written via the model
     assert saved["format"] == "oncofed-site/1" and saved["require-secagg"] is True and saved["min-count"] == 5
     assert saved["privacy-budget"] == 4.0 and saved["superlink"] == "fl.example.org:443"
+    assert saved["privacy-delta"] == 1e-5  # the site's own: a run's delta never re-prices its spend downwards
     assert (tmp_path / "site" / "trust" / "signing.pub").read_bytes() == (consortium / "public" / "signing.pub").read_bytes()
 
 

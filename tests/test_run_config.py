@@ -22,6 +22,15 @@ def test_the_entry_point_refuses_an_epsilon_above_what_the_sites_accounting_veri
     assert load_run_config({"schema": "s.json", "epsilon": MAX_BUDGET}).privacy.epsilon == MAX_BUDGET
 
 
+def test_a_delta_that_would_allow_releasing_a_record_whole_is_refused_naming_the_key():
+    # a review found delta 0.5 accepted, and a site without its own privacy-delta pinning its ledger to it
+    from privacy.run_config import load_run_config
+
+    assert load_run_config({"schema": "s.json", "delta": 1e-3}).privacy.delta == 1e-3
+    with pytest.raises(RunConfigError, match=r"delta: Input should be less than or equal to 0.001 \(got 0.5\)"):
+        load_run_config({"schema": "s.json", "delta": 0.5})
+
+
 def test_the_overrides_entry_point_refuses_an_epsilon_above_the_limit_and_says_why():
     with pytest.raises(RunConfigError, match=rf"(?s)^--set: .*epsilon: Input should be less than or equal to {LIMIT} .*"
                                              rf"at most {LIMIT} .*what the site's accounting verifies"):
