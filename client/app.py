@@ -710,6 +710,18 @@ def package_architecture(package: ModelPackage, cfg: RunConfig):
         raise ModelStoreError(f"the package's architecture is not one this site can build ({e}); not installed") from None
 
 
+def _run_normalizer(settings: SiteSettings, cfg: RunConfig, context: Context):
+    """The normalisation the run fitted at this site (its split is the run config's seed and val-fraction, DP or
+    not: client.site.prepare_site, the same in every process), kept with the installed version; None when the site
+    cannot prepare its data now (it then serves with STATE_DIR/normalizer.json, e.g. a site that never trained)."""
+    try:
+        return prepared(settings, cfg, site_schema_path(context, cfg)).normalizer
+    except Exception as e:  # noqa: BLE001 - the model installs either way; the reason goes to the log
+        log(WARNING, "site %s: the run's normalisation could not be kept with the model (%s); it is served with the "
+            "site's state normalizer.json", settings.name, e)
+        return None
+
+
 @app.query(SAVE_MODEL)
 def save_model(msg: Message, context: Context) -> Message:
     """Install the final global model pushed by the server as a new version of the site's store."""
@@ -745,7 +757,8 @@ def save_model(msg: Message, context: Context) -> Message:
             raise ModelStoreError(f"model built for schema {package.schema_hash[:12]}..., this site uses "
                                   f"{schema.content_hash()[:12]}...")
         version = store.install(schema, package_architecture(package, cfg), arrays, info,
-                                expected_arrays_sha256=package.arrays_sha256)
+                                expected_arrays_sha256=package.arrays_sha256,
+                                normalizer=_run_normalizer(settings, cfg, context))
         reply = DeliveryReply(site=settings.name, installed=True, version=version, path=str(store.root / version),
                               arrays_sha256=store.package(version)["arrays_sha256"])
         log(INFO, "site %s installed the global model of round %s as %s", settings.name, package.round, version)

@@ -32,6 +32,9 @@ PACKAGE_FORMAT = "oncofed-model-package/1"
 ACTIVE_REREAD_S = 1.0  # ModelStore.active reads ACTIVE again at least this often
 
 
+NORMALIZER = "normalizer.json"  # in a version's directory: the site's normalisation of the run that made it
+
+
 _STORE_KEYS = frozenset({"format", "version", "installed", "schema_hash", "arrays_sha256", "weights_sha256",
                          "delivery"})  # what the store itself writes into package.json; the rest is the delivery's
 _MISSING = object()
@@ -68,12 +71,12 @@ class ModelStore:
         return json.loads((self.root / version / "package.json").read_text())
 
     def install(self, schema: FeatureSchema, config: ModelConfig, arrays: list[np.ndarray], info: dict,
-                expected_arrays_sha256: str | None = None) -> str:
+                expected_arrays_sha256: str | None = None, normalizer=None) -> str:
         """Write a new version from the model's arrays and activate it; returns the version. The same run's model
         delivered again with the same description (`oncofed deliver` sends the saved package) activates the
         intact version already installed instead of adding a copy."""
         with self._install_lock():  # two deliveries at once (a resumed run's and `oncofed deliver`'s): one at a time
-            return self._install(schema, config, arrays, info, expected_arrays_sha256)
+            return self._install(schema, config, arrays, info, expected_arrays_sha256, normalizer)
 
     @contextmanager
     def _install_lock(self):
@@ -85,7 +88,7 @@ class ModelStore:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def _install(self, schema: FeatureSchema, config: ModelConfig, arrays: list[np.ndarray], info: dict,
-                 expected_arrays_sha256: str | None) -> str:
+                 expected_arrays_sha256: str | None, normalizer=None) -> str:
         got = arrays_sha256(arrays)
         if not all(np.isfinite(a).all() for a in arrays if np.issubdtype(np.asarray(a).dtype, np.floating)):
             raise ModelStoreError(f"the delivered model (run {info.get('run')}, round {info.get('round')}) has weights "
@@ -110,6 +113,8 @@ class ModelStore:
         tmp.mkdir()
         save_weights(model, tmp / "weights.pt", extra={k: info[k] for k in ("run", "round") if k in info})
         schema.save(tmp / "schema.json")
+        if normalizer is not None:  # the statistics this site's patients were normalised with in the run: the model's
+            normalizer.save(tmp / NORMALIZER)  # own, whatever later runs write to the site's state
         package = {"format": PACKAGE_FORMAT, "version": version, "installed": time.time(),
                    "schema_hash": schema.content_hash(), "arrays_sha256": got,
                    "weights_sha256": sha256_file(tmp / "weights.pt"), **info,

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.model_store import ModelStore, ModelStoreError
+from client.model_store import NORMALIZER, ModelStore, ModelStoreError
 from shared_models.schema import FeatureSchema
 from shared_models.site_data import Normalizer, TableError
 from shared_models.weights import load_weights
@@ -35,6 +35,15 @@ IG_CHUNK = 64
 
 from client.prediction_input import PredictionInputError  # noqa: E402,F401 - re-exported: the contract's error
 from client.prediction_input import feature_names, input_map, modality_bounds  # noqa: E402
+
+
+def normalizer_of(version_dir: Path, site_normalizer: Path) -> Path:
+    """The normalisation a version is served with: the one its run fitted at this site, kept in the version's
+    directory when it was installed (since 2026-12-05), else the site's STATE_DIR/normalizer.json. A later run,
+    even one the site refused, rewrites the latter, and a model scored with statistics it was not trained with
+    answers confidently wrong (a review measured mean shifts up to 9.7 standard deviations)."""
+    own = Path(version_dir) / NORMALIZER
+    return own if own.is_file() else Path(site_normalizer)
 
 
 @dataclass
@@ -143,8 +152,8 @@ class Predictor:
         root = self.store.root / version
         schema = FeatureSchema.load(root / "schema.json")
         model = load_weights(root / "weights.pt", schema).eval()
-        try:
-            normalizer = Normalizer.load(self.normalizer_path, schema)
+        try:  # the run's own, kept with the version at install; else the site's (`serve fit-normalizer`)
+            normalizer = Normalizer.load(normalizer_of(root, self.normalizer_path), schema)
         except TableError as e:
             raise ModelStoreError(f"{e}; a site that never trained fits one with `oncofed serve fit-normalizer`") from None
         lm = LoadedModel(version, schema, model, package, signature, normalizer, input_map(schema))

@@ -270,7 +270,10 @@ def audit(site_dir: Path, state_dir: Path, model_dir: Path, site: str, *, val_fr
     package_path = model_dir / version / "package.json"
     check_membership(ledger, fingerprint, package.get("run"), bool(package.get("dp")), ledger_path, val_fraction,
                      seed)
-    parts = as_trained(parts, schema, site_dir, state_dir / "normalizer.json", split, bool(package.get("dp")))
+    from client.predict import normalizer_of
+
+    parts = as_trained(parts, schema, site_dir, normalizer_of(model_dir / version, state_dir / "normalizer.json"),
+                       split, bool(package.get("dp")))
     enough_patients(parts, site_dir)
     unseen = parts.unseen
     claim = claimed_privacy(package, site, ledger, fingerprint, package_path, ledger_path)

@@ -83,6 +83,8 @@ def test_secagg_aggregate_equals_fedavg_of_what_the_sites_released_and_every_sit
         for d in result["deliveries"]:
             package = json.loads((Path(d["path"]) / "package.json").read_text())
             assert package["arrays_sha256"] == result["arrays_sha256"] and package["round"] == 2
+            # its architecture signed, and the site's normalisation of the run kept with it (served with it)
+            assert package["architecture"]["d_model"] == 64 and (Path(d["path"]) / "normalizer.json").is_file()
     for d in with_sa["deliveries"]:  # signed by the server, verified by the site, re-verifiable in its store
         from client.model_store import ModelStore
         from privacy.signing import load_public

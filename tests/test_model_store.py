@@ -213,3 +213,24 @@ def test_a_model_that_finished_before_the_active_one_is_not_installed_over_it(tm
     # a newer run installs; a package without the field (before 2026-12-05) is not compared
     assert store.install(tiny_schema(), CFG, _arrays(3), {"run": "r3", "round": 10, "finished": 3000.0}) == "v0003"
     assert store.install(tiny_schema(), CFG, _arrays(4), {"run": "r4", "round": 10}) == "v0004"
+
+
+def test_a_version_is_served_with_the_normalisation_of_its_own_run_whatever_later_runs_write(tmp_path):
+    # a review found a later run (even one the site refused) rewriting STATE_DIR/normalizer.json, the one file every
+    # version was served with: mean shifts up to 9.7 standard deviations for the model being served
+    import numpy as np
+
+    from client.predict import Predictor
+    from shared_models.site_data import Normalizer
+
+    schema = tiny_schema()
+    n = schema.layout().n_inputs
+    own = Normalizer(schema, np.full(n, 1.0), np.full(n, 2.0))
+    store = ModelStore(tmp_path / "models")
+    store.install(schema, CFG, _arrays(0), {"run": "r1", "round": 1}, normalizer=own)
+    (tmp_path / "state").mkdir()
+    Normalizer(schema, np.full(n, 9.0), np.full(n, 0.1)).save(tmp_path / "state" / "normalizer.json")  # a later run's
+    lm = Predictor(tmp_path / "models", tmp_path / "state" / "normalizer.json").current
+    assert np.array_equal(lm.normalizer.mean, own.mean) and np.array_equal(lm.normalizer.scale, own.scale)
+    store.install(schema, CFG, _arrays(1), {"run": "r0", "round": 1})  # installed without one: the site's file
+    assert Predictor(tmp_path / "models", tmp_path / "state" / "normalizer.json").current.normalizer.mean[0] == 9.0
