@@ -89,7 +89,7 @@ def site_start(
     directory: Path = typer.Argument(..., help="the site directory written by `oncofed site init`"),
     schema: Path = typer.Option(None, "--schema", help="the consortium's schema: the data is validated before "
                                 "connecting"),
-    port: int = typer.Option(9094, "--port", help="the SuperNode's local runtime port (127.0.0.1)"),
+    port: int = typer.Option(9094, "--port", min=1, max=65535, help="the SuperNode's local runtime port (127.0.0.1)"),
     superlink: str = typer.Option("", "--superlink", help="override site.json's server address HOST:PORT"),
     poll_interval: float = typer.Option(0.5, "--poll-interval", min=0.1, max=3.0,
                                         help="seconds between the SuperNode's pulls when idle (Flower: 3)"),
@@ -107,6 +107,11 @@ def site_start(
     from privacy.preflight import PreflightError, report
     from privacy.site_config import SiteConfigError
 
+    from privacy.site_config import HOST_PORT
+
+    if superlink and not HOST_PORT.fullmatch(superlink):
+        typer.echo(f"--superlink {superlink!r}: write HOST:PORT, e.g. fl.consortium.example:443", err=True)
+        raise typer.Exit(code=2)
     try:
         settings = load_site(directory)
         typer.echo(report(f"site {settings.site_name!r}",

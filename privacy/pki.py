@@ -120,6 +120,15 @@ def init_consortium(root: str | Path, name: str, address: str, now: dt.datetime 
     schema = Path(schema) if schema is not None else _default_schema()
     if not schema.is_file():
         raise ProvisioningError(f"--schema {schema}: no such file; pass the consortium's feature schema JSON")
+    try:  # signed into the bundle for good: a file that is no schema would stop every site's start, later
+        from shared_models.schema import FeatureSchema
+
+        FeatureSchema.load(schema)
+    except Exception as e:  # noqa: BLE001 - any reason it is not a schema
+        raise ProvisioningError(f"--schema {schema}: not a feature schema ({e}); pass the consortium's feature "
+                                "schema JSON (the bundle signs it, and it cannot be replaced later)") from None
+    if root.exists() and not root.is_dir():
+        raise ProvisioningError(f"{root}: not a directory; choose a new directory for the consortium")
     host, port = parse_address(address)
     if not 0 < internal_port < 65536 or (internal_port == port and host in ("127.0.0.1", "localhost")):
         raise ProvisioningError(f"--internal-port {internal_port}: the SuperLink's loopback port must be a free port "

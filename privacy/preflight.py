@@ -154,6 +154,8 @@ def check_site_key(path: Path) -> Check:
 
 def check_port_free(host: str, port: int, what: str) -> Check:
     name = f"{what} {host}:{port}"
+    if not 0 < int(port) < 65536:
+        return Check(name, False, f"port {port} is not a TCP port (1-65535); choose one in that range")
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is not "in use"
         try:

@@ -10,12 +10,17 @@ writes is what a reader reads. It lives beside the provisioning that writes it, 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from privacy import MAX_BUDGET
+
+# a server address: a host (a name, an IPv4 address or a bracketed IPv6 one) and a TCP port 1-65535
+HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}"
+                       r"|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])")
 from shared_models.files import read_json_file, write_json_atomic
 
 FILE_FORMAT = "oncofed-site/1"
@@ -77,8 +82,8 @@ class SiteConfig(BaseModel):
     site_name: str = Field("", alias="site-name", description="the site's name in the consortium (its ledger, "
                            "audit anchors and the server's records)")
     consortium: str = Field("", description="the consortium's name, from its public/ bundle")
-    superlink: str = Field("", description="the consortium server's address HOST:PORT (`site start --superlink` "
-                           "overrides it)")
+    superlink: str = Field("", description="the consortium server's address "
+                           "HOST:PORT, e.g. fl.consortium.example:443 (`site start --superlink` overrides it)")
     data_path: str = Field("", alias="data-path", description="the site directory of tables the site trains on "
                            "(see `oncofed validate`)")
     state_dir: str = Field(..., alias="state-dir", min_length=1, description="the site's state: privacy ledger, "
@@ -115,6 +120,21 @@ class SiteConfig(BaseModel):
 
     _source: str = PrivateAttr("site.json")
 
+
+    @field_validator("superlink")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        if v and not HOST_PORT.fullmatch(v):
+            raise ValueError("write HOST:PORT with a port 1-65535, e.g. fl.consortium.example:443")
+        return v
+
+    @field_validator("site_name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if any(c in v for c in '"\\\n'):
+            raise ValueError("a site name holds no quote, backslash or line break (Flower's node config could not "
+                             "carry it, and the SuperNode would not start)")
+        return v
     @classmethod
     def load(cls, path: str | Path) -> SiteConfig:
         path = Path(path)

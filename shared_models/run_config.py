@@ -332,6 +332,10 @@ class RunConfig(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
         fed, sa, dp = self.federation, self.secagg, self.privacy
+        if dp.enabled and self.site.val_fraction == 0:
+            raise ValueError("val-fraction 0 with dp: a DP site fits its normalisation on half its held-out part, "
+                             "which would be empty, so every site would refuse every round; use val-fraction > 0 "
+                             "(0.2 by default) or dp = false")
         if fed.sites and fed.min_sites > fed.sites:
             raise ValueError(f"min-sites {fed.min_sites} exceeds sites {fed.sites}: the server would wait for {fed.sites} "
                              f"sites while each site asks for {fed.min_sites} before it helps unmask a sum; lower "

@@ -228,3 +228,23 @@ def test_the_proxy_of_a_localhost_consortium_is_bound_to_loopback(tmp_path):
         from server.processes import stop_group
 
         stop_group(proc)
+
+
+def test_a_consortium_is_not_created_around_a_file_that_is_no_schema(tmp_path):
+    # the bundle signs the schema for good: a review created one with --schema /etc/passwd, and each site's
+    # start then failed pointing at the hospital's own data
+    from privacy.pki import ProvisioningError, init_consortium
+
+    (tmp_path / "notes.txt").write_text("root:x:0:0\n")
+    with pytest.raises(ProvisioningError, match=r"--schema .*notes.txt: not a feature schema"):
+        init_consortium(tmp_path / "op", "X", "fl.example.org:443", schema=tmp_path / "notes.txt")
+    assert not (tmp_path / "op").exists(), "no key was made"
+    with pytest.raises(ProvisioningError, match="not a directory"):
+        init_consortium(tmp_path / "notes.txt", "X", "fl.example.org:443")
+
+
+def test_a_port_outside_tcp_is_a_failed_check_not_a_traceback():
+    from privacy.preflight import check_port_free
+
+    check = check_port_free("127.0.0.1", 99999, "metrics")
+    assert not check.ok and "not a TCP port (1-65535)" in check.detail

@@ -31,6 +31,16 @@ def test_a_delta_that_would_allow_releasing_a_record_whole_is_refused_naming_the
         load_run_config({"schema": "s.json", "delta": 0.5})
 
 
+def test_dp_without_a_held_out_part_is_refused_at_the_start():
+    # every DP site fits its normalisation on half its held-out part: with val-fraction 0 each would refuse every
+    # round, and the operator would be told that every hospital's data failed validation
+    from privacy.run_config import load_run_config
+
+    with pytest.raises(RunConfigError, match="val-fraction 0 with dp"):
+        load_run_config({"schema": "s.json", "val-fraction": 0})
+    assert load_run_config({"schema": "s.json", "val-fraction": 0, "dp": False}).site.val_fraction == 0
+
+
 def test_the_overrides_entry_point_refuses_an_epsilon_above_the_limit_and_says_why():
     with pytest.raises(RunConfigError, match=rf"(?s)^--set: .*epsilon: Input should be less than or equal to {LIMIT} .*"
                                              rf"at most {LIMIT} .*what the site's accounting verifies"):

@@ -46,6 +46,9 @@ def test_a_site_init_file_and_a_serving_only_file_load(tmp_path):
     ({"privacy-delta": 1}, "privacy-delta", "less than 1 (got 1)"),
     ({"serve": {"min-coverage": 2}}, "serve.min-coverage", "less than or equal to 1 (got 2)"),
     ({"state-dir": None}, "state-dir", "valid string"),
+    ({"superlink": "fl.example"}, "superlink", "write HOST:PORT with a port 1-65535"),  # a traceback before
+    ({"superlink": "fl.example:99999"}, "superlink", "write HOST:PORT"),
+    ({"site-name": 'C"1'}, "site-name", "holds no quote"),  # the SuperNode would not start
 ])
 def test_a_bad_file_names_the_file_the_key_and_the_fix(tmp_path, change, key, said):
     path = _write(tmp_path, {**SITE_INIT, **change})
