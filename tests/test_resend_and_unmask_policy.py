@@ -303,3 +303,41 @@ def test_a_dp_update_withheld_after_its_spend_is_recorded_as_withheld_and_the_ru
                                           "before spending"):
         train(_fit(weights, 2), _context(tmp_path, run, node))
     assert (tmp_path / "state" / "privacy-ledger.json").read_text() == ledger, "nothing spent"
+
+
+def test_an_update_withheld_for_a_site_local_cause_is_told_as_withheld_when_asked_again(tmp_path, monkeypatch):
+    """The audit log cannot be written after the spend (a full disk): nothing is sent, the spend counts, and the
+    round asked again (a resumed server) is refused as withheld, not as sent with its copy gone. A cause of the
+    site's own does not bar the run's later rounds."""
+    import json
+
+    from client.app import SiteRefusal, train
+    from privacy.audit import AuditLog
+    from privacy.run_config import load_run_config
+    from shared_models.model import MultiModalTransformer
+    from shared_models.weights import state_arrays
+    from tests.sitefixtures import site_schema, site_tables, write_site
+
+    schema = site_schema()
+    schema_path = schema.save(tmp_path / "schema.json")
+    write_site(tmp_path / "site", site_tables(n_per_class=20))
+    run = _run(schema_path, **{"dp-mode": "site", "batch-size": 32})
+    weights = state_arrays(MultiModalTransformer(schema, load_run_config(run).model))
+    node = {"require-secagg": False}
+    append = AuditLog.append
+
+    def full_disk(self, event, **fields):
+        if event == "round_trained":
+            raise OSError(28, "No space left on device")
+        return append(self, event, **fields)
+
+    monkeypatch.setattr(AuditLog, "append", full_disk)
+    with pytest.raises(SiteRefusal, match="its audit log cannot be written"):
+        train(_fit(weights), _context(tmp_path, run, node))
+    monkeypatch.setattr(AuditLog, "append", append)
+    [entry] = json.loads((tmp_path / "state" / "privacy-ledger.json").read_text())["entries"]
+    assert entry["outcome"]["status"] == "withheld" and "cause" not in entry["outcome"]
+    with pytest.raises(SiteRefusal, match=r"round 1 of run run-X was trained before and its update withheld \(.*audit "
+                                          r"log cannot be written.*\); its spend counts"):
+        train(_fit(weights), _context(tmp_path, run, node))
+    assert not train(_fit(weights, 2), _context(tmp_path, run, node)).has_error()  # the run goes on
