@@ -54,6 +54,24 @@ def log_loss(logits: np.ndarray, y: np.ndarray, t: float = 1.0) -> float:
 TEMPERATURES = (0.05, 20.0)  # what the fit searches, and so all a calibration file can hold
 
 
+def min_calibration_patients(n_classes: int) -> int:
+    return max(100, 3 * n_classes)
+
+
+def refuse_fit(t: float, loss_before: float, loss_after: float, n_fit: int) -> None:
+    """A temperature not to serve, with why (ValueError; nothing is written): one the search ran to the edge for
+    (the labelled patients do not pin it down: on a few patients all answered right, the fit sharpens every
+    answer towards certainty), or one that does not lower the held-out half's log-loss."""
+    lo, hi = np.log(TEMPERATURES)
+    if not lo + 0.05 * (hi - lo) < np.log(t) < hi - 0.05 * (hi - lo):
+        raise ValueError(f"the fitted temperature {t:.3g} is at the edge of what the fit searches ({TEMPERATURES[0]:g}-"
+                         f"{TEMPERATURES[1]:g}): the {n_fit} fitting patients do not pin it down; calibrate on more "
+                         "labelled patients, including ones the model gets wrong. Nothing was written")
+    if not loss_after < loss_before:
+        raise ValueError(f"the fitted temperature {t:.3g} does not lower the held-out half's log-loss ({loss_before:.4f} "
+                         f"-> {loss_after:.4f}): it would not make the probabilities more honest. Nothing was written")
+
+
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     """T in TEMPERATURES minimising the log-loss: a coarse grid over log T, then golden-section refinement."""
     grid = np.exp(np.linspace(np.log(TEMPERATURES[0]), np.log(TEMPERATURES[1]), 61))
@@ -112,13 +130,16 @@ def calibrate(settings: SiteConfig, data_dir: Path, seed: int = 0) -> dict:
     checked = predictor.checked_tables(data_dir)
     lookup = {c: k for k, c in enumerate(lm.schema.classes)}
     keep = [k for k, pid in enumerate(checked.ids) if labels.get(pid) in lookup]
-    if len(keep) < 20:
+    need = min_calibration_patients(len(lm.schema.classes))
+    if len(keep) < need:
         raise ValueError(f"{data_dir}: {len(keep)} patients with a label of the schema's classes; calibration needs "
-                         "at least 20 (half to fit, half to check)")
+                         f"at least {need} (max(100, 3 x the {len(lm.schema.classes)} classes): half to fit, half to "
+                         "check; on a few patients, all answered right, the fit makes every answer near-certain)")
     y = np.array([lookup[labels[checked.ids[k]]] for k in keep])
     logits = site_logits(lm, checked.raw[keep])
     fit, held = split_halves(y, seed)
     t = fit_temperature(logits[fit], y[fit])
+    refuse_fit(t, log_loss(logits[held], y[held]), log_loss(logits[held], y[held], t), len(fit))
     before, after = _softmax(logits[held], 1.0), _softmax(logits[held], t)
     result = {"format": FORMAT, "model_version": lm.version, "weights_sha256": lm.package.get("weights_sha256"),
               "temperature": round(t, 6), "fitted": time.time(), "seed": seed, "n_fit": int(len(fit)),

@@ -349,16 +349,12 @@ def predict(
     batch_size: int = typer.Option(512, "--batch-size", min=1),
 ) -> None:
     """Batch predictions of the active model for every patient of a site directory."""
-    import csv
-
-    from rich.progress import Progress
-
     import getpass
 
     from client.model_store import ModelStoreError
     from client.predict import PredictionInputError, Predictor
-    from client.serve import _site_salt, prediction_entry
-    from privacy.audit import AuditLog
+    from client.serve import _site_salt
+    from privacy.audit import AuditError, AuditLog
 
     settings = _site_settings(site_config)
     if not data.is_dir():
@@ -387,7 +383,29 @@ def predict(
     lm, ids, raw = predictor.current, checked.ids, checked.raw
     classes = lm.schema.classes
     user, salt = getpass.getuser(), _site_salt(state)
-    with open(out, "w", newline="") as fh, Progress(transient=True) as bar:
+    # written beside `out` and renamed only once every batch is audited: no prediction reaches a file unaudited
+    partial = Path(out).with_name(f".{Path(out).name}.partial")
+    try:
+        _predict_batches(partial, predictor, lm, ids, raw, checked, batch_size, limits, audit, salt, user, classes)
+    except (AuditError, OSError) as e:
+        partial.unlink(missing_ok=True)
+        typer.echo(f"the site's audit log or {out} cannot be written ({e}): no predictions were written", err=True)
+        raise typer.Exit(code=2)
+    os.replace(partial, out)
+    for w_ in checked.warnings:
+        typer.echo(f"warning: {w_['loc']}: {w_['msg']}", err=True)
+    typer.echo(f"{len(ids)} patients -> {out} (model {lm.version}{', calibrated' if lm.calibration else ''})")
+
+
+def _predict_batches(path, predictor, lm, ids, raw, checked, batch_size, limits, audit, salt, user, classes) -> None:
+    """`oncofed predict`'s CSV, batch by batch: each batch audited (one entry) before its rows are written."""
+    import csv
+
+    from rich.progress import Progress
+
+    from client.serve import prediction_entry
+
+    with open(path, "w", newline="") as fh, Progress(transient=True) as bar:
         w = csv.writer(fh)
         w.writerow(["id", "predicted", "probability", "model_version", "coverage", "warnings",
                     *[f"p_{c}" for c in classes]])
@@ -395,6 +413,8 @@ def predict(
         for start in range(0, len(ids), batch_size):
             _, result = predictor.predict(raw[start:start + batch_size], lm=lm)
             batch_ids = ids[start:start + batch_size]
+            audit.append_many([prediction_entry(salt, user, lm.version, batch_ids,  # one entry per batch, first
+                                                [classes[int(k)] for k in result["predicted"]], "cli")])
             for i, pid in enumerate(batch_ids):
                 p = result["probabilities"][i]
                 k = int(result["predicted"][i])
@@ -402,11 +422,6 @@ def predict(
                 flags = [x["code"] for x in note["warnings"]] + (["low_confidence"] if p[k] < limits.low_confidence else [])
                 w.writerow([pid, classes[k], f"{p[k]:.6f}", lm.version, f"{note['coverage_total']:.3f}",
                             ";".join(flags), *[f"{v:.6f}" for v in p]])
-            fh.flush()
-            os.fsync(fh.fileno())
-            audit.append_many([prediction_entry(salt, user, lm.version, batch_ids,  # one entry per written batch
-                                                [classes[int(k)] for k in result["predicted"]], "cli")])
             bar.advance(task, min(batch_size, len(ids) - start))
-    for w_ in checked.warnings:
-        typer.echo(f"warning: {w_['loc']}: {w_['msg']}", err=True)
-    typer.echo(f"{len(ids)} patients -> {out} (model {lm.version}{', calibrated' if lm.calibration else ''})")
+        fh.flush()
+        os.fsync(fh.fileno())

@@ -233,6 +233,22 @@ def test_batch_cli(site, tmp_path):
     assert len(df) == N and (df["predicted"] == [site["schema"].classes[int(v)] for v in site["y"]]).mean() >= 0.8
 
 
+def test_the_batch_cli_writes_no_prediction_its_audit_log_did_not_record(site, tmp_path):
+    # a review broke the audit log's last line: 20 rows reached the CSV, then a traceback, and no audit entry
+    from typer.testing import CliRunner
+
+    from oncofed.cli import app
+
+    settings = _copy_site(site, tmp_path)  # noqa: F841 - the site's copy, with its own audit log
+    log = tmp_path / "state" / "audit.jsonl"
+    log.write_text(log.read_text() + '{"seq": "broken"\n' if log.exists() else '{"seq": "broken"\n')
+    out = tmp_path / "p.csv"
+    r = CliRunner().invoke(app, ["predict", "--site-config", str(tmp_path / "site.json"), "--data", str(site["data"]),
+                                 "--out", str(out), "--batch-size", "20"])
+    assert r.exit_code == 2 and "no predictions were written" in r.output, r.output
+    assert not out.exists() and not list(tmp_path.glob(".p.csv.partial"))
+
+
 def test_web_page_in_headless_chromium(site, live, tmp_path):
     """The page as a lab analyst sees it: notice and limits before upload, the token kept for the tab,
     full names, coverage per modality, warnings, feature meanings, the attention view labelled, CSV export."""
@@ -1474,12 +1490,32 @@ def test_calibration_is_fitted_at_the_site_and_checked_on_held_out_patients(site
     data = tmp_path / "labelled"
     shutil.copytree(site["data"], data)
     classes = site["schema"].classes
-    pd.DataFrame({"patient": [f"P{i:03d}" for i in range(N)], site["schema"].label_column:
-                  [classes[int(v)] for v in site["y"]]}).to_csv(data / "labels.csv", index=False)
+
+    def labels(wrong_every: int, n: int = N) -> None:
+        # every `wrong_every`-th patient labelled as the next class: patients the model gets wrong, as a real site has
+        pd.DataFrame({"patient": [f"P{i:03d}" for i in range(n)], site["schema"].label_column:
+                      [classes[(int(v) + bool(wrong_every and i % wrong_every == 0)) % len(classes)]
+                       for i, v in enumerate(site["y"][:n])]}
+                     ).to_csv(data / "labels.csv", index=False)
+
+    def calibrate():
+        return CliRunner().invoke(app, ["serve", "calibrate", "--site-config", str(tmp_path / "site.json"), "--data",
+                                        str(data)])
+
+    # a review: on patients the model nearly always gets right the fit ran to its floor (T 0.05, every logit x18),
+    # and answers at chance on patients missing a modality came out at 99%, "calibrated": refused, nothing written
+    labels(wrong_every=0)
+    r = calibrate()
+    assert r.exit_code == 2 and "at the edge of what the fit searches" in r.output, r.output
+    labels(wrong_every=5, n=80)
+    r = calibrate()
+    assert r.exit_code == 2 and "calibration needs at least 100" in r.output, r.output
+    assert not (tmp_path / "state" / "calibration.json").exists()
+    labels(wrong_every=5)
     before = TestClient(create_app(settings)).post("/v1/predict", json={"patients": [_patient(site, 9)], "top_k": 0},
                                                    headers=_auth(site["clinician"])).json()
     assert before["calibrated"] is False
-    r = CliRunner().invoke(app, ["serve", "calibrate", "--site-config", str(tmp_path / "site.json"), "--data", str(data)])
+    r = calibrate()
     assert r.exit_code == 0, r.output
     cal = json.loads((tmp_path / "state" / "calibration.json").read_text())
     assert cal["n_fit"] + cal["n_heldout"] == N and abs(cal["n_fit"] - cal["n_heldout"]) <= len(classes)
