@@ -5,8 +5,8 @@ site's 32-byte self-mask seed, a pair of sites' shared key) into 32 bits by XOR 
 Twister with them. A server that unmasks a sum of two sites learns one site's self-mask (it must, to
 unmask) and is left with that site's vector under one pairwise mask of 2^32 possible seeds: trying them all,
 the right seed is the one that leaves every coordinate in the quantisation range, and the site's own update
-comes out (a review of 2026-12-05 recovered it exactly in a search around the true seed: 2^18 seeds in 28.6 s
-of Python, so 2^32 in ~130 CPU-hours of Python and far less in C). With it, a sum of two is no aggregate.
+comes out (`benchmarks/secagg_mask_search.py` recovers it exactly: 2^18 seeds around the true one in 27 s of
+Python, so 2^32 in ~120 CPU-hours of Python and far less in C). With it, a sum of two is no aggregate.
 
 Here a mask is the AES-256-CTR keystream (the `cryptography` package) under SHA-256 of the whole seed, read as
 little-endian 64-bit words reduced modulo the range (a power of two in OncoFed's SecAgg+: uniform exactly).
