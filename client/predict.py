@@ -41,7 +41,8 @@ def normalizer_of(version_dir: Path, site_normalizer: Path) -> Path:
     """The normalisation a version is served with: the one its run fitted at this site, kept in the version's
     directory when it was installed (since 2026-12-05), else the site's STATE_DIR/normalizer.json. A later run,
     even one the site refused, rewrites the latter, and a model scored with statistics it was not trained with
-    answers confidently wrong (a review measured mean shifts up to 9.7 standard deviations)."""
+    answers confidently wrong (a review found a refused no-DP run shifting some features' means by several
+    standard deviations)."""
     own = Path(version_dir) / NORMALIZER
     return own if own.is_file() else Path(site_normalizer)
 
