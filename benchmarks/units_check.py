@@ -41,7 +41,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="an `oncofed simulate --out` directory")
     ap.add_argument("--sites", default="C0,C5")
+    ap.add_argument("--slopes", action="store_true", help="instead: each patient's slope against the site's mean "
+                    "profile (profile_slope), as exported and in another log base")
     args = ap.parse_args()
+    if args.slopes:
+        return slopes(args)
     limits = ServeSettings(max_patients=10**9)
     rows = []
     print(f"{'site':5} {'patients':22} {'modality':9} {'n':>5}  median |z| per patient: p50 / p99 / p99.9 / max")
@@ -66,6 +70,35 @@ def main() -> None:
                              "p99": round(p99, 2), "p99.9": round(p999, 2), "max": round(float(med.max()), 2)})
                 print(f"{site:5} {name:22} {m:9} {len(med):5}  {p50:8.2f} / {p99:8.2f} / {p999:8.2f} / {med.max():8.2f}")
     print(json.dumps({"benchmark": "units_check", "rows": rows}))
+
+
+def slopes(args) -> None:
+    """Each patient's slope against the site's mean profile (client.prediction_input.profile_slopes) per modality,
+    with the profile's spread (its SD over features in within-feature SDs), as exported and in another log base."""
+    from client.predict import Predictor
+    from client.prediction_input import profile_slopes
+    from privacy.site_config import ServeSettings, SiteConfig
+
+    limits = ServeSettings(max_patients=10**9)
+    print(f"{'site':5} {'patients':28} {'modality (spread)':17} {'n':>5}  slope per patient: p0.1 / p1 / p50 / p99 / "
+          "p99.9")
+    for site in args.sites.split(","):
+        cfg = SiteConfig.load(args.run / "state" / site / "site.json")
+        lm = Predictor(cfg.model_dir, Path(cfg.state_dir) / "normalizer.json", cfg.signing_public_key or None).current
+        own = Predictor(cfg.model_dir, Path(cfg.state_dir) / "normalizer.json").checked_tables(
+            args.run / "sites" / site, limits).raw
+        held = Predictor(cfg.model_dir, Path(cfg.state_dir) / "normalizer.json").checked_tables(
+            args.run / "sites" / "holdout", limits).raw
+        for name, raw, factor in (("own", own, 1.0), ("held-out", held, 1.0),
+                                  ("held-out, ln for log2", held, np.log(2)),
+                                  ("held-out, log10 for log2", held, np.log10(2))):
+            spread = {m: np.std(lm.normalizer.checked_mean[a:b]) / np.median(lm.normalizer.checked_scale[a:b])
+                      for m, a, b in lm.normalizer.checked_groups}
+            for m, s in profile_slopes(lm.normalizer, raw * factor, profile_min=0.0):  # every modality, to show why
+                m = f"{m} ({spread[m]:.2f})"  # the profile's spread: the service judges slopes from PROFILE_MIN
+                s = s[np.isfinite(s)]
+                q = np.percentile(s, [0.1, 1, 50, 99, 99.9])
+                print(f"{site:5} {name:28} {m:17} {len(s):5}  " + " / ".join(f"{v:6.2f}" for v in q))
 
 
 if __name__ == "__main__":

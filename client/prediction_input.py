@@ -136,6 +136,15 @@ def problem_dict(p: Problem, modality: str | None = None) -> dict:
 
 
 UNITS_MIN_VALUES = 10  # a modality's unit is judged on at least this many standardised values of a patient
+# Another log base (log10 or ln exported for log2) multiplies every value by a constant, drawing the values toward
+# 0, not away from the site's mean: the |z| test above misses it. A patient's slope against the site's mean
+# profile shows it, where that profile varies enough across features (its SD over the features, in within-feature
+# SDs, at least PROFILE_MIN: miRNA 3.5-3.7 at the main job's sites, copy number and RPPA 0.26-0.60).
+# `python benchmarks/units_check.py RUN --slopes` (docs/results.md): miRNA slopes of real patients 0.72-1.08
+# (0.1st-99.9th percentile, own and held-out hospitals), ln for log2 0.50-0.75, log10 for log2 0.22-0.33
+PROFILE_MIN = 2.0
+SLOPE_WARN = (0.76, 1.25)  # outside: flagged `units_scale`
+SLOPE_REFUSE = (0.5, 2.0)  # outside: refused (`units`)
 MAX_TEXT = 300  # characters of one text in a problem (an id or feature name may be megabytes long)
 
 
@@ -628,6 +637,27 @@ def tables_apart(frames: dict) -> dict | None:
             "fix": hint or "if these are the same patients, write their ids the same way in every table"}
 
 
+def profile_slopes(norm, raw: np.ndarray, profile_min: float = PROFILE_MIN) -> list[tuple[str, np.ndarray]]:
+    """(modality, each patient's slope of its values against the site's training means; NaN with fewer than
+    UNITS_MIN_VALUES values) for the modalities whose mean profile varies enough (`profile_min`)."""
+    x = raw[:, norm.checked].astype(np.float64)
+    out = []
+    for m, a, b in norm.checked_groups:
+        mu = norm.checked_mean[a:b]
+        if b - a < UNITS_MIN_VALUES or not np.std(mu) >= profile_min * np.median(norm.checked_scale[a:b]):
+            continue
+        block = x[:, a:b]
+        seen = ~np.isnan(block)
+        n = seen.sum(axis=1)
+        c = np.where(seen, mu - (np.where(seen, mu, 0).sum(axis=1, keepdims=True) / np.maximum(n, 1)[:, None]), 0.0)
+        v = np.where(seen, block, 0.0)
+        v = np.where(seen, v - v.sum(axis=1, keepdims=True) / np.maximum(n, 1)[:, None], 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            slope = (c * v).sum(axis=1) / (c * c).sum(axis=1)
+        out.append((m, np.where(n >= UNITS_MIN_VALUES, slope, np.nan)))
+    return out
+
+
 # --- the contract --------------------------------------------------------------------------------------
 def check_frames(schema: FeatureSchema, frames: dict, limits: ServeSettings) -> tuple[list[str], np.ndarray, list[dict], list[dict]]:
     """Frames -> ids, raw, errors, warnings (validation's messages)."""
@@ -665,6 +695,7 @@ def check_patients(lm, ids: list[str], raw: np.ndarray, limits: ServeSettings) -
             if b - a >= UNITS_MIN_VALUES:
                 block = z[:, a:b]
                 units.append((m, (block == block).sum(axis=1), (block > limits.units_sd).sum(axis=1)))
+    slopes = profile_slopes(norm, raw)
     names = [m.name for m in schema.modalities]
     notes, errors = [], []
     for i, pid in enumerate(ids):
@@ -697,6 +728,21 @@ def check_patients(lm, ids: list[str], raw: np.ndarray, limits: ServeSettings) -
                                       "would be a guess",
                                "fix": f"export the {m} values in the unit the schema describes (docs/site-data.md); "
                                       "if they are right, raise serve.units-sd in site.json"})
+        for m, slope in slopes:
+            k = float(slope[i])
+            if not np.isfinite(k) or SLOPE_WARN[0] <= k <= SLOPE_WARN[1]:
+                continue
+            scale = (f"its {m!r} values follow the site's mean profile at {k:.2f} times its scale (the site's own "
+                     f"patients: {SLOPE_WARN[0]:g}-{SLOPE_WARN[1]:g}): the values seem to be in another unit or log "
+                     "base (log10 or ln for log2 multiply them by 0.30 or 0.69)")
+            if not SLOPE_REFUSE[0] <= k <= SLOPE_REFUSE[1]:
+                errors.append({"loc": f"patient {pid}", "code": "units", "patients": [pid], "modality": m,
+                               "msg": scale + ", and any prediction would be a guess",
+                               "fix": f"export the {m} values in the unit and log base the schema describes "
+                                      "(docs/site-data.md)"})
+            else:
+                note["warnings"].append({"code": "units_scale", "msg": scale + "; check the export before relying "
+                                         "on this prediction"})
         if n_far[i]:
             js = np.flatnonzero(far[i])
             js = js[np.argsort(-z[i, js])][:5]

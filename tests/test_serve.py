@@ -1635,3 +1635,40 @@ def test_the_batching_window_waits_only_for_as_many_requests_as_the_last_batch_h
     q._last_jobs = 5
     q.jobs.put(job())
     assert timed_take(q)[1] < 0.1
+
+
+def test_values_in_another_log_base_are_flagged_or_refused(site, tmp_path):
+    """Another log base multiplies a modality's values by a constant, drawing them toward 0, not away from the site's
+    mean: the |z| test missed it, and a review's stand-in model answered log10 values at 97% confidence, nearly all
+    wrong. A patient's slope against the site's mean profile (where that profile varies: miRNA-like) shows it."""
+    from fastapi.testclient import TestClient
+
+    from shared_models.site_data import Normalizer
+
+    settings = _copy_site(site, tmp_path)
+    schema, layout = site["schema"], site["schema"].layout()
+    n = layout.n_inputs
+    m = max(schema.modalities, key=lambda mod: mod.n_features)  # the widest: a profile of many features
+    mean, scale = np.zeros(n), np.ones(n)
+    mean[layout.slices[m.name]] = np.linspace(2.0, 14.0, m.n_features)  # a miRNA-like profile in log2 units
+    Normalizer(schema, mean, scale).save(tmp_path / "state" / "normalizer.json")
+    rng = np.random.default_rng(0)
+
+    def patient(factor: float) -> dict:
+        p = _patient(site, 0)
+        vals = (mean[layout.slices[m.name]] + rng.normal(0, 0.7, m.n_features)) * factor
+        p["modalities"][m.name] = dict(zip(m.features, vals.tolist()))
+        return p
+
+    with TestClient(create_app(settings)) as c:
+        def ask(factor):
+            return c.post("/v1/predict", json={"patients": [patient(factor)], "top_k": 0},
+                          headers=_auth(site["clinician"]))
+
+        ok = ask(1.0)
+        assert ok.status_code == 200 and "units_scale" not in json.dumps(ok.json()), ok.json()
+        ln = ask(float(np.log(2)))  # ln exported for log2: flagged
+        assert ln.status_code == 200
+        assert "units_scale" in [w["code"] for w in ln.json()["predictions"][0]["warnings"]]
+        log10 = ask(float(np.log10(2)))  # log10 for log2: refused
+        assert log10.status_code == 422 and '"units"' in log10.text and "another unit or log base" in log10.text
