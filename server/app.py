@@ -157,7 +157,7 @@ def start_or_resume(cfg: RunConfig, context: Context, schema: FeatureSchema, out
         if frozen is None:
             raise ValueError(f"run config resume = true but {out} holds no started run ({out / 'run.json'} is "
                              "missing): nothing to resume; start the run without resume")
-        if changed := run_config_changes(frozen["run_config"], dict(context.run_config)):
+        if changed := run_config_changes(frozen["run_config"], dict(context.run_config), frozen["resolved"]):
             raise ValueError(f"{out / 'run.json'}: a resumed run keeps the configuration it started with; this "
                              f"request changes {'; '.join(changed)}. Resume without changes (`oncofed run --resume` "
                              "reloads it), or start a new run under another name")

@@ -145,10 +145,19 @@ UNFROZEN = ("resume", "keep-checkpoints")  # the run-config keys a resumed run m
 
 
 def freeze_run(out: Path, run_key: str, run_config: dict) -> None:
-    """Record the run before round 1: a crash at any later moment can be resumed as exactly this run."""
+    """Record the run before round 1: a crash at any later moment can be resumed as exactly this run. Beside the
+    request, its values as this code resolves them ("auto": the recipe's learning rate, batch and clipping bound),
+    so that a resume under code whose recipes differ is refused instead of training on with them."""
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / RUN_FILE, {"run_key": run_key, "run_config": {
-        k: v for k, v in sorted(run_config.items()) if k not in UNFROZEN}})
+    kept = {k: v for k, v in sorted(run_config.items()) if k not in UNFROZEN}
+    write_json_atomic(out / RUN_FILE, {"run_key": run_key, "run_config": kept, "resolved": _resolved(kept)})
+
+
+def _resolved(run_config: dict) -> dict:
+    from privacy.run_config import load_run_config
+
+    flat = load_run_config({k: v for k, v in run_config.items() if k not in UNFROZEN}, source="run config").flat()
+    return json.loads(json.dumps({k: v for k, v in flat.items() if k != "resume"}))
 
 
 def frozen_run(out: Path) -> dict | None:
@@ -158,16 +167,17 @@ def frozen_run(out: Path) -> dict | None:
         return None
     try:
         frozen = json.loads(f.read_text())
-        return {"run_key": str(frozen["run_key"]), "run_config": dict(frozen["run_config"])}
+        return {"run_key": str(frozen["run_key"]), "run_config": dict(frozen["run_config"]),
+                "resolved": dict(frozen["resolved"]) if "resolved" in frozen else None}  # None: a run.json before
     except (OSError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{f}: unreadable ({e}); the run cannot be resumed as it was started: start a new "
                               "run under another name") from None
 
 
-def run_config_changes(frozen: dict, requested: dict) -> list[str]:
-    """The keys a resume request changes, as 'key: frozen -> requested' (values compared as parsed)."""
-    from privacy.run_config import load_run_config
-
-    a = load_run_config(frozen, source="frozen run config").flat()
-    b = load_run_config({k: v for k, v in requested.items() if k not in UNFROZEN}, source="run config").flat()
-    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in sorted(a) if k != "resume" and a[k] != b[k]]
+def run_config_changes(frozen: dict, requested: dict, resolved: dict | None = None) -> list[str]:
+    """The keys a resume request changes, as 'key: frozen -> requested', compared as resolved: against the values
+    frozen at the start (`resolved`, from run.json) when there are some, so that "auto" resolved otherwise by the
+    code that resumes (another recipe) counts as a change; else as this code parses both."""
+    a = resolved if resolved is not None else _resolved(frozen)
+    b = _resolved(requested)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]

@@ -115,7 +115,7 @@ def resume_values(run_dir: Path, overrides: dict) -> dict:
         raise DeployError(f"run {run_dir.name!r} was never started ({run_dir / RUN_FILE} is missing): nothing to "
                           "resume; drop --resume")
     try:
-        changed = run_config_changes(frozen["run_config"], {**frozen["run_config"], **overrides})
+        changed = run_config_changes(frozen["run_config"], {**frozen["run_config"], **overrides}, frozen["resolved"])
     except RunConfigError as e:
         raise DeployError(str(e)) from None
     if changed:

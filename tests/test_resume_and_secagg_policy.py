@@ -75,6 +75,12 @@ def test_a_run_is_frozen_and_a_resume_that_changes_it_is_named(tmp_path):
     assert run_config_changes(frozen["run_config"], {**config, "resume": True}) == []
     assert run_config_changes(frozen["run_config"], {**config, "num-rounds": 10, "epsilon": 2}) == [
         "num-rounds: 2 -> 10"], "2 and 2.0 are the same epsilon; 10 rounds are not 2"
+    # "auto" is frozen as the code that started the run resolved it: a resume under code whose recipe differs (an
+    # upgrade in between) changes the run even though the request is the same
+    assert frozen["resolved"]["lr"] == 100 and frozen["resolved"]["max-grad-norm"] == 0.01
+    upgraded = {**frozen["resolved"], "lr": 50}
+    assert run_config_changes(frozen["run_config"], {**config, "resume": True}, frozen["resolved"]) == []
+    assert run_config_changes(frozen["run_config"], {**config, "resume": True}, upgraded) == ["lr: 50 -> 100.0"]
 
 
 def test_oncofed_run_resume_reloads_the_frozen_config_and_refuses_a_changing_set(tmp_path):
