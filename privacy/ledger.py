@@ -338,11 +338,15 @@ class PrivacyLedger:
         """Record what became of a committed round's update (e.g. status "abandoned" and the server's reason: its
         sum was never unmasked). The spend stays counted: the masked update left the site. False if the
         round has no committed entry here. `dataset` None: the run's round on whichever dataset it trained (a run
-        key and round name one spend; the model delivery, which loads no data, notes the last round so)."""
+        key and round name one spend; the model delivery, which loads no data, notes the last round so). A round the
+        site itself withheld keeps that outcome: the server's later word (e.g. "abandoned", since the site sent
+        nothing) does not replace what the site knows, which its later requests are refused on."""
         with self._locked() as state:
             for e in state["entries"]:
                 if ((e["run_id"], e["round"], e["status"]) == (run_id, rnd, "committed")
                         and dataset in (None, e["dataset"])):
+                    if e.get("outcome", {}).get("status") == "withheld":
+                        return False
                     e["outcome"] = {**outcome, "noted": time.time()}
                     self._write(state)
                     return True

@@ -329,3 +329,15 @@ def test_a_ledger_from_before_the_pinned_delta_takes_the_smallest_delta_its_runs
     (tmp_path / "ledger.json").write_text(json.dumps(state))
     looser = PrivacyLedger(tmp_path / "ledger.json", budget_epsilon=8.0, delta=0.1)
     assert looser.delta == DELTA and looser.spent(ds) == pytest.approx(spent)
+
+
+def test_a_round_the_site_withheld_keeps_that_outcome_whatever_the_server_says_of_it(tmp_path):
+    """A withheld round sent nothing, so the server may abandon it and say so with the next message (or the model
+    delivery). That word must not replace "withheld": the site's later requests for the run are refused on it."""
+    ledger = PrivacyLedger(tmp_path / "ledger.json", budget_epsilon=8.0, delta=DELTA)
+    dataset = ledger.register_dataset([f"p{i}" for i in range(40)], "schema")
+    ledger.commit_round(ledger.begin_round(dataset, "run-A", 1, 1.5, 0.3, 3), 3)
+    assert ledger.note_outcome(dataset, "run-A", 1, status="withheld", reason="not finite", cause="run-config")
+    assert not ledger.note_outcome(None, "run-A", 1, status="abandoned", reason="2 sites sent masked vectors")
+    [(rnd, outcome)] = ledger.withheld("run-A")
+    assert rnd == 1 and outcome["status"] == "withheld" and outcome["cause"] == "run-config"
