@@ -105,9 +105,7 @@ def site_start(
     """
     from client.supernode import load_site, run_supernode, site_checks
     from privacy.preflight import PreflightError, report
-    from privacy.site_config import SiteConfigError
-
-    from privacy.site_config import HOST_PORT
+    from privacy.site_config import HOST_PORT, SiteConfigError
 
     if superlink and not HOST_PORT.fullmatch(superlink):
         typer.echo(f"--superlink {superlink!r}: write HOST:PORT, e.g. fl.consortium.example:443", err=True)

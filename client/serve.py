@@ -386,7 +386,7 @@ def fit_normalizer(settings: SiteConfig, data_dir: Path, schema_path: Path | Non
     name its modality. Nothing is written unless the fit is accepted. Returns (path, patients, notes)."""
     import numpy as np
 
-    from client.model_store import ModelStore
+    from client.model_store import NORMALIZER, ModelStore
     from client.prediction_input import PredictionInputError, ServeSettings, check_frames, table_frames
     from shared_models.schema import FeatureSchema
     from shared_models.site_data import Normalizer, TableError, numeric_columns, scaled_columns
@@ -436,7 +436,7 @@ def fit_normalizer(settings: SiteConfig, data_dir: Path, schema_path: Path | Non
     u_mean[thin_u], u_scale[thin_u] = ((before.unscaled_mean[thin_u], before.unscaled_scale[thin_u])
                                        if before is not None else (np.nan, np.nan))
     Normalizer(schema, mean, scale, (u_mean, u_scale)).save(path)
-    if active is not None and (store.root / active / "normalizer.json").is_file():
+    if active is not None and (store.root / active / NORMALIZER).is_file():
         notes.append(f"the active model {active} keeps the normalisation of the run that trained it at this site and "
                      "is served with it; this fit serves models installed without one")
     return path, len(ids), notes

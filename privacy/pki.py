@@ -46,7 +46,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from privacy import MAX_BUDGET
 from privacy.signing import generate_signing_key, write_private
-from privacy.site_config import FILE_FORMAT, SiteConfig
+from privacy.site_config import FILE_FORMAT, HOST_PORT, SiteConfig
 from shared_models.files import sha256_file
 
 CA_DAYS, SERVER_DAYS = 5 * 365, 397
@@ -88,10 +88,11 @@ def _manifest_body(record: dict) -> bytes:
 
 
 def parse_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    """(host, port) of a server address, by the one rule a site's `superlink` is held to (site_config.HOST_PORT)."""
+    m = HOST_PORT.fullmatch(address)
+    if m is None:
         raise ProvisioningError(f"--address {address!r}: write HOST:PORT, e.g. fl.consortium.example:443")
-    return host.strip("[]"), int(port)
+    return m.group(1).strip("[]"), int(m.group(2))
 
 
 def _san(host: str) -> x509.GeneralName:

@@ -52,9 +52,8 @@ def padded_sample(n: int, sample_rate: float, generator: torch.Generator | None,
     fill = max(0, (padded_batch(n, sample_rate) if rows is None else rows) - len(chosen))
     perm = torch.randperm(n, generator=generator)  # over all n: its cost does not depend on the sample
     filler = perm[~sampled[perm]][:fill]
-    if len(filler) < fill:  # drawn whatever the sample is: the cost stays the bound's
-        extra = torch.randint(n, (max(0, (rows or 0) - n),), generator=generator)
-        filler = torch.cat([filler, extra[:fill - len(filler)]])
+    if len(filler) < fill:  # rows above n: rows - n repeats, whatever the sample is (the cost stays the bound's)
+        filler = torch.cat([filler, torch.randint(n, (fill - len(filler),), generator=generator)])
     index = torch.cat([chosen, filler])
     mask = torch.cat([torch.ones(len(chosen)), torch.zeros(len(filler))])
     order = torch.randperm(len(index), generator=generator)

@@ -17,13 +17,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from privacy import MAX_BUDGET
+from shared_models.files import read_json_file, write_json_atomic
+
+FILE_FORMAT = "oncofed-site/1"
 
 # a server address: a host (a name, an IPv4 address or a bracketed IPv6 one) and a TCP port 1-65535
 HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}"
                        r"|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])")
-from shared_models.files import read_json_file, write_json_atomic
 
-FILE_FORMAT = "oncofed-site/1"
 # What the SuperNode hands the deployed ClientApp (--node-config): where the site's data and state live,
 # and its policy, the keys on which the site is authoritative over any run config.
 NODE_POLICY_KEYS = ("site-name", "privacy-budget", "privacy-delta", "require-secagg", "min-aggregate-sites", "require-dp",
