@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("run", type=Path, help="an `oncofed simulate --out` directory")
     ap.add_argument("--sites", default="C0,C5")
     ap.add_argument("--slopes", action="store_true", help="instead: each patient's slope against the site's mean "
-                    "profile (profile_slope), as exported and in another log base")
+                    "profile (profile_slopes), as exported and in another log base")
     args = ap.parse_args()
     if args.slopes:
         return slopes(args)
@@ -76,7 +76,7 @@ def slopes(args) -> None:
     """Each patient's slope against the site's mean profile (client.prediction_input.profile_slopes) per modality,
     with the profile's spread (its SD over features in within-feature SDs), as exported and in another log base."""
     from client.predict import Predictor
-    from client.prediction_input import profile_slopes
+    from client.prediction_input import profile_slopes, profile_spread
     from privacy.site_config import ServeSettings, SiteConfig
 
     limits = ServeSettings(max_patients=10**9)
@@ -84,17 +84,16 @@ def slopes(args) -> None:
           "p99.9")
     for site in args.sites.split(","):
         cfg = SiteConfig.load(args.run / "state" / site / "site.json")
-        lm = Predictor(cfg.model_dir, Path(cfg.state_dir) / "normalizer.json", cfg.signing_public_key or None).current
-        own = Predictor(cfg.model_dir, Path(cfg.state_dir) / "normalizer.json").checked_tables(
-            args.run / "sites" / site, limits).raw
-        held = Predictor(cfg.model_dir, Path(cfg.state_dir) / "normalizer.json").checked_tables(
-            args.run / "sites" / "holdout", limits).raw
+        predictor = Predictor(cfg.model_dir, Path(cfg.state_dir) / "normalizer.json", cfg.signing_public_key or None)
+        norm = predictor.current.normalizer
+        own = predictor.checked_tables(args.run / "sites" / site, limits).raw
+        held = predictor.checked_tables(args.run / "sites" / "holdout", limits).raw
+        spread = {m: profile_spread(norm, a, b) for m, a, b in norm.checked_groups}
         for name, raw, factor in (("own", own, 1.0), ("held-out", held, 1.0),
                                   ("held-out, ln for log2", held, np.log(2)),
                                   ("held-out, log10 for log2", held, np.log10(2))):
-            spread = {m: np.std(lm.normalizer.checked_mean[a:b]) / np.median(lm.normalizer.checked_scale[a:b])
-                      for m, a, b in lm.normalizer.checked_groups}
-            for m, s in profile_slopes(lm.normalizer, raw * factor, profile_min=0.0):  # every modality, to show why
+            x = raw[:, norm.checked].astype(np.float64) * factor
+            for m, s in profile_slopes(norm, x, profile_min=0.0):  # every modality, to show why
                 m = f"{m} ({spread[m]:.2f})"  # the profile's spread: the service judges slopes from PROFILE_MIN
                 s = s[np.isfinite(s)]
                 q = np.percentile(s, [0.1, 1, 50, 99, 99.9])

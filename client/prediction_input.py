@@ -637,14 +637,20 @@ def tables_apart(frames: dict) -> dict | None:
             "fix": hint or "if these are the same patients, write their ids the same way in every table"}
 
 
-def profile_slopes(norm, raw: np.ndarray, profile_min: float = PROFILE_MIN) -> list[tuple[str, np.ndarray]]:
+def profile_spread(norm, a: int, b: int) -> float:
+    """How much a modality's training means vary across its features (checked columns a:b): their SD over the
+    features, in within-feature SDs."""
+    return float(np.std(norm.checked_mean[a:b]) / np.median(norm.checked_scale[a:b]))
+
+
+def profile_slopes(norm, x: np.ndarray, profile_min: float = PROFILE_MIN) -> list[tuple[str, np.ndarray]]:
     """(modality, each patient's slope of its values against the site's training means; NaN with fewer than
-    UNITS_MIN_VALUES values) for the modalities whose mean profile varies enough (`profile_min`)."""
-    x = raw[:, norm.checked].astype(np.float64)
+    UNITS_MIN_VALUES values) for the modalities whose mean profile varies enough (`profile_min`). `x`: the
+    patients' values of the normaliser's checked columns (raw[:, norm.checked], float64)."""
     out = []
     for m, a, b in norm.checked_groups:
         mu = norm.checked_mean[a:b]
-        if b - a < UNITS_MIN_VALUES or not np.std(mu) >= profile_min * np.median(norm.checked_scale[a:b]):
+        if b - a < UNITS_MIN_VALUES or not profile_spread(norm, a, b) >= profile_min:
             continue
         block = x[:, a:b]
         seen = ~np.isnan(block)
@@ -684,7 +690,8 @@ def check_patients(lm, ids: list[str], raw: np.ndarray, limits: ServeSettings) -
     # standard deviations from the site's training mean, numeric columns with statistics only (scaled, and unscaled ones observed)
     with np.errstate(invalid="ignore", over="ignore"):
         norm = lm.normalizer
-        z = np.abs((raw[:, norm.checked].astype(np.float64) - norm.checked_mean) / norm.checked_scale)
+        x = raw[:, norm.checked].astype(np.float64)
+        z = np.abs((x - norm.checked_mean) / norm.checked_scale)
         far = z > limits.out_of_range_sd  # a missing value (NaN) is never far
     n_far = far.sum(axis=1)
     # another unit or scale (raw counts for log values, x1000): most of a modality's values far from the site's
@@ -695,7 +702,7 @@ def check_patients(lm, ids: list[str], raw: np.ndarray, limits: ServeSettings) -
             if b - a >= UNITS_MIN_VALUES:
                 block = z[:, a:b]
                 units.append((m, (block == block).sum(axis=1), (block > limits.units_sd).sum(axis=1)))
-    slopes = profile_slopes(norm, raw)
+    slopes = profile_slopes(norm, x)
     names = [m.name for m in schema.modalities]
     notes, errors = [], []
     for i, pid in enumerate(ids):
