@@ -8,10 +8,22 @@ negative log-likelihood of softmax(logits / T), and reports the expected calibra
 `STATE_DIR/calibration.json`, tied to the model's weights (SHA-256): a newly delivered model is served
 uncalibrated (and says so) until the site calibrates it again. The predicted class never changes
 (dividing the logits by T > 0 keeps their order); only how sure the model says it is.
+
+A model is only as good as the modalities a patient has. The pan-cancer models lean on miRNA: at a site,
+patients with every modality but miRNA are classified right 7-38% of the time, and the uncalibrated no-DP
+model says 41-74% (docs/results.md, "Modality patterns"). So the command also measures every modality
+pattern (each non-empty set of modalities present) on the site's own patients: those who have the pattern's
+modalities, the others masked as missing. For each pattern with enough patients in both halves it fits a
+temperature on the first half and records the accuracy on the second. The service then divides a patient's
+logits by the temperature of the patient's own pattern, flags an answer whose pattern the site measured below
+`serve.min-pattern-accuracy` (`weak_pattern`), and one whose pattern it could not measure
+(`pattern_unmeasured`). A masked patient stands in for one who lacks the modality: that is an estimate, as
+patients who lack a modality in practice may differ in other ways.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -21,7 +33,10 @@ import numpy as np
 from privacy.site_config import SiteConfig
 from shared_models.files import write_text_atomic
 
-FORMAT = "oncofed-calibration/1"
+FORMAT = "oncofed-calibration/2"  # /2: with the modality patterns' temperatures and accuracies
+FORMATS = ("oncofed-calibration/1", FORMAT)  # a /1 file (one temperature) is still served
+PATTERN_MIN_HALF = 30  # patients with a pattern in each half before it is measured (accuracy's SE <= 0.09)
+MAX_PATTERN_MODALITIES = 10  # all 2^M - 1 patterns up to this many modalities; beyond, the patterns the site has
 ECE_BINS = 15
 
 
@@ -58,18 +73,19 @@ def min_calibration_patients(n_classes: int) -> int:
     return max(100, 3 * n_classes)
 
 
-def refuse_fit(t: float, loss_before: float, loss_after: float, n_fit: int) -> None:
-    """A temperature not to serve, with why (ValueError; nothing is written): one the search ran to the edge for
-    (the labelled patients do not pin it down: on a few patients all answered right, the fit sharpens every
-    answer towards certainty), or one that does not lower the held-out half's log-loss."""
+def fit_problem(t: float, loss_before: float, loss_after: float, n_fit: int) -> tuple[str, str] | None:
+    """Why a fitted temperature is not to be served, or None: ("edge", ...) for one the search ran to the edge for
+    (the labelled patients do not pin it down: on a few patients all answered right, the fit sharpens every answer
+    towards certainty); ("no_gain", ...) for one that does not lower the held-out half's log-loss."""
     lo, hi = np.log(TEMPERATURES)
     if not lo + 0.05 * (hi - lo) < np.log(t) < hi - 0.05 * (hi - lo):
-        raise ValueError(f"the fitted temperature {t:.3g} is at the edge of what the fit searches ({TEMPERATURES[0]:g}-"
-                         f"{TEMPERATURES[1]:g}): the {n_fit} fitting patients do not pin it down; calibrate on more "
-                         "labelled patients, including ones the model gets wrong. Nothing was written")
+        return "edge", (f"the fitted temperature {t:.3g} is at the edge of what the fit searches ({TEMPERATURES[0]:g}-"
+                        f"{TEMPERATURES[1]:g}): the {n_fit} fitting patients do not pin it down; calibrate on more "
+                        "labelled patients, including ones the model gets wrong")
     if not loss_after < loss_before:
-        raise ValueError(f"the fitted temperature {t:.3g} does not lower the held-out half's log-loss ({loss_before:.4f} "
-                         f"-> {loss_after:.4f}): it would not make the probabilities more honest. Nothing was written")
+        return "no_gain", (f"the fitted temperature {t:.3g} does not lower the held-out half's log-loss "
+                           f"({loss_before:.4f} -> {loss_after:.4f}): it would not make the probabilities more honest")
+    return None
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
@@ -100,15 +116,90 @@ def split_halves(y: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return np.array(sorted(fit)), np.array(sorted(held))
 
 
-def site_logits(lm, raw: np.ndarray, batch: int = 512) -> np.ndarray:
+def pattern_key(names) -> str:
+    """A modality pattern's name: the present modalities in the schema's order, joined by '+'."""
+    return "+".join(names)
+
+
+def site_logits(lm, raw: np.ndarray, batch: int = 512, keep_modalities=None) -> np.ndarray:
+    """The model's logits for raw rows; with `keep_modalities` (indices), every other modality masked as missing."""
     import torch
 
     out = []
     for start in range(0, len(raw), batch):
         x = torch.from_numpy(lm.normalizer.transform(raw[start:start + batch].copy()))
+        if keep_modalities is not None:
+            for j, s in enumerate(lm.model.slices):
+                if j not in keep_modalities:
+                    x[:, s] = float("nan")
         with torch.no_grad():
             out.append(lm.model(x).numpy().astype(np.float64))
     return np.concatenate(out) if out else np.zeros((0, lm.schema.n_classes))
+
+
+def could_have_trained(version_dir: Path, ids: list[str]) -> np.ndarray | None:
+    """Which of these patients fall in the training part of the run that made the installed version, at this site
+    (the run's split key, kept with the version since 2026-12-05: client.model_store.SPLIT), or None when the
+    version does not say. A patient the model trained on makes it look more accurate and surer than it is; the
+    no-DP main job's model gives its own training patients a log-loss of 0.05, which no temperature fitted on
+    them can turn into honest probabilities for other patients."""
+    from client.model_store import SPLIT
+    from client.site import held_out_split
+
+    try:
+        split = json.loads((Path(version_dir) / SPLIT).read_text())
+        seed, fraction = int(split["seed"]), float(split["val_fraction"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    train, _ = held_out_split(list(ids), fraction, seed)
+    out = np.zeros(len(ids), dtype=bool)
+    out[train] = True
+    return out
+
+
+def present_modalities(lm, raw: np.ndarray) -> np.ndarray:
+    """(patients, modalities) bool: which modalities the model sees as present (any value not missing)."""
+    return np.stack([~np.isnan(raw[:, s]).all(1) for s in lm.model.slices], 1) if len(raw) else \
+        np.zeros((0, len(lm.model.slices)), dtype=bool)
+
+
+def _candidate_patterns(present: np.ndarray) -> list[tuple[int, ...]]:
+    m = present.shape[1]
+    if m <= MAX_PATTERN_MODALITIES:
+        return [s for k in range(1, m + 1) for s in itertools.combinations(range(m), k)]
+    return sorted({tuple(np.flatnonzero(row)) for row in present if row.any()})
+
+
+def fit_patterns(lm, raw: np.ndarray, y: np.ndarray, fit: np.ndarray, held: np.ndarray) -> dict:
+    """Every modality pattern with PATTERN_MIN_HALF patients in each half: its temperature, fitted on the fit
+    half's patients who have the pattern's modalities (the others masked), and its accuracy, ECE and log-loss
+    on the held-out half's. A temperature fit_problem objects to is not kept (`temperature` None, `refused`
+    says why): such a pattern is served with the site's overall temperature, its accuracy still measured."""
+    names = [m.name for m in lm.schema.modalities]
+    present = present_modalities(lm, raw)
+    out = {}
+    for pattern in _candidate_patterns(present):
+        has = present[:, list(pattern)].all(1)
+        f, h = fit[has[fit]], held[has[held]]
+        if len(f) < PATTERN_MIN_HALF or len(h) < PATTERN_MIN_HALF:
+            continue
+        logits = site_logits(lm, raw[np.concatenate([f, h])], keep_modalities=set(pattern))
+        lf, lh, yf, yh = logits[:len(f)], logits[len(f):], y[f], y[h]
+        t: float | None = fit_temperature(lf, yf)
+        problem = fit_problem(t, log_loss(lh, yh), log_loss(lh, yh, t), len(f))
+        refused = None if problem is None else problem[1]
+        if problem:
+            t = None
+        served = _softmax(lh, t or 1.0)
+        entry = {"modalities": [names[j] for j in pattern], "n_fit": int(len(f)), "n_heldout": int(len(h)),
+                 "temperature": None if t is None else round(t, 6),
+                 "accuracy": round(float((served.argmax(1) == yh).mean()), 4),
+                 "ece_before": round(expected_calibration_error(_softmax(lh, 1.0), yh), 4),
+                 "ece_after": None if t is None else round(expected_calibration_error(served, yh), 4)}
+        if refused:
+            entry["refused"] = refused
+        out[pattern_key(entry["modalities"])] = entry
+    return out
 
 
 def calibrate(settings: SiteConfig, data_dir: Path, seed: int = 0) -> dict:
@@ -130,25 +221,38 @@ def calibrate(settings: SiteConfig, data_dir: Path, seed: int = 0) -> dict:
     checked = predictor.checked_tables(data_dir)
     lookup = {c: k for k, c in enumerate(lm.schema.classes)}
     keep = [k for k, pid in enumerate(checked.ids) if labels.get(pid) in lookup]
+    trained = could_have_trained(Path(settings.model_dir) / lm.version, [checked.ids[k] for k in keep])
+    if trained is not None:
+        keep = [k for k, was in zip(keep, trained) if not was]
     need = min_calibration_patients(len(lm.schema.classes))
     if len(keep) < need:
-        raise ValueError(f"{data_dir}: {len(keep)} patients with a label of the schema's classes; calibration needs "
-                         f"at least {need} (max(100, 3 x the {len(lm.schema.classes)} classes): half to fit, half to "
-                         "check; on a few patients, all answered right, the fit makes every answer near-certain)")
+        left_out = "" if trained is None else (f" ({int(trained.sum())} more are in the training part of the run that "
+                                               "made the model, and are left out: the model has seen them)")
+        raise ValueError(f"{data_dir}: {len(keep)} patients with a label of the schema's classes{left_out}; "
+                         f"calibration needs at least {need} (max(100, 3 x the {len(lm.schema.classes)} classes): half "
+                         "to fit, half to check; on a few patients, all answered right, the fit makes every answer "
+                         "near-certain)")
     y = np.array([lookup[labels[checked.ids[k]]] for k in keep])
     logits = site_logits(lm, checked.raw[keep])
     fit, held = split_halves(y, seed)
     t = fit_temperature(logits[fit], y[fit])
-    refuse_fit(t, log_loss(logits[held], y[held]), log_loss(logits[held], y[held], t), len(fit))
+    problem = fit_problem(t, log_loss(logits[held], y[held]), log_loss(logits[held], y[held], t), len(fit))
+    if problem and problem[0] == "edge":
+        raise ValueError(problem[1] + ". Nothing was written")
+    kept_own = problem[1] if problem else None  # no gain: the model's own probabilities (T 1); the patterns still count
+    if kept_own:
+        t = 1.0
     before, after = _softmax(logits[held], 1.0), _softmax(logits[held], t)
     result = {"format": FORMAT, "model_version": lm.version, "weights_sha256": lm.package.get("weights_sha256"),
               "temperature": round(t, 6), "fitted": time.time(), "seed": seed, "n_fit": int(len(fit)),
+              "left_out_trained": None if trained is None else int(trained.sum()), "overall_not_fitted": kept_own,
               "n_heldout": int(len(held)), "ece_bins": ECE_BINS,
               "heldout": {"ece_before": round(expected_calibration_error(before, y[held]), 4),
                           "ece_after": round(expected_calibration_error(after, y[held]), 4),
                           "log_loss_before": round(log_loss(logits[held], y[held]), 4),
                           "log_loss_after": round(log_loss(logits[held], y[held], t), 4),
-                          "accuracy": round(float((before.argmax(1) == y[held]).mean()), 4)}}
+                          "accuracy": round(float((before.argmax(1) == y[held]).mean()), 4)},
+              "patterns": fit_patterns(lm, checked.raw[keep], y, fit, held)}
     path = state / "calibration.json"
     write_text_atomic(path, json.dumps(result, indent=1))
     result["path"] = str(path)
@@ -161,9 +265,21 @@ def load_calibration(path: Path, version: str, package: dict) -> dict | None:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
-    if data.get("format") != FORMAT or data.get("weights_sha256") != package.get("weights_sha256"):
+    if data.get("format") not in FORMATS or data.get("weights_sha256") != package.get("weights_sha256"):
         return None
     t = data.get("temperature")
     if not isinstance(t, (int, float)) or not TEMPERATURES[0] <= t <= TEMPERATURES[1]:
         return None  # no fit gives it (a file edited by hand, or damaged): served uncalibrated, as /v1/model says
+    patterns = data.get("patterns", {})
+    if not isinstance(patterns, dict) or not all(_pattern_ok(p) for p in patterns.values()):
+        return None
     return data
+
+
+def _pattern_ok(entry) -> bool:
+    """A pattern entry a fit could have written: an accuracy in [0, 1], no temperature or one in TEMPERATURES."""
+    if not isinstance(entry, dict):
+        return False
+    t, acc = entry.get("temperature"), entry.get("accuracy")
+    return isinstance(acc, (int, float)) and 0 <= acc <= 1 and (
+        t is None or (isinstance(t, (int, float)) and TEMPERATURES[0] <= t <= TEMPERATURES[1]))

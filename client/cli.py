@@ -262,8 +262,39 @@ def serve_calibrate(
     h = r["heldout"]
     typer.echo(f"model {r['model_version']}: temperature {r['temperature']:.3f} fitted on {r['n_fit']} patients; on "
                f"{r['n_heldout']} held-out patients ECE {h['ece_before']:.3f} -> {h['ece_after']:.3f}, log-loss "
-               f"{h['log_loss_before']:.3f} -> {h['log_loss_after']:.3f} (accuracy {h['accuracy']:.3f}, unchanged)\n"
-               f"-> {r['path']} (served from the next request)")
+               f"{h['log_loss_before']:.3f} -> {h['log_loss_after']:.3f} (accuracy {h['accuracy']:.3f}, unchanged)")
+    if r["overall_not_fitted"]:
+        typer.echo(f"overall temperature kept at 1 (the model's own probabilities): {r['overall_not_fitted']}")
+    if r["left_out_trained"] is None:
+        typer.echo("warning: the model's version does not say which of these patients its run trained on (installed "
+                   "before 2026-12-05): all were used, and any it trained on make it look more accurate and surer than "
+                   "it is", err=True)
+    else:
+        typer.echo(f"left out: {r['left_out_trained']} patients in the training part of the run that made the model")
+    settings = _site_settings(site_config)
+    _echo_patterns(r["patterns"], settings.serve.min_pattern_accuracy)
+    typer.echo(f"-> {r['path']} (served from the next request)")
+
+
+def _echo_patterns(patterns: dict, floor: float) -> None:
+    """serve calibrate's table of modality patterns, weakest first."""
+    if not patterns:
+        typer.echo("modality patterns: none with enough patients in both halves to measure")
+        return
+    typer.echo(f"modality patterns (the others masked), on the held-out half, weakest first; below {floor:.0%}: "
+               "answers flagged weak_pattern")
+    typer.echo(f"  {'modalities present':<44} {'patients':>8} {'accuracy':>8} {'ECE before':>10} {'after':>6} "
+               f"{'temperature':>11}")
+    for key, e in sorted(patterns.items(), key=lambda kv: (kv[1]["accuracy"], kv[0])):
+        t = "-" if e["temperature"] is None else f"{e['temperature']:.3f}"
+        after = "-" if e["ece_after"] is None else f"{e['ece_after']:.3f}"
+        mark = "  weak" if e["accuracy"] < floor else ""
+        typer.echo(f"  {key:<44} {e['n_heldout']:>8} {e['accuracy']:>8.3f} {e['ece_before']:>10.3f} {after:>6} "
+                   f"{t:>11}{mark}")
+    refused = [k for k, e in patterns.items() if e["temperature"] is None]
+    if refused:
+        typer.echo(f"  ({len(refused)} patterns keep the overall temperature: their own fit was refused, e.g. "
+                   f"{refused[0]}: {patterns[refused[0]]['refused']})")
 
 
 def token_revoke(
@@ -401,6 +432,7 @@ def _predict_batches(path, predictor, lm, ids, raw, checked, batch_size, limits,
 
     from rich.progress import Progress
 
+    from client.predict import answer_warnings
     from client.serve import prediction_entry
 
     with open(path, "w", newline="") as fh, Progress(transient=True) as bar:
@@ -417,7 +449,8 @@ def _predict_batches(path, predictor, lm, ids, raw, checked, batch_size, limits,
                 p = result["probabilities"][i]
                 k = int(result["predicted"][i])
                 note = checked.notes[start + i]
-                flags = [x["code"] for x in note["warnings"]] + (["low_confidence"] if p[k] < limits.low_confidence else [])
+                more, _ = answer_warnings(lm, float(p[k]), result["present"][i], limits)
+                flags = [x["code"] for x in note["warnings"] + more]
                 w.writerow([pid, classes[k], f"{p[k]:.6f}", lm.version, f"{note['coverage_total']:.3f}",
                             ";".join(flags), *[f"{v:.6f}" for v in p]])
             bar.advance(task, min(batch_size, len(ids) - start))

@@ -69,7 +69,7 @@ def explain_request(predictor, lm, limits, kind: str, payload, top_k: int) -> di
     else:
         checked = checked_tables(lm, Path(payload), limits)
     lm, result = predictor.predict(checked.raw, top_k=top_k, lm=lm)
-    rows = add_notes(format_predictions(lm, checked.ids, result, top_k), checked.notes, limits.low_confidence)
+    rows = add_notes(format_predictions(lm, checked.ids, result, top_k), checked.notes, lm, limits)
     return {"version": lm.version, "calibrated": lm.calibration is not None, "warnings": checked.warnings,
             "ids": checked.ids, "predicted": [r["predicted"] for r in rows], "rows": orjson.dumps(rows)}
 

@@ -33,6 +33,7 @@ ACTIVE_REREAD_S = 1.0  # ModelStore.active reads ACTIVE again at least this ofte
 
 
 NORMALIZER = "normalizer.json"  # in a version's directory: the site's normalisation of the run that made it
+SPLIT = "split.json"  # in a version's directory: the run's split key at this site (which patients could have trained)
 
 
 _STORE_KEYS = frozenset({"format", "version", "installed", "schema_hash", "arrays_sha256", "weights_sha256",
@@ -71,12 +72,12 @@ class ModelStore:
         return json.loads((self.root / version / "package.json").read_text())
 
     def install(self, schema: FeatureSchema, config: ModelConfig, arrays: list[np.ndarray], info: dict,
-                expected_arrays_sha256: str | None = None, normalizer=None) -> str:
+                expected_arrays_sha256: str | None = None, normalizer=None, split: dict | None = None) -> str:
         """Write a new version from the model's arrays and activate it; returns the version. The same run's model
         delivered again with the same description (`oncofed deliver` sends the saved package) activates the
         intact version already installed instead of adding a copy."""
         with self._install_lock():  # two deliveries at once (a resumed run's and `oncofed deliver`'s): one at a time
-            return self._install(schema, config, arrays, info, expected_arrays_sha256, normalizer)
+            return self._install(schema, config, arrays, info, expected_arrays_sha256, normalizer, split)
 
     @contextmanager
     def _install_lock(self):
@@ -88,7 +89,7 @@ class ModelStore:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def _install(self, schema: FeatureSchema, config: ModelConfig, arrays: list[np.ndarray], info: dict,
-                 expected_arrays_sha256: str | None, normalizer=None) -> str:
+                 expected_arrays_sha256: str | None, normalizer=None, split: dict | None = None) -> str:
         got = arrays_sha256(arrays)
         if not all(np.isfinite(a).all() for a in arrays if np.issubdtype(np.asarray(a).dtype, np.floating)):
             raise ModelStoreError(f"the delivered model (run {info.get('run')}, round {info.get('round')}) has weights "
@@ -115,6 +116,8 @@ class ModelStore:
         schema.save(tmp / "schema.json")
         if normalizer is not None:  # the statistics this site's patients were normalised with in the run: the model's
             normalizer.save(tmp / NORMALIZER)  # own, whatever later runs write to the site's state
+        if split is not None:  # calibration then leaves out the patients the run may have trained on
+            (tmp / SPLIT).write_text(json.dumps(split))
         package = {"format": PACKAGE_FORMAT, "version": version, "installed": time.time(),
                    "schema_hash": schema.content_hash(), "arrays_sha256": got,
                    "weights_sha256": sha256_file(tmp / "weights.pt"), **info,

@@ -61,11 +61,49 @@ class LoadedModel:
     calibration: dict | None = None
 
     _traced: object = None
+    _patterns: tuple | None = None  # (the calibration they were looked up in, {(id, present row): pattern(row)})
 
     def __post_init__(self):
         self.feature_at = feature_names(self.schema)
         # for the input contract's per-request checks (client/prediction_input.py check_patients), once
         self.modality_starts, self.modality_sizes = modality_bounds(self.schema)
+
+    def pattern(self, present_row) -> tuple[dict | None, bool]:
+        """The site's measurement of this modality pattern (present_row: a bool per modality) and whether it is the
+        pattern's own. A pattern too few of the site's patients had is judged by its best measured sub-pattern
+        (more modalities are taken to make the model no worse: a lower bound); (None, False) when there is none,
+        or no calibration, or one from before patterns were measured (format /1)."""
+        key = (id(self.calibration), tuple(bool(p) for p in present_row))  # a few patterns, many patients: cached
+        if self._patterns is None or self._patterns[0] is not self.calibration:
+            self._patterns = (self.calibration, {})
+        hit = self._patterns[1].get(key)
+        if hit is None:
+            hit = self._patterns[1][key] = self._find_pattern(key[1])
+        return hit
+
+    def _find_pattern(self, present_row: tuple) -> tuple[dict | None, bool]:
+        from client.calibration import pattern_key
+
+        patterns = (self.calibration or {}).get("patterns") or {}
+        names = [m.name for m, p in zip(self.schema.modalities, present_row) if p]
+        own = patterns.get(pattern_key(names))
+        if own is not None:
+            return own, True
+        have = set(names)
+        subs = [e for e in patterns.values() if set(e["modalities"]) <= have]
+        return (max(subs, key=lambda e: (e["accuracy"], e["n_heldout"])), False) if subs else (None, False)
+
+    def temperatures(self, present: np.ndarray) -> np.ndarray:
+        """(B,) the temperature each patient's logits are divided by: its own modality pattern's, where the site
+        fitted one, else the site's overall one (1.0 uncalibrated)."""
+        out = np.full(len(present), self.temperature, dtype=np.float32)
+        if self.calibration and self.calibration.get("patterns") and len(present):
+            rows, which = np.unique(np.asarray(present, dtype=bool), axis=0, return_inverse=True)
+            for k, row in enumerate(rows):
+                entry, own = self.pattern(row)
+                if own and entry.get("temperature") is not None:
+                    out[which.reshape(-1) == k] = entry["temperature"]
+        return out
 
     def forward(self):
         """x (B, n_inputs), normalised -> (logits, modality weights or None, present): the model's
@@ -239,7 +277,8 @@ class Predictor:
         x = torch.from_numpy(lm.normalizer.transform(raw))  # a new array: raw is not changed
         with torch.inference_mode():
             logits, weights, present = lm.forward()(x)
-            probs = torch.softmax(logits / lm.temperature, dim=1).numpy()
+            temperatures = torch.from_numpy(lm.temperatures(present.numpy())).view(-1, 1)
+            probs = torch.softmax(logits / temperatures, dim=1).numpy()
         result = {"probabilities": probs, "predicted": probs.argmax(1),
                   "modality_weights": None if weights is None else weights.numpy(),
                   "present": present.numpy()}
@@ -298,14 +337,44 @@ def format_predictions(lm: LoadedModel, ids: list[str], result: dict, top_k: int
     return out
 
 
-def add_notes(rows: list[dict], notes: list[dict], low_confidence: float) -> list[dict]:
-    """The input contract's notes on each patient (coverage, out-of-range values) and a low-confidence warning
-    when the most likely class is below the site's `serve.low-confidence`."""
+def answer_warnings(lm: LoadedModel, confidence: float, present_row, limits) -> tuple[list[dict], dict | None]:
+    """What the answer itself says about its own trust (one home for the service, the page and `oncofed
+    predict`): a most likely class below `low-confidence`; a modality pattern the site measured below
+    `min-pattern-accuracy` (`weak_pattern`), or could not measure (`pattern_unmeasured`). Also the pattern's
+    measurement for the answer (None when the site has none)."""
+    warnings = []
+    if confidence < limits.low_confidence:
+        warnings.append({"code": "low_confidence", "msg": f"the most likely class has probability {confidence:.0%} "
+                         f"(below {limits.low_confidence:.0%}): no confident answer"})
+    measured, own = lm.pattern(present_row)
+    names = [m.name for m, p in zip(lm.schema.modalities, present_row) if p]
+    if measured is not None:
+        basis = ", ".join(measured["modalities"])
+        if measured["accuracy"] < limits.min_pattern_accuracy:
+            how = f"with only {basis}" if own else (f"with {basis} (the best the site measured of this patient's "
+                                                    "modalities; it had too few patients with all of them)")
+            warnings.append({"code": "weak_pattern", "msg": f"{how} the model was right for {measured['accuracy']:.0%} "
+                             f"of {measured['n_heldout']} of this site's labelled patients (below "
+                             f"{limits.min_pattern_accuracy:.0%}): the modalities it relies on are missing; send them if "
+                             "the patient has them"})
+        pattern = {"modalities": names, "site_accuracy": measured["accuracy"], "site_patients": measured["n_heldout"]}
+        if not own:
+            pattern["measured_as"] = measured["modalities"]  # a sub-pattern: the site's accuracy is a lower bound
+        return warnings, pattern
+    if lm.calibration and "patterns" in lm.calibration and names:
+        warnings.append({"code": "pattern_unmeasured", "msg": f"this site's calibration had too few labelled "
+                         f"patients with {', '.join(names)}, or any part of them, to measure the model on them: how "
+                         "often it is right for this patient is not known"})
+    return warnings, None
+
+
+def add_notes(rows: list[dict], notes: list[dict], lm: LoadedModel, limits) -> list[dict]:
+    """The input contract's notes on each patient (coverage, out-of-range values) and answer_warnings'."""
     for row, note in zip(rows, notes):
         row.update(note)
-        confidence = row["probabilities"][row["predicted"]]
-        if confidence < low_confidence:
-            row["warnings"] = row["warnings"] + [{"code": "low_confidence", "msg": f"the most likely class has "
-                                                  f"probability {confidence:.0%} (below {low_confidence:.0%}): "
-                                                  "no confident answer"}]
+        present = [m.name in row["modalities_present"] for m in lm.schema.modalities]
+        more, pattern = answer_warnings(lm, row["probabilities"][row["predicted"]], present, limits)
+        row["warnings"] = row["warnings"] + more
+        if pattern is not None:
+            row["pattern"] = pattern
     return rows

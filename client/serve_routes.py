@@ -74,7 +74,7 @@ def prediction_routes(app, site: "Site", role) -> None:
         if isinstance(out, Response):
             return out
         version, rows = out
-        add_notes(rows, checked.notes, site.limits.low_confidence)
+        add_notes(rows, checked.notes, lm, site.limits)
         body = {"model_version": version, "calibrated": lm.calibration is not None, "warnings": checked.warnings,
                 "degraded": site.predictor.degraded, "predictions": rows}
         if len(rows) <= 8:

@@ -53,6 +53,9 @@ class ServeSettings(BaseModel):
                             "below 2.6 SD)")
     low_confidence: float = Field(0.5, ge=0, le=1, alias="low-confidence",
                                   description="flag a prediction whose probability is below this")
+    min_pattern_accuracy: float = Field(
+        0.5, ge=0, le=1, alias="min-pattern-accuracy",
+        description="flag a prediction whose modality pattern `serve calibrate` measured below this accuracy")
     max_patients: int = Field(1000, ge=1, alias="max-patients")
     max_body_mb: float = Field(50, gt=0, alias="max-body-mb")
     max_decompressed_mb: float = Field(64, gt=0, alias="max-decompressed-mb")

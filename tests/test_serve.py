@@ -1536,6 +1536,146 @@ def test_calibration_is_fitted_at_the_site_and_checked_on_held_out_patients(site
         before["predictions"][0]["probabilities"]
 
 
+def _labelled(site, data, wrong_every: int = 5, n: int = N) -> None:
+    """The site's tables with labels.csv: every `wrong_every`-th patient labelled as the next class (patients the
+    model gets wrong, as a real site has)."""
+    classes = site["schema"].classes
+    if not data.exists():
+        shutil.copytree(site["data"], data)
+    pd.DataFrame({"patient": [f"P{i:03d}" for i in range(n)], site["schema"].label_column:
+                  [classes[(int(v) + bool(wrong_every and i % wrong_every == 0)) % len(classes)]
+                   for i, v in enumerate(site["y"][:n])]}).to_csv(data / "labels.csv", index=False)
+
+
+def test_calibration_measures_each_modality_pattern_serves_its_temperature_and_flags_the_weak_ones(site, tmp_path):
+    """expr decides the class: a patient without it gets an answer from the other modalities, which the site's
+    calibration measures near chance. The review's gap: such a patient got a confident answer with no warning."""
+    import itertools
+
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from client.calibration import PATTERN_MIN_HALF, pattern_key
+    from client.predict import Predictor
+    from oncofed.cli import app
+
+    settings = _copy_site(site, tmp_path)
+    data = tmp_path / "labelled"
+    _labelled(site, data)
+    r = CliRunner().invoke(app, ["serve", "calibrate", "--site-config", str(tmp_path / "site.json"), "--data", str(data)])
+    assert r.exit_code == 0, r.output
+    assert "modality patterns" in r.output and "weak" in r.output and "does not say which" in r.output  # no split
+    cal = json.loads((tmp_path / "state" / "calibration.json").read_text())
+    names = [m.name for m in site["schema"].modalities]
+    every = {pattern_key(c) for k in range(1, 5) for c in itertools.combinations(names, k)}
+    assert set(cal["patterns"]) == every  # every patient has every modality: all 15 measured
+    for key, e in cal["patterns"].items():
+        assert e["n_fit"] >= PATTERN_MIN_HALF and e["n_heldout"] >= PATTERN_MIN_HALF
+        assert (e["accuracy"] >= 0.7) if "expr" in e["modalities"] else (e["accuracy"] < 0.5), (key, e)
+
+    c = TestClient(create_app(settings))
+    patients = [_patient(site, 9), _patient(site, 10, drop=("expr",)), _patient(site, 11, drop=("expr", "prot"))]
+    rows = c.post("/v1/predict", json={"patients": patients, "top_k": 0},
+                  headers=_auth(site["clinician"])).json()["predictions"]
+    codes = [[w["code"] for w in row["warnings"]] for row in rows]
+    assert "weak_pattern" not in codes[0] and rows[0]["pattern"]["site_accuracy"] >= 0.7
+    for row, code in zip(rows[1:], codes[1:]):
+        assert "weak_pattern" in code and row["pattern"]["site_accuracy"] < 0.5, row
+        assert "right for" in next(w["msg"] for w in row["warnings"] if w["code"] == "weak_pattern")
+    # each answer's logits are divided by its own pattern's temperature (or the overall one where its fit was refused)
+    lm = Predictor(settings.model_dir, tmp_path / "state" / "normalizer.json",
+                   calibration_path=tmp_path / "state" / "calibration.none").current
+    x = site["x"][[9, 10, 11]].clone()
+    layout = site["schema"].layout()
+    x[1, layout.slices["expr"]] = float("nan")
+    x[2, layout.slices["expr"]] = x[2, layout.slices["prot"]] = float("nan")
+    with torch.no_grad():
+        logits = lm.model(x)
+    for i, row in enumerate(rows):
+        t = cal["patterns"][pattern_key(row["modalities_present"])]["temperature"] or cal["temperature"]
+        want = torch.softmax(logits[i] / t, 0).numpy()
+        assert np.allclose([row["probabilities"][k] for k in site["schema"].classes], want, atol=2e-6)
+
+    # the batch CLI flags the same answers, from the same function
+    out = tmp_path / "pred.csv"
+    no_expr = tmp_path / "no_expr"
+    shutil.copytree(data, no_expr)
+    (no_expr / "expr.csv").unlink()
+    r = CliRunner().invoke(app, ["predict", "--site-config", str(tmp_path / "site.json"), "--data", str(no_expr),
+                                 "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert pd.read_csv(out)["warnings"].fillna("").str.contains("weak_pattern").all()
+
+    # a pattern the site had too few patients with is judged by its best measured sub-pattern; with none, it is
+    # said to be unmeasured; a pattern entry no fit writes is not served
+    path = tmp_path / "state" / "calibration.json"
+    subs = {k: e for k, e in cal["patterns"].items()
+            if set(e["modalities"]) < {"prot", "clinical", "mutation"}}  # the proper sub-patterns
+    best = max(subs.values(), key=lambda e: e["accuracy"])
+    for kept, codes_want in ((subs, []), ({}, ["pattern_unmeasured"])):
+        patterns = {k: e for k, e in cal["patterns"].items()
+                    if k != "prot+clinical+mutation" and (k not in subs or kept)}
+        path.write_text(json.dumps({**cal, "patterns": patterns}))
+        row = TestClient(create_app(settings)).post("/v1/predict", json={"patients": [patients[1]], "top_k": 0},
+                                                    headers=_auth(site["clinician"])).json()["predictions"][0]
+        codes = [w["code"] for w in row["warnings"] if w["code"] != "low_confidence"]
+        if kept:
+            assert codes == ["weak_pattern"] and row["pattern"]["site_accuracy"] == best["accuracy"]
+            assert row["pattern"]["measured_as"] == best["modalities"], row
+        else:
+            assert codes == codes_want and "pattern" not in row
+    bad = {**cal["patterns"], "expr": {**cal["patterns"]["expr"], "temperature": 1e-39}}
+    path.write_text(json.dumps({**cal, "patterns": bad}))
+    body = TestClient(create_app(settings)).post("/v1/predict", json={"patients": [patients[0]], "top_k": 0},
+                                                 headers=_auth(site["clinician"])).json()
+    assert body["calibrated"] is False
+
+
+def test_an_overall_temperature_without_gain_keeps_the_models_probabilities_and_still_measures_the_patterns(
+        site, tmp_path, monkeypatch):
+    """A fitted temperature that does not lower the held-out half's log-loss is not served (T stays 1), but the
+    patterns are still measured and flagged: before, the whole calibration was refused and nothing flagged a
+    patient without the modality the model relies on."""
+    import client.calibration as calibration
+
+    settings = _copy_site(site, tmp_path)
+    data = tmp_path / "labelled"
+    _labelled(site, data)
+    fits = iter([0.2])  # the overall fit: a temperature that sharpens answers a fifth of which are wrong (log-loss up)
+    real = calibration.fit_temperature
+    monkeypatch.setattr(calibration, "fit_temperature", lambda lg, y: next(fits, None) or real(lg, y))
+    cal = calibration.calibrate(settings, data)
+    assert cal["temperature"] == 1.0 and "does not lower" in cal["overall_not_fitted"]
+    assert any(e["accuracy"] < 0.5 for e in cal["patterns"].values())
+    assert any(e["temperature"] is not None for e in cal["patterns"].values())
+
+
+def test_calibration_leaves_out_the_patients_the_models_run_trained_on(site, tmp_path):
+    from typer.testing import CliRunner
+
+    from client.calibration import could_have_trained
+    from client.model_store import SPLIT
+    from oncofed.cli import app
+
+    _copy_site(site, tmp_path)
+    store = ModelStore(tmp_path / "models")
+    (store.root / store.active() / SPLIT).write_text(json.dumps({"seed": 3, "val_fraction": 0.5}))
+    data = tmp_path / "labelled"
+    _labelled(site, data)
+    ids = [f"P{i:03d}" for i in range(N)]
+    trained = could_have_trained(store.root / store.active(), ids)
+    assert 0.4 * N < trained.sum() < 0.6 * N
+    r = CliRunner().invoke(app, ["serve", "calibrate", "--site-config", str(tmp_path / "site.json"), "--data", str(data)])
+    assert r.exit_code == 0, r.output
+    cal = json.loads((tmp_path / "state" / "calibration.json").read_text())
+    assert cal["left_out_trained"] == trained.sum() and cal["n_fit"] + cal["n_heldout"] == N - trained.sum()
+    assert f"left out: {trained.sum()} patients" in r.output
+    # too few left: refused, naming the patients left out
+    (store.root / store.active() / SPLIT).write_text(json.dumps({"seed": 3, "val_fraction": 0.1}))
+    r = CliRunner().invoke(app, ["serve", "calibrate", "--site-config", str(tmp_path / "site.json"), "--data", str(data)])
+    assert r.exit_code == 2 and "in the training part of the run" in r.output, r.output
+
+
 def test_the_depth_of_a_parsed_request_is_the_depth_of_its_bytes():
     # a body of few enough brackets has its depth read from orjson's result (cheaper than scanning its bytes)
     import orjson
