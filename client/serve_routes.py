@@ -185,8 +185,10 @@ def model_routes(app, site: "Site", role) -> None:
                 "signature": lm.signature, "metrics": p.get("metrics", {}), "site_epsilon": p.get("site_epsilon", {}),
                 "delta": p.get("delta"), "schema_hash": p.get("schema_hash"), "classes": lm.schema.classes,
                 "class_names": names_for(lm.schema),
-                "calibration": lm.calibration and {k: lm.calibration[k] for k in (
-                    "temperature", "heldout", "n_fit", "n_heldout", "fitted")},
+                "calibration": lm.calibration and {k: lm.calibration.get(k) for k in (
+                    "temperature", "heldout", "n_fit", "n_heldout", "fitted", "patterns", "left_out_trained",
+                    "overall_not_fitted")},
+                "min_pattern_accuracy": site.limits.min_pattern_accuracy,
                 "degraded": site.predictor.degraded,
                 "modalities": [{"name": m.name, "features": len(m.features), "description": m.description}
                                for m in lm.schema.modalities]}
@@ -260,6 +262,7 @@ def operations_routes(app, site: "Site") -> None:
                 "max_decompressed_mb": lim.max_decompressed_mb, "min_coverage": lim.min_coverage,
                 "warn_coverage": lim.warn_coverage, "out_of_range_sd": lim.out_of_range_sd,
                 "refuse_out_of_range": lim.refuse_out_of_range, "low_confidence": lim.low_confidence,
+                "min_pattern_accuracy": lim.min_pattern_accuracy,
                 "formats": ".csv, .tsv, .txt, .parquet, each optionally .gz"}
 
     @app.get("/", response_class=HTMLResponse)

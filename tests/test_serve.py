@@ -1577,6 +1577,8 @@ def test_calibration_measures_each_modality_pattern_serves_its_temperature_and_f
     patients = [_patient(site, 9), _patient(site, 10, drop=("expr",)), _patient(site, 11, drop=("expr", "prot"))]
     rows = c.post("/v1/predict", json={"patients": patients, "top_k": 0},
                   headers=_auth(site["clinician"])).json()["predictions"]
+    info = c.get("/v1/model", headers=_auth(site["clinician"])).json()
+    assert info["calibration"]["patterns"] == cal["patterns"] and info["min_pattern_accuracy"] == 0.5
     codes = [[w["code"] for w in row["warnings"]] for row in rows]
     assert "weak_pattern" not in codes[0] and rows[0]["pattern"]["site_accuracy"] >= 0.7
     for row, code in zip(rows[1:], codes[1:]):
