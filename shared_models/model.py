@@ -280,6 +280,16 @@ class MultiModalTransformer(nn.Module):
             out[:, i] = path(x) * present[:, i : i + 1]
         return out
 
+    def _drop_modalities(self, parts: list[Tensor], present: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Modality dropout: each present modality of each patient masked as missing with probability
+        `modality_dropout`; a patient all of whose modalities would go keeps what it has. Per patient, from its own
+        draws: under DP-SGD a patient's gradient still depends on that patient alone."""
+        keep = present & (torch.rand(present.shape, device=present.device) >= self.config.modality_dropout)
+        keep = torch.where(keep.any(dim=1, keepdim=True), keep, present)
+        dropped = present & ~keep
+        parts = [torch.where(dropped[:, i:i + 1], torch.full_like(p, float("nan")), p) for i, p in enumerate(parts)]
+        return parts, keep
+
     def _encode(self, x: Tensor, need_weights: bool) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
         if x.dim() != 2 or x.shape[1] != self.n_inputs:
             raise ValueError(
@@ -287,6 +297,8 @@ class MultiModalTransformer(nn.Module):
             )
         parts = [x[:, s] for s in self.slices]
         present = torch.stack([~torch.isnan(p).all(dim=1) for p in parts], dim=1)  # (B, M)
+        if self.training and self.config.modality_dropout > 0:
+            parts, present = self._drop_modalities(parts, present)
         tokens = torch.stack([enc(p) for enc, p in zip(self.encoders, parts)], dim=1)  # (B, M, d)
         tokens = torch.where(present.unsqueeze(-1), tokens, torch.zeros_like(tokens))
         fused, weights = self.fusion(tokens, present, need_weights)

@@ -77,6 +77,10 @@ class ModelConfig(_Section):
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="on residual branches")
     attention_dropout: float = Field(
         0.0, ge=0.0, lt=1.0, description="on attention probabilities; > 0 forces SDPA's slow math path on CPU")
+    modality_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="in training, each present modality of each patient is masked as missing "
+        "with this probability (the patient keeps at least one): the model learns to answer from each modality "
+        "rather than lean on one (serving masks nothing)")
 
     @field_validator("wide_rank", mode="before")
     @classmethod

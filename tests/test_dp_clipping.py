@@ -218,9 +218,9 @@ def _batch_with_missing(n: int = 12):
     return x, torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(3))
 
 
-@pytest.mark.parametrize("wide_rank", [16, "full"])
-def test_the_full_models_clipped_sum_equals_the_per_sample_loop_with_missing_modalities(wide_rank):
-    model = _full_model(wide_rank=wide_rank).train()
+@pytest.mark.parametrize("wide_rank, modality_dropout", [(16, 0.0), ("full", 0.0), ("full", 0.5)])
+def test_the_full_models_clipped_sum_equals_the_per_sample_loop_with_missing_modalities(wide_rank, modality_dropout):
+    model = _full_model(wide_rank=wide_rank, modality_dropout=modality_dropout).train()
     x, y = _batch_with_missing()
     assert_clipper_matches_loop(model, lambda: F.cross_entropy(model(x.double()), y, reduction="none"), len(y))
 

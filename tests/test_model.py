@@ -273,3 +273,25 @@ def test_feature_fill_is_x_or_the_fill_value_with_exact_gradients_and_hands_over
         one = torch.autograd.grad(torch.where(torch.isnan(x[b]), layer.weight, 0.0), layer.weight, e[b])[0]
         assert torch.allclose(per_sample[b], one, rtol=1e-12, atol=0)
     assert torch.allclose(x.grad, want_grads[0], rtol=1e-12, atol=1e-15)
+
+
+def test_modality_dropout_masks_present_modalities_per_patient_keeps_one_and_only_in_training():
+    from tests.factories import drop_modalities, random_inputs, tiny_schema
+
+    schema = tiny_schema(omics_width=30)
+    model = MultiModalTransformer(schema, ModelConfig(d_model=16, n_heads=2, modality_dropout=0.5))
+    x = random_inputs(schema, 4000, seed=0)
+    drop_modalities(schema, x, 0, ["expr", "prot", "clinical"])  # one modality left: it is never masked
+    parts = [x[:, s] for s in model.slices]
+    present = torch.stack([~torch.isnan(p).all(dim=1) for p in parts], dim=1)
+    torch.manual_seed(0)
+    dropped_parts, kept = model._drop_modalities(parts, present)
+    assert kept.any(dim=1).all() and bool(kept[0, 3]) and not (kept & ~present).any()
+    rate = float((present & ~kept).sum() / present.sum())
+    assert 0.41 < rate < 0.47  # 0.5 - 1/16: a patient who would lose all four (1 in 16) keeps them all
+    for i, p in enumerate(dropped_parts):  # a masked modality is wholly missing; a kept one is unchanged
+        assert torch.isnan(p[~kept[:, i]]).all() and torch.equal(p[kept[:, i]], parts[i][kept[:, i]])
+    model.eval()
+    with torch.no_grad():
+        a, b = model(x[:50]), model(x[:50])
+    assert torch.equal(a, b)  # serving masks nothing
