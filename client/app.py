@@ -758,7 +758,7 @@ def save_model(msg: Message, context: Context) -> Message:
                                   f"{schema.content_hash()[:12]}...")
         version = store.install(schema, package_architecture(package, cfg), arrays, info,
                                 expected_arrays_sha256=package.arrays_sha256,
-                                normalizer=_run_normalizer(settings, cfg, context),
+                                normalizer=lambda: _run_normalizer(settings, cfg, context),
                                 split={"seed": cfg.training.seed, "val_fraction": cfg.site.val_fraction})
         reply = DeliveryReply(site=settings.name, installed=True, version=version, path=str(store.root / version),
                               arrays_sha256=store.package(version)["arrays_sha256"])

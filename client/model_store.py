@@ -114,6 +114,8 @@ class ModelStore:
         tmp.mkdir()
         save_weights(model, tmp / "weights.pt", extra={k: info[k] for k in ("run", "round") if k in info})
         schema.save(tmp / "schema.json")
+        if callable(normalizer):  # made only for a version written: a redelivery does not read the site's tables again
+            normalizer = normalizer()
         if normalizer is not None:  # the statistics this site's patients were normalised with in the run: the model's
             normalizer.save(tmp / NORMALIZER)  # own, whatever later runs write to the site's state
         if split is not None:  # calibration then leaves out the patients the run may have trained on

@@ -234,3 +234,9 @@ def test_a_version_is_served_with_the_normalisation_of_its_own_run_whatever_late
     assert np.array_equal(lm.normalizer.mean, own.mean) and np.array_equal(lm.normalizer.scale, own.scale)
     store.install(schema, CFG, _arrays(1), {"run": "r0", "round": 1})  # installed without one: the site's file
     assert Predictor(tmp_path / "models", tmp_path / "state" / "normalizer.json").current.normalizer.mean[0] == 9.0
+    # made only when a version is written: the same run's model delivered again reads no site tables
+    made = []
+    again = store.install(schema, CFG, _arrays(0), {"run": "r1", "round": 1}, normalizer=lambda: made.append(1) or own)
+    assert again == "v0001" and made == []
+    store.install(schema, CFG, _arrays(2), {"run": "r3", "round": 1}, normalizer=lambda: made.append(1) or own)
+    assert made == [1]
