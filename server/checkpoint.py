@@ -174,10 +174,16 @@ def frozen_run(out: Path) -> dict | None:
                               "run under another name") from None
 
 
+ADDED_KEYS = {"modality-dropout": 0.0}
+"""Run-config keys added after runs could have started, and the value that trains as those runs did: a resume of
+such a run compares against it (resolved "auto" may differ: the operator then sets the key to this value)."""
+
+
 def run_config_changes(frozen: dict, requested: dict, resolved: dict | None = None) -> list[str]:
     """The keys a resume request changes, as 'key: frozen -> requested', compared as resolved: against the values
     frozen at the start (`resolved`, from run.json) when there are some, so that "auto" resolved otherwise by the
     code that resumes (another recipe) counts as a change; else as this code parses both."""
     a = resolved if resolved is not None else _resolved(frozen)
+    a = {**{k: v for k, v in ADDED_KEYS.items() if k not in a}, **a}  # a run started before the key: as it trained
     b = _resolved(requested)
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]

@@ -284,7 +284,7 @@ class MultiModalTransformer(nn.Module):
         """Modality dropout: each present modality of each patient masked as missing with probability
         `modality_dropout`; a patient all of whose modalities would go keeps what it has. Per patient, from its own
         draws: under DP-SGD a patient's gradient still depends on that patient alone."""
-        keep = present & (torch.rand(present.shape, device=present.device) >= self.config.modality_dropout)
+        keep = present & (torch.rand(present.shape, device=present.device) >= self.config.modality_dropout_rate)
         keep = torch.where(keep.any(dim=1, keepdim=True), keep, present)
         dropped = present & ~keep
         parts = [torch.where(dropped[:, i:i + 1], torch.full_like(p, float("nan")), p) for i, p in enumerate(parts)]
@@ -297,7 +297,7 @@ class MultiModalTransformer(nn.Module):
             )
         parts = [x[:, s] for s in self.slices]
         present = torch.stack([~torch.isnan(p).all(dim=1) for p in parts], dim=1)  # (B, M)
-        if self.training and self.config.modality_dropout > 0:
+        if self.training and self.config.modality_dropout_rate > 0:
             parts, present = self._drop_modalities(parts, present)
         tokens = torch.stack([enc(p) for enc, p in zip(self.encoders, parts)], dim=1)  # (B, M, d)
         tokens = torch.where(present.unsqueeze(-1), tokens, torch.zeros_like(tokens))

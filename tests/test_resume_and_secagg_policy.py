@@ -81,6 +81,15 @@ def test_a_run_is_frozen_and_a_resume_that_changes_it_is_named(tmp_path):
     upgraded = {**frozen["resolved"], "lr": 50}
     assert run_config_changes(frozen["run_config"], {**config, "resume": True}, frozen["resolved"]) == []
     assert run_config_changes(frozen["run_config"], {**config, "resume": True}, upgraded) == ["lr: 50 -> 100.0"]
+    # a key added after the run started (its resolved config has none) is compared with the value that trains as
+    # the run did: a DP run resumes; a no-DP one, whose "auto" now masks modalities, is named and resumes with 0
+    before = {k: v for k, v in frozen["resolved"].items() if k != "modality-dropout"}
+    assert run_config_changes(frozen["run_config"], {**config, "resume": True}, before) == []
+    nodp = {**config, "dp": False}
+    freeze_run(tmp_path / "nodp", "r4-abc", nodp)
+    before = {k: v for k, v in frozen_run(tmp_path / "nodp")["resolved"].items() if k != "modality-dropout"}
+    assert run_config_changes(nodp, nodp, before) == ["modality-dropout: 0.0 -> 0.25"]
+    assert run_config_changes(nodp, {**nodp, "modality-dropout": 0.0}, before) == []
 
 
 def test_oncofed_run_resume_reloads_the_frozen_config_and_refuses_a_changing_set(tmp_path):

@@ -84,7 +84,7 @@ def test_the_flat_keys_fill_typed_sections_and_the_model_is_built_from_its_secti
                            "min-count": 7, "local-optimizer": "adamw"})
     assert (cfg.model.d_model, cfg.federation.num_rounds, cfg.secagg.enabled, cfg.site.min_count,
             cfg.training.optimizer) == (32, 3, False, 7, "adamw")
-    assert isinstance(cfg.model, ModelConfig) and cfg.model == ModelConfig(d_model=32)
+    assert isinstance(cfg.model, ModelConfig) and cfg.model == ModelConfig(d_model=32, modality_dropout=0.0)  # DP's
     assert load_run_config(cfg.flat()) == cfg  # the flat view reads back as the same config
     assert load_run_config(cfg.model_dump(by_alias=True)) == cfg  # and so does the nested form
 
@@ -103,6 +103,13 @@ def test_the_dp_and_no_dp_recipes_are_named_presets_a_deployment_and_a_simulatio
     # the clipping bound: the recipe's in dp-mode 'site', its own in 'distributed', 1.0 without DP; a number wins
     assert (bound(), bound(**{"local-optimizer": "adamw"}), bound(dp=False)) == (0.01, 1.0, 1.0)
     assert bound(**{"dp-mode": "distributed", "strategy": "fedadam"}) == 0.1
+
+    def dropout(**values):
+        return load_run_config({"schema": "s.json", **values}).model.modality_dropout
+
+    # modality dropout: the no-DP recipe's 0.25, none under DP (either mode); a number wins
+    assert (dropout(), dropout(dp=False), dropout(**{"dp-mode": "distributed", "strategy": "fedadam"}),
+            dropout(dp=False, **{"modality-dropout": 0.1})) == (0.0, 0.25, 0.0, 0.1)
     assert bound(**{"max-grad-norm": 0.5}) == bound(**{"max-grad-norm": 0.5, "dp": False}) == 0.5
     assert training(dp=False) == ("sgd", 0.2, 64)
     assert training(dp=False, **{"local-optimizer": "adamw"}) == ("adamw", 0.002, 64)
