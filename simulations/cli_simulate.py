@@ -89,7 +89,9 @@ def simulate(
                f"{manifest['holdout']['patients']:,} held-out patients; DP {dp_text}, SecAgg+ "
                f"{'on' if run.secagg.enabled else 'off'}, {run.federation.strategy}, {run.federation.num_rounds} rounds "
                f"of {run.training.local_epochs} local epochs, batch {run.training.batch_size}, {run.training.optimizer} lr "
-               f"{run.training.lr:g}, seed {run.training.seed} (partition seed {seed})")
+               f"{run.training.lr:g}"
+               + (f", modality dropout {run.model.modality_dropout_rate:g}" if run.model.modality_dropout_rate else "")
+               + f", seed {run.training.seed} (partition seed {seed})")
     t0 = time.time()
     try:
         result = run_federation(out / "flower", cfg, n_sites=n_sites)
