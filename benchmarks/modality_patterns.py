@@ -27,11 +27,11 @@ def answers(lm, raw: np.ndarray, y: np.ndarray, keep: set[int] | None, limits, m
     """Scores of the held-out patients with only the modalities `keep` (others masked; None: as they come): how
     many answers are confident, unflagged and wrong. mode: "uncalibrated", "overall" (one temperature) or
     "served"."""
-    from client.calibration import _softmax, expected_calibration_error, present_modalities, site_logits
+    from client.calibration import _softmax, expected_calibration_error, counted_modalities, site_logits
     from client.predict import answer_warnings
 
     logits = site_logits(lm, raw, keep_modalities=keep)
-    present = present_modalities(lm, raw)
+    present = counted_modalities(lm, raw)
     if keep is not None:
         present[:, [j for j in range(present.shape[1]) if j not in keep]] = False
     if mode == "uncalibrated":
@@ -50,7 +50,7 @@ def answers(lm, raw: np.ndarray, y: np.ndarray, keep: set[int] | None, limits, m
 
 
 def main() -> None:
-    from client.calibration import calibrate, present_modalities
+    from client.calibration import calibrate, counted_modalities
     from client.predict import Predictor
     from privacy.site_config import ServeSettings, SiteConfig
     from shared_models.site_data import LABELS_STEM, find_table, read_table
@@ -79,7 +79,7 @@ def main() -> None:
         raw = checked.raw[known]
         y = np.array([lookup[str(labels[checked.ids[i]])] for i in known])
         names = [m.name for m in lm.schema.modalities]
-        present = present_modalities(lm, raw)
+        present = counted_modalities(lm, raw)
         print(f"\nsite {site}: calibrated on {cal['n_fit']} + {cal['n_heldout']} of its patients, "
               f"{len(cal['patterns'])} patterns measured; held-out hospitals' patients, each pattern's modalities "
               "kept, the others masked")

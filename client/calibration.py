@@ -9,9 +9,9 @@ negative log-likelihood of softmax(logits / T), and reports the expected calibra
 uncalibrated (and says so) until the site calibrates it again. The predicted class never changes
 (dividing the logits by T > 0 keeps their order); only how sure the model says it is.
 
-A model is only as good as the modalities a patient has. The pan-cancer models lean on miRNA: at a site,
-patients with every modality but miRNA are classified right 7-38% of the time, and the uncalibrated no-DP
-model says 41-74% (docs/results.md, "Modality patterns"). So the command also measures every modality
+A model is only as good as the modalities a patient has. The pan-cancer models lean on miRNA: patients
+without it are classified right 7-32% of the time by the DP model, with it 81-94% (docs/results.md, "Modality
+patterns"), and one temperature answers them surer than that. So the command also measures every modality
 pattern (each non-empty set of modalities present) on the site's own patients: those who have the pattern's
 modalities, the others masked as missing. For each pattern with enough patients in both halves it fits a
 temperature on the first half and records the accuracy on the second. The service then divides a patient's
@@ -35,6 +35,7 @@ from shared_models.files import write_text_atomic
 
 FORMAT = "oncofed-calibration/2"  # /2: with the modality patterns' temperatures and accuracies
 FORMATS = ("oncofed-calibration/1", FORMAT)  # a /1 file (one temperature) is still served
+PATTERN_COVERAGE = 0.5  # the share of a modality's features a patient needs for the modality to count in its pattern
 PATTERN_MIN_HALF = 30  # patients with a pattern in each half before it is measured (accuracy's SE <= 0.09)
 MAX_PATTERN_MODALITIES = 10  # all 2^M - 1 patterns up to this many modalities; beyond, the patterns the site has
 ECE_BINS = 15
@@ -74,14 +75,16 @@ def min_calibration_patients(n_classes: int) -> int:
 
 
 def fit_problem(t: float, loss_before: float, loss_after: float, n_fit: int) -> tuple[str, str] | None:
-    """Why a fitted temperature is not to be served, or None: ("edge", ...) for one the search ran to the edge for
-    (the labelled patients do not pin it down: on a few patients all answered right, the fit sharpens every answer
-    towards certainty); ("no_gain", ...) for one that does not lower the held-out half's log-loss."""
+    """Why a fitted temperature is not to be served, or None: ("edge", ...) for one the search ran to its sharp
+    end for (the labelled patients do not pin it down: on a few patients all answered right, the fit sharpens
+    every answer towards certainty); ("no_gain", ...) for one that does not lower the held-out half's log-loss.
+    The flat end is no such risk: a pattern the model is at chance on fits T ~20, which answers it as unsure as
+    it is (refusing it served the sharper overall temperature: answers at 0.6 for 0.35 right)."""
     lo, hi = np.log(TEMPERATURES)
-    if not lo + 0.05 * (hi - lo) < np.log(t) < hi - 0.05 * (hi - lo):
-        return "edge", (f"the fitted temperature {t:.3g} is at the edge of what the fit searches ({TEMPERATURES[0]:g}-"
-                        f"{TEMPERATURES[1]:g}): the {n_fit} fitting patients do not pin it down; calibrate on more "
-                        "labelled patients, including ones the model gets wrong")
+    if not lo + 0.05 * (hi - lo) < np.log(t):
+        return "edge", (f"the fitted temperature {t:.3g} is at the sharp end of what the fit searches "
+                        f"({TEMPERATURES[0]:g}-{TEMPERATURES[1]:g}): the {n_fit} fitting patients do not pin it down; "
+                        "calibrate on more labelled patients, including ones the model gets wrong")
     if not loss_after < loss_before:
         return "no_gain", (f"the fitted temperature {t:.3g} does not lower the held-out half's log-loss "
                            f"({loss_before:.4f} -> {loss_after:.4f}): it would not make the probabilities more honest")
@@ -157,10 +160,16 @@ def could_have_trained(version_dir: Path, ids: list[str]) -> np.ndarray | None:
     return out
 
 
-def present_modalities(lm, raw: np.ndarray) -> np.ndarray:
-    """(patients, modalities) bool: which modalities the model sees as present (any value not missing)."""
-    return np.stack([~np.isnan(raw[:, s]).all(1) for s in lm.model.slices], 1) if len(raw) else \
-        np.zeros((0, len(lm.model.slices)), dtype=bool)
+def counted_modalities(lm, x) -> np.ndarray:
+    """(patients, modalities) bool: the modalities an answer's pattern counts, those with at least PATTERN_COVERAGE
+    of their features present (raw or normalised rows, a numpy array or a tensor). The model takes a modality with
+    one value as present; a patient sending 1 of 30 decisive features was answered as if it had them all (0.34
+    right against the pattern's 0.81, a review's test). Real tables have a modality whole or not at all (every
+    pan-cancer patient with a modality has all its features)."""
+    x = x.numpy() if hasattr(x, "numpy") else np.asarray(x)
+    if not len(x):
+        return np.zeros((0, len(lm.model.slices)), dtype=bool)
+    return np.stack([(~np.isnan(x[:, s])).mean(1) >= PATTERN_COVERAGE for s in lm.model.slices], 1)
 
 
 def _candidate_patterns(present: np.ndarray) -> list[tuple[int, ...]]:
@@ -176,7 +185,7 @@ def fit_patterns(lm, raw: np.ndarray, y: np.ndarray, fit: np.ndarray, held: np.n
     on the held-out half's. A temperature fit_problem objects to is not kept (`temperature` None, `refused`
     says why): such a pattern is served with the site's overall temperature, its accuracy still measured."""
     names = [m.name for m in lm.schema.modalities]
-    present = present_modalities(lm, raw)
+    present = counted_modalities(lm, raw)
     out = {}
     for pattern in _candidate_patterns(present):
         has = present[:, list(pattern)].all(1)
@@ -259,27 +268,40 @@ def calibrate(settings: SiteConfig, data_dir: Path, seed: int = 0) -> dict:
     return result
 
 
-def load_calibration(path: Path, version: str, package: dict) -> dict | None:
+def load_calibration(path: Path, version: str, package: dict, schema=None) -> dict | None:
     """The site's calibration if it was fitted on these very weights, else None (served uncalibrated)."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
-    if data.get("format") not in FORMATS or data.get("weights_sha256") != package.get("weights_sha256"):
+    if not isinstance(data, dict) or data.get("format") not in FORMATS or \
+            data.get("weights_sha256") != package.get("weights_sha256"):
         return None
     t = data.get("temperature")
-    if not isinstance(t, (int, float)) or not TEMPERATURES[0] <= t <= TEMPERATURES[1]:
+    if not _number(t) or not TEMPERATURES[0] <= t <= TEMPERATURES[1]:
         return None  # no fit gives it (a file edited by hand, or damaged): served uncalibrated, as /v1/model says
     patterns = data.get("patterns", {})
-    if not isinstance(patterns, dict) or not all(_pattern_ok(p) for p in patterns.values()):
-        return None
+    names = [m.name for m in schema.modalities] if schema is not None else None
+    if not isinstance(patterns, dict) or not all(_pattern_ok(k, e, names) for k, e in patterns.items()):
+        return None  # an entry no fit writes (edited by hand, damaged): served uncalibrated, not a 500 per request
     return data
 
 
-def _pattern_ok(entry) -> bool:
-    """A pattern entry a fit could have written: an accuracy in [0, 1], no temperature or one in TEMPERATURES."""
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+
+def _pattern_ok(key, entry, names: list[str] | None) -> bool:
+    """A pattern entry a fit could have written: its key the pattern of its modalities (names of the schema's, in
+    its order), an accuracy in [0, 1], patient counts, and no temperature or one in TEMPERATURES."""
     if not isinstance(entry, dict):
         return False
-    t, acc = entry.get("temperature"), entry.get("accuracy")
-    return isinstance(acc, (int, float)) and 0 <= acc <= 1 and (
-        t is None or (isinstance(t, (int, float)) and TEMPERATURES[0] <= t <= TEMPERATURES[1]))
+    mods, t, acc = entry.get("modalities"), entry.get("temperature"), entry.get("accuracy")
+    if not (isinstance(mods, list) and mods and all(isinstance(m, str) for m in mods) and key == pattern_key(mods)):
+        return False
+    if names is not None and [m for m in names if m in mods] != mods:
+        return False
+    counts = all(isinstance(entry.get(k), int) and not isinstance(entry.get(k), bool) and entry.get(k) >= 0
+                 for k in ("n_fit", "n_heldout"))
+    return counts and _number(acc) and 0 <= acc <= 1 and (
+        t is None or (_number(t) and TEMPERATURES[0] <= t <= TEMPERATURES[1]))

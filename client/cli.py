@@ -449,7 +449,7 @@ def _predict_batches(path, predictor, lm, ids, raw, checked, batch_size, limits,
                 p = result["probabilities"][i]
                 k = int(result["predicted"][i])
                 note = checked.notes[start + i]
-                more, _ = answer_warnings(lm, float(p[k]), result["present"][i], limits)
+                more, _ = answer_warnings(lm, float(p[k]), result["counted"][i], limits)
                 flags = [x["code"] for x in note["warnings"] + more]
                 w.writerow([pid, classes[k], f"{p[k]:.6f}", lm.version, f"{note['coverage_total']:.3f}",
                             ";".join(flags), *[f"{v:.6f}" for v in p]])

@@ -168,13 +168,14 @@ def _serve(conn, model_dir: str, normalizer_path: str, signing_public_key: str |
             return
 
         def work():
-            key = (version, *(a.tobytes() for a in state["normalizer"].values()), state["temperature"])
+            key = (version, *(a.tobytes() for a in state["normalizer"].values()))
             if key not in models:
                 models.clear()  # the model the service serves now: one at a time
                 lm = predictor._load(version)
                 lm.normalizer = Normalizer.from_arrays(lm.schema, state["normalizer"])
-                lm.temperature, lm.calibration = state["temperature"], state["calibration"]
                 models[key] = lm
-            return explain_request(predictor, models[key], settings, kind, payload, top_k)
+            lm = models[key]  # the calibration the service serves with now, whatever this process saw before
+            lm.temperature, lm.calibration = state["temperature"], state["calibration"]
+            return explain_request(predictor, lm, settings, kind, payload, top_k)
 
         conn.send(answered(work, "explanation failed in the explanation process"))

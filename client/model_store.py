@@ -118,7 +118,9 @@ class ModelStore:
             normalizer = normalizer()
         if normalizer is not None:  # the statistics this site's patients were normalised with in the run: the model's
             normalizer.save(tmp / NORMALIZER)  # own, whatever later runs write to the site's state
-        if split is not None:  # calibration then leaves out the patients the run may have trained on
+        # which patients the run may have trained on, for calibration to leave out; only where the site prepared its
+        # data for the run (a site whose tables do not validate trained on none of them)
+        if split is not None and normalizer is not None:
             (tmp / SPLIT).write_text(json.dumps(split))
         package = {"format": PACKAGE_FORMAT, "version": version, "installed": time.time(),
                    "schema_hash": schema.content_hash(), "arrays_sha256": got,

@@ -14,6 +14,8 @@ Explanations:
 
 from __future__ import annotations
 
+import dataclasses
+
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from client.calibration import counted_modalities
 from client.model_store import NORMALIZER, ModelStore, ModelStoreError
 from shared_models.schema import FeatureSchema
 from shared_models.site_data import Normalizer, TableError
@@ -176,6 +179,7 @@ class Predictor:
         self.current: LoadedModel | None = None
         self.failed: tuple[str, str] | None = None  # (version, why): not retried until ACTIVE changes
         self.degraded: dict | None = None  # {"active", "serving", "reason"} while a fallback is served
+        self._stamp: tuple | None = None  # calibration.json's (mtime, size, inode) when the current model read it
         if load_active:
             self.refresh()
 
@@ -196,13 +200,25 @@ class Predictor:
         except TableError as e:
             raise ModelStoreError(f"{e}; a site that never trained fits one with `oncofed serve fit-normalizer`") from None
         lm = LoadedModel(version, schema, model, package, signature, normalizer, input_map(schema))
-        from client.calibration import load_calibration
-
-        lm.calibration = load_calibration(self.calibration_path, version, package)
-        if lm.calibration is not None:
-            lm.temperature = float(lm.calibration["temperature"])
+        self._calibrate(lm)
         lm.forward()  # traced here, before the version is served, not on a request
         return lm
+
+    def _calibration_stamp(self) -> tuple | None:
+        try:
+            st = self.calibration_path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def _calibrate(self, lm: LoadedModel) -> None:
+        """The site's calibration of this version, if it has one (client/calibration.py), and the file's stamp, so
+        that `refresh` serves a calibration written while the service runs from the next request on."""
+        from client.calibration import load_calibration
+
+        self._stamp = self._calibration_stamp()
+        lm.calibration = load_calibration(self.calibration_path, lm.version, lm.package, lm.schema)
+        lm.temperature = 1.0 if lm.calibration is None else float(lm.calibration["temperature"])
 
     def activate(self, version: str) -> None:
         """Make an installed version the active one, after loading it as it would be served: a package that does
@@ -224,7 +240,13 @@ class Predictor:
                                   "federated run)")
         if self.current is not None and self.current.version == active:
             self.failed, self.degraded = None, None  # e.g. rolled back to the version serving as the fallback
-            return False
+            if self._calibration_stamp() == self._stamp:
+                return False
+            recalibrated = dataclasses.replace(self.current, _patterns=None)  # the same model: its weights, its trace
+            self._calibrate(recalibrated)
+            with self._lock:
+                self.current = recalibrated
+            return True
         if self.failed is not None and self.failed[0] == active:
             if self.current is None:
                 raise ModelStoreError(self.failed[1])
@@ -277,11 +299,12 @@ class Predictor:
         x = torch.from_numpy(lm.normalizer.transform(raw))  # a new array: raw is not changed
         with torch.inference_mode():
             logits, weights, present = lm.forward()(x)
-            temperatures = torch.from_numpy(lm.temperatures(present.numpy())).view(-1, 1)
+            counted = counted_modalities(lm, x)  # the answer's pattern: its temperature and its measured accuracy
+            temperatures = torch.from_numpy(lm.temperatures(counted)).view(-1, 1)
             probs = torch.softmax(logits / temperatures, dim=1).numpy()
         result = {"probabilities": probs, "predicted": probs.argmax(1),
                   "modality_weights": None if weights is None else weights.numpy(),
-                  "present": present.numpy()}
+                  "present": present.numpy(), "counted": counted}
         if top_k:
             result["attributions"] = integrated_gradients(lm, x, torch.from_numpy(result["predicted"]))
         return lm, result
@@ -324,7 +347,8 @@ def format_predictions(lm: LoadedModel, ids: list[str], result: dict, top_k: int
         row = {"id": pid, "predicted": schema.classes[int(result["predicted"][i])],
                "probabilities": {c: round(float(p), 6) for c, p in zip(schema.classes, probs)},
                "model_version": lm.version,
-               "modalities_present": [m.name for m, p in zip(schema.modalities, result["present"][i]) if p]}
+               "modalities_present": [m.name for m, p in zip(schema.modalities, result["present"][i]) if p],
+               "pattern": {"modalities": [m.name for m, c in zip(schema.modalities, result["counted"][i]) if c]}}
         if result["modality_weights"] is not None:
             row["modality_contributions"] = {m.name: round(float(w), 6) for m, w, p in zip(
                 schema.modalities, result["modality_weights"][i], result["present"][i]) if p}
@@ -339,7 +363,8 @@ def format_predictions(lm: LoadedModel, ids: list[str], result: dict, top_k: int
 
 def answer_warnings(lm: LoadedModel, confidence: float, present_row, limits) -> tuple[list[dict], dict | None]:
     """What the answer itself says about its own trust (one home for the service, the page and `oncofed
-    predict`): a most likely class below `low-confidence`; a modality pattern the site measured below
+    predict`; present_row: the modalities its pattern counts, client.calibration.counted_modalities): a most
+    likely class below `low-confidence`; a modality pattern the site measured below
     `min-pattern-accuracy` (`weak_pattern`), or could not measure (`pattern_unmeasured`). Also the pattern's
     measurement for the answer (None when the site has none)."""
     warnings = []
@@ -372,8 +397,8 @@ def add_notes(rows: list[dict], notes: list[dict], lm: LoadedModel, limits) -> l
     """The input contract's notes on each patient (coverage, out-of-range values) and answer_warnings'."""
     for row, note in zip(rows, notes):
         row.update(note)
-        present = [m.name in row["modalities_present"] for m in lm.schema.modalities]
-        more, pattern = answer_warnings(lm, row["probabilities"][row["predicted"]], present, limits)
+        counted = [m.name in row["pattern"]["modalities"] for m in lm.schema.modalities]
+        more, pattern = answer_warnings(lm, row["probabilities"][row["predicted"]], counted, limits)
         row["warnings"] = row["warnings"] + more
         if pattern is not None:
             row["pattern"] = pattern

@@ -167,16 +167,19 @@ def frozen_run(out: Path) -> dict | None:
         return None
     try:
         frozen = json.loads(f.read_text())
-        return {"run_key": str(frozen["run_key"]), "run_config": dict(frozen["run_config"]),
-                "resolved": dict(frozen["resolved"]) if "resolved" in frozen else None}  # None: a run.json before
+        # a run started before a key existed trained with the value that key now needs to say so: it resumes with it
+        added = {k: v for k, v in ADDED_KEYS.items() if k not in frozen["run_config"]}
+        return {"run_key": str(frozen["run_key"]), "run_config": {**dict(frozen["run_config"]), **added},
+                "resolved": {**dict(frozen["resolved"]), **added} if "resolved" in frozen else None}  # None: a run.json before
     except (OSError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{f}: unreadable ({e}); the run cannot be resumed as it was started: start a new "
                               "run under another name") from None
 
 
 ADDED_KEYS = {"modality-dropout": 0.0}
-"""Run-config keys added after runs could have started, and the value that trains as those runs did: a resume of
-such a run compares against it (resolved "auto" may differ: the operator then sets the key to this value)."""
+"""Run-config keys added after runs could have started, and the value that trains as those runs did: frozen_run
+gives such a run's config with it, so `oncofed run --resume` continues it as it trained ("auto" would now resolve
+otherwise)."""
 
 
 def run_config_changes(frozen: dict, requested: dict, resolved: dict | None = None) -> list[str]:
@@ -184,6 +187,5 @@ def run_config_changes(frozen: dict, requested: dict, resolved: dict | None = No
     frozen at the start (`resolved`, from run.json) when there are some, so that "auto" resolved otherwise by the
     code that resumes (another recipe) counts as a change; else as this code parses both."""
     a = resolved if resolved is not None else _resolved(frozen)
-    a = {**{k: v for k, v in ADDED_KEYS.items() if k not in a}, **a}  # a run started before the key: as it trained
     b = _resolved(requested)
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]

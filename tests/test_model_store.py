@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from client.model_store import ModelStore, ModelStoreError
+from client.model_store import SPLIT, ModelStore, ModelStoreError
 from shared_models.model import MultiModalTransformer
 from shared_models.run_config import ModelConfig
 from shared_models.weights import arrays_sha256, load_weights
@@ -238,5 +238,10 @@ def test_a_version_is_served_with_the_normalisation_of_its_own_run_whatever_late
     made = []
     again = store.install(schema, CFG, _arrays(0), {"run": "r1", "round": 1}, normalizer=lambda: made.append(1) or own)
     assert again == "v0001" and made == []
-    store.install(schema, CFG, _arrays(2), {"run": "r3", "round": 1}, normalizer=lambda: made.append(1) or own)
-    assert made == [1]
+    v3 = store.install(schema, CFG, _arrays(2), {"run": "r3", "round": 1}, normalizer=lambda: made.append(1) or own,
+                       split={"seed": 0, "val_fraction": 0.2})
+    assert made == [1] and (store.root / v3 / SPLIT).is_file()
+    # a site that could not prepare its data for the run trained on none of it: no split for calibration to apply
+    v4 = store.install(schema, CFG, _arrays(3), {"run": "r4", "round": 1}, normalizer=lambda: None,
+                       split={"seed": 0, "val_fraction": 0.2})
+    assert not (store.root / v4 / SPLIT).exists()

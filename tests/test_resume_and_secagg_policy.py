@@ -81,19 +81,25 @@ def test_a_run_is_frozen_and_a_resume_that_changes_it_is_named(tmp_path):
     upgraded = {**frozen["resolved"], "lr": 50}
     assert run_config_changes(frozen["run_config"], {**config, "resume": True}, frozen["resolved"]) == []
     assert run_config_changes(frozen["run_config"], {**config, "resume": True}, upgraded) == ["lr: 50 -> 100.0"]
-    # a key added after the run started (its resolved config has none) is compared with the value that trains as
-    # the run did: a DP run resumes; a no-DP one, whose "auto" now masks modalities, is named and resumes with 0
-    before = {k: v for k, v in frozen["resolved"].items() if k != "modality-dropout"}
-    assert run_config_changes(frozen["run_config"], {**config, "resume": True}, before) == []
+    # a key added after the run started (run.json has none): the run resumes with the value it trained with, though
+    # "auto" now resolves otherwise without DP (modality dropout 0.25), and a request with "auto" is named
     nodp = {**config, "dp": False}
     freeze_run(tmp_path / "nodp", "r4-abc", nodp)
-    before = {k: v for k, v in frozen_run(tmp_path / "nodp")["resolved"].items() if k != "modality-dropout"}
-    assert run_config_changes(nodp, nodp, before) == ["modality-dropout: 0.0 -> 0.25"]
-    assert run_config_changes(nodp, {**nodp, "modality-dropout": 0.0}, before) == []
+    run_json = tmp_path / "nodp" / "run.json"
+    old = json.loads(run_json.read_text())
+    for part in ("run_config", "resolved"):
+        old[part].pop("modality-dropout", None)
+    run_json.write_text(json.dumps(old))
+    frozen = frozen_run(tmp_path / "nodp")
+    assert frozen["run_config"]["modality-dropout"] == frozen["resolved"]["modality-dropout"] == 0.0
+    assert run_config_changes(frozen["run_config"], frozen["run_config"], frozen["resolved"]) == []
+    assert run_config_changes(frozen["run_config"], nodp, frozen["resolved"]) == ["modality-dropout: 0.0 -> 0.25"]
+    resumed = resume_values(tmp_path / "nodp", {})  # what `oncofed run --resume` submits: the ServerApp's check agrees
+    assert resumed["modality-dropout"] == 0.0 and run_config_changes(frozen["run_config"], resumed, frozen["resolved"]) == []
 
 
 def test_oncofed_run_resume_reloads_the_frozen_config_and_refuses_a_changing_set(tmp_path):
-    config = {"schema": "s.json", "num-rounds": 2, "epsilon": 2.0, "strategy": "fedavg"}
+    config = {"schema": "s.json", "num-rounds": 2, "epsilon": 2.0, "strategy": "fedavg", "modality-dropout": "auto"}
     freeze_run(tmp_path / "r3", "r3-abc", config)
     assert resume_values(tmp_path / "r3", {}) == {**config, "resume": True}
     assert resume_values(tmp_path / "r3", {"epsilon": 2})["epsilon"] == 2.0  # restating a value is no change

@@ -1506,7 +1506,7 @@ def test_calibration_is_fitted_at_the_site_and_checked_on_held_out_patients(site
     # and answers at chance on patients missing a modality came out at 99%, "calibrated": refused, nothing written
     labels(wrong_every=0)
     r = calibrate()
-    assert r.exit_code == 2 and "at the edge of what the fit searches" in r.output, r.output
+    assert r.exit_code == 2 and "at the sharp end of what the fit searches" in r.output, r.output
     labels(wrong_every=5, n=80)
     r = calibrate()
     assert r.exit_code == 2 and "calibration needs at least 100" in r.output, r.output
@@ -1562,9 +1562,21 @@ def test_calibration_measures_each_modality_pattern_serves_its_temperature_and_f
     settings = _copy_site(site, tmp_path)
     data = tmp_path / "labelled"
     _labelled(site, data)
+    c = TestClient(create_app(settings))  # running before the calibration: it serves it from the next request
+    patients = [_patient(site, 9), _patient(site, 10, drop=("expr",)), _patient(site, 11, drop=("expr", "prot"))]
+    partial = _patient(site, 12)  # 1 of expr's 30 features: the model sees expr, the pattern does not count it
+    partial["modalities"]["expr"] = {"g0": partial["modalities"]["expr"]["g0"]}
+
+    def ask(top_k: int = 0) -> dict:
+        return c.post("/v1/predict", json={"patients": patients + [partial], "top_k": top_k},
+                      headers=_auth(site["clinician"])).json()
+
+    assert ask()["calibrated"] is False and ask(top_k=1)["calibrated"] is False  # the explanation process too
     r = CliRunner().invoke(app, ["serve", "calibrate", "--site-config", str(tmp_path / "site.json"), "--data", str(data)])
     assert r.exit_code == 0, r.output
-    assert "modality patterns" in r.output and "weak" in r.output and "does not say which" in r.output  # no split
+    assert "does not say which" in r.output  # no split.json with this version
+    weak_rows = [line for line in r.output.splitlines() if line.endswith("  weak")]
+    assert weak_rows and all("expr" not in line.split()[0] for line in weak_rows), r.output
     cal = json.loads((tmp_path / "state" / "calibration.json").read_text())
     names = [m.name for m in site["schema"].modalities]
     every = {pattern_key(c) for k in range(1, 5) for c in itertools.combinations(names, k)}
@@ -1573,10 +1585,16 @@ def test_calibration_measures_each_modality_pattern_serves_its_temperature_and_f
         assert e["n_fit"] >= PATTERN_MIN_HALF and e["n_heldout"] >= PATTERN_MIN_HALF
         assert (e["accuracy"] >= 0.7) if "expr" in e["modalities"] else (e["accuracy"] < 0.5), (key, e)
 
-    c = TestClient(create_app(settings))
-    patients = [_patient(site, 9), _patient(site, 10, drop=("expr",)), _patient(site, 11, drop=("expr", "prot"))]
-    rows = c.post("/v1/predict", json={"patients": patients, "top_k": 0},
-                  headers=_auth(site["clinician"])).json()["predictions"]
+    for top_k in (1, 0):  # the explanation process and the service itself, both as calibrated now
+        body = ask(top_k)
+        assert body["calibrated"] is True, body
+        rows = body["predictions"]
+        assert rows[3]["modalities_present"] == names and "expr" not in rows[3]["pattern"]["modalities"]
+        assert "weak_pattern" in [w["code"] for w in rows[3]["warnings"]], rows[3]
+    rows = rows[:3]
+    # a pattern the model is at chance on fits a flat temperature (the search's flat end is no risk), and is served so
+    flat = [e["temperature"] for e in cal["patterns"].values() if "expr" not in e["modalities"]]
+    assert all(t is not None and t > 5 for t in flat), flat
     info = c.get("/v1/model", headers=_auth(site["clinician"])).json()
     assert info["calibration"]["patterns"] == cal["patterns"] and info["min_pattern_accuracy"] == 0.5
     codes = [[w["code"] for w in row["warnings"]] for row in rows]
@@ -1625,12 +1643,15 @@ def test_calibration_measures_each_modality_pattern_serves_its_temperature_and_f
             assert codes == ["weak_pattern"] and row["pattern"]["site_accuracy"] == best["accuracy"]
             assert row["pattern"]["measured_as"] == best["modalities"], row
         else:
-            assert codes == codes_want and "pattern" not in row
-    bad = {**cal["patterns"], "expr": {**cal["patterns"]["expr"], "temperature": 1e-39}}
-    path.write_text(json.dumps({**cal, "patterns": bad}))
-    body = TestClient(create_app(settings)).post("/v1/predict", json={"patients": [patients[0]], "top_k": 0},
-                                                 headers=_auth(site["clinician"])).json()
-    assert body["calibrated"] is False
+            assert codes == codes_want and "site_accuracy" not in row["pattern"]
+    expr = cal["patterns"]["expr"]
+    for damaged in ({**expr, "temperature": 1e-39}, {k: v for k, v in expr.items() if k != "modalities"},
+                    {k: v for k, v in expr.items() if k != "n_heldout"}, {**expr, "modalities": "expr"},
+                    {**expr, "accuracy": True}, {**expr, "modalities": ["prot"]}):
+        path.write_text(json.dumps({**cal, "patterns": {**cal["patterns"], "expr": damaged}}))
+        r = TestClient(create_app(settings)).post("/v1/predict", json={"patients": patients, "top_k": 0},
+                                                  headers=_auth(site["clinician"]))
+        assert r.status_code == 200 and r.json()["calibrated"] is False, (damaged, r.text)  # served uncalibrated
 
 
 def test_an_overall_temperature_without_gain_keeps_the_models_probabilities_and_still_measures_the_patterns(
