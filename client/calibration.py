@@ -211,6 +211,15 @@ def fit_patterns(lm, raw: np.ndarray, y: np.ndarray, fit: np.ndarray, held: np.n
     return out
 
 
+def type_recall(lm, logits: np.ndarray, y: np.ndarray) -> dict:
+    """Per type the site has labelled patients of (outside the training part): how many, and the share the model
+    names right. A type no site trained on is never predicted, and the package cannot say which ones those are
+    without a count that DP would have to pay for; a site sees it here for the types it has (recall 0)."""
+    predicted = logits.argmax(1)
+    return {lm.schema.classes[c]: {"n": int((y == c).sum()), "recall": round(float((predicted[y == c] == c).mean()), 4)}
+            for c in np.unique(y)}
+
+
 def calibrate(settings: SiteConfig, data_dir: Path, seed: int = 0) -> dict:
     """Fit the active model's temperature on half of the site's labelled patients; report on the other half."""
     from client.predict import Predictor
@@ -261,7 +270,8 @@ def calibrate(settings: SiteConfig, data_dir: Path, seed: int = 0) -> dict:
                           "log_loss_before": round(log_loss(logits[held], y[held]), 4),
                           "log_loss_after": round(log_loss(logits[held], y[held], t), 4),
                           "accuracy": round(float((before.argmax(1) == y[held]).mean()), 4)},
-              "patterns": fit_patterns(lm, checked.raw[keep], y, fit, held)}
+              "patterns": fit_patterns(lm, checked.raw[keep], y, fit, held),
+              "types": type_recall(lm, logits, y)}
     path = state / "calibration.json"
     write_text_atomic(path, json.dumps(result, indent=1))
     result["path"] = str(path)

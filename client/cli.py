@@ -273,6 +273,11 @@ def serve_calibrate(
         typer.echo(f"left out: {r['left_out_trained']} patients in the training part of the run that made the model")
     settings = _site_settings(site_config)
     _echo_patterns(r["patterns"], settings.serve.min_pattern_accuracy)
+    never = sorted((t for t, e in r["types"].items() if e["recall"] == 0 and e["n"] >= 3), key=lambda t: -r["types"][t]["n"])
+    if never:
+        typer.echo("types the model named right for none of your patients of them (a type no site trained on, or one "
+                   "too rare for its training to pick out; a patient of such a type is answered with another): "
+                   + ", ".join(f"{t} ({r['types'][t]['n']})" for t in never))
     typer.echo(f"-> {r['path']} (served from the next request)")
 
 

@@ -187,7 +187,7 @@ def model_routes(app, site: "Site", role) -> None:
                 "class_names": names_for(lm.schema),
                 "calibration": lm.calibration and {k: lm.calibration.get(k) for k in (
                     "temperature", "heldout", "n_fit", "n_heldout", "fitted", "patterns", "left_out_trained",
-                    "overall_not_fitted")},
+                    "overall_not_fitted", "types")},
                 "min_pattern_accuracy": site.limits.min_pattern_accuracy,
                 "degraded": site.predictor.degraded,
                 "modalities": [{"name": m.name, "features": len(m.features), "description": m.description}

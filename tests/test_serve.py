@@ -1693,6 +1693,10 @@ def test_calibration_leaves_out_the_patients_the_models_run_trained_on(site, tmp
     cal = json.loads((tmp_path / "state" / "calibration.json").read_text())
     assert cal["left_out_trained"] == trained.sum() and cal["n_fit"] + cal["n_heldout"] == N - trained.sum()
     assert f"left out: {trained.sum()} patients" in r.output
+    # per type: the patients left and the share the model names right; a type it never names is listed
+    assert sum(e["n"] for e in cal["types"].values()) == N - trained.sum()
+    assert set(cal["types"]) == set(site["schema"].classes) and all(e["recall"] > 0.5 for e in cal["types"].values())
+    assert "types the model named right for none" not in r.output
     # too few left: refused, naming the patients left out
     (store.root / store.active() / SPLIT).write_text(json.dumps({"seed": 3, "val_fraction": 0.1}))
     r = CliRunner().invoke(app, ["serve", "calibrate", "--site-config", str(tmp_path / "site.json"), "--data", str(data)])
@@ -1835,3 +1839,15 @@ def test_values_in_another_log_base_are_flagged_or_refused(site, tmp_path):
         assert "units_scale" in [w["code"] for w in ln.json()["predictions"][0]["warnings"]]
         log10 = ask(float(np.log10(2)))  # log10 for log2: refused
         assert log10.status_code == 422 and '"units"' in log10.text and "another unit or log base" in log10.text
+
+
+def test_calibration_names_the_types_the_model_recognised_in_none_of_the_sites_patients(site):
+    from types import SimpleNamespace
+
+    from client.calibration import type_recall
+
+    lm = SimpleNamespace(schema=site["schema"])  # classes A, B, C
+    logits = np.array([[5.0, 0, 0], [5, 0, 0], [0, 5, 0], [5, 0, 0], [5, 0, 0], [5, 0, 0]])
+    y = np.array([0, 0, 1, 2, 2, 2])  # every C patient is called A: C is never recognised
+    assert type_recall(lm, logits, y) == {"A": {"n": 2, "recall": 1.0}, "B": {"n": 1, "recall": 1.0},
+                                          "C": {"n": 3, "recall": 0.0}}
