@@ -423,6 +423,8 @@ def _prepare_numeric_tokens(layer: NumericTokens, tape: list, batch: int, added:
     layers instead of four (e is B x 301 x 64 on the pan-cancer mutation table, 39 MB at batch 512)."""
     (x, e), = tape
     value, missing = (t.to(e.dtype) for t in numeric_parts(x))
+    if layer.pooled:
+        return _prepare_pooled_numeric_tokens(layer, value, missing, e, batch, added)
     e_sq = torch.linalg.vector_norm(e, dim=-1).square()  # (B, C), one pass without an e**2 temporary
     sq = e.new_zeros(batch)
     if layer.scale.requires_grad:
@@ -446,6 +448,32 @@ def _prepare_numeric_tokens(layer: NumericTokens, tape: list, batch: int, added:
         sums = torch.bmm(torch.stack(rows, 1), e.transpose(0, 1))  # (C, k, d)
         for i, (p, _) in enumerate(params):
             p.grad = sums[:, i].contiguous().to(p.dtype)
+    return _Prepared(sq, write, value=value, missing=missing, e=e)
+
+
+def _prepare_pooled_numeric_tokens(layer: NumericTokens, value: Tensor, missing: Tensor, e: Tensor, batch: int,
+                                   added: AddLearned | None) -> _Prepared:
+    """A pooled NumericTokens (the sum of its tokens, (B, d): a Linear over [value, missing flags] without
+    bias) and the pooled AddLearned over its output, if fused: every column's output gradient is the sum's, e_i,
+    so scale's per-sample gradient is v_i e_i^T (norm ||v_i|| ||e_i||), missing's m_i e_i^T, and the identities'
+    e_i in each of their n rows (norm^2 n ||e_i||^2)."""
+    e_sq = _sq_norms(e)
+    sq = e.new_zeros(batch)
+    if layer.scale.requires_grad:
+        sq = sq + value.square().sum(1) * e_sq
+    if layer.missing.requires_grad:
+        sq = sq + missing.sum(1) * e_sq  # 0/1 flags: m^2 = m
+    added_trained = added is not None and added.weight.requires_grad
+    if added_trained:
+        sq = sq + added.weight.shape[0] * e_sq
+
+    def write(weights: Tensor, value: Tensor, missing: Tensor, e: Tensor) -> None:
+        ew = e * weights.view(-1, 1)  # (B, d)
+        for p, f in ((layer.scale, value), (layer.missing, missing)):
+            if p.requires_grad:
+                p.grad = (f.t() @ ew).to(p.dtype)
+        if added_trained:
+            added.weight.grad = ew.sum(0).expand_as(added.weight).contiguous().to(added.weight.dtype)
     return _Prepared(sq, write, value=value, missing=missing, e=e)
 
 

@@ -19,14 +19,19 @@ from torch import Tensor, nn
 
 
 class AddLearned(nn.Module):
-    """x + W: a learned (n, d) array added to every sample (positions, identities, latents, CLS)."""
+    """x + W: a learned (n, d) array added to every sample (positions, identities, latents, CLS).
+
+    `pooled` (set by its owner): x is already the sum of the n tokens, (B, d), and the result is x + sum_n W_n,
+    the sum of the n tokens x_n + W_n without forming them. Each sample's gradient is then its output gradient
+    in every one of the n rows."""
 
     def __init__(self, n: int, d: int, std: float = 0.02):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(n, d) * std)
+        self.pooled = False
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, n, d) -> (B, n, d)
-        return x + self.weight
+    def forward(self, x: Tensor) -> Tensor:  # (B, n, d) -> (B, n, d); pooled: (B, d) -> (B, d)
+        return x + self.weight.sum(0) if self.pooled else x + self.weight
 
 
 class Dropout(nn.Module):
@@ -125,8 +130,12 @@ class NumericTokens(nn.Module):
         self.scale = nn.Parameter(torch.randn(n_cols, d) / d**0.5)
         self.missing = nn.Parameter(torch.randn(n_cols, d) * 0.02)
         self.param_grads = True
+        self.pooled = False  # set by its owner: the tokens' sum over the columns, (B, d), without forming them
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, C) with NaN -> (B, C, d)
+    def forward(self, x: Tensor) -> Tensor:  # (B, C) with NaN -> (B, C, d); pooled: (B, d)
+        if self.pooled:  # value @ scale + missing flags @ missing tokens: two (B, C) x (C, d) products
+            value, miss = numeric_parts(x)
+            return value.to(self.scale.dtype) @ self.scale + miss.to(self.missing.dtype) @ self.missing
         if not torch.is_grad_enabled():  # inference: nothing to keep for a backward
             return _numeric_tokens(*numeric_parts(x), self.scale, self.missing)
         return _NumericTokensFn.apply(x, self.scale, self.missing, self.param_grads)
@@ -181,8 +190,14 @@ def missing_mask(x: Tensor) -> Tensor:
     return torch.nan_to_num(x - x, nan=1.0)
 
 
+def _tokens(layer, backprops: Tensor) -> Tensor:
+    """The per-token output gradient (B, n, d): a pooled layer's (B, d) is every token's (a stride-0 view)."""
+    return backprops.unsqueeze(1).expand(-1, layer.weight.shape[0] if isinstance(layer, AddLearned) else
+                                         layer.scale.shape[0], -1) if layer.pooled else backprops
+
+
 def _add_learned_grad_sample(layer: AddLearned, activations: list[Tensor], backprops: Tensor) -> dict:
-    return {layer.weight: backprops} if layer.weight.requires_grad else {}
+    return {layer.weight: _tokens(layer, backprops)} if layer.weight.requires_grad else {}
 
 
 def _feature_fill_grad_sample(layer: FeatureFill, activations: list[Tensor], backprops: Tensor) -> dict:
@@ -193,6 +208,7 @@ def _feature_fill_grad_sample(layer: FeatureFill, activations: list[Tensor], bac
 
 def _numeric_tokens_grad_sample(layer: NumericTokens, activations: list[Tensor], backprops: Tensor) -> dict:
     value, miss = numeric_parts(activations[0])
+    backprops = _tokens(layer, backprops)
     out = {}
     if layer.scale.requires_grad:
         out[layer.scale] = backprops * value.unsqueeze(-1).to(backprops.dtype)

@@ -190,18 +190,30 @@ class TabularEncoder(nn.Module):
         self.column = AddLearned(len(types), d)  # tokens: numeric columns first, then categorical
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.tabular_blocks))
         self.norm = nn.LayerNorm(cfg.d_model)
+        # Without blocks the tokens are linear in the cells and only averaged: their mean is computed without
+        # forming them (the same parameters and function; the mutation table's 64 x 301 x 64 tokens were ~5 ms of
+        # a 23 ms pan-cancer training step at 64 patients, their pooled sum 0.3 ms)
+        self.n_cols = len(types)
+        if not cfg.tabular_blocks:
+            self.column.pooled = True
+            if self.numeric is not None:
+                self.numeric.pooled = True
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, C), NaN = missing -> (B, d)
         parts = []
         if self.numeric is not None:
-            parts.append(self.numeric(x[:, self.numeric_cols]))
+            parts.append(self.numeric(x[:, self.numeric_cols]))  # (B, Cn, d); pooled: their sum (B, d)
         if self.category is not None:
             dev = x.device
             codes = x[:, self.categorical_cols]
             count = torch.tensor(self.level_counts, device=dev)
             level = torch.nan_to_num(codes, nan=-1.0).long()
             level = torch.where((level < 0) | (level >= count), count, level)  # unknown/missing -> missing level
-            parts.append(self.category(level + torch.tensor(self.level_offsets, device=dev)))
+            levels = self.category(level + torch.tensor(self.level_offsets, device=dev))
+            parts.append(levels.sum(1) if self.column.pooled else levels)
+        if self.column.pooled:  # the mean of the tokens: (sum of the cells' tokens + sum of the identities) / C
+            total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+            return self.norm(self.column(total) / self.n_cols)
         tokens = self.column(torch.cat(parts, dim=1))  # (B, C, d)
         for blk in self.blocks:
             tokens, _ = blk(tokens)

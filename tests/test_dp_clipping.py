@@ -218,9 +218,12 @@ def _batch_with_missing(n: int = 12):
     return x, torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(3))
 
 
-@pytest.mark.parametrize("wide_rank, modality_dropout", [(16, 0.0), ("full", 0.0), ("full", 0.5)])
-def test_the_full_models_clipped_sum_equals_the_per_sample_loop_with_missing_modalities(wide_rank, modality_dropout):
-    model = _full_model(wide_rank=wide_rank, modality_dropout=modality_dropout).train()
+@pytest.mark.parametrize("wide_rank, modality_dropout, tabular_blocks",
+                         [(16, 0.0, 1), ("full", 0.0, 1), ("full", 0.5, 1), ("full", 0.0, 0), ("full", 0.5, 0)])
+def test_the_full_models_clipped_sum_equals_the_per_sample_loop_with_missing_modalities(wide_rank, modality_dropout,
+                                                                                        tabular_blocks):
+    # tabular_blocks 0 (the default): the tabular encoders' pooled NumericTokens and column identities
+    model = _full_model(wide_rank=wide_rank, modality_dropout=modality_dropout, tabular_blocks=tabular_blocks).train()
     x, y = _batch_with_missing()
     assert_clipper_matches_loop(model, lambda: F.cross_entropy(model(x.double()), y, reduction="none"), len(y))
 
@@ -261,10 +264,11 @@ def _dp_step(model, x, y, sigma, clipping: str, seed: int):
     return [b - p.detach() for b, p in zip(before, model.parameters())], engine
 
 
-def test_without_noise_a_dp_step_is_opacus_hooks_step():
+@pytest.mark.parametrize("tabular_blocks", [1, 0])
+def test_without_noise_a_dp_step_is_opacus_hooks_step(tabular_blocks):
     """Same weights and rows: the update (clipped sum / expected batch, then the optimizer) equals Opacus'."""
     torch.manual_seed(0)
-    base = _full_model(dropout=0.0).double()
+    base = _full_model(dropout=0.0, tabular_blocks=tabular_blocks).double()
     x, y = _batch_with_missing()
     ours, _ = _dp_step(copy.deepcopy(base), x, y, 0.0, "ghost", seed=7)
     theirs, _ = _dp_step(copy.deepcopy(base), x, y, 0.0, "opacus", seed=7)
