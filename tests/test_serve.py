@@ -1725,7 +1725,10 @@ def test_integrated_gradients_in_chunks_are_those_of_one_batch(site, monkeypatch
     whole = integrated_gradients(lm, x, target)
     monkeypatch.setattr(client.predict, "IG_CHUNK", 3)
     chunked = integrated_gradients(lm, x, target)
-    assert chunked.shape == whole.shape and np.allclose(chunked, whole, rtol=1e-5, atol=1e-7)
+    # the same to float32 rounding: a product over a batch (the pooled tabular tokens' value @ scale) may sum in
+    # another order for another number of rows (1.9e-6 at most here, on attributions up to 13)
+    scale = float(np.abs(whole).max())
+    assert chunked.shape == whole.shape and np.allclose(chunked, whole, rtol=1e-5, atol=1e-6 * scale)
 
 
 def test_the_explanation_lane_bounds_waiting_bytes_and_patients_and_counts_a_request_done_before_answering_it():
