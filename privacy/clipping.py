@@ -491,7 +491,7 @@ def _prepare_other(others: list, batch: int) -> list[_Prepared]:
     for layer, tape in others:
         if type(layer) is AddLearned and len(tape) == 1 and batch and numeric:
             owner = numeric.get(_same_tensor_key(tape[0][1]))
-            if owner is not None and id(owner) not in added:
+            if owner is not None and id(owner) not in added and owner.pooled == layer.pooled:  # one form: one rule
                 added[id(owner)] = layer
     fused = {id(a) for a in added.values()}
     items = []
@@ -614,6 +614,8 @@ def _zero_nonfinite_samples(params: list[Tensor]) -> None:
     if not grads:
         return
     batch = grads[0].shape[0]
+    if batch == 0:  # an empty Poisson batch: nothing to zero (reshape(0, -1) would raise)
+        return
     finite = torch.ones(batch, dtype=torch.bool, device=grads[0].device)
     for g in grads:
         finite &= torch.isfinite(g.reshape(batch, -1)).all(1)

@@ -31,7 +31,11 @@ class AddLearned(nn.Module):
         self.pooled = False
 
     def forward(self, x: Tensor) -> Tensor:  # (B, n, d) -> (B, n, d); pooled: (B, d) -> (B, d)
-        return x + self.weight.sum(0) if self.pooled else x + self.weight
+        if self.pooled:
+            if x.dim() != 2:  # tokens, not their sum: the per-sample rules would not be this layer's gradient
+                raise ValueError(f"a pooled AddLearned takes the sum of its tokens, (B, d); got {tuple(x.shape)}")
+            return x + self.weight.sum(0)
+        return x + self.weight
 
 
 class Dropout(nn.Module):
