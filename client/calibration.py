@@ -166,10 +166,10 @@ def counted_modalities(lm, x) -> np.ndarray:
     one value as present; a patient sending 1 of 30 decisive features was answered as if it had them all (0.34
     right against the pattern's 0.81, a review's test). Real tables have a modality whole or not at all (every
     pan-cancer patient with a modality has all its features)."""
+    from client.prediction_input import features_present  # the input contract's per-modality count: one formula
+
     x = x.numpy() if hasattr(x, "numpy") else np.asarray(x)
-    if not len(x):
-        return np.zeros((0, len(lm.model.slices)), dtype=bool)
-    return np.stack([(~np.isnan(x[:, s])).mean(1) >= PATTERN_COVERAGE for s in lm.model.slices], 1)
+    return features_present(lm, ~np.isnan(x)) / lm.modality_sizes >= PATTERN_COVERAGE
 
 
 def _candidate_patterns(present: np.ndarray) -> list[tuple[int, ...]]:

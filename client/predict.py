@@ -15,7 +15,6 @@ Explanations:
 from __future__ import annotations
 
 import dataclasses
-
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +63,7 @@ class LoadedModel:
     calibration: dict | None = None
 
     _traced: object = None
-    _patterns: tuple | None = None  # (the calibration they were looked up in, {(id, present row): pattern(row)})
+    _patterns: tuple | None = None  # (the calibration they were looked up in, {present row: pattern(row)})
 
     def __post_init__(self):
         self.feature_at = feature_names(self.schema)
@@ -76,13 +75,13 @@ class LoadedModel:
         pattern's own. A pattern too few of the site's patients had is judged by its best measured sub-pattern
         (more modalities are taken to make the model no worse: a lower bound); (None, False) when there is none,
         or no calibration, or one from before patterns were measured (format /1)."""
-        key = (id(self.calibration), tuple(bool(p) for p in present_row))  # a few patterns, many patients: cached
+        key = tuple(bool(p) for p in present_row)  # a few patterns, many patients: cached per calibration
         if self._patterns is None or self._patterns[0] is not self.calibration:
             self._patterns = (self.calibration, {})
-        hit = self._patterns[1].get(key)
-        if hit is None:
-            hit = self._patterns[1][key] = self._find_pattern(key[1])
-        return hit
+        found = self._patterns[1]
+        if key not in found:
+            found[key] = self._find_pattern(key)
+        return found[key]
 
     def _find_pattern(self, present_row: tuple) -> tuple[dict | None, bool]:
         from client.calibration import pattern_key

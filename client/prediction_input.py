@@ -100,6 +100,12 @@ def feature_names(schema: FeatureSchema) -> list[tuple[str, str]]:
     return [(m.name, f) for m in schema.modalities for f in m.features]
 
 
+def features_present(lm, observed: np.ndarray) -> np.ndarray:
+    """(patients, modalities): how many of each modality's features each patient has (observed: the model inputs'
+    ~isnan; lm: anything with modality_bounds' `modality_starts`)."""
+    return np.add.reduceat(observed, lm.modality_starts, axis=1, dtype=np.int64)
+
+
 def modality_bounds(schema: FeatureSchema) -> tuple[np.ndarray, np.ndarray]:
     """Each modality's first column and its number of features, in the schema's order."""
     layout = schema.layout()
@@ -683,7 +689,7 @@ def check_patients(lm, ids: list[str], raw: np.ndarray, limits: ServeSettings) -
     schema = lm.schema
     n_inputs = raw.shape[1]
     observed = ~np.isnan(raw)
-    present = np.add.reduceat(observed, lm.modality_starts, axis=1, dtype=np.int64)  # (patients, modalities)
+    present = features_present(lm, observed)  # (patients, modalities)
     counts = present.sum(axis=1)
     total = counts / n_inputs
     per_modality = present / lm.modality_sizes

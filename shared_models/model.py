@@ -193,7 +193,6 @@ class TabularEncoder(nn.Module):
         # Without blocks the tokens are linear in the cells and only averaged: their mean is computed without
         # forming them (the same parameters and function; the mutation table's 64 x 301 x 64 tokens were ~5 ms of
         # a 23 ms pan-cancer training step at 64 patients, their pooled sum 0.3 ms)
-        self.n_cols = len(types)
         if not cfg.tabular_blocks:
             self.column.pooled = True
             if self.numeric is not None:
@@ -213,7 +212,7 @@ class TabularEncoder(nn.Module):
             parts.append(levels.sum(1) if self.column.pooled else levels)
         if self.column.pooled:  # the mean of the tokens: (sum of the cells' tokens + sum of the identities) / C
             total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
-            return self.norm(self.column(total) / self.n_cols)
+            return self.norm(self.column(total) / self.column.weight.shape[0])  # over every column
         tokens = self.column(torch.cat(parts, dim=1))  # (B, C, d)
         for blk in self.blocks:
             tokens, _ = blk(tokens)

@@ -237,7 +237,7 @@ RECIPES = {
     # 192: 0.620, 256: 0.586 and 128: 0.569 (seed 0), sample-rate 0.5 with 320: 0.626
     # modality-dropout, on the validation parts (seeds 0-2): with DP 0.25 lowers macro-F1 (0.599 against 0.630)
     # and 0.1 at seed 0 (0.599 against 0.610); without DP 0.25 ties overall (0.833 against 0.829) and the patterns
-    # without miRNA, the others masked, gain 0.300 -> 0.489 accuracy (docs/results.md, "Modality patterns")
+    # without miRNA, the others masked, gain 0.300 -> 0.489 accuracy (docs/results.md, "Without DP: variants")
     "dp": Recipe(batch_size=192, lr={"sgd": 100.0, "adamw": 0.02}, max_grad_norm={"sgd": 0.01, "adamw": 1.0},
                  modality_dropout=0.0),
     "no-dp": Recipe(batch_size=64, lr={"sgd": 0.2, "adamw": 0.002}, max_grad_norm={"sgd": 1.0, "adamw": 1.0},
