@@ -241,25 +241,28 @@ def test_numeric_tokens_are_value_times_scale_or_the_missing_token_with_exact_gr
     assert torch.allclose(x.grad, want_grads[0], rtol=1e-12, atol=1e-15)
 
 
-def test_feature_fill_is_x_or_the_fill_value_with_exact_gradients_and_hands_over_per_sample_ones():
+@pytest.mark.parametrize("pad", [0, 3])
+def test_feature_fill_is_x_or_the_fill_value_with_exact_gradients_and_hands_over_per_sample_ones(pad):
     """shared_models.layers.FeatureFill (its own backward, reusing the forward's mask) against torch.where's
-    definition in float64: output, the input's gradient (zero where missing) and the fill values'; in
-    inference; and with the DP clipper's settings (no parameter gradient, per-sample gradients handed over)."""
-    from shared_models.layers import FeatureFill
+    definition in float64: output (then `pad` columns of zeros, the omics encoder's chunk padding), the input's
+    gradient (zero where missing) and the fill values'; in inference; with the DP clipper's settings (no
+    parameter gradient, per-sample gradients handed over); and Opacus' per-sample rule for the layer."""
+    from shared_models.layers import GRAD_SAMPLERS, FeatureFill
 
     torch.manual_seed(0)
-    layer = FeatureFill(9).double()
+    layer = FeatureFill(9, pad=pad).double()
     with torch.no_grad():
         layer.weight.normal_()
     x = torch.randn(5, 9, dtype=torch.float64)
     x[torch.rand(5, 9) < 0.3] = float("nan")
     x.requires_grad_(True)
-    e = torch.randn(5, 9, dtype=torch.float64)
+    e = torch.randn(5, 9 + pad, dtype=torch.float64)
 
-    want = torch.where(torch.isnan(x), layer.weight, torch.where(torch.isnan(x), 0.0, x))
+    want = torch.nn.functional.pad(torch.where(torch.isnan(x), layer.weight, torch.where(torch.isnan(x), 0.0, x)),
+                                   (0, pad))
     want_grads = torch.autograd.grad(want, [x, layer.weight], e)
     got = layer(x)
-    assert torch.equal(got, want)
+    assert got.shape == (5, 9 + pad) and torch.equal(got, want)
     for g, w in zip(torch.autograd.grad(got, [x, layer.weight], e), want_grads):
         assert torch.allclose(g, w, rtol=1e-12, atol=1e-15)
     with torch.no_grad():
@@ -269,10 +272,28 @@ def test_feature_fill_is_x_or_the_fill_value_with_exact_gradients_and_hands_over
     layer(x).backward(e)
     assert layer.weight.grad is None and len(layer.sample_grads) == 1
     per_sample = layer.sample_grads[0][1]
+    by_rule = GRAD_SAMPLERS[FeatureFill](layer, [x.detach()], e)[layer.weight]
     for b in range(5):  # sample b's gradient alone
-        one = torch.autograd.grad(torch.where(torch.isnan(x[b]), layer.weight, 0.0), layer.weight, e[b])[0]
+        one = torch.autograd.grad(torch.where(torch.isnan(x[b]), layer.weight, 0.0), layer.weight, e[b, :9])[0]
         assert torch.allclose(per_sample[b], one, rtol=1e-12, atol=0)
+        assert torch.allclose(by_rule[b], one, rtol=1e-12, atol=0)
     assert torch.allclose(x.grad, want_grads[0], rtol=1e-12, atol=1e-15)
+
+
+def test_a_patient_counts_as_present_in_a_modality_with_any_value_that_is_not_nan():
+    """shared_models.model.any_present against torch.isnan's definition, infinite values and empty rows included."""
+    from shared_models.model import any_present
+
+    x = torch.randn(6, 7)
+    x[0] = float("nan")
+    x[1, 1:] = float("nan")
+    x[2] = float("nan")
+    x[2, 3] = float("-inf")
+    x[3] = float("inf")
+    x[4, :] = -3.4e38
+    assert torch.equal(any_present(x), ~torch.isnan(x).all(dim=1))
+    assert any_present(x).tolist() == [False, True, True, True, True, True]
+    assert any_present(torch.empty(2, 0)).tolist() == [False, False]
 
 
 def test_modality_dropout_masks_present_modalities_per_patient_keeps_one_and_only_in_training():
