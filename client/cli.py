@@ -373,7 +373,8 @@ def _echo_problems(headline: str, e) -> None:
     """A refusal of the prediction contract, one problem per line with its fix (as the service answers it)."""
     typer.echo(headline, err=True)
     for p in e.problems:
-        typer.echo(f"  {p['loc']}: {p['msg']}" + (f"\n    fix: {p['fix']}" if p.get("fix") else ""), err=True)
+        who = f"\n    patients: {', '.join(map(str, p['patients']))}" if p.get("patients") else ""
+        typer.echo(f"  {p['loc']}: {p['msg']}{who}" + (f"\n    fix: {p['fix']}" if p.get("fix") else ""), err=True)
 
 
 def predict(
@@ -386,7 +387,7 @@ def predict(
     import getpass
 
     from client.model_store import ModelStoreError
-    from client.predict import PredictionInputError, Predictor
+    from client.predict import PredictionInputError, Predictor, refuse_weak_patterns
     from client.serve import _site_salt
     from privacy.audit import AuditError, AuditLog
 
@@ -406,6 +407,7 @@ def predict(
         predictor = Predictor(settings.model_dir, state / "normalizer.json", settings.signing_public_key or None,
                               on_fallback=lambda entry: audit.append("model_fallback", **entry))
         checked = predictor.checked_tables(data, limits)
+        refuse_weak_patterns(predictor.current, checked, limits)
     except PredictionInputError as e:  # the service's contract: the same problems, one per line
         _echo_problems(f"{data}: refused, nothing predicted:", e)
         raise typer.Exit(code=2)

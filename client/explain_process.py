@@ -60,7 +60,7 @@ def explain_request(predictor, lm, limits, kind: str, payload, top_k: int) -> di
     """One request, whole: `kind` "json" (payload: the /v1/predict body; its own top_k counts) or "tables"
     (payload: a directory of uploaded modality tables). Raises PredictionInputError for input the contract
     refuses. Returns the answer's parts: version, calibrated, warnings, ids, predicted, rows (JSON bytes)."""
-    from client.predict import add_notes, format_predictions
+    from client.predict import add_notes, format_predictions, refuse_weak_patterns
     from client.prediction_input import checked_json, checked_tables, parse_request
 
     if kind == "json":
@@ -68,6 +68,7 @@ def explain_request(predictor, lm, limits, kind: str, payload, top_k: int) -> di
         checked = checked_json(lm, patients, limits)
     else:
         checked = checked_tables(lm, Path(payload), limits)
+    refuse_weak_patterns(lm, checked, limits)
     lm, result = predictor.predict(checked.raw, top_k=top_k, lm=lm)
     rows = add_notes(format_predictions(lm, checked.ids, result, top_k), checked.notes, lm, limits)
     return {"version": lm.version, "calibrated": lm.calibration is not None, "warnings": checked.warnings,

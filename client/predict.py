@@ -373,14 +373,9 @@ def answer_warnings(lm: LoadedModel, confidence: float, present_row, limits) -> 
     measured, own = lm.pattern(present_row)
     names = [m.name for m, p in zip(lm.schema.modalities, present_row) if p]
     if measured is not None:
-        basis = ", ".join(measured["modalities"])
         if measured["accuracy"] < limits.min_pattern_accuracy:
-            how = f"with only {basis}" if own else (f"with {basis} (the best the site measured of this patient's "
-                                                    "modalities; it had too few patients with all of them)")
-            warnings.append({"code": "weak_pattern", "msg": f"{how} the model was right for {measured['accuracy']:.0%} "
-                             f"of {measured['n_heldout']} of this site's labelled patients (below "
-                             f"{limits.min_pattern_accuracy:.0%}): the modalities it relies on are missing; send them if "
-                             "the patient has them"})
+            warnings.append({"code": "weak_pattern", "msg": _weak_pattern_msg(measured, own, limits)
+                             + ": the modalities it relies on are missing; send them if the patient has them"})
         pattern = {"modalities": names, "site_accuracy": measured["accuracy"], "site_patients": measured["n_heldout"]}
         if not own:
             pattern["measured_as"] = measured["modalities"]  # a sub-pattern: the site's accuracy is a lower bound
@@ -390,6 +385,45 @@ def answer_warnings(lm: LoadedModel, confidence: float, present_row, limits) -> 
                          f"patients with {', '.join(names)}, or any part of them, to measure the model on them: how "
                          "often it is right for this patient is not known"})
     return warnings, None
+
+
+def _weak_pattern_msg(measured: dict, own: bool, limits) -> str:
+    basis = ", ".join(measured["modalities"])
+    how = f"with only {basis}" if own else (f"with {basis} (the best the site measured of this patient's "
+                                            "modalities; it had too few patients with all of them)")
+    return (f"{how} the model was right for {measured['accuracy']:.0%} of {measured['n_heldout']} of this site's "
+            f"labelled patients (below {limits.min_pattern_accuracy:.0%})")
+
+
+def refuse_weak_patterns(lm: LoadedModel, checked, limits) -> None:
+    """`serve.refuse-weak-pattern`: raise PredictionInputError (422, nothing scored) when a patient's modality pattern
+    is one the site measured below `min-pattern-accuracy` (answer_warnings' `weak_pattern`, judged the same way: its
+    own pattern or its best measured sub-pattern), one problem per such pattern naming its patients. Unmeasured
+    patterns, and every pattern before the site has calibrated, are answered (and flagged) as without the setting:
+    there is no measurement to refuse on. Called before the model runs, by every path that scores (the service's
+    routes, the explanation lane, `oncofed predict`)."""
+    if not limits.refuse_weak_pattern or not len(checked.ids) or not (lm.calibration or {}).get("patterns"):
+        return
+    from client.prediction_input import capped
+
+    weak: dict[tuple, list] = {}
+    for pid, row in zip(checked.ids, counted_modalities(lm, checked.raw)):
+        measured, own = lm.pattern(row)
+        if measured is not None and measured["accuracy"] < limits.min_pattern_accuracy:
+            weak.setdefault(tuple(bool(c) for c in row), []).append(pid)
+    problems = []
+    for row, pids in weak.items():
+        names = [m.name for m, c in zip(lm.schema.modalities, row) if c]
+        measured, own = lm.pattern(row)
+        problems.append({
+            "loc": f"patients with {', '.join(names)}", "code": "weak_pattern", "patients": pids,
+            "n_patients": len(pids),
+            "msg": f"refused (serve.refuse-weak-pattern in site.json), {len(pids)} patient(s): "
+                   f"{_weak_pattern_msg(measured, own, limits)}",
+            "fix": "send the patients' other modalities (a modality counts with at least half its features); to be "
+                   "answered with a weak_pattern flag instead, unset serve.refuse-weak-pattern"})
+    if problems:
+        raise PredictionInputError(capped(problems, limits.max_problems))
 
 
 def add_notes(rows: list[dict], notes: list[dict], lm: LoadedModel, limits) -> list[dict]:

@@ -1654,6 +1654,62 @@ def test_calibration_measures_each_modality_pattern_serves_its_temperature_and_f
         assert r.status_code == 200 and r.json()["calibrated"] is False, (damaged, r.text)  # served uncalibrated
 
 
+def test_a_site_that_refuses_weak_patterns_answers_none_of_them_on_any_path(site, tmp_path):
+    """serve.refuse-weak-pattern: a request with a patient whose modality pattern the site measured weak is refused
+    (422, the pattern and its patients named, the fix given), through the service, the explanation lane, uploads and
+    `oncofed predict`; the other patients are answered; before the site has calibrated nothing is refused."""
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from oncofed.cli import app
+
+    _copy_site(site, tmp_path)
+    settings = SiteConfig.parse({"model-dir": str(tmp_path / "models"), "state-dir": str(tmp_path / "state"),
+                                 "serve": {"refuse-weak-pattern": True}})
+    settings.write(tmp_path / "site.json")
+    data = tmp_path / "labelled"
+    _labelled(site, data)
+    c = TestClient(create_app(settings))
+    full, no_expr = _patient(site, 9), _patient(site, 10, drop=("expr",))
+
+    def ask(patients, top_k: int = 0):
+        return c.post("/v1/predict", json={"patients": patients, "top_k": top_k}, headers=_auth(site["clinician"]))
+
+    r = ask([full, no_expr])  # not calibrated: nothing measured, nothing to refuse on
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 2
+    assert c.get("/v1/limits").json()["refuse_weak_pattern"] is True
+    r = CliRunner().invoke(app, ["serve", "calibrate", "--site-config", str(tmp_path / "site.json"), "--data", str(data)])
+    assert r.exit_code == 0, r.output
+
+    for top_k in (0, 1):  # the service, then the explanation lane
+        r = ask([full, no_expr, _patient(site, 11, drop=("expr", "prot"))], top_k)
+        assert r.status_code == 422 and _codes(r) == {"weak_pattern"}, r.text
+        problems = r.json()["detail"]
+        assert {tuple(p["patients"]) for p in problems} == {("P010",), ("P011",)}, problems  # one per pattern
+        assert all(p["msg"].startswith("refused (serve.refuse-weak-pattern") and "right for" in p["msg"]
+                   and "send the patients' other modalities" in p["fix"] for p in problems)
+        ok = ask([full], top_k)
+        assert ok.status_code == 200 and [w["code"] for w in ok.json()["predictions"][0]["warnings"]
+                                          if w["code"] == "weak_pattern"] == [], (top_k, ok.text)
+    files = {f"{m}.csv": (data / f"{m}.csv").read_bytes() for m in ("prot", "clinical", "mutation")}
+    r = _upload(c, site, files)
+    assert r.status_code == 422 and _codes(r) == {"weak_pattern"}  # every patient named: a large request, a thread
+    assert r.json()["detail"][0]["n_patients"] == N and len(r.json()["detail"][0]["patients"]) == N
+
+    no_expr_dir = tmp_path / "no_expr"
+    shutil.copytree(data, no_expr_dir)
+    (no_expr_dir / "expr.csv").unlink()
+    out = tmp_path / "pred.csv"
+    r = CliRunner().invoke(app, ["predict", "--site-config", str(tmp_path / "site.json"), "--data", str(no_expr_dir),
+                                 "--out", str(out)])
+    assert r.exit_code == 2 and "refused, nothing predicted" in r.output and "refuse-weak-pattern" in r.output, r.output
+    assert "patients: P000, P001" in r.output  # the operator is told which patients to take out
+    assert not out.exists()
+    r = CliRunner().invoke(app, ["predict", "--site-config", str(tmp_path / "site.json"), "--data", str(data),
+                                 "--out", str(out)])
+    assert r.exit_code == 0 and len(pd.read_csv(out)) == N, r.output
+
+
 def test_an_overall_temperature_without_gain_keeps_the_models_probabilities_and_still_measures_the_patterns(
         site, tmp_path, monkeypatch):
     """A fitted temperature that does not lower the held-out half's log-loss is not served (T stays 1), but the
