@@ -9,6 +9,12 @@ that matters is answers that are confident (top probability >= `serve.low-confid
 about their trust, and are wrong.
 
     python benchmarks/modality_patterns.py RUN_DIR [--sites C0,C5]     # RUN_DIR: oncofed simulate --out RUN_DIR
+    python benchmarks/modality_patterns.py RUN_DIR --consortium        # a site that has not calibrated
+
+--consortium: no site calibrates; the held-out hospitals' patients are scored by the delivered model with the
+package's per-pattern measurement (the sites' held-out parts at the run's last round, summed by the server) as the
+only judge of the answers: each pattern's accuracy there against the held-out hospitals', and the confident,
+unflagged, wrong answers with no measurement at all (a package from before) against with the consortium's flags.
 """
 
 from __future__ import annotations
@@ -49,6 +55,59 @@ def answers(lm, raw: np.ndarray, y: np.ndarray, keep: set[int] | None, limits, m
             "confident_unflagged": int(unflagged.sum()), "flagged_right": int((~unflagged & (pred == y)).sum())}
 
 
+def consortium(run: Path, site: str, limits) -> list[dict]:
+    """The --consortium comparison for one site's installed model (uncalibrated: its calibration is not read)."""
+    from client.calibration import counted_modalities
+    from client.predict import Predictor
+    from privacy.site_config import SiteConfig
+    from shared_models.site_data import LABELS_STEM, find_table, read_table
+
+    cfg = SiteConfig.load(run / "state" / site / "site.json")
+    lm = Predictor(cfg.model_dir, Path(cfg.state_dir) / "normalizer.json", cfg.signing_public_key or None,
+                   calibration_path=Path(cfg.state_dir) / "calibration.none").current
+    patterns = lm.consortium_patterns()
+    if not patterns:
+        raise SystemExit(f"{run}: the delivered package has no per-pattern measurement (a run from before "
+                         "2026-12-05 20:30)")
+    held_dir = run / "sites" / "holdout"
+    predictor = Predictor(cfg.model_dir, Path(cfg.state_dir) / "normalizer.json", cfg.signing_public_key or None,
+                          calibration_path=Path(cfg.state_dir) / "calibration.none")
+    checked = predictor.checked_tables(held_dir, limits)
+    labels = read_table(find_table(held_dir, LABELS_STEM)[0], lm.schema.id_column)[lm.schema.label_column]
+    lookup = {c: k for k, c in enumerate(lm.schema.classes)}
+    known = [i for i, pid in enumerate(checked.ids) if str(labels.get(pid)) in lookup]
+    raw, y = checked.raw[known], np.array([lookup[str(labels[checked.ids[i]])] for i in known])
+    names = [m.name for m in lm.schema.modalities]
+    present = counted_modalities(lm, raw)
+    print(f"\nthe package's {len(patterns)} patterns (measured on the sites' held-out parts) against the held-out "
+          "hospitals' patients, each pattern's modalities kept, the others masked; no site calibration")
+    print(f"  {'modalities present':<40} {'consortium n':>12} {'acc':>6} {'held-out n':>10} {'acc':>6}   "
+          "confident, unflagged, wrong: no measurement / consortium flags")
+    rows, totals = [], {w: [0, 0, 0] for w in ("weak", "other")}
+    for key, e in sorted(patterns.items(), key=lambda kv: kv[1]["accuracy"]):
+        pattern = {names.index(m) for m in e["modalities"]}
+        has = present[:, sorted(pattern)].all(1)
+        if has.sum() < 30:
+            continue
+        none = answers(lm, raw[has], y[has], pattern, limits, "uncalibrated")
+        flagged = answers(lm, raw[has], y[has], pattern, limits, "served")
+        t = totals["weak" if e["accuracy"] < limits.min_pattern_accuracy else "other"]
+        t[0], t[1], t[2] = t[0] + none["confident_unflagged_wrong"], t[1] + flagged["confident_unflagged_wrong"], \
+            t[2] + none["n"]
+        rows.append({"pattern": key, "consortium_n": e["n_heldout"], "consortium_accuracy": e["accuracy"],
+                     "n": none["n"], "accuracy": none["accuracy"],
+                     "no_measurement_confident_unflagged_wrong": none["confident_unflagged_wrong"],
+                     "consortium_confident_unflagged_wrong": flagged["confident_unflagged_wrong"]})
+        print(f"  {key:<40} {e['n_heldout']:>12} {e['accuracy']:>6.3f} {none['n']:>10} {none['accuracy']:>6.3f}   "
+              f"{none['confident_unflagged_wrong']:>4} / {flagged['confident_unflagged_wrong']:>4}")
+    for w, what in (("weak", f"patterns the consortium measured below {limits.min_pattern_accuracy:.0%}"),
+                    ("other", "the other patterns")):
+        t = totals[w]
+        print(f"  {what}: confident, unflagged, wrong answers {t[0]} of {t[2]} ({t[0] / max(t[2], 1):.1%}) with no "
+              f"measurement, {t[1]} ({t[1] / max(t[2], 1):.1%}) with the consortium's flags")
+    return rows
+
+
 def main() -> None:
     from client.calibration import calibrate, counted_modalities
     from client.predict import Predictor
@@ -58,9 +117,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="an `oncofed simulate --out` directory")
     ap.add_argument("--sites", default="C0,C5")
+    ap.add_argument("--consortium", action="store_true", help="no site calibration: the package's per-pattern "
+                    "measurement against the held-out hospitals' patients (the first of --sites' models)")
     args = ap.parse_args()
     print(f"{time.strftime('%Y-%m-%d %H:%M')}, load average {os.getloadavg()[0]:.2f}, run {args.run}")
     limits = ServeSettings(max_patients=10**9)
+    if args.consortium:
+        rows = consortium(args.run, args.sites.split(",")[0], limits)
+        print(json.dumps({"benchmark": "modality_patterns", "consortium": True, "rows": rows}))
+        return
     rows = []
     for site in args.sites.split(","):
         cfg = SiteConfig.load(args.run / "state" / site / "site.json")

@@ -660,7 +660,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     settings = site_settings(context, cfg)
     try:
         site = prepared(settings, cfg, site_schema_path(context, cfg))
-        n, metrics = evaluate_global(site, parameters_to_ndarrays(ins.parameters), cfg)
+        last = int(ins.config.get(SERVER_ROUND, 0) or 0) == cfg.federation.num_rounds  # the model delivered
+        n, metrics = evaluate_global(site, parameters_to_ndarrays(ins.parameters), cfg, patterns=last)
     except SiteDataError:
         n, metrics = 0, {}
     if n:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -131,13 +132,55 @@ def site_logits(lm, raw: np.ndarray, batch: int = 512, keep_modalities=None) -> 
     out = []
     for start in range(0, len(raw), batch):
         x = torch.from_numpy(lm.normalizer.transform(raw[start:start + batch].copy()))
-        if keep_modalities is not None:
-            for j, s in enumerate(lm.model.slices):
-                if j not in keep_modalities:
-                    x[:, s] = float("nan")
         with torch.no_grad():
-            out.append(lm.model(x).numpy().astype(np.float64))
+            out.append(lm.model(masked(x, lm.model.slices, keep_modalities)).numpy().astype(np.float64))
     return np.concatenate(out) if out else np.zeros((0, lm.schema.n_classes))
+
+
+def masked(x, slices, keep_modalities=None):
+    """x (a tensor, changed in place) with every modality not in `keep_modalities` (indices; None: all kept) missing."""
+    if keep_modalities is not None:
+        for j, s in enumerate(slices):
+            if j not in keep_modalities:
+                x[:, s] = float("nan")
+    return x
+
+
+def pattern_outcomes(model, schema, x: np.ndarray, y: np.ndarray, min_count: int) -> dict[str, list[int]]:
+    """The model per modality pattern on labelled, normalised rows (a site's held-out part, at the run's last
+    round): for each pattern with at least `min_count` patients who have its modalities (counted as
+    counted_modalities counts them), [patients, right] with the other modalities masked, as `serve calibrate`
+    measures them. The server sums the sites' into the delivered package (protocol.PATTERNS)."""
+    import torch
+
+    from client.prediction_input import modality_bounds
+    from shared_models.evaluation import predict_logits
+
+    starts, sizes = modality_bounds(schema)
+    present = counted_modalities(types.SimpleNamespace(modality_starts=starts, modality_sizes=sizes), x)
+    names = [m.name for m in schema.modalities]
+    counts = {p: int(present[:, list(p)].all(1).sum()) for p in _candidate_patterns(present)}
+    out = {}
+    for pattern in _reportable(counts, len(x), min_count):
+        has = present[:, list(pattern)].all(1)
+        rows = masked(torch.from_numpy(x[has].copy()), model.slices, set(pattern))
+        right = int((predict_logits(model, rows).argmax(1).numpy() == y[has]).sum())
+        out[pattern_key(names[j] for j in pattern)] = [int(has.sum()), right]
+    return out
+
+
+def _reportable(counts: dict[tuple, int], total: int, min_count: int) -> list[tuple]:
+    """The patterns whose patient counts may be sent: at least `min_count` patients, and no difference between 1 and
+    min_count - 1 to the count of a sent pattern within it, or to `total` (the patients evaluated, which the site
+    also sends): n(expr) = 50 beside n(expr+prot) = 49 would say that one patient has expr without prot. The
+    larger pattern of such a pair is left out, the smallest patterns first. (Sums and differences of more than two
+    patterns can still tell a small group apart: held-out statistics are not DP, docs/privacy.md.)"""
+    kept: list[tuple] = []
+    for p in sorted((p for p, n in counts.items() if n >= min_count), key=len):
+        if all(not 0 < n - counts[p] < min_count for n in
+               [total] + [counts[q] for q in kept if set(q) < set(p)]):
+            kept.append(p)
+    return kept
 
 
 def could_have_trained(version_dir: Path, ids: list[str]) -> np.ndarray | None:
@@ -301,7 +344,18 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
 
 
-def _pattern_ok(key, entry, names: list[str] | None) -> bool:
+def consortium_patterns(package: dict, schema) -> dict:
+    """The delivered package's `patterns` (the final model on the sites' held-out parts, summed by the server), each
+    marked `"measured_by": "consortium"`; an entry no server writes is left out alone ({} when there are none)."""
+    patterns = package.get("patterns")
+    names = [m.name for m in schema.modalities]
+    if not isinstance(patterns, dict):
+        return {}
+    return {k: {**e, "measured_by": "consortium"} for k, e in patterns.items()
+            if _pattern_ok(k, e, names, counts=("n_heldout", "sites"))}
+
+
+def _pattern_ok(key, entry, names: list[str] | None, counts=("n_fit", "n_heldout")) -> bool:
     """A pattern entry a fit could have written: its key the pattern of its modalities (names of the schema's, in
     its order), an accuracy in [0, 1], patient counts, and no temperature or one in TEMPERATURES."""
     if not isinstance(entry, dict):
@@ -312,6 +366,6 @@ def _pattern_ok(key, entry, names: list[str] | None) -> bool:
     if names is not None and [m for m in names if m in mods] != mods:
         return False
     counts = all(isinstance(entry.get(k), int) and not isinstance(entry.get(k), bool) and entry.get(k) >= 0
-                 for k in ("n_fit", "n_heldout"))
+                 for k in counts)
     return counts and _number(acc) and 0 <= acc <= 1 and (
         t is None or (_number(t) and TEMPERATURES[0] <= t <= TEMPERATURES[1]))

@@ -64,6 +64,8 @@ class LoadedModel:
 
     _traced: object = None
     _patterns: tuple | None = None  # (the calibration they were looked up in, {present row: pattern(row)})
+    _consortium: dict | None = None  # the package's patterns, checked once (client.calibration.consortium_patterns)
+    _measured: tuple | None = None  # (the calibration they were merged with, measured_patterns())
 
     def __post_init__(self):
         self.feature_at = feature_names(self.schema)
@@ -71,10 +73,10 @@ class LoadedModel:
         self.modality_starts, self.modality_sizes = modality_bounds(self.schema)
 
     def pattern(self, present_row) -> tuple[dict | None, bool]:
-        """The site's measurement of this modality pattern (present_row: a bool per modality) and whether it is the
-        pattern's own. A pattern too few of the site's patients had is judged by its best measured sub-pattern
-        (more modalities are taken to make the model no worse: a lower bound); (None, False) when there is none,
-        or no calibration, or one from before patterns were measured (format /1)."""
+        """The measurement of this modality pattern (present_row: a bool per modality; measured_patterns: the site's
+        calibration's, else the package's) and whether it is the pattern's own. A pattern measured by neither is
+        judged by its best measured sub-pattern (more modalities are taken to make the model no worse: a lower
+        bound); (None, False) when there is none."""
         key = tuple(bool(p) for p in present_row)  # a few patterns, many patients: cached per calibration
         if self._patterns is None or self._patterns[0] is not self.calibration:
             self._patterns = (self.calibration, {})
@@ -83,10 +85,26 @@ class LoadedModel:
             found[key] = self._find_pattern(key)
         return found[key]
 
+    def consortium_patterns(self) -> dict:
+        """The delivered package's measurement of each modality pattern on the sites' held-out parts ({} if none)."""
+        if self._consortium is None:
+            from client.calibration import consortium_patterns
+
+            self._consortium = consortium_patterns(self.package, self.schema)
+        return self._consortium
+
+    def measured_patterns(self) -> dict:
+        """What answers are judged by, per pattern: the site's own calibration's measurement where it has one, else
+        the package's (on the consortium's held-out patients, `"measured_by": "consortium"`)."""
+        if self._measured is None or self._measured[0] is not self.calibration:  # merged once per calibration
+            self._measured = (self.calibration, {**self.consortium_patterns(),
+                                                 **((self.calibration or {}).get("patterns") or {})})
+        return self._measured[1]
+
     def _find_pattern(self, present_row: tuple) -> tuple[dict | None, bool]:
         from client.calibration import pattern_key
 
-        patterns = (self.calibration or {}).get("patterns") or {}
+        patterns = self.measured_patterns()
         names = [m.name for m, p in zip(self.schema.modalities, present_row) if p]
         own = patterns.get(pattern_key(names))
         if own is not None:
@@ -376,33 +394,42 @@ def answer_warnings(lm: LoadedModel, confidence: float, present_row, limits) -> 
         if measured["accuracy"] < limits.min_pattern_accuracy:
             warnings.append({"code": "weak_pattern", "msg": _weak_pattern_msg(measured, own, limits)
                              + ": the modalities it relies on are missing; send them if the patient has them"})
-        pattern = {"modalities": names, "site_accuracy": measured["accuracy"], "site_patients": measured["n_heldout"]}
+        if measured.get("measured_by") == "consortium":  # not calibrated here: the package's measurement
+            pattern = {"modalities": names, "consortium_accuracy": measured["accuracy"],
+                       "consortium_patients": measured["n_heldout"], "measured_by": "consortium"}
+        else:
+            pattern = {"modalities": names, "site_accuracy": measured["accuracy"],
+                       "site_patients": measured["n_heldout"]}
         if not own:
             pattern["measured_as"] = measured["modalities"]  # a sub-pattern: the site's accuracy is a lower bound
         return warnings, pattern
-    if lm.calibration and "patterns" in lm.calibration and names:
-        warnings.append({"code": "pattern_unmeasured", "msg": f"this site's calibration had too few labelled "
-                         f"patients with {', '.join(names)}, or any part of them, to measure the model on them: how "
-                         "often it is right for this patient is not known"})
+    if lm.measured_patterns() and names:
+        warnings.append({"code": "pattern_unmeasured", "msg": f"neither this site's calibration nor the model "
+                         f"package had enough labelled patients with {', '.join(names)}, or any part of them, to "
+                         "measure the model on them: how often it is right for this patient is not known"})
     return warnings, None
 
 
 def _weak_pattern_msg(measured: dict, own: bool, limits) -> str:
     basis = ", ".join(measured["modalities"])
-    how = f"with only {basis}" if own else (f"with {basis} (the best the site measured of this patient's "
+    consortium = measured.get("measured_by") == "consortium"
+    who = "the consortium" if consortium else "the site"
+    how = f"with only {basis}" if own else (f"with {basis} (the best {who} measured of this patient's "
                                             "modalities; it had too few patients with all of them)")
-    return (f"{how} the model was right for {measured['accuracy']:.0%} of {measured['n_heldout']} of this site's "
-            f"labelled patients (below {limits.min_pattern_accuracy:.0%})")
+    whose = (f"held-out patients at {measured.get('sites')} sites of the consortium (this site's own `oncofed serve "
+             "calibrate` has not measured it)" if consortium else "this site's labelled patients")
+    return (f"{how} the model was right for {measured['accuracy']:.0%} of {measured['n_heldout']} {whose} "
+            f"(below {limits.min_pattern_accuracy:.0%})")
 
 
 def refuse_weak_patterns(lm: LoadedModel, checked, limits) -> None:
     """`serve.refuse-weak-pattern`: raise PredictionInputError (422, nothing scored) when a patient's modality pattern
     is one the site measured below `min-pattern-accuracy` (answer_warnings' `weak_pattern`, judged the same way: its
     own pattern or its best measured sub-pattern), one problem per such pattern naming its patients. Unmeasured
-    patterns, and every pattern before the site has calibrated, are answered (and flagged) as without the setting:
-    there is no measurement to refuse on. Called before the model runs, by every path that scores (the service's
-    routes, the explanation lane, `oncofed predict`)."""
-    if not limits.refuse_weak_pattern or not len(checked.ids) or not (lm.calibration or {}).get("patterns"):
+    patterns are answered (and flagged) as without the setting, and so is every pattern when neither the site's
+    calibration nor the package measured any: there is no measurement to refuse on. Called before the model runs,
+    by every path that scores (the service's routes, the explanation lane, `oncofed predict`)."""
+    if not limits.refuse_weak_pattern or not len(checked.ids) or not lm.measured_patterns():
         return
     from client.prediction_input import capped
 

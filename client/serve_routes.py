@@ -195,6 +195,7 @@ def model_routes(app, site: "Site", role) -> None:
                 "calibration": lm.calibration and {k: lm.calibration.get(k) for k in (
                     "temperature", "heldout", "n_fit", "n_heldout", "fitted", "patterns", "left_out_trained",
                     "overall_not_fitted", "types")},
+                "consortium_patterns": lm.consortium_patterns() or None,  # the package's: flags until calibrated
                 "min_pattern_accuracy": site.limits.min_pattern_accuracy,
                 "degraded": site.predictor.degraded,
                 "modalities": [{"name": m.name, "features": len(m.features), "description": m.description}

@@ -10,6 +10,7 @@ privacy ledger.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from privacy.ledger import PrivacyLedger
-from shared_models.protocol import ACCURACY, BALANCED_ACCURACY, LOSS, MACRO_F1
+from shared_models.protocol import ACCURACY, BALANCED_ACCURACY, LOSS, MACRO_F1, PATTERNS
 from shared_models.schema import FeatureSchema
 from shared_models.site_data import Normalizer, encode_labels, make_dataset, raw_matrix, read_site, SiteDataset
 from shared_models.validation import validate_site
@@ -149,8 +150,10 @@ def prepare_site(schema: FeatureSchema, paths: SitePaths, *, budget_epsilon: flo
     return PreparedSite(schema, paths, parts.train, parts.val, parts.normalizer, ledger, fingerprint, parts.warnings)
 
 
-def evaluate_global(site: PreparedSite, arrays: list[np.ndarray], cfg: RunConfig) -> tuple[int, dict]:
-    """Metrics of the global weights on the site's held-out part; counts below min_count are not sent.
+def evaluate_global(site: PreparedSite, arrays: list[np.ndarray], cfg: RunConfig,
+                    patterns: bool = False) -> tuple[int, dict]:
+    """Metrics of the global weights on the site's held-out part; counts below min_count are not sent. With
+    `patterns` (the run's last round), also the outcomes per modality pattern (client.calibration.pattern_outcomes).
     Here rather than beside the training (client/local_round.py) so that evaluating does not import Opacus."""
     import torch
 
@@ -164,4 +167,9 @@ def evaluate_global(site: PreparedSite, arrays: list[np.ndarray], cfg: RunConfig
     if n < cfg.site.min_count:
         return 0, {}
     m = evaluate(model, torch.from_numpy(site.val.x), torch.from_numpy(site.val.y))
-    return n, {LOSS: m.loss, ACCURACY: m.accuracy, BALANCED_ACCURACY: m.balanced_accuracy, MACRO_F1: m.macro_f1}
+    out = {LOSS: m.loss, ACCURACY: m.accuracy, BALANCED_ACCURACY: m.balanced_accuracy, MACRO_F1: m.macro_f1}
+    if patterns:
+        from client.calibration import pattern_outcomes
+
+        out[PATTERNS] = json.dumps(pattern_outcomes(model, site.schema, site.val.x, site.val.y, cfg.site.min_count))
+    return n, out

@@ -41,7 +41,8 @@ from shared_models.evaluation import evaluate
 from shared_models.files import append_json_line, atomic_file, cut_partial_line
 from shared_models.model import MultiModalTransformer
 from shared_models.protocol import (AUDIT_ANCHOR, AUDIT_HEAD, EPSILON, EPSILON_WORST_CASE, NOISE_PLAN, RUN_KEY,
-                                    SECAGG_CLIPPING_RANGE, SECAGG_MASKS, SECAGG_MAX_WEIGHT, SITE, ModelPackage)
+                                    SECAGG_CLIPPING_RANGE, SECAGG_MASKS, SECAGG_MAX_WEIGHT, SITE, ModelPackage,
+                                    consortium_patterns)
 from shared_models.run_config import RunConfig
 from shared_models.schema import FeatureSchema
 from shared_models.site_data import load_labelled_site
@@ -381,7 +382,9 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
         **(dict(dp_mode=cfg.privacy.mode, trusted_sites=cfg.privacy.trusted_sites, mechanism="skellam",
                 site_epsilon_worst_case=recorder.site_epsilon_worst_case) if cfg.privacy.distributed else {}),
         privacy=privacy_summary(cfg), metrics=last.get("global", {}), finished=round(time.time(), 3),
-        architecture=cfg.model.model_dump()).description()
+        architecture=cfg.model.model_dump(),
+        **({"patterns": patterns} if (patterns := consortium_patterns(
+            last.get("patterns"), [m.name for m in schema.modalities])) else {})).description()
     if signing_key is not None:
         package = sign(package, signing_key)
     else:

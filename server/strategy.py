@@ -32,7 +32,7 @@ from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from privacy.distributed import SecAggGrid, decode_sum
 from shared_models.protocol import (ACCURACY, BALANCED_ACCURACY, EVALUATE_METRICS, FIT_METRICS, GRID_SCALE, MACRO_F1,
-                                    PREVIOUS_ROUND, REFUSAL_PREFIX, SAMPLE_RATE, SERVER_ROUND, SITE,
+                                    PATTERNS, PREVIOUS_ROUND, REFUSAL_PREFIX, SAMPLE_RATE, SERVER_ROUND, SITE,
                                     TRAIN_LOSS, allowed_metrics)
 from shared_models.run_config import RunConfig
 
@@ -209,6 +209,10 @@ class DeltaMixin:
                 k: float(v) for k, v in recorded(r.metrics, EVALUATE_METRICS, p.node_id).items()
                 if isinstance(v, (int, float))}}
             for p, r in results if r.num_examples > 0}
+        summed = summed_patterns((p.node_id, recorded(r.metrics, EVALUATE_METRICS, p.node_id).get(PATTERNS),
+                                  r.num_examples) for p, r in results if r.num_examples > 0)
+        if summed:
+            self.round_info["patterns"] = summed
         return super().aggregate_evaluate(server_round, results, failures)
 
     # FedAdam's moment estimates are strategy state: they go into every checkpoint.
@@ -221,6 +225,38 @@ class DeltaMixin:
             keys = sorted((k for k in arrays if k.startswith(name + "_")), key=lambda k: int(k.rsplit("_", 1)[1]))
             if keys:
                 setattr(self, name, [arrays[k] for k in keys])
+
+
+MAX_PATTERNS_BYTES = 1 << 16  # a site's PATTERNS text: 2^M - 1 short entries (31 for five modalities: ~1 KB)
+
+
+def summed_patterns(sent) -> dict:
+    """The sites' PATTERNS summed: {pattern: {"n", "right", "sites"}}. `sent`: (node id, the site's JSON
+    {pattern: [patients, right]} or None, the patients it evaluated). A site's whole measurement is left out, with a
+    warning naming the node, when it is not such an object of at most MAX_PATTERNS_BYTES, or an entry has a key that
+    is not '+'-joined names, or counts outside 1 <= patients <= the patients it evaluated and 0 <= right <= patients
+    (a site's error must not fail the run, and no site may claim more patients than it evaluated). Keys that are not
+    the schema's patterns are dropped when the package is built (protocol.consortium_patterns)."""
+    out: dict[str, dict] = {}
+    for node, raw, evaluated in sent:
+        if raw is None:
+            continue
+        try:
+            entries = json.loads(raw) if isinstance(raw, str) and len(raw) <= MAX_PATTERNS_BYTES else None
+            ok = isinstance(entries, dict) and all(
+                isinstance(k, str) and k and all(k.split("+")) and isinstance(v, list) and len(v) == 2
+                and all(isinstance(c, int) and not isinstance(c, bool) for c in v) and 0 <= v[1] <= v[0]
+                and 1 <= v[0] <= evaluated for k, v in entries.items())
+        except Exception:  # noqa: BLE001 - e.g. RecursionError on deeply nested text: the site's, not the run's
+            ok = False
+        if not ok:
+            log(WARNING, "node %s: its modality-pattern outcomes are not {pattern: [patients, right]} within the "
+                "patients it evaluated: left out", node)
+            continue
+        for key, (n, right) in entries.items():
+            e = out.setdefault(key, {"n": 0, "right": 0, "sites": 0})
+            e["n"], e["right"], e["sites"] = e["n"] + n, e["right"] + right, e["sites"] + 1
+    return out
 
 
 def build_strategy(cfg: RunConfig, weights: list[np.ndarray], n_sites: int, fit_config: dict, evaluate_fn=None):

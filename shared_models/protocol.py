@@ -60,13 +60,36 @@ LOSS = "loss"
 ACCURACY = "accuracy"
 BALANCED_ACCURACY = "balanced_accuracy"
 MACRO_F1 = "macro_f1"
+# the run's last round only: JSON {pattern: [patients, right]} of the global model on the held-out part, per
+# modality pattern (client.calibration.pattern_outcomes: the patients with the pattern's modalities, the others
+# masked; a pattern with fewer than min-count patients is not sent); the server sums them into ModelPackage.patterns
+PATTERNS = "patterns"
 
 # What a site may send and the server records: a site cannot leak another value by accident.
 FIT_METRICS = frozenset({SITE, AUDIT_HEAD, RESENT, LOCAL_STEPS, TRAIN_SECONDS, ROUND_SECONDS, TRAIN_LOSS, EPSILON,
                          NOISE_MULTIPLIER, SAMPLE_RATE, LOCAL_VAL_ACCURACY, LOCAL_VAL_MACRO_F1, EPSILON_WORST_CASE,
                          TRUSTED_SITES, GRID_SCALE})
 # No site's patient count is among them: under DP it would tell neighbouring datasets apart (docs/privacy.md).
-EVALUATE_METRICS = frozenset({SITE, LOSS, ACCURACY, BALANCED_ACCURACY, MACRO_F1})
+EVALUATE_METRICS = frozenset({SITE, LOSS, ACCURACY, BALANCED_ACCURACY, MACRO_F1, PATTERNS})
+
+
+CONSORTIUM_PATTERN_MIN = 30  # held-out patients, summed over the sites, for a pattern to enter the package
+CONSORTIUM_PATTERN_SITES = 2  # and sites: one site's exact counts are not passed on to every other hospital
+
+
+def consortium_patterns(summed: Mapping[str, Any] | None, modalities: list[str]) -> dict:
+    """The package's `patterns` from a round's summed PATTERNS ({pattern: {"n", "right", "sites"}}): the patterns of
+    the schema's `modalities` (names in its order, each once) with at least CONSORTIUM_PATTERN_MIN patients at
+    CONSORTIUM_PATTERN_SITES sites or more."""
+    out = {}
+    for key, e in (summed or {}).items():
+        mods = key.split("+")
+        if [m for m in modalities if m in mods] != mods:
+            continue  # not one of the schema's patterns (a site's error): dropped alone
+        if e["n"] >= CONSORTIUM_PATTERN_MIN and e["sites"] >= CONSORTIUM_PATTERN_SITES:
+            out[key] = {"modalities": mods, "n_heldout": int(e["n"]),
+                        "accuracy": round(e["right"] / e["n"], 4), "sites": int(e["sites"])}
+    return out
 
 
 def allowed_metrics(metrics: Mapping[str, Any], allowed: frozenset[str]) -> tuple[dict, list[str]]:
@@ -113,6 +136,11 @@ class ModelPackage(BaseModel):
     # settings were edited (e.g. a gain, the number of heads: no array changes shape) is refused as altered; the
     # site builds the model from it. Packages signed before 2026-12-05 15:00 have none (`oncofed deliver` adds it)
     architecture: dict[str, Any] | None = None
+    # the final model per modality pattern on the sites' held-out parts (the last round's PATTERNS, summed:
+    # {pattern: {"modalities", "n_heldout", "accuracy", "sites"}}, patterns with at least CONSORTIUM_PATTERN_MIN
+    # patients): what a site serves its `weak_pattern` flags from until its own `serve calibrate`. Packages from
+    # before 2026-12-05 20:30 have none
+    patterns: dict[str, Any] | None = None
 
     @classmethod
     def parse(cls, info) -> ModelPackage:

@@ -143,6 +143,17 @@ def simulate(
             f"{k} for {n} patient{'s' if n > 1 else ''}" for k, n in held["predicted_absent_types"].items())
             + f"; macro-F1 over the {len(held['per_class_f1'])} types the held-out patients have: "
               f"{np.mean(list(held['per_class_f1'].values())):.3f}")
+    if patterns := result.get("patterns"):  # the package's measurement, which sites flag answers by until calibrated
+        from privacy.site_config import ServeSettings
+
+        floor = ServeSettings().min_pattern_accuracy  # the sites' default serve.min-pattern-accuracy
+        order = sorted(patterns.values(), key=lambda e: e["accuracy"])
+        weak = [e for e in order if e["accuracy"] < floor]
+        typer.echo(f"  the package measures {len(patterns)} modality patterns on the sites' held-out parts (others "
+                   f"masked): {len(weak)} below {floor:g}, answers from them flagged weak_pattern until a site "
+                   "calibrates"
+                   + (f"; weakest {'+'.join(order[0]['modalities'])} {order[0]['accuracy']:.2f}" if weak else "")
+                   + f"; best {'+'.join(order[-1]['modalities'])} {order[-1]['accuracy']:.2f}")
     eps = result.get("site_epsilon", {})
     if eps:
         typer.echo("epsilon spent per site: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(eps.items())))

@@ -99,6 +99,14 @@ def test_secagg_aggregate_equals_fedavg_of_what_the_sites_released_and_every_sit
     assert set(eps) == {"site_00", "site_01", "site_02"} and all(0 < e <= 8.0 for e in eps.values())
     assert all(rounds[0]["site_epsilon"][s] < eps[s] for s in eps)
     assert with_sa["site_epsilon"] == eps
+    # the last round's evaluation measured the final model per modality pattern: summed, they travel in the package
+    from shared_models.protocol import consortium_patterns
+    from shared_models.schema import FeatureSchema
+
+    assert "patterns" not in rounds[0] and rounds[-1]["patterns"], rounds[-1]
+    assert all(1 <= e["sites"] <= 3 and 0 <= e["right"] <= e["n"] for e in rounds[-1]["patterns"].values())
+    names = [m.name for m in FeatureSchema.load(federation / "sites" / "schema.json").modalities]
+    assert with_sa.get("patterns", {}) == consortium_patterns(rounds[-1]["patterns"], names)
     # the operator's optional evaluation site is scored after every round; each phase is timed
     labels = pd.read_csv(federation / "sites" / "site_00" / "labels.csv")
     for r in rounds:

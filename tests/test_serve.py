@@ -1710,6 +1710,101 @@ def test_a_site_that_refuses_weak_patterns_answers_none_of_them_on_any_path(site
     assert r.exit_code == 0 and len(pd.read_csv(out)) == N, r.output
 
 
+def test_the_consortiums_measurement_of_each_pattern_travels_with_the_package_and_flags_until_the_site_calibrates(
+        site, tmp_path):
+    """Each site measures the final model per modality pattern on its held-out part (client.calibration.
+    pattern_outcomes), the server sums them (server.strategy.summed_patterns) into the signed package
+    (protocol.consortium_patterns), and a site that has not calibrated flags and refuses answers by it, saying
+    whose measurement it is; its own calibration, once run, takes over. A package entry no server writes is
+    not served."""
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from client.calibration import consortium_patterns, pattern_outcomes
+    from client.predict import Predictor
+    from oncofed.cli import app
+    from server.strategy import summed_patterns
+    from shared_models.protocol import CONSORTIUM_PATTERN_MIN
+    from shared_models.protocol import consortium_patterns as package_patterns
+
+    settings = _copy_site(site, tmp_path)
+    schema = site["schema"]
+    model = Predictor(settings.model_dir, tmp_path / "state" / "normalizer.json").current.model
+    x, y = site["x"].numpy(), site["y"].numpy()
+    thirds = np.array_split(np.arange(N), 3)  # three sites' held-out parts
+    sent = [(k, json.dumps(pattern_outcomes(model, schema, x[i], y[i], min_count=5)), len(i))
+            for k, i in enumerate(thirds)]
+    bad = [(7, None, 9), (8, "not json", 9), (9, json.dumps({"expr": [3, 4]}), 9), (10, "[" * 100_000, 9),
+           (11, json.dumps({"expr": [10**12, 10**12]}), 9), (12, json.dumps({"expr": [0, 0]}), 9)]
+    summed = summed_patterns(sent + bad)  # a site's measurement that is not one is left out whole, the run goes on
+    whole = pattern_outcomes(model, schema, x, y, min_count=5)
+    assert {k: [e["n"], e["right"]] for k, e in summed.items()} == whole and all(e["sites"] == 3 for e in summed.values())
+    names = [m.name for m in schema.modalities]
+    patterns = package_patterns(summed, names)
+    assert set(patterns) == set(whole) and all(e["n_heldout"] >= CONSORTIUM_PATTERN_MIN for e in patterns.values())
+    # a key that is not one of the schema's patterns is dropped alone; one site's counts are not passed on
+    odd = summed_patterns(sent + [(13, json.dumps({"prot+expr": [30, 0], "zzz": [30, 0]}), 40),
+                                  (14, json.dumps({"prot+expr": [30, 0]}), 40)])
+    assert package_patterns(odd, names) == patterns
+    assert package_patterns(summed_patterns(sent[:1]), names) == {}
+    assert all((e["accuracy"] >= 0.7) == ("expr" in e["modalities"]) for e in patterns.values()), patterns
+    ModelStore(tmp_path / "models").install(schema, ModelConfig(d_model=32), state_arrays(model), {
+        "run": "run-c", "round": 3, "metrics": {}, "patterns": patterns})
+
+    c = TestClient(create_app(settings))
+    full, no_expr = _patient(site, 9), _patient(site, 10, drop=("expr",))
+    rows = c.post("/v1/predict", json={"patients": [full, no_expr], "top_k": 0},
+                  headers=_auth(site["clinician"])).json()["predictions"]
+    assert "weak_pattern" not in [w["code"] for w in rows[0]["warnings"]]
+    assert rows[0]["pattern"]["measured_by"] == "consortium" and rows[0]["pattern"]["consortium_accuracy"] >= 0.7
+    weak = next(w["msg"] for w in rows[1]["warnings"] if w["code"] == "weak_pattern")
+    assert "at 3 sites of the consortium" in weak and "serve calibrate" in weak, weak
+    assert rows[1]["pattern"]["consortium_accuracy"] < 0.5 and "site_accuracy" not in rows[1]["pattern"]
+    info = c.get("/v1/model", headers=_auth(site["clinician"])).json()
+    assert info["calibration"] is None and info["consortium_patterns"] == consortium_patterns({"patterns": patterns},
+                                                                                              schema)
+    strict = TestClient(create_app(SiteConfig.parse({"model-dir": str(tmp_path / "models"), "state-dir": str(
+        tmp_path / "state"), "serve": {"refuse-weak-pattern": True}})))
+    r = strict.post("/v1/predict", json={"patients": [full, no_expr], "top_k": 0}, headers=_auth(site["clinician"]))
+    assert r.status_code == 422 and _codes(r) == {"weak_pattern"} and "consortium" in r.text
+
+    data = tmp_path / "labelled"
+    _labelled(site, data)
+    r = CliRunner().invoke(app, ["serve", "calibrate", "--site-config", str(tmp_path / "site.json"), "--data", str(data)])
+    assert r.exit_code == 0, r.output
+    row = c.post("/v1/predict", json={"patients": [no_expr], "top_k": 0},
+                 headers=_auth(site["clinician"])).json()["predictions"][0]
+    assert "measured_by" not in row["pattern"] and row["pattern"]["site_accuracy"] < 0.5  # the site's own now
+    path = tmp_path / "state" / "calibration.json"  # a pattern the site did not measure: still the consortium's
+    cal = json.loads(path.read_text())
+    path.write_text(json.dumps({**cal, "patterns": {k: e for k, e in cal["patterns"].items()
+                                                    if k != "prot+clinical+mutation"}}))
+    row = c.post("/v1/predict", json={"patients": [no_expr], "top_k": 0},
+                 headers=_auth(site["clinician"])).json()["predictions"][0]
+    assert row["pattern"]["measured_by"] == "consortium" and "weak_pattern" in [w["code"] for w in row["warnings"]]
+
+    served = consortium_patterns({"patterns": patterns}, schema)
+    for damaged in ({**patterns["expr"], "accuracy": 2.0}, {**patterns["expr"], "modalities": ["prot"]},
+                    {k: v for k, v in patterns["expr"].items() if k != "sites"}):  # left out alone
+        assert consortium_patterns({"patterns": {**patterns, "expr": damaged}}, schema) == \
+            {k: e for k, e in served.items() if k != "expr"}
+    assert consortium_patterns({}, schema) == {} and consortium_patterns({"patterns": []}, schema) == {}
+
+
+def test_a_site_sends_no_pattern_count_that_differs_from_another_it_sends_by_fewer_than_min_count():
+    """client.calibration._reportable: n(expr) = 50 beside n(expr+prot) = 49 would say that one held-out patient has
+    expr without prot; the larger pattern of such a pair is not sent, nor one within min-count of all patients."""
+    from client.calibration import _reportable
+
+    counts = {(0,): 50, (1,): 80, (0, 1): 49, (2,): 98, (0, 2): 40, (1, 2): 79, (0, 1, 2): 39, (3,): 4}
+    kept = _reportable(counts, total=100, min_count=5)
+    assert (3,) not in kept and (2,) not in kept  # 4 patients; 100 - 98 = 2 lack modality 2
+    assert (0, 1) not in kept and (1, 2) not in kept  # 50 - 49 and 80 - 79
+    assert (0, 1, 2) not in kept  # 40 - 39 beside (0, 2), which is sent
+    assert set(kept) == {(0,), (1,), (0, 2)}
+
+
+
 def test_an_overall_temperature_without_gain_keeps_the_models_probabilities_and_still_measures_the_patterns(
         site, tmp_path, monkeypatch):
     """A fitted temperature that does not lower the held-out half's log-loss is not served (T stays 1), but the
