@@ -318,6 +318,7 @@ def calibrate(settings: SiteConfig, data_dir: Path, seed: int = 0) -> dict:
     path = state / "calibration.json"
     write_text_atomic(path, json.dumps(result, indent=1))
     result["path"] = str(path)
+    result["consortium"] = lm.consortium_patterns()  # the package's, for comparison (not saved: it has its home)
     return result
 
 

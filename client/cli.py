@@ -272,7 +272,7 @@ def serve_calibrate(
     else:
         typer.echo(f"left out: {r['left_out_trained']} patients in the training part of the run that made the model")
     settings = _site_settings(site_config)
-    _echo_patterns(r["patterns"], settings.serve.min_pattern_accuracy)
+    _echo_patterns(r["patterns"], settings.serve.min_pattern_accuracy, r["consortium"])
     never = sorted((t for t, e in r["types"].items() if e["recall"] == 0 and e["n"] >= 3), key=lambda t: -r["types"][t]["n"])
     if never:
         typer.echo("types the model named right for none of your patients of them (a type no site trained on, or one "
@@ -281,21 +281,30 @@ def serve_calibrate(
     typer.echo(f"-> {r['path']} (served from the next request)")
 
 
-def _echo_patterns(patterns: dict, floor: float) -> None:
-    """serve calibrate's table of modality patterns, weakest first."""
+def _echo_patterns(patterns: dict, floor: float, consortium: dict | None = None) -> None:
+    """serve calibrate's table of modality patterns, weakest first; beside each, the model package's measurement of it
+    on the consortium's held-out patients, where it has one (what answers were judged by before this calibration)."""
     if not patterns:
-        typer.echo("modality patterns: none with enough patients in both halves to measure")
+        typer.echo("modality patterns: none with enough patients in both halves to measure"
+                   + ("; answers stay judged by the model package's measurement (the consortium's)" if consortium
+                      else ""))
         return
     typer.echo(f"modality patterns (the others masked), on the held-out half, weakest first; below {floor:.0%}: "
-               "answers flagged weak_pattern")
+               "answers flagged weak_pattern" + ("; consortium: the model package's accuracy on the sites' held-out "
+                                                 "patients" if consortium else ""))
     typer.echo(f"  {'modalities present':<44} {'patients':>8} {'accuracy':>8} {'ECE before':>10} {'after':>6} "
-               f"{'temperature':>11}")
+               f"{'temperature':>11}" + (f" {'consortium':>10}" if consortium else ""))
     for key, e in sorted(patterns.items(), key=lambda kv: (kv[1]["accuracy"], kv[0])):
         t = "-" if e["temperature"] is None else f"{e['temperature']:.3f}"
         after = "-" if e["ece_after"] is None else f"{e['ece_after']:.3f}"
         mark = "  weak" if e["accuracy"] < floor else ""
+        theirs = "" if not consortium else f" {consortium[key]['accuracy']:>10.3f}" if key in consortium else \
+            f" {'-':>10}"
         typer.echo(f"  {key:<44} {e['n_heldout']:>8} {e['accuracy']:>8.3f} {e['ece_before']:>10.3f} {after:>6} "
-                   f"{t:>11}{mark}")
+                   f"{t:>11}{theirs}{mark}")
+    if consortium and (rest := sorted(set(consortium) - set(patterns))):
+        typer.echo(f"  {len(rest)} more patterns keep the model package's measurement (too few of your patients), e.g. "
+                   f"{rest[0]} {consortium[rest[0]]['accuracy']:.3f}")
     refused = [k for k, e in patterns.items() if e["temperature"] is None]
     if refused:
         typer.echo(f"  ({len(refused)} patterns keep the overall temperature: their own fit was refused, e.g. "

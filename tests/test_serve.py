@@ -1772,6 +1772,9 @@ def test_the_consortiums_measurement_of_each_pattern_travels_with_the_package_an
     _labelled(site, data)
     r = CliRunner().invoke(app, ["serve", "calibrate", "--site-config", str(tmp_path / "site.json"), "--data", str(data)])
     assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()  # each pattern beside the package's measurement of it
+    assert next(line for line in lines if "modalities present" in line).rstrip().endswith("consortium")
+    assert float(next(line for line in lines if line.split()[:1] == ["expr"]).split()[-1]) == patterns["expr"]["accuracy"]
     row = c.post("/v1/predict", json={"patients": [no_expr], "top_k": 0},
                  headers=_auth(site["clinician"])).json()["predictions"][0]
     assert "measured_by" not in row["pattern"] and row["pattern"]["site_accuracy"] < 0.5  # the site's own now
