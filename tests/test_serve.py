@@ -308,6 +308,56 @@ def test_web_page_in_headless_chromium(site, live, tmp_path):
     assert (site["root"] / "web-page.png").stat().st_size > 10_000
 
 
+def test_the_web_page_says_when_the_packages_pattern_measurement_judges_the_answers(site, tmp_path):
+    """Not calibrated at the site, a model package with the consortium's per-pattern measurement: the page says so."""
+    import time
+
+    import httpx
+
+    from server.processes import free_port
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("needs Debian's chromium (.ci/run installs it)")
+    pytest.importorskip("playwright")
+    from playwright.sync_api import sync_playwright
+
+    _copy_site(site, tmp_path)
+    model = MultiModalTransformer(site["schema"], ModelConfig(d_model=32))
+    patterns = {k: {"modalities": k.split("+"), "n_heldout": 90, "accuracy": a, "sites": 3}
+                for k, a in (("expr", 0.91), ("prot", 0.12), ("expr+prot", 0.93))}
+    version = ModelStore(tmp_path / "models").install(site["schema"], ModelConfig(d_model=32), state_arrays(model), {
+        "run": "run-c", "round": 3, "metrics": {}, "patterns": patterns})
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "oncofed", "serve", "--site-config", str(tmp_path / "site.json"),
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(0.2)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+            page = browser.new_page()
+            page.goto(f"{url}/")
+            page.fill("#token", site["clinician"])
+            page.dispatch_event("#token", "change")
+            page.wait_for_function(f"document.getElementById('model').textContent.includes('{version}')")
+            quality = page.inner_text("#quality")
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    assert "Not calibrated at this site" in quality
+    assert "measured 3 modality patterns on the consortium's held-out patients, 1 of them weak" in quality, quality
+
+
 def test_the_pan_cancer_classes_have_full_names():
     from client.class_names import names_for
     from shared_models.schema import FeatureSchema
