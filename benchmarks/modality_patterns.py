@@ -68,7 +68,7 @@ def consortium(run: Path, site: str, limits) -> list[dict]:
     patterns = lm.consortium_patterns()
     if not patterns:
         raise SystemExit(f"{run}: the delivered package has no per-pattern measurement (a run from before "
-                         "2026-12-05 20:30)")
+                         "d1ec8be)")
     held_dir = run / "sites" / "holdout"
     predictor = Predictor(cfg.model_dir, Path(cfg.state_dir) / "normalizer.json", cfg.signing_public_key or None,
                           calibration_path=Path(cfg.state_dir) / "calibration.none")

@@ -197,6 +197,7 @@ def model_routes(app, site: "Site", role) -> None:
                     "overall_not_fitted", "types")},
                 "consortium_patterns": lm.consortium_patterns() or None,  # the package's: flags until calibrated
                 "min_pattern_accuracy": site.limits.min_pattern_accuracy,
+                "refuse_weak_pattern": site.limits.refuse_weak_pattern,
                 "degraded": site.predictor.degraded,
                 "modalities": [{"name": m.name, "features": len(m.features), "description": m.description}
                                for m in lm.schema.modalities]}

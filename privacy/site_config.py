@@ -55,11 +55,13 @@ class ServeSettings(BaseModel):
                                   description="flag a prediction whose probability is below this")
     min_pattern_accuracy: float = Field(
         0.5, ge=0, le=1, alias="min-pattern-accuracy",
-        description="flag a prediction whose modality pattern `serve calibrate` measured below this accuracy")
+        description="flag a prediction whose modality pattern was measured below this accuracy (by `serve "
+                    "calibrate`, or before it by the model package's measurement)")
     refuse_weak_pattern: bool = Field(
         False, alias="refuse-weak-pattern",
-        description="refuse (422) a request with a patient whose modality pattern `serve calibrate` measured below "
-                    "min-pattern-accuracy, instead of answering with the flag")
+        description="refuse (422) a request with a patient whose modality pattern was measured below "
+                    "min-pattern-accuracy (by `serve calibrate`, or before it by the model package's measurement), "
+                    "instead of answering with the flag")
     max_patients: int = Field(1000, ge=1, alias="max-patients")
     max_body_mb: float = Field(50, gt=0, alias="max-body-mb")
     max_decompressed_mb: float = Field(64, gt=0, alias="max-decompressed-mb")

@@ -74,7 +74,7 @@ EVALUATE_METRICS = frozenset({SITE, LOSS, ACCURACY, BALANCED_ACCURACY, MACRO_F1,
 
 
 CONSORTIUM_PATTERN_MIN = 30  # held-out patients, summed over the sites, for a pattern to enter the package
-CONSORTIUM_PATTERN_SITES = 2  # and sites: one site's exact counts are not passed on to every other hospital
+CONSORTIUM_PATTERN_SITES = 3  # and sites: no site can subtract its own counts from a sum and learn another site's
 
 
 def consortium_patterns(summed: Mapping[str, Any] | None, modalities: list[str]) -> dict:
@@ -139,7 +139,7 @@ class ModelPackage(BaseModel):
     # the final model per modality pattern on the sites' held-out parts (the last round's PATTERNS, summed:
     # {pattern: {"modalities", "n_heldout", "accuracy", "sites"}}, patterns with at least CONSORTIUM_PATTERN_MIN
     # patients): what a site serves its `weak_pattern` flags from until its own `serve calibrate`. Packages from
-    # before 2026-12-05 20:30 have none
+    # from runs before d1ec8be (2026-12-05) have none
     patterns: dict[str, Any] | None = None
 
     @classmethod

@@ -150,8 +150,8 @@ def simulate(
         order = sorted(patterns.values(), key=lambda e: e["accuracy"])
         weak = [e for e in order if e["accuracy"] < floor]
         typer.echo(f"  the package measures {len(patterns)} modality patterns on the sites' held-out parts (others "
-                   f"masked): {len(weak)} below {floor:g}, answers from them flagged weak_pattern until a site "
-                   "calibrates"
+                   f"masked): {len(weak)} below {floor:g}, answers from them flagged weak_pattern where a site's "
+                   "own calibration has not measured them"
                    + (f"; weakest {'+'.join(order[0]['modalities'])} {order[0]['accuracy']:.2f}" if weak else "")
                    + f"; best {'+'.join(order[-1]['modalities'])} {order[-1]['accuracy']:.2f}")
     eps = result.get("site_epsilon", {})

@@ -355,7 +355,8 @@ def test_the_web_page_says_when_the_packages_pattern_measurement_judges_the_answ
         proc.terminate()
         proc.wait(20)
     assert "Not calibrated at this site" in quality
-    assert "measured 3 modality patterns on the consortium's held-out patients, 1 of them weak" in quality, quality
+    assert ("measured 3 modality patterns on the consortium's held-out patients, 1 of them weak: answers from them "
+            "are flagged") in quality, quality
 
 
 def test_the_pan_cancer_classes_have_full_names():
@@ -1792,11 +1793,11 @@ def test_the_consortiums_measurement_of_each_pattern_travels_with_the_package_an
     names = [m.name for m in schema.modalities]
     patterns = package_patterns(summed, names)
     assert set(patterns) == set(whole) and all(e["n_heldout"] >= CONSORTIUM_PATTERN_MIN for e in patterns.values())
-    # a key that is not one of the schema's patterns is dropped alone; one site's counts are not passed on
+    # a key that is not one of the schema's patterns is dropped alone; nor are two sites' sums passed on
     odd = summed_patterns(sent + [(13, json.dumps({"prot+expr": [30, 0], "zzz": [30, 0]}), 40),
                                   (14, json.dumps({"prot+expr": [30, 0]}), 40)])
     assert package_patterns(odd, names) == patterns
-    assert package_patterns(summed_patterns(sent[:1]), names) == {}
+    assert package_patterns(summed_patterns(sent[:2]), names) == {}
     assert all((e["accuracy"] >= 0.7) == ("expr" in e["modalities"]) for e in patterns.values()), patterns
     ModelStore(tmp_path / "models").install(schema, ModelConfig(d_model=32), state_arrays(model), {
         "run": "run-c", "round": 3, "metrics": {}, "patterns": patterns})
