@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import types
+from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -310,12 +311,6 @@ def test_web_page_in_headless_chromium(site, live, tmp_path):
 
 def test_the_web_page_says_when_the_packages_pattern_measurement_judges_the_answers(site, tmp_path):
     """Not calibrated at the site, a model package with the consortium's per-pattern measurement: the page says so."""
-    import time
-
-    import httpx
-
-    from server.processes import free_port
-
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("needs Debian's chromium (.ci/run installs it)")
@@ -328,32 +323,16 @@ def test_the_web_page_says_when_the_packages_pattern_measurement_judges_the_answ
                 for k, a in (("expr", 0.91), ("prot", 0.12), ("expr+prot", 0.93))}
     version = ModelStore(tmp_path / "models").install(site["schema"], ModelConfig(d_model=32), state_arrays(model), {
         "run": "run-c", "round": 3, "metrics": {}, "patterns": patterns})
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "oncofed", "serve", "--site-config", str(tmp_path / "site.json"),
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert proc.poll() is None, proc.stdout.read()
-                time.sleep(0.2)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
-            page = browser.new_page()
-            page.goto(f"{url}/")
-            page.fill("#token", site["clinician"])
-            page.dispatch_event("#token", "change")
-            page.wait_for_function(f"document.getElementById('model').textContent.includes('{version}')")
-            quality = page.inner_text("#quality")
-            browser.close()
-    finally:
-        proc.terminate()
-        proc.wait(20)
+    with _serving_process(tmp_path / "site.json") as served, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        page = browser.new_page()
+        page.goto(f"{served['url']}/")
+        page.fill("#token", site["clinician"])
+        page.dispatch_event("#token", "change")
+        page.wait_for_function(f"document.getElementById('model').textContent.includes('{version}')")
+        quality = page.inner_text("#quality")
+        browser.close()
     assert "Not calibrated at this site" in quality
     assert ("measured 3 modality patterns on the consortium's held-out patients, 1 of them weak: answers from them "
             "are flagged") in quality, quality
@@ -693,9 +672,9 @@ def _gzip_bomb(mb: int) -> bytes:
     return gzip.compress(header) + gzip.compress(b"0" * (1 << 20), 9) * mb
 
 
-@pytest.fixture(scope="module")
-def live(site):
-    """`oncofed serve` as a real process on loopback."""
+@contextmanager
+def _serving_process(site_json):
+    """`oncofed serve` as a real process on loopback, once its /health answers."""
     import time
 
     import httpx
@@ -703,20 +682,28 @@ def live(site):
     from server.processes import free_port
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "oncofed", "serve", "--site-config", str(site["root"] / "site.json"),
+    proc = subprocess.Popen([sys.executable, "-m", "oncofed", "serve", "--site-config", str(site_json),
                              "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.2)
-    yield {"url": url, "process": proc}
-    proc.terminate()
-    proc.wait(20)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(0.2)
+        yield {"url": url, "process": proc}
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+@pytest.fixture(scope="module")
+def live(site):
+    with _serving_process(site["root"] / "site.json") as served:
+        yield served
 
 
 def test_health_answers_within_100_ms_during_a_gzip_bomb_and_a_300_patient_explanation(site, live):
