@@ -146,11 +146,13 @@ def masked(x, slices, keep_modalities=None):
     return x
 
 
-def pattern_outcomes(model, schema, x: np.ndarray, y: np.ndarray, min_count: int) -> dict[str, list[int]]:
+def pattern_outcomes(model, schema, x: np.ndarray, y: np.ndarray, min_count: int,
+                     reportable: bool = True) -> dict[str, list[int]]:
     """The model per modality pattern on labelled, normalised rows (a site's held-out part, at the run's last
     round): for each pattern with at least `min_count` patients who have its modalities (counted as
     counted_modalities counts them), [patients, right] with the other modalities masked, as `serve calibrate`
-    measures them. The server sums the sites' into the delivered package (protocol.PATTERNS)."""
+    measures them. The server sums the sites' into the delivered package (protocol.PATTERNS). `reportable`: only the
+    counts a site may send (_reportable); False for a research evaluation that stays with whoever ran it."""
     import torch
 
     from client.prediction_input import modality_bounds
@@ -161,7 +163,8 @@ def pattern_outcomes(model, schema, x: np.ndarray, y: np.ndarray, min_count: int
     names = [m.name for m in schema.modalities]
     counts = {p: int(present[:, list(p)].all(1).sum()) for p in _candidate_patterns(present)}
     out = {}
-    for pattern in _reportable(counts, len(x), min_count):
+    for pattern in (_reportable(counts, len(x), min_count) if reportable else
+                    [p for p, n in counts.items() if n >= min_count]):
         has = present[:, list(pattern)].all(1)
         rows = masked(torch.from_numpy(x[has].copy()), model.slices, set(pattern))
         right = int((predict_logits(model, rows).argmax(1).numpy() == y[has]).sum())

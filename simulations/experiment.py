@@ -480,6 +480,7 @@ def _run_baseline(cfg, cell, fed, schema_path, manifest, work) -> list[dict]:
 
 
 # --- the final model's held-out predictions (for the report) ------------------------------------------------
+MIN_PATTERN_PATIENTS = 30  # held-out patients with a modality pattern for the report to give its accuracy
 def final_evaluation(model, schema, fed: Path, manifest: dict, work: Path) -> None:
     """predictions.npz (held-out patients + a sample of each site's, for the 2-D map) and final.json
     (held-out metrics, mean modality attention, macro-F1 with each modality removed)."""
@@ -527,11 +528,15 @@ def final_evaluation(model, schema, fed: Path, manifest: dict, work: Path) -> No
                                              schema.n_classes)["macro_f1"]
     held = arrays["split"] == "held-out"
     w, p = arrays["modality_weights"][held], arrays["present"][held]
+    from client.calibration import pattern_outcomes  # the measurement sites and `serve calibrate` make
+
+    patterns = pattern_outcomes(model, schema, hold.x, hold.y, MIN_PATTERN_PATIENTS, reportable=False)
     write_json_atomic(work / "final.json", {
         "held_out": {"patients": int(len(hold.y)), **{k: base[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}},
         "modality_weight_mean": {m: float(w[p[:, j], j].mean()) if p[:, j].any() else None
                                  for j, m in enumerate(schema.modality_names)},
-        "modality_ablation": ablation})
+        "modality_ablation": ablation,
+        "modality_patterns": {k: {"patients": n, "accuracy": round(right / n, 4)} for k, (n, right) in patterns.items()}})
 
 
 def _explain(model, x, batch: int = 512) -> dict:

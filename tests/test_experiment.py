@@ -136,6 +136,9 @@ def test_tiny_grid_runs_writes_tidy_rows_and_resumes(tmp_path):
     # The final held-out row of the grid is the delivered model's score, which final.json recomputes.
     assert final["held_out"]["macro_f1"] == pytest.approx(last["held-out"]["macro_f1"], abs=1e-6)
     assert set(final["modality_ablation"]) == set(pred["modalities"])
+    # accuracy per modality pattern on the held-out patients (the others masked): every modality alone at least
+    assert {m for m in pred["modalities"]} <= set(final["modality_patterns"])
+    assert all(e["patients"] >= 30 and 0 <= e["accuracy"] <= 1 for e in final["modality_patterns"].values())
 
     # Resume: finished cells are skipped; an unfinished one (no rows.json) is run again from scratch.
     (out / "cells" / "synthetic-dirichlet_1.0-2-s0-logistic" / "rows.json").unlink()

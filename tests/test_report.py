@@ -71,7 +71,9 @@ def make_results(root: Path, datasets: tuple = (("mini4", 4, True), ("mini3", 3,
         (d / "final.json").write_text(json.dumps({
             "held_out": {"patients": n_held, "accuracy": f1 + 0.05, "balanced_accuracy": f1 + 0.02, "macro_f1": f1},
             "modality_weight_mean": {m: w for m, w in zip(modalities, (0.5, 0.3, 0.2))},
-            "modality_ablation": {m: f1 - drop for m, drop in zip(modalities, (0.2, 0.05, -0.01))}}))
+            "modality_ablation": {m: f1 - drop for m, drop in zip(modalities, (0.2, 0.05, -0.01))},
+            "modality_patterns": {modalities[0]: {"patients": 40, "accuracy": 0.9},
+                                  f"{modalities[1]}+{modalities[2]}": {"patients": 35, "accuracy": 0.2}}}))
         np.savez(d / "predictions.npz", **_predictions(rng, classes, quality, sites, n_held, n_site, demographics,
                                                        modalities))
 
@@ -151,6 +153,10 @@ def test_report_has_summary_costs_and_subgroups(report):
     assert ("| method | configuration | privacy | seeds | evaluated patients | accuracy | balanced acc. | macro-F1 |"
             in md)
     assert "| grouping | group | patients | accuracy | macro-F1 | in gaps |" in md
+    # accuracy per modality pattern (final.json's), weakest first
+    patterns = md.index("#### Modality patterns (held-out patients, the other modalities masked)")
+    table = md[patterns:md.index("#### Subgroups", patterns)]
+    assert "| modalities | patients | accuracy |" in table and table.index(" + ") < table.index("0.900")
     assert "**Cost of federation**" in md and "**Cost of privacy, ε=8**" in md
     # The data set without age/gender says why its subgroup plot is missing instead of failing.
     assert "no age or gender" in md
@@ -209,7 +215,8 @@ def test_the_html_has_the_headings_and_tables_of_the_markdown(report):
     assert page.headings == [(len(m[1]), m[2]) for m in re.finditer(r"^(#{1,6}) (.*)$", md, re.MULTILINE)]
     blocks = re.findall(r"(?:^\|.*\|\n)+", md, re.MULTILINE)
     tables = [[[c.strip() for c in line.strip("|").split("|")] for line in b.splitlines()] for b in blocks]
-    assert len(tables) == 5
+    # the summary tables, and each featured cell's modality-pattern table
+    assert len(tables) == 5 + md.count("#### Modality patterns (held-out patients")
     assert page.tables == [[t[0], *t[2:]] for t in tables]  # the "---:" line aligns, it is not a row
 
 

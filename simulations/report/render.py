@@ -132,6 +132,15 @@ def featured_section(res: Results, f: Featured, fig_dir: Path, out_dir: Path) ->
            "minus macro-F1 with the modality removed for every patient (positive: the model relies on it)."), "",
            _figure(plot_modalities(final, fwhy, f.title, fig_dir / f"modalities_{stem}.png"), f"modalities {f.cell}",
                    out_dir), ""]
+    if patterns := (final or {}).get("modality_patterns"):
+        rows = [[k.replace("+", " + "), str(e["patients"]), fmt(e["accuracy"])]
+                for k, e in sorted(patterns.items(), key=lambda kv: (kv[1]["accuracy"], kv[0]))]
+        md += ["#### Modality patterns (held-out patients, the other modalities masked)", "",
+               ("Accuracy of the final model on the held-out patients who have a pattern's modalities, shown only "
+                "those (patterns with at least 30 such patients), weakest first: what a patient who has only these "
+                "modalities gets. The delivered package carries the same measurement on the sites' own held-out "
+                "parts, which sites flag answers by."), "",
+               _table(["modalities", "patients", "accuracy"], rows, right={1, 2}), ""]
     md += ["#### Subgroups (held-out patients)", ""]
     if p is not None and groups:
         rows = [[name, str(t.group), str(t.patients), fmt(t.accuracy), fmt(t.macro_f1), "yes" if t.in_gaps else "no"]
