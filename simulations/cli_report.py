@@ -16,7 +16,8 @@ def report(
     out: Path | None = typer.Option(None, "--out", help="report directory [default: RESULTS_DIR/report]"),
 ) -> None:
     """Write report.md, report.html and figures/*.png: summary table, learning curves, privacy-utility, per-site
-    metrics, and for the best cells ROC, confusion matrix, t-SNE map, modality importance and subgroup fairness."""
+    metrics, and for the best cells ROC, confusion matrix, t-SNE map, modality importance, accuracy per modality
+    pattern and subgroup fairness."""
     from simulations.report import ReportError, build_report  # matplotlib/sklearn only when the command runs
 
     try:
