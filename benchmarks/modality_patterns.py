@@ -55,28 +55,33 @@ def answers(lm, raw: np.ndarray, y: np.ndarray, keep: set[int] | None, limits, m
             "confident_unflagged": int(unflagged.sum()), "flagged_right": int((~unflagged & (pred == y)).sum())}
 
 
+def held_out_patients(predictor, run: Path, limits) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out hospitals' labelled patients through the input contract: raw rows and class indices."""
+    from shared_models.site_data import LABELS_STEM, find_table, read_table
+
+    schema, held_dir = predictor.current.schema, run / "sites" / "holdout"
+    checked = predictor.checked_tables(held_dir, limits)
+    labels = read_table(find_table(held_dir, LABELS_STEM)[0], schema.id_column)[schema.label_column]
+    lookup = {c: k for k, c in enumerate(schema.classes)}
+    known = [i for i, pid in enumerate(checked.ids) if str(labels.get(pid)) in lookup]
+    return checked.raw[known], np.array([lookup[str(labels[checked.ids[i]])] for i in known])
+
+
 def consortium(run: Path, site: str, limits) -> list[dict]:
     """The --consortium comparison for one site's installed model (uncalibrated: its calibration is not read)."""
     from client.calibration import counted_modalities
     from client.predict import Predictor
     from privacy.site_config import SiteConfig
-    from shared_models.site_data import LABELS_STEM, find_table, read_table
 
     cfg = SiteConfig.load(run / "state" / site / "site.json")
-    lm = Predictor(cfg.model_dir, Path(cfg.state_dir) / "normalizer.json", cfg.signing_public_key or None,
-                   calibration_path=Path(cfg.state_dir) / "calibration.none").current
+    predictor = Predictor(cfg.model_dir, Path(cfg.state_dir) / "normalizer.json", cfg.signing_public_key or None,
+                          calibration_path=Path(cfg.state_dir) / "calibration.none")
+    lm = predictor.current
     patterns = lm.consortium_patterns()
     if not patterns:
         raise SystemExit(f"{run}: the delivered package has no per-pattern measurement (a run from before "
                          "d1ec8be)")
-    held_dir = run / "sites" / "holdout"
-    predictor = Predictor(cfg.model_dir, Path(cfg.state_dir) / "normalizer.json", cfg.signing_public_key or None,
-                          calibration_path=Path(cfg.state_dir) / "calibration.none")
-    checked = predictor.checked_tables(held_dir, limits)
-    labels = read_table(find_table(held_dir, LABELS_STEM)[0], lm.schema.id_column)[lm.schema.label_column]
-    lookup = {c: k for k, c in enumerate(lm.schema.classes)}
-    known = [i for i, pid in enumerate(checked.ids) if str(labels.get(pid)) in lookup]
-    raw, y = checked.raw[known], np.array([lookup[str(labels[checked.ids[i]])] for i in known])
+    raw, y = held_out_patients(predictor, run, limits)
     names = [m.name for m in lm.schema.modalities]
     present = counted_modalities(lm, raw)
     print(f"\nthe package's {len(patterns)} patterns (measured on the sites' held-out parts) against the held-out "
@@ -112,7 +117,6 @@ def main() -> None:
     from client.calibration import calibrate, counted_modalities
     from client.predict import Predictor
     from privacy.site_config import ServeSettings, SiteConfig
-    from shared_models.site_data import LABELS_STEM, find_table, read_table
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="an `oncofed simulate --out` directory")
@@ -136,13 +140,7 @@ def main() -> None:
             continue
         predictor = Predictor(cfg.model_dir, Path(cfg.state_dir) / "normalizer.json", cfg.signing_public_key or None)
         lm = predictor.current
-        held_dir = args.run / "sites" / "holdout"
-        checked = predictor.checked_tables(held_dir, limits)
-        labels = read_table(find_table(held_dir, LABELS_STEM)[0], lm.schema.id_column)[lm.schema.label_column]
-        lookup = {c: k for k, c in enumerate(lm.schema.classes)}
-        known = [i for i, pid in enumerate(checked.ids) if str(labels.get(pid)) in lookup]
-        raw = checked.raw[known]
-        y = np.array([lookup[str(labels[checked.ids[i]])] for i in known])
+        raw, y = held_out_patients(predictor, args.run, limits)
         names = [m.name for m in lm.schema.modalities]
         present = counted_modalities(lm, raw)
         print(f"\nsite {site}: calibrated on {cal['n_fit']} + {cal['n_heldout']} of its patients, "

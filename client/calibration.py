@@ -33,6 +33,7 @@ import numpy as np
 
 from privacy.site_config import SiteConfig
 from shared_models.files import write_text_atomic
+from shared_models.protocol import is_schema_pattern, pattern_key
 
 FORMAT = "oncofed-calibration/2"  # /2: with the modality patterns' temperatures and accuracies
 FORMATS = ("oncofed-calibration/1", FORMAT)  # a /1 file (one temperature) is still served
@@ -120,11 +121,6 @@ def split_halves(y: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return np.array(sorted(fit)), np.array(sorted(held))
 
 
-def pattern_key(names) -> str:
-    """A modality pattern's name: the present modalities in the schema's order, joined by '+'."""
-    return "+".join(names)
-
-
 def site_logits(lm, raw: np.ndarray, batch: int = 512, keep_modalities=None) -> np.ndarray:
     """The model's logits for raw rows; with `keep_modalities` (indices), every other modality masked as missing."""
     import torch
@@ -161,14 +157,14 @@ def pattern_outcomes(model, schema, x: np.ndarray, y: np.ndarray, min_count: int
     starts, sizes = modality_bounds(schema)
     present = counted_modalities(types.SimpleNamespace(modality_starts=starts, modality_sizes=sizes), x)
     names = [m.name for m in schema.modalities]
-    counts = {p: int(present[:, list(p)].all(1).sum()) for p in _candidate_patterns(present)}
+    has = {p: present[:, list(p)].all(1) for p in _candidate_patterns(present)}  # each pattern's patients
+    counts = {p: int(h.sum()) for p, h in has.items()}
     out = {}
     for pattern in (_reportable(counts, len(x), min_count) if reportable else
                     [p for p, n in counts.items() if n >= min_count]):
-        has = present[:, list(pattern)].all(1)
-        rows = masked(torch.from_numpy(x[has].copy()), model.slices, set(pattern))
-        right = int((predict_logits(model, rows).argmax(1).numpy() == y[has]).sum())
-        out[pattern_key(names[j] for j in pattern)] = [int(has.sum()), right]
+        rows = masked(torch.from_numpy(x[has[pattern]].copy()), model.slices, set(pattern))
+        right = int((predict_logits(model, rows).argmax(1).numpy() == y[has[pattern]]).sum())
+        out[pattern_key(names[j] for j in pattern)] = [counts[pattern], right]
     return out
 
 
@@ -367,7 +363,7 @@ def _pattern_ok(key, entry, names: list[str] | None, counts=("n_fit", "n_heldout
     mods, t, acc = entry.get("modalities"), entry.get("temperature"), entry.get("accuracy")
     if not (isinstance(mods, list) and mods and all(isinstance(m, str) for m in mods) and key == pattern_key(mods)):
         return False
-    if names is not None and [m for m in names if m in mods] != mods:
+    if names is not None and not is_schema_pattern(mods, names):
         return False
     counts = all(isinstance(entry.get(k), int) and not isinstance(entry.get(k), bool) and entry.get(k) >= 0
                  for k in counts)

@@ -63,9 +63,9 @@ class LoadedModel:
     calibration: dict | None = None
 
     _traced: object = None
-    _patterns: tuple | None = None  # (the calibration they were looked up in, {present row: pattern(row)})
+    # (the calibration they belong to, measured_patterns(), {present row: pattern(row)}): derived once per calibration
+    _patterns: tuple | None = None
     _consortium: dict | None = None  # the package's patterns, checked once (client.calibration.consortium_patterns)
-    _measured: tuple | None = None  # (the calibration they were merged with, measured_patterns())
 
     def __post_init__(self):
         self.feature_at = feature_names(self.schema)
@@ -78,12 +78,16 @@ class LoadedModel:
         judged by its best measured sub-pattern (more modalities are taken to make the model no worse: a lower
         bound); (None, False) when there is none."""
         key = tuple(bool(p) for p in present_row)  # a few patterns, many patients: cached per calibration
-        if self._patterns is None or self._patterns[0] is not self.calibration:
-            self._patterns = (self.calibration, {})
-        found = self._patterns[1]
+        found = self._by_calibration()[2]
         if key not in found:
             found[key] = self._find_pattern(key)
         return found[key]
+
+    def _by_calibration(self) -> tuple:
+        if self._patterns is None or self._patterns[0] is not self.calibration:
+            merged = {**self.consortium_patterns(), **((self.calibration or {}).get("patterns") or {})}
+            self._patterns = (self.calibration, merged, {})
+        return self._patterns
 
     def consortium_patterns(self) -> dict:
         """The delivered package's measurement of each modality pattern on the sites' held-out parts ({} if none)."""
@@ -96,10 +100,7 @@ class LoadedModel:
     def measured_patterns(self) -> dict:
         """What answers are judged by, per pattern: the site's own calibration's measurement where it has one, else
         the package's (on the consortium's held-out patients, `"measured_by": "consortium"`)."""
-        if self._measured is None or self._measured[0] is not self.calibration:  # merged once per calibration
-            self._measured = (self.calibration, {**self.consortium_patterns(),
-                                                 **((self.calibration or {}).get("patterns") or {})})
-        return self._measured[1]
+        return self._by_calibration()[1]
 
     def _find_pattern(self, present_row: tuple) -> tuple[dict | None, bool]:
         from client.calibration import pattern_key
@@ -433,15 +434,15 @@ def refuse_weak_patterns(lm: LoadedModel, checked, limits) -> None:
         return
     from client.prediction_input import capped
 
-    weak: dict[tuple, list] = {}
+    by_pattern: dict[tuple, list] = {}
     for pid, row in zip(checked.ids, counted_modalities(lm, checked.raw)):
-        measured, own = lm.pattern(row)
-        if measured is not None and measured["accuracy"] < limits.min_pattern_accuracy:
-            weak.setdefault(tuple(bool(c) for c in row), []).append(pid)
+        by_pattern.setdefault(tuple(bool(c) for c in row), []).append(pid)
     problems = []
-    for row, pids in weak.items():
-        names = [m.name for m, c in zip(lm.schema.modalities, row) if c]
+    for row, pids in by_pattern.items():
         measured, own = lm.pattern(row)
+        if measured is None or measured["accuracy"] >= limits.min_pattern_accuracy:
+            continue
+        names = [m.name for m, c in zip(lm.schema.modalities, row) if c]
         problems.append({
             "loc": f"patients with {', '.join(names)}", "code": "weak_pattern", "patients": pids,
             "n_patients": len(pids),

@@ -77,14 +77,25 @@ CONSORTIUM_PATTERN_MIN = 30  # held-out patients, summed over the sites, for a p
 CONSORTIUM_PATTERN_SITES = 3  # and sites: no site can subtract its own counts from a sum and learn another site's
 
 
+def pattern_key(names) -> str:
+    """A modality pattern's name: the present modalities in the schema's order, joined by '+'."""
+    return "+".join(names)
+
+
+def is_schema_pattern(mods: list[str], modalities: list[str]) -> bool:
+    """Whether `mods` is a modality pattern of a schema with these `modalities`: some of their names, each once, in
+    the schema's order (what pattern_key's name of a pattern splits into)."""
+    return bool(mods) and [m for m in modalities if m in mods] == mods
+
+
 def consortium_patterns(summed: Mapping[str, Any] | None, modalities: list[str]) -> dict:
     """The package's `patterns` from a round's summed PATTERNS ({pattern: {"n", "right", "sites"}}): the patterns of
-    the schema's `modalities` (names in its order, each once) with at least CONSORTIUM_PATTERN_MIN patients at
-    CONSORTIUM_PATTERN_SITES sites or more."""
+    the schema's `modalities` with at least CONSORTIUM_PATTERN_MIN patients at CONSORTIUM_PATTERN_SITES sites or
+    more."""
     out = {}
     for key, e in (summed or {}).items():
         mods = key.split("+")
-        if [m for m in modalities if m in mods] != mods:
+        if not is_schema_pattern(mods, modalities):
             continue  # not one of the schema's patterns (a site's error): dropped alone
         if e["n"] >= CONSORTIUM_PATTERN_MIN and e["sites"] >= CONSORTIUM_PATTERN_SITES:
             out[key] = {"modalities": mods, "n_heldout": int(e["n"]),
@@ -137,9 +148,9 @@ class ModelPackage(BaseModel):
     # site builds the model from it. Packages signed before 2026-12-05 15:00 have none (`oncofed deliver` adds it)
     architecture: dict[str, Any] | None = None
     # the final model per modality pattern on the sites' held-out parts (the last round's PATTERNS, summed:
-    # {pattern: {"modalities", "n_heldout", "accuracy", "sites"}}, patterns with at least CONSORTIUM_PATTERN_MIN
-    # patients): what a site serves its `weak_pattern` flags from until its own `serve calibrate`. Packages from
-    # from runs before d1ec8be (2026-12-05) have none
+    # {pattern: {"modalities", "n_heldout", "accuracy", "sites"}}, consortium_patterns' selection): what a site
+    # judges answers by for the patterns its own `serve calibrate` has not measured. Packages from runs before
+    # d1ec8be (2026-12-05) have none
     patterns: dict[str, Any] | None = None
 
     @classmethod
