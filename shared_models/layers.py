@@ -79,7 +79,7 @@ class FeatureFill(nn.Module):
     cost 0.40 ms forward and 0.71 ms forward and backward at (64, 6000) on the earlier machine's CPU, this
     0.17 / 0.50 ms; the same values for finite inputs, and the input contract refuses infinite ones). The
     backward reuses the forward's mask. `pad`: the output has `pad` more columns of zeros (the omics encoder's
-    chunk padding), written in the same buffer (a fill then F.pad was 0.21 ms at (64, 6000), this 0.10 ms).
+    chunk padding), written in the same buffer (a fill then F.pad was 0.20 ms at (64, 6000), this 0.10 ms).
     For the DP clipper (while attached): `param_grads = False` leaves the fill values' gradient to it, and a
     list in `sample_grads` receives each call's per-sample gradient (output gradient x missing mask, (B, F)),
     which it would otherwise recompute from the input."""

@@ -22,6 +22,15 @@ def test_train_step_benchmark_quick_run_ends_with_its_json_line():
         assert all(v > 0 for v in r["step_memory_mb"].values())
 
 
+def test_dp_overhead_benchmark_quick_run_times_every_phase_of_both_steps():
+    out = subprocess.run([sys.executable, "benchmarks/dp_overhead.py", "--quick"], cwd=ROOT, check=True,
+                         capture_output=True, text=True, timeout=300).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    ms = result["ms"]["2"]
+    assert set(ms) == {"plain", "dp"} and ms["plain"]["noise"] == 0 and ms["dp"]["noise"] > 0
+    assert all(ms[k][p] > 0 for k in ms for p in ("forward", "backward", "clip", "optimizer"))
+
+
 def test_round_benchmark_quick_run_breaks_a_real_round_down(tmp_path):
     out = subprocess.run([sys.executable, "benchmarks/round.py", "--quick"], cwd=ROOT, check=True,
                          capture_output=True, text=True, timeout=600).stdout

@@ -1,0 +1,122 @@
+"""Where a DP step's time goes beyond the plain step's: forward, backward, clipping, noise, optimizer, one thread.
+
+The sites' plain step (AdamW with global gradient-norm clipping) and the sites' DP step (privacy/clipping.py's
+book-keeping clipper, then Gaussian noise on every coordinate, then AdamW), on the same synthetic batches of a
+committed cohort schema, each phase timed in the process's CPU time, best of interleaved repeats. At a batch of
+2 patients the arithmetic is negligible, so what is left is each phase's fixed (per-layer) cost.
+
+    python benchmarks/dp_overhead.py                       # pan-cancer, batches 2 and 64
+    python benchmarks/dp_overhead.py --shape brca --batches 64
+    python benchmarks/dp_overhead.py --quick               # batch 2, few steps: a smoke run, not a measurement
+
+The last line is the results as one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+PHASES = ("forward", "backward", "clip", "noise", "optimizer")
+
+
+def measure(shape: str, batch: int, steps: int = 8, repeats: int = 5) -> dict[str, dict[str, float]]:
+    import torch
+    import torch.nn.functional as F
+
+    from benchmarks.train_step import SHAPES, synthetic_batch
+    from privacy.clipping import BookKeepingClipper
+    from shared_models import FeatureSchema, ModelConfig, MultiModalTransformer
+    from shared_models.run_config import CENTRALIZED_MODEL
+    from shared_models.training import TrainConfig, build_optimizer, clip_global_grad_norm_
+
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    schema = FeatureSchema.load(ROOT / "simulations" / "schemas" / SHAPES[shape])
+    cfg = ModelConfig(**CENTRALIZED_MODEL.model_dump())
+    batches = [synthetic_batch(schema, batch, s) for s in range(steps)]
+
+    def build():
+        torch.manual_seed(0)
+        m = MultiModalTransformer(schema, cfg).train()
+        return m, build_optimizer(m, TrainConfig(lr=1e-3, weight_decay=0.0))
+
+    models = {"plain": build(), "dp": build()}
+    clipper = BookKeepingClipper(models["dp"][0], max_grad_norm=1.0).attach()
+    params = list(models["dp"][0].parameters())
+    noise = torch.empty(sum(p.numel() for p in params))
+    views = [v.view_as(p) for v, p in zip(noise.split([p.numel() for p in params]), params)]
+
+    def step(kind: str) -> dict[str, float]:
+        model, opt = models[kind]
+        spent = dict.fromkeys(PHASES, 0.0)
+        for x, y in batches:
+            t0 = time.process_time()
+            opt.zero_grad(set_to_none=True)
+            if kind == "dp":
+                clipper.clear()
+            loss = F.cross_entropy(model(x), y)
+            t1 = time.process_time()
+            loss.backward()
+            t2 = time.process_time()
+            if kind == "dp":
+                clipper.clip_()
+            else:
+                clip_global_grad_norm_(list(model.parameters()), 1.0)
+            t3 = time.process_time()
+            t4 = t3  # the plain step has no noise
+            if kind == "dp":  # as the DP optimizer draws it: one flat normal_, added to every gradient
+                noise.normal_(0.0, 0.01)
+                torch._foreach_add_([p.grad for p in params], views)
+                t4 = time.process_time()
+            opt.step()
+            t5 = time.process_time()
+            for k, v in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+                spent[k] += 1000 * v / len(batches)
+        return spent
+
+    best: dict[str, dict[str, float]] = {k: dict.fromkeys(PHASES, float("inf")) for k in models}
+    for r in range(repeats + 1):  # the first pass warms up
+        for kind in models:
+            spent = step(kind)
+            if r:
+                best[kind] = {k: min(best[kind][k], spent[k]) for k in PHASES}
+    clipper.detach()
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="pancan", choices=("brca", "pancan"))
+    ap.add_argument("--batches", default="2,64")
+    ap.add_argument("--quick", action="store_true", help="batch 2, 2 steps, 1 repeat: a smoke run")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    batches, steps, repeats = ([2], 2, 1) if args.quick else ([int(b) for b in args.batches.split(",")], 8, 5)
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}, load average {os.getloadavg()[0]:.2f}; {args.shape}, one thread, "
+          f"CPU ms per step, best of {repeats} interleaved repeats of {steps} steps")
+    print(f"  {'batch':>5} {'step':>5} " + " ".join(f"{p:>9}" for p in PHASES) + f" {'total':>8}")
+    results = {}
+    for batch in batches:
+        best = results[batch] = measure(args.shape, batch, steps, repeats)
+        for kind, ms in best.items():
+            print(f"  {batch:>5} {kind:>5} " + " ".join(f"{ms[p]:>9.2f}" for p in PHASES)
+                  + f" {sum(ms.values()):>8.2f}")
+        extra = {p: best["dp"][p] - best["plain"][p] for p in PHASES}
+        ratio = sum(best["dp"].values()) / sum(best["plain"].values())
+        print(f"  {batch:>5} {'extra':>5} " + " ".join(f"{extra[p]:>+9.2f}" for p in PHASES)
+              + f" {sum(extra.values()):>+8.2f}  (DP / plain {ratio:.2f}x)")
+    print(json.dumps({"benchmark": "dp_overhead", "shape": args.shape, "quick": args.quick,
+                      "ms": {str(b): {k: {p: round(v, 3) for p, v in ms.items()} for k, ms in r.items()}
+                             for b, r in results.items()}}))
+
+
+if __name__ == "__main__":
+    main()
