@@ -29,7 +29,7 @@ it for the wide and linear paths over 12,503 features. Nothing here materialises
 Everything else stays Opacus': Poisson sampling (DPDataLoader's, or privacy/sampling.py's padded batches of
 the same sampling), the noise (N(0, (sigma C)^2) on every
 coordinate, then division by the expected batch size, as Opacus' DPOptimizer, in distribution; drawn in one
-flat tensor, see BookKeepingDPOptimizer) and the accountant (the same optimizer step hook). `make_private` mirrors
+flat tensor that the clipped sums are added into, see BookKeepingDPOptimizer) and the accountant (the same optimizer step hook). `make_private` mirrors
 `PrivacyEngine.make_private`.
 
 Dropout and missing modalities need nothing special: each sample's activations and output gradients
@@ -40,6 +40,7 @@ a float64 per-sample loop (<= 1e-9 relative), and the step against Opacus' hooks
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -55,6 +56,7 @@ register_grad_samplers()  # the learned arrays' per-sample rules, for the clippe
 
 # Opacus' per-sample clip factor, to the constant: C / (norm + 1e-6), at most 1.
 _NORM_EPS = 1e-6
+_ONE = {dtype: torch.ones((), dtype=dtype) for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 
 class _TapedLinear(torch.autograd.Function):
@@ -92,6 +94,7 @@ class _LinearTape(list):
         self.layer, self.token_norm = layer, token_norm
         self.calls = 0            # forward calls with gradients since the last reset
         self.prepared = None      # the materialised per-sample gradients (a _Prepared), once formed
+        self._routes: dict[tuple, str] = {}  # (tokens of one call, weight trained) -> its route
 
     def __bool__(self) -> bool:
         return len(self) > 0 or self.prepared is not None
@@ -99,6 +102,17 @@ class _LinearTape(list):
     def reset(self) -> None:
         self.clear()
         self.calls, self.prepared = 0, None
+
+    def append_pair(self, x: Tensor, grad_out: Tensor) -> None:
+        self.append((x, grad_out))
+
+    def may_materialise(self, x: Tensor) -> bool:
+        """Whether this call's tokens alone route the layer to materialising (more calls only add tokens)."""
+        key = (x[0].numel() // x.shape[-1] if x.shape[0] else 0, self.layer.weight.requires_grad)
+        route = self._routes.get(key)
+        if route is None:
+            route = self._routes[key] = _linear_route(self.layer, key[0], self.token_norm)
+        return route == "materialise"
 
     def record(self, x: Tensor, grad_out: Tensor) -> None:
         self.append((x, grad_out))
@@ -225,10 +239,12 @@ class BookKeepingClipper:
 
     # --- the clipped sum -------------------------------------------------------------------------
     @torch.no_grad()
-    def clip_(self, scale: float = 1.0) -> Tensor:
+    def clip_(self, scale: float = 1.0, into: dict | None = None) -> Tensor:
         """Write p.grad = scale x sum_i c_i g_i (every trainable parameter) from the recorded backward; return
         the per-sample gradient norms ||g_i||. Raises if no backward was recorded. (The DP optimizer passes
-        scale = 1 / expected batch: the division folded into the clip weights costs no pass over the gradients.)"""
+        scale = 1 / expected batch: the division folded into the clip weights costs no pass over the gradients.)
+        `into` ({parameter: tensor of its shape}): add the sum to these tensors in place and make them the
+        gradients (the DP optimizer's noise, drawn first: the addition then costs no pass of its own)."""
         if not any(tape for _, tape in self._linears + self._others):
             raise RuntimeError("no backward pass was recorded since the last step: call loss.backward() with the "
                                "clipper attached before clip_()")
@@ -246,8 +262,9 @@ class BookKeepingClipper:
             sq = torch.where(finite, sq, torch.zeros((), dtype=sq.dtype))
         norms = sq.clamp_min(0).sqrt() * loss_scale
         weights = (self.max_grad_norm / (norms + _NORM_EPS)).clamp(max=1.0) * (loss_scale * scale)  # c_i x scales
+        sink = _GradSink(into)
         for item in prepared:
-            item.write_grads(weights)
+            item.write_grads(weights, sink)
         self.clear()
         return norms
 
@@ -275,17 +292,21 @@ def _taped_forward(layer: nn.Linear, tape: list):
     parameter gradient) and a hook on the output that tapes (input, output gradient): ~15 us a call less than
     the Python autograd Function, which an input without a gradient (the model's data) still takes, since
     nothing would run the hook's backward there."""
+    params = layer._parameters  # the same Parameters as layer.weight, layer.bias, without the Module's lookup
+
     def forward(x: Tensor) -> Tensor:
+        w, b = params["weight"], params["bias"]
         if not torch.is_grad_enabled():
-            return F.linear(x, layer.weight, layer.bias)
+            return F.linear(x, w, b)
         tape.calls += 1
         if x.requires_grad:
-            bias = layer.bias.detach() if layer.bias is not None else None
-            out = F.linear(x, layer.weight.detach(), bias)
-            saved = x.detach()
-            out.register_hook(lambda grad: tape.record(saved, grad))
+            out = F.linear(x, w.detach(), None if b is None else b.detach())
+            # a call whose own tokens already make the layer materialise its per-sample gradients takes the
+            # tape's full record (which may form them in the backward); any other only appends its pair
+            record = tape.record if x.dim() > 2 and tape.may_materialise(x) else tape.append_pair
+            out.register_hook(functools.partial(record, x.detach()))
             return out
-        return _TapedLinear.apply(x, layer.weight, layer.bias, tape)
+        return _TapedLinear.apply(x, w, b, tape)
     return forward
 
 
@@ -309,8 +330,8 @@ class _Prepared:
     def __init__(self, sq: Tensor, write, **rows: Tensor | None):
         self.sq, self._write, self.rows = sq, write, rows
 
-    def write_grads(self, weights: Tensor) -> None:
-        self._write(weights, **self.rows)
+    def write_grads(self, weights: Tensor, sink: "_GradSink") -> None:
+        self._write(weights, sink, **self.rows)
 
     def keep_rows(self, keep: Tensor) -> None:
         """Zero the rows of the samples not in `keep` (their gradient counts as zero; a zero weight would not
@@ -319,10 +340,39 @@ class _Prepared:
         self.sq = torch.where(keep, self.sq, torch.zeros((), dtype=self.sq.dtype))
 
 
+class _GradSink:
+    """Where the clipped sums go: p.grad = the sum, or with `into` (the DP optimizer's noise, one tensor of p's shape
+    per parameter) p.grad = into[p] + the sum, added in place (a Linear's weight by addmm_: its sum and the addition
+    in one pass over the gradient)."""
+
+    __slots__ = ("into",)
+
+    def __init__(self, into: dict | None = None):
+        self.into = into
+
+    def set(self, p: Tensor, value: Tensor) -> None:  # value has p's shape
+        dest = None if self.into is None else self.into.get(p)
+        if dest is None:
+            p.grad = value if value.dtype == p.dtype else value.to(p.dtype)
+        else:
+            p.grad = dest.add_(value)
+
+    def mm(self, p: Tensor, m1: Tensor, m2: Tensor) -> None:  # the sum is m1 @ m2
+        dest = None if self.into is None else self.into.get(p)
+        if dest is None:
+            self.set(p, m1 @ m2)
+        else:
+            p.grad = dest.addmm_(m1, m2) if m1.dtype == dest.dtype else dest.add_(m1 @ m2)
+
+    def zero(self, p: Tensor) -> None:
+        dest = None if self.into is None else self.into.get(p)
+        p.grad = torch.zeros_like(p) if dest is None else dest
+
+
 def _zero_grads(params: list[Tensor], batch: int) -> _Prepared:  # layers not used in this forward, or an empty batch
-    def write(_):
+    def write(_, sink: _GradSink):
         for p in params:
-            p.grad = torch.zeros_like(p)
+            sink.zero(p)
     return _Prepared(params[0].new_zeros(batch), write)
 
 
@@ -357,21 +407,25 @@ def _linear_route(layer: nn.Linear, tokens: int, token_norm: str) -> str:
 
 
 def _prepare_one_linear(layer: nn.Linear, tape: list, batch: int, token_norm: str) -> _Prepared:
-    w, b = layer.weight, layer.bias
+    # Every torch call here costs ~2 us whatever its size, and a step prepares ~35 Linear layers: at small batches
+    # the call count, not the arithmetic, is this function's cost, so each route below uses as few calls as it can.
+    params = layer._parameters  # (not the Module's __getattr__: the same Parameters, without its lookup chain)
+    w, b = params["weight"], params["bias"]
     train_w, train_b = w.requires_grad, b is not None and b.requires_grad
-    d_in, d_out = w.shape[1], w.shape[0]
-    # every call's tokens (a row is one token): (B, T, in), (B, T, out)
-    acts = [a.reshape(batch, -1, d_in) for a, _ in tape]
-    grads = [g.reshape(batch, -1, d_out) for _, g in tape]
-    a = acts[0] if len(acts) == 1 else torch.cat(acts, dim=1)
-    e = grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
-    del acts, grads
+    d_out, d_in = w.shape
+    if len(tape) == 1:
+        a, e = tape[0]
+    else:  # every call's tokens (a row is one token) side by side: (B, T, in), (B, T, out)
+        a = torch.cat([a.reshape(batch, -1, d_in) for a, _ in tape], dim=1)
+        e = torch.cat([g.reshape(batch, -1, d_out) for _, g in tape], dim=1)
     if a.dtype != e.dtype:
         a = a.to(e.dtype)
-    route = _linear_route(layer, a.shape[1], token_norm)
+    tokens = a.numel() // (batch * d_in)
+    route = _linear_route(layer, tokens, token_norm)
     # The bias's per-sample gradient is sum_t e_it, the weight's with an input of ones: the bias folds
     # into the weight's norm as one more input feature (a row of ones, or +1 on every Gram entry).
     if route == "materialise":  # this layer's per-sample gradients, kept for the weighted sum; a and e are dropped
+        a, e = a.reshape(batch, tokens, d_in), e.reshape(batch, tokens, d_out)
         per_sample_w = torch.bmm(e.transpose(1, 2), a)  # (B, out, in)
         sq = _sq_norms(per_sample_w)
         bias_ps = None
@@ -379,37 +433,38 @@ def _prepare_one_linear(layer: nn.Linear, tape: list, batch: int, token_norm: st
             bias_ps = e.sum(1)  # (B, out)
             sq = sq + _sq_norms(bias_ps)
         return _Prepared(sq, _write_materialised(w, b if train_b else None, batch), ws=per_sample_w, bs=bias_ps)
-    if route == "row":
-        if a.shape[1] == 1:  # ||e a^T||^2 = ||a||^2 ||e||^2, and the bias's is ||e||^2
-            e_sq = _sq_norms(e[:, 0])
-            if train_w:
-                sq = _sq_norms(a[:, 0]) + 1.0 if train_b else _sq_norms(a[:, 0])
-                sq = sq * e_sq
-            else:
-                sq = e_sq if train_b else e.new_zeros(batch)
-        else:  # a frozen weight over several tokens: the bias's per-sample gradient alone
-            sq = _sq_norms(e.sum(1)) if train_b else e.new_zeros(batch)
-    else:  # ghost norm: <a a^T (+ 1 for the bias), e e^T>
-        gram = torch.bmm(a, a.transpose(1, 2))
-        if train_b:
-            gram += 1.0
-        sq = (gram.mul_(torch.bmm(e, e.transpose(1, 2)))).sum((1, 2))
-
-    def write(weights: Tensor, a: Tensor, e: Tensor) -> None:
-        # sum_i c_i e_i^T a_i as one matmul over all samples' tokens; the bias's, the column sums
-        ew = (e * weights.view(-1, 1, 1)).reshape(-1, d_out)
+    if tokens == 1:  # ||e a^T||^2 = ||a||^2 ||e||^2, and the bias's is ||e||^2: rows (B, in), (B, out)
+        a, e = a.reshape(batch, d_in), e.reshape(batch, d_out)
+        e_sq = _sq_norms(e)
         if train_w:
-            w.grad = (ew.t() @ a.reshape(-1, d_in)).to(w.dtype)
+            sq = (_sq_norms(a) + 1.0) * e_sq if train_b else _sq_norms(a) * e_sq
+        else:
+            sq = e_sq if train_b else e.new_zeros(batch)
+    elif route == "row":  # a frozen weight over several tokens: the bias's per-sample gradient alone
+        a, e = a.reshape(batch, tokens, d_in), e.reshape(batch, tokens, d_out)
+        sq = _sq_norms(e.sum(1)) if train_b else e.new_zeros(batch)
+    else:  # ghost norm: <a a^T (+ 1 for the bias), e e^T>
+        a, e = a.reshape(batch, tokens, d_in), e.reshape(batch, tokens, d_out)
+        gram = torch.baddbmm(_ONE[e.dtype], a, a.mT) if train_b else torch.bmm(a, a.mT)
+        sq = gram.mul_(torch.bmm(e, e.mT)).sum((1, 2))
+
+    def write(weights: Tensor, sink: _GradSink, a: Tensor, e: Tensor) -> None:
+        # sum_i c_i e_i^T a_i as one matmul over all samples' tokens; the bias's, the column sums
+        ew = e * (weights.view(-1, 1) if e.dim() == 2 else weights.view(-1, 1, 1))
+        if e.dim() == 3:
+            ew, a = ew.view(-1, d_out), a.reshape(-1, d_in)
+        if train_w:
+            sink.mm(w, ew.t(), a)
         if train_b:
-            b.grad = ew.sum(0).to(b.dtype)
+            sink.set(b, ew.sum(0))
     return _Prepared(sq, write, a=a, e=e)
 
 
 def _write_materialised(w: Tensor, b: Tensor | None, batch: int):
-    def write(weights: Tensor, ws: Tensor, bs: Tensor | None) -> None:
-        w.grad = (weights @ ws.reshape(batch, -1)).view_as(w).to(w.dtype)
+    def write(weights: Tensor, sink: _GradSink, ws: Tensor, bs: Tensor | None) -> None:
+        sink.set(w, (weights @ ws.reshape(batch, -1)).view_as(w))
         if b is not None:
-            b.grad = (weights @ bs).to(b.dtype)
+            sink.set(b, weights @ bs)
     return write
 
 
@@ -435,7 +490,7 @@ def _prepare_numeric_tokens(layer: NumericTokens, tape: list, batch: int, added:
     if added_trained:
         sq = sq + e_sq.sum(1)
 
-    def write(weights: Tensor, value: Tensor, missing: Tensor, e: Tensor) -> None:
+    def write(weights: Tensor, sink: _GradSink, value: Tensor, missing: Tensor, e: Tensor) -> None:
         # sum over b of w_bc e_bcd for every parameter in one batched matmul over the columns, (C, k, B) @ (C, B, d):
         # one pass over e (measured at 301 columns: 0.5x einsum's two passes at batch 64, 0.7x at 512; a
         # broadcast product and sum was 3x slower at 512). The (C, k, B) factor is built contiguous: a
@@ -447,7 +502,7 @@ def _prepare_numeric_tokens(layer: NumericTokens, tape: list, batch: int, added:
         rows = [weights.expand(e.shape[1], -1) if f is None else f.t() * weights for _, f in params]
         sums = torch.bmm(torch.stack(rows, 1), e.transpose(0, 1))  # (C, k, d)
         for i, (p, _) in enumerate(params):
-            p.grad = sums[:, i].contiguous().to(p.dtype)
+            sink.set(p, sums[:, i].contiguous())
     return _Prepared(sq, write, value=value, missing=missing, e=e)
 
 
@@ -467,13 +522,13 @@ def _prepare_pooled_numeric_tokens(layer: NumericTokens, value: Tensor, missing:
     if added_trained:
         sq = sq + added.weight.shape[0] * e_sq
 
-    def write(weights: Tensor, value: Tensor, missing: Tensor, e: Tensor) -> None:
+    def write(weights: Tensor, sink: _GradSink, value: Tensor, missing: Tensor, e: Tensor) -> None:
         ew = e * weights.view(-1, 1)  # (B, d)
         for p, f in ((layer.scale, value), (layer.missing, missing)):
             if p.requires_grad:
-                p.grad = (f.t() @ ew).to(p.dtype)
+                sink.mm(p, f.t(), ew)
         if added_trained:
-            added.weight.grad = ew.sum(0).expand_as(added.weight).contiguous().to(added.weight.dtype)
+            sink.set(added.weight, ew.sum(0).expand_as(added.weight).contiguous())
     return _Prepared(sq, write, value=value, missing=missing, e=e)
 
 
@@ -518,8 +573,8 @@ def _prepare_feature_fill(layer: FeatureFill, tape: list, batch: int) -> _Prepar
         per_sample = per_sample + more
     w = layer.weight
 
-    def write(weights: Tensor, per_sample: Tensor) -> None:
-        w.grad = (weights @ per_sample.reshape(batch, -1)).view_as(w).to(w.dtype)
+    def write(weights: Tensor, sink: _GradSink, per_sample: Tensor) -> None:
+        sink.set(w, (weights @ per_sample.reshape(batch, -1)).view_as(w))
     return _Prepared(_sq_norms(per_sample), write, per_sample=per_sample)
 
 
@@ -551,9 +606,9 @@ def _prepare_layer_norms(group: list, batch: int) -> _Prepared:
         per_sample, params = per_sample[:, trained], [params[i] for i in trained]
     sq = _sq_norms(per_sample)
 
-    def write(weights: Tensor, per_sample: Tensor) -> None:
+    def write(weights: Tensor, sink: _GradSink, per_sample: Tensor) -> None:
         for p, s in zip(params, (weights @ per_sample.reshape(batch, -1)).view(len(params), d)):
-            p.grad = s.view_as(p).to(p.dtype)
+            sink.set(p, s.view_as(p))
     return _Prepared(sq, write, per_sample=per_sample)
 
 
@@ -569,10 +624,13 @@ def _prepare_by_rule(layer: nn.Module, tape: list, batch: int) -> _Prepared:
     for gs in per_sample.values():
         sq = sq + _sq_norms(gs)
 
-    def write(weights: Tensor, **per_sample: Tensor) -> None:
+    def write(weights: Tensor, sink: _GradSink, **per_sample: Tensor) -> None:
         for i, p in enumerate(params):
             gs = per_sample.get(str(i))
-            p.grad = torch.zeros_like(p) if gs is None else (weights @ gs.reshape(batch, -1)).view_as(p).to(p.dtype)
+            if gs is None:
+                sink.zero(p)
+            else:
+                sink.set(p, (weights @ gs.reshape(batch, -1)).view_as(p))
     return _Prepared(sq, write, **{str(i): per_sample[id(p)] for i, p in enumerate(params) if id(p) in per_sample})
 
 
@@ -679,25 +737,30 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
     every trainable parameter, drawn from the optimizer's generator, division by the expected batch size
     (loss_reduction "mean"), the accountant's step hook, the wrapped optimizer's step.
 
-    The noise and division are Opacus' DPOptimizer.add_noise and scale_grad in distribution: the clipper
-    writes the clipped sum already divided by the expected batch size B (folded into its clip weights), and
-    the noise is drawn as N(0, (noise_multiplier x max_grad_norm / B)^2), independent per coordinate, in one
-    flat tensor instead of one zeros + normal + add per parameter (and without Opacus' copy of each gradient
-    into summed_grad, or a pass to divide): ~6 kernels per parameter less, which on this model cost ~10% of
-    a plain step. secure_mode (a sum of Gaussians per coordinate) is refused by make_private."""
+    The noise and division are Opacus' DPOptimizer.add_noise and scale_grad in distribution: the noise is
+    drawn first, as N(0, (noise_multiplier x max_grad_norm / B)^2), independent per coordinate, in one flat
+    tensor whose views become the gradients, and the clipper adds the clipped sum, already divided by the
+    expected batch size B (folded into its clip weights), into them in place (a Linear's weight by addmm_).
+    Against Opacus' one zeros + normal + add per parameter, its copy of each gradient into summed_grad and a
+    pass to divide, that is ~6 kernels per parameter less (~10% of a plain step on this model) and no pass
+    of its own for the addition. secure_mode (a sum of Gaussians per coordinate) is refused by make_private."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, clipper: BookKeepingClipper, **kwargs):
         super().__init__(optimizer, **kwargs)
         self.clipper = clipper
         self._noise: Tensor | None = None
-        self._noise_views: list[Tensor] = []
+        self._noise_views: dict = {}
+        self._noise_key: tuple | None = None
 
     def pre_step(self, closure=None):
-        self.clipper.clip_(scale=1.0 / self._divisor())
         if self._check_skip_next_step():
+            self.clipper.clip_(scale=1.0 / self._divisor())
             self._is_last_step_skipped = True
             return False
-        self.add_noise_and_scale()
+        into = self._draw_noise()
+        self.clipper.clip_(scale=1.0 / self._divisor(), into=into)
+        if into is None:
+            self.add_noise_and_scale()
         if self.step_hook:
             self.step_hook(self)
         self._is_last_step_skipped = False
@@ -706,23 +769,39 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
     def _divisor(self) -> float:  # Opacus' scaling: the expected batch size for loss_reduction "mean"
         return float(self.expected_batch_size * self.accumulated_iterations) if self.loss_reduction == "mean" else 1.0
 
+    def _std(self) -> float:
+        return self.noise_multiplier * self.max_grad_norm / self._divisor()
+
+    @torch.no_grad()
+    def _draw_noise(self) -> dict | None:
+        """The step's noise, N(0, (sigma C / B)^2) per coordinate of every parameter, drawn in one flat buffer
+        (one buffer for every step: a fresh one was new memory pages each step) whose views the clipper then adds
+        the clipped sums to ({parameter: its view}). None when the parameters' dtypes or devices differ (the noise
+        is then added per parameter after the clipping) or there is no noise."""
+        params = self.params
+        std = self._std()
+        if std <= 0 or not params or len({(p.dtype, p.device) for p in params}) > 1:
+            return None
+        n, dtype, device = sum(p.numel() for p in params), params[0].dtype, params[0].device
+        noise, key = self._noise, (tuple(map(id, params)), dtype, device)
+        if noise is None or self._noise_key != key:
+            noise = self._noise = torch.empty(n, dtype=dtype, device=device)
+            self._noise_views = {p: v.view_as(p) for v, p in zip(noise.split([p.numel() for p in params]), params)}
+            self._noise_key = key
+        noise.normal_(0.0, std, generator=self.generator)
+        for p in params:  # a parameter the clipper does not write keeps its noise alone (its clipped sum is zero)
+            p.grad = self._noise_views[p]
+        return self._noise_views
+
     @torch.no_grad()
     def add_noise_and_scale(self) -> None:
         """Noise on gradients the clipper already divided by the expected batch size: N(0, (sigma C / B)^2) per
-        coordinate, Opacus' (sum + N(0, (sigma C)^2)) / B in distribution, without a second pass to divide."""
-        grads = [p.grad for p in self.params]
-        std = self.noise_multiplier * self.max_grad_norm / self._divisor()
-        if std > 0 and len({(g.dtype, g.device) for g in grads}) > 1:
-            for g in grads:
-                g.add_(torch.empty_like(g).normal_(0.0, std, generator=self.generator))
-        elif std > 0 and grads:
-            n, dtype, device = sum(g.numel() for g in grads), grads[0].dtype, grads[0].device
-            noise = self._noise  # one buffer for every step: a fresh one was new memory pages each step
-            if noise is None or (noise.numel(), noise.dtype, noise.device) != (n, dtype, device):
-                noise = self._noise = torch.empty(n, dtype=dtype, device=device)
-                self._noise_views = [v.view_as(g) for v, g in zip(noise.split([g.numel() for g in grads]), grads)]
-            noise.normal_(0.0, std, generator=self.generator)
-            torch._foreach_add_(grads, self._noise_views)
+        coordinate, Opacus' (sum + N(0, (sigma C)^2)) / B in distribution, without a second pass to divide. (The
+        path for parameters of several dtypes or devices; otherwise the noise is drawn before the clipping.)"""
+        std = self._std()
+        if std > 0:
+            for p in self.params:
+                p.grad.add_(torch.empty_like(p.grad).normal_(0.0, std, generator=self.generator))
 
     def zero_grad(self, set_to_none: bool = False):
         self.clipper.clear()

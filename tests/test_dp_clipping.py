@@ -394,6 +394,39 @@ def test_the_noise_has_opacus_distribution_independent_gaussians_of_std_sigma_c_
     assert abs(stats.pearsonr(first[: len(second)], second[: len(first)])[0]) < 0.03  # no reuse across coordinates
 
 
+def test_the_noise_is_drawn_into_the_gradients_and_the_clipped_sum_added_exactly_once():
+    """The DP optimizer draws the step's noise into one flat buffer whose views become the gradients, and the
+    clipper adds the clipped sum into them in place (privacy/clipping.py, _GradSink): each gradient must be
+    exactly the clipped sum / expected batch + that parameter's slice of N(0, (sigma C / B)^2) drawn from the
+    optimizer's generator, for every parameter (Linear weights by addmm_, the rest by add_), on every step."""
+    from opacus import PrivacyEngine
+
+    torch.manual_seed(0)
+    model = _full_model(dropout=0.0).double()
+    x, y = _batch_with_missing()
+    sigma, c = 2.0, 0.5
+    params = [p for p in model.parameters() if p.requires_grad]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(y))
+    engine = PrivacyEngine(accountant="prv")
+    engine.secure_rng = torch.Generator().manual_seed(5)
+    clipper, opt, _ = make_private(engine, model, torch.optim.SGD(model.parameters(), lr=0.0), loader,
+                                   noise_multiplier=sigma, max_grad_norm=c, expected_batch_size=4)
+    replay = torch.Generator().manual_seed(5)
+    for _ in range(2):  # the second step reuses the buffer: the first step's sums must not carry over
+        reference = copy.deepcopy(model)
+        clipped_sum(reference, lambda: F.cross_entropy(reference(x), y), c, "ghost")
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        noise = torch.empty(sum(p.numel() for p in params), dtype=torch.float64).normal_(0.0, sigma * c / 4,
+                                                                                        generator=replay)
+        want = [r.grad / 4 + n.view_as(r) for r, n in
+                zip([q for q in reference.parameters() if q.requires_grad], noise.split([p.numel() for p in params]))]
+        for p, w in zip(params, want):
+            assert torch.allclose(p.grad, w, rtol=1e-12, atol=1e-15)
+    clipper.cleanup()
+
+
 def test_the_noise_comes_from_the_optimizers_generator():
     from opacus import PrivacyEngine
 
