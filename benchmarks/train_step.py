@@ -188,7 +188,7 @@ def build_steps(schema, cfg, n_data: int, batch: int, variants=VARIANTS) -> tupl
 def book_keeping_phases(train, batches) -> dict:
     """CPU ms per step of the book-keeping DP step's own parts (one extra, untimed pass with the clipper's
     functions wrapped): per-sample norms of the Linear layers and of the other layers, the clip factors and
-    the weighted sums, the noise and scaling. The rest of the step is the forward and backward passes and
+    the weighted sums (added into the noise), the noise's draw. The rest of the step is the forward and backward passes and
     the optimizer, as in the plain step."""
     import privacy.clipping as pc
 
@@ -204,10 +204,10 @@ def book_keeping_phases(train, batches) -> dict:
         return wrapper
 
     originals = {"_prepare_linear": pc._prepare_linear, "_prepare_other": pc._prepare_other}
-    clip, noise = pc.BookKeepingClipper.clip_, pc.BookKeepingDPOptimizer.add_noise_and_scale
+    clip, noise = pc.BookKeepingClipper.clip_, pc.BookKeepingDPOptimizer._draw_noise
     pc._prepare_linear, pc._prepare_other = timed("norms_linear", pc._prepare_linear), timed("norms_other", pc._prepare_other)
     pc.BookKeepingClipper.clip_ = timed("clip", clip)
-    pc.BookKeepingDPOptimizer.add_noise_and_scale = timed("noise", noise)
+    pc.BookKeepingDPOptimizer._draw_noise = timed("noise", noise)
     try:
         t0 = time.process_time()
         train(batches)
@@ -215,7 +215,7 @@ def book_keeping_phases(train, batches) -> dict:
     finally:
         for k, v in originals.items():
             setattr(pc, k, v)
-        pc.BookKeepingClipper.clip_, pc.BookKeepingDPOptimizer.add_noise_and_scale = clip, noise
+        pc.BookKeepingClipper.clip_, pc.BookKeepingDPOptimizer._draw_noise = clip, noise
     ms = {k: 1000 * v / len(batches) for k, v in spent.items()}
     return {"step": round(1000 * total / len(batches), 2), "norms_linear": round(ms.get("norms_linear", 0), 2),
             "norms_other": round(ms.get("norms_other", 0), 2),
