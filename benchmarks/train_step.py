@@ -48,7 +48,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"brca": "tcga_brca_pam50.json", "pancan": "tcga_pancan33.json"}
 VARIANTS = ("plain", "plain-before", "opacus-hooks", "opacus-ghost", "book-keeping")
 OPT_IN = ("plain-compiled",)  # measured only when asked for: compiling takes a minute or more per process
-FLUSH_DENORMAL = True
 
 
 def matmul_flops_per_s(n: int = 512, seconds: float = 1.0) -> float:
@@ -224,14 +223,13 @@ def book_keeping_phases(train, batches) -> dict:
 
 
 def measure(shape: str, batch: int, steps_per_repeat: int, repeats: int, variants: list[str],
-            model_overrides: dict | None = None) -> dict:
-    import torch
-
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(FLUSH_DENORMAL)
+            model_overrides: dict | None = None, keep_freed_memory: bool = True) -> dict:
     warnings.filterwarnings("ignore")
     from shared_models import FeatureSchema, ModelConfig
     from shared_models.run_config import CENTRALIZED_MODEL
+    from shared_models.training import training_process
+
+    training_process(keep_freed_memory)  # as a site's training process: one thread, denormals flushed, the allocator
 
     schema = FeatureSchema.load(ROOT / "simulations" / "schemas" / SHAPES[shape])
     cfg = ModelConfig(**{**CENTRALIZED_MODEL.model_dump(), **(model_overrides or {})})  # the shapes measured since 2026-11
@@ -239,10 +237,15 @@ def measure(shape: str, batch: int, steps_per_repeat: int, repeats: int, variant
     steps, base, _keep = build_steps(schema, cfg, n_data=batch * 20, batch=batch, variants=variants)
     flops = train_flops_per_sample(base, *batches[0])
 
-    def run(train) -> float:  # CPU seconds per step: on a shared machine, waiting for a core is not the step's cost
-        t0 = time.process_time()
+    faults: dict[str, list[float]] = {v: [] for v in variants}
+
+    def run(train, variant: str | None = None) -> float:  # CPU seconds per step: waiting for a core is not the step's
+        f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()
         train(batches)
-        return (time.process_time() - t0) / len(batches)
+        t = (time.process_time() - t0) / len(batches)
+        if variant:  # page faults per step: fresh memory the kernel zero-fills (counted in the CPU time)
+            faults[variant].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / len(batches))
+        return t
 
     compile_s = {}
     for v in variants:
@@ -254,7 +257,7 @@ def measure(shape: str, batch: int, steps_per_repeat: int, repeats: int, variant
     times = {v: [] for v in variants}
     for _ in range(repeats):  # interleaved: every variant sees the same machine load
         for v in variants:
-            times[v].append(run(steps[v]))
+            times[v].append(run(steps[v], v))
     best = {v: min(t) for v, t in times.items()}
     phases = book_keeping_phases(steps["book-keeping"], batches) if "book-keeping" in steps else None
     return {
@@ -268,6 +271,8 @@ def measure(shape: str, batch: int, steps_per_repeat: int, repeats: int, variant
         "matmul_gflops": round(peak / 1e9, 2),
         "plain_fraction_of_matmul": round(flops * batch / best["plain"] / peak, 4),
         "plain_step_ms": round(1000 * best["plain"], 2), "book_keeping_phases_ms": phases,
+        "page_faults_per_step": {v: round(sorted(f)[len(f) // 2], 1) for v, f in faults.items()},
+        "keep_freed_memory": keep_freed_memory,
         "first_pass_s": compile_s,
     }
 
@@ -281,6 +286,9 @@ def main() -> None:
     ap.add_argument("--variants", help=f"plain is always measured (the baseline) [default: {','.join(VARIANTS)}; "
                     "with --quick: opacus-hooks,book-keeping]")
     ap.add_argument("--model", default="{}", help='ModelConfig overrides as JSON, e.g. \'{"wide_rank": "full"}\'')
+    ap.add_argument("--glibc-default", action="store_true",
+                    help="leave glibc's allocator at its default (the sites keep freed memory: "
+                         "shared_models.training.training_process)")
     args = ap.parse_args()
     chosen = args.variants or ("opacus-hooks,book-keeping" if args.quick else ",".join(VARIANTS))
     variants = ["plain"] + [v for v in chosen.split(",") if v != "plain"]
@@ -288,8 +296,9 @@ def main() -> None:
         ap.error(f"--variants: unknown {', '.join(bad)}; choose from {', '.join(VARIANTS + OPT_IN)}")
     if args.child:
         shape, batch = args.child.split(":")
-        steps, repeats = (2, 1) if args.quick else (8 if int(batch) <= 64 else 3, 3)
-        print(json.dumps(measure(shape, int(batch), steps, repeats, variants, json.loads(args.model))))
+        steps, repeats = (2, 1) if args.quick else (8, 5) if int(batch) <= 64 else (3, 3)
+        print(json.dumps(measure(shape, int(batch), steps, repeats, variants, json.loads(args.model),
+                                 keep_freed_memory=not args.glibc_default)))
         return
     batches = ["64"] if args.quick else args.batches.split(",")
     load_before = os.getloadavg()
@@ -297,7 +306,8 @@ def main() -> None:
     for shape in args.shapes.split(","):
         for batch in batches:
             cmd = [sys.executable, __file__, "--child", f"{shape}:{batch}", "--model", args.model,
-                   "--variants", ",".join(variants)] + (["--quick"] if args.quick else [])
+                   "--variants", ",".join(variants)] + (["--quick"] if args.quick else []) + \
+                (["--glibc-default"] if args.glibc_default else [])
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
             results.append(json.loads(out.strip().splitlines()[-1]))
     load = os.getloadavg()
@@ -319,6 +329,10 @@ def main() -> None:
                 print(f"  {r['shape']:>6} {r['batch']:>4}: plain {r['plain_step_ms']:6.1f} | DP {ph['step']:6.1f} = "
                       f"{ph['step'] - ph['norms_linear'] - ph['norms_other'] - ph['weighted_sums'] - ph['noise']:6.1f} "
                       f"+ {ph['norms_linear']:5.1f} + {ph['norms_other']:5.1f} + {ph['weighted_sums']:5.1f} + {ph['noise']:5.1f}")
+    print("\npage faults per step (median of the timed passes): " + "; ".join(
+        f"{r['shape']} {r['batch']}: " + ", ".join(f"{v} {n:g}" for v, n in r["page_faults_per_step"].items())
+        for r in results) + (" (glibc's default allocator)" if args.glibc_default else
+                             " (freed memory kept, as the sites: shared_models.training.training_process)"))
     for r in results:
         if "plain-compiled" in r["first_pass_s"]:
             print(f"  {r['shape']} {r['batch']}: plain-compiled's first pass (compiling included) "

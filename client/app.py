@@ -341,13 +341,12 @@ def _refusal(fitins, msg: Message, site: str, reason: str, audit: AuditLog | Non
 
 @app.train(mods=[site_policy_mod])
 def train(msg: Message, context: Context) -> Message:
-    import torch
-
     from client.local_round import train_round
     from client.site import SiteDataError
     from privacy.accounting import BudgetError
+    from shared_models.training import training_process
 
-    torch.set_num_threads(1)
+    training_process()  # one thread, denormals flushed, freed memory kept for the next step
     fitins = recorddict_to_fitins(msg.content, keep_input=True)
     cfg = load_run_config(context.run_config, source="run config (site)")
     settings = site_settings(context, cfg)

@@ -108,7 +108,8 @@ class _LinearTape(list):
 
     def may_materialise(self, x: Tensor) -> bool:
         """Whether this call's tokens alone route the layer to materialising (more calls only add tokens)."""
-        key = (x[0].numel() // x.shape[-1] if x.shape[0] else 0, self.layer.weight.requires_grad)
+        shape = x.shape
+        key = (math.prod(shape[1:-1]), self.layer.weight.requires_grad)  # tokens per sample (no tensor op)
         route = self._routes.get(key)
         if route is None:
             route = self._routes[key] = _linear_route(self.layer, key[0], self.token_norm)

@@ -45,6 +45,40 @@ from torch.utils.data import DataLoader, TensorDataset
 from shared_models.evaluation import Metrics, evaluate
 
 
+def training_process(keep_freed_memory: bool = True) -> None:
+    """Set up this process the way a site trains: torch on one thread (a site's round, the simulation's clients
+    and the benchmarks that time them), denormal floats flushed to zero, and glibc's allocator keeping the memory
+    a step frees (keep_freed_memory=False leaves glibc's default: the benchmarks' comparison).
+
+    A training step frees and re-allocates the same temporaries every step. By default glibc gives memory
+    freed at the top of its heap back to the kernel (above 128 kB, a threshold it raises as the process frees
+    larger blocks, up to 32 MB) and takes it back as fresh zeroed pages, one page fault per 4 kB, every step
+    (`python benchmarks/train_step.py --glibc-default` counts them: docs/results.md). With the thresholds fixed
+    high, freed memory stays in the
+    heap for the next step: the peak is unchanged, and the process holds on to its peak until it exits (a
+    deployed site's round runs in a process of its own; the simulation's workers reuse it round after round).
+    Elsewhere than glibc (macOS, musl) only the torch settings apply."""
+    import ctypes
+    import ctypes.util
+
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    if not keep_freed_memory:
+        return
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's own ceiling for the threshold it adjusts
+        mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
 class TrainConfig(BaseModel):
     """Local training hyper-parameters.
 
