@@ -218,7 +218,8 @@ def book_keeping_phases(train, batches) -> dict:
     ms = {k: 1000 * v / len(batches) for k, v in spent.items()}
     return {"step": round(1000 * total / len(batches), 2), "norms_linear": round(ms.get("norms_linear", 0), 2),
             "norms_other": round(ms.get("norms_other", 0), 2),
-            "weighted_sums": round(ms.get("clip", 0) - ms.get("norms_linear", 0) - ms.get("norms_other", 0), 2),
+            "weighted_sums": round(ms.get("clip", 0) - ms.get("norms_linear", 0) - ms.get("norms_other", 0)
+                                   - ms.get("noise", 0), 2),  # the noise is drawn inside the clipping call
             "noise": round(ms.get("noise", 0), 2)}
 
 
@@ -229,7 +230,7 @@ def measure(shape: str, batch: int, steps_per_repeat: int, repeats: int, variant
     from shared_models.run_config import CENTRALIZED_MODEL
     from shared_models.training import training_process
 
-    training_process(keep_freed_memory)  # as a site's training process: one thread, denormals flushed, the allocator
+    training_process(keep_freed_memory)  # as a site's training process: one thread, the allocator
 
     schema = FeatureSchema.load(ROOT / "simulations" / "schemas" / SHAPES[shape])
     cfg = ModelConfig(**{**CENTRALIZED_MODEL.model_dump(), **(model_overrides or {})})  # the shapes measured since 2026-11

@@ -341,12 +341,20 @@ def _refusal(fitins, msg: Message, site: str, reason: str, audit: AuditLog | Non
 
 @app.train(mods=[site_policy_mod])
 def train(msg: Message, context: Context) -> Message:
+    from shared_models.training import release_freed_memory, training_process
+
+    training_process()  # one thread; the memory a step frees kept for the next step
+    try:
+        return _train(msg, context)
+    finally:
+        release_freed_memory()  # and given back when the round ends
+
+
+def _train(msg: Message, context: Context) -> Message:
     from client.local_round import train_round
     from client.site import SiteDataError
     from privacy.accounting import BudgetError
-    from shared_models.training import training_process
 
-    training_process()  # one thread, denormals flushed, freed memory kept for the next step
     fitins = recorddict_to_fitins(msg.content, keep_input=True)
     cfg = load_run_config(context.run_config, source="run config (site)")
     settings = site_settings(context, cfg)

@@ -56,7 +56,15 @@ register_grad_samplers()  # the learned arrays' per-sample rules, for the clippe
 
 # Opacus' per-sample clip factor, to the constant: C / (norm + 1e-6), at most 1.
 _NORM_EPS = 1e-6
-_ONE = {dtype: torch.ones((), dtype=dtype) for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+_ONES: dict[tuple, Tensor] = {}  # (dtype, device) -> a 0-dim 1, baddbmm's input for a Gram matrix + 1
+
+
+def _one(t: Tensor) -> Tensor:
+    key = (t.dtype, t.device)
+    one = _ONES.get(key)
+    if one is None:
+        one = _ONES[key] = torch.ones((), dtype=t.dtype, device=t.device)
+    return one
 
 
 class _TapedLinear(torch.autograd.Function):
@@ -105,6 +113,8 @@ class _LinearTape(list):
 
     def append_pair(self, x: Tensor, grad_out: Tensor) -> None:
         self.append((x, grad_out))
+        if self.calls > 1 and len(self) == self.calls:  # a layer's last call of several: their tokens add up
+            self._prepare_if_materialised()
 
     def may_materialise(self, x: Tensor) -> bool:
         """Whether this call's tokens alone route the layer to materialising (more calls only add tokens)."""
@@ -117,6 +127,9 @@ class _LinearTape(list):
 
     def record(self, x: Tensor, grad_out: Tensor) -> None:
         self.append((x, grad_out))
+        self._prepare_if_materialised()
+
+    def _prepare_if_materialised(self) -> None:
         # calls still to come, or rows that may not be batch-major: prepared at the step (a second backward over
         # one forward leaves pairs beside the prepared gradients, which the step refuses)
         if self.prepared is not None or len(self) != self.calls or any(a.dim() < 3 for a, _ in self):
@@ -240,12 +253,13 @@ class BookKeepingClipper:
 
     # --- the clipped sum -------------------------------------------------------------------------
     @torch.no_grad()
-    def clip_(self, scale: float = 1.0, into: dict | None = None) -> Tensor:
+    def clip_(self, scale: float = 1.0, into=None) -> Tensor:
         """Write p.grad = scale x sum_i c_i g_i (every trainable parameter) from the recorded backward; return
         the per-sample gradient norms ||g_i||. Raises if no backward was recorded. (The DP optimizer passes
         scale = 1 / expected batch: the division folded into the clip weights costs no pass over the gradients.)
-        `into` ({parameter: tensor of its shape}): add the sum to these tensors in place and make them the
-        gradients (the DP optimizer's noise, drawn first: the addition then costs no pass of its own)."""
+        `into`: a function called once the tapes have passed their checks, returning None or {parameter: tensor
+        of its shape}; the sums are then added into these tensors in place, which become the gradients (the DP
+        optimizer's noise: the addition costs no pass of its own). Each such tensor must receive exactly one sum."""
         if not any(tape for _, tape in self._linears + self._others):
             raise RuntimeError("no backward pass was recorded since the last step: call loss.backward() with the "
                                "clipper attached before clip_()")
@@ -263,9 +277,10 @@ class BookKeepingClipper:
             sq = torch.where(finite, sq, torch.zeros((), dtype=sq.dtype))
         norms = sq.clamp_min(0).sqrt() * loss_scale
         weights = (self.max_grad_norm / (norms + _NORM_EPS)).clamp(max=1.0) * (loss_scale * scale)  # c_i x scales
-        sink = _GradSink(into)
+        sink = _GradSink(into() if into is not None else None)
         for item in prepared:
             item.write_grads(weights, sink)
+        sink.check_complete()
         self.clear()
         return norms
 
@@ -346,27 +361,40 @@ class _GradSink:
     per parameter) p.grad = into[p] + the sum, added in place (a Linear's weight by addmm_: its sum and the addition
     in one pass over the gradient)."""
 
-    __slots__ = ("into",)
+    __slots__ = ("into", "written")
 
     def __init__(self, into: dict | None = None):
-        self.into = into
+        self.into, self.written = into, set()
+
+    def _dest(self, p: Tensor) -> Tensor | None:
+        if self.into is None:
+            return None
+        if id(p) in self.written:  # a second sum into the same noise would double the sensitivity
+            raise RuntimeError("the clipper wrote a parameter's clipped sum twice in one step: a bug in its plan")
+        self.written.add(id(p))
+        return self.into.get(p)
+
+    def check_complete(self) -> None:
+        if self.into is not None and (missing := {id(p) for p in self.into} - self.written):
+            raise RuntimeError(f"the clipper wrote no clipped sum for {len(missing)} of the optimizer's parameters: "
+                               "they would step on noise alone")
 
     def set(self, p: Tensor, value: Tensor) -> None:  # value has p's shape
-        dest = None if self.into is None else self.into.get(p)
+        dest = self._dest(p)
         if dest is None:
             p.grad = value if value.dtype == p.dtype else value.to(p.dtype)
         else:
             p.grad = dest.add_(value)
 
     def mm(self, p: Tensor, m1: Tensor, m2: Tensor) -> None:  # the sum is m1 @ m2
-        dest = None if self.into is None else self.into.get(p)
+        dest = self._dest(p)
         if dest is None:
             self.set(p, m1 @ m2)
         else:
             p.grad = dest.addmm_(m1, m2) if m1.dtype == dest.dtype else dest.add_(m1 @ m2)
 
     def zero(self, p: Tensor) -> None:
-        dest = None if self.into is None else self.into.get(p)
+        dest = self._dest(p)
         p.grad = torch.zeros_like(p) if dest is None else dest
 
 
@@ -446,7 +474,7 @@ def _prepare_one_linear(layer: nn.Linear, tape: list, batch: int, token_norm: st
         sq = _sq_norms(e.sum(1)) if train_b else e.new_zeros(batch)
     else:  # ghost norm: <a a^T (+ 1 for the bias), e e^T>
         a, e = a.reshape(batch, tokens, d_in), e.reshape(batch, tokens, d_out)
-        gram = torch.baddbmm(_ONE[e.dtype], a, a.mT) if train_b else torch.bmm(a, a.mT)
+        gram = torch.baddbmm(_one(a), a, a.mT) if train_b else torch.bmm(a, a.mT)
         sq = gram.mul_(torch.bmm(e, e.mT)).sum((1, 2))
 
     def write(weights: Tensor, sink: _GradSink, a: Tensor, e: Tensor) -> None:
@@ -744,7 +772,8 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
     expected batch size B (folded into its clip weights), into them in place (a Linear's weight by addmm_).
     Against Opacus' one zeros + normal + add per parameter, its copy of each gradient into summed_grad and a
     pass to divide, that is ~6 kernels per parameter less (~10% of a plain step on this model) and no pass
-    of its own for the addition. secure_mode (a sum of Gaussians per coordinate) is refused by make_private."""
+    of its own for the addition. The gradients are views of that buffer: they hold until the next step draws
+    into it again. secure_mode (a sum of Gaussians per coordinate) is refused by make_private."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, clipper: BookKeepingClipper, **kwargs):
         super().__init__(optimizer, **kwargs)
@@ -752,15 +781,21 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
         self._noise: Tensor | None = None
         self._noise_views: dict = {}
         self._noise_key: tuple | None = None
+        self._covered: tuple | None = None  # the parameter ids last checked against the clipper's layers
 
     def pre_step(self, closure=None):
         if self._check_skip_next_step():
             self.clipper.clip_(scale=1.0 / self._divisor())
             self._is_last_step_skipped = True
             return False
-        into = self._draw_noise()
-        self.clipper.clip_(scale=1.0 / self._divisor(), into=into)
-        if into is None:
+        self._check_covered()
+        drawn: list = []
+
+        def draw() -> dict | None:  # called by the clipper once its tapes passed their checks, before any sum
+            drawn.append(self._draw_noise())
+            return drawn[0]
+        self.clipper.clip_(scale=1.0 / self._divisor(), into=draw)
+        if drawn[0] is None:
             self.add_noise_and_scale()
         if self.step_hook:
             self.step_hook(self)
@@ -769,6 +804,20 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
 
     def _divisor(self) -> float:  # Opacus' scaling: the expected batch size for loss_reduction "mean"
         return float(self.expected_batch_size * self.accumulated_iterations) if self.loss_reduction == "mean" else 1.0
+
+    def _check_covered(self) -> None:
+        """Every parameter this optimizer steps must be one the clipper writes: a parameter of a layer frozen when the
+        clipper was built and trained since would otherwise step on its unclipped gradient (or on noise alone)."""
+        key = tuple(map(id, self.params))
+        if key == self._covered:
+            return
+        written = {id(p) for layer, _ in self.clipper._linears + self.clipper._others
+                   for p in layer.parameters(recurse=False)}
+        if missing := [p for p in self.params if id(p) not in written]:
+            raise RuntimeError(f"{len(missing)} parameter(s) the optimizer steps are not recorded by the clipper (a layer "
+                               "frozen when make_private ran and trained since?): call make_private again after "
+                               "changing which layers train")
+        self._covered = key
 
     def _std(self) -> float:
         return self.noise_multiplier * self.max_grad_norm / self._divisor()

@@ -30,6 +30,7 @@ clipping needs, and the loss keeps the scale of the unweighted loss, so one lear
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,37 +47,49 @@ from shared_models.evaluation import Metrics, evaluate
 
 
 def training_process(keep_freed_memory: bool = True) -> None:
-    """Set up this process the way a site trains: torch on one thread (a site's round, the simulation's clients
-    and the benchmarks that time them), denormal floats flushed to zero, and glibc's allocator keeping the memory
-    a step frees (keep_freed_memory=False leaves glibc's default: the benchmarks' comparison).
+    """Set up this process the way a site trains (a site's round, the simulation's clients, and the benchmarks
+    that time them): torch on one thread, and glibc's allocator keeping the memory a step frees
+    (keep_freed_memory=False leaves glibc's default: the benchmarks' comparison).
 
     A training step frees and re-allocates the same temporaries every step. By default glibc gives memory
     freed at the top of its heap back to the kernel (above 128 kB, a threshold it raises as the process frees
     larger blocks, up to 32 MB) and takes it back as fresh zeroed pages, one page fault per 4 kB, every step
     (`python benchmarks/train_step.py --glibc-default` counts them: docs/results.md). With the thresholds fixed
-    high, freed memory stays in the
-    heap for the next step: the peak is unchanged, and the process holds on to its peak until it exits (a
-    deployed site's round runs in a process of its own; the simulation's workers reuse it round after round).
-    Elsewhere than glibc (macOS, musl) only the torch settings apply."""
-    import ctypes
-    import ctypes.util
-
+    high, freed memory stays in the heap for the next step; the peak is unchanged. `release_freed_memory()`
+    gives it back when a round ends (the simulation's worker processes serve many rounds). Only glibc is tuned:
+    elsewhere (macOS, musl) the allocator is left as it is."""
     torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    if not keep_freed_memory:
-        return
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
-    except (OSError, AttributeError):
-        mallopt = None
-    if mallopt is not None:
-        mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's own ceiling for the threshold it adjusts
-        mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    libc = _glibc()
+    if keep_freed_memory and libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's own ceiling for the threshold it adjusts
+        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+
+
+def release_freed_memory() -> None:
+    """Give the heap's free memory back to the kernel (glibc's malloc_trim; nothing elsewhere): at the end of a
+    site's round, after `training_process()` kept it for the round's steps."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+@functools.lru_cache(maxsize=1)
+def _glibc():
+    """The process's C library if it is glibc (found once), else None."""
+    import ctypes
+    import os
+
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return None
+        libc = ctypes.CDLL(None)
+        libc.mallopt, libc.malloc_trim  # noqa: B018 (both must exist)
+    except (AttributeError, OSError, ValueError):
+        return None
+    return libc
 
 
 class TrainConfig(BaseModel):

@@ -18,10 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import privacy.clipping as pc
 from privacy.clipping import BookKeepingClipper, BookKeepingDPOptimizer, clipped_sum, make_private
 from shared_models import ModelConfig, MultiModalTransformer
 from shared_models.layers import AddLearned, FeatureFill, NumericTokens
 from shared_models.model import Block
+from shared_models.training import TrainConfig, build_optimizer
 from tests.factories import drop_modalities, random_inputs, tiny_schema
 
 TOL = 1e-9
@@ -703,3 +705,191 @@ def test_column_identities_over_numeric_tokens_alone_share_their_passes_and_equa
     with BookKeepingClipper(arrays, 1.0):  # FeatureFill hands its per-sample gradients over while attached
         assert arrays.fill.param_grads is False and arrays.fill.sample_grads == []
     assert arrays.fill.param_grads is True and arrays.fill.sample_grads is None
+
+
+# --- the noise drawn into the gradients, the clipped sums added in place (review of 2026-12-05) ---------------
+def _private(model, opt, x, y, sigma=2.0, c=0.5, ebs=4, seed=5):
+    from opacus import PrivacyEngine
+
+    engine = PrivacyEngine(accountant="prv")
+    engine.secure_rng = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(y))
+    return make_private(engine, model, opt, loader, noise_multiplier=sigma, max_grad_norm=c, expected_batch_size=ebs)
+
+
+def _want(model, x, y, c, ebs, noise_flat, params):
+    ref = copy.deepcopy(model)
+    clipped_sum(ref, lambda: F.cross_entropy(ref(x), y), c, "ghost")
+    rp = [q for q in ref.parameters() if q.requires_grad]
+    return [r.grad / ebs + n.view_as(r) for r, n in zip(rp, noise_flat.split([p.numel() for p in params]))]
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_each_step_is_the_clipped_sum_plus_fresh_noise_whatever_autograd_left_in_the_gradients(set_to_none):
+    """zero_grad(set_to_none=False): LayerNorm / AddLearned / embedding gradients that autograd accumulates
+    during the backward land in the previous step's noise views; the step must still be sum/B + fresh noise."""
+    torch.manual_seed(0)
+    model = _full_model(dropout=0.0).double()
+    x, y = _batch_with_missing()
+    sigma, c, ebs = 2.0, 0.5, 4
+    params = [p for p in model.parameters() if p.requires_grad]
+    clipper, opt, _ = _private(model, torch.optim.SGD(model.parameters(), lr=0.0), x, y, sigma, c, ebs)
+    replay = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        opt.zero_grad(set_to_none=set_to_none)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        noise = torch.empty(sum(p.numel() for p in params), dtype=torch.float64).normal_(0, sigma * c / ebs, generator=replay)
+        for p, w in zip(params, _want(model, x, y, c, ebs, noise, params)):
+            assert torch.allclose(p.grad, w, rtol=1e-12, atol=1e-15)
+    clipper.cleanup()
+
+
+def test_parameters_of_several_dtypes_get_the_clipped_sum_then_their_own_noise():
+    """The (params of several dtypes) fallback, add_noise_and_scale, had no test: an unused float32 layer
+    beside float64 ones. Per-parameter draws, in the optimizer's parameter order."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 5).double(), nn.Linear(5, 3).double()
+            self.unused = nn.Linear(2, 2)  # float32
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x.view(len(x), 2, 6)))).mean(1)
+    torch.manual_seed(0)
+    model = M()
+    x, y = torch.randn(8, 12, dtype=torch.float64), torch.randint(0, 3, (8,))
+    sigma, c, ebs = 1.5, 0.3, 4
+    params = [p for p in model.parameters() if p.requires_grad]
+    clipper, opt, _ = _private(model, torch.optim.SGD(model.parameters(), lr=0.0), x, y, sigma, c, ebs)
+    assert opt._draw_noise() is None  # the fallback path
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    ref = copy.deepcopy(model)
+    opt.step()
+    clipped_sum(ref, lambda: F.cross_entropy(ref(x), y), c, "ghost")
+    g = torch.Generator().manual_seed(5)
+    for p, r in zip(params, [q for q in ref.parameters() if q.requires_grad]):
+        n = torch.empty_like(p).normal_(0, sigma * c / ebs, generator=g)
+        assert torch.allclose(p.grad, r.grad.to(p.dtype) / ebs + n, rtol=1e-6, atol=1e-7)
+    clipper.cleanup()
+
+
+def test_the_sites_optimizer_steps_on_the_clipped_sum_plus_noise_on_every_parameter():
+    """The sites' optimizer (build_optimizer: fused AdamW, decay and no-decay groups, float32): the
+    gradients it steps with are sum/B + noise on every parameter, on consecutive steps."""
+    torch.manual_seed(0)
+    model = _full_model(dropout=0.0)
+    x, y = _batch_with_missing()
+    x = x.float()
+    sigma, c, ebs = 1.0, 0.5, 4
+    opt = build_optimizer(model, TrainConfig(lr=1e-3, weight_decay=0.01))
+    params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]  # the optimizer's order
+    clipper, opt, _ = _private(model, opt, x, y, sigma, c, ebs)
+    replay = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        want_model = copy.deepcopy(model)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        noise = torch.empty(sum(p.numel() for p in params)).normal_(0, sigma * c / ebs, generator=replay)
+        ref = want_model
+        clipped_sum(ref, lambda: F.cross_entropy(ref(x), y), c, "ghost")
+        by_id = {id(p): q for p, q in zip(model.parameters(), ref.parameters())}
+        for p, n in zip(params, noise.split([p.numel() for p in params])):
+            assert torch.allclose(p.grad, by_id[id(p)].grad / ebs + n.view_as(p), rtol=1e-4, atol=1e-6)
+    clipper.cleanup()
+
+
+def test_an_optimizer_parameter_the_clipper_does_not_record_is_refused():
+    """A layer frozen when make_private planned the clipper, unfrozen later: Opacus' params() (requires_grad
+    filtered at each step) then includes it, and the clipper never tapes it. Stepping would use its unclipped
+    autograd gradient (with mixed dtypes) or noise alone: the step is refused instead."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.a(x)))
+    model = Net().double()
+    model.head.requires_grad_(False)
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    clipper, opt, _ = _private(model, torch.optim.SGD(model.parameters(), lr=0.0), x, y)
+    model.head.requires_grad_(True)
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises((RuntimeError, ValueError)):
+        opt.step()
+    clipper.cleanup()
+
+
+def test_a_layer_called_twice_whose_calls_together_materialise_does_so_in_the_backward():
+    """Each call's tokens route to ghost, both calls' to materialise: the per-sample gradients are formed in the
+    backward (the pairs dropped, the step's peak lowered), whichever call's hook fires last."""
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            t = x.view(len(x), 2, 8)  # 2 tokens: 2 x 16 < 64 (ghost alone); 4 tokens: 64 >= 64 (materialise)
+            return self.head(self.l(torch.tanh(self.l(t))).mean(1))
+    model = Twice().double()
+    x = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
+    with BookKeepingClipper(model, 1.0) as clipper:
+        F.cross_entropy(model(x), torch.randint(0, 3, (6,))).backward()
+        tape = dict(clipper._linears)[model.l]
+        assert tape.prepared is not None and len(tape) == 0
+
+
+def test_each_parameter_is_written_exactly_once_by_the_clipper():
+    """The in-place addition needs every parameter written once (a second write would add the sum twice): count
+    the sink's writes per parameter over the full model; the sink also checks it itself at every step."""
+    counts: dict[int, int] = {}
+    orig = (pc._GradSink.set, pc._GradSink.mm, pc._GradSink.zero)
+
+    depth = [0]
+
+    def counted(f):
+        def g(self, p, *a):
+            if depth[0] == 0:  # mm without a destination calls set: count the outer call only
+                counts[id(p)] = counts.get(id(p), 0) + 1
+            depth[0] += 1
+            try:
+                return f(self, p, *a)
+            finally:
+                depth[0] -= 1
+        return g
+    pc._GradSink.set, pc._GradSink.mm, pc._GradSink.zero = map(counted, orig)
+    try:
+        torch.manual_seed(0)
+        model = _full_model(dropout=0.0).double()
+        x, y = _batch_with_missing()
+        with BookKeepingClipper(model, 1.0) as clipper:
+            F.cross_entropy(model(x), y).backward()
+            clipper.clip_()
+    finally:
+        pc._GradSink.set, pc._GradSink.mm, pc._GradSink.zero = orig
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert all(counts.get(id(p)) == 1 for p in trainable)
+    sink = pc._GradSink({p: torch.zeros_like(p) for p in trainable[:1]})
+    sink.set(trainable[0], torch.ones_like(trainable[0]))
+    with pytest.raises(RuntimeError, match="twice"):
+        sink.set(trainable[0], torch.ones_like(trainable[0]))
+
+
+def test_a_failed_clip_draws_no_noise_into_the_gradients():
+    """clip_ raising (here: two backward passes over one forward) must leave the gradients as they were: the noise
+    is drawn only once the tapes have passed their checks."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    clipper, opt, _ = _private(model, torch.optim.SGD(model.parameters(), lr=0.0), x, y)
+    opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    with pytest.raises(RuntimeError):
+        opt.step()
+    assert all(p.grad is None for p in model.parameters())
+    clipper.cleanup()
