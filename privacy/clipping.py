@@ -358,8 +358,9 @@ class _Prepared:
 
 class _GradSink:
     """Where the clipped sums go: p.grad = the sum, or with `into` (the DP optimizer's noise, one tensor of p's shape
-    per parameter) p.grad = into[p] + the sum, added in place (a Linear's weight by addmm_: its sum and the addition
-    in one pass over the gradient)."""
+    per parameter) p.grad = into[p] + the sum, added in place (a Linear's weight on the row and Gram routes by
+    addmm_: its sum and the addition in one pass over the gradient). With `into`, each of its parameters must
+    receive exactly one sum: a second raises (twice the sensitivity), and so does none (`check_complete`)."""
 
     __slots__ = ("into", "written")
 
@@ -761,15 +762,17 @@ def make_private(engine, model: nn.Module, optimizer: torch.optim.Optimizer, dat
 
 
 class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
-    """Opacus' DP optimizer around the sites' optimizer: the clipper writes the clipped sum into p.grad,
-    then Opacus' DP-SGD step: noise N(0, (noise_multiplier x max_grad_norm)^2) on every coordinate of
-    every trainable parameter, drawn from the optimizer's generator, division by the expected batch size
-    (loss_reduction "mean"), the accountant's step hook, the wrapped optimizer's step.
+    """Opacus' DP optimizer around the sites' optimizer: Opacus' DP-SGD step, with the noise drawn first and the
+    clipped sum added into it: noise N(0, (noise_multiplier x max_grad_norm)^2) on every coordinate of every
+    trainable parameter, drawn from the optimizer's generator once the clipper's tapes pass their checks, the
+    clipper's sum added in, division by the expected batch size (loss_reduction "mean"), the accountant's step
+    hook, the wrapped optimizer's step.
 
     The noise and division are Opacus' DPOptimizer.add_noise and scale_grad in distribution: the noise is
     drawn first, as N(0, (noise_multiplier x max_grad_norm / B)^2), independent per coordinate, in one flat
     tensor whose views become the gradients, and the clipper adds the clipped sum, already divided by the
-    expected batch size B (folded into its clip weights), into them in place (a Linear's weight by addmm_).
+    expected batch size B (folded into its clip weights), into them in place (a Linear's weight by addmm_ on
+    the row and Gram routes).
     Against Opacus' one zeros + normal + add per parameter, its copy of each gradient into summed_grad and a
     pass to divide, that is ~6 kernels per parameter less (~10% of a plain step on this model) and no pass
     of its own for the addition. The gradients are views of that buffer: they hold until the next step draws
@@ -839,7 +842,7 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
             self._noise_views = {p: v.view_as(p) for v, p in zip(noise.split([p.numel() for p in params]), params)}
             self._noise_key = key
         noise.normal_(0.0, std, generator=self.generator)
-        for p in params:  # a parameter the clipper does not write keeps its noise alone (its clipped sum is zero)
+        for p in params:  # each must then receive exactly one clipped sum (_GradSink checks it, else the step raises)
             p.grad = self._noise_views[p]
         return self._noise_views
 

@@ -400,7 +400,8 @@ def test_the_noise_is_drawn_into_the_gradients_and_the_clipped_sum_added_exactly
     """The DP optimizer draws the step's noise into one flat buffer whose views become the gradients, and the
     clipper adds the clipped sum into them in place (privacy/clipping.py, _GradSink): each gradient must be
     exactly the clipped sum / expected batch + that parameter's slice of N(0, (sigma C / B)^2) drawn from the
-    optimizer's generator, for every parameter (Linear weights by addmm_, the rest by add_), on every step."""
+    optimizer's generator, for every parameter (Linear weights on the row and Gram routes by addmm_, the rest
+    by add_), on every step."""
     from opacus import PrivacyEngine
 
     torch.manual_seed(0)
@@ -845,7 +846,8 @@ def test_a_layer_called_twice_whose_calls_together_materialise_does_so_in_the_ba
 
 def test_each_parameter_is_written_exactly_once_by_the_clipper():
     """The in-place addition needs every parameter written once (a second write would add the sum twice): count
-    the sink's writes per parameter over the full model; the sink also checks it itself at every step."""
+    the sink's writes per parameter over the full model; with the DP optimizer's noise (into=...) the sink checks it
+    itself at every step."""
     counts: dict[int, int] = {}
     orig = (pc._GradSink.set, pc._GradSink.mm, pc._GradSink.zero)
 
@@ -877,6 +879,10 @@ def test_each_parameter_is_written_exactly_once_by_the_clipper():
     sink.set(trainable[0], torch.ones_like(trainable[0]))
     with pytest.raises(RuntimeError, match="twice"):
         sink.set(trainable[0], torch.ones_like(trainable[0]))
+    unwritten = pc._GradSink({p: torch.zeros_like(p) for p in trainable[:2]})
+    unwritten.set(trainable[0], torch.ones_like(trainable[0]))
+    with pytest.raises(RuntimeError, match="no clipped sum"):  # the second would step on noise alone
+        unwritten.check_complete()
 
 
 def test_a_failed_clip_draws_no_noise_into_the_gradients():
