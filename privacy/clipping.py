@@ -389,8 +389,9 @@ class _GradSink:
 
     def mm(self, p: Tensor, m1: Tensor, m2: Tensor) -> None:  # the sum is m1 @ m2
         dest = self._dest(p)
-        if dest is None:
-            self.set(p, m1 @ m2)
+        if dest is None:  # (not through set: that would count this parameter's one write twice)
+            value = m1 @ m2
+            p.grad = value if value.dtype == p.dtype else value.to(p.dtype)
         else:
             p.grad = dest.addmm_(m1, m2) if m1.dtype == dest.dtype else dest.add_(m1 @ m2)
 
@@ -791,14 +792,15 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
             self.clipper.clip_(scale=1.0 / self._divisor())
             self._is_last_step_skipped = True
             return False
-        self._check_covered()
-        drawn: list = []
-
-        def draw() -> dict | None:  # called by the clipper once its tapes passed their checks, before any sum
-            drawn.append(self._draw_noise())
-            return drawn[0]
-        self.clipper.clip_(scale=1.0 / self._divisor(), into=draw)
-        if drawn[0] is None:
+        params = self.params  # (Opacus' property walks the parameter groups: read once)
+        ids = tuple(map(id, params))
+        self._check_covered(params, ids)
+        # the noise in one buffer (see _one_buffer) is drawn by the clipper once its tapes pass their checks,
+        # before any sum; otherwise it is added per parameter after the clipping
+        one_buffer = self._one_buffer(params)
+        self.clipper.clip_(scale=1.0 / self._divisor(),
+                           into=(lambda: self._draw_noise(params, ids)) if one_buffer else None)
+        if not one_buffer:
             self.add_noise_and_scale()
         if self.step_hook:
             self.step_hook(self)
@@ -808,40 +810,39 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
     def _divisor(self) -> float:  # Opacus' scaling: the expected batch size for loss_reduction "mean"
         return float(self.expected_batch_size * self.accumulated_iterations) if self.loss_reduction == "mean" else 1.0
 
-    def _check_covered(self) -> None:
+    def _check_covered(self, params: list[Tensor], ids: tuple) -> None:
         """Every parameter this optimizer steps must be one the clipper writes: a parameter of a layer frozen when the
         clipper was built and trained since would otherwise step on its unclipped gradient (or on noise alone)."""
-        key = tuple(map(id, self.params))
-        if key == self._covered:
+        if ids == self._covered:
             return
         written = {id(p) for layer, _ in self.clipper._linears + self.clipper._others
                    for p in layer.parameters(recurse=False)}
-        if missing := [p for p in self.params if id(p) not in written]:
+        if missing := [p for p in params if id(p) not in written]:
             raise RuntimeError(f"{len(missing)} parameter(s) the optimizer steps are not recorded by the clipper (a layer "
                                "frozen when make_private ran and trained since?): call make_private again after "
                                "changing which layers train")
-        self._covered = key
+        self._covered = ids
+
+    def _one_buffer(self, params: list[Tensor]) -> bool:
+        """Whether the step's noise is drawn into one flat buffer that becomes the gradients: there is noise, and
+        every parameter shares a dtype and device (as at the sites)."""
+        return self._std() > 0 and bool(params) and len({(p.dtype, p.device) for p in params}) == 1
 
     def _std(self) -> float:
         return self.noise_multiplier * self.max_grad_norm / self._divisor()
 
     @torch.no_grad()
-    def _draw_noise(self) -> dict | None:
-        """The step's noise, N(0, (sigma C / B)^2) per coordinate of every parameter, drawn in one flat buffer
-        (one buffer for every step: a fresh one was new memory pages each step) whose views the clipper then adds
-        the clipped sums to ({parameter: its view}). None when the parameters' dtypes or devices differ (the noise
-        is then added per parameter after the clipping) or there is no noise."""
-        params = self.params
-        std = self._std()
-        if std <= 0 or not params or len({(p.dtype, p.device) for p in params}) > 1:
-            return None
+    def _draw_noise(self, params: list[Tensor], ids: tuple) -> dict:
+        """The step's noise, N(0, (sigma C / B)^2) per coordinate of every parameter (all of one dtype and device),
+        drawn in one flat buffer (one buffer for every step: a fresh one was new memory pages each step) whose views
+        become the gradients, for the clipper to add the clipped sums to ({parameter: its view})."""
         n, dtype, device = sum(p.numel() for p in params), params[0].dtype, params[0].device
-        noise, key = self._noise, (tuple(map(id, params)), dtype, device)
+        noise, key = self._noise, (ids, dtype, device)
         if noise is None or self._noise_key != key:
             noise = self._noise = torch.empty(n, dtype=dtype, device=device)
             self._noise_views = {p: v.view_as(p) for v, p in zip(noise.split([p.numel() for p in params]), params)}
             self._noise_key = key
-        noise.normal_(0.0, std, generator=self.generator)
+        noise.normal_(0.0, self._std(), generator=self.generator)
         for p in params:  # each must then receive exactly one clipped sum (_GradSink checks it, else the step raises)
             p.grad = self._noise_views[p]
         return self._noise_views

@@ -763,7 +763,7 @@ def test_parameters_of_several_dtypes_get_the_clipped_sum_then_their_own_noise()
     sigma, c, ebs = 1.5, 0.3, 4
     params = [p for p in model.parameters() if p.requires_grad]
     clipper, opt, _ = _private(model, torch.optim.SGD(model.parameters(), lr=0.0), x, y, sigma, c, ebs)
-    assert opt._draw_noise() is None  # the fallback path
+    assert not opt._one_buffer(opt.params)  # the fallback path
     opt.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()
     ref = copy.deepcopy(model)
@@ -898,4 +898,27 @@ def test_a_failed_clip_draws_no_noise_into_the_gradients():
     with pytest.raises(RuntimeError):
         opt.step()
     assert all(p.grad is None for p in model.parameters())
+    clipper.cleanup()
+
+
+def test_a_model_parameter_the_optimizer_does_not_step_gets_its_clipped_sum_without_a_false_double_write():
+    """A trainable Linear outside the optimizer (its weight written through the sink's matmul path, with no noise
+    view): its one write must not count as two, and it gets its clipped sum / B as before the noise-first step."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.a(x)))
+    torch.manual_seed(0)
+    model = Net().double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    reference = copy.deepcopy(model)
+    clipped_sum(reference, lambda: F.cross_entropy(reference(x), y), 0.5, "ghost")
+    clipper, opt, _ = _private(model, torch.optim.SGD(model.head.parameters(), lr=0.0), x, y)
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert torch.allclose(model.a.weight.grad, reference.a.weight.grad / 4, rtol=1e-12, atol=1e-15)
     clipper.cleanup()
