@@ -33,7 +33,6 @@ in the same process, so the numbers compare across machines.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
@@ -100,9 +99,11 @@ def _rss_mb(field: str) -> float:
 
 def step_memory_mb(step) -> float:
     """Peak RSS during step() above the RSS before it."""
+    from shared_models.training import release_freed_memory
+
     gc.collect()
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        release_freed_memory()  # glibc's free memory returned first: the step's own allocations count
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets the kernel's peak-RSS counter (VmHWM)
     except OSError:
