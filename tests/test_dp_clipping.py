@@ -802,18 +802,20 @@ def test_the_sites_optimizer_steps_on_the_clipped_sum_plus_noise_on_every_parame
     clipper.cleanup()
 
 
+class _TwoLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.a(x)))
+
+
 def test_an_optimizer_parameter_the_clipper_does_not_record_is_refused():
     """A layer frozen when make_private planned the clipper, unfrozen later: Opacus' params() (requires_grad
     filtered at each step) then includes it, and the clipper never tapes it. Stepping would use its unclipped
     autograd gradient (with mixed dtypes) or noise alone: the step is refused instead."""
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.head(torch.tanh(self.a(x)))
-    model = Net().double()
+    model = _TwoLinears().double()
     model.head.requires_grad_(False)
     x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
     clipper, opt, _ = _private(model, torch.optim.SGD(model.parameters(), lr=0.0), x, y)
@@ -904,15 +906,8 @@ def test_a_failed_clip_draws_no_noise_into_the_gradients():
 def test_a_model_parameter_the_optimizer_does_not_step_gets_its_clipped_sum_without_a_false_double_write():
     """A trainable Linear outside the optimizer (its weight written through the sink's matmul path, with no noise
     view): its one write must not count as two, and it gets its clipped sum / B as before the noise-first step."""
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.head(torch.tanh(self.a(x)))
     torch.manual_seed(0)
-    model = Net().double()
+    model = _TwoLinears().double()
     x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
     reference = copy.deepcopy(model)
     clipped_sum(reference, lambda: F.cross_entropy(reference(x), y), 0.5, "ghost")
