@@ -33,7 +33,7 @@ def measure(shape: str, batch: int, steps: int = 8, repeats: int = 5) -> dict[st
     import torch.nn.functional as F
 
     from benchmarks.train_step import SHAPES, synthetic_batch
-    from privacy.clipping import BookKeepingClipper
+    from privacy.clipping import BookKeepingClipper, BookKeepingDPOptimizer
     from shared_models import FeatureSchema, ModelConfig, MultiModalTransformer
     from shared_models.run_config import CENTRALIZED_MODEL
     from shared_models.training import TrainConfig, build_optimizer, clip_global_grad_norm_, training_process
@@ -50,9 +50,11 @@ def measure(shape: str, batch: int, steps: int = 8, repeats: int = 5) -> dict[st
 
     models = {"plain": build(), "dp": build()}
     clipper = BookKeepingClipper(models["dp"][0], max_grad_norm=1.0).attach()
-    params = list(models["dp"][0].parameters())
-    noise = torch.empty(sum(p.numel() for p in params))
-    views = {p: v.view_as(p) for v, p in zip(noise.split([p.numel() for p in params]), params)}
+    # the sites' DP optimizer, whose phases are called one at a time below (its pre_step runs them in one call)
+    dp_opt = BookKeepingDPOptimizer(models["dp"][1], clipper=clipper, noise_multiplier=1.0, max_grad_norm=1.0,
+                                    expected_batch_size=batch, loss_reduction="mean")
+    params = dp_opt.params
+    ids = tuple(map(id, params))
 
     def step(kind: str) -> dict[str, float]:
         model, opt = models[kind]
@@ -67,13 +69,10 @@ def measure(shape: str, batch: int, steps: int = 8, repeats: int = 5) -> dict[st
             loss.backward()
             t2 = time.process_time()
             t3 = t2  # the plain step has no noise
-            if kind == "dp":  # as the DP optimizer: the noise drawn into one flat buffer, its views the gradients
-                noise.normal_(0.0, 0.01)
-                for p in params:
-                    p.grad = views[p]
+            if kind == "dp":  # the DP optimizer's noise, drawn into one flat buffer whose views are the gradients
+                views = dp_opt._draw_noise(params, ids)
                 t3 = time.process_time()
-            if kind == "dp":  # then the clipped sums added into them
-                clipper.clip_(into=lambda: views)
+                clipper.clip_(scale=1.0 / dp_opt._divisor(), into=lambda: views)  # the clipped sums added into them
             else:
                 clip_global_grad_norm_(list(model.parameters()), 1.0)
             t4 = time.process_time()

@@ -21,7 +21,9 @@ Every DP step includes Opacus' noise and scaling; every step but plain-before us
 training loop of sites and baselines (shared_models.training.train_epochs). Ratios are step times over the plain step's in the
 same run, in the process's CPU time (on a busy machine, time spent waiting for a core is not the
 step's; the matmul rate is measured the same way). Step memory is the peak RSS during a step above the RSS before it (glibc's free memory
-returned first, the kernel's peak counter reset), so it counts what the step allocates.
+returned first, the kernel's peak counter reset), so it counts what the step allocates; each variant's is measured in a
+process of its own, as a site trains one kind of step in its process (in one process the variants measured before
+shape the heap the next one is measured in: pan-cancer 64's DP step read 1.40-1.56x there, 1.22x alone).
 
     python benchmarks/train_step.py            # table + one JSON line
     python benchmarks/train_step.py --quick    # batch 64, fewer steps (used by the test suite)
@@ -224,19 +226,38 @@ def book_keeping_phases(train, batches) -> dict:
             "noise": round(ms.get("noise", 0), 2)}
 
 
-def measure(shape: str, batch: int, steps_per_repeat: int, repeats: int, variants: list[str],
-            model_overrides: dict | None = None, keep_freed_memory: bool = True) -> dict:
+def _setup(shape: str, batch: int, steps_per_repeat: int, variants: list[str], model_overrides: dict | None,
+           keep_freed_memory: bool):
+    """As a site's training process (one thread, the allocator), the batches and one step function per variant."""
     warnings.filterwarnings("ignore")
     from shared_models import FeatureSchema, ModelConfig
     from shared_models.run_config import CENTRALIZED_MODEL
     from shared_models.training import training_process
 
-    training_process(keep_freed_memory)  # as a site's training process: one thread, the allocator
-
+    training_process(keep_freed_memory)
     schema = FeatureSchema.load(ROOT / "simulations" / "schemas" / SHAPES[shape])
     cfg = ModelConfig(**{**CENTRALIZED_MODEL.model_dump(), **(model_overrides or {})})  # the shapes measured since 2026-11
     batches = [synthetic_batch(schema, batch, seed) for seed in range(steps_per_repeat)]
-    steps, base, _keep = build_steps(schema, cfg, n_data=batch * 20, batch=batch, variants=variants)
+    steps, base, keep = build_steps(schema, cfg, n_data=batch * 20, batch=batch, variants=variants)
+    return schema, cfg, batches, steps, base, keep
+
+
+def measure_memory(shape: str, batch: int, steps_per_repeat: int, variant: str, model_overrides: dict | None = None,
+                   keep_freed_memory: bool = True) -> dict:
+    """One variant's step memory, in a process that builds and runs that variant alone: after a warm-up pass
+    over the batches, the larger of two one-step measurements."""
+    _, _, batches, steps, _, _keep = _setup(shape, batch, steps_per_repeat, [variant], model_overrides,
+                                            keep_freed_memory)
+    steps[variant](batches)
+    return {"variant": variant, "step_memory_mb": max(step_memory_mb(lambda: steps[variant](batches[:1]))
+                                                     for _ in range(2))}
+
+
+def measure(shape: str, batch: int, steps_per_repeat: int, repeats: int, variants: list[str],
+            model_overrides: dict | None = None, keep_freed_memory: bool = True) -> dict:
+    """Step times, interleaved, of every variant in one process (the memory: measure_memory, a process each)."""
+    schema, cfg, batches, steps, base, _keep = _setup(shape, batch, steps_per_repeat, variants, model_overrides,
+                                                      keep_freed_memory)
     flops = train_flops_per_sample(base, *batches[0])
 
     faults: dict[str, list[float]] = {v: [] for v in variants}
@@ -254,7 +275,6 @@ def measure(shape: str, batch: int, steps_per_repeat: int, repeats: int, variant
         t0 = time.perf_counter()
         run(steps[v])  # warm-up (and the compiling, for plain-compiled)
         compile_s[v] = round(time.perf_counter() - t0, 1)
-    memory = {v: max(step_memory_mb(lambda: steps[v](batches[:1])) for _ in range(min(repeats, 2))) for v in variants}
     peak = matmul_flops_per_s()
     times = {v: [] for v in variants}
     for _ in range(repeats):  # interleaved: every variant sees the same machine load
@@ -267,8 +287,6 @@ def measure(shape: str, batch: int, steps_per_repeat: int, repeats: int, variant
         "classes": schema.n_classes, "parameters": base.num_parameters(), "train_flops_per_sample": flops,
         "samples_per_s": {v: round(batch / best[v], 1) for v in variants},
         "step_ratio": {v: round(best[v] / best["plain"], 3) for v in variants},
-        "step_memory_mb": {v: round(memory[v], 1) for v in variants},
-        "memory_ratio": {v: round(memory[v] / memory["plain"], 3) for v in variants},
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "matmul_gflops": round(peak / 1e9, 2),
         "plain_fraction_of_matmul": round(flops * batch / best["plain"] / peak, 4),
@@ -283,6 +301,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="batch 64, few steps: a smoke run, not a measurement")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--memory-of", help=argparse.SUPPRESS)  # with --child: that variant's step memory, alone
     ap.add_argument("--shapes", default="brca,pancan")
     ap.add_argument("--batches", default="64,512")
     ap.add_argument("--variants", help=f"plain is always measured (the baseline) [default: {','.join(VARIANTS)}; "
@@ -299,19 +318,31 @@ def main() -> None:
     if args.child:
         shape, batch = args.child.split(":")
         steps, repeats = (2, 1) if args.quick else (8, 5) if int(batch) <= 64 else (3, 3)
-        print(json.dumps(measure(shape, int(batch), steps, repeats, variants, json.loads(args.model),
-                                 keep_freed_memory=not args.glibc_default)))
+        if args.memory_of:
+            print(json.dumps(measure_memory(shape, int(batch), steps, args.memory_of, json.loads(args.model),
+                                            keep_freed_memory=not args.glibc_default)))
+        else:
+            print(json.dumps(measure(shape, int(batch), steps, repeats, variants, json.loads(args.model),
+                                     keep_freed_memory=not args.glibc_default)))
         return
     batches = ["64"] if args.quick else args.batches.split(",")
     load_before = os.getloadavg()
     results = []
+
+    def child(shape: str, batch: str, *more: str) -> dict:
+        cmd = [sys.executable, __file__, "--child", f"{shape}:{batch}", "--model", args.model,
+               "--variants", ",".join(variants), *more] + (["--quick"] if args.quick else []) + \
+            (["--glibc-default"] if args.glibc_default else [])
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
     for shape in args.shapes.split(","):
         for batch in batches:
-            cmd = [sys.executable, __file__, "--child", f"{shape}:{batch}", "--model", args.model,
-                   "--variants", ",".join(variants)] + (["--quick"] if args.quick else []) + \
-                (["--glibc-default"] if args.glibc_default else [])
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
-            results.append(json.loads(out.strip().splitlines()[-1]))
+            r = child(shape, batch)
+            memory = {v: child(shape, batch, "--memory-of", v)["step_memory_mb"] for v in variants}
+            r["step_memory_mb"] = {v: round(m, 1) for v, m in memory.items()}
+            r["memory_ratio"] = {v: round(m / memory["plain"], 3) for v, m in memory.items()}
+            results.append(r)
     load = os.getloadavg()
     dp = [v for v in variants if v != "plain"]
     head = (["shape", "batch", "params", "MFLOP/sample", "plain/s"] + [f"{v} x" for v in dp] + ["plain step MB"]
@@ -339,8 +370,8 @@ def main() -> None:
         if "plain-compiled" in r["first_pass_s"]:
             print(f"  {r['shape']} {r['batch']}: plain-compiled's first pass (compiling included) "
                   f"{r['first_pass_s']['plain-compiled']} s, the plain step's {r['first_pass_s']['plain']} s")
-    print(f"one thread; step CPU time and step memory as ratios to the plain step in the same process; best of "
-          f"interleaved repeats; matmul: float32 512x512 on the same core ({results[0]['matmul_gflops']} GFLOP/s); "
+    print(f"one thread; step CPU time as a ratio to the plain step in the same process, best of interleaved repeats; "
+          f"step memory as a ratio to the plain step's, each variant in a process of its own; matmul: float32 512x512 on the same core ({results[0]['matmul_gflops']} GFLOP/s); "
           f"load average {load_before[0]:.2f} before, {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} after")
     print(json.dumps({"benchmark": "train_step", "threads": 1, "quick": args.quick, "variants": variants,
                       "model_overrides": json.loads(args.model), "load_average": [round(v, 2) for v in load],
