@@ -50,7 +50,8 @@ def measure(shape: str, batch: int, steps: int = 8, repeats: int = 5) -> dict[st
 
     models = {"plain": build(), "dp": build()}
     clipper = BookKeepingClipper(models["dp"][0], max_grad_norm=1.0).attach()
-    # the sites' DP optimizer, whose phases are called one at a time below (its pre_step runs them in one call)
+    # the sites' DP optimizer, whose phases are called one at a time below (its pre_step runs them in one call, with
+    # its per-step checks and the accountant's hook, which are not timed here)
     dp_opt = BookKeepingDPOptimizer(models["dp"][1], clipper=clipper, noise_multiplier=1.0, max_grad_norm=1.0,
                                     expected_batch_size=batch, loss_reduction="mean")
     params = dp_opt.params

@@ -22,8 +22,8 @@ training loop of sites and baselines (shared_models.training.train_epochs). Rati
 same run, in the process's CPU time (on a busy machine, time spent waiting for a core is not the
 step's; the matmul rate is measured the same way). Step memory is the peak RSS during a step above the RSS before it (glibc's free memory
 returned first, the kernel's peak counter reset), so it counts what the step allocates; each variant's is measured in a
-process of its own, as a site trains one kind of step in its process (in one process the variants measured before
-shape the heap the next one is measured in: pan-cancer 64's DP step read 1.40-1.56x there, 1.22x alone).
+process of its own, as a site trains one kind of step in its process (with every variant in one process, the
+variants measured before shaped the heap the next one was measured in).
 
     python benchmarks/train_step.py            # table + one JSON line
     python benchmarks/train_step.py --quick    # batch 64, fewer steps (used by the test suite)
@@ -84,7 +84,7 @@ def synthetic_batch(schema, n: int, seed: int = 0):
 def _count_cpu_attention_flops() -> None:
     """torch's flop counter has formulas for the CUDA attention kernels and none for the CPU one that
     F.scaled_dot_product_attention runs here, whose products it would count as 0 (2.85 of BRCA's 28.4 MFLOP a
-    sample): register torch's own formulas for it (forward: QK^T and PV; backward: those recomputed and the
+    sample): register torch's own formulas for it (forward: QK^T and PV; backward: QK^T recomputed and the
     gradients' four products)."""
     import torch
     from torch.utils import flop_counter as fc

@@ -55,8 +55,8 @@ def training_process(keep_freed_memory: bool = True) -> None:
     freed at the top of its heap back to the kernel (above 128 kB, a threshold it raises as the process frees
     larger blocks, up to 32 MB) and takes it back as fresh zeroed pages, one page fault per 4 kB, every step
     (`python benchmarks/train_step.py --glibc-default` counts them: docs/results.md). With the thresholds fixed
-    high, freed memory stays in the heap for the next step (what that does to a step's peak is within the spread of
-    the benchmark's runs at pan-cancer 64, and ~20% more at BRCA 64: docs/results.md). `release_freed_memory()`
+    high, freed memory stays in the heap for the next step (what that does to a step's peak is not resolved by
+    the benchmark's runs: docs/results.md). `release_freed_memory()`
     gives it back when a round ends (the simulation's worker processes serve many rounds). Only glibc is tuned:
     elsewhere (macOS, musl) the allocator is left as it is."""
     torch.set_num_threads(1)
