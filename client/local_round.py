@@ -226,6 +226,10 @@ def distributed_plan(site: PreparedSite, run_id: str, cfg: RunConfig, dim: int,
     round leaves no trace of the run in the ledger."""
     if (saved := saved_plan(site, run_id, cfg)) is not None:
         p = distributed.SkellamPlan.from_dict(saved.mechanism)
+        if p.dim != dim:  # the plan's rounding sensitivity holds for its own number of coordinates only
+            raise BudgetError(f"run {run_id} was planned at this site for a model of {p.dim} trained coordinates and "
+                              f"this round's model has {dim}: its noise and accounting would not hold; a run's model "
+                              "cannot change during the run, start a new run")
         check(p)
         return p
     # the plan at the run's delta, as the server and every other site compute it; the ledger accounts it at its own

@@ -299,6 +299,9 @@ def encode(x: np.ndarray, p: SkellamPlan, grid: SecAggGrid, rng: np.random.Gener
     bound = sum_bound(p, grid.max_weight)  # the sum check_range verifies the range for (client/local_round.py)
     z = randomized_round(np.clip(x, -bound, bound) * p.scale, rng)
     mask = np.ones(x.size, bool) if noised is None else np.asarray(noised, bool).ravel()
+    if int(mask.sum()) != p.dim:  # l2, the sensitivity accounted, includes the rounding of exactly p.dim coordinates
+        raise GridError(f"distributed DP: the plan is for {p.dim} noised coordinates and this vector has "
+                        f"{int(mask.sum())}: its accounting would not hold, so the site sends nothing")
     z[mask] += skellam(p.share_mean, int(mask.sum()), rng)
     if np.abs(z).max(initial=0) > grid.half_range:
         raise GridError("distributed DP: a value of this round's noisy gradient sum would leave SecAgg+'s range "

@@ -362,6 +362,31 @@ def test_a_site_refuses_a_server_that_planned_other_noise_before_spending(tmp_pa
     assert result.metrics["epsilon"] > 0
 
 
+
+def test_a_run_whose_model_changes_size_is_refused_before_spending_and_encode_refuses_another_dimension(tmp_path):
+    """A run's Skellam plan (its rounding sensitivity l2) holds for the number of coordinates it was planned for: a later
+    round of the run with a model of another size (a resumed or misconfigured server; its NOISE_PLAN is optional) is
+    refused before any spend, and the encoder itself refuses a vector whose noised coordinates are not the plan's."""
+    from client.local_round import distributed_round, state_arrays
+    from shared_models.model import MultiModalTransformer
+
+    schema, run, site = _site(tmp_path)
+    grid = _grid(3)
+    distributed_round(site, state_arrays(MultiModalTransformer(schema, run.model)), run, "run-m", 1, grid)
+    spent = site.ledger.spent(site.dataset_fingerprint)
+    wider = run.model_copy(update={"model": run.model.model_copy(update={"d_model": 64})})
+    with pytest.raises(BudgetError, match="planned at this site for a model of"):
+        distributed_round(site, state_arrays(MultiModalTransformer(schema, wider.model)), wider, "run-m", 2, grid)
+    assert site.ledger.spent(site.dataset_fingerprint) == spent
+    p = plan_for_budget(plan(1.0, DIM, trusted_sites=2, sample_rate=0.3), 8.0, DELTA, steps=50)
+    with pytest.raises(GridError, match=f"plan is for {DIM} noised coordinates"):
+        encode(np.zeros(DIM + 1), p, _grid(8), np.random.default_rng(0))
+    noised = np.ones(DIM, bool)
+    noised[0] = False
+    with pytest.raises(GridError, match=f"this vector has {DIM - 1}"):
+        encode(np.zeros(DIM), p, _grid(8), np.random.default_rng(0), noised=noised)
+
+
 def test_the_server_steps_its_optimizer_on_the_decoded_sum_divided_by_the_runs_batch_size():
     """The divisor is the run's batch-size, a public number: no site sends its patient count."""
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
