@@ -258,6 +258,8 @@ def object_keys(value) -> int:
         if type(x) is dict:
             keys += len(x)
             x = x.values()
+        elif type(x) is not list:  # a top-level scalar (null, 1, true): no keys; the body's check refuses it
+            continue
         for v in x:
             if type(v) is dict or type(v) is list:
                 push(v)

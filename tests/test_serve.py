@@ -503,6 +503,13 @@ def test_an_id_that_is_not_text_or_a_whole_number_is_refused_as_such(site, clien
     assert _post(client, site, [{**patient, "id": 17}]).status_code == 200
 
 
+
+def test_a_json_body_that_is_a_scalar_is_refused_with_no_patients_not_an_error_to_retry(site, client):
+    for body in ("null", "1", "true", '"x"', "[]"):
+        r = client.post("/v1/predict", content=body.encode(), headers={**_auth(site["clinician"]),
+                                                                       "Content-Type": "application/json"})
+        assert r.status_code == 422 and _codes(r) == {"no_patients"}, (body, r.status_code, r.text)
+
 def test_a_key_given_twice_in_a_json_object_is_refused(site, client):
     patient = json.dumps(_patient(site, 0))
     for body in ('{"patients": [%s], "top_k": 0, "top_k": 3}' % patient,
