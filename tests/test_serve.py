@@ -467,6 +467,18 @@ def test_tables_of_another_kind_are_refused(site, client):
     assert r.status_code == 422 and "foreign_columns" in _codes(r)
 
 
+
+def test_schema_features_written_differently_are_refused_with_the_rename_not_scored_without_them(site, client):
+    # scored without them, every answer would silently lose features the table plainly meant to give
+    r = _upload(client, site, {"expr.csv": _csv(site, "expr", range(3), lambda df: df.rename(
+        columns={"g2": "G2", "g5": "G5"}, inplace=True))})
+    assert r.status_code == 422 and _codes(r) == {"misnamed_columns"}, r.text
+    assert "'G2' -> 'g2'" in r.json()["detail"][0]["fix"] and "expr.csv" in r.text
+    patient = _patient(site, 0)
+    patient["modalities"]["clinical"]["Age"] = patient["modalities"]["clinical"].pop("age")
+    r = _post(client, site, [patient])
+    assert r.status_code == 422 and _codes(r) == {"misnamed_columns"} and "'Age' -> 'age'" in r.text, r.text
+
 @pytest.mark.parametrize("sep, said", [(";", "semicolons"), ("\t", "tab")])
 def test_an_excel_style_table_gets_validates_message_and_fix(site, client, sep, said):
     df = pd.read_csv(site["data"] / "expr.csv", dtype=str).head(3)

@@ -505,6 +505,8 @@ def corruptions(draw):
 def corrupt_table(df: pd.DataFrame, kind: str, rng: np.random.Generator, text: str) -> pd.DataFrame:
     if df.empty or (kind in ("duplicate_id", "drop_id") and "patient" not in df.columns):
         return df  # an earlier change already removed what this one would change
+    if kind == "duplicate_id" and list(df.columns).count("patient") > 1:
+        return df  # an earlier change duplicated the id column: the ids are already ambiguous
     row, col = int(rng.integers(len(df))), df.columns[int(rng.integers(len(df.columns)))]
     if kind == "garbage_cell":
         df = df.astype(object)

@@ -63,6 +63,12 @@ def check_frame(check: Check, m: Modality, df: pd.DataFrame, path: Path) -> Chec
         check.add("warning", "absent_features", f"absent: {len(absent):,} of the schema's {m.n_features:,} "
                   f"{m.name!r} features ({len(absent) / m.n_features:.0%}): {names(absent)}; they are masked at "
                   "training", f"nothing, if the site does not measure them{rename}", file)
+    if check.for_prediction and renames:
+        # schema features written differently (case, spaces, punctuation): scored without them, every patient's answer
+        # would silently lose those features, which the request plainly meant to give
+        check.add("error", "misnamed_columns", f"columns that are schema features written differently: {renames}",
+                  f"rename them as in the schema ({renames}) and send the {m.name} table again", file)
+        return None
     if check.for_prediction and m.n_features >= FOREIGN_MIN_FEATURES and len(extra) > len(present):
         # a table of another kind saved under this modality's name: scoring it would be a guess (a modality of a
         # few columns, like clinical fields, comes within wider exports: its other columns are only reported)
