@@ -93,7 +93,9 @@ def slopes(args) -> None:
                                   ("held-out, ln for log2", held, np.log(2)),
                                   ("held-out, log10 for log2", held, np.log10(2))):
             x = raw[:, norm.checked].astype(np.float64) * factor
-            for m, s in profile_slopes(norm, x, profile_min=0.0):  # every modality, to show why
+            with np.errstate(invalid="ignore"):  # as the service: values beyond out-of-range-sd are left out
+                far = np.abs((x - norm.checked_mean) / norm.checked_scale) > limits.out_of_range_sd
+            for m, s in profile_slopes(norm, x, profile_min=0.0, leave_out=far):  # every modality, to show why
                 m = f"{m} ({spread[m]:.2f})"  # the profile's spread: the service judges slopes from PROFILE_MIN
                 s = s[np.isfinite(s)]
                 q = np.percentile(s, [0.1, 1, 50, 99, 99.9])

@@ -651,17 +651,20 @@ def profile_spread(norm, a: int, b: int) -> float:
     return float(np.std(norm.checked_mean[a:b]) / np.median(norm.checked_scale[a:b]))
 
 
-def profile_slopes(norm, x: np.ndarray, profile_min: float = PROFILE_MIN) -> list[tuple[str, np.ndarray]]:
+def profile_slopes(norm, x: np.ndarray, profile_min: float = PROFILE_MIN,
+                   leave_out: np.ndarray | None = None) -> list[tuple[str, np.ndarray]]:
     """(modality, each patient's slope of its values against the site's training means; NaN with fewer than
     UNITS_MIN_VALUES values) for the modalities whose mean profile varies enough (`profile_min`). `x`: the
-    patients' values of the normaliser's checked columns (raw[:, norm.checked], float64)."""
+    patients' values of the normaliser's checked columns (raw[:, norm.checked], float64). `leave_out` (like x):
+    values the slope does not use (the service's: those beyond out-of-range-sd, each reported by name; one such
+    value would otherwise set a least-squares slope alone and read as another unit)."""
     out = []
     for m, a, b in norm.checked_groups:
         mu = norm.checked_mean[a:b]
         if b - a < UNITS_MIN_VALUES or not profile_spread(norm, a, b) >= profile_min:
             continue
         block = x[:, a:b]
-        seen = ~np.isnan(block)
+        seen = ~np.isnan(block) if leave_out is None else ~np.isnan(block) & ~leave_out[:, a:b]
         n = seen.sum(axis=1)
         c = np.where(seen, mu - (np.where(seen, mu, 0).sum(axis=1, keepdims=True) / np.maximum(n, 1)[:, None]), 0.0)
         v = np.where(seen, block, 0.0)
@@ -710,7 +713,7 @@ def check_patients(lm, ids: list[str], raw: np.ndarray, limits: ServeSettings) -
             if b - a >= UNITS_MIN_VALUES:
                 block = z[:, a:b]
                 units.append((m, (block == block).sum(axis=1), (block > limits.units_sd).sum(axis=1)))
-    slopes = profile_slopes(norm, x)
+    slopes = profile_slopes(norm, x, leave_out=far)  # far values: out_of_range, named below
     names = [m.name for m in schema.modalities]
     notes, errors = [], []
     for i, pid in enumerate(ids):

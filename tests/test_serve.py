@@ -2053,6 +2053,13 @@ def test_values_in_another_log_base_are_flagged_or_refused(site, tmp_path):
         assert "units_scale" in [w["code"] for w in ln.json()["predictions"][0]["warnings"]]
         log10 = ask(float(np.log10(2)))  # log10 for log2: refused
         assert log10.status_code == 422 and '"units"' in log10.text and "another unit or log base" in log10.text
+        typo = patient(1.0)  # one cell typed wrong, the rest right: that value is named, not the table's unit blamed
+        typo["modalities"][m.name][m.features[0]] = 1000.0
+        r = c.post("/v1/predict", json={"patients": [typo], "top_k": 0}, headers=_auth(site["clinician"]))
+        assert r.status_code == 200, r.text
+        answer = r.json()["predictions"][0]
+        assert [w["code"] for w in answer["warnings"]] == ["out_of_range"], answer["warnings"]
+        assert answer["out_of_range"][0]["feature"] == m.features[0]
 
 
 def test_calibration_names_the_types_the_model_recognised_in_none_of_the_sites_patients(site):
