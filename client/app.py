@@ -326,16 +326,18 @@ def keep_server_anchor(settings: SiteSettings, context: Context, cfg: RunConfig,
 
 
 def _refusal(fitins, msg: Message, site: str, reason: str, audit: AuditLog | None = None,
-             run_config: bool = False) -> SiteRefusal:
+             run_config: bool = False, another_attempt: bool = False) -> SiteRefusal:
     """The round is refused: logged and audited here; raised by the caller, the site then drops out of the
     round (see site_policy_mod). The reason says why in words that name no patient. `run_config`: the run's
-    settings cause it, and would again in every later round (see `_withheld_if_refused`)."""
+    settings cause it, and would again in every later round (see `_withheld_if_refused`). `another_attempt`: another
+    attempt at the same round committed it (ledger.AlreadyReleased): that attempt's update is being sent, so this
+    refusal says nothing about whether the round's update left (`_withheld_if_refused` leaves its entry alone)."""
     log(WARNING, "site %s refuses the round: %s", site, reason)
     if audit is not None:
         _audit_quietly(audit, site, "round_refused", run=str(fitins.config.get(RUN_KEY)),
                        round=int(fitins.config.get(SERVER_ROUND, 0)), reason=reason)
     refusal = SiteRefusal(f"{site}: {reason}")
-    refusal.run_config = run_config
+    refusal.run_config, refusal.another_attempt = run_config, another_attempt
     return refusal
 
 
@@ -354,6 +356,7 @@ def _train(msg: Message, context: Context) -> Message:
     from client.local_round import train_round
     from client.site import SiteDataError
     from privacy.accounting import BudgetError
+    from privacy.ledger import AlreadyReleased
 
     fitins = recorddict_to_fitins(msg.content, keep_input=True)
     cfg = load_run_config(context.run_config, source="run config (site)")
@@ -400,7 +403,7 @@ def _train(msg: Message, context: Context) -> Message:
         try:
             result = train_round(site, global_arrays, cfg, run_key, rnd, site_seed=settings.index)
         except BudgetError as e:
-            raise _refusal(fitins, msg, settings.name, str(e), audit)
+            raise _refusal(fitins, msg, settings.name, str(e), audit, another_attempt=isinstance(e, AlreadyReleased))
         except Exception:  # noqa: BLE001 - an error reply would carry the traceback (and maybe data) to the server
             log(WARNING, "site %s: local training failed:\n%s", settings.name, traceback.format_exc())
             raise _refusal(fitins, msg, settings.name, "local training failed (details in the site's log)", audit)
@@ -481,7 +484,7 @@ def stale_ledger_refusal(settings: SiteSettings, site) -> str:
     """Why this site cannot train on its ledger ("" if it can): the ledger lacks rounds whose updates the site's
     release copies show it sent (a ledger restored from a backup older than the last round). Trained on, it would
     spend them again and a resumed server asking for one would get a second, fresh update of the same patients."""
-    missing = ReleaseStore(settings.paths.state_dir).unrecorded(site.ledger.committed_rounds())
+    missing = ReleaseStore(settings.paths.state_dir).unrecorded(site.ledger.committed_rounds)
     if not missing:
         return ""
     return (f"its privacy ledger has no record of {len(missing)} update(s) the site sent ({', '.join(missing[:3])}"
@@ -551,6 +554,7 @@ def _train_distributed(msg: Message, fitins, context: Context, cfg: RunConfig, s
     from client.local_round import distributed_round
     from privacy.accounting import BudgetError
     from privacy.distributed import GridError
+    from privacy.ledger import AlreadyReleased
     from shared_models.weights import arrays_sha256
 
     rnd, run_key = int(fitins.config[SERVER_ROUND]), str(fitins.config[RUN_KEY])
@@ -578,7 +582,7 @@ def _train_distributed(msg: Message, fitins, context: Context, cfg: RunConfig, s
             result = distributed_round(site, global_arrays, cfg, run_key, rnd, grid, site_seed=settings.index,
                                        server_plan=server_plan)
         except (BudgetError, GridError) as e:
-            raise _refusal(fitins, msg, settings.name, str(e), audit)
+            raise _refusal(fitins, msg, settings.name, str(e), audit, another_attempt=isinstance(e, AlreadyReleased))
         except Exception:  # noqa: BLE001 - an error reply would carry the traceback (and maybe data) to the server
             log(WARNING, "site %s: distributed step failed:\n%s", settings.name, traceback.format_exc())
             raise _refusal(fitins, msg, settings.name, "local training failed (details in the site's log)", audit)
@@ -622,6 +626,8 @@ def _withheld_if_refused(site, settings: SiteSettings, run_key: str, rnd: int):
     try:
         yield
     except SiteRefusal as e:
+        if getattr(e, "another_attempt", False):  # the round was committed by another attempt, whose update is sent
+            raise
         try:
             if (site.ledger.released(site.dataset_fingerprint, run_key, rnd) is not None
                     and not ReleaseStore(settings.paths.state_dir).has(run_key, rnd)):

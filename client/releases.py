@@ -51,11 +51,15 @@ class ReleaseStore:
         """(run directory, round) of every release copy on disk: updates that left the site under DP."""
         return sorted((p.parent.name, int(p.stem.split("-")[1])) for p in self.root.glob("*/round-[0-9]*.npz"))
 
-    def unrecorded(self, committed: set[tuple[str, int]]) -> list[str]:
-        """The release copies whose round a ledger's committed rounds (PrivacyLedger.committed_rounds) lack: that
-        ledger is older than what the site sent (restored from an old backup), and would spend those rounds again."""
-        recorded = {(self.directory(run), rnd) for run, rnd in committed}
-        return [f"{run}/round-{rnd:04d}" for run, rnd in self.kept() if (run, rnd) not in recorded]
+    def unrecorded(self, committed) -> list[str]:
+        """The release copies whose round a ledger's committed rounds lack: that ledger is older than what the site
+        sent (restored from an old backup), and would spend those rounds again. `committed`: a function returning the
+        ledger's committed rounds (PrivacyLedger.committed_rounds), called after the copies are listed: a round
+        another process of the site commits, then saves, between the two reads is then in both (listed the other way
+        round, it would be a copy without its ledger record, and the site would refuse to train for a stale ledger)."""
+        kept = self.kept()
+        recorded = {(self.directory(run), rnd) for run, rnd in committed()}
+        return [f"{run}/round-{rnd:04d}" for run, rnd in kept if (run, rnd) not in recorded]
 
     def save(self, run_id: str, rnd: int, release: Release) -> None:
         path = self._path(run_id, rnd)

@@ -341,3 +341,57 @@ def test_an_update_withheld_for_a_site_local_cause_is_told_as_withheld_when_aske
                                           r"log cannot be written.*\); its spend counts"):
         train(_fit(weights), _context(tmp_path, run, node))
     assert not train(_fit(weights, 2), _context(tmp_path, run, node)).has_error()  # the run goes on
+
+
+def _ledger_site(tmp_path):
+    from types import SimpleNamespace
+
+    from privacy.ledger import PrivacyLedger
+
+    state = tmp_path / "state"
+    state.mkdir()
+    ledger = PrivacyLedger(state / "privacy-ledger.json", budget_epsilon=8.0, delta=1e-5)
+    dataset = ledger.register_dataset([f"p{i}" for i in range(50)], "schema-hash")
+    return (SimpleNamespace(ledger=ledger, dataset_fingerprint=dataset),
+            SimpleNamespace(name="site-a", paths=SimpleNamespace(state_dir=state)), state)
+
+
+def test_an_attempt_refused_because_another_committed_the_round_does_not_mark_that_round_withheld(tmp_path):
+    """Two attempts at one round (a resumed server asked again): A commits and goes on to send its update; B's commit
+    is refused (AlreadyReleased). B's refusal must not note A's round as withheld: A's update leaves."""
+    from client.app import SiteRefusal, _refusal, _withheld_if_refused
+    from client.releases import Release, ReleaseStore
+    from privacy.ledger import AlreadyReleased
+
+    site, settings, state = _ledger_site(tmp_path)
+    ledger, dataset = site.ledger, site.dataset_fingerprint
+    a = ledger.begin_round(dataset, "run-1", 1, 1.1, 0.1, 10)
+    b = ledger.begin_round(dataset, "run-1", 1, 1.1, 0.1, 10)  # the same pending entry: one spend for both
+    ledger.commit_round(a, 10)  # A commits, then evaluates and writes its audit entry before saving its copy
+    with pytest.raises(SiteRefusal):
+        with _withheld_if_refused(site, settings, "run-1", 1):
+            try:
+                ledger.commit_round(b, 10)
+            except AlreadyReleased as e:  # as client.app's training paths turn it into a refusal
+                raise _refusal(None, None, settings.name, str(e), another_attempt=isinstance(e, AlreadyReleased))
+    ReleaseStore(state).save("run-1", 1, Release("sha", [np.zeros(3)], 10, {}))  # A's update saved and sent
+    assert "outcome" not in ledger.released(dataset, "run-1", 1) and ledger.withheld("run-1") == []
+
+
+def test_a_round_committed_and_saved_while_the_site_checks_its_ledger_is_not_taken_for_a_stale_ledger(tmp_path):
+    """stale_ledger_refusal compares the release copies with the ledger's committed rounds: the copies are listed
+    first, so a round another process of the site commits and saves between the two reads is in both."""
+    from client.releases import Release, ReleaseStore
+
+    site, _, state = _ledger_site(tmp_path)
+    ledger, dataset = site.ledger, site.dataset_fingerprint
+    releases = ReleaseStore(state)
+
+    def committed_meanwhile():  # another process commits a round and saves its copy, then the ledger is read
+        ticket = ledger.begin_round(dataset, "run-2", 1, 1.1, 0.1, 10)
+        ledger.commit_round(ticket, 10)
+        releases.save("run-2", 1, Release("sha", [np.zeros(2)], 1, {}))
+        return ledger.committed_rounds()
+
+    assert releases.unrecorded(committed_meanwhile) == []
+    assert releases.unrecorded(ledger.committed_rounds) == []
