@@ -9,6 +9,8 @@ x1000 (a unit error), so that the threshold sits between what real patients reac
 error gives.
 
     python benchmarks/units_check.py RUN_DIR [--sites C0,C5]     # RUN_DIR: oncofed simulate --out RUN_DIR
+    python benchmarks/units_check.py RUN_DIR --slopes             # another log base: slopes against the mean profile
+    python benchmarks/units_check.py RUN_DIR --shifts             # another normalisation: a constant shift
 """
 
 from __future__ import annotations
@@ -43,9 +45,13 @@ def main() -> None:
     ap.add_argument("--sites", default="C0,C5")
     ap.add_argument("--slopes", action="store_true", help="instead: each patient's slope against the site's mean "
                     "profile (profile_slopes), as exported and in another log base")
+    ap.add_argument("--shifts", action="store_true", help="instead: each patient's mean signed z per modality, as "
+                    "exported and with every value shifted by a constant (another normalisation)")
     args = ap.parse_args()
     if args.slopes:
         return slopes(args)
+    if args.shifts:
+        return shifts(args)
     limits = ServeSettings(max_patients=10**9)
     rows = []
     print(f"{'site':5} {'patients':22} {'modality':9} {'n':>5}  median |z| per patient: p50 / p99 / p99.9 / max")
@@ -100,6 +106,44 @@ def slopes(args) -> None:
                 s = s[np.isfinite(s)]
                 q = np.percentile(s, [0.1, 1, 50, 99, 99.9])
                 print(f"{site:5} {name:28} {m:17} {len(s):5}  " + " / ".join(f"{v:6.2f}" for v in q))
+
+
+def shifts(args) -> None:
+    """Each patient's mean signed z per modality (at least 10 values), for the site's own patients, the held-out
+    hospitals' and the held-out ones with every value of every modality shifted by a constant in the model's input
+    units (log2 for miRNA: +1 is a 2x factor on every value): whether a per-patient statistic could tell a table on
+    another normalisation from real patients."""
+    from client.predict import Predictor
+    from client.prediction_input import check_patients
+    from privacy.site_config import ServeSettings, SiteConfig
+
+    limits = ServeSettings(max_patients=10**9)
+    print(f"{'site':5} {'patients':16} {'modality':9} {'n':>5}  mean signed z per patient: p0.1 / p1 / p50 / p99 / "
+          "p99.9 | flagged units_shift by the service, shifting this modality alone")
+    for site in args.sites.split(","):
+        cfg = SiteConfig.load(args.run / "state" / site / "site.json")
+        predictor = Predictor(cfg.model_dir, Path(cfg.state_dir) / "normalizer.json", cfg.signing_public_key or None)
+        lm = predictor.current
+        norm, layout = lm.normalizer, lm.schema.layout()
+        own = predictor.checked_tables(args.run / "sites" / site, limits)
+        held = predictor.checked_tables(args.run / "sites" / "holdout", limits)
+        for name, tables, shift in (("own", own, 0.0), ("held-out", held, 0.0), ("held-out +0.5", held, 0.5),
+                                    ("held-out +1", held, 1.0), ("held-out -1", held, -1.0)):
+            z = (tables.raw[:, norm.checked].astype(np.float64) + shift - norm.checked_mean) / norm.checked_scale
+            for m, a, b in norm.checked_groups:
+                if b - a < 10:
+                    continue
+                block = z[:, a:b]
+                seen = ~np.isnan(block)
+                keep = seen.sum(axis=1) >= 10
+                mean = np.where(seen, block, 0.0)[keep].sum(axis=1) / seen[keep].sum(axis=1)
+                q = np.percentile(mean, [0.1, 1, 50, 99, 99.9])
+                raw = tables.raw.copy()
+                raw[:, layout.slices[m]] += shift
+                notes, _ = check_patients(lm, list(tables.ids), raw, limits)
+                flagged = sum(any(w["code"] == "units_shift" for w in n["warnings"]) for n in notes)
+                print(f"{site:5} {name:16} {m:9} {len(mean):5}  " + " / ".join(f"{v:6.2f}" for v in q)
+                      + f" | {flagged} of {len(mean)}")
 
 
 if __name__ == "__main__":

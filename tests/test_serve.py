@@ -2062,6 +2062,31 @@ def test_values_in_another_log_base_are_flagged_or_refused(site, tmp_path):
         assert answer["out_of_range"][0]["feature"] == m.features[0]
 
 
+
+def test_a_modality_shifted_by_a_constant_is_flagged_where_its_profile_is_flat(site, tmp_path):
+    """Another normalisation (every value shifted by a constant) moves a patient's mean z; where the site's mean profile
+    is flat (copy number, RPPA) real patients stay near 0 (docs/results.md), so the answer is flagged units_shift."""
+    from fastapi.testclient import TestClient
+
+    from shared_models.site_data import Normalizer
+
+    settings = _copy_site(site, tmp_path)
+    schema, layout = site["schema"], site["schema"].layout()
+    m = max(schema.modalities, key=lambda mod: mod.n_features)
+    Normalizer(schema, np.zeros(layout.n_inputs), np.ones(layout.n_inputs)).save(tmp_path / "state" / "normalizer.json")
+    rng = np.random.default_rng(0)
+
+    def ask(c, shift: float) -> list[str]:
+        p = _patient(site, 0)
+        p["modalities"][m.name] = dict(zip(m.features, (rng.normal(0, 0.7, m.n_features) + shift).tolist()))
+        r = c.post("/v1/predict", json={"patients": [p], "top_k": 0}, headers=_auth(site["clinician"]))
+        assert r.status_code == 200, r.text
+        return [w["code"] for w in r.json()["predictions"][0]["warnings"]]
+
+    with TestClient(create_app(settings)) as c:
+        assert "units_shift" not in ask(c, 0.0)
+        assert "units_shift" in ask(c, 1.5) and "units_shift" in ask(c, -1.5)
+
 def test_calibration_names_the_types_the_model_recognised_in_none_of_the_sites_patients(site):
     from types import SimpleNamespace
 
