@@ -26,7 +26,7 @@ from client.calibration import counted_modalities
 from client.model_store import NORMALIZER, ModelStore, ModelStoreError
 from shared_models.schema import FeatureSchema
 from shared_models.site_data import Normalizer, TableError
-from shared_models.weights import load_weights
+from shared_models.weights import SchemaMismatchError, load_weights
 
 IG_STEPS = 16
 # integrated gradients over at most this many patients at a time: for the serve benchmark's 300 patients,
@@ -213,10 +213,16 @@ class Predictor:
         root = self.store.root / version
         schema = FeatureSchema.load(root / "schema.json")
         model = load_weights(root / "weights.pt", schema).eval()
+        path = normalizer_of(root, self.normalizer_path)
         try:  # the run's own, kept with the version at install; else the site's (`serve fit-normalizer`)
-            normalizer = Normalizer.load(normalizer_of(root, self.normalizer_path), schema)
+            normalizer = Normalizer.load(path, schema)
         except TableError as e:
             raise ModelStoreError(f"{e}; a site that never trained fits one with `oncofed serve fit-normalizer`") from None
+        except SchemaMismatchError:
+            raise ModelStoreError(
+                f"{path}: the normalisation file was fitted under another feature schema than model {version}'s; fit "
+                "one for this model with `oncofed serve fit-normalizer`, or roll back to the model it was fitted "
+                "for") from None
         lm = LoadedModel(version, schema, model, package, signature, normalizer, input_map(schema))
         self._calibrate(lm)
         lm.forward()  # traced here, before the version is served, not on a request

@@ -1396,6 +1396,20 @@ def _copy_site(site, tmp_path) -> dict:
     return settings
 
 
+
+def test_a_normaliser_of_another_schema_is_refused_naming_the_file_and_the_fix(site, tmp_path):
+    from client.model_store import ModelStoreError
+    from client.predict import Predictor
+    from shared_models.site_data import Normalizer
+
+    settings = _copy_site(site, tmp_path)
+    other = tiny_schema(omics_width=31)  # another consortium contract: its hash differs
+    Normalizer(other, np.zeros(other.layout().n_inputs), np.ones(other.layout().n_inputs)).save(
+        tmp_path / "state" / "normalizer.json")
+    with pytest.raises(ModelStoreError, match="another feature schema") as e:
+        Predictor(settings.model_dir, tmp_path / "state" / "normalizer.json", load_active=False)._load("v0002")
+    assert "normalizer.json" in str(e.value) and "fit-normalizer" in str(e.value)
+
 def _serving_a_tampered_v0002(site, tmp_path):
     """A copy of the site whose active version v0002 was altered after install: the service falls back."""
     from fastapi.testclient import TestClient
