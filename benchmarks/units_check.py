@@ -36,10 +36,19 @@ def median_z(lm, raw: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def main() -> None:
+def site_tables(run: Path, site: str):
+    """(the site's serving model as it loads it, its own patients' checked tables, the held-out hospitals')."""
     from client.predict import Predictor
     from privacy.site_config import ServeSettings, SiteConfig
 
+    limits = ServeSettings(max_patients=10**9)
+    cfg = SiteConfig.load(run / "state" / site / "site.json")
+    predictor = Predictor(cfg.model_dir, Path(cfg.state_dir) / "normalizer.json", cfg.signing_public_key or None)
+    return (predictor.current, predictor.checked_tables(run / "sites" / site, limits),
+            predictor.checked_tables(run / "sites" / "holdout", limits))
+
+
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="an `oncofed simulate --out` directory")
     ap.add_argument("--sites", default="C0,C5")
@@ -52,15 +61,11 @@ def main() -> None:
         return slopes(args)
     if args.shifts:
         return shifts(args)
-    limits = ServeSettings(max_patients=10**9)
     rows = []
     print(f"{'site':5} {'patients':22} {'modality':9} {'n':>5}  median |z| per patient: p50 / p99 / p99.9 / max")
     for site in args.sites.split(","):
-        cfg = SiteConfig.load(args.run / "state" / site / "site.json")
-        predictor = Predictor(cfg.model_dir, Path(cfg.state_dir) / "normalizer.json", cfg.signing_public_key or None)
-        lm = predictor.current
-        own = predictor.checked_tables(args.run / "sites" / site, limits).raw
-        held = predictor.checked_tables(args.run / "sites" / "holdout", limits).raw
+        lm, own, held = site_tables(args.run, site)
+        own, held = own.raw, held.raw
         layout = lm.schema.layout()
         cases = [("own", own, None), ("held-out", held, None)]
         for m in median_z(lm, held):
@@ -81,19 +86,15 @@ def main() -> None:
 def slopes(args) -> None:
     """Each patient's slope against the site's mean profile (client.prediction_input.profile_slopes) per modality,
     with the profile's spread (its SD over features in within-feature SDs), as exported and in another log base."""
-    from client.predict import Predictor
     from client.prediction_input import profile_slopes, profile_spread
-    from privacy.site_config import ServeSettings, SiteConfig
+    from privacy.site_config import ServeSettings
 
     limits = ServeSettings(max_patients=10**9)
     print(f"{'site':5} {'patients':28} {'modality (spread)':17} {'n':>5}  slope per patient: p0.1 / p1 / p50 / p99 / "
           "p99.9")
     for site in args.sites.split(","):
-        cfg = SiteConfig.load(args.run / "state" / site / "site.json")
-        predictor = Predictor(cfg.model_dir, Path(cfg.state_dir) / "normalizer.json", cfg.signing_public_key or None)
-        norm = predictor.current.normalizer
-        own = predictor.checked_tables(args.run / "sites" / site, limits).raw
-        held = predictor.checked_tables(args.run / "sites" / "holdout", limits).raw
+        lm, own, held = site_tables(args.run, site)
+        norm, own, held = lm.normalizer, own.raw, held.raw
         spread = {m: profile_spread(norm, a, b) for m, a, b in norm.checked_groups}
         for name, raw, factor in (("own", own, 1.0), ("held-out", held, 1.0),
                                   ("held-out, ln for log2", held, np.log(2)),
@@ -113,20 +114,15 @@ def shifts(args) -> None:
     hospitals' and the held-out ones with every value of every modality shifted by a constant in the model's input
     units (log2 for miRNA: +1 is a 2x factor on every value): whether a per-patient statistic could tell a table on
     another normalisation from real patients."""
-    from client.predict import Predictor
     from client.prediction_input import check_patients
-    from privacy.site_config import ServeSettings, SiteConfig
+    from privacy.site_config import ServeSettings
 
     limits = ServeSettings(max_patients=10**9)
     print(f"{'site':5} {'patients':16} {'modality':9} {'n':>5}  mean signed z per patient: p0.1 / p1 / p50 / p99 / "
           "p99.9 | flagged units_shift by the service, shifting this modality alone")
     for site in args.sites.split(","):
-        cfg = SiteConfig.load(args.run / "state" / site / "site.json")
-        predictor = Predictor(cfg.model_dir, Path(cfg.state_dir) / "normalizer.json", cfg.signing_public_key or None)
-        lm = predictor.current
+        lm, own, held = site_tables(args.run, site)
         norm, layout = lm.normalizer, lm.schema.layout()
-        own = predictor.checked_tables(args.run / "sites" / site, limits)
-        held = predictor.checked_tables(args.run / "sites" / "holdout", limits)
         for name, tables, shift in (("own", own, 0.0), ("held-out", held, 0.0), ("held-out +0.5", held, 0.5),
                                     ("held-out +1", held, 1.0), ("held-out -1", held, -1.0)):
             z = (tables.raw[:, norm.checked].astype(np.float64) + shift - norm.checked_mean) / norm.checked_scale
