@@ -32,10 +32,10 @@ import numpy as np
 import torch
 
 from client.site import PreparedSite
-from privacy.accounting import BudgetError, SkellamSteps, compact, noise_multiplier_for, public_schedule
+from privacy.accounting import BudgetError, SkellamSteps, compact, epsilon, noise_multiplier_for, public_schedule
 from privacy.clipping import clipped_sum, finite_samples_only, make_private
 from privacy import distributed
-from privacy.ledger import RunPlan
+from privacy.ledger import EPSILON_SLACK, RunPlan
 from privacy.sampling import PaddedPoissonLoader, padded_sample, step_rows
 from shared_models.evaluation import evaluate, predict_logits
 from shared_models.model import MultiModalTransformer
@@ -239,6 +239,16 @@ def distributed_plan(site: PreparedSite, run_id: str, cfg: RunConfig, dim: int,
     check(p)
     spent = site.ledger.spent(site.dataset_fingerprint)
     cap = min(site.ledger.budget_epsilon, spent + cfg.privacy.epsilon)
+    # the run's noise cannot adapt to this site (every site adds the same share): a run whose rounds cost more at the
+    # site's own (smaller) delta than its epsilon would be refused partway, its earlier rounds spent for nothing
+    whole = epsilon(site.ledger.history(site.dataset_fingerprint) + [p.steps(cfg.federation.num_rounds)],
+                    site.ledger.delta)
+    if whole > spent + cfg.privacy.epsilon + EPSILON_SLACK:
+        raise BudgetError(
+            f"run {run_id} refused before any spend: its noise is planned for epsilon {cfg.privacy.epsilon:g} at the "
+            f"run's delta {cfg.privacy.delta:g}, and this site accounts at its privacy-delta {site.ledger.delta:g}, "
+            f"where the run's {cfg.federation.num_rounds} rounds would spend {whole - spent:.3f}: the site would "
+            "withdraw partway. Set the run's delta to at most the smallest privacy-delta of its sites")
     site.ledger.start_run(site.dataset_fingerprint, run_id, RunPlan(
         epsilon=cfg.privacy.epsilon, epsilon_cap=cap, num_rounds=cfg.federation.num_rounds, steps_per_round=1,
         noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate, terms=plan_terms(cfg), mechanism=p.to_dict()))

@@ -363,6 +363,23 @@ def test_a_site_refuses_a_server_that_planned_other_noise_before_spending(tmp_pa
 
 
 
+
+def test_a_run_planned_at_a_larger_delta_than_the_sites_is_refused_before_any_spend(tmp_path):
+    """Every site adds the same noise share, planned at the run's delta; a site accounting at a smaller privacy-delta
+    would pass the run's epsilon before its last round and withdraw partway, its earlier rounds spent for nothing: it
+    refuses at the first round instead. At the site's own delta the run goes ahead."""
+    from client.local_round import distributed_round, state_arrays
+    from shared_models.model import MultiModalTransformer
+
+    schema, run, site = _site(tmp_path, delta=1e-3)  # the site accounts at DELTA = 1e-5
+    weights = state_arrays(MultiModalTransformer(schema, run.model))
+    with pytest.raises(BudgetError, match="refused before any spend"):
+        distributed_round(site, weights, run, "run-big-delta", 1, _grid(3))
+    assert site.ledger.spent(site.dataset_fingerprint) == 0.0
+    assert site.ledger.run_plan(site.dataset_fingerprint, "run-big-delta") is None
+    same = run.model_copy(update={"privacy": run.privacy.model_copy(update={"delta": DELTA})})
+    assert distributed_round(site, weights, same, "run-same-delta", 1, _grid(3)).metrics["epsilon"] > 0
+
 def test_a_run_whose_model_changes_size_is_refused_before_spending_and_encode_refuses_another_dimension(tmp_path):
     """A run's Skellam plan (its rounding sensitivity l2) holds for the number of coordinates it was planned for: a later
     round of the run with a model of another size (a resumed or misconfigured server; its NOISE_PLAN is optional) is
