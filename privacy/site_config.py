@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from privacy import MAX_BUDGET
 from shared_models.files import read_json_file, write_json_atomic
+from shared_models.run_config import MAX_DELTA
 
 FILE_FORMAT = "oncofed-site/1"
 
@@ -102,9 +103,11 @@ class SiteConfig(BaseModel):
     privacy_budget: float | None = Field(None, alias="privacy-budget", gt=0, le=MAX_BUDGET, description="the "
                                          "site's privacy budget: the total epsilon allowed on its data over all "
                                          f"runs, at most {MAX_BUDGET:g} (what the site's accounting verifies)")
-    privacy_delta: float | None = Field(None, alias="privacy-delta", gt=0, lt=1, description="the delta at which "
-                                        "the budget is accounted (empty: the runs' delta); the ledger keeps the "
-                                        "smallest delta it was ever opened with, so no run re-prices past spend down")
+    privacy_delta: float | None = Field(None, alias="privacy-delta", gt=0, le=MAX_DELTA, description="the delta at "
+                                        "which the budget is accounted (empty: the runs' delta), at most "
+                                        f"{MAX_DELTA:g} like a run's (a larger one would refuse every run); the ledger "
+                                        "keeps the smallest delta it was ever opened with, so no run re-prices past "
+                                        "spend down")
     min_count: int = Field(5, alias="min-count", ge=1, description="counts below this are never reported")
     require_secagg: bool = Field(True, alias="require-secagg", description="refuse training requests without "
                                  "SecAgg+ (the server would see this site's update)")

@@ -101,6 +101,14 @@ def test_nothing_is_overwritten_and_bad_settings_are_named(consortium, tmp_path)
     with pytest.raises(ProvisioningError, match="--data /nope: /nope is not a directory"):
         init_site(tmp_path / "s", "C0", consortium / "public", data_path="/nope", ca_fingerprint=_read_out(consortium))
     assert not (tmp_path / "s").exists()  # refused before anything is written
+    # a name site.json refuses (a quote) once keys would have been made: nothing is left, and the fixed command works
+    with pytest.raises(ProvisioningError, match="holds no quote.*Nothing was written"):
+        init_site(tmp_path / "s", 'St "Mary"', consortium / "public", ca_fingerprint=_read_out(consortium))
+    assert not (tmp_path / "s").exists() and not list(tmp_path.glob(".s.init-*"))
+    assert init_site(tmp_path / "s", "St Mary", consortium / "public", ca_fingerprint=_read_out(consortium))
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ProvisioningError, match="is a file, not a directory"):
+        init_site(tmp_path / "f", "C0", consortium / "public", ca_fingerprint=_read_out(consortium))
 
 
 def test_a_relative_data_path_is_stored_absolute(consortium, tmp_path, monkeypatch):

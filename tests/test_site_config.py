@@ -43,7 +43,7 @@ def test_a_site_init_file_and_a_serving_only_file_load(tmp_path):
     ({"privacy-budget": -1}, "privacy-budget", "greater than 0 (got -1); fix the value or remove the key"),
     ({"privacy-budget": 500}, "privacy-budget", "less than or equal to 100 (got 500)"),
     ({"min-aggregate-sites": 1}, "min-aggregate-sites", "greater than or equal to 2"),
-    ({"privacy-delta": 1}, "privacy-delta", "less than 1 (got 1)"),
+    ({"privacy-delta": 1}, "privacy-delta", "less than or equal to 0.001 (got 1)"),
     ({"serve": {"min-coverage": 2}}, "serve.min-coverage", "less than or equal to 1 (got 2)"),
     ({"state-dir": None}, "state-dir", "valid string"),
     ({"superlink": "fl.example"}, "superlink", "write HOST:PORT with a port 1-65535"),  # a traceback before
