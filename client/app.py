@@ -87,6 +87,7 @@ class SiteSettings:
     require_padded_batches: bool = False  # node config require-padded-batches (a deployment's default: true)
     delta: float | None = None  # node config privacy-delta; None: the run's (the ledger keeps the smallest)
     budget_missing: bool = False  # a deployed site without privacy-budget: it trains no DP run (budget_refusal)
+    min_count: int = 1  # node config min-count: no run reports a smaller count from this site (the run's may be larger)
 
 
 def site_settings(context: Context, cfg: RunConfig) -> SiteSettings:
@@ -103,7 +104,8 @@ def site_settings(context: Context, cfg: RunConfig) -> SiteSettings:
         return SiteSettings(site.site_name or data.name, 0, SitePaths(data, state, models),
                             cfg.privacy.epsilon if site.privacy_budget is None else site.privacy_budget,
                             site.require_secagg, site.min_aggregate_sites, site.require_dp, site.max_trusted_sites,
-                            site.require_padded_batches, site.privacy_delta, site.privacy_budget is None)
+                            site.require_padded_batches, site.privacy_delta, site.privacy_budget is None,
+                            site.min_count)
     index = int(node["partition-id"])
     root = cfg.path(cfg.run.data_root)
     sites = json.loads((root / "manifest.json").read_text())["sites"]  # written by `oncofed partition`
@@ -159,11 +161,12 @@ def prepared(settings: SiteSettings, cfg: RunConfig, schema_path: Path) -> "Prep
 
     schema = FeatureSchema.load(schema_path)  # site_schema_path: the site's own in a deployment
     delta = accounting_delta(settings, cfg)
+    min_count = max(cfg.site.min_count, settings.min_count)  # the site's own floor holds whatever the run asks
     key = (str(settings.paths.site_dir), schema.content_hash(), settings.budget_epsilon, delta, cfg.training.seed,
-           cfg.site.val_fraction, cfg.site.min_count, cfg.privacy.enabled)
+           cfg.site.val_fraction, min_count, cfg.privacy.enabled)
     if key not in _PREPARED:
         _PREPARED[key] = prepare_site(schema, settings.paths, budget_epsilon=settings.budget_epsilon,
-                                      delta=delta, val_fraction=cfg.site.val_fraction, min_count=cfg.site.min_count,
+                                      delta=delta, val_fraction=cfg.site.val_fraction, min_count=min_count,
                                       seed=cfg.training.seed, dp=cfg.privacy.enabled)
         site = _PREPARED[key]
         log(INFO, "site %s: %s training and %s held-out patients, spent epsilon %.3f of %.3f", settings.name,

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from client.site import PreparedSite
+from client.site import PreparedSite, min_count
 from privacy.accounting import BudgetError, SkellamSteps, compact, epsilon, noise_multiplier_for, public_schedule
 from privacy.clipping import clipped_sum, finite_samples_only, make_private
 from privacy import distributed
@@ -205,7 +205,7 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
         bound = round(cfg.privacy.pad_to * cfg.site.val_fraction / (1 - cfg.site.val_fraction))
         if (extra := bound - len(site.val.y)) > 0:
             predict_logits(model, torch.from_numpy(site.val.x[np.arange(extra) % len(site.val.y)]))
-    if val is not None and len(site.val.y) >= cfg.site.min_count:
+    if val is not None and len(site.val.y) >= min_count(site, cfg):
         metrics.update({LOCAL_VAL_ACCURACY: val.accuracy, LOCAL_VAL_MACRO_F1: val.macro_f1})
     local = model.state_dict()
     delta = [(local[k] - global_state[k]).detach().cpu().numpy() for k in global_state]

@@ -52,6 +52,7 @@ class PreparedSite:
     ledger: PrivacyLedger
     dataset_fingerprint: str
     warnings: list[str]
+    min_count: int = 5  # counts below this are never reported: the larger of the site's min-count and the run's
 
 
 def held_out_split(ids: list[str], val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -147,7 +148,14 @@ def prepare_site(schema: FeatureSchema, paths: SitePaths, *, budget_epsilon: flo
     ledger = PrivacyLedger(ledger_path(paths), budget_epsilon=budget_epsilon, delta=delta)
     # DP-SGD touches only the training patients; the held-out part is used for local metrics.
     fingerprint = ledger.register_dataset(parts.train.ids, schema.content_hash())
-    return PreparedSite(schema, paths, parts.train, parts.val, parts.normalizer, ledger, fingerprint, parts.warnings)
+    return PreparedSite(schema, paths, parts.train, parts.val, parts.normalizer, ledger, fingerprint, parts.warnings,
+                        min_count)
+
+
+def min_count(site: PreparedSite, cfg: RunConfig) -> int:
+    """The smallest count this site reports under this run: the site's own min-count (it was prepared with) or the
+    run's, whichever is larger."""
+    return max(site.min_count, cfg.site.min_count)
 
 
 def evaluate_global(site: PreparedSite, arrays: list[np.ndarray], cfg: RunConfig,
@@ -163,13 +171,13 @@ def evaluate_global(site: PreparedSite, arrays: list[np.ndarray], cfg: RunConfig
 
     model = MultiModalTransformer(site.schema, cfg.model)
     load_arrays(model, arrays)
-    n = len(site.val.y)
-    if n < cfg.site.min_count:
+    n, floor = len(site.val.y), min_count(site, cfg)
+    if n < floor:
         return 0, {}
     m = evaluate(model, torch.from_numpy(site.val.x), torch.from_numpy(site.val.y))
     out = {LOSS: m.loss, ACCURACY: m.accuracy, BALANCED_ACCURACY: m.balanced_accuracy, MACRO_F1: m.macro_f1}
     if patterns:
         from client.calibration import pattern_outcomes
 
-        out[PATTERNS] = json.dumps(pattern_outcomes(model, site.schema, site.val.x, site.val.y, cfg.site.min_count))
+        out[PATTERNS] = json.dumps(pattern_outcomes(model, site.schema, site.val.x, site.val.y, floor))
     return n, out

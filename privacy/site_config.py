@@ -29,8 +29,8 @@ HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([1-9][0-9]{0,3}|[
 # What the SuperNode hands the deployed ClientApp (--node-config): where the site's data and state live,
 # and its policy, the keys on which the site is authoritative over any run config.
 NODE_POLICY_KEYS = ("site-name", "privacy-budget", "privacy-delta", "require-secagg", "min-aggregate-sites", "require-dp",
-                    "max-trusted-sites", "require-padded-batches")
-NODE_CONFIG_KEYS = ("data-path", "state-dir", "model-dir", "signing-public-key", "min-count", "schema") + NODE_POLICY_KEYS
+                    "max-trusted-sites", "require-padded-batches", "min-count")
+NODE_CONFIG_KEYS = ("data-path", "state-dir", "model-dir", "signing-public-key", "schema") + NODE_POLICY_KEYS
 
 
 class SiteConfigError(ValueError):

@@ -217,3 +217,30 @@ def test_a_dp_round_divides_by_the_runs_batch_size_not_by_the_sites_expected_bat
     train_round(site, w, run, "run-A", 1)
     assert seen["expected_batch_size"] == 7 and seen["sample_rate"] == 0.25 and not seen["poisson_sampling"]
     assert seen["patients"] * 0.25 != 7  # not the site's expected batch
+
+
+def test_a_sites_own_min_count_holds_whatever_the_run_asks(tmp_path):
+    """site.json's min-count reaches the deployed ClientApp through the node config: a run asking for a smaller one
+    reports no count below the site's (the held-out part's metrics are withheld below it)."""
+    from flwr.app import Context, RecordDict
+
+    from client.app import prepared, site_settings
+
+    schema = site_schema()
+    schema_path = schema.save(tmp_path / "schema.json")
+    write_site(tmp_path / "site", site_tables(n_per_class=20))
+    cfg = load_run_config({"schema": str(schema_path), "num-rounds": 2, "d-model": 32, "min-count": 2})
+
+    def site(node: dict):
+        ctx = Context(run_id=1, node_id=1, node_config={"data-path": str(tmp_path / "site"),
+                                                        "state-dir": str(tmp_path / "state"),
+                                                        "model-dir": str(tmp_path / "models"),
+                                                        "privacy-budget": 8.0, **node},
+                      state=RecordDict(), run_config={})
+        return prepared(site_settings(ctx, cfg), cfg, schema_path)
+
+    weights = state_arrays(MultiModalTransformer(schema, cfg.model))
+    assert site({}).min_count == 5  # site.json's default, above the run's 2
+    strict = site({"min-count": 10_000})
+    assert strict.min_count == 10_000 and evaluate_global(strict, weights, cfg) == (0, {})
+    assert evaluate_global(site({"min-count": 3}), weights, cfg)[0] > 0
