@@ -34,7 +34,7 @@ from privacy.signing import canonical, load_private, sign
 from server.checkpoint import (freeze_run, frozen_run, hold_run_lock, load_latest, metrics_lines, round_outcome,
                                run_config_changes, save_checkpoint,
                                write_json_atomic)
-from server.delivery import audited, deliver, delivery_status, redeliver, save_package, tell_outcome
+from server.delivery import PACKAGE, audited, deliver, delivery_status, redeliver, save_package, tell_outcome
 from server.strategy import build_strategy
 from server.workflow import RoundsWorkflow, TimedSecAggPlusWorkflow
 from shared_models.evaluation import evaluate
@@ -272,7 +272,7 @@ class RoundRecorder:
 
     def _metrics_line(self, rnd: int, lctx: LegacyContext, info: dict, arrays: list[np.ndarray]) -> dict:
         h = lctx.history
-        return {"round": rnd, "seconds": round(time.time() - self.t0, 2), **info,
+        return {"round": rnd, "seconds": round(time.time() - self.t0, 2), "ended": round(time.time(), 3), **info,
                 "global": {"loss": dict(h.losses_distributed).get(rnd),
                            **{k: dict(v).get(rnd) for k, v in h.metrics_distributed.items()}},
                 "fit": {k: dict(v).get(rnd) for k, v in h.metrics_distributed_fit.items()},
@@ -353,6 +353,22 @@ def main(grid: Grid, context: Context) -> None:
                   start.first_round)
 
 
+def finished_at(out: Path, last: dict, final: list[np.ndarray]) -> float:
+    """When the final model was finished: its last round's end (so a run resumed only to deliver, days later,
+    stays older than the runs that finished meanwhile, and no site's model store takes it for the newest: its
+    `finished` orders re-deliveries); for a last round recorded without it, the time an earlier attempt's saved
+    package gave these same weights, else now."""
+    if isinstance(last.get("ended"), (int, float)):
+        return float(last["ended"])
+    try:
+        saved = json.loads((out / PACKAGE).read_text())
+        if saved.get("arrays_sha256") == arrays_sha256(final) and isinstance(saved.get("finished"), (int, float)):
+            return float(saved["finished"])
+    except (OSError, ValueError):
+        pass
+    return round(time.time(), 3)
+
+
 def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, recorder: RoundRecorder,
                   final: list[np.ndarray], signing_key, first_round: int) -> None:
     """The final model: described, signed, saved beside the checkpoints, sent to every site; result.json. A run
@@ -381,7 +397,7 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
         dp=cfg.privacy.enabled, site_epsilon=recorder.site_epsilon, delta=cfg.privacy.delta,
         **(dict(dp_mode=cfg.privacy.mode, trusted_sites=cfg.privacy.trusted_sites, mechanism="skellam",
                 site_epsilon_worst_case=recorder.site_epsilon_worst_case) if cfg.privacy.distributed else {}),
-        privacy=privacy_summary(cfg), metrics=last.get("global", {}), finished=round(time.time(), 3),
+        privacy=privacy_summary(cfg), metrics=last.get("global", {}), finished=finished_at(out, last, final),
         architecture=cfg.model.model_dump(),
         **({"patterns": patterns} if (patterns := consortium_patterns(
             last.get("patterns"), [m.name for m in schema.modalities])) else {})).description()

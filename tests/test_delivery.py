@@ -175,3 +175,18 @@ def test_the_current_run_in_the_metrics_is_the_one_started_last_not_the_one_deli
         os.utime(run / "run.json", (1000 + i, 1000 + i))  # "new" started after "old"
     (tmp_path / "runs" / "old" / "status.json").write_text(json.dumps({"run": "old", "redelivered": True}))
     assert latest_status(tmp_path / "runs")["run"] == "new"  # `oncofed deliver old` rewrote old's status
+
+
+def test_a_final_model_is_dated_by_its_last_round_so_a_late_resume_does_not_make_it_the_newest(tmp_path):
+    """A run resumed only to deliver (its checkpoint holds every round), after another run finished and was
+    installed, must not carry a later `finished` than that run: the sites' model stores order re-deliveries by it
+    and would roll back to the older model."""
+    import time
+
+    from server.app import finished_at
+
+    final = [np.ones(3, dtype=np.float32)]
+    assert finished_at(tmp_path, {"round": 10, "ended": 1000.5}, final) == 1000.5
+    (tmp_path / "package.json").write_text(json.dumps({"arrays_sha256": arrays_sha256(final), "finished": 900.25}))
+    assert finished_at(tmp_path, {"round": 10}, final) == 900.25  # a last round recorded before rounds were dated
+    assert finished_at(tmp_path, {"round": 10}, [np.zeros(3, dtype=np.float32)]) >= time.time() - 60  # other weights
