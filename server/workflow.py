@@ -100,14 +100,22 @@ class TimedSecAggPlusWorkflow(SecAggPlusWorkflow):
         After setup and key sharing (before any site trains) the same count abandons a round that could never
         be unmasked, so that no site spends budget on an update nobody will use."""
         n = len(state.active_node_ids)
+        # each site counts the active sites among its SecAgg+ neighbours (beyond 21 sites a sparse graph: not all of
+        # them), and gives no key shares for fewer than its floor: a round one site would refuse is not started
+        seen = min((len(nb & state.active_node_ids) for nid, nb in getattr(state, "nid_to_neighbours", {}).items()
+                    if nid in state.active_node_ids), default=n)
         before = stage != "collect_masked_vectors_stage"
         wraps = not before and self.refuse_wrap and n * self.quantization_range >= self.modulus_range
-        if n >= self.min_contributors and not wraps:
+        if n >= self.min_contributors and seen >= self.min_contributors and not wraps:
             return True
         rnd = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
         did = "completed SecAgg+'s " + stage.removesuffix("_stage").replace("_", " ") if before else "sent masked vectors"
         reason = (f"{n} sites {did}, fewer than {self.min_contributors} (min-sites, or trusted-sites in "
                   "dp-mode 'distributed')" if n < self.min_contributors else
+                  f"{n} sites {did}, but a site's SecAgg+ neighbourhood holds {seen} of them, fewer than "
+                  f"{self.min_contributors} (min-sites, or trusted-sites in dp-mode 'distributed'), so that site would "
+                  "refuse its key shares: with more than 21 sites SecAgg+ shares keys among 21 neighbours (fewer when "
+                  "fewer sites connect); lower min-sites or trusted-sites" if seen < self.min_contributors else
                   f"{n} sites' values of range {self.quantization_range} could wrap SecAgg+'s modulus "
                   f"{self.modulus_range} (the range was sized for fewer sites: set the run config's sites)")
         context.strategy.record_abandoned(rnd, getattr(state, "failures", []), set(state.active_node_ids),

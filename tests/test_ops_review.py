@@ -193,3 +193,22 @@ def test_h_a_round_that_can_never_be_unmasked_is_abandoned_before_any_site_train
     assert ran == ["setup_stage", "share_keys_stage"]  # no site was asked to train
     assert abandoned == ["2 sites completed SecAgg+'s share keys, fewer than 3 (min-sites, or trusted-sites in "
                          "dp-mode 'distributed'): abandoned before any site trains"]
+    # more sites than SecAgg+'s 21 neighbours, min-sites above that: every site would refuse its key shares at the
+    # unmask stage, after training and spending; the round is abandoned before any site trains
+    ran.clear(), abandoned.clear()
+    many = set(range(1, 31))
+
+    def sparse(name):
+        def run(self, grid, context, state):
+            state.active_node_ids, state.sampled_node_ids = set(many), set(many)
+            order = sorted(many)
+            state.nid_to_neighbours = {nid: {order[(i + k) % 30] for k in range(-10, 11)} for i, nid in enumerate(order)}
+            ran.append(name)
+            return True
+        return run
+
+    monkeypatch.setattr(SecAggPlusWorkflow, "setup_stage", sparse("setup_stage"))
+    wf = TimedSecAggPlusWorkflow(num_shares=21 / 30, reconstruction_threshold=0.66, max_weight=1000.0, timeout=10,
+                                 min_contributors=22)
+    assert not wf.setup_stage(None, context, WorkflowState()) and ran == ["setup_stage"]
+    assert "neighbourhood holds 21 of them, fewer than 22" in abandoned[0] and "before any site trains" in abandoned[0]
