@@ -43,7 +43,7 @@ from shared_models.model import MultiModalTransformer
 from shared_models.protocol import (AUDIT_ANCHOR, AUDIT_HEAD, EPSILON, EPSILON_WORST_CASE, NOISE_PLAN, RUN_KEY,
                                     SECAGG_CLIPPING_RANGE, SECAGG_MASKS, SECAGG_MAX_WEIGHT, SITE, ModelPackage,
                                     consortium_patterns)
-from shared_models.run_config import RunConfig
+from shared_models.run_config import SECAGG_MAX_SHARES, RunConfig
 from shared_models.schema import FeatureSchema
 from shared_models.site_data import load_labelled_site
 from shared_models.validation import validate_site
@@ -53,7 +53,6 @@ torch.set_num_threads(1)
 app = ServerApp()
 
 
-SECAGG_MAX_SHARES = 21  # odd: Flower's neighbour graph wants an odd share count below the number of sites
 
 
 def secagg_workflow(cfg: RunConfig, n_sites: int) -> TimedSecAggPlusWorkflow:

@@ -160,6 +160,9 @@ class SecAggSection(_Section):
 
 
 MAX_DELTA = 1e-3  # the largest delta a run may ask for: far below 1 / (the patients of any site)
+# SecAgg+ shares keys among at most this many neighbours of each site (Flower's sparse graph beyond it; odd, as
+# Flower's neighbour graph wants): no sum is unmasked for a site whose floor (min-sites, trusted-sites) is above it
+SECAGG_MAX_SHARES = 21
 
 
 class PrivacySection(_Section):
@@ -353,6 +356,11 @@ class RunConfig(BaseModel):
             raise ValueError("val-fraction 0 with dp: a DP site fits its normalisation on half its held-out part, "
                              "which would be empty, so every site would refuse every round; use val-fraction > 0 "
                              "(0.2 by default) or dp = false")
+        floor = max(fed.min_sites, dp.trusted_sites if dp.mode == "distributed" else 0)
+        if sa.enabled and floor > SECAGG_MAX_SHARES:
+            raise ValueError(f"min-sites / trusted-sites {floor} exceeds {SECAGG_MAX_SHARES}, the most SecAgg+ neighbours a "
+                             "site shares keys with: every site would refuse to help unmask every round; lower it to "
+                             f"at most {SECAGG_MAX_SHARES}")
         if fed.sites and fed.min_sites > fed.sites:
             raise ValueError(f"min-sites {fed.min_sites} exceeds sites {fed.sites}: the server would wait for {fed.sites} "
                              f"sites while each site asks for {fed.min_sites} before it helps unmask a sum; lower "

@@ -175,3 +175,14 @@ def test_a_field_name_is_not_a_key_and_the_refusal_names_the_key(key, says):
 def test_site_counts_that_contradict_each_other_are_refused_before_a_run_starts(values, says):
     with pytest.raises(RunConfigError, match=says):
         load_run_config({"schema": "s.json", **values})
+
+
+def test_a_floor_above_secaggs_neighbourhood_is_refused_at_the_run_config():
+    """Beyond 21 sites SecAgg+ shares each site's keys among 21 neighbours: a site asking for more contributors than
+    that (min-sites, or trusted-sites in distributed mode) would refuse to help unmask every round."""
+    from privacy.run_config import load_run_config
+    from shared_models.run_config import SECAGG_MAX_SHARES
+
+    with pytest.raises(RunConfigError, match="exceeds 21, the most SecAgg\\+ neighbours"):
+        load_run_config({"schema": "s.json", "sites": 30, "min-sites": SECAGG_MAX_SHARES + 1})
+    assert load_run_config({"schema": "s.json", "sites": 30, "min-sites": SECAGG_MAX_SHARES}).federation.min_sites == 21
