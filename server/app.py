@@ -236,18 +236,19 @@ class RoundRecorder:
         arrays = parameters_to_ndarrays(compat.arrayrecord_to_parameters(
             lctx.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
         info = lctx.strategy.round_info
-        for site in info.get("sites", {}).values():
-            if EPSILON in site and SITE in site:
-                self.site_epsilon[str(site[SITE])] = float(site[EPSILON])
-            if EPSILON_WORST_CASE in site and SITE in site:
-                self.site_epsilon_worst_case[str(site[SITE])] = float(site[EPSILON_WORST_CASE])
+        names = site_labels(info.get("sites", {}))
+        for nid, site in info.get("sites", {}).items():
+            if EPSILON in site and nid in names:
+                self.site_epsilon[names[nid]] = float(site[EPSILON])
+            if EPSILON_WORST_CASE in site and nid in names:
+                self.site_epsilon_worst_case[names[nid]] = float(site[EPSILON_WORST_CASE])
         line = self._metrics_line(rnd, lctx, info, arrays)
         audit_round = dict(run=self.run_key, round=rnd, status=info.get("status"),
                            participants=info.get("participants", []), refused=info.get("refused", []),
                            failures=info.get("failures", []), dropped=info.get("dropped", []),
                            weights_sha256=line["weights_sha256"], site_epsilon=dict(self.site_epsilon),
-                           site_audit_heads={str(m[SITE]): m[AUDIT_HEAD] for m in info.get("sites", {}).values()
-                                             if AUDIT_HEAD in m and SITE in m})
+                           site_audit_heads={names[nid]: m[AUDIT_HEAD] for nid, m in info.get("sites", {}).items()
+                                             if AUDIT_HEAD in m and nid in names})
         # the round's records travel in its checkpoint: a crash before they reach metrics.jsonl and the audit
         # log leaves them for the resumed run to write (recover_round_records)
         save_checkpoint(self.ckpt_root, rnd, arrays, lctx.strategy.state_arrays(), {
@@ -350,6 +351,20 @@ def main(grid: Grid, context: Context) -> None:
             lctx.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
     deliver_final(grid, cfg, schema, out, recorder, [np.asarray(a, dtype=np.float32) for a in final], signing_key,
                   start.first_round)
+
+
+def site_labels(sites: dict) -> dict:
+    """{node id: the name its site's records are filed under} for one round's replies: the name each site reports,
+    or, where two nodes report the same name (a misconfigured or dishonest site), the name with its node id for each
+    of them, so that neither's epsilon or audit head silently overwrites the other's."""
+    from collections import Counter
+
+    named = {nid: str(m[SITE]) for nid, m in sites.items() if SITE in m}
+    twice = {name for name, k in Counter(named.values()).items() if k > 1}
+    for name in sorted(twice):
+        log(WARNING, "two or more sites report the name %r this round: their records are kept apart by node id; check "
+            "the sites' site-name settings", name)
+    return {nid: f"{name} (node {nid})" if name in twice else name for nid, name in named.items()}
 
 
 def finished_at(out: Path, last: dict, final: list[np.ndarray]) -> float:

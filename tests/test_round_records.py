@@ -116,3 +116,14 @@ def test_a_checkpoint_that_is_not_this_runs_is_refused_not_resumed(tmp_path, wro
     with pytest.raises(ValueError, match="checkpoint is of run another-run-0000" if wrong == "run"
                        else "weights do not fit the model of this run config"):
         _resumed(out, values, schema)
+
+
+def test_two_sites_reporting_one_name_keep_their_own_epsilon_and_audit_head():
+    """The per-site records (epsilon, audit head) are filed under the name each site reports; two nodes reporting the
+    same name are kept apart by node id instead of one silently overwriting the other's."""
+    from server.app import site_labels
+    from shared_models.protocol import SITE
+
+    assert site_labels({11: {SITE: "St Mary"}, 12: {SITE: "C1"}, 13: {}}) == {11: "St Mary", 12: "C1"}
+    assert site_labels({11: {SITE: "St Mary"}, 12: {SITE: "St Mary"}}) == {11: "St Mary (node 11)",
+                                                                          12: "St Mary (node 12)"}
