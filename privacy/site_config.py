@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from privacy import MAX_BUDGET
 from shared_models.files import read_json_file, write_json_atomic
-from shared_models.run_config import MAX_DELTA
+from shared_models.run_config import MAX_DELTA, no_bool_for_numbers
 
 FILE_FORMAT = "oncofed-site/1"
 
@@ -88,6 +88,7 @@ class ServeSettings(BaseModel):
 
 class SiteConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
+    _no_bool_for_numbers = field_validator("*", mode="before")(no_bool_for_numbers)
 
     file_format: Literal["oncofed-site/1"] = Field(FILE_FORMAT, alias="format", description="the file's format")
     site_name: str = Field("", alias="site-name", description="the site's name in the consortium (its ledger, "

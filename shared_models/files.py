@@ -104,9 +104,16 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _no_duplicate_keys(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    if twice := sorted({k for k in keys if keys.count(k) > 1}):
+        raise ValueError(f"key {twice[0]!r} given twice: one of the values would be silently ignored; keep one")
+    return dict(pairs)
+
+
 def read_json_file(path: Path, error: type[Exception], hint: str) -> dict:
-    """A JSON settings file, or `error` naming the file and how to produce it."""
+    """A JSON settings file, or `error` naming the file and how to produce it (a key given twice is refused)."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(), object_pairs_hook=_no_duplicate_keys)
     except (OSError, ValueError) as e:
         raise error(f"{Path(path).parent}: no readable {Path(path).name} ({e}); {hint}") from None

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -45,8 +45,20 @@ class RunConfigError(ValueError):
     """A run configuration that cannot be used; names the key and the fix."""
 
 
+def no_bool_for_numbers(cls, value, info: ValidationInfo):
+    """A before-validator: true/false where a number belongs is refused (pydantic reads true as 1, so `epsilon =
+    true` or `--set num-rounds=true` would run with 1). Fields that may be a boolean keep them."""
+    if isinstance(value, bool):
+        annotation = cls.model_fields[info.field_name].annotation
+        allowed = set(get_args(annotation)) or {annotation}
+        if bool not in allowed and allowed & {int, float}:
+            raise ValueError("a number is expected here, not true or false")
+    return value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
+    _no_bool_for_numbers = field_validator("*", mode="before")(no_bool_for_numbers)
 
 
 class ModelConfig(_Section):

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from oncofed.cli import app
-from privacy.site_config import SiteConfig, SiteConfigError
+from privacy.site_config import FILE_FORMAT, SiteConfig, SiteConfigError
 
 # as `oncofed site init` wrote it before the model existed (keys in its order, values as it typed them)
 SITE_INIT = {"format": "oncofed-site/1", "site-name": "C0", "consortium": "c", "superlink": "fl.example.org:443",
@@ -142,3 +142,23 @@ def test_the_sites_delta_bounds_every_runs_accounting(tmp_path):
     assert delta({"privacy-delta": 1e-6}, 1e-3) == (1e-6, "")  # a looser run: accounted at the site's
     # a stricter run would re-price the site's spend for good: refused, naming both
     assert "the run's delta 1e-08 is below this site's privacy-delta 1e-06" in delta({"privacy-delta": 1e-6}, 1e-8)[1]
+
+
+def test_true_or_false_where_a_number_belongs_and_a_key_given_twice_are_refused(tmp_path):
+    """pydantic reads true as 1 and json keeps the last of two values: a site.json with `"privacy-budget": true`
+    would have run on a budget of 1, and one giving privacy-budget twice on whichever came last."""
+    from privacy.run_config import load_run_config
+    from shared_models.run_config import RunConfigError
+
+    for key in ("privacy-budget", "min-count"):
+        with pytest.raises(SiteConfigError, match=f"{key}: a number is expected here, not true or false"):
+            SiteConfig.parse({"format": FILE_FORMAT, "state-dir": "s", "model-dir": "m", key: True}, source="site.json")
+    path = tmp_path / "site.json"
+    path.write_text('{"format": "%s", "state-dir": "s", "model-dir": "m", "privacy-budget": 8.0, '
+                    '"privacy-budget": 100}' % FILE_FORMAT)
+    with pytest.raises(SiteConfigError, match="key 'privacy-budget' given twice"):
+        SiteConfig.load(path)
+    for key in ("epsilon", "num-rounds"):
+        with pytest.raises(RunConfigError, match=f"{key}: a number is expected here, not true or false"):
+            load_run_config({"schema": "s.json", key: True})
+    assert load_run_config({"schema": "s.json", "secagg": True}).secagg.enabled  # a boolean setting keeps them
