@@ -115,6 +115,19 @@ def test_a_table_named_with_the_wrong_case_is_an_error_with_its_right_name(tmp_p
     assert (p.severity, p.file) == ("error", "Clinical.TSV") and "clinical.tsv" in p.fix
 
 
+
+def test_a_tables_name_on_a_broken_link_or_a_directory_is_an_error_not_an_absent_modality(tmp_path):
+    site_dir = make_site(tmp_path)
+    (site_dir / "counts.parquet").unlink()
+    (site_dir / "counts.parquet").symlink_to(tmp_path / "unmounted" / "counts.parquet")
+    p = the_problem(validate_site(SCHEMA, site_dir), "not_a_file")
+    assert (p.severity, p.file) == ("error", "counts.parquet") and "does not exist" in p.message
+    assert "mount or restore" in p.fix
+    (site_dir / "counts.parquet").unlink()
+    (site_dir / "counts.parquet").mkdir()
+    p = the_problem(validate_site(SCHEMA, site_dir), "not_a_file")
+    assert "a directory" in p.message and "counts.parquet" in p.fix
+
 def test_two_tables_for_one_modality_is_an_error(tmp_path):
     site_dir = make_site(tmp_path)
     write_table(site_dir / "expr.csv", site_tables()["expr"])

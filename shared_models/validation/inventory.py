@@ -25,6 +25,16 @@ def inventory(check: Check, site_dir: Path) -> dict[str, Path]:
     expected = {(s + suf).lower(): s + suf for s in stems for suf in TABLE_SUFFIXES}
     for path in sorted(site_dir.iterdir()):
         name = path.name
+        if not name.startswith(".") and not path.is_file() and (
+                name in expected.values() or name.lower() in expected):
+            # a table's name on something that is not a readable file: without this its modality would be reported
+            # absent ("add it as ...") while the file is there by name
+            broken = path.is_symlink() and not path.exists()
+            check.add("error", "not_a_file", (f"a link to {path.readlink()}, which does not exist (an unmounted "
+                      "share?)" if broken else "a directory, not a table") + f": {what(expected[name.lower()].split('.')[0])} "
+                      "is not read", "mount or restore the file the link points to" if broken else
+                      f"put the table itself here as {name}", name)
+            continue
         if name.startswith(".") or not path.is_file() or path in chosen.values():
             continue
         if name in expected.values():
