@@ -128,6 +128,19 @@ def test_a_tables_name_on_a_broken_link_or_a_directory_is_an_error_not_an_absent
     p = the_problem(validate_site(SCHEMA, site_dir), "not_a_file")
     assert "a directory" in p.message and "counts.parquet" in p.fix
 
+
+def test_a_utf16_table_an_excel_workbook_and_spaces_around_the_id_name_get_their_own_fix(tmp_path):
+    site_dir = make_site(tmp_path)
+    labels = (site_dir / "labels.csv").read_text()
+    (site_dir / "labels.csv").write_bytes(labels.encode("utf-16"))
+    (site_dir / "clinical.tsv").write_bytes(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(600))  # an .xls renamed
+    report = validate_site(SCHEMA, site_dir)
+    fixes = {p.file: p.fix for p in report.problems if p.severity == "error"}
+    assert "saved as UTF-16" in fixes["labels.csv"] and "Excel workbook" in fixes["clinical.tsv"]
+    (site_dir / "labels.csv").write_text(labels.replace("patient", "patient ", 1))
+    p = the_problem(validate_site(SCHEMA, site_dir), "no_id_column")
+    assert "'patient ' has spaces around its name" in p.fix
+
 def test_two_tables_for_one_modality_is_an_error(tmp_path):
     site_dir = make_site(tmp_path)
     write_table(site_dir / "expr.csv", site_tables()["expr"])

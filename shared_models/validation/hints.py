@@ -81,6 +81,11 @@ def content_hint(path: Path) -> str | None:
         return "the compressed file is damaged or incomplete (interrupted copy?): copy or export it again"
     if name.endswith(".parquet") and head[:4] != b"PAR1":
         return "this is not a parquet file: export it again with a parquet writer (pandas: df.to_parquet)"
+    if head[:8] == b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" or (head[:2] == b"PK" and not name.endswith(".parquet")):
+        return ("this is an Excel workbook (or another zip archive), not a text table: in Excel, File > Save As > "
+                "CSV UTF-8, and name it .csv")
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(head) > 3 and head[1:8:2].count(0) >= 3):
+        return "the file is saved as UTF-16 text: save it again as UTF-8 (in Excel: File > Save As > CSV UTF-8)"
     if b"\x00" in head and not name.endswith(".parquet"):
         return "the file holds binary data, not text: export the table again as csv or tsv"
     return None
@@ -111,9 +116,12 @@ def id_hint(path: Path, idc: str) -> str | None:
                 rename = f", or rename the file to {proper[other]}" if other in proper else ""
                 return (f"the header is separated by {name}, but a {fmt} file must be separated by "
                         f"{'commas' if sep == ',' else 'tabs'}: export it again with that separator{rename}")
-    cells = [c.strip().strip('"') for c in header.split(sep)]
-    near = [c for c in cells if c.lower() == idc.lower() or norm(c) == norm(idc)]
+    raw_cells = [c.strip('"') for c in header.split(sep)]
+    cells = [c.strip() for c in raw_cells]
+    near = [raw for raw, c in zip(raw_cells, cells) if c.lower() == idc.lower() or norm(c) == norm(idc)]
     if near:
+        if near[0].strip() == idc:
+            return f"the column {near[0]!r} has spaces around its name: remove them, so that it reads {idc!r}"
         return f"rename the column {near[0]!r} to {idc!r} (names are case-sensitive)"
     if cells and cells[0] in ("", "Unnamed: 0", "index", "X", "rownames"):
         return (f"the first column has no usable name (a saved row index?): name it {idc!r}, or export "

@@ -42,6 +42,11 @@ def _table_error(check: Check, path: Path, text: str) -> None:
     if not message:
         message, fix = text, "export the table again"
     idc = check.schema.id_column
+    if (hint := content_hint(path)) and ("Excel" in hint or "UTF-16" in hint):
+        # what the file is decides the fix, whatever the reader tripped on (an .xls read as an empty csv, a UTF-16
+        # file as binary data or a table without an id column)
+        check.add("error", "unreadable", "not a text table in the format its name says", hint, path.name)
+        return
     if "no id column" in message:
         code, fix = "no_id_column", id_hint(path, idc) or fix
     elif "no rows" in message:
