@@ -466,7 +466,8 @@ def _predict_batches(path, predictor, lm, ids, raw, checked, batch_size, limits,
                 k = int(result["predicted"][i])
                 note = checked.notes[start + i]
                 more, _ = answer_warnings(lm, float(p[k]), result["counted"][i], limits)
-                flags = [x["code"] for x in note["warnings"] + more]
+                # the request's own warnings (columns ignored, ...) on every row too: the file is what gets read later
+                flags = list(dict.fromkeys([x["code"] for x in note["warnings"] + more + list(checked.warnings)]))
                 w.writerow([pid, classes[k], f"{p[k]:.6f}", lm.version, f"{note['coverage_total']:.3f}",
                             ";".join(flags), *[f"{v:.6f}" for v in p]])
             bar.advance(task, min(batch_size, len(ids) - start))

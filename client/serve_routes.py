@@ -139,8 +139,13 @@ def prediction_routes(app, site: "Site", role) -> None:
         return await answer(checked, top_k, who, lm, "/v1/predict", via(request))
 
     @app.post("/v1/predict/file")
-    async def predict_file(request: Request, files: list[UploadFile], top_k: int = 5,
+    async def predict_file(request: Request, files: list[UploadFile] | None = None, top_k: int = 5,
                            who: dict = Depends(role("predict"))):
+        if not files:  # (FastAPI's own answer, "Field required", names no fix)
+            return refused(PredictionInputError([{
+                "loc": "files", "code": "no_files", "msg": "no table was uploaded",
+                "fix": "send the tables as multipart form fields named 'files', one per table, e.g. "
+                       "curl -F files=@expr.csv -F files=@labels.csv ..."}]), "/v1/predict/file")
         lm = site.current()
         top_k = min(max(top_k, 0), 50)
 

@@ -233,6 +233,18 @@ def test_batch_cli(site, tmp_path):
     df = pd.read_csv(out)
     assert len(df) == N and (df["predicted"] == [site["schema"].classes[int(v)] for v in site["y"]]).mean() >= 0.8
 
+    # a table with a column the schema does not know: the request's warning is in every row of the file, not only
+    # on the terminal
+    data = tmp_path / "data"
+    shutil.copytree(site["data"], data)
+    expr = pd.read_csv(data / "expr.csv", dtype=str)
+    expr["not_a_gene"] = "1"
+    expr.to_csv(data / "expr.csv", index=False)
+    r = subprocess.run([sys.executable, "-m", "oncofed", "predict", "--site-config", str(site["root"] / "site.json"),
+                        "--data", str(data), "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert pd.read_csv(out, keep_default_na=False)["warnings"].str.contains("extra_columns").all()
+
 
 def test_the_batch_cli_writes_no_prediction_its_audit_log_did_not_record(site, tmp_path):
     # a review broke the audit log's last line: 20 rows reached the CSV, then a traceback, and no audit entry
@@ -423,6 +435,11 @@ def _upload(client, site, files: dict[str, bytes], top_k: int = 0):
     return client.post(f"/v1/predict/file?top_k={top_k}", headers=_auth(site["clinician"]),
                        files=[("files", (name, data, "text/csv")) for name, data in files.items()])
 
+
+
+def test_an_upload_without_files_is_refused_with_how_to_send_them(site, client):
+    r = client.post("/v1/predict/file", headers=_auth(site["clinician"]))
+    assert r.status_code == 422 and _codes(r) == {"no_files"} and "-F files=@" in r.json()["detail"][0]["fix"]
 
 def _csv(site, modality: str, rows: list[int], edit=None) -> bytes:
     df = pd.read_csv(site["data"] / f"{modality}.csv", dtype=str).iloc[rows]

@@ -141,6 +141,23 @@ def test_a_utf16_table_an_excel_workbook_and_spaces_around_the_id_name_get_their
     p = the_problem(validate_site(SCHEMA, site_dir), "no_id_column")
     assert "'patient ' has spaces around its name" in p.fix
 
+
+def test_a_table_the_account_may_not_read_gets_the_access_fix(tmp_path, monkeypatch):
+    import shared_models.validation.reading as reading
+    from shared_models.site_data import TableError
+
+    site_dir = make_site(tmp_path)
+    real = reading.read_table
+
+    def denied(path, idc):  # as read_table reports an unreadable file (chmod cannot stop root, who runs the tests)
+        if path.name == "clinical.tsv":
+            raise TableError(f"{path}: cannot be read ([Errno 13] Permission denied); check that the file is complete")
+        return real(path, idc)
+
+    monkeypatch.setattr(reading, "read_table", denied)
+    problems = [p for p in validate_site(SCHEMA, site_dir).problems if p.file == "clinical.tsv"]
+    assert problems and "read access" in problems[0].fix
+
 def test_two_tables_for_one_modality_is_an_error(tmp_path):
     site_dir = make_site(tmp_path)
     write_table(site_dir / "expr.csv", site_tables()["expr"])

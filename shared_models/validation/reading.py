@@ -47,6 +47,10 @@ def _table_error(check: Check, path: Path, text: str) -> None:
         # file as binary data or a table without an id column)
         check.add("error", "unreadable", "not a text table in the format its name says", hint, path.name)
         return
+    if "Permission denied" in message:
+        check.add("error", "unreadable", message, "give the account that runs oncofed read access to the file (its "
+                  "owner, group or mode)", path.name)
+        return
     if "no id column" in message:
         code, fix = "no_id_column", id_hint(path, idc) or fix
     elif "no rows" in message:
