@@ -36,7 +36,6 @@ import hashlib
 import ipaddress
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 from cryptography import x509
@@ -108,19 +107,31 @@ def _pem_private(key) -> bytes:
                              serialization.NoEncryption())
 
 
-def _fresh_dir(path: Path, what: str, create: bool = True) -> None:
-    """`path` is a new or empty directory (created unless `create` is False); ProvisioningError otherwise."""
+def _fresh_dir(path: Path, what: str) -> None:
+    """`path` is a new directory (created here) or an empty one; ProvisioningError otherwise."""
     try:
         if path.exists() and not path.is_dir():
             raise ProvisioningError(f"{path} is a file, not a directory: give {what} a new or empty directory")
         if path.exists() and any(path.iterdir()):
             raise ProvisioningError(f"{path} already holds files; {what} never overwrites keys: choose an empty "
                                     "directory")
-        if create:
-            path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ProvisioningError(f"{path}: {e.strerror or e}; give {what} a directory the account running it can "
                                 "create and write") from None
+
+
+def _remove_written(root: Path, existed: bool) -> None:
+    """Undo a failed `site init`: the directory it created, or what it wrote into the empty one it was given."""
+    if not existed:
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    for child in ("keys", "trust", "site.json"):
+        path = root / child
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def init_consortium(root: str | Path, name: str, address: str, now: dt.datetime | None = None,
@@ -257,26 +268,21 @@ def init_site(root: str | Path, name: str, consortium_public: str | Path, data_p
                                     "hospital's tables (one per modality, and labels), or leave --data out and set "
                                     "data-path in site.json later")
         data_path = str(data)
-    _fresh_dir(root, "site init", create=False)
-    # built in a new sibling directory and renamed into place at the end: a failure (a setting site.json refuses, a
-    # full disk) leaves nothing behind, so the same command can simply be run again
-    try:
-        root.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{root.name}.init-", dir=root.parent))
-    except OSError as e:
-        raise ProvisioningError(f"{root}: {e.strerror or e}; give site init a directory the account running it can "
-                                "create and write") from None
+    existed = root.exists()
+    _fresh_dir(root, "site init")  # an existing empty directory (a mount point, one the admin made) is used as it is
+    # on any failure (a setting site.json refuses, a full disk) what this call wrote is removed again, so the same
+    # command can simply be run again: the new directory, or the files written into the existing empty one
     try:
         key = ec.generate_private_key(ec.SECP384R1())
-        write_private(work / "keys" / "site.key", key.private_bytes(
+        write_private(root / "keys" / "site.key", key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
         public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-        (work / "keys" / "site.key.pub").write_bytes(public + f" {name}\n".encode())
+        (root / "keys" / "site.key.pub").write_bytes(public + f" {name}\n".encode())
 
-        (work / "trust").mkdir()
-        shutil.copy(bundle / "ca.crt", work / "trust" / "ca.crt")
-        shutil.copy(bundle / "signing.pub", work / "trust" / "signing.pub")
-        shutil.copy(bundle / "schema.json", work / "trust" / "schema.json")
+        (root / "trust").mkdir()
+        shutil.copy(bundle / "ca.crt", root / "trust" / "ca.crt")
+        shutil.copy(bundle / "signing.pub", root / "trust" / "signing.pub")
+        shutil.copy(bundle / "schema.json", root / "trust" / "schema.json")
         try:
             settings = SiteConfig.parse({
                 "format": FILE_FORMAT, "site-name": name, "consortium": record["name"], "superlink": record["address"],
@@ -286,20 +292,16 @@ def init_site(root: str | Path, name: str, consortium_public: str | Path, data_p
                 "root-certificates": str(root / "trust" / "ca.crt"),
                 "auth-supernode-private-key": str(root / "keys" / "site.key"),
                 "schema": str(root / "trust" / "schema.json"), "schema-sha256": record["schema_sha256"],
-                "public-key-sha256": fingerprint(work / "keys" / "site.key.pub")},
+                "public-key-sha256": fingerprint(root / "keys" / "site.key.pub")},
                 source=str(root / "site.json"))
         except SiteConfigError as e:
             raise ProvisioningError(f"{e}. Nothing was written: fix the option it comes from (--name, --data, --budget "
                                     "or --min-count) and run site init again") from None
-        settings.write(work / "site.json")
-        if root.exists():
-            root.rmdir()  # empty (checked above)
-        work.rename(root)
-    except OSError as e:
-        shutil.rmtree(work, ignore_errors=True)
-        raise ProvisioningError(f"{root}: {e.strerror or e}; nothing was written: give site init a directory the "
-                                "account running it can create and write") from None
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        settings.write(root / "site.json")
+    except BaseException as e:
+        _remove_written(root, existed)
+        if isinstance(e, OSError):
+            raise ProvisioningError(f"{root}: {e.strerror or e}; nothing was written: give site init a directory the "
+                                    "account running it can create and write") from None
         raise
     return settings

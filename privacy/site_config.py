@@ -41,6 +41,7 @@ class ServeSettings(BaseModel):
     """The `serve` object of site.json (every key optional): limits and what the service refuses."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
+    _no_bool_for_numbers = field_validator("*", mode="before")(no_bool_for_numbers)
 
     min_coverage: float = Field(0.02, ge=0, le=1, alias="min-coverage",
                                 description="refuse a patient with a smaller share of the schema's features")

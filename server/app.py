@@ -12,7 +12,7 @@ import json
 import math
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -143,6 +143,7 @@ class RunStart:
     site_epsilon_worst_case: dict[str, float]
     strategy_state: dict[str, np.ndarray] | None = None
     round_records: dict | None = None  # the checkpointed round's metrics line and audit entry
+    site_nodes: dict[str, str] = field(default_factory=dict)  # site name -> the node first reporting it
 
 
 def start_or_resume(cfg: RunConfig, context: Context, schema: FeatureSchema, out: Path) -> RunStart:
@@ -177,7 +178,8 @@ def start_or_resume(cfg: RunConfig, context: Context, schema: FeatureSchema, out
         log(INFO, "resuming run %s after round %s from %s", checkpoint.meta["run_key"], checkpoint.round, ckpt_root)
         return RunStart(checkpoint.meta["run_key"], checkpoint.weights, checkpoint.round + 1,
                         checkpoint.meta.get("site_epsilon", {}), checkpoint.meta.get("site_epsilon_worst_case", {}),
-                        checkpoint.strategy_state, checkpoint.meta.get(ROUND_RECORDS))
+                        checkpoint.strategy_state, checkpoint.meta.get(ROUND_RECORDS),
+                        dict(checkpoint.meta.get("site_nodes", {})))
     # a new run, or one that crashed before its first checkpoint (same seed: the same initial weights)
     torch.manual_seed(cfg.training.seed)
     weights = state_arrays(MultiModalTransformer(schema, cfg.model))
@@ -223,6 +225,7 @@ class RoundRecorder:
         self.cfg, self.run_config, self.schema_hash, self.out = cfg, dict(context.run_config), schema.content_hash(), out
         self.run_key, self.audit, self.anchor_audit, self.evaluated = start.run_key, audit, anchor_audit, evaluate_fn is not None
         self.site_epsilon, self.site_epsilon_worst_case = start.site_epsilon, start.site_epsilon_worst_case
+        self.site_nodes = start.site_nodes  # each name's records belong to the node that reported it first
         self.metrics_file, self.ckpt_root = out / "metrics.jsonl", out / "checkpoints"
         self.t0, self.round_started = t0, time.time()  # t0: the ServerApp's start
         self.status = {"run": self.run_key, "num_rounds": cfg.federation.num_rounds, "round": start.first_round - 1,
@@ -236,7 +239,7 @@ class RoundRecorder:
         arrays = parameters_to_ndarrays(compat.arrayrecord_to_parameters(
             lctx.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
         info = lctx.strategy.round_info
-        names = site_labels(info.get("sites", {}))
+        names = site_labels(info.get("sites", {}), self.site_nodes)
         for nid, site in info.get("sites", {}).items():
             if EPSILON in site and nid in names:
                 self.site_epsilon[names[nid]] = float(site[EPSILON])
@@ -254,7 +257,7 @@ class RoundRecorder:
         save_checkpoint(self.ckpt_root, rnd, arrays, lctx.strategy.state_arrays(), {
             "run_key": self.run_key, "schema_hash": self.schema_hash, "strategy": self.cfg.federation.strategy,
             "run_config": self.run_config, "site_epsilon": self.site_epsilon,
-            "site_epsilon_worst_case": self.site_epsilon_worst_case,
+            "site_epsilon_worst_case": self.site_epsilon_worst_case, "site_nodes": self.site_nodes,
             ROUND_RECORDS: {"metrics": line, "audit": audit_round}}, keep=self.cfg.run.keep_checkpoints)
         append_json_line(self.metrics_file, line)
         self.status.update(round=rnd, round_seconds=round(time.time() - self.round_started, 2),
@@ -353,18 +356,25 @@ def main(grid: Grid, context: Context) -> None:
                   start.first_round)
 
 
-def site_labels(sites: dict) -> dict:
-    """{node id: the name its site's records are filed under} for one round's replies: the name each site reports,
-    or, where two nodes report the same name (a misconfigured or dishonest site), the name with its node id for each
-    of them, so that neither's epsilon or audit head silently overwrites the other's."""
+def site_labels(sites: dict, owners: dict) -> dict:
+    """{node id: the name its site's records are filed under} for one round's replies. A name belongs to the node
+    that first reported it alone in a round, for the whole run (`owners`, name -> node id, updated here and kept in
+    the checkpoint); any other node reporting it (a misconfigured or dishonest site) is filed as "name (node N)",
+    so that no node's epsilon or audit head silently overwrites another's."""
     from collections import Counter
 
-    named = {nid: str(m[SITE]) for nid, m in sites.items() if SITE in m}
-    twice = {name for name, k in Counter(named.values()).items() if k > 1}
-    for name in sorted(twice):
-        log(WARNING, "two or more sites report the name %r this round: their records are kept apart by node id; check "
-            "the sites' site-name settings", name)
-    return {nid: f"{name} (node {nid})" if name in twice else name for nid, name in named.items()}
+    named = {str(nid): str(m[SITE]) for nid, m in sites.items() if SITE in m}
+    count = Counter(named.values())
+    for nid, name in sorted(named.items()):
+        if name not in owners and count[name] == 1:
+            owners[name] = nid
+    labels = {}
+    for nid, name in named.items():
+        labels[nid] = name if owners.get(name) == nid else f"{name} (node {nid})"
+        if labels[nid] != name:
+            log(WARNING, "node %s reports the site name %r, which another node reported first: its records are "
+                "kept apart as %r; check the sites' site-name settings", nid, name, labels[nid])
+    return labels
 
 
 def finished_at(out: Path, last: dict, final: list[np.ndarray]) -> float:

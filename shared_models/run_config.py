@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -50,7 +50,8 @@ def no_bool_for_numbers(cls, value, info: ValidationInfo):
     true` or `--set num-rounds=true` would run with 1). Fields that may be a boolean keep them."""
     if isinstance(value, bool):
         annotation = cls.model_fields[info.field_name].annotation
-        allowed = set(get_args(annotation)) or {annotation}
+        members = get_args(annotation) if get_origin(annotation) is not Annotated else (annotation,)
+        allowed = {get_args(m)[0] if get_origin(m) is Annotated else m for m in (members or (annotation,))}
         if bool not in allowed and allowed & {int, float}:
             raise ValueError("a number is expected here, not true or false")
     return value

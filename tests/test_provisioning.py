@@ -104,8 +104,16 @@ def test_nothing_is_overwritten_and_bad_settings_are_named(consortium, tmp_path)
     # a name site.json refuses (a quote) once keys would have been made: nothing is left, and the fixed command works
     with pytest.raises(ProvisioningError, match="holds no quote.*Nothing was written"):
         init_site(tmp_path / "s", 'St "Mary"', consortium / "public", ca_fingerprint=_read_out(consortium))
-    assert not (tmp_path / "s").exists() and not list(tmp_path.glob(".s.init-*"))
+    assert not (tmp_path / "s").exists()
+    # an existing empty directory (a mount point, one the admin made with its owner and mode) is used as it is, and
+    # emptied again after a failure
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s").chmod(0o750)
+    with pytest.raises(ProvisioningError, match="holds no quote"):
+        init_site(tmp_path / "s", 'St "Mary"', consortium / "public", ca_fingerprint=_read_out(consortium))
+    assert (tmp_path / "s").is_dir() and not list((tmp_path / "s").iterdir())
     assert init_site(tmp_path / "s", "St Mary", consortium / "public", ca_fingerprint=_read_out(consortium))
+    assert (tmp_path / "s").stat().st_mode & 0o7777 == 0o750
     (tmp_path / "f").write_text("x")
     with pytest.raises(ProvisioningError, match="is a file, not a directory"):
         init_site(tmp_path / "f", "C0", consortium / "public", ca_fingerprint=_read_out(consortium))

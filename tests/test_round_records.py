@@ -124,6 +124,11 @@ def test_two_sites_reporting_one_name_keep_their_own_epsilon_and_audit_head():
     from server.app import site_labels
     from shared_models.protocol import SITE
 
-    assert site_labels({11: {SITE: "St Mary"}, 12: {SITE: "C1"}, 13: {}}) == {11: "St Mary", 12: "C1"}
-    assert site_labels({11: {SITE: "St Mary"}, 12: {SITE: "St Mary"}}) == {11: "St Mary (node 11)",
-                                                                          12: "St Mary (node 12)"}
+    owners = {}  # the run's: name -> the node that reported it first
+    assert site_labels({"11": {SITE: "St Mary"}, "12": {SITE: "C1"}, "13": {}}, owners) == {"11": "St Mary", "12": "C1"}
+    # a later round: another node claims the name; the first keeps it, the newcomer is filed apart
+    assert site_labels({"11": {SITE: "St Mary"}, "33": {SITE: "St Mary"}}, owners) == {"11": "St Mary",
+                                                                                      "33": "St Mary (node 33)"}
+    fresh = {}  # two nodes with one name in the same first round: neither owns it
+    assert site_labels({"11": {SITE: "C0"}, "12": {SITE: "C0"}}, fresh) == {"11": "C0 (node 11)", "12": "C0 (node 12)"}
+    assert fresh == {}

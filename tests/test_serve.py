@@ -495,6 +495,11 @@ def test_schema_features_written_differently_are_refused_with_the_rename_not_sco
     patient["modalities"]["clinical"]["Age"] = patient["modalities"]["clinical"].pop("age")
     r = _post(client, site, [patient])
     assert r.status_code == 422 and _codes(r) == {"misnamed_columns"} and "'Age' -> 'age'" in r.text, r.text
+    # a near name with other digits may be another feature (hsa-mir-3651 is not hsa-mir-365-1): not refused
+    from shared_models.validation.hints import same_name_written_differently
+
+    assert not same_name_written_differently("hsa-mir-3651", "hsa-mir-365-1")
+    assert same_name_written_differently("G2", "g2") and same_name_written_differently("HSA-MIR-9-3", "hsa-mir-9-3")
 
 @pytest.mark.parametrize("sep, said", [(";", "semicolons"), ("\t", "tab")])
 def test_an_excel_style_table_gets_validates_message_and_fix(site, client, sep, said):

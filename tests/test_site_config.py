@@ -158,7 +158,9 @@ def test_true_or_false_where_a_number_belongs_and_a_key_given_twice_are_refused(
                     '"privacy-budget": 100}' % FILE_FORMAT)
     with pytest.raises(SiteConfigError, match="key 'privacy-budget' given twice"):
         SiteConfig.load(path)
-    for key in ("epsilon", "num-rounds"):
+    for key in ("epsilon", "num-rounds", "max-grad-norm", "modality-dropout"):  # the last two also take "auto"
         with pytest.raises(RunConfigError, match=f"{key}: a number is expected here, not true or false"):
             load_run_config({"schema": "s.json", key: True})
+    with pytest.raises(SiteConfigError, match="serve.out-of-range-sd: a number is expected here"):
+        SiteConfig.parse({"format": FILE_FORMAT, "state-dir": "s", "model-dir": "m", "serve": {"out-of-range-sd": True}})
     assert load_run_config({"schema": "s.json", "secagg": True}).secagg.enabled  # a boolean setting keeps them

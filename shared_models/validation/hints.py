@@ -32,11 +32,22 @@ def closest(value: str, choices: list[str]) -> str | None:
     return None
 
 
-def rename_hints(absent: list[str], extra: list[str]) -> str:
+def rename_pairs(absent: list[str], extra: list[str]) -> list[tuple[str, str]]:
+    """(column, the schema feature it seems to be): names equal but for case, spaces and punctuation."""
     by_key = {}
     for f in absent:
         by_key.setdefault(norm(f), f)
-    pairs = [(c, by_key[norm(c)]) for c in extra if norm(c) in by_key]
+    return [(c, by_key[norm(c)]) for c in extra if norm(c) in by_key]
+
+
+def same_name_written_differently(a: str, b: str) -> bool:
+    """Whether a column and a feature whose names normalise alike are surely one: their digit groups match too
+    (hsa-mir-3651 and hsa-mir-365-1 normalise alike and are two miRNAs)."""
+    return re.findall(r"\d+", a) == re.findall(r"\d+", b)
+
+
+def rename_hints(absent: list[str], extra: list[str]) -> str:
+    pairs = rename_pairs(absent, extra)
     if not pairs:
         return ""
     return names([f"{a!r} -> {b!r}" for a, b in pairs[:4]], quote=False, total=len(pairs))

@@ -11,7 +11,7 @@ import pandas as pd
 from shared_models.schema import Modality
 from shared_models.validation.cells import check_cells, check_columns
 from shared_models.validation.check import Check
-from shared_models.validation.hints import id_mismatch_hint, rename_hints
+from shared_models.validation.hints import id_mismatch_hint, rename_hints, rename_pairs, same_name_written_differently
 from shared_models.validation.leakage import check_leakage
 from shared_models.validation.messages import MAX_NAMES, names, plural
 from shared_models.validation.reading import read, unique_rows
@@ -63,11 +63,14 @@ def check_frame(check: Check, m: Modality, df: pd.DataFrame, path: Path) -> Chec
         check.add("warning", "absent_features", f"absent: {len(absent):,} of the schema's {m.n_features:,} "
                   f"{m.name!r} features ({len(absent) / m.n_features:.0%}): {names(absent)}; they are masked at "
                   "training", f"nothing, if the site does not measure them{rename}", file)
-    if check.for_prediction and renames:
-        # schema features written differently (case, spaces, punctuation): scored without them, every patient's answer
-        # would silently lose those features, which the request plainly meant to give
-        check.add("error", "misnamed_columns", f"columns that are schema features written differently: {renames}",
-                  f"rename them as in the schema ({renames}) and send the {m.name} table again", file)
+    sure = [(a, b) for a, b in rename_pairs(absent, extra) if same_name_written_differently(a, b)]
+    if check.for_prediction and sure:
+        # schema features written differently (case, spaces, punctuation, the same digits): scored without them, every
+        # patient's answer would silently lose features the request plainly meant to give (other near names, which
+        # may be other features, stay an extra_columns warning with the rename as a hint)
+        listed = names([f"{a!r} -> {b!r}" for a, b in sure[:4]], quote=False, total=len(sure))
+        check.add("error", "misnamed_columns", f"columns that are schema features written differently: {listed}",
+                  f"rename them as in the schema ({listed}) and send the {m.name} table again", file)
         return None
     if check.for_prediction and m.n_features >= FOREIGN_MIN_FEATURES and len(extra) > len(present):
         # a table of another kind saved under this modality's name: scoring it would be a guess (a modality of a
