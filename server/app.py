@@ -12,7 +12,7 @@ import json
 import math
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -143,7 +143,6 @@ class RunStart:
     site_epsilon_worst_case: dict[str, float]
     strategy_state: dict[str, np.ndarray] | None = None
     round_records: dict | None = None  # the checkpointed round's metrics line and audit entry
-    site_nodes: dict[str, str] = field(default_factory=dict)  # site name -> the node first reporting it
 
 
 def start_or_resume(cfg: RunConfig, context: Context, schema: FeatureSchema, out: Path) -> RunStart:
@@ -178,8 +177,7 @@ def start_or_resume(cfg: RunConfig, context: Context, schema: FeatureSchema, out
         log(INFO, "resuming run %s after round %s from %s", checkpoint.meta["run_key"], checkpoint.round, ckpt_root)
         return RunStart(checkpoint.meta["run_key"], checkpoint.weights, checkpoint.round + 1,
                         checkpoint.meta.get("site_epsilon", {}), checkpoint.meta.get("site_epsilon_worst_case", {}),
-                        checkpoint.strategy_state, checkpoint.meta.get(ROUND_RECORDS),
-                        dict(checkpoint.meta.get("site_nodes", {})))
+                        checkpoint.strategy_state, checkpoint.meta.get(ROUND_RECORDS))
     # a new run, or one that crashed before its first checkpoint (same seed: the same initial weights)
     torch.manual_seed(cfg.training.seed)
     weights = state_arrays(MultiModalTransformer(schema, cfg.model))
@@ -225,7 +223,9 @@ class RoundRecorder:
         self.cfg, self.run_config, self.schema_hash, self.out = cfg, dict(context.run_config), schema.content_hash(), out
         self.run_key, self.audit, self.anchor_audit, self.evaluated = start.run_key, audit, anchor_audit, evaluate_fn is not None
         self.site_epsilon, self.site_epsilon_worst_case = start.site_epsilon, start.site_epsilon_worst_case
-        self.site_nodes = start.site_nodes  # each name's records belong to the node that reported it first
+        # each name's records belong to the node that reported it first in this ServerApp's life (not kept across a
+        # resume: a restarted federation's SuperNodes register again under new node ids)
+        self.site_nodes: dict[str, str] = {}
         self.metrics_file, self.ckpt_root = out / "metrics.jsonl", out / "checkpoints"
         self.t0, self.round_started = t0, time.time()  # t0: the ServerApp's start
         self.status = {"run": self.run_key, "num_rounds": cfg.federation.num_rounds, "round": start.first_round - 1,
@@ -257,7 +257,7 @@ class RoundRecorder:
         save_checkpoint(self.ckpt_root, rnd, arrays, lctx.strategy.state_arrays(), {
             "run_key": self.run_key, "schema_hash": self.schema_hash, "strategy": self.cfg.federation.strategy,
             "run_config": self.run_config, "site_epsilon": self.site_epsilon,
-            "site_epsilon_worst_case": self.site_epsilon_worst_case, "site_nodes": self.site_nodes,
+            "site_epsilon_worst_case": self.site_epsilon_worst_case,
             ROUND_RECORDS: {"metrics": line, "audit": audit_round}}, keep=self.cfg.run.keep_checkpoints)
         append_json_line(self.metrics_file, line)
         self.status.update(round=rnd, round_seconds=round(time.time() - self.round_started, 2),
@@ -358,8 +358,8 @@ def main(grid: Grid, context: Context) -> None:
 
 def site_labels(sites: dict, owners: dict) -> dict:
     """{node id: the name its site's records are filed under} for one round's replies. A name belongs to the node
-    that first reported it alone in a round, for the whole run (`owners`, name -> node id, updated here and kept in
-    the checkpoint); any other node reporting it (a misconfigured or dishonest site) is filed as "name (node N)",
+    that first reported it alone in a round (`owners`, name -> node id, updated here; the recorder keeps it for the
+    ServerApp's life); any other node reporting it (a misconfigured or dishonest site) is filed as "name (node N)",
     so that no node's epsilon or audit head silently overwrites another's."""
     from collections import Counter
 
