@@ -237,12 +237,12 @@ def distributed_plan(site: PreparedSite, run_id: str, cfg: RunConfig, dim: int,
     p = distributed.run_plan(cfg.privacy.max_grad_norm, dim, cfg.privacy.trusted_sites, cfg.privacy.sample_rate, cfg.privacy.epsilon,
                              cfg.privacy.delta, cfg.federation.num_rounds)
     check(p)
-    spent = site.ledger.spent(site.dataset_fingerprint)
+    history = site.ledger.history(site.dataset_fingerprint)  # read once: the spend and the whole run's projection
+    spent = epsilon(history, site.ledger.delta)  # (PrivacyLedger.spent)
     cap = min(site.ledger.budget_epsilon, spent + cfg.privacy.epsilon)
     # the run's noise cannot adapt to this site (every site adds the same share): a run whose rounds cost more at the
     # site's own (smaller) delta than its epsilon would be refused partway, its earlier rounds spent for nothing
-    whole = epsilon(site.ledger.history(site.dataset_fingerprint) + [p.steps(cfg.federation.num_rounds)],
-                    site.ledger.delta)
+    whole = epsilon(history + [p.steps(cfg.federation.num_rounds)], site.ledger.delta)
     if whole > spent + cfg.privacy.epsilon + EPSILON_SLACK:
         raise BudgetError(
             f"run {run_id} refused before any spend: its noise is planned for epsilon {cfg.privacy.epsilon:g} at the "

@@ -681,7 +681,6 @@ def profile_slopes(norm, x: np.ndarray, profile_min: float = PROFILE_MIN,
     return out
 
 
-
 def profile_shifts(norm, signed: np.ndarray, leave_out: np.ndarray) -> list[tuple[str, np.ndarray]]:
     """(modality, each patient's mean signed z; NaN with fewer than UNITS_MIN_VALUES values) for the modalities whose
     mean profile is flat (spread below PROFILE_MIN), where real patients' means stay near 0. `signed`: the patients'

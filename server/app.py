@@ -53,8 +53,6 @@ torch.set_num_threads(1)
 app = ServerApp()
 
 
-
-
 def secagg_workflow(cfg: RunConfig, n_sites: int) -> TimedSecAggPlusWorkflow:
     """SecAgg+ parameters derived from the number of sites.
 

@@ -25,8 +25,7 @@ def inventory(check: Check, site_dir: Path) -> dict[str, Path]:
     expected = {(s + suf).lower(): s + suf for s in stems for suf in TABLE_SUFFIXES}
     for path in sorted(site_dir.iterdir()):
         name = path.name
-        if not name.startswith(".") and not path.is_file() and (
-                name in expected.values() or name.lower() in expected):
+        if not name.startswith(".") and not path.is_file() and name.lower() in expected:
             # a table's name on something that is not a readable file: without this its modality would be reported
             # absent ("add it as ...") while the file is there by name
             broken = path.is_symlink() and not path.exists()
