@@ -13,6 +13,7 @@ Ids are read as text ("NA" is a real TCGA site code). In feature columns the cel
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,9 +95,34 @@ def _read_delimited(path: Path, sep: str, id_column: str) -> pd.DataFrame:
     # Strings never become null, so an id "NA" stays text; numeric columns read the tokens as missing.
     convert = pacsv.ConvertOptions(column_types={id_column: pa.string()}, null_values=MISSING_TOKENS,
                                    strings_can_be_null=False)
-    table = pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+    try:
+        table = pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+    except pa.ArrowInvalid as e:
+        if m := re.search(r"Expected (\d+) columns, got (\d+): (.*)", str(e), re.S):
+            raise TableError(_ragged_row(path, sep, int(m[1]), int(m[2]), m[3])) from None
+        raise
     _require_unique_columns(path, table.column_names)
     return table.to_pandas()
+
+
+def _ragged_row(path: Path, sep: str, expected: int, got: int, row: str) -> str:
+    """pyarrow's refusal of a row with another number of fields than the header, with the row's line number."""
+    import gzip
+
+    start = row.strip().splitlines()[0][:200] if row.strip() else ""
+    number = None
+    try:
+        with (gzip.open(path, "rt", errors="replace") if path.name.endswith(".gz")
+              else open(path, errors="replace")) as fh:
+            number = next((i for i, text in enumerate(fh, 1) if start and text.rstrip("\r\n").startswith(start)),
+                          None)
+    except OSError:
+        pass
+    where = f"line {number}" if number else "a row"
+    kind = "tab" if sep == "\t" else "comma"
+    return (f"{path}: {where} has {got} fields where the header has {expected} (it starts {start[:60]!r}); a {kind} "
+            f"too many or too few in that row (a value holding a {kind} needs quotes): correct it, or export the "
+            "table again")
 
 
 def _require_unique_columns(path: Path, names: list[str]) -> None:

@@ -244,10 +244,32 @@ def test_duplicate_patient_ids_are_an_error_naming_them(tmp_path):
     assert "P000 (x2)" in p.message and "one row per patient" in p.fix
 
 
+def test_a_patient_twice_in_the_labels_with_two_classes_shows_both(tmp_path):
+    """Which row is the patient's class is the site's decision: the message shows the classes it must choose from."""
+    def twice(t):
+        first = t["labels"].iloc[[0]]
+        other = "C" if first.subtype.iloc[0] == "B" else "B"
+        t["labels"] = pd.concat([t["labels"], first.assign(subtype=other)], ignore_index=True)
+    site_dir = make_site(tmp_path, twice)
+    first, other = pd.read_csv(site_dir / "labels.csv").iloc[[0, -1]].itertuples()
+    p = the_problem(validate_site(SCHEMA, site_dir), "duplicate_ids")
+    assert p.file == "labels.csv" and f"{first.patient} (x2: {first.subtype}, {other.subtype})" in p.message, p.message
+
+
 def test_an_empty_id_is_an_error_naming_its_line(tmp_path):
     site_dir = make_site(tmp_path, lambda t: set_cell(t["clinical"], 4, "patient", " "))
     p = the_problem(validate_site(SCHEMA, site_dir), "empty_id")
     assert p.file == "clinical.tsv" and p.rows == ("line 6",) and "patient id" in p.fix
+
+
+def test_a_row_with_a_field_too_many_is_an_error_naming_its_line(tmp_path):
+    site_dir = make_site(tmp_path)
+    rows = (site_dir / "clinical.tsv").read_text().splitlines()
+    rows[3] += "\t99"  # the third patient's row, line 4
+    (site_dir / "clinical.tsv").write_text("\n".join(rows) + "\n")
+    p = the_problem(validate_site(SCHEMA, site_dir), "ragged_row")
+    assert p.file == "clinical.tsv" and "line 4 has 5 fields where the header has 4" in p.message
+    assert "a tab too many or too few" in p.fix
 
 
 def test_duplicate_column_names_are_an_error(tmp_path):
@@ -279,6 +301,33 @@ def test_rows_of_unlabelled_patients_are_a_warning(tmp_path):
 
 
 # --- labels --------------------------------------------------------------------------------------------------
+
+
+def test_data_of_another_schema_is_said_first_and_no_rename_is_suggested(tmp_path):
+    """Another consortium's tables (no label column, columns named otherwise): renaming them to fit would make one
+    cohort's data pass as another's, so validate says the schema is likely the wrong one and withholds the guesses."""
+    def other_cohort(t):
+        t["labels"] = t["labels"].rename(columns={"subtype": "cancer_type"})
+        t["expr"] = t["expr"].rename(columns={f"g{i}": f"G{i}" for i in range(6)})  # a rename that would "fit"
+        t["counts"] = t["counts"].rename(columns={f"c{i}": f"cnv_{i}" for i in range(3)})
+        t["clinical"] = t["clinical"].rename(columns={"age": "age_years", "smoker": "tobacco"})
+    report = validate_site(SCHEMA, make_site(tmp_path, other_cohort))
+    first = report.problems[0]
+    assert first.code == "another_schema" and "'subtype'" in first.message and "1 of the 12 features" in first.message
+    assert "check --schema" in first.fix
+    renames = [p for p in report.problems if p.code in ("no_schema_features", "no_label_column")]
+    assert renames and all("'g0'" not in p.fix and "likely of another schema" in p.fix for p in renames)
+
+
+def test_a_level_is_suggested_only_for_a_typo_not_for_another_category():
+    from shared_models.validation.hints import closest
+
+    assert closest("Male", ["female", "male"]) == "male" and closest("Stage IIa", ["Stage IIA"]) == "Stage IIA"
+    assert closest("Basel", ["LumA", "LumB", "Basal"]) == "Basal"
+    # 'male' is not a typo of 'female', nor 'Stage II' of 'Stage III', 'T1' of 'T2', 'LumC' of 'LumA' or 'LumB'
+    for value, choices in (("male", ["female"]), ("Stage II", ["Stage III"]), ("T1", ["T2"]),
+                           ("LumC", ["LumA", "LumB"])):
+        assert closest(value, choices) is None, value
 
 
 def test_labels_outside_the_schema_classes_are_an_error_with_the_likely_class(tmp_path):

@@ -26,10 +26,16 @@ def closest(value: str, choices: list[str]) -> str | None:
     for c in choices:
         if str(c) == value or (key and norm(c) == key):
             return c
-    close = difflib.get_close_matches(value.lower(), [str(c).lower() for c in choices], n=1, cutoff=0.75)
-    if close:
-        return next(c for c in choices if str(c).lower() == close[0])
-    return None
+    # a typo of exactly one choice; not a choice that contains the value or is contained in it ('male' in
+    # 'female', 'Stage II' in 'Stage III'), nor one with other numbers ('T1' / 'T2'): those are other categories
+    close = difflib.get_close_matches(value.lower(), [str(c).lower() for c in choices], n=2, cutoff=0.75)
+    if len(close) != 1:
+        return None
+    c = next(c for c in choices if str(c).lower() == close[0])
+    other = norm(c)
+    if key in other or other in key or not same_name_written_differently(value, str(c)):
+        return None
+    return c
 
 
 def rename_pairs(absent: list[str], extra: list[str]) -> list[tuple[str, str]]:

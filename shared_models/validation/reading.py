@@ -60,6 +60,8 @@ def _table_error(check: Check, path: Path, text: str) -> None:
             "export the table again"
     elif "duplicate column names" in message:
         code = "duplicate_columns"
+    elif "fields where the header has" in message:
+        code = "ragged_row"
     elif f"have an empty {idc!r}" in message:
         code = "empty_id"
     else:
@@ -81,7 +83,12 @@ def unique_rows(check: Check, df: pd.DataFrame, path: Path, is_labels: bool) -> 
     dup = np.asarray(ids.duplicated(keep=False)) & ~empty
     if dup.any():
         counts = ids[dup].value_counts(sort=False)
-        listing = names([f"{i} (x{n})" for i, n in counts.items()], quote=False)
+        col = check.schema.label_column
+        # a labels table's repeats with different classes: which is the patient's is what the site must decide
+        classes = (df.loc[dup, col].astype(str).groupby(level=0, sort=False).agg(lambda v: list(dict.fromkeys(v)))
+                   if is_labels and col in df.columns else {})
+        listing = names([f"{i} (x{n}" + (f": {', '.join(classes[i])})" if len(classes.get(i, ())) > 1 else ")")
+                         for i, n in counts.items()], quote=False)
         what = "with one label each" if is_labels else "(merge replicates or aliquots before export)"
         check.add("error", "duplicate_ids", f"{plural(len(counts), 'patient id')} more than once: {listing}",
                   f"keep one row per patient {what}; " + ("which row is the patient cannot be guessed, so "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -13,7 +14,7 @@ from shared_models.validation.check import Check
 from shared_models.validation.inventory import inventory
 from shared_models.validation.labels import check_labels
 from shared_models.validation.messages import MAX_NAMES, names, plural
-from shared_models.validation.report import ModalitySummary, SiteSummary, ValidationReport
+from shared_models.validation.report import ModalitySummary, Problem, SiteSummary, ValidationReport
 from shared_models.validation.summary import modality_summary, site_summary
 from shared_models.validation.tables import check_modality
 
@@ -67,4 +68,38 @@ def _check_site(check: Check, site_dir: Path) -> SiteSummary:
             check.add("warning", "no_data", f"{plural(len(orphans), 'labelled patient')} with no row in any "
                       "modality table: unusable for training", "add their data, or ignore this if they have "
                       "none", check.labels.file, rows=orphans[:MAX_NAMES])
+    _another_schema(check, paths, checked)
     return site_summary(check, site_dir, summaries, check.labels)
+
+
+# the problems whose fix is a guess at making the data fit the schema (a rename, a near level, a table name):
+# harmful when the schema itself is the wrong one
+GUESSED_FIXES = frozenset({"no_label_column", "no_schema_features", "unknown_level", "unknown_label", "unrelated_file", "absent_features",
+                           "extra_columns", "misnamed_table"})
+
+
+def _another_schema(check: Check, paths: dict, checked: dict) -> None:
+    """No label column and few of the schema's features by name in the tables present: the data is most likely of
+    another schema (another consortium's, or a schema file not this consortium's). Said first, and the renames and
+    near levels the other problems suggest (male -> 'female', 411 column renames) are withheld: followed, they
+    would make one cohort's tables pass as another's."""
+    if not any(p.code == "no_label_column" for p in check.problems):
+        return
+    schema = check.schema
+    offered = sum(m.n_features for m in schema.modalities if m.name in paths)
+    found = sum(len(c.present) for c in checked.values())
+    if not offered or found >= 0.1 * offered:
+        return
+    foreign = sorted(p.file for p in check.problems if p.code == "unrelated_file")
+    withheld = "see the first error (this data is likely of another schema) before changing anything here"
+    check.problems[:] = [Problem("error", "another_schema", f"the tables match little of schema {schema.name!r}: "
+                                 f"labels.csv has no {schema.label_column!r} column, {found:,} of the "
+                                 f"{offered:,} features of the modalities present are columns here"
+                                 + (f", and {plural(len(foreign), 'table')} the schema does not know "
+                                    f"({names(foreign)})" if foreign else ""),
+                                 "check --schema: it must be your consortium's (the trust/schema.json of your site "
+                                 "directory, from `oncofed site init`); if it is, this data was exported for another "
+                                 "schema: export it in this one's columns and classes (docs/site-data.md). The "
+                                 "other problems' renames are withheld: they would only make the tables look like "
+                                 "this schema")
+                         ] + [replace(p, fix=withheld) if p.code in GUESSED_FIXES else p for p in check.problems]
