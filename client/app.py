@@ -190,6 +190,8 @@ def site_policy_mod(msg: Message, context: Context, call_next):
         if site_settings(context, cfg).require_secagg:
             raise PermissionError("site policy: training requests must use secure aggregation (SecAgg+); "
                                   "this one does not, so the site sends nothing")
+        if cfg.privacy.enabled and cfg.privacy.distributed:
+            raise PermissionError(DISTRIBUTED_OUTSIDE_SECAGG)
         return _refusing(msg, context, call_next)
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
     if configs.get(SecAggKey.STAGE) == Stage.SETUP:
@@ -459,6 +461,12 @@ def fedavg_weight(cfg: RunConfig, n_patients: int, max_weight: float) -> int:
     return min(int(max_weight), public) if max_weight else public
 
 
+DISTRIBUTED_OUTSIDE_SECAGG = (
+    "dp-mode 'distributed': a site's update carries only its share of the noise, private only inside a SecAgg+ sum; "
+    "this training request is not a SecAgg+ round, so the site sends nothing (the SecAgg+ state an earlier round "
+    "left does not make it one)")
+
+
 def secagg_grid(context: Context) -> "SecAggGrid":
     """The SecAgg+ parameters this round's values go through, as Flower's setup stage gave them to this
     site (secaggplus_mod keeps them in the context's state before the fit stage calls the train handler)."""
@@ -561,6 +569,8 @@ def _train_distributed(msg: Message, fitins, context: Context, cfg: RunConfig, s
     from shared_models.weights import arrays_sha256
 
     rnd, run_key = int(fitins.config[SERVER_ROUND]), str(fitins.config[RUN_KEY])
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:  # (site_policy_mod refuses it first; a second line)
+        raise _refusal(fitins, msg, settings.name, DISTRIBUTED_OUTSIDE_SECAGG, audit)
     if reason := trust_refusal(settings, cfg):
         raise _refusal(fitins, msg, settings.name, reason, audit)
     grid = secagg_grid(context)

@@ -458,6 +458,43 @@ def test_a_site_gives_no_key_shares_for_a_sum_of_fewer_than_trusted_sites(tmp_pa
     assert events[-1]["event"] == "unmask_refused" and events[-1]["needed"] == 4
 
 
+def test_a_distributed_site_never_trains_for_a_request_outside_secagg_even_with_an_earlier_rounds_state(tmp_path):
+    """A site's distributed update carries only its share of the noise. Flower's SecAgg+ mod leaves its setup in the
+    context's state after a round; a plain TRAIN message for the next round (a site with require-secagg = false)
+    must still be refused, by the site's mod and by the training handler itself, before any spend."""
+    import json
+
+    from flwr.app import ConfigRecord, Context, RecordDict
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+    from flwr.compat.common.recorddict_compat import fitins_to_recorddict
+
+    from client.app import SiteRefusal, site_policy_mod, train
+    from shared_models.model import MultiModalTransformer
+    from shared_models.protocol import RUN_KEY, SERVER_ROUND
+    from shared_models.weights import state_arrays
+    from tests.factories import site_message
+
+    schema, run, _ = _site(tmp_path)
+    state = RecordDict()
+    state.config_records[RECORD_KEY_STATE] = ConfigRecord({"clipping_range": 1.0, "target_range": 2 ** 30,
+                                                            "mod_range": 2 ** 32, "max_weight": 2000.0})
+    ctx = Context(run_id=1, node_id=1, state=state, node_config={
+        "data-path": str(tmp_path / "site"), "state-dir": str(tmp_path / "state2"), "privacy-budget": 8.0,
+        "max-trusted-sites": 3, "require-secagg": False}, run_config={
+        "schema": str(tmp_path / "schema.json"), "num-rounds": 3, "d-model": 32, "dp-mode": "distributed",
+        "strategy": "fedavgm", "trusted-sites": 2, "sites": 2, "sample-rate": 0.5})
+    weights = state_arrays(MultiModalTransformer(schema, run.model))
+    plain = site_message(fitins_to_recorddict(FitIns(ndarrays_to_parameters(weights),
+                                                     {SERVER_ROUND: 2, RUN_KEY: "run-p"}), True))
+    with pytest.raises(PermissionError, match="not a SecAgg\\+ round"):
+        site_policy_mod(plain, ctx, train)
+    with pytest.raises(SiteRefusal, match="not a SecAgg\\+ round"):  # the handler's own check, had the mod been left out
+        train(plain, ctx)
+    ledger = tmp_path / "state2" / "privacy-ledger.json"
+    assert not ledger.exists() or json.loads(ledger.read_text())["entries"] == []
+
+
 @pytest.mark.slow
 def test_a_round_with_fewer_contributors_than_trusted_sites_is_abandoned_and_each_ledger_says_why(tmp_path):
     """One of 3 sites has no budget left and refuses; with trusted-sites 3 the two others' sum is never unmasked."""
