@@ -193,10 +193,13 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
         log.info("round %s: train loss %.4f over %s sampled rows (not sent under DP)", rnd, totals.mean_loss,
                  totals.samples)
         spent = site.ledger.commit_round(ticket, totals.steps)
-        accountant_eps = float(engine.get_epsilon(site.ledger.delta)) if opacus_checks else spent
-        if not math.isclose(spent, accountant_eps, rel_tol=0.01):
-            raise BudgetError(f"ledger epsilon {spent:.4f} and Opacus' accountant {accountant_eps:.4f} disagree; "
-                              "the round's update is withheld")
+        if opacus_checks:  # the two accountants over the same history: the ledger's as it stood when the round began
+            # (`spent` may hold another run's round committed meanwhile at this site, which Opacus' copy lacks)
+            ours = epsilon(past + [(ticket.noise_multiplier, ticket.sample_rate, totals.steps)], site.ledger.delta)
+            accountant_eps = float(engine.get_epsilon(site.ledger.delta))
+            if not math.isclose(ours, accountant_eps, rel_tol=0.01):
+                raise BudgetError(f"ledger epsilon {ours:.4f} and Opacus' accountant {accountant_eps:.4f} disagree; "
+                                  "the round's update is withheld")
         metrics.update({EPSILON: spent, NOISE_MULTIPLIER: ticket.noise_multiplier, SAMPLE_RATE: ticket.sample_rate})
     val = evaluate(model, torch.from_numpy(site.val.x), torch.from_numpy(site.val.y)) if len(site.val.y) else None
     if cfg.privacy.enabled and cfg.privacy.pad_to and len(site.val.y):
@@ -249,6 +252,13 @@ def distributed_plan(site: PreparedSite, run_id: str, cfg: RunConfig, dim: int,
             f"run's delta {cfg.privacy.delta:g}, and this site accounts at its privacy-delta {site.ledger.delta:g}, "
             f"where the run's {cfg.federation.num_rounds} rounds would spend {whole - spent:.3f}: the site would "
             "withdraw partway. Set the run's delta to at most the smallest privacy-delta of its sites")
+    if whole > site.ledger.budget_epsilon + EPSILON_SLACK:
+        raise BudgetError(
+            f"run {run_id} refused before any spend: its {cfg.federation.num_rounds} rounds would take this site's "
+            f"epsilon from {spent:.3f} to {whole:.3f}, beyond its budget {site.ledger.budget_epsilon:g} "
+            f"({max(site.ledger.budget_epsilon - spent, 0):.3f} left); the run's noise is the same at every site and "
+            "cannot shrink for this one, so it would withdraw partway. Join a run with a smaller epsilon or fewer "
+            "rounds, or raise the site's privacy-budget if its data-protection officer agrees")
     site.ledger.start_run(site.dataset_fingerprint, run_id, RunPlan(
         epsilon=cfg.privacy.epsilon, epsilon_cap=cap, num_rounds=cfg.federation.num_rounds, steps_per_round=1,
         noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate, terms=plan_terms(cfg), mechanism=p.to_dict()))

@@ -380,6 +380,25 @@ def test_a_run_planned_at_a_larger_delta_than_the_sites_is_refused_before_any_sp
     same = run.model_copy(update={"privacy": run.privacy.model_copy(update={"delta": DELTA})})
     assert distributed_round(site, weights, same, "run-same-delta", 1, _grid(3)).metrics["epsilon"] > 0
 
+
+def test_a_run_that_would_pass_the_sites_remaining_budget_is_refused_before_any_spend(tmp_path):
+    """The run's noise is the same at every site and cannot shrink to fit one site's remaining budget: a site with less
+    left than the run's rounds cost refuses at the first round, not partway after spending some of them."""
+    from client.local_round import distributed_round, state_arrays
+    from shared_models.model import MultiModalTransformer
+
+    schema, run, site = _site(tmp_path, **{"num-rounds": 6, "epsilon": 4.0})  # the site's budget: 8
+    earlier = site.ledger.begin_round(site.dataset_fingerprint, "earlier-run", 1, 1.2, 0.3, 20)
+    site.ledger.commit_round(earlier, 20)
+    before = site.ledger.spent(site.dataset_fingerprint)
+    assert 4.0 < before < 8.0  # less than the run's 4 left
+    weights = state_arrays(MultiModalTransformer(schema, run.model))
+    with pytest.raises(BudgetError, match="refused before any spend.*beyond its budget 8"):
+        distributed_round(site, weights, run, "run-over", 1, _grid(3))
+    assert site.ledger.spent(site.dataset_fingerprint) == before
+    assert site.ledger.run_plan(site.dataset_fingerprint, "run-over") is None
+
+
 def test_a_run_whose_model_changes_size_is_refused_before_spending_and_encode_refuses_another_dimension(tmp_path):
     """A run's Skellam plan (its rounding sensitivity l2) holds for the number of coordinates it was planned for: a later
     round of the run with a model of another size (a resumed or misconfigured server; its NOISE_PLAN is optional) is

@@ -116,6 +116,27 @@ def test_a_second_run_on_the_same_data_continues_the_spend(tmp_path):
     assert {e["run_id"] for e in ledger["entries"]} == {"run-A", "run-B"}
 
 
+def test_another_runs_round_beginning_meanwhile_does_not_withhold_this_one(tmp_path, monkeypatch):
+    """Two runs train at one site at once: run B's round begins while run A's trains. A's check of the ledger against
+    Opacus' accountant compares the two over the history A began with; against the live total (B's round included)
+    it withheld A's update after committing its spend. The epsilon A reports is the live total."""
+    import client.local_round as lr
+
+    schema, run, site, w = _setup(tmp_path, budget=12.0, rounds=3, **{"epsilon": 4.0, "sample-rate": 0.5})
+    sigma_b, q_b, steps_b = lr.run_noise(site, "run-B", run)
+    training = lr.train_epochs
+
+    def while_run_b_begins(*args, **kwargs):
+        out = training(*args, **kwargs)
+        site.ledger.begin_round(site.dataset_fingerprint, "run-B", 1, sigma_b, q_b, steps_b)  # another process
+        return out
+
+    monkeypatch.setattr(lr, "train_epochs", while_run_b_begins)
+    sent = train_round(site, w, run, "run-A", 1).metrics
+    assert sent["epsilon"] == pytest.approx(site.ledger.spent(site.dataset_fingerprint), rel=1e-9)  # B's included
+    assert sent["epsilon"] > _closed_form([(sent["noise_multiplier"], sent["sample_rate"], sent["local_steps"])])
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 def test_the_update_is_a_delta_from_the_global_weights(tmp_path, optimizer):
     schema, run, site, w = _setup(tmp_path, dp=False, **{"local-optimizer": optimizer, "lr": 0.2 if optimizer == "sgd"
