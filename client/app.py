@@ -357,9 +357,13 @@ def train(msg: Message, context: Context) -> Message:
         release_freed_memory()  # and given back when the round ends
 
 
+REQUIRE_DP_REFUSAL = ("site policy: training without differential privacy (run config dp = false) is refused; the "
+                      "site's node config require-dp allows only DP-SGD")
+
+
 def _train(msg: Message, context: Context) -> Message:
     from client.local_round import train_round
-    from client.site import SiteDataError
+    from client.site import SiteDataError, keep_run_normalizer
     from privacy.accounting import BudgetError
     from privacy.ledger import AlreadyReleased
 
@@ -373,6 +377,8 @@ def _train(msg: Message, context: Context) -> Message:
     keep_server_anchor(settings, context, cfg, fitins.config.get(AUDIT_ANCHOR))
     if reason := budget_refusal(settings, cfg) or delta_refusal(settings, cfg) or masks_refusal(fitins):
         raise _refusal(fitins, msg, settings.name, reason, audit)
+    if settings.require_dp and not cfg.privacy.enabled:  # before the site's tables are read for such a run
+        raise _refusal(fitins, msg, settings.name, REQUIRE_DP_REFUSAL, audit)
     try:
         site = prepared(settings, cfg, site_schema_path(context, cfg))
     except SiteDataError as e:
@@ -380,9 +386,7 @@ def _train(msg: Message, context: Context) -> Message:
         # The report names patient rows: it stays in the site's log; the server gets the verdict only.
         raise _refusal(fitins, msg, settings.name, "its data failed validation (details in the site's log; run "
                         "`oncofed validate` there)", audit)
-    if settings.require_dp and not cfg.privacy.enabled:
-        raise _refusal(fitins, msg, settings.name, "site policy: training without differential privacy (run config "
-                       "dp = false) is refused; the site's node config require-dp allows only DP-SGD", audit)
+    keep_run_normalizer(settings.paths.state_dir, run_key, site.normalizer)
     if reason := padding_refusal(settings, cfg) or (cfg.privacy.enabled and (
             stale_ledger_refusal(settings, site) or withheld_refusal(site, run_key))):
         raise _refusal(fitins, msg, settings.name, reason, audit)
@@ -685,6 +689,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg = load_run_config(context.run_config, source="run config (site)")
     settings = site_settings(context, cfg)
     try:
+        if settings.require_dp and not cfg.privacy.enabled:  # its held-out metrics would leave without DP's
+            # preparation (the normalisation fitted on the training part): a run the site refuses to train for
+            log(WARNING, "site %s: %s; the global model is not scored here either", settings.name, REQUIRE_DP_REFUSAL)
+            raise SiteDataError("require-dp")
         site = prepared(settings, cfg, site_schema_path(context, cfg))
         last = int(ins.config.get(SERVER_ROUND, 0) or 0) == cfg.federation.num_rounds  # the model delivered
         n, metrics = evaluate_global(site, parameters_to_ndarrays(ins.parameters), cfg, patterns=last)
@@ -737,15 +745,20 @@ def package_architecture(package: ModelPackage, cfg: RunConfig):
         raise ModelStoreError(f"the package's architecture is not one this site can build ({e}); not installed") from None
 
 
-def _run_normalizer(settings: SiteSettings, cfg: RunConfig, context: Context):
-    """The normalisation the run fitted at this site (its split is the run config's seed and val-fraction, DP or
-    not: client.site.prepare_site, the same in every process), kept with the installed version; None when the site
-    cannot prepare its data now (it then serves with STATE_DIR/normalizer.json, e.g. a site that never trained)."""
+def _run_normalizer(settings: SiteSettings, schema, run_key: str):
+    """The normalisation this site's patients were trained with in the run (kept when the site first prepared its data
+    for it: client.site.keep_run_normalizer), kept with the installed version; None when the site trained no round
+    of the run (it then serves with STATE_DIR/normalizer.json). Never fitted again here: the site's tables may have
+    changed since the run (a refreshed export), and the model would be served with statistics it never saw."""
+    from client.site import run_normalizer_path
+    from shared_models.site_data import Normalizer
+
+    path = run_normalizer_path(settings.paths.state_dir, run_key)
     try:
-        return prepared(settings, cfg, site_schema_path(context, cfg)).normalizer
+        return Normalizer.load(path, schema) if path.is_file() else None
     except Exception as e:  # noqa: BLE001 - the model installs either way; the reason goes to the log
-        log(WARNING, "site %s: the run's normalisation could not be kept with the model (%s); it is served with the "
-            "site's state normalizer.json", settings.name, e)
+        log(WARNING, "site %s: the run's normalisation %s could not be kept with the model (%s); it is served with "
+            "the site's state normalizer.json", settings.name, path, e)
         return None
 
 
@@ -785,7 +798,7 @@ def save_model(msg: Message, context: Context) -> Message:
                                   f"{schema.content_hash()[:12]}...")
         version = store.install(schema, package_architecture(package, cfg), arrays, info,
                                 expected_arrays_sha256=package.arrays_sha256,
-                                normalizer=lambda: _run_normalizer(settings, cfg, context),
+                                normalizer=lambda: _run_normalizer(settings, schema, str(package.run)),
                                 split={"seed": cfg.training.seed, "val_fraction": cfg.site.val_fraction})
         reply = DeliveryReply(site=settings.name, installed=True, version=version, path=str(store.root / version),
                               arrays_sha256=store.package(version)["arrays_sha256"])

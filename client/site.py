@@ -152,6 +152,20 @@ def prepare_site(schema: FeatureSchema, paths: SitePaths, *, budget_epsilon: flo
                         min_count)
 
 
+def run_normalizer_path(state_dir: Path, run_key: str) -> Path:
+    from client.releases import ReleaseStore
+
+    return Path(state_dir) / "runs" / ReleaseStore.directory(run_key) / "normalizer.json"
+
+
+def keep_run_normalizer(state_dir: Path, run_key: str, normalizer: Normalizer) -> None:
+    """The normalisation a run trains this site's patients with, kept at its first round for the model the run
+    delivers (client.app.save_model): a run's data cannot change while it runs (the ledger refuses other patients)."""
+    path = run_normalizer_path(state_dir, run_key)
+    if not path.is_file():
+        normalizer.save(path)
+
+
 def min_count(site: PreparedSite, cfg: RunConfig) -> int:
     """The smallest count this site reports under this run: the site's own min-count (it was prepared with) or the
     run's, whichever is larger."""

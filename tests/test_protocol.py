@@ -5,6 +5,7 @@ enter the server's records."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -200,3 +201,78 @@ def test_the_last_rounds_outcome_reaches_the_sites_ledger_with_the_model_or_with
     assert entries()[1]["outcome"]["status"] == "abandoned" and ledger.spent(dataset) == spent
     events = [json.loads(x)["event"] for x in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
     assert events.count("round_abandoned") == 2
+
+
+def test_the_model_is_kept_with_the_normalisation_its_run_trained_with_not_one_fitted_at_delivery(tmp_path):
+    """A site whose tables were refreshed between its last round and the delivery (a SuperNode restarted, `oncofed
+    deliver` days later) keeps with the version the statistics its patients were trained with in the run; a run the
+    site trained no round of gets none (served with the site's state normalizer.json)."""
+    import client.app as capp
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import fitins_to_recorddict
+    from privacy.run_config import load_run_config
+    from shared_models.model import MultiModalTransformer
+    from shared_models.protocol import RUN_KEY, SERVER_ROUND
+    from shared_models.site_data import Normalizer
+    from shared_models.weights import arrays_sha256, state_arrays
+    from tests.sitefixtures import site_schema, site_tables, write_site
+
+    schema = site_schema()
+    run = {"schema": str(schema.save(tmp_path / "schema.json")), "min-sites": 2, "dp": False, "d-model": 32,
+           "num-rounds": 1}
+    write_site(tmp_path / "site", site_tables(n_per_class=20))
+    ctx = Context(run_id=1, node_id=1, state=RecordDict(), run_config=run, node_config={
+        "data-path": str(tmp_path / "site"), "state-dir": str(tmp_path / "state"), "require-dp": False,
+        "require-secagg": False})
+    arrays = state_arrays(MultiModalTransformer(schema, load_run_config(run).model))
+    fit = site_message(fitins_to_recorddict(FitIns(ndarrays_to_parameters(arrays), {SERVER_ROUND: 1, RUN_KEY: "r-1"}),
+                                            True))
+    assert not capp.train(fit, ctx).has_error()
+    trained_with = Normalizer.load(tmp_path / "state" / "normalizer.json", schema)
+
+    capp._PREPARED.clear()  # the SuperNode restarted; the hospital re-exported its expression table
+    refreshed = site_tables(n_per_class=20)
+    refreshed["expr"].iloc[:, 1:] = refreshed["expr"].iloc[:, 1:] * 2.0 + 1.5
+    write_site(tmp_path / "site", refreshed)
+
+    def deliver(run_key: str) -> dict:
+        package = ModelPackage(run=run_key, round=1, schema_hash=schema.content_hash(),
+                               arrays_sha256=arrays_sha256(arrays)).description()
+        return json.loads(str(capp.save_model(_save_model_message(package, arrays), ctx)
+                              .content[CONFIG_RECORD][REPLY]))
+
+    reply = deliver("r-1")
+    kept = Normalizer.load(Path(reply["path"]) / "normalizer.json", schema)
+    assert np.array_equal(kept.mean, trained_with.mean) and np.array_equal(kept.scale, trained_with.scale)
+    reply = deliver("r-never-trained")
+    assert reply["installed"] and not (Path(reply["path"]) / "normalizer.json").exists()
+
+
+def test_a_site_that_requires_dp_neither_scores_nor_prepares_its_data_for_a_run_without_dp(tmp_path):
+    """require-dp: a run with dp = false is refused for training, and its evaluation gets nothing either (held-out
+    metrics computed on inputs normalised with the training patients' statistics, sent without any DP mechanism);
+    the site's tables are not even read for such a run (its state normalizer.json is not rewritten)."""
+    import client.app as capp
+    from flwr.common import EvaluateIns, FitIns, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import (evaluateins_to_recorddict, fitins_to_recorddict,
+                                                       recorddict_to_evaluateres)
+    from privacy.run_config import load_run_config
+    from shared_models.model import MultiModalTransformer
+    from shared_models.protocol import RUN_KEY, SERVER_ROUND
+    from shared_models.weights import state_arrays
+    from tests.sitefixtures import site_schema, site_tables, write_site
+
+    schema = site_schema()
+    run = {"schema": str(schema.save(tmp_path / "schema.json")), "min-sites": 2, "dp": False, "d-model": 32}
+    write_site(tmp_path / "site", site_tables(n_per_class=20))
+    ctx = Context(run_id=1, node_id=1, state=RecordDict(), run_config=run, node_config={
+        "data-path": str(tmp_path / "site"), "state-dir": str(tmp_path / "state"), "require-secagg": False})
+    parameters = ndarrays_to_parameters(state_arrays(MultiModalTransformer(schema, load_run_config(run).model)))
+    with pytest.raises(capp.SiteRefusal, match="require-dp allows only DP-SGD"):
+        capp.train(site_message(fitins_to_recorddict(FitIns(parameters, {SERVER_ROUND: 1, RUN_KEY: "r-1"}), True)),
+                   ctx)
+    reply = capp.evaluate(site_message(evaluateins_to_recorddict(EvaluateIns(parameters, {SERVER_ROUND: 1}), True),
+                                       MessageType.EVALUATE), ctx)
+    res = recorddict_to_evaluateres(reply.content)
+    assert res.num_examples == 0 and res.metrics == {}
+    assert not (tmp_path / "state" / "normalizer.json").exists()
