@@ -34,6 +34,7 @@ ACTIVE_REREAD_S = 1.0  # ModelStore.active reads ACTIVE again at least this ofte
 
 NORMALIZER = "normalizer.json"  # in a version's directory: the site's normalisation of the run that made it
 SPLIT = "split.json"  # in a version's directory: the run's split key at this site (which patients could have trained)
+CHOSEN = "CHOSEN"  # the version the site's admin activated (serve activate): a redelivery does not undo it
 
 
 _STORE_KEYS = frozenset({"format", "version", "installed", "schema_hash", "arrays_sha256", "weights_sha256",
@@ -100,7 +101,10 @@ class ModelStore:
                                   f"{expected_arrays_sha256[:12]}...: not installed, {self.active()} stays active")
         self._not_older(info)
         if info.get("run") and (same := self._installed(got, info)) is not None:
-            self.activate(same)
+            # this model again (`oncofed deliver`): active again, e.g. after an install a crash cut short before its
+            # activation; not over a version the site's admin chose since (a rollback away from it stays)
+            if (chosen := self.chosen()) is None or chosen == same:
+                self.activate(same)
             return same
         model = MultiModalTransformer(schema, config)
         try:
@@ -137,14 +141,21 @@ class ModelStore:
         """Refuses a delivery whose run finished before the active model's: re-delivering an earlier run must not
         roll a site back without its say (its admin can activate any installed version: /v1/models/activate)."""
         active = self.active()
-        if active is None or not isinstance(info.get("finished"), (int, float)):
+        if active is None:
             return
         try:
             package = self.package(active)
         except (OSError, ValueError):
             return  # an unreadable active package: the new model is the better one to serve
         theirs = package.get("delivery", {}).get("finished")
-        if isinstance(theirs, (int, float)) and info["finished"] < theirs:
+        if not isinstance(theirs, (int, float)):
+            return  # an active model without a date (before 2026-12-05): any delivery may replace it
+        if not isinstance(info.get("finished"), (int, float)):  # cannot be ordered against the active one
+            raise ModelStoreError(
+                f"the delivered model (run {info.get('run')}) carries no finish time and the active {active} (run "
+                f"{package.get('run')}) does: it may be an earlier run, so it is not installed and {active} stays "
+                "active; the operator sends it again with OncoFed's `oncofed deliver`, which dates it")
+        if info["finished"] < theirs:
             raise ModelStoreError(
                 f"the delivered model (run {info.get('run')}) finished training before the active {active} (run "
                 f"{package.get('run')}): not installed, {active} stays active; to go back to an earlier model, the "
@@ -222,6 +233,20 @@ class ModelStore:
                                       "the server signed: the file was altered")
         return package
 
-    def activate(self, version: str) -> None:
+    def activate(self, version: str, chosen: bool = False) -> None:
+        """Make `version` the active one. `chosen`: by the site's admin (`serve activate`, /v1/models/activate), a
+        choice a later delivery of a model already installed does not undo; a new model installed does."""
         self.verify(version)
         write_text_atomic(self.root / "ACTIVE", version + "\n")
+        if chosen:
+            write_text_atomic(self.root / CHOSEN, version + "\n")
+        else:
+            (self.root / CHOSEN).unlink(missing_ok=True)
+
+    def chosen(self) -> str | None:
+        """The version the site's admin activated, while it is still the active one."""
+        try:
+            version = (self.root / CHOSEN).read_text().strip()
+        except OSError:
+            return None
+        return version if version == self.active() else None

@@ -195,9 +195,10 @@ class Predictor:
         self.on_fallback = on_fallback or (lambda entry: None)
         self._lock = threading.Lock()
         self.current: LoadedModel | None = None
-        self.failed: tuple[str, str] | None = None  # (version, why): not retried until ACTIVE changes
+        # (version, why, the files' stamps): not retried until ACTIVE or the site's normalisation file is rewritten
+        self.failed: tuple[str, str, tuple] | None = None
         self.degraded: dict | None = None  # {"active", "serving", "reason"} while a fallback is served
-        self._stamp: tuple | None = None  # calibration.json's (mtime, size, inode) when the current model read it
+        self._stamp: tuple | None = None  # the files' stamps (_files_stamp) when the current model read them
         if load_active:
             self.refresh()
 
@@ -228,27 +229,38 @@ class Predictor:
         lm.forward()  # traced here, before the version is served, not on a request
         return lm
 
-    def _calibration_stamp(self) -> tuple | None:
-        try:
-            st = self.calibration_path.stat()
-        except OSError:
-            return None
-        return st.st_mtime_ns, st.st_size, st.st_ino
+    def _files_stamp(self) -> tuple:
+        """(mtime, size, inode) of the files a served model reads besides its version: the calibration, the site's
+        normalisation (`serve fit-normalizer`) and ACTIVE (`serve activate` in another process rewrites it)."""
+        def stamp(path: Path):
+            try:
+                st = path.stat()
+            except OSError:
+                return None
+            return st.st_mtime_ns, st.st_size, st.st_ino
+
+        return stamp(self.calibration_path), stamp(self.normalizer_path), stamp(self.store.root / "ACTIVE")
 
     def _calibrate(self, lm: LoadedModel) -> None:
-        """The site's calibration of this version, if it has one (client/calibration.py), and the file's stamp, so
+        """The site's calibration of this version, if it has one (client/calibration.py), and the files' stamps, so
         that `refresh` serves a calibration written while the service runs from the next request on."""
         from client.calibration import load_calibration
 
-        self._stamp = self._calibration_stamp()
+        self._stamp = self._files_stamp()
         lm.calibration = load_calibration(self.calibration_path, lm.version, lm.package, lm.schema)
         lm.temperature = 1.0 if lm.calibration is None else float(lm.calibration["temperature"])
 
     def activate(self, version: str) -> None:
         """Make an installed version the active one, after loading it as it would be served: a package that does
-        not verify (or load) raises and never becomes active."""
-        self._load(version)
-        self.store.activate(version)
+        not verify (or load) raises and never becomes active; one that does is served from the next request on
+        (a version that failed before and was repaired included). The site's own choice: a delivery of a model
+        already installed does not undo it (ModelStore.install)."""
+        loaded = self._load(version)
+        self.store.activate(version, chosen=True)
+        self.failed, self.degraded = None, None
+        self._stamp = self._files_stamp()
+        with self._lock:
+            self.current = loaded
 
     def refresh(self) -> bool:
         """Load the store's active version if it changed; True if the model changed.
@@ -262,23 +274,36 @@ class Predictor:
                                       f"--version {versions[-1]}")
             raise ModelStoreError(f"{self.store.root}: no model installed yet (the global model arrives after a "
                                   "federated run)")
+        stamp = self._files_stamp()
         if self.current is not None and self.current.version == active:
             self.failed, self.degraded = None, None  # e.g. rolled back to the version serving as the fallback
-            if self._calibration_stamp() == self._stamp:
+            if stamp == self._stamp:
                 return False
+            if stamp[1] != self._stamp[1] and normalizer_of(self.store.root / active, self.normalizer_path) == \
+                    self.normalizer_path:  # served with the site's normalisation, refitted: the version loaded again
+                try:
+                    loaded = self._load(active)
+                except Exception as e:  # noqa: BLE001 - the model served so far keeps serving; the reason is kept
+                    self._stamp = stamp
+                    self.degraded = {"active": active, "serving": active, "reason": f"{self.normalizer_path} was "
+                                     f"rewritten and cannot serve {active} ({e}); the statistics read before serve on"}
+                    return False
+                with self._lock:
+                    self.current = loaded
+                return True
             recalibrated = dataclasses.replace(self.current, _patterns=None)  # the same model: its weights, its trace
             self._calibrate(recalibrated)
             with self._lock:
                 self.current = recalibrated
             return True
-        if self.failed is not None and self.failed[0] == active:
+        if self.failed is not None and self.failed[0] == active and self.failed[2] == stamp:
             if self.current is None:
                 raise ModelStoreError(self.failed[1])
-            return False  # the fallback keeps serving until ACTIVE changes
+            return False  # the fallback keeps serving until ACTIVE or the site's normalisation changes
         try:
             loaded = self._load(active)
         except Exception as e:  # noqa: BLE001 - any failure: look for a version that verifies
-            self.failed = (active, f"{active}: {e}")
+            self.failed = (active, f"{active}: {e}", stamp)
             return self._fall_back(active, str(e))
         self.failed, self.degraded = None, None
         with self._lock:
@@ -303,7 +328,7 @@ class Predictor:
         self.degraded = None
         why = (f"{active}: {reason}; no older installed version verifies either "
                f"({', '.join(v for v in self.store.versions() if v < active) or 'none installed'})")
-        self.failed = (active, why)
+        self.failed = (active, why, self._files_stamp())
         raise ModelStoreError(why)
 
     # --- inputs (client/prediction_input.py holds the contract) ----------------------------------

@@ -210,9 +210,11 @@ def test_a_model_that_finished_before_the_active_one_is_not_installed_over_it(tm
         assert store.active() == "v0002" and store.versions() == ["v0001", "v0002"]
     store.activate("v0001")  # the site itself may go back
     assert store.active() == "v0001"
-    # a newer run installs; a package without the field (before 2026-12-05) is not compared
+    # a newer run installs; an undated package (before 2026-12-05) may be an earlier run: refused over a dated model
     assert store.install(tiny_schema(), CFG, _arrays(3), {"run": "r3", "round": 10, "finished": 3000.0}) == "v0003"
-    assert store.install(tiny_schema(), CFG, _arrays(4), {"run": "r4", "round": 10}) == "v0004"
+    with pytest.raises(ModelStoreError, match="carries no finish time and the active v0003 .* v0003 stays active"):
+        store.install(tiny_schema(), CFG, _arrays(4), {"run": "r4", "round": 10})
+    assert store.active() == "v0003" and store.versions() == ["v0001", "v0002", "v0003"]
 
 
 def test_a_version_is_served_with_the_normalisation_of_its_own_run_whatever_later_runs_write(tmp_path):
@@ -245,3 +247,58 @@ def test_a_version_is_served_with_the_normalisation_of_its_own_run_whatever_late
     v4 = store.install(schema, CFG, _arrays(3), {"run": "r4", "round": 1}, normalizer=lambda: None,
                        split={"seed": 0, "val_fraction": 0.2})
     assert not (store.root / v4 / SPLIT).exists()
+
+
+def test_a_model_delivered_again_does_not_undo_the_sites_own_rollback(tmp_path):
+    """The site's admin activated an earlier version (away from a model it found bad): `oncofed deliver` sending that
+    model again leaves the admin's choice active. Without such a choice (an install a crash cut short before its
+    activation) the model delivered again becomes active, and a new model always does."""
+    import numpy as np
+
+    from client.predict import Predictor
+    from shared_models.site_data import Normalizer
+
+    schema = tiny_schema()
+    n = schema.layout().n_inputs
+    Normalizer(schema, np.zeros(n), np.ones(n)).save(tmp_path / "state" / "normalizer.json")
+    store = ModelStore(tmp_path / "models")
+    store.install(schema, CFG, _arrays(0), {"run": "r1", "round": 1, "finished": 1.0})
+    store.install(schema, CFG, _arrays(1), {"run": "r2", "round": 1, "finished": 2.0})
+    Predictor(tmp_path / "models", tmp_path / "state" / "normalizer.json").activate("v0001")  # the admin's rollback
+    assert store.install(schema, CFG, _arrays(1), {"run": "r2", "round": 1, "finished": 2.0}) == "v0002"
+    assert store.active() == "v0001"
+    store.activate("v0001")  # not the admin's (as an install's own activation): the model delivered again is served
+    assert store.install(schema, CFG, _arrays(1), {"run": "r2", "round": 1, "finished": 2.0}) == "v0002"
+    assert store.active() == "v0002"
+    Predictor(tmp_path / "models", tmp_path / "state" / "normalizer.json").activate("v0001")
+    assert store.install(schema, CFG, _arrays(2), {"run": "r3", "round": 1, "finished": 3.0}) == "v0003"
+    assert store.active() == "v0003" and store.chosen() is None
+
+
+def test_the_service_serves_a_repaired_version_once_activated_and_a_refitted_normalisation_at_once(tmp_path):
+    """A version that failed to load (a missing file) and was repaired serves as soon as the admin activates it; a
+    site normalisation rewritten by `serve fit-normalizer` is read by the running service at its next request."""
+    import numpy as np
+
+    from client.predict import Predictor
+    from shared_models.site_data import Normalizer
+
+    schema = tiny_schema()
+    n = schema.layout().n_inputs
+    state = tmp_path / "state" / "normalizer.json"
+    Normalizer(schema, np.zeros(n), np.ones(n)).save(state)
+    store = ModelStore(tmp_path / "models")
+    store.install(schema, CFG, _arrays(0), {"run": "r1", "round": 1})
+    store.install(schema, CFG, _arrays(1), {"run": "r2", "round": 1})
+    weights = tmp_path / "models" / "v0002" / "weights.pt"
+    kept = weights.read_bytes()
+    weights.unlink()
+    predictor = Predictor(tmp_path / "models", state)
+    assert predictor.current.version == "v0001" and predictor.degraded["active"] == "v0002"  # the fallback
+    weights.write_bytes(kept)  # repaired
+    assert not predictor.refresh() and predictor.current.version == "v0001"  # not retried by itself
+    predictor.activate("v0002")
+    assert predictor.current.version == "v0002" and predictor.degraded is None and predictor.failed is None
+    assert not predictor.refresh()
+    Normalizer(schema, np.full(n, 3.0), np.full(n, 2.0)).save(state)  # `oncofed serve fit-normalizer`
+    assert predictor.refresh() and predictor.current.normalizer.mean[0] == 3.0

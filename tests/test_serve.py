@@ -1193,16 +1193,18 @@ def test_whether_a_body_asks_for_explanations_is_read_from_its_ends_and_only_rou
 
 
 def test_an_explanation_is_scored_with_the_services_normalisation_even_if_the_file_changed_since(site, tmp_path):
-    """The child takes the normalisation and calibration the service loaded with the model, not the files as
-    they are when it first reads them: an explanation's probabilities are the plain prediction's."""
+    """The child takes the normalisation and calibration the service serves the model with, not the files as
+    they are when it first reads them: an explanation's probabilities are the plain prediction's, also after the
+    site's normalisation was refitted (`serve fit-normalizer`) while the service runs."""
     from fastapi.testclient import TestClient
 
     from shared_models.site_data import Normalizer
 
     settings = _copy_site(site, tmp_path)
     with TestClient(create_app(settings)) as c:
-        n = site["schema"].layout().n_inputs
-        Normalizer(site["schema"], np.full(n, 3.0), np.full(n, 0.1)).save(tmp_path / "state" / "normalizer.json")
+        state = tmp_path / "state" / "normalizer.json"
+        before = Normalizer.load(state, site["schema"])
+        Normalizer(site["schema"], before.mean + 0.05 * before.scale, before.scale * 1.05).save(state)
         patients = [_patient(site, i) for i in range(4)]
         # escaped keys: counted by parsing in the service, then answered by the child
         body = json.dumps({"patients": patients, "top_k": 3}).replace('"modalities"', '"modalit\\u0069es"')
