@@ -20,7 +20,8 @@ def verify(
                                        "(repeatable): for a server run log runs/NAME/audit.jsonl, a site's "
                                        "state/audit-anchors.json; for a site's log, the server's runs/NAME/audit.jsonl"),
     site: str = typer.Option("", "--site", help="with a server run log as --anchors: the site whose log LOG is "
-                             "(default: site-name of the site.json next to LOG's state directory)"),
+                             "(the name the consortium registered it under; "
+                             "default: site-name of the site.json next to LOG's state directory)"),
     trust: Path = typer.Option(None, "--trust", help="the consortium's signing.pub, to check the server's signature "
                                "on anchors (default: signing/signing.pub of the consortium directory LOG is in)"),
 ) -> None:

@@ -100,6 +100,15 @@ def add_site(root: str | Path, name: str, public_key: str | Path) -> dict:
     return site
 
 
+def registered_names(record_file: str | Path) -> dict[str, str]:
+    """{node id: site name} from the operator's consortium.json: the name each node's authentication key was
+    registered under (`add-site`; a removed site's too, as its node id is never given again). Flower admits a
+    node only with a registered key, so this name, unlike the one a site reports, is authenticated."""
+    record = read_json_file(Path(record_file), ProvisioningError, "run config site-registry must name the "
+                            "consortium.json written by `oncofed consortium init`")
+    return {str(s["node_id"]): str(s["name"]) for s in record.get("sites", []) if "node_id" in s and "name" in s}
+
+
 def list_sites(root: str | Path) -> list[dict]:
     """Registered sites with the SuperLink's view of each (registered, online, offline...)."""
     root = Path(root)

@@ -29,12 +29,15 @@ from flwr.serverapp import Grid, ServerApp
 
 from privacy import secagg_masks
 from privacy.audit import AuditLog, signed_anchor
+from privacy.pki import ProvisioningError
+from privacy.registry import registered_names
 from privacy.run_config import load_run_config
 from privacy.signing import canonical, load_private, sign
 from server.checkpoint import (freeze_run, frozen_run, hold_run_lock, load_latest, metrics_lines, round_outcome,
                                run_config_changes, save_checkpoint,
                                write_json_atomic)
-from server.delivery import PACKAGE, audited, deliver, delivery_status, redeliver, save_package, tell_outcome
+from server.delivery import (audited, deliver, delivery_status, finished_at, redeliver, save_package,
+                             tell_outcome)
 from server.strategy import build_strategy
 from server.workflow import RoundsWorkflow, TimedSecAggPlusWorkflow
 from shared_models.evaluation import evaluate
@@ -224,11 +227,24 @@ class RoundRecorder:
         # each name's records belong to the node that reported it first in this ServerApp's life (not kept across a
         # resume: a restarted federation's SuperNodes register again under new node ids)
         self.site_nodes: dict[str, str] = {}
+        # deployment: the names the nodes' keys were registered under, read before round 1 (a wrong path fails the
+        # run before any site trains) and again each round (a site added meanwhile)
+        self.registry = cfg.path(cfg.run.site_registry) if cfg.run.site_registry else None
+        self.registered = registered_names(self.registry) if self.registry else {}
         self.metrics_file, self.ckpt_root = out / "metrics.jsonl", out / "checkpoints"
         self.t0, self.round_started = t0, time.time()  # t0: the ServerApp's start
         self.status = {"run": self.run_key, "num_rounds": cfg.federation.num_rounds, "round": start.first_round - 1,
                        "finished": 0, "site_epsilon": self.site_epsilon}
         write_json_atomic(out / "status.json", self.status)  # read by server/metrics.py (Prometheus)
+
+    def registered_now(self) -> dict[str, str] | None:
+        if self.registry is None:
+            return None
+        try:
+            self.registered = registered_names(self.registry)
+        except ProvisioningError as e:  # mid-run (a write in progress elsewhere): the names read last
+            log(WARNING, "%s; site names as registered when last read", e)
+        return self.registered
 
     def _worst_case(self) -> dict:
         return {"site_epsilon_worst_case": dict(self.site_epsilon_worst_case)} if self.cfg.privacy.distributed else {}
@@ -237,7 +253,7 @@ class RoundRecorder:
         arrays = parameters_to_ndarrays(compat.arrayrecord_to_parameters(
             lctx.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
         info = lctx.strategy.round_info
-        names = site_labels(info.get("sites", {}), self.site_nodes)
+        names = site_labels(info.get("sites", {}), self.site_nodes, self.registered_now())
         for nid, site in info.get("sites", {}).items():
             if EPSILON in site and nid in names:
                 self.site_epsilon[names[nid]] = float(site[EPSILON])
@@ -354,14 +370,35 @@ def main(grid: Grid, context: Context) -> None:
                   start.first_round)
 
 
-def site_labels(sites: dict, owners: dict) -> dict:
-    """{node id: the name its site's records are filed under} for one round's replies. A name belongs to the node
-    that first reported it alone in a round (`owners`, name -> node id, updated here; the recorder keeps it for the
-    ServerApp's life); any other node reporting it (a misconfigured or dishonest site) is filed as "name (node N)",
-    so that no node's epsilon or audit head silently overwrites another's."""
+def site_labels(sites: dict, owners: dict, registered: dict | None = None) -> dict:
+    """{node id: the name its site's records are filed under} for one round's replies.
+
+    In a deployment (`registered`: node id -> the name its authentication key was registered under) a node's
+    records go under its registered name, whatever name it reports (a difference is logged: its site.json says
+    otherwise); a node missing from the register, under "name (unregistered node N)".
+    Without a register (simulation), a name belongs to the node that first reported it alone in a round
+    (`owners`, name -> node id, updated here; the recorder keeps it for the ServerApp's life); any other node
+    reporting it (a misconfigured or dishonest site) is filed as "name (node N)". Either way no node's epsilon
+    or audit head silently overwrites another's."""
     from collections import Counter
 
     named = {str(nid): str(m[SITE]) for nid, m in sites.items() if SITE in m}
+    if registered:
+        labels = {}
+        for nid in map(str, sites):
+            reported = named.get(nid)
+            if nid in registered:
+                labels[nid] = registered[nid]
+                if reported is not None and reported != registered[nid]:
+                    log(WARNING, "node %s, registered as site %r, reports the site name %r: its records are filed "
+                        "under %r; the site's site.json site-name should say so", nid, registered[nid], reported,
+                        registered[nid])
+            elif reported is not None:
+                labels[nid] = f"{reported} (unregistered node {nid})"
+                log(WARNING, "node %s reports the site name %r but is not in the consortium's register: its records "
+                    "are kept apart as %r; was it registered without `oncofed consortium add-site`?", nid, reported,
+                    labels[nid])
+        return labels
     count = Counter(named.values())
     for nid, name in sorted(named.items()):
         if name not in owners and count[name] == 1:
@@ -373,22 +410,6 @@ def site_labels(sites: dict, owners: dict) -> dict:
             log(WARNING, "node %s reports the site name %r, which another node reported first: its records are "
                 "kept apart as %r; check the sites' site-name settings", nid, name, labels[nid])
     return labels
-
-
-def finished_at(out: Path, last: dict, final: list[np.ndarray]) -> float:
-    """When the final model was finished: its last round's end (so a run resumed only to deliver, days later,
-    stays older than the runs that finished meanwhile, and no site's model store takes it for the newest: its
-    `finished` orders re-deliveries); for a last round recorded without it, the time an earlier attempt's saved
-    package gave these same weights, else now."""
-    if isinstance(last.get("ended"), (int, float)):
-        return float(last["ended"])
-    try:
-        saved = json.loads((out / PACKAGE).read_text())
-        if saved.get("arrays_sha256") == arrays_sha256(final) and isinstance(saved.get("finished"), (int, float)):
-            return float(saved["finished"])
-    except (OSError, ValueError):
-        pass
-    return round(time.time(), 3)
 
 
 def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, recorder: RoundRecorder,
@@ -432,7 +453,7 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
         np.savez(fh, *final)
     save_package(out, package)  # with final_weights.npz: what `oncofed deliver` sends again
     deliveries = deliver(grid, final, package, cfg.federation.round_timeout, anchor=recorder.anchor_audit(),
-                         previous=round_outcome(out, cfg.federation.num_rounds))
+                         previous=round_outcome(out, cfg.federation.num_rounds), registered=recorder.registered_now())
     recorder.audit.append("run_end", run=recorder.run_key, round=cfg.federation.num_rounds,
                           arrays_sha256=package["arrays_sha256"], deliveries=audited(deliveries))
     recorder.status.update(finished=1, weights_sha256=package["arrays_sha256"], **delivery_status(out, deliveries))

@@ -38,10 +38,12 @@ _RESULT_ONLY = ("first_round", "seconds", "deliveries", "metrics_file", "checkpo
 
 
 def deliver(grid, final: list[np.ndarray], package: dict, timeout: float, node_ids=None,
-            anchor: str = "", previous: dict | None = None) -> list[dict]:
+            anchor: str = "", previous: dict | None = None, registered: dict | None = None) -> list[dict]:
     """Send the final model to `node_ids` (default: every connected site); each installs it in its model store.
     `previous`: the last round's outcome (server.checkpoint.round_outcome), which no next round will carry: a DP
-    site notes an abandoned one on that round's ledger entry."""
+    site notes an abandoned one on that round's ledger entry. `registered` (node id -> name, from the consortium's
+    register): each delivery is filed under the node's registered name, the name it reported kept beside it when
+    it differs."""
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
     config = {PACKAGE_INFO: json.dumps(package), RUN_KEY: str(package.get("run", ""))}
@@ -55,6 +57,9 @@ def deliver(grid, final: list[np.ndarray], package: dict, timeout: float, node_i
            for reply in _query(grid, SAVE_MODEL, content, nodes, timeout)]
     answered = {d["node"] for d in out}
     out += [{"node": nid, **_not_installed(f"no reply within {timeout:g} s")} for nid in nodes if nid not in answered]
+    for d in out:
+        if (name := (registered or {}).get(str(d["node"]))) is not None and d.get("site") != name:
+            d.update(site=name, **({"reported_site": d["site"]} if d.get("site") else {}))
     return out
 
 
@@ -122,16 +127,33 @@ def delivery_status(run_dir: Path, deliveries: list[dict]) -> dict:
 
 
 def site_names(deliveries: list[dict], nodes, consortium_dir: Path | None = None) -> list[str]:
-    """Names for node ids: from the sites' own replies, else the operator's register (consortium.json)."""
-    names = {}
+    """Names for node ids: from the operator's register (consortium.json), else the sites' own replies."""
+    names = {int(d["node"]): d["site"] for d in deliveries if d.get("site") and d.get("node") is not None}
     if consortium_dir is not None:
         try:
-            names = {int(site["node_id"]): site["name"] for site in
-                     json.loads((consortium_dir / "consortium.json").read_text()).get("sites", [])}
+            names.update({int(site["node_id"]): site["name"] for site in
+                          json.loads((consortium_dir / "consortium.json").read_text()).get("sites", [])})
         except (OSError, ValueError, KeyError, TypeError):
-            names = {}
-    names.update({int(d["node"]): d["site"] for d in deliveries if d.get("site") and d.get("node") is not None})
+            pass
     return [names.get(int(n), f"node {n}") for n in nodes]
+
+
+def finished_at(out: Path, last: dict, final: list[np.ndarray]) -> float:
+    """When the final model was finished: its last round's end (so a run resumed only to deliver, days later,
+    stays older than the runs that finished meanwhile, and no site's model store takes it for the newest: its
+    `finished` orders re-deliveries); for a last round recorded without it, the time an earlier attempt's saved
+    package gave these same weights, else now."""
+    from shared_models.weights import arrays_sha256
+
+    if isinstance(last.get("ended"), (int, float)):
+        return float(last["ended"])
+    try:
+        saved = json.loads((out / PACKAGE).read_text())
+        if saved.get("arrays_sha256") == arrays_sha256(final) and isinstance(saved.get("finished"), (int, float)):
+            return float(saved["finished"])
+    except (OSError, ValueError):
+        pass
+    return round(time.time(), 3)
 
 
 def save_package(run_dir: Path, package: dict) -> None:
@@ -194,8 +216,17 @@ def redeliver(grid, cfg) -> None:
     if not cfg.run.signing_key:
         raise ValueError("run config signing-key is empty: `oncofed deliver` sends signed models only")
     key = load_private(cfg.path(cfg.run.signing_key))
-    # a package saved before the architecture was signed gains it: the run's own config built these arrays
-    package = sign({**package, "architecture": package.get("architecture") or cfg.model.model_dump()}, key)
+    # a package saved before the architecture was signed gains it: the run's own config built these arrays; one saved
+    # before it was dated gains its last round's end (a site orders deliveries by it: undated, it would not be
+    # compared, and an earlier run sent again would replace a newer active model)
+    from server.checkpoint import metrics_lines
+
+    if not isinstance(finished := package.get("finished"), (int, float)):  # never "now": that would date it newest
+        last = (metrics_lines(out / "metrics.jsonl") or [{}])[-1]
+        finished = float(last["ended"]) if isinstance(last.get("ended"), (int, float)) else \
+            round((out / FINAL_WEIGHTS).stat().st_mtime, 3)  # written when the run delivered it
+    package = sign({**package, "architecture": package.get("architecture") or cfg.model.model_dump(),
+                    "finished": finished}, key)
     result = json.loads((out / RESULT).read_text()) if (out / RESULT).exists() else {**package}
     before = list(result.get("deliveries", []))
     done = installed_nodes(before)
@@ -210,8 +241,11 @@ def redeliver(grid, cfg) -> None:
     anchor = json.dumps(signed_anchor(audit, key, run=package.get("run"), run_name=out.name))
     from server.checkpoint import round_outcome
 
+    from privacy.registry import registered_names
+
     new = deliver(grid, final, package, cfg.federation.round_timeout, node_ids=targets, anchor=anchor,
-                  previous=round_outcome(out, int(package.get("round", 0))))
+                  previous=round_outcome(out, int(package.get("round", 0))),
+                  registered=registered_names(cfg.path(cfg.run.site_registry)) if cfg.run.site_registry else None)
     renewed = {d["node"] for d in new}
     deliveries = [d for d in before if d.get("node") not in renewed] + new
     save_package(out, package)
@@ -290,7 +324,7 @@ def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
         raise DeployError(f"run {name!r}: no checkpoint in {run_dir / 'checkpoints'}; `oncofed deliver` sends the "
                           "final model of a run that finished training")
     values = {**checkpoint.meta["run_config"], "signing-key": str(c.path("signing", "signing.key")),
-              "resume": False, "deliver-only": True}
+              "site-registry": str(c.path("consortium.json")), "resume": False, "deliver-only": True}
     cfg = load_run_config(values, source=f"run {name!r}'s run config")
     out.write(report(f"deliver {name!r}", delivery_checks(c, run_dir, cfg)) + "\n")
     log_path = run_dir / "flwr-run.log"

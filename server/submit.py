@@ -90,12 +90,13 @@ def project_defaults() -> dict:
 
 
 # run-config keys `oncofed run` sets from the consortium directory, --name and --resume
-RUN_SETS = frozenset({"base-dir", "output-dir", "resume", "deliver-only"})
+RUN_SETS = frozenset({"base-dir", "output-dir", "resume", "deliver-only", "site-registry"})
 
 
 def run_values(c: Consortium, run_dir: Path, overrides: dict, resume: bool, n_sites: int) -> dict:
     values = {**project_defaults(), "base-dir": str(PROJECT), "output-dir": str(run_dir),
-              "signing-key": str(c.path("signing", "signing.key")), "resume": resume}
+              "signing-key": str(c.path("signing", "signing.key")), "site-registry": str(c.path("consortium.json")),
+              "resume": resume}
     if c.path("public", "schema.json").is_file():  # the schema every site received in its bundle (and validated)
         values["schema"] = str(c.path("public", "schema.json"))
     if n_sites:

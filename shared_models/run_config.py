@@ -142,6 +142,9 @@ class RunSection(_Section):
                              description="server: Ed25519 key that signs the delivered model (empty: unsigned)")
     signing_public_key: str = Field("", alias="signing-public-key", description="simulation: the sites' trust "
                                     "anchor for model packages (a site's node config wins); set: unsigned refused")
+    site_registry: str = Field("", alias="site-registry", description="server: the consortium's register of sites "
+                               "(consortium.json; `oncofed run` sets it): each node's records are filed under the name "
+                               "its authentication key was registered with; empty: the name each site reports")
 
 
 class FederationSection(_Section):

@@ -125,6 +125,8 @@ def test_the_saved_final_model_is_sent_again_only_as_it_was_signed(tmp_path):
 def test_oncofed_deliver_ends_a_run_whose_own_delivery_a_crash_cut_short(tmp_path, monkeypatch, first_delivery_ended):
     """A server crash while a run delivered its model left no run_end in the audit log and status finished 0, so the
     alert on a finished run's delivery never fired: `oncofed deliver` ends it then, and is a redelivery otherwise."""
+    import os
+
     import server.delivery
     from privacy.audit import AuditLog
     from privacy.run_config import load_run_config
@@ -134,6 +136,7 @@ def test_oncofed_deliver_ends_a_run_whose_own_delivery_a_crash_cut_short(tmp_pat
     out.mkdir(parents=True)
     final = [np.ones(3, dtype=np.float32)]
     np.savez(out / "final_weights.npz", *final)
+    os.utime(out / "final_weights.npz", (1000.0, 1000.0))  # written when the run first delivered it
     save_package(out, {"run": "r1", "round": 2, "arrays_sha256": arrays_sha256(final)})
     audit = AuditLog(out / "audit.jsonl")
     audit.append("round", run="r1", round=2, weights_sha256=arrays_sha256(final))
@@ -144,7 +147,7 @@ def test_oncofed_deliver_ends_a_run_whose_own_delivery_a_crash_cut_short(tmp_pat
     generate_signing_key(tmp_path / "signing.key", tmp_path / "signing.pub")
     sent = {}
 
-    def deliver(grid, final, package, timeout, node_ids, anchor, previous):
+    def deliver(grid, final, package, timeout, node_ids, anchor, previous, registered=None):
         sent.update(package=package, previous=previous)
         return [{"node": n, "site": f"C{n}", "installed": True} for n in node_ids]
 
@@ -160,6 +163,9 @@ def test_oncofed_deliver_ends_a_run_whose_own_delivery_a_crash_cut_short(tmp_pat
     # a package saved before the architecture was signed is sent with the run's, signed
     assert sent["package"]["architecture"] == cfg.model.model_dump() and "signature" in sent["package"]
     assert sent["previous"] is None  # metrics.jsonl's last round has no status (a line of before 2026-12-05)
+    # an undated package (before 2026-12-05) is dated when it ended, never "now": a site would take it for the newest
+    # model and replace a later run's with it (its metrics lines have no "ended": the weights' file time)
+    assert sent["package"]["finished"] == 1000.0
 
 
 def test_the_current_run_in_the_metrics_is_the_one_started_last_not_the_one_delivered_again(tmp_path):
@@ -183,7 +189,7 @@ def test_a_final_model_is_dated_by_its_last_round_so_a_late_resume_does_not_make
     and would roll back to the older model."""
     import time
 
-    from server.app import finished_at
+    from server.delivery import finished_at
 
     final = [np.ones(3, dtype=np.float32)]
     assert finished_at(tmp_path, {"round": 10, "ended": 1000.5}, final) == 1000.5

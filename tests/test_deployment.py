@@ -164,6 +164,10 @@ def dep(tmp_path_factory):
                     "--ca-fingerprint", json.loads((d.op / "consortium.json").read_text())["ca_sha256"],
                     "--data", str(data / f"C{i}"), "--budget", "100")
         assert r.returncode == 0, r.stderr
+    # C2's site.json reports C0's name (a misconfigured or dishonest site): its records must still go under the name
+    # its key is registered with (run config site-registry), and C0's stay C0's
+    site_json = root / "C2" / "site.json"
+    site_json.write_text(json.dumps({**json.loads(site_json.read_text()), "site-name": "C0"}))
     d.start_server()
     for i in range(3):
         r = oncofed("consortium", "add-site", str(d.op), "--name", f"C{i}", "--key",
@@ -222,6 +226,7 @@ def test_c_e_run_survives_a_server_crash_and_the_proxy_hides_the_control_api(dep
     result = json.loads((dep.op / "runs" / "main" / "result.json").read_text())
     assert result["first_round"] == 2 and result["round"] == 2
     assert sorted(d["site"] for d in result["deliveries"] if d["installed"]) == ["C0", "C1", "C2"]
+    assert [d.get("reported_site") for d in result["deliveries"] if d["site"] == "C2"] == ["C0"]
     metrics = read_jsonl(dep.op / "runs" / "main" / "metrics.jsonl")
     assert [m["round"] for m in metrics] == [1, 2]
     from client.model_store import ModelStore
@@ -241,6 +246,7 @@ def test_c_e_run_survives_a_server_crash_and_the_proxy_hides_the_control_api(dep
         assert {e["round"] for e in entries} == {1, 2}
         mechanisms = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries]
         assert result["site_epsilon"][name] == pytest.approx(epsilon(mechanisms, ledger_delta(ledger)), rel=1e-6)
+    assert sorted(result["site_epsilon"]) == ["C0", "C1", "C2"]  # the registered names: C2 reports "C0"
     audit = read_jsonl(dep.op / "runs" / "main" / "audit.jsonl")
     assert [e["event"] for e in audit].count("run_start") == 2 and audit[-1]["event"] == "run_end"
     assert oncofed("audit", "verify", str(dep.op / "runs" / "main" / "audit.jsonl")).returncode == 0
@@ -397,7 +403,8 @@ def test_g_d_f_b_superexec_restarted_wrong_key_refused_http_500_ridden_out_site_
                     str(dep.root / name / "state" / "audit-anchors.json"))
         assert r.returncode == 0 and "anchored head" in r.stdout, r.stdout + r.stderr
         r = oncofed("audit", "verify", str(dep.root / name / "state" / "audit.jsonl"), "--anchors",
-                    str(dep.op / "runs" / "drop" / "audit.jsonl"))
+                    str(dep.op / "runs" / "drop" / "audit.jsonl"),  # C2's site.json names C0: its registered name
+                    *(["--site", name] if name == "C2" else []))
         assert r.returncode == 0 and "anchored head" in r.stdout, r.stdout + r.stderr
     listed = oncofed("runs", "list", str(dep.op))
     assert listed.returncode == 0 and any(ln.startswith("main ") and "completed" in ln

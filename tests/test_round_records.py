@@ -132,3 +132,30 @@ def test_two_sites_reporting_one_name_keep_their_own_epsilon_and_audit_head():
     fresh = {}  # two nodes with one name in the same first round: neither owns it
     assert site_labels({"11": {SITE: "C0"}, "12": {SITE: "C0"}}, fresh) == {"11": "C0 (node 11)", "12": "C0 (node 12)"}
     assert fresh == {}
+
+
+def test_in_a_deployment_a_nodes_records_go_under_the_name_its_key_was_registered_with(tmp_path, caplog):
+    """With the consortium's register (run config site-registry, set by `oncofed run`), a node's name is the one the
+    operator registered its authentication key under, not the one it reports: a site cannot file its epsilon or
+    audit head under another hospital's name, whichever reports first."""
+    from privacy.pki import ProvisioningError
+    from privacy.registry import registered_names
+    from server.app import site_labels
+    from shared_models.files import write_json_atomic
+    from shared_models.protocol import SITE
+
+    record = tmp_path / "consortium.json"
+    write_json_atomic(record, {"name": "c", "sites": [
+        {"name": "St Mary", "node_id": "11", "key_sha256": "a"}, {"name": "C1", "node_id": "12", "key_sha256": "b"},
+        {"name": "Royal", "node_id": "13", "key_sha256": "c", "removed": "2026-12-01T00:00:00Z"}]})
+    registered = registered_names(record)
+    assert registered == {"11": "St Mary", "12": "C1", "13": "Royal"}
+    owners = {}
+    with caplog.at_level("WARNING"):
+        labels = site_labels({"12": {SITE: "St Mary"}, "11": {SITE: "St Mary"}, "13": {}, "99": {SITE: "C1"}},
+                             owners, registered)
+    assert labels == {"11": "St Mary", "12": "C1", "13": "Royal", "99": "C1 (unregistered node 99)"}
+    assert "registered as site 'C1', reports the site name 'St Mary'" in caplog.text
+    assert owners == {}  # the register decides, not who reported first
+    with pytest.raises(ProvisioningError, match="no readable nothing.json.*site-registry"):
+        registered_names(tmp_path / "nothing.json")
