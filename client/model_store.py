@@ -38,7 +38,7 @@ CHOSEN = "CHOSEN"  # the version the site's admin activated (serve activate): a 
 
 
 _STORE_KEYS = frozenset({"format", "version", "installed", "schema_hash", "arrays_sha256", "weights_sha256",
-                         "delivery"})  # what the store itself writes into package.json; the rest is the delivery's
+                         "delivery", "files_sha256"})  # what the store itself writes into package.json; the rest is the delivery's
 _MISSING = object()
 
 
@@ -126,10 +126,12 @@ class ModelStore:
         # data for the run (a site whose tables do not validate trained on none of them)
         if split is not None and normalizer is not None:
             (tmp / SPLIT).write_text(json.dumps(split))
+        # the site's own files kept with the version (its normalisation, its split): each answer depends on them
+        kept = {name: sha256_file(tmp / name) for name in (NORMALIZER, SPLIT) if (tmp / name).is_file()}
         package = {"format": PACKAGE_FORMAT, "version": version, "installed": time.time(),
                    "schema_hash": schema.content_hash(), "arrays_sha256": got,
-                   "weights_sha256": sha256_file(tmp / "weights.pt"), **info,
-                   "delivery": info}  # verbatim, as signed by the server: re-verifiable later
+                   "weights_sha256": sha256_file(tmp / "weights.pt"), **({"files_sha256": kept} if kept else {}),
+                   **info, "delivery": info}  # verbatim, as signed by the server: re-verifiable later
         (tmp / "package.json").write_text(json.dumps(package, indent=1))
         sync_directory(tmp)  # on disk before its name is, and before the active pointer names it
         os.replace(tmp, self.root / version)
@@ -190,6 +192,12 @@ class ModelStore:
         if actual != package.get("weights_sha256"):
             raise ModelStoreError(f"{pkg_dir}/weights.pt: SHA-256 {actual[:12]}... does not match the package's "
                                   f"{str(package.get('weights_sha256'))[:12]}...: the file was altered")
+        for name, expected in (package.get("files_sha256") or {}).items():  # (a version installed before: none)
+            found = sha256_file(pkg_dir / name) if (pkg_dir / name).is_file() else "missing"
+            if found != expected:
+                raise ModelStoreError(f"{pkg_dir}/{name}: " + ("missing" if found == "missing" else f"SHA-256 "
+                                      f"{found[:12]}... does not match the package's {str(expected)[:12]}...")
+                                      + ": the file was altered (every answer of this version depends on it)")
         try:
             installed = FeatureSchema.load(pkg_dir / "schema.json").content_hash()
         except Exception as e:  # noqa: BLE001 - any unreadable schema: the package cannot be served

@@ -435,11 +435,17 @@ def answer_warnings(lm: LoadedModel, confidence: float, present_row, limits) -> 
         if not own:
             pattern["measured_as"] = measured["modalities"]  # a sub-pattern: the site's accuracy is a lower bound
         return warnings, pattern
-    if lm.measured_patterns() and names:
-        warnings.append({"code": "pattern_unmeasured", "msg": f"neither this site's calibration nor the model "
-                         f"package had enough labelled patients with {', '.join(names)}, or any part of them, to "
-                         "measure the model on them: how often it is right for this patient is not known"})
+    if lm.measured_patterns():
+        warnings.append({"code": "pattern_unmeasured", "msg": (
+            f"neither this site's calibration nor the model package had enough labelled patients with "
+            f"{', '.join(names)}, or any part of them, to measure the model on them" if names else
+            NO_COUNTED_MODALITY) + ": how often it is right for this patient is not known"})
     return warnings, None
+
+
+# a patient with no modality counted (none with half its features): less than any pattern the site measured
+NO_COUNTED_MODALITY = ("no modality of this patient has at least half its features, the least a measured pattern "
+                       "counts")
 
 
 def _weak_pattern_msg(measured: dict, own: bool, limits) -> str:
@@ -470,6 +476,15 @@ def refuse_weak_patterns(lm: LoadedModel, checked, limits) -> None:
         by_pattern.setdefault(tuple(bool(c) for c in row), []).append(pid)
     problems = []
     for row, pids in by_pattern.items():
+        if not any(row):  # less data than any measured pattern: sending fewer features must not escape a refusal
+            problems.append({"loc": "patients with no modality counted", "code": "weak_pattern", "patients": pids,
+                             "n_patients": len(pids), "msg": f"refused (serve.refuse-weak-pattern in site.json), "
+                             f"{len(pids)} patient(s): {NO_COUNTED_MODALITY}, so the model's accuracy on them is "
+                             "not known and at best that of the weakest pattern",
+                             "fix": "send the patients' modalities in full (a modality counts with at least half its "
+                                    "features); to be answered with a pattern_unmeasured flag instead, unset "
+                                    "serve.refuse-weak-pattern"})
+            continue
         measured, own = lm.pattern(row)
         if measured is None or measured["accuracy"] >= limits.min_pattern_accuracy:
             continue

@@ -302,3 +302,24 @@ def test_the_service_serves_a_repaired_version_once_activated_and_a_refitted_nor
     assert not predictor.refresh()
     Normalizer(schema, np.full(n, 3.0), np.full(n, 2.0)).save(state)  # `oncofed serve fit-normalizer`
     assert predictor.refresh() and predictor.current.normalizer.mean[0] == 3.0
+
+
+def test_a_versions_own_normalisation_edited_after_install_fails_verification(tmp_path):
+    """Every answer of a version depends on the normalisation kept with it: the file is hashed at install like the
+    weights, and an edit (or its removal) makes the version fail to verify, so it is never served."""
+    import numpy as np
+
+    from shared_models.site_data import Normalizer
+
+    schema = tiny_schema()
+    n = schema.layout().n_inputs
+    store = ModelStore(tmp_path)
+    store.install(schema, CFG, _arrays(0), {"run": "r1", "round": 1},
+                  normalizer=Normalizer(schema, np.zeros(n), np.ones(n)), split={"seed": 0, "val_fraction": 0.2})
+    store.verify("v0001")
+    Normalizer(schema, np.full(n, 1.0), np.ones(n)).save(tmp_path / "v0001" / "normalizer.json")
+    with pytest.raises(ModelStoreError, match="v0001/normalizer.json: SHA-256 .* the file was altered"):
+        store.verify("v0001")
+    (tmp_path / "v0001" / "normalizer.json").unlink()
+    with pytest.raises(ModelStoreError, match="normalizer.json: missing"):
+        store.verify("v0001")

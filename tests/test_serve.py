@@ -1786,6 +1786,11 @@ def test_a_site_that_refuses_weak_patterns_answers_none_of_them_on_any_path(site
         ok = ask([full], top_k)
         assert ok.status_code == 200 and [w["code"] for w in ok.json()["predictions"][0]["warnings"]
                                           if w["code"] == "weak_pattern"] == [], (top_k, ok.text)
+    # fewer features escape no refusal: a patient with no modality counted (none with half its features) is refused
+    few = _patient(site, 12, drop=("expr", "prot", "clinical"))
+    few["modalities"]["mutation"] = dict(list(few["modalities"]["mutation"].items())[:3])  # 3 of 8
+    r = ask([full, few])
+    assert r.status_code == 422 and _codes(r) == {"weak_pattern"} and "no modality of this patient" in r.text, r.text
     files = {f"{m}.csv": (data / f"{m}.csv").read_bytes() for m in ("prot", "clinical", "mutation")}
     r = _upload(c, site, files)
     assert r.status_code == 422 and _codes(r) == {"weak_pattern"}  # every patient named: a large request, a thread
