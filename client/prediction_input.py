@@ -620,8 +620,12 @@ def table_frames(schema: FeatureSchema, table_dir: Path) -> tuple[dict, list[dic
             frames[stem] = (df, path.name)
         problems += [problem_dict(p, stem) for p in read_problems]
     if not frames and not any(p.get("severity") != "warning" for p in problems):
+        # the files that were not read, each with its own fix (a name's case, a workbook): the refusal carries them
+        unread = [f"{p['loc']}: {p['fix']}" for p in problems if p.get("code") == "unrelated_file" and p.get("fix")]
         problems.append({"loc": "files", "code": "no_modality", "msg": "no modality table: name each file after "
-                         f"its modality ({', '.join(m.name for m in schema.modalities)})"})
+                         f"its modality ({', '.join(m.name for m in schema.modalities)})",
+                         "fix": "; ".join(unread[:5]) if unread else "send one table per modality, named after it "
+                         "(e.g. expr.csv), as csv, tsv or parquet"})
     return frames, problems
 
 

@@ -210,9 +210,15 @@ def model_routes(app, site: "Site", role) -> None:
     @app.get("/v1/models")
     def models(who: dict = Depends(role("manage"))):
         store = site.predictor.store
-        return {"active": store.active(), "versions": [
-            {"version": v, **{k: store.package(v).get(k) for k in ("run", "round", "installed", "arrays_sha256")}}
-            for v in store.versions()]}
+
+        def described(v: str) -> dict:  # one damaged package must not hide the others (a rollback needs the list)
+            try:
+                package = store.package(v)
+            except (OSError, ValueError) as e:
+                return {"version": v, "unreadable": f"{store.root / v / 'package.json'}: {e}"}
+            return {"version": v, **{k: package.get(k) for k in ("run", "round", "installed", "arrays_sha256")}}
+
+        return {"active": store.active(), "versions": [described(v) for v in store.versions()]}
 
     @app.post("/v1/models/activate")
     def activate(body: Activate, who: dict = Depends(role("manage"))):

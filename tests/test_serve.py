@@ -194,6 +194,20 @@ def test_tokens_and_roles(site, client):
     assert site["clinician"] not in stored and site["admin"] not in stored  # hashes only
 
 
+def test_the_version_list_names_a_damaged_package_instead_of_failing(site, tmp_path):
+    """An old version's package.json damaged: the admin still gets the list (a rollback needs it), that one marked."""
+    from fastapi.testclient import TestClient
+
+    settings = _copy_site(site, tmp_path)
+    (tmp_path / "models" / "v0000").mkdir()
+    (tmp_path / "models" / "v0000" / "package.json").write_text("{not json")
+    with TestClient(create_app(settings)) as c:
+        r = c.get("/v1/models", headers=_auth(site["admin"]))
+    assert r.status_code == 200, r.text
+    versions = {v["version"]: v for v in r.json()["versions"]}
+    assert "package.json" in versions["v0000"]["unreadable"] and versions[r.json()["active"]]["run"]
+
+
 def test_predictions_are_audited_without_features(site, client):
     client.post("/v1/predict", json={"patients": [_patient(site, 7)]}, headers=_auth(site["clinician"]))
     log = site["root"] / "state" / "audit.jsonl"
@@ -436,10 +450,15 @@ def _upload(client, site, files: dict[str, bytes], top_k: int = 0):
                        files=[("files", (name, data, "text/csv")) for name, data in files.items()])
 
 
-
 def test_an_upload_without_files_is_refused_with_how_to_send_them(site, client):
     r = client.post("/v1/predict/file", headers=_auth(site["clinician"]))
     assert r.status_code == 422 and _codes(r) == {"no_files"} and "-F files=@" in r.json()["detail"][0]["fix"]
+
+
+def test_an_upload_of_only_misnamed_tables_is_refused_with_each_files_fix(site, client):
+    r = _upload(client, site, {"EXPR.csv": _csv(site, "expr", [0, 1])})
+    assert r.status_code == 422 and _codes(r) == {"no_modality"}, r.text
+    assert r.json()["detail"][0]["fix"] == "EXPR.csv: names are matched in lower case: rename it expr.csv"
 
 def _csv(site, modality: str, rows: list[int], edit=None) -> bytes:
     df = pd.read_csv(site["data"] / f"{modality}.csv", dtype=str).iloc[rows]
