@@ -378,7 +378,9 @@ def verdict(report: dict) -> str:
     return (f"FLAGGED: the {worst['attack']} attack proves epsilon >= {worst['bound_test']['epsilon_lower']:.2f} at "
             f"{report['confidence']:.0%} confidence on this site's patients, above the model's epsilon "
             f"{c['epsilon']:.3g}. The model leaks more than its DP label allows: a bug in its DP training or "
-            "accounting. Do not rely on its epsilon; send this report to the consortium's operator")
+            "accounting. Do not rely on its epsilon; tell the consortium's operator this line (model, run, attack "
+            "and the epsilon it proves). The report file stays at the site: its patient counts and attack numbers are "
+            "computed on the site's patients without any DP noise")
 
 
 def plot_roc(report: dict, path: Path) -> Path:
