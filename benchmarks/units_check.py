@@ -25,7 +25,7 @@ import numpy as np
 def median_z(lm, raw: np.ndarray) -> dict[str, np.ndarray]:
     """Per modality with at least 10 standardised features: each patient's median |z| (patients with values)."""
     norm = lm.normalizer
-    z = np.abs((raw[:, norm.checked].astype(np.float64) - norm.checked_mean) / norm.checked_scale)
+    z = np.abs(norm.checked_z(raw[:, norm.checked].astype(np.float64)))
     out = {}
     for m, a, b in norm.checked_groups:
         if b - a < 10:
@@ -101,7 +101,7 @@ def slopes(args) -> None:
                                   ("held-out, log10 for log2", held, np.log10(2))):
             x = raw[:, norm.checked].astype(np.float64) * factor
             with np.errstate(invalid="ignore"):  # as the service: values beyond out-of-range-sd are left out
-                far = np.abs((x - norm.checked_mean) / norm.checked_scale) > limits.out_of_range_sd
+                far = np.abs(norm.checked_z(x)) > limits.out_of_range_sd
             for m, s in profile_slopes(norm, x, profile_min=0.0, leave_out=far):  # every modality, to show why
                 m = f"{m} ({spread[m]:.2f})"  # the profile's spread: the service judges slopes from PROFILE_MIN
                 s = s[np.isfinite(s)]
@@ -125,7 +125,7 @@ def shifts(args) -> None:
         norm, layout = lm.normalizer, lm.schema.layout()
         for name, tables, shift in (("own", own, 0.0), ("held-out", held, 0.0), ("held-out +0.5", held, 0.5),
                                     ("held-out +1", held, 1.0), ("held-out -1", held, -1.0)):
-            z = (tables.raw[:, norm.checked].astype(np.float64) + shift - norm.checked_mean) / norm.checked_scale
+            z = norm.checked_z(tables.raw[:, norm.checked].astype(np.float64) + shift)
             for m, a, b in norm.checked_groups:
                 if b - a < 10:
                     continue

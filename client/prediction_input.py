@@ -661,6 +661,18 @@ def profile_spread(norm, a: int, b: int) -> float:
     return float(np.std(norm.checked_mean[a:b]) / np.median(norm.checked_scale[a:b]))
 
 
+def _profile_blocks(norm, values: np.ndarray, leave_out: np.ndarray | None, keep):
+    """(modality, its columns a:b, the patients' values there, which are used, how many per patient) for the
+    modalities wide enough to judge whose training-mean profile's spread (profile_spread) passes `keep`. `leave_out`
+    (like `values`): values not used (beyond out-of-range-sd, named on their own)."""
+    for m, a, b in norm.checked_groups:
+        if b - a < UNITS_MIN_VALUES or not keep(profile_spread(norm, a, b)):
+            continue
+        block = values[:, a:b]
+        seen = ~np.isnan(block) if leave_out is None else ~np.isnan(block) & ~leave_out[:, a:b]
+        yield m, a, b, block, seen, seen.sum(axis=1)
+
+
 def profile_slopes(norm, x: np.ndarray, profile_min: float = PROFILE_MIN,
                    leave_out: np.ndarray | None = None) -> list[tuple[str, np.ndarray]]:
     """(modality, each patient's slope of its values against the site's training means; NaN with fewer than
@@ -669,13 +681,8 @@ def profile_slopes(norm, x: np.ndarray, profile_min: float = PROFILE_MIN,
     values the slope does not use (the service's: those beyond out-of-range-sd, each reported by name; one such
     value would otherwise set a least-squares slope alone and read as another unit)."""
     out = []
-    for m, a, b in norm.checked_groups:
+    for m, a, b, block, seen, n in _profile_blocks(norm, x, leave_out, lambda spread: spread >= profile_min):
         mu = norm.checked_mean[a:b]
-        if b - a < UNITS_MIN_VALUES or not profile_spread(norm, a, b) >= profile_min:
-            continue
-        block = x[:, a:b]
-        seen = ~np.isnan(block) if leave_out is None else ~np.isnan(block) & ~leave_out[:, a:b]
-        n = seen.sum(axis=1)
         c = np.where(seen, mu - (np.where(seen, mu, 0).sum(axis=1, keepdims=True) / np.maximum(n, 1)[:, None]), 0.0)
         v = np.where(seen, block, 0.0)
         v = np.where(seen, v - v.sum(axis=1, keepdims=True) / np.maximum(n, 1)[:, None], 0.0)
@@ -691,12 +698,7 @@ def profile_shifts(norm, signed: np.ndarray, leave_out: np.ndarray) -> list[tupl
     z-scores of the normaliser's checked columns; `leave_out` (like it): values not used (those beyond
     out-of-range-sd, named on their own)."""
     out = []
-    for m, a, b in norm.checked_groups:
-        if b - a < UNITS_MIN_VALUES or profile_spread(norm, a, b) >= PROFILE_MIN:
-            continue
-        block = signed[:, a:b]
-        seen = ~np.isnan(block) & ~leave_out[:, a:b]
-        n = seen.sum(axis=1)
+    for m, _, _, block, seen, n in _profile_blocks(norm, signed, leave_out, lambda spread: not spread >= PROFILE_MIN):
         mean = np.where(seen, block, 0.0).sum(axis=1) / np.maximum(n, 1)
         out.append((m, np.where(n >= UNITS_MIN_VALUES, mean, np.nan)))
     return out
@@ -729,7 +731,7 @@ def check_patients(lm, ids: list[str], raw: np.ndarray, limits: ServeSettings) -
     with np.errstate(invalid="ignore", over="ignore"):
         norm = lm.normalizer
         x = raw[:, norm.checked].astype(np.float64)
-        signed = (x - norm.checked_mean) / norm.checked_scale
+        signed = norm.checked_z(x)
         z = np.abs(signed)
         far = z > limits.out_of_range_sd  # a missing value (NaN) is never far
     n_far = far.sum(axis=1)

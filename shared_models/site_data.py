@@ -290,6 +290,12 @@ class Normalizer:
                                                                           layout.slices[m.name].stop]).tolist())
                                for m in schema.modalities]
 
+    def checked_z(self, x: np.ndarray) -> np.ndarray:
+        """Signed z-scores of the checked columns' values `x` (raw[:, checked] as float64; NaN stays NaN): how far
+        each value is from the site's training patients, as the service judges ranges and units."""
+        with np.errstate(invalid="ignore", over="ignore"):
+            return (x - self.checked_mean) / self.checked_scale
+
     def arrays(self) -> dict[str, np.ndarray]:
         """Everything it is made of (for another process): `Normalizer.from_arrays(schema, n.arrays())`."""
         return {"mean": self.mean, "scale": self.scale, "unscaled_mean": self.unscaled_mean,
