@@ -463,6 +463,14 @@ def test_values_outside_the_log1p_domain_are_an_error(tmp_path):
     assert (p.file, p.column, p.rows) == ("counts.parquet", "c0", ("P001",)) and "log1p" in p.message
 
 
+def test_negative_counts_in_a_log1p_column_are_a_warning_that_they_look_transformed(tmp_path):
+    """-0.5 is inside log1p's domain (training takes it) but no count: most likely a logarithm or z-score."""
+    report = validate_site(SCHEMA, make_site(tmp_path, lambda t: set_cell(t["counts"], 1, "c0", -0.5)))
+    p = the_problem(report, "negative_counts")
+    assert (p.severity, p.column, p.rows) == ("warning", "c0", ("P001",)) and "already transformed" in p.fix
+    assert report.ok
+
+
 def test_absent_schema_features_are_a_warning_with_their_share(tmp_path):
     report = validate_site(SCHEMA, make_site(tmp_path, lambda t: t.update(expr=t["expr"].drop(columns=["g4", "g5"]))))
     p = the_problem(report, "absent_features")

@@ -106,14 +106,16 @@ def _levels(check: Check, m: Modality, df: pd.DataFrame, kind: dict, values: np.
 def _ranges(check: Check, m: Modality, kind: dict, cols: list, values: np.ndarray, ids: pd.Index,
             file: str) -> None:
     """Numbers the model cannot take: beyond float32, not 0/1 in a binary column, outside log1p's domain."""
-    finite_problems = {"infinite": [], "not_binary": [], "log1p_domain": []}
+    finite_problems = {"infinite": [], "not_binary": [], "log1p_domain": [], "negative_counts": []}
     with np.errstate(invalid="ignore"):
         inf = np.abs(values) > FLOAT32_MAX  # the model reads float32: 1e300 would become infinite
         binary = np.array([kind[c] is ColumnType.binary for c in cols])
         not01 = np.isfinite(values) & (values != 0) & (values != 1) & binary
         counts_t = np.array([kind[c] is ColumnType.numeric for c in cols]) & (m.transform is Transform.log1p)
         low = np.isfinite(values) & (values <= -1) & counts_t
-    for mask, code in ((inf, "infinite"), (not01, "not_binary"), (low, "log1p_domain")):
+        # in (-1, 0): inside log1p's domain, so trainable, but no count: most likely values already transformed
+        negative = np.isfinite(values) & (values < 0) & (values > -1) & counts_t
+    for mask, code in ((inf, "infinite"), (not01, "not_binary"), (low, "log1p_domain"), (negative, "negative_counts")):
         for j in np.flatnonzero(mask.any(axis=0)):
             rows = np.flatnonzero(mask[:, j])
             shown = [(values[r, j], ids[r]) for r in rows[:MAX_EXAMPLES]]
@@ -129,11 +131,15 @@ def _ranges(check: Check, m: Modality, kind: dict, cols: list, values: np.ndarra
                                  f"{plural(len(rows), 'cell')} <= -1: {examples(shown)}",
                                  "give the untransformed values the schema expects (e.g. counts, not their "
                                  "logarithm); training would treat these cells as missing"),
+                "negative_counts": (f"the schema applies log1p to {m.name!r}, whose values are counts (>= 0); "
+                                    f"{plural(len(rows), 'cell')} negative: {examples(shown)}",
+                                    "give the untransformed counts the schema expects: negative values look already "
+                                    "transformed (a logarithm or a z-score), and are read as counts near 0"),
             }[code]
-            finite_problems[code].append(Problem("error", code, message, fix, file, cols[j],
-                                                 tuple(ids[rows[:MAX_NAMES]])))
+            finite_problems[code].append(Problem("warning" if code == "negative_counts" else "error", code, message,
+                                                 fix, file, cols[j], tuple(ids[rows[:MAX_NAMES]])))
     for code, what in (("infinite", "with infinite cells"), ("not_binary", "with values other than 0 and 1"),
-                       ("log1p_domain", "with values <= -1")):
+                       ("log1p_domain", "with values <= -1"), ("negative_counts", "with negative counts")):
         check.add_folded(finite_problems[code], what)
 
 
