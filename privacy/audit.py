@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from shared_models.files import write_json_atomic
+from shared_models.files import cut_partial_line, write_json_atomic
 
 GENESIS = "0" * 64
 ANCHOR_KIND = "oncofed-audit-anchor/1"
@@ -286,6 +286,12 @@ def _head_path(path: Path) -> Path:
     return path.with_name(path.name + ".head")
 
 
+def _ends_mid_line(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) != b"\n"
+
+
 def _stat_or_none(path: Path) -> os.stat_result | None:
     try:
         return os.stat(path)
@@ -353,9 +359,13 @@ class AuditLog:
             data = "".join(lines).encode()
             fd = self._files(create=True)[4]
             written = 0
-            while written < len(data):
-                written += os.write(fd, data[written:])
-            self._fsync(fd, "log")
+            try:
+                while written < len(data):
+                    written += os.write(fd, data[written:])
+                self._fsync(fd, "log")
+            except OSError:  # a full disk, an I/O error: the log ends where it did, not in a partial line
+                os.ftruncate(fd, size)
+                raise
             # no other writer appends while the lock is held; the next append checks the size and the last line
             self._end = {"entries": seq, "hash": prev, "bytes": size + len(data), "time": entries[-1]["time"]}
             if head:
@@ -486,6 +496,14 @@ class AuditLog:
             return 0, GENESIS
         size = st.st_size
         fast = self._fast_tail(self._end, st) or self._fast_tail(_read_head(self.head), st)
+        if fast is None and size and _ends_mid_line(self.path):  # a write a kill cut short: never an entry
+            import logging
+
+            logging.getLogger(__name__).warning("%s: removed %d bytes of an entry whose write was cut short (a kill "
+                                                "or a full disk)", self.path, cut_partial_line(self.path))
+            st = os.stat(self.path)
+            size = st.st_size
+            fast = self._fast_tail(self._end, st) or self._fast_tail(_read_head(self.head), st)
         if fast is None:
             seen = ([{**self._end, "source": f"this process's last view of {self.path.name}"}]
                     if self._end and self._end["entries"] else [])

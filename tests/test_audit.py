@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,32 @@ def test_a_crash_between_append_and_head_update_is_a_warning_and_the_next_append
     AuditLog(path).append("run_end")
     report = verify(path)
     assert report.ok and not report.warnings and report.entries == 7
+
+
+def test_an_entry_whose_write_was_cut_short_is_removed_and_appends_go_on(tmp_path, monkeypatch):
+    """A full disk during a write (the failed write is cut back) or a kill mid-write (the next writer cuts the partial
+    line): the log ends with its last whole entry and later appends go on, instead of every later append (a resumed
+    run's run_start, `oncofed deliver`, add-site) being refused for a broken chain."""
+    import errno
+
+    path = _log(tmp_path)
+    log = AuditLog(path)
+    real_write = os.write
+
+    def disk_full(fd, data):
+        real_write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        log.append("round", round=6)
+    monkeypatch.setattr(os, "write", real_write)
+    assert verify(path).ok and verify(path).entries == 5
+    with open(path, "ab") as fh:  # a kill mid-write: half an entry, no newline
+        fh.write(_lines(path)[-1].encode()[:40])
+    AuditLog(path).append("round", round=6)
+    report = verify(path)
+    assert report.ok and report.entries == 6, report.format()
 
 
 def test_appending_to_a_broken_chain_is_refused_naming_the_command(tmp_path):
