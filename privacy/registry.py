@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -20,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
 from privacy.audit import AuditLog
 from privacy.pki import ProvisioningError, fingerprint
-from shared_models.files import read_json_file, write_json_atomic
+from shared_models.files import exclusive_lock, read_json_file, write_json_atomic
 
 CONNECTION = "consortium"
 
@@ -77,27 +78,76 @@ def _check_site_key(path: Path) -> bytes:
     return data
 
 
+@contextmanager
+def _register_lock(root: Path):
+    """One add-site or remove-site at a time: each reads consortium.json, waits on the SuperLink, then writes it back
+    (two at once lost one's registration)."""
+    fh = exclusive_lock(root / ".register.lock", wait=300.0)
+    if fh is None:
+        raise ProvisioningError(f"{root}: another add-site or remove-site has held the register for 5 minutes; "
+                                "nothing was changed: try again when it ends")
+    try:
+        yield
+    finally:
+        fh.close()
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def add_site(root: str | Path, name: str, public_key: str | Path) -> dict:
+    """Register a site's key with the SuperLink under `name`. consortium.json records the registration as pending
+    before the SuperLink is asked, so a kill in between leaves a trace that the next add-site of the key completes
+    (the SuperLink takes a key once: it is then found among the nodes the register does not know)."""
     root, public_key = Path(root), Path(public_key)
-    record = _record(root)
-    if any(s["name"] == name and not s.get("removed") for s in record["sites"]):
-        raise ProvisioningError(f"site {name!r} is already registered; remove it first to replace its key")
     data = _check_site_key(public_key)
-    # Flower refuses a key it has ever registered ("Public key already in use"), a removed site's included:
-    # name who holds (or held) it, since the fix is a new key at the hospital
-    for s in record["sites"]:
-        if s.get("key_sha256") == fingerprint(data):
-            raise ProvisioningError(f"{public_key}: this key is (or was) site {s['name']!r}'s"
-                                    + (" (removed)" if s.get("removed") else "") + "; the SuperLink never takes a "
-                                    "key twice: the hospital makes a new one (`ssh-keygen -t ecdsa -b 384 -N '' -f "
-                                    "keys/site.key` in its site directory) and sends its .pub")
-    out = _flwr(root, "register", str(public_key.resolve()))
-    site = {"name": name, "node_id": str(out["node-id"]), "key_sha256": fingerprint(data),
-            "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    record["sites"].append(site)
-    _save(root, record)
-    AuditLog(root / "audit.jsonl").append("site_added", **site)
-    return site
+    key = fingerprint(data)
+    with _register_lock(root):
+        record = _record(root)
+        pending = next((s for s in record["sites"] if s.get("key_sha256") == key and s.get("pending")), None)
+        if any(s["name"] == name and not s.get("removed") and s is not pending for s in record["sites"]):
+            raise ProvisioningError(f"site {name!r} is already registered; remove it first to replace its key")
+        # Flower refuses a key it has ever registered ("Public key already in use"), a removed site's included:
+        # name who holds (or held) it, since the fix is a new key at the hospital
+        for s in record["sites"]:
+            if s.get("key_sha256") == key and s is not pending:
+                raise ProvisioningError(f"{public_key}: this key is (or was) site {s['name']!r}'s"
+                                        + (" (removed)" if s.get("removed") else "") + "; the SuperLink never takes a "
+                                        "key twice: the hospital makes a new one (`ssh-keygen -t ecdsa -b 384 -N '' -f "
+                                        "keys/site.key` in its site directory) and sends its .pub")
+        if pending is None:
+            pending = {"name": name, "key_sha256": key, "pending": _now()}
+            record["sites"].append(pending)
+            _save(root, record)
+        pending["name"] = name
+        try:
+            node_id = str(_flwr(root, "register", str(public_key.resolve()))["node-id"])
+        except ProvisioningError as e:
+            if "already in use" not in str(e):  # the SuperLink answered no (or was not reached): nothing pending
+                record["sites"].remove(pending)
+                _save(root, record)
+                raise
+            node_id = _interrupted_registration(root, record)
+        site = {"name": name, "node_id": node_id, "key_sha256": key, "added": _now()}
+        record["sites"][record["sites"].index(pending)] = site
+        _save(root, record)
+        AuditLog(root / "audit.jsonl").append("site_added", **site)
+        return site
+
+
+def _interrupted_registration(root: Path, record: dict) -> str | None:
+    """The node id the SuperLink gave a key whose registration was cut short before consortium.json recorded it: the
+    one registered node the register does not know (None if not exactly one: the operator then resolves it)."""
+    known = {s.get("node_id") for s in record["sites"]}
+    unknown = [str(n["node-id"]) for n in _flwr(root, "ls").get("nodes", []) if str(n["node-id"]) not in known]
+    if len(unknown) != 1:
+        raise ProvisioningError(
+            f"this key's registration was cut short (consortium.json marks it pending) and the SuperLink holds it, "
+            f"but {len(unknown)} registered node(s) are unknown to the register ({', '.join(unknown) or 'none'}), so "
+            "its node id cannot be told: unregister them with `flwr supernode unregister NODE_ID consortium` (FLWR_HOME="
+            f"{root / 'flwr'}) and have the hospital make a new key")
+    return unknown[0]
 
 
 def registered_names(record_file: str | Path) -> dict[str, str]:
@@ -118,19 +168,34 @@ def list_sites(root: str | Path) -> list[dict]:
     for s in record["sites"]:
         if s.get("removed"):
             continue
+        if s.get("pending"):
+            out.append({**s, "status": "registration cut short: run the same add-site again"})
+            continue
         node = nodes.get(s["node_id"], {})
         out.append({**s, "status": node.get("status", "unknown to the SuperLink")})
     return out
 
 
 def remove_site(root: str | Path, name: str) -> dict:
+    """Unregister a site's key. consortium.json marks the removal first, so a kill before it is recorded leaves a
+    removal the next remove-site completes (its node already unknown to the SuperLink)."""
     root = Path(root)
-    record = _record(root)
-    site = next((s for s in record["sites"] if s["name"] == name and not s.get("removed")), None)
-    if site is None:
-        raise ProvisioningError(f"no registered site named {name!r}; see `oncofed consortium list-sites`")
-    _flwr(root, "unregister", site["node_id"])
-    site["removed"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    _save(root, record)
-    AuditLog(root / "audit.jsonl").append("site_removed", name=name, node_id=site["node_id"])
-    return site
+    with _register_lock(root):
+        record = _record(root)
+        site = next((s for s in record["sites"] if s["name"] == name and not s.get("removed") and not s.get("pending")),
+                    None)
+        if site is None:
+            raise ProvisioningError(f"no registered site named {name!r}; see `oncofed consortium list-sites`")
+        site["removing"] = _now()
+        _save(root, record)
+        try:
+            _flwr(root, "unregister", site["node_id"])
+        except ProvisioningError:
+            if site["node_id"] in {str(n["node-id"]) for n in _flwr(root, "ls").get("nodes", [])}:
+                raise  # still registered: the error stands
+        site.pop("removing")
+        site["removed"] = _now()
+        _save(root, record)
+        AuditLog(root / "audit.jsonl").append("site_removed", name=name, node_id=site["node_id"],
+                                              key_sha256=site.get("key_sha256"))
+        return site

@@ -15,13 +15,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from shared_models.files import sync_directory, write_json_atomic  # noqa: F401 (server.app imports it from here)
+from shared_models.files import exclusive_lock, sync_directory, write_json_atomic  # noqa: F401 (server.app, server.submit import them from here)
 
 
 class CheckpointError(ValueError):
@@ -106,26 +105,6 @@ def load_latest(root: Path) -> Checkpoint | None:
 
 
 RUN_LOCK = ".serverapp.lock"
-
-
-def exclusive_lock(path: Path, wait: float = 0.0):
-    """The open file `path` holding an exclusive flock (the kernel releases it when the file is closed or the
-    process ends, a crash included), or None if another holder keeps it for `wait` seconds. Keep a reference
-    to the file: the lock lives as long as it stays open."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(path, "a+")  # noqa: SIM115 - held open: the lock is the open file
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fh
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                fh.close()
-                return None
-            time.sleep(0.5)
 
 
 def hold_run_lock(out: Path, wait: float = 0.0):

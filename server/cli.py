@@ -86,7 +86,7 @@ def list_sites(directory: Path = typer.Argument(..., help="the consortium direct
     from privacy import registry
 
     for s in _registry(lambda: registry.list_sites(directory)):
-        typer.echo(f"{s['name']:<20} node {s['node_id']:<22} {s['status']:<12} key {s['key_sha256']}")
+        typer.echo(f"{s['name']:<20} node {s.get('node_id', '-'):<22} {s['status']:<12} key {s['key_sha256']}")
 
 
 def remove_site(

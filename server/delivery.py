@@ -128,13 +128,11 @@ def delivery_status(run_dir: Path, deliveries: list[dict]) -> dict:
 
 def site_names(deliveries: list[dict], nodes, consortium_dir: Path | None = None) -> list[str]:
     """Names for node ids: from the operator's register (consortium.json), else the sites' own replies."""
+    from server.runs import site_names as registered
+
     names = {int(d["node"]): d["site"] for d in deliveries if d.get("site") and d.get("node") is not None}
     if consortium_dir is not None:
-        try:
-            names.update({int(site["node_id"]): site["name"] for site in
-                          json.loads((consortium_dir / "consortium.json").read_text()).get("sites", [])})
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
+        names.update(registered(consortium_dir))
     return [names.get(int(n), f"node {n}") for n in nodes]
 
 

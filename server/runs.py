@@ -59,13 +59,19 @@ def registered_sites(root: Path, superlink: dict | None) -> list[dict]:
     """consortium.json's sites (not removed) with the SuperLink's status of each."""
     record = _json(root / "consortium.json") or {}
     nodes = (superlink or {}).get("nodes", {})
-    return [{**s, "status": nodes.get(int(s["node_id"]), "unknown to the SuperLink") if superlink else "unknown"}
+    return [{**s, "status": "registration cut short: run the same add-site again" if s.get("pending") else
+             nodes.get(int(s["node_id"]), "unknown to the SuperLink") if superlink else "unknown"}
             for s in record.get("sites", []) if not s.get("removed")]
 
 
 def site_names(root: Path) -> dict[int, str]:
-    record = _json(root / "consortium.json") or {}
-    return {int(s["node_id"]): s["name"] for s in record.get("sites", [])}
+    from privacy.pki import ProvisioningError
+    from privacy.registry import registered_names
+
+    try:
+        return {int(node): name for node, name in registered_names(root / "consortium.json").items()}
+    except ProvisioningError:
+        return {}
 
 
 def _mtime(path: Path) -> float:

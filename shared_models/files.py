@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -117,3 +118,23 @@ def read_json_file(path: Path, error: type[Exception], hint: str) -> dict:
         return json.loads(Path(path).read_text(), object_pairs_hook=_no_duplicate_keys)
     except (OSError, ValueError) as e:
         raise error(f"{Path(path).parent}: no readable {Path(path).name} ({e}); {hint}") from None
+
+
+def exclusive_lock(path: Path, wait: float = 0.0):
+    """The open file `path` holding an exclusive flock (the kernel releases it when the file is closed or the
+    process ends, a crash included), or None if another holder keeps it for `wait` seconds. Keep a reference
+    to the file: the lock lives as long as it stays open."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")  # noqa: SIM115 - held open: the lock is the open file
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fh
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                fh.close()
+                return None
+            time.sleep(0.5)

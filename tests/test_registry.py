@@ -87,3 +87,84 @@ def test_an_unreachable_superlink_is_named(tmp_path):
     res = CliRunner().invoke(app, ["consortium", "add-site", str(tmp_path / "op"), "--name", "C0", "--key",
                                    str(tmp_path / "s" / "keys" / "site.key.pub")])
     assert res.exit_code == 2 and "SuperLink running" in res.output
+
+
+class _FakeSuperLink:
+    """`flwr supernode register / ls / unregister` as the SuperLink answers them (a key is taken once), slow enough
+    for two operators' commands to overlap, and able to die right after it registered a key."""
+
+    def __init__(self, die_after_register: bool = False):
+        self.keys, self.nodes, self.next, self.die = set(), {}, 100, die_after_register
+
+    def __call__(self, root, command, *args):
+        if command == "register":
+            key = open(args[0], "rb").read()
+            time.sleep(0.3)
+            if key in self.keys:
+                raise ProvisioningError("`flwr supernode register` failed: Public key already in use")
+            self.keys.add(key)
+            self.nodes[str(self.next)], self.next = "registered", self.next + 1
+            if self.die:
+                self.die = False
+                raise KeyboardInterrupt  # the operator's command killed after the SuperLink took the key
+            return {"success": True, "node-id": self.next - 1}
+        if command == "ls":
+            return {"success": True, "nodes": [{"node-id": n, "status": s} for n, s in self.nodes.items()]}
+        if command == "unregister":
+            if self.die:
+                self.nodes.pop(args[0])
+                self.die = False
+                raise KeyboardInterrupt
+            if self.nodes.pop(args[0], None) is None:
+                raise ProvisioningError("`flwr supernode unregister` failed: node not found")
+            return {"success": True}
+
+
+def _sites(tmp_path, names):
+    init_consortium(tmp_path / "op", "c", "127.0.0.1:9092", internal_port=9093)
+    for name in names:
+        init_site(tmp_path / name, name, tmp_path / "op" / "public",
+                  ca_fingerprint=fingerprint(tmp_path / "op" / "ca" / "ca.crt"))
+    return tmp_path / "op"
+
+
+def test_two_operators_adding_sites_at_once_lose_no_registration(tmp_path, monkeypatch):
+    import threading
+
+    from privacy import registry
+
+    op = _sites(tmp_path, ["A", "B"])
+    monkeypatch.setattr(registry, "_flwr", _FakeSuperLink())
+    threads = [threading.Thread(target=add_site, args=(op, n, tmp_path / n / "keys" / "site.key.pub")) for n in "AB"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    record = json.loads((op / "consortium.json").read_text())
+    assert sorted((s["name"], s["node_id"]) for s in record["sites"]) in ([("A", "100"), ("B", "101")],
+                                                                          [("A", "101"), ("B", "100")])
+
+
+def test_a_registration_or_removal_cut_short_is_completed_by_the_same_command_again(tmp_path, monkeypatch):
+    """Killed after the SuperLink took the key but before consortium.json recorded it: the key would be admitted by
+    Flower and unknown to OncoFed, and add-site could never be retried ("already in use"). The pending record lets
+    the same add-site complete it; likewise a removal cut short after the SuperLink dropped the node."""
+    from privacy import registry
+
+    op = _sites(tmp_path, ["A"])
+    link = _FakeSuperLink(die_after_register=True)
+    monkeypatch.setattr(registry, "_flwr", link)
+    key = tmp_path / "A" / "keys" / "site.key.pub"
+    with pytest.raises(KeyboardInterrupt):
+        add_site(op, "A", key)
+    assert list_sites(op)[0]["status"].startswith("registration cut short")
+    site = add_site(op, "A", key)
+    assert site["node_id"] == "100" and [s["name"] for s in list_sites(op)] == ["A"]
+    assert list_sites(op)[0]["status"] == "registered"
+    link.die = True
+    with pytest.raises(KeyboardInterrupt):
+        remove_site(op, "A")
+    removed = remove_site(op, "A")
+    assert removed["removed"] and list_sites(op) == [] and link.nodes == {}
+    events = [json.loads(x) for x in (op / "audit.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["site_added", "site_removed"] and events[1]["key_sha256"] == site["key_sha256"]
