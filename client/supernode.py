@@ -19,6 +19,7 @@ from pathlib import Path
 
 from privacy.preflight import Check, check_ca, check_port_free, check_reachable, check_site_key
 from privacy.site_config import NODE_CONFIG_KEYS, SiteConfig
+from shared_models.flower_tools import flower_tool
 
 UNREGISTERED_EXIT = 305  # flwr's exit code when the SuperLink refuses to activate the node (e.g. unknown key)
 
@@ -203,7 +204,7 @@ def _exit_now(code: int) -> None:
 
 
 def supernode_argv(settings: SiteConfig, port: int, superlink: str | None = None) -> list[str]:
-    return ["flower-supernode", "--superlink", superlink or settings.superlink,
+    return [flower_tool("flower-supernode"), "--superlink", superlink or settings.superlink,
             "--root-certificates", settings.root_certificates,
             "--auth-supernode-private-key", settings.auth_supernode_private_key,
             "--port", str(port), "--node-config", node_config(settings)]

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 from privacy.audit import AuditLog
 from privacy.pki import ProvisioningError, fingerprint
 from shared_models.files import exclusive_lock, read_json_file, write_json_atomic
+from shared_models.flower_tools import flower_tool
 
 CONNECTION = "consortium"
 
@@ -52,8 +53,13 @@ def control_address(record: dict) -> str:
 
 def _flwr(root: Path, *args: str) -> dict:
     env = {**os.environ, "FLWR_HOME": str(flwr_home(root)), "FLWR_TELEMETRY_ENABLED": "0"}
-    proc = subprocess.run(["flwr", "supernode", *args, CONNECTION, "--format", "json"], env=env,
-                          capture_output=True, text=True, timeout=120)
+    try:
+        proc = subprocess.run([flower_tool("flwr"), "supernode", *args, CONNECTION, "--format", "json"], env=env,
+                              capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:  # no flwr in this environment, or a SuperLink that hangs
+        raise ProvisioningError(f"`flwr supernode {args[0]}` against {control_address(_record(root))} did not run to "
+                                f"its end ({e}); is the consortium's SuperLink running there (`oncofed server "
+                                "status`), and is OncoFed's environment's flwr installed?") from None
     try:
         out = json.loads(proc.stdout[proc.stdout.index("{"):])
     except ValueError:

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from shared_models.files import write_json_atomic
+from shared_models.flower_tools import flower_tool
 from shared_models.protocol import (ARRAYS_RECORD, AUDIT_ANCHOR, CONFIG_RECORD, PACKAGE_INFO, PREVIOUS_ROUND, REPLY,
                                     ROUND_OUTCOME, RUN_KEY, SAVE_MODEL, DeliveryReply)
 
@@ -326,7 +327,7 @@ def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
     cfg = load_run_config(values, source=f"run {name!r}'s run config")
     out.write(report(f"deliver {name!r}", delivery_checks(c, run_dir, cfg)) + "\n")
     log_path = run_dir / "flwr-run.log"
-    cmd = ["flwr", "run", str(PROJECT), "consortium", "--stream", "--run-config", flwr_overrides(values)]
+    cmd = [flower_tool("flwr"), "run", str(PROJECT), "consortium", "--stream", "--run-config", flwr_overrides(values)]
     started = time.time()
     with log_path.open("a") as log:
         proc = subprocess.Popen(cmd, env=env_for(c), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 
 from privacy.preflight import https_health
+from shared_models.flower_tools import flower_tool
 
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
@@ -214,7 +215,7 @@ def start_local_superlink(work: Path) -> LocalSuperLink:
            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port), "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     log_file = flwr_home / "local-superlink" / "superlink.log"
-    cmd = ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+    cmd = [flower_tool("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
            "--control-api-address", f"127.0.0.1:{control_port}", "--host", "127.0.0.1", "--port", str(http_port),
            "--log-file", str(log_file), "--database", ":flwr-in-memory:"]
     link = LocalSuperLink(start_group(cmd, env), env, log_file)
@@ -238,7 +239,7 @@ def run_flwr(args: list[str], env: dict, log_path: Path, on_line: Callable[[str]
     proc, stop_watching = None, None
     try:
         with open(log_path, "a" if append else "w") as log:
-            proc = subprocess.Popen(["flwr", "run", *args], env=env, stdout=subprocess.PIPE,
+            proc = subprocess.Popen([flower_tool("flwr"), "run", *args], env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True, start_new_session=new_session)
             stop_watching = on_start(proc) if on_start is not None else None
             for line in proc.stdout:

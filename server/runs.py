@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared_models.flower_tools import flower_tool
+
 RUNNING = ("pending", "starting", "running")
 
 
@@ -225,7 +227,7 @@ def stop(root: Path, name: str, env: dict, out) -> int:
         status = (superlink or {}).get("runs", {}).get(run_id)
         if status is not None and status not in RUNNING:
             continue
-        proc = subprocess.run(["flwr", "stop", str(run_id), "consortium"], env=env, capture_output=True, text=True,
+        proc = subprocess.run([flower_tool("flwr"), "stop", str(run_id), "consortium"], env=env, capture_output=True, text=True,
                               timeout=120)
         ok = proc.returncode == 0
         stopped += ok

@@ -26,6 +26,7 @@ from server.checkpoint import (RUN_FILE, CheckpointError, exclusive_lock, frozen
 from server.deploy import FLOWER_ENV, Consortium, DeployError, check_server_health, server_health
 from server.processes import run_flwr
 from shared_models.files import write_json_atomic
+from shared_models.flower_tools import flower_tool
 from shared_models.run_config import RunConfig, RunConfigError, app_defaults, flwr_overrides
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -77,7 +78,7 @@ def stop_previous(run_dir: Path, env: dict, out) -> None:
     may still hold them as running or pending, and a restarted SuperLink would launch a pending one)."""
     f = run_dir / "flwr-runs.json"
     for run_id in (json.loads(f.read_text()) if f.exists() else []):
-        proc = subprocess.run(["flwr", "stop", str(run_id), "consortium"], env=env, capture_output=True, text=True,
+        proc = subprocess.run([flower_tool("flwr"), "stop", str(run_id), "consortium"], env=env, capture_output=True, text=True,
                               timeout=120)
         out.write(f"earlier flwr run {run_id}: " + ("stopped\n" if proc.returncode == 0 else "already ended\n"))
 

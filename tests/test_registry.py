@@ -168,3 +168,16 @@ def test_a_registration_or_removal_cut_short_is_completed_by_the_same_command_ag
     assert removed["removed"] and list_sites(op) == [] and link.nodes == {}
     events = [json.loads(x) for x in (op / "audit.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["site_added", "site_removed"] and events[1]["key_sha256"] == site["key_sha256"]
+
+
+def test_flower_tools_are_the_ones_installed_with_this_python_whatever_path_holds(monkeypatch):
+    """A service started as /opt/oncofed/venv/bin/oncofed without the venv on PATH found no flwr (or another
+    installation's): the tools beside the interpreter come first."""
+    import sys
+    from pathlib import Path
+
+    from shared_models.flower_tools import flower_tool
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert flower_tool("flwr") == str(Path(sys.executable).with_name("flwr"))
+    assert Path(flower_tool("flower-supernode")).is_file()
