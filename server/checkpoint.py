@@ -129,7 +129,11 @@ def freeze_run(out: Path, run_key: str, run_config: dict) -> None:
     so that a resume under code whose recipes differ is refused instead of training on with them."""
     out.mkdir(parents=True, exist_ok=True)
     kept = {k: v for k, v in sorted(run_config.items()) if k not in UNFROZEN}
-    write_json_atomic(out / RUN_FILE, {"run_key": run_key, "run_config": kept, "resolved": _resolved(kept)})
+    # the keys a resume may change, as the run started: a resume without them keeps them (keep-checkpoints = 0 must
+    # not become the project default 3 and prune the rounds the operator chose to keep)
+    started = {k: run_config[k] for k in UNFROZEN if k in run_config and k != "resume"}
+    write_json_atomic(out / RUN_FILE, {"run_key": run_key, "run_config": kept, "resolved": _resolved(kept),
+                                       "unfrozen": started})
 
 
 def _resolved(run_config: dict) -> dict:
@@ -149,7 +153,8 @@ def frozen_run(out: Path) -> dict | None:
         # a run started before a key existed trained with the value that key now needs to say so: it resumes with it
         added = {k: v for k, v in ADDED_KEYS.items() if k not in frozen["run_config"]}
         return {"run_key": str(frozen["run_key"]), "run_config": {**dict(frozen["run_config"]), **added},
-                "resolved": {**dict(frozen["resolved"]), **added} if "resolved" in frozen else None}  # None: a run.json before
+                "resolved": {**dict(frozen["resolved"]), **added} if "resolved" in frozen else None,  # None: a run.json before
+                "unfrozen": dict(frozen.get("unfrozen", {}))}
     except (OSError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{f}: unreadable ({e}); the run cannot be resumed as it was started: start a new "
                               "run under another name") from None

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from privacy.preflight import Check, check_reachable, check_signing_key, report
 from privacy.run_config import load_run_config
-from server.checkpoint import (RUN_FILE, CheckpointError, exclusive_lock, frozen_run, has_checkpoint,
+from server.checkpoint import (RUN_FILE, UNFROZEN, CheckpointError, exclusive_lock, frozen_run, has_checkpoint,
                                run_config_changes)
 from server.deploy import FLOWER_ENV, Consortium, DeployError, check_server_health, server_health
 from server.processes import run_flwr
@@ -123,7 +123,9 @@ def resume_values(run_dir: Path, overrides: dict) -> dict:
     if changed:
         raise DeployError(f"--resume continues run {run_dir.name!r} exactly as it started; --set would change "
                           f"{'; '.join(changed)}. Drop those --set values, or start a new run with another --name")
-    return {**frozen["run_config"], "resume": True}
+    # the keys a resumed run may change (keep-checkpoints): as the run started, unless --set changes them
+    return {**frozen["run_config"], **frozen["unfrozen"], **{k: v for k, v in overrides.items() if k in UNFROZEN},
+            "resume": True}
 
 
 def run_checks(c: Consortium, cfg: RunConfig, run_dir: Path, resume: bool, sites: list[dict] | None,

@@ -112,6 +112,16 @@ def site_message(content, message_type: str | None = None):
     return Message(content, metadata=meta)
 
 
+def in_secagg(content):
+    """A training request's content as Flower's SecAgg+ mod hands it to the train handler at its masked-vectors stage
+    (its configs record there, the stage key popped): a distributed-DP site trains only inside SecAgg+."""
+    from flwr.app import ConfigRecord
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord({})
+    return content
+
+
 def unmask_message(active: list[int], dead: list[int]):
     """SecAgg+'s unmask stage for node 1: the sites that sent masked vectors (active) and those that did not."""
     from flwr.app import ConfigRecord, RecordDict

@@ -542,7 +542,7 @@ def test_a_round_with_fewer_contributors_than_trusted_sites_is_abandoned_and_eac
     result = run_federation(tmp_path, cfg, n_sites=3, stream=None)
     rounds = [json.loads(x) for x in (tmp_path / "server" / "metrics.jsonl").read_text().splitlines()]
     assert [r["status"] for r in rounds] == ["abandoned", "abandoned"]
-    assert "fewer than 3" in rounds[0]["reason"] and "round 1 refused" in rounds[0]["refused"][0]["reason"]
+    assert "fewer than 3" in rounds[0]["reason"] and "refused before any spend" in rounds[0]["refused"][0]["reason"]
     # the global model never moved: the untrained initial model is neither signed nor delivered
     assert "no round updated the global model" in result["not_delivered"] and result["deliveries"] == []
     assert not (tmp_path / "server" / "final_weights.npz").exists()

@@ -21,7 +21,7 @@ from flwr.compat.common.recorddict_compat import fitins_to_recorddict, recorddic
 from shared_models.protocol import (AUDIT_HEAD, LOCAL_VAL_ACCURACY, LOCAL_VAL_MACRO_F1, ROUND_SECONDS, RUN_KEY,
                                     SECAGG_MASKS, SECAGG_MAX_WEIGHT, SERVER_ROUND, TRAIN_SECONDS)
 from privacy.secagg_masks import VERSION
-from tests.factories import site_message
+from tests.factories import in_secagg, site_message
 
 # What may differ between the two: the seconds (a side channel docs/privacy.md names), the audit chain's hash
 # (it covers the site's own log, which records its count), the trained model's scores on the held-out part
@@ -43,7 +43,7 @@ def _reply(tmp: Path, site: str, tables, run: dict, weights):
         "max-trusted-sites": 3, "require-secagg": False, "site-name": "St Mary"})
     fit = FitIns(ndarrays_to_parameters(weights), {SERVER_ROUND: 1, RUN_KEY: "run-X", SECAGG_MAX_WEIGHT: 2000.0,
                                                    SECAGG_MASKS: VERSION})
-    reply = train(site_message(fitins_to_recorddict(fit, keep_input=True)), context)
+    reply = train(site_message(in_secagg(fitins_to_recorddict(fit, keep_input=True))), context)
     assert not reply.has_error(), reply.error
     return recorddict_to_fitres(reply.content, keep_input=True)
 

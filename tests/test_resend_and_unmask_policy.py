@@ -14,7 +14,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common.recorddict_compat import fitins_to_recorddict, recorddict_to_fitres
 
 from shared_models.protocol import RUN_KEY, SERVER_ROUND
-from tests.factories import site_message, unmask_message
+from tests.factories import in_secagg, site_message, unmask_message
 
 
 def _run(schema_path, **kw) -> dict:
@@ -32,9 +32,11 @@ def _context(tmp: Path, run: dict, node: dict | None = None, q: int = 2 ** 30) -
     return Context(run_id=1, node_id=1, node_config=node, state=state, run_config=run)
 
 
-def _fit(weights, rnd: int = 1) -> Message:
-    return site_message(fitins_to_recorddict(FitIns(ndarrays_to_parameters(weights),
-                                                    {SERVER_ROUND: rnd, RUN_KEY: "run-X"}), keep_input=True))
+def _fit(weights, rnd: int = 1, secagg: bool = True) -> Message:
+    """A training request as the train handler gets it inside SecAgg+ (`secagg`), or a plain one."""
+    content = fitins_to_recorddict(FitIns(ndarrays_to_parameters(weights), {SERVER_ROUND: rnd, RUN_KEY: "run-X"}),
+                                   keep_input=True)
+    return site_message(in_secagg(content) if secagg else content)
 
 
 @pytest.fixture()
@@ -80,7 +82,7 @@ def test_a_distributed_share_is_never_resent_without_secagg(released):
 
     tmp, schema_path, weights, _ = released
     run = _run(schema_path, **{"dp-mode": "site", "secagg": False, "batch-size": 32})
-    reply = site_policy_mod(_fit(weights), _context(tmp, run, {"require-secagg": False}), train)
+    reply = site_policy_mod(_fit(weights, secagg=False), _context(tmp, run, {"require-secagg": False}), train)
     assert reply.has_error() and "another privacy plan" in reply.error.reason
 
 

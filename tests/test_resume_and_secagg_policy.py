@@ -101,12 +101,22 @@ def test_a_run_is_frozen_and_a_resume_that_changes_it_is_named(tmp_path):
 def test_oncofed_run_resume_reloads_the_frozen_config_and_refuses_a_changing_set(tmp_path):
     config = {"schema": "s.json", "num-rounds": 2, "epsilon": 2.0, "strategy": "fedavg", "modality-dropout": "auto"}
     freeze_run(tmp_path / "r3", "r3-abc", config)
-    assert resume_values(tmp_path / "r3", {}) == {**config, "resume": True}
+    # (site-registry: a key added since, with the value such a run had)
+    assert resume_values(tmp_path / "r3", {}) == {**config, "site-registry": "", "resume": True}
     assert resume_values(tmp_path / "r3", {"epsilon": 2})["epsilon"] == 2.0  # restating a value is no change
     with pytest.raises(DeployError, match=r"--set would change num-rounds: 2 -> 10; strategy: 'fedavg' -> 'fedadam'"):
         resume_values(tmp_path / "r3", {"num-rounds": 10, "strategy": "fedadam"})
     with pytest.raises(DeployError, match="was never started .* nothing to resume"):
         resume_values(tmp_path / "never", {})
+
+
+def test_a_resume_keeps_the_runs_keep_checkpoints_unless_set_and_prunes_nothing_it_kept(tmp_path):
+    """keep-checkpoints may change at a resume (it is not frozen): without --set the run keeps the value it started
+    with (a run keeping every round, 0, lost all but the project default's 3 at its first resumed round)."""
+    config = {"schema": "s.json", "num-rounds": 9, "keep-checkpoints": 0}
+    freeze_run(tmp_path / "r", "r-abc", config)
+    assert resume_values(tmp_path / "r", {})["keep-checkpoints"] == 0
+    assert resume_values(tmp_path / "r", {"keep-checkpoints": 10})["keep-checkpoints"] == 10
 
 
 def test_a_released_update_is_kept_bit_for_bit(tmp_path):
@@ -192,8 +202,8 @@ def test_a_deployed_site_refuses_a_run_without_dp_unless_its_node_config_allows_
     assert "training without differential privacy (run config dp = false) is refused" in reply.error.reason
     events = [json.loads(x) for x in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "round_refused"
-    ledger = json.loads((tmp_path / "state" / "privacy-ledger.json").read_text())
-    assert ledger["entries"] == [] and ledger.get("runs", {}) == {}, "nothing trained, nothing spent"
+    # nothing trained, nothing spent: refused before the site's tables are even read (no ledger opened)
+    assert not (tmp_path / "state" / "privacy-ledger.json").exists()
 
 
 def test_a_checkpoints_arrays_are_on_disk_before_latest_json_names_them(tmp_path, monkeypatch):
