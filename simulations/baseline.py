@@ -148,14 +148,19 @@ def lr_features(schema: FeatureSchema, ds: SiteDataset) -> np.ndarray:
 
 def fit_logistic(x_train, y_train, x_val, y_val, n_classes: int, c_grid=LR_C_GRID, monitor: str = "macro_f1",
                  seed: int = 0):
-    """Multinomial logistic regression, C chosen on the validation split by `monitor`."""
+    """Multinomial logistic regression, C chosen on the validation split by `monitor`. Training patients of a
+    single class (a site holding one type under label skew) get the constant classifier that predicts it, with
+    C None: a logistic regression needs two classes, and one class is all such a site could learn alone."""
     import warnings
 
+    from sklearn.dummy import DummyClassifier
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
     from shared_models.evaluation import classification_metrics
 
+    if len(np.unique(y_train)) == 1:
+        return DummyClassifier(strategy="most_frequent").fit(x_train, y_train), None, {}
     best = None
     scores = {}
     for c in c_grid:

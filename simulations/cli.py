@@ -81,6 +81,8 @@ def synthetic(
                                                 help="mean share of a site's patients missing each modality"),
     missing_value_rate: float = typer.Option(0.02, "--missing-value-rate", help="mean share of missing cells"),
     holdout_patients: int = typer.Option(0, "--holdout-patients", help="patients of an extra unseen evaluation site"),
+    min_site_patients: int | None = typer.Option(
+        None, "--min-site-patients", help="fewest patients a site may get [default: patients-per-site / 10, at least 5]"),
     seed: int = typer.Option(0, "--seed", min=0, help="random seed (same seed, same federation)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a federation directory written before"),
 ) -> None:
@@ -91,7 +93,8 @@ def synthetic(
     cfg = SyntheticConfig(sites=sites, classes=classes, patients_per_site=patients_per_site,
                           omics_widths=_ints(omics_widths, "--omics-widths"), tabular_columns=tabular_columns,
                           alpha=alpha, signal=signal, batch=batch, missing_modality_rate=missing_modality_rate,
-                          missing_value_rate=missing_value_rate, holdout_patients=holdout_patients, seed=seed)
+                          missing_value_rate=missing_value_rate, holdout_patients=holdout_patients, seed=seed,
+                          min_site_patients=min_site_patients)
     start = time.perf_counter()
     try:
         manifest = generate_federation(out, cfg, overwrite=overwrite)

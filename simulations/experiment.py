@@ -5,7 +5,9 @@ every federated cell is a real `flwr run` through Flower's simulation engine (th
 ClientApp as a deployment, DP-SGD at the sites, SecAgg+ unless the run section turns it off), and
 every baseline trains the same model (or a logistic regression) on the same partition:
 
-    RESULTS/partitions/<data>-<partition>-<n>-s<seed>/   site directories + held-out patients
+    RESULTS/partitions/<data>-<partition>-<n>-s<seed>-<h>/  site directories + held-out patients (<h>: a hash
+                                                          of every setting that shapes them, so none is reused
+                                                          under other [synthetic] or hold-out settings)
     RESULTS/cells/<cell>/                                 one directory per cell; rows.json when done
     RESULTS/results.csv, results.json                     one row per cell x round x site
 
@@ -18,13 +20,14 @@ normalised with its own statistics, as a hospital that never trained would serve
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import json
 import re
 import shutil
 import time
 import tomllib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -36,6 +39,16 @@ from shared_models.files import atomic_file, write_json_atomic, write_text_atomi
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("pooled", "pooled-cv", "local", "logistic", "local-logistic")
+TRANSFORMER_BASELINES = {"pooled", "pooled-cv", "local"}  # the baselines that train the federation's model
+# [run] keys each cell sets itself, and where a config says them instead
+RESERVED_RUN_KEYS = {"data-root": "the cell's partition", "site-state-root": "the cell's directory",
+                     "output-dir": "the cell's directory", "num-rounds": "[experiment] rounds",
+                     "local-epochs": "[experiment] local-epochs", "sites": "[grid] sites", "dp": "[grid] privacy",
+                     "epsilon": "[grid] privacy", "strategy": "[grid] strategy", "seed": "[grid] seed",
+                     "schema": "the data set", "eval-data": "the partition's held-out patients"}
+# [synthetic] keys (SyntheticConfig fields) each cell sets itself
+RESERVED_SYNTHETIC_KEYS = {"sites": "[grid] sites", "alpha": "[grid] partition (iid or dirichlet:ALPHA)",
+                           "seed": "[grid] seed", "min-site-patients": "[experiment] min-site-patients"}
 COLUMNS = ["experiment", "cell", "data", "partition", "sites", "strategy", "privacy", "epsilon_target", "seed",
            "method", "round", "site", "patients", "accuracy", "balanced_accuracy", "macro_f1", "epsilon_spent",
            "seconds"]
@@ -57,7 +70,9 @@ class ExperimentSection(_Strict):
     local_epochs: int = Field(2, ge=1)
     holdout_column: str = "tss"
     holdout_frac: float = Field(0.2, gt=0, lt=0.9)
-    min_site_patients: int = Field(10, ge=1)
+    # Dirichlet partitions: the fewest patients a site may get; unset, a cohort's partition takes
+    # simulations.partition.MIN_SITE_PATIENTS and the synthetic generator its own (patients-per-site / 10)
+    min_site_patients: int | None = Field(None, ge=1)
 
 
 class GridSection(_Strict):
@@ -141,12 +156,20 @@ class ExperimentConfig(_Strict):
         return {**app_defaults(ROOT), **self.run}
 
     def check(self, path: Path) -> None:
+        """Everything a cell would stop on, before any cell runs: a grid that fails at its tenth cell has spent
+        the first nine's hours."""
         from privacy.run_config import load_run_config
-        from simulations.synthetic import SyntheticConfig
 
         for name in self.grid.data:
             if name != "synthetic":
                 data_dir(name)  # raises naming the data set
+        self._check_distinct()
+        grid = cells(self)  # raises naming a data set a per-data [grid] table leaves out
+        ids: dict[str, Cell] = {}
+        for cell in grid:
+            if (other := ids.setdefault(cell.id, cell)) is not cell:
+                raise ExperimentError(f"[grid] partition: {other.partition!r} and {cell.partition!r} give the same "
+                                      f"cell id {cell.id!r} (its results would overwrite the other's); keep one")
         counts = self.grid.sites if isinstance(self.grid.sites, list) else \
             sorted({n for ns in self.grid.sites.values() for n in ns})
         for privacy in self.grid.privacy:  # as the cells will run it: dp, epsilon, strategy and sites from the grid
@@ -159,17 +182,134 @@ class ExperimentConfig(_Strict):
                                         f"{privacy!r}, strategy = {strategy!r}, sites = {n}")
                     except ValueError as e:
                         raise ExperimentError(str(e)) from e
-        reserved = {"data-root", "site-state-root", "output-dir", "num-rounds", "sites", "dp", "epsilon", "strategy",
-                    "seed", "schema", "eval-data"} & set(self.run)
-        if reserved:
-            raise ExperimentError(f"{path} [run]: {sorted(reserved)} are set by the grid and [experiment]; remove them")
-        try:
-            SyntheticConfig(**{k.replace("-", "_"): v for k, v in self.synthetic.items()}).check()
+        if TRANSFORMER_BASELINES & set(self.baselines.methods):
+            try:  # the baselines train the model as a no-DP cell resolves it (baseline_model_config)
+                baseline_model_config(self, source=f"{path} [run] as the baselines train without DP (dp = false)")
+            except ValueError as e:
+                raise ExperimentError(str(e)) from e
+        if reserved := sorted(RESERVED_RUN_KEYS.keys() & set(self.run)):
+            raise ExperimentError(f"{path} [run]: {reserved} are set by the grid and [experiment] (" + ", ".join(
+                f"{k}: {RESERVED_RUN_KEYS[k]}" for k in reserved) + "); remove them from [run]")
+        if reserved := [k for k in self.synthetic if k.replace("_", "-") in RESERVED_SYNTHETIC_KEYS]:
+            raise ExperimentError(f"{path} [synthetic]: {reserved} are set for each cell (" + ", ".join(
+                f"{k}: {RESERVED_SYNTHETIC_KEYS[k.replace('_', '-')]}" for k in reserved) + "); remove them from "
+                "[synthetic]")
+        for name in self.grid.data:  # before [synthetic]: a by:COLUMN partition has no alpha to give the generator
+            self._check_partitions(name)
+        from simulations.synthetic import SyntheticConfig
+
+        first = next((c for c in grid if c.data == "synthetic"), None)
+        try:  # as the synthetic cells will run it (or as written, when no cell uses it)
+            generator = synthetic_config(self, first) if first else \
+                SyntheticConfig(**{k.replace("-", "_"): v for k, v in self.synthetic.items()})
         except TypeError as e:
             raise ExperimentError(f"{path} [synthetic]: {e}; the keys are SyntheticConfig's fields "
                                   f"(simulations/synthetic.py)") from e
-        except ValueError as e:  # the generator's own check names the setting as its CLI flag
+        least = self.experiment.min_site_patients
+        if first and least and isinstance(generator.patients_per_site, int) and least > generator.patients_per_site:
+            raise ExperimentError(f"{path} [experiment] min-site-patients = {least}: more than [synthetic] "
+                                  f"patients-per-site = {generator.patients_per_site}, the mean a synthetic site gets, "
+                                  "so no draw can give every site that many; lower min-site-patients or raise "
+                                  "patients-per-site")
+        if first and generator.holdout_patients == 0:
+            raise ExperimentError(f"{path} [synthetic] holdout-patients = 0: every cell is scored on the held-out "
+                                  f"site's patients; give at least 1 ({SYNTHETIC_HOLDOUT_PATIENTS} if left out)")
+        try:
+            generator.check()
+        except (TypeError, ValueError) as e:  # the generator's own check names the setting as its CLI flag
             raise ExperimentError(f"{path} [synthetic]: {str(e).replace('--', '')}") from e
+        from simulations.synthetic import SyntheticError, site_assignment
+
+        for cell in {c.part_key: c for c in grid if c.data == "synthetic"}.values():
+            try:  # the draw of each synthetic partition's sites is cheap: its failure need not wait for the cell
+                site_assignment(synthetic_config(self, cell))
+            except SyntheticError:
+                least = self.experiment.min_site_patients or max(5, generator.patients_per_site // 10)
+                raise ExperimentError(
+                    f"{path} [grid] partition {cell.partition!r} with sites = {cell.sites}, seed = {cell.seed} (data "
+                    f"'synthetic'): no Dirichlet draw gives every site {least} patients; use a larger alpha or fewer "
+                    "[grid] sites, lower [experiment] min-site-patients or raise [synthetic] patients-per-site") from None
+
+    def _check_distinct(self) -> None:
+        """Equal values in a [grid] list (8 and 8.0, seed 0 twice, by:center8 and center8) would be one cell run
+        once and counted twice in results.csv."""
+        keys = {"privacy": lambda v: v if v == "off" else float(v), "partition": parse_partition}
+        for field in ("data", "strategy", "privacy", "sites", "partition", "seed"):
+            value = getattr(self.grid, field)
+            for where, values in ([(f"[grid] {field}", value)] if isinstance(value, list) else
+                                  [(f"[grid.{field}] {name}", v) for name, v in value.items()]):
+                seen: dict[Any, Any] = {}
+                for v in values:
+                    k = keys.get(field, lambda x: x)(v)
+                    if k in seen:
+                        same = f"{seen[k]!r} and {v!r} are the same value" if repr(seen[k]) != repr(v) else \
+                            f"{v!r} is listed twice" + (" (8 and 8.0 are one epsilon)" if field == "privacy" else "")
+                        raise ExperimentError(f"{where}: {same}; equal values are one cell, run once and its rows "
+                                              "counted twice in results.csv: list each value once")
+                    seen[k] = v
+
+    def _check_partitions(self, data: str) -> None:
+        """A data set's partitions as the cells will make them: a by:COLUMN the data has, no more sites than the
+        patients or the column's values allow. Reads the labels table's header and only the columns needed."""
+        from shared_models.schema import FeatureSchema, SchemaError
+        from shared_models.site_data import LABELS_STEM, TableError, find_table
+        from simulations.partition import MIN_SITE_PATIENTS, read_text_table, table_columns
+
+        specs = [(spec, *parse_partition(spec)) for spec in self.grid.for_data(data, "partition")]
+        counts = self.grid.for_data(data, "sites")
+        if data == "synthetic":
+            for spec, kind, _ in specs:
+                if kind == "by":
+                    raise ExperimentError(f"[grid] partition {spec!r}: synthetic data has no site column to split by; "
+                                          "use iid or dirichlet:ALPHA for it, e.g. partition = { synthetic = [\"iid\"], "
+                                          "pancan33 = [\"by:center8\"] }")
+            return
+        by = sorted({arg for _, kind, arg in specs if kind == "by"})
+        cohort, schema_path = data_dir(data)
+        found = find_table(cohort, LABELS_STEM)
+        if not found:
+            raise ExperimentError(f"[grid] data {data!r}: {cohort} has no labels table (labels.csv)")
+        labels = found[0]
+        try:
+            header = table_columns(labels)
+        except TableError as e:
+            raise ExperimentError(f"[grid] data {data!r}: {e}") from None
+        column = self.experiment.holdout_column
+        if column not in header:
+            raise ExperimentError(f"[experiment] holdout-column = {column!r}: {labels} has no column {column!r} "
+                                  f"(data {data!r}); its columns are {header}")
+        for spec, kind, arg in specs:
+            if kind == "by" and arg not in header:
+                raise ExperimentError(f"[grid] partition {spec!r}: {labels} has no column {arg!r} (data {data!r}); "
+                                      f"its columns are {header}")
+        try:
+            table, ids = read_text_table(labels, FeatureSchema.load(schema_path).id_column, [column, *by])
+        except (TableError, SchemaError) as e:
+            raise ExperimentError(f"[grid] data {data!r}: {e}") from None
+        patients = len(ids)
+        values = {c: {("" if v is None else str(v)).strip() for v in table.column(c).to_pylist()} for c in [column, *by]}
+        for c, where in [(column, "[experiment] holdout-column"), *((b, "[grid] partition") for b in by)]:
+            if "" in values[c]:
+                raise ExperimentError(f"{where}: some patients in {labels} have no {c!r} value (data {data!r}); fill "
+                                      "them in or choose another column")
+        for spec, kind, arg in specs:
+            for n in counts:
+                if kind == "by":
+                    if n > len(values[arg]):
+                        raise ExperimentError(f"[grid] sites = {n} with partition {spec!r} (data {data!r}): {labels} "
+                                              f"has {len(values[arg])} distinct {arg!r} values, fewer than the sites; "
+                                              f"lower [grid] sites (per data set: sites = {{ {data} = "
+                                              f"[{len(values[arg])}] }})")
+                elif kind == "dirichlet":
+                    least = self.experiment.min_site_patients or MIN_SITE_PATIENTS
+                    if n * least > patients:
+                        raise ExperimentError(
+                            f"[grid] sites = {n} x [experiment] min-site-patients = {least} is {n * least} patients, "
+                            f"more than the {patients} of {labels} (data {data!r}); lower [grid] sites or "
+                            "[experiment] min-site-patients")
+                elif n > patients:
+                    raise ExperimentError(f"[grid] sites = {n}: more sites than the {patients} patients of {labels} "
+                                          f"(data {data!r}); lower [grid] sites")
 
 
 def parse_partition(spec: str) -> tuple[str, Any]:
@@ -227,6 +367,13 @@ class Cell:
                 "method": self.method}
 
 
+def epsilon_text(epsilon: float) -> str:
+    """The per-site epsilon as a cell names it: short ("8", "0.5") where that reads back as the same number, the
+    exact repr otherwise, so two budgets never share a cell (f"{e:g}" makes 1.0000001 and 1 both "1")."""
+    short = f"{epsilon:g}"
+    return short if float(short) == float(epsilon) else repr(float(epsilon))
+
+
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)
 
@@ -241,20 +388,58 @@ def cells(cfg: ExperimentConfig) -> list[Cell]:
                 parts.append((data, spec, n, seed))
     for data, spec, n, seed in parts:
         for strategy, privacy in itertools.product(cfg.grid.strategy, cfg.grid.privacy):
-            out.append(Cell(data, spec, n, seed, "federated", strategy, "off" if privacy == "off" else f"{privacy:g}"))
+            out.append(Cell(data, spec, n, seed, "federated", strategy,
+                            "off" if privacy == "off" else epsilon_text(privacy)))
     for (data, spec, n, seed), method in itertools.product(parts, cfg.baselines.methods):
         out.append(Cell(data, spec, n, seed, method))
     return out
 
 
 # --- partitions --------------------------------------------------------------------------------------------
-def ensure_cell_partition(cfg: ExperimentConfig, cell: Cell, root: Path) -> tuple[Path, Path, dict]:
-    """(federation dir, schema path, manifest): made once per data x partition x sites x seed."""
-    from shared_models.schema import FeatureSchema
-    from simulations.partition import partition_cohort
-    from simulations.synthetic import SyntheticConfig, generate_federation
+SYNTHETIC_HOLDOUT_PATIENTS = 400  # the held-out site's patients when [synthetic] leaves holdout-patients out
 
-    fed = root / "partitions" / cell.part_key
+
+def synthetic_config(cfg: ExperimentConfig, cell: Cell):
+    """The generator's settings for a synthetic cell: [synthetic], with sites, alpha and seed from the cell's grid
+    values and min-site-patients from [experiment] (check() refuses them in [synthetic])."""
+    from simulations.synthetic import SyntheticConfig
+
+    kind, arg = parse_partition(cell.partition)
+    fields = {"holdout_patients": SYNTHETIC_HOLDOUT_PATIENTS, **{k.replace("-", "_"): v for k, v in cfg.synthetic.items()}}
+    return SyntheticConfig(**{**fields, "sites": cell.sites, "alpha": 1e4 if kind == "iid" else arg, "seed": cell.seed,
+                              "min_site_patients": cfg.experiment.min_site_patients})
+
+
+def partition_settings(cfg: ExperimentConfig, cell: Cell) -> dict:
+    """Every setting that shapes a cell's partition (its sites and held-out patients)."""
+    if cell.data == "synthetic":
+        return {"data": "synthetic", **asdict(synthetic_config(cfg, cell))}
+    from simulations.partition import MIN_SITE_PATIENTS
+
+    kind, arg = parse_partition(cell.partition)
+    e = cfg.experiment
+    settings = {"data": cell.data, kind: arg, "sites": cell.sites, "seed": cell.seed,
+                "holdout_column": e.holdout_column, "holdout_frac": e.holdout_frac}
+    if kind == "dirichlet":  # the only split it shapes: an iid or by:COLUMN partition is the same whatever it says
+        settings["min_site_patients"] = e.min_site_patients or MIN_SITE_PATIENTS
+    return settings
+
+
+def partition_dir(cfg: ExperimentConfig, cell: Cell, root: Path) -> Path:
+    """RESULTS/partitions/<part_key>-<hash of partition_settings>: a partition is reused only under the settings
+    it was made with (a key of the grid values alone handed an old [synthetic] or hold-out's sites to a new config)."""
+    digest = hashlib.sha256(json.dumps(partition_settings(cfg, cell), sort_keys=True).encode()).hexdigest()[:10]
+    return root / "partitions" / f"{cell.part_key}-{digest}"
+
+
+def ensure_cell_partition(cfg: ExperimentConfig, cell: Cell, root: Path) -> tuple[Path, Path, dict]:
+    """(federation dir, schema path, manifest): made once per data x partition x sites x seed and the settings
+    that shape it."""
+    from shared_models.schema import FeatureSchema
+    from simulations.partition import MIN_SITE_PATIENTS, partition_cohort
+    from simulations.synthetic import generate_federation
+
+    fed = partition_dir(cfg, cell, root)
     if not (fed / "manifest.json").exists():
         shutil.rmtree(fed, ignore_errors=True)
         fed.parent.mkdir(parents=True, exist_ok=True)
@@ -263,17 +448,14 @@ def ensure_cell_partition(cfg: ExperimentConfig, cell: Cell, root: Path) -> tupl
             if kind == "by":
                 raise ExperimentError(f"partition {cell.partition!r}: synthetic data has no site column; use iid or "
                                       "dirichlet:ALPHA")
-            fields = {k.replace("-", "_"): v for k, v in cfg.synthetic.items()}
-            fields.setdefault("holdout_patients", 400)
-            alpha = 1e4 if kind == "iid" else arg
-            generate_federation(fed, SyntheticConfig(**{**fields, "sites": cell.sites, "alpha": alpha, "seed": cell.seed}))
+            generate_federation(fed, synthetic_config(cfg, cell))
         else:
             path, schema_path = data_dir(cell.data)
             e = cfg.experiment
             partition_cohort(path, FeatureSchema.load(schema_path), fed, sites=cell.sites,
                              by=arg if kind == "by" else None, dirichlet=arg if kind == "dirichlet" else None,
                              iid=kind == "iid", seed=cell.seed, holdout_column=e.holdout_column,
-                             holdout_frac=e.holdout_frac, min_site_patients=e.min_site_patients)
+                             holdout_frac=e.holdout_frac, min_site_patients=e.min_site_patients or MIN_SITE_PATIENTS)
     manifest = json.loads((fed / "manifest.json").read_text())
     if not manifest.get("holdout"):
         raise ExperimentError(f"{fed}: the partition has no held-out patients to evaluate on")
@@ -296,7 +478,10 @@ def run_cell(cfg: ExperimentConfig, cell: Cell, root: Path, log=print) -> list[d
     base = {"experiment": cfg.experiment.name, **cell.describe(),
             "epsilon_target": None if cell.privacy in ("", "off") else float(cell.privacy)}
     rows = [{c: {**base, **r}.get(c) for c in COLUMNS} for r in rows]
-    write_json_atomic(work / "rows.json", {"seconds": round(time.time() - t0, 1), "rows": rows})
+    done = {"seconds": round(time.time() - t0, 1), "rows": rows}
+    if cell.method in TRANSFORMER_BASELINES:  # which recipe's model the baseline trained
+        done["model"] = {"recipe": "no-dp (dp = false)", **baseline_model_config(cfg).model_dump(by_alias=True)}
+    write_json_atomic(work / "rows.json", done)
     return rows
 
 
@@ -393,17 +578,26 @@ def val_split(y: np.ndarray, frac: float, seed: int) -> tuple[np.ndarray, np.nda
     return np.setdiff1d(np.arange(len(y)), val), val
 
 
+def baseline_model_config(cfg: ExperimentConfig, source: str = "run config"):
+    """The model the transformer baselines train: the run config resolved with dp = false, as a no-DP cell resolves
+    it. The baselines train without DP and are set beside the no-DP cells; resolved with the project's default
+    dp = true, "auto" settings (modality-dropout) would take the DP recipe's values instead. dp-mode says where
+    DP's noise is added, moot without DP ('distributed' is refused with dp = false)."""
+    from privacy.run_config import load_run_config
+
+    return load_run_config({**cfg.run_config(), "dp": False, "dp-mode": "site"}, source=source).model
+
+
 def train_transformer(schema, train, cfg: ExperimentConfig, seed: int):
-    """The federation's model (the run section's model settings), trained centrally with early stopping
-    on a stratified 15% of its training patients."""
+    """The federation's model (the run section's model settings, as a no-DP cell resolves them), trained centrally
+    with early stopping on a stratified 15% of its training patients."""
     import torch
 
-    from privacy.run_config import load_run_config
     from shared_models.model import MultiModalTransformer
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
-    model = MultiModalTransformer(schema, load_run_config(cfg.run_config()).model)
+    model = MultiModalTransformer(schema, baseline_model_config(cfg))
     fit_early_stopped(model, *train.tensors(), seed)
     return model.eval()
 
@@ -576,21 +770,39 @@ def _demographics(site_dir: Path, ids: list[str], schema) -> tuple[np.ndarray, n
 # --- the grid ---------------------------------------------------------------------------------------------
 def run_experiment(config_path: str | Path, results: str | Path, log=print, only: str | None = None) -> Path:
     cfg = ExperimentConfig.load(config_path)
+    try:
+        pattern = re.compile(only) if only is not None else None
+    except re.error as e:
+        raise ExperimentError(f"--only {only!r}: not a regular expression ({e}); give one that matches cell ids, "
+                              "e.g. --only 'fedavg-eps8' or --only 'pooled|logistic'") from None
     root = Path(results)
-    root.mkdir(parents=True, exist_ok=True)
+    if root.exists() and not root.is_dir():
+        raise ExperimentError(f"--out {root}: is a file; give a results directory (a new one, or one this config "
+                              "wrote before)")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExperimentError(f"--out {root}: cannot make the results directory ({e.strerror}); give another "
+                              "--out") from None
     previous = root / "experiment.toml"
     text = Path(config_path).read_text()
-    if previous.exists() and (before := ExperimentConfig.model_validate(tomllib.loads(previous.read_text()))) != cfg:
-        if changed := [k for k in ExperimentConfig.model_fields if k != "grid" and getattr(before, k) != getattr(cfg, k)]:
+    if previous.exists() and (before := _previous_config(previous)) != cfg:
+        changed = [k for k in ExperimentConfig.model_fields
+                   if k != "grid" and (before is None or getattr(before, k) != getattr(cfg, k))]
+        finished = sorted(root.glob("cells/*/rows.json"))
+        if changed and finished:
             # a finished cell is skipped by its id, which names only its grid values: its rows would be another
-            # configuration's, mixed into the results without a trace
+            # configuration's, mixed into the results without a trace. With no finished cell there is nothing
+            # to mix: the new config replaces the old, and so deleting cells/ is a fix that works.
+            what = ", ".join(f"[{k}]" for k in changed) if before else "settings (it no longer reads as a config)"
             raise ExperimentError(
-                f"{root}: its finished cells ran under {previous}, whose {', '.join(f'[{k}]' for k in changed)} "
-                f"differ from {config_path}'s; the results would mix two configurations. Use another --out, or "
-                f"delete {root / 'cells'} to run every cell again under the new configuration")
-        log(f"note: {previous}'s grid differs from {config_path}'s; finished cells are kept, new cells are added")
+                f"{root}: {len(finished)} cell(s) finished under {previous}, whose {what} differ from "
+                f"{config_path}'s; the results would mix two configurations. Use another --out, or delete "
+                f"{root / 'cells'} to run every cell again under the new configuration")
+        log(f"note: no cell finished under {previous}; {config_path} replaces it" if changed else
+            f"note: {previous}'s grid differs from {config_path}'s; finished cells are kept, new cells are added")
     write_text_atomic(previous, text)
-    todo = [c for c in cells(cfg) if only is None or re.search(only, c.id)]
+    todo = [c for c in cells(cfg) if pattern is None or pattern.search(c.id)]
     t_all = time.time()
     for i, cell in enumerate(todo, 1):
         done = root / "cells" / cell.id / "rows.json"
@@ -609,6 +821,14 @@ def run_experiment(config_path: str | Path, results: str | Path, log=print, only
     write_results(root, cfg)
     log(f"{len(todo)} cells in {time.time() - t_all:.0f} s; results in {root / 'results.csv'}")
     return root
+
+
+def _previous_config(path: Path) -> ExperimentConfig | None:
+    """The config a results directory was written under, None if it no longer reads as one."""
+    try:
+        return ExperimentConfig.model_validate(tomllib.loads(path.read_text()))
+    except (tomllib.TOMLDecodeError, ValidationError, UnicodeDecodeError):
+        return None
 
 
 def write_results(root: Path, cfg: ExperimentConfig) -> None:

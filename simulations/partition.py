@@ -40,6 +40,7 @@ from shared_models.site_data import LABELS_STEM, TableError, find_table, table_f
 MANIFEST_FORMAT = "oncofed-federation/1"
 HOLDOUT_DIR = "holdout"
 GZIP_MIN_COLUMNS = 100  # tables at least this wide are written gzipped
+MIN_SITE_PATIENTS = 10  # Dirichlet partitions: the fewest patients a site may get unless told otherwise
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -208,15 +209,20 @@ def choose_holdout(groups: np.ndarray, y: np.ndarray, frac: float, rng: np.rando
 
 
 # --- tables --------------------------------------------------------------------------------------
-def read_text_table(path: Path, id_column: str) -> tuple[pa.Table, np.ndarray]:
-    """A table with every delimited cell kept as text, and its ids (stripped) as a string array."""
+def read_text_table(path: Path, id_column: str, columns: list[str] | None = None) -> tuple[pa.Table, np.ndarray]:
+    """A table with every delimited cell kept as text, and its ids (stripped) as a string array; `columns`:
+    read only these (and the ids), e.g. to check a config against a cohort's labels without reading all of it."""
     fmt = table_format(path)
+    wanted = None if columns is None else list(dict.fromkeys([id_column, *columns]))
     try:
         if fmt == "parquet":
             table = read_parquet(path)
+            if wanted is not None:
+                table = table.select([c for c in wanted if c in table.column_names])
         else:
             header = _header(path, "," if fmt == "csv" else "\t")
-            convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in header}, strings_can_be_null=False)
+            convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in header}, strings_can_be_null=False,
+                                           include_columns=[c for c in wanted if c in header] if wanted else None)
             table = pacsv.read_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 26),
                                    parse_options=pacsv.ParseOptions(delimiter="," if fmt == "csv" else "\t"),
                                    convert_options=convert)
@@ -231,6 +237,18 @@ def read_text_table(path: Path, id_column: str) -> tuple[pa.Table, np.ndarray]:
     if (ids == "").any():
         raise TableError(f"{path}: {int((ids == '').sum())} row(s) have an empty {id_column!r}; every row needs an id")
     return table, ids
+
+
+def table_columns(path: Path) -> list[str]:
+    """The column names of a table, from its header alone."""
+    fmt = table_format(path)
+    try:
+        if fmt == "parquet":
+            return read_parquet(path).column_names if path.name.endswith(".gz") else pq.read_schema(path).names
+        return _header(path, "," if fmt == "csv" else "\t")
+    except (pa.ArrowException, OSError, EOFError, UnicodeDecodeError, ValueError, StopIteration) as e:
+        raise TableError(f"{path}: cannot read its header as {fmt} ({type(e).__name__}); check that the file is "
+                         "complete and is really the format its name says") from None
 
 
 def read_parquet(path: Path) -> pa.Table:
@@ -303,7 +321,7 @@ def partition_cohort(
     seed: int = 0,
     holdout_column: str | None = None,
     holdout_frac: float = 0.2,
-    min_site_patients: int = 10,
+    min_site_patients: int = MIN_SITE_PATIENTS,
     overwrite: bool = False,
 ) -> FederationManifest:
     cohort_dir, out_dir = Path(cohort_dir), Path(out_dir)

@@ -71,6 +71,7 @@ class SyntheticConfig:
     missing_value_rate: float = 0.02  # mean share of single cells missing
     holdout_patients: int = 0  # >0: an extra unseen site with balanced classes, for evaluation
     seed: int = 0
+    min_site_patients: int | None = None  # fewest patients a site may get; None: patients_per_site // 10, at least 5
 
     def check(self) -> None:
         problems = [
@@ -92,6 +93,9 @@ class SyntheticConfig:
             (0 <= self.missing_value_rate < 0.5,
              f"--missing-value-rate must be in [0, 0.5) (got {self.missing_value_rate})"),
             (self.holdout_patients >= 0, f"--holdout-patients must be 0 or more (got {self.holdout_patients})"),
+            (self.min_site_patients is None or 1 <= self.min_site_patients <= self.patients_per_site,
+             f"--min-site-patients must be between 1 and --patients-per-site {self.patients_per_site}, the mean a "
+             f"site gets (got {self.min_site_patients})"),
         ]
         for ok, message in problems:
             if not ok:
@@ -242,26 +246,38 @@ def _tabular_table(cfg: SyntheticConfig, tab: _Tabular, rng: np.random.Generator
     return pa.table(columns)
 
 
+def _streams(cfg: SyntheticConfig) -> tuple[np.random.SeedSequence, list[np.random.Generator]]:
+    """The world's seed and one stream per site, one for the hold-out, one for sizes and class mixes (asking for
+    a hold-out does not change the sites)."""
+    world_seed, sites_seed = np.random.SeedSequence(cfg.seed).spawn(2)
+    return world_seed, [np.random.default_rng(s) for s in sites_seed.spawn(cfg.sites + 2)]
+
+
+def site_assignment(cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(class, site) of every federation patient, as generate_federation draws them; cheap, so a caller can find
+    out whether a draw exists (SyntheticError if not) before generating anything."""
+    # balanced classes overall, each class spread over the sites ~ Dir(alpha), as `partition --dirichlet`
+    y_all = np.arange(cfg.sites * cfg.patients_per_site) % cfg.classes
+    min_patients = cfg.min_site_patients or max(5, cfg.patients_per_site // 10)
+    try:
+        site_of = assign_dirichlet(y_all, cfg.classes, cfg.sites, cfg.alpha, _streams(cfg)[1][cfg.sites + 1],
+                                   min_patients)
+    except PartitionError:
+        raise SyntheticError(f"--alpha {cfg.alpha}: no draw gave each of {cfg.sites} sites {min_patients} patients; "
+                             "raise --alpha or --patients-per-site"
+                             + (" or lower --min-site-patients" if cfg.min_site_patients else "")) from None
+    return y_all, site_of
+
+
 def generate_federation(out_dir: str | Path, cfg: SyntheticConfig, overwrite: bool = False) -> FederationManifest:
     """Write cfg.sites site directories (+ `holdout/` if asked), schema.json and manifest.json."""
     cfg.check()
     out_dir = Path(out_dir)
-    root = np.random.SeedSequence(cfg.seed)
-    world_seed, sites_seed = root.spawn(2)
+    world_seed, site_rngs = _streams(cfg)
     world = _world(cfg, np.random.default_rng(world_seed))
     schema = world.schema
-    # one stream per site, one for the hold-out, one for sizes and class mixes: asking for a hold-out
-    # does not change the sites
-    site_rngs = [np.random.default_rng(s) for s in sites_seed.spawn(cfg.sites + 2)]
-    holdout_rng, sizes_rng = site_rngs[cfg.sites], site_rngs[cfg.sites + 1]
-    # balanced classes overall, each class spread over the sites ~ Dir(alpha), as `partition --dirichlet`
-    y_all = np.arange(cfg.sites * cfg.patients_per_site) % cfg.classes
-    min_patients = max(5, cfg.patients_per_site // 10)
-    try:
-        site_of = assign_dirichlet(y_all, cfg.classes, cfg.sites, cfg.alpha, sizes_rng, min_patients)
-    except PartitionError:
-        raise SyntheticError(f"--alpha {cfg.alpha}: no draw gave each of {cfg.sites} sites {min_patients} patients; "
-                             "raise --alpha or --patients-per-site") from None
+    holdout_rng = site_rngs[cfg.sites]
+    y_all, site_of = site_assignment(cfg)
 
     prepare_out_dir(out_dir, overwrite)
     schema.save(out_dir / "schema.json")

@@ -93,10 +93,12 @@ def test_grid_enumerates_every_combination_once(tmp_path):
     assert {c.privacy for c in fed} == {"off", "1", "3", "8"}
 
 
-def test_per_data_partitions_must_cover_every_data_set(tmp_path):
-    text = TINY.replace('partition = ["dirichlet:1.0"]', 'partition = { brca = ["iid"] }')
-    with pytest.raises(ExperimentError, match="no entry for data 'synthetic'"):
-        cells(ExperimentConfig.load(write(tmp_path, text)))
+def test_per_data_partitions_must_cover_every_data_set_before_anything_is_written(tmp_path):
+    config = write(tmp_path, TINY.replace('partition = ["dirichlet:1.0"]', 'partition = { brca = ["iid"] }'))
+    with pytest.raises(ExperimentError, match="no entry for data 'synthetic'") as e:
+        run_experiment(config, tmp_path / "results", log=lambda s: None)
+    assert str(config) in str(e.value) and "[grid.partition]" in str(e.value)
+    assert not (tmp_path / "results" / "experiment.toml").exists()
 
 
 @pytest.mark.slow
@@ -180,6 +182,17 @@ def test_committed_real_study_is_valid():
     assert {c.method for c in grid} == {"federated", "pooled", "pooled-cv", "local", "logistic"}
 
 
+def test_the_research_guides_example_config_is_valid(tmp_path):
+    """docs/research-guide.md's config: every cell it makes can run (its partitions too)."""
+    import re
+
+    if not (Path(__file__).resolve().parents[2] / "shared" / "data" / "tcga_brca_pam50").is_dir():
+        pytest.skip("the guide's grid reads BRCA from ../shared/data, which is absent")
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "research-guide.md").read_text()
+    cfg = ExperimentConfig.load(write(tmp_path, re.search(r"```toml\n(.*?)```", guide, re.S).group(1)))
+    assert {c.data for c in cells(cfg)} == {"pancan33", "brca", "synthetic"}
+
+
 def test_demographics_read_age_in_days_as_years_and_keep_plain_strings(tmp_path):
     from simulations.experiment import _demographics
 
@@ -191,3 +204,235 @@ def test_demographics_read_age_in_days_as_years_and_keep_plain_strings(tmp_path)
     age, gender, tss = _demographics(tmp_path, ["A", "B", "C"], Schema)
     assert age[0] == pytest.approx(55.33, abs=0.01) and np.isnan(age[1]) and age[2] == pytest.approx(40.0, abs=0.01)
     assert list(gender) == ["female", "", "male"] and gender.dtype.kind == "U" and tss.dtype.kind == "U"
+
+
+# --- grid values that cannot run are refused before any cell --------------------------------------------------
+SMALL = """
+[experiment]
+name = "small"
+rounds = 1
+local-epochs = 1
+
+[grid]
+data = ["synthetic"]
+partition = ["iid"]
+sites = [2]
+
+[baselines]
+methods = ["logistic"]
+
+[synthetic]
+classes = 3
+patients-per-site = 30
+omics-widths = [12]
+tabular-columns = 0
+holdout-patients = 30
+"""
+
+PANCAN = """
+[experiment]
+name = "pancan"
+
+[grid]
+data = ["pancan33"]
+partition = ["iid"]
+sites = [2]
+"""
+
+
+@pytest.mark.parametrize("edit, expected", [
+    # the research guide's own example grid crossed data = synthetic with by:center8
+    (('partition = ["iid"]', 'partition = ["iid", "by:center8"]'), "[grid] partition 'by:center8': synthetic data"),
+])
+def test_a_by_partition_of_synthetic_data_is_refused_by_the_config_check(tmp_path, edit, expected):
+    with pytest.raises(ExperimentError) as e:
+        ExperimentConfig.load(write(tmp_path, SMALL.replace(*edit)))
+    assert str(tmp_path / "exp.toml") in str(e.value) and expected in str(e.value), str(e.value)
+
+
+LABELS = "simulations/data/tcga_pancan33/labels.csv"
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (('partition = ["iid"]', 'partition = ["by:centre8"]'), [LABELS, "has no column 'centre8'", "center8"]),
+    (('partition = ["iid"]\nsites = [2]', 'partition = ["by:center8"]\nsites = [10]'),
+     ["[grid] sites = 10", LABELS, "8 distinct 'center8' values"]),
+    (('partition = ["iid"]\nsites = [2]', 'partition = ["dirichlet:0.05"]\nsites = [20]'),
+     ["[grid] sites = 20", "[experiment] min-site-patients = 400", "8000 patients", LABELS]),
+    (('name = "pancan"', 'name = "pancan"\nholdout-column = "site"'), ["[experiment] holdout-column = 'site'", LABELS]),
+])
+def test_a_cohort_partition_that_cannot_be_made_is_refused_naming_the_keys_and_the_labels_file(tmp_path, edit, expected):
+    text = PANCAN.replace(*edit).replace('name = "pancan"', 'name = "pancan"\nmin-site-patients = 400')
+    with pytest.raises(ExperimentError) as e:
+        ExperimentConfig.load(write(tmp_path, text))
+    message = str(e.value)
+    assert str(tmp_path / "exp.toml") in message and all(part in message for part in expected), message
+    assert "--" not in message  # config keys, not the CLI flags of `oncofed partition`
+
+
+@pytest.mark.parametrize("key", ["sites = 12", "alpha = 100.0", "seed = 7", "min-site-patients = 20"])
+def test_synthetic_keys_each_cell_sets_are_refused(tmp_path, key):
+    with pytest.raises(ExperimentError) as e:
+        ExperimentConfig.load(write(tmp_path, SMALL + key + "\n"))
+    name = key.split(" ")[0]
+    assert f"[synthetic]: ['{name}'] are set for each cell" in str(e.value), str(e.value)
+
+
+def test_min_site_patients_holds_for_synthetic_dirichlet_sites(tmp_path):
+    from simulations.experiment import ensure_cell_partition
+
+    text = SMALL.replace('name = "small"', 'name = "small"\nmin-site-patients = 25').replace(
+        'partition = ["iid"]', 'partition = ["dirichlet:1.0"]').replace("sites = [2]", "sites = [4]").replace(
+        "patients-per-site = 30", "patients-per-site = 40")
+    cfg = ExperimentConfig.load(write(tmp_path, text))
+    _, _, manifest = ensure_cell_partition(cfg, cells(cfg)[0], tmp_path / "results")
+    assert min(s["patients"] for s in manifest["sites"]) >= 25  # the generator's own floor alone gave a site 11
+
+
+def test_a_synthetic_dirichlet_partition_no_draw_can_make_is_refused_by_the_config_check(tmp_path):
+    text = SMALL.replace('name = "small"', 'name = "small"\nmin-site-patients = 25').replace(
+        'partition = ["iid"]', 'partition = ["dirichlet:0.05"]').replace("sites = [2]", "sites = [5]")
+    with pytest.raises(ExperimentError) as e:
+        ExperimentConfig.load(write(tmp_path, text))
+    assert ("[grid] partition 'dirichlet:0.05' with sites = 5, seed = 0" in str(e.value)
+            and "[experiment] min-site-patients" in str(e.value)), str(e.value)
+
+
+def test_min_site_patients_above_the_synthetic_sites_mean_is_refused(tmp_path):
+    text = SMALL.replace('name = "small"', 'name = "small"\nmin-site-patients = 31')
+    with pytest.raises(ExperimentError, match=r"\[experiment\] min-site-patients = 31: more than \[synthetic\] "
+                                              r"patients-per-site = 30"):
+        ExperimentConfig.load(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (("sites = [2]", "sites = [2]\nprivacy = [8, 8.0]"), "[grid] privacy: 8.0 is listed twice"),
+    (("sites = [2]", "sites = [2]\nseed = [0, 0]"), "[grid] seed: 0 is listed twice"),
+    (('partition = ["iid"]', 'partition = ["dirichlet:0.5", "dirichlet:0.50"]'),
+     "[grid] partition: 'dirichlet:0.5' and 'dirichlet:0.50' are the same value"),
+])
+def test_equal_grid_values_are_refused(tmp_path, edit, expected):
+    with pytest.raises(ExperimentError) as e:
+        ExperimentConfig.load(write(tmp_path, SMALL.replace(*edit)))
+    assert expected in str(e.value) and "results.csv" in str(e.value), str(e.value)
+
+
+def test_close_epsilons_are_cells_of_their_own_named_exactly(tmp_path):
+    cfg = ExperimentConfig.load(write(tmp_path, SMALL.replace("sites = [2]", "sites = [2]\nprivacy = [1, 1.0000001]")))
+    fed = [c for c in cells(cfg) if c.method == "federated"]
+    assert len({c.id for c in fed}) == 2
+    assert sorted(float(c.privacy) for c in fed) == [1, 1.0000001]
+    assert [c.privacy for c in fed][0] == "1"  # whole budgets keep their short ids (eps8, not eps8.0)
+
+
+def test_local_epochs_in_run_is_refused_beside_experiment_local_epochs(tmp_path):
+    with pytest.raises(ExperimentError) as e:
+        ExperimentConfig.load(write(tmp_path, SMALL + "\n[run]\nlocal-epochs = 5\n"))
+    assert "[run]: ['local-epochs']" in str(e.value) and "[experiment] local-epochs" in str(e.value), str(e.value)
+
+
+# --- a results directory under a changed config ----------------------------------------------------------------
+def test_a_changed_config_replaces_the_old_one_while_no_cell_has_finished(tmp_path):
+    out = tmp_path / "results"
+    run_experiment(write(tmp_path, SMALL), out, log=lambda s: None, only="^nothing$")
+    changed = write(tmp_path, SMALL.replace("holdout-patients = 30", "holdout-patients = 40"))
+    run_experiment(changed, out, log=lambda s: None, only="^nothing$")
+    assert (out / "experiment.toml").read_text() == changed.read_text()
+
+
+def test_the_changed_config_refusal_names_a_fix_that_works(tmp_path):
+    out = tmp_path / "results"
+    run_experiment(write(tmp_path, SMALL), out, log=lambda s: None, only="logistic$")  # one finished cell
+    changed = write(tmp_path, SMALL.replace("holdout-patients = 30", "holdout-patients = 40"))
+    with pytest.raises(ExperimentError, match=r"\[synthetic\] differ") as e:
+        run_experiment(changed, out, log=lambda s: None, only="^nothing$")
+    assert f"delete {out / 'cells'}" in str(e.value)
+    import shutil
+
+    shutil.rmtree(out / "cells")  # the fix the message gives
+    run_experiment(changed, out, log=lambda s: None, only="^nothing$")
+    assert (out / "experiment.toml").read_text() == changed.read_text()
+
+
+def test_a_synthetic_partition_is_not_reused_under_other_synthetic_settings(tmp_path):
+    from simulations.experiment import ensure_cell_partition
+
+    first = ExperimentConfig.load(write(tmp_path, SMALL))
+    ensure_cell_partition(first, cells(first)[0], tmp_path / "results")
+    other = ExperimentConfig.load(write(tmp_path, SMALL.replace("holdout-patients = 30", "holdout-patients = 40")))
+    _, _, manifest = ensure_cell_partition(other, cells(other)[0], tmp_path / "results")
+    assert manifest["holdout"]["patients"] == 40
+
+
+def test_a_cohort_partition_is_not_reused_under_another_holdout_frac(tmp_path):
+    from simulations.experiment import ensure_cell_partition
+
+    first = ExperimentConfig.load(write(tmp_path, PANCAN))
+    ensure_cell_partition(first, cells(first)[0], tmp_path / "results")
+    other = ExperimentConfig.load(write(tmp_path, PANCAN.replace('name = "pancan"', 'name = "pancan"\nholdout-frac = 0.1')))
+    _, _, manifest = ensure_cell_partition(other, cells(other)[0], tmp_path / "results")
+    assert manifest["method"]["holdout_frac"] == 0.1
+
+
+# --- baselines --------------------------------------------------------------------------------------------
+def test_transformer_baselines_train_the_model_a_no_dp_cell_resolves(tmp_path):
+    from privacy.run_config import load_run_config
+    from shared_models.schema import FeatureSchema
+    from simulations.experiment import _site_sets, ensure_cell_partition, train_transformer
+
+    cfg = ExperimentConfig.load(write(tmp_path, SMALL))
+    fed, schema_path, manifest = ensure_cell_partition(cfg, cells(cfg)[0], tmp_path / "results")
+    schema = FeatureSchema.load(schema_path)
+    sites, _ = _site_sets(schema, fed, manifest)
+    model = train_transformer(schema, sites["site_00"], cfg, seed=0)
+    no_dp_cell = load_run_config({**cfg.run_config(), "dp": False}).model  # as a privacy = "off" cell resolves it
+    assert model.config.modality_dropout == no_dp_cell.modality_dropout == 0.25  # not the DP recipe's 0.0
+
+
+def test_a_transformer_baseline_records_the_recipe_it_trained(tmp_path):
+    from simulations.experiment import run_cell
+
+    cfg = ExperimentConfig.load(write(tmp_path, SMALL.replace('methods = ["logistic"]', 'methods = ["pooled"]')))
+    cell = next(c for c in cells(cfg) if c.method == "pooled")
+    run_cell(cfg, cell, tmp_path / "results", log=lambda s: None)
+    done = json.loads((tmp_path / "results" / "cells" / cell.id / "rows.json").read_text())
+    assert done["model"]["recipe"].startswith("no-dp") and done["model"]["modality-dropout"] == 0.25
+
+
+def test_local_logistic_gives_a_site_of_one_class_the_classifier_of_that_class(tmp_path):
+    from simulations.experiment import ensure_cell_partition, run_cell
+
+    text = SMALL.replace('partition = ["iid"]', 'partition = ["dirichlet:0.05"]').replace("sites = [2]", "sites = [4]") \
+                .replace('methods = ["logistic"]', 'methods = ["local-logistic"]') \
+                .replace("patients-per-site = 30", "patients-per-site = 60").replace("holdout-patients = 30",
+                                                                                      "holdout-patients = 60")
+    cfg = ExperimentConfig.load(write(tmp_path, text))
+    cell = next(c for c in cells(cfg) if c.method == "local-logistic")
+    _, _, manifest = ensure_cell_partition(cfg, cell, tmp_path / "results")
+    lone = [s["name"] for s in manifest["sites"] if sum(1 for n in s["class_counts"].values() if n) == 1]
+    assert lone, "the partition should give some site a single class"
+    rows = {r["site"]: r for r in run_cell(cfg, cell, tmp_path / "results", log=lambda s: None)}
+    assert set(rows) == {s["name"] for s in manifest["sites"]}
+    # the held-out site is balanced over 3 classes: always answering one class is right for a third of it
+    assert rows[lone[0]]["accuracy"] == pytest.approx(1 / 3) and rows[lone[0]]["macro_f1"] == pytest.approx(1 / 6)
+
+
+# --- the command line -----------------------------------------------------------------------------------------
+def oncofed(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "oncofed", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_names_only_when_it_is_not_a_regular_expression(tmp_path):
+    res = oncofed("experiment", str(write(tmp_path, SMALL)), "--out", str(tmp_path / "results"), "--only", "(")
+    assert res.returncode == 2 and "--only '(': not a regular expression" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "results").exists()
+
+
+def test_cli_names_out_when_it_is_a_file(tmp_path):
+    (tmp_path / "afile").write_text("")
+    res = oncofed("experiment", str(write(tmp_path, SMALL)), "--out", str(tmp_path / "afile"))
+    assert res.returncode == 2 and f"--out {tmp_path / 'afile'}: is a file" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr

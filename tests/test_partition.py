@@ -260,3 +260,24 @@ def test_simulate_refuses_set_keys_it_sets_itself(tmp_path):
                                  "--set", "sites=100"])
     assert r.exit_code == 2 and "--set output-dir, sites: oncofed simulate sets these itself" in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_research_guide_label_skew_counts_are_the_main_jobs_partition(tmp_path):
+    """docs/research-guide.md, "Label skew", says where READ, COAD, CHOL and LIHC sit among the main job's center8
+    hospitals; the numbers it quotes are the partition's (CHOL's hospital holds LIHC too)."""
+    from simulations.federation import ensure_partition
+
+    manifest = FederationManifest.load(ensure_partition(tmp_path / "sites", seed=0) / "manifest.json")
+    at = {c: {s.name: s.class_counts[c] for s in manifest.sites if s.class_counts[c]}
+          for c in ("READ", "COAD", "CHOL", "LIHC")}
+    guide = " ".join((REPO / "docs" / "research-guide.md").read_text().split())
+    (chol_site, chol), = at["CHOL"].items()
+    lihc, lihc_with_chol = sum(at["LIHC"].values()), at["LIHC"][chol_site]
+    assert (f"CHOL's {chol} are all at {chol_site}, which also holds {lihc_with_chol} of LIHC's {lihc} "
+            f"(and {at['COAD'][chol_site]} COAD), while the other {lihc - lihc_with_chol} LIHC are at") in guide
+    read, coad = sum(at["READ"].values()), sum(at["COAD"].values())
+    assert f"{at['READ']['C5']} of READ's {read} training patients are at C5, which has no COAD" in guide
+    assert "C5" not in at["COAD"] and "C3" not in at["READ"]
+    assert f"{at['COAD']['C3']} of COAD's {coad} at C3, which has no READ" in guide
+    assert set(at["READ"]) & set(at["COAD"]) == {"C7"}
+    assert f"only C7 holds both: {at['COAD']['C7']} COAD, {at['READ']['C7']} READ" in guide
