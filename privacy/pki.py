@@ -122,7 +122,8 @@ def _fresh_dir(path: Path, what: str) -> None:
 
 
 def _remove_written(root: Path, existed: bool) -> None:
-    """Undo a failed `site init`: the directory it created, or what it wrote into the empty one it was given."""
+    """Undo a failed `site init` or `consortium init`: the directory it created, or what it wrote into the empty one
+    it was given."""
     if not existed:
         shutil.rmtree(root, ignore_errors=True)
         return
@@ -132,6 +133,19 @@ def _remove_written(root: Path, existed: bool) -> None:
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+
+
+MAX_NAME = 53  # a consortium's name: the CA's common name "NAME OncoFed CA" holds at most 64 characters
+
+
+def _specific_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return not ip.is_loopback and not ip.is_unspecified
 
 
 def init_consortium(root: str | Path, name: str, address: str, now: dt.datetime | None = None,
@@ -151,12 +165,29 @@ def init_consortium(root: str | Path, name: str, address: str, now: dt.datetime 
                                 "schema JSON (the bundle signs it, and it cannot be replaced later)") from None
     if root.exists() and not root.is_dir():
         raise ProvisioningError(f"{root}: not a directory; choose a new directory for the consortium")
+    if not name.strip() or len(name) > MAX_NAME:  # the CA's subject: "NAME OncoFed CA", at most 64 characters
+        raise ProvisioningError(f"--name {name!r}: give the consortium a name of 1 to {MAX_NAME} characters")
     host, port = parse_address(address)
-    if not 0 < internal_port < 65536 or (internal_port == port and host in ("127.0.0.1", "localhost")):
+    # the proxy listens on the public port of the host's address, or of every address (0.0.0.0) for a DNS name:
+    # only a specific non-loopback IP leaves the loopback port free for the SuperLink
+    if not 0 < internal_port < 65536 or (internal_port == port and not _specific_ip(host)):
         raise ProvisioningError(f"--internal-port {internal_port}: the SuperLink's loopback port must be a free port "
-                                f"other than the public one ({port})")
+                                f"other than the public one ({port}), where the TLS proxy listens")
+    existed = root.exists()
     _fresh_dir(root, "consortium init")
-    now = now or dt.datetime.now(dt.timezone.utc)
+    try:  # on any failure (a full disk) what this call wrote is removed, so the same command can be run again
+        return _write_consortium(root, name, host, port, internal_port, schema,
+                                 now or dt.datetime.now(dt.timezone.utc))
+    except BaseException as e:
+        _remove_written(root, existed)
+        if isinstance(e, OSError):
+            raise ProvisioningError(f"{root}: {e.strerror or e}; nothing was written: give consortium init a "
+                                    "directory the account running it can create and write") from None
+        raise
+
+
+def _write_consortium(root: Path, name: str, host: str, port: int, internal_port: int, schema: Path,
+                      now: dt.datetime) -> dict:
 
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, name),
@@ -177,7 +208,9 @@ def init_consortium(root: str | Path, name: str, address: str, now: dt.datetime 
     sans = list(dict.fromkeys([host, "localhost", "127.0.0.1"]))
     server_cert = (x509.CertificateBuilder()
                    .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, name),
-                                            x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+                                            # a common name holds 64 characters; the SANs hold the host either way
+                                            x509.NameAttribute(NameOID.COMMON_NAME,
+                                                               host if len(host) <= 64 else "OncoFed server")]))
                    .issuer_name(ca_name).public_key(server_key.public_key())
                    .serial_number(x509.random_serial_number())
                    .not_valid_before(now - dt.timedelta(minutes=5))

@@ -290,7 +290,10 @@ def delivery_verdict(run_dir: Path) -> tuple[bool, str]:
 def delivery_checks(c, run_dir: Path, cfg) -> list:
     from privacy.preflight import Check, check_reachable, check_signing_key
 
-    checks = [check_reachable(c.control_address, c.path("ca", "ca.crt"), "SuperLink"),
+    from server.deploy import check_server_health
+
+    # the server's processes as `oncofed run` checks them: with the SuperExec down the delivery run would wait forever
+    checks = [check_reachable(c.control_address, c.path("ca", "ca.crt"), "SuperLink"), check_server_health(c),
               check_signing_key(Path(cfg.run.signing_key), c.path("public", "signing.pub"))]
     try:
         load_final(run_dir)

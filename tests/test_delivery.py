@@ -196,3 +196,18 @@ def test_a_final_model_is_dated_by_its_last_round_so_a_late_resume_does_not_make
     (tmp_path / "package.json").write_text(json.dumps({"arrays_sha256": arrays_sha256(final), "finished": 900.25}))
     assert finished_at(tmp_path, {"round": 10}, final) == 900.25  # a last round recorded before rounds were dated
     assert finished_at(tmp_path, {"round": 10}, [np.zeros(3, dtype=np.float32)]) >= time.time() - 60  # other weights
+
+
+def test_oncofed_delivers_preflight_asks_the_server_processes_health_as_oncofed_run_does(tmp_path):
+    """With the SuperExec down the delivery run would stay pending forever: the preflight names it first."""
+    from privacy.pki import init_consortium
+    from privacy.run_config import load_run_config
+    from server.delivery import delivery_checks
+    from server.deploy import Consortium
+
+    init_consortium(tmp_path / "op", "c", "127.0.0.1:29443", internal_port=29444)
+    c = Consortium.load(tmp_path / "op")
+    cfg = load_run_config({"schema": "s.json", "signing-key": str(c.path("signing", "signing.key"))})
+    checks = {check.name: check for check in delivery_checks(c, tmp_path / "op" / "runs" / "x", cfg)}
+    health = next(check for what, check in checks.items() if "server processes" in what)
+    assert not health.ok

@@ -119,6 +119,27 @@ def test_nothing_is_overwritten_and_bad_settings_are_named(consortium, tmp_path)
         init_site(tmp_path / "f", "C0", consortium / "public", ca_fingerprint=_read_out(consortium))
 
 
+def test_consortium_init_refuses_what_no_certificate_or_proxy_could_hold_and_leaves_nothing_on_failure(tmp_path,
+                                                                                                     monkeypatch):
+    """A name the CA's subject cannot hold, or a public port the proxy would share with the SuperLink (a DNS name:
+    nginx listens on every address), is refused before anything is written; a long valid DNS host is a certificate's
+    SAN (its common name holds 64 characters); a failure midway leaves nothing, so the same command works again."""
+    import privacy.pki as pki
+
+    for name in ("", "International Pan-Cancer Genomics Federated Learning Consortium"):
+        with pytest.raises(ProvisioningError, match="--name .* 1 to 53 characters"):
+            init_consortium(tmp_path / "a", name, "fl.example.org:443")
+    with pytest.raises(ProvisioningError, match="--internal-port 9092: .* other than the public one"):
+        init_consortium(tmp_path / "a", "c", "fl.example.org:9092")
+    assert not (tmp_path / "a").exists()
+    host = "federated-learning.pan-cancer-genomics.university-hospital.example.org"  # 70 characters
+    assert host in init_consortium(tmp_path / "b", "c", f"{host}:443")["server_sans"]
+    monkeypatch.setattr(pki, "generate_signing_key", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left")))
+    with pytest.raises(ProvisioningError, match="No space left.*nothing was written"):
+        init_consortium(tmp_path / "c", "c", "fl.example.org:443")
+    assert not (tmp_path / "c").exists()
+
+
 def test_a_relative_data_path_is_stored_absolute(consortium, tmp_path, monkeypatch):
     (tmp_path / "tables").mkdir()
     monkeypatch.chdir(tmp_path)  # the site will run from another directory
