@@ -75,7 +75,8 @@ def save_checkpoint(root: Path, rnd: int, weights: list[np.ndarray], strategy_st
 def prune_checkpoints(root: Path, keep: int, latest: str) -> list[str]:
     """Removes round directories beyond the `keep` newest (never `latest`, the one resuming reads). Runs only
     after latest.json points at the new round, so a crash here leaves extra directories, never too few."""
-    rounds = sorted((d for d in root.glob("round-[0-9]*") if d.is_dir()), key=lambda d: d.name)
+    rounds = sorted((d for d in root.glob("round-[0-9]*") if d.is_dir() and d.name[6:].isdigit()),
+                    key=lambda d: int(d.name[6:]))  # by number: round-10000 comes after round-9999
     removed = [d.name for d in rounds[:-keep] if d.name != latest]
     for name in removed:
         shutil.rmtree(root / name, ignore_errors=True)

@@ -234,3 +234,11 @@ def test_a_resumed_server_tells_the_sites_the_outcome_of_the_round_before_the_re
     assert round_outcome(tmp_path, 2) == {"round": 2, "status": "abandoned",
                                           "reason": "3 sites sent masked vectors, fewer than 4"}
     assert round_outcome(tmp_path, 1) is None and round_outcome(tmp_path / "none", 2) is None
+
+
+def test_checkpoints_are_pruned_by_round_number_past_round_9999(tmp_path):
+    from server.checkpoint import prune_checkpoints
+
+    for rnd in (9998, 9999, 10000):
+        (tmp_path / f"round-{rnd:04d}").mkdir()
+    assert prune_checkpoints(tmp_path, 2, "round-10000") == ["round-9998"]
