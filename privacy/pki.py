@@ -36,6 +36,7 @@ import hashlib
 import ipaddress
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from cryptography import x509
@@ -121,6 +122,20 @@ def _fresh_dir(path: Path, what: str) -> None:
                                 "create and write") from None
 
 
+@contextmanager
+def _removed_on_failure(root: Path, existed: bool, command: str):
+    """On any failure in the block (a setting refused, a full disk) what `command` wrote is removed again, so the same
+    command can simply be run again: the new directory, or the files written into the existing empty one."""
+    try:
+        yield
+    except BaseException as e:
+        _remove_written(root, existed)
+        if isinstance(e, OSError):
+            raise ProvisioningError(f"{root}: {e.strerror or e}; nothing was written: give {command} a directory the "
+                                    "account running it can create and write") from None
+        raise
+
+
 def _remove_written(root: Path, existed: bool) -> None:
     """Undo a failed `site init` or `consortium init`: the directory it created, or what it wrote into the empty one
     it was given."""
@@ -175,15 +190,9 @@ def init_consortium(root: str | Path, name: str, address: str, now: dt.datetime 
                                 f"other than the public one ({port}), where the TLS proxy listens")
     existed = root.exists()
     _fresh_dir(root, "consortium init")
-    try:  # on any failure (a full disk) what this call wrote is removed, so the same command can be run again
+    with _removed_on_failure(root, existed, "consortium init"):
         return _write_consortium(root, name, host, port, internal_port, schema,
                                  now or dt.datetime.now(dt.timezone.utc))
-    except BaseException as e:
-        _remove_written(root, existed)
-        if isinstance(e, OSError):
-            raise ProvisioningError(f"{root}: {e.strerror or e}; nothing was written: give consortium init a "
-                                    "directory the account running it can create and write") from None
-        raise
 
 
 def _write_consortium(root: Path, name: str, host: str, port: int, internal_port: int, schema: Path,
@@ -303,9 +312,7 @@ def init_site(root: str | Path, name: str, consortium_public: str | Path, data_p
         data_path = str(data)
     existed = root.exists()
     _fresh_dir(root, "site init")  # an existing empty directory (a mount point, one the admin made) is used as it is
-    # on any failure (a setting site.json refuses, a full disk) what this call wrote is removed again, so the same
-    # command can simply be run again: the new directory, or the files written into the existing empty one
-    try:
+    with _removed_on_failure(root, existed, "site init"):
         key = ec.generate_private_key(ec.SECP384R1())
         write_private(root / "keys" / "site.key", key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
@@ -331,10 +338,4 @@ def init_site(root: str | Path, name: str, consortium_public: str | Path, data_p
             raise ProvisioningError(f"{e}. Nothing was written: fix the option it comes from (--name, --data, --budget "
                                     "or --min-count) and run site init again") from None
         settings.write(root / "site.json")
-    except BaseException as e:
-        _remove_written(root, existed)
-        if isinstance(e, OSError):
-            raise ProvisioningError(f"{root}: {e.strerror or e}; nothing was written: give site init a directory the "
-                                    "account running it can create and write") from None
-        raise
     return settings
