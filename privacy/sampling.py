@@ -47,7 +47,9 @@ def padded_sample(n: int, sample_rate: float, generator: torch.Generator | None,
     padded to `rows` (default padded_batch(n, q)) with patients it did not sample: (row indices, mask: 1
     sampled, 0 filler), both parts in a secret random order. A sample larger than `rows` is returned whole.
     `rows` above n (a public bound, `step_rows`): the filler repeats patients, still weighted 0."""
-    sampled = torch.rand(n, generator=generator) < sample_rate
+    # float64: float32 draws are multiples of 2^-24, which include a patient at ceil(q 2^24) / 2^24 >= q, above the
+    # rate the accountant charges (1.4e-3 relative at q = 1e-5)
+    sampled = torch.rand(n, dtype=torch.float64, generator=generator) < sample_rate
     chosen = sampled.nonzero().squeeze(1)
     fill = max(0, (padded_batch(n, sample_rate) if rows is None else rows) - len(chosen))
     perm = torch.randperm(n, generator=generator)  # over all n: its cost does not depend on the sample
