@@ -236,7 +236,11 @@ def token_list(
     from client.serve import TOKENS_FILE, TokenStore
 
     settings = _site_settings(site_config)
-    tokens = TokenStore(Path(settings.state_dir) / TOKENS_FILE).list()
+    try:
+        tokens = TokenStore(Path(settings.state_dir) / TOKENS_FILE).list()
+    except ValueError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(code=2)
     if not tokens:
         typer.echo("no tokens; create one with `oncofed serve token add --name NAME --role clinician`")
         return
@@ -319,7 +323,12 @@ def token_revoke(
     from client.serve import TOKENS_FILE, TokenStore
 
     settings = _site_settings(site_config)
-    if not TokenStore(Path(settings.state_dir) / TOKENS_FILE).revoke(name):
+    try:
+        revoked = TokenStore(Path(settings.state_dir) / TOKENS_FILE).revoke(name)
+    except ValueError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(code=2)
+    if not revoked:
         typer.echo(f"no token named {name!r}", err=True)
         raise typer.Exit(code=1)
 
@@ -368,13 +377,20 @@ def serve_activate(
         typer.echo(f"--version {version}: not installed in {settings.model_dir}; installed: "
                    f"{', '.join(versions) or 'none'}", err=True)
         raise typer.Exit(code=2)
+    from privacy.audit import AuditError
+
+    def record() -> None:  # after the version verified, before the switch: no switch the audit log lacks
+        AuditLog(state / "audit.jsonl").append("model_activated", version=version, previous=previous,
+                                               token=f"cli:{getpass.getuser()}")
+
     try:
-        predictor.activate(version)  # verified before switching, as the service's route does
-    except (ModelStoreError, ValueError, OSError) as e:
-        typer.echo(f"{version} does not verify, nothing changed: {e}", err=True)
+        predictor.activate(version, record=record)  # verified before switching, as the service's route does
+    except AuditError as e:
+        typer.echo(f"the audit log cannot record the switch, nothing changed: {e}", err=True)
         raise typer.Exit(code=2)
-    AuditLog(state / "audit.jsonl").append("model_activated", version=version, previous=previous,
-                                           token=f"cli:{getpass.getuser()}")
+    except (ModelStoreError, ValueError, OSError) as e:
+        typer.echo(f"{version} does not verify or cannot be recorded, nothing changed: {e}", err=True)
+        raise typer.Exit(code=2)
     typer.echo(f"{version} is active (was {previous or 'none'})")
 
 

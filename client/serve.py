@@ -21,7 +21,7 @@ import json
 import os
 import secrets
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from client.serve_queue import ExplanationLane, ModelQueue
 from client.serve_routes import model_routes, offline_docs, operations_routes, prediction_routes
 from privacy.audit import AuditLog
 from privacy.site_config import SiteConfig
-from shared_models.files import write_json_atomic
+from shared_models.files import atomic_file, exclusive_lock
 
 ROLES = {"clinician": {"predict", "read"}, "admin": {"predict", "read", "manage"}}
 TOKENS_FILE = "serve-tokens.json"
@@ -98,33 +98,60 @@ class TokenStore:
             st = self.path.stat()
         except FileNotFoundError:
             return []
-        if self._cache is None or self._cache[:2] != (st.st_mtime, st.st_size):
-            self._cache = (st.st_mtime, st.st_size, json.loads(self.path.read_text())["tokens"])
+        if self._cache is None or self._cache[:2] != (st.st_mtime_ns, st.st_size):
+            self._cache = (st.st_mtime_ns, st.st_size, self._parse())
         return self._cache[2]
+
+    def _parse(self) -> list[dict]:
+        try:
+            return list(json.loads(self.path.read_text())["tokens"])
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{self.path}: not a readable token file ({e}); restore it from a backup, or move it "
+                             "away and issue the tokens again (`oncofed serve token add`)") from None
 
     def list(self) -> list[dict]:
         """Name, role and creation time of each token (never the hash)."""
         return [{k: t.get(k) for k in ("name", "role", "created")} for t in self._read()]
 
+    @contextmanager
+    def _changing(self):
+        """The tokens, read under an exclusive lock, for one change (add, revoke): two commands at once would each
+        write back the list it read, and a revocation could be undone. Written 0600, atomically."""
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a site that never started has no state/
+        fh = exclusive_lock(self.path.with_name(self.path.name + ".lock"), wait=30.0)
+        if fh is None:
+            raise ValueError(f"{self.path}: another token command has held it for 30 s; try again")
+        try:
+            tokens = self._parse()
+            yield tokens
+            with atomic_file(self.path, owner_only=True) as out:
+                json.dump({"format": "oncofed-serve-tokens/1", "tokens": tokens}, out, indent=1)
+                out.write("\n")
+        finally:
+            fh.close()
+
     def add(self, name: str, role: str, replace: bool = False) -> str:
         if role not in ROLES:
             raise ValueError(f"--role {role!r}: one of {', '.join(ROLES)}")
-        if not replace and any(t["name"] == name for t in self._read()):
-            raise ValueError(f"a token named {name!r} exists; pass --replace to revoke it and issue a new one, "
-                             "or choose another --name")
-        tokens = [t for t in self._read() if t["name"] != name]
-        token = "ofd_" + secrets.token_urlsafe(32)
-        tokens.append({"name": name, "role": role, "sha256": hashlib.sha256(token.encode()).hexdigest(),
-                       "created": time.time()})
-        write_json_atomic(self.path, {"format": "oncofed-serve-tokens/1", "tokens": tokens})
-        self.path.chmod(0o600)
+        with self._changing() as tokens:
+            if not replace and any(t["name"] == name for t in tokens):
+                raise ValueError(f"a token named {name!r} exists; pass --replace to revoke it and issue a new one, "
+                                 "or choose another --name")
+            tokens[:] = [t for t in tokens if t["name"] != name]
+            token = "ofd_" + secrets.token_urlsafe(32)
+            tokens.append({"name": name, "role": role, "sha256": hashlib.sha256(token.encode()).hexdigest(),
+                           "created": time.time()})
         return token
 
     def revoke(self, name: str) -> bool:
-        tokens = self._read()
-        kept = [t for t in tokens if t["name"] != name]
-        write_json_atomic(self.path, {"format": "oncofed-serve-tokens/1", "tokens": kept})
-        return len(kept) < len(tokens)
+        if not any(t["name"] == name for t in self._parse()):
+            return False  # nothing to change: the file is not rewritten
+        with self._changing() as tokens:
+            before = len(tokens)
+            tokens[:] = [t for t in tokens if t["name"] != name]
+            return len(tokens) < before
 
     def lookup(self, token: str) -> dict | None:
         digest = hashlib.sha256(token.encode()).hexdigest()

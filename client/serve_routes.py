@@ -234,12 +234,18 @@ def model_routes(app, site: "Site", role) -> None:
             target = body.version
         else:
             raise HTTPException(404, f"version {body.version!r} not installed; installed: {', '.join(versions)}")
+        from privacy.audit import AuditError
+
+        def record() -> None:  # after the version verified, before the switch: no switch the audit log lacks
+            site.audit.append("model_activated", version=target, previous=active, token=who["name"])
+
         try:
-            predictor.activate(target)  # verified before switching: a bad package never becomes active
+            predictor.activate(target, record=record)  # verified before switching: a bad package never becomes active
+        except (AuditError, OSError) as e:
+            raise HTTPException(503, f"the audit log cannot record the switch, nothing changed: {e}") from None
         except Exception as e:  # noqa: BLE001
             raise HTTPException(409, f"{target} does not verify: {e}") from None
         predictor.refresh()
-        site.audit.append("model_activated", version=target, previous=active, token=who["name"])
         return {"active": target, "previous": active}
 
 

@@ -1516,6 +1516,25 @@ def test_installed_versions_without_an_active_one_name_the_command_that_activate
     assert r.returncode == 2 and "is not a directory this user may write to" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_model_switch_the_audit_log_cannot_record_is_not_made(site, tmp_path):
+    """`serve activate` (and the route) write the audit entry once the version verified and before the switch: with a
+    log that cannot be appended to (it lost its last entry), nothing is switched, and the reason is named."""
+    from privacy.audit import AuditLog
+
+    _copy_site(site, tmp_path)
+    log = AuditLog(tmp_path / "state" / "audit.jsonl")
+    log.append("prediction", token="dr")
+    log.append("prediction", token="dr")
+    lines = (tmp_path / "state" / "audit.jsonl").read_text().splitlines()
+    (tmp_path / "state" / "audit.jsonl").write_text(lines[0] + "\n")  # the last entry lost
+    before = ModelStore(tmp_path / "models").active()
+    other = next(v for v in ModelStore(tmp_path / "models").versions() if v != before)
+    r = subprocess.run([sys.executable, "-m", "oncofed", "serve", "activate", "--site-config",
+                        str(tmp_path / "site.json"), "--version", other], capture_output=True, text=True)
+    assert r.returncode == 2 and "cannot record the switch, nothing changed" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and ModelStore(tmp_path / "models").active() == before
+
+
 def test_failed_logins_and_every_prediction_path_are_audited(site, tmp_path):
     from fastapi.testclient import TestClient
 
@@ -2159,3 +2178,34 @@ def test_calibration_names_the_types_the_model_recognised_in_none_of_the_sites_p
     y = np.array([0, 0, 1, 2, 2, 2])  # every C patient is called A: C is never recognised
     assert type_recall(lm, logits, y) == {"A": {"n": 2, "recall": 1.0}, "B": {"n": 1, "recall": 1.0},
                                           "C": {"n": 3, "recall": 0.0}}
+
+
+def test_a_revocation_is_never_undone_by_a_token_added_at_the_same_time(tmp_path, monkeypatch):
+    """`token add` and `token revoke` each read, change and write the token file: without a lock, an add that read
+    the list before a revocation wrote it back with the revoked token in it. Also: the file stays 0600 after a
+    revocation, a site that never started (no state/) can issue tokens, and a damaged file is named."""
+    import stat
+    import threading
+    import time
+
+    import client.serve as serve
+
+    path = tmp_path / "state" / TOKENS_FILE  # state/ does not exist yet
+    leaked = TokenStore(path).add("leaked-laptop", "admin")
+    revoking = threading.Thread(target=lambda: TokenStore(path).revoke("leaked-laptop"))
+    real = serve.secrets.token_urlsafe
+
+    def revoke_meanwhile(n):  # inside add, after it read the list, before it writes it
+        monkeypatch.setattr(serve.secrets, "token_urlsafe", real)
+        revoking.start()
+        time.sleep(0.5)
+        return real(n)
+
+    monkeypatch.setattr(serve.secrets, "token_urlsafe", revoke_meanwhile)
+    TokenStore(path).add("dr-lee", "clinician")
+    revoking.join()
+    assert [t["name"] for t in TokenStore(path).list()] == ["dr-lee"] and TokenStore(path).lookup(leaked) is None
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=f"{TOKENS_FILE}: not a readable token file"):
+        TokenStore(path).list()
