@@ -33,6 +33,11 @@ NODE_POLICY_KEYS = ("site-name", "privacy-budget", "privacy-delta", "require-sec
 NODE_CONFIG_KEYS = ("data-path", "state-dir", "model-dir", "signing-public-key", "schema") + NODE_POLICY_KEYS
 
 
+# the settings that name files or directories: relative ones are read from site.json's directory (SiteConfig.load)
+PATH_FIELDS = ("data_path", "state_dir", "model_dir", "signing_public_key", "root_certificates",
+               "auth_supernode_private_key", "schema_path")
+
+
 class SiteConfigError(ValueError):
     """site.json is missing or wrong: names the file, the key and the fix."""
 
@@ -152,9 +157,18 @@ class SiteConfig(BaseModel):
         return v
     @classmethod
     def load(cls, path: str | Path) -> SiteConfig:
+        """site.json's settings, its relative paths taken from site.json's directory: every process of the site
+        (the SuperNode, the training app, the service, each command, whatever directory it runs in) then reads one
+        state directory, one ledger."""
         path = Path(path)
         settings = read_json_file(path, SiteConfigError, "`oncofed site init` writes it")
-        return cls.parse(settings, source=str(path))
+        config = cls.parse(settings, source=str(path))
+        base = path.resolve().parent
+        for name in PATH_FIELDS:
+            value = getattr(config, name)
+            if value and not Path(value).is_absolute():
+                setattr(config, name, str(base / value))
+        return config
 
     @classmethod
     def parse(cls, settings: dict, source: str = "site.json") -> SiteConfig:

@@ -90,7 +90,9 @@ def test_what_a_writer_writes_is_what_a_reader_reads(tmp_path):
     served.write(tmp_path / "served.json")
     assert json.loads((tmp_path / "served.json").read_text()) == {"model-dir": "m", "state-dir": "s",
                                                                   "serve": {"api-docs": True}}
-    assert _set(SiteConfig.load(tmp_path / "served.json")) == _set(served)
+    # (relative paths are read from the file's directory)
+    assert _set(SiteConfig.load(tmp_path / "served.json")) == {**_set(served), "model_dir": str(tmp_path.resolve() / "m"),
+                                                               "state_dir": str(tmp_path.resolve() / "s")}
 
 
 def _set(site: SiteConfig) -> dict:
@@ -105,7 +107,8 @@ def test_simulate_writes_its_sites_settings_through_the_model(tmp_path):
                                                                         "epsilon": 4.0, "signing-public-key": "k.pub"})
     sites = [SiteConfig.load(p) for p in paths]
     assert [s.site_name for s in sites] == ["C0", "C1"] and {s.privacy_budget for s in sites} == {4.0}
-    assert sites[1].model_dir == str(tmp_path / "state" / "C1" / "models") and sites[0].signing_public_key == "k.pub"
+    assert sites[1].model_dir == str(tmp_path / "state" / "C1" / "models")
+    assert sites[0].signing_public_key == str(paths[0].resolve().parent / "k.pub")  # relative: from site.json's dir
 
 
 def test_the_supernodes_node_config_carries_every_node_key_and_each_is_a_site_json_key():
@@ -164,3 +167,18 @@ def test_true_or_false_where_a_number_belongs_and_a_key_given_twice_are_refused(
     with pytest.raises(SiteConfigError, match="serve.out-of-range-sd: a number is expected here"):
         SiteConfig.parse({"format": FILE_FORMAT, "state-dir": "s", "model-dir": "m", "serve": {"out-of-range-sd": True}})
     assert load_run_config({"schema": "s.json", "secagg": True}).secagg.enabled  # a boolean setting keeps them
+
+
+def test_relative_paths_are_read_from_site_jsons_directory_whatever_directory_a_process_runs_in(tmp_path,
+                                                                                              monkeypatch):
+    """"state-dir": "state" read from the working directory gave each process of the site (the SuperNode, the
+    training app, the service, a command run elsewhere) its own state: its own privacy ledger, its spend from zero."""
+    path = _write(tmp_path, {**SITE_INIT, "state-dir": "state", "model-dir": "models", "data-path": "../data/C0",
+                             "schema": "trust/schema.json"})
+    for cwd in (tmp_path, tmp_path.parent):
+        monkeypatch.chdir(cwd)
+        site = SiteConfig.load(path)
+        assert site.state_dir == str(tmp_path.resolve() / "state") and site.model_dir == str(tmp_path.resolve() / "models")
+        assert site.data_path == str(tmp_path.resolve() / ".." / "data" / "C0")
+        assert site.schema_path == str(tmp_path.resolve() / "trust" / "schema.json")
+        assert site.signing_public_key == "/srv/site/trust/signing.pub"  # absolute ones as they are
