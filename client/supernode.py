@@ -12,6 +12,7 @@ most of its time asleep (2 rounds took 2 min 47 s by hand before this).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import types
@@ -73,11 +74,15 @@ def site_checks(settings: SiteConfig, port: int, schema: Path | None, superlink:
     else:
         checks.append(_data_check(data, schema))
     for key, d in (("state-dir", Path(settings.state_dir)), ("model-dir", Path(settings.model_dir))):
-        try:
+        try:  # written to, as the ledger and the model store will be: an existing root-owned directory is not enough
             d.mkdir(parents=True, exist_ok=True)
+            probe = d / f".preflight-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
             checks.append(Check(f"{key} {d}", True, "writable"))
         except OSError as e:
-            checks.append(Check(f"{key} {d}", False, f"cannot be created ({e.strerror})"))
+            checks.append(Check(f"{key} {d}", False, f"cannot be written by this account ({e.strerror}): `chown -R` "
+                                "it to the account that runs the site"))
     checks.append(check_port_free("127.0.0.1", port, "local runtime port"))
     checks.append(check_reachable(superlink or settings.superlink, ca, "consortium server"))
     return checks
@@ -94,7 +99,11 @@ def _schema_check(settings: SiteConfig, given: Path | None) -> tuple[Check | Non
     name = f"schema {own}"
     if not own.is_file():
         return Check(name, False, "missing: copy schema.json from the consortium's public bundle to it"), None
-    digest = fingerprint(own)
+    try:
+        digest = fingerprint(own)
+    except OSError as e:
+        return Check(name, False, f"cannot be read by this account ({e.strerror}): give the account that runs the "
+                     "site read access to it"), None
     if settings.schema_sha256 and digest != settings.schema_sha256:
         return Check(name, False, "its SHA-256 differs from site.json's schema-sha256 (the consortium's): the file "
                      "was altered; copy schema.json from the consortium's public bundle again"), None

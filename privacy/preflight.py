@@ -145,6 +145,9 @@ def check_site_key(path: Path) -> Check:
         return c
     try:
         key = serialization.load_ssh_private_key(path.read_bytes(), None)
+    except OSError as e:  # e.g. root-owned 0600 after `sudo oncofed site init`, the service running as its own user
+        return Check(c.name, False, f"cannot be read by this account ({e.strerror}): give the account that runs the "
+                     f"site the key (`chown` it to that account, keeping mode 0600)")
     except (ValueError, TypeError) as e:
         return Check(c.name, False, f"not an unencrypted OpenSSH private key ({e}); {_new_key(path)}")
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp384r1":
@@ -191,6 +194,9 @@ def check_reachable(address: str, ca_path: Path, what: str) -> Check:
     except (OSError, ssl.SSLError) as e:
         return Check(name, False, f"unreachable ({e}); check the address, that the server is started "
                      "(`oncofed server start`) and that outbound HTTPS to it is allowed")
+    except http.client.HTTPException as e:  # TLS, but not HTTPS (e.g. a gRPC port)
+        return Check(name, False, f"answers TLS but not HTTPS ({type(e).__name__}); check the port: the server's "
+                     "public address (the TLS proxy's), as consortium.json's address says")
     if status != 200:
         return Check(name, False, f"/health answered {status}")
     return Check(name, True, "TLS verified against the consortium CA, /health 200")

@@ -199,3 +199,32 @@ def test_a_site_checks_its_data_against_the_schema_training_uses(consortium, tmp
     Path(site.schema_path).write_text(other.read_text())  # trust/schema.json altered
     check, _ = _schema_check(site, None)
     assert not check.ok and "SHA-256 differs from site.json's schema-sha256" in check.detail
+
+
+def test_a_site_preflight_names_what_the_service_account_cannot_use_instead_of_failing_later(consortium, tmp_path,
+                                                                                            monkeypatch):
+    """After `sudo oncofed site init`, a service running as its own user: a root-owned state directory (it exists,
+    so creating it succeeds) or key is a failed check naming the fix, not an [ok] then a PermissionError at the first
+    ledger write, or a traceback; a server port answering TLS but not HTTPS is a failed check too."""
+    import http.client
+
+    import privacy.preflight as preflight
+    from client.supernode import site_checks
+
+    site = init_site(tmp_path / "s", "S", consortium / "public", "", ca_fingerprint=fingerprint(consortium / "ca/ca.crt"))
+    real_write, real_read = Path.write_bytes, Path.read_bytes
+
+    def denied(self, *args):
+        if self.name.startswith(".preflight-") and self.parent.name == "state" or self.name == "site.key":
+            raise PermissionError(13, "Permission denied")
+        return (real_write if args else real_read)(self, *args)
+
+    monkeypatch.setattr(Path, "write_bytes", lambda self, data: denied(self, data))
+    monkeypatch.setattr(Path, "read_bytes", lambda self: denied(self))
+    monkeypatch.setattr(preflight, "https_health", lambda *a, **k: (_ for _ in ()).throw(
+        http.client.BadStatusLine("\x00\x00")))
+    failed = {c.name: c.detail for c in site_checks(site, 29555, None) if not c.ok}
+    assert any(n.startswith("state-dir") and "cannot be written by this account" in d for n, d in failed.items()), failed
+    assert any(n.startswith("site key") and "cannot be read by this account" in d for n, d in failed.items()), failed
+    assert any("consortium server" in n and "answers TLS but not HTTPS" in d for n, d in failed.items()), failed
+    assert not any(n.startswith("model-dir") for n in failed)
