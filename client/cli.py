@@ -179,7 +179,7 @@ def serve_main(
     ctx: typer.Context,
     site_config: Path = typer.Option(None, "--site-config", help="the site's site.json"),
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (put TLS in front for the network)"),
-    port: int = typer.Option(8088, "--port"),
+    port: int = typer.Option(8088, "--port", min=1, max=65535),
 ) -> None:
     """Serve the site's active global model: /v1/predict, /v1/predict/file, /v1/model, /health, /metrics, /."""
     if ctx.invoked_subcommand is not None:

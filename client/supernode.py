@@ -44,7 +44,26 @@ def load_site(site_dir: str | Path) -> SiteConfig:
 def node_config(settings: SiteConfig) -> str:
     """The SuperNode's --node-config: the ClientApp reads the site's authority from it (client/app.py)."""
     values = settings.model_dump(by_alias=True, exclude_unset=True)
-    return " ".join(f"{k}={json.dumps(values[k])}" for k in NODE_CONFIG_KEYS if values.get(k, "") != "")
+    return " ".join(f"{k}={json.dumps(values[k], ensure_ascii=False)}" for k in NODE_CONFIG_KEYS
+                    if values.get(k, "") != "")
+
+
+def _node_config_check(settings: SiteConfig) -> Check:
+    """Flower parses the --node-config string itself: a value it cannot carry (a quote in a path) would stop the
+    SuperNode after every check passed, and a restart would meet it again."""
+    from flwr.common.config import parse_config_args
+
+    def carried(key: str, value) -> bool:
+        try:
+            return parse_config_args([f"{key}={json.dumps(value, ensure_ascii=False)}"]).get(key) == value
+        except Exception:  # noqa: BLE001 - Flower's parser refuses it
+            return False
+
+    values = settings.model_dump(by_alias=True, exclude_unset=True)
+    wrong = [k for k in NODE_CONFIG_KEYS if values.get(k, "") != "" and not carried(k, values[k])]
+    return Check("node config for Flower", not wrong, "carries every setting" if not wrong else
+                 f"Flower's --node-config cannot carry site.json's {', '.join(wrong)}: write those values without a "
+                 "double quote (\") (move or rename the directory a path names)")
 
 
 def site_checks(settings: SiteConfig, port: int, schema: Path | None, superlink: str | None = None) -> list[Check]:
@@ -73,6 +92,7 @@ def site_checks(settings: SiteConfig, port: int, schema: Path | None, superlink:
                             data.is_dir() else "not a directory: set data-path in site.json"))
     else:
         checks.append(_data_check(data, schema))
+    checks.append(_node_config_check(settings))
     for key, d in (("state-dir", Path(settings.state_dir)), ("model-dir", Path(settings.model_dir))):
         try:  # written to, as the ledger and the model store will be: an existing root-owned directory is not enough
             d.mkdir(parents=True, exist_ok=True)

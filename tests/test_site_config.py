@@ -182,3 +182,20 @@ def test_relative_paths_are_read_from_site_jsons_directory_whatever_directory_a_
         assert site.data_path == str(tmp_path.resolve() / ".." / "data" / "C0")
         assert site.schema_path == str(tmp_path.resolve() / "trust" / "schema.json")
         assert site.signing_public_key == "/srv/site/trust/signing.pub"  # absolute ones as they are
+
+
+def test_flowers_node_config_carries_a_non_ascii_name_and_the_preflight_names_a_value_it_cannot(tmp_path):
+    """The node config is parsed by Flower: a name with a non-ASCII letter is carried as it is (it was escaped into a
+    form Flower refused), and a path holding a double quote fails the preflight naming the key, instead of the
+    SuperNode stopping after every check passed."""
+    from flwr.common.config import parse_config_args
+
+    from client.supernode import _node_config_check, node_config
+
+    site = SiteConfig.parse({"state-dir": "/s", "model-dir": "/m", "site-name": "Hôpital Saint-Éloi 😀",
+                             "privacy-budget": 4.0, "require-dp": True})
+    assert parse_config_args([node_config(site)])["site-name"] == "Hôpital Saint-Éloi 😀"
+    assert _node_config_check(site).ok
+    quoted = SiteConfig.parse({"state-dir": "/s", "model-dir": "/m", "data-path": '/data/"C0"'})
+    check = _node_config_check(quoted)
+    assert not check.ok and "cannot carry site.json's data-path" in check.detail
