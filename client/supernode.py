@@ -239,6 +239,12 @@ def supernode_argv(settings: SiteConfig, port: int, superlink: str | None = None
             "--port", str(port), "--node-config", node_config(settings)]
 
 
+def refused_activation(message: str) -> bool:
+    """Whether flwr's start-up failure is the SuperLink refusing to activate the node (its error 2004: an unregistered
+    key), rather than any other failure to connect (flwr exits 305 for both)."""
+    return "[code: 2004]" in message or "Failed to activate SuperNode" in message
+
+
 def run_supernode(settings: SiteConfig, port: int, poll_interval: float = 0.5, superlink: str | None = None,
                   retry_seconds: float = SERVER_ERROR_RETRY_SECONDS) -> int:
     """Run Flower's SuperNode in this process until it stops; returns its exit status (0 only when stopped by
@@ -254,12 +260,14 @@ def run_supernode(settings: SiteConfig, port: int, poll_interval: float = 0.5, s
     from flwr.supernode import start_client_internal as sci
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    # flwr logs its own exit code (305: unknown key) but the process exits 1: keep flwr's code
+    # flwr logs its own exit code (305: unknown key) but the process exits 1: keep flwr's code and its message
     flwr_codes: list[int] = []
+    flwr_messages: list[str] = []
     real_exit = sci.flwr_exit
 
     def recording_exit(code, *args, **kwargs):
         flwr_codes.append(int(code))
+        flwr_messages.append(str(args[0]) if args else str(kwargs.get("message", "")))
         return real_exit(code, *args, **kwargs)
 
     sci.flwr_exit = fhc.flwr_exit = recording_exit
@@ -268,6 +276,13 @@ def run_supernode(settings: SiteConfig, port: int, poll_interval: float = 0.5, s
         flower_supernode()
     except SystemExit as e:
         code = flwr_codes[0] if flwr_codes else (e.code if isinstance(e.code, int) else 1)
+        if code == UNREGISTERED_EXIT and not refused_activation(flwr_messages[0] if flwr_messages else ""):
+            # 305 is every failure to connect at start (a proxy answering 404, a server erring with 500 past the
+            # retries): not the operator's key registration but a server to wait for, so the service restarts it
+            sys.stderr.write(f"site {settings.site_name!r}: the connection to the consortium server failed at start "
+                             f"(flwr exit {UNREGISTERED_EXIT}: {(flwr_messages[0] if flwr_messages else '')[-300:]}); "
+                             f"exiting with code {LOOP_ENDED_EXIT} so that the service manager tries again\n")
+            return LOOP_ENDED_EXIT
         if code == UNREGISTERED_EXIT:
             sys.stderr.write(f"site {settings.site_name!r}: the consortium server refused to activate this site "
                              f"(flwr exit {UNREGISTERED_EXIT}); the usual cause is a key it has not registered. Send {settings.auth_supernode_private_key}.pub "

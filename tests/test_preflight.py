@@ -228,3 +228,17 @@ def test_a_site_preflight_names_what_the_service_account_cannot_use_instead_of_f
     assert any(n.startswith("site key") and "cannot be read by this account" in d for n, d in failed.items()), failed
     assert any("consortium server" in n and "answers TLS but not HTTPS" in d for n, d in failed.items()), failed
     assert not any(n.startswith("model-dir") for n in failed)
+
+
+def test_only_a_refused_activation_is_exit_3_any_other_failure_to_connect_is_a_restart():
+    """Flower exits 305 for every failure to connect at start: exit 3 (the operator must register the key) only when
+    the SuperLink refused the node's activation (its error 2004); a proxy answering 404 or a server erring past the
+    retries is exit 4, which the service manager restarts (the messages as flwr 1.41 gives them)."""
+    from client.supernode import refused_activation
+
+    assert refused_activation("Failed to initialize the connection to the SuperLink.\n[code: 2004] Failed to "
+                              "activate SuperNode.\nThe SuperNode could not establish a connection to the SuperLink.")
+    for other in ("Failed to initialize the connection to the SuperLink.\nClient error '404 Not Found' for url "
+                  "'https://127.0.0.1:9443/api/v0/fleet/activate-node'",
+                  "Failed to initialize the connection to the SuperLink.\nServer error '500 Internal Server Error'"):
+        assert not refused_activation(other)
