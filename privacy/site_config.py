@@ -116,14 +116,14 @@ class SiteConfig(BaseModel):
                                         "keeps the smallest delta it was ever opened with, so no run re-prices past "
                                         "spend down")
     min_count: int = Field(5, alias="min-count", ge=1, description="counts below this are never reported")
-    require_secagg: bool = Field(True, alias="require-secagg", description="refuse training requests without "
+    require_secagg: bool = Field(True, alias="require-secagg", strict=True, description="refuse training requests without "
                                  "SecAgg+ (the server would see this site's update)")
     min_aggregate_sites: int = Field(2, alias="min-aggregate-sites", ge=2, description="the fewest sites whose "
                                      "SecAgg+ sum the site helps unmask (a sum of one is one site's update)")
-    require_dp: bool = Field(True, alias="require-dp", description="refuse training requests without DP-SGD")
+    require_dp: bool = Field(True, alias="require-dp", strict=True, description="refuse training requests without DP-SGD")
     max_trusted_sites: int = Field(1, alias="max-trusted-sites", ge=1, description="the most sites, this one "
                                    "included, relied on to add their noise share in a dp-mode 'distributed' run")
-    require_padded_batches: bool = Field(True, alias="require-padded-batches", description="refuse DP-SGD runs "
+    require_padded_batches: bool = Field(True, alias="require-padded-batches", strict=True, description="refuse DP-SGD runs "
                                          "whose steps' cost would grow with the patients sampled (run config "
                                          "dp-pad-batches = false): the round's seconds would reveal it")
     signing_public_key: str = Field("", alias="signing-public-key", description="the consortium's model-signing "

@@ -196,7 +196,7 @@ def test_a_deployed_site_refuses_a_run_without_dp_unless_its_node_config_allows_
 
     schema_path = site_schema().save(tmp_path / "schema.json")
     write_site(tmp_path / "site")
-    ctx = _context(tmp_path, node={"require-secagg": "false"}, schema=str(schema_path), dp=False, secagg=False)
+    ctx = _context(tmp_path, node={"require-secagg": False}, schema=str(schema_path), dp=False, secagg=False)
     reply = site_policy_mod(_train_message(), ctx, train)
     assert reply.has_error() and reply.error.reason.startswith("refused: ")
     assert "training without differential privacy (run config dp = false) is refused" in reply.error.reason

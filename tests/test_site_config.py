@@ -39,6 +39,8 @@ def test_a_site_init_file_and_a_serving_only_file_load(tmp_path):
     ({"privacy-budgt": 8.0}, "privacy-budgt", "unknown key: check its spelling"),
     ({"serve": {"max-patient": 5}}, "serve.max-patient", "unknown key"),
     ({"require-dp": "sometimes"}, "require-dp", "(got 'sometimes')"),
+    ({"require-secagg": "off"}, "require-secagg", "valid boolean (got 'off')"),  # a security switch: true or false
+    ({"require-dp": 0}, "require-dp", "valid boolean (got 0)"),
     ({"min-count": "five"}, "min-count", "valid integer"),
     ({"privacy-budget": -1}, "privacy-budget", "greater than 0 (got -1); fix the value or remove the key"),
     ({"privacy-budget": 500}, "privacy-budget", "less than or equal to 100 (got 500)"),
