@@ -297,7 +297,7 @@ class TrainingSection(_Section):
     softmax: Literal["all", "site"] = Field(
         "all", alias="local-softmax", description="'site': each site's loss is a softmax over the cancer types it "
         "has training patients of (FedRS, alpha 0), for label-skewed federations; without DP only")
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**31, description="the run's public seed (model initialisation; splits)")
 
     @field_validator("batch_size", "lr", mode="before")
     @classmethod
@@ -381,6 +381,14 @@ class RunConfig(BaseModel):
             raise ValueError(f"min-sites {fed.min_sites} exceeds sites {fed.sites}: the server would wait for {fed.sites} "
                              f"sites while each site asks for {fed.min_sites} before it helps unmask a sum; lower "
                              "min-sites or raise sites")
+        if sa.enabled and (fed.min_sites < 2 or fed.sites == 1):
+            raise ValueError("SecAgg+ needs at least 2 sites in every sum (a sum of one is one site's update, and "
+                             "every site refuses to help unmask it): set min-sites (and sites) to 2 or more, or "
+                             "secagg = false for a single site")
+        if dp.enabled and dp.mode == "site" and dp.pad_to and not dp.pad_batches:
+            raise ValueError(f"dp-pad-to {dp.pad_to} with dp-pad-batches = false: the bound pads only padded batches, "
+                             "so the training steps would still cost what each site's sample is and its seconds would "
+                             "tell its size; set dp-pad-batches = true or drop dp-pad-to")
         if fed.strategy == "fedprox" and fed.proximal_mu == 0:
             raise ValueError("strategy 'fedprox' with proximal-mu 0 is FedAvg; set proximal-mu > 0 or use fedavg")
         if dp.mode == "distributed":
