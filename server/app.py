@@ -253,7 +253,13 @@ class RoundRecorder:
         arrays = parameters_to_ndarrays(compat.arrayrecord_to_parameters(
             lctx.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
         info = lctx.strategy.round_info
-        names = site_labels(info.get("sites", {}), self.site_nodes, self.registered_now())
+        registered = self.registered_now()
+        names = site_labels(info.get("sites", {}), self.site_nodes, registered)
+        if evals := info.get("site_eval"):  # by node id (each with the name it reported): filed as the epsilons are
+            labels = site_labels({nid: {SITE: e.get("site", nid)} for nid, e in evals.items()}, self.site_nodes,
+                                 registered)
+            info = {**info, "site_eval": {labels.get(nid, f"node {nid}"): {k: v for k, v in e.items() if k != "site"}
+                                          for nid, e in evals.items()}}
         for nid, site in info.get("sites", {}).items():
             if EPSILON in site and nid in names:
                 self.site_epsilon[names[nid]] = float(site[EPSILON])

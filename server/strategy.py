@@ -30,7 +30,7 @@ from flwr.common import FitRes, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.logger import log
 from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
-from privacy.distributed import SecAggGrid, decode_sum
+from privacy.distributed import GridError, SecAggGrid, decode_sum
 from shared_models.protocol import (ACCURACY, BALANCED_ACCURACY, EVALUATE_METRICS, FIT_METRICS, GRID_SCALE, MACRO_F1,
                                     PATTERNS, PREVIOUS_ROUND, REFUSAL_PREFIX, SAMPLE_RATE, SERVER_ROUND, SITE,
                                     TRAIN_LOSS, allowed_metrics)
@@ -88,6 +88,20 @@ class DeltaMixin:
             return []
         return super().configure_evaluate(server_round, parameters, client_manager)
 
+    max_fit: int = 0  # SecAgg+ runs: the most sites a round samples, the number its range was sized for (0: all)
+    min_fit: int = 1  # the fewest real contributions (weight > 0) a round steps on: min-sites, trusted-sites
+
+    def num_fit_clients(self, num_available_clients: int) -> tuple[int, int]:
+        """Flower samples every connected site (fraction-fit 1); under SecAgg+ at most the `sites` the run's range
+        was sized for (more values would wrap the modulus and the server would step on a wrong sum)."""
+        sample, least = super().num_fit_clients(num_available_clients)
+        if self.max_fit and sample > self.max_fit:
+            log(WARNING, "%s sites are connected and the run is sized for %s (run config sites): each round "
+                "samples %s of them, as SecAgg+'s range holds no more; start a run with sites = %s to train "
+                "with all", sample, self.max_fit, self.max_fit, sample)
+            sample = self.max_fit
+        return sample, min(least, sample)
+
     def configure_fit(self, server_round, parameters, client_manager):
         ins = super().configure_fit(server_round, parameters, client_manager)
         self.sampled = {proxy.node_id for proxy, _ in ins}
@@ -139,6 +153,10 @@ class DeltaMixin:
             log(WARNING, "round %s: no site contributed; the global model is unchanged", server_round)
             self.round_info["status"] = "no-update"
             return None, {}
+        if len(ok) < self.min_fit:  # e.g. a reply of weight 0 counted among SecAgg+'s senders, or no SecAgg+ at all
+            self._abandon(server_round, f"{len(ok)} site(s) contributed, fewer than {self.min_fit} (min-sites, or "
+                          "trusted-sites in dp-mode 'distributed'): the round's sum is not stepped on")
+            return None, {}
         if self.grid is not None:
             mean = self._distributed_step(server_round, ok)
             if mean is None:
@@ -171,6 +189,11 @@ class DeltaMixin:
             len(refused), len(reasons), len(dropped))
         return ndarrays_to_parameters(self.global_weights), metrics
 
+    def _abandon(self, server_round: int, reason: str) -> None:
+        self.round_info.update(status="abandoned", reason=reason)
+        self.outcomes[server_round] = {"status": "abandoned", "reason": reason}
+        log(WARNING, "round %s abandoned: %s; the global model is unchanged", server_round, reason)
+
     def _distributed_step(self, server_round: int, ok) -> list[np.ndarray] | None:
         """Minus the consortium's noisy mean gradient, from the SecAgg+ sum of the sites' grid vectors."""
         sites = [r.metrics for _, r in ok]
@@ -183,11 +206,13 @@ class DeltaMixin:
         elif len(scales) != 1 or len(rates) != 1 or 0 in scales or 0 in rates:
             problem = f"the sites' grids disagree (grid scales {sorted(scales)}, sample rates {sorted(rates)})"
         if problem:
-            self.round_info.update(status="abandoned", reason=problem)
-            self.outcomes[server_round] = {"status": "abandoned", "reason": problem}
-            log(WARNING, "round %s abandoned: %s; the global model is unchanged", server_round, problem)
+            self._abandon(server_round, problem)
             return None
-        total = decode_sum(parameters_to_ndarrays(ok[0][1].parameters), len(ok), self.grid)
+        try:
+            total = decode_sum(parameters_to_ndarrays(ok[0][1].parameters), len(ok), self.grid)
+        except GridError as e:  # a site that put other values on the grid: the round, not the run, ends
+            self._abandon(server_round, str(e))
+            return None
         # divided by the run's batch-size, a public number: the true expected batch (sample rate x the sites'
         # patients) would need their counts, which under DP no site sends (docs/privacy.md)
         expected_batch = float(self.expected_batch)
@@ -204,8 +229,9 @@ class DeltaMixin:
 
     def aggregate_evaluate(self, server_round, results, failures):
         """Keeps each site's own evaluation (its held-out part) for the round's metrics line."""
+        # by node id, with the name each reported: the recorder files them under the sites' labels (site_labels)
         self.round_info["site_eval"] = {
-            str(r.metrics.get(SITE, p.node_id)): {"patients": r.num_examples, **{
+            str(p.node_id): {"site": str(r.metrics.get(SITE, p.node_id)), "patients": r.num_examples, **{
                 k: float(v) for k, v in recorded(r.metrics, EVALUATE_METRICS, p.node_id).items()
                 if isinstance(v, (int, float))}}
             for p, r in results if r.num_examples > 0}
@@ -287,5 +313,7 @@ def build_strategy(cfg: RunConfig, weights: list[np.ndarray], n_sites: int, fit_
     strategy = cls(**kw)
     strategy.evaluate_every, strategy.num_rounds = cfg.federation.evaluate_every, cfg.federation.num_rounds
     strategy.expected_batch = cfg.training.batch_size  # dp-mode "distributed": what the noisy sum is divided by
+    strategy.max_fit = n_sites if cfg.secagg.enabled else 0  # SecAgg+'s range holds n_sites values (server.app)
+    strategy.min_fit = max(n_min, cfg.privacy.trusted_sites if cfg.privacy.distributed else 0)
     strategy.init_delta(weights)
     return strategy

@@ -44,7 +44,7 @@ def test_a_site_gives_no_key_shares_for_a_sum_of_fewer_than_min_sites(tmp_path):
 
 
 def test_the_sites_own_floor_wins_over_a_lower_min_sites_from_the_server(tmp_path):
-    ctx = _context(tmp_path, node={"min-aggregate-sites": 3}, **{"min-sites": 1})
+    ctx = _context(tmp_path, node={"min-aggregate-sites": 3}, **{"min-sites": 2})
     reply = site_policy_mod(unmask_message(active=[1, 2], dead=[3]), ctx, _never_called)
     assert reply.has_error() and "fewer than 3" in reply.error.reason and "min-aggregate-sites 3" in reply.error.reason
 

@@ -159,3 +159,41 @@ def test_in_a_deployment_a_nodes_records_go_under_the_name_its_key_was_registere
     assert owners == {}  # the register decides, not who reported first
     with pytest.raises(ProvisioningError, match="no readable nothing.json.*site-registry"):
         registered_names(tmp_path / "nothing.json")
+
+
+class _Proxy:
+    def __init__(self, node_id):
+        self.node_id = node_id
+
+
+def test_a_secagg_round_samples_no_more_sites_than_its_range_holds():
+    """SecAgg+'s quantisation range is sized for the run's sites: more connected hospitals than that would make the
+    sum wrap the modulus and the server step on a wrong aggregate, so a round samples at most that many."""
+    import numpy as np
+
+    from privacy.run_config import load_run_config
+    from server.strategy import build_strategy
+
+    sized = build_strategy(load_run_config({"schema": "s.json", "sites": 3, "min-sites": 2}), [np.zeros(4)], 3, {})
+    assert sized.num_fit_clients(6) == (3, 2) and sized.num_fit_clients(3) == (3, 2)
+    plain = build_strategy(load_run_config({"schema": "s.json", "sites": 3, "min-sites": 2, "secagg": False}),
+                           [np.zeros(4)], 3, {})
+    assert plain.num_fit_clients(6)[0] == 6  # no SecAgg+: no range to wrap
+
+
+def test_a_round_with_fewer_contributions_than_min_sites_is_abandoned_even_without_secagg():
+    import numpy as np
+    from flwr.common import Code, Error, FitRes, Status, ndarrays_to_parameters
+
+    from privacy.run_config import load_run_config
+    from server.strategy import build_strategy
+
+    strategy = build_strategy(load_run_config({"schema": "s.json", "min-sites": 3, "sites": 3, "secagg": False}),
+                              [np.zeros(4, np.float32)], 3, {})
+    strategy.sampled = {1, 2, 3}
+    one = [(_Proxy(1), FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([np.full(4, 0.01)]), 100, {}))]
+    refusals = [Exception(Error(0, "refused: site_2: budget")), Exception(Error(0, "refused: site_3: budget"))]
+    params, _ = strategy.aggregate_fit(1, one, refusals)
+    assert params is None and strategy.round_info["status"] == "abandoned" and "fewer than 3" in strategy.round_info[
+        "reason"]
+    assert not strategy.global_weights[0].any()  # the one site's update was not stepped on
