@@ -50,6 +50,11 @@ def stratified_split(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.
     return np.sort(np.asarray(train, dtype=np.int64)), np.sort(np.asarray(val, dtype=np.int64))
 
 
+def val_fraction(run_dir: Path) -> float:
+    """The run's val-fraction (its held-out parts: the non-members), as `oncofed simulate` recorded its config."""
+    return float(json.loads((run_dir / "summary.json").read_text())["config"].get("val-fraction", 0.2))
+
+
 def sites(run_dir: Path):
     """(site, model, schema, ids, y, raw, seed) of each site of a run, with the model it installed."""
     seed = json.loads((run_dir / "summary.json").read_text())["config"]["seed"]
@@ -97,8 +102,9 @@ def against_unseen(run: Path, split: str, norm: str) -> None:
     from simulations.baseline import lr_features
 
     parts = []
+    vf = val_fraction(run)
     for name, model, schema, ids, y, raw, seed in sites(run):
-        tr, va = stratified_split(y, 0.2, seed) if split == "strat" else held_out_split(ids, 0.2, seed)
+        tr, va = stratified_split(y, vf, seed) if split == "strat" else held_out_split(ids, vf, seed)
         seen = fit_on(norm, tr, va, ids, seed)
         non = np.setdiff1d(va, seen) if norm == "half" else va
         nz = Normalizer.fit(schema, raw[seen])
@@ -134,10 +140,11 @@ def main() -> None:
             against_unseen(run, split, norm)
             continue
         out, inside, outside, ys, ps, intervals = [], [], [], [], [], []
+        vf = val_fraction(run)
         for _, model, schema, ids, y, raw, seed in sites(run):
-            tr, va = stratified_split(y, 0.2, seed) if split == "strat" else held_out_split(ids, 0.2, seed)
+            tr, va = stratified_split(y, vf, seed) if split == "strat" else held_out_split(ids, vf, seed)
             if mode == "both-held-out":
-                common = np.intersect1d(stratified_split(y, 0.2, seed)[1], held_out_split(ids, 0.2, seed)[1])
+                common = np.intersect1d(stratified_split(y, vf, seed)[1], held_out_split(ids, vf, seed)[1])
                 nz = Normalizer.fit(schema, raw[fit_on(norm, tr, va, ids, seed)])
                 ys.append(y[common])
                 ps.append(predict_logits(model, torch.from_numpy(make_dataset(

@@ -336,7 +336,7 @@ def main() -> None:
             "peak PSS MB", "largest proc MB", "procs"]
     table = []
     for r in results.values():
-        if "seconds_per_round" not in r:
+        if "seconds_per_round" not in r or "error" in r:  # a run that failed after some rounds measured no steady state
             table.append([r["sites"], "failed"] + ["-"] * (len(head) - 2))
             continue
         table.append([r["sites"], f"{r['first_round_seconds']:.1f}", f"{r['seconds_per_round']:.1f}",
@@ -348,7 +348,7 @@ def main() -> None:
     widths = [max(len(str(c)) for c in col) for col in zip(head, *table)]
     for row in [head] + table:
         print("  ".join(str(c).rjust(w) for c, w in zip(row, widths)))
-    ok = [r for r in results.values() if "seconds_per_round" in r]
+    ok = [r for r in results.values() if "seconds_per_round" in r and "error" not in r]
     if ok:  # where the memory is: peak RSS of each kind of process (summed over processes of that name)
         names = list(dict.fromkeys(k for r in ok for k, v in r["peak_rss_mb_by_process"].items() if v > 0))
         head2 = ["peak RSS MB by process"] + [f"{r['sites']} sites" for r in ok]
