@@ -111,9 +111,16 @@ def recipe(cfg: RunConfig, *, dp: bool, epochs: int) -> TrainConfig:
     schedule, ...) over `epochs` pooled passes. Without DP: the run config's no-DP recipe with AdamW (lr 0.002,
     batch 64, class-weighted), the recipe the no-DP rows were measured with."""
     if not dp:
-        cfg = load_run_config({**cfg.flat(), "dp": False, "local-optimizer": "adamw", "lr": "auto",
-                               "batch-size": "auto", "local-softmax": "all"}, source="the no-DP rows' recipe")
+        cfg = no_dp(cfg)
     return cfg.train_config().model_copy(update={"epochs": epochs})
+
+
+def no_dp(cfg: RunConfig) -> RunConfig:
+    """The no-DP rows' run config: every setting the DP one resolved for DP ("auto": the clipping bound, the
+    modality dropout, lr, batch) resolved again without DP, with AdamW (the recipe those rows were measured with)."""
+    return load_run_config({**cfg.flat(), "dp": False, "local-optimizer": "adamw", "lr": "auto", "batch-size": "auto",
+                            "max-grad-norm": "auto", "modality-dropout": "auto", "local-softmax": "all"},
+                           source="the no-DP rows' recipe")
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig, n_classes: int, *, dp: bool,
@@ -208,9 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds or [cfg.training.seed]:
         for name in models:
             for i, (grid, rcfg) in enumerate(recipes or [({}, cfg)]):
-                scfg = rcfg.model_copy(update={"training": rcfg.training.model_copy(update={"seed": seed})})
-                # the non-private settings are fixed (NON_PRIVATE): no DP once, not once per DP recipe
+                # no DP once, not once per DP recipe, and from the base config: a --grid point is a DP recipe
                 for eps in ([None] if i == 0 else []) + ([] if name == "transformer-es" else epsilons):
+                    row_cfg = no_dp(cfg) if eps is None else rcfg
+                    scfg = row_cfg.model_copy(update={"training": row_cfg.training.model_copy(update={"seed": seed})})
                     torch.manual_seed(seed)
                     model = (Linear(x.shape[1], schema.n_classes) if name == "linear"
                              else MultiModalTransformer(schema, scfg.model))

@@ -104,3 +104,7 @@ def test_dp_yardstick_rows_train_with_the_recipe_the_grid_names():
             dp.momentum, dp.class_weighting) == (1024, 0.01, 15, 0.5, 0.001, 0.2, "sgd", 0.5, False)
     plain = yardstick.recipe(cfg, dp=False, epochs=15)
     assert (plain.lr, plain.batch_size, plain.optimizer, plain.class_weighting) == (0.002, 64, "adamw", True)
+    # every "auto" resolved without DP: the global clipping bound, not DP-SGD's per-sample one; the model's dropout
+    dp_default = load_run_config({"schema": "s.json"})
+    assert yardstick.recipe(dp_default, dp=False, epochs=15).max_grad_norm == 1.0
+    assert yardstick.no_dp(dp_default).model.modality_dropout == 0.25 != dp_default.model.modality_dropout
