@@ -149,7 +149,7 @@ def infer_schema(cohort_dir: str | Path, options: InferOptions) -> InferResult:
 
 
 def _classes(labels_path: Path, options: InferOptions) -> list[str]:
-    df = read_table(labels_path, options.id_column)
+    df = read_table(labels_path, options.id_column, (options.label_column,))  # class "01" stays "01"
     if options.label_column not in df.columns:
         raise InferError(f"{labels_path}: no label column {options.label_column!r} (columns: "
                          f"{list(df.columns)[:10]}); pass the right --label")

@@ -52,8 +52,9 @@ def table_format(path: Path) -> str:
     )
 
 
-def read_table(path: Path, id_column: str) -> pd.DataFrame:
-    """Read a table with string ids as its index; feature columns keep the types found in the file."""
+def read_table(path: Path, id_column: str, text_columns: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Read a table with string ids as its index; feature columns keep the types found in the file, `text_columns`
+    (a labels table's label column) are read as text ('01' stays '01', not 1)."""
     fmt = table_format(path)
     try:
         if fmt == "parquet":
@@ -67,7 +68,7 @@ def read_table(path: Path, id_column: str) -> pd.DataFrame:
             _require_unique_columns(path, table.column_names)
             df = table.to_pandas()
         else:
-            df = _read_delimited(path, "," if fmt == "csv" else "\t", id_column)
+            df = _read_delimited(path, "," if fmt == "csv" else "\t", id_column, text_columns)
     except TableError:
         raise
     except (pa.ArrowInvalid, pa.ArrowException, OSError, EOFError, UnicodeDecodeError, ValueError) as e:
@@ -89,12 +90,13 @@ def read_table(path: Path, id_column: str) -> pd.DataFrame:
     return df
 
 
-def _read_delimited(path: Path, sep: str, id_column: str) -> pd.DataFrame:
+def _read_delimited(path: Path, sep: str, id_column: str, text_columns: tuple[str, ...] = ()) -> pd.DataFrame:
     read = pacsv.ReadOptions(block_size=1 << 26)
     parse = pacsv.ParseOptions(delimiter=sep)
     # Strings never become null, so an id "NA" stays text; numeric columns read the tokens as missing.
-    convert = pacsv.ConvertOptions(column_types={id_column: pa.string()}, null_values=MISSING_TOKENS,
-                                   strings_can_be_null=False)
+    # text columns keep a missing token as its text, as string columns do: readers treat MISSING_TOKENS as missing
+    convert = pacsv.ConvertOptions(column_types={id_column: pa.string(), **{c: pa.string() for c in text_columns}},
+                                   null_values=MISSING_TOKENS, strings_can_be_null=False)
     try:
         table = pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
     except pa.ArrowInvalid as e:
@@ -189,7 +191,7 @@ def read_site(schema: FeatureSchema, site_dir: str | Path) -> SiteTables:
         raise TableError(f"{site_dir}: no labels table; add labels.csv with columns "
                          f"{schema.id_column!r} and {schema.label_column!r}")
     files[LABELS_STEM] = found[0]
-    labels_df = read_table(found[0], schema.id_column)
+    labels_df = read_table(found[0], schema.id_column, (schema.label_column,))
     if schema.label_column not in labels_df.columns:
         raise TableError(f"{found[0]}: no label column {schema.label_column!r}; add it (schema label_column)")
     labels = labels_df[schema.label_column].astype("string").str.strip()

@@ -149,7 +149,7 @@ def test_a_table_the_account_may_not_read_gets_the_access_fix(tmp_path, monkeypa
     site_dir = make_site(tmp_path)
     real = reading.read_table
 
-    def denied(path, idc):  # as read_table reports an unreadable file (chmod cannot stop root, who runs the tests)
+    def denied(path, idc, text_columns=()):  # as read_table reports an unreadable file (chmod cannot stop root, who runs the tests)
         if path.name == "clinical.tsv":
             raise TableError(f"{path}: cannot be read ([Errno 13] Permission denied); check that the file is complete")
         return real(path, idc)
@@ -699,3 +699,16 @@ def test_a_rare_feature_constant_in_a_small_class_is_not_leakage(tmp_path):
 
     report = validate_site(SCHEMA, make_site(tmp_path, rare))
     assert not [p for p in report.problems if p.code == "label_leak"], report.format_report()
+
+
+def test_class_names_that_look_like_numbers_are_read_as_written(tmp_path):
+    """Classes "01" / "02" were read back as the numbers 1 / 2 (and "0" / "1" beside an empty cell as "0.0" / "1.0"),
+    so validation called labels the file literally holds "not a class of the schema"."""
+    from shared_models.site_data import read_site
+
+    schema = SCHEMA.model_copy(update={"classes": ["01", "02", "03"]})
+    site_dir = make_site(tmp_path, lambda t: t["labels"].__setitem__(
+        "subtype", t["labels"].subtype.map({"A": "01", "B": "02", "C": "03"})))
+    report = validate_site(schema, site_dir)
+    assert report.ok and not [p for p in report.problems if p.code == "unknown_label"], report.format_report()
+    assert set(read_site(schema, site_dir).labels) == {"01", "02", "03"}  # what training encodes

@@ -27,7 +27,7 @@ class Labels:
 
 def check_labels(check: Check, path: Path) -> Labels | None:
     """The labelled patients, or None when the table cannot be read (reported)."""
-    df = read(check, path)
+    df = read(check, path, (check.schema.label_column,))  # as text: class '01' is not the number 1
     if df is None:
         return None
     df = unique_rows(check, df, path, is_labels=True)

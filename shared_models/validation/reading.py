@@ -13,8 +13,8 @@ from shared_models.validation.hints import content_hint, id_hint
 from shared_models.validation.messages import MAX_NAMES, first_line, line, names, plural
 
 
-def read(check: Check, path: Path) -> pd.DataFrame | None:
-    """The table indexed by patient id, or None when it cannot be read (reported)."""
+def read(check: Check, path: Path, text_columns: tuple[str, ...] = ()) -> pd.DataFrame | None:
+    """The table indexed by patient id (`text_columns` read as text), or None when it cannot be read (reported)."""
     try:
         size = path.stat().st_size
     except OSError as e:
@@ -26,7 +26,7 @@ def read(check: Check, path: Path) -> pd.DataFrame | None:
                   "export the table again (the export or the copy was interrupted)", path.name)
         return None
     try:
-        return read_table(path, check.schema.id_column)
+        return read_table(path, check.schema.id_column, text_columns)
     except TableError as e:
         _table_error(check, path, str(e))
     except Exception as e:  # noqa: BLE001 - read_table lets a few malformed inputs through as other errors
