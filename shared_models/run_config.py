@@ -546,6 +546,13 @@ def app_defaults(project: Path) -> dict:
                              "(a checkout installed with pip install -e .)") from None
 
 
+def _text_keys() -> set[str]:
+    """The run-config keys whose value is text only (run-name, paths): a value TOML would type otherwise (a date, a
+    number) is kept as written."""
+    return {f.alias or name for section in RunConfig.model_fields.values()
+            for name, f in getattr(section.annotation, "model_fields", {}).items() if f.annotation is str}
+
+
 def parse_overrides(items: list[str], source: str = "--set", *, max_epsilon: float | None) -> dict:
     """KEY=VALUE pairs typed as TOML would type them (a bare word is a string), each checked against RunConfig
     (`max_epsilon` required, as in RunConfig.from_flower: product code calls
@@ -563,6 +570,8 @@ def parse_overrides(items: list[str], source: str = "--set", *, max_epsilon: flo
         try:
             out[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
         except tomllib.TOMLDecodeError:
+            out[key.strip()] = value.strip()
+        if key.strip() in _text_keys() and not isinstance(out[key.strip()], str):  # run-name=2026-12-06: a name
             out[key.strip()] = value.strip()
     try:
         RunConfig.model_validate({"schema": "check.json", **out}, context={"max_epsilon": max_epsilon})

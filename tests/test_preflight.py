@@ -122,6 +122,9 @@ def test_run_config_overrides():
     values = parse_overrides(["num-rounds=3", 'schema="a b.json"', "dp=false", "run-name=x"], max_epsilon=None)
     assert values == {"num-rounds": 3, "schema": "a b.json", "dp": False, "run-name": "x"}
     assert flwr_overrides(values) == 'num-rounds=3 schema="a b.json" dp=false run-name="x"'
+    # a text-only key keeps what was written where TOML would read a date or a number
+    assert parse_overrides(["run-name=2026-12-06", "output-dir=2026"], max_epsilon=None) == {
+        "run-name": "2026-12-06", "output-dir": "2026"}
     with pytest.raises(RunConfigError, match="num-rounds"):
         parse_overrides(["num-rounds=zero"], max_epsilon=None)
     with pytest.raises(RunConfigError, match="KEY=VALUE"):
