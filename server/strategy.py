@@ -88,6 +88,7 @@ class DeltaMixin:
             return []
         return super().configure_evaluate(server_round, parameters, client_manager)
 
+    errored: frozenset[int] | set[int] = frozenset()  # the round's nodes that answered with an error (workflow)
     max_fit: int = 0  # SecAgg+ runs: the most sites a round samples, the number its range was sized for (0: all)
     min_fit: int = 1  # the fewest real contributions (weight > 0) a round steps on: min-sites, trusted-sites
 
@@ -123,7 +124,7 @@ class DeltaMixin:
         reasons = list(dict.fromkeys(failure_reason(f) for f in failures))  # SecAgg+ may repeat one
         refused = [{"reason": r.split(REFUSAL_PREFIX, 1)[1]} for r in reasons if REFUSAL_PREFIX in r]
         failed = [r for r in reasons if REFUSAL_PREFIX not in r]
-        dropped = sorted(self.sampled - replied)
+        dropped = sorted(self.sampled - replied - self.errored)  # an error reply (a refusal) is not a dropout
         for r in failed:
             log(WARNING, "round %s: a site failed: %s", server_round, r)
         for r in refused:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from logging import INFO, WARNING
 
 from flwr.app import ConfigRecord
+from flwr.app.message_type import MessageType
 from flwr.common.logger import log
 from flwr.server.compat import LegacyContext
 from flwr.server.compat.app_utils import start_update_client_manager_thread
@@ -43,6 +44,7 @@ class PollingGrid:
 
     def __init__(self, grid: Grid, timeout: float, interval: float = 0.1):
         self._grid, self._timeout, self._interval = grid, timeout, interval
+        self.errored: set[int] = set()  # nodes that answered a training message with an error (a refusal)
 
     def __getattr__(self, name):
         return getattr(self._grid, name)
@@ -63,6 +65,8 @@ class PollingGrid:
                 if m.has_content() and is_packed(m.content):
                     m.content = unpack(m.content)
             replies.extend(got)
+            if kind == MessageType.TRAIN:  # an error reply is an answer (a refusal, a failure), not a dropout
+                self.errored.update(m.metadata.src_node_id for m in got if m.has_error())
             if got:
                 progress.exchange(kind, asked, [m.metadata.src_node_id for m in replies])
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
@@ -190,6 +194,8 @@ class RoundsWorkflow(DefaultWorkflow):
                 log(INFO, "[ROUND %s]", rnd)
                 cfg[Key.CURRENT_ROUND] = rnd
                 context.strategy.round_info = {"round": rnd, "status": "halted"}
+                grid.errored.clear()
+                context.strategy.errored = grid.errored  # the round's error replies, for its dropped list
                 timing = context.strategy.timing = {}
                 t = time.perf_counter()
                 self.fit_workflow(grid, context)

@@ -197,3 +197,20 @@ def test_a_round_with_fewer_contributions_than_min_sites_is_abandoned_even_witho
     assert params is None and strategy.round_info["status"] == "abandoned" and "fewer than 3" in strategy.round_info[
         "reason"]
     assert not strategy.global_weights[0].any()  # the one site's update was not stepped on
+
+
+def test_a_refusing_site_is_recorded_as_refused_not_also_as_dropped():
+    """A refusal is an error reply: the node answered. Only sampled nodes that sent nothing are dropouts."""
+    import numpy as np
+    from flwr.common import Code, Error, FitRes, Status, ndarrays_to_parameters
+
+    from privacy.run_config import load_run_config
+    from server.strategy import build_strategy
+
+    strategy = build_strategy(load_run_config({"schema": "s.json", "min-sites": 2, "sites": 4}),
+                              [np.zeros(4, np.float32)], 4, {})
+    strategy.sampled, strategy.errored = {1, 2, 3, 4}, {3}  # node 3 refused (an error reply), node 4 sent nothing
+    two = [(_Proxy(n), FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([np.full(4, 0.01)]), 100, {}))
+           for n in (1, 2)]
+    strategy.aggregate_fit(1, two, [Exception(Error(0, "refused: site_3: budget"))])
+    assert strategy.round_info["refused"] == [{"reason": "site_3: budget"}] and strategy.round_info["dropped"] == [4]
