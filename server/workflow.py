@@ -28,6 +28,7 @@ from flwr.serverapp import Grid
 
 from privacy import secagg_masks
 from server import progress
+from shared_models.protocol import REFUSAL_PREFIX
 from shared_models.wire import is_packed, pack, unpack
 
 secagg_masks.install()  # SecAgg+'s masks from the whole seed, as the sites' mod draws them (privacy/secagg_masks.py)
@@ -44,7 +45,7 @@ class PollingGrid:
 
     def __init__(self, grid: Grid, timeout: float, interval: float = 0.1):
         self._grid, self._timeout, self._interval = grid, timeout, interval
-        self.errored: set[int] = set()  # nodes that answered a training message with an error (a refusal)
+        self.errored: set[int] = set()  # nodes that refused a training message (an error reply of theirs)
 
     def __getattr__(self, name):
         return getattr(self._grid, name)
@@ -65,8 +66,10 @@ class PollingGrid:
                 if m.has_content() and is_packed(m.content):
                     m.content = unpack(m.content)
             replies.extend(got)
-            if kind == MessageType.TRAIN:  # an error reply is an answer (a refusal, a failure), not a dropout
-                self.errored.update(m.metadata.src_node_id for m in got if m.has_error())
+            if kind == MessageType.TRAIN:  # a refusal is an answer, not a dropout (the SuperLink's own error reply
+                # for a node gone offline is no refusal: that node dropped out)
+                self.errored.update(m.metadata.src_node_id for m in got
+                                    if m.has_error() and REFUSAL_PREFIX in str(m.error.reason))
             if got:
                 progress.exchange(kind, asked, [m.metadata.src_node_id for m in replies])
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
@@ -195,7 +198,7 @@ class RoundsWorkflow(DefaultWorkflow):
                 cfg[Key.CURRENT_ROUND] = rnd
                 context.strategy.round_info = {"round": rnd, "status": "halted"}
                 grid.errored.clear()
-                context.strategy.errored = grid.errored  # the round's error replies, for its dropped list
+                context.strategy.errored = grid.errored  # the round's refusals, kept out of its dropped list
                 timing = context.strategy.timing = {}
                 t = time.perf_counter()
                 self.fit_workflow(grid, context)

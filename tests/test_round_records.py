@@ -209,7 +209,7 @@ def test_a_refusing_site_is_recorded_as_refused_not_also_as_dropped():
 
     strategy = build_strategy(load_run_config({"schema": "s.json", "min-sites": 2, "sites": 4}),
                               [np.zeros(4, np.float32)], 4, {})
-    strategy.sampled, strategy.errored = {1, 2, 3, 4}, {3}  # node 3 refused (an error reply), node 4 sent nothing
+    strategy.sampled, strategy.errored = {1, 2, 3, 4}, {3}  # node 3 refused (its error reply), node 4 sent nothing
     two = [(_Proxy(n), FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([np.full(4, 0.01)]), 100, {}))
            for n in (1, 2)]
     strategy.aggregate_fit(1, two, [Exception(Error(0, "refused: site_3: budget"))])
