@@ -688,16 +688,17 @@ def evaluate(msg: Message, context: Context) -> Message:
     ins = recorddict_to_evaluateins(msg.content, keep_input=True)
     cfg = load_run_config(context.run_config, source="run config (site)")
     settings = site_settings(context, cfg)
-    try:
-        if settings.require_dp and not cfg.privacy.enabled:  # its held-out metrics would leave without DP's
-            # preparation (the normalisation fitted on the training part): a run the site refuses to train for
-            log(WARNING, "site %s: %s; the global model is not scored here either", settings.name, REQUIRE_DP_REFUSAL)
-            raise SiteDataError("require-dp")
-        site = prepared(settings, cfg, site_schema_path(context, cfg))
-        last = int(ins.config.get(SERVER_ROUND, 0) or 0) == cfg.federation.num_rounds  # the model delivered
-        n, metrics = evaluate_global(site, parameters_to_ndarrays(ins.parameters), cfg, patterns=last)
-    except SiteDataError:
-        n, metrics = 0, {}
+    n, metrics = 0, {}
+    if settings.require_dp and not cfg.privacy.enabled:  # its held-out metrics would leave without DP's preparation
+        # (the normalisation fitted on the training part): a run the site refuses to train for, nor scores
+        log(WARNING, "site %s: %s; the global model is not scored here either", settings.name, REQUIRE_DP_REFUSAL)
+    else:
+        try:
+            site = prepared(settings, cfg, site_schema_path(context, cfg))
+            last = int(ins.config.get(SERVER_ROUND, 0) or 0) == cfg.federation.num_rounds  # the model delivered
+            n, metrics = evaluate_global(site, parameters_to_ndarrays(ins.parameters), cfg, patterns=last)
+        except SiteDataError:
+            pass
     if n:
         metrics[SITE] = settings.name
     metrics = sent_metrics(metrics, EVALUATE_METRICS, settings.name)

@@ -137,11 +137,11 @@ def site_names(deliveries: list[dict], nodes, consortium_dir: Path | None = None
     return [names.get(int(n), f"node {n}") for n in nodes]
 
 
-def finished_at(out: Path, last: dict, final: list[np.ndarray]) -> float:
+def finished_at(out: Path, last: dict, final: list[np.ndarray], otherwise=lambda: round(time.time(), 3)) -> float:
     """When the final model was finished: its last round's end (so a run resumed only to deliver, days later,
     stays older than the runs that finished meanwhile, and no site's model store takes it for the newest: its
     `finished` orders re-deliveries); for a last round recorded without it, the time an earlier attempt's saved
-    package gave these same weights, else now."""
+    package gave these same weights, else `otherwise()` (now, for a model finished in this process)."""
     from shared_models.weights import arrays_sha256
 
     if isinstance(last.get("ended"), (int, float)):
@@ -152,7 +152,7 @@ def finished_at(out: Path, last: dict, final: list[np.ndarray]) -> float:
             return float(saved["finished"])
     except (OSError, ValueError):
         pass
-    return round(time.time(), 3)
+    return otherwise()
 
 
 def save_package(run_dir: Path, package: dict) -> None:
@@ -221,9 +221,8 @@ def redeliver(grid, cfg) -> None:
     from server.checkpoint import metrics_lines
 
     if not isinstance(finished := package.get("finished"), (int, float)):  # never "now": that would date it newest
-        last = (metrics_lines(out / "metrics.jsonl") or [{}])[-1]
-        finished = float(last["ended"]) if isinstance(last.get("ended"), (int, float)) else \
-            round((out / FINAL_WEIGHTS).stat().st_mtime, 3)  # written when the run delivered it
+        finished = finished_at(out, (metrics_lines(out / "metrics.jsonl") or [{}])[-1], final,
+                               otherwise=lambda: round((out / FINAL_WEIGHTS).stat().st_mtime, 3))  # written at delivery
     package = sign({**package, "architecture": package.get("architecture") or cfg.model.model_dump(),
                     "finished": finished}, key)
     result = json.loads((out / RESULT).read_text()) if (out / RESULT).exists() else {**package}

@@ -138,9 +138,7 @@ class DeltaMixin:
         """A round that ended without an update (too few contributions to unmask, or SecAgg+ halted)."""
         self.round_info = {"round": server_round, "participants": [], "sites": {}}
         self.record_outcomes(server_round, failures, replied)
-        self.round_info.update(status="abandoned", reason=reason)
-        self.outcomes[server_round] = {"status": "abandoned", "reason": reason}
-        log(WARNING, "round %s abandoned: %s; the global model is unchanged", server_round, reason)
+        self._abandon(server_round, reason)
 
     def _aggregate_fit(self, server_round, results, failures):
         ok = [(p, r) for p, r in results if r.num_examples > 0]
