@@ -30,7 +30,7 @@ from client.serve_queue import ExplanationLane, ModelQueue
 from client.serve_routes import model_routes, offline_docs, operations_routes, prediction_routes
 from privacy.audit import AuditLog
 from privacy.site_config import SiteConfig
-from shared_models.files import atomic_file, exclusive_lock
+from shared_models.files import atomic_file, held_lock
 
 ROLES = {"clinician": {"predict", "read"}, "admin": {"predict", "read", "manage"}}
 TOKENS_FILE = "serve-tokens.json"
@@ -120,17 +120,13 @@ class TokenStore:
         """The tokens, read under an exclusive lock, for one change (add, revoke): two commands at once would each
         write back the list it read, and a revocation could be undone. Written 0600, atomically."""
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a site that never started has no state/
-        fh = exclusive_lock(self.path.with_name(self.path.name + ".lock"), wait=30.0)
-        if fh is None:
-            raise ValueError(f"{self.path}: another token command has held it for 30 s; try again")
-        try:
+        with held_lock(self.path.with_name(self.path.name + ".lock"), 30.0,
+                       ValueError(f"{self.path}: another token command has held it for 30 s; try again")):
             tokens = self._parse()
             yield tokens
             with atomic_file(self.path, owner_only=True) as out:
                 json.dump({"format": "oncofed-serve-tokens/1", "tokens": tokens}, out, indent=1)
                 out.write("\n")
-        finally:
-            fh.close()
 
     def add(self, name: str, role: str, replace: bool = False) -> str:
         if role not in ROLES:

@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -21,7 +20,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
 from privacy.audit import AuditLog
 from privacy.pki import ProvisioningError, fingerprint
-from shared_models.files import exclusive_lock, read_json_file, write_json_atomic
+from shared_models.files import held_lock, read_json_file, write_json_atomic
 from shared_models.flower_tools import flower_tool
 
 CONNECTION = "consortium"
@@ -84,18 +83,12 @@ def _check_site_key(path: Path) -> bytes:
     return data
 
 
-@contextmanager
 def _register_lock(root: Path):
     """One add-site or remove-site at a time: each reads consortium.json, waits on the SuperLink, then writes it back
     (two at once lost one's registration)."""
-    fh = exclusive_lock(root / ".register.lock", wait=300.0)
-    if fh is None:
-        raise ProvisioningError(f"{root}: another add-site or remove-site has held the register for 5 minutes; "
-                                "nothing was changed: try again when it ends")
-    try:
-        yield
-    finally:
-        fh.close()
+    return held_lock(root / ".register.lock", 300.0, ProvisioningError(
+        f"{root}: another add-site or remove-site has held the register for 5 minutes; nothing was changed: try "
+        "again when it ends"))
 
 
 def _now() -> str:
@@ -142,9 +135,9 @@ def add_site(root: str | Path, name: str, public_key: str | Path) -> dict:
         return site
 
 
-def _interrupted_registration(root: Path, record: dict) -> str | None:
+def _interrupted_registration(root: Path, record: dict) -> str:
     """The node id the SuperLink gave a key whose registration was cut short before consortium.json recorded it: the
-    one registered node the register does not know (None if not exactly one: the operator then resolves it)."""
+    one registered node the register does not know (ProvisioningError if not exactly one: the operator resolves it)."""
     known = {s.get("node_id") for s in record["sites"]}
     unknown = [str(n["node-id"]) for n in _flwr(root, "ls").get("nodes", []) if str(n["node-id"]) not in known]
     if len(unknown) != 1:

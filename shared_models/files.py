@@ -138,3 +138,16 @@ def exclusive_lock(path: Path, wait: float = 0.0):
                 fh.close()
                 return None
             time.sleep(0.5)
+
+
+@contextmanager
+def held_lock(path: Path, wait: float, busy: Exception):
+    """`exclusive_lock(path, wait)` held for the block, released after it; `busy` is raised when another holder kept
+    it for `wait` seconds (one read-change-write of a shared file at a time)."""
+    fh = exclusive_lock(path, wait)
+    if fh is None:
+        raise busy
+    try:
+        yield
+    finally:
+        fh.close()
