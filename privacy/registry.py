@@ -115,7 +115,8 @@ def add_site(root: str | Path, name: str, public_key: str | Path) -> dict:
                                         + (" (removed)" if s.get("removed") else "") + "; the SuperLink never takes a "
                                         "key twice: the hospital makes a new one (`ssh-keygen -t ecdsa -b 384 -N '' -f "
                                         "keys/site.key` in its site directory) and sends its .pub")
-        if pending is None:
+        created = pending is None
+        if created:
             pending = {"name": name, "key_sha256": key, "pending": _now()}
             record["sites"].append(pending)
             _save(root, record)
@@ -124,8 +125,9 @@ def add_site(root: str | Path, name: str, public_key: str | Path) -> dict:
             node_id = str(_flwr(root, "register", str(public_key.resolve()))["node-id"])
         except ProvisioningError as e:
             if "already in use" not in str(e):  # the SuperLink answered no (or was not reached): nothing pending
-                record["sites"].remove(pending)
-                _save(root, record)
+                if created:  # an earlier, cut-short registration keeps its trace: the SuperLink may hold that key
+                    record["sites"].remove(pending)
+                    _save(root, record)
                 raise
             node_id = _interrupted_registration(root, record)
         site = {"name": name, "node_id": node_id, "key_sha256": key, "added": _now()}

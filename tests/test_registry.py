@@ -158,6 +158,12 @@ def test_a_registration_or_removal_cut_short_is_completed_by_the_same_command_ag
     with pytest.raises(KeyboardInterrupt):
         add_site(op, "A", key)
     assert list_sites(op)[0]["status"].startswith("registration cut short")
+    with monkeypatch.context() as down:  # retried while the SuperLink is unreachable: the trace is kept
+        down.setattr(registry, "_flwr", lambda root, command, *a: (_ for _ in ()).throw(
+            ProvisioningError("`flwr supernode register` failed: is the consortium's SuperLink running there")))
+        with pytest.raises(ProvisioningError, match="SuperLink running"):
+            add_site(op, "A", key)
+    assert json.loads((op / "consortium.json").read_text())["sites"][0].get("pending")
     site = add_site(op, "A", key)
     assert site["node_id"] == "100" and [s["name"] for s in list_sites(op)] == ["A"]
     assert list_sites(op)[0]["status"] == "registered"
