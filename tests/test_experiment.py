@@ -354,24 +354,19 @@ def test_the_changed_config_refusal_names_a_fix_that_works(tmp_path):
     assert (out / "experiment.toml").read_text() == changed.read_text()
 
 
-def test_a_synthetic_partition_is_not_reused_under_other_synthetic_settings(tmp_path):
+@pytest.mark.parametrize("config, change, made_with", [
+    ("synthetic", ("holdout-patients = 30", "holdout-patients = 40"), lambda m: m["holdout"]["patients"] == 40),
+    ("cohort", ('name = "pancan"', 'name = "pancan"\nholdout-frac = 0.1'),
+     lambda m: m["method"]["holdout_frac"] == 0.1)])
+def test_a_partition_is_not_reused_under_other_settings_that_shape_it(tmp_path, config, change, made_with):
     from simulations.experiment import ensure_cell_partition
 
-    first = ExperimentConfig.load(write(tmp_path, SMALL))
+    text = SMALL if config == "synthetic" else PANCAN
+    first = ExperimentConfig.load(write(tmp_path, text))
     ensure_cell_partition(first, cells(first)[0], tmp_path / "results")
-    other = ExperimentConfig.load(write(tmp_path, SMALL.replace("holdout-patients = 30", "holdout-patients = 40")))
+    other = ExperimentConfig.load(write(tmp_path, text.replace(*change)))
     _, _, manifest = ensure_cell_partition(other, cells(other)[0], tmp_path / "results")
-    assert manifest["holdout"]["patients"] == 40
-
-
-def test_a_cohort_partition_is_not_reused_under_another_holdout_frac(tmp_path):
-    from simulations.experiment import ensure_cell_partition
-
-    first = ExperimentConfig.load(write(tmp_path, PANCAN))
-    ensure_cell_partition(first, cells(first)[0], tmp_path / "results")
-    other = ExperimentConfig.load(write(tmp_path, PANCAN.replace('name = "pancan"', 'name = "pancan"\nholdout-frac = 0.1')))
-    _, _, manifest = ensure_cell_partition(other, cells(other)[0], tmp_path / "results")
-    assert manifest["method"]["holdout_frac"] == 0.1
+    assert made_with(manifest)
 
 
 # --- baselines --------------------------------------------------------------------------------------------
