@@ -74,6 +74,12 @@ class ExperimentSection(_Strict):
     # simulations.partition.MIN_SITE_PATIENTS and the synthetic generator its own (patients-per-site / 10)
     min_site_patients: int | None = Field(None, ge=1)
 
+    def cohort_min_site_patients(self) -> int:
+        """The fewest patients a cohort's Dirichlet partition gives a site: the setting, or the partition's default."""
+        from simulations.partition import MIN_SITE_PATIENTS
+
+        return self.min_site_patients or MIN_SITE_PATIENTS
+
 
 class GridSection(_Strict):
     data: list[str] = Field(..., min_length=1)
@@ -253,7 +259,7 @@ class ExperimentConfig(_Strict):
         patients or the column's values allow. Reads the labels table's header and only the columns needed."""
         from shared_models.schema import FeatureSchema, SchemaError
         from shared_models.site_data import LABELS_STEM, TableError, find_table
-        from simulations.partition import MIN_SITE_PATIENTS, read_text_table, table_columns
+        from simulations.partition import read_text_table, table_columns
 
         specs = [(spec, *parse_partition(spec)) for spec in self.grid.for_data(data, "partition")]
         counts = self.grid.for_data(data, "sites")
@@ -301,7 +307,7 @@ class ExperimentConfig(_Strict):
                                               f"lower [grid] sites (per data set: sites = {{ {data} = "
                                               f"[{len(values[arg])}] }})")
                 elif kind == "dirichlet":
-                    least = self.experiment.min_site_patients or MIN_SITE_PATIENTS
+                    least = self.experiment.cohort_min_site_patients()
                     if n * least > patients:
                         raise ExperimentError(
                             f"[grid] sites = {n} x [experiment] min-site-patients = {least} is {n * least} patients, "
@@ -414,14 +420,12 @@ def partition_settings(cfg: ExperimentConfig, cell: Cell) -> dict:
     """Every setting that shapes a cell's partition (its sites and held-out patients)."""
     if cell.data == "synthetic":
         return {"data": "synthetic", **asdict(synthetic_config(cfg, cell))}
-    from simulations.partition import MIN_SITE_PATIENTS
-
     kind, arg = parse_partition(cell.partition)
     e = cfg.experiment
     settings = {"data": cell.data, kind: arg, "sites": cell.sites, "seed": cell.seed,
                 "holdout_column": e.holdout_column, "holdout_frac": e.holdout_frac}
     if kind == "dirichlet":  # the only split it shapes: an iid or by:COLUMN partition is the same whatever it says
-        settings["min_site_patients"] = e.min_site_patients or MIN_SITE_PATIENTS
+        settings["min_site_patients"] = e.cohort_min_site_patients()
     return settings
 
 
@@ -436,7 +440,7 @@ def ensure_cell_partition(cfg: ExperimentConfig, cell: Cell, root: Path) -> tupl
     """(federation dir, schema path, manifest): made once per data x partition x sites x seed and the settings
     that shape it."""
     from shared_models.schema import FeatureSchema
-    from simulations.partition import MIN_SITE_PATIENTS, partition_cohort
+    from simulations.partition import partition_cohort
     from simulations.synthetic import generate_federation
 
     fed = partition_dir(cfg, cell, root)
@@ -455,7 +459,7 @@ def ensure_cell_partition(cfg: ExperimentConfig, cell: Cell, root: Path) -> tupl
             partition_cohort(path, FeatureSchema.load(schema_path), fed, sites=cell.sites,
                              by=arg if kind == "by" else None, dirichlet=arg if kind == "dirichlet" else None,
                              iid=kind == "iid", seed=cell.seed, holdout_column=e.holdout_column,
-                             holdout_frac=e.holdout_frac, min_site_patients=e.min_site_patients or MIN_SITE_PATIENTS)
+                             holdout_frac=e.holdout_frac, min_site_patients=e.cohort_min_site_patients())
     manifest = json.loads((fed / "manifest.json").read_text())
     if not manifest.get("holdout"):
         raise ExperimentError(f"{fed}: the partition has no held-out patients to evaluate on")
