@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared_models.files import exclusive_lock, sync_directory, write_json_atomic  # noqa: F401 (server.app, server.submit import them from here)
+from shared_models.files import exclusive_lock, sync_directory, write_json_atomic  # noqa: F401 (server.app imports it from here)
 
 
 class CheckpointError(ValueError):

@@ -21,11 +21,10 @@ from pathlib import Path
 
 from privacy.preflight import Check, check_reachable, check_signing_key, report
 from privacy.run_config import load_run_config
-from server.checkpoint import (RUN_FILE, UNFROZEN, CheckpointError, exclusive_lock, frozen_run, has_checkpoint,
-                               run_config_changes)
+from server.checkpoint import RUN_FILE, UNFROZEN, CheckpointError, frozen_run, has_checkpoint, run_config_changes
 from server.deploy import FLOWER_ENV, Consortium, DeployError, check_server_health, server_health
 from server.processes import run_flwr
-from shared_models.files import write_json_atomic
+from shared_models.files import exclusive_lock, write_json_atomic
 from shared_models.flower_tools import flower_tool
 from shared_models.run_config import RunConfig, RunConfigError, app_defaults, flwr_overrides
 
