@@ -693,3 +693,31 @@ def test_batch_size_auto_is_the_public_divisor_of_each_mode():
 
     assert batch(**{"dp-mode": "distributed", "strategy": "fedadam"}) == DISTRIBUTED_BATCH_SIZE
     assert batch() == RECIPES["dp"].batch_size and batch(dp=False) == RECIPES["no-dp"].batch_size
+
+
+def test_a_sum_that_decodes_off_the_grid_abandons_the_round_not_the_run():
+    """A site whose masked weight disagrees with the weight it declares: the unmasked sum is off the grid. The round is
+    abandoned with the reason (it crashed the ServerApp, and again at every resume, as the sites resent the same)."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+
+    from server.strategy import build_strategy
+
+    rng = np.random.default_rng(1)
+    grid = _grid(3)
+    p = plan(1.0, DIM, trusted_sites=3, sample_rate=0.25, variance=1e6)
+    summed = _flower_secagg([to_flower(_site_vector(rng, p, grid), grid, SHAPES) for _ in range(3)], grid,
+                            weights=[2000, 2000, 1000])  # the third site masked with another weight
+    cfg = load_run_config({"schema": "s.json", "dp-mode": "distributed", "strategy": "fedavgm", "sample-rate": 0.25,
+                           "batch-size": 50, "trusted-sites": 3, "sites": 3, "min-sites": 3})
+    strategy = build_strategy(cfg, [rng.normal(size=s).astype(np.float32) for s in SHAPES], 3, {})
+    strategy.grid, strategy.sampled = grid, {0, 1, 2}
+
+    class Proxy:
+        def __init__(self, node_id):
+            self.node_id = node_id
+
+    replies = [(Proxy(i), FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(summed), 2000,
+                                 {"grid_scale": p.scale, "sample_rate": 0.25})) for i in range(3)]
+    params, _ = strategy.aggregate_fit(1, replies, [])
+    assert params is None and strategy.round_info["status"] == "abandoned"
+    assert "off the grid" in strategy.outcomes[1]["reason"]
