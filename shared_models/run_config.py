@@ -237,10 +237,11 @@ class PrivacySection(_Section):
 
 @dataclass(frozen=True)
 class Recipe:
-    """A named local-training recipe: expected batch, and peak learning rate and clipping bound per local
-    optimizer."""
+    """A named local-training recipe: the batch (under DP, the public patient count whose sample-rate share is
+    the divisor batch-size "auto" takes), and peak learning rate and clipping bound per local optimizer."""
 
-    batch_size: int
+    batch_size: int | None  # without DP; None: under DP, round(sample-rate x patients)
+    patients: int | None    # under DP: the public stand-in for a site's training patients
     lr: dict[str, float]
     max_grad_norm: dict[str, float]
     modality_dropout: float
@@ -252,14 +253,15 @@ RECIPES = {
     # clips every patient's gradient to that norm, so each step is the sum of unit directions over batch-size
     # times lr x C = 1 (automatic clipping, Bu et al. 2023, in effect); on the validation parts (mean of seeds
     # 0-2) C 0.01 / lr 100: 0.613, C 0.1 / lr 5: 0.610, C 0.1 / lr 10: 0.601, C 1 / lr 1: 0.577. batch-size is
-    # the public divisor of that sum (sample-rate 0.3 x the main job's ~630 training patients a site, rounded):
-    # 192: 0.620, 256: 0.586 and 128: 0.569 (seed 0), sample-rate 0.5 with 320: 0.626
+    # the public divisor of that sum, sample-rate x a public stand-in for a site's training patients (640: the
+    # main job's ~630, rounded; 192 at 0.3): 192: 0.620, 256: 0.586 and 128: 0.569 (seed 0), sample-rate 0.5
+    # with 320: 0.626 (mean of seeds 0-2)
     # modality-dropout, on the validation parts (seeds 0-2): with DP 0.25 lowers macro-F1 (0.599 against 0.630)
     # and 0.1 at seed 0 (0.599 against 0.610); without DP 0.25 ties overall (0.833 against 0.829) and the patterns
     # without miRNA, the others masked, gain 0.300 -> 0.489 accuracy (docs/results.md, "Without DP: variants")
-    "dp": Recipe(batch_size=192, lr={"sgd": 100.0, "adamw": 0.02}, max_grad_norm={"sgd": 0.01, "adamw": 1.0},
+    "dp": Recipe(batch_size=None, patients=640, lr={"sgd": 100.0, "adamw": 0.02}, max_grad_norm={"sgd": 0.01, "adamw": 1.0},
                  modality_dropout=0.0),
-    "no-dp": Recipe(batch_size=64, lr={"sgd": 0.2, "adamw": 0.002}, max_grad_norm={"sgd": 1.0, "adamw": 1.0},
+    "no-dp": Recipe(batch_size=64, patients=None, lr={"sgd": 0.2, "adamw": 0.002}, max_grad_norm={"sgd": 1.0, "adamw": 1.0},
                     modality_dropout=0.25),
 }
 """The recipes `lr`, `batch-size` and `max-grad-norm` = "auto" take, by the run's `dp` (true: "dp")."""
@@ -270,10 +272,19 @@ DISTRIBUTED_MAX_GRAD_NORM = 0.1
 and FedAdam's tau follows C (server/strategy.py)."""
 
 
-DISTRIBUTED_BATCH_SIZE = 1500
-"""dp-mode 'distributed': what the server divides the consortium's noisy sum by, a public stand-in for the
-expected total batch (sample-rate x the sites' training patients, which no site sends under DP): 0.3 x the main
-job's 5,021 training patients, rounded. A consortium of another size sets batch-size to its own such figure."""
+DISTRIBUTED_PATIENTS = 5000
+"""dp-mode 'distributed': a public stand-in for the consortium's training patients (which no site sends under DP):
+the main job's 5,021, rounded. batch-size "auto", what the server divides the noisy sum by, is round(sample-rate x
+5000), the expected total batch: 1500 at 0.3. A consortium of another size sets batch-size to its own such figure."""
+
+
+def auto_batch_size(dp: bool, distributed: bool, sample_rate: float) -> int:
+    """What batch-size "auto" is: the no-DP recipe's batch, or under DP sample-rate x the recipe's public patient
+    count (a site's in dp-mode 'site', the consortium's in 'distributed'), so that the divisor follows the rate."""
+    if not dp:
+        return RECIPES["no-dp"].batch_size
+    patients = DISTRIBUTED_PATIENTS if distributed else RECIPES["dp"].patients
+    return max(1, round(sample_rate * patients))
 
 
 class TrainingSection(_Section):
@@ -284,7 +295,9 @@ class TrainingSection(_Section):
         "auto", alias="batch-size", description="without DP the batch; under DP a public number the noisy sum of "
         "clipped gradients is divided by, in place of the expected batch (sample-rate x the patients), which would "
         "publish the patient count: a site's in dp-mode 'site', the consortium's in 'distributed'. 'auto': 64 "
-        "without DP, 192 with (RECIPES), 1500 in dp-mode 'distributed' (DISTRIBUTED_BATCH_SIZE)")
+        "without DP; with DP round(sample-rate x 640), a public stand-in for a site's training patients (192 at "
+        "sample-rate 0.3; RECIPES), in dp-mode 'distributed' round(sample-rate x 5000) for the consortium's "
+        "(1500; DISTRIBUTED_PATIENTS)")
     lr: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
         "auto", description="peak local learning rate; 'auto': the recipe's for the run's dp and local-optimizer "
         "(with DP 100 for SGD at max-grad-norm 0.01, 0.02 for AdamW; without 0.2 and 0.002: RECIPES)")
@@ -355,7 +368,13 @@ class RunConfig(BaseModel):
                                                            TrainingSection.model_fields["optimizer"].default))
         distributed = dp is not False and mode == "distributed"
         bound = DISTRIBUTED_MAX_GRAD_NORM if distributed else recipe.max_grad_norm.get(optimizer)
-        batch = DISTRIBUTED_BATCH_SIZE if distributed else recipe.batch_size
+        rate = privacy.get("sample_rate", privacy.get("sample-rate", PrivacySection.model_fields["sample_rate"].default))
+        try:  # as the field will read it; out of range or not a number: the field's own check names it
+            rate = TypeAdapter(float).validate_python(rate)
+        except ValidationError:
+            rate = None
+        batch = (auto_batch_size(dp is not False, distributed, rate) if rate is not None and 0 < rate <= 1
+                 else None)
         model = out.setdefault("model", {})
         for section, name, alias, value in ((training, "batch_size", "batch-size", batch),
                                             (training, "lr", "lr", recipe.lr.get(optimizer)),

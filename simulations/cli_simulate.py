@@ -25,7 +25,7 @@ def simulate(
                                     "momentum: 100 with DP at max-grad-norm 0.01, 0.2 without; with --set "
                                     "local-optimizer=adamw: 0.02 with DP, 0.002 without)"),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1,
-                                          help="batch size; under DP the public divisor of the clipped-gradient sum (default: 192 with DP, 1500 in dp-mode distributed, 64 without)"),
+                                          help="batch size; under DP the public divisor of the clipped-gradient sum (default: with DP sample-rate x 640, 192 at 0.3; x 5000 in dp-mode distributed, 1500; 64 without)"),
     eval_data: bool = typer.Option(False, "--eval-data/--no-eval-data",
                                    help="also score the global model on the held-out patients at the server after "
                                         "every round (as an operator's validation site would be)"),

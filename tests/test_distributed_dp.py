@@ -685,14 +685,21 @@ def test_fedadam_steps_the_same_whatever_the_clipping_bound_scales_the_gradient_
     assert np.abs(moved[0]).max() > 1e-6
 
 
-def test_batch_size_auto_is_the_public_divisor_of_each_mode():
-    from shared_models.run_config import DISTRIBUTED_BATCH_SIZE, RECIPES
+def test_batch_size_auto_is_the_public_divisor_of_each_mode_and_follows_the_sample_rate():
+    from shared_models.run_config import DISTRIBUTED_PATIENTS, RECIPES
 
     def batch(**kw) -> int:
         return load_run_config({"schema": "s.json", **kw}).training.batch_size
 
-    assert batch(**{"dp-mode": "distributed", "strategy": "fedadam"}) == DISTRIBUTED_BATCH_SIZE
-    assert batch() == RECIPES["dp"].batch_size and batch(dp=False) == RECIPES["no-dp"].batch_size
+    distributed = {"dp-mode": "distributed", "strategy": "fedadam"}
+    assert batch(**distributed) == 1500 == round(0.3 * DISTRIBUTED_PATIENTS)
+    assert batch() == 192 == round(0.3 * RECIPES["dp"].patients) and batch(dp=False) == RECIPES["no-dp"].batch_size
+    # another sample rate moves the expected batch, so the divisor follows it (it stayed 192: a doubled step size)
+    assert batch(**{"sample-rate": 0.5}) == 320 and batch(**{"sample-rate": "0.1", **distributed}) == 500
+    assert batch(**{"sample-rate": 0.5, "dp": False}) == 64  # without DP the batch is the batch
+    assert batch(**{"sample-rate": 0.5, "batch-size": 100}) == 100  # a number wins
+    with pytest.raises(ValueError, match="sample-rate"):
+        batch(**{"sample-rate": 1.5})
 
 
 def test_a_sum_that_decodes_off_the_grid_abandons_the_round_not_the_run():

@@ -99,7 +99,7 @@ def test_the_dp_and_no_dp_recipes_are_named_presets_a_deployment_and_a_simulatio
     def bound(**values):
         return load_run_config({"schema": "s.json", **values}).privacy.max_grad_norm
 
-    assert training() == ("sgd", RECIPES["dp"].lr["sgd"], RECIPES["dp"].batch_size) == ("sgd", 100.0, 192)
+    assert training() == ("sgd", RECIPES["dp"].lr["sgd"], 192) == ("sgd", 100.0, round(0.3 * RECIPES["dp"].patients))
     # the clipping bound: the recipe's in dp-mode 'site', its own in 'distributed', 1.0 without DP; a number wins
     assert (bound(), bound(**{"local-optimizer": "adamw"}), bound(dp=False)) == (0.01, 1.0, 1.0)
     assert bound(**{"dp-mode": "distributed", "strategy": "fedadam"}) == 0.1
