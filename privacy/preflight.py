@@ -7,6 +7,7 @@ Used by `oncofed server start`, `oncofed site start` and `oncofed run`: the proc
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import http.client
 import ipaddress
 import socket
@@ -164,6 +165,12 @@ def check_port_free(host: str, port: int, what: str) -> Check:
         try:
             s.bind((host, port))
         except OSError as e:
+            if e.errno in (errno.EACCES, errno.EPERM):  # a port below 1024 without the privilege to bind it
+                return Check(name, False, f"cannot listen there ({e.strerror}): ports below 1024 need root or "
+                             "CAP_NET_BIND_SERVICE; choose a port of 1024 or above, or grant the service that capability")
+            if e.errno == errno.EADDRNOTAVAIL:
+                return Check(name, False, f"cannot listen there ({e.strerror}): {host} is not an address of this "
+                             "machine; use one of its addresses, or 0.0.0.0 for all")
             return Check(name, False, f"cannot listen there ({e.strerror}): another process holds it (an OncoFed "
                          "server already running?) or the address is not this machine's")
     return Check(name, True, "free")

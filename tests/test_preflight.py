@@ -71,6 +71,21 @@ def test_key_permissions_and_kind(consortium, tmp_path):
     assert site.state_dir.startswith("/")  # absolute: the ClientApp runs elsewhere
 
 
+def test_a_port_that_cannot_be_bound_says_why_and_the_fix(monkeypatch):
+    import errno
+
+    # an address that is not this machine's (TEST-NET-1, RFC 5737)
+    foreign = check_port_free("192.0.2.1", 9092, "SuperLink")
+    assert not foreign.ok and "not an address of this machine" in foreign.detail and "0.0.0.0" in foreign.detail
+
+    def denied(self, address):  # as an unprivileged service binding port 443
+        raise PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.setattr(socket.socket, "bind", denied)
+    low = check_port_free("0.0.0.0", 443, "proxy")
+    assert not low.ok and "CAP_NET_BIND_SERVICE" in low.detail and "1024" in low.detail
+    assert "another process holds it" not in low.detail
+
+
 def test_port_and_reachability(consortium):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
