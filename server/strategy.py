@@ -23,7 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Mapping
 from logging import INFO, WARNING
+from types import MappingProxyType
 
 import numpy as np
 from flwr.common import FitRes, ndarrays_to_parameters, parameters_to_ndarrays
@@ -51,6 +53,11 @@ def failure_reason(f) -> str:
         return reason.strip()[-500:]
     proxy, res = f
     return f"node {proxy.node_id}: {res.status.code.name} {res.status.message}"
+
+
+def refusal_reason(text: str) -> str:
+    """A site's refusal's reason, the text after REFUSAL_PREFIX, as the round records keep it."""
+    return text.split(REFUSAL_PREFIX, 1)[1].strip()[-500:]
 
 
 def recorded(metrics, allowed: frozenset[str], node_id) -> dict:
@@ -88,7 +95,7 @@ class DeltaMixin:
             return []
         return super().configure_evaluate(server_round, parameters, client_manager)
 
-    errored: frozenset[int] | set[int] = frozenset()  # the round's nodes that answered with an error (workflow)
+    errored: Mapping[int, str] = MappingProxyType({})  # the round's refusing nodes -> their reasons (workflow)
     max_fit: int = 0  # SecAgg+ runs: the most sites a round samples, the number its range was sized for (0: all)
     min_fit: int = 1  # the fewest real contributions (weight > 0) a round steps on: min-sites, trusted-sites
 
@@ -122,9 +129,12 @@ class DeltaMixin:
     def record_outcomes(self, server_round: int, failures, replied: set[int]) -> tuple[list, list, list]:
         """(refused, failed, dropped) of a round, logged and kept in `round_info`."""
         reasons = list(dict.fromkeys(failure_reason(f) for f in failures))  # SecAgg+ may repeat one
-        refused = [{"reason": r.split(REFUSAL_PREFIX, 1)[1]} for r in reasons if REFUSAL_PREFIX in r]
+        # one refusal per refusing node (two sites may give the same words), then any the workflow did not see
+        refused = [{"reason": r} for _, r in sorted(self.errored.items())]
+        seen = set(self.errored.values())
+        refused += [{"reason": t} for r in reasons if REFUSAL_PREFIX in r and (t := refusal_reason(r)) not in seen]
         failed = [r for r in reasons if REFUSAL_PREFIX not in r]
-        dropped = sorted(self.sampled - replied - self.errored)  # an error reply (a refusal) is not a dropout
+        dropped = sorted(self.sampled - replied - self.errored.keys())  # an error reply (a refusal) is not a dropout
         for r in failed:
             log(WARNING, "round %s: a site failed: %s", server_round, r)
         for r in refused:

@@ -28,6 +28,7 @@ from flwr.serverapp import Grid
 
 from privacy import secagg_masks
 from server import progress
+from server.strategy import refusal_reason
 from shared_models.protocol import REFUSAL_PREFIX
 from shared_models.wire import is_packed, pack, unpack
 
@@ -45,7 +46,7 @@ class PollingGrid:
 
     def __init__(self, grid: Grid, timeout: float, interval: float = 0.1):
         self._grid, self._timeout, self._interval = grid, timeout, interval
-        self.errored: set[int] = set()  # nodes that refused a training message (an error reply of theirs)
+        self.errored: dict[int, str] = {}  # node -> its refusal's reason: nodes that refused a training message
 
     def __getattr__(self, name):
         return getattr(self._grid, name)
@@ -68,7 +69,7 @@ class PollingGrid:
             replies.extend(got)
             if kind == MessageType.TRAIN:  # a refusal is an answer, not a dropout (the SuperLink's own error reply
                 # for a node gone offline is no refusal: that node dropped out)
-                self.errored.update(m.metadata.src_node_id for m in got
+                self.errored.update((m.metadata.src_node_id, refusal_reason(str(m.error.reason))) for m in got
                                     if m.has_error() and REFUSAL_PREFIX in str(m.error.reason))
             if got:
                 progress.exchange(kind, asked, [m.metadata.src_node_id for m in replies])

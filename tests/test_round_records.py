@@ -209,8 +209,42 @@ def test_a_refusing_site_is_recorded_as_refused_not_also_as_dropped():
 
     strategy = build_strategy(load_run_config({"schema": "s.json", "min-sites": 2, "sites": 4}),
                               [np.zeros(4, np.float32)], 4, {})
-    strategy.sampled, strategy.errored = {1, 2, 3, 4}, {3}  # node 3 refused (its error reply), node 4 sent nothing
+    strategy.sampled, strategy.errored = {1, 2, 3, 4}, {3: "site_3: budget"}  # node 3 refused, node 4 sent nothing
     two = [(_Proxy(n), FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([np.full(4, 0.01)]), 100, {}))
            for n in (1, 2)]
     strategy.aggregate_fit(1, two, [Exception(Error(0, "refused: site_3: budget"))])
     assert strategy.round_info["refused"] == [{"reason": "site_3: budget"}] and strategy.round_info["dropped"] == [4]
+
+    # two sites refusing in the same words are two refusals (the texts alone collapsed them into one)
+    strategy.sampled, strategy.errored = {1, 2, 3, 4}, {3: "the budget is spent", 4: "the budget is spent"}
+    same = Exception(Error(0, "refused: the budget is spent"))
+    strategy.aggregate_fit(2, two, [same, same])
+    assert strategy.round_info["refused"] == [{"reason": "the budget is spent"}] * 2
+    assert strategy.round_info["dropped"] == []
+
+
+def test_the_polling_grid_keeps_each_refusing_nodes_reason_and_no_offline_nodes_error():
+    """The workflow's record of a round's refusals: node -> reason, from the nodes' error replies to training
+    messages; the SuperLink's own error reply for a node gone offline is no refusal (a dropout)."""
+    from types import SimpleNamespace as NS
+
+    from flwr.common import MessageType
+
+    from server.workflow import PollingGrid
+
+    def reply(node: int, reason: str):
+        return NS(metadata=NS(src_node_id=node, reply_to_message_id=f"m{node}"), has_content=lambda: False,
+                  has_error=lambda: True, error=NS(reason=reason))
+
+    class Grid:
+        def push_messages(self, messages):
+            return [f"m{m.metadata.dst_node_id}" for m in messages]
+
+        def pull_messages(self, ids):
+            return [reply(3, "refused: the budget is spent"), reply(4, "refused: the budget is spent"),
+                    reply(5, "node 5 is offline")]
+
+    grid = PollingGrid(Grid(), timeout=1.0)
+    asked = [NS(metadata=NS(message_type=MessageType.TRAIN, dst_node_id=n), has_content=lambda: False) for n in (3, 4, 5)]
+    assert len(grid.send_and_receive(asked)) == 3
+    assert grid.errored == {3: "the budget is spent", 4: "the budget is spent"}
