@@ -37,10 +37,10 @@ def infer(
     cohort_dir: str = typer.Argument(..., help="pooled cohort directory (labels + one table per modality)"),
     label: str = typer.Option(..., "--label", help="label column of the labels table"),
     out: str = typer.Option(..., "--out", help="schema JSON file to write"),
-    name: str | None = typer.Option(None, "--name", help="schema name [default: the directory's name]"),
+    name: str | None = typer.Option(None, "--name", help="schema name (default: the directory's name)"),
     id_column: str = typer.Option("patient", "--id-column", help="patient id column, first in every table"),
     modalities: str | None = typer.Option(
-        None, "--modalities", help="comma-separated modalities in schema order [default: every table, sorted]"),
+        None, "--modalities", help="comma-separated modalities in schema order (default: every table, sorted)"),
     exclude: list[str] | None = typer.Option(None, "--exclude", help="MODALITY:COLUMN to leave out (repeatable)"),
     tabular: list[str] | None = typer.Option(None, "--tabular", help="make these modalities tabular (repeatable)"),
     omics: list[str] | None = typer.Option(None, "--omics", help="make these modalities omics (repeatable)"),

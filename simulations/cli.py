@@ -35,7 +35,7 @@ def partition(
     cohort_dir: str = typer.Argument(..., help="pooled cohort directory (labels + one table per modality)"),
     schema: str = typer.Option(..., "--schema", help="the cohort's schema JSON"),
     out: str = typer.Option(..., "--out", help="federation directory to write (one sub-directory per site)"),
-    sites: int | None = typer.Option(None, "--sites", help="number of sites [with --by: one per value]"),
+    sites: int | None = typer.Option(None, "--sites", help="number of sites (with --by: one per value)"),
     by: str | None = typer.Option(None, "--by", help="labels column whose values define the sites, e.g. center8"),
     dirichlet: float | None = typer.Option(None, "--dirichlet", help="label skew: Dirichlet alpha (small = skewed)"),
     iid: bool = typer.Option(False, "--iid", help="stratified IID split"),
@@ -82,7 +82,7 @@ def synthetic(
     missing_value_rate: float = typer.Option(0.02, "--missing-value-rate", help="mean share of missing cells"),
     holdout_patients: int = typer.Option(0, "--holdout-patients", help="patients of an extra unseen evaluation site"),
     min_site_patients: int | None = typer.Option(
-        None, "--min-site-patients", help="fewest patients a site may get [default: patients-per-site / 10, at least 5]"),
+        None, "--min-site-patients", help="fewest patients a site may get (default: patients-per-site / 10, at least 5)"),
     seed: int = typer.Option(0, "--seed", min=0, help="random seed (same seed, same federation)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a federation directory written before"),
 ) -> None:

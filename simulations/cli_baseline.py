@@ -13,11 +13,11 @@ def register(app: typer.Typer) -> None:
 
 def baseline(
     cohort: str = typer.Option(..., "--cohort", help="pancan33, brca, or a pooled cohort directory (site layout)"),
-    schema: Path | None = typer.Option(None, "--schema", help="schema JSON [default: the named cohort's committed schema]"),
+    schema: Path | None = typer.Option(None, "--schema", help="schema JSON (default: the named cohort's committed schema)"),
     seed: int = typer.Option(0, "--seed", min=0, help="seeds the site split, the initialisation and the batch order"),
     seeds: str | None = typer.Option(None, "--seeds", help="several seeds, e.g. 0,1,2,3,4: one split each, then the "
                                      "mean and standard deviation over splits"),
-    epochs: int | None = typer.Option(None, "--epochs", min=1, help="most transformer epochs [default: TrainConfig's]"),
+    epochs: int | None = typer.Option(None, "--epochs", min=1, help="most transformer epochs (default: TrainConfig's)"),
     test_frac: float = typer.Option(0.2, "--test-frac", min=0.01, max=0.9,
                                     help="share of patients in held-out tss sites (test)"),
     val_frac: float = typer.Option(0.15, "--val-frac", min=0.01, max=0.9,

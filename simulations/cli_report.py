@@ -13,7 +13,7 @@ def register(app: typer.Typer) -> None:
 
 def report(
     results_dir: Path = typer.Argument(..., help="directory written by `oncofed experiment` (holds results.json)"),
-    out: Path | None = typer.Option(None, "--out", help="report directory [default: RESULTS_DIR/report]"),
+    out: Path | None = typer.Option(None, "--out", help="report directory (default: RESULTS_DIR/report)"),
 ) -> None:
     """Write report.md, report.html and figures/*.png: summary table, learning curves, privacy-utility, per-site
     metrics, and for the best cells ROC, confusion matrix, t-SNE map, modality importance, accuracy per modality

@@ -285,3 +285,22 @@ def test_a_port_outside_tcp_is_a_failed_check_not_a_traceback():
 
     check = check_port_free("127.0.0.1", 99999, "metrics")
     assert not check.ok and "not a TCP port (1-65535)" in check.detail
+
+
+def test_no_help_text_holds_square_brackets_which_the_cli_would_swallow_as_markup():
+    """Typer renders --help with Rich, which takes "[default: x]" for a style tag and drops it with the default
+    it gives; every option, argument and command says its defaults in round brackets."""
+    import typer
+
+    from oncofed.cli import app
+
+    swallowed = []
+
+    def walk(command, path: str) -> None:
+        swallowed.extend(f"{path} {p.name}" for p in command.params if "[" in (getattr(p, "help", None) or ""))
+        if "[" in (command.help or ""):
+            swallowed.append(f"{path} (its description)")
+        for name, sub in getattr(command, "commands", {}).items():
+            walk(sub, f"{path} {name}")
+    walk(typer.main.get_command(app), "oncofed")
+    assert not swallowed, swallowed
