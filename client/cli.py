@@ -9,6 +9,9 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from privacy import SITE_BUDGET
+from shared_models.limits import MIN_COUNT
+
 if TYPE_CHECKING:
     from privacy.site_config import SiteConfig
 
@@ -38,7 +41,7 @@ def register(app: typer.Typer) -> None:
 def validate(
     schema: Path = typer.Option(..., "--schema", help="the consortium's schema JSON"),
     data: Path = typer.Option(..., "--data", help="the site directory: labels.csv and one table per modality"),
-    min_count: int = typer.Option(5, "--min-count", min=1,
+    min_count: int = typer.Option(MIN_COUNT, "--min-count", min=1,
                                   help="smallest class size the site may train on and report"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON (for programs)"),
 ) -> None:
@@ -68,8 +71,8 @@ def site_init(
                                        "as the operator read it to you by phone or another channel, never from the "
                                        "bundle itself"),
     data: str = typer.Option("", "--data", help="the site directory of tables (see `oncofed validate`)"),
-    budget: float = typer.Option(8.0, "--budget", help="the site's privacy budget (epsilon) over all runs"),
-    min_count: int = typer.Option(5, "--min-count", min=1, help="counts below this are never reported"),
+    budget: float = typer.Option(SITE_BUDGET, "--budget", help="the site's privacy budget (epsilon) over all runs"),
+    min_count: int = typer.Option(MIN_COUNT, "--min-count", min=1, help="counts below this are never reported"),
 ) -> None:
     """Check the consortium's bundle against the CA fingerprint read out to you, then create the site's
     node-authentication key (ECDSA P-384, OpenSSH) and settings."""

@@ -29,6 +29,7 @@ import numpy as np
 from privacy.membership import (REPORTED_FPRS, AttackResult, attack, clopper_pearson_upper, dp_auc_bound,
                                 dp_tpr_bound, logit_confidence, lira_offline, max_probability, per_example_loss,
                                 random_per_column, strongest_provable_epsilon)
+from shared_models.limits import MIN_COUNT
 
 AUDIT_FORMAT = "oncofed-privacy-audit/1"
 REPORT_FILE, PLOT_FILE = "privacy-audit.json", "privacy-audit-roc.png"
@@ -223,7 +224,7 @@ def run_attacks(data: AuditData, claim: Claim, confidence: float,
 
 
 def audit(site_dir: Path, state_dir: Path, model_dir: Path, site: str, *, val_fraction: float, seed: int,
-          min_count: int = 5, lira_models: int = 0, lira_epochs: int = 30, confidence: float = 0.95,
+          min_count: int = MIN_COUNT, lira_models: int = 0, lira_epochs: int = 30, confidence: float = 0.95,
           version: str | None = None, signing_public_key: str | None = None) -> dict:
     """The audit report (JSON-ready) of the site's installed model (the active one, or `version`)."""
     from client.model_store import ModelStore, ModelStoreError

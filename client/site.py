@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from privacy.ledger import PrivacyLedger
+from shared_models.limits import MIN_COUNT
 from shared_models.protocol import ACCURACY, BALANCED_ACCURACY, LOSS, MACRO_F1, PATTERNS
 from shared_models.schema import FeatureSchema
 from shared_models.site_data import Normalizer, encode_labels, make_dataset, raw_matrix, read_site, SiteDataset
@@ -52,7 +53,7 @@ class PreparedSite:
     ledger: PrivacyLedger
     dataset_fingerprint: str
     warnings: list[str]
-    min_count: int = 5  # counts below this are never reported: the larger of the site's min-count and the run's
+    min_count: int = MIN_COUNT  # counts below this are never reported: the larger of the site's min-count and the run's
 
 
 def held_out_split(ids: list[str], val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

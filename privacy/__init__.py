@@ -6,3 +6,5 @@
 # grid would need many GB), which Opacus' PRV figure contradicts, so every round would be refused
 # (measured: a budget of 1000 trained and then withheld all 10 rounds). Here, no import of opacus.
 MAX_BUDGET = 100.0
+
+SITE_BUDGET = 8.0  # a site's privacy budget over all runs unless `oncofed site init --budget` says otherwise

@@ -45,10 +45,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from privacy import MAX_BUDGET
+from privacy import MAX_BUDGET, SITE_BUDGET
 from privacy.signing import generate_signing_key, write_private
 from privacy.site_config import FILE_FORMAT, HOST_PORT, SiteConfig, SiteConfigError
 from shared_models.files import sha256_file
+from shared_models.limits import MIN_COUNT
 
 CA_DAYS, SERVER_DAYS = 5 * 365, 397
 FORMAT = "oncofed-consortium/1"
@@ -292,7 +293,7 @@ def check_bundle(bundle: Path, ca_fingerprint: str) -> dict:
 
 
 def init_site(root: str | Path, name: str, consortium_public: str | Path, data_path: str = "",
-              budget: float = 8.0, min_count: int = 5, *, ca_fingerprint: str) -> SiteConfig:
+              budget: float = SITE_BUDGET, min_count: int = MIN_COUNT, *, ca_fingerprint: str) -> SiteConfig:
     """`ca_fingerprint`: the CA's SHA-256 as the operator read it out (never taken from the bundle itself)."""
     root, bundle = Path(root).resolve(), Path(consortium_public)
     record = check_bundle(bundle, ca_fingerprint)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from privacy import MAX_BUDGET
 from shared_models.files import read_json_file, write_json_atomic
+from shared_models.limits import MIN_COUNT
 from shared_models.run_config import MAX_DELTA, no_bool_for_numbers
 
 FILE_FORMAT = "oncofed-site/1"
@@ -115,7 +116,7 @@ class SiteConfig(BaseModel):
                                         f"{MAX_DELTA:g} like a run's (a larger one would refuse every run); the ledger "
                                         "keeps the smallest delta it was ever opened with, so no run re-prices past "
                                         "spend down")
-    min_count: int = Field(5, alias="min-count", ge=1, description="counts below this are never reported")
+    min_count: int = Field(MIN_COUNT, alias="min-count", ge=1, description="counts below this are never reported")
     require_secagg: bool = Field(True, alias="require-secagg", strict=True, description="refuse training requests without "
                                  "SecAgg+ (the server would see this site's update)")
     min_aggregate_sites: int = Field(2, alias="min-aggregate-sites", ge=2, description="the fewest sites whose "

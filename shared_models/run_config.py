@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from shared_models.limits import MIN_COUNT
+
 if TYPE_CHECKING:
     from shared_models.training import TrainConfig
 
@@ -326,7 +328,7 @@ class SiteSection(_Section):
     """What a site holds back and what it may report."""
 
     val_fraction: float = Field(0.2, alias="val-fraction", ge=0, lt=1, description="site's local held-out part")
-    min_count: int = Field(5, alias="min-count", ge=1, description="counts below this are never reported")
+    min_count: int = Field(MIN_COUNT, alias="min-count", ge=1, description="counts below this are never reported")
 
 
 class RunConfig(BaseModel):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from shared_models.limits import MIN_COUNT
 from shared_models.schema import FeatureSchema
 from shared_models.site_data import LABELS_STEM
 from shared_models.validation.check import Check
@@ -19,7 +20,7 @@ from shared_models.validation.summary import modality_summary, site_summary
 from shared_models.validation.tables import check_modality
 
 
-def validate_site(schema: FeatureSchema, site_dir: str | Path, min_count: int = 5) -> ValidationReport:
+def validate_site(schema: FeatureSchema, site_dir: str | Path, min_count: int = MIN_COUNT) -> ValidationReport:
     """Check every file of a site directory against the schema. Never raises for bad input."""
     if min_count < 1:
         raise ValueError(f"min_count must be at least 1, got {min_count}")
