@@ -42,8 +42,10 @@ def partition(
     seed: int = typer.Option(0, "--seed", min=0, help="random seed (same seed, same partition)"),
     holdout_column: str | None = typer.Option(
         None, "--holdout-column", help="hold out whole groups of this labels column (e.g. tss) for evaluation"),
-    holdout_frac: float = typer.Option(0.2, "--holdout-frac", help="share of patients to hold out"),
-    min_site_patients: int = typer.Option(10, "--min-site-patients", help="--dirichlet: fewest patients per site"),
+    holdout_frac: float | None = typer.Option(None, "--holdout-frac", help="share of patients to hold out (default: "
+                                              "simulations.partition.HOLDOUT_FRAC, a fifth)"),
+    min_site_patients: int | None = typer.Option(None, "--min-site-patients", help="--dirichlet: fewest patients per "
+                                                 "site (default: simulations.partition.MIN_SITE_PATIENTS)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a federation directory written before"),
 ) -> None:
     """Split a pooled cohort into site directories (by a column, Dirichlet label skew or IID) + manifest.json."""
@@ -55,8 +57,9 @@ def partition(
         s = FeatureSchema.load(schema)
         start = time.perf_counter()
         manifest = partition_cohort(cohort_dir, s, out, sites=sites, by=by, dirichlet=dirichlet, iid=iid, seed=seed,
-                                    holdout_column=holdout_column, holdout_frac=holdout_frac,
-                                    min_site_patients=min_site_patients, overwrite=overwrite)
+                                    holdout_column=holdout_column, overwrite=overwrite,
+                                    **{k: v for k, v in (("holdout_frac", holdout_frac),
+                                                         ("min_site_patients", min_site_patients)) if v is not None})
     except (SchemaError, TableError, PartitionError) as e:
         _fail(str(e))
     how = (f"by {by}" if by else f"Dirichlet alpha={dirichlet}" if dirichlet is not None else "IID") + f", seed {seed}"

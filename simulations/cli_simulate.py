@@ -15,17 +15,23 @@ def register(app: typer.Typer) -> None:
 
 def simulate(
     out: Path = typer.Option(Path("runs/main"), help="working directory: sites, site state, server output"),
-    rounds: int = typer.Option(10, min=1),
-    epsilon: float = typer.Option(8.0, help="each site's privacy budget"),
-    dp: bool = typer.Option(True, "--dp/--no-dp", help="record-level DP-SGD at every site"),
-    secagg: bool = typer.Option(True, "--secagg/--no-secagg", help="Flower SecAgg+"),
-    strategy: str = typer.Option("fedavg", help="fedavg | fedprox | fedadam | fedavgm"),
-    local_epochs: int = typer.Option(2, min=1),
-    lr: float | None = typer.Option(None, help="peak local learning rate (default: the recipe of --dp/--no-dp, SGD with "
-                                    "momentum: 100 with DP at max-grad-norm 0.01, 0.2 without; with --set "
-                                    "local-optimizer=adamw: 0.02 with DP, 0.002 without)"),
+    # None: the run config's default (shared_models/run_config.py), which the run's first line prints
+    rounds: int | None = typer.Option(None, min=1, help="federated rounds (default: the run config's num-rounds)"),
+    epsilon: float | None = typer.Option(None, help="each site's privacy budget for the run (default: the run "
+                                         "config's epsilon)"),
+    dp: bool | None = typer.Option(None, "--dp/--no-dp", help="record-level DP-SGD at every site (default: the run "
+                                   "config's dp)"),
+    secagg: bool | None = typer.Option(None, "--secagg/--no-secagg", help="Flower SecAgg+ (default: the run config's "
+                                       "secagg)"),
+    strategy: str | None = typer.Option(None, help="the server's strategy (default: the run config's strategy; a "
+                                        "wrong name lists them)"),
+    local_epochs: int | None = typer.Option(None, min=1, help="local epochs a round (default: the run config's)"),
+    lr: float | None = typer.Option(None, help="peak local learning rate (default: the run config's recipe for the "
+                                    "run's dp and local-optimizer: docs/operator-guide.md)"),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1,
-                                          help="batch size; under DP the public divisor of the clipped-gradient sum (default: with DP sample-rate x 640, 192 at 0.3; x 5000 in dp-mode distributed, 1500; 64 without)"),
+                                          help="batch size; under DP the public divisor of the clipped-gradient sum "
+                                          "(default: the recipe's; under DP sample-rate x a public patient count: "
+                                          "docs/operator-guide.md)"),
     eval_data: bool = typer.Option(False, "--eval-data/--no-eval-data",
                                    help="also score the global model on the held-out patients at the server after "
                                         "every round (as an operator's validation site would be)"),
@@ -114,7 +120,7 @@ def simulate(
         typer.echo(f"run {result['run']}: {result['not_delivered']}", err=True)
         raise typer.Exit(code=1)
     installed = [d for d in result["deliveries"] if d.get("installed")]
-    configs = write_site_configs(out, sites, manifest, cfg)
+    configs = write_site_configs(out, sites, manifest, {**cfg, "epsilon": run.privacy.epsilon})
     typer.echo(f"each site's site.json: {configs[0].parent.parent}/<site>/site.json (serve one with `oncofed serve "
                f"--site-config {configs[0]}`)")
     typer.echo(f"\nglobal model {result['arrays_sha256'][:12]} (signed) installed and verified at {len(installed)}/"

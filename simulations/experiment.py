@@ -36,6 +36,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from privacy import MAX_BUDGET
 from shared_models.files import atomic_file, write_json_atomic, write_text_atomic
+from shared_models.run_config import FederationSection, TrainingSection
+from simulations.partition import HOLDOUT_FRAC, MIN_SITE_PATIENTS
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("pooled", "pooled-cv", "local", "logistic", "local-logistic")
@@ -66,18 +68,16 @@ class _Strict(BaseModel):
 
 class ExperimentSection(_Strict):
     name: str = Field(..., min_length=1)
-    rounds: int = Field(10, ge=1)
-    local_epochs: int = Field(2, ge=1)
+    rounds: int = Field(FederationSection.model_fields["num_rounds"].default, ge=1)
+    local_epochs: int = Field(TrainingSection.model_fields["local_epochs"].default, ge=1)
     holdout_column: str = "tss"
-    holdout_frac: float = Field(0.2, gt=0, lt=0.9)
+    holdout_frac: float = Field(HOLDOUT_FRAC, gt=0, lt=0.9)
     # Dirichlet partitions: the fewest patients a site may get; unset, a cohort's partition takes
     # simulations.partition.MIN_SITE_PATIENTS and the synthetic generator its own (patients-per-site / 10)
     min_site_patients: int | None = Field(None, ge=1)
 
     def cohort_min_site_patients(self) -> int:
         """The fewest patients a cohort's Dirichlet partition gives a site: the setting, or the partition's default."""
-        from simulations.partition import MIN_SITE_PATIENTS
-
         return self.min_site_patients or MIN_SITE_PATIENTS
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from server.processes import LaunchError, run_flwr, start_local_superlink
 from server.submit import is_duplicate_log_line
-from shared_models.run_config import flwr_overrides
+from shared_models.run_config import FederationSection, flwr_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 VENDORED = ROOT / "simulations" / "data" / "tcga_pancan33"
@@ -56,8 +56,7 @@ def ensure_partition(data_root: Path, *, by: str = "center8", seed: int = 0, rep
 
     partial = data_root.with_name(data_root.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)  # this function's own, from an interrupted run
-    partition_cohort(VENDORED, FeatureSchema.load(PANCAN_SCHEMA), partial, by=by, seed=seed, holdout_column="tss",
-                     holdout_frac=0.2)
+    partition_cohort(VENDORED, FeatureSchema.load(PANCAN_SCHEMA), partial, by=by, seed=seed, holdout_column="tss")
     shutil.rmtree(data_root, ignore_errors=True)
     partial.rename(data_root)
     return data_root
@@ -75,12 +74,14 @@ def terminate_as_exit():
         signal.signal(sig, stop)
 
 
-def federation_config(out: Path, sites: Path, n_sites: int, *, rounds: int, dp: bool, epsilon: float, secagg: bool,
-                      strategy: str, seed: int, local_epochs: int = 2, lr: float | None = None,
+def federation_config(out: Path, sites: Path, n_sites: int, *, seed: int, rounds: int | None = None,
+                      dp: bool | None = None, epsilon: float | None = None, secagg: bool | None = None,
+                      strategy: str | None = None, local_epochs: int | None = None, lr: float | None = None,
                       batch_size: int | None = None, eval_data: Path | None = None, schema: Path | None = None,
                       extra: dict | None = None) -> dict:
     """The run config of a simulated federation whose working files live under `out`.
 
+    A setting left None is the run config's default (`flwr run` merges these over [tool.flwr.app.config]).
     Learning rate and batch are the run config's recipe for `dp` (`lr = "auto"`, `batch-size = "auto"`:
     shared_models.run_config.RECIPES, the same a deployment gets) unless given. The consortium's
     model-signing key is generated once in out/keys: the server signs the final model and every site
@@ -92,12 +93,14 @@ def federation_config(out: Path, sites: Path, n_sites: int, *, rounds: int, dp: 
     if not (keys / "signing.key").exists():
         generate_signing_key(keys / "signing.key", keys / "signing.pub")
     cfg = {"base-dir": str(ROOT), "data-root": str(sites), "site-state-root": str(out / "state"),
-           "output-dir": str(out / "server"), "num-rounds": rounds, "sites": n_sites, "min-sites": min(2, n_sites),
-           "epsilon": epsilon, "dp": dp, "secagg": secagg, "strategy": strategy, "local-epochs": local_epochs,
-           "seed": seed,
+           "output-dir": str(out / "server"), "sites": n_sites, "seed": seed,
            "round-timeout": 900.0, "signing-key": str(keys / "signing.key"),
            "signing-public-key": str(keys / "signing.pub")}
-    for key, value in (("lr", lr), ("batch-size", batch_size), ("schema", schema)):
+    if n_sites < FederationSection.model_fields["min_sites"].default:  # one site: a round of one
+        cfg["min-sites"] = n_sites
+    for key, value in (("num-rounds", rounds), ("dp", dp), ("epsilon", epsilon), ("secagg", secagg),
+                       ("strategy", strategy), ("local-epochs", local_epochs), ("lr", lr), ("batch-size", batch_size),
+                       ("schema", schema)):
         if value is not None:
             cfg[key] = value if key != "schema" else str(value)
     if eval_data is not None:

@@ -40,6 +40,7 @@ from shared_models.site_data import LABELS_STEM, TableError, find_table, table_f
 MANIFEST_FORMAT = "oncofed-federation/1"
 HOLDOUT_DIR = "holdout"
 GZIP_MIN_COLUMNS = 100  # tables at least this wide are written gzipped
+HOLDOUT_FRAC = 0.2  # the share of patients a held-out column's groups take unless told otherwise
 MIN_SITE_PATIENTS = 10  # Dirichlet partitions: the fewest patients a site may get unless told otherwise
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
@@ -320,7 +321,7 @@ def partition_cohort(
     iid: bool = False,
     seed: int = 0,
     holdout_column: str | None = None,
-    holdout_frac: float = 0.2,
+    holdout_frac: float = HOLDOUT_FRAC,
     min_site_patients: int = MIN_SITE_PATIENTS,
     overwrite: bool = False,
 ) -> FederationManifest:

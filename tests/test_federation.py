@@ -347,6 +347,24 @@ def test_simulated_federations_get_the_recipe_of_their_privacy_as_a_deployment_d
     assert cfg(True, **{"local-optimizer": "adamw"}) == ("adamw", 0.02, 192, 1.0)
 
 
+def test_a_simulation_leaves_what_it_is_not_told_to_the_run_configs_defaults(tmp_path):
+    """`oncofed simulate` without options runs the run config's defaults: none of them is written a second time."""
+    from privacy.run_config import load_run_config
+    from shared_models.run_config import app_defaults
+    from simulations.federation import federation_config
+
+    c = federation_config(tmp_path, tmp_path / "sites", 8, seed=0)
+    assert not {"num-rounds", "dp", "epsilon", "secagg", "strategy", "local-epochs", "min-sites"} & set(c)
+    defaults = load_run_config({**app_defaults(ROOT), "schema": "s.json"})
+    run = load_run_config({**app_defaults(ROOT), **c})
+    # what a simulation sets itself: the site count and a round timeout (Ray's start on this machine)
+    assert (run.federation, run.privacy, run.secagg) == (
+        defaults.federation.model_copy(update={"sites": 8, "round_timeout": 900.0}), defaults.privacy, defaults.secagg)
+    assert run.training.local_epochs == defaults.training.local_epochs
+    assert load_run_config({**app_defaults(ROOT), **federation_config(tmp_path, tmp_path / "s", 1, seed=0,
+                                                                       secagg=False)}).federation.min_sites == 1
+
+
 def test_held_out_f1_is_split_by_how_many_patients_a_type_has_across_the_federation():
     from simulations.federation import f1_by_class_size
 
