@@ -46,7 +46,7 @@ from flwr.compat.common.recorddict_compat import (
 
 from client.releases import Release, ReleaseStore
 from privacy import secagg_masks
-from privacy.audit import ANCHORS_FILE, AnchorStore, AuditError, AuditLog
+from privacy.audit import ANCHORS_FILE, AUDIT_FILE, AnchorStore, AuditError, AuditLog
 from privacy.run_config import load_run_config
 from privacy.site_config import NODE_POLICY_KEYS, SiteConfig
 from shared_models.protocol import (ARRAYS_RECORD, AUDIT_ANCHOR, AUDIT_HEAD, CONFIG_RECORD, EPSILON, EPSILON_WORST_CASE,
@@ -308,7 +308,7 @@ app = ClientApp(mods=[packed_arrays_mod])
 
 
 def site_audit(settings: SiteSettings) -> AuditLog:
-    return AuditLog(settings.paths.state_dir / "audit.jsonl")
+    return AuditLog(settings.paths.state_dir / AUDIT_FILE)
 
 
 def signing_trust(context: Context, cfg: RunConfig) -> str:

@@ -369,11 +369,12 @@ def serve_activate(
 
     from client.model_store import ModelStoreError
     from client.predict import Predictor
-    from privacy.audit import AuditLog
+    from privacy.audit import AUDIT_FILE, AuditLog
+    from shared_models.site_data import NORMALIZER_FILE
 
     settings = _site_settings(site_config)
     state = Path(settings.state_dir)
-    predictor = Predictor(settings.model_dir, state / "normalizer.json", settings.signing_public_key or None,
+    predictor = Predictor(settings.model_dir, state / NORMALIZER_FILE, settings.signing_public_key or None,
                           load_active=False)
     versions, previous = predictor.store.versions(), predictor.store.active()
     if version not in versions:
@@ -383,7 +384,7 @@ def serve_activate(
     from privacy.audit import AuditError
 
     def record() -> None:  # after the version verified, before the switch: no switch the audit log lacks
-        AuditLog(state / "audit.jsonl").append("model_activated", version=version, previous=previous,
+        AuditLog(state / AUDIT_FILE).append("model_activated", version=version, previous=previous,
                                                token=f"cli:{getpass.getuser()}")
 
     try:
@@ -417,7 +418,8 @@ def predict(
     from client.model_store import ModelStoreError
     from client.predict import PredictionInputError, Predictor, refuse_weak_patterns
     from client.serve import _site_salt
-    from privacy.audit import AuditError, AuditLog
+    from privacy.audit import AUDIT_FILE, AuditError, AuditLog
+    from shared_models.site_data import NORMALIZER_FILE
 
     settings = _site_settings(site_config)
     if not data.is_dir():
@@ -429,10 +431,10 @@ def predict(
                    err=True)
         raise typer.Exit(code=2)
     state = Path(settings.state_dir)
-    audit = AuditLog(state / "audit.jsonl")
+    audit = AuditLog(state / AUDIT_FILE)
     try:
         limits = settings.serve.model_copy(update={"max_patients": 10**9})
-        predictor = Predictor(settings.model_dir, state / "normalizer.json", settings.signing_public_key or None,
+        predictor = Predictor(settings.model_dir, state / NORMALIZER_FILE, settings.signing_public_key or None,
                               on_fallback=lambda entry: audit.append("model_fallback", **entry))
         checked = predictor.checked_tables(data, limits)
         refuse_weak_patterns(predictor.current, checked, limits)

@@ -25,6 +25,7 @@ from shared_models.files import fsync_path, sha256_file, sync_directory, write_t
 from shared_models.model import MultiModalTransformer
 from shared_models.run_config import ModelConfig
 from shared_models.schema import FeatureSchema
+from shared_models.site_data import NORMALIZER_FILE
 from shared_models.weights import (ArrayCountError, arrays_sha256, load_arrays, load_weights, read_weights,
                                    save_weights, state_arrays)
 
@@ -32,7 +33,7 @@ PACKAGE_FORMAT = "oncofed-model-package/1"
 ACTIVE_REREAD_S = 1.0  # ModelStore.active reads ACTIVE again at least this often
 
 
-NORMALIZER = "normalizer.json"  # in a version's directory: the site's normalisation of the run that made it
+NORMALIZER = NORMALIZER_FILE  # in a version's directory: the site's normalisation of the run that made it
 SPLIT = "split.json"  # in a version's directory: the run's split key at this site (which patients could have trained)
 CHOSEN = "CHOSEN"  # the version the site's admin activated (serve activate): a redelivery does not undo it
 

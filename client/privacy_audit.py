@@ -272,8 +272,9 @@ def audit(site_dir: Path, state_dir: Path, model_dir: Path, site: str, *, val_fr
     check_membership(ledger, fingerprint, package.get("run"), bool(package.get("dp")), ledger_path, val_fraction,
                      seed)
     from client.predict import normalizer_of
+    from shared_models.site_data import NORMALIZER_FILE
 
-    parts = as_trained(parts, schema, site_dir, normalizer_of(model_dir / version, state_dir / "normalizer.json"),
+    parts = as_trained(parts, schema, site_dir, normalizer_of(model_dir / version, state_dir / NORMALIZER_FILE),
                        split, bool(package.get("dp")))
     enough_patients(parts, site_dir)
     unseen = parts.unseen

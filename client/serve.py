@@ -28,9 +28,10 @@ from pathlib import Path
 from client.predict import Predictor, format_predictions
 from client.serve_queue import ExplanationLane, ModelQueue
 from client.serve_routes import model_routes, offline_docs, operations_routes, prediction_routes
-from privacy.audit import AuditLog
+from privacy.audit import AUDIT_FILE, AuditLog
 from privacy.site_config import SiteConfig
 from shared_models.files import atomic_file, held_lock
+from shared_models.site_data import NORMALIZER_FILE
 
 ROLES = {"clinician": {"predict", "read"}, "admin": {"predict", "read", "manage"}}
 TOKENS_FILE = "serve-tokens.json"
@@ -250,8 +251,8 @@ class Site:
             self.limits = self.limits.model_copy(update={"max_body_mb": max_body_bytes / (1024 * 1024)})
         self.max_body_bytes = int(self.limits.max_body_mb * 1024 * 1024)
         self.state_dir = Path(settings.state_dir)
-        self.audit = AuditLog(self.state_dir / "audit.jsonl")
-        self.predictor = Predictor(settings.model_dir, self.state_dir / "normalizer.json",
+        self.audit = AuditLog(self.state_dir / AUDIT_FILE)
+        self.predictor = Predictor(settings.model_dir, self.state_dir / NORMALIZER_FILE,
                                    settings.signing_public_key or None, on_fallback=self._fell_back)
         self.tokens = TokenStore(self.state_dir / TOKENS_FILE)
         self.salt = _site_salt(self.state_dir)
@@ -265,7 +266,7 @@ class Site:
         if self.limits.explanations == "process":
             from client.explain_process import ExplainProcess
 
-            explainer = ExplainProcess(settings.model_dir, self.state_dir / "normalizer.json",
+            explainer = ExplainProcess(settings.model_dir, self.state_dir / NORMALIZER_FILE,
                                        settings.signing_public_key or None, self.limits)
         else:
             from client.explain_process import InProcess
@@ -435,7 +436,7 @@ def fit_normalizer(settings: SiteConfig, data_dir: Path, schema_path: Path | Non
                                             "estimate each feature's mean and spread",
                                      "fix": "fit it on more of the hospital's patients"}])
     fitted = Normalizer.fit(schema, raw)
-    path = Path(settings.state_dir) / "normalizer.json"
+    path = Path(settings.state_dir) / NORMALIZER_FILE
     try:
         before = Normalizer.load(path, schema) if path.exists() else None
     except (TableError, ValueError):

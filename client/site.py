@@ -21,7 +21,7 @@ from privacy.ledger import PrivacyLedger
 from shared_models.limits import MIN_COUNT
 from shared_models.protocol import ACCURACY, BALANCED_ACCURACY, LOSS, MACRO_F1, PATTERNS
 from shared_models.schema import FeatureSchema
-from shared_models.site_data import Normalizer, encode_labels, make_dataset, raw_matrix, read_site, SiteDataset
+from shared_models.site_data import NORMALIZER_FILE, Normalizer, encode_labels, make_dataset, raw_matrix, read_site, SiteDataset
 from shared_models.validation import validate_site
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ def prepare_site(schema: FeatureSchema, paths: SitePaths, *, budget_epsilon: flo
                  val_fraction: float, min_count: int, seed: int, dp: bool) -> PreparedSite:
     parts = split_site(schema, paths.site_dir, val_fraction=val_fraction, min_count=min_count, seed=seed, dp=dp)
     paths.state_dir.mkdir(parents=True, exist_ok=True)
-    parts.normalizer.save(paths.state_dir / "normalizer.json")
+    parts.normalizer.save(paths.state_dir / NORMALIZER_FILE)
     ledger = PrivacyLedger(ledger_path(paths), budget_epsilon=budget_epsilon, delta=delta)
     # DP-SGD touches only the training patients; the held-out part is used for local metrics.
     fingerprint = ledger.register_dataset(parts.train.ids, schema.content_hash())
@@ -156,7 +156,7 @@ def prepare_site(schema: FeatureSchema, paths: SitePaths, *, budget_epsilon: flo
 def run_normalizer_path(state_dir: Path, run_key: str) -> Path:
     from client.releases import ReleaseStore
 
-    return Path(state_dir) / "runs" / ReleaseStore.directory(run_key) / "normalizer.json"
+    return Path(state_dir) / "runs" / ReleaseStore.directory(run_key) / NORMALIZER_FILE
 
 
 def keep_run_normalizer(state_dir: Path, run_key: str, normalizer: Normalizer) -> None:

@@ -50,7 +50,8 @@ from shared_models.files import cut_partial_line, write_json_atomic
 GENESIS = "0" * 64
 ANCHOR_KIND = "oncofed-audit-anchor/1"
 ANCHORS_FORMAT = "oncofed-audit-anchors/1"
-ANCHORS_FILE = "audit-anchors.json"  # in a site's state directory, beside its audit.jsonl
+AUDIT_FILE = "audit.jsonl"  # a site's in its state directory, the server's in a run's output directory
+ANCHORS_FILE = "audit-anchors.json"  # in a site's state directory, beside its audit log
 
 
 class AuditError(ValueError):

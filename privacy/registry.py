@@ -18,7 +18,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
-from privacy.audit import AuditLog
+from privacy.audit import AUDIT_FILE, AuditLog
 from privacy.pki import ProvisioningError, fingerprint
 from shared_models.files import held_lock, read_json_file, write_json_atomic
 from shared_models.flower_tools import flower_tool
@@ -133,7 +133,7 @@ def add_site(root: str | Path, name: str, public_key: str | Path) -> dict:
         site = {"name": name, "node_id": node_id, "key_sha256": key, "added": _now()}
         record["sites"][record["sites"].index(pending)] = site
         _save(root, record)
-        AuditLog(root / "audit.jsonl").append("site_added", **site)
+        AuditLog(root / AUDIT_FILE).append("site_added", **site)
         return site
 
 
@@ -197,6 +197,6 @@ def remove_site(root: str | Path, name: str) -> dict:
         site.pop("removing")
         site["removed"] = _now()
         _save(root, record)
-        AuditLog(root / "audit.jsonl").append("site_removed", name=name, node_id=site["node_id"],
+        AuditLog(root / AUDIT_FILE).append("site_removed", name=name, node_id=site["node_id"],
                                               key_sha256=site.get("key_sha256"))
         return site

@@ -28,7 +28,7 @@ from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.serverapp import Grid, ServerApp
 
 from privacy import secagg_masks
-from privacy.audit import AuditLog, signed_anchor
+from privacy.audit import AUDIT_FILE, AuditLog, signed_anchor
 from privacy.pki import ProvisioningError
 from privacy.registry import registered_names
 from privacy.run_config import load_run_config
@@ -324,7 +324,7 @@ def main(grid: Grid, context: Context) -> None:
     if remaining < 1:
         log(WARNING, "the checkpoint already holds all %s rounds; delivering the final model", cfg.federation.num_rounds)
 
-    audit = AuditLog(out / "audit.jsonl")
+    audit = AuditLog(out / AUDIT_FILE)
     if cfg.run.resume:
         recover_round_records(out, start, audit)
     audit.append("run_start", run=start.run_key, first_round=start.first_round, num_rounds=cfg.federation.num_rounds,

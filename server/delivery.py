@@ -188,9 +188,9 @@ def load_final(run_dir: Path) -> tuple[list[np.ndarray], dict]:
 def _check_against_audit(run_dir: Path, package: dict) -> None:
     """The model to re-sign must be the global model the run's hash-chained audit log (whose heads the sites
     hold) recorded after its last round: final_weights.npz and package.json rewritten together are not."""
-    from privacy.audit import AuditLog, verify
+    from privacy.audit import AUDIT_FILE, AuditLog, verify
 
-    log = run_dir / "audit.jsonl"
+    log = run_dir / AUDIT_FILE
     report = verify(log)
     if not report.ok:
         raise ValueError(f"{log}: the run's audit log does not verify ({'; '.join(report.problems[:2])}): the final "
@@ -207,7 +207,7 @@ def redeliver(grid, cfg) -> None:
     that has not installed it; no training, no privacy spend."""
     from flwr.common.logger import log
 
-    from privacy.audit import AuditLog, signed_anchor
+    from privacy.audit import AUDIT_FILE, AuditLog, signed_anchor
     from privacy.signing import load_private, sign
 
     out = cfg.path(cfg.run.output_dir)
@@ -235,7 +235,7 @@ def redeliver(grid, cfg) -> None:
     targets = sorted(set(grid.get_node_ids()) - done)
     log(INFO, "delivering run %s's final model again to %s site(s) (%s installed it before)", package.get("run"),
         len(targets), len(done))
-    audit = AuditLog(out / "audit.jsonl")
+    audit = AuditLog(out / AUDIT_FILE)
     anchor = json.dumps(signed_anchor(audit, key, run=package.get("run"), run_name=out.name))
     from server.checkpoint import round_outcome
 

@@ -28,6 +28,7 @@ from shared_models.schema import TABLE_SUFFIXES, ColumnType, FeatureSchema, Moda
 
 MISSING_TOKENS = ["", "NA", "NaN", "nan", "null", "NULL", ".", "N/A", "n/a"]
 LABELS_STEM = "labels"
+NORMALIZER_FILE = "normalizer.json"  # a site's normalisation: in its state directory, and in each model version's
 CLIP = 10.0  # standardised values beyond +-CLIP are clipped: one outlier must not dominate a token
 MIN_SPREAD_VALUES = 10  # an unscaled column's spread is kept (to clip and check it) from this many values on
 

@@ -151,12 +151,12 @@ def finished_run_sites(run_dir: Path):
     from client.site import split_site
     from privacy.run_config import load_run_config
     from shared_models.schema import FeatureSchema
-    from shared_models.site_data import Normalizer
+    from shared_models.site_data import NORMALIZER_FILE, Normalizer
 
     cfg = load_run_config({**json.loads((run_dir / "server" / "run.json").read_text())["run_config"],
                            "base-dir": str(ROOT)})
     schema = FeatureSchema.load(run_dir / "sites" / "schema.json")
-    saved = {d.name: Normalizer.load(run_dir / "state" / d.name / "state" / "normalizer.json", schema)
+    saved = {d.name: Normalizer.load(run_dir / "state" / d.name / "state" / NORMALIZER_FILE, schema)
              for d in sorted((run_dir / "sites").glob("C*"))}
     return cfg, schema, {name: split_site(schema, run_dir / "sites" / name, val_fraction=cfg.site.val_fraction,
                                           min_count=cfg.site.min_count, seed=cfg.training.seed,
