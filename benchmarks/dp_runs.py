@@ -34,8 +34,10 @@ CLIPPINGS = ("ghost", "opacus")
 
 def site_training(out: Path) -> tuple[float, int]:
     """(seconds, steps) of the sites' training over the run, from the server's metrics.jsonl."""
+    from server.run_files import METRICS
+
     seconds, steps = 0.0, 0
-    for line in (out / "server" / "metrics.jsonl").read_text().splitlines():
+    for line in (out / "server" / METRICS).read_text().splitlines():
         for site in json.loads(line).get("sites", {}).values():
             seconds += site.get("train_seconds", 0.0)
             steps += int(site.get("local_steps", 0))

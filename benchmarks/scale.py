@@ -45,6 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from server.run_files import FINAL_WEIGHTS, METRICS, RESULT  # noqa: E402
 
 from server.processes import end_sessions, process_table, process_tree, session_processes  # noqa: E402
 from simulations import federation  # noqa: E402
@@ -217,7 +218,7 @@ def measure(work: Path, n: int, args: argparse.Namespace) -> dict:
     (run / "flower").mkdir(parents=True, exist_ok=True)
 
     roots = [os.getpid()]
-    sampler = TreeSampler(roots, run / "server" / "metrics.jsonl", interval=0.5)
+    sampler = TreeSampler(roots, run / "server" / METRICS, interval=0.5)
     start_link = federation.start_local_superlink
 
     def start_and_watch(w: Path):  # the SuperLink runs in its own session: sample its tree as well
@@ -244,7 +245,7 @@ def measure(work: Path, n: int, args: argparse.Namespace) -> dict:
     r = {"sites": n, "secagg": args.secagg, "dp": True, "rounds": args.rounds, "evaluate_every": evaluate_every,
          "min_sites": cfg["min-sites"], "run_seconds": round(wall, 1), "load_before": round(load, 2), **mem,
          "cores_busy": round(mem["cpu_seconds"] / wall, 2), "leftover_processes": leftover, "work": str(run)}
-    metrics = run / "server" / "metrics.jsonl"
+    metrics = run / "server" / METRICS
     lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
     if error is not None:
         r["error"] = error
@@ -276,14 +277,14 @@ def measure(work: Path, n: int, args: argparse.Namespace) -> dict:
         stages = [{k.removeprefix("secagg_"): v for k, v in x["timing"].items() if k.startswith("secagg_")}
                   for x in lines[1:] or lines]
         r["secagg_stages"] = {k: round(sum(s.get(k, 0.0) for s in stages) / len(stages), 2) for k in stages[0]}
-    weights = run / "server" / "final_weights.npz"
+    weights = run / "server" / FINAL_WEIGHTS
     if weights.exists():
         import numpy as np
 
         with np.load(weights) as z:
             r["model_parameters"] = int(sum(z[k].size for k in z.files))
         r["model_mb"] = round(r["model_parameters"] * 4 / 2**20, 2)  # float32
-    result = run / "server" / "result.json"
+    result = run / "server" / RESULT
     if result.exists():
         deliveries = json.loads(result.read_text()).get("deliveries", [])
         r["delivered"] = sum(bool(d.get("installed")) for d in deliveries)

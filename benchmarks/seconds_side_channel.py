@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from server.run_files import METRICS  # noqa: E402
 
 
 def run(out: Path, seed: int, extra: list[str]) -> float:
@@ -57,7 +59,7 @@ def per_site(out: Path, seed: int, pad_to: int, sample_rate: float) -> list[dict
 
     counts = training_counts(out, seed)
     seconds: dict[str, dict[str, list[float]]] = {}
-    for line in (out / "server" / "metrics.jsonl").read_text().splitlines():
+    for line in (out / "server" / METRICS).read_text().splitlines():
         for site in json.loads(line).get("sites", {}).values():
             s = seconds.setdefault(site["site"], {"train": [], "round": []})
             s["train"].append(site["train_seconds"])

@@ -33,6 +33,7 @@ PACKAGE_FORMAT = "oncofed-model-package/1"
 ACTIVE_REREAD_S = 1.0  # ModelStore.active reads ACTIVE again at least this often
 
 
+WEIGHTS, VERSION_SCHEMA, PACKAGE = "weights.pt", "schema.json", "package.json"  # a version's own files
 NORMALIZER = NORMALIZER_FILE  # in a version's directory: the site's normalisation of the run that made it
 SPLIT = "split.json"  # in a version's directory: the run's split key at this site (which patients could have trained)
 CHOSEN = "CHOSEN"  # the version the site's admin activated (serve activate): a redelivery does not undo it
@@ -54,7 +55,7 @@ class ModelStore:
         self._active: tuple | None = None  # (ACTIVE's stat key, when read, its version)
 
     def versions(self) -> list[str]:
-        return sorted(p.name for p in self.root.glob("v[0-9][0-9][0-9][0-9]") if (p / "package.json").exists())
+        return sorted(p.name for p in self.root.glob("v[0-9][0-9][0-9][0-9]") if (p / PACKAGE).exists())
 
     def active(self) -> str | None:
         """The active version. The service asks before every request, so ACTIVE is re-read only when its
@@ -71,7 +72,7 @@ class ModelStore:
         return self._active[2]
 
     def package(self, version: str) -> dict:
-        return json.loads((self.root / version / "package.json").read_text())
+        return json.loads((self.root / version / PACKAGE).read_text())
 
     def install(self, schema: FeatureSchema, config: ModelConfig, arrays: list[np.ndarray], info: dict,
                 expected_arrays_sha256: str | None = None, normalizer=None, split: dict | None = None) -> str:
@@ -117,8 +118,8 @@ class ModelStore:
         tmp = self.root / f".tmp-{version}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_weights(model, tmp / "weights.pt", extra={k: info[k] for k in ("run", "round") if k in info})
-        schema.save(tmp / "schema.json")
+        save_weights(model, tmp / WEIGHTS, extra={k: info[k] for k in ("run", "round") if k in info})
+        schema.save(tmp / VERSION_SCHEMA)
         if callable(normalizer):  # made only for a version written: a redelivery does not read the site's tables again
             normalizer = normalizer()
         if normalizer is not None:  # the statistics this site's patients were normalised with in the run: the model's
@@ -131,9 +132,9 @@ class ModelStore:
         kept = {name: sha256_file(tmp / name) for name in (NORMALIZER, SPLIT) if (tmp / name).is_file()}
         package = {"format": PACKAGE_FORMAT, "version": version, "installed": time.time(),
                    "schema_hash": schema.content_hash(), "arrays_sha256": got,
-                   "weights_sha256": sha256_file(tmp / "weights.pt"), **({"files_sha256": kept} if kept else {}),
+                   "weights_sha256": sha256_file(tmp / WEIGHTS), **({"files_sha256": kept} if kept else {}),
                    **info, "delivery": info}  # verbatim, as signed by the server: re-verifiable later
-        (tmp / "package.json").write_text(json.dumps(package, indent=1))
+        (tmp / PACKAGE).write_text(json.dumps(package, indent=1))
         sync_directory(tmp)  # on disk before its name is, and before the active pointer names it
         os.replace(tmp, self.root / version)
         fsync_path(self.root)
@@ -189,7 +190,7 @@ class ModelStore:
             package = self.package(version)
         except (OSError, json.JSONDecodeError) as e:
             raise ModelStoreError(f"{pkg_dir}: unreadable package ({e})") from None
-        actual = sha256_file(pkg_dir / "weights.pt")
+        actual = sha256_file(pkg_dir / WEIGHTS)
         if actual != package.get("weights_sha256"):
             raise ModelStoreError(f"{pkg_dir}/weights.pt: SHA-256 {actual[:12]}... does not match the package's "
                                   f"{str(package.get('weights_sha256'))[:12]}...: the file was altered")
@@ -200,10 +201,10 @@ class ModelStore:
                                       f"{found[:12]}... does not match the package's {str(expected)[:12]}...")
                                       + ": the file was altered (every answer of this version depends on it)")
         try:
-            installed = FeatureSchema.load(pkg_dir / "schema.json").content_hash()
+            installed = FeatureSchema.load(pkg_dir / VERSION_SCHEMA).content_hash()
         except Exception as e:  # noqa: BLE001 - any unreadable schema: the package cannot be served
             raise ModelStoreError(f"{pkg_dir}/schema.json: unreadable ({e})") from None
-        for source, expected in (("package.json", package.get("schema_hash")),
+        for source, expected in ((PACKAGE, package.get("schema_hash")),
                                  ("the delivery the server signed", package.get("delivery", {}).get("schema_hash"))):
             if expected is not None and expected != installed:
                 # the schema names the classes: one altered after delivery answers with the wrong names
@@ -228,14 +229,14 @@ class ModelStore:
                 verify_signature(package.get("delivery", {}), signing_public_key)
             except SignatureError as e:
                 raise ModelStoreError(f"{pkg_dir}: {e}") from None
-            model = load_weights(pkg_dir / "weights.pt", FeatureSchema.load(pkg_dir / "schema.json"))
+            model = load_weights(pkg_dir / WEIGHTS, FeatureSchema.load(pkg_dir / VERSION_SCHEMA))
             if arrays_sha256(state_arrays(model)) != package["delivery"].get("arrays_sha256"):
                 raise ModelStoreError(f"{pkg_dir}: the installed weights are not the ones the server signed")
         signed = (delivery or {}).get("architecture")
         if signed is not None:
             # the weights file builds the model from its own copy of the settings: one edited after delivery (a
             # gain, the number of heads) changes every answer without changing an array
-            found = json.loads(json.dumps(read_weights(pkg_dir / "weights.pt").get("config")))  # tuples as lists
+            found = json.loads(json.dumps(read_weights(pkg_dir / WEIGHTS).get("config")))  # tuples as lists
             if found != signed:
                 changed = sorted(k for k in set(signed) | set(found or {}) if (found or {}).get(k) != signed.get(k))
                 raise ModelStoreError(f"{pkg_dir}/weights.pt: its architecture ({', '.join(changed)}) is not the one "

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from client.calibration import counted_modalities
-from client.model_store import NORMALIZER, ModelStore, ModelStoreError
+from client.model_store import NORMALIZER, VERSION_SCHEMA, WEIGHTS, ModelStore, ModelStoreError
 from shared_models.schema import FeatureSchema
 from shared_models.site_data import Normalizer, TableError
 from shared_models.weights import SchemaMismatchError, load_weights
@@ -212,8 +212,8 @@ class Predictor:
         signature = ("verified" if key is not None else
                      "not checked (no trust anchor)" if "signature" in package.get("delivery", {}) else "unsigned")
         root = self.store.root / version
-        schema = FeatureSchema.load(root / "schema.json")
-        model = load_weights(root / "weights.pt", schema).eval()
+        schema = FeatureSchema.load(root / VERSION_SCHEMA)
+        model = load_weights(root / WEIGHTS, schema).eval()
         path = normalizer_of(root, self.normalizer_path)
         try:  # the run's own, kept with the version at install; else the site's (`serve fit-normalizer`)
             normalizer = Normalizer.load(path, schema)

@@ -227,7 +227,7 @@ def audit(site_dir: Path, state_dir: Path, model_dir: Path, site: str, *, val_fr
           min_count: int = MIN_COUNT, lira_models: int = 0, lira_epochs: int = 30, confidence: float = 0.95,
           version: str | None = None, signing_public_key: str | None = None) -> dict:
     """The audit report (JSON-ready) of the site's installed model (the active one, or `version`)."""
-    from client.model_store import ModelStore, ModelStoreError
+    from client.model_store import PACKAGE, VERSION_SCHEMA, WEIGHTS, ModelStore, ModelStoreError
     from privacy.ledger import dataset_fingerprint
     from shared_models.schema import FeatureSchema
     from shared_models.weights import load_weights
@@ -247,8 +247,8 @@ def audit(site_dir: Path, state_dir: Path, model_dir: Path, site: str, *, val_fr
         from privacy.signing import load_public
 
         package = store.verify(version, load_public(signing_public_key) if signing_public_key else None)
-        schema = FeatureSchema.load(model_dir / version / "schema.json")
-        model = load_weights(model_dir / version / "weights.pt", schema).eval()
+        schema = FeatureSchema.load(model_dir / version / VERSION_SCHEMA)
+        model = load_weights(model_dir / version / WEIGHTS, schema).eval()
     except (ModelStoreError, OSError, ValueError) as e:
         raise PrivacyAuditError(f"{model_dir / version}: the model cannot be audited: {e}") from None
     if not 0 <= val_fraction < 1:
@@ -268,7 +268,7 @@ def audit(site_dir: Path, state_dir: Path, model_dir: Path, site: str, *, val_fr
     ledger_path = state_dir / LEDGER_FILE
     ledger = _ledger_state(state_dir)
     fingerprint = dataset_fingerprint(parts.train.ids, schema.content_hash())[0]
-    package_path = model_dir / version / "package.json"
+    package_path = model_dir / version / PACKAGE
     check_membership(ledger, fingerprint, package.get("run"), bool(package.get("dp")), ledger_path, val_fraction,
                      seed)
     from client.predict import normalizer_of

@@ -410,7 +410,7 @@ def fit_normalizer(settings: SiteConfig, data_dir: Path, schema_path: Path | Non
     name its modality. Nothing is written unless the fit is accepted. Returns (path, patients, notes)."""
     import numpy as np
 
-    from client.model_store import NORMALIZER, ModelStore
+    from client.model_store import NORMALIZER, VERSION_SCHEMA, ModelStore
     from client.prediction_input import PredictionInputError, ServeSettings, check_frames, table_frames
     from shared_models.schema import FeatureSchema
     from shared_models.site_data import Normalizer, TableError, numeric_columns, scaled_columns
@@ -419,7 +419,7 @@ def fit_normalizer(settings: SiteConfig, data_dir: Path, schema_path: Path | Non
     active = store.active()
     if schema_path is None and active is None:
         raise ValueError(f"{settings.model_dir}: no model installed; pass --schema")
-    schema = FeatureSchema.load(schema_path or store.root / active / "schema.json")
+    schema = FeatureSchema.load(schema_path or store.root / active / VERSION_SCHEMA)
     if not Path(data_dir).is_dir():
         raise ValueError(f"--data {data_dir}: not a directory of tables (one per modality, named after it)")
     frames, problems = table_frames(schema, Path(data_dir))

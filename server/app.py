@@ -51,6 +51,7 @@ from shared_models.schema import FeatureSchema
 from shared_models.site_data import load_labelled_site
 from shared_models.validation import validate_site
 from shared_models.weights import arrays_sha256, load_arrays, state_arrays, trainable_layout
+from server.run_files import CHECKPOINTS, FINAL_WEIGHTS, METRICS, RESULT, STATUS
 
 torch.set_num_threads(1)
 app = ServerApp()
@@ -149,7 +150,7 @@ class RunStart:
 def start_or_resume(cfg: RunConfig, context: Context, schema: FeatureSchema, out: Path) -> RunStart:
     """A new run (its run config frozen in run.json), or the checkpointed one to resume, refused if the request
     changes the run config it started with or its schema."""
-    ckpt_root = out / "checkpoints"
+    ckpt_root = out / CHECKPOINTS
     frozen = frozen_run(out)
     if frozen is not None and not cfg.run.resume:
         raise ValueError(f"{out} already holds run {frozen['run_key']} ({out / 'run.json'}); a new run never replaces "
@@ -198,7 +199,7 @@ def recover_round_records(out: Path, start: RunStart, audit: AuditLog) -> None:
     checkpointed round's metrics line and audit entry written if a crash came between the checkpoint and
     them (marked `recovered`). Without this a partial line stopped every reader of metrics.jsonl (the
     delivery of a finished run included) and the audit log lacked the round the run resumed after."""
-    metrics = out / "metrics.jsonl"
+    metrics = out / METRICS
     if cut := cut_partial_line(metrics):
         log(WARNING, "%s: removed the last %s bytes, a line a crash cut short (the checkpoint keeps the round's "
             "line)", metrics, cut)
@@ -231,11 +232,11 @@ class RoundRecorder:
         # run before any site trains) and again each round (a site added meanwhile)
         self.registry = cfg.path(cfg.run.site_registry) if cfg.run.site_registry else None
         self.registered = registered_names(self.registry) if self.registry else {}
-        self.metrics_file, self.ckpt_root = out / "metrics.jsonl", out / "checkpoints"
+        self.metrics_file, self.ckpt_root = out / METRICS, out / CHECKPOINTS
         self.t0, self.round_started = t0, time.time()  # t0: the ServerApp's start
         self.status = {"run": self.run_key, "num_rounds": cfg.federation.num_rounds, "round": start.first_round - 1,
                        "finished": 0, "site_epsilon": self.site_epsilon}
-        write_json_atomic(out / "status.json", self.status)  # read by server/metrics.py (Prometheus)
+        write_json_atomic(out / STATUS, self.status)  # read by server/metrics.py (Prometheus)
 
     def registered_now(self) -> dict[str, str] | None:
         if self.registry is None:
@@ -283,7 +284,7 @@ class RoundRecorder:
         self.status.update(round=rnd, round_seconds=round(time.time() - self.round_started, 2),
                            participating=len(info.get("participants", [])), site_epsilon=dict(self.site_epsilon),
                            **self._worst_case(), weights_sha256=line["weights_sha256"])
-        write_json_atomic(self.out / "status.json", self.status)
+        write_json_atomic(self.out / STATUS, self.status)
         self.round_started = time.time()
         self.audit.append("round", **audit_round)
         self.anchor_audit()
@@ -433,11 +434,11 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
         recorder.audit.append("run_end", run=recorder.run_key, round=cfg.federation.num_rounds, arrays_sha256=None,
                               deliveries=[], not_delivered=reason)
         recorder.status.update(finished=1, delivered=0, trained=0, delivery_ok=0, undelivered=[])
-        write_json_atomic(out / "status.json", recorder.status)
-        write_json_atomic(out / "result.json", {
+        write_json_atomic(out / STATUS, recorder.status)
+        write_json_atomic(out / RESULT, {
             "run": recorder.run_key, "round": cfg.federation.num_rounds, "first_round": first_round,
             "not_delivered": reason, "deliveries": [], "seconds": round(time.time() - recorder.t0, 1),
-            "metrics_file": str(recorder.metrics_file), "checkpoints": str(out / "checkpoints")})
+            "metrics_file": str(recorder.metrics_file), "checkpoints": str(out / CHECKPOINTS)})
         return
     last = rounds[-1]
     package = ModelPackage(
@@ -455,7 +456,7 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
     else:
         log(WARNING, "run config signing-key is empty: the final model is delivered unsigned; sites with a trust "
             "anchor will refuse it")
-    with atomic_file(out / "final_weights.npz", "wb") as fh:  # a crash leaves the old file or the whole new one
+    with atomic_file(out / FINAL_WEIGHTS, "wb") as fh:  # a crash leaves the old file or the whole new one
         np.savez(fh, *final)
     save_package(out, package)  # with final_weights.npz: what `oncofed deliver` sends again
     deliveries = deliver(grid, final, package, cfg.federation.round_timeout, anchor=recorder.anchor_audit(),
@@ -463,12 +464,12 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
     recorder.audit.append("run_end", run=recorder.run_key, round=cfg.federation.num_rounds,
                           arrays_sha256=package["arrays_sha256"], deliveries=audited(deliveries))
     recorder.status.update(finished=1, weights_sha256=package["arrays_sha256"], **delivery_status(out, deliveries))
-    write_json_atomic(out / "status.json", recorder.status)
-    write_json_atomic(out / "result.json", {
+    write_json_atomic(out / STATUS, recorder.status)
+    write_json_atomic(out / RESULT, {
         **package, "first_round": first_round, "seconds": round(time.time() - recorder.t0, 1),
-        "deliveries": deliveries, "metrics_file": str(recorder.metrics_file), "checkpoints": str(out / "checkpoints")})
+        "deliveries": deliveries, "metrics_file": str(recorder.metrics_file), "checkpoints": str(out / CHECKPOINTS)})
     log(INFO, "final model delivered to %s/%s sites; result in %s",
-        sum(d.get("installed", False) for d in deliveries), len(deliveries), out / "result.json")
+        sum(d.get("installed", False) for d in deliveries), len(deliveries), out / RESULT)
 
 
 def resumed_outcome(out: Path, first_round: int) -> dict[int, dict]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from shared_models.files import exclusive_lock, sync_directory, write_json_atomic  # noqa: F401 (server.app imports it from here)
+from server.run_files import METRICS, RUN_FILE
 
 
 class CheckpointError(ValueError):
@@ -44,7 +45,7 @@ def round_outcome(run_dir: Path, rnd: int) -> dict | None:
     """{"round", "status"[, "reason"]} of round `rnd` when it is the last line of RUN_DIR/metrics.jsonl (None
     otherwise): what the sites are told of a round whose next message (the next round, or the model delivery
     after the last) may come from another server process."""
-    lines = metrics_lines(run_dir / "metrics.jsonl") if rnd >= 1 else []
+    lines = metrics_lines(run_dir / METRICS) if rnd >= 1 else []
     last = lines[-1] if lines else {}
     if last.get("round") != rnd or not last.get("status"):
         return None
@@ -120,7 +121,6 @@ def hold_run_lock(out: Path, wait: float = 0.0):
     return fh
 
 
-RUN_FILE = "run.json"
 UNFROZEN = ("resume", "keep-checkpoints")  # the run-config keys a resumed run may change
 
 

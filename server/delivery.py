@@ -32,8 +32,8 @@ from shared_models.files import write_json_atomic
 from shared_models.flower_tools import flower_tool
 from shared_models.protocol import (ARRAYS_RECORD, AUDIT_ANCHOR, CONFIG_RECORD, PACKAGE_INFO, PREVIOUS_ROUND, REPLY,
                                     ROUND_OUTCOME, RUN_KEY, SAVE_MODEL, DeliveryReply)
+from server.run_files import CHECKPOINTS, FINAL_WEIGHTS, FLWR_LOG, METRICS, PACKAGE, RESULT, STATUS
 
-FINAL_WEIGHTS, PACKAGE, RESULT, STATUS = "final_weights.npz", "package.json", "result.json", "status.json"
 DELIVERY_SHORT_EXIT = 3  # `oncofed run` / `oncofed deliver`: trained, but not every site that trained installed it
 _RESULT_ONLY = ("first_round", "seconds", "deliveries", "metrics_file", "checkpoints", "redelivered")
 
@@ -106,7 +106,7 @@ def audited(deliveries: list[dict]) -> list[dict]:
 def trained_nodes(run_dir: Path) -> set[int]:
     """Nodes whose update entered at least one aggregate of the run (metrics.jsonl, every attempt)."""
     out: set[int] = set()
-    f = run_dir / "metrics.jsonl"
+    f = run_dir / METRICS
     for line in (f.read_text().splitlines() if f.exists() else []):
         try:
             out.update(int(n) for n in json.loads(line).get("participants", []))
@@ -221,7 +221,7 @@ def redeliver(grid, cfg) -> None:
     from server.checkpoint import metrics_lines
 
     if not isinstance(finished := package.get("finished"), (int, float)):  # never "now": that would date it newest
-        finished = finished_at(out, (metrics_lines(out / "metrics.jsonl") or [{}])[-1], final,
+        finished = finished_at(out, (metrics_lines(out / METRICS) or [{}])[-1], final,
                                otherwise=lambda: round((out / FINAL_WEIGHTS).stat().st_mtime, 3))  # written at delivery
     package = sign({**package, "architecture": package.get("architecture") or cfg.model.model_dump(),
                     "finished": finished}, key)
@@ -318,7 +318,7 @@ def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
         raise DeployError(f"no run {name!r} in {c.path('runs')} (runs: {', '.join(known) or 'none'}); "
                           "`oncofed runs list` names them")
     try:
-        checkpoint = load_latest(run_dir / "checkpoints")
+        checkpoint = load_latest(run_dir / CHECKPOINTS)
     except CheckpointError as e:
         raise DeployError(str(e)) from None
     if checkpoint is None or "run_config" not in checkpoint.meta:
@@ -328,7 +328,7 @@ def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
               "site-registry": str(c.path("consortium.json")), "resume": False, "deliver-only": True}
     cfg = load_run_config(values, source=f"run {name!r}'s run config")
     out.write(report(f"deliver {name!r}", delivery_checks(c, run_dir, cfg)) + "\n")
-    log_path = run_dir / "flwr-run.log"
+    log_path = run_dir / FLWR_LOG
     cmd = [flower_tool("flwr"), "run", str(PROJECT), "consortium", "--stream", "--run-config", flwr_overrides(values)]
     started = time.time()
     with log_path.open("a") as log:

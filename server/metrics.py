@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from server.run_files import RUN_FILE
 
 
 def latest_status(runs: Path) -> dict | None:
@@ -34,7 +35,7 @@ def latest_status(runs: Path) -> dict | None:
     best, best_t = None, -1.0
     for f in runs.glob("*/status.json"):
         try:
-            started = f.with_name("run.json")
+            started = f.with_name(RUN_FILE)
             t = (started if started.exists() else f).stat().st_mtime
             if t > best_t:
                 best, best_t = json.loads(f.read_text()), t

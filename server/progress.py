@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from shared_models.files import write_json_atomic
+from server.run_files import PROGRESS
 
 _state: dict = {}
 _path: list[Path | None] = [None]
@@ -40,7 +41,7 @@ def stage(context, name: str) -> None:
         return
     if not out.is_absolute():
         out = Path(str(rc.get("base-dir", "."))) / out
-    _path[0] = out / "progress.json"
+    _path[0] = out / PROGRESS
     cfg = context.state.config_records.get(MAIN_CONFIGS_RECORD)
     rnd = int(cfg[Key.CURRENT_ROUND]) if cfg is not None and Key.CURRENT_ROUND in cfg else None
     _state.clear()

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared_models.flower_tools import flower_tool
+from server.run_files import FLWR_RUNS, METRICS, PROGRESS, RESULT, STATUS
 
 RUNNING = ("pending", "starting", "running")
 
@@ -115,11 +116,11 @@ class RunView:
     @classmethod
     def load(cls, root: Path, name: str, superlink: dict | None) -> "RunView":
         d = root / "runs" / name
-        ids = _json(d / "flwr-runs.json") or []
-        return cls(name, d, _json(d / "status.json") or {}, _json(d / "progress.json") or {},
-                   _json(d / "result.json"), ids,
+        ids = _json(d / FLWR_RUNS) or []
+        return cls(name, d, _json(d / STATUS) or {}, _json(d / PROGRESS) or {},
+                   _json(d / RESULT), ids,
                    (superlink or {}).get("runs", {}).get(ids[-1]) if ids and superlink else None,
-                   _rounds_seconds(d / "metrics.jsonl"), _mtime(d / "status.json"))
+                   _rounds_seconds(d / METRICS), _mtime(d / STATUS))
 
     @property
     def state(self) -> str:

@@ -21,12 +21,13 @@ from pathlib import Path
 
 from privacy.preflight import Check, check_reachable, check_signing_key, report
 from privacy.run_config import load_run_config
-from server.checkpoint import RUN_FILE, UNFROZEN, CheckpointError, frozen_run, has_checkpoint, run_config_changes
+from server.checkpoint import UNFROZEN, CheckpointError, frozen_run, has_checkpoint, run_config_changes
 from server.deploy import FLOWER_ENV, Consortium, DeployError, check_server_health, server_health
 from server.processes import run_flwr
 from shared_models.files import exclusive_lock, write_json_atomic
 from shared_models.flower_tools import flower_tool
 from shared_models.run_config import RunConfig, RunConfigError, app_defaults, flwr_overrides
+from server.run_files import CHECKPOINTS, FLWR_LOG, FLWR_RUNS, RESULT, RUN_FILE
 
 PROJECT = Path(__file__).resolve().parents[1]
 _DUPLICATE = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:")  # flwr streams each ServerApp line twice
@@ -67,7 +68,7 @@ def env_for(c: Consortium) -> dict:
 
 
 def _record_flwr_run(run_dir: Path, run_id: int) -> None:
-    f = run_dir / "flwr-runs.json"
+    f = run_dir / FLWR_RUNS
     ids = json.loads(f.read_text()) if f.exists() else []
     write_json_atomic(f, ids + [run_id])
 
@@ -75,7 +76,7 @@ def _record_flwr_run(run_dir: Path, run_id: int) -> None:
 def stop_previous(run_dir: Path, env: dict, out) -> None:
     """Before resuming: stop the SuperLink's earlier runs of this name (after a server crash its database
     may still hold them as running or pending, and a restarted SuperLink would launch a pending one)."""
-    f = run_dir / "flwr-runs.json"
+    f = run_dir / FLWR_RUNS
     for run_id in (json.loads(f.read_text()) if f.exists() else []):
         proc = subprocess.run([flower_tool("flwr"), "stop", str(run_id), "consortium"], env=env, capture_output=True, text=True,
                               timeout=120)
@@ -146,7 +147,7 @@ def run_checks(c: Consortium, cfg: RunConfig, run_dir: Path, resume: bool, sites
     if cfg.run.eval_data:
         ev = cfg.path(cfg.run.eval_data)
         checks.append(Check(f"eval-data {ev}", ev.is_dir(), "present" if ev.is_dir() else "not a directory"))
-    started = (run_dir / RUN_FILE).exists() or has_checkpoint(run_dir / "checkpoints")
+    started = (run_dir / RUN_FILE).exists() or has_checkpoint(run_dir / CHECKPOINTS)
     if not resume and (live := live_flwr_runs(c, run_dir)):
         checks.append(Check(f"run {run_dir.name}", False, f"flwr run {live[-1]} of this name is still "
                             "pending or running on the SuperLink (submitted by another `oncofed run`): "
@@ -156,7 +157,7 @@ def run_checks(c: Consortium, cfg: RunConfig, run_dir: Path, resume: bool, sites
                             if started else f"never started ({run_dir / RUN_FILE} is missing): nothing to resume; "
                             "drop --resume"))
     else:
-        finished = (run_dir / "result.json").exists()
+        finished = (run_dir / RESULT).exists()
         checks.append(Check(f"run {run_dir.name}", not started, "new" if not started else
                             f"{run_dir} holds a run that finished: choose another --name (`oncofed deliver` sends "
                             "its model again)" if finished else
@@ -185,7 +186,7 @@ def live_flwr_runs(c: Consortium, run_dir: Path) -> list[int]:
     from server.runs import RUNNING, read_superlink
 
     try:
-        ids = json.loads((run_dir / "flwr-runs.json").read_text())
+        ids = json.loads((run_dir / FLWR_RUNS).read_text())
     except (OSError, ValueError):
         return []
     runs = (read_superlink(c.path("state", "superlink.db")) or {}).get("runs", {})
@@ -238,10 +239,10 @@ def _submit_run(c: Consortium, name: str, run_dir: Path, overrides: dict, resume
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
         stop_previous(run_dir, env_for(c), out)
-    result = run_dir / "result.json"
+    result = run_dir / RESULT
     started = time.time()
     env = env_for(c)
-    log_path = run_dir / "flwr-run.log"
+    log_path = run_dir / FLWR_LOG
     from server.runs import ProgressPrinter, after_stream
 
     shown: list[ProgressPrinter] = []

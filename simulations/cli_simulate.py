@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import typer
+from server.run_files import METRICS
 
 
 def register(app: typer.Typer) -> None:
@@ -106,7 +107,7 @@ def simulate(
         raise typer.Exit(code=1)
     typer.echo(f"\n{'round':>5} {'sites':>5} {'refused':>7} {'macro-F1':>8} {'accuracy':>8} {'held-out F1':>11} "
                f"{'max eps':>7} {'s':>6}   (macro-F1, accuracy: on the sites' own held-out parts)")
-    rounds_done = summarize(out / "server" / "metrics.jsonl")
+    rounds_done = summarize(out / "server" / METRICS)
     for r in rounds_done:
         f1, acc, held_f1, eps = (("-" if r[k] is None else f"{r[k]:.{p}f}") for k, p in
                                  (("macro_f1", 3), ("accuracy", 3), ("server_macro_f1", 3), ("max_epsilon", 2)))

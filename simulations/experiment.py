@@ -38,6 +38,7 @@ from privacy import MAX_BUDGET
 from shared_models.files import atomic_file, write_json_atomic, write_text_atomic
 from shared_models.run_config import FederationSection, TrainingSection
 from simulations.partition import HOLDOUT_FRAC, MIN_SITE_PATIENTS
+from server.run_files import METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("pooled", "pooled-cv", "local", "logistic", "local-logistic")
@@ -502,7 +503,7 @@ def _run_federated(cfg, cell, fed, schema_path, manifest, work, log) -> list[dic
     (work / "flower").mkdir()
     result = run_federation(work / "flower", run_cfg, n_sites=n, stream=_RoundEcho(log))
     rows = []
-    for line in (work / "server" / "metrics.jsonl").read_text().splitlines():
+    for line in (work / "server" / METRICS).read_text().splitlines():
         r = json.loads(line)
         se, g = r.get("server_eval") or {}, r.get("global") or {}
         rows.append({"round": r["round"], "site": "held-out", "patients": manifest["holdout"]["patients"],

@@ -19,6 +19,7 @@ import numpy as np
 from server.processes import LaunchError, run_flwr, start_local_superlink
 from server.submit import is_duplicate_log_line
 from shared_models.run_config import FederationSection, flwr_overrides
+from server.run_files import FLWR_LOG, RESULT, RUN_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 VENDORED = ROOT / "simulations" / "data" / "tcga_pancan33"
@@ -123,12 +124,12 @@ def run_federation(work: Path, run_config: dict, n_sites: int, stream=sys.stdout
 
     args = [str(ROOT), "local", "--stream", "--federation-config",
             f"num-supernodes={n_sites} client-resources-num-cpus=1", "--run-config", flwr_overrides(run_config)]
-    log_path = work / "flwr-run.log"
+    log_path = work / FLWR_LOG
     try:
         code = run_flwr(args, link.env, log_path, show)
     finally:
         link.stop()
-    result_file = Path(run_config["output-dir"]) / "result.json"
+    result_file = Path(run_config["output-dir"]) / RESULT
     if code != 0 or not result_file.exists():
         why = f"flwr exit {code}" if code else "the server app ended without a result"
         raise SimulationError(f"the federated run did not complete ({why}); see {log_path} and {link.log_file}")
@@ -153,7 +154,7 @@ def finished_run_sites(run_dir: Path):
     from shared_models.schema import FeatureSchema
     from shared_models.site_data import NORMALIZER_FILE, Normalizer
 
-    cfg = load_run_config({**json.loads((run_dir / "server" / "run.json").read_text())["run_config"],
+    cfg = load_run_config({**json.loads((run_dir / "server" / RUN_FILE).read_text())["run_config"],
                            "base-dir": str(ROOT)})
     schema = FeatureSchema.load(run_dir / "sites" / "schema.json")
     saved = {d.name: Normalizer.load(run_dir / "state" / d.name / "state" / NORMALIZER_FILE, schema)
@@ -165,13 +166,13 @@ def finished_run_sites(run_dir: Path):
 
 def load_installed(model_dir: Path):
     """(model in eval mode, schema, version) of the active version of a site's model store."""
-    from client.model_store import ModelStore
+    from client.model_store import VERSION_SCHEMA, WEIGHTS, ModelStore
     from shared_models.schema import FeatureSchema
     from shared_models.weights import load_weights
 
     version = ModelStore(model_dir).active()
-    schema = FeatureSchema.load(model_dir / version / "schema.json")
-    return load_weights(model_dir / version / "weights.pt", schema).eval(), schema, version
+    schema = FeatureSchema.load(model_dir / version / VERSION_SCHEMA)
+    return load_weights(model_dir / version / WEIGHTS, schema).eval(), schema, version
 
 
 def evaluate_on_site(model_dir: Path, site_dir: Path) -> dict:

@@ -1,0 +1,13 @@
+"""The files of a run's output directory (`output-dir`), named once: the ServerApp writes them; `oncofed deliver`,
+`oncofed runs`, the metrics exporter, the simulations and the benchmarks read them."""
+
+RUN_FILE = "run.json"               # the run's key and its frozen run config (server/checkpoint.py)
+STATUS = "status.json"              # the run's state, rewritten every round (read by server/metrics.py)
+PROGRESS = "progress.json"          # the round's message exchanges as they happen (server/progress.py)
+METRICS = "metrics.jsonl"           # one line per round
+CHECKPOINTS = "checkpoints"         # the directory of per-round checkpoints
+RESULT = "result.json"              # the finished run: final model's hash, deliveries
+PACKAGE = "package.json"            # the final model's description, signed at delivery
+FINAL_WEIGHTS = "final_weights.npz"
+FLWR_RUNS = "flwr-runs.json"        # the Flower run ids `oncofed run` submitted for this run directory
+FLWR_LOG = "flwr-run.log"           # what `flwr run` printed
