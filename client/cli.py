@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from privacy import SITE_BUDGET
+from shared_models.flower_tools import SERVER_ERROR_RETRY_S, SUPERNODE_POLL_S
 from shared_models.limits import MIN_COUNT
 
 if TYPE_CHECKING:
@@ -94,9 +95,9 @@ def site_start(
                                 "connecting"),
     port: int = typer.Option(9094, "--port", min=1, max=65535, help="the SuperNode's local runtime port (127.0.0.1)"),
     superlink: str = typer.Option("", "--superlink", help="override site.json's server address HOST:PORT"),
-    poll_interval: float = typer.Option(0.5, "--poll-interval", min=0.1, max=3.0,
+    poll_interval: float = typer.Option(SUPERNODE_POLL_S, "--poll-interval", min=0.1, max=3.0,
                                         help="seconds between the SuperNode's pulls when idle (Flower: 3)"),
-    retry_seconds: float = typer.Option(600.0, "--retry-seconds", min=0.0,
+    retry_seconds: float = typer.Option(SERVER_ERROR_RETRY_S, "--retry-seconds", min=0.0,
                                         help="how long the server's errors (HTTP 5xx, 429) are retried with backoff "
                                         "before the SuperNode exits 4"),
 ) -> None:

@@ -27,7 +27,7 @@ import orjson
 
 from client.prediction_input import PredictionInputError
 
-ANSWER_WITHIN_S = 600.0  # a child that takes longer (hung) is stopped; the service answers 503 at 120 s anyway
+ANSWER_WITHIN_S = 600.0  # a child that takes longer (hung) is stopped; the service answers 503 at ANSWER_TIMEOUT_S anyway
 
 
 class ExplainProcessError(RuntimeError):

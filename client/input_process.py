@@ -34,7 +34,7 @@ import struct
 from client.explain_process import answer_value, answered
 
 FRAME = struct.Struct("!I")
-ANSWER_WITHIN_S = 30.0  # a 64 KB body is checked in milliseconds; a child this late is hung
+ANSWER_WITHIN_S = 30.0  # an INLINE_BYTES body is checked in milliseconds; a child this late is hung
 MAX_IN_FLIGHT = 256  # requests sent and not answered (at most 16 MB of bodies): beyond, 503 at once
 
 

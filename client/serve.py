@@ -28,6 +28,7 @@ from pathlib import Path
 from client.predict import Predictor, format_predictions
 from client.serve_queue import ExplanationLane, ModelQueue
 from client.serve_routes import model_routes, offline_docs, operations_routes, prediction_routes
+from client.site import MIN_NORMALISATION_PATIENTS
 from privacy.audit import AUDIT_FILE, AuditLog
 from privacy.site_config import SiteConfig
 from shared_models.files import atomic_file, held_lock
@@ -397,7 +398,6 @@ def create_app(settings: SiteConfig, *, audit_predictions: bool = True, threads:
     return app
 
 
-MIN_FIT_PATIENTS = 20  # fewer observations of a feature estimate its mean and spread too poorly to scale by
 
 
 def fit_normalizer(settings: SiteConfig, data_dir: Path, schema_path: Path | None = None
@@ -405,7 +405,7 @@ def fit_normalizer(settings: SiteConfig, data_dir: Path, schema_path: Path | Non
     """A new hospital: fit the normalisation on its own (unlabelled) patients, for the active model's schema.
 
     The tables are held to the prediction contract (the checks a training site's tables get: foreign tables,
-    duplicate ids, non-numbers are refused, PredictionInputError) and need at least MIN_FIT_PATIENTS patients.
+    duplicate ids, non-numbers are refused, PredictionInputError) and need at least MIN_NORMALISATION_PATIENTS patients.
     A feature observed in fewer keeps the normalisation saved before (none: unscaled), and the returned notes
     name its modality. Nothing is written unless the fit is accepted. Returns (path, patients, notes)."""
     import numpy as np
@@ -430,9 +430,9 @@ def fit_normalizer(settings: SiteConfig, data_dir: Path, schema_path: Path | Non
         errors += more
     if errors:
         raise PredictionInputError(errors)
-    if len(ids) < MIN_FIT_PATIENTS:
+    if len(ids) < MIN_NORMALISATION_PATIENTS:
         raise PredictionInputError([{"loc": str(data_dir), "code": "too_few_patients",
-                                     "msg": f"{len(ids)} patients: the normalisation needs at least {MIN_FIT_PATIENTS} to "
+                                     "msg": f"{len(ids)} patients: the normalisation needs at least {MIN_NORMALISATION_PATIENTS} to "
                                             "estimate each feature's mean and spread",
                                      "fix": "fit it on more of the hospital's patients"}])
     fitted = Normalizer.fit(schema, raw)
@@ -442,7 +442,7 @@ def fit_normalizer(settings: SiteConfig, data_dir: Path, schema_path: Path | Non
     except (TableError, ValueError):
         before = None  # another schema's, or unreadable: replaced
     cols = scaled_columns(schema)
-    thin = cols[(~np.isnan(raw[:, cols])).sum(axis=0) < MIN_FIT_PATIENTS]
+    thin = cols[(~np.isnan(raw[:, cols])).sum(axis=0) < MIN_NORMALISATION_PATIENTS]
     mean, scale = fitted.mean.copy(), fitted.scale.copy()
     mean[thin], scale[thin] = (before.mean[thin], before.scale[thin]) if before is not None else (0.0, 1.0)
     layout, notes = schema.layout(), []
@@ -450,12 +450,12 @@ def fit_normalizer(settings: SiteConfig, data_dir: Path, schema_path: Path | Non
         sl = layout.slices[m.name]
         n = int(((thin >= sl.start) & (thin < sl.stop)).sum())
         if n:
-            notes.append(f"{m.name}: {n} feature{'s' if n > 1 else ''} with fewer than {MIN_FIT_PATIENTS} patients' "
+            notes.append(f"{m.name}: {n} feature{'s' if n > 1 else ''} with fewer than {MIN_NORMALISATION_PATIENTS} patients' "
                          + ("values keep the normalisation fitted before" if before is not None
                             else "values are not scaled (no normalisation was fitted before)"))
     # the unscaled columns' spreads by the same rule: from enough patients, else the one kept before (or none)
     unscaled = numeric_columns(schema, standardized=False)
-    thin_u = (~np.isnan(raw[:, unscaled])).sum(axis=0) < MIN_FIT_PATIENTS
+    thin_u = (~np.isnan(raw[:, unscaled])).sum(axis=0) < MIN_NORMALISATION_PATIENTS
     u_mean, u_scale = fitted.unscaled_mean.copy(), fitted.unscaled_scale.copy()
     u_mean[thin_u], u_scale[thin_u] = ((before.unscaled_mean[thin_u], before.unscaled_scale[thin_u])
                                        if before is not None else (np.nan, np.nan))

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+ANSWER_TIMEOUT_S = 120.0  # a request the model has not answered by then gets 503 (the service is overloaded)
+
 IDLE_S = 0.05  # no batch for this long: the audit thread is idle
 MAX_DEFER_S = 1.0  # under continuous load, deferred work still runs this often
 
@@ -74,7 +76,7 @@ class ModelQueue:
     def waiting(self) -> int:
         return self._waiting
 
-    async def submit(self, ids, raw, top_k, who, lm, extra: dict, timeout: float = 120.0) -> tuple[str, list[dict]]:
+    async def submit(self, ids, raw, top_k, who, lm, extra: dict, timeout: float = ANSWER_TIMEOUT_S) -> tuple[str, list[dict]]:
         n = len(ids)
         with self._count_lock:
             if self._waiting + n > self.capacity and self._waiting > 0:
@@ -204,7 +206,7 @@ class ExplanationLane:
         return self._waiting
 
     async def submit(self, kind: str, payload, top_k: int, patients: int, who: dict, lm, extra: dict,
-                     size: int = 0, timeout: float = 120.0) -> dict:
+                     size: int = 0, timeout: float = ANSWER_TIMEOUT_S) -> dict:
         with self._count_lock:
             if self._waiting > 0 and (self._waiting + patients > self.capacity or self._bytes + size > self.max_bytes):
                 raise QueueFull.of(self._waiting, self.capacity, self.seconds_per_patient)

@@ -14,14 +14,15 @@ import orjson
 
 from client.explain_process import ExplainProcessError
 from client.input_process import InputProcessError
-from client.serve_queue import QueueFull
+from client.serve_queue import ANSWER_TIMEOUT_S, QueueFull
+from privacy.site_config import INLINE_BYTES
 
 # A request this small, with at most this many patients (counted unparsed), is parsed and checked by the
 # input-check process (client/input_process.py), or with `serve.input-check = "inline"` on the event loop
 # (~0.3-1 ms for 1-3 patients: a thread hop costs a single-patient request more than its parsing). Anything
-# larger goes to a parsing thread, so no body holds the loop or the input-check process (a 64 KB body of
-# 1,000 empty patients takes ~30 ms to check).
-INLINE_BYTES = 64 * 1024
+# larger goes to a parsing thread, so no body holds the loop or the input-check process (a body of INLINE_BYTES
+# holding 1,000 empty patients takes ~30 ms to check). INLINE_BYTES: privacy.site_config, whose input-check setting
+# it bounds.
 INLINE_PATIENTS = 4
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ def prediction_routes(app, site: "Site", role) -> None:
             return refused(e, endpoint)
         except asyncio.TimeoutError:
             site.metrics.errors.labels(endpoint, "timeout").inc()
-            raise HTTPException(503, "the model did not answer within 120 s (overloaded?); retry later") from None
+            raise HTTPException(503, f"the model did not answer within {ANSWER_TIMEOUT_S:g} s (overloaded?); retry later") from None
 
     async def answer(checked, top_k: int, who: dict, lm, endpoint: str, via: str):
         try:  # a large request's patterns are counted off the event loop (1,000 BRCA patients: ~30 ms)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from privacy.preflight import Check, check_ca, check_port_free, check_reachable, check_site_key
 from privacy.site_config import NODE_CONFIG_KEYS, SiteConfig
-from shared_models.flower_tools import flower_tool
+from shared_models.flower_tools import QUIET_ENV, RETRIED_STATUS, SERVER_ERROR_RETRY_S, SUPERNODE_POLL_S, flower_tool
 
 UNREGISTERED_EXIT = 305  # flwr's exit code when the SuperLink refuses to activate the node (e.g. unknown key)
 
@@ -29,8 +29,6 @@ REFUSED_EXIT = 3  # what `oncofed site start` exits with then (305 does not fit 
 LOOP_ENDED_EXIT = 4  # Flower's loop ended on an error it does not retry: restart the SuperNode (systemd does)
 # The SuperLink's transient failures ("database is locked" under load surfaces as HTTP 500): retried with
 # Flower's own backoff (exponential, jittered, at most 20 s apart) for this long before the loop gives up.
-SERVER_ERROR_RETRY_SECONDS = 600.0
-RETRIED_STATUS = frozenset({429, 500, 502, 503, 504})
 
 
 def load_site(site_dir: str | Path) -> SiteConfig:
@@ -245,14 +243,14 @@ def refused_activation(message: str) -> bool:
     return "[code: 2004]" in message or "Failed to activate SuperNode" in message
 
 
-def run_supernode(settings: SiteConfig, port: int, poll_interval: float = 0.5, superlink: str | None = None,
-                  retry_seconds: float = SERVER_ERROR_RETRY_SECONDS) -> int:
+def run_supernode(settings: SiteConfig, port: int, poll_interval: float = SUPERNODE_POLL_S, superlink: str | None = None,
+                  retry_seconds: float = SERVER_ERROR_RETRY_S) -> int:
     """Run Flower's SuperNode in this process until it stops; returns its exit status (0 only when stopped by
     a signal: Flower's loop never ends on its own, so its end is an error, LOOP_ENDED_EXIT)."""
     import os
 
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
     os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(min(poll_interval, 1.0)))
     _patch_idle_poll(poll_interval)
     _patch_retries(retry_seconds)

@@ -49,7 +49,9 @@ from privacy import MAX_BUDGET, SITE_BUDGET
 from privacy.signing import generate_signing_key, write_private
 from privacy.site_config import FILE_FORMAT, HOST_PORT, SiteConfig, SiteConfigError
 from shared_models.files import sha256_file
+from shared_models.flower_tools import SUPERLINK_INTERNAL_PORT
 from shared_models.limits import MIN_COUNT
+from shared_models.run_config import PrivacySection
 
 CA_DAYS, SERVER_DAYS = 5 * 365, 397
 FORMAT = "oncofed-consortium/1"
@@ -165,7 +167,7 @@ def _specific_ip(host: str) -> bool:
 
 
 def init_consortium(root: str | Path, name: str, address: str, now: dt.datetime | None = None,
-                    internal_port: int = 9092, schema: str | Path | None = None) -> dict:
+                    internal_port: int = SUPERLINK_INTERNAL_PORT, schema: str | Path | None = None) -> dict:
     """`address` is where sites reach the TLS proxy; the SuperLink itself listens on 127.0.0.1:internal_port.
     `schema` (default: the project's default schema) travels in the bundle, pinned by its hash."""
     root = Path(root).resolve()
@@ -328,7 +330,7 @@ def init_site(root: str | Path, name: str, consortium_public: str | Path, data_p
             settings = SiteConfig.parse({
                 "format": FILE_FORMAT, "site-name": name, "consortium": record["name"], "superlink": record["address"],
                 "data-path": data_path, "state-dir": str(root / "state"), "model-dir": str(root / "models"),
-                "privacy-budget": float(budget), "privacy-delta": 1e-5, "min-count": int(min_count),
+                "privacy-budget": float(budget), "privacy-delta": PrivacySection.model_fields["delta"].default, "min-count": int(min_count),
                 "require-secagg": True, "signing-public-key": str(root / "trust" / "signing.pub"),
                 "root-certificates": str(root / "trust" / "ca.crt"),
                 "auth-supernode-private-key": str(root / "keys" / "site.key"),

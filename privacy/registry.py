@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 from privacy.audit import AUDIT_FILE, AuditLog
 from privacy.pki import ProvisioningError, fingerprint
 from shared_models.files import held_lock, read_json_file, write_json_atomic
-from shared_models.flower_tools import flower_tool
+from shared_models.flower_tools import QUIET_ENV, flower_tool
 
 CONNECTION = "consortium"
 
@@ -51,7 +51,7 @@ def control_address(record: dict) -> str:
 
 
 def _flwr(root: Path, *args: str) -> dict:
-    env = {**os.environ, "FLWR_HOME": str(flwr_home(root)), "FLWR_TELEMETRY_ENABLED": "0"}
+    env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(flwr_home(root))}
     try:
         proc = subprocess.run([flower_tool("flwr"), "supernode", *args, CONNECTION, "--format", "json"], env=env,
                               capture_output=True, text=True, timeout=120)

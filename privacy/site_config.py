@@ -43,6 +43,9 @@ class SiteConfigError(ValueError):
     """site.json is missing or wrong: names the file, the key and the fix."""
 
 
+INLINE_BYTES = 64 * 1024  # a JSON prediction request this small is checked by the input-check process (or inline)
+
+
 class ServeSettings(BaseModel):
     """The `serve` object of site.json (every key optional): limits and what the service refuses."""
 
@@ -88,7 +91,7 @@ class ServeSettings(BaseModel):
         "'process' = a child process at the lowest CPU priority (off the service's GIL), 'thread' = the service's "
         "explanation thread")
     input_check: Literal["process", "inline"] = Field(
-        "process", alias="input-check", description="where a JSON prediction request of up to 64 KB is parsed "
+        "process", alias="input-check", description=f"where a JSON prediction request of up to {INLINE_BYTES // 1024} KB is parsed "
         "and checked: 'process' = a child process (off the service's GIL: more predictions per second at lower "
         "latency), 'inline' = on the service's event loop")
 

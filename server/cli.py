@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from shared_models.flower_tools import METRICS_PORT, SUPERLINK_INTERNAL_PORT
+
 
 def register(app: typer.Typer) -> None:
     consortium = typer.Typer(help="The operator's keys, certificates, proxy and registered sites.",
@@ -32,7 +34,7 @@ def consortium_init(
     directory: Path = typer.Argument(..., help="an empty directory for the consortium's keys"),
     name: str = typer.Option(..., "--name", help="the consortium's name"),
     address: str = typer.Option(..., "--address", help="HOST:PORT at which sites reach the server (the TLS proxy)"),
-    internal_port: int = typer.Option(9092, "--internal-port",
+    internal_port: int = typer.Option(SUPERLINK_INTERNAL_PORT, "--internal-port",
                                       help="the SuperLink's own port, on 127.0.0.1 only (never exposed)"),
     schema: Path = typer.Option(None, "--schema", help="the consortium's feature schema, sent to every site in "
                                 "public/ (default: the project's, `schema` in tool.flwr.app.config)"),
@@ -102,7 +104,7 @@ def remove_site(
 
 def server_preflight(
     directory: Path = typer.Argument(..., help="the consortium directory"),
-    metrics_port: int = typer.Option(9464, "--metrics-port", help="the Prometheus port `server start` will use "
+    metrics_port: int = typer.Option(METRICS_PORT, "--metrics-port", help="the Prometheus port `server start` will use "
                                      "(0: off)"),
 ) -> None:
     """Run the server's preflight checks only (certificates, keys, ports, nginx)."""
@@ -119,7 +121,7 @@ def server_preflight(
 
 def server_start(
     directory: Path = typer.Argument(..., help="the consortium directory"),
-    metrics_port: int = typer.Option(9464, "--metrics-port", help="Prometheus /metrics on 127.0.0.1 (0: off)"),
+    metrics_port: int = typer.Option(METRICS_PORT, "--metrics-port", help="Prometheus /metrics on 127.0.0.1 (0: off)"),
 ) -> None:
     """Preflight, then the SuperLink (TLS, node authentication, database) on loopback behind the TLS proxy.
 

@@ -40,7 +40,6 @@ from privacy.preflight import (
 from privacy.registry import control_address
 from server import proxy
 from server.processes import (
-    QUIET_ENV,
     answers_health,
     pid_alive,
     secure_superlink_command,
@@ -50,6 +49,7 @@ from server.processes import (
     wait_healthy,
 )
 from shared_models.files import read_json_file, write_json_atomic
+from shared_models.flower_tools import METRICS_PORT, QUIET_ENV
 
 FLOWER_ENV = {**QUIET_ENV,
               # the SuperLink's task launcher polls every second by default; 0.2 s shortens each round
@@ -279,7 +279,7 @@ def check_server_health(c: Consortium) -> Check:
     return Check("server processes (SuperLink, SuperExec, proxy)", ok, "all up" if ok else why)
 
 
-def start_server(root: str | Path, metrics_port: int = 9464, out=sys.stdout) -> int:
+def start_server(root: str | Path, metrics_port: int = METRICS_PORT, out=sys.stdout) -> int:
     """Run the consortium's server until stopped; returns the exit status."""
     c = Consortium.load(root)
     out.write(report(f"server {c.record['name']!r}", server_checks(c, metrics_port)) + "\n")

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import sys
 
+from shared_models.flower_tools import RETRIED_STATUS
+
 SQLITE_BUSY_TIMEOUT_MS = 60_000
-RETRIED_STATUS = frozenset({429, 500, 502, 503, 504})
 
 
 def superlink(argv: list[str]) -> None:

@@ -23,9 +23,8 @@ from pathlib import Path
 import psutil
 
 from privacy.preflight import https_health
-from shared_models.flower_tools import flower_tool
+from shared_models.flower_tools import QUIET_ENV, flower_tool
 
-QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
 class LaunchError(RuntimeError):

@@ -401,7 +401,8 @@ def test_fit_normalizer_refuses_tables_it_cannot_fit_honestly_and_keeps_the_one_
     """Foreign tables, too few patients, duplicate ids: refused with the contract's problems, nothing written.
     A feature too few patients have keeps the normalisation fitted before, and the note says which modality."""
     from client.prediction_input import PredictionInputError
-    from client.serve import MIN_FIT_PATIENTS, fit_normalizer
+    from client.serve import fit_normalizer
+    from client.site import MIN_NORMALISATION_PATIENTS
     from shared_models.site_data import Normalizer
 
     shutil.copytree(site["root"] / "state", tmp_path / "state")
@@ -418,7 +419,7 @@ def test_fit_normalizer_refuses_tables_it_cannot_fit_honestly_and_keeps_the_one_
         return d
 
     foreign = tables("foreign", lambda m, df: df.rename(columns={c: f"{c}_v2" for c in df.columns[1:]}))
-    few = tables("few", lambda m, df: df.head(MIN_FIT_PATIENTS - 1))
+    few = tables("few", lambda m, df: df.head(MIN_NORMALISATION_PATIENTS - 1))
     twice = tables("twice", lambda m, df: pd.concat([df, df]))
     for d, code in ((foreign, "no_schema_features"), (few, "too_few_patients"), (twice, "duplicate_ids")):
         with pytest.raises(PredictionInputError) as e:
@@ -427,7 +428,7 @@ def test_fit_normalizer_refuses_tables_it_cannot_fit_honestly_and_keeps_the_one_
         assert saved.read_bytes() == before
 
     def thin_expr(m, df):  # only a few patients have an expression table
-        return df.head(MIN_FIT_PATIENTS - 5) if m == "expr" else df
+        return df.head(MIN_NORMALISATION_PATIENTS - 5) if m == "expr" else df
     path, n, notes = fit_normalizer(settings, tables("thin", thin_expr))
     schema = site["schema"]
     fitted, old = Normalizer.load(path, schema), Normalizer.load(site["root"] / "state" / "normalizer.json", schema)
