@@ -52,7 +52,10 @@ def stratified_split(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.
 
 def val_fraction(run_dir: Path) -> float:
     """The run's val-fraction (its held-out parts: the non-members), as `oncofed simulate` recorded its config."""
-    return float(json.loads((run_dir / "summary.json").read_text())["config"].get("val-fraction", 0.2))
+    from shared_models.run_config import SiteSection
+
+    config = json.loads((run_dir / "summary.json").read_text())["config"]
+    return float(config.get("val-fraction", SiteSection.model_fields["val_fraction"].default))
 
 
 def sites(run_dir: Path):

@@ -127,13 +127,16 @@ def site_start(
 
 def site_privacy_audit(
     directory: Path = typer.Argument(..., help="the site directory written by `oncofed site init` (its site.json)"),
-    val_fraction: float = typer.Option(0.2, "--val-fraction", help="the run's val-fraction: which of the site's "
-                                       "patients were held out (run config; default 0.2)"),
-    seed: int = typer.Option(0, "--seed", min=0, help="the run's seed (run config seed), which fixed the held-out part"),
+    val_fraction: float | None = typer.Option(None, "--val-fraction", help="the run's val-fraction: which of the "
+                                              "site's patients were held out (default: the run config's)"),
+    seed: int | None = typer.Option(None, "--seed", min=0, help="the run's seed, which fixed the held-out part "
+                                    "(default: the run config's)"),
     lira_models: int = typer.Option(0, "--lira-models", min=0, help="also run offline LiRA with this many reference "
                                     "models (>= 2; trained here on halves of the site's patients; 0: skip)"),
-    lira_epochs: int = typer.Option(30, "--lira-epochs", min=1, help="epochs of each LiRA reference model"),
-    confidence: float = typer.Option(0.95, "--confidence", help="confidence of the bound test (all attacks together)"),
+    lira_epochs: int | None = typer.Option(None, "--lira-epochs", min=1, help="epochs of each LiRA reference model "
+                                           "(default: client.privacy_audit.audit's)"),
+    confidence: float | None = typer.Option(None, "--confidence", help="confidence of the bound test (all attacks "
+                                            "together; default: client.privacy_audit.audit's)"),
     version: str = typer.Option("", "--version", help="the model version to audit (default: the active one)"),
     out: Path = typer.Option(None, "--out", help="report directory (default: STATE_DIR/privacy-audit/VERSION)"),
 ) -> None:
@@ -151,10 +154,15 @@ def site_privacy_audit(
     try:
         settings = SiteConfig.load(directory / "site.json").require("site-name", "data-path",
                                                                     fix="set it (`oncofed site init` writes it)")
+        from shared_models.run_config import SiteSection, TrainingSection
+
+        given = {k: v for k, v in (("lira_epochs", lira_epochs), ("confidence", confidence)) if v is not None}
         report = audit(Path(settings.data_path), Path(settings.state_dir), Path(settings.model_dir),
-                       settings.site_name, val_fraction=val_fraction, seed=seed, min_count=settings.min_count,
-                       lira_models=lira_models, lira_epochs=lira_epochs, confidence=confidence,
-                       version=version or None, signing_public_key=settings.signing_public_key or None)
+                       settings.site_name, min_count=settings.min_count, lira_models=lira_models,
+                       val_fraction=SiteSection.model_fields["val_fraction"].default if val_fraction is None
+                       else val_fraction,
+                       seed=TrainingSection.model_fields["seed"].default if seed is None else seed,
+                       version=version or None, signing_public_key=settings.signing_public_key or None, **given)
         target = out or Path(settings.state_dir) / "privacy-audit" / report["model_version"]
         json_path, plot = write_outputs(report, target)
     except (PrivacyAuditError, SiteConfigError) as e:
