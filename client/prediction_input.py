@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -357,6 +358,9 @@ def json_frames(schema: FeatureSchema, patients: list, inputs: dict, limits: Ser
                              f"(got {type(pid).__name__} {_short(repr(pid))})", "fix": "send the id as text: \"P001\""})
             continue
         pid = str(pid).strip()
+        if bad := id_problem(pid):
+            problems.append({"loc": f"{loc}.id", "code": "bad_id", **bad})
+            continue
         ids.append(pid)
         mods = p.get("modalities")
         if mods is None:
@@ -589,6 +593,40 @@ def _check_parquet(path: Path, budget: DecompressedBudget, max_rows: int) -> int
         _too_many_rows(path.name, max_rows)
     budget.spend(sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)), path.name)
     return max(meta.num_rows, 1)
+
+
+def id_problem(pid: str) -> dict | None:
+    """Why a patient id cannot be one ({"msg", "fix"}), or None: a lone UTF-16 surrogate (JSON's "\\ud800" escape,
+    no character: it cannot be written to the audit log) or an invisible or control character (a zero-width
+    space pasted with it: the id would be another patient's, character by character)."""
+    try:
+        pid.encode("utf-8")
+    except UnicodeEncodeError:
+        return {"msg": f"the id {pid.encode('utf-8', 'backslashreplace').decode()!r} holds a lone UTF-16 surrogate, "
+                       "which is no character", "fix": "send the id as the text it is (UTF-8 JSON)"}
+    if bad := next(((i, ch) for i, ch in enumerate(pid) if unicodedata.category(ch) in ("Cc", "Cf")), None):
+        i, ch = bad
+        return {"msg": f"the id {pid!r} holds an invisible or control character (U+{ord(ch):04X} at position {i + 1})",
+                "fix": "remove it: ids are compared character by character, so it would name another patient"}
+    return None
+
+
+def ambiguous_ids(ids: list[str]) -> dict | None:
+    """A problem when two different ids of one request are written alike (letter case, or another Unicode form of
+    the same letters, as 'José' composed or decomposed): one patient twice or two patients, which cannot be told."""
+    seen: dict[str, str] = {}
+    alike: list[tuple[str, str]] = []
+    for pid in dict.fromkeys(ids):
+        key = unicodedata.normalize("NFC", pid).casefold()
+        if (other := seen.setdefault(key, pid)) != pid:
+            alike.append((other, pid))
+    if not alike:
+        return None
+    pairs = ", ".join(f"{a!r} and {b!r}" for a, b in alike[:MAX_NAMES])
+    return {"loc": "ids", "code": "ambiguous_ids", "patients": [b for _, b in alike[:MAX_NAMES]],
+            "msg": f"{len(alike)} pair(s) of ids written alike (letter case or Unicode form): {pairs}; one patient "
+                   "twice or two patients cannot be told apart, so nothing is scored",
+            "fix": "write each patient's id one way, and send each patient once"}
 
 
 def table_frames(schema: FeatureSchema, table_dir: Path) -> tuple[dict, list[dict]]:
@@ -856,6 +894,10 @@ def checked_tables(lm, table_dir: Path, limits: ServeSettings) -> CheckedPatient
 
 
 def _finish(lm, ids, raw, problems, warnings, limits) -> CheckedPatients:
+    if not problems:  # a table's ids (a JSON request's were checked as they were read)
+        problems = [{"loc": "ids", "code": "bad_id", "patients": [pid], **bad} for pid in ids if (bad := id_problem(pid))]
+    if not problems and (alike := ambiguous_ids(ids)):
+        problems = [alike]
     if not problems:
         notes, problems = check_patients(lm, ids, raw, limits)
     if problems:

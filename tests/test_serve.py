@@ -683,6 +683,31 @@ def test_duplicate_patient_ids_are_refused_in_json_and_tables(site, client):
     assert r.status_code == 422 and "duplicate_ids" in _codes(r) and "P005" in r.text
 
 
+def test_an_id_that_is_no_text_or_written_like_another_is_refused_and_spoils_no_other_request(site, client):
+    """A lone surrogate ("\\ud800" in JSON) failed the audit of the whole batch, other users' requests with it (500);
+    a zero-width space or a control character made another patient of the same id; 'José' in two Unicode forms,
+    or 'p1' and 'P1', were scored as two patients."""
+    import json as _json
+
+    def send(*ids):  # raw JSON: the surrogate escape as a client would send it
+        body = {"patients": [{**_patient(site, k), "id": i} for k, i in enumerate(ids)], "top_k": 0}
+        return client.post("/v1/predict", content=_json.dumps(body).replace("SURROGATE", "\\ud800"),
+                           headers={**_auth(site["clinician"]), "content-type": "application/json"})
+
+    r = send("P-SURROGATE")
+    assert r.status_code == 422 and _codes(r) == {"bad_id"} and "surrogate" in r.text, r.text
+    for id_ in ("P\u200b001", "P\x07001"):
+        r = send(id_)
+        assert r.status_code == 422 and _codes(r) == {"bad_id"} and "U+" in r.text, r.text
+    for pair in (("Jos\u00e9", "Jose\u0301"), ("p1", "P1")):
+        r = send(*pair)
+        assert r.status_code == 422 and _codes(r) == {"ambiguous_ids"}, r.text
+    r = _upload(client, site, {"expr.csv": _csv(site, "expr", range(2)).replace(b"P000", b"p001")})
+    assert r.status_code == 422 and _codes(r) == {"ambiguous_ids"}, r.text
+    good = send("P001", "P002")
+    assert good.status_code == 200 and [p["id"] for p in good.json()["predictions"]] == ["P001", "P002"]
+
+
 def test_values_far_outside_the_training_distribution_are_flagged_or_refused(site, client, tmp_path):
     from fastapi.testclient import TestClient
 
