@@ -56,7 +56,11 @@ def main() -> None:
                     "profile (profile_slopes), as exported and in another log base")
     ap.add_argument("--shifts", action="store_true", help="instead: each patient's mean signed z per modality, as "
                     "exported and with every value shifted by a constant (another normalisation)")
+    ap.add_argument("--narrow", action="store_true", help="instead: each patient's largest |z| in the modalities too "
+                    "narrow for the median test (fewer than 10 standardised features), the per-value unit check's")
     args = ap.parse_args()
+    if args.narrow:
+        return narrow(args)
     if args.slopes:
         return slopes(args)
     if args.shifts:
@@ -81,6 +85,27 @@ def main() -> None:
                              "p99": round(p99, 2), "p99.9": round(p999, 2), "max": round(float(med.max()), 2)})
                 print(f"{site:5} {name:22} {m:9} {len(med):5}  {p50:8.2f} / {p99:8.2f} / {p999:8.2f} / {med.max():8.2f}")
     print(json.dumps({"benchmark": "units_check", "rows": rows}))
+
+
+def narrow(args) -> None:
+    """Each patient's largest |z| per modality with fewer than UNITS_MIN_VALUES standardised features (a clinical
+    age): the values NARROW_UNITS_SD judges one by one."""
+    from client.prediction_input import NARROW_UNITS_SD, UNITS_MIN_VALUES
+
+    print(f"{'site':5} {'patients':9} {'modality':9} {'n':>5}  largest |z| per patient: p99 / p99.9 / max "
+          f"(refused as units beyond {NARROW_UNITS_SD:g})")
+    for site in args.sites.split(","):
+        lm, own, held = site_tables(args.run, site)
+        norm = lm.normalizer
+        for name, tables in (("own", own), ("held-out", held)):
+            z = np.abs(norm.checked_z(tables.raw[:, norm.checked].astype(np.float64)))
+            for m, a, b in norm.checked_groups:
+                if b - a >= UNITS_MIN_VALUES:
+                    continue
+                top = np.nanmax(np.where(np.isnan(z[:, a:b]), -np.inf, z[:, a:b]), axis=1)
+                top = top[np.isfinite(top)]
+                p99, p999 = np.percentile(top, [99, 99.9])
+                print(f"{site:5} {name:9} {m:9} {len(top):5}  {p99:6.2f} / {p999:6.2f} / {top.max():6.2f}")
 
 
 def slopes(args) -> None:

@@ -143,6 +143,10 @@ def problem_dict(p: Problem, modality: str | None = None) -> dict:
 
 
 UNITS_MIN_VALUES = 10  # a modality's unit is judged on at least this many standardised values of a patient
+# A modality narrower than that (a clinical table's age, one mutation burden) is judged value by value: beyond
+# NARROW_UNITS_SD the value is in another unit (age in days or months for years: ~1,600 or ~50 SD). The sites' own
+# and the held-out hospitals' patients reach 4.8 SD at most there (`python benchmarks/units_check.py RUN --narrow`).
+NARROW_UNITS_SD = 20.0
 # Another log base (log10 or ln exported for log2) multiplies every value by a constant, drawing the values toward
 # 0, not away from the site's mean: the |z| test above misses it. A patient's slope against the site's mean
 # profile shows it, where that profile varies enough across features (its SD over the features, in within-feature
@@ -781,6 +785,7 @@ def check_patients(lm, ids: list[str], raw: np.ndarray, limits: ServeSettings) -
             if b - a >= UNITS_MIN_VALUES:
                 block = z[:, a:b]
                 units.append((m, (block == block).sum(axis=1), (block > limits.units_sd).sum(axis=1)))
+    narrow = [(m, a, b) for m, a, b in norm.checked_groups if b - a < UNITS_MIN_VALUES]
     slopes = profile_slopes(norm, x, leave_out=far)  # far values: out_of_range, named below
     shifts = profile_shifts(norm, signed, leave_out=far)
     names = [m.name for m in schema.modalities]
@@ -815,6 +820,17 @@ def check_patients(lm, ids: list[str], raw: np.ndarray, limits: ServeSettings) -
                                       "would be a guess",
                                "fix": f"export the {m} values in the unit the schema describes (docs/site-data.md); "
                                       "if they are right, raise serve.units-sd in site.json"})
+        for m, a, b in narrow:
+            for j in np.flatnonzero(z[i, a:b] > NARROW_UNITS_SD) + a:
+                col = int(norm.checked[j])
+                mf = lm.feature_at[col]
+                value = float(np.expm1(raw[i, col]) if lm.inputs[mf[0]][mf[1]][1] == "log" else raw[i, col])
+                errors.append({"loc": f"patient {pid}", "code": "units", "patients": [pid], "modality": m,
+                               "feature": mf[1],
+                               "msg": f"{m}.{mf[1]} = {value:.6g} is {float(z[i, j]):.0f} SD from the site's training "
+                                      f"mean (its own patients stay within 5): the value seems to be in another unit "
+                                      "(e.g. an age in days or months for years), and any prediction would be a guess",
+                               "fix": f"export {mf[1]} in the unit the schema describes (docs/site-data.md)"})
         for m, slope in slopes:
             k = float(slope[i])
             if not np.isfinite(k) or SLOPE_WARN[0] <= k <= SLOPE_WARN[1]:

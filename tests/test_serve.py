@@ -712,7 +712,7 @@ def test_values_far_outside_the_training_distribution_are_flagged_or_refused(sit
     from fastapi.testclient import TestClient
 
     patient = _patient(site, 8)
-    patient["modalities"]["clinical"]["age"] = -40.0  # the site's normaliser: mean 0, SD 1
+    patient["modalities"]["clinical"]["age"] = -10.0  # the site's normaliser: mean 0, SD 1
     patient["modalities"]["expr"]["g5"] = 3e38
     r = _post(client, site, [patient])
     assert r.status_code == 200
@@ -725,6 +725,11 @@ def test_values_far_outside_the_training_distribution_are_flagged_or_refused(sit
     strict = TestClient(create_app(_serving(site, {"refuse-out-of-range": True})))
     r = _post(strict, site, [patient])
     assert r.status_code == 422 and _codes(r) == {"out_of_range"} and "refuse-out-of-range" in r.text
+    # a one-column modality far beyond any patient's values: another unit (an age in days), refused by name
+    days = _patient(site, 8)
+    days["modalities"]["clinical"]["age"] = 21_915.0
+    r = _post(client, site, [days])
+    assert r.status_code == 422 and _codes(r) == {"units"} and "clinical.age = 21915" in r.text, r.text
 
 
 def test_input_limits_answer_413_or_422_naming_the_limit(site, client):
