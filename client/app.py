@@ -207,6 +207,13 @@ def site_policy_mod(msg: Message, context: Context, call_next):
                       "secagg-threshold, or the site lowers min-aggregate-sites)")
             return _no_key_shares(msg, context, settings, reason, secagg_threshold=threshold,
                                   needed=settings.min_aggregate_sites)
+        audit = site_audit(settings)
+        reason, _ = unready_refusal(settings, cfg, context, _run_key(context), audit)
+        if reason:  # said before any site trains: a round it would refuse later costs the others their spend
+            log(WARNING, "site %s refuses the round at SecAgg+'s setup: %s", settings.name, reason)
+            _audit_quietly(audit, settings.name, "round_refused", run=_run_key(context), stage="setup", reason=reason)
+            return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=REFUSAL_PREFIX + f"{settings.name}: "
+                                + reason), reply_to=msg)
     if configs.get(SecAggKey.STAGE) == Stage.UNMASK:
         settings = site_settings(context, cfg)
         # dp-mode "distributed": a sum of fewer than trusted-sites contributions carries less noise than assumed
@@ -361,9 +368,44 @@ REQUIRE_DP_REFUSAL = ("site policy: training without differential privacy (run c
                       "site's node config require-dp allows only DP-SGD")
 
 
+AUDIT_UNWRITABLE = "its audit log cannot be written (details in the site's log)"
+
+
+def unready_refusal(settings: SiteSettings, cfg: RunConfig, context: Context, run_key: str,
+                    audit: AuditLog) -> tuple[str, "PreparedSite | None"]:
+    """(why this site cannot train the run's round, "" if it can; its prepared data once read): every check that
+    needs no training request, run by the train handler before it spends and by site_policy_mod at SecAgg+'s setup
+    stage, so that a site that will refuse says so before any site trains: the server then abandons a round that
+    could not be unmasked before anyone spends on it (in dp-mode "distributed" one refusing site of trusted-sites
+    would otherwise cost every other site the round's budget)."""
+    from client.site import SiteDataError
+
+    if reason := budget_refusal(settings, cfg) or delta_refusal(settings, cfg):
+        return reason, None
+    if settings.require_dp and not cfg.privacy.enabled:  # before the site's tables are read for such a run
+        return REQUIRE_DP_REFUSAL, None
+    if cfg.privacy.distributed and (reason := trust_refusal(settings, cfg)):
+        return reason, None
+    try:
+        site = prepared(settings, cfg, site_schema_path(context, cfg))
+    except SiteDataError as e:
+        log(WARNING, "site %s: data failed validation:\n%s", settings.name, e)
+        # The report names patient rows: it stays in the site's log; the server gets the verdict only.
+        return "its data failed validation (details in the site's log; run `oncofed validate` there)", None
+    if reason := padding_refusal(settings, cfg) or (cfg.privacy.enabled and (
+            stale_ledger_refusal(settings, site) or (run_key and withheld_refusal(site, run_key)))):
+        return reason, site
+    try:  # the update's record must be writable before its spend: a round trained and then withheld for it is lost
+        audit.check_appendable()
+    except (AuditError, OSError) as e:
+        log(WARNING, "site %s: audit log: %s", settings.name, e)
+        return AUDIT_UNWRITABLE, site
+    return "", site
+
+
 def _train(msg: Message, context: Context) -> Message:
     from client.local_round import train_round
-    from client.site import SiteDataError, keep_run_normalizer
+    from client.site import keep_run_normalizer
     from privacy.accounting import BudgetError
     from privacy.ledger import AlreadyReleased
 
@@ -375,21 +417,12 @@ def _train(msg: Message, context: Context) -> Message:
     context.state.config_records["oncofed"] = ConfigRecord({RUN_KEY: run_key, SERVER_ROUND: rnd})
     audit = site_audit(settings)
     keep_server_anchor(settings, context, cfg, fitins.config.get(AUDIT_ANCHOR))
-    if reason := budget_refusal(settings, cfg) or delta_refusal(settings, cfg) or masks_refusal(fitins):
+    if reason := masks_refusal(fitins):
         raise _refusal(fitins, msg, settings.name, reason, audit)
-    if settings.require_dp and not cfg.privacy.enabled:  # before the site's tables are read for such a run
-        raise _refusal(fitins, msg, settings.name, REQUIRE_DP_REFUSAL, audit)
-    try:
-        site = prepared(settings, cfg, site_schema_path(context, cfg))
-    except SiteDataError as e:
-        log(WARNING, "site %s: data failed validation:\n%s", settings.name, e)
-        # The report names patient rows: it stays in the site's log; the server gets the verdict only.
-        raise _refusal(fitins, msg, settings.name, "its data failed validation (details in the site's log; run "
-                        "`oncofed validate` there)", audit)
+    reason, site = unready_refusal(settings, cfg, context, run_key, audit)
+    if reason:
+        raise _refusal(fitins, msg, settings.name, reason, audit)
     keep_run_normalizer(settings.paths.state_dir, run_key, site.normalizer)
-    if reason := padding_refusal(settings, cfg) or (cfg.privacy.enabled and (
-            stale_ledger_refusal(settings, site) or withheld_refusal(site, run_key))):
-        raise _refusal(fitins, msg, settings.name, reason, audit)
     if cfg.privacy.distributed:
         return _train_distributed(msg, fitins, context, cfg, settings, site, audit)
     if cfg.privacy.enabled:
@@ -443,7 +476,7 @@ def _train(msg: Message, context: Context) -> Message:
                                    epsilon=metrics.get(EPSILON), steps=metrics.get(LOCAL_STEPS))
         except (AuditError, OSError) as e:
             log(WARNING, "site %s: audit log: %s", settings.name, e)
-            raise _refusal(fitins, msg, settings.name, "its audit log cannot be written (details in the site's log)")
+            raise _refusal(fitins, msg, settings.name, AUDIT_UNWRITABLE)
         metrics[SITE] = settings.name
         metrics[AUDIT_HEAD] = trained["hash"]  # the server records it: an anchor of this log outside the site
         metrics = sent_metrics(metrics, FIT_METRICS, settings.name)
@@ -575,8 +608,6 @@ def _train_distributed(msg: Message, fitins, context: Context, cfg: RunConfig, s
     rnd, run_key = int(fitins.config[SERVER_ROUND]), str(fitins.config[RUN_KEY])
     if RECORD_KEY_CONFIGS not in msg.content.config_records:  # (site_policy_mod refuses it first; a second line)
         raise _refusal(fitins, msg, settings.name, DISTRIBUTED_OUTSIDE_SECAGG, audit)
-    if reason := trust_refusal(settings, cfg):
-        raise _refusal(fitins, msg, settings.name, reason, audit)
     grid = secagg_grid(context)
     state = context.state.config_records[RECORD_KEY_STATE]
     n_sites = len(state.get("public_keys_dict:K", [])) or cfg.federation.sites or cfg.federation.min_sites
@@ -610,7 +641,7 @@ def _train_distributed(msg: Message, fitins, context: Context, cfg: RunConfig, s
                                    mechanism="skellam", trusted_sites=cfg.privacy.trusted_sites, steps=1)
         except (AuditError, OSError) as e:
             log(WARNING, "site %s: audit log: %s", settings.name, e)
-            raise _refusal(fitins, msg, settings.name, "its audit log cannot be written (details in the site's log)")
+            raise _refusal(fitins, msg, settings.name, AUDIT_UNWRITABLE)
         metrics[SITE] = settings.name
         metrics[AUDIT_HEAD] = trained["hash"]
         metrics = sent_metrics(metrics, FIT_METRICS, settings.name)

@@ -322,6 +322,17 @@ class AuditLog:
     def append(self, event: str, **fields) -> dict:
         return self.append_many([(event, fields)])[0]
 
+    def check_appendable(self) -> None:
+        """Raise AuditError or OSError if an append would fail now (a broken chain, a lost head with entries behind
+        it, a file that cannot be opened for writing); writes nothing. A site checks it before it spends budget on an
+        update whose record it could not then write."""
+        if not self._dir_made:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._dir_made = True
+        with self._lock(fcntl.LOCK_EX):
+            self._tail()
+            self._files(create=True)
+
     def last(self, event: str, **match) -> dict:
         """The newest entry of `event` whose fields equal `match`, or {} (read from the end of the log)."""
         try:

@@ -123,15 +123,57 @@ def test_a_site_takes_no_part_when_secagg_could_unmask_below_its_own_floor(tmp_p
     sites' shares to unmask; otherwise the other sites unmask a smaller sum with this site's update in it."""
     from client.app import site_policy_mod
 
-    run = {"schema": "s.json", "min-sites": 2}
-    ctx = Context(run_id=1, node_id=1, node_config={"data-path": str(tmp_path / "site"), "state-dir": str(tmp_path / "s"),
-                                                    "min-aggregate-sites": 3}, state=RecordDict(), run_config=run)
+    run = _ready_site(tmp_path)
+    ctx = _context(tmp_path, run, {"min-aggregate-sites": 3})
+    ctx.state = RecordDict()
     reply = site_policy_mod(_setup(threshold), ctx, lambda m, c: None)
     assert reply.has_error() is refused
     if refused:
         assert reply.error.reason.startswith("refused: ") and "min-aggregate-sites 3" in reply.error.reason
     else:  # Flower's setup ran: the site's public keys are in the reply
         assert Key.PUBLIC_KEY_1 in reply.content.config_records[RECORD_KEY_CONFIGS]
+
+
+def _ready_site(tmp_path: Path) -> dict:
+    """A site directory whose data passes validation, and a DP run config over its schema."""
+    from tests.sitefixtures import site_schema, site_tables, write_site
+
+    schema_path = site_schema().save(tmp_path / "schema.json")
+    write_site(tmp_path / "site", site_tables(n_per_class=20))
+    return {"schema": str(schema_path), "num-rounds": 3, "d-model": 32, "sites": 3, "min-sites": 2}
+
+
+@pytest.mark.parametrize("cause", ["data", "policy", "audit"])
+def test_a_site_that_would_refuse_to_train_says_so_at_secaggs_setup_before_any_site_spends(tmp_path, cause):
+    """A site that will refuse the round (its data fails validation, its policy refuses the run, its audit log cannot be
+    written) drops out at SecAgg+'s setup, before any site trains: the server then abandons a round that cannot be
+    unmasked before anyone spends (dp-mode "distributed" with every site trusted: one refusing site at the training
+    stage cost the seven others their whole budget in three abandoned rounds)."""
+    from client.app import site_policy_mod
+
+    run = {**_ready_site(tmp_path), **({"dp": False} if cause == "policy" else {})}
+    ctx = _context(tmp_path, run, {"require-dp": True} if cause == "policy" else {})
+    ctx.state = RecordDict()
+    if cause == "data":
+        (tmp_path / "site" / "labels.csv").write_text("patient,cancer_type\n")
+    if cause == "audit":  # a log with entries whose head is gone: its chain cannot be checked, so nothing is appended
+        from privacy.audit import AuditLog
+
+        log = AuditLog(tmp_path / "state" / "audit.jsonl")
+        log.append("site_started")
+        log.append("site_started")
+        log.head.unlink()
+        lines = log.path.read_text().splitlines()
+        log.path.write_text(lines[0] + "\n")  # and an entry lost
+    called = []
+    reply = site_policy_mod(_setup(4), ctx, lambda m, c: called.append(m))
+    assert reply.has_error() and reply.error.reason.startswith("refused: "), cause
+    assert {"data": "failed validation", "policy": "require-dp", "audit": "audit log"}[cause] in reply.error.reason
+    assert not called  # Flower's setup did not run: the site has no part in the round
+    ready = _context(tmp_path / "ready", _ready_site(tmp_path / "ready"))
+    ready.state = RecordDict()
+    ok = site_policy_mod(_setup(4), ready, lambda m, c: site_message(RecordDict()))
+    assert not ok.has_error()
 
 
 def test_a_deployed_site_without_its_own_budget_spends_nothing(tmp_path):
