@@ -53,7 +53,7 @@ from shared_models.protocol import (ARRAYS_RECORD, AUDIT_ANCHOR, AUDIT_HEAD, CON
                                     EVALUATE_METRICS, FIT_METRICS, LOCAL_STEPS, LOSS, PACKAGE_INFO,
                                     NOISE_PLAN, PREVIOUS_ROUND, REFUSAL_PREFIX, REPLY, RESENT, ROUND_OUTCOME, RUN_KEY,
                                     SAVE_MODEL, SECAGG_MASKS,
-                                    SECAGG_CLIPPING_RANGE, SECAGG_MAX_WEIGHT, SERVER_ROUND, SITE, DeliveryReply,
+                                    SECAGG_CLIPPING_RANGE, SECAGG_MAX_WEIGHT, SERVER_ROUND, SETUP_TERMS, SITE, DeliveryReply,
                                     ModelPackage, allowed_metrics)
 from shared_models.run_config import RunConfig
 from shared_models.wire import is_packed, pack, unpack
@@ -208,10 +208,12 @@ def site_policy_mod(msg: Message, context: Context, call_next):
             return _no_key_shares(msg, context, settings, reason, secagg_threshold=threshold,
                                   needed=settings.min_aggregate_sites)
         audit = site_audit(settings)
-        reason, _ = unready_refusal(settings, cfg, context, _run_key(context), audit)
+        terms = msg.content.config_records.get(SETUP_TERMS, {})  # the round's run key and number (server/workflow.py)
+        run_key, rnd = str(terms.get(RUN_KEY, "") or _run_key(context)), int(terms.get(SERVER_ROUND, 0) or 0)
+        reason, _ = unready_refusal(settings, cfg, context, run_key, audit, rnd)
         if reason:  # said before any site trains: a round it would refuse later costs the others their spend
             log(WARNING, "site %s refuses the round at SecAgg+'s setup: %s", settings.name, reason)
-            _audit_quietly(audit, settings.name, "round_refused", run=_run_key(context), stage="setup", reason=reason)
+            _audit_quietly(audit, settings.name, "round_refused", run=run_key, round=rnd, stage="setup", reason=reason)
             return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=REFUSAL_PREFIX + f"{settings.name}: "
                                 + reason), reply_to=msg)
     if configs.get(SecAggKey.STAGE) == Stage.UNMASK:
@@ -372,13 +374,16 @@ AUDIT_UNWRITABLE = "its audit log cannot be written (details in the site's log)"
 
 
 def unready_refusal(settings: SiteSettings, cfg: RunConfig, context: Context, run_key: str,
-                    audit: AuditLog) -> tuple[str, "PreparedSite | None"]:
+                    audit: AuditLog, rnd: int = 0) -> tuple[str, "PreparedSite | None"]:
     """(why this site cannot train the run's round, "" if it can; its prepared data once read): every check that
     needs no training request, run by the train handler before it spends and by site_policy_mod at SecAgg+'s setup
     stage, so that a site that will refuse says so before any site trains: the server then abandons a round that
     could not be unmasked before anyone spends on it (in dp-mode "distributed" one refusing site of trusted-sites
-    would otherwise cost every other site the round's budget)."""
+    would otherwise cost every other site the round's budget). `rnd` (the setup stage's): also the ledger's verdict on
+    the round, without a pending entry (the train handler's ledger gives it as it begins the round)."""
+    from client.local_round import round_precheck
     from client.site import SiteDataError
+    from privacy.accounting import BudgetError
 
     if reason := budget_refusal(settings, cfg) or delta_refusal(settings, cfg):
         return reason, None
@@ -395,6 +400,11 @@ def unready_refusal(settings: SiteSettings, cfg: RunConfig, context: Context, ru
     if reason := padding_refusal(settings, cfg) or (cfg.privacy.enabled and (
             stale_ledger_refusal(settings, site) or (run_key and withheld_refusal(site, run_key)))):
         return reason, site
+    if cfg.privacy.enabled and run_key and rnd:
+        try:
+            round_precheck(site, cfg, run_key, rnd)
+        except BudgetError as e:
+            return str(e), site
     try:  # the update's record must be writable before its spend: a round trained and then withheld for it is lost
         audit.check_appendable()
     except (AuditError, OSError) as e:

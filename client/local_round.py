@@ -240,6 +240,15 @@ def distributed_plan(site: PreparedSite, run_id: str, cfg: RunConfig, dim: int,
     p = distributed.run_plan(cfg.privacy.max_grad_norm, dim, cfg.privacy.trusted_sites, cfg.privacy.sample_rate, cfg.privacy.epsilon,
                              cfg.privacy.delta, cfg.federation.num_rounds)
     check(p)
+    cap = _whole_run_fits(site, run_id, cfg, p)
+    site.ledger.start_run(site.dataset_fingerprint, run_id, RunPlan(
+        epsilon=cfg.privacy.epsilon, epsilon_cap=cap, num_rounds=cfg.federation.num_rounds, steps_per_round=1,
+        noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate, terms=plan_terms(cfg), mechanism=p.to_dict()))
+    return p
+
+
+def _whole_run_fits(site: PreparedSite, run_id: str, cfg: RunConfig, p: distributed.SkellamPlan) -> float:
+    """The epsilon a new distributed run may bring the site to, or BudgetError: its rounds would not fit."""
     history = site.ledger.history(site.dataset_fingerprint)  # read once: the spend and the whole run's projection
     spent = epsilon(history, site.ledger.delta)  # (PrivacyLedger.spent)
     cap = min(site.ledger.budget_epsilon, spent + cfg.privacy.epsilon)
@@ -259,10 +268,37 @@ def distributed_plan(site: PreparedSite, run_id: str, cfg: RunConfig, dim: int,
             f"({max(site.ledger.budget_epsilon - spent, 0):.3f} left); the run's noise is the same at every site and "
             "cannot shrink for this one, so it would withdraw partway. Join a run with a smaller epsilon or fewer "
             "rounds, or raise the site's privacy-budget if its data-protection officer agrees")
-    site.ledger.start_run(site.dataset_fingerprint, run_id, RunPlan(
-        epsilon=cfg.privacy.epsilon, epsilon_cap=cap, num_rounds=cfg.federation.num_rounds, steps_per_round=1,
-        noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate, terms=plan_terms(cfg), mechanism=p.to_dict()))
-    return p
+    return cap
+
+
+def round_precheck(site: PreparedSite, cfg: RunConfig, run_id: str, rnd: int) -> None:
+    """Raise BudgetError if the site's ledger would refuse round `rnd` of the run (its plan's terms, its epsilon cap,
+    the site's budget), writing nothing: asked at SecAgg+'s setup stage, before any site trains, so that a round this
+    site would refuse costs the other sites no spend (a round already released is resent, not refused)."""
+    from privacy.ledger import AlreadyReleased
+
+    saved = saved_plan(site, run_id, cfg)
+    fingerprint = site.dataset_fingerprint
+    try:
+        if cfg.privacy.distributed:
+            if saved is None:  # a new run: its noise is the consortium's, so the whole run must fit now
+                _, noised = trainable_layout(MultiModalTransformer(site.schema, cfg.model))
+                _whole_run_fits(site, run_id, cfg, distributed.run_plan(
+                    cfg.privacy.max_grad_norm, int(noised.sum()), cfg.privacy.trusted_sites, cfg.privacy.sample_rate,
+                    cfg.privacy.epsilon, cfg.privacy.delta, cfg.federation.num_rounds))
+                return
+            p = distributed.SkellamPlan.from_dict(saved.mechanism)
+            site.ledger.check_round(fingerprint, run_id, rnd, p.noise_multiplier, p.sample_rate, 1, mechanism=p)
+        elif saved is None:  # a new run's noise adapts to what is left (run_noise): refused only with nothing left
+            spent = site.ledger.spent(fingerprint)
+            if site.ledger.budget_epsilon - spent <= EPSILON_SLACK:
+                raise BudgetError(f"the site has spent epsilon {spent:.3f} of its budget {site.ledger.budget_epsilon:g}: "
+                                  f"nothing is left for run {run_id}. Nothing was trained or sent")
+        else:
+            site.ledger.check_round(fingerprint, run_id, rnd, saved.noise_multiplier, saved.sample_rate,
+                                    saved.steps_per_round)
+    except AlreadyReleased:
+        return
 
 
 def distributed_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunConfig, run_id: str, rnd: int,

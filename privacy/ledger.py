@@ -284,31 +284,9 @@ class PrivacyLedger:
         """Check the budget for this round and write a pending entry; raise BudgetError to refuse.
         `mechanism`: a distributed round's Skellam plan (None: DP-SGD's Gaussian steps)."""
         with self._locked() as state:
-            if any((e["run_id"], e["round"], e["status"]) == (run_id, rnd, "committed") for e in state["entries"]):
-                raise AlreadyReleased(f"round {rnd} of run {run_id} was trained and its update sent before; the "
-                                      "site does not train it again (a resumed server gets the same update back)")
-            plan = self._plan(state, dataset, run_id)
-            same = [e for e in state["entries"] if (e["dataset"], e["run_id"], e["round"]) == (dataset, run_id, rnd)]
-            if plan is not None:
-                self._check_plan(state, plan, dataset, run_id, rnd, noise_multiplier, sample_rate, steps)
-            pending = [e for e in same if e["status"] == "pending"]
-            attempt = pending[-1]["attempt"] if pending else len(same) + 1
-            key = (dataset, run_id, rnd, attempt)
-            past = self._history(state, skip=key)
-            before = epsilon(past, self.delta)
-            this = mechanism.steps(steps) if mechanism is not None else (noise_multiplier, sample_rate, steps)
-            projected = epsilon(past + [this], self.delta)
-            if plan is not None and projected > plan.epsilon_cap + EPSILON_SLACK:
-                raise BudgetError(
-                    f"round {rnd} refused: run {run_id} may bring this site's spend to epsilon "
-                    f"{plan.epsilon_cap:.3f} (its epsilon {plan.epsilon:g} on top of what was spent when it started); "
-                    f"this round would bring it to {projected:.3f}. Nothing was trained or sent")
-            if projected > self.budget_epsilon:
-                raise BudgetError(
-                    f"round {rnd} refused: the site has spent epsilon {before:.3f} of its budget "
-                    f"{self.budget_epsilon:g} (delta {self.delta:g}); this round ({steps} steps, noise "
-                    f"{noise_multiplier:.3f}) would bring it to {projected:.3f}. Nothing was trained or sent"
-                )
+            key, before, projected = self._checked_round(state, dataset, run_id, rnd, noise_multiplier, sample_rate,
+                                                         steps, mechanism)
+            attempt = key[3]
             state["entries"] = [e for e in state["entries"]
                                 if (e["dataset"], e["run_id"], e["round"], e["attempt"]) != key]
             state["entries"].append({
@@ -317,6 +295,42 @@ class PrivacyLedger:
                 **({"mechanism": mechanism.to_dict()} if mechanism is not None else {}), "started": time.time()})
             self._write(state)
         return RoundTicket(dataset, run_id, rnd, attempt, noise_multiplier, sample_rate, steps, before, projected)
+
+    def check_round(self, dataset: str, run_id: str, rnd: int, noise_multiplier: float, sample_rate: float,
+                    steps: int, mechanism: SkellamPlan | None = None) -> None:
+        """begin_round's checks without its pending entry: raise BudgetError if the round would be refused. A site
+        asks at SecAgg+'s setup stage, before any site trains, so that a round it would refuse costs no one a spend."""
+        self._checked_round(self._read(), dataset, run_id, rnd, noise_multiplier, sample_rate, steps, mechanism)
+
+    def _checked_round(self, state: dict, dataset: str, run_id: str, rnd: int, noise_multiplier: float,
+                       sample_rate: float, steps: int, mechanism: SkellamPlan | None) -> tuple[tuple, float, float]:
+        """(the round's entry key, epsilon before it, epsilon after it), or BudgetError: the round is refused."""
+        if any((e["run_id"], e["round"], e["status"]) == (run_id, rnd, "committed") for e in state["entries"]):
+            raise AlreadyReleased(f"round {rnd} of run {run_id} was trained and its update sent before; the "
+                                  "site does not train it again (a resumed server gets the same update back)")
+        plan = self._plan(state, dataset, run_id)
+        same = [e for e in state["entries"] if (e["dataset"], e["run_id"], e["round"]) == (dataset, run_id, rnd)]
+        if plan is not None:
+            self._check_plan(state, plan, dataset, run_id, rnd, noise_multiplier, sample_rate, steps)
+        pending = [e for e in same if e["status"] == "pending"]
+        attempt = pending[-1]["attempt"] if pending else len(same) + 1
+        key = (dataset, run_id, rnd, attempt)
+        past = self._history(state, skip=key)
+        before = epsilon(past, self.delta)
+        this = mechanism.steps(steps) if mechanism is not None else (noise_multiplier, sample_rate, steps)
+        projected = epsilon(past + [this], self.delta)
+        if plan is not None and projected > plan.epsilon_cap + EPSILON_SLACK:
+            raise BudgetError(
+                f"round {rnd} refused: run {run_id} may bring this site's spend to epsilon "
+                f"{plan.epsilon_cap:.3f} (its epsilon {plan.epsilon:g} on top of what was spent when it started); "
+                f"this round would bring it to {projected:.3f}. Nothing was trained or sent")
+        if projected > self.budget_epsilon:
+            raise BudgetError(
+                f"round {rnd} refused: the site has spent epsilon {before:.3f} of its budget "
+                f"{self.budget_epsilon:g} (delta {self.delta:g}); this round ({steps} steps, noise "
+                f"{noise_multiplier:.3f}) would bring it to {projected:.3f}. Nothing was trained or sent"
+            )
+        return key, before, projected
 
     @staticmethod
     def _check_plan(state: dict, plan: RunPlan, dataset: str, run_id: str, rnd: int, noise_multiplier: float,

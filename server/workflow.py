@@ -29,7 +29,7 @@ from flwr.serverapp import Grid
 from privacy import secagg_masks
 from server import progress
 from server.strategy import refusal_reason
-from shared_models.protocol import REFUSAL_PREFIX
+from shared_models.protocol import REFUSAL_PREFIX, RUN_KEY, SERVER_ROUND, SETUP_TERMS
 from shared_models.wire import is_packed, pack, unpack
 
 secagg_masks.install()  # SecAgg+'s masks from the whole seed, as the sites' mod draws them (privacy/secagg_masks.py)
@@ -47,6 +47,7 @@ class PollingGrid:
     def __init__(self, grid: Grid, timeout: float, interval: float = 0.1):
         self._grid, self._timeout, self._interval = grid, timeout, interval
         self.errored: dict[int, str] = {}  # node -> its refusal's reason: nodes that refused a training message
+        self.setup_terms: dict = {}  # the round's run key and number, sent beside SecAgg+'s setup configs
 
     def __getattr__(self, name):
         return getattr(self._grid, name)
@@ -57,6 +58,8 @@ class PollingGrid:
         kind, asked = (messages[0].metadata.message_type if messages else ""), [m.metadata.dst_node_id for m in messages]
         for m in messages:  # one array per ArrayRecord on the wire (shared_models/wire.py)
             if m.has_content():
+                if self.setup_terms and _secagg_stage(m) == "setup":
+                    m.content.config_records[SETUP_TERMS] = ConfigRecord(dict(self.setup_terms))
                 m.content = pack(m.content)
         pending = set(self._grid.push_messages(messages))
         end, replies = time.monotonic() + timeout, []
@@ -78,6 +81,14 @@ class PollingGrid:
                 break
             time.sleep(self._interval)
         return replies
+
+
+def _secagg_stage(m) -> str:
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+    from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
+
+    configs = m.content.config_records.get(RECORD_KEY_CONFIGS)
+    return str(configs.get(SecAggKey.STAGE, "")) if configs is not None else ""
 
 
 class TimedSecAggPlusWorkflow(SecAggPlusWorkflow):
@@ -141,6 +152,10 @@ class TimedSecAggPlusWorkflow(SecAggPlusWorkflow):
         def run(grid, context, state):
             progress.stage(context, name)  # RUN_DIR/progress.json, for `oncofed run` / `oncofed runs follow`
             t = time.perf_counter()
+            if name == "setup_stage" and isinstance(grid, PollingGrid):  # the sites check the round before key sharing
+                rnd = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+                fit = context.strategy.on_fit_config_fn(rnd) if context.strategy.on_fit_config_fn else {}
+                grid.setup_terms = {k: fit[k] for k in (RUN_KEY, SERVER_ROUND) if k in fit}
             try:
                 ok = stage(grid, context, state)
                 if ok and name in ("setup_stage", "share_keys_stage"):

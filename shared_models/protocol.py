@@ -35,6 +35,8 @@ PREVIOUS_ROUND = "previous-round"  # JSON {"round", "status", "reason"} of the r
 #                                    `query.round_outcome` (ROUND_OUTCOME) when no model is delivered
 
 # --- site -> server: a refusal, an error reply instead of a fit result (client.app.site_policy_mod) ------------
+SETUP_TERMS = "oncofed.round"  # a ConfigRecord beside SecAgg+'s setup configs: the round's RUN_KEY and SERVER_ROUND,
+# so that a site checks before key sharing whether it could train the round (client.app.unready_refusal)
 REFUSAL_PREFIX = "refused: "  # how the reason starts; the rest says why in words that name no patient
 
 # --- site -> server: fit metrics (client.app, from client.local_round's results) -------------------------------
