@@ -13,8 +13,10 @@ newest `keep-checkpoints` rounds stay (a 250-round run would otherwise keep 1.3 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,33 +78,55 @@ def save_checkpoint(root: Path, rnd: int, weights: list[np.ndarray], strategy_st
 def prune_checkpoints(root: Path, keep: int, latest: str) -> list[str]:
     """Removes round directories beyond the `keep` newest (never `latest`, the one resuming reads). Runs only
     after latest.json points at the new round, so a crash here leaves extra directories, never too few."""
-    rounds = sorted((d for d in root.glob("round-[0-9]*") if d.is_dir() and d.name[6:].isdigit()),
-                    key=lambda d: int(d.name[6:]))  # by number: round-10000 comes after round-9999
+    rounds = _round_dirs(root)  # by number: round-10000 comes after round-9999
     removed = [d.name for d in rounds[:-keep] if d.name != latest]
     for name in removed:
         shutil.rmtree(root / name, ignore_errors=True)
     return removed
 
 
+def _round_dirs(root: Path) -> list[Path]:
+    """The complete round checkpoints (a round-NNNN directory is renamed into place only once fsynced), by number."""
+    return sorted((d for d in root.glob("round-[0-9]*") if d.is_dir() and d.name[6:].isdigit()),
+                  key=lambda d: int(d.name[6:]))
+
+
 def has_checkpoint(root: Path) -> bool:
     """What `load_latest` (and so a resumed ServerApp) will find something in."""
-    return (root / "latest.json").exists()
+    return (root / "latest.json").exists() or bool(_round_dirs(root))
 
 
 def load_latest(root: Path) -> Checkpoint | None:
-    pointer = root / "latest.json"
-    if not pointer.exists():
-        return None
+    """The checkpoint latest.json names; without a readable latest.json, or when the directory it names is gone (moved
+    aside by the operator), the newest round directory: never the run's start while a round's checkpoint exists
+    (restarting from round 1 would ask the sites again for rounds they released, under another sum)."""
+    pointer, d = root / "latest.json", None
     try:
         d = root / json.loads(pointer.read_text())["path"]
+    except FileNotFoundError:
+        pass
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        logging.getLogger(__name__).warning("%s unreadable (%s): resuming from the newest round directory", pointer, e)
+    if d is None or not d.is_dir():
+        rounds = _round_dirs(root)
+        if not rounds:
+            return None
+        if d is not None:
+            logging.getLogger(__name__).warning("%s names %s, which is gone: resuming from %s", pointer, d.name,
+                                                rounds[-1].name)
+        d = rounds[-1]
+    try:
         with np.load(d / "weights.npz") as z:
             weights = [z[f"arr_{i}"] for i in range(len(z.files))]
         with np.load(d / "strategy_state.npz") as z:
             state = {k: z[k] for k in z.files}
         meta = json.loads((d / "meta.json").read_text())
-    except (OSError, KeyError, ValueError) as e:
-        raise CheckpointError(f"{root}: latest checkpoint unreadable ({e}); remove latest.json to fall back "
-                              "to an older round-NNNN directory by hand, or start a new run") from None
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise CheckpointError(
+            f"{d}: checkpoint unreadable ({type(e).__name__}: {e}); restore it from a backup, or move the directory "
+            f"out of {root} to resume from the round before it (the sites resend the later rounds' updates from their "
+            "release copies, spending nothing again). Do not delete latest.json alone: the newest round directory "
+            "is read in its place") from None
     return Checkpoint(round=int(meta["round"]), weights=weights, strategy_state=state, meta=meta)
 
 

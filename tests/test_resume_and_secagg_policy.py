@@ -242,3 +242,29 @@ def test_checkpoints_are_pruned_by_round_number_past_round_9999(tmp_path):
     for rnd in (9998, 9999, 10000):
         (tmp_path / f"round-{rnd:04d}").mkdir()
     assert prune_checkpoints(tmp_path, 2, "round-10000") == ["round-9998"]
+
+
+def test_a_damaged_or_missing_latest_checkpoint_never_restarts_the_run_from_round_one(tmp_path):
+    """A truncated weights.npz gave a raw BadZipFile; the old advice (delete latest.json) restarted the run from round
+    1, its sites refusing rounds they had released and the ledgers recording them abandoned. Now: the damaged
+    directory is named with the fix; latest.json missing or naming a directory moved aside, the newest round's."""
+    from server.checkpoint import CheckpointError
+
+    root = tmp_path / "ckpt"
+    for rnd in (1, 2):
+        save_checkpoint(root, rnd, [np.full(3, float(rnd))], {"m": np.zeros(2)}, {"run_key": "k"})
+    (root / "round-0002" / "weights.npz").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(CheckpointError, match=r"round-0002: checkpoint unreadable \(BadZipFile") as e:
+        load_latest(root)
+    assert "move the directory out of" in str(e.value) and "Do not delete latest.json alone" in str(e.value)
+    (root / "latest.json").unlink()  # the old advice: the newest round directory is still read, not round 1
+    with pytest.raises(CheckpointError, match="round-0002"):
+        load_latest(root)
+    (root / "round-0002").rename(tmp_path / "round-0002.damaged")  # the new advice: the round before it
+    assert load_latest(root).round == 1 and load_latest(root).weights[0][0] == 1.0
+    save_checkpoint(root, 2, [np.full(3, 2.0)], {"m": np.zeros(2)}, {"run_key": "k"})
+    (root / "round-0002").rename(tmp_path / "round-0002.aside")  # latest.json names a directory that is gone
+    assert load_latest(root).round == 1
+    (root / "latest.json").write_text("{not json")
+    assert load_latest(root).round == 1
+    assert load_latest(tmp_path / "none") is None
