@@ -44,7 +44,7 @@ from flwr.compat.common.recorddict_compat import (
     recorddict_to_fitins,
 )
 
-from client.releases import Release, ReleaseStore
+from client.releases import Release, ReleaseDamaged, ReleaseStore
 from privacy import secagg_masks
 from privacy.audit import ANCHORS_FILE, AUDIT_FILE, AnchorStore, AuditError, AuditLog
 from privacy.run_config import load_run_config
@@ -450,7 +450,8 @@ def _train(msg: Message, context: Context) -> Message:
     releases = ReleaseStore(settings.paths.state_dir)
     if cfg.privacy.enabled and (entry := site.ledger.released(site.dataset_fingerprint, run_key, rnd)) is not None:
         _resend_terms(fitins, msg, settings, site, run_key, cfg, audit)
-        return _resend(msg, fitins, settings, releases.load(run_key, rnd), arrays_sha256(global_arrays), audit, entry)
+        return _resend(msg, fitins, settings, _release(releases, run_key, rnd, fitins, msg, settings, audit),
+                       arrays_sha256(global_arrays), audit, entry)
     with _withheld_if_refused(site, settings, run_key, rnd):  # a refusal after the spend: the ledger says so
         try:
             result = train_round(site, global_arrays, cfg, run_key, rnd, site_seed=settings.index)
@@ -627,7 +628,7 @@ def _train_distributed(msg: Message, fitins, context: Context, cfg: RunConfig, s
     releases = ReleaseStore(settings.paths.state_dir)
     if (entry := site.ledger.released(site.dataset_fingerprint, run_key, rnd)) is not None:
         _resend_terms(fitins, msg, settings, site, run_key, cfg, audit)
-        release = releases.load(run_key, rnd)
+        release = _release(releases, run_key, rnd, fitins, msg, settings, audit)
         if release is not None and (problem := grid.off_grid(release.delta, release.num_examples, n_sites)):
             raise _refusal(fitins, msg, settings.name, f"round {rnd} of run {run_key} was released on another SecAgg+ "
                            f"grid ({problem}); resent into this one, Flower would change the values and the sum would "
@@ -698,6 +699,19 @@ def _withheld_if_refused(site, settings: SiteSettings, run_key: str, rnd: int):
         raise
 
 
+def _release(releases: ReleaseStore, run_key: str, rnd: int, fitins, msg: Message, settings: SiteSettings,
+             audit: AuditLog):
+    """The round's released update to send again, None if none was kept; a refusal naming the file if it is damaged."""
+    try:
+        return releases.load(run_key, rnd)
+    except ReleaseDamaged as e:
+        log(WARNING, "site %s: %s", settings.name, e)
+        raise _refusal(fitins, msg, settings.name, f"round {rnd} of run {run_key} was trained and sent before, and the "
+                       f"site's copy of that update ({e.path}) cannot be read ({e.why}); training it again would spend "
+                       "the privacy budget twice, so the site sends nothing. Restore the file from a backup of the "
+                       "site's state directory to send it again", audit) from None
+
+
 def _resend(msg: Message, fitins, settings: SiteSettings, release, global_sha256: str, audit: AuditLog,
             entry: dict | None = None) -> Message:
     """A round of this run whose update already left the site: the same update again, or a refusal."""
@@ -708,8 +722,10 @@ def _resend(msg: Message, fitins, settings: SiteSettings, release, global_sha256
                        f"withheld ({entry['outcome'].get('reason', '')}); its spend counts, and training it again "
                        "would spend the privacy budget twice, so the site sends nothing", audit)
     if release is None or release.global_sha256 != global_sha256:
-        raise _refusal(fitins, msg, settings.name, f"round {rnd} of run {run_key} was already trained and sent "
-                       + ("from other global weights" if release is not None else "(its copy is gone)")
+        raise _refusal(fitins, msg, settings.name, f"round {rnd} of run {run_key} was trained before (its spend counts) "
+                       + ("and sent from other global weights" if release is not None else
+                          "and no copy of its update is kept (a crash before the copy was written, which may have kept "
+                          "it from being sent, or a deleted file)")
                        + "; training it again would spend the privacy budget twice, so the site sends nothing", audit)
     log(INFO, "site %s: round %s of run %s was released before; sending the same update again (no new spend)",
         settings.name, rnd, run_key)

@@ -17,12 +17,21 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from shared_models.files import atomic_file
+
+
+class ReleaseDamaged(Exception):
+    """A released update's copy that cannot be read: `path` (relative to the site's state directory), `why`."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"{path}: {why}")
+        self.path, self.why = path, why
 
 
 @dataclass
@@ -97,10 +106,14 @@ class ReleaseStore:
                 old.unlink(missing_ok=True)
 
     def load(self, run_id: str, rnd: int) -> Release | None:
+        """The round's released update, None if none was kept; ReleaseDamaged if its file cannot be read."""
         path = self._path(run_id, rnd)
         if not path.exists():
             return None
-        with np.load(path) as z:
-            meta = json.loads(bytes(z["meta"]).decode())
-            arrays = [z[f"arr_{i}"] for i in range(len(z.files) - 1)]
-        return Release(meta["global_sha256"], arrays, int(meta["num_examples"]), meta["metrics"])
+        try:
+            with np.load(path) as z:
+                meta = json.loads(bytes(z["meta"]).decode())
+                arrays = [z[f"arr_{i}"] for i in range(len(z.files) - 1)]
+            return Release(meta["global_sha256"], arrays, int(meta["num_examples"]), meta["metrics"])
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
+            raise ReleaseDamaged(path.relative_to(self.root.parent), f"{type(e).__name__}: {e}") from None

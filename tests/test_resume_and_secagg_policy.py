@@ -181,12 +181,22 @@ def test_a_released_round_whose_copy_was_pruned_is_refused_not_trained_again(tmp
     fitins = recorddict_to_fitins(msg.content, keep_input=True)
     settings = SiteSettings(name="s", index=0, paths=None, budget_epsilon=8.0, require_secagg=True)
     audit = AuditLog(tmp_path / "audit.jsonl")
-    with pytest.raises(SiteRefusal, match="its copy is gone.*spend the privacy budget twice"):
+    with pytest.raises(SiteRefusal, match="no copy of its update is kept.*spend the privacy budget twice"):
         _resend(msg, fitins, settings, None, "abc", audit)
     with pytest.raises(SiteRefusal, match="from other global weights"):
         _resend(msg, fitins, settings, Release("xyz", [np.zeros(2)], 17, {}), "abc", audit)
+    # a copy that cannot be read (a file cut short): named, with the fix, instead of numpy's "File is not a zip file"
+    from client.app import _release
+    from client.releases import ReleaseStore
+
+    store = ReleaseStore(tmp_path / "state")
+    store.save("run-A", 3, Release("abc", [np.zeros(2)], 17, {}))
+    path = store._path("run-A", 3)
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(SiteRefusal, match=r"round-0003.npz\) cannot be read \(BadZipFile.*Restore the file"):
+        _release(store, "run-A", 3, fitins, msg, settings, audit)
     events = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
-    assert [(e["event"], e["round"]) for e in events] == [("round_refused", 3), ("round_refused", 3)]
+    assert [(e["event"], e["round"]) for e in events] == [("round_refused", 3)] * 3
 
 
 def test_a_deployed_site_refuses_a_run_without_dp_unless_its_node_config_allows_it(tmp_path):
