@@ -56,6 +56,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from privacy.accounting import MAX_BUDGET, BudgetError, Mechanism, epsilon
+from privacy.audit import AUDIT_FILE
 from privacy.distributed import SkellamPlan
 from shared_models.files import write_json_atomic
 
@@ -70,6 +71,15 @@ def dataset_fingerprint(patient_ids: list[str], schema_hash: str) -> tuple[str, 
     return hashlib.sha256(("\n".join(hashed)).encode()).hexdigest(), len(hashed)
 
 
+def _audit_shows_training(log: Path) -> bool:
+    """Whether a site's audit log records a round trained (a spend): read as text, without checking its chain."""
+    try:
+        with open(log, "rb") as fh:
+            return any(b'"event": "round_trained"' in line for line in fh)
+    except FileNotFoundError:
+        return False
+
+
 def read_ledger(path: str | Path) -> dict:
     """A ledger file's contents (datasets, runs, entries), for reading only: no lock, no budget needed."""
     path = Path(path)
@@ -81,6 +91,10 @@ def read_ledger(path: str | Path) -> dict:
                           "Training is refused until then") from None
     if not isinstance(state, dict) or state.get("format") != LEDGER_FORMAT:
         raise BudgetError(f"{path}: not an OncoFed privacy ledger")
+    if not isinstance(state.get("datasets"), dict) or not isinstance(state.get("entries"), list) or not all(
+            isinstance(e, dict) for e in state["entries"]) or not isinstance(state.get("runs", {}), dict):
+        raise BudgetError(f"{path}: privacy ledger damaged (its datasets, runs or entries are missing or not what a "
+                          "ledger holds); restore it from a backup. Training is refused until then")
     return state
 
 
@@ -152,15 +166,18 @@ class PrivacyLedger:
     def _create(self) -> None:
         """A new site's empty ledger, before any lock file: link(2) puts it in place only if no ledger is there
         (another process may create it at the same moment), so an existing ledger is never overwritten."""
-        lost = self._lock_path.exists() or any((self.path.parent / "released").glob("*/round-*.npz"))
+        lost = [what for what, seen in (
+            (self._lock_path.name, lambda: self._lock_path.exists()),
+            ("released updates in released/", lambda: any((self.path.parent / "released").glob("*/round-*.npz"))),
+            (f"rounds trained in {AUDIT_FILE}", lambda: _audit_shows_training(self.path.parent / AUDIT_FILE)),
+        ) if seen()]
         if lost and self.path.exists():
             return  # another process created it (and took its lock) since this one looked
         if lost:
             raise BudgetError(
-                f"{self.path}: the privacy ledger is missing, but {self._lock_path.name} or released updates in "
-                f"{self.path.parent / 'released'} show that this site has trained with one. A new ledger would "
-                "start from zero and forget the spend: restore the ledger from backup. Training is refused until "
-                "then. (If this state directory never trained, delete the lock file and the released/ directory.)")
+                f"{self.path}: the privacy ledger is missing, but {' and '.join(lost)} show that this site has trained "
+                "with one. A new ledger would start from zero and forget the spend: restore the ledger from a backup "
+                "(with the rest of the state directory). Training is refused until then")
         tmp = self.path.with_name(f"{self.path.name}.{secrets.token_hex(4)}.new")
         write_json_atomic(tmp, {"format": LEDGER_FORMAT, "delta": self.delta, "datasets": {}, "entries": []})
         try:

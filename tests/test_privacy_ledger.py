@@ -115,7 +115,7 @@ def test_a_runs_spend_does_not_tell_whether_a_patient_was_in_an_earlier_dataset(
     assert spends[0] == spends[1] > 0
 
 
-@pytest.mark.parametrize("evidence", ["lock", "released"])
+@pytest.mark.parametrize("evidence", ["lock", "released", "audit"])
 def test_a_lost_ledger_refuses_training_instead_of_starting_from_zero(tmp_path, evidence):
     ledger = _ledger(tmp_path)
     _run_rounds(ledger, ledger.register_dataset(IDS, "h"), "run-1", 1.1, 0.1, 10, rounds=2)
@@ -124,11 +124,32 @@ def test_a_lost_ledger_refuses_training_instead_of_starting_from_zero(tmp_path, 
         (tmp_path / "ledger.json.lock").unlink()
         (tmp_path / "released" / "run-1").mkdir(parents=True)
         (tmp_path / "released" / "run-1" / "round-0002.npz").write_bytes(b"")
-    with pytest.raises(BudgetError, match="the privacy ledger is missing.*restore the ledger from backup"):
+    if evidence == "audit":  # the lock file and released/ gone too (the old refusal's own advice): the audit log tells
+        from privacy.audit import AuditLog
+
+        (tmp_path / "ledger.json.lock").unlink()
+        AuditLog(tmp_path / "audit.jsonl").append("round_trained", run="run-1", round=2, epsilon=1.2)
+    with pytest.raises(BudgetError, match="the privacy ledger is missing.*restore the ledger from a backup") as e:
         _ledger(tmp_path)
+    assert "delete" not in str(e.value)  # no advice that would let a site start its spend from zero
     (tmp_path / "ledger.json.lock").unlink(missing_ok=True)
     if evidence == "lock":
         assert _ledger(tmp_path).spent(_ledger(tmp_path).register_dataset(IDS, "h")) == 0.0  # a new site: a new ledger
+
+
+@pytest.mark.parametrize("damage", [{"datasets": None}, {"entries": {}}, {"entries": [1]}, {"runs": []}])
+def test_a_ledger_of_the_wrong_shape_is_refused_naming_the_file_not_a_keyerror(tmp_path, damage):
+    import json
+
+    ledger = _ledger(tmp_path)
+    _run_rounds(ledger, ledger.register_dataset(IDS, "h"), "run-1", 1.1, 0.1, 10, rounds=1)
+    state = json.loads((tmp_path / "ledger.json").read_text())
+    state.update(damage)
+    if damage == {"datasets": None}:
+        del state["datasets"]
+    (tmp_path / "ledger.json").write_text(json.dumps(state))
+    with pytest.raises(BudgetError, match="ledger.json: privacy ledger damaged.*restore it from a backup"):
+        _ledger(tmp_path).register_dataset(IDS, "h")
 
 
 def test_an_exhausted_budget_refuses_the_round_and_writes_nothing(tmp_path):
