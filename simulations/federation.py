@@ -125,15 +125,23 @@ def run_federation(work: Path, run_config: dict, n_sites: int, stream=sys.stdout
     args = [str(ROOT), "local", "--stream", "--federation-config",
             f"num-supernodes={n_sites} client-resources-num-cpus=1", "--run-config", flwr_overrides(run_config)]
     log_path = work / FLWR_LOG
+    result_file = Path(run_config["output-dir"]) / RESULT
+    before = _mtime_ns(result_file)  # an earlier attempt's result: `flwr run` exits 0 when the ServerApp raised
     try:
         code = run_flwr(args, link.env, log_path, show)
     finally:
         link.stop()
-    result_file = Path(run_config["output-dir"]) / RESULT
-    if code != 0 or not result_file.exists():
+    if code != 0 or _mtime_ns(result_file) in (None, before):
         why = f"flwr exit {code}" if code else "the server app ended without a result"
         raise SimulationError(f"the federated run did not complete ({why}); see {log_path} and {link.log_file}")
     return json.loads(result_file.read_text())
+
+
+def _mtime_ns(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
 
 
 def _interesting(line: str) -> bool:
