@@ -372,3 +372,26 @@ def test_held_out_f1_is_split_by_how_many_patients_a_type_has_across_the_federat
     assert sizes["common"] == {"types": ["A", "B"], "patients": [300, 60], "mean_f1": pytest.approx(0.8)}
     assert sizes["rare"] == {"types": ["C", "D"], "patients": [24, 59], "mean_f1": pytest.approx(0.3)}
     assert f1_by_class_size({"A": 1.0}, {"A": 5}, threshold=5)["rare"]["mean_f1"] is None
+
+
+def test_a_run_whose_server_app_raised_is_not_reported_complete_with_an_earlier_result(tmp_path, monkeypatch):
+    """`flwr run` exits 0 when the ServerApp raised: the result.json an earlier attempt left was returned as this
+    run's (a resume refused for a changed sample-rate printed 'completed')."""
+    from types import SimpleNamespace
+
+    import simulations.federation as fed
+
+    out = tmp_path / "server"
+    out.mkdir()
+    (out / "result.json").write_text('{"run": "earlier"}')
+    monkeypatch.setattr(fed, "start_local_superlink", lambda work: SimpleNamespace(env={}, stop=lambda: None,
+                                                                                   log_file=work / "superlink.log"))
+    monkeypatch.setattr(fed, "run_flwr", lambda *a, **k: 0)  # exit 0, no new result
+    with pytest.raises(fed.SimulationError, match="ended without a result"):
+        fed.run_federation(tmp_path, {"output-dir": str(out)}, n_sites=2, stream=None)
+
+    def writes(*a, **k):  # a run that finishes writes its result
+        (out / "result.json").write_text('{"run": "this"}')
+        return 0
+    monkeypatch.setattr(fed, "run_flwr", writes)
+    assert fed.run_federation(tmp_path, {"output-dir": str(out)}, n_sites=2, stream=None) == {"run": "this"}
