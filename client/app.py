@@ -754,6 +754,10 @@ def evaluate(msg: Message, context: Context) -> Message:
             site = prepared(settings, cfg, site_schema_path(context, cfg))
             last = int(ins.config.get(SERVER_ROUND, 0) or 0) == cfg.federation.num_rounds  # the model delivered
             n, metrics = evaluate_global(site, parameters_to_ndarrays(ins.parameters), cfg, patterns=last)
+            if n and cfg.privacy.enabled:  # the ledger's spend: the package's epsilon is never below it
+                metrics[EPSILON] = site.ledger.spent(site.dataset_fingerprint)
+                if cfg.privacy.distributed:
+                    metrics[EPSILON_WORST_CASE] = site.ledger.spent(site.dataset_fingerprint, worst_case=True)
         except SiteDataError:
             pass
     if n:

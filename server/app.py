@@ -216,6 +216,21 @@ def recover_round_records(out: Path, start: RunStart, audit: AuditLog) -> None:
         log(WARNING, "%s: round %s's entry written from its checkpoint (a crash came before it)", audit.path, rnd)
 
 
+def keep_site_epsilons(info: dict, names: dict, site_epsilon: dict, worst_case: dict) -> None:
+    """The round's epsilons into the run's per-site records: each contributing site's from its update (`names`: node
+    -> its label); then, from its evaluation, the ledger of a site that trained in this run, never lowering a record:
+    a round whose spend no update told (a crash after the spend, a refusal to resend) still reaches the package."""
+    for nid, site in info.get("sites", {}).items():
+        if EPSILON in site and nid in names:
+            site_epsilon[names[nid]] = float(site[EPSILON])
+        if EPSILON_WORST_CASE in site and nid in names:
+            worst_case[names[nid]] = float(site[EPSILON_WORST_CASE])
+    for name, e in info.get("site_eval", {}).items():  # by label (RoundRecorder files them so)
+        for key, kept in ((EPSILON, site_epsilon), (EPSILON_WORST_CASE, worst_case)):
+            if key in e and name in kept:
+                kept[name] = max(kept[name], float(e[key]))
+
+
 class RoundRecorder:
     """What the server keeps after every round: the checkpoint, a metrics.jsonl line, status.json (Prometheus),
     the run audit log's round entry and a new signed anchor for the sites, and the round's log line."""
@@ -261,11 +276,7 @@ class RoundRecorder:
                                  registered)
             info = {**info, "site_eval": {labels.get(nid, f"node {nid}"): {k: v for k, v in e.items() if k != "site"}
                                           for nid, e in evals.items()}}
-        for nid, site in info.get("sites", {}).items():
-            if EPSILON in site and nid in names:
-                self.site_epsilon[names[nid]] = float(site[EPSILON])
-            if EPSILON_WORST_CASE in site and nid in names:
-                self.site_epsilon_worst_case[names[nid]] = float(site[EPSILON_WORST_CASE])
+        keep_site_epsilons(info, names, self.site_epsilon, self.site_epsilon_worst_case)
         line = self._metrics_line(rnd, lctx, info, arrays)
         audit_round = dict(run=self.run_key, round=rnd, status=info.get("status"),
                            participants=info.get("participants", []), refused=info.get("refused", []),

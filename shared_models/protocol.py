@@ -72,7 +72,9 @@ FIT_METRICS = frozenset({SITE, AUDIT_HEAD, RESENT, LOCAL_STEPS, TRAIN_SECONDS, R
                          NOISE_MULTIPLIER, SAMPLE_RATE, LOCAL_VAL_ACCURACY, LOCAL_VAL_MACRO_F1, EPSILON_WORST_CASE,
                          TRUSTED_SITES, GRID_SCALE})
 # No site's patient count is among them: under DP it would tell neighbouring datasets apart (docs/privacy.md).
-EVALUATE_METRICS = frozenset({SITE, LOSS, ACCURACY, BALANCED_ACCURACY, MACRO_F1, PATTERNS})
+# EPSILON (and EPSILON_WORST_CASE) under DP: the site's ledger as it stands, so the delivered package carries every
+# spend, also a round's whose update a crash or refusal kept from the sum the server recorded
+EVALUATE_METRICS = frozenset({SITE, LOSS, ACCURACY, BALANCED_ACCURACY, MACRO_F1, PATTERNS, EPSILON, EPSILON_WORST_CASE})
 
 
 CONSORTIUM_PATTERN_MIN = 30  # held-out patients, summed over the sites, for a pattern to enter the package

@@ -69,8 +69,9 @@ def test_what_a_dp_site_sends_is_the_same_with_one_training_patient_less(tmp_pat
     weights = state_arrays(MultiModalTransformer(schema, load_run_config(run).model))
 
     a, b = (_reply(tmp_path, name, tables, run, weights) for name, tables in (("a", full), ("b", less)))
-    # the FedAvg weight: batch-size / sample-rate in site mode (192 / 0.5), max-weight on the distributed grid
-    assert a.num_examples == b.num_examples == (384 if mode["dp-mode"] == "site" else 2000)
+    # the FedAvg weight: batch-size / sample-rate in site mode ("auto": 0.5 x 640 / 0.5, the recipe's public patient
+    # count), max-weight on the distributed grid
+    assert a.num_examples == b.num_examples == (640 if mode["dp-mode"] == "site" else 2000)
     assert set(a.metrics) == set(b.metrics) and "patients" not in a.metrics
     same = sorted(set(a.metrics) - MAY_DIFFER)
     assert {k: a.metrics[k] for k in same} == {k: b.metrics[k] for k in same}, same

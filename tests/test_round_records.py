@@ -248,3 +248,19 @@ def test_the_polling_grid_keeps_each_refusing_nodes_reason_and_no_offline_nodes_
     asked = [NS(metadata=NS(message_type=MessageType.TRAIN, dst_node_id=n), has_content=lambda: False) for n in (3, 4, 5)]
     assert len(grid.send_and_receive(asked)) == 3
     assert grid.errored == {3: "the budget is spent", 4: "the budget is spent"}
+
+
+def test_the_package_epsilon_is_never_below_what_a_site_that_trained_reports_from_its_ledger():
+    """A crash after a site's spend, then its refusal to resend, left the delivered package at 6.58 for a site whose
+    ledger said 7.93: the site's evaluation now reports its ledger, and the record takes the larger. A site that did
+    not train in the run is not added (its spend is other runs')."""
+    from server.app import keep_site_epsilons
+    from shared_models.protocol import EPSILON, EPSILON_WORST_CASE
+
+    eps, worst = {"C0": 6.58}, {"C0": 20.0}
+    info = {"sites": {"7": {EPSILON: 6.58, EPSILON_WORST_CASE: 20.0}},
+            "site_eval": {"C0": {EPSILON: 7.93, EPSILON_WORST_CASE: 24.7}, "C9": {EPSILON: 3.0}}}
+    keep_site_epsilons(info, {"7": "C0"}, eps, worst)
+    assert eps == {"C0": 7.93} and worst == {"C0": 24.7}
+    keep_site_epsilons({"site_eval": {"C0": {EPSILON: 7.0}}}, {}, eps, worst)  # never lowered
+    assert eps == {"C0": 7.93}
