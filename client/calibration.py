@@ -276,11 +276,26 @@ def calibrate(settings: SiteConfig, data_dir: Path, seed: int = 0) -> dict:
     if not found:
         raise ValueError(f"{data_dir}: no labels table; calibration needs the site's labelled patients "
                          f"({LABELS_STEM}.csv with {lm.schema.id_column!r} and {lm.schema.label_column!r})")
-    labels = read_table(found[0], lm.schema.id_column)[lm.schema.label_column].astype(str).str.strip()
+    table = read_table(found[0], lm.schema.id_column, text_columns=(lm.schema.label_column,))
+    if lm.schema.label_column not in table.columns:
+        raise ValueError(f"{found[0]}: no column {lm.schema.label_column!r}, the schema's label column (the table has "
+                         f"{', '.join(map(repr, list(table.columns)[:8]))}); name the label column "
+                         f"{lm.schema.label_column!r}")
+    labels = table[lm.schema.label_column].astype(str).str.strip()
     labels = labels[~labels.index.duplicated(keep=False)]
     checked = predictor.checked_tables(data_dir)
     lookup = {c: k for k, c in enumerate(lm.schema.classes)}
     keep = [k for k, pid in enumerate(checked.ids) if labels.get(pid) in lookup]
+    foreign = labels[~labels.isin(list(lookup)) & ~labels.isin(["", "nan"])]
+    folded = {c.casefold(): c for c in lookup}
+    if misspelt := sorted({f for f in foreign if f.casefold() in folded}) or (
+            len(foreign) > len(labels) / 2 and sorted(set(foreign))):
+        raise ValueError(f"{found[0]}: {len(foreign)} of {len(labels)} labels are none of the schema's classes ("
+                         + ", ".join(f"{f!r}" + (f" for {folded[f.casefold()]!r}" if f.casefold() in folded else "")
+                                     for f in misspelt[:6]) + f"{' ...' if len(misspelt) > 6 else ''}; the classes: "
+                         f"{', '.join(lm.schema.classes[:8])}{' ...' if len(lm.schema.classes) > 8 else ''}): write "
+                         "each label as the schema names its class (a label left empty leaves its patient out)")
+    left_out_labels = {str(k): int(v) for k, v in foreign.value_counts().items()}  # types the model does not know
     trained = could_have_trained(Path(settings.model_dir) / lm.version, [checked.ids[k] for k in keep])
     if trained is not None:
         keep = [k for k, was in zip(keep, trained) if not was]
@@ -306,6 +321,7 @@ def calibrate(settings: SiteConfig, data_dir: Path, seed: int = 0) -> dict:
     result = {"format": FORMAT, "model_version": lm.version, "weights_sha256": lm.package.get("weights_sha256"),
               "temperature": round(t, 6), "fitted": time.time(), "seed": seed, "n_fit": int(len(fit)),
               "left_out_trained": None if trained is None else int(trained.sum()), "overall_not_fitted": kept_own,
+              "left_out_labels": left_out_labels,
               "n_heldout": int(len(held)), "ece_bins": ECE_BINS,
               "heldout": {"ece_before": round(expected_calibration_error(before, y[held]), 4),
                           "ece_after": round(expected_calibration_error(after, y[held]), 4),

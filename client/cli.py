@@ -283,10 +283,13 @@ def serve_calibrate(
         typer.echo(f"overall temperature kept at 1 (the model's own probabilities): {r['overall_not_fitted']}")
     if r["left_out_trained"] is None:
         typer.echo("warning: the model's version does not say which of these patients its run trained on (installed "
-                   "before 2026-12-05): all were used, and any it trained on make it look more accurate and surer than "
+                   "by older OncoFed code): all were used, and any it trained on make it look more accurate and surer than "
                    "it is", err=True)
     else:
         typer.echo(f"left out: {r['left_out_trained']} patients in the training part of the run that made the model")
+    if r.get("left_out_labels"):
+        typer.echo("left out, labels of no class of the schema: " + ", ".join(
+            f"{k} ({v})" for k, v in sorted(r["left_out_labels"].items())))
     settings = _site_settings(site_config)
     _echo_patterns(r["patterns"], settings.serve.min_pattern_accuracy, r["consortium"])
     never = sorted((t for t, e in r["types"].items() if e["recall"] == 0 and e["n"] >= 3), key=lambda t: -r["types"][t]["n"])

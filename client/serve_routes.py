@@ -199,7 +199,7 @@ def model_routes(app, site: "Site", role) -> None:
                 "delta": p.get("delta"), "schema_hash": p.get("schema_hash"), "classes": lm.schema.classes,
                 "class_names": names_for(lm.schema),
                 "calibration": lm.calibration and {k: lm.calibration.get(k) for k in (
-                    "temperature", "heldout", "n_fit", "n_heldout", "fitted", "patterns", "left_out_trained",
+                    "temperature", "heldout", "n_fit", "n_heldout", "fitted", "patterns", "left_out_trained", "left_out_labels",
                     "overall_not_fitted", "types")},
                 "consortium_patterns": lm.consortium_patterns() or None,  # the package's: flags until calibrated
                 "min_pattern_accuracy": site.limits.min_pattern_accuracy,

@@ -1700,6 +1700,40 @@ def test_calibration_is_fitted_at_the_site_and_checked_on_held_out_patients(site
         before["predictions"][0]["probabilities"]
 
 
+def test_calibration_names_a_labels_table_it_cannot_read_and_labels_of_no_class(site, tmp_path):
+    """A labels table without the schema's label column gave a KeyError traceback; labels written another way ('brca'
+    for 'BRCA') were dropped without a word; labels of a type the schema does not know are left out and counted."""
+    from typer.testing import CliRunner
+
+    from oncofed.cli import app
+
+    _copy_site(site, tmp_path)
+    data = tmp_path / "labelled"
+    _labelled(site, data)
+    table = pd.read_csv(data / "labels.csv", dtype=str)
+    label = site["schema"].label_column
+
+    def calibrate():
+        return CliRunner().invoke(app, ["serve", "calibrate", "--site-config", str(tmp_path / "site.json"), "--data",
+                                        str(data)])
+
+    table.rename(columns={label: "diagnosis"}).to_csv(data / "labels.csv", index=False)
+    r = calibrate()
+    assert r.exit_code == 2 and f"no column {label!r}, the schema's label column" in r.output, r.output
+    cased = table.copy()
+    cased.loc[:4, label] = cased.loc[:4, label].str.swapcase()  # 'brca' for 'BRCA'
+    cased.to_csv(data / "labels.csv", index=False)
+    r = calibrate()
+    wrong = cased.loc[0, label]
+    assert r.exit_code == 2 and "are none of the schema's classes" in r.output, r.output
+    assert f"'{wrong}' for '{wrong.swapcase()}'" in r.output, r.output
+    other = table.copy()
+    other.loc[:2, label] = "SARC-X"  # a type the consortium does not cover: left out, counted
+    other.to_csv(data / "labels.csv", index=False)
+    r = calibrate()
+    assert r.exit_code == 0 and "labels of no class of the schema: SARC-X (3)" in r.output, r.output
+
+
 def _labelled(site, data, wrong_every: int = 5, n: int = N) -> None:
     """The site's tables with labels.csv: every `wrong_every`-th patient labelled as the next class (patients the
     model gets wrong, as a real site has)."""
