@@ -306,9 +306,18 @@ def parse_request(body: bytes, limits: ServeSettings) -> tuple[list, int]:
     if not isinstance(patients, list) or not patients:
         raise PredictionInputError([{"loc": "body.patients", "code": "no_patients",
                                      "msg": "a non-empty list of patients is required"}])
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= 50:
-        raise PredictionInputError([{"loc": "body.top_k", "code": "bad_top_k", "msg": "an integer from 0 to 50"}])
+    check_top_k(top_k, "body.top_k")
     return patients, top_k
+
+
+MAX_TOP_K = 50  # the most features an explanation names
+
+
+def check_top_k(top_k, loc: str) -> None:
+    """The one rule for top_k, a JSON request's and an upload's alike: refused, never clamped."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= MAX_TOP_K:
+        raise PredictionInputError([{"loc": loc, "code": "bad_top_k", "msg": f"an integer from 0 to {MAX_TOP_K}",
+                                     "fix": f"ask for 0 (no explanation) to {MAX_TOP_K} features"}])
 
 
 # "top_k": N as the first or the last member of the body's top-level object (the two places clients put it)

@@ -44,7 +44,8 @@ def prediction_routes(app, site: "Site", role) -> None:
     from fastapi.responses import JSONResponse, Response
 
     from client.predict import add_notes, refuse_weak_patterns
-    from client.prediction_input import (DecompressedBudget, PredictionInputError, asks_explanations, checked_json,
+    from client.prediction_input import (DecompressedBudget, PredictionInputError, asks_explanations, check_top_k,
+                                         checked_json,
                                          checked_tables, estimated_patients, parse_request, store_upload)
 
     parsing = CapacityLimiter(2)  # request parsing never occupies more threads than the machine has cores
@@ -148,19 +149,25 @@ def prediction_routes(app, site: "Site", role) -> None:
                 "fix": "send the tables as multipart form fields named 'files', one per table, e.g. "
                        "curl -F files=@expr.csv -F files=@labels.csv ..."}]), "/v1/predict/file")
         lm = site.current()
-        top_k = min(max(top_k, 0), 50)
+        try:
+            check_top_k(top_k, "query.top_k")
+        except PredictionInputError as e:
+            return refused(e, "/v1/predict/file")
 
         def store(tmp: Path) -> int:
             """The uploads in `tmp`, decompressed within the limits; an upper bound on their patients."""
             budget, rows = DecompressedBudget(site.limits), 0
+            modalities = {m.name for m in lm.schema.modalities}
             for f in files:
                 name = Path(f.filename or "").name
                 if not name or name.startswith("."):
                     raise PredictionInputError([{"loc": "files", "code": "no_name", "msg": "each file needs a "
                                                  "name: MODALITY.csv / .tsv / .parquet (optionally .gz)"}])
                 f.file.seek(0)
-                rows += store_upload(iter(lambda: f.file.read(1 << 20), b""), tmp / name, budget,
-                                     site.limits.max_patients)  # a patient may be in one table only
+                table = name.lower().split(".")[0] in modalities  # else ignored (a labels.csv): its rows count not
+                n = store_upload(iter(lambda: f.file.read(1 << 20), b""), tmp / name, budget,
+                                 site.limits.max_patients if table else 10**12)  # (its bytes do, within the budget)
+                rows += n if table else 0  # a patient may be in one table only
             return max(rows, 1)
 
         tmp = Path(tempfile.mkdtemp(prefix="oncofed-upload-"))
@@ -181,13 +188,21 @@ def prediction_routes(app, site: "Site", role) -> None:
 def model_routes(app, site: "Site", role) -> None:
     """The active model (read) and model management (admin)."""
     from fastapi import Depends, HTTPException
-    from pydantic import BaseModel
+    from pydantic import BaseModel, ConfigDict, model_validator
 
     from client.class_names import names_for
 
     class Activate(BaseModel):
+        model_config = ConfigDict(extra="forbid")  # a misspelt field is refused, not ignored
+
         version: str | None = None
         rollback: bool = False
+
+        @model_validator(mode="after")
+        def _one_of(self) -> "Activate":
+            if self.rollback == (self.version is not None):
+                raise ValueError('send either {"version": "v0002"} or {"rollback": true}, not both or neither')
+            return self
 
     @app.get("/v1/model")
     def model_info(who: dict = Depends(role("read"))):

@@ -228,12 +228,25 @@ def test_model_info_rollback_and_hot_reload(site, client):
     ModelStore(site["root"] / "models").activate("v0002")  # e.g. a newly delivered model: no restart
     assert client.get("/v1/model", headers=_auth(site["clinician"])).json()["version"] == "v0002"
     assert client.post("/v1/models/activate", json={"version": "v0009"}, headers=_auth(site["admin"])).status_code == 404
+    # a request that says two things, or a misspelt field, is refused, not half-followed (the rollback won, silently)
+    for body in ({"version": "v0002", "rollback": True}, {}, {"version": "v0001", "rollbak": True}):
+        r = client.post("/v1/models/activate", json=body, headers=_auth(site["admin"]))
+        assert r.status_code == 422, (body, r.text)
+    assert client.get("/v1/model", headers=_auth(site["clinician"])).json()["version"] == "v0002"
 
 
 def test_file_upload_health_and_metrics(site, client):
     files = [("files", (p.name, p.read_bytes(), "text/csv")) for p in sorted(site["data"].glob("*.csv"))]
     r = client.post("/v1/predict/file?top_k=0", files=files, headers=_auth(site["clinician"]))
     assert r.status_code == 200 and len(r.json()["predictions"]) == N
+    for k in (51, -1):  # refused as in a JSON request, not clamped to 50 or 0
+        r = client.post(f"/v1/predict/file?top_k={k}", files=files, headers=_auth(site["clinician"]))
+        assert r.status_code == 422 and "bad_top_k" in r.text, r.text
+    # a labels table bigger than serve.max-patients is ignored, not counted against it (a 413 before)
+    big = "patient,subtype\n" + "".join(f"X{i},A\n" for i in range(100_001))
+    r = client.post("/v1/predict/file?top_k=0", files=files + [("files", ("labels.csv", big.encode(), "text/csv"))],
+                    headers=_auth(site["clinician"]))
+    assert r.status_code == 200 and len(r.json()["predictions"]) == N, r.text[:300]
     assert client.get("/health").json()["status"] == "ok"
     text = client.get("/metrics").text
     assert "oncofed_serve_latency_seconds_bucket" in text and "oncofed_serve_predictions_total" in text
