@@ -706,6 +706,52 @@ def tables_apart(frames: dict) -> dict | None:
             "fix": hint or "if these are the same patients, write their ids the same way in every table"}
 
 
+_SEPARATORS = re.compile(r"[-._]")
+
+
+def _id_key(pid: str) -> str:
+    """An id as a person reads it: compatibility form (a full-width dash is a dash), case folded, no invisible
+    characters, every dash one dash."""
+    text = unicodedata.normalize("NFKC", pid).casefold()
+    text = "".join(ch for ch in text if unicodedata.category(ch) not in ("Cf", "Cc"))
+    return re.sub(r"[\u2010-\u2015\u2212]", "-", text).strip()
+
+
+def ids_written_differently(frames: dict) -> dict | None:
+    """Tables of one upload that share patients, and also hold ids that are another table's written differently
+    (another case or Unicode form, a longer sample id such as TCGA-2J-AAB4-01A for TCGA-2J-AAB4): each such
+    patient would be scored twice, from half its data each time, and nothing says so. Refused, naming pairs."""
+    if len(frames) < 2:
+        return None
+    tables = [(set(map(str, df.index)), file) for df, file in frames.values()]
+    pairs: list[tuple[str, str, str, str]] = []
+    for i, (a, fa) in enumerate(tables):
+        for b, fb in tables[i + 1:]:
+            only_a, only_b = a - b, b - a
+            if not only_a or not only_b:
+                continue
+            whole, heads = {}, {}  # the key of an id of b alone, and each of its prefixes at a separator -> the id
+            for pid in only_b:
+                key = _id_key(pid)
+                whole.setdefault(key, pid)
+                for m in _SEPARATORS.finditer(key):
+                    heads.setdefault(key[:m.start()], pid)
+            for pid in sorted(only_a):
+                key = _id_key(pid)  # the same id written another way, a's id cut short of b's, or b's of a's
+                other = whole.get(key) or heads.get(key) or next(
+                    (whole[key[:m.start()]] for m in _SEPARATORS.finditer(key) if key[:m.start()] in whole), None)
+                if other is not None:
+                    pairs.append((pid, fa, other, fb))
+    if not pairs:
+        return None
+    shown = "; ".join(f"{p!r} ({fa}) and {o!r} ({fb})" for p, fa, o, fb in pairs[:MAX_NAMES])
+    return {"loc": ", ".join(sorted({fa for _, fa, _, _ in pairs} | {fb for _, _, _, fb in pairs})),
+            "code": "ids_written_differently", "patients": [p for p, *_ in pairs[:MAX_NAMES]],
+            "msg": f"{len(pairs)} patient id(s) of one table seem to be another table's written differently: {shown}; "
+                   "each would be scored twice, from part of its data each time, so nothing is scored",
+            "fix": "write each patient's id the same way in every table (the patient id, not a sample id)"}
+
+
 def profile_spread(norm, a: int, b: int) -> float:
     """How much a modality's training means vary across its features (checked columns a:b): their SD over the
     features, in within-feature SDs."""
@@ -912,6 +958,8 @@ def checked_tables(lm, table_dir: Path, limits: ServeSettings) -> CheckedPatient
     frames, problems = table_frames(lm.schema, table_dir)
     if (apart := tables_apart(frames)) is not None:
         problems.append(apart)
+    elif (differently := ids_written_differently(frames)) is not None:
+        problems.append(differently)
     warnings = [p for p in problems if p.get("severity") == "warning"]
     problems = [p for p in problems if p.get("severity") != "warning"]
     ids, raw, errors, more = check_frames(lm.schema, frames, limits)

@@ -602,6 +602,25 @@ def test_a_clinical_export_with_more_columns_is_scored_its_extra_columns_reporte
     assert "extra_columns" in {w["code"] for w in r.json()["warnings"]}
 
 
+def test_tables_whose_ids_differ_for_some_patients_are_refused_naming_them(site, client):
+    """Half of one table's ids with a sample suffix (or in another case, or Unicode form): the tables still share
+    patients, and 10 patients came back as 15 answers, some from one modality alone, with no warning."""
+    def half_suffixed(df):
+        df.loc[df.index[::2], "patient"] = df.loc[df.index[::2], "patient"] + "-01A"
+
+    def half_lower(df):
+        df.loc[df.index[::2], "patient"] = df.loc[df.index[::2], "patient"].str.lower()
+    for edit, shown in ((half_suffixed, "'P000-01A' (expr.csv) and 'P000' (prot.csv)"),
+                        (half_lower, "'p000' (expr.csv) and 'P000' (prot.csv)")):
+        r = _upload(client, site, {"expr.csv": _csv(site, "expr", range(4), edit),
+                                   "prot.csv": _csv(site, "prot", range(4))})
+        assert r.status_code == 422 and _codes(r) == {"ids_written_differently"}, r.text
+        assert shown in r.text and "the same way in every table" in r.text, r.text
+    # other patients in each table (P004 only in one, P005 only in the other): answered
+    r = _upload(client, site, {"expr.csv": _csv(site, "expr", [0, 1, 4]), "prot.csv": _csv(site, "prot", [0, 1, 5])})
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 4, r.text
+
+
 def test_tables_that_share_no_patient_are_refused_or_flagged(site, client):
     def suffixed(df):
         df["patient"] = df["patient"] + "-01A"
