@@ -58,7 +58,12 @@ def main() -> None:
                     "exported and with every value shifted by a constant (another normalisation)")
     ap.add_argument("--narrow", action="store_true", help="instead: each patient's largest |z| in the modalities too "
                     "narrow for the median test (fewer than 10 standardised features), the per-value unit check's")
+    ap.add_argument("--panels", action="store_true", help="instead: the slope test on the sites' own patients with "
+                    "only a panel of each modality's features (the k most variable, or k at random), as a targeted "
+                    "assay measures: how often a correct patient is flagged or refused")
     args = ap.parse_args()
+    if args.panels:
+        return panels(args)
     if args.narrow:
         return narrow(args)
     if args.slopes:
@@ -106,6 +111,41 @@ def narrow(args) -> None:
                 top = top[np.isfinite(top)]
                 p99, p999 = np.percentile(top, [99, 99.9])
                 print(f"{site:5} {name:9} {m:9} {len(top):5}  {p99:6.2f} / {p999:6.2f} / {top.max():6.2f}")
+
+
+def panels(args) -> None:
+    """The slope test (client.prediction_input.profile_slopes, with SLOPE_MIN_SHARE) on the sites' own patients, each
+    modality with a varied profile reduced to a panel of k features: the most variable ones (a targeted assay), or k
+    at random. Measured on the sites' own patients only: the share of correct answers refused (`units`) or flagged."""
+    from client.prediction_input import PROFILE_MIN, SLOPE_REFUSE, SLOPE_WARN, profile_slopes, profile_spread
+    from privacy.site_config import ServeSettings
+
+    limits = ServeSettings(max_patients=10**9)
+    rng = np.random.default_rng(0)
+    print(f"{'site':5} {'modality':9} {'panel':18} {'judged':>6} {'refused':>8} {'flagged':>8}")
+    for site in args.sites.split(","):
+        lm, own, _ = site_tables(args.run, site)
+        norm = lm.normalizer
+        x0 = own.raw[:, norm.checked].astype(np.float64)
+        for m, a, b in norm.checked_groups:
+            if b - a < 10 or profile_spread(norm, a, b) < PROFILE_MIN:
+                continue
+            order = np.argsort(-np.nanvar(x0[:, a:b], axis=0))
+            for k in sorted({10, 20, 50, 100, (b - a) // 2 + 1, b - a}):
+                for how in ("most variable", "random"):
+                    cols = order[:k] if how == "most variable" else rng.choice(b - a, k, replace=False)
+                    x = x0.copy()
+                    block = x[:, a:b]
+                    block[:, np.setdiff1d(np.arange(b - a), cols)] = np.nan
+                    x[:, a:b] = block
+                    with np.errstate(invalid="ignore"):
+                        far = np.abs(norm.checked_z(x)) > limits.out_of_range_sd
+                    s = dict(profile_slopes(norm, x, leave_out=far))[m]
+                    judged = np.isfinite(s)
+                    s = s[judged]
+                    refused = float(np.mean((s < SLOPE_REFUSE[0]) | (s > SLOPE_REFUSE[1]))) if len(s) else 0.0
+                    flagged = float(np.mean((s < SLOPE_WARN[0]) | (s > SLOPE_WARN[1]))) if len(s) else 0.0
+                    print(f"{site:5} {m:9} {f'{k} {how}':18} {int(judged.sum()):6} {refused:8.3f} {flagged:8.3f}")
 
 
 def slopes(args) -> None:

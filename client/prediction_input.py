@@ -156,6 +156,11 @@ NARROW_UNITS_SD = 20.0
 PROFILE_MIN = 2.0
 SLOPE_WARN = (0.76, 1.25)  # outside: flagged `units_scale`
 SLOPE_REFUSE = (0.5, 2.0)  # outside: refused (`units`)
+# A slope is judged only on at least half of a modality's standardised features: a panel of the most variable miRNAs
+# (what a hospital's targeted assay measures) scatters the slopes of correct patients (`python benchmarks/units_check.py
+# RUN --panels`: the 10 most variable of 513 refused 7-23% of the sites' own patients, the 100 most variable 0.3-2%,
+# the 257 most variable none).
+SLOPE_MIN_SHARE = 0.5
 # Another normalisation (every value shifted by a constant) moves a patient's mean signed z. Where the profile is flat
 # (copy number, RPPA) real patients' means stay within +-0.6 (0.1st-99.9th percentile, own and held-out hospitals,
 # `python benchmarks/units_check.py RUN --shifts`) and a shift of 0.5 moves them to 0.61-3.09: beyond SHIFT_WARN the
@@ -773,7 +778,7 @@ def _profile_blocks(norm, values: np.ndarray, leave_out: np.ndarray | None, keep
 def profile_slopes(norm, x: np.ndarray, profile_min: float = PROFILE_MIN,
                    leave_out: np.ndarray | None = None) -> list[tuple[str, np.ndarray]]:
     """(modality, each patient's slope of its values against the site's training means; NaN with fewer than
-    UNITS_MIN_VALUES values) for the modalities whose mean profile varies enough (`profile_min`). `x`: the
+    UNITS_MIN_VALUES values or SLOPE_MIN_SHARE of the modality's) for the modalities whose mean profile varies enough (`profile_min`). `x`: the
     patients' values of the normaliser's checked columns (raw[:, norm.checked], float64). `leave_out` (like x):
     values the slope does not use (the service's: those beyond out-of-range-sd, each reported by name; one such
     value would otherwise set a least-squares slope alone and read as another unit)."""
@@ -785,7 +790,8 @@ def profile_slopes(norm, x: np.ndarray, profile_min: float = PROFILE_MIN,
         v = np.where(seen, v - v.sum(axis=1, keepdims=True) / np.maximum(n, 1)[:, None], 0.0)
         with np.errstate(invalid="ignore", divide="ignore"):
             slope = (c * v).sum(axis=1) / (c * c).sum(axis=1)
-        out.append((m, np.where(n >= UNITS_MIN_VALUES, slope, np.nan)))
+        enough = max(UNITS_MIN_VALUES, math.ceil(SLOPE_MIN_SHARE * (b - a)))
+        out.append((m, np.where(n >= enough, slope, np.nan)))
     return out
 
 

@@ -2238,6 +2238,18 @@ def test_values_in_another_log_base_are_flagged_or_refused(site, tmp_path):
         answer = r.json()["predictions"][0]
         assert [w["code"] for w in answer["warnings"]] == ["out_of_range"], answer["warnings"]
         assert answer["out_of_range"][0]["feature"] == m.features[0]
+        # a targeted panel (fewer than half the modality's features, its most variable) is not judged by its slope,
+        # which scatters on few features (correct patients were refused as another unit); from half on it is
+        panel = patient(float(np.log10(2)))
+        few = m.features[: m.n_features // 2 - 1]
+        panel["modalities"][m.name] = {f: v for f, v in panel["modalities"][m.name].items() if f in few}
+        r = c.post("/v1/predict", json={"patients": [panel], "top_k": 0}, headers=_auth(site["clinician"]))
+        assert r.status_code == 200 and "units_scale" not in r.text, r.text
+        half = patient(float(np.log10(2)))
+        keep = m.features[: (m.n_features + 1) // 2]
+        half["modalities"][m.name] = {f: v for f, v in half["modalities"][m.name].items() if f in keep}
+        r = c.post("/v1/predict", json={"patients": [half], "top_k": 0}, headers=_auth(site["clinician"]))
+        assert r.status_code == 422 and '"units"' in r.text, r.text
 
 
 
