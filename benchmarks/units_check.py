@@ -61,7 +61,11 @@ def main() -> None:
     ap.add_argument("--panels", action="store_true", help="instead: the slope test on the sites' own patients with "
                     "only a panel of each modality's features (the k most variable, or k at random), as a targeted "
                     "assay measures: how often a correct patient is flagged or refused")
+    ap.add_argument("--range", action="store_true", help="instead: the share of patients with a value beyond each of "
+                    "several SDs from the site's training mean (what serve.out-of-range-sd flags), own and held-out")
     args = ap.parse_args()
+    if args.range:
+        return out_of_range(args)
     if args.panels:
         return panels(args)
     if args.narrow:
@@ -113,14 +117,30 @@ def narrow(args) -> None:
                 print(f"{site:5} {name:9} {m:9} {len(top):5}  {p99:6.2f} / {p999:6.2f} / {top.max():6.2f}")
 
 
+def out_of_range(args) -> None:
+    """The share of a site's own and of the held-out hospitals' patients with at least one value beyond k SDs from the
+    site's training mean, for several k: how often `serve.out-of-range-sd` = k flags a correct answer."""
+    from privacy.site_config import ServeSettings
+
+    ks = (6, 8, 10, 12, 15, 20)
+    default = ServeSettings().out_of_range_sd
+    print(f"{'site':5} {'patients':9} {'n':>5}  share with a value beyond k SD: " + "  ".join(
+        f"{k}{'*' if k == default else ''}" for k in ks) + "   (*: the default)")
+    for site in args.sites.split(","):
+        lm, own, held = site_tables(args.run, site)
+        norm = lm.normalizer
+        for name, tables in (("own", own), ("held-out", held)):
+            z = np.abs(norm.checked_z(tables.raw[:, norm.checked].astype(np.float64)))
+            top = np.nanmax(np.where(np.isnan(z), -1.0, z), axis=1)
+            print(f"{site:5} {name:9} {len(top):5}  " + "  ".join(f"{np.mean(top > k):.3f}" for k in ks))
+
+
 def panels(args) -> None:
     """The slope test (client.prediction_input.profile_slopes, with SLOPE_MIN_SHARE) on the sites' own patients, each
     modality with a varied profile reduced to a panel of k features: the most variable ones (a targeted assay), or k
     at random. Measured on the sites' own patients only: the share of correct answers refused (`units`) or flagged."""
-    from client.prediction_input import PROFILE_MIN, SLOPE_REFUSE, SLOPE_WARN, profile_slopes, profile_spread
-    from privacy.site_config import ServeSettings
+    from client.prediction_input import LEAVE_OUT_SD, PROFILE_MIN, SLOPE_REFUSE, SLOPE_WARN, profile_slopes, profile_spread
 
-    limits = ServeSettings(max_patients=10**9)
     rng = np.random.default_rng(0)
     print(f"{'site':5} {'modality':9} {'panel':18} {'judged':>6} {'refused':>8} {'flagged':>8}")
     for site in args.sites.split(","):
@@ -139,7 +159,7 @@ def panels(args) -> None:
                     block[:, np.setdiff1d(np.arange(b - a), cols)] = np.nan
                     x[:, a:b] = block
                     with np.errstate(invalid="ignore"):
-                        far = np.abs(norm.checked_z(x)) > limits.out_of_range_sd
+                        far = np.abs(norm.checked_z(x)) > LEAVE_OUT_SD
                     s = dict(profile_slopes(norm, x, leave_out=far))[m]
                     judged = np.isfinite(s)
                     s = s[judged]
@@ -151,10 +171,7 @@ def panels(args) -> None:
 def slopes(args) -> None:
     """Each patient's slope against the site's mean profile (client.prediction_input.profile_slopes) per modality,
     with the profile's spread (its SD over features in within-feature SDs), as exported and in another log base."""
-    from client.prediction_input import profile_slopes, profile_spread
-    from privacy.site_config import ServeSettings
-
-    limits = ServeSettings(max_patients=10**9)
+    from client.prediction_input import LEAVE_OUT_SD, profile_slopes, profile_spread
     print(f"{'site':5} {'patients':28} {'modality (spread)':17} {'n':>5}  slope per patient: p0.1 / p1 / p50 / p99 / "
           "p99.9")
     for site in args.sites.split(","):
@@ -166,7 +183,7 @@ def slopes(args) -> None:
                                   ("held-out, log10 for log2", held, np.log10(2))):
             x = raw[:, norm.checked].astype(np.float64) * factor
             with np.errstate(invalid="ignore"):  # as the service: values beyond out-of-range-sd are left out
-                far = np.abs(norm.checked_z(x)) > limits.out_of_range_sd
+                far = np.abs(norm.checked_z(x)) > LEAVE_OUT_SD
             for m, s in profile_slopes(norm, x, profile_min=0.0, leave_out=far):  # every modality, to show why
                 m = f"{m} ({spread[m]:.2f})"  # the profile's spread: the service judges slopes from PROFILE_MIN
                 s = s[np.isfinite(s)]

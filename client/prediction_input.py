@@ -161,6 +161,9 @@ SLOPE_REFUSE = (0.5, 2.0)  # outside: refused (`units`)
 # RUN --panels`: the 10 most variable of 513 refused 7-23% of the sites' own patients, the 100 most variable 0.3-2%,
 # the 257 most variable none).
 SLOPE_MIN_SHARE = 0.5
+# The slope and the shift leave out a patient's values beyond this many SDs (one typed 1000 among log2 values would set a
+# least-squares slope alone); they were measured so (docs/results.md), whatever serve.out-of-range-sd flags.
+LEAVE_OUT_SD = 6.0
 # Another normalisation (every value shifted by a constant) moves a patient's mean signed z. Where the profile is flat
 # (copy number, RPPA) real patients' means stay within +-0.6 (0.1st-99.9th percentile, own and held-out hospitals,
 # `python benchmarks/units_check.py RUN --shifts`) and a shift of 0.5 moves them to 0.61-3.09: beyond SHIFT_WARN the
@@ -837,6 +840,7 @@ def check_patients(lm, ids: list[str], raw: np.ndarray, limits: ServeSettings) -
         signed = norm.checked_z(x)
         z = np.abs(signed)
         far = z > limits.out_of_range_sd  # a missing value (NaN) is never far
+        outlying = z > LEAVE_OUT_SD
     n_far = far.sum(axis=1)
     # another unit or scale (raw counts for log values, x1000): most of a modality's values far from the site's
     # patients, which no patient of the site's own (or of the held-out hospitals) comes near (docs/results.md)
@@ -847,8 +851,8 @@ def check_patients(lm, ids: list[str], raw: np.ndarray, limits: ServeSettings) -
                 block = z[:, a:b]
                 units.append((m, (block == block).sum(axis=1), (block > limits.units_sd).sum(axis=1)))
     narrow = [(m, a, b) for m, a, b in norm.checked_groups if b - a < UNITS_MIN_VALUES]
-    slopes = profile_slopes(norm, x, leave_out=far)  # far values: out_of_range, named below
-    shifts = profile_shifts(norm, signed, leave_out=far)
+    slopes = profile_slopes(norm, x, leave_out=outlying)
+    shifts = profile_shifts(norm, signed, leave_out=outlying)
     names = [m.name for m in schema.modalities]
     notes, errors = [], []
     for i, pid in enumerate(ids):

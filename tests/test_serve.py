@@ -744,7 +744,7 @@ def test_values_far_outside_the_training_distribution_are_flagged_or_refused(sit
     from fastapi.testclient import TestClient
 
     patient = _patient(site, 8)
-    patient["modalities"]["clinical"]["age"] = -10.0  # the site's normaliser: mean 0, SD 1
+    patient["modalities"]["clinical"]["age"] = -12.0  # the site's normaliser: mean 0, SD 1 (flagged beyond 10)
     patient["modalities"]["expr"]["g5"] = 3e38
     r = _post(client, site, [patient])
     assert r.status_code == 200
@@ -974,7 +974,7 @@ def test_the_input_check_process_answers_each_body_as_the_contract_does_in_the_s
         {"patients": [p0], "top_k": 0}, {"patients": [p0, p1], "top_k": 0}, {"patients": [p0, p0], "top_k": 0},
         {"patients": [bad], "top_k": 0}, {"patients": [{"id": "E", "modalities": {}}], "top_k": 0},
         {"patients": [p0, p1], "top_k": 3}, {"patients": [], "top_k": 0})] + [b"{not json", b"[" * 40 + b"]" * 40]
-    limits = ServeSettings()
+    limits = ServeSettings(**{"out-of-range-sd": 6.0})  # a site's own setting travels to the process as well
 
     def expected(model, body):
         try:
