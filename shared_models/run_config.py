@@ -149,10 +149,13 @@ class RunSection(_Section):
                                "its authentication key was registered with; empty: the name each site reports")
 
 
+Strategy = Literal["fedavg", "fedprox", "fedadam", "fedavgm"]  # the server strategies (server/strategy.py BASES)
+
+
 class FederationSection(_Section):
     num_rounds: int = Field(10, alias="num-rounds", ge=1)
     sites: int = Field(0, ge=0, description="sites expected before round 1 (0: min-sites)")
-    strategy: Literal["fedavg", "fedprox", "fedadam", "fedavgm"] = Field(
+    strategy: Strategy = Field(
         "fedavg", description="'fedavgm': FedAvg with server momentum (server-lr, momentum); dp-mode 'distributed' "
         "steps a server optimizer: 'fedavgm' or 'fedadam'")
     proximal_mu: float = Field(0.01, alias="proximal-mu", ge=0)

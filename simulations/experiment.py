@@ -29,19 +29,20 @@ import time
 import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from privacy import MAX_BUDGET
 from shared_models.files import atomic_file, write_json_atomic, write_text_atomic
-from shared_models.run_config import FederationSection, TrainingSection
+from shared_models.run_config import FederationSection, Strategy, TrainingSection
 from simulations.partition import HOLDOUT_FRAC, MIN_SITE_PATIENTS
 from server.run_files import METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("pooled", "pooled-cv", "local", "logistic", "local-logistic")
+Method = Literal["pooled", "pooled-cv", "local", "logistic", "local-logistic"]
+METHODS = get_args(Method)
 TRANSFORMER_BASELINES = {"pooled", "pooled-cv", "local"}  # the baselines that train the federation's model
 # [run] keys each cell sets itself, and where a config says them instead
 RESERVED_RUN_KEYS = {"data-root": "the cell's partition", "site-state-root": "the cell's directory",
@@ -84,7 +85,7 @@ class ExperimentSection(_Strict):
 
 class GridSection(_Strict):
     data: list[str] = Field(..., min_length=1)
-    strategy: list[Literal["fedavg", "fedprox", "fedadam", "fedavgm"]] = ["fedavg"]
+    strategy: list[Strategy] = ["fedavg"]
     privacy: list[str | float] = ["off"]
     sites: list[int] | dict[str, list[int]] = [8]
     partition: list[str] | dict[str, list[str]] = ["iid"]
@@ -125,7 +126,7 @@ class GridSection(_Strict):
 
 
 class BaselineSection(_Strict):
-    methods: list[Literal["pooled", "pooled-cv", "local", "logistic", "local-logistic"]] = []
+    methods: list[Method] = []
     cv_folds: int = Field(5, ge=2)
 
 

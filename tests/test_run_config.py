@@ -186,3 +186,12 @@ def test_a_floor_above_secaggs_neighbourhood_is_refused_at_the_run_config():
     with pytest.raises(RunConfigError, match="exceeds 21, the most SecAgg\\+ neighbours"):
         load_run_config({"schema": "s.json", "sites": 30, "min-sites": SECAGG_MAX_SHARES + 1})
     assert load_run_config({"schema": "s.json", "sites": 30, "min-sites": SECAGG_MAX_SHARES}).federation.min_sites == 21
+
+
+def test_every_strategy_the_run_config_accepts_is_one_the_server_builds():
+    import typing
+
+    from server.strategy import BASES
+    from shared_models.run_config import Strategy
+
+    assert set(typing.get_args(Strategy)) == set(BASES)
