@@ -63,7 +63,12 @@ def main() -> None:
                     "assay measures: how often a correct patient is flagged or refused")
     ap.add_argument("--range", action="store_true", help="instead: the share of patients with a value beyond each of "
                     "several SDs from the site's training mean (what serve.out-of-range-sd flags), own and held-out")
+    ap.add_argument("--imputed", action="store_true", help="instead: each patient's SD of its z-scores over a "
+                    "modality's features (imputed_spreads), the site's own patients against the modality filled with the "
+                    "site's mean or median profile")
     args = ap.parse_args()
+    if args.imputed:
+        return imputed(args)
     if args.range:
         return out_of_range(args)
     if args.panels:
@@ -115,6 +120,27 @@ def narrow(args) -> None:
                 top = top[np.isfinite(top)]
                 p99, p999 = np.percentile(top, [99, 99.9])
                 print(f"{site:5} {name:9} {m:9} {len(top):5}  {p99:6.2f} / {p999:6.2f} / {top.max():6.2f}")
+
+
+def imputed(args) -> None:
+    """Each patient's SD of z over a modality's features, for the site's own patients (min / p0.1 / p1 / p50), and
+    for the modality filled with the median of the site's own patients (a mean fill gives 0): IMPUTED_SD's margin."""
+    from client.prediction_input import IMPUTED_SD, imputed_spreads
+
+    print(f"{'site':5} {'modality':9} {'n':>5}  own patients' SD of z: min / p0.1 / p1 / p50 | a median fill "
+          f"(flagged below {IMPUTED_SD:g})")
+    for site in args.sites.split(","):
+        lm, own, _ = site_tables(args.run, site)
+        norm = lm.normalizer
+        x = own.raw[:, norm.checked].astype(np.float64)
+        filled = np.nanmedian(x, axis=0, keepdims=True)
+        ours = dict(imputed_spreads(norm, norm.checked_z(x)))
+        fill = dict(imputed_spreads(norm, norm.checked_z(filled)))
+        for m, s in ours.items():
+            s = s[np.isfinite(s)]
+            q = np.percentile(s, [0.1, 1, 50])
+            print(f"{site:5} {m:9} {len(s):5}  {s.min():.3f} / " + " / ".join(f"{v:.3f}" for v in q)
+                  + f" | {float(fill[m][0]):.3f}")
 
 
 def out_of_range(args) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
+import warnings
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -164,6 +165,11 @@ SLOPE_MIN_SHARE = 0.5
 # The slope and the shift leave out a patient's values beyond this many SDs (one typed 1000 among log2 values would set a
 # least-squares slope alone); they were measured so (docs/results.md), whatever serve.out-of-range-sd flags.
 LEAVE_OUT_SD = 6.0
+# A modality whose standardised values barely vary across its features sits on the site's mean profile: filled in
+# (imputed with a mean or median), not measured. The sites' own patients' SD of z over a modality's features is at
+# least 0.27 (copy number; miRNA 0.50, RPPA 0.39); a median fill gives 0.09-0.28, a mean fill 0 (`python
+# benchmarks/units_check.py RUN --imputed`): below IMPUTED_SD the answer is flagged `imputed_modality`.
+IMPUTED_SD = 0.25
 # Another normalisation (every value shifted by a constant) moves a patient's mean signed z. Where the profile is flat
 # (copy number, RPPA) real patients' means stay within +-0.6 (0.1st-99.9th percentile, own and held-out hospitals,
 # `python benchmarks/units_check.py RUN --shifts`) and a shift of 0.5 moves them to 0.61-3.09: beyond SHIFT_WARN the
@@ -810,6 +816,22 @@ def profile_shifts(norm, signed: np.ndarray, leave_out: np.ndarray) -> list[tupl
     return out
 
 
+def imputed_spreads(norm, signed: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """(modality, each patient's SD of its z-scores over the modality's features; NaN with fewer than
+    UNITS_MIN_VALUES values) for every modality wide enough: a filled-in modality barely varies (IMPUTED_SD)."""
+    out = []
+    for m, a, b in norm.checked_groups:
+        if b - a < UNITS_MIN_VALUES:
+            continue
+        block = signed[:, a:b]
+        n = (~np.isnan(block)).sum(axis=1)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a patient without the modality: NaN, no warning
+            sd = np.nanstd(block, axis=1)
+        out.append((m, np.where(n >= UNITS_MIN_VALUES, sd, np.nan)))
+    return out
+
+
 # --- the contract --------------------------------------------------------------------------------------
 def check_frames(schema: FeatureSchema, frames: dict, limits: ServeSettings) -> tuple[list[str], np.ndarray, list[dict], list[dict]]:
     """Frames -> ids, raw, errors, warnings (validation's messages)."""
@@ -853,6 +875,7 @@ def check_patients(lm, ids: list[str], raw: np.ndarray, limits: ServeSettings) -
     narrow = [(m, a, b) for m, a, b in norm.checked_groups if b - a < UNITS_MIN_VALUES]
     slopes = profile_slopes(norm, x, leave_out=outlying)
     shifts = profile_shifts(norm, signed, leave_out=outlying)
+    spreads = imputed_spreads(norm, signed)
     names = [m.name for m in schema.modalities]
     notes, errors = [], []
     for i, pid in enumerate(ids):
@@ -911,6 +934,14 @@ def check_patients(lm, ids: list[str], raw: np.ndarray, limits: ServeSettings) -
             else:
                 note["warnings"].append({"code": "units_scale", "msg": scale + "; check the export before relying "
                                          "on this prediction"})
+        for m, spread in spreads:
+            s = float(spread[i])
+            if np.isfinite(s) and s < IMPUTED_SD:
+                note["warnings"].append({
+                    "code": "imputed_modality", "msg": f"its {m!r} values sit on the site's mean profile (their SD over "
+                    f"the features is {s:.2f} site SDs; every patient of the site's: at least {IMPUTED_SD:g}): the "
+                    "modality seems filled in (a mean or median imputed), not measured, and the answer rests on it as "
+                    "if it were; send the modality as missing (null) instead"})
         for m, shift in shifts:
             k = float(shift[i])
             if np.isfinite(k) and abs(k) > SHIFT_WARN:

@@ -2277,6 +2277,33 @@ def test_a_modality_shifted_by_a_constant_is_flagged_where_its_profile_is_flat(s
         assert "units_shift" not in ask(c, 0.0)
         assert "units_shift" in ask(c, 1.5) and "units_shift" in ask(c, -1.5)
 
+
+def test_a_modality_filled_in_with_the_sites_average_is_flagged_as_imputed(site, tmp_path):
+    """A hospital that fills a missing modality with its mean or median profile sent values the service treated as
+    measured: the answers lost their low-coverage and weak-pattern flags. Such values barely vary across the features."""
+    from fastapi.testclient import TestClient
+
+    from shared_models.site_data import Normalizer
+
+    settings = _copy_site(site, tmp_path)
+    schema, layout = site["schema"], site["schema"].layout()
+    m = max(schema.modalities, key=lambda mod: mod.n_features)
+    Normalizer(schema, np.zeros(layout.n_inputs), np.ones(layout.n_inputs)).save(tmp_path / "state" / "normalizer.json")
+    rng = np.random.default_rng(1)
+
+    def ask(c, values) -> list[dict]:
+        p = _patient(site, 0)
+        p["modalities"][m.name] = dict(zip(m.features, values.tolist()))
+        r = c.post("/v1/predict", json={"patients": [p], "top_k": 0}, headers=_auth(site["clinician"]))
+        assert r.status_code == 200, r.text
+        return [w for w in r.json()["predictions"][0]["warnings"] if w["code"] == "imputed_modality"]
+
+    with TestClient(create_app(settings)) as c:
+        assert not ask(c, rng.normal(0, 1.0, m.n_features))  # measured
+        mean_fill = ask(c, np.zeros(m.n_features))
+        assert mean_fill and "send the modality as missing" in mean_fill[0]["msg"]
+        assert ask(c, rng.normal(0, 0.1, m.n_features))  # a median fill: close to the mean profile everywhere
+
 def test_calibration_names_the_types_the_model_recognised_in_none_of_the_sites_patients(site):
     from types import SimpleNamespace
 
