@@ -67,18 +67,10 @@ def main() -> None:
                     "modality's features (imputed_spreads), the site's own patients against the modality filled with the "
                     "site's mean or median profile")
     args = ap.parse_args()
-    if args.imputed:
-        return imputed(args)
-    if args.range:
-        return out_of_range(args)
-    if args.panels:
-        return panels(args)
-    if args.narrow:
-        return narrow(args)
-    if args.slopes:
-        return slopes(args)
-    if args.shifts:
-        return shifts(args)
+    for mode, measure in (("imputed", imputed), ("range", out_of_range), ("panels", panels), ("narrow", narrow),
+                          ("slopes", slopes), ("shifts", shifts)):
+        if getattr(args, mode):
+            return measure(args)
     rows = []
     print(f"{'site':5} {'patients':22} {'modality':9} {'n':>5}  median |z| per patient: p50 / p99 / p99.9 / max")
     for site in args.sites.split(","):
