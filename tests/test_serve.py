@@ -621,6 +621,23 @@ def test_tables_whose_ids_differ_for_some_patients_are_refused_naming_them(site,
     assert r.status_code == 200 and len(r.json()["predictions"]) == 4, r.text
 
 
+def test_columns_carrying_one_prefix_the_schema_lacks_are_refused_as_misnamed(site, client):
+    """Half a modality's columns written with a prefix ('chr1q' for '1q'): they were dropped as extra columns, with a
+    note whose fix said 'nothing', and the patient answered from the other half at p = 1.00."""
+    features = site["schema"].modality("expr").features
+
+    def prefixed(df):
+        df.rename(columns={f: f"gene_{f}" for f in features[: len(features) // 2]}, inplace=True)
+    r = _upload(client, site, {"expr.csv": _csv(site, "expr", range(3), prefixed)})
+    assert r.status_code == 422 and _codes(r) == {"misnamed_columns"}, r.text
+    assert f"'gene_{features[0]}' -> '{features[0]}'" in r.text, r.text
+
+    def one_stray(df):  # one column that happens to hold a feature's name is no pattern: reported, not refused
+        df.rename(columns={features[0]: f"old_{features[0]}"}, inplace=True)
+    r = _upload(client, site, {"expr.csv": _csv(site, "expr", range(3), one_stray)})
+    assert r.status_code == 200 and "extra_columns" in r.text, r.text
+
+
 def test_tables_that_share_no_patient_are_refused_or_flagged(site, client):
     def suffixed(df):
         df["patient"] = df["patient"] + "-01A"

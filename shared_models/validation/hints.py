@@ -46,6 +46,32 @@ def rename_pairs(absent: list[str], extra: list[str]) -> list[tuple[str, str]]:
     return [(c, by_key[norm(c)]) for c in extra if norm(c) in by_key]
 
 
+def affix_pairs(absent: list[str], extra: list[str], least: int = 3) -> list[tuple[str, str]]:
+    """(column, the schema feature it seems to be) for columns that carry, or lack, one prefix or suffix against the
+    schema's names ('chr1q' for '1q', 'hsa-mir-21-5p' for 'hsa-mir-21'), compared as `norm` writes them: the
+    affix that pairs the most columns, when it pairs at least `least` of them and half the unknown ones (one stray
+    column that happens to contain a feature's name is no pattern)."""
+    if len(extra) < least or not absent:
+        return []
+    keys = {norm(c): c for c in extra}
+    features = {norm(f): f for f in absent}
+    found: dict[tuple, list[tuple[str, str]]] = {}
+    for k in range(1, 6):
+        for longer, shorter, column_longer in ((keys, features, True), (features, keys, False)):
+            for key, name in longer.items():
+                if len(key) <= k:
+                    continue
+                for where, rest in (("prefix", key[k:]), ("suffix", key[:-k])):
+                    if rest in shorter:
+                        affix = key[:k] if where == "prefix" else key[-k:]
+                        pair = (name, shorter[rest]) if column_longer else (shorter[rest], name)
+                        found.setdefault((where, affix, column_longer), []).append(pair)
+    if not found:
+        return []
+    best = max(found.values(), key=len)
+    return best if len(best) >= least and 2 * len(best) >= len(extra) else []
+
+
 def same_name_written_differently(a: str, b: str) -> bool:
     """Whether a column and a feature whose names normalise alike are surely one: their digit groups match too
     (hsa-mir-3651 and hsa-mir-365-1 normalise alike and are two miRNAs)."""

@@ -11,7 +11,8 @@ import pandas as pd
 from shared_models.schema import Modality
 from shared_models.validation.cells import check_cells, check_columns
 from shared_models.validation.check import Check
-from shared_models.validation.hints import id_mismatch_hint, rename_hints, rename_pairs, same_name_written_differently
+from shared_models.validation.hints import (affix_pairs, id_mismatch_hint, rename_hints, rename_pairs,
+                                           same_name_written_differently)
 from shared_models.validation.leakage import check_leakage
 from shared_models.validation.messages import MAX_NAMES, names, plural
 from shared_models.validation.reading import read, unique_rows
@@ -64,6 +65,8 @@ def check_frame(check: Check, m: Modality, df: pd.DataFrame, path: Path) -> Chec
                   f"{m.name!r} features ({len(absent) / m.n_features:.0%}): {names(absent)}; they are masked at "
                   "training", f"nothing, if the site does not measure them{rename}", file)
     sure = [(a, b) for a, b in rename_pairs(absent, extra) if same_name_written_differently(a, b)]
+    if check.for_prediction and not sure:  # one affix on (or off) many columns: a systematic naming, not a stray column
+        sure = affix_pairs(absent, extra)
     if check.for_prediction and sure:
         # schema features written differently (case, spaces, punctuation, the same digits): scored without them, every
         # patient's answer would silently lose features the request plainly meant to give (other near names, which
