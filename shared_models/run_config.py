@@ -194,7 +194,7 @@ class PrivacySection(_Section):
                            "privacy.MAX_BUDGET: what the site's accounting verifies")
     delta: float = Field(1e-5, gt=0, le=MAX_DELTA, description="the chance each site's guarantee fails outright; "
                          f"at most {MAX_DELTA:g} (a delta near 1 / patients allows releasing a patient's record "
-                         "whole), 1e-5 by default")
+                         "whole)")
     max_grad_norm: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
         "auto", alias="max-grad-norm", description="per-sample clipping bound C (without DP: the bound of each step's "
         "global gradient norm); 'auto': the recipe's for the run's dp and local optimizer in dp-mode 'site' (0.01 for "
@@ -299,13 +299,15 @@ class TrainingSection(_Section):
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", alias="batch-size", description="without DP the batch; under DP a public number the noisy sum of "
         "clipped gradients is divided by, in place of the expected batch (sample-rate x the patients), which would "
-        "publish the patient count: a site's in dp-mode 'site', the consortium's in 'distributed'. 'auto': 64 "
-        "without DP; with DP round(sample-rate x 640), a public stand-in for a site's training patients (192 at "
-        "sample-rate 0.3; RECIPES), in dp-mode 'distributed' round(sample-rate x 5000) for the consortium's "
-        "(1500; DISTRIBUTED_PATIENTS)")
+        "publish the patient count: a site's in dp-mode 'site', the consortium's in 'distributed'. 'auto': "
+        f"{RECIPES['no-dp'].batch_size} without DP; with DP round(sample-rate x {RECIPES['dp'].patients}), a public "
+        f"stand-in for a site's training patients (RECIPES), in dp-mode 'distributed' round(sample-rate x "
+        f"{DISTRIBUTED_PATIENTS}) for the consortium's (DISTRIBUTED_PATIENTS)")
     lr: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
         "auto", description="peak local learning rate; 'auto': the recipe's for the run's dp and local-optimizer "
-        "(with DP 100 for SGD at max-grad-norm 0.01, 0.02 for AdamW; without 0.2 and 0.002: RECIPES)")
+        f"(with DP {RECIPES['dp'].lr['sgd']:g} for SGD at max-grad-norm {RECIPES['dp'].max_grad_norm['sgd']:g}, "
+        f"{RECIPES['dp'].lr['adamw']:g} for AdamW; without {RECIPES['no-dp'].lr['sgd']:g} and "
+        f"{RECIPES['no-dp'].lr['adamw']:g}: RECIPES)")
     optimizer: Literal["adamw", "sgd"] = Field(
         "sgd", alias="local-optimizer", description="'sgd' with momentum (chosen on the sites' validation parts, "
         "docs/results.md) or 'adamw'")
@@ -395,7 +397,7 @@ class RunConfig(BaseModel):
         if dp.enabled and self.site.val_fraction == 0:
             raise ValueError("val-fraction 0 with dp: a DP site fits its normalisation on half its held-out part, "
                              "which would be empty, so every site would refuse every round; use val-fraction > 0 "
-                             "(0.2 by default) or dp = false")
+                             f"({SiteSection.model_fields['val_fraction'].default:g} by default) or dp = false")
         floor = max(fed.min_sites, dp.trusted_sites if dp.mode == "distributed" else 0)
         if sa.enabled and floor > SECAGG_MAX_SHARES:
             raise ValueError(f"min-sites / trusted-sites {floor} exceeds {SECAGG_MAX_SHARES}, the most SecAgg+ neighbours a "
