@@ -210,7 +210,11 @@ def site_policy_mod(msg: Message, context: Context, call_next):
         audit = site_audit(settings)
         terms = msg.content.config_records.get(SETUP_TERMS, {})  # the round's run key and number (server/workflow.py)
         run_key, rnd = str(terms.get(RUN_KEY, "") or _run_key(context)), int(terms.get(SERVER_ROUND, 0) or 0)
-        reason, _ = unready_refusal(settings, cfg, context, run_key, audit, rnd)
+        try:
+            reason, _ = unready_refusal(settings, cfg, context, run_key, audit, rnd)
+        except Exception:  # noqa: BLE001 - an error reply would carry the traceback (and maybe data) to the server
+            log(WARNING, "site %s: the round's checks failed:\n%s", settings.name, traceback.format_exc())
+            reason = "the site could not check the round (details in the site's log)"
         if reason:  # said before any site trains: a round it would refuse later costs the others their spend
             log(WARNING, "site %s refuses the round at SecAgg+'s setup: %s", settings.name, reason)
             _audit_quietly(audit, settings.name, "round_refused", run=run_key, round=rnd, stage="setup", reason=reason)
@@ -401,6 +405,13 @@ def unready_refusal(settings: SiteSettings, cfg: RunConfig, context: Context, ru
             stale_ledger_refusal(settings, site) or (run_key and withheld_refusal(site, run_key)))):
         return reason, site
     if cfg.privacy.enabled and run_key and rnd:
+        if (entry := site.ledger.released(site.dataset_fingerprint, run_key, rnd)) is not None:  # a resend's terms
+            try:
+                release = ReleaseStore(settings.paths.state_dir).load(run_key, rnd)
+            except ReleaseDamaged as e:
+                return damaged_release(rnd, run_key, e), site
+            if problem := resend_problem(rnd, run_key, release, entry):
+                return problem, site
         try:
             round_precheck(site, cfg, run_key, rnd)
         except BudgetError as e:
@@ -706,27 +717,37 @@ def _release(releases: ReleaseStore, run_key: str, rnd: int, fitins, msg: Messag
         return releases.load(run_key, rnd)
     except ReleaseDamaged as e:
         log(WARNING, "site %s: %s", settings.name, e)
-        raise _refusal(fitins, msg, settings.name, f"round {rnd} of run {run_key} was trained and sent before, and the "
-                       f"site's copy of that update ({e.path}) cannot be read ({e.why}); training it again would spend "
-                       "the privacy budget twice, so the site sends nothing. Restore the file from a backup of the "
-                       "site's state directory to send it again", audit) from None
+        raise _refusal(fitins, msg, settings.name, damaged_release(rnd, run_key, e), audit) from None
+
+
+def damaged_release(rnd: int, run_key: str, e: ReleaseDamaged) -> str:
+    return (f"round {rnd} of run {run_key} was trained and sent before, and the site's copy of that update ({e.path}) "
+            f"cannot be read ({e.why}); training it again would spend the privacy budget twice, so the site sends "
+            "nothing. Restore the file from a backup of the site's state directory to send it again")
+
+
+def resend_problem(rnd: int, run_key: str, release, entry: dict | None, global_sha256: str | None = None) -> str:
+    """Why a round whose update already left the site cannot be sent again ("" if it can): withheld, no copy kept,
+    or (`global_sha256` given) a copy trained from other global weights. Never trained again: a second spend."""
+    twice = "training it again would spend the privacy budget twice, so the site sends nothing"
+    if release is None and (entry or {}).get("outcome", {}).get("status") == "withheld":
+        return (f"round {rnd} of run {run_key} was trained before and its update withheld "
+                f"({entry['outcome'].get('reason', '')}); its spend counts, and {twice}")
+    if release is None:
+        return (f"round {rnd} of run {run_key} was trained before (its spend counts) and no copy of its update is kept "
+                f"(a crash before the copy was written, which may have kept it from being sent, or a deleted file); {twice}")
+    if global_sha256 is not None and release.global_sha256 != global_sha256:
+        return (f"round {rnd} of run {run_key} was trained before (its spend counts) and sent from other global "
+                f"weights; {twice}")
+    return ""
 
 
 def _resend(msg: Message, fitins, settings: SiteSettings, release, global_sha256: str, audit: AuditLog,
             entry: dict | None = None) -> Message:
     """A round of this run whose update already left the site: the same update again, or a refusal."""
     rnd, run_key = int(fitins.config[SERVER_ROUND]), str(fitins.config[RUN_KEY])
-    withheld = (entry or {}).get("outcome", {}).get("status") == "withheld"
-    if release is None and withheld:
-        raise _refusal(fitins, msg, settings.name, f"round {rnd} of run {run_key} was trained before and its update "
-                       f"withheld ({entry['outcome'].get('reason', '')}); its spend counts, and training it again "
-                       "would spend the privacy budget twice, so the site sends nothing", audit)
-    if release is None or release.global_sha256 != global_sha256:
-        raise _refusal(fitins, msg, settings.name, f"round {rnd} of run {run_key} was trained before (its spend counts) "
-                       + ("and sent from other global weights" if release is not None else
-                          "and no copy of its update is kept (a crash before the copy was written, which may have kept "
-                          "it from being sent, or a deleted file)")
-                       + "; training it again would spend the privacy budget twice, so the site sends nothing", audit)
+    if problem := resend_problem(rnd, run_key, release, entry, global_sha256):
+        raise _refusal(fitins, msg, settings.name, problem, audit)
     log(INFO, "site %s: round %s of run %s was released before; sending the same update again (no new spend)",
         settings.name, rnd, run_key)
     _audit_quietly(audit, settings.name, "round_resent", run=run_key, round=rnd)

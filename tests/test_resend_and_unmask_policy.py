@@ -439,3 +439,29 @@ def test_a_round_committed_and_saved_while_the_site_checks_its_ledger_is_not_tak
 
     assert releases.unrecorded(committed_meanwhile) == []
     assert releases.unrecorded(ledger.committed_rounds) == []
+
+
+def test_a_released_round_the_site_cannot_resend_is_refused_at_setup_before_others_spend(released):
+    """Asked again for a released round whose copy is gone or damaged, the site refused only at training, after the
+    other sites of a resumed distributed round had trained and spent on a sum it would never join."""
+    from client.app import site_policy_mod
+    from client.releases import ReleaseStore
+    from shared_models.protocol import SETUP_TERMS
+
+    tmp, schema_path, _, _ = released
+
+    def setup():
+        msg = _setup(3)
+        msg.content.config_records[SETUP_TERMS] = ConfigRecord({RUN_KEY: "run-X", SERVER_ROUND: 1})
+        ctx = _context(tmp, _run(schema_path))
+        ctx.state = RecordDict()
+        return site_policy_mod(msg, ctx, lambda m, c: site_message(RecordDict()))
+
+    assert not setup().has_error()  # its copy is kept: it will resend the same bits
+    copy = ReleaseStore(tmp / "state")._path("run-X", 1)
+    copy.write_bytes(copy.read_bytes()[:50])
+    damaged = setup()
+    assert damaged.has_error() and "cannot be read" in damaged.error.reason
+    copy.unlink()
+    gone = setup()
+    assert gone.has_error() and "no copy of its update is kept" in gone.error.reason
