@@ -265,7 +265,7 @@ def type_recall(lm, logits: np.ndarray, y: np.ndarray) -> dict:
 def calibrate(settings: SiteConfig, data_dir: Path, seed: int = 0) -> dict:
     """Fit the active model's temperature on half of the site's labelled patients; report on the other half."""
     from client.predict import Predictor
-    from shared_models.site_data import LABELS_STEM, NORMALIZER_FILE, find_table, read_table
+    from shared_models.site_data import LABELS_STEM, MISSING_TOKENS, NORMALIZER_FILE, find_table, read_table
 
     state = Path(settings.state_dir)
     predictor = Predictor(settings.model_dir, state / NORMALIZER_FILE, settings.signing_public_key or None,
@@ -286,7 +286,7 @@ def calibrate(settings: SiteConfig, data_dir: Path, seed: int = 0) -> dict:
     checked = predictor.checked_tables(data_dir)
     lookup = {c: k for k, c in enumerate(lm.schema.classes)}
     keep = [k for k, pid in enumerate(checked.ids) if labels.get(pid) in lookup]
-    foreign = labels[~labels.isin(list(lookup)) & ~labels.isin(["", "nan"])]
+    foreign = labels[~labels.isin(list(lookup)) & ~labels.isin([*MISSING_TOKENS, "nan"])]  # a missing label: left out
     folded = {c.casefold(): c for c in lookup}
     if misspelt := sorted({f for f in foreign if f.casefold() in folded}) or (
             len(foreign) > len(labels) / 2 and sorted(set(foreign))):

@@ -207,11 +207,17 @@ def recover_round_records(out: Path, start: RunStart, audit: AuditLog) -> None:
     if not rec:
         return
     rnd = rec["metrics"]["round"]
-    last = _last_metrics(metrics)
-    if last is None or last.get("round") != rnd:
+    # only a round newer than the last one recorded is missing: a run resumed from an older checkpoint (the newest
+    # moved aside, damaged) has its later rounds recorded already, and re-runs them
+    last = (_last_metrics(metrics) or {}).get("round")
+    if last is None or last < rnd:
         append_json_line(metrics, {**rec["metrics"], "recovered": True})
         log(WARNING, "%s: round %s's line written from its checkpoint (a crash came before it)", metrics, rnd)
-    if audit.last("round", run=rec["audit"]["run"]).get("round") != rnd:
+    elif last > rnd:
+        log(WARNING, "%s: resuming after round %s, from a checkpoint older than the last round recorded (%s); the "
+            "rounds after it run again and are recorded again", metrics, rnd, last)
+    last_entry = audit.last("round", run=rec["audit"]["run"]).get("round")
+    if last_entry is None or last_entry < rnd:
         audit.append("round", **rec["audit"], recovered=True)
         log(WARNING, "%s: round %s's entry written from its checkpoint (a crash came before it)", audit.path, rnd)
 

@@ -50,14 +50,18 @@ def failure_reason(f) -> str:
         reason = str(getattr(err, "reason", err))
         if "Message: " in reason:  # simulation wraps the site's exception text after a traceback
             reason = reason.rsplit("Message: ", 1)[1].rstrip("'>")
-        return reason.strip()[-500:]
+        reason = reason.strip()
+        # a refusal whole (refusal_reason shortens its reason, as the workflow's record of it): cut to its last 500
+        # characters it lost its prefix and counted as a failure too
+        return reason if REFUSAL_PREFIX in reason else reason[-500:]
     proxy, res = f
     return f"node {proxy.node_id}: {res.status.code.name} {res.status.message}"
 
 
 def refusal_reason(text: str) -> str:
     """A site's refusal's reason, the text after REFUSAL_PREFIX, as the round records keep it."""
-    return text.split(REFUSAL_PREFIX, 1)[1].strip()[-500:]
+    body = text.split(REFUSAL_PREFIX, 1)[1].strip()
+    return body if len(body) <= 500 else body[:300] + " [...] " + body[-190:]
 
 
 def recorded(metrics, allowed: frozenset[str], node_id) -> dict:

@@ -95,6 +95,23 @@ def test_records_already_written_are_not_written_again(tmp_path):
     assert ((out / "metrics.jsonl").read_bytes(), (out / "audit.jsonl").read_bytes()) == before
 
 
+def test_a_resume_from_an_older_checkpoint_writes_no_stale_round_after_newer_ones(tmp_path):
+    """Resumed from round 2's checkpoint (round 3's moved aside, as its refusal advises), round 2 was appended again,
+    'recovered', after round 3, in metrics.jsonl and in the hash-chained audit log."""
+    from server.app import RunStart
+
+    m = tmp_path / "metrics.jsonl"
+    m.write_text("".join(json.dumps({"round": r, "status": "updated"}) + "\n" for r in (1, 2, 3)))
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    for r in (1, 2, 3):
+        audit.append("round", run="k", round=r)
+    start = RunStart("k", [], 3, {}, {}, {}, {"metrics": {"round": 2, "status": "updated"},
+                                              "audit": {"run": "k", "round": 2}})
+    recover_round_records(tmp_path, start, audit)
+    assert [json.loads(x)["round"] for x in m.read_text().splitlines()] == [1, 2, 3]
+    assert [json.loads(x)["round"] for x in (tmp_path / "audit.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
 def test_cut_partial_line(tmp_path):
     f = tmp_path / "m.jsonl"
     assert cut_partial_line(f) == 0  # missing
@@ -221,6 +238,22 @@ def test_a_refusing_site_is_recorded_as_refused_not_also_as_dropped():
     strategy.aggregate_fit(2, two, [same, same])
     assert strategy.round_info["refused"] == [{"reason": "the budget is spent"}] * 2
     assert strategy.round_info["dropped"] == []
+
+
+def test_a_long_refusal_is_one_refusal_not_also_a_failure():
+    """A refusal of more than ~490 characters lost its prefix when cut to its last 500, and was recorded as refused
+    (the workflow's record) and as failed (the text)."""
+    import numpy as np
+    from flwr.common import Error
+
+    from server.strategy import build_strategy, refusal_reason
+
+    text = "refused: C0: " + "the run's plan changes " * 40
+    strategy = build_strategy(load_run_config({"schema": "s.json", "min-sites": 2, "sites": 4}),
+                              [np.zeros(4, np.float32)], 4, {})
+    strategy.sampled, strategy.errored = {1, 2}, {2: refusal_reason(text)}
+    refused, failed, dropped = strategy.record_outcomes(1, [Exception(Error(0, text))], {1})
+    assert len(refused) == 1 and failed == [] and dropped == [] and len(refused[0]["reason"]) <= 500
 
 
 def test_the_polling_grid_keeps_each_refusing_nodes_reason_and_no_offline_nodes_error():

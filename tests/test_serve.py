@@ -1778,9 +1778,10 @@ def test_calibration_names_a_labels_table_it_cannot_read_and_labels_of_no_class(
     assert f"'{wrong}' for '{wrong.swapcase()}'" in r.output, r.output
     other = table.copy()
     other.loc[:2, label] = "SARC-X"  # a type the consortium does not cover: left out, counted
+    other.loc[3:4, label] = "NA"  # a missing label: left out, not counted as a type
     other.to_csv(data / "labels.csv", index=False)
     r = calibrate()
-    assert r.exit_code == 0 and "labels of no class of the schema: SARC-X (3)" in r.output, r.output
+    assert r.exit_code == 0 and "labels of no class of the schema: SARC-X (3)\n" in r.output, r.output
 
 
 def _labelled(site, data, wrong_every: int = 5, n: int = N) -> None:
