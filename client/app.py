@@ -63,7 +63,8 @@ if TYPE_CHECKING:
     from privacy.distributed import SecAggGrid
 
 # torch, Opacus and the site's data are imported only by the handlers that need them: in a deployment
-# every message starts a fresh ClientApp process, and three of SecAgg+'s four stages need neither.
+# every message starts a fresh ClientApp process, and two of SecAgg+'s four stages need neither (setup reads the
+# site's data for its checks before any site trains: unready_refusal; the training stage trains).
 MIN_AGGREGATE_SITES = SiteConfig.model_fields["min_aggregate_sites"].default  # a sum of one is one site's update
 
 

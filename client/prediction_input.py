@@ -775,7 +775,7 @@ def profile_spread(norm, a: int, b: int) -> float:
 def _profile_blocks(norm, values: np.ndarray, leave_out: np.ndarray | None, keep):
     """(modality, its columns a:b, the patients' values there, which are used, how many per patient) for the
     modalities wide enough to judge whose training-mean profile's spread (profile_spread) passes `keep`. `leave_out`
-    (like `values`): values not used (beyond out-of-range-sd, named on their own)."""
+    (like `values`): values not used (the service's: beyond LEAVE_OUT_SD)."""
     for m, a, b in norm.checked_groups:
         if b - a < UNITS_MIN_VALUES or not keep(profile_spread(norm, a, b)):
             continue
@@ -789,7 +789,7 @@ def profile_slopes(norm, x: np.ndarray, profile_min: float = PROFILE_MIN,
     """(modality, each patient's slope of its values against the site's training means; NaN with fewer than
     UNITS_MIN_VALUES values or SLOPE_MIN_SHARE of the modality's) for the modalities whose mean profile varies enough (`profile_min`). `x`: the
     patients' values of the normaliser's checked columns (raw[:, norm.checked], float64). `leave_out` (like x):
-    values the slope does not use (the service's: those beyond out-of-range-sd, each reported by name; one such
+    values the slope does not use (the service's: those beyond LEAVE_OUT_SD; one such
     value would otherwise set a least-squares slope alone and read as another unit)."""
     out = []
     for m, a, b, block, seen, n in _profile_blocks(norm, x, leave_out, lambda spread: spread >= profile_min):
@@ -799,8 +799,11 @@ def profile_slopes(norm, x: np.ndarray, profile_min: float = PROFILE_MIN,
         v = np.where(seen, v - v.sum(axis=1, keepdims=True) / np.maximum(n, 1)[:, None], 0.0)
         with np.errstate(invalid="ignore", divide="ignore"):
             slope = (c * v).sum(axis=1) / (c * c).sum(axis=1)
-        enough = max(UNITS_MIN_VALUES, math.ceil(SLOPE_MIN_SHARE * (b - a)))
-        out.append((m, np.where(n >= enough, slope, np.nan)))
+        # the panel's share is of the values measured, before any are left out (a table in another scale loses values
+        # beyond LEAVE_OUT_SD to its own error: that must not spare it the test)
+        measured = (~np.isnan(block)).sum(axis=1)
+        enough = measured >= max(UNITS_MIN_VALUES, math.ceil(SLOPE_MIN_SHARE * (b - a)))
+        out.append((m, np.where(enough & (n >= UNITS_MIN_VALUES), slope, np.nan)))
     return out
 
 
@@ -808,7 +811,7 @@ def profile_shifts(norm, signed: np.ndarray, leave_out: np.ndarray) -> list[tupl
     """(modality, each patient's mean signed z; NaN with fewer than UNITS_MIN_VALUES values) for the modalities whose
     mean profile is flat (spread below PROFILE_MIN), where real patients' means stay near 0. `signed`: the patients'
     z-scores of the normaliser's checked columns; `leave_out` (like it): values not used (those beyond
-    out-of-range-sd, named on their own)."""
+    LEAVE_OUT_SD)."""
     out = []
     for m, _, _, block, seen, n in _profile_blocks(norm, signed, leave_out, lambda spread: not spread >= PROFILE_MIN):
         mean = np.where(seen, block, 0.0).sum(axis=1) / np.maximum(n, 1)

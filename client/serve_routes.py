@@ -15,6 +15,7 @@ import orjson
 from client.explain_process import ExplainProcessError
 from client.input_process import InputProcessError
 from client.serve_queue import ANSWER_TIMEOUT_S, QueueFull
+from shared_models.site_data import TABLE_SUFFIXES
 from privacy.site_config import INLINE_BYTES
 
 # A request this small, with at most this many patients (counted unparsed), is parsed and checked by the
@@ -164,7 +165,8 @@ def prediction_routes(app, site: "Site", role) -> None:
                     raise PredictionInputError([{"loc": "files", "code": "no_name", "msg": "each file needs a "
                                                  "name: MODALITY.csv / .tsv / .parquet (optionally .gz)"}])
                 f.file.seek(0)
-                table = name.lower().split(".")[0] in modalities  # else ignored (a labels.csv): its rows count not
+                table = any(name == m + suffix for m in modalities for suffix in TABLE_SUFFIXES)  # as table_frames
+                # reads them; any other file (a labels.csv) is ignored there: its rows count not
                 n = store_upload(iter(lambda: f.file.read(1 << 20), b""), tmp / name, budget,
                                  site.limits.max_patients if table else 10**12)  # (its bytes do, within the budget)
                 rows += n if table else 0  # a patient may be in one table only
