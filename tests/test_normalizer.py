@@ -60,10 +60,11 @@ def test_the_unscaled_statistics_survive_the_file_and_an_older_file_has_none(tmp
 def test_a_value_far_outside_an_unscaled_columns_spread_is_flagged_or_refused(refuse):
     schema = _schema()
     lm = ContractModel(schema, _fitted(schema))
-    raw = np.array([[0.0] * 6 + [100.0, 1000.0, 100.0, 100.0, np.nan]], np.float32)
+    # ~15 SD: beyond out-of-range-sd (10), short of the narrow modality's unit line (20 SD, refused as `units`)
+    raw = np.array([[0.0] * 6 + [100.0, 175.0, 100.0, 100.0, np.nan]], np.float32)
     notes, errors = check_patients(lm, ["P1"], raw, ServeSettings(refuse_out_of_range=refuse))
     if refuse:
-        assert [e["code"] for e in errors] == ["out_of_range"] and "counts.c1 = 1000" in errors[0]["msg"]
+        assert [e["code"] for e in errors] == ["out_of_range"] and "counts.c1 = 175" in errors[0]["msg"]
     else:
         assert not errors
         assert [(o["modality"], o["feature"]) for o in notes[0]["out_of_range"]] == [("counts", "c1")]
