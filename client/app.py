@@ -376,6 +376,7 @@ REQUIRE_DP_REFUSAL = ("site policy: training without differential privacy (run c
 
 
 AUDIT_UNWRITABLE = "its audit log cannot be written (details in the site's log)"
+TRAINING_FAILED = "local training failed (details in the site's log)"  # a traceback would carry data to the server
 
 
 def unready_refusal(settings: SiteSettings, cfg: RunConfig, context: Context, run_key: str,
@@ -471,7 +472,7 @@ def _train(msg: Message, context: Context) -> Message:
             raise _refusal(fitins, msg, settings.name, str(e), audit, another_attempt=isinstance(e, AlreadyReleased))
         except Exception:  # noqa: BLE001 - an error reply would carry the traceback (and maybe data) to the server
             log(WARNING, "site %s: local training failed:\n%s", settings.name, traceback.format_exc())
-            raise _refusal(fitins, msg, settings.name, "local training failed (details in the site's log)", audit)
+            raise _refusal(fitins, msg, settings.name, TRAINING_FAILED, audit)
         delta = [d.astype(np.float64) for d in result.delta]  # SecAgg+ scales and quantises in float64
         if not all(np.isfinite(d).all() for d in delta):
             # NaN or inf would pass SecAgg+'s range check and be quantised into garbage (or, without it, make the
@@ -656,7 +657,7 @@ def _train_distributed(msg: Message, fitins, context: Context, cfg: RunConfig, s
             raise _refusal(fitins, msg, settings.name, str(e), audit, another_attempt=isinstance(e, AlreadyReleased))
         except Exception:  # noqa: BLE001 - an error reply would carry the traceback (and maybe data) to the server
             log(WARNING, "site %s: distributed step failed:\n%s", settings.name, traceback.format_exc())
-            raise _refusal(fitins, msg, settings.name, "local training failed (details in the site's log)", audit)
+            raise _refusal(fitins, msg, settings.name, TRAINING_FAILED, audit)
         metrics = {k: float(v) for k, v in result.metrics.items()}
         try:  # recorded before the update leaves the site
             trained = audit.append("round_trained", run=run_key, round=rnd,  # no patient count (see train)
