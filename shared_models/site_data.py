@@ -73,6 +73,10 @@ def read_table(path: Path, id_column: str, text_columns: tuple[str, ...] = ()) -
     except TableError:
         raise
     except (pa.ArrowInvalid, pa.ArrowException, OSError, EOFError, UnicodeDecodeError, ValueError) as e:
+        if isinstance(e, UnicodeDecodeError) or "invalid UTF8" in str(e):
+            raise TableError(f"{path}: the file is not UTF-8 text ({_short(e)}): an export in Latin-1 or Windows-1252 "
+                             "(an accented id such as 'José' written as one byte); save it again as UTF-8 (in Excel: "
+                             "File > Save As > CSV UTF-8)") from None
         raise TableError(f"{path}: cannot be read as {fmt} ({_short(e)}); check that the file is complete and "
                          "is really the format its name says") from None
     if df.shape[0] == 0:

@@ -712,3 +712,14 @@ def test_class_names_that_look_like_numbers_are_read_as_written(tmp_path):
     report = validate_site(schema, site_dir)
     assert report.ok and not [p for p in report.problems if p.code == "unknown_label"], report.format_report()
     assert set(read_site(schema, site_dir).labels) == {"01", "02", "03"}  # what training encodes
+
+
+def test_a_table_in_latin_1_is_named_as_not_utf8_with_the_fix(tmp_path):
+    """An id written in Latin-1 ('José' as one byte) was refused with 'invalid UTF8 data ... check that the file is
+    complete', naming neither the encoding nor the fix."""
+    from shared_models.site_data import TableError, read_table
+
+    path = tmp_path / "labels.csv"
+    path.write_bytes("patient,cancer_type\nJos\xe9,BRCA\nP2,LUAD\n".encode("latin-1"))
+    with pytest.raises(TableError, match="not UTF-8 text.*CSV UTF-8"):
+        read_table(path, "patient")
