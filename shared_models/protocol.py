@@ -62,6 +62,7 @@ LOSS = "loss"
 ACCURACY = "accuracy"
 BALANCED_ACCURACY = "balanced_accuracy"
 MACRO_F1 = "macro_f1"
+SCORES = (ACCURACY, BALANCED_ACCURACY, MACRO_F1)  # a model's scores, as every report and result table names them
 # the run's last round only: JSON {pattern: [patients, right]} of the global model on the held-out part, per
 # modality pattern (client.calibration.pattern_outcomes: the patients with the pattern's modalities, the others
 # masked; a pattern with fewer than min-count patients is not sent); the server sums them into ModelPackage.patterns

@@ -90,19 +90,18 @@ def _seed_list(text: str) -> list[int]:
     return out
 
 
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
-
-
 def summarize_seeds(results: list[dict]) -> dict:
     """Mean and standard deviation of each model's test metrics over splits, plus every split's result."""
     import numpy as np
+
+    from shared_models.protocol import SCORES
 
     summary = {}
     for model in ("transformer", "logistic"):
         rows = [r[model]["test"] for r in results if model in r]
         if rows:
             summary[model] = {m: {"mean": float(np.mean([x[m] for x in rows])), "sd": float(np.std([x[m] for x in rows])),
-                                  "per_seed": [x[m] for x in rows]} for m in METRICS}
+                                  "per_seed": [x[m] for x in rows]} for m in SCORES}
     return {"seeds": [r["seed"] for r in results], "summary": summary, "runs": results}
 
 
@@ -110,8 +109,8 @@ def format_seeds(result: dict) -> str:
     lines = [f"over {len(result['seeds'])} splits (seeds {', '.join(map(str, result['seeds']))}): mean +- sd",
              f"{'model':<20} {'accuracy':>14} {'balanced acc.':>14} {'macro-F1':>14}"]
     names = {"transformer": "transformer", "logistic": "logistic regression"}
-    for model, s in result["summary"].items():
-        lines.append(f"{names[model]:<20} " + " ".join(f"{s[m]['mean']:>8.3f} +-{s[m]['sd']:.3f}" for m in METRICS))
+    for model, s in result["summary"].items():  # in SCORES' order (summarize_seeds)
+        lines.append(f"{names[model]:<20} " + " ".join(f"{v['mean']:>8.3f} +-{v['sd']:.3f}" for v in s.values()))
     return "\n".join(lines)
 
 

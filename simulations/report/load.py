@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from shared_models.protocol import SCORES
 from simulations.report.labels import budget_key
 
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+METRICS = SCORES
 REQUIRED = ("cell", "data", "method", "round", "site", *METRICS)
 TEXT = ("experiment", "cell", "data", "partition", "sites", "strategy", "privacy", "seed", "method", "site")
 NUMBER = ("round", "patients", "epsilon_spent", "epsilon_target", "seconds", *METRICS)
