@@ -42,10 +42,9 @@ def partition(
     seed: int = typer.Option(0, "--seed", min=0, help="random seed (same seed, same partition)"),
     holdout_column: str | None = typer.Option(
         None, "--holdout-column", help="hold out whole groups of this labels column (e.g. tss) for evaluation"),
-    holdout_frac: float | None = typer.Option(None, "--holdout-frac", help="share of patients to hold out (default: "
-                                              "simulations.partition.HOLDOUT_FRAC, a fifth)"),
+    holdout_frac: float | None = typer.Option(None, "--holdout-frac", help="share of patients to hold out (default: 0.2)"),
     min_site_patients: int | None = typer.Option(None, "--min-site-patients", help="--dirichlet: fewest patients per "
-                                                 "site (default: simulations.partition.MIN_SITE_PATIENTS)"),
+                                                 "site (default: 10)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a federation directory written before"),
 ) -> None:
     """Split a pooled cohort into site directories (by a column, Dirichlet label skew or IID) + manifest.json."""

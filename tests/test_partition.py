@@ -281,3 +281,16 @@ def test_research_guide_label_skew_counts_are_the_main_jobs_partition(tmp_path):
     assert f"{at['COAD']['C3']} of COAD's {coad} at C3, which has no READ" in guide
     assert set(at["READ"]) & set(at["COAD"]) == {"C7"}
     assert f"only C7 holds both: {at['COAD']['C7']} COAD, {at['READ']['C7']} READ" in guide
+
+
+def test_the_partition_commands_help_states_the_defaults_partition_cohort_takes():
+    """The CLI leaves these unset (the partition's defaults apply); its help says them, kept equal here."""
+    import typer
+
+    from oncofed.cli import app
+    from simulations.partition import HOLDOUT_FRAC, MIN_SITE_PATIENTS
+
+    command = typer.main.get_command(app).commands["partition"]
+    helps = {p.name: p.help for p in command.params}
+    assert f"(default: {HOLDOUT_FRAC:g})" in helps["holdout_frac"]
+    assert f"(default: {MIN_SITE_PATIENTS})" in helps["min_site_patients"]
