@@ -28,11 +28,11 @@ def simulate(
                                         "wrong name lists them)"),
     local_epochs: int | None = typer.Option(None, min=1, help="local epochs a round (default: the run config's)"),
     lr: float | None = typer.Option(None, help="peak local learning rate (default: the run config's recipe for the "
-                                    "run's dp and local-optimizer: docs/operator-guide.md)"),
+                                    "run's dp and local-optimizer, see the operator guide)"),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1,
                                           help="batch size; under DP the public divisor of the clipped-gradient sum "
-                                          "(default: the recipe's; under DP sample-rate x a public patient count: "
-                                          "docs/operator-guide.md)"),
+                                          "(default: the recipe's; under DP sample-rate x a public patient count, see "
+                                          "the operator guide)"),
     eval_data: bool = typer.Option(False, "--eval-data/--no-eval-data",
                                    help="also score the global model on the held-out patients at the server after "
                                         "every round (as an operator's validation site would be)"),
