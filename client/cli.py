@@ -134,9 +134,9 @@ def site_privacy_audit(
     lira_models: int = typer.Option(0, "--lira-models", min=0, help="also run offline LiRA with this many reference "
                                     "models (>= 2; trained here on halves of the site's patients; 0: skip)"),
     lira_epochs: int | None = typer.Option(None, "--lira-epochs", min=1, help="epochs of each LiRA reference model "
-                                           "(default: client.privacy_audit.audit's)"),
+                                           "(default: 30)"),
     confidence: float | None = typer.Option(None, "--confidence", help="confidence of the bound test (all attacks "
-                                            "together; default: client.privacy_audit.audit's)"),
+                                            "together; default: 0.95)"),
     version: str = typer.Option("", "--version", help="the model version to audit (default: the active one)"),
     out: Path = typer.Option(None, "--out", help="report directory (default: STATE_DIR/privacy-audit/VERSION)"),
 ) -> None:

@@ -473,3 +473,19 @@ def test_an_audit_refuses_a_normalisation_other_than_the_one_the_site_trained_wi
     r, _ = _audit(copy, "--version", "v0001")
     assert r.exit_code == 2 and str(copy / "state" / "normalizer.json") in r.output
     assert "not the one this split fits" in r.output
+
+
+def test_the_privacy_audit_commands_help_states_the_defaults_the_audit_takes():
+    """The CLI leaves these unset (the audit's own defaults apply); its help says them, kept equal here."""
+    import inspect
+
+    import typer
+
+    from client.privacy_audit import audit
+    from oncofed.cli import app
+
+    command = typer.main.get_command(app).commands["site"].commands["privacy-audit"]
+    helps = {p.name: p.help for p in command.params}
+    defaults = inspect.signature(audit).parameters
+    assert f"(default: {defaults['lira_epochs'].default})" in helps["lira_epochs"]
+    assert f"default: {defaults['confidence'].default:g})" in helps["confidence"]
