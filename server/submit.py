@@ -276,10 +276,25 @@ def _submit_run(c: Consortium, name: str, run_dir: Path, overrides: dict, resume
         out.write(f"run {name!r} stopped; continue it with --resume\n")
         return 1
     if finished:
-        from server.delivery import DELIVERY_SHORT_EXIT, delivery_verdict
-
-        delivered, message = delivery_verdict(run_dir)
-        out.write(f"run {name!r} finished training: {result}; {message}\n")
-        return 0 if delivered else DELIVERY_SHORT_EXIT
+        code, message = finished_verdict(run_dir, name)
+        out.write(message + "\n")
+        return code
     return after_stream(c.root, name, returncode, log_path, out, health=lambda: server_health(c),
                         server_down=shown[0].server_down)
+
+
+def finished_verdict(run_dir: Path, name: str) -> tuple[int, str]:
+    """(exit code, message) of a run whose ServerApp wrote its result: 0 every site that trained installed the model,
+    DELIVERY_SHORT_EXIT some did not (`oncofed deliver` sends it again), 1 no round updated the model, so there is
+    nothing to deliver (a deliver could not help: the reason says what to fix)."""
+    from server.delivery import DELIVERY_SHORT_EXIT, delivery_verdict
+
+    result = run_dir / RESULT
+    try:
+        not_delivered = json.loads(result.read_text()).get("not_delivered")
+    except (OSError, ValueError):
+        not_delivered = None
+    if not_delivered:
+        return 1, f"run {name!r} ended without a model: {not_delivered} ({result}); nothing to deliver"
+    delivered, message = delivery_verdict(run_dir)
+    return (0 if delivered else DELIVERY_SHORT_EXIT), f"run {name!r} finished training: {result}; {message}"

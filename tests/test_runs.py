@@ -135,3 +135,22 @@ def test_oncofed_run_refuses_set_keys_it_sets_itself(tmp_path):
     for key in ("output-dir", "base-dir", "resume", "deliver-only"):
         with pytest.raises(DeployError, match=f"--set {key}: `oncofed run` sets this itself"):
             submit_run(tmp_path / "consortium", "r1", {key: "x"})
+
+
+def test_a_finished_run_without_a_model_exits_1_with_the_reason_not_3_with_a_deliver_that_cannot_help(tmp_path):
+    """Every site refused round 1: the run exited 3 advising `oncofed deliver`, whose preflight then failed (there is
+    no final model); the operator guide says exit 1, and why."""
+    import json
+
+    from server.submit import finished_verdict
+
+    run = tmp_path / "runs" / "third"
+    run.mkdir(parents=True)
+    reason = "no round updated the global model (every site refused, or every round was abandoned: ...)"
+    (run / "result.json").write_text(json.dumps({"run": "k", "deliveries": [], "not_delivered": reason}))
+    (run / "status.json").write_text(json.dumps({"run": "k", "finished": 1}))
+    code, message = finished_verdict(run, "third")
+    assert code == 1 and reason in message and "oncofed deliver" not in message
+    (run / "result.json").write_text(json.dumps({"run": "k", "deliveries": [{"site": "A", "installed": True}]}))
+    (run / "status.json").write_text(json.dumps({"run": "k", "delivery_ok": 1, "delivered": 1, "trained": 1}))
+    assert finished_verdict(run, "third")[0] == 0
