@@ -103,10 +103,11 @@ def test_dp_sgd_with_the_sgd_optimizer_accounts_like_adamw(tmp_path):
 
 
 def test_a_second_run_on_the_same_data_continues_the_spend(tmp_path):
-    schema, run, site, w = _setup(tmp_path, budget=8.0, rounds=2)
+    schema, run, site, w = _setup(tmp_path, budget=20.0, rounds=2, epsilon=8.0)  # room for a second run of 8
     first = train_round(site, w, run, "run-A", 1).metrics["epsilon"]
     # a new process prepares the same site again: the ledger carries the spend
-    again = prepare_site(schema, site.paths, budget_epsilon=8.0, delta=1e-5, val_fraction=0.2, min_count=5, seed=0, dp=True)
+    again = prepare_site(schema, site.paths, budget_epsilon=20.0, delta=1e-5, val_fraction=0.2, min_count=5, seed=0,
+                         dp=True)
     assert again.dataset_fingerprint == site.dataset_fingerprint
     assert again.ledger.spent(again.dataset_fingerprint) == pytest.approx(first, rel=1e-9)
     second = train_round(again, w, run, "run-B", 1).metrics
@@ -114,6 +115,20 @@ def test_a_second_run_on_the_same_data_continues_the_spend(tmp_path):
     assert second["epsilon"] > first
     ledger = json.loads((tmp_path / "state" / "privacy-ledger.json").read_text())
     assert {e["run_id"] for e in ledger["entries"]} == {"run-A", "run-B"}
+
+
+def test_a_site_with_less_than_half_the_runs_epsilon_left_does_not_join_it(tmp_path):
+    """A site with 0.08 of its budget 8 left trained a new run with noise multiplier 3.2 (an operator's trial: the
+    consortium's model fell to macro-F1 0.12 and was installed over the better one); now it refuses, before any spend."""
+    from client.local_round import MIN_RUN_SHARE
+
+    schema, run, site, w = _setup(tmp_path, budget=8.0, rounds=1)
+    spent = train_round(site, w, run, "run-A", 1).metrics["epsilon"]
+    assert 8.0 - spent < MIN_RUN_SHARE * run.privacy.epsilon
+    with pytest.raises(BudgetError, match="asks for epsilon 8 and this site has .* left of its budget 8"):
+        train_round(site, w, run, "run-B", 1)
+    assert site.ledger.spent(site.dataset_fingerprint) == pytest.approx(spent)  # nothing spent
+    assert site.ledger.run_plan(site.dataset_fingerprint, "run-B") is None  # nor the run recorded
 
 
 def test_another_runs_round_beginning_meanwhile_does_not_withhold_this_one(tmp_path, monkeypatch):
