@@ -622,6 +622,9 @@ def _check_parquet(path: Path, budget: DecompressedBudget, max_rows: int) -> int
     return max(meta.num_rows, 1)
 
 
+_INVISIBLE = ("Cc", "Cf")  # Unicode's control and format (zero-width) characters: never part of an id as read
+
+
 def id_problem(pid: str) -> dict | None:
     """Why a patient id cannot be one ({"msg", "fix"}), or None: a lone UTF-16 surrogate (JSON's "\\ud800" escape,
     no character: it cannot be written to the audit log) or an invisible or control character (a zero-width
@@ -631,7 +634,7 @@ def id_problem(pid: str) -> dict | None:
     except UnicodeEncodeError:
         return {"msg": f"the id {pid.encode('utf-8', 'backslashreplace').decode()!r} holds a lone UTF-16 surrogate, "
                        "which is no character", "fix": "send the id as the text it is (UTF-8 JSON)"}
-    if bad := next(((i, ch) for i, ch in enumerate(pid) if unicodedata.category(ch) in ("Cc", "Cf")), None):
+    if bad := next(((i, ch) for i, ch in enumerate(pid) if unicodedata.category(ch) in _INVISIBLE), None):
         i, ch = bad
         return {"msg": f"the id {pid!r} holds an invisible or control character (U+{ord(ch):04X} at position {i + 1})",
                 "fix": "remove it: ids are compared character by character, so it would name another patient"}
@@ -727,7 +730,7 @@ def _id_key(pid: str) -> str:
     """An id as a person reads it: compatibility form (a full-width dash is a dash), case folded, no invisible
     characters, every dash one dash."""
     text = unicodedata.normalize("NFKC", pid).casefold()
-    text = "".join(ch for ch in text if unicodedata.category(ch) not in ("Cf", "Cc"))
+    text = "".join(ch for ch in text if unicodedata.category(ch) not in _INVISIBLE)
     return re.sub(r"[\u2010-\u2015\u2212]", "-", text).strip()
 
 
@@ -849,6 +852,13 @@ def check_frames(schema: FeatureSchema, frames: dict, limits: ServeSettings) -> 
     return checked.ids, checked.raw, errors, warnings
 
 
+def _as_sent(lm, raw: np.ndarray, i: int, col: int) -> tuple[str, str, float]:
+    """(modality, feature, patient i's value as the site sent it: a log1p input undone) of the model's input `col`."""
+    m, f = lm.feature_at[col]
+    value = float(raw[i, col])
+    return m, f, float(np.expm1(value)) if lm.inputs[m][f][1] == "log" else value
+
+
 def check_patients(lm, ids: list[str], raw: np.ndarray, limits: ServeSettings) -> tuple[list[dict], list[dict]]:
     """Coverage and distance from the training distribution, per patient: (notes, errors)."""
     schema = lm.schema
@@ -913,15 +923,13 @@ def check_patients(lm, ids: list[str], raw: np.ndarray, limits: ServeSettings) -
                                       "if they are right, raise serve.units-sd in site.json"})
         for m, a, b in narrow:
             for j in np.flatnonzero(z[i, a:b] > NARROW_UNITS_SD) + a:
-                col = int(norm.checked[j])
-                mf = lm.feature_at[col]
-                value = float(np.expm1(raw[i, col]) if lm.inputs[mf[0]][mf[1]][1] == "log" else raw[i, col])
+                _, f, value = _as_sent(lm, raw, i, int(norm.checked[j]))
                 errors.append({"loc": f"patient {pid}", "code": "units", "patients": [pid], "modality": m,
-                               "feature": mf[1],
-                               "msg": f"{m}.{mf[1]} = {value:.6g} is {float(z[i, j]):.0f} SD from the site's training "
+                               "feature": f,
+                               "msg": f"{m}.{f} = {value:.6g} is {float(z[i, j]):.0f} SD from the site's training "
                                       f"mean (its own patients stay within 5): the value seems to be in another unit "
                                       "(e.g. an age in days or months for years), and any prediction would be a guess",
-                               "fix": f"export {mf[1]} in the unit the schema describes (docs/site-data.md)"})
+                               "fix": f"export {f} in the unit the schema describes (docs/site-data.md)"})
         for m, slope in slopes:
             k = float(slope[i])
             if not np.isfinite(k) or SLOPE_WARN[0] <= k <= SLOPE_WARN[1]:
@@ -957,11 +965,7 @@ def check_patients(lm, ids: list[str], raw: np.ndarray, limits: ServeSettings) -
             js = np.flatnonzero(far[i])
             js = js[np.argsort(-z[i, js])][:5]
             for j in js:
-                col = int(norm.checked[j])
-                m, f = lm.feature_at[col]
-                value = float(raw[i, col])
-                if lm.inputs[m][f][1] == "log":
-                    value = float(np.expm1(value))
+                m, f, value = _as_sent(lm, raw, i, int(norm.checked[j]))
                 note["out_of_range"].append({"modality": m, "feature": f, "value": value,
                                              "sd_from_mean": round(float(z[i, j]), 1)})
             listing = ", ".join(f"{o['modality']}.{o['feature']} = {o['value']:.4g} ({o['sd_from_mean']:g} SD)"

@@ -56,7 +56,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from privacy.accounting import MAX_BUDGET, BudgetError, Mechanism, epsilon
-from privacy.audit import AUDIT_FILE
+from privacy.audit import AUDIT_FILE, AuditLog
 from privacy.distributed import SkellamPlan
 from shared_models.files import write_json_atomic
 
@@ -69,15 +69,6 @@ def dataset_fingerprint(patient_ids: list[str], schema_hash: str) -> tuple[str, 
     ledger keeps only the fingerprint and the count: one spend per site needs no patient's id, hashed or not."""
     hashed = sorted({hashlib.sha256(f"{schema_hash}:{pid}".encode()).hexdigest()[:16] for pid in patient_ids})
     return hashlib.sha256(("\n".join(hashed)).encode()).hexdigest(), len(hashed)
-
-
-def _audit_shows_training(log: Path) -> bool:
-    """Whether a site's audit log records a round trained (a spend): read as text, without checking its chain."""
-    try:
-        with open(log, "rb") as fh:
-            return any(b'"event": "round_trained"' in line for line in fh)
-    except FileNotFoundError:
-        return False
 
 
 def read_ledger(path: str | Path) -> dict:
@@ -169,7 +160,8 @@ class PrivacyLedger:
         lost = [what for what, seen in (
             (self._lock_path.name, lambda: self._lock_path.exists()),
             ("released updates in released/", lambda: any((self.path.parent / "released").glob("*/round-*.npz"))),
-            (f"rounds trained in {AUDIT_FILE}", lambda: _audit_shows_training(self.path.parent / AUDIT_FILE)),
+            (f"rounds trained in {AUDIT_FILE}",
+             lambda: bool(AuditLog(self.path.parent / AUDIT_FILE).last("round_trained"))),
         ) if seen()]
         if lost and self.path.exists():
             return  # another process created it (and took its lock) since this one looked
