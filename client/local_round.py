@@ -258,8 +258,7 @@ def distributed_plan(site: PreparedSite, run_id: str, cfg: RunConfig, dim: int,
         return p
     # the plan at the run's delta, as the server and every other site compute it; the ledger accounts it at its own
     # (never larger) delta, and refuses the rounds that would pass the budget there
-    p = distributed.run_plan(cfg.privacy.max_grad_norm, dim, cfg.privacy.trusted_sites, cfg.privacy.sample_rate, cfg.privacy.epsilon,
-                             cfg.privacy.delta, cfg.federation.num_rounds)
+    p = distributed.run_config_plan(cfg, dim)
     check(p)
     cap = _whole_run_fits(site, run_id, cfg, p)
     site.ledger.start_run(site.dataset_fingerprint, run_id, RunPlan(
@@ -304,9 +303,7 @@ def round_precheck(site: PreparedSite, cfg: RunConfig, run_id: str, rnd: int) ->
         if cfg.privacy.distributed:
             if saved is None:  # a new run: its noise is the consortium's, so the whole run must fit now
                 _, noised = trainable_layout(MultiModalTransformer(site.schema, cfg.model))
-                _whole_run_fits(site, run_id, cfg, distributed.run_plan(
-                    cfg.privacy.max_grad_norm, int(noised.sum()), cfg.privacy.trusted_sites, cfg.privacy.sample_rate,
-                    cfg.privacy.epsilon, cfg.privacy.delta, cfg.federation.num_rounds))
+                _whole_run_fits(site, run_id, cfg, distributed.run_config_plan(cfg, int(noised.sum())))
                 return
             p = distributed.SkellamPlan.from_dict(saved.mechanism)
             site.ledger.check_round(fingerprint, run_id, rnd, p.noise_multiplier, p.sample_rate, 1, mechanism=p)

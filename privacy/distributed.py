@@ -238,6 +238,13 @@ def run_plan(max_grad_norm: float, dim: int, trusted_sites: int, sample_rate: fl
     return plan_for_budget(plan(max_grad_norm, dim, trusted_sites, sample_rate), run_epsilon, delta, rounds)
 
 
+def run_config_plan(cfg, dim: int) -> SkellamPlan:
+    """run_plan with a run config's terms (a shared_models.run_config.RunConfig): what the server prints and every site
+    adds its share of."""
+    return run_plan(cfg.privacy.max_grad_norm, dim, cfg.privacy.trusted_sites, cfg.privacy.sample_rate,
+                    cfg.privacy.epsilon, cfg.privacy.delta, cfg.federation.num_rounds)
+
+
 def _with(p: SkellamPlan, variance: float) -> SkellamPlan:
     return SkellamPlan(p.scale, p.max_grad_norm, p.dim, p.l2, p.l1, float(variance), p.trusted_sites, p.sample_rate)
 

@@ -83,11 +83,10 @@ def log_distributed_plan(cfg: RunConfig, schema: FeatureSchema) -> str:
     schedule: the cost of the exact discrete mechanism's accounting. Sized, as at the sites, by the model's
     trainable coordinates (the noised ones), not by every array the model sends."""
     from privacy.accounting import noise_multiplier_for
-    from privacy.distributed import plan_message, run_plan
+    from privacy.distributed import plan_message, run_config_plan
 
     _, noised = trainable_layout(MultiModalTransformer(schema, cfg.model))
-    p = run_plan(cfg.privacy.max_grad_norm, int(noised.sum()), cfg.privacy.trusted_sites, cfg.privacy.sample_rate,
-                 cfg.privacy.epsilon, cfg.privacy.delta, cfg.federation.num_rounds)
+    p = run_config_plan(cfg, int(noised.sum()))
     gaussian = noise_multiplier_for(cfg.privacy.epsilon, cfg.privacy.delta, cfg.privacy.sample_rate, cfg.federation.num_rounds)
     log(INFO, "distributed DP: %s rounds of one step at sample rate %s; aggregate noise multiplier %.3f (pooled "
         "Gaussian DP-SGD: %.3f); each site adds 1/%s of the noise variance", cfg.federation.num_rounds, cfg.privacy.sample_rate,
