@@ -67,6 +67,29 @@ def _one(t: Tensor) -> Tensor:
     return one
 
 
+class _Installed:
+    """A function the clipper installs on a layer while attached (its taped forward, a recording hook). It refuses
+    to be copied: a deep copy of an attached model would keep calling it, computing with the original model's
+    parameters and recording into its tapes, and would train wrong without a sign of it."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def __deepcopy__(self, memo):
+        raise RuntimeError("a model with a BookKeepingClipper attached cannot be deep-copied (the copy would compute "
+                           "with this model's parameters): copy it before attaching or after clipper.detach(), or "
+                           "copy its state_dict()")
+
+    def __reduce_ex__(self, protocol):
+        raise RuntimeError("a model with a BookKeepingClipper attached cannot be pickled: save its state_dict(), or "
+                           "detach the clipper first")
+
+
 class _TapedLinear(torch.autograd.Function):
     """F.linear whose backward hands (input, output gradient) to the tape instead of computing the
     weight and bias gradients: the clipper forms their clipped sum itself."""
@@ -202,7 +225,7 @@ class BookKeepingClipper:
         if self._attached:
             return self
         for layer, tape in self._linears:
-            layer.forward = _taped_forward(layer, tape)  # instance attribute: shadows nn.Linear.forward
+            layer.forward = _Installed(_taped_forward(layer, tape))  # instance attribute: shadows nn.Linear.forward
         for layer, tape in self._others:
             if type(layer) in (NumericTokens, FeatureFill):
                 layer.param_grads = False  # the clipper writes them: the backward's own sums would be discarded
@@ -210,7 +233,8 @@ class BookKeepingClipper:
                 layer.sample_grads = tape
                 continue
             # an AddLearned's per-sample gradient is its output gradient: its input is not kept
-            self._handles.append(layer.register_forward_hook(_recording_hook(tape, type(layer) is not AddLearned)))
+            self._handles.append(layer.register_forward_hook(
+                _Installed(_recording_hook(tape, type(layer) is not AddLearned))))
         self._attached = True
         return self
 

@@ -412,11 +412,12 @@ def test_the_noise_is_drawn_into_the_gradients_and_the_clipped_sum_added_exactly
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(y))
     engine = PrivacyEngine(accountant="prv")
     engine.secure_rng = torch.Generator().manual_seed(5)
+    template = copy.deepcopy(model)
     clipper, opt, _ = make_private(engine, model, torch.optim.SGD(model.parameters(), lr=0.0), loader,
                                    noise_multiplier=sigma, max_grad_norm=c, expected_batch_size=4)
     replay = torch.Generator().manual_seed(5)
     for _ in range(2):  # the second step reuses the buffer: the first step's sums must not carry over
-        reference = copy.deepcopy(model)
+        reference = _copy_of(template, model)
         clipped_sum(reference, lambda: F.cross_entropy(reference(x), y), c, "ghost")
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
@@ -549,6 +550,25 @@ def test_a_pooled_column_identity_takes_the_sum_of_tokens_only():
     assert layer(torch.zeros(3, 4)).shape == (3, 4)
     with pytest.raises(ValueError, match="sum of its tokens"):
         layer(torch.zeros(3, 5, 4))
+
+
+def test_a_model_with_the_clipper_attached_refuses_to_be_copied_and_copies_again_once_detached():
+    """A deep copy of an attached model kept the original's taped forwards and hooks: the copy computed with the
+    original's weights and recorded into its tapes, training wrong without a sign. It is refused, naming the fix."""
+    import pickle
+
+    model = _full_model(dropout=0.0)
+    clipper = BookKeepingClipper(model, 1.0).attach()
+    for copier in (copy.deepcopy, pickle.dumps):
+        with pytest.raises(RuntimeError, match="BookKeepingClipper attached"):
+            copier(model)
+    clipper.detach()
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(1.0)
+    x, _ = _batch_with_missing()
+    assert not torch.allclose(twin(x.float()), model(x.float()))  # the copy computes with its own weights
 
 
 def test_after_detach_the_model_trains_as_before():
@@ -718,8 +738,16 @@ def _private(model, opt, x, y, sigma=2.0, c=0.5, ebs=4, seed=5):
     return make_private(engine, model, opt, loader, noise_multiplier=sigma, max_grad_norm=c, expected_batch_size=ebs)
 
 
-def _want(model, x, y, c, ebs, noise_flat, params):
-    ref = copy.deepcopy(model)
+def _copy_of(template, model):
+    """A model with `model`'s weights and no clipper (an attached model refuses to be deep-copied): `template` is
+    a copy of it made before the clipper was attached."""
+    ref = copy.deepcopy(template)
+    ref.load_state_dict(model.state_dict())
+    return ref
+
+
+def _want(template, model, x, y, c, ebs, noise_flat, params):
+    ref = _copy_of(template, model)
     clipped_sum(ref, lambda: F.cross_entropy(ref(x), y), c, "ghost")
     rp = [q for q in ref.parameters() if q.requires_grad]
     return [r.grad / ebs + n.view_as(r) for r, n in zip(rp, noise_flat.split([p.numel() for p in params]))]
@@ -734,6 +762,7 @@ def test_each_step_is_the_clipped_sum_plus_fresh_noise_whatever_autograd_left_in
     x, y = _batch_with_missing()
     sigma, c, ebs = 2.0, 0.5, 4
     params = [p for p in model.parameters() if p.requires_grad]
+    template = copy.deepcopy(model)
     clipper, opt, _ = _private(model, torch.optim.SGD(model.parameters(), lr=0.0), x, y, sigma, c, ebs)
     replay = torch.Generator().manual_seed(5)
     for _ in range(3):
@@ -741,7 +770,7 @@ def test_each_step_is_the_clipped_sum_plus_fresh_noise_whatever_autograd_left_in
         F.cross_entropy(model(x), y).backward()
         opt.step()
         noise = torch.empty(sum(p.numel() for p in params), dtype=torch.float64).normal_(0, sigma * c / ebs, generator=replay)
-        for p, w in zip(params, _want(model, x, y, c, ebs, noise, params)):
+        for p, w in zip(params, _want(template, model, x, y, c, ebs, noise, params)):
             assert torch.allclose(p.grad, w, rtol=1e-12, atol=1e-15)
     clipper.cleanup()
 
@@ -762,11 +791,12 @@ def test_parameters_of_several_dtypes_get_the_clipped_sum_then_their_own_noise()
     x, y = torch.randn(8, 12, dtype=torch.float64), torch.randint(0, 3, (8,))
     sigma, c, ebs = 1.5, 0.3, 4
     params = [p for p in model.parameters() if p.requires_grad]
+    template = copy.deepcopy(model)
     clipper, opt, _ = _private(model, torch.optim.SGD(model.parameters(), lr=0.0), x, y, sigma, c, ebs)
     assert not opt._one_buffer(opt.params)  # the fallback path
     opt.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()
-    ref = copy.deepcopy(model)
+    ref = _copy_of(template, model)
     opt.step()
     clipped_sum(ref, lambda: F.cross_entropy(ref(x), y), c, "ghost")
     g = torch.Generator().manual_seed(5)
@@ -786,11 +816,12 @@ def test_the_sites_optimizer_steps_on_the_clipped_sum_plus_noise_on_every_parame
     sigma, c, ebs = 1.0, 0.5, 4
     opt = build_optimizer(model, TrainConfig(lr=1e-3, weight_decay=0.01))
     params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]  # the optimizer's order
+    template = copy.deepcopy(model)
     clipper, opt, _ = _private(model, opt, x, y, sigma, c, ebs)
     replay = torch.Generator().manual_seed(5)
     for _ in range(2):
         opt.zero_grad(set_to_none=True)
-        want_model = copy.deepcopy(model)
+        want_model = _copy_of(template, model)
         F.cross_entropy(model(x), y).backward()
         opt.step()
         noise = torch.empty(sum(p.numel() for p in params)).normal_(0, sigma * c / ebs, generator=replay)
