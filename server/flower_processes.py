@@ -9,15 +9,32 @@ superlink|superexec ARGS...`): Flower's own entry points with two changes for a 
 - SuperExec: HTTP 500 and 429 retried with Flower's backoff like 502/503/504. One 500 on `acquire-task`
   ended Flower's SuperExec, and with it every new run's launch, while the SuperLink stayed healthy.
   (The supervisor restarts it anyway; this keeps a transient error from costing a restart.)
+  And it reaps the ServerApps it launched once they end: Flower's SuperExec drops each launch's Popen, so
+  a finished run's `flwr-serverapp` stayed a zombie (`<defunct>`) until the next run was launched.
 """
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import threading
 
 from shared_models.flower_tools import RETRIED_STATUS
 
 SQLITE_BUSY_TIMEOUT_MS = 60_000
+REAP_SECONDS = 5.0
+
+
+def reap_dropped_children() -> None:
+    """Collect the exit status of every child whose Popen was dropped while it ran (as Flower's SuperExec drops
+    its ServerApps'): Python keeps those in subprocess's list of active children and reaps them only when a
+    new Popen is made. Children someone still holds a Popen for are theirs to wait for, and are not touched."""
+    subprocess._cleanup()  # the standard library's own reaping of that list (no status is taken from anyone)
+
+
+def _reap_forever(stop: threading.Event) -> None:
+    while not stop.wait(REAP_SECONDS):
+        reap_dropped_children()
 
 
 def superlink(argv: list[str]) -> None:
@@ -38,6 +55,7 @@ def superexec(argv: list[str]) -> None:
     from flwr.supercore.cli import flower_superexec
 
     sys.argv = ["flower-superexec", *argv]
+    threading.Thread(target=_reap_forever, args=(threading.Event(),), name="reap-serverapps", daemon=True).start()
     flower_superexec()
 
 

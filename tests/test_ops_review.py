@@ -212,3 +212,40 @@ def test_h_a_round_that_can_never_be_unmasked_is_abandoned_before_any_site_train
                                  min_contributors=22)
     assert not wf.setup_stage(None, context, WorkflowState()) and ran == ["setup_stage"]
     assert "neighbourhood holds 21 of them, fewer than 22" in abandoned[0] and "before any site trains" in abandoned[0]
+
+
+def test_i_a_serverapp_the_superexec_launched_is_reaped_once_it_ends_not_left_defunct(monkeypatch):
+    """Flower's SuperExec drops each ServerApp's Popen: a finished run's flwr-serverapp stayed <defunct> until the
+    next launch. The SuperExec oncofed runs reaps them (server/flower_processes.py)."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import threading
+
+    import flwr.supercore.cli
+    from flwr.supercore.retry import http_retry
+
+    from server.flower_processes import reap_dropped_children, superexec
+
+    threads = []  # the SuperExec oncofed starts runs the reaper beside Flower's own
+    monkeypatch.setattr(http_retry, "_RETRYABLE_STATUS_CODES", http_retry._RETRYABLE_STATUS_CODES)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(flwr.supercore.cli, "flower_superexec", lambda: threads.extend(threading.enumerate()))
+    superexec([])
+    assert "reap-serverapps" in [t.name for t in threads]
+
+    def state(pid: int) -> str | None:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return None
+
+    pid = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"]).pid  # the Popen dropped
+    deadline = time.time() + 30
+    while state(pid) != "Z" and time.time() < deadline:
+        time.sleep(0.05)
+    assert state(pid) == "Z"  # ended, and nobody waited for it
+    reap_dropped_children()
+    assert state(pid) is None
