@@ -19,6 +19,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(consortium, name="consortium")
     server = typer.Typer(help="The consortium's server (SuperLink behind its TLS proxy).", no_args_is_help=True)
     server.command("start")(server_start)
+    server.command("stop")(server_stop)
     server.command("preflight")(server_preflight)
     app.add_typer(server, name="server")
     app.command("run")(run)
@@ -125,7 +126,8 @@ def server_start(
 ) -> None:
     """Preflight, then the SuperLink (TLS, node authentication, database) on loopback behind the TLS proxy.
 
-    Stays in the foreground; stop with Ctrl-C or SIGTERM. Exit 2: a preflight check failed (listed).
+    Stays in the foreground; stop with Ctrl-C, SIGTERM or `oncofed server stop`. Exit 2: a preflight check failed
+    (listed).
     """
     import sys
 
@@ -138,6 +140,24 @@ def server_start(
         typer.echo(str(e), err=True)
         raise typer.Exit(code=2)
     raise typer.Exit(code=code)
+
+
+def server_stop(
+    directory: Path = typer.Argument(..., help="the consortium directory"),
+    timeout: float = typer.Option(60.0, "--timeout", help="seconds to wait for it to end"),
+) -> None:
+    """Stop this consortium's `oncofed server start` (and its SuperLink, SuperExec and proxy), as Ctrl-C does.
+
+    A run in progress stops with it; `oncofed run --resume` continues it once the server is back. Exit 1: it could
+    not be stopped (the reason and the fix are printed).
+    """
+    from server.deploy import DeployError, stop_server
+
+    try:
+        typer.echo(stop_server(directory, timeout))
+    except DeployError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(code=1)
 
 
 def run(

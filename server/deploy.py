@@ -143,6 +143,49 @@ def orphaned_processes(c: Consortium) -> list[tuple[str, int]]:
     return left
 
 
+def _is_server_of(pid: int, root: Path) -> bool:
+    """Whether process `pid` is an `oncofed server start` of the consortium at `root` (so a pid the kernel reused
+    after a killed service is never signalled): its command line holds `server start` and the directory."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        args, cwd = proc.cmdline(), Path(proc.cwd())
+    except (psutil.Error, OSError):
+        return False
+    if "start" not in args or "server" not in args:
+        return False
+    return any((cwd / a).resolve() == root.resolve() for a in args if a and not a.startswith("-"))
+
+
+def stop_server(root: str | Path, timeout: float = 60.0) -> str:
+    """SIGTERM to this consortium's running `oncofed server start`, which stops the SuperLink, the SuperExec (and a
+    ServerApp it runs) and the proxy, as Ctrl-C does; waits up to `timeout` seconds for it to end. Returns what
+    happened; raises DeployError when it cannot be stopped or is not this consortium's."""
+    c = Consortium.load(root)
+    pid = server_state(c.root).get("pid")
+    if not pid or not pid_alive(pid):
+        left = orphaned_processes(c)
+        if left:
+            names = ", ".join(f"{k} (pid {p})" for k, p in left)
+            raise DeployError(f"{c.root}: no `oncofed server start` runs, but the one that was killed left {names} "
+                              f"running: stop them (kill {' '.join(str(p) for _, p in left)}), then start the server")
+        return f"{c.root}: the server is not running"
+    if not _is_server_of(int(pid), c.root):
+        raise DeployError(f"{c.path('state', 'server.json')}: pid {pid} is not this consortium's `oncofed server start` "
+                          "(it ended without recording that, and the pid was reused): nothing was stopped; the "
+                          "server is not running")
+    os.kill(int(pid), signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if pid_alive(pid):
+        raise DeployError(f"{c.root}: the server (pid {pid}) is still stopping after {timeout:g} s; wait, or "
+                          f"`kill -9 {pid}` (its SuperLink, SuperExec and proxy are then named by the next "
+                          "`oncofed server start`)")
+    return f"{c.root}: server stopped (pid {pid})"
+
+
 def superexec_command(c: Consortium, parent_pid: int) -> list[str]:
     """The SuperExec that launches ServerApps for the SuperLink (its Runtime API, over TLS on loopback);
     it exits when this service does (`--parent-pid`)."""

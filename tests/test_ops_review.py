@@ -249,3 +249,41 @@ def test_i_a_serverapp_the_superexec_launched_is_reaped_once_it_ends_not_left_de
     assert state(pid) == "Z"  # ended, and nobody waited for it
     reap_dropped_children()
     assert state(pid) is None
+
+
+def test_j_server_stop_ends_this_consortiums_server_and_never_signals_a_reused_pid(consortium, tmp_path):
+    """There was no `oncofed server stop`: an operator without a service manager had to find the pid. It sends
+    SIGTERM to the recorded `oncofed server start` only if that pid is still this consortium's server."""
+    import json
+    import subprocess
+    import sys
+    import threading
+    import time
+    from pathlib import Path
+
+    from server.deploy import DeployError, stop_server
+
+    def spawn(*args: str) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *args], cwd=tmp_path)
+        threading.Thread(target=proc.wait, daemon=True).start()  # reaped when it ends (not left a zombie)
+        deadline = time.monotonic() + 30  # until it has exec'd
+        while b"sleep" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return proc
+
+    state = consortium.path("state", "server.json")
+    state.parent.mkdir(exist_ok=True)
+    assert "not running" in stop_server(consortium.root)
+    server = spawn("server", "start", str(consortium.root.relative_to(tmp_path)))  # as the operator typed it
+    other = spawn("server", "start", "elsewhere")
+    try:
+        state.write_text(json.dumps({"pid": other.pid}))  # the pid of a process that is not this consortium's
+        with pytest.raises(DeployError, match="not this consortium's"):
+            stop_server(consortium.root, timeout=5)
+        assert other.poll() is None
+        state.write_text(json.dumps({"pid": server.pid}))
+        assert "server stopped" in stop_server(consortium.root, timeout=30)
+        assert server.wait(5) == -15  # SIGTERM, as Ctrl-C's handler stops it
+    finally:
+        server.kill()
+        other.kill()
