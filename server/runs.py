@@ -67,6 +67,13 @@ def registered_sites(root: Path, superlink: dict | None) -> list[dict]:
             for s in record.get("sites", []) if not s.get("removed")]
 
 
+def live_run_names(root: Path, superlink: dict | None) -> set[str]:
+    """The names of the runs (directories under runs/) whose latest flwr run the SuperLink has pending or running."""
+    states = (superlink or {}).get("runs", {})
+    return {d.parent.name for d in (root / "runs").glob(f"*/{FLWR_RUNS}")
+            if isinstance(ids := _json(d), list) and ids and states.get(ids[-1]) in RUNNING}
+
+
 def site_names(root: Path) -> dict[int, str]:
     from privacy.pki import ProvisioningError
     from privacy.registry import registered_names

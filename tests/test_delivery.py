@@ -61,7 +61,7 @@ def _run_dir(tmp_path, installed: list[int], trained: list[list[int]]):
     deliveries = [{"node": n, "site": f"C{n}", "installed": n in installed,
                    **({} if n in installed else {"error": "no reply within 90 s"})} for n in (1, 2, 3)]
     (run / "result.json").write_text(json.dumps({"deliveries": deliveries}))
-    (run / "status.json").write_text(json.dumps({"run": "r1", "finished": 1, **delivery_status(run, deliveries)}))
+    (run / "status.json").write_text(json.dumps({"run": "r1-key", "finished": 1, **delivery_status(run, deliveries)}))
     return run
 
 
@@ -98,8 +98,57 @@ def test_the_metrics_show_a_short_delivery(tmp_path):
     reg = CollectorRegistry()
     reg.register(ConsortiumCollector(tmp_path / "runs"))
     text = generate_latest(reg).decode()
-    assert 'oncofed_run_delivery_ok{run="r1"} 0.0' in text and 'oncofed_sites_trained{run="r1"} 3.0' in text
-    assert 'oncofed_sites_delivered{run="r1"} 1.0' in text and 'oncofed_run_finished{run="r1"} 1.0' in text
+    assert 'oncofed_run_delivery_ok{run="r1",run_key="r1-key"} 0.0' in text
+    assert 'oncofed_sites_trained{run="r1",run_key="r1-key"} 3.0' in text
+    assert 'oncofed_sites_delivered{run="r1",run_key="r1-key"} 1.0' in text
+    assert 'oncofed_run_finished{run="r1",run_key="r1-key"} 1.0' in text
+
+
+def _scrape(runs, live=()) -> str:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from server.metrics import ConsortiumCollector
+
+    reg = CollectorRegistry()
+    reg.register(ConsortiumCollector(runs, live_runs=lambda: set(live)))
+    return generate_latest(reg).decode()
+
+
+def _started(run, t: float) -> None:
+    import os
+
+    (run / "run.json").write_text("{}")
+    os.utime(run / "run.json", (t, t))
+
+
+def test_an_undelivered_runs_alert_outlasts_the_start_of_the_next_run_until_it_is_delivered(tmp_path):
+    """The alert (finished == 1 and delivery_ok == 0) cleared as soon as another run started: /metrics served the
+    latest run only, labelled with its key, which `oncofed deliver` does not take."""
+    short = _run_dir(tmp_path, installed=[1], trained=[[1, 2]])
+    _started(short, 1000)
+    nxt = tmp_path / "runs" / "r2"
+    nxt.mkdir()
+    (nxt / "status.json").write_text(json.dumps({"run": "r2-key", "num_rounds": 3, "round": 1}))
+    _started(nxt, 2000)
+    text = _scrape(tmp_path / "runs")
+    assert 'oncofed_run_delivery_ok{run="r1",run_key="r1-key"} 0.0' in text  # `oncofed deliver CONSORTIUM r1`
+    assert 'oncofed_run_finished{run="r1",run_key="r1-key"} 1.0' in text
+    assert 'oncofed_rounds_completed{run="r2",run_key="r2-key"} 1.0' in text
+    # delivered: the older run drops out, the one started last stays
+    (short / "status.json").write_text(json.dumps({"run": "r1-key", "finished": 1, "trained": 2, "delivered": 2,
+                                                   "delivery_ok": 1}))
+    text = _scrape(tmp_path / "runs")
+    assert 'run="r1"' not in text and 'oncofed_rounds_completed{run="r2",run_key="r2-key"} 1.0' in text
+
+
+def test_a_run_the_superlink_still_runs_keeps_its_gauges_after_a_later_one_starts(tmp_path):
+    for i, name in enumerate(("a", "b")):
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        (run / "status.json").write_text(json.dumps({"run": f"{name}-key", "round": i + 1}))
+        _started(run, 1000 + i)
+    assert 'run="a"' not in _scrape(tmp_path / "runs")
+    assert 'oncofed_rounds_completed{run="a",run_key="a-key"} 1.0' in _scrape(tmp_path / "runs", live={"a"})
 
 
 def test_the_saved_final_model_is_sent_again_only_as_it_was_signed(tmp_path):

@@ -372,7 +372,7 @@ def test_g_d_f_b_superexec_restarted_wrong_key_refused_http_500_ridden_out_site_
     status = dep.status("drop")
     assert (status["finished"], status["trained"], status["delivered"], status["delivery_ok"]) == (1, 3, 2, 0)
     scrape = wait_for(lambda: 'oncofed_run_delivery_ok{run="' in (m := _metrics(dep)) and m, 60, "metrics")
-    assert f'oncofed_run_delivery_ok{{run="{status["run"]}"}} 0.0' in scrape
+    assert f'oncofed_run_delivery_ok{{run="drop",run_key="{status["run"]}"}} 0.0' in scrape
     assert 'oncofed_server_process_restarts{process="superexec"} 1.0' in scrape
     final_sha256 = json.loads((dep.op / "runs" / "drop" / "result.json").read_text())["arrays_sha256"]
 

@@ -154,3 +154,12 @@ def test_a_finished_run_without_a_model_exits_1_with_the_reason_not_3_with_a_del
     (run / "result.json").write_text(json.dumps({"run": "k", "deliveries": [{"site": "A", "installed": True}]}))
     (run / "status.json").write_text(json.dumps({"run": "k", "delivery_ok": 1, "delivered": 1, "trained": 1}))
     assert finished_verdict(run, "third")[0] == 0
+
+
+def test_the_runs_the_superlink_has_pending_or_running_are_named_for_the_metrics(consortium):
+    from server.runs import live_run_names
+
+    db = _superlink_db(consortium, "running")
+    assert live_run_names(consortium, read_superlink(db)) == {"r1"}
+    _set_run_state(db, "completed")
+    assert live_run_names(consortium, read_superlink(db)) == set()
