@@ -177,8 +177,11 @@ class RunView:
         if self.result and self.result.get("not_delivered"):
             parts.append(f"no model delivered: {self.result['not_delivered']}")
         elif self.result:
-            delivered = sum(bool(d.get("installed")) for d in self.result.get("deliveries", []))
-            parts.append(f"final model installed at {delivered}/{len(self.result.get('deliveries', []))} sites")
+            from server.delivery import delivery_status, delivery_summary
+
+            deliveries = self.result.get("deliveries", [])
+            status = self.status if "delivery_ok" in self.status else delivery_status(self.run_dir, deliveries)
+            parts.append(delivery_summary(status, deliveries, self.run_dir.parent.parent)[1])
         return " · ".join(parts)
 
 

@@ -81,7 +81,46 @@ def test_a_site_that_trained_but_never_answered_is_named_from_the_operators_regi
     (run / "result.json").write_text(json.dumps(result))
     (tmp_path / "consortium.json").write_text(json.dumps({"sites": [{"name": "St Mary", "node_id": "3"}]}))
     ok, message = delivery_verdict(run)
-    assert not ok and "not at St Mary." in message
+    assert not ok and "not at St Mary (not connected when the final model was sent)." in message
+
+
+def test_each_site_that_did_not_install_is_named_with_its_own_reason(tmp_path):
+    run = _run_dir(tmp_path, installed=[1], trained=[[1, 2, 3]])
+    result = json.loads((run / "result.json").read_text())
+    result["deliveries"][1]["error"] = "refused: the package's signature does not verify; active model: none"
+    (run / "result.json").write_text(json.dumps(result))
+    ok, message = delivery_verdict(run)
+    assert not ok and "installed at 1 of the 3 sites that trained; not at C2 (refused: the package's signature " \
+        "does not verify; active model: none); C3 (no reply within 90 s)." in message
+
+
+def test_a_site_that_trained_but_was_not_connected_is_recorded_with_that_reason_and_counted_as_the_verdict_counts(
+        tmp_path, monkeypatch):
+    """The ServerApp logged "delivered to 1/1" (the sites sent the model) and the run's verdict "1 of 2" (the sites that
+    trained), and the site that was offline at the end had no entry in the delivery record, so no reason."""
+    import server.delivery
+    from server.delivery import NOT_CONNECTED, deliver, delivery_summary
+    from shared_models.protocol import CONFIG_RECORD, REPLY, DeliveryReply
+
+    def answered(grid, action, content, nodes, timeout):
+        return [types.SimpleNamespace(metadata=types.SimpleNamespace(src_node_id=n), has_error=lambda: False,
+                                      content={CONFIG_RECORD: {REPLY: DeliveryReply(site=f"C{n}", installed=True)
+                                                               .to_json()}}) for n in nodes]
+
+    monkeypatch.setattr(server.delivery, "_query", answered)
+    grid = types.SimpleNamespace(get_node_ids=lambda: [1])  # node 2 trained, then went offline
+    deliveries = deliver(grid, [np.ones(2, dtype=np.float32)], {"run": "k"}, 5.0, registered={"2": "St Mary"},
+                         expected={1, 2})
+    assert {"node": 2, "site": "St Mary", "installed": False, "error": NOT_CONNECTED} in deliveries
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text(json.dumps({"round": 1, "participants": [1, 2]}) + "\n")
+    status = delivery_status(run, deliveries)
+    summary = delivery_summary(status, deliveries)[1]  # what the ServerApp logs
+    assert summary == f"final model installed at 1 of the 2 sites that trained; not at St Mary ({NOT_CONNECTED})"
+    (run / "result.json").write_text(json.dumps({"deliveries": deliveries}))
+    (run / "status.json").write_text(json.dumps(status))
+    assert delivery_verdict(run)[1].startswith(summary + ".")
 
 
 def test_a_site_that_never_trained_does_not_make_the_delivery_short(tmp_path):
@@ -196,7 +235,7 @@ def test_oncofed_deliver_ends_a_run_whose_own_delivery_a_crash_cut_short(tmp_pat
     generate_signing_key(tmp_path / "signing.key", tmp_path / "signing.pub")
     sent = {}
 
-    def deliver(grid, final, package, timeout, node_ids, anchor, previous, registered=None):
+    def deliver(grid, final, package, timeout, node_ids, anchor, previous, registered=None, **unreached):
         sent.update(package=package, previous=previous)
         return [{"node": n, "site": f"C{n}", "installed": True} for n in node_ids]
 

@@ -163,3 +163,13 @@ def test_the_runs_the_superlink_has_pending_or_running_are_named_for_the_metrics
     assert live_run_names(consortium, read_superlink(db)) == {"r1"}
     _set_run_state(db, "completed")
     assert live_run_names(consortium, read_superlink(db)) == set()
+
+
+def test_runs_list_says_of_a_short_delivery_how_many_sites_that_trained_installed_and_why_not_the_others(consortium):
+    run = consortium / "runs" / "r1"
+    (run / "metrics.jsonl").write_text(json.dumps({"round": 1, "participants": list(NODES.values())}) + "\n")
+    deliveries = [{"node": NODES["C0"], "site": "C0", "installed": True},
+                  {"node": NODES["C1"], "site": "C1", "installed": False, "error": "no reply within 90 s"}]
+    (run / "result.json").write_text(json.dumps({"run": "r1-x", "deliveries": deliveries}))
+    line = RunView.load(consortium, "r1", read_superlink(_superlink_db(consortium, "completed"))).describe({})
+    assert "final model installed at 1 of the 2 sites that trained; not at C1 (no reply within 90 s)" in line, line
