@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared_models.flower_tools import flower_tool
-from server.run_files import FLWR_RUNS, METRICS, PROGRESS, RESULT, STATUS
+from server.run_files import FLWR_RUNS, METRICS, PROGRESS, RESULT, RUN_FILE, STATUS
 
 RUNNING = ("pending", "starting", "running")
 
@@ -247,6 +247,17 @@ def stop(root: Path, name: str, env: dict, out) -> int:
     return stopped
 
 
+def restart_hint(root: Path, view: RunView) -> str:
+    """How to go on with a run that is no longer running: --resume once it has started (its run.json is written
+    before round 1; the checkpoints hold the rounds done), otherwise the same `oncofed run` again."""
+    if not (view.run_dir / RUN_FILE).exists():
+        return (f"it had not started training: `oncofed run {root} --name {view.name}` (without --resume) starts it "
+                "again")
+    done, total = int(view.status.get("round") or 0), view.status.get("num_rounds") or "?"
+    return (f"its checkpoints stay (round {done}/{total} done): `oncofed run {root} --name {view.name} --resume` "
+            "continues it with the configuration it started with; or start a new run with another --name")
+
+
 SERVER_DOWN_GIVE_UP = 180.0  # `oncofed run` stops following (the run stays) when the server is down this long
 
 
@@ -325,9 +336,12 @@ def after_stream(root: Path, name: str, flwr_exit: int | None, log_path: Path, o
     if view.result and view.state in ("completed", "unknown"):
         out.write(f"run {name!r} finished: {view.run_dir / 'result.json'}\n")
         return 0
-    if view.state in ("failed", "stopped"):
-        out.write(f"run {name!r} {view.state} (flwr exit {flwr_exit}); see {log_path} and {superlink_log}; after "
-                  "fixing the cause continue it with --resume\n")
+    if view.state == "stopped":
+        out.write(f"run {name!r} was stopped on the SuperLink (`oncofed runs stop` or `flwr stop`; flwr exit "
+                  f"{flwr_exit}): {restart_hint(root, view)}\n")
+    elif view.state == "failed":
+        out.write(f"run {name!r} failed (flwr exit {flwr_exit}); see {log_path} and {superlink_log}; after fixing the "
+                  f"cause, {restart_hint(root, view)}\n")
     elif view.state == "completed":
         out.write(f"run {name!r} ended without writing its result (flwr exit {flwr_exit}); see {superlink_log}\n")
     else:
