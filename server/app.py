@@ -36,8 +36,8 @@ from privacy.signing import canonical, load_private, sign
 from server.checkpoint import (freeze_run, frozen_run, hold_run_lock, load_latest, metrics_lines, round_outcome,
                                run_config_changes, save_checkpoint,
                                write_json_atomic)
-from server.delivery import (audited, deliver, delivery_status, finished_at, redeliver, save_package,
-                             tell_outcome)
+from server.delivery import (audited, deliver, delivery_status, delivery_summary, finished_at, redeliver, save_package,
+                             tell_outcome, trained_nodes)
 from server.strategy import build_strategy
 from server.workflow import RoundsWorkflow, TimedSecAggPlusWorkflow
 from shared_models.evaluation import evaluate
@@ -476,7 +476,8 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
         np.savez(fh, *final)
     save_package(out, package)  # with final_weights.npz: what `oncofed deliver` sends again
     deliveries = deliver(grid, final, package, cfg.federation.round_timeout, anchor=recorder.anchor_audit(),
-                         previous=round_outcome(out, cfg.federation.num_rounds), registered=recorder.registered_now())
+                         previous=round_outcome(out, cfg.federation.num_rounds), registered=recorder.registered_now(),
+                         expected=trained_nodes(out))
     recorder.audit.append("run_end", run=recorder.run_key, round=cfg.federation.num_rounds,
                           arrays_sha256=package["arrays_sha256"], deliveries=audited(deliveries))
     recorder.status.update(finished=1, weights_sha256=package["arrays_sha256"], **delivery_status(out, deliveries))
@@ -484,8 +485,8 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
     write_json_atomic(out / RESULT, {
         **package, "first_round": first_round, "seconds": round(time.time() - recorder.t0, 1),
         "deliveries": deliveries, "metrics_file": str(recorder.metrics_file), "checkpoints": str(out / CHECKPOINTS)})
-    log(INFO, "final model delivered to %s/%s sites; result in %s",
-        sum(d.get("installed", False) for d in deliveries), len(deliveries), out / RESULT)
+    ok, summary = delivery_summary(recorder.status, deliveries, out.parent.parent)
+    log(INFO if ok else WARNING, "%s; result in %s", summary, out / RESULT)
 
 
 def resumed_outcome(out: Path, first_round: int) -> dict[int, dict]:

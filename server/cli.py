@@ -249,7 +249,7 @@ def runs_stop(
     --name NAME --resume` continues it later."""
     import sys
 
-    from server.runs import stop
+    from server.runs import RunView, restart_hint, stop
     from server.submit import env_for
 
     c = _consortium(directory)
@@ -257,7 +257,8 @@ def runs_stop(
         typer.echo(f"no run {name!r} in {c.path('runs')}; see `oncofed runs list {directory}`", err=True)
         raise typer.Exit(code=2)
     n = stop(c.root, name, env_for(c), sys.stdout)
-    typer.echo(f"run {name!r}: {n} flwr run(s) stopped" if n else f"run {name!r}: nothing running to stop")
+    typer.echo(f"run {name!r}: {n} flwr run(s) stopped; {restart_hint(directory, RunView.load(c.root, name, None))}"
+               if n else f"run {name!r}: nothing running to stop")
 
 
 def deliver(

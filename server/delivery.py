@@ -6,7 +6,8 @@ Delivery signs the package with the run config's signing key, sends it with the 
 (`query.save_model`; each site verifies the signature and the weights' SHA-256 before installing)
 and records who installed it:
 
-    result.json   deliveries: one entry per site (installed, version, or the error)
+    result.json   deliveries: one entry per site sent the model (installed, version, or the error) and per site
+                  that trained but was not connected to be sent it (the error says so)
     status.json   delivered (sites that installed it), trained (sites whose update entered a round),
                   delivery_ok (1 when every site that trained installed it); read by server/metrics.py
     audit.jsonl   run_end (the first delivery), redelivery (every later one)
@@ -38,13 +39,18 @@ DELIVERY_SHORT_EXIT = 3  # `oncofed run` / `oncofed deliver`: trained, but not e
 _RESULT_ONLY = ("first_round", "seconds", "deliveries", "metrics_file", "checkpoints", "redelivered")
 
 
+NOT_CONNECTED = "not connected when the final model was sent"
+
+
 def deliver(grid, final: list[np.ndarray], package: dict, timeout: float, node_ids=None,
-            anchor: str = "", previous: dict | None = None, registered: dict | None = None) -> list[dict]:
+            anchor: str = "", previous: dict | None = None, registered: dict | None = None,
+            expected=(), unreached: str = NOT_CONNECTED) -> list[dict]:
     """Send the final model to `node_ids` (default: every connected site); each installs it in its model store.
     `previous`: the last round's outcome (server.checkpoint.round_outcome), which no next round will carry: a DP
     site notes an abandoned one on that round's ledger entry. `registered` (node id -> name, from the consortium's
     register): each delivery is filed under the node's registered name, the name it reported kept beside it when
-    it differs."""
+    it differs. `expected`: nodes that should have it (those that trained); one not sent it is recorded as not
+    installed, `unreached` the reason."""
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
     config = {PACKAGE_INFO: json.dumps(package), RUN_KEY: str(package.get("run", ""))}
@@ -58,6 +64,7 @@ def deliver(grid, final: list[np.ndarray], package: dict, timeout: float, node_i
            for reply in _query(grid, SAVE_MODEL, content, nodes, timeout)]
     answered = {d["node"] for d in out}
     out += [{"node": nid, **_not_installed(f"no reply within {timeout:g} s")} for nid in nodes if nid not in answered]
+    out += [{"node": nid, **_not_installed(unreached)} for nid in sorted(set(expected) - set(nodes))]
     for d in out:
         if (name := (registered or {}).get(str(d["node"]))) is not None and d.get("site") != name:
             d.update(site=name, **({"reported_site": d["site"]} if d.get("site") else {}))
@@ -125,6 +132,25 @@ def delivery_status(run_dir: Path, deliveries: list[dict]) -> dict:
     missing = sorted(trained - installed)
     return {"delivered": len(installed), "trained": len(trained), "delivery_ok": int(not missing),
             "undelivered": missing}
+
+
+def delivery_summary(status: dict, deliveries: list[dict], consortium_dir: Path | None = None) -> tuple[bool, str]:
+    """(ok, what became of the final model) over the sites that trained (status.json's delivery fields): how many of
+    them installed it, and each one that did not with the reason its delivery recorded. The ServerApp's log, the
+    verdict of `oncofed run` / `oncofed deliver` and `oncofed runs` all say this."""
+    trained, missing = int(status.get("trained") or 0), [int(n) for n in status.get("undelivered") or []]
+    at_trained = trained - len(missing)
+    others = int(status.get("delivered") or 0) - at_trained  # installed, but never trained (joined at the end)
+    also = f" (and at {others} connected site(s) that did not train)" if others > 0 else ""
+    if not missing:
+        return True, f"final model installed at all {trained} site(s) that trained{also}"
+    reasons = {}
+    for d in deliveries:  # the last entry of each node (a redelivery replaces the earlier one)
+        if d.get("node") is not None and not d.get("installed"):
+            reasons[int(d["node"])] = str(d.get("error") or "no reason recorded")
+    names = site_names(deliveries, missing, consortium_dir)
+    why = [f"{name} ({reasons.get(n, NOT_CONNECTED)[:200]})" for name, n in zip(names, missing)]
+    return False, f"final model installed at {at_trained} of the {trained} sites that trained{also}; not at {'; '.join(why)}"
 
 
 def site_names(deliveries: list[dict], nodes, consortium_dir: Path | None = None) -> list[str]:
@@ -243,7 +269,9 @@ def redeliver(grid, cfg) -> None:
 
     new = deliver(grid, final, package, cfg.federation.round_timeout, node_ids=targets, anchor=anchor,
                   previous=round_outcome(out, int(package.get("round", 0))),
-                  registered=registered_names(cfg.path(cfg.run.site_registry)) if cfg.run.site_registry else None)
+                  registered=registered_names(cfg.path(cfg.run.site_registry)) if cfg.run.site_registry else None,
+                  expected=wanted, unreached=f"{NOT_CONNECTED} again (`oncofed deliver` waited "
+                  f"{cfg.federation.round_timeout:g} s for it)")
     renewed = {d["node"] for d in new}
     deliveries = [d for d in before if d.get("node") not in renewed] + new
     save_package(out, package)
@@ -260,9 +288,8 @@ def redeliver(grid, cfg) -> None:
     else:
         audit.append("run_end", run=package.get("run"), round=package.get("round"),
                      arrays_sha256=package["arrays_sha256"], deliveries=audited(deliveries), by="oncofed deliver")
-    short = status["undelivered"]
-    log(WARNING if short else INFO, "final model now installed at %s site(s)%s", status["delivered"],
-        f"; not at {', '.join(site_names(deliveries, short, out.parent.parent))}, which trained" if short else "")
+    ok, summary = delivery_summary(status, deliveries, out.parent.parent)
+    log(INFO if ok else WARNING, "%s", summary)
 
 
 # --- the operator's side: `oncofed run`'s verdict and `oncofed deliver` ---------------------------------------
@@ -276,14 +303,9 @@ def delivery_verdict(run_dir: Path) -> tuple[bool, str]:
         return False, f"{run_dir / STATUS} or {RESULT} unreadable: delivery unknown"
     if "delivery_ok" not in status:
         status.update(delivery_status(run_dir, deliveries))
-    if status["delivery_ok"]:
-        return True, f"final model installed at {status['delivered']} site(s), every site that trained"
-    missing = site_names(deliveries, status.get("undelivered", []), run_dir.parent.parent)
-    errors = sorted({str(d.get("error")) for d in deliveries if not d.get("installed") and d.get("error")})
-    return False, (f"final model installed at {status['delivered']} of the {status['trained']} sites that trained; "
-                   f"not at {', '.join(missing)}" + (f" ({'; '.join(e[:200] for e in errors)})" if errors else "")
-                   + f". When the cause is fixed, send it again without retraining: "
-                   f"`oncofed deliver {run_dir.parent.parent} {run_dir.name}`")
+    ok, summary = delivery_summary(status, deliveries, run_dir.parent.parent)
+    return ok, summary if ok else (f"{summary}. When the cause is fixed, send it again without retraining: "
+                                   f"`oncofed deliver {run_dir.parent.parent} {run_dir.name}`")
 
 
 def delivery_checks(c, run_dir: Path, cfg) -> list:

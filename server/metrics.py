@@ -1,22 +1,26 @@
 """Prometheus metrics of the consortium server (prometheus-client), served by `oncofed server start`.
 
 Each ServerApp writes RUN_DIR/status.json atomically after every round (server/app.py); the
-collector reads the most recent run's status at scrape time, and the registered sites' status from
-the SuperLink's database, opened read-only for one query (server/runs.py). No process is started
+collector reads the runs' status files at scrape time, and the registered sites' and the runs' status
+from the SuperLink's database, opened read-only for one query each (server/runs.py). No process is started
 (this used to spawn `flwr supernode ls` every 30 s, ~20% of a core). Nothing here can stop or slow a
 training run: a scrape only reads files.
 
-    oncofed_rounds_completed{run}              rounds aggregated in the current run
-    oncofed_round_duration_seconds{run}        duration of its last round
-    oncofed_sites_registered / _online         sites the SuperLink knows / sees online (its database)
-    oncofed_sites_participating{run}           sites whose update entered the last aggregate
-    oncofed_site_epsilon{site}                 cumulative epsilon each site reported
-    oncofed_site_epsilon_worst_case{site}      dp-mode distributed: each site's epsilon from its own noise share alone
-    oncofed_model_info{run,round,sha256}       the current global model (value 1)
-    oncofed_run_finished{run}                  1 once training finished and delivery was tried
-    oncofed_sites_trained{run}                 sites whose update entered an aggregate of the run
-    oncofed_sites_delivered{run}               sites that installed its final model
-    oncofed_run_delivery_ok{run}               1 once every site that trained installed it (else `oncofed deliver`)
+Per-run gauges (labels `run`, the run's name that `oncofed deliver` and `oncofed runs` take, and `run_key`) for
+the run started last, every run whose final model some site that trained has not installed, and every run the
+SuperLink has pending or running (exported_runs); the sites' epsilon and the model of the run started last:
+
+    oncofed_rounds_completed{run,run_key}        rounds aggregated in the run
+    oncofed_round_duration_seconds{run,run_key}  duration of its last round
+    oncofed_sites_registered / _online           sites the SuperLink knows / sees online (its database)
+    oncofed_sites_participating{run,run_key}     sites whose update entered the last aggregate
+    oncofed_site_epsilon{site}                   cumulative epsilon each site reported
+    oncofed_site_epsilon_worst_case{site}        dp-mode distributed: each site's epsilon from its own noise share alone
+    oncofed_model_info{run,run_key,round,sha256} the global model of the run started last (value 1)
+    oncofed_run_finished{run,run_key}            1 once training finished and delivery was tried
+    oncofed_sites_trained{run,run_key}           sites whose update entered an aggregate of the run
+    oncofed_sites_delivered{run,run_key}         sites that installed its final model
+    oncofed_run_delivery_ok{run,run_key}         1 once every site that trained installed it (else `oncofed deliver`)
     oncofed_server_process_up{process}         superlink / superexec / proxy running (server.json)
     oncofed_server_process_restarts{process}   how often `oncofed server start` restarted each
 """
@@ -28,35 +32,57 @@ from pathlib import Path
 from server.run_files import RUN_FILE
 
 
-def latest_status(runs: Path) -> dict | None:
-    """The status of the run started last: its run.json is written once, when the run starts (a resume keeps
-    it), so `oncofed deliver` of an earlier run, which rewrites that run's status.json, does not make it the
-    current one. A run directory without run.json counts by its status.json's time."""
-    best, best_t = None, -1.0
+def run_statuses(runs: Path) -> list[tuple[str, dict]]:
+    """(run name, status.json) of every run directory, the run started last at the end. A run's run.json is written
+    once, when it starts (a resume keeps it), so `oncofed deliver` of an earlier run, which rewrites that run's
+    status.json, does not make it the newest. A run directory without run.json counts by its status.json's time."""
+    found = []
     for f in runs.glob("*/status.json"):
         try:
             started = f.with_name(RUN_FILE)
-            t = (started if started.exists() else f).stat().st_mtime
-            if t > best_t:
-                best, best_t = json.loads(f.read_text()), t
+            found.append(((started if started.exists() else f).stat().st_mtime, f.parent.name,
+                          json.loads(f.read_text())))
         except (OSError, ValueError):
             continue  # being replaced: the next scrape reads it
-    return best
+    return [(name, status) for _, name, status in sorted(found, key=lambda x: (x[0], x[1]))]
+
+
+def latest_status(runs: Path) -> dict | None:
+    """The status of the run started last."""
+    statuses = run_statuses(runs)
+    return statuses[-1][1] if statuses else None
+
+
+def undelivered(status: dict) -> bool:
+    """Training finished with a model that some site that trained has not installed: `oncofed deliver` is due. (A run
+    that ended without a model trained no site: there is nothing to deliver.)"""
+    return bool(status.get("finished")) and not status.get("delivery_ok") and bool(status.get("trained"))
+
+
+def exported_runs(runs: Path, live: set[str] = frozenset()) -> list[tuple[str, dict]]:
+    """The runs whose gauges /metrics serves, the run started last at the end: that one, every run whose final
+    model some site that trained has not installed (its alert stays until `oncofed deliver` completes it), and every
+    run the SuperLink has pending or running (`live`, by name). A run finished and delivered drops out once a later
+    one starts, and so does one that stopped unfinished: the series stay few."""
+    statuses = run_statuses(runs)
+    return [(name, status) for i, (name, status) in enumerate(statuses)
+            if i == len(statuses) - 1 or undelivered(status) or name in live]
 
 
 class ConsortiumCollector:
-    def __init__(self, runs: Path, list_sites=None):
+    def __init__(self, runs: Path, list_sites=None, live_runs=None):
         """`list_sites`: a callable returning the registered sites with their `status`, called at scrape
-        time (it must be cheap: server.runs reads the SuperLink's database), or None."""
+        time (it must be cheap: server.runs reads the SuperLink's database), or None. `live_runs`: a callable
+        returning the names of the runs the SuperLink has pending or running (as cheap), or None."""
         self.runs = runs
         self._list_sites = list_sites
+        self._live_runs = live_runs
 
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
         from server.deploy import server_state
 
-        status = latest_status(self.runs)
         server = server_state(self.runs.parent)
         if server.get("components"):
             up = GaugeMetricFamily("oncofed_server_process_up", "1 while the supervised process runs",
@@ -74,20 +100,26 @@ class ConsortiumCollector:
                                     value=len(sites))
             yield GaugeMetricFamily("oncofed_sites_online", "registered sites the SuperLink sees online",
                                     value=sum(s.get("status") == "online" for s in sites))
-        if status is None:
+        runs = exported_runs(self.runs, (self._live_runs() if self._live_runs is not None else None) or set())
+        if not runs:
             return
-        run = str(status.get("run", ""))
-        for name, doc, key in (("oncofed_rounds_completed", "rounds aggregated in the current run", "round"),
-                               ("oncofed_round_duration_seconds", "duration of the last round", "round_seconds"),
-                               ("oncofed_sites_participating", "sites in the last aggregate", "participating"),
-                               ("oncofed_run_finished", "1 once training finished and delivery was tried", "finished"),
-                               ("oncofed_sites_trained", "sites whose update entered an aggregate of the run", "trained"),
-                               ("oncofed_sites_delivered", "sites that installed the run's final model", "delivered"),
-                               ("oncofed_run_delivery_ok", "1 once every site that trained installed the final model "
-                                "(alert on oncofed_run_finished == 1 and this == 0: `oncofed deliver`)", "delivery_ok")):
-            g = GaugeMetricFamily(name, doc, labels=["run"])
-            g.add_metric([run], float(status.get(key) or 0))
+        # `run`: the run's name (its directory; what `oncofed deliver` and `oncofed runs` take); `run_key`: the key
+        # its records and the sites' ledgers carry
+        for metric, doc, key in (
+                ("oncofed_rounds_completed", "rounds aggregated in the run", "round"),
+                ("oncofed_round_duration_seconds", "duration of the run's last round", "round_seconds"),
+                ("oncofed_sites_participating", "sites in the run's last aggregate", "participating"),
+                ("oncofed_run_finished", "1 once training finished and delivery was tried", "finished"),
+                ("oncofed_sites_trained", "sites whose update entered an aggregate of the run", "trained"),
+                ("oncofed_sites_delivered", "sites that installed the run's final model", "delivered"),
+                ("oncofed_run_delivery_ok", "1 once every site that trained installed the final model (alert on "
+                 "oncofed_run_finished == 1 and this == 0 and oncofed_sites_trained > 0: `oncofed deliver "
+                 "CONSORTIUM RUN`)", "delivery_ok")):
+            g = GaugeMetricFamily(metric, doc, labels=["run", "run_key"])
+            for name, status in runs:
+                g.add_metric([name, str(status.get("run", ""))], float(status.get(key) or 0))
             yield g
+        name, status = runs[-1]  # the run started last: its sites' epsilon and global model
         eps = GaugeMetricFamily("oncofed_site_epsilon", "cumulative epsilon each site reported", labels=["site"])
         for site, value in sorted((status.get("site_epsilon") or {}).items()):
             eps.add_metric([site], float(value))
@@ -98,8 +130,8 @@ class ConsortiumCollector:
             for site, value in sorted(status["site_epsilon_worst_case"].items()):
                 worst.add_metric([site], float(value))
             yield worst
-        info = InfoMetricFamily("oncofed_model", "the current global model")
-        info.add_metric([], {"run": run, "round": str(status.get("round", 0)),
+        info = InfoMetricFamily("oncofed_model", "the global model of the run started last")
+        info.add_metric([], {"run": name, "run_key": str(status.get("run", "")), "round": str(status.get("round", 0)),
                              "sha256": str(status.get("weights_sha256", ""))})
         yield info
 
@@ -108,12 +140,15 @@ def serve_metrics(consortium, port: int, host: str = "127.0.0.1"):
     """Expose /metrics on host:port in a background thread (loopback: the operator's Prometheus scrapes it)."""
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from server.runs import read_superlink, registered_sites
+    from server.runs import live_run_names, read_superlink, registered_sites
 
     def sites():
         superlink = read_superlink(consortium.path("state", "superlink.db"))
         return None if superlink is None else registered_sites(consortium.root, superlink)
 
+    def live():
+        return live_run_names(consortium.root, read_superlink(consortium.path("state", "superlink.db")))
+
     registry = CollectorRegistry()
-    registry.register(ConsortiumCollector(consortium.path("runs"), sites))
+    registry.register(ConsortiumCollector(consortium.path("runs"), sites, live))
     return start_http_server(port, addr=host, registry=registry)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared_models.flower_tools import flower_tool
-from server.run_files import FLWR_RUNS, METRICS, PROGRESS, RESULT, STATUS
+from server.run_files import FLWR_RUNS, METRICS, PROGRESS, RESULT, RUN_FILE, STATUS
 
 RUNNING = ("pending", "starting", "running")
 
@@ -65,6 +65,13 @@ def registered_sites(root: Path, superlink: dict | None) -> list[dict]:
     return [{**s, "status": "registration cut short: run the same add-site again" if s.get("pending") else
              nodes.get(int(s["node_id"]), "unknown to the SuperLink") if superlink else "unknown"}
             for s in record.get("sites", []) if not s.get("removed")]
+
+
+def live_run_names(root: Path, superlink: dict | None) -> set[str]:
+    """The names of the runs (directories under runs/) whose latest flwr run the SuperLink has pending or running."""
+    states = (superlink or {}).get("runs", {})
+    return {d.parent.name for d in (root / "runs").glob(f"*/{FLWR_RUNS}")
+            if isinstance(ids := _json(d), list) and ids and states.get(ids[-1]) in RUNNING}
 
 
 def site_names(root: Path) -> dict[int, str]:
@@ -170,8 +177,11 @@ class RunView:
         if self.result and self.result.get("not_delivered"):
             parts.append(f"no model delivered: {self.result['not_delivered']}")
         elif self.result:
-            delivered = sum(bool(d.get("installed")) for d in self.result.get("deliveries", []))
-            parts.append(f"final model installed at {delivered}/{len(self.result.get('deliveries', []))} sites")
+            from server.delivery import delivery_status, delivery_summary
+
+            deliveries = self.result.get("deliveries", [])
+            status = self.status if "delivery_ok" in self.status else delivery_status(self.run_dir, deliveries)
+            parts.append(delivery_summary(status, deliveries, self.run_dir.parent.parent)[1])
         return " · ".join(parts)
 
 
@@ -235,6 +245,17 @@ def stop(root: Path, name: str, env: dict, out) -> int:
         why = (proc.stdout + proc.stderr).strip()[-300:]
         out.write(f"flwr run {run_id}: " + ("stopped\n" if ok else f"not stopped ({why})\n"))
     return stopped
+
+
+def restart_hint(root: Path, view: RunView) -> str:
+    """How to go on with a run that is no longer running: --resume once it has started (its run.json is written
+    before round 1; the checkpoints hold the rounds done), otherwise the same `oncofed run` again."""
+    if not (view.run_dir / RUN_FILE).exists():
+        return (f"it had not started training: `oncofed run {root} --name {view.name}` (without --resume) starts it "
+                "again")
+    done, total = int(view.status.get("round") or 0), view.status.get("num_rounds") or "?"
+    return (f"its checkpoints stay (round {done}/{total} done): `oncofed run {root} --name {view.name} --resume` "
+            "continues it with the configuration it started with; or start a new run with another --name")
 
 
 SERVER_DOWN_GIVE_UP = 180.0  # `oncofed run` stops following (the run stays) when the server is down this long
@@ -315,9 +336,12 @@ def after_stream(root: Path, name: str, flwr_exit: int | None, log_path: Path, o
     if view.result and view.state in ("completed", "unknown"):
         out.write(f"run {name!r} finished: {view.run_dir / 'result.json'}\n")
         return 0
-    if view.state in ("failed", "stopped"):
-        out.write(f"run {name!r} {view.state} (flwr exit {flwr_exit}); see {log_path} and {superlink_log}; after "
-                  "fixing the cause continue it with --resume\n")
+    if view.state == "stopped":
+        out.write(f"run {name!r} was stopped on the SuperLink (`oncofed runs stop` or `flwr stop`; flwr exit "
+                  f"{flwr_exit}): {restart_hint(root, view)}\n")
+    elif view.state == "failed":
+        out.write(f"run {name!r} failed (flwr exit {flwr_exit}); see {log_path} and {superlink_log}; after fixing the "
+                  f"cause, {restart_hint(root, view)}\n")
     elif view.state == "completed":
         out.write(f"run {name!r} ended without writing its result (flwr exit {flwr_exit}); see {superlink_log}\n")
     else:

@@ -273,7 +273,9 @@ def _submit_run(c: Consortium, name: str, run_dir: Path, overrides: dict, resume
     if timeout and time.time() - started >= timeout and not finished:
         out.write(f"--timeout {timeout:g} s reached: stopping the run on the SuperLink\n")
         stop_previous(run_dir, env, out)
-        out.write(f"run {name!r} stopped; continue it with --resume\n")
+        from server.runs import RunView, restart_hint
+
+        out.write(f"run {name!r} stopped; {restart_hint(c.root, RunView.load(c.root, name, None))}\n")
         return 1
     if finished:
         code, message = finished_verdict(run_dir, name)

@@ -61,7 +61,7 @@ def _run_dir(tmp_path, installed: list[int], trained: list[list[int]]):
     deliveries = [{"node": n, "site": f"C{n}", "installed": n in installed,
                    **({} if n in installed else {"error": "no reply within 90 s"})} for n in (1, 2, 3)]
     (run / "result.json").write_text(json.dumps({"deliveries": deliveries}))
-    (run / "status.json").write_text(json.dumps({"run": "r1", "finished": 1, **delivery_status(run, deliveries)}))
+    (run / "status.json").write_text(json.dumps({"run": "r1-key", "finished": 1, **delivery_status(run, deliveries)}))
     return run
 
 
@@ -81,7 +81,46 @@ def test_a_site_that_trained_but_never_answered_is_named_from_the_operators_regi
     (run / "result.json").write_text(json.dumps(result))
     (tmp_path / "consortium.json").write_text(json.dumps({"sites": [{"name": "St Mary", "node_id": "3"}]}))
     ok, message = delivery_verdict(run)
-    assert not ok and "not at St Mary." in message
+    assert not ok and "not at St Mary (not connected when the final model was sent)." in message
+
+
+def test_each_site_that_did_not_install_is_named_with_its_own_reason(tmp_path):
+    run = _run_dir(tmp_path, installed=[1], trained=[[1, 2, 3]])
+    result = json.loads((run / "result.json").read_text())
+    result["deliveries"][1]["error"] = "refused: the package's signature does not verify; active model: none"
+    (run / "result.json").write_text(json.dumps(result))
+    ok, message = delivery_verdict(run)
+    assert not ok and "installed at 1 of the 3 sites that trained; not at C2 (refused: the package's signature " \
+        "does not verify; active model: none); C3 (no reply within 90 s)." in message
+
+
+def test_a_site_that_trained_but_was_not_connected_is_recorded_with_that_reason_and_counted_as_the_verdict_counts(
+        tmp_path, monkeypatch):
+    """The ServerApp logged "delivered to 1/1" (the sites sent the model) and the run's verdict "1 of 2" (the sites that
+    trained), and the site that was offline at the end had no entry in the delivery record, so no reason."""
+    import server.delivery
+    from server.delivery import NOT_CONNECTED, deliver, delivery_summary
+    from shared_models.protocol import CONFIG_RECORD, REPLY, DeliveryReply
+
+    def answered(grid, action, content, nodes, timeout):
+        return [types.SimpleNamespace(metadata=types.SimpleNamespace(src_node_id=n), has_error=lambda: False,
+                                      content={CONFIG_RECORD: {REPLY: DeliveryReply(site=f"C{n}", installed=True)
+                                                               .to_json()}}) for n in nodes]
+
+    monkeypatch.setattr(server.delivery, "_query", answered)
+    grid = types.SimpleNamespace(get_node_ids=lambda: [1])  # node 2 trained, then went offline
+    deliveries = deliver(grid, [np.ones(2, dtype=np.float32)], {"run": "k"}, 5.0, registered={"2": "St Mary"},
+                         expected={1, 2})
+    assert {"node": 2, "site": "St Mary", "installed": False, "error": NOT_CONNECTED} in deliveries
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text(json.dumps({"round": 1, "participants": [1, 2]}) + "\n")
+    status = delivery_status(run, deliveries)
+    summary = delivery_summary(status, deliveries)[1]  # what the ServerApp logs
+    assert summary == f"final model installed at 1 of the 2 sites that trained; not at St Mary ({NOT_CONNECTED})"
+    (run / "result.json").write_text(json.dumps({"deliveries": deliveries}))
+    (run / "status.json").write_text(json.dumps(status))
+    assert delivery_verdict(run)[1].startswith(summary + ".")
 
 
 def test_a_site_that_never_trained_does_not_make_the_delivery_short(tmp_path):
@@ -98,8 +137,57 @@ def test_the_metrics_show_a_short_delivery(tmp_path):
     reg = CollectorRegistry()
     reg.register(ConsortiumCollector(tmp_path / "runs"))
     text = generate_latest(reg).decode()
-    assert 'oncofed_run_delivery_ok{run="r1"} 0.0' in text and 'oncofed_sites_trained{run="r1"} 3.0' in text
-    assert 'oncofed_sites_delivered{run="r1"} 1.0' in text and 'oncofed_run_finished{run="r1"} 1.0' in text
+    assert 'oncofed_run_delivery_ok{run="r1",run_key="r1-key"} 0.0' in text
+    assert 'oncofed_sites_trained{run="r1",run_key="r1-key"} 3.0' in text
+    assert 'oncofed_sites_delivered{run="r1",run_key="r1-key"} 1.0' in text
+    assert 'oncofed_run_finished{run="r1",run_key="r1-key"} 1.0' in text
+
+
+def _scrape(runs, live=()) -> str:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from server.metrics import ConsortiumCollector
+
+    reg = CollectorRegistry()
+    reg.register(ConsortiumCollector(runs, live_runs=lambda: set(live)))
+    return generate_latest(reg).decode()
+
+
+def _started(run, t: float) -> None:
+    import os
+
+    (run / "run.json").write_text("{}")
+    os.utime(run / "run.json", (t, t))
+
+
+def test_an_undelivered_runs_alert_outlasts_the_start_of_the_next_run_until_it_is_delivered(tmp_path):
+    """The alert (finished == 1 and delivery_ok == 0) cleared as soon as another run started: /metrics served the
+    latest run only, labelled with its key, which `oncofed deliver` does not take."""
+    short = _run_dir(tmp_path, installed=[1], trained=[[1, 2]])
+    _started(short, 1000)
+    nxt = tmp_path / "runs" / "r2"
+    nxt.mkdir()
+    (nxt / "status.json").write_text(json.dumps({"run": "r2-key", "num_rounds": 3, "round": 1}))
+    _started(nxt, 2000)
+    text = _scrape(tmp_path / "runs")
+    assert 'oncofed_run_delivery_ok{run="r1",run_key="r1-key"} 0.0' in text  # `oncofed deliver CONSORTIUM r1`
+    assert 'oncofed_run_finished{run="r1",run_key="r1-key"} 1.0' in text
+    assert 'oncofed_rounds_completed{run="r2",run_key="r2-key"} 1.0' in text
+    # delivered: the older run drops out, the one started last stays
+    (short / "status.json").write_text(json.dumps({"run": "r1-key", "finished": 1, "trained": 2, "delivered": 2,
+                                                   "delivery_ok": 1}))
+    text = _scrape(tmp_path / "runs")
+    assert 'run="r1"' not in text and 'oncofed_rounds_completed{run="r2",run_key="r2-key"} 1.0' in text
+
+
+def test_a_run_the_superlink_still_runs_keeps_its_gauges_after_a_later_one_starts(tmp_path):
+    for i, name in enumerate(("a", "b")):
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        (run / "status.json").write_text(json.dumps({"run": f"{name}-key", "round": i + 1}))
+        _started(run, 1000 + i)
+    assert 'run="a"' not in _scrape(tmp_path / "runs")
+    assert 'oncofed_rounds_completed{run="a",run_key="a-key"} 1.0' in _scrape(tmp_path / "runs", live={"a"})
 
 
 def test_the_saved_final_model_is_sent_again_only_as_it_was_signed(tmp_path):
@@ -147,7 +235,7 @@ def test_oncofed_deliver_ends_a_run_whose_own_delivery_a_crash_cut_short(tmp_pat
     generate_signing_key(tmp_path / "signing.key", tmp_path / "signing.pub")
     sent = {}
 
-    def deliver(grid, final, package, timeout, node_ids, anchor, previous, registered=None):
+    def deliver(grid, final, package, timeout, node_ids, anchor, previous, registered=None, **unreached):
         sent.update(package=package, previous=previous)
         return [{"node": n, "site": f"C{n}", "installed": True} for n in node_ids]
 

@@ -127,10 +127,11 @@ def test_collector_reads_the_latest_run(tmp_path):
     reg = CollectorRegistry()
     reg.register(ConsortiumCollector(tmp_path))
     text = generate_latest(reg).decode()
-    assert 'oncofed_rounds_completed{run="r-1"} 2.0' in text
-    assert 'oncofed_round_duration_seconds{run="r-1"} 12.5' in text
+    assert 'oncofed_rounds_completed{run="new",run_key="r-1"} 2.0' in text
+    assert 'oncofed_round_duration_seconds{run="new",run_key="r-1"} 12.5' in text
     assert 'oncofed_site_epsilon{site="C0"} 2.5' in text
-    assert 'oncofed_model_info{round="2",run="r-1",sha256="ab"} 1.0' in text
+    assert 'oncofed_model_info{round="2",run="new",run_key="r-1",sha256="ab"} 1.0' in text
+    assert 'run="old"' not in text  # not finished, not running: only the run started last
 
 
 def test_run_config_overrides():

@@ -41,7 +41,8 @@ def _superlink_db(root: Path, run_state: str) -> Path:
 def _set_run_state(db: Path, state: str) -> None:
     now = "2026-12-02 10:00:00"
     cols = {"pending": (None, None, None, ""), "running": (now, now, None, ""),
-            "completed": (now, now, now, "completed"), "failed": (now, now, now, "failed")}[state]
+            "completed": (now, now, now, "completed"), "failed": (now, now, now, "failed"),
+            "stopped": (now, now, now, "stopped")}[state]
     con = sqlite3.connect(db)
     con.execute("UPDATE task SET starting_at=?, running_at=?, finished_at=?, sub_status=?", cols)
     con.commit()
@@ -95,6 +96,23 @@ def test_a_failed_run_suggests_resume(consortium):
     out = io.StringIO()
     assert after_stream(consortium, "r1", 1, consortium / "runs" / "r1" / "flwr-run.log", out) == 1
     assert "failed" in out.getvalue() and "--resume" in out.getvalue()
+
+
+def test_a_run_the_operator_stopped_is_told_how_to_resume_not_to_fix_a_cause(consortium):
+    _superlink_db(consortium, "stopped")
+    (consortium / "runs" / "r1" / "run.json").write_text("{}")  # it started: round 1 of 3 is checkpointed
+    out = io.StringIO()
+    assert after_stream(consortium, "r1", 0, consortium / "runs" / "r1" / "flwr-run.log", out) == 1
+    said = out.getvalue()
+    assert "was stopped" in said and "fixing the cause" not in said and "failed" not in said, said
+    assert f"round 1/3 done): `oncofed run {consortium} --name r1 --resume` continues it" in said, said
+
+
+def test_a_run_stopped_before_it_started_training_is_started_again_not_resumed(consortium):
+    _superlink_db(consortium, "stopped")
+    out = io.StringIO()
+    after_stream(consortium, "r1", 0, consortium / "runs" / "r1" / "flwr-run.log", out)
+    assert f"`oncofed run {consortium} --name r1` (without --resume) starts it again" in out.getvalue(), out.getvalue()
 
 
 def test_preflight_names_the_server_process_that_is_down(tmp_path):
@@ -154,3 +172,22 @@ def test_a_finished_run_without_a_model_exits_1_with_the_reason_not_3_with_a_del
     (run / "result.json").write_text(json.dumps({"run": "k", "deliveries": [{"site": "A", "installed": True}]}))
     (run / "status.json").write_text(json.dumps({"run": "k", "delivery_ok": 1, "delivered": 1, "trained": 1}))
     assert finished_verdict(run, "third")[0] == 0
+
+
+def test_the_runs_the_superlink_has_pending_or_running_are_named_for_the_metrics(consortium):
+    from server.runs import live_run_names
+
+    db = _superlink_db(consortium, "running")
+    assert live_run_names(consortium, read_superlink(db)) == {"r1"}
+    _set_run_state(db, "completed")
+    assert live_run_names(consortium, read_superlink(db)) == set()
+
+
+def test_runs_list_says_of_a_short_delivery_how_many_sites_that_trained_installed_and_why_not_the_others(consortium):
+    run = consortium / "runs" / "r1"
+    (run / "metrics.jsonl").write_text(json.dumps({"round": 1, "participants": list(NODES.values())}) + "\n")
+    deliveries = [{"node": NODES["C0"], "site": "C0", "installed": True},
+                  {"node": NODES["C1"], "site": "C1", "installed": False, "error": "no reply within 90 s"}]
+    (run / "result.json").write_text(json.dumps({"run": "r1-x", "deliveries": deliveries}))
+    line = RunView.load(consortium, "r1", read_superlink(_superlink_db(consortium, "completed"))).describe({})
+    assert "final model installed at 1 of the 2 sites that trained; not at C1 (no reply within 90 s)" in line, line
