@@ -13,8 +13,8 @@ def register(app: typer.Typer) -> None:
 
 @schema_app.command("show")
 def show(path: str = typer.Argument(..., help="schema JSON file")) -> None:
-    """Print a schema's modalities, classes and content hash (what models are checked against; not the file's
-    SHA-256) (refuses a malformed file)."""
+    """Print a schema's modalities, classes and content hash (what models are checked against, not the file's
+    SHA-256); refuses a malformed file."""
     from shared_models.schema import FeatureSchema, SchemaError
 
     try:
