@@ -878,7 +878,7 @@ def save_model(msg: Message, context: Context) -> Message:
         else:
             log(WARNING, "site %s has no model-signing trust anchor (node config signing-public-key): the "
                 "package's signature is not checked", settings.name)
-        if package.schema_hash != schema.content_hash():
+        if not schema.matches(package.schema_hash):
             raise ModelStoreError(f"model built for schema {package.schema_hash[:12]}..., this site uses "
                                   f"{schema.content_hash()[:12]}...")
         version = store.install(schema, package_architecture(package, cfg), arrays, info,

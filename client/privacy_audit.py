@@ -228,7 +228,7 @@ def audit(site_dir: Path, state_dir: Path, model_dir: Path, site: str, *, val_fr
           version: str | None = None, signing_public_key: str | None = None) -> dict:
     """The audit report (JSON-ready) of the site's installed model (the active one, or `version`)."""
     from client.model_store import PACKAGE, VERSION_SCHEMA, WEIGHTS, ModelStore, ModelStoreError
-    from privacy.ledger import dataset_fingerprint
+    from privacy.ledger import known_fingerprint
     from shared_models.schema import FeatureSchema
     from shared_models.weights import load_weights
 
@@ -267,7 +267,7 @@ def audit(site_dir: Path, state_dir: Path, model_dir: Path, site: str, *, val_fr
 
     ledger_path = state_dir / LEDGER_FILE
     ledger = _ledger_state(state_dir)
-    fingerprint = dataset_fingerprint(parts.train.ids, schema.content_hash())[0]
+    fingerprint = known_fingerprint(ledger.get("datasets", {}), parts.train.ids, *schema.accepted_hashes())[0]
     package_path = model_dir / version / PACKAGE
     check_membership(ledger, fingerprint, package.get("run"), bool(package.get("dp")), ledger_path, val_fraction,
                      seed)

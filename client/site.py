@@ -148,7 +148,7 @@ def prepare_site(schema: FeatureSchema, paths: SitePaths, *, budget_epsilon: flo
     parts.normalizer.save(paths.state_dir / NORMALIZER_FILE)
     ledger = PrivacyLedger(ledger_path(paths), budget_epsilon=budget_epsilon, delta=delta)
     # DP-SGD touches only the training patients; the held-out part is used for local metrics.
-    fingerprint = ledger.register_dataset(parts.train.ids, schema.content_hash())
+    fingerprint = ledger.register_dataset(parts.train.ids, *schema.accepted_hashes())
     return PreparedSite(schema, paths, parts.train, parts.val, parts.normalizer, ledger, fingerprint, parts.warnings,
                         min_count)
 

@@ -71,6 +71,19 @@ def dataset_fingerprint(patient_ids: list[str], schema_hash: str) -> tuple[str, 
     return hashlib.sha256(("\n".join(hashed)).encode()).hexdigest(), len(hashed)
 
 
+def known_fingerprint(datasets: dict, patient_ids: list[str], schema_hash: str, *earlier_hashes: str
+                      ) -> tuple[str, int]:
+    """`dataset_fingerprint` of these patients as the ledger's `datasets` know them: under `schema_hash` unless
+    the ledger registered them under one of `earlier_hashes`, another hash of the same schema (the site passes
+    `FeatureSchema.accepted_hashes()`). A dataset keeps its fingerprint, and with it its runs' plans and
+    released rounds, when the schema's hash is computed anew."""
+    current = dataset_fingerprint(patient_ids, schema_hash)
+    if current[0] in datasets:
+        return current
+    earlier = (dataset_fingerprint(patient_ids, h) for h in earlier_hashes)
+    return next((fp for fp in earlier if fp[0] in datasets), current)
+
+
 def read_ledger(path: str | Path) -> dict:
     """A ledger file's contents (datasets, runs, entries), for reading only: no lock, no budget needed."""
     path = Path(path)
@@ -215,9 +228,11 @@ class PrivacyLedger:
         return [_mechanism(e, worst_case) for e in state["entries"]
                 if (e["dataset"], e["run_id"], e["round"], e["attempt"]) != skip]
 
-    def register_dataset(self, patient_ids: list[str], schema_hash: str) -> str:
-        fp, n = dataset_fingerprint(patient_ids, schema_hash)
+    def register_dataset(self, patient_ids: list[str], schema_hash: str, *earlier_hashes: str) -> str:
+        """The dataset's fingerprint, registered if new (`known_fingerprint`: under `schema_hash`, unless the ledger
+        has it under one of `earlier_hashes`)."""
         with self._locked() as state:
+            fp, n = known_fingerprint(state["datasets"], patient_ids, schema_hash, *earlier_hashes)
             if fp not in state["datasets"]:
                 state["datasets"][fp] = {"n_patients": n, "registered": time.time()}
                 self._write(state)

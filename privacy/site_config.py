@@ -139,7 +139,8 @@ class SiteConfig(BaseModel):
     auth_supernode_private_key: str = Field("", alias="auth-supernode-private-key", description="the site's "
                                             "node-authentication key (keys/site.key)")
     schema_path: str = Field("", alias="schema", description="the consortium's feature schema (trust/schema.json)")
-    schema_sha256: str = Field("", alias="schema-sha256", description="the schema's SHA-256 from the bundle")
+    schema_sha256: str = Field("", alias="schema-sha256", description="the SHA-256 of the schema file, "
+                               "from the bundle's signed manifest (not the schema's content hash)")
     public_key_sha256: str = Field("", alias="public-key-sha256", description="the SHA-256 of keys/site.key.pub, "
                                    "as the operator registers it")
     serve: ServeSettings = Field(default_factory=ServeSettings, description="the prediction service's limits")

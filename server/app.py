@@ -164,7 +164,7 @@ def start_or_resume(cfg: RunConfig, context: Context, schema: FeatureSchema, out
                              "reloads it), or start a new run under another name")
     checkpoint = load_latest(ckpt_root) if cfg.run.resume else None
     if checkpoint is not None:
-        if checkpoint.meta.get("schema_hash") != schema.content_hash():
+        if not schema.matches(checkpoint.meta.get("schema_hash")):
             raise ValueError(f"{ckpt_root}: checkpoint was trained under another schema; resume with that schema")
         if checkpoint.meta.get("run_key") != frozen["run_key"]:  # its sites' ledgers and spend are another run's
             raise ValueError(f"{ckpt_root}: the checkpoint is of run {checkpoint.meta.get('run_key')}, but "

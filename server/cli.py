@@ -58,7 +58,7 @@ def consortium_init(
                f"another channel (their `oncofed site init --ca-fingerprint` refuses any other bundle):\n"
                f"  CA fingerprint (SHA-256)          {record['ca_sha256']}\n"
                f"  model-signing key (SHA-256)       {record['signing_pub_sha256']}\n"
-               f"  schema (SHA-256)                  {record['schema_sha256']}")
+               f"  schema file (SHA-256)             {record['schema_sha256']}")
 
 
 def _registry(action):

@@ -13,7 +13,8 @@ def register(app: typer.Typer) -> None:
 
 @schema_app.command("show")
 def show(path: str = typer.Argument(..., help="schema JSON file")) -> None:
-    """Print a schema's modalities, classes and content hash (refuses a malformed file)."""
+    """Print a schema's modalities, classes and content hash (what models are checked against, not the file's
+    SHA-256); refuses a malformed file."""
     from shared_models.schema import FeatureSchema, SchemaError
 
     try:
@@ -21,7 +22,7 @@ def show(path: str = typer.Argument(..., help="schema JSON file")) -> None:
     except SchemaError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(code=2)
-    typer.echo(f"schema {s.name!r} version {s.version}  hash {s.content_hash()}")
+    typer.echo(f"schema {s.name!r} version {s.version}  content hash {s.content_hash()}")
     typer.echo(f"label column {s.label_column!r}, {s.n_classes} classes: {', '.join(s.classes)}")
     for m in s.modalities:
         typer.echo(f"  {m.name:<14} {m.kind.value:<8} {m.n_features:>6} features  transform={m.transform.value}")
@@ -77,7 +78,7 @@ def infer(
         _fail(str(e))
     s = result.schema
     s.save(out_path)
-    typer.echo(f"wrote {out_path}: schema {s.name!r}  hash {s.content_hash()}")
+    typer.echo(f"wrote {out_path}: schema {s.name!r}  content hash {s.content_hash()}")
     typer.echo(f"label column {s.label_column!r}, {s.n_classes} classes: {', '.join(s.classes)}")
     for m in s.modalities:
         note = result.notes[m.name]

@@ -1,8 +1,9 @@
 """The consortium contract: which modalities, features and classes exist.
 
 A `FeatureSchema` is the one source of truth that every site and the server agree on. It is saved
-as JSON; its content hash is stamped on every set of model weights so that weights trained under
-one schema are never loaded under another.
+as JSON; its content hash (of what the model and the data pipeline read, descriptions left out) is
+stamped on every set of model weights so that weights trained under one schema are never loaded
+under another.
 
 Layout of the flat model input derived from a schema (see `FeatureSchema.layout`): modalities in
 schema order, each modality's features in schema order, concatenated into one float vector per
@@ -27,6 +28,12 @@ SCHEMA_FORMAT = "oncofed-schema/1"
 # the file names a site's table may have, after its modality's name (shared_models/site_data.py reads them)
 TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".csv.gz", ".tsv.gz", ".txt.gz", ".parquet.gz")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+# The fields only people read (`oncofed schema show`, the service's model description, reports), never the model or
+# the data pipeline: left out of `FeatureSchema.content_hash`, so a corrected description keeps every model,
+# checkpoint, normalisation and ledger entry of the schema valid. Every other field is hashed: a field added to
+# FeatureSchema or Modality is part of the contract unless listed here.
+DESCRIPTIVE_FIELDS = frozenset({"name", "version", "description"})  # of FeatureSchema
+DESCRIPTIVE_MODALITY_FIELDS = frozenset({"description"})  # of each Modality
 
 
 class SchemaError(ValueError):
@@ -197,11 +204,32 @@ class FeatureSchema(BaseModel):
         return InputLayout(slices=slices, n_inputs=start)
 
     def canonical_json(self) -> str:
+        """The whole schema, descriptions included, as compact JSON with sorted keys."""
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
     def content_hash(self) -> str:
-        """SHA-256 of the canonical JSON: any change to features, classes or transforms changes it."""
+        """SHA-256 of what the model and the data pipeline read (`DESCRIPTIVE_FIELDS` left out): a change to the
+        columns, their order, types, levels, transforms, the classes or the id and label columns changes it; a
+        description, the schema's name or its version does not."""
+        content = self.model_dump(mode="json", exclude={
+            **dict.fromkeys(DESCRIPTIVE_FIELDS, True), "modalities": {"__all__": set(DESCRIPTIVE_MODALITY_FIELDS)}})
+        return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def legacy_content_hash(self) -> str:
+        """The hash weights, checkpoints, normalisations, model packages and privacy ledgers written before
+        `content_hash` left the descriptive fields out carry: the SHA-256 of `canonical_json`."""
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+    def accepted_hashes(self) -> tuple[str, str]:
+        """The hashes an artefact of this schema may carry: `content_hash` (what every artefact is written with)
+        first, then `legacy_content_hash` (artefacts written before)."""
+        return self.content_hash(), self.legacy_content_hash()
+
+    def matches(self, stored_hash: object) -> bool:
+        """Whether an artefact stamped with `stored_hash` was made under this schema: every check of a stored
+        schema hash asks this, so an artefact with the legacy hash of the same schema file is accepted too."""
+        return isinstance(stored_hash, str) and (stored_hash == self.content_hash()
+                                                 or stored_hash == self.legacy_content_hash())
 
     # --- files ------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

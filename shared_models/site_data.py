@@ -370,7 +370,7 @@ class Normalizer:
             raise TableError(f"{path}: unreadable normalisation file ({_short(e)})") from None
         if payload.get("format") != cls.FORMAT:
             raise TableError(f"{path}: not an OncoFed normalisation file")
-        check_schema_hash(schema.content_hash(), payload["schema_hash"], str(path))
+        check_schema_hash(schema, payload.get("schema_hash"), str(path))
         unscaled = payload.get("unscaled")
         stats = None if unscaled is None else tuple(np.asarray([np.nan if v is None else v for v in unscaled[k]],
                                                                np.float64) for k in ("mean", "scale"))

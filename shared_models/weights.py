@@ -68,12 +68,13 @@ def arrays_sha256(arrays) -> str:
     return h.hexdigest()
 
 
-def check_schema_hash(expected: str, found: str, source: str) -> None:
-    if expected != found:
+def check_schema_hash(schema: FeatureSchema, found: str, source: str) -> None:
+    """Refuses a file stamped with another schema's hash (`FeatureSchema.matches`)."""
+    if not schema.matches(found):
         raise SchemaMismatchError(
-            f"{source}: these weights were trained under schema hash {found[:12]}..., but the schema in use "
-            f"has hash {expected[:12]}...; load them with the schema they were trained under (the consortium's "
-            "schema JSON of that run), or retrain under the new schema"
+            f"{source}: these weights were trained under schema hash {str(found)[:12]}..., but the schema in use "
+            f"has hash {schema.content_hash()[:12]}...; load them with the schema they were trained under (the "
+            "consortium's schema JSON of that run), or retrain under the new schema"
         )
 
 
@@ -110,7 +111,7 @@ def read_weights(path: str | Path) -> dict:
 def load_weights(path: str | Path, schema: FeatureSchema) -> MultiModalTransformer:
     """Build the model of a weights file under `schema`, refusing weights from another schema."""
     payload = read_weights(path)
-    check_schema_hash(schema.content_hash(), payload["schema_hash"], str(path))
+    check_schema_hash(schema, payload["schema_hash"], str(path))
     model = MultiModalTransformer(schema, ModelConfig(**payload["config"]))
     model.load_state_dict(payload["state_dict"])
     return model

@@ -97,7 +97,7 @@ def test_every_dataset_of_a_site_shares_one_spend(tmp_path):
     grown = ledger.register_dataset(IDS + ["P999"], "h")  # one new patient
     assert grown != old and ledger.spent(grown) == pytest.approx(spent)
     assert ledger.spent(ledger.register_dataset(["Q1", "Q2"], "h")) == pytest.approx(spent)  # other patients too
-    v2 = ledger.register_dataset(IDS, "schema-v2")  # the schema's description edited: its hash changed
+    v2 = ledger.register_dataset(IDS, "schema-v2")  # another schema (a class added): another hash
     _run_rounds(ledger, v2, "run-2", 1.1, 0.1, 10, rounds=3)
     both = closed_form([(1.1, 0.1, 30), (1.1, 0.1, 30)])
     assert ledger.spent(old) == pytest.approx(both, rel=0.01) and ledger.spent(v2) == pytest.approx(both, rel=0.01)

@@ -133,7 +133,7 @@ class ValidationReport:
     def format_report(self) -> str:
         """Human-readable: all problems if training is blocked, else warnings and the summary."""
         s = self.summary
-        lines = [f"Site {s.site_dir}  (schema {s.schema_name!r}, hash {s.schema_hash[:12]})"]
+        lines = [f"Site {s.site_dir}  (schema {s.schema_name!r}, content hash {s.schema_hash})"]
         if not self.ok:
             lines.append(f"{plural(len(self.errors), 'error')} block training; "
                          f"{plural(len(self.warnings), 'warning')}.")
