@@ -129,3 +129,22 @@ def unmask_message(active: list[int], dead: list[int]):
 
     return site_message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({
         Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: active, Key.DEAD_NODE_ID_LIST: dead})}))
+
+
+def started_run(tmp_path, run_id: int = 1):
+    """A new run of the project's run config under tmp_path/runs/x, started by the ServerApp's start_or_resume:
+    (its output directory, run config values, schema, RunStart)."""
+    from flwr.app import Context, RecordDict
+
+    from privacy.run_config import load_run_config
+    from server.app import start_or_resume
+    from server.submit import PROJECT
+    from shared_models.run_config import app_defaults
+
+    out = tmp_path / "runs" / "x"
+    values = {**app_defaults(PROJECT), "base-dir": str(PROJECT), "output-dir": str(out)}
+    cfg = load_run_config(values, source="run config")
+    schema = FeatureSchema.load(cfg.path(cfg.run.schema_path))
+    start = start_or_resume(cfg, Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(),
+                                         run_config=values), schema, out)
+    return out, values, schema, start

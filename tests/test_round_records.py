@@ -13,26 +13,13 @@ from privacy.audit import AuditLog, verify
 from privacy.run_config import load_run_config
 from server.app import ROUND_RECORDS, _last_metrics, recover_round_records, start_or_resume
 from server.checkpoint import save_checkpoint
-from server.submit import PROJECT
 from shared_models.files import cut_partial_line
-from shared_models.run_config import app_defaults
-from shared_models.schema import FeatureSchema
+from tests.factories import started_run
 
 
 def _records(key: str, rnd: int) -> dict:
     return {"metrics": {"round": rnd, "seconds": 10.0 * rnd, "participants": [11, 12], "weights_sha256": f"w{rnd}"},
             "audit": {"run": key, "round": rnd, "participants": [11, 12], "weights_sha256": f"w{rnd}"}}
-
-
-def _started(tmp_path):
-    """A new run under tmp_path/runs/x: (its output directory, run config values, schema, RunStart)."""
-    out = tmp_path / "runs" / "x"
-    values = {**app_defaults(PROJECT), "base-dir": str(PROJECT), "output-dir": str(out)}
-    cfg = load_run_config(values, source="run config")
-    schema = FeatureSchema.load(cfg.path(cfg.run.schema_path))
-    start = start_or_resume(cfg, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=values),
-                            schema, out)
-    return out, values, schema, start
 
 
 def _resumed(out, values, schema):
@@ -45,7 +32,7 @@ def _resumed(out, values, schema):
 def _run(tmp_path, crash_after_checkpoint: str):
     """A run whose round 3 is checkpointed, then crashes: 'before-records' before its metrics line and audit
     entry, 'mid-line' with half its metrics line written and no audit entry."""
-    out, values, schema, start = _started(tmp_path)
+    out, values, schema, start = started_run(tmp_path)
     audit = AuditLog(out / "audit.jsonl")
     audit.append("run_start", run=start.run_key, first_round=1)
     metrics = out / "metrics.jsonl"
@@ -126,7 +113,7 @@ def test_cut_partial_line(tmp_path):
 def test_a_checkpoint_that_is_not_this_runs_is_refused_not_resumed(tmp_path, wrong):
     """Checkpoints copied from another run: resumed under that run's key, with its sites' spend, or with weights
     that do not fit the run config's model."""
-    out, values, schema, start = _started(tmp_path)
+    out, values, schema, start = started_run(tmp_path)
     key = "another-run-0000" if wrong == "run" else start.run_key
     weights = start.weights if wrong == "run" else [np.zeros(2, np.float32)]
     save_checkpoint(out / "checkpoints", 1, weights, {}, {"run_key": key, "schema_hash": schema.content_hash()})

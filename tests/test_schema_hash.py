@@ -134,15 +134,9 @@ def _run_with_a_checkpoint(tmp_path, schema_hash_of):
     from privacy.run_config import load_run_config
     from server.app import start_or_resume
     from server.checkpoint import save_checkpoint
-    from server.submit import PROJECT
-    from shared_models.run_config import app_defaults
+    from tests.factories import started_run
 
-    out = tmp_path / "runs" / "x"
-    values = {**app_defaults(PROJECT), "base-dir": str(PROJECT), "output-dir": str(out)}
-    cfg = load_run_config(values, source="run config")
-    schema = FeatureSchema.load(cfg.path(cfg.run.schema_path))
-    start = start_or_resume(cfg, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=values),
-                            schema, out)
+    out, values, schema, start = started_run(tmp_path)
     save_checkpoint(out / "checkpoints", 1, start.weights, {},
                     {"run_key": start.run_key, "schema_hash": schema_hash_of(schema)})
     resume = {**values, "resume": True}
