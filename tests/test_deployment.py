@@ -415,3 +415,59 @@ def test_g_d_f_b_superexec_restarted_wrong_key_refused_http_500_ridden_out_site_
     os.kill(json.loads((dep.op / "state" / "server.json").read_text())["proxy_pid"], signal.SIGKILL)  # master only
     wait_for(lambda: json.loads((dep.op / "state" / "server.json").read_text())["components"]["proxy"]["restarts"]
              == 1 and _health(dep)[0] == 200, 60, "the proxy to be restarted")
+
+
+def test_h_a_site_that_would_refuse_says_so_at_secaggs_setup_and_no_site_spends_on_a_round_left_short(dep):
+    """(h) The setup-stage refusal in a deployment, where every message is a fresh ClientApp process that reads the
+    site's tables again. C1's data fails validation (its labels table is gone) for the whole run; round 1: C1 refuses
+    at SecAgg+'s setup, C0 and C2 (min-sites 2) train and spend, C1 spends nothing; round 2: C0's data fails too, so
+    C2 is left alone, short of min-sites: the round is abandoned before any site trains and no ledger records it.
+    The run's records give each refusing site's reason."""
+    sites = ("C0", "C1", "C2")
+    seen = {n: len(dep.site_audit(n)) for n in sites}  # the run's entries are those after these
+
+    def new_audit(name: str) -> list[dict]:
+        return dep.site_audit(name)[seen[name]:]
+
+    labels = {n: Path(json.loads((dep.root / n / "site.json").read_text())["data-path"]) / "labels.csv"
+              for n in ("C0", "C1")}
+    hidden = {n: dep.root / f"{n}-labels.csv" for n in labels}
+    os.replace(labels["C1"], hidden["C1"])
+    run = None
+    try:
+        run = dep.run("refuse", "--set", "num-rounds=2")
+        wait_for(lambda: any(e.get("event") == "round_trained" and e.get("round") == 1 for e in new_audit("C0")),
+                 600, "C0 to train round 1")
+        os.replace(labels["C0"], hidden["C0"])  # before round 2's setup: round 1's sum still needs the unmask stage
+        wait_for(lambda: any(e.get("event") == "round_refused" and e.get("round") == 2 for e in new_audit("C0")),
+                 300, "C0 to refuse round 2")
+        os.replace(hidden["C0"], labels["C0"])
+        assert run.wait(600) == 0, (dep.root / "run-refuse.out").read_text()[-4000:]
+    finally:
+        for n in labels:
+            if hidden[n].exists():
+                os.replace(hidden[n], labels[n])
+        if run is not None and run.poll() is None:
+            kill_group(run)
+    run_key = json.loads((dep.op / "runs" / "refuse" / "result.json").read_text())["run"]
+    # the run's records: who refused, and why, in words from the site (its validation report stays there)
+    node = {s["name"]: int(s["node_id"]) for s in json.loads((dep.op / "consortium.json").read_text())["sites"]}
+    rounds = [e for e in read_jsonl(dep.op / "runs" / "refuse" / "audit.jsonl") if e["event"] == "round"]
+    assert [(r["round"], r["status"]) for r in rounds] == [(1, "updated"), (2, "abandoned")], rounds
+    assert sorted(rounds[0]["participants"]) == sorted([node["C0"], node["C2"]]) and rounds[1]["participants"] == []
+    for r, refusing in zip(rounds, (["C1"], ["C0", "C1"])):
+        reasons = sorted(x["reason"] for x in r["refused"])
+        assert [x.split(":")[0] for x in reasons] == refusing, reasons
+        assert all("its data failed validation" in x for x in reasons) and r["dropped"] == [], r
+    assert "setup" in read_jsonl(dep.op / "runs" / "refuse" / "metrics.jsonl")[1]["reason"]  # no stage after it ran
+    # the sites' ledgers and audit logs: a spend for each round trained, none for a round refused or abandoned
+    for name, trained, refused in (("C0", [1], [2]), ("C1", [], [1, 2]), ("C2", [1], [])):
+        ledger = dep.root / name / "state" / "privacy-ledger.json"  # none at a site that never read its data
+        entries = [e for e in json.loads(ledger.read_text())["entries"] if e["run_id"] == run_key] if ledger.exists() \
+            else []
+        assert [(e["round"], e["status"]) for e in entries] == [(r, "committed") for r in trained], (name, entries)
+        audit = new_audit(name)
+        assert [e["round"] for e in audit if e["event"] == "round_trained"] == trained, (name, audit)
+        assert [(e["run"], e["round"], e.get("stage")) for e in audit if e["event"] == "round_refused"] == [
+            (run_key, r, "setup") for r in refused], (name, audit)
+
