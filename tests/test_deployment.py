@@ -11,14 +11,18 @@ vendored pan-cancer hospitals, `oncofed run` with DP and SecAgg+. Then the fault
      but missed the delivery makes `oncofed run` exit 3, and `oncofed deliver` installs the model there;
   e) the Control API through the proxy is refused (flwr's own CLI and raw requests) while training passes;
   f) the Fleet API answering HTTP 500 for a while: every SuperNode retries and stays up;
-  g) the SuperExec (and the proxy) killed: `/health` names it, `oncofed server start` restarts it.
+  g) the SuperExec (and the proxy) killed: `/health` names it, `oncofed server start` restarts it;
+  h) a site whose data fails validation (read again by each message's fresh ClientApp process) refuses at SecAgg+'s
+     setup: a round left with enough sites is trained by the others, who alone spend; a round left short of
+     min-sites is abandoned before any site trains, and no ledger records it.
 
-The tests share one deployment, run in file order and share runs between faults (two runs and a resume). They need nginx (`.ci/run`
+The tests share one deployment, run in file order and share runs between faults (three runs and a resume). They need nginx (`.ci/run`
 installs Debian's nginx-light) and skip with that reason without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -199,7 +203,13 @@ def test_a_unregistered_site_is_refused(dep):
 
 
 def test_c_e_run_survives_a_server_crash_and_the_proxy_hides_the_control_api(dep):
-    run = dep.run("main", "--set", "num-rounds=2")
+    # (h) C1's data fails validation as the run starts: it refuses round 1 at SecAgg+'s setup, and C0 and C2 (min-sites
+    # 2) train it without C1, which spends nothing on it; its data is back for round 2, which all three train
+    seen = len(dep.site_audit("C1"))
+    with _labels_missing(dep, "C1"):
+        run = dep.run("main", "--set", "num-rounds=2")
+        wait_for(lambda: any(e.get("event") == "round_refused" and e.get("round") == 1
+                             for e in dep.site_audit("C1")[seen:]), 240, "C1 to refuse round 1 of run main")
     # (e) while the run's training traffic passes through the proxy
     wait_for(lambda: dep.status("main").get("round", 0) >= 1, 240, "round 1 of run main")
     assert _https(dep, "GET", "/health") == 200
@@ -243,15 +253,38 @@ def test_c_e_run_survives_a_server_crash_and_the_proxy_hides_the_control_api(dep
         assert all(e["status"] == "committed" for e in entries), entries
         assert sorted((e["round"], e["steps"]) for e in entries) == sorted((t["round"], int(t["steps"]))
                                                                             for t in trained)
-        assert {e["round"] for e in entries} == {1, 2}
+        assert {e["round"] for e in entries} == ({2} if name == "C1" else {1, 2})
         mechanisms = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries]
         assert result["site_epsilon"][name] == pytest.approx(epsilon(mechanisms, ledger_delta(ledger)), rel=1e-6)
     assert sorted(result["site_epsilon"]) == ["C0", "C1", "C2"]  # the registered names: C2 reports "C0"
     audit = read_jsonl(dep.op / "runs" / "main" / "audit.jsonl")
     assert [e["event"] for e in audit].count("run_start") == 2 and audit[-1]["event"] == "run_end"
+    # (h) C1's refusal, at setup, with its reason: in its own audit log and in the run's record of round 1
+    assert [(e["run"], e["round"], e.get("stage")) for e in dep.site_audit("C1")[seen:]
+            if e["event"] == "round_refused"] == [(result["run"], 1, "setup")]
+    node = {s["name"]: int(s["node_id"]) for s in json.loads((dep.op / "consortium.json").read_text())["sites"]}
+    first = next(e for e in audit if e["event"] == "round" and e["round"] == 1)
+    assert sorted(first["participants"]) == sorted([node["C0"], node["C2"]]), first
+    assert [r["reason"] for r in first["refused"]] == [DATA_REFUSAL.format("C1")] and first["dropped"] == [], first
     assert oncofed("audit", "verify", str(dep.op / "runs" / "main" / "audit.jsonl")).returncode == 0
     scrape = wait_for(lambda: _metrics(dep), 60, "metrics")
     assert 'oncofed_rounds_completed{run="' in scrape and "oncofed_site_epsilon{site=\"C0\"}" in scrape
+
+
+DATA_REFUSAL = "{}: its data failed validation (details in the site's log; run `oncofed validate` there)"
+
+
+@contextlib.contextmanager
+def _labels_missing(dep: Deployment, name: str):
+    """The site's labels table moved away, then back: its data fails validation meanwhile (no labels table), and a
+    deployed site reads its tables again for every message (a fresh ClientApp process each)."""
+    labels = Path(json.loads((dep.root / name / "site.json").read_text())["data-path"]) / "labels.csv"
+    away = dep.root / f"{name}-labels.csv"
+    os.replace(labels, away)
+    try:
+        yield
+    finally:
+        os.replace(away, labels)
 
 
 def ledger_delta(ledger: dict) -> float:
@@ -415,3 +448,27 @@ def test_g_d_f_b_superexec_restarted_wrong_key_refused_http_500_ridden_out_site_
     os.kill(json.loads((dep.op / "state" / "server.json").read_text())["proxy_pid"], signal.SIGKILL)  # master only
     wait_for(lambda: json.loads((dep.op / "state" / "server.json").read_text())["components"]["proxy"]["restarts"]
              == 1 and _health(dep)[0] == 200, 60, "the proxy to be restarted")
+
+
+def test_h_a_round_a_refusing_site_leaves_short_of_min_sites_is_abandoned_at_setup_before_any_site_spends(dep):
+    """(h) A site that would refuse says so at SecAgg+'s setup, in the fresh ClientApp process that reads its tables
+    again: C1's data fails validation, and with min-sites 3 the round is left with 2 sites, so it is abandoned before
+    any site trains. No site's ledger or audit log records a spend for it, the run records C1's refusal with its
+    reason, and there is no model to deliver (exit 1). (A refusal that leaves enough sites, while the others train and
+    spend: C1 in round 1 of run main, test_c_e.)"""
+    seen = {n: len(dep.site_audit(n)) for n in ("C0", "C1", "C2")}
+    with _labels_missing(dep, "C1"):
+        run = dep.run("short", "--set", "num-rounds=1", "--set", "min-sites=3")
+        assert run.wait(600) == 1, (dep.root / "run-short.out").read_text()[-4000:]
+    run_key = json.loads((dep.op / "runs" / "short" / "result.json").read_text())["run"]
+    (record,) = read_jsonl(dep.op / "runs" / "short" / "metrics.jsonl")
+    assert (record["status"], record["participants"], record["dropped"]) == ("abandoned", [], []), record
+    assert "2 sites completed SecAgg+'s setup, fewer than 3" in record["reason"], record["reason"]
+    assert "before any site trains" in record["reason"] and record["refused"] == [{"reason": DATA_REFUSAL.format("C1")}]
+    assert [e["refused"] for e in read_jsonl(dep.op / "runs" / "short" / "audit.jsonl") if e["event"] == "round"] == [
+        record["refused"]]
+    for name in ("C0", "C1", "C2"):
+        ledger = dep.root / name / "state" / "privacy-ledger.json"  # none at a site that never read its data
+        assert not ledger.exists() or not [e for e in json.loads(ledger.read_text())["entries"] if e["run_id"] == run_key]
+        audit = [(e["event"], e.get("stage")) for e in dep.site_audit(name)[seen[name]:] if e.get("run") == run_key]
+        assert audit == ([("round_refused", "setup")] if name == "C1" else []), (name, audit)
