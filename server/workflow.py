@@ -165,9 +165,13 @@ class TimedSecAggPlusWorkflow(SecAggPlusWorkflow):
                     ok = self._enough_to_unmask(context, state)
                 if not ok and context.strategy.round_info.get("status") == "halted":
                     rnd = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+                    halted = (f"SecAgg+ halted in its {name.removesuffix('_stage').replace('_', ' ')} stage: "
+                              f"{len(state.active_node_ids)} site(s) left in the round, and a site's neighbourhood "
+                              f"kept fewer than SecAgg+'s reconstruction threshold of {getattr(state, 'threshold', '?')}")
+                    if name in ("setup_stage", "share_keys_stage"):
+                        halted += ": abandoned before any site trains"
                     context.strategy.record_abandoned(rnd, getattr(state, "failures", []),
-                                                      set(state.active_node_ids),
-                                                      f"SecAgg+ halted in its {name.removesuffix('_stage')} stage")
+                                                      set(state.active_node_ids), halted)
                 return ok
             finally:
                 timing = getattr(context.strategy, "timing", None)

@@ -284,7 +284,7 @@ def test_a_round_most_sites_refuse_is_never_unmasked(federation):
     result, work = _run(federation, "abandoned", sites_dir=broken, **{"num-rounds": 1})
     (r,) = _metrics(work)
     assert r["status"] == "abandoned" and r["participants"] == [], r
-    assert "before any site trains" in r["reason"] or "halted in its setup stage" in r["reason"], r["reason"]
+    assert "before any site trains" in r["reason"], r["reason"]  # our count, or Flower's halt at setup, which says so
     assert sorted(x["reason"].split(":")[0] for x in r["refused"]) == ["site_01", "site_02"]
     with np.load(work / "server" / "checkpoints" / "round-0001" / "weights.npz") as z:
         after = [z[f"arr_{i}"] for i in range(len(z.files))]
