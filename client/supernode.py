@@ -106,6 +106,37 @@ def site_checks(settings: SiteConfig, port: int, schema: Path | None, superlink:
     return checks
 
 
+SITE_LOCK = "supernode.lock"  # in the state directory: held by the one `oncofed site start` of the site
+
+
+def claim_site(settings: SiteConfig) -> tuple[object | None, Check | None]:
+    """(the open lock file, held for this process's life, and its check): one SuperNode per site. A second one with
+    the same key is refused activation by the SuperLink while the first is online (Flower's error 2004, which reads as
+    an unregistered key), and started while the first is reconnecting, the two would take turns pulling the site's
+    rounds with one state directory. (None, None) when the state directory cannot be written: its own check says so."""
+    from shared_models.files import exclusive_lock
+
+    path = Path(settings.state_dir) / SITE_LOCK
+    try:
+        fh = exclusive_lock(path)
+    except OSError:
+        return None, None
+    name = f"one SuperNode for this site ({path})"
+    if fh is None:
+        try:
+            holder = path.read_text().strip()
+        except OSError:
+            holder = ""
+        return None, Check(name, False, f"another `oncofed site start` of this site is running{f' (pid {holder})' if holder else ''} "
+                           "with this state directory: stop it first (`systemctl stop oncofed-site`), or leave it "
+                           "running and do not start a second one")
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh, Check(name, True, "no other SuperNode of this site is running")
+
+
 def _schema_check(settings: SiteConfig, given: Path | None) -> tuple[Check | None, Path | None]:
     """The schema training uses is site.json's (the consortium's, as the bundle brought it): checked against the
     bundle's SHA-256, and the one the data is validated with; a --schema that differs is refused."""
@@ -283,8 +314,10 @@ def run_supernode(settings: SiteConfig, port: int, poll_interval: float = SUPERN
             return LOOP_ENDED_EXIT
         if code == UNREGISTERED_EXIT:
             sys.stderr.write(f"site {settings.site_name!r}: the consortium server refused to activate this site "
-                             f"(flwr exit {UNREGISTERED_EXIT}); the usual cause is a key it has not registered. Send {settings.auth_supernode_private_key}.pub "
-                             "to the operator, who runs `oncofed consortium add-site`; then start again.\n")
+                             f"(flwr exit {UNREGISTERED_EXIT}); the usual cause is a key it has not registered: send "
+                             f"{settings.auth_supernode_private_key}.pub to the operator, who runs `oncofed consortium "
+                             "add-site`, then start again. If it is registered, a SuperNode with this key is already "
+                             "connected (this site started on another machine too): stop that one first.\n")
             return REFUSED_EXIT
         return code
     # flwr's connection context logs the error that ended the loop and swallows it: without an exit here

@@ -261,3 +261,37 @@ def test_only_a_refused_activation_is_exit_3_any_other_failure_to_connect_is_a_r
                   "'https://127.0.0.1:9443/api/v0/fleet/activate-node'",
                   "Failed to initialize the connection to the SuperLink.\nServer error '500 Internal Server Error'"):
         assert not refused_activation(other)
+
+
+def test_a_second_site_start_on_the_same_site_is_refused_naming_the_one_running(consortium, tmp_path):
+    """Two `oncofed site start` of one site (a manual start beside the systemd unit): the second stops at preflight
+    naming the first's pid, instead of reaching the server, whose refusal of a second activation of the same key
+    reads as an unregistered key. The lock is the state directory's, held for the first SuperNode's life."""
+    import subprocess
+    import sys
+
+    (tmp_path / "data").mkdir()
+    site = init_site(tmp_path / "s", "S", consortium / "public", str(tmp_path / "data"), ca_fingerprint=fingerprint(consortium / "ca/ca.crt"))
+    first = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from client.supernode import claim_site\n"
+        "from privacy.site_config import SiteConfig\n"
+        f"held, check = claim_site(SiteConfig.load({str(tmp_path / 's' / 'site.json')!r}))\n"
+        "print(check.ok, flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "True"
+        second = subprocess.run([sys.executable, "-m", "oncofed", "site", "start", str(tmp_path / "s"), "--port",
+                                 str(_free_port())], capture_output=True, text=True, timeout=120)
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2, second.stderr
+    assert f"another `oncofed site start` of this site is running (pid {first.pid})" in second.stderr
+    assert Path(site.state_dir, "supernode.lock").is_file()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
