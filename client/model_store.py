@@ -31,6 +31,7 @@ from shared_models.weights import (ArrayCountError, arrays_sha256, load_arrays, 
 
 PACKAGE_FORMAT = "oncofed-model-package/1"
 ACTIVE_REREAD_S = 1.0  # ModelStore.active reads ACTIVE again at least this often
+FUTURE_SKEW_S = 86400.0  # an active model "finished" later than this after the site's now was dated by a wrong clock
 
 
 WEIGHTS, VERSION_SCHEMA, PACKAGE = "weights.pt", "schema.json", "package.json"  # a version's own files
@@ -154,6 +155,10 @@ class ModelStore:
         theirs = package.get("delivery", {}).get("finished")
         if not isinstance(theirs, (int, float)):
             return  # an active model without a date (before 2026-12-05): any delivery may replace it
+        if theirs > time.time() + FUTURE_SKEW_S:
+            # dated by a server clock that was far ahead: every later model, dated right, would look older than it
+            # and no delivery could ever replace it (nor could the site activate a model it never installed)
+            return
         if not isinstance(info.get("finished"), (int, float)):  # cannot be ordered against the active one
             raise ModelStoreError(
                 f"the delivered model (run {info.get('run')}) carries no finish time and the active {active} (run "
