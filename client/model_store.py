@@ -118,6 +118,14 @@ class ModelStore:
         version = f"v{(int(existing[-1][1:]) + 1 if existing else 1):04d}"
         tmp = self.root / f".tmp-{version}"
         shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            return self._write_version(tmp, version, schema, model, got, info, normalizer, split)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk: no half-written copy left taking its space
+            raise
+
+    def _write_version(self, tmp: Path, version: str, schema: FeatureSchema, model, got: str, info: dict,
+                       normalizer, split: dict | None) -> str:
         tmp.mkdir()
         save_weights(model, tmp / WEIGHTS, extra={k: info[k] for k in ("run", "round") if k in info})
         schema.save(tmp / VERSION_SCHEMA)
