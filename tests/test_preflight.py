@@ -295,3 +295,35 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_server_certificate_expired_at_the_sites_clock_names_the_clock_and_the_renewal(tmp_path):
+    """A server certificate that expired (or a site clock far ahead) failed the reachability check with "not from the
+    CA or does not name the host": the wrong fix. It now names the site's time, the clock fix and the renewal."""
+    import ssl
+    import threading
+
+    old = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=500)  # the server certificate lasts 397 days
+    init_consortium(tmp_path / "op", "t", "127.0.0.1:8443", now=old)
+    op = tmp_path / "op"
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(op / "server/server.crt", op / "server/server.key")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+
+        def serve_one():
+            conn, _ = listener.accept()
+            try:
+                ctx.wrap_socket(conn, server_side=True)
+            except (ssl.SSLError, OSError):
+                pass
+            finally:
+                conn.close()
+
+        threading.Thread(target=serve_one, daemon=True).start()
+        check = check_reachable(f"127.0.0.1:{port}", op / "ca/ca.crt", "consortium server")
+    assert not check.ok and "certificate has expired" in check.detail
+    assert "this machine's time" in check.detail and "renew the server's certificate" in check.detail
+    assert "not from the CA" not in check.detail
