@@ -221,12 +221,34 @@ class AnchorStore:
         with open(self.path.with_name(self.path.name + ".lock"), "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             data = self.load()
+            if not data["server"] and self.path.exists() and self._damaged():
+                self._set_aside()
             held = data["server"].get(str(anchor["run_name"]))
             if held and int(held.get("entries", 0)) >= int(anchor.get("entries", 0)):
                 return None
             data["server"][str(anchor["run_name"])] = anchor
             write_json_atomic(self.path, data)
         return anchor
+
+    def _damaged(self) -> bool:
+        """The file exists but holds no anchors file (a hand edit gone wrong, a restore of another file)."""
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return True
+        return not (isinstance(data, dict) and isinstance(data.get("server"), dict))
+
+    def _set_aside(self) -> None:
+        """Keep a damaged anchors file beside the new one, never overwrite it: its other runs' signed heads are
+        the evidence the operator's run logs are checked against, and may be recoverable by hand."""
+        import logging
+
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
+        os.replace(self.path, aside)
+        logging.getLogger(__name__).warning(
+            "%s: not an anchors file; kept as %s (repair it by hand and merge it back) and a new one started",
+            self.path, aside)
 
 
 def anchors_for(log: str | Path, source: str | Path, site: str | None = None,

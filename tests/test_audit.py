@@ -489,3 +489,21 @@ def test_an_anchor_kept_by_a_site_without_a_trust_anchor_still_verifies_later_an
     assert len(held) == 1 and not problems and verify(log.path, held).ok
     held, problems = anchors_for(log.path, store, signing_public_key=tmp_path / "evil.pub")
     assert not held and "is not the consortium's" in problems[0]
+
+
+def test_a_damaged_anchors_file_is_set_aside_not_overwritten_by_the_next_anchor(server_run):
+    """A site's audit-anchors.json that no longer parses (a hand edit gone wrong) read as empty, and the next
+    server anchor replaced the file: every other run's signed head, the evidence the operator's run logs are
+    checked against, was gone. The damaged file is now kept beside the new one."""
+    from privacy.audit import AnchorStore, signed_anchor
+    from privacy.signing import load_private
+
+    path, store = server_run
+    damaged = store.read_text().replace('"server"', '"server" ,,', 1)  # one slip of the editor
+    store.write_text(damaged)
+    newer = signed_anchor(AuditLog(path), load_private(path.parents[2] / "signing" / "signing.key"),
+                          run="r1-abc", run_name="r1")
+    assert AnchorStore(store).keep(json.dumps(newer), path.parents[2] / "signing" / "signing.pub") is not None
+    kept = list(store.parent.glob("audit-anchors.json.damaged-*"))
+    assert len(kept) == 1 and kept[0].read_text() == damaged
+    assert AnchorStore(store).load()["server"]["r1"]["entries"] == 4
