@@ -137,6 +137,34 @@ def claim_site(settings: SiteConfig) -> tuple[object | None, Check | None]:
     return fh, Check(name, True, "no other SuperNode of this site is running")
 
 
+LEDGER_MARK = ".ledger-state-dir"  # in the site directory: the state directory whose ledger the site last started with
+
+
+def ledger_check(site_dir: Path, settings: SiteConfig) -> Check:
+    """The privacy ledger is where the site's spend was recorded. An edited state-dir (a typo, a move of /srv half
+    done) names a directory without one, and the site's first round would start a new ledger from zero, forgetting
+    the epsilon spent: refused when the state directory the site last started with (or, for a site started before
+    this check, site init's `state/`) holds a ledger. The state directory is recorded when the check passes."""
+    from client.site import LEDGER_FILE
+
+    state = Path(settings.state_dir).resolve()
+    ledger, mark = state / LEDGER_FILE, Path(site_dir) / LEDGER_MARK
+    try:
+        before = Path(mark.read_text().strip())
+    except OSError:
+        before = Path(site_dir).resolve() / "state"
+    name = f"privacy ledger {ledger}"
+    if before != state and not ledger.exists() and (before / LEDGER_FILE).exists():
+        return Check(name, False, f"missing, but this site trained with the ledger in {before}: set site.json's "
+                     f"state-dir back to {before}, or move that directory's files to {state} (a new ledger would start "
+                     "from zero and forget the privacy budget spent)")
+    try:
+        mark.write_text(f"{state}\n")
+    except OSError:
+        pass  # a read-only site directory: the check still guards site init's state/
+    return Check(name, True, "present" if ledger.exists() else "none yet (the first DP round creates it)")
+
+
 def _schema_check(settings: SiteConfig, given: Path | None) -> tuple[Check | None, Path | None]:
     """The schema training uses is site.json's (the consortium's, as the bundle brought it): checked against the
     bundle's SHA-256, and the one the data is validated with; a --schema that differs is refused."""

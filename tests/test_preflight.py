@@ -327,3 +327,39 @@ def test_a_server_certificate_expired_at_the_sites_clock_names_the_clock_and_the
     assert not check.ok and "certificate has expired" in check.detail
     assert "this machine's time" in check.detail and "renew the server's certificate" in check.detail
     assert "not from the CA" not in check.detail
+
+
+def test_a_state_dir_edited_away_from_the_sites_ledger_fails_preflight_instead_of_starting_a_new_one(consortium,
+                                                                                                    tmp_path):
+    """site.json's state-dir edited by hand (a typo, a move half done) named a directory without the ledger; preflight
+    said `writable` and the first round started a new ledger from zero: the site's whole budget again. Preflight now
+    fails naming the directory the ledger is in; set back, it passes (and a site that never trained may move)."""
+    import subprocess
+    import sys
+
+    from privacy.ledger import PrivacyLedger
+
+    (tmp_path / "data").mkdir()
+    site = init_site(tmp_path / "s", "S", consortium / "public", str(tmp_path / "data"),
+                     ca_fingerprint=fingerprint(consortium / "ca/ca.crt"))
+
+    def start() -> str:
+        r = subprocess.run([sys.executable, "-m", "oncofed", "site", "start", str(tmp_path / "s"), "--port",
+                            str(_free_port())], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2  # the consortium server is not running here
+        return next(line for line in r.stderr.splitlines() if "privacy ledger" in line)
+
+    site_json = tmp_path / "s" / "site.json"
+    settings = json.loads(site_json.read_text())
+    settings["state-dir"] = str(tmp_path / "s" / "moved")
+    site_json.write_text(json.dumps(settings))
+    assert "[ok  ]" in start()  # no ledger anywhere yet: a site that never trained may choose its state-dir
+    settings["state-dir"] = site.state_dir
+    site_json.write_text(json.dumps(settings))
+    assert "[ok  ]" in start()
+    PrivacyLedger(Path(site.state_dir) / "privacy-ledger.json", 8.0, 1e-5)  # the site trains: its ledger exists
+    settings["state-dir"] = str(tmp_path / "s" / "stat")
+    site_json.write_text(json.dumps(settings))
+    line = start()
+    assert "[FAIL]" in line and f"this site trained with the ledger in {Path(site.state_dir).resolve()}" in line
+    assert not (tmp_path / "s" / "stat" / "privacy-ledger.json").exists()
