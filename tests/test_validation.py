@@ -272,6 +272,19 @@ def test_a_row_with_a_field_too_many_is_an_error_naming_its_line(tmp_path):
     assert "a tab too many or too few" in p.fix
 
 
+def test_a_table_exported_with_semicolons_and_decimal_commas_says_so_not_a_comma_too_many(tmp_path):
+    """A European-locale spreadsheet export (fields by ';', decimals by ','), saved as .csv: its header is one field and
+    its rows many, which read as 'a comma too many in that row'. The fix named is the export's separator and decimals."""
+    site_dir = make_site(tmp_path)
+    clinical = pd.read_csv(site_dir / "clinical.tsv", sep="\t", dtype=str, keep_default_na=False)
+    clinical["age"] = clinical["age"].str.split(".").str[0] + ",5"  # 60,5 for 60.5
+    (site_dir / "clinical.tsv").unlink()
+    clinical.to_csv(site_dir / "clinical.csv", sep=";", index=False)
+    p = the_problem(validate_site(SCHEMA, site_dir), "ragged_row")
+    assert p.file == "clinical.csv" and "separated by semicolons, the decimals by commas" in p.message
+    assert "points as decimal marks" in p.fix and "too many or too few" not in p.fix
+
+
 def test_duplicate_column_names_are_an_error(tmp_path):
     site_dir = make_site(tmp_path)
     (site_dir / "clinical.tsv").write_text("patient\tage\tage\tstage\tsmoker\nP000\t60\t61\tI\t0\n")
