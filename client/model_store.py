@@ -163,9 +163,12 @@ class ModelStore:
         theirs = package.get("delivery", {}).get("finished")
         if not isinstance(theirs, (int, float)):
             return  # an active model without a date (before 2026-12-05): any delivery may replace it
-        if theirs > time.time() + FUTURE_SKEW_S:
+        now = time.time()
+        if theirs > now + FUTURE_SKEW_S and not (isinstance(info.get("finished"), (int, float))
+                                                 and info["finished"] > now + FUTURE_SKEW_S):
             # dated by a server clock that was far ahead: every later model, dated right, would look older than it
-            # and no delivery could ever replace it (nor could the site activate a model it never installed)
+            # and no delivery could ever replace it (nor could the site activate a model it never installed). Both
+            # in the future: this site's clock is behind, and the dates still order the two
             return
         if not isinstance(info.get("finished"), (int, float)):  # cannot be ordered against the active one
             raise ModelStoreError(

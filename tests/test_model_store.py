@@ -339,3 +339,16 @@ def test_a_model_dated_by_a_server_clock_far_ahead_does_not_block_every_later_mo
     store.install(tiny_schema(), CFG, _arrays(2), {"run": "r3", "round": 10, "finished": now + 3600.0})
     with pytest.raises(ModelStoreError, match="finished training before the active v0003"):
         store.install(tiny_schema(), CFG, _arrays(3), {"run": "r4", "round": 10, "finished": now})
+
+
+def test_a_site_clock_behind_the_servers_still_orders_deliveries(tmp_path):
+    """This site's clock a week behind: both models look dated in the future, and an earlier run sent again is still
+    refused over the later one."""
+    import time
+
+    store = ModelStore(tmp_path)
+    ahead = time.time() + 7 * 86400.0
+    store.install(tiny_schema(), CFG, _arrays(0), {"run": "r1", "round": 10, "finished": ahead})
+    store.install(tiny_schema(), CFG, _arrays(1), {"run": "r2", "round": 10, "finished": ahead + 3600.0})
+    with pytest.raises(ModelStoreError, match="finished training before the active v0002"):
+        store.install(tiny_schema(), CFG, _arrays(0), {"run": "r1", "round": 10, "finished": ahead})
