@@ -292,6 +292,19 @@ def test_duplicate_column_names_are_an_error(tmp_path):
     assert p.file == "clinical.tsv" and "'age'" in p.message
 
 
+def test_a_table_whose_numeric_ids_lost_their_leading_zeros_says_so(tmp_path):
+    """Hospital record numbers with leading zeros ('0000042'), one table saved with its id column as numbers (Parquet,
+    Excel): no id in common with the labels, and the fix was only 'use the same patient ids in every table'."""
+    def as_record_numbers(tables):
+        for name, t in tables.items():
+            numbers = t["patient"].str[1:].astype(int) + 40
+            t["patient"] = numbers if name == "counts" else numbers.map(lambda n: f"{n:07d}")
+
+    site_dir = make_site(tmp_path, as_record_numbers)
+    p = the_problem(validate_site(SCHEMA, site_dir), "no_common_patients")
+    assert p.file == "counts.parquet" and "without their leading zeros" in p.fix and "save it as text" in p.fix
+
+
 def test_a_table_with_no_patient_in_common_with_the_labels_is_an_error(tmp_path):
     site_dir = make_site(tmp_path, lambda t: t["counts"].__setitem__("patient", "X" + t["counts"].patient))
     p = the_problem(validate_site(SCHEMA, site_dir), "no_common_patients")
