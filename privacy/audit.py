@@ -315,6 +315,20 @@ def _ends_mid_line(path: Path) -> bool:
         return fh.read(1) != b"\n"
 
 
+def _complete_bytes(path: Path) -> int:
+    """The bytes of the file up to the end of its last complete line."""
+    with open(path, "rb") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        while size:
+            start = max(0, size - 65536)
+            fh.seek(start)
+            chunk = fh.read(size - start)
+            if (i := chunk.rfind(b"\n")) >= 0:
+                return start + i + 1
+            size = start
+    return 0
+
+
 def _stat_or_none(path: Path) -> os.stat_result | None:
     try:
         return os.stat(path)
@@ -531,6 +545,13 @@ class AuditLog:
         size = st.st_size
         fast = self._fast_tail(self._end, st) or self._fast_tail(_read_head(self.head), st)
         if fast is None and size and _ends_mid_line(self.path):  # a write a kill cut short: never an entry
+            head = _read_head(self.head) or {}
+            if isinstance(head.get("bytes"), int) and head["bytes"] > _complete_bytes(self.path):
+                # the head moves only after the line is on disk: a head that counts the cut line's bytes means the
+                # line was whole once and was damaged or cut since, not a crash; cutting it would erase the evidence
+                raise AuditError(f"{self.path}: its last line is cut short, but the head recorded it whole: the log "
+                                 f"was damaged or altered after it was written (run `oncofed audit verify {self.path}`)"
+                                 "; keep it as evidence (nothing was changed) and start a new log")
             import logging
 
             logging.getLogger(__name__).warning("%s: removed %d bytes of an entry whose write was cut short (a kill "

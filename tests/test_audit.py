@@ -135,6 +135,20 @@ def test_an_entry_whose_write_was_cut_short_is_removed_and_appends_go_on(tmp_pat
     assert report.ok and report.entries == 6, report.format()
 
 
+def test_a_last_entry_cut_after_the_head_recorded_it_is_kept_as_evidence_not_cut_away(tmp_path):
+    """The cut of a partial line is for a crash mid-write, which never moves the head. A last entry that the head
+    records whole and that is now cut short was damaged or altered afterwards: the next append (a prediction, a
+    round) cut it away before refusing, erasing what was left of it. It now refuses and leaves the file as it was."""
+    path = _log(tmp_path)
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-20])  # the last entry's end and its newline gone; the head counts them
+    with pytest.raises(AuditError, match="head recorded it whole"):
+        AuditLog(path).append("prediction", model_version="v0001")
+    assert path.read_bytes() == whole[:-20]
+    report = verify(path)
+    assert not report.ok and any("not a JSON entry" in p for p in report.problems), report.format()
+
+
 def test_appending_to_a_broken_chain_is_refused_naming_the_command(tmp_path):
     path = _log(tmp_path)
     lines = _lines(path)
