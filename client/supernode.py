@@ -162,7 +162,31 @@ def ledger_check(site_dir: Path, settings: SiteConfig) -> Check:
         mark.write_text(f"{state}\n")
     except OSError:
         pass  # a read-only site directory: the check still guards site init's state/
-    return Check(name, True, "present" if ledger.exists() else "none yet (the first DP round creates it)")
+    if not ledger.exists():
+        return Check(name, True, "none yet (the first DP round creates it)")
+    return _ledger_state(name, ledger, settings)
+
+
+def _ledger_state(name: str, ledger: Path, settings: SiteConfig) -> Check:
+    """What the site has spent, as its last committed round recorded it (no accounting run here), or a warning that
+    the ledger is unreadable: the site then refuses every round (it still receives models), so the SuperNode starts."""
+    from privacy.accounting import BudgetError
+    from privacy.ledger import read_ledger
+
+    try:
+        state = read_ledger(ledger)
+        committed = [e for e in state["entries"] if e.get("status") == "committed"]
+        pending = len(state["entries"]) - len(committed)
+        spent = max((float(e.get("epsilon_after", 0.0)) for e in committed), default=0.0)
+    except (BudgetError, TypeError, ValueError) as e:
+        return Check(name, True, str(e).removeprefix(f"{ledger}: ") if isinstance(e, BudgetError) else
+                     f"privacy ledger damaged ({e}); restore it from a backup. Training is refused until then",
+                     warning=True)
+    detail = (f"epsilon {spent:.3f} of the budget {settings.privacy_budget:g} spent (delta {state.get('delta')}) in "
+              f"{len(committed)} round(s)")
+    if pending:
+        detail += f"; {pending} round(s) begun and not finished (a crash or a refusal): counted as spent, not shown"
+    return Check(name, True, detail)
 
 
 def _schema_check(settings: SiteConfig, given: Path | None) -> tuple[Check | None, Path | None]:

@@ -363,3 +363,23 @@ def test_a_state_dir_edited_away_from_the_sites_ledger_fails_preflight_instead_o
     line = start()
     assert "[FAIL]" in line and f"this site trained with the ledger in {Path(site.state_dir).resolve()}" in line
     assert not (tmp_path / "s" / "stat" / "privacy-ledger.json").exists()
+
+
+def test_site_start_shows_what_the_site_has_spent_and_warns_of_a_damaged_ledger(consortium, tmp_path):
+    """What a site's IT team sees before its SuperNode starts: the epsilon its ledger recorded against its budget; a
+    ledger that no longer reads is a warning (the site refuses every round until it is restored, and still receives
+    models, so the SuperNode starts) instead of a silent start."""
+    from client.supernode import ledger_check
+    from privacy.ledger import PrivacyLedger
+
+    site = init_site(tmp_path / "s", "S", consortium / "public", "", ca_fingerprint=fingerprint(consortium / "ca/ca.crt"))
+    assert "none yet" in ledger_check(tmp_path / "s", site).detail
+    ledger = PrivacyLedger(Path(site.state_dir) / "privacy-ledger.json", 8.0, 1e-5)
+    ticket = ledger.begin_round("d", "run-1", 1, 1.0, 0.3, 5)
+    ledger.commit_round(ticket, 5)
+    ledger.begin_round("d", "run-1", 2, 1.0, 0.3, 5)  # a crash mid-round
+    check = ledger_check(tmp_path / "s", site)
+    assert check.ok and not check.warning and "of the budget 8 spent" in check.detail and "1 round(s) begun" in check.detail
+    ledger.path.write_text(ledger.path.read_text()[:-10])
+    check = ledger_check(tmp_path / "s", site)
+    assert check.ok and check.warning and "unreadable" in check.detail and "restore it from backup" in check.detail
