@@ -881,10 +881,16 @@ def save_model(msg: Message, context: Context) -> Message:
         if not schema.matches(package.schema_hash):
             raise ModelStoreError(f"model built for schema {package.schema_hash[:12]}..., this site uses "
                                   f"{schema.content_hash()[:12]}...")
-        version = store.install(schema, package_architecture(package, cfg), arrays, info,
-                                expected_arrays_sha256=package.arrays_sha256,
-                                normalizer=lambda: _run_normalizer(settings, schema, str(package.run)),
-                                split={"seed": cfg.training.seed, "val_fraction": cfg.site.val_fraction})
+        try:
+            version = store.install(schema, package_architecture(package, cfg), arrays, info,
+                                    expected_arrays_sha256=package.arrays_sha256,
+                                    normalizer=lambda: _run_normalizer(settings, schema, str(package.run)),
+                                    split={"seed": cfg.training.seed, "val_fraction": cfg.site.val_fraction})
+        except OSError as e:  # a full disk, a read-only model-dir: refused like any package, not a traceback
+            raise ModelStoreError(
+                f"the site's model-dir {store.root} cannot be written ({e.strerror or e}): not installed, "
+                f"{store.active() or 'no model'} stays active; free space there or let the site's account write it, "
+                "then ask the operator to send the model again (`oncofed deliver`)") from None
         reply = DeliveryReply(site=settings.name, installed=True, version=version, path=str(store.root / version),
                               arrays_sha256=store.package(version)["arrays_sha256"])
         log(INFO, "site %s installed the global model of round %s as %s", settings.name, package.round, version)

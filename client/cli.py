@@ -107,7 +107,7 @@ def site_start(
     Exit 4: Flower's loop ended on an error (e.g. the server failed for longer than --retry-seconds): restart it
     (the systemd unit in docs/systemd/ does, Restart=always).
     """
-    from client.supernode import load_site, run_supernode, site_checks
+    from client.supernode import claim_site, ledger_check, load_site, run_supernode, site_checks
     from privacy.preflight import PreflightError, report
     from privacy.site_config import HOST_PORT, SiteConfigError
 
@@ -116,8 +116,10 @@ def site_start(
         raise typer.Exit(code=2)
     try:
         settings = load_site(directory)
+        _held, claimed = claim_site(settings)  # held until this process ends: one SuperNode per site
         typer.echo(report(f"site {settings.site_name!r}",
-                          site_checks(settings, port, schema, superlink or None)))
+                          [*([claimed] if claimed else []), ledger_check(directory, settings),
+                           *site_checks(settings, port, schema, superlink or None)]))
     except (SiteConfigError, PreflightError) as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(code=2)

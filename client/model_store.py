@@ -31,6 +31,7 @@ from shared_models.weights import (ArrayCountError, arrays_sha256, load_arrays, 
 
 PACKAGE_FORMAT = "oncofed-model-package/1"
 ACTIVE_REREAD_S = 1.0  # ModelStore.active reads ACTIVE again at least this often
+FUTURE_SKEW_S = 86400.0  # an active model "finished" later than this after the site's now was dated by a wrong clock
 
 
 WEIGHTS, VERSION_SCHEMA, PACKAGE = "weights.pt", "schema.json", "package.json"  # a version's own files
@@ -117,6 +118,14 @@ class ModelStore:
         version = f"v{(int(existing[-1][1:]) + 1 if existing else 1):04d}"
         tmp = self.root / f".tmp-{version}"
         shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            return self._write_version(tmp, version, schema, model, got, info, normalizer, split)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk: no half-written copy left taking its space
+            raise
+
+    def _write_version(self, tmp: Path, version: str, schema: FeatureSchema, model, got: str, info: dict,
+                       normalizer, split: dict | None) -> str:
         tmp.mkdir()
         save_weights(model, tmp / WEIGHTS, extra={k: info[k] for k in ("run", "round") if k in info})
         schema.save(tmp / VERSION_SCHEMA)
@@ -154,6 +163,13 @@ class ModelStore:
         theirs = package.get("delivery", {}).get("finished")
         if not isinstance(theirs, (int, float)):
             return  # an active model without a date (before 2026-12-05): any delivery may replace it
+        now = time.time()
+        if theirs > now + FUTURE_SKEW_S and not (isinstance(info.get("finished"), (int, float))
+                                                 and info["finished"] > now + FUTURE_SKEW_S):
+            # dated by a server clock that was far ahead: every later model, dated right, would look older than it
+            # and no delivery could ever replace it (nor could the site activate a model it never installed). Both
+            # in the future: this site's clock is behind, and the dates still order the two
+            return
         if not isinstance(info.get("finished"), (int, float)):  # cannot be ordered against the active one
             raise ModelStoreError(
                 f"the delivered model (run {info.get('run')}) carries no finish time and the active {active} (run "

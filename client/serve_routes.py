@@ -189,8 +189,10 @@ def prediction_routes(app, site: "Site", role) -> None:
 
 def model_routes(app, site: "Site", role) -> None:
     """The active model (read) and model management (admin)."""
-    from fastapi import Depends, HTTPException
-    from pydantic import BaseModel, ConfigDict, model_validator
+    from anyio import to_thread
+    from fastapi import Depends, HTTPException, Request
+    from fastapi.responses import JSONResponse
+    from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
     from client.class_names import names_for
 
@@ -239,7 +241,22 @@ def model_routes(app, site: "Site", role) -> None:
         return {"active": store.active(), "versions": [described(v) for v in store.versions()]}
 
     @app.post("/v1/models/activate")
-    def activate(body: Activate, who: dict = Depends(role("manage"))):
+    async def activate(request: Request, who: dict = Depends(role("manage"))):
+        # the body is read as JSON whatever its Content-Type: `curl -d '{"rollback": true}'` (form-encoded, as the
+        # guide's /v1/predict example sends) got FastAPI's "Input should be a valid dictionary", naming no fix
+        raw = await request.body()
+        try:
+            body = Activate.model_validate_json(raw or b"null")
+        except ValidationError as e:
+            problems = [err["msg"].removeprefix("Value error, ") + (f" ({'.'.join(map(str, err['loc']))})"
+                                                                    if err["loc"] else "") for err in e.errors()]
+            return JSONResponse({"detail": [{
+                "loc": "body", "code": "invalid_body", "msg": "; ".join(problems),
+                "fix": 'send a JSON object: {"version": "v0002"} to activate an installed version, or '
+                       '{"rollback": true} for the one before the active one'}]}, status_code=422)
+        return await to_thread.run_sync(_activate, body, who)
+
+    def _activate(body: "Activate", who: dict):
         predictor = site.predictor
         store = predictor.store
         versions, active = store.versions(), store.active()

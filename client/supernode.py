@@ -106,6 +106,89 @@ def site_checks(settings: SiteConfig, port: int, schema: Path | None, superlink:
     return checks
 
 
+SITE_LOCK = "supernode.lock"  # in the state directory: held by the one `oncofed site start` of the site
+
+
+def claim_site(settings: SiteConfig) -> tuple[object | None, Check | None]:
+    """(the open lock file, held for this process's life, and its check): one SuperNode per site. A second one with
+    the same key is refused activation by the SuperLink while the first is online (Flower's error 2004, which reads as
+    an unregistered key), and started while the first is reconnecting, the two would take turns pulling the site's
+    rounds with one state directory. (None, None) when the state directory cannot be written: its own check says so."""
+    from shared_models.files import exclusive_lock
+
+    path = Path(settings.state_dir) / SITE_LOCK
+    try:
+        fh = exclusive_lock(path)
+    except OSError:
+        return None, None
+    name = f"one SuperNode for this site ({path})"
+    if fh is None:
+        try:
+            holder = path.read_text().strip()
+        except OSError:
+            holder = ""
+        return None, Check(name, False, f"another `oncofed site start` of this site is running{f' (pid {holder})' if holder else ''} "
+                           "with this state directory: stop it first (`systemctl stop oncofed-site`), or leave it "
+                           "running and do not start a second one")
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh, Check(name, True, "no other SuperNode of this site is running")
+
+
+LEDGER_MARK = ".ledger-state-dir"  # in the site directory: the state directory whose ledger the site last started with
+
+
+def ledger_check(site_dir: Path, settings: SiteConfig) -> Check:
+    """The privacy ledger is where the site's spend was recorded. An edited state-dir (a typo, a move of /srv half
+    done) names a directory without one, and the site's first round would start a new ledger from zero, forgetting
+    the epsilon spent: refused when the state directory the site last started with (or, for a site started before
+    this check, site init's `state/`) holds a ledger. The state directory is recorded when the check passes."""
+    from client.site import LEDGER_FILE
+
+    state = Path(settings.state_dir).resolve()
+    ledger, mark = state / LEDGER_FILE, Path(site_dir) / LEDGER_MARK
+    try:
+        before = Path(mark.read_text().strip())
+    except OSError:
+        before = Path(site_dir).resolve() / "state"
+    name = f"privacy ledger {ledger}"
+    if before != state and not ledger.exists() and (before / LEDGER_FILE).exists():
+        return Check(name, False, f"missing, but this site trained with the ledger in {before}: set site.json's "
+                     f"state-dir back to {before}, or move that directory's files to {state} (a new ledger would start "
+                     "from zero and forget the privacy budget spent)")
+    try:
+        mark.write_text(f"{state}\n")
+    except OSError:
+        pass  # a read-only site directory: the check still guards site init's state/
+    if not ledger.exists():
+        return Check(name, True, "none yet (the first DP round creates it)")
+    return _ledger_state(name, ledger, settings)
+
+
+def _ledger_state(name: str, ledger: Path, settings: SiteConfig) -> Check:
+    """What the site has spent, as its last committed round recorded it (no accounting run here), or a warning that
+    the ledger is unreadable: the site then refuses every round (it still receives models), so the SuperNode starts."""
+    from privacy.accounting import BudgetError
+    from privacy.ledger import read_ledger
+
+    try:
+        state = read_ledger(ledger)
+        committed = [e for e in state["entries"] if e.get("status") == "committed"]
+        pending = len(state["entries"]) - len(committed)
+        spent = max((float(e.get("epsilon_after", 0.0)) for e in committed), default=0.0)
+    except (BudgetError, TypeError, ValueError) as e:
+        return Check(name, True, str(e).removeprefix(f"{ledger}: ") if isinstance(e, BudgetError) else
+                     f"privacy ledger damaged ({e}); restore it from a backup. Training is refused until then",
+                     warning=True)
+    detail = (f"epsilon {spent:.3f} of the budget {settings.privacy_budget:g} spent (delta {state.get('delta')}) in "
+              f"{len(committed)} round(s)")
+    if pending:
+        detail += f"; {pending} round(s) begun and not finished (a crash or a refusal): counted as spent, not shown"
+    return Check(name, True, detail)
+
+
 def _schema_check(settings: SiteConfig, given: Path | None) -> tuple[Check | None, Path | None]:
     """The schema training uses is site.json's (the consortium's, as the bundle brought it): checked against the
     bundle's SHA-256, and the one the data is validated with; a --schema that differs is refused."""
@@ -283,8 +366,10 @@ def run_supernode(settings: SiteConfig, port: int, poll_interval: float = SUPERN
             return LOOP_ENDED_EXIT
         if code == UNREGISTERED_EXIT:
             sys.stderr.write(f"site {settings.site_name!r}: the consortium server refused to activate this site "
-                             f"(flwr exit {UNREGISTERED_EXIT}); the usual cause is a key it has not registered. Send {settings.auth_supernode_private_key}.pub "
-                             "to the operator, who runs `oncofed consortium add-site`; then start again.\n")
+                             f"(flwr exit {UNREGISTERED_EXIT}); the usual cause is a key it has not registered: send "
+                             f"{settings.auth_supernode_private_key}.pub to the operator, who runs `oncofed consortium "
+                             "add-site`, then start again. If it is registered, a SuperNode with this key is already "
+                             "connected (this site started on another machine too): stop that one first.\n")
             return REFUSED_EXIT
         return code
     # flwr's connection context logs the error that ended the loop and swallows it: without an exit here

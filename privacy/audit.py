@@ -221,12 +221,34 @@ class AnchorStore:
         with open(self.path.with_name(self.path.name + ".lock"), "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             data = self.load()
+            if not data["server"] and self.path.exists() and self._damaged():
+                self._set_aside()
             held = data["server"].get(str(anchor["run_name"]))
             if held and int(held.get("entries", 0)) >= int(anchor.get("entries", 0)):
                 return None
             data["server"][str(anchor["run_name"])] = anchor
             write_json_atomic(self.path, data)
         return anchor
+
+    def _damaged(self) -> bool:
+        """The file exists but holds no anchors file (a hand edit gone wrong, a restore of another file)."""
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return True
+        return not (isinstance(data, dict) and isinstance(data.get("server"), dict))
+
+    def _set_aside(self) -> None:
+        """Keep a damaged anchors file beside the new one, never overwrite it: its other runs' signed heads are
+        the evidence the operator's run logs are checked against, and may be recoverable by hand."""
+        import logging
+
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
+        os.replace(self.path, aside)
+        logging.getLogger(__name__).warning(
+            "%s: not an anchors file; kept as %s (repair it by hand and merge it back) and a new one started",
+            self.path, aside)
 
 
 def anchors_for(log: str | Path, source: str | Path, site: str | None = None,
@@ -291,6 +313,20 @@ def _ends_mid_line(path: Path) -> bool:
     with open(path, "rb") as fh:
         fh.seek(-1, os.SEEK_END)
         return fh.read(1) != b"\n"
+
+
+def _complete_bytes(path: Path) -> int:
+    """The bytes of the file up to the end of its last complete line."""
+    with open(path, "rb") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        while size:
+            start = max(0, size - 65536)
+            fh.seek(start)
+            chunk = fh.read(size - start)
+            if (i := chunk.rfind(b"\n")) >= 0:
+                return start + i + 1
+            size = start
+    return 0
 
 
 def _stat_or_none(path: Path) -> os.stat_result | None:
@@ -509,6 +545,13 @@ class AuditLog:
         size = st.st_size
         fast = self._fast_tail(self._end, st) or self._fast_tail(_read_head(self.head), st)
         if fast is None and size and _ends_mid_line(self.path):  # a write a kill cut short: never an entry
+            head = _read_head(self.head) or {}
+            if isinstance(head.get("bytes"), int) and head["bytes"] > _complete_bytes(self.path):
+                # the head moves only after the line is on disk: a head that counts the cut line's bytes means the
+                # line was whole once and was damaged or cut since, not a crash; cutting it would erase the evidence
+                raise AuditError(f"{self.path}: its last line is cut short, but the head recorded it whole: the log "
+                                 f"was damaged or altered after it was written (run `oncofed audit verify {self.path}`)"
+                                 "; keep it as evidence (nothing was changed) and start a new log")
             import logging
 
             logging.getLogger(__name__).warning("%s: removed %d bytes of an entry whose write was cut short (a kill "

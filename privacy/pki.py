@@ -299,6 +299,14 @@ def init_site(root: str | Path, name: str, consortium_public: str | Path, data_p
     """`ca_fingerprint`: the CA's SHA-256 as the operator read it out (never taken from the bundle itself)."""
     root, bundle = Path(root).resolve(), Path(consortium_public)
     record = check_bundle(bundle, ca_fingerprint)
+    ca = x509.load_pem_x509_certificate((bundle / "ca.crt").read_bytes())  # check_bundle read it
+    now = dt.datetime.now(dt.timezone.utc)
+    if not ca.not_valid_before_utc <= now <= ca.not_valid_after_utc:  # a site with it could never connect
+        raise ProvisioningError(
+            f"{bundle / 'ca.crt'}: the consortium's CA is valid from {ca.not_valid_before_utc:%Y-%m-%d} to "
+            f"{ca.not_valid_after_utc:%Y-%m-%d}, not at this machine's time {now:%Y-%m-%d %H:%M} UTC; nothing was "
+            "written. If the clock is wrong, set it (enable NTP: `timedatectl set-ntp true`); if it is right, this is "
+            "an old bundle: ask the operator for the consortium's current public/ bundle")
     if not 0 < budget <= MAX_BUDGET:
         raise ProvisioningError(f"--budget {budget:g}: the site's privacy budget (epsilon) must be positive and at "
                                 f"most {MAX_BUDGET:g}, the largest the site's privacy accounting verifies")

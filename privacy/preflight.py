@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 RENEW_DAYS = 30  # a certificate expiring sooner is reported (not refused)
+CERT_NOT_YET_VALID, CERT_HAS_EXPIRED = 9, 10  # OpenSSL's X509_V_ERR_ codes, as ssl.SSLCertVerificationError.verify_code
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,8 @@ def _validity(name: str, cert: x509.Certificate, now: dt.datetime, fix: str) -> 
     if now < start:
         return Check(name, False, f"not valid before {start:%Y-%m-%d %H:%M} UTC: check this machine's clock")
     if now > end:
-        return Check(name, False, f"expired on {end:%Y-%m-%d}; {fix}")
+        return Check(name, False, f"expired on {end:%Y-%m-%d} (this machine's time: {now:%Y-%m-%d %H:%M} UTC; if "
+                     f"that is wrong, set the clock); {fix}")
     days = (end - now).days
     if days < RENEW_DAYS:
         return Check(name, True, f"valid until {end:%Y-%m-%d}, only {days} days left; {fix}", warning=True)
@@ -196,6 +198,12 @@ def check_reachable(address: str, ca_path: Path, what: str) -> Check:
     try:
         status = https_health(address, ca_path)
     except ssl.SSLCertVerificationError as e:
+        if e.verify_code in (CERT_NOT_YET_VALID, CERT_HAS_EXPIRED):
+            # a right certificate read by a wrong clock fails the same way: say which clock to check first
+            now = dt.datetime.now(dt.timezone.utc)
+            return Check(name, False, f"TLS certificate refused ({e.verify_message}) at this machine's time "
+                         f"{now:%Y-%m-%d %H:%M} UTC: if that time is wrong, set the clock (enable NTP: `timedatectl "
+                         "set-ntp true`); if it is right, the operator must renew the server's certificate")
         return Check(name, False, f"TLS certificate refused ({e.verify_message}): the server's certificate is not "
                      f"from the CA in {ca_path} or does not name {address.rpartition(':')[0]}")
     except (OSError, ssl.SSLError) as e:

@@ -117,16 +117,22 @@ def _ragged_row(path: Path, sep: str, expected: int, got: int, row: str) -> str:
     import gzip
 
     start = row.strip().splitlines()[0][:200] if row.strip() else ""
-    number = None
+    number, header = None, ""
     try:
         with (gzip.open(path, "rt", errors="replace") if path.name.endswith(".gz")
               else open(path, errors="replace")) as fh:
-            number = next((i for i, text in enumerate(fh, 1) if start and text.rstrip("\r\n").startswith(start)),
-                          None)
+            header = fh.readline()
+            number = 1 if start and header.rstrip("\r\n").startswith(start) else next(
+                (i for i, text in enumerate(fh, 2) if start and text.rstrip("\r\n").startswith(start)), None)
     except OSError:
         pass
     where = f"line {number}" if number else "a row"
     kind = "tab" if sep == "\t" else "comma"
+    if expected == 1 and ";" in header and sep not in header:
+        # a spreadsheet in a European locale: semicolons between fields, commas as decimal marks
+        return (f"{path}: {where} has {got} fields where the header has {expected} (it starts {start[:60]!r}): the "
+                f"fields are separated by semicolons, the decimals by commas; a spreadsheet's export in a European "
+                f"locale: export it again separated by {kind}s, with points as decimal marks (12.5, not 12,5)")
     return (f"{path}: {where} has {got} fields where the header has {expected} (it starts {start[:60]!r}); a {kind} "
             f"too many or too few in that row (a value holding a {kind} needs quotes): correct it, or export the "
             "table again")

@@ -135,6 +135,20 @@ def test_an_entry_whose_write_was_cut_short_is_removed_and_appends_go_on(tmp_pat
     assert report.ok and report.entries == 6, report.format()
 
 
+def test_a_last_entry_cut_after_the_head_recorded_it_is_kept_as_evidence_not_cut_away(tmp_path):
+    """The cut of a partial line is for a crash mid-write, which never moves the head. A last entry that the head
+    records whole and that is now cut short was damaged or altered afterwards: the next append (a prediction, a
+    round) cut it away before refusing, erasing what was left of it. It now refuses and leaves the file as it was."""
+    path = _log(tmp_path)
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-20])  # the last entry's end and its newline gone; the head counts them
+    with pytest.raises(AuditError, match="head recorded it whole"):
+        AuditLog(path).append("prediction", model_version="v0001")
+    assert path.read_bytes() == whole[:-20]
+    report = verify(path)
+    assert not report.ok and any("not a JSON entry" in p for p in report.problems), report.format()
+
+
 def test_appending_to_a_broken_chain_is_refused_naming_the_command(tmp_path):
     path = _log(tmp_path)
     lines = _lines(path)
@@ -489,3 +503,21 @@ def test_an_anchor_kept_by_a_site_without_a_trust_anchor_still_verifies_later_an
     assert len(held) == 1 and not problems and verify(log.path, held).ok
     held, problems = anchors_for(log.path, store, signing_public_key=tmp_path / "evil.pub")
     assert not held and "is not the consortium's" in problems[0]
+
+
+def test_a_damaged_anchors_file_is_set_aside_not_overwritten_by_the_next_anchor(server_run):
+    """A site's audit-anchors.json that no longer parses (a hand edit gone wrong) read as empty, and the next
+    server anchor replaced the file: every other run's signed head, the evidence the operator's run logs are
+    checked against, was gone. The damaged file is now kept beside the new one."""
+    from privacy.audit import AnchorStore, signed_anchor
+    from privacy.signing import load_private
+
+    path, store = server_run
+    damaged = store.read_text().replace('"server"', '"server" ,,', 1)  # one slip of the editor
+    store.write_text(damaged)
+    newer = signed_anchor(AuditLog(path), load_private(path.parents[2] / "signing" / "signing.key"),
+                          run="r1-abc", run_name="r1")
+    assert AnchorStore(store).keep(json.dumps(newer), path.parents[2] / "signing" / "signing.pub") is not None
+    kept = list(store.parent.glob("audit-anchors.json.damaged-*"))
+    assert len(kept) == 1 and kept[0].read_text() == damaged
+    assert AnchorStore(store).load()["server"]["r1"]["entries"] == 4

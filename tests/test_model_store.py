@@ -323,3 +323,32 @@ def test_a_versions_own_normalisation_edited_after_install_fails_verification(tm
     (tmp_path / "v0001" / "normalizer.json").unlink()
     with pytest.raises(ModelStoreError, match="normalizer.json: missing"):
         store.verify("v0001")
+
+
+def test_a_model_dated_by_a_server_clock_far_ahead_does_not_block_every_later_model(tmp_path):
+    """The server's clock ran years ahead when one run finished: that model installs, but its date must not make
+    every later model (dated right) look older than it, refused at every site with no way for the site to install
+    it. A model dated within a day of the site's clock still orders deliveries as before."""
+    import time
+
+    store = ModelStore(tmp_path)
+    now = time.time()
+    store.install(tiny_schema(), CFG, _arrays(0), {"run": "r1", "round": 10, "finished": now + 10 * 365 * 86400.0})
+    assert store.install(tiny_schema(), CFG, _arrays(1), {"run": "r2", "round": 10, "finished": now}) == "v0002"
+    assert store.active() == "v0002"
+    store.install(tiny_schema(), CFG, _arrays(2), {"run": "r3", "round": 10, "finished": now + 3600.0})
+    with pytest.raises(ModelStoreError, match="finished training before the active v0003"):
+        store.install(tiny_schema(), CFG, _arrays(3), {"run": "r4", "round": 10, "finished": now})
+
+
+def test_a_site_clock_behind_the_servers_still_orders_deliveries(tmp_path):
+    """This site's clock a week behind: both models look dated in the future, and an earlier run sent again is still
+    refused over the later one."""
+    import time
+
+    store = ModelStore(tmp_path)
+    ahead = time.time() + 7 * 86400.0
+    store.install(tiny_schema(), CFG, _arrays(0), {"run": "r1", "round": 10, "finished": ahead})
+    store.install(tiny_schema(), CFG, _arrays(1), {"run": "r2", "round": 10, "finished": ahead + 3600.0})
+    with pytest.raises(ModelStoreError, match="finished training before the active v0002"):
+        store.install(tiny_schema(), CFG, _arrays(0), {"run": "r1", "round": 10, "finished": ahead})

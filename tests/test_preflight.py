@@ -261,3 +261,125 @@ def test_only_a_refused_activation_is_exit_3_any_other_failure_to_connect_is_a_r
                   "'https://127.0.0.1:9443/api/v0/fleet/activate-node'",
                   "Failed to initialize the connection to the SuperLink.\nServer error '500 Internal Server Error'"):
         assert not refused_activation(other)
+
+
+def test_a_second_site_start_on_the_same_site_is_refused_naming_the_one_running(consortium, tmp_path):
+    """Two `oncofed site start` of one site (a manual start beside the systemd unit): the second stops at preflight
+    naming the first's pid, instead of reaching the server, whose refusal of a second activation of the same key
+    reads as an unregistered key. The lock is the state directory's, held for the first SuperNode's life."""
+    import subprocess
+    import sys
+
+    (tmp_path / "data").mkdir()
+    site = init_site(tmp_path / "s", "S", consortium / "public", str(tmp_path / "data"), ca_fingerprint=fingerprint(consortium / "ca/ca.crt"))
+    first = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from client.supernode import claim_site\n"
+        "from privacy.site_config import SiteConfig\n"
+        f"held, check = claim_site(SiteConfig.load({str(tmp_path / 's' / 'site.json')!r}))\n"
+        "print(check.ok, flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "True"
+        second = subprocess.run([sys.executable, "-m", "oncofed", "site", "start", str(tmp_path / "s"), "--port",
+                                 str(_free_port())], capture_output=True, text=True, timeout=120)
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2, second.stderr
+    assert f"another `oncofed site start` of this site is running (pid {first.pid})" in second.stderr
+    assert Path(site.state_dir, "supernode.lock").is_file()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_server_certificate_expired_at_the_sites_clock_names_the_clock_and_the_renewal(tmp_path):
+    """A server certificate that expired (or a site clock far ahead) failed the reachability check with "not from the
+    CA or does not name the host": the wrong fix. It now names the site's time, the clock fix and the renewal."""
+    import ssl
+    import threading
+
+    old = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=500)  # the server certificate lasts 397 days
+    init_consortium(tmp_path / "op", "t", "127.0.0.1:8443", now=old)
+    op = tmp_path / "op"
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(op / "server/server.crt", op / "server/server.key")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+
+        def serve_one():
+            conn, _ = listener.accept()
+            try:
+                ctx.wrap_socket(conn, server_side=True)
+            except (ssl.SSLError, OSError):
+                pass
+            finally:
+                conn.close()
+
+        threading.Thread(target=serve_one, daemon=True).start()
+        check = check_reachable(f"127.0.0.1:{port}", op / "ca/ca.crt", "consortium server")
+    assert not check.ok and "certificate has expired" in check.detail
+    assert "this machine's time" in check.detail and "renew the server's certificate" in check.detail
+    assert "not from the CA" not in check.detail
+
+
+def test_a_state_dir_edited_away_from_the_sites_ledger_fails_preflight_instead_of_starting_a_new_one(consortium,
+                                                                                                    tmp_path):
+    """site.json's state-dir edited by hand (a typo, a move half done) named a directory without the ledger; preflight
+    said `writable` and the first round started a new ledger from zero: the site's whole budget again. Preflight now
+    fails naming the directory the ledger is in; set back, it passes (and a site that never trained may move)."""
+    import subprocess
+    import sys
+
+    from privacy.ledger import PrivacyLedger
+
+    (tmp_path / "data").mkdir()
+    site = init_site(tmp_path / "s", "S", consortium / "public", str(tmp_path / "data"),
+                     ca_fingerprint=fingerprint(consortium / "ca/ca.crt"))
+
+    def start() -> str:
+        r = subprocess.run([sys.executable, "-m", "oncofed", "site", "start", str(tmp_path / "s"), "--port",
+                            str(_free_port())], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2  # the consortium server is not running here
+        return next(line for line in r.stderr.splitlines() if "privacy ledger" in line)
+
+    site_json = tmp_path / "s" / "site.json"
+    settings = json.loads(site_json.read_text())
+    settings["state-dir"] = str(tmp_path / "s" / "moved")
+    site_json.write_text(json.dumps(settings))
+    assert "[ok  ]" in start()  # no ledger anywhere yet: a site that never trained may choose its state-dir
+    settings["state-dir"] = site.state_dir
+    site_json.write_text(json.dumps(settings))
+    assert "[ok  ]" in start()
+    PrivacyLedger(Path(site.state_dir) / "privacy-ledger.json", 8.0, 1e-5)  # the site trains: its ledger exists
+    settings["state-dir"] = str(tmp_path / "s" / "stat")
+    site_json.write_text(json.dumps(settings))
+    line = start()
+    assert "[FAIL]" in line and f"this site trained with the ledger in {Path(site.state_dir).resolve()}" in line
+    assert not (tmp_path / "s" / "stat" / "privacy-ledger.json").exists()
+
+
+def test_site_start_shows_what_the_site_has_spent_and_warns_of_a_damaged_ledger(consortium, tmp_path):
+    """What a site's IT team sees before its SuperNode starts: the epsilon its ledger recorded against its budget; a
+    ledger that no longer reads is a warning (the site refuses every round until it is restored, and still receives
+    models, so the SuperNode starts) instead of a silent start."""
+    from client.supernode import ledger_check
+    from privacy.ledger import PrivacyLedger
+
+    site = init_site(tmp_path / "s", "S", consortium / "public", "", ca_fingerprint=fingerprint(consortium / "ca/ca.crt"))
+    assert "none yet" in ledger_check(tmp_path / "s", site).detail
+    ledger = PrivacyLedger(Path(site.state_dir) / "privacy-ledger.json", 8.0, 1e-5)
+    ticket = ledger.begin_round("d", "run-1", 1, 1.0, 0.3, 5)
+    ledger.commit_round(ticket, 5)
+    ledger.begin_round("d", "run-1", 2, 1.0, 0.3, 5)  # a crash mid-round
+    check = ledger_check(tmp_path / "s", site)
+    assert check.ok and not check.warning and "of the budget 8 spent" in check.detail and "1 round(s) begun" in check.detail
+    ledger.path.write_text(ledger.path.read_text()[:-10])
+    check = ledger_check(tmp_path / "s", site)
+    assert check.ok and check.warning and "unreadable" in check.detail and "restore it from backup" in check.detail

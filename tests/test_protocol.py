@@ -150,6 +150,53 @@ def test_a_site_installs_a_signed_package_and_refuses_one_that_is_not_a_package(
     assert read_weights(tmp_path / "state" / "models" / reply["version"] / "weights.pt")["config"]["wide_gain"] == 2.5
 
 
+def test_a_site_whose_disk_is_full_refuses_the_model_in_its_reply_and_audit_log_keeping_the_active_one(tmp_path,
+                                                                                                     monkeypatch):
+    """A full disk (or a read-only model-dir) while a delivered model is written: the site answers the server that it
+    did not install it, naming the directory and the fix, writes `model_refused`, leaves no half-written copy and
+    keeps the active model; before, the OSError escaped the handler (no reply, no audit entry)."""
+    import client.model_store as model_store
+    from client.app import save_model
+    from privacy.run_config import load_run_config
+    from privacy.signing import generate_signing_key, load_private, sign
+    from shared_models.model import MultiModalTransformer
+    from shared_models.weights import arrays_sha256, state_arrays
+    from tests.sitefixtures import site_schema
+
+    schema = site_schema()
+    schema_path = schema.save(tmp_path / "schema.json")
+    generate_signing_key(tmp_path / "k", tmp_path / "k.pub")
+    run = {"schema": str(schema_path), "min-sites": 2}
+    arrays = state_arrays(MultiModalTransformer(schema, load_run_config(run).model))
+    ctx = Context(run_id=1, node_id=1, state=RecordDict(), run_config=run,
+                  node_config={"data-path": str(tmp_path / "site"), "state-dir": str(tmp_path / "state"),
+                               "signing-public-key": str(tmp_path / "k.pub")})
+
+    def package(run_key: str) -> dict:
+        return sign(ModelPackage(run=run_key, round=2, schema_hash=schema.content_hash(),
+                                 arrays_sha256=arrays_sha256(arrays)).description(), load_private(tmp_path / "k"))
+
+    def deliver(run_key: str) -> dict:
+        return json.loads(str(save_model(_save_model_message(package(run_key), arrays), ctx)
+                              .content[CONFIG_RECORD][REPLY]))
+
+    assert deliver("r-1")["version"] == "v0001"
+    real_save = model_store.save_weights
+
+    def disk_full(model, path, **kw):
+        real_save(model, path, **kw)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(model_store, "save_weights", disk_full)
+    reply = deliver("r-2")
+    assert not reply["installed"] and reply["active"] == "v0001"
+    assert "model-dir" in reply["error"] and "No space left on device" in reply["error"]
+    models = tmp_path / "state" / "models"
+    assert sorted(p.name for p in models.iterdir() if p.is_dir()) == ["v0001"]
+    events = [json.loads(x) for x in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["run"]) for e in events][-1] == ("model_refused", "r-2")
+
+
 def test_the_last_rounds_outcome_reaches_the_sites_ledger_with_the_model_or_without_one(tmp_path):
     """No next round carries the last round's outcome: the model delivery does (and `query.round_outcome` when no
     model is delivered). A DP site notes an abandoned last round on that round's ledger entry, found by run key and

@@ -162,6 +162,19 @@ def test_a_self_consistent_bundle_from_someone_else_is_refused_by_the_fingerprin
     init_site(tmp_path / "site", "C0", consortium / "public", ca_fingerprint=spoken)
 
 
+def test_a_bundle_whose_ca_expired_is_refused_at_site_init_naming_the_clock_and_the_current_bundle(tmp_path):
+    """An old bundle (its CA expired) passed site init: the hospital generated its key and sent it for registration,
+    and only `site start` said the CA had expired. site init now refuses it, writing nothing."""
+    import datetime as dt
+
+    long_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=6 * 365)
+    init_consortium(tmp_path / "op", "old", "fl.example.org:8443", now=long_ago)
+    with pytest.raises(ProvisioningError, match="not at this machine's time .* current public/ bundle"):
+        init_site(tmp_path / "s", "S", tmp_path / "op" / "public", "",
+                  ca_fingerprint=fingerprint(tmp_path / "op" / "ca" / "ca.crt"))
+    assert not (tmp_path / "s").exists()
+
+
 def test_a_manifest_re_hashed_by_someone_without_the_ca_key_is_refused(consortium, tmp_path):
     """Swap the signing key and fix the manifest's hash of it: the CA's signature of the manifest breaks."""
     init_consortium(tmp_path / "evil", "x", "fl.example.org:443")

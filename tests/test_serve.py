@@ -235,6 +235,22 @@ def test_model_info_rollback_and_hot_reload(site, client):
     assert client.get("/v1/model", headers=_auth(site["clinician"])).json()["version"] == "v0002"
 
 
+def test_a_rollback_sent_as_curl_sends_it_is_followed_and_a_bad_body_names_the_fix(site, client):
+    """`curl -d '{"rollback": true}'` sends the JSON form-encoded (as the guide's /v1/predict example does): it was
+    refused with FastAPI's "Input should be a valid dictionary", naming neither the body's form nor the fix."""
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    r = client.post("/v1/models/activate", content=b'{"rollback": true}', headers={**_auth(site["admin"]), **form})
+    assert r.status_code == 200 and r.json() == {"active": "v0001", "previous": "v0002"}
+    r = client.post("/v1/models/activate", content=b'{"version": "v0002"}', headers={**_auth(site["admin"]), **form})
+    assert r.status_code == 200 and r.json()["active"] == "v0002"
+    for body in (b"rollback=true", b"", b'{"version": "v0001", "rollback": true}'):
+        r = client.post("/v1/models/activate", content=body, headers={**_auth(site["admin"]), **form})
+        assert r.status_code == 422, r.text
+        problem = r.json()["detail"][0]
+        assert problem["code"] == "invalid_body" and '{"rollback": true}' in problem["fix"], problem
+    assert client.get("/v1/model", headers=_auth(site["clinician"])).json()["version"] == "v0002"
+
+
 def test_file_upload_health_and_metrics(site, client):
     files = [("files", (p.name, p.read_bytes(), "text/csv")) for p in sorted(site["data"].glob("*.csv"))]
     r = client.post("/v1/predict/file?top_k=0", files=files, headers=_auth(site["clinician"]))

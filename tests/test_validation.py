@@ -272,11 +272,37 @@ def test_a_row_with_a_field_too_many_is_an_error_naming_its_line(tmp_path):
     assert "a tab too many or too few" in p.fix
 
 
+def test_a_table_exported_with_semicolons_and_decimal_commas_says_so_not_a_comma_too_many(tmp_path):
+    """A European-locale spreadsheet export (fields by ';', decimals by ','), saved as .csv: its header is one field and
+    its rows many, which read as 'a comma too many in that row'. The fix named is the export's separator and decimals."""
+    site_dir = make_site(tmp_path)
+    clinical = pd.read_csv(site_dir / "clinical.tsv", sep="\t", dtype=str, keep_default_na=False)
+    clinical["age"] = clinical["age"].str.split(".").str[0] + ",5"  # 60,5 for 60.5
+    (site_dir / "clinical.tsv").unlink()
+    clinical.to_csv(site_dir / "clinical.csv", sep=";", index=False)
+    p = the_problem(validate_site(SCHEMA, site_dir), "ragged_row")
+    assert p.file == "clinical.csv" and "separated by semicolons, the decimals by commas" in p.message
+    assert "points as decimal marks" in p.fix and "too many or too few" not in p.fix
+
+
 def test_duplicate_column_names_are_an_error(tmp_path):
     site_dir = make_site(tmp_path)
     (site_dir / "clinical.tsv").write_text("patient\tage\tage\tstage\tsmoker\nP000\t60\t61\tI\t0\n")
     p = the_problem(validate_site(SCHEMA, site_dir), "duplicate_columns")
     assert p.file == "clinical.tsv" and "'age'" in p.message
+
+
+def test_a_table_whose_numeric_ids_lost_their_leading_zeros_says_so(tmp_path):
+    """Hospital record numbers with leading zeros ('0000042'), one table saved with its id column as numbers (Parquet,
+    Excel): no id in common with the labels, and the fix was only 'use the same patient ids in every table'."""
+    def as_record_numbers(tables):
+        for name, t in tables.items():
+            numbers = t["patient"].str[1:].astype(int) + 40
+            t["patient"] = numbers if name == "counts" else numbers.map(lambda n: f"{n:07d}")
+
+    site_dir = make_site(tmp_path, as_record_numbers)
+    p = the_problem(validate_site(SCHEMA, site_dir), "no_common_patients")
+    assert p.file == "counts.parquet" and "without their leading zeros" in p.fix and "save it as text" in p.fix
 
 
 def test_a_table_with_no_patient_in_common_with_the_labels_is_an_error(tmp_path):

@@ -105,6 +105,15 @@ def id_mismatch_hint(ids: pd.Index, label_ids: pd.Index, reference: str = "the l
                     f"the patient id ({n} characters), keeping one row per patient")
     if len(ids.str.upper().intersection(label_ids.str.upper())):
         return f"the ids differ only in upper/lower case: write them exactly as in {reference}"
+    if len(ids) and ids.str.fullmatch(r"\d+").all() and label_ids.str.fullmatch(r"\d+").all():
+        # numeric record numbers with leading zeros, one table saved with its id column as numbers (Parquet, Excel)
+        bare = ids.str.lstrip("0").str.zfill(1)
+        if len(bare.intersection(label_ids.str.lstrip("0").str.zfill(1))):
+            if sum(map(len, ids)) / len(ids) < sum(map(len, label_ids)) / len(label_ids):
+                return (f"the ids here are {reference}'s without their leading zeros (e.g. {ids[0]!r}): this table's "
+                        f"id column was saved as numbers; save it as text, with the zeros, as in {reference}")
+            return (f"{reference}'s ids are these without their leading zeros (e.g. {label_ids[0]!r}): its id column "
+                    "was saved as numbers; save it as text, with the zeros, as here")
     return None
 
 
