@@ -519,13 +519,34 @@ def _run_federated(cfg, cell, fed, schema_path, manifest, work, log) -> list[dic
             rows.append({"round": r["round"], "site": site, "epsilon_spent": eps.get(site) if dp else None})
     installed = [d for d in result["deliveries"] if d.get("installed")]
     if not installed:
-        raise ExperimentError(f"cell {cell.id}: no site installed the final model; see {work / 'flower'}")
+        raise ExperimentError(f"cell {cell.id}: no site installed the final model; " + why_no_model(work))
     model, schema, _ = load_installed(Path(installed[0]["path"]).parent)
     final_evaluation(model, schema, fed, manifest, work)
     from simulations.privacy_audit import audit_cell
 
     audit_cell(work, fed, manifest, run_cfg)  # each site attacks the delivered model: the report's audit table
     return rows
+
+
+def why_no_model(work: Path) -> str:
+    """What the server recorded of a cell's rounds when no site got a model, and where the sites say why: a site's
+    own reason (its data, too few patients for a held-out part) stays in its log, the simulation's flwr-run.log."""
+    from server.run_files import FLWR_LOG
+
+    log_file = work / "flower" / FLWR_LOG
+    try:
+        records = [json.loads(line) for line in (work / "server" / METRICS).read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError):
+        records = []
+    trained = [r for r in records if r.get("participants")]
+    if not records or trained:
+        return f"see {log_file}"
+    refusals = sorted({x.get("reason", "") for r in records for x in r.get("refused", [])} - {""})
+    return (f"no round of {len(records)} aggregated any site's update"
+            + (f" (sites refused: {'; '.join(refusals)})" if refusals else "")
+            + f". The sites' own reasons are in {log_file} (look for 'failed validation' and 'refuses'); sites too "
+              "small for a held-out part (about a fifth of a site's patients, half of it for the normalisation under "
+              "DP) are the usual cause: fewer [grid] sites or more patients per site")
 
 
 class _RoundEcho:

@@ -431,3 +431,16 @@ def test_cli_names_out_when_it_is_a_file(tmp_path):
     res = oncofed("experiment", str(write(tmp_path, SMALL)), "--out", str(tmp_path / "afile"))
     assert res.returncode == 2 and f"--out {tmp_path / 'afile'}: is a file" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_a_cell_whose_sites_all_refused_says_so_and_where_their_reasons_are(tmp_path):
+    from simulations.experiment import why_no_model
+
+    (tmp_path / "server").mkdir()
+    (tmp_path / "server" / "metrics.jsonl").write_text(json.dumps({
+        "round": 1, "participants": [], "status": "abandoned",
+        "refused": [{"reason": "site_00: its data failed validation"}, {"reason": "site_01: its data failed "
+                                                                                  "validation"}]}) + "\n")
+    why = why_no_model(tmp_path)
+    assert "no round of 1 aggregated" in why and "site_00: its data failed validation" in why
+    assert str(tmp_path / "flower" / "flwr-run.log") in why and "fewer [grid] sites" in why
