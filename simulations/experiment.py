@@ -830,6 +830,10 @@ def run_experiment(config_path: str | Path, results: str | Path, log=print, only
             f"note: {previous}'s grid differs from {config_path}'s; finished cells are kept, new cells are added")
     write_text_atomic(previous, text)
     todo = [c for c in cells(cfg) if pattern is None or pattern.search(c.id)]
+    if not todo:  # a misspelt --only ran nothing and said only "0 cells"
+        ids = [c.id for c in cells(cfg)]
+        log(f"--only {only!r} matches none of the {len(ids)} cells, so none runs; their ids: "
+            + ", ".join(ids[:6]) + (", ..." if len(ids) > 6 else ""))
     t_all = time.time()
     for i, cell in enumerate(todo, 1):
         done = root / "cells" / cell.id / "rows.json"

@@ -444,3 +444,10 @@ def test_a_cell_whose_sites_all_refused_says_so_and_where_their_reasons_are(tmp_
     why = why_no_model(tmp_path)
     assert "no round of 1 aggregated" in why and "site_00: its data failed validation" in why
     assert str(tmp_path / "flower" / "flwr-run.log") in why and "fewer [grid] sites" in why
+
+
+def test_an_only_that_matches_no_cell_says_so_and_names_the_ids(tmp_path):
+    said: list[str] = []
+    run_experiment(write(tmp_path, SMALL), tmp_path / "results", log=said.append, only="fedavgg")
+    note = next(s for s in said if s.startswith("--only"))
+    assert "'fedavgg' matches none of the" in note and "-fedavg-" in note, said
