@@ -74,8 +74,9 @@ class ExperimentSection(_Strict):
     local_epochs: int = Field(TrainingSection.model_fields["local_epochs"].default, ge=1)
     holdout_column: str = "tss"
     holdout_frac: float = Field(HOLDOUT_FRAC, gt=0, lt=0.9)
-    # Dirichlet partitions: the fewest patients a site may get; unset, a cohort's partition takes
-    # simulations.partition.MIN_SITE_PATIENTS and the synthetic generator its own (patients-per-site / 10)
+    # Dirichlet (and, for the grid's check, IID) partitions: the fewest patients a site may get; unset, a cohort's
+    # partition takes simulations.partition.MIN_SITE_PATIENTS and the synthetic generator its own
+    # (patients-per-site / 10)
     min_site_patients: int | None = Field(None, ge=1)
 
     def cohort_min_site_patients(self) -> int:
@@ -233,10 +234,12 @@ class ExperimentConfig(_Strict):
                 site_assignment(synthetic_config(self, cell))
             except SyntheticError:
                 least = self.experiment.min_site_patients or max(5, generator.patients_per_site // 10)
+                draw, alpha = ("the IID split does not give", "") if cell.partition == "iid" else \
+                    ("no Dirichlet draw gives", "a larger alpha or ")
                 raise ExperimentError(
                     f"{path} [grid] partition {cell.partition!r} with sites = {cell.sites}, seed = {cell.seed} (data "
-                    f"'synthetic'): no Dirichlet draw gives every site {least} patients; use a larger alpha or fewer "
-                    "[grid] sites, lower [experiment] min-site-patients or raise [synthetic] patients-per-site") from None
+                    f"'synthetic'): {draw} every site {least} patients; use {alpha}fewer [grid] sites, lower "
+                    "[experiment] min-site-patients or raise [synthetic] patients-per-site") from None
 
     def _check_distinct(self) -> None:
         """Equal values in a [grid] list (8 and 8.0, seed 0 twice, by:center8 and center8) would be one cell run
@@ -308,16 +311,14 @@ class ExperimentConfig(_Strict):
                                               f"has {len(values[arg])} distinct {arg!r} values, fewer than the sites; "
                                               f"lower [grid] sites (per data set: sites = {{ {data} = "
                                               f"[{len(values[arg])}] }})")
-                elif kind == "dirichlet":
+                else:  # dirichlet or iid: an iid split of too many sites left each one or two patients, which
+                    # ran until every site refused for want of a held-out part
                     least = self.experiment.cohort_min_site_patients()
                     if n * least > patients:
                         raise ExperimentError(
                             f"[grid] sites = {n} x [experiment] min-site-patients = {least} is {n * least} patients, "
-                            f"more than the {patients} of {labels} (data {data!r}); lower [grid] sites or "
-                            "[experiment] min-site-patients")
-                elif n > patients:
-                    raise ExperimentError(f"[grid] sites = {n}: more sites than the {patients} patients of {labels} "
-                                          f"(data {data!r}); lower [grid] sites")
+                            f"more than the {patients} of {labels} (data {data!r}, partition {spec!r}); lower [grid] "
+                            "sites or [experiment] min-site-patients")
 
 
 def parse_partition(spec: str) -> tuple[str, Any]:

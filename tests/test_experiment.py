@@ -259,6 +259,7 @@ LABELS = "simulations/data/tcga_pancan33/labels.csv"
      ["[grid] sites = 10", LABELS, "8 distinct 'center8' values"]),
     (('partition = ["iid"]\nsites = [2]', 'partition = ["dirichlet:0.05"]\nsites = [20]'),
      ["[grid] sites = 20", "[experiment] min-site-patients = 400", "8000 patients", LABELS]),
+    (('sites = [2]', 'sites = [20]'), ["[grid] sites = 20", "[experiment] min-site-patients = 400", "'iid'", LABELS]),
     (('name = "pancan"', 'name = "pancan"\nholdout-column = "site"'), ["[experiment] holdout-column = 'site'", LABELS]),
 ])
 def test_a_cohort_partition_that_cannot_be_made_is_refused_naming_the_keys_and_the_labels_file(tmp_path, edit, expected):
