@@ -846,8 +846,8 @@ def run_experiment(config_path: str | Path, results: str | Path, log=print, only
         rows = run_cell(cfg, cell, root, log)
         held = [r for r in rows if r["site"] in ("held-out", "mean")]
         last = held[-1] if held else None
-        summary = f"held-out macro-F1 {last['macro_f1']:.3f}" if last and last["macro_f1"] is not None else \
-            f"{len(rows)} rows"
+        what = "cross-validated macro-F1 (inside the pool)" if last and last["site"] == "mean" else "held-out macro-F1"
+        summary = f"{what} {last['macro_f1']:.3f}" if last and last["macro_f1"] is not None else f"{len(rows)} rows"
         log(f"[{i}/{len(todo)}] {cell.id}: {summary} ({time.time() - t0:.0f} s)")
         write_results(root, cfg)
     write_results(root, cfg)

@@ -452,3 +452,11 @@ def test_an_only_that_matches_no_cell_says_so_and_names_the_ids(tmp_path):
     run_experiment(write(tmp_path, SMALL), tmp_path / "results", log=said.append, only="fedavgg")
     note = next(s for s in said if s.startswith("--only"))
     assert "'fedavgg' matches none of the" in note and "-fedavg-" in note, said
+
+
+def test_a_pooled_cv_cell_is_reported_as_cross_validated_not_held_out(tmp_path):
+    said: list[str] = []
+    text = SMALL.replace('methods = ["logistic"]', 'methods = ["pooled-cv"]\ncv-folds = 2')
+    run_experiment(write(tmp_path, text), tmp_path / "results", log=said.append, only="pooled-cv$")
+    done = next(s for s in said if "pooled-cv:" in s)
+    assert "cross-validated macro-F1 (inside the pool)" in done and "held-out" not in done, said
