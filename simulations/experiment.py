@@ -151,7 +151,8 @@ class ExperimentConfig(_Strict):
             cfg = cls.model_validate(raw)
         except ValidationError as e:
             raise ExperimentError(f"{path}: " + "; ".join(
-                f"{'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}" for err in e.errors()))
+                f"{'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}{_known_keys(err)}"
+                for err in e.errors()))
         try:
             cfg.check(path)
         except ExperimentError as e:
@@ -337,6 +338,20 @@ def parse_partition(spec: str) -> tuple[str, Any]:
     if not re.fullmatch(r"[A-Za-z0-9_]+", column):
         raise ValueError(f"partition {spec!r}: use iid, dirichlet:ALPHA or by:COLUMN (a labels column, e.g. center8)")
     return "by", column
+
+
+def _known_keys(err: dict) -> str:
+    """For a misspelt key (pydantic's extra_forbidden): the keys its section has, the fix a reader needs."""
+    if err.get("type") != "extra_forbidden":
+        return ""
+    model: Any = ExperimentConfig
+    for part in err["loc"][:-1]:
+        field = model.model_fields.get(str(part).replace("-", "_")) if isinstance(model, type) else None
+        model = field.annotation if field is not None else None
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return ""
+    where = f"[{'.'.join(map(str, err['loc'][:-1]))}]" if len(err["loc"]) > 1 else "the config"
+    return f" (a misspelling? {where} has: {', '.join(f.alias or n for n, f in model.model_fields.items())})"
 
 
 def data_dir(name: str) -> tuple[Path, Path]:

@@ -460,3 +460,13 @@ def test_a_pooled_cv_cell_is_reported_as_cross_validated_not_held_out(tmp_path):
     run_experiment(write(tmp_path, text), tmp_path / "results", log=said.append, only="pooled-cv$")
     done = next(s for s in said if "pooled-cv:" in s)
     assert "cross-validated macro-F1 (inside the pool)" in done and "held-out" not in done, said
+
+
+def test_a_misspelt_key_is_refused_with_the_keys_its_section_has(tmp_path):
+    with pytest.raises(ExperimentError) as e:
+        ExperimentConfig.load(write(tmp_path, SMALL.replace("[grid]\n", "[grid]\nstrategies = [\"fedavg\"]\n")
+                                    .replace("[baselines]", "[baseline]")))
+    message = str(e.value)
+    assert "grid.strategies: Extra inputs are not permitted (a misspelling? [grid] has: data, strategy," in message
+    assert "baseline: Extra inputs are not permitted (a misspelling? the config has: experiment, grid, baselines" \
+        in message, message
