@@ -213,8 +213,12 @@ class ExperimentConfig(_Strict):
             generator = synthetic_config(self, first) if first else \
                 SyntheticConfig(**{k.replace("-", "_"): v for k, v in self.synthetic.items()})
         except TypeError as e:
-            raise ExperimentError(f"{path} [synthetic]: {e}; the keys are SyntheticConfig's fields "
-                                  f"(simulations/synthetic.py)") from e
+            from dataclasses import fields
+
+            keys = [f.name.replace("_", "-") for f in fields(SyntheticConfig)
+                    if f.name.replace("_", "-") not in RESERVED_SYNTHETIC_KEYS]
+            raise ExperimentError(f"{path} [synthetic]: {str(e).removeprefix('SyntheticConfig.__init__() ')}; the keys "
+                                  f"are SyntheticConfig's fields (simulations/synthetic.py): {', '.join(keys)}") from None
         least = self.experiment.min_site_patients
         if first and least and isinstance(generator.patients_per_site, int) and least > generator.patients_per_site:
             raise ExperimentError(f"{path} [experiment] min-site-patients = {least}: more than [synthetic] "

@@ -470,3 +470,11 @@ def test_a_misspelt_key_is_refused_with_the_keys_its_section_has(tmp_path):
     assert "grid.strategies: Extra inputs are not permitted (a misspelling? [grid] has: data, strategy," in message
     assert "baseline: Extra inputs are not permitted (a misspelling? the config has: experiment, grid, baselines" \
         in message, message
+
+
+def test_a_misspelt_synthetic_key_is_refused_with_the_generators_keys(tmp_path):
+    with pytest.raises(ExperimentError) as e:
+        ExperimentConfig.load(write(tmp_path, SMALL.replace("classes = 3", "classs = 3")))
+    message = str(e.value)
+    assert "[synthetic]: got an unexpected keyword argument 'classs'" in message
+    assert "classes, patients-per-site, omics-widths" in message and "min-site-patients" not in message, message
