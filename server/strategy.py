@@ -252,7 +252,10 @@ class DeltaMixin:
                                   r.num_examples) for p, r in results if r.num_examples > 0)
         if summed:
             self.round_info["patterns"] = summed
-        return super().aggregate_evaluate(server_round, results, failures)
+        # a site with no held-out patient (too small a site, or one that refused) answers with 0 patients: it has
+        # nothing to weigh in, and when no site has any, Flower's weighted loss would divide by zero and end the run
+        evaluated = [(p, r) for p, r in results if r.num_examples > 0]
+        return super().aggregate_evaluate(server_round, evaluated, failures)
 
     # FedAdam's moment estimates are strategy state: they go into every checkpoint.
     def state_arrays(self) -> dict[str, np.ndarray]:

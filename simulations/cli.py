@@ -52,6 +52,13 @@ def partition(
     from shared_models.site_data import TableError
     from simulations.partition import PartitionError, format_manifest, partition_cohort
 
+    # flags the chosen split does not read were dropped without a word (--holdout-frac 0.3 alone held out nobody)
+    if holdout_frac is not None and not holdout_column:
+        _fail(f"--holdout-frac {holdout_frac:g} needs --holdout-column COLUMN, the labels column whose whole groups are "
+              "held out (e.g. --holdout-column tss); without it no patient is held out")
+    if min_site_patients is not None and dirichlet is None:
+        _fail(f"--min-site-patients {min_site_patients} applies only to --dirichlet splits; drop it (--by and --iid "
+              "give every site its share)")
     try:
         s = FeatureSchema.load(schema)
         start = time.perf_counter()

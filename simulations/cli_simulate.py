@@ -87,6 +87,9 @@ def simulate(
     try:
         for sub in (("state", "server", "flower") if fresh else ("server", "flower")):
             shutil.rmtree(out / sub, ignore_errors=True)
+        # the last run's summary goes with its server output: left beside this run's, it would describe a run
+        # whose files are gone (and stand for this one if this one fails)
+        (out / "summary.json").unlink(missing_ok=True)
         (out / "flower").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         typer.echo(f"--out {out}: {e}", err=True)

@@ -74,8 +74,9 @@ class ExperimentSection(_Strict):
     local_epochs: int = Field(TrainingSection.model_fields["local_epochs"].default, ge=1)
     holdout_column: str = "tss"
     holdout_frac: float = Field(HOLDOUT_FRAC, gt=0, lt=0.9)
-    # Dirichlet partitions: the fewest patients a site may get; unset, a cohort's partition takes
-    # simulations.partition.MIN_SITE_PATIENTS and the synthetic generator its own (patients-per-site / 10)
+    # Dirichlet (and, for the grid's check, IID) partitions: the fewest patients a site may get; unset, a cohort's
+    # partition takes simulations.partition.MIN_SITE_PATIENTS and the synthetic generator its own
+    # (patients-per-site / 10)
     min_site_patients: int | None = Field(None, ge=1)
 
     def cohort_min_site_patients(self) -> int:
@@ -150,7 +151,8 @@ class ExperimentConfig(_Strict):
             cfg = cls.model_validate(raw)
         except ValidationError as e:
             raise ExperimentError(f"{path}: " + "; ".join(
-                f"{'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}" for err in e.errors()))
+                f"{'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}{_known_keys(err)}"
+                for err in e.errors()))
         try:
             cfg.check(path)
         except ExperimentError as e:
@@ -211,8 +213,12 @@ class ExperimentConfig(_Strict):
             generator = synthetic_config(self, first) if first else \
                 SyntheticConfig(**{k.replace("-", "_"): v for k, v in self.synthetic.items()})
         except TypeError as e:
-            raise ExperimentError(f"{path} [synthetic]: {e}; the keys are SyntheticConfig's fields "
-                                  f"(simulations/synthetic.py)") from e
+            from dataclasses import fields
+
+            keys = [f.name.replace("_", "-") for f in fields(SyntheticConfig)
+                    if f.name.replace("_", "-") not in RESERVED_SYNTHETIC_KEYS]
+            raise ExperimentError(f"{path} [synthetic]: {str(e).removeprefix('SyntheticConfig.__init__() ')}; the keys "
+                                  f"are SyntheticConfig's fields (simulations/synthetic.py): {', '.join(keys)}") from None
         least = self.experiment.min_site_patients
         if first and least and isinstance(generator.patients_per_site, int) and least > generator.patients_per_site:
             raise ExperimentError(f"{path} [experiment] min-site-patients = {least}: more than [synthetic] "
@@ -233,10 +239,12 @@ class ExperimentConfig(_Strict):
                 site_assignment(synthetic_config(self, cell))
             except SyntheticError:
                 least = self.experiment.min_site_patients or max(5, generator.patients_per_site // 10)
+                draw, alpha = ("the IID split does not give", "") if cell.partition == "iid" else \
+                    ("no Dirichlet draw gives", "a larger alpha or ")
                 raise ExperimentError(
                     f"{path} [grid] partition {cell.partition!r} with sites = {cell.sites}, seed = {cell.seed} (data "
-                    f"'synthetic'): no Dirichlet draw gives every site {least} patients; use a larger alpha or fewer "
-                    "[grid] sites, lower [experiment] min-site-patients or raise [synthetic] patients-per-site") from None
+                    f"'synthetic'): {draw} every site {least} patients; use {alpha}fewer [grid] sites, lower "
+                    "[experiment] min-site-patients or raise [synthetic] patients-per-site") from None
 
     def _check_distinct(self) -> None:
         """Equal values in a [grid] list (8 and 8.0, seed 0 twice, by:center8 and center8) would be one cell run
@@ -308,16 +316,14 @@ class ExperimentConfig(_Strict):
                                               f"has {len(values[arg])} distinct {arg!r} values, fewer than the sites; "
                                               f"lower [grid] sites (per data set: sites = {{ {data} = "
                                               f"[{len(values[arg])}] }})")
-                elif kind == "dirichlet":
+                else:  # dirichlet or iid: an iid split of too many sites left each one or two patients, which
+                    # ran until every site refused for want of a held-out part
                     least = self.experiment.cohort_min_site_patients()
                     if n * least > patients:
                         raise ExperimentError(
                             f"[grid] sites = {n} x [experiment] min-site-patients = {least} is {n * least} patients, "
-                            f"more than the {patients} of {labels} (data {data!r}); lower [grid] sites or "
-                            "[experiment] min-site-patients")
-                elif n > patients:
-                    raise ExperimentError(f"[grid] sites = {n}: more sites than the {patients} patients of {labels} "
-                                          f"(data {data!r}); lower [grid] sites")
+                            f"more than the {patients} of {labels} (data {data!r}, partition {spec!r}); lower [grid] "
+                            "sites or [experiment] min-site-patients")
 
 
 def parse_partition(spec: str) -> tuple[str, Any]:
@@ -336,6 +342,20 @@ def parse_partition(spec: str) -> tuple[str, Any]:
     if not re.fullmatch(r"[A-Za-z0-9_]+", column):
         raise ValueError(f"partition {spec!r}: use iid, dirichlet:ALPHA or by:COLUMN (a labels column, e.g. center8)")
     return "by", column
+
+
+def _known_keys(err: dict) -> str:
+    """For a misspelt key (pydantic's extra_forbidden): the keys its section has, the fix a reader needs."""
+    if err.get("type") != "extra_forbidden":
+        return ""
+    model: Any = ExperimentConfig
+    for part in err["loc"][:-1]:
+        field = model.model_fields.get(str(part).replace("-", "_")) if isinstance(model, type) else None
+        model = field.annotation if field is not None else None
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return ""
+    where = f"[{'.'.join(map(str, err['loc'][:-1]))}]" if len(err["loc"]) > 1 else "the config"
+    return f" (a misspelling? {where} has: {', '.join(f.alias or n for n, f in model.model_fields.items())})"
 
 
 def data_dir(name: str) -> tuple[Path, Path]:
@@ -519,13 +539,34 @@ def _run_federated(cfg, cell, fed, schema_path, manifest, work, log) -> list[dic
             rows.append({"round": r["round"], "site": site, "epsilon_spent": eps.get(site) if dp else None})
     installed = [d for d in result["deliveries"] if d.get("installed")]
     if not installed:
-        raise ExperimentError(f"cell {cell.id}: no site installed the final model; see {work / 'flower'}")
+        raise ExperimentError(f"cell {cell.id}: no site installed the final model; " + why_no_model(work))
     model, schema, _ = load_installed(Path(installed[0]["path"]).parent)
     final_evaluation(model, schema, fed, manifest, work)
     from simulations.privacy_audit import audit_cell
 
     audit_cell(work, fed, manifest, run_cfg)  # each site attacks the delivered model: the report's audit table
     return rows
+
+
+def why_no_model(work: Path) -> str:
+    """What the server recorded of a cell's rounds when no site got a model, and where the sites say why: a site's
+    own reason (its data, too few patients for a held-out part) stays in its log, the simulation's flwr-run.log."""
+    from server.run_files import FLWR_LOG
+
+    log_file = work / "flower" / FLWR_LOG
+    try:
+        records = [json.loads(line) for line in (work / "server" / METRICS).read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError):
+        records = []
+    trained = [r for r in records if r.get("participants")]
+    if not records or trained:
+        return f"see {log_file}"
+    refusals = sorted({x.get("reason", "") for r in records for x in r.get("refused", [])} - {""})
+    return (f"no round of {len(records)} aggregated any site's update"
+            + (f" (sites refused: {'; '.join(refusals)})" if refusals else "")
+            + f". The sites' own reasons are in {log_file} (look for 'failed validation' and 'refuses'); sites too "
+              "small for a held-out part (about a fifth of a site's patients, half of it for the normalisation under "
+              "DP) are the usual cause: fewer [grid] sites or more patients per site")
 
 
 class _RoundEcho:
@@ -809,6 +850,10 @@ def run_experiment(config_path: str | Path, results: str | Path, log=print, only
             f"note: {previous}'s grid differs from {config_path}'s; finished cells are kept, new cells are added")
     write_text_atomic(previous, text)
     todo = [c for c in cells(cfg) if pattern is None or pattern.search(c.id)]
+    if not todo:  # a misspelt --only ran nothing and said only "0 cells"
+        ids = [c.id for c in cells(cfg)]
+        log(f"--only {only!r} matches none of the {len(ids)} cells, so none runs; their ids: "
+            + ", ".join(ids[:6]) + (", ..." if len(ids) > 6 else ""))
     t_all = time.time()
     for i, cell in enumerate(todo, 1):
         done = root / "cells" / cell.id / "rows.json"
@@ -820,8 +865,8 @@ def run_experiment(config_path: str | Path, results: str | Path, log=print, only
         rows = run_cell(cfg, cell, root, log)
         held = [r for r in rows if r["site"] in ("held-out", "mean")]
         last = held[-1] if held else None
-        summary = f"held-out macro-F1 {last['macro_f1']:.3f}" if last and last["macro_f1"] is not None else \
-            f"{len(rows)} rows"
+        what = "cross-validated macro-F1 (inside the pool)" if last and last["site"] == "mean" else "held-out macro-F1"
+        summary = f"{what} {last['macro_f1']:.3f}" if last and last["macro_f1"] is not None else f"{len(rows)} rows"
         log(f"[{i}/{len(todo)}] {cell.id}: {summary} ({time.time() - t0:.0f} s)")
         write_results(root, cfg)
     write_results(root, cfg)

@@ -110,8 +110,11 @@ def audit_section(res) -> list[str]:
             continue
         c = cell_summary(sites)
         if not c["sites"]:
-            rows.append([f"`{r.cell}`", "no DP" if r.privacy == "off" else f"ε={r.privacy}", "0"] + ["—"] * 8
-                        + [f"no site could be audited ({c['errors']})"])
+            # the verdict column says why: 3 columns, 7 dashes and it make the header's 11 (a 12th cell would be
+            # dropped by markdown renderers, and the reason with it)
+            rows.append([f"`{r.cell}`", "no DP" if r.privacy == "off" else f"ε={r.privacy}", "0"] + ["—"] * 7
+                        + [f"no site could be audited ({c['errors']} too small or failed: see "
+                           f"cells/{r.cell}/{AUDIT_FILE})"])
             continue
         eps = "—" if c["epsilon"] is None else (_f(c["epsilon"][1], 2) if c["epsilon"][1] - c["epsilon"][0] < 0.005
                                                else f"{_f(c['epsilon'][0], 2)}–{_f(c['epsilon'][1], 2)}")

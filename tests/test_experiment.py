@@ -259,6 +259,7 @@ LABELS = "simulations/data/tcga_pancan33/labels.csv"
      ["[grid] sites = 10", LABELS, "8 distinct 'center8' values"]),
     (('partition = ["iid"]\nsites = [2]', 'partition = ["dirichlet:0.05"]\nsites = [20]'),
      ["[grid] sites = 20", "[experiment] min-site-patients = 400", "8000 patients", LABELS]),
+    (('sites = [2]', 'sites = [20]'), ["[grid] sites = 20", "[experiment] min-site-patients = 400", "'iid'", LABELS]),
     (('name = "pancan"', 'name = "pancan"\nholdout-column = "site"'), ["[experiment] holdout-column = 'site'", LABELS]),
 ])
 def test_a_cohort_partition_that_cannot_be_made_is_refused_naming_the_keys_and_the_labels_file(tmp_path, edit, expected):
@@ -431,3 +432,49 @@ def test_cli_names_out_when_it_is_a_file(tmp_path):
     res = oncofed("experiment", str(write(tmp_path, SMALL)), "--out", str(tmp_path / "afile"))
     assert res.returncode == 2 and f"--out {tmp_path / 'afile'}: is a file" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_a_cell_whose_sites_all_refused_says_so_and_where_their_reasons_are(tmp_path):
+    from simulations.experiment import why_no_model
+
+    (tmp_path / "server").mkdir()
+    (tmp_path / "server" / "metrics.jsonl").write_text(json.dumps({
+        "round": 1, "participants": [], "status": "abandoned",
+        "refused": [{"reason": "site_00: its data failed validation"}, {"reason": "site_01: its data failed "
+                                                                                  "validation"}]}) + "\n")
+    why = why_no_model(tmp_path)
+    assert "no round of 1 aggregated" in why and "site_00: its data failed validation" in why
+    assert str(tmp_path / "flower" / "flwr-run.log") in why and "fewer [grid] sites" in why
+
+
+def test_an_only_that_matches_no_cell_says_so_and_names_the_ids(tmp_path):
+    said: list[str] = []
+    run_experiment(write(tmp_path, SMALL), tmp_path / "results", log=said.append, only="fedavgg")
+    note = next(s for s in said if s.startswith("--only"))
+    assert "'fedavgg' matches none of the" in note and "-fedavg-" in note, said
+
+
+def test_a_pooled_cv_cell_is_reported_as_cross_validated_not_held_out(tmp_path):
+    said: list[str] = []
+    text = SMALL.replace('methods = ["logistic"]', 'methods = ["pooled-cv"]\ncv-folds = 2')
+    run_experiment(write(tmp_path, text), tmp_path / "results", log=said.append, only="pooled-cv$")
+    done = next(s for s in said if "pooled-cv:" in s)
+    assert "cross-validated macro-F1 (inside the pool)" in done and "held-out" not in done, said
+
+
+def test_a_misspelt_key_is_refused_with_the_keys_its_section_has(tmp_path):
+    with pytest.raises(ExperimentError) as e:
+        ExperimentConfig.load(write(tmp_path, SMALL.replace("[grid]\n", "[grid]\nstrategies = [\"fedavg\"]\n")
+                                    .replace("[baselines]", "[baseline]")))
+    message = str(e.value)
+    assert "grid.strategies: Extra inputs are not permitted (a misspelling? [grid] has: data, strategy," in message
+    assert "baseline: Extra inputs are not permitted (a misspelling? the config has: experiment, grid, baselines" \
+        in message, message
+
+
+def test_a_misspelt_synthetic_key_is_refused_with_the_generators_keys(tmp_path):
+    with pytest.raises(ExperimentError) as e:
+        ExperimentConfig.load(write(tmp_path, SMALL.replace("classes = 3", "classs = 3")))
+    message = str(e.value)
+    assert "[synthetic]: got an unexpected keyword argument 'classs'" in message
+    assert "classes, patients-per-site, omics-widths" in message and "min-site-patients" not in message, message

@@ -395,3 +395,33 @@ def test_a_run_whose_server_app_raised_is_not_reported_complete_with_an_earlier_
         return 0
     monkeypatch.setattr(fed, "run_flwr", writes)
     assert fed.run_federation(tmp_path, {"output-dir": str(out)}, n_sites=2, stream=None) == {"run": "this"}
+
+
+def test_a_simulation_that_fails_leaves_no_summary_of_the_run_before_it(tmp_path, monkeypatch):
+    """The server output of the last run is cleared when a new one starts; its summary.json stayed and, when the
+    new run failed, described a run whose files were gone."""
+    import json
+
+    import typer
+    from typer.testing import CliRunner
+
+    import simulations.federation as fed
+    from simulations.cli_simulate import register
+
+    out = tmp_path / "run"
+    sites = out / "sites"
+    sites.mkdir(parents=True)
+    (sites / "manifest.json").write_text(json.dumps({"sites": [{"name": "C0", "dir": "C0"}, {"name": "C1", "dir": "C1"}],
+                                                     "holdout": {"dir": "holdout", "patients": 10}}))
+    (out / "summary.json").write_text('{"held_out": {"macro_f1": 0.9}}')  # the run before
+    monkeypatch.setattr(fed, "ensure_partition", lambda data_root, **k: data_root)
+
+    def fails(*a, **k):
+        raise fed.SimulationError("the federated run did not complete")
+    monkeypatch.setattr(fed, "run_federation", fails)
+    app = typer.Typer()
+    register(app)
+    app.command("other")(lambda: None)  # two commands: typer keeps the command name
+    res = CliRunner().invoke(app, ["simulate", "--out", str(out), "--rounds", "1"])
+    assert res.exit_code == 1 and "did not complete" in res.output, res.output
+    assert not (out / "summary.json").exists()

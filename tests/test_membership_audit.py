@@ -489,3 +489,20 @@ def test_the_privacy_audit_commands_help_states_the_defaults_the_audit_takes():
     defaults = inspect.signature(audit).parameters
     assert f"(default: {defaults['lira_epochs'].default})" in helps["lira_epochs"]
     assert f"default: {defaults['confidence'].default:g})" in helps["confidence"]
+
+
+def test_a_cell_whose_sites_could_not_be_audited_keeps_the_tables_columns_and_says_why(tmp_path):
+    from simulations.privacy_audit import AUDIT_FILE, audit_section
+    from simulations.report import load_results
+    from tests.test_report import make_results
+
+    root = make_results(tmp_path, datasets=(("mini3", 3, False),), strategies=("fedavg",))
+    (root / "cells" / "mini3-fedavg-8-s0" / AUDIT_FILE).write_text(json.dumps({
+        "format": "oncofed-cell-privacy-audit/1",
+        "sites": [{"site": "C0", "error": "6 non-members; an audit needs at least 10"}]}))
+    md = audit_section(load_results(root))
+    lines = "\n".join(md).splitlines()
+    header = next(line for line in lines if line.startswith("| cell |"))
+    row = next(line for line in lines if line.startswith("| `mini3-fedavg-8-s0`"))
+    assert row.count(" | ") == header.count(" | ")
+    assert row.rstrip(" |").endswith(f"see cells/mini3-fedavg-8-s0/{AUDIT_FILE})")

@@ -199,6 +199,8 @@ def test_cli_prints_a_table_of_sites_and_writes_the_manifest(cohort, tmp_path):
     (["--by", "center", "--sites", "9"], r"the column has 4 distinct values, fewer than --sites 9"),
     (["--dirichlet", "0.5", "--sites", "40"], r"cannot give 40 sites 10 patients each"),
     (["--iid", "--sites", "2", "--holdout-column", "tss", "--holdout-frac", "1.5"], r"--holdout-frac must be between"),
+    (["--iid", "--sites", "2", "--holdout-frac", "0.3"], r"--holdout-frac 0.3 needs --holdout-column COLUMN"),
+    (["--iid", "--sites", "2", "--min-site-patients", "5"], r"--min-site-patients 5 applies only to --dirichlet"),
 ])
 def test_cli_bad_flags_give_a_clear_message_and_no_traceback(cohort, tmp_path, args, expected):
     r = _cli(cohort, tmp_path / "fed", *args)

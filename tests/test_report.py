@@ -317,3 +317,14 @@ def test_cli_writes_a_report_of_a_partial_results_directory_to_out(tmp_path):
     assert "*Plot not drawn: predictions.npz lacks site.*" in md  # the t-SNE map needs the site of every row
     for rel in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
         assert (tmp_path / "rep" / rel).read_bytes()[:8] == PNG
+
+
+def test_the_per_site_figure_falls_back_to_local_logistic_when_no_local_transformer_ran(tmp_path):
+    """A grid with only local-logistic among its local baselines got 'No local-only baseline for this data set.'"""
+    root = make_results(tmp_path / "results", datasets=(("mini3", 3, False),), strategies=("fedavg",))
+    doc = json.loads((root / "results.json").read_text())
+    doc["rows"] = [r for r in doc["rows"] if r["method"] != "local"]
+    (root / "results.json").write_text(json.dumps(doc))
+    md = build_report(root).read_text()
+    assert "No local-only baseline" not in md
+    assert "Local-only logistic regressions (local-logistic): seed 0." in md

@@ -284,3 +284,19 @@ def test_the_package_epsilon_is_never_below_what_a_site_that_trained_reports_fro
     assert eps == {"C0": 7.93} and worst == {"C0": 24.7}
     keep_site_epsilons({"site_eval": {"C0": {EPSILON: 7.0}}}, {}, eps, worst)  # never lowered
     assert eps == {"C0": 7.93}
+
+
+def test_a_round_no_site_could_evaluate_has_no_global_evaluation_and_the_run_goes_on():
+    """Sites too small to keep a held-out part (or refusing) answer the evaluation with 0 patients; when all do,
+    Flower's weighted loss divided by zero and the ServerApp ended without a result."""
+    import numpy as np
+    from flwr.common import Code, EvaluateRes, Status
+
+    from privacy.run_config import load_run_config
+    from server.strategy import build_strategy
+
+    strategy = build_strategy(load_run_config({"schema": "s.json", "min-sites": 2, "sites": 2}),
+                              [np.zeros(4, np.float32)], 2, {})
+    empty = [(_Proxy(n), EvaluateRes(Status(Code.OK, "ok"), 0.0, 0, {})) for n in (1, 2)]
+    loss, metrics = strategy.aggregate_evaluate(1, empty, [])
+    assert loss is None and metrics == {} and strategy.round_info["site_eval"] == {}

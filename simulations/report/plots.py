@@ -150,9 +150,10 @@ def _site_scores(rows: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
     return last.macro_f1, last["round"]
 
 
-def _local_for(res: Results, ref: pd.Series) -> tuple[pd.Series, str]:
-    """Local-only macro-F1 per site, from the local cells closest to `ref` (same partition, sites and seed if any)."""
-    loc = res.rows[(res.rows.method == "local") & (res.rows.data == ref.data) & (res.rows.privacy == "off")]
+def _local_for(res: Results, ref: pd.Series, method: str = "local") -> tuple[pd.Series, str]:
+    """Local-only macro-F1 per site, from the `method` cells closest to `ref` (same partition, sites and seed if
+    any)."""
+    loc = res.rows[(res.rows.method == method) & (res.rows.data == ref.data) & (res.rows.privacy == "off")]
     for keys in (("partition", "sites", "seed"), ("partition", "sites"), ()):
         m = loc
         for k in keys:
@@ -182,13 +183,17 @@ def plot_sites(res: Results, data: str, featured: list[Featured], fig_dir: Path)
         series.append(s)
         styles.append((f"federated {_short(f)}: each site's own evaluation part", colors[f.final.line],
                        "//" if f.kind.endswith(", DP") else None))
-    local, how = _local_for(res, fed[0].final)
-    if len(local):
-        series.append(local)
-        styles.append(("local-only (site's model alone): held-out patients", BASELINE_STYLE["local"][0], None))
-        notes.append(f"Local-only models: {how}.")
+    # the transformer alone at each site, else the logistic regression alone (a grid may run only local-logistic,
+    # which the figure left out while saying there was no local-only baseline)
+    for method, what in (("local", "model"), ("local-logistic", "logistic regression")):
+        local, how = _local_for(res, fed[0].final, method)
+        if len(local):
+            series.append(local)
+            styles.append((f"local-only (site's {what} alone): held-out patients", BASELINE_STYLE["local"][0], None))
+            notes.append(f"Local-only {what}s ({method}): {how}.")
+            break
     else:
-        notes.append("No local-only baseline for this data set.")
+        notes.append("No local-only baseline (local or local-logistic) for this data set.")
     sites = sorted(set().union(*(s.index for s in series)), key=natural_key)
     if not sites:
         return Drawn(None, f"the featured cells of {data} have no per-site rows"), notes
