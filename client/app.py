@@ -48,7 +48,7 @@ from client.releases import Release, ReleaseDamaged, ReleaseStore
 from privacy import secagg_masks
 from privacy.audit import ANCHORS_FILE, AUDIT_FILE, AnchorStore, AuditError, AuditLog
 from privacy.run_config import load_run_config
-from privacy.site_config import NODE_POLICY_KEYS, SiteConfig
+from privacy.site_config import NODE_POLICY_KEYS, SITE_CONFIG_KEY, SiteConfig, stricter
 from shared_models.protocol import (ARRAYS_RECORD, AUDIT_ANCHOR, AUDIT_HEAD, CONFIG_RECORD, EPSILON, EPSILON_WORST_CASE,
                                     EVALUATE_METRICS, FIT_METRICS, LOCAL_STEPS, LOSS, PACKAGE_INFO,
                                     NOISE_PLAN, PREVIOUS_ROUND, REFUSAL_PREFIX, REPLY, RESENT, ROUND_OUTCOME, RUN_KEY,
@@ -102,6 +102,8 @@ def site_settings(context: Context, cfg: RunConfig) -> SiteSettings:
         # its policy typed and bounded by site.json's model (privacy/site_config.py), whose defaults are a deployment's
         site = SiteConfig.parse({**{k: node[k] for k in NODE_POLICY_KEYS if k in node}, "state-dir": str(state),
                                  "model-dir": str(models)}, source="the SuperNode's --node-config (site.json)")
+        if SITE_CONFIG_KEY in node:  # site.json as it is now: a tightened policy holds without a restart
+            site = stricter(site, SiteConfig.load(str(node[SITE_CONFIG_KEY])))
         return SiteSettings(site.site_name or data.name, 0, SitePaths(data, state, models),
                             cfg.privacy.epsilon if site.privacy_budget is None else site.privacy_budget,
                             site.require_secagg, site.min_aggregate_sites, site.require_dp, site.max_trusted_sites,

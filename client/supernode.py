@@ -19,7 +19,7 @@ import types
 from pathlib import Path
 
 from privacy.preflight import Check, check_ca, check_port_free, check_reachable, check_site_key
-from privacy.site_config import NODE_CONFIG_KEYS, SiteConfig
+from privacy.site_config import NODE_CONFIG_KEYS, SITE_CONFIG_KEY, SiteConfig
 from shared_models.flower_tools import QUIET_ENV, RETRIED_STATUS, SERVER_ERROR_RETRY_S, SUPERNODE_POLL_S, flower_tool
 
 UNREGISTERED_EXIT = 305  # flwr's exit code when the SuperLink refuses to activate the node (e.g. unknown key)
@@ -41,9 +41,17 @@ def load_site(site_dir: str | Path) -> SiteConfig:
 
 def node_config(settings: SiteConfig) -> str:
     """The SuperNode's --node-config: the ClientApp reads the site's authority from it (client/app.py)."""
+    values = _node_values(settings)
+    return " ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in values.items())
+
+
+def _node_values(settings: SiteConfig) -> dict:
+    """What the node config carries: every set NODE_CONFIG_KEYS setting, and site.json's own path when the settings
+    were loaded from it (the training app re-reads its policy there at every message: privacy.site_config.stricter)."""
     values = settings.model_dump(by_alias=True, exclude_unset=True)
-    return " ".join(f"{k}={json.dumps(values[k], ensure_ascii=False)}" for k in NODE_CONFIG_KEYS
-                    if values.get(k, "") != "")
+    if Path(settings._source).is_file():
+        values[SITE_CONFIG_KEY] = str(Path(settings._source).resolve())
+    return {k: values[k] for k in (*NODE_CONFIG_KEYS, SITE_CONFIG_KEY) if values.get(k, "") != ""}
 
 
 def _node_config_check(settings: SiteConfig) -> Check:
@@ -57,8 +65,7 @@ def _node_config_check(settings: SiteConfig) -> Check:
         except Exception:  # noqa: BLE001 - Flower's parser refuses it
             return False
 
-    values = settings.model_dump(by_alias=True, exclude_unset=True)
-    wrong = [k for k in NODE_CONFIG_KEYS if values.get(k, "") != "" and not carried(k, values[k])]
+    wrong = [k for k, v in _node_values(settings).items() if not carried(k, v)]
     return Check("node config for Flower", not wrong, "carries every setting" if not wrong else
                  f"Flower's --node-config cannot carry site.json's {', '.join(wrong)}: write those values without a "
                  "double quote (\") (move or rename the directory a path names)")

@@ -32,6 +32,8 @@ HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([1-9][0-9]{0,3}|[
 NODE_POLICY_KEYS = ("site-name", "privacy-budget", "privacy-delta", "require-secagg", "min-aggregate-sites", "require-dp",
                     "max-trusted-sites", "require-padded-batches", "min-count")
 NODE_CONFIG_KEYS = ("data-path", "state-dir", "model-dir", "signing-public-key", "schema") + NODE_POLICY_KEYS
+# the node config's path of site.json itself: the training app re-reads its policy at every message (`stricter`)
+SITE_CONFIG_KEY = "site-config"
 
 
 # the settings that name files or directories: relative ones are read from site.json's directory (SiteConfig.load)
@@ -224,3 +226,21 @@ def _problem(model: type[BaseModel], err: dict) -> str:
             f": {field.description}" if field.description else "")
     got = f" (got {err['input']!r})" if field is not None and err["type"] != "missing" else ""
     return f"{'.'.join(loc)}: {err['msg'].removeprefix('Value error, ')}{got}; {hint}"
+
+
+def stricter(started: SiteConfig, now: SiteConfig) -> SiteConfig:
+    """The policy a running site holds to: `started` (what its SuperNode started with) with each policy key the
+    stricter of that and `now` (site.json as it reads now). An edit that tightens the policy (a lower budget, a
+    smaller delta, SecAgg+, DP or padded batches required, a higher floor, fewer trusted sites) holds from the next
+    training message; one that loosens it waits for a restart and its preflight. No budget on either side is no
+    budget: the site trains no DP run."""
+    budgets, deltas = (started.privacy_budget, now.privacy_budget), (started.privacy_delta, now.privacy_delta)
+    return started.model_copy(update={
+        "privacy_budget": None if None in budgets else min(budgets),
+        "privacy_delta": min((d for d in deltas if d is not None), default=None),
+        "require_secagg": started.require_secagg or now.require_secagg,
+        "require_dp": started.require_dp or now.require_dp,
+        "require_padded_batches": started.require_padded_batches or now.require_padded_batches,
+        "min_aggregate_sites": max(started.min_aggregate_sites, now.min_aggregate_sites),
+        "min_count": max(started.min_count, now.min_count),
+        "max_trusted_sites": min(started.max_trusted_sites, now.max_trusted_sites)})

@@ -201,3 +201,40 @@ def test_flowers_node_config_carries_a_non_ascii_name_and_the_preflight_names_a_
     quoted = SiteConfig.parse({"state-dir": "/s", "model-dir": "/m", "data-path": '/data/"C0"'})
     check = _node_config_check(quoted)
     assert not check.ok and "cannot carry site.json's data-path" in check.detail
+
+
+def test_a_tightened_site_json_holds_at_the_next_message_and_a_loosened_one_waits_for_a_restart(tmp_path):
+    """A site that lowered its budget in site.json kept training on the old one until it restarted its SuperNode:
+    the node config is read once, at start. The training app now re-reads site.json's policy at every message
+    and holds to the stricter of the two; a loosened policy still needs a restart (and its preflight)."""
+    from flwr.app import Context, RecordDict
+    from flwr.common.config import parse_config_args
+
+    from client.app import site_settings
+    from client.supernode import node_config
+    from privacy.run_config import load_run_config
+
+    path = tmp_path / "site.json"
+    start = {"format": FILE_FORMAT, "state-dir": "state", "model-dir": "models", "data-path": "data",
+             "site-name": "H1", "privacy-budget": 8.0, "max-trusted-sites": 2, "require-dp": False}
+    path.write_text(json.dumps(start))
+    node = parse_config_args([node_config(SiteConfig.load(path))])  # what the SuperNode hands the training app
+    cfg = load_run_config({"schema": "s.json"})
+
+    def settings_now(**edit):
+        path.write_text(json.dumps({**start, **edit}))
+        return read()
+
+    def read():
+        return site_settings(Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={}), cfg)
+
+    assert settings_now().budget_epsilon == 8.0
+    tight = settings_now(**{"privacy-budget": 3.0, "max-trusted-sites": 1, "require-dp": True, "min-count": 20})
+    assert (tight.budget_epsilon, tight.max_trusted_sites, tight.require_dp, tight.min_count) == (3.0, 1, True, 20)
+    loose = settings_now(**{"privacy-budget": 50.0, "max-trusted-sites": 5})
+    assert (loose.budget_epsilon, loose.max_trusted_sites) == (8.0, 2)
+    path.write_text(json.dumps({k: v for k, v in start.items() if k != "privacy-budget"}))
+    assert read().budget_missing  # no budget now: the site trains no DP run
+    path.write_text('{"privacy-budget": 3,')  # a half-saved edit: refused naming the file, never the old policy
+    with pytest.raises(SiteConfigError, match="site.json"):
+        read()
