@@ -129,6 +129,10 @@ def accounting_delta(settings: SiteSettings, cfg: RunConfig) -> float:
     return cfg.privacy.delta if settings.delta is None else settings.delta
 
 
+DATA_REFUSAL = ("its data failed validation, or holds too few patients for the run's held-out part (val-fraction): the "
+                "site's log says which; `oncofed validate` checks the tables")
+
+
 def budget_refusal(settings: SiteSettings, cfg: RunConfig) -> str:
     """Why this site refuses to spend on the run ("" when it does not): a deployed site's budget is its own. Taken
     from the run's epsilon, the operator could raise it run by run (the ledger checks spend against the budget it
@@ -404,7 +408,9 @@ def unready_refusal(settings: SiteSettings, cfg: RunConfig, context: Context, ru
     except SiteDataError as e:
         log(WARNING, "site %s: data failed validation:\n%s", settings.name, e)
         # The report names patient rows: it stays in the site's log; the server gets the verdict only.
-        return "its data failed validation (details in the site's log; run `oncofed validate` there)", None
+        # One message for both causes: a refusal for too small a held-out part would tell the server that the site's
+        # patient count is below a bound, a bit one patient can flip.
+        return DATA_REFUSAL, None
     if reason := padding_refusal(settings, cfg) or (cfg.privacy.enabled and (
             stale_ledger_refusal(settings, site) or (run_key and withheld_refusal(site, run_key)))):
         return reason, site

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pytest
 
+from client.app import DATA_REFUSAL as DATA_REFUSAL_REASON
 from privacy.accounting import epsilon
 from server.processes import free_port
 from server.proxy import nginx_binary
@@ -271,7 +272,7 @@ def test_c_e_run_survives_a_server_crash_and_the_proxy_hides_the_control_api(dep
     assert 'oncofed_rounds_completed{run="' in scrape and "oncofed_site_epsilon{site=\"C0\"}" in scrape
 
 
-DATA_REFUSAL = "{}: its data failed validation (details in the site's log; run `oncofed validate` there)"
+DATA_REFUSAL = "{}: " + DATA_REFUSAL_REASON
 
 
 @contextlib.contextmanager

@@ -143,7 +143,7 @@ def _ready_site(tmp_path: Path) -> dict:
     return {"schema": str(schema_path), "num-rounds": 3, "d-model": 32, "sites": 3, "min-sites": 2}
 
 
-@pytest.mark.parametrize("cause", ["data", "policy", "audit"])
+@pytest.mark.parametrize("cause", ["data", "small", "policy", "audit"])
 def test_a_site_that_would_refuse_to_train_says_so_at_secaggs_setup_before_any_site_spends(tmp_path, cause):
     """A site that will refuse the round (its data fails validation, its policy refuses the run, its audit log cannot be
     written) drops out at SecAgg+'s setup, before any site trains: the server then abandons a round that cannot be
@@ -151,7 +151,8 @@ def test_a_site_that_would_refuse_to_train_says_so_at_secaggs_setup_before_any_s
     stage cost the seven others their whole budget in three abandoned rounds)."""
     from client.app import site_policy_mod
 
-    run = {**_ready_site(tmp_path), **({"dp": False} if cause == "policy" else {})}
+    run = {**_ready_site(tmp_path), **({"dp": False} if cause == "policy" else {}),
+           **({"val-fraction": 0.001} if cause == "small" else {})}  # too few patients for a held-out part
     ctx = _context(tmp_path, run, {"require-dp": True} if cause == "policy" else {})
     ctx.state = RecordDict()
     if cause == "data":
@@ -168,7 +169,11 @@ def test_a_site_that_would_refuse_to_train_says_so_at_secaggs_setup_before_any_s
     called = []
     reply = site_policy_mod(_setup(4), ctx, lambda m, c: called.append(m))
     assert reply.has_error() and reply.error.reason.startswith("refused: "), cause
-    assert {"data": "failed validation", "policy": "require-dp", "audit": "audit log"}[cause] in reply.error.reason
+    assert {"data": "failed validation", "policy": "require-dp", "audit": "audit log"}.get(cause, "") in reply.error.reason
+    if cause in ("data", "small"):  # one message for both: "too small" would bound the site's patient count
+        from client.app import DATA_REFUSAL
+
+        assert reply.error.reason.endswith(DATA_REFUSAL)
     assert not called  # Flower's setup did not run: the site has no part in the round
     ready = _context(tmp_path / "ready", _ready_site(tmp_path / "ready"))
     ready.state = RecordDict()
