@@ -282,7 +282,10 @@ def calibrate(settings: SiteConfig, data_dir: Path, seed: int = 0) -> dict:
                          f"{', '.join(map(repr, list(table.columns)[:8]))}); name the label column "
                          f"{lm.schema.label_column!r}")
     labels = table[lm.schema.label_column].astype(str).str.strip()
-    labels = labels[~labels.index.duplicated(keep=False)]
+    if (twice := labels.index[labels.index.duplicated()].unique()).size:  # which label is the patient's? (validate refuses)
+        raise ValueError(f"{found[0]}: {twice.size} patient id(s) appear more than once "
+                         f"({', '.join(map(repr, list(twice[:5])))}{' ...' if twice.size > 5 else ''}): keep one row per "
+                         "patient (`oncofed validate` lists them)")
     checked = predictor.checked_tables(data_dir)
     lookup = {c: k for k, c in enumerate(lm.schema.classes)}
     keep = [k for k, pid in enumerate(checked.ids) if labels.get(pid) in lookup]

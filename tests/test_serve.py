@@ -1767,7 +1767,8 @@ def test_calibration_is_fitted_at_the_site_and_checked_on_held_out_patients(site
 
 def test_calibration_names_a_labels_table_it_cannot_read_and_labels_of_no_class(site, tmp_path):
     """A labels table without the schema's label column gave a KeyError traceback; labels written another way ('brca'
-    for 'BRCA') were dropped without a word; labels of a type the schema does not know are left out and counted."""
+    for 'BRCA') were dropped without a word; labels of a type the schema does not know are left out and counted; a
+    patient labelled twice was dropped without a word."""
     from typer.testing import CliRunner
 
     from oncofed.cli import app
@@ -1798,6 +1799,10 @@ def test_calibration_names_a_labels_table_it_cannot_read_and_labels_of_no_class(
     other.to_csv(data / "labels.csv", index=False)
     r = calibrate()
     assert r.exit_code == 0 and "labels of no class of the schema: SARC-X (3)\n" in r.output, r.output
+    twice = pd.concat([table, table.iloc[[7]].assign(**{label: table.loc[8, label]})])  # P007 with a second label
+    twice.to_csv(data / "labels.csv", index=False)
+    r = calibrate()  # both rows were dropped without a word (validate refuses them)
+    assert r.exit_code == 2 and "1 patient id(s) appear more than once ('P007')" in r.output, r.output
 
 
 def _labelled(site, data, wrong_every: int = 5, n: int = N) -> None:
