@@ -54,6 +54,9 @@ def simulate(
         typer.echo(f"--set {', '.join(reserved)}: oncofed simulate sets {'these' if len(reserved) > 1 else 'this'} "
                    f"itself (its working files live under --out; the eval data: --eval-data)", err=True)
         raise typer.Exit(code=2)
+    if dp is False and epsilon is not None:
+        typer.echo(f"--epsilon {epsilon:g} with --no-dp: a run without DP spends no epsilon; drop one of them", err=True)
+        raise typer.Exit(code=2)
     terminate_as_exit()  # SIGTERM too stops the local SuperLink and its apps
     out = out.resolve()
     try:
