@@ -306,8 +306,12 @@ def test_cli_writes_a_report_of_a_partial_results_directory_to_out(tmp_path):
     pooled = root / "cells" / "mini3-pooled-s0" / "predictions.npz"  # strings as object arrays (pandas .to_numpy())
     arrays = dict(np.load(pooled))
     np.savez(pooled, **{**arrays, "gender": arrays["gender"].astype(object), "site": arrays["site"].astype(object)})
+    stale = tmp_path / "rep" / "figures" / "roc_an-earlier-cell.png"  # an earlier report's figure in the same --out
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(PNG)
     res = CliRunner().invoke(_cli(), ["report", str(root), "--out", str(tmp_path / "rep")])
     assert res.exit_code == 0, res.output
+    assert not stale.exists()  # a figure this report does not show is not left beside it
     md = (tmp_path / "rep" / "report.md").read_text()
     assert (tmp_path / "rep" / "report.html").is_file()
     assert "**Cost of privacy, ε=8**" in md  # 8.0 and "8" are the same budget

@@ -32,6 +32,9 @@ def build_report(results_dir: Path, out_dir: Path | None = None) -> Path:
     md = build_markdown(res, out)
     path = out / "report.md"
     path.write_text(md, encoding="utf-8")
+    for png in (out / "figures").glob("*.png"):  # an earlier report's figure this one does not show
+        if f"figures/{png.name}" not in md:
+            png.unlink()
     title = md.splitlines()[0].lstrip("# ")
     (out / "report.html").write_text(markdown_to_html(md, title), encoding="utf-8")
     return path
