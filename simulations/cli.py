@@ -139,4 +139,8 @@ def experiment(
     except SimulationError as e:
         typer.echo(f"{e}\nthe finished cells are kept: run the same command again to resume", err=True)
         raise typer.Exit(code=1)
+    except KeyboardInterrupt:
+        typer.echo("stopped: the finished cells are kept; run the same command again to resume (the cell that was "
+                   "running starts again)", err=True)
+        raise typer.Exit(code=130)
     typer.echo(f"next: oncofed report {results}")

@@ -826,12 +826,17 @@ def run_experiment(config_path: str | Path, results: str | Path, log=print, only
     if root.exists() and not root.is_dir():
         raise ExperimentError(f"--out {root}: is a file; give a results directory (a new one, or one this config "
                               "wrote before)")
+    previous = root / "experiment.toml"
+    if root.is_dir() and not previous.exists() and (held := sorted(p.name for p in root.iterdir())):
+        # another tool's directory (a simulate --out, a report): the grid's cells/ and results would land among its files
+        raise ExperimentError(f"--out {root}: holds {', '.join(held[:4])}{' ...' if len(held) > 4 else ''} but no "
+                              "experiment.toml, so it is not an experiment's results directory; give a new --out (or "
+                              "one an experiment wrote before)")
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ExperimentError(f"--out {root}: cannot make the results directory ({e.strerror}); give another "
                               "--out") from None
-    previous = root / "experiment.toml"
     text = Path(config_path).read_text()
     if previous.exists() and (before := _previous_config(previous)) != cfg:
         changed = [k for k in ExperimentConfig.model_fields

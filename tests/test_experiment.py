@@ -478,3 +478,32 @@ def test_a_misspelt_synthetic_key_is_refused_with_the_generators_keys(tmp_path):
     message = str(e.value)
     assert "[synthetic]: got an unexpected keyword argument 'classs'" in message
     assert "classes, patients-per-site, omics-widths" in message and "min-site-patients" not in message, message
+
+
+def test_an_out_directory_another_tool_wrote_is_refused_before_anything_is_written(tmp_path):
+    """`experiment --out` took any existing directory (a simulate --out) and wrote its cells among its files."""
+    other = tmp_path / "a-simulate-run"
+    (other / "server").mkdir(parents=True)
+    (other / "summary.json").write_text("{}")
+    with pytest.raises(ExperimentError, match="no experiment.toml, so it is not an experiment's results directory"):
+        run_experiment(write(tmp_path, SMALL), other, log=lambda s: None, only="nothing")
+    assert sorted(p.name for p in other.iterdir()) == ["server", "summary.json"]
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an empty directory is a new results directory
+    run_experiment(write(tmp_path, SMALL), empty, log=lambda s: None, only="nothing")
+    assert (empty / "experiment.toml").is_file()
+
+
+def test_ctrl_c_says_the_finished_cells_are_kept_and_how_to_resume(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import simulations.experiment as experiment
+    import simulations.federation as federation
+    from oncofed.cli import app
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(experiment, "run_experiment", interrupted)
+    monkeypatch.setattr(federation, "terminate_as_exit", lambda: None)  # not this test process's signal handlers
+    r = CliRunner().invoke(app, ["experiment", str(write(tmp_path, SMALL)), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 130 and "run the same command again to resume" in r.output, r.output
