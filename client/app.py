@@ -383,6 +383,19 @@ REQUIRE_DP_REFUSAL = ("site policy: training without differential privacy (run c
 
 AUDIT_UNWRITABLE = "its audit log cannot be written (details in the site's log)"
 TRAINING_FAILED = "local training failed (details in the site's log)"  # a traceback would carry data to the server
+RELEASE_UNWRITABLE = ("its copy of the update could not be kept (a full disk or a state directory it cannot write: "
+                      "details in the site's log); the round is counted as spent, and nothing was sent")
+
+
+def _keep_release(releases, run_key: str, rnd: int, release, fitins, msg: Message, site: str) -> None:
+    """Keep the copy a resumed server gets back (releases.save), before the update leaves; a copy that cannot be
+    written refuses the round instead of sending an update it could not resend (the OSError, with its path, stays
+    in the site's log)."""
+    try:
+        releases.save(run_key, rnd, release)
+    except OSError as e:
+        log(WARNING, "site %s: the released update cannot be kept in %s: %s", site, releases.root, e)
+        raise _refusal(fitins, msg, site, RELEASE_UNWRITABLE) from None
 
 
 def unready_refusal(settings: SiteSettings, cfg: RunConfig, context: Context, run_key: str,
@@ -513,7 +526,8 @@ def _train(msg: Message, context: Context) -> Message:
         metrics[AUDIT_HEAD] = trained["hash"]  # the server records it: an anchor of this log outside the site
         metrics = sent_metrics(metrics, FIT_METRICS, settings.name)
         if cfg.privacy.enabled:  # kept before it leaves: a resumed server asking for this round again gets these bits back
-            releases.save(run_key, rnd, Release(arrays_sha256(global_arrays), delta, weight, metrics))
+            _keep_release(releases, run_key, rnd, Release(arrays_sha256(global_arrays), delta, weight, metrics), fitins,
+                          msg, settings.name)
     res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(delta), weight, metrics)
     return Message(fitres_to_recorddict(res, keep_input=False), reply_to=msg)
 
@@ -677,7 +691,8 @@ def _train_distributed(msg: Message, fitins, context: Context, cfg: RunConfig, s
         metrics[SITE] = settings.name
         metrics[AUDIT_HEAD] = trained["hash"]
         metrics = sent_metrics(metrics, FIT_METRICS, settings.name)
-        releases.save(run_key, rnd, Release(arrays_sha256(global_arrays), result.delta, result.num_examples, metrics))
+        _keep_release(releases, run_key, rnd, Release(arrays_sha256(global_arrays), result.delta, result.num_examples,
+                                                      metrics), fitins, msg, settings.name)
     res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(result.delta), result.num_examples, metrics)
     return Message(fitres_to_recorddict(res, keep_input=False), reply_to=msg)
 

@@ -470,3 +470,33 @@ def test_a_released_round_the_site_cannot_resend_is_refused_at_setup_before_othe
     copy.unlink()
     gone = setup()
     assert gone.has_error() and "no copy of its update is kept" in gone.error.reason
+
+
+@pytest.mark.parametrize("mode", ["site", "distributed"])
+def test_a_release_copy_that_cannot_be_written_refuses_the_round_without_a_path_and_keeps_the_spend(tmp_path, mode,
+                                                                                                   monkeypatch):
+    """A full disk while the released update's copy was written: the OSError (with the state directory's path)
+    reached the server as the ClientApp's exception. The site now refuses in words; the ledger keeps the spend."""
+    import errno
+
+    from client.app import RELEASE_UNWRITABLE, SiteRefusal, train
+    from client.releases import ReleaseStore
+    from privacy.ledger import read_ledger
+    from privacy.run_config import load_run_config
+    from shared_models.model import MultiModalTransformer
+    from shared_models.weights import state_arrays
+    from tests.sitefixtures import site_schema, site_tables, write_site
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "state" / "released"))
+    monkeypatch.setattr(ReleaseStore, "save", disk_full)
+    schema = site_schema()
+    schema_path = schema.save(tmp_path / "schema.json")
+    write_site(tmp_path / "site", site_tables(n_per_class=20))
+    run = _run(schema_path, **({"dp-mode": "site", "strategy": "fedavg"} if mode == "site" else {}))
+    weights = state_arrays(MultiModalTransformer(schema, load_run_config(run).model))
+    with pytest.raises(SiteRefusal) as refused:
+        train(_fit(weights), _context(tmp_path, run, {"require-secagg": False}))
+    assert RELEASE_UNWRITABLE in str(refused.value) and str(tmp_path) not in str(refused.value)
+    (entry,) = read_ledger(tmp_path / "state" / "privacy-ledger.json")["entries"]
+    assert entry["status"] == "committed"  # the steps ran: the spend is counted, though nothing was sent
