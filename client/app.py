@@ -48,7 +48,7 @@ from client.releases import Release, ReleaseDamaged, ReleaseStore
 from privacy import secagg_masks
 from privacy.audit import ANCHORS_FILE, AUDIT_FILE, AnchorStore, AuditError, AuditLog
 from privacy.run_config import load_run_config
-from privacy.site_config import NODE_POLICY_KEYS, SITE_CONFIG_KEY, SiteConfig, stricter
+from privacy.site_config import NODE_POLICY_KEYS, SITE_CONFIG_KEY, SiteConfig, SiteConfigError, stricter
 from shared_models.protocol import (ARRAYS_RECORD, AUDIT_ANCHOR, AUDIT_HEAD, CONFIG_RECORD, EPSILON, EPSILON_WORST_CASE,
                                     EVALUATE_METRICS, FIT_METRICS, LOCAL_STEPS, LOSS, PACKAGE_INFO,
                                     NOISE_PLAN, PREVIOUS_ROUND, REFUSAL_PREFIX, REPLY, RESENT, ROUND_OUTCOME, RUN_KEY,
@@ -89,6 +89,7 @@ class SiteSettings:
     delta: float | None = None  # node config privacy-delta; None: the run's (the ledger keeps the smallest)
     budget_missing: bool = False  # a deployed site without privacy-budget: it trains no DP run (budget_refusal)
     min_count: int = 1  # node config min-count: no run reports a smaller count from this site (the run's may be larger)
+    policy_unreadable: bool = False  # site.json could not be read again (site_settings): the site trains in no round
 
 
 def site_settings(context: Context, cfg: RunConfig) -> SiteSettings:
@@ -102,13 +103,18 @@ def site_settings(context: Context, cfg: RunConfig) -> SiteSettings:
         # its policy typed and bounded by site.json's model (privacy/site_config.py), whose defaults are a deployment's
         site = SiteConfig.parse({**{k: node[k] for k in NODE_POLICY_KEYS if k in node}, "state-dir": str(state),
                                  "model-dir": str(models)}, source="the SuperNode's --node-config (site.json)")
+        unreadable = False
         if SITE_CONFIG_KEY in node:  # site.json as it is now: a tightened policy holds without a restart
-            site = stricter(site, SiteConfig.load(str(node[SITE_CONFIG_KEY])))
+            try:
+                site = stricter(site, SiteConfig.load(str(node[SITE_CONFIG_KEY])))
+            except (SiteConfigError, OSError) as e:  # a half-saved edit: its path and values stay in the site's log
+                log(WARNING, "site %s: site.json cannot be read: %s", site.site_name or data.name, e)
+                unreadable = True
         return SiteSettings(site.site_name or data.name, 0, SitePaths(data, state, models),
                             cfg.privacy.epsilon if site.privacy_budget is None else site.privacy_budget,
                             site.require_secagg, site.min_aggregate_sites, site.require_dp, site.max_trusted_sites,
                             site.require_padded_batches, site.privacy_delta, site.privacy_budget is None,
-                            site.min_count)
+                            site.min_count, unreadable)
     index = int(node["partition-id"])
     root = cfg.path(cfg.run.data_root)
     sites = json.loads((root / "manifest.json").read_text())["sites"]  # written by `oncofed partition`
@@ -129,6 +135,8 @@ def accounting_delta(settings: SiteSettings, cfg: RunConfig) -> float:
     return cfg.privacy.delta if settings.delta is None else settings.delta
 
 
+SITE_JSON_UNREADABLE = ("its site.json cannot be read now (an edit half saved? details in the site's log): it takes no part "
+                        "in training until the file is fixed")
 DATA_REFUSAL = ("its data failed validation, or holds too few patients for the run's held-out part (val-fraction): the "
                 "site's log says which; `oncofed validate` checks the tables")
 
@@ -410,6 +418,8 @@ def unready_refusal(settings: SiteSettings, cfg: RunConfig, context: Context, ru
     from client.site import SiteDataError
     from privacy.accounting import BudgetError
 
+    if settings.policy_unreadable:  # its policy now is unknown: it trains in no round (models are still installed)
+        return SITE_JSON_UNREADABLE, None
     if reason := budget_refusal(settings, cfg) or delta_refusal(settings, cfg):
         return reason, None
     if settings.require_dp and not cfg.privacy.enabled:  # before the site's tables are read for such a run

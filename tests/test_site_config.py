@@ -206,11 +206,12 @@ def test_flowers_node_config_carries_a_non_ascii_name_and_the_preflight_names_a_
 def test_a_tightened_site_json_holds_at_the_next_message_and_a_loosened_one_waits_for_a_restart(tmp_path):
     """A site that lowered its budget in site.json kept training on the old one until it restarted its SuperNode:
     the node config is read once, at start. The training app now re-reads site.json's policy at every message
-    and holds to the stricter of the two; a loosened policy still needs a restart (and its preflight)."""
+    and holds to the stricter of the two; a loosened policy still needs a restart (and its preflight). A site.json it
+    cannot read refuses training in words: an exception would carry its path and values to the server."""
     from flwr.app import Context, RecordDict
     from flwr.common.config import parse_config_args
 
-    from client.app import site_settings
+    from client.app import SITE_JSON_UNREADABLE, site_settings, unready_refusal
     from client.supernode import node_config
     from privacy.run_config import load_run_config
 
@@ -235,6 +236,8 @@ def test_a_tightened_site_json_holds_at_the_next_message_and_a_loosened_one_wait
     assert (loose.budget_epsilon, loose.max_trusted_sites) == (8.0, 2)
     path.write_text(json.dumps({k: v for k, v in start.items() if k != "privacy-budget"}))
     assert read().budget_missing  # no budget now: the site trains no DP run
-    path.write_text('{"privacy-budget": 3,')  # a half-saved edit: refused naming the file, never the old policy
-    with pytest.raises(SiteConfigError, match="site.json"):
-        read()
+    path.write_text('{"privacy-budget": 3,')  # a half-saved edit: no training, and nothing of the file leaves the site
+    ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    settings = read()
+    reason, _ = unready_refusal(settings, cfg, ctx, "run-X", audit=None)
+    assert settings.policy_unreadable and reason == SITE_JSON_UNREADABLE and str(tmp_path) not in reason
