@@ -395,7 +395,8 @@ RELEASE_UNWRITABLE = ("its copy of the update could not be kept (a full disk or 
                       "details in the site's log); the round is counted as spent, and nothing was sent")
 
 
-def _keep_release(releases, run_key: str, rnd: int, release, fitins, msg: Message, site: str) -> None:
+def _keep_release(releases, run_key: str, rnd: int, release, fitins, msg: Message, site: str,
+                  audit: AuditLog) -> None:
     """Keep the copy a resumed server gets back (releases.save), before the update leaves; a copy that cannot be
     written refuses the round instead of sending an update it could not resend (the OSError, with its path, stays
     in the site's log)."""
@@ -403,7 +404,7 @@ def _keep_release(releases, run_key: str, rnd: int, release, fitins, msg: Messag
         releases.save(run_key, rnd, release)
     except OSError as e:
         log(WARNING, "site %s: the released update cannot be kept in %s: %s", site, releases.root, e)
-        raise _refusal(fitins, msg, site, RELEASE_UNWRITABLE) from None
+        raise _refusal(fitins, msg, site, RELEASE_UNWRITABLE, audit) from None
 
 
 def unready_refusal(settings: SiteSettings, cfg: RunConfig, context: Context, run_key: str,
@@ -537,7 +538,7 @@ def _train(msg: Message, context: Context) -> Message:
         metrics = sent_metrics(metrics, FIT_METRICS, settings.name)
         if cfg.privacy.enabled:  # kept before it leaves: a resumed server asking for this round again gets these bits back
             _keep_release(releases, run_key, rnd, Release(arrays_sha256(global_arrays), delta, weight, metrics), fitins,
-                          msg, settings.name)
+                          msg, settings.name, audit)
     res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(delta), weight, metrics)
     return Message(fitres_to_recorddict(res, keep_input=False), reply_to=msg)
 
@@ -702,7 +703,7 @@ def _train_distributed(msg: Message, fitins, context: Context, cfg: RunConfig, s
         metrics[AUDIT_HEAD] = trained["hash"]
         metrics = sent_metrics(metrics, FIT_METRICS, settings.name)
         _keep_release(releases, run_key, rnd, Release(arrays_sha256(global_arrays), result.delta, result.num_examples,
-                                                      metrics), fitins, msg, settings.name)
+                                                      metrics), fitins, msg, settings.name, audit)
     res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(result.delta), result.num_examples, metrics)
     return Message(fitres_to_recorddict(res, keep_input=False), reply_to=msg)
 

@@ -478,6 +478,7 @@ def test_a_release_copy_that_cannot_be_written_refuses_the_round_without_a_path_
     """A full disk while the released update's copy was written: the OSError (with the state directory's path)
     reached the server as the ClientApp's exception. The site now refuses in words; the ledger keeps the spend."""
     import errno
+    import json
 
     from client.app import RELEASE_UNWRITABLE, SiteRefusal, train
     from client.releases import ReleaseStore
@@ -500,3 +501,5 @@ def test_a_release_copy_that_cannot_be_written_refuses_the_round_without_a_path_
     assert RELEASE_UNWRITABLE in str(refused.value) and str(tmp_path) not in str(refused.value)
     (entry,) = read_ledger(tmp_path / "state" / "privacy-ledger.json")["entries"]
     assert entry["status"] == "committed"  # the steps ran: the spend is counted, though nothing was sent
+    events = [json.loads(line)["event"] for line in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
+    assert events[-2:] == ["round_trained", "round_refused"]  # the log says the update never left
