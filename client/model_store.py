@@ -164,12 +164,18 @@ class ModelStore:
         if not isinstance(theirs, (int, float)):
             return  # an active model without a date (before 2026-12-05): any delivery may replace it
         now = time.time()
-        if theirs > now + FUTURE_SKEW_S and not (isinstance(info.get("finished"), (int, float))
-                                                 and info["finished"] > now + FUTURE_SKEW_S):
+        mine = info.get("finished")
+        if theirs > now + FUTURE_SKEW_S and not (isinstance(mine, (int, float)) and mine > now + FUTURE_SKEW_S):
             # dated by a server clock that was far ahead: every later model, dated right, would look older than it
             # and no delivery could ever replace it (nor could the site activate a model it never installed). Both
-            # in the future: this site's clock is behind, and the dates still order the two
-            return
+            # in the future: this site's clock is behind, and the dates still order the two. A delivery passing the
+            # active one's date must still be newer than every other installed model: with this site's clock behind,
+            # an earlier run delivered again is not, and is refused below
+            others = [d for v in self.versions() if v != active
+                      and isinstance(d := self._finished(v), (int, float))]
+            if isinstance(mine, (int, float)) and all(mine > d for d in others):
+                return
+            theirs = max([theirs, *others])
         if not isinstance(info.get("finished"), (int, float)):  # cannot be ordered against the active one
             raise ModelStoreError(
                 f"the delivered model (run {info.get('run')}) carries no finish time and the active {active} (run "
@@ -180,6 +186,13 @@ class ModelStore:
                 f"the delivered model (run {info.get('run')}) finished training before the active {active} (run "
                 f"{package.get('run')}): not installed, {active} stays active; to go back to an earlier model, the "
                 "site activates it itself")
+
+    def _finished(self, version: str) -> float | None:
+        """When the run of an installed version finished (its delivery's date), None if unknown or unreadable."""
+        try:
+            return self.package(version).get("delivery", {}).get("finished")
+        except (OSError, ValueError):
+            return None
 
     def _installed(self, arrays_sha: str, info: dict) -> str | None:
         """The newest intact version holding these arrays under the same delivery description (signature aside:

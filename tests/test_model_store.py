@@ -352,3 +352,20 @@ def test_a_site_clock_behind_the_servers_still_orders_deliveries(tmp_path):
     store.install(tiny_schema(), CFG, _arrays(1), {"run": "r2", "round": 10, "finished": ahead + 3600.0})
     with pytest.raises(ModelStoreError, match="finished training before the active v0002"):
         store.install(tiny_schema(), CFG, _arrays(0), {"run": "r1", "round": 10, "finished": ahead})
+
+
+def test_a_site_clock_behind_the_servers_does_not_let_an_earlier_run_sent_again_roll_it_back(tmp_path):
+    """This site's clock two days behind: the later run r1 looks dated in the future, the earlier r0 does not. r0
+    delivered again passed the far-ahead exception and was installed over r1. It must be newer than every other
+    installed model to pass, and r0 is not."""
+    import time
+
+    store = ModelStore(tmp_path)
+    now = time.time()
+    store.install(tiny_schema(), CFG, _arrays(0), {"run": "r0", "round": 10, "finished": now - 86400.0})
+    store.install(tiny_schema(), CFG, _arrays(1), {"run": "r1", "round": 10, "finished": now + 2 * 86400.0})
+    with pytest.raises(ModelStoreError, match="finished training before the active v0002"):
+        store.install(tiny_schema(), CFG, _arrays(0), {"run": "r0", "round": 10, "finished": now - 86400.0})
+    assert store.active() == "v0002"
+    # a run after both, from a server whose clock is right again (r1's date was its clock's error): installed
+    assert store.install(tiny_schema(), CFG, _arrays(2), {"run": "r2", "round": 10, "finished": now}) == "v0003"
