@@ -144,29 +144,41 @@ def claim_site(settings: SiteConfig) -> tuple[object | None, Check | None]:
     return fh, Check(name, True, "no other SuperNode of this site is running")
 
 
-LEDGER_MARK = ".ledger-state-dir"  # in the site directory: the state directory whose ledger the site last started with
+LEDGER_MARK = ".ledger-state-dir"  # in the site directory: the state directory the site last started with (JSON)
 
 
 def ledger_check(site_dir: Path, settings: SiteConfig) -> Check:
-    """The privacy ledger is where the site's spend was recorded. An edited state-dir (a typo, a move of /srv half
-    done) names a directory without one, and the site's first round would start a new ledger from zero, forgetting
-    the epsilon spent: refused when the state directory the site last started with (or, for a site started before
-    this check, site init's `state/`) holds a ledger. The state directory is recorded when the check passes."""
+    """The privacy ledger is where the site's spend was recorded; a site that starts without it would begin a new one
+    from zero at its first DP round, forgetting the epsilon spent. Refused: an edited state-dir (a typo) naming a
+    directory without a ledger while the state directory the site last started with (or, before any start, site
+    init's `state/`) holds one; and the state directory the site last started with, which held a ledger then,
+    holding none now (its files moved, site.json not edited). What the check saw is recorded (atomically) when it
+    passes."""
     from client.site import LEDGER_FILE
+    from shared_models.files import write_json_atomic
 
     state = Path(settings.state_dir).resolve()
     ledger, mark = state / LEDGER_FILE, Path(site_dir) / LEDGER_MARK
-    try:
-        before = Path(mark.read_text().strip())
-    except OSError:
-        before = Path(site_dir).resolve() / "state"
     name = f"privacy ledger {ledger}"
-    if before != state and not ledger.exists() and (before / LEDGER_FILE).exists():
-        return Check(name, False, f"missing, but this site trained with the ledger in {before}: set site.json's "
-                     f"state-dir back to {before}, or move that directory's files to {state} (a new ledger would start "
-                     "from zero and forget the privacy budget spent)")
     try:
-        mark.write_text(f"{state}\n")
+        seen = json.loads(mark.read_text())
+        before, had = Path(seen["state-dir"]), bool(seen["ledger"])
+    except (OSError, ValueError, KeyError, TypeError):  # never started with this check, or the mark is damaged
+        before, had = Path(site_dir).resolve() / "state", None
+    try:
+        present = ledger.exists()
+        before_has = (before / LEDGER_FILE).exists()
+    except OSError as e:
+        return Check(name, False, f"cannot be looked for ({e.strerror}): let the site's account read {state}")
+    lost = " (a new ledger would start from zero and forget the privacy budget spent)"
+    if not present and before != state and before_has:
+        return Check(name, False, f"missing, but this site trained with the ledger in {before}: set site.json's "
+                     f"state-dir back to {before}, or move that directory's files to {state}{lost}")
+    if not present and before == state and had:
+        return Check(name, False, f"missing, but it was there when this site last started: put the state directory's "
+                     f"files back in {state}, or set site.json's state-dir to where they were moved{lost}")
+    try:
+        write_json_atomic(mark, {"state-dir": str(state), "ledger": present})
     except OSError:
         pass  # a read-only site directory: the check still guards site init's state/
     if not ledger.exists():

@@ -366,6 +366,17 @@ def test_a_state_dir_edited_away_from_the_sites_ledger_fails_preflight_instead_o
     line = start()
     assert "[FAIL]" in line and f"this site trained with the ledger in {Path(site.state_dir).resolve()}" in line
     assert not (tmp_path / "s" / "stat" / "privacy-ledger.json").exists()
+    # the other half of a move: the files moved, site.json not edited
+    settings["state-dir"] = site.state_dir
+    site_json.write_text(json.dumps(settings))
+    assert "[ok  ]" in start()  # started with its ledger there: recorded
+    moved = tmp_path / "elsewhere"
+    Path(site.state_dir).rename(moved)
+    line = start()
+    assert "[FAIL]" in line and "missing, but it was there when this site last started" in line, line
+    settings["state-dir"] = str(moved)
+    site_json.write_text(json.dumps(settings))
+    assert "[ok  ]" in start()  # site.json follows the move: the ledger is found
 
 
 def test_site_start_shows_what_the_site_has_spent_and_warns_of_a_damaged_ledger(consortium, tmp_path):
