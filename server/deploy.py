@@ -151,11 +151,25 @@ def _is_server_of(pid: int, root: Path) -> bool:
     try:
         proc = psutil.Process(pid)
         args, cwd = proc.cmdline(), Path(proc.cwd())
+    except psutil.AccessDenied:
+        raise DeployError(f"pid {pid} (the server recorded in {root / 'state' / 'server.json'}) belongs to another user: "
+                          "run `oncofed server stop` as the service's user (or root); under systemd, `systemctl stop "
+                          "oncofed-server`") from None
     except (psutil.Error, OSError):
         return False
     if "start" not in args or "server" not in args:
         return False
     return any((cwd / a).resolve() == root.resolve() for a in args if a and not a.startswith("-"))
+
+
+def _under_systemd(pid: int) -> bool:
+    """Whether the process was started by a systemd unit (systemd sets INVOCATION_ID in a unit's environment)."""
+    import psutil
+
+    try:
+        return "INVOCATION_ID" in psutil.Process(pid).environ()
+    except (psutil.Error, OSError):
+        return False
 
 
 def stop_server(root: str | Path, timeout: float = 60.0) -> str:
@@ -175,7 +189,14 @@ def stop_server(root: str | Path, timeout: float = 60.0) -> str:
         raise DeployError(f"{c.path('state', 'server.json')}: pid {pid} is not this consortium's `oncofed server start` "
                           "(it ended without recording that, and the pid was reused): nothing was stopped; the "
                           "server is not running")
-    os.kill(int(pid), signal.SIGTERM)
+    if _under_systemd(int(pid)):  # its unit's Restart=always would start it again
+        raise DeployError(f"{c.root}: the server (pid {pid}) runs under systemd, which would start it again: "
+                          "`systemctl stop oncofed-server` (the unit in docs/systemd/)")
+    try:
+        os.kill(int(pid), signal.SIGTERM)
+    except PermissionError:
+        raise DeployError(f"{c.root}: not allowed to signal the server (pid {pid}): run `oncofed server stop` as the "
+                          "service's user (or root); under systemd, `systemctl stop oncofed-server`") from None
     deadline = time.monotonic() + timeout
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -255,6 +255,7 @@ def test_j_server_stop_ends_this_consortiums_server_and_never_signals_a_reused_p
     """There was no `oncofed server stop`: an operator without a service manager had to find the pid. It sends
     SIGTERM to the recorded `oncofed server start` only if that pid is still this consortium's server."""
     import json
+    import os
     import subprocess
     import sys
     import threading
@@ -263,8 +264,9 @@ def test_j_server_stop_ends_this_consortiums_server_and_never_signals_a_reused_p
 
     from server.deploy import DeployError, stop_server
 
-    def spawn(*args: str) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *args], cwd=tmp_path)
+    def spawn(*args: str, env: dict | None = None) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *args], cwd=tmp_path,
+                                env={**os.environ, **(env or {})})
         threading.Thread(target=proc.wait, daemon=True).start()  # reaped when it ends (not left a zombie)
         deadline = time.monotonic() + 30  # until it has exec'd
         while b"sleep" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
@@ -276,7 +278,12 @@ def test_j_server_stop_ends_this_consortiums_server_and_never_signals_a_reused_p
     assert "not running" in stop_server(consortium.root)
     server = spawn("server", "start", str(consortium.root.relative_to(tmp_path)))  # as the operator typed it
     other = spawn("server", "start", "elsewhere")
+    unit = spawn("server", "start", str(consortium.root), env={"INVOCATION_ID": "0123"})  # started by systemd
     try:
+        state.write_text(json.dumps({"pid": unit.pid}))  # its unit would start it again: systemctl's to stop
+        with pytest.raises(DeployError, match="systemctl stop oncofed-server"):
+            stop_server(consortium.root, timeout=5)
+        assert unit.poll() is None
         state.write_text(json.dumps({"pid": other.pid}))  # the pid of a process that is not this consortium's
         with pytest.raises(DeployError, match="not this consortium's"):
             stop_server(consortium.root, timeout=5)
@@ -287,3 +294,4 @@ def test_j_server_stop_ends_this_consortiums_server_and_never_signals_a_reused_p
     finally:
         server.kill()
         other.kill()
+        unit.kill()
