@@ -32,7 +32,7 @@ import numpy as np
 from shared_models.files import write_json_atomic
 from shared_models.flower_tools import flower_tool
 from shared_models.protocol import (ARRAYS_RECORD, AUDIT_ANCHOR, CONFIG_RECORD, PACKAGE_INFO, PREVIOUS_ROUND, REPLY,
-                                    ROUND_OUTCOME, RUN_KEY, SAVE_MODEL, DeliveryReply)
+                                    ROUND_OUTCOME, RUN_KEY, SAVE_MODEL, SITE, DeliveryReply)
 from server.run_files import CHECKPOINTS, FINAL_WEIGHTS, FLWR_LOG, METRICS, PACKAGE, RESULT, STATUS
 
 DELIVERY_SHORT_EXIT = 3  # `oncofed run` / `oncofed deliver`: trained, but not every site that trained installed it
@@ -64,11 +64,28 @@ def deliver(grid, final: list[np.ndarray], package: dict, timeout: float, node_i
            for reply in _query(grid, SAVE_MODEL, content, nodes, timeout)]
     answered = {d["node"] for d in out}
     out += [{"node": nid, **_not_installed(f"no reply within {timeout:g} s")} for nid in nodes if nid not in answered]
-    out += [{"node": nid, **_not_installed(unreached)} for nid in sorted(set(expected) - set(nodes))]
-    for d in out:
+    _file_under_registered(out, registered)
+    expected = expected if isinstance(expected, dict) else dict.fromkeys(expected)
+    sent = _site_names(out)  # a site back under another node id (a resumed simulation's SuperNodes get new ones)
+    last = {name: nid for nid, name in expected.items() if name}  # a site under several ids: its newest one
+    unsent = [{"node": nid, **({"site": expected[nid]} if expected[nid] else {}), **_not_installed(unreached)}
+              for nid in sorted(set(expected) - set(nodes))
+              if not expected[nid] or (expected[nid] not in sent and last[expected[nid]] == nid)]
+    _file_under_registered(unsent, registered)
+    return out + unsent
+
+
+def _file_under_registered(deliveries: list[dict], registered: dict | None) -> None:
+    """Each delivery under its node's registered name, the name the site reported kept beside it when it differs."""
+    for d in deliveries:
         if (name := (registered or {}).get(str(d["node"]))) is not None and d.get("site") != name:
             d.update(site=name, **({"reported_site": d["site"]} if d.get("site") else {}))
-    return out
+
+
+def _site_names(deliveries: list[dict], installed_only: bool = False) -> set[str]:
+    """The site names of these deliveries (registered and reported)."""
+    return {n for d in deliveries if d.get("installed") or not installed_only
+            for n in (d.get("site"), d.get("reported_site")) if n}
 
 
 def tell_outcome(grid, previous: dict, run_key: str, timeout: float) -> int:
@@ -110,13 +127,18 @@ def audited(deliveries: list[dict]) -> list[dict]:
     return [{k: d.get(k) for k in ("site", "node", "installed", "version", "error", "audit_head")} for d in deliveries]
 
 
-def trained_nodes(run_dir: Path) -> set[int]:
-    """Nodes whose update entered at least one aggregate of the run (metrics.jsonl, every attempt)."""
-    out: set[int] = set()
+def trained_nodes(run_dir: Path) -> dict[int, str | None]:
+    """Nodes whose update entered at least one aggregate of the run (metrics.jsonl, every attempt), each with the
+    site name it reported then (None if not recorded)."""
+    out: dict[int, str | None] = {}
     f = run_dir / METRICS
     for line in (f.read_text().splitlines() if f.exists() else []):
         try:
-            out.update(int(n) for n in json.loads(line).get("participants", []))
+            record = json.loads(line)
+            sites = record.get("sites") or {}
+            for n in record.get("participants", []):
+                name = (sites.get(str(n)) or {}).get(SITE)
+                out[int(n)] = str(name) if name else out.get(int(n))
         except (ValueError, TypeError, AttributeError):
             continue
     return out
@@ -128,9 +150,12 @@ def installed_nodes(deliveries: list[dict]) -> set[int]:
 
 def delivery_status(run_dir: Path, deliveries: list[dict]) -> dict:
     """status.json's delivery fields: who installed the final model against who trained it."""
-    trained, installed = trained_nodes(run_dir), installed_nodes(deliveries)
-    missing = sorted(trained - installed)
-    return {"delivered": len(installed), "trained": len(trained), "delivery_ok": int(not missing),
+    trained, installed, names = trained_nodes(run_dir), installed_nodes(deliveries), _site_names(deliveries, True)
+    sites: dict[str, list[int]] = {}  # one entry per site that trained, with the node ids it had (a resumed
+    for nid, name in trained.items():  # simulation's sites come back under new ones; a deployment's keep theirs)
+        sites.setdefault(name or f"node {nid}", []).append(nid)
+    missing = sorted(nids[-1] for name, nids in sites.items() if not set(nids) & installed and name not in names)
+    return {"delivered": len(installed), "trained": len(sites), "delivery_ok": int(not missing),
             "undelivered": missing}
 
 
@@ -254,7 +279,8 @@ def redeliver(grid, cfg) -> None:
     result = json.loads((out / RESULT).read_text()) if (out / RESULT).exists() else {**package}
     before = list(result.get("deliveries", []))
     done = installed_nodes(before)
-    wanted = trained_nodes(out) - done
+    trained = trained_nodes(out)
+    wanted = set(trained) - done
     deadline = time.monotonic() + cfg.federation.round_timeout
     while wanted - set(grid.get_node_ids()) and time.monotonic() < deadline:
         time.sleep(1.0)  # a site that trained may be reconnecting
@@ -270,7 +296,7 @@ def redeliver(grid, cfg) -> None:
     new = deliver(grid, final, package, cfg.federation.round_timeout, node_ids=targets, anchor=anchor,
                   previous=round_outcome(out, int(package.get("round", 0))),
                   registered=registered_names(cfg.path(cfg.run.site_registry)) if cfg.run.site_registry else None,
-                  expected=wanted, unreached=f"{NOT_CONNECTED} again (`oncofed deliver` waited "
+                  expected={n: trained[n] for n in wanted}, unreached=f"{NOT_CONNECTED} again (`oncofed deliver` waited "
                   f"{cfg.federation.round_timeout:g} s for it)")
     renewed = {d["node"] for d in new}
     deliveries = [d for d in before if d.get("node") not in renewed] + new

@@ -123,6 +123,37 @@ def test_a_site_that_trained_but_was_not_connected_is_recorded_with_that_reason_
     assert delivery_verdict(run)[1].startswith(summary + ".")
 
 
+def test_a_site_back_under_another_node_id_is_one_site_that_installed_not_one_that_did_not(tmp_path, monkeypatch):
+    """A resumed simulation's SuperNodes get new node ids: the sites that trained before the kill were counted a second
+    time under their old ids, as not connected, so a run every site got read as short."""
+    import server.delivery
+    from server.delivery import deliver
+    from shared_models.protocol import CONFIG_RECORD, REPLY, DeliveryReply
+
+    def answered(grid, action, content, nodes, timeout):
+        return [types.SimpleNamespace(metadata=types.SimpleNamespace(src_node_id=n), has_error=lambda: False,
+                                      content={CONFIG_RECORD: {REPLY: DeliveryReply(site=f"S{n % 10}", installed=True)
+                                                               .to_json()}}) for n in nodes]
+
+    monkeypatch.setattr(server.delivery, "_query", answered)
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in (
+        {"round": 1, "participants": [11, 12], "sites": {"11": {"site": "S1"}, "12": {"site": "S2"}}},
+        {"round": 2, "participants": [21, 22], "sites": {"21": {"site": "S1"}, "22": {"site": "S2"}}})))
+    trained = server.delivery.trained_nodes(run)
+    assert trained == {11: "S1", 12: "S2", 21: "S1", 22: "S2"}
+    deliveries = deliver(types.SimpleNamespace(get_node_ids=lambda: [21, 22]), [np.ones(2, dtype=np.float32)],
+                         {"run": "k"}, 5.0, expected=trained)
+    assert [d["node"] for d in deliveries] == [21, 22] and all(d["installed"] for d in deliveries)
+    status = delivery_status(run, deliveries)
+    assert (status["trained"], status["delivered"], status["delivery_ok"]) == (2, 2, 1)
+    gone = deliver(types.SimpleNamespace(get_node_ids=lambda: [21]), [np.ones(2, dtype=np.float32)], {"run": "k"},
+                   5.0, expected=trained)  # S2 not back: named once, under the last node id it had
+    assert [(d["node"], d.get("site"), d["installed"]) for d in gone] == [(21, "S1", True), (22, "S2", False)]
+    assert delivery_status(run, gone)["undelivered"] == [22] and delivery_status(run, gone)["trained"] == 2
+
+
 def test_a_site_that_never_trained_does_not_make_the_delivery_short(tmp_path):
     run = _run_dir(tmp_path, installed=[1, 2], trained=[[1, 2], [1, 2]])
     assert delivery_verdict(run)[0] and json.loads((run / "status.json").read_text())["delivery_ok"] == 1
