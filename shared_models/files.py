@@ -114,6 +114,9 @@ def _no_duplicate_keys(pairs: list) -> dict:
 
 def read_json_file(path: Path, error: type[Exception], hint: str) -> dict:
     """A JSON settings file, or `error` naming the file and how to produce it (a key given twice is refused)."""
+    if Path(path).is_dir():
+        raise error(f"{path}: a directory, where a JSON file is expected: give the file's path, not its "
+                    f"directory's; {hint}")
     try:
         return json.loads(Path(path).read_text(), object_pairs_hook=_no_duplicate_keys)
     except (OSError, ValueError) as e:

@@ -241,3 +241,9 @@ def test_a_tightened_site_json_holds_at_the_next_message_and_a_loosened_one_wait
     settings = read()
     reason, _ = unready_refusal(settings, cfg, ctx, "run-X", audit=None)
     assert settings.policy_unreadable and reason == SITE_JSON_UNREADABLE and str(tmp_path) not in reason
+
+
+def test_a_directory_given_for_site_json_says_so_not_is_a_directory(tmp_path):
+    """`serve --site-config DIR` said '.: no readable s1 (Is a directory)'."""
+    with pytest.raises(SiteConfigError, match="a directory, where a JSON file is expected: give the file's path"):
+        SiteConfig.load(tmp_path)
