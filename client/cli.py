@@ -407,7 +407,7 @@ def serve_activate(
         typer.echo(f"the audit log cannot record the switch, nothing changed: {e}", err=True)
         raise typer.Exit(code=2)
     except (ModelStoreError, ValueError, OSError) as e:
-        typer.echo(f"{version} does not verify or cannot be recorded, nothing changed: {e}", err=True)
+        typer.echo(f"{version} cannot be activated, nothing changed: {e}", err=True)
         raise typer.Exit(code=2)
     typer.echo(f"{version} is active (was {previous or 'none'})")
 

@@ -279,7 +279,7 @@ def model_routes(app, site: "Site", role) -> None:
         except (AuditError, OSError) as e:
             raise HTTPException(503, f"the audit log cannot record the switch, nothing changed: {e}") from None
         except Exception as e:  # noqa: BLE001
-            raise HTTPException(409, f"{target} does not verify: {e}") from None
+            raise HTTPException(409, f"{target} cannot be activated, nothing changed: {e}") from None
         predictor.refresh()
         return {"active": target, "previous": active}
 
