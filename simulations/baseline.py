@@ -18,6 +18,7 @@ are exactly the hold-out of the federation made with those flags.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +31,14 @@ from shared_models.site_data import (LABELS_STEM, Normalizer, SiteDataset, encod
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = ROOT / "simulations" / "schemas"
+# The consortium's shared data folder (the BRCA cohort, the full pan-cancer tables): ../shared/data beside the
+# checkout, or wherever ONCOFED_SHARED_DATA names.
+SHARED_DATA_ENV = "ONCOFED_SHARED_DATA"
+SHARED_DATA = Path(os.environ.get(SHARED_DATA_ENV) or ROOT.parent / "shared" / "data")
 # Named cohorts: (data directory, schema). BRCA lives in the consortium's shared data folder.
 COHORTS = {
     "pancan33": (ROOT / "simulations" / "data" / "tcga_pancan33", SCHEMAS / "tcga_pancan33.json"),
-    "brca": (ROOT.parent / "shared" / "data" / "tcga_brca_pam50", SCHEMAS / "tcga_brca_pam50.json"),
+    "brca": (SHARED_DATA / "tcga_brca_pam50", SCHEMAS / "tcga_brca_pam50.json"),
 }
 LR_C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 

@@ -359,13 +359,15 @@ def _known_keys(err: dict) -> str:
 
 
 def data_dir(name: str) -> tuple[Path, Path]:
-    from simulations.baseline import COHORTS
+    from simulations.baseline import COHORTS, SHARED_DATA_ENV
 
     if name not in COHORTS:
         raise ExperimentError(f"[grid] data: unknown data set {name!r}; use {', '.join([*COHORTS, 'synthetic'])}")
     path, schema = COHORTS[name]
     if not path.is_dir():
-        raise ExperimentError(f"[grid] data {name!r}: {path} not found (the {name} cohort lives in ../shared/data)")
+        raise ExperimentError(f"[grid] data {name!r}: {path} not found (the {name} cohort lives in the consortium's "
+                              f"shared data folder, ../shared/data beside the checkout: set {SHARED_DATA_ENV} to the "
+                              "folder holding it)")
     return path, schema
 
 

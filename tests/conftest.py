@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from simulations.baseline import SHARED_DATA  # noqa: E402 - ../shared/data, or ONCOFED_SHARED_DATA
 
 
 def pytest_configure(config):
@@ -34,7 +34,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def shared_data() -> Path:
     if not (SHARED_DATA / "tcga_pancan33" / "labels.csv").is_file():
-        pytest.skip(f"needs the consortium's shared data at {SHARED_DATA} (absent in this checkout)")
+        pytest.skip(f"needs the consortium's shared data at {SHARED_DATA} (absent here; ONCOFED_SHARED_DATA names another folder)")
     return SHARED_DATA
 
 

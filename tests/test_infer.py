@@ -14,7 +14,7 @@ from shared_models.infer import InferError, InferOptions, infer_schema
 from shared_models.schema import ColumnType, FeatureSchema, ModalityKind, Transform
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from simulations.baseline import SHARED_DATA  # noqa: E402 - ../shared/data, or ONCOFED_SHARED_DATA
 
 
 def write_cohort(root: Path, n: int = 60) -> Path:

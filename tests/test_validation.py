@@ -24,7 +24,7 @@ from shared_models.site_data import encode_labels, raw_matrix, read_site, read_t
 from shared_models.validation import Problem, ValidationReport, validate_site
 from tests.sitefixtures import FILE_NAMES, site_schema, site_tables, write_site, write_table
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from simulations.baseline import SHARED_DATA  # noqa: E402 - ../shared/data, or ONCOFED_SHARED_DATA
 SCHEMA = site_schema()
 
 
