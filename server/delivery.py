@@ -21,6 +21,7 @@ that trained but have not installed it, and sends it to every connected site tha
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 import subprocess
 import sys
 import time
@@ -65,12 +66,10 @@ def deliver(grid, final: list[np.ndarray], package: dict, timeout: float, node_i
     answered = {d["node"] for d in out}
     out += [{"node": nid, **_not_installed(f"no reply within {timeout:g} s")} for nid in nodes if nid not in answered]
     _file_under_registered(out, registered)
-    expected = expected if isinstance(expected, dict) else dict.fromkeys(expected)
-    sent = _site_names(out)  # a site back under another node id (a resumed simulation's SuperNodes get new ones)
-    last = {name: nid for nid, name in expected.items() if name}  # a site under several ids: its newest one
-    unsent = [{"node": nid, **({"site": expected[nid]} if expected[nid] else {}), **_not_installed(unreached)}
-              for nid in sorted(set(expected) - set(nodes))
-              if not expected[nid] or (expected[nid] not in sent and last[expected[nid]] == nid)]
+    groups = [g if isinstance(g, TrainedSite) else TrainedSite(None, [int(g)]) for g in expected]
+    sent = set(nodes)  # a site sent it under any of its node ids answered above
+    unsent = [{"node": g.nodes[-1], **({"site": g.name} if g.name else {}), **_not_installed(unreached)}
+              for g in groups if not sent & set(g.nodes)]
     _file_under_registered(unsent, registered)
     return out + unsent
 
@@ -80,12 +79,6 @@ def _file_under_registered(deliveries: list[dict], registered: dict | None) -> N
     for d in deliveries:
         if (name := (registered or {}).get(str(d["node"]))) is not None and d.get("site") != name:
             d.update(site=name, **({"reported_site": d["site"]} if d.get("site") else {}))
-
-
-def _site_names(deliveries: list[dict], installed_only: bool = False) -> set[str]:
-    """The site names of these deliveries (registered and reported)."""
-    return {n for d in deliveries if d.get("installed") or not installed_only
-            for n in (d.get("site"), d.get("reported_site")) if n}
 
 
 def tell_outcome(grid, previous: dict, run_key: str, timeout: float) -> int:
@@ -127,10 +120,19 @@ def audited(deliveries: list[dict]) -> list[dict]:
     return [{k: d.get(k) for k in ("site", "node", "installed", "version", "error", "audit_head")} for d in deliveries]
 
 
-def trained_nodes(run_dir: Path) -> dict[int, str | None]:
-    """Nodes whose update entered at least one aggregate of the run (metrics.jsonl, every attempt), each with the
-    site name it reported then (None if not recorded)."""
-    out: dict[int, str | None] = {}
+@dataclass
+class TrainedSite:
+    """A site whose update entered at least one aggregate of the run: the name it reported (None if not recorded)
+    and the node ids it trained under, in the order first seen (one, unless a resumed simulation gave it another)."""
+    name: str | None
+    nodes: list[int]
+
+
+def trained_sites(run_dir: Path, by_name: bool = False) -> list[TrainedSite]:
+    """The sites that trained in the run (metrics.jsonl, every attempt). A deployment's node keeps its id (bound to
+    its key): one site per node. `by_name` (a simulation, whose SuperNodes get new ids when a run resumes): nodes
+    that reported the same site name and never trained in the same round are one site, under its newest id."""
+    seen: dict[int, tuple[str | None, set[int]]] = {}  # node -> (its reported name, the rounds it trained in)
     f = run_dir / METRICS
     for line in (f.read_text().splitlines() if f.exists() else []):
         try:
@@ -138,23 +140,37 @@ def trained_nodes(run_dir: Path) -> dict[int, str | None]:
             sites = record.get("sites") or {}
             for n in record.get("participants", []):
                 name = (sites.get(str(n)) or {}).get(SITE)
-                out[int(n)] = str(name) if name else out.get(int(n))
+                before = seen.get(int(n), (None, set()))
+                seen[int(n)] = (str(name) if name else before[0], before[1] | {record.get("round")})
         except (ValueError, TypeError, AttributeError):
             continue
+    out: list[TrainedSite] = []
+    named: dict[str, list[TrainedSite]] = {}
+    for n, (name, rounds) in seen.items():
+        same = [g for g in named.get(name, []) if not any(rounds & seen[m][1] for m in g.nodes)] if by_name and name \
+            else []
+        if same:
+            same[0].nodes.append(n)
+            continue
+        out.append(TrainedSite(name, [n]))
+        if name:
+            named.setdefault(name, []).append(out[-1])
     return out
+
+
+def trained_nodes(run_dir: Path) -> set[int]:
+    """Nodes whose update entered at least one aggregate of the run (metrics.jsonl, every attempt)."""
+    return {n for g in trained_sites(run_dir) for n in g.nodes}
 
 
 def installed_nodes(deliveries: list[dict]) -> set[int]:
     return {int(d["node"]) for d in deliveries if d.get("installed") and d.get("node") is not None}
 
 
-def delivery_status(run_dir: Path, deliveries: list[dict]) -> dict:
-    """status.json's delivery fields: who installed the final model against who trained it."""
-    trained, installed, names = trained_nodes(run_dir), installed_nodes(deliveries), _site_names(deliveries, True)
-    sites: dict[str, list[int]] = {}  # one entry per site that trained, with the node ids it had (a resumed
-    for nid, name in trained.items():  # simulation's sites come back under new ones; a deployment's keep theirs)
-        sites.setdefault(name or f"node {nid}", []).append(nid)
-    missing = sorted(nids[-1] for name, nids in sites.items() if not set(nids) & installed and name not in names)
+def delivery_status(run_dir: Path, deliveries: list[dict], by_name: bool = False) -> dict:
+    """status.json's delivery fields: who installed the final model against who trained it (`trained_sites`)."""
+    sites, installed = trained_sites(run_dir, by_name), installed_nodes(deliveries)
+    missing = sorted(g.nodes[-1] for g in sites if not set(g.nodes) & installed)
     return {"delivered": len(installed), "trained": len(sites), "delivery_ok": int(not missing),
             "undelivered": missing}
 
@@ -279,8 +295,7 @@ def redeliver(grid, cfg) -> None:
     result = json.loads((out / RESULT).read_text()) if (out / RESULT).exists() else {**package}
     before = list(result.get("deliveries", []))
     done = installed_nodes(before)
-    trained = trained_nodes(out)
-    wanted = set(trained) - done
+    wanted = trained_nodes(out) - done
     deadline = time.monotonic() + cfg.federation.round_timeout
     while wanted - set(grid.get_node_ids()) and time.monotonic() < deadline:
         time.sleep(1.0)  # a site that trained may be reconnecting
@@ -296,7 +311,7 @@ def redeliver(grid, cfg) -> None:
     new = deliver(grid, final, package, cfg.federation.round_timeout, node_ids=targets, anchor=anchor,
                   previous=round_outcome(out, int(package.get("round", 0))),
                   registered=registered_names(cfg.path(cfg.run.site_registry)) if cfg.run.site_registry else None,
-                  expected={n: trained[n] for n in wanted}, unreached=f"{NOT_CONNECTED} again (`oncofed deliver` waited "
+                  expected=wanted, unreached=f"{NOT_CONNECTED} again (`oncofed deliver` waited "
                   f"{cfg.federation.round_timeout:g} s for it)")
     renewed = {d["node"] for d in new}
     deliveries = [d for d in before if d.get("node") not in renewed] + new

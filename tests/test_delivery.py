@@ -125,9 +125,11 @@ def test_a_site_that_trained_but_was_not_connected_is_recorded_with_that_reason_
 
 def test_a_site_back_under_another_node_id_is_one_site_that_installed_not_one_that_did_not(tmp_path, monkeypatch):
     """A resumed simulation's SuperNodes get new node ids: the sites that trained before the kill were counted a second
-    time under their old ids, as not connected, so a run every site got read as short."""
+    time under their old ids, as not connected, so a run every site got read as short. In a simulation (no register)
+    nodes of one reported name that never trained in the same round are one site; two nodes of one name in the same
+    round stay two, and a deployment's nodes (which keep their ids) are never merged by a name they report."""
     import server.delivery
-    from server.delivery import deliver
+    from server.delivery import deliver, trained_sites
     from shared_models.protocol import CONFIG_RECORD, REPLY, DeliveryReply
 
     def answered(grid, action, content, nodes, timeout):
@@ -135,23 +137,32 @@ def test_a_site_back_under_another_node_id_is_one_site_that_installed_not_one_th
                                       content={CONFIG_RECORD: {REPLY: DeliveryReply(site=f"S{n % 10}", installed=True)
                                                                .to_json()}}) for n in nodes]
 
+    def send(sites, connected):
+        return deliver(types.SimpleNamespace(get_node_ids=lambda: connected), [np.ones(2, dtype=np.float32)],
+                       {"run": "k"}, 5.0, expected=sites)
+
+    def metrics(*rounds):
+        (run / "metrics.jsonl").write_text("".join(json.dumps(
+            {"round": i + 1, "participants": sorted(r), "sites": {str(n): {"site": s} for n, s in r.items()}}) + "\n"
+            for i, r in enumerate(rounds)))
+
     monkeypatch.setattr(server.delivery, "_query", answered)
     run = tmp_path / "runs" / "r1"
     run.mkdir(parents=True)
-    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in (
-        {"round": 1, "participants": [11, 12], "sites": {"11": {"site": "S1"}, "12": {"site": "S2"}}},
-        {"round": 2, "participants": [21, 22], "sites": {"21": {"site": "S1"}, "22": {"site": "S2"}}})))
-    trained = server.delivery.trained_nodes(run)
-    assert trained == {11: "S1", 12: "S2", 21: "S1", 22: "S2"}
-    deliveries = deliver(types.SimpleNamespace(get_node_ids=lambda: [21, 22]), [np.ones(2, dtype=np.float32)],
-                         {"run": "k"}, 5.0, expected=trained)
+    metrics({11: "S1", 12: "S2"}, {21: "S1", 22: "S2"})
+    sites = trained_sites(run, by_name=True)
+    assert [(g.name, g.nodes) for g in sites] == [("S1", [11, 21]), ("S2", [12, 22])]
+    deliveries = send(sites, [21, 22])
     assert [d["node"] for d in deliveries] == [21, 22] and all(d["installed"] for d in deliveries)
-    status = delivery_status(run, deliveries)
-    assert (status["trained"], status["delivered"], status["delivery_ok"]) == (2, 2, 1)
-    gone = deliver(types.SimpleNamespace(get_node_ids=lambda: [21]), [np.ones(2, dtype=np.float32)], {"run": "k"},
-                   5.0, expected=trained)  # S2 not back: named once, under the last node id it had
+    assert delivery_status(run, deliveries, by_name=True) | {"undelivered": []} == {
+        "delivered": 2, "trained": 2, "delivery_ok": 1, "undelivered": []}
+    gone = send(sites, [21])  # S2 not back: named once, under the last node id it had
     assert [(d["node"], d.get("site"), d["installed"]) for d in gone] == [(21, "S1", True), (22, "S2", False)]
-    assert delivery_status(run, gone)["undelivered"] == [22] and delivery_status(run, gone)["trained"] == 2
+    assert delivery_status(run, gone, by_name=True)["undelivered"] == [22]
+    assert delivery_status(run, deliveries)["trained"] == 4  # a deployment: one site per node
+    metrics({11: "S1", 12: "S1"})  # two nodes that say they are S1 in one round are two sites
+    assert [g.nodes for g in trained_sites(run, by_name=True)] == [[11], [12]]
+    assert delivery_status(run, send(trained_sites(run, by_name=True), [11]), by_name=True)["undelivered"] == [12]
 
 
 def test_a_site_that_never_trained_does_not_make_the_delivery_short(tmp_path):
