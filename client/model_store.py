@@ -171,11 +171,15 @@ class ModelStore:
             # in the future: this site's clock is behind, and the dates still order the two. A delivery passing the
             # active one's date must still be newer than every other installed model: with this site's clock behind,
             # an earlier run delivered again is not, and is refused below
+            # (models also dated far ahead are left out: a clock wrong for several runs must not block the first
+            # delivery dated right; an undated delivery is installed, as when the active model was the only one)
             others = [d for v in self.versions() if v != active
-                      and isinstance(d := self._finished(v), (int, float))]
-            if isinstance(mine, (int, float)) and all(mine > d for d in others):
+                      and isinstance(d := self._finished(v), (int, float)) and d <= now + FUTURE_SKEW_S]
+            if not isinstance(mine, (int, float)) or all(mine > d for d in others):
                 return
-            theirs = max([theirs, *others])
+            raise ModelStoreError(
+                f"the delivered model (run {info.get('run')}) finished training before another installed model: not "
+                f"installed, {active} stays active; to go back to an earlier model, the site activates it itself")
         if not isinstance(info.get("finished"), (int, float)):  # cannot be ordered against the active one
             raise ModelStoreError(
                 f"the delivered model (run {info.get('run')}) carries no finish time and the active {active} (run "

@@ -150,7 +150,10 @@ def _is_server_of(pid: int, root: Path) -> bool:
 
     try:
         proc = psutil.Process(pid)
-        args, cwd = proc.cmdline(), Path(proc.cwd())
+        args = proc.cmdline()  # readable for another user's process too: a reused pid is told apart first
+        if "start" not in args or "server" not in args:
+            return False
+        cwd = Path(proc.cwd())
     except psutil.AccessDenied:
         raise DeployError(f"pid {pid} (the server recorded in {root / 'state' / 'server.json'}) belongs to another user: "
                           "run `oncofed server stop` as the service's user (or root); under systemd, `systemctl stop "

@@ -364,8 +364,18 @@ def test_a_site_clock_behind_the_servers_does_not_let_an_earlier_run_sent_again_
     now = time.time()
     store.install(tiny_schema(), CFG, _arrays(0), {"run": "r0", "round": 10, "finished": now - 86400.0})
     store.install(tiny_schema(), CFG, _arrays(1), {"run": "r1", "round": 10, "finished": now + 2 * 86400.0})
-    with pytest.raises(ModelStoreError, match="finished training before the active v0002"):
+    with pytest.raises(ModelStoreError, match="finished training before another installed model"):
         store.install(tiny_schema(), CFG, _arrays(0), {"run": "r0", "round": 10, "finished": now - 86400.0})
     assert store.active() == "v0002"
     # a run after both, from a server whose clock is right again (r1's date was its clock's error): installed
     assert store.install(tiny_schema(), CFG, _arrays(2), {"run": "r2", "round": 10, "finished": now}) == "v0003"
+
+
+def test_a_server_clock_wrong_for_two_runs_does_not_block_the_first_model_dated_right(tmp_path):
+    import time
+
+    store = ModelStore(tmp_path)
+    now = time.time()
+    for i in (1, 2):  # the server's clock a month ahead for two runs
+        store.install(tiny_schema(), CFG, _arrays(i), {"run": f"r{i}", "round": 10, "finished": now + 30 * 86400.0 + i})
+    assert store.install(tiny_schema(), CFG, _arrays(3), {"run": "r3", "round": 10, "finished": now}) == "v0003"
