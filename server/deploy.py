@@ -165,14 +165,22 @@ def _is_server_of(pid: int, root: Path) -> bool:
     return any((cwd / a).resolve() == root.resolve() for a in args if a and not a.startswith("-"))
 
 
-def _under_systemd(pid: int) -> bool:
-    """Whether the process was started by a systemd unit (systemd sets INVOCATION_ID in a unit's environment)."""
-    import psutil
+def systemd_unit(cgroup: str) -> str | None:
+    """The systemd system service a process runs in, from its /proc/PID/cgroup text (a line ending in
+    /system.slice/NAME.service), None when it is not one: a process started from a login shell or a terminal
+    (user.slice, whatever the shell's environment says) is not."""
+    for line in cgroup.splitlines():
+        parts = line.rsplit(":", 1)[-1].split("/")
+        if "system.slice" in parts and parts[-1].endswith(".service"):
+            return parts[-1]
+    return None
 
+
+def _systemd_unit_of(pid: int) -> str | None:
     try:
-        return "INVOCATION_ID" in psutil.Process(pid).environ()
-    except (psutil.Error, OSError):
-        return False
+        return systemd_unit(Path(f"/proc/{pid}/cgroup").read_text())
+    except OSError:
+        return None
 
 
 def stop_server(root: str | Path, timeout: float = 60.0) -> str:
@@ -192,9 +200,9 @@ def stop_server(root: str | Path, timeout: float = 60.0) -> str:
         raise DeployError(f"{c.path('state', 'server.json')}: pid {pid} is not this consortium's `oncofed server start` "
                           "(it ended without recording that, and the pid was reused): nothing was stopped; the "
                           "server is not running")
-    if _under_systemd(int(pid)):  # its unit's Restart=always would start it again
-        raise DeployError(f"{c.root}: the server (pid {pid}) runs under systemd, which would start it again: "
-                          "`systemctl stop oncofed-server` (the unit in docs/systemd/)")
+    if unit := _systemd_unit_of(int(pid)):  # its unit's Restart=always would start it again
+        raise DeployError(f"{c.root}: the server (pid {pid}) runs as the systemd service {unit}, which would start it "
+                          f"again: `systemctl stop {unit}`")
     try:
         os.kill(int(pid), signal.SIGTERM)
     except PermissionError:

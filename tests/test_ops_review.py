@@ -251,22 +251,21 @@ def test_i_a_serverapp_the_superexec_launched_is_reaped_once_it_ends_not_left_de
     assert state(pid) is None
 
 
-def test_j_server_stop_ends_this_consortiums_server_and_never_signals_a_reused_pid(consortium, tmp_path):
+def test_j_server_stop_ends_this_consortiums_server_and_never_signals_a_reused_pid(consortium, tmp_path, monkeypatch):
     """There was no `oncofed server stop`: an operator without a service manager had to find the pid. It sends
     SIGTERM to the recorded `oncofed server start` only if that pid is still this consortium's server."""
     import json
-    import os
     import subprocess
     import sys
     import threading
     import time
     from pathlib import Path
 
-    from server.deploy import DeployError, stop_server
+    import server.deploy as deploy
+    from server.deploy import DeployError, stop_server, systemd_unit
 
-    def spawn(*args: str, env: dict | None = None) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *args], cwd=tmp_path,
-                                env={**os.environ, **(env or {})})
+    def spawn(*args: str) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *args], cwd=tmp_path)
         threading.Thread(target=proc.wait, daemon=True).start()  # reaped when it ends (not left a zombie)
         deadline = time.monotonic() + 30  # until it has exec'd
         while b"sleep" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
@@ -278,10 +277,14 @@ def test_j_server_stop_ends_this_consortiums_server_and_never_signals_a_reused_p
     assert "not running" in stop_server(consortium.root)
     server = spawn("server", "start", str(consortium.root.relative_to(tmp_path)))  # as the operator typed it
     other = spawn("server", "start", "elsewhere")
-    unit = spawn("server", "start", str(consortium.root), env={"INVOCATION_ID": "0123"})  # started by systemd
+    assert systemd_unit("0::/system.slice/oncofed-server.service\n") == "oncofed-server.service"
+    assert systemd_unit("0::/user.slice/user-1000.slice/user@1000.service/app.slice/vte-spawn-1.scope\n") is None
+    assert systemd_unit("12:pids:/\n0::/\n") is None  # a container, a shell
+    unit = spawn("server", "start", str(consortium.root))
     try:
+        monkeypatch.setattr(deploy, "_systemd_unit_of", lambda pid: "oncofed-server.service" if pid == unit.pid else None)
         state.write_text(json.dumps({"pid": unit.pid}))  # its unit would start it again: systemctl's to stop
-        with pytest.raises(DeployError, match="systemctl stop oncofed-server"):
+        with pytest.raises(DeployError, match="systemctl stop oncofed-server.service"):
             stop_server(consortium.root, timeout=5)
         assert unit.poll() is None
         state.write_text(json.dumps({"pid": other.pid}))  # the pid of a process that is not this consortium's
