@@ -237,6 +237,9 @@ def site_policy_mod(msg: Message, context: Context, call_next):
                                 + reason), reply_to=msg)
     if configs.get(SecAggKey.STAGE) == Stage.UNMASK:
         settings = site_settings(context, cfg)
+        if settings.policy_unreadable:  # its floor now is unknown: no key shares rather than the one it started with
+            return _no_key_shares(msg, context, settings, f"{settings.name}: {SITE_JSON_UNREADABLE}; the site gives no "
+                                  "key shares")
         # dp-mode "distributed": a sum of fewer than trusted-sites contributions carries less noise than assumed
         trusted = cfg.privacy.trusted_sites if cfg.privacy.distributed else 0
         need = max(cfg.federation.min_sites, settings.min_aggregate_sites, trusted)
@@ -391,6 +394,8 @@ REQUIRE_DP_REFUSAL = ("site policy: training without differential privacy (run c
 
 AUDIT_UNWRITABLE = "its audit log cannot be written (details in the site's log)"
 TRAINING_FAILED = "local training failed (details in the site's log)"  # a traceback would carry data to the server
+RELEASE_NO_ROOM = ("its state directory cannot keep a copy of the update (a full disk or a directory it cannot "
+                   "write: details in the site's log); it refuses before spending")
 RELEASE_UNWRITABLE = ("its copy of the update could not be kept (a full disk or a state directory it cannot write: "
                       "details in the site's log); the round is counted as spent, and nothing was sent")
 
@@ -455,6 +460,12 @@ def unready_refusal(settings: SiteSettings, cfg: RunConfig, context: Context, ru
     except (AuditError, OSError) as e:
         log(WARNING, "site %s: audit log: %s", settings.name, e)
         return AUDIT_UNWRITABLE, site
+    if cfg.privacy.enabled:  # and so must the copy a resumed server gets back (_keep_release), for the same reason
+        try:
+            ReleaseStore(settings.paths.state_dir).check_writable()
+        except OSError as e:
+            log(WARNING, "site %s: released updates: %s", settings.name, e)
+            return RELEASE_NO_ROOM, site
     return "", site
 
 

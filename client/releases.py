@@ -16,6 +16,7 @@ round the site released. An older round asked again finds no copy and is refused
 from __future__ import annotations
 
 import json
+import os
 import re
 import zipfile
 from dataclasses import dataclass
@@ -55,6 +56,19 @@ class ReleaseStore:
 
     def _path(self, run_id: str, rnd: int) -> Path:
         return self.root / self.directory(run_id) / f"round-{rnd:04d}.npz"
+
+    def check_writable(self, room: int = 64 << 20) -> None:
+        """Raise OSError if a copy could not be kept now: the directory cannot be made or written, or its disk has
+        less than `room` bytes free (a model's copy is a few MB; the margin keeps a round from being trained, spent
+        and then withheld for want of space). Writes nothing."""
+        import errno
+        import shutil
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise OSError(errno.EACCES, "cannot write to it", str(self.root))
+        if (free := shutil.disk_usage(self.root).free) < room:
+            raise OSError(errno.ENOSPC, f"{free >> 20} MB free, fewer than {room >> 20} MB", str(self.root))
 
     def kept(self) -> list[tuple[str, int]]:
         """(run directory, round) of every release copy on disk: updates that left the site under DP."""

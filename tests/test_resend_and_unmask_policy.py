@@ -111,6 +111,23 @@ def test_a_site_gives_no_key_shares_for_a_malformed_unmask_request(tmp_path, act
     assert reply.has_error() and reply.error.reason.startswith("refused: ")
 
 
+def test_a_site_whose_site_json_cannot_be_read_at_unmask_gives_no_key_shares(tmp_path):
+    """Its floor (min-aggregate-sites) may have been raised in the edit it cannot read: no shares under the old one."""
+    from client.app import SITE_JSON_UNREADABLE, site_policy_mod
+    from privacy.site_config import SITE_CONFIG_KEY
+
+    def never(msg, context):
+        raise AssertionError("the site must refuse before Flower's SecAgg+ mod runs")
+
+    (tmp_path / "site.json").write_text('{"min-aggregate-sites": 4,')  # an edit half saved
+    run = {"schema": "s.json", "min-sites": 2, "sites": 4}
+    ctx = Context(run_id=1, node_id=1, node_config={"data-path": str(tmp_path / "site"), "state-dir": str(tmp_path / "s"),
+                                                    SITE_CONFIG_KEY: str(tmp_path / "site.json")},
+                  state=RecordDict(), run_config=run)
+    reply = site_policy_mod(unmask_message([1, 2, 3], [4]), ctx, never)
+    assert reply.has_error() and SITE_JSON_UNREADABLE in reply.error.reason and str(tmp_path) not in reply.error.reason
+
+
 def _setup(threshold: int) -> Message:
     return site_message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({
         Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 4, Key.SHARE_NUMBER: 4, Key.THRESHOLD: threshold,
@@ -143,7 +160,7 @@ def _ready_site(tmp_path: Path) -> dict:
     return {"schema": str(schema_path), "num-rounds": 3, "d-model": 32, "sites": 3, "min-sites": 2}
 
 
-@pytest.mark.parametrize("cause", ["data", "small", "policy", "audit"])
+@pytest.mark.parametrize("cause", ["data", "small", "policy", "audit", "release"])
 def test_a_site_that_would_refuse_to_train_says_so_at_secaggs_setup_before_any_site_spends(tmp_path, cause):
     """A site that will refuse the round (its data fails validation, its policy refuses the run, its audit log cannot be
     written) drops out at SecAgg+'s setup, before any site trains: the server then abandons a round that cannot be
@@ -157,6 +174,9 @@ def test_a_site_that_would_refuse_to_train_says_so_at_secaggs_setup_before_any_s
     ctx.state = RecordDict()
     if cause == "data":
         (tmp_path / "site" / "labels.csv").write_text("patient,cancer_type\n")
+    if cause == "release":  # where the update's copy goes cannot be written: it would be spent, then withheld
+        (tmp_path / "state").mkdir(exist_ok=True)
+        (tmp_path / "state" / "released").write_text("a file where the directory belongs")
     if cause == "audit":  # a log with entries whose head is gone: its chain cannot be checked, so nothing is appended
         from privacy.audit import AuditLog
 
@@ -169,7 +189,8 @@ def test_a_site_that_would_refuse_to_train_says_so_at_secaggs_setup_before_any_s
     called = []
     reply = site_policy_mod(_setup(4), ctx, lambda m, c: called.append(m))
     assert reply.has_error() and reply.error.reason.startswith("refused: "), cause
-    assert {"data": "failed validation", "policy": "require-dp", "audit": "audit log"}.get(cause, "") in reply.error.reason
+    assert {"data": "failed validation", "policy": "require-dp", "audit": "audit log",
+            "release": "cannot keep a copy of the update"}.get(cause, "") in reply.error.reason
     if cause in ("data", "small"):  # one message for both: "too small" would bound the site's patient count
         from client.app import DATA_REFUSAL
 
