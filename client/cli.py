@@ -116,9 +116,10 @@ def site_start(
         raise typer.Exit(code=2)
     try:
         settings = load_site(directory)
+        ledger = ledger_check(directory, settings)  # before the lock file below makes the state directory
         _held, claimed = claim_site(settings)  # held until this process ends: one SuperNode per site
         typer.echo(report(f"site {settings.site_name!r}",
-                          [*([claimed] if claimed else []), ledger_check(directory, settings),
+                          [*([claimed] if claimed else []), ledger,
                            *site_checks(settings, port, schema, superlink or None)]))
     except (SiteConfigError, PreflightError) as e:
         typer.echo(str(e), err=True)

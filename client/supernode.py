@@ -174,9 +174,11 @@ def ledger_check(site_dir: Path, settings: SiteConfig) -> Check:
     if not present and before != state and before_has:
         return Check(name, False, f"missing, but this site trained with the ledger in {before}: set site.json's "
                      f"state-dir back to {before}, or move that directory's files to {state}{lost}")
-    if not present and before == state and had:
-        return Check(name, False, f"missing, but it was there when this site last started: put the state directory's "
-                     f"files back in {state}, or set site.json's state-dir to where they were moved{lost}")
+    if not present and before == state and (had or (had is not None and not state.exists())):
+        # the ledger seen at the last start is gone, or the whole directory is (moved after a first round since)
+        return Check(name, False, f"missing, but {'it' if had else 'its directory'} was there when this site last "
+                     f"started: put the state directory's files back in {state}, or set site.json's state-dir to "
+                     f"where they were moved{lost}")
     try:
         write_json_atomic(mark, {"state-dir": str(state), "ledger": present})
     except OSError:

@@ -346,8 +346,8 @@ def test_a_state_dir_edited_away_from_the_sites_ledger_fails_preflight_instead_o
     site = init_site(tmp_path / "s", "S", consortium / "public", str(tmp_path / "data"),
                      ca_fingerprint=fingerprint(consortium / "ca/ca.crt"))
 
-    def start() -> str:
-        r = subprocess.run([sys.executable, "-m", "oncofed", "site", "start", str(tmp_path / "s"), "--port",
+    def start(site_dir=tmp_path / "s") -> str:
+        r = subprocess.run([sys.executable, "-m", "oncofed", "site", "start", str(site_dir), "--port",
                             str(_free_port())], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2  # the consortium server is not running here
         return next(line for line in r.stderr.splitlines() if "privacy ledger" in line)
@@ -377,6 +377,14 @@ def test_a_state_dir_edited_away_from_the_sites_ledger_fails_preflight_instead_o
     settings["state-dir"] = str(moved)
     site_json.write_text(json.dumps(settings))
     assert "[ok  ]" in start()  # site.json follows the move: the ledger is found
+    # another site: started before its first round (no ledger yet), trained since, then its state directory moved
+    other = init_site(tmp_path / "s2", "S2", consortium / "public", str(tmp_path / "data"),
+                      ca_fingerprint=fingerprint(consortium / "ca/ca.crt"))
+    assert "[ok  ]" in start(tmp_path / "s2")  # no ledger yet
+    PrivacyLedger(Path(other.state_dir) / "privacy-ledger.json", 8.0, 1e-5)
+    Path(other.state_dir).rename(tmp_path / "s2-state-moved")
+    line = start(tmp_path / "s2")
+    assert "[FAIL]" in line and "its directory was there when this site last started" in line, line
 
 
 def test_site_start_shows_what_the_site_has_spent_and_warns_of_a_damaged_ledger(consortium, tmp_path):
