@@ -54,8 +54,10 @@ def simulate(
         typer.echo(f"--set {', '.join(reserved)}: oncofed simulate sets {'these' if len(reserved) > 1 else 'this'} "
                    f"itself (its working files live under --out; the eval data: --eval-data)", err=True)
         raise typer.Exit(code=2)
-    if dp is False and epsilon is not None:
-        typer.echo(f"--epsilon {epsilon:g} with --no-dp: a run without DP spends no epsilon; drop one of them", err=True)
+    no_dp = dp is False or extra.get("dp") is False
+    if no_dp and (epsilon is not None or "epsilon" in extra):  # (--no-dp or --set dp=false; --epsilon or --set)
+        typer.echo(f"epsilon {epsilon if epsilon is not None else extra['epsilon']:g} with DP off: a run without DP "
+                   "spends no epsilon; drop one of them", err=True)
         raise typer.Exit(code=2)
     terminate_as_exit()  # SIGTERM too stops the local SuperLink and its apps
     out = out.resolve()

@@ -359,15 +359,16 @@ def _known_keys(err: dict) -> str:
 
 
 def data_dir(name: str) -> tuple[Path, Path]:
-    from simulations.baseline import COHORTS, SHARED_DATA_ENV
+    from simulations.baseline import COHORTS, SHARED_DATA, SHARED_DATA_ENV
 
     if name not in COHORTS:
         raise ExperimentError(f"[grid] data: unknown data set {name!r}; use {', '.join([*COHORTS, 'synthetic'])}")
     path, schema = COHORTS[name]
     if not path.is_dir():
-        raise ExperimentError(f"[grid] data {name!r}: {path} not found (the {name} cohort lives in the consortium's "
-                              f"shared data folder, ../shared/data beside the checkout: set {SHARED_DATA_ENV} to the "
-                              "folder holding it)")
+        where = (f"the {name} cohort lives in the consortium's shared data folder, ../shared/data beside the checkout: "
+                 f"set {SHARED_DATA_ENV} to the folder holding it") if path.is_relative_to(SHARED_DATA) else \
+            f"the {name} cohort is part of the checkout: restore it with git"
+        raise ExperimentError(f"[grid] data {name!r}: {path} not found ({where})")
     return path, schema
 
 
@@ -829,7 +830,13 @@ def run_experiment(config_path: str | Path, results: str | Path, log=print, only
         raise ExperimentError(f"--out {root}: is a file; give a results directory (a new one, or one this config "
                               "wrote before)")
     previous = root / "experiment.toml"
-    if root.is_dir() and not previous.exists() and (held := sorted(p.name for p in root.iterdir())):
+    try:  # (a fresh file system's lost+found and hidden files are not another tool's output)
+        held = sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and p.name != "lost+found") \
+            if root.is_dir() and not previous.exists() else []
+    except OSError as e:
+        raise ExperimentError(f"--out {root}: cannot be read ({e.strerror}); give a results directory this account "
+                              "can read and write") from None
+    if held:
         # another tool's directory (a simulate --out, a report): the grid's cells/ and results would land among its files
         raise ExperimentError(f"--out {root}: holds {', '.join(held[:4])}{' ...' if len(held) > 4 else ''} but no "
                               "experiment.toml, so it is not an experiment's results directory; give a new --out (or "

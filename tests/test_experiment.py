@@ -489,7 +489,8 @@ def test_an_out_directory_another_tool_wrote_is_refused_before_anything_is_writt
         run_experiment(write(tmp_path, SMALL), other, log=lambda s: None, only="nothing")
     assert sorted(p.name for p in other.iterdir()) == ["server", "summary.json"]
     empty = tmp_path / "empty"
-    empty.mkdir()  # an empty directory is a new results directory
+    (empty / "lost+found").mkdir(parents=True)  # an empty directory (a fresh file system's) is a new results directory
+    (empty / ".keep").write_text("")
     run_experiment(write(tmp_path, SMALL), empty, log=lambda s: None, only="nothing")
     assert (empty / "experiment.toml").is_file()
 

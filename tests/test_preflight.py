@@ -178,8 +178,9 @@ def test_simulate_refuses_a_bad_run_config_before_starting_anything(tmp_path):
     result = CliRunner().invoke(app, ["simulate", "--set", "schema=nope.json", "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "nope.json is not a file" in result.output
     assert all(f.read_text() == "the last run's" for f in kept)
-    result = CliRunner().invoke(app, ["simulate", "--no-dp", "--epsilon", "3", "--out", str(tmp_path / "run")])
-    assert result.exit_code == 2 and "--epsilon 3 with --no-dp" in result.output  # the epsilon was ignored silently
+    for args in (["--no-dp", "--epsilon", "3"], ["--set", "dp=false", "--epsilon", "3"], ["--no-dp", "--set", "epsilon=3"]):
+        result = CliRunner().invoke(app, ["simulate", *args, "--out", str(tmp_path / "run")])
+        assert result.exit_code == 2 and "epsilon 3 with DP off" in result.output, args  # it was ignored silently
     assert all(f.read_text() == "the last run's" for f in kept)
 
 
