@@ -932,8 +932,9 @@ def save_model(msg: Message, context: Context) -> Message:
                                     normalizer=lambda: _run_normalizer(settings, schema, str(package.run)),
                                     split={"seed": cfg.training.seed, "val_fraction": cfg.site.val_fraction})
         except OSError as e:  # a full disk, a read-only model-dir: refused like any package, not a traceback
-            raise ModelStoreError(
-                f"the site's model-dir {store.root} cannot be written ({e.strerror or e}): not installed, "
+            log(WARNING, "site %s: the model-dir %s cannot be written: %s", settings.name, store.root, e)
+            raise ModelStoreError(  # the reply goes to the server: the site's paths stay in its log
+                f"the site's model-dir cannot be written ({e.strerror or type(e).__name__}): not installed, "
                 f"{store.active() or 'no model'} stays active; free space there or let the site's account write it, "
                 "then ask the operator to send the model again (`oncofed deliver`)") from None
         reply = DeliveryReply(site=settings.name, installed=True, version=version, path=str(store.root / version),

@@ -107,12 +107,13 @@ def _save_model_message(package: dict, arrays: list[np.ndarray]) -> Message:
     return site_message(content, f"{MessageType.QUERY}.{SAVE_MODEL}")
 
 
-def test_a_site_installs_a_signed_package_and_refuses_one_that_is_not_a_package(tmp_path):
-    from client.app import save_model
+def _signing_site(tmp_path):
+    """A deployed site that trusts tmp_path/k.pub (its signing key tmp_path/k): (schema, run config, a model's
+    arrays, the ClientApp's context)."""
     from privacy.run_config import load_run_config
-    from privacy.signing import generate_signing_key, load_private, sign
+    from privacy.signing import generate_signing_key
     from shared_models.model import MultiModalTransformer
-    from shared_models.weights import arrays_sha256, state_arrays
+    from shared_models.weights import state_arrays
     from tests.sitefixtures import site_schema
 
     schema = site_schema()
@@ -123,6 +124,16 @@ def test_a_site_installs_a_signed_package_and_refuses_one_that_is_not_a_package(
     ctx = Context(run_id=1, node_id=1, state=RecordDict(), run_config=run,
                   node_config={"data-path": str(tmp_path / "site"), "state-dir": str(tmp_path / "state"),
                                "signing-public-key": str(tmp_path / "k.pub")})
+    return schema, run, arrays, ctx
+
+
+def test_a_site_installs_a_signed_package_and_refuses_one_that_is_not_a_package(tmp_path):
+    from client.app import save_model
+    from privacy.run_config import load_run_config
+    from privacy.signing import load_private, sign
+    from shared_models.weights import arrays_sha256
+
+    schema, run, arrays, ctx = _signing_site(tmp_path)
     package = sign(ModelPackage(run="r-1", round=2, schema_hash=schema.content_hash(),
                                 arrays_sha256=arrays_sha256(arrays)).description(), load_private(tmp_path / "k"))
 
@@ -157,20 +168,10 @@ def test_a_site_whose_disk_is_full_refuses_the_model_in_its_reply_and_audit_log_
     keeps the active model; before, the OSError escaped the handler (no reply, no audit entry)."""
     import client.model_store as model_store
     from client.app import save_model
-    from privacy.run_config import load_run_config
-    from privacy.signing import generate_signing_key, load_private, sign
-    from shared_models.model import MultiModalTransformer
-    from shared_models.weights import arrays_sha256, state_arrays
-    from tests.sitefixtures import site_schema
+    from privacy.signing import load_private, sign
+    from shared_models.weights import arrays_sha256
 
-    schema = site_schema()
-    schema_path = schema.save(tmp_path / "schema.json")
-    generate_signing_key(tmp_path / "k", tmp_path / "k.pub")
-    run = {"schema": str(schema_path), "min-sites": 2}
-    arrays = state_arrays(MultiModalTransformer(schema, load_run_config(run).model))
-    ctx = Context(run_id=1, node_id=1, state=RecordDict(), run_config=run,
-                  node_config={"data-path": str(tmp_path / "site"), "state-dir": str(tmp_path / "state"),
-                               "signing-public-key": str(tmp_path / "k.pub")})
+    schema, run, arrays, ctx = _signing_site(tmp_path)
 
     def package(run_key: str) -> dict:
         return sign(ModelPackage(run=run_key, round=2, schema_hash=schema.content_hash(),
@@ -191,6 +192,7 @@ def test_a_site_whose_disk_is_full_refuses_the_model_in_its_reply_and_audit_log_
     reply = deliver("r-2")
     assert not reply["installed"] and reply["active"] == "v0001"
     assert "model-dir" in reply["error"] and "No space left on device" in reply["error"]
+    assert str(tmp_path) not in reply["error"]  # the reply goes to the server: no path of the site's
     models = tmp_path / "state" / "models"
     assert sorted(p.name for p in models.iterdir() if p.is_dir()) == ["v0001"]
     events = [json.loads(x) for x in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
