@@ -230,8 +230,16 @@ def test_a_tightened_site_json_holds_at_the_next_message_and_a_loosened_one_wait
         return site_settings(Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={}), cfg)
 
     assert settings_now().budget_epsilon == 8.0
-    tight = settings_now(**{"privacy-budget": 3.0, "max-trusted-sites": 1, "require-dp": True, "min-count": 20})
-    assert (tight.budget_epsilon, tight.max_trusted_sites, tight.require_dp, tight.min_count) == (3.0, 1, True, 20)
+    start.update({"require-secagg": False, "require-padded-batches": False, "min-aggregate-sites": 2})
+    assert settings_now().require_secagg  # (the node config still says true: loosened in the file, not in force)
+    path.write_text(json.dumps(start))
+    node = parse_config_args([node_config(SiteConfig.load(path))])  # restarted with the looser file
+    tight = settings_now(**{"privacy-budget": 3.0, "max-trusted-sites": 1, "require-dp": True, "min-count": 20,
+                            "privacy-delta": 1e-7, "require-secagg": True, "require-padded-batches": True,
+                            "min-aggregate-sites": 3})
+    assert (tight.budget_epsilon, tight.max_trusted_sites, tight.require_dp, tight.min_count, tight.delta,
+            tight.require_secagg, tight.require_padded_batches, tight.min_aggregate_sites) == (
+        3.0, 1, True, 20, 1e-7, True, True, 3)
     loose = settings_now(**{"privacy-budget": 50.0, "max-trusted-sites": 5})
     assert (loose.budget_epsilon, loose.max_trusted_sites) == (8.0, 2)
     path.write_text(json.dumps({k: v for k, v in start.items() if k != "privacy-budget"}))
