@@ -477,7 +477,8 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
     save_package(out, package)  # with final_weights.npz: what `oncofed deliver` sends again
     deliveries = deliver(grid, final, package, cfg.federation.round_timeout, anchor=recorder.anchor_audit(),
                          previous=round_outcome(out, cfg.federation.num_rounds), registered=recorder.registered_now(),
-                         expected=trained_sites(out, by_name=recorder.registry is None))
+                         expected=trained_sites(out, by_name=recorder.registry is None),
+                         by_name=recorder.registry is None)
     recorder.audit.append("run_end", run=recorder.run_key, round=cfg.federation.num_rounds,
                           arrays_sha256=package["arrays_sha256"], deliveries=audited(deliveries))
     recorder.status.update(finished=1, weights_sha256=package["arrays_sha256"], **delivery_status(out, deliveries, by_name=recorder.registry is None))

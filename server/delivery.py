@@ -45,13 +45,14 @@ NOT_CONNECTED = "not connected when the final model was sent"
 
 def deliver(grid, final: list[np.ndarray], package: dict, timeout: float, node_ids=None,
             anchor: str = "", previous: dict | None = None, registered: dict | None = None,
-            expected=(), unreached: str = NOT_CONNECTED) -> list[dict]:
+            expected=(), unreached: str = NOT_CONNECTED, by_name: bool = False) -> list[dict]:
     """Send the final model to `node_ids` (default: every connected site); each installs it in its model store.
     `previous`: the last round's outcome (server.checkpoint.round_outcome), which no next round will carry: a DP
     site notes an abandoned one on that round's ledger entry. `registered` (node id -> name, from the consortium's
     register): each delivery is filed under the node's registered name, the name it reported kept beside it when
-    it differs. `expected`: nodes that should have it (those that trained); one not sent it is recorded as not
-    installed, `unreached` the reason."""
+    it differs. `expected`: nodes that should have it (those that trained, or their `TrainedSite`s); one not sent it
+    is recorded as not installed, `unreached` the reason. `by_name` (a simulation, as in `trained_sites`): a site
+    sent it under a node id that never trained (its SuperNode's id after a resume) counts as sent it."""
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
     config = {PACKAGE_INFO: json.dumps(package), RUN_KEY: str(package.get("run", ""))}
@@ -68,8 +69,9 @@ def deliver(grid, final: list[np.ndarray], package: dict, timeout: float, node_i
     _file_under_registered(out, registered)
     groups = [g if isinstance(g, TrainedSite) else TrainedSite(None, [int(g)]) for g in expected]
     sent = set(nodes)  # a site sent it under any of its node ids answered above
+    renamed = _newcomer_names(out, groups) if by_name else set()  # (a simulation's site resumed under a new id)
     unsent = [{"node": g.nodes[-1], **({"site": g.name} if g.name else {}), **_not_installed(unreached)}
-              for g in groups if not sent & set(g.nodes)]
+              for g in groups if not sent & set(g.nodes) and g.name not in renamed]
     _file_under_registered(unsent, registered)
     return out + unsent
 
@@ -167,10 +169,20 @@ def installed_nodes(deliveries: list[dict]) -> set[int]:
     return {int(d["node"]) for d in deliveries if d.get("installed") and d.get("node") is not None}
 
 
+def _newcomer_names(deliveries: list[dict], sites: list[TrainedSite], installed_only: bool = False) -> set[str]:
+    """The site names of deliveries to nodes that trained in no round: in a simulation (names it sets itself), a site
+    resumed after the last round it trained in comes back under a new node id."""
+    trained = {n for g in sites for n in g.nodes}
+    return {str(d["site"]) for d in deliveries if d.get("site") and d.get("node") is not None
+            and int(d["node"]) not in trained and (d.get("installed") or not installed_only)}
+
+
 def delivery_status(run_dir: Path, deliveries: list[dict], by_name: bool = False) -> dict:
-    """status.json's delivery fields: who installed the final model against who trained it (`trained_sites`)."""
+    """status.json's delivery fields: who installed the final model against who trained it (`trained_sites`;
+    `by_name`, a simulation's: a site that installed it under a node id that never trained counts too)."""
     sites, installed = trained_sites(run_dir, by_name), installed_nodes(deliveries)
-    missing = sorted(g.nodes[-1] for g in sites if not set(g.nodes) & installed)
+    renamed = _newcomer_names(deliveries, sites, installed_only=True) if by_name else set()
+    missing = sorted(g.nodes[-1] for g in sites if not set(g.nodes) & installed and g.name not in renamed)
     return {"delivered": len(installed), "trained": len(sites), "delivery_ok": int(not missing),
             "undelivered": missing}
 

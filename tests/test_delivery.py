@@ -160,6 +160,13 @@ def test_a_site_back_under_another_node_id_is_one_site_that_installed_not_one_th
     assert [(d["node"], d.get("site"), d["installed"]) for d in gone] == [(21, "S1", True), (22, "S2", False)]
     assert delivery_status(run, gone, by_name=True)["undelivered"] == [22]
     assert delivery_status(run, deliveries)["trained"] == 4  # a deployment: one site per node
+    # resumed after its last round: the sites come back under ids that trained in no round (a simulation)
+    metrics({11: "S1", 12: "S2"})
+    sites = trained_sites(run, by_name=True)
+    after = deliver(types.SimpleNamespace(get_node_ids=lambda: [21, 22]), [np.ones(2, dtype=np.float32)],
+                    {"run": "k"}, 5.0, expected=sites, by_name=True)
+    assert [d["node"] for d in after] == [21, 22] and delivery_status(run, after, by_name=True)["delivery_ok"] == 1
+    assert delivery_status(run, after)["undelivered"] == [11, 12]  # a deployment: nodes 11 and 12 did not get it
     metrics({11: "S1", 12: "S1"})  # two nodes that say they are S1 in one round are two sites
     assert [g.nodes for g in trained_sites(run, by_name=True)] == [[11], [12]]
     assert delivery_status(run, send(trained_sites(run, by_name=True), [11]), by_name=True)["undelivered"] == [12]
