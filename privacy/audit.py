@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from shared_models.files import cut_partial_line, write_json_atomic
+from shared_models.files import complete_bytes, cut_partial_line, write_json_atomic
 
 GENESIS = "0" * 64
 ANCHOR_KIND = "oncofed-audit-anchor/1"
@@ -315,20 +315,6 @@ def _ends_mid_line(path: Path) -> bool:
         return fh.read(1) != b"\n"
 
 
-def _complete_bytes(path: Path) -> int:
-    """The bytes of the file up to the end of its last complete line."""
-    with open(path, "rb") as fh:
-        size = fh.seek(0, os.SEEK_END)
-        while size:
-            start = max(0, size - 65536)
-            fh.seek(start)
-            chunk = fh.read(size - start)
-            if (i := chunk.rfind(b"\n")) >= 0:
-                return start + i + 1
-            size = start
-    return 0
-
-
 def _stat_or_none(path: Path) -> os.stat_result | None:
     try:
         return os.stat(path)
@@ -546,7 +532,7 @@ class AuditLog:
         fast = self._fast_tail(self._end, st) or self._fast_tail(_read_head(self.head), st)
         if fast is None and size and _ends_mid_line(self.path):  # a write a kill cut short: never an entry
             head = _read_head(self.head) or {}
-            if isinstance(head.get("bytes"), int) and head["bytes"] > _complete_bytes(self.path):
+            if isinstance(head.get("bytes"), int) and head["bytes"] > complete_bytes(self.path):
                 # the head moves only after the line is on disk: a head that counts the cut line's bytes means the
                 # line was whole once and was damaged or cut since, not a crash; cutting it would erase the evidence
                 raise AuditError(f"{self.path}: its last line is cut short, but the head recorded it whole: the log "

@@ -64,21 +64,34 @@ def write_json_atomic(path: str | Path, payload, indent: int = 1) -> None:
         fh.write("\n")
 
 
+def complete_bytes(path: str | Path) -> int:
+    """The bytes of a file up to the end of its last complete line (read from the end, a chunk at a time)."""
+    with open(path, "rb") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        while size:
+            start = max(0, size - 65536)
+            fh.seek(start)
+            chunk = fh.read(size - start)
+            if (i := chunk.rfind(b"\n")) >= 0:
+                return start + i + 1
+            size = start
+    return 0
+
+
 def cut_partial_line(path: str | Path) -> int:
     """Cuts a JSON-lines file back to the end of its last complete line and returns the bytes cut (0 when it
     ends in a newline, or is missing). A crash in the middle of an append leaves a partial line; the next
     append would join its own line to it, and one unparseable line stops every reader of the file."""
-    path = Path(path)
     try:
+        keep = complete_bytes(path)
         with open(path, "rb+") as fh:
-            data = fh.read()
-            keep = data.rfind(b"\n") + 1
-            if keep == len(data):
+            size = fh.seek(0, os.SEEK_END)
+            if keep == size:
                 return 0
             fh.truncate(keep)
             fh.flush()
             os.fsync(fh.fileno())
-            return len(data) - keep
+            return size - keep
     except FileNotFoundError:
         return 0
 
