@@ -169,10 +169,8 @@ class ModelStore:
             # dated by a server clock that was far ahead: every later model, dated right, would look older than it
             # and no delivery could ever replace it (nor could the site activate a model it never installed). Both
             # in the future: this site's clock is behind, and the dates still order the two. A delivery passing the
-            # active one's date must still be newer than every other installed model: with this site's clock behind,
-            # an earlier run delivered again is not, and is refused below
-            # (models also dated far ahead are left out: a clock wrong for several runs must not block the first
-            # delivery dated right; an undated delivery is installed, as when the active model was the only one)
+            # active one's date must still be newer than every other installed model not itself dated far ahead (with
+            # this site's clock behind, an earlier run delivered again is not); an undated one is installed
             others = [d for v in self.versions() if v != active
                       and isinstance(d := self._finished(v), (int, float)) and d <= now + FUTURE_SKEW_S]
             if not isinstance(mine, (int, float)) or all(mine > d for d in others):
@@ -180,12 +178,12 @@ class ModelStore:
             raise ModelStoreError(
                 f"the delivered model (run {info.get('run')}) finished training before another installed model: not "
                 f"installed, {active} stays active; to go back to an earlier model, the site activates it itself")
-        if not isinstance(info.get("finished"), (int, float)):  # cannot be ordered against the active one
+        if not isinstance(mine, (int, float)):  # cannot be ordered against the active one
             raise ModelStoreError(
                 f"the delivered model (run {info.get('run')}) carries no finish time and the active {active} (run "
                 f"{package.get('run')}) does: it may be an earlier run, so it is not installed and {active} stays "
                 "active; the operator sends it again with OncoFed's `oncofed deliver`, which dates it")
-        if info["finished"] < theirs:
+        if mine < theirs:
             raise ModelStoreError(
                 f"the delivered model (run {info.get('run')}) finished training before the active {active} (run "
                 f"{package.get('run')}): not installed, {active} stays active; to go back to an earlier model, the "

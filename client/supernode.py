@@ -183,7 +183,7 @@ def ledger_check(site_dir: Path, settings: SiteConfig) -> Check:
         write_json_atomic(mark, {"state-dir": str(state), "ledger": present})
     except OSError:
         pass  # a read-only site directory: the check still guards site init's state/
-    if not ledger.exists():
+    if not present:
         return Check(name, True, "none yet (the first DP round creates it)")
     return _ledger_state(name, ledger, settings)
 

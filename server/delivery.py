@@ -21,10 +21,10 @@ that trained but have not installed it, and sends it to every connected site tha
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
 

@@ -101,10 +101,8 @@ def server_checks(c: Consortium, metrics_port: int = 0) -> list[Check]:
     if metrics_port:
         checks.append(check_port_free("127.0.0.1", metrics_port, "metrics (--metrics-port) address"))
     if left := orphaned_processes(c):
-        pids = " ".join(str(pid) for _, pid in left)
-        checks.append(Check("processes of an earlier `oncofed server start`", False, "its supervisor (pid "
-                            f"{server_state(c.root).get('pid')}) was killed and left {', '.join(f'{k} pid {p}' for k, p in left)} "
-                            f"running, holding the ports: stop them with `kill {pids}`, then start again"))
+        checks.append(Check("processes of an earlier `oncofed server start`", False,
+                            f"{orphans_left(c, left)}, then start again"))
     try:
         c.path("state").mkdir(exist_ok=True)
         probe = c.path("state", ".write-probe")
@@ -143,6 +141,13 @@ def orphaned_processes(c: Consortium) -> list[tuple[str, int]]:
     return left
 
 
+def orphans_left(c: Consortium, left: list[tuple[str, int]]) -> str:
+    """What a killed `oncofed server start` left running (orphaned_processes) and how to stop it."""
+    return (f"its supervisor (pid {server_state(c.root).get('pid')}) was killed and left "
+            f"{', '.join(f'{k} pid {p}' for k, p in left)} running, holding the ports: stop them with "
+            f"`kill {' '.join(str(p) for _, p in left)}`")
+
+
 def _is_server_of(pid: int, root: Path) -> bool:
     """Whether process `pid` is an `oncofed server start` of the consortium at `root` (so a pid the kernel reused
     after a killed service is never signalled): its command line holds `server start` and the directory."""
@@ -159,8 +164,6 @@ def _is_server_of(pid: int, root: Path) -> bool:
                           "run `oncofed server stop` as the service's user (or root); under systemd, `systemctl stop "
                           "oncofed-server`") from None
     except (psutil.Error, OSError):
-        return False
-    if "start" not in args or "server" not in args:
         return False
     return any((cwd / a).resolve() == root.resolve() for a in args if a and not a.startswith("-"))
 
@@ -190,11 +193,9 @@ def stop_server(root: str | Path, timeout: float = 60.0) -> str:
     c = Consortium.load(root)
     pid = server_state(c.root).get("pid")
     if not pid or not pid_alive(pid):
-        left = orphaned_processes(c)
-        if left:
-            names = ", ".join(f"{k} (pid {p})" for k, p in left)
-            raise DeployError(f"{c.root}: no `oncofed server start` runs, but the one that was killed left {names} "
-                              f"running: stop them (kill {' '.join(str(p) for _, p in left)}), then start the server")
+        if left := orphaned_processes(c):
+            raise DeployError(f"{c.root}: no `oncofed server start` runs, but {orphans_left(c, left)}, then start the "
+                              "server")
         return f"{c.root}: the server is not running"
     if not _is_server_of(int(pid), c.root):
         raise DeployError(f"{c.path('state', 'server.json')}: pid {pid} is not this consortium's `oncofed server start` "

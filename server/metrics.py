@@ -100,7 +100,7 @@ class ConsortiumCollector:
                                     value=len(sites))
             yield GaugeMetricFamily("oncofed_sites_online", "registered sites the SuperLink sees online",
                                     value=sum(s.get("status") == "online" for s in sites))
-        runs = exported_runs(self.runs, (self._live_runs() if self._live_runs is not None else None) or set())
+        runs = exported_runs(self.runs, self._live_runs() if self._live_runs is not None else set())
         if not runs:
             return
         # `run`: the run's name (its directory; what `oncofed deliver` and `oncofed runs` take); `run_key`: the key
