@@ -554,11 +554,12 @@ def _run_federated(cfg, cell, fed, schema_path, manifest, work, log) -> list[dic
 def why_no_model(work: Path) -> str:
     """What the server recorded of a cell's rounds when no site got a model, and where the sites say why: a site's
     own reason (its data, too few patients for a held-out part) stays in its log, the simulation's flwr-run.log."""
+    from server.checkpoint import metrics_lines
     from server.run_files import FLWR_LOG
 
     log_file = work / "flower" / FLWR_LOG
     try:
-        records = [json.loads(line) for line in (work / "server" / METRICS).read_text().splitlines() if line.strip()]
+        records = metrics_lines(work / "server" / METRICS)
     except (OSError, json.JSONDecodeError):
         records = []
     trained = [r for r in records if r.get("participants")]
