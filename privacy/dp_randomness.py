@@ -21,14 +21,19 @@ as a sum of four Gaussians (a defence against floating-point attacks on the nois
 torchcsprng is unmaintained, has no build for torch 2.x and cannot be installed with this project's
 pinned torch; and the floating-point attacks need the individual noisy values, which never leave a
 site (the server sees only SecAgg+ sums of several sites' clipped, noised and quantised updates over
-many steps). What secure mode gives that matters here, an unpredictable seed, this module gives: a
-generator seeded per round from 63 bits of the operating system's CSPRNG (`secrets`), never stored.
-docs/hospital-guide.md says the same to the hospitals.
+many steps). What secure mode gives that matters here, an unpredictable generator, this module gives: per
+round, a torch generator whose whole MT19937 state (624 words of 32 bits) is drawn from the operating system's
+CSPRNG (`secrets`), never stored. Not `manual_seed(secrets.randbits(...))`: torch seeds MT19937 from the low 32
+bits of the seed (`init_with_uint32`), so a seeded generator is one of 2^32 streams, and a server holding one
+site's update (which a server that fabricates SecAgg+ participants can unmask, docs/privacy.md) could replay
+each candidate's sample and noise against it and subtract the noise of the one that fits (~3.6k CPU-hours of
+Python at 42k weights, 2026-12-06 review). docs/hospital-guide.md says the same to the hospitals.
 """
 
 from __future__ import annotations
 
 import secrets
+import struct
 import warnings
 
 import numpy as np
@@ -41,15 +46,40 @@ def dp_numpy_generator() -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(secrets.randbits(128)))
 
 
+# torch's CPU generator state (get_state / set_state, CPUGeneratorImplStateLegacy): the seed (uint64), `left` and
+# `seeded` (int32), `next` (uint64), then MT19937's 624 words, one per uint64 slot, then the normal-sampling caches
+_STATE_BYTES, _WORDS_AT, _MT_WORDS = 5056, 24, 624
+
+
+def secret_state(generator: torch.Generator) -> torch.Generator:
+    """Give `generator` an MT19937 state of 624 x 32 bits from the OS CSPRNG (never stored): every stream it can
+    then draw is equally likely, not one of the 2^32 a `manual_seed` reaches (see above). Raises if torch's state
+    layout is not the one checked here (a torch upgrade): a DP round is then refused, never run on a guessable
+    generator."""
+    seed = secrets.randbits(32)
+    generator.manual_seed(seed)  # a valid state to overwrite: seeded, `left` = 1 (the next draw regenerates the words)
+    state = generator.get_state().numpy().copy()
+    words = np.frombuffer(state, dtype="<u8", count=_MT_WORDS, offset=_WORDS_AT)
+    if (state.size != _STATE_BYTES or struct.unpack_from("<QiiQ", state, 0) != (seed, 1, 1, 0) or words[0] != seed
+            or words[1] != (1812433253 * (seed ^ (seed >> 30)) + 1) & 0xFFFFFFFF):
+        raise RuntimeError(f"torch {torch.__version__}'s generator state is not laid out as privacy/dp_randomness.py "
+                           "expects, so the DP draws cannot be given a secret state: DP training is refused on this "
+                           "torch; use the version pinned in pyproject.toml")
+    secret = np.frombuffer(secrets.token_bytes(4 * _MT_WORDS), dtype="<u4").astype("<u8")
+    state[_WORDS_AT:_WORDS_AT + 8 * _MT_WORDS] = secret.view(np.uint8)
+    generator.set_state(torch.from_numpy(state))
+    return generator
+
+
 def dp_generator() -> torch.Generator:
-    """A generator for one round's DP draws, seeded from the OS CSPRNG (unknown to anyone, the site too)."""
-    return torch.Generator().manual_seed(secrets.randbits(63))
+    """A generator for one round's DP draws, its state from the OS CSPRNG (unknown to anyone, the site too)."""
+    return secret_state(torch.Generator())
 
 
 def secret_dropout() -> None:
-    """Seed torch's global generator, which dropout and attention dropout draw from, from the OS CSPRNG for
+    """Give torch's global generator, which dropout and attention dropout draw from, a state from the OS CSPRNG for
     the rest of a DP round (after the model's initialisation from the run's public seed): see above."""
-    torch.manual_seed(secrets.randbits(63))
+    secret_state(torch.default_generator)
 
 
 def private_engine(accountant: str = "prv"):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import secrets
 import warnings
 
+import numpy as np
 import torch
 
-from privacy.dp_randomness import dp_generator, private_engine
+from privacy.dp_randomness import dp_generator, private_engine, secret_dropout
 
 
 def test_dp_draws_do_not_follow_torchs_global_seed():
@@ -32,3 +34,27 @@ def test_the_engine_samples_from_its_secret_generator_without_opacus_secure_rng_
                                                       noise_generator=engine.secure_rng)
     assert dp_loader.batch_sampler.generator is engine.secure_rng
     assert optimizer.generator is engine.secure_rng
+
+
+def test_dp_generators_are_not_among_the_2_to_the_32_streams_a_seed_reaches(monkeypatch):
+    # torch seeds MT19937 from a seed's low 32 bits: a generator made with manual_seed(secrets.randbits(63)) was one of
+    # 2^32 streams, which a server holding one site's update could search for the noise. With every seed the same,
+    # two DP generators (and two rounds' dropout masks) must still draw differently.
+    monkeypatch.setattr(secrets, "randbits", lambda bits: 7)
+    assert not torch.equal(torch.randn(16, generator=dp_generator()), torch.randn(16, generator=dp_generator()))
+    masks = []
+    for _ in range(2):
+        secret_dropout()
+        masks.append(torch.nn.functional.dropout(torch.ones(64), 0.5))
+    assert not torch.equal(masks[0], masks[1])
+
+
+def test_a_dp_generator_draws_the_mt19937_stream_of_624_secret_words(monkeypatch):
+    # every one of the state's 624 x 32 bits comes from the CSPRNG: the draws are MT19937's from exactly those words
+    key = np.random.default_rng(0).integers(0, 2**32, 624, dtype=np.uint32)
+    monkeypatch.setattr(secrets, "token_bytes", lambda n: key.astype("<u4").tobytes()[:n])
+    generator = dp_generator()
+    reference = np.random.MT19937()
+    reference.state = {"bit_generator": "MT19937", "state": {"key": key, "pos": 624}}
+    drawn = torch.empty(2000, dtype=torch.int32).random_(generator=generator)  # an MT19937 output's low 31 bits each
+    assert np.array_equal(drawn.numpy(), (reference.random_raw(2000) & 0x7FFFFFFF).astype(np.int32))
