@@ -55,7 +55,7 @@ Mechanism = Gaussian | SkellamSteps
 RDP_ORDERS = tuple(range(2, 65)) + (80, 96, 128, 192, 256)  # integer: the subsampling bound needs them
 EPS_ERROR = 0.01  # PRV accountant's epsilon discretisation error; the upper bound is reported
 PRV_LIMIT = MAX_BUDGET  # above this RDP bound PRV's grid grows to many GB; such spends are reported by RDP
-MAX_NOISE_MULTIPLIER = 1024.0  # the noise search's ceiling: a schedule costing more than the budget even at it is refused
+MAX_NOISE_MULTIPLIER = 1024.0  # the noise search's ceiling: a schedule over the budget even at it is refused
 
 
 def _opacus_accountants():
@@ -351,8 +351,8 @@ def low_budget_warning(budget: float, delta: float | None = None) -> str:
         sigmas = None if budget < floor else [noise_multiplier_for(b, delta, q, steps) for b in (budget, run_epsilon)]
     if sigmas is None:
         can = (f"no run of the default schedule ({schedule}) can train within it at all: even at noise multiplier "
-               f"{MAX_NOISE_MULTIPLIER:g}, the largest the site uses, that schedule costs epsilon {floor:.3g} (at delta "
-               f"{delta:g})")
+               f"{MAX_NOISE_MULTIPLIER:g}, the largest the site uses, that schedule costs epsilon {floor:.3g} "
+               f"(at delta {delta:g})")
     else:
         sigma, sigma_default = sigmas
         can = (f"it joins only runs asking for epsilon at most {budget / MIN_RUN_SHARE:.3g}, and its whole budget "

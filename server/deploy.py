@@ -100,7 +100,7 @@ class Consortium:
 
 
 def server_checks(c: Consortium, metrics_port: int = 0) -> list[Check]:
-    host, port = c.public
+    host, _ = c.public
     checks = check_server_certificate(c.path("server", "server.crt"), c.path("server", "server.key"),
                                       c.path("ca", "ca.crt"), list(dict.fromkeys([host, "127.0.0.1", "localhost"])))
     checks += [check_private_key(c.path("server", "server.key"), "server TLS key"),
@@ -245,9 +245,9 @@ def superlink_port_refusal(port: int) -> str:
     check = check_port_free("127.0.0.1", port, "SuperLink loopback address")
     if check.ok or os.strerror(errno.EADDRINUSE) not in check.detail:
         return ""
-    return (f"--internal-port {port}: 127.0.0.1:{port} is held by {port_holder(port).text} on this machine; each consortium here "
-            f"needs a SuperLink port of its own: pass --internal-port {free_port_after(port)} (free now). Nothing was "
-            "written")
+    return (f"--internal-port {port}: 127.0.0.1:{port} is held by {port_holder(port).text} on this machine; each "
+            f"consortium here needs a SuperLink port of its own: pass --internal-port {free_port_after(port)} (free "
+            "now). Nothing was written")
 
 
 def server_state(root: Path) -> dict:

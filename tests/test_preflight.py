@@ -235,15 +235,16 @@ def test_a_budget_that_refuses_every_default_run_is_warned_of_at_site_init_and_s
     from privacy.site_config import SiteConfig
 
     res = CliRunner().invoke(app, ["site", "init", str(tmp_path / "s"), "--name", "S", "--consortium",
-                                   str(consortium / "public"), "--ca-fingerprint", fingerprint(consortium / "ca/ca.crt"),
-                                   "--budget", "0.001"])
+                                   str(consortium / "public"), "--ca-fingerprint",
+                                   fingerprint(consortium / "ca/ca.crt"), "--budget", "0.001"])
     warning = low_budget_warning(0.001)
     assert res.exit_code == 0 and (tmp_path / "s" / "site.json").exists(), res.output
     assert f"warning: {warning}" in " ".join(res.output.split()), res.output
     site = SiteConfig.load(tmp_path / "s" / "site.json")
     said = [c for c in site_checks(site, 29555, None) if c.name == "privacy-budget 0.001"]
     assert [(c.ok, c.warning, c.detail) for c in said] == [(True, True, warning)]
-    fine = init_site(tmp_path / "t", "T", consortium / "public", "", ca_fingerprint=fingerprint(consortium / "ca/ca.crt"))
+    fine = init_site(tmp_path / "t", "T", consortium / "public", "",
+                     ca_fingerprint=fingerprint(consortium / "ca/ca.crt"))
     assert [c.warning for c in site_checks(fine, 29555, None) if c.name.startswith("privacy-budget")] == [False]
 
 
