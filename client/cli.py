@@ -77,6 +77,7 @@ def site_init(
 ) -> None:
     """Check the consortium's bundle against the CA fingerprint read out to you, then create the site's
     node-authentication key (ECDSA P-384, OpenSSH) and settings."""
+    from client.supernode import budget_warning
     from privacy.pki import ProvisioningError, init_site
 
     try:
@@ -87,6 +88,9 @@ def site_init(
     typer.echo(f"site {name!r} in {directory} for consortium {settings.consortium!r} at {settings.superlink}")
     typer.echo(f"send {directory / 'keys' / 'site.key.pub'} to the operator to register and read them its "
                f"fingerprint {settings.public_key_sha256}; the private key never leaves this machine")
+    if warning := budget_warning(settings):
+        typer.echo(f"warning: {warning} (privacy-budget in {directory / 'site.json'}; `oncofed site start` says this "
+                   "again)")
 
 
 def site_start(

@@ -34,7 +34,7 @@ import torch
 from client.site import PreparedSite, min_count
 from privacy.accounting import BudgetError, SkellamSteps, compact, epsilon, noise_multiplier_for, public_schedule
 from privacy.clipping import clipped_sum, finite_samples_only, make_private
-from privacy import distributed
+from privacy import MIN_RUN_SHARE, distributed  # noqa: F401 (MIN_RUN_SHARE: re-exported)
 from privacy.ledger import EPSILON_SLACK, RunPlan
 from privacy.sampling import PaddedPoissonLoader, padded_sample, step_rows
 from shared_models.evaluation import evaluate, predict_logits
@@ -76,12 +76,6 @@ def saved_plan(site: PreparedSite, run_id: str, cfg: RunConfig) -> RunPlan | Non
                           f"changes {'; '.join(changed)}. A run's plan is fixed when it starts: nothing was "
                           "trained or sent (resume the run with its frozen configuration, or start a new run)")
     return saved
-
-
-MIN_RUN_SHARE = 0.5
-"""A site joins a new dp-mode 'site' run only if what is left of its budget is at least this share of the run's epsilon:
-with less its noise grows many-fold (0.08 of 8 left: noise multiplier 3.2, the consortium's model at macro-F1 0.12 in
-an operator's trial), and in a SecAgg+ sum the noisiest site's noise is everyone's."""
 
 
 def starved_refusal(site: PreparedSite, run_id: str, cfg: RunConfig) -> str:

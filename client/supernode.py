@@ -71,9 +71,21 @@ def _node_config_check(settings: SiteConfig) -> Check:
                  "double quote (\") (move or rename the directory a path names)")
 
 
+def budget_warning(settings: SiteConfig) -> str:
+    """Why the site's privacy budget refuses every run at the consortium's default settings ("" if it does not, or
+    it has no budget: load_site requires one)."""
+    from privacy.accounting import low_budget_warning
+
+    return low_budget_warning(settings.privacy_budget, settings.privacy_delta) if settings.privacy_budget else ""
+
+
 def site_checks(settings: SiteConfig, port: int, schema: Path | None, superlink: str | None = None) -> list[Check]:
     ca = Path(settings.root_certificates)
     checks = [check_ca(ca), check_site_key(Path(settings.auth_supernode_private_key))]
+    if settings.privacy_budget:  # a warning, not a refusal: a site may mean to be strict
+        warning = budget_warning(settings)
+        checks.append(Check(f"privacy-budget {settings.privacy_budget:g}", True, warning or
+                            "joins a run at the consortium's default settings", warning=bool(warning)))
     if settings.signing_public_key:
         from privacy.signing import SignatureError, load_public
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import gammaln, logsumexp
 
-from privacy import MAX_BUDGET  # re-exported: the largest budget a site may set
+from privacy import MAX_BUDGET, MIN_RUN_SHARE  # MAX_BUDGET re-exported: the largest budget a site may set
 
 Gaussian = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
 
@@ -55,6 +55,7 @@ Mechanism = Gaussian | SkellamSteps
 RDP_ORDERS = tuple(range(2, 65)) + (80, 96, 128, 192, 256)  # integer: the subsampling bound needs them
 EPS_ERROR = 0.01  # PRV accountant's epsilon discretisation error; the upper bound is reported
 PRV_LIMIT = MAX_BUDGET  # above this RDP bound PRV's grid grows to many GB; such spends are reported by RDP
+MAX_NOISE_MULTIPLIER = 1024.0  # the noise search's ceiling: a schedule over the budget even at it is refused
 
 
 def _opacus_accountants():
@@ -295,11 +296,11 @@ def noise_multiplier_for(
     hi = 1.0
     while eps_at(hi) > budget_epsilon:
         hi *= 2
-        if hi > 1024:
+        if hi > MAX_NOISE_MULTIPLIER:
             raise BudgetError(
                 f"the site has spent epsilon {already:.3f} of its budget {budget_epsilon:g}; even noise "
-                f"multiplier 1024 for {steps} more steps would exceed it. Raise the site's budget (a decision "
-                "for its data governance) or stop training on this data"
+                f"multiplier {MAX_NOISE_MULTIPLIER:g} for {steps} more steps would exceed it. Raise the site's "
+                "budget (a decision for its data governance) or stop training on this data"
             )
     lo = 0.0 if hi == 1.0 else hi / 2
     while hi - lo > tolerance * max(lo, 1e-3) and hi - lo > 1e-4:
@@ -322,3 +323,42 @@ def public_schedule(sample_rate: float, local_epochs: int, rounds: int) -> tuple
     actually run."""
     per_epoch = max(1, round(1.0 / sample_rate))
     return sample_rate, per_epoch * local_epochs * rounds
+
+
+def low_budget_warning(budget: float, delta: float | None = None) -> str:
+    """Why a site with this privacy budget (at `delta`, default the run config's) refuses every run at the run config's
+    defaults, and what the budget could still pay for; "" when it joins such a run. A new run is joined only with
+    MIN_RUN_SHARE of its epsilon left, and a schedule cannot train at all within less than its epsilon at
+    MAX_NOISE_MULTIPLIER. `oncofed site init` and the site's preflight say it (a warning: a site may mean to be strict);
+    without it every round is refused later, the reason only in the site's audit log and the server's log."""
+    from shared_models.run_config import FederationSection, PrivacySection, TrainingSection
+
+    def default(section, name):
+        return section.model_fields[name].default
+
+    run_epsilon = default(PrivacySection, "epsilon")
+    needed = MIN_RUN_SHARE * run_epsilon
+    if budget >= needed:
+        return ""
+    delta = default(PrivacySection, "delta") if delta is None else delta
+    rounds, epochs = default(FederationSection, "num_rounds"), default(TrainingSection, "local_epochs")
+    rate = default(PrivacySection, "sample_rate")
+    q, steps = public_schedule(rate, epochs, rounds)
+    schedule = f"{steps} DP-SGD steps: {rounds} rounds of {epochs} local epochs at sample rate {rate:g}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus' "optimal order is the largest alpha" at this much noise
+        floor = epsilon([(MAX_NOISE_MULTIPLIER, q, steps)], delta)
+        sigmas = None if budget < floor else [noise_multiplier_for(b, delta, q, steps) for b in (budget, run_epsilon)]
+    if sigmas is None:
+        can = (f"no run of the default schedule ({schedule}) can train within it at all: even at noise multiplier "
+               f"{MAX_NOISE_MULTIPLIER:g}, the largest the site uses, that schedule costs epsilon {floor:.3g} "
+               f"(at delta {delta:g})")
+    else:
+        sigma, sigma_default = sigmas
+        can = (f"it joins only runs asking for epsilon at most {budget / MIN_RUN_SHARE:.3g}, and its whole budget "
+               f"spent on one run of the default schedule ({schedule}) takes noise multiplier {sigma:.3g}, "
+               f"{sigma / sigma_default:.1f} times a default run's {sigma_default:.3g}")
+    return (f"privacy budget {budget:g} is below {needed:g}, half the epsilon ({run_epsilon:g}) of a run at the "
+            f"consortium's default settings: this site will refuse every such run (a site joins a new run only while "
+            f"at least half its epsilon is left of the budget), the reason only in its audit log and the server's log; "
+            f"{can}. Keep it if the site means to be this strict; a budget of {needed:g} or more joins a default run")

@@ -217,6 +217,18 @@ def check_reachable(address: str, ca_path: Path, what: str) -> Check:
     return Check(name, True, "TLS verified against the consortium CA, /health 200")
 
 
+def foreign_tls_server(address: str, ca_path: Path) -> bool:
+    """Whether a TLS server answers at `address` with a valid certificate the CA at `ca_path` did not sign (not one
+    merely expired or not yet valid, and not a server that does not answer)."""
+    try:
+        https_health(address, ca_path)
+    except ssl.SSLCertVerificationError as e:
+        return e.verify_code not in (CERT_NOT_YET_VALID, CERT_HAS_EXPIRED)
+    except (OSError, ssl.SSLError, http.client.HTTPException):
+        return False
+    return False
+
+
 def check_signing_key(private_path: Path, trusted_public_path: Path) -> Check:
     """The model-signing key is the one whose public half the sites trust (the consortium's public/
     signing.pub, which every site copied at `site init`): checked before a run starts, because a model

@@ -50,6 +50,26 @@ def control_address(record: dict) -> str:
     return record.get("control-address") or record["address"]
 
 
+def control_address_setting(root: Path) -> str:
+    """Where the SuperLink's port is set: the one place the operator changes it (everything reads it from there)."""
+    return f'"control-address" in {Path(root) / "consortium.json"} (`oncofed consortium init --internal-port`)'
+
+
+def foreign_superlink(root: Path) -> str:
+    """Why the server at this consortium's control-address is not its SuperLink ("" when that is not known): a TLS
+    server whose certificate this consortium's CA did not sign, another consortium's SuperLink on the same port of
+    this machine. Flower's own error then says only that the SuperLink is unavailable."""
+    from privacy.preflight import foreign_tls_server
+
+    address, ca = control_address(_record(root)), Path(root) / "ca" / "ca.crt"
+    if not foreign_tls_server(address, ca):
+        return ""
+    return (f"the server at {address} is not this consortium's SuperLink (its certificate is not from {ca}): another "
+            f"consortium's server on this machine holds the port; each needs a port of its own: set "
+            f"{control_address_setting(root)} to a free port (`oncofed server preflight {root}` suggests one), then "
+            f"start this consortium's server")
+
+
 def _flwr(root: Path, *args: str) -> dict:
     env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(flwr_home(root))}
     try:
@@ -64,6 +84,8 @@ def _flwr(root: Path, *args: str) -> dict:
     except ValueError:
         out = {"success": False, "error-message": (proc.stdout + proc.stderr).strip()[-500:]}
     if proc.returncode != 0 or not out.get("success"):
+        if why := foreign_superlink(root):
+            raise ProvisioningError(f"`flwr supernode {args[0]}` refused: {why}")
         raise ProvisioningError(f"`flwr supernode {args[0]}` against {control_address(_record(root))} failed: "
                                 f"{out.get('error-message', out)}; is the consortium's SuperLink running there "
                                 "(`oncofed server start`)?")

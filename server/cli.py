@@ -42,8 +42,12 @@ def consortium_init(
 ) -> None:
     """Create the CA, the server's TLS key and certificate, the model-signing key pair and the proxy config."""
     from privacy.pki import ProvisioningError, init_consortium, parse_address
+    from server.deploy import superlink_port_refusal
     from server.proxy import write_config
 
+    if refusal := superlink_port_refusal(internal_port):  # another consortium's server on this machine has it
+        typer.echo(refusal, err=True)
+        raise typer.Exit(code=2)
     try:
         record = init_consortium(directory, name, address, internal_port=internal_port, schema=schema)
     except ProvisioningError as e:
@@ -249,12 +253,16 @@ def runs_stop(
     --name NAME --resume` continues it later."""
     import sys
 
+    from privacy.registry import foreign_superlink
     from server.runs import RunView, restart_hint, stop
     from server.submit import env_for
 
     c = _consortium(directory)
     if not c.path("runs", name).is_dir():
         typer.echo(f"no run {name!r} in {c.path('runs')}; see `oncofed runs list {directory}`", err=True)
+        raise typer.Exit(code=2)
+    if why := foreign_superlink(c.root):
+        typer.echo(f"run {name!r}: nothing stopped: {why}", err=True)
         raise typer.Exit(code=2)
     n = stop(c.root, name, env_for(c), sys.stdout)
     typer.echo(f"run {name!r}: {n} flwr run(s) stopped; {restart_hint(directory, RunView.load(c.root, name, None))}"

@@ -20,6 +20,7 @@ SuperLink answers, otherwise 503 naming what is down; `oncofed run` checks it be
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -37,7 +38,7 @@ from privacy.preflight import (
     check_server_certificate,
     report,
 )
-from privacy.registry import control_address
+from privacy.registry import control_address, control_address_setting
 from server import proxy
 from server.processes import (
     answers_health,
@@ -53,7 +54,18 @@ from shared_models.flower_tools import METRICS_PORT, QUIET_ENV
 
 FLOWER_ENV = {**QUIET_ENV,
               # the SuperLink's task launcher polls every second by default; 0.2 s shortens each round
-              "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
+              "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
+              # Flower 1.41's SuperLink serves its Fleet, Control and Runtime APIs on its one --port (the consortium's
+              # control-address). These switch on its legacy gRPC Control and Fleet servers as well, on 0.0.0.0:9093
+              # and 0.0.0.0:9092, ports no consortium setting names: a second consortium's SuperLink would collide on
+              # them, and the Control API would listen on every interface, past the proxy. Off, whatever the
+              # operator's environment says.
+              "FLWR_INTERNAL_GRPC_CONTROL_API": "0", "FLWR_INTERNAL_GRPC_FLEET_API": "0"}
+
+
+def service_env() -> dict:
+    """The environment of the SuperLink and the SuperExec: this process's, FLOWER_ENV over it."""
+    return {**os.environ, **FLOWER_ENV}
 
 
 class DeployError(RuntimeError):
@@ -88,7 +100,7 @@ class Consortium:
 
 
 def server_checks(c: Consortium, metrics_port: int = 0) -> list[Check]:
-    host, port = c.public
+    host, _ = c.public
     checks = check_server_certificate(c.path("server", "server.crt"), c.path("server", "server.key"),
                                       c.path("ca", "ca.crt"), list(dict.fromkeys([host, "127.0.0.1", "localhost"])))
     checks += [check_private_key(c.path("server", "server.key"), "server TLS key"),
@@ -96,10 +108,7 @@ def server_checks(c: Consortium, metrics_port: int = 0) -> list[Check]:
                check_private_key(c.path("ca", "ca.key"), "CA key")]
     binary = proxy.nginx_binary()
     checks.append(Check("nginx", binary is not None, binary or proxy.NGINX_HINT))
-    checks.append(check_port_free(proxy.listen_host(host).strip("[]"), port, "public (proxy) address"))
-    checks.append(check_port_free("127.0.0.1", c.internal_port, "SuperLink loopback address"))
-    if metrics_port:
-        checks.append(check_port_free("127.0.0.1", metrics_port, "metrics (--metrics-port) address"))
+    checks += port_checks(c, metrics_port)
     if left := orphaned_processes(c):
         checks.append(Check("processes of an earlier `oncofed server start`", False,
                             f"{orphans_left(c, left)}, then start again"))
@@ -112,6 +121,133 @@ def server_checks(c: Consortium, metrics_port: int = 0) -> list[Check]:
     except OSError as e:
         checks.append(Check(f"database directory {c.path('state')}", False, f"not writable ({e.strerror})"))
     return checks
+
+
+@dataclass(frozen=True)
+class Listen:
+    """A port `oncofed server start` listens on, and the one setting that chooses it."""
+    what: str
+    host: str
+    port: int
+    setting: str
+
+
+def listening_ports(c: Consortium, metrics_port: int = 0) -> list[Listen]:
+    """Every port the service listens on, each from its one setting (its own /health takes a free loopback port).
+    The SuperLink listens on its control-address port alone (FLOWER_ENV), which the SuperExec, the ServerApps it
+    launches, the proxy and the operator's flwr commands (`oncofed runs`, `consortium add-site`: registry.flwr_home)
+    all read from consortium.json."""
+    host, port = c.public
+    record = c.path("consortium.json")
+    ports = [Listen("public (proxy) address", proxy.listen_host(host).strip("[]"), port,
+                    f'"address" in {record} (`oncofed consortium init --address`; the sites connect to it)'),
+             Listen("SuperLink loopback address", "127.0.0.1", c.internal_port, control_address_setting(c.root))]
+    if metrics_port:
+        ports.append(Listen("metrics (--metrics-port) address", "127.0.0.1", metrics_port, "--metrics-port"))
+    return ports
+
+
+def _same_socket(a: Listen, b: Listen) -> bool:
+    unspecified = ("0.0.0.0", "::")
+    return a.port == b.port and (a.host == b.host or a.host in unspecified or b.host in unspecified)
+
+
+def port_checks(c: Consortium, metrics_port: int = 0) -> list[Check]:
+    """Each port distinct from the others and free; a taken one names who holds it (another consortium's SuperLink
+    by its directory), its setting, and a port free now to set it to."""
+    ports, checks = listening_ports(c, metrics_port), []
+    for i, p in enumerate(ports):
+        name = f"{p.what} {p.host}:{p.port}"
+        if clash := next((q for q in ports[:i] if _same_socket(p, q)), None):
+            checks.append(Check(name, False, f"the same port as the {clash.what} ({clash.setting}): set {p.setting} to "
+                                f"another port, e.g. {free_port_after(p.port, ports)}"))
+            continue
+        check = check_port_free(p.host, p.port, p.what)
+        if not check.ok and os.strerror(errno.EADDRINUSE) in check.detail:
+            holder = port_holder(p.port)
+            if holder.root == c.root:
+                fix = (f"this consortium's own: its server runs already (`oncofed server stop {c.root}`), or a killed "
+                       f"one left it running (`kill {holder.pid}`)")
+            else:
+                fix = (f"each consortium on this machine needs ports of its own: set {p.setting} to a free port, e.g. "
+                       f"{free_port_after(p.port, ports)}")
+            check = Check(name, False, f"held by {holder.text}; {fix}")
+        checks.append(check)
+    return checks
+
+
+def free_port_after(port: int, taken: list[Listen] = ()) -> int:
+    """The first port above `port` free on loopback now and none of `taken`: what an error suggests for a setting."""
+    import socket
+
+    for candidate in range(port + 1, min(port + 1000, 65536)):
+        if any(t.port == candidate for t in taken):
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+        return candidate
+    return 0
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who listens on a port: `text` names it; `root` is its consortium's directory when it is part of an OncoFed
+    server (its SuperLink, its proxy, or the `oncofed server start` itself, serving /metrics)."""
+    text: str
+    pid: int | None = None
+    root: Path | None = None
+
+
+def _consortium_of(args: list[str], cwd: Path) -> tuple[str, Path] | None:
+    """(what, consortium directory) of an OncoFed server's process, from its command line."""
+    def after(flag: str) -> str | None:
+        return args[args.index(flag) + 1] if flag in args[:-1] else None
+
+    if (database := after("--database")) and Path(database).name == "superlink.db":
+        return "the SuperLink", (cwd / database).resolve().parent.parent
+    if (prefix := after("-p")) and Path(prefix).name == "proxy":
+        return "the proxy (nginx)", (cwd / prefix).resolve().parent
+    if "server" in args and "start" in args[args.index("server"):]:
+        rest = [a for a in args[args.index("start", args.index("server")) + 1:] if not a.startswith("-")]
+        if rest:
+            return "the `oncofed server start`", (cwd / rest[0]).resolve()
+    return None
+
+
+def port_holder(port: int) -> Holder:
+    """Who listens on TCP `port` on this machine, a part of another consortium's server named by its directory;
+    "another process" when it cannot be seen (another user's)."""
+    import psutil
+
+    try:
+        pids = [k.pid for k in psutil.net_connections(kind="tcp")
+                if k.status == psutil.CONN_LISTEN and k.laddr and k.laddr.port == port and k.pid]
+    except (psutil.Error, OSError):
+        pids = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            args, name, cwd = proc.cmdline(), proc.name(), Path(proc.cwd())
+        except psutil.Error:
+            return Holder(f"pid {pid}", pid)
+        if found := _consortium_of(args, cwd):
+            return Holder(f"{found[0]} of the consortium at {found[1]} (pid {pid})", pid, found[1])
+        return Holder(f"pid {pid} ({name})", pid)
+    return Holder("another process")
+
+
+def superlink_port_refusal(port: int) -> str:
+    """Why `oncofed consortium init --internal-port PORT` is refused on this machine ("" if it is not): the port is held
+    now, by another consortium's SuperLink most likely (named), which this one's would collide with."""
+    check = check_port_free("127.0.0.1", port, "SuperLink loopback address")
+    if check.ok or os.strerror(errno.EADDRINUSE) not in check.detail:
+        return ""
+    return (f"--internal-port {port}: 127.0.0.1:{port} is held by {port_holder(port).text} on this machine; each "
+            f"consortium here needs a SuperLink port of its own: pass --internal-port {free_port_after(port)} (free "
+            "now). Nothing was written")
 
 
 def server_state(root: Path) -> dict:
@@ -362,7 +498,7 @@ def start_server(root: str | Path, metrics_port: int = METRICS_PORT, out=sys.std
     host, port = c.public
     c.path("logs").mkdir(exist_ok=True)
     c.path("runs").mkdir(exist_ok=True)
-    env = {**os.environ, **FLOWER_ENV}
+    env = service_env()
     ca = c.path("ca", "ca.crt")
     command = secure_superlink_command(ca, c.path("server", "server.crt"), c.path("server", "server.key"),
                                        c.path("state", "superlink.db"), c.internal_port)

@@ -224,6 +224,30 @@ def test_a_site_checks_its_data_against_the_schema_training_uses(consortium, tmp
     assert not check.ok and "SHA-256 differs from site.json's schema-sha256" in check.detail
 
 
+def test_a_budget_that_refuses_every_default_run_is_warned_of_at_site_init_and_start(consortium, tmp_path):
+    """`site init --budget 0.001` was accepted silently and every run was then refused, the reason only in the audit
+    log: init and the start's preflight say why, with the numbers (a warning: the site may mean to be strict)."""
+    from typer.testing import CliRunner
+
+    from client.supernode import site_checks
+    from oncofed.cli import app
+    from privacy.accounting import low_budget_warning
+    from privacy.site_config import SiteConfig
+
+    res = CliRunner().invoke(app, ["site", "init", str(tmp_path / "s"), "--name", "S", "--consortium",
+                                   str(consortium / "public"), "--ca-fingerprint",
+                                   fingerprint(consortium / "ca/ca.crt"), "--budget", "0.001"])
+    warning = low_budget_warning(0.001)
+    assert res.exit_code == 0 and (tmp_path / "s" / "site.json").exists(), res.output
+    assert f"warning: {warning}" in " ".join(res.output.split()), res.output
+    site = SiteConfig.load(tmp_path / "s" / "site.json")
+    said = [c for c in site_checks(site, 29555, None) if c.name == "privacy-budget 0.001"]
+    assert [(c.ok, c.warning, c.detail) for c in said] == [(True, True, warning)]
+    fine = init_site(tmp_path / "t", "T", consortium / "public", "",
+                     ca_fingerprint=fingerprint(consortium / "ca/ca.crt"))
+    assert [c.warning for c in site_checks(fine, 29555, None) if c.name.startswith("privacy-budget")] == [False]
+
+
 def test_a_site_preflight_names_what_the_service_account_cannot_use_instead_of_failing_later(consortium, tmp_path,
                                                                                             monkeypatch):
     """After `sudo oncofed site init`, a service running as its own user: a root-owned state directory (it exists,

@@ -362,3 +362,27 @@ def test_a_round_the_site_withheld_keeps_that_outcome_whatever_the_server_says_o
     assert not ledger.note_outcome(None, "run-A", 1, status="abandoned", reason="2 sites sent masked vectors")
     [(rnd, outcome)] = ledger.withheld("run-A")
     assert rnd == 1 and outcome["status"] == "withheld" and outcome["cause"] == "run-config"
+
+
+def test_a_budget_too_small_for_the_default_run_is_explained_with_what_it_could_pay_for():
+    """The numbers `oncofed site init` and the site's preflight warn with are the ones its rounds refuse by: below
+    MIN_RUN_SHARE of the default run's epsilon a site joins no default run; below the default schedule's epsilon at
+    the largest noise multiplier no run of that schedule trains at all, and just above it one can."""
+    from privacy import MIN_RUN_SHARE
+    from privacy.accounting import MAX_NOISE_MULTIPLIER, low_budget_warning
+    from shared_models.run_config import RunConfig
+
+    run = RunConfig.model_validate({"schema": "s.json"})
+    needed = MIN_RUN_SHARE * run.privacy.epsilon
+    assert low_budget_warning(needed) == "" and low_budget_warning(run.privacy.epsilon) == ""
+    q, steps = public_schedule(run.privacy.sample_rate, run.training.local_epochs, run.federation.num_rounds)
+    floor = epsilon([(MAX_NOISE_MULTIPLIER, q, steps)], run.privacy.delta)
+    tiny = low_budget_warning(0.001)
+    assert f"below {needed:g}" in tiny and "refuse every such run" in tiny and "can train within it at all" in tiny
+    assert f"costs epsilon {floor:.3g}" in tiny and f"{steps} DP-SGD steps" in tiny
+    with pytest.raises(BudgetError):
+        noise_multiplier_for(floor * 0.99, run.privacy.delta, q, steps)
+    noise_multiplier_for(floor * 1.01, run.privacy.delta, q, steps)
+    small = low_budget_warning(1.0)
+    sigma = noise_multiplier_for(1.0, run.privacy.delta, q, steps)
+    assert "joins only runs asking for epsilon at most 2" in small and f"noise multiplier {sigma:.3g}" in small

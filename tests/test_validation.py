@@ -514,12 +514,38 @@ def test_an_absent_modality_is_a_warning(tmp_path):
     assert report.summary.modalities[1].file is None and report.summary.modalities[1].absent_share == 1.0
 
 
-def test_renamed_features_are_recognised_as_extra_columns_with_the_rename(tmp_path):
-    site_dir = make_site(tmp_path, lambda t: t.update(expr=t["expr"].rename(columns={"g1": "G_1"})))
+@pytest.mark.parametrize("written", ["G1", " g1 ", "G_1"])
+def test_a_schema_feature_written_differently_is_refused_at_training_naming_both_and_the_rename(tmp_path, written):
+    # read as it is, the feature would be masked for every patient: the site would train on less data than its table
+    # holds, as a prediction with that table is refused (test_serve.py), not just warned about
+    site_dir = make_site(tmp_path, lambda t: t.update(expr=t["expr"].rename(columns={"g1": written})))
     report = validate_site(SCHEMA, site_dir)
-    p = the_problem(report, "extra_columns")
-    assert "'G_1'" in p.message and "'G_1' -> 'g1'" in p.fix
-    assert report.summary.modalities[0].extra_features == ["G_1"]
+    p = the_problem(report, "misnamed_columns")
+    assert not report.ok and (p.severity, p.file) == ("error", "expr.csv.gz")
+    assert f"{written!r} -> 'g1'" in p.message
+    assert f"rename them as in the schema ({written!r} -> 'g1') in expr.csv.gz" in p.fix
+    assert not [q for q in report.problems if q.code in ("absent_features", "extra_columns")], report.format_report()
+    assert report.summary.modalities[0].extra_features == [written]
+
+
+def test_a_misnamed_feature_stops_the_site_from_training(tmp_path):
+    from client.site import SiteDataError, split_site
+
+    site_dir = make_site(tmp_path, lambda t: t.update(clinical=t["clinical"].rename(columns={"age": "Age"})))
+    with pytest.raises(SiteDataError, match=r"clinical\.tsv.*'Age' -> 'age'"):
+        split_site(SCHEMA, site_dir, val_fraction=0.2, min_count=5, seed=0, dp=False)
+    result = run_cli(SCHEMA.save(tmp_path / "schema.json"), site_dir)
+    assert result.exit_code == 1 and "'Age' -> 'age'" in result.output, result.output
+
+
+def test_a_column_only_like_a_schema_feature_stays_a_warning(tmp_path):
+    # another name (or other digits: hsa-mir-3651 is not hsa-mir-365-1) may be another measurement: the site is
+    # told, and the feature is masked as one it does not measure
+    site_dir = make_site(tmp_path, lambda t: t.update(expr=t["expr"].rename(columns={"g1": "g1_old"})))
+    report = validate_site(SCHEMA, site_dir)
+    assert report.ok, report.format_report()
+    assert "'g1_old'" in the_problem(report, "extra_columns").message
+    assert "'g1'" in the_problem(report, "absent_features").message
 
 
 def test_every_problem_of_a_site_is_reported_at_once(tmp_path):

@@ -78,6 +78,14 @@ def same_name_written_differently(a: str, b: str) -> bool:
     return re.findall(r"\d+", a) == re.findall(r"\d+", b)
 
 
+def misnamed_pairs(absent: list[str], extra: list[str]) -> list[tuple[str, str]]:
+    """(column, the schema feature it surely is): the names equal but for case, spaces and punctuation, with the same
+    digit groups; failing those, one affix on (or off) many columns (a systematic naming, not a stray column). The
+    rule training's validation and a prediction's input check both refuse a table by (tables.check_frame)."""
+    return [(a, b) for a, b in rename_pairs(absent, extra) if same_name_written_differently(a, b)] or \
+        affix_pairs(absent, extra)
+
+
 def rename_hints(absent: list[str], extra: list[str]) -> str:
     pairs = rename_pairs(absent, extra)
     if not pairs:

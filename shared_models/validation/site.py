@@ -76,7 +76,7 @@ def _check_site(check: Check, site_dir: Path) -> SiteSummary:
 # the problems whose fix is a guess at making the data fit the schema (a rename, a near level, a table name):
 # harmful when the schema itself is the wrong one
 GUESSED_FIXES = frozenset({"no_label_column", "no_schema_features", "unknown_level", "unknown_label", "unrelated_file", "absent_features",
-                           "extra_columns", "misnamed_table"})
+                           "extra_columns", "misnamed_table", "misnamed_columns"})
 
 
 def _another_schema(check: Check, paths: dict, checked: dict) -> None:

@@ -11,8 +11,7 @@ import pandas as pd
 from shared_models.schema import Modality
 from shared_models.validation.cells import check_cells, check_columns
 from shared_models.validation.check import Check
-from shared_models.validation.hints import (affix_pairs, id_mismatch_hint, rename_hints, rename_pairs,
-                                           same_name_written_differently)
+from shared_models.validation.hints import id_mismatch_hint, misnamed_pairs, rename_hints
 from shared_models.validation.leakage import check_leakage
 from shared_models.validation.messages import MAX_NAMES, names, plural
 from shared_models.validation.reading import read, unique_rows
@@ -52,6 +51,7 @@ def check_frame(check: Check, m: Modality, df: pd.DataFrame, path: Path) -> Chec
     extra = [c for c in columns if c not in features]
     absent = [f for f in m.features if f not in df.columns]
     renames = rename_hints(absent, extra)
+    unknown = extra  # the extra columns no schema feature surely is (the warning's; the summary lists every extra)
     if not present:
         hint = f"rename the columns as in the schema, e.g. {renames}" if renames else \
             f"name the columns as the schema does (e.g. {names(m.features[:3])})"
@@ -59,22 +59,28 @@ def check_frame(check: Check, m: Modality, df: pd.DataFrame, path: Path) -> Chec
         check.add("error", "no_schema_features", f"none of the schema's {m.n_features:,} {m.name!r} features is a "
                   f"column here ({found})", hint, file)
         return None
+    misnamed = misnamed_pairs(absent, extra)
+    if misnamed:
+        # schema features written differently (case, spaces, punctuation, the same digits; or one affix on many
+        # columns): read as they are, training would mask them for every patient and a prediction would score every
+        # patient without them, each on less data than the table plainly meant to give. Other near names, which
+        # may be other features, stay an extra_columns warning with the rename as a hint.
+        listed = names([f"{a!r} -> {b!r}" for a, b in misnamed[:4]], quote=False, total=len(misnamed))
+        then = (f", then send the {m.name} table again" if check.for_prediction else
+                "; read as they are, training would mask those features for every patient")
+        check.add("error", "misnamed_columns", f"columns that are schema features written differently: {listed}",
+                  f"rename them as in the schema ({listed}) in {file}{then}", file)
+        if check.for_prediction:
+            return None
+        # training's report goes on with the rest of the table (every problem at once), not repeating these below
+        absent = [f for f in absent if f not in {b for _, b in misnamed}]
+        unknown = [c for c in extra if c not in {a for a, _ in misnamed}]
+        renames = rename_hints(absent, unknown)
     if absent and not check.for_prediction:  # a prediction reports coverage per patient instead
         rename = f"; or rename: {renames}" if renames else ""
         check.add("warning", "absent_features", f"absent: {len(absent):,} of the schema's {m.n_features:,} "
                   f"{m.name!r} features ({len(absent) / m.n_features:.0%}): {names(absent)}; they are masked at "
                   "training", f"nothing, if the site does not measure them{rename}", file)
-    sure = [(a, b) for a, b in rename_pairs(absent, extra) if same_name_written_differently(a, b)]
-    if check.for_prediction and not sure:  # one affix on (or off) many columns: a systematic naming, not a stray column
-        sure = affix_pairs(absent, extra)
-    if check.for_prediction and sure:
-        # schema features written differently (case, spaces, punctuation, the same digits): scored without them, every
-        # patient's answer would silently lose features the request plainly meant to give (other near names, which
-        # may be other features, stay an extra_columns warning with the rename as a hint)
-        listed = names([f"{a!r} -> {b!r}" for a, b in sure[:4]], quote=False, total=len(sure))
-        check.add("error", "misnamed_columns", f"columns that are schema features written differently: {listed}",
-                  f"rename them as in the schema ({listed}) and send the {m.name} table again", file)
-        return None
     if check.for_prediction and m.n_features >= FOREIGN_MIN_FEATURES and len(extra) > len(present):
         # a table of another kind saved under this modality's name: scoring it would be a guess (a modality of a
         # few columns, like clinical fields, comes within wider exports: its other columns are only reported)
@@ -83,14 +89,14 @@ def check_frame(check: Check, m: Modality, df: pd.DataFrame, path: Path) -> Chec
                   f"({names(present)}) belong to the modality", f"check that this is the {m.name} table; "
                   f"its columns must be the schema's {m.name!r} features (e.g. {names(m.features[:3])})", file)
         return None
-    if extra:
+    if unknown:
         fix = "nothing, unless one of them should be a schema feature (then check its spelling)"
         if renames:
             fix += f": {renames}"
-        if any(c == "" or c.startswith("Unnamed:") for c in extra):
+        if any(c == "" or c.startswith("Unnamed:") for c in unknown):
             fix += "; an unnamed column is usually a saved row index: export without it (pandas: index=False)"
-        check.add("warning", "extra_columns", f"{plural(len(extra), 'column')} not in the schema, ignored: "
-                  f"{names(extra)}", fix, file)
+        check.add("warning", "extra_columns", f"{plural(len(unknown), 'column')} not in the schema, ignored: "
+                  f"{names(unknown)}", fix, file)
     if check.labels is not None and len(check.labels.all_ids):
         _check_overlap(check, df.index, file)
     values, unusable, texts = check_cells(check, m, df[present], file)
