@@ -36,7 +36,7 @@ from privacy.accounting import BudgetError, SkellamSteps, compact, epsilon, nois
 from privacy.clipping import clipped_sum, finite_samples_only, make_private
 from privacy import MIN_RUN_SHARE, distributed  # noqa: F401 (MIN_RUN_SHARE: re-exported)
 from privacy.ledger import EPSILON_SLACK, RunPlan
-from privacy.sampling import PaddedPoissonLoader, padded_sample, step_rows
+from privacy.sampling import PaddedPoissonLoader, opacus_poisson_loader, padded_sample, step_rows
 from shared_models.evaluation import evaluate, predict_logits
 from shared_models.model import MultiModalTransformer
 from shared_models.protocol import (EPSILON, EPSILON_WORST_CASE, GRID_SCALE, LOCAL_STEPS, LOCAL_VAL_ACCURACY,
@@ -136,8 +136,6 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
         # expected batch (sample rate x patients). A site with more patients per batch takes larger steps.
         sigma, q, steps_per_round = run_noise(site, run_id, cfg)
         ticket = site.ledger.begin_round(site.dataset_fingerprint, run_id, rnd, sigma, q, steps_per_round)
-        from opacus.data_loader import DPDataLoader
-
         from privacy.dp_randomness import private_engine, secret_dropout
 
         secret_dropout()  # the masks depend on which records a step sampled: secret, as the sampling
@@ -154,8 +152,8 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
             if cfg.privacy.pad_batches:  # Poisson batches at a fixed cost (privacy/sampling.py), from the secret rng
                 loader = PaddedPoissonLoader.from_data_loader(loader, generator=engine.secure_rng, sample_rate=q,
                                                               steps=per_epoch, pad_to=cfg.privacy.pad_to)
-            else:  # Opacus' own Poisson loader, at the run's sample rate
-                loader = DPDataLoader(loader.dataset, sample_rate=q, generator=engine.secure_rng)
+            else:  # Opacus' own Poisson loader, at (at most) the run's sample rate
+                loader = opacus_poisson_loader(loader.dataset, q, engine.secure_rng)
             if cfg.privacy.clipping == "ghost":  # per-sample clipping without per-sample gradients; Opacus' noise
                 hooks, optimizer, loader = make_private(  # sampling and accountant (privacy/clipping.py)
                     engine, model, optimizer, loader, noise_multiplier=sigma, max_grad_norm=cfg.privacy.max_grad_norm,

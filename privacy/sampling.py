@@ -20,9 +20,25 @@ the bound's rows (`step_rows`), filler patients repeated where the site has fewe
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 PADDING_TAIL = 2.0 ** -40  # per step: how rarely a Poisson sample outgrows its padded batch
+FLOAT32_GRID = 2 ** 24  # torch.rand's float32 draws are multiples of 2^-24
+
+
+def opacus_poisson_loader(dataset, sample_rate: float, generator: torch.Generator | None):
+    """Opacus' own Poisson loader (run config `dp-pad-batches = false`), including each patient with probability at
+    most `sample_rate`, the rate the accountant charges. Opacus draws `torch.rand(n) < rate` in float32, whose
+    values are multiples of 2^-24, so a patient is included with probability ceil(rate 2^24) / 2^24, above the
+    rate for almost every rate (1.4e-3 relative at 1e-5): its sampler compares with the rate rounded down to
+    that grid instead, which float32 holds exactly. The loader's `sample_rate` stays the run's, for the accountant."""
+    from opacus.data_loader import DPDataLoader
+
+    loader = DPDataLoader(dataset, sample_rate=sample_rate, generator=generator)
+    loader.batch_sampler.sample_rate = math.floor(sample_rate * FLOAT32_GRID) / FLOAT32_GRID
+    return loader
 
 
 def padded_batch(n_patients: int, sample_rate: float, tail: float = PADDING_TAIL) -> int:

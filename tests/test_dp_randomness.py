@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 import warnings
 
 import numpy as np
+import pytest
 import torch
 
 from privacy.dp_randomness import dp_generator, private_engine, secret_dropout
+from privacy.sampling import opacus_poisson_loader
 
 
 def test_dp_draws_do_not_follow_torchs_global_seed():
@@ -58,3 +61,17 @@ def test_a_dp_generator_draws_the_mt19937_stream_of_624_secret_words(monkeypatch
     reference.state = {"bit_generator": "MT19937", "state": {"key": key, "pos": 624}}
     drawn = torch.empty(2000, dtype=torch.int32).random_(generator=generator)  # an MT19937 output's low 31 bits each
     assert np.array_equal(drawn.numpy(), (reference.random_raw(2000) & 0x7FFFFFFF).astype(np.int32))
+
+
+@pytest.mark.parametrize("rate", [0.3, 1e-5, 0.25])
+def test_opacus_poisson_loader_includes_a_patient_at_most_at_the_rate_the_accountant_charges(rate):
+    # Opacus' sampler draws torch.rand(n) < rate in float32: multiples of 2^-24 against the rate rounded to float32,
+    # so a patient is in with probability ceil(float32(rate) 2^24) / 2^24 (0.3: 0.3000000119 > 0.3)
+    data = torch.utils.data.TensorDataset(torch.zeros(4000, 1))
+    loader = opacus_poisson_loader(data, rate, torch.Generator().manual_seed(3))
+    compared = float(torch.tensor(loader.batch_sampler.sample_rate, dtype=torch.float32))
+    inclusion = math.ceil(compared * 2**24) / 2**24
+    assert inclusion <= rate and rate - inclusion < 2**-24 and loader.sample_rate == rate  # the accountant's rate
+    # and the batches are the comparison at that rate
+    first = next(iter(loader.batch_sampler))
+    assert first == (torch.rand(4000, generator=torch.Generator().manual_seed(3)) < compared).nonzero().view(-1).tolist()
