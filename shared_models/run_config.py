@@ -180,7 +180,10 @@ class SecAggSection(_Section):
         0.66, alias="secagg-threshold", gt=0, le=1, description="share of sites needed to unmask a round")
 
 
-MAX_DELTA = 1e-3  # the largest delta a run may ask for: far below 1 / (the patients of any site)
+# The largest delta a run or a site may ask for: a public constant (a bound that followed a site's count would publish
+# it), a tenth of 1 / patients for sites of up to 1,000; the default 1e-5 is that up to 10,000, and a larger site
+# sets its own privacy-delta below 1 / (10 x its patients) in site.json (docs/privacy.md)
+MAX_DELTA = 1e-4
 # SecAgg+ shares keys among at most this many neighbours of each site (Flower's sparse graph beyond it; odd, as
 # Flower's neighbour graph wants): no sum is unmasked for a site whose floor (min-sites, trusted-sites) is above it
 SECAGG_MAX_SHARES = 21

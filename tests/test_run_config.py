@@ -26,8 +26,8 @@ def test_a_delta_that_would_allow_releasing_a_record_whole_is_refused_naming_the
     # a review found delta 0.5 accepted, and a site without its own privacy-delta pinning its ledger to it
     from privacy.run_config import load_run_config
 
-    assert load_run_config({"schema": "s.json", "delta": 1e-3}).privacy.delta == 1e-3
-    with pytest.raises(RunConfigError, match=r"delta: Input should be less than or equal to 0.001 \(got 0.5\)"):
+    assert load_run_config({"schema": "s.json", "delta": 1e-4}).privacy.delta == 1e-4
+    with pytest.raises(RunConfigError, match=r"delta: Input should be less than or equal to 0.0001 \(got 0.5\)"):
         load_run_config({"schema": "s.json", "delta": 0.5})
 
 

@@ -45,7 +45,7 @@ def test_a_site_init_file_and_a_serving_only_file_load(tmp_path):
     ({"privacy-budget": -1}, "privacy-budget", "greater than 0 (got -1); fix the value or remove the key"),
     ({"privacy-budget": 500}, "privacy-budget", "less than or equal to 100 (got 500)"),
     ({"min-aggregate-sites": 1}, "min-aggregate-sites", "greater than or equal to 2"),
-    ({"privacy-delta": 1}, "privacy-delta", "less than or equal to 0.001 (got 1)"),
+    ({"privacy-delta": 1}, "privacy-delta", "less than or equal to 0.0001 (got 1)"),
     ({"serve": {"min-coverage": 2}}, "serve.min-coverage", "less than or equal to 1 (got 2)"),
     ({"state-dir": None}, "state-dir", "valid string"),
     ({"superlink": "fl.example"}, "superlink", "write HOST:PORT with a port 1-65535"),  # a traceback before
@@ -143,8 +143,8 @@ def test_the_sites_delta_bounds_every_runs_accounting(tmp_path):
         settings = site_settings(ctx, cfg)
         return accounting_delta(settings, cfg), delta_refusal(settings, cfg)
 
-    assert delta({}, 1e-3) == (1e-3, "")  # no site delta: the run's (the ledger then keeps the smallest ever)
-    assert delta({"privacy-delta": 1e-6}, 1e-3) == (1e-6, "")  # a looser run: accounted at the site's
+    assert delta({}, 1e-4) == (1e-4, "")  # no site delta: the run's (the ledger then keeps the smallest ever)
+    assert delta({"privacy-delta": 1e-6}, 1e-4) == (1e-6, "")  # a looser run: accounted at the site's
     # a stricter run would re-price the site's spend for good: refused, naming both
     assert "the run's delta 1e-08 is below this site's privacy-delta 1e-06" in delta({"privacy-delta": 1e-6}, 1e-8)[1]
 
