@@ -37,7 +37,7 @@ from server.checkpoint import (freeze_run, frozen_run, hold_run_lock, load_lates
                                run_config_changes, save_checkpoint,
                                write_json_atomic)
 from server.delivery import (audited, deliver, delivery_status, delivery_summary, finished_at, redeliver, save_package,
-                             tell_outcome, trained_sites)
+                             sites_that_trained, tell_outcome)
 from server.strategy import build_strategy
 from server.workflow import RoundsWorkflow, TimedSecAggPlusWorkflow
 from shared_models.evaluation import evaluate
@@ -475,13 +475,15 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
     with atomic_file(out / FINAL_WEIGHTS, "wb") as fh:  # a crash leaves the old file or the whole new one
         np.savez(fh, *final)
     save_package(out, package)  # with final_weights.npz: what `oncofed deliver` sends again
+    by_name = recorder.registry is None  # a simulation: no register ties a site to its node id
+    trained = sites_that_trained(rounds, by_name)
     deliveries = deliver(grid, final, package, cfg.federation.round_timeout, anchor=recorder.anchor_audit(),
                          previous=round_outcome(out, cfg.federation.num_rounds), registered=recorder.registered_now(),
-                         expected=trained_sites(out, by_name=recorder.registry is None),
-                         by_name=recorder.registry is None)
+                         expected=trained, by_name=by_name)
     recorder.audit.append("run_end", run=recorder.run_key, round=cfg.federation.num_rounds,
                           arrays_sha256=package["arrays_sha256"], deliveries=audited(deliveries))
-    recorder.status.update(finished=1, weights_sha256=package["arrays_sha256"], **delivery_status(out, deliveries, by_name=recorder.registry is None))
+    recorder.status.update(finished=1, weights_sha256=package["arrays_sha256"],
+                           **delivery_status(out, deliveries, by_name=by_name, sites=trained))
     write_json_atomic(out / STATUS, recorder.status)
     write_json_atomic(out / RESULT, {
         **package, "first_round": first_round, "seconds": round(time.time() - recorder.t0, 1),
