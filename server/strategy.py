@@ -92,10 +92,17 @@ class DeltaMixin:
     grid: SecAggGrid | None = None  # dp-mode "distributed": the SecAgg+ grid the sites' sums are on
     expected_batch: float = 0.0  # and what the noisy sum is divided by: the run's batch-size (build_strategy)
 
+    updated = False  # whether a round of the run moved the global model (this attempt's, or one before a resume)
+
     def configure_evaluate(self, server_round, parameters, client_manager):
         """Sites score the global model every `evaluate-every` rounds and always after the last one (in a
-        deployment each evaluation is a fresh process per site that reloads its data)."""
+        deployment each evaluation is a fresh process per site that reloads its data), but never the untrained
+        initial model: while no round has updated it, a score says nothing of the run and costs every site."""
         if server_round != self.num_rounds and server_round % max(self.evaluate_every, 1):
+            return []
+        if not self.updated:
+            log(INFO, "round %s: no round has updated the global model yet, so the sites do not score the untrained "
+                "initial model", server_round)
             return []
         return super().configure_evaluate(server_round, parameters, client_manager)
 
@@ -198,6 +205,7 @@ class DeltaMixin:
             self.initial_parameters = ndarrays_to_parameters(self.global_weights)
         self.round_info["status"] = "updated"
         self.outcomes[server_round] = {"status": "updated"}
+        self.updated = True
         log(INFO, "round %s: aggregated %s sites (%s refused, %s failed, %s dropped)", server_round, len(ok),
             len(refused), len(reasons), len(dropped))
         return ndarrays_to_parameters(self.global_weights), metrics
