@@ -248,8 +248,10 @@ def test_the_last_rounds_outcome_reaches_the_sites_ledger_with_the_model_or_with
     round_outcome(site_message(RecordDict({CONFIG_RECORD: ConfigRecord(outcome(1, "abandoned"))}),
                                f"{MessageType.QUERY}.{ROUND_OUTCOME}"), ctx)
     assert entries()[1]["outcome"]["status"] == "abandoned" and ledger.spent(dataset) == spent
-    events = [json.loads(x)["event"] for x in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
-    assert events.count("round_abandoned") == 2
+    events = [json.loads(x) for x in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
+    # every abandoned round the server tells of is in the audit log, `spent` when the site's update for it had left
+    assert [(e["run"], e["round"], e["spent"]) for e in events if e["event"] == "round_abandoned"] == [
+        ("r-1", 2, True), ("another-run", 1, False), ("r-1", 1, True)]
 
 
 def test_the_model_is_kept_with_the_normalisation_its_run_trained_with_not_one_fitted_at_delivery(tmp_path):
@@ -325,3 +327,50 @@ def test_a_site_that_requires_dp_neither_scores_nor_prepares_its_data_for_a_run_
     res = recorddict_to_evaluateres(reply.content)
     assert res.num_examples == 0 and res.metrics == {}
     assert not (tmp_path / "state" / "normalizer.json").exists()
+
+
+def test_a_site_says_in_its_log_and_audit_log_that_a_round_was_abandoned_with_the_first_message_after_it(tmp_path,
+                                                                                                        caplog):
+    """A site that spent nothing on an abandoned round (it refused, the round ended before anyone trained, a run
+    without DP) heard of it nowhere: only a DP site's ledger entry recorded an abandonment, at the next round. Now
+    whichever message comes first (the round's evaluation, the next round's SecAgg+ setup) puts the server's reason
+    in the site's log and audit log, once however many messages repeat it."""
+    from flwr.common import EvaluateIns, ndarrays_to_parameters
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Stage
+    from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
+    from flwr.compat.common.recorddict_compat import evaluateins_to_recorddict
+
+    from client.app import evaluate, site_policy_mod
+    from shared_models.protocol import PREVIOUS_ROUND, RUN_KEY, SERVER_ROUND, SETUP_TERMS
+    from tests.sitefixtures import site_schema
+
+    run = {"schema": str(site_schema().save(tmp_path / "schema.json")), "min-sites": 2, "dp": False}
+    ctx = Context(run_id=1, node_id=1, state=RecordDict(), run_config=run,  # require-dp: it scores no run without DP
+                  node_config={"data-path": str(tmp_path / "site"), "state-dir": str(tmp_path / "state")})
+
+    def abandoned(rnd: int) -> str:
+        return json.dumps({"round": rnd, "status": "abandoned", "reason": f"SecAgg+ halted in round {rnd}"})
+
+    def evaluation(rnd: int):
+        config = {RUN_KEY: "r-1", SERVER_ROUND: rnd, PREVIOUS_ROUND: abandoned(rnd)}
+        return site_message(evaluateins_to_recorddict(EvaluateIns(ndarrays_to_parameters([np.zeros(2)]), config),
+                                                      True), MessageType.EVALUATE)
+
+    def setup(rnd: int):
+        msg = site_message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({SecAggKey.STAGE: Stage.SETUP,
+                                                                         SecAggKey.THRESHOLD: 2})}))
+        msg.content.config_records[SETUP_TERMS] = ConfigRecord({RUN_KEY: "r-1", SERVER_ROUND: rnd,
+                                                                PREVIOUS_ROUND: abandoned(rnd - 1)})
+        return msg
+
+    def said() -> list[tuple]:
+        events = [json.loads(x) for x in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
+        return [(e["run"], e["round"], e["reason"], e["spent"]) for e in events if e["event"] == "round_abandoned"]
+
+    with caplog.at_level("WARNING"):
+        evaluate(evaluation(1), ctx)
+    assert said() == [("r-1", 1, "SecAgg+ halted in round 1", False)]
+    assert "the server abandoned round 1 of run r-1: SecAgg+ halted in round 1" in caplog.text
+    site_policy_mod(setup(2), ctx, lambda m, c: site_message(RecordDict()))  # round 1 again: said once
+    site_policy_mod(setup(3), ctx, lambda m, c: site_message(RecordDict()))  # round 2, first told at round 3's setup
+    assert [r for _, r, _, _ in said()] == [1, 2]

@@ -345,3 +345,32 @@ def test_a_resumed_run_counts_a_round_as_updating_the_model_by_that_rounds_newes
     assert not model_updated(lines) and not model_updated(lines, before=3)
     assert model_updated(lines[:3]) and not model_updated(lines[:3], before=3)
     assert not model_updated([])
+
+
+def test_an_abandoned_rounds_reason_goes_with_the_next_message_every_site_gets():
+    """The sites heard why a round was abandoned only with the next round's training request or the delivery, and
+    not at all of a round no site contributed to. Now the round's own evaluation carries it (the first message after
+    its training, when the sites score the model), and so do the next round's SecAgg+ setup and training request."""
+    from flwr.common import Code, Error, FitRes, Status, ndarrays_to_parameters
+
+    from server.strategy import build_strategy
+    from shared_models.protocol import PREVIOUS_ROUND, RUN_KEY, SERVER_ROUND
+
+    strategy = build_strategy(load_run_config({"schema": "s.json", "min-sites": 2, "sites": 2, "secagg": False,
+                                               "num-rounds": 3}), [np.zeros(4, np.float32)], 2, {RUN_KEY: "r-1"})
+    strategy.sampled = {1, 2}
+    strategy.aggregate_fit(1, [(_Proxy(n), FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([np.full(4, 0.01)]),
+                                                  100, {})) for n in (1, 2)], [])
+    strategy.aggregate_fit(2, [], [Exception(Error(0, "refused: C1: budget")), Exception(Error(0, "refused: C2: budget"))])
+    params = ndarrays_to_parameters(strategy.global_weights)
+
+    def told(config) -> dict:
+        return json.loads(config[PREVIOUS_ROUND])
+
+    for _, ins in strategy.configure_evaluate(2, params, _Sites(2)):
+        assert told(ins.config) == {"round": 2, "status": "abandoned", "reason": strategy.round_info["reason"]}
+        assert "no site contributed" in told(ins.config)["reason"]
+    terms = strategy.setup_terms(3)
+    assert terms[RUN_KEY] == "r-1" and terms[SERVER_ROUND] == 3 and told(terms)["round"] == 2
+    assert all(told(ins.config)["round"] == 2 for _, ins in strategy.configure_fit(3, params, _Sites(2)))
+    assert PREVIOUS_ROUND not in strategy.setup_terms(1)  # nothing ended before the first round
