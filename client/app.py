@@ -93,7 +93,7 @@ class SiteSettings:
 
 
 def site_settings(context: Context, cfg: RunConfig) -> SiteSettings:
-    from client.site import SitePaths
+    from client.site import SitePaths, simulated_site_paths
 
     node = context.node_config
     if "data-path" in node:  # a real deployment: the site's own configuration is authoritative
@@ -121,10 +121,8 @@ def site_settings(context: Context, cfg: RunConfig) -> SiteSettings:
     if index >= len(sites):
         raise ValueError(f"partition-id {index} but {root}/manifest.json lists {len(sites)} sites; run the simulation "
                          f"with num-supernodes={len(sites)}")
-    name = sites[index]["name"]
-    state_root = cfg.path(cfg.run.site_state_root) if cfg.run.site_state_root else root / "state"
-    paths = SitePaths(root / sites[index]["dir"], state_root / name / "state", state_root / name / "models")
-    return SiteSettings(name, index, paths, cfg.privacy.epsilon, cfg.secagg.enabled)
+    return SiteSettings(sites[index]["name"], index, simulated_site_paths(cfg, sites[index]), cfg.privacy.epsilon,
+                        cfg.secagg.enabled)
 
 
 def accounting_delta(settings: SiteSettings, cfg: RunConfig) -> float:
@@ -945,7 +943,7 @@ def save_model(msg: Message, context: Context) -> Message:
                 f"the site's model-dir cannot be written ({e.strerror or type(e).__name__}): not installed, "
                 f"{store.active() or 'no model'} stays active; free space there or let the site's account write it, "
                 "then ask the operator to send the model again (`oncofed deliver`)") from None
-        reply = DeliveryReply(site=settings.name, installed=True, version=version, path=str(store.root / version),
+        reply = DeliveryReply(site=settings.name, installed=True, version=version,  # no path: the site's own business
                               arrays_sha256=store.package(version)["arrays_sha256"])
         log(INFO, "site %s installed the global model of round %s as %s", settings.name, package.round, version)
     except ModelStoreError as e:

@@ -177,12 +177,13 @@ class ModelPackage(BaseModel):
 
 
 class DeliveryReply(BaseModel):
-    """A site's answer to the model delivery (the server adds the node id and keeps it in result.json)."""
+    """A site's answer to the model delivery (the server adds the node id and keeps it in result.json). It names no
+    path of the site's machine: the server needs to know what was installed, not where (a field an earlier site
+    sends, such as its version's path, is dropped when the reply is read)."""
 
     site: str
     installed: bool
-    version: str | None = None  # installed: the model store's version, its path, and its arrays' SHA-256
-    path: str | None = None
+    version: str | None = None  # installed: the model store's version and its arrays' SHA-256
     arrays_sha256: str | None = None
     error: str | None = None  # not installed: why, and the version that stays active ("" none)
     active: str | None = None

@@ -515,7 +515,7 @@ def run_cell(cfg: ExperimentConfig, cell: Cell, root: Path, log=print) -> list[d
 
 
 def _run_federated(cfg, cell, fed, schema_path, manifest, work, log) -> list[dict]:
-    from simulations.federation import federation_config, load_installed, run_federation
+    from simulations.federation import federation_config, load_installed, run_federation, site_model_dir
 
     n = len(manifest["sites"])
     dp = cell.privacy != "off"
@@ -543,7 +543,7 @@ def _run_federated(cfg, cell, fed, schema_path, manifest, work, log) -> list[dic
     installed = [d for d in result["deliveries"] if d.get("installed")]
     if not installed:
         raise ExperimentError(f"cell {cell.id}: no site installed the final model; " + why_no_model(work))
-    model, schema, _ = load_installed(Path(installed[0]["path"]).parent)
+    model, schema, _ = load_installed(site_model_dir(run_cfg, manifest, installed[0]["site"]))
     final_evaluation(model, schema, fed, manifest, work)
     from simulations.privacy_audit import audit_cell
 

@@ -5,7 +5,6 @@ enter the server's records."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,9 +54,9 @@ def test_a_package_without_its_hashes_is_named_not_a_model_package():
 
 
 def test_a_delivery_reply_keeps_its_json_and_the_server_reads_it_back():
-    installed = DeliveryReply(site="s", installed=True, version="v0001", path="/m/v0001", arrays_sha256="ab")
+    installed = DeliveryReply(site="s", installed=True, version="v0001", arrays_sha256="ab")
     installed.audit_head = "h"
-    assert installed.to_json() == json.dumps({"site": "s", "installed": True, "version": "v0001", "path": "/m/v0001",
+    assert installed.to_json() == json.dumps({"site": "s", "installed": True, "version": "v0001",
                                               "arrays_sha256": "ab", "audit_head": "h"})
     refused = DeliveryReply(site="s", installed=False, error="bad", active="")
     assert refused.to_json() == json.dumps({"site": "s", "installed": False, "error": "bad", "active": ""})
@@ -159,6 +158,51 @@ def test_a_site_installs_a_signed_package_and_refuses_one_that_is_not_a_package(
     reply = json.loads(str(save_model(_save_model_message(package, arrays), ctx).content[CONFIG_RECORD][REPLY]))
     assert reply["installed"], reply
     assert read_weights(tmp_path / "state" / "models" / reply["version"] / "weights.pt")["config"]["wide_gain"] == 2.5
+
+
+def test_a_sites_delivery_reply_names_no_path_of_its_machine_only_what_was_installed(tmp_path):
+    """The reply to a delivery carried the installed version's directory on the site's machine (simulations read
+    it): the server learnt the site's file layout for nothing. It carries what was installed (version, SHA-256) and
+    whether; a path an earlier site still sends is not recorded by the server."""
+    from client.app import save_model
+    from privacy.signing import load_private, sign
+    from server.delivery import _reply
+    from shared_models.weights import arrays_sha256
+
+    schema, _, arrays, ctx = _signing_site(tmp_path)
+    package = sign(ModelPackage(run="r-1", round=2, schema_hash=schema.content_hash(),
+                                arrays_sha256=arrays_sha256(arrays)).description(), load_private(tmp_path / "k"))
+    text = str(save_model(_save_model_message(package, arrays), ctx).content[CONFIG_RECORD][REPLY])
+    reply = json.loads(text)
+    assert str(tmp_path) not in text and "path" not in reply
+    assert reply["installed"] and reply["version"] == "v0001" and reply["arrays_sha256"] == package["arrays_sha256"]
+
+    class Earlier:  # a site of an earlier version, which still names the path
+        content = {CONFIG_RECORD: {REPLY: json.dumps({**reply, "path": str(tmp_path / "state" / "models" / "v0001")})}}
+
+        def has_error(self):
+            return False
+
+    assert "path" not in _reply(Earlier()) and _reply(Earlier())["version"] == "v0001"
+
+
+def test_a_simulation_finds_a_sites_model_store_where_the_simulated_site_keeps_it(tmp_path):
+    """With no path in the delivery reply, `oncofed simulate` and `oncofed experiment` find the installed model
+    where the simulated site's ClientApp put its model store (its settings from the same run config)."""
+    from client.app import site_settings
+    from privacy.run_config import load_run_config
+    from shared_models.run_config import app_defaults
+    from simulations.federation import ROOT, site_model_dir
+
+    manifest = {"sites": [{"name": "C0", "dir": "c0"}, {"name": "C1", "dir": "c1"}]}
+    (tmp_path / "sites").mkdir()
+    (tmp_path / "sites" / "manifest.json").write_text(json.dumps(manifest))
+    for run in ({"data-root": str(tmp_path / "sites"), "site-state-root": str(tmp_path / "state")},
+                {"data-root": str(tmp_path / "sites")}):  # the default: data-root/state
+        ctx = Context(run_id=1, node_id=2, state=RecordDict(), run_config=run, node_config={"partition-id": 1})
+        as_flower_merges_it = load_run_config({**app_defaults(ROOT), **run})
+        assert site_model_dir(run, manifest, "C1") == site_settings(ctx, as_flower_merges_it).paths.model_dir
+    assert site_model_dir(run, manifest, "C1") == tmp_path / "sites" / "state" / "C1" / "models"
 
 
 def test_a_site_whose_disk_is_full_refuses_the_model_in_its_reply_and_audit_log_keeping_the_active_one(tmp_path,
@@ -293,10 +337,11 @@ def test_the_model_is_kept_with_the_normalisation_its_run_trained_with_not_one_f
                               .content[CONFIG_RECORD][REPLY]))
 
     reply = deliver("r-1")
-    kept = Normalizer.load(Path(reply["path"]) / "normalizer.json", schema)
+    models = tmp_path / "state" / "models"
+    kept = Normalizer.load(models / reply["version"] / "normalizer.json", schema)
     assert np.array_equal(kept.mean, trained_with.mean) and np.array_equal(kept.scale, trained_with.scale)
     reply = deliver("r-never-trained")
-    assert reply["installed"] and not (Path(reply["path"]) / "normalizer.json").exists()
+    assert reply["installed"] and not (models / reply["version"] / "normalizer.json").exists()
 
 
 def test_a_site_that_requires_dp_neither_scores_nor_prepares_its_data_for_a_run_without_dp(tmp_path):
