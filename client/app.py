@@ -93,7 +93,7 @@ class SiteSettings:
 
 
 def site_settings(context: Context, cfg: RunConfig) -> SiteSettings:
-    from client.site import SitePaths
+    from client.site import SitePaths, simulated_site_paths
 
     node = context.node_config
     if "data-path" in node:  # a real deployment: the site's own configuration is authoritative
@@ -121,10 +121,8 @@ def site_settings(context: Context, cfg: RunConfig) -> SiteSettings:
     if index >= len(sites):
         raise ValueError(f"partition-id {index} but {root}/manifest.json lists {len(sites)} sites; run the simulation "
                          f"with num-supernodes={len(sites)}")
-    name = sites[index]["name"]
-    state_root = cfg.path(cfg.run.site_state_root) if cfg.run.site_state_root else root / "state"
-    paths = SitePaths(root / sites[index]["dir"], state_root / name / "state", state_root / name / "models")
-    return SiteSettings(name, index, paths, cfg.privacy.epsilon, cfg.secagg.enabled)
+    return SiteSettings(sites[index]["name"], index, simulated_site_paths(cfg, sites[index]), cfg.privacy.epsilon,
+                        cfg.secagg.enabled)
 
 
 def accounting_delta(settings: SiteSettings, cfg: RunConfig) -> float:
@@ -214,6 +212,9 @@ def site_policy_mod(msg: Message, context: Context, call_next):
         # many sites' shares: with SecAgg+'s threshold below it, the other sites' shares unmask a smaller sum that
         # includes this site's update. Run-wide floors (min-sites, trusted-sites) every honest site enforces alike.
         settings = site_settings(context, cfg)
+        terms = msg.content.config_records.get(SETUP_TERMS, {})  # the round's run key and number (server/workflow.py)
+        run_key, rnd = str(terms.get(RUN_KEY, "") or _run_key(context)), int(terms.get(SERVER_ROUND, 0) or 0)
+        note_round_outcome(context, settings, cfg, run_key, terms.get(PREVIOUS_ROUND))  # the first word after it
         threshold = int(configs.get(SecAggKey.THRESHOLD, 0))
         if threshold < settings.min_aggregate_sites:
             reason = (f"{settings.name}: SecAgg+ unmasks a sum with the key shares of {threshold} sites, fewer than the "
@@ -223,8 +224,6 @@ def site_policy_mod(msg: Message, context: Context, call_next):
             return _no_key_shares(msg, context, settings, reason, secagg_threshold=threshold,
                                   needed=settings.min_aggregate_sites)
         audit = site_audit(settings)
-        terms = msg.content.config_records.get(SETUP_TERMS, {})  # the round's run key and number (server/workflow.py)
-        run_key, rnd = str(terms.get(RUN_KEY, "") or _run_key(context)), int(terms.get(SERVER_ROUND, 0) or 0)
         try:
             reason, _ = unready_refusal(settings, cfg, context, run_key, audit, rnd)
         except Exception:  # noqa: BLE001 - an error reply would carry the traceback (and maybe data) to the server
@@ -483,6 +482,7 @@ def _train(msg: Message, context: Context) -> Message:
     context.state.config_records["oncofed"] = ConfigRecord({RUN_KEY: run_key, SERVER_ROUND: rnd})
     audit = site_audit(settings)
     keep_server_anchor(settings, context, cfg, fitins.config.get(AUDIT_ANCHOR))
+    note_round_outcome(context, settings, cfg, run_key, fitins.config.get(PREVIOUS_ROUND))
     if reason := masks_refusal(fitins):
         raise _refusal(fitins, msg, settings.name, reason, audit)
     reason, site = unready_refusal(settings, cfg, context, run_key, audit)
@@ -491,9 +491,6 @@ def _train(msg: Message, context: Context) -> Message:
     keep_run_normalizer(settings.paths.state_dir, run_key, site.normalizer)
     if cfg.privacy.distributed:
         return _train_distributed(msg, fitins, context, cfg, settings, site, audit)
-    if cfg.privacy.enabled:
-        _note_previous_round(site.ledger, site.dataset_fingerprint, settings, run_key, fitins.config.get(PREVIOUS_ROUND),
-                             audit)
     n = len(site.train.y)
     max_weight = float(fitins.config.get(SECAGG_MAX_WEIGHT, 0) or 0)
     weight = fedavg_weight(cfg, n, max_weight)
@@ -646,20 +643,46 @@ def padding_refusal(settings: SiteSettings, cfg: RunConfig) -> str:
     return ""
 
 
-def _note_previous_round(ledger, dataset: str | None, settings: SiteSettings, run_key: str, previous,
-                         audit: AuditLog) -> None:
-    """The server's word on the last round (server.strategy, PREVIOUS_ROUND): an abandoned round's entry in the
-    ledger says why its update was never used (its spend stays counted, once). Never stops a round."""
-    if not previous:
+NOTED = "oncofed.noted"  # context.state: {run key: [rounds]} whose outcome the site has noted in this flwr run
+
+
+def note_round_outcome(context: Context, settings: SiteSettings, cfg: RunConfig, run_key, previous) -> None:
+    """The server's word on a round whose training ended (PREVIOUS_ROUND), with the next message the site gets from
+    the server whatever it is: that round's evaluation, the next round's SecAgg+ setup or training request, the model
+    delivery or `query.round_outcome` (server.strategy.DeltaMixin.told). An abandoned round is said in the site's log
+    and audit log (`round_abandoned`, with the server's reason) and, at a DP site whose update for it left, on that
+    round's ledger entry: its spend stays counted, once. Each round once, though the next messages repeat it (one
+    may not have reached the site; a resumed server tells it once more). Loads no data; never stops the message."""
+    from client.site import ledger_path
+    from privacy.ledger import PrivacyLedger
+
+    if not (previous and run_key):
         return
     try:
         info = json.loads(str(previous))
-        if info.get("status") == "abandoned" and ledger.note_outcome(
-                dataset, run_key, int(info["round"]), status="abandoned", reason=str(info.get("reason", ""))[:500]):
-            _audit_quietly(audit, settings.name, "round_abandoned", run=run_key, round=int(info["round"]),
-                           reason=str(info.get("reason", ""))[:500])
-    except (ValueError, KeyError, TypeError, OSError) as e:
-        log(WARNING, "site %s: the server's note on the last round was not recorded: %s", settings.name, e)
+        if info.get("status") != "abandoned":
+            return
+        rnd, reason = int(info["round"]), str(info.get("reason", ""))[:500]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        log(WARNING, "site %s: the server's note on a round that ended is not one: %s", settings.name, e)
+        return
+    noted = context.state.config_records.get(NOTED) or ConfigRecord()
+    if rnd in list(noted.get(str(run_key), [])):
+        return
+    spent, path = False, ledger_path(settings.paths)
+    if cfg.privacy.enabled and path.exists():
+        try:
+            ledger = PrivacyLedger(path, budget_epsilon=settings.budget_epsilon, delta=accounting_delta(settings, cfg))
+            spent = ledger.note_outcome(None, str(run_key), rnd, status="abandoned", reason=reason)
+        except (ValueError, OSError) as e:
+            log(WARNING, "site %s: the server's note on round %s was not recorded in the ledger: %s", settings.name,
+                rnd, e)
+    log(WARNING, "site %s: the server abandoned round %s of run %s: %s%s", settings.name, rnd, run_key, reason,
+        "; the update this site sent for it was never used, and its spend stays counted" if spent else "")
+    _audit_quietly(site_audit(settings), settings.name, "round_abandoned", run=str(run_key), round=rnd,
+                   reason=reason, spent=spent)
+    noted[str(run_key)] = [*noted.get(str(run_key), []), rnd]
+    context.state.config_records[NOTED] = noted
 
 
 def _train_distributed(msg: Message, fitins, context: Context, cfg: RunConfig, settings: SiteSettings, site,
@@ -679,8 +702,6 @@ def _train_distributed(msg: Message, fitins, context: Context, cfg: RunConfig, s
     grid = secagg_grid(context)
     state = context.state.config_records[RECORD_KEY_STATE]
     n_sites = len(state.get("public_keys_dict:K", [])) or cfg.federation.sites or cfg.federation.min_sites
-    _note_previous_round(site.ledger, site.dataset_fingerprint, settings, run_key, fitins.config.get(PREVIOUS_ROUND),
-                             audit)
     global_arrays = parameters_to_ndarrays(fitins.parameters)
     releases = ReleaseStore(settings.paths.state_dir)
     if (entry := site.ledger.released(site.dataset_fingerprint, run_key, rnd)) is not None:
@@ -813,6 +834,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     ins = recorddict_to_evaluateins(msg.content, keep_input=True)
     cfg = load_run_config(context.run_config, source="run config (site)")
     settings = site_settings(context, cfg)
+    note_round_outcome(context, settings, cfg, ins.config.get(RUN_KEY), ins.config.get(PREVIOUS_ROUND))
     n, metrics = 0, {}
     if settings.require_dp and not cfg.privacy.enabled:  # its held-out metrics would leave without DP's preparation
         # (the normalisation fitted on the training part): a run the site refuses to train for, nor scores
@@ -835,29 +857,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(evaluateres_to_recorddict(res), reply_to=msg)
 
 
-def _note_last_round(settings: SiteSettings, cfg: RunConfig, config) -> None:
-    """The run's last round has no next round to carry its outcome: the model delivery (or, when no model is
-    delivered, a `query.round_outcome`) carries it. No data is loaded here: the entry is found by run key and round."""
-    from client.site import ledger_path
-    from privacy.ledger import PrivacyLedger
-
-    previous, run_key = config.get(PREVIOUS_ROUND), config.get(RUN_KEY)
-    path = ledger_path(settings.paths)
-    if not (previous and run_key and cfg.privacy.enabled and path.exists()):
-        return
-    try:
-        ledger = PrivacyLedger(path, budget_epsilon=settings.budget_epsilon, delta=accounting_delta(settings, cfg))
-    except (ValueError, OSError) as e:
-        log(WARNING, "site %s: the server's note on the last round was not recorded: %s", settings.name, e)
-        return
-    _note_previous_round(ledger, None, settings, str(run_key), previous, site_audit(settings))
-
-
 @app.query(ROUND_OUTCOME)
 def round_outcome(msg: Message, context: Context) -> Message:
     """The last round's outcome, sent by a run that delivers no model (no round updated it)."""
     cfg = load_run_config(context.run_config, source="run config (site)")
-    _note_last_round(site_settings(context, cfg), cfg, msg.content[CONFIG_RECORD])
+    config = msg.content[CONFIG_RECORD]
+    note_round_outcome(context, site_settings(context, cfg), cfg, config.get(RUN_KEY), config.get(PREVIOUS_ROUND))
     return Message(RecordDict({CONFIG_RECORD: ConfigRecord({REPLY: "noted"})}), reply_to=msg)
 
 
@@ -902,7 +907,8 @@ def save_model(msg: Message, context: Context) -> Message:
 
     cfg = load_run_config(context.run_config, source="run config (site)")
     settings = site_settings(context, cfg)
-    _note_last_round(settings, cfg, msg.content[CONFIG_RECORD])
+    config = msg.content[CONFIG_RECORD]
+    note_round_outcome(context, settings, cfg, config.get(RUN_KEY), config.get(PREVIOUS_ROUND))  # the last round's
     schema = FeatureSchema.load(site_schema_path(context, cfg))
     arrays = msg.content[ARRAYS_RECORD].to_numpy_ndarrays()
     info = json.loads(str(msg.content[CONFIG_RECORD][PACKAGE_INFO]))  # kept verbatim: what the server signed
@@ -937,7 +943,7 @@ def save_model(msg: Message, context: Context) -> Message:
                 f"the site's model-dir cannot be written ({e.strerror or type(e).__name__}): not installed, "
                 f"{store.active() or 'no model'} stays active; free space there or let the site's account write it, "
                 "then ask the operator to send the model again (`oncofed deliver`)") from None
-        reply = DeliveryReply(site=settings.name, installed=True, version=version, path=str(store.root / version),
+        reply = DeliveryReply(site=settings.name, installed=True, version=version,  # no path: the site's own business
                               arrays_sha256=store.package(version)["arrays_sha256"])
         log(INFO, "site %s installed the global model of round %s as %s", settings.name, package.round, version)
     except ModelStoreError as e:

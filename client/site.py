@@ -43,6 +43,15 @@ class SitePaths:
     model_dir: Path  # the site's model store (global models delivered by the server)
 
 
+def simulated_site_paths(cfg: "RunConfig", site: dict) -> SitePaths:
+    """A simulated hospital's directories (`site`: its entry in the run config's data-root manifest.json, written by
+    `oncofed partition`): its tables under data-root, its state and model store under site-state-root (default
+    data-root/state). A simulation finds a site's installed model here: the site's delivery reply names no path."""
+    root = cfg.path(cfg.run.data_root)
+    home = (cfg.path(cfg.run.site_state_root) if cfg.run.site_state_root else root / "state") / site["name"]
+    return SitePaths(root / site["dir"], home / "state", home / "models")
+
+
 @dataclass
 class PreparedSite:
     schema: FeatureSchema

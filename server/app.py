@@ -33,11 +33,10 @@ from privacy.pki import ProvisioningError
 from privacy.registry import registered_names
 from privacy.run_config import load_run_config
 from privacy.signing import canonical, load_private, sign
-from server.checkpoint import (freeze_run, frozen_run, hold_run_lock, load_latest, metrics_lines, round_outcome,
-                               run_config_changes, save_checkpoint,
-                               write_json_atomic)
+from server.checkpoint import (freeze_run, frozen_run, hold_run_lock, load_latest, metrics_lines, model_updated,
+                               round_outcome, run_config_changes, save_checkpoint, why_no_update, write_json_atomic)
 from server.delivery import (audited, deliver, delivery_status, delivery_summary, finished_at, redeliver, save_package,
-                             tell_outcome, trained_sites)
+                             sites_that_trained, tell_outcome)
 from server.strategy import build_strategy
 from server.workflow import RoundsWorkflow, TimedSecAggPlusWorkflow
 from shared_models.evaluation import evaluate
@@ -361,6 +360,7 @@ def main(grid: Grid, context: Context) -> None:
     evaluate_fn = server_evaluation(cfg, schema) if cfg.run.eval_data else None
     strategy = build_strategy(cfg, start.weights, n_sites, fit_config, evaluate_fn=evaluate_fn)
     strategy.outcomes.update(resumed_outcome(out, start.first_round))
+    strategy.updated = model_updated(metrics_lines(out / METRICS), before=start.first_round)  # rounds before a resume
     log(INFO, "privacy: %s", privacy_summary(cfg))
     fit_workflow = secagg_workflow(cfg, n_sites) if cfg.secagg.enabled else None
     if cfg.privacy.distributed:
@@ -439,11 +439,12 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
                   final: list[np.ndarray], signing_key, first_round: int) -> None:
     """The final model: described, signed, saved beside the checkpoints, sent to every site; result.json. A run
     in which no round updated the model (every site refused, or every round was abandoned, in this attempt and
-    any before a resume) delivers nothing: its model is the untrained initial one."""
+    any before a resume) delivers nothing: its model is the untrained initial one. result.json's `not_delivered`
+    then says why, round by round (`oncofed run`, `oncofed simulate` and `oncofed runs follow` print it, exit 1)."""
     rounds = metrics_lines(recorder.metrics_file)
-    if not any(r.get("status") == "updated" for r in rounds):
-        reason = (f"no round updated the global model (every site refused, or every round was abandoned: "
-                  f"{recorder.metrics_file} says why), so the untrained initial model is neither signed nor delivered")
+    if not model_updated(rounds):
+        reason = (f"no round updated the global model, so the untrained initial model is neither scored, signed nor "
+                  f"delivered: {why_no_update(rounds)} ({recorder.metrics_file})")
         log(WARNING, "run %s: %s", recorder.run_key, reason)
         if previous := round_outcome(out, cfg.federation.num_rounds):  # no delivery to carry it to the ledgers
             tell_outcome(grid, previous, recorder.run_key, cfg.federation.round_timeout)
@@ -475,13 +476,15 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
     with atomic_file(out / FINAL_WEIGHTS, "wb") as fh:  # a crash leaves the old file or the whole new one
         np.savez(fh, *final)
     save_package(out, package)  # with final_weights.npz: what `oncofed deliver` sends again
+    by_name = recorder.registry is None  # a simulation: no register ties a site to its node id
+    trained = sites_that_trained(rounds, by_name)
     deliveries = deliver(grid, final, package, cfg.federation.round_timeout, anchor=recorder.anchor_audit(),
                          previous=round_outcome(out, cfg.federation.num_rounds), registered=recorder.registered_now(),
-                         expected=trained_sites(out, by_name=recorder.registry is None),
-                         by_name=recorder.registry is None)
+                         expected=trained, by_name=by_name)
     recorder.audit.append("run_end", run=recorder.run_key, round=cfg.federation.num_rounds,
                           arrays_sha256=package["arrays_sha256"], deliveries=audited(deliveries))
-    recorder.status.update(finished=1, weights_sha256=package["arrays_sha256"], **delivery_status(out, deliveries, by_name=recorder.registry is None))
+    recorder.status.update(finished=1, weights_sha256=package["arrays_sha256"],
+                           **delivery_status(out, deliveries, by_name=by_name, sites=trained))
     write_json_atomic(out / STATUS, recorder.status)
     write_json_atomic(out / RESULT, {
         **package, "first_round": first_round, "seconds": round(time.time() - recorder.t0, 1),

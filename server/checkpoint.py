@@ -43,6 +43,44 @@ def metrics_lines(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
 
 
+def newest_rounds(lines: list[dict]) -> dict[int, dict]:
+    """Each round's newest metrics.jsonl line: a round run again after a resume from an older checkpoint (the
+    newest moved aside, damaged) is what that round's record is now, not what its earlier attempt recorded."""
+    return {r["round"]: r for r in lines if isinstance(r.get("round"), int)}
+
+
+def model_updated(lines: list[dict], before: int | None = None) -> bool:
+    """Whether a round (before round `before`, if given: the rounds a resumed run's checkpoint holds) updated the
+    global model, by each round's newest line: False, the model is still the untrained initial one."""
+    return any(r.get("status") == "updated" for rnd, r in newest_rounds(lines).items() if before is None or rnd < before)
+
+
+def why_no_update(lines: list[dict], most: int = 3) -> str:
+    """Why no round updated the global model, round by round (rounds in a row with the same words together): the
+    server's reason for each, and the sites' refusals and failures (at most `most` of each kind; metrics.jsonl keeps
+    them all)."""
+
+    def some(kind: str, items: list[str]) -> str:
+        items = list(dict.fromkeys(items))
+        return f"{kind}: {'; '.join(items[:most])}" + (f" (and {len(items) - most} more)" if len(items) > most else "")
+
+    said: list[tuple[int, int, str]] = []  # (first round, last round, why)
+    for rnd, r in sorted(newest_rounds(lines).items()):
+        why = r.get("reason") or ("no site contributed" if r.get("status") == "no-update" else
+                                  f"status {r.get('status') or 'unknown'}")
+        refused = [str(x.get("reason", "")) if isinstance(x, dict) else str(x) for x in r.get("refused") or []]
+        for kind, items in (("refused", refused), ("failed", [str(x) for x in r.get("failures") or []])):
+            if items:
+                why += f" ({some(kind, items)})"
+        if r.get("dropped"):
+            why += f" (no reply from nodes {', '.join(map(str, r['dropped']))})"
+        if said and said[-1][2] == why and said[-1][1] == rnd - 1:
+            said[-1] = (said[-1][0], rnd, why)
+        else:
+            said.append((rnd, rnd, why))
+    return "; ".join(f"round {a}: {w}" if a == b else f"rounds {a}-{b}: {w}" for a, b, w in said) or "no round ran"
+
+
 def round_outcome(run_dir: Path, rnd: int) -> dict | None:
     """{"round", "status"[, "reason"]} of round `rnd` when it is the last line of RUN_DIR/metrics.jsonl (None
     otherwise): what the sites are told of a round whose next message (the next round, or the model delivery

@@ -131,14 +131,25 @@ class TrainedSite:
 
 
 def trained_sites(run_dir: Path, by_name: bool = False) -> list[TrainedSite]:
-    """The sites that trained in the run (metrics.jsonl, every attempt). A deployment's node keeps its id (bound to
-    its key): one site per node. `by_name` (a simulation, whose SuperNodes get new ids when a run resumes): nodes
-    that reported the same site name and never trained in the same round are one site, under its newest id."""
-    seen: dict[int, tuple[str | None, set[int]]] = {}  # node -> (its reported name, the rounds it trained in)
+    """The sites that trained in the run (metrics.jsonl, every attempt; a line that does not read is skipped): see
+    `sites_that_trained`."""
+    records = []
     f = run_dir / METRICS
     for line in (f.read_text().splitlines() if f.exists() else []):
         try:
-            record = json.loads(line)
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return sites_that_trained(records, by_name)
+
+
+def sites_that_trained(records: list[dict], by_name: bool = False) -> list[TrainedSite]:
+    """The sites that trained in the run, from its metrics.jsonl records. A deployment's node keeps its id (bound to
+    its key): one site per node. `by_name` (a simulation, whose SuperNodes get new ids when a run resumes): nodes
+    that reported the same site name and never trained in the same round are one site, under its newest id."""
+    seen: dict[int, tuple[str | None, set[int]]] = {}  # node -> (its reported name, the rounds it trained in)
+    for record in records:
+        try:
             sites = record.get("sites") or {}
             for n in record.get("participants", []):
                 name = (sites.get(str(n)) or {}).get(SITE)
@@ -177,10 +188,13 @@ def _newcomer_names(deliveries: list[dict], sites: list[TrainedSite], installed_
             and int(d["node"]) not in trained and (d.get("installed") or not installed_only)}
 
 
-def delivery_status(run_dir: Path, deliveries: list[dict], by_name: bool = False) -> dict:
-    """status.json's delivery fields: who installed the final model against who trained it (`trained_sites`;
-    `by_name`, a simulation's: a site that installed it under a node id that never trained counts too)."""
-    sites, installed = trained_sites(run_dir, by_name), installed_nodes(deliveries)
+def delivery_status(run_dir: Path, deliveries: list[dict], by_name: bool = False,
+                    sites: list[TrainedSite] | None = None) -> dict:
+    """status.json's delivery fields: who installed the final model against who trained it (`trained_sites`, or
+    `sites` when the caller has read them; `by_name`, a simulation's: a site that installed it under a node id that
+    never trained counts too)."""
+    sites = trained_sites(run_dir, by_name) if sites is None else sites
+    installed = installed_nodes(deliveries)
     renamed = _newcomer_names(deliveries, sites, installed_only=True) if by_name else set()
     missing = sorted(g.nodes[-1] for g in sites if not set(g.nodes) & installed and g.name not in renamed)
     return {"delivered": len(installed), "trained": len(sites), "delivery_ok": int(not missing),

@@ -34,8 +34,8 @@ from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from privacy.distributed import GridError, SecAggGrid, decode_sum
 from shared_models.protocol import (ACCURACY, BALANCED_ACCURACY, EVALUATE_METRICS, FIT_METRICS, GRID_SCALE, MACRO_F1,
-                                    PATTERNS, PREVIOUS_ROUND, REFUSAL_PREFIX, SAMPLE_RATE, SERVER_ROUND, SITE,
-                                    TRAIN_LOSS, allowed_metrics)
+                                    PATTERNS, PREVIOUS_ROUND, REFUSAL_PREFIX, RUN_KEY, SAMPLE_RATE, SERVER_ROUND,
+                                    SITE, TRAIN_LOSS, allowed_metrics)
 from shared_models.run_config import RunConfig
 
 FEDADAM_TAU = 1e-3
@@ -92,12 +92,36 @@ class DeltaMixin:
     grid: SecAggGrid | None = None  # dp-mode "distributed": the SecAgg+ grid the sites' sums are on
     expected_batch: float = 0.0  # and what the noisy sum is divided by: the run's batch-size (build_strategy)
 
+    updated = False  # whether a round of the run moved the global model (this attempt's, or one before a resume)
+
     def configure_evaluate(self, server_round, parameters, client_manager):
         """Sites score the global model every `evaluate-every` rounds and always after the last one (in a
-        deployment each evaluation is a fresh process per site that reloads its data)."""
+        deployment each evaluation is a fresh process per site that reloads its data), but never the untrained
+        initial model: while no round has updated it, a score says nothing of the run and costs every site."""
         if server_round != self.num_rounds and server_round % max(self.evaluate_every, 1):
             return []
-        return super().configure_evaluate(server_round, parameters, client_manager)
+        if not self.updated:
+            log(INFO, "round %s: no round has updated the global model yet, so the sites do not score the untrained "
+                "initial model", server_round)
+            return []
+        ins = super().configure_evaluate(server_round, parameters, client_manager)
+        for _, evaluate_ins in ins:  # the round's own outcome: the first message the sites get after its training
+            evaluate_ins.config.update(self.told(server_round))
+        return ins
+
+    def told(self, server_round: int) -> dict:
+        """{PREVIOUS_ROUND: round `server_round`'s outcome} for the sites, {} before it has one. It goes with the
+        next message every site gets whatever it is (the round's evaluation, the next round's SecAgg+ setup and
+        training request, the model delivery): Flower's SuperNodes only pull what a workflow sends, and a message of
+        its own would cost every site a process and wait for the sites that dropped out (docs/privacy.md)."""
+        outcome = self.outcomes.get(server_round)
+        return {} if outcome is None else {PREVIOUS_ROUND: json.dumps({"round": server_round, **outcome})}
+
+    def setup_terms(self, server_round: int) -> dict:
+        """What goes beside SecAgg+'s setup configs (server.workflow.PollingGrid, SETUP_TERMS): the round's run key
+        and number, for the sites' checks before key sharing, and the last round's outcome."""
+        fit = self.on_fit_config_fn(server_round) if self.on_fit_config_fn else {}
+        return {**{k: fit[k] for k in (RUN_KEY, SERVER_ROUND) if k in fit}, **self.told(server_round - 1)}
 
     errored: Mapping[int, str] = MappingProxyType({})  # the round's refusing nodes -> their reasons (workflow)
     max_fit: int = 0  # SecAgg+ runs: the most sites a round samples, the number its range was sized for (0: all)
@@ -117,10 +141,8 @@ class DeltaMixin:
     def configure_fit(self, server_round, parameters, client_manager):
         ins = super().configure_fit(server_round, parameters, client_manager)
         self.sampled = {proxy.node_id for proxy, _ in ins}
-        previous = self.outcomes.get(server_round - 1)
-        if previous is not None:  # what became of the last round's updates: the sites' ledgers record it
-            for _, fit_ins in ins:
-                fit_ins.config[PREVIOUS_ROUND] = json.dumps({"round": server_round - 1, **previous})
+        for _, fit_ins in ins:  # what became of the last round's updates, again: a site may have missed it
+            fit_ins.config.update(self.told(server_round - 1))
         return ins
 
     def aggregate_fit(self, server_round, results, failures):
@@ -162,9 +184,9 @@ class DeltaMixin:
                                        if isinstance(v, (int, float, str))} for p, r in results},
         }
         refused, reasons, dropped = self.record_outcomes(server_round, failures, {p.node_id for p, _ in results})
-        if not ok:
-            log(WARNING, "round %s: no site contributed; the global model is unchanged", server_round)
-            self.round_info["status"] = "no-update"
+        if not ok:  # abandoned as any round without an update, so that its sites hear why
+            self._abandon(server_round, "no site contributed an update (every site sampled refused, failed or sent "
+                          "nothing)")
             return None, {}
         if len(ok) < self.min_fit:  # e.g. a reply of weight 0 counted among SecAgg+'s senders, or no SecAgg+ at all
             self._abandon(server_round, f"{len(ok)} site(s) contributed, fewer than {self.min_fit} (min-sites, or "
@@ -198,6 +220,7 @@ class DeltaMixin:
             self.initial_parameters = ndarrays_to_parameters(self.global_weights)
         self.round_info["status"] = "updated"
         self.outcomes[server_round] = {"status": "updated"}
+        self.updated = True
         log(INFO, "round %s: aggregated %s sites (%s refused, %s failed, %s dropped)", server_round, len(ok),
             len(refused), len(reasons), len(dropped))
         return ndarrays_to_parameters(self.global_weights), metrics

@@ -29,7 +29,7 @@ from flwr.serverapp import Grid
 from privacy import secagg_masks
 from server import progress
 from server.strategy import refusal_reason
-from shared_models.protocol import REFUSAL_PREFIX, RUN_KEY, SERVER_ROUND, SETUP_TERMS
+from shared_models.protocol import REFUSAL_PREFIX, SETUP_TERMS
 from shared_models.wire import is_packed, pack, unpack
 
 secagg_masks.install()  # SecAgg+'s masks from the whole seed, as the sites' mod draws them (privacy/secagg_masks.py)
@@ -154,8 +154,7 @@ class TimedSecAggPlusWorkflow(SecAggPlusWorkflow):
             t = time.perf_counter()
             if name == "setup_stage" and isinstance(grid, PollingGrid):  # the sites check the round before key sharing
                 rnd = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
-                fit = context.strategy.on_fit_config_fn(rnd) if context.strategy.on_fit_config_fn else {}
-                grid.setup_terms = {k: fit[k] for k in (RUN_KEY, SERVER_ROUND) if k in fit}
+                grid.setup_terms = context.strategy.setup_terms(rnd)
             try:
                 ok = stage(grid, context, state)
                 if ok and name in ("setup_stage", "share_keys_stage"):

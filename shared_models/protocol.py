@@ -29,14 +29,18 @@ NOISE_PLAN = "noise-plan"  # dp-mode "distributed": JSON {"scale", "variance"} o
 #                            computed; a site whose own plan differs refuses (the parties run different accountants)
 SECAGG_MASKS = "secagg-masks"  # how the server's SecAgg+ draws masks (privacy.secagg_masks.VERSION): a site that
 #                                draws them another way refuses, since their masks would not cancel in the sum
-PREVIOUS_ROUND = "previous-round"  # JSON {"round", "status", "reason"} of the round before (e.g. "abandoned": its
-#                                    sum was never unmasked); a DP site notes it on that round's ledger entry. The
-#                                    last round's travels with the model delivery (with RUN_KEY), or in a
-#                                    `query.round_outcome` (ROUND_OUTCOME) when no model is delivered
+PREVIOUS_ROUND = "previous-round"  # JSON {"round", "status", "reason"} of the last round whose training ended (e.g.
+#                                    "abandoned": its sum was never unmasked), with the next message each site gets:
+#                                    that round's evaluation, the next round's SecAgg+ setup (in SETUP_TERMS) and
+#                                    training request; the last round's with the model delivery (with RUN_KEY), or in
+#                                    a `query.round_outcome` (ROUND_OUTCOME) when no model is delivered. A site says
+#                                    an abandoned round in its log and audit log; a DP site notes it on the round's
+#                                    ledger entry
 
 # --- site -> server: a refusal, an error reply instead of a fit result (client.app.site_policy_mod) ------------
 SETUP_TERMS = "oncofed.round"  # a ConfigRecord beside SecAgg+'s setup configs: the round's RUN_KEY and SERVER_ROUND,
-# so that a site checks before key sharing whether it could train the round (client.app.unready_refusal)
+# so that a site checks before key sharing whether it could train the round (client.app.unready_refusal), and the
+# PREVIOUS_ROUND, if any
 REFUSAL_PREFIX = "refused: "  # how the reason starts; the rest says why in words that name no patient
 
 # --- site -> server: fit metrics (client.app, from client.local_round's results) -------------------------------
@@ -173,12 +177,13 @@ class ModelPackage(BaseModel):
 
 
 class DeliveryReply(BaseModel):
-    """A site's answer to the model delivery (the server adds the node id and keeps it in result.json)."""
+    """A site's answer to the model delivery (the server adds the node id and keeps it in result.json). It names no
+    path of the site's machine: the server needs to know what was installed, not where (a field an earlier site
+    sends, such as its version's path, is dropped when the reply is read)."""
 
     site: str
     installed: bool
-    version: str | None = None  # installed: the model store's version, its path, and its arrays' SHA-256
-    path: str | None = None
+    version: str | None = None  # installed: the model store's version and its arrays' SHA-256
     arrays_sha256: str | None = None
     error: str | None = None  # not installed: why, and the version that stays active ("" none)
     active: str | None = None

@@ -46,7 +46,7 @@ def simulate(
     import shutil
 
     from simulations.federation import ROOT, SimulationError, ensure_partition, evaluate_on_site, run_federation
-    from simulations.federation import f1_by_class_size, federation_config, summarize, terminate_as_exit
+    from simulations.federation import f1_by_class_size, federation_config, site_model_dir, summarize, terminate_as_exit
     from simulations.partition import FederationManifest, PartitionError
 
     extra = _parse_overrides(overrides)
@@ -140,7 +140,7 @@ def simulate(
     if not installed:
         typer.echo("no site installed the global model; nothing to evaluate", err=True)
         raise typer.Exit(code=1)
-    held = evaluate_on_site(Path(installed[0]["path"]).parent, sites / manifest["holdout"]["dir"])
+    held = evaluate_on_site(site_model_dir(cfg, manifest, installed[0]["site"]), sites / manifest["holdout"]["dir"])
     typer.echo(f"held-out tss patients ({held['patients']:,}): accuracy {held['accuracy']:.3f}, balanced accuracy "
                f"{held['balanced_accuracy']:.3f}, macro-F1 {held['macro_f1']:.3f}")
     counts = FederationManifest.load(sites / "manifest.json").federation_class_counts

@@ -515,7 +515,7 @@ def run_cell(cfg: ExperimentConfig, cell: Cell, root: Path, log=print) -> list[d
 
 
 def _run_federated(cfg, cell, fed, schema_path, manifest, work, log) -> list[dict]:
-    from simulations.federation import federation_config, load_installed, run_federation
+    from simulations.federation import federation_config, load_installed, run_federation, site_model_dir
 
     n = len(manifest["sites"])
     dp = cell.privacy != "off"
@@ -543,7 +543,7 @@ def _run_federated(cfg, cell, fed, schema_path, manifest, work, log) -> list[dic
     installed = [d for d in result["deliveries"] if d.get("installed")]
     if not installed:
         raise ExperimentError(f"cell {cell.id}: no site installed the final model; " + why_no_model(work))
-    model, schema, _ = load_installed(Path(installed[0]["path"]).parent)
+    model, schema, _ = load_installed(site_model_dir(run_cfg, manifest, installed[0]["site"]))
     final_evaluation(model, schema, fed, manifest, work)
     from simulations.privacy_audit import audit_cell
 
@@ -554,7 +554,7 @@ def _run_federated(cfg, cell, fed, schema_path, manifest, work, log) -> list[dic
 def why_no_model(work: Path) -> str:
     """What the server recorded of a cell's rounds when no site got a model, and where the sites say why: a site's
     own reason (its data, too few patients for a held-out part) stays in its log, the simulation's flwr-run.log."""
-    from server.checkpoint import metrics_lines
+    from server.checkpoint import metrics_lines, why_no_update
     from server.run_files import FLWR_LOG
 
     log_file = work / "flower" / FLWR_LOG
@@ -565,12 +565,10 @@ def why_no_model(work: Path) -> str:
     trained = [r for r in records if r.get("participants")]
     if not records or trained:
         return f"see {log_file}"
-    refusals = sorted({x.get("reason", "") for r in records for x in r.get("refused", [])} - {""})
-    return (f"no round of {len(records)} aggregated any site's update"
-            + (f" (sites refused: {'; '.join(refusals)})" if refusals else "")
-            + f". The sites' own reasons are in {log_file} (look for 'failed validation' and 'refuses'); sites too "
-              "small for a held-out part (about a fifth of a site's patients, half of it for the normalisation under "
-              "DP) are the usual cause: fewer [grid] sites or more patients per site")
+    return (f"no round of {len(records)} aggregated any site's update ({why_no_update(records)}). The sites' own "
+            f"reasons are in {log_file} (look for 'failed validation' and 'refuses'); sites too "
+            "small for a held-out part (about a fifth of a site's patients, half of it for the normalisation under "
+            "DP) are the usual cause: fewer [grid] sites or more patients per site")
 
 
 class _RoundEcho:

@@ -172,6 +172,17 @@ def finished_run_sites(run_dir: Path):
                                           dp=cfg.privacy.enabled, normalizer=nz) for name, nz in saved.items()}
 
 
+def site_model_dir(run_config: dict, manifest: dict, site: str) -> Path:
+    """The model store of simulated site `site` (its name in the partition's `manifest`), where its ClientApp put it
+    under the run config's site-state-root (client.site.simulated_site_paths): its delivery reply names no path."""
+    from client.site import simulated_site_paths
+    from privacy.run_config import load_run_config
+    from shared_models.run_config import app_defaults
+
+    cfg = load_run_config({**app_defaults(ROOT), **run_config})
+    return simulated_site_paths(cfg, next(s for s in manifest["sites"] if s["name"] == site)).model_dir
+
+
 def load_installed(model_dir: Path):
     """(model in eval mode, schema, version) of the active version of a site's model store."""
     from client.model_store import VERSION_SCHEMA, WEIGHTS, ModelStore

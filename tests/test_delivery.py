@@ -348,3 +348,40 @@ def test_oncofed_delivers_preflight_asks_the_server_processes_health_as_oncofed_
     checks = {check.name: check for check in delivery_checks(c, tmp_path / "op" / "runs" / "x", cfg)}
     health = next(check for what, check in checks.items() if "server processes" in what)
     assert not health.ok
+
+
+def test_a_run_no_round_updated_ends_saying_why_round_by_round_delivers_nothing_and_fails(tmp_path):
+    """Every round abandoned: the untrained initial model is neither signed nor sent, and the run's result says why
+    for each round (the server's reason, the sites' refusals; the same reasons once for rounds in a row), which
+    `oncofed run` prints as it exits 1. It said only that metrics.jsonl held the reasons."""
+    from privacy.audit import AuditLog
+    from privacy.run_config import load_run_config
+    from server.app import deliver_final
+    from server.submit import finished_verdict
+
+    out = tmp_path / "runs" / "r"
+    out.mkdir(parents=True)
+    setup = "1 sites completed SecAgg+'s setup, fewer than 2 (min-sites): abandoned before any site trains"
+    rounds = [{"round": 1, "status": "abandoned", "reason": setup, "refused": [{"reason": "C2: budget spent"}]},
+              *({"round": r, "status": "abandoned", "reason": "SecAgg+ halted", "dropped": [12]} for r in (2, 3))]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+
+    class Grid:  # no site connected at the end: the last round's outcome reaches no one
+        def get_node_ids(self):
+            return []
+
+        def push_messages(self, messages):
+            return []
+
+    recorder = types.SimpleNamespace(metrics_file=out / "metrics.jsonl", run_key="r-1", audit=AuditLog(
+        out / "audit.jsonl"), status={"run": "r-1"}, t0=0.0)
+    cfg = load_run_config({"schema": "s.json", "num-rounds": 3})
+    deliver_final(Grid(), cfg, None, out, recorder, [np.zeros(2, np.float32)], None, 1)
+    result = json.loads((out / "result.json").read_text())
+    assert result["deliveries"] == [] and not (out / "final_weights.npz").exists()
+    why = result["not_delivered"]
+    assert why.startswith("no round updated the global model")
+    assert f"round 1: {setup} (refused: C2: budget spent)" in why
+    assert "rounds 2-3: SecAgg+ halted (no reply from nodes 12)" in why
+    code, message = finished_verdict(out, "r")
+    assert code == 1 and "round 1: " in message and "rounds 2-3: " in message

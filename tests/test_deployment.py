@@ -455,8 +455,8 @@ def test_h_a_round_a_refusing_site_leaves_short_of_min_sites_is_abandoned_at_set
     """(h) A site that would refuse says so at SecAgg+'s setup, in the fresh ClientApp process that reads its tables
     again: C1's data fails validation, and with min-sites 3 the round is left with 2 sites, so it is abandoned before
     any site trains. No site's ledger or audit log records a spend for it, the run records C1's refusal with its
-    reason, and there is no model to deliver (exit 1). (A refusal that leaves enough sites, while the others train and
-    spend: C1 in round 1 of run main, test_c_e.)"""
+    reason, there is no model to deliver (exit 1), and every site's audit log says why the round was abandoned. (A
+    refusal that leaves enough sites, while the others train and spend: C1 in round 1 of run main, test_c_e.)"""
     seen = {n: len(dep.site_audit(n)) for n in ("C0", "C1", "C2")}
     with _labels_missing(dep, "C1"):
         run = dep.run("short", "--set", "num-rounds=1", "--set", "min-sites=3")
@@ -471,5 +471,7 @@ def test_h_a_round_a_refusing_site_leaves_short_of_min_sites_is_abandoned_at_set
     for name in ("C0", "C1", "C2"):
         ledger = dep.root / name / "state" / "privacy-ledger.json"  # none at a site that never read its data
         assert not ledger.exists() or not [e for e in json.loads(ledger.read_text())["entries"] if e["run_id"] == run_key]
-        audit = [(e["event"], e.get("stage")) for e in dep.site_audit(name)[seen[name]:] if e.get("run") == run_key]
-        assert audit == ([("round_refused", "setup")] if name == "C1" else []), (name, audit)
+        audit = [(e["event"], e.get("stage"), e.get("spent")) for e in dep.site_audit(name)[seen[name]:]
+                 if e.get("run") == run_key]
+        assert audit == ([("round_refused", "setup", None)] if name == "C1" else []) + [
+            ("round_abandoned", None, False)], (name, audit)

@@ -547,13 +547,20 @@ def test_a_round_with_fewer_contributors_than_trusted_sites_is_abandoned_before_
     # before any site trains: no site spends on a sum that could never be unmasked
     assert "fewer than 3" in rounds[0]["reason"] and "before any site trains" in rounds[0]["reason"]
     assert "refused before any spend" in rounds[0]["refused"][0]["reason"]
-    # the global model never moved: the untrained initial model is neither signed nor delivered
+    # the global model never moved: the untrained initial model is neither scored, signed nor delivered, and the
+    # result says why, round by round
     assert "no round updated the global model" in result["not_delivered"] and result["deliveries"] == []
+    assert "rounds 1-2: " in result["not_delivered"] and "refused before any spend" in result["not_delivered"]
+    assert not any(r.get("site_eval") for r in rounds)
     assert not (tmp_path / "server" / "final_weights.npz").exists()
     assert not list((tmp_path / "state").glob("*/models/v0001"))
     for name in ("site_00", "site_01", "site_02"):  # no site spent anything on the run
         ledger = json.loads((tmp_path / "state" / name / "state" / "privacy-ledger.json").read_text())
         assert not [e for e in ledger["entries"] if e["run_id"] == result["run"]], name
+        # yet each was told why each round was abandoned: round 1 at round 2's setup, round 2 after the last round
+        audit = [json.loads(x) for x in (tmp_path / "state" / name / "state" / "audit.jsonl").read_text().splitlines()]
+        told = [(e["round"], e["spent"]) for e in audit if e["event"] == "round_abandoned" and e["run"] == result["run"]]
+        assert told == [(1, False), (2, False)], name
 
 
 @pytest.mark.slow

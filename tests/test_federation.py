@@ -80,16 +80,17 @@ def test_secagg_aggregate_equals_fedavg_of_what_the_sites_released_and_every_sit
     assert np.linalg.norm(_weights(work_sa) - (before + mean)) / np.linalg.norm(mean) < 1e-5
     for result, work in ((with_sa, work_sa),):
         assert len(result["deliveries"]) == 3 and all(d["installed"] for d in result["deliveries"])
-        for d in result["deliveries"]:
-            package = json.loads((Path(d["path"]) / "package.json").read_text())
+        for d in result["deliveries"]:  # each in its site's own model store (the reply names no path)
+            version = work / "state" / d["site"] / "models" / d["version"]
+            package = json.loads((version / "package.json").read_text())
             assert package["arrays_sha256"] == result["arrays_sha256"] and package["round"] == 2
             # its architecture signed, and the site's normalisation of the run kept with it (served with it)
-            assert package["architecture"]["d_model"] == 64 and (Path(d["path"]) / "normalizer.json").is_file()
+            assert package["architecture"]["d_model"] == 64 and (version / "normalizer.json").is_file()
     for d in with_sa["deliveries"]:  # signed by the server, verified by the site, re-verifiable in its store
         from client.model_store import ModelStore
         from privacy.signing import load_public
 
-        store = ModelStore(Path(d["path"]).parent)
+        store = ModelStore(work_sa / "state" / d["site"] / "models")
         assert "signature" in store.verify(d["version"], signing_public_key=load_public(federation / "signing.pub"))[
             "delivery"]
     # per-site cumulative epsilon is reported every round and saved with the model
@@ -117,7 +118,7 @@ def test_secagg_aggregate_equals_fedavg_of_what_the_sites_released_and_every_sit
     # the held-out evaluation names the types it predicts that none of the scored patients has
     from simulations.federation import evaluate_on_site
 
-    store = Path(with_sa["deliveries"][0]["path"]).parent
+    store = work_sa / "state" / with_sa["deliveries"][0]["site"] / "models"
     one_type = federation / "one_type"
     shutil.copytree(federation / "sites" / "site_01", one_type, dirs_exist_ok=True)
     labels1 = pd.read_csv(one_type / "labels.csv")

@@ -198,7 +198,7 @@ def test_simulate_does_not_report_a_model_no_site_contributed_to(tmp_path, monke
         server.mkdir(parents=True)
         (server / "metrics.jsonl").write_text("".join(_json.dumps(
             {"round": r, "participants": [], "refused": list(range(n_sites)), "seconds": r}) + "\n" for r in (1, 2)))
-        return {"deliveries": [{"site": "C0", "installed": True, "path": str(tmp_path / "x")}], "arrays_sha256": "0" * 64}
+        return {"deliveries": [{"site": "C0", "installed": True, "version": "v0001"}], "arrays_sha256": "0" * 64}
 
     monkeypatch.setattr(federation, "run_federation", refused_everywhere)
     result = CliRunner().invoke(app, ["simulate", "--rounds", "2", "--out", str(tmp_path / "run")])

@@ -5,7 +5,6 @@ enter the server's records."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,9 +54,9 @@ def test_a_package_without_its_hashes_is_named_not_a_model_package():
 
 
 def test_a_delivery_reply_keeps_its_json_and_the_server_reads_it_back():
-    installed = DeliveryReply(site="s", installed=True, version="v0001", path="/m/v0001", arrays_sha256="ab")
+    installed = DeliveryReply(site="s", installed=True, version="v0001", arrays_sha256="ab")
     installed.audit_head = "h"
-    assert installed.to_json() == json.dumps({"site": "s", "installed": True, "version": "v0001", "path": "/m/v0001",
+    assert installed.to_json() == json.dumps({"site": "s", "installed": True, "version": "v0001",
                                               "arrays_sha256": "ab", "audit_head": "h"})
     refused = DeliveryReply(site="s", installed=False, error="bad", active="")
     assert refused.to_json() == json.dumps({"site": "s", "installed": False, "error": "bad", "active": ""})
@@ -161,6 +160,51 @@ def test_a_site_installs_a_signed_package_and_refuses_one_that_is_not_a_package(
     assert read_weights(tmp_path / "state" / "models" / reply["version"] / "weights.pt")["config"]["wide_gain"] == 2.5
 
 
+def test_a_sites_delivery_reply_names_no_path_of_its_machine_only_what_was_installed(tmp_path):
+    """The reply to a delivery carried the installed version's directory on the site's machine (simulations read
+    it): the server learnt the site's file layout for nothing. It carries what was installed (version, SHA-256) and
+    whether; a path an earlier site still sends is not recorded by the server."""
+    from client.app import save_model
+    from privacy.signing import load_private, sign
+    from server.delivery import _reply
+    from shared_models.weights import arrays_sha256
+
+    schema, _, arrays, ctx = _signing_site(tmp_path)
+    package = sign(ModelPackage(run="r-1", round=2, schema_hash=schema.content_hash(),
+                                arrays_sha256=arrays_sha256(arrays)).description(), load_private(tmp_path / "k"))
+    text = str(save_model(_save_model_message(package, arrays), ctx).content[CONFIG_RECORD][REPLY])
+    reply = json.loads(text)
+    assert str(tmp_path) not in text and "path" not in reply
+    assert reply["installed"] and reply["version"] == "v0001" and reply["arrays_sha256"] == package["arrays_sha256"]
+
+    class Earlier:  # a site of an earlier version, which still names the path
+        content = {CONFIG_RECORD: {REPLY: json.dumps({**reply, "path": str(tmp_path / "state" / "models" / "v0001")})}}
+
+        def has_error(self):
+            return False
+
+    assert "path" not in _reply(Earlier()) and _reply(Earlier())["version"] == "v0001"
+
+
+def test_a_simulation_finds_a_sites_model_store_where_the_simulated_site_keeps_it(tmp_path):
+    """With no path in the delivery reply, `oncofed simulate` and `oncofed experiment` find the installed model
+    where the simulated site's ClientApp put its model store (its settings from the same run config)."""
+    from client.app import site_settings
+    from privacy.run_config import load_run_config
+    from shared_models.run_config import app_defaults
+    from simulations.federation import ROOT, site_model_dir
+
+    manifest = {"sites": [{"name": "C0", "dir": "c0"}, {"name": "C1", "dir": "c1"}]}
+    (tmp_path / "sites").mkdir()
+    (tmp_path / "sites" / "manifest.json").write_text(json.dumps(manifest))
+    for run in ({"data-root": str(tmp_path / "sites"), "site-state-root": str(tmp_path / "state")},
+                {"data-root": str(tmp_path / "sites")}):  # the default: data-root/state
+        ctx = Context(run_id=1, node_id=2, state=RecordDict(), run_config=run, node_config={"partition-id": 1})
+        as_flower_merges_it = load_run_config({**app_defaults(ROOT), **run})
+        assert site_model_dir(run, manifest, "C1") == site_settings(ctx, as_flower_merges_it).paths.model_dir
+    assert site_model_dir(run, manifest, "C1") == tmp_path / "sites" / "state" / "C1" / "models"
+
+
 def test_a_site_whose_disk_is_full_refuses_the_model_in_its_reply_and_audit_log_keeping_the_active_one(tmp_path,
                                                                                                      monkeypatch):
     """A full disk (or a read-only model-dir) while a delivered model is written: the site answers the server that it
@@ -248,8 +292,10 @@ def test_the_last_rounds_outcome_reaches_the_sites_ledger_with_the_model_or_with
     round_outcome(site_message(RecordDict({CONFIG_RECORD: ConfigRecord(outcome(1, "abandoned"))}),
                                f"{MessageType.QUERY}.{ROUND_OUTCOME}"), ctx)
     assert entries()[1]["outcome"]["status"] == "abandoned" and ledger.spent(dataset) == spent
-    events = [json.loads(x)["event"] for x in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
-    assert events.count("round_abandoned") == 2
+    events = [json.loads(x) for x in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
+    # every abandoned round the server tells of is in the audit log, `spent` when the site's update for it had left
+    assert [(e["run"], e["round"], e["spent"]) for e in events if e["event"] == "round_abandoned"] == [
+        ("r-1", 2, True), ("another-run", 1, False), ("r-1", 1, True)]
 
 
 def test_the_model_is_kept_with_the_normalisation_its_run_trained_with_not_one_fitted_at_delivery(tmp_path):
@@ -291,10 +337,11 @@ def test_the_model_is_kept_with_the_normalisation_its_run_trained_with_not_one_f
                               .content[CONFIG_RECORD][REPLY]))
 
     reply = deliver("r-1")
-    kept = Normalizer.load(Path(reply["path"]) / "normalizer.json", schema)
+    models = tmp_path / "state" / "models"
+    kept = Normalizer.load(models / reply["version"] / "normalizer.json", schema)
     assert np.array_equal(kept.mean, trained_with.mean) and np.array_equal(kept.scale, trained_with.scale)
     reply = deliver("r-never-trained")
-    assert reply["installed"] and not (Path(reply["path"]) / "normalizer.json").exists()
+    assert reply["installed"] and not (models / reply["version"] / "normalizer.json").exists()
 
 
 def test_a_site_that_requires_dp_neither_scores_nor_prepares_its_data_for_a_run_without_dp(tmp_path):
@@ -325,3 +372,50 @@ def test_a_site_that_requires_dp_neither_scores_nor_prepares_its_data_for_a_run_
     res = recorddict_to_evaluateres(reply.content)
     assert res.num_examples == 0 and res.metrics == {}
     assert not (tmp_path / "state" / "normalizer.json").exists()
+
+
+def test_a_site_says_in_its_log_and_audit_log_that_a_round_was_abandoned_with_the_first_message_after_it(tmp_path,
+                                                                                                        caplog):
+    """A site that spent nothing on an abandoned round (it refused, the round ended before anyone trained, a run
+    without DP) heard of it nowhere: only a DP site's ledger entry recorded an abandonment, at the next round. Now
+    whichever message comes first (the round's evaluation, the next round's SecAgg+ setup) puts the server's reason
+    in the site's log and audit log, once however many messages repeat it."""
+    from flwr.common import EvaluateIns, ndarrays_to_parameters
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Stage
+    from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
+    from flwr.compat.common.recorddict_compat import evaluateins_to_recorddict
+
+    from client.app import evaluate, site_policy_mod
+    from shared_models.protocol import PREVIOUS_ROUND, RUN_KEY, SERVER_ROUND, SETUP_TERMS
+    from tests.sitefixtures import site_schema
+
+    run = {"schema": str(site_schema().save(tmp_path / "schema.json")), "min-sites": 2, "dp": False}
+    ctx = Context(run_id=1, node_id=1, state=RecordDict(), run_config=run,  # require-dp: it scores no run without DP
+                  node_config={"data-path": str(tmp_path / "site"), "state-dir": str(tmp_path / "state")})
+
+    def abandoned(rnd: int) -> str:
+        return json.dumps({"round": rnd, "status": "abandoned", "reason": f"SecAgg+ halted in round {rnd}"})
+
+    def evaluation(rnd: int):
+        config = {RUN_KEY: "r-1", SERVER_ROUND: rnd, PREVIOUS_ROUND: abandoned(rnd)}
+        return site_message(evaluateins_to_recorddict(EvaluateIns(ndarrays_to_parameters([np.zeros(2)]), config),
+                                                      True), MessageType.EVALUATE)
+
+    def setup(rnd: int):
+        msg = site_message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({SecAggKey.STAGE: Stage.SETUP,
+                                                                         SecAggKey.THRESHOLD: 2})}))
+        msg.content.config_records[SETUP_TERMS] = ConfigRecord({RUN_KEY: "r-1", SERVER_ROUND: rnd,
+                                                                PREVIOUS_ROUND: abandoned(rnd - 1)})
+        return msg
+
+    def said() -> list[tuple]:
+        events = [json.loads(x) for x in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
+        return [(e["run"], e["round"], e["reason"], e["spent"]) for e in events if e["event"] == "round_abandoned"]
+
+    with caplog.at_level("WARNING"):
+        evaluate(evaluation(1), ctx)
+    assert said() == [("r-1", 1, "SecAgg+ halted in round 1", False)]
+    assert "the server abandoned round 1 of run r-1: SecAgg+ halted in round 1" in caplog.text
+    site_policy_mod(setup(2), ctx, lambda m, c: site_message(RecordDict()))  # round 1 again: said once
+    site_policy_mod(setup(3), ctx, lambda m, c: site_message(RecordDict()))  # round 2, first told at round 3's setup
+    assert [r for _, r, _, _ in said()] == [1, 2]

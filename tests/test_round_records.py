@@ -300,3 +300,77 @@ def test_a_round_no_site_could_evaluate_has_no_global_evaluation_and_the_run_goe
     empty = [(_Proxy(n), EvaluateRes(Status(Code.OK, "ok"), 0.0, 0, {})) for n in (1, 2)]
     loss, metrics = strategy.aggregate_evaluate(1, empty, [])
     assert loss is None and metrics == {} and strategy.round_info["site_eval"] == {}
+
+
+class _Sites:
+    """Flower's client manager as configure_evaluate uses it: `n` connected sites, all sampled."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def num_available(self) -> int:
+        return self.n
+
+    def sample(self, num_clients, min_num_clients=None, criterion=None):
+        return [_Proxy(i) for i in range(1, num_clients + 1)]
+
+
+def test_the_sites_never_score_the_untrained_initial_model_not_even_after_the_last_round():
+    """A run whose rounds were all abandoned had every site score the untrained initial model after its last round
+    (~15 s in a deployment, a fresh process per site reloading its data), for nothing. While no round of the run has
+    updated the global model no site is asked; once one has, the last round is scored as always."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+
+    from server.strategy import build_strategy
+
+    strategy = build_strategy(load_run_config({"schema": "s.json", "min-sites": 2, "sites": 2, "secagg": False,
+                                               "num-rounds": 2}), [np.zeros(4, np.float32)], 2, {})
+    params = ndarrays_to_parameters(strategy.global_weights)
+    assert strategy.configure_evaluate(2, params, _Sites(2)) == []
+    strategy.sampled = {1, 2}
+    strategy.aggregate_fit(1, [(_Proxy(n), FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([np.full(4, 0.01)]),
+                                                  100, {})) for n in (1, 2)], [])
+    assert strategy.round_info["status"] == "updated"
+    assert len(strategy.configure_evaluate(2, params, _Sites(2))) == 2
+
+
+def test_a_resumed_run_counts_a_round_as_updating_the_model_by_that_rounds_newest_record():
+    """Whether the model a resumed run starts from was ever updated: by each round's newest line of metrics.jsonl,
+    for the rounds its checkpoint holds. A round run again after a resume from an older checkpoint is what it did
+    the second time (an earlier attempt's update of it is gone with the checkpoint that held it)."""
+    from server.checkpoint import model_updated
+
+    lines = [{"round": 1, "status": "abandoned"}, {"round": 2, "status": "abandoned"},
+             {"round": 3, "status": "updated"}, {"round": 3, "status": "abandoned"}]  # round 3 again, from round 2's
+    assert not model_updated(lines) and not model_updated(lines, before=3)
+    assert model_updated(lines[:3]) and not model_updated(lines[:3], before=3)
+    assert not model_updated([])
+
+
+def test_an_abandoned_rounds_reason_goes_with_the_next_message_every_site_gets():
+    """The sites heard why a round was abandoned only with the next round's training request or the delivery, and
+    not at all of a round no site contributed to. Now the round's own evaluation carries it (the first message after
+    its training, when the sites score the model), and so do the next round's SecAgg+ setup and training request."""
+    from flwr.common import Code, Error, FitRes, Status, ndarrays_to_parameters
+
+    from server.strategy import build_strategy
+    from shared_models.protocol import PREVIOUS_ROUND, RUN_KEY, SERVER_ROUND
+
+    strategy = build_strategy(load_run_config({"schema": "s.json", "min-sites": 2, "sites": 2, "secagg": False,
+                                               "num-rounds": 3}), [np.zeros(4, np.float32)], 2, {RUN_KEY: "r-1"})
+    strategy.sampled = {1, 2}
+    strategy.aggregate_fit(1, [(_Proxy(n), FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([np.full(4, 0.01)]),
+                                                  100, {})) for n in (1, 2)], [])
+    strategy.aggregate_fit(2, [], [Exception(Error(0, "refused: C1: budget")), Exception(Error(0, "refused: C2: budget"))])
+    params = ndarrays_to_parameters(strategy.global_weights)
+
+    def told(config) -> dict:
+        return json.loads(config[PREVIOUS_ROUND])
+
+    for _, ins in strategy.configure_evaluate(2, params, _Sites(2)):
+        assert told(ins.config) == {"round": 2, "status": "abandoned", "reason": strategy.round_info["reason"]}
+        assert "no site contributed" in told(ins.config)["reason"]
+    terms = strategy.setup_terms(3)
+    assert terms[RUN_KEY] == "r-1" and terms[SERVER_ROUND] == 3 and told(terms)["round"] == 2
+    assert all(told(ins.config)["round"] == 2 for _, ins in strategy.configure_fit(3, params, _Sites(2)))
+    assert PREVIOUS_ROUND not in strategy.setup_terms(1)  # nothing ended before the first round
