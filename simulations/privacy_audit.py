@@ -25,17 +25,17 @@ def audit_cell(work: Path, fed: Path, manifest: dict, run_config: dict) -> Path:
     overrides of the project's run config). A site whose audit cannot run (it trained in no round, too few
     patients) is recorded with the reason; the cell, whose training is done by now, never fails on it."""
     from client.privacy_audit import PrivacyAuditError, audit
+    from client.site import simulated_site_paths
     from privacy.run_config import load_run_config
     from shared_models.files import write_json_atomic
     from shared_models.run_config import app_defaults
 
-    cfg = load_run_config({**app_defaults(ROOT), **run_config})  # as the sites got it
-    state_root = cfg.path(cfg.run.site_state_root) if cfg.run.site_state_root else fed / "state"
+    cfg = load_run_config({**app_defaults(ROOT), **run_config, "data-root": str(fed)})  # as the sites got it
     sites = []
     for s in manifest["sites"]:
-        home = state_root / s["name"]
+        paths = simulated_site_paths(cfg, s)
         try:
-            report = audit(fed / s["dir"], home / "state", home / "models", s["name"], val_fraction=cfg.site.val_fraction,
+            report = audit(paths.site_dir, paths.state_dir, paths.model_dir, s["name"], val_fraction=cfg.site.val_fraction,
                            seed=cfg.training.seed, min_count=cfg.site.min_count)
         except PrivacyAuditError as e:
             sites.append({"site": s["name"], "error": str(e)})
