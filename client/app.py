@@ -215,7 +215,14 @@ def site_policy_mod(msg: Message, context: Context, call_next):
         terms = msg.content.config_records.get(SETUP_TERMS, {})  # the round's run key and number (server/workflow.py)
         run_key, rnd = str(terms.get(RUN_KEY, "") or _run_key(context)), int(terms.get(SERVER_ROUND, 0) or 0)
         note_round_outcome(context, settings, cfg, run_key, terms.get(PREVIOUS_ROUND))  # the first word after it
-        threshold = int(configs.get(SecAggKey.THRESHOLD, 0))
+        threshold, shares = int(configs.get(SecAggKey.THRESHOLD, 0)), int(configs.get(SecAggKey.SHARE_NUMBER, 0))
+        if 2 * threshold <= shares:  # two disjoint halves of the neighbours could each unmask: a server that sends
+            # different sites different unmask lists could then take one site's update out exactly (2026-12-06 review)
+            reason = (f"{settings.name}: SecAgg+ unmasks a sum with the key shares of {threshold} of the {shares} "
+                      "sites that hold shares, not more than half of them, so a server that tells different sites "
+                      "different things could unmask a single site's update; the site takes no part in the round (the "
+                      "operator sets secagg-threshold above 0.5)")
+            return _no_key_shares(msg, context, settings, reason, secagg_threshold=threshold, share_number=shares)
         if threshold < settings.min_aggregate_sites:
             reason = (f"{settings.name}: SecAgg+ unmasks a sum with the key shares of {threshold} sites, fewer than the "
                       f"site's min-aggregate-sites {settings.min_aggregate_sites}, so the other sites could unmask a sum "
@@ -526,10 +533,10 @@ def _train(msg: Message, context: Context) -> Message:
             # SecAgg+ clips |delta * weight / max_weight| to the clipping range silently: refuse instead.
             peak = max(float(np.abs(d).max()) for d in delta) * weight / max_weight
             clip = float(fitins.config.get(SECAGG_CLIPPING_RANGE, cfg.secagg.clipping_range))
-            if peak > clip:
-                raise _refusal(fitins, msg, settings.name, f"its update ({peak:.3g}) exceeds secagg-clipping-range "
-                                f"{clip:g} and would be clipped silently; the operator must raise it", audit,
-                               run_config=True)
+            if peak > clip:  # the peak in the site's log only: a statistic of this one update, which enters no sum
+                log(WARNING, "site %s: its update's largest value x weight / max-weight is %.3g", settings.name, peak)
+                raise _refusal(fitins, msg, settings.name, f"its update exceeds secagg-clipping-range {clip:g} and "
+                               "would be clipped silently; the operator must raise it", audit, run_config=True)
         metrics = {k: float(v) for k, v in result.metrics.items()}
         try:  # recorded before the update leaves the site
             # under DP without the patient count: the entry's hash leaves as AUDIT_HEAD, and with every other field

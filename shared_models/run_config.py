@@ -177,7 +177,8 @@ class SecAggSection(_Section):
         2000.0, alias="secagg-max-weight", gt=0, description=">= the largest site's training patients (without DP "
         "a larger site is refused; in dp-mode 'distributed' the public bound the grid's range is checked for)")
     threshold: float = Field(
-        0.66, alias="secagg-threshold", gt=0, le=1, description="share of sites needed to unmask a round")
+        0.66, alias="secagg-threshold", gt=0.5, le=1, description="share of sites needed to unmask a round; above 0.5 "
+        "(at half or less, a server sending different sites different unmask lists can unmask one site's update)")
 
 
 # The largest delta a run or a site may ask for: a public constant (a bound that followed a site's count would publish

@@ -128,9 +128,9 @@ def test_a_site_whose_site_json_cannot_be_read_at_unmask_gives_no_key_shares(tmp
     assert reply.has_error() and SITE_JSON_UNREADABLE in reply.error.reason and str(tmp_path) not in reply.error.reason
 
 
-def _setup(threshold: int) -> Message:
+def _setup(threshold: int, shares: int = 4) -> Message:
     return site_message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({
-        Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 4, Key.SHARE_NUMBER: 4, Key.THRESHOLD: threshold,
+        Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 4, Key.SHARE_NUMBER: shares, Key.THRESHOLD: threshold,
         Key.CLIPPING_RANGE: 1.0, Key.TARGET_RANGE: 2 ** 22, Key.MOD_RANGE: 2 ** 32, Key.MAX_WEIGHT: 2000.0})}))
 
 
@@ -143,12 +143,28 @@ def test_a_site_takes_no_part_when_secagg_could_unmask_below_its_own_floor(tmp_p
     run = _ready_site(tmp_path)
     ctx = _context(tmp_path, run, {"min-aggregate-sites": 3})
     ctx.state = RecordDict()
-    reply = site_policy_mod(_setup(threshold), ctx, lambda m, c: None)
+    reply = site_policy_mod(_setup(threshold, shares=3), ctx, lambda m, c: None)
     assert reply.has_error() is refused
     if refused:
         assert reply.error.reason.startswith("refused: ") and "min-aggregate-sites 3" in reply.error.reason
     else:  # Flower's setup ran: the site's public keys are in the reply
         assert Key.PUBLIC_KEY_1 in reply.content.config_records[RECORD_KEY_CONFIGS]
+
+
+@pytest.mark.parametrize("threshold, shares, refused", [(2, 4, True), (3, 6, True), (3, 4, False), (4, 6, False)])
+def test_a_site_takes_no_part_when_half_of_the_share_holders_or_fewer_could_unmask(tmp_path, threshold, shares, refused):
+    """With a threshold of half the share holders or fewer, a server that sends different sites different unmask
+    lists can have two disjoint groups each unmask, and take one site's update out exactly (secagg review,
+    2026-12-06): the site does not take part, whatever its own floor."""
+    from client.app import site_policy_mod
+
+    run = _ready_site(tmp_path)
+    ctx = _context(tmp_path, run, {})
+    ctx.state = RecordDict()
+    reply = site_policy_mod(_setup(threshold, shares), ctx, lambda m, c: None)
+    assert reply.has_error() is refused
+    if refused:
+        assert reply.error.reason.startswith("refused: ") and "secagg-threshold above 0.5" in reply.error.reason
 
 
 def _ready_site(tmp_path: Path) -> dict:
@@ -524,3 +540,29 @@ def test_a_release_copy_that_cannot_be_written_refuses_the_round_without_a_path_
     assert entry["status"] == "committed"  # the steps ran: the spend is counted, though nothing was sent
     events = [json.loads(line)["event"] for line in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
     assert events[-2:] == ["round_trained", "round_refused"]  # the log says the update never left
+
+
+def test_an_update_beyond_the_secagg_clipping_range_is_refused_without_its_value(tmp_path):
+    """The refusal reaches the server outside SecAgg+: the update's largest value, a statistic of this one site's
+    update that enters no sum, stays in the site's log (secagg review, 2026-12-06)."""
+    import re
+
+    from client.app import SiteRefusal, train
+    from privacy.run_config import load_run_config
+    from shared_models.model import MultiModalTransformer
+    from privacy.secagg_masks import VERSION
+    from shared_models.protocol import SECAGG_CLIPPING_RANGE, SECAGG_MASKS, SECAGG_MAX_WEIGHT
+    from shared_models.weights import state_arrays
+    from tests.sitefixtures import site_schema, site_tables, write_site
+
+    schema = site_schema()
+    schema_path = schema.save(tmp_path / "schema.json")
+    write_site(tmp_path / "site", site_tables(n_per_class=20))
+    run = _run(schema_path, **{"dp": False, "dp-mode": "site"})
+    weights = state_arrays(MultiModalTransformer(schema, load_run_config(run).model))
+    content = fitins_to_recorddict(FitIns(ndarrays_to_parameters(weights), {
+        SERVER_ROUND: 1, RUN_KEY: "run-X", SECAGG_MAX_WEIGHT: 1e9, SECAGG_CLIPPING_RANGE: 1e-12,
+        SECAGG_MASKS: VERSION}), keep_input=True)
+    with pytest.raises(SiteRefusal, match="exceeds secagg-clipping-range") as e:
+        train(site_message(in_secagg(content)), _context(tmp_path, run, {"require-dp": False}))
+    assert not re.search(r"update \(", str(e.value)) and not re.search(r"\d\.\d+e-\d\d\)", str(e.value))

@@ -136,6 +136,8 @@ def test_an_error_names_the_flat_key_a_user_writes():
                  "d-model: Input should be greater than or equal to 8 (got 4)",
                  "bogus: Extra inputs are not permitted; unknown key"):
         assert f"  - {line}" in text
+    with pytest.raises(RunConfigError, match=r"secagg-threshold: Input should be greater than 0.5 \(got 0.5\)"):
+        load_run_config({"schema": "s.json", "secagg-threshold": 0.5})  # two halves could each unmask
     with pytest.raises(RunConfigError, match=r"d-model \(64\) must be divisible by n-heads \(3\)"):
         load_run_config({"schema": "s.json", "n-heads": 3})
 
