@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -158,3 +160,67 @@ def test_a_damaged_index_is_set_aside_and_rebuilt_from_the_ledgers_it_names(cons
     with pytest.raises(ProvisioningError, match=f"site directory {tmp_path / 'old'}"):  # and its data path
         _site(consortium, tmp_path / "new", tmp_path / "data")
     assert os.stat(isolated_ledger_index).st_mode & 0o077 == 0  # rewritten for this account alone
+
+
+# --- a deployed site's rounds ------------------------------------------------------------------------------------
+
+
+def _deployed(tmp: Path, data: str, state: str):
+    from flwr.app import Context, RecordDict
+
+    return Context(run_id=1, node_id=1, state=RecordDict(), node_config={
+        "data-path": str(tmp / data), "state-dir": str(tmp / state), "privacy-budget": 8.0, "require-secagg": False},
+        run_config={"schema": str(tmp / "schema.json"), "num-rounds": 3, "d-model": 32, "dp-mode": "site",
+                    "batch-size": 32, "sample-rate": 0.5, "secagg": False})
+
+
+def _fit(weights, rnd: int):
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import fitins_to_recorddict
+
+    from shared_models.protocol import RUN_KEY, SERVER_ROUND
+    from tests.factories import site_message
+
+    return site_message(fitins_to_recorddict(FitIns(ndarrays_to_parameters(weights), {SERVER_ROUND: rnd,
+                                                                                       RUN_KEY: "run-X"}), True))
+
+
+def test_a_round_on_tables_copied_to_another_path_is_refused_before_any_spend(tmp_path, monkeypatch):
+    """A second state directory over a copy of the site's tables: the same patients, which another ledger of the machine
+    has spent on. The round is refused before any spend; the server is told without a path, the site's log and audit
+    log name the other ledger and the fix. The first site, which trained first, keeps training."""
+    import torch
+
+    from client.app import LEDGER_INDEX_UNWRITABLE, SHARED_LEDGER_REFUSAL, SiteRefusal, train
+    from privacy.audit import AUDIT_FILE, AuditLog
+    from privacy.run_config import load_run_config
+    from shared_models.model import MultiModalTransformer
+    from shared_models.weights import state_arrays
+    from tests.sitefixtures import site_schema, site_tables, write_site
+
+    schema = site_schema()
+    schema.save(tmp_path / "schema.json")
+    write_site(tmp_path / "site", site_tables(n_per_class=20))
+    first = _deployed(tmp_path, "site", "state")
+    torch.manual_seed(0)
+    weights = state_arrays(MultiModalTransformer(schema, load_run_config(first.run_config).model))
+    assert not train(_fit(weights, 1), first).has_error()
+
+    shutil.copytree(tmp_path / "site", tmp_path / "copy")
+    with pytest.raises(SiteRefusal) as refused:
+        train(_fit(weights, 1), _deployed(tmp_path, "copy", "copy-state"))
+    assert str(refused.value).endswith(SHARED_LEDGER_REFUSAL) and str(tmp_path) not in str(refused.value)
+    copied = json.loads((tmp_path / "copy-state" / LEDGER_FILE).read_text())
+    assert copied["entries"] == [] and "runs" not in copied, "nothing was planned or spent"
+    shared = AuditLog(tmp_path / "copy-state" / AUDIT_FILE).last("ledger_shared")
+    assert shared["ledgers"] == [str(tmp_path / "state" / LEDGER_FILE)]
+    assert f"set this site's state-dir (site.json) to {tmp_path / 'state'}" in shared["detail"]
+
+    assert not train(_fit(weights, 2), first).has_error()  # the copy's refused registration holds nothing
+
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv(INDEX_ENV, str(tmp_path / "a-file" / "ledger-index.json"))
+    spent = json.loads((tmp_path / "state" / LEDGER_FILE).read_text())["entries"]
+    with pytest.raises(SiteRefusal, match=re.escape(LEDGER_INDEX_UNWRITABLE)):
+        train(_fit(weights, 3), first)
+    assert json.loads((tmp_path / "state" / LEDGER_FILE).read_text())["entries"] == spent
