@@ -90,6 +90,10 @@ class SiteSettings:
     budget_missing: bool = False  # a deployed site without privacy-budget: it trains no DP run (budget_refusal)
     min_count: int = 1  # node config min-count: no run reports a smaller count from this site (the run's may be larger)
     policy_unreadable: bool = False  # site.json could not be read again (site_settings): the site trains in no round
+    # a deployed site claims its patients in the machine's index of ledgers (shared_ledger_refusal); site_dir: its
+    # site.json's directory, when known. A simulation's sites do not (privacy/ledger_index.py)
+    ledger_index: bool = False
+    site_dir: Path | None = None
 
 
 def site_settings(context: Context, cfg: RunConfig) -> SiteSettings:
@@ -114,7 +118,8 @@ def site_settings(context: Context, cfg: RunConfig) -> SiteSettings:
                             cfg.privacy.epsilon if site.privacy_budget is None else site.privacy_budget,
                             site.require_secagg, site.min_aggregate_sites, site.require_dp, site.max_trusted_sites,
                             site.require_padded_batches, site.privacy_delta, site.privacy_budget is None,
-                            site.min_count, unreadable)
+                            site.min_count, unreadable, ledger_index=True,
+                            site_dir=Path(str(node[SITE_CONFIG_KEY])).parent if SITE_CONFIG_KEY in node else None)
     index = int(node["partition-id"])
     root = cfg.path(cfg.run.data_root)
     sites = json.loads((root / "manifest.json").read_text())["sites"]  # written by `oncofed partition`
@@ -447,7 +452,8 @@ def unready_refusal(settings: SiteSettings, cfg: RunConfig, context: Context, ru
         # patient count is below a bound, a bit one patient can flip.
         return DATA_REFUSAL, None
     if reason := padding_refusal(settings, cfg) or (cfg.privacy.enabled and (
-            stale_ledger_refusal(settings, site) or (run_key and withheld_refusal(site, run_key)))):
+            stale_ledger_refusal(settings, site) or shared_ledger_refusal(settings, site, audit)
+            or (run_key and withheld_refusal(site, run_key)))):
         return reason, site
     if cfg.privacy.enabled and run_key and rnd:
         if (entry := site.ledger.released(site.dataset_fingerprint, run_key, rnd)) is not None:  # a resend's terms
@@ -612,6 +618,48 @@ def stale_ledger_refusal(settings: SiteSettings, site) -> str:
             "state, e.g. restored from a backup taken before those rounds, and would spend them again. Restore a "
             "backup of the ledger newer than the last round; training is refused until then. Nothing was trained "
             "or sent")
+
+
+SHARED_LEDGER_REFUSAL = ("another privacy ledger on the site's machine holds its training patients (another site "
+                         "directory over the same patients: the site's log names it, with the fix); spent here, their "
+                         "epsilon would not count what that ledger spent. Nothing was trained or sent")
+LEDGER_INDEX_UNWRITABLE = ("its machine's index of privacy ledgers cannot be written (details in the site's log); it "
+                           "refuses before spending")
+
+
+def shared_ledger_refusal(settings: SiteSettings, site, audit: AuditLog) -> str:
+    """Why this site cannot spend on its patients in its own ledger ("" if it can): another ledger of the machine that
+    still exists holds them (privacy/ledger_index.py: a second site directory over the same patients, or a copy of
+    its tables under another path), and a spend here would start from this ledger's zero. Otherwise the dataset is
+    claimed as this ledger's. The refusal the server gets names no path; the site's log and audit log name the other
+    ledger and the fix."""
+    from privacy.ledger import dataset_fingerprint
+    from privacy.ledger_index import LedgerIndex, LedgerIndexError, spend_of
+
+    if not settings.ledger_index:
+        return ""
+    index = LedgerIndex()
+    held = {dataset_fingerprint(site.train.ids, h)[0] for h in site.schema.accepted_hashes()}
+    try:
+        others = index.claim(site.ledger.path, site.dataset_fingerprint, held, data_path=settings.paths.site_dir,
+                             site_dir=settings.site_dir)
+    except LedgerIndexError as e:
+        log(WARNING, "site %s: %s", settings.name, e)
+        return LEDGER_INDEX_UNWRITABLE
+    finally:
+        for note in index.notes:
+            log(WARNING, "site %s: %s", settings.name, note)
+    if not others:
+        return ""
+    detail = (f"the training patients of {settings.paths.site_dir} are held by another privacy ledger of this machine: "
+              f"{'; '.join(o.describe() for o in others)}. This site's ledger {site.ledger.path} "
+              f"({spend_of(site.ledger.path)}) would count their rounds from its own spend, so it refuses every DP "
+              f"round on them. Keep one ledger for these patients: stop that site and set this site's state-dir "
+              f"(site.json) to {others[0].state_dir}. If this site's tables were copied from that site's, train from that "
+              "site instead")
+    log(WARNING, "site %s: %s", settings.name, detail)
+    _audit_quietly(audit, settings.name, "ledger_shared", ledgers=[str(o.ledger) for o in others], detail=detail)
+    return SHARED_LEDGER_REFUSAL
 
 
 def withheld_refusal(site, run_key: str) -> str:

@@ -74,23 +74,50 @@ def site_init(
     data: str = typer.Option("", "--data", help="the site directory of tables (see `oncofed validate`)"),
     budget: float = typer.Option(SITE_BUDGET, "--budget", help="the site's privacy budget (epsilon) over all runs"),
     min_count: int = typer.Option(MIN_COUNT, "--min-count", min=1, help="counts below this are never reported"),
+    state_dir: str = typer.Option("", "--state-dir", help="the site's state directory: privacy ledger, audit log, "
+                                  "released updates (default DIRECTORY/state). Give another site's state directory to "
+                                  "keep its privacy ledger, and the epsilon spent on these patients, for this site (a "
+                                  "new key, directory or consortium for the same data)"),
+    allow_second_ledger: bool = typer.Option(False, "--allow-second-ledger", help="start a new, empty privacy ledger "
+                                             "although another site's ledger on this machine reads the same --data "
+                                             "(only when that directory now holds other patients: a round on patients "
+                                             "another ledger holds is still refused)"),
 ) -> None:
     """Check the consortium's bundle against the CA fingerprint read out to you, then create the site's
-    node-authentication key (ECDSA P-384, OpenSSH) and settings."""
+    node-authentication key (ECDSA P-384, OpenSSH) and settings. Refused when another site of this machine reads
+    the same data with a privacy ledger of its own (the message names it and the fix)."""
     from client.supernode import budget_warning
+    from privacy.ledger_index import LedgerIndex
     from privacy.pki import ProvisioningError, init_site
 
+    index = LedgerIndex()
     try:
-        settings = init_site(directory, name, consortium, data, budget, min_count, ca_fingerprint=ca_fingerprint)
+        settings = init_site(directory, name, consortium, data, budget, min_count, ca_fingerprint=ca_fingerprint,
+                             state_dir=state_dir, allow_second_ledger=allow_second_ledger, index=index)
     except ProvisioningError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(code=2)
+    finally:
+        for note in index.notes:
+            typer.echo(f"warning: {note}", err=True)
     typer.echo(f"site {name!r} in {directory} for consortium {settings.consortium!r} at {settings.superlink}")
+    if state_dir:
+        typer.echo(_kept_ledger(Path(settings.state_dir)))
     typer.echo(f"send {directory / 'keys' / 'site.key.pub'} to the operator to register and read them its "
                f"fingerprint {settings.public_key_sha256}; the private key never leaves this machine")
     if warning := budget_warning(settings):
         typer.echo(f"warning: {warning} (privacy-budget in {directory / 'site.json'}; `oncofed site start` says this "
                    "again)")
+
+
+def _kept_ledger(state_dir: Path) -> str:
+    """What `site init --state-dir` kept: the ledger and its spend, or that there is none yet."""
+    from privacy.ledger import LEDGER_FILE
+    from privacy.ledger_index import spend_of
+
+    ledger = state_dir / LEDGER_FILE
+    return f"privacy ledger {ledger} kept: {spend_of(ledger)}" if ledger.exists() else \
+        "no privacy ledger yet (the first DP round creates it there)"
 
 
 def site_start(
@@ -111,7 +138,7 @@ def site_start(
     Exit 4: Flower's loop ended on an error (e.g. the server failed for longer than --retry-seconds): restart it
     (the systemd unit in docs/systemd/ does, Restart=always).
     """
-    from client.supernode import claim_site, ledger_check, load_site, run_supernode, site_checks
+    from client.supernode import claim_site, ledger_check, ledger_index_check, load_site, run_supernode, site_checks
     from privacy.preflight import PreflightError, report
     from privacy.site_config import HOST_PORT, SiteConfigError
 
@@ -121,9 +148,10 @@ def site_start(
     try:
         settings = load_site(directory)
         ledger = ledger_check(directory, settings)  # before the lock file below makes the state directory
+        indexed = [ledger_index_check(directory, settings)] if ledger.ok else []
         _held, claimed = claim_site(settings)  # held until this process ends: one SuperNode per site
         typer.echo(report(f"site {settings.site_name!r}",
-                          [*([claimed] if claimed else []), ledger,
+                          [*([claimed] if claimed else []), ledger, *indexed,
                            *site_checks(settings, port, schema, superlink or None)]))
     except (SiteConfigError, PreflightError) as e:
         typer.echo(str(e), err=True)

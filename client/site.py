@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from privacy.ledger import PrivacyLedger
+from privacy.ledger import LEDGER_FILE, PrivacyLedger
 from shared_models.limits import MIN_COUNT
 from shared_models.protocol import ACCURACY, BALANCED_ACCURACY, LOSS, MACRO_F1, PATTERNS
 from shared_models.schema import FeatureSchema
@@ -141,9 +141,6 @@ def split_site(schema: FeatureSchema, site_dir: Path, *, val_fraction: float, mi
     train = make_dataset(schema, raw[tr], y[tr], [ids[i] for i in tr], normalizer)
     val = make_dataset(schema, raw[va], y[va], [ids[i] for i in va], normalizer)
     return SiteParts(train, val, normalizer, warnings, np.flatnonzero(~seen))
-
-
-LEDGER_FILE = "privacy-ledger.json"  # in the site's state directory
 
 
 def ledger_path(paths: SitePaths) -> Path:

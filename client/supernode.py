@@ -166,7 +166,7 @@ def ledger_check(site_dir: Path, settings: SiteConfig) -> Check:
     init's `state/`) holds one; and the state directory the site last started with, which held a ledger then,
     holding none now (its files moved, site.json not edited). What the check saw is recorded (atomically) when it
     passes."""
-    from client.site import LEDGER_FILE
+    from privacy.ledger import LEDGER_FILE
     from shared_models.files import write_json_atomic
 
     state = Path(settings.state_dir).resolve()
@@ -200,23 +200,46 @@ def ledger_check(site_dir: Path, settings: SiteConfig) -> Check:
     return _ledger_state(name, ledger, settings)
 
 
+def ledger_index_check(site_dir: Path, settings: SiteConfig) -> Check:
+    """This site in the machine's index of privacy ledgers (privacy/ledger_index.py), as site.json says now: fails when
+    the index cannot be written (a round's claim on its patients could not be recorded, and every DP round would be
+    refused); warns when another site's ledger reads the same data-path (its patients' rounds are refused here if
+    that ledger trained on them first). Call after `ledger_check` passed: it records this ledger's path."""
+    from privacy.ledger import LEDGER_FILE
+    from privacy.ledger_index import LedgerIndex, LedgerIndexError
+
+    index = LedgerIndex()
+    ledger = Path(settings.state_dir).resolve() / LEDGER_FILE
+    name = f"ledger index {index.path}"
+    try:
+        others = index.reading(settings.data_path, ledger)
+        index.record(ledger, data_path=settings.data_path, site_dir=Path(site_dir).resolve())
+    except LedgerIndexError as e:
+        return Check(name, False, str(e).removeprefix(f"{index.path}: "))
+    notes = "".join(f"; {note}" for note in index.notes)
+    if others:
+        return Check(name, True, f"another site of this machine reads {settings.data_path}: "
+                     f"{'; '.join(o.describe() for o in others)}. A round on patients that ledger trained on first is "
+                     f"refused here: to keep one ledger for them, stop that site and set this site.json's state-dir to "
+                     f"{others[0].state_dir}{notes}", warning=True)
+    return Check(name, True, f"no other site of this machine reads this site's data{notes}", warning=bool(notes))
+
+
 def _ledger_state(name: str, ledger: Path, settings: SiteConfig) -> Check:
     """What the site has spent, as its last committed round recorded it (no accounting run here), or a warning that
     the ledger is unreadable: the site then refuses every round (it still receives models), so the SuperNode starts."""
     from privacy.accounting import BudgetError
-    from privacy.ledger import read_ledger
+    from privacy.ledger import read_ledger, recorded_spend
 
     try:
         state = read_ledger(ledger)
-        committed = [e for e in state["entries"] if e.get("status") == "committed"]
-        pending = len(state["entries"]) - len(committed)
-        spent = max((float(e.get("epsilon_after", 0.0)) for e in committed), default=0.0)
+        spent, committed, pending = recorded_spend(state)
     except (BudgetError, TypeError, ValueError) as e:
         return Check(name, True, str(e).removeprefix(f"{ledger}: ") if isinstance(e, BudgetError) else
                      f"privacy ledger damaged ({e}); restore it from a backup. Training is refused until then",
                      warning=True)
     detail = (f"epsilon {spent:.3f} of the budget {settings.privacy_budget:g} spent (delta {state.get('delta')}) in "
-              f"{len(committed)} round(s)")
+              f"{committed} round(s)")
     if pending:
         detail += f"; {pending} round(s) begun and not finished (a crash or a refusal): counted as spent, not shown"
     return Check(name, True, detail)

@@ -40,6 +40,10 @@ dataset must not change the noise or the epsilon a run reports.
 Every write is atomic (temp file, fsync, rename) under an exclusive file lock. The ledger file is created,
 empty, before its lock file ever exists, so a lock file beside no ledger means the ledger was lost: the site
 refuses to train (a fresh ledger would forget the spend) until it is restored from backup.
+
+One ledger sees only its own file. A second site directory over the same patients (a re-key, a copy, a second
+consortium on the same data) would start a second, empty ledger and spend their budget again: the machine's index of
+ledgers (privacy/ledger_index.py) lets `site init` and a deployed site's rounds see the other ledgers of the machine.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ from privacy.distributed import SkellamPlan
 from shared_models.files import write_json_atomic
 
 LEDGER_FORMAT = "oncofed-privacy-ledger/1"
+LEDGER_FILE = "privacy-ledger.json"  # in the site's state directory
 EPSILON_SLACK = 1e-6  # PRV's grid is deterministic: the run's last round lands on its cap up to float noise
 
 
@@ -100,6 +105,15 @@ def read_ledger(path: str | Path) -> dict:
         raise BudgetError(f"{path}: privacy ledger damaged (its datasets, runs or entries are missing or not what a "
                           "ledger holds); restore it from a backup. Training is refused until then")
     return state
+
+
+def recorded_spend(state: dict) -> tuple[float, int, int]:
+    """(the epsilon spent, as the last committed round recorded it; committed rounds; rounds begun and not finished)
+    of a ledger's contents (`read_ledger`): what a person is shown, without running the accountant. TypeError or
+    ValueError: an entry is damaged."""
+    committed = [e for e in state["entries"] if e.get("status") == "committed"]
+    spent = max((float(e.get("epsilon_after", 0.0)) for e in committed), default=0.0)
+    return spent, len(committed), len(state["entries"]) - len(committed)
 
 
 class AlreadyReleased(BudgetError):

@@ -12,6 +12,7 @@ key, and each site's node-authentication key with its trust anchors.
                                         SuperLink's loopback control address)
       DIR/proxy/nginx.conf              (server/proxy.py) the TLS proxy exposing only the Fleet API
     oncofed site init DIR --name NAME --consortium PUBLIC_DIR --ca-fingerprint SHA256 [--data PATH] [--budget EPS]
+                      [--state-dir ANOTHER_SITES_STATE | --allow-second-ledger]
       DIR/keys/site.key, site.key.pub   ECDSA P-384 in OpenSSH format (what Flower's node authentication
                                         accepts; ed25519 and RSA are refused by Flower)
       DIR/trust/ca.crt, signing.pub,    trust anchors and the consortium's schema, accepted only if ca.crt has
@@ -19,6 +20,8 @@ key, and each site's node-authentication key with its trust anchors.
                                         that CA and every file has the manifest's SHA-256
       DIR/site.json                     the site's settings (data, model store, state, budget, min count):
                                         privacy/site_config.py
+      refused while another site of this machine whose privacy ledger still exists reads the same --data
+      (privacy/ledger_index.py): --state-dir keeps that site's state directory and ledger, so the spend carries over
 
 Why a fingerprint read out of band: a bundle is self-consistent whoever made it, so only a value that
 did not travel with it can tell the consortium's from an attacker's. One value is enough because the
@@ -46,6 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from privacy import MAX_BUDGET, SITE_BUDGET
+from privacy.ledger_index import LedgerIndex, LedgerIndexError, OtherLedger
 from privacy.signing import generate_signing_key, write_private
 from privacy.site_config import FILE_FORMAT, HOST_PORT, SiteConfig, SiteConfigError
 from shared_models.files import sha256_file
@@ -295,8 +299,12 @@ def check_bundle(bundle: Path, ca_fingerprint: str) -> dict:
 
 
 def init_site(root: str | Path, name: str, consortium_public: str | Path, data_path: str = "",
-              budget: float = SITE_BUDGET, min_count: int = MIN_COUNT, *, ca_fingerprint: str) -> SiteConfig:
-    """`ca_fingerprint`: the CA's SHA-256 as the operator read it out (never taken from the bundle itself)."""
+              budget: float = SITE_BUDGET, min_count: int = MIN_COUNT, *, ca_fingerprint: str, state_dir: str = "",
+              allow_second_ledger: bool = False, index: LedgerIndex | None = None) -> SiteConfig:
+    """`ca_fingerprint`: the CA's SHA-256 as the operator read it out (never taken from the bundle itself).
+    `state_dir`: the site's state directory (default ROOT/state); another site's, to keep its privacy ledger. Refused
+    when another site of this machine (`index`, default this account's: privacy/ledger_index.py) whose ledger still
+    exists reads the same data, unless that ledger is the one kept or `allow_second_ledger`."""
     root, bundle = Path(root).resolve(), Path(consortium_public)
     record = check_bundle(bundle, ca_fingerprint)
     ca = x509.load_pem_x509_certificate((bundle / "ca.crt").read_bytes())  # check_bundle read it
@@ -321,6 +329,16 @@ def init_site(root: str | Path, name: str, consortium_public: str | Path, data_p
                                     "hospital's tables (one per modality, and labels), or leave --data out and set "
                                     "data-path in site.json later")
         data_path = str(data)
+    from privacy.ledger import LEDGER_FILE  # here: the ledger's accounting (numpy, scipy) is not needed to import pki
+
+    state = _kept_state(state_dir) if state_dir else root / "state"
+    index = index if index is not None else LedgerIndex()
+    try:
+        others = index.reading(data_path, state / LEDGER_FILE)
+    except LedgerIndexError as e:
+        raise ProvisioningError(f"{e}. Nothing was written") from None
+    if others and not allow_second_ledger:
+        raise ProvisioningError(_second_ledger(data_path, others))
     existed = root.exists()
     _fresh_dir(root, "site init")  # an existing empty directory (a mount point, one the admin made) is used as it is
     with _removed_on_failure(root, existed, "site init"):
@@ -337,7 +355,7 @@ def init_site(root: str | Path, name: str, consortium_public: str | Path, data_p
         try:
             settings = SiteConfig.parse({
                 "format": FILE_FORMAT, "site-name": name, "consortium": record["name"], "superlink": record["address"],
-                "data-path": data_path, "state-dir": str(root / "state"), "model-dir": str(root / "models"),
+                "data-path": data_path, "state-dir": str(state), "model-dir": str(root / "models"),
                 "privacy-budget": float(budget), "privacy-delta": PrivacySection.model_fields["delta"].default, "min-count": int(min_count),
                 "require-secagg": True, "signing-public-key": str(root / "trust" / "signing.pub"),
                 "root-certificates": str(root / "trust" / "ca.crt"),
@@ -349,4 +367,42 @@ def init_site(root: str | Path, name: str, consortium_public: str | Path, data_p
             raise ProvisioningError(f"{e}. Nothing was written: fix the option it comes from (--name, --data, --budget "
                                     "or --min-count) and run site init again") from None
         settings.write(root / "site.json")
+        try:  # before any round: a later site init over the same data sees this one
+            index.record(state / LEDGER_FILE, data_path=data_path, site_dir=root)
+        except LedgerIndexError as e:
+            raise ProvisioningError(f"{e}. Nothing was written") from None
     return settings
+
+
+def _kept_state(state_dir: str) -> Path:
+    """`--state-dir`, checked: a state directory (not a site directory) whose ledger, if it has one, reads."""
+    from privacy.accounting import BudgetError
+    from privacy.ledger import LEDGER_FILE, read_ledger
+
+    state = Path(state_dir).expanduser().resolve()
+    if (state / "site.json").exists():
+        try:
+            theirs = SiteConfig.load(state / "site.json").state_dir
+        except SiteConfigError:
+            theirs = "the state-dir in its site.json"
+        raise ProvisioningError(f"--state-dir {state_dir}: a site directory, not a state directory; give its state "
+                                f"directory ({theirs})")
+    if state.exists() and not state.is_dir():
+        raise ProvisioningError(f"--state-dir {state_dir}: not a directory; give the state directory whose privacy "
+                                "ledger the site keeps (another site's site.json state-dir)")
+    if (state / LEDGER_FILE).exists():
+        try:
+            read_ledger(state / LEDGER_FILE)
+        except BudgetError as e:
+            raise ProvisioningError(f"--state-dir {state_dir}: {e}. Nothing was written") from None
+    return state
+
+
+def _second_ledger(data_path: str, others: list[OtherLedger]) -> str:
+    """site init's refusal of a second ledger over data another ledger of this machine reads: who, and the fixes."""
+    return (f"--data {data_path}: another site of this machine reads it: {'; '.join(o.describe() for o in others)}. A "
+            "new site here would start an empty privacy ledger and spend these patients' budget again. Nothing was "
+            f"written. To keep that spend (a new key, directory or consortium for the same patients), run site init "
+            f"again with --state-dir {others[0].state_dir}: the new site keeps that ledger (stop the other site first: "
+            "one site of a state directory runs at a time). Only if that data directory now holds other patients, add "
+            "--allow-second-ledger instead (a round on patients another ledger holds is still refused)")

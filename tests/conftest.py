@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+# The machine's index of privacy ledgers (privacy/ledger_index.py) is never the account's own: tests create deployed
+# sites over the same synthetic patients again and again. Set before any fixture starts a process (module-scoped
+# deployments inherit it); each test then gets an index of its own (`isolated_ledger_index`).
+SESSION_INDEX_DIR = Path(tempfile.mkdtemp(prefix="oncofed-test-index-"))
+os.environ["ONCOFED_LEDGER_INDEX"] = str(SESSION_INDEX_DIR / "ledger-index.json")
 
 from simulations.baseline import SHARED_DATA  # noqa: E402 - ../shared/data, or ONCOFED_SHARED_DATA
 
@@ -17,6 +23,12 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(1)
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    shutil.rmtree(SESSION_INDEX_DIR, ignore_errors=True)
 
 
 # xdist hands out whole modules (--dist loadfile), in collection order (--no-loadscope-reorder): the modules
@@ -29,6 +41,14 @@ LONGEST_FIRST = ("test_deployment.py", "test_federation.py", "test_distributed_d
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module's own order is kept
+
+
+@pytest.fixture(autouse=True)
+def isolated_ledger_index(monkeypatch, tmp_path_factory) -> Path:
+    """This test's own index of privacy ledgers: another test's sites (the same synthetic patients) are not this one's."""
+    path = tmp_path_factory.mktemp("ledger-index") / "ledger-index.json"
+    monkeypatch.setenv("ONCOFED_LEDGER_INDEX", str(path))
+    return path
 
 
 @pytest.fixture

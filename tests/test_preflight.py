@@ -402,8 +402,10 @@ def test_a_state_dir_edited_away_from_the_sites_ledger_fails_preflight_instead_o
     settings["state-dir"] = str(moved)
     site_json.write_text(json.dumps(settings))
     assert "[ok  ]" in start()  # site.json follows the move: the ledger is found
-    # another site: started before its first round (no ledger yet), trained since, then its state directory moved
-    other = init_site(tmp_path / "s2", "S2", consortium / "public", str(tmp_path / "data"),
+    # another site (of other data: a second ledger over the same data is refused, tests/test_ledger_index.py): started
+    # before its first round (no ledger yet), trained since, then its state directory moved
+    (tmp_path / "data2").mkdir()
+    other = init_site(tmp_path / "s2", "S2", consortium / "public", str(tmp_path / "data2"),
                       ca_fingerprint=fingerprint(consortium / "ca/ca.crt"))
     assert "[ok  ]" in start(tmp_path / "s2")  # no ledger yet
     PrivacyLedger(Path(other.state_dir) / "privacy-ledger.json", 8.0, 1e-5)

@@ -177,7 +177,8 @@ def _ready_site(tmp_path: Path) -> dict:
 
 
 @pytest.mark.parametrize("cause", ["data", "small", "policy", "audit", "release"])
-def test_a_site_that_would_refuse_to_train_says_so_at_secaggs_setup_before_any_site_spends(tmp_path, cause):
+def test_a_site_that_would_refuse_to_train_says_so_at_secaggs_setup_before_any_site_spends(tmp_path, cause,
+                                                                                            monkeypatch):
     """A site that will refuse the round (its data fails validation, its policy refuses the run, its audit log cannot be
     written) drops out at SecAgg+'s setup, before any site trains: the server then abandons a round that cannot be
     unmasked before anyone spends (dp-mode "distributed" with every site trusted: one refusing site at the training
@@ -212,6 +213,8 @@ def test_a_site_that_would_refuse_to_train_says_so_at_secaggs_setup_before_any_s
 
         assert reply.error.reason.endswith(DATA_REFUSAL)
     assert not called  # Flower's setup did not run: the site has no part in the round
+    # the same synthetic patients at a site of another machine (on this one, the first site's ledger holds them)
+    monkeypatch.setenv("ONCOFED_LEDGER_INDEX", str(tmp_path / "another-machine" / "ledger-index.json"))
     ready = _context(tmp_path / "ready", _ready_site(tmp_path / "ready"))
     ready.state = RecordDict()
     ok = site_policy_mod(_setup(4), ready, lambda m, c: site_message(RecordDict()))
