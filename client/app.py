@@ -302,7 +302,7 @@ def _into_one_exchange(cfg: RunConfig, call_next):
         if before is not None and (before[0] != neighbours or len(neighbours) - before[1] >= threshold):
             raise _refusal(fitins, msg, settings.name, (
                 f"round {rnd} of run {run_key} was sent before in a SecAgg+ exchange among other sites (a resumed "
-                "round, or new node ids); sent again in this one, the sites that gave no key shares for the first sum "
+                "round, or new node ids) or with a higher threshold; sent again in this one, the sites that gave no key shares for the first sum "
                 "could unmask a second sum holding the same update, so the site sends nothing in this round (its "
                 "spend, if any, stays counted once)"), site_audit(settings))
         reply = call_next(msg, context)

@@ -59,11 +59,11 @@ class Site:
         return site_app.site_policy_mod(msg, self.context, self._train)
 
 
-def session(sites: list[Site], unmask_at: list[Site] | None = None):
+def session(sites: list[Site], unmask_at: list[Site] | None = None, threshold: float = 0.66):
     """One SecAgg+ session of round 1 of run-X over `sites`; `unmask_at`: the sites whose unmask replies arrive
-    (default all that sent masked vectors). Returns (the unmasked weighted mean, None if the server cannot unmask
+    (default all that sent masked vectors); `threshold`: the run's secagg-threshold. Returns (the unmasked weighted mean, None if the server cannot unmask
     it; {site name: refusal reason}; the sites whose masked vectors the server got)."""
-    t = max(round(0.66 * len(sites)), 2)  # secagg-threshold 0.66 of the sites, as server/workflow.py sets it
+    t = max(round(threshold * len(sites)), 2)  # as Flower's SecAggPlusWorkflow sets it
     setup = {Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: len(sites), Key.SHARE_NUMBER: len(sites), Key.THRESHOLD: t,
              Key.CLIPPING_RANGE: CLIP, Key.TARGET_RANGE: Q, Key.MOD_RANGE: MOD, Key.MAX_WEIGHT: MAX_WEIGHT}
     keys = {}

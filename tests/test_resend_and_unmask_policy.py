@@ -594,6 +594,18 @@ def test_a_resent_update_goes_into_the_same_exchange_again(tmp_path):
     assert np.allclose(second, first, atol=1e-6) and np.allclose(second, np.mean([s.x for s in sites.values()], axis=0), atol=1e-6)
 
 
+def test_a_resend_needs_a_threshold_the_sites_that_gave_no_shares_cannot_reach(tmp_path):
+    """secagg-threshold 0.5 (which the run config accepts): among the same 4 sites, the 2 that gave no key shares for
+    the first sum would be enough to unmask a second one holding the resent update, so the sites send nothing."""
+    from tests.secagg_session import session
+
+    sites = _sites(tmp_path, "ABCD", 11, **{"min-sites": 2})
+    assert session(list(sites.values()), unmask_at=[sites["A"], sites["B"]], threshold=0.5)[0] is not None
+    _resumed(sites)
+    second, refused, sent = session(list(sites.values()), threshold=0.5)
+    assert second is None and not sent and all("or with a higher threshold" in r for r in refused.values())
+
+
 def test_a_damaged_record_of_the_sum_a_round_was_unmasked_in_refuses_rather_than_reads_as_none(tmp_path, monkeypatch):
     """The review's F2 (exp6): a record that cannot be read (a bad sector, a truncated restore), read as "never
     unmasked", would let the site give key shares for another sum and overwrite the record. Only a missing record
