@@ -275,7 +275,59 @@ def site_policy_mod(msg: Message, context: Context, call_next):
         if reason := _unmasked_before(settings, context, sorted(active)):
             return _no_key_shares(msg, context, settings, reason, active_sites=len(active), needed=need,
                                   unmasked_before=True)
+    if configs.get(SecAggKey.STAGE) == Stage.COLLECT_MASKED_VECTORS:
+        return _refusing(msg, context, lambda m, c: secaggplus_mod(m, c, _into_one_exchange(cfg, call_next)))
     return _refusing(msg, context, lambda m, c: secaggplus_mod(m, c, call_next))
+
+
+ONE_SUM_RECORD_UNREADABLE = ("the record of the SecAgg+ exchange this round's update was sent in before cannot be "
+                             "read (details in the site's log); the site sends nothing in this round")
+ONE_SUM_RECORD_UNWRITABLE = ("the record of this SecAgg+ exchange could not be kept (a full disk or a state directory "
+                             "it cannot write: details in the site's log); the update was not sent")
+
+
+def _into_one_exchange(cfg: RunConfig, call_next):
+    """The train handler as SecAgg+'s collect stage calls it, just before the site's masked update leaves: a round's
+    update (resent under DP, retrained to the same bits without DP) goes into the SecAgg+ exchange among one set of
+    sites only. Its self mask is unmasked by the key shares of any `threshold` of those that completed setup (its
+    neighbours), not by this site's own: sent again among other neighbours, it could be unmasked in a second sum
+    by sites that gave no key shares for the first (the unmask-stage check binds only this site's shares). Among
+    the same neighbours, those that gave no shares for the first sum are fewer than the threshold, provided more
+    than half are needed. The neighbours are kept before the update leaves, for every round with or without DP."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+
+    def handler(msg: Message, context: Context) -> Message:
+        fitins = recorddict_to_fitins(msg.content, keep_input=True)
+        run_key, rnd = str(fitins.config.get(RUN_KEY, "")), int(fitins.config.get(SERVER_ROUND, 0) or 0)
+        if not run_key or not rnd:  # (the train handler refuses such a request)
+            return call_next(msg, context)
+        settings = site_settings(context, cfg)
+        state = context.state.config_records.get(RECORD_KEY_STATE, {})
+        neighbours = sorted(int(i) for i in state.get("public_keys_dict:K", []))
+        threshold = int(state.get("threshold", 0))
+        releases = ReleaseStore(settings.paths.state_dir)
+        try:
+            before = releases.sent_among(run_key, rnd)
+        except ReleaseDamaged as e:
+            log(WARNING, "site %s: %s", settings.name, e)
+            raise _refusal(fitins, msg, settings.name, ONE_SUM_RECORD_UNREADABLE, site_audit(settings)) from None
+        if before is not None and (before[0] != neighbours or len(neighbours) - before[1] >= threshold):
+            raise _refusal(fitins, msg, settings.name, (
+                f"round {rnd} of run {run_key} was sent before in a SecAgg+ exchange among other sites (a resumed "
+                "round, or new node ids) or with a higher threshold; sent again in this one, the sites that gave no key shares for the first sum "
+                "could unmask a second sum holding the same update, so the site sends nothing in this round (its "
+                "spend, if any, stays counted once)"), site_audit(settings))
+        reply = call_next(msg, context)
+        if before is None:
+            try:
+                releases.record_sent(run_key, rnd, neighbours, threshold)
+            except OSError as e:
+                log(WARNING, "site %s: the round's SecAgg+ neighbours cannot be kept in %s: %s", settings.name,
+                    releases.root, e)
+                raise _refusal(fitins, msg, settings.name, ONE_SUM_RECORD_UNWRITABLE, site_audit(settings)) from None
+        return reply
+
+    return handler
 
 
 def _no_key_shares(msg: Message, context: Context, settings: SiteSettings, reason: str, **fields) -> Message:
@@ -296,10 +348,19 @@ def _unmasked_before(settings: SiteSettings, context: Context, active: list[int]
     releases = ReleaseStore(settings.paths.state_dir)
     if not run_key or not rnd:
         return ""
-    before = releases.unmasked_with(run_key, rnd)
-    if before is None:
-        releases.record_unmask(run_key, rnd, active)
-        return ""
+    try:
+        before = releases.unmasked_with(run_key, rnd)
+        if before is None:
+            releases.record_unmask(run_key, rnd, active)
+            return ""
+    except ReleaseDamaged as e:  # read as "never unmasked", the site would give shares for another sum
+        log(WARNING, "site %s: %s", settings.name, e)
+        return (f"{settings.name}: the record of the sum this round was unmasked in cannot be read (details in the "
+                "site's log); the site gives no key shares")
+    except OSError as e:
+        log(WARNING, "site %s: the sum this round is unmasked in cannot be kept: %s", settings.name, e)
+        return (f"{settings.name}: the record of this sum could not be kept (details in the site's log); the site "
+                "gives no key shares")
     if before == active:
         return ""  # the same sum again: nothing new
     return (f"{settings.name}: round {rnd} of run {run_key} was unmasked before in a sum over other sites "

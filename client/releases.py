@@ -28,7 +28,8 @@ from shared_models.files import atomic_file
 
 
 class ReleaseDamaged(Exception):
-    """A released update's copy that cannot be read: `path` (relative to the site's state directory), `why`."""
+    """A file of `released/` that cannot be read (an update's copy, or the record of the sum or of the SecAgg+
+    neighbours a round went into): `path` (relative to the site's state directory), `why`."""
 
     def __init__(self, path: Path, why: str):
         super().__init__(f"{path}: {why}")
@@ -95,29 +96,72 @@ class ReleaseStore:
             if int(old.stem.split("-")[1]) < rnd:
                 old.unlink(missing_ok=True)
                 old.with_suffix(".unmask.json").unlink(missing_ok=True)
+                old.with_suffix(".secagg.json").unlink(missing_ok=True)
 
     def has(self, run_id: str, rnd: int) -> bool:
         return self._path(run_id, rnd).exists()
 
-    def unmasked_with(self, run_id: str, rnd: int) -> list[int] | None:
-        """The sites (SecAgg+ node ids) whose sum this site helped unmask in this round, if it did."""
+    def _record(self, run_id: str, rnd: int, kind: str) -> Path:
+        return self._path(run_id, rnd).with_suffix(f".{kind}.json")
+
+    def _read(self, run_id: str, rnd: int, kind: str) -> dict | None:
+        """A round's record, None only if there is none: a record that cannot be read raises ReleaseDamaged, for
+        read as "none" it would let the site put the round's update into a second sum (the check fails closed)."""
+        path = self._record(run_id, rnd, kind)
         try:
-            return json.loads(self._path(run_id, rnd).with_suffix(".unmask.json").read_text())["active"]
-        except (OSError, ValueError, KeyError):
+            record = json.loads(path.read_text())
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+            return record
+        except FileNotFoundError:
             return None
+        except (OSError, ValueError) as e:
+            raise ReleaseDamaged(path.relative_to(self.root.parent), f"{type(e).__name__}: {e}") from None
+
+    def _write(self, run_id: str, rnd: int, kind: str, record: dict) -> None:
+        path = self._record(run_id, rnd, kind)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path, "w") as fh:
+            fh.write(json.dumps(record))
+        # kept for every round, DP or not (a run without DP keeps no release beside it): only the newest KEEP
+        # rounds can be asked again, as for the releases
+        for old in sorted(path.parent.glob(f"round-[0-9]*.{kind}.json"))[:-KEEP]:
+            if int(old.name.split(".")[0].split("-")[1]) < rnd:
+                old.unlink(missing_ok=True)
+
+    def _field(self, record: dict, key: str, run_id: str, rnd: int, kind: str, ids: bool = True):
+        value = record.get(key)
+        if not (isinstance(value, list) and all(type(i) is int for i in value) if ids else type(value) is int):
+            raise ReleaseDamaged(self._record(run_id, rnd, kind).relative_to(self.root.parent),
+                                 f"{key!r} is not {'a list of node ids' if ids else 'a number of sites'}")
+        return value
+
+    def unmasked_with(self, run_id: str, rnd: int) -> list[int] | None:
+        """The sites (SecAgg+ node ids) whose sum this site helped unmask in this round, None if it did not;
+        ReleaseDamaged if the record cannot be read."""
+        record = self._read(run_id, rnd, "unmask")
+        return None if record is None else self._field(record, "active", run_id, rnd, "unmask")
 
     def record_unmask(self, run_id: str, rnd: int, active: list[int]) -> None:
         """Kept before the key shares leave: a released update is only ever unmasked in this one sum. In a
         second sum over other sites (a resumed round) the difference of the two would reveal single updates."""
-        path = self._path(run_id, rnd).with_suffix(".unmask.json")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path, "w") as fh:
-            fh.write(json.dumps({"active": sorted(int(i) for i in active)}))
-        # kept for every round, DP or not (a run without DP keeps no release beside it): only the newest KEEP
-        # rounds can be asked again, as for the releases
-        for old in sorted(path.parent.glob("round-[0-9]*.unmask.json"))[:-KEEP]:
-            if int(old.name.split(".")[0].split("-")[1]) < rnd:
-                old.unlink(missing_ok=True)
+        self._write(run_id, rnd, "unmask", {"active": sorted(int(i) for i in active)})
+
+    def sent_among(self, run_id: str, rnd: int) -> tuple[list[int], int] | None:
+        """(the SecAgg+ neighbours, the threshold) of the exchange this round's masked update left the site in,
+        None if it never left; ReleaseDamaged if the record cannot be read."""
+        record = self._read(run_id, rnd, "secagg")
+        if record is None:
+            return None
+        return (self._field(record, "neighbours", run_id, rnd, "secagg"),
+                self._field(record, "threshold", run_id, rnd, "secagg", ids=False))
+
+    def record_sent(self, run_id: str, rnd: int, neighbours: list[int], threshold: int) -> None:
+        """Kept before the masked update leaves: the sites holding shares of its self-mask seed (SecAgg+'s
+        neighbours, those that completed setup) and how many shares unmask it. The update goes into no exchange
+        among other sites: there the sites that gave no key shares for the first sum could unmask a second one."""
+        self._write(run_id, rnd, "secagg", {"neighbours": sorted(int(i) for i in neighbours),
+                                            "threshold": int(threshold)})
 
     def load(self, run_id: str, rnd: int) -> Release | None:
         """The round's released update, None if none was kept; ReleaseDamaged if its file cannot be read."""

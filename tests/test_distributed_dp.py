@@ -566,9 +566,10 @@ def test_a_round_with_fewer_contributors_than_trusted_sites_is_abandoned_before_
 @pytest.mark.slow
 def test_a_distributed_run_through_real_secagg_survives_a_kill_at_unmask_and_every_round_spends_once(tmp_path):
     """3 simulated sites in Flower's simulation engine (real SuperLink, real SecAgg+), 2 distributed rounds, and a
-    SIGKILL of the whole server stack while round 2's sum is being unmasked, then a resume: the sites resend the
-    round-2 contributions they released (no new noise, no new spend), the run finishes, and the sum the server
-    stepped on in each round is the sum of what the three sites released, bit for bit."""
+    SIGKILL of the whole server stack while round 2's sum is being unmasked, then a resume: the sites send round 2's
+    released contributions into no second exchange among other (new) node ids, so the round is abandoned, spent
+    once (no new noise, no new spend); the run finishes, and the sum the server stepped on in round 1 is the sum of
+    what the three sites released, bit for bit."""
     import hashlib
     import json
 
@@ -594,17 +595,17 @@ def test_a_distributed_run_through_real_secagg_survives_a_kill_at_unmask_and_eve
     resumed = run_federation(tmp_path / "again", {**cfg, "resume": True}, n_sites=3, stream=None)
     assert resumed["first_round"] == (3 if checkpointed else 2) and resumed["dp_mode"] == "distributed"
     rounds = [json.loads(x) for x in (tmp_path / "server" / "metrics.jsonl").read_text().splitlines()]
-    # If the kill came after the sites gave their round-2 key shares, each kept the node ids of that sum; the
-    # resumed simulation's SuperNodes have new ids (a deployment's SuperLink keeps a site's id: it is bound to its
-    # key in state/superlink.db), so the sites refuse a second unmask of round 2 (client/releases.py) and the
-    # round is abandoned: spent once, never unmasked twice. Otherwise they resend and it is unmasked once.
+    # The sites sent their round-2 masked updates before the kill and kept the SecAgg+ neighbours they sent them
+    # among (client/releases.py). The resumed simulation's SuperNodes have new ids (a deployment's SuperLink keeps a
+    # site's id: it is bound to its key in state/superlink.db), so each site refuses to send round 2 into the new
+    # exchange, where the other sites' key shares could unmask a second sum holding it, and the round is abandoned:
+    # spent once, in one sum only.
     assert rounds[-1]["round"] == 2
     unmasked_before = rounds[-1]["status"] == "abandoned"
+    assert unmasked_before != checkpointed
     if unmasked_before:
-        assert rounds[-1]["refused"] and all("was unmasked before in a sum over other sites" in r["reason"]
-                                             for r in rounds[-1]["refused"])
-    else:
-        assert rounds[-1]["status"] == "updated"
+        assert len(rounds[-1]["refused"]) == 3 and all("was sent before in a SecAgg+ exchange among other sites"
+                                                       in r["reason"] for r in rounds[-1]["refused"])
     for name in ("site_00", "site_01", "site_02"):
         state = tmp_path / "state" / name / "state"
         entries = json.loads((state / "privacy-ledger.json").read_text())["entries"]
@@ -612,8 +613,7 @@ def test_a_distributed_run_through_real_secagg_survives_a_kill_at_unmask_and_eve
                                                                                   (2, "committed", 1)]
         events = [json.loads(x)["event"] for x in (state / "audit.jsonl").read_text().splitlines()]
         assert events.count("round_trained") == 2, "no round was trained (and noised) twice"
-        if not checkpointed:
-            assert events.count("round_resent") == 1
+        assert events.count("round_resent") == 0 and events.count("round_refused") == (not checkpointed)
     names = ("site_00", "site_01", "site_02")
     assert [r["round"] for r in rounds] == [1, 2] and rounds[0]["status"] == "updated"
     for r in rounds[:1 if unmasked_before else 2]:  # the sum the server stepped on is the sum of what the three

@@ -212,9 +212,10 @@ def test_a_site_with_invalid_data_is_refused_and_the_round_goes_on(federation):
 def test_a_server_killed_in_any_stage_resumes_and_every_round_spends_once(federation):
     """SIGKILL of the whole server stack (SuperLink, ServerApp, simulated sites) in one stage of a round, three
     times in one 4-round DP run, each followed by a resume: in round 2's setup (no site has trained round 2:
-    the retry trains it once), round 3's unmask (every site trained and sent round 3's masked update: the
-    resumed run gets it resent, not retrained), round 4's evaluation (round 4 aggregated, not checkpointed:
-    re-run from round 3's checkpoint, the sites resend). The run finishes with its frozen configuration, and
+    the retry trains it once), round 3's unmask (every site trained and sent round 3's masked update), round 4's
+    evaluation (round 4 aggregated, not checkpointed: re-run from round 3's checkpoint). A round whose update left
+    is neither retrained nor, as a resumed simulation's SuperNodes have new node ids, sent into a second SecAgg+
+    exchange: the sites refuse it and the round is abandoned. The run finishes with its frozen configuration, and
     each site's ledger holds each round once, committed (the ledgers checked to the step)."""
     work = federation / "crash"
     shutil.rmtree(work, ignore_errors=True)
@@ -254,7 +255,8 @@ def test_a_server_killed_in_any_stage_resumes_and_every_round_spends_once(federa
         assert [e["steps"] for e in entries] == [plan["steps_per_round"]] * 4, "the ledger, to the step"
         events = [json.loads(x)["event"] for x in (state / "audit.jsonl").read_text().splitlines()]
         assert events.count("round_trained") == 4, "no round was trained twice"
-        assert events.count("round_resent") == resent, "the released rounds were sent again, not retrained"
+        assert events.count("round_resent") == 0 and events.count("round_refused") == resent, \
+            "the released rounds were neither retrained nor sent into a second exchange (new node ids)"
 
 
 def test_a_resume_that_changes_the_run_is_refused_by_the_server(federation):

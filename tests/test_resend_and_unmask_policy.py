@@ -3,6 +3,7 @@ SecAgg+ key shares only for a well-formed unmask request (review of 2026-12-04, 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -569,3 +570,117 @@ def test_an_update_beyond_the_secagg_clipping_range_is_refused_without_its_value
     with pytest.raises(SiteRefusal, match="exceeds secagg-clipping-range") as e:
         train(site_message(in_secagg(content)), _context(tmp_path, run, {"require-dp": False}))
     assert not re.search(r"update \(", str(e.value)) and not re.search(r"\d\.\d+e-\d\d\)", str(e.value))
+
+
+def _sites(tmp: Path, names: str, first_nid: int, **run):
+    """Deployed sites, each with a fixed update (a released round resent, or a round without DP retrained to the
+    same bits), in a run without DP whose sums need min-sites 3."""
+    from tests.secagg_session import Site
+
+    rng = np.random.default_rng(first_nid)
+    run = {"schema": "s.json", "min-sites": 3, "sites": 7, "dp": False, **run}
+    return {n: Site(n, first_nid + i, tmp, run, rng.uniform(-0.5, 0.5, size=6).round(3)) for i, n in enumerate(names)}
+
+
+def _resumed(sites: dict) -> None:
+    for s in sites.values():
+        s.new_session()
+
+
+SENT_BEFORE = "was sent before in a SecAgg+ exchange among other sites"
+
+
+@pytest.mark.parametrize("first_unmask", ["ABCD", "BCD"], ids=["all-answered", "A-crashed-before-its-unmask-reply"])
+def test_a_resent_update_goes_into_no_second_sum_among_other_sites(tmp_path, first_unmask):
+    """The review's F1 (exp1), through Flower's own SecAgg+ mod: round 1 is unmasked over A, B, C, D (with or without
+    A's key shares); the server crashes before its checkpoint and resumes with A, E, F, G online. A's own shares are
+    not needed to unmask a sum holding its update (E, F, G hold enough), so A must not send it into this exchange:
+    it refuses at the collect stage, in words, and the second sum holds E, F, G only."""
+    from tests.secagg_session import session
+
+    sites = _sites(tmp_path, "ABCDEFG", 11)
+    first, refused, _ = session([sites[c] for c in "ABCD"], unmask_at=[sites[c] for c in first_unmask])
+    assert not refused and np.allclose(first, np.mean([sites[c].x for c in "ABCD"], axis=0), atol=1e-6)
+    _resumed(sites)
+    second, refused, sent = session([sites[c] for c in "AEFG"])
+    assert sites["A"] not in sent and list(refused) == ["A"] and SENT_BEFORE in refused["A"]
+    assert "released" not in refused["A"] and "/" not in refused["A"].split(":", 1)[1], "no path leaves the site"
+    assert np.allclose(second, np.mean([sites[c].x for c in "EFG"], axis=0), atol=1e-6), "A's update is in no second sum"
+    events = [json.loads(x) for x in (tmp_path / "A" / "state" / "audit.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "round_refused" and SENT_BEFORE in events[-1]["reason"]
+
+
+@pytest.mark.parametrize("first_unmask", ["ABCDE", "CDE"], ids=["all-answered", "only-t-answered"])
+def test_a_resumed_round_a_site_left_is_never_unmasked(tmp_path, first_unmask):
+    """The review's exp8, the case docs/privacy.md named: the resumed attempt is over 4 of the first 5 sites, whose
+    difference from the first sum would be the fifth site's update. No such sum is unmasked: the neighbours differ,
+    so every site refuses to send into it."""
+    from tests.secagg_session import session
+
+    sites = _sites(tmp_path, "ABCDE", 51, sites=5)
+    first, _, _ = session(list(sites.values()), unmask_at=[sites[c] for c in first_unmask])
+    assert first is not None
+    for left in "ABCDE":
+        _resumed(sites)
+        second, refused, sent = session([s for n, s in sites.items() if n != left])
+        assert second is None and not sent and all(SENT_BEFORE in r for r in refused.values()) and len(refused) == 4
+
+
+def test_a_resent_update_goes_into_the_same_exchange_again(tmp_path):
+    """A resume with every site of the first attempt (a deployment's SuperLink keeps their node ids): the same
+    update into the same sum again reveals nothing new, and the round is aggregated."""
+    from tests.secagg_session import session
+
+    sites = _sites(tmp_path, "ABCD", 11)
+    first, _, _ = session(list(sites.values()))
+    _resumed(sites)
+    second, refused, sent = session(list(sites.values()))
+    assert not refused and len(sent) == 4
+    assert np.allclose(second, first, atol=1e-6) and np.allclose(second, np.mean([s.x for s in sites.values()], axis=0), atol=1e-6)
+
+
+def test_a_resend_needs_a_threshold_the_sites_that_gave_no_shares_cannot_reach(tmp_path):
+    """secagg-threshold 0.5 (which the run config accepts): among the same 4 sites, the 2 that gave no key shares for
+    the first sum would be enough to unmask a second one holding the resent update, so the sites send nothing."""
+    from tests.secagg_session import session
+
+    sites = _sites(tmp_path, "ABCD", 11, **{"min-sites": 2})
+    assert session(list(sites.values()), unmask_at=[sites["A"], sites["B"]], threshold=0.5)[0] is not None
+    _resumed(sites)
+    second, refused, sent = session(list(sites.values()), threshold=0.5)
+    assert second is None and not sent and all("or with a higher threshold" in r for r in refused.values())
+
+
+def test_a_damaged_record_of_the_sum_a_round_was_unmasked_in_refuses_rather_than_reads_as_none(tmp_path, monkeypatch):
+    """The review's F2 (exp6): a record that cannot be read (a bad sector, a truncated restore), read as "never
+    unmasked", would let the site give key shares for another sum and overwrite the record. Only a missing record
+    means that; a damaged one refuses, in words, and stays as it is."""
+    import client.app
+    from client.app import site_policy_mod
+
+    handed = []
+    monkeypatch.setattr(client.app, "secaggplus_mod", lambda m, c, n: (handed.append(m), Message(RecordDict(),
+                                                                                                  reply_to=m))[1])
+    (site := _sites(tmp_path, "A", 1)["A"]).context.state.config_records["oncofed"] = ConfigRecord(
+        {RUN_KEY: "run-X", SERVER_ROUND: 1})
+    assert not site_policy_mod(unmask_message([1, 2, 3], []), site.context, None).has_error() and len(handed) == 1
+    path = tmp_path / "A" / "state" / "released" / "run-X" / "round-0001.unmask.json"
+    path.write_text(damaged := path.read_text()[:-3])
+    reply = site_policy_mod(unmask_message([1, 2, 4], []), site.context, None)
+    assert reply.has_error() and "the record of the sum this round was unmasked in cannot be read" in reply.error.reason
+    assert "released" not in reply.error.reason and len(handed) == 1 and path.read_text() == damaged
+
+
+def test_a_damaged_record_of_the_exchange_a_round_was_sent_in_refuses_rather_than_reads_as_none(tmp_path):
+    """The same for the record of the SecAgg+ neighbours a round's update was sent among: damaged, the site sends
+    nothing in the round (read as "never sent", a resend among other sites would go into a second sum)."""
+    from tests.secagg_session import session
+
+    sites = _sites(tmp_path, "ABCD", 11)
+    assert session(list(sites.values()))[0] is not None
+    path = tmp_path / "A" / "state" / "released" / "run-X" / "round-0001.secagg.json"
+    path.write_text(damaged := path.read_text()[:-3])
+    _resumed(sites)
+    _, refused, sent = session(list(sites.values()))
+    assert "the record of the SecAgg+ exchange this round's update was sent in before cannot be read" in refused["A"]
+    assert "released" not in refused["A"] and sites["A"] not in sent and path.read_text() == damaged
