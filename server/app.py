@@ -483,6 +483,8 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
                          expected=trained, by_name=by_name)
     recorder.audit.append("run_end", run=recorder.run_key, round=cfg.federation.num_rounds,
                           arrays_sha256=package["arrays_sha256"], deliveries=audited(deliveries))
+    if (out / RESULT).exists():  # delivered before (preflight refuses this; a direct `flwr run` does not)
+        deliveries = kept_installs(json.loads((out / RESULT).read_text()).get("deliveries", []), deliveries)
     recorder.status.update(finished=1, weights_sha256=package["arrays_sha256"],
                            **delivery_status(out, deliveries, by_name=by_name, sites=trained))
     write_json_atomic(out / STATUS, recorder.status)
@@ -491,6 +493,15 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
         "deliveries": deliveries, "metrics_file": str(recorder.metrics_file), "checkpoints": str(out / CHECKPOINTS)})
     ok, summary = delivery_summary(recorder.status, deliveries, out.parent.parent)
     log(INFO if ok else WARNING, "%s; result in %s", summary, out / RESULT)
+
+
+def kept_installs(before: list[dict], new: list[dict]) -> list[dict]:
+    """This delivery's records over an earlier one's, except that a site's earlier install is never replaced by a
+    refusal: it refuses the same model sent again as a rollback, and still holds it (`redeliver` keeps them too)."""
+    kept = {int(d["node"]): d for d in before if d.get("installed") and d.get("node") is not None}
+    merged = [d for d in new if d.get("installed") or d.get("node") is None or int(d["node"]) not in kept]
+    renewed = {int(d["node"]) for d in merged if d.get("node") is not None}
+    return [d for n, d in kept.items() if n not in renewed] + merged
 
 
 def resumed_outcome(out: Path, first_round: int) -> dict[int, dict]:

@@ -152,6 +152,10 @@ def run_checks(c: Consortium, cfg: RunConfig, run_dir: Path, resume: bool, sites
         checks.append(Check(f"run {run_dir.name}", False, f"flwr run {live[-1]} of this name is still "
                             "pending or running on the SuperLink (submitted by another `oncofed run`): "
                             f"follow it with `oncofed runs follow {c.root} {run_dir.name}`, or choose another --name"))
+    elif resume and (run_dir / RESULT).exists():  # resumed, it would send its model again over the sites' installs
+        checks.append(Check(f"run {run_dir.name}", False, f"finished ({run_dir / RESULT}): nothing to resume; "
+                            f"`oncofed deliver {c.root} {run_dir.name}` sends its model again to the sites that have "
+                            "not installed it; to train further, start a new run with another --name"))
     elif resume:
         checks.append(Check(f"run {run_dir.name}", started, "started before: resumed with its frozen configuration"
                             if started else f"never started ({run_dir / RUN_FILE} is missing): nothing to resume; "

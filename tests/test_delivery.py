@@ -53,6 +53,25 @@ def test_oncofed_run_preflight_refuses_a_wrong_signing_key_before_submitting(con
         report("run 'r'", checks)
 
 
+def test_resume_of_a_finished_run_is_refused_at_preflight_naming_oncofed_deliver(consortium):
+    """Resumed, a finished run would send its model again and record the sites' refusal of a rollback over their
+    earlier installs: `oncofed deliver` is what sends a finished run's model again."""
+    from privacy.preflight import PreflightError, report
+    from privacy.run_config import load_run_config
+    from server.deploy import Consortium
+    from server.submit import run_checks, run_values
+
+    c = Consortium.load(consortium)
+    run = c.path("runs", "done")
+    run.mkdir(parents=True)
+    (run / "run.json").write_text("{}")
+    (run / "result.json").write_text(json.dumps({"deliveries": [{"node": 1, "installed": True}]}))
+    values = run_values(c, run, {}, True, 3)
+    checks = run_checks(c, load_run_config(values), run, True, [{"status": "online"}] * 3, "")
+    with pytest.raises(PreflightError, match=f"finished .*`oncofed deliver {consortium} done`"):
+        report("run 'done'", checks)
+
+
 def _run_dir(tmp_path, installed: list[int], trained: list[list[int]]):
     run = tmp_path / "runs" / "r1"
     run.mkdir(parents=True)
@@ -385,3 +404,17 @@ def test_a_run_no_round_updated_ends_saying_why_round_by_round_delivers_nothing_
     assert "rounds 2-3: SecAgg+ halted (no reply from nodes 12)" in why
     code, message = finished_verdict(out, "r")
     assert code == 1 and "round 1: " in message and "rounds 2-3: " in message
+
+
+def test_a_finished_run_delivered_again_keeps_the_sites_earlier_installs(tmp_path):
+    """A finished run's model sent again is refused by the sites that hold it (a rollback): their earlier install
+    stays the record, so the run stays delivered."""
+    from server.app import kept_installs
+
+    run = _run_dir(tmp_path, installed=[1, 2, 3], trained=[[1, 2, 3]])
+    before = json.loads((run / "result.json").read_text())["deliveries"]
+    again = [{"node": n, "site": f"C{n}", "installed": False, "error": "finished training before the active v0005"}
+             for n in (1, 2, 3)]
+    merged = kept_installs(before, again)
+    assert sorted(d["node"] for d in merged) == [1, 2, 3] and all(d["installed"] for d in merged)
+    assert delivery_status(run, merged)["delivery_ok"] == 1
