@@ -219,9 +219,14 @@ def runs_list(directory: Path = typer.Argument(..., help="the consortium directo
     if not views:
         typer.echo(f"no runs in {c.path('runs')}; start one with `oncofed run {directory} --name NAME`")
         return
+    from server.deploy import server_health
+
+    up, why = server_health(c)
+    if not up:  # a crash leaves the SuperLink's database saying "running"
+        typer.echo(f"server: down ({why}); the states below are the SuperLink's last record, and no run trains")
     for v in views:
         ids = ",".join(str(i) for i in v.flwr_ids[-1:]) or "-"
-        typer.echo(f"{v.name:<24} flwr run {ids:<22} {v.describe(names)}")
+        typer.echo(f"{v.name:<24} flwr run {ids:<22} {v.describe(names, '' if up else 'the server is down')}")
 
 
 def runs_follow(

@@ -150,11 +150,14 @@ class RunView:
         into = time.time() - (self.status_written or time.time())
         return max(0.0, per_round * (total - done) - max(0.0, into))
 
-    def describe(self, names: dict[int, str]) -> str:
-        """One line: round, SecAgg+ stage, which sites answered and which are awaited, ETA."""
+    def describe(self, names: dict[int, str], server_down: str = "") -> str:
+        """One line: round, SecAgg+ stage, which sites answered and which are awaited, ETA; with the server down
+        (`server_down`, why), the SuperLink's last record of a running run says nothing of training: that instead."""
         done, total = int(self.status.get("round") or 0), self.status.get("num_rounds") or "?"
         parts = [f"{self.state}", f"round {done}/{total} done"]
         p = self.progress
+        if self.running and server_down:
+            return " · ".join([f"{self.state} when the server went down", parts[1], f"not training: {server_down}"])
         if self.running and p.get("stage"):
             name = lambda n: names.get(int(n), str(n))  # noqa: E731
             answered, asked = p.get("answered", []), p.get("asked", [])
@@ -195,24 +198,39 @@ def list_runs(root: Path) -> list[RunView]:
     return [RunView.load(root, d.name, superlink) for d in dirs]
 
 
-def follow(root: Path, name: str, out, poll: float = 2.0, health=None, timeout: float = 0.0) -> int:
+# `oncofed run` and `oncofed runs follow` stop following (the run stays) when the server is down this long
+SERVER_DOWN_GIVE_UP = 180.0
+
+
+def follow(root: Path, name: str, out, poll: float = 2.0, health=None, timeout: float = 0.0,
+           give_up: float = SERVER_DOWN_GIVE_UP) -> int:
     """Print the run's progress whenever it changes, until it ends: 0 completed (result.json written),
-    1 failed or stopped, 3 given up (`timeout` seconds, or the SuperLink's state unreadable for 10 min)."""
+    1 failed or stopped, 3 given up (`timeout` seconds, the server's /health failing for `give_up` seconds, or the
+    SuperLink's state unreadable for 10 min). A crashed server leaves its database saying "running" for ever."""
     names, last, unknown_since, t0 = site_names(root), "", None, time.time()
-    last_health = ""
+    last_health, down_since = "", None
     while True:
         view = RunView.load(root, name, read_superlink(root / "state" / "superlink.db"))
-        line = view.describe(names)
-        if line != last:
-            out.write(f"[{time.strftime('%H:%M:%S')}] run {name}: {line}\n")
-            out.flush()
-            last = line
         if health is not None:
             ok, reason = health()
             if not ok and reason != last_health:
                 out.write(f"[{time.strftime('%H:%M:%S')}] server: {reason}\n")
                 out.flush()
-            last_health = "" if ok else reason
+            last_health, down_since = ("", None) if ok else (reason, down_since or time.time())
+        since = down_since and time.strftime('%H:%M:%S', time.localtime(down_since))
+        line = view.describe(names, last_health and f"the server is down since {since}")
+        if line != last:
+            out.write(f"[{time.strftime('%H:%M:%S')}] run {name}: {line}\n")
+            out.flush()
+            last = line
+        if down_since is not None and view.running and time.time() - down_since >= give_up:
+            out.write(f"run {name}: the server has not answered for {give_up:g} s ({last_health}); stopped "
+                      "following. The run does not train while the server is down: start it (`oncofed server start "
+                      f"{root}`), "
+                      f"then `oncofed runs list {root}`; a run it shows failed or stopped continues with "
+                      f"`oncofed run {root} --name {name} --resume`\n")
+            out.flush()
+            return 3
         if view.superlink_status is None and not view.result:
             unknown_since = unknown_since or time.time()
             if time.time() - unknown_since > 600:
@@ -256,9 +274,6 @@ def restart_hint(root: Path, view: RunView) -> str:
     done, total = int(view.status.get("round") or 0), view.status.get("num_rounds") or "?"
     return (f"its checkpoints stay (round {done}/{total} done): `oncofed run {root} --name {view.name} --resume` "
             "continues it with the configuration it started with; or start a new run with another --name")
-
-
-SERVER_DOWN_GIVE_UP = 180.0  # `oncofed run` stops following (the run stays) when the server is down this long
 
 
 class ProgressPrinter:
@@ -331,7 +346,8 @@ def after_stream(root: Path, name: str, flwr_exit: int | None, log_path: Path, o
         out.write(f"the log stream ended (flwr exit {flwr_exit}) but run {name!r} is still {view.state} on the "
                   f"SuperLink: following its progress instead (Ctrl-C stops following, not the run; "
                   f"`oncofed runs stop {root} {name}` stops the run)\n")
-        follow(root, name, out, health=health)
+        if follow(root, name, out, health=health) == 3:  # the server is down: said so, with what to do
+            return 1
         view = RunView.load(root, name, read_superlink(root / "state" / "superlink.db"))
     if view.result and view.state in ("completed", "unknown"):
         out.write(f"run {name!r} finished: {view.run_dir / 'result.json'}\n")

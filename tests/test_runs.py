@@ -115,6 +115,35 @@ def test_a_run_stopped_before_it_started_training_is_started_again_not_resumed(c
     assert f"`oncofed run {consortium} --name r1` (without --resume) starts it again" in out.getvalue(), out.getvalue()
 
 
+def test_following_a_run_gives_up_when_the_server_stays_down_and_says_what_to_do(consortium):
+    """A crashed server leaves its database saying "running": the follower gives up after the server has not
+    answered for the give-up time (SERVER_DOWN_GIVE_UP in use), instead of printing a stage clock for ever."""
+    from server.runs import follow
+
+    _superlink_db(consortium, "running")
+    down = (False, "the server is not running (its /health does not answer): start it with `oncofed server start`")
+    out, t0 = io.StringIO(), time.time()
+    code = follow(consortium, "r1", out, poll=0.1, health=lambda: down, give_up=0.5)
+    said = out.getvalue()
+    assert code == 3 and time.time() - t0 < 10, said
+    assert "the server has not answered for 0.5 s" in said and "stopped following" in said, said
+    assert f"`oncofed server start {consortium}`" in said and "--resume" in said, said
+    assert "s in this stage" not in said and "not training: the server is down since" in said, said
+
+
+def test_runs_list_says_the_server_is_down_and_that_a_running_run_is_not_training(consortium):
+    from typer.testing import CliRunner
+
+    from oncofed.cli import app
+
+    _superlink_db(consortium, "running")  # no state/server.json: the server is not running
+    result = CliRunner().invoke(app, ["runs", "list", str(consortium)])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("server: down (the server is not running"), result.output
+    assert "running when the server went down · round 1/3 done · not training" in result.output, result.output
+    assert "s in this stage" not in result.output, result.output
+
+
 def test_preflight_names_the_server_process_that_is_down(tmp_path):
     from server.deploy import Consortium, check_server_health
 
