@@ -149,16 +149,18 @@ def server_start(
 def server_stop(
     directory: Path = typer.Argument(..., help="the consortium directory"),
     timeout: float = typer.Option(60.0, "--timeout", help="seconds to wait for it to end"),
+    force: bool = typer.Option(False, "--force", help="stop it even while a run trains (the run stops too)"),
 ) -> None:
     """Stop this consortium's `oncofed server start` (and its SuperLink, SuperExec and proxy), as Ctrl-C does.
 
-    A run in progress stops with it; `oncofed run --resume` continues it once the server is back. Exit 1: it could
-    not be stopped (the reason and the fix are printed).
+    A run in progress stops with it, so it is refused while one trains unless --force; `oncofed run --resume`
+    continues the run once the server is back. Exit 1: it could not be stopped, or a run trains (the reason and
+    the fix are printed).
     """
     from server.deploy import DeployError, stop_server
 
     try:
-        typer.echo(stop_server(directory, timeout))
+        typer.echo(stop_server(directory, timeout, force))
     except DeployError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(code=1)

@@ -322,10 +322,11 @@ def _systemd_unit_of(pid: int) -> str | None:
         return None
 
 
-def stop_server(root: str | Path, timeout: float = 60.0) -> str:
+def stop_server(root: str | Path, timeout: float = 60.0, force: bool = False) -> str:
     """SIGTERM to this consortium's running `oncofed server start`, which stops the SuperLink, the SuperExec (and a
-    ServerApp it runs) and the proxy, as Ctrl-C does; waits up to `timeout` seconds for it to end. Returns what
-    happened; raises DeployError when it cannot be stopped or is not this consortium's."""
+    ServerApp it runs) and the proxy, as Ctrl-C does; waits up to `timeout` seconds for it to end. Refused while a
+    run trains unless `force` (it would end the run). Returns what happened; raises DeployError when it cannot be
+    stopped, would stop a run, or is not this consortium's."""
     c = Consortium.load(root)
     pid = server_state(c.root).get("pid")
     if not pid or not pid_alive(pid):
@@ -340,6 +341,15 @@ def stop_server(root: str | Path, timeout: float = 60.0) -> str:
     if unit := _systemd_unit_of(int(pid)):  # its unit's Restart=always would start it again
         raise DeployError(f"{c.root}: the server (pid {pid}) runs as the systemd service {unit}, which would start it "
                           f"again: `systemctl stop {unit}`")
+    from server.runs import live_run_names, read_superlink
+
+    live = sorted(live_run_names(c.root, read_superlink(c.path("state", "superlink.db"))))
+    resume = "; ".join(f"`oncofed run {c.root} --name {n} --resume`" for n in live)
+    if live and not force:
+        raise DeployError(f"{c.root}: run(s) {', '.join(live)} are training, and stopping the server stops them "
+                          f"(Flower ends a ServerApp with the SuperExec that started it). Wait for them (`oncofed runs "
+                          f"follow {c.root} NAME`), or stop now with --force: their checkpoints stay, and once the "
+                          f"server is back {resume} continues them")
     try:
         os.kill(int(pid), signal.SIGTERM)
     except PermissionError:
@@ -352,12 +362,15 @@ def stop_server(root: str | Path, timeout: float = 60.0) -> str:
         raise DeployError(f"{c.root}: the server (pid {pid}) is still stopping after {timeout:g} s; wait, or "
                           f"`kill -9 {pid}` (its SuperLink, SuperExec and proxy are then named by the next "
                           "`oncofed server start`)")
-    return f"{c.root}: server stopped (pid {pid})"
+    return f"{c.root}: server stopped (pid {pid})" + (
+        f"; it stopped run(s) {', '.join(live)}: once the server is back, {resume} continues them" if live else "")
 
 
 def superexec_command(c: Consortium, parent_pid: int) -> list[str]:
     """The SuperExec that launches ServerApps for the SuperLink (its Runtime API, over TLS on loopback);
-    it exits when this service does (`--parent-pid`)."""
+    it exits when this service does (`--parent-pid`). Flower 1.41 starts each ServerApp with `--parent-pid` of the
+    SuperExec, and the ServerApp stops when it dies: a running run ends with either process (its checkpoints stay;
+    `oncofed run --resume` continues it); the service records which (server.runs.record_interrupted)."""
     return [sys.executable, "-m", "server.flower_processes", "superexec", "--runtime-api-address",
             f"127.0.0.1:{c.internal_port}",
             "--root-certificates", str(c.path("ca", "ca.crt")), "--parent-pid", str(parent_pid)]
@@ -378,7 +391,8 @@ class Supervised:
     env: dict | None = None
     cwd: Path | None = None
     # nginx's workers outlive a killed master and keep the port: stop the whole group before restarting.
-    # Not the SuperExec's: a running ServerApp it launched carries on and finishes its run.
+    # Not the SuperExec's: its ServerApp stops on its own once the SuperExec is gone (Flower's `--parent-pid`),
+    # after a last write of its files.
     reap_group: bool = True
     proc: subprocess.Popen | None = None
     started: float = 0.0
@@ -531,9 +545,19 @@ def start_server(root: str | Path, metrics_port: int = METRICS_PORT, out=sys.std
             "components": {s.key: {**s.state(), "pid": s.proc.pid if s.proc else None, "log": str(s.log_file)}
                            for s in services}})
 
+    def interrupted(why: str) -> None:  # the runs this exit ends, in their directories, before the database says failed
+        from server.runs import read_superlink, record_interrupted
+
+        if names := record_interrupted(c.root, why, read_superlink(c.path("state", "superlink.db"))):
+            out.write(f"run(s) {', '.join(names)} stopped: {why}; `oncofed run {c.root} --name NAME --resume` "
+                      "continues each\n")
+            out.flush()
+
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
     try:
+        # a run its database still calls running lost its ServerApp when the last server exited (kill -9, crash)
+        interrupted("the server exited (killed or crashed) while it ran")
         link.start()
         wait_healthy(c.control_address, ca, link.proc, 60, "the SuperLink", link.log_file, DeployError)
         superexec.start()
@@ -554,8 +578,11 @@ def start_server(root: str | Path, metrics_port: int = METRICS_PORT, out=sys.std
                   f"health on https://{host}:{port}/health; logs in {c.path('logs')}\n")
         out.flush()
         while not stopping:
+            superexec_was_up = superexec.up
             if any([s.check(out) for s in services]):
                 record()
+            if superexec_was_up and not superexec.up:
+                interrupted(f"the SuperExec exited ({superexec.last_exit or 'unknown cause'})")
             time.sleep(0.5)
         out.write("stopped\n")
         return 0
@@ -564,6 +591,8 @@ def start_server(root: str | Path, metrics_port: int = METRICS_PORT, out=sys.std
         return 1
     finally:
         health.shutdown()
+        if stopping:
+            interrupted("the server was stopped (`oncofed server stop`, SIGTERM or Ctrl-C)")
         for s in reversed(services):
             if s.proc is not None:
                 stop_group(s.proc)

@@ -70,13 +70,15 @@ def exported_runs(runs: Path, live: set[str] = frozenset()) -> list[tuple[str, d
 
 
 class ConsortiumCollector:
-    def __init__(self, runs: Path, list_sites=None, live_runs=None):
+    def __init__(self, runs: Path, list_sites=None, live_runs=None, unfinished_runs=None):
         """`list_sites`: a callable returning the registered sites with their `status`, called at scrape
         time (it must be cheap: server.runs reads the SuperLink's database), or None. `live_runs`: a callable
-        returning the names of the runs the SuperLink has pending or running (as cheap), or None."""
+        returning the names of the runs the SuperLink has pending or running (as cheap), or None. `unfinished_runs`:
+        one returning the names of the runs whose training ended failed or stopped without a result, or None."""
         self.runs = runs
         self._list_sites = list_sites
         self._live_runs = live_runs
+        self._unfinished_runs = unfinished_runs
 
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
@@ -100,6 +102,14 @@ class ConsortiumCollector:
                                     value=len(sites))
             yield GaugeMetricFamily("oncofed_sites_online", "registered sites the SuperLink sees online",
                                     value=sum(s.get("status") == "online" for s in sites))
+        if self._unfinished_runs is not None:  # a run the server's restart ended looks like a slow one otherwise
+            unfinished = GaugeMetricFamily(
+                "oncofed_run_unfinished", "1: the run's training ended (failed, stopped, or the server's exit ended "
+                "it) without finishing; nothing goes on until `oncofed run CONSORTIUM --name RUN --resume`",
+                labels=["run"])
+            for name in sorted(self._unfinished_runs()):
+                unfinished.add_metric([name], 1.0)
+            yield unfinished
         runs = exported_runs(self.runs, self._live_runs() if self._live_runs is not None else set())
         if not runs:
             return
@@ -140,7 +150,7 @@ def serve_metrics(consortium, port: int, host: str = "127.0.0.1"):
     """Expose /metrics on host:port in a background thread (loopback: the operator's Prometheus scrapes it)."""
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from server.runs import live_run_names, read_superlink, registered_sites
+    from server.runs import live_run_names, read_superlink, registered_sites, unfinished_run_names
 
     def sites():
         superlink = read_superlink(consortium.path("state", "superlink.db"))
@@ -150,5 +160,8 @@ def serve_metrics(consortium, port: int, host: str = "127.0.0.1"):
         return live_run_names(consortium.root, read_superlink(consortium.path("state", "superlink.db")))
 
     registry = CollectorRegistry()
-    registry.register(ConsortiumCollector(consortium.path("runs"), sites, live))
+    def unfinished():
+        return unfinished_run_names(consortium.root, read_superlink(consortium.path("state", "superlink.db")))
+
+    registry.register(ConsortiumCollector(consortium.path("runs"), sites, live, unfinished))
     return start_http_server(port, addr=host, registry=registry)

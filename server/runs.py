@@ -74,6 +74,33 @@ def live_run_names(root: Path, superlink: dict | None) -> set[str]:
             if isinstance(ids := _json(d), list) and ids and states.get(ids[-1]) in RUNNING}
 
 
+INTERRUPTED = "interrupted.json"  # in a run's directory: the server's exit that ended its flwr run
+
+
+def record_interrupted(root: Path, why: str, superlink: dict | None) -> list[str]:
+    """Write into each run the SuperLink has pending or running that the server's exit (`why`) ends it: Flower 1.41
+    starts every ServerApp with `--parent-pid` of the SuperExec, and a ServerApp stops when that process dies (so
+    with the SuperExec, the `oncofed server start` it is chained to, a restart or `oncofed server stop`). Returns
+    the names."""
+    names = sorted(live_run_names(root, superlink))
+    for name in names:
+        d = root / "runs" / name
+        record = {"flwr_run": (_json(d / FLWR_RUNS) or [None])[-1], "why": why, "at": time.time()}
+        tmp = d / f".{INTERRUPTED}.tmp"
+        tmp.write_text(json.dumps(record))
+        tmp.replace(d / INTERRUPTED)
+    return names
+
+
+def unfinished_run_names(root: Path, superlink: dict | None) -> set[str]:
+    """The runs whose latest flwr run ended (failed or stopped) without its result: training stopped before the end,
+    and nothing goes on until `oncofed run --resume`."""
+    states = (superlink or {}).get("runs", {})
+    return {d.parent.name for d in (root / "runs").glob(f"*/{FLWR_RUNS}")
+            if isinstance(ids := _json(d), list) and ids
+            and states.get(ids[-1]) in ("finished:failed", "finished:stopped") and not (d.parent / RESULT).exists()}
+
+
 def site_names(root: Path) -> dict[int, str]:
     from privacy.pki import ProvisioningError
     from privacy.registry import registered_names
@@ -119,6 +146,7 @@ class RunView:
     superlink_status: str | None = None  # of the latest flwr run of this name; None: unknown
     round_seconds: list[float] = field(default_factory=list)
     status_written: float = 0.0  # when status.json was last written: the end of the last round
+    interrupted: dict | None = None  # the server's exit that ended the latest flwr run (record_interrupted)
 
     @classmethod
     def load(cls, root: Path, name: str, superlink: dict | None) -> "RunView":
@@ -127,7 +155,8 @@ class RunView:
         return cls(name, d, _json(d / STATUS) or {}, _json(d / PROGRESS) or {},
                    _json(d / RESULT), ids,
                    (superlink or {}).get("runs", {}).get(ids[-1]) if ids and superlink else None,
-                   _rounds_seconds(d / METRICS), _mtime(d / STATUS))
+                   _rounds_seconds(d / METRICS), _mtime(d / STATUS),
+                   i if ids and (i := _json(d / INTERRUPTED)) and i.get("flwr_run") == ids[-1] else None)
 
     @property
     def state(self) -> str:
@@ -158,6 +187,9 @@ class RunView:
         p = self.progress
         if self.running and server_down:
             return " · ".join([f"{self.state} when the server went down", parts[1], f"not training: {server_down}"])
+        if self.interrupted and not self.running and not self.result:
+            parts[0] += (f": ended by the server's exit ({self.interrupted.get('why')}, "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.interrupted.get('at', 0)))})")
         if self.running and p.get("stage"):
             name = lambda n: names.get(int(n), str(n))  # noqa: E731
             answered, asked = p.get("answered", []), p.get("asked", [])

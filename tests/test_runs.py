@@ -144,6 +144,28 @@ def test_runs_list_says_the_server_is_down_and_that_a_running_run_is_not_trainin
     assert "s in this stage" not in result.output, result.output
 
 
+def test_a_run_the_servers_exit_ended_says_so_in_runs_list_and_in_a_metric_an_alert_can_fire_on(consortium):
+    """Flower 1.41 ends a ServerApp with its SuperExec: the server records the runs its exit ends, and /metrics
+    exports every run whose training ended unfinished (else it looks like a slow one: rounds frozen, finished 0)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from server.metrics import ConsortiumCollector
+    from server.runs import record_interrupted, unfinished_run_names
+
+    db = _superlink_db(consortium, "running")
+    assert record_interrupted(consortium, "the SuperExec exited (killed by signal 9)", read_superlink(db)) == ["r1"]
+    assert unfinished_run_names(consortium, read_superlink(db)) == set()  # still running as far as it knows
+    _set_run_state(db, "failed")  # what the SuperLink makes of it
+    line = RunView.load(consortium, "r1", read_superlink(db)).describe({})
+    assert line.startswith("failed: ended by the server's exit (the SuperExec exited (killed by signal 9), "), line
+    registry = CollectorRegistry()
+    registry.register(ConsortiumCollector(consortium / "runs", None, None,
+                                          lambda: unfinished_run_names(consortium, read_superlink(db))))
+    assert 'oncofed_run_unfinished{run="r1"} 1.0' in generate_latest(registry).decode()
+    (consortium / "runs" / "r1" / "flwr-runs.json").write_text(json.dumps([RUN_ID, 7]))  # resumed: a new flwr run
+    assert "server's exit" not in RunView.load(consortium, "r1", read_superlink(db)).describe({})
+
+
 def test_preflight_names_the_server_process_that_is_down(tmp_path):
     from server.deploy import Consortium, check_server_health
 
