@@ -513,8 +513,7 @@ def unready_refusal(settings: SiteSettings, cfg: RunConfig, context: Context, ru
         # patient count is below a bound, a bit one patient can flip.
         return DATA_REFUSAL, None
     if reason := padding_refusal(settings, cfg) or (cfg.privacy.enabled and (
-            stale_ledger_refusal(settings, site) or shared_ledger_refusal(settings, site, audit)
-            or (run_key and withheld_refusal(site, run_key)))):
+            stale_ledger_refusal(settings, site) or (run_key and withheld_refusal(site, run_key)))):
         return reason, site
     if cfg.privacy.enabled and run_key and rnd:
         if (entry := site.ledger.released(site.dataset_fingerprint, run_key, rnd)) is not None:  # a resend's terms
@@ -539,6 +538,9 @@ def unready_refusal(settings: SiteSettings, cfg: RunConfig, context: Context, ru
         except OSError as e:
             log(WARNING, "site %s: released updates: %s", settings.name, e)
             return RELEASE_NO_ROOM, site
+        # last: the patients are claimed in the machine's index only by a round every other check lets through
+        if reason := shared_ledger_refusal(settings, site, audit):
+            return reason, site
     return "", site
 
 
@@ -715,9 +717,10 @@ def shared_ledger_refusal(settings: SiteSettings, site, audit: AuditLog) -> str:
     detail = (f"the training patients of {settings.paths.site_dir} are held by another privacy ledger of this machine: "
               f"{'; '.join(o.describe() for o in others)}. This site's ledger {site.ledger.path} "
               f"({spend_of(site.ledger.path)}) would count their rounds from its own spend, so it refuses every DP "
-              f"round on them. Keep one ledger for these patients: stop that site and set this site's state-dir "
-              f"(site.json) to {others[0].state_dir}. If this site's tables were copied from that site's, train from that "
-              "site instead")
+              f"round on them. Keep one ledger for these patients: if this site's ledger has spent nothing on them, stop "
+              f"that site and set this site's state-dir (site.json) to {others[0].state_dir}, or train from that site "
+              "(this site's tables may be a copy of its); if both have spent on them, ledgers cannot be merged: train "
+              "from one site only, and count the other's spend against these patients' budget by hand")
     log(WARNING, "site %s: %s", settings.name, detail)
     _audit_quietly(audit, settings.name, "ledger_shared", ledgers=[str(o.ledger) for o in others], detail=detail)
     return SHARED_LEDGER_REFUSAL

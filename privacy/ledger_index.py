@@ -10,7 +10,7 @@ started a second, empty ledger and spent their budget again. The index lets each
 Paths are resolved; datasets are `dataset_fingerprint`s, never a patient id. Written atomically under an exclusive
 lock (the `.lock` file beside it) by `site init` and `site start` (the site's ledger, data path and directory) and by a
 deployed site's DP rounds, each of which *claims* the dataset it trains before any spend: refused when another ledger
-that still exists holds it (the first ledger to train on a dataset holds it), recorded as this ledger's otherwise.
+that still exists holds it (the ledger that spent on a dataset holds it; see `LedgerIndex.claim`), recorded as this ledger's otherwise.
 A ledger no longer at its path (moved with its state directory, deleted) holds nothing: the index never refuses for
 a file that is gone.
 
@@ -129,12 +129,22 @@ class LedgerIndex:
     def claim(self, ledger: str | Path, dataset: str, fingerprints: set[str], *, data_path: str | Path = "",
               site_dir: str | Path | None = None) -> list[OtherLedger]:
         """The ledgers other than `ledger` that still exist and hold any of `fingerprints` (the dataset under every
-        hash of its schema); when there are none, `dataset` is recorded as this ledger's. Checked and recorded under
-        one lock: of two sites claiming the same patients at once, the first holds them."""
+        hash of its schema); when there are none, `dataset` is recorded as this ledger's. A ledger holds patients it
+        has spent on, as its own file says (the index may not know a ledger's spend: one that spent before the
+        index existed claimed nothing), or one that cannot be read now and that the index says claimed them; a
+        ledger that only claimed them, with no spend, holds them against a ledger that has none either (the first
+        claim wins; checked and recorded under one lock). So of two ledgers the one with spend on the patients
+        holds them, and when both have spend on them both are refused: ledgers cannot be merged."""
         own = _key(ledger)
         with self._locked() as ledgers:
-            others = [_other(k, v) for k, v in sorted(ledgers.items())
-                      if k != own and fingerprints & set(v.get("datasets", ())) and _exists(k)]
+            own_spent = bool(fingerprints & (_spent_datasets(own) or set()))
+            others = []
+            for key, entry in sorted(ledgers.items()):
+                if key == own or not _exists(key):
+                    continue
+                claimed, spent = bool(fingerprints & set(entry.get("datasets", ()))), _spent_datasets(key)
+                if (claimed if spent is None else bool(fingerprints & spent)) or (claimed and not own_spent):
+                    others.append(_other(key, entry))
             if not others:
                 _update(ledgers, own, data_path, site_dir, (dataset,))
             return others
@@ -216,6 +226,20 @@ class LedgerIndex:
 def _valid(entry) -> bool:
     return (isinstance(entry, dict) and isinstance(entry.get("data-path", ""), str)
             and all(isinstance(x, str) for k in ("site-dirs", "datasets") for x in entry.get(k, [])))
+
+
+def _spent_datasets(ledger: str) -> set[str] | None:
+    """The datasets a ledger file has rounds on (begun rounds count as spent); set() when there is no file yet, None
+    when it cannot be read now (it may hold spend)."""
+    from privacy.accounting import BudgetError
+    from privacy.ledger import read_ledger
+
+    if not _exists(ledger):
+        return set()
+    try:
+        return {e["dataset"] for e in read_ledger(ledger)["entries"] if isinstance(e.get("dataset"), str)}
+    except BudgetError:
+        return None
 
 
 def _other(ledger: str, entry: dict) -> OtherLedger:

@@ -165,6 +165,25 @@ def test_a_damaged_index_is_set_aside_and_rebuilt_from_the_ledgers_it_names(cons
 # --- a deployed site's rounds ------------------------------------------------------------------------------------
 
 
+def test_the_ledger_that_spent_on_the_patients_holds_them_whoever_claimed_first(tmp_path):
+    """A ledger that spent before the index knew it claimed nothing; a second, empty ledger claiming the patients
+    first must not take them (it would be told to refuse the ledger with the spend, and to move to its own empty
+    one). The ledger with spend holds them; with spend in both, both are refused (review of 2026-12-06)."""
+    spent, empty = tmp_path / "A" / "state", tmp_path / "B" / "state"
+    spent.mkdir(parents=True), empty.mkdir(parents=True)
+    _spend(spent, rounds=3)
+    PrivacyLedger(empty / LEDGER_FILE, 8.0, 1e-5)
+    index = LedgerIndex()
+    assert index.claim(empty / LEDGER_FILE, "dataset-a", {"dataset-a"}) == []  # the index knew of no other
+    assert index.claim(spent / LEDGER_FILE, "dataset-a", {"dataset-a"}) == []  # spend holds: not refused
+    [holder] = index.claim(empty / LEDGER_FILE, "dataset-a", {"dataset-a"})  # now the empty one is refused
+    assert holder.ledger == (spent / LEDGER_FILE).resolve() and "spent in 3 round(s)" in holder.describe()
+    _spend(empty)  # both have spend on the patients (two copies trained apart): both refused
+    assert [o.ledger for o in index.claim(spent / LEDGER_FILE, "dataset-a", {"dataset-a"})] == [
+        (empty / LEDGER_FILE).resolve()]
+    assert len(index.claim(empty / LEDGER_FILE, "dataset-a", {"dataset-a"})) == 1
+
+
 def _deployed(tmp: Path, data: str, state: str):
     from flwr.app import Context, RecordDict
 
