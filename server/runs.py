@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared_models.files import write_json_atomic
 from shared_models.flower_tools import flower_tool
 from server.run_files import FLWR_RUNS, METRICS, PROGRESS, RESULT, RUN_FILE, STATUS
 
@@ -86,9 +87,7 @@ def record_interrupted(root: Path, why: str, superlink: dict | None) -> list[str
     for name in names:
         d = root / "runs" / name
         record = {"flwr_run": (_json(d / FLWR_RUNS) or [None])[-1], "why": why, "at": time.time()}
-        tmp = d / f".{INTERRUPTED}.tmp"
-        tmp.write_text(json.dumps(record))
-        tmp.replace(d / INTERRUPTED)
+        write_json_atomic(d / INTERRUPTED, record)
     return names
 
 
