@@ -177,14 +177,33 @@ class SecAggSection(_Section):
         2000.0, alias="secagg-max-weight", gt=0, description=">= the largest site's training patients (without DP "
         "a larger site is refused; in dp-mode 'distributed' the public bound the grid's range is checked for)")
     threshold: float = Field(
-        0.66, alias="secagg-threshold", gt=0.5, le=1, description="share of sites needed to unmask a round; above 0.5 "
-        "(at half or less, a server sending different sites different unmask lists can unmask one site's update)")
+        0.66, alias="secagg-threshold", gt=0.5, le=1, description="share of sites needed to unmask a round; one Flower "
+        "rounds to more than half of the share holders for every federation (at least 0.63): at half or fewer, a "
+        "server sending different sites different unmask lists can unmask one site's update, and the sites refuse")
+
+    @field_validator("threshold")
+    @classmethod
+    def _above_half_as_flower_rounds_it(cls, share: float) -> float:
+        if bad := [n for n in range(2, SECAGG_MAX_SHARES + 1) if 2 * flower_threshold(share, n) <= n]:
+            lowest = next(t / 100 for t in range(51, 101)
+                          if all(2 * flower_threshold(t / 100, n) > n for n in range(2, SECAGG_MAX_SHARES + 1)))
+            raise ValueError(f"Flower's SecAgg+ rounds {share:g} x {bad[0]} share holders to "
+                             f"{flower_threshold(share, bad[0])}, half of them: every site would refuse such rounds "
+                             f"(a server sending different sites different unmask lists could take one site's update "
+                             f"out); use at least {lowest:g}")
+        return share
 
 
 # The largest delta a run or a site may ask for: a public constant (a bound that followed a site's count would publish
 # it), a tenth of 1 / patients for sites of up to 1,000; the default 1e-5 is that up to 10,000, and a larger site
 # sets its own privacy-delta below 1 / (10 x its patients) in site.json (docs/privacy.md)
 MAX_DELTA = 1e-4
+def flower_threshold(share: float, shares: int) -> int:
+    """The sites whose key shares Flower 1.41's SecAgg+ needs to unmask, for reconstruction_threshold `share` and
+    `shares` share holders (SecAggPlusWorkflow.setup_stage: Python's round, half to even, and at least 2)."""
+    return max(round(share * shares), 2)
+
+
 # SecAgg+ shares keys among at most this many neighbours of each site (Flower's sparse graph beyond it; odd, as
 # Flower's neighbour graph wants): no sum is unmasked for a site whose floor (min-sites, trusted-sites) is above it
 SECAGG_MAX_SHARES = 21

@@ -138,6 +138,10 @@ def test_an_error_names_the_flat_key_a_user_writes():
         assert f"  - {line}" in text
     with pytest.raises(RunConfigError, match=r"secagg-threshold: Input should be greater than 0.5 \(got 0.5\)"):
         load_run_config({"schema": "s.json", "secagg-threshold": 0.5})  # two halves could each unmask
+    # and above 0.5, one Flower rounds to half of some count of share holders (round half to even: 0.6 x 4 -> 2)
+    with pytest.raises(RunConfigError, match=r"rounds 0.6 x 4 share holders to 2, half of them.* use at least 0.63"):
+        load_run_config({"schema": "s.json", "secagg-threshold": 0.6})
+    assert load_run_config({"schema": "s.json", "secagg-threshold": 0.63}).secagg.threshold == 0.63
     with pytest.raises(RunConfigError, match=r"d-model \(64\) must be divisible by n-heads \(3\)"):
         load_run_config({"schema": "s.json", "n-heads": 3})
 
