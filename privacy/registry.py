@@ -182,6 +182,17 @@ def registered_names(record_file: str | Path) -> dict[str, str]:
     return {str(s["node_id"]): str(s["name"]) for s in record.get("sites", []) if "node_id" in s and "name" in s}
 
 
+def removed_sites(record_file: str | Path) -> dict[str, str]:
+    """{node id: when it was removed} of the sites `remove-site` took out of the consortium ({} when there is no
+    readable register, as in a simulation): they can no longer connect, so nothing waits for them."""
+    try:
+        record = read_json_file(Path(record_file), ProvisioningError, "")
+        return {str(s["node_id"]): str(s["removed"]) for s in record.get("sites", []) if s.get("removed")
+                and "node_id" in s}
+    except (ProvisioningError, AttributeError, TypeError):
+        return {}
+
+
 def list_sites(root: str | Path) -> list[dict]:
     """Registered sites with the SuperLink's view of each (registered, online, offline...)."""
     root = Path(root)
