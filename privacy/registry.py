@@ -15,6 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
@@ -92,13 +93,28 @@ def _flwr(root: Path, *args: str) -> dict:
     return out
 
 
+_NEW_SITE_KEY = "`ssh-keygen -t ecdsa -b 384 -N '' -f keys/site.key` in its site directory"
+
+
 def _check_site_key(path: Path) -> bytes:
     try:
         data = path.read_bytes()
+    except OSError as e:
+        raise ProvisioningError(f"{path}: not readable ({e.strerror}); give the site.key.pub the hospital sent "
+                                "(written by `oncofed site init`)") from None
+    if b"PRIVATE KEY" in data[:200]:  # never echoed: the message would copy the secret into logs and terminals
+        raise ProvisioningError(
+            f"{path}: this is a site's PRIVATE key, not its public key; nothing was registered. A private key must "
+            f"never leave the hospital, so this one is compromised: delete every copy of it here, and have the "
+            f"hospital make a new key ({_NEW_SITE_KEY}) and send only the .pub (keys/site.key.pub), never the "
+            "private key")
+    try:
         key = load_ssh_public_key(data.split(b" ", 2)[0] + b" " + data.split(b" ", 2)[1])
-    except (OSError, ValueError, IndexError) as e:
-        raise ProvisioningError(f"{path}: not an OpenSSH public key ({e}); use the site.key.pub written by "
-                                "`oncofed site init`") from None
+    except (ValueError, IndexError, UnsupportedAlgorithm) as e:
+        what = "a certificate" if b"-----BEGIN CERTIFICATE" in data[:200] else f"not a public key ({str(e)[:80]})"
+        raise ProvisioningError(f"{path}: {what}; expected the site's "
+                                "OpenSSH public key (one line `ecdsa-sha2-nistp384 AAAA...`): the site.key.pub "
+                                "written by `oncofed site init` and sent by the hospital") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
         raise ProvisioningError(f"{path}: a site key must be ECDSA P-384 (Flower's node authentication refuses "
                                 "others); ask the site to run `oncofed site init`")
@@ -135,8 +151,7 @@ def add_site(root: str | Path, name: str, public_key: str | Path) -> dict:
             if s.get("key_sha256") == key and s is not pending:
                 raise ProvisioningError(f"{public_key}: this key is (or was) site {s['name']!r}'s"
                                         + (" (removed)" if s.get("removed") else "") + "; the SuperLink never takes a "
-                                        "key twice: the hospital makes a new one (`ssh-keygen -t ecdsa -b 384 -N '' -f "
-                                        "keys/site.key` in its site directory) and sends its .pub")
+                                        f"key twice: the hospital makes a new one ({_NEW_SITE_KEY}) and sends its .pub")
         created = pending is None
         if created:
             pending = {"name": name, "key_sha256": key, "pending": _now()}
