@@ -217,6 +217,17 @@ def _consortium_of(args: list[str], cwd: Path) -> tuple[str, Path] | None:
     return None
 
 
+def _cwd(proc) -> Path:
+    """A process's working directory; "/" for another user's (a root nginx's workers run as `nobody`), whose
+    absolute arguments still name its consortium."""
+    import psutil
+
+    try:
+        return Path(proc.cwd())
+    except psutil.AccessDenied:
+        return Path("/")
+
+
 def port_holder(port: int) -> Holder:
     """Who listens on TCP `port` on this machine, a part of another consortium's server named by its directory;
     "another process" when it cannot be seen (another user's)."""
@@ -227,16 +238,23 @@ def port_holder(port: int) -> Holder:
                 if k.status == psutil.CONN_LISTEN and k.laddr and k.laddr.port == port and k.pid]
     except (psutil.Error, OSError):
         pids = []
+    first = None
     for pid in pids:
+        label = f"pid {pid}"
         try:
             proc = psutil.Process(pid)
-            args, name, cwd = proc.cmdline(), proc.name(), Path(proc.cwd())
+            label = f"pid {pid} ({(name := proc.name())})"
+            # nginx's workers hold the listening socket too, with no arguments ("nginx: worker process"): the
+            # master that forked them (same program, its parent) has the `-p CONSORTIUM/proxy` that names whose it is
+            while proc is not None:
+                if found := _consortium_of(proc.cmdline(), _cwd(proc)):
+                    return Holder(f"{found[0]} of the consortium at {found[1]} (pid {proc.pid})", proc.pid, found[1])
+                parent = proc.parent()
+                proc = parent if parent is not None and parent.name() == name else None
         except psutil.Error:
-            return Holder(f"pid {pid}", pid)
-        if found := _consortium_of(args, cwd):
-            return Holder(f"{found[0]} of the consortium at {found[1]} (pid {pid})", pid, found[1])
-        return Holder(f"pid {pid} ({name})", pid)
-    return Holder("another process")
+            pass
+        first = first or Holder(label, pid)
+    return first or Holder("another process")
 
 
 def superlink_port_refusal(port: int) -> str:
