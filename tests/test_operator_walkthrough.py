@@ -43,3 +43,48 @@ def test_a_site_that_never_connects_is_named_while_the_run_waits_and_in_its_fail
     workflow._wait_for_sites(context)
     assert "only 2 of the 3 expected sites connected within 1 s; not connected: Hosp D (node 14); starting" \
         in caplog.text
+
+
+_FULL_DISK = """
+import resource, signal, sys
+from pathlib import Path
+import numpy as np
+from server.checkpoint import save_checkpoint
+root = Path(sys.argv[1])
+save_checkpoint(root, 1, [np.zeros(10, dtype=np.float32)], {}, {})  # fits
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with an OSError, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+try:
+    save_checkpoint(root, 2, [np.zeros(100_000, dtype=np.float32)], {}, {})
+except OSError as e:
+    print(e)
+"""
+
+
+def test_a_checkpoint_the_disk_cannot_hold_names_the_directory_and_the_resume_and_keeps_the_earlier_rounds(tmp_path):
+    """A full runs directory gave a bare `OSError: [Errno 28] No space left on device`, three times chained. Here the
+    write fails for real (a file-size limit on the process: a full disk cannot be made without mounting one)."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "runs" / "r5" / "checkpoints"
+    out = subprocess.run([sys.executable, "-c", _FULL_DISK, str(root)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    message = out.stdout.strip()
+    assert f"round 2's checkpoint could not be written in {root} (File too large)" in message
+    assert "`oncofed run CONSORTIUM --name r5 --resume`" in message and "rounds checkpointed before are kept" in message
+    assert sorted(p.name for p in root.iterdir()) == ["latest.json", "round-0001"]  # no .tmp-round-0002 left
+
+
+def test_a_full_disk_at_a_checkpoint_says_so(tmp_path, monkeypatch):
+    import errno
+
+    import server.checkpoint
+    from server.checkpoint import save_checkpoint
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(server.checkpoint.np, "savez", full)  # a full disk cannot be made here without mounting one
+    with pytest.raises(OSError, match=f"the disk holding {tmp_path / 'c'} is full: free space there, then continue"):
+        save_checkpoint(tmp_path / "c", 1, [], {}, {})
