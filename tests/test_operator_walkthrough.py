@@ -88,3 +88,20 @@ def test_a_full_disk_at_a_checkpoint_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(server.checkpoint.np, "savez", full)  # a full disk cannot be made here without mounting one
     with pytest.raises(OSError, match=f"the disk holding {tmp_path / 'c'} is full: free space there, then continue"):
         save_checkpoint(tmp_path / "c", 1, [], {}, {})
+
+
+def test_runs_stop_with_the_server_down_says_so_and_fails(tmp_path):
+    """It printed flwr's "Connection to the SuperLink is unavailable", then "nothing running to stop", and exited 0."""
+    from typer.testing import CliRunner
+
+    from oncofed.cli import app
+    from privacy.pki import init_consortium
+    from server.processes import free_port
+
+    root = tmp_path / "op"
+    init_consortium(root, "t", f"127.0.0.1:{free_port()}", internal_port=free_port())  # no server started
+    (root / "runs" / "r6").mkdir(parents=True)
+    result = CliRunner().invoke(app, ["runs", "stop", str(root), "r6"])
+    assert result.exit_code == 1, result.output
+    assert "run 'r6': nothing stopped: the server is not running" in result.output
+    assert f"`oncofed server start {root}`" in result.output and "nothing running to stop" not in result.output
