@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
 from privacy.audit import AUDIT_FILE, AuditLog
-from privacy.pki import ProvisioningError, fingerprint
+from privacy.pki import ProvisioningError, fingerprint, read_consortium
 from shared_models.files import held_lock, read_json_file, write_json_atomic
 from shared_models.flower_tools import QUIET_ENV, flower_tool
 
@@ -28,8 +28,7 @@ CONNECTION = "consortium"
 
 
 def _record(root: Path) -> dict:
-    return read_json_file(root / "consortium.json", ProvisioningError,
-                          "pass the directory written by `oncofed consortium init`")
+    return read_consortium(root / "consortium.json")
 
 
 def _save(root: Path, record: dict) -> None:
@@ -194,7 +193,11 @@ def registered_names(record_file: str | Path) -> dict[str, str]:
     node only with a registered key, so this name, unlike the one a site reports, is authenticated."""
     record = read_json_file(Path(record_file), ProvisioningError, "run config site-registry must name the "
                             "consortium.json written by `oncofed consortium init`")
-    return {str(s["node_id"]): str(s["name"]) for s in record.get("sites", []) if "node_id" in s and "name" in s}
+    try:  # only the sites are read here: a register whose other keys an edit broke still names them
+        return {str(s["node_id"]): str(s["name"]) for s in record.get("sites", []) if "node_id" in s and "name" in s}
+    except (AttributeError, TypeError):
+        read_consortium(Path(record_file))  # names the bad key
+        raise
 
 
 def removed_sites(record_file: str | Path) -> dict[str, str]:

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from privacy.pki import parse_address
+from privacy.pki import parse_address, read_consortium
 from privacy.preflight import (
     Check,
     check_port_free,
@@ -49,7 +49,7 @@ from server.processes import (
     stop_group,
     wait_healthy,
 )
-from shared_models.files import read_json_file, write_json_atomic
+from shared_models.files import write_json_atomic
 from shared_models.flower_tools import METRICS_PORT, QUIET_ENV
 
 FLOWER_ENV = {**QUIET_ENV,
@@ -80,8 +80,7 @@ class Consortium:
     @classmethod
     def load(cls, root: str | Path) -> "Consortium":
         root = Path(root).resolve()
-        return cls(root, read_json_file(root / "consortium.json", DeployError,
-                                        "pass the directory written by `oncofed consortium init`"))
+        return cls(root, read_consortium(root / "consortium.json", DeployError))
 
     @property
     def public(self) -> tuple[str, int]:

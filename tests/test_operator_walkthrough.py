@@ -105,3 +105,29 @@ def test_runs_stop_with_the_server_down_says_so_and_fails(tmp_path):
     assert result.exit_code == 1, result.output
     assert "run 'r6': nothing stopped: the server is not running" in result.output
     assert f"`oncofed server start {root}`" in result.output and "nothing running to stop" not in result.output
+
+
+@pytest.mark.parametrize("edit, command, named", [
+    (lambda r: r.pop("address"), ["server", "preflight"], "address: Field required"),
+    (lambda r: r.update(sites="Hosp A"), ["consortium", "list-sites"], "sites: Input should be a valid list"),
+    (lambda r: r.update(address="fl.example.org"), ["server", "preflight"], "address: Value error, 'fl.example.org' "
+                                                                              "is not HOST:PORT"),
+])
+def test_a_hand_edited_consortium_json_that_is_still_json_is_named_key_by_key_not_a_traceback(tmp_path, edit, command,
+                                                                                              named):
+    """Without "address", `server preflight` raised KeyError: 'address'; "sites" not a list gave list-sites an
+    AttributeError."""
+    from typer.testing import CliRunner
+
+    from oncofed.cli import app
+    from privacy.pki import init_consortium
+
+    root = tmp_path / "op"
+    init_consortium(root, "t", "127.0.0.1:18443", internal_port=19092)
+    record = json.loads((root / "consortium.json").read_text())
+    edit(record)
+    (root / "consortium.json").write_text(json.dumps(record))
+    result = CliRunner().invoke(app, [*command, str(root)])
+    assert result.exit_code == 2, result.output
+    assert f"{root / 'consortium.json'}: {named}" in result.output and "as `oncofed consortium init` wrote it" \
+        in result.output
