@@ -47,12 +47,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from privacy import MAX_BUDGET, SITE_BUDGET
 from privacy.ledger_index import LedgerIndex, LedgerIndexError, OtherLedger
 from privacy.signing import generate_signing_key, write_private
 from privacy.site_config import FILE_FORMAT, HOST_PORT, SiteConfig, SiteConfigError
-from shared_models.files import sha256_file
+from shared_models.files import read_json_file, sha256_file
 from shared_models.flower_tools import SUPERLINK_INTERNAL_PORT
 from shared_models.limits import MIN_COUNT
 from shared_models.run_config import PrivacySection
@@ -101,6 +102,50 @@ def parse_address(address: str) -> tuple[str, int]:
     if m is None:
         raise ProvisioningError(f"--address {address!r}: write HOST:PORT, e.g. fl.consortium.example:443")
     return m.group(1).strip("[]"), int(m.group(2))
+
+
+class RegisteredSite(BaseModel):
+    """A site's entry in the operator's consortium.json (add-site writes more keys; each is kept as written)."""
+    model_config = ConfigDict(extra="allow")
+    name: str
+    node_id: str | None = None
+
+
+class ConsortiumRecord(BaseModel):
+    """The operator's consortium.json, as `consortium init` writes it: the keys every command reads, checked when
+    it is read, so a hand edit (still JSON) is named, not a KeyError."""
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str
+    address: str = Field(description="HOST:PORT the sites connect to (their site.json `superlink`)")
+    control_address: str | None = Field(None, alias="control-address")
+    sites: list[RegisteredSite] = []
+
+    @field_validator("address", "control_address")
+    @classmethod
+    def _host_port(cls, v: str | None) -> str | None:
+        if v is not None and HOST_PORT.fullmatch(v) is None:
+            raise ValueError(f"{v!r} is not HOST:PORT")
+        return v
+
+
+CONSORTIUM_HINT = "pass the directory written by `oncofed consortium init`"
+
+
+def read_consortium(path: Path, error: type[Exception] | None = None) -> dict:
+    """The operator's consortium.json as written (a dict: commands write it back whole), its shape checked: a missing
+    or mistyped key raises `error` naming the file, the key and the fix."""
+    from pydantic import ValidationError
+
+    error = error or ProvisioningError
+    record = read_json_file(path, error, CONSORTIUM_HINT)
+    try:
+        ConsortiumRecord.model_validate(record)
+    except ValidationError as e:
+        bad = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'the file'}: {err['msg']}" for err in e.errors()[:3])
+        raise error(f"{path}: {bad}. Restore the key as `oncofed consortium init` wrote it (\"address\": the "
+                    "HOST:PORT the sites' site.json `superlink` names; \"sites\": a list of {\"name\": ..., \"node_id\": ...}; "
+                    "`public/consortium.json` holds the name and address as first written)") from None
+    return record
 
 
 def _san(host: str) -> x509.GeneralName:

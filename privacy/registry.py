@@ -15,11 +15,12 @@ import subprocess
 import time
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
 from privacy.audit import AUDIT_FILE, AuditLog
-from privacy.pki import ProvisioningError, fingerprint
+from privacy.pki import ProvisioningError, fingerprint, read_consortium
 from shared_models.files import held_lock, read_json_file, write_json_atomic
 from shared_models.flower_tools import QUIET_ENV, flower_tool
 
@@ -27,8 +28,7 @@ CONNECTION = "consortium"
 
 
 def _record(root: Path) -> dict:
-    return read_json_file(root / "consortium.json", ProvisioningError,
-                          "pass the directory written by `oncofed consortium init`")
+    return read_consortium(root / "consortium.json")
 
 
 def _save(root: Path, record: dict) -> None:
@@ -92,13 +92,28 @@ def _flwr(root: Path, *args: str) -> dict:
     return out
 
 
+_NEW_SITE_KEY = "`ssh-keygen -t ecdsa -b 384 -N '' -f keys/site.key` in its site directory"
+
+
 def _check_site_key(path: Path) -> bytes:
     try:
         data = path.read_bytes()
+    except OSError as e:
+        raise ProvisioningError(f"{path}: not readable ({e.strerror}); give the site.key.pub the hospital sent "
+                                "(written by `oncofed site init`)") from None
+    if b"PRIVATE KEY" in data[:200]:  # never echoed: the message would copy the secret into logs and terminals
+        raise ProvisioningError(
+            f"{path}: this is a site's PRIVATE key, not its public key; nothing was registered. A private key must "
+            f"never leave the hospital, so this one is compromised: delete every copy of it here, and have the "
+            f"hospital make a new key ({_NEW_SITE_KEY}) and send only the .pub (keys/site.key.pub), never the "
+            "private key")
+    try:
         key = load_ssh_public_key(data.split(b" ", 2)[0] + b" " + data.split(b" ", 2)[1])
-    except (OSError, ValueError, IndexError) as e:
-        raise ProvisioningError(f"{path}: not an OpenSSH public key ({e}); use the site.key.pub written by "
-                                "`oncofed site init`") from None
+    except (ValueError, IndexError, UnsupportedAlgorithm) as e:
+        what = "a certificate" if b"-----BEGIN CERTIFICATE" in data[:200] else f"not a public key ({str(e)[:80]})"
+        raise ProvisioningError(f"{path}: {what}; expected the site's "
+                                "OpenSSH public key (one line `ecdsa-sha2-nistp384 AAAA...`): the site.key.pub "
+                                "written by `oncofed site init` and sent by the hospital") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
         raise ProvisioningError(f"{path}: a site key must be ECDSA P-384 (Flower's node authentication refuses "
                                 "others); ask the site to run `oncofed site init`")
@@ -135,8 +150,7 @@ def add_site(root: str | Path, name: str, public_key: str | Path) -> dict:
             if s.get("key_sha256") == key and s is not pending:
                 raise ProvisioningError(f"{public_key}: this key is (or was) site {s['name']!r}'s"
                                         + (" (removed)" if s.get("removed") else "") + "; the SuperLink never takes a "
-                                        "key twice: the hospital makes a new one (`ssh-keygen -t ecdsa -b 384 -N '' -f "
-                                        "keys/site.key` in its site directory) and sends its .pub")
+                                        f"key twice: the hospital makes a new one ({_NEW_SITE_KEY}) and sends its .pub")
         created = pending is None
         if created:
             pending = {"name": name, "key_sha256": key, "pending": _now()}
@@ -179,7 +193,22 @@ def registered_names(record_file: str | Path) -> dict[str, str]:
     node only with a registered key, so this name, unlike the one a site reports, is authenticated."""
     record = read_json_file(Path(record_file), ProvisioningError, "run config site-registry must name the "
                             "consortium.json written by `oncofed consortium init`")
-    return {str(s["node_id"]): str(s["name"]) for s in record.get("sites", []) if "node_id" in s and "name" in s}
+    try:  # only the sites are read here: a register whose other keys an edit broke still names them
+        return {str(s["node_id"]): str(s["name"]) for s in record.get("sites", []) if "node_id" in s and "name" in s}
+    except (AttributeError, TypeError):
+        read_consortium(Path(record_file))  # names the bad key
+        raise
+
+
+def removed_sites(record_file: str | Path) -> dict[str, str]:
+    """{node id: when it was removed} of the sites `remove-site` took out of the consortium ({} when there is no
+    readable register, as in a simulation): they can no longer connect, so nothing waits for them."""
+    try:
+        record = read_json_file(Path(record_file), ProvisioningError, "")
+        return {str(s["node_id"]): str(s["removed"]) for s in record.get("sites", []) if s.get("removed")
+                and "node_id" in s}
+    except (ProvisioningError, AttributeError, TypeError):
+        return {}
 
 
 def list_sites(root: str | Path) -> list[dict]:

@@ -12,6 +12,7 @@ newest `keep-checkpoints` rounds stay (a 250-round run would otherwise keep 1.3 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -99,15 +100,23 @@ def save_checkpoint(root: Path, rnd: int, weights: list[np.ndarray], strategy_st
     final = root / f"round-{rnd:04d}"
     tmp = root / f".tmp-round-{rnd:04d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    np.savez(tmp / "weights.npz", *weights)
-    np.savez(tmp / "strategy_state.npz", **strategy_state)
-    write_json_atomic(tmp / "meta.json", {"round": rnd, **meta})
-    sync_directory(tmp)  # the arrays on disk before latest.json, fsynced, can name them
-    if final.exists():  # a resumed run re-running this round replaces it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    write_json_atomic(root / "latest.json", {"round": rnd, "path": final.name})
+    try:
+        tmp.mkdir()
+        np.savez(tmp / "weights.npz", *weights)
+        np.savez(tmp / "strategy_state.npz", **strategy_state)
+        write_json_atomic(tmp / "meta.json", {"round": rnd, **meta})
+        sync_directory(tmp)  # the arrays on disk before latest.json, fsynced, can name them
+        if final.exists():  # a resumed run re-running this round replaces it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        write_json_atomic(root / "latest.json", {"round": rnd, "path": final.name})
+    except OSError as e:  # a bare "[Errno 28] No space left on device" named neither the disk nor the way on
+        shutil.rmtree(tmp, ignore_errors=True)
+        fix = (f"the disk holding {root} is full: free space there" if e.errno == errno.ENOSPC
+               else "fix that")
+        raise OSError(e.errno, f"round {rnd}'s checkpoint could not be written in {root} ({e.strerror or e}): {fix}, "
+                      f"then continue the run with `--resume` (`oncofed run CONSORTIUM --name {root.parent.name} "
+                      f"--resume`); the rounds checkpointed before are kept") from None
     if keep > 0:
         prune_checkpoints(root, keep, final.name)
     return final

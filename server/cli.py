@@ -260,6 +260,7 @@ def runs_stop(
     --name NAME --resume` continues it later."""
     import sys
 
+    from privacy.preflight import check_reachable
     from privacy.registry import foreign_superlink
     from server.runs import RunView, restart_hint, stop
     from server.submit import env_for
@@ -271,9 +272,31 @@ def runs_stop(
     if why := foreign_superlink(c.root):
         typer.echo(f"run {name!r}: nothing stopped: {why}", err=True)
         raise typer.Exit(code=2)
-    n = stop(c.root, name, env_for(c), sys.stdout)
+    if not (link := check_reachable(c.control_address, c.path("ca", "ca.crt"), "SuperLink")).ok:
+        # flwr's "Connection to the SuperLink is unavailable" followed by "nothing running to stop", exit 0, read as
+        # an idle run: nothing can be stopped (nor run) while the server is down
+        typer.echo(f"run {name!r}: nothing stopped: the server is not running ({link.name}: {link.detail}); start it "
+                   f"(`oncofed server start {c.root}`), then stop the run if it still runs", err=True)
+        raise typer.Exit(code=1)
+    printed = _Tee(sys.stdout)
+    n = stop(c.root, name, env_for(c), printed)
+    if "not stopped" in printed.text:
+        typer.echo(f"run {name!r}: not every flwr run of it was stopped (see above; a SuperLink restarting answers "
+                   "so): run the same `oncofed runs stop` again in a minute", err=True)
+        raise typer.Exit(code=1)
     typer.echo(f"run {name!r}: {n} flwr run(s) stopped; {restart_hint(directory, RunView.load(c.root, name, None))}"
                if n else f"run {name!r}: nothing running to stop")
+
+
+class _Tee:
+    """A writer that passes text on and keeps it (what `stop` said of each flwr run)."""
+
+    def __init__(self, out):
+        self.out, self.text = out, ""
+
+    def write(self, text: str) -> None:
+        self.text += text
+        self.out.write(text)
 
 
 def deliver(

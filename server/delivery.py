@@ -188,17 +188,29 @@ def _newcomer_names(deliveries: list[dict], sites: list[TrainedSite], installed_
             and int(d["node"]) not in trained and (d.get("installed") or not installed_only)}
 
 
+def removed_nodes(run_dir: Path) -> dict[str, str]:
+    """{node id: when} of the sites removed from the consortium whose runs directory holds `run_dir`
+    (CONSORTIUM/runs/NAME; {} for a simulation's run, which has no register)."""
+    from privacy.registry import removed_sites
+
+    return removed_sites(run_dir.parent.parent / "consortium.json")
+
+
 def delivery_status(run_dir: Path, deliveries: list[dict], by_name: bool = False,
-                    sites: list[TrainedSite] | None = None) -> dict:
+                    sites: list[TrainedSite] | None = None, removed: dict[str, str] | None = None) -> dict:
     """status.json's delivery fields: who installed the final model against who trained it (`trained_sites`, or
     `sites` when the caller has read them; `by_name`, a simulation's: a site that installed it under a node id that
-    never trained counts too)."""
+    never trained counts too). A site removed from the consortium (`removed`, {node id: when}, default the register's)
+    can never install it: it is listed under `removed`, not `undelivered`, so the alert on the run clears."""
     sites = trained_sites(run_dir, by_name) if sites is None else sites
+    removed = ({} if by_name else removed_nodes(run_dir)) if removed is None else removed
     installed = installed_nodes(deliveries)
     renamed = _newcomer_names(deliveries, sites, installed_only=True) if by_name else set()
-    missing = sorted(g.nodes[-1] for g in sites if not set(g.nodes) & installed and g.name not in renamed)
+    short = [g.nodes[-1] for g in sites if not set(g.nodes) & installed and g.name not in renamed]
+    gone = {str(n): removed[str(n)] for n in short if str(n) in removed}
+    missing = sorted(n for n in short if str(n) not in gone)
     return {"delivered": len(installed), "trained": len(sites), "delivery_ok": int(not missing),
-            "undelivered": missing}
+            "undelivered": missing, **({"removed": gone} if gone else {})}
 
 
 def delivery_summary(status: dict, deliveries: list[dict], consortium_dir: Path | None = None) -> tuple[bool, str]:
@@ -206,10 +218,16 @@ def delivery_summary(status: dict, deliveries: list[dict], consortium_dir: Path 
     them installed it, and each one that did not with the reason its delivery recorded. The ServerApp's log, the
     verdict of `oncofed run` / `oncofed deliver` and `oncofed runs` all say this."""
     trained, missing = int(status.get("trained") or 0), [int(n) for n in status.get("undelivered") or []]
-    at_trained = trained - len(missing)
+    removed = status.get("removed") or {}
+    at_trained = trained - len(missing) - len(removed)
     others = int(status.get("delivered") or 0) - at_trained  # installed, but never trained (joined at the end)
     also = f" (and at {others} connected site(s) that did not train)" if others > 0 else ""
+    gone = "; ".join(f"{name} was removed from the consortium ({when}): not sent" for name, when in
+                     zip(site_names(deliveries, list(removed), consortium_dir), removed.values()))
     if not missing:
+        if removed:
+            return True, (f"final model installed at all {at_trained} site(s) that trained and are still in the "
+                          f"consortium{also}; {gone}")
         return True, f"final model installed at all {trained} site(s) that trained{also}"
     reasons = {}
     for d in deliveries:  # the last entry of each node (a redelivery replaces the earlier one)
@@ -217,7 +235,9 @@ def delivery_summary(status: dict, deliveries: list[dict], consortium_dir: Path 
             reasons[int(d["node"])] = str(d.get("error") or "no reason recorded")
     names = site_names(deliveries, missing, consortium_dir)
     why = [f"{name} ({reasons.get(n, NOT_CONNECTED)[:200]})" for name, n in zip(names, missing)]
-    return False, f"final model installed at {at_trained} of the {trained} sites that trained{also}; not at {'; '.join(why)}"
+    return False, (f"final model installed at {at_trained} of the {trained - len(removed)} sites that trained"
+                   f"{' and are still in the consortium' if removed else ''}{also}; not at {'; '.join(why)}"
+                   + (f"; {gone}" if gone else ""))
 
 
 def site_names(deliveries: list[dict], nodes, consortium_dir: Path | None = None) -> list[str]:
@@ -321,7 +341,11 @@ def redeliver(grid, cfg) -> None:
     result = json.loads((out / RESULT).read_text()) if (out / RESULT).exists() else {**package}
     before = list(result.get("deliveries", []))
     done = installed_nodes(before)
-    wanted = trained_nodes(out) - done
+    from privacy.registry import removed_sites
+
+    # a site removed from the consortium can no longer connect: not waited for (the verdict lists it as removed)
+    removed = removed_sites(cfg.path(cfg.run.site_registry)) if cfg.run.site_registry else {}
+    wanted = {n for n in trained_nodes(out) - done if str(n) not in removed}
     deadline = time.monotonic() + cfg.federation.round_timeout
     while wanted - set(grid.get_node_ids()) and time.monotonic() < deadline:
         time.sleep(1.0)  # a site that trained may be reconnecting
@@ -344,7 +368,8 @@ def redeliver(grid, cfg) -> None:
     save_package(out, package)
     write_json_atomic(out / RESULT, {**result, **package, "deliveries": deliveries, "redelivered": time.time()})
     status = json.loads((out / STATUS).read_text()) if (out / STATUS).exists() else {"run": package.get("run")}
-    status.update(delivery_status(out, deliveries))
+    status.pop("removed", None)
+    status.update(delivery_status(out, deliveries, removed=removed))
     ended = bool(audit.last("run_end", run=package.get("run")))
     if not ended:  # the run's own delivery never finished (the server crashed while delivering): this one ends it
         status["finished"] = 1

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from privacy.pki import parse_address
+from privacy.pki import parse_address, read_consortium
 from privacy.preflight import (
     Check,
     check_port_free,
@@ -49,7 +49,7 @@ from server.processes import (
     stop_group,
     wait_healthy,
 )
-from shared_models.files import read_json_file, write_json_atomic
+from shared_models.files import write_json_atomic
 from shared_models.flower_tools import METRICS_PORT, QUIET_ENV
 
 FLOWER_ENV = {**QUIET_ENV,
@@ -80,8 +80,7 @@ class Consortium:
     @classmethod
     def load(cls, root: str | Path) -> "Consortium":
         root = Path(root).resolve()
-        return cls(root, read_json_file(root / "consortium.json", DeployError,
-                                        "pass the directory written by `oncofed consortium init`"))
+        return cls(root, read_consortium(root / "consortium.json", DeployError))
 
     @property
     def public(self) -> tuple[str, int]:
@@ -217,6 +216,17 @@ def _consortium_of(args: list[str], cwd: Path) -> tuple[str, Path] | None:
     return None
 
 
+def _cwd(proc) -> Path:
+    """A process's working directory; "/" for another user's (a root nginx's workers run as `nobody`), whose
+    absolute arguments still name its consortium."""
+    import psutil
+
+    try:
+        return Path(proc.cwd())
+    except psutil.AccessDenied:
+        return Path("/")
+
+
 def port_holder(port: int) -> Holder:
     """Who listens on TCP `port` on this machine, a part of another consortium's server named by its directory;
     "another process" when it cannot be seen (another user's)."""
@@ -227,16 +237,23 @@ def port_holder(port: int) -> Holder:
                 if k.status == psutil.CONN_LISTEN and k.laddr and k.laddr.port == port and k.pid]
     except (psutil.Error, OSError):
         pids = []
+    first = None
     for pid in pids:
+        label = f"pid {pid}"
         try:
             proc = psutil.Process(pid)
-            args, name, cwd = proc.cmdline(), proc.name(), Path(proc.cwd())
+            label = f"pid {pid} ({(name := proc.name())})"
+            # nginx's workers hold the listening socket too, with no arguments ("nginx: worker process"): the
+            # master that forked them (same program, its parent) has the `-p CONSORTIUM/proxy` that names whose it is
+            while proc is not None:
+                if found := _consortium_of(proc.cmdline(), _cwd(proc)):
+                    return Holder(f"{found[0]} of the consortium at {found[1]} (pid {proc.pid})", proc.pid, found[1])
+                parent = proc.parent()
+                proc = parent if parent is not None and parent.name() == name else None
         except psutil.Error:
-            return Holder(f"pid {pid}", pid)
-        if found := _consortium_of(args, cwd):
-            return Holder(f"{found[0]} of the consortium at {found[1]} (pid {pid})", pid, found[1])
-        return Holder(f"pid {pid} ({name})", pid)
-    return Holder("another process")
+            pass
+        first = first or Holder(label, pid)
+    return first or Holder("another process")
 
 
 def superlink_port_refusal(port: int) -> str:

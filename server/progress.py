@@ -5,7 +5,8 @@ follow` (which print it) between the per-round status.json writes (a round takes
      "asked": [node ids], "answered": [node ids], "updated": ...}
 
 Written by the ServerApp only: `stage` when each SecAgg+ stage starts (server/workflow.py's
-TimedSecAggPlusWorkflow), `asked`/`answered` at every message exchange as replies come in (PollingGrid).
+TimedSecAggPlusWorkflow), `asked`/`answered` at every message exchange as replies come in (PollingGrid); before round
+1, stage `waiting for sites` with the registered sites as `asked` and those connected as `answered`.
 Node ids only: the operator's tools name the sites from consortium.json. Writing never fails a round.
 """
 
@@ -59,4 +60,18 @@ def exchange(message_type: str, asked: list[int], answered: list[int]) -> None:
         _state.update(stage="delivery" if message_type.startswith("query.") else message_type,
                       stage_started=time.time())
     _state.update(message_type=message_type, asked=sorted(asked), answered=sorted(set(answered)))
+    _write()
+
+
+WAITING_FOR_SITES = "waiting for sites"
+
+
+def waiting_for_sites(context, expected: list[int], connected: list[int]) -> None:
+    """Before round 1: the sites the run waits for (`asked`: the registered ones and any connected) and those connected
+    so far (`answered`), so the operator's tools name a site that has not come."""
+    if _state.get("stage") != WAITING_FOR_SITES:
+        stage(context, WAITING_FOR_SITES)
+    if _path[0] is None:
+        return
+    _state.update(asked=list(expected), answered=list(connected))
     _write()

@@ -180,6 +180,27 @@ class TimedSecAggPlusWorkflow(SecAggPlusWorkflow):
         return run
 
 
+WAIT_REPORT_EVERY = 30.0  # s between the lines naming the sites a run still waits for before round 1
+
+
+def _active_sites(run_config) -> dict[int, str]:
+    """{node id: name} of the sites in the consortium's register (run config site-registry; {} without one, as in a
+    simulation), those removed left out: they can no longer connect."""
+    from pathlib import Path
+
+    from privacy.pki import ProvisioningError
+    from privacy.registry import registered_names, removed_sites
+
+    if not (registry := str(run_config.get("site-registry", "") or "")):
+        return {}
+    path = Path(registry) if Path(registry).is_absolute() else Path(str(run_config.get("base-dir", "."))) / registry
+    try:
+        names, removed = registered_names(path), removed_sites(path)
+    except ProvisioningError:
+        return {}
+    return {int(n): name for n, name in names.items() if n not in removed}
+
+
 class RoundsWorkflow(DefaultWorkflow):
     def __init__(self, fit_workflow=None, evaluate_workflow=None, *, first_round: int = 1,
                  on_round_end: Callable[[int, LegacyContext], None] | None = None, wait_for_sites: int = 0,
@@ -190,23 +211,42 @@ class RoundsWorkflow(DefaultWorkflow):
         self.enough_sites = enough_sites  # after the wait, start with this many (min-sites) rather than fail
         self.message_timeout = message_timeout
 
+    def _wait_for_sites(self, context: LegacyContext) -> None:
+        """Wait up to wait_timeout for wait_for_sites sites to connect. The registered sites (consortium.json, run
+        config site-registry) not connected yet are named every WAIT_REPORT_EVERY s in the log and progress.json
+        (`oncofed run`, `runs follow`), and in the failure: a site that never comes was a silent wait (600 s)."""
+        cm, deadline = context.client_manager, time.monotonic() + self.wait_timeout
+        registered = _active_sites(context.run_config)
+        log(INFO, "waiting for %s sites to connect", self.wait_for_sites)
+        while True:
+            connected = {int(cid) for cid in cm.all()}
+            absent = ", ".join(f"{name} (node {n})" for n, name in sorted(registered.items()) if n not in connected)
+            progress.waiting_for_sites(context, sorted(set(registered) | connected), sorted(connected))
+            if len(connected) >= self.wait_for_sites:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            log(INFO, "%s of %s sites connected, %.0f s left to wait%s", len(connected), self.wait_for_sites, left,
+                f"; not yet: {absent}" if absent else "")
+            cm.wait_for(self.wait_for_sites, timeout=min(WAIT_REPORT_EVERY, left))
+        named = f"; not connected: {absent}" if absent else ""
+        if not self.enough_sites or len(connected) < self.enough_sites:
+            raise RuntimeError(f"fewer than {self.wait_for_sites} sites connected within {self.wait_timeout:.0f} s "
+                               f"({len(connected)} did; at least {max(self.enough_sites, 1)} needed){named}; check "
+                               "that each one's SuperNode is running (`oncofed site start` at the hospital) and its "
+                               "key registered (`oncofed consortium list-sites`)")
+        # every round still needs min-sites (and its SecAgg+ floor): a missing site only trains less
+        log(WARNING, "only %s of the %s expected sites connected within %.0f s%s; starting with them",
+            len(connected), self.wait_for_sites, self.wait_timeout, named)
+
     def __call__(self, grid: Grid, context: LegacyContext) -> None:
         grid = PollingGrid(grid, self.message_timeout)
         thread, f_stop, c_done = start_update_client_manager_thread(grid, context.client_manager)
         c_done.wait()
         try:
             if self.wait_for_sites:
-                log(INFO, "waiting for %s sites to connect", self.wait_for_sites)
-                if not context.client_manager.wait_for(self.wait_for_sites, timeout=int(self.wait_timeout)):
-                    connected = context.client_manager.num_available()
-                    if not self.enough_sites or connected < self.enough_sites:
-                        raise RuntimeError(f"fewer than {self.wait_for_sites} sites connected within "
-                                           f"{self.wait_timeout:.0f} s ({connected} did; at least "
-                                           f"{max(self.enough_sites, 1)} needed); check that every site's SuperNode "
-                                           "is running")
-                    # every round still needs min-sites (and its SecAgg+ floor): a missing site only trains less
-                    log(WARNING, "only %s of the %s expected sites connected within %.0f s; starting with them",
-                        connected, self.wait_for_sites, self.wait_timeout)
+                self._wait_for_sites(context)
             default_init_params_workflow(grid, context)
             cfg = ConfigRecord()
             cfg[Key.START_TIME] = timeit.default_timer()

@@ -97,3 +97,32 @@ def test_a_consortium_whose_own_ports_coincide_is_told_which_settings(tmp_path):
     detail = failed[f"metrics (--metrics-port) address 127.0.0.1:{port}"]
     assert "the same port as the SuperLink loopback address" in detail and "control-address" in detail
     assert "set --metrics-port to another port" in detail
+
+
+def test_a_second_server_start_names_the_running_consortiums_own_proxy_not_a_stranger(tmp_path):
+    """psutil names nginx's worker (no arguments) as the listener: the port was blamed on "pid N (nginx)", with the
+    advice to re-address the consortium, which would cut off every site; its master (`-p DIR/proxy`) is this one's."""
+    import time
+
+    from server import proxy
+    from server.deploy import port_checks
+
+    root = tmp_path / "op"
+    init_consortium(root, "c", f"127.0.0.1:{free_port()}", internal_port=free_port())
+    c = Consortium.load(root)
+    host, port = c.public
+    proxy.write_config(c.root, host, port, c.internal_port)
+    nginx = start_group(proxy.nginx_command(c.root), service_env(), c.root, c.path("proxy.log"))
+    try:
+        for _ in range(100):
+            listeners = {k.pid for k in psutil.net_connections(kind="tcp")
+                         if k.status == psutil.CONN_LISTEN and k.laddr and k.laddr.port == port}
+            if listeners and listeners != {nginx.pid}:  # a worker listens too
+                break
+            time.sleep(0.1)
+        public = next(k for k in port_checks(c) if k.name.startswith("public"))
+        assert not public.ok and f"the proxy (nginx) of the consortium at {c.root} (pid {nginx.pid})" in public.detail
+        assert f"its server runs already (`oncofed server stop {c.root}`)" in public.detail
+        assert '"address"' not in public.detail
+    finally:
+        stop_group(nginx)

@@ -418,3 +418,41 @@ def test_a_finished_run_delivered_again_keeps_the_sites_earlier_installs(tmp_pat
     merged = kept_installs(before, again)
     assert sorted(d["node"] for d in merged) == [1, 2, 3] and all(d["installed"] for d in merged)
     assert delivery_status(run, merged)["delivery_ok"] == 1
+
+
+def test_a_site_removed_from_the_consortium_is_not_waited_for_nor_left_undelivered(tmp_path, monkeypatch):
+    """Hosp C3 trained round 1, then `remove-site` took it out: `oncofed deliver` waited the whole round-timeout for a
+    key that can no longer connect, and the run stayed undelivered (its alert on) for good."""
+    import time
+
+    import server.delivery
+    from privacy.audit import AuditLog
+    from privacy.run_config import load_run_config
+    from server.delivery import delivery_verdict, redeliver
+
+    out = _run_dir(tmp_path, installed=[1, 2], trained=[[1, 2, 3]])
+    assert json.loads((out / "status.json").read_text())["undelivered"] == [3]  # before the removal
+    register = tmp_path / "consortium.json"
+    register.write_text(json.dumps({"sites": [{"name": "Hosp C3", "node_id": "3", "removed": "2026-12-06T10:00:00Z"}]}))
+    final = [np.ones(3, dtype=np.float32)]
+    np.savez(out / "final_weights.npz", *final)
+    save_package(out, {"run": "r1-key", "round": 1, "arrays_sha256": arrays_sha256(final), "finished": 1.0})
+    audit = AuditLog(out / "audit.jsonl")
+    audit.append("round", run="r1-key", round=1, weights_sha256=arrays_sha256(final))
+    audit.append("run_end", run="r1-key", round=1, arrays_sha256=arrays_sha256(final), deliveries=[])
+    generate_signing_key(tmp_path / "signing.key", tmp_path / "signing.pub")
+    monkeypatch.setattr(server.delivery, "deliver", lambda grid, final, package, timeout, node_ids, **kw: [])
+    cfg = load_run_config({"schema": "s.json", "output-dir": str(out), "signing-key": str(tmp_path / "signing.key"),
+                           "round-timeout": 30.0, "base-dir": str(tmp_path), "site-registry": str(register)})
+    t0 = time.monotonic()
+    redeliver(types.SimpleNamespace(get_node_ids=lambda: [1, 2]), cfg)
+    assert time.monotonic() - t0 < 10  # not the round-timeout
+    status = json.loads((out / "status.json").read_text())
+    assert status["delivery_ok"] == 1 and status["undelivered"] == [] and status["removed"] == {
+        "3": "2026-12-06T10:00:00Z"}
+    ok, message = delivery_verdict(out)
+    assert ok and message == ("final model installed at all 2 site(s) that trained and are still in the consortium; "
+                              "Hosp C3 was removed from the consortium (2026-12-06T10:00:00Z): not sent")
+    # a run that ends after the removal counts it so from the start (the ServerApp's own delivery)
+    deliveries = json.loads((out / "result.json").read_text())["deliveries"]
+    assert server.delivery.delivery_status(out, deliveries)["delivery_ok"] == 1

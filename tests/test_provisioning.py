@@ -317,3 +317,30 @@ def test_no_help_text_holds_square_brackets_which_the_cli_would_swallow_as_marku
             walk(sub, f"{path} {name}")
     walk(typer.main.get_command(app), "oncofed")
     assert not swallowed, swallowed
+
+
+@pytest.mark.parametrize("wrong", ["ca/ca.crt", "keys/site.key", "keys/site.key.pem"])
+def test_add_site_given_a_certificate_or_a_private_key_refuses_it_naming_the_file_and_never_echoing_the_key(
+        consortium, tmp_path, wrong):
+    """A PEM certificate or the site's OpenSSH private key gave a traceback (cryptography's UnsupportedAlgorithm); a
+    private key that left its hospital is a compromised one, and must not be copied into the operator's terminal."""
+    from cryptography.hazmat.primitives import serialization
+    from typer.testing import CliRunner
+
+    from oncofed.cli import app
+
+    init_site(tmp_path / "site", "C0", consortium / "public", ca_fingerprint=_read_out(consortium))
+    key = tmp_path / "site" / "keys" / "site.key"
+    (key.parent / "site.key.pem").write_bytes(load_ssh_private_key(key.read_bytes(), None).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    path = (consortium if wrong.startswith("ca") else tmp_path / "site") / wrong
+    result = CliRunner().invoke(app, ["consortium", "add-site", str(consortium), "--name", "C0", "--key", str(path)])
+    assert result.exit_code == 2, result.output
+    assert str(path) in result.output and "Traceback" not in result.output
+    if wrong.startswith("ca"):
+        assert "a certificate" in result.output and "site.key.pub" in result.output
+    else:
+        assert "PRIVATE key" in result.output and "compromised" in result.output and "ssh-keygen" in result.output
+        secret = b"".join(path.read_bytes().splitlines()[1:3]).decode()
+        assert secret[:40] not in result.output.replace("\n", "")
+    assert json.loads((consortium / "consortium.json").read_text())["sites"] == []
