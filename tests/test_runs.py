@@ -51,8 +51,9 @@ def _set_run_state(db: Path, state: str) -> None:
 
 @pytest.fixture
 def consortium(tmp_path):
-    (tmp_path / "consortium.json").write_text(json.dumps({"sites": [
-        {"name": n, "node_id": str(i)} for n, i in NODES.items()]}))
+    (tmp_path / "consortium.json").write_text(json.dumps({  # the keys a consortium.json must hold (privacy.pki)
+        "name": "t", "address": "fl.example.org:8443", "control-address": "127.0.0.1:9092",
+        "sites": [{"name": n, "node_id": str(i)} for n, i in NODES.items()]}))
     run = tmp_path / "runs" / "r1"
     run.mkdir(parents=True)
     (run / "flwr-runs.json").write_text(json.dumps([RUN_ID]))
