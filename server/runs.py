@@ -387,8 +387,8 @@ def after_stream(root: Path, name: str, flwr_exit: int | None, log_path: Path, o
         out.write(f"run {name!r} was stopped on the SuperLink (`oncofed runs stop` or `flwr stop`; flwr exit "
                   f"{flwr_exit}): {restart_hint(root, view)}\n")
     elif view.state == "failed":
-        out.write(f"run {name!r} failed (flwr exit {flwr_exit}); see {log_path} and {superlink_log}; after fixing the "
-                  f"cause, {restart_hint(root, view)}\n")
+        out.write(f"run {name!r} failed on the SuperLink; see {log_path} and {superlink_log}; after fixing the "
+                  f"cause, {restart_hint(root, view)}\n")  # (flwr's own exit code says nothing here: 0 even then)
     elif view.state == "completed":
         out.write(f"run {name!r} ended without writing its result (flwr exit {flwr_exit}); see {superlink_log}\n")
     else:

@@ -213,7 +213,8 @@ class PrivacySection(_Section):
     """Record-level DP at each site (the site's node config overrides the budget in deployment)."""
 
     enabled: bool = Field(True, alias="dp", description="DP-SGD at every site (docs/privacy.md)")
-    epsilon: float = Field(8.0, gt=0, description="per-site budget (simulation; a site's node config wins); at most "
+    epsilon: float = Field(8.0, gt=0, description="what one run may add to a site's spend (in a simulation also each "
+                           "site's budget; a deployed site's privacy-budget in site.json caps its total); at most "
                            "privacy.MAX_BUDGET: what the site's accounting verifies")
     delta: float = Field(1e-5, gt=0, le=MAX_DELTA, description="the chance each site's guarantee fails outright; "
                          f"at most {MAX_DELTA:g} (a delta near 1 / patients allows releasing a patient's record "
