@@ -302,6 +302,18 @@ def _patch_idle_poll(poll_interval: float) -> None:
     sci.time = _Clock("time")
 
 
+def _launch_reaping_superexec(sci) -> None:
+    """The SuperNode (flwr.supernode.start_client_internal, 1.41) launches `flower-superexec` with a bare
+    `subprocess.Popen(command)`: it launches client/flower_superexec.py instead, Flower's SuperExec that reaps the
+    ClientApps it launched."""
+    import subprocess
+
+    from client.flower_superexec import superexec_command
+
+    sci.subprocess = types.SimpleNamespace(**{**vars(subprocess), "Popen": lambda command, *a, **kw: subprocess.Popen(
+        superexec_command(list(command)), *a, **kw)})
+
+
 def _patch_retries(window: float) -> None:
     """Retry the SuperLink's 5xx answers (and 429) with backoff instead of ending the loop.
 
@@ -408,6 +420,7 @@ def run_supernode(settings: SiteConfig, port: int, poll_interval: float = SUPERN
         return real_exit(code, *args, **kwargs)
 
     sci.flwr_exit = fhc.flwr_exit = recording_exit
+    _launch_reaping_superexec(sci)
     sys.argv = supernode_argv(settings, port, superlink)
     try:
         flower_supernode()

@@ -10,31 +10,17 @@ superlink|superexec ARGS...`): Flower's own entry points with two changes for a 
   ended Flower's SuperExec, and with it every new run's launch, while the SuperLink stayed healthy.
   (The supervisor restarts it anyway; this keeps a transient error from costing a restart.)
   And it reaps the ServerApps it launched once they end: Flower's SuperExec drops each launch's Popen, so
-  a finished run's `flwr-serverapp` stayed a zombie (`<defunct>`) until the next run was launched.
+  a finished run's `flwr-serverapp` stayed a zombie (`<defunct>`) until the next run was launched. Both changes
+  are shared_models.flower_tools.run_superexec, which a site's SuperExec runs too (client/flower_superexec.py).
 """
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import threading
 
-from shared_models.flower_tools import RETRIED_STATUS
+from shared_models.flower_tools import reap_dropped_children, run_superexec  # noqa: F401 (reap: re-exported)
 
 SQLITE_BUSY_TIMEOUT_MS = 60_000
-REAP_SECONDS = 5.0
-
-
-def reap_dropped_children() -> None:
-    """Collect the exit status of every child whose Popen was dropped while it ran (as Flower's SuperExec drops
-    its ServerApps'): Python keeps those in subprocess's list of active children and reaps them only when a
-    new Popen is made. Children someone still holds a Popen for are theirs to wait for, and are not touched."""
-    subprocess._cleanup()  # the standard library's own reaping of that list (no status is taken from anyone)
-
-
-def _reap_forever(stop: threading.Event) -> None:
-    while not stop.wait(REAP_SECONDS):
-        reap_dropped_children()
 
 
 def superlink(argv: list[str]) -> None:
@@ -49,14 +35,7 @@ def superlink(argv: list[str]) -> None:
 
 
 def superexec(argv: list[str]) -> None:
-    from flwr.supercore.retry import http_retry
-
-    http_retry._RETRYABLE_STATUS_CODES = RETRIED_STATUS  # read at each failure by Flower's should-give-up test
-    from flwr.supercore.cli import flower_superexec
-
-    sys.argv = ["flower-superexec", *argv]
-    threading.Thread(target=_reap_forever, args=(threading.Event(),), name="reap-serverapps", daemon=True).start()
-    flower_superexec()
+    run_superexec(argv, "reap-serverapps")
 
 
 if __name__ == "__main__":

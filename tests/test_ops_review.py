@@ -251,6 +251,41 @@ def test_i_a_serverapp_the_superexec_launched_is_reaped_once_it_ends_not_left_de
     assert state(pid) is None
 
 
+def test_i2_a_sites_superexec_is_one_that_reaps_the_clientapps_it_launched(monkeypatch):
+    """Flower's site SuperExec dropped each ClientApp's Popen: ~2 `flwr-clientapp` zombies a round for the SuperNode's
+    whole life (operator review, 2026-12-06). `oncofed site start`'s SuperNode launches client/flower_superexec.py in
+    its place: Flower's SuperExec beside the reaper test_i checks."""
+    import subprocess
+    import sys
+    import threading
+
+    import flwr.supercore.cli
+    import flwr.supernode.start_client_internal as sci
+    from flwr.supercore.retry import http_retry
+
+    from client.flower_superexec import REAPER
+    from client.supernode import _launch_reaping_superexec
+    from shared_models.flower_tools import run_superexec
+
+    launched = []
+    monkeypatch.setattr(sci, "subprocess", sci.subprocess)  # put back after the test
+    monkeypatch.setattr(subprocess, "Popen", lambda command, *a, **kw: launched.append(command))
+    _launch_reaping_superexec(sci)
+    sci.subprocess.Popen(["flower-superexec", "--insecure", "--runtime-api-address", "127.0.0.1:9094"])
+    assert launched == [[sys.executable, "-m", "client.flower_superexec", "--insecure", "--runtime-api-address",
+                         "127.0.0.1:9094"]]
+    monkeypatch.undo()
+    help_text = subprocess.run([sys.executable, "-m", "client.flower_superexec", "--help"], capture_output=True,
+                               text=True, timeout=120)
+    assert help_text.returncode == 0 and "--runtime-api-address" in help_text.stdout  # Flower's own SuperExec
+    threads = []
+    monkeypatch.setattr(http_retry, "_RETRYABLE_STATUS_CODES", http_retry._RETRYABLE_STATUS_CODES)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(flwr.supercore.cli, "flower_superexec", lambda: threads.extend(threading.enumerate()))
+    run_superexec([], REAPER)
+    assert REAPER in [t.name for t in threads]
+
+
 def test_j_server_stop_ends_this_consortiums_server_and_never_signals_a_reused_pid(consortium, tmp_path, monkeypatch):
     """There was no `oncofed server stop`: an operator without a service manager had to find the pid. It sends
     SIGTERM to the recorded `oncofed server start` only if that pid is still this consortium's server."""
