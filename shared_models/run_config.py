@@ -181,23 +181,25 @@ class SecAggSection(_Section):
         "rounds to more than half of the share holders for every federation (at least 0.63): at half or fewer, a "
         "server sending different sites different unmask lists can unmask one site's update, and the sites refuse")
 
-    @field_validator("threshold")
-    @classmethod
-    def _above_half_as_flower_rounds_it(cls, share: float) -> float:
-        if bad := [n for n in range(2, SECAGG_MAX_SHARES + 1) if 2 * flower_threshold(share, n) <= n]:
-            lowest = next(t / 100 for t in range(51, 101)
-                          if all(2 * flower_threshold(t / 100, n) > n for n in range(2, SECAGG_MAX_SHARES + 1)))
-            raise ValueError(f"Flower's SecAgg+ rounds {share:g} x {bad[0]} share holders to "
-                             f"{flower_threshold(share, bad[0])}, half of them: every site would refuse such rounds "
-                             f"(a server sending different sites different unmask lists could take one site's update "
-                             f"out); use at least {lowest:g}")
-        return share
 
 
 # The largest delta a run or a site may ask for: a public constant (a bound that followed a site's count would publish
 # it), a tenth of 1 / patients for sites of up to 1,000; the default 1e-5 is that up to 10,000, and a larger site
 # sets its own privacy-delta below 1 / (10 x its patients) in site.json (docs/privacy.md)
 MAX_DELTA = 1e-4
+def threshold_refusal(share: float) -> str:
+    """Why secagg-threshold `share` cannot train ("" if it can): Flower rounds it to half of some count of 2 to
+    SECAGG_MAX_SHARES share holders or fewer, where every site refuses the round (client/app.py: a server sending
+    different sites different unmask lists could take one site's update out)."""
+    counts = range(2, SECAGG_MAX_SHARES + 1)
+    if not (bad := [n for n in counts if 2 * flower_threshold(share, n) <= n]):
+        return ""
+    lowest = next(t / 100 for t in range(51, 101) if all(2 * flower_threshold(t / 100, n) > n for n in counts))
+    return (f"secagg-threshold {share:g}: Flower's SecAgg+ rounds {share:g} x {bad[0]} share holders to "
+            f"{flower_threshold(share, bad[0])}, half of them: every site would refuse such rounds (a server sending "
+            f"different sites different unmask lists could take one site's update out); use at least {lowest:g}")
+
+
 def flower_threshold(share: float, shares: int) -> int:
     """The sites whose key shares Flower 1.41's SecAgg+ needs to unmask, for reconstruction_threshold `share` and
     `shares` share holders (SecAggPlusWorkflow.setup_stage: Python's round, half to even, and at least 2)."""
@@ -418,6 +420,10 @@ class RunConfig(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
         fed, sa, dp = self.federation, self.secagg, self.privacy
+        # a new run only: a run started before this check keeps its frozen value to resume and deliver (its sites
+        # refuse only the rounds where Flower's rounding comes to half the share holders)
+        if sa.enabled and not (self.run.resume or self.run.deliver_only) and (why := threshold_refusal(sa.threshold)):
+            raise ValueError(why)
         if dp.enabled and self.site.val_fraction == 0:
             raise ValueError("val-fraction 0 with dp: a DP site fits its normalisation on half its held-out part, "
                              "which would be empty, so every site would refuse every round; use val-fraction > 0 "

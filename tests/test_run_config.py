@@ -142,6 +142,8 @@ def test_an_error_names_the_flat_key_a_user_writes():
     with pytest.raises(RunConfigError, match=r"rounds 0.6 x 4 share holders to 2, half of them.* use at least 0.63"):
         load_run_config({"schema": "s.json", "secagg-threshold": 0.6})
     assert load_run_config({"schema": "s.json", "secagg-threshold": 0.63}).secagg.threshold == 0.63
+    for frozen in ({"resume": True}, {"deliver-only": True}):  # a run started before the check resumes and delivers
+        assert load_run_config({"schema": "s.json", "secagg-threshold": 0.6, **frozen}).secagg.threshold == 0.6
     with pytest.raises(RunConfigError, match=r"d-model \(64\) must be divisible by n-heads \(3\)"):
         load_run_config({"schema": "s.json", "n-heads": 3})
 
