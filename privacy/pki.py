@@ -118,7 +118,7 @@ class ConsortiumRecord(BaseModel):
     name: str
     address: str = Field(description="HOST:PORT the sites connect to (their site.json `superlink`)")
     control_address: str | None = Field(None, alias="control-address")
-    sites: list[RegisteredSite] = []
+    sites: list[RegisteredSite]  # every `consortium init` writes it (empty): add-site and list-sites read it
 
     @field_validator("address", "control_address")
     @classmethod

@@ -110,6 +110,7 @@ def test_runs_stop_with_the_server_down_says_so_and_fails(tmp_path):
 @pytest.mark.parametrize("edit, command, named", [
     (lambda r: r.pop("address"), ["server", "preflight"], "address: Field required"),
     (lambda r: r.update(sites="Hosp A"), ["consortium", "list-sites"], "sites: Input should be a valid list"),
+    (lambda r: r.pop("sites"), ["consortium", "list-sites"], "sites: Field required"),
     (lambda r: r.update(address="fl.example.org"), ["server", "preflight"], "address: Value error, 'fl.example.org' "
                                                                               "is not HOST:PORT"),
 ])
