@@ -283,7 +283,7 @@ def site_policy_mod(msg: Message, context: Context, call_next):
 ONE_SUM_RECORD_UNREADABLE = ("the record of the SecAgg+ exchange this round's update was sent in before cannot be "
                              "read (details in the site's log); the site sends nothing in this round")
 ONE_SUM_RECORD_UNWRITABLE = ("the record of this SecAgg+ exchange could not be kept (a full disk or a state directory "
-                             "it cannot write: details in the site's log); the update was not sent")
+                             "it cannot write: details in the site's log); the round was not trained and nothing was sent")
 
 
 def _into_one_exchange(cfg: RunConfig, call_next):
@@ -317,14 +317,21 @@ def _into_one_exchange(cfg: RunConfig, call_next):
                 "round, or new node ids) or with a higher threshold; sent again in this one, the sites that gave no key shares for the first sum "
                 "could unmask a second sum holding the same update, so the site sends nothing in this round (its "
                 "spend, if any, stays counted once)"), site_audit(settings))
-        reply = call_next(msg, context)
-        if before is None:
-            try:
+        if before is None:  # kept before the round trains (and, under DP, spends): a record that cannot be written
+            try:  # refuses the round with nothing spent, not an update already paid for
                 releases.record_sent(run_key, rnd, neighbours, threshold)
             except OSError as e:
                 log(WARNING, "site %s: the round's SecAgg+ neighbours cannot be kept in %s: %s", settings.name,
                     releases.root, e)
                 raise _refusal(fitins, msg, settings.name, ONE_SUM_RECORD_UNWRITABLE, site_audit(settings)) from None
+        try:
+            reply = call_next(msg, context)
+        except BaseException:
+            if before is None:  # nothing left the site: the record must not bind a later attempt
+                releases.forget_sent(run_key, rnd)
+            raise
+        if before is None and reply.has_error():
+            releases.forget_sent(run_key, rnd)
         return reply
 
     return handler

@@ -163,6 +163,11 @@ class ReleaseStore:
         self._write(run_id, rnd, "secagg", {"neighbours": sorted(int(i) for i in neighbours),
                                             "threshold": int(threshold)})
 
+    def forget_sent(self, run_id: str, rnd: int) -> None:
+        """Drop the record `record_sent` kept for an attempt whose update did not leave after all (the round was refused
+        or failed at the site): it must not bind a later attempt to sites that never received anything."""
+        self._record(run_id, rnd, "secagg").unlink(missing_ok=True)
+
     def load(self, run_id: str, rnd: int) -> Release | None:
         """The round's released update, None if none was kept; ReleaseDamaged if its file cannot be read."""
         path = self._path(run_id, rnd)

@@ -684,3 +684,34 @@ def test_a_damaged_record_of_the_exchange_a_round_was_sent_in_refuses_rather_tha
     _, refused, sent = session(list(sites.values()))
     assert "the record of the SecAgg+ exchange this round's update was sent in before cannot be read" in refused["A"]
     assert "released" not in refused["A"] and sites["A"] not in sent and path.read_text() == damaged
+
+
+def test_the_one_exchange_record_is_kept_before_the_round_trains_and_dropped_if_nothing_left(tmp_path, monkeypatch):
+    """The neighbours a round's update is sent among are kept before the round trains (under DP: spends), so a record
+    that cannot be written refuses the round with nothing spent, not an update already paid for (review of
+    2026-12-06); an attempt refused or failed at the site drops its record, which must not bind a later attempt to
+    sites that never received anything."""
+    import re
+
+    from client.app import ONE_SUM_RECORD_UNWRITABLE, SiteRefusal, _into_one_exchange
+    from client.releases import ReleaseStore
+    from privacy.run_config import load_run_config
+
+    run = {"schema": "s.json", "min-sites": 2, "sites": 3, "dp": False}
+    cfg, trained = load_run_config(run), []
+
+    def train(msg, context):
+        trained.append(1)
+        raise SiteRefusal("refused: the round's own checks")
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ReleaseStore, "record_sent", full)
+    with pytest.raises(SiteRefusal, match=re.escape(ONE_SUM_RECORD_UNWRITABLE)):
+        _into_one_exchange(cfg, train)(_fit([np.zeros(3)]), _context(tmp_path, run))
+    assert trained == []  # refused before training: nothing trained, nothing spent
+    monkeypatch.undo()
+    with pytest.raises(SiteRefusal, match="the round's own checks"):
+        _into_one_exchange(cfg, train)(_fit([np.zeros(3)]), _context(tmp_path, run))
+    assert trained == [1] and ReleaseStore(tmp_path / "state").sent_among("run-X", 1) is None  # nothing left
