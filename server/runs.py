@@ -292,6 +292,9 @@ def stop(root: Path, name: str, env: dict, out) -> int:
         ok = proc.returncode == 0
         stopped += ok
         why = (proc.stdout + proc.stderr).strip()[-300:]
+        if not ok and "already finished" in why.lower():  # an earlier flwr run of a resumed run, asked because the
+            out.write(f"flwr run {run_id}: already finished\n")  # SuperLink's database was busy: nothing to stop
+            continue
         out.write(f"flwr run {run_id}: " + ("stopped\n" if ok else f"not stopped ({why})\n"))
     return stopped
 

@@ -243,3 +243,26 @@ def test_runs_list_says_of_a_short_delivery_how_many_sites_that_trained_installe
     (run / "result.json").write_text(json.dumps({"run": "r1-x", "deliveries": deliveries}))
     line = RunView.load(consortium, "r1", read_superlink(_superlink_db(consortium, "completed"))).describe({})
     assert "final model installed at 1 of the 2 sites that trained; not at C1 (no reply within 90 s)" in line, line
+
+
+def test_runs_stop_counts_a_flwr_run_already_finished_as_nothing_to_stop_not_a_failure(consortium, monkeypatch):
+    """With the SuperLink's database busy (unread), `stop` asks Flower to stop every flwr run of the name, a resumed
+    run's finished ones too; Flower refuses those ("Run is already finished."), which read as "not stopped" and made
+    `runs stop` exit 1 after it had stopped the live run (review of 2026-12-06)."""
+    import subprocess
+    import types
+
+    import server.runs
+    from server.runs import stop
+
+    (consortium / "runs" / "r1" / "flwr-runs.json").write_text(json.dumps([111, RUN_ID]))
+    monkeypatch.setattr(server.runs, "read_superlink", lambda path: None)
+
+    def flwr(argv, **kw):
+        finished = argv[2] == "111"
+        return types.SimpleNamespace(returncode=1 if finished else 0, stderr="",
+                                     stdout="Run is already finished." if finished else "stopped")
+    monkeypatch.setattr(subprocess, "run", flwr)
+    out = io.StringIO()
+    assert stop(consortium, "r1", {}, out) == 1
+    assert "not stopped" not in out.getvalue() and "flwr run 111: already finished" in out.getvalue()
