@@ -385,8 +385,8 @@ def main(grid: Grid, context: Context) -> None:
         RoundsWorkflow(fit_workflow=fit_workflow, first_round=start.first_round, on_round_end=recorder,
                        wait_for_sites=n_sites, wait_timeout=cfg.federation.round_timeout,
                        message_timeout=cfg.federation.round_timeout,
-                       enough_sites=max(cfg.federation.min_sites, cfg.privacy.trusted_sites if cfg.privacy.distributed else 0)
-                       )(grid, lctx)
+                       enough_sites=max(cfg.federation.min_sites, cfg.privacy.trusted_sites if cfg.privacy.distributed else 0),
+                       registry=recorder.registry)(grid, lctx)
         final = parameters_to_ndarrays(compat.arrayrecord_to_parameters(
             lctx.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
     deliver_final(grid, cfg, schema, out, recorder, [np.asarray(a, dtype=np.float32) for a in final], signing_key,

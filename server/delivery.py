@@ -341,10 +341,7 @@ def redeliver(grid, cfg) -> None:
     result = json.loads((out / RESULT).read_text()) if (out / RESULT).exists() else {**package}
     before = list(result.get("deliveries", []))
     done = installed_nodes(before)
-    from privacy.registry import removed_sites
-
-    # a site removed from the consortium can no longer connect: not waited for (the verdict lists it as removed)
-    removed = removed_sites(cfg.path(cfg.run.site_registry)) if cfg.run.site_registry else {}
+    removed = removed_nodes(out)  # a site removed from the consortium can no longer connect: not waited for
     wanted = {n for n in trained_nodes(out) - done if str(n) not in removed}
     deadline = time.monotonic() + cfg.federation.round_timeout
     while wanted - set(grid.get_node_ids()) and time.monotonic() < deadline:

@@ -12,6 +12,7 @@ import time
 import timeit
 from collections.abc import Callable
 from logging import INFO, WARNING
+from pathlib import Path
 
 from flwr.app import ConfigRecord
 from flwr.app.message_type import MessageType
@@ -183,19 +184,16 @@ class TimedSecAggPlusWorkflow(SecAggPlusWorkflow):
 WAIT_REPORT_EVERY = 30.0  # s between the lines naming the sites a run still waits for before round 1
 
 
-def _active_sites(run_config) -> dict[int, str]:
-    """{node id: name} of the sites in the consortium's register (run config site-registry; {} without one, as in a
-    simulation), those removed left out: they can no longer connect."""
-    from pathlib import Path
-
+def _active_sites(registry: Path | None) -> dict[int, str]:
+    """{node id: name} of the sites in the consortium's register (`registry`: its consortium.json, the run config's
+    site-registry; None, as in a simulation: {}), those removed left out: they can no longer connect."""
     from privacy.pki import ProvisioningError
     from privacy.registry import registered_names, removed_sites
 
-    if not (registry := str(run_config.get("site-registry", "") or "")):
+    if registry is None:
         return {}
-    path = Path(registry) if Path(registry).is_absolute() else Path(str(run_config.get("base-dir", "."))) / registry
     try:
-        names, removed = registered_names(path), removed_sites(path)
+        names, removed = registered_names(registry), removed_sites(registry)
     except ProvisioningError:
         return {}
     return {int(n): name for n, name in names.items() if n not in removed}
@@ -204,19 +202,21 @@ def _active_sites(run_config) -> dict[int, str]:
 class RoundsWorkflow(DefaultWorkflow):
     def __init__(self, fit_workflow=None, evaluate_workflow=None, *, first_round: int = 1,
                  on_round_end: Callable[[int, LegacyContext], None] | None = None, wait_for_sites: int = 0,
-                 wait_timeout: float = 3600.0, message_timeout: float = 600.0, enough_sites: int = 0):
+                 wait_timeout: float = 3600.0, message_timeout: float = 600.0, enough_sites: int = 0,
+                 registry: Path | None = None):
         super().__init__(fit_workflow=fit_workflow, evaluate_workflow=evaluate_workflow)
+        self.registry = registry  # the consortium's register (run config site-registry), to name the sites waited for
         self.first_round, self.on_round_end = first_round, on_round_end
         self.wait_for_sites, self.wait_timeout = wait_for_sites, wait_timeout
         self.enough_sites = enough_sites  # after the wait, start with this many (min-sites) rather than fail
         self.message_timeout = message_timeout
 
     def _wait_for_sites(self, context: LegacyContext) -> None:
-        """Wait up to wait_timeout for wait_for_sites sites to connect. The registered sites (consortium.json, run
-        config site-registry) not connected yet are named every WAIT_REPORT_EVERY s in the log and progress.json
-        (`oncofed run`, `runs follow`), and in the failure: a site that never comes was a silent wait (600 s)."""
+        """Wait up to wait_timeout for wait_for_sites sites to connect. The registered sites (`registry`) not connected
+        yet are named every WAIT_REPORT_EVERY s in the log and progress.json (`oncofed run`, `runs follow`), and in the
+        failure: a site that never comes was a silent wait (600 s)."""
         cm, deadline = context.client_manager, time.monotonic() + self.wait_timeout
-        registered = _active_sites(context.run_config)
+        registered = _active_sites(self.registry)
         log(INFO, "waiting for %s sites to connect", self.wait_for_sites)
         while True:
             connected = {int(cid) for cid in cm.all()}

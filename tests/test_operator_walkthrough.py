@@ -26,10 +26,10 @@ def test_a_site_that_never_connects_is_named_while_the_run_waits_and_in_its_fail
     cm = SimpleClientManager()
     cm.register(GridClientProxy(11, None, 0))
     context = types.SimpleNamespace(client_manager=cm, state=types.SimpleNamespace(config_records={}),
-                                    run_config={"site-registry": str(register), "output-dir": str(tmp_path / "r1")})
+                                    run_config={"output-dir": str(tmp_path / "r1")})
     (tmp_path / "r1").mkdir()
     monkeypatch.setattr(server.workflow, "WAIT_REPORT_EVERY", 0.3)
-    workflow = RoundsWorkflow(wait_for_sites=3, wait_timeout=1.0, enough_sites=2)
+    workflow = RoundsWorkflow(wait_for_sites=3, wait_timeout=1.0, enough_sites=2, registry=register)
     caplog.set_level(logging.INFO, logger="flwr")
     with pytest.raises(RuntimeError, match=r"\(1 did; at least 2 needed\); not connected: Hosp B \(node 12\), "
                                            r"Hosp D \(node 14\); check that each one's SuperNode is running"):
