@@ -203,8 +203,8 @@ def ledger_check(site_dir: Path, settings: SiteConfig) -> Check:
 def ledger_index_check(site_dir: Path, settings: SiteConfig) -> Check:
     """This site in the machine's index of privacy ledgers (privacy/ledger_index.py), as site.json says now: fails when
     the index cannot be written (a round's claim on its patients could not be recorded, and every DP round would be
-    refused); warns when another site's ledger reads the same data-path (its patients' rounds are refused here if
-    that ledger trained on them first). Call after `ledger_check` passed: it records this ledger's path."""
+    refused); warns when another site's ledger reads the same data-path (a round is refused here on patients that
+    ledger has spent on, or claimed first). Call after `ledger_check` passed: it records this ledger's path."""
     from privacy.ledger import LEDGER_FILE
     from privacy.ledger_index import LedgerIndex, LedgerIndexError
 
@@ -219,9 +219,9 @@ def ledger_index_check(site_dir: Path, settings: SiteConfig) -> Check:
     notes = "".join(f"; {note}" for note in index.notes)
     if others:
         return Check(name, True, f"another site of this machine reads {settings.data_path}: "
-                     f"{'; '.join(o.describe() for o in others)}. A round on patients that ledger trained on first is "
-                     f"refused here: to keep one ledger for them, stop that site and set this site.json's state-dir to "
-                     f"{others[0].state_dir}{notes}", warning=True)
+                     f"{'; '.join(o.describe() for o in others)}. A round on patients that ledger has spent on (or "
+                     f"claimed first) is refused here: to keep one ledger for them, stop that site and set this "
+                     f"site.json's state-dir to {others[0].state_dir}{notes}", warning=True)
     return Check(name, True, f"no other site of this machine reads this site's data{notes}", warning=bool(notes))
 
 
