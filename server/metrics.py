@@ -159,9 +159,9 @@ def serve_metrics(consortium, port: int, host: str = "127.0.0.1"):
     def live():
         return live_run_names(consortium.root, read_superlink(consortium.path("state", "superlink.db")))
 
-    registry = CollectorRegistry()
     def unfinished():
         return unfinished_run_names(consortium.root, read_superlink(consortium.path("state", "superlink.db")))
 
+    registry = CollectorRegistry()
     registry.register(ConsortiumCollector(consortium.path("runs"), sites, live, unfinished))
     return start_http_server(port, addr=host, registry=registry)

@@ -182,11 +182,21 @@ class SecAggSection(_Section):
         "server sending different sites different unmask lists can unmask one site's update, and the sites refuse")
 
 
-
 # The largest delta a run or a site may ask for: a public constant (a bound that followed a site's count would publish
 # it), a tenth of 1 / patients for sites of up to 1,000; the default 1e-5 is that up to 10,000, and a larger site
 # sets its own privacy-delta below 1 / (10 x its patients) in site.json (docs/privacy.md)
 MAX_DELTA = 1e-4
+# SecAgg+ shares keys among at most this many neighbours of each site (Flower's sparse graph beyond it; odd, as
+# Flower's neighbour graph wants): no sum is unmasked for a site whose floor (min-sites, trusted-sites) is above it
+SECAGG_MAX_SHARES = 21
+
+
+def flower_threshold(share: float, shares: int) -> int:
+    """The sites whose key shares Flower 1.41's SecAgg+ needs to unmask, for reconstruction_threshold `share` and
+    `shares` share holders (SecAggPlusWorkflow.setup_stage: Python's round, half to even, and at least 2)."""
+    return max(round(share * shares), 2)
+
+
 def threshold_refusal(share: float) -> str:
     """Why secagg-threshold `share` cannot train ("" if it can): Flower rounds it to half of some count of 2 to
     SECAGG_MAX_SHARES share holders or fewer, where every site refuses the round (client/app.py: a server sending
@@ -198,17 +208,6 @@ def threshold_refusal(share: float) -> str:
     return (f"secagg-threshold {share:g}: Flower's SecAgg+ rounds {share:g} x {bad[0]} share holders to "
             f"{flower_threshold(share, bad[0])}, half of them: every site would refuse such rounds (a server sending "
             f"different sites different unmask lists could take one site's update out); use at least {lowest:g}")
-
-
-def flower_threshold(share: float, shares: int) -> int:
-    """The sites whose key shares Flower 1.41's SecAgg+ needs to unmask, for reconstruction_threshold `share` and
-    `shares` share holders (SecAggPlusWorkflow.setup_stage: Python's round, half to even, and at least 2)."""
-    return max(round(share * shares), 2)
-
-
-# SecAgg+ shares keys among at most this many neighbours of each site (Flower's sparse graph beyond it; odd, as
-# Flower's neighbour graph wants): no sum is unmasked for a site whose floor (min-sites, trusted-sites) is above it
-SECAGG_MAX_SHARES = 21
 
 
 class PrivacySection(_Section):
