@@ -238,6 +238,7 @@ def serve_main(
 
     from client.model_store import ModelStoreError
     from client.serve import create_app
+    from privacy.site_config import host_port
 
     try:
         app = create_app(_site_settings(site_config))
@@ -249,7 +250,7 @@ def serve_main(
     degraded = app.state.predictor.degraded
     if degraded:
         typer.echo(f"DEGRADED: {degraded['reason']}", err=True)
-    typer.echo(f"serving model {app.state.predictor.current.version} on http://{host}:{port}/")
+    typer.echo(f"serving model {app.state.predictor.current.version} on http://{host_port(host, port)}/")
     # the event loop takes the GIL back from the model and parsing threads within 1 ms (default 5 ms):
     # /health and small requests stay fast while an explanation or an upload is being worked on
     sys.setswitchinterval(0.001)

@@ -52,7 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from privacy import MAX_BUDGET, SITE_BUDGET
 from privacy.ledger_index import LedgerIndex, LedgerIndexError, OtherLedger
 from privacy.signing import generate_signing_key, write_private
-from privacy.site_config import FILE_FORMAT, HOST_PORT, SiteConfig, SiteConfigError
+from privacy.site_config import FILE_FORMAT, HOST_PORT, SiteConfig, SiteConfigError, host_port
 from shared_models.files import read_json_file, sha256_file
 from shared_models.flower_tools import SUPERLINK_INTERNAL_PORT
 from shared_models.limits import MIN_COUNT
@@ -292,7 +292,7 @@ def _write_consortium(root: Path, name: str, host: str, port: int, internal_port
     shutil.copy(root / "ca" / "ca.crt", public / "ca.crt")
     shutil.copy(root / "signing" / "signing.pub", public / "signing.pub")
     shutil.copy(schema, public / "schema.json")
-    record = {"format": FORMAT, "name": name, "address": f"{host}:{port}", "created": now.isoformat(),
+    record = {"format": FORMAT, "name": name, "address": host_port(host, port), "created": now.isoformat(),
               **{key: fingerprint(public / file) for file, key in BUNDLE_FILES},
               "ca_not_after": (now + dt.timedelta(days=CA_DAYS)).isoformat(),
               "server_not_after": (now + dt.timedelta(days=SERVER_DAYS)).isoformat(),

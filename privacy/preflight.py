@@ -21,6 +21,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from privacy.site_config import host_port
+
 RENEW_DAYS = 30  # a certificate expiring sooner is reported (not refused)
 CERT_NOT_YET_VALID, CERT_HAS_EXPIRED = 9, 10  # OpenSSL's X509_V_ERR_ codes, as ssl.SSLCertVerificationError.verify_code
 
@@ -159,7 +161,7 @@ def check_site_key(path: Path) -> Check:
 
 
 def check_port_free(host: str, port: int, what: str) -> Check:
-    name = f"{what} {host}:{port}"
+    name = f"{what} {host_port(host, port)}"
     if not 0 < int(port) < 65536:
         return Check(name, False, f"port {port} is not a TCP port (1-65535); choose one in that range")
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:

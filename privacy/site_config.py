@@ -10,6 +10,7 @@ writes is what a reader reads. It lives beside the provisioning that writes it, 
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Literal
@@ -26,6 +27,17 @@ FILE_FORMAT = "oncofed-site/1"
 # a server address: a host (a name, an IPv4 address or a bracketed IPv6 one) and a TCP port 1-65535
 HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}"
                        r"|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])")
+
+
+def host_port(host: str, port: int) -> str:
+    """HOST:PORT as HOST_PORT reads it (parse_address's inverse): an IPv6 literal in brackets, `[::1]:9443`, as
+    `::1:9443` names no port."""
+    try:
+        v6 = ipaddress.ip_address(host).version == 6
+    except ValueError:
+        v6 = False
+    return f"[{host}]:{port}" if v6 else f"{host}:{port}"
+
 
 # What the SuperNode hands the deployed ClientApp (--node-config): where the site's data and state live,
 # and its policy, the keys on which the site is authoritative over any run config.

@@ -39,6 +39,7 @@ from privacy.preflight import (
     report,
 )
 from privacy.registry import control_address, control_address_setting
+from privacy.site_config import host_port
 from server import proxy
 from server.processes import (
     answers_health,
@@ -138,7 +139,7 @@ def listening_ports(c: Consortium, metrics_port: int = 0) -> list[Listen]:
     all read from consortium.json."""
     host, port = c.public
     record = c.path("consortium.json")
-    ports = [Listen("public (proxy) address", proxy.listen_host(host).strip("[]"), port,
+    ports = [Listen("public (proxy) address", proxy.listen_host(host), port,
                     f'"address" in {record} (`oncofed consortium init --address`; the sites connect to it)'),
              Listen("SuperLink loopback address", "127.0.0.1", c.internal_port, control_address_setting(c.root))]
     if metrics_port:
@@ -156,7 +157,7 @@ def port_checks(c: Consortium, metrics_port: int = 0) -> list[Check]:
     by its directory), its setting, and a port free now to set it to."""
     ports, checks = listening_ports(c, metrics_port), []
     for i, p in enumerate(ports):
-        name = f"{p.what} {p.host}:{p.port}"
+        name = f"{p.what} {host_port(p.host, p.port)}"
         if clash := next((q for q in ports[:i] if _same_socket(p, q)), None):
             checks.append(Check(name, False, f"the same port as the {clash.what} ({clash.setting}): set {p.setting} to "
                                 f"another port, e.g. {free_port_after(p.port, ports)}"))
@@ -590,9 +591,9 @@ def start_server(root: str | Path, metrics_port: int = METRICS_PORT, out=sys.std
             except OSError as e:  # taken between preflight and now
                 raise DeployError(f"metrics: cannot listen on 127.0.0.1:{metrics_port} ({e.strerror}); choose "
                                   "another --metrics-port (0: off)") from None
-        out.write(f"serving: sites connect to https://{host}:{port} (Fleet API only); operator commands use "
+        out.write(f"serving: sites connect to https://{c.record['address']} (Fleet API only); operator commands use "
                   f"{c.control_address} (loopback); metrics on http://127.0.0.1:{metrics_port}/metrics; "
-                  f"health on https://{host}:{port}/health; logs in {c.path('logs')}\n")
+                  f"health on https://{c.record['address']}/health; logs in {c.path('logs')}\n")
         out.flush()
         while not stopping:
             superexec_was_up = superexec.up

@@ -15,6 +15,8 @@ import os
 import shutil
 from pathlib import Path
 
+from privacy.site_config import host_port
+
 NGINX_HINT = "install nginx (Debian: `apt-get install nginx-light`) or put its directory on PATH"
 
 
@@ -28,7 +30,7 @@ def listen_host(host: str) -> str:
         ip = ipaddress.ip_address(host)
     except ValueError:
         return "0.0.0.0"
-    return f"[{ip}]" if ip.version == 6 else str(ip)
+    return str(ip)
 
 
 def render(root: Path, public_host: str, public_port: int, internal_port: int, health_port: int | None = None) -> str:
@@ -70,7 +72,7 @@ http {{
     }}
 
     server {{
-        listen {listen_host(public_host)}:{public_port} ssl;
+        listen {host_port(listen_host(public_host), public_port)} ssl;
         server_name {public_host};
         ssl_certificate {root}/server/server.crt;
         ssl_certificate_key {root}/server/server.key;

@@ -344,3 +344,27 @@ def test_add_site_given_a_certificate_or_a_private_key_refuses_it_naming_the_fil
         secret = b"".join(path.read_bytes().splitlines()[1:3]).decode()
         assert secret[:40] not in result.output.replace("\n", "")
     assert json.loads((consortium / "consortium.json").read_text())["sites"] == []
+
+
+def test_an_ipv6_address_is_written_bracketed_wherever_a_port_follows_it(tmp_path):
+    """`--address [::1]:9443`: consortium.json, the bundle's manifest, the site's site.json, the proxy's `listen` and
+    the preflight's port check all say `[::1]:9443`, the one form HOST:PORT parsers read (`::1:9443` names no port)."""
+    from typer.testing import CliRunner
+
+    from oncofed.cli import app
+    from privacy.pki import parse_address
+    from privacy.site_config import SiteConfig
+    from server.deploy import Consortium, port_checks
+
+    res = CliRunner().invoke(app, ["consortium", "init", str(tmp_path / "op"), "--name", "c", "--address",
+                                   "[::1]:9443"])
+    assert res.exit_code == 0, res.output
+    record = json.loads((tmp_path / "op" / "consortium.json").read_text())
+    assert record["address"] == "[::1]:9443" and parse_address(record["address"]) == ("::1", 9443)
+    assert json.loads((tmp_path / "op" / "public" / "consortium.json").read_text())["address"] == "[::1]:9443"
+    assert "listen [::1]:9443 ssl;" in (tmp_path / "op" / "proxy" / "nginx.conf").read_text()
+    assert [c.name for c in port_checks(Consortium.load(tmp_path / "op"))][0] == "public (proxy) address [::1]:9443"
+    res = CliRunner().invoke(app, ["site", "init", str(tmp_path / "s"), "--name", "C1", "--consortium",
+                                   str(tmp_path / "op" / "public"), "--ca-fingerprint", record["ca_sha256"]])
+    assert res.exit_code == 0, res.output
+    assert SiteConfig.load(tmp_path / "s" / "site.json").superlink == "[::1]:9443"
