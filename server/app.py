@@ -34,7 +34,8 @@ from privacy.registry import registered_names
 from privacy.run_config import load_run_config
 from privacy.signing import canonical, load_private, sign
 from server.checkpoint import (freeze_run, frozen_run, hold_run_lock, load_latest, metrics_lines, model_updated,
-                               round_outcome, run_config_changes, save_checkpoint, why_no_update, write_json_atomic)
+                               resume_command, round_outcome, run_config_changes, save_checkpoint, why_no_update,
+                               write_json_atomic)
 from server.delivery import (audited, deliver, delivery_status, delivery_summary, finished_at, redeliver, save_package,
                              sites_that_trained, tell_outcome)
 from server.strategy import build_strategy
@@ -252,6 +253,7 @@ class RoundRecorder:
         self.registry = cfg.path(cfg.run.site_registry) if cfg.run.site_registry else None
         self.registered = registered_names(self.registry) if self.registry else {}
         self.metrics_file, self.ckpt_root = out / METRICS, out / CHECKPOINTS
+        self.resume = resume_command(out, self.registry)  # a simulation's differs from a consortium's run
         self.t0, self.round_started = t0, time.time()  # t0: the ServerApp's start
         self.status = {"run": self.run_key, "num_rounds": cfg.federation.num_rounds, "round": start.first_round - 1,
                        "finished": 0, "site_epsilon": self.site_epsilon}
@@ -294,7 +296,8 @@ class RoundRecorder:
             "run_key": self.run_key, "schema_hash": self.schema_hash, "strategy": self.cfg.federation.strategy,
             "run_config": self.run_config, "site_epsilon": self.site_epsilon,
             "site_epsilon_worst_case": self.site_epsilon_worst_case,
-            ROUND_RECORDS: {"metrics": line, "audit": audit_round}}, keep=self.cfg.run.keep_checkpoints)
+            ROUND_RECORDS: {"metrics": line, "audit": audit_round}}, keep=self.cfg.run.keep_checkpoints,
+            resume=self.resume)
         append_json_line(self.metrics_file, line)
         self.status.update(round=rnd, round_seconds=round(time.time() - self.round_started, 2),
                            participating=len(info.get("participants", [])), site_epsilon=dict(self.site_epsilon),

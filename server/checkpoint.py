@@ -93,9 +93,20 @@ def round_outcome(run_dir: Path, rnd: int) -> dict | None:
     return {"round": rnd, "status": last["status"], **({"reason": last["reason"]} if last.get("reason") else {})}
 
 
+def resume_command(run_dir: Path, registry: Path | None) -> str:
+    """How the run in `run_dir` goes on after it stopped: a consortium's run (its run config's site-registry is
+    CONSORTIUM/consortium.json) by `oncofed run --resume`; a simulation (no register) by running it again, as
+    `oncofed simulate` has no --resume (it clears its server output and starts over)."""
+    if registry is None:
+        return ("run the simulation again (`oncofed simulate` has no --resume: it starts over; `oncofed experiment` "
+                "reruns the unfinished cell)")
+    return f"continue the run with `oncofed run {registry.parent} --name {run_dir.name} --resume`"
+
+
 def save_checkpoint(root: Path, rnd: int, weights: list[np.ndarray], strategy_state: dict[str, np.ndarray],
-                    meta: dict, keep: int = 0) -> Path:
-    """Writes round `rnd`'s checkpoint, then (keep > 0) removes all but the `keep` newest rounds."""
+                    meta: dict, keep: int = 0, resume: str = "continue the run") -> Path:
+    """Writes round `rnd`'s checkpoint, then (keep > 0) removes all but the `keep` newest rounds. `resume` (from
+    resume_command): what a failure's message tells to do once the disk is fixed."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"round-{rnd:04d}"
     tmp = root / f".tmp-round-{rnd:04d}"
@@ -115,8 +126,7 @@ def save_checkpoint(root: Path, rnd: int, weights: list[np.ndarray], strategy_st
         fix = (f"the disk holding {root} is full: free space there" if e.errno == errno.ENOSPC
                else "fix that")
         raise OSError(e.errno, f"round {rnd}'s checkpoint could not be written in {root} ({e.strerror or e}): {fix}, "
-                      f"then continue the run with `--resume` (`oncofed run CONSORTIUM --name {root.parent.name} "
-                      f"--resume`); the rounds checkpointed before are kept") from None
+                      f"then {resume}; the rounds checkpointed before are kept") from None
     if keep > 0:
         prune_checkpoints(root, keep, final.name)
     return final

@@ -49,13 +49,14 @@ _FULL_DISK = """
 import resource, signal, sys
 from pathlib import Path
 import numpy as np
-from server.checkpoint import save_checkpoint
+from server.checkpoint import resume_command, save_checkpoint
 root = Path(sys.argv[1])
 save_checkpoint(root, 1, [np.zeros(10, dtype=np.float32)], {}, {})  # fits
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with an OSError, as on a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 try:
-    save_checkpoint(root, 2, [np.zeros(100_000, dtype=np.float32)], {}, {})
+    save_checkpoint(root, 2, [np.zeros(100_000, dtype=np.float32)], {}, {},
+                    resume=resume_command(root.parent, Path(sys.argv[2])))
 except OSError as e:
     print(e)
 """
@@ -68,11 +69,12 @@ def test_a_checkpoint_the_disk_cannot_hold_names_the_directory_and_the_resume_an
     import sys
 
     root = tmp_path / "runs" / "r5" / "checkpoints"
-    out = subprocess.run([sys.executable, "-c", _FULL_DISK, str(root)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", _FULL_DISK, str(root), str(tmp_path / "consortium.json")],
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     message = out.stdout.strip()
     assert f"round 2's checkpoint could not be written in {root} (File too large)" in message
-    assert "`oncofed run CONSORTIUM --name r5 --resume`" in message and "rounds checkpointed before are kept" in message
+    assert f"`oncofed run {tmp_path} --name r5 --resume`" in message and "rounds checkpointed before are kept" in message
     assert sorted(p.name for p in root.iterdir()) == ["latest.json", "round-0001"]  # no .tmp-round-0002 left
 
 
@@ -88,6 +90,51 @@ def test_a_full_disk_at_a_checkpoint_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(server.checkpoint.np, "savez", full)  # a full disk cannot be made here without mounting one
     with pytest.raises(OSError, match=f"the disk holding {tmp_path / 'c'} is full: free space there, then continue"):
         save_checkpoint(tmp_path / "c", 1, [], {}, {})
+
+
+@pytest.mark.parametrize("deployed", [False, True], ids=["simulation", "consortium-run"])
+def test_a_full_disk_at_a_checkpoint_names_the_command_that_continues_this_kind_of_run(tmp_path, monkeypatch, deployed):
+    """The ServerApp's message named `oncofed run CONSORTIUM --name server --resume` in a simulation too, whose run
+    directory is --out/server and whose command (`oncofed simulate`) has no --resume: it starts over."""
+    import errno
+
+    from flwr.app import Context, RecordDict
+    from flwr.common import ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+    from flwr.server.history import History
+    from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
+
+    import server.checkpoint
+    from privacy.audit import AuditLog
+    from privacy.pki import init_consortium
+    from privacy.run_config import load_run_config
+    from server.app import RoundRecorder
+    from tests.factories import started_run
+
+    out, values, schema, start = started_run(tmp_path)
+    if deployed:  # `oncofed run` names the consortium's register; a simulation has none
+        init_consortium(tmp_path / "op", "c", "fl.example.org:443")
+        values = {**values, "site-registry": str(tmp_path / "op" / "consortium.json")}
+    cfg = load_run_config(values, source="run config")
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=values)
+    recorder = RoundRecorder(cfg, context, schema, out, start, AuditLog(out / "audit.jsonl"), lambda: None, None, 0.0)
+    state = RecordDict()
+    state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(ndarrays_to_parameters(start.weights),
+                                                                                keep_input=True)
+    strategy = types.SimpleNamespace(round_info={"status": "ok", "participants": []}, state_arrays=dict, timing={})
+    lctx = types.SimpleNamespace(state=state, strategy=strategy, history=History())
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(server.checkpoint.np, "savez", full)
+    with pytest.raises(OSError) as e:
+        recorder(1, lctx)
+    if deployed:
+        assert f"then continue the run with `oncofed run {tmp_path / 'op'} --name x --resume`" in str(e.value)
+    else:
+        assert "then run the simulation again (`oncofed simulate` has no --resume" in str(e.value)
+        assert "oncofed run" not in str(e.value)
 
 
 def test_runs_stop_with_the_server_down_says_so_and_fails(tmp_path):
