@@ -196,6 +196,21 @@ def removed_nodes(run_dir: Path) -> dict[str, str]:
     return removed_sites(run_dir.parent.parent / "consortium.json")
 
 
+def delivery_now(run_dir: Path, status: dict) -> dict:
+    """status.json as the register stands now: a site `remove-site` took out after the delivery was recorded is
+    listed under `removed`, not `undelivered` (status.json is rewritten only by the next `oncofed deliver`), so
+    `oncofed runs`, the verdict and the undelivered alert stop counting it at once."""
+    if not status.get("undelivered"):
+        return status
+    removed = removed_nodes(run_dir)
+    gone = {str(n): removed[str(n)] for n in status["undelivered"] if str(n) in removed}
+    if not gone:
+        return status
+    missing = [n for n in status["undelivered"] if str(n) not in gone]
+    return {**status, "undelivered": missing, "delivery_ok": int(not missing),
+            "removed": {**(status.get("removed") or {}), **gone}}
+
+
 def delivery_status(run_dir: Path, deliveries: list[dict], by_name: bool = False,
                     sites: list[TrainedSite] | None = None, removed: dict[str, str] | None = None) -> dict:
     """status.json's delivery fields: who installed the final model against who trained it (`trained_sites`, or
@@ -390,8 +405,8 @@ def delivery_verdict(run_dir: Path) -> tuple[bool, str]:
         deliveries = json.loads((run_dir / RESULT).read_text()).get("deliveries", [])
     except (OSError, ValueError):
         return False, f"{run_dir / STATUS} or {RESULT} unreadable: delivery unknown"
-    if "delivery_ok" not in status:
-        status.update(delivery_status(run_dir, deliveries))
+    status = delivery_now(run_dir, status) if "delivery_ok" in status else {**status, **delivery_status(run_dir,
+                                                                                                      deliveries)}
     ok, summary = delivery_summary(status, deliveries, run_dir.parent.parent)
     return ok, summary if ok else (f"{summary}. When the cause is fixed, send it again without retraining: "
                                    f"`oncofed deliver {run_dir.parent.parent} {run_dir.name}`")

@@ -35,13 +35,16 @@ from server.run_files import RUN_FILE
 def run_statuses(runs: Path) -> list[tuple[str, dict]]:
     """(run name, status.json) of every run directory, the run started last at the end. A run's run.json is written
     once, when it starts (a resume keeps it), so `oncofed deliver` of an earlier run, which rewrites that run's
-    status.json, does not make it the newest. A run directory without run.json counts by its status.json's time."""
+    status.json, does not make it the newest. A run directory without run.json counts by its status.json's time. The
+    delivery fields are as the register stands now (a site removed since is not undelivered: delivery_now)."""
+    from server.delivery import delivery_now
+
     found = []
     for f in runs.glob("*/status.json"):
         try:
             started = f.with_name(RUN_FILE)
             found.append(((started if started.exists() else f).stat().st_mtime, f.parent.name,
-                          json.loads(f.read_text())))
+                          delivery_now(f.parent, json.loads(f.read_text()))))
         except (OSError, ValueError):
             continue  # being replaced: the next scrape reads it
     return [(name, status) for _, name, status in sorted(found, key=lambda x: (x[0], x[1]))]

@@ -211,10 +211,11 @@ class RunView:
         if self.result and self.result.get("not_delivered"):
             parts.append(f"no model delivered: {self.result['not_delivered']}")
         elif self.result:
-            from server.delivery import delivery_status, delivery_summary
+            from server.delivery import delivery_now, delivery_status, delivery_summary
 
             deliveries = self.result.get("deliveries", [])
-            status = self.status if "delivery_ok" in self.status else delivery_status(self.run_dir, deliveries)
+            status = (delivery_now(self.run_dir, self.status) if "delivery_ok" in self.status
+                      else delivery_status(self.run_dir, deliveries))
             parts.append(delivery_summary(status, deliveries, self.run_dir.parent.parent)[1])
         return " · ".join(parts)
 

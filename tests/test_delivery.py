@@ -456,3 +456,33 @@ def test_a_site_removed_from_the_consortium_is_not_waited_for_nor_left_undeliver
     # a run that ends after the removal counts it so from the start (the ServerApp's own delivery)
     deliveries = json.loads((out / "result.json").read_text())["deliveries"]
     assert server.delivery.delivery_status(out, deliveries)["delivery_ok"] == 1
+
+
+def test_a_site_removed_after_the_delivery_stops_counting_as_undelivered_at_once(tmp_path):
+    """Hosp C3 trained, was offline at the delivery, then `remove-site` took it out: the undelivered alert, `oncofed
+    runs` and the verdict kept counting it until the next `oncofed deliver` rewrote status.json."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from server.metrics import ConsortiumCollector
+    from server.runs import RunView
+
+    out = _run_dir(tmp_path, installed=[1, 2], trained=[[1, 2, 3]])
+    (out / "run.json").write_text("{}")
+    registry = CollectorRegistry()
+    registry.register(ConsortiumCollector(tmp_path / "runs"))
+
+    def delivery_ok() -> str:
+        return next(line for line in generate_latest(registry).decode().splitlines()
+                    if line.startswith("oncofed_run_delivery_ok{"))
+
+    assert delivery_ok().endswith(" 0.0")  # before the removal: C3 is due its model
+    (tmp_path / "consortium.json").write_text(json.dumps({"sites": [
+        {"name": "Hosp C3", "node_id": "3", "removed": "2026-12-06T10:00:00Z"}]}))  # as remove-site writes it
+    status_file = (out / "status.json").read_text()
+    assert delivery_ok() == 'oncofed_run_delivery_ok{run="r1",run_key="r1-key"} 1.0'
+    ok, message = delivery_verdict(out)
+    assert ok and message == ("final model installed at all 2 site(s) that trained and are still in the consortium; "
+                              "Hosp C3 was removed from the consortium (2026-12-06T10:00:00Z): not sent")
+    line = RunView.load(tmp_path, "r1", None).describe({})  # `oncofed runs`
+    assert "Hosp C3 was removed from the consortium" in line and "not at" not in line
+    assert (out / "status.json").read_text() == status_file  # read as of the register, not rewritten
