@@ -1,4 +1,5 @@
-"""Operator-path faults found in review: each test reproduces one without starting Flower or nginx."""
+"""Operator-path faults found in review: each test reproduces one without starting Flower or nginx (test_i2 runs a
+SuperNode's start-up, in a process of its own, only until it launches its SuperExec)."""
 
 from __future__ import annotations
 
@@ -251,10 +252,29 @@ def test_i_a_serverapp_the_superexec_launched_is_reaped_once_it_ends_not_left_de
     assert state(pid) is None
 
 
-def test_i2_a_sites_superexec_is_one_that_reaps_the_clientapps_it_launched(monkeypatch):
+_FIRST_LAUNCH = """
+import json, os, subprocess, sys
+real = subprocess.Popen
+def launched(command, *a, **kw):  # the SuperNode's SuperExec (given the Runtime API's address): printed, not started
+    if "--runtime-api-address" not in command:
+        return real(command, *a, **kw)  # e.g. platform's `uname -p`
+    print(json.dumps(list(command)), flush=True)
+    os._exit(0)
+subprocess.Popen = launched
+from client.supernode import run_supernode
+from privacy.site_config import SiteConfig
+run_supernode(SiteConfig.load(sys.argv[1]), int(sys.argv[2]))
+"""
+
+
+def test_i2_a_sites_superexec_is_one_that_reaps_the_clientapps_it_launched(consortium, tmp_path, monkeypatch):
     """Flower's site SuperExec dropped each ClientApp's Popen: ~2 `flwr-clientapp` zombies a round for the SuperNode's
     whole life (operator review, 2026-12-06). `oncofed site start`'s SuperNode launches client/flower_superexec.py in
-    its place: Flower's SuperExec beside the reaper test_i checks."""
+    its place: Flower's SuperExec beside the reaper test_i checks. The last part runs `run_supernode` itself, Flower's
+    own start-up included, up to the SuperExec's launch (which it prints instead): the launch mapping and the module
+    say nothing if `site start` never puts them in Flower's way."""
+    import json
+    import os
     import subprocess
     import sys
     import threading
@@ -284,6 +304,21 @@ def test_i2_a_sites_superexec_is_one_that_reaps_the_clientapps_it_launched(monke
     monkeypatch.setattr(flwr.supercore.cli, "flower_superexec", lambda: threads.extend(threading.enumerate()))
     run_superexec([], REAPER)
     assert REAPER in [t.name for t in threads]
+
+    from privacy.pki import fingerprint, init_site
+
+    init_site(tmp_path / "s", "S", consortium.path("public"), "",
+              ca_fingerprint=fingerprint(consortium.path("ca", "ca.crt")))
+    with socket.socket() as s:  # the SuperNode's own port (its Runtime API): a free one
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr")}
+    out = subprocess.run([sys.executable, "-c", _FIRST_LAUNCH, str(tmp_path / "s" / "site.json"), str(port)],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0 and out.stdout.strip(), out.stdout + out.stderr
+    launch = json.loads(out.stdout.strip().splitlines()[-1])
+    assert launch[:3] == [sys.executable, "-m", "client.flower_superexec"], launch  # not Flower's `flower-superexec`
+    assert "--runtime-api-address" in launch
 
 
 def test_j_server_stop_ends_this_consortiums_server_and_never_signals_a_reused_pid(consortium, tmp_path, monkeypatch):
