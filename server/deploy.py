@@ -580,8 +580,8 @@ def start_server(root: str | Path, metrics_port: int = METRICS_PORT, out=sys.std
         wait_healthy(c.control_address, ca, link.proc, 60, "the SuperLink", link.log_file, DeployError)
         superexec.start()
         nginx.start()
-        wait_healthy(f"127.0.0.1:{port}", ca, nginx.proc, 30, "the proxy", c.path("proxy", "logs", "error.log"),
-                     DeployError)
+        wait_healthy(proxy.reached_at(host, port), ca, nginx.proc, 30, "the proxy",
+                     c.path("proxy", "logs", "error.log"), DeployError)
         record()
         if metrics_port:
             from server.metrics import serve_metrics

@@ -33,6 +33,14 @@ def listen_host(host: str) -> str:
     return str(ip)
 
 
+def reached_at(host: str, port: int) -> str:
+    """HOST:PORT at which this machine reaches the proxy (its /health, as `server start` waits for it): the address it
+    listens on, loopback when that is every interface. 127.0.0.1 alone missed a proxy bound to one IP (`[::1]`,
+    10.0.0.5)."""
+    listen = listen_host(host)
+    return host_port("127.0.0.1" if listen == "0.0.0.0" else listen, port)
+
+
 def render(root: Path, public_host: str, public_port: int, internal_port: int, health_port: int | None = None) -> str:
     """`health_port`: the supervising `oncofed server start`'s /health (what is up, what is down); without it
     (before the server first starts) /health is the SuperLink's own."""

@@ -368,3 +368,51 @@ def test_an_ipv6_address_is_written_bracketed_wherever_a_port_follows_it(tmp_pat
                                    str(tmp_path / "op" / "public"), "--ca-fingerprint", record["ca_sha256"]])
     assert res.exit_code == 0, res.output
     assert SiteConfig.load(tmp_path / "s" / "site.json").superlink == "[::1]:9443"
+
+
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(__import__("server.proxy").proxy.nginx_binary() is None or not _ipv6_loopback(),
+                    reason="needs nginx and an IPv6 loopback")
+def test_a_server_at_an_ipv6_address_starts_and_answers_there(tmp_path):
+    """`oncofed server start` of a consortium at `[::1]:PORT` waited for its proxy at 127.0.0.1:PORT, where nginx does
+    not listen (it listens on the address given), and failed after 30 s: it waits at the address the proxy is bound to."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from privacy.preflight import https_health
+    from server.processes import free_port
+
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        port = s.getsockname()[1]
+    init_consortium(tmp_path / "op", "c", f"[::1]:{port}", internal_port=free_port())
+    log = tmp_path / "server.out"
+    with open(log, "w") as fh:
+        server = subprocess.Popen([sys.executable, "-m", "oncofed", "server", "start", str(tmp_path / "op"),
+                                   "--metrics-port", "0"], stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "serving:" not in log.read_text() and server.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "serving: sites connect to https://[::1]:" in log.read_text(), log.read_text()[-2000:]
+        assert https_health(f"[::1]:{port}", tmp_path / "op" / "ca" / "ca.crt") == 200  # as a site's preflight asks
+    finally:
+        server.send_signal(signal.SIGTERM)  # stops the SuperLink, SuperExec and proxy it started, as Ctrl-C does
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(10)
