@@ -203,3 +203,26 @@ def test_every_strategy_the_run_config_accepts_is_one_the_server_builds():
     from shared_models.run_config import Strategy
 
     assert set(typing.get_args(Strategy)) == set(BASES)
+
+
+def test_the_app_flower_installs_holds_the_code_and_schemas_only():
+    """Flower packs the project into the app (FAB) that the SuperLink stores and every host installs; it
+    refuses a run whose FAB exceeds FAB_MAX_SIZE. Docs and result files must not travel (nor make a new
+    install at every host when they change), and every module the apps may import must."""
+    import io
+    import subprocess
+    import zipfile
+    from pathlib import Path
+
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.common.constant import FAB_MAX_SIZE
+
+    root = Path(__file__).resolve().parents[1]
+    fab = build_fab_from_disk(root)
+    names = set(zipfile.ZipFile(io.BytesIO(fab)).namelist())
+    tracked = subprocess.run(["git", "ls-files", "oncofed", "client", "server", "shared_models", "privacy",
+                              "simulations"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    needed = {p for p in tracked if p.endswith(".py") or p.startswith("simulations/schemas/")}
+    assert needed and needed <= names, sorted(needed - names)
+    assert not {n for n in names if n.split("/")[0] in ("docs", "benchmarks", "tests")}
+    assert len(fab) < FAB_MAX_SIZE / 4, f"the app is {len(fab):,} bytes, Flower's limit {FAB_MAX_SIZE:,}"
