@@ -262,42 +262,56 @@ def type_recall(lm, logits: np.ndarray, y: np.ndarray) -> dict:
             for c in np.unique(y)}
 
 
+def read_labels(schema, data_dir: Path):
+    """A site directory's labels, as `serve calibrate` and `serve fit-normalizer` read them: (labels by patient id,
+    as text; the labels that are none of the schema's classes, left out), or None without a labels table. A label
+    column missing, a patient twice, or labels that are misspelt classes (or mostly foreign) raise ValueError
+    naming the file and the fix."""
+    from shared_models.site_data import LABELS_STEM, MISSING_TOKENS, find_table, read_table
+
+    found = find_table(Path(data_dir), LABELS_STEM)
+    if not found:
+        return None
+    table = read_table(found[0], schema.id_column, text_columns=(schema.label_column,))
+    if schema.label_column not in table.columns:
+        raise ValueError(f"{found[0]}: no column {schema.label_column!r}, the schema's label column (the table has "
+                         f"{', '.join(map(repr, list(table.columns)[:8]))}); name the label column "
+                         f"{schema.label_column!r}")
+    labels = table[schema.label_column].astype(str).str.strip()
+    if (twice := labels.index[labels.index.duplicated()].unique()).size:  # which label is the patient's? (validate refuses)
+        raise ValueError(f"{found[0]}: {twice.size} patient id(s) appear more than once "
+                         f"({', '.join(map(repr, list(twice[:5])))}{' ...' if twice.size > 5 else ''}): keep one row per "
+                         "patient (`oncofed validate` lists them)")
+    classes = list(schema.classes)
+    foreign = labels[~labels.isin(classes) & ~labels.isin([*MISSING_TOKENS, "nan"])]  # a missing label: left out
+    folded = {c.casefold(): c for c in classes}
+    if misspelt := sorted({f for f in foreign if f.casefold() in folded}) or (
+            len(foreign) > len(labels) / 2 and sorted(set(foreign))):
+        raise ValueError(f"{found[0]}: {len(foreign)} of {len(labels)} labels are none of the schema's classes ("
+                         + ", ".join(f"{f!r}" + (f" for {folded[f.casefold()]!r}" if f.casefold() in folded else "")
+                                     for f in misspelt[:6]) + f"{' ...' if len(misspelt) > 6 else ''}; the classes: "
+                         f"{', '.join(classes[:8])}{' ...' if len(classes) > 8 else ''}): write "
+                         "each label as the schema names its class (a label left empty leaves its patient out)")
+    return labels, foreign
+
+
 def calibrate(settings: SiteConfig, data_dir: Path, seed: int = 0) -> dict:
     """Fit the active model's temperature on half of the site's labelled patients; report on the other half."""
     from client.predict import Predictor
-    from shared_models.site_data import LABELS_STEM, MISSING_TOKENS, NORMALIZER_FILE, find_table, read_table
+    from shared_models.site_data import LABELS_STEM, NORMALIZER_FILE
 
     state = Path(settings.state_dir)
     predictor = Predictor(settings.model_dir, state / NORMALIZER_FILE, settings.signing_public_key or None,
                           calibration_path=state / "calibration.none")  # fitted on the uncalibrated model
     lm = predictor.current
     data_dir = Path(data_dir)
-    found = find_table(data_dir, LABELS_STEM)
-    if not found:
+    if (read := read_labels(lm.schema, data_dir)) is None:
         raise ValueError(f"{data_dir}: no labels table; calibration needs the site's labelled patients "
                          f"({LABELS_STEM}.csv with {lm.schema.id_column!r} and {lm.schema.label_column!r})")
-    table = read_table(found[0], lm.schema.id_column, text_columns=(lm.schema.label_column,))
-    if lm.schema.label_column not in table.columns:
-        raise ValueError(f"{found[0]}: no column {lm.schema.label_column!r}, the schema's label column (the table has "
-                         f"{', '.join(map(repr, list(table.columns)[:8]))}); name the label column "
-                         f"{lm.schema.label_column!r}")
-    labels = table[lm.schema.label_column].astype(str).str.strip()
-    if (twice := labels.index[labels.index.duplicated()].unique()).size:  # which label is the patient's? (validate refuses)
-        raise ValueError(f"{found[0]}: {twice.size} patient id(s) appear more than once "
-                         f"({', '.join(map(repr, list(twice[:5])))}{' ...' if twice.size > 5 else ''}): keep one row per "
-                         "patient (`oncofed validate` lists them)")
+    labels, foreign = read
     checked = predictor.checked_tables(data_dir)
     lookup = {c: k for k, c in enumerate(lm.schema.classes)}
     keep = [k for k, pid in enumerate(checked.ids) if labels.get(pid) in lookup]
-    foreign = labels[~labels.isin(list(lookup)) & ~labels.isin([*MISSING_TOKENS, "nan"])]  # a missing label: left out
-    folded = {c.casefold(): c for c in lookup}
-    if misspelt := sorted({f for f in foreign if f.casefold() in folded}) or (
-            len(foreign) > len(labels) / 2 and sorted(set(foreign))):
-        raise ValueError(f"{found[0]}: {len(foreign)} of {len(labels)} labels are none of the schema's classes ("
-                         + ", ".join(f"{f!r}" + (f" for {folded[f.casefold()]!r}" if f.casefold() in folded else "")
-                                     for f in misspelt[:6]) + f"{' ...' if len(misspelt) > 6 else ''}; the classes: "
-                         f"{', '.join(lm.schema.classes[:8])}{' ...' if len(lm.schema.classes) > 8 else ''}): write "
-                         "each label as the schema names its class (a label left empty leaves its patient out)")
     left_out_labels = {str(k): int(v) for k, v in foreign.value_counts().items()}  # types the model does not know
     trained = could_have_trained(Path(settings.model_dir) / lm.version, [checked.ids[k] for k in keep])
     if trained is not None:

@@ -386,16 +386,19 @@ def token_revoke(
 
 def serve_fit_normalizer(
     site_config: Path = typer.Option(..., "--site-config", help="the site's site.json"),
-    data: Path = typer.Option(..., "--data", help="the hospital's tables (labels not needed)"),
+    data: Path = typer.Option(..., "--data", help="the hospital's tables; with labels.csv (diagnoses) the case mix "
+                                                   "is checked against the model"),
     schema: Path = typer.Option(None, "--schema", help="default: the active model's schema"),
+    unlabelled: bool = typer.Option(False, "--unlabelled", help="no labels table: the patients are a general cancer "
+                                                                "hospital's mix of types (not checked)"),
 ) -> None:
-    """A hospital that never trained: fit the input normalisation on its own unlabelled patients."""
+    """A hospital that never trained: fit the input normalisation on its own patients (of many cancer types)."""
     from client.serve import fit_normalizer
 
     from client.prediction_input import PredictionInputError
 
     try:
-        path, n, notes = fit_normalizer(_site_settings(site_config), data, schema)
+        path, n, notes = fit_normalizer(_site_settings(site_config), data, schema, unlabelled=unlabelled)
     except PredictionInputError as e:
         _echo_problems(f"{data}: refused, the normalisation was not changed:", e)
         raise typer.Exit(code=2)

@@ -401,14 +401,29 @@ def create_app(settings: SiteConfig, *, audit_predictions: bool = True, threads:
 
 
 
-def fit_normalizer(settings: SiteConfig, data_dir: Path, schema_path: Path | None = None
+# A new hospital's normalisation is refused when the model, scored with it on the hospital's labelled patients, is
+# surely (the 95% interval's upper end) this far below the accuracy its package reports on the training hospitals'
+# held-out parts. Chosen with benchmarks/new_site_case_mix.py on those held-out parts (docs/results.md): cohorts of
+# 5 or more types with none above 30% came within 0.03 of the package's accuracy, 1-3 types or one type at half
+# the patients fell 0.15-0.78 below it.
+CASE_MIX_MARGIN = 0.10
+CASE_MIX_EVIDENCE = ("on the training hospitals' held-out patients, normalised on cohorts of 1 / 3 / 5 / all types, "
+                     "the main job's model answered 6% / 64% / 82% / 85% correctly (docs/results.md)")
+
+
+def fit_normalizer(settings: SiteConfig, data_dir: Path, schema_path: Path | None = None, unlabelled: bool = False
                    ) -> tuple[Path, int, list[str]]:
-    """A new hospital: fit the normalisation on its own (unlabelled) patients, for the active model's schema.
+    """A new hospital: fit the normalisation on its own patients, for the active model's schema.
 
     The tables are held to the prediction contract (the checks a training site's tables get: foreign tables,
     duplicate ids, non-numbers are refused, PredictionInputError) and need at least MIN_NORMALISATION_PATIENTS patients.
     A feature observed in fewer keeps the normalisation saved before (none: unscaled), and the returned notes
-    name its modality. Nothing is written unless the fit is accepted. Returns (path, patients, notes)."""
+    name its modality. The model reads each feature against the mix of cancer types a training hospital sees, so
+    normalising on patients of one or a few types removes what tells them apart: with a labels table in the
+    directory, the active model is scored with the new normalisation on those patients and the fit is refused
+    (`case_mix`) when it answers far worse than on the training hospitals (CASE_MIX_MARGIN); without one it is
+    refused (`case_mix_unchecked`) unless `unlabelled` says the patients span the types. Nothing is written unless
+    the fit is accepted. Returns (path, patients, notes)."""
     import numpy as np
 
     from client.model_store import NORMALIZER, VERSION_SCHEMA, ModelStore
@@ -460,8 +475,69 @@ def fit_normalizer(settings: SiteConfig, data_dir: Path, schema_path: Path | Non
     u_mean, u_scale = fitted.unscaled_mean.copy(), fitted.unscaled_scale.copy()
     u_mean[thin_u], u_scale[thin_u] = ((before.unscaled_mean[thin_u], before.unscaled_scale[thin_u])
                                        if before is not None else (np.nan, np.nan))
-    Normalizer(schema, mean, scale, (u_mean, u_scale)).save(path)
+    normalizer = Normalizer(schema, mean, scale, (u_mean, u_scale))
+    notes += _case_mix_notes(store, active, schema, normalizer, Path(data_dir), ids, raw, unlabelled)
+    normalizer.save(path)
     if active is not None and (store.root / active / NORMALIZER).is_file():
         notes.append(f"the active model {active} keeps the normalisation of the run that trained it at this site and "
                      "is served with it; this fit serves models installed without one")
     return path, len(ids), notes
+
+
+def _case_mix_notes(store, active: str | None, schema, normalizer, data_dir: Path, ids: list[str], raw,
+                    unlabelled: bool) -> list[str]:
+    """fit_normalizer's case-mix check: raises PredictionInputError (`case_mix`, `case_mix_unchecked`) or returns
+    notes on what it measured."""
+    import math
+
+    import numpy as np
+    import torch
+
+    from client.calibration import read_labels
+    from client.model_store import WEIGHTS
+    from client.prediction_input import PredictionInputError
+    from shared_models.weights import load_weights
+
+    try:
+        read = read_labels(schema, data_dir)
+    except ValueError as e:
+        raise PredictionInputError([{"loc": str(data_dir), "code": "labels", "msg": str(e),
+                                     "fix": "correct the labels table, or move it out of the directory and pass "
+                                            "--unlabelled"}]) from None
+    if read is None:
+        if unlabelled:
+            return ["no labels: the case mix of these patients was not checked (--unlabelled)"]
+        raise PredictionInputError([{"loc": str(data_dir), "code": "case_mix_unchecked",
+                                     "msg": "no labels table, so whether these patients span the cancer types the "
+                                            "model tells apart cannot be checked; normalised on patients of one or "
+                                            f"a few types the model loses what tells them apart ({CASE_MIX_EVIDENCE})",
+                                     "fix": "add labels.csv with each patient's diagnosis (read only for this check), "
+                                            "or pass --unlabelled if the patients are a general cancer hospital's mix "
+                                            "of types, none of them most of the patients"}])
+    labels, _ = read
+    lookup = {c: k for k, c in enumerate(schema.classes)}
+    rows = [k for k, pid in enumerate(ids) if labels.get(pid) in lookup]
+    package = store.package(active) if active is not None else {}
+    reference = (package.get("metrics") or {}).get("accuracy")
+    if not rows or reference is None:
+        return ["the case mix was not checked: " + ("no patient has a label of the schema's classes" if not rows else
+                                                    "no installed model reports its accuracy")]
+    y = np.array([lookup[labels[ids[k]]] for k in rows])
+    model = load_weights(store.root / active / WEIGHTS, schema).eval()
+    with torch.inference_mode():
+        predicted = model(torch.from_numpy(normalizer.transform(raw[rows]))).argmax(1).numpy()
+    n, p, z = len(y), float((predicted == y).mean()), 1.96
+    upper = (p + z * z / (2 * n) + z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
+    counts = np.bincount(y)
+    mix = (f"{int((counts > 0).sum())} type(s), the largest {schema.classes[int(counts.argmax())]} "
+           f"{counts.max() / n:.0%} of the {n} labelled patients")
+    if upper < reference - CASE_MIX_MARGIN:
+        raise PredictionInputError([{
+            "loc": str(data_dir), "code": "case_mix",
+            "msg": f"with this normalisation model {active} answers {p:.0%} of these patients correctly against "
+                   f"{reference:.0%} on the training hospitals' held-out patients; they are {mix}: normalised on "
+                   f"patients of one or a few types, the model loses what tells those types apart ({CASE_MIX_EVIDENCE})",
+            "fix": "fit on patients of the many types the model classifies, as a general cancer hospital sees them "
+                   "(none of them most of the patients); if these are such patients, the model does not suit them"}])
+    return [f"case mix: {mix}; model {active} answers {p:.0%} of them correctly with this normalisation "
+            f"({reference:.0%} on the training hospitals' held-out patients)"]

@@ -414,8 +414,11 @@ def test_a_hospital_that_never_trained_fits_its_normalizer_and_serves(site, tmp_
     settings.write(tmp_path / "site.json")
     with pytest.raises(ModelStoreError, match="fit-normalizer"):
         create_app(settings)
-    r = subprocess.run([sys.executable, "-m", "oncofed", "serve", "fit-normalizer", "--site-config",
-                        str(tmp_path / "site.json"), "--data", str(site["data"])], capture_output=True, text=True)
+    fit = [sys.executable, "-m", "oncofed", "serve", "fit-normalizer", "--site-config", str(tmp_path / "site.json"),
+           "--data", str(site["data"])]
+    r = subprocess.run(fit, capture_output=True, text=True)  # no labels: the case mix cannot be checked
+    assert r.returncode == 2 and "no labels table" in r.stderr and "--unlabelled" in r.stderr, r.stderr
+    r = subprocess.run([*fit, "--unlabelled"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert f"fitted on {N} patients" in r.stdout
     from fastapi.testclient import TestClient
@@ -458,12 +461,55 @@ def test_fit_normalizer_refuses_tables_it_cannot_fit_honestly_and_keeps_the_one_
 
     def thin_expr(m, df):  # only a few patients have an expression table
         return df.head(MIN_NORMALISATION_PATIENTS - 5) if m == "expr" else df
-    path, n, notes = fit_normalizer(settings, tables("thin", thin_expr))
+    path, n, notes = fit_normalizer(settings, tables("thin", thin_expr), unlabelled=True)
     schema = site["schema"]
     fitted, old = Normalizer.load(path, schema), Normalizer.load(site["root"] / "state" / "normalizer.json", schema)
     expr = schema.layout().slices["expr"]
-    assert n == N and np.array_equal(fitted.mean[expr], old.mean[expr]) and len(notes) == 1
+    assert n == N and np.array_equal(fitted.mean[expr], old.mean[expr]) and len(notes) == 2
     assert notes[0].startswith("expr: ") and "keep the normalisation fitted before" in notes[0]
+    assert "not checked (--unlabelled)" in notes[1]
+
+
+def test_fit_normalizer_refuses_a_cohort_the_model_cannot_tell_apart_once_normalised_on_itself(site, tmp_path):
+    """A hospital that never trained normalises on its own patients. The model reads each feature against the mix of
+    types a training site sees, so a cohort of one type, centred on itself, loses what tells the types apart
+    (benchmarks/new_site_case_mix.py: 6% accuracy on the main job's model). With the patients' labels the model is
+    scored with the new normalisation and the fit refused when it answers far worse than its package reports;
+    without labels, only with --unlabelled. Nothing is written when refused."""
+    from client.prediction_input import PredictionInputError
+    from client.serve import fit_normalizer
+    from shared_models.weights import load_weights
+
+    schema = site["schema"]
+    model = load_weights(site["root"] / "models" / "v0002" / "weights.pt", schema).eval()
+    with torch.inference_mode():
+        accuracy = float((model(site["x"]).argmax(1) == site["y"]).float().mean())  # its own normalisation: identity
+    ModelStore(tmp_path / "models").install(schema, ModelConfig(d_model=32), state_arrays(model),
+                                            {"run": "run-c", "round": 3, "metrics": {"accuracy": accuracy},
+                                             "site_epsilon": {"C0": 7.9}})
+    (tmp_path / "state").mkdir()
+    settings = SiteConfig(model_dir=str(tmp_path / "models"), state_dir=str(tmp_path / "state"))
+    ids = [f"P{i:03d}" for i in range(N)]
+    labels = pd.Series(np.array(schema.classes)[site["y"].numpy()], index=ids)
+
+    def cohort(name: str, classes: list[str]):
+        d, keep = tmp_path / name, set(labels.index[labels.isin(classes)])
+        d.mkdir()
+        for f in site["data"].glob("*.csv"):
+            df = pd.read_csv(f, dtype=str)
+            df[df[schema.id_column].isin(keep)].to_csv(d / f.name, index=False)
+        pd.DataFrame({schema.id_column: sorted(keep), schema.label_column: labels[sorted(keep)]}).to_csv(
+            d / "labels.csv", index=False)
+        return d
+
+    saved = tmp_path / "state" / "normalizer.json"
+    with pytest.raises(PredictionInputError) as e:
+        fit_normalizer(settings, cohort("one-type", ["C"]))
+    problem = e.value.problems[0]
+    assert problem["code"] == "case_mix" and "1 type(s), the largest C 100%" in problem["msg"], problem
+    assert not saved.exists()
+    path, n, notes = fit_normalizer(settings, cohort("every-type", list(schema.classes)))
+    assert path == saved and n == N and notes[-1].startswith("case mix: 3 type(s)"), notes
 
 
 # --- issue 20: refuse rather than guess --------------------------------------------------------------
