@@ -1,5 +1,6 @@
 """The files of a run's output directory (`output-dir`), named once: the ServerApp writes them; `oncofed deliver`,
-`oncofed runs`, the metrics exporter, the simulations and the benchmarks read them."""
+`oncofed runs`, the metrics exporter, the simulations and the benchmarks read them (metrics.jsonl with
+`metrics_lines`, its one reader)."""
 
 import json
 from pathlib import Path
