@@ -34,11 +34,11 @@ CLIPPINGS = ("ghost", "opacus")
 
 def site_training(out: Path) -> tuple[float, int]:
     """(seconds, steps) of the sites' training over the run, from the server's metrics.jsonl."""
-    from server.run_files import METRICS
+    from server.run_files import METRICS, metrics_lines
 
     seconds, steps = 0.0, 0
-    for line in (out / "server" / METRICS).read_text().splitlines():
-        for site in json.loads(line).get("sites", {}).values():
+    for line in metrics_lines(out / "server" / METRICS):
+        for site in line.get("sites", {}).values():
             seconds += site.get("train_seconds", 0.0)
             steps += int(site.get("local_steps", 0))
     return seconds, steps

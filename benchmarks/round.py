@@ -36,7 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from server.run_files import METRICS  # noqa: E402
+from server.run_files import METRICS, metrics_lines  # noqa: E402
 
 from simulations.federation import ensure_partition, run_federation  # noqa: E402
 
@@ -67,7 +67,7 @@ def measure(work: Path, name: str, secagg: bool, dp: bool, sites: Path, schema: 
     t0 = time.perf_counter()
     run_federation(run / "flower", cfg, n_sites=n_sites, stream=None)
     total = time.perf_counter() - t0
-    line = [json.loads(x) for x in (run / "server" / METRICS).read_text().splitlines()][-1]
+    line = metrics_lines(run / "server" / METRICS)[-1]
     t = line["timing"]
     train = [float(s["train_seconds"]) for s in line["sites"].values() if "train_seconds" in s]
     site = [float(s["round_seconds"]) for s in line["sites"].values() if "round_seconds" in s]

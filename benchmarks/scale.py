@@ -45,7 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from server.run_files import FINAL_WEIGHTS, METRICS, RESULT  # noqa: E402
+from server.run_files import FINAL_WEIGHTS, METRICS, RESULT, metrics_lines  # noqa: E402
 
 from server.processes import end_sessions, process_table, process_tree, session_processes  # noqa: E402
 from simulations import federation  # noqa: E402
@@ -246,7 +246,7 @@ def measure(work: Path, n: int, args: argparse.Namespace) -> dict:
          "min_sites": cfg["min-sites"], "run_seconds": round(wall, 1), "load_before": round(load, 2), **mem,
          "cores_busy": round(mem["cpu_seconds"] / wall, 2), "leftover_processes": leftover, "work": str(run)}
     metrics = run / "server" / METRICS
-    lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
+    lines = metrics_lines(metrics)
     if error is not None:
         r["error"] = error
     if len(lines) < args.rounds:

@@ -14,7 +14,6 @@ over the smallest, and the sites' summed training time (the cost, as a ratio to 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from server.run_files import METRICS  # noqa: E402
+from server.run_files import METRICS, metrics_lines  # noqa: E402
 
 
 def run(out: Path, seed: int, extra: list[str]) -> float:
@@ -59,8 +58,8 @@ def per_site(out: Path, seed: int, pad_to: int, sample_rate: float) -> list[dict
 
     counts = training_counts(out, seed)
     seconds: dict[str, dict[str, list[float]]] = {}
-    for line in (out / "server" / METRICS).read_text().splitlines():
-        for site in json.loads(line).get("sites", {}).values():
+    for line in metrics_lines(out / "server" / METRICS):
+        for site in line.get("sites", {}).values():
             s = seconds.setdefault(site["site"], {"train": [], "round": []})
             s["train"].append(site["train_seconds"])
             s["round"].append(site.get("round_seconds", float("nan")))

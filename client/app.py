@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import traceback
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from logging import INFO, WARNING
@@ -192,6 +193,22 @@ def prepared(settings: SiteSettings, cfg: RunConfig, schema_path: Path) -> "Prep
     return _PREPARED[key]
 
 
+# the site's settings of the training message being handled, read (site.json included) by the first of its handlers
+# that needs them and reused by the next (site_policy_mod, SecAgg+'s collect stage, the train handler): one read of
+# site.json per message, and one policy for all of its checks. The next message reads site.json again (`stricter`).
+_MESSAGE_SETTINGS: ContextVar[list | None] = ContextVar("oncofed_message_settings", default=None)
+
+
+def message_settings(context: Context, cfg: RunConfig) -> SiteSettings:
+    """site_settings, read once per training message (site_policy_mod scopes it); outside one, read now."""
+    held = _MESSAGE_SETTINGS.get()
+    if held is None:
+        return site_settings(context, cfg)
+    if not held:
+        held.append(site_settings(context, cfg))
+    return held[0]
+
+
 def site_policy_mod(msg: Message, context: Context, call_next):
     """SecAgg+ for training messages, with the site's rules around it:
     - a site that requires SecAgg+ refuses unmasked training requests (otherwise a server could simply ask
@@ -203,9 +220,17 @@ def site_policy_mod(msg: Message, context: Context, call_next):
       min-aggregate-sites) sites sent masked vectors: it never helps unmask a sum of fewer sites."""
     if msg.metadata.message_type != MessageType.TRAIN:
         return secaggplus_mod(msg, context, call_next)
+    scope = _MESSAGE_SETTINGS.set([])
+    try:
+        return _site_policy(msg, context, call_next)
+    finally:
+        _MESSAGE_SETTINGS.reset(scope)
+
+
+def _site_policy(msg: Message, context: Context, call_next) -> Message:
     cfg = load_run_config(context.run_config)
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
-        if site_settings(context, cfg).require_secagg:
+        if message_settings(context, cfg).require_secagg:
             raise PermissionError("site policy: training requests must use secure aggregation (SecAgg+); "
                                   "this one does not, so the site sends nothing")
         if cfg.privacy.enabled and cfg.privacy.distributed:
@@ -216,7 +241,7 @@ def site_policy_mod(msg: Message, context: Context, call_next):
         # Withholding its own key shares enforces the site's floor only if every unmasking needs at least that
         # many sites' shares: with SecAgg+'s threshold below it, the other sites' shares unmask a smaller sum that
         # includes this site's update. Run-wide floors (min-sites, trusted-sites) every honest site enforces alike.
-        settings = site_settings(context, cfg)
+        settings = message_settings(context, cfg)
         terms = msg.content.config_records.get(SETUP_TERMS, {})  # the round's run key and number (server/workflow.py)
         run_key, rnd = str(terms.get(RUN_KEY, "") or _run_key(context)), int(terms.get(SERVER_ROUND, 0) or 0)
         note_round_outcome(context, settings, cfg, run_key, terms.get(PREVIOUS_ROUND))  # the first word after it
@@ -247,7 +272,7 @@ def site_policy_mod(msg: Message, context: Context, call_next):
             return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=REFUSAL_PREFIX + f"{settings.name}: "
                                 + reason), reply_to=msg)
     if configs.get(SecAggKey.STAGE) == Stage.UNMASK:
-        settings = site_settings(context, cfg)
+        settings = message_settings(context, cfg)
         if settings.policy_unreadable:  # its floor now is unknown: no key shares rather than the one it started with
             return _no_key_shares(msg, context, settings, f"{settings.name}: {SITE_JSON_UNREADABLE}; the site gives no "
                                   "key shares")
@@ -301,7 +326,7 @@ def _into_one_exchange(cfg: RunConfig, call_next):
         run_key, rnd = str(fitins.config.get(RUN_KEY, "")), int(fitins.config.get(SERVER_ROUND, 0) or 0)
         if not run_key or not rnd:  # (the train handler refuses such a request)
             return call_next(msg, context)
-        settings = site_settings(context, cfg)
+        settings = message_settings(context, cfg)
         state = context.state.config_records.get(RECORD_KEY_STATE, {})
         neighbours = sorted(int(i) for i in state.get("public_keys_dict:K", []))
         threshold = int(state.get("threshold", 0))
@@ -559,7 +584,7 @@ def _train(msg: Message, context: Context) -> Message:
 
     fitins = recorddict_to_fitins(msg.content, keep_input=True)
     cfg = load_run_config(context.run_config, source="run config (site)")
-    settings = site_settings(context, cfg)
+    settings = message_settings(context, cfg)
     rnd = int(fitins.config[SERVER_ROUND])
     run_key = str(fitins.config[RUN_KEY])
     context.state.config_records["oncofed"] = ConfigRecord({RUN_KEY: run_key, SERVER_ROUND: rnd})

@@ -33,9 +33,8 @@ from privacy.pki import ProvisioningError
 from privacy.registry import registered_names
 from privacy.run_config import load_run_config
 from privacy.signing import canonical, load_private, sign
-from server.checkpoint import (freeze_run, frozen_run, hold_run_lock, load_latest, metrics_lines, model_updated,
-                               resume_command, round_outcome, run_config_changes, save_checkpoint, why_no_update,
-                               write_json_atomic)
+from server.checkpoint import (freeze_run, frozen_run, hold_run_lock, load_latest, model_updated, resume_command,
+                               round_outcome, run_config_changes, save_checkpoint, why_no_update, write_json_atomic)
 from server.delivery import (audited, deliver, delivery_status, delivery_summary, finished_at, redeliver, save_package,
                              sites_that_trained, tell_outcome)
 from server.strategy import build_strategy
@@ -51,7 +50,7 @@ from shared_models.schema import FeatureSchema
 from shared_models.site_data import load_labelled_site
 from shared_models.validation import validate_site
 from shared_models.weights import arrays_sha256, load_arrays, state_arrays, trainable_layout
-from server.run_files import CHECKPOINTS, FINAL_WEIGHTS, METRICS, RESULT, STATUS
+from server.run_files import CHECKPOINTS, FINAL_WEIGHTS, METRICS, RESULT, STATUS, metrics_lines
 
 torch.set_num_threads(1)
 app = ServerApp()

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from shared_models.files import exclusive_lock, sync_directory, write_json_atomic  # noqa: F401 (server.app imports it from here)
-from server.run_files import METRICS, RUN_FILE
+from server.run_files import METRICS, RUN_FILE, metrics_lines
 
 
 class CheckpointError(ValueError):
@@ -37,11 +37,6 @@ class Checkpoint:
     weights: list[np.ndarray]
     strategy_state: dict[str, np.ndarray]
     meta: dict
-
-
-def metrics_lines(path: Path) -> list[dict]:
-    """RUN_DIR/metrics.jsonl's rounds, this attempt's and any before a resume."""
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
 
 
 def newest_rounds(lines: list[dict]) -> dict[int, dict]:

@@ -34,7 +34,7 @@ from shared_models.files import write_json_atomic
 from shared_models.flower_tools import flower_tool
 from shared_models.protocol import (ARRAYS_RECORD, AUDIT_ANCHOR, CONFIG_RECORD, PACKAGE_INFO, PREVIOUS_ROUND, REPLY,
                                     ROUND_OUTCOME, RUN_KEY, SAVE_MODEL, SITE, DeliveryReply)
-from server.run_files import CHECKPOINTS, FINAL_WEIGHTS, FLWR_LOG, METRICS, PACKAGE, RESULT, STATUS
+from server.run_files import CHECKPOINTS, FINAL_WEIGHTS, FLWR_LOG, METRICS, PACKAGE, RESULT, STATUS, metrics_lines
 
 DELIVERY_SHORT_EXIT = 3  # `oncofed run` / `oncofed deliver`: trained, but not every site that trained installed it
 _RESULT_ONLY = ("first_round", "seconds", "deliveries", "metrics_file", "checkpoints", "redelivered")
@@ -131,16 +131,9 @@ class TrainedSite:
 
 
 def trained_sites(run_dir: Path, by_name: bool = False) -> list[TrainedSite]:
-    """The sites that trained in the run (metrics.jsonl, every attempt; a line that does not read is skipped): see
+    """The sites that trained in the run (metrics.jsonl, every attempt; a last line a crash cut short is skipped): see
     `sites_that_trained`."""
-    records = []
-    f = run_dir / METRICS
-    for line in (f.read_text().splitlines() if f.exists() else []):
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return sites_that_trained(records, by_name)
+    return sites_that_trained(metrics_lines(run_dir / METRICS), by_name)
 
 
 def sites_that_trained(records: list[dict], by_name: bool = False) -> list[TrainedSite]:
@@ -346,8 +339,6 @@ def redeliver(grid, cfg) -> None:
     # a package saved before the architecture was signed gains it: the run's own config built these arrays; one saved
     # before it was dated gains its last round's end (a site orders deliveries by it: undated, it would not be
     # compared, and an earlier run sent again would replace a newer active model)
-    from server.checkpoint import metrics_lines
-
     if not isinstance(finished := package.get("finished"), (int, float)):  # never "now": that would date it newest
         finished = finished_at(out, (metrics_lines(out / METRICS) or [{}])[-1], final,
                                otherwise=lambda: round((out / FINAL_WEIGHTS).stat().st_mtime, 3))  # written at delivery

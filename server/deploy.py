@@ -162,9 +162,8 @@ def port_checks(c: Consortium, metrics_port: int = 0) -> list[Check]:
             checks.append(Check(name, False, f"the same port as the {clash.what} ({clash.setting}): set {p.setting} to "
                                 f"another port, e.g. {free_port_after(p.port, ports)}"))
             continue
-        check = check_port_free(p.host, p.port, p.what)
-        if not check.ok and os.strerror(errno.EADDRINUSE) in check.detail:
-            holder = port_holder(p.port)
+        check, holder = check_port_held(p.host, p.port, p.what)
+        if holder is not None:
             if holder.root == c.root:
                 fix = (f"this consortium's own: its server runs already (`oncofed server stop {c.root}`), or a killed "
                        f"one left it running (`kill {holder.pid}`)")
@@ -257,13 +256,21 @@ def port_holder(port: int) -> Holder:
     return first or Holder("another process")
 
 
+def check_port_held(host: str, port: int, what: str) -> tuple[Check, Holder | None]:
+    """check_port_free, and who holds the port when another process listens on it (None when it is free, or cannot be
+    bound for another reason: a privileged port, an address not this machine's)."""
+    check = check_port_free(host, port, what)
+    in_use = not check.ok and os.strerror(errno.EADDRINUSE) in check.detail
+    return check, port_holder(port) if in_use else None
+
+
 def superlink_port_refusal(port: int) -> str:
     """Why `oncofed consortium init --internal-port PORT` is refused on this machine ("" if it is not): the port is held
     now, by another consortium's SuperLink most likely (named), which this one's would collide with."""
-    check = check_port_free("127.0.0.1", port, "SuperLink loopback address")
-    if check.ok or os.strerror(errno.EADDRINUSE) not in check.detail:
+    _, holder = check_port_held("127.0.0.1", port, "SuperLink loopback address")
+    if holder is None:
         return ""
-    return (f"--internal-port {port}: 127.0.0.1:{port} is held by {port_holder(port).text} on this machine; each "
+    return (f"--internal-port {port}: 127.0.0.1:{port} is held by {holder.text} on this machine; each "
             f"consortium here needs a SuperLink port of its own: pass --internal-port {free_port_after(port)} (free "
             "now). Nothing was written")
 

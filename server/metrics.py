@@ -2,7 +2,7 @@
 
 Each ServerApp writes RUN_DIR/status.json atomically after every round (server/app.py); the
 collector reads the runs' status files at scrape time, and the registered sites' and the runs' status
-from the SuperLink's database, opened read-only for one query each (server/runs.py). No process is started
+from the SuperLink's database, opened read-only once per scrape (server/runs.py). No process is started
 (this used to spawn `flwr supernode ls` every 30 s, ~20% of a core). Nothing here can stop or slow a
 training run: a scrape only reads files.
 
@@ -73,15 +73,18 @@ def exported_runs(runs: Path, live: set[str] = frozenset()) -> list[tuple[str, d
 
 
 class ConsortiumCollector:
-    def __init__(self, runs: Path, list_sites=None, live_runs=None, unfinished_runs=None):
-        """`list_sites`: a callable returning the registered sites with their `status`, called at scrape
-        time (it must be cheap: server.runs reads the SuperLink's database), or None. `live_runs`: a callable
-        returning the names of the runs the SuperLink has pending or running (as cheap), or None. `unfinished_runs`:
-        one returning the names of the runs whose training ended failed or stopped without a result, or None."""
+    def __init__(self, runs: Path, list_sites=None, live_runs=None, unfinished_runs=None, superlink=None):
+        """`superlink`: a callable returning the SuperLink's state (server.runs.read_superlink: its database opened
+        read-only), called once per scrape so that one scrape reads it once and its gauges agree; its result (None
+        without it) is the argument of the next three. `list_sites(superlink)`: the registered sites with their
+        `status`, or None. `live_runs(superlink)`: the names of the runs the SuperLink has pending or running, or None.
+        `unfinished_runs(superlink)`: the names of the runs whose training ended failed or stopped without a result, or
+        None. Each is called at scrape time: they must be cheap."""
         self.runs = runs
         self._list_sites = list_sites
         self._live_runs = live_runs
         self._unfinished_runs = unfinished_runs
+        self._superlink = superlink
 
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
@@ -99,7 +102,8 @@ class ConsortiumCollector:
                 restarts.add_metric([name], float(comp.get("restarts", 0)))
             yield up
             yield restarts
-        sites = self._list_sites() if self._list_sites is not None else None
+        superlink = self._superlink() if self._superlink is not None else None
+        sites = self._list_sites(superlink) if self._list_sites is not None else None
         if sites is not None:
             yield GaugeMetricFamily("oncofed_sites_registered", "sites registered with the SuperLink",
                                     value=len(sites))
@@ -110,10 +114,10 @@ class ConsortiumCollector:
                 "oncofed_run_unfinished", "1: the run's training ended (failed, stopped, or the server's exit ended "
                 "it) without finishing; nothing goes on until `oncofed run CONSORTIUM --name RUN --resume`",
                 labels=["run"])
-            for name in sorted(self._unfinished_runs()):
+            for name in sorted(self._unfinished_runs(superlink)):
                 unfinished.add_metric([name], 1.0)
             yield unfinished
-        runs = exported_runs(self.runs, self._live_runs() if self._live_runs is not None else set())
+        runs = exported_runs(self.runs, self._live_runs(superlink) if self._live_runs is not None else set())
         if not runs:
             return
         # `run`: the run's name (its directory; what `oncofed deliver` and `oncofed runs` take); `run_key`: the key
@@ -155,16 +159,18 @@ def serve_metrics(consortium, port: int, host: str = "127.0.0.1"):
 
     from server.runs import live_run_names, read_superlink, registered_sites, unfinished_run_names
 
-    def sites():
-        superlink = read_superlink(consortium.path("state", "superlink.db"))
+    def superlink():  # once per scrape: the collector passes it to the three below
+        return read_superlink(consortium.path("state", "superlink.db"))
+
+    def sites(superlink):
         return None if superlink is None else registered_sites(consortium.root, superlink)
 
-    def live():
-        return live_run_names(consortium.root, read_superlink(consortium.path("state", "superlink.db")))
+    def live(superlink):
+        return live_run_names(consortium.root, superlink)
 
-    def unfinished():
-        return unfinished_run_names(consortium.root, read_superlink(consortium.path("state", "superlink.db")))
+    def unfinished(superlink):
+        return unfinished_run_names(consortium.root, superlink)
 
     registry = CollectorRegistry()
-    registry.register(ConsortiumCollector(consortium.path("runs"), sites, live, unfinished))
+    registry.register(ConsortiumCollector(consortium.path("runs"), sites, live, unfinished, superlink))
     return start_http_server(port, addr=host, registry=registry)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from shared_models.files import write_json_atomic
 from shared_models.flower_tools import flower_tool
-from server.run_files import FLWR_RUNS, METRICS, PROGRESS, RESULT, RUN_FILE, STATUS
+from server.run_files import FLWR_RUNS, METRICS, PROGRESS, RESULT, RUN_FILE, STATUS, metrics_lines
 
 RUNNING = ("pending", "starting", "running")
 
@@ -127,7 +127,7 @@ def _json(path: Path):
 def _rounds_seconds(metrics: Path) -> list[float]:
     """Wall seconds of each completed round of the current ServerApp process (metrics.jsonl `seconds`)."""
     try:
-        lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+        lines = metrics_lines(metrics)
     except (OSError, ValueError):
         return []
     marks = [float(x.get("seconds", 0.0)) for x in lines]

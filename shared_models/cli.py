@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import typer
 
 schema_app = typer.Typer(help="Create and check the consortium's feature schema.", no_args_is_help=True)
@@ -62,10 +64,10 @@ def infer(
     for item in describe or []:
         mod, sep, text = item.partition("=")
         if not sep or not mod.strip():
-            _fail(f"--describe {item!r}: write it as MODALITY=TEXT, e.g. --describe 'mirna=miRNA expression'")
+            fail(f"--describe {item!r}: write it as MODALITY=TEXT, e.g. --describe 'mirna=miRNA expression'")
         descriptions[mod.strip()] = text
     if out_path.exists() and not force:
-        _fail(f"{out_path} exists; choose another --out or pass --force to overwrite it")
+        fail(f"{out_path} exists; choose another --out or pass --force to overwrite it")
     options = InferOptions(
         label_column=label, name=name, id_column=id_column,
         modalities=_split([modalities]) if modalities is not None else None,
@@ -75,7 +77,7 @@ def infer(
     try:
         result = infer_schema(cohort_dir, options)
     except (InferError, TableError) as e:
-        _fail(str(e))
+        fail(str(e))
     s = result.schema
     s.save(out_path)
     typer.echo(f"wrote {out_path}: schema {s.name!r}  content hash {s.content_hash()}")
@@ -85,6 +87,8 @@ def infer(
         typer.echo(f"  {m.name:<14} {m.n_features:>6} features  transform={m.transform.value:<6} {note}")
 
 
-def _fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
+    """An error a person reads (it names the file, the flag or the setting, and the fix) on stderr, then exit 2: no
+    traceback for bad input. Every `oncofed schema` and simulation command's."""
     typer.echo(message, err=True)
     raise typer.Exit(code=2)

@@ -6,6 +6,8 @@ import time
 
 import typer
 
+from shared_models.cli import fail
+
 
 def register(app: typer.Typer) -> None:
     from simulations import cli_baseline, cli_report, cli_simulate
@@ -18,16 +20,11 @@ def register(app: typer.Typer) -> None:
     cli_report.register(app)
 
 
-def _fail(message: str) -> None:
-    typer.echo(message, err=True)
-    raise typer.Exit(code=2)
-
-
 def _ints(text: str, flag: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        _fail(f"{flag} {text!r}: give comma-separated whole numbers, e.g. {flag} 6000,500")
+        fail(f"{flag} {text!r}: give comma-separated whole numbers, e.g. {flag} 6000,500")
         raise  # unreachable
 
 
@@ -54,10 +51,10 @@ def partition(
 
     # flags the chosen split does not read were dropped without a word (--holdout-frac 0.3 alone held out nobody)
     if holdout_frac is not None and not holdout_column:
-        _fail(f"--holdout-frac {holdout_frac:g} needs --holdout-column COLUMN, the labels column whose whole groups are "
+        fail(f"--holdout-frac {holdout_frac:g} needs --holdout-column COLUMN, the labels column whose whole groups are "
               "held out (e.g. --holdout-column tss); without it no patient is held out")
     if min_site_patients is not None and dirichlet is None:
-        _fail(f"--min-site-patients {min_site_patients} applies only to --dirichlet splits; drop it (--by and --iid "
+        fail(f"--min-site-patients {min_site_patients} applies only to --dirichlet splits; drop it (--by and --iid "
               "give every site its share)")
     try:
         s = FeatureSchema.load(schema)
@@ -67,7 +64,7 @@ def partition(
                                     **{k: v for k, v in (("holdout_frac", holdout_frac),
                                                          ("min_site_patients", min_site_patients)) if v is not None})
     except (SchemaError, TableError, PartitionError) as e:
-        _fail(str(e))
+        fail(str(e))
     how = (f"by {by}" if by else f"Dirichlet alpha={dirichlet}" if dirichlet is not None else "IID") + f", seed {seed}"
     held = f", {manifest.holdout.patients:,} held out by {holdout_column}" if manifest.holdout else ""
     typer.echo(f"wrote {out}: {len(manifest.sites)} sites ({how}){held} in {time.perf_counter() - start:.1f}s")
@@ -108,7 +105,7 @@ def synthetic(
     try:
         manifest = generate_federation(out, cfg, overwrite=overwrite)
     except PartitionError as e:
-        _fail(str(e))
+        fail(str(e))
     typer.echo(f"wrote {out}: {len(manifest.sites)} synthetic sites, {classes} classes, seed {seed} "
                f"in {time.perf_counter() - start:.1f}s")
     typer.echo(format_manifest(manifest, list(manifest.sites[0].modality_counts)))
@@ -135,7 +132,7 @@ def experiment(
         results = Path(out) if out else Path("runs") / "experiments" / name
         run_experiment(config, results, log=typer.echo, only=only)
     except (ExperimentError, SchemaError, TableError, PartitionError) as e:
-        _fail(str(e))
+        fail(str(e))
     except SimulationError as e:
         typer.echo(f"{e}\nthe finished cells are kept: run the same command again to resume", err=True)
         raise typer.Exit(code=1)

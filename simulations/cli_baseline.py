@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from shared_models.cli import fail
+
 
 def register(app: typer.Typer) -> None:
     app.command("baseline")(baseline)
@@ -46,12 +48,12 @@ def baseline(
     models = ("transformer", "logistic")
     if only is not None:
         if only not in models:
-            _fail(f"--only {only}: choose transformer or logistic")
+            fail(f"--only {only}: choose transformer or logistic")
         models = (only,)
     try:
         model_cfg = ModelConfig(**{**CENTRALIZED_MODEL.model_dump(), **json.loads(model)}) if model else CENTRALIZED_MODEL
     except (TypeError, ValueError) as e:  # bad JSON, not an object, or a field pydantic refuses
-        _fail(f"--model {model}: not a valid ModelConfig JSON object ({_reason(e)}); "
+        fail(f"--model {model}: not a valid ModelConfig JSON object ({_reason(e)}); "
               f"e.g. --model '{{\"d_model\": 64, \"tabular_blocks\": 0}}'")
     try:
         data_dir, feature_schema = resolve_cohort(cohort, schema)
@@ -71,7 +73,7 @@ def baseline(
                                         val_frac=val_frac, models=models, log=log if verbose else None))
             typer.echo(format_result(results[-1]))
     except (BaselineError, SchemaError, TableError) as e:
-        _fail(str(e))
+        fail(str(e))
     result = results[0] if len(results) == 1 else summarize_seeds(results)
     if len(results) > 1:
         typer.echo(format_seeds(result))
@@ -84,9 +86,9 @@ def _seed_list(text: str) -> list[int]:
     try:
         out = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        _fail(f"--seeds {text}: give whole numbers separated by commas, e.g. --seeds 0,1,2")
+        fail(f"--seeds {text}: give whole numbers separated by commas, e.g. --seeds 0,1,2")
     if not out:
-        _fail("--seeds: give at least one seed, e.g. --seeds 0,1,2")
+        fail("--seeds: give at least one seed, e.g. --seeds 0,1,2")
     return out
 
 
@@ -121,8 +123,3 @@ def _reason(e: Exception) -> str:
         return "; ".join((f"{'.'.join(map(str, err['loc']))}: " if err["loc"] else "")
                          + err["msg"].removeprefix("Value error, ") for err in e.errors())
     return str(e).splitlines()[0]
-
-
-def _fail(message: str) -> None:
-    typer.echo(message, err=True)
-    raise typer.Exit(code=2)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from shared_models.cli import fail
+
 
 def register(app: typer.Typer) -> None:
     app.command("report")(report)
@@ -23,12 +25,7 @@ def report(
     try:
         path = build_report(results_dir, out)
     except ReportError as e:
-        _fail(str(e))
+        fail(str(e))
     except OSError as e:
-        _fail(f"cannot write the report to {e.filename or out or results_dir}: {e.strerror}: pass a writable --out DIR")
+        fail(f"cannot write the report to {e.filename or out or results_dir}: {e.strerror}: pass a writable --out DIR")
     typer.echo(f"wrote {path} and {path.with_suffix('.html')} ({path.read_text().count('](figures/')} figures)")
-
-
-def _fail(message: str) -> None:
-    typer.echo(message, err=True)
-    raise typer.Exit(code=2)

@@ -38,7 +38,7 @@ from privacy import MAX_BUDGET
 from shared_models.files import atomic_file, write_json_atomic, write_text_atomic
 from shared_models.run_config import FederationSection, Strategy, TrainingSection
 from simulations.partition import HOLDOUT_FRAC, MIN_SITE_PATIENTS
-from server.run_files import METRICS
+from server.run_files import METRICS, metrics_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 Method = Literal["pooled", "pooled-cv", "local", "logistic", "local-logistic"]
@@ -527,8 +527,7 @@ def _run_federated(cfg, cell, fed, schema_path, manifest, work, log) -> list[dic
     (work / "flower").mkdir()
     result = run_federation(work / "flower", run_cfg, n_sites=n, stream=_RoundEcho(log))
     rows = []
-    for line in (work / "server" / METRICS).read_text().splitlines():
-        r = json.loads(line)
+    for r in metrics_lines(work / "server" / METRICS):
         se, g = r.get("server_eval") or {}, r.get("global") or {}
         rows.append({"round": r["round"], "site": "held-out", "patients": manifest["holdout"]["patients"],
                      **_metrics(se), "seconds": r.get("seconds")})
@@ -554,7 +553,7 @@ def _run_federated(cfg, cell, fed, schema_path, manifest, work, log) -> list[dic
 def why_no_model(work: Path) -> str:
     """What the server recorded of a cell's rounds when no site got a model, and where the sites say why: a site's
     own reason (its data, too few patients for a held-out part) stays in its log, the simulation's flwr-run.log."""
-    from server.checkpoint import metrics_lines, why_no_update
+    from server.checkpoint import why_no_update
     from server.run_files import FLWR_LOG
 
     log_file = work / "flower" / FLWR_LOG

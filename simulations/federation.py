@@ -235,9 +235,10 @@ def clean(work: Path) -> None:
 
 
 def summarize(metrics_file: Path) -> list[dict]:
+    from server.run_files import metrics_lines
+
     rows = []
-    for line in metrics_file.read_text().splitlines():
-        r = json.loads(line)
+    for r in metrics_lines(metrics_file):
         eps = r.get("site_epsilon", {})
         rows.append({"round": r["round"], "sites": len(r.get("participants", [])),
                      "refused": len(r.get("refused", [])), "failed": len(r.get("failures", [])),

@@ -217,7 +217,7 @@ def _scrape(runs, live=()) -> str:
     from server.metrics import ConsortiumCollector
 
     reg = CollectorRegistry()
-    reg.register(ConsortiumCollector(runs, live_runs=lambda: set(live)))
+    reg.register(ConsortiumCollector(runs, live_runs=lambda superlink: set(live)))
     return generate_latest(reg).decode()
 
 

@@ -640,7 +640,7 @@ def test_prometheus_serves_both_epsilons_of_a_distributed_run(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "status.json").write_text(json.dumps({
         "run": "run", "round": 2, "site_epsilon": {"h1": 7.9}, "site_epsilon_worst_case": {"h1": 16.3}}))
-    metrics = {m.name: [s.value for s in m.samples] for m in ConsortiumCollector(tmp_path, lambda: None).collect()}
+    metrics = {m.name: [s.value for s in m.samples] for m in ConsortiumCollector(tmp_path, lambda superlink: None).collect()}
     assert metrics["oncofed_site_epsilon"] == [7.9] and metrics["oncofed_site_epsilon_worst_case"] == [16.3]
 
 

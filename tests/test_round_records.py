@@ -109,6 +109,26 @@ def test_cut_partial_line(tmp_path):
     assert cut_partial_line(f) == 4 and f.read_text() == ""
 
 
+def test_every_reader_of_metrics_jsonl_skips_a_last_line_a_crash_cut_short(tmp_path):
+    """Until a resume cuts it, a line a crash cut short (or one being appended now) ends metrics.jsonl: the sites that
+    trained skipped it, but the other readers failed on it (`oncofed deliver` dating a final model, the outcome of the
+    round told to the sites, the ETA of `oncofed runs`)."""
+    from server.checkpoint import round_outcome
+    from server.delivery import trained_sites
+    from server.runs import _rounds_seconds
+
+    m = tmp_path / "metrics.jsonl"
+    m.write_text("".join(json.dumps({"round": r, "seconds": 10.0 * r, "status": "updated", "participants": [r]}) + "\n"
+                         for r in (1, 2)) + json.dumps({"round": 3, "participants": [3]})[:20])
+    assert [g.nodes for g in trained_sites(tmp_path)] == [[1], [2]]
+    assert round_outcome(tmp_path, 2) == {"round": 2, "status": "updated"}
+    assert _rounds_seconds(m) == [10.0]
+    m.write_text('{"round": 1}\n{"rou\n{"round": 3}\n')  # damage a crash does not leave: every reader fails on it
+    for read in (lambda: trained_sites(tmp_path), lambda: round_outcome(tmp_path, 3)):
+        with pytest.raises(ValueError):
+            read()
+
+
 @pytest.mark.parametrize("wrong", ["run", "shapes"])
 def test_a_checkpoint_that_is_not_this_runs_is_refused_not_resumed(tmp_path, wrong):
     """Checkpoints copied from another run: resumed under that run's key, with its sites' spend, or with weights

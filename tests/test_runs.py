@@ -161,10 +161,36 @@ def test_a_run_the_servers_exit_ended_says_so_in_runs_list_and_in_a_metric_an_al
     assert line.startswith("failed: ended by the server's exit (the SuperExec exited (killed by signal 9), "), line
     registry = CollectorRegistry()
     registry.register(ConsortiumCollector(consortium / "runs", None, None,
-                                          lambda: unfinished_run_names(consortium, read_superlink(db))))
+                                          lambda superlink: unfinished_run_names(consortium, superlink),
+                                          lambda: read_superlink(db)))
     assert 'oncofed_run_unfinished{run="r1"} 1.0' in generate_latest(registry).decode()
     (consortium / "runs" / "r1" / "flwr-runs.json").write_text(json.dumps([RUN_ID, 7]))  # resumed: a new flwr run
     assert "server's exit" not in RunView.load(consortium, "r1", read_superlink(db)).describe({})
+
+
+def test_one_scrape_of_the_servers_metrics_reads_the_superlinks_database_once(consortium, monkeypatch):
+    """The registered sites, the live runs and the unfinished runs of one scrape come from one read of the SuperLink's
+    state (it read it three times: three SQLite opens per scrape, and gauges from three moments)."""
+    import urllib.request
+
+    import server.runs
+    from server.deploy import Consortium
+    from server.metrics import serve_metrics
+    from server.processes import free_port
+
+    _superlink_db(consortium, "failed")
+    reads = []
+    monkeypatch.setattr(server.runs, "read_superlink", lambda db: reads.append(db) or read_superlink(db))
+    port = free_port()
+    httpd, _ = serve_metrics(Consortium.load(consortium), port)
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert reads == [consortium.resolve() / "state" / "superlink.db"]
+    assert "oncofed_sites_registered 2.0" in text and "oncofed_sites_online 1.0" in text, text
+    assert 'oncofed_run_unfinished{run="r1"} 1.0' in text, text
 
 
 def test_preflight_names_the_server_process_that_is_down(tmp_path):

@@ -251,6 +251,47 @@ def test_a_tightened_site_json_holds_at_the_next_message_and_a_loosened_one_wait
     assert settings.policy_unreadable and reason == SITE_JSON_UNREADABLE and str(tmp_path) not in reason
 
 
+def test_a_training_message_reads_site_json_once_and_the_next_message_reads_it_again(tmp_path, monkeypatch):
+    """The policy checks of one training message (site_policy_mod, SecAgg+'s collect stage, the train handler) hold to
+    one read of site.json: the collect stage read it, and the train handler again, for every round. A later message
+    still holds to site.json as it is then."""
+    from flwr.app import ConfigRecord, Context, RecordDict
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.common.config import parse_config_args
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
+    from flwr.compat.common.recorddict_compat import fitins_to_recorddict
+
+    import client.app
+    from client.app import REQUIRE_DP_REFUSAL, SITE_JSON_UNREADABLE, site_policy_mod, train
+    from client.supernode import node_config
+    from shared_models.protocol import RUN_KEY, SERVER_ROUND
+    from tests.factories import site_message
+
+    path = tmp_path / "site.json"
+    path.write_text(json.dumps({"format": FILE_FORMAT, "state-dir": "state", "model-dir": "models", "data-path": "data",
+                                "site-name": "H1", "privacy-budget": 8.0, "require-dp": True}))
+    node = parse_config_args([node_config(SiteConfig.load(path))])
+    reads, load = [], SiteConfig.load
+    monkeypatch.setattr(SiteConfig, "load", lambda *a, **k: reads.append(1) or load(*a, **k))
+    # Flower's SecAgg+ mod at its collect stage hands the request to the train handler (its state checks left out)
+    monkeypatch.setattr(client.app, "secaggplus_mod", lambda msg, ctx, call_next: call_next(msg, ctx))
+
+    def collect_stage():
+        content = fitins_to_recorddict(FitIns(ndarrays_to_parameters([]), {SERVER_ROUND: 1, RUN_KEY: "run-X"}), True)
+        content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord({Key.STAGE: Stage.COLLECT_MASKED_VECTORS})
+        state = RecordDict({RECORD_KEY_STATE: ConfigRecord({"public_keys_dict:K": [1, 2, 3], "threshold": 2})})
+        ctx = Context(run_id=1, node_id=1, node_config=node, state=state, run_config={"schema": "s.json", "dp": False})
+        return site_policy_mod(site_message(content), ctx, train)
+
+    reply = collect_stage()
+    assert reply.has_error() and reply.error.reason.endswith(REQUIRE_DP_REFUSAL), reply.error.reason
+    assert len(reads) == 1
+    path.write_text('{"privacy-budget": 3,')  # a half-saved edit: the next message refuses on it
+    reply = collect_stage()
+    assert reply.has_error() and reply.error.reason.endswith(SITE_JSON_UNREADABLE), reply.error.reason
+    assert len(reads) == 2
+
+
 def test_a_directory_given_for_site_json_says_so_not_is_a_directory(tmp_path):
     """`serve --site-config DIR` said '.: no readable s1 (Is a directory)'."""
     with pytest.raises(SiteConfigError, match="a directory, where a JSON file is expected: give the file's path"):
