@@ -227,6 +227,9 @@ def serve_main(
     site_config: Path = typer.Option(None, "--site-config", help="the site's site.json"),
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (put TLS in front for the network)"),
     port: int = typer.Option(8088, "--port", min=1, max=65535),
+    allowed_host: list[str] = typer.Option([], "--allowed-host", help="a Host name the service answers to besides "
+                                           "localhost, 127.0.0.1, [::1] and --host: the name your TLS proxy forwards "
+                                           "(repeatable); any other Host is refused (DNS rebinding)"),
 ) -> None:
     """Serve the site's active global model: /v1/predict, /v1/predict/file, /v1/model, /health, /metrics, /."""
     if ctx.invoked_subcommand is not None:
@@ -237,12 +240,17 @@ def serve_main(
     import uvicorn
 
     from client.model_store import ModelStoreError
-    from client.serve import create_app
+    from client.serve import AuditUnwritable, allowed_hosts, create_app
     from privacy.site_config import host_port
 
     try:
-        app = create_app(_site_settings(site_config))
-    except (ModelStoreError, ValueError) as e:
+        hosts = allowed_hosts(host, allowed_host)
+    except ValueError as e:
+        typer.echo(f"--host/--allowed-host {e}", err=True)
+        raise typer.Exit(code=2)
+    try:
+        app = create_app(_site_settings(site_config), hosts=hosts)
+    except (ModelStoreError, ValueError, AuditUnwritable) as e:  # (a fallback at start is audited)
         typer.echo(str(e), err=True)
         raise typer.Exit(code=2)
     import sys
@@ -260,7 +268,8 @@ def serve_main(
 def token_add(
     site_config: Path = typer.Option(..., "--site-config", help="the site's site.json"),
     name: str = typer.Option(..., "--name", help="who or what uses the token"),
-    role: str = typer.Option("clinician", "--role", help="clinician (predict) or admin (also activate, roll back)"),
+    role: str = typer.Option("clinician", "--role", help="clinician (predict), admin (also activate, roll back, "
+                              "/metrics) or monitoring (/metrics only: for Prometheus)"),
     replace: bool = typer.Option(False, "--replace", help="revoke the existing token of this name and issue a new one"),
 ) -> None:
     """Create a token (printed once; only its SHA-256 is stored)."""

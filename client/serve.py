@@ -5,23 +5,32 @@
     GET  /v1/model            the active model: version, run, round, SHA-256, signature, metrics, epsilon
     GET  /v1/models           installed versions          (admin)
     POST /v1/models/activate  {"version": "v0002"}        (admin; "rollback": the previous version)
-    GET  /health, GET /metrics (Prometheus), GET / (the web page)
+    GET  /metrics             Prometheus                  (monitoring or admin)
+    GET  /health, GET / (the web page)
 
-Access: bearer tokens with a role (clinician: predict and read; admin: also model management),
-stored as SHA-256 hashes in STATE_DIR/serve-tokens.json (`oncofed serve token add`). Every
-prediction is appended to the site's hash-chained audit log with a salted hash of the patient id,
-the model version and the time, never feature values. A newly delivered (or activated) model is
-picked up without a restart: the store's ACTIVE file is checked before each request batch.
+Access: bearer tokens with a role (clinician: predict and read; admin: also model management and /metrics;
+monitoring: /metrics only, for a Prometheus scraper), stored as SHA-256 hashes in STATE_DIR/serve-tokens.json
+(`oncofed serve token add`). Every prediction is appended to the site's hash-chained audit log with a salted hash
+of the patient id, the model version and the time, never feature values; refused tokens are audited too
+(FailedLogins). Only requests whose Host is a name the service answers to are served (TrustedHosts: DNS
+rebinding). A newly delivered (or activated) model is picked up without a restart: the store's ACTIVE file is
+checked before each request batch.
 """
 
 
 import hashlib
 import hmac
+import ipaddress
 import json
+import logging
 import os
+import re
 import secrets
+import threading
 import time
+from collections.abc import Sequence
 from contextlib import asynccontextmanager, contextmanager
+from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
@@ -29,14 +38,137 @@ from client.predict import Predictor, format_predictions
 from client.serve_queue import ExplanationLane, ModelQueue
 from client.serve_routes import model_routes, offline_docs, operations_routes, prediction_routes
 from client.site import MIN_NORMALISATION_PATIENTS
-from privacy.audit import AUDIT_FILE, AuditLog
+from privacy.audit import AUDIT_FILE, AuditError, AuditLog
 from privacy.site_config import SiteConfig
 from shared_models.files import atomic_file, held_lock
 from shared_models.site_data import NORMALIZER_FILE
 
-ROLES = {"clinician": {"predict", "read"}, "admin": {"predict", "read", "manage"}}
+# /metrics counts the predictions per class: around one request, that is the patient's predicted type. So it
+# takes a token of a role that may see every prediction's class anyway (admin), or of one that may do
+# nothing else (monitoring, for a Prometheus scraper's bearer_token_file), never a clinician's.
+ROLES = {"clinician": {"predict", "read"}, "admin": {"predict", "read", "manage", "monitor"}, "monitoring": {"monitor"}}
 TOKENS_FILE = "serve-tokens.json"
 EXPLAIN_QUEUE_BODIES = 4  # waiting explanation requests hold at most this many maximal bodies' bytes
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # the names of this machine a Host header may carry
+FAILED_LOGIN_WINDOW_S = 60.0
+
+log = logging.getLogger(__name__)
+
+
+class AuditUnwritable(Exception):
+    """The audit log cannot take an entry: what needs one is not done, and the answer (503) names the file and
+    the fix."""
+
+    def __init__(self, path: Path, error: Exception):
+        if isinstance(error, AuditError):  # a broken chain: its message names the file and what to do
+            message = str(error)
+        else:
+            message = (f"the audit log {path} cannot be written ({getattr(error, 'strerror', None) or error}): "
+                       f"free space on its disk (or let the service's account write to {path.parent}); nothing "
+                       "that needs an audit entry is done until it can be written")
+        super().__init__(message)
+
+
+def host_name(value: str) -> str:
+    """A host name or address as a Host header carries it (lower case, an IPv6 address in brackets); ValueError
+    for anything else (a port, a scheme, a path)."""
+    name = value.strip().lower()
+    try:
+        address = ipaddress.ip_address(name.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?", name):
+            raise ValueError(f"{value!r}: a host name or address, without scheme or port (the name your TLS proxy "
+                             "forwards in the Host header, e.g. oncofed.hospital.example)") from None
+        return name
+    return f"[{address}]" if address.version == 6 else str(address)
+
+
+def allowed_hosts(host: str, extra: Sequence[str] = ()) -> list[str]:
+    """The Host names `oncofed serve --host HOST --allowed-host NAME...` answers to: this machine's, the bound
+    address, and the names given (a TLS proxy's)."""
+    return list(dict.fromkeys([*LOCAL_HOSTS, host_name(host), *(host_name(h) for h in extra)]))
+
+
+class TrustedHosts:
+    """ASGI middleware: requests whose Host header names none of `hosts` are refused (400) before anything else
+    runs. A page on another site whose name an attacker points at 127.0.0.1 (DNS rebinding) reaches the service
+    from the clinician's browser, but with its own name as Host. (Starlette's TrustedHostMiddleware cuts the Host
+    at its first ':', so '[::1]:8088' never matches.)"""
+
+    def __init__(self, app, hosts: Sequence[str], on_refused=lambda: None):
+        self.app, self.hosts, self.on_refused = app, frozenset(hosts), on_refused
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        header = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1").strip().lower()
+        name = header[:header.find("]") + 1] if header.startswith("[") else header.split(":")[0]
+        if name in self.hosts:
+            return await self.app(scope, receive, send)
+        self.on_refused()
+        body = json.dumps({"detail": f"Host {header!r} is not a name this service answers to; if it is the name your "
+                           "TLS proxy forwards, start it with `oncofed serve --allowed-host NAME`"}).encode()
+        await send({"type": "http.response.start", "status": 400,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class FailedLogins:
+    """Refused requests, audited per client address and refusal (reason, path, token name) per window (a minute):
+    the first at once; the others counted, and written as one entry with their `count` and `first`/`last` times
+    when the window closes or with the service's next audit entry. 1,000 bad tokens in 6 s wrote and fsynced
+    1,000 entries (330 KB, on the event loop); now two, and the log still counts every refusal."""
+
+    KEY = ("client", "reason", "path", "token")
+
+    def __init__(self, window_s: float, clock=time.monotonic):
+        self.window_s, self.clock = window_s, clock
+        self._windows: dict[tuple, dict] = {}  # key -> {"opened", "fields", "count", "first", "last"}
+        self._lock = threading.Lock()  # refusals on the event loop, writes in the queues' threads too
+
+    def refused(self, fields: dict) -> bool:
+        """Count one refusal; True if it opens a window (write it now), else it waits in the window's count."""
+        key, now = tuple(fields.get(k) for k in self.KEY), self.clock()
+        with self._lock:
+            w = self._windows.get(key)
+            if w is not None and now - w["opened"] < self.window_s:
+                w["first"] = w["first"] or _utc_now()
+                w["count"], w["last"] = w["count"] + 1, _utc_now()
+                return False
+            if w is None or not w["count"]:  # (a closed window's count stays until it is written)
+                self._windows[key] = {"opened": now, "fields": dict(fields), "count": 0, "first": None, "last": None}
+            else:
+                w["opened"] = now
+            return True
+
+    def due(self, everything: bool = False) -> list[dict]:
+        """The counts of the windows that closed (`everything`: of all), as entries; taken out of the windows."""
+        out, now = [], self.clock()
+        with self._lock:
+            for key, w in list(self._windows.items()):
+                closed = now - w["opened"] >= self.window_s
+                if w["count"] and (closed or everything):
+                    out.append({**w["fields"], "count": w["count"], "first": w["first"], "last": w["last"]})
+                    w["count"], w["first"] = 0, None
+                if closed and not w["count"]:
+                    del self._windows[key]
+        return out
+
+    def restore(self, entries: list[dict]) -> None:
+        """Entries that could not be written: counted again, for a later write."""
+        with self._lock:
+            for e in entries:
+                key = tuple(e.get(k) for k in self.KEY)
+                w = self._windows.setdefault(key, {"opened": self.clock(), "fields": {k: e.get(k) for k in self.KEY},
+                                                   "count": 0, "first": None, "last": None})
+                at = e.get("first") or _utc_now()
+                w["first"] = min(w["first"] or at, at)
+                w["last"] = max(w["last"] or at, e.get("last") or at)
+                w["count"] += e.get("count", 1)
 
 
 class BodyTooLarge(Exception):
@@ -187,7 +319,7 @@ class Metrics:
     fsyncs per commit = rate(oncofed_serve_audit_fsyncs_total) / rate(oncofed_serve_audit_commit_seconds_count)."""
 
     def __init__(self, audit: AuditLog):
-        from prometheus_client import CollectorRegistry, Counter, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = r = CollectorRegistry()
         self.requests = Counter("oncofed_serve_requests", "requests", ["endpoint", "status"], registry=r)
@@ -195,6 +327,7 @@ class Metrics:
                                  buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self.predictions = Counter("oncofed_serve_predictions", "predictions per class", ["predicted"], registry=r)
         self.errors = Counter("oncofed_serve_errors", "requests refused or failed", ["endpoint", "reason"], registry=r)
+        self.waiting = Gauge("oncofed_serve_queue_patients", "patients waiting, by queue", ["queue"], registry=r)
         disk = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1)
         self.audit_commit = Histogram("oncofed_serve_audit_commit_seconds", "audit group commit of answered batches "
                                       "(lines written and fsynced before answering)", ["queue"], registry=r,
@@ -254,6 +387,8 @@ class Site:
         self.max_body_bytes = int(self.limits.max_body_mb * 1024 * 1024)
         self.state_dir = Path(settings.state_dir)
         self.audit = AuditLog(self.state_dir / AUDIT_FILE)
+        # (before the model: a fallback at load is audited through `record`)
+        self.failed_logins = FailedLogins(FAILED_LOGIN_WINDOW_S)
         self.predictor = Predictor(settings.model_dir, self.state_dir / NORMALIZER_FILE,
                                    settings.signing_public_key or None, on_fallback=self._fell_back)
         self.tokens = TokenStore(self.state_dir / TOKENS_FILE)
@@ -279,6 +414,9 @@ class Site:
                                             max_bytes=EXPLAIN_QUEUE_BODIES * self.max_body_bytes,
                                             background=self.limits.explanations == "thread")
 
+        self.metrics.waiting.labels("predictions").set_function(lambda: self.predictions.waiting)
+        self.metrics.waiting.labels("explanations").set_function(lambda: self.explanations.waiting)
+
         # small JSON prediction requests: parsed and checked in a child process (client/input_process.py)
         if self.limits.input_check == "process":
             from client.input_process import InputProcess
@@ -287,8 +425,28 @@ class Site:
         else:
             self.input_check = None
 
+    def record(self, items: list[tuple[str, dict]], *, head: bool = True) -> list[dict]:
+        """Entries into the audit log, after the refusals counted since the last write (FailedLogins), all or none
+        of them; AuditUnwritable if the log cannot take them."""
+        counted = self.failed_logins.due(everything=True)
+        try:
+            return self.audit.append_many([("login_failed", e) for e in counted] + items, head=head)[len(counted):]
+        except (AuditError, OSError) as e:
+            self.failed_logins.restore(counted)
+            raise AuditUnwritable(self.audit.path, e) from None
+
+    def write_failed_logins(self, everything: bool = False) -> None:
+        """The counts of the refusal windows that closed (`everything`: at shutdown, all)."""
+        counted = self.failed_logins.due(everything)
+        if counted:
+            try:
+                self.audit.append_many([("login_failed", e) for e in counted])
+            except (AuditError, OSError) as e:
+                self.failed_logins.restore(counted)
+                log.warning("%s", AuditUnwritable(self.audit.path, e))
+
     def _fell_back(self, entry: dict) -> None:
-        self.audit.append("model_fallback", **entry)
+        self.record([("model_fallback", entry)])
 
     def _commit(self, queue: str, done: list) -> None:
         """The answered batches' entries, durable before they are answered; the head follows at `write_head`."""
@@ -305,9 +463,8 @@ class Site:
                 self.metrics.predictions.labels(c).inc()
         if self.audit_predictions:
             t0 = time.perf_counter()
-            self.audit.append_many([prediction_entry(self.salt, job.who["name"], version, ids, predicted,
-                                                     job.extra["via"]) for job, version, ids, predicted in answered],
-                                   head=False)
+            self.record([prediction_entry(self.salt, job.who["name"], version, ids, predicted, job.extra["via"])
+                         for job, version, ids, predicted in answered], head=False)
             self.metrics.audit_commit.labels(queue).observe(time.perf_counter() - t0)
 
     def write_head(self) -> None:
@@ -329,13 +486,23 @@ class Site:
 
 
 def _auth(site: Site):
-    """Dependency factory: the bearer token's entry if its role may `permission`; failures are audited."""
+    """Dependency factory: the bearer token's entry if its role may `permission`; failures are audited
+    (FailedLogins: the first of a kind per client and minute at once, the rest counted)."""
     from fastapi import HTTPException, Request
 
     def refuse(request: Request, status: int, reason: str, detail: str, name: str | None = None):
-        site.metrics.errors.labels(request.url.path, "unauthenticated" if status == 401 else "forbidden").inc()
-        client = request.client.host if request.client else None
-        site.audit.append("login_failed", reason=reason, path=request.url.path, client=client, token=name)
+        route = request.scope.get("route")  # its path, a fixed set (the URL's is the client's spelling)
+        path = route.path if route is not None else request.url.path
+        site.metrics.errors.labels(path, "unauthenticated" if status == 401 else "forbidden").inc()
+        fields = {"reason": reason, "path": path, "client": request.client.host if request.client else None,
+                  "token": name}
+        if site.failed_logins.refused(fields):
+            try:
+                site.record([("login_failed", fields)])
+            except AuditUnwritable as e:  # the refusal stands; its count waits for a later write
+                site.failed_logins.restore([fields])
+                site.metrics.errors.labels(path, "audit_unwritable").inc()
+                log.warning("%s", e)
         raise HTTPException(status, detail, headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
 
     def role(permission: str):
@@ -347,7 +514,7 @@ def _auth(site: Site):
             entry = site.tokens.lookup(header[7:].strip())
             if entry is None:
                 refuse(request, 401, "unknown or revoked token", "unknown or revoked token")
-            if permission not in ROLES[entry["role"]]:
+            if permission not in ROLES.get(entry["role"], ()):
                 refuse(request, 403, f"role {entry['role']} may not {permission}",
                        f"role {entry['role']!r} may not {permission}", entry["name"])
             return entry
@@ -356,12 +523,15 @@ def _auth(site: Site):
 
 
 def create_app(settings: SiteConfig, *, audit_predictions: bool = True, threads: int = 1,
-               max_body_bytes: int | None = None):
+               max_body_bytes: int | None = None, hosts: Sequence[str] | None = None):
     """The service for one site (site.json's settings): its state, the middleware, then the routes by group
-    (client/serve_routes.py)."""
+    (client/serve_routes.py). `hosts`: the Host names it answers to (`allowed_hosts`, as `oncofed serve` passes
+    them); None: any (in-process callers, such as the tests' client, which no browser reaches)."""
+    import asyncio
     import gc
 
     import torch
+    from anyio import to_thread
     from fastapi import FastAPI
 
     torch.set_num_threads(threads)  # each queue's thread runs the model on one core
@@ -372,7 +542,16 @@ def create_app(settings: SiteConfig, *, audit_predictions: bool = True, threads:
     async def lifespan(app):
         if site.input_check is not None:
             await site.input_check.start()  # its imports overlap the service's start
+
+        async def close_windows():  # refusals counted in a window that closed with no audit write since
+            while True:
+                await asyncio.sleep(site.failed_logins.window_s / 12)
+                await to_thread.run_sync(site.write_failed_logins)
+
+        closing = asyncio.create_task(close_windows())
         yield
+        closing.cancel()
+        site.write_failed_logins(everything=True)
         site.write_head()  # stopped: the audit head records every committed entry
         site.explanations.explainer.close()
         if site.input_check is not None:
@@ -384,10 +563,13 @@ def create_app(settings: SiteConfig, *, audit_predictions: bool = True, threads:
     # the one size limit, outermost: a fixed metrics label (paths are client-chosen)
     app.add_middleware(BodyLimit, limit=site.max_body_bytes,
                        on_refused=lambda: site.metrics.errors.labels("any", "too_large").inc())
+    if hosts is not None:  # outermost: a foreign Host is refused before anything is read
+        app.add_middleware(TrustedHosts, hosts=hosts,
+                           on_refused=lambda: site.metrics.errors.labels("any", "untrusted_host").inc())
     role = _auth(site)
     prediction_routes(app, site, role)
     model_routes(app, site, role)
-    operations_routes(app, site)
+    operations_routes(app, site, role)
     if docs:
         offline_docs(app)
     app.state.predictor = site.predictor

@@ -45,6 +45,7 @@ def prediction_routes(app, site: "Site", role) -> None:
     from fastapi.responses import JSONResponse, Response
 
     from client.predict import add_notes, refuse_weak_patterns
+    from client.serve import AuditUnwritable
     from client.prediction_input import (DecompressedBudget, PredictionInputError, asks_explanations, check_top_k,
                                          checked_json,
                                          checked_tables, estimated_patients, parse_request, store_upload)
@@ -67,6 +68,9 @@ def prediction_routes(app, site: "Site", role) -> None:
             return JSONResponse({"detail": str(e)}, status_code=503, headers={"Retry-After": "5"})
         except PredictionInputError as e:  # refused by the explanation lane, which parses its requests
             return refused(e, endpoint)
+        except AuditUnwritable as e:  # scored, but no answer without its audit entry
+            site.metrics.errors.labels(endpoint, "audit_unwritable").inc()
+            return JSONResponse({"detail": str(e)}, status_code=503)
         except asyncio.TimeoutError:
             site.metrics.errors.labels(endpoint, "timeout").inc()
             raise HTTPException(503, f"the model did not answer within {ANSWER_TIMEOUT_S:g} s (overloaded?); retry later") from None
@@ -269,41 +273,44 @@ def model_routes(app, site: "Site", role) -> None:
             target = body.version
         else:
             raise HTTPException(404, f"version {body.version!r} not installed; installed: {', '.join(versions)}")
-        from privacy.audit import AuditError
+        from client.serve import AuditUnwritable
 
         def record() -> None:  # after the version verified, before the switch: no switch the audit log lacks
-            site.audit.append("model_activated", version=target, previous=active, token=who["name"])
+            site.record([("model_activated", {"version": target, "previous": active, "token": who["name"]})])
 
         try:
             predictor.activate(target, record=record)  # verified before switching: a bad package never becomes active
-        except (AuditError, OSError) as e:
+        except AuditUnwritable as e:  # (nor a line: an append that fails leaves none)
             raise HTTPException(503, f"the audit log cannot record the switch, nothing changed: {e}") from None
+        except OSError as e:  # e.g. the model directory's ACTIVE file cannot be written
+            raise HTTPException(503, f"{target} cannot be activated, nothing changed: {e}") from None
         except Exception as e:  # noqa: BLE001
             raise HTTPException(409, f"{target} cannot be activated, nothing changed: {e}") from None
         predictor.refresh()
         return {"active": target, "previous": active}
 
 
-def operations_routes(app, site: "Site") -> None:
-    """/health, /metrics, /v1/limits and the page: no token needed."""
+def operations_routes(app, site: "Site", role) -> None:
+    """/health, /v1/limits and the page (no token: nothing in them is about a patient or a request), and /metrics
+    (a monitoring or admin token: it counts the predictions per class)."""
+    from fastapi import Depends
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     @app.get("/health")
     async def health():  # on the event loop: no thread hop, answers while the workers are busy
+        """Status and model version only, to anyone on the machine: why it is unhealthy (paths, versions) is in
+        GET /v1/model (a token), the queues in /metrics."""
         predictor = site.predictor
         try:
             predictor.refresh()
         except Exception:  # noqa: BLE001 - reported below
             pass
-        if predictor.current is None:
-            reason = predictor.failed[1] if predictor.failed else "no model"
-            return JSONResponse({"status": "unhealthy", "model_version": None, "reason": reason}, status_code=503)
-        if predictor.degraded:  # the active version was refused: monitoring must see it, though predictions go on
-            return JSONResponse({"status": "unhealthy", "model_version": predictor.current.version,
-                                 **predictor.degraded}, status_code=503)
-        return {"status": "ok", "model_version": predictor.current.version,
-                "queues": {"predictions": site.predictions.waiting, "explanations": site.explanations.waiting}}
+        current = predictor.current
+        # the active version refused: unhealthy for monitoring, though predictions go on from an older one
+        status = 503 if current is None or predictor.degraded else 200
+        return JSONResponse({"status": "ok" if status == 200 else "unhealthy",
+                             "model_version": current and current.version}, status_code=status)
 
     @app.get("/health/live")
     async def live():
@@ -312,7 +319,7 @@ def operations_routes(app, site: "Site") -> None:
         return {"status": "live"}
 
     @app.get("/metrics")
-    def metrics():
+    def metrics(who: dict = Depends(role("monitor"))):
         return Response(generate_latest(site.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/limits")

@@ -19,7 +19,9 @@ anchor the other party received are protected by the chain alone until the next 
 
 Appends take an exclusive lock (flock) on the head file, so concurrent writers (several ServerApp
 or ClientApp processes) serialise; the line is fsynced before the head moves, so the head is never
-ahead of the durable log. A head BEHIND the log is a handled state: `verify` reports it as a warning
+ahead of the durable log. An append is all or nothing for its caller: if it raises an OSError (a full disk), the
+log holds none of its entries (a head that cannot be written takes the fsynced lines back out). A head BEHIND the
+log is a handled state: `verify` reports it as a warning
 and the next append (or `write_head`) repairs it. It arises two ways:
 - a crash between the line and the head;
 - the prediction service's group commit (`append_many(..., head=False)`): it fsyncs the lines, answers,
@@ -401,9 +403,20 @@ class AuditLog:
                 os.ftruncate(fd, size)
                 raise
             # no other writer appends while the lock is held; the next append checks the size and the last line
-            self._end = {"entries": seq, "hash": prev, "bytes": size + len(data), "time": entries[-1]["time"]}
+            before, self._end = self._end, {"entries": seq, "hash": prev, "bytes": size + len(data),
+                                            "time": entries[-1]["time"]}
             if head:
-                self._write_head()
+                try:
+                    self._write_head()
+                except OSError:
+                    # the caller is told nothing was recorded and refuses its action (an activation, a round): the
+                    # durable lines must go too, or the log records what never happened. (A crash here instead keeps
+                    # them with the head behind: the handled state above.)
+                    if self._head != (seq, prev, size + len(data)):  # (the head did not move to them)
+                        os.ftruncate(fd, size)
+                        self._end = before
+                        self._fsync(fd, "log")
+                    raise
         return entries
 
     def _files(self, create: bool = False, st: os.stat_result | None = None) -> tuple | None:

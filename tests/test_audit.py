@@ -521,3 +521,33 @@ def test_a_damaged_anchors_file_is_set_aside_not_overwritten_by_the_next_anchor(
     kept = list(store.parent.glob("audit-anchors.json.damaged-*"))
     assert len(kept) == 1 and kept[0].read_text() == damaged
     assert AnchorStore(store).load()["server"]["r1"]["entries"] == 4
+
+
+@pytest.mark.parametrize("failing", ["fsync", "replace"])
+def test_an_append_whose_head_cannot_be_written_leaves_no_entry(tmp_path, monkeypatch, failing):
+    """A full disk after the line is durable, at the head: the caller is told nothing was recorded (the service then
+    refuses the model switch it was recording), so the log must not hold the line either."""
+    import errno
+
+    path = _log(tmp_path, 3)
+    before = path.read_bytes()
+    log = AuditLog(path)
+    calls, real = [], getattr(os, failing)
+
+    def disk_full_at_the_head(*args):  # the line's fsync goes through; the head's write fails
+        calls.append(args)
+        if failing == "replace" or len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args)
+
+    monkeypatch.setattr(os, failing, disk_full_at_the_head)
+    with pytest.raises(OSError, match="No space"):
+        log.append("model_activated", version="v0002")
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    report = verify(path)
+    assert report.ok and not report.warnings and report.entries == 3, report.format()
+    log.append("run_end")  # the same writer goes on from the log as it is
+    report = verify(path)
+    assert report.ok and not report.warnings and report.entries == 4
+    assert "model_activated" not in path.read_text()

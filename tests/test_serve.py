@@ -264,7 +264,7 @@ def test_file_upload_health_and_metrics(site, client):
                     headers=_auth(site["clinician"]))
     assert r.status_code == 200 and len(r.json()["predictions"]) == N, r.text[:300]
     assert client.get("/health").json()["status"] == "ok"
-    text = client.get("/metrics").text
+    text = client.get("/metrics", headers=_auth(site["admin"])).text
     assert "oncofed_serve_latency_seconds_bucket" in text and "oncofed_serve_predictions_total" in text
 
 
@@ -875,8 +875,8 @@ def _gzip_bomb(mb: int) -> bytes:
 
 
 @contextmanager
-def _serving_process(site_json):
-    """`oncofed serve` as a real process on loopback, once its /health answers."""
+def _serving_process(site_json, *args):
+    """`oncofed serve` (with `args`) as a real process on loopback, once its /health answers."""
     import time
 
     import httpx
@@ -885,7 +885,7 @@ def _serving_process(site_json):
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "oncofed", "serve", "--site-config", str(site_json),
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--port", str(port), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -1334,7 +1334,7 @@ def test_explanation_requests_are_answered_whole_by_a_child_process_as_in_the_se
         assert refused.headers["retry-after"]
         explainer._start = start
         assert c.post("/v1/predict", json=body, headers=headers).status_code == 200
-        assert c.get("/health").json()["queues"]["explanations"] == 0
+        assert c.app.state.site.explanations.waiting == 0
     assert explainer.pid is None  # closed with the service
 
 
@@ -1516,7 +1516,7 @@ def test_audit_cost_in_metrics_and_the_head_written_at_shutdown(site, tmp_path):
         for i, top_k in enumerate((0, 0, 3)):  # top features: the explanation queue
             assert c.post("/v1/predict", json={"patients": [_patient(site, i)], "top_k": top_k},
                           headers=_auth(site["clinician"])).status_code == 200
-        text = c.get("/metrics").text
+        text = c.get("/metrics", headers=_auth(site["admin"])).text
     assert 'oncofed_serve_audit_commit_seconds_count{queue="model"} 2.0' in text
     assert 'oncofed_serve_audit_commit_seconds_count{queue="explain"} 1.0' in text
     assert 'oncofed_serve_audit_fsyncs_total{file="log"}' in text and "oncofed_serve_audit_head_seconds" in text
@@ -1609,10 +1609,9 @@ def _serving_a_tampered_v0002(site, tmp_path):
 def test_a_tampered_active_package_falls_back_to_the_newest_verified_version(site, tmp_path):
     c = _serving_a_tampered_v0002(site, tmp_path)
     r = c.get("/health")  # unhealthy for monitoring, while the newest verified version answers predictions
-    health = r.json()
-    assert r.status_code == 503 and health["status"] == "unhealthy"
-    assert health["model_version"] == health["serving"] == "v0001" and health["active"] == "v0002"
-    assert "does not match" in health["reason"]
+    assert r.status_code == 503 and r.json() == {"status": "unhealthy", "model_version": "v0001"}
+    degraded = c.get("/v1/model", headers=_auth(site["clinician"])).json()["degraded"]  # why: with a token
+    assert degraded["serving"] == "v0001" and degraded["active"] == "v0002" and "does not match" in degraded["reason"]
     assert c.get("/health/live").status_code == 200
     r = c.post("/v1/predict", json={"patients": [_patient(site, 0)], "top_k": 0}, headers=_auth(site["clinician"]))
     assert r.json()["model_version"] == "v0001" and r.json()["degraded"]["serving"] == "v0001"
@@ -1623,8 +1622,10 @@ def test_a_tampered_active_package_falls_back_to_the_newest_verified_version(sit
     shutil.copytree(tmp_path / "models" / "v0002", tmp_path / "models" / "v0003")
     (tmp_path / "models" / "ACTIVE").write_text("v0003\n")  # e.g. an admin activates a broken copy
     r = c.get("/health")
-    assert r.status_code == 503 and r.json()["status"] == "unhealthy"
-    assert "v0003" in r.json()["reason"] and "no older installed version verifies" in r.json()["reason"]
+    assert r.status_code == 503 and r.json() == {"status": "unhealthy", "model_version": None}
+    r = c.get("/v1/model", headers=_auth(site["clinician"]))
+    assert r.status_code == 503 and "v0003" in r.json()["detail"]
+    assert "no older installed version verifies" in r.json()["detail"]
 
 
 def test_rolling_back_to_the_fallback_version_clears_the_degraded_state(site, tmp_path):
@@ -1701,6 +1702,163 @@ def test_failed_logins_and_every_prediction_path_are_audited(site, tmp_path):
     assert vias[0] == "page" and vias[1:] == ["cli"] * len(vias[1:]) and len(vias) >= 2
     assert sum(e["patients"] for e in entries if e.get("via") == "cli") == N
     assert verify(tmp_path / "state" / "audit.jsonl").ok
+
+
+def test_failed_logins_are_audited_per_client_and_minute_with_their_count(site, tmp_path, monkeypatch):
+    """1,000 bad tokens in 6 s wrote and fsynced 1,000 entries (330 KB). Now the first refusal of a kind (client,
+    reason, path) in a minute is written at once, the rest counted and written as one entry with their `count`:
+    when the window closes (the service looks every few seconds), before its next audit entry, or at shutdown."""
+    import time
+
+    import client.serve
+    from fastapi.testclient import TestClient
+
+    monkeypatch.setattr(client.serve, "FAILED_LOGIN_WINDOW_S", 1.2)  # the service looks for closed windows every 0.1 s
+    settings = _copy_site(site, tmp_path)
+    log = tmp_path / "state" / "audit.jsonl"
+
+    def entries():
+        return [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+
+    with TestClient(create_app(settings)) as c:
+        now = [0.0]
+        c.app.state.site.failed_logins.clock = lambda: now[0]  # the windows close when the test says so
+        for _ in range(300):
+            assert c.get("/v1/model", headers=_auth("ofd_guess")).status_code == 401
+        assert [(e["reason"], e.get("count")) for e in entries()] == [("unknown or revoked token", None)]
+        assert c.get("/v1/model").status_code == 401  # another refusal: at once, after the count so far
+        assert [(e["reason"], e.get("count")) for e in entries()][1:] == [("unknown or revoked token", 299),
+                                                                          ("no bearer token", None)]
+        summary = entries()[1]
+        assert summary["path"] == "/v1/model" and summary["client"] == "testclient"
+        assert summary["first"] <= summary["last"]
+        for _ in range(5):
+            c.get("/v1/model", headers=_auth("ofd_guess"))
+        time.sleep(0.3)
+        assert len(entries()) == 3  # counted, in a window still open
+        now[0] = 2.0  # the minute is over: its count is written without waiting for another request
+        deadline = time.time() + 10
+        while len(entries()) < 4 and time.time() < deadline:
+            time.sleep(0.05)
+        assert (entries()[3]["reason"], entries()[3].get("count")) == ("unknown or revoked token", 5)
+        for _ in range(3):  # a new window: its first at once, the other two counted ...
+            c.get("/v1/model", headers=_auth("ofd_guess"))
+        assert c.post("/v1/predict", json={"patients": [_patient(site, 0)], "top_k": 0},
+                      headers=_auth(site["clinician"])).status_code == 200  # ... and written before this entry
+        c.get("/v1/model", headers=_auth("ofd_guess"))  # counted, written at shutdown
+    got = [(e["event"], e.get("count")) for e in entries()]
+    assert got == [("login_failed", None), ("login_failed", 299), ("login_failed", None), ("login_failed", 5),
+                   ("login_failed", None), ("login_failed", 2), ("prediction", None), ("login_failed", 1)], got
+    assert sum(e.get("count", 1) for e in entries() if e["event"] == "login_failed") == 310
+    assert log.stat().st_size < 5000 and verify(log).ok
+
+
+def _site_with_a_monitoring_token(site, tmp_path):
+    settings = _copy_site(site, tmp_path)
+    return settings, TokenStore(tmp_path / "state" / TOKENS_FILE).add("prometheus", "monitoring")
+
+
+def test_metrics_need_a_monitoring_or_admin_token_and_health_tells_only_status_and_version(site, tmp_path):
+    """/metrics counts predictions per class: scraped around one request, it told anyone on the machine that
+    patient's predicted type. /health told the queues and, when unhealthy, paths and versions."""
+    from fastapi.testclient import TestClient
+
+    settings, monitoring = _site_with_a_monitoring_token(site, tmp_path)
+    c = TestClient(create_app(settings))
+    assert c.post("/v1/predict", json={"patients": [_patient(site, 0)], "top_k": 0},
+                  headers=_auth(site["clinician"])).status_code == 200
+    assert c.get("/metrics").status_code == 401
+    assert c.get("/metrics", headers=_auth(site["clinician"])).status_code == 403
+    for token in (monitoring, site["admin"]):
+        r = c.get("/metrics", headers=_auth(token))
+        assert r.status_code == 200 and "oncofed_serve_predictions_total" in r.text
+        assert 'oncofed_serve_queue_patients{queue="predictions"} 0.0' in r.text
+    for method, path in (("post", "/v1/predict"), ("get", "/v1/model"), ("get", "/v1/models")):
+        assert getattr(c, method)(path, headers=_auth(monitoring)).status_code == 403  # a scraper's token does no more
+    assert c.get("/health").json() == {"status": "ok", "model_version": "v0002"}
+
+
+def test_a_foreign_host_header_is_refused_and_the_proxys_name_is_served(site, tmp_path):
+    """DNS rebinding: a page on another site, its name pointed at 127.0.0.1, reaches the service from a browser
+    but sends its own name as Host. Only this machine's names, the bound address and --allowed-host are served."""
+    import httpx
+
+    _copy_site(site, tmp_path)
+    with _serving_process(tmp_path / "site.json", "--allowed-host", "OncoFed.Hospital.example") as live:
+        port = live["url"].rsplit(":", 1)[1]
+
+        def get(host: str, path: str = "/health"):
+            return httpx.get(live["url"] + path, headers={"Host": host, **_auth(site["admin"])}, timeout=10)
+
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "oncofed.hospital.example"):
+            assert get(host).status_code == 200, host
+        for host in (f"rebound.attacker.example:{port}", "127.0.0.1.attacker.example", "", f"[::2]:{port}"):
+            r = get(host, "/metrics")
+            assert r.status_code == 400 and "--allowed-host" in r.json()["detail"], (host, r.text)
+    r = subprocess.run([sys.executable, "-m", "oncofed", "serve", "--site-config", str(tmp_path / "site.json"),
+                        "--allowed-host", "https://oncofed.hospital.example"], capture_output=True, text=True)
+    assert r.returncode == 2 and "without scheme or port" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def _disk_full_at(monkeypatch, file: str) -> None:
+    """From now on the audit log's fsync of `file` ("log" or "head") fails as on a full disk."""
+    import errno
+
+    from privacy.audit import AuditLog
+
+    real = AuditLog._fsync
+
+    def fsync(self, fd, what):
+        if what == file:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, fd, what)
+
+    monkeypatch.setattr(AuditLog, "_fsync", fsync)
+
+
+def test_a_full_disk_under_the_audit_log_is_a_503_naming_it_and_a_401_stays_a_401(site, tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    settings = _copy_site(site, tmp_path)
+    c = TestClient(create_app(settings))
+    body = {"patients": [_patient(site, 0)], "top_k": 0}
+    assert c.post("/v1/predict", json=body, headers=_auth(site["clinician"])).status_code == 200
+    _disk_full_at(monkeypatch, "log")
+    for top_k in (0, 3):  # the model's queue, the explanation lane
+        r = c.post("/v1/predict", json={**body, "top_k": top_k}, headers=_auth(site["clinician"]))
+        assert r.status_code == 503, r.text
+        detail = r.json()["detail"]
+        assert str(tmp_path / "state" / "audit.jsonl") in detail and "free space" in detail, detail
+    assert c.get("/v1/model", headers=_auth("ofd_guess")).status_code == 401  # not a 500: the refusal stands
+    monkeypatch.undo()  # space freed: the refusal's entry comes with the next write
+    assert c.post("/v1/predict", json=body, headers=_auth(site["clinician"])).status_code == 200
+    entries = [json.loads(x) for x in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
+    assert [(e["event"], e.get("count")) for e in entries] == [("prediction", None), ("login_failed", 1),
+                                                               ("prediction", None)]
+    assert verify(tmp_path / "state" / "audit.jsonl").ok
+
+
+def test_an_activation_whose_audit_head_cannot_be_written_changes_nothing_and_leaves_no_entry(site, tmp_path,
+                                                                                              monkeypatch):
+    """The line was fsynced before the head write failed: the service answered 503 "nothing changed" while the log
+    recorded a switch that never happened."""
+    from fastapi.testclient import TestClient
+
+    settings = _copy_site(site, tmp_path)
+    c = TestClient(create_app(settings))
+    assert c.post("/v1/predict", json={"patients": [_patient(site, 0)], "top_k": 0},
+                  headers=_auth(site["clinician"])).status_code == 200
+    _disk_full_at(monkeypatch, "head")
+    r = c.post("/v1/models/activate", json={"version": "v0001"}, headers=_auth(site["admin"]))
+    assert r.status_code == 503 and "nothing changed" in r.json()["detail"], r.text
+    assert str(tmp_path / "state" / "audit.jsonl") in r.json()["detail"] and "free space" in r.json()["detail"]
+    monkeypatch.undo()
+    assert ModelStore(tmp_path / "models").active() == "v0002"
+    log = tmp_path / "state" / "audit.jsonl"
+    assert "model_activated" not in log.read_text()
+    c.app.state.site.write_head()
+    report = verify(log)
+    assert report.ok and not report.warnings and report.entries == 1, report.format()
 
 
 def test_token_list_and_replace(site, tmp_path):
