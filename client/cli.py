@@ -447,8 +447,12 @@ def serve_activate(
         AuditLog(state / AUDIT_FILE).append("model_activated", version=version, previous=previous,
                                                token=f"cli:{getpass.getuser()}")
 
+    def record_failed(reason: str) -> None:
+        AuditLog(state / AUDIT_FILE).append("model_activation_failed", version=version, active=previous,
+                                               token=f"cli:{getpass.getuser()}", reason=reason)
+
     try:
-        predictor.activate(version, record=record)  # verified before switching, as the service's route does
+        predictor.activate(version, record=record, record_failed=record_failed)  # verified first, as the route does
     except AuditError as e:
         typer.echo(f"the audit log cannot record the switch, nothing changed: {e}", err=True)
         raise typer.Exit(code=2)

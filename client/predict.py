@@ -250,16 +250,26 @@ class Predictor:
         lm.calibration = load_calibration(self.calibration_path, lm.version, lm.package, lm.schema)
         lm.temperature = 1.0 if lm.calibration is None else float(lm.calibration["temperature"])
 
-    def activate(self, version: str, record=None) -> None:
+    def activate(self, version: str, record=None, record_failed=None) -> None:
         """Make an installed version the active one, after loading it as it would be served: a package that does
         not verify (or load) raises and never becomes active; one that does is served from the next request on
         (a version that failed before and was repaired included). The site's own choice: a delivery of a model
         already installed does not undo it (ModelStore.install). `record()` (the audit entry) runs once the version
-        verified and before the switch: if it raises, nothing changed (no switch the audit log does not hold)."""
+        verified and before the switch: if it raises, nothing changed (no switch the audit log does not hold). If the
+        switch itself then fails (the ACTIVE file cannot be written), `record_failed(reason)` says so in the log, so
+        that it holds no switch that did not happen either."""
         loaded = self._load(version)
         if record is not None:
             record()
-        self.store.activate(version, chosen=True)
+        try:
+            self.store.activate(version, chosen=True)
+        except Exception as e:
+            if record is not None and record_failed is not None:
+                try:
+                    record_failed(str(e))
+                except Exception:  # noqa: BLE001 - the log cannot be written either: the caller reports the failure
+                    pass
+            raise
         self.failed, self.degraded = None, None
         self._stamp = self._files_stamp()
         with self._lock:

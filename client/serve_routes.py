@@ -278,8 +278,12 @@ def model_routes(app, site: "Site", role) -> None:
         def record() -> None:  # after the version verified, before the switch: no switch the audit log lacks
             site.record([("model_activated", {"version": target, "previous": active, "token": who["name"]})])
 
-        try:
-            predictor.activate(target, record=record)  # verified before switching: a bad package never becomes active
+        def record_failed(reason: str) -> None:
+            site.record([("model_activation_failed", {"version": target, "active": active, "token": who["name"],
+                                                      "reason": reason})])
+
+        try:  # verified before switching: a bad package never becomes active
+            predictor.activate(target, record=record, record_failed=record_failed)
         except AuditUnwritable as e:  # (nor a line: an append that fails leaves none)
             raise HTTPException(503, f"the audit log cannot record the switch, nothing changed: {e}") from None
         except OSError as e:  # e.g. the model directory's ACTIVE file cannot be written

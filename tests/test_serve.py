@@ -1861,6 +1861,32 @@ def test_an_activation_whose_audit_head_cannot_be_written_changes_nothing_and_le
     assert report.ok and not report.warnings and report.entries == 1, report.format()
 
 
+def test_an_activation_whose_active_file_cannot_be_written_says_so_in_the_audit_log(site, tmp_path, monkeypatch):
+    """The switch is recorded before the ACTIVE file is written; when that write fails (a full disk under the model
+    directory) the log held a `model_activated` that never happened. Now the next entry says it failed."""
+    import errno
+
+    from fastapi.testclient import TestClient
+
+    import client.model_store
+
+    settings = _copy_site(site, tmp_path)
+    c = TestClient(create_app(settings))
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(client.model_store, "write_text_atomic", full)
+    r = c.post("/v1/models/activate", json={"version": "v0001"}, headers=_auth(site["admin"]))
+    assert r.status_code == 503 and "nothing changed" in r.json()["detail"], r.text
+    monkeypatch.undo()
+    assert ModelStore(tmp_path / "models").active() == "v0002"
+    c.app.state.site.write_head()
+    entries = [json.loads(line) for line in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in entries[-2:]] == ["model_activated", "model_activation_failed"], entries[-2:]
+    assert entries[-1]["version"] == "v0001" and entries[-1]["active"] == "v0002" and "No space" in entries[-1]["reason"]
+    assert verify(tmp_path / "state" / "audit.jsonl").ok
+
+
 def test_token_list_and_replace(site, tmp_path):
     from typer.testing import CliRunner
 
