@@ -418,12 +418,10 @@ def serve_activate(
     from client.model_store import ModelStoreError
     from client.predict import Predictor
     from privacy.audit import AUDIT_FILE, AuditLog
-    from shared_models.site_data import NORMALIZER_FILE
 
     settings = _site_settings(site_config)
     state = Path(settings.state_dir)
-    predictor = Predictor(settings.model_dir, state / NORMALIZER_FILE, settings.signing_public_key or None,
-                          load_active=False)
+    predictor = Predictor.for_site(settings, load_active=False)
     versions, previous = predictor.store.versions(), predictor.store.active()
     if version not in versions:
         typer.echo(f"--version {version}: not installed in {settings.model_dir}; installed: "
@@ -467,7 +465,6 @@ def predict(
     from client.predict import PredictionInputError, Predictor, refuse_weak_patterns
     from client.serve import _site_salt
     from privacy.audit import AUDIT_FILE, AuditError, AuditLog
-    from shared_models.site_data import NORMALIZER_FILE
 
     settings = _site_settings(site_config)
     if not data.is_dir():
@@ -482,8 +479,7 @@ def predict(
     audit = AuditLog(state / AUDIT_FILE)
     try:
         limits = settings.serve.model_copy(update={"max_patients": 10**9})
-        predictor = Predictor(settings.model_dir, state / NORMALIZER_FILE, settings.signing_public_key or None,
-                              on_fallback=lambda entry: audit.append("model_fallback", **entry))
+        predictor = Predictor.for_site(settings, on_fallback=lambda entry: audit.append("model_fallback", **entry))
         checked = predictor.checked_tables(data, limits)
         refuse_weak_patterns(predictor.current, checked, limits)
     except PredictionInputError as e:  # the service's contract: the same problems, one per line

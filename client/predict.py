@@ -186,8 +186,12 @@ class Predictor:
     write the audit log); with none, `current` stays None and `failed` says why."""
 
     def __init__(self, model_dir: str | Path, normalizer_path: str | Path, signing_public_key: str | Path | None = None,
-                 on_fallback=None, calibration_path: str | Path | None = None, load_active: bool = True):
+                 on_fallback=None, calibration_path: str | Path | None = None, load_active: bool = True,
+                 unverifiable: str = ""):
         self.store = ModelStore(model_dir)
+        # why no version can be verified here (SiteConfig.unverifiable: no trust anchor outside a simulation): then
+        # every version is refused with it, never served as the consortium's
+        self.unverifiable = "" if signing_public_key else unverifiable
         self.normalizer_path = Path(normalizer_path)
         self.calibration_path = Path(calibration_path) if calibration_path else self.normalizer_path.with_name(
             "calibration.json")
@@ -202,7 +206,17 @@ class Predictor:
         if load_active:
             self.refresh()
 
+    @classmethod
+    def for_site(cls, settings, **kwargs) -> Predictor:
+        """The predictor of a site's model store, as its site.json (a SiteConfig) sets it up."""
+        from shared_models.site_data import NORMALIZER_FILE
+
+        return cls(settings.model_dir, Path(settings.state_dir) / NORMALIZER_FILE, settings.signing_public_key or None,
+                   unverifiable=settings.unverifiable(), **kwargs)
+
     def _load(self, version: str) -> LoadedModel:
+        if self.unverifiable:
+            raise ModelStoreError(f"{version} is not served: {self.unverifiable}")
         key = None
         if self.signing_public_key is not None:
             from privacy.signing import load_public

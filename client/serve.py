@@ -254,8 +254,7 @@ class Site:
         self.max_body_bytes = int(self.limits.max_body_mb * 1024 * 1024)
         self.state_dir = Path(settings.state_dir)
         self.audit = AuditLog(self.state_dir / AUDIT_FILE)
-        self.predictor = Predictor(settings.model_dir, self.state_dir / NORMALIZER_FILE,
-                                   settings.signing_public_key or None, on_fallback=self._fell_back)
+        self.predictor = Predictor.for_site(settings, on_fallback=self._fell_back)
         self.tokens = TokenStore(self.state_dir / TOKENS_FILE)
         self.salt = _site_salt(self.state_dir)
         self.audit_predictions = audit_predictions

@@ -65,7 +65,7 @@ def site(tmp_path_factory):
             df["stage"] = [m.levels["stage"][int(v)] for v in df["stage"]]
         df.insert(0, schema.id_column, ids)
         df.to_csv(data / f"{m.name}.csv", index=False)
-    settings = SiteConfig(model_dir=str(root / "models"), state_dir=str(root / "state"))
+    settings = SiteConfig(model_dir=str(root / "models"), state_dir=str(root / "state"), simulated=True)
     settings.write(root / "site.json")
     tokens = TokenStore(root / "state" / TOKENS_FILE)
     return {"root": root, "schema": schema, "x": x, "y": y, "settings": settings, "data": data,
@@ -410,7 +410,7 @@ def test_a_hospital_that_never_trained_fits_its_normalizer_and_serves(site, tmp_
 
     new_state = tmp_path / "state"
     new_state.mkdir()
-    settings = SiteConfig(model_dir=str(site["root"] / "models"), state_dir=str(new_state))
+    settings = SiteConfig(model_dir=str(site["root"] / "models"), state_dir=str(new_state), simulated=True)
     settings.write(tmp_path / "site.json")
     with pytest.raises(ModelStoreError, match="fit-normalizer"):
         create_app(settings)
@@ -435,7 +435,8 @@ def test_fit_normalizer_refuses_tables_it_cannot_fit_honestly_and_keeps_the_one_
     from shared_models.site_data import Normalizer
 
     shutil.copytree(site["root"] / "state", tmp_path / "state")
-    settings = SiteConfig(model_dir=str(site["root"] / "models"), state_dir=str(tmp_path / "state"))
+    settings = SiteConfig(model_dir=str(site["root"] / "models"), state_dir=str(tmp_path / "state"),
+                          simulated=True)
     saved = tmp_path / "state" / "normalizer.json"
     before = saved.read_bytes()
 
@@ -1530,10 +1531,33 @@ def _copy_site(site, tmp_path) -> dict:
     shutil.copytree(site["root"] / "state", tmp_path / "state")
     (tmp_path / "state" / "audit.jsonl").unlink(missing_ok=True)
     (tmp_path / "state" / "audit.jsonl.head").unlink(missing_ok=True)
-    settings = SiteConfig(model_dir=str(tmp_path / "models"), state_dir=str(tmp_path / "state"))
+    settings = SiteConfig(model_dir=str(tmp_path / "models"), state_dir=str(tmp_path / "state"), simulated=True)
     settings.write(tmp_path / "site.json")
     return settings
 
+
+
+def test_a_real_site_without_a_trust_anchor_serves_no_model_it_cannot_verify(site, tmp_path):
+    """Without signing-public-key a package whose signature does not verify was activated and served as healthy
+    ("not checked (no trust anchor)"): outside a simulation the service refuses every version, naming site.json's key
+    and where the consortium's key comes from; `serve activate` and `predict` refuse too."""
+    from typer.testing import CliRunner
+
+    from client.model_store import ModelStoreError
+    from oncofed.cli import app
+
+    _copy_site(site, tmp_path)
+    settings = SiteConfig(model_dir=str(tmp_path / "models"), state_dir=str(tmp_path / "state"))
+    settings.write(tmp_path / "site.json")
+    with pytest.raises(ModelStoreError, match="signing-public-key is not set") as refused:  # `oncofed serve`: exit 2
+        create_app(SiteConfig.load(tmp_path / "site.json"))
+    assert str(tmp_path / "site.json") in str(refused.value) and "trust/signing.pub" in str(refused.value)
+    for cli in (["serve", "activate", "--site-config", str(tmp_path / "site.json"), "--version", "v0001"],
+                ["predict", "--site-config", str(tmp_path / "site.json"), "--data", str(site["data"]), "--out",
+                 str(tmp_path / "out.csv")]):
+        r = CliRunner().invoke(app, cli)
+        assert r.exit_code == 2 and "signing-public-key is not set" in " ".join(r.output.split()), r.output
+    assert (tmp_path / "models" / "ACTIVE").read_text().strip() == "v0002" and not (tmp_path / "out.csv").exists()
 
 
 def test_a_normaliser_of_another_schema_is_refused_naming_the_file_and_the_fix(site, tmp_path):
@@ -1934,7 +1958,7 @@ def test_a_site_that_refuses_weak_patterns_answers_none_of_them_on_any_path(site
 
     _copy_site(site, tmp_path)
     settings = SiteConfig.parse({"model-dir": str(tmp_path / "models"), "state-dir": str(tmp_path / "state"),
-                                 "serve": {"refuse-weak-pattern": True}})
+                                 "simulated": True, "serve": {"refuse-weak-pattern": True}})
     settings.write(tmp_path / "site.json")
     data = tmp_path / "labelled"
     _labelled(site, data)
@@ -2038,7 +2062,7 @@ def test_the_consortiums_measurement_of_each_pattern_travels_with_the_package_an
     assert info["calibration"] is None and info["consortium_patterns"] == consortium_patterns({"patterns": patterns},
                                                                                               schema)
     strict = TestClient(create_app(SiteConfig.parse({"model-dir": str(tmp_path / "models"), "state-dir": str(
-        tmp_path / "state"), "serve": {"refuse-weak-pattern": True}})))
+        tmp_path / "state"), "simulated": True, "serve": {"refuse-weak-pattern": True}})))
     r = strict.post("/v1/predict", json={"patients": [full, no_expr], "top_k": 0}, headers=_auth(site["clinician"]))
     assert r.status_code == 422 and _codes(r) == {"weak_pattern"} and "consortium" in r.text
 
