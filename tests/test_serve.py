@@ -594,6 +594,29 @@ def test_a_json_body_that_is_a_scalar_is_refused_with_no_patients_not_an_error_t
                                                                        "Content-Type": "application/json"})
         assert r.status_code == 422 and _codes(r) == {"no_patients"}, (body, r.status_code, r.text)
 
+def test_an_unknown_or_misspelt_key_is_refused_naming_it_and_the_closest_valid_key(site, client):
+    """Keys the contract does not know were dropped silently: `topk` answered with the default top_k, a patient's
+    `age`/`labels` beside its modalities were ignored, `modalites` said every modality was missing and `patient` that
+    a list of patients was required, naming neither key. Each is refused (422) with the key and the closest valid one."""
+    p = _patient(site, 0)
+
+    def refused(body: dict) -> dict:
+        r = client.post("/v1/predict", json=body, headers=_auth(site["clinician"]))
+        assert r.status_code == 422 and _codes(r) == {"unknown_key"}, r.text
+        return {e["loc"]: e for e in r.json()["detail"]}
+
+    said = refused({"patients": [p], "topk": 0})
+    assert "'top_k'" in said["body.topk"]["msg"] and said["body.topk"]["fix"] == "write 'top_k'"
+    assert "'patients'" in refused({"patient": [p]})["body.patient"]["msg"]
+    said = refused({"patients": [{**p, "age": 200, "labels": "OV"}], "top_k": 0})
+    assert set(said) == {"patients[0].age", "patients[0].labels"}
+    assert "the keys here are id, modalities" in said["patients[0].age"]["fix"]
+    said = refused({"patients": [{"id": p["id"], "modalites": p["modalities"]}], "top_k": 0})
+    assert "did you mean 'modalities'?" in said["patients[0].modalites"]["msg"]
+    assert client.post("/v1/predict", json={"patients": [p], "top_k": 0},
+                       headers=_auth(site["clinician"])).status_code == 200
+
+
 def test_a_key_given_twice_in_a_json_object_is_refused(site, client):
     patient = json.dumps(_patient(site, 0))
     for body in ('{"patients": [%s], "top_k": 0, "top_k": 3}' % patient,
