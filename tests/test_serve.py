@@ -617,6 +617,19 @@ def test_an_unknown_or_misspelt_key_is_refused_naming_it_and_the_closest_valid_k
                        headers=_auth(site["clinician"])).status_code == 200
 
 
+def test_parameters_fastapi_refuses_are_answered_in_the_contracts_format(site, client):
+    """`?top_k=abc` and `-F files=hello` got FastAPI's own answer ({"type": "int_parsing", ...}), naming no fix:
+    they are 422s in the contract's format, {loc, code, msg, fix}, as every other refusal."""
+    csv = b"patient,g0\nP000,1.0\n"
+    for r, code in ((client.post("/v1/predict/file?top_k=abc", files={"files": ("expr.csv", csv)},
+                                 headers=_auth(site["clinician"])), "bad_top_k"),
+                    (client.post("/v1/predict/file?top_k=0", files={"files": (None, "hello")},  # -F files=hello
+                                 headers=_auth(site["clinician"])), "not_a_file")):
+        assert r.status_code == 422, r.text
+        (problem,) = r.json()["detail"]
+        assert set(problem) == {"loc", "code", "msg", "fix"} and problem["code"] == code, r.text
+
+
 def test_a_key_given_twice_in_a_json_object_is_refused(site, client):
     patient = json.dumps(_patient(site, 0))
     for body in ('{"patients": [%s], "top_k": 0, "top_k": 3}' % patient,
