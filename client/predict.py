@@ -7,9 +7,11 @@ trained, or fitted by `oncofed serve fit-normalizer` on a new hospital's unlabel
 
 Explanations:
 - per-modality contributions: the fusion's attention weights over the modalities present (sum 1);
-- top features: integrated gradients of the predicted class's logit, from the site mean (0 after
-  normalisation) to the patient, over the numeric features present (categorical levels have no
-  path between them and are not attributed).
+- top features: integrated gradients of the predicted class's logit, from 0 in the model's input to the
+  patient, over the numeric and binary features present: 0 is the site's mean for a standardised
+  feature, "not mutated" for a binary one (which therefore never appears), the raw 0 for a numeric
+  feature the schema leaves unscaled (categorical levels have no path between them and are not
+  attributed). docs/hospital-guide.md says how to read them.
 """
 
 from __future__ import annotations
@@ -394,7 +396,7 @@ def integrated_gradients(lm: LoadedModel, x: torch.Tensor, target: torch.Tensor,
     numeric[[col for feats in lm.inputs.values() for col, kind, _ in feats.values() if kind != "cat"]] = True
     mask = numeric & ~torch.isnan(x)
     base = torch.where(mask, torch.zeros_like(x), x)  # categorical / missing stay as they are
-    delta = torch.where(mask, x, torch.zeros_like(x))  # from 0 (the site mean) to the patient
+    delta = torch.where(mask, x, torch.zeros_like(x))  # from 0 (a standardised feature's site mean; binary: absent)
     total = torch.zeros_like(x)
     for a in (torch.arange(steps, dtype=torch.float32) + 0.5) / steps:  # midpoint rule
         xi = (base + a * delta).requires_grad_(True)
