@@ -205,6 +205,8 @@ class Predictor:
         self.failed: tuple[str, str, tuple] | None = None
         self.degraded: dict | None = None  # {"active", "serving", "reason"} while a fallback is served
         self._stamp: tuple | None = None  # the files' stamps (_files_stamp) when the current model read them
+        self._refreshing = threading.Lock()  # one refresh at a time: the service's load thread or a caller's
+        self._loader: threading.Thread | None = None  # refresh(wait=False)'s load, while it runs
         if load_active:
             self.refresh()
 
@@ -272,19 +274,52 @@ class Predictor:
         (a version that failed before and was repaired included). The site's own choice: a delivery of a model
         already installed does not undo it (ModelStore.install). `record()` (the audit entry) runs once the version
         verified and before the switch: if it raises, nothing changed (no switch the audit log does not hold)."""
-        loaded = self._load(version)
-        if record is not None:
-            record()
-        self.store.activate(version, chosen=True)
-        self.failed, self.degraded = None, None
-        self._stamp = self._files_stamp()
-        with self._lock:
-            self.current = loaded
+        with self._refreshing:  # a load in the service's thread (refresh) never lands after this switch
+            loaded = self._load(version)
+            if record is not None:
+                record()
+            self.store.activate(version, chosen=True)
+            self.failed, self.degraded = None, None
+            self._stamp = self._files_stamp()
+            with self._lock:
+                self.current = loaded
 
-    def refresh(self) -> bool:
+    def refresh(self, wait: bool = True) -> bool:
         """Load the store's active version if it changed; True if the model changed.
 
+        `wait=False` (the service's event loop): while a model serves, another version activated is loaded in a
+        thread and the current model answers until it is ready (a load takes ~0.3 s of CPU: verify, read, trace,
+        which held /health and every request while a model was installed), False meanwhile; nor does it wait for a
+        load another thread is running. The cheap updates (a calibration rewritten) and a refitted normalisation of
+        the version served (`serve fit-normalizer`: the service's own act) are taken at once.
+
         Raises ModelStoreError only when nothing can be served (no version verifies)."""
+        if wait or self.current is None:
+            with self._refreshing:
+                return self._refresh()
+        if self._loader is not None and self._loader.is_alive():
+            return False
+        active = self.store.active()
+        if active is not None and active != self.current.version and not (
+                self.failed is not None and self.failed[0] == active and self.failed[2] == self._files_stamp()):
+            self._loader = threading.Thread(target=self._refresh_quietly, name="model-load", daemon=True)
+            self._loader.start()
+            return False
+        if not self._refreshing.acquire(blocking=False):  # a load in a worker thread (serve activate's route)
+            return False
+        try:
+            return self._refresh()
+        finally:
+            self._refreshing.release()
+
+    def _refresh_quietly(self) -> None:
+        try:
+            with self._refreshing:
+                self._refresh()
+        except Exception:  # noqa: BLE001 - kept in `failed` / `degraded`, which /health reports
+            pass
+
+    def _refresh(self) -> bool:
         active = self.store.active()
         if active is None:
             if versions := self.store.versions():  # e.g. an install interrupted between its rename and ACTIVE

@@ -315,12 +315,14 @@ class Site:
         if self.audit.write_head():
             self.metrics.audit_head.observe(time.perf_counter() - t0)
 
-    def current(self):
-        """The model to score this request with (a newly activated version is picked up here)."""
+    def current(self, wait: bool = False):
+        """The model to score this request with (a newly activated version is picked up here). On the event loop
+        (`wait` False) a new version loads in a thread and the current one answers until it is ready; a route that
+        runs in a worker thread may wait for it."""
         from fastapi import HTTPException
 
         try:
-            self.predictor.refresh()
+            self.predictor.refresh(wait=wait)
         except Exception as e:  # noqa: BLE001 - nothing verifies: the service answers, but refuses to guess
             if self.predictor.current is None:
                 raise HTTPException(503, f"no usable model: {e}") from None

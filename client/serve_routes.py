@@ -240,7 +240,7 @@ def model_routes(app, site: "Site", role) -> None:
 
     @app.get("/v1/model")
     def model_info(who: dict = Depends(role("read"))):
-        lm = site.current()
+        lm = site.current(wait=True)  # a worker thread: the version active now, not the one loaded before
         p = lm.package
         return {"version": lm.version, "run": p.get("run"), "round": p.get("round"),
                 "weights_sha256": p.get("weights_sha256"), "arrays_sha256": p.get("arrays_sha256"),
@@ -323,7 +323,7 @@ def operations_routes(app, site: "Site") -> None:
     async def health():  # on the event loop: no thread hop, answers while the workers are busy
         predictor = site.predictor
         try:
-            predictor.refresh()
+            predictor.refresh(wait=False)  # a new version loads in a thread: /health answers meanwhile
         except Exception:  # noqa: BLE001 - reported below
             pass
         if predictor.current is None:
