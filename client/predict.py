@@ -220,7 +220,7 @@ class Predictor:
 
     def _load(self, version: str) -> LoadedModel:
         if self.unverifiable:
-            raise ModelStoreError(f"{version} is not served: {self.unverifiable}")
+            raise ModelStoreError(f"{version} is not served: {self.unverifiable}")  # (activate: a version named)
         key = None
         if self.signing_public_key is not None:
             from privacy.signing import load_public
@@ -320,6 +320,8 @@ class Predictor:
             pass
 
     def _refresh(self) -> bool:
+        if self.unverifiable:  # no version can be served: said once, not per version tried
+            raise ModelStoreError(self.unverifiable)
         active = self.store.active()
         if active is None:
             if versions := self.store.versions():  # e.g. an install interrupted between its rename and ACTIVE
