@@ -77,7 +77,7 @@ def prepare(work: Path, site_state: Path | None) -> tuple[dict, Path, list[dict]
         tables = read_site(schema, data / "C0")
         Normalizer.fit(schema, raw_matrix(schema, tables)).save(state / "normalizer.json")
         source = f"initial weights ({model.num_parameters():,} parameters)"
-    site = SiteConfig(model_dir=str(model_dir), state_dir=str(state))
+    site = SiteConfig(model_dir=str(model_dir), state_dir=str(state), simulated=True)  # an unsigned benchmark model
     site.write(work / "site.json")
     settings = {"site": site, "source": source, "token": TokenStore(state / TOKENS_FILE).add("bench", "clinician")}
     # JSON patients from the held-out directory

@@ -298,11 +298,10 @@ def read_labels(schema, data_dir: Path):
 def calibrate(settings: SiteConfig, data_dir: Path, seed: int = 0) -> dict:
     """Fit the active model's temperature on half of the site's labelled patients; report on the other half."""
     from client.predict import Predictor
-    from shared_models.site_data import LABELS_STEM, NORMALIZER_FILE
+    from shared_models.site_data import LABELS_STEM
 
     state = Path(settings.state_dir)
-    predictor = Predictor(settings.model_dir, state / NORMALIZER_FILE, settings.signing_public_key or None,
-                          calibration_path=state / "calibration.none")  # fitted on the uncalibrated model
+    predictor = Predictor.for_site(settings, calibration_path=state / "calibration.none")  # fitted on the uncalibrated model
     lm = predictor.current
     data_dir = Path(data_dir)
     if (read := read_labels(lm.schema, data_dir)) is None:

@@ -430,12 +430,10 @@ def serve_activate(
     from client.model_store import ModelStoreError
     from client.predict import Predictor
     from privacy.audit import AUDIT_FILE, AuditLog
-    from shared_models.site_data import NORMALIZER_FILE
 
     settings = _site_settings(site_config)
     state = Path(settings.state_dir)
-    predictor = Predictor(settings.model_dir, state / NORMALIZER_FILE, settings.signing_public_key or None,
-                          load_active=False)
+    predictor = Predictor.for_site(settings, load_active=False)
     versions, previous = predictor.store.versions(), predictor.store.active()
     if version not in versions:
         typer.echo(f"--version {version}: not installed in {settings.model_dir}; installed: "
@@ -483,7 +481,6 @@ def predict(
     from client.predict import PredictionInputError, Predictor, refuse_weak_patterns
     from client.serve import _site_salt
     from privacy.audit import AUDIT_FILE, AuditError, AuditLog
-    from shared_models.site_data import NORMALIZER_FILE
 
     settings = _site_settings(site_config)
     if not data.is_dir():
@@ -498,8 +495,7 @@ def predict(
     audit = AuditLog(state / AUDIT_FILE)
     try:
         limits = settings.serve.model_copy(update={"max_patients": 10**9})
-        predictor = Predictor(settings.model_dir, state / NORMALIZER_FILE, settings.signing_public_key or None,
-                              on_fallback=lambda entry: audit.append("model_fallback", **entry))
+        predictor = Predictor.for_site(settings, on_fallback=lambda entry: audit.append("model_fallback", **entry))
         checked = predictor.checked_tables(data, limits)
         refuse_weak_patterns(predictor.current, checked, limits)
     except PredictionInputError as e:  # the service's contract: the same problems, one per line
@@ -527,6 +523,12 @@ def predict(
     typer.echo(f"{len(ids)} patients -> {out} (model {lm.version}{', calibrated' if lm.calibration else ''})")
 
 
+def spreadsheet_safe(cell: str) -> str:
+    """A CSV cell a spreadsheet would read as a formula (a patient id `=HYPERLINK(...)`) kept as text, with a leading
+    single quote (OWASP's advice for CSV injection); the page's export does the same (client/web/index.html)."""
+    return "'" + cell if cell[:1] in ("=", "+", "-", "@", "\t", "\r") else cell
+
+
 def _predict_batches(path, predictor, lm, ids, raw, checked, batch_size, limits, audit, salt, user, classes) -> None:
     """`oncofed predict`'s CSV, batch by batch: each batch audited (one entry) before its rows are written."""
     import csv
@@ -538,8 +540,11 @@ def _predict_batches(path, predictor, lm, ids, raw, checked, batch_size, limits,
 
     with open(path, "w", newline="") as fh, Progress(transient=True) as bar:
         w = csv.writer(fh)
-        w.writerow(["id", "predicted", "probability", "model_version", "coverage", "warnings",
-                    *[f"p_{c}" for c in classes]])
+
+        def row(cells) -> None:
+            w.writerow([spreadsheet_safe(str(c)) for c in cells])
+
+        row(["id", "predicted", "probability", "model_version", "coverage", "warnings", *[f"p_{c}" for c in classes]])
         task = bar.add_task("predicting", total=len(ids))
         for start in range(0, len(ids), batch_size):
             _, result = predictor.predict(raw[start:start + batch_size], lm=lm)
@@ -553,8 +558,8 @@ def _predict_batches(path, predictor, lm, ids, raw, checked, batch_size, limits,
                 more, _ = answer_warnings(lm, float(p[k]), result["counted"][i], limits)
                 # the request's own warnings (columns ignored, ...) on every row too: the file is what gets read later
                 flags = list(dict.fromkeys([x["code"] for x in note["warnings"] + more + list(checked.warnings)]))
-                w.writerow([pid, classes[k], f"{p[k]:.6f}", lm.version, f"{note['coverage_total']:.3f}",
-                            ";".join(flags), *[f"{v:.6f}" for v in p]])
+                row([pid, classes[k], f"{p[k]:.6f}", lm.version, f"{note['coverage_total']:.3f}", ";".join(flags),
+                     *[f"{v:.6f}" for v in p]])
             bar.advance(task, min(batch_size, len(ids) - start))
         fh.flush()
         os.fsync(fh.fileno())

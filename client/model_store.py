@@ -137,7 +137,9 @@ class ModelStore:
         # data for the run (a site whose tables do not validate trained on none of them)
         if split is not None and normalizer is not None:
             (tmp / SPLIT).write_text(json.dumps(split))
-        # the site's own files kept with the version (its normalisation, its split): each answer depends on them
+        # the site's own files kept with the version (its normalisation, its split): each answer depends on them.
+        # Unsigned (the server never saw them): the hashes catch accidents, not a writer of model-dir, who can rewrite
+        # them too; that needs model-dir writable by the service account only (docs/hospital-guide.md)
         kept = {name: sha256_file(tmp / name) for name in (NORMALIZER, SPLIT) if (tmp / name).is_file()}
         package = {"format": PACKAGE_FORMAT, "version": version, "installed": time.time(),
                    "schema_hash": schema.content_hash(), "arrays_sha256": got,

@@ -7,9 +7,11 @@ trained, or fitted by `oncofed serve fit-normalizer` on a new hospital's unlabel
 
 Explanations:
 - per-modality contributions: the fusion's attention weights over the modalities present (sum 1);
-- top features: integrated gradients of the predicted class's logit, from the site mean (0 after
-  normalisation) to the patient, over the numeric features present (categorical levels have no
-  path between them and are not attributed).
+- top features: integrated gradients of the predicted class's logit, from 0 in the model's input to the
+  patient, over the numeric and binary features present: 0 is the site's mean for a standardised
+  feature, "not mutated" for a binary one (which therefore never appears), the raw 0 for a numeric
+  feature the schema leaves unscaled (categorical levels have no path between them and are not
+  attributed). docs/hospital-guide.md says how to read them.
 """
 
 from __future__ import annotations
@@ -186,8 +188,12 @@ class Predictor:
     write the audit log); with none, `current` stays None and `failed` says why."""
 
     def __init__(self, model_dir: str | Path, normalizer_path: str | Path, signing_public_key: str | Path | None = None,
-                 on_fallback=None, calibration_path: str | Path | None = None, load_active: bool = True):
+                 on_fallback=None, calibration_path: str | Path | None = None, load_active: bool = True,
+                 unverifiable: str = ""):
         self.store = ModelStore(model_dir)
+        # why no version can be verified here (SiteConfig.unverifiable: no trust anchor outside a simulation): then
+        # every version is refused with it, never served as the consortium's
+        self.unverifiable = "" if signing_public_key else unverifiable
         self.normalizer_path = Path(normalizer_path)
         self.calibration_path = Path(calibration_path) if calibration_path else self.normalizer_path.with_name(
             "calibration.json")
@@ -199,10 +205,22 @@ class Predictor:
         self.failed: tuple[str, str, tuple] | None = None
         self.degraded: dict | None = None  # {"active", "serving", "reason"} while a fallback is served
         self._stamp: tuple | None = None  # the files' stamps (_files_stamp) when the current model read them
+        self._refreshing = threading.Lock()  # one refresh at a time: the service's load thread or a caller's
+        self._loader: threading.Thread | None = None  # refresh(wait=False)'s load, while it runs
         if load_active:
             self.refresh()
 
+    @classmethod
+    def for_site(cls, settings, **kwargs) -> Predictor:
+        """The predictor of a site's model store, as its site.json (a SiteConfig) sets it up."""
+        from shared_models.site_data import NORMALIZER_FILE
+
+        return cls(settings.model_dir, Path(settings.state_dir) / NORMALIZER_FILE, settings.signing_public_key or None,
+                   unverifiable=settings.unverifiable(), **kwargs)
+
     def _load(self, version: str) -> LoadedModel:
+        if self.unverifiable:
+            raise ModelStoreError(f"{version} is not served: {self.unverifiable}")  # (activate: a version named)
         key = None
         if self.signing_public_key is not None:
             from privacy.signing import load_public
@@ -258,27 +276,62 @@ class Predictor:
         verified and before the switch: if it raises, nothing changed (no switch the audit log does not hold). If the
         switch itself then fails (the ACTIVE file cannot be written), `record_failed(reason)` says so in the log, so
         that it holds no switch that did not happen either."""
-        loaded = self._load(version)
-        if record is not None:
-            record()
-        try:
-            self.store.activate(version, chosen=True)
-        except Exception as e:
-            if record is not None and record_failed is not None:
-                try:
-                    record_failed(str(e))
-                except Exception:  # noqa: BLE001 - the log cannot be written either: the caller reports the failure
-                    pass
-            raise
-        self.failed, self.degraded = None, None
-        self._stamp = self._files_stamp()
-        with self._lock:
-            self.current = loaded
+        with self._refreshing:  # a load in the service's thread (refresh) never lands after this switch
+            loaded = self._load(version)
+            if record is not None:
+                record()
+            try:
+                self.store.activate(version, chosen=True)
+            except Exception as e:
+                if record is not None and record_failed is not None:
+                    try:
+                        record_failed(str(e))
+                    except Exception:  # noqa: BLE001 - the log cannot be written either: the caller reports it
+                        pass
+                raise
+            self.failed, self.degraded = None, None
+            self._stamp = self._files_stamp()
+            with self._lock:
+                self.current = loaded
 
-    def refresh(self) -> bool:
+    def refresh(self, wait: bool = True) -> bool:
         """Load the store's active version if it changed; True if the model changed.
 
+        `wait=False` (the service's event loop): while a model serves, another version activated is loaded in a
+        thread and the current model answers until it is ready (a load takes ~0.3 s of CPU: verify, read, trace,
+        which held /health and every request while a model was installed), False meanwhile; nor does it wait for a
+        load another thread is running. The cheap updates (a calibration rewritten) and a refitted normalisation of
+        the version served (`serve fit-normalizer`: the service's own act) are taken at once.
+
         Raises ModelStoreError only when nothing can be served (no version verifies)."""
+        if wait or self.current is None:
+            with self._refreshing:
+                return self._refresh()
+        if self._loader is not None and self._loader.is_alive():
+            return False
+        active = self.store.active()
+        if active is not None and active != self.current.version and not (
+                self.failed is not None and self.failed[0] == active and self.failed[2] == self._files_stamp()):
+            self._loader = threading.Thread(target=self._refresh_quietly, name="model-load", daemon=True)
+            self._loader.start()
+            return False
+        if not self._refreshing.acquire(blocking=False):  # a load in a worker thread (serve activate's route)
+            return False
+        try:
+            return self._refresh()
+        finally:
+            self._refreshing.release()
+
+    def _refresh_quietly(self) -> None:
+        try:
+            with self._refreshing:
+                self._refresh()
+        except Exception:  # noqa: BLE001 - kept in `failed` / `degraded`, which /health reports
+            pass
+
+    def _refresh(self) -> bool:
+        if self.unverifiable:  # no version can be served: said once, not per version tried
+            raise ModelStoreError(self.unverifiable)
         active = self.store.active()
         if active is None:
             if versions := self.store.versions():  # e.g. an install interrupted between its rename and ACTIVE
@@ -390,7 +443,7 @@ def integrated_gradients(lm: LoadedModel, x: torch.Tensor, target: torch.Tensor,
     numeric[[col for feats in lm.inputs.values() for col, kind, _ in feats.values() if kind != "cat"]] = True
     mask = numeric & ~torch.isnan(x)
     base = torch.where(mask, torch.zeros_like(x), x)  # categorical / missing stay as they are
-    delta = torch.where(mask, x, torch.zeros_like(x))  # from 0 (the site mean) to the patient
+    delta = torch.where(mask, x, torch.zeros_like(x))  # from 0 (a standardised feature's site mean; binary: absent)
     total = torch.zeros_like(x)
     for a in (torch.arange(steps, dtype=torch.float32) + 0.5) / steps:  # midpoint rule
         xi = (base + a * delta).requires_grad_(True)

@@ -312,9 +312,31 @@ def _refuse_duplicate_keys(body: bytes):
         raise PredictionInputError([{"loc": "body", "code": "not_json", "msg": f"not JSON ({e})"}]) from None
 
 
+BODY_KEYS = frozenset({"patients", "top_k"})  # a /v1/predict body's members
+PATIENT_KEYS = frozenset({"id", "modalities"})  # a patient's
+
+
+def unknown_keys(obj: dict, known: frozenset, loc: str) -> list[dict]:
+    """A problem per key of `obj` outside `known`, naming the closest valid spelling: a misspelt key ("topk",
+    "modalites") dropped silently answers as if it were absent (the default top_k, every modality missing)."""
+    if obj.keys() <= known:
+        return []
+    import difflib
+
+    out = []
+    for key in [k for k in obj if k not in known][:MAX_NAMES]:  # a few named: the CPU a body can cost stays bounded
+        close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+        out.append({"loc": f"{loc}.{_short(key)}", "code": "unknown_key",
+                    "msg": f"unknown key {_short(key)!r}" + (f"; did you mean {close[0]!r}?" if close else ""),
+                    "fix": f"write {close[0]!r}" if close else f"remove it: the keys here are {', '.join(sorted(known))}"})
+    return out
+
+
 def parse_request(body: bytes, limits: ServeSettings) -> tuple[list, int]:
     """A /v1/predict body -> (patients, top_k), or the 422 that says what is wrong."""
     data = parse_json(body, limits)
+    if isinstance(data, dict) and (unknown := unknown_keys(data, BODY_KEYS, "body")):
+        raise PredictionInputError(unknown)
     patients = data.get("patients") if isinstance(data, dict) else None
     top_k = data.get("top_k", 5) if isinstance(data, dict) else 5
     if not isinstance(patients, list) or not patients:
@@ -374,6 +396,9 @@ def json_frames(schema: FeatureSchema, patients: list, inputs: dict, limits: Ser
         loc = f"patients[{i}]"
         if not isinstance(p, dict):
             problems.append({"loc": loc, "code": "not_a_patient", "msg": "must be an object with 'id' and 'modalities'"})
+            continue
+        if unknown := unknown_keys(p, PATIENT_KEYS, loc):
+            problems.extend(unknown)
             continue
         pid = p.get("id")
         if pid is None or (isinstance(pid, str) and pid.strip() == ""):

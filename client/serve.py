@@ -389,8 +389,7 @@ class Site:
         self.audit = AuditLog(self.state_dir / AUDIT_FILE)
         # (before the model: a fallback at load is audited through `record`)
         self.failed_logins = FailedLogins(FAILED_LOGIN_WINDOW_S)
-        self.predictor = Predictor(settings.model_dir, self.state_dir / NORMALIZER_FILE,
-                                   settings.signing_public_key or None, on_fallback=self._fell_back)
+        self.predictor = Predictor.for_site(settings, on_fallback=self._fell_back)
         self.tokens = TokenStore(self.state_dir / TOKENS_FILE)
         self.salt = _site_salt(self.state_dir)
         self.audit_predictions = audit_predictions
@@ -473,12 +472,14 @@ class Site:
         if self.audit.write_head():
             self.metrics.audit_head.observe(time.perf_counter() - t0)
 
-    def current(self):
-        """The model to score this request with (a newly activated version is picked up here)."""
+    def current(self, wait: bool = False):
+        """The model to score this request with (a newly activated version is picked up here). On the event loop
+        (`wait` False) a new version loads in a thread and the current one answers until it is ready; a route that
+        runs in a worker thread may wait for it."""
         from fastapi import HTTPException
 
         try:
-            self.predictor.refresh()
+            self.predictor.refresh(wait=wait)
         except Exception as e:  # noqa: BLE001 - nothing verifies: the service answers, but refuses to guess
             if self.predictor.current is None:
                 raise HTTPException(503, f"no usable model: {e}") from None

@@ -51,6 +51,7 @@ def prediction_routes(app, site: "Site", role) -> None:
                                          checked_tables, estimated_patients, parse_request, store_upload)
 
     parsing = CapacityLimiter(2)  # request parsing never occupies more threads than the machine has cores
+    contract_errors(app, site)
 
     def refused(e: PredictionInputError, endpoint: str):
         site.metrics.errors.labels(endpoint, "too_large" if e.status == 413 else "invalid_input").inc()
@@ -191,6 +192,35 @@ def prediction_routes(app, site: "Site", role) -> None:
         return await answer(checked, top_k, who, lm, "/v1/predict/file", via(request))
 
 
+def contract_errors(app, site: "Site") -> None:
+    """FastAPI's own checks of a route's parameters (`?top_k=abc`, `-F files=hello`) answered in its format
+    ({"type": "int_parsing", ...}), naming no fix: they answer in the contract's, {loc, code, msg, fix}, as every
+    other refusal does."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    from client.prediction_input import MAX_TOP_K
+
+    upload = "send the tables as multipart form fields named 'files', one per table, e.g. curl -F files=@expr.csv ..."
+
+    def problem(err: dict) -> dict:
+        loc = [str(x) for x in err.get("loc", ())]
+        where = ".".join(loc) or "request"
+        if loc[-1:] == ["top_k"] or loc[1:2] == ["top_k"]:
+            return {"loc": where, "code": "bad_top_k", "msg": f"an integer from 0 to {MAX_TOP_K}",
+                    "fix": f"ask for 0 (no explanation) to {MAX_TOP_K} features"}
+        if loc[1:2] == ["files"]:
+            return {"loc": where, "code": "not_a_file", "msg": "'files' must be uploaded files, not text", "fix": upload}
+        return {"loc": where, "code": "invalid_request", "msg": str(err.get("msg", "invalid")),
+                "fix": "see the request's format in the hospital guide (docs/hospital-guide.md, the prediction API)"}
+
+    @app.exception_handler(RequestValidationError)
+    async def refused(request, exc: RequestValidationError):
+        route = request.scope.get("route")
+        site.metrics.errors.labels(route.path if route is not None else "other", "invalid_input").inc()
+        return JSONResponse({"detail": [problem(err) for err in exc.errors()]}, status_code=422)
+
+
 def model_routes(app, site: "Site", role) -> None:
     """The active model (read) and model management (admin)."""
     from anyio import to_thread
@@ -214,7 +244,7 @@ def model_routes(app, site: "Site", role) -> None:
 
     @app.get("/v1/model")
     def model_info(who: dict = Depends(role("read"))):
-        lm = site.current()
+        lm = site.current(wait=True)  # a worker thread: the version active now, not the one loaded before
         p = lm.package
         return {"version": lm.version, "run": p.get("run"), "round": p.get("round"),
                 "weights_sha256": p.get("weights_sha256"), "arrays_sha256": p.get("arrays_sha256"),
@@ -307,7 +337,7 @@ def operations_routes(app, site: "Site", role) -> None:
         GET /v1/model (a token), the queues in /metrics."""
         predictor = site.predictor
         try:
-            predictor.refresh()
+            predictor.refresh(wait=False)  # a new version loads in a thread: /health answers meanwhile
         except Exception:  # noqa: BLE001 - reported below
             pass
         current = predictor.current

@@ -95,9 +95,11 @@ def site_checks(settings: SiteConfig, port: int, schema: Path | None, superlink:
         except (SignatureError, OSError, ValueError) as e:
             checks.append(Check(f"model-signing trust anchor {settings.signing_public_key}", False,
                                 f"unreadable ({e}); copy signing.pub from the consortium's public/ bundle"))
+    elif settings.simulated:
+        checks.append(Check("model-signing trust anchor", True, "not set (a simulated site): delivered models are "
+                            "installed without checking their signature", warning=True))
     else:
-        checks.append(Check("model-signing trust anchor", True, "not set: delivered models are installed without "
-                            "checking their signature", warning=True))
+        checks.append(Check("model-signing trust anchor", False, settings.unverifiable()))
     data = Path(settings.data_path)
     schema_ok, schema = _schema_check(settings, schema)
     if schema_ok is not None:

@@ -147,7 +147,10 @@ class SiteConfig(BaseModel):
                                          "whose steps' cost would grow with the patients sampled (run config "
                                          "dp-pad-batches = false): the round's seconds would reveal it")
     signing_public_key: str = Field("", alias="signing-public-key", description="the consortium's model-signing "
-                                    "key (signing.pub); empty: delivered models are installed without checking")
+                                    "key (signing.pub, from its public/ bundle; `oncofed site init` copies it to "
+                                    "trust/signing.pub): required, except in a simulation")
+    simulated: bool = Field(False, strict=True, description="a simulated hospital (`oncofed simulate` writes it): "
+                            "its models may be served without a model-signing key; never set at a real site")
     root_certificates: str = Field("", alias="root-certificates", description="the consortium's CA certificate "
                                    "(trust/ca.crt)")
     auth_supernode_private_key: str = Field("", alias="auth-supernode-private-key", description="the site's "
@@ -203,6 +206,16 @@ class SiteConfig(BaseModel):
 
     def write(self, path: str | Path) -> None:
         write_json_atomic(path, self.model_dump(mode="json", by_alias=True, exclude_unset=True))
+
+    def unverifiable(self) -> str:
+        """Why no delivered model can be verified at this site ("" if one can, or the site is simulated): without the
+        consortium's model-signing key, a model altered on its way or in model-dir would be served as the one the
+        consortium trained."""
+        if self.signing_public_key or self.simulated:
+            return ""
+        return (f"{self._source}: signing-public-key is not set, so no model can be checked against the consortium's "
+                "signature; set it to the consortium's signing.pub (in the public/ bundle from the operator; `oncofed "
+                "site init` copies it to trust/signing.pub and writes this key)")
 
     def require(self, *keys: str, fix: str) -> SiteConfig:
         """This config if every key (site.json's spelling) is set and not empty; else SiteConfigError naming them."""

@@ -204,7 +204,7 @@ def write_site_configs(out: Path, sites: Path, manifest: dict, cfg: dict) -> lis
         root = Path(cfg["site-state-root"]) / site["name"]
         settings = SiteConfig(site_name=site["name"], data_path=str(sites / site["dir"]), state_dir=str(root / "state"),
                               model_dir=str(root / "models"), signing_public_key=cfg.get("signing-public-key", ""),
-                              privacy_budget=cfg.get("epsilon"))
+                              privacy_budget=cfg.get("epsilon"), simulated=True)
         root.mkdir(parents=True, exist_ok=True)
         settings.write(root / "site.json")
         paths.append(root / "site.json")

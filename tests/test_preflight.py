@@ -432,3 +432,18 @@ def test_site_start_shows_what_the_site_has_spent_and_warns_of_a_damaged_ledger(
     ledger.path.write_text(ledger.path.read_text()[:-10])
     check = ledger_check(tmp_path / "s", site)
     assert check.ok and check.warning and "unreadable" in check.detail and "restore it from backup" in check.detail
+
+
+def test_a_site_without_the_consortiums_signing_key_fails_preflight_naming_the_key_and_the_bundle(consortium, tmp_path):
+    """Without signing-public-key no delivered model can be checked against the consortium's signature: a real site
+    does not start so (a simulated one may: `oncofed simulate` marks its site.json)."""
+    from client.supernode import site_checks
+
+    site = init_site(tmp_path / "s", "S", consortium / "public", "", ca_fingerprint=fingerprint(consortium / "ca/ca.crt"))
+    assert [c.ok for c in site_checks(site, 29555, None) if c.name.startswith("model-signing")] == [True]
+    keyless = site.model_copy(update={"signing_public_key": ""})
+    (check,) = [c for c in site_checks(keyless, 29555, None) if c.name.startswith("model-signing")]
+    assert not check.ok and "signing-public-key is not set" in check.detail and "public/ bundle" in check.detail
+    simulated = keyless.model_copy(update={"simulated": True})
+    (check,) = [c for c in site_checks(simulated, 29555, None) if c.name.startswith("model-signing")]
+    assert check.ok and check.warning

