@@ -40,7 +40,6 @@ a float64 per-sample loop (<= 1e-9 relative), and the step against Opacus' hooks
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -145,7 +144,7 @@ class _LinearTape(list):
         key = (math.prod(shape[1:-1]), self.layer.weight.requires_grad)  # tokens per sample (no tensor op)
         route = self._routes.get(key)
         if route is None:
-            route = self._routes[key] = _linear_route(self.layer, key[0], self.token_norm)
+            route = self._routes[key] = _linear_route(self.layer.weight, key[0], self.token_norm)
         return route == "materialise"
 
     def record(self, x: Tensor, grad_out: Tensor) -> None:
@@ -161,7 +160,7 @@ class _LinearTape(list):
         if batch == 0 or any(g.shape[0] != batch for _, g in self):
             return
         tokens = sum(a[0].numel() // a.shape[-1] for a, _ in self)
-        if _linear_route(self.layer, tokens, self.token_norm) == "materialise":
+        if _linear_route(self.layer.weight, tokens, self.token_norm) == "materialise":
             with torch.no_grad():
                 self.prepared = _prepare_one_linear(self.layer, list(self), batch, self.token_norm)
             self.clear()
@@ -190,7 +189,6 @@ class BookKeepingClipper:
         self.token_norm = token_norm  # how a Linear over several tokens per sample gets its norms ("auto": cheaper)
         self._linears: list[tuple[nn.Linear, _LinearTape]] = []   # (layer, tape of (activation, output grad))
         self._others: list[tuple[nn.Module, list]] = []    # (layer, tape), per-sample grads by Opacus' rules
-        self._handles: list = []
         self._attached = False
         self._plan(model)
 
@@ -233,8 +231,7 @@ class BookKeepingClipper:
                 layer.sample_grads = tape
                 continue
             # an AddLearned's per-sample gradient is its output gradient: its input is not kept
-            self._handles.append(layer.register_forward_hook(
-                _Installed(_recording_hook(tape, type(layer) is not AddLearned))))
+            layer.forward = _Installed(_recording_forward(layer, tape, type(layer) is not AddLearned))
         self._attached = True
         return self
 
@@ -243,15 +240,15 @@ class BookKeepingClipper:
             if "forward" in layer.__dict__:
                 del layer.forward
             tape.reset()
-        for h in self._handles:
-            h.remove()
         for layer, tape in self._others:
+            if "forward" in layer.__dict__:
+                del layer.forward
             if type(layer) in (NumericTokens, FeatureFill):
                 layer.param_grads = True
             if type(layer) is FeatureFill:
                 layer.sample_grads = None
             tape.clear()
-        self._handles, self._attached = [], False
+        self._attached = False
 
     def __enter__(self) -> "BookKeepingClipper":
         return self.attach()
@@ -290,7 +287,7 @@ class BookKeepingClipper:
         batch = self._batch_size()
         loss_scale = float(batch) if self.loss_reduction == "mean" else 1.0
         prepared = _prepare_linear(self._linears, batch, self.token_norm) + _prepare_other(self._others, batch)
-        sq = torch.stack([item.sq for item in prepared]).sum(0)  # per-sample squared norms of the (unscaled) gradients
+        sq = _total_sq(prepared)  # per-sample squared norms of the (unscaled) gradients
         finite = torch.isfinite(sq)
         if not bool(finite.all()):
             # a sample whose gradient is not finite (overflow) counts as a zero gradient: norm 0 <= C, so the
@@ -302,8 +299,9 @@ class BookKeepingClipper:
         norms = sq.clamp_min(0).sqrt() * loss_scale
         weights = (self.max_grad_norm / (norms + _NORM_EPS)).clamp(max=1.0) * (loss_scale * scale)  # c_i x scales
         sink = _GradSink(into() if into is not None else None)
+        column = weights.view(-1, 1)
         for item in prepared:
-            item.write_grads(weights, sink)
+            item.write_grads(weights, sink, column)
         sink.check_complete()
         self.clear()
         return norms
@@ -314,7 +312,7 @@ class BookKeepingClipper:
                 return tape[0][1].shape[0]
         for _, tape in self._linears:
             if tape.prepared is not None:
-                return tape.prepared.sq.shape[0]
+                return tape.prepared.batch()
         return 0
 
 
@@ -344,40 +342,120 @@ def _taped_forward(layer: nn.Linear, tape: list):
             # a call whose own tokens already make the layer materialise its per-sample gradients takes the
             # tape's full record (which may form them in the backward); any other only appends its pair
             record = tape.record if x.dim() > 2 and tape.may_materialise(x) else tape.append_pair
-            out.register_hook(functools.partial(record, x.detach()))
+            _tape_output_grad(out, tape, x.detach(), record)
             return out
         return _TapedLinear.apply(x, w, b, tape)
     return forward
 
 
-def _recording_hook(tape: list, keep_input: bool = True):
-    def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-        if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
-            return
-        activation = inputs[0].detach() if keep_input else None
-        output.register_hook(lambda grad: tape.append((activation, grad.detach())))
-    return hook
+def _recording_forward(layer: nn.Module, tape: list, keep_input: bool = True):
+    """The layer's forward while the clipper is attached: its class's forward, then a hook on the output's
+    autograd node that tapes (input, output gradient). (An instance forward, not a module forward hook: a
+    hook sends every call of the module through nn.Module's slow call path.)"""
+    forward = type(layer).forward
+
+    def taped(x, *args, **kwargs):
+        out = forward(layer, x, *args, **kwargs)
+        if isinstance(out, Tensor) and out.requires_grad:  # (False when grad is disabled)
+            _tape_output_grad(out, tape, x.detach() if keep_input else None)
+        return out
+    return taped
+
+
+def _tape_output_grad(out: Tensor, tape, activation: Tensor | None, record=None) -> None:
+    """Call record(activation, out's gradient) (default: append the pair to tape) when the backward reaches out's
+    autograd node: a pre-hook on the node (grad_outputs[out.output_nr] is out's gradient), ~1.5 us cheaper to
+    register than Tensor.register_hook's Python wrapper. Like a tensor hook, it is not called without a gradient."""
+    node, i = out.grad_fn, out.output_nr
+    if record is None:
+        def hook(grads):
+            if grads[i] is not None:
+                tape.append((activation, grads[i]))
+    else:
+        def hook(grads):
+            if grads[i] is not None:
+                record(activation, grads[i])
+    if node is None:  # a leaf (the forward returned its input): a tensor hook, which leaves have
+        out.register_hook(lambda grad: hook((grad,)))
+    else:
+        node.register_prehook(hook)
 
 
 def _sq_norms(t: Tensor) -> Tensor:  # (B, ...) -> (B,) squared norms, one pass without a t**2 temporary
     return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1).square()
 
 
+def _total_sq(prepared: list) -> Tensor:
+    """The per-sample squared norms of all items' gradients together: the items that give squared norms summed,
+    plus the squared norm of those that give norms (one vector_norm over them: no square per item)."""
+    sqs = [item.sq for item in prepared if item.sq is not None]
+    norms = [item.norm for item in prepared if item.norm is not None]
+    sq = torch.stack(sqs).sum(0) if sqs else None
+    if norms:
+        n_sq = torch.linalg.vector_norm(torch.stack(norms), dim=0).square()
+        sq = n_sq if sq is None else sq + n_sq
+    return sq
+
+
 class _Prepared:
-    """One or more layers' per-sample squared norms (sq, (B,)) and how to write their clipped, summed
-    gradients: write(weights, **rows), from the per-sample (batch-major) tensors in rows."""
+    """One or more layers' per-sample squared norms (sq, (B,)) or norms (norm, (B,): the other None) and how to
+    write their clipped, summed gradients: write(weights, sink, **rows), from the per-sample (batch-major) tensors
+    in rows."""
 
-    def __init__(self, sq: Tensor, write, **rows: Tensor | None):
-        self.sq, self._write, self.rows = sq, write, rows
+    __slots__ = ("sq", "norm", "_write", "rows")
 
-    def write_grads(self, weights: Tensor, sink: "_GradSink") -> None:
+    def __init__(self, sq: Tensor | None, write, norm: Tensor | None = None, **rows: Tensor | None):
+        self.sq, self.norm, self._write, self.rows = sq, norm, write, rows
+
+    def batch(self) -> int:
+        return (self.sq if self.sq is not None else self.norm).shape[0]
+
+    def write_grads(self, weights: Tensor, sink: "_GradSink", column: Tensor | None = None) -> None:
         self._write(weights, sink, **self.rows)
 
     def keep_rows(self, keep: Tensor) -> None:
         """Zero the rows of the samples not in `keep` (their gradient counts as zero; a zero weight would not
         do: 0 x inf is NaN)."""
         self.rows = {k: _keep_rows(t, keep) for k, t in self.rows.items()}
-        self.sq = torch.where(keep, self.sq, torch.zeros((), dtype=self.sq.dtype))
+        self._keep_norm_rows(keep)
+
+    def _keep_norm_rows(self, keep: Tensor) -> None:
+        if self.sq is not None:
+            self.sq = torch.where(keep, self.sq, torch.zeros((), dtype=self.sq.dtype))
+        if self.norm is not None:
+            self.norm = torch.where(keep, self.norm, torch.zeros((), dtype=self.norm.dtype))
+
+
+class _PreparedLinear(_Prepared):
+    """A Linear layer on the row or Gram route: its norms (row) or squared norms (Gram), and its clipped sum from
+    the recorded activations a and output gradients e, (B, in), (B, out) or (B, T, in), (B, T, out). w, b: the
+    trained parameters (None: frozen)."""
+
+    __slots__ = ("w", "b", "a", "e")
+
+    def __init__(self, sq: Tensor | None, norm: Tensor | None, w: Tensor | None, b: Tensor | None, a: Tensor,
+                 e: Tensor):
+        self.sq, self.norm, self.w, self.b, self.a, self.e = sq, norm, w, b, a, e
+
+    def write_grads(self, weights: Tensor, sink: "_GradSink", column: Tensor | None = None) -> None:
+        # sum_i c_i e_i^T a_i as one matmul over all samples' tokens; the bias's, the column sums
+        e, w, b = self.e, self.w, self.b
+        if e.dim() == 2:  # rows: the bias's sum is e^T c, one matrix-vector product
+            if w is not None:
+                sink.mm(w, (e * (weights.view(-1, 1) if column is None else column)).t(), self.a)
+            if b is not None:
+                sink.mv(b, e.t(), weights)
+            return
+        d_out = e.shape[-1]
+        ew = (e * weights.view(-1, 1, 1)).view(-1, d_out)
+        if w is not None:
+            sink.mm(w, ew.t(), self.a.reshape(-1, self.a.shape[-1]))
+        if b is not None:
+            sink.set(b, ew.sum(0))
+
+    def keep_rows(self, keep: Tensor) -> None:
+        self.a, self.e = _keep_rows(self.a, keep), _keep_rows(self.e, keep)
+        self._keep_norm_rows(keep)
 
 
 class _GradSink:
@@ -386,21 +464,27 @@ class _GradSink:
     addmm_: its sum and the addition in one pass over the gradient). With `into`, each of its parameters must
     receive exactly one sum: a second raises (twice the sensitivity), and so does none (`check_complete`)."""
 
-    __slots__ = ("into", "written")
+    __slots__ = ("into", "unwritten", "written")
 
     def __init__(self, into: dict | None = None):
-        self.into, self.written = into, set()
+        # keyed by id (a Tensor's __hash__ is a Python call); `unwritten` loses each parameter as it is written
+        self.into = None if into is None else {id(p): t for p, t in into.items()}
+        self.unwritten = None if into is None else dict(self.into)
+        self.written = set()  # the written parameters not in `into`
 
     def _dest(self, p: Tensor) -> Tensor | None:
         if self.into is None:
             return None
-        if id(p) in self.written:  # a second sum into the same noise would double the sensitivity
-            raise RuntimeError("the clipper wrote a parameter's clipped sum twice in one step: a bug in its plan")
-        self.written.add(id(p))
-        return self.into.get(p)
+        key = id(p)
+        dest = self.unwritten.pop(key, None)
+        if dest is None:
+            if key in self.into or key in self.written:  # a second sum into the same noise: twice the sensitivity
+                raise RuntimeError("the clipper wrote a parameter's clipped sum twice in one step: a bug in its plan")
+            self.written.add(key)
+        return dest
 
     def check_complete(self) -> None:
-        if self.into is not None and (missing := {id(p) for p in self.into} - self.written):
+        if self.into is not None and (missing := self.unwritten):
             raise RuntimeError(f"the clipper wrote no clipped sum for {len(missing)} of the optimizer's parameters: "
                                "they would step on noise alone")
 
@@ -419,6 +503,19 @@ class _GradSink:
         else:
             p.grad = dest.addmm_(m1, m2) if m1.dtype == dest.dtype else dest.add_(m1 @ m2)
 
+    def mv(self, p: Tensor, m: Tensor, v: Tensor) -> None:  # the sum is m @ v, p's elements in order
+        if v.dtype != m.dtype:
+            v = v.to(m.dtype)
+        dest = self._dest(p)
+        if dest is None:
+            value = (m @ v).view_as(p)
+            p.grad = value if value.dtype == p.dtype else value.to(p.dtype)
+        elif m.dtype == dest.dtype and dest.is_contiguous():
+            dest.view(-1).addmv_(m, v)
+            p.grad = dest
+        else:
+            p.grad = dest.add_((m @ v).view_as(dest))
+
     def zero(self, p: Tensor) -> None:
         dest = self._dest(p)
         p.grad = torch.zeros_like(p) if dest is None else dest
@@ -436,25 +533,25 @@ def _prepare_linear(linears: list, batch: int, token_norm: str) -> list[_Prepare
     items, zeros = [], []
     for layer, tape in linears:
         if tape.prepared is not None:  # materialised during the backward
-            if len(tape) or tape.prepared.sq.shape[0] != batch:
+            if len(tape) or tape.prepared.batch() != batch:
                 raise RuntimeError("the clipper's tapes are inconsistent (a backward pass after the per-sample "
                                    "gradients were formed?): zero_grad() before each forward")
             items.append(tape.prepared)
-        elif len(tape) > tape.calls:
+        elif (n := len(tape)) > tape.calls:
             raise RuntimeError("the clipper recorded more backward passes than forward calls of a layer (a second "
                                "backward over one forward?): zero_grad() before each forward")
-        elif not tape or batch == 0:  # not used in this forward, or an empty (Poisson) batch: a zero sum
+        elif n == 0 or batch == 0:  # not used in this forward, or an empty (Poisson) batch: a zero sum
             zeros += [p for p in layer.parameters(recurse=False) if p.requires_grad]
         else:
             items.append(_prepare_one_linear(layer, tape, batch, token_norm))
     return items + [_zero_grads(zeros, batch)] if zeros else items
 
 
-def _linear_route(layer: nn.Linear, tokens: int, token_norm: str) -> str:
-    """How a Linear layer over `tokens` tokens per sample gets its per-sample norms: "row" (one token: the
-    product of two norms), "ghost" (Gram matrices, O(T^2 (in + out))) or "materialise" (O(T in out))."""
-    d_out, d_in = layer.weight.shape
-    if tokens == 1 or not layer.weight.requires_grad:
+def _linear_route(weight: Tensor, tokens: int, token_norm: str) -> str:
+    """How a Linear layer (its weight) over `tokens` tokens per sample gets its per-sample norms: "row" (one token:
+    the product of two norms), "ghost" (Gram matrices, O(T^2 (in + out))) or "materialise" (O(T in out))."""
+    d_out, d_in = weight.shape
+    if tokens == 1 or not weight.requires_grad:
         return "row"
     if token_norm == "auto":
         return "ghost" if tokens * (d_in + d_out) < d_in * d_out else "materialise"
@@ -476,9 +573,21 @@ def _prepare_one_linear(layer: nn.Linear, tape: list, batch: int, token_norm: st
     if a.dtype != e.dtype:
         a = a.to(e.dtype)
     tokens = a.numel() // (batch * d_in)
-    route = _linear_route(layer, tokens, token_norm)
     # The bias's per-sample gradient is sum_t e_it, the weight's with an input of ones: the bias folds
     # into the weight's norm as one more input feature (a row of ones, or +1 on every Gram entry).
+    if tokens == 1:  # ||e a^T|| = ||a|| ||e||, and with the bias ||(a, 1)|| ||e||: rows (B, in), (B, out)
+        if a.dim() != 2:
+            a = a.reshape(batch, d_in)
+        if e.dim() != 2:
+            e = e.reshape(batch, d_out)
+        e_norm = torch.linalg.vector_norm(e, dim=1)
+        if train_w:
+            a_norm = torch.linalg.vector_norm(a, dim=1)
+            norm = (torch.hypot(a_norm, _one(a_norm)) if train_b else a_norm).mul_(e_norm)
+        else:
+            norm = e_norm if train_b else e.new_zeros(batch)
+        return _PreparedLinear(None, norm, w if train_w else None, b if train_b else None, a, e)
+    route = _linear_route(w, tokens, token_norm)
     if route == "materialise":  # this layer's per-sample gradients, kept for the weighted sum; a and e are dropped
         a, e = a.reshape(batch, tokens, d_in), e.reshape(batch, tokens, d_out)
         per_sample_w = torch.bmm(e.transpose(1, 2), a)  # (B, out, in)
@@ -488,31 +597,17 @@ def _prepare_one_linear(layer: nn.Linear, tape: list, batch: int, token_norm: st
             bias_ps = e.sum(1)  # (B, out)
             sq = sq + _sq_norms(bias_ps)
         return _Prepared(sq, _write_materialised(w, b if train_b else None, batch), ws=per_sample_w, bs=bias_ps)
-    if tokens == 1:  # ||e a^T||^2 = ||a||^2 ||e||^2, and the bias's is ||e||^2: rows (B, in), (B, out)
-        a, e = a.reshape(batch, d_in), e.reshape(batch, d_out)
-        e_sq = _sq_norms(e)
-        if train_w:
-            sq = (_sq_norms(a) + 1.0) * e_sq if train_b else _sq_norms(a) * e_sq
-        else:
-            sq = e_sq if train_b else e.new_zeros(batch)
-    elif route == "row":  # a frozen weight over several tokens: the bias's per-sample gradient alone
-        a, e = a.reshape(batch, tokens, d_in), e.reshape(batch, tokens, d_out)
-        sq = _sq_norms(e.sum(1)) if train_b else e.new_zeros(batch)
-    else:  # ghost norm: <a a^T (+ 1 for the bias), e e^T>
-        a, e = a.reshape(batch, tokens, d_in), e.reshape(batch, tokens, d_out)
-        gram = torch.baddbmm(_one(a), a, a.mT) if train_b else torch.bmm(a, a.mT)
-        sq = gram.mul_(torch.bmm(e, e.mT)).sum((1, 2))
-
-    def write(weights: Tensor, sink: _GradSink, a: Tensor, e: Tensor) -> None:
-        # sum_i c_i e_i^T a_i as one matmul over all samples' tokens; the bias's, the column sums
-        ew = e * (weights.view(-1, 1) if e.dim() == 2 else weights.view(-1, 1, 1))
-        if e.dim() == 3:
-            ew, a = ew.view(-1, d_out), a.reshape(-1, d_in)
-        if train_w:
-            sink.mm(w, ew.t(), a)
-        if train_b:
-            sink.set(b, ew.sum(0))
-    return _Prepared(sq, write, a=a, e=e)
+    if a.dim() != 3:
+        a = a.reshape(batch, tokens, d_in)
+    if e.dim() != 3:
+        e = e.reshape(batch, tokens, d_out)
+    if route == "row":  # a frozen weight over several tokens: the bias's per-sample gradient alone
+        norm = torch.linalg.vector_norm(e.sum(1), dim=1) if train_b else e.new_zeros(batch)
+        return _PreparedLinear(None, norm, None, b if train_b else None, a, e)
+    # ghost norm: <a a^T (+ 1 for the bias), e e^T>
+    gram = torch.baddbmm(_one(a), a, a.mT) if train_b else torch.bmm(a, a.mT)
+    sq = gram.mul_(torch.bmm(e, e.mT)).sum((1, 2))
+    return _PreparedLinear(sq, None, w, b if train_b else None, a, e)
 
 
 def _write_materialised(w: Tensor, b: Tensor | None, batch: int):
@@ -567,15 +662,18 @@ def _prepare_pooled_numeric_tokens(layer: NumericTokens, value: Tensor, missing:
     bias) and the pooled AddLearned over its output, if fused: every column's output gradient is the sum's, e_i,
     so scale's per-sample gradient is v_i e_i^T (norm ||v_i|| ||e_i||), missing's m_i e_i^T, and the identities'
     e_i in each of their n rows (norm^2 n ||e_i||^2)."""
-    e_sq = _sq_norms(e)
-    sq = e.new_zeros(batch)
+    # the norm: ||e_i|| sqrt(||v_i||^2 + ||m_i||^2 + n), in as few torch calls as it takes
+    factor = None  # the per-sample squared norm of the factors that multiply e_i
     if layer.scale.requires_grad:
-        sq = sq + value.square().sum(1) * e_sq
+        factor = torch.linalg.vector_norm(value, dim=1).square_()
     if layer.missing.requires_grad:
-        sq = sq + missing.sum(1) * e_sq  # 0/1 flags: m^2 = m
+        flags = missing.sum(1)  # 0/1 flags: m^2 = m
+        factor = flags if factor is None else factor.add_(flags)
     added_trained = added is not None and added.weight.requires_grad
     if added_trained:
-        sq = sq + added.weight.shape[0] * e_sq
+        n = added.weight.shape[0]
+        factor = e.new_full((batch,), float(n)) if factor is None else factor.add_(n)
+    norm = e.new_zeros(batch) if factor is None else factor.sqrt_().mul_(torch.linalg.vector_norm(e, dim=1))
 
     def write(weights: Tensor, sink: _GradSink, value: Tensor, missing: Tensor, e: Tensor) -> None:
         ew = e * weights.view(-1, 1)  # (B, d)
@@ -584,7 +682,7 @@ def _prepare_pooled_numeric_tokens(layer: NumericTokens, value: Tensor, missing:
                 sink.mm(p, f.t(), ew)
         if added_trained:
             sink.set(added.weight, ew.sum(0).expand_as(added.weight).contiguous())
-    return _Prepared(sq, write, value=value, missing=missing, e=e)
+    return _Prepared(None, write, norm, value=value, missing=missing, e=e)
 
 
 def _same_tensor_key(t: Tensor) -> tuple:
@@ -615,6 +713,8 @@ def _prepare_other(others: list, batch: int) -> list[_Prepared]:
             items.append(_prepare_numeric_tokens(layer, tape, batch, added.get(id(layer))))
         elif type(layer) is FeatureFill and tape and batch:
             items.append(_prepare_feature_fill(layer, tape, batch))
+        elif type(layer) is AddLearned and len(tape) == 1 and batch and not layer.pooled and layer.weight.requires_grad:
+            items.append(_prepare_added(layer, tape[0][1], batch))
         else:
             items.append(_prepare_by_rule(layer, tape, batch))
     return [_prepare_layer_norms(group, batch) for group in groups.values()] + items
@@ -627,10 +727,36 @@ def _prepare_feature_fill(layer: FeatureFill, tape: list, batch: int) -> _Prepar
     for _, more in tape[1:]:
         per_sample = per_sample + more
     w = layer.weight
+    per_sample = per_sample.reshape(batch, -1)
 
     def write(weights: Tensor, sink: _GradSink, per_sample: Tensor) -> None:
-        sink.set(w, (weights @ per_sample.reshape(batch, -1)).view_as(w))
-    return _Prepared(_sq_norms(per_sample), write, per_sample=per_sample)
+        sink.mv(w, per_sample.t(), weights)
+    return _Prepared(None, write, torch.linalg.vector_norm(per_sample, dim=1), per_sample=per_sample)
+
+
+def _prepare_added(layer: AddLearned, e: Tensor, batch: int) -> _Prepared:
+    """An AddLearned over one call's tokens (not pooled): its per-sample gradient is the output gradient e_i."""
+    w, e = layer.weight, e.reshape(batch, -1)  # (B, n x d)
+
+    def write(weights: Tensor, sink: _GradSink, e: Tensor) -> None:
+        sink.mv(w, e.t(), weights)
+    return _Prepared(None, write, torch.linalg.vector_norm(e, dim=1), e=e)
+
+
+_TOKEN_ROWS: dict[tuple, Tensor] = {}
+
+
+def _token_rows(batch: int, calls: tuple, device) -> Tensor:
+    """For calls ((layer index, tokens per sample), ...) of batch-major rows concatenated: each row's (layer index x
+    batch + sample). The same every step of one batch size: kept (~20 torch calls a step less)."""
+    key = (batch, calls, device)
+    rows = _TOKEN_ROWS.get(key)
+    if rows is None:
+        if len(_TOKEN_ROWS) >= 64:  # (Poisson batches of many sizes)
+            _TOKEN_ROWS.clear()
+        rows = _TOKEN_ROWS[key] = torch.cat([i * batch + torch.arange(batch, device=device).repeat_interleave(tokens)
+                                             for i, tokens in calls])
+    return rows
 
 
 def _prepare_layer_norms(group: list, batch: int) -> _Prepared:
@@ -648,8 +774,7 @@ def _prepare_layer_norms(group: list, batch: int) -> _Prepared:
     if len(calls) == len(group) and all(len(g) == batch for _, _, g in calls):  # one call, one token per sample
         gains, shifts = prod.view(len(group), batch, d), e.view(len(group), batch, d)
     else:  # sum each sample's tokens, and a layer's calls: row r of call c adds to (layer of c, sample of r)
-        rows = torch.cat([i * batch + torch.arange(batch, device=e.device).repeat_interleave(len(g) // batch)
-                          for i, _, g in calls])
+        rows = _token_rows(batch, tuple((i, len(g) // batch) for i, _, g in calls), e.device)
         gains = prod.new_zeros(len(group) * batch, d).index_add_(0, rows, prod).view(len(group), batch, d)
         shifts = e.new_zeros(len(group) * batch, d).index_add_(0, rows, e).view(len(group), batch, d)
     # (B, gain and bias of each layer, d), sample-major in one copy: the norm and the weighted sum over
@@ -659,12 +784,12 @@ def _prepare_layer_norms(group: list, batch: int) -> _Prepared:
     trained = [i for i, p in enumerate(params) if p is not None and p.requires_grad]
     if len(trained) < len(params):
         per_sample, params = per_sample[:, trained], [params[i] for i in trained]
-    sq = _sq_norms(per_sample)
+    norm = torch.linalg.vector_norm(per_sample.reshape(batch, -1), dim=1)
 
     def write(weights: Tensor, sink: _GradSink, per_sample: Tensor) -> None:
         for p, s in zip(params, (weights @ per_sample.reshape(batch, -1)).view(len(params), d)):
             sink.set(p, s.view_as(p))
-    return _Prepared(sq, write, per_sample=per_sample)
+    return _Prepared(None, write, norm, per_sample=per_sample)
 
 
 def _prepare_by_rule(layer: nn.Module, tape: list, batch: int) -> _Prepared:
@@ -808,6 +933,7 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
         self.clipper = clipper
         self._noise: Tensor | None = None
         self._noise_views: dict = {}
+        self._noise_grads: list = []
         self._noise_key: tuple | None = None
         self._covered: tuple | None = None  # the parameter ids last checked against the clipper's layers
 
@@ -860,15 +986,16 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
         """The step's noise, N(0, (sigma C / B)^2) per coordinate of every parameter (all of one dtype and device),
         drawn in one flat buffer (one buffer for every step: a fresh one was new memory pages each step) whose views
         become the gradients, for the clipper to add the clipped sums to ({parameter: its view})."""
-        n, dtype, device = sum(p.numel() for p in params), params[0].dtype, params[0].device
+        dtype, device = params[0].dtype, params[0].device
         noise, key = self._noise, (ids, dtype, device)
         if noise is None or self._noise_key != key:
-            noise = self._noise = torch.empty(n, dtype=dtype, device=device)
+            noise = self._noise = torch.empty(sum(p.numel() for p in params), dtype=dtype, device=device)
             self._noise_views = {p: v.view_as(p) for v, p in zip(noise.split([p.numel() for p in params]), params)}
+            self._noise_grads = [self._noise_views[p] for p in params]  # in params' order: no Tensor hash a step
             self._noise_key = key
         noise.normal_(0.0, self._std(), generator=self.generator)
-        for p in params:  # each must then receive exactly one clipped sum (_GradSink checks it, else the step raises)
-            p.grad = self._noise_views[p]
+        for p, view in zip(params, self._noise_grads):  # each must then receive exactly one clipped sum (_GradSink
+            p.grad = view                                # checks it, else the step raises)
         return self._noise_views
 
     @torch.no_grad()

@@ -31,6 +31,17 @@ def test_dp_overhead_benchmark_quick_run_times_every_phase_of_both_steps():
     assert all(ms[k][p] > 0 for k in ms for p in ("forward", "backward", "clip", "optimizer"))
 
 
+def test_dp_overhead_against_a_revision_times_that_revisions_clipper_in_the_same_run():
+    """--against REV: a third model takes its DP step with privacy/clipping.py as committed at REV (here HEAD)."""
+    out = subprocess.run([sys.executable, "benchmarks/dp_overhead.py", "--quick", "--against", "HEAD"], cwd=ROOT,
+                         check=True, capture_output=True, text=True, timeout=300).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    ms = result["ms"]["2"]
+    assert result["against"] == "HEAD" and set(ms) == {"plain", "dp", "dp@rev"}
+    assert ms["dp@rev"]["noise"] > 0 and ms["dp@rev"]["clip"] > 0
+    assert "dp@rev: the DP step with privacy/clipping.py at HEAD" in out
+
+
 def test_round_benchmark_quick_run_breaks_a_real_round_down(tmp_path):
     out = subprocess.run([sys.executable, "benchmarks/round.py", "--quick"], cwd=ROOT, check=True,
                          capture_output=True, text=True, timeout=600).stdout

@@ -882,13 +882,13 @@ def test_each_parameter_is_written_exactly_once_by_the_clipper():
     the sink's writes per parameter over the full model; with the DP optimizer's noise (into=...) the sink checks it
     itself at every step."""
     counts: dict[int, int] = {}
-    orig = (pc._GradSink.set, pc._GradSink.mm, pc._GradSink.zero)
+    orig = (pc._GradSink.set, pc._GradSink.mm, pc._GradSink.mv, pc._GradSink.zero)
 
     depth = [0]
 
     def counted(f):
         def g(self, p, *a):
-            if depth[0] == 0:  # mm without a destination calls set: count the outer call only
+            if depth[0] == 0:  # (count the outer call only, should a write method call another)
                 counts[id(p)] = counts.get(id(p), 0) + 1
             depth[0] += 1
             try:
@@ -896,7 +896,7 @@ def test_each_parameter_is_written_exactly_once_by_the_clipper():
             finally:
                 depth[0] -= 1
         return g
-    pc._GradSink.set, pc._GradSink.mm, pc._GradSink.zero = map(counted, orig)
+    pc._GradSink.set, pc._GradSink.mm, pc._GradSink.mv, pc._GradSink.zero = map(counted, orig)
     try:
         torch.manual_seed(0)
         model = _full_model(dropout=0.0).double()
@@ -905,7 +905,7 @@ def test_each_parameter_is_written_exactly_once_by_the_clipper():
             F.cross_entropy(model(x), y).backward()
             clipper.clip_()
     finally:
-        pc._GradSink.set, pc._GradSink.mm, pc._GradSink.zero = orig
+        pc._GradSink.set, pc._GradSink.mm, pc._GradSink.mv, pc._GradSink.zero = orig
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert all(counts.get(id(p)) == 1 for p in trainable)
     sink = pc._GradSink({p: torch.zeros_like(p) for p in trainable[:1]})
