@@ -228,7 +228,7 @@ def serve_main(
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (put TLS in front for the network)"),
     port: int = typer.Option(8088, "--port", min=1, max=65535),
     allowed_host: list[str] = typer.Option([], "--allowed-host", help="a Host name the service answers to besides "
-                                           "localhost, 127.0.0.1, [::1] and --host: the name your TLS proxy forwards "
+                                           "localhost, 127.0.0.1, ::1 and --host: the name your TLS proxy forwards "
                                            "(repeatable); any other Host is refused (DNS rebinding)"),
 ) -> None:
     """Serve the site's active global model: /v1/predict, /v1/predict/file, /v1/model, /health, /metrics, /."""
