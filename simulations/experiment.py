@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from privacy import MAX_BUDGET
 from shared_models.files import atomic_file, write_json_atomic, write_text_atomic
 from shared_models.run_config import FederationSection, Strategy, TrainingSection
+from simulations.federation import SIMULATION_SETS
 from simulations.partition import HOLDOUT_FRAC, MIN_SITE_PATIENTS
 from server.run_files import METRICS, metrics_lines
 
@@ -44,8 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 Method = Literal["pooled", "pooled-cv", "local", "logistic", "local-logistic"]
 METHODS = get_args(Method)
 TRANSFORMER_BASELINES = {"pooled", "pooled-cv", "local"}  # the baselines that train the federation's model
-# [run] keys each cell sets itself, and where a config says them instead
-RESERVED_RUN_KEYS = {"data-root": "the cell's partition", "site-state-root": "the cell's directory",
+# [run] keys each cell sets itself (or an operator's, which a simulation sets or has no use for), and where a config
+# says them instead
+RESERVED_RUN_KEYS = {**SIMULATION_SETS, "data-root": "the cell's partition", "site-state-root": "the cell's directory",
                      "output-dir": "the cell's directory", "num-rounds": "[experiment] rounds",
                      "local-epochs": "[experiment] local-epochs", "sites": "[grid] sites", "dp": "[grid] privacy",
                      "epsilon": "[grid] privacy", "strategy": "[grid] strategy", "seed": "[grid] seed",
@@ -180,6 +182,11 @@ class ExperimentConfig(_Strict):
             if (other := ids.setdefault(cell.id, cell)) is not cell:
                 raise ExperimentError(f"[grid] partition: {other.partition!r} and {cell.partition!r} give the same "
                                       f"cell id {cell.id!r} (its results would overwrite the other's); keep one")
+        if reserved := sorted(RESERVED_RUN_KEYS.keys() & set(self.run)):  # before the run-config check: a valid
+            # value of one (resume = true) passed it and stopped the first cell's server app without a word
+            raise ExperimentError(f"{path} [run]: {reserved} are set by the grid, [experiment] or the simulation (" +
+                                  ", ".join(f"{k}: {RESERVED_RUN_KEYS[k]}" for k in reserved) + "); remove them "
+                                  "from [run]")
         counts = self.grid.sites if isinstance(self.grid.sites, list) else \
             sorted({n for ns in self.grid.sites.values() for n in ns})
         for privacy in self.grid.privacy:  # as the cells will run it: dp, epsilon, strategy and sites from the grid
@@ -197,9 +204,6 @@ class ExperimentConfig(_Strict):
                 baseline_model_config(self, source=f"{path} [run] as the baselines train without DP (dp = false)")
             except ValueError as e:
                 raise ExperimentError(str(e)) from e
-        if reserved := sorted(RESERVED_RUN_KEYS.keys() & set(self.run)):
-            raise ExperimentError(f"{path} [run]: {reserved} are set by the grid and [experiment] (" + ", ".join(
-                f"{k}: {RESERVED_RUN_KEYS[k]}" for k in reserved) + "); remove them from [run]")
         if reserved := [k for k in self.synthetic if k.replace("_", "-") in RESERVED_SYNTHETIC_KEYS]:
             raise ExperimentError(f"{path} [synthetic]: {reserved} are set for each cell (" + ", ".join(
                 f"{k}: {RESERVED_SYNTHETIC_KEYS[k.replace('_', '-')]}" for k in reserved) + "); remove them from "

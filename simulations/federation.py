@@ -26,6 +26,18 @@ VENDORED = ROOT / "simulations" / "data" / "tcga_pancan33"
 PANCAN_SCHEMA = ROOT / "simulations" / "schemas" / "tcga_pancan33.json"
 
 
+# run-config keys a simulated federation sets itself (federation_config) or that only an operator's deployment uses,
+# with where their value comes from: `oncofed simulate --set` and an experiment's [run] refuse them by name (given,
+# they overrode the simulation's own and its server app ended without a result, the cause only in Flower's log)
+SIMULATION_SETS = {
+    "base-dir": "the checkout the simulation runs from", "data-root": "the partition's site directories",
+    "site-state-root": "the simulation's working directory", "output-dir": "the simulation's working directory",
+    "sites": "the partition's sites", "eval-data": "the partition's held-out patients",
+    "signing-key": "the simulation's own key in its keys/", "signing-public-key": "the simulation's own key in its keys/",
+    "resume": "an operator's key: a simulated run is not resumed, a stopped one starts again",
+    "deliver-only": "an operator's key: a simulated run trains and delivers in one go"}
+
+
 class SimulationError(RuntimeError):
     """A simulated run that could not complete; the message says where its logs are."""
 

@@ -326,6 +326,16 @@ def test_close_epsilons_are_cells_of_their_own_named_exactly(tmp_path):
     assert [c.privacy for c in fed][0] == "1"  # whole budgets keep their short ids (eps8, not eps8.0)
 
 
+@pytest.mark.parametrize("key", ["resume = true", "deliver-only = true", 'base-dir = "/elsewhere"',
+                                 'signing-key = "consortium.key"', 'signing-public-key = "consortium.pub"'])
+def test_operator_run_keys_are_refused_by_name_before_any_cell(tmp_path, key):
+    """They passed the check and stopped the first cell with "the server app ended without a result"."""
+    with pytest.raises(ExperimentError) as e:
+        ExperimentConfig.load(write(tmp_path, SMALL + "[run]\n" + key + "\n"))
+    name = key.split(" ")[0]
+    assert f"[run]: ['{name}'] are set by the grid, [experiment] or the simulation" in str(e.value), str(e.value)
+
+
 def test_local_epochs_in_run_is_refused_beside_experiment_local_epochs(tmp_path):
     with pytest.raises(ExperimentError) as e:
         ExperimentConfig.load(write(tmp_path, SMALL + "\n[run]\nlocal-epochs = 5\n"))
