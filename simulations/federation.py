@@ -75,14 +75,18 @@ def ensure_partition(data_root: Path, *, by: str = "center8", seed: int = 0, rep
     return data_root
 
 
+class Terminated(SystemExit):
+    """SIGTERM or SIGHUP arrived (terminate_as_exit): a command may say what was kept, as it does for Ctrl-C."""
+
+
 def terminate_as_exit():
-    """SIGTERM and SIGHUP (`timeout`, systemd, a closed terminal) raise SystemExit in the main thread, so that
-    `finally` blocks stop the local SuperLink and its apps as Ctrl-C does (Python's default ends the process
+    """SIGTERM and SIGHUP (`timeout`, systemd, a closed terminal) raise SystemExit (Terminated) in the main thread,
+    so that `finally` blocks stop the local SuperLink and its apps as Ctrl-C does (Python's default ends the process
     without them)."""
     import signal
 
     def stop(signum, _frame):
-        raise SystemExit(128 + signum)
+        raise Terminated(128 + signum)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, stop)
 

@@ -518,3 +518,25 @@ def test_ctrl_c_says_the_finished_cells_are_kept_and_how_to_resume(tmp_path, mon
     monkeypatch.setattr(federation, "terminate_as_exit", lambda: None)  # not this test process's signal handlers
     r = CliRunner().invoke(app, ["experiment", str(write(tmp_path, SMALL)), "--out", str(tmp_path / "out")])
     assert r.exit_code == 130 and "run the same command again to resume" in r.output, r.output
+
+
+def test_sigterm_says_the_finished_cells_are_kept_and_how_to_resume(tmp_path, monkeypatch):
+    """`timeout` or a closed terminal stopped the grid without a word (only Ctrl-C was answered)."""
+    import os
+    import signal
+
+    from typer.testing import CliRunner
+
+    import simulations.experiment as experiment
+    from oncofed.cli import app
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler `oncofed experiment` installs raises here
+    monkeypatch.setattr(experiment, "run_experiment", terminated)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        r = CliRunner().invoke(app, ["experiment", str(write(tmp_path, SMALL)), "--out", str(tmp_path / "out")])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert r.exit_code == 128 + signal.SIGTERM and "run the same command again to resume" in r.output, r.output
