@@ -11,7 +11,7 @@ every baseline trains the same model (or a logistic regression) on the same part
     RESULTS/cells/<cell>/                                 one directory per cell; rows.json when done
     RESULTS/results.csv, results.json                     one row per cell x round x site
 
-Finished cells (rows.json present) are skipped on a second run, so an interrupted grid resumes; an
+Finished cells (a rows.json that reads as one) are skipped on a second run, so an interrupted grid resumes; an
 unfinished cell is started again from scratch (its partial files are removed first). Evaluation is
 always on patients of held-out sites (`holdout-column`, or the synthetic generator's extra site), each
 normalised with its own statistics, as a hospital that never trained would serve the model.
@@ -874,8 +874,10 @@ def run_experiment(config_path: str | Path, results: str | Path, log=print, only
     for i, cell in enumerate(todo, 1):
         done = root / "cells" / cell.id / "rows.json"
         if done.exists():
-            log(f"[{i}/{len(todo)}] {cell.id}: done before, skipped")
-            continue
+            if cell_rows(done) is not None:
+                log(f"[{i}/{len(todo)}] {cell.id}: done before, skipped")
+                continue
+            log(f"[{i}/{len(todo)}] {done}: {why_not_rows(done)}, so the cell is not done; it runs again")
         log(f"[{i}/{len(todo)}] {cell.id} ...")
         t0 = time.time()
         rows = run_cell(cfg, cell, root, log)
@@ -898,13 +900,30 @@ def _previous_config(path: Path) -> ExperimentConfig | None:
         return None
 
 
+def why_not_rows(path: Path) -> str | None:
+    """Why a cell's rows.json is not a finished cell's (cut short by a full disk, edited by hand); None if it is."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"not readable as JSON ({e})"
+    rows = doc.get("rows") if isinstance(doc, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and r.keys() <= set(COLUMNS) for r in rows):
+        return "holds no list of result rows under \"rows\""
+    return None
+
+
+def cell_rows(path: Path) -> list[dict] | None:
+    """A finished cell's rows (its rows.json), None if it is missing or damaged (why_not_rows says which)."""
+    return json.loads(path.read_text(encoding="utf-8"))["rows"] if why_not_rows(path) is None else None
+
+
 def write_results(root: Path, cfg: ExperimentConfig) -> None:
     """results.csv / results.json from every finished cell of this config (in grid order)."""
     rows = []
     for cell in cells(cfg):
-        f = root / "cells" / cell.id / "rows.json"
-        if f.exists():
-            rows.extend(json.loads(f.read_text())["rows"])
+        rows.extend(cell_rows(root / "cells" / cell.id / "rows.json") or [])
     write_json_atomic(root / "results.json", {"experiment": cfg.model_dump(by_alias=True), "rows": rows})
     with atomic_file(root / "results.csv", newline="") as fh:
         w = csv.DictWriter(fh, COLUMNS)

@@ -540,3 +540,18 @@ def test_sigterm_says_the_finished_cells_are_kept_and_how_to_resume(tmp_path, mo
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     assert r.exit_code == 128 + signal.SIGTERM and "run the same command again to resume" in r.output, r.output
+
+
+@pytest.mark.parametrize("damage", ['{"seconds": 1.0, "rows": [{"cell": "x"', '{"seconds": 1.0, "rows": 3}'])
+def test_a_damaged_rows_json_is_named_and_its_cell_runs_again(tmp_path, damage):
+    """A cut-short or edited rows.json counted as done and then stopped the grid with a bare JSONDecodeError."""
+    config, out = write(tmp_path, SMALL), tmp_path / "results"
+    run_experiment(config, out, log=lambda s: None, only="logistic$")
+    done = next(out.glob("cells/*-logistic/rows.json"))
+    rows = json.loads(done.read_text())["rows"]
+    done.write_text(damage)
+    said: list[str] = []
+    run_experiment(config, out, log=said.append, only="logistic$")
+    assert any(str(done) in s and "the cell is not done; it runs again" in s for s in said), said
+    assert [r["site"] for r in json.loads(done.read_text())["rows"]] == [r["site"] for r in rows]
+    assert len(json.loads((out / "results.json").read_text())["rows"]) == len(rows)
