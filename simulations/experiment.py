@@ -177,6 +177,12 @@ class ExperimentConfig(_Strict):
                 data_dir(name)  # raises naming the data set
         self._check_distinct()
         grid = cells(self)  # raises naming a data set a per-data [grid] table leaves out
+        for field in ("sites", "partition"):  # a misspelt data name's entry was ignored without a word
+            value = getattr(self.grid, field)
+            if isinstance(value, dict) and (unknown := [n for n in value if n not in self.grid.data]):
+                raise ExperimentError(f"[grid.{field}] {', '.join(unknown)}: not among [grid] data ("
+                                      f"{', '.join(self.grid.data)}), so no cell would use it; correct the name or "
+                                      "add the data set to [grid] data")
         ids: dict[str, Cell] = {}
         for cell in grid:
             if (other := ids.setdefault(cell.id, cell)) is not cell:
@@ -249,6 +255,18 @@ class ExperimentConfig(_Strict):
                     f"{path} [grid] partition {cell.partition!r} with sites = {cell.sites}, seed = {cell.seed} (data "
                     f"'synthetic'): {draw} every site {least} patients; use {alpha}fewer [grid] sites, lower "
                     "[experiment] min-site-patients or raise [synthetic] patients-per-site") from None
+
+    def unused_settings(self) -> list[str]:
+        """Settings the config gives that no cell reads (they run fine, but the reader thinks they count)."""
+        notes = []
+        given = self.experiment.model_fields_set & {"holdout_column", "holdout_frac"}
+        if given and set(self.grid.data) == {"synthetic"}:
+            keys = " and ".join(sorted(k.replace("_", "-") for k in given))
+            notes.append(f"[experiment] {keys}: unused, the grid has only synthetic data, whose held-out patients are "
+                         "the generator's extra site ([synthetic] holdout-patients)")
+        if "cv_folds" in self.baselines.model_fields_set and "pooled-cv" not in self.baselines.methods:
+            notes.append("[baselines] cv-folds: unused, [baselines] methods has no pooled-cv")
+        return notes
 
     def _check_distinct(self) -> None:
         """Equal values in a [grid] list (8 and 8.0, seed 0 twice, by:center8 and center8) would be one cell run
@@ -865,6 +883,8 @@ def run_experiment(config_path: str | Path, results: str | Path, log=print, only
         log(f"note: no cell finished under {previous}; {config_path} replaces it" if changed else
             f"note: {previous}'s grid differs from {config_path}'s; finished cells are kept, new cells are added")
     write_text_atomic(previous, text)
+    for note in cfg.unused_settings():
+        log(f"note: {note}")
     todo = [c for c in cells(cfg) if pattern is None or pattern.search(c.id)]
     if not todo:  # a misspelt --only ran nothing and said only "0 cells"
         ids = [c.id for c in cells(cfg)]

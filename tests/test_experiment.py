@@ -555,3 +555,26 @@ def test_a_damaged_rows_json_is_named_and_its_cell_runs_again(tmp_path, damage):
     assert any(str(done) in s and "the cell is not done; it runs again" in s for s in said), said
     assert [r["site"] for r in json.loads(done.read_text())["rows"]] == [r["site"] for r in rows]
     assert len(json.loads((out / "results.json").read_text())["rows"]) == len(rows)
+
+
+@pytest.mark.parametrize("table", ["sites = { synthetic = [2], synthtic = [5] }",
+                                   'partition = { synthetic = ["iid"], synthtic = ["iid"] }'])
+def test_a_per_data_table_naming_a_data_set_not_in_the_grid_is_refused(tmp_path, table):
+    """`sites = { synthetic = [3], synthtic = [5] }` ran with the misspelt entry ignored."""
+    field = table.split(" ")[0]
+    text = SMALL.replace(f"{field} = " + ('["iid"]' if field == "partition" else "[2]"), table)
+    with pytest.raises(ExperimentError) as e:
+        ExperimentConfig.load(write(tmp_path, text))
+    assert f"[grid.{field}] synthtic: not among [grid] data (synthetic)" in str(e.value), str(e.value)
+
+
+def test_settings_no_cell_reads_are_named_when_the_grid_starts(tmp_path):
+    text = SMALL.replace('name = "small"', 'name = "small"\nholdout-column = "tss"').replace(
+        'methods = ["logistic"]', 'methods = ["logistic"]\ncv-folds = 3')
+    said: list[str] = []
+    run_experiment(write(tmp_path, text), tmp_path / "results", log=said.append, only="nothing")
+    assert "note: [experiment] holdout-column: unused, the grid has only synthetic data" in said[0], said
+    assert "note: [baselines] cv-folds: unused, [baselines] methods has no pooled-cv" in said, said
+    said.clear()
+    run_experiment(write(tmp_path, SMALL), tmp_path / "other", log=said.append, only="nothing")
+    assert not any("unused" in s for s in said), said
