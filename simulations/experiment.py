@@ -76,9 +76,9 @@ class ExperimentSection(_Strict):
     local_epochs: int = Field(TrainingSection.model_fields["local_epochs"].default, ge=1)
     holdout_column: str = "tss"
     holdout_frac: float = Field(HOLDOUT_FRAC, gt=0, lt=0.9)
-    # Dirichlet (and, for the grid's check, IID) partitions: the fewest patients a site may get; unset, a cohort's
-    # partition takes simulations.partition.MIN_SITE_PATIENTS and the synthetic generator its own
-    # (patients-per-site / 10)
+    # Dirichlet and IID partitions (the grid's check refuses an IID split below it: the split itself has no minimum):
+    # the fewest patients a site may get; unset, a cohort's partition takes simulations.partition.MIN_SITE_PATIENTS
+    # and the synthetic generator its own (patients-per-site / 10)
     min_site_patients: int | None = Field(None, ge=1)
 
     def cohort_min_site_patients(self) -> int:
@@ -291,7 +291,8 @@ class ExperimentConfig(_Strict):
         patients or the column's values allow. Reads the labels table's header and only the columns needed."""
         from shared_models.schema import FeatureSchema, SchemaError
         from shared_models.site_data import LABELS_STEM, TableError, find_table
-        from simulations.partition import read_text_table, table_columns
+        from simulations.partition import (PartitionError, assign_dirichlet, choose_holdout, encode_label_column,
+                                           read_text_table, table_columns)
 
         specs = [(spec, *parse_partition(spec)) for spec in self.grid.for_data(data, "partition")]
         counts = self.grid.for_data(data, "sites")
@@ -321,31 +322,54 @@ class ExperimentConfig(_Strict):
                 raise ExperimentError(f"[grid] partition {spec!r}: {labels} has no column {arg!r} (data {data!r}); "
                                       f"its columns are {header}")
         try:
-            table, ids = read_text_table(labels, FeatureSchema.load(schema_path).id_column, [column, *by])
-        except (TableError, SchemaError) as e:
+            schema = FeatureSchema.load(schema_path)
+            table, _ = read_text_table(labels, schema.id_column, [column, schema.label_column, *by])
+            y = encode_label_column(table, labels, schema)
+        except (TableError, SchemaError, PartitionError) as e:
             raise ExperimentError(f"[grid] data {data!r}: {e}") from None
-        patients = len(ids)
-        values = {c: {("" if v is None else str(v)).strip() for v in table.column(c).to_pylist()} for c in [column, *by]}
+        values = {c: np.array([("" if v is None else str(v)).strip() for v in table.column(c).to_pylist()])
+                  for c in [column, *by]}
         for c, where in [(column, "[experiment] holdout-column"), *((b, "[grid] partition") for b in by)]:
-            if "" in values[c]:
+            if (values[c] == "").any():
                 raise ExperimentError(f"{where}: some patients in {labels} have no {c!r} value (data {data!r}); fill "
                                       "them in or choose another column")
-        for spec, kind, arg in specs:
-            for n in counts:
-                if kind == "by":
-                    if n > len(values[arg]):
-                        raise ExperimentError(f"[grid] sites = {n} with partition {spec!r} (data {data!r}): {labels} "
-                                              f"has {len(values[arg])} distinct {arg!r} values, fewer than the sites; "
-                                              f"lower [grid] sites (per data set: sites = {{ {data} = "
-                                              f"[{len(values[arg])}] }})")
-                else:  # dirichlet or iid: an iid split of too many sites left each one or two patients, which
-                    # ran until every site refused for want of a held-out part
-                    least = self.experiment.cohort_min_site_patients()
-                    if n * least > patients:
-                        raise ExperimentError(
-                            f"[grid] sites = {n} x [experiment] min-site-patients = {least} is {n * least} patients, "
-                            f"more than the {patients} of {labels} (data {data!r}, partition {spec!r}); lower [grid] "
-                            "sites or [experiment] min-site-patients")
+        least, frac = self.experiment.cohort_min_site_patients(), self.experiment.holdout_frac
+
+        def held_out(seed: int) -> tuple[np.ndarray, np.random.Generator]:
+            # the partition's own first draw (it only reads the labels): the sites are cut from the patients it
+            # leaves, and the generator goes on to cut them
+            rng = np.random.default_rng(seed)
+            return choose_holdout(values[column], y, frac, rng), rng
+
+        for seed in self.grid.seed:
+            held, _ = held_out(seed)
+            if not held.any():
+                raise ExperimentError(f"[experiment] holdout-frac = {frac}: with seed = {seed}, every {column!r} group "
+                                      f"of {labels} is larger than that share of its class (data {data!r}), so no "
+                                      "patient is held out; raise [experiment] holdout-frac")
+            fed = ~held
+            for spec, kind, arg in specs:
+                for n in counts:
+                    where = (f"[grid] sites = {n} with partition {spec!r}, seed = {seed} (data {data!r}): {labels} "
+                             f"has {int(fed.sum())} patients besides the {int(held.sum())} held out")
+                    if kind == "by":
+                        have = len(set(values[arg][fed]))
+                        if n > have:
+                            raise ExperimentError(f"{where}, with {have} distinct {arg!r} values, fewer than the "
+                                                  f"sites; lower [grid] sites (per data set: sites = {{ {data} = "
+                                                  f"[{have}] }})")
+                    elif n * least > fed.sum():  # an iid split has no minimum of its own: 35 sites of 6230 gave 178
+                        raise ExperimentError(f"{where}, fewer than [grid] sites = {n} x [experiment] "
+                                              f"min-site-patients = {least} = {n * least} patients; lower [grid] "
+                                              "sites or [experiment] min-site-patients")
+                    elif kind == "dirichlet":  # the cell's own draw (a few milliseconds): its refusal named CLI flags
+                        _, rng = held_out(seed)
+                        try:
+                            assign_dirichlet(y[fed], schema.n_classes, n, arg, rng, least)
+                        except PartitionError:
+                            raise ExperimentError(f"{where}: no Dirichlet draw gives every site [experiment] "
+                                                  f"min-site-patients = {least}; use a larger alpha, fewer [grid] "
+                                                  "sites or a lower min-site-patients") from None
 
 
 def parse_partition(spec: str) -> tuple[str, Any]:

@@ -271,6 +271,29 @@ def test_a_cohort_partition_that_cannot_be_made_is_refused_naming_the_keys_and_t
     assert "--" not in message  # config keys, not the CLI flags of `oncofed partition`
 
 
+@pytest.mark.parametrize("partition", ["iid", "dirichlet:1000"])
+def test_sites_times_min_site_patients_is_checked_against_the_patients_left_after_the_hold_out(tmp_path, partition):
+    """35 x 200 = 7000 is below the cohort's 7688 patients but above the 6232 the hold-out leaves at seed 0: the
+    grid was accepted, an iid split gave sites of 178 and a Dirichlet cell failed naming --sites."""
+    text = PANCAN.replace('partition = ["iid"]', f'partition = ["{partition}"]').replace("sites = [2]", "sites = [35]")
+    with pytest.raises(ExperimentError) as e:
+        ExperimentConfig.load(write(tmp_path, text.replace('name = "pancan"', 'name = "pancan"\nmin-site-patients = 200')))
+    message = str(e.value)
+    assert all(part in message for part in ["[grid] sites = 35", "seed = 0", "6232 patients besides the 1456 held out",
+                                            "[experiment] min-site-patients = 200 = 7000 patients", LABELS]), message
+    assert "--" not in message
+    assert ExperimentConfig.load(write(tmp_path, text.replace('name = "pancan"', 'name = "pancan"\nmin-site-patients = 150')))
+
+
+def test_a_cohort_dirichlet_draw_that_cannot_be_made_is_refused_naming_the_config_keys(tmp_path):
+    text = PANCAN.replace('partition = ["iid"]', 'partition = ["dirichlet:0.01"]').replace("sites = [2]", "sites = [8]")
+    with pytest.raises(ExperimentError) as e:
+        ExperimentConfig.load(write(tmp_path, text.replace('name = "pancan"', 'name = "pancan"\nmin-site-patients = 700')))
+    message = str(e.value)
+    assert "no Dirichlet draw gives every site [experiment] min-site-patients = 700" in message, message
+    assert "--" not in message
+
+
 @pytest.mark.parametrize("key", ["sites = 12", "alpha = 100.0", "seed = 7", "min-site-patients = 20"])
 def test_synthetic_keys_each_cell_sets_are_refused(tmp_path, key):
     with pytest.raises(ExperimentError) as e:
