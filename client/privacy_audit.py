@@ -41,6 +41,10 @@ class PrivacyAuditError(ValueError):
     """An audit that cannot run; the message names the file or setting and the fix."""
 
 
+class TooFewPatients(PrivacyAuditError):
+    """A site with too few members or non-members to tell an attack from chance (a report counts these apart)."""
+
+
 @dataclass(frozen=True)
 class Claim:
     """What the model claims about this site's patients."""
@@ -73,7 +77,7 @@ def enough_patients(parts, site_dir: Path) -> None:
                   "non-members (the held-out patients the normalisation was not fitted on)")
     for what, n in (("members (training part)", len(parts.train.y)), (nonmembers, len(parts.unseen))):
         if n < MIN_PATIENTS:
-            raise PrivacyAuditError(f"{site_dir}: {n} {what}; an audit needs at least {MIN_PATIENTS} of each "
+            raise TooFewPatients(f"{site_dir}: {n} {what}; an audit needs at least {MIN_PATIENTS} of each "
                                     "(too few patients to tell anything from chance)")
 
 

@@ -123,7 +123,7 @@ def experiment(
     from shared_models.schema import SchemaError
     from shared_models.site_data import TableError
     from simulations.experiment import ExperimentConfig, ExperimentError, run_experiment
-    from simulations.federation import SimulationError, terminate_as_exit
+    from simulations.federation import SimulationError, Terminated, terminate_as_exit
     from simulations.partition import PartitionError
 
     terminate_as_exit()  # SIGTERM too stops a cell's local SuperLink and its apps
@@ -136,8 +136,8 @@ def experiment(
     except SimulationError as e:
         typer.echo(f"{e}\nthe finished cells are kept: run the same command again to resume", err=True)
         raise typer.Exit(code=1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as e:  # Ctrl-C, or SIGTERM/SIGHUP (`timeout`, a closed terminal)
         typer.echo("stopped: the finished cells are kept; run the same command again to resume (the cell that was "
                    "running starts again)", err=True)
-        raise typer.Exit(code=130)
+        raise typer.Exit(code=e.code if isinstance(e, Terminated) else 130)
     typer.echo(f"next: oncofed report {results}")

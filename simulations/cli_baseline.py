@@ -93,7 +93,8 @@ def _seed_list(text: str) -> list[int]:
 
 
 def summarize_seeds(results: list[dict]) -> dict:
-    """Mean and standard deviation of each model's test metrics over splits, plus every split's result."""
+    """Mean and sample standard deviation (n-1, as the experiment report gives) of each model's test metrics over
+    splits, plus every split's result."""
     import numpy as np
 
     from shared_models.protocol import SCORES
@@ -102,13 +103,13 @@ def summarize_seeds(results: list[dict]) -> dict:
     for model in ("transformer", "logistic"):
         rows = [r[model]["test"] for r in results if model in r]
         if rows:
-            summary[model] = {m: {"mean": float(np.mean([x[m] for x in rows])), "sd": float(np.std([x[m] for x in rows])),
+            summary[model] = {m: {"mean": float(np.mean([x[m] for x in rows])), "sd": float(np.std([x[m] for x in rows], ddof=1)),
                                   "per_seed": [x[m] for x in rows]} for m in SCORES}
     return {"seeds": [r["seed"] for r in results], "summary": summary, "runs": results}
 
 
 def format_seeds(result: dict) -> str:
-    lines = [f"over {len(result['seeds'])} splits (seeds {', '.join(map(str, result['seeds']))}): mean +- sd",
+    lines = [f"over {len(result['seeds'])} splits (seeds {', '.join(map(str, result['seeds']))}): mean +- sample sd (n-1)",
              f"{'model':<20} {'accuracy':>14} {'balanced acc.':>14} {'macro-F1':>14}"]
     names = {"transformer": "transformer", "logistic": "logistic regression"}
     for model, s in result["summary"].items():  # in SCORES' order (summarize_seeds)

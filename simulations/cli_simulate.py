@@ -46,11 +46,12 @@ def simulate(
     import shutil
 
     from simulations.federation import ROOT, SimulationError, ensure_partition, evaluate_on_site, run_federation
-    from simulations.federation import f1_by_class_size, federation_config, site_model_dir, summarize, terminate_as_exit
+    from simulations.federation import SIMULATION_SETS, f1_by_class_size, federation_config, site_model_dir, summarize
+    from simulations.federation import terminate_as_exit
     from simulations.partition import FederationManifest, PartitionError
 
     extra = _parse_overrides(overrides)
-    if reserved := sorted(set(extra) & SIMULATE_SETS):
+    if reserved := sorted(SIMULATION_SETS.keys() & set(extra)):
         typer.echo(f"--set {', '.join(reserved)}: oncofed simulate sets {'these' if len(reserved) > 1 else 'this'} "
                    f"itself (its working files live under --out; the eval data: --eval-data)", err=True)
         raise typer.Exit(code=2)
@@ -175,11 +176,6 @@ def simulate(
     (out / "summary.json").write_text(json.dumps({"held_out": held, "seconds": round(time.time() - t0, 1),
                                                   "site_epsilon": eps, "config": cfg}, indent=1))
     typer.echo(f"total {time.time() - t0:.0f} s; details in {out}")
-
-
-# run-config keys `oncofed simulate` sets from --out and its options (the others have their own option or may be set)
-SIMULATE_SETS = frozenset({"base-dir", "data-root", "site-state-root", "output-dir", "sites", "eval-data",
-                           "signing-key", "signing-public-key", "resume", "deliver-only"})
 
 
 def _parse_overrides(items: list[str]) -> dict:

@@ -11,7 +11,7 @@ every baseline trains the same model (or a logistic regression) on the same part
     RESULTS/cells/<cell>/                                 one directory per cell; rows.json when done
     RESULTS/results.csv, results.json                     one row per cell x round x site
 
-Finished cells (rows.json present) are skipped on a second run, so an interrupted grid resumes; an
+Finished cells (a rows.json that reads as one) are skipped on a second run, so an interrupted grid resumes; an
 unfinished cell is started again from scratch (its partial files are removed first). Evaluation is
 always on patients of held-out sites (`holdout-column`, or the synthetic generator's extra site), each
 normalised with its own statistics, as a hospital that never trained would serve the model.
@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from privacy import MAX_BUDGET
 from shared_models.files import atomic_file, write_json_atomic, write_text_atomic
 from shared_models.run_config import FederationSection, Strategy, TrainingSection
+from simulations.federation import SIMULATION_SETS
 from simulations.partition import HOLDOUT_FRAC, MIN_SITE_PATIENTS
 from server.run_files import METRICS, metrics_lines
 
@@ -44,8 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 Method = Literal["pooled", "pooled-cv", "local", "logistic", "local-logistic"]
 METHODS = get_args(Method)
 TRANSFORMER_BASELINES = {"pooled", "pooled-cv", "local"}  # the baselines that train the federation's model
-# [run] keys each cell sets itself, and where a config says them instead
-RESERVED_RUN_KEYS = {"data-root": "the cell's partition", "site-state-root": "the cell's directory",
+# [run] keys each cell sets itself (or an operator's, which a simulation sets or has no use for), and where a config
+# says them instead
+RESERVED_RUN_KEYS = {**SIMULATION_SETS, "data-root": "the cell's partition", "site-state-root": "the cell's directory",
                      "output-dir": "the cell's directory", "num-rounds": "[experiment] rounds",
                      "local-epochs": "[experiment] local-epochs", "sites": "[grid] sites", "dp": "[grid] privacy",
                      "epsilon": "[grid] privacy", "strategy": "[grid] strategy", "seed": "[grid] seed",
@@ -74,9 +76,9 @@ class ExperimentSection(_Strict):
     local_epochs: int = Field(TrainingSection.model_fields["local_epochs"].default, ge=1)
     holdout_column: str = "tss"
     holdout_frac: float = Field(HOLDOUT_FRAC, gt=0, lt=0.9)
-    # Dirichlet (and, for the grid's check, IID) partitions: the fewest patients a site may get; unset, a cohort's
-    # partition takes simulations.partition.MIN_SITE_PATIENTS and the synthetic generator its own
-    # (patients-per-site / 10)
+    # Dirichlet and IID partitions (the grid's check refuses an IID split below it: the split itself has no minimum):
+    # the fewest patients a site may get; unset, a cohort's partition takes simulations.partition.MIN_SITE_PATIENTS
+    # and the synthetic generator its own (patients-per-site / 10)
     min_site_patients: int | None = Field(None, ge=1)
 
     def cohort_min_site_patients(self) -> int:
@@ -175,11 +177,22 @@ class ExperimentConfig(_Strict):
                 data_dir(name)  # raises naming the data set
         self._check_distinct()
         grid = cells(self)  # raises naming a data set a per-data [grid] table leaves out
+        for field in ("sites", "partition"):  # a misspelt data name's entry was ignored without a word
+            value = getattr(self.grid, field)
+            if isinstance(value, dict) and (unknown := [n for n in value if n not in self.grid.data]):
+                raise ExperimentError(f"[grid.{field}] {', '.join(unknown)}: not among [grid] data ("
+                                      f"{', '.join(self.grid.data)}), so no cell would use it; correct the name or "
+                                      "add the data set to [grid] data")
         ids: dict[str, Cell] = {}
         for cell in grid:
             if (other := ids.setdefault(cell.id, cell)) is not cell:
                 raise ExperimentError(f"[grid] partition: {other.partition!r} and {cell.partition!r} give the same "
                                       f"cell id {cell.id!r} (its results would overwrite the other's); keep one")
+        if reserved := sorted(RESERVED_RUN_KEYS.keys() & set(self.run)):  # before the run-config check: a valid
+            # value of one (resume = true) passed it and stopped the first cell's server app without a word
+            raise ExperimentError(f"{path} [run]: {reserved} are set by the grid, [experiment] or the simulation (" +
+                                  ", ".join(f"{k}: {RESERVED_RUN_KEYS[k]}" for k in reserved) + "); remove them "
+                                  "from [run]")
         counts = self.grid.sites if isinstance(self.grid.sites, list) else \
             sorted({n for ns in self.grid.sites.values() for n in ns})
         for privacy in self.grid.privacy:  # as the cells will run it: dp, epsilon, strategy and sites from the grid
@@ -197,9 +210,6 @@ class ExperimentConfig(_Strict):
                 baseline_model_config(self, source=f"{path} [run] as the baselines train without DP (dp = false)")
             except ValueError as e:
                 raise ExperimentError(str(e)) from e
-        if reserved := sorted(RESERVED_RUN_KEYS.keys() & set(self.run)):
-            raise ExperimentError(f"{path} [run]: {reserved} are set by the grid and [experiment] (" + ", ".join(
-                f"{k}: {RESERVED_RUN_KEYS[k]}" for k in reserved) + "); remove them from [run]")
         if reserved := [k for k in self.synthetic if k.replace("_", "-") in RESERVED_SYNTHETIC_KEYS]:
             raise ExperimentError(f"{path} [synthetic]: {reserved} are set for each cell (" + ", ".join(
                 f"{k}: {RESERVED_SYNTHETIC_KEYS[k.replace('_', '-')]}" for k in reserved) + "); remove them from "
@@ -246,6 +256,18 @@ class ExperimentConfig(_Strict):
                     f"'synthetic'): {draw} every site {least} patients; use {alpha}fewer [grid] sites, lower "
                     "[experiment] min-site-patients or raise [synthetic] patients-per-site") from None
 
+    def unused_settings(self) -> list[str]:
+        """Settings the config gives that no cell reads (they run fine, but the reader thinks they count)."""
+        notes = []
+        given = self.experiment.model_fields_set & {"holdout_column", "holdout_frac"}
+        if given and set(self.grid.data) == {"synthetic"}:
+            keys = " and ".join(sorted(k.replace("_", "-") for k in given))
+            notes.append(f"[experiment] {keys}: unused, the grid has only synthetic data, whose held-out patients are "
+                         "the generator's extra site ([synthetic] holdout-patients)")
+        if "cv_folds" in self.baselines.model_fields_set and "pooled-cv" not in self.baselines.methods:
+            notes.append("[baselines] cv-folds: unused, [baselines] methods has no pooled-cv")
+        return notes
+
     def _check_distinct(self) -> None:
         """Equal values in a [grid] list (8 and 8.0, seed 0 twice, by:center8 and center8) would be one cell run
         once and counted twice in results.csv."""
@@ -269,7 +291,8 @@ class ExperimentConfig(_Strict):
         patients or the column's values allow. Reads the labels table's header and only the columns needed."""
         from shared_models.schema import FeatureSchema, SchemaError
         from shared_models.site_data import LABELS_STEM, TableError, find_table
-        from simulations.partition import read_text_table, table_columns
+        from simulations.partition import (PartitionError, assign_dirichlet, choose_holdout, encode_label_column,
+                                           read_text_table, table_columns)
 
         specs = [(spec, *parse_partition(spec)) for spec in self.grid.for_data(data, "partition")]
         counts = self.grid.for_data(data, "sites")
@@ -299,31 +322,54 @@ class ExperimentConfig(_Strict):
                 raise ExperimentError(f"[grid] partition {spec!r}: {labels} has no column {arg!r} (data {data!r}); "
                                       f"its columns are {header}")
         try:
-            table, ids = read_text_table(labels, FeatureSchema.load(schema_path).id_column, [column, *by])
-        except (TableError, SchemaError) as e:
+            schema = FeatureSchema.load(schema_path)
+            table, _ = read_text_table(labels, schema.id_column, [column, schema.label_column, *by])
+            y = encode_label_column(table, labels, schema)
+        except (TableError, SchemaError, PartitionError) as e:
             raise ExperimentError(f"[grid] data {data!r}: {e}") from None
-        patients = len(ids)
-        values = {c: {("" if v is None else str(v)).strip() for v in table.column(c).to_pylist()} for c in [column, *by]}
+        values = {c: np.array([("" if v is None else str(v)).strip() for v in table.column(c).to_pylist()])
+                  for c in [column, *by]}
         for c, where in [(column, "[experiment] holdout-column"), *((b, "[grid] partition") for b in by)]:
-            if "" in values[c]:
+            if (values[c] == "").any():
                 raise ExperimentError(f"{where}: some patients in {labels} have no {c!r} value (data {data!r}); fill "
                                       "them in or choose another column")
-        for spec, kind, arg in specs:
-            for n in counts:
-                if kind == "by":
-                    if n > len(values[arg]):
-                        raise ExperimentError(f"[grid] sites = {n} with partition {spec!r} (data {data!r}): {labels} "
-                                              f"has {len(values[arg])} distinct {arg!r} values, fewer than the sites; "
-                                              f"lower [grid] sites (per data set: sites = {{ {data} = "
-                                              f"[{len(values[arg])}] }})")
-                else:  # dirichlet or iid: an iid split of too many sites left each one or two patients, which
-                    # ran until every site refused for want of a held-out part
-                    least = self.experiment.cohort_min_site_patients()
-                    if n * least > patients:
-                        raise ExperimentError(
-                            f"[grid] sites = {n} x [experiment] min-site-patients = {least} is {n * least} patients, "
-                            f"more than the {patients} of {labels} (data {data!r}, partition {spec!r}); lower [grid] "
-                            "sites or [experiment] min-site-patients")
+        least, frac = self.experiment.cohort_min_site_patients(), self.experiment.holdout_frac
+
+        def held_out(seed: int) -> tuple[np.ndarray, np.random.Generator]:
+            # the partition's own first draw (it only reads the labels): the sites are cut from the patients it
+            # leaves, and the generator goes on to cut them
+            rng = np.random.default_rng(seed)
+            return choose_holdout(values[column], y, frac, rng), rng
+
+        for seed in self.grid.seed:
+            held, _ = held_out(seed)
+            if not held.any():
+                raise ExperimentError(f"[experiment] holdout-frac = {frac}: with seed = {seed}, every {column!r} group "
+                                      f"of {labels} is larger than that share of its class (data {data!r}), so no "
+                                      "patient is held out; raise [experiment] holdout-frac")
+            fed = ~held
+            for spec, kind, arg in specs:
+                for n in counts:
+                    where = (f"[grid] sites = {n} with partition {spec!r}, seed = {seed} (data {data!r}): {labels} "
+                             f"has {int(fed.sum())} patients besides the {int(held.sum())} held out")
+                    if kind == "by":
+                        have = len(set(values[arg][fed]))
+                        if n > have:
+                            raise ExperimentError(f"{where}, with {have} distinct {arg!r} values, fewer than the "
+                                                  f"sites; lower [grid] sites (per data set: sites = {{ {data} = "
+                                                  f"[{have}] }})")
+                    elif n * least > fed.sum():  # an iid split has no minimum of its own: 35 sites of 6230 gave 178
+                        raise ExperimentError(f"{where}, fewer than [grid] sites = {n} x [experiment] "
+                                              f"min-site-patients = {least} = {n * least} patients; lower [grid] "
+                                              "sites or [experiment] min-site-patients")
+                    elif kind == "dirichlet":  # the cell's own draw (a few milliseconds): its refusal named CLI flags
+                        _, rng = held_out(seed)
+                        try:
+                            assign_dirichlet(y[fed], schema.n_classes, n, arg, rng, least)
+                        except PartitionError:
+                            raise ExperimentError(f"{where}: no Dirichlet draw gives every site [experiment] "
+                                                  f"min-site-patients = {least}; use a larger alpha, fewer [grid] "
+                                                  "sites or a lower min-site-patients") from None
 
 
 def parse_partition(spec: str) -> tuple[str, Any]:
@@ -861,6 +907,8 @@ def run_experiment(config_path: str | Path, results: str | Path, log=print, only
         log(f"note: no cell finished under {previous}; {config_path} replaces it" if changed else
             f"note: {previous}'s grid differs from {config_path}'s; finished cells are kept, new cells are added")
     write_text_atomic(previous, text)
+    for note in cfg.unused_settings():
+        log(f"note: {note}")
     todo = [c for c in cells(cfg) if pattern is None or pattern.search(c.id)]
     if not todo:  # a misspelt --only ran nothing and said only "0 cells"
         ids = [c.id for c in cells(cfg)]
@@ -870,8 +918,10 @@ def run_experiment(config_path: str | Path, results: str | Path, log=print, only
     for i, cell in enumerate(todo, 1):
         done = root / "cells" / cell.id / "rows.json"
         if done.exists():
-            log(f"[{i}/{len(todo)}] {cell.id}: done before, skipped")
-            continue
+            if cell_rows(done) is not None:
+                log(f"[{i}/{len(todo)}] {cell.id}: done before, skipped")
+                continue
+            log(f"[{i}/{len(todo)}] {done}: {why_not_rows(done)}, so the cell is not done; it runs again")
         log(f"[{i}/{len(todo)}] {cell.id} ...")
         t0 = time.time()
         rows = run_cell(cfg, cell, root, log)
@@ -894,13 +944,30 @@ def _previous_config(path: Path) -> ExperimentConfig | None:
         return None
 
 
+def why_not_rows(path: Path) -> str | None:
+    """Why a cell's rows.json is not a finished cell's (cut short by a full disk, edited by hand); None if it is."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"not readable as JSON ({e})"
+    rows = doc.get("rows") if isinstance(doc, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and r.keys() <= set(COLUMNS) for r in rows):
+        return "holds no list of result rows under \"rows\""
+    return None
+
+
+def cell_rows(path: Path) -> list[dict] | None:
+    """A finished cell's rows (its rows.json), None if it is missing or damaged (why_not_rows says which)."""
+    return json.loads(path.read_text(encoding="utf-8"))["rows"] if why_not_rows(path) is None else None
+
+
 def write_results(root: Path, cfg: ExperimentConfig) -> None:
     """results.csv / results.json from every finished cell of this config (in grid order)."""
     rows = []
     for cell in cells(cfg):
-        f = root / "cells" / cell.id / "rows.json"
-        if f.exists():
-            rows.extend(json.loads(f.read_text())["rows"])
+        rows.extend(cell_rows(root / "cells" / cell.id / "rows.json") or [])
     write_json_atomic(root / "results.json", {"experiment": cfg.model_dump(by_alias=True), "rows": rows})
     with atomic_file(root / "results.csv", newline="") as fh:
         w = csv.DictWriter(fh, COLUMNS)

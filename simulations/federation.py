@@ -26,6 +26,18 @@ VENDORED = ROOT / "simulations" / "data" / "tcga_pancan33"
 PANCAN_SCHEMA = ROOT / "simulations" / "schemas" / "tcga_pancan33.json"
 
 
+# run-config keys a simulated federation sets itself (federation_config) or that only an operator's deployment uses,
+# with where their value comes from: `oncofed simulate --set` and an experiment's [run] refuse them by name (given,
+# they overrode the simulation's own and its server app ended without a result, the cause only in Flower's log)
+SIMULATION_SETS = {
+    "base-dir": "the checkout the simulation runs from", "data-root": "the partition's site directories",
+    "site-state-root": "the simulation's working directory", "output-dir": "the simulation's working directory",
+    "sites": "the partition's sites", "eval-data": "the partition's held-out patients",
+    "signing-key": "the simulation's own key in its keys/", "signing-public-key": "the simulation's own key in its keys/",
+    "resume": "an operator's key: a simulated run is not resumed, a stopped one starts again",
+    "deliver-only": "an operator's key: a simulated run trains and delivers in one go"}
+
+
 class SimulationError(RuntimeError):
     """A simulated run that could not complete; the message says where its logs are."""
 
@@ -63,14 +75,18 @@ def ensure_partition(data_root: Path, *, by: str = "center8", seed: int = 0, rep
     return data_root
 
 
+class Terminated(SystemExit):
+    """SIGTERM or SIGHUP arrived (terminate_as_exit): a command may say what was kept, as it does for Ctrl-C."""
+
+
 def terminate_as_exit():
-    """SIGTERM and SIGHUP (`timeout`, systemd, a closed terminal) raise SystemExit in the main thread, so that
-    `finally` blocks stop the local SuperLink and its apps as Ctrl-C does (Python's default ends the process
+    """SIGTERM and SIGHUP (`timeout`, systemd, a closed terminal) raise SystemExit (Terminated) in the main thread,
+    so that `finally` blocks stop the local SuperLink and its apps as Ctrl-C does (Python's default ends the process
     without them)."""
     import signal
 
     def stop(signum, _frame):
-        raise SystemExit(128 + signum)
+        raise Terminated(128 + signum)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, stop)
 

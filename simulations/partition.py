@@ -347,7 +347,7 @@ def partition_cohort(
     if len(first) != len(ids):
         dup = ids[np.setdiff1d(np.arange(len(ids)), first)][0]
         raise PartitionError(f"{labels_path}: patient {dup!r} is listed more than once; keep one row per patient")
-    y = _encode_labels(labels, labels_path, schema)
+    y = encode_label_column(labels, labels_path, schema)
     rng = np.random.default_rng(seed)
 
     in_holdout, hold_values = np.zeros(len(ids), dtype=bool), None
@@ -440,7 +440,7 @@ def _check_method(sites, by, dirichlet, iid, holdout_frac, min_site_patients) ->
         raise PartitionError(f"--min-site-patients must be at least 1 (got {min_site_patients})")
 
 
-def _encode_labels(labels: pa.Table, path: Path, schema: FeatureSchema) -> np.ndarray:
+def encode_label_column(labels: pa.Table, path: Path, schema: FeatureSchema) -> np.ndarray:
     if schema.label_column not in labels.column_names:
         raise PartitionError(f"{path}: no label column {schema.label_column!r} (the schema's label_column); "
                              f"columns are {labels.column_names[:10]}")

@@ -24,7 +24,7 @@ def audit_cell(work: Path, fed: Path, manifest: dict, run_config: dict) -> Path:
     """Each site's audit of the cell's delivered model into work/privacy_audit.json (run_config: the cell's
     overrides of the project's run config). A site whose audit cannot run (it trained in no round, too few
     patients) is recorded with the reason; the cell, whose training is done by now, never fails on it."""
-    from client.privacy_audit import PrivacyAuditError, audit
+    from client.privacy_audit import PrivacyAuditError, TooFewPatients, audit
     from client.site import simulated_site_paths
     from privacy.run_config import load_run_config
     from shared_models.files import write_json_atomic
@@ -38,7 +38,8 @@ def audit_cell(work: Path, fed: Path, manifest: dict, run_config: dict) -> Path:
             report = audit(paths.site_dir, paths.state_dir, paths.model_dir, s["name"], val_fraction=cfg.site.val_fraction,
                            seed=cfg.training.seed, min_count=cfg.site.min_count)
         except PrivacyAuditError as e:
-            sites.append({"site": s["name"], "error": str(e)})
+            sites.append({"site": s["name"], "error": str(e), **({"too_small": True} if isinstance(e, TooFewPatients)
+                                                                  else {})})
             continue
         except Exception as e:  # noqa: BLE001 - an audit bug must not throw away a finished cell's training
             sites.append({"site": s["name"], "error": f"the audit failed: {type(e).__name__}: {e}"})
@@ -72,8 +73,10 @@ def cell_summary(sites: list[dict]) -> dict:
     """The cell's audit in one row: per site the strongest attack (largest AUC, TPR, proven epsilon), then the
     mean and the worst over the sites."""
     ok = [s for s in sites if "attacks" in s]
+    # audits before the flag say it only in the message the client's TooFewPatients gives
+    small = sum(bool(s.get("too_small")) or "an audit needs at least" in s.get("error", "") for s in sites)
     if not ok:
-        return {"sites": 0, "errors": len(sites)}
+        return {"sites": 0, "errors": len(sites), "too_small": small}
     strongest = [max(s["attacks"], key=lambda a: a["auc"]) for s in ok]
     auc = [a["auc"] for a in strongest]
     intervals = [a.get("auc_interval") for a in strongest]  # DeLong's; audits before 2026-12-05 have none
@@ -83,7 +86,7 @@ def cell_summary(sites: list[dict]) -> dict:
     eps = [s["claim"]["epsilon"] for s in dp]
     proven = [max(a["bound_test"]["epsilon_lower"] for a in s["attacks"]) for s in dp]
     loosest = max(dp, key=lambda s: s["claim"]["epsilon"]) if dp else None
-    return {"sites": len(ok), "errors": len(sites) - len(ok), "auc_mean": float(np.mean(auc)),
+    return {"sites": len(ok), "errors": len(sites) - len(ok), "too_small": small, "auc_mean": float(np.mean(auc)),
             "auc_max": max(auc), "auc_max_interval": intervals[int(np.argmax(auc))],
             # counted on one attack named in advance, the loss attack: the strongest of several would be a choice
             # made after seeing them, and its 95% interval would hold chance less often than 95%
@@ -97,6 +100,15 @@ def cell_summary(sites: list[dict]) -> dict:
             "epsilon_proven_max": max(proven) if dp else None,
             "provable_min": min(s["claim"]["strongest_provable_epsilon"] for s in dp) if dp else None,
             "flagged": sum(bool(s["flagged"]) for s in ok)}
+
+
+def _audited(c: dict) -> str:
+    """"3", or "1 of 3 (2 too small)": a site left out is not a site that passed."""
+    if not c["errors"]:
+        return str(c["sites"])
+    other = c["errors"] - c["too_small"]
+    why = [f"{c['too_small']} too small"] * bool(c["too_small"]) + [f"{other} not audited"] * bool(other)
+    return f"{c['sites']} of {c['sites'] + c['errors']} ({', '.join(why)})"
 
 
 def audit_section(res) -> list[str]:
@@ -121,7 +133,7 @@ def audit_section(res) -> list[str]:
         verdict = "—" if c["epsilon"] is None else ("**beats the bound**" if c["flagged"] else "within")
         if c["flagged"]:
             verdict += f" ({c['flagged']} site{'s' if c['flagged'] > 1 else ''})"
-        rows.append([f"`{r.cell}`", "no DP" if r.privacy == "off" else f"ε={r.privacy}", str(c["sites"]), eps,
+        rows.append([f"`{r.cell}`", "no DP" if r.privacy == "off" else f"ε={r.privacy}", _audited(c), eps,
                      _f(c["auc_mean"]), _worst(c), _f(c["auc_bound"]), _f(c["tpr_1pct_max"]),
                      _f(c["bound_1pct"], 4), _f(c["epsilon_proven_max"], 2), verdict])
         held_out.append(c["nonmembers"][0])

@@ -271,6 +271,29 @@ def test_a_cohort_partition_that_cannot_be_made_is_refused_naming_the_keys_and_t
     assert "--" not in message  # config keys, not the CLI flags of `oncofed partition`
 
 
+@pytest.mark.parametrize("partition", ["iid", "dirichlet:1000"])
+def test_sites_times_min_site_patients_is_checked_against_the_patients_left_after_the_hold_out(tmp_path, partition):
+    """35 x 200 = 7000 is below the cohort's 7688 patients but above the 6232 the hold-out leaves at seed 0: the
+    grid was accepted, an iid split gave sites of 178 and a Dirichlet cell failed naming --sites."""
+    text = PANCAN.replace('partition = ["iid"]', f'partition = ["{partition}"]').replace("sites = [2]", "sites = [35]")
+    with pytest.raises(ExperimentError) as e:
+        ExperimentConfig.load(write(tmp_path, text.replace('name = "pancan"', 'name = "pancan"\nmin-site-patients = 200')))
+    message = str(e.value)
+    assert all(part in message for part in ["[grid] sites = 35", "seed = 0", "6232 patients besides the 1456 held out",
+                                            "[experiment] min-site-patients = 200 = 7000 patients", LABELS]), message
+    assert "--" not in message
+    assert ExperimentConfig.load(write(tmp_path, text.replace('name = "pancan"', 'name = "pancan"\nmin-site-patients = 150')))
+
+
+def test_a_cohort_dirichlet_draw_that_cannot_be_made_is_refused_naming_the_config_keys(tmp_path):
+    text = PANCAN.replace('partition = ["iid"]', 'partition = ["dirichlet:0.01"]').replace("sites = [2]", "sites = [8]")
+    with pytest.raises(ExperimentError) as e:
+        ExperimentConfig.load(write(tmp_path, text.replace('name = "pancan"', 'name = "pancan"\nmin-site-patients = 700')))
+    message = str(e.value)
+    assert "no Dirichlet draw gives every site [experiment] min-site-patients = 700" in message, message
+    assert "--" not in message
+
+
 @pytest.mark.parametrize("key", ["sites = 12", "alpha = 100.0", "seed = 7", "min-site-patients = 20"])
 def test_synthetic_keys_each_cell_sets_are_refused(tmp_path, key):
     with pytest.raises(ExperimentError) as e:
@@ -324,6 +347,16 @@ def test_close_epsilons_are_cells_of_their_own_named_exactly(tmp_path):
     assert len({c.id for c in fed}) == 2
     assert sorted(float(c.privacy) for c in fed) == [1, 1.0000001]
     assert [c.privacy for c in fed][0] == "1"  # whole budgets keep their short ids (eps8, not eps8.0)
+
+
+@pytest.mark.parametrize("key", ["resume = true", "deliver-only = true", 'base-dir = "/elsewhere"',
+                                 'signing-key = "consortium.key"', 'signing-public-key = "consortium.pub"'])
+def test_operator_run_keys_are_refused_by_name_before_any_cell(tmp_path, key):
+    """They passed the check and stopped the first cell with "the server app ended without a result"."""
+    with pytest.raises(ExperimentError) as e:
+        ExperimentConfig.load(write(tmp_path, SMALL + "[run]\n" + key + "\n"))
+    name = key.split(" ")[0]
+    assert f"[run]: ['{name}'] are set by the grid, [experiment] or the simulation" in str(e.value), str(e.value)
 
 
 def test_local_epochs_in_run_is_refused_beside_experiment_local_epochs(tmp_path):
@@ -508,3 +541,63 @@ def test_ctrl_c_says_the_finished_cells_are_kept_and_how_to_resume(tmp_path, mon
     monkeypatch.setattr(federation, "terminate_as_exit", lambda: None)  # not this test process's signal handlers
     r = CliRunner().invoke(app, ["experiment", str(write(tmp_path, SMALL)), "--out", str(tmp_path / "out")])
     assert r.exit_code == 130 and "run the same command again to resume" in r.output, r.output
+
+
+def test_sigterm_says_the_finished_cells_are_kept_and_how_to_resume(tmp_path, monkeypatch):
+    """`timeout` or a closed terminal stopped the grid without a word (only Ctrl-C was answered)."""
+    import os
+    import signal
+
+    from typer.testing import CliRunner
+
+    import simulations.experiment as experiment
+    from oncofed.cli import app
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler `oncofed experiment` installs raises here
+    monkeypatch.setattr(experiment, "run_experiment", terminated)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        r = CliRunner().invoke(app, ["experiment", str(write(tmp_path, SMALL)), "--out", str(tmp_path / "out")])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert r.exit_code == 128 + signal.SIGTERM and "run the same command again to resume" in r.output, r.output
+
+
+@pytest.mark.parametrize("damage", ['{"seconds": 1.0, "rows": [{"cell": "x"', '{"seconds": 1.0, "rows": 3}'])
+def test_a_damaged_rows_json_is_named_and_its_cell_runs_again(tmp_path, damage):
+    """A cut-short or edited rows.json counted as done and then stopped the grid with a bare JSONDecodeError."""
+    config, out = write(tmp_path, SMALL), tmp_path / "results"
+    run_experiment(config, out, log=lambda s: None, only="logistic$")
+    done = next(out.glob("cells/*-logistic/rows.json"))
+    rows = json.loads(done.read_text())["rows"]
+    done.write_text(damage)
+    said: list[str] = []
+    run_experiment(config, out, log=said.append, only="logistic$")
+    assert any(str(done) in s and "the cell is not done; it runs again" in s for s in said), said
+    assert [r["site"] for r in json.loads(done.read_text())["rows"]] == [r["site"] for r in rows]
+    assert len(json.loads((out / "results.json").read_text())["rows"]) == len(rows)
+
+
+@pytest.mark.parametrize("table", ["sites = { synthetic = [2], synthtic = [5] }",
+                                   'partition = { synthetic = ["iid"], synthtic = ["iid"] }'])
+def test_a_per_data_table_naming_a_data_set_not_in_the_grid_is_refused(tmp_path, table):
+    """`sites = { synthetic = [3], synthtic = [5] }` ran with the misspelt entry ignored."""
+    field = table.split(" ")[0]
+    text = SMALL.replace(f"{field} = " + ('["iid"]' if field == "partition" else "[2]"), table)
+    with pytest.raises(ExperimentError) as e:
+        ExperimentConfig.load(write(tmp_path, text))
+    assert f"[grid.{field}] synthtic: not among [grid] data (synthetic)" in str(e.value), str(e.value)
+
+
+def test_settings_no_cell_reads_are_named_when_the_grid_starts(tmp_path):
+    text = SMALL.replace('name = "small"', 'name = "small"\nholdout-column = "tss"').replace(
+        'methods = ["logistic"]', 'methods = ["logistic"]\ncv-folds = 3')
+    said: list[str] = []
+    run_experiment(write(tmp_path, text), tmp_path / "results", log=said.append, only="nothing")
+    assert "note: [experiment] holdout-column: unused, the grid has only synthetic data" in said[0], said
+    assert "note: [baselines] cv-folds: unused, [baselines] methods has no pooled-cv" in said, said
+    said.clear()
+    run_experiment(write(tmp_path, SMALL), tmp_path / "other", log=said.append, only="nothing")
+    assert not any("unused" in s for s in said), said

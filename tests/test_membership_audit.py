@@ -506,3 +506,21 @@ def test_a_cell_whose_sites_could_not_be_audited_keeps_the_tables_columns_and_sa
     row = next(line for line in lines if line.startswith("| `mini3-fedavg-8-s0`"))
     assert row.count(" | ") == header.count(" | ")
     assert row.rstrip(" |").endswith(f"see cells/mini3-fedavg-8-s0/{AUDIT_FILE})")
+
+
+def test_a_cell_with_sites_too_small_to_audit_says_how_many_of_its_sites_were_audited(tmp_path):
+    """The table said "sites 1" when 2 of 3 sites were too small to audit, as if the cell had one site."""
+    from simulations.privacy_audit import AUDIT_FILE, audit_section
+    from simulations.report import load_results
+    from tests.test_report import make_results
+
+    root = make_results(tmp_path, datasets=(("mini3", 3, False),), strategies=("fedavg",))
+    audited = {"site": "C2", "flagged": False, "claim": {"dp": False}, "split": {"members": 40, "nonmembers": 12},
+               "attacks": [{"attack": "loss", "auc": 0.55, "auc_interval": [0.4, 0.7], "tpr_at_fpr": {"0.01": 0.0}}]}
+    (root / "cells" / "mini3-fedavg-8-s0" / AUDIT_FILE).write_text(json.dumps({
+        "format": "oncofed-cell-privacy-audit/1",
+        "sites": [{"site": "C0", "error": "C0: 6 non-members; an audit needs at least 10 of each", "too_small": True},
+                  {"site": "C1", "error": "C1: 9 non-members; an audit needs at least 10 of each"}, audited]}))
+    row = next(line for line in audit_section(load_results(root)) if line.startswith("| cell |")).splitlines()
+    row = next(line for line in row if line.startswith("| `mini3-fedavg-8-s0`"))
+    assert row.split(" | ")[2] == "1 of 3 (2 too small)", row

@@ -176,6 +176,22 @@ def test_cost_sentences_come_from_the_numbers(report):
     assert f"{best_nodp - pooled:+.3f}" in md.split("### mini3")[0]
 
 
+def test_the_cost_of_privacy_compares_dp_and_no_dp_on_the_same_partition_and_sites():
+    """The best no-DP arm over every partition against the best DP arm over every partition printed -0.320 for
+    iid 0.90/0.50 and dirichlet 0.60/0.58: the cost of neither (iid -0.400, dirichlet -0.020)."""
+    from simulations.report.render import cost_sentences
+
+    arms = pd.DataFrame([
+        {"method": "federated", "partition": p, "sites": 3, "privacy": privacy, "line": f"fedavg · {p}",
+         "macro_f1_mean": f1}
+        for p, privacy, f1 in (("iid", "off", 0.90), ("iid", "8", 0.50), ("dirichlet:0.3", "off", 0.60),
+                               ("dirichlet:0.3", "8", 0.58))])
+    privacy = [s for s in cost_sentences(arms) if s.startswith("**Cost of privacy")]
+    assert len(privacy) == 2 and not any("-0.320" in s for s in privacy), privacy
+    assert "(partition iid, 3 sites)" in privacy[0] and "-0.400" in privacy[0]
+    assert "(partition dirichlet:0.3, 3 sites)" in privacy[1] and "-0.020" in privacy[1]
+
+
 class _Page(HTMLParser):
     """The elements of an HTML page that matter here: tags opened, headings (level, text), tables (rows of cells)."""
 

@@ -372,6 +372,18 @@ def test_baseline_over_several_seeds_reports_mean_and_spread(tmp_path, tiny_sche
     assert bad.exit_code == 2 and "--seeds 0,x" in bad.output
 
 
+def test_baseline_over_seeds_gives_the_sample_sd_as_the_report_does():
+    """`--seeds` printed the population sd (n) as "sd"; the experiment report gives the sample sd (n-1)."""
+    from simulations.cli_baseline import format_seeds, summarize_seeds
+
+    f1 = [0.713, 0.841, 0.697]
+    runs = [{"seed": s, "logistic": {"test": {"accuracy": v, "balanced_accuracy": v, "macro_f1": v}}}
+            for s, v in enumerate(f1)]
+    result = summarize_seeds(runs)
+    assert result["summary"]["logistic"]["macro_f1"]["sd"] == pytest.approx(np.std(f1, ddof=1))
+    assert "mean +- sample sd (n-1)" in format_seeds(result)
+
+
 def test_baseline_command_without_a_schema_for_a_directory_says_what_to_pass(tmp_path):
     import typer
     from typer.testing import CliRunner

@@ -65,8 +65,10 @@ def summary_section(res: Results) -> list[str]:
 
 
 def cost_sentences(arms: pd.DataFrame) -> list[str]:
-    """'Cost of federation' (best federated no-DP minus pooled) and 'cost of privacy' per epsilon (best DP minus best
-    no-DP), in held-out macro-F1 means over seeds."""
+    """'Cost of federation' (best federated no-DP minus pooled, of the same partition and sites when there is one)
+    and 'cost of privacy' per partition and site count and per epsilon (best DP minus best no-DP of that partition
+    and site count: the best over all of them took one partition's no-DP arm against another's DP arm), in held-out
+    macro-F1 means over seeds."""
     fed = arms[arms.method == "federated"]
     nodp = fed[fed.privacy == "off"]
     pooled = arms[(arms.method == "pooled") & (arms.privacy == "off")]
@@ -87,15 +89,20 @@ def cost_sentences(arms: pd.DataFrame) -> list[str]:
         out.append("**Cost of federation**: not computed: needs a federated configuration without DP and a pooled "
                    "baseline.")
     dp = fed[fed.privacy != "off"]
-    for privacy in privacy_order(dp.privacy):
-        at = dp[dp.privacy == privacy]
-        b = at.loc[at.macro_f1_mean.idxmax()]
-        if best is None:
-            out.append(f"**Cost of privacy, {privacy_label(privacy)}**: not computed: no federated configuration without DP.")
-            continue
-        out.append(f"**Cost of privacy, {privacy_label(privacy)}**: best with DP ({b.line}, {fmt(b.macro_f1_mean)}) minus "
-                   f"best without ({best.line}, {fmt(best.macro_f1_mean)}): "
-                   f"{diff(b.macro_f1_mean, best.macro_f1_mean)}.")
+    for (partition, sites), at_part in dp.groupby(["partition", "sites"], sort=False):
+        where = f"partition {partition}, {sites} sites"
+        base = nodp[(nodp.partition == partition) & (nodp.sites == sites)]
+        for privacy in privacy_order(at_part.privacy):
+            head = f"**Cost of privacy, {privacy_label(privacy)}** ({where})"
+            if not len(base):
+                out.append(f"{head}: not computed: no federated configuration without DP on this partition and "
+                           "sites.")
+                continue
+            at, without = at_part[at_part.privacy == privacy], base.loc[base.macro_f1_mean.idxmax()]
+            b = at.loc[at.macro_f1_mean.idxmax()]
+            out.append(f"{head}: best with DP ({b.line}, {fmt(b.macro_f1_mean)}) minus best without on the same "
+                       f"partition and sites ({without.line}, {fmt(without.macro_f1_mean)}): "
+                       f"{diff(b.macro_f1_mean, without.macro_f1_mean)}.")
     return out
 
 
