@@ -90,7 +90,6 @@ class Deployment:
         self.public, self.internal, self.metrics = free_port(), free_port(), free_port()
         self.server: subprocess.Popen | None = None
         self.sites: dict[str, subprocess.Popen] = {}
-        self.site_ports = {f"C{i}": free_port() for i in range(4)}
 
     def start_server(self) -> None:
         log = self.root / "server.out"
@@ -111,7 +110,9 @@ class Deployment:
         kill_group(self.server)
 
     def start_site(self, name: str) -> subprocess.Popen:
-        proc = spawn(["site", "start", str(self.root / name), "--port", str(self.site_ports[name]),
+        # a free port picked now: one picked when the module's fixture was made (minutes before) was taken by
+        # another process in between once (the preflight's "local runtime port ... Address already in use")
+        proc = spawn(["site", "start", str(self.root / name), "--port", str(free_port()),
                       "--poll-interval", "0.3"], self.root / f"{name}.out")
         self.sites[name] = proc
         return proc
