@@ -295,6 +295,14 @@ def read_labels(schema, data_dir: Path):
     return labels, foreign
 
 
+def labelled_rows(schema, labels, ids: list[str]) -> tuple[list[int], np.ndarray]:
+    """Which of `ids` have a label of the schema's classes (read_labels' `labels`), and those labels' class
+    indices."""
+    lookup = {c: k for k, c in enumerate(schema.classes)}
+    rows = [k for k, pid in enumerate(ids) if labels.get(pid) in lookup]
+    return rows, np.array([lookup[labels[ids[k]]] for k in rows], dtype=np.int64)
+
+
 def calibrate(settings: SiteConfig, data_dir: Path, seed: int = 0) -> dict:
     """Fit the active model's temperature on half of the site's labelled patients; report on the other half."""
     from client.predict import Predictor
@@ -309,12 +317,11 @@ def calibrate(settings: SiteConfig, data_dir: Path, seed: int = 0) -> dict:
                          f"({LABELS_STEM}.csv with {lm.schema.id_column!r} and {lm.schema.label_column!r})")
     labels, foreign = read
     checked = predictor.checked_tables(data_dir)
-    lookup = {c: k for k, c in enumerate(lm.schema.classes)}
-    keep = [k for k, pid in enumerate(checked.ids) if labels.get(pid) in lookup]
+    keep, y = labelled_rows(lm.schema, labels, checked.ids)
     left_out_labels = {str(k): int(v) for k, v in foreign.value_counts().items()}  # types the model does not know
     trained = could_have_trained(Path(settings.model_dir) / lm.version, [checked.ids[k] for k in keep])
     if trained is not None:
-        keep = [k for k, was in zip(keep, trained) if not was]
+        keep, y = [k for k, was in zip(keep, trained) if not was], y[~trained]
     need = min_calibration_patients(len(lm.schema.classes))
     if len(keep) < need:
         left_out = "" if trained is None else (f" ({int(trained.sum())} more are in the training part of the run that "
@@ -323,7 +330,6 @@ def calibrate(settings: SiteConfig, data_dir: Path, seed: int = 0) -> dict:
                          f"calibration needs at least {need} (max(100, 3 x the {len(lm.schema.classes)} classes): half "
                          "to fit, half to check; on a few patients, all answered right, the fit makes every answer "
                          "near-certain)")
-    y = np.array([lookup[labels[checked.ids[k]]] for k in keep])
     logits = site_logits(lm, checked.raw[keep])
     fit, held = split_halves(y, seed)
     t = fit_temperature(logits[fit], y[fit])

@@ -676,7 +676,7 @@ def _case_mix_notes(store, active: str | None, schema, normalizer, data_dir: Pat
     import numpy as np
     import torch
 
-    from client.calibration import read_labels
+    from client.calibration import labelled_rows, read_labels
     from client.model_store import WEIGHTS
     from client.prediction_input import PredictionInputError
     from shared_models.weights import load_weights
@@ -697,15 +697,12 @@ def _case_mix_notes(store, active: str | None, schema, normalizer, data_dir: Pat
                                      "fix": "add labels.csv with each patient's diagnosis (read only for this check), "
                                             "or pass --unlabelled if the patients are a general cancer hospital's mix "
                                             "of types, none of them most of the patients"}])
-    labels, _ = read
-    lookup = {c: k for k, c in enumerate(schema.classes)}
-    rows = [k for k, pid in enumerate(ids) if labels.get(pid) in lookup]
+    rows, y = labelled_rows(schema, read[0], ids)
     package = store.package(active) if active is not None else {}
     reference = (package.get("metrics") or {}).get("accuracy")
     if not rows or reference is None:
         return ["the case mix was not checked: " + ("no patient has a label of the schema's classes" if not rows else
                                                     "no installed model reports its accuracy")]
-    y = np.array([lookup[labels[ids[k]]] for k in rows])
     model = load_weights(store.root / active / WEIGHTS, schema).eval()
     with torch.inference_mode():
         predicted = model(torch.from_numpy(normalizer.transform(raw[rows]))).argmax(1).numpy()
