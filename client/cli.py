@@ -441,13 +441,13 @@ def serve_activate(
         raise typer.Exit(code=2)
     from privacy.audit import AuditError
 
+    audit, token = AuditLog(state / AUDIT_FILE), f"cli:{getpass.getuser()}"
+
     def record() -> None:  # after the version verified, before the switch: no switch the audit log lacks
-        AuditLog(state / AUDIT_FILE).append("model_activated", version=version, previous=previous,
-                                               token=f"cli:{getpass.getuser()}")
+        audit.append("model_activated", version=version, previous=previous, token=token)
 
     def record_failed(reason: str) -> None:
-        AuditLog(state / AUDIT_FILE).append("model_activation_failed", version=version, active=previous,
-                                               token=f"cli:{getpass.getuser()}", reason=reason)
+        audit.append("model_activation_failed", version=version, active=previous, token=token, reason=reason)
 
     try:
         predictor.activate(version, record=record, record_failed=record_failed)  # verified first, as the route does

@@ -193,7 +193,7 @@ class Predictor:
         self.store = ModelStore(model_dir)
         # why no version can be verified here (SiteConfig.unverifiable: no trust anchor outside a simulation): then
         # every version is refused with it, never served as the consortium's
-        self.unverifiable = "" if signing_public_key else unverifiable
+        self.unverifiable = unverifiable
         self.normalizer_path = Path(normalizer_path)
         self.calibration_path = Path(calibration_path) if calibration_path else self.normalizer_path.with_name(
             "calibration.json")
