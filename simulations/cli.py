@@ -25,7 +25,6 @@ def _ints(text: str, flag: str) -> list[int]:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         fail(f"{flag} {text!r}: give comma-separated whole numbers, e.g. {flag} 6000,500")
-        raise  # unreachable
 
 
 def partition(

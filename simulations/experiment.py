@@ -918,10 +918,11 @@ def run_experiment(config_path: str | Path, results: str | Path, log=print, only
     for i, cell in enumerate(todo, 1):
         done = root / "cells" / cell.id / "rows.json"
         if done.exists():
-            if cell_rows(done) is not None:
+            finished, why = cell_rows(done)
+            if finished is not None:
                 log(f"[{i}/{len(todo)}] {cell.id}: done before, skipped")
                 continue
-            log(f"[{i}/{len(todo)}] {done}: {why_not_rows(done)}, so the cell is not done; it runs again")
+            log(f"[{i}/{len(todo)}] {done}: {why}, so the cell is not done; it runs again")
         log(f"[{i}/{len(todo)}] {cell.id} ...")
         t0 = time.time()
         rows = run_cell(cfg, cell, root, log)
@@ -944,30 +945,26 @@ def _previous_config(path: Path) -> ExperimentConfig | None:
         return None
 
 
-def why_not_rows(path: Path) -> str | None:
-    """Why a cell's rows.json is not a finished cell's (cut short by a full disk, edited by hand); None if it is."""
+def cell_rows(path: Path) -> tuple[list[dict] | None, str | None]:
+    """A finished cell's rows (its rows.json) and None; or None and why the file is not a finished cell's
+    (missing, cut short by a full disk, edited by hand)."""
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return "missing"
+        return None, "missing"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return f"not readable as JSON ({e})"
+        return None, f"not readable as JSON ({e})"
     rows = doc.get("rows") if isinstance(doc, dict) else None
     if not isinstance(rows, list) or not all(isinstance(r, dict) and r.keys() <= set(COLUMNS) for r in rows):
-        return "holds no list of result rows under \"rows\""
-    return None
-
-
-def cell_rows(path: Path) -> list[dict] | None:
-    """A finished cell's rows (its rows.json), None if it is missing or damaged (why_not_rows says which)."""
-    return json.loads(path.read_text(encoding="utf-8"))["rows"] if why_not_rows(path) is None else None
+        return None, "holds no list of result rows under \"rows\""
+    return rows, None
 
 
 def write_results(root: Path, cfg: ExperimentConfig) -> None:
     """results.csv / results.json from every finished cell of this config (in grid order)."""
     rows = []
     for cell in cells(cfg):
-        rows.extend(cell_rows(root / "cells" / cell.id / "rows.json") or [])
+        rows.extend(cell_rows(root / "cells" / cell.id / "rows.json")[0] or [])
     write_json_atomic(root / "results.json", {"experiment": cfg.model_dump(by_alias=True), "rows": rows})
     with atomic_file(root / "results.csv", newline="") as fh:
         w = csv.DictWriter(fh, COLUMNS)
