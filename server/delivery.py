@@ -189,17 +189,21 @@ def removed_nodes(run_dir: Path) -> dict[str, str]:
     return removed_sites(run_dir.parent.parent / "consortium.json")
 
 
+def _split_removed(nodes: list, removed: dict[str, str]) -> tuple[dict[str, str], list]:
+    """({node id: when removed} of the `nodes` the register removed, the others in their order)."""
+    gone = {str(n): removed[str(n)] for n in nodes if str(n) in removed}
+    return gone, [n for n in nodes if str(n) not in gone]
+
+
 def delivery_now(run_dir: Path, status: dict) -> dict:
     """status.json as the register stands now: a site `remove-site` took out after the delivery was recorded is
     listed under `removed`, not `undelivered` (status.json is rewritten only by the next `oncofed deliver`), so
     `oncofed runs`, the verdict and the undelivered alert stop counting it at once."""
     if not status.get("undelivered"):
         return status
-    removed = removed_nodes(run_dir)
-    gone = {str(n): removed[str(n)] for n in status["undelivered"] if str(n) in removed}
+    gone, missing = _split_removed(status["undelivered"], removed_nodes(run_dir))
     if not gone:
         return status
-    missing = [n for n in status["undelivered"] if str(n) not in gone]
     return {**status, "undelivered": missing, "delivery_ok": int(not missing),
             "removed": {**(status.get("removed") or {}), **gone}}
 
@@ -215,8 +219,8 @@ def delivery_status(run_dir: Path, deliveries: list[dict], by_name: bool = False
     installed = installed_nodes(deliveries)
     renamed = _newcomer_names(deliveries, sites, installed_only=True) if by_name else set()
     short = [g.nodes[-1] for g in sites if not set(g.nodes) & installed and g.name not in renamed]
-    gone = {str(n): removed[str(n)] for n in short if str(n) in removed}
-    missing = sorted(n for n in short if str(n) not in gone)
+    gone, missing = _split_removed(short, removed)
+    missing = sorted(missing)
     return {"delivered": len(installed), "trained": len(sites), "delivery_ok": int(not missing),
             "undelivered": missing, **({"removed": gone} if gone else {})}
 
