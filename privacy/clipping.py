@@ -726,21 +726,20 @@ def _prepare_feature_fill(layer: FeatureFill, tape: list, batch: int) -> _Prepar
     per_sample = tape[0][1]
     for _, more in tape[1:]:
         per_sample = per_sample + more
-    w = layer.weight
-    per_sample = per_sample.reshape(batch, -1)
-
-    def write(weights: Tensor, sink: _GradSink, per_sample: Tensor) -> None:
-        sink.mv(w, per_sample.t(), weights)
-    return _Prepared(None, write, torch.linalg.vector_norm(per_sample, dim=1), per_sample=per_sample)
+    return _prepare_flat(layer.weight, per_sample.reshape(batch, -1))
 
 
 def _prepare_added(layer: AddLearned, e: Tensor, batch: int) -> _Prepared:
     """An AddLearned over one call's tokens (not pooled): its per-sample gradient is the output gradient e_i."""
-    w, e = layer.weight, e.reshape(batch, -1)  # (B, n x d)
+    return _prepare_flat(layer.weight, e.reshape(batch, -1))  # (B, n x d)
 
-    def write(weights: Tensor, sink: _GradSink, e: Tensor) -> None:
-        sink.mv(w, e.t(), weights)
-    return _Prepared(None, write, torch.linalg.vector_norm(e, dim=1), e=e)
+
+def _prepare_flat(w: Tensor, per_sample: Tensor) -> _Prepared:
+    """A parameter whose per-sample gradients are given, flattened (B, w.numel()): their norms, and the clipped sum
+    as one matrix-vector product."""
+    def write(weights: Tensor, sink: _GradSink, per_sample: Tensor) -> None:
+        sink.mv(w, per_sample.t(), weights)
+    return _Prepared(None, write, torch.linalg.vector_norm(per_sample, dim=1), per_sample=per_sample)
 
 
 _TOKEN_ROWS: dict[tuple, Tensor] = {}
