@@ -424,10 +424,12 @@ class Site:
         else:
             self.input_check = None
 
-    def record(self, items: list[tuple[str, dict]], *, head: bool = True) -> list[dict]:
-        """Entries into the audit log, after the refusals counted since the last write (FailedLogins), all or none
-        of them; AuditUnwritable if the log cannot take them."""
-        counted = self.failed_logins.due(everything=True)
+    def record(self, items: list[tuple[str, dict]], *, head: bool = True, everything: bool = True) -> list[dict]:
+        """Entries into the audit log, after the refusals counted since the last write (FailedLogins; `everything`
+        False: only those whose window closed), all or none of them; AuditUnwritable if the log cannot take them."""
+        counted = self.failed_logins.due(everything)
+        if not counted and not items:
+            return []
         try:
             return self.audit.append_many([("login_failed", e) for e in counted] + items, head=head)[len(counted):]
         except (AuditError, OSError) as e:
@@ -436,16 +438,17 @@ class Site:
 
     def write_failed_logins(self, everything: bool = False) -> None:
         """The counts of the refusal windows that closed (`everything`: at shutdown, all)."""
-        counted = self.failed_logins.due(everything)
-        if counted:
-            try:
-                self.audit.append_many([("login_failed", e) for e in counted])
-            except (AuditError, OSError) as e:
-                self.failed_logins.restore(counted)
-                log.warning("%s", AuditUnwritable(self.audit.path, e))
+        try:
+            self.record([], everything=everything)
+        except AuditUnwritable as e:
+            log.warning("%s", e)
 
     def _fell_back(self, entry: dict) -> None:
-        self.record([("model_fallback", entry)])
+        try:
+            self.record([("model_fallback", entry)])
+        except AuditUnwritable as e:  # the loader thread that falls back drops what it raises: said here
+            log.warning("the fallback to %s is not in the audit log: %s", entry.get("serving"), e)
+            raise
 
     def _commit(self, queue: str, done: list) -> None:
         """The answered batches' entries, durable before they are answered; the head follows at `write_head`."""

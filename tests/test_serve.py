@@ -1750,6 +1750,36 @@ def test_a_tampered_active_package_falls_back_to_the_newest_verified_version(sit
     assert "no older installed version verifies" in r.json()["detail"]
 
 
+def test_a_fallback_the_audit_log_cannot_record_is_logged_naming_the_log(site, tmp_path, caplog):
+    """A version activated meanwhile loads in a thread, which dropped what its fallback raised: a `model_fallback`
+    entry the audit log could not take was lost without a word. It is logged (to stderr: the service sets no
+    handler) with the log's path."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from privacy.audit import AuditLog
+
+    settings = _copy_site(site, tmp_path)
+    ModelStore(tmp_path / "models").activate("v0001")
+    c = TestClient(create_app(settings))
+    assert c.get("/health").json()["model_version"] == "v0001"
+    audit = tmp_path / "state" / "audit.jsonl"
+    AuditLog(audit).append("prediction", token="dr")
+    AuditLog(audit).append("prediction", token="dr")
+    audit.write_text(audit.read_text().splitlines()[0] + "\n")  # the last entry lost: the log takes no more
+    with open(tmp_path / "models" / "v0002" / "weights.pt", "ab") as fh:
+        fh.write(b"tampered")
+    (tmp_path / "models" / "ACTIVE").write_text("v0002\n")
+    deadline = time.monotonic() + 30
+    while not (said := [r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+                        and "fallback to v0001" in r.getMessage()]):
+        assert time.monotonic() < deadline, caplog.text
+        c.get("/health")
+        time.sleep(0.05)
+    assert str(audit) in said[0], said
+
+
 def _health_once(c, settled, seconds: float = 30.0):
     """/health once `settled(its body)`: a newly activated version is loaded in the background."""
     import time
