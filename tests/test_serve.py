@@ -1717,6 +1717,22 @@ def test_a_normaliser_of_another_schema_is_refused_naming_the_file_and_the_fix(s
         Predictor(settings.model_dir, tmp_path / "state" / "normalizer.json", load_active=False)._load("v0002")
     assert "normalizer.json" in str(e.value) and "fit-normalizer" in str(e.value)
 
+def test_a_request_stats_the_active_file_once(site, tmp_path, monkeypatch):
+    """The service refreshes its model before every request: ACTIVE was stat'ed three times a request (the version
+    to load, again under the refresh's lock, and its stamp); once is enough."""
+    from pathlib import Path
+
+    from client.predict import Predictor
+
+    settings = _copy_site(site, tmp_path)
+    predictor = Predictor(settings.model_dir, tmp_path / "state" / "normalizer.json")
+    active, stat, seen = tmp_path / "models" / "ACTIVE", Path.stat, []
+    monkeypatch.setattr(Path, "stat", lambda self, **kw: (seen.append(self) if self == active else None,
+                                                         stat(self, **kw))[1])
+    assert predictor.refresh(wait=False) is False
+    assert len(seen) == 1, seen
+
+
 def _serving_a_tampered_v0002(site, tmp_path):
     """A copy of the site whose active version v0002 was altered after install: the service falls back."""
     from fastapi.testclient import TestClient
