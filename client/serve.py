@@ -674,14 +674,13 @@ def _case_mix_notes(store, active: str | None, schema, normalizer, data_dir: Pat
                     unlabelled: bool) -> list[str]:
     """fit_normalizer's case-mix check: raises PredictionInputError (`case_mix`, `case_mix_unchecked`) or returns
     notes on what it measured."""
-    import math
-
     import numpy as np
     import torch
 
     from client.calibration import labelled_rows, read_labels
     from client.model_store import WEIGHTS
     from client.prediction_input import PredictionInputError
+    from privacy.membership import wilson_upper
     from shared_models.weights import load_weights
 
     try:
@@ -709,8 +708,8 @@ def _case_mix_notes(store, active: str | None, schema, normalizer, data_dir: Pat
     model = load_weights(store.root / active / WEIGHTS, schema).eval()
     with torch.inference_mode():
         predicted = model(torch.from_numpy(normalizer.transform(raw[rows]))).argmax(1).numpy()
-    n, p, z = len(y), float((predicted == y).mean()), 1.96
-    upper = (p + z * z / (2 * n) + z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
+    n, right = len(y), int((predicted == y).sum())
+    p, upper = right / n, wilson_upper(right, n)  # docs/results.md: the 95% (Wilson) interval's upper end
     counts = np.bincount(y)
     mix = (f"{int((counts > 0).sum())} type(s), the largest {schema.classes[int(counts.argmax())]} "
            f"{counts.max() / n:.0%} of the {n} labelled patients")
