@@ -35,9 +35,10 @@ def _save(root: Path, record: dict) -> None:
     write_json_atomic(root / "consortium.json", record)
 
 
-def flwr_home(root: Path) -> Path:
-    """The operator's flwr CLI configuration: one connection to the consortium's SuperLink over TLS."""
-    record, home = _record(root), root / "flwr"
+def flwr_home(root: Path, record: dict | None = None) -> Path:
+    """The operator's flwr CLI configuration: one connection to the consortium's SuperLink over TLS (`record`: its
+    consortium.json as the caller read it, else read here)."""
+    record, home = _record(root) if record is None else record, root / "flwr"
     home.mkdir(exist_ok=True)
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{control_address(record)}"\n'
