@@ -59,18 +59,22 @@ class ModelStore:
         return sorted(p.name for p in self.root.glob("v[0-9][0-9][0-9][0-9]") if (p / PACKAGE).exists())
 
     def active(self) -> str | None:
-        """The active version. The service asks before every request, so ACTIVE is re-read only when its
-        inode, time or size changed, and at least every ACTIVE_REREAD_S (two replacements within the file
-        system's timestamp tick could reuse an inode): one stat per call otherwise."""
+        return self.active_stamped()[0]
+
+    def active_stamped(self) -> tuple[str | None, tuple | None]:
+        """The active version and ACTIVE's (mtime, size, inode) stamp ((None, None) without one). The service asks
+        before every request, so ACTIVE is re-read only when its stamp changed, and at least every ACTIVE_REREAD_S
+        (two replacements within the file system's timestamp tick could reuse an inode): one stat per call
+        otherwise."""
         f = self.root / "ACTIVE"
         try:
             st = f.stat()
         except FileNotFoundError:
-            return None
-        key, now = (st.st_ino, st.st_mtime_ns, st.st_size), time.monotonic()
+            return None, None
+        key, now = (st.st_mtime_ns, st.st_size, st.st_ino), time.monotonic()
         if self._active is None or self._active[0] != key or now - self._active[1] > ACTIVE_REREAD_S:
             self._active = (key, now, f.read_text().strip())
-        return self._active[2]
+        return self._active[2], key
 
     def package(self, version: str) -> dict:
         return json.loads((self.root / version / PACKAGE).read_text())

@@ -247,9 +247,10 @@ class Predictor:
         lm.forward()  # traced here, before the version is served, not on a request
         return lm
 
-    def _files_stamp(self) -> tuple:
+    def _files_stamp(self, active_stamp: tuple | None = None) -> tuple:
         """(mtime, size, inode) of the files a served model reads besides its version: the calibration, the site's
-        normalisation (`serve fit-normalizer`) and ACTIVE (`serve activate` in another process rewrites it)."""
+        normalisation (`serve fit-normalizer`) and ACTIVE (`serve activate` in another process rewrites it; its stamp
+        as `_observe` read it, if given)."""
         def stamp(path: Path):
             try:
                 st = path.stat()
@@ -257,7 +258,13 @@ class Predictor:
                 return None
             return st.st_mtime_ns, st.st_size, st.st_ino
 
-        return stamp(self.calibration_path), stamp(self.normalizer_path), stamp(self.store.root / "ACTIVE")
+        return (stamp(self.calibration_path), stamp(self.normalizer_path),
+                active_stamp or stamp(self.store.root / "ACTIVE"))
+
+    def _observe(self) -> tuple[str | None, tuple]:
+        """The active version and the files' stamps, ACTIVE stat'ed once: `refresh` runs before every request."""
+        active, active_stamp = self.store.active_stamped()
+        return active, self._files_stamp(active_stamp)
 
     def _calibrate(self, lm: LoadedModel) -> None:
         """The site's calibration of this version, if it has one (client/calibration.py), and the files' stamps, so
@@ -309,16 +316,16 @@ class Predictor:
                 return self._refresh()
         if self._loader is not None and self._loader.is_alive():
             return False
-        active = self.store.active()
-        if active is not None and active != self.current.version and not (
-                self.failed is not None and self.failed[0] == active and self.failed[2] == self._files_stamp()):
-            self._loader = threading.Thread(target=self._refresh_quietly, name="model-load", daemon=True)
-            self._loader.start()
-            return False
         if not self._refreshing.acquire(blocking=False):  # a load in a worker thread (serve activate's route)
             return False
-        try:
-            return self._refresh()
+        try:  # observed under the lock: a switch made meanwhile is not undone with what was read before it
+            active, stamp = observed = self._observe()
+            if active is not None and active != self.current.version and not (
+                    self.failed is not None and self.failed[0] == active and self.failed[2] == stamp):
+                self._loader = threading.Thread(target=self._refresh_quietly, name="model-load", daemon=True)
+                self._loader.start()  # (it waits for the lock this call releases now)
+                return False
+            return self._refresh(observed)
         finally:
             self._refreshing.release()
 
@@ -329,10 +336,10 @@ class Predictor:
         except Exception:  # noqa: BLE001 - kept in `failed` / `degraded`, which /health reports
             pass
 
-    def _refresh(self) -> bool:
+    def _refresh(self, observed: tuple[str | None, tuple] | None = None) -> bool:
         if self.unverifiable:  # no version can be served: said once, not per version tried
             raise ModelStoreError(self.unverifiable)
-        active = self.store.active()
+        active, stamp = observed or self._observe()
         if active is None:
             if versions := self.store.versions():  # e.g. an install interrupted between its rename and ACTIVE
                 raise ModelStoreError(f"{self.store.root}: {', '.join(versions)} installed but none is active (no "
@@ -340,7 +347,6 @@ class Predictor:
                                       f"--version {versions[-1]}")
             raise ModelStoreError(f"{self.store.root}: no model installed yet (the global model arrives after a "
                                   "federated run)")
-        stamp = self._files_stamp()
         if self.current is not None and self.current.version == active:
             self.failed, self.degraded = None, None  # e.g. rolled back to the version serving as the fallback
             if stamp == self._stamp:

@@ -424,10 +424,12 @@ class Site:
         else:
             self.input_check = None
 
-    def record(self, items: list[tuple[str, dict]], *, head: bool = True) -> list[dict]:
-        """Entries into the audit log, after the refusals counted since the last write (FailedLogins), all or none
-        of them; AuditUnwritable if the log cannot take them."""
-        counted = self.failed_logins.due(everything=True)
+    def record(self, items: list[tuple[str, dict]], *, head: bool = True, everything: bool = True) -> list[dict]:
+        """Entries into the audit log, after the refusals counted since the last write (FailedLogins; `everything`
+        False: only those whose window closed), all or none of them; AuditUnwritable if the log cannot take them."""
+        counted = self.failed_logins.due(everything)
+        if not counted and not items:
+            return []
         try:
             return self.audit.append_many([("login_failed", e) for e in counted] + items, head=head)[len(counted):]
         except (AuditError, OSError) as e:
@@ -436,16 +438,17 @@ class Site:
 
     def write_failed_logins(self, everything: bool = False) -> None:
         """The counts of the refusal windows that closed (`everything`: at shutdown, all)."""
-        counted = self.failed_logins.due(everything)
-        if counted:
-            try:
-                self.audit.append_many([("login_failed", e) for e in counted])
-            except (AuditError, OSError) as e:
-                self.failed_logins.restore(counted)
-                log.warning("%s", AuditUnwritable(self.audit.path, e))
+        try:
+            self.record([], everything=everything)
+        except AuditUnwritable as e:
+            log.warning("%s", e)
 
     def _fell_back(self, entry: dict) -> None:
-        self.record([("model_fallback", entry)])
+        try:
+            self.record([("model_fallback", entry)])
+        except AuditUnwritable as e:  # the loader thread that falls back drops what it raises: said here
+            log.warning("the fallback to %s is not in the audit log: %s", entry.get("serving"), e)
+            raise
 
     def _commit(self, queue: str, done: list) -> None:
         """The answered batches' entries, durable before they are answered; the head follows at `write_head`."""
@@ -671,14 +674,13 @@ def _case_mix_notes(store, active: str | None, schema, normalizer, data_dir: Pat
                     unlabelled: bool) -> list[str]:
     """fit_normalizer's case-mix check: raises PredictionInputError (`case_mix`, `case_mix_unchecked`) or returns
     notes on what it measured."""
-    import math
-
     import numpy as np
     import torch
 
     from client.calibration import labelled_rows, read_labels
     from client.model_store import WEIGHTS
     from client.prediction_input import PredictionInputError
+    from privacy.membership import wilson_upper
     from shared_models.weights import load_weights
 
     try:
@@ -706,8 +708,8 @@ def _case_mix_notes(store, active: str | None, schema, normalizer, data_dir: Pat
     model = load_weights(store.root / active / WEIGHTS, schema).eval()
     with torch.inference_mode():
         predicted = model(torch.from_numpy(normalizer.transform(raw[rows]))).argmax(1).numpy()
-    n, p, z = len(y), float((predicted == y).mean()), 1.96
-    upper = (p + z * z / (2 * n) + z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
+    n, right = len(y), int((predicted == y).sum())
+    p, upper = right / n, wilson_upper(right, n)  # docs/results.md: the 95% (Wilson) interval's upper end
     counts = np.bincount(y)
     mix = (f"{int((counts > 0).sum())} type(s), the largest {schema.classes[int(counts.argmax())]} "
            f"{counts.max() / n:.0%} of the {n} labelled patients")

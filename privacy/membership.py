@@ -229,6 +229,13 @@ def clopper_pearson_upper(k, n: int, alpha: float):
     return float(b) if b.ndim == 0 else b
 
 
+def wilson_upper(k: int, n: int, z: float = 1.96) -> float:
+    """The upper end of Wilson's score interval (two-sided, 95% at z = 1.96) on a binomial rate after k successes in
+    n trials: what fit-normalizer's case-mix check (client/serve.py) holds a site's accuracy to."""
+    p = k / n
+    return (p + z * z / (2 * n) + z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
+
+
 def _count_steps(n: int) -> list[int]:
     """0, 1, 2, 4, ... up to n // 2: the numbers of wrongly accused patients at which the bound is tested
     (fixed before looking at the scores; the DP bound bites at few errors, and a short list keeps the union

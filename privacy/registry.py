@@ -35,9 +35,10 @@ def _save(root: Path, record: dict) -> None:
     write_json_atomic(root / "consortium.json", record)
 
 
-def flwr_home(root: Path) -> Path:
-    """The operator's flwr CLI configuration: one connection to the consortium's SuperLink over TLS."""
-    record, home = _record(root), root / "flwr"
+def flwr_home(root: Path, record: dict | None = None) -> Path:
+    """The operator's flwr CLI configuration: one connection to the consortium's SuperLink over TLS (`record`: its
+    consortium.json as the caller read it, else read here)."""
+    record, home = _record(root) if record is None else record, root / "flwr"
     home.mkdir(exist_ok=True)
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{control_address(record)}"\n'
@@ -187,27 +188,39 @@ def _interrupted_registration(root: Path, record: dict) -> str:
     return unknown[0]
 
 
+def read_register(record_file: str | Path) -> tuple[dict[str, str], dict[str, str]]:
+    """(registered_names, removed_sites) of the operator's consortium.json from one read: a ServerApp's start."""
+    record = read_json_file(Path(record_file), ProvisioningError, "run config site-registry must name the "
+                            "consortium.json written by `oncofed consortium init`")
+    try:  # only the sites are read here: a register whose other keys an edit broke still names them
+        names = {str(s["node_id"]): str(s["name"]) for s in record.get("sites", []) if "node_id" in s and "name" in s}
+    except (AttributeError, TypeError):
+        read_consortium(Path(record_file))  # names the bad key
+        raise
+    return names, _removed(record)
+
+
 def registered_names(record_file: str | Path) -> dict[str, str]:
     """{node id: site name} from the operator's consortium.json: the name each node's authentication key was
     registered under (`add-site`; a removed site's too, as its node id is never given again). Flower admits a
     node only with a registered key, so this name, unlike the one a site reports, is authenticated."""
-    record = read_json_file(Path(record_file), ProvisioningError, "run config site-registry must name the "
-                            "consortium.json written by `oncofed consortium init`")
-    try:  # only the sites are read here: a register whose other keys an edit broke still names them
-        return {str(s["node_id"]): str(s["name"]) for s in record.get("sites", []) if "node_id" in s and "name" in s}
-    except (AttributeError, TypeError):
-        read_consortium(Path(record_file))  # names the bad key
-        raise
+    return read_register(record_file)[0]
 
 
 def removed_sites(record_file: str | Path) -> dict[str, str]:
     """{node id: when it was removed} of the sites `remove-site` took out of the consortium ({} when there is no
     readable register, as in a simulation): they can no longer connect, so nothing waits for them."""
     try:
-        record = read_json_file(Path(record_file), ProvisioningError, "")
+        return _removed(read_json_file(Path(record_file), ProvisioningError, ""))
+    except ProvisioningError:
+        return {}
+
+
+def _removed(record) -> dict[str, str]:
+    try:
         return {str(s["node_id"]): str(s["removed"]) for s in record.get("sites", []) if s.get("removed")
                 and "node_id" in s}
-    except (ProvisioningError, AttributeError, TypeError):
+    except (AttributeError, TypeError):
         return {}
 
 

@@ -30,7 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 from privacy import secagg_masks
 from privacy.audit import AUDIT_FILE, AuditLog, signed_anchor
 from privacy.pki import ProvisioningError
-from privacy.registry import registered_names
+from privacy.registry import read_register, registered_names
 from privacy.run_config import load_run_config
 from privacy.signing import canonical, load_private, sign
 from server.checkpoint import (freeze_run, frozen_run, hold_run_lock, load_latest, model_updated, resume_command,
@@ -38,7 +38,7 @@ from server.checkpoint import (freeze_run, frozen_run, hold_run_lock, load_lates
 from server.delivery import (audited, deliver, delivery_status, delivery_summary, finished_at, redeliver, save_package,
                              sites_that_trained, tell_outcome)
 from server.strategy import build_strategy
-from server.workflow import RoundsWorkflow, TimedSecAggPlusWorkflow
+from server.workflow import RoundsWorkflow, TimedSecAggPlusWorkflow, active_sites
 from shared_models.evaluation import evaluate
 from shared_models.files import append_json_line, atomic_file, cut_partial_line
 from shared_models.model import MultiModalTransformer
@@ -250,7 +250,8 @@ class RoundRecorder:
         # deployment: the names the nodes' keys were registered under, read before round 1 (a wrong path fails the
         # run before any site trains) and again each round (a site added meanwhile)
         self.registry = cfg.path(cfg.run.site_registry) if cfg.run.site_registry else None
-        self.registered = registered_names(self.registry) if self.registry else {}
+        self.registered, removed = read_register(self.registry) if self.registry else ({}, {})
+        self.connectable = active_sites(self.registered, removed)  # read once: RoundsWorkflow names those awaited
         self.metrics_file, self.ckpt_root = out / METRICS, out / CHECKPOINTS
         self.resume = resume_command(out, self.registry)  # a simulation's differs from a consortium's run
         self.t0, self.round_started = t0, time.time()  # t0: the ServerApp's start
@@ -388,7 +389,7 @@ def main(grid: Grid, context: Context) -> None:
                        wait_for_sites=n_sites, wait_timeout=cfg.federation.round_timeout,
                        message_timeout=cfg.federation.round_timeout,
                        enough_sites=max(cfg.federation.min_sites, cfg.privacy.trusted_sites if cfg.privacy.distributed else 0),
-                       registry=recorder.registry)(grid, lctx)
+                       registered=recorder.connectable)(grid, lctx)
         final = parameters_to_ndarrays(compat.arrayrecord_to_parameters(
             lctx.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
     deliver_final(grid, cfg, schema, out, recorder, [np.asarray(a, dtype=np.float32) for a in final], signing_key,

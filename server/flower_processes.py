@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 
-from shared_models.flower_tools import reap_dropped_children, run_superexec  # noqa: F401 (reap: re-exported)
+from shared_models.flower_tools import run_superexec
 
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 

@@ -68,11 +68,16 @@ def registered_sites(root: Path, superlink: dict | None) -> list[dict]:
             for s in record.get("sites", []) if not s.get("removed")]
 
 
+def _latest_flwr_runs(root: Path, superlink: dict | None) -> dict[str, tuple[int, str | None]]:
+    """{run name (its directory under runs/): (its latest flwr run id, the SuperLink's status of it or None)}."""
+    states = (superlink or {}).get("runs", {})
+    return {d.parent.name: (ids[-1], states.get(ids[-1])) for d in (root / "runs").glob(f"*/{FLWR_RUNS}")
+            if isinstance(ids := _json(d), list) and ids}
+
+
 def live_run_names(root: Path, superlink: dict | None) -> set[str]:
     """The names of the runs (directories under runs/) whose latest flwr run the SuperLink has pending or running."""
-    states = (superlink or {}).get("runs", {})
-    return {d.parent.name for d in (root / "runs").glob(f"*/{FLWR_RUNS}")
-            if isinstance(ids := _json(d), list) and ids and states.get(ids[-1]) in RUNNING}
+    return {name for name, (_, state) in _latest_flwr_runs(root, superlink).items() if state in RUNNING}
 
 
 INTERRUPTED = "interrupted.json"  # in a run's directory: the server's exit that ended its flwr run
@@ -83,21 +88,17 @@ def record_interrupted(root: Path, why: str, superlink: dict | None) -> list[str
     starts every ServerApp with `--parent-pid` of the SuperExec, and a ServerApp stops when that process dies (so
     with the SuperExec, the `oncofed server start` it is chained to, a restart or `oncofed server stop`). Returns
     the names."""
-    names = sorted(live_run_names(root, superlink))
-    for name in names:
-        d = root / "runs" / name
-        record = {"flwr_run": (_json(d / FLWR_RUNS) or [None])[-1], "why": why, "at": time.time()}
-        write_json_atomic(d / INTERRUPTED, record)
-    return names
+    live = {name: run_id for name, (run_id, state) in _latest_flwr_runs(root, superlink).items() if state in RUNNING}
+    for name, run_id in live.items():
+        write_json_atomic(root / "runs" / name / INTERRUPTED, {"flwr_run": run_id, "why": why, "at": time.time()})
+    return sorted(live)
 
 
 def unfinished_run_names(root: Path, superlink: dict | None) -> set[str]:
     """The runs whose latest flwr run ended (failed or stopped) without its result: training stopped before the end,
     and nothing goes on until `oncofed run --resume`."""
-    states = (superlink or {}).get("runs", {})
-    return {d.parent.name for d in (root / "runs").glob(f"*/{FLWR_RUNS}")
-            if isinstance(ids := _json(d), list) and ids
-            and states.get(ids[-1]) in ("finished:failed", "finished:stopped") and not (d.parent / RESULT).exists()}
+    return {name for name, (_, state) in _latest_flwr_runs(root, superlink).items()
+            if state in ("finished:failed", "finished:stopped") and not (root / "runs" / name / RESULT).exists()}
 
 
 def site_names(root: Path) -> dict[int, str]:
@@ -234,29 +235,44 @@ def list_runs(root: Path) -> list[RunView]:
 SERVER_DOWN_GIVE_UP = 180.0
 
 
+class ServerHealth:
+    """The server's health as a follower of a run sees it, asked once a poll: `down`, why it is down ("" while up or
+    without a `health` to ask), and `since`, when it went down (None while up)."""
+
+    def __init__(self, health=None):
+        self.health, self.down, self.since = health, "", None
+
+    def check(self) -> str | None:
+        """Ask once; what changed: the new reason it is down, "" when it is up again, None when nothing changed (or
+        there is nothing to ask)."""
+        if self.health is None:
+            return None
+        ok, reason = self.health()
+        before = self.down
+        self.down, self.since = ("", None) if ok else (reason, self.since or time.time())
+        return None if self.down == before else self.down
+
+
 def follow(root: Path, name: str, out, poll: float = 2.0, health=None, timeout: float = 0.0,
            give_up: float = SERVER_DOWN_GIVE_UP) -> int:
     """Print the run's progress whenever it changes, until it ends: 0 completed (result.json written),
     1 failed or stopped, 3 given up (`timeout` seconds, the server's /health failing for `give_up` seconds, or the
     SuperLink's state unreadable for 10 min). A crashed server leaves its database saying "running" for ever."""
     names, last, unknown_since, t0 = site_names(root), "", None, time.time()
-    last_health, down_since = "", None
+    server = ServerHealth(health)
     while True:
         view = RunView.load(root, name, read_superlink(root / "state" / "superlink.db"))
-        if health is not None:
-            ok, reason = health()
-            if not ok and reason != last_health:
-                out.write(f"[{time.strftime('%H:%M:%S')}] server: {reason}\n")
-                out.flush()
-            last_health, down_since = ("", None) if ok else (reason, down_since or time.time())
-        since = down_since and time.strftime('%H:%M:%S', time.localtime(down_since))
-        line = view.describe(names, last_health and f"the server is down since {since}")
+        if server.check():
+            out.write(f"[{time.strftime('%H:%M:%S')}] server: {server.down}\n")
+            out.flush()
+        since = server.since and time.strftime('%H:%M:%S', time.localtime(server.since))
+        line = view.describe(names, server.down and f"the server is down since {since}")
         if line != last:
             out.write(f"[{time.strftime('%H:%M:%S')}] run {name}: {line}\n")
             out.flush()
             last = line
-        if down_since is not None and view.running and time.time() - down_since >= give_up:
-            out.write(f"run {name}: the server has not answered for {give_up:g} s ({last_health}); stopped "
+        if server.since is not None and view.running and time.time() - server.since >= give_up:
+            out.write(f"run {name}: the server has not answered for {give_up:g} s ({server.down}); stopped "
                       "following. The run does not train while the server is down: start it (`oncofed server start "
                       f"{root}`), "
                       f"then `oncofed runs list {root}`; a run it shows failed or stopped continues with "
@@ -338,7 +354,7 @@ class ProgressPrinter:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        names, last, last_health, down_since = site_names(self.root), "", "", None
+        names, last, server = site_names(self.root), "", ServerHealth(self.health)
         while not self._stop.wait(self.poll):
             try:
                 view = RunView.load(self.root, self.name, read_superlink(self.root / "state" / "superlink.db"))
@@ -346,19 +362,11 @@ class ProgressPrinter:
                 if line and line != last:
                     self.write(f"[progress {time.strftime('%H:%M:%S')}] {line}\n")
                     last = line
-                if self.health is None:
-                    continue
-                ok, reason = self.health()
-                if ok:
-                    if last_health:
-                        self.write("[server] all processes up again\n")
-                    last_health, down_since = "", None
-                    continue
-                if reason != last_health:
-                    self.write(f"[server] {reason}\n")
-                last_health, down_since = reason, down_since or time.time()
-                if time.time() - down_since > SERVER_DOWN_GIVE_UP and not self.server_down:
-                    self.server_down = reason
+                if server.check() is not None:
+                    self.write(f"[server] {server.down}\n" if server.down else "[server] all processes up again\n")
+                down_for = time.time() - server.since if server.since is not None else 0.0
+                if down_for > SERVER_DOWN_GIVE_UP and not self.server_down:
+                    self.server_down = server.down
                     if self.on_server_down is not None:
                         self.on_server_down()
             except Exception as e:  # noqa: BLE001 - the display must never end the run's follower

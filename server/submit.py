@@ -64,7 +64,7 @@ _STARTED = re.compile(r"Successfully started run (\d+)")
 def env_for(c: Consortium) -> dict:
     from privacy.registry import flwr_home
 
-    return {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(flwr_home(c.root))}
+    return {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(flwr_home(c.root, c.record))}
 
 
 def _record_flwr_run(run_dir: Path, run_id: int) -> None:

@@ -12,7 +12,6 @@ import time
 import timeit
 from collections.abc import Callable
 from logging import INFO, WARNING
-from pathlib import Path
 
 from flwr.app import ConfigRecord
 from flwr.app.message_type import MessageType
@@ -184,18 +183,9 @@ class TimedSecAggPlusWorkflow(SecAggPlusWorkflow):
 WAIT_REPORT_EVERY = 30.0  # s between the lines naming the sites a run still waits for before round 1
 
 
-def _active_sites(registry: Path | None) -> dict[int, str]:
-    """{node id: name} of the sites in the consortium's register (`registry`: its consortium.json, the run config's
-    site-registry; None, as in a simulation: {}), those removed left out: they can no longer connect."""
-    from privacy.pki import ProvisioningError
-    from privacy.registry import registered_names, removed_sites
-
-    if registry is None:
-        return {}
-    try:
-        names, removed = registered_names(registry), removed_sites(registry)
-    except ProvisioningError:
-        return {}
+def active_sites(names: dict[str, str], removed: dict[str, str]) -> dict[int, str]:
+    """{node id: name} of the sites in the consortium's register (privacy.registry.read_register: its names and the
+    removed ones), those removed left out: they can no longer connect."""
     return {int(n): name for n, name in names.items() if n not in removed}
 
 
@@ -203,20 +193,22 @@ class RoundsWorkflow(DefaultWorkflow):
     def __init__(self, fit_workflow=None, evaluate_workflow=None, *, first_round: int = 1,
                  on_round_end: Callable[[int, LegacyContext], None] | None = None, wait_for_sites: int = 0,
                  wait_timeout: float = 3600.0, message_timeout: float = 600.0, enough_sites: int = 0,
-                 registry: Path | None = None):
+                 registered: dict[int, str] | None = None):
         super().__init__(fit_workflow=fit_workflow, evaluate_workflow=evaluate_workflow)
-        self.registry = registry  # the consortium's register (run config site-registry), to name the sites waited for
+        # {node id: name} of the consortium's registered sites that can connect (active_sites; a simulation: none),
+        # to name the sites waited for
+        self.registered = registered or {}
         self.first_round, self.on_round_end = first_round, on_round_end
         self.wait_for_sites, self.wait_timeout = wait_for_sites, wait_timeout
         self.enough_sites = enough_sites  # after the wait, start with this many (min-sites) rather than fail
         self.message_timeout = message_timeout
 
     def _wait_for_sites(self, context: LegacyContext) -> None:
-        """Wait up to wait_timeout for wait_for_sites sites to connect. The registered sites (`registry`) not connected
+        """Wait up to wait_timeout for wait_for_sites sites to connect. The registered sites (`registered`) not connected
         yet are named every WAIT_REPORT_EVERY s in the log and progress.json (`oncofed run`, `runs follow`), and in the
         failure: a site that never comes was a silent wait (600 s)."""
         cm, deadline = context.client_manager, time.monotonic() + self.wait_timeout
-        registered = _active_sites(self.registry)
+        registered = self.registered
         log(INFO, "waiting for %s sites to connect", self.wait_for_sites)
         while True:
             connected = {int(cid) for cid in cm.all()}

@@ -291,8 +291,8 @@ class ExperimentConfig(_Strict):
         patients or the column's values allow. Reads the labels table's header and only the columns needed."""
         from shared_models.schema import FeatureSchema, SchemaError
         from shared_models.site_data import LABELS_STEM, TableError, find_table
-        from simulations.partition import (PartitionError, assign_dirichlet, choose_holdout, encode_label_column,
-                                           read_text_table, table_columns)
+        from simulations.partition import (PartitionError, assign_dirichlet, choose_holdout, column_text,
+                                           encode_label_column, read_text_table, table_columns)
 
         specs = [(spec, *parse_partition(spec)) for spec in self.grid.for_data(data, "partition")]
         counts = self.grid.for_data(data, "sites")
@@ -327,8 +327,7 @@ class ExperimentConfig(_Strict):
             y = encode_label_column(table, labels, schema)
         except (TableError, SchemaError, PartitionError) as e:
             raise ExperimentError(f"[grid] data {data!r}: {e}") from None
-        values = {c: np.array([("" if v is None else str(v)).strip() for v in table.column(c).to_pylist()])
-                  for c in [column, *by]}
+        values = {c: column_text(table, c) for c in [column, *by]}
         for c, where in [(column, "[experiment] holdout-column"), *((b, "[grid] partition") for b in by)]:
             if (values[c] == "").any():
                 raise ExperimentError(f"{where}: some patients in {labels} have no {c!r} value (data {data!r}); fill "

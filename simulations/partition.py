@@ -444,7 +444,7 @@ def encode_label_column(labels: pa.Table, path: Path, schema: FeatureSchema) -> 
     if schema.label_column not in labels.column_names:
         raise PartitionError(f"{path}: no label column {schema.label_column!r} (the schema's label_column); "
                              f"columns are {labels.column_names[:10]}")
-    text = [("" if v is None else str(v)).strip() for v in labels.column(schema.label_column).to_pylist()]
+    text = column_text(labels, schema.label_column).tolist()
     lookup = {c: i for i, c in enumerate(schema.classes)}
     y = np.array([lookup.get(t, -1) for t in text], dtype=np.int64)
     if (y < 0).any():
@@ -454,15 +454,20 @@ def encode_label_column(labels: pa.Table, path: Path, schema: FeatureSchema) -> 
     return y
 
 
+def column_text(labels: pa.Table, column: str) -> np.ndarray:
+    """A labels column as stripped text, "" where a patient has no value."""
+    return np.array([("" if v is None else str(v)).strip() for v in labels.column(column).to_pylist()], dtype=str)
+
+
 def _column_values(labels: pa.Table, path: Path, column: str, flag: str) -> np.ndarray:
     if column not in labels.column_names:
         raise PartitionError(f"{flag} {column}: {path.name} has no column {column!r}; its columns are "
                              f"{labels.column_names}")
-    values = np.array([("" if v is None else str(v)).strip() for v in labels.column(column).to_pylist()], dtype=object)
+    values = column_text(labels, column)
     if (values == "").any():
         raise PartitionError(f"{flag} {column}: {int((values == '').sum())} patient(s) in {path.name} have no "
                              f"{column!r} value; fill them in or choose another column")
-    return values.astype(str)
+    return values
 
 
 def _tables(labels_path, labels, ids, modality_paths, schema):

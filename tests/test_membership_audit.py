@@ -14,7 +14,8 @@ import pytest
 
 from privacy.membership import (attack, auc, auc_interval, bound_test, clopper_pearson_lower,
                                 clopper_pearson_upper, dp_auc_bound, dp_tpr_bound, lira_offline, logit_confidence, max_probability,
-                                per_example_loss, roc, strongest_provable_epsilon, tpr_at_fpr)
+                                per_example_loss, roc, strongest_provable_epsilon, tpr_at_fpr,
+                                wilson_upper)
 
 LABELLED_EPSILON = 0.5  # what the planted model claims: a small epsilon, which its training does not deliver
 DELTA = 1e-5
@@ -165,6 +166,13 @@ def test_clopper_pearson_bounds_in_their_closed_forms():
     assert clopper_pearson_lower(10, 10, 0.05) == pytest.approx(0.05 ** (1 / 10))
     assert clopper_pearson_upper(0, 10, 0.05) == pytest.approx(1 - 0.05 ** (1 / 10))
     assert clopper_pearson_lower(0, 10, 0.05) == 0.0 and clopper_pearson_upper(10, 10, 0.05) == 1.0
+
+
+def test_wilson_upper_bound_in_its_closed_forms():
+    # none right: z^2 / (n + z^2); all right: 1 (fit-normalizer's case-mix check holds a site's accuracy to it)
+    assert wilson_upper(0, 10) == pytest.approx(1.96 ** 2 / (10 + 1.96 ** 2))
+    assert wilson_upper(10, 10) == pytest.approx(1.0)
+    assert wilson_upper(35, 200) == pytest.approx(0.2336, abs=1e-4)  # a one-type cohort's 17.5% (docs/results.md)
 
 
 def test_a_perfect_attack_on_many_patients_beats_a_small_epsilon():

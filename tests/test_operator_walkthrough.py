@@ -17,7 +17,8 @@ def test_a_site_that_never_connects_is_named_while_the_run_waits_and_in_its_fail
     from flwr.server.compat.grid_client_proxy import GridClientProxy
 
     import server.workflow
-    from server.workflow import RoundsWorkflow
+    from privacy.registry import read_register
+    from server.workflow import RoundsWorkflow, active_sites
 
     register = tmp_path / "consortium.json"
     register.write_text(json.dumps({"sites": [
@@ -29,7 +30,8 @@ def test_a_site_that_never_connects_is_named_while_the_run_waits_and_in_its_fail
                                     run_config={"output-dir": str(tmp_path / "r1")})
     (tmp_path / "r1").mkdir()
     monkeypatch.setattr(server.workflow, "WAIT_REPORT_EVERY", 0.3)
-    workflow = RoundsWorkflow(wait_for_sites=3, wait_timeout=1.0, enough_sites=2, registry=register)
+    workflow = RoundsWorkflow(wait_for_sites=3, wait_timeout=1.0, enough_sites=2,
+                              registered=active_sites(*read_register(register)))  # as the ServerApp reads it
     caplog.set_level(logging.INFO, logger="flwr")
     with pytest.raises(RuntimeError, match=r"\(1 did; at least 2 needed\); not connected: Hosp B \(node 12\), "
                                            r"Hosp D \(node 14\); check that each one's SuperNode is running"):

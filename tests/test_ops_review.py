@@ -228,7 +228,8 @@ def test_i_a_serverapp_the_superexec_launched_is_reaped_once_it_ends_not_left_de
     import flwr.supercore.cli
     from flwr.supercore.retry import http_retry
 
-    from server.flower_processes import reap_dropped_children, superexec
+    from server.flower_processes import superexec
+    from shared_models.flower_tools import reap_dropped_children
 
     threads = []  # the SuperExec oncofed starts runs the reaper beside Flower's own
     monkeypatch.setattr(http_retry, "_RETRYABLE_STATUS_CODES", http_retry._RETRYABLE_STATUS_CODES)

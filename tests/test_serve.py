@@ -1717,6 +1717,22 @@ def test_a_normaliser_of_another_schema_is_refused_naming_the_file_and_the_fix(s
         Predictor(settings.model_dir, tmp_path / "state" / "normalizer.json", load_active=False)._load("v0002")
     assert "normalizer.json" in str(e.value) and "fit-normalizer" in str(e.value)
 
+def test_a_request_stats_the_active_file_once(site, tmp_path, monkeypatch):
+    """The service refreshes its model before every request: ACTIVE was stat'ed three times a request (the version
+    to load, again under the refresh's lock, and its stamp); once is enough."""
+    from pathlib import Path
+
+    from client.predict import Predictor
+
+    settings = _copy_site(site, tmp_path)
+    predictor = Predictor(settings.model_dir, tmp_path / "state" / "normalizer.json")
+    active, stat, seen = tmp_path / "models" / "ACTIVE", Path.stat, []
+    monkeypatch.setattr(Path, "stat", lambda self, **kw: (seen.append(self) if self == active else None,
+                                                         stat(self, **kw))[1])
+    assert predictor.refresh(wait=False) is False
+    assert len(seen) == 1, seen
+
+
 def _serving_a_tampered_v0002(site, tmp_path):
     """A copy of the site whose active version v0002 was altered after install: the service falls back."""
     from fastapi.testclient import TestClient
@@ -1748,6 +1764,36 @@ def test_a_tampered_active_package_falls_back_to_the_newest_verified_version(sit
     r = c.get("/v1/model", headers=_auth(site["clinician"]))
     assert r.status_code == 503 and "v0003" in r.json()["detail"]
     assert "no older installed version verifies" in r.json()["detail"]
+
+
+def test_a_fallback_the_audit_log_cannot_record_is_logged_naming_the_log(site, tmp_path, caplog):
+    """A version activated meanwhile loads in a thread, which dropped what its fallback raised: a `model_fallback`
+    entry the audit log could not take was lost without a word. It is logged (to stderr: the service sets no
+    handler) with the log's path."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from privacy.audit import AuditLog
+
+    settings = _copy_site(site, tmp_path)
+    ModelStore(tmp_path / "models").activate("v0001")
+    c = TestClient(create_app(settings))
+    assert c.get("/health").json()["model_version"] == "v0001"
+    audit = tmp_path / "state" / "audit.jsonl"
+    AuditLog(audit).append("prediction", token="dr")
+    AuditLog(audit).append("prediction", token="dr")
+    audit.write_text(audit.read_text().splitlines()[0] + "\n")  # the last entry lost: the log takes no more
+    with open(tmp_path / "models" / "v0002" / "weights.pt", "ab") as fh:
+        fh.write(b"tampered")
+    (tmp_path / "models" / "ACTIVE").write_text("v0002\n")
+    deadline = time.monotonic() + 30
+    while not (said := [r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+                        and "fallback to v0001" in r.getMessage()]):
+        assert time.monotonic() < deadline, caplog.text
+        c.get("/health")
+        time.sleep(0.05)
+    assert str(audit) in said[0], said
 
 
 def _health_once(c, settled, seconds: float = 30.0):
