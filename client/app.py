@@ -53,7 +53,7 @@ from privacy.site_config import NODE_POLICY_KEYS, SITE_CONFIG_KEY, SiteConfig, S
 from shared_models.protocol import (ARRAYS_RECORD, AUDIT_ANCHOR, AUDIT_HEAD, CONFIG_RECORD, EPSILON, EPSILON_WORST_CASE,
                                     EVALUATE_METRICS, FIT_METRICS, LOCAL_STEPS, LOSS, PACKAGE_INFO,
                                     NOISE_PLAN, PREVIOUS_ROUND, REFUSAL_PREFIX, REPLY, RESENT, ROUND_OUTCOME, RUN_KEY,
-                                    SAVE_MODEL, SECAGG_MASKS,
+                                    RUN_EPSILON, SAVE_MODEL, SECAGG_MASKS,
                                     SECAGG_CLIPPING_RANGE, SECAGG_MAX_WEIGHT, SERVER_ROUND, SETUP_TERMS, SITE, DeliveryReply,
                                     ModelPackage, allowed_metrics)
 from shared_models.run_config import RunConfig
@@ -997,6 +997,8 @@ def evaluate(msg: Message, context: Context) -> Message:
             n, metrics = evaluate_global(site, parameters_to_ndarrays(ins.parameters), cfg, patterns=last)
             if n and cfg.privacy.enabled:  # the ledger's spend: the package's epsilon is never below it
                 metrics[EPSILON] = site.ledger.spent(site.dataset_fingerprint)
+                if run_key := ins.config.get(RUN_KEY):
+                    metrics[RUN_EPSILON] = site.ledger.run_spent(str(run_key))
                 if cfg.privacy.distributed:
                     metrics[EPSILON_WORST_CASE] = site.ledger.spent(site.dataset_fingerprint, worst_case=True)
         except SiteDataError:

@@ -12,8 +12,9 @@ halves of all the site's patients, members and non-members alike (each patient i
 every patient is compared with the N - N // 2 reference models that did not train on it, and the references
 are trained on as many patients as the site gave the federation, not on a few dozen.
 
-The claim tested is the model's (epsilon, delta) for this site: the delivered package's `site_epsilon`
-and `delta`, else the site's ledger (its committed rounds of the package's run). An attack that proves a
+The claim tested is the model's (epsilon, delta) for this site: the delivered package's `site_run_epsilon` (the
+epsilon of the run's rounds alone; packages before 2026-12-06: `site_epsilon`, the site's total, looser) and `delta`,
+else the site's ledger (the accountant over its committed rounds of the package's run). An attack that proves a
 larger epsilon at the audit's confidence flags the model (`flagged`; the command exits 1).
 """
 
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from privacy.ledger import run_epsilon
 from privacy.membership import (REPORTED_FPRS, AttackResult, attack, clopper_pearson_upper, dp_auc_bound,
                                 dp_tpr_bound, logit_confidence, lira_offline, max_probability, per_example_loss,
                                 random_per_column, strongest_provable_epsilon)
@@ -153,15 +155,19 @@ def claimed_privacy(package: dict, site: str, ledger: dict, fingerprint: str, pa
     if not isinstance(delta, (int, float)) or not 0 < delta < 1:
         raise PrivacyAuditError(f"{package_path}: a DP model without a delta in (0, 1) (got {delta!r}); the package "
                                 "was not written by OncoFed's server: ask the operator to deliver it again")
-    eps = (package.get("site_epsilon") or {}).get(site)
-    if isinstance(eps, (int, float)) and eps > 0:
-        return Claim(True, float(eps), float(delta), f"{package_path}: site_epsilon[{site!r}], delta")
+    # this run's rounds alone: the model's own guarantee (each run trains from fresh weights). The site's total over
+    # every run (site_epsilon, all that packages before 2026-12-06 carry) also holds, but looser: an attack could
+    # never beat it where it beats the model's own
+    for key, what in (("site_run_epsilon", "this run's rounds alone"),
+                      ("site_epsilon", "the site's total over every run, looser than this model's own")):
+        eps = (package.get(key) or {}).get(site)
+        if isinstance(eps, (int, float)) and eps > 0:
+            return Claim(True, float(eps), float(delta), f"{package_path}: {key}[{site!r}] ({what}), delta")
     run = package.get("run")
-    spent = [e.get("epsilon_after") for e in ledger.get("entries", [])
-             if e.get("dataset") == fingerprint and e.get("run_id") == run and e.get("status") == "committed"]
-    spent = [x for x in spent if isinstance(x, (int, float))]
-    if spent:
-        return Claim(True, float(max(spent)), float(delta), f"{ledger_path}: committed rounds of run {run}")
+    if any(e.get("dataset") == fingerprint and e.get("run_id") == run and e.get("status") == "committed"
+           for e in ledger.get("entries", [])):
+        eps = run_epsilon(ledger, run, float(ledger.get("delta") or delta))
+        return Claim(True, eps, float(delta), f"{ledger_path}: committed rounds of run {run}")
     raise PrivacyAuditError(f"{package_path}: the model is DP but records no epsilon for site {site!r}, and "
                             f"{ledger_path} has no committed round of run {run}: this site did not train the model, "
                             "so its patients are not members; audit it at a site that trained it")

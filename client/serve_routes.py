@@ -249,6 +249,7 @@ def model_routes(app, site: "Site", role) -> None:
         return {"version": lm.version, "run": p.get("run"), "round": p.get("round"),
                 "weights_sha256": p.get("weights_sha256"), "arrays_sha256": p.get("arrays_sha256"),
                 "signature": lm.signature, "metrics": p.get("metrics", {}), "site_epsilon": p.get("site_epsilon", {}),
+                "site_run_epsilon": p.get("site_run_epsilon"),
                 "delta": p.get("delta"), "schema_hash": p.get("schema_hash"), "classes": lm.schema.classes,
                 "class_names": names_for(lm.schema),
                 "calibration": lm.calibration and {k: lm.calibration.get(k) for k in (

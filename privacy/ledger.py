@@ -261,6 +261,12 @@ class PrivacyLedger:
         skip = None if excluding is None else (excluding.dataset, excluding.run_id, excluding.round, excluding.attempt)
         return self._history(state, skip=skip, worst_case=worst_case)
 
+    def run_spent(self, run_id: str) -> float:
+        """The epsilon of one run's committed rounds alone: what the model that run delivers costs the site's patients
+        by itself (each run trains from fresh weights; `spent` is every run's together, pending rounds included). Under
+        the trust assumption in a distributed run."""
+        return run_epsilon(self._read(), run_id, self.delta)
+
     def spent(self, dataset: str, worst_case: bool = False) -> float:
         """The site's epsilon (every dataset's: `dataset` names the one asking); with worst_case, distributed rounds count only the site's own noise share
         (what it has if every other site colluded with the server)."""
@@ -438,6 +444,15 @@ class PrivacyLedger:
                 worst = e["epsilon_worst_case_after"] = epsilon(self._history(state, worst_case=True), self.delta)
             self._write(state)
         return spent, worst
+
+
+def run_epsilon(state: dict, run_id: str, delta: float) -> float:
+    """The epsilon of run `run_id`'s committed rounds alone in a ledger's contents (`read_ledger`): the rounds whose
+    updates left the site, so all the run's model can depend on (a pending round's update never left; the site's
+    spend counts it all the same). The rounds are chosen by run, never by dataset: which count depends on the run
+    history alone."""
+    return epsilon([_mechanism(e) for e in state["entries"] if e["run_id"] == run_id and e["status"] == "committed"],
+                   delta)
 
 
 def _mechanism(entry: dict, worst_case: bool = False) -> Mechanism:

@@ -42,7 +42,8 @@ from server.workflow import RoundsWorkflow, TimedSecAggPlusWorkflow, active_site
 from shared_models.evaluation import evaluate
 from shared_models.files import append_json_line, atomic_file, cut_partial_line
 from shared_models.model import MultiModalTransformer
-from shared_models.protocol import (AUDIT_ANCHOR, AUDIT_HEAD, EPSILON, EPSILON_WORST_CASE, NOISE_PLAN, RUN_KEY,
+from shared_models.protocol import (AUDIT_ANCHOR, AUDIT_HEAD, EPSILON, EPSILON_WORST_CASE, NOISE_PLAN, RUN_EPSILON,
+                                    RUN_KEY,
                                     SECAGG_CLIPPING_RANGE, SECAGG_MASKS, SECAGG_MAX_WEIGHT, SITE, ModelPackage,
                                     consortium_patterns)
 from shared_models.run_config import SECAGG_MAX_SHARES, RunConfig
@@ -141,6 +142,7 @@ class RunStart:
     first_round: int
     site_epsilon: dict[str, float]
     site_epsilon_worst_case: dict[str, float]
+    site_run_epsilon: dict[str, float]
     strategy_state: dict[str, np.ndarray] | None = None
     round_records: dict | None = None  # the checkpointed round's metrics line and audit entry
 
@@ -177,7 +179,8 @@ def start_or_resume(cfg: RunConfig, context: Context, schema: FeatureSchema, out
         log(INFO, "resuming run %s after round %s from %s", checkpoint.meta["run_key"], checkpoint.round, ckpt_root)
         return RunStart(checkpoint.meta["run_key"], checkpoint.weights, checkpoint.round + 1,
                         checkpoint.meta.get("site_epsilon", {}), checkpoint.meta.get("site_epsilon_worst_case", {}),
-                        checkpoint.strategy_state, checkpoint.meta.get(ROUND_RECORDS))
+                        checkpoint.meta.get("site_run_epsilon", {}), checkpoint.strategy_state,
+                        checkpoint.meta.get(ROUND_RECORDS))
     # a new run, or one that crashed before its first checkpoint (same seed: the same initial weights)
     torch.manual_seed(cfg.training.seed)
     weights = state_arrays(MultiModalTransformer(schema, cfg.model))
@@ -186,7 +189,7 @@ def start_or_resume(cfg: RunConfig, context: Context, schema: FeatureSchema, out
         log(INFO, "resuming run %s from its start (it ended before its first checkpoint)", run_key)
     if not cfg.run.resume:
         freeze_run(out, run_key, dict(context.run_config))
-    return RunStart(run_key, weights, 1, {}, {})
+    return RunStart(run_key, weights, 1, {}, {}, {})
 
 
 ROUND_RECORDS = "round_records"  # checkpoint meta: the round's metrics.jsonl line and audit entry
@@ -220,17 +223,17 @@ def recover_round_records(out: Path, start: RunStart, audit: AuditLog) -> None:
         log(WARNING, "%s: round %s's entry written from its checkpoint (a crash came before it)", audit.path, rnd)
 
 
-def keep_site_epsilons(info: dict, names: dict, site_epsilon: dict, worst_case: dict) -> None:
-    """The round's epsilons into the run's per-site records: each contributing site's from its update (`names`: node
-    -> its label); then, from its evaluation, the ledger of a site that trained in this run, never lowering a record:
-    a round whose spend no update told (a crash after the spend, a refusal to resend) still reaches the package."""
+def keep_site_epsilons(info: dict, names: dict, records: dict[str, dict]) -> None:
+    """The round's epsilons into the run's per-site records ({metric: {site: epsilon}}: EPSILON, RUN_EPSILON,
+    EPSILON_WORST_CASE): each contributing site's from its update (`names`: node -> its label); then, from its
+    evaluation, the ledger of a site that trained in this run, never lowering a record: a round whose spend no update
+    told (a crash after the spend, a refusal to resend) still reaches the package."""
     for nid, site in info.get("sites", {}).items():
-        if EPSILON in site and nid in names:
-            site_epsilon[names[nid]] = float(site[EPSILON])
-        if EPSILON_WORST_CASE in site and nid in names:
-            worst_case[names[nid]] = float(site[EPSILON_WORST_CASE])
+        for key, kept in records.items():
+            if key in site and nid in names:
+                kept[names[nid]] = float(site[key])
     for name, e in info.get("site_eval", {}).items():  # by label (RoundRecorder files them so)
-        for key, kept in ((EPSILON, site_epsilon), (EPSILON_WORST_CASE, worst_case)):
+        for key, kept in records.items():
             if key in e and name in kept:
                 kept[name] = max(kept[name], float(e[key]))
 
@@ -244,6 +247,7 @@ class RoundRecorder:
         self.cfg, self.run_config, self.schema_hash, self.out = cfg, dict(context.run_config), schema.content_hash(), out
         self.run_key, self.audit, self.anchor_audit, self.evaluated = start.run_key, audit, anchor_audit, evaluate_fn is not None
         self.site_epsilon, self.site_epsilon_worst_case = start.site_epsilon, start.site_epsilon_worst_case
+        self.site_run_epsilon = start.site_run_epsilon  # this run's rounds alone (the site's total: site_epsilon)
         # each name's records belong to the node that reported it first in this ServerApp's life (not kept across a
         # resume: a restarted federation's SuperNodes register again under new node ids)
         self.site_nodes: dict[str, str] = {}
@@ -282,7 +286,8 @@ class RoundRecorder:
                                  registered)
             info = {**info, "site_eval": {labels.get(nid, f"node {nid}"): {k: v for k, v in e.items() if k != "site"}
                                           for nid, e in evals.items()}}
-        keep_site_epsilons(info, names, self.site_epsilon, self.site_epsilon_worst_case)
+        keep_site_epsilons(info, names, {EPSILON: self.site_epsilon, RUN_EPSILON: self.site_run_epsilon,
+                                         EPSILON_WORST_CASE: self.site_epsilon_worst_case})
         line = self._metrics_line(rnd, lctx, info, arrays)
         audit_round = dict(run=self.run_key, round=rnd, status=info.get("status"),
                            participants=info.get("participants", []), refused=info.get("refused", []),
@@ -295,22 +300,25 @@ class RoundRecorder:
         save_checkpoint(self.ckpt_root, rnd, arrays, lctx.strategy.state_arrays(), {
             "run_key": self.run_key, "schema_hash": self.schema_hash, "strategy": self.cfg.federation.strategy,
             "run_config": self.run_config, "site_epsilon": self.site_epsilon,
-            "site_epsilon_worst_case": self.site_epsilon_worst_case,
+            "site_epsilon_worst_case": self.site_epsilon_worst_case, "site_run_epsilon": self.site_run_epsilon,
             ROUND_RECORDS: {"metrics": line, "audit": audit_round}}, keep=self.cfg.run.keep_checkpoints,
             resume=self.resume)
         append_json_line(self.metrics_file, line)
         self.status.update(round=rnd, round_seconds=round(time.time() - self.round_started, 2),
                            participating=len(info.get("participants", [])), site_epsilon=dict(self.site_epsilon),
+                           site_run_epsilon=dict(self.site_run_epsilon),
                            **self._worst_case(), weights_sha256=line["weights_sha256"])
         write_json_atomic(self.out / STATUS, self.status)
         self.round_started = time.time()
         self.audit.append("round", **audit_round)
         self.anchor_audit()
         g, se = line["global"], line["server_eval"] or {}
-        log(INFO, "round %s done: %s sites, global macro-F1 %s (sites' held-out parts)%s, max site epsilon %s", rnd,
+        log(INFO, "round %s done: %s sites, global macro-F1 %s (sites' held-out parts)%s, max site epsilon %s%s", rnd,
             len(info.get("participants", [])), _fmt(g.get("macro_f1")),
             f", {_fmt(se.get('macro_f1'))} on eval-data" if se else "",
-            _fmt(max(self.site_epsilon.values()) if self.site_epsilon else None))
+            _fmt(max(self.site_epsilon.values()) if self.site_epsilon else None),
+            f" (this run's rounds alone: {_fmt(max(self.site_run_epsilon.values()))})"
+            if self.site_run_epsilon and self.site_run_epsilon != self.site_epsilon else "")
 
     def _metrics_line(self, rnd: int, lctx: LegacyContext, info: dict, arrays: list[np.ndarray]) -> dict:
         h = lctx.history
@@ -321,7 +329,8 @@ class RoundRecorder:
                 "server_eval": ({"loss": dict(h.losses_centralized).get(rnd),
                                  **{k: dict(v).get(rnd) for k, v in h.metrics_centralized.items()}}
                                 if self.evaluated else None),
-                "site_epsilon": dict(self.site_epsilon), "weights_sha256": arrays_sha256(arrays),
+                "site_epsilon": dict(self.site_epsilon), "site_run_epsilon": dict(self.site_run_epsilon),
+                "weights_sha256": arrays_sha256(arrays),
                 **self._worst_case(), "timing": dict(getattr(lctx.strategy, "timing", {}))}
 
 
@@ -465,6 +474,7 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
         run=recorder.run_key, round=cfg.federation.num_rounds, schema_hash=schema.content_hash(),
         arrays_sha256=arrays_sha256(final), strategy=cfg.federation.strategy, secagg=cfg.secagg.enabled,
         dp=cfg.privacy.enabled, site_epsilon=recorder.site_epsilon, delta=cfg.privacy.delta,
+        **({"site_run_epsilon": recorder.site_run_epsilon} if recorder.site_run_epsilon else {}),
         **(dict(dp_mode=cfg.privacy.mode, trusted_sites=cfg.privacy.trusted_sites, mechanism="skellam",
                 site_epsilon_worst_case=recorder.site_epsilon_worst_case) if cfg.privacy.distributed else {}),
         privacy=privacy_summary(cfg), metrics=last.get("global", {}), finished=finished_at(out, last, final),

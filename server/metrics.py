@@ -15,6 +15,7 @@ SuperLink has pending or running (exported_runs); the sites' epsilon and the mod
     oncofed_sites_registered / _online           sites the SuperLink knows / sees online (its database)
     oncofed_sites_participating{run,run_key}     sites whose update entered the last aggregate
     oncofed_site_epsilon{site}                   cumulative epsilon each site reported
+    oncofed_site_run_epsilon{site}               each site's epsilon of the run's rounds alone (the model's own)
     oncofed_site_epsilon_worst_case{site}        dp-mode distributed: each site's epsilon from its own noise share alone
     oncofed_model_info{run,run_key,round,sha256} the global model of the run started last (value 1)
     oncofed_run_finished{run,run_key}            1 once training finished and delivery was tried
@@ -141,6 +142,12 @@ class ConsortiumCollector:
         for site, value in sorted((status.get("site_epsilon") or {}).items()):
             eps.add_metric([site], float(value))
         yield eps
+        if status.get("site_run_epsilon"):
+            own = GaugeMetricFamily("oncofed_site_run_epsilon", "each site's epsilon of this run's rounds alone: what "
+                                    "the run's model costs its patients by itself", labels=["site"])
+            for site, value in sorted(status["site_run_epsilon"].items()):
+                own.add_metric([site], float(value))
+            yield own
         if status.get("site_epsilon_worst_case"):
             worst = GaugeMetricFamily("oncofed_site_epsilon_worst_case", "dp-mode distributed: each site's epsilon "
                                       "if only its own noise share protected it", labels=["site"])

@@ -52,6 +52,7 @@ TRAIN_SECONDS = "train_seconds"
 ROUND_SECONDS = "round_seconds"  # training, privacy bookkeeping and local evaluation
 TRAIN_LOSS = "train_loss"  # without DP only: under DP the loss on the sampled batches stays at the site
 EPSILON = "epsilon"  # the site's cumulative epsilon after the round
+RUN_EPSILON = "run_epsilon"  # the epsilon of this run's rounds alone: what the run's model costs the site's patients
 NOISE_MULTIPLIER = "noise_multiplier"
 SAMPLE_RATE = "sample_rate"
 LOCAL_VAL_ACCURACY = "local_val_accuracy"  # the trained local model on the site's held-out part
@@ -74,12 +75,13 @@ PATTERNS = "patterns"
 
 # What a site may send and the server records: a site cannot leak another value by accident.
 FIT_METRICS = frozenset({SITE, AUDIT_HEAD, RESENT, LOCAL_STEPS, TRAIN_SECONDS, ROUND_SECONDS, TRAIN_LOSS, EPSILON,
-                         NOISE_MULTIPLIER, SAMPLE_RATE, LOCAL_VAL_ACCURACY, LOCAL_VAL_MACRO_F1, EPSILON_WORST_CASE,
+                         RUN_EPSILON, NOISE_MULTIPLIER, SAMPLE_RATE, LOCAL_VAL_ACCURACY, LOCAL_VAL_MACRO_F1, EPSILON_WORST_CASE,
                          TRUSTED_SITES, GRID_SCALE})
 # No site's patient count is among them: under DP it would tell neighbouring datasets apart (docs/privacy.md).
 # EPSILON (and EPSILON_WORST_CASE) under DP: the site's ledger as it stands, so the delivered package carries every
 # spend, also a round's whose update a crash or refusal kept from the sum the server recorded
-EVALUATE_METRICS = frozenset({SITE, LOSS, ACCURACY, BALANCED_ACCURACY, MACRO_F1, PATTERNS, EPSILON, EPSILON_WORST_CASE})
+EVALUATE_METRICS = frozenset({SITE, LOSS, ACCURACY, BALANCED_ACCURACY, MACRO_F1, PATTERNS, EPSILON, RUN_EPSILON,
+                              EPSILON_WORST_CASE})
 
 
 CONSORTIUM_PATTERN_MIN = 30  # held-out patients, summed over the sites, for a pattern to enter the package
@@ -156,6 +158,9 @@ class ModelPackage(BaseModel):
     # settings were edited (e.g. a gain, the number of heads: no array changes shape) is refused as altered; the
     # site builds the model from it. Packages signed before 2026-12-05 15:00 have none (`oncofed deliver` adds it)
     architecture: dict[str, Any] | None = None
+    # each site's epsilon of this run's rounds alone, by site name: what this model costs the site's patients by
+    # itself (under the trust assumption in dp-mode "distributed"); packages from before 2026-12-06 have none
+    site_run_epsilon: dict[str, float] | None = None
     # the final model per modality pattern on the sites' held-out parts (the last round's PATTERNS, summed:
     # {pattern: {"modalities", "n_heldout", "accuracy", "sites"}}, consortium_patterns' selection): what a site
     # judges answers by for the patterns its own `serve calibrate` has not measured. Packages from runs before

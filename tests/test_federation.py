@@ -100,6 +100,9 @@ def test_secagg_aggregate_equals_fedavg_of_what_the_sites_released_and_every_sit
     assert set(eps) == {"site_00", "site_01", "site_02"} and all(0 < e <= 8.0 for e in eps.values())
     assert all(rounds[0]["site_epsilon"][s] < eps[s] for s in eps)
     assert with_sa["site_epsilon"] == eps
+    # each site's first run: the run's own epsilon is the site's total, and travels in the package beside it
+    assert rounds[-1]["site_run_epsilon"] == pytest.approx(eps, rel=1e-9)
+    assert package["site_run_epsilon"] == pytest.approx(eps, rel=1e-9)
     # the last round's evaluation measured the final model per modality pattern: summed, they travel in the package
     from shared_models.protocol import consortium_patterns
     from shared_models.schema import FeatureSchema

@@ -117,6 +117,26 @@ def test_a_second_run_on_the_same_data_continues_the_spend(tmp_path):
     assert {e["run_id"] for e in ledger["entries"]} == {"run-A", "run-B"}
 
 
+def test_every_runs_model_alone_costs_at_most_the_runs_epsilon(tmp_path):
+    """Noise chosen only so that the site's total rises by the run's epsilon falls with every run (composition is
+    subadditive): a second run of epsilon 8 after one of 7.97 trained with noise multiplier 1.17, its model epsilon
+    13.0 on its own. Each run's noise now also holds its model alone to the run's epsilon, which each round reports
+    (run_epsilon) beside the site's total; the total then rises by less than the run's epsilon."""
+    from privacy.accounting import epsilon
+
+    schema, run, site, w = _setup(tmp_path, budget=30.0, rounds=2, epsilon=8.0)
+    first = train_round(site, w, run, "run-A", 1).metrics
+    first = train_round(site, w, run, "run-A", 2).metrics
+    assert first["run_epsilon"] == pytest.approx(first["epsilon"], rel=1e-9)  # the first run: both the same
+    second = train_round(site, w, run, "run-B", 1).metrics
+    second = train_round(site, w, run, "run-B", 2).metrics
+    assert second["noise_multiplier"] == pytest.approx(first["noise_multiplier"], rel=1e-9)  # the same plan as A's
+    alone = epsilon([(second["noise_multiplier"], second["sample_rate"], 2 * second["local_steps"])], 1e-5)
+    assert second["run_epsilon"] == pytest.approx(alone, rel=1e-6) and second["run_epsilon"] <= 8.0 + 0.05
+    assert second["epsilon"] - first["epsilon"] < second["run_epsilon"]  # the total rose by less
+    assert second["epsilon"] == pytest.approx(site.ledger.spent(site.dataset_fingerprint), rel=1e-9)
+
+
 def test_a_site_with_less_than_half_the_runs_epsilon_left_does_not_join_it(tmp_path):
     """A site with 0.08 of its budget 8 left trained a new run with noise multiplier 3.2 (an operator's trial: the
     consortium's model fell to macro-F1 0.12 and was installed over the better one); now it refuses, before any spend."""

@@ -375,14 +375,34 @@ def test_an_untrained_model_labelled_dp_is_not_flagged(federation, tmp_path):
 
 
 def test_the_epsilon_comes_from_the_site_ledger_when_the_package_has_none_for_the_site(federation, tmp_path):
+    """The accountant over the package's run's committed rounds alone: not the site's total after them (which holds
+    an earlier run's spend), nor a pending round."""
     from client.privacy_audit import claimed_privacy
+    from privacy.accounting import epsilon
 
-    ledger = {"entries": [{"dataset": "fp", "run_id": "r1", "status": "committed", "epsilon_after": 0.3},
-                          {"dataset": "fp", "run_id": "r1", "status": "committed", "epsilon_after": 0.42},
-                          {"dataset": "fp", "run_id": "other", "status": "committed", "epsilon_after": 5.0}]}
+    def entry(run, status="committed", sigma=1.2):
+        return {"dataset": "fp", "run_id": run, "status": status, "noise_multiplier": sigma, "sample_rate": 0.3,
+                "steps": 6, "epsilon_after": 99.0}
+
+    ledger = {"delta": DELTA, "entries": [entry("other", sigma=0.8), entry("r1"), entry("r1"), entry("r1", "pending")]}
     claim = claimed_privacy({"dp": True, "run": "r1", "delta": DELTA, "site_epsilon": {}}, "site_00", ledger, "fp",
                             tmp_path / "package.json", tmp_path / "ledger.json")
-    assert (claim.epsilon, claim.delta) == (0.42, DELTA) and "ledger.json" in claim.source
+    assert claim.epsilon == pytest.approx(epsilon([(1.2, 0.3, 12)], DELTA)) and claim.delta == DELTA
+    assert "ledger.json" in claim.source
+
+
+def test_the_claim_is_the_runs_own_epsilon_not_the_sites_total_over_every_run(tmp_path):
+    """A site's second run: its package carries the site's total (15.9, two runs) and the run's own (8.2); the model
+    depends on the second run's rounds alone, so the audit tests the tighter claim, which an attack can beat."""
+    from client.privacy_audit import claimed_privacy
+
+    package = {"dp": True, "run": "r2", "delta": DELTA, "site_epsilon": {"site_00": 15.9},
+               "site_run_epsilon": {"site_00": 8.2}}
+    claim = claimed_privacy(package, "site_00", {"entries": []}, "fp", tmp_path / "package.json", tmp_path / "l.json")
+    assert claim.epsilon == 8.2 and "site_run_epsilon" in claim.source
+    older = {k: v for k, v in package.items() if k != "site_run_epsilon"}  # a package from before the field
+    claim = claimed_privacy(older, "site_00", {"entries": []}, "fp", tmp_path / "package.json", tmp_path / "l.json")
+    assert claim.epsilon == 15.9 and "total over every run" in claim.source
 
 
 # --- what the command refuses, and says -----------------------------------------------------------------------------

@@ -177,6 +177,22 @@ def test_a_budget_above_what_the_accounting_verifies_is_refused_up_front(tmp_pat
     assert epsilon([(sigma, q, steps)], DELTA) <= MAX_BUDGET
 
 
+def test_a_runs_own_epsilon_counts_its_committed_rounds_alone(tmp_path):
+    """What a run's model costs the patients by itself: the accountant over that run's committed rounds, not the
+    site's total (the model of a second run, trained from fresh weights, depends on no round of the first), and not a
+    round that crashed before its update left."""
+    ledger = _ledger(tmp_path, budget=20.0)
+    ds = ledger.register_dataset(IDS, "h")
+    _run_rounds(ledger, ds, "run-1", 1.1, 0.1, 10, rounds=5)
+    _run_rounds(ledger, ds, "run-2", 1.5, 0.1, 10, rounds=3)
+    ledger.begin_round(ds, "run-2", 4, 1.5, 0.1, 10)  # pending: counts in the site's spend, not in the model
+    assert ledger.run_spent("run-1") == pytest.approx(closed_form([(1.1, 0.1, 50)]), rel=0.01)
+    assert ledger.run_spent("run-2") == pytest.approx(closed_form([(1.5, 0.1, 30)]), rel=0.01)
+    assert ledger.spent(ds) == pytest.approx(closed_form([(1.1, 0.1, 50), (1.5, 0.1, 40)]), rel=0.01)
+    assert ledger.spent(ds) - ledger.run_spent("run-1") < ledger.run_spent("run-2") < ledger.spent(ds)  # subadditive
+    assert ledger.run_spent("never-ran") == 0.0
+
+
 def _crash_after_begin(tmp_path, rnd):
     """A real process that passes the budget check, starts the round and dies before committing."""
     code = textwrap.dedent(f"""

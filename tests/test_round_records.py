@@ -92,8 +92,8 @@ def test_a_resume_from_an_older_checkpoint_writes_no_stale_round_after_newer_one
     audit = AuditLog(tmp_path / "audit.jsonl")
     for r in (1, 2, 3):
         audit.append("round", run="k", round=r)
-    start = RunStart("k", [], 3, {}, {}, {}, {"metrics": {"round": 2, "status": "updated"},
-                                              "audit": {"run": "k", "round": 2}})
+    start = RunStart("k", [], 3, {}, {}, {}, round_records={"metrics": {"round": 2, "status": "updated"},
+                                                            "audit": {"run": "k", "round": 2}})
     recover_round_records(tmp_path, start, audit)
     assert [json.loads(x)["round"] for x in m.read_text().splitlines()] == [1, 2, 3]
     assert [json.loads(x)["round"] for x in (tmp_path / "audit.jsonl").read_text().splitlines()] == [1, 2, 3]
@@ -295,14 +295,15 @@ def test_the_package_epsilon_is_never_below_what_a_site_that_trained_reports_fro
     ledger said 7.93: the site's evaluation now reports its ledger, and the record takes the larger. A site that did
     not train in the run is not added (its spend is other runs')."""
     from server.app import keep_site_epsilons
-    from shared_models.protocol import EPSILON, EPSILON_WORST_CASE
+    from shared_models.protocol import EPSILON, EPSILON_WORST_CASE, RUN_EPSILON
 
-    eps, worst = {"C0": 6.58}, {"C0": 20.0}
-    info = {"sites": {"7": {EPSILON: 6.58, EPSILON_WORST_CASE: 20.0}},
-            "site_eval": {"C0": {EPSILON: 7.93, EPSILON_WORST_CASE: 24.7}, "C9": {EPSILON: 3.0}}}
-    keep_site_epsilons(info, {"7": "C0"}, eps, worst)
-    assert eps == {"C0": 7.93} and worst == {"C0": 24.7}
-    keep_site_epsilons({"site_eval": {"C0": {EPSILON: 7.0}}}, {}, eps, worst)  # never lowered
+    eps, worst, run = {"C0": 6.58}, {"C0": 20.0}, {"C0": 5.0}
+    records = {EPSILON: eps, EPSILON_WORST_CASE: worst, RUN_EPSILON: run}
+    info = {"sites": {"7": {EPSILON: 6.58, EPSILON_WORST_CASE: 20.0, RUN_EPSILON: 5.0}},
+            "site_eval": {"C0": {EPSILON: 7.93, EPSILON_WORST_CASE: 24.7, RUN_EPSILON: 6.1}, "C9": {EPSILON: 3.0}}}
+    keep_site_epsilons(info, {"7": "C0"}, records)
+    assert eps == {"C0": 7.93} and worst == {"C0": 24.7} and run == {"C0": 6.1}
+    keep_site_epsilons({"site_eval": {"C0": {EPSILON: 7.0}}}, {}, records)  # never lowered
     assert eps == {"C0": 7.93}
 
 
