@@ -231,7 +231,8 @@ def serve_main(
                                            "localhost, 127.0.0.1, ::1 and --host: the name your TLS proxy forwards "
                                            "(repeatable); any other Host is refused (DNS rebinding)"),
 ) -> None:
-    """Serve the site's active global model: /v1/predict, /v1/predict/file, /v1/model, /health, /metrics, /."""
+    """Serve the site's active global model: /v1/predict, /v1/predict/file, /v1/model, /health, /metrics, /. A site
+    with no model yet waits for its first delivery (503 until then)."""
     if ctx.invoked_subcommand is not None:
         return
     if site_config is None:
@@ -258,7 +259,12 @@ def serve_main(
     degraded = app.state.predictor.degraded
     if degraded:
         typer.echo(f"DEGRADED: {degraded['reason']}", err=True)
-    typer.echo(f"serving model {app.state.predictor.current.version} on http://{host_port(host, port)}/")
+    current, url = app.state.predictor.current, f"http://{host_port(host, port)}/"
+    if current is None:  # a site before its first delivery: a supervisor's unit must not crash-loop until then
+        typer.echo(f"no model installed yet in {app.state.predictor.store.root}: waiting for the first model on {url} "
+                   "(/health and predictions answer 503 until it is installed; it is served then, without a restart)")
+    else:
+        typer.echo(f"serving model {current.version} on {url}")
     # the event loop takes the GIL back from the model and parsing threads within 1 ms (default 5 ms):
     # /health and small requests stay fast while an explanation or an upload is being worked on
     sys.setswitchinterval(0.001)
