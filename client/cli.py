@@ -1,5 +1,5 @@
 """Hospital-site commands: `oncofed validate`, `oncofed site init`, `oncofed site start`,
-`oncofed site privacy-audit`, `oncofed serve ...`, `oncofed predict`."""
+`oncofed site status`, `oncofed site privacy-audit`, `oncofed serve ...`, `oncofed predict`."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ def register(app: typer.Typer) -> None:
     site.command("init")(site_init)
     site.command("start")(site_start)
     site.command("privacy-audit")(site_privacy_audit)
+    site.command("status")(site_status)
     app.add_typer(site, name="site")
     serve = typer.Typer(help="The global model as a local REST service (and its tokens).",
                         invoke_without_command=True)
@@ -158,6 +159,22 @@ def site_start(
         raise typer.Exit(code=2)
     raise typer.Exit(code=run_supernode(settings, port, poll_interval, superlink or None, retry_seconds))
 
+
+
+def site_status(
+    directory: Path = typer.Argument(..., help="the site directory written by `oncofed site init` (its site.json)"),
+) -> None:
+    """The site's budget, epsilon spent and left, runs and rounds, models installed and active, and its audit log's
+    last entry. Reads only (no file written, no lock taken): safe while the site and its service run."""
+    from client.site_status import site_status as status
+    from privacy.site_config import SiteConfig, SiteConfigError
+
+    try:
+        settings = SiteConfig.load(directory / "site.json")
+    except SiteConfigError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(code=2)
+    typer.echo(status(directory, settings))
 
 
 def site_privacy_audit(
