@@ -1,5 +1,5 @@
 """Hospital-site commands: `oncofed validate`, `oncofed site init`, `oncofed site start`,
-`oncofed site privacy-audit`, `oncofed serve ...`, `oncofed predict`."""
+`oncofed site status`, `oncofed site privacy-audit`, `oncofed serve ...`, `oncofed predict`."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ def register(app: typer.Typer) -> None:
     site.command("init")(site_init)
     site.command("start")(site_start)
     site.command("privacy-audit")(site_privacy_audit)
+    site.command("status")(site_status)
     app.add_typer(site, name="site")
     serve = typer.Typer(help="The global model as a local REST service (and its tokens).",
                         invoke_without_command=True)
@@ -160,6 +161,22 @@ def site_start(
 
 
 
+def site_status(
+    directory: Path = typer.Argument(..., help="the site directory written by `oncofed site init` (its site.json)"),
+) -> None:
+    """The site's budget, epsilon spent and left, runs and rounds, models installed and active, and its audit log's
+    last entry. Reads only (no file written, no lock taken): safe while the site and its service run."""
+    from client.site_status import site_status as status
+    from privacy.site_config import SiteConfig, SiteConfigError
+
+    try:
+        settings = SiteConfig.load(directory / "site.json")
+    except SiteConfigError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(code=2)
+    typer.echo(status(directory, settings))
+
+
 def site_privacy_audit(
     directory: Path = typer.Argument(..., help="the site directory written by `oncofed site init` (its site.json)"),
     val_fraction: float | None = typer.Option(None, "--val-fraction", help="the run's val-fraction: which of the "
@@ -231,7 +248,8 @@ def serve_main(
                                            "localhost, 127.0.0.1, ::1 and --host: the name your TLS proxy forwards "
                                            "(repeatable); any other Host is refused (DNS rebinding)"),
 ) -> None:
-    """Serve the site's active global model: /v1/predict, /v1/predict/file, /v1/model, /health, /metrics, /."""
+    """Serve the site's active global model: /v1/predict, /v1/predict/file, /v1/model, /health, /metrics, /. A site
+    with no model yet waits for its first delivery (503 until then)."""
     if ctx.invoked_subcommand is not None:
         return
     if site_config is None:
@@ -258,7 +276,12 @@ def serve_main(
     degraded = app.state.predictor.degraded
     if degraded:
         typer.echo(f"DEGRADED: {degraded['reason']}", err=True)
-    typer.echo(f"serving model {app.state.predictor.current.version} on http://{host_port(host, port)}/")
+    current, url = app.state.predictor.current, f"http://{host_port(host, port)}/"
+    if current is None:  # a site before its first delivery: a supervisor's unit must not crash-loop until then
+        typer.echo(f"no model installed yet in {app.state.predictor.store.root}: waiting for the first model on {url} "
+                   "(/health and predictions answer 503 until it is installed; it is served then, without a restart)")
+    else:
+        typer.echo(f"serving model {current.version} on {url}")
     # the event loop takes the GIL back from the model and parsing threads within 1 ms (default 5 ms):
     # /health and small requests stay fast while an explanation or an upload is being worked on
     sys.setswitchinterval(0.001)

@@ -49,6 +49,10 @@ class ModelStoreError(ValueError):
     """A package that cannot be installed or read; the active model is left as it was."""
 
 
+class NoModelInstalled(ModelStoreError):
+    """The store holds no version yet (a site before its first delivery): the service waits for one."""
+
+
 class ModelStore:
     def __init__(self, model_dir: str | Path):
         self.root = Path(model_dir)

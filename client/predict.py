@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from client.calibration import counted_modalities
-from client.model_store import NORMALIZER, VERSION_SCHEMA, WEIGHTS, ModelStore, ModelStoreError
+from client.model_store import NORMALIZER, VERSION_SCHEMA, WEIGHTS, ModelStore, ModelStoreError, NoModelInstalled
 from shared_models.schema import FeatureSchema
 from shared_models.site_data import Normalizer, TableError
 from shared_models.weights import SchemaMismatchError, load_weights
@@ -210,6 +210,11 @@ class Predictor:
         if load_active:
             self.refresh()
 
+    @property
+    def waiting(self) -> bool:
+        """Nothing served and nothing refused: no model installed yet, or the first one loading."""
+        return self.current is None and self.failed is None and not self.unverifiable
+
     @classmethod
     def for_site(cls, settings, **kwargs) -> Predictor:
         """The predictor of a site's model store, as its site.json (a SiteConfig) sets it up."""
@@ -304,14 +309,15 @@ class Predictor:
     def refresh(self, wait: bool = True) -> bool:
         """Load the store's active version if it changed; True if the model changed.
 
-        `wait=False` (the service's event loop): while a model serves, another version activated is loaded in a
-        thread and the current model answers until it is ready (a load takes ~0.3 s of CPU: verify, read, trace,
+        `wait=False` (the service's event loop): another version activated (or the first one installed) is loaded in
+        a thread and the current model, if any, answers until it is ready (a load takes ~0.3 s of CPU: verify, read, trace,
         which held /health and every request while a model was installed), False meanwhile; nor does it wait for a
         load another thread is running. The cheap updates (a calibration rewritten) and a refitted normalisation of
         the version served (`serve fit-normalizer`: the service's own act) are taken at once.
 
-        Raises ModelStoreError only when nothing can be served (no version verifies)."""
-        if wait or self.current is None:
+        Raises ModelStoreError only when nothing can be served (no version verifies; NoModelInstalled: none is
+        installed yet)."""
+        if wait:
             with self._refreshing:
                 return self._refresh()
         if self._loader is not None and self._loader.is_alive():
@@ -320,7 +326,9 @@ class Predictor:
             return False
         try:  # observed under the lock: a switch made meanwhile is not undone with what was read before it
             active, stamp = observed = self._observe()
-            if active is not None and active != self.current.version and not (
+            # (nothing served yet, e.g. the site's first model just installed: loaded in the thread as well)
+            if active is not None and not self.unverifiable and (
+                    self.current is None or active != self.current.version) and not (
                     self.failed is not None and self.failed[0] == active and self.failed[2] == stamp):
                 self._loader = threading.Thread(target=self._refresh_quietly, name="model-load", daemon=True)
                 self._loader.start()  # (it waits for the lock this call releases now)
@@ -345,8 +353,8 @@ class Predictor:
                 raise ModelStoreError(f"{self.store.root}: {', '.join(versions)} installed but none is active (no "
                                       "ACTIVE file); activate one: oncofed serve activate --site-config site.json "
                                       f"--version {versions[-1]}")
-            raise ModelStoreError(f"{self.store.root}: no model installed yet (the global model arrives after a "
-                                  "federated run)")
+            raise NoModelInstalled(f"{self.store.root}: no model installed yet (the global model arrives after a "
+                                   "federated run)")
         if self.current is not None and self.current.version == active:
             self.failed, self.degraded = None, None  # e.g. rolled back to the version serving as the fallback
             if stamp == self._stamp:

@@ -14,7 +14,8 @@ monitoring: /metrics only, for a Prometheus scraper), stored as SHA-256 hashes i
 of the patient id, the model version and the time, never feature values; refused tokens are audited too
 (FailedLogins). Only requests whose Host is a name the service answers to are served (TrustedHosts: DNS
 rebinding). A newly delivered (or activated) model is picked up without a restart: the store's ACTIVE file is
-checked before each request batch.
+watched (every ACTIVE_WATCH_S, and before each request batch) and a new version loads in the background. A site
+with no model yet serves too: /health and predictions answer 503 "waiting for the first model" until one is installed.
 """
 
 
@@ -34,6 +35,7 @@ from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
+from client.model_store import NoModelInstalled
 from client.predict import Predictor, format_predictions
 from client.serve_queue import ExplanationLane, ModelQueue
 from client.serve_routes import model_routes, offline_docs, operations_routes, prediction_routes
@@ -51,6 +53,10 @@ TOKENS_FILE = "serve-tokens.json"
 EXPLAIN_QUEUE_BODIES = 4  # waiting explanation requests hold at most this many maximal bodies' bytes
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # the names of this machine a Host header may carry
 FAILED_LOGIN_WINDOW_S = 60.0
+# how often the service looks at the model store's ACTIVE file without a request (one stat): a delivered model was
+# loaded only when a request came, and that request and /health still answered with the old one
+# (docs/hospital-guide.md promises the new one within 2 s: this, plus a load's ~0.3 s)
+ACTIVE_WATCH_S = 1.0
 
 log = logging.getLogger(__name__)
 
@@ -389,7 +395,11 @@ class Site:
         self.audit = AuditLog(self.state_dir / AUDIT_FILE)
         # (before the model: a fallback at load is audited through `record`)
         self.failed_logins = FailedLogins(FAILED_LOGIN_WINDOW_S)
-        self.predictor = Predictor.for_site(settings, on_fallback=self._fell_back)
+        self.predictor = Predictor.for_site(settings, on_fallback=self._fell_back, load_active=False)
+        try:
+            self.predictor.refresh()
+        except NoModelInstalled:  # a site before its first delivery: served from the moment one is installed
+            pass
         self.tokens = TokenStore(self.state_dir / TOKENS_FILE)
         self.salt = _site_salt(self.state_dir)
         self.audit_predictions = audit_predictions
@@ -483,9 +493,15 @@ class Site:
 
         try:
             self.predictor.refresh(wait=wait)
+        except NoModelInstalled as e:
+            raise HTTPException(503, f"waiting for the first model: {e}; it is served once installed, without a "
+                                "restart", headers={"Retry-After": "60"}) from None
         except Exception as e:  # noqa: BLE001 - nothing verifies: the service answers, but refuses to guess
             if self.predictor.current is None:
                 raise HTTPException(503, f"no usable model: {e}") from None
+        if self.predictor.current is None:  # the first model installed, loading in the background
+            raise HTTPException(503, "waiting for the first model: it was installed and is being loaded; retry in a "
+                                "second", headers={"Retry-After": "1"})
         return self.predictor.current
 
 
@@ -552,9 +568,18 @@ def create_app(settings: SiteConfig, *, audit_predictions: bool = True, threads:
                 await asyncio.sleep(site.failed_logins.window_s / 12)
                 await to_thread.run_sync(site.write_failed_logins)
 
-        closing = asyncio.create_task(close_windows())
+        async def watch_active():  # a delivered model is loaded without waiting for a request to ask
+            while True:
+                await asyncio.sleep(ACTIVE_WATCH_S)
+                try:
+                    site.predictor.refresh(wait=False)  # one stat; a new version loads in a thread
+                except Exception:  # noqa: BLE001 - kept in the predictor's state, which /health reports
+                    pass
+
+        closing, watching = asyncio.create_task(close_windows()), asyncio.create_task(watch_active())
         yield
         closing.cancel()
+        watching.cancel()
         site.write_failed_logins(everything=True)
         site.write_head()  # stopped: the audit head records every committed entry
         site.explanations.explainer.close()

@@ -344,8 +344,8 @@ def operations_routes(app, site: "Site", role) -> None:
         current = predictor.current
         # the active version refused: unhealthy for monitoring, though predictions go on from an older one
         status = 503 if current is None or predictor.degraded else 200
-        return JSONResponse({"status": "ok" if status == 200 else "unhealthy",
-                             "model_version": current and current.version}, status_code=status)
+        said = "ok" if status == 200 else "waiting for the first model" if predictor.waiting else "unhealthy"
+        return JSONResponse({"status": said, "model_version": current and current.version}, status_code=status)
 
     @app.get("/health/live")
     async def live():

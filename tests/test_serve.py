@@ -268,6 +268,71 @@ def test_a_new_version_loads_off_the_event_loop_while_the_current_one_answers(si
     assert r.json()["model_version"] == "v0001"
 
 
+def _deliver(site, model_dir, run: str) -> str:
+    """A new model installed in `model_dir` as a delivery installs it (the test site's weights, another run)."""
+    from shared_models.weights import load_weights
+
+    model = load_weights(site["root"] / "models" / "v0002" / "weights.pt", site["schema"])
+    return ModelStore(model_dir).install(site["schema"], ModelConfig(d_model=32), state_arrays(model),
+                                         {"run": run, "round": 3, "metrics": {"macro_f1": 0.9}})
+
+
+def test_a_delivered_model_is_served_within_two_seconds_without_waiting_for_a_request(site, tmp_path):
+    """A delivered model was loaded only when a request came, and that request (and /health) was still answered by
+    the old one: a reviewer's v0002, installed at 19:16:19, was not served at 19:17:06. The service watches the
+    store itself: the new version serves within the 2 s docs/hospital-guide.md promises, with no request meanwhile,
+    and the first request after it gets it."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    _copy_site(site, tmp_path)
+    app = create_app(SiteConfig.load(tmp_path / "site.json"))
+    with TestClient(app) as c:  # (as a context: the service's lifespan, its background tasks, runs)
+        assert c.get("/health").json()["model_version"] == "v0002"
+        version = _deliver(site, tmp_path / "models", "run-c")
+        t0 = time.monotonic()
+        while app.state.predictor.current.version != version and time.monotonic() - t0 < 10:
+            time.sleep(0.02)  # no request: only the service's own watch can load it
+        delay = time.monotonic() - t0
+        assert app.state.predictor.current.version == version == "v0003" and delay < 2.0, delay
+        assert c.get("/health").json() == {"status": "ok", "model_version": "v0003"}
+        r = c.post("/v1/predict", json={"patients": [_patient(site, 0)], "top_k": 0}, headers=_auth(site["clinician"]))
+        assert r.status_code == 200 and r.json()["model_version"] == "v0003"
+
+
+def test_a_site_without_a_model_serves_waiting_and_starts_predicting_once_one_is_installed(site, tmp_path):
+    """`oncofed serve` on a site before its first delivery exited at once ("no model installed yet"): a systemd unit
+    crash-looped until the first run ended. It starts, /health and predictions answer 503 saying it waits for the
+    first model, and the model delivered later is served without a restart. `oncofed predict` still refuses."""
+    import time
+
+    import httpx
+
+    _copy_site(site, tmp_path)
+    shutil.rmtree(tmp_path / "models")
+    patients = {"patients": [_patient(site, 0)], "top_k": 0}
+    with _serving_process(tmp_path / "site.json", ready=lambda r: True) as served:
+        r = httpx.get(f"{served['url']}/health")
+        assert r.status_code == 503 and r.json() == {"status": "waiting for the first model", "model_version": None}
+        r = httpx.post(f"{served['url']}/v1/predict", json=patients, headers=_auth(site["clinician"]))
+        assert r.status_code == 503 and r.json()["detail"].startswith("waiting for the first model"), r.text
+        assert "no model installed yet" in r.json()["detail"] and r.headers["retry-after"]
+        _deliver(site, tmp_path / "models", "run-a")
+        t0 = time.monotonic()
+        while (r := httpx.get(f"{served['url']}/health")).status_code != 200:
+            assert time.monotonic() - t0 < 10, r.text
+            time.sleep(0.1)
+        assert r.json() == {"status": "ok", "model_version": "v0001"}
+        r = httpx.post(f"{served['url']}/v1/predict", json=patients, headers=_auth(site["clinician"]))
+        assert r.status_code == 200 and r.json()["model_version"] == "v0001"
+        assert served["process"].poll() is None
+    shutil.rmtree(tmp_path / "models")
+    r = subprocess.run([sys.executable, "-m", "oncofed", "predict", "--site-config", str(tmp_path / "site.json"),
+                        "--data", str(site["data"]), "--out", str(tmp_path / "out.csv")], capture_output=True, text=True)
+    assert r.returncode == 2 and "no model installed yet" in r.stderr, r.stderr
+
+
 def test_a_rollback_sent_as_curl_sends_it_is_followed_and_a_bad_body_names_the_fix(site, client):
     """`curl -d '{"rollback": true}'` sends the JSON form-encoded (as the guide's /v1/predict example does): it was
     refused with FastAPI's "Input should be a valid dictionary", naming neither the body's form nor the fix."""
@@ -974,8 +1039,8 @@ def _gzip_bomb(mb: int) -> bytes:
 
 
 @contextmanager
-def _serving_process(site_json, *args):
-    """`oncofed serve` (with `args`) as a real process on loopback, once its /health answers."""
+def _serving_process(site_json, *args, ready=lambda r: r.status_code == 200):
+    """`oncofed serve` (with `args`) as a real process on loopback, once its /health answers (`ready`)."""
     import time
 
     import httpx
@@ -990,7 +1055,7 @@ def _serving_process(site_json, *args):
         deadline = time.time() + 120
         while time.time() < deadline:
             try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                if ready(httpx.get(f"{url}/health", timeout=1)):
                     break
             except httpx.TransportError:
                 assert proc.poll() is None, proc.stdout.read()
