@@ -321,14 +321,14 @@ def unknown_keys(obj: dict, known: frozenset, loc: str) -> list[dict]:
     "modalites") dropped silently answers as if it were absent (the default top_k, every modality missing)."""
     if obj.keys() <= known:
         return []
-    import difflib
+    from shared_models.spelling import closest_key
 
     out = []
     for key in [k for k in obj if k not in known][:MAX_NAMES]:  # a few named: the CPU a body can cost stays bounded
-        close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+        close = closest_key(key, known)
         out.append({"loc": f"{loc}.{_short(key)}", "code": "unknown_key",
-                    "msg": f"unknown key {_short(key)!r}" + (f"; did you mean {close[0]!r}?" if close else ""),
-                    "fix": f"write {close[0]!r}" if close else f"remove it: the keys here are {', '.join(sorted(known))}"})
+                    "msg": f"unknown key {_short(key)!r}" + (f"; did you mean {close!r}?" if close else ""),
+                    "fix": f"write {close!r}" if close else f"remove it: the keys here are {', '.join(sorted(known))}"})
     return out
 
 

@@ -241,6 +241,16 @@ def list_sites(root: str | Path) -> list[dict]:
     return out
 
 
+UNKNOWN_STATUS = "unknown"  # list-sites with the SuperLink not answering: the register alone says nothing of online
+
+
+def register_only(root: str | Path) -> list[dict]:
+    """The registered sites as consortium.json holds them, each one's status UNKNOWN_STATUS (or its cut-short
+    registration): what `list-sites` shows when the SuperLink cannot be asked (the server is down)."""
+    return [{**s, "status": "registration cut short: run the same add-site again" if s.get("pending") else
+             UNKNOWN_STATUS} for s in _record(Path(root))["sites"] if not s.get("removed")]
+
+
 def remove_site(root: str | Path, name: str) -> dict:
     """Unregister a site's key. consortium.json marks the removal first, so a kill before it is recorded leaves a
     removal the next remove-site completes (its node already unknown to the SuperLink)."""

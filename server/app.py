@@ -260,7 +260,9 @@ class RoundRecorder:
         self.resume = resume_command(out, self.registry)  # a simulation's differs from a consortium's run
         self.t0, self.round_started = t0, time.time()  # t0: the ServerApp's start
         self.status = {"run": self.run_key, "num_rounds": cfg.federation.num_rounds, "round": start.first_round - 1,
-                       "finished": 0, "site_epsilon": self.site_epsilon}
+                       "finished": 0, "site_epsilon": self.site_epsilon,
+                       # 0 while the global model is the untrained initial one: /metrics names no model then
+                       "model_updated": int(model_updated(metrics_lines(self.metrics_file), before=start.first_round))}
         write_json_atomic(out / STATUS, self.status)  # read by server/metrics.py (Prometheus)
 
     def registered_now(self) -> dict[str, str] | None:
@@ -307,7 +309,8 @@ class RoundRecorder:
         self.status.update(round=rnd, round_seconds=round(time.time() - self.round_started, 2),
                            participating=len(info.get("participants", [])), site_epsilon=dict(self.site_epsilon),
                            site_run_epsilon=dict(self.site_run_epsilon),
-                           **self._worst_case(), weights_sha256=line["weights_sha256"])
+                           **self._worst_case(), weights_sha256=line["weights_sha256"],
+                           model_updated=int(self.status.get("model_updated") or info.get("status") == "updated"))
         write_json_atomic(self.out / STATUS, self.status)
         self.round_started = time.time()
         self.audit.append("round", **audit_round)
@@ -456,7 +459,7 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
     rounds = metrics_lines(recorder.metrics_file)
     if not model_updated(rounds):
         reason = (f"no round updated the global model, so the untrained initial model is neither scored, signed nor "
-                  f"delivered: {why_no_update(rounds)} ({recorder.metrics_file})")
+                  f"delivered: {why_no_update(rounds, names=recorder.registered_now())} ({recorder.metrics_file})")
         log(WARNING, "run %s: %s", recorder.run_key, reason)
         if previous := round_outcome(out, cfg.federation.num_rounds):  # no delivery to carry it to the ledgers
             tell_outcome(grid, previous, recorder.run_key, cfg.federation.round_timeout)

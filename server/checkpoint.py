@@ -51,10 +51,50 @@ def model_updated(lines: list[dict], before: int | None = None) -> bool:
     return any(r.get("status") == "updated" for rnd, r in newest_rounds(lines).items() if before is None or rnd < before)
 
 
-def why_no_update(lines: list[dict], most: int = 3) -> str:
+def refusals(lines: list[dict], names: dict | None = None) -> list[tuple[list[str], str]]:
+    """The distinct refusal reasons of these rounds (metrics.jsonl lines), each once with the sites that gave it, in
+    order of first appearance: three sites out of budget are one reason, not three copies of it. A site is named by
+    its register entry (`names`, {node id: name}) or by the "NAME: " its reason starts with."""
+    names = {str(k): v for k, v in (names or {}).items()}
+    known = set(names.values())
+    by_reason: dict[str, list[str]] = {}
+    for r in lines:
+        for x in r.get("refused") or []:
+            text = str(x.get("reason", "")) if isinstance(x, dict) else str(x)
+            site = names.get(str(x.get("node"))) if isinstance(x, dict) else None
+            head, sep, rest = text.partition(": ")
+            if sep and (head == site or (site is None and head in known)):
+                site, text = head, rest
+            sites = by_reason.setdefault(text, [])
+            if site and site not in sites:
+                sites.append(site)
+    return [(sites, reason) for reason, sites in by_reason.items()]
+
+
+def said_refusals(found: list[tuple[list[str], str]], most: int = 3, short: bool = False) -> str:
+    """refusals() as words: "Hosp A, Hosp B: REASON; ..."; `short`, each reason cut at its first clause (what it
+    is, not the whole of what to do about it)."""
+    def cut(reason: str) -> str:
+        if not short:
+            return reason
+        depth = 0
+        for i, ch in enumerate(reason):  # the first ": " outside brackets ends the first clause
+            depth += (ch in "([") - (ch in ")]")
+            if depth <= 0 and reason.startswith(": ", i):
+                reason = reason[:i]
+                break
+        return reason if len(reason) <= 160 else reason[:157] + "..."
+
+    said = [f"{', '.join(sites)}: {cut(reason)}" if sites else cut(reason) for sites, reason in found[:most]]
+    return "; ".join(said) + (f" (and {len(found) - most} more)" if len(found) > most else "")
+
+
+def why_no_update(lines: list[dict], most: int = 3, names: dict | None = None, short: bool = False) -> str:
     """Why no round updated the global model, round by round (rounds in a row with the same words together): the
-    server's reason for each, and the sites' refusals and failures (at most `most` of each kind; metrics.jsonl keeps
-    them all)."""
+    server's reason for each, and the sites' refusals (each distinct reason once, with the sites that gave it:
+    refusals) and failures (at most `most` of each kind; metrics.jsonl keeps them all). `short`: the refusals alone
+    when there are any (they are why: the server's own reason then only says that no site was left), each cut to
+    its first clause."""
 
     def some(kind: str, items: list[str]) -> str:
         items = list(dict.fromkeys(items))
@@ -64,10 +104,11 @@ def why_no_update(lines: list[dict], most: int = 3) -> str:
     for rnd, r in sorted(newest_rounds(lines).items()):
         why = r.get("reason") or ("no site contributed" if r.get("status") == "no-update" else
                                   f"status {r.get('status') or 'unknown'}")
-        refused = [str(x.get("reason", "")) if isinstance(x, dict) else str(x) for x in r.get("refused") or []]
-        for kind, items in (("refused", refused), ("failed", [str(x) for x in r.get("failures") or []])):
-            if items:
-                why += f" ({some(kind, items)})"
+        if found := refusals([r], names):
+            why = (f"refused by {said_refusals(found, most, short)}" if short else
+                   f"{why} (refused: {said_refusals(found, most)})")
+        if failed := [str(x) for x in r.get("failures") or []]:
+            why += f" ({some('failed', failed)})"
         if r.get("dropped"):
             why += f" (no reply from nodes {', '.join(map(str, r['dropped']))})"
         if said and said[-1][2] == why and said[-1][1] == rnd - 1:

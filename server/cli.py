@@ -89,11 +89,23 @@ def add_site(
 
 
 def list_sites(directory: Path = typer.Argument(..., help="the consortium directory")) -> None:
-    """The registered sites and the SuperLink's status of each."""
+    """The registered sites and the SuperLink's status of each (with the server down: the register, status unknown)."""
     from privacy import registry
+    from privacy.pki import ProvisioningError
 
-    for s in _registry(lambda: registry.list_sites(directory)):
+    try:
+        sites, unreachable = registry.list_sites(directory), ""
+    except ProvisioningError as e:  # the register is this directory's own file: listed all the same
+        sites, unreachable = _registry(lambda: registry.register_only(directory)), str(e)
+        if "Connection to the SuperLink is unavailable" in unreachable:  # flwr's words for "not listening": said below
+            unreachable = "not answering"
+    for s in sites:
         typer.echo(f"{s['name']:<20} node {s.get('node_id', '-'):<22} {s['status']:<12} key {s['key_sha256']}")
+    if unreachable:
+        typer.echo(f"the SuperLink was not reachable, so whether each site is online is unknown (status "
+                   f"{registry.UNKNOWN_STATUS!r}); the list is the register in {directory / 'consortium.json'}. "
+                   f"Start the server (`oncofed server start {directory}`) to see who is online (the SuperLink: {unreachable})",
+                   err=True)
 
 
 def remove_site(

@@ -290,7 +290,11 @@ def load_final(run_dir: Path) -> tuple[list[np.ndarray], dict]:
     from privacy.signing import SIGNATURE_KEY
     from shared_models.weights import arrays_sha256
 
+    from server.runs import no_model_verdict
+
     weights = run_dir / FINAL_WEIGHTS
+    if verdict := no_model_verdict(run_dir.parent.parent, run_dir.name):  # it has no final model, nor will it
+        raise ValueError(f"run {run_dir.name!r} {verdict}")
     if not weights.exists():
         raise ValueError(f"{weights} is missing: run {run_dir.name!r} never finished training; continue it with "
                          "`oncofed run --resume` instead")
@@ -438,6 +442,10 @@ def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
         known = sorted(d.name for d in c.path("runs").glob("*") if d.is_dir()) if c.path("runs").is_dir() else []
         raise DeployError(f"no run {name!r} in {c.path('runs')} (runs: {', '.join(known) or 'none'}); "
                           "`oncofed runs list` names them")
+    from server.runs import no_model_verdict
+
+    if verdict := no_model_verdict(c.root, name):
+        raise DeployError(f"run {name!r} {verdict}")
     try:
         checkpoint = load_latest(run_dir / CHECKPOINTS)
     except CheckpointError as e:

@@ -111,7 +111,7 @@ def server_checks(c: Consortium, metrics_port: int = 0) -> list[Check]:
     checks += port_checks(c, metrics_port)
     if left := orphaned_processes(c):
         checks.append(Check("processes of an earlier `oncofed server start`", False,
-                            f"{orphans_left(c, left)}, then start again"))
+                            f"{orphans_left(c, left)}; then start again"))
     try:
         c.path("state").mkdir(exist_ok=True)
         probe = c.path("state", ".write-probe")
@@ -305,8 +305,36 @@ def orphaned_processes(c: Consortium) -> list[tuple[str, int]]:
 def orphans_left(c: Consortium, left: list[tuple[str, int]]) -> str:
     """What a killed `oncofed server start` left running (orphaned_processes) and how to stop it."""
     return (f"its supervisor (pid {server_state(c.root).get('pid')}) was killed and left "
-            f"{', '.join(f'{k} pid {p}' for k, p in left)} running, holding the ports: stop them with "
-            f"`kill {' '.join(str(p) for _, p in left)}`")
+            f"{', '.join(f'{k} pid {p}' for k, p in left)} running, holding the ports: `oncofed server stop {c.root}` "
+            f"stops them")
+
+
+def stop_orphans(c: Consortium, left: list[tuple[str, int]], grace: float = 10.0) -> str:
+    """Stop what a killed `oncofed server start` left (orphaned_processes: only pids whose command line names this
+    consortium): SIGTERM to each one's process group (start_group made each a group leader: nginx's workers and
+    the rest go with it), SIGKILL to what is left after `grace` seconds. Returns what was done."""
+    def signal_it(pid: int, sig: int) -> None:
+        try:
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, sig)
+            else:  # not the leader of its own group (not started by start_group): the process alone
+                os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    for _, pid in left:
+        signal_it(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while any(pid_alive(p) for _, p in left) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    killed = [(k, p) for k, p in left if pid_alive(p)]
+    for _, pid in killed:
+        signal_it(pid, signal.SIGKILL)
+    write_json_atomic(c.path("state", "server.json"), {"pid": None, "stopped": time.time()})
+    return (f"{c.root}: the server's supervisor (`oncofed server start`) had been killed; stopped what it left running: "
+            f"{', '.join(f'{k} (pid {p})' for k, p in left)}"
+            + (f" ({', '.join(k for k, _ in killed)} only by SIGKILL after {grace:g} s)" if killed else "")
+            + f". `oncofed server start {c.root}` starts the server again")
 
 
 def _is_server_of(pid: int, root: Path) -> bool:
@@ -350,14 +378,14 @@ def _systemd_unit_of(pid: int) -> str | None:
 def stop_server(root: str | Path, timeout: float = 60.0, force: bool = False) -> str:
     """SIGTERM to this consortium's running `oncofed server start`, which stops the SuperLink, the SuperExec (and a
     ServerApp it runs) and the proxy, as Ctrl-C does; waits up to `timeout` seconds for it to end. Refused while a
-    run trains unless `force` (it would end the run). Returns what happened; raises DeployError when it cannot be
+    run trains unless `force` (it would end the run). With that process killed (kill -9), the SuperLink, SuperExec and
+    proxy it left running instead (stop_orphans). Returns what happened; raises DeployError when it cannot be
     stopped, would stop a run, or is not this consortium's."""
     c = Consortium.load(root)
     pid = server_state(c.root).get("pid")
     if not pid or not pid_alive(pid):
         if left := orphaned_processes(c):
-            raise DeployError(f"{c.root}: no `oncofed server start` runs, but {orphans_left(c, left)}, then start the "
-                              "server")
+            return stop_orphans(c, left)
         return f"{c.root}: the server is not running"
     if not _is_server_of(int(pid), c.root):
         raise DeployError(f"{c.path('state', 'server.json')}: pid {pid} is not this consortium's `oncofed server start` "

@@ -17,8 +17,11 @@ SuperLink has pending or running (exported_runs); the sites' epsilon and the mod
     oncofed_site_epsilon{site}                   cumulative epsilon each site reported
     oncofed_site_run_epsilon{site}               each site's epsilon of the run's rounds alone (the model's own)
     oncofed_site_epsilon_worst_case{site}        dp-mode distributed: each site's epsilon from its own noise share alone
-    oncofed_model_info{run,run_key,round,sha256} the global model of the run started last (value 1)
-    oncofed_run_finished{run,run_key}            1 once training finished and delivery was tried
+    oncofed_model_info{run,run_key,round,sha256} the global model of the run started last (value 1), once a round
+                                                 updated it (the untrained initial model is no run's model)
+    oncofed_run_finished{run,run_key}            1 once training finished with a model and delivery was tried
+    oncofed_run_failed{run,run_key}              1: training ended without a model, no site trained (e.g. every site
+                                                 refused every round): fix it at the sites, then a new run
     oncofed_sites_trained{run,run_key}           sites whose update entered an aggregate of the run
     oncofed_sites_delivered{run,run_key}         sites that installed its final model
     oncofed_run_delivery_ok{run,run_key}         1 once every site that trained installed it (else `oncofed deliver`)
@@ -55,6 +58,17 @@ def latest_status(runs: Path) -> dict | None:
     """The status of the run started last."""
     statuses = run_statuses(runs)
     return statuses[-1][1] if statuses else None
+
+
+def no_model(status: dict) -> bool:
+    """Training ended without a model: no round updated it (server.runs.no_model says why and what to do)."""
+    return bool(status.get("finished")) and "trained" in status and not status["trained"]
+
+
+def has_model(status: dict) -> bool:
+    """A round updated the run's global model (status.json's `model_updated`; a status written before it was kept:
+    any but a run that ended without one)."""
+    return bool(status.get("model_updated", not no_model(status)))
 
 
 def undelivered(status: dict) -> bool:
@@ -127,7 +141,8 @@ class ConsortiumCollector:
                 ("oncofed_rounds_completed", "rounds aggregated in the run", "round"),
                 ("oncofed_round_duration_seconds", "duration of the run's last round", "round_seconds"),
                 ("oncofed_sites_participating", "sites in the run's last aggregate", "participating"),
-                ("oncofed_run_finished", "1 once training finished and delivery was tried", "finished"),
+                ("oncofed_run_finished", "1 once training finished with a model and delivery was tried (a run "
+                 "that ended without one: oncofed_run_failed)", "finished"),
                 ("oncofed_sites_trained", "sites whose update entered an aggregate of the run", "trained"),
                 ("oncofed_sites_delivered", "sites that installed the run's final model", "delivered"),
                 ("oncofed_run_delivery_ok", "1 once every site that trained installed the final model (alert on "
@@ -135,8 +150,15 @@ class ConsortiumCollector:
                  "CONSORTIUM RUN`)", "delivery_ok")):
             g = GaugeMetricFamily(metric, doc, labels=["run", "run_key"])
             for name, status in runs:
-                g.add_metric([name, str(status.get("run", ""))], float(status.get(key) or 0))
+                value = 0 if key == "finished" and no_model(status) else status.get(key)  # oncofed_run_failed's
+                g.add_metric([name, str(status.get("run", ""))], float(value or 0))
             yield g
+        failed = GaugeMetricFamily("oncofed_run_failed", "1: the run's training ended without a model (no site "
+                                   "trained, e.g. every site refused every round); nothing to deliver or resume: fix "
+                                   "it at the sites, then start a new run", labels=["run", "run_key"])
+        for name, status in runs:
+            failed.add_metric([name, str(status.get("run", ""))], float(no_model(status)))
+        yield failed
         name, status = runs[-1]  # the run started last: its sites' epsilon and global model
         eps = GaugeMetricFamily("oncofed_site_epsilon", "cumulative epsilon each site reported", labels=["site"])
         for site, value in sorted((status.get("site_epsilon") or {}).items()):
@@ -154,6 +176,8 @@ class ConsortiumCollector:
             for site, value in sorted(status["site_epsilon_worst_case"].items()):
                 worst.add_metric([site], float(value))
             yield worst
+        if not has_model(status):  # its weights are the untrained initial ones: no model to name
+            return
         info = InfoMetricFamily("oncofed_model", "the global model of the run started last")
         info.add_metric([], {"run": name, "run_key": str(status.get("run", "")), "round": str(status.get("round", 0)),
                              "sha256": str(status.get("weights_sha256", ""))})

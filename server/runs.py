@@ -59,6 +59,40 @@ def read_superlink(db: Path) -> dict | None:
     return {"runs": runs, "nodes": nodes}
 
 
+def flwr_run_code(db: Path, run_id: int) -> tuple[str, str] | None:
+    """(fab_version, fab_hash) the SuperLink recorded for a flwr run: the version and the SHA-256 of the app bundle
+    (FAB) `flwr run` built from the checkout; None when it cannot be read."""
+    if not db.exists():
+        return None
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1.0)
+        try:
+            row = con.execute("SELECT fab_version, fab_hash FROM run WHERE run_id = ?",
+                              (run_id - 2**64 if run_id >= 2**63 else run_id,)).fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None
+    return (str(row[0]), str(row[1])) if row and row[1] else None
+
+
+def code_change(root: Path, name: str, run_id: int) -> str:
+    """"" when flwr run `run_id` (a resume of run `name`) runs the code the run started with (its first flwr run's
+    FAB); otherwise what changed and what it means: `flwr run` builds the app from the checkout as it is now, so a
+    resume after the code changed continues the run with the new code (and the run config frozen at its start)."""
+    ids = _json(root / "runs" / name / FLWR_RUNS) or []
+    db = root / "state" / "superlink.db"
+    first = flwr_run_code(db, ids[0]) if ids and ids[0] != run_id else None
+    now = flwr_run_code(db, run_id)
+    if first is None or now is None or first[1] == now[1]:
+        return ""
+    return (f"run {name!r}: the code differs from the code the run started with (app version {first[0]}, FAB SHA-256 "
+            f"{first[1][:16]}..., flwr run {ids[0]}; now version {now[0]}, {now[1][:16]}...): the checkout changed "
+            f"since. The run continues with the new code and the run config frozen when it started (run.json). To "
+            f"continue it with the old code instead: `oncofed runs stop {root} {name}`, check out the code it started "
+            f"with, and `oncofed run {root} --name {name} --resume` again")
+
+
 def registered_sites(root: Path, superlink: dict | None) -> list[dict]:
     """consortium.json's sites (not removed) with the SuperLink's status of each."""
     record = _json(root / "consortium.json") or {}
@@ -111,6 +145,84 @@ def site_names(root: Path) -> dict[int, str]:
         return {}
 
 
+NO_SITE_TRAINED = "failed: no site trained"  # a run whose rounds all ran without updating the model (no_model_verdict)
+
+
+def no_model(root: Path, name: str, names: dict[int, str] | None = None) -> tuple[str, str] | None:
+    """(why, next step): the one verdict on a run that ended without a model (result.json's `not_delivered`: no round
+    updated the global model, e.g. every site refused every round), None for any other run: what `oncofed run`, `runs list`,
+    `deliver` and `run --resume` say of it. Its rounds ran, so there is nothing to resume, and its model is the
+    untrained one, so nothing to deliver: what is wrong is at the sites, and a new run is the next step. The
+    refusals are said once per distinct reason, with the sites that gave it."""
+    run_dir = root / "runs" / name
+    result = _json(run_dir / RESULT)
+    if not isinstance(result, dict) or not result.get("not_delivered"):
+        return None
+    try:
+        lines = metrics_lines(run_dir / METRICS)
+    except (OSError, ValueError):
+        lines = []
+    from server.checkpoint import why_no_update
+
+    why = why_no_update(lines, names=site_names(root) if names is None else names, short=True) if lines else \
+        result["not_delivered"][:300]
+    return why, (f"nothing to deliver (the model is the untrained initial one) and nothing to resume (its rounds ran): "
+                 f"fix the cause at the sites (a site's privacy budget, its data: each refusal in {run_dir / METRICS} "
+                 f"says what to do), then start a new run: `oncofed run {root} --name NEW_NAME`")
+
+
+def no_model_verdict(root: Path, name: str) -> str | None:
+    """no_model's (why, next step) as one sentence."""
+    found = no_model(root, name)
+    return None if found is None else f"{NO_SITE_TRAINED} ({found[0]}); {found[1]}"
+
+
+def _registered_before(site: dict, when: float) -> bool:
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(str(site.get("added"))).timestamp() <= when
+    except ValueError:
+        return True  # no time recorded: it counts
+
+
+def sites_left_out(root: Path, name: str) -> str:
+    """The registered sites that had no part in a finished run, for its last line ("" when none): those that refused
+    every round it ran (with their reasons, each once) and those never seen in any round nor at the delivery (never
+    connected while it ran, e.g. a SuperNode not started). Sites registered after it ended, or removed, are not named."""
+    from server.checkpoint import newest_rounds, refusals, said_refusals
+
+    run_dir = root / "runs" / name
+    try:
+        rounds = list(newest_rounds(metrics_lines(run_dir / METRICS)).values())
+    except (OSError, ValueError):
+        return ""
+    record, result = _json(root / "consortium.json") or {}, _json(run_dir / RESULT) or {}
+    ended = max((float(r["ended"]) for r in rounds if isinstance(r.get("ended"), (int, float))), default=0.0) or \
+        _mtime(run_dir / RESULT) or time.time()
+    sites = {int(s["node_id"]): s["name"] for s in record.get("sites", [])
+             if s.get("node_id") and not s.get("removed") and not s.get("pending") and _registered_before(s, ended)}
+    by_name = {n: node for node, n in sites.items()}
+    seen: set[int] = set()
+    refused_rounds: dict[int, int] = {}
+    for r in rounds:
+        seen |= {int(n) for n in [*(r.get("participants") or []), *(r.get("sites") or {}), *(r.get("dropped") or [])]}
+        refusing = {by_name[n] for found, _ in refusals([r], sites) for n in found if n in by_name}
+        for node in refusing:
+            refused_rounds[node] = refused_rounds.get(node, 0) + 1
+    seen |= {int(d["node"]) for d in result.get("deliveries") or [] if d.get("installed") and d.get("node") is not None}
+    every = sorted(sites[n] for n, k in refused_rounds.items() if rounds and k == len(rounds))
+    never = sorted(sites[n] for n in sites if n not in seen and n not in refused_rounds)
+    said = []
+    if every:
+        mine = [(found, why) for found, why in refusals(rounds, sites) if set(found) & set(every)]
+        said.append(f"refused every round: {said_refusals(mine, short=True)}")
+    if never:
+        said.append(f"registered but never connected while it ran: {', '.join(never)} (is each one's `oncofed site "
+                    "start` running? `oncofed consortium list-sites` shows who is online)")
+    return "; ".join(said)
+
+
 def _mtime(path: Path) -> float:
     try:
         return path.stat().st_mtime
@@ -160,7 +272,10 @@ class RunView:
 
     @property
     def state(self) -> str:
-        """pending | starting | running | completed | failed | stopped | unknown (SuperLink's view first)."""
+        """pending | starting | running | completed | failed | stopped | unknown (SuperLink's view first; a run that
+        ended without a model is failed whatever Flower calls it: no site trained)."""
+        if self.result and self.result.get("not_delivered"):
+            return "failed"
         if self.superlink_status:
             return self.superlink_status.removeprefix("finished:")
         return "completed" if self.result else "unknown"
@@ -184,6 +299,9 @@ class RunView:
         (`server_down`, why), the SuperLink's last record of a running run says nothing of training: that instead."""
         done, total = int(self.status.get("round") or 0), self.status.get("num_rounds") or "?"
         parts = [f"{self.state}", f"round {done}/{total} done"]
+        if found := no_model(self.run_dir.parent.parent, self.name, names):
+            return " · ".join([NO_SITE_TRAINED, parts[1], found[0], "next: fix it at the sites (each refusal in "
+                               "metrics.jsonl says how), then a new run with another --name"])
         p = self.progress
         if self.running and server_down:
             return " · ".join([f"{self.state} when the server went down", parts[1], f"not training: {server_down}"])
@@ -209,9 +327,7 @@ class RunView:
             parts.append(f"ETA ~{_minutes(eta)}")
         elif self.running and done == 0:
             parts.append("ETA after round 1")
-        if self.result and self.result.get("not_delivered"):
-            parts.append(f"no model delivered: {self.result['not_delivered']}")
-        elif self.result:
+        if self.result:
             from server.delivery import delivery_now, delivery_status, delivery_summary
 
             deliveries = self.result.get("deliveries", [])
@@ -392,6 +508,9 @@ def after_stream(root: Path, name: str, flwr_exit: int | None, log_path: Path, o
         if follow(root, name, out, health=health) == 3:  # the server is down: said so, with what to do
             return 1
         view = RunView.load(root, name, read_superlink(root / "state" / "superlink.db"))
+    if verdict := no_model_verdict(root, name):
+        out.write(f"run {name!r} {verdict}\n")
+        return 1
     if view.result and view.state in ("completed", "unknown"):
         out.write(f"run {name!r} finished: {view.run_dir / 'result.json'}\n")
         return 0

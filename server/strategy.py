@@ -64,6 +64,19 @@ def refusal_reason(text: str) -> str:
     return body if len(body) <= 500 else body[:300] + " [...] " + body[-190:]
 
 
+def aggregated_line(rnd: int, aggregated: int, sampled: int, refused: int, dropped: list, failures: int,
+                    distinct_errors: int) -> str:
+    """The round's count of sites, beside Flower's "received R results and F failures": F counts failed messages, and
+    under SecAgg+ one site that goes away can fail a message at several stages (two failures, one site). A site that
+    failed sent no update, so it is among those without a reply (`dropped`), not counted twice."""
+    said = f"round {rnd}: aggregated {aggregated} of {sampled} sampled sites ({refused} refused, {len(dropped)} " \
+           f"without an update" + (f": nodes {', '.join(map(str, dropped))}" if dropped else "") + ")"
+    if failures:
+        said += (f"; Flower's {failures} failure(s) are failed messages (one site can fail several of SecAgg+'s stages), "
+                 f"{distinct_errors} distinct error(s), logged above")
+    return said
+
+
 def recorded(metrics, allowed: frozenset[str], node_id) -> dict:
     """A site's metrics as the server records them: the protocol's allow-list only (shared_models.protocol)."""
     kept, left_out = allowed_metrics(metrics, allowed)
@@ -156,7 +169,7 @@ class DeltaMixin:
         """(refused, failed, dropped) of a round, logged and kept in `round_info`."""
         reasons = list(dict.fromkeys(failure_reason(f) for f in failures))  # SecAgg+ may repeat one
         # one refusal per refusing node (two sites may give the same words), then any the workflow did not see
-        refused = [{"reason": r} for _, r in sorted(self.errored.items())]
+        refused = [{"reason": r, "node": n} for n, r in sorted(self.errored.items())]  # node: who, for the run's end
         seen = set(self.errored.values())
         refused += [{"reason": t} for r in reasons if REFUSAL_PREFIX in r and (t := refusal_reason(r)) not in seen]
         failed = [r for r in reasons if REFUSAL_PREFIX not in r]
@@ -221,8 +234,8 @@ class DeltaMixin:
         self.round_info["status"] = "updated"
         self.outcomes[server_round] = {"status": "updated"}
         self.updated = True
-        log(INFO, "round %s: aggregated %s sites (%s refused, %s failed, %s dropped)", server_round, len(ok),
-            len(refused), len(reasons), len(dropped))
+        log(INFO, "%s", aggregated_line(server_round, len(ok), len(self.sampled), len(refused), dropped,
+                                        len(failures), len(reasons)))
         return ndarrays_to_parameters(self.global_weights), metrics
 
     def _abandon(self, server_round: int, reason: str) -> None:

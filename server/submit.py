@@ -28,6 +28,7 @@ from shared_models.files import exclusive_lock, write_json_atomic
 from shared_models.flower_tools import flower_tool
 from shared_models.run_config import RunConfig, RunConfigError, app_defaults, flwr_overrides
 from server.run_files import CHECKPOINTS, FLWR_LOG, FLWR_RUNS, RESULT, RUN_FILE
+from server.runs import NO_SITE_TRAINED, code_change, no_model, no_model_verdict, sites_left_out
 
 PROJECT = Path(__file__).resolve().parents[1]
 _DUPLICATE = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:")  # flwr streams each ServerApp line twice
@@ -152,6 +153,8 @@ def run_checks(c: Consortium, cfg: RunConfig, run_dir: Path, resume: bool, sites
         checks.append(Check(f"run {run_dir.name}", False, f"flwr run {live[-1]} of this name is still "
                             "pending or running on the SuperLink (submitted by another `oncofed run`): "
                             f"follow it with `oncofed runs follow {c.root} {run_dir.name}`, or choose another --name"))
+    elif resume and (verdict := no_model_verdict(c.root, run_dir.name)):
+        checks.append(Check(f"run {run_dir.name}", False, verdict))
     elif resume and (run_dir / RESULT).exists():  # resumed, it would send its model again over the sites' installs
         checks.append(Check(f"run {run_dir.name}", False, f"finished ({run_dir / RESULT}): nothing to resume; "
                             f"`oncofed deliver {c.root} {run_dir.name}` sends its model again to the sites that have "
@@ -163,6 +166,8 @@ def run_checks(c: Consortium, cfg: RunConfig, run_dir: Path, resume: bool, sites
     else:
         finished = (run_dir / RESULT).exists()
         checks.append(Check(f"run {run_dir.name}", not started, "new" if not started else
+                            f"{run_dir} holds a run that {NO_SITE_TRAINED}: choose another --name"
+                            if no_model(c.root, run_dir.name) else
                             f"{run_dir} holds a run that finished: choose another --name (`oncofed deliver` sends "
                             "its model again)" if finished else
                             f"{run_dir} already holds a run: if it stopped, pass --resume to continue it (`oncofed "
@@ -268,6 +273,8 @@ def _submit_run(c: Consortium, name: str, run_dir: Path, overrides: dict, resume
         if m := _STARTED.search(line):
             _record_flwr_run(run_dir, int(m.group(1)))
             lock.close()  # recorded: the next `oncofed run NAME` sees it in its preflight
+            if resume and (changed := code_change(c.root, name, int(m.group(1)))):
+                shown[0].write(f"{changed}\n")
         if not is_duplicate_log_line(line) and (line := folder.show(line)) is not None:
             shown[0].write(line)
 
@@ -292,15 +299,14 @@ def _submit_run(c: Consortium, name: str, run_dir: Path, overrides: dict, resume
 def finished_verdict(run_dir: Path, name: str) -> tuple[int, str]:
     """(exit code, message) of a run whose ServerApp wrote its result: 0 every site that trained installed the model,
     DELIVERY_SHORT_EXIT some did not (`oncofed deliver` sends it again), 1 no round updated the model, so there is
-    nothing to deliver (a deliver could not help: the reason says what to fix)."""
+    nothing to deliver (a deliver could not help: server.runs.no_model_verdict says what to fix)."""
     from server.delivery import DELIVERY_SHORT_EXIT, delivery_verdict
 
-    result = run_dir / RESULT
-    try:
-        not_delivered = json.loads(result.read_text()).get("not_delivered")
-    except (OSError, ValueError):
-        not_delivered = None
-    if not_delivered:
-        return 1, f"run {name!r} ended without a model: {not_delivered} ({result}); nothing to deliver"
+    root = run_dir.parent.parent
+    if verdict := no_model_verdict(root, name):
+        never = [x for x in sites_left_out(root, name).split("; ") if x.startswith("registered but never connected")]
+        return 1, f"run {name!r} {verdict}" + "".join(f"; {x}" for x in never)
     delivered, message = delivery_verdict(run_dir)
-    return (0 if delivered else DELIVERY_SHORT_EXIT), f"run {name!r} finished training: {result}; {message}"
+    left_out = sites_left_out(root, name)
+    return (0 if delivered else DELIVERY_SHORT_EXIT), (f"run {name!r} finished training: {run_dir / RESULT}; "
+                                                       f"{message}" + (f". Left out: {left_out}" if left_out else ""))

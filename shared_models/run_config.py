@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from pydantic_core import PydanticCustomError
 
 from shared_models.limits import MIN_COUNT
+from shared_models.spelling import closest_key
 
 if TYPE_CHECKING:
     from shared_models.training import TrainConfig
@@ -518,6 +519,8 @@ class RunConfig(BaseModel):
                         "missing": "add it to [tool.flwr.app.config] or pass --run-config"}.get(err["type"], "")
                 if err["type"] == "extra_forbidden" and (keys := _keys_of_field(str(key))):
                     hint = f"unknown key: the run config's key is {' or '.join(repr(k) for k in keys)}"
+                elif err["type"] == "extra_forbidden" and (close := closest_key(str(key), FLAT_KEYS)):
+                    hint = f"unknown key: did you mean {close!r}?"
                 if not hint and field is not None and field.description:
                     hint = field.description  # what the setting means and its limits
                     if max_epsilon is not None:

@@ -393,7 +393,7 @@ def test_a_run_no_round_updated_ends_saying_why_round_by_round_delivers_nothing_
             return []
 
     recorder = types.SimpleNamespace(metrics_file=out / "metrics.jsonl", run_key="r-1", audit=AuditLog(
-        out / "audit.jsonl"), status={"run": "r-1"}, t0=0.0)
+        out / "audit.jsonl"), status={"run": "r-1"}, t0=0.0, registered_now=lambda: None)
     cfg = load_run_config({"schema": "s.json", "num-rounds": 3})
     deliver_final(Grid(), cfg, None, out, recorder, [np.zeros(2, np.float32)], None, 1)
     result = json.loads((out / "result.json").read_text())

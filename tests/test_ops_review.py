@@ -129,7 +129,8 @@ def test_f_processes_a_killed_server_start_left_running_are_named_with_the_fix(c
         # a pid whose command line does not name this consortium (a reused pid) is not blamed
         assert orphaned_processes(consortium) == [("superlink", ours.pid)]
         failed = [c for c in server_checks(consortium) if not c.ok]
-        assert any(f"kill {ours.pid}" in c.detail and "was killed" in c.detail for c in failed), failed
+        assert any(f"superlink pid {ours.pid}" in c.detail and "was killed" in c.detail and
+                   f"`oncofed server stop {consortium.root}` stops them" in c.detail for c in failed), failed
     finally:
         ours.kill()
         other.kill()

@@ -108,7 +108,8 @@ def test_report_lists_every_failure(consortium):
 def test_proxy_exposes_only_fleet_and_health(consortium):
     conf = render(consortium, "fl.example.org", 8443, 9092)
     locations = [line.strip() for line in conf.splitlines() if line.strip().startswith("location")]
-    assert locations == ["location /v1/fleet/ {", "location = /health {", "location / {"]
+    # a named location (@...) answers only nginx's own error_page, never a request's path
+    assert locations == ["location /v1/fleet/ {", "location = /health {", "location @health_down {", "location / {"]
     assert "return 403" in conf and "server 127.0.0.1:9092;" in conf and "proxy_ssl_verify on;" in conf
     assert "listen 0.0.0.0:8443 ssl;" in conf and listen_host("10.1.2.3") == "10.1.2.3"
     assert json.loads((consortium / "consortium.json").read_text())["control-address"] == "127.0.0.1:9092"

@@ -237,13 +237,14 @@ def test_a_refusing_site_is_recorded_as_refused_not_also_as_dropped():
     two = [(_Proxy(n), FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([np.full(4, 0.01)]), 100, {}))
            for n in (1, 2)]
     strategy.aggregate_fit(1, two, [Exception(Error(0, "refused: site_3: budget"))])
-    assert strategy.round_info["refused"] == [{"reason": "site_3: budget"}] and strategy.round_info["dropped"] == [4]
+    assert strategy.round_info["refused"] == [{"reason": "site_3: budget", "node": 3}]
+    assert strategy.round_info["dropped"] == [4]
 
     # two sites refusing in the same words are two refusals (the texts alone collapsed them into one)
     strategy.sampled, strategy.errored = {1, 2, 3, 4}, {3: "the budget is spent", 4: "the budget is spent"}
     same = Exception(Error(0, "refused: the budget is spent"))
     strategy.aggregate_fit(2, two, [same, same])
-    assert strategy.round_info["refused"] == [{"reason": "the budget is spent"}] * 2
+    assert strategy.round_info["refused"] == [{"reason": "the budget is spent", "node": n} for n in (3, 4)]
     assert strategy.round_info["dropped"] == []
 
 
