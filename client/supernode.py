@@ -11,6 +11,7 @@ most of its time asleep (2 rounds took 2 min 47 s by hand before this).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -18,7 +19,8 @@ import time
 import types
 from pathlib import Path
 
-from privacy.preflight import Check, check_ca, check_port_free, check_reachable, check_site_key
+from privacy.preflight import (Check, check_ca, check_port_free, check_reachable, check_site_key, free_port_after,
+                               port_holder)
 from privacy.site_config import NODE_CONFIG_KEYS, SITE_CONFIG_KEY, SiteConfig
 from shared_models.flower_tools import QUIET_ENV, RETRIED_STATUS, SERVER_ERROR_RETRY_S, SUPERNODE_POLL_S, flower_tool
 
@@ -122,9 +124,20 @@ def site_checks(settings: SiteConfig, port: int, schema: Path | None, superlink:
         except OSError as e:
             checks.append(Check(f"{key} {d}", False, f"cannot be written by this account ({e.strerror}): `chown -R` "
                                 "it to the account that runs the site"))
-    checks.append(check_port_free("127.0.0.1", port, "local runtime port"))
+    checks.append(runtime_port_check(port))
     checks.append(check_reachable(superlink or settings.superlink, ca, "consortium server"))
     return checks
+
+
+def runtime_port_check(port: int) -> Check:
+    """The SuperNode's local runtime port, free; when another process listens there (a second site of this machine:
+    every `site start` takes 9094 unless told), the check names it and a port free now."""
+    check = check_port_free("127.0.0.1", port, "local runtime port")
+    if check.ok or os.strerror(errno.EADDRINUSE) not in check.detail:
+        return check
+    return Check(check.name, False, f"held by {port_holder(port)}; each site on this machine needs a runtime port of "
+                 f"its own: start this one with `--port {free_port_after(port) or 'PORT'}` (in the systemd unit, on "
+                 "its ExecStart line)")
 
 
 SITE_LOCK = "supernode.lock"  # in the state directory: held by the one `oncofed site start` of the site

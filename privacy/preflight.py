@@ -180,6 +180,45 @@ def check_port_free(host: str, port: int, what: str) -> Check:
     return Check(name, True, "free")
 
 
+def listening_pids(port: int) -> list[int]:
+    """Pids of the processes listening on TCP `port` on this machine (those this account can see: another user's are
+    not listed without root)."""
+    import psutil
+
+    try:
+        return [k.pid for k in psutil.net_connections(kind="tcp")
+                if k.status == psutil.CONN_LISTEN and k.laddr and k.laddr.port == port and k.pid]
+    except (psutil.Error, OSError):
+        return []
+
+
+def port_holder(port: int) -> str:
+    """Who listens on TCP `port`: "pid N (its command line)", or a command that names it when this account cannot."""
+    import psutil
+
+    for pid in listening_pids(port):
+        try:
+            command = " ".join(psutil.Process(pid).cmdline()) or psutil.Process(pid).name()
+        except psutil.Error:
+            return f"pid {pid}"
+        return f"pid {pid} ({command[:160]}{'...' if len(command) > 160 else ''})"
+    return f"another account's process (`sudo ss -ltnp 'sport = :{port}'` names it)"
+
+
+def free_port_after(port: int, taken: set[int] = frozenset()) -> int:
+    """The first port above `port` free on loopback now and not in `taken`: what an error suggests (0: none near)."""
+    for candidate in range(port + 1, min(port + 1000, 65536)):
+        if candidate in taken:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+        return candidate
+    return 0
+
+
 def https_health(address: str, ca_path: Path, timeout: float = 5.0, path: str = "/health",
                  method: str = "GET") -> int:
     """Status code of a request over TLS verified against the consortium CA (raises OSError/SSLError)."""

@@ -447,3 +447,20 @@ def test_a_site_without_the_consortiums_signing_key_fails_preflight_naming_the_k
     simulated = keyless.model_copy(update={"simulated": True})
     (check,) = [c for c in site_checks(simulated, 29555, None) if c.name.startswith("model-signing")]
     assert check.ok and check.warning
+
+
+def test_a_runtime_port_another_process_holds_names_it_and_a_free_port(consortium, tmp_path):
+    """Two sites on one host both start on 9094: the second's preflight said "another process holds it (an OncoFed
+    server already running?)". It names the holder (pid and command line, as the server's preflight does) and the fix,
+    `--port` with a port free now."""
+    from client.supernode import site_checks
+
+    site = init_site(tmp_path / "s", "S", consortium / "public", "", ca_fingerprint=fingerprint(consortium / "ca/ca.crt"))
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        [check] = [c for c in site_checks(site, port, None) if c.name.startswith("local runtime port")]
+    assert not check.ok
+    assert f"held by pid {os.getpid()} (" in check.detail and "pytest" in check.detail, check.detail
+    assert "`--port " in check.detail and "systemd unit" in check.detail, check.detail
