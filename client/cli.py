@@ -122,8 +122,9 @@ def _kept_ledger(state_dir: Path) -> str:
 
 def site_start(
     directory: Path = typer.Argument(..., help="the site directory written by `oncofed site init`"),
-    schema: Path = typer.Option(None, "--schema", help="the consortium's schema: the data is validated before "
-                                "connecting"),
+    schema: Path = typer.Option(None, "--schema", help="not needed: the data is validated against site.json's schema "
+                                "(trust/schema.json, the consortium's, as site init pinned it); a site.json without one "
+                                "(older) validates against this"),
     port: int = typer.Option(9094, "--port", min=1, max=65535, help="the SuperNode's local runtime port (127.0.0.1)"),
     superlink: str = typer.Option("", "--superlink", help="override site.json's server address HOST:PORT"),
     poll_interval: float = typer.Option(SUPERNODE_POLL_S, "--poll-interval", min=0.1, max=3.0,

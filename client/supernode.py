@@ -106,13 +106,13 @@ def site_checks(settings: SiteConfig, port: int, schema: Path | None, superlink:
     schema_ok, schema = _schema_check(settings, schema)
     if schema_ok is not None:
         checks.append(schema_ok)
-    if schema_ok is not None and not schema_ok.ok:
+    if schema is not None:
+        checks.append(_data_check(data, schema))
+    elif schema_ok is not None and not schema_ok.ok:
         checks.append(Check(f"site data {data}", False, "not validated: the schema above must be fixed first"))
-    elif schema is None:
+    else:
         checks.append(Check(f"site data {data}", data.is_dir(), "present (pass --schema to validate it)" if
                             data.is_dir() else "not a directory: set data-path in site.json"))
-    else:
-        checks.append(_data_check(data, schema))
     checks.append(_node_config_check(settings))
     for key, d in (("state-dir", Path(settings.state_dir)), ("model-dir", Path(settings.model_dir))):
         try:  # written to, as the ledger and the model store will be: an existing root-owned directory is not enough
@@ -262,7 +262,8 @@ def _ledger_state(name: str, ledger: Path, settings: SiteConfig) -> Check:
 
 def _schema_check(settings: SiteConfig, given: Path | None) -> tuple[Check | None, Path | None]:
     """The schema training uses is site.json's (the consortium's, as the bundle brought it): checked against the
-    bundle's SHA-256, and the one the data is validated with; a --schema that differs is refused."""
+    bundle's SHA-256, and the one the data is validated with; a --schema that is missing or differs is refused (the
+    data is still validated against site.json's)."""
     from privacy.pki import fingerprint
 
     if not settings.schema_path:
@@ -279,9 +280,14 @@ def _schema_check(settings: SiteConfig, given: Path | None) -> tuple[Check | Non
     if settings.schema_sha256 and digest != settings.schema_sha256:
         return Check(name, False, "its SHA-256 differs from site.json's schema-sha256 (the consortium's): the file "
                      "was altered; copy schema.json from the consortium's public bundle again"), None
-    if given is not None and (not Path(given).is_file() or fingerprint(given) != digest):
-        return Check(name, False, f"--schema {given} is not the schema training uses (site.json's schema {own}); "
-                     "leave --schema out: the data is validated against site.json's"), None
+    # --schema is redundant here: a wrong one fails the preflight (it was asked for), but the data is still validated
+    # against site.json's, so that its problems are listed in the same start
+    leave_out = f"leave --schema out: site.json's schema {own} (the consortium's) is the one training uses and the " \
+                "data is validated against"
+    if given is not None and not Path(given).is_file():
+        return Check(f"--schema {given}", False, f"no such file; {leave_out}"), own
+    if given is not None and fingerprint(given) != digest:
+        return Check(name, False, f"--schema {given} is not the schema training uses; {leave_out}"), own
     return Check(name, True, "the consortium's (SHA-256 as the bundle's)"), own
 
 

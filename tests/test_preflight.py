@@ -218,10 +218,27 @@ def test_a_site_checks_its_data_against_the_schema_training_uses(consortium, tmp
     other = tmp_path / "other.json"
     other.write_text(Path(site.schema_path).read_text().replace('"version"', '"description": "x", "version"', 1))
     check, used = _schema_check(site, other)
-    assert not check.ok and "is not the schema training uses" in check.detail and used is None
+    assert not check.ok and "is not the schema training uses" in check.detail and used == Path(site.schema_path)
     Path(site.schema_path).write_text(other.read_text())  # trust/schema.json altered
     check, _ = _schema_check(site, None)
     assert not check.ok and "SHA-256 differs from site.json's schema-sha256" in check.detail
+
+
+def test_a_schema_path_that_does_not_exist_is_named_missing_and_the_data_still_validated(consortium, tmp_path):
+    """`site start --schema .../schema.jsn` (a typo) said "is not the schema training uses", never that the file does not
+    exist, and skipped validating the data although site.json's schema was fine: it names the file as missing, the fix
+    (leave --schema out), and validates the data against site.json's schema."""
+    from client.supernode import site_checks
+
+    (tmp_path / "data").mkdir()
+    site = init_site(tmp_path / "s", "S", consortium / "public", str(tmp_path / "data"),
+                     ca_fingerprint=fingerprint(consortium / "ca/ca.crt"))
+    typo = tmp_path / "s" / "trust" / "schema.jsn"
+    checks = {c.name: c for c in site_checks(site, 29555, typo)}
+    assert not checks[f"--schema {typo}"].ok
+    assert "no such file; leave --schema out" in checks[f"--schema {typo}"].detail
+    data = checks[f"site data {tmp_path / 'data'}"]
+    assert "not validated" not in data.detail and "fails validation" in data.detail, data.detail  # an empty directory
 
 
 def test_a_budget_that_refuses_every_default_run_is_warned_of_at_site_init_and_start(consortium, tmp_path):
