@@ -108,6 +108,28 @@ def site_init(
     if warning := budget_warning(settings):
         typer.echo(f"warning: {warning} (privacy-budget in {directory / 'site.json'}; `oncofed site start` says this "
                    "again)")
+    if data and (problems := _data_problems(settings)):
+        typer.echo(problems, err=True)
+
+
+def _data_problems(settings: SiteConfig) -> str:
+    """What `oncofed site start` will refuse in the site's tables (its preflight validates them as this does), as a
+    warning ("" when they pass). site init warns and does not refuse: the key and settings it writes do not depend on
+    the tables, which can be fixed in place before the first start (a refusal would only make the site run init again)."""
+    from shared_models.schema import FeatureSchema, SchemaError
+    from shared_models.validation import validate_site
+
+    try:
+        report = validate_site(FeatureSchema.load(settings.schema_path), settings.data_path, min_count=settings.min_count)
+    except (SchemaError, OSError, ValueError) as e:
+        return f"warning: --data {settings.data_path} was not validated ({e})"
+    if report.ok:
+        return ""
+    return (f"warning: --data {settings.data_path} fails validation against the consortium's schema "
+            f"({len(report.errors)} error(s)); `oncofed site start` refuses to start until it passes:\n"
+            + "\n".join(f"  {p}" for p in report.errors)
+            + f"\nfix the tables in place (site.json need not change), then check: `oncofed validate --schema "
+              f"{settings.schema_path} --data {settings.data_path}`")
 
 
 def _kept_ledger(state_dir: Path) -> str:

@@ -241,6 +241,34 @@ def test_a_schema_path_that_does_not_exist_is_named_missing_and_the_data_still_v
     assert "not validated" not in data.detail and "fails validation" in data.detail, data.detail  # an empty directory
 
 
+def test_site_init_warns_of_data_that_site_start_would_refuse_naming_the_column_and_the_fix(tmp_path):
+    """`site init --data DIR` whose labels table misspells the label column (`cancer_typ`) succeeded silently; it showed
+    only at `site start`. init validates the tables as the start's preflight does and warns (the key and settings do
+    not depend on them; the tables can be fixed in place), naming the column and the fix."""
+    from typer.testing import CliRunner
+
+    from oncofed.cli import app
+    from tests.sitefixtures import site_schema, site_tables, write_site
+
+    schema = site_schema().save(tmp_path / "schema.json")
+    init_consortium(tmp_path / "op", "t", "fl.example.org:8443", internal_port=9092, schema=schema)
+    tables = site_tables()
+    tables["labels"] = tables["labels"].rename(columns={"subtype": "subtyp"})
+    data = write_site(tmp_path / "data", tables)
+    res = CliRunner().invoke(app, ["site", "init", str(tmp_path / "s"), "--name", "S", "--consortium",
+                                   str(tmp_path / "op" / "public"), "--data", str(data), "--ca-fingerprint",
+                                   fingerprint(tmp_path / "op" / "ca/ca.crt")])
+    assert res.exit_code == 0 and (tmp_path / "s" / "site.json").exists(), res.output
+    assert f"warning: --data {data} fails validation" in res.output, res.output
+    assert "labels.csv, column 'subtype': no label column 'subtype'" in res.output
+    assert "fix: add the column 'subtype'" in res.output and "oncofed validate --schema" in res.output
+    write_site(tmp_path / "fine", site_tables())
+    res = CliRunner().invoke(app, ["site", "init", str(tmp_path / "t"), "--name", "T", "--consortium",
+                                   str(tmp_path / "op" / "public"), "--data", str(tmp_path / "fine"),
+                                   "--ca-fingerprint", fingerprint(tmp_path / "op" / "ca/ca.crt")])
+    assert res.exit_code == 0 and "fails validation" not in res.output, res.output
+
+
 def test_a_budget_that_refuses_every_default_run_is_warned_of_at_site_init_and_start(consortium, tmp_path):
     """`site init --budget 0.001` was accepted silently and every run was then refused, the reason only in the audit
     log: init and the start's preflight say why, with the numbers (a warning: the site may mean to be strict)."""
