@@ -211,7 +211,9 @@ def ledger_check(site_dir: Path, settings: SiteConfig) -> Check:
     except OSError:
         pass  # a read-only site directory: the check still guards site init's state/
     if not present:
-        return Check(name, True, "none yet (the first DP round creates it)")
+        short = budget_left_warning(settings.privacy_budget, 0.0) if settings.privacy_budget else ""
+        return Check(name, True, "none yet (the first DP round creates it)" + (
+            f"; {short or budget_left(settings.privacy_budget)}" if settings.privacy_budget else ""), warning=bool(short))
     return _ledger_state(name, ledger, settings)
 
 
@@ -257,7 +259,39 @@ def _ledger_state(name: str, ledger: Path, settings: SiteConfig) -> Check:
               f"{committed} round(s)")
     if pending:
         detail += f"; {pending} round(s) begun and not finished (a crash or a refusal): counted as spent, not shown"
-    return Check(name, True, detail)
+    short = budget_left_warning(settings.privacy_budget, spent) if settings.privacy_budget else ""
+    return Check(name, True, f"{detail}; {short or budget_left(settings.privacy_budget - spent)}" if
+                 settings.privacy_budget else detail, warning=bool(short))
+
+
+def default_run_epsilon() -> float:
+    """What one run at the consortium's default settings may add to a site's spend (the run config's `epsilon`)."""
+    from shared_models.run_config import PrivacySection
+
+    return PrivacySection.model_fields["epsilon"].default
+
+
+def budget_left(left: float) -> str:
+    """The budget left, in runs at the consortium's default epsilon."""
+    run = default_run_epsilon()
+    return f"epsilon {left:.3g} left: {int(left // run)} more run(s) at the consortium's default epsilon {run:g}"
+
+
+def budget_left_warning(budget: float, spent: float) -> str:
+    """Why what is left of the budget is less than one run at the consortium's default settings spends ("" if it is
+    not). A warning, not a refusal: the budget is the site's decision; but at the defaults (budget 8, run epsilon 8)
+    the first run spends nearly all of it and every later run is refused in every round, which nothing said before."""
+    from privacy import MIN_RUN_SHARE
+
+    run, left = default_run_epsilon(), max(budget - spent, 0.0)
+    if left >= run:
+        return ""
+    then = (f"this site refuses every new run at those settings (it joins one only with at least half its epsilon, "
+            f"{MIN_RUN_SHARE * run:g}, left)" if left < MIN_RUN_SHARE * run else
+            "a new run at those settings trains on what is left, with more noise than the run's own")
+    return (f"epsilon {left:.3g} left, less than the {run:g} one run at the consortium's default settings spends: "
+            f"{then}. The budget is for these patients' whole lifetime, across runs; raising privacy-budget in "
+            "site.json is your data-protection officer's decision (docs/hospital-guide.md, \"Your privacy budget\")")
 
 
 def _schema_check(settings: SiteConfig, given: Path | None) -> tuple[Check | None, Path | None]:

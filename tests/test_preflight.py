@@ -473,10 +473,29 @@ def test_site_start_shows_what_the_site_has_spent_and_warns_of_a_damaged_ledger(
     ledger.commit_round(ticket, 5)
     ledger.begin_round("d", "run-1", 2, 1.0, 0.3, 5)  # a crash mid-round
     check = ledger_check(tmp_path / "s", site)
-    assert check.ok and not check.warning and "of the budget 8 spent" in check.detail and "1 round(s) begun" in check.detail
+    assert check.ok and "of the budget 8 spent" in check.detail and "1 round(s) begun" in check.detail
     ledger.path.write_text(ledger.path.read_text()[:-10])
     check = ledger_check(tmp_path / "s", site)
     assert check.ok and check.warning and "unreadable" in check.detail and "restore it from backup" in check.detail
+
+
+def test_site_start_reports_the_budget_left_and_warns_when_less_than_one_default_run_is_left(consortium, tmp_path):
+    """At the defaults (budget 8, run epsilon 8) the first run spent 7.93 of the site's lifetime 8 and every later run
+    was refused in every round, and nothing warned. The start's preflight reports the budget left, in runs at the
+    consortium's default epsilon, and warns (it does not refuse) when less than one such run is left."""
+    from client.supernode import ledger_check
+    from privacy.ledger import PrivacyLedger
+
+    site = init_site(tmp_path / "s", "S", consortium / "public", "", ca_fingerprint=fingerprint(consortium / "ca/ca.crt"))
+    check = ledger_check(tmp_path / "s", site)
+    assert check.ok and not check.warning and "epsilon 8 left: 1 more run(s) at the consortium's default epsilon 8" \
+        in check.detail, check.detail
+    ledger = PrivacyLedger(Path(site.state_dir) / "privacy-ledger.json", 8.0, 1e-5)
+    ledger.commit_round(ledger.begin_round("d", "run-1", 1, 1.0, 0.3, 5), 5)  # epsilon 5.2: less than 4 left
+    check = ledger_check(tmp_path / "s", site)
+    assert check.ok and check.warning, check.detail
+    assert "less than the 8 one run at the consortium's default settings spends" in check.detail, check.detail
+    assert "refuses every new run" in check.detail and "whole lifetime" in check.detail, check.detail
 
 
 def test_a_site_without_the_consortiums_signing_key_fails_preflight_naming_the_key_and_the_bundle(consortium, tmp_path):
