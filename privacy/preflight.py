@@ -21,7 +21,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from privacy.site_config import host_port
+from privacy.site_config import host_port, replace_key_command
 
 RENEW_DAYS = 30  # a certificate expiring sooner is reported (not refused)
 CERT_NOT_YET_VALID, CERT_HAS_EXPIRED = 9, 10  # OpenSSL's X509_V_ERR_ codes, as ssl.SSLCertVerificationError.verify_code
@@ -140,7 +140,8 @@ def _new_key(path: Path) -> str:
     # not `oncofed site init` again: it wants an empty directory, and a new one starts an empty privacy ledger,
     # so the site's spent budget would be forgotten
     return (f"make a new key in place, keeping the site directory (its privacy ledger holds the budget already "
-            f"spent): `ssh-keygen -t ecdsa -b 384 -N '' -f {path}`, then send the new .pub to the operator")
+            f"spent): {replace_key_command(path)}; send the new .pub to the operator, read them the fingerprint it "
+            "printed, and set site.json's public-key-sha256 to it")
 
 
 def check_site_key(path: Path) -> Check:

@@ -71,6 +71,32 @@ def test_key_permissions_and_kind(consortium, tmp_path):
     assert site.state_dir.startswith("/")  # absolute: the ClientApp runs elsewhere
 
 
+def test_the_key_replacement_the_preflight_prints_runs_without_stopping_at_overwrite(consortium, tmp_path):
+    """The documented `ssh-keygen ... -f keys/site.key` over the existing key stopped at "Overwrite (y/n)?". The
+    command the preflight prints (the same as the hospital guide's and add-site's) moves the old pair away first,
+    makes a key Flower accepts, and prints the new fingerprint, which it says to set as site.json's
+    public-key-sha256."""
+    import re
+    import subprocess
+
+    from cryptography.hazmat.primitives import serialization
+
+    init_site(tmp_path / "s", "S", consortium / "public", "", ca_fingerprint=fingerprint(consortium / "ca/ca.crt"))
+    key = tmp_path / "s/keys/site.key"
+    old = key.read_bytes()
+    pem = serialization.load_ssh_private_key(old, None).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    key.write_bytes(pem)  # a key Flower does not take: the preflight prints the replacement
+    check = check_site_key(key)
+    assert not check.ok and "public-key-sha256" in check.detail, check.detail
+    [command] = re.findall(r"`([^`]*ssh-keygen[^`]*)`", check.detail)
+    done = subprocess.run(["bash", "-c", command], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert check_site_key(key).ok and (key.parent / "old" / "site.key").read_bytes() == pem
+    assert done.stdout.split()[-2] == fingerprint(tmp_path / "s/keys/site.key.pub")  # sha256sum: "DIGEST  PATH"
+
+
 def test_a_port_that_cannot_be_bound_says_why_and_the_fix(monkeypatch):
     import errno
 

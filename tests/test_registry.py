@@ -43,6 +43,8 @@ def consortium(tmp_path):
 
 
 def test_sites_are_registered_listed_and_removed_with_an_audit_trail(consortium, tmp_path):
+    from privacy.site_config import replace_key_command
+
     for name in ("C0", "C1"):
         init_site(tmp_path / name, name, consortium / "public",
                   ca_fingerprint=fingerprint(consortium / "ca" / "ca.crt"))
@@ -55,8 +57,10 @@ def test_sites_are_registered_listed_and_removed_with_an_audit_trail(consortium,
     remove_site(consortium, "C1")
     assert [s["name"] for s in list_sites(consortium)] == ["C0"]
     # Flower never takes a key twice: the removed site's key, or another site's under a new name, is named
-    with pytest.raises(ProvisioningError, match="site 'C1'.s \\(removed\\).*makes a new one"):
+    with pytest.raises(ProvisioningError, match="site 'C1'.s \\(removed\\).*makes a new one") as refused:
         add_site(consortium, "C1", tmp_path / "C1" / "keys" / "site.key.pub")
+    # the hospital guide's replacement, which moves the old pair away first (ssh-keygen stops at "Overwrite (y/n)?")
+    assert replace_key_command("keys/site.key") in str(refused.value) and "mv keys/site.key" in str(refused.value)
     with pytest.raises(ProvisioningError, match="site 'C0'.s;"):
         add_site(consortium, "C9", tmp_path / "C0" / "keys" / "site.key.pub")
     events = [json.loads(x)["event"] for x in (consortium / "audit.jsonl").read_text().splitlines()]
