@@ -21,7 +21,7 @@ from pathlib import Path
 
 from privacy.preflight import (Check, check_ca, check_port_free, check_reachable, check_site_key, free_port_after,
                                port_holder)
-from privacy.site_config import NODE_CONFIG_KEYS, SITE_CONFIG_KEY, SiteConfig
+from privacy.site_config import NODE_CONFIG_KEYS, SITE_CONFIG_KEY, SiteConfig, replace_key_command
 from shared_models.flower_tools import QUIET_ENV, RETRIED_STATUS, SERVER_ERROR_RETRY_S, SUPERNODE_POLL_S, flower_tool
 
 UNREGISTERED_EXIT = 305  # flwr's exit code when the SuperLink refuses to activate the node (e.g. unknown key)
@@ -421,6 +421,35 @@ def _patch_retries(window: float) -> None:
     fhc.HeartbeatSender = RetryingHeartbeat
 
 
+def _watch_key_refusals(refused: list[str]) -> None:
+    """Record (in `refused`) each request the SuperLink answers 401 after the node authenticated: it no longer
+    matches this site's key with its node, which is what an operator's `oncofed consortium remove-site` does to a
+    connected site. Flower 1.41 then ends quietly: its heartbeat sends the process SIGINT ("SuperNode terminated
+    gracefully") or its loop logs the error and returns; the site needs the reason and the fix."""
+    from flwr.supernode import fleet_http_connection as fhc
+
+    class Watching(fhc.NodeAuthHttpInterceptor):
+        def intercept(self, context, call_next):
+            response = super().intercept(context, call_next)
+            if response.status_code == 401:
+                refused.append(context.request.url.path)
+            return response
+
+    fhc.NodeAuthHttpInterceptor = Watching
+
+
+def key_refused(settings: SiteConfig, refused: list[str]) -> str:
+    """What a site whose key the consortium no longer knows is told (see _watch_key_refusals)."""
+    return (f"site {settings.site_name!r}: the consortium server no longer accepts this site's key (it answered 401 "
+            f"to {refused[0]}): the consortium does not, or no longer, know this site's key, which is what the "
+            "operator's `oncofed consortium remove-site` does. Ask the operator whether this site is still a member. "
+            "A removed key is never registered again: to rejoin, make a new key (docs/hospital-guide.md, \"Keys\": "
+            f"{replace_key_command(settings.auth_supernode_private_key)}), send its .pub to the operator for "
+            "`oncofed consortium add-site`, then start again. If the operator says the key is registered, check this "
+            "machine's clock (`timedatectl`: the server refuses requests signed at a time far from its own). Exiting "
+            f"with code {REFUSED_EXIT}\n")
+
+
 def _exit_now(code: int) -> None:
     """Flower's exit handlers (stop the Runtime API server thread), then exit even if a thread lingers."""
     import os
@@ -475,6 +504,8 @@ def run_supernode(settings: SiteConfig, port: int, poll_interval: float = SUPERN
         return real_exit(code, *args, **kwargs)
 
     sci.flwr_exit = fhc.flwr_exit = recording_exit
+    refused: list[str] = []
+    _watch_key_refusals(refused)
     _launch_reaping_superexec(sci)
     sys.argv = supernode_argv(settings, port, superlink)
     try:
@@ -495,7 +526,16 @@ def run_supernode(settings: SiteConfig, port: int, poll_interval: float = SUPERN
                              "add-site`, then start again. If it is registered, a SuperNode with this key is already "
                              "connected (this site started on another machine too): stop that one first.\n")
             return REFUSED_EXIT
+        if refused:  # the heartbeat's SIGINT after a 401, not a person's Ctrl-C
+            # Flower's exit handlers ran, and its exit armed a timer that ends the process with status 0
+            sys.stderr.write(key_refused(settings, refused))
+            sys.stderr.flush()
+            os._exit(REFUSED_EXIT)
         return code
+    if refused:
+        sys.stderr.write(key_refused(settings, refused))
+        _exit_now(REFUSED_EXIT)
+        return REFUSED_EXIT
     # flwr's connection context logs the error that ended the loop and swallows it: without an exit here
     # the process hung (non-daemon Runtime API thread) and a kill exited 0, so systemd never restarted it
     sys.stderr.write(f"site {settings.site_name!r}: Flower's SuperNode loop ended on an error (logged above); "
