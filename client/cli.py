@@ -157,7 +157,8 @@ def site_start(
 ) -> None:
     """Preflight (CA, key, data, server reachable), then the site's SuperNode, in the foreground.
 
-    Exit 2: a preflight check failed (listed). Exit 3: the server refused to activate the site (its key is not registered).
+    Exit 2: a preflight check failed (listed). Exit 3: the server refused to activate the site (its key is not registered),
+    or stopped accepting its key while it ran (the operator removed it: a new key is needed to rejoin).
     Exit 4: Flower's loop ended on an error (e.g. the server failed for longer than --retry-seconds): restart it
     (the systemd unit in docs/systemd/ does, Restart=always).
     """
