@@ -109,6 +109,28 @@ def site_init(
     if warning := budget_warning(settings):
         typer.echo(f"warning: {warning} (privacy-budget in {directory / 'site.json'}; `oncofed site start` says this "
                    "again)")
+    if data and (problems := _data_problems(settings)):
+        typer.echo(problems, err=True)
+
+
+def _data_problems(settings: SiteConfig) -> str:
+    """What `oncofed site start` will refuse in the site's tables (its preflight validates them as this does), as a
+    warning ("" when they pass). site init warns and does not refuse: the key and settings it writes do not depend on
+    the tables, which can be fixed in place before the first start (a refusal would only make the site run init again)."""
+    from shared_models.schema import FeatureSchema, SchemaError
+    from shared_models.validation import validate_site
+
+    try:
+        report = validate_site(FeatureSchema.load(settings.schema_path), settings.data_path, min_count=settings.min_count)
+    except (SchemaError, OSError, ValueError) as e:
+        return f"warning: --data {settings.data_path} was not validated ({e})"
+    if report.ok:
+        return ""
+    return (f"warning: --data {settings.data_path} fails validation against the consortium's schema "
+            f"({len(report.errors)} error(s)); `oncofed site start` refuses to start until it passes:\n"
+            + "\n".join(f"  {p}" for p in report.errors)
+            + f"\nfix the tables in place (site.json need not change), then check: `oncofed validate --schema "
+              f"{settings.schema_path} --data {settings.data_path}`")
 
 
 def _kept_ledger(state_dir: Path) -> str:
@@ -123,8 +145,9 @@ def _kept_ledger(state_dir: Path) -> str:
 
 def site_start(
     directory: Path = typer.Argument(..., help="the site directory written by `oncofed site init`"),
-    schema: Path = typer.Option(None, "--schema", help="the consortium's schema: the data is validated before "
-                                "connecting"),
+    schema: Path = typer.Option(None, "--schema", help="not needed: the data is validated against site.json's schema "
+                                "(trust/schema.json, the consortium's, as site init pinned it); a site.json without one "
+                                "(older) validates against this"),
     port: int = typer.Option(9094, "--port", min=1, max=65535, help="the SuperNode's local runtime port (127.0.0.1)"),
     superlink: str = typer.Option("", "--superlink", help="override site.json's server address HOST:PORT"),
     poll_interval: float = typer.Option(SUPERNODE_POLL_S, "--poll-interval", min=0.1, max=3.0,
@@ -135,7 +158,8 @@ def site_start(
 ) -> None:
     """Preflight (CA, key, data, server reachable), then the site's SuperNode, in the foreground.
 
-    Exit 2: a preflight check failed (listed). Exit 3: the server refused to activate the site (its key is not registered).
+    Exit 2: a preflight check failed (listed). Exit 3: the server refused to activate the site (its key is not registered),
+    or stopped accepting its key while it ran (the operator removed it: a new key is needed to rejoin).
     Exit 4: Flower's loop ended on an error (e.g. the server failed for longer than --retry-seconds): restart it
     (the systemd unit in docs/systemd/ does, Restart=always).
     """

@@ -11,6 +11,7 @@ most of its time asleep (2 rounds took 2 min 47 s by hand before this).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -18,8 +19,9 @@ import time
 import types
 from pathlib import Path
 
-from privacy.preflight import Check, check_ca, check_port_free, check_reachable, check_site_key
-from privacy.site_config import NODE_CONFIG_KEYS, SITE_CONFIG_KEY, SiteConfig
+from privacy.preflight import (Check, check_ca, check_port_free, check_reachable, check_site_key, free_port_after,
+                               port_holder)
+from privacy.site_config import NODE_CONFIG_KEYS, SITE_CONFIG_KEY, SiteConfig, replace_key_command
 from shared_models.flower_tools import QUIET_ENV, RETRIED_STATUS, SERVER_ERROR_RETRY_S, SUPERNODE_POLL_S, flower_tool
 
 UNREGISTERED_EXIT = 305  # flwr's exit code when the SuperLink refuses to activate the node (e.g. unknown key)
@@ -104,13 +106,13 @@ def site_checks(settings: SiteConfig, port: int, schema: Path | None, superlink:
     schema_ok, schema = _schema_check(settings, schema)
     if schema_ok is not None:
         checks.append(schema_ok)
-    if schema_ok is not None and not schema_ok.ok:
+    if schema is not None:
+        checks.append(_data_check(data, schema))
+    elif schema_ok is not None and not schema_ok.ok:
         checks.append(Check(f"site data {data}", False, "not validated: the schema above must be fixed first"))
-    elif schema is None:
+    else:
         checks.append(Check(f"site data {data}", data.is_dir(), "present (pass --schema to validate it)" if
                             data.is_dir() else "not a directory: set data-path in site.json"))
-    else:
-        checks.append(_data_check(data, schema))
     checks.append(_node_config_check(settings))
     for key, d in (("state-dir", Path(settings.state_dir)), ("model-dir", Path(settings.model_dir))):
         try:  # written to, as the ledger and the model store will be: an existing root-owned directory is not enough
@@ -122,9 +124,20 @@ def site_checks(settings: SiteConfig, port: int, schema: Path | None, superlink:
         except OSError as e:
             checks.append(Check(f"{key} {d}", False, f"cannot be written by this account ({e.strerror}): `chown -R` "
                                 "it to the account that runs the site"))
-    checks.append(check_port_free("127.0.0.1", port, "local runtime port"))
+    checks.append(runtime_port_check(port))
     checks.append(check_reachable(superlink or settings.superlink, ca, "consortium server"))
     return checks
+
+
+def runtime_port_check(port: int) -> Check:
+    """The SuperNode's local runtime port, free; when another process listens there (a second site of this machine:
+    every `site start` takes 9094 unless told), the check names it and a port free now."""
+    check = check_port_free("127.0.0.1", port, "local runtime port")
+    if check.ok or os.strerror(errno.EADDRINUSE) not in check.detail:
+        return check
+    return Check(check.name, False, f"held by {port_holder(port)}; each site on this machine needs a runtime port of "
+                 f"its own: start this one with `--port {free_port_after(port) or 'PORT'}` (in the systemd unit, on "
+                 "its ExecStart line)")
 
 
 SITE_LOCK = "supernode.lock"  # in the state directory: held by the one `oncofed site start` of the site
@@ -198,7 +211,9 @@ def ledger_check(site_dir: Path, settings: SiteConfig) -> Check:
     except OSError:
         pass  # a read-only site directory: the check still guards site init's state/
     if not present:
-        return Check(name, True, "none yet (the first DP round creates it)")
+        short = budget_left_warning(settings.privacy_budget, 0.0) if settings.privacy_budget else ""
+        return Check(name, True, "none yet (the first DP round creates it)" + (
+            f"; {short or budget_left(settings.privacy_budget)}" if settings.privacy_budget else ""), warning=bool(short))
     return _ledger_state(name, ledger, settings)
 
 
@@ -244,12 +259,45 @@ def _ledger_state(name: str, ledger: Path, settings: SiteConfig) -> Check:
               f"{committed} round(s)")
     if pending:
         detail += f"; {pending} round(s) begun and not finished (a crash or a refusal): counted as spent, not shown"
-    return Check(name, True, detail)
+    short = budget_left_warning(settings.privacy_budget, spent) if settings.privacy_budget else ""
+    return Check(name, True, f"{detail}; {short or budget_left(settings.privacy_budget - spent)}" if
+                 settings.privacy_budget else detail, warning=bool(short))
+
+
+def default_run_epsilon() -> float:
+    """What one run at the consortium's default settings may add to a site's spend (the run config's `epsilon`)."""
+    from shared_models.run_config import PrivacySection
+
+    return PrivacySection.model_fields["epsilon"].default
+
+
+def budget_left(left: float) -> str:
+    """The budget left, in runs at the consortium's default epsilon."""
+    run = default_run_epsilon()
+    return f"epsilon {left:.3g} left: {int(left // run)} more run(s) at the consortium's default epsilon {run:g}"
+
+
+def budget_left_warning(budget: float, spent: float) -> str:
+    """Why what is left of the budget is less than one run at the consortium's default settings spends ("" if it is
+    not). A warning, not a refusal: the budget is the site's decision; but at the defaults (budget 8, run epsilon 8)
+    the first run spends nearly all of it and every later run is refused in every round, which nothing said before."""
+    from privacy import MIN_RUN_SHARE
+
+    run, left = default_run_epsilon(), max(budget - spent, 0.0)
+    if left >= run:
+        return ""
+    then = (f"this site refuses every new run at those settings (it joins one only with at least half its epsilon, "
+            f"{MIN_RUN_SHARE * run:g}, left)" if left < MIN_RUN_SHARE * run else
+            "a new run at those settings trains on what is left, with more noise than the run's own")
+    return (f"epsilon {left:.3g} left, less than the {run:g} one run at the consortium's default settings spends: "
+            f"{then}. The budget is for these patients' whole lifetime, across runs; raising privacy-budget in "
+            "site.json is your data-protection officer's decision (docs/hospital-guide.md, \"Your privacy budget\")")
 
 
 def _schema_check(settings: SiteConfig, given: Path | None) -> tuple[Check | None, Path | None]:
     """The schema training uses is site.json's (the consortium's, as the bundle brought it): checked against the
-    bundle's SHA-256, and the one the data is validated with; a --schema that differs is refused."""
+    bundle's SHA-256, and the one the data is validated with; a --schema that is missing or differs is refused (the
+    data is still validated against site.json's)."""
     from privacy.pki import fingerprint
 
     if not settings.schema_path:
@@ -266,9 +314,14 @@ def _schema_check(settings: SiteConfig, given: Path | None) -> tuple[Check | Non
     if settings.schema_sha256 and digest != settings.schema_sha256:
         return Check(name, False, "its SHA-256 differs from site.json's schema-sha256 (the consortium's): the file "
                      "was altered; copy schema.json from the consortium's public bundle again"), None
-    if given is not None and (not Path(given).is_file() or fingerprint(given) != digest):
-        return Check(name, False, f"--schema {given} is not the schema training uses (site.json's schema {own}); "
-                     "leave --schema out: the data is validated against site.json's"), None
+    # --schema is redundant here: a wrong one fails the preflight (it was asked for), but the data is still validated
+    # against site.json's, so that its problems are listed in the same start
+    leave_out = f"leave --schema out: site.json's schema {own} (the consortium's) is the one training uses and the " \
+                "data is validated against"
+    if given is not None and not Path(given).is_file():
+        return Check(f"--schema {given}", False, f"no such file; {leave_out}"), own
+    if given is not None and fingerprint(given) != digest:
+        return Check(name, False, f"--schema {given} is not the schema training uses; {leave_out}"), own
     return Check(name, True, "the consortium's (SHA-256 as the bundle's)"), own
 
 
@@ -368,6 +421,35 @@ def _patch_retries(window: float) -> None:
     fhc.HeartbeatSender = RetryingHeartbeat
 
 
+def _watch_key_refusals(refused: list[str]) -> None:
+    """Record (in `refused`) each request the SuperLink answers 401 after the node authenticated: it no longer
+    matches this site's key with its node, which is what an operator's `oncofed consortium remove-site` does to a
+    connected site. Flower 1.41 then ends quietly: its heartbeat sends the process SIGINT ("SuperNode terminated
+    gracefully") or its loop logs the error and returns; the site needs the reason and the fix."""
+    from flwr.supernode import fleet_http_connection as fhc
+
+    class Watching(fhc.NodeAuthHttpInterceptor):
+        def intercept(self, context, call_next):
+            response = super().intercept(context, call_next)
+            if response.status_code == 401:
+                refused.append(context.request.url.path)
+            return response
+
+    fhc.NodeAuthHttpInterceptor = Watching
+
+
+def key_refused(settings: SiteConfig, refused: list[str]) -> str:
+    """What a site whose key the consortium no longer knows is told (see _watch_key_refusals)."""
+    return (f"site {settings.site_name!r}: the consortium server no longer accepts this site's key (it answered 401 "
+            f"to {refused[0]}): the consortium does not, or no longer, know this site's key, which is what the "
+            "operator's `oncofed consortium remove-site` does. Ask the operator whether this site is still a member. "
+            "A removed key is never registered again: to rejoin, make a new key (docs/hospital-guide.md, \"Keys\": "
+            f"{replace_key_command(settings.auth_supernode_private_key)}), send its .pub to the operator for "
+            "`oncofed consortium add-site`, then start again. If the operator says the key is registered, check this "
+            "machine's clock (`timedatectl`: the server refuses requests signed at a time far from its own). Exiting "
+            f"with code {REFUSED_EXIT}\n")
+
+
 def _exit_now(code: int) -> None:
     """Flower's exit handlers (stop the Runtime API server thread), then exit even if a thread lingers."""
     import os
@@ -422,6 +504,8 @@ def run_supernode(settings: SiteConfig, port: int, poll_interval: float = SUPERN
         return real_exit(code, *args, **kwargs)
 
     sci.flwr_exit = fhc.flwr_exit = recording_exit
+    refused: list[str] = []
+    _watch_key_refusals(refused)
     _launch_reaping_superexec(sci)
     sys.argv = supernode_argv(settings, port, superlink)
     try:
@@ -442,7 +526,16 @@ def run_supernode(settings: SiteConfig, port: int, poll_interval: float = SUPERN
                              "add-site`, then start again. If it is registered, a SuperNode with this key is already "
                              "connected (this site started on another machine too): stop that one first.\n")
             return REFUSED_EXIT
+        if refused:  # the heartbeat's SIGINT after a 401, not a person's Ctrl-C
+            # Flower's exit handlers ran, and its exit armed a timer that ends the process with status 0
+            sys.stderr.write(key_refused(settings, refused))
+            sys.stderr.flush()
+            os._exit(REFUSED_EXIT)
         return code
+    if refused:
+        sys.stderr.write(key_refused(settings, refused))
+        _exit_now(REFUSED_EXIT)
+        return REFUSED_EXIT
     # flwr's connection context logs the error that ended the loop and swallows it: without an exit here
     # the process hung (non-daemon Runtime API thread) and a kill exited 0, so systemd never restarted it
     sys.stderr.write(f"site {settings.site_name!r}: Flower's SuperNode loop ended on an error (logged above); "

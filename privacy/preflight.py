@@ -21,7 +21,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from privacy.site_config import host_port
+from privacy.site_config import host_port, replace_key_command
 
 RENEW_DAYS = 30  # a certificate expiring sooner is reported (not refused)
 CERT_NOT_YET_VALID, CERT_HAS_EXPIRED = 9, 10  # OpenSSL's X509_V_ERR_ codes, as ssl.SSLCertVerificationError.verify_code
@@ -140,7 +140,8 @@ def _new_key(path: Path) -> str:
     # not `oncofed site init` again: it wants an empty directory, and a new one starts an empty privacy ledger,
     # so the site's spent budget would be forgotten
     return (f"make a new key in place, keeping the site directory (its privacy ledger holds the budget already "
-            f"spent): `ssh-keygen -t ecdsa -b 384 -N '' -f {path}`, then send the new .pub to the operator")
+            f"spent): {replace_key_command(path)}; send the new .pub to the operator, read them the fingerprint it "
+            "printed, and set site.json's public-key-sha256 to it")
 
 
 def check_site_key(path: Path) -> Check:
@@ -178,6 +179,45 @@ def check_port_free(host: str, port: int, what: str) -> Check:
             return Check(name, False, f"cannot listen there ({e.strerror}): another process holds it (an OncoFed "
                          "server already running?) or the address is not this machine's")
     return Check(name, True, "free")
+
+
+def listening_pids(port: int) -> list[int]:
+    """Pids of the processes listening on TCP `port` on this machine (those this account can see: another user's are
+    not listed without root)."""
+    import psutil
+
+    try:
+        return [k.pid for k in psutil.net_connections(kind="tcp")
+                if k.status == psutil.CONN_LISTEN and k.laddr and k.laddr.port == port and k.pid]
+    except (psutil.Error, OSError):
+        return []
+
+
+def port_holder(port: int) -> str:
+    """Who listens on TCP `port`: "pid N (its command line)", or a command that names it when this account cannot."""
+    import psutil
+
+    for pid in listening_pids(port):
+        try:
+            command = " ".join(psutil.Process(pid).cmdline()) or psutil.Process(pid).name()
+        except psutil.Error:
+            return f"pid {pid}"
+        return f"pid {pid} ({command[:160]}{'...' if len(command) > 160 else ''})"
+    return f"another account's process (`sudo ss -ltnp 'sport = :{port}'` names it)"
+
+
+def free_port_after(port: int, taken: set[int] = frozenset()) -> int:
+    """The first port above `port` free on loopback now and not in `taken`: what an error suggests (0: none near)."""
+    for candidate in range(port + 1, min(port + 1000, 65536)):
+        if candidate in taken:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+        return candidate
+    return 0
 
 
 def https_health(address: str, ca_path: Path, timeout: float = 5.0, path: str = "/health",

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
 from privacy.audit import AUDIT_FILE, AuditLog
 from privacy.pki import ProvisioningError, fingerprint, read_consortium
+from privacy.site_config import replace_key_command
 from shared_models.files import held_lock, read_json_file, write_json_atomic
 from shared_models.flower_tools import QUIET_ENV, flower_tool
 
@@ -93,7 +94,8 @@ def _flwr(root: Path, *args: str) -> dict:
     return out
 
 
-_NEW_SITE_KEY = "`ssh-keygen -t ecdsa -b 384 -N '' -f keys/site.key` in its site directory"
+_NEW_SITE_KEY = (f"in its site directory, {replace_key_command('keys/site.key')}, the last line its new "
+                 "fingerprint (docs/hospital-guide.md, \"Keys\")")
 
 
 def _check_site_key(path: Path) -> bytes:

@@ -29,6 +29,16 @@ HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([1-9][0-9]{0,3}|[
                        r"|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])")
 
 
+def replace_key_command(key: str | Path) -> str:
+    """The shell commands that replace a site's node key (docs/hospital-guide.md, "Keys"): the old pair moved away
+    first (ssh-keygen stops at "Overwrite (y/n)?" over an existing key), a new ECDSA P-384 key in OpenSSH format (what
+    Flower accepts), and its fingerprint printed: read to the operator, and set as site.json's public-key-sha256."""
+    from shlex import quote
+
+    old, pub, key = quote(f"{Path(key).parent / 'old'}/"), quote(f"{key}.pub"), quote(str(key))
+    return f"`mkdir -p {old} && mv {key} {pub} {old}; ssh-keygen -t ecdsa -b 384 -N '' -f {key} && sha256sum {pub}`"
+
+
 def host_port(host: str, port: int) -> str:
     """HOST:PORT as HOST_PORT reads it (parse_address's inverse): an IPv6 literal in brackets, `[::1]:9443`, as
     `::1:9443` names no port."""

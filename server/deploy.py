@@ -36,8 +36,10 @@ from privacy.preflight import (
     check_port_free,
     check_private_key,
     check_server_certificate,
+    listening_pids,
     report,
 )
+from privacy.preflight import free_port_after as preflight_free_port_after
 from privacy.registry import control_address, control_address_setting
 from privacy.site_config import host_port
 from server import proxy
@@ -177,18 +179,7 @@ def port_checks(c: Consortium, metrics_port: int = 0) -> list[Check]:
 
 def free_port_after(port: int, taken: list[Listen] = ()) -> int:
     """The first port above `port` free on loopback now and none of `taken`: what an error suggests for a setting."""
-    import socket
-
-    for candidate in range(port + 1, min(port + 1000, 65536)):
-        if any(t.port == candidate for t in taken):
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", candidate))
-            except OSError:
-                continue
-        return candidate
-    return 0
+    return preflight_free_port_after(port, {t.port for t in taken})
 
 
 @dataclass(frozen=True)
@@ -232,13 +223,8 @@ def port_holder(port: int) -> Holder:
     "another process" when it cannot be seen (another user's)."""
     import psutil
 
-    try:
-        pids = [k.pid for k in psutil.net_connections(kind="tcp")
-                if k.status == psutil.CONN_LISTEN and k.laddr and k.laddr.port == port and k.pid]
-    except (psutil.Error, OSError):
-        pids = []
     first = None
-    for pid in pids:
+    for pid in listening_pids(port):
         label = f"pid {pid}"
         try:
             proc = psutil.Process(pid)

@@ -253,6 +253,8 @@ class FeatureSchema(BaseModel):
             raw = json.loads(text)
         except json.JSONDecodeError as e:
             raise SchemaError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        if other := not_a_schema(path, raw):
+            raise SchemaError(other)
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
@@ -261,6 +263,31 @@ class FeatureSchema(BaseModel):
             return cls.model_validate(raw)
         except ValidationError as e:
             raise SchemaError(format_validation_error(e, source, raw)) from None
+
+
+# OncoFed's other JSON files, by their "format": what a person passing one as the schema holds instead
+OTHER_FILES = {"site": "a site's settings (site.json)", "consortium": "a consortium's manifest (consortium.json)",
+               "model-package": "a model version's package manifest (package.json)",
+               "normalizer": "a site's input normalisation", "privacy-ledger": "a site's privacy ledger"}
+
+
+def not_a_schema(path: Path, raw: object) -> str:
+    """Why `raw` (read from `path`) is another OncoFed file than a schema, and where the schema is ("" if it is none
+    of OncoFed's other files): its fields would otherwise read as a schema's every problem ("fix: remove it")."""
+    fmt = raw.get("format") if isinstance(raw, dict) else None
+    if not isinstance(fmt, str) or not fmt.startswith("oncofed-") or fmt == SCHEMA_FORMAT:
+        return ""
+    kind = fmt.removeprefix("oncofed-").split("/")[0]
+    what = OTHER_FILES.get(kind, f"an OncoFed {kind} file")
+    if kind == "site" and isinstance(raw.get("schema"), str):
+        where = f"the schema this site trains with is its `schema`: {path.parent / raw['schema']}"
+    elif found := next((c for c in (path.parent / "schema.json", path.parent / "trust" / "schema.json",
+                                    path.parent / "public" / "schema.json") if c.is_file()), None):
+        where = f"the schema beside it is {found}"
+    else:
+        where = ("the consortium's schema is schema.json in its public/ bundle (in a site directory trust/schema.json, "
+                 "which `oncofed site init` copied)")
+    return f"{path}: not a schema but {what} (\"format\": {json.dumps(fmt)}); {where}"
 
 
 @dataclass(frozen=True)

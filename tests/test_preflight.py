@@ -71,6 +71,32 @@ def test_key_permissions_and_kind(consortium, tmp_path):
     assert site.state_dir.startswith("/")  # absolute: the ClientApp runs elsewhere
 
 
+def test_the_key_replacement_the_preflight_prints_runs_without_stopping_at_overwrite(consortium, tmp_path):
+    """The documented `ssh-keygen ... -f keys/site.key` over the existing key stopped at "Overwrite (y/n)?". The
+    command the preflight prints (the same as the hospital guide's and add-site's) moves the old pair away first,
+    makes a key Flower accepts, and prints the new fingerprint, which it says to set as site.json's
+    public-key-sha256."""
+    import re
+    import subprocess
+
+    from cryptography.hazmat.primitives import serialization
+
+    init_site(tmp_path / "s", "S", consortium / "public", "", ca_fingerprint=fingerprint(consortium / "ca/ca.crt"))
+    key = tmp_path / "s/keys/site.key"
+    old = key.read_bytes()
+    pem = serialization.load_ssh_private_key(old, None).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    key.write_bytes(pem)  # a key Flower does not take: the preflight prints the replacement
+    check = check_site_key(key)
+    assert not check.ok and "public-key-sha256" in check.detail, check.detail
+    [command] = re.findall(r"`([^`]*ssh-keygen[^`]*)`", check.detail)
+    done = subprocess.run(["bash", "-c", command], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert check_site_key(key).ok and (key.parent / "old" / "site.key").read_bytes() == pem
+    assert done.stdout.split()[-2] == fingerprint(tmp_path / "s/keys/site.key.pub")  # sha256sum: "DIGEST  PATH"
+
+
 def test_a_port_that_cannot_be_bound_says_why_and_the_fix(monkeypatch):
     import errno
 
@@ -219,10 +245,55 @@ def test_a_site_checks_its_data_against_the_schema_training_uses(consortium, tmp
     other = tmp_path / "other.json"
     other.write_text(Path(site.schema_path).read_text().replace('"version"', '"description": "x", "version"', 1))
     check, used = _schema_check(site, other)
-    assert not check.ok and "is not the schema training uses" in check.detail and used is None
+    assert not check.ok and "is not the schema training uses" in check.detail and used == Path(site.schema_path)
     Path(site.schema_path).write_text(other.read_text())  # trust/schema.json altered
     check, _ = _schema_check(site, None)
     assert not check.ok and "SHA-256 differs from site.json's schema-sha256" in check.detail
+
+
+def test_a_schema_path_that_does_not_exist_is_named_missing_and_the_data_still_validated(consortium, tmp_path):
+    """`site start --schema .../schema.jsn` (a typo) said "is not the schema training uses", never that the file does not
+    exist, and skipped validating the data although site.json's schema was fine: it names the file as missing, the fix
+    (leave --schema out), and validates the data against site.json's schema."""
+    from client.supernode import site_checks
+
+    (tmp_path / "data").mkdir()
+    site = init_site(tmp_path / "s", "S", consortium / "public", str(tmp_path / "data"),
+                     ca_fingerprint=fingerprint(consortium / "ca/ca.crt"))
+    typo = tmp_path / "s" / "trust" / "schema.jsn"
+    checks = {c.name: c for c in site_checks(site, 29555, typo)}
+    assert not checks[f"--schema {typo}"].ok
+    assert "no such file; leave --schema out" in checks[f"--schema {typo}"].detail
+    data = checks[f"site data {tmp_path / 'data'}"]
+    assert "not validated" not in data.detail and "fails validation" in data.detail, data.detail  # an empty directory
+
+
+def test_site_init_warns_of_data_that_site_start_would_refuse_naming_the_column_and_the_fix(tmp_path):
+    """`site init --data DIR` whose labels table misspells the label column (`cancer_typ`) succeeded silently; it showed
+    only at `site start`. init validates the tables as the start's preflight does and warns (the key and settings do
+    not depend on them; the tables can be fixed in place), naming the column and the fix."""
+    from typer.testing import CliRunner
+
+    from oncofed.cli import app
+    from tests.sitefixtures import site_schema, site_tables, write_site
+
+    schema = site_schema().save(tmp_path / "schema.json")
+    init_consortium(tmp_path / "op", "t", "fl.example.org:8443", internal_port=9092, schema=schema)
+    tables = site_tables()
+    tables["labels"] = tables["labels"].rename(columns={"subtype": "subtyp"})
+    data = write_site(tmp_path / "data", tables)
+    res = CliRunner().invoke(app, ["site", "init", str(tmp_path / "s"), "--name", "S", "--consortium",
+                                   str(tmp_path / "op" / "public"), "--data", str(data), "--ca-fingerprint",
+                                   fingerprint(tmp_path / "op" / "ca/ca.crt")])
+    assert res.exit_code == 0 and (tmp_path / "s" / "site.json").exists(), res.output
+    assert f"warning: --data {data} fails validation" in res.output, res.output
+    assert "labels.csv, column 'subtype': no label column 'subtype'" in res.output
+    assert "fix: add the column 'subtype'" in res.output and "oncofed validate --schema" in res.output
+    write_site(tmp_path / "fine", site_tables())
+    res = CliRunner().invoke(app, ["site", "init", str(tmp_path / "t"), "--name", "T", "--consortium",
+                                   str(tmp_path / "op" / "public"), "--data", str(tmp_path / "fine"),
+                                   "--ca-fingerprint", fingerprint(tmp_path / "op" / "ca/ca.crt")])
+    assert res.exit_code == 0 and "fails validation" not in res.output, res.output
 
 
 def test_a_budget_that_refuses_every_default_run_is_warned_of_at_site_init_and_start(consortium, tmp_path):
@@ -429,10 +500,29 @@ def test_site_start_shows_what_the_site_has_spent_and_warns_of_a_damaged_ledger(
     ledger.commit_round(ticket, 5)
     ledger.begin_round("d", "run-1", 2, 1.0, 0.3, 5)  # a crash mid-round
     check = ledger_check(tmp_path / "s", site)
-    assert check.ok and not check.warning and "of the budget 8 spent" in check.detail and "1 round(s) begun" in check.detail
+    assert check.ok and "of the budget 8 spent" in check.detail and "1 round(s) begun" in check.detail
     ledger.path.write_text(ledger.path.read_text()[:-10])
     check = ledger_check(tmp_path / "s", site)
     assert check.ok and check.warning and "unreadable" in check.detail and "restore it from backup" in check.detail
+
+
+def test_site_start_reports_the_budget_left_and_warns_when_less_than_one_default_run_is_left(consortium, tmp_path):
+    """At the defaults (budget 8, run epsilon 8) the first run spent 7.93 of the site's lifetime 8 and every later run
+    was refused in every round, and nothing warned. The start's preflight reports the budget left, in runs at the
+    consortium's default epsilon, and warns (it does not refuse) when less than one such run is left."""
+    from client.supernode import ledger_check
+    from privacy.ledger import PrivacyLedger
+
+    site = init_site(tmp_path / "s", "S", consortium / "public", "", ca_fingerprint=fingerprint(consortium / "ca/ca.crt"))
+    check = ledger_check(tmp_path / "s", site)
+    assert check.ok and not check.warning and "epsilon 8 left: 1 more run(s) at the consortium's default epsilon 8" \
+        in check.detail, check.detail
+    ledger = PrivacyLedger(Path(site.state_dir) / "privacy-ledger.json", 8.0, 1e-5)
+    ledger.commit_round(ledger.begin_round("d", "run-1", 1, 1.0, 0.3, 5), 5)  # epsilon 5.2: less than 4 left
+    check = ledger_check(tmp_path / "s", site)
+    assert check.ok and check.warning, check.detail
+    assert "less than the 8 one run at the consortium's default settings spends" in check.detail, check.detail
+    assert "refuses every new run" in check.detail and "whole lifetime" in check.detail, check.detail
 
 
 def test_a_site_without_the_consortiums_signing_key_fails_preflight_naming_the_key_and_the_bundle(consortium, tmp_path):
@@ -448,3 +538,20 @@ def test_a_site_without_the_consortiums_signing_key_fails_preflight_naming_the_k
     simulated = keyless.model_copy(update={"simulated": True})
     (check,) = [c for c in site_checks(simulated, 29555, None) if c.name.startswith("model-signing")]
     assert check.ok and check.warning
+
+
+def test_a_runtime_port_another_process_holds_names_it_and_a_free_port(consortium, tmp_path):
+    """Two sites on one host both start on 9094: the second's preflight said "another process holds it (an OncoFed
+    server already running?)". It names the holder (pid and command line, as the server's preflight does) and the fix,
+    `--port` with a port free now."""
+    from client.supernode import site_checks
+
+    site = init_site(tmp_path / "s", "S", consortium / "public", "", ca_fingerprint=fingerprint(consortium / "ca/ca.crt"))
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        [check] = [c for c in site_checks(site, port, None) if c.name.startswith("local runtime port")]
+    assert not check.ok
+    assert f"held by pid {os.getpid()} (" in check.detail and "pytest" in check.detail, check.detail
+    assert "`--port " in check.detail and "systemd unit" in check.detail, check.detail

@@ -43,6 +43,8 @@ def consortium(tmp_path):
 
 
 def test_sites_are_registered_listed_and_removed_with_an_audit_trail(consortium, tmp_path):
+    from privacy.site_config import replace_key_command
+
     for name in ("C0", "C1"):
         init_site(tmp_path / name, name, consortium / "public",
                   ca_fingerprint=fingerprint(consortium / "ca" / "ca.crt"))
@@ -55,8 +57,10 @@ def test_sites_are_registered_listed_and_removed_with_an_audit_trail(consortium,
     remove_site(consortium, "C1")
     assert [s["name"] for s in list_sites(consortium)] == ["C0"]
     # Flower never takes a key twice: the removed site's key, or another site's under a new name, is named
-    with pytest.raises(ProvisioningError, match="site 'C1'.s \\(removed\\).*makes a new one"):
+    with pytest.raises(ProvisioningError, match="site 'C1'.s \\(removed\\).*makes a new one") as refused:
         add_site(consortium, "C1", tmp_path / "C1" / "keys" / "site.key.pub")
+    # the hospital guide's replacement, which moves the old pair away first (ssh-keygen stops at "Overwrite (y/n)?")
+    assert replace_key_command("keys/site.key") in str(refused.value) and "mv keys/site.key" in str(refused.value)
     with pytest.raises(ProvisioningError, match="site 'C0'.s;"):
         add_site(consortium, "C9", tmp_path / "C0" / "keys" / "site.key.pub")
     events = [json.loads(x)["event"] for x in (consortium / "audit.jsonl").read_text().splitlines()]
@@ -187,3 +191,37 @@ def test_flower_tools_are_the_ones_installed_with_this_python_whatever_path_hold
     monkeypatch.setenv("PATH", "/nonexistent")
     assert flower_tool("flwr") == str(Path(sys.executable).with_name("flwr"))
     assert Path(flower_tool("flower-supernode")).is_file()
+
+
+def test_a_running_site_whose_key_the_operator_removes_is_told_so_and_what_to_ask(consortium, tmp_path):
+    """After `consortium remove-site`, a connected site's `site start` ended with Flower's "SuperExec terminated
+    gracefully" and nothing else (exit 0). The SuperLink now answers its requests 401: the site says the consortium
+    no longer knows its key, what to ask the operator and how to rejoin (a new key: a removed one is never taken
+    again), and exits 3, the exit that needs the operator."""
+    import sys
+
+    link = json.loads((consortium / "consortium.json").read_text())["control-address"]  # no proxy here
+    (tmp_path / "data").mkdir()
+    init_site(tmp_path / "s", "C0", consortium / "public", str(tmp_path / "data"),
+              ca_fingerprint=fingerprint(consortium / "ca" / "ca.crt"))
+    add_site(consortium, "C0", tmp_path / "s" / "keys" / "site.key.pub")
+    log = tmp_path / "site.log"
+    script = ("from client.supernode import load_site, run_supernode\n"
+              f"raise SystemExit(run_supernode(load_site({str(tmp_path / 's')!r}), {free_port()}, 0.5, "
+              f"{link!r}))\n")
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "site-flwr"), "FLWR_TELEMETRY_ENABLED": "0"}
+    with open(log, "w") as out:
+        site = subprocess.Popen([sys.executable, "-c", script], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "SuperNode ID" not in log.read_text() and site.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert "SuperNode ID" in log.read_text(), log.read_text()  # connected with its registered key
+        remove_site(consortium, "C0")
+        assert site.wait(timeout=120) == 3, log.read_text()
+    finally:
+        stop_group(site, grace=10)
+    said = " ".join(log.read_text().split())
+    assert "the consortium does not, or no longer, know this site's key" in said, said
+    assert "Ask the operator whether this site is still a member" in said and "make a new key" in said

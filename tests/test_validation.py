@@ -775,3 +775,21 @@ def test_a_table_in_latin_1_is_named_as_not_utf8_with_the_fix(tmp_path):
     path.write_bytes("patient,cancer_type\nJos\xe9,BRCA\nP2,LUAD\n".encode("latin-1"))
     with pytest.raises(TableError, match="not UTF-8 text.*CSV UTF-8"):
         read_table(path, "patient")
+
+
+def test_cli_given_a_site_json_or_a_manifest_as_the_schema_says_which_file_it_is_and_where_the_schema_is(tmp_path):
+    """`oncofed validate --schema sites/C6/site.json` listed 21 problems, each "fix: remove it": a file of OncoFed's that
+    is no schema is named as what it is (by its "format"), with the schema to pass instead."""
+    from privacy.pki import fingerprint, init_consortium, init_site
+
+    init_consortium(tmp_path / "op", "t", "fl.example.org:8443", internal_port=9092)
+    site = init_site(tmp_path / "s", "S", tmp_path / "op" / "public", "",
+                     ca_fingerprint=fingerprint(tmp_path / "op" / "ca/ca.crt"))
+    data = make_site(tmp_path)
+    result = run_cli(tmp_path / "s" / "site.json", data)
+    assert result.exit_code == 2, result.output
+    assert "not a schema but a site's settings (site.json)" in result.output
+    assert f"its `schema`: {site.schema_path}" in result.output and "remove it" not in result.output
+    result = run_cli(tmp_path / "op" / "consortium.json", data)
+    assert result.exit_code == 2 and "not a schema but a consortium's manifest (consortium.json)" in result.output
+    assert f"the schema beside it is {tmp_path / 'op' / 'public' / 'schema.json'}" in result.output
