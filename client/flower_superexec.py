@@ -1,13 +1,16 @@
 """A site's SuperExec as `oncofed site start`'s SuperNode launches it (`python -m client.flower_superexec ARGS...`, in
 place of Flower's `flower-superexec`: client/supernode.py): Flower's own, which reaps the ClientApps it launched once
-they end (shared_models.flower_tools.run_superexec). Flower's drops each launch's Popen: a site kept ~2 `flwr-clientapp`
-zombies a round for its SuperNode's whole life, each counting against the service's task limit."""
+they end (shared_models.flower_tools.run_superexec), and launches each as `oncofed-clientapp`, which checks that the app
+the server sent is the site's own OncoFed before it runs (client/clientapp_process.py). Flower's drops each launch's
+Popen: a site kept ~2 `flwr-clientapp` zombies a round for its SuperNode's whole life, each counting against the
+service's task limit."""
 
 from __future__ import annotations
 
 import sys
 
-from shared_models.flower_tools import run_superexec
+from client.clientapp_process import CLIENTAPP_COMMAND
+from shared_models.flower_tools import flower_tool, run_superexec
 
 REAPER = "reap-clientapps"
 
@@ -20,5 +23,14 @@ def superexec_command(command: list[str]) -> list[str]:
     return command
 
 
+def launch_own_clientapp() -> None:
+    """Every ClientApp this SuperExec launches is `oncofed-clientapp` (the one installed with this Python), not Flower's
+    `flwr-clientapp`: Flower's launcher takes the command from this table."""
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
+
+    TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] = flower_tool(CLIENTAPP_COMMAND)
+
+
 if __name__ == "__main__":
+    launch_own_clientapp()
     run_superexec(sys.argv[1:], REAPER)

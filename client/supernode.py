@@ -73,6 +73,17 @@ def _node_config_check(settings: SiteConfig) -> Check:
                  "double quote (\") (move or rename the directory a path names)")
 
 
+def clientapp_check() -> Check:
+    """The site's SuperExec launches `oncofed-clientapp` (client/clientapp_process.py), installed with OncoFed beside
+    this Python: without it no round could start, and a site never falls back to Flower's unchecked launcher."""
+    from client.clientapp_process import CLIENTAPP_COMMAND
+
+    path = Path(flower_tool(CLIENTAPP_COMMAND))
+    return Check(f"{CLIENTAPP_COMMAND}", path.is_file(), "runs each round's app once it is this installation's code"
+                 if path.is_file() else f"not installed beside {sys.executable}: reinstall OncoFed into this "
+                 "environment (`pip install -e .` in the checkout, or the version's wheel)")
+
+
 def budget_warning(settings: SiteConfig) -> str:
     """Why the site's privacy budget refuses every run at the consortium's default settings ("" if it does not, or
     it has no budget: load_site requires one)."""
@@ -114,6 +125,7 @@ def site_checks(settings: SiteConfig, port: int, schema: Path | None, superlink:
         checks.append(Check(f"site data {data}", data.is_dir(), "present (pass --schema to validate it)" if
                             data.is_dir() else "not a directory: set data-path in site.json"))
     checks.append(_node_config_check(settings))
+    checks.append(clientapp_check())
     for key, d in (("state-dir", Path(settings.state_dir)), ("model-dir", Path(settings.model_dir))):
         try:  # written to, as the ledger and the model store will be: an existing root-owned directory is not enough
             d.mkdir(parents=True, exist_ok=True)

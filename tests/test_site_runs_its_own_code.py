@@ -1,0 +1,115 @@
+"""A site runs only the OncoFed its IT installed: Flower's deployment engine ships the ClientApp's code from the
+server (each ClientApp process installs the run's app and imports the site's code from it), so a site's SuperExec
+launches `oncofed-clientapp`, which installs the app only if every Python file is the site's own
+(client/clientapp_process.py)."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import zipfile
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@lru_cache(maxsize=1)
+def _own_fab() -> bytes:
+    from flwr.cli.build import build_fab_from_disk
+
+    return build_fab_from_disk(ROOT)
+
+
+def _changed(fab: bytes, edit) -> bytes:
+    """The app with edit(name, bytes) -> bytes | None applied to each file (None drops it), and files edit.extra added."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(fab)) as src, zipfile.ZipFile(out, "w") as dst:
+        for name in src.namelist():
+            data = edit(name, src.read(name))
+            if data is not None:
+                dst.writestr(name, data)
+        for name, data in getattr(edit, "extra", {}).items():
+            dst.writestr(name, data)
+    return out.getvalue()
+
+
+def test_the_app_built_from_this_sites_own_code_passes():
+    from client.clientapp_process import check_app, foreign_code
+
+    assert foreign_code(_own_fab()) == []
+    check_app(_own_fab())
+
+
+def test_an_app_whose_training_code_differs_is_refused_naming_the_file():
+    """A server that sends DP-SGD without noise (one line of client/local_round.py changed) is refused before any of
+    its code runs."""
+    from client.clientapp_process import ForeignAppError, check_app
+
+    def no_noise(name, data):
+        return data.replace(b"def run_noise(", b"def run_noise_(") if name == "client/local_round.py" else data
+
+    with pytest.raises(ForeignAppError, match=r"1 of its files differ .*client/local_round\.py.*install the same "
+                                              r"OncoFed version"):
+        check_app(_changed(_own_fab(), no_noise))
+
+
+@pytest.mark.parametrize("extra", [{"client/upload_tables.py": b"import os\n"}, {"sitecustomize.py": b"print(1)\n"},
+                                   {"json.py": b"loads = None\n"}])
+def test_an_app_with_code_the_site_does_not_have_is_refused(extra):
+    from client.clientapp_process import foreign_code
+
+    def keep(name, data):
+        return data
+    keep.extra = extra
+    (name,) = extra
+    assert foreign_code(_changed(_own_fab(), keep)) == [f"{name} (not in this site's OncoFed)"]
+
+
+def test_an_app_naming_another_clientapp_is_refused():
+    from client.clientapp_process import foreign_code
+
+    def other_app(name, data):
+        return data.replace(b'clientapp = "client.app:app"', b'clientapp = "server.app:app"') \
+            if name == "pyproject.toml" else data
+
+    assert foreign_code(_changed(_own_fab(), other_app)) == [
+        "pyproject.toml names ClientApp 'server.app:app', not 'client.app:app'"]
+
+
+def test_flowers_installer_is_never_called_for_a_foreign_app():
+    from client.clientapp_process import ForeignAppError, checked
+
+    calls = []
+    install = checked(lambda content, **kw: calls.append(len(content)))
+    install(_own_fab(), skip_prompt=True)
+    assert calls == [len(_own_fab())]
+    with pytest.raises(ForeignAppError):
+        install(_changed(_own_fab(), lambda n, d: d + b"\n" if n == "privacy/ledger.py" else d), skip_prompt=True)
+    assert len(calls) == 1
+    # Flower's ClientApp process looks its installer up in its module at each call: the name the launcher replaces
+    from flwr.supernode.runtime import run_clientapp
+
+    assert "install_from_fab(fab.content" in Path(run_clientapp.__file__).read_text()
+
+
+def test_the_sites_superexec_launches_oncofed_clientapp_installed_beside_its_python():
+    code = ("from client.flower_superexec import launch_own_clientapp; launch_own_clientapp(); "
+            "from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType; "
+            "print(TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(out).name == "oncofed-clientapp" and Path(out).is_file(), out
+
+
+def test_site_start_refuses_to_start_without_the_checked_launcher(monkeypatch, tmp_path):
+    """No fallback to Flower's unchecked `flwr-clientapp`: a site whose environment lacks `oncofed-clientapp` (a stale
+    install) fails its preflight, naming the fix."""
+    import client.supernode as sn
+
+    assert sn.clientapp_check().ok
+    monkeypatch.setattr(sn, "flower_tool", lambda name: str(tmp_path / name))
+    check = sn.clientapp_check()
+    assert not check.ok and "reinstall OncoFed" in check.detail
