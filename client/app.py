@@ -725,7 +725,7 @@ LEDGER_INDEX_UNWRITABLE = ("its machine's index of privacy ledgers cannot be wri
 def shared_ledger_refusal(settings: SiteSettings, site, audit: AuditLog) -> str:
     """Why this site cannot spend on its patients in its own ledger ("" if it can): another ledger of the machine that
     still exists holds them (privacy/ledger_index.py: a second site directory over the same patients, or a copy of
-    its tables under another path), and a spend here would start from this ledger's zero. Otherwise the dataset is
+    its tables under another path, whatever its split, seed or schema, or tables sharing any patient), and a spend here would start from this ledger's zero. Otherwise the dataset is
     claimed as this ledger's. The refusal the server gets names no path; the site's log and audit log name the other
     ledger and the fix."""
     from privacy.ledger import dataset_fingerprint
@@ -737,7 +737,7 @@ def shared_ledger_refusal(settings: SiteSettings, site, audit: AuditLog) -> str:
     held = {dataset_fingerprint(site.train.ids, h)[0] for h in site.schema.accepted_hashes()}
     try:
         others = index.claim(site.ledger.path, site.dataset_fingerprint, held, data_path=settings.paths.site_dir,
-                             site_dir=settings.site_dir)
+                             site_dir=settings.site_dir, patients=[*site.train.ids, *site.val.ids])  # any split
     except LedgerIndexError as e:
         log(WARNING, "site %s: %s", settings.name, e)
         return LEDGER_INDEX_UNWRITABLE
@@ -746,7 +746,7 @@ def shared_ledger_refusal(settings: SiteSettings, site, audit: AuditLog) -> str:
             log(WARNING, "site %s: %s", settings.name, note)
     if not others:
         return ""
-    detail = (f"the training patients of {settings.paths.site_dir} are held by another privacy ledger of this machine: "
+    detail = (f"patients of {settings.paths.site_dir} are held by another privacy ledger of this machine: "
               f"{'; '.join(o.describe() for o in others)}. This site's ledger {site.ledger.path} "
               f"({spend_of(site.ledger.path)}) would count their rounds from its own spend, so it refuses every DP "
               f"round on them. Keep one ledger for these patients: if this site's ledger has spent nothing on them, stop "
