@@ -307,6 +307,9 @@ def _site_policy(msg: Message, context: Context, call_next) -> Message:
 
 ONE_SUM_RECORD_UNREADABLE = ("the record of the SecAgg+ exchange this round's update was sent in before cannot be "
                              "read (details in the site's log); the site sends nothing in this round")
+ONE_SUM_RECORD_UNMARKED = ("the record of this SecAgg+ exchange could not be marked as sent (a full disk or a state "
+                           "directory it cannot write: details in the site's log); the update was not sent (its "
+                           "spend, if any, stays counted once)")
 ONE_SUM_RECORD_UNWRITABLE = ("the record of this SecAgg+ exchange could not be kept (a full disk or a state directory "
                              "it cannot write: details in the site's log); the round was not trained and nothing was sent")
 
@@ -355,8 +358,16 @@ def _into_one_exchange(cfg: RunConfig, call_next):
             if before is None:  # nothing left the site: the record must not bind a later attempt
                 releases.forget_sent(run_key, rnd)
             raise
-        if before is None and reply.has_error():
-            releases.forget_sent(run_key, rnd)
+        if reply.has_error():
+            if before is None:
+                releases.forget_sent(run_key, rnd)
+            return reply
+        try:  # from here the record binds even if this process dies: a killed attempt's record does not (sent_among)
+            releases.mark_left(run_key, rnd)
+        except (OSError, ReleaseDamaged) as e:
+            log(WARNING, "site %s: the round's SecAgg+ neighbours cannot be kept in %s: %s", settings.name,
+                releases.root, e)
+            raise _refusal(fitins, msg, settings.name, ONE_SUM_RECORD_UNMARKED, site_audit(settings)) from None
         return reply
 
     return handler
