@@ -124,9 +124,10 @@ class ReleaseStore:
         with atomic_file(path, "w") as fh:
             fh.write(json.dumps(record))
         # kept for every round, DP or not (a run without DP keeps no release beside it): only the newest KEEP
-        # rounds can be asked again, as for the releases
+        # rounds can be asked again, as for the releases. A round whose copy is kept keeps its records (`save` drops
+        # them with it): a site that skipped a round would otherwise resend a copy whose exchange it forgot
         for old in sorted(path.parent.glob(f"round-[0-9]*.{kind}.json"))[:-KEEP]:
-            if int(old.name.split(".")[0].split("-")[1]) < rnd:
+            if (old_rnd := int(old.name.split(".")[0].split("-")[1])) < rnd and not self.has(run_id, old_rnd):
                 old.unlink(missing_ok=True)
 
     def _field(self, record: dict, key: str, run_id: str, rnd: int, kind: str, ids: bool = True):
