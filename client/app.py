@@ -806,6 +806,7 @@ def padding_refusal(settings: SiteSettings, cfg: RunConfig) -> str:
 
 
 NOTED = "oncofed.noted"  # context.state: {run key: [rounds]} whose outcome the site has noted in this flwr run
+# (a cache: the state of a message that was refused is not kept, so the audit log says what was noted)
 
 
 def note_round_outcome(context: Context, settings: SiteSettings, cfg: RunConfig, run_key, previous) -> None:
@@ -813,8 +814,11 @@ def note_round_outcome(context: Context, settings: SiteSettings, cfg: RunConfig,
     the server whatever it is: that round's evaluation, the next round's SecAgg+ setup or training request, the model
     delivery or `query.round_outcome` (server.strategy.DeltaMixin.told). An abandoned round is said in the site's log
     and audit log (`round_abandoned`, with the server's reason) and, at a DP site whose update for it left, on that
-    round's ledger entry: its spend stays counted, once. Each round once, though the next messages repeat it (one
-    may not have reached the site; a resumed server tells it once more). Loads no data; never stops the message."""
+    round's ledger entry: its spend stays counted, once. The server kept no model step from it, but its sum may
+    have been unmasked first (a server that lost the round's checkpoint): the site says whether it gave its key
+    shares for that sum (`shares_given`), never that its update was not used. Each round once, though the next
+    messages repeat it (one may not have reached the site; a resumed server tells it once more; the message it was
+    noted with may have been refused, its state not kept). Loads no data; never stops the message."""
     from client.site import ledger_path
     from privacy.ledger import PrivacyLedger
 
@@ -831,20 +835,33 @@ def note_round_outcome(context: Context, settings: SiteSettings, cfg: RunConfig,
     noted = context.state.config_records.get(NOTED) or ConfigRecord()
     if rnd in list(noted.get(str(run_key), [])):
         return
+    noted[str(run_key)] = [*noted.get(str(run_key), []), rnd]
+    context.state.config_records[NOTED] = noted
+    audit = site_audit(settings)
+    try:
+        if audit.last("round_abandoned", run=str(run_key), round=rnd):
+            return
+    except OSError as e:
+        log(WARNING, "site %s: audit log: %s", settings.name, e)
+    try:  # the site's own knowledge: whether its key shares went to the round's sum (if so it may have been unmasked)
+        shares = ReleaseStore(settings.paths.state_dir).unmasked_with(str(run_key), rnd) is not None
+    except ReleaseDamaged:
+        shares = True  # unknown: may have
     spent, path = False, ledger_path(settings.paths)
     if cfg.privacy.enabled and path.exists():
         try:
             ledger = PrivacyLedger(path, budget_epsilon=settings.budget_epsilon, delta=accounting_delta(settings, cfg))
-            spent = ledger.note_outcome(None, str(run_key), rnd, status="abandoned", reason=reason)
+            spent = ledger.note_outcome(None, str(run_key), rnd, status="abandoned", reason=reason,
+                                        shares_given=shares)
         except (ValueError, OSError) as e:
             log(WARNING, "site %s: the server's note on round %s was not recorded in the ledger: %s", settings.name,
                 rnd, e)
-    log(WARNING, "site %s: the server abandoned round %s of run %s: %s%s", settings.name, rnd, run_key, reason,
-        "; the update this site sent for it was never used, and its spend stays counted" if spent else "")
-    _audit_quietly(site_audit(settings), settings.name, "round_abandoned", run=str(run_key), round=rnd,
-                   reason=reason, spent=spent)
-    noted[str(run_key)] = [*noted.get(str(run_key), []), rnd]
-    context.state.config_records[NOTED] = noted
+    log(WARNING, "site %s: the server abandoned round %s of run %s: %s%s%s", settings.name, rnd, run_key, reason,
+        "; it kept no model step from the round, though this site gave its key shares for the round's sum, which "
+        "may have been unmasked" if shares else "",
+        "; the update this site sent for it left the site, and its spend stays counted, once" if spent else "")
+    _audit_quietly(audit, settings.name, "round_abandoned", run=str(run_key), round=rnd,
+                   reason=reason, spent=spent, shares_given=shares)
 
 
 def _train_distributed(msg: Message, fitins, context: Context, cfg: RunConfig, settings: SiteSettings, site,
