@@ -726,8 +726,8 @@ def stale_ledger_refusal(settings: SiteSettings, site) -> str:
             "or sent")
 
 
-SHARED_LEDGER_REFUSAL = ("another privacy ledger on the site's machine holds its training patients (another site "
-                         "directory over the same patients: the site's log names it, with the fix); spent here, their "
+SHARED_LEDGER_REFUSAL = ("another privacy ledger on the site's machine holds its patients, all or some (another site "
+                         "directory over them: the site's log names it, with the fix); spent here, their "
                          "epsilon would not count what that ledger spent. Nothing was trained or sent")
 LEDGER_INDEX_UNWRITABLE = ("its machine's index of privacy ledgers cannot be written (details in the site's log); it "
                            "refuses before spending")
