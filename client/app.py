@@ -307,6 +307,9 @@ def _site_policy(msg: Message, context: Context, call_next) -> Message:
 
 ONE_SUM_RECORD_UNREADABLE = ("the record of the SecAgg+ exchange this round's update was sent in before cannot be "
                              "read (details in the site's log); the site sends nothing in this round")
+ONE_SUM_RECORD_UNMARKED = ("the record of this SecAgg+ exchange could not be marked as sent (a full disk or a state "
+                           "directory it cannot write: details in the site's log); the update was not sent (its "
+                           "spend, if any, stays counted once)")
 ONE_SUM_RECORD_UNWRITABLE = ("the record of this SecAgg+ exchange could not be kept (a full disk or a state directory "
                              "it cannot write: details in the site's log); the round was not trained and nothing was sent")
 
@@ -355,8 +358,16 @@ def _into_one_exchange(cfg: RunConfig, call_next):
             if before is None:  # nothing left the site: the record must not bind a later attempt
                 releases.forget_sent(run_key, rnd)
             raise
-        if before is None and reply.has_error():
-            releases.forget_sent(run_key, rnd)
+        if reply.has_error():
+            if before is None:
+                releases.forget_sent(run_key, rnd)
+            return reply
+        try:  # from here the record binds even if this process dies: a killed attempt's record does not (sent_among)
+            releases.mark_left(run_key, rnd)
+        except (OSError, ReleaseDamaged) as e:
+            log(WARNING, "site %s: the round's SecAgg+ neighbours cannot be kept in %s: %s", settings.name,
+                releases.root, e)
+            raise _refusal(fitins, msg, settings.name, ONE_SUM_RECORD_UNMARKED, site_audit(settings)) from None
         return reply
 
     return handler
@@ -715,8 +726,8 @@ def stale_ledger_refusal(settings: SiteSettings, site) -> str:
             "or sent")
 
 
-SHARED_LEDGER_REFUSAL = ("another privacy ledger on the site's machine holds its training patients (another site "
-                         "directory over the same patients: the site's log names it, with the fix); spent here, their "
+SHARED_LEDGER_REFUSAL = ("another privacy ledger on the site's machine holds its patients, all or some (another site "
+                         "directory over them: the site's log names it, with the fix); spent here, their "
                          "epsilon would not count what that ledger spent. Nothing was trained or sent")
 LEDGER_INDEX_UNWRITABLE = ("its machine's index of privacy ledgers cannot be written (details in the site's log); it "
                            "refuses before spending")
@@ -725,7 +736,7 @@ LEDGER_INDEX_UNWRITABLE = ("its machine's index of privacy ledgers cannot be wri
 def shared_ledger_refusal(settings: SiteSettings, site, audit: AuditLog) -> str:
     """Why this site cannot spend on its patients in its own ledger ("" if it can): another ledger of the machine that
     still exists holds them (privacy/ledger_index.py: a second site directory over the same patients, or a copy of
-    its tables under another path), and a spend here would start from this ledger's zero. Otherwise the dataset is
+    its tables under another path, whatever its split, seed or schema, or tables sharing any patient), and a spend here would start from this ledger's zero. Otherwise the dataset is
     claimed as this ledger's. The refusal the server gets names no path; the site's log and audit log name the other
     ledger and the fix."""
     from privacy.ledger import dataset_fingerprint
@@ -737,7 +748,7 @@ def shared_ledger_refusal(settings: SiteSettings, site, audit: AuditLog) -> str:
     held = {dataset_fingerprint(site.train.ids, h)[0] for h in site.schema.accepted_hashes()}
     try:
         others = index.claim(site.ledger.path, site.dataset_fingerprint, held, data_path=settings.paths.site_dir,
-                             site_dir=settings.site_dir)
+                             site_dir=settings.site_dir, patients=[*site.train.ids, *site.val.ids])  # any split
     except LedgerIndexError as e:
         log(WARNING, "site %s: %s", settings.name, e)
         return LEDGER_INDEX_UNWRITABLE
@@ -746,7 +757,7 @@ def shared_ledger_refusal(settings: SiteSettings, site, audit: AuditLog) -> str:
             log(WARNING, "site %s: %s", settings.name, note)
     if not others:
         return ""
-    detail = (f"the training patients of {settings.paths.site_dir} are held by another privacy ledger of this machine: "
+    detail = (f"patients of {settings.paths.site_dir} are held by another privacy ledger of this machine: "
               f"{'; '.join(o.describe() for o in others)}. This site's ledger {site.ledger.path} "
               f"({spend_of(site.ledger.path)}) would count their rounds from its own spend, so it refuses every DP "
               f"round on them. Keep one ledger for these patients: if this site's ledger has spent nothing on them, stop "
@@ -795,6 +806,7 @@ def padding_refusal(settings: SiteSettings, cfg: RunConfig) -> str:
 
 
 NOTED = "oncofed.noted"  # context.state: {run key: [rounds]} whose outcome the site has noted in this flwr run
+# (a cache: the state of a message that was refused is not kept, so the audit log says what was noted)
 
 
 def note_round_outcome(context: Context, settings: SiteSettings, cfg: RunConfig, run_key, previous) -> None:
@@ -802,8 +814,11 @@ def note_round_outcome(context: Context, settings: SiteSettings, cfg: RunConfig,
     the server whatever it is: that round's evaluation, the next round's SecAgg+ setup or training request, the model
     delivery or `query.round_outcome` (server.strategy.DeltaMixin.told). An abandoned round is said in the site's log
     and audit log (`round_abandoned`, with the server's reason) and, at a DP site whose update for it left, on that
-    round's ledger entry: its spend stays counted, once. Each round once, though the next messages repeat it (one
-    may not have reached the site; a resumed server tells it once more). Loads no data; never stops the message."""
+    round's ledger entry: its spend stays counted, once. The server kept no model step from it, but its sum may
+    have been unmasked first (a server that lost the round's checkpoint): the site says whether it gave its key
+    shares for that sum (`shares_given`), never that its update was not used. Each round once, though the next
+    messages repeat it (one may not have reached the site; a resumed server tells it once more; the message it was
+    noted with may have been refused, its state not kept). Loads no data; never stops the message."""
     from client.site import ledger_path
     from privacy.ledger import PrivacyLedger
 
@@ -820,20 +835,33 @@ def note_round_outcome(context: Context, settings: SiteSettings, cfg: RunConfig,
     noted = context.state.config_records.get(NOTED) or ConfigRecord()
     if rnd in list(noted.get(str(run_key), [])):
         return
+    noted[str(run_key)] = [*noted.get(str(run_key), []), rnd]
+    context.state.config_records[NOTED] = noted
+    audit = site_audit(settings)
+    try:
+        if audit.last("round_abandoned", run=str(run_key), round=rnd):
+            return
+    except OSError as e:
+        log(WARNING, "site %s: audit log: %s", settings.name, e)
+    try:  # the site's own knowledge: whether its key shares went to the round's sum (if so it may have been unmasked)
+        shares = ReleaseStore(settings.paths.state_dir).unmasked_with(str(run_key), rnd) is not None
+    except ReleaseDamaged:
+        shares = True  # unknown: may have
     spent, path = False, ledger_path(settings.paths)
     if cfg.privacy.enabled and path.exists():
         try:
             ledger = PrivacyLedger(path, budget_epsilon=settings.budget_epsilon, delta=accounting_delta(settings, cfg))
-            spent = ledger.note_outcome(None, str(run_key), rnd, status="abandoned", reason=reason)
+            spent = ledger.note_outcome(None, str(run_key), rnd, status="abandoned", reason=reason,
+                                        shares_given=shares)
         except (ValueError, OSError) as e:
             log(WARNING, "site %s: the server's note on round %s was not recorded in the ledger: %s", settings.name,
                 rnd, e)
-    log(WARNING, "site %s: the server abandoned round %s of run %s: %s%s", settings.name, rnd, run_key, reason,
-        "; the update this site sent for it was never used, and its spend stays counted" if spent else "")
-    _audit_quietly(site_audit(settings), settings.name, "round_abandoned", run=str(run_key), round=rnd,
-                   reason=reason, spent=spent)
-    noted[str(run_key)] = [*noted.get(str(run_key), []), rnd]
-    context.state.config_records[NOTED] = noted
+    log(WARNING, "site %s: the server abandoned round %s of run %s: %s%s%s", settings.name, rnd, run_key, reason,
+        "; it kept no model step from the round, though this site gave its key shares for the round's sum, which "
+        "may have been unmasked" if shares else "",
+        "; the update this site sent for it left the site, and its spend stays counted, once" if spent else "")
+    _audit_quietly(audit, settings.name, "round_abandoned", run=str(run_key), round=rnd,
+                   reason=reason, spent=spent, shares_given=shares)
 
 
 def _train_distributed(msg: Message, fitins, context: Context, cfg: RunConfig, settings: SiteSettings, site,

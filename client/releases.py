@@ -124,9 +124,10 @@ class ReleaseStore:
         with atomic_file(path, "w") as fh:
             fh.write(json.dumps(record))
         # kept for every round, DP or not (a run without DP keeps no release beside it): only the newest KEEP
-        # rounds can be asked again, as for the releases
+        # rounds can be asked again, as for the releases. A round whose copy is kept keeps its records (`save` drops
+        # them with it): a site that skipped a round would otherwise resend a copy whose exchange it forgot
         for old in sorted(path.parent.glob(f"round-[0-9]*.{kind}.json"))[:-KEEP]:
-            if int(old.name.split(".")[0].split("-")[1]) < rnd:
+            if (old_rnd := int(old.name.split(".")[0].split("-")[1])) < rnd and not self.has(run_id, old_rnd):
                 old.unlink(missing_ok=True)
 
     def _field(self, record: dict, key: str, run_id: str, rnd: int, kind: str, ids: bool = True):
@@ -149,9 +150,14 @@ class ReleaseStore:
 
     def sent_among(self, run_id: str, rnd: int) -> tuple[list[int], int] | None:
         """(the SecAgg+ neighbours, the threshold) of the exchange this round's masked update left the site in,
-        None if it never left; ReleaseDamaged if the record cannot be read."""
+        None if it never left; ReleaseDamaged if the record cannot be read. A record kept before training whose
+        attempt ended before its update could leave (its process is gone, killed mid-training, and it never marked
+        the update leaving: `mark_left`) binds nothing: nothing was sent. One of an earlier version, without the
+        mark, binds."""
         record = self._read(run_id, rnd, "secagg")
         if record is None:
+            return None
+        if record.get("left") is False and not _alive(record.get("pid")):
             return None
         return (self._field(record, "neighbours", run_id, rnd, "secagg"),
                 self._field(record, "threshold", run_id, rnd, "secagg", ids=False))
@@ -161,7 +167,13 @@ class ReleaseStore:
         neighbours, those that completed setup) and how many shares unmask it. The update goes into no exchange
         among other sites: there the sites that gave no key shares for the first sum could unmask a second one."""
         self._write(run_id, rnd, "secagg", {"neighbours": sorted(int(i) for i in neighbours),
-                                            "threshold": int(threshold)})
+                                            "threshold": int(threshold), "left": False, "pid": os.getpid()})
+
+    def mark_left(self, run_id: str, rnd: int) -> None:
+        """The attempt's update is leaving now (written before it is masked and sent): from here the record binds
+        even once this process is gone. OSError: not marked, and the update must not leave."""
+        record = self._read(run_id, rnd, "secagg") or {}
+        self._write(run_id, rnd, "secagg", {**record, "left": True})
 
     def forget_sent(self, run_id: str, rnd: int) -> None:
         """Drop the record `record_sent` kept for an attempt whose update did not leave after all (the round was refused
@@ -180,3 +192,17 @@ class ReleaseStore:
             return Release(meta["global_sha256"], arrays, int(meta["num_examples"]), meta["metrics"])
         except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
             raise ReleaseDamaged(path.relative_to(self.root.parent), f"{type(e).__name__}: {e}") from None
+
+
+def _alive(pid) -> bool:
+    """Whether process `pid` may still be running (and so may still send what it trains); a pid not a number, or
+    one that signals say nothing of, counts as alive."""
+    if type(pid) is not int or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True

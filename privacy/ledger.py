@@ -393,8 +393,10 @@ class PrivacyLedger:
                               f"steps here; {steps} more would exceed the plan. Nothing was trained or sent")
 
     def note_outcome(self, dataset: str | None, run_id: str, rnd: int, **outcome) -> bool:
-        """Record what became of a committed round's update (e.g. status "abandoned" and the server's reason: its
-        sum was never unmasked). The spend stays counted: the masked update left the site. False if the
+        """Record what became of a committed round's update (e.g. status "abandoned", the server's reason and whether
+        the site gave its key shares for the round's sum: the server kept no model step from it, but its sum may have
+        been unmasked before, as by a server that lost the round's checkpoint). The spend stays counted: the update
+        left the site. False if the
         round has no committed entry here. `dataset` None: the run's round on whichever dataset it trained (a run
         key and round name one spend; the model delivery, which loads no data, notes the last round so). A round the
         site itself withheld keeps that outcome: the server's later word (e.g. "abandoned", since the site sent

@@ -5,12 +5,23 @@ directory: a second site directory over the same patients (a re-key, a copy, a s
 started a second, empty ledger and spent their budget again. The index lets each ledger see the others:
 
     {"format": "oncofed-ledger-index/1",
-     "ledgers": {LEDGER: {"data-path": DATA, "site-dirs": [SITE, ...], "datasets": [FINGERPRINT, ...], "updated": T}}}
+     "ledgers": {LEDGER: {"data-path": DATA, "site-dirs": [SITE, ...], "datasets": [FINGERPRINT, ...],
+                          "patients": [TAG, ...], "patients-key": KEY_ID, "updated": T}}}
 
-Paths are resolved; datasets are `dataset_fingerprint`s, never a patient id. Written atomically under an exclusive
+Paths are resolved; datasets are `dataset_fingerprint`s of training splits, never a patient id. A split is not the
+patients, though: a copy of the tables trained at another seed, val-fraction or schema is another training split of
+mostly the same patients. So a round also claims the site's patients, every patient of its tables whatever the split,
+as *tags*: HMAC-SHA256 of each patient id under this index's key (`ledger-index.json.key` beside it, owner-only,
+made at the first claim), cut to 64 bits. Without the key a tag says nothing of the patient; with it (the account
+that runs the sites, which reads their tables anyway) one can only test an id one already has. Patients shared
+with another ledger (any one) are its patients too. Tags made under another key (the key file lost) are not
+compared: that ledger's next round tags its patients again. `KEY_ID`: the key's SHA-256, cut, to tell them apart.
+
+Written atomically under an exclusive
 lock (the `.lock` file beside it) by `site init` and `site start` (the site's ledger, data path and directory) and by a
-deployed site's DP rounds, each of which *claims* the dataset it trains before any spend: refused when another ledger
-that still exists holds it (the ledger that spent on a dataset holds it; see `LedgerIndex.claim`), recorded as this ledger's otherwise.
+deployed site's DP rounds, each of which *claims* the dataset it trains, and its patients, before any spend: refused
+when another ledger that still exists holds them (the ledger that spent on them holds them; see `LedgerIndex.claim`),
+recorded as this ledger's otherwise.
 A ledger no longer at its path (moved with its state directory, deleted) holds nothing: the index never refuses for
 a file that is gone.
 
@@ -30,8 +41,11 @@ ledger start unseen.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
+import secrets
 import re
 import time
 from contextlib import contextmanager
@@ -126,10 +140,12 @@ class LedgerIndex:
         with self._locked() as ledgers:
             _update(ledgers, _key(ledger), data_path, site_dir, ())
 
-    def claim(self, ledger: str | Path, dataset: str, fingerprints: set[str], *, data_path: str | Path = "",
-              site_dir: str | Path | None = None) -> list[OtherLedger]:
+    def claim(self, ledger: str | Path, dataset: str, fingerprints: set[str], *, patients=(),
+              data_path: str | Path = "", site_dir: str | Path | None = None) -> list[OtherLedger]:
         """The ledgers other than `ledger` that still exist and hold any of `fingerprints` (the dataset under every
-        hash of its schema); when there are none, `dataset` is recorded as this ledger's. A ledger holds patients it
+        hash of its schema) or any of `patients` (the ids of every patient of the site's tables, whatever the split:
+        kept only as tags, see the module); when there are none, `dataset` and the tags are recorded as this
+        ledger's. An entry of an earlier version has no tags: its fingerprints still hold. A ledger holds patients it
         has spent on, as its own file says (the index may not know a ledger's spend: one that spent before the
         index existed claimed nothing), or one that cannot be read now and that the index says claimed them; a
         ledger that only claimed them, with no spend, holds them against a ledger that has none either (the first
@@ -137,17 +153,49 @@ class LedgerIndex:
         holds them, and when both have spend on them both are refused: ledgers cannot be merged."""
         own = _key(ledger)
         with self._locked() as ledgers:
-            own_spent = bool(fingerprints & (_spent_datasets(own) or set()))
+            key_id, tags = self._tags(patients) if patients else ("", set())
+
+            def shares(entry: dict) -> bool:  # patients in common, as the index's tags say
+                return bool(tags) and entry.get("patients-key") == key_id and bool(tags & set(entry.get("patients", ())))
+
+            own_spent_on = _spent_datasets(own) or set()
+            # a ledger's spend is on the patients it tagged before (its datasets may be other splits of them)
+            own_spent = bool(fingerprints & own_spent_on) or (bool(own_spent_on) and shares(ledgers.get(own, {})))
             others = []
             for key, entry in sorted(ledgers.items()):
                 if key == own or not _exists(key):
                     continue
-                claimed, spent = bool(fingerprints & set(entry.get("datasets", ()))), _spent_datasets(key)
-                if (claimed if spent is None else bool(fingerprints & spent)) or (claimed and not own_spent):
+                claimed = bool(fingerprints & set(entry.get("datasets", ()))) or shares(entry)
+                spent = _spent_datasets(key)
+                spent_on = spent is not None and (bool(fingerprints & spent) or (bool(spent) and shares(entry)))
+                if (claimed if spent is None else spent_on) or (claimed and not own_spent):
                     others.append(_other(key, entry))
             if not others:
-                _update(ledgers, own, data_path, site_dir, (dataset,))
+                _update(ledgers, own, data_path, site_dir, (dataset,), key_id, tags)
             return others
+
+    def _tags(self, patients) -> tuple[str, set[str]]:
+        """(the key's id, the patients' tags) under this index's key, made now if there is none (under the lock)."""
+        path = self.path.with_name(self.path.name + ".key")
+        try:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                if len(key := bytes.fromhex(path.read_text().strip())) != 32:  # (cut short by a crash)
+                    raise ValueError
+            else:
+                key = secrets.token_bytes(32)
+                with os.fdopen(fd, "w") as out:
+                    out.write(key.hex() + "\n")
+                    out.flush()
+                    os.fsync(out.fileno())
+        except OSError as e:
+            raise self._unwritable(e) from None
+        except ValueError:
+            raise LedgerIndexError(f"{path}: the key of this machine's index of privacy ledgers is damaged (not 32 bytes in hex); "
+                                   "remove it (each site tags its patients again at its next round)") from None
+        tags = {hmac.new(key, str(p).encode(), hashlib.sha256).hexdigest()[:16] for p in patients}
+        return hashlib.sha256(key).hexdigest()[:16], tags
 
     # --- the file ----------------------------------------------------------------------------------------------
     def _unwritable(self, e: OSError) -> LedgerIndexError:
@@ -225,7 +273,8 @@ class LedgerIndex:
 
 def _valid(entry) -> bool:
     return (isinstance(entry, dict) and isinstance(entry.get("data-path", ""), str)
-            and all(isinstance(x, str) for k in ("site-dirs", "datasets") for x in entry.get(k, [])))
+            and isinstance(entry.get("patients-key", ""), str) and isinstance(entry.get("patients", []), list)
+            and all(isinstance(x, str) for k in ("site-dirs", "datasets", "patients") for x in entry.get(k, [])))
 
 
 def _spent_datasets(ledger: str) -> set[str] | None:
@@ -246,11 +295,15 @@ def _other(ledger: str, entry: dict) -> OtherLedger:
     return OtherLedger(Path(ledger), entry.get("data-path", ""), tuple(entry.get("site-dirs", ())))
 
 
-def _update(ledgers: dict, ledger: str, data_path, site_dir, datasets) -> None:
+def _update(ledgers: dict, ledger: str, data_path, site_dir, datasets, key_id: str = "", tags=frozenset()) -> None:
     old = ledgers.get(ledger, {})
     new = {"data-path": _key(data_path) if str(data_path) else old.get("data-path", ""),
            "site-dirs": sorted(set(old.get("site-dirs", [])) | ({_key(site_dir)} if site_dir else set())),
            "datasets": sorted(set(old.get("datasets", [])) | set(datasets))}
+    if old.get("patients-key") and (not tags or old["patients-key"] == key_id):  # every patient it ever held
+        new.update({"patients": sorted(set(old.get("patients", [])) | set(tags)), "patients-key": old["patients-key"]})
+    elif tags:  # (tags under a lost key are replaced: nothing could compare them)
+        new.update({"patients": sorted(tags), "patients-key": key_id})
     if any(new[k] != old.get(k) for k in new):  # unchanged: not written again at every round
         ledgers[ledger] = {**new, "updated": time.time()}
 

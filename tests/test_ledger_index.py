@@ -243,3 +243,87 @@ def test_a_round_on_tables_copied_to_another_path_is_refused_before_any_spend(tm
     with pytest.raises(SiteRefusal, match=re.escape(LEDGER_INDEX_UNWRITABLE)):
         train(_fit(weights, 3), first)
     assert json.loads((tmp_path / "state" / LEDGER_FILE).read_text())["entries"] == spent
+
+
+def _prepared(tmp: Path, name: str, seed: int = 0, val_fraction: float = 0.2, tables=None):
+    """A deployed site's data and state as its rounds see them, over the tables in tmp/data (or `tables`)."""
+    from client.app import SiteSettings
+    from client.site import SitePaths, prepare_site
+    from tests.sitefixtures import site_schema, write_site
+
+    data = tmp / name / "data"
+    if tables is not None:
+        write_site(data, tables)
+    else:
+        shutil.copytree(tmp / "data", data)
+    paths = SitePaths(data, tmp / name / "state", tmp / name / "models")
+    site = prepare_site(site_schema(), paths, budget_epsilon=8.0, delta=1e-5, val_fraction=val_fraction,
+                        min_count=1, seed=seed, dp=True)
+    return site, SiteSettings(name, 0, paths, 8.0, True, ledger_index=True, site_dir=tmp / name)
+
+
+def _claim(site, settings) -> str:
+    from client.app import shared_ledger_refusal
+    from privacy.audit import AuditLog
+
+    return shared_ledger_refusal(settings, site, AuditLog(settings.paths.state_dir / "audit.jsonl"))
+
+
+def _other_patients(shared: str | None = None) -> dict:
+    """Tables of other patients (Q000, ...), the first of them renamed `shared` if given."""
+    from tests.sitefixtures import site_tables
+
+    tables = site_tables(n_per_class=20, seed=7)
+    for table in tables.values():
+        table["patient"] = table["patient"].str.replace("P", "Q")
+        if shared:
+            table.loc[0, "patient"] = shared
+    return tables
+
+
+def test_a_copy_of_the_tables_under_another_split_is_refused_and_the_index_names_no_patient(tmp_path,
+                                                                                           isolated_ledger_index):
+    """The index claimed training splits, so a copy of a site's tables trained at another seed or val-fraction (most
+    of its training patients the first site's) was another dataset to it and spent from zero (review of 2026-12-06).
+    A round claims the site's patients, whatever the split, and a patient shared with another ledger is held by it;
+    the index keeps them only as tags under its own key, from which no patient id can be read."""
+    from client.app import SHARED_LEDGER_REFUSAL
+    from tests.sitefixtures import site_tables, write_site
+
+    write_site(tmp_path / "data", site_tables(n_per_class=20))
+    first, first_settings = _prepared(tmp_path, "A")
+    assert _claim(first, first_settings) == ""
+    first.ledger.commit_round(first.ledger.begin_round(first.dataset_fingerprint, "run-A", 1, 1.0, 0.1, 10), 10)
+    for name, kw in (("seed", {"seed": 1}), ("val-fraction", {"val_fraction": 0.3})):
+        copy, settings = _prepared(tmp_path, name, **kw)
+        assert copy.dataset_fingerprint != first.dataset_fingerprint  # another split, the same patients
+        assert _claim(copy, settings) == SHARED_LEDGER_REFUSAL, name
+
+    one, settings = _prepared(tmp_path, "one-shared", tables=_other_patients(shared=first.val.ids[0]))
+    assert _claim(one, settings) == SHARED_LEDGER_REFUSAL
+    other, settings = _prepared(tmp_path, "others", tables=_other_patients())
+    assert _claim(other, settings) == ""  # no patient in common: its own ledger
+
+    text = isolated_ledger_index.read_text()
+    assert not any(pid in text for pid in [*first.train.ids, *first.val.ids])
+    key = isolated_ledger_index.with_name(isolated_ledger_index.name + ".key")
+    assert os.stat(key).st_mode & 0o077 == 0
+
+
+def test_an_index_entry_of_an_earlier_version_still_holds_its_datasets(tmp_path, isolated_ledger_index):
+    """An index written before patients were tagged has only the datasets of each ledger: they still hold, and the
+    ledger's next claim adds its tags."""
+    from client.app import SHARED_LEDGER_REFUSAL
+    from tests.sitefixtures import site_tables, write_site
+
+    write_site(tmp_path / "data", site_tables(n_per_class=20))
+    first, first_settings = _prepared(tmp_path, "A")
+    first.ledger.commit_round(first.ledger.begin_round(first.dataset_fingerprint, "run-A", 1, 1.0, 0.1, 10), 10)
+    isolated_ledger_index.write_text(json.dumps({"format": "oncofed-ledger-index/1", "ledgers": {
+        str(first.ledger.path.resolve()): {"data-path": str(tmp_path / "A" / "data"), "site-dirs": [],
+                                           "datasets": [first.dataset_fingerprint], "updated": 0}}}))
+    copy, settings = _prepared(tmp_path, "copy")
+    assert _claim(copy, settings) == SHARED_LEDGER_REFUSAL  # the same split: its fingerprint
+    assert _claim(first, first_settings) == ""  # the first site's round tags its patients
+    moved, settings = _prepared(tmp_path, "seed", seed=1)
+    assert _claim(moved, settings) == SHARED_LEDGER_REFUSAL

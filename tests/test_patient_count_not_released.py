@@ -51,7 +51,7 @@ def _reply(tmp: Path, site: str, tables, run: dict, weights):
 @pytest.mark.parametrize("mode", [
     {"dp-mode": "site", "strategy": "fedavg"},
     {"dp-mode": "distributed", "strategy": "fedavgm", "trusted-sites": 3, "sites": 3}])
-def test_what_a_dp_site_sends_is_the_same_with_one_training_patient_less(tmp_path, mode):
+def test_what_a_dp_site_sends_is_the_same_with_one_training_patient_less(tmp_path, mode, monkeypatch):
     from client.site import held_out_split
     from privacy.run_config import load_run_config
     from shared_models.model import MultiModalTransformer
@@ -68,7 +68,11 @@ def test_what_a_dp_site_sends_is_the_same_with_one_training_patient_less(tmp_pat
     torch.manual_seed(0)
     weights = state_arrays(MultiModalTransformer(schema, load_run_config(run).model))
 
-    a, b = (_reply(tmp_path, name, tables, run, weights) for name, tables in (("a", full), ("b", less)))
+    replies = []
+    for name, tables in (("a", full), ("b", less)):  # one site in two worlds: two machines, two indexes of ledgers
+        monkeypatch.setenv("ONCOFED_LEDGER_INDEX", str(tmp_path / f"{name}-index.json"))
+        replies.append(_reply(tmp_path, name, tables, run, weights))
+    a, b = replies
     # the FedAvg weight: batch-size / sample-rate in site mode ("auto": 0.5 x 640 / 0.5, the recipe's public patient
     # count), max-weight on the distributed grid
     assert a.num_examples == b.num_examples == (640 if mode["dp-mode"] == "site" else 2000)

@@ -374,6 +374,60 @@ def test_a_site_that_requires_dp_neither_scores_nor_prepares_its_data_for_a_run_
     assert not (tmp_path / "state" / "normalizer.json").exists()
 
 
+def test_an_abandoned_round_is_never_said_unused_when_the_site_gave_key_shares_for_its_sum(tmp_path, caplog):
+    """The review of 2026-12-06 (D2): a server whose checkpoint write failed after round 2's sum was unmasked and
+    aggregated abandoned round 2 on resume, and every site wrote "the update this site sent for it was never used"
+    in its log and ledger. A site cannot know that; it knows whether it gave its key shares for the round's sum,
+    and says so (ledger outcome and audit log `shares_given`), never that the update was unused."""
+    from client.app import round_outcome
+    from client.releases import ReleaseStore
+    from privacy.ledger import PrivacyLedger
+    from shared_models.protocol import PREVIOUS_ROUND, ROUND_OUTCOME, RUN_KEY
+    from tests.sitefixtures import site_schema
+
+    run = {"schema": str(site_schema().save(tmp_path / "schema.json")), "min-sites": 2, "epsilon": 8.0}
+    ctx = Context(run_id=1, node_id=1, state=RecordDict(), run_config=run,
+                  node_config={"data-path": str(tmp_path / "site"), "state-dir": str(tmp_path / "state")})
+    ledger = PrivacyLedger(tmp_path / "state" / "privacy-ledger.json", budget_epsilon=8.0, delta=1e-5)
+    for rnd in (1, 2):
+        ledger.commit_round(ledger.begin_round("dataset-a", "r-1", rnd, 1.5, 0.3, 3), 3)
+    ReleaseStore(tmp_path / "state").record_unmask("r-1", 2, [1, 2, 3])  # its shares went to round 2's sum
+    with caplog.at_level("WARNING"):
+        for rnd in (1, 2):
+            config = {PREVIOUS_ROUND: json.dumps({"round": rnd, "status": "abandoned", "reason": "resumed"}),
+                      RUN_KEY: "r-1"}
+            round_outcome(site_message(RecordDict({CONFIG_RECORD: ConfigRecord(config)}),
+                                       f"{MessageType.QUERY}.{ROUND_OUTCOME}"), ctx)
+    outcomes = {e["round"]: e["outcome"] for e in json.loads(ledger.path.read_text())["entries"]}
+    assert (outcomes[1]["shares_given"], outcomes[2]["shares_given"]) == (False, True)
+    events = [json.loads(x) for x in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
+    assert [(e["round"], e["spent"], e["shares_given"]) for e in events if e["event"] == "round_abandoned"] == [
+        (1, True, False), (2, True, True)]
+    assert "never used" not in caplog.text and "gave its key shares for the round's sum" in caplog.text
+
+
+def test_an_abandoned_round_is_said_once_though_the_message_it_was_noted_with_lost_its_state(tmp_path):
+    """The review of 2026-12-06 (D5): the rounds already noted were kept only in the message's state, which Flower
+    does not keep for a message that was refused; the next message said the same abandoned round again."""
+    from flwr.common import EvaluateIns
+    from flwr.compat.common.recorddict_compat import evaluateins_to_recorddict
+
+    from client.app import evaluate
+    from shared_models.protocol import PREVIOUS_ROUND, RUN_KEY, SERVER_ROUND
+    from tests.sitefixtures import site_schema
+
+    run = {"schema": str(site_schema().save(tmp_path / "schema.json")), "min-sites": 2, "dp": False}
+    abandoned = json.dumps({"round": 1, "status": "abandoned", "reason": "SecAgg+ halted in round 1"})
+    for _ in range(2):  # each with a state of its own: the first's was not kept
+        ctx = Context(run_id=1, node_id=1, state=RecordDict(), run_config=run,
+                      node_config={"data-path": str(tmp_path / "site"), "state-dir": str(tmp_path / "state")})
+        config = {RUN_KEY: "r-1", SERVER_ROUND: 1, PREVIOUS_ROUND: abandoned}
+        evaluate(site_message(evaluateins_to_recorddict(EvaluateIns(ndarrays_to_parameters([np.zeros(2)]), config),
+                                                        True), MessageType.EVALUATE), ctx)
+    events = [json.loads(x) for x in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
+    assert [(e["run"], e["round"]) for e in events if e["event"] == "round_abandoned"] == [("r-1", 1)]
+
+
 def test_a_site_says_in_its_log_and_audit_log_that_a_round_was_abandoned_with_the_first_message_after_it(tmp_path,
                                                                                                         caplog):
     """A site that spent nothing on an abandoned round (it refused, the round ended before anyone trained, a run

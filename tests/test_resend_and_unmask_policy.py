@@ -715,3 +715,44 @@ def test_the_one_exchange_record_is_kept_before_the_round_trains_and_dropped_if_
     with pytest.raises(SiteRefusal, match="the round's own checks"):
         _into_one_exchange(cfg, train)(_fit([np.zeros(3)]), _context(tmp_path, run))
     assert trained == [1] and ReleaseStore(tmp_path / "state").sent_among("run-X", 1) is None  # nothing left
+
+
+def test_a_round_killed_before_its_update_left_is_retried_and_one_that_left_still_binds(tmp_path):
+    """The review of 2026-12-06 (D4): the neighbours were kept before training and dropped only on a handled error, so
+    a site killed mid-training refused every retry of the round ("sent before in a SecAgg+ exchange among other
+    sites") though nothing had left it. A record whose process is gone and which was never marked as leaving binds
+    nothing; one marked as leaving, or whose attempt may still be training, binds as before."""
+    import os
+    import subprocess
+    import sys
+
+    from client.app import SiteRefusal, _into_one_exchange
+    from client.releases import ReleaseStore
+    from privacy.run_config import load_run_config
+
+    run = {"schema": "s.json", "min-sites": 2, "sites": 3, "dp": False}
+    cfg, trained, store = load_run_config(run), [], ReleaseStore(tmp_path / "state")
+
+    def train(msg, context):
+        trained.append(1)
+        return Message(RecordDict(), reply_to=msg)
+
+    def among(neighbours):
+        context = _context(tmp_path, run)
+        context.state.config_records[RECORD_KEY_STATE]["public_keys_dict:K"] = neighbours
+        context.state.config_records[RECORD_KEY_STATE]["threshold"] = 2
+        return context
+
+    killed = ("import os, sys; from client.releases import ReleaseStore; "  # kept before training, then SIGKILL
+              "ReleaseStore(sys.argv[1]).record_sent('run-X', 1, [1, 2, 3], 2); os.kill(os.getpid(), 9)")
+    subprocess.run([sys.executable, "-c", killed, str(tmp_path / "state")], cwd=Path(__file__).parents[1],
+                   env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}, check=False)
+    assert (tmp_path / "state" / "released" / "run-X" / "round-0001.secagg.json").exists()
+    assert not _into_one_exchange(cfg, train)(_fit([np.zeros(3)]), among([1, 2, 4])).has_error()
+    assert trained == [1] and store.sent_among("run-X", 1) == ([1, 2, 4], 2)
+    with pytest.raises(SiteRefusal, match="was sent before in a SecAgg\\+ exchange among other sites"):
+        _into_one_exchange(cfg, train)(_fit([np.zeros(3)]), among([1, 2, 3]))  # it left: it binds
+    store.record_sent("run-X", 2, [1, 2, 3], 2)  # an attempt still training (this process): it may yet send
+    with pytest.raises(SiteRefusal, match="was sent before in a SecAgg\\+ exchange among other sites"):
+        _into_one_exchange(cfg, train)(_fit([np.zeros(3)], rnd=2), among([1, 2, 4]))
+    assert trained == [1]
