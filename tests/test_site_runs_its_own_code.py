@@ -80,20 +80,39 @@ def test_an_app_naming_another_clientapp_is_refused():
         "pyproject.toml names ClientApp 'server.app:app', not 'client.app:app'"]
 
 
-def test_flowers_installer_is_never_called_for_a_foreign_app():
+def test_flowers_installer_is_never_called_for_a_foreign_app_nor_one_loaded_under_another_name():
+    """The ClientApp process installs the app it pulled, then loads the directory the message names (hash, app id,
+    version): a message naming another installed app's directory than this one's is refused too."""
+    import hashlib
+    import types
+
     from client.clientapp_process import ForeignAppError, checked
 
+    own = _own_fab()
+    ours = (hashlib.sha256(own).hexdigest(), "oncofed/oncofed", "0.1.0")
     calls = []
-    install = checked(lambda content, **kw: calls.append(len(content)))
-    install(_own_fab(), skip_prompt=True)
-    assert calls == [len(_own_fab())]
-    with pytest.raises(ForeignAppError):
-        install(_changed(_own_fab(), lambda n, d: d + b"\n" if n == "privacy/ledger.py" else d), skip_prompt=True)
+
+    def run_with(fab: bytes, loaded_as):
+        def pull(client):
+            return "message", "context", types.SimpleNamespace(fab_id=loaded_as[1], fab_version=loaded_as[2]), \
+                types.SimpleNamespace(hash_str=loaded_as[0], content=fab)
+        pull_task_input, install = checked(pull, lambda content, **kw: calls.append(len(content)))
+        _, _, _, fab_pulled = pull_task_input(None)
+        install(fab_pulled.content, skip_prompt=True)
+
+    run_with(own, ours)
+    assert calls == [len(own)]
+    with pytest.raises(ForeignAppError, match="privacy/ledger.py"):
+        run_with(_changed(own, lambda n, d: d + b"\n" if n == "privacy/ledger.py" else d), ours)
+    with pytest.raises(ForeignAppError, match="the message loads app oncofed/oncofed 0.1.0 \\(0000"):
+        run_with(own, ("0" * 64, *ours[1:]))  # another directory of ~/.flwr/apps than the one this app goes to
     assert len(calls) == 1
-    # Flower's ClientApp process looks its installer up in its module at each call: the name the launcher replaces
+    # Flower's ClientApp process looks both up in its module at each call: the names the launcher replaces
     from flwr.supernode.runtime import run_clientapp
 
-    assert "install_from_fab(fab.content" in Path(run_clientapp.__file__).read_text()
+    source = Path(run_clientapp.__file__).read_text()
+    assert "= pull_task_input(client)" in source and "install_from_fab(fab.content" in source
+    assert "get_project_dir(run.fab_id, run.fab_version, fab.hash_str)" in source
 
 
 def test_the_sites_superexec_launches_oncofed_clientapp_installed_beside_its_python():
