@@ -466,7 +466,8 @@ def test_h_a_round_a_refusing_site_leaves_short_of_min_sites_is_abandoned_at_set
     (record,) = read_jsonl(dep.op / "runs" / "short" / "metrics.jsonl")
     assert (record["status"], record["participants"], record["dropped"]) == ("abandoned", [], []), record
     assert "2 sites completed SecAgg+'s setup, fewer than 3" in record["reason"], record["reason"]
-    assert "before any site trains" in record["reason"] and record["refused"] == [{"reason": DATA_REFUSAL.format("C1")}]
+    assert "before any site trains" in record["reason"]
+    assert [r["reason"] for r in record["refused"]] == [DATA_REFUSAL.format("C1")] and "node" in record["refused"][0]
     assert [e["refused"] for e in read_jsonl(dep.op / "runs" / "short" / "audit.jsonl") if e["event"] == "round"] == [
         record["refused"]]
     for name in ("C0", "C1", "C2"):
@@ -476,3 +477,35 @@ def test_h_a_round_a_refusing_site_leaves_short_of_min_sites_is_abandoned_at_set
                  if e.get("run") == run_key]
         assert audit == ([("round_refused", "setup", None)] if name == "C1" else []) + [
             ("round_abandoned", None, False)], (name, audit)
+
+
+def test_j_a_run_whose_code_differs_from_the_sites_installation_runs_nothing_at_any_site(dep, tmp_path):
+    """(j) Flower installs the run's app, the server's code, at every site: a run submitted from a checkout whose
+    DP-SGD differs by one line (half the noise) is refused at every site before any of its code runs, each site
+    naming the file (client/clientapp_process.py), and no site's ledger or audit log records anything of it."""
+    import shutil
+
+    project = Path(__file__).resolve().parents[1]
+    copy = tmp_path / "checkout"
+    for d in ("oncofed", "client", "server", "shared_models", "privacy", "simulations"):
+        shutil.copytree(project / d, copy / d, ignore=shutil.ignore_patterns("__pycache__", "data", "report*"))
+    shutil.copy(project / "pyproject.toml", copy / "pyproject.toml")
+    local_round = copy / "client" / "local_round.py"
+    text = local_round.read_text()
+    assert "    sigma = max(sigma, noise_multiplier_for(" in text
+    local_round.write_text(text.replace("    sigma = max(sigma, noise_multiplier_for(",
+                                        "    sigma = 0.5 * max(sigma, noise_multiplier_for("))
+    ledgers, seen = _ledgers(dep), {n: len(dep.site_audit(n)) for n in ("C0", "C1", "C2")}
+    logged = {n: (dep.root / f"{n}.out").read_text().count("refuses the app the server sent") for n in ("C0", "C1")}
+    with (dep.root / "run-tampered.out").open("w") as out:  # the operator's `oncofed` is the altered checkout's
+        run = subprocess.run([sys.executable, "-m", "oncofed", "run", str(dep.op), "--name", "tampered", *RUN,
+                              "--set", "num-rounds=1"], env={**ENV, "PYTHONPATH": str(copy)}, stdout=out,
+                             stderr=subprocess.STDOUT, timeout=600)
+    assert run.returncode != 0, (dep.root / "run-tampered.out").read_text()[-3000:]
+    assert _ledgers(dep) == ledgers
+    for name in ("C0", "C1"):  # (C2 reports C0's name: its log is its own all the same)
+        log = (dep.root / f"{name}.out").read_text()
+        assert log.count("refuses the app the server sent") > logged[name], log[-3000:]
+        assert "client/local_round.py" in log.split("refuses the app the server sent")[-1][:600]
+    for name in ("C0", "C1", "C2"):
+        assert not [e for e in dep.site_audit(name)[seen[name]:] if e["event"] in ("round_trained", "round_refused")]
