@@ -488,7 +488,8 @@ def test_j_a_run_whose_code_differs_from_the_sites_installation_runs_nothing_at_
     project = Path(__file__).resolve().parents[1]
     copy = tmp_path / "checkout"
     for d in ("oncofed", "client", "server", "shared_models", "privacy", "simulations"):
-        shutil.copytree(project / d, copy / d, ignore=shutil.ignore_patterns("__pycache__", "data", "report*"))
+        shutil.copytree(project / d, copy / d, ignore=lambda where, names: [
+            n for n in names if n == "__pycache__" or (Path(where) == project / "simulations" and n == "data")])
     shutil.copy(project / "pyproject.toml", copy / "pyproject.toml")
     local_round = copy / "client" / "local_round.py"
     text = local_round.read_text()
