@@ -160,22 +160,17 @@ class ConsortiumCollector:
             failed.add_metric([name, str(status.get("run", ""))], float(no_model(status)))
         yield failed
         name, status = runs[-1]  # the run started last: its sites' epsilon and global model
-        eps = GaugeMetricFamily("oncofed_site_epsilon", "cumulative epsilon each site reported", labels=["site"])
-        for site, value in sorted((status.get("site_epsilon") or {}).items()):
-            eps.add_metric([site], float(value))
-        yield eps
-        if status.get("site_run_epsilon"):
-            own = GaugeMetricFamily("oncofed_site_run_epsilon", "each site's epsilon of this run's rounds alone: what "
-                                    "the run's model costs its patients by itself", labels=["site"])
-            for site, value in sorted(status["site_run_epsilon"].items()):
-                own.add_metric([site], float(value))
-            yield own
-        if status.get("site_epsilon_worst_case"):
-            worst = GaugeMetricFamily("oncofed_site_epsilon_worst_case", "dp-mode distributed: each site's epsilon "
-                                      "if only its own noise share protected it", labels=["site"])
-            for site, value in sorted(status["site_epsilon_worst_case"].items()):
-                worst.add_metric([site], float(value))
-            yield worst
+        for metric, key, what in (
+                ("oncofed_site_epsilon", "site_epsilon", "cumulative epsilon each site reported"),
+                ("oncofed_site_run_epsilon", "site_run_epsilon", "each site's epsilon of this run's rounds alone: "
+                 "what the run's model costs its patients by itself"),
+                ("oncofed_site_epsilon_worst_case", "site_epsilon_worst_case", "dp-mode distributed: each site's "
+                 "epsilon if only its own noise share protected it")):
+            if metric == "oncofed_site_epsilon" or status.get(key):  # (the first always: it may be empty)
+                family = GaugeMetricFamily(metric, what, labels=["site"])
+                for site, value in sorted((status.get(key) or {}).items()):
+                    family.add_metric([site], float(value))
+                yield family
         if not has_model(status):  # its weights are the untrained initial ones: no model to name
             return
         info = InfoMetricFamily("oncofed_model", "the global model of the run started last")
