@@ -1,7 +1,7 @@
 """A site runs only the OncoFed its IT installed: Flower's deployment engine ships the ClientApp's code from the
 server (each ClientApp process installs the run's app and imports the site's code from it), so a site's SuperExec
-launches `oncofed-clientapp`, which installs the app only if every Python file is the site's own
-(client/clientapp_process.py)."""
+launches `oncofed-clientapp`, which never installs or imports the app: it compares it with the site's own version,
+refusing another, and loads the site's installed ClientApp (client/clientapp_process.py)."""
 
 from __future__ import annotations
 
@@ -80,39 +80,79 @@ def test_an_app_naming_another_clientapp_is_refused():
         "pyproject.toml names ClientApp 'server.app:app', not 'client.app:app'"]
 
 
-def test_flowers_installer_is_never_called_for_a_foreign_app_nor_one_loaded_under_another_name():
-    """The ClientApp process installs the app it pulled, then loads the directory the message names (hash, app id,
-    version): a message naming another installed app's directory than this one's is refused too."""
-    import hashlib
+def _clientapp_steps(fab: bytes, loaded_as):
+    """The ClientApp process's three app steps as `oncofed-clientapp` replaces them, on a message carrying `fab`."""
     import types
 
-    from client.clientapp_process import ForeignAppError, checked
+    from client.clientapp_process import checked
 
+    def pull(client):
+        return "message", "context", types.SimpleNamespace(fab_id=loaded_as[1], fab_version=loaded_as[2]), \
+            types.SimpleNamespace(hash_str=loaded_as[0], content=fab)
+    pull_task_input, install_from_fab, get_load_client_app_fn = checked(pull)
+    _, _, run, pulled = pull_task_input(None)
+    install_from_fab(pulled.content, skip_prompt=True)
+    return get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(run.fab_id, run.fab_version,
+                                                                                     pulled.hash_str)
+
+
+def test_the_site_loads_its_installed_clientapp_and_writes_nothing_of_the_app(tmp_path, monkeypatch):
+    """Nothing of the app the server sent is written or imported, whatever it holds (a compiled module is imported
+    as readily as a source one, and an app directory already installed would be reused unchecked): the site's own
+    `client.app:app`, sys.path as it was, no file under FLWR_HOME; an app naming another directory than its own is
+    refused."""
+    import hashlib
+
+    import client.app
+    from client.clientapp_process import ForeignAppError
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
     own = _own_fab()
     ours = (hashlib.sha256(own).hexdigest(), "oncofed/oncofed", "0.1.0")
-    calls = []
-
-    def run_with(fab: bytes, loaded_as):
-        def pull(client):
-            return "message", "context", types.SimpleNamespace(fab_id=loaded_as[1], fab_version=loaded_as[2]), \
-                types.SimpleNamespace(hash_str=loaded_as[0], content=fab)
-        pull_task_input, install = checked(pull, lambda content, **kw: calls.append(len(content)))
-        _, _, _, fab_pulled = pull_task_input(None)
-        install(fab_pulled.content, skip_prompt=True)
-
-    run_with(own, ours)
-    assert calls == [len(own)]
+    path = list(sys.path)
+    assert _clientapp_steps(own, ours) is client.app.app
+    assert sys.path == path and not (tmp_path / "flwr").exists()
     with pytest.raises(ForeignAppError, match="privacy/ledger.py"):
-        run_with(_changed(own, lambda n, d: d + b"\n" if n == "privacy/ledger.py" else d), ours)
-    with pytest.raises(ForeignAppError, match="the message loads app oncofed/oncofed 0.1.0 \\(0000"):
-        run_with(own, ("0" * 64, *ours[1:]))  # another directory of ~/.flwr/apps than the one this app goes to
-    assert len(calls) == 1
-    # Flower's ClientApp process looks both up in its module at each call: the names the launcher replaces
+        _clientapp_steps(_changed(own, lambda n, d: d + b"\n" if n == "privacy/ledger.py" else d), ours)
+    with pytest.raises(ForeignAppError, match="the message names app oncofed/oncofed 0.1.0 \\(0000"):
+        _clientapp_steps(own, ("0" * 64, *ours[1:]))
+    # Flower's ClientApp process looks the three up in its module at each call: the names the launcher replaces
     from flwr.supernode.runtime import run_clientapp
 
     source = Path(run_clientapp.__file__).read_text()
     assert "= pull_task_input(client)" in source and "install_from_fab(fab.content" in source
-    assert "get_project_dir(run.fab_id, run.fab_version, fab.hash_str)" in source
+    assert "load_client_app_fn = get_load_client_app_fn(" in source
+
+
+@pytest.mark.parametrize("member, why", [
+    ("privacy/__pycache__/__init__.cpython-311.pyc", "not in this site's OncoFed"),  # imported before the source
+    ("torch.pyc", "not in this site's OncoFed"),
+    ("./pyproject.toml", "a name extraction would rewrite"),  # written as pyproject.toml
+    ("torch/../typing_extensions.py", "a name extraction would rewrite"),
+    ("privacy//etc/x.py", "a name extraction would rewrite"),
+    ("numpy/__init__.py", "not in this site's OncoFed"),  # another package's module, even byte for byte its own
+    ("simulations/schemas/sub/x.json", "not in this site's OncoFed"),
+])
+def test_any_member_that_is_not_oncofeds_own_file_is_named(member, why):
+    """The 2026-12-06 review's bypasses of a check that looked at `.py` names only: compiled files, names that
+    extraction rewrites (a second pyproject.toml among them), other packages' modules."""
+    from client.clientapp_process import foreign_code
+
+    def keep(name, data):
+        return data
+    keep.extra = {member: b"x = 1\n"}
+    problems = foreign_code(_changed(_own_fab(), keep))
+    assert any(member in p and why in p for p in problems), problems
+
+
+def test_an_app_of_another_version_is_refused():
+    from client.clientapp_process import foreign_code
+
+    def other_version(name, data):
+        return data.replace(b'version = "0.1.0"', b'version = "0.2.0"', 1) if name == "pyproject.toml" else data
+
+    assert foreign_code(_changed(_own_fab(), other_version)) == [
+        "pyproject.toml is of oncofed 0.2.0, this site runs oncofed 0.1.0"]
 
 
 def test_the_sites_superexec_launches_oncofed_clientapp_installed_beside_its_python():
