@@ -29,6 +29,8 @@ import tomllib
 import zipfile
 from pathlib import Path
 
+from shared_models.protocol import FOREIGN_APP
+
 CLIENTAPP_COMMAND = "oncofed-clientapp"  # the console script (pyproject [project.scripts])
 CLIENTAPP_REF = "client.app:app"  # the site's ClientApp: what the app's pyproject must name
 DISTRIBUTION = "oncofed"  # the installed distribution whose version the app's must be
@@ -121,7 +123,7 @@ def check_app(fab: bytes, loaded_as: tuple[str, str, str] | None = None) -> None
     if problems := foreign_code(fab, loaded_as):
         shown = ", ".join(problems[:8]) + (f" and {len(problems) - 8} more" if len(problems) > 8 else "")
         raise ForeignAppError(
-            f"the site refuses the app the server sent: {len(problems)} of its files differ from the OncoFed this site "
+            f"{FOREIGN_APP}: {len(problems)} of its files differ from the OncoFed this site "
             f"installed ({shown}). A site runs only the code its IT installed: if the consortium upgraded, install the "
             "same OncoFed version at the site (after your review), then the next round runs; if not, tell the operator")
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from shared_models.files import write_json_atomic
 from shared_models.flower_tools import flower_tool
+from shared_models.protocol import FOREIGN_APP
 from server.run_files import FLWR_RUNS, METRICS, PROGRESS, RESULT, RUN_FILE, STATUS, metrics_lines
 
 RUNNING = ("pending", "starting", "running")
@@ -166,9 +167,15 @@ def no_model(root: Path, name: str, names: dict[int, str] | None = None) -> tupl
 
     why = why_no_update(lines, names=site_names(root) if names is None else names, short=True) if lines else \
         result["not_delivered"][:300]
+    if FOREIGN_APP in why or FOREIGN_APP in result["not_delivered"]:
+        fix = ("the sites run another OncoFed version than this server, and a site runs only the version it installed "
+               f"(each names the files that differ, in {run_dir / METRICS}): put the server and the sites on one "
+               "version (docs/operator-guide.md, Upgrades)")
+    else:
+        fix = (f"fix the cause at the sites (a site's privacy budget, its data: each refusal in {run_dir / METRICS} "
+               "says what to do)")
     return why, (f"nothing to deliver (the model is the untrained initial one) and nothing to resume (its rounds ran): "
-                 f"fix the cause at the sites (a site's privacy budget, its data: each refusal in {run_dir / METRICS} "
-                 f"says what to do), then start a new run: `oncofed run {root} --name NEW_NAME`")
+                 f"{fix}, then start a new run: `oncofed run {root} --name NEW_NAME`")
 
 
 def no_model_verdict(root: Path, name: str) -> str | None:
@@ -300,8 +307,9 @@ class RunView:
         done, total = int(self.status.get("round") or 0), self.status.get("num_rounds") or "?"
         parts = [f"{self.state}", f"round {done}/{total} done"]
         if found := no_model(self.run_dir.parent.parent, self.name, names):
-            return " · ".join([NO_SITE_TRAINED, parts[1], found[0], "next: fix it at the sites (each refusal in "
-                               "metrics.jsonl says how), then a new run with another --name"])
+            fix = ("put the server and the sites on one OncoFed version" if FOREIGN_APP in found[0] else
+                   "fix it at the sites (each refusal in metrics.jsonl says how)")
+            return " · ".join([NO_SITE_TRAINED, parts[1], found[0], f"next: {fix}, then a new run with another --name"])
         p = self.progress
         if self.running and server_down:
             return " · ".join([f"{self.state} when the server went down", parts[1], f"not training: {server_down}"])

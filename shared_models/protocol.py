@@ -42,6 +42,9 @@ SETUP_TERMS = "oncofed.round"  # a ConfigRecord beside SecAgg+'s setup configs: 
 # so that a site checks before key sharing whether it could train the round (client.app.unready_refusal), and the
 # PREVIOUS_ROUND, if any
 REFUSAL_PREFIX = "refused: "  # how the reason starts; the rest says why in words that name no patient
+# how a site's error starts when the run's app is not the OncoFed it installed (client.clientapp_process): the server
+# then names the fix, one version everywhere, instead of a fix at the sites' data or budgets
+FOREIGN_APP = "the site refuses the app the server sent"
 
 # --- site -> server: fit metrics (client.app, from client.local_round's results) -------------------------------
 SITE = "site"  # the site's name (also in evaluation metrics and the delivery reply)

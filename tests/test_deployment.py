@@ -499,10 +499,12 @@ def test_j_a_run_whose_code_differs_from_the_sites_installation_runs_nothing_at_
     ledgers, seen = _ledgers(dep), {n: len(dep.site_audit(n)) for n in ("C0", "C1", "C2")}
     logged = {n: (dep.root / f"{n}.out").read_text().count("refuses the app the server sent") for n in ("C0", "C1")}
     with (dep.root / "run-tampered.out").open("w") as out:  # the operator's `oncofed` is the altered checkout's
+        # (in the checkout: `python -m` puts the working directory first on sys.path, before PYTHONPATH)
         run = subprocess.run([sys.executable, "-m", "oncofed", "run", str(dep.op), "--name", "tampered", *RUN,
-                              "--set", "num-rounds=1"], env={**ENV, "PYTHONPATH": str(copy)}, stdout=out,
+                              "--set", "num-rounds=1"], env={**ENV, "PYTHONPATH": str(copy)}, cwd=copy, stdout=out,
                              stderr=subprocess.STDOUT, timeout=600)
-    assert run.returncode != 0, (dep.root / "run-tampered.out").read_text()[-3000:]
+    said = (dep.root / "run-tampered.out").read_text()
+    assert run.returncode != 0 and "put the server and the sites on one" in said, said[-3000:]  # the fix: versions
     assert _ledgers(dep) == ledgers
     for name in ("C0", "C1"):  # (C2 reports C0's name: its log is its own all the same)
         log = (dep.root / f"{name}.out").read_text()
