@@ -34,46 +34,50 @@ def _u64(v: int | None) -> int | None:
     return v + 2**64 if v is not None and v < 0 else v
 
 
-def read_superlink(db: Path) -> dict | None:
-    """{"runs": {run_id: status}, "nodes": {node_id: status}} from the SuperLink's database, read-only;
-    None when it cannot be read (no database yet, another flwr layout, locked for longer than 1 s)."""
+def _i64(v: int) -> int:
+    """An id as Flower stores it (the inverse of _u64)."""
+    return v - 2**64 if v >= 2**63 else v
+
+
+def _superlink_rows(db: Path, *queries: tuple[str, tuple]) -> list[list[tuple]] | None:
+    """Each query's rows from the SuperLink's database, read-only; None when it cannot be read (no database yet,
+    another flwr layout, locked for longer than 1 s)."""
     if not db.exists():
         return None
     try:
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1.0)
         try:
-            runs = {}
-            for run_id, starting, running, finished, sub in con.execute(
-                    "SELECT run.run_id, task.starting_at, task.running_at, task.finished_at, task.sub_status "
-                    "FROM run JOIN task ON task.task_id = run.primary_task_id"):
-                runs[_u64(run_id)] = (f"finished:{sub}" if finished else "running" if running else
-                                      "starting" if starting else "pending")
-            now, nodes = time.time(), {}
-            for node_id, status, online_until in con.execute("SELECT node_id, status, online_until FROM node"):
-                if status == "online" and online_until is not None and online_until < now:
-                    status = "offline"  # Flower marks it so at its next read; the heartbeat has lapsed
-                nodes[_u64(node_id)] = status
+            return [con.execute(sql, params).fetchall() for sql, params in queries]
         finally:
             con.close()
     except sqlite3.Error:
         return None
+
+
+def read_superlink(db: Path) -> dict | None:
+    """{"runs": {run_id: status}, "nodes": {node_id: status}} from the SuperLink's database, read-only;
+    None when it cannot be read (no database yet, another flwr layout, locked for longer than 1 s)."""
+    rows = _superlink_rows(db, ("SELECT run.run_id, task.starting_at, task.running_at, task.finished_at, "
+                                "task.sub_status FROM run JOIN task ON task.task_id = run.primary_task_id", ()),
+                           ("SELECT node_id, status, online_until FROM node", ()))
+    if rows is None:
+        return None
+    runs = {_u64(run_id): (f"finished:{sub}" if finished else "running" if running else
+                           "starting" if starting else "pending")
+            for run_id, starting, running, finished, sub in rows[0]}
+    now, nodes = time.time(), {}
+    for node_id, status, online_until in rows[1]:
+        if status == "online" and online_until is not None and online_until < now:
+            status = "offline"  # Flower marks it so at its next read; the heartbeat has lapsed
+        nodes[_u64(node_id)] = status
     return {"runs": runs, "nodes": nodes}
 
 
 def flwr_run_code(db: Path, run_id: int) -> tuple[str, str] | None:
     """(fab_version, fab_hash) the SuperLink recorded for a flwr run: the version and the SHA-256 of the app bundle
     (FAB) `flwr run` built from the checkout; None when it cannot be read."""
-    if not db.exists():
-        return None
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1.0)
-        try:
-            row = con.execute("SELECT fab_version, fab_hash FROM run WHERE run_id = ?",
-                              (run_id - 2**64 if run_id >= 2**63 else run_id,)).fetchone()
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return None
+    rows = _superlink_rows(db, ("SELECT fab_version, fab_hash FROM run WHERE run_id = ?", (_i64(run_id),)))
+    row = rows[0][0] if rows and rows[0] else None
     return (str(row[0]), str(row[1])) if row and row[1] else None
 
 
