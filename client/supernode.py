@@ -276,15 +276,10 @@ def _ledger_state(name: str, ledger: Path, settings: SiteConfig) -> Check:
                  settings.privacy_budget else detail, warning=bool(short))
 
 
-def default_run_epsilon() -> float:
-    """What one run at the consortium's default settings may add to a site's spend (the run config's `epsilon`)."""
-    from shared_models.run_config import PrivacySection
-
-    return PrivacySection.model_fields["epsilon"].default
-
-
 def budget_left(left: float) -> str:
     """The budget left, in runs at the consortium's default epsilon."""
+    from privacy.accounting import default_run_epsilon
+
     run = default_run_epsilon()
     return f"epsilon {left:.3g} left: {int(left // run)} more run(s) at the consortium's default epsilon {run:g}"
 
@@ -294,6 +289,7 @@ def budget_left_warning(budget: float, spent: float) -> str:
     not). A warning, not a refusal: the budget is the site's decision; but at the defaults (budget 8, run epsilon 8)
     the first run spends nearly all of it and every later run is refused in every round, which nothing said before."""
     from privacy import MIN_RUN_SHARE
+    from privacy.accounting import default_run_epsilon
 
     run, left = default_run_epsilon(), max(budget - spent, 0.0)
     if left >= run:

@@ -325,6 +325,13 @@ def public_schedule(sample_rate: float, local_epochs: int, rounds: int) -> tuple
     return sample_rate, per_epoch * local_epochs * rounds
 
 
+def default_run_epsilon() -> float:
+    """What one run at the run config's defaults may add to a site's spend (its `epsilon`)."""
+    from shared_models.run_config import PrivacySection
+
+    return PrivacySection.model_fields["epsilon"].default
+
+
 def low_budget_warning(budget: float, delta: float | None = None) -> str:
     """Why a site with this privacy budget (at `delta`, default the run config's) refuses every run at the run config's
     defaults, and what the budget could still pay for; "" when it joins such a run. A new run is joined only with
@@ -336,7 +343,7 @@ def low_budget_warning(budget: float, delta: float | None = None) -> str:
     def default(section, name):
         return section.model_fields[name].default
 
-    run_epsilon = default(PrivacySection, "epsilon")
+    run_epsilon = default_run_epsilon()
     needed = MIN_RUN_SHARE * run_epsilon
     if budget >= needed:
         return ""
