@@ -54,9 +54,11 @@ class NoModelInstalled(ModelStoreError):
 
 
 class ModelStore:
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, create: bool = True):
+        """`create` False: a reader that writes nothing (`oncofed site status`), the directory perhaps absent."""
         self.root = Path(model_dir)
-        self.root.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
         self._active: tuple | None = None  # (ACTIVE's stat key, when read, its version)
 
     def versions(self) -> list[str]:

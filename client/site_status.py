@@ -81,24 +81,19 @@ def privacy_lines(settings: SiteConfig) -> list[str]:
 
 
 def model_lines(model_dir: Path) -> list[str]:
-    """The installed versions and the active one, read from the store's files (ModelStore would create the
-    directory)."""
-    versions = sorted(p.name for p in model_dir.glob("v[0-9][0-9][0-9][0-9]") if (p / "package.json").exists())
+    """The installed versions and the active one, read from the store's files (a store that creates nothing)."""
+    from client.model_store import ModelStore
+
+    store = ModelStore(model_dir, create=False)
+    versions = store.versions()
     if not versions:
         return [f"models: none installed in {model_dir} (the global model arrives after a federated run)"]
-    try:
-        active = (model_dir / "ACTIVE").read_text().strip()
-    except OSError:
-        active = None
-    try:
-        chosen = (model_dir / "CHOSEN").read_text().strip() == active
-    except OSError:
-        chosen = False
+    active = store.active()
     lines = [f"models: {len(versions)} installed in {model_dir}; active: "
-             + (f"{active}{' (chosen by the site)' if chosen else ''}" if active else "none (no ACTIVE file)")]
+             + (f"{active}{' (chosen by the site)' if store.chosen() else ''}" if active else "none (no ACTIVE file)")]
     for v in versions:
         try:
-            package = json.loads((model_dir / v / "package.json").read_text())
+            package = store.package(v)
         except (OSError, ValueError):
             lines.append(f"  {v}: package.json unreadable")
             continue
