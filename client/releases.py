@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared_models.files import atomic_file
+from shared_models.files import atomic_file, pid_alive
 
 
 class ReleaseDamaged(Exception):
@@ -195,14 +195,6 @@ class ReleaseStore:
 
 
 def _alive(pid) -> bool:
-    """Whether process `pid` may still be running (and so may still send what it trains); a pid not a number, or
-    one that signals say nothing of, counts as alive."""
-    if type(pid) is not int or pid <= 0:
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
+    """Whether process `pid` may still be running (and so may still send what it trains); a pid not a number counts
+    as alive."""
+    return True if type(pid) is not int or pid <= 0 else pid_alive(pid)

@@ -45,14 +45,13 @@ from privacy.site_config import host_port
 from server import proxy
 from server.processes import (
     answers_health,
-    pid_alive,
     secure_superlink_command,
     signal_group,
     start_group,
     stop_group,
     wait_healthy,
 )
-from shared_models.files import write_json_atomic
+from shared_models.files import pid_alive, write_json_atomic
 from shared_models.flower_tools import METRICS_PORT, QUIET_ENV
 
 FLOWER_ENV = {**QUIET_ENV,

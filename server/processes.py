@@ -85,17 +85,6 @@ def signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def pid_alive(pid) -> bool:
-    """Whether a process of this id exists (one of another user's counts); False for no id at all."""
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, TypeError, ValueError):
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)

@@ -167,3 +167,14 @@ def held_lock(path: Path, wait: float, busy: Exception):
         yield
     finally:
         fh.close()
+
+
+def pid_alive(pid) -> bool:
+    """Whether a process of this id exists (one of another user's counts); False for no id at all."""
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, TypeError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
