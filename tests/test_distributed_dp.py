@@ -279,7 +279,7 @@ def test_a_site_refuses_a_site_mode_run_with_unpadded_batches_unless_its_policy_
     assert refusal({}) == "" and refusal({}, **{"dp-pad-batches": False, "dp": False}) == ""  # padded; no DP at all
 
 
-def _site(tmp_path: Path, **cfg):
+def _site(tmp_path: Path, budget: float = 8.0, **cfg):
     from client.site import SitePaths, prepare_site
     from tests.sitefixtures import site_schema, site_tables, write_site
 
@@ -289,7 +289,7 @@ def _site(tmp_path: Path, **cfg):
     run = load_run_config({"schema": str(schema_path), "num-rounds": 3, "d-model": 32, "dp-mode": "distributed",
                            "strategy": "fedavgm", "trusted-sites": 2, "sample-rate": 0.5, **cfg})
     site = prepare_site(schema, SitePaths(tmp_path / "site", tmp_path / "state", tmp_path / "models"),
-                        budget_epsilon=8.0, delta=DELTA, val_fraction=0.2, min_count=5, seed=0, dp=True)
+                        budget_epsilon=budget, delta=DELTA, val_fraction=0.2, min_count=5, seed=0, dp=True)
     return schema, run, site
 
 
@@ -321,6 +321,27 @@ def test_a_distributed_round_sends_the_sites_clipped_gradient_sum_on_the_grid_an
     assert 7.8 <= last <= 8.0
     with pytest.raises(BudgetError, match="round 4 refused"):
         distributed_round(site, weights, run, "run-d", 4, grid)
+
+
+def test_a_distributed_runs_own_epsilon_counts_its_rounds_alone_and_lands_on_the_runs_epsilon(tmp_path):
+    """RUN_EPSILON (what the run's model alone costs the patients, under the trust assumption) in distributed mode:
+    the site's total for a first run; for a second run on the same patients, that run's rounds alone, which the
+    plan lands on the run's epsilon, while the total counts both runs."""
+    from client.local_round import distributed_round, state_arrays
+    from shared_models.model import MultiModalTransformer
+
+    schema, run, site = _site(tmp_path, budget=20.0)
+    torch.manual_seed(0)
+    weights = state_arrays(MultiModalTransformer(schema, run.model))
+    grid = _grid(3)
+    first = [distributed_round(site, weights, run, "run-d", rnd, grid).metrics for rnd in (1, 2, 3)]
+    assert all(m["run_epsilon"] == m["epsilon"] for m in first)  # nothing spent before: the run is the total
+    second = [distributed_round(site, weights, run, "run-e", rnd, grid).metrics for rnd in (1, 2, 3)]
+    assert second[0]["run_epsilon"] == pytest.approx(first[0]["epsilon"])  # one round of the same plan
+    assert 7.8 <= second[-1]["run_epsilon"] <= 8.0  # the run alone lands on its epsilon
+    assert second[-1]["epsilon"] > first[-1]["epsilon"] + 1  # the site's total counts both runs
+    assert second[-1]["run_epsilon"] < second[-1]["epsilon"] < second[-1]["epsilon_worst_case"]
+    assert site.ledger.run_spent("run-d") == pytest.approx(first[-1]["epsilon"])  # an earlier run's own: unchanged
 
 
 def test_a_site_whose_sum_could_leave_secaggs_range_refuses_before_spending(tmp_path):
