@@ -316,16 +316,20 @@ def deliver(
     name: str = typer.Argument(..., help="the run (its directory under CONSORTIUM/runs/)"),
 ) -> None:
     """Send a finished run's final model again, signed with the consortium's key, to every site that has not
-    installed it (no training, no privacy spend). Exit 3: some site that trained still has not installed it."""
+    installed it (no training, no privacy spend). Exit 3: some site that trained still has not installed it; 1: the
+    run ended without a model (no site trained); 2: preflight failed."""
     import sys
 
     from privacy.preflight import PreflightError
     from server.delivery import submit_delivery
-    from server.deploy import DeployError
+    from server.deploy import DeployError, RunFailedError
     from shared_models.run_config import RunConfigError
 
     try:
         code = submit_delivery(directory, name, out=sys.stdout)
+    except RunFailedError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(code=1)
     except (DeployError, PreflightError, RunConfigError) as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(code=2)

@@ -432,7 +432,7 @@ def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
     from privacy.preflight import report
     from privacy.run_config import load_run_config
     from server.checkpoint import CheckpointError, load_latest
-    from server.deploy import Consortium, DeployError
+    from server.deploy import Consortium, DeployError, RunFailedError
     from server.submit import PROJECT, env_for, is_duplicate_log_line
     from shared_models.run_config import flwr_overrides
 
@@ -445,7 +445,7 @@ def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
     from server.runs import no_model_verdict
 
     if verdict := no_model_verdict(c.root, name):
-        raise DeployError(f"run {name!r} {verdict}")
+        raise RunFailedError(f"run {name!r} {verdict}")
     try:
         checkpoint = load_latest(run_dir / CHECKPOINTS)
     except CheckpointError as e:

@@ -74,6 +74,11 @@ class DeployError(RuntimeError):
     """A deployment step failed: names the file or process and the fix."""
 
 
+class RunFailedError(DeployError):
+    """The run ended without a model (no site trained): there is nothing to deliver or continue, whatever is done,
+    so the command exits 1, as `oncofed run` does for that run, not 2 (a preflight the operator can fix)."""
+
+
 @dataclass(frozen=True)
 class Consortium:
     root: Path

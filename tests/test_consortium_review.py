@@ -94,6 +94,13 @@ def test_a_run_that_ended_without_a_model_has_one_verdict_in_runs_list_run_resum
     with pytest.raises(DeployError) as refused:
         submit_delivery(root, "r2")
     assert NO_SITE_TRAINED in str(refused.value) and "--resume`" not in str(refused.value), refused.value
+    # the command exits 1, as `oncofed run` did for this run (2 is a preflight the operator can fix)
+    from typer.testing import CliRunner
+
+    from oncofed.cli import app
+
+    said = CliRunner().invoke(app, ["deliver", str(root), "r2"])
+    assert said.exit_code == 1 and NO_SITE_TRAINED in said.output, (said.exit_code, said.output)
 
 
 def test_the_metrics_of_a_run_that_ended_without_a_model_say_failed_and_name_no_model(consortium):
