@@ -60,7 +60,7 @@ def latest_status(runs: Path) -> dict | None:
     return statuses[-1][1] if statuses else None
 
 
-def no_model(status: dict) -> bool:
+def ended_without_model(status: dict) -> bool:
     """Training ended without a model: no round updated it (server.runs.no_model says why and what to do)."""
     return bool(status.get("finished")) and "trained" in status and not status["trained"]
 
@@ -68,7 +68,7 @@ def no_model(status: dict) -> bool:
 def has_model(status: dict) -> bool:
     """A round updated the run's global model (status.json's `model_updated`; a status written before it was kept:
     any but a run that ended without one)."""
-    return bool(status.get("model_updated", not no_model(status)))
+    return bool(status.get("model_updated", not ended_without_model(status)))
 
 
 def undelivered(status: dict) -> bool:
@@ -150,14 +150,14 @@ class ConsortiumCollector:
                  "CONSORTIUM RUN`)", "delivery_ok")):
             g = GaugeMetricFamily(metric, doc, labels=["run", "run_key"])
             for name, status in runs:
-                value = 0 if key == "finished" and no_model(status) else status.get(key)  # oncofed_run_failed's
+                value = 0 if key == "finished" and ended_without_model(status) else status.get(key)  # oncofed_run_failed's
                 g.add_metric([name, str(status.get("run", ""))], float(value or 0))
             yield g
         failed = GaugeMetricFamily("oncofed_run_failed", "1: the run's training ended without a model (no site "
                                    "trained, e.g. every site refused every round); nothing to deliver or resume: fix "
                                    "it at the sites, then start a new run", labels=["run", "run_key"])
         for name, status in runs:
-            failed.add_metric([name, str(status.get("run", ""))], float(no_model(status)))
+            failed.add_metric([name, str(status.get("run", ""))], float(ended_without_model(status)))
         yield failed
         name, status = runs[-1]  # the run started last: its sites' epsilon and global model
         for metric, key, what in (
