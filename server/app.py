@@ -34,7 +34,7 @@ from privacy.registry import read_register, registered_names
 from privacy.run_config import load_run_config
 from privacy.signing import canonical, load_private, sign
 from server.checkpoint import (freeze_run, frozen_run, hold_run_lock, load_latest, model_updated, resume_command,
-                               round_outcome, run_config_changes, save_checkpoint, why_no_update, write_json_atomic)
+                               round_outcome, rounds_updated, run_config_changes, save_checkpoint, why_no_update, write_json_atomic)
 from server.delivery import (audited, deliver, delivery_status, delivery_summary, finished_at, redeliver, save_package,
                              sites_that_trained, tell_outcome)
 from server.strategy import build_strategy
@@ -262,7 +262,8 @@ class RoundRecorder:
         self.status = {"run": self.run_key, "num_rounds": cfg.federation.num_rounds, "round": start.first_round - 1,
                        "finished": 0, "site_epsilon": self.site_epsilon,
                        # 0 while the global model is the untrained initial one: /metrics names no model then
-                       "model_updated": int(model_updated(metrics_lines(self.metrics_file), before=start.first_round))}
+                       "rounds_updated": rounds_updated(metrics_lines(self.metrics_file), before=start.first_round)}
+        self.status["model_updated"] = int(self.status["rounds_updated"] > 0)
         write_json_atomic(out / STATUS, self.status)  # read by server/metrics.py (Prometheus)
 
     def registered_now(self) -> dict[str, str] | None:
@@ -310,7 +311,8 @@ class RoundRecorder:
                            participating=len(info.get("participants", [])), site_epsilon=dict(self.site_epsilon),
                            site_run_epsilon=dict(self.site_run_epsilon),
                            **self._worst_case(), weights_sha256=line["weights_sha256"],
-                           model_updated=int(self.status.get("model_updated") or info.get("status") == "updated"))
+                           rounds_updated=self.status["rounds_updated"] + (info.get("status") == "updated"))
+        self.status["model_updated"] = int(self.status["rounds_updated"] > 0)
         write_json_atomic(self.out / STATUS, self.status)
         self.round_started = time.time()
         self.audit.append("round", **audit_round)

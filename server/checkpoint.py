@@ -45,10 +45,15 @@ def newest_rounds(lines: list[dict]) -> dict[int, dict]:
     return {r["round"]: r for r in lines if isinstance(r.get("round"), int)}
 
 
+def rounds_updated(lines: list[dict], before: int | None = None) -> int:
+    """How many rounds (before round `before`, if given: the rounds a resumed run's checkpoint holds) updated the
+    global model, by each round's newest line (a refused or abandoned round ends without changing it)."""
+    return sum(r.get("status") == "updated" for rnd, r in newest_rounds(lines).items() if before is None or rnd < before)
+
+
 def model_updated(lines: list[dict], before: int | None = None) -> bool:
-    """Whether a round (before round `before`, if given: the rounds a resumed run's checkpoint holds) updated the
-    global model, by each round's newest line: False, the model is still the untrained initial one."""
-    return any(r.get("status") == "updated" for rnd, r in newest_rounds(lines).items() if before is None or rnd < before)
+    """Whether a round updated the global model (see rounds_updated): False, it is still the untrained initial one."""
+    return rounds_updated(lines, before) > 0
 
 
 def refusals(lines: list[dict], names: dict | None = None) -> list[tuple[list[str], str]]:

@@ -10,7 +10,9 @@ Per-run gauges (labels `run`, the run's name that `oncofed deliver` and `oncofed
 the run started last, every run whose final model some site that trained has not installed, and every run the
 SuperLink has pending or running (exported_runs); the sites' epsilon and the model of the run started last:
 
-    oncofed_rounds_completed{run,run_key}        rounds aggregated in the run
+    oncofed_rounds_completed{run,run_key}        rounds the run has ended (whether or not they changed the model)
+    oncofed_rounds_updated{run,run_key}          rounds whose aggregate updated the global model (a refused or
+                                                 abandoned round does not)
     oncofed_round_duration_seconds{run,run_key}  duration of its last round
     oncofed_sites_registered / _online           sites the SuperLink knows / sees online (its database)
     oncofed_sites_participating{run,run_key}     sites whose update entered the last aggregate
@@ -138,7 +140,10 @@ class ConsortiumCollector:
         # `run`: the run's name (its directory; what `oncofed deliver` and `oncofed runs` take); `run_key`: the key
         # its records and the sites' ledgers carry
         for metric, doc, key in (
-                ("oncofed_rounds_completed", "rounds aggregated in the run", "round"),
+                ("oncofed_rounds_completed", "rounds the run has ended, whether or not they changed the model "
+                 "(oncofed_rounds_updated: those that did)", "round"),
+                ("oncofed_rounds_updated", "rounds whose aggregate updated the run's global model (a round every site "
+                 "refused, or abandoned, does not)", "rounds_updated"),
                 ("oncofed_round_duration_seconds", "duration of the run's last round", "round_seconds"),
                 ("oncofed_sites_participating", "sites in the run's last aggregate", "participating"),
                 ("oncofed_run_finished", "1 once training finished with a model and delivery was tried (a run "
@@ -150,6 +155,8 @@ class ConsortiumCollector:
                  "CONSORTIUM RUN`)", "delivery_ok")):
             g = GaugeMetricFamily(metric, doc, labels=["run", "run_key"])
             for name, status in runs:
+                if key not in status and key == "rounds_updated":  # a status.json written before it was kept
+                    continue
                 value = 0 if key == "finished" and ended_without_model(status) else status.get(key)  # oncofed_run_failed's
                 g.add_metric([name, str(status.get("run", ""))], float(value or 0))
             yield g

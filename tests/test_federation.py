@@ -292,6 +292,8 @@ def test_a_round_most_sites_refuse_is_never_unmasked(federation):
     assert r["status"] == "abandoned" and r["participants"] == [], r
     assert "before any site trains" in r["reason"], r["reason"]  # our count, or Flower's halt at setup, which says so
     assert sorted(x["reason"].split(":")[0] for x in r["refused"]) == ["site_01", "site_02"]
+    status = json.loads((work / "server" / "status.json").read_text())  # what /metrics exports
+    assert status["round"] == 1 and status["rounds_updated"] == 0 and status["model_updated"] == 0, status
     with np.load(work / "server" / "checkpoints" / "round-0001" / "weights.npz") as z:
         after = [z[f"arr_{i}"] for i in range(len(z.files))]
     import torch

@@ -150,11 +150,12 @@ def test_collector_reads_the_latest_run(tmp_path):
     (tmp_path / "new").mkdir()
     (tmp_path / "new/status.json").write_text(json.dumps({
         "run": "r-1", "round": 2, "round_seconds": 12.5, "participating": 3, "finished": 0,
-        "site_epsilon": {"C0": 2.5}, "weights_sha256": "ab"}))
+        "site_epsilon": {"C0": 2.5}, "weights_sha256": "ab", "rounds_updated": 1}))
     reg = CollectorRegistry()
     reg.register(ConsortiumCollector(tmp_path))
     text = generate_latest(reg).decode()
     assert 'oncofed_rounds_completed{run="new",run_key="r-1"} 2.0' in text
+    assert 'oncofed_rounds_updated{run="new",run_key="r-1"} 1.0' in text  # one of the two ended without changing it
     assert 'oncofed_round_duration_seconds{run="new",run_key="r-1"} 12.5' in text
     assert 'oncofed_site_epsilon{site="C0"} 2.5' in text
     assert 'oncofed_model_info{round="2",run="new",run_key="r-1",sha256="ab"} 1.0' in text
