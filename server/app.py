@@ -293,6 +293,7 @@ class RoundRecorder:
                                          EPSILON_WORST_CASE: self.site_epsilon_worst_case})
         line = self._metrics_line(rnd, lctx, info, arrays)
         audit_round = dict(run=self.run_key, round=rnd, status=info.get("status"),
+                           **({"received": True} if info.get("received") else {}),
                            participants=info.get("participants", []), refused=info.get("refused", []),
                            failures=info.get("failures", []), dropped=info.get("dropped", []),
                            weights_sha256=line["weights_sha256"], site_epsilon=dict(self.site_epsilon),

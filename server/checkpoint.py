@@ -124,14 +124,15 @@ def why_no_update(lines: list[dict], most: int = 3, names: dict | None = None, s
 
 
 def round_outcome(run_dir: Path, rnd: int) -> dict | None:
-    """{"round", "status"[, "reason"]} of round `rnd` when it is the last line of RUN_DIR/metrics.jsonl (None
+    """{"round", "status"[, "reason", "received"]} of round `rnd` when it is the last line of RUN_DIR/metrics.jsonl (None
     otherwise): what the sites are told of a round whose next message (the next round, or the model delivery
     after the last) may come from another server process."""
     lines = metrics_lines(run_dir / METRICS) if rnd >= 1 else []
     last = lines[-1] if lines else {}
     if last.get("round") != rnd or not last.get("status"):
         return None
-    return {"round": rnd, "status": last["status"], **({"reason": last["reason"]} if last.get("reason") else {})}
+    return {"round": rnd, "status": last["status"], **({"reason": last["reason"]} if last.get("reason") else {}),
+            **({"received": True} if last.get("received") else {})}
 
 
 def resume_command(run_dir: Path, registry: Path | None) -> str:

@@ -199,11 +199,11 @@ class DeltaMixin:
         refused, reasons, dropped = self.record_outcomes(server_round, failures, {p.node_id for p, _ in results})
         if not ok:  # abandoned as any round without an update, so that its sites hear why
             self._abandon(server_round, "no site contributed an update (every site sampled refused, failed or sent "
-                          "nothing)")
+                          "nothing)", received=bool(results))
             return None, {}
         if len(ok) < self.min_fit:  # e.g. a reply of weight 0 counted among SecAgg+'s senders, or no SecAgg+ at all
             self._abandon(server_round, f"{len(ok)} site(s) contributed, fewer than {self.min_fit} (min-sites, or "
-                          "trusted-sites in dp-mode 'distributed'): the round's sum is not stepped on")
+                          "trusted-sites in dp-mode 'distributed'): the round's sum is not stepped on", received=True)
             return None, {}
         if self.grid is not None:
             mean = self._distributed_step(server_round, ok)
@@ -238,10 +238,14 @@ class DeltaMixin:
                                         len(failures), len(reasons)))
         return ndarrays_to_parameters(self.global_weights), metrics
 
-    def _abandon(self, server_round: int, reason: str) -> None:
-        self.round_info.update(status="abandoned", reason=reason)
-        self.outcomes[server_round] = {"status": "abandoned", "reason": reason}
-        log(WARNING, "round %s abandoned: %s; the global model is unchanged", server_round, reason)
+    def _abandon(self, server_round: int, reason: str, received: bool = False) -> None:
+        """`received`: abandoned after the server received the round's updates (under SecAgg+, their unmasked sum): the
+        round is then said so in metrics.jsonl, the run's audit log and to the sites, whose spend for it stands."""
+        said = {"status": "abandoned", "reason": reason, **({"received": True} if received else {})}
+        self.round_info.update(said)
+        self.outcomes[server_round] = dict(said)
+        log(WARNING, "round %s abandoned: %s; the global model is unchanged%s", server_round, reason,
+            " (after the server received its updates' sum: the sites' spend for it stands)" if received else "")
 
     def _distributed_step(self, server_round: int, ok) -> list[np.ndarray] | None:
         """Minus the consortium's noisy mean gradient, from the SecAgg+ sum of the sites' grid vectors."""
@@ -255,12 +259,12 @@ class DeltaMixin:
         elif len(scales) != 1 or len(rates) != 1 or 0 in scales or 0 in rates:
             problem = f"the sites' grids disagree (grid scales {sorted(scales)}, sample rates {sorted(rates)})"
         if problem:
-            self._abandon(server_round, problem)
+            self._abandon(server_round, problem, received=True)
             return None
         try:
             total = decode_sum(parameters_to_ndarrays(ok[0][1].parameters), len(ok), self.grid)
         except GridError as e:  # a site that put other values on the grid: the round, not the run, ends
-            self._abandon(server_round, str(e))
+            self._abandon(server_round, str(e), received=True)
             return None
         # divided by the run's batch-size, a public number: the true expected batch (sample rate x the sites'
         # patients) would need their counts, which under DP no site sends (docs/privacy.md)

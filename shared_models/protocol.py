@@ -30,7 +30,8 @@ NOISE_PLAN = "noise-plan"  # dp-mode "distributed": JSON {"scale", "variance"} o
 SECAGG_MASKS = "secagg-masks"  # how the server's SecAgg+ draws masks (privacy.secagg_masks.VERSION): a site that
 #                                draws them another way refuses, since their masks would not cancel in the sum
 PREVIOUS_ROUND = "previous-round"  # JSON {"round", "status", "reason"} of the last round whose training ended (e.g.
-#                                    "abandoned": its sum was never unmasked), with the next message each site gets:
+#                                    "abandoned"; with "received": true if the server held its updates' unmasked sum
+#                                    before abandoning it), with the next message each site gets:
 #                                    that round's evaluation, the next round's SecAgg+ setup (in SETUP_TERMS) and
 #                                    training request; the last round's with the model delivery (with RUN_KEY), or in
 #                                    a `query.round_outcome` (ROUND_OUTCOME) when no model is delivered. A site says

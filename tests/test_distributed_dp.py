@@ -754,3 +754,10 @@ def test_a_sum_that_decodes_off_the_grid_abandons_the_round_not_the_run():
     params, _ = strategy.aggregate_fit(1, replies, [])
     assert params is None and strategy.round_info["status"] == "abandoned"
     assert "off the grid" in strategy.outcomes[1]["reason"]
+    # abandoned after the sum was unmasked: said so in metrics.jsonl and the audit log (round_info) and to the sites,
+    # whose spend for it stands; a round abandoned before any update reached the server is not
+    import json
+
+    from shared_models.protocol import PREVIOUS_ROUND
+
+    assert strategy.round_info["received"] is True and json.loads(strategy.told(1)[PREVIOUS_ROUND])["received"]
