@@ -433,29 +433,61 @@ def _watch_key_refusals(refused: list[str]) -> None:
     """Record (in `refused`) each request the SuperLink answers 401 after the node authenticated: it no longer
     matches this site's key with its node, which is what an operator's `oncofed consortium remove-site` does to a
     connected site. Flower 1.41 then ends quietly: its heartbeat sends the process SIGINT ("SuperNode terminated
-    gracefully") or its loop logs the error and returns; the site needs the reason and the fix."""
+    gracefully") or its loop logs the error and returns; the site needs the reason and the fix. Each entry is the
+    request's path and the server's clock less this machine's, in seconds, from the answer's Date header ("" if it
+    has none): the same 401 answers a request signed at a time the server does not accept."""
+    import time
+    from email.utils import parsedate_to_datetime
+
     from flwr.supernode import fleet_http_connection as fhc
 
     class Watching(fhc.NodeAuthHttpInterceptor):
         def intercept(self, context, call_next):
             response = super().intercept(context, call_next)
             if response.status_code == 401:
-                refused.append(context.request.url.path)
+                try:
+                    skew = f"{parsedate_to_datetime(response.headers['date']).timestamp() - time.time():.0f}"
+                except (KeyError, TypeError, ValueError):
+                    skew = ""
+                refused.append(f"{context.request.url.path} {skew}")
             return response
 
     fhc.NodeAuthHttpInterceptor = Watching
 
 
+# Flower's SuperLink accepts a request signed at most SYSTEM_TIME_TOLERANCE s after its own time and at most
+# TIMESTAMP_TOLERANCE + SYSTEM_TIME_TOLERANCE s before it (flwr.superlink.routers.fleet.node_auth); a Date header
+# has whole seconds, so one more second either way before the clock is said to be the cause
+def _clock_outside_window(skew: float) -> bool:
+    from flwr.common.constant import SYSTEM_TIME_TOLERANCE, TIMESTAMP_TOLERANCE
+
+    return skew < -(SYSTEM_TIME_TOLERANCE - 1) or skew > TIMESTAMP_TOLERANCE + SYSTEM_TIME_TOLERANCE - 1
+
+
 def key_refused(settings: SiteConfig, refused: list[str]) -> str:
-    """What a site whose key the consortium no longer knows is told (see _watch_key_refusals)."""
+    """What a site whose key the consortium no longer knows is told (see _watch_key_refusals); or, when the server's
+    clock says so, that this machine's clock is the cause."""
+    from flwr.common.constant import SYSTEM_TIME_TOLERANCE, TIMESTAMP_TOLERANCE
+
+    path, _, skew = refused[0].partition(" ")
+    if skew and _clock_outside_window(float(skew)):
+        ahead = float(skew) < 0
+        return (f"site {settings.site_name!r}: the consortium server refused this site's signed request (it answered "
+                f"401 to {path}) because this machine's clock is {abs(float(skew)):.0f} s "
+                f"{'ahead of' if ahead else 'behind'} the server's (its Date header): the server accepts a request "
+                f"signed at most {SYSTEM_TIME_TOLERANCE} s ahead of or {TIMESTAMP_TOLERANCE + SYSTEM_TIME_TOLERANCE} s behind "
+                "its own time. Set this machine's clock (`timedatectl "
+                "set-ntp true`, or ask IT to sync it with NTP), then start again; the site's key is not the cause. "
+                f"Exiting with code {REFUSED_EXIT}\n")
     return (f"site {settings.site_name!r}: the consortium server no longer accepts this site's key (it answered 401 "
-            f"to {refused[0]}): the consortium does not, or no longer, know this site's key, which is what the "
+            f"to {path}): the consortium does not, or no longer, know this site's key, which is what the "
             "operator's `oncofed consortium remove-site` does. Ask the operator whether this site is still a member. "
             "A removed key is never registered again: to rejoin, make a new key (docs/hospital-guide.md, \"Keys\": "
             f"{replace_key_command(settings.auth_supernode_private_key)}), send its .pub to the operator for "
-            "`oncofed consortium add-site`, then start again. If the operator says the key is registered, check this "
-            "machine's clock (`timedatectl`: the server refuses requests signed at a time far from its own). Exiting "
-            f"with code {REFUSED_EXIT}\n")
+            "`oncofed consortium add-site`, then start again."
+            + ("" if skew else " If the operator says the key is registered, check this machine's clock (`timedatectl`: "
+               "the server refuses requests signed at a time far from its own).")
+            + f" Exiting with code {REFUSED_EXIT}\n")
 
 
 def _exit_now(code: int) -> None:

@@ -225,3 +225,47 @@ def test_a_running_site_whose_key_the_operator_removes_is_told_so_and_what_to_as
     said = " ".join(log.read_text().split())
     assert "the consortium does not, or no longer, know this site's key" in said, said
     assert "Ask the operator whether this site is still a member" in said and "make a new key" in said
+
+
+def test_a_401_from_a_server_whose_clock_differs_blames_the_clock_and_one_from_a_server_in_time_blames_the_key(
+        consortium, tmp_path):
+    """The same 401 answers a removed key and a request signed at a time the SuperLink does not accept (Flower takes
+    one signed up to 5 s ahead of or 305 s behind its clock): the site told both causes. The answer's Date header
+    says which: the site's refused requests are watched through Flower's own interceptor, here with answers of a
+    server 400 s ahead, one in time, and one without a Date."""
+    from email.utils import formatdate
+
+    import httpx
+    from flwr.supernode import fleet_http_connection as fhc
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from client.supernode import _watch_key_refusals, key_refused, load_site
+
+    (tmp_path / "data").mkdir()
+    init_site(tmp_path / "s", "C0", consortium / "public", str(tmp_path / "data"),
+              ca_fingerprint=fingerprint(consortium / "ca" / "ca.crt"))
+    settings = load_site(tmp_path / "s")
+    original = fhc.NodeAuthHttpInterceptor
+    refused: list[str] = []
+    try:
+        _watch_key_refusals(refused)
+        key = ec.generate_private_key(ec.SECP384R1())
+        watching = fhc.NodeAuthHttpInterceptor(key, key.public_key())
+
+        class Context:
+            def __init__(self):
+                self.request = httpx.Request("POST", "https://link/v1/fleet/pull-messages")
+
+        for headers in ({"date": formatdate(time.time() + 400, usegmt=True)}, {"date": formatdate(usegmt=True)}, {}):
+            watching.intercept(Context(), lambda ctx, h=headers: httpx.Response(401, headers=h))
+    finally:
+        fhc.NodeAuthHttpInterceptor = original
+    assert len(refused) == 3
+    clock, in_time, no_date = (" ".join(key_refused(settings, [r]).split()) for r in refused)
+    import re
+
+    assert re.search(r"this machine's clock is (399|400) s behind the server's", clock) and "timedatectl" in clock, clock
+    assert "the site's key is not the cause" in clock and "remove-site" not in clock
+    assert "no longer, know this site's key" in in_time and "clock" not in in_time, in_time
+    assert "no longer, know this site's key" in no_date and "check this machine's clock" in no_date, no_date
