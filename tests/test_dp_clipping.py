@@ -230,6 +230,40 @@ def test_the_full_models_clipped_sum_equals_the_per_sample_loop_with_missing_mod
     assert_clipper_matches_loop(model, lambda: F.cross_entropy(model(x.double()), y, reduction="none"), len(y))
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_in_float32_a_sample_whose_tokens_cancel_adds_at_most_c(bias):
+    """The sites train in float32. A Linear over 16 tokens whose terms e_t a_t^T nearly cancel (near-identical inputs,
+    alternating output gradients: attention's key gradients sum to zero over the tokens): the Gram-matrix norm lost
+    its digits and came out far too small, or 0, while the clipped sum wrote the sample's gradient at its true size,
+    up to 86 C (a review's construction, 2026-12-06). The sample's written gradient now stays within C, as in float64;
+    and on ordinary inputs the norm counted is at least the true one and within 1e-3 of it (the bound's price)."""
+    tokens, d, c = 16, 64, 1.0
+    gen = torch.Generator().manual_seed(7)
+    worst, zeros = 0.0, 0
+    for _ in range(150):
+        scale = 10.0 ** torch.empty(1).uniform_(2, 4, generator=gen).item()
+        a = (torch.randn(d, generator=gen) * scale + 1e-3 * scale * torch.randn(tokens, d, generator=gen)).unsqueeze(0)
+        w = torch.tensor([1.0, -1.0] * (tokens // 2)).view(tokens, 1) * torch.randn(d, generator=gen) \
+            + 1e-4 * torch.randn(tokens, d, generator=gen)
+        layer = nn.Linear(d, d, bias=bias)
+        with BookKeepingClipper(layer, c, loss_reduction="sum") as clipper:
+            (layer(a) * w.unsqueeze(0)).sum().backward()
+            norms = clipper.clip_()
+        zeros += int(norms.item() == 0)
+        written = torch.cat([p.grad.double().ravel() for p in layer.parameters()]).norm().item()
+        worst = max(worst, written / c)
+    assert zeros == 0 and worst <= 1.0 + 1e-6, (zeros, worst)
+    # ordinary tokens: the counted norm is the float64 per-sample gradient's
+    layer = nn.Linear(d, d, bias=bias)
+    x, g = torch.randn(4, tokens, d, generator=gen), torch.randn(4, tokens, d, generator=gen)
+    with BookKeepingClipper(layer, 1e9, loss_reduction="sum") as clipper:
+        (layer(x) * g).sum().backward()
+        norms = clipper.clip_()
+    exact = torch.stack([(g[i].double().T @ x[i].double()).square().sum() + (g[i].double().sum(0).square().sum()
+                                                                               if bias else 0) for i in range(4)]).sqrt()
+    assert (norms.double() >= exact).all() and torch.allclose(norms.double(), exact, rtol=1e-3), (norms, exact)
+
+
 def test_samples_do_not_interact_each_samples_norm_is_its_own_forwards():
     model = _full_model(dropout=0.0).double().eval()  # eval: no dropout, so separate forwards are comparable
     x, y = _batch_with_missing(8)
