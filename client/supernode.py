@@ -436,9 +436,9 @@ def _watch_key_refusals(refused: list[str]) -> None:
     gracefully") or its loop logs the error and returns; the site needs the reason and the fix. Each entry is the
     request's path and the server's clock less this machine's, in seconds, from the answer's Date header ("" if it
     has none): the same 401 answers a request signed at a time the server does not accept."""
-    import time
     from email.utils import parsedate_to_datetime
 
+    from flwr.supercore import date
     from flwr.supernode import fleet_http_connection as fhc
 
     class Watching(fhc.NodeAuthHttpInterceptor):
@@ -446,7 +446,8 @@ def _watch_key_refusals(refused: list[str]) -> None:
             response = super().intercept(context, call_next)
             if response.status_code == 401:
                 try:
-                    skew = f"{parsedate_to_datetime(response.headers['date']).timestamp() - time.time():.0f}"
+                    # against the clock Flower signs requests with
+                    skew = f"{parsedate_to_datetime(response.headers['date']).timestamp() - date.now().timestamp():.0f}"
                 except (KeyError, TypeError, ValueError):
                     skew = ""
                 refused.append(f"{context.request.url.path} {skew}")
@@ -464,21 +465,28 @@ def _clock_outside_window(skew: float) -> bool:
     return skew < -(SYSTEM_TIME_TOLERANCE - 1) or skew > TIMESTAMP_TOLERANCE + SYSTEM_TIME_TOLERANCE - 1
 
 
-def key_refused(settings: SiteConfig, refused: list[str]) -> str:
-    """What a site whose key the consortium no longer knows is told (see _watch_key_refusals); or, when the server's
-    clock says so, that this machine's clock is the cause."""
+def clock_refused(settings: SiteConfig, refused: list[str]) -> str | None:
+    """What a site is told when the server's 401 (_watch_key_refusals) came with a Date header that puts this
+    machine's clock outside the window Flower's SuperLink accepts signatures in; None when it did not."""
     from flwr.common.constant import SYSTEM_TIME_TOLERANCE, TIMESTAMP_TOLERANCE
 
+    path, _, skew = refused[0].partition(" ") if refused else ("", "", "")
+    if not (skew and _clock_outside_window(float(skew))):
+        return None
+    return (f"site {settings.site_name!r}: the consortium server refused this site's signed request (it answered 401 "
+            f"to {path}) because this machine's clock is {abs(float(skew)):.0f} s "
+            f"{'ahead of' if float(skew) < 0 else 'behind'} the server's (its Date header): the server accepts a "
+            f"request signed at most {SYSTEM_TIME_TOLERANCE} s ahead of or {TIMESTAMP_TOLERANCE + SYSTEM_TIME_TOLERANCE}"
+            " s behind its own time. Set this machine's clock (`timedatectl set-ntp true`, or ask IT to sync it with "
+            f"NTP), then start again; the site's key is not the cause. Exiting with code {REFUSED_EXIT}\n")
+
+
+def key_refused(settings: SiteConfig, refused: list[str]) -> str:
+    """What a site whose key the consortium no longer knows is told (see _watch_key_refusals); or, when the server's
+    clock says so, that this machine's clock is the cause (clock_refused)."""
+    if clock := clock_refused(settings, refused):
+        return clock
     path, _, skew = refused[0].partition(" ")
-    if skew and _clock_outside_window(float(skew)):
-        ahead = float(skew) < 0
-        return (f"site {settings.site_name!r}: the consortium server refused this site's signed request (it answered "
-                f"401 to {path}) because this machine's clock is {abs(float(skew)):.0f} s "
-                f"{'ahead of' if ahead else 'behind'} the server's (its Date header): the server accepts a request "
-                f"signed at most {SYSTEM_TIME_TOLERANCE} s ahead of or {TIMESTAMP_TOLERANCE + SYSTEM_TIME_TOLERANCE} s behind "
-                "its own time. Set this machine's clock (`timedatectl "
-                "set-ntp true`, or ask IT to sync it with NTP), then start again; the site's key is not the cause. "
-                f"Exiting with code {REFUSED_EXIT}\n")
     return (f"site {settings.site_name!r}: the consortium server no longer accepts this site's key (it answered 401 "
             f"to {path}): the consortium does not, or no longer, know this site's key, which is what the "
             "operator's `oncofed consortium remove-site` does. Ask the operator whether this site is still a member. "
@@ -559,6 +567,9 @@ def run_supernode(settings: SiteConfig, port: int, poll_interval: float = SUPERN
                              f"(flwr exit {UNREGISTERED_EXIT}: {(flwr_messages[0] if flwr_messages else '')[-300:]}); "
                              f"exiting with code {LOOP_ENDED_EXIT} so that the service manager tries again\n")
             return LOOP_ENDED_EXIT
+        if code == UNREGISTERED_EXIT and (clock := clock_refused(settings, refused)):
+            sys.stderr.write(clock)  # not the key: every request this machine signs is refused until its clock is set
+            return REFUSED_EXIT
         if code == UNREGISTERED_EXIT:
             sys.stderr.write(f"site {settings.site_name!r}: the consortium server refused to activate this site "
                              f"(flwr exit {UNREGISTERED_EXIT}); the usual cause is a key it has not registered: send "

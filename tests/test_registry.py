@@ -227,6 +227,39 @@ def test_a_running_site_whose_key_the_operator_removes_is_told_so_and_what_to_as
     assert "Ask the operator whether this site is still a member" in said and "make a new key" in said
 
 
+def test_a_registered_site_whose_clock_is_behind_the_servers_is_told_to_set_its_clock_not_to_send_its_key(
+        consortium, tmp_path):
+    """A registered site whose machine's clock is 400 s behind the SuperLink's (Flower's signatures are accepted up to
+    305 s late) was told at start that the operator had not registered its key. Now the server's Date header names the
+    cause. A real SuperLink; the site's clock is Flower's `now`, set back in the site's process."""
+    import sys
+
+    link = json.loads((consortium / "consortium.json").read_text())["control-address"]
+    (tmp_path / "data").mkdir()
+    init_site(tmp_path / "s", "C9", consortium / "public", str(tmp_path / "data"),
+              ca_fingerprint=fingerprint(consortium / "ca" / "ca.crt"))
+    add_site(consortium, "C9", tmp_path / "s" / "keys" / "site.key.pub")
+    script = ("import datetime\nimport flwr.supercore.date as d\nreal = d.now\n"
+              "d.now = lambda: real() - datetime.timedelta(seconds=400)\n"
+              "from client.supernode import load_site, run_supernode\n"
+              f"raise SystemExit(run_supernode(load_site({str(tmp_path / 's')!r}), {free_port()}, 0.5, {link!r}))\n")
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "site-flwr"), "FLWR_TELEMETRY_ENABLED": "0"}
+    log = tmp_path / "site.log"
+    with open(log, "w") as out:  # a file, not a pipe: the site's SuperExec outlives it by seconds
+        site = subprocess.Popen([sys.executable, "-c", script], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    try:
+        code = site.wait(timeout=120)
+    finally:
+        stop_group(site, grace=10)
+    said = " ".join(log.read_text().split())
+    assert code == 3, said
+    import re
+
+    assert re.search(r"this machine's clock is (399|400|401) s behind the server's", said), said
+    assert "the site's key is not the cause" in said and "add-site" not in said, said
+
+
 def test_a_401_from_a_server_whose_clock_differs_blames_the_clock_and_one_from_a_server_in_time_blames_the_key(
         consortium, tmp_path):
     """The same 401 answers a removed key and a request signed at a time the SuperLink does not accept (Flower takes
