@@ -164,14 +164,27 @@ def test_the_sites_superexec_launches_oncofed_clientapp_installed_beside_its_pyt
 
 
 def test_site_start_refuses_to_start_without_the_checked_launcher(monkeypatch, tmp_path):
-    """No fallback to Flower's unchecked `flwr-clientapp`: a site whose environment lacks `oncofed-clientapp` (a stale
-    install) fails its preflight, naming the fix."""
+    """No fallback to Flower's unchecked `flwr-clientapp`, nor to another installation's `oncofed-clientapp` on PATH
+    (it would compare the app with, and run, that installation's OncoFed): a site whose environment lacks its own (a
+    stale install) fails its preflight, naming the fix, and its SuperExec would not launch the other one."""
+    import os
+
     import client.supernode as sn
+    from client.flower_superexec import launch_own_clientapp
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
 
     assert sn.clientapp_check().ok
-    monkeypatch.setattr(sn, "flower_tool", lambda name: str(tmp_path / name))
+    other = tmp_path / "other-install" / "bin" / "oncofed-clientapp"
+    other.parent.mkdir(parents=True)
+    other.write_text("#!/bin/sh\n")
+    other.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{other.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "stale-venv" / "bin" / "python"))
     check = sn.clientapp_check()
     assert not check.ok and "reinstall OncoFed" in check.detail
+    monkeypatch.setitem(TASK_TYPE_TO_COMMAND, TaskType.CLIENT_APP, TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP])
+    launch_own_clientapp()
+    assert TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] == str(tmp_path / "stale-venv" / "bin" / "oncofed-clientapp")
 
 
 # --- a site that installed OncoFed from a wheel, not a checkout ------------------------------------------------------
@@ -268,13 +281,10 @@ def test_a_site_installed_from_the_wheel_loads_its_installed_clientapp(wheel_sit
 
 @pytest.mark.slow
 def test_a_site_installed_from_the_wheel_passes_the_launcher_preflight(wheel_site, tmp_path):
-    """`oncofed site start`'s check: the wheel installs `oncofed-clientapp` beside the site's Python (not another
-    installation's, found on PATH), and it runs."""
+    """`oncofed site start`'s check: the wheel installs `oncofed-clientapp` beside the site's Python, and it runs."""
     python, _ = wheel_site
-    code = ("from client.supernode import clientapp_check; from shared_models.flower_tools import flower_tool\n"
-            "print(clientapp_check().ok, flower_tool('oncofed-clientapp') == "
-            "str(Path(sys.executable).with_name('oncofed-clientapp')))")
-    assert _in_wheel_site(wheel_site, code, b"", tmp_path) == "True True"
+    code = "from client.supernode import clientapp_check; print(clientapp_check().ok)"
+    assert _in_wheel_site(wheel_site, code, b"", tmp_path) == "True"
     launcher = subprocess.run([python.with_name("oncofed-clientapp"), "--help"], cwd=tmp_path, capture_output=True,
                               text=True)
     assert launcher.returncode == 0 and "usage: flwr-clientapp" in launcher.stdout, launcher.stderr
