@@ -219,13 +219,15 @@ def wheel_site(tmp_path_factory) -> tuple[Path, Path]:
     shutil.copytree(ROOT, tmp / "src", ignore=shutil.ignore_patterns(
         ".*", "build", "dist", "*.egg-info", "__pycache__", "docs", "tests", "benchmarks", "runs"))
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", tmp / "dist", tmp / "src"],
-                   check=True, capture_output=True)
+    built = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", tmp / "dist",
+                            tmp / "src"], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
     (wheel,) = (tmp / "dist").glob("oncofed-*.whl")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", tmp / "venv"], check=True)
     python = tmp / "venv" / "bin" / "python"
-    subprocess.run([*pip, "--python", python, "install", "--no-deps", "--no-index", wheel], check=True,
-                   capture_output=True)
+    installed = subprocess.run([*pip, "--python", python, "install", "--no-deps", "--no-index", wheel],
+                               capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr
     purelib = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                   check=True, capture_output=True, text=True).stdout.strip())
     deps = [p for p in [*site.getsitepackages(), site.getusersitepackages()] if Path(p).is_dir()]
