@@ -190,11 +190,11 @@ def test_site_start_refuses_to_start_without_the_checked_launcher(monkeypatch, t
 # --- a site that installed OncoFed from a wheel, not a checkout ------------------------------------------------------
 # What the site runs is found through the import system (client.clientapp_process._installed): the same tests against an
 # installed wheel, in a Python that sees the wheel's OncoFed and not this checkout, with the app Flower builds from the
-# operator's checkout. About 10 s: the wheel is built from a copy of the checkout (pip builds in place, and a stale
-# build/ there would end up in it) and installed without dependencies, which the venv takes from the Python running
-# the tests (a plain directory line in a .pth: that directory's own .pth files, the checkout's editable hook among
-# them, are not run). Installing the dependencies too (offline, from the local wheels) takes over a minute and
-# tests pip, not the site's pinning.
+# operator's checkout. The four take about 5 s (2 cores): the wheel is built from a copy of the checkout (pip builds in
+# place, and a stale build/ there would end up in it) and installed without dependencies, which the venv takes from the
+# Python running the tests (a plain directory line in a .pth: that directory's own .pth files, the checkout's editable
+# hook among them, are not run). Installing the dependencies too (offline, from the local wheels) takes over a minute
+# and tests pip, not the site's pinning.
 
 _WHEEL_SITE_PRELUDE = """
 import importlib.util, sys
