@@ -38,6 +38,12 @@ PACKAGES = ("oncofed", "client", "server", "shared_models", "privacy", "simulati
 FLOWER_MANIFEST = ".info/CONTENT"  # Flower's list of the app's files and their hashes
 
 
+def launcher() -> Path:
+    """The `oncofed-clientapp` this Python's OncoFed installed, beside its executable (as a virtualenv has it). Never one
+    found on PATH: that is another installation's, which compares the app with, and runs, its own OncoFed."""
+    return Path(sys.executable).with_name(CLIENTAPP_COMMAND)
+
+
 class ForeignAppError(RuntimeError):
     """The app the server sent is not this site's OncoFed."""
 

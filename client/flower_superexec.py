@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import sys
 
-from client.clientapp_process import CLIENTAPP_COMMAND
-from shared_models.flower_tools import flower_tool, run_superexec
+from client.clientapp_process import launcher
+from shared_models.flower_tools import run_superexec
 
 REAPER = "reap-clientapps"
 
@@ -28,7 +28,7 @@ def launch_own_clientapp() -> None:
     `flwr-clientapp`: Flower's launcher takes the command from this table."""
     from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
 
-    TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] = flower_tool(CLIENTAPP_COMMAND)
+    TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] = str(launcher())
 
 
 if __name__ == "__main__":

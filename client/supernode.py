@@ -76,9 +76,9 @@ def _node_config_check(settings: SiteConfig) -> Check:
 def clientapp_check() -> Check:
     """The site's SuperExec launches `oncofed-clientapp` (client/clientapp_process.py), installed with OncoFed beside
     this Python: without it no round could start, and a site never falls back to Flower's unchecked launcher."""
-    from client.clientapp_process import CLIENTAPP_COMMAND
+    from client.clientapp_process import CLIENTAPP_COMMAND, launcher
 
-    path = Path(flower_tool(CLIENTAPP_COMMAND))
+    path = launcher()
     return Check(f"{CLIENTAPP_COMMAND}", path.is_file(), "runs each round's app once it is this installation's code"
                  if path.is_file() else f"not installed beside {sys.executable}: reinstall OncoFed into this "
                  "environment (`pip install -e .` in the checkout, or the version's wheel)")

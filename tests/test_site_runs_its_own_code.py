@@ -164,11 +164,129 @@ def test_the_sites_superexec_launches_oncofed_clientapp_installed_beside_its_pyt
 
 
 def test_site_start_refuses_to_start_without_the_checked_launcher(monkeypatch, tmp_path):
-    """No fallback to Flower's unchecked `flwr-clientapp`: a site whose environment lacks `oncofed-clientapp` (a stale
-    install) fails its preflight, naming the fix."""
+    """No fallback to Flower's unchecked `flwr-clientapp`, nor to another installation's `oncofed-clientapp` on PATH
+    (it would compare the app with, and run, that installation's OncoFed): a site whose environment lacks its own (a
+    stale install) fails its preflight, naming the fix, and its SuperExec would not launch the other one."""
+    import os
+
     import client.supernode as sn
+    from client.flower_superexec import launch_own_clientapp
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
 
     assert sn.clientapp_check().ok
-    monkeypatch.setattr(sn, "flower_tool", lambda name: str(tmp_path / name))
+    other = tmp_path / "other-install" / "bin" / "oncofed-clientapp"
+    other.parent.mkdir(parents=True)
+    other.write_text("#!/bin/sh\n")
+    other.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{other.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "stale-venv" / "bin" / "python"))
     check = sn.clientapp_check()
     assert not check.ok and "reinstall OncoFed" in check.detail
+    monkeypatch.setitem(TASK_TYPE_TO_COMMAND, TaskType.CLIENT_APP, TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP])
+    launch_own_clientapp()
+    assert TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] == str(tmp_path / "stale-venv" / "bin" / "oncofed-clientapp")
+
+
+# --- a site that installed OncoFed from a wheel, not a checkout ------------------------------------------------------
+# What the site runs is found through the import system (client.clientapp_process._installed): the same tests against an
+# installed wheel, in a Python that sees the wheel's OncoFed and not this checkout, with the app Flower builds from the
+# operator's checkout. The four take about 5 s (2 cores): the wheel is built from a copy of the checkout (pip builds in
+# place, and a stale build/ there would end up in it) and installed without dependencies, which the venv takes from the
+# Python running the tests (a plain directory line in a .pth: that directory's own .pth files, the checkout's editable
+# hook among them, are not run). Installing the dependencies too (offline, from the local wheels) takes over a minute
+# and tests pip, not the site's pinning.
+
+_WHEEL_SITE_PRELUDE = """
+import importlib.util, sys
+from pathlib import Path
+site, fab = Path(sys.argv[1]), Path(sys.argv[2]).read_bytes()
+for top in ("oncofed", "client", "server", "shared_models", "privacy", "simulations"):
+    where = Path(importlib.util.find_spec(top).origin)
+    assert site in where.parents, f"{top} from {where}, not the wheel's install in {site}"
+"""
+
+
+@pytest.fixture(scope="module")
+def wheel_site(tmp_path_factory) -> tuple[Path, Path]:
+    """(the venv's python, its site-packages) with OncoFed installed from a wheel built from this checkout."""
+    import importlib.util
+    import shutil
+    import site
+
+    if importlib.util.find_spec("setuptools") is None or importlib.util.find_spec("pip") is None:
+        pytest.skip("building OncoFed's wheel offline needs pip and setuptools (the build backend) in this Python")
+    tmp = tmp_path_factory.mktemp("wheel-site")
+    shutil.copytree(ROOT, tmp / "src", ignore=shutil.ignore_patterns(
+        ".*", "build", "dist", "*.egg-info", "__pycache__", "docs", "tests", "benchmarks", "runs"))
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    built = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", tmp / "dist",
+                            tmp / "src"], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp / "dist").glob("oncofed-*.whl")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", tmp / "venv"], check=True)
+    python = tmp / "venv" / "bin" / "python"
+    installed = subprocess.run([*pip, "--python", python, "install", "--no-deps", "--no-index", wheel],
+                               capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr
+    purelib = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                  check=True, capture_output=True, text=True).stdout.strip())
+    deps = [p for p in [*site.getsitepackages(), site.getusersitepackages()] if Path(p).is_dir()]
+    (purelib / "test-dependencies.pth").write_text("\n".join(deps) + "\n")
+    return python, purelib
+
+
+def _in_wheel_site(wheel_site, code: str, fab: bytes, tmp_path: Path) -> str:
+    """What `code` prints, run by the wheel site's Python from a directory outside any checkout, `fab` and `site`
+    (its site-packages) defined."""
+    import os
+
+    python, purelib = wheel_site
+    (tmp_path / "app.fab").write_bytes(fab)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"FLWR_HOME": str(tmp_path / "flwr")}
+    run = subprocess.run([python, "-c", _WHEEL_SITE_PRELUDE + code, purelib, tmp_path / "app.fab"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    return run.stdout.strip()
+
+
+@pytest.mark.slow
+def test_a_site_installed_from_the_wheel_accepts_the_app_built_from_the_checkout(wheel_site, tmp_path):
+    """The operator's `flwr run` packs the checkout's files and pyproject.toml, which a wheel does not install: the
+    app still compares equal, file by file, with the site's installation (the pyproject by its ClientApp, name and
+    version)."""
+    code = "from client.clientapp_process import foreign_code; print(foreign_code(fab))"
+    assert _in_wheel_site(wheel_site, code, _own_fab(), tmp_path) == "[]"
+
+
+@pytest.mark.slow
+def test_a_site_installed_from_the_wheel_refuses_a_changed_line_naming_the_file(wheel_site, tmp_path):
+    def no_noise(name, data):
+        return data.replace(b"def run_noise(", b"def run_noise_(") if name == "client/local_round.py" else data
+
+    code = ("from client.clientapp_process import ForeignAppError, check_app\n"
+            "try:\n    check_app(fab)\nexcept ForeignAppError as e:\n    print(e)")
+    out = _in_wheel_site(wheel_site, code, _changed(_own_fab(), no_noise), tmp_path)
+    assert "1 of its files differ" in out and "(client/local_round.py)" in out, out
+
+
+@pytest.mark.slow
+def test_a_site_installed_from_the_wheel_loads_its_installed_clientapp(wheel_site, tmp_path):
+    code = ("import client.app\nfrom client.clientapp_process import checked\n"
+            "path = list(sys.path)\n_, install_from_fab, get_load_client_app_fn = checked(None)\n"
+            "install_from_fab(fab, skip_prompt=True)\n"
+            "app = get_load_client_app_fn(default_app_ref='', app_path=None, multi_app=True)('oncofed/oncofed', "
+            "'0.1.0', '')\n"
+            "print(app is client.app.app, sys.path == path, Path(client.app.__file__).parent.parent == site)")
+    assert _in_wheel_site(wheel_site, code, _own_fab(), tmp_path) == "True True True"
+    assert not (tmp_path / "flwr").exists()
+
+
+@pytest.mark.slow
+def test_a_site_installed_from_the_wheel_passes_the_launcher_preflight(wheel_site, tmp_path):
+    """`oncofed site start`'s check: the wheel installs `oncofed-clientapp` beside the site's Python, and it runs."""
+    python, _ = wheel_site
+    code = "from client.supernode import clientapp_check; print(clientapp_check().ok)"
+    assert _in_wheel_site(wheel_site, code, b"", tmp_path) == "True"
+    launcher = subprocess.run([python.with_name("oncofed-clientapp"), "--help"], cwd=tmp_path, capture_output=True,
+                              text=True)
+    assert launcher.returncode == 0 and "usage: flwr-clientapp" in launcher.stdout, launcher.stderr
