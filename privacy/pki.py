@@ -84,11 +84,11 @@ def normalise_fingerprint(text: str) -> str:
 
 
 def _default_schema() -> Path:
-    """The schema the project's Flower app trains on by default (`schema` in [tool.flwr.app.config])."""
-    from shared_models.run_config import app_defaults
+    """The schema the project's Flower app trains on by default (`schema` in [tool.flwr.app.config], generated from
+    shared_models.run_config.APP_SCHEMA): read from the constant, as a wheel installs no pyproject.toml."""
+    from shared_models.run_config import APP_SCHEMA
 
-    project = Path(__file__).resolve().parents[1]
-    return project / app_defaults(project)["schema"]
+    return Path(__file__).resolve().parents[1] / APP_SCHEMA
 
 
 def _manifest_body(record: dict) -> bytes:

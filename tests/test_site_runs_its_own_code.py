@@ -290,3 +290,14 @@ def test_a_site_installed_from_the_wheel_passes_the_launcher_preflight(wheel_sit
     launcher = subprocess.run([python.with_name("oncofed-clientapp"), "--help"], cwd=tmp_path, capture_output=True,
                               text=True)
     assert launcher.returncode == 0 and "usage: flwr-clientapp" in launcher.stdout, launcher.stderr
+
+
+@pytest.mark.slow
+def test_an_operator_installed_from_the_wheel_creates_a_consortium_with_the_default_schema(wheel_site, tmp_path):
+    """`oncofed consortium init` read the default schema's name from pyproject.toml, which a wheel does not install:
+    a RunConfigError traceback. It now comes from shared_models.run_config.APP_SCHEMA, installed with the wheel."""
+    code = ("from privacy.pki import init_consortium\n"
+            "init_consortium(Path('op'), 'test consortium', '127.0.0.1:19092', internal_port=19093)\n"
+            "print(sorted(p.name for p in (Path('op') / 'public').iterdir()))")
+    out = _in_wheel_site(wheel_site, code, b"", tmp_path)
+    assert "schema.json" in out or "feature-schema.json" in out, out
