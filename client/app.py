@@ -434,7 +434,7 @@ def sent_metrics(metrics: dict, allowed: frozenset[str], site: str) -> dict:
     """Only the metric names of the protocol's allow-list leave the site; any other stays (and is logged) here."""
     kept, left_out = allowed_metrics(metrics, allowed)
     if left_out:
-        log(WARNING, "site %s: metrics %s are not in shared_models.protocol's allow-list; not sent", site,
+        log(WARNING, "site %s: metrics %s are not in shared_models.protocol's allow-list or of the wrong kind; not sent", site,
             ", ".join(left_out))
     return kept
 

@@ -35,7 +35,7 @@ from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 from privacy.distributed import GridError, SecAggGrid, decode_sum
 from shared_models.protocol import (ACCURACY, BALANCED_ACCURACY, EVALUATE_METRICS, FIT_METRICS, GRID_SCALE, MACRO_F1,
                                     PATTERNS, PREVIOUS_ROUND, REFUSAL_PREFIX, RUN_KEY, SAMPLE_RATE, SERVER_ROUND,
-                                    SITE, TRAIN_LOSS, allowed_metrics)
+                                    SITE, TRAIN_LOSS, allowed_metrics, is_number)
 from shared_models.run_config import RunConfig
 
 FEDADAM_TAU = 1e-3
@@ -81,14 +81,17 @@ def recorded(metrics, allowed: frozenset[str], node_id) -> dict:
     """A site's metrics as the server records them: the protocol's allow-list only (shared_models.protocol)."""
     kept, left_out = allowed_metrics(metrics, allowed)
     if left_out:
-        log(WARNING, "node %s sent metrics outside the protocol's allow-list (%s); not recorded", node_id,
-            ", ".join(left_out))
+        log(WARNING, "node %s sent metrics outside the protocol's allow-list or of the wrong kind (%s); not recorded",
+            node_id, ", ".join(left_out))
     return kept
 
 
 def weighted_mean(pairs: list[tuple[int, dict]], key: str) -> float | None:
-    total = sum(n for n, m in pairs if key in m)
-    return sum(n * float(m[key]) for n, m in pairs if key in m) / total if total else None
+    """The mean of a metric over the sites that sent it as a number (Flower passes their metrics unchecked; the
+    node that sent another kind is named by `recorded`)."""
+    pairs = [(n, m[key]) for n, m in pairs if is_number(m.get(key))]
+    total = sum(n for n, _ in pairs)
+    return sum(n * float(v) for n, v in pairs) / total if total else None
 
 
 class DeltaMixin:
@@ -249,7 +252,7 @@ class DeltaMixin:
 
     def _distributed_step(self, server_round: int, ok) -> list[np.ndarray] | None:
         """Minus the consortium's noisy mean gradient, from the SecAgg+ sum of the sites' grid vectors."""
-        sites = [r.metrics for _, r in ok]
+        sites = [recorded(r.metrics, FIT_METRICS, p.node_id) for p, r in ok]
         weights = {r.num_examples for _, r in ok}
         scales = {float(m.get(GRID_SCALE, 0)) for m in sites}
         rates = {float(m.get(SAMPLE_RATE, 0)) for m in sites}

@@ -12,6 +12,8 @@ holds the anchored hash.
 
 from __future__ import annotations
 
+import math
+
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -118,9 +120,28 @@ def consortium_patterns(summed: Mapping[str, Any] | None, modalities: list[str])
     return out
 
 
+TEXT_METRICS = frozenset({SITE, AUDIT_HEAD, PATTERNS})  # text (PATTERNS: JSON); every other metric is a number
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool): what every metric outside TEXT_METRICS must be."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def allowed_metrics(metrics: Mapping[str, Any], allowed: frozenset[str]) -> tuple[dict, list[str]]:
-    """(the metrics whose names are allowed, the names left out)."""
-    return {k: v for k, v in metrics.items() if k in allowed}, sorted(k for k in metrics if k not in allowed)
+    """(the metrics whose names are allowed and whose values are of their kind, what was left out: a name outside
+    the allow-list as it is, one of the wrong kind with what it should be). The server reads numbers as numbers:
+    one site's text where a number belongs stopped the ServerApp after the round's sum was unmasked, at every
+    resume again (a review, 2026-12-06)."""
+    kept, left_out = {}, []
+    for k, v in metrics.items():
+        if k not in allowed:
+            left_out.append(k)
+        elif isinstance(v, str) if k in TEXT_METRICS else is_number(v):
+            kept[k] = v
+        else:
+            left_out.append(f"{k} (a {type(v).__name__}, not {'text' if k in TEXT_METRICS else 'a finite number'})")
+    return kept, sorted(left_out)
 
 
 # --- the model delivery: server -> site `query.save_model`, and the site's reply -----------------------------

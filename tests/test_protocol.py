@@ -100,6 +100,49 @@ def test_only_allow_listed_metrics_leave_a_site_or_enter_the_servers_round_recor
     assert strategy.round_info["sites"]["1"] == {"site": "s1", AUDIT_HEAD: "h", "train_loss": 0.5}
 
 
+def test_one_sites_text_where_a_number_belongs_is_left_out_naming_the_node_and_the_round_goes_on(caplog):
+    """A site sent epsilon "garbage": the ServerApp stopped with a ValueError after SecAgg+ had unmasked the round's
+    sum and every site had evaluated, before the checkpoint, and again at every resume (the site resends its saved
+    release with the same metrics); the error named no node. Every metric is now checked for its kind where it
+    enters: the value is left out, the node named, and the round, its training and evaluation means and the sites'
+    epsilon records go on."""
+    import logging
+
+    from flwr.common import EvaluateRes
+
+    from privacy.run_config import load_run_config
+    from server.app import keep_site_epsilons
+    from server.strategy import build_strategy
+
+    assert allowed_metrics({"epsilon": "garbage", "site": 3, "train_loss": float("nan"), "resent": True},
+                           FIT_METRICS) == ({}, ["epsilon (a str, not a finite number)",
+                                                 "resent (a bool, not a finite number)", "site (a int, not text)",
+                                                 "train_loss (a float, not a finite number)"])
+    cfg = load_run_config({"schema": "s.json", "dp": False})
+    strategy = build_strategy(cfg, [np.zeros(3, np.float32)], 2, {})
+    strategy.sampled = {1, 2}
+
+    class Proxy:
+        def __init__(self, node_id):
+            self.node_id = node_id
+
+    bad = {"site": "s2", "epsilon": "garbage", "run_epsilon": "x", "train_loss": "x"}
+    results = [(Proxy(1), FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([np.ones(3)]), 10,
+                                 {"site": "s1", "epsilon": 1.5, "run_epsilon": 1.5, "train_loss": 0.5})),
+               (Proxy(2), FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([np.ones(3)]), 10, bad))]
+    with caplog.at_level(logging.WARNING):
+        params, fit_means = strategy.aggregate_fit(1, results, [])
+    assert params is not None and fit_means == {"train_loss": 0.5}
+    assert "node 2 sent metrics" in caplog.text and "epsilon (a str, not a finite number)" in caplog.text
+    records = {"epsilon": {}, "run_epsilon": {}, "epsilon_worst_case": {}}
+    keep_site_epsilons(strategy.round_info, {"1": "s1", "2": "s2"}, records)
+    assert records["epsilon"] == {"s1": 1.5} and records["run_epsilon"] == {"s1": 1.5}
+    evals = [(Proxy(1), EvaluateRes(Status(Code.OK, "ok"), 0.4, 10, {"site": "s1", "accuracy": 0.8})),
+             (Proxy(2), EvaluateRes(Status(Code.OK, "ok"), 0.4, 10, {"site": "s2", "accuracy": "x"}))]
+    _, eval_means = strategy.aggregate_evaluate(1, evals, [])
+    assert eval_means["accuracy"] == 0.8
+
+
 def _save_model_message(package: dict, arrays: list[np.ndarray]) -> Message:
     content = RecordDict({ARRAYS_RECORD: ArrayRecord(numpy_ndarrays=arrays),
                           CONFIG_RECORD: ConfigRecord({PACKAGE_INFO: json.dumps(package)})})
