@@ -604,35 +604,36 @@ def _prepare_one_linear(layer: nn.Linear, tape: list, batch: int, token_norm: st
     if route == "row":  # a frozen weight over several tokens: the bias's per-sample gradient alone
         if not train_b:
             return _PreparedLinear(None, e.new_zeros(batch), None, None, a, e)
-        # its tokens' sum, plus what another order of summing them (the weighted sum's) can differ by (_ghost_norm)
+        # its tokens' sum, plus what another order of summing them (the weighted sum's) can differ by (_ghost_sq)
         spread = torch.linalg.vector_norm(e, dim=2).sum(1)
         norm = torch.linalg.vector_norm(e.sum(1), dim=1).add_(spread, alpha=1.01 * torch.finfo(e.dtype).eps / 2 * tokens)
         return _PreparedLinear(None, norm, None, b, a, e)
-    # ghost norm: <a a^T (+ 1 for the bias), e e^T>, made safe against rounding (_ghost_norm)
+    # ghost norm: <a a^T (+ 1 for the bias), e e^T>, made safe against rounding (_ghost_sq)
     gram = torch.baddbmm(_one(a), a, a.mT) if train_b else torch.bmm(a, a.mT)
     prod = gram.mul_(torch.bmm(e, e.mT))
-    return _PreparedLinear(None, _ghost_norm(prod, d_in + train_b, d_out, tokens), w, b if train_b else None, a, e)
+    return _PreparedLinear(_ghost_sq(prod, d_in + train_b, d_out, tokens), None, w, b if train_b else None, a, e)
 
 
-def _ghost_norm(prod: Tensor, d_in: int, d_out: int, tokens: int) -> Tensor:
-    """The per-sample norms a ghost-route Linear counts, from prod = (a a^T) * (e e^T), (B, T, T), never below the
-    norm of what its weighted sum writes for the sample, whatever the rounding.
+def _ghost_sq(prod: Tensor, d_in: int, d_out: int, tokens: int) -> Tensor:
+    """The per-sample squared norms a ghost-route Linear counts, from prod = (a a^T) * (e e^T), (B, T, T), never
+    below the squared norm of what its weighted sum writes for the sample, whatever the rounding.
 
     In float32 the sum over prod loses its digits when the tokens' terms cancel (sum_t e_t a_t^T small, each term
     large): it can come out far below the true squared norm, or <= 0 (norm 0, clip factor 1), while the clipped
-    sum, formed by another matmul, writes the sample's gradient at its true size: 86 C in a review's
-    construction (2026-12-06). With S = sum_t ||a_t|| ||e_t|| (the square root of prod's diagonal, summed) the sum's
-    rounding error is at most k_sum S^2 (each Gram entry's dot product, their product, and the T^2 entries' sum:
-    the standard bound (n u) per length-n sum), and what the weighted sum writes for the sample differs from its
-    exact gradient by at most k_write S (its T tokens' terms summed, as materialising it would). So the norm
-    counted is sqrt(max(sum, 0) + k_sum S^2) + k_write S: at least the written vector's norm, hence the sample
-    adds at most C. The price: on random tokens (S^2 ~ T x the squared norm) the norm counted is ~T k_sum / 2 above
-    the true one, 2e-4 at 16 tokens of width 64 (the clip factor 0.02% smaller); in float64 ~1e-13."""
-    sq = prod.sum((1, 2))
-    spread = prod.diagonal(dim1=1, dim2=2).sqrt().sum(1)  # S: the diagonal is ||a_t||^2 ||e_t||^2
+    sum, formed by another matmul, writes the sample's gradient at its true size: 86 C in a review's construction
+    (2026-12-06). With S = sum_t ||a_t|| ||e_t||, the sum's rounding error is at most k_sum S^2 (each Gram entry's
+    dot product, their product, the T^2 entries' sum: the standard bound, n u per length-n sum), and what the
+    weighted sum writes for the sample differs from its exact gradient by at most k_write S (its T tokens' terms
+    summed, as materialising it would), so (sqrt(max(sum, 0) + k_sum S^2) + k_write S)^2 bounds the written
+    vector's squared norm; it is at most max(sum, 0) + (k_sum + 3 k_write) S^2 (AM-GM, k_write < 1e-2), and S^2 is
+    at most T tr(prod) (Cauchy-Schwarz; tr(prod) = sum_t ||a_t||^2 ||e_t||^2, computed within k_sum): so each
+    sample adds at most C. The price, 4 small ops per layer: on random tokens tr(prod) ~ the squared norm, and the
+    norm counted is ~T k_sum / 2 above the true one, 2e-4 at 16 tokens of width 64 (the clip factor 0.02% smaller);
+    in float64 ~1e-13."""
     u = torch.finfo(prod.dtype).eps / 2  # the unit roundoff
     k_sum, k_write = 1.01 * u * (d_in + d_out + tokens * tokens + 2), 1.01 * u * tokens
-    return sq.clamp_min_(0).addcmul_(spread, spread, value=k_sum).sqrt_().add_(spread, alpha=k_write)
+    trace = prod.diagonal(dim1=1, dim2=2).sum(1)
+    return prod.sum((1, 2)).clamp_min_(0).add_(trace, alpha=tokens * (k_sum + 3 * k_write) * (1 + 3 * k_sum))
 
 
 def _write_materialised(w: Tensor, b: Tensor | None, batch: int):
