@@ -486,3 +486,74 @@ def test_a_site_removed_after_the_delivery_stops_counting_as_undelivered_at_once
     line = RunView.load(tmp_path, "r1", None).describe({})  # `oncofed runs`
     assert "Hosp C3 was removed from the consortium" in line and "not at" not in line
     assert (out / "status.json").read_text() == status_file  # read as of the register, not rewritten
+
+
+def _finished_run(tmp_path, monkeypatch, signing_key=None, installed=True):
+    """Run runs/x of the project's run config through its last round (a RoundRecorder, as the ServerApp records it)
+    and `deliver_final`, every site that trained answering `installed`: (its output dir, final arrays, config)."""
+    from flwr.app import Context, RecordDict
+    from flwr.common import ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+    from flwr.server.history import History
+    from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
+
+    import server.app
+    from privacy.audit import AuditLog
+    from privacy.run_config import load_run_config
+    from server.app import RoundRecorder, deliver_final
+    from tests.factories import started_run
+
+    out, values, schema, start = started_run(tmp_path)
+    cfg = load_run_config(values, source="run config")
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=values)
+    recorder = RoundRecorder(cfg, context, schema, out, start, AuditLog(out / "audit.jsonl"), lambda: "", None, 0.0)
+    state = RecordDict()
+    state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(ndarrays_to_parameters(start.weights),
+                                                                                keep_input=True)
+    strategy = types.SimpleNamespace(round_info={"status": "updated", "participants": [1, 2, 3]}, state_arrays=dict,
+                                     timing={})
+    recorder(cfg.federation.num_rounds, types.SimpleNamespace(state=state, strategy=strategy, history=History()))
+    answer = {"installed": True, "version": "v0002"} if installed else {"installed": False, "error": "down"}
+    monkeypatch.setattr(server.app, "deliver", lambda grid, final, package, timeout, **kw: [
+        {"node": n, "site": f"C{n}", **answer} for n in (1, 2, 3)])
+    final = [np.asarray(a, dtype=np.float32) for a in start.weights]
+    deliver_final(None, cfg, schema, out, recorder, final, signing_key, 1)
+    return out, final, cfg, schema
+
+
+def test_a_run_after_the_servers_clock_was_set_back_is_dated_after_the_model_the_sites_hold(tmp_path, monkeypatch,
+                                                                                            caplog):
+    """Run A was dated by a server clock 3 h ahead and is active at every site; NTP set the clock right and run B,
+    trained after A, was dated by the clock alone: before A, so every site refused it as a rollback, and `oncofed
+    deliver` sent the same date again. B is dated just after A's saved package, signed so, and the log says why."""
+    import time
+
+    from client.model_store import ModelStore
+    from privacy.signing import load_private, load_public, verify
+
+    ahead = round(time.time() + 3 * 3600.0, 3)
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "package.json").write_text(json.dumps({"run": "a-1", "finished": ahead}))
+    generate_signing_key(tmp_path / "signing.key", tmp_path / "signing.pub")
+    out, final, cfg, schema = _finished_run(tmp_path, monkeypatch, load_private(tmp_path / "signing.key"))
+    package = json.loads((out / "package.json").read_text())
+    assert package["finished"] == ahead + 1.0
+    verify(package, load_public(tmp_path / "signing.pub"))  # the date the site compares is the one signed
+    assert "not after the date of run a's model" in caplog.text and "check the server's clock (NTP)" in caplog.text
+    store = ModelStore(tmp_path / "site")  # a site whose active model is A's
+    store.install(schema, cfg.model, [a + 1.0 for a in final], {"run": "a-1", "finished": ahead})
+    assert store.install(schema, cfg.model, final, package) == "v0002" == store.active()
+
+
+def test_a_models_date_is_fixed_when_its_last_round_ends_not_when_it_is_delivered(tmp_path):
+    """A run resumed days later only to deliver must stay older than the runs that finished meanwhile (the sites would
+    roll back to it): the date its last round recorded holds, whatever packages were saved since."""
+    from server.delivery import dated_after_earlier_runs, finished_at
+
+    out = tmp_path / "runs" / "late"
+    assert dated_after_earlier_runs(out, 1000.0) == (1000.0, None)  # no other run: the clock's
+    (tmp_path / "runs" / "b").mkdir(parents=True)
+    (tmp_path / "runs" / "b" / "package.json").write_text(json.dumps({"run": "b-1", "finished": 2000.0}))
+    assert dated_after_earlier_runs(out, 3000.0) == (3000.0, None)  # an earlier run's date before the clock's
+    assert dated_after_earlier_runs(out, 2000.0) == (2001.0, {"run": "b", "finished": 2000.0})
+    assert finished_at(out, {"round": 10, "ended": 1000.0, "finished": 1000.0}, [np.ones(3, np.float32)]) == 1000.0
