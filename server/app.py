@@ -514,16 +514,20 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
     deliveries = deliver(grid, final, package, cfg.federation.round_timeout, anchor=recorder.anchor_audit(),
                          previous=round_outcome(out, cfg.federation.num_rounds), registered=recorder.registered_now(),
                          expected=trained, by_name=by_name)
-    recorder.audit.append("run_end", run=recorder.run_key, round=cfg.federation.num_rounds,
-                          arrays_sha256=package["arrays_sha256"], deliveries=audited(deliveries))
+    sent = deliveries
     if (out / RESULT).exists():  # delivered before (preflight refuses this; a direct `flwr run` does not)
         deliveries = kept_installs(json.loads((out / RESULT).read_text()).get("deliveries", []), deliveries)
+    # status.json first, then result.json, then run_end: a crash between them leaves status finished, so the metrics
+    # alert on an undelivered run (and `oncofed deliver` writes the run_end it lacks); the other way round, a crash
+    # left status unfinished and no result, and after an `oncofed deliver` with sites down no alert fired
     recorder.status.update(finished=1, weights_sha256=package["arrays_sha256"],
                            **delivery_status(out, deliveries, by_name=by_name, sites=trained))
     write_json_atomic(out / STATUS, recorder.status)
     write_json_atomic(out / RESULT, {
         **package, "first_round": first_round, "seconds": round(time.time() - recorder.t0, 1),
         "deliveries": deliveries, "metrics_file": str(recorder.metrics_file), "checkpoints": str(out / CHECKPOINTS)})
+    recorder.audit.append("run_end", run=recorder.run_key, round=cfg.federation.num_rounds,
+                          arrays_sha256=package["arrays_sha256"], deliveries=audited(sent))
     ok, summary = delivery_summary(recorder.status, deliveries, out.parent.parent)
     log(INFO if ok else WARNING, "%s; result in %s", summary, out / RESULT)
 

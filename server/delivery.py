@@ -406,11 +406,11 @@ def redeliver(grid, cfg) -> None:
     write_json_atomic(out / RESULT, {**result, **package, "deliveries": deliveries, "redelivered": time.time()})
     status = json.loads((out / STATUS).read_text()) if (out / STATUS).exists() else {"run": package.get("run")}
     status.pop("removed", None)
-    status.update(delivery_status(out, deliveries, removed=removed))
-    ended = bool(audit.last("run_end", run=package.get("run")))
-    if not ended:  # the run's own delivery never finished (the server crashed while delivering): this one ends it
-        status["finished"] = 1
+    # training finished (this is its saved model): whatever a crash during the run's own delivery left in status.json,
+    # the undelivered alert needs finished 1 (server/metrics.py)
+    status.update(finished=1, **delivery_status(out, deliveries, removed=removed))
     write_json_atomic(out / STATUS, status)
+    ended = bool(audit.last("run_end", run=package.get("run")))  # else the run's own delivery never ended: this one does
     if ended:
         audit.append("redelivery", run=package.get("run"), arrays_sha256=package["arrays_sha256"],
                      deliveries=audited(new))

@@ -488,9 +488,10 @@ def test_a_site_removed_after_the_delivery_stops_counting_as_undelivered_at_once
     assert (out / "status.json").read_text() == status_file  # read as of the register, not rewritten
 
 
-def _finished_run(tmp_path, monkeypatch, signing_key=None, installed=True):
+def _finished_run(tmp_path, monkeypatch, signing_key=None, installed=True, before_delivery=lambda: None):
     """Run runs/x of the project's run config through its last round (a RoundRecorder, as the ServerApp records it)
-    and `deliver_final`, every site that trained answering `installed`: (its output dir, final arrays, config)."""
+    and `deliver_final` (`before_delivery()` called first), every site that trained answering `installed`: (its
+    output dir, final arrays, run config, schema)."""
     from flwr.app import Context, RecordDict
     from flwr.common import ndarrays_to_parameters
     from flwr.compat.common import recorddict_compat as compat
@@ -517,6 +518,7 @@ def _finished_run(tmp_path, monkeypatch, signing_key=None, installed=True):
     monkeypatch.setattr(server.app, "deliver", lambda grid, final, package, timeout, **kw: [
         {"node": n, "site": f"C{n}", **answer} for n in (1, 2, 3)])
     final = [np.asarray(a, dtype=np.float32) for a in start.weights]
+    before_delivery()
     deliver_final(None, cfg, schema, out, recorder, final, signing_key, 1)
     return out, final, cfg, schema
 
@@ -557,3 +559,55 @@ def test_a_models_date_is_fixed_when_its_last_round_ends_not_when_it_is_delivere
     assert dated_after_earlier_runs(out, 3000.0) == (3000.0, None)  # an earlier run's date before the clock's
     assert dated_after_earlier_runs(out, 2000.0) == (2001.0, {"run": "b", "finished": 2000.0})
     assert finished_at(out, {"round": 10, "ended": 1000.0, "finished": 1000.0}, [np.ones(3, np.float32)]) == 1000.0
+
+
+class _Crash(BaseException):
+    """The server process dying at this point."""
+
+
+@pytest.mark.parametrize("crash_at", ["run_end", "status.json", "result.json"])
+def test_a_crash_while_a_run_records_its_delivery_leaves_it_alerting_as_undelivered(tmp_path, monkeypatch, crash_at):
+    """The ServerApp wrote the audit log's run_end before status.json and result.json: a crash between them left
+    status finished 0, and `oncofed deliver` (which set finished 1 only without a run_end) with the sites still down
+    left it so: delivery_ok 0, three sites undelivered, and neither the undelivered nor the unfinished alert fired."""
+    from privacy.audit import AuditLog
+    from privacy.run_config import load_run_config
+    from privacy.signing import load_private
+    from server.delivery import redeliver
+    from server.metrics import undelivered
+
+    import server.app
+
+    generate_signing_key(tmp_path / "signing.key", tmp_path / "signing.pub")
+    armed, append, write = [True], AuditLog.append, server.app.write_json_atomic
+
+    def crashing_append(self, event, **fields):
+        if armed[0] and event == crash_at:
+            armed[0] = False
+            raise _Crash
+        return append(self, event, **fields)
+
+    def crashing_write(path, payload, **kw):
+        if armed[0] and path.name == crash_at:
+            armed[0] = False
+            raise _Crash
+        return write(path, payload, **kw)
+
+    def arm():
+        monkeypatch.setattr(AuditLog, "append", crashing_append)
+        monkeypatch.setattr(server.app, "write_json_atomic", crashing_write)
+
+    with pytest.raises(_Crash):
+        _finished_run(tmp_path, monkeypatch, load_private(tmp_path / "signing.key"), installed=False,
+                      before_delivery=arm)
+    out = tmp_path / "runs" / "x"
+    status = json.loads((out / "status.json").read_text())
+    assert crash_at == "status.json" or undelivered(status)  # after the crash, before any `oncofed deliver`
+    values = {**json.loads((out / "run.json").read_text())["run_config"], "deliver-only": True, "round-timeout": 1.0,
+              "signing-key": str(tmp_path / "signing.key")}
+    sites_down = types.SimpleNamespace(get_node_ids=lambda: [], push_messages=lambda messages: [])
+    redeliver(sites_down, load_run_config(values, source="run config"))
+    status = json.loads((out / "status.json").read_text())
+    assert status["finished"] == 1 and status["undelivered"] == [1, 2, 3] and undelivered(status)
+    events = [json.loads(x)["event"] for x in (out / "audit.jsonl").read_text().splitlines()]
+    assert events.count("run_end") == 1
