@@ -40,7 +40,7 @@ from server.delivery import (FINISHED_STEP_S, audited, dated_after_earlier_runs,
 from server.strategy import build_strategy
 from server.workflow import RoundsWorkflow, TimedSecAggPlusWorkflow, active_sites
 from shared_models.evaluation import evaluate
-from shared_models.files import append_json_line, atomic_file, cut_partial_line
+from shared_models.files import append_json_line, atomic_file, cut_partial_line, write_failure
 from shared_models.model import MultiModalTransformer
 from shared_models.protocol import (AUDIT_ANCHOR, AUDIT_HEAD, EPSILON, EPSILON_WORST_CASE, NOISE_PLAN, RUN_EPSILON,
                                     RUN_KEY,
@@ -506,9 +506,16 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
     else:
         log(WARNING, "run config signing-key is empty: the final model is delivered unsigned; sites with a trust "
             "anchor will refuse it")
-    with atomic_file(out / FINAL_WEIGHTS, "wb") as fh:  # a crash leaves the old file or the whole new one
-        np.savez(fh, *final)
-    save_package(out, package)  # with final_weights.npz: what `oncofed deliver` sends again
+    written = out / FINAL_WEIGHTS
+    try:
+        with atomic_file(written, "wb") as fh:  # a crash leaves the old file or the whole new one
+            np.savez(fh, *final)
+        written = out / PACKAGE
+        save_package(out, package)  # with final_weights.npz: what `oncofed deliver` sends again
+    except OSError as e:  # before anything is sent: resumed, the run goes from its last checkpoint to the delivery
+        raise OSError(e.errno, f"run {recorder.run_key}'s final model could not be written to {written} "
+                      f"({e.strerror or e}): {write_failure(e, out)}, then {recorder.resume}; the checkpoints of "
+                      "every round are kept") from None
     by_name = recorder.registry is None  # a simulation: no register ties a site to its node id
     trained = sites_that_trained(rounds, by_name)
     deliveries = deliver(grid, final, package, cfg.federation.round_timeout, anchor=recorder.anchor_audit(),

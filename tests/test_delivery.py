@@ -488,10 +488,11 @@ def test_a_site_removed_after_the_delivery_stops_counting_as_undelivered_at_once
     assert (out / "status.json").read_text() == status_file  # read as of the register, not rewritten
 
 
-def _finished_run(tmp_path, monkeypatch, signing_key=None, installed=True, before_delivery=lambda: None):
+def _finished_run(tmp_path, monkeypatch, signing_key=None, installed=True, before_delivery=lambda: None,
+                  site_registry=None):
     """Run runs/x of the project's run config through its last round (a RoundRecorder, as the ServerApp records it)
     and `deliver_final` (`before_delivery()` called first), every site that trained answering `installed`: (its
-    output dir, final arrays, run config, schema)."""
+    output dir, final arrays, run config, schema). `site_registry`: a consortium's register (else a simulation's)."""
     from flwr.app import Context, RecordDict
     from flwr.common import ndarrays_to_parameters
     from flwr.compat.common import recorddict_compat as compat
@@ -505,6 +506,7 @@ def _finished_run(tmp_path, monkeypatch, signing_key=None, installed=True, befor
     from tests.factories import started_run
 
     out, values, schema, start = started_run(tmp_path)
+    values = {**values, **({"site-registry": str(site_registry)} if site_registry else {})}
     cfg = load_run_config(values, source="run config")
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=values)
     recorder = RoundRecorder(cfg, context, schema, out, start, AuditLog(out / "audit.jsonl"), lambda: "", None, 0.0)
@@ -611,3 +613,30 @@ def test_a_crash_while_a_run_records_its_delivery_leaves_it_alerting_as_undelive
     assert status["finished"] == 1 and status["undelivered"] == [1, 2, 3] and undelivered(status)
     events = [json.loads(x)["event"] for x in (out / "audit.jsonl").read_text().splitlines()]
     assert events.count("run_end") == 1
+
+
+def test_a_full_disk_at_the_delivery_names_the_final_model_the_disk_and_the_resume(tmp_path, monkeypatch):
+    """Writing final_weights.npz on a full disk ended the run with a bare `OSError: [Errno 28] No space left on device`,
+    naming neither the file nor what to do (a round's checkpoint says both)."""
+    import errno
+
+    import server.app
+    from privacy.pki import init_consortium
+
+    init_consortium(tmp_path / "op", "c", "fl.example.org:443")  # its register: the message names `oncofed run`
+    savez = server.app.np.savez
+
+    def full_disk():
+        def full(*a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(server.app.np, "savez", full)  # a full disk cannot be made here without mounting one
+
+    with pytest.raises(OSError) as e:
+        _finished_run(tmp_path / "op", monkeypatch, before_delivery=full_disk,
+                      site_registry=tmp_path / "op" / "consortium.json")
+    monkeypatch.setattr(server.app.np, "savez", savez)
+    out = tmp_path / "op" / "runs" / "x"
+    assert f"final model could not be written to {out / 'final_weights.npz'} (No space left on device)" in str(e.value)
+    assert f"the disk holding {out} is full: free space there, then continue the run with `oncofed run " \
+           f"{tmp_path / 'op'} --name x --resume`; the checkpoints of every round are kept" in str(e.value)
+    assert not list(out.glob("final_weights*"))  # no partial file left
