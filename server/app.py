@@ -35,12 +35,12 @@ from privacy.run_config import load_run_config
 from privacy.signing import canonical, load_private, sign
 from server.checkpoint import (freeze_run, frozen_run, hold_run_lock, load_latest, model_updated, resume_command,
                                round_outcome, rounds_updated, run_config_changes, save_checkpoint, why_no_update, write_json_atomic)
-from server.delivery import (audited, deliver, delivery_status, delivery_summary, finished_at, redeliver, save_package,
-                             sites_that_trained, tell_outcome)
+from server.delivery import (FINISHED_STEP_S, audited, dated_after_earlier_runs, deliver, delivery_status,
+                             delivery_summary, finished_at, redeliver, save_package, sites_that_trained, tell_outcome)
 from server.strategy import build_strategy
 from server.workflow import RoundsWorkflow, TimedSecAggPlusWorkflow, active_sites
 from shared_models.evaluation import evaluate
-from shared_models.files import append_json_line, atomic_file, cut_partial_line
+from shared_models.files import append_json_line, atomic_file, cut_partial_line, write_failure
 from shared_models.model import MultiModalTransformer
 from shared_models.protocol import (AUDIT_ANCHOR, AUDIT_HEAD, EPSILON, EPSILON_WORST_CASE, NOISE_PLAN, RUN_EPSILON,
                                     RUN_KEY,
@@ -51,7 +51,7 @@ from shared_models.schema import FeatureSchema
 from shared_models.site_data import load_labelled_site
 from shared_models.validation import validate_site
 from shared_models.weights import arrays_sha256, load_arrays, state_arrays, trainable_layout
-from server.run_files import CHECKPOINTS, FINAL_WEIGHTS, METRICS, RESULT, STATUS, metrics_lines
+from server.run_files import CHECKPOINTS, FINAL_WEIGHTS, METRICS, PACKAGE, RESULT, STATUS, metrics_lines
 
 torch.set_num_threads(1)
 app = ServerApp()
@@ -259,6 +259,7 @@ class RoundRecorder:
         self.metrics_file, self.ckpt_root = out / METRICS, out / CHECKPOINTS
         self.resume = resume_command(out, self.registry)  # a simulation's differs from a consortium's run
         self.t0, self.round_started = t0, time.time()  # t0: the ServerApp's start
+        self.clock_behind_said = False  # the warning that the clock reads before an earlier run's date, said once
         self.status = {"run": self.run_key, "num_rounds": cfg.federation.num_rounds, "round": start.first_round - 1,
                        "finished": 0, "site_epsilon": self.site_epsilon,
                        # 0 while the global model is the untrained initial one: /metrics names no model then
@@ -326,9 +327,22 @@ class RoundRecorder:
             f" (this run's rounds alone: {_fmt(max(self.site_run_epsilon.values()))})"
             if self.site_run_epsilon and self.site_run_epsilon != self.site_epsilon else "")
 
+    def _dated(self, ended: float) -> float:
+        """The round's model's date (`finished` in the package, if it is the last): after every model the consortium's
+        other runs finished before it, however the server's clock was set since; said once when the clock is behind."""
+        finished, earlier = dated_after_earlier_runs(self.out, ended)
+        if earlier and not self.clock_behind_said:
+            self.clock_behind_said = True
+            log(WARNING, "the server's clock reads %s, not after the date of run %s's model (%s, %s): the clock was "
+                "ahead then or is behind now; this run's models are dated %s s after it, so the sites take them for "
+                "the newer ones; check the server's clock (NTP)", _utc(ended), earlier["run"],
+                _utc(earlier["finished"]), self.out.parent / earlier["run"] / PACKAGE, FINISHED_STEP_S)
+        return finished
+
     def _metrics_line(self, rnd: int, lctx: LegacyContext, info: dict, arrays: list[np.ndarray]) -> dict:
-        h = lctx.history
-        return {"round": rnd, "seconds": round(time.time() - self.t0, 2), "ended": round(time.time(), 3), **info,
+        h, ended = lctx.history, round(time.time(), 3)
+        return {"round": rnd, "seconds": round(time.time() - self.t0, 2), "ended": ended,
+                "finished": self._dated(ended), **info,
                 "global": {"loss": dict(h.losses_distributed).get(rnd),
                            **{k: dict(v).get(rnd) for k, v in h.metrics_distributed.items()}},
                 "fit": {k: dict(v).get(rnd) for k, v in h.metrics_distributed_fit.items()},
@@ -492,24 +506,35 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
     else:
         log(WARNING, "run config signing-key is empty: the final model is delivered unsigned; sites with a trust "
             "anchor will refuse it")
-    with atomic_file(out / FINAL_WEIGHTS, "wb") as fh:  # a crash leaves the old file or the whole new one
-        np.savez(fh, *final)
-    save_package(out, package)  # with final_weights.npz: what `oncofed deliver` sends again
+    written = out / FINAL_WEIGHTS
+    try:
+        with atomic_file(written, "wb") as fh:  # a crash leaves the old file or the whole new one
+            np.savez(fh, *final)
+        written = out / PACKAGE
+        save_package(out, package)  # with final_weights.npz: what `oncofed deliver` sends again
+    except OSError as e:  # before anything is sent: resumed, the run goes from its last checkpoint to the delivery
+        raise OSError(e.errno, f"run {recorder.run_key}'s final model could not be written to {written} "
+                      f"({e.strerror or e}): {write_failure(e, out)}, then {recorder.resume}; the checkpoints of "
+                      "every round are kept") from None
     by_name = recorder.registry is None  # a simulation: no register ties a site to its node id
     trained = sites_that_trained(rounds, by_name)
     deliveries = deliver(grid, final, package, cfg.federation.round_timeout, anchor=recorder.anchor_audit(),
                          previous=round_outcome(out, cfg.federation.num_rounds), registered=recorder.registered_now(),
                          expected=trained, by_name=by_name)
-    recorder.audit.append("run_end", run=recorder.run_key, round=cfg.federation.num_rounds,
-                          arrays_sha256=package["arrays_sha256"], deliveries=audited(deliveries))
+    sent = deliveries
     if (out / RESULT).exists():  # delivered before (preflight refuses this; a direct `flwr run` does not)
         deliveries = kept_installs(json.loads((out / RESULT).read_text()).get("deliveries", []), deliveries)
+    # status.json first, then result.json, then run_end: a crash between them leaves status finished, so the metrics
+    # alert on an undelivered run (and `oncofed deliver` writes the run_end it lacks); the other way round, a crash
+    # left status unfinished and no result, and after an `oncofed deliver` with sites down no alert fired
     recorder.status.update(finished=1, weights_sha256=package["arrays_sha256"],
                            **delivery_status(out, deliveries, by_name=by_name, sites=trained))
     write_json_atomic(out / STATUS, recorder.status)
     write_json_atomic(out / RESULT, {
         **package, "first_round": first_round, "seconds": round(time.time() - recorder.t0, 1),
         "deliveries": deliveries, "metrics_file": str(recorder.metrics_file), "checkpoints": str(out / CHECKPOINTS)})
+    recorder.audit.append("run_end", run=recorder.run_key, round=cfg.federation.num_rounds,
+                          arrays_sha256=package["arrays_sha256"], deliveries=audited(sent))
     ok, summary = delivery_summary(recorder.status, deliveries, out.parent.parent)
     log(INFO if ok else WARNING, "%s; result in %s", summary, out / RESULT)
 
@@ -538,3 +563,7 @@ def _last_metrics(path: Path) -> dict | None:
 
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))

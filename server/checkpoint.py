@@ -12,7 +12,6 @@ newest `keep-checkpoints` rounds stay (a 250-round run would otherwise keep 1.3 
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared_models.files import exclusive_lock, sync_directory, write_json_atomic  # noqa: F401 (server.app imports it from here)
+from shared_models.files import exclusive_lock, sync_directory, write_failure, write_json_atomic  # noqa: F401 (server.app imports it from here)
 from server.run_files import METRICS, RUN_FILE, metrics_lines
 
 
@@ -163,12 +162,10 @@ def save_checkpoint(root: Path, rnd: int, weights: list[np.ndarray], strategy_st
             shutil.rmtree(final)
         os.replace(tmp, final)
         write_json_atomic(root / "latest.json", {"round": rnd, "path": final.name})
-    except OSError as e:  # a bare "[Errno 28] No space left on device" named neither the disk nor the way on
+    except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        fix = (f"the disk holding {root} is full: free space there" if e.errno == errno.ENOSPC
-               else "fix that")
-        raise OSError(e.errno, f"round {rnd}'s checkpoint could not be written in {root} ({e.strerror or e}): {fix}, "
-                      f"then {resume}; the rounds checkpointed before are kept") from None
+        raise OSError(e.errno, f"round {rnd}'s checkpoint could not be written in {root} ({e.strerror or e}): "
+                      f"{write_failure(e, root)}, then {resume}; the rounds checkpointed before are kept") from None
     if keep > 0:
         prune_checkpoints(root, keep, final.name)
     return final

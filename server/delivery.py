@@ -262,15 +262,41 @@ def site_names(deliveries: list[dict], nodes, consortium_dir: Path | None = None
     return [names.get(int(n), f"node {n}") for n in nodes]
 
 
+FINISHED_STEP_S = 1.0  # a model dated by an earlier run's date is dated this much after it
+
+
+def dated_after_earlier_runs(out: Path, ended: float) -> tuple[float, dict | None]:
+    """The date of a model whose round ended at `ended` by the server's clock: `ended`, or FINISHED_STEP_S after the
+    newest `finished` of the models the consortium's other runs saved (runs/*/package.json) when that is not
+    before it. Those packages exist now, so their models finished before this one, whatever their dates say: a
+    server clock that ran ahead for one run and was corrected since would otherwise date the next run's model before
+    it, and every site would refuse that as a rollback (client.model_store). Returns (the date, None or
+    {"run": the run directory, "finished": its date} when the clock read before that date)."""
+    dates = {}
+    for f in out.parent.glob(f"*/{PACKAGE}"):
+        try:
+            finished = json.loads(f.read_text()).get("finished")
+        except (OSError, ValueError, AttributeError):
+            continue  # being replaced, or not a package: the others still order this model
+        if f.parent.name != out.name and isinstance(finished, (int, float)):
+            dates[f.parent.name] = float(finished)
+    run = max(dates, key=dates.__getitem__, default=None)
+    if run is None or dates[run] < ended:
+        return ended, None
+    return round(dates[run] + FINISHED_STEP_S, 3), {"run": run, "finished": dates[run]}
+
+
 def finished_at(out: Path, last: dict, final: list[np.ndarray], otherwise=lambda: round(time.time(), 3)) -> float:
-    """When the final model was finished: its last round's end (so a run resumed only to deliver, days later,
-    stays older than the runs that finished meanwhile, and no site's model store takes it for the newest: its
-    `finished` orders re-deliveries); for a last round recorded without it, the time an earlier attempt's saved
+    """When the final model was finished: the date its last round recorded (`dated_after_earlier_runs` at that
+    round's end: so a run resumed only to deliver, days later, stays older than the runs that finished meanwhile, and
+    no site's model store takes it for the newest: its `finished` orders re-deliveries); a round recorded before
+    that date was kept, its end; for a last round recorded without either, the time an earlier attempt's saved
     package gave these same weights, else `otherwise()` (now, for a model finished in this process)."""
     from shared_models.weights import arrays_sha256
 
-    if isinstance(last.get("ended"), (int, float)):
-        return float(last["ended"])
+    for key in ("finished", "ended"):
+        if isinstance(last.get(key), (int, float)):
+            return float(last[key])
     try:
         saved = json.loads((out / PACKAGE).read_text())
         if saved.get("arrays_sha256") == arrays_sha256(final) and isinstance(saved.get("finished"), (int, float)):
@@ -380,11 +406,11 @@ def redeliver(grid, cfg) -> None:
     write_json_atomic(out / RESULT, {**result, **package, "deliveries": deliveries, "redelivered": time.time()})
     status = json.loads((out / STATUS).read_text()) if (out / STATUS).exists() else {"run": package.get("run")}
     status.pop("removed", None)
-    status.update(delivery_status(out, deliveries, removed=removed))
-    ended = bool(audit.last("run_end", run=package.get("run")))
-    if not ended:  # the run's own delivery never finished (the server crashed while delivering): this one ends it
-        status["finished"] = 1
+    # training finished (this is its saved model): whatever a crash during the run's own delivery left in status.json,
+    # the undelivered alert needs finished 1 (server/metrics.py)
+    status.update(finished=1, **delivery_status(out, deliveries, removed=removed))
     write_json_atomic(out / STATUS, status)
+    ended = bool(audit.last("run_end", run=package.get("run")))  # else the run's own delivery never ended: this one does
     if ended:
         audit.append("redelivery", run=package.get("run"), arrays_sha256=package["arrays_sha256"],
                      deliveries=audited(new))

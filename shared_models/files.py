@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -38,6 +39,26 @@ def atomic_file(path: str | Path, mode: str = "w", *, newline: str | None = None
         tmp.unlink(missing_ok=True)
         raise
     fsync_path(path.parent)
+
+
+def write_failure(e: OSError, where: str | Path) -> str:
+    """Why a write in the directory `where` failed and what to change there, for a message a person reads (a bare
+    "[Errno 28] No space left on device" named neither the disk nor the way on)."""
+    if e.errno == errno.ENOSPC:
+        return f"the disk holding {where} is full: free space there"
+    if e.errno == errno.EDQUOT:
+        return f"the disk quota of this account on {where} is used up: free space there or raise the quota"
+    if e.errno == errno.EFBIG:  # past a process limit (`ulimit -f`) a write fails so: Python ignores SIGXFSZ
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if soft == resource.RLIM_INFINITY:
+            return (f"a file in {where} is larger than its file system allows (this process has no file-size limit): "
+                    "move the directory to a file system that holds larger files")
+        return (f"a file in {where} is larger than this process's file-size limit, {soft} bytes (`ulimit -f`, "
+                "RLIMIT_FSIZE): raise it where the process is started (`ulimit -f unlimited`, or LimitFSIZE=infinity "
+                "in its systemd unit)")
+    return "fix that"
 
 
 def fsync_path(path: str | Path) -> None:

@@ -486,3 +486,157 @@ def test_a_site_removed_after_the_delivery_stops_counting_as_undelivered_at_once
     line = RunView.load(tmp_path, "r1", None).describe({})  # `oncofed runs`
     assert "Hosp C3 was removed from the consortium" in line and "not at" not in line
     assert (out / "status.json").read_text() == status_file  # read as of the register, not rewritten
+
+
+def _finished_run(tmp_path, monkeypatch, signing_key=None, installed=True, before_delivery=lambda: None,
+                  site_registry=None):
+    """Run runs/x of the project's run config through its last round (a RoundRecorder, as the ServerApp records it)
+    and `deliver_final` (`before_delivery()` called first), every site that trained answering `installed`: (its
+    output dir, final arrays, run config, schema). `site_registry`: a consortium's register (else a simulation's)."""
+    from flwr.app import Context, RecordDict
+    from flwr.common import ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+    from flwr.server.history import History
+    from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
+
+    import server.app
+    from privacy.audit import AuditLog
+    from privacy.run_config import load_run_config
+    from server.app import RoundRecorder, deliver_final
+    from tests.factories import started_run
+
+    out, values, schema, start = started_run(tmp_path)
+    values = {**values, **({"site-registry": str(site_registry)} if site_registry else {})}
+    cfg = load_run_config(values, source="run config")
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=values)
+    recorder = RoundRecorder(cfg, context, schema, out, start, AuditLog(out / "audit.jsonl"), lambda: "", None, 0.0)
+    state = RecordDict()
+    state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(ndarrays_to_parameters(start.weights),
+                                                                                keep_input=True)
+    strategy = types.SimpleNamespace(round_info={"status": "updated", "participants": [1, 2, 3]}, state_arrays=dict,
+                                     timing={})
+    recorder(cfg.federation.num_rounds, types.SimpleNamespace(state=state, strategy=strategy, history=History()))
+    answer = {"installed": True, "version": "v0002"} if installed else {"installed": False, "error": "down"}
+    monkeypatch.setattr(server.app, "deliver", lambda grid, final, package, timeout, **kw: [
+        {"node": n, "site": f"C{n}", **answer} for n in (1, 2, 3)])
+    final = [np.asarray(a, dtype=np.float32) for a in start.weights]
+    before_delivery()
+    deliver_final(None, cfg, schema, out, recorder, final, signing_key, 1)
+    return out, final, cfg, schema
+
+
+def test_a_run_after_the_servers_clock_was_set_back_is_dated_after_the_model_the_sites_hold(tmp_path, monkeypatch,
+                                                                                            caplog):
+    """Run A was dated by a server clock 3 h ahead and is active at every site; NTP set the clock right and run B,
+    trained after A, was dated by the clock alone: before A, so every site refused it as a rollback, and `oncofed
+    deliver` sent the same date again. B is dated just after A's saved package, signed so, and the log says why."""
+    import time
+
+    from client.model_store import ModelStore
+    from privacy.signing import load_private, load_public, verify
+
+    ahead = round(time.time() + 3 * 3600.0, 3)
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "package.json").write_text(json.dumps({"run": "a-1", "finished": ahead}))
+    generate_signing_key(tmp_path / "signing.key", tmp_path / "signing.pub")
+    out, final, cfg, schema = _finished_run(tmp_path, monkeypatch, load_private(tmp_path / "signing.key"))
+    package = json.loads((out / "package.json").read_text())
+    assert package["finished"] == ahead + 1.0
+    verify(package, load_public(tmp_path / "signing.pub"))  # the date the site compares is the one signed
+    assert "not after the date of run a's model" in caplog.text and "check the server's clock (NTP)" in caplog.text
+    store = ModelStore(tmp_path / "site")  # a site whose active model is A's
+    store.install(schema, cfg.model, [a + 1.0 for a in final], {"run": "a-1", "finished": ahead})
+    assert store.install(schema, cfg.model, final, package) == "v0002" == store.active()
+
+
+def test_a_models_date_is_fixed_when_its_last_round_ends_not_when_it_is_delivered(tmp_path):
+    """A run resumed days later only to deliver must stay older than the runs that finished meanwhile (the sites would
+    roll back to it): the date its last round recorded holds, whatever packages were saved since."""
+    from server.delivery import dated_after_earlier_runs, finished_at
+
+    out = tmp_path / "runs" / "late"
+    assert dated_after_earlier_runs(out, 1000.0) == (1000.0, None)  # no other run: the clock's
+    (tmp_path / "runs" / "b").mkdir(parents=True)
+    (tmp_path / "runs" / "b" / "package.json").write_text(json.dumps({"run": "b-1", "finished": 2000.0}))
+    assert dated_after_earlier_runs(out, 3000.0) == (3000.0, None)  # an earlier run's date before the clock's
+    assert dated_after_earlier_runs(out, 2000.0) == (2001.0, {"run": "b", "finished": 2000.0})
+    assert finished_at(out, {"round": 10, "ended": 1000.0, "finished": 1000.0}, [np.ones(3, np.float32)]) == 1000.0
+
+
+class _Crash(BaseException):
+    """The server process dying at this point."""
+
+
+@pytest.mark.parametrize("crash_at", ["run_end", "status.json", "result.json"])
+def test_a_crash_while_a_run_records_its_delivery_leaves_it_alerting_as_undelivered(tmp_path, monkeypatch, crash_at):
+    """The ServerApp wrote the audit log's run_end before status.json and result.json: a crash between them left
+    status finished 0, and `oncofed deliver` (which set finished 1 only without a run_end) with the sites still down
+    left it so: delivery_ok 0, three sites undelivered, and neither the undelivered nor the unfinished alert fired."""
+    from privacy.audit import AuditLog
+    from privacy.run_config import load_run_config
+    from privacy.signing import load_private
+    from server.delivery import redeliver
+    from server.metrics import undelivered
+
+    import server.app
+
+    generate_signing_key(tmp_path / "signing.key", tmp_path / "signing.pub")
+    armed, append, write = [True], AuditLog.append, server.app.write_json_atomic
+
+    def crashing_append(self, event, **fields):
+        if armed[0] and event == crash_at:
+            armed[0] = False
+            raise _Crash
+        return append(self, event, **fields)
+
+    def crashing_write(path, payload, **kw):
+        if armed[0] and path.name == crash_at:
+            armed[0] = False
+            raise _Crash
+        return write(path, payload, **kw)
+
+    def arm():
+        monkeypatch.setattr(AuditLog, "append", crashing_append)
+        monkeypatch.setattr(server.app, "write_json_atomic", crashing_write)
+
+    with pytest.raises(_Crash):
+        _finished_run(tmp_path, monkeypatch, load_private(tmp_path / "signing.key"), installed=False,
+                      before_delivery=arm)
+    out = tmp_path / "runs" / "x"
+    status = json.loads((out / "status.json").read_text())
+    assert crash_at == "status.json" or undelivered(status)  # after the crash, before any `oncofed deliver`
+    values = {**json.loads((out / "run.json").read_text())["run_config"], "deliver-only": True, "round-timeout": 1.0,
+              "signing-key": str(tmp_path / "signing.key")}
+    sites_down = types.SimpleNamespace(get_node_ids=lambda: [], push_messages=lambda messages: [])
+    redeliver(sites_down, load_run_config(values, source="run config"))
+    status = json.loads((out / "status.json").read_text())
+    assert status["finished"] == 1 and status["undelivered"] == [1, 2, 3] and undelivered(status)
+    events = [json.loads(x)["event"] for x in (out / "audit.jsonl").read_text().splitlines()]
+    assert events.count("run_end") == 1
+
+
+def test_a_full_disk_at_the_delivery_names_the_final_model_the_disk_and_the_resume(tmp_path, monkeypatch):
+    """Writing final_weights.npz on a full disk ended the run with a bare `OSError: [Errno 28] No space left on device`,
+    naming neither the file nor what to do (a round's checkpoint says both)."""
+    import errno
+
+    import server.app
+    from privacy.pki import init_consortium
+
+    init_consortium(tmp_path / "op", "c", "fl.example.org:443")  # its register: the message names `oncofed run`
+    savez = server.app.np.savez
+
+    def full_disk():
+        def full(*a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(server.app.np, "savez", full)  # a full disk cannot be made here without mounting one
+
+    with pytest.raises(OSError) as e:
+        _finished_run(tmp_path / "op", monkeypatch, before_delivery=full_disk,
+                      site_registry=tmp_path / "op" / "consortium.json")
+    monkeypatch.setattr(server.app.np, "savez", savez)
+    out = tmp_path / "op" / "runs" / "x"
+    assert f"final model could not be written to {out / 'final_weights.npz'} (No space left on device)" in str(e.value)
+    assert f"the disk holding {out} is full: free space there, then continue the run with `oncofed run " \
+           f"{tmp_path / 'op'} --name x --resume`; the checkpoints of every round are kept" in str(e.value)
+    assert not list(out.glob("final_weights*"))  # no partial file left

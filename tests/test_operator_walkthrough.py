@@ -76,6 +76,8 @@ def test_a_checkpoint_the_disk_cannot_hold_names_the_directory_and_the_resume_an
     assert out.returncode == 0, out.stderr
     message = out.stdout.strip()
     assert f"round 2's checkpoint could not be written in {root} (File too large)" in message
+    # the cause named, not "fix that": the process's file-size limit, at the value it has
+    assert "larger than this process's file-size limit, 4096 bytes (`ulimit -f`, RLIMIT_FSIZE): raise it" in message
     assert f"`oncofed run {tmp_path} --name r5 --resume`" in message and "rounds checkpointed before are kept" in message
     assert sorted(p.name for p in root.iterdir()) == ["latest.json", "round-0001"]  # no .tmp-round-0002 left
 
