@@ -75,8 +75,9 @@ def _record_flwr_run(run_dir: Path, run_id: int) -> None:
 
 
 def stop_previous(run_dir: Path, env: dict, out) -> None:
-    """Before resuming: stop the SuperLink's earlier runs of this name (after a server crash its database
-    may still hold them as running or pending, and a restarted SuperLink would launch a pending one)."""
+    """Before resuming: stop the SuperLink's earlier runs of this name that have not ended. Preflight refuses a resume
+    while one is live (live_flwr_runs: it may be training); this stops the rest, one the server's exit ended that
+    the database still calls running, or one the database could not show (unreadable for a moment)."""
     f = run_dir / FLWR_RUNS
     for run_id in (json.loads(f.read_text()) if f.exists() else []):
         proc = subprocess.run([flower_tool("flwr"), "stop", str(run_id), "consortium"], env=env, capture_output=True, text=True,
@@ -149,10 +150,12 @@ def run_checks(c: Consortium, cfg: RunConfig, run_dir: Path, resume: bool, sites
         ev = cfg.path(cfg.run.eval_data)
         checks.append(Check(f"eval-data {ev}", ev.is_dir(), "present" if ev.is_dir() else "not a directory"))
     started = (run_dir / RUN_FILE).exists() or has_checkpoint(run_dir / CHECKPOINTS)
-    if not resume and (live := live_flwr_runs(c, run_dir)):
+    if live := live_flwr_runs(c, run_dir):  # resumed, it would be stopped (stop_previous) and trained over
         checks.append(Check(f"run {run_dir.name}", False, f"flwr run {live[-1]} of this name is still "
                             "pending or running on the SuperLink (submitted by another `oncofed run`): "
-                            f"follow it with `oncofed runs follow {c.root} {run_dir.name}`, or choose another --name"))
+                            f"follow it with `oncofed runs follow {c.root} {run_dir.name}`, "
+                            + (f"or stop it with `oncofed runs stop {c.root} {run_dir.name}` and then resume"
+                               if resume else "or choose another --name")))
     elif resume and (verdict := no_model_verdict(c.root, run_dir.name)):
         checks.append(Check(f"run {run_dir.name}", False, verdict))
     elif resume and (run_dir / RESULT).exists():  # resumed, it would send its model again over the sites' installs
@@ -191,15 +194,22 @@ def run_checks(c: Consortium, cfg: RunConfig, run_dir: Path, resume: bool, sites
 
 
 def live_flwr_runs(c: Consortium, run_dir: Path) -> list[int]:
-    """This run name's flwr runs the SuperLink's database holds as pending, starting or running."""
-    from server.runs import RUNNING, read_superlink
+    """This run name's flwr runs the SuperLink's database holds as pending, starting or running, but for one the
+    server's exit ended (interrupted.json, written by `oncofed server start` before its SuperLink starts): its
+    ServerApp died with the SuperExec, and the database calls it running until Flower sees its heartbeat lapse. A
+    pending or starting one the restarted SuperExec launches again: live."""
+    from server.runs import INTERRUPTED, RUNNING, read_superlink
 
     try:
         ids = json.loads((run_dir / FLWR_RUNS).read_text())
     except (OSError, ValueError):
         return []
     runs = (read_superlink(c.path("state", "superlink.db")) or {}).get("runs", {})
-    return [i for i in ids if runs.get(i) in RUNNING]
+    try:
+        ended = json.loads((run_dir / INTERRUPTED).read_text()).get("flwr_run")
+    except (OSError, ValueError, AttributeError):
+        ended = None
+    return [i for i in ids if runs.get(i) in RUNNING and not (runs[i] == "running" and i == ended)]
 
 
 def submit_lock(c: Consortium, name: str):
