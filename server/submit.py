@@ -28,7 +28,7 @@ from shared_models.files import exclusive_lock, write_json_atomic
 from shared_models.flower_tools import flower_tool
 from shared_models.run_config import RunConfig, RunConfigError, app_defaults, flwr_overrides
 from server.run_files import CHECKPOINTS, FLWR_LOG, FLWR_RUNS, RESULT, RUN_FILE
-from server.runs import NO_SITE_TRAINED, code_change, no_model, no_model_verdict, sites_left_out
+from server.runs import NO_SITE_TRAINED, code_change, no_model, no_model_verdict, written_by
 
 PROJECT = Path(__file__).resolve().parents[1]
 _DUPLICATE = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:")  # flwr streams each ServerApp line twice
@@ -60,6 +60,11 @@ class TracebackFolder:
 
 
 _STARTED = re.compile(r"Successfully started run (\d+)")
+
+
+def flwr_run_started(line: str) -> int | None:
+    """The flwr run id a line of `flwr run`'s output says it submitted (its first line), else None."""
+    return int(m.group(1)) if (m := _STARTED.search(line)) else None
 
 
 def env_for(c: Consortium) -> dict:
@@ -258,8 +263,7 @@ def _submit_run(c: Consortium, name: str, run_dir: Path, overrides: dict, resume
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
         stop_previous(run_dir, env_for(c), out)
-    result = run_dir / RESULT
-    started = time.time()
+    started = time.monotonic()
     env = env_for(c)
     log_path = run_dir / FLWR_LOG
     from server.runs import ProgressPrinter, after_stream
@@ -278,45 +282,27 @@ def _submit_run(c: Consortium, name: str, run_dir: Path, overrides: dict, resume
         return lambda: (shown[0].stop(), timer is not None and timer.cancel())
 
     folder = TracebackFolder(log_path)
+    attempt: list[int] = []  # this submission's flwr run id: what its ServerApp writes into result.json
 
     def on_line(line: str) -> None:
-        if m := _STARTED.search(line):
-            _record_flwr_run(run_dir, int(m.group(1)))
+        if (run_id := flwr_run_started(line)) is not None:
+            attempt.append(run_id)
+            _record_flwr_run(run_dir, run_id)
             lock.close()  # recorded: the next `oncofed run NAME` sees it in its preflight
-            if resume and (changed := code_change(c.root, name, int(m.group(1)))):
+            if resume and (changed := code_change(c.root, name, run_id)):
                 shown[0].write(f"{changed}\n")
         if not is_duplicate_log_line(line) and (line := folder.show(line)) is not None:
             shown[0].write(line)
 
     returncode = run_flwr([str(PROJECT), "consortium", "--stream", "--run-config", flwr_overrides(values)], env,
                           log_path, on_line, append=True, new_session=True, on_start=watch)
-    finished = result.exists() and result.stat().st_mtime >= started
-    if timeout and time.time() - started >= timeout and not finished:
+    flwr_run = attempt[0] if attempt else None
+    if timeout and time.monotonic() - started >= timeout and not written_by(run_dir, flwr_run):
         out.write(f"--timeout {timeout:g} s reached: stopping the run on the SuperLink\n")
         stop_previous(run_dir, env, out)
         from server.runs import RunView, restart_hint
 
         out.write(f"run {name!r} stopped; {restart_hint(c.root, RunView.load(c.root, name, None))}\n")
         return 1
-    if finished:
-        code, message = finished_verdict(run_dir, name)
-        out.write(message + "\n")
-        return code
     return after_stream(c.root, name, returncode, log_path, out, health=lambda: server_health(c),
-                        server_down=shown[0].server_down)
-
-
-def finished_verdict(run_dir: Path, name: str) -> tuple[int, str]:
-    """(exit code, message) of a run whose ServerApp wrote its result: 0 every site that trained installed the model,
-    DELIVERY_SHORT_EXIT some did not (`oncofed deliver` sends it again), 1 no round updated the model, so there is
-    nothing to deliver (a deliver could not help: server.runs.no_model_verdict says what to fix)."""
-    from server.delivery import DELIVERY_SHORT_EXIT, delivery_verdict
-
-    root = run_dir.parent.parent
-    if verdict := no_model_verdict(root, name):
-        never = [x for x in sites_left_out(root, name).split("; ") if x.startswith("registered but never connected")]
-        return 1, f"run {name!r} {verdict}" + "".join(f"; {x}" for x in never)
-    delivered, message = delivery_verdict(run_dir)
-    left_out = sites_left_out(root, name)
-    return (0 if delivered else DELIVERY_SHORT_EXIT), (f"run {name!r} finished training: {run_dir / RESULT}; "
-                                                       f"{message}" + (f". Left out: {left_out}" if left_out else ""))
+                        server_down=shown[0].server_down, flwr_run=flwr_run)
