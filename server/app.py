@@ -51,7 +51,7 @@ from shared_models.schema import FeatureSchema
 from shared_models.site_data import load_labelled_site
 from shared_models.validation import validate_site
 from shared_models.weights import arrays_sha256, load_arrays, state_arrays, trainable_layout
-from server.run_files import CHECKPOINTS, FINAL_WEIGHTS, METRICS, PACKAGE, RESULT, STATUS, metrics_lines
+from server.run_files import CHECKPOINTS, FINAL_WEIGHTS, METRICS, PACKAGE, RESULT, STATUS, WRITTEN_BY, metrics_lines
 
 torch.set_num_threads(1)
 app = ServerApp()
@@ -363,7 +363,7 @@ def main(grid: Grid, context: Context) -> None:
     # held until this process ends: a second ServerApp of this run fails here, before it touches any file
     lock = hold_run_lock(out, wait=60.0 if (cfg.run.resume or cfg.run.deliver_only) else 0.0)  # noqa: F841
     if cfg.run.deliver_only:  # `oncofed deliver`: the saved final model again, no training
-        return redeliver(grid, cfg)
+        return redeliver(grid, cfg, flwr_run=context.run_id)
     schema = FeatureSchema.load(cfg.path(cfg.run.schema_path))
     n_sites = cfg.federation.sites or cfg.federation.min_sites
     signing_key = load_private(cfg.path(cfg.run.signing_key)) if cfg.run.signing_key else None  # fail before round 1
@@ -422,7 +422,7 @@ def main(grid: Grid, context: Context) -> None:
         final = parameters_to_ndarrays(compat.arrayrecord_to_parameters(
             lctx.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
     deliver_final(grid, cfg, schema, out, recorder, [np.asarray(a, dtype=np.float32) for a in final], signing_key,
-                  start.first_round)
+                  start.first_round, flwr_run=context.run_id)
 
 
 def site_labels(sites: dict, owners: dict, registered: dict | None = None) -> dict:
@@ -468,8 +468,9 @@ def site_labels(sites: dict, owners: dict, registered: dict | None = None) -> di
 
 
 def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, recorder: RoundRecorder,
-                  final: list[np.ndarray], signing_key, first_round: int) -> None:
-    """The final model: described, signed, saved beside the checkpoints, sent to every site; result.json. A run
+                  final: list[np.ndarray], signing_key, first_round: int, flwr_run: int | None = None) -> None:
+    """The final model: described, signed, saved beside the checkpoints, sent to every site; result.json, naming
+    `flwr_run` (this ServerApp's flwr run: how `oncofed run` tells its own attempt's result from an earlier one). A run
     in which no round updated the model (every site refused, or every round was abandoned, in this attempt and
     any before a resume) delivers nothing: its model is the untrained initial one. result.json's `not_delivered`
     then says why, round by round (`oncofed run`, `oncofed simulate` and `oncofed runs follow` print it, exit 1)."""
@@ -486,7 +487,7 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
         write_json_atomic(out / STATUS, recorder.status)
         write_json_atomic(out / RESULT, {
             "run": recorder.run_key, "round": cfg.federation.num_rounds, "first_round": first_round,
-            "not_delivered": reason, "deliveries": [], "seconds": round(time.time() - recorder.t0, 1),
+            WRITTEN_BY: flwr_run, "not_delivered": reason, "deliveries": [], "seconds": round(time.time() - recorder.t0, 1),
             "metrics_file": str(recorder.metrics_file), "checkpoints": str(out / CHECKPOINTS)})
         return
     last = rounds[-1]
@@ -531,7 +532,7 @@ def deliver_final(grid: Grid, cfg: RunConfig, schema: FeatureSchema, out: Path, 
                            **delivery_status(out, deliveries, by_name=by_name, sites=trained))
     write_json_atomic(out / STATUS, recorder.status)
     write_json_atomic(out / RESULT, {
-        **package, "first_round": first_round, "seconds": round(time.time() - recorder.t0, 1),
+        **package, "first_round": first_round, WRITTEN_BY: flwr_run, "seconds": round(time.time() - recorder.t0, 1),
         "deliveries": deliveries, "metrics_file": str(recorder.metrics_file), "checkpoints": str(out / CHECKPOINTS)})
     recorder.audit.append("run_end", run=recorder.run_key, round=cfg.federation.num_rounds,
                           arrays_sha256=package["arrays_sha256"], deliveries=audited(sent))

@@ -21,7 +21,6 @@ that trained but have not installed it, and sends it to every connected site tha
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -31,13 +30,13 @@ from pathlib import Path
 import numpy as np
 
 from shared_models.files import write_json_atomic
-from shared_models.flower_tools import flower_tool
 from shared_models.protocol import (ARRAYS_RECORD, AUDIT_ANCHOR, CONFIG_RECORD, PACKAGE_INFO, PREVIOUS_ROUND, REPLY,
                                     ROUND_OUTCOME, RUN_KEY, SAVE_MODEL, SITE, DeliveryReply)
-from server.run_files import CHECKPOINTS, FINAL_WEIGHTS, FLWR_LOG, METRICS, PACKAGE, RESULT, STATUS, metrics_lines
+from server.run_files import (CHECKPOINTS, FINAL_WEIGHTS, FLWR_LOG, METRICS, PACKAGE, RESULT, STATUS, WRITTEN_BY,
+                              metrics_lines)
 
 DELIVERY_SHORT_EXIT = 3  # `oncofed run` / `oncofed deliver`: trained, but not every site that trained installed it
-_RESULT_ONLY = ("first_round", "seconds", "deliveries", "metrics_file", "checkpoints", "redelivered")
+_RESULT_ONLY = ("first_round", "seconds", "deliveries", "metrics_file", "checkpoints", "redelivered", WRITTEN_BY)
 
 
 NOT_CONNECTED = "not connected when the final model was sent"
@@ -357,9 +356,10 @@ def _check_against_audit(run_dir: Path, package: dict) -> None:
                          f"({str(last.get('weights_sha256'))[:16]}...): not signed or sent")
 
 
-def redeliver(grid, cfg) -> None:
+def redeliver(grid, cfg, flwr_run: int | None = None) -> None:
     """The ServerApp with `deliver-only = true`: sign and send the run's saved final model to every site
-    that has not installed it; no training, no privacy spend."""
+    that has not installed it; no training, no privacy spend. result.json then names `flwr_run` (this ServerApp's):
+    how `oncofed deliver` knows this delivery finished."""
     from flwr.common.logger import log
 
     from privacy.audit import AUDIT_FILE, AuditLog, signed_anchor
@@ -403,7 +403,8 @@ def redeliver(grid, cfg) -> None:
     renewed = {d["node"] for d in new}
     deliveries = [d for d in before if d.get("node") not in renewed] + new
     save_package(out, package)
-    write_json_atomic(out / RESULT, {**result, **package, "deliveries": deliveries, "redelivered": time.time()})
+    write_json_atomic(out / RESULT, {**result, **package, "deliveries": deliveries, "redelivered": time.time(),
+                                     WRITTEN_BY: flwr_run})
     status = json.loads((out / STATUS).read_text()) if (out / STATUS).exists() else {"run": package.get("run")}
     status.pop("removed", None)
     # training finished (this is its saved model): whatever a crash during the run's own delivery left in status.json,
@@ -459,7 +460,9 @@ def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
     from privacy.run_config import load_run_config
     from server.checkpoint import CheckpointError, load_latest
     from server.deploy import Consortium, DeployError, RunFailedError
-    from server.submit import PROJECT, env_for, is_duplicate_log_line
+    from server.processes import run_flwr
+    from server.runs import written_by
+    from server.submit import PROJECT, env_for, flwr_run_started, is_duplicate_log_line
     from shared_models.run_config import flwr_overrides
 
     c = Consortium.load(root)
@@ -483,21 +486,20 @@ def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
               "site-registry": str(c.path("consortium.json")), "resume": False, "deliver-only": True}
     cfg = load_run_config(values, source=f"run {name!r}'s run config")
     out.write(report(f"deliver {name!r}", delivery_checks(c, run_dir, cfg)) + "\n")
+    attempt: list[int] = []  # this delivery's flwr run id: what its ServerApp writes into result.json
+
+    def on_line(line: str) -> None:
+        if (run_id := flwr_run_started(line)) is not None:
+            attempt.append(run_id)
+        if not is_duplicate_log_line(line):
+            out.write(line)
+            out.flush()
+
     log_path = run_dir / FLWR_LOG
-    cmd = [flower_tool("flwr"), "run", str(PROJECT), "consortium", "--stream", "--run-config", flwr_overrides(values)]
-    started = time.time()
-    with log_path.open("a") as log:
-        proc = subprocess.Popen(cmd, env=env_for(c), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        for line in proc.stdout:
-            log.write(line)
-            if not is_duplicate_log_line(line):
-                out.write(line)
-                out.flush()
-        proc.wait()
-    result = run_dir / RESULT
-    if not (result.exists() and json.loads(result.read_text()).get("redelivered", 0) >= started):
-        out.write(f"delivery of run {name!r} did not finish (flwr exit {proc.returncode}); see {log_path}\n")
+    code = run_flwr([str(PROJECT), "consortium", "--stream", "--run-config", flwr_overrides(values)], env_for(c),
+                    log_path, on_line, append=True, new_session=True)
+    if not written_by(run_dir, attempt[0] if attempt else None):
+        out.write(f"delivery of run {name!r} did not finish (flwr exit {code}); see {log_path}\n")
         return 1
     ok, message = delivery_verdict(run_dir)
     out.write(f"run {name!r}: {message}\n")

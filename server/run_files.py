@@ -11,6 +11,7 @@ PROGRESS = "progress.json"          # the round's message exchanges as they happ
 METRICS = "metrics.jsonl"           # one line per round
 CHECKPOINTS = "checkpoints"         # the directory of per-round checkpoints
 RESULT = "result.json"              # the finished run: final model's hash, deliveries
+WRITTEN_BY = "flwr_run"             # result.json's key: the flwr run whose ServerApp last wrote it (its own, a deliver)
 PACKAGE = "package.json"            # the final model's description, signed at delivery
 FINAL_WEIGHTS = "final_weights.npz"
 FLWR_RUNS = "flwr-runs.json"        # the Flower run ids `oncofed run` submitted for this run directory

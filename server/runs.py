@@ -24,7 +24,7 @@ from pathlib import Path
 from shared_models.files import write_json_atomic
 from shared_models.flower_tools import flower_tool
 from shared_models.protocol import FOREIGN_APP
-from server.run_files import FLWR_RUNS, METRICS, PROGRESS, RESULT, RUN_FILE, STATUS, metrics_lines
+from server.run_files import FLWR_RUNS, METRICS, PROGRESS, RESULT, RUN_FILE, STATUS, WRITTEN_BY, metrics_lines
 
 RUNNING = ("pending", "starting", "running")
 
@@ -501,31 +501,55 @@ class ProgressPrinter:
                 self.write(f"[progress] cannot be shown ({e})\n")
 
 
+def written_by(run_dir: Path, flwr_run: int | None) -> bool:
+    """Whether flwr run `flwr_run`'s ServerApp wrote the run's result.json last (its WRITTEN_BY): how `oncofed run` and
+    `oncofed deliver` know their own attempt finished. Not by its time: the clock may step back while a run trains."""
+    result = _json(run_dir / RESULT)
+    return flwr_run is not None and isinstance(result, dict) and result.get(WRITTEN_BY) == flwr_run
+
+
+def finished_verdict(run_dir: Path, name: str) -> tuple[int, str]:
+    """(exit code, message) of a run whose ServerApp wrote its result: 0 every site that trained installed the model,
+    DELIVERY_SHORT_EXIT some did not (`oncofed deliver` sends it again), 1 no round updated the model, so there is
+    nothing to deliver (a deliver could not help: no_model_verdict says what to fix)."""
+    from server.delivery import DELIVERY_SHORT_EXIT, delivery_verdict
+
+    root = run_dir.parent.parent
+    if verdict := no_model_verdict(root, name):
+        never = [x for x in sites_left_out(root, name).split("; ") if x.startswith("registered but never connected")]
+        return 1, f"run {name!r} {verdict}" + "".join(f"; {x}" for x in never)
+    delivered, message = delivery_verdict(run_dir)
+    left_out = sites_left_out(root, name)
+    return (0 if delivered else DELIVERY_SHORT_EXIT), (f"run {name!r} finished training: {run_dir / RESULT}; "
+                                                       f"{message}" + (f". Left out: {left_out}" if left_out else ""))
+
+
 def after_stream(root: Path, name: str, flwr_exit: int | None, log_path: Path, out, health=None,
-                 server_down: str = "") -> int:
-    """`oncofed run`'s log stream ended without result.json: say what happened to the run, from the
-    SuperLink's own state. A run still running is followed from its files until it ends (a dropped stream
-    used to suggest `--resume`, which would have stopped a healthy run)."""
+                 server_down: str = "", flwr_run: int | None = None) -> int:
+    """`oncofed run`'s verdict once its log stream ended: finished_verdict's when its attempt (flwr run `flwr_run`,
+    default the run's latest) wrote result.json; otherwise what happened to the run, from the SuperLink's own state.
+    A run still running (the stream dropped: a SuperLink restart) is followed from its files until it ends, then
+    judged the same way (a dropped stream used to suggest `--resume`, which would have stopped a healthy run, and
+    then to exit 0 whoever had not installed the model)."""
     superlink_log = root / "logs" / "superlink.log"
     view = RunView.load(root, name, read_superlink(root / "state" / "superlink.db"))
-    if server_down:
+    flwr_run = flwr_run if flwr_run is not None else (view.flwr_ids or [None])[-1]
+    if server_down and not written_by(view.run_dir, flwr_run):
         out.write(f"run {name!r}: the server has been down for {SERVER_DOWN_GIVE_UP:.0f} s ({server_down}); stopped "
                   f"following. The run itself is {view.state} as far as the SuperLink's database tells; once the "
                   f"server is up, `oncofed runs follow {root} {name}` shows it\n")
         return 1
-    if view.running:
+    if view.running and not written_by(view.run_dir, flwr_run):
         out.write(f"the log stream ended (flwr exit {flwr_exit}) but run {name!r} is still {view.state} on the "
                   f"SuperLink: following its progress instead (Ctrl-C stops following, not the run; "
                   f"`oncofed runs stop {root} {name}` stops the run)\n")
         if follow(root, name, out, health=health) == 3:  # the server is down: said so, with what to do
             return 1
         view = RunView.load(root, name, read_superlink(root / "state" / "superlink.db"))
-    if verdict := no_model_verdict(root, name):
-        out.write(f"run {name!r} {verdict}\n")
-        return 1
-    if view.result and view.state in ("completed", "unknown"):
-        out.write(f"run {name!r} finished: {view.run_dir / 'result.json'}\n")
-        return 0
+    if written_by(view.run_dir, flwr_run):  # whatever the SuperLink says of the flwr run: the model went out
+        code, message = finished_verdict(view.run_dir, name)
+        out.write(message + "\n")
+        return code
     if view.state == "stopped":
         out.write(f"run {name!r} was stopped on the SuperLink (`oncofed runs stop` or `flwr stop`; flwr exit "
                   f"{flwr_exit}): {restart_hint(root, view)}\n")

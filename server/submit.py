@@ -28,7 +28,7 @@ from shared_models.files import exclusive_lock, write_json_atomic
 from shared_models.flower_tools import flower_tool
 from shared_models.run_config import RunConfig, RunConfigError, app_defaults, flwr_overrides
 from server.run_files import CHECKPOINTS, FLWR_LOG, FLWR_RUNS, RESULT, RUN_FILE
-from server.runs import NO_SITE_TRAINED, code_change, no_model, no_model_verdict, sites_left_out
+from server.runs import NO_SITE_TRAINED, code_change, no_model, no_model_verdict, written_by
 
 PROJECT = Path(__file__).resolve().parents[1]
 _DUPLICATE = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:")  # flwr streams each ServerApp line twice
@@ -62,6 +62,11 @@ class TracebackFolder:
 _STARTED = re.compile(r"Successfully started run (\d+)")
 
 
+def flwr_run_started(line: str) -> int | None:
+    """The flwr run id a line of `flwr run`'s output says it submitted (its first line), else None."""
+    return int(m.group(1)) if (m := _STARTED.search(line)) else None
+
+
 def env_for(c: Consortium) -> dict:
     from privacy.registry import flwr_home
 
@@ -75,8 +80,9 @@ def _record_flwr_run(run_dir: Path, run_id: int) -> None:
 
 
 def stop_previous(run_dir: Path, env: dict, out) -> None:
-    """Before resuming: stop the SuperLink's earlier runs of this name (after a server crash its database
-    may still hold them as running or pending, and a restarted SuperLink would launch a pending one)."""
+    """Before resuming: stop the SuperLink's earlier runs of this name that have not ended. Preflight refuses a resume
+    while one is live (live_flwr_runs: it may be training); this stops the rest, one the server's exit ended that
+    the database still calls running, or one the database could not show (unreadable for a moment)."""
     f = run_dir / FLWR_RUNS
     for run_id in (json.loads(f.read_text()) if f.exists() else []):
         proc = subprocess.run([flower_tool("flwr"), "stop", str(run_id), "consortium"], env=env, capture_output=True, text=True,
@@ -149,10 +155,12 @@ def run_checks(c: Consortium, cfg: RunConfig, run_dir: Path, resume: bool, sites
         ev = cfg.path(cfg.run.eval_data)
         checks.append(Check(f"eval-data {ev}", ev.is_dir(), "present" if ev.is_dir() else "not a directory"))
     started = (run_dir / RUN_FILE).exists() or has_checkpoint(run_dir / CHECKPOINTS)
-    if not resume and (live := live_flwr_runs(c, run_dir)):
+    if live := live_flwr_runs(c, run_dir):  # resumed, it would be stopped (stop_previous) and trained over
         checks.append(Check(f"run {run_dir.name}", False, f"flwr run {live[-1]} of this name is still "
                             "pending or running on the SuperLink (submitted by another `oncofed run`): "
-                            f"follow it with `oncofed runs follow {c.root} {run_dir.name}`, or choose another --name"))
+                            f"follow it with `oncofed runs follow {c.root} {run_dir.name}`, "
+                            + (f"or stop it with `oncofed runs stop {c.root} {run_dir.name}` and then resume"
+                               if resume else "or choose another --name")))
     elif resume and (verdict := no_model_verdict(c.root, run_dir.name)):
         checks.append(Check(f"run {run_dir.name}", False, verdict))
     elif resume and (run_dir / RESULT).exists():  # resumed, it would send its model again over the sites' installs
@@ -191,15 +199,22 @@ def run_checks(c: Consortium, cfg: RunConfig, run_dir: Path, resume: bool, sites
 
 
 def live_flwr_runs(c: Consortium, run_dir: Path) -> list[int]:
-    """This run name's flwr runs the SuperLink's database holds as pending, starting or running."""
-    from server.runs import RUNNING, read_superlink
+    """This run name's flwr runs the SuperLink's database holds as pending, starting or running, but for one the
+    server's exit ended (interrupted.json, written by `oncofed server start` before its SuperLink starts): its
+    ServerApp died with the SuperExec, and the database calls it running until Flower sees its heartbeat lapse. A
+    pending or starting one the restarted SuperExec launches again: live."""
+    from server.runs import INTERRUPTED, RUNNING, read_superlink
 
     try:
         ids = json.loads((run_dir / FLWR_RUNS).read_text())
     except (OSError, ValueError):
         return []
     runs = (read_superlink(c.path("state", "superlink.db")) or {}).get("runs", {})
-    return [i for i in ids if runs.get(i) in RUNNING]
+    try:
+        ended = json.loads((run_dir / INTERRUPTED).read_text()).get("flwr_run")
+    except (OSError, ValueError, AttributeError):
+        ended = None
+    return [i for i in ids if runs.get(i) in RUNNING and not (runs[i] == "running" and i == ended)]
 
 
 def submit_lock(c: Consortium, name: str):
@@ -248,8 +263,7 @@ def _submit_run(c: Consortium, name: str, run_dir: Path, overrides: dict, resume
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
         stop_previous(run_dir, env_for(c), out)
-    result = run_dir / RESULT
-    started = time.time()
+    started = time.monotonic()
     env = env_for(c)
     log_path = run_dir / FLWR_LOG
     from server.runs import ProgressPrinter, after_stream
@@ -268,45 +282,27 @@ def _submit_run(c: Consortium, name: str, run_dir: Path, overrides: dict, resume
         return lambda: (shown[0].stop(), timer is not None and timer.cancel())
 
     folder = TracebackFolder(log_path)
+    attempt: list[int] = []  # this submission's flwr run id: what its ServerApp writes into result.json
 
     def on_line(line: str) -> None:
-        if m := _STARTED.search(line):
-            _record_flwr_run(run_dir, int(m.group(1)))
+        if (run_id := flwr_run_started(line)) is not None:
+            attempt.append(run_id)
+            _record_flwr_run(run_dir, run_id)
             lock.close()  # recorded: the next `oncofed run NAME` sees it in its preflight
-            if resume and (changed := code_change(c.root, name, int(m.group(1)))):
+            if resume and (changed := code_change(c.root, name, run_id)):
                 shown[0].write(f"{changed}\n")
         if not is_duplicate_log_line(line) and (line := folder.show(line)) is not None:
             shown[0].write(line)
 
     returncode = run_flwr([str(PROJECT), "consortium", "--stream", "--run-config", flwr_overrides(values)], env,
                           log_path, on_line, append=True, new_session=True, on_start=watch)
-    finished = result.exists() and result.stat().st_mtime >= started
-    if timeout and time.time() - started >= timeout and not finished:
+    flwr_run = attempt[0] if attempt else None
+    if timeout and time.monotonic() - started >= timeout and not written_by(run_dir, flwr_run):
         out.write(f"--timeout {timeout:g} s reached: stopping the run on the SuperLink\n")
         stop_previous(run_dir, env, out)
         from server.runs import RunView, restart_hint
 
         out.write(f"run {name!r} stopped; {restart_hint(c.root, RunView.load(c.root, name, None))}\n")
         return 1
-    if finished:
-        code, message = finished_verdict(run_dir, name)
-        out.write(message + "\n")
-        return code
     return after_stream(c.root, name, returncode, log_path, out, health=lambda: server_health(c),
-                        server_down=shown[0].server_down)
-
-
-def finished_verdict(run_dir: Path, name: str) -> tuple[int, str]:
-    """(exit code, message) of a run whose ServerApp wrote its result: 0 every site that trained installed the model,
-    DELIVERY_SHORT_EXIT some did not (`oncofed deliver` sends it again), 1 no round updated the model, so there is
-    nothing to deliver (a deliver could not help: server.runs.no_model_verdict says what to fix)."""
-    from server.delivery import DELIVERY_SHORT_EXIT, delivery_verdict
-
-    root = run_dir.parent.parent
-    if verdict := no_model_verdict(root, name):
-        never = [x for x in sites_left_out(root, name).split("; ") if x.startswith("registered but never connected")]
-        return 1, f"run {name!r} {verdict}" + "".join(f"; {x}" for x in never)
-    delivered, message = delivery_verdict(run_dir)
-    left_out = sites_left_out(root, name)
-    return (0 if delivered else DELIVERY_SHORT_EXIT), (f"run {name!r} finished training: {run_dir / RESULT}; "
-                                                       f"{message}" + (f". Left out: {left_out}" if left_out else ""))
+                        server_down=shown[0].server_down, flwr_run=flwr_run)

@@ -69,8 +69,8 @@ def test_a_run_that_ended_without_a_model_has_one_verdict_in_runs_list_run_resum
     from privacy.run_config import load_run_config
     from server.delivery import submit_delivery
     from server.deploy import DeployError
-    from server.runs import NO_SITE_TRAINED, RunView, site_names
-    from server.submit import PROJECT, finished_verdict, run_checks
+    from server.runs import NO_SITE_TRAINED, RunView, finished_verdict, site_names
+    from server.submit import PROJECT, run_checks
     from shared_models.run_config import app_defaults
 
     run = _ended_without_a_model(consortium)
@@ -142,7 +142,7 @@ def test_refusals_are_said_once_per_distinct_reason_with_the_sites_that_gave_it(
 
 def test_the_end_of_a_run_names_a_site_that_refused_every_round_and_a_registered_site_that_never_connected(consortium):
     """`oncofed run` exited 0 and its last line named neither."""
-    from server.submit import finished_verdict
+    from server.runs import finished_verdict
 
     record = json.loads(consortium.path("consortium.json").read_text())
     record["sites"] += [{"name": "Hosp D7", "node_id": "17", "key_sha256": "cd", "added": "2026-12-06T19:03:25Z"},

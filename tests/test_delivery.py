@@ -376,7 +376,7 @@ def test_a_run_no_round_updated_ends_saying_why_round_by_round_delivers_nothing_
     from privacy.audit import AuditLog
     from privacy.run_config import load_run_config
     from server.app import deliver_final
-    from server.submit import finished_verdict
+    from server.runs import finished_verdict
 
     out = tmp_path / "runs" / "r"
     out.mkdir(parents=True)

@@ -82,7 +82,7 @@ def test_a_dropped_log_stream_of_a_running_run_follows_it_and_never_suggests_res
 
     def finish_later():
         time.sleep(1.0)
-        (consortium / "runs" / "r1" / "result.json").write_text(json.dumps({"deliveries": []}))
+        (consortium / "runs" / "r1" / "result.json").write_text(json.dumps({"deliveries": [], "flwr_run": RUN_ID}))
         _set_run_state(db, "completed")
 
     threading.Thread(target=finish_later).start()
@@ -238,7 +238,7 @@ def test_a_finished_run_without_a_model_exits_1_with_the_reason_not_3_with_a_del
     no final model); the operator guide says exit 1, and why."""
     import json
 
-    from server.submit import finished_verdict
+    from server.runs import finished_verdict
 
     run = tmp_path / "runs" / "third"
     run.mkdir(parents=True)

@@ -1,0 +1,180 @@
+"""Defects a server-side fault-injection review found (a second `oncofed run --resume` beside a healthy run, a SuperLink
+restart and a backward clock step while a run trains or delivers), each reproduced on real files: a consortium
+directory, run directories as the ServerApp writes them, a SuperLink database with flwr 1.41's layout, and for the
+commands end to end a stand-in `flwr` process (no SuperLink runs here)."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from privacy.pki import init_consortium
+from server.deploy import Consortium
+from tests.test_runs import RUN_ID, _set_run_state, _superlink_db
+
+SITES = {"C0": 11, "C1": 12}
+NOT_SENT = "not connected when the final model was sent"
+
+
+@pytest.fixture
+def consortium(tmp_path):
+    with socket.socket() as s:  # a SuperLink port nothing listens on (another consortium's may be on 9092)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    init_consortium(tmp_path / "op", "t", "127.0.0.1:8443", internal_port=port)
+    record = json.loads((tmp_path / "op" / "consortium.json").read_text())
+    record["sites"] = [{"name": n, "node_id": str(i), "key_sha256": "ab", "added": "2026-12-06T19:03:22Z"}
+                       for n, i in SITES.items()]
+    (tmp_path / "op" / "consortium.json").write_text(json.dumps(record))
+    return Consortium.load(tmp_path / "op")
+
+
+def _finished_files(installed: list[str], flwr_run: int | None, **result) -> dict[str, str]:
+    """metrics.jsonl, status.json and result.json as the ServerApp of flwr run `flwr_run` leaves a run in which both
+    sites trained and only `installed` installed the final model (the other was not connected at the end)."""
+    from server.delivery import delivery_status, sites_that_trained
+
+    rounds = [{"round": 1, "ended": time.time(), "status": "updated", "participants": list(SITES.values()),
+               "sites": {str(n): {"site": s} for s, n in SITES.items()}, "refused": [], "dropped": [], "failures": []}]
+    deliveries = [{"node": n, "site": s, "installed": s in installed, **({} if s in installed else {"error": NOT_SENT})}
+                  for s, n in SITES.items()]
+    status = {"run": "k", "finished": 1, **delivery_status(Path("unused"), deliveries, sites=sites_that_trained(rounds),
+                                                           removed={})}
+    return {"metrics.jsonl": "".join(json.dumps(r) + "\n" for r in rounds), "status.json": json.dumps(status),
+            "result.json": json.dumps({"run": "k", "round": 1, "deliveries": deliveries, "flwr_run": flwr_run,
+                                       **result})}
+
+
+def _write(run: Path, files: dict[str, str]) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (run / name).write_text(text)
+
+
+def test_resume_is_refused_while_the_run_is_pending_or_running_on_the_superlink_and_allowed_once_it_ended(consortium):
+    """A second `oncofed run --resume` beside a healthy `oncofed run` of the same name passed preflight, stopped the
+    healthy run (`flwr stop`) and took over; the first then advised `--resume`, which would have stopped the second."""
+    from privacy.run_config import load_run_config
+    from server.submit import PROJECT, run_checks
+    from shared_models.run_config import app_defaults
+
+    root, run = consortium.root, consortium.path("runs", "live")
+    _write(run, {"run.json": "{}", "flwr-runs.json": json.dumps([RUN_ID])})  # round 1 done: started
+    db = _superlink_db(root, "running")
+    cfg = load_run_config({**app_defaults(PROJECT), "base-dir": str(PROJECT)}, source="run config")
+
+    def resume_check():
+        return {c.name: c for c in run_checks(consortium, cfg, run, True, [], "")}["run live"]
+
+    for state in ("pending", "running"):
+        _set_run_state(db, state)
+        refused = resume_check()
+        assert not refused.ok and f"flwr run {RUN_ID} of this name is still pending or running" in refused.detail
+        assert f"`oncofed runs follow {root} live`" in refused.detail, refused.detail
+        assert f"`oncofed runs stop {root} live`" in refused.detail, refused.detail
+    for state in ("failed", "stopped"):  # its flwr run really ended (a crash, `oncofed runs stop`): resumed
+        _set_run_state(db, state)
+        assert resume_check().ok, resume_check().detail
+    # the server killed while it trained: restarted, its database still says running (until Flower sees the ServerApp's
+    # heartbeat lapse), but `oncofed server start` recorded that the server's exit ended it
+    _set_run_state(db, "running")
+    (run / "interrupted.json").write_text(json.dumps({"flwr_run": RUN_ID, "why": "the server exited", "at": 0}))
+    assert resume_check().ok, resume_check().detail
+
+
+@pytest.mark.parametrize("superlink", ["still running", "completed"])
+def test_a_dropped_log_stream_ends_with_the_runs_delivery_verdict_naming_a_site_that_did_not_install(consortium,
+                                                                                                    superlink):
+    """The stream drops (a SuperLink restart, which a run survives): `oncofed run` followed the run to its end, then
+    exited 0 with "finished: result.json" although C1 never installed the model; finished_verdict says 3, naming C1."""
+    from server.runs import after_stream
+
+    root, run = consortium.root, consortium.path("runs", "r1")
+    _write(run, {"flwr-runs.json": json.dumps([RUN_ID])})
+    db = _superlink_db(root, "running" if superlink == "still running" else "completed")
+    finished = _finished_files(["C0"], RUN_ID)
+
+    def finish():
+        if superlink == "still running":
+            time.sleep(1.0)
+        _write(run, finished)
+        _set_run_state(db, "completed")
+
+    finishing = threading.Thread(target=finish)
+    finishing.start()
+    if superlink == "completed":
+        finishing.join()
+    out = io.StringIO()
+    code = after_stream(root, "r1", 0, run / "flwr-run.log", out)
+    finishing.join()
+    said = out.getvalue()
+    assert code == 3, said
+    assert f"not at C1 ({NOT_SENT})" in said and f"`oncofed deliver {root} r1`" in said, said
+
+
+def _stand_in_flwr(tmp_path: Path, monkeypatch, run: Path, files: dict[str, str]) -> None:
+    """`flwr` is the one beside the interpreter (shared_models.flower_tools): a stand-in there whose `flwr run` says it
+    started flwr run RUN_ID and leaves `files` in `run` as that run's ServerApp would, its clock an hour behind the
+    operator's (stepped back while it ran: an NTP correction, a VM restored); any other `flwr` command fails."""
+    (tmp_path / "serverapp").mkdir()
+    _write(tmp_path / "serverapp", files)
+    flwr = tmp_path / "bin" / "flwr"
+    flwr.parent.mkdir()
+    flwr.write_text(f"""#!{sys.executable}
+import os, shutil, sys, time
+if sys.argv[1:2] != ["run"]:
+    sys.exit(1)
+print("Successfully started run {RUN_ID}", flush=True)
+for f in os.listdir({str(tmp_path / "serverapp")!r}):
+    shutil.copy(os.path.join({str(tmp_path / "serverapp")!r}, f), os.path.join({str(run)!r}, f))
+    os.utime(os.path.join({str(run)!r}, f), (time.time() - 3600, time.time() - 3600))
+""")
+    flwr.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python"))
+
+
+def test_oncofed_run_whose_clock_stepped_back_gives_its_own_results_verdict(consortium, tmp_path, monkeypatch):
+    """result.json older than the submission by the wall clock was taken for an earlier attempt's: `oncofed run` then
+    exited 0, "finished", with C1 never having installed the model. Its own result is the one its flwr run wrote."""
+    import server.submit
+
+    run = consortium.path("runs", "r")
+    run.mkdir(parents=True)
+    _stand_in_flwr(tmp_path, monkeypatch, run, _finished_files(["C0"], RUN_ID))
+    monkeypatch.setattr(server.submit, "run_checks", lambda *a: [])  # the server it checks is not running here
+    out = io.StringIO()
+    code = server.submit.submit_run(consortium.root, "r", {}, out=out)
+    said = out.getvalue()
+    assert code == 3 and f"not at C1 ({NOT_SENT})" in said, said
+
+
+def test_oncofed_deliver_whose_clock_stepped_back_reports_the_delivery_it_made(consortium, tmp_path, monkeypatch):
+    """`oncofed deliver` took a redelivery dated before its start by the wall clock for none: "did not finish", exit 1,
+    after C1 had installed the model. Its delivery is the one its flwr run wrote; a run's own result is not."""
+    import server.delivery
+    from server.checkpoint import save_checkpoint
+    from server.submit import PROJECT
+    from shared_models.run_config import app_defaults
+
+    run = consortium.path("runs", "r")
+    _write(run, _finished_files(["C0"], RUN_ID - 1))  # the run's own ServerApp: C1 was down at the end
+    save_checkpoint(run / "checkpoints", 1, [np.zeros(1)], {},
+                    {"run_config": {**app_defaults(PROJECT), "base-dir": str(PROJECT), "output-dir": str(run)}})
+    _stand_in_flwr(tmp_path, monkeypatch, run, {})  # first its ServerApp writes nothing: the run's own result stays
+    monkeypatch.setattr(server.delivery, "delivery_checks", lambda *a: [])  # the server it checks is not running here
+    out = io.StringIO()
+    assert server.delivery.submit_delivery(consortium.root, "r", out=out) == 1
+    assert "delivery of run 'r' did not finish" in out.getvalue(), out.getvalue()
+
+    _write(tmp_path / "serverapp", _finished_files(["C0", "C1"], RUN_ID, redelivered=time.time() - 3600))
+    out = io.StringIO()
+    code = server.delivery.submit_delivery(consortium.root, "r", out=out)
+    assert code == 0 and "final model installed at all 2 site(s) that trained" in out.getvalue(), out.getvalue()
