@@ -148,3 +148,23 @@ def started_run(tmp_path, run_id: int = 1):
     start = start_or_resume(cfg, Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(),
                                          run_config=values), schema, out)
     return out, values, schema, start
+
+
+def registered_consortium(root: Path, sites: dict[str, int]):
+    """A consortium directory at `root` (privacy.pki.init_consortium) whose register holds `sites` ({name: node id}),
+    its SuperLink on a port nothing listens on (another consortium's may be on 9092): what the operator's commands
+    read, without a server."""
+    import socket
+
+    from privacy.pki import init_consortium
+    from server.deploy import Consortium
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    init_consortium(root, "t", "127.0.0.1:8443", internal_port=port)
+    record = json.loads((root / "consortium.json").read_text())
+    record["sites"] = [{"name": n, "node_id": str(i), "key_sha256": "ab", "added": "2026-12-06T19:03:22Z"}
+                       for n, i in sites.items()]
+    (root / "consortium.json").write_text(json.dumps(record))
+    return Consortium.load(root)

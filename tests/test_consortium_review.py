@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from privacy.pki import init_consortium
 from server.deploy import Consortium
+from tests.factories import registered_consortium
 
 SITES = {"Hosp C1": 11, "Hosp C5": 15, "Hosp C6": 16}
 BUDGET = ("run oncofed-2db28c16 asks for epsilon 8 and this site has 0.0726 left of its budget 8 (7.927 spent): its "
@@ -28,17 +28,7 @@ SETUP = ("SecAgg+ halted in its setup stage: 0 site(s) left in the round, and a 
 
 @pytest.fixture
 def consortium(tmp_path):
-    import socket
-
-    with socket.socket() as s:  # a SuperLink port nothing listens on (another consortium's may be on 9092)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    init_consortium(tmp_path / "op", "t", "127.0.0.1:8443", internal_port=port)
-    record = json.loads((tmp_path / "op" / "consortium.json").read_text())
-    record["sites"] = [{"name": n, "node_id": str(i), "key_sha256": "ab", "added": "2026-12-06T19:03:22Z"}
-                       for n, i in SITES.items()]
-    (tmp_path / "op" / "consortium.json").write_text(json.dumps(record))
-    return Consortium.load(tmp_path / "op")
+    return registered_consortium(tmp_path / "op", SITES)
 
 
 def _ended_without_a_model(c: Consortium, name: str = "r2") -> Path:

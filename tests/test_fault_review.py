@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import sys
 import threading
 import time
@@ -16,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from privacy.pki import init_consortium
-from server.deploy import Consortium
+from tests.factories import registered_consortium
 from tests.test_runs import RUN_ID, _set_run_state, _superlink_db
 
 SITES = {"C0": 11, "C1": 12}
@@ -26,15 +24,7 @@ NOT_SENT = "not connected when the final model was sent"
 
 @pytest.fixture
 def consortium(tmp_path):
-    with socket.socket() as s:  # a SuperLink port nothing listens on (another consortium's may be on 9092)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    init_consortium(tmp_path / "op", "t", "127.0.0.1:8443", internal_port=port)
-    record = json.loads((tmp_path / "op" / "consortium.json").read_text())
-    record["sites"] = [{"name": n, "node_id": str(i), "key_sha256": "ab", "added": "2026-12-06T19:03:22Z"}
-                       for n, i in SITES.items()]
-    (tmp_path / "op" / "consortium.json").write_text(json.dumps(record))
-    return Consortium.load(tmp_path / "op")
+    return registered_consortium(tmp_path / "op", SITES)
 
 
 def _finished_files(installed: list[str], flwr_run: int | None, **result) -> dict[str, str]:
