@@ -202,7 +202,7 @@ class DeltaMixin:
         refused, reasons, dropped = self.record_outcomes(server_round, failures, {p.node_id for p, _ in results})
         if not ok:  # abandoned as any round without an update, so that its sites hear why
             self._abandon(server_round, "no site contributed an update (every site sampled refused, failed or sent "
-                          "nothing)", received=bool(results))
+                          "nothing)")  # replies of weight 0 carry no update: nothing was received
             return None, {}
         if len(ok) < self.min_fit:  # e.g. a reply of weight 0 counted among SecAgg+'s senders, or no SecAgg+ at all
             self._abandon(server_round, f"{len(ok)} site(s) contributed, fewer than {self.min_fit} (min-sites, or "
