@@ -24,7 +24,7 @@ from pathlib import Path
 from shared_models.files import write_json_atomic
 from shared_models.flower_tools import flower_tool
 from shared_models.protocol import FOREIGN_APP
-from server.run_files import FLWR_RUNS, METRICS, PROGRESS, RESULT, RUN_FILE, STATUS, WRITTEN_BY, metrics_lines
+from server.run_files import FLWR_LOG, FLWR_RUNS, METRICS, PROGRESS, RESULT, RUN_FILE, STATUS, WRITTEN_BY, metrics_lines
 
 RUNNING = ("pending", "starting", "running")
 
@@ -524,6 +524,24 @@ def finished_verdict(run_dir: Path, name: str) -> tuple[int, str]:
                                                        f"{message}" + (f". Left out: {left_out}" if left_out else ""))
 
 
+def ended_without_result(root: Path, view: RunView, log_path: Path, flwr_exit: int | None = None) -> str:
+    """What became of a run whose flwr run ended without writing its result, from the SuperLink's state, and how to go
+    on (`flwr_exit`: that of the `flwr run` whose log stream ended; None for `oncofed runs follow`, which has none)."""
+    superlink_log, name = root / "logs" / "superlink.log", view.name
+    exit_said = "" if flwr_exit is None else f"flwr exit {flwr_exit}"
+    if view.state == "stopped":
+        return (f"run {name!r} was stopped on the SuperLink (`oncofed runs stop` or `flwr stop`"
+                f"{exit_said and '; ' + exit_said}): {restart_hint(root, view)}")
+    if view.state == "failed":  # (flwr's own exit code says nothing here: 0 even then)
+        return (f"run {name!r} failed on the SuperLink; see {log_path} and {superlink_log}; after fixing the cause, "
+                f"{restart_hint(root, view)}")
+    if view.state == "completed":
+        return f"run {name!r} ended without writing its result ({exit_said and exit_said + '; '}see {superlink_log})"
+    return (f"run {name!r}: {exit_said and f'the log stream ended ({exit_said}) and '}the SuperLink's state of the run "
+            f"cannot be read ({root / 'state' / 'superlink.db'}); check `oncofed runs list {root}` once the server is "
+            "up, and continue with --resume only when it shows the run failed or stopped")
+
+
 def after_stream(root: Path, name: str, flwr_exit: int | None, log_path: Path, out, health=None,
                  server_down: str = "", flwr_run: int | None = None) -> int:
     """`oncofed run`'s verdict once its log stream ended: finished_verdict's when its attempt (flwr run `flwr_run`,
@@ -531,7 +549,6 @@ def after_stream(root: Path, name: str, flwr_exit: int | None, log_path: Path, o
     A run still running (the stream dropped: a SuperLink restart) is followed from its files until it ends, then
     judged the same way (a dropped stream used to suggest `--resume`, which would have stopped a healthy run, and
     then to exit 0 whoever had not installed the model)."""
-    superlink_log = root / "logs" / "superlink.log"
     view = RunView.load(root, name, read_superlink(root / "state" / "superlink.db"))
     flwr_run = flwr_run if flwr_run is not None else (view.flwr_ids or [None])[-1]
     if server_down and not written_by(view.run_dir, flwr_run):
@@ -550,16 +567,22 @@ def after_stream(root: Path, name: str, flwr_exit: int | None, log_path: Path, o
         code, message = finished_verdict(view.run_dir, name)
         out.write(message + "\n")
         return code
-    if view.state == "stopped":
-        out.write(f"run {name!r} was stopped on the SuperLink (`oncofed runs stop` or `flwr stop`; flwr exit "
-                  f"{flwr_exit}): {restart_hint(root, view)}\n")
-    elif view.state == "failed":
-        out.write(f"run {name!r} failed on the SuperLink; see {log_path} and {superlink_log}; after fixing the "
-                  f"cause, {restart_hint(root, view)}\n")  # (flwr's own exit code says nothing here: 0 even then)
-    elif view.state == "completed":
-        out.write(f"run {name!r} ended without writing its result (flwr exit {flwr_exit}); see {superlink_log}\n")
-    else:
-        out.write(f"run {name!r}: the log stream ended (flwr exit {flwr_exit}) and the SuperLink's state of the run "
-                  f"cannot be read ({root / 'state' / 'superlink.db'}); check `oncofed runs list {root}` once the "
-                  "server is up, and continue with --resume only when it shows the run failed or stopped\n")
+    out.write(ended_without_result(root, view, log_path, flwr_exit) + "\n")
+    return 1
+
+
+def follow_to_verdict(root: Path, name: str, out, poll: float = 2.0, health=None) -> int:
+    """`oncofed runs follow`: the run's progress until it ends, then `oncofed run`'s verdict and exit code: once its
+    result.json is written, finished_verdict's (0 every site that trained installed the model; 3 some did not, named,
+    with `oncofed deliver`; 1 no model), whoever wrote it last (the run, or an `oncofed deliver` since: the deliveries
+    as they stand); otherwise 1, with how to go on, or when following was given up (the server down: said so). It
+    exited 0 for any run that completed, hiding a site that trained and never installed the model."""
+    if follow(root, name, out, poll=poll, health=health) == 3:
+        return 1
+    view = RunView.load(root, name, read_superlink(root / "state" / "superlink.db"))
+    if view.result:
+        code, message = finished_verdict(view.run_dir, name)
+        out.write(message + "\n")
+        return code
+    out.write(ended_without_result(root, view, view.run_dir / FLWR_LOG) + "\n")
     return 1

@@ -178,3 +178,37 @@ def test_oncofed_deliver_whose_clock_stepped_back_reports_the_delivery_it_made(c
     out = io.StringIO()
     code = server.delivery.submit_delivery(consortium.root, "r", out=out)
     assert code == 0 and "final model installed at all 2 site(s) that trained" in out.getvalue(), out.getvalue()
+
+
+@pytest.mark.parametrize("superlink", ["still running", "completed"])
+def test_runs_follow_ends_with_the_runs_delivery_verdict_naming_a_site_that_did_not_install(consortium, superlink):
+    """`oncofed runs follow` exited 0 for any run that completed, although C1, which trained, never installed the
+    model: it ends as `oncofed run` does (finished_verdict), 3 naming C1 and `oncofed deliver`."""
+    from typer.testing import CliRunner
+
+    from oncofed.cli import app
+
+    root, run = consortium.root, consortium.path("runs", "r1")
+    _write(run, {"flwr-runs.json": json.dumps([RUN_ID])})
+    db = _superlink_db(root, "running" if superlink == "still running" else "completed")
+    finished = _finished_files(["C0"], RUN_ID)
+
+    def finish():
+        if superlink == "still running":
+            time.sleep(1.0)
+        _write(run, finished)
+        _set_run_state(db, "completed")
+
+    finishing = threading.Thread(target=finish)
+    finishing.start()
+    if superlink == "completed":
+        finishing.join()
+    result = CliRunner().invoke(app, ["runs", "follow", str(root), "r1", "--poll", "0.5"])
+    finishing.join()
+    assert result.exit_code == 3, result.output
+    assert f"not at C1 ({NOT_SENT})" in result.output and f"`oncofed deliver {root} r1`" in result.output, result.output
+
+    _write(run, _finished_files(["C0", "C1"], RUN_ID))  # C1 has it now (an `oncofed deliver`): 0
+    result = CliRunner().invoke(app, ["runs", "follow", str(root), "r1", "--poll", "0.5"])
+    assert result.exit_code == 0 and "final model installed at all 2 site(s) that trained" in result.output, \
+        result.output
