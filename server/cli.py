@@ -318,8 +318,10 @@ def deliver(
     name: str = typer.Argument(..., help="the run (its directory under CONSORTIUM/runs/)"),
 ) -> None:
     """Send a finished run's final model again, signed with the consortium's key, to every site that has not
-    installed it (no training, no privacy spend). Exit 3: some site that trained still has not installed it; 1: the
-    run ended without a model (no site trained); 2: preflight failed."""
+    installed it (no training, no privacy spend). A dropped log stream (a SuperLink restart) is not its end: the
+    delivery's flwr run is followed until it ends. Exit 0: every site that trained has it; 3: some site that trained
+    still has not installed it (named); 1: the run ended without a model (no site trained), or the delivery did not
+    finish; 2: preflight failed."""
     import sys
 
     from privacy.preflight import PreflightError
