@@ -248,20 +248,22 @@ def runs_follow(
     name: str = typer.Argument(..., help="the run's name (its directory under CONSORTIUM/runs/)"),
     poll: float = typer.Option(2.0, "--poll", min=0.5, help="seconds between looks"),
 ) -> None:
-    """Show a run's progress (round, SecAgg+ stage, sites answered and awaited, ETA) until it ends.
+    """Show a run's progress (round, SecAgg+ stage, sites answered and awaited, ETA) until it ends, then its verdict.
 
-    Ctrl-C stops following, not the run. Exit 0: the run completed; 1: it failed or was stopped.
+    Ctrl-C stops following, not the run. Exit codes as `oncofed run`'s: 0 trained and installed at every site that
+    trained; 1 failed, stopped or ended without a model, or the server stayed down (stopped following); 3 trained, but
+    some site that trained did not install the model (named; send it again: `oncofed deliver`).
     """
     import sys
 
     from server.deploy import server_health
-    from server.runs import follow
+    from server.runs import follow_to_verdict
 
     c = _consortium(directory)
     if not c.path("runs", name).is_dir():
         typer.echo(f"no run {name!r} in {c.path('runs')}; see `oncofed runs list {directory}`", err=True)
         raise typer.Exit(code=2)
-    raise typer.Exit(code=follow(c.root, name, sys.stdout, poll=poll, health=lambda: server_health(c)))
+    raise typer.Exit(code=follow_to_verdict(c.root, name, sys.stdout, poll=poll, health=lambda: server_health(c)))
 
 
 def runs_stop(
@@ -316,8 +318,10 @@ def deliver(
     name: str = typer.Argument(..., help="the run (its directory under CONSORTIUM/runs/)"),
 ) -> None:
     """Send a finished run's final model again, signed with the consortium's key, to every site that has not
-    installed it (no training, no privacy spend). Exit 3: some site that trained still has not installed it; 1: the
-    run ended without a model (no site trained); 2: preflight failed."""
+    installed it (no training, no privacy spend). A dropped log stream (a SuperLink restart) is not its end: the
+    delivery's flwr run is followed until it ends. Exit 0: every site that trained has it; 3: some site that trained
+    still has not installed it (named); 1: the run ended without a model (no site trained), or the delivery did not
+    finish; 2: preflight failed."""
     import sys
 
     from privacy.preflight import PreflightError

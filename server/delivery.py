@@ -459,9 +459,9 @@ def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
     from privacy.preflight import report
     from privacy.run_config import load_run_config
     from server.checkpoint import CheckpointError, load_latest
-    from server.deploy import Consortium, DeployError, RunFailedError
+    from server.deploy import Consortium, DeployError, RunFailedError, server_health
     from server.processes import run_flwr
-    from server.runs import written_by
+    from server.runs import follow_dropped_stream, written_by
     from server.submit import PROJECT, env_for, flwr_run_started, is_duplicate_log_line
     from shared_models.run_config import flwr_overrides
 
@@ -498,7 +498,11 @@ def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
     log_path = run_dir / FLWR_LOG
     code = run_flwr([str(PROJECT), "consortium", "--stream", "--run-config", flwr_overrides(values)], env_for(c),
                     log_path, on_line, append=True, new_session=True)
-    if not written_by(run_dir, attempt[0] if attempt else None):
+    flwr_run = attempt[0] if attempt else None
+    if flwr_run is not None:  # a dropped stream (a SuperLink restart) leaves the delivery going on: followed to its end
+        follow_dropped_stream(c.root, name, flwr_run, code, out, f"the delivery of run {name!r} (flwr run {flwr_run})",
+                              "the delivery", health=lambda: server_health(c))
+    if not written_by(run_dir, flwr_run):
         out.write(f"delivery of run {name!r} did not finish (flwr exit {code}); see {log_path}\n")
         return 1
     ok, message = delivery_verdict(run_dir)

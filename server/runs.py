@@ -24,7 +24,7 @@ from pathlib import Path
 from shared_models.files import write_json_atomic
 from shared_models.flower_tools import flower_tool
 from shared_models.protocol import FOREIGN_APP
-from server.run_files import FLWR_RUNS, METRICS, PROGRESS, RESULT, RUN_FILE, STATUS, WRITTEN_BY, metrics_lines
+from server.run_files import FLWR_LOG, FLWR_RUNS, METRICS, PROGRESS, RESULT, RUN_FILE, STATUS, WRITTEN_BY, metrics_lines
 
 RUNNING = ("pending", "starting", "running")
 
@@ -266,20 +266,30 @@ class RunView:
     progress: dict = field(default_factory=dict)
     result: dict | None = None
     flwr_ids: list[int] = field(default_factory=list)
-    superlink_status: str | None = None  # of the latest flwr run of this name; None: unknown
+    superlink_status: str | None = None  # of flwr_run, else of the latest flwr run of this name; None: unknown
     round_seconds: list[float] = field(default_factory=list)
     status_written: float = 0.0  # when status.json was last written: the end of the last round
-    interrupted: dict | None = None  # the server's exit that ended the latest flwr run (record_interrupted)
+    interrupted: dict | None = None  # the server's exit that ended that flwr run (record_interrupted)
+    flwr_run: int | None = None  # the one flwr run followed (`oncofed run`'s or `oncofed deliver`'s own); None: any
 
     @classmethod
-    def load(cls, root: Path, name: str, superlink: dict | None) -> "RunView":
+    def load(cls, root: Path, name: str, superlink: dict | None, flwr_run: int | None = None) -> "RunView":
+        """The run as its files and the SuperLink show it; its state is flwr run `flwr_run`'s (an `oncofed deliver`'s
+        is not in flwr-runs.json), by default its latest's."""
         d = root / "runs" / name
         ids = _json(d / FLWR_RUNS) or []
+        of = flwr_run if flwr_run is not None else (ids or [None])[-1]
         return cls(name, d, _json(d / STATUS) or {}, _json(d / PROGRESS) or {},
                    _json(d / RESULT), ids,
-                   (superlink or {}).get("runs", {}).get(ids[-1]) if ids and superlink else None,
+                   (superlink or {}).get("runs", {}).get(of) if of is not None and superlink else None,
                    _rounds_seconds(d / METRICS), _mtime(d / STATUS),
-                   i if ids and (i := _json(d / INTERRUPTED)) and i.get("flwr_run") == ids[-1] else None)
+                   i if of is not None and (i := _json(d / INTERRUPTED)) and i.get("flwr_run") == of else None,
+                   flwr_run)
+
+    @property
+    def finished(self) -> bool:
+        """result.json is written; when one flwr run is followed, by it (an earlier attempt's result is not its own)."""
+        return bool(self.result) and (self.flwr_run is None or self.result.get(WRITTEN_BY) == self.flwr_run)
 
     @property
     def state(self) -> str:
@@ -289,7 +299,7 @@ class RunView:
             return "failed"
         if self.superlink_status:
             return self.superlink_status.removeprefix("finished:")
-        return "completed" if self.result else "unknown"
+        return "completed" if self.finished else "unknown"
 
     @property
     def running(self) -> bool:
@@ -382,14 +392,15 @@ class ServerHealth:
 
 
 def follow(root: Path, name: str, out, poll: float = 2.0, health=None, timeout: float = 0.0,
-           give_up: float = SERVER_DOWN_GIVE_UP) -> int:
-    """Print the run's progress whenever it changes, until it ends: 0 completed (result.json written),
-    1 failed or stopped, 3 given up (`timeout` seconds, the server's /health failing for `give_up` seconds, or the
-    SuperLink's state unreadable for 10 min). A crashed server leaves its database saying "running" for ever."""
+           give_up: float = SERVER_DOWN_GIVE_UP, flwr_run: int | None = None) -> int:
+    """Print the run's progress whenever it changes, until its flwr run `flwr_run` (default its latest) ends:
+    0 completed (result.json written, by `flwr_run` when given), 1 failed or stopped, 3 given up (`timeout` seconds,
+    the server's /health failing for `give_up` seconds, or the SuperLink's state unreadable for 10 min). A crashed
+    server leaves its database saying "running" for ever."""
     names, last, unknown_since, t0 = site_names(root), "", None, time.time()
     server = ServerHealth(health)
     while True:
-        view = RunView.load(root, name, read_superlink(root / "state" / "superlink.db"))
+        view = RunView.load(root, name, read_superlink(root / "state" / "superlink.db"), flwr_run)
         if server.check():
             out.write(f"[{time.strftime('%H:%M:%S')}] server: {server.down}\n")
             out.flush()
@@ -407,7 +418,7 @@ def follow(root: Path, name: str, out, poll: float = 2.0, health=None, timeout: 
                       f"`oncofed run {root} --name {name} --resume`\n")
             out.flush()
             return 3
-        if view.superlink_status is None and not view.result:
+        if view.superlink_status is None and not view.finished:
             unknown_since = unknown_since or time.time()
             if time.time() - unknown_since > 600:
                 out.write(f"run {name}: the SuperLink's state has been unreadable for 10 minutes; stopped following\n")
@@ -415,9 +426,7 @@ def follow(root: Path, name: str, out, poll: float = 2.0, health=None, timeout: 
         else:
             unknown_since = None
         if not view.running and view.state != "unknown":
-            return 0 if view.state == "completed" and view.result and not view.result.get("not_delivered") else 1
-        if view.state == "unknown" and view.result:
-            return 0
+            return 0 if view.state == "completed" and view.finished and not view.result.get("not_delivered") else 1
         if timeout and time.time() - t0 > timeout:
             return 3
         time.sleep(poll)
@@ -524,6 +533,41 @@ def finished_verdict(run_dir: Path, name: str) -> tuple[int, str]:
                                                        f"{message}" + (f". Left out: {left_out}" if left_out else ""))
 
 
+def follow_dropped_stream(root: Path, name: str, flwr_run: int | None, flwr_exit: int | None, out, what: str,
+                         how_to_stop: str, health=None) -> RunView | None:
+    """After the log stream of flwr run `flwr_run` (`oncofed run`'s or `oncofed deliver`'s own attempt at run `name`,
+    `what`) ended: the run's view with that flwr run's state. One the SuperLink still has pending or running without
+    its result written (the stream dropped: a SuperLink restart, which a ServerApp survives) is first followed from
+    the run's files until it ends; None when following was given up, the server being down (follow said so)."""
+    db = root / "state" / "superlink.db"
+    view = RunView.load(root, name, read_superlink(db), flwr_run)
+    if view.running and not view.finished:
+        out.write(f"the log stream ended (flwr exit {flwr_exit}) but {what} is still {view.state} on the SuperLink: "
+                  f"following its progress instead (Ctrl-C stops following, not {how_to_stop})\n")
+        if follow(root, name, out, health=health, flwr_run=flwr_run) == 3:
+            return None
+        view = RunView.load(root, name, read_superlink(db), flwr_run)
+    return view
+
+
+def ended_without_result(root: Path, view: RunView, log_path: Path, flwr_exit: int | None = None) -> str:
+    """What became of a run whose flwr run ended without writing its result, from the SuperLink's state, and how to go
+    on (`flwr_exit`: that of the `flwr run` whose log stream ended; None for `oncofed runs follow`, which has none)."""
+    superlink_log, name = root / "logs" / "superlink.log", view.name
+    exit_said = "" if flwr_exit is None else f"flwr exit {flwr_exit}"
+    if view.state == "stopped":
+        return (f"run {name!r} was stopped on the SuperLink (`oncofed runs stop` or `flwr stop`"
+                f"{exit_said and '; ' + exit_said}): {restart_hint(root, view)}")
+    if view.state == "failed":  # (flwr's own exit code says nothing here: 0 even then)
+        return (f"run {name!r} failed on the SuperLink; see {log_path} and {superlink_log}; after fixing the cause, "
+                f"{restart_hint(root, view)}")
+    if view.state == "completed":
+        return f"run {name!r} ended without writing its result ({exit_said and exit_said + '; '}see {superlink_log})"
+    return (f"run {name!r}: {exit_said and f'the log stream ended ({exit_said}) and '}the SuperLink's state of the run "
+            f"cannot be read ({root / 'state' / 'superlink.db'}); check `oncofed runs list {root}` once the server is "
+            "up, and continue with --resume only when it shows the run failed or stopped")
+
+
 def after_stream(root: Path, name: str, flwr_exit: int | None, log_path: Path, out, health=None,
                  server_down: str = "", flwr_run: int | None = None) -> int:
     """`oncofed run`'s verdict once its log stream ended: finished_verdict's when its attempt (flwr run `flwr_run`,
@@ -531,35 +575,38 @@ def after_stream(root: Path, name: str, flwr_exit: int | None, log_path: Path, o
     A run still running (the stream dropped: a SuperLink restart) is followed from its files until it ends, then
     judged the same way (a dropped stream used to suggest `--resume`, which would have stopped a healthy run, and
     then to exit 0 whoever had not installed the model)."""
-    superlink_log = root / "logs" / "superlink.log"
-    view = RunView.load(root, name, read_superlink(root / "state" / "superlink.db"))
-    flwr_run = flwr_run if flwr_run is not None else (view.flwr_ids or [None])[-1]
-    if server_down and not written_by(view.run_dir, flwr_run):
+    run_dir = root / "runs" / name
+    flwr_run = flwr_run if flwr_run is not None else (_json(run_dir / FLWR_RUNS) or [None])[-1]
+    if server_down and not written_by(run_dir, flwr_run):
+        state = RunView.load(root, name, read_superlink(root / "state" / "superlink.db"), flwr_run).state
         out.write(f"run {name!r}: the server has been down for {SERVER_DOWN_GIVE_UP:.0f} s ({server_down}); stopped "
-                  f"following. The run itself is {view.state} as far as the SuperLink's database tells; once the "
+                  f"following. The run itself is {state} as far as the SuperLink's database tells; once the "
                   f"server is up, `oncofed runs follow {root} {name}` shows it\n")
         return 1
-    if view.running and not written_by(view.run_dir, flwr_run):
-        out.write(f"the log stream ended (flwr exit {flwr_exit}) but run {name!r} is still {view.state} on the "
-                  f"SuperLink: following its progress instead (Ctrl-C stops following, not the run; "
-                  f"`oncofed runs stop {root} {name}` stops the run)\n")
-        if follow(root, name, out, health=health) == 3:  # the server is down: said so, with what to do
-            return 1
-        view = RunView.load(root, name, read_superlink(root / "state" / "superlink.db"))
-    if written_by(view.run_dir, flwr_run):  # whatever the SuperLink says of the flwr run: the model went out
+    view = follow_dropped_stream(root, name, flwr_run, flwr_exit, out, f"run {name!r}",
+                                 f"the run; `oncofed runs stop {root} {name}` stops the run", health)
+    if view is None:  # the server is down: said so, with what to do
+        return 1
+    if written_by(run_dir, flwr_run):  # whatever the SuperLink says of the flwr run: the model went out
+        code, message = finished_verdict(run_dir, name)
+        out.write(message + "\n")
+        return code
+    out.write(ended_without_result(root, view, log_path, flwr_exit) + "\n")
+    return 1
+
+
+def follow_to_verdict(root: Path, name: str, out, poll: float = 2.0, health=None) -> int:
+    """`oncofed runs follow`: the run's progress until it ends, then `oncofed run`'s verdict and exit code: once its
+    result.json is written, finished_verdict's (0 every site that trained installed the model; 3 some did not, named,
+    with `oncofed deliver`; 1 no model), whoever wrote it last (the run, or an `oncofed deliver` since: the deliveries
+    as they stand); otherwise 1, with how to go on, or when following was given up (the server down: said so). It
+    exited 0 for any run that completed, hiding a site that trained and never installed the model."""
+    if follow(root, name, out, poll=poll, health=health) == 3:
+        return 1
+    view = RunView.load(root, name, read_superlink(root / "state" / "superlink.db"))
+    if view.result:
         code, message = finished_verdict(view.run_dir, name)
         out.write(message + "\n")
         return code
-    if view.state == "stopped":
-        out.write(f"run {name!r} was stopped on the SuperLink (`oncofed runs stop` or `flwr stop`; flwr exit "
-                  f"{flwr_exit}): {restart_hint(root, view)}\n")
-    elif view.state == "failed":
-        out.write(f"run {name!r} failed on the SuperLink; see {log_path} and {superlink_log}; after fixing the "
-                  f"cause, {restart_hint(root, view)}\n")  # (flwr's own exit code says nothing here: 0 even then)
-    elif view.state == "completed":
-        out.write(f"run {name!r} ended without writing its result (flwr exit {flwr_exit}); see {superlink_log}\n")
-    else:
-        out.write(f"run {name!r}: the log stream ended (flwr exit {flwr_exit}) and the SuperLink's state of the run "
-                  f"cannot be read ({root / 'state' / 'superlink.db'}); check `oncofed runs list {root}` once the "
-                  "server is up, and continue with --resume only when it shows the run failed or stopped\n")
+    out.write(ended_without_result(root, view, view.run_dir / FLWR_LOG) + "\n")
     return 1

@@ -110,22 +110,38 @@ def test_a_dropped_log_stream_ends_with_the_runs_delivery_verdict_naming_a_site_
     assert f"not at C1 ({NOT_SENT})" in said and f"`oncofed deliver {root} r1`" in said, said
 
 
-def _stand_in_flwr(tmp_path: Path, monkeypatch, run: Path, files: dict[str, str]) -> None:
+def _stand_in_flwr(tmp_path: Path, monkeypatch, run: Path, files: dict[str, str], dropped: Path | None = None) -> None:
     """`flwr` is the one beside the interpreter (shared_models.flower_tools): a stand-in there whose `flwr run` says it
     started flwr run RUN_ID and leaves `files` in `run` as that run's ServerApp would, its clock an hour behind the
-    operator's (stepped back while it ran: an NTP correction, a VM restored); any other `flwr` command fails."""
+    operator's (stepped back while it ran: an NTP correction, a VM restored); any other `flwr` command fails. With
+    `dropped` (the SuperLink's database), its stream drops at once (exit 1, a SuperLink restart) while the ServerApp,
+    a process of its own, writes `files` a second later and its flwr run completes in that database."""
     (tmp_path / "serverapp").mkdir()
     _write(tmp_path / "serverapp", files)
-    flwr = tmp_path / "bin" / "flwr"
-    flwr.parent.mkdir()
-    flwr.write_text(f"""#!{sys.executable}
-import os, shutil, sys, time
-if sys.argv[1:2] != ["run"]:
-    sys.exit(1)
-print("Successfully started run {RUN_ID}", flush=True)
+    serverapp = tmp_path / "bin" / "serverapp.py"
+    serverapp.parent.mkdir()
+    serverapp.write_text(f"""import os, shutil, sqlite3, sys, time
+time.sleep(float(sys.argv[1]))
 for f in os.listdir({str(tmp_path / "serverapp")!r}):
     shutil.copy(os.path.join({str(tmp_path / "serverapp")!r}, f), os.path.join({str(run)!r}, f))
     os.utime(os.path.join({str(run)!r}, f), (time.time() - 3600, time.time() - 3600))
+if {str(dropped or "")!r}:
+    con = sqlite3.connect({str(dropped or "")!r})
+    con.execute("UPDATE task SET finished_at='2026-12-02 10:00:00', sub_status='completed'")
+    con.commit()
+""")
+    flwr = tmp_path / "bin" / "flwr"
+    flwr.write_text(f"""#!{sys.executable}
+import subprocess, sys
+if sys.argv[1:2] != ["run"]:
+    sys.exit(1)
+print("Successfully started run {RUN_ID}", flush=True)
+if {dropped is None}:
+    subprocess.run([sys.executable, {str(serverapp)!r}, "0"], check=True)
+else:
+    subprocess.Popen([sys.executable, {str(serverapp)!r}, "1"], start_new_session=True, stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # not the stream's pipe: it ends now
+    sys.exit(1)
 """)
     flwr.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python"))
@@ -168,3 +184,60 @@ def test_oncofed_deliver_whose_clock_stepped_back_reports_the_delivery_it_made(c
     out = io.StringIO()
     code = server.delivery.submit_delivery(consortium.root, "r", out=out)
     assert code == 0 and "final model installed at all 2 site(s) that trained" in out.getvalue(), out.getvalue()
+
+
+@pytest.mark.parametrize("superlink", ["still running", "completed"])
+def test_runs_follow_ends_with_the_runs_delivery_verdict_naming_a_site_that_did_not_install(consortium, superlink):
+    """`oncofed runs follow` exited 0 for any run that completed, although C1, which trained, never installed the
+    model: it ends as `oncofed run` does (finished_verdict), 3 naming C1 and `oncofed deliver`."""
+    from typer.testing import CliRunner
+
+    from oncofed.cli import app
+
+    root, run = consortium.root, consortium.path("runs", "r1")
+    _write(run, {"flwr-runs.json": json.dumps([RUN_ID])})
+    db = _superlink_db(root, "running" if superlink == "still running" else "completed")
+    finished = _finished_files(["C0"], RUN_ID)
+
+    def finish():
+        if superlink == "still running":
+            time.sleep(1.0)
+        _write(run, finished)
+        _set_run_state(db, "completed")
+
+    finishing = threading.Thread(target=finish)
+    finishing.start()
+    if superlink == "completed":
+        finishing.join()
+    result = CliRunner().invoke(app, ["runs", "follow", str(root), "r1", "--poll", "0.5"])
+    finishing.join()
+    assert result.exit_code == 3, result.output
+    assert f"not at C1 ({NOT_SENT})" in result.output and f"`oncofed deliver {root} r1`" in result.output, result.output
+
+    _write(run, _finished_files(["C0", "C1"], RUN_ID))  # C1 has it now (an `oncofed deliver`): 0
+    result = CliRunner().invoke(app, ["runs", "follow", str(root), "r1", "--poll", "0.5"])
+    assert result.exit_code == 0 and "final model installed at all 2 site(s) that trained" in result.output, \
+        result.output
+
+
+def test_oncofed_deliver_whose_log_stream_drops_follows_its_delivery_to_the_end(consortium, tmp_path, monkeypatch):
+    """The SuperLink restarts while `oncofed deliver` sends the model: `flwr run --stream` ends (exit 1) while the
+    delivery's ServerApp goes on and C1 installs the model. `oncofed deliver` said "did not finish", exit 1; it follows
+    that flwr run to its end, as `oncofed run` does, and reports the delivery it made."""
+    import server.delivery
+    from server.checkpoint import save_checkpoint
+    from server.submit import PROJECT
+    from shared_models.run_config import app_defaults
+
+    root, run = consortium.root, consortium.path("runs", "r")
+    _write(run, _finished_files(["C0"], RUN_ID - 1))  # the run's own ServerApp: C1 was down at the end
+    save_checkpoint(run / "checkpoints", 1, [np.zeros(1)], {},
+                    {"run_config": {**app_defaults(PROJECT), "base-dir": str(PROJECT), "output-dir": str(run)}})
+    db = _superlink_db(root, "running")  # the delivery's flwr run, RUN_ID
+    _stand_in_flwr(tmp_path, monkeypatch, run, _finished_files(["C0", "C1"], RUN_ID), dropped=db)
+    monkeypatch.setattr(server.delivery, "delivery_checks", lambda *a: [])  # the server it checks is not running here
+    out = io.StringIO()
+    code = server.delivery.submit_delivery(root, "r", out=out)
+    said = out.getvalue()
+    assert f"the delivery of run 'r' (flwr run {RUN_ID}) is still running on the SuperLink" in said, said
+    assert code == 0 and "final model installed at all 2 site(s) that trained" in said, said
