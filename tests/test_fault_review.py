@@ -5,6 +5,7 @@ commands end to end a stand-in `flwr` process (no SuperLink runs here)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import sys
@@ -80,13 +81,10 @@ def test_resume_is_refused_while_the_run_is_pending_or_running_on_the_superlink_
     assert resume_check().ok, resume_check().detail
 
 
-@pytest.mark.parametrize("superlink", ["still running", "completed"])
-def test_a_dropped_log_stream_ends_with_the_runs_delivery_verdict_naming_a_site_that_did_not_install(consortium,
-                                                                                                    superlink):
-    """The stream drops (a SuperLink restart, which a run survives): `oncofed run` followed the run to its end, then
-    exited 0 with "finished: result.json" although C1 never installed the model; finished_verdict says 3, naming C1."""
-    from server.runs import after_stream
-
+@contextlib.contextmanager
+def _finishing(consortium, superlink: str):
+    """Run r1 of `consortium`, trained by C0 and C1 and installed at C0 alone, as its ServerApp ends it: at once
+    ("completed") or a second later ("still running", the SuperLink's state with it); yields (root, run dir)."""
     root, run = consortium.root, consortium.path("runs", "r1")
     _write(run, {"flwr-runs.json": json.dumps([RUN_ID])})
     db = _superlink_db(root, "running" if superlink == "still running" else "completed")
@@ -102,9 +100,22 @@ def test_a_dropped_log_stream_ends_with_the_runs_delivery_verdict_naming_a_site_
     finishing.start()
     if superlink == "completed":
         finishing.join()
-    out = io.StringIO()
-    code = after_stream(root, "r1", 0, run / "flwr-run.log", out)
-    finishing.join()
+    try:
+        yield root, run
+    finally:
+        finishing.join()
+
+
+@pytest.mark.parametrize("superlink", ["still running", "completed"])
+def test_a_dropped_log_stream_ends_with_the_runs_delivery_verdict_naming_a_site_that_did_not_install(consortium,
+                                                                                                    superlink):
+    """The stream drops (a SuperLink restart, which a run survives): `oncofed run` followed the run to its end, then
+    exited 0 with "finished: result.json" although C1 never installed the model; finished_verdict says 3, naming C1."""
+    from server.runs import after_stream
+
+    with _finishing(consortium, superlink) as (root, run):
+        out = io.StringIO()
+        code = after_stream(root, "r1", 0, run / "flwr-run.log", out)
     said = out.getvalue()
     assert code == 3, said
     assert f"not at C1 ({NOT_SENT})" in said and f"`oncofed deliver {root} r1`" in said, said
@@ -194,23 +205,8 @@ def test_runs_follow_ends_with_the_runs_delivery_verdict_naming_a_site_that_did_
 
     from oncofed.cli import app
 
-    root, run = consortium.root, consortium.path("runs", "r1")
-    _write(run, {"flwr-runs.json": json.dumps([RUN_ID])})
-    db = _superlink_db(root, "running" if superlink == "still running" else "completed")
-    finished = _finished_files(["C0"], RUN_ID)
-
-    def finish():
-        if superlink == "still running":
-            time.sleep(1.0)
-        _write(run, finished)
-        _set_run_state(db, "completed")
-
-    finishing = threading.Thread(target=finish)
-    finishing.start()
-    if superlink == "completed":
-        finishing.join()
-    result = CliRunner().invoke(app, ["runs", "follow", str(root), "r1", "--poll", "0.5"])
-    finishing.join()
+    with _finishing(consortium, superlink) as (root, run):
+        result = CliRunner().invoke(app, ["runs", "follow", str(root), "r1", "--poll", "0.5"])
     assert result.exit_code == 3, result.output
     assert f"not at C1 ({NOT_SENT})" in result.output and f"`oncofed deliver {root} r1`" in result.output, result.output
 
