@@ -1033,8 +1033,9 @@ def evaluate(msg: Message, context: Context) -> Message:
             pass
     if n:
         metrics[SITE] = settings.name
+    loss = float(metrics.get(LOSS, 0.0))  # Flower's own field, as computed: a NaN loss stays NaN, never 0 by the filter
     metrics = sent_metrics(metrics, EVALUATE_METRICS, settings.name)
-    res = EvaluateRes(Status(Code.OK, "ok"), float(metrics.get(LOSS, 0.0)), n, metrics)
+    res = EvaluateRes(Status(Code.OK, "ok"), loss, n, metrics)
     return Message(evaluateres_to_recorddict(res), reply_to=msg)
 
 

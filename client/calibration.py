@@ -33,7 +33,7 @@ import numpy as np
 
 from privacy.site_config import SiteConfig
 from shared_models.files import write_text_atomic
-from shared_models.protocol import is_schema_pattern, pattern_key
+from shared_models.protocol import is_number, is_schema_pattern, pattern_key
 
 FORMAT = "oncofed-calibration/2"  # /2: with the modality patterns' temperatures and accuracies
 FORMATS = ("oncofed-calibration/1", FORMAT)  # a /1 file (one temperature) is still served
@@ -369,17 +369,13 @@ def load_calibration(path: Path, version: str, package: dict, schema=None) -> di
             data.get("weights_sha256") != package.get("weights_sha256"):
         return None
     t = data.get("temperature")
-    if not _number(t) or not TEMPERATURES[0] <= t <= TEMPERATURES[1]:
+    if not is_number(t) or not TEMPERATURES[0] <= t <= TEMPERATURES[1]:
         return None  # no fit gives it (a file edited by hand, or damaged): served uncalibrated, as /v1/model says
     patterns = data.get("patterns", {})
     names = [m.name for m in schema.modalities] if schema is not None else None
     if not isinstance(patterns, dict) or not all(_pattern_ok(k, e, names) for k, e in patterns.items()):
         return None  # an entry no fit writes (edited by hand, damaged): served uncalibrated, not a 500 per request
     return data
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
 
 
 def consortium_patterns(package: dict, schema) -> dict:
@@ -405,5 +401,5 @@ def _pattern_ok(key, entry, names: list[str] | None, counts=("n_fit", "n_heldout
         return False
     counts = all(isinstance(entry.get(k), int) and not isinstance(entry.get(k), bool) and entry.get(k) >= 0
                  for k in counts)
-    return counts and _number(acc) and 0 <= acc <= 1 and (
-        t is None or (_number(t) and TEMPERATURES[0] <= t <= TEMPERATURES[1]))
+    return counts and is_number(acc) and 0 <= acc <= 1 and (
+        t is None or (is_number(t) and TEMPERATURES[0] <= t <= TEMPERATURES[1]))

@@ -447,7 +447,7 @@ def _watch_key_refusals(refused: list[str]) -> None:
             if response.status_code == 401:
                 try:
                     # against the clock Flower signs requests with
-                    skew = f"{parsedate_to_datetime(response.headers['date']).timestamp() - date.now().timestamp():.0f}"
+                    skew = f"{parsedate_to_datetime(response.headers['date']).timestamp() - date.now().timestamp():.3f}"
                 except (KeyError, TypeError, ValueError):
                     skew = ""
                 refused.append(f"{context.request.url.path} {skew}")
@@ -456,13 +456,28 @@ def _watch_key_refusals(refused: list[str]) -> None:
     fhc.NodeAuthHttpInterceptor = Watching
 
 
-# Flower's SuperLink accepts a request signed at most SYSTEM_TIME_TOLERANCE s after its own time and at most
-# TIMESTAMP_TOLERANCE + SYSTEM_TIME_TOLERANCE s before it (flwr.superlink.routers.fleet.node_auth); a Date header
-# has whole seconds, so one more second either way before the clock is said to be the cause
+# Flower's SuperLink accepts a request signed less than SYSTEM_TIME_TOLERANCE s after its own time and less than
+# TIMESTAMP_TOLERANCE + SYSTEM_TIME_TOLERANCE s before it (flwr.superlink.routers.fleet.node_auth). The skew measured
+# is the Date header (whole seconds, cut down) less this machine's time read after the answer came: up to 1 s below
+# the true offset, and lower still by the request's round trip. So the clock is blamed only when the skew is outside
+# the window by 2 s ahead or 1 s behind; one surely inside it blames the key alone; one near its edges, both.
 def _clock_outside_window(skew: float) -> bool:
     from flwr.common.constant import SYSTEM_TIME_TOLERANCE, TIMESTAMP_TOLERANCE
 
-    return skew < -(SYSTEM_TIME_TOLERANCE - 1) or skew > TIMESTAMP_TOLERANCE + SYSTEM_TIME_TOLERANCE - 1
+    return skew <= -(SYSTEM_TIME_TOLERANCE + 2) or skew >= TIMESTAMP_TOLERANCE + SYSTEM_TIME_TOLERANCE + 1
+
+
+def _clock_inside_window(skew: float) -> bool:
+    """Whether the true offset is surely inside the window (see _clock_outside_window): then the key is the cause."""
+    from flwr.common.constant import SYSTEM_TIME_TOLERANCE, TIMESTAMP_TOLERANCE
+
+    return -SYSTEM_TIME_TOLERANCE < skew < TIMESTAMP_TOLERANCE + SYSTEM_TIME_TOLERANCE - 2
+
+
+def _refusal(refused: list[str]) -> tuple[str, float | None]:
+    """The first refused request's path and the server's clock less this machine's (None: no Date header)."""
+    path, _, skew = refused[0].partition(" ") if refused else ("", "", "")
+    return path, float(skew) if skew else None
 
 
 def clock_refused(settings: SiteConfig, refused: list[str]) -> str | None:
@@ -470,12 +485,12 @@ def clock_refused(settings: SiteConfig, refused: list[str]) -> str | None:
     machine's clock outside the window Flower's SuperLink accepts signatures in; None when it did not."""
     from flwr.common.constant import SYSTEM_TIME_TOLERANCE, TIMESTAMP_TOLERANCE
 
-    path, _, skew = refused[0].partition(" ") if refused else ("", "", "")
-    if not (skew and _clock_outside_window(float(skew))):
+    path, skew = _refusal(refused)
+    if skew is None or not _clock_outside_window(skew):
         return None
     return (f"site {settings.site_name!r}: the consortium server refused this site's signed request (it answered 401 "
-            f"to {path}) because this machine's clock is {abs(float(skew)):.0f} s "
-            f"{'ahead of' if float(skew) < 0 else 'behind'} the server's (its Date header): the server accepts a "
+            f"to {path}) because this machine's clock is {abs(skew):.0f} s "
+            f"{'ahead of' if skew < 0 else 'behind'} the server's (its Date header): the server accepts a "
             f"request signed at most {SYSTEM_TIME_TOLERANCE} s ahead of or {TIMESTAMP_TOLERANCE + SYSTEM_TIME_TOLERANCE}"
             " s behind its own time. Set this machine's clock (`timedatectl set-ntp true`, or ask IT to sync it with "
             f"NTP), then start again; the site's key is not the cause. Exiting with code {REFUSED_EXIT}\n")
@@ -486,14 +501,14 @@ def key_refused(settings: SiteConfig, refused: list[str]) -> str:
     clock says so, that this machine's clock is the cause (clock_refused)."""
     if clock := clock_refused(settings, refused):
         return clock
-    path, _, skew = refused[0].partition(" ")
+    path, skew = _refusal(refused)
     return (f"site {settings.site_name!r}: the consortium server no longer accepts this site's key (it answered 401 "
             f"to {path}): the consortium does not, or no longer, know this site's key, which is what the "
             "operator's `oncofed consortium remove-site` does. Ask the operator whether this site is still a member. "
             "A removed key is never registered again: to rejoin, make a new key (docs/hospital-guide.md, \"Keys\": "
             f"{replace_key_command(settings.auth_supernode_private_key)}), send its .pub to the operator for "
             "`oncofed consortium add-site`, then start again."
-            + ("" if skew else " If the operator says the key is registered, check this machine's clock (`timedatectl`: "
+            + ("" if skew is not None and _clock_inside_window(skew) else " If the operator says the key is registered, check this machine's clock (`timedatectl`: "
                "the server refuses requests signed at a time far from its own).")
             + f" Exiting with code {REFUSED_EXIT}\n")
 

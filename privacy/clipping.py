@@ -185,6 +185,10 @@ class BookKeepingClipper:
             raise ValueError(f"loss_reduction must be 'mean' or 'sum'; got {loss_reduction!r}")
         if token_norm not in ("auto", "ghost", "materialise"):
             raise ValueError(f"token_norm must be 'auto', 'ghost' or 'materialise'; got {token_norm!r}")
+        if torch.get_float32_matmul_precision() != "highest":  # TF32 or bfloat16 inside float32 matmuls
+            raise RuntimeError(f"torch.set_float32_matmul_precision({torch.get_float32_matmul_precision()!r}) is set: "
+                               "the per-sample norms' rounding bound (_ghost_sq) assumes full float32 matmuls; set "
+                               "it back to 'highest' before DP training")
         self.model, self.max_grad_norm, self.loss_reduction = model, float(max_grad_norm), loss_reduction
         self.token_norm = token_norm  # how a Linear over several tokens per sample gets its norms ("auto": cheaper)
         self._linears: list[tuple[nn.Linear, _LinearTape]] = []   # (layer, tape of (activation, output grad))
@@ -625,11 +629,14 @@ def _ghost_sq(prod: Tensor, d_in: int, d_out: int, tokens: int) -> Tensor:
     dot product, their product, the T^2 entries' sum: the standard bound, n u per length-n sum), and what the
     weighted sum writes for the sample differs from its exact gradient by at most k_write S (its T tokens' terms
     summed, as materialising it would), so (sqrt(max(sum, 0) + k_sum S^2) + k_write S)^2 bounds the written
-    vector's squared norm; it is at most max(sum, 0) + (k_sum + 3 k_write) S^2 (AM-GM, k_write < 1e-2), and S^2 is
-    at most T tr(prod) (Cauchy-Schwarz; tr(prod) = sum_t ||a_t||^2 ||e_t||^2, computed within k_sum): so each
-    sample adds at most C. The price, 4 small ops per layer: on random tokens tr(prod) ~ the squared norm, and the
-    norm counted is ~T k_sum / 2 above the true one, 2e-4 at 16 tokens of width 64 (the clip factor 0.02% smaller);
-    in float64 ~1e-13."""
+    vector's squared norm; it is at most max(sum, 0) + (k_sum + 3 k_write) S^2 (the exact norm is at most S, and
+    2 k_write + k_write^2 <= 3 k_write; the 3 also covers the T + 1 roundings of the weighted sum, k_write counting
+    T), and S^2 is at most T tr(prod) (Cauchy-Schwarz; tr(prod) = sum_t ||a_t||^2 ||e_t||^2, computed within k_sum):
+    so on this route a sample adds at most C, with full float32 matmuls (BookKeepingClipper refuses TF32). The
+    other routes compute the norm and the written sum from the same tensors, which agree to a few ulps (a review
+    measured C (1 + 2e-7) on the row route). The price, 4 small ops per layer: on random tokens tr(prod) ~ the
+    squared norm, and the norm counted is ~T k_sum / 2 above the true one, 2e-4 at 16 tokens of width 64 (the clip
+    factor 0.02% smaller); in float64 ~1e-13."""
     u = torch.finfo(prod.dtype).eps / 2  # the unit roundoff
     k_sum, k_write = 1.01 * u * (d_in + d_out + tokens * tokens + 2), 1.01 * u * tokens
     trace = prod.diagonal(dim1=1, dim2=2).sum(1)

@@ -121,11 +121,15 @@ def consortium_patterns(summed: Mapping[str, Any] | None, modalities: list[str])
 
 
 TEXT_METRICS = frozenset({SITE, AUDIT_HEAD, PATTERNS})  # text (PATTERNS: JSON); every other metric is a number
+# may be +infinity: no finite epsilon could be proven (privacy.accounting, e.g. a worst case whose bad events cost more
+# than delta at every epsilon), which the package and /metrics must say rather than an earlier round's finite value
+EPSILON_METRICS = frozenset({EPSILON, RUN_EPSILON, EPSILON_WORST_CASE})
 
 
-def is_number(value: Any) -> bool:
-    """A finite int or float (not a bool): what every metric outside TEXT_METRICS must be."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def is_number(value: Any, infinite: bool = False) -> bool:
+    """A finite int or float (not a bool): what every metric outside TEXT_METRICS must be; `infinite`: +inf too."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        math.isfinite(value) or (infinite and value == math.inf))
 
 
 def allowed_metrics(metrics: Mapping[str, Any], allowed: frozenset[str]) -> tuple[dict, list[str]]:
@@ -137,10 +141,10 @@ def allowed_metrics(metrics: Mapping[str, Any], allowed: frozenset[str]) -> tupl
     for k, v in metrics.items():
         if k not in allowed:
             left_out.append(k)
-        elif isinstance(v, str) if k in TEXT_METRICS else is_number(v):
+        elif isinstance(v, str) if k in TEXT_METRICS else is_number(v, infinite=k in EPSILON_METRICS):
             kept[k] = v
         else:
-            left_out.append(f"{k} (a {type(v).__name__}, not {'text' if k in TEXT_METRICS else 'a finite number'})")
+            left_out.append(f"{k} (a {type(v).__name__}, not {'text' if k in TEXT_METRICS else 'a number'})")
     return kept, sorted(left_out)
 
 

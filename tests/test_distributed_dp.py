@@ -564,6 +564,7 @@ def test_a_round_with_fewer_contributors_than_trusted_sites_is_abandoned_before_
     result = run_federation(tmp_path, cfg, n_sites=3, stream=None)
     rounds = [json.loads(x) for x in (tmp_path / "server" / "metrics.jsonl").read_text().splitlines()]
     assert [r["status"] for r in rounds] == ["abandoned", "abandoned"]
+    assert not any("received" in r for r in rounds)  # abandoned before any update reached the server: not said so
     # the site says so at SecAgg+'s setup (it knows the round from the setup's terms), so the round is abandoned
     # before any site trains: no site spends on a sum that could never be unmasked
     assert "fewer than 3" in rounds[0]["reason"] and "before any site trains" in rounds[0]["reason"]

@@ -982,3 +982,13 @@ def test_a_model_parameter_the_optimizer_does_not_step_gets_its_clipped_sum_with
     opt.step()
     assert torch.allclose(model.a.weight.grad, reference.a.weight.grad / 4, rtol=1e-12, atol=1e-15)
     clipper.cleanup()
+
+
+def test_the_clipper_refuses_tf32_matmuls_which_its_rounding_bound_does_not_cover():
+    torch.set_float32_matmul_precision("high")
+    try:
+        with pytest.raises(RuntimeError, match="set it back to 'highest'"):
+            BookKeepingClipper(nn.Linear(4, 4), 1.0)
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    BookKeepingClipper(nn.Linear(4, 4), 1.0)

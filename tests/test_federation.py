@@ -78,6 +78,8 @@ def test_secagg_aggregate_equals_fedavg_of_what_the_sites_released_and_every_sit
     total = sum(r.num_examples for r in released)
     mean = sum(r.num_examples / total * _flat(r.delta) for r in released)
     assert np.linalg.norm(_weights(work_sa) - (before + mean)) / np.linalg.norm(mean) < 1e-5
+    status = json.loads((work_sa / "server" / "status.json").read_text())
+    assert status["rounds_updated"] == 2 and status["model_updated"] == 1  # both rounds moved the model: /metrics
     for result, work in ((with_sa, work_sa),):
         assert len(result["deliveries"]) == 3 and all(d["installed"] for d in result["deliveries"])
         for d in result["deliveries"]:  # each in its site's own model store (the reply names no path)

@@ -115,9 +115,18 @@ def test_one_sites_text_where_a_number_belongs_is_left_out_naming_the_node_and_t
     from server.strategy import build_strategy
 
     assert allowed_metrics({"epsilon": "garbage", "site": 3, "train_loss": float("nan"), "resent": True},
-                           FIT_METRICS) == ({}, ["epsilon (a str, not a finite number)",
-                                                 "resent (a bool, not a finite number)", "site (a int, not text)",
-                                                 "train_loss (a float, not a finite number)"])
+                           FIT_METRICS) == ({}, ["epsilon (a str, not a number)", "resent (a bool, not a number)",
+                                                 "site (a int, not text)", "train_loss (a float, not a number)"])
+    # an epsilon may be +inf (no finite epsilon proven, e.g. a worst case): said as such, never dropped, which left
+    # the server an earlier round's finite value (a review of this check, 2026-12-06); NaN and -inf are no epsilon
+    inf = float("inf")
+    assert allowed_metrics({"epsilon_worst_case": inf, "epsilon": inf, "run_epsilon": inf, "accuracy": inf},
+                           EVALUATE_METRICS) == ({"epsilon_worst_case": inf, "epsilon": inf, "run_epsilon": inf},
+                                                 ["accuracy (a float, not a number)"])
+    assert allowed_metrics({"epsilon": -inf, "run_epsilon": float("nan")}, FIT_METRICS)[0] == {}
+    records = {"epsilon_worst_case": {"s1": 61.2}}
+    keep_site_epsilons({"sites": {"1": {"epsilon_worst_case": inf}}}, {"1": "s1"}, records)
+    assert records == {"epsilon_worst_case": {"s1": inf}}
     cfg = load_run_config({"schema": "s.json", "dp": False})
     strategy = build_strategy(cfg, [np.zeros(3, np.float32)], 2, {})
     strategy.sampled = {1, 2}
@@ -133,7 +142,7 @@ def test_one_sites_text_where_a_number_belongs_is_left_out_naming_the_node_and_t
     with caplog.at_level(logging.WARNING):
         params, fit_means = strategy.aggregate_fit(1, results, [])
     assert params is not None and fit_means == {"train_loss": 0.5}
-    assert "node 2 sent metrics" in caplog.text and "epsilon (a str, not a finite number)" in caplog.text
+    assert "node 2 sent metrics" in caplog.text and "epsilon (a str, not a number)" in caplog.text
     records = {"epsilon": {}, "run_epsilon": {}, "epsilon_worst_case": {}}
     keep_site_epsilons(strategy.round_info, {"1": "s1", "2": "s2"}, records)
     assert records["epsilon"] == {"s1": 1.5} and records["run_epsilon"] == {"s1": 1.5}
