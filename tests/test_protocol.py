@@ -426,6 +426,39 @@ def test_a_site_that_requires_dp_neither_scores_nor_prepares_its_data_for_a_run_
     assert not (tmp_path / "state" / "normalizer.json").exists()
 
 
+def test_a_non_finite_evaluation_loss_is_sent_as_it_is_not_as_0(tmp_path):
+    """The metric-kind check leaves a NaN loss out of the metrics; Flower's own loss field was then built from what
+    was left, 0.0 with the site's full patient weight, and the run's global loss looked better for a diverged model
+    (a review, 2026-12-06). The field carries the loss as computed."""
+    import math
+
+    import torch
+
+    import client.app as capp
+    from flwr.common import EvaluateIns, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import evaluateins_to_recorddict, recorddict_to_evaluateres
+    from privacy.run_config import load_run_config
+    from shared_models.model import MultiModalTransformer
+    from shared_models.protocol import SERVER_ROUND
+    from shared_models.weights import state_arrays
+    from tests.sitefixtures import site_schema, site_tables, write_site
+
+    schema = site_schema()
+    run = {"schema": str(schema.save(tmp_path / "schema.json")), "min-sites": 2, "dp": False, "d-model": 32}
+    write_site(tmp_path / "site", site_tables(n_per_class=20))
+    ctx = Context(run_id=1, node_id=1, state=RecordDict(), run_config=run, node_config={
+        "data-path": str(tmp_path / "site"), "state-dir": str(tmp_path / "state"), "require-secagg": False,
+        "require-dp": False})
+    model = MultiModalTransformer(schema, load_run_config(run).model)
+    with torch.no_grad():
+        model.head.weight.fill_(float("nan"))  # a diverged global model
+    reply = capp.evaluate(site_message(evaluateins_to_recorddict(
+        EvaluateIns(ndarrays_to_parameters(state_arrays(model)), {SERVER_ROUND: 1}), True), MessageType.EVALUATE), ctx)
+    res = recorddict_to_evaluateres(reply.content)
+    assert res.num_examples > 0 and math.isnan(res.loss), (res.num_examples, res.loss, res.metrics)
+    assert "loss" not in res.metrics  # left out of the checked metrics, named in the site's log
+
+
 def test_an_abandoned_round_is_never_said_unused_when_the_site_gave_key_shares_for_its_sum(tmp_path, caplog):
     """The review of 2026-12-06 (D2): a server whose checkpoint write failed after round 2's sum was unmasked and
     aggregated abandoned round 2 on resume, and every site wrote "the update this site sent for it was never used"
