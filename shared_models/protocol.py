@@ -12,9 +12,8 @@ holds the anchored hash.
 
 from __future__ import annotations
 
-import math
-
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
