@@ -11,7 +11,6 @@ most of its time asleep (2 rounds took 2 min 47 s by hand before this).
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import sys
@@ -20,7 +19,7 @@ import types
 from pathlib import Path
 
 from privacy.preflight import (Check, check_ca, check_port_free, check_reachable, check_site_key, free_port_after,
-                               port_holder)
+                               port_holder, port_in_use)
 from privacy.site_config import NODE_CONFIG_KEYS, SITE_CONFIG_KEY, SiteConfig, replace_key_command
 from shared_models.flower_tools import QUIET_ENV, RETRIED_STATUS, SERVER_ERROR_RETRY_S, SUPERNODE_POLL_S, flower_tool
 
@@ -145,7 +144,7 @@ def runtime_port_check(port: int) -> Check:
     """The SuperNode's local runtime port, free; when another process listens there (a second site of this machine:
     every `site start` takes 9094 unless told), the check names it and a port free now."""
     check = check_port_free("127.0.0.1", port, "local runtime port")
-    if check.ok or os.strerror(errno.EADDRINUSE) not in check.detail:
+    if not port_in_use(check):
         return check
     return Check(check.name, False, f"held by {port_holder(port)}; each site on this machine needs a runtime port of "
                  f"its own: start this one with `--port {free_port_after(port) or 'PORT'}` (in the systemd unit, on "

@@ -10,6 +10,7 @@ import datetime as dt
 import errno
 import http.client
 import ipaddress
+import os
 import socket
 import ssl
 import stat
@@ -179,6 +180,12 @@ def check_port_free(host: str, port: int, what: str) -> Check:
             return Check(name, False, f"cannot listen there ({e.strerror}): another process holds it (an OncoFed "
                          "server already running?) or the address is not this machine's")
     return Check(name, True, "free")
+
+
+def port_in_use(check: Check) -> bool:
+    """Whether check_port_free's `check` failed because another process listens on the port (its detail carries the
+    bind's strerror)."""
+    return not check.ok and os.strerror(errno.EADDRINUSE) in check.detail
 
 
 def listening_pids(port: int) -> list[int]:

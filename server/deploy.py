@@ -20,7 +20,6 @@ SuperLink answers, otherwise 503 naming what is down; `oncofed run` checks it be
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
@@ -37,6 +36,7 @@ from privacy.preflight import (
     check_private_key,
     check_server_certificate,
     listening_pids,
+    port_in_use,
     report,
 )
 from privacy.preflight import free_port_after as preflight_free_port_after
@@ -250,8 +250,7 @@ def check_port_held(host: str, port: int, what: str) -> tuple[Check, Holder | No
     """check_port_free, and who holds the port when another process listens on it (None when it is free, or cannot be
     bound for another reason: a privileged port, an address not this machine's)."""
     check = check_port_free(host, port, what)
-    in_use = not check.ok and os.strerror(errno.EADDRINUSE) in check.detail
-    return check, port_holder(port) if in_use else None
+    return check, port_holder(port) if port_in_use(check) else None
 
 
 def superlink_port_refusal(port: int) -> str:
