@@ -197,17 +197,18 @@ def _registered_before(site: dict, when: float) -> bool:
         return True  # no time recorded: it counts
 
 
-def sites_left_out(root: Path, name: str) -> str:
-    """The registered sites that had no part in a finished run, for its last line ("" when none): those that refused
-    every round it ran (with their reasons, each once) and those never seen in any round nor at the delivery (never
-    connected while it ran, e.g. a SuperNode not started). Sites registered after it ended, or removed, are not named."""
+def sites_left_out(root: Path, name: str) -> tuple[str, str]:
+    """The registered sites that had no part in a finished run, for its last line, as (those that refused every round
+    it ran, with their reasons, each once; those never seen in any round nor at the delivery: never connected while it
+    ran, e.g. a SuperNode not started), each "" when none. Sites registered after it ended, or removed, are not
+    named."""
     from server.checkpoint import newest_rounds, refusals, said_refusals
 
     run_dir = root / "runs" / name
     try:
         rounds = list(newest_rounds(metrics_lines(run_dir / METRICS)).values())
     except (OSError, ValueError):
-        return ""
+        return "", ""
     record, result = _json(root / "consortium.json") or {}, _json(run_dir / RESULT) or {}
     ended = max((float(r["ended"]) for r in rounds if isinstance(r.get("ended"), (int, float))), default=0.0) or \
         _mtime(run_dir / RESULT) or time.time()
@@ -224,14 +225,10 @@ def sites_left_out(root: Path, name: str) -> str:
     seen |= {int(d["node"]) for d in result.get("deliveries") or [] if d.get("installed") and d.get("node") is not None}
     every = sorted(sites[n] for n, k in refused_rounds.items() if rounds and k == len(rounds))
     never = sorted(sites[n] for n in sites if n not in seen and n not in refused_rounds)
-    said = []
-    if every:
-        mine = [(found, why) for found, why in refusals(rounds, sites) if set(found) & set(every)]
-        said.append(f"refused every round: {said_refusals(mine, short=True)}")
-    if never:
-        said.append(f"registered but never connected while it ran: {', '.join(never)} (is each one's `oncofed site "
-                    "start` running? `oncofed consortium list-sites` shows who is online)")
-    return "; ".join(said)
+    mine = [(found, why) for found, why in refusals(rounds, sites) if set(found) & set(every)]
+    return (f"refused every round: {said_refusals(mine, short=True)}" if every else "",
+            f"registered but never connected while it ran: {', '.join(never)} (is each one's `oncofed site start` "
+            "running? `oncofed consortium list-sites` shows who is online)" if never else "")
 
 
 def _mtime(path: Path) -> float:
@@ -524,11 +521,11 @@ def finished_verdict(run_dir: Path, name: str) -> tuple[int, str]:
     from server.delivery import DELIVERY_SHORT_EXIT, delivery_verdict
 
     root = run_dir.parent.parent
-    if verdict := no_model_verdict(root, name):
-        never = [x for x in sites_left_out(root, name).split("; ") if x.startswith("registered but never connected")]
-        return 1, f"run {name!r} {verdict}" + "".join(f"; {x}" for x in never)
+    refused_all, never = sites_left_out(root, name)
+    if verdict := no_model_verdict(root, name):  # (their refusals are the verdict's own words)
+        return 1, f"run {name!r} {verdict}" + (f"; {never}" if never else "")
     delivered, message = delivery_verdict(run_dir)
-    left_out = sites_left_out(root, name)
+    left_out = "; ".join(x for x in (refused_all, never) if x)
     return (0 if delivered else DELIVERY_SHORT_EXIT), (f"run {name!r} finished training: {run_dir / RESULT}; "
                                                        f"{message}" + (f". Left out: {left_out}" if left_out else ""))
 
