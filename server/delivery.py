@@ -461,7 +461,7 @@ def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
     from server.checkpoint import CheckpointError, load_latest
     from server.deploy import Consortium, DeployError, RunFailedError, server_health
     from server.processes import run_flwr
-    from server.runs import follow_dropped_stream, written_by
+    from server.runs import follow_dropped_stream, no_model_verdict, written_by
     from server.submit import PROJECT, env_for, flwr_run_started, is_duplicate_log_line
     from shared_models.run_config import flwr_overrides
 
@@ -471,8 +471,6 @@ def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
         known = sorted(d.name for d in c.path("runs").glob("*") if d.is_dir()) if c.path("runs").is_dir() else []
         raise DeployError(f"no run {name!r} in {c.path('runs')} (runs: {', '.join(known) or 'none'}); "
                           "`oncofed runs list` names them")
-    from server.runs import no_model_verdict
-
     if verdict := no_model_verdict(c.root, name):
         raise RunFailedError(f"run {name!r} {verdict}")
     try:
