@@ -623,20 +623,21 @@ def _ghost_sq(prod: Tensor, d_in: int, d_out: int, tokens: int) -> Tensor:
     below the squared norm of what its weighted sum writes for the sample, whatever the rounding.
 
     In float32 the sum over prod loses its digits when the tokens' terms cancel (sum_t e_t a_t^T small, each term
-    large): it can come out far below the true squared norm, or <= 0 (norm 0, clip factor 1), while the clipped
-    sum, formed by another matmul, writes the sample's gradient at its true size: 86 C in a review's construction
-    (2026-12-06). With S = sum_t ||a_t|| ||e_t||, the sum's rounding error is at most k_sum S^2 (each Gram entry's
-    dot product, their product, the T^2 entries' sum: the standard bound, n u per length-n sum), and what the
-    weighted sum writes for the sample differs from its exact gradient by at most k_write S (its T tokens' terms
-    summed, as materialising it would), so (sqrt(max(sum, 0) + k_sum S^2) + k_write S)^2 bounds the written
-    vector's squared norm; it is at most max(sum, 0) + (k_sum + 3 k_write) S^2 (the exact norm is at most S, and
-    2 k_write + k_write^2 <= 3 k_write; the 3 also covers the T + 1 roundings of the weighted sum, k_write counting
-    T), and S^2 is at most T tr(prod) (Cauchy-Schwarz; tr(prod) = sum_t ||a_t||^2 ||e_t||^2, computed within k_sum):
-    so on this route a sample adds at most C, with full float32 matmuls (BookKeepingClipper refuses TF32). The
-    other routes compute the norm and the written sum from the same tensors, which agree to a few ulps (a review
-    measured C (1 + 2e-7) on the row route). The price, 4 small ops per layer: on random tokens tr(prod) ~ the
-    squared norm, and the norm counted is ~T k_sum / 2 above the true one, 2e-4 at 16 tokens of width 64 (the clip
-    factor 0.02% smaller); in float64 ~1e-13."""
+    large): it can come out far below the true squared norm, or <= 0 (norm 0, clip factor 1), while the clipped sum,
+    formed by another matmul, writes the sample's gradient at its true size: 86 C in a review's construction
+    (2026-12-06; tests/test_dp_clipping.py::test_in_float32_a_sample_whose_tokens_cancel_adds_at_most_c). With S =
+    sum_t ||a_t|| ||e_t||, the sum's rounding error is at most k_sum S^2 (each Gram entry's dot product, their
+    product, the T^2 entries' sum: the standard bound, n u per length-n sum), and what the weighted sum writes for
+    the sample differs from its exact gradient by at most k_write S (its T tokens' terms summed, as materialising it
+    would), so (sqrt(max(sum, 0) + k_sum S^2) + k_write S)^2 bounds the written vector's squared norm; it is at most
+    max(sum, 0) + (k_sum + 3 k_write) S^2 (the exact norm is at most S, and 2 k_write + k_write^2 <= 3 k_write; the
+    3 also covers the T + 1 roundings of the weighted sum, k_write counting T), and S^2 is at most T tr(prod)
+    (Cauchy-Schwarz; tr(prod) = sum_t ||a_t||^2 ||e_t||^2, computed within k_sum): so on this route a sample adds at
+    most C, with full float32 matmuls (BookKeepingClipper refuses TF32). The other routes compute the norm and the
+    written sum from the same tensors, which agree to float32 rounding (C (1 + 1e-6):
+    tests/test_dp_clipping.py::test_in_float32_the_routes_that_norm_what_they_write_...). The price, 4 small ops per
+    layer: on random tokens tr(prod) ~ the squared norm, and the norm counted is ~T k_sum / 2 above the true one,
+    2.1e-4 at 16 tokens of width 64 (the clip factor 0.02% smaller); in float64 ~1e-13."""
     u = torch.finfo(prod.dtype).eps / 2  # the unit roundoff
     k_sum, k_write = 1.01 * u * (d_in + d_out + tokens * tokens + 2), 1.01 * u * tokens
     trace = prod.diagonal(dim1=1, dim2=2).sum(1)
