@@ -32,11 +32,13 @@ import numpy as np
 import torch
 
 from client.site import PreparedSite, min_count
-from privacy.accounting import BudgetError, SkellamSteps, compact, epsilon, noise_multiplier_for, public_schedule
+from privacy.accounting import (BudgetError, Overflow, SkellamSteps, compact, epsilon, noise_multiplier_for,
+                                public_schedule)
 from privacy.clipping import clipped_sum, finite_samples_only, make_private
 from privacy import MIN_RUN_SHARE, distributed  # noqa: F401 (MIN_RUN_SHARE: re-exported)
 from privacy.ledger import EPSILON_SLACK, RunPlan
-from privacy.sampling import PaddedPoissonLoader, opacus_poisson_loader, padded_sample, step_rows
+from privacy.sampling import (DISTRIBUTED_PADDING_TAIL, PADDING_TAIL, PaddedPoissonLoader, opacus_poisson_loader,
+                              padded_sample, step_rows)
 from shared_models.evaluation import evaluate, predict_logits
 from shared_models.model import MultiModalTransformer
 from shared_models.protocol import (EPSILON, EPSILON_WORST_CASE, GRID_SCALE, LOCAL_STEPS, LOCAL_VAL_ACCURACY,
@@ -91,6 +93,15 @@ def starved_refusal(site: PreparedSite, run_id: str, cfg: RunConfig) -> str:
             "smaller epsilon")
 
 
+def padding_tail(cfg: RunConfig) -> float:
+    """The probability per DP step that a Poisson sample outgrows its padded batch (privacy/sampling.py), which the
+    ledger prices with the steps; 0 for unpadded site-mode steps (`dp-pad-batches = false`: their timing shows every
+    sample's size, outside the claim)."""
+    if cfg.privacy.distributed:
+        return DISTRIBUTED_PADDING_TAIL
+    return PADDING_TAIL if cfg.privacy.pad_batches else 0.0
+
+
 def run_noise(site: PreparedSite, run_id: str, cfg: RunConfig) -> tuple[float, float, int]:
     """(noise multiplier, sample rate, steps per round) of this run at this site, fixed at its first round.
 
@@ -105,12 +116,13 @@ def run_noise(site: PreparedSite, run_id: str, cfg: RunConfig) -> tuple[float, f
     # This run may bring the site's total to (spent + the run's epsilon), never beyond the site's budget:
     # a site with budget 30 can join several runs of epsilon 8 instead of spending it all on the first.
     target = min(site.ledger.budget_epsilon, site.ledger.spent(site.dataset_fingerprint) + cfg.privacy.epsilon)
+    overflow = Overflow(total, padding_tail(cfg))  # the run's padding, priced with its steps
     sigma = noise_multiplier_for(target, site.ledger.delta, q, total,
-                                 spent=site.ledger.history(site.dataset_fingerprint))
+                                 spent=site.ledger.history(site.dataset_fingerprint) + [overflow])
     # And the run's model alone costs at most the run's epsilon. Composition is subadditive, so noise set by the total
     # alone falls with every run: a second run of epsilon 8 after one of 7.97 got noise multiplier 1.17 instead of
     # 1.625, a model of epsilon 13.0 on its own (and a total of 15.9 where 11.8 now)
-    sigma = max(sigma, noise_multiplier_for(cfg.privacy.epsilon, site.ledger.delta, q, total))
+    sigma = max(sigma, noise_multiplier_for(cfg.privacy.epsilon, site.ledger.delta, q, total, spent=[overflow]))
     plan = site.ledger.start_run(site.dataset_fingerprint, run_id, RunPlan(
         epsilon=cfg.privacy.epsilon, epsilon_cap=target, num_rounds=cfg.federation.num_rounds, steps_per_round=total // cfg.federation.num_rounds,
         noise_multiplier=sigma, sample_rate=q, terms=plan_terms(cfg)))
@@ -139,7 +151,8 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
         # the noisy sum of clipped gradients is divided by the run's batch-size, a public number, not by the
         # expected batch (sample rate x patients). A site with more patients per batch takes larger steps.
         sigma, q, steps_per_round = run_noise(site, run_id, cfg)
-        ticket = site.ledger.begin_round(site.dataset_fingerprint, run_id, rnd, sigma, q, steps_per_round)
+        ticket = site.ledger.begin_round(site.dataset_fingerprint, run_id, rnd, sigma, q, steps_per_round,
+                                         padding_tail=padding_tail(cfg))
         from privacy.dp_randomness import private_engine, secret_dropout
 
         secret_dropout()  # the masks depend on which records a step sampled: secret, as the sampling
@@ -148,8 +161,8 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
         # compacted: one entry per (sigma, q) instead of one per past round (PRV's cost grows with entries)
         past = compact(site.ledger.history(site.dataset_fingerprint, excluding=ticket))
         # Opacus' accountant knows Gaussian steps only: after distributed rounds the ledger's RDP is the check
-        engine.accountant.history = [m for m in past if not isinstance(m, SkellamSteps)]
-        opacus_checks = len(engine.accountant.history) == len(past)
+        engine.accountant.history = [m for m in past if isinstance(m, tuple)]
+        opacus_checks = not any(isinstance(m, SkellamSteps) for m in past)
         per_epoch = steps_per_round // cfg.training.local_epochs
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Opacus' notes on secure_mode and optimizer types
@@ -212,7 +225,9 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
         spent = site.ledger.commit_round(ticket, totals.steps)
         if opacus_checks:  # the two accountants over the same history: the ledger's as it stood when the round began
             # (`spent` may hold another run's round committed meanwhile at this site, which Opacus' copy lacks)
-            ours = epsilon(past + [(ticket.noise_multiplier, ticket.sample_rate, totals.steps)], site.ledger.delta)
+            # (the ledger's figure prices the padding's overflow, which Opacus does not know: ~1e-7 relative above it)
+            ours = epsilon(past + [(ticket.noise_multiplier, ticket.sample_rate, totals.steps),
+                                   Overflow(totals.steps, padding_tail(cfg))], site.ledger.delta)
             accountant_eps = float(engine.get_epsilon(site.ledger.delta))
             if not math.isclose(ours, accountant_eps, rel_tol=0.01):
                 raise BudgetError(f"ledger epsilon {ours:.4f} and Opacus' accountant {accountant_eps:.4f} disagree; "
@@ -271,7 +286,8 @@ def _whole_run_fits(site: PreparedSite, run_id: str, cfg: RunConfig, p: distribu
     cap = min(site.ledger.budget_epsilon, spent + cfg.privacy.epsilon)
     # the run's noise cannot adapt to this site (every site adds the same share): a run whose rounds cost more at the
     # site's own (smaller) delta than its epsilon would be refused partway, its earlier rounds spent for nothing
-    whole = epsilon(history + [p.steps(cfg.federation.num_rounds)], site.ledger.delta)
+    whole = epsilon(history + [p.steps(cfg.federation.num_rounds), Overflow(cfg.federation.num_rounds, padding_tail(cfg))],
+                    site.ledger.delta)
     if whole > spent + cfg.privacy.epsilon + EPSILON_SLACK:
         raise BudgetError(
             f"run {run_id} refused before any spend: its noise is planned for epsilon {cfg.privacy.epsilon:g} at the "
@@ -303,13 +319,14 @@ def round_precheck(site: PreparedSite, cfg: RunConfig, run_id: str, rnd: int) ->
                 _whole_run_fits(site, run_id, cfg, distributed.run_config_plan(cfg, int(noised.sum())))
                 return
             p = distributed.SkellamPlan.from_dict(saved.mechanism)
-            site.ledger.check_round(fingerprint, run_id, rnd, p.noise_multiplier, p.sample_rate, 1, mechanism=p)
+            site.ledger.check_round(fingerprint, run_id, rnd, p.noise_multiplier, p.sample_rate, 1, mechanism=p,
+                                    padding_tail=padding_tail(cfg))
         elif saved is None:  # a new run's noise adapts to what is left (run_noise), down to MIN_RUN_SHARE of it
             if reason := starved_refusal(site, run_id, cfg):
                 raise BudgetError(reason)
         else:
             site.ledger.check_round(fingerprint, run_id, rnd, saved.noise_multiplier, saved.sample_rate,
-                                    saved.steps_per_round)
+                                    saved.steps_per_round, padding_tail=padding_tail(cfg))
     except AlreadyReleased:
         return
 
@@ -338,11 +355,11 @@ def distributed_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: 
 
     p = distributed_plan(site, run_id, cfg, int(noised.sum()), check)
     ticket = site.ledger.begin_round(site.dataset_fingerprint, run_id, rnd, p.noise_multiplier, p.sample_rate, 1,
-                                     mechanism=p)
+                                     mechanism=p, padding_tail=padding_tail(cfg))
     t_train = time.perf_counter()
     secret_dropout()  # the masks depend on which records were sampled: secret, as the sampling (dp_randomness)
     rows, mask = padded_sample(n, p.sample_rate, dp_generator(),  # Poisson sampling, secret; fixed cost
-                               step_rows(n, p.sample_rate, cfg.privacy.pad_to))
+                               step_rows(n, p.sample_rate, cfg.privacy.pad_to, padding_tail(cfg)))
     grads = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
     if len(rows):
         tc = cfg.train_config()

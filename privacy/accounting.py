@@ -13,6 +13,12 @@ Skellam RDP of Agarwal, Kairouz & Liu (NeurIPS 2021, Theorem 3.5) amplified by P
 the binomial expansion that is exact for the Gaussian (`subsampled_rdp`: the Skellam's noise is symmetric,
 which makes it valid in both directions of add/remove) for the Skellam steps, summed order by order and
 converted by Opacus' `get_privacy_spent`.
+
+Bad events, the Skellam steps' and the padded batches' (`Overflow`: a Poisson sample outgrowing its padding, when the
+step's time shows the sample's size), are paid in delta: the mechanism run and the one analysed differ with
+probability at most P, the history's summed bad-event probabilities, which costs (1 + e^eps) P of delta for a claim
+of epsilon eps (a total-variation argument). `epsilon` reports the smallest claim it can prove that pays its own
+price: priced at the epsilon it reports, not at the largest budget (`priced_epsilon`).
 """
 
 from __future__ import annotations
@@ -51,7 +57,17 @@ class SkellamSteps:
         return (self.l2, self.l1, self.variance, self.sample_rate, self.bad_event)
 
 
-Mechanism = Gaussian | SkellamSteps
+@dataclass(frozen=True)
+class Overflow:
+    """`steps` padded DP steps (privacy/sampling.py), each of whose Poisson samples outgrows its padded batch with
+    probability at most `tail`: then that step is computed whole and its time shows the sample's size, which the
+    analysis assumes secret. A bad event, paid in delta (`priced_epsilon`); no Renyi divergence of its own."""
+
+    steps: int
+    tail: float
+
+
+Mechanism = Gaussian | SkellamSteps | Overflow
 RDP_ORDERS = tuple(range(2, 65)) + (80, 96, 128, 192, 256)  # integer: the subsampling bound needs them
 EPS_ERROR = 0.01  # PRV accountant's epsilon discretisation error; the upper bound is reported
 PRV_LIMIT = MAX_BUDGET  # above this RDP bound PRV's grid grows to many GB; such spends are reported by RDP
@@ -127,7 +143,12 @@ def compact(history: list[Mechanism]) -> list[Mechanism]:
     """Merge entries of the same mechanism: T1 then T2 steps of one mechanism = T1 + T2 steps."""
     merged: OrderedDict[tuple, int] = OrderedDict()
     skellam: OrderedDict[tuple, SkellamSteps] = OrderedDict()
+    overflow: OrderedDict[float, int] = OrderedDict()
     for m in history:
+        if isinstance(m, Overflow):
+            if m.steps > 0 and m.tail > 0:
+                overflow[float(m.tail)] = overflow.get(float(m.tail), 0) + int(m.steps)
+            continue
         if isinstance(m, SkellamSteps):
             if m.steps > 0:
                 kept = skellam.get(m.key())
@@ -136,7 +157,8 @@ def compact(history: list[Mechanism]) -> list[Mechanism]:
         sigma, q, steps = m
         if steps > 0:
             merged[(float(sigma), float(q))] = merged.get((float(sigma), float(q)), 0) + int(steps)
-    return [(s, q, t) for (s, q), t in merged.items()] + list(skellam.values())
+    return ([(s, q, t) for (s, q), t in merged.items()] + list(skellam.values())
+            + [Overflow(t, tail) for tail, t in overflow.items()])
 
 
 def skellam_rdp(order: int, l2: float, l1: float, variance: float) -> float:
@@ -198,80 +220,100 @@ def _one_skellam_step_rdp(l2: float, l1: float, variance: float, sample_rate: fl
     return out
 
 
-def bad_event_delta(history: list[Mechanism], at_epsilon: float = MAX_BUDGET) -> float:
-    """The delta paid for the Skellam steps' bad events: the mechanism run and the one analysed differ
-    with probability at most P = sum of steps x bad_event over the whole history, which costs
-    (1 + e^eps) P in delta (a total-variation argument) for a claim of epsilon eps; by default e^eps is
-    taken at MAX_BUDGET, the largest epsilon any budget allows (rdp_epsilon takes it at the epsilon it
-    reports when that is larger, e.g. a site's worst case)."""
-    p = sum(m.steps * m.bad_event for m in history if isinstance(m, SkellamSteps))
+def bad_event_probability(history: list[Mechanism]) -> float:
+    """P: the probability, over the whole history, that the mechanism run and the one analysed differ (the Skellam
+    steps' rounding and range events, the padded batches' overflows), bounded by the sum over steps."""
+    return (sum(m.steps * m.bad_event for m in history if isinstance(m, SkellamSteps))
+            + sum(m.steps * m.tail for m in history if isinstance(m, Overflow)))
+
+
+def bad_event_delta(history: list[Mechanism], at_epsilon: float) -> float:
+    """The delta the history's bad events cost a claim of epsilon `at_epsilon`: (1 + e^eps) P (a total-variation
+    argument: on the bad event the run's output may be anything; elsewhere it is the analysed mechanism's)."""
+    p = bad_event_probability(history)
     if p == 0:
         return 0.0
     return math.inf if at_epsilon > 700 else (1 + math.exp(at_epsilon)) * p
 
 
+BAD_EVENT_RESERVE = 2.0 ** -20  # the share of delta set aside for the bad events when their price fits in it
+
+
+def priced_epsilon(epsilon_at, delta: float, history: list[Mechanism]) -> float:
+    """The smallest epsilon found that pays its own bad-event price: eps with eps >= epsilon_at(delta - (1 + e^eps) P),
+    for `epsilon_at(d)` the mechanisms' epsilon at delta d (decreasing in d). Usually one call: the epsilon at
+    delta x (1 - BAD_EVENT_RESERVE), valid when its price fits in the reserve; else a fixed point, each candidate
+    e = epsilon_at(delta - price(c)) with c just above the previous one, returned once e <= c (then e's own price
+    is at most c's, so e pays it). math.inf when the price takes all of delta at every epsilon tried."""
+    p = bad_event_probability(history)
+    if p == 0:
+        return epsilon_at(delta)
+    reserve = delta * BAD_EVENT_RESERVE
+    eps = epsilon_at(delta - reserve)
+    if bad_event_delta(history, eps) <= reserve:
+        return eps
+    for _ in range(50):
+        claim = eps * (1 + 1e-6) + 1e-9
+        rest = delta - bad_event_delta(history, claim)
+        if rest <= 0:
+            return math.inf
+        found = epsilon_at(rest)
+        if found <= claim:
+            return found
+        eps = found
+    return math.inf
+
+
 def rdp_epsilon(history: list[Mechanism], delta: float, orders=RDP_ORDERS) -> float:
-    """Epsilon of the whole history in Renyi DP (Gaussian steps by Opacus' RDP, Skellam steps above), with
-    the Skellam steps' bad-event delta taken out of `delta` first."""
+    """Epsilon of the whole history in Renyi DP (Gaussian steps by Opacus' RDP, Skellam steps above), its bad events
+    paid in delta at the epsilon claimed (`priced_epsilon`)."""
     _opacus_accountants()
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
     hist = compact(history)
-    if not hist:
+    if not any(not isinstance(m, Overflow) for m in hist):
         return 0.0
     rdp = np.zeros(len(orders))
     for m in hist:
         if isinstance(m, SkellamSteps):
             rdp = rdp + skellam_steps_rdp(m, orders)
-        else:
+        elif not isinstance(m, Overflow):
             sigma, q, steps = m
             rdp = rdp + np.asarray(compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=list(orders)))
-    delta_rdp = delta - bad_event_delta(hist)
-    if delta_rdp <= 0:
-        raise BudgetError(f"the Skellam steps' bad-event probability uses all of delta {delta:g}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "optimal order is the largest alpha": then epsilon is tiny anyway
-        eps, _ = get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta_rdp)
-        # above MAX_BUDGET (only a worst case, e.g. a site's own noise share alone, gets there) the bad
-        # events cost (1 + e^eps) P at the epsilon claimed: find the fixed point, or no finite epsilon holds
-        for _ in range(50):
-            if eps <= MAX_BUDGET:
-                break
-            claim = eps * (1 + 1e-6)  # a candidate: valid when its own bad-event price leaves RDP at most it
-            delta_rdp = delta - bad_event_delta(hist, claim)
-            if delta_rdp <= 0:
-                return math.inf
-            eps_rdp, _ = get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta_rdp)
-            if eps_rdp <= claim:
-                return float(claim)
-            eps = eps_rdp
-        else:
-            return math.inf
-    return float(eps)
+
+    def at(d: float) -> float:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "optimal order is the largest alpha": then epsilon is tiny anyway
+            return float(get_privacy_spent(orders=list(orders), rdp=rdp, delta=d)[0])
+    return priced_epsilon(at, delta, hist)
 
 
 def epsilon(history: list[Mechanism], delta: float) -> float:
-    """Epsilon of composing every mechanism in `history` at `delta`: the PRV upper bound for a Gaussian-only
-    history, the RDP bound (rdp_epsilon) once it holds Skellam steps."""
+    """Epsilon of composing every mechanism in `history` at `delta`, bad events paid at the claim (`priced_epsilon`):
+    the PRV upper bound for a Gaussian-only history, the RDP bound (rdp_epsilon) once it holds Skellam steps."""
     hist = compact(history)
-    if not hist:
+    gaussian = [m for m in hist if not isinstance(m, Overflow)]
+    if not gaussian:
         return 0.0
-    if any(isinstance(m, SkellamSteps) for m in hist):
+    if any(isinstance(m, SkellamSteps) for m in gaussian):
         return rdp_epsilon(hist, delta)
     # RDP is a looser upper bound than PRV (so reporting it is conservative) and cheap. PRV's
     # discretisation needs memory that grows with epsilon: past PRV_LIMIT (no real budget is that
     # large) the RDP bound is the answer.
     accountants = _opacus_accountants()
-    rdp = accountants.RDPAccountant()
-    rdp.history = hist
-    with np.errstate(divide="ignore"):
-        rdp_eps = float(rdp.get_epsilon(delta=delta))
-    if rdp_eps > PRV_LIMIT:
-        return rdp_eps
-    acc = accountants.PRVAccountant()
-    acc.history = hist
-    with np.errstate(divide="ignore"):
-        return min(rdp_eps, float(acc.get_epsilon(delta=delta, eps_error=EPS_ERROR)))
+
+    def at(d: float) -> float:
+        rdp = accountants.RDPAccountant()
+        rdp.history = gaussian
+        with np.errstate(divide="ignore"):
+            rdp_eps = float(rdp.get_epsilon(delta=d))
+        if rdp_eps > PRV_LIMIT:
+            return rdp_eps
+        acc = accountants.PRVAccountant()
+        acc.history = gaussian
+        with np.errstate(divide="ignore"):
+            return min(rdp_eps, float(acc.get_epsilon(delta=d, eps_error=EPS_ERROR)))
+    return priced_epsilon(at, delta, hist)
 
 
 def noise_multiplier_for(

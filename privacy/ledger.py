@@ -52,6 +52,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import math
 import os
 import secrets
 import time
@@ -59,7 +60,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from privacy.accounting import MAX_BUDGET, BudgetError, Mechanism, epsilon
+from privacy import LEGACY_PADDING_TAIL
+from privacy.accounting import MAX_BUDGET, BudgetError, Mechanism, Overflow, epsilon
 from privacy.audit import AUDIT_FILE, AuditLog
 from privacy.distributed import SkellamPlan
 from shared_models.files import write_json_atomic
@@ -114,6 +116,11 @@ def recorded_spend(state: dict) -> tuple[float, int, int]:
     committed = [e for e in state["entries"] if e.get("status") == "committed"]
     spent = max((float(e.get("epsilon_after", 0.0)) for e in committed), default=0.0)
     return spent, len(committed), len(state["entries"]) - len(committed)
+
+
+UNPROVABLE = (" (no finite epsilon: the history's bad events, a padded batch outgrown or a Skellam rounding that failed, "
+              "each with a tiny probability P, cost (1 + e^eps) P of delta, and at this epsilon that is all of it; "
+              "privacy/accounting.py priced_epsilon)")
 
 
 class AlreadyReleased(BudgetError):
@@ -239,8 +246,8 @@ class PrivacyLedger:
         multiplier and its reported epsilon (both sent to the server), depend on whether one patient had been in
         an earlier dataset: a bit about a patient outside any DP mechanism. The site-wide sum depends only on the
         site's run history."""
-        return [_mechanism(e, worst_case) for e in state["entries"]
-                if (e["dataset"], e["run_id"], e["round"], e["attempt"]) != skip]
+        return [m for e in state["entries"] if (e["dataset"], e["run_id"], e["round"], e["attempt"]) != skip
+                for m in _mechanisms(e, worst_case)]
 
     def register_dataset(self, patient_ids: list[str], schema_hash: str, *earlier_hashes: str) -> str:
         """The dataset's fingerprint, registered if new (`known_fingerprint`: under `schema_hash`, unless the ledger
@@ -324,30 +331,37 @@ class PrivacyLedger:
 
     # --- a round ------------------------------------------------------------------------------
     def begin_round(self, dataset: str, run_id: str, rnd: int, noise_multiplier: float, sample_rate: float,
-                    steps: int, mechanism: SkellamPlan | None = None) -> RoundTicket:
+                    steps: int, mechanism: SkellamPlan | None = None, padding_tail: float = 0.0) -> RoundTicket:
         """Check the budget for this round and write a pending entry; raise BudgetError to refuse.
-        `mechanism`: a distributed round's Skellam plan (None: DP-SGD's Gaussian steps)."""
+        `mechanism`: a distributed round's Skellam plan (None: DP-SGD's Gaussian steps). `padding_tail`: the
+        probability per step that a Poisson sample outgrows its padded batch (privacy/sampling.py; 0: the steps are
+        not padded, and their timing is outside the claim), priced in delta with the steps (accounting.Overflow)."""
+        if not 0 <= padding_tail < 1:
+            raise ValueError(f"padding_tail must be a probability below 1, not {padding_tail!r}")
         with self._locked() as state:
             key, before, projected = self._checked_round(state, dataset, run_id, rnd, noise_multiplier, sample_rate,
-                                                         steps, mechanism)
+                                                         steps, mechanism, padding_tail)
             attempt = key[3]
             state["entries"] = [e for e in state["entries"]
                                 if (e["dataset"], e["run_id"], e["round"], e["attempt"]) != key]
             state["entries"].append({
                 "dataset": dataset, "run_id": run_id, "round": rnd, "attempt": attempt, "status": "pending",
                 "noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "steps": steps,
-                **({"mechanism": mechanism.to_dict()} if mechanism is not None else {}), "started": time.time()})
+                **({"mechanism": mechanism.to_dict()} if mechanism is not None else {}),
+                "padding_tail": float(padding_tail), "started": time.time()})
             self._write(state)
         return RoundTicket(dataset, run_id, rnd, attempt, noise_multiplier, sample_rate, steps, before, projected)
 
     def check_round(self, dataset: str, run_id: str, rnd: int, noise_multiplier: float, sample_rate: float,
-                    steps: int, mechanism: SkellamPlan | None = None) -> None:
+                    steps: int, mechanism: SkellamPlan | None = None, padding_tail: float = 0.0) -> None:
         """begin_round's checks without its pending entry: raise BudgetError if the round would be refused. A site
         asks at SecAgg+'s setup stage, before any site trains, so that a round it would refuse costs no one a spend."""
-        self._checked_round(self._read(), dataset, run_id, rnd, noise_multiplier, sample_rate, steps, mechanism)
+        self._checked_round(self._read(), dataset, run_id, rnd, noise_multiplier, sample_rate, steps, mechanism,
+                            padding_tail)
 
     def _checked_round(self, state: dict, dataset: str, run_id: str, rnd: int, noise_multiplier: float,
-                       sample_rate: float, steps: int, mechanism: SkellamPlan | None) -> tuple[tuple, float, float]:
+                       sample_rate: float, steps: int, mechanism: SkellamPlan | None,
+                       padding_tail: float = 0.0) -> tuple[tuple, float, float]:
         """(the round's entry key, epsilon before it, epsilon after it), or BudgetError: the round is refused."""
         if any((e["run_id"], e["round"], e["status"]) == (run_id, rnd, "committed") for e in state["entries"]):
             raise AlreadyReleased(f"round {rnd} of run {run_id} was trained and its update sent before; the "
@@ -362,17 +376,19 @@ class PrivacyLedger:
         past = self._history(state, skip=key)
         before = epsilon(past, self.delta)
         this = mechanism.steps(steps) if mechanism is not None else (noise_multiplier, sample_rate, steps)
-        projected = epsilon(past + [this], self.delta)
+        projected = epsilon(past + [this, Overflow(steps, padding_tail)], self.delta)
         if plan is not None and projected > plan.epsilon_cap + EPSILON_SLACK:
             raise BudgetError(
                 f"round {rnd} refused: run {run_id} may bring this site's spend to epsilon "
                 f"{plan.epsilon_cap:.3f} (its epsilon {plan.epsilon:g} on top of what was spent when it started); "
-                f"this round would bring it to {projected:.3f}. Nothing was trained or sent")
+                f"this round would bring it to {projected:.3f}{UNPROVABLE if math.isinf(projected) else ''}. Nothing was "
+                "trained or sent")
         if projected > self.budget_epsilon:
             raise BudgetError(
                 f"round {rnd} refused: the site has spent epsilon {before:.3f} of its budget "
                 f"{self.budget_epsilon:g} (delta {self.delta:g}); this round ({steps} steps, noise "
-                f"{noise_multiplier:.3f}) would bring it to {projected:.3f}. Nothing was trained or sent"
+                f"{noise_multiplier:.3f}) would bring it to {projected:.3f}{UNPROVABLE if math.isinf(projected) else ''}."
+                " Nothing was trained or sent"
             )
         return key, before, projected
 
@@ -453,15 +469,18 @@ def run_epsilon(state: dict, run_id: str, delta: float) -> float:
     updates left the site, so all the run's model can depend on (a pending round's update never left; the site's
     spend counts it all the same). The rounds are chosen by run, never by dataset: which count depends on the run
     history alone."""
-    return epsilon([_mechanism(e) for e in state["entries"] if e["run_id"] == run_id and e["status"] == "committed"],
-                   delta)
+    return epsilon([m for e in state["entries"] if e["run_id"] == run_id and e["status"] == "committed"
+                    for m in _mechanisms(e)], delta)
 
 
-def _mechanism(entry: dict, worst_case: bool = False) -> Mechanism:
-    """A ledger entry as the accountant takes it."""
+def _mechanisms(entry: dict, worst_case: bool = False) -> list[Mechanism]:
+    """A ledger entry as the accountant takes it: its steps, and their padding's overflow (an entry written before
+    the ledger recorded the padding's tail, 2026-12-07, is priced at the tail every padded step had then)."""
     if entry.get("mechanism", {}).get("kind") == "skellam":
-        return _skellam_steps(tuple(sorted(entry["mechanism"].items())), entry["steps"], worst_case)
-    return (entry["noise_multiplier"], entry["sample_rate"], entry["steps"])
+        steps = _skellam_steps(tuple(sorted(entry["mechanism"].items())), entry["steps"], worst_case)
+    else:
+        steps = (entry["noise_multiplier"], entry["sample_rate"], entry["steps"])
+    return [steps, Overflow(entry["steps"], float(entry.get("padding_tail", LEGACY_PADDING_TAIL)))]
 
 
 @functools.lru_cache(maxsize=1024)

@@ -313,6 +313,10 @@ def test_a_distributed_round_sends_the_sites_clipped_gradient_sum_on_the_grid_an
     assert 0 < m["epsilon"] < m["epsilon_worst_case"]
     plan_ = site.ledger.run_plan(site.dataset_fingerprint, "run-d")
     assert plan_.mechanism["kind"] == "skellam" and plan_.steps_per_round == 1
+    # its padded sample's overflow is priced at the distributed tail, as far out as the Skellam steps' bad events
+    from privacy.ledger import read_ledger
+    from privacy.sampling import DISTRIBUTED_PADDING_TAIL
+    assert [e["padding_tail"] for e in read_ledger(site.ledger.path)["entries"]] == [DISTRIBUTED_PADDING_TAIL]
     _, noised = trainable_layout(model)
     assert plan_.mechanism["dim"] == int(noised.sum())
     # the whole run (3 rounds) was planned on the run's epsilon: its last round lands on it

@@ -386,11 +386,15 @@ def test_a_padded_batchs_clipped_sum_is_its_samples_alone(how):
 def test_a_padded_poisson_sample_has_a_fixed_size_and_samples_each_patient_independently_at_the_rate():
     from scipy import stats
 
-    from privacy.sampling import padded_batch, padded_sample
+    from privacy.sampling import DISTRIBUTED_PADDING_TAIL, PADDING_TAIL, padded_batch, padded_sample
 
     n, q = 620, 0.3
     b = padded_batch(n, q)
-    assert 186 < b < n and stats.binom.sf(b, n, q) <= 2.0 ** -40 < stats.binom.sf(b - 1, n, q)
+    # the smallest b whose exact tail is within PADDING_TAIL (2^-80; scipy's isf, used before, saturates to n there)
+    assert (b, PADDING_TAIL) == (308, 2.0 ** -80)
+    assert stats.binom.logsf(b, n, q) <= math.log(PADDING_TAIL) < stats.binom.logsf(b - 1, n, q)
+    far = padded_batch(n, q, DISTRIBUTED_PADDING_TAIL)
+    assert far < n and stats.binom.logsf(far, n, q) <= math.log(DISTRIBUTED_PADDING_TAIL) < stats.binom.logsf(far - 1, n, q)
     assert padded_batch(5, 0.3) == 5 and padded_batch(0, 0.3) == 0  # a small site computes every patient, always
     gen = torch.Generator().manual_seed(0)
     counts, sizes = torch.zeros(n), []

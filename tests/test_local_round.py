@@ -13,6 +13,8 @@ from client.local_round import state_arrays, train_round
 from client.site import evaluate_global
 from client.site import SiteDataError, SitePaths, prepare_site
 from privacy.accounting import BudgetError
+from privacy.ledger import read_ledger
+from privacy.sampling import PADDING_TAIL, PaddedPoissonLoader, padded_batch
 from privacy.run_config import load_run_config
 from shared_models.model import MultiModalTransformer
 from shared_models.run_config import RunConfigError
@@ -65,6 +67,12 @@ def test_every_dp_path_runs_the_planned_steps_and_accounts_them(tmp_path, clippi
     assert all(np.isfinite(d).all() for d in r.delta)
     assert r.metrics["epsilon"] == pytest.approx(
         _closed_form([(r.metrics["noise_multiplier"], q, r.metrics["local_steps"])]), rel=0.01)
+    # the ledger prices what the padding leaves to chance: a padded step's overflow at the tail its rows were set for
+    (entry,) = read_ledger(site.ledger.path)["entries"]
+    assert entry["padding_tail"] == (PADDING_TAIL if pad else 0.0)
+    if pad is True:  # the rows the site's loader computes are the ones this tail sets
+        assert PaddedPoissonLoader(torch.utils.data.TensorDataset(torch.zeros(len(site.train.y))), 4, None,
+                                   q).rows == padded_batch(len(site.train.y), q, entry["padding_tail"])
 
 
 def test_the_whole_planned_schedule_fits_the_budget_and_one_more_round_is_refused(tmp_path):

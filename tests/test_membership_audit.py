@@ -378,16 +378,17 @@ def test_the_epsilon_comes_from_the_site_ledger_when_the_package_has_none_for_th
     """The accountant over the package's run's committed rounds alone: not the site's total after them (which holds
     an earlier run's spend), nor a pending round."""
     from client.privacy_audit import claimed_privacy
-    from privacy.accounting import epsilon
+    from privacy import PADDING_TAIL
+    from privacy.accounting import Overflow, epsilon
 
     def entry(run, status="committed", sigma=1.2):
         return {"dataset": "fp", "run_id": run, "status": status, "noise_multiplier": sigma, "sample_rate": 0.3,
-                "steps": 6, "epsilon_after": 99.0}
+                "steps": 6, "padding_tail": PADDING_TAIL, "epsilon_after": 99.0}
 
     ledger = {"delta": DELTA, "entries": [entry("other", sigma=0.8), entry("r1"), entry("r1"), entry("r1", "pending")]}
     claim = claimed_privacy({"dp": True, "run": "r1", "delta": DELTA, "site_epsilon": {}}, "site_00", ledger, "fp",
                             tmp_path / "package.json", tmp_path / "ledger.json")
-    assert claim.epsilon == pytest.approx(epsilon([(1.2, 0.3, 12)], DELTA)) and claim.delta == DELTA
+    assert claim.epsilon == epsilon([(1.2, 0.3, 12), Overflow(12, PADDING_TAIL)], DELTA) and claim.delta == DELTA
     assert "ledger.json" in claim.source
 
 

@@ -402,3 +402,63 @@ def test_a_budget_too_small_for_the_default_run_is_explained_with_what_it_could_
     small = low_budget_warning(1.0)
     sigma = noise_multiplier_for(1.0, run.privacy.delta, q, steps)
     assert "joins only runs asking for epsilon at most 2" in small and f"noise multiplier {sigma:.3g}" in small
+
+
+def test_a_padded_batchs_overflow_is_paid_in_delta_at_the_epsilon_claimed():
+    """A padded step outgrows its rows with probability at most the padding's tail P, and then its time shows the
+    sample's size (privacy/sampling.py): the claim (eps, delta) holds only if the mechanisms are eps-DP at
+    delta - (1 + e^eps) x (steps x P). A DP review (2026-12-06) found the ledger left this out: at the old tail
+    2^-40 it is 1.6e-7 of delta over the main job's 60 steps at epsilon 8, and more than delta at epsilon ~18."""
+    import math
+
+    from privacy.accounting import Overflow, bad_event_delta
+    from privacy import LEGACY_PADDING_TAIL, PADDING_TAIL
+
+    steps = [(1.625, 0.3, 60)]  # the main job's run at a site: epsilon 7.97
+    bare = epsilon(steps, DELTA)
+    old = epsilon(steps + [Overflow(60, LEGACY_PADDING_TAIL)], DELTA)
+    price = bad_event_delta([Overflow(60, LEGACY_PADDING_TAIL)], old)
+    assert 1e-7 < price < 2e-7 and bare + 0.005 < old < bare + 0.01
+    assert closed_form(steps, DELTA - price) <= old  # the claim pays its own price
+    # at today's tail the price is below a millionth of delta: the epsilon moves by less than 1e-6
+    assert epsilon(steps + [Overflow(60, PADDING_TAIL)], DELTA) == pytest.approx(bare, rel=1e-6)
+    # four such runs (epsilon ~18 at full delta): at 2^-40 the price is above delta at every epsilon they could
+    # claim, so nothing finite is proven; at today's tail it is still negligible
+    long = [(1.625, 0.3, 240)]
+    assert math.isinf(epsilon(long + [Overflow(240, LEGACY_PADDING_TAIL)], DELTA))
+    assert epsilon(long + [Overflow(240, PADDING_TAIL)], DELTA) == pytest.approx(epsilon(long, DELTA), rel=1e-6)
+    # the overflows of one tail merge; a tail of 0 (unpadded steps: their timing is outside the claim) costs nothing
+    assert compact([Overflow(2, 0.5), Overflow(3, 0.5), Overflow(4, 0.0)]) == [Overflow(5, 0.5)]
+
+
+def test_the_ledger_records_each_rounds_padding_and_prices_an_older_entry_at_the_tail_it_had(tmp_path):
+    import json
+
+    from privacy.accounting import Overflow
+    from privacy import LEGACY_PADDING_TAIL, PADDING_TAIL
+
+    ledger = _ledger(tmp_path, budget=30.0)
+    ds = ledger.register_dataset(IDS, "h")
+    ticket = ledger.begin_round(ds, "run-1", 1, 0.9, 0.3, 60, padding_tail=PADDING_TAIL)
+    spent = ledger.commit_round(ticket, 60)
+    state = json.loads((tmp_path / "ledger.json").read_text())
+    assert state["entries"][0]["padding_tail"] == PADDING_TAIL
+    assert spent == epsilon([(0.9, 0.3, 60), Overflow(60, PADDING_TAIL)], DELTA)
+    # an entry written before the ledger recorded the tail: every padded step then had 2^-40
+    del state["entries"][0]["padding_tail"]
+    (tmp_path / "ledger.json").write_text(json.dumps(state))
+    older = ledger.spent(ds)
+    assert older == epsilon([(0.9, 0.3, 60), Overflow(60, LEGACY_PADDING_TAIL)], DELTA) > spent
+    with pytest.raises(ValueError, match="padding_tail"):
+        ledger.begin_round(ds, "run-1", 2, 0.9, 0.3, 60, padding_tail=1.0)
+
+
+def test_a_round_whose_claim_its_bad_events_make_infinite_is_refused_saying_why(tmp_path):
+    from privacy import LEGACY_PADDING_TAIL
+
+    ledger = _ledger(tmp_path, budget=MAX_BUDGET)
+    ds = ledger.register_dataset(IDS, "h")
+    spent = ledger.commit_round(ledger.begin_round(ds, "run-1", 1, 1.625, 0.3, 180, padding_tail=0.0), 180)
+    assert 14 < spent < 16
+    with pytest.raises(BudgetError, match=r"would bring it to inf \(no finite epsilon: .* padded batch outgrown"):
+        ledger.begin_round(ds, "run-1", 2, 1.625, 0.3, 60, padding_tail=LEGACY_PADDING_TAIL)
