@@ -270,13 +270,14 @@ def runs_stop(
     directory: Path = typer.Argument(..., help="the consortium directory"),
     name: str = typer.Argument(..., help="the run's name"),
 ) -> None:
-    """Stop a run on the SuperLink (its flwr runs that have not finished). Its checkpoints stay: `oncofed run
-    --name NAME --resume` continues it later."""
+    """Stop a run on the SuperLink (its flwr runs that have not finished, an `oncofed deliver` of it too). Its
+    checkpoints stay: `oncofed run --name NAME --resume` continues it later; a stopped delivery is recorded in the
+    run's directory, and `oncofed deliver` sends the model again."""
     import sys
 
     from privacy.preflight import check_reachable
     from privacy.registry import foreign_superlink
-    from server.runs import RunView, restart_hint, stop
+    from server.runs import RunView, delivery_ended_early, restart_hint, stop
     from server.submit import env_for
 
     c = _consortium(directory)
@@ -293,13 +294,19 @@ def runs_stop(
                    f"(`oncofed server start {c.root}`), then stop the run if it still runs", err=True)
         raise typer.Exit(code=1)
     printed = _Tee(sys.stdout)
-    n = stop(c.root, name, env_for(c), printed)
+    trained, delivered = stop(c.root, name, env_for(c), printed)
     if "not stopped" in printed.text:
         typer.echo(f"run {name!r}: not every flwr run of it was stopped (see above; a SuperLink restarting answers "
                    "so): run the same `oncofed runs stop` again in a minute", err=True)
         raise typer.Exit(code=1)
-    typer.echo(f"run {name!r}: {n} flwr run(s) stopped; {restart_hint(directory, RunView.load(c.root, name, None))}"
-               if n else f"run {name!r}: nothing running to stop")
+    if not trained + delivered:
+        typer.echo(f"run {name!r}: nothing running to stop")
+        return
+    view = RunView.load(c.root, name, None)
+    said = [restart_hint(directory, view)] if trained else []
+    if delivered:
+        said.append(delivery_ended_early(directory, name, view.delivery, "stopped"))
+    typer.echo(f"run {name!r}: {trained + delivered} flwr run(s) stopped; {'; '.join(said)}")
 
 
 class _Tee:
@@ -321,7 +328,7 @@ def deliver(
     installed it (no training, no privacy spend). A dropped log stream (a SuperLink restart) is not its end: the
     delivery's flwr run is followed until it ends. Exit 0: every site that trained has it; 3: some site that trained
     still has not installed it (named); 1: the run ended without a model (no site trained), or the delivery did not
-    finish; 2: preflight failed."""
+    finish (stopped by `oncofed runs stop`: said, with the next step); 2: preflight failed."""
     import sys
 
     from privacy.preflight import PreflightError

@@ -461,7 +461,8 @@ def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
     from server.checkpoint import CheckpointError, load_latest
     from server.deploy import Consortium, DeployError, RunFailedError, server_health
     from server.processes import run_flwr
-    from server.runs import follow_dropped_stream, no_model_verdict, written_by
+    from server.runs import (delivery_ended_early, delivery_runs, delivery_state, follow_dropped_stream,
+                             no_model_verdict, read_superlink, record_delivery_run, written_by)
     from server.submit import PROJECT, env_for, flwr_run_started, is_duplicate_log_line
     from shared_models.run_config import flwr_overrides
 
@@ -489,6 +490,7 @@ def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
     def on_line(line: str) -> None:
         if (run_id := flwr_run_started(line)) is not None:
             attempt.append(run_id)
+            record_delivery_run(run_dir, run_id)  # `oncofed runs stop` stops it; the server's exit is recorded in it
         if not is_duplicate_log_line(line):
             out.write(line)
             out.flush()
@@ -501,7 +503,10 @@ def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
         follow_dropped_stream(c.root, name, flwr_run, code, out, f"the delivery of run {name!r} (flwr run {flwr_run})",
                               "the delivery", health=lambda: server_health(c))
     if not written_by(run_dir, flwr_run):
-        out.write(f"delivery of run {name!r} did not finish (flwr exit {code}); see {log_path}\n")
+        mine = next((e for e in delivery_runs(run_dir) if e["flwr_run"] == flwr_run), None)
+        state = delivery_state(run_dir, mine, read_superlink(c.path("state", "superlink.db"))) if mine else ""
+        out.write((mine and delivery_ended_early(c.root, name, mine, state)
+                   or f"delivery of run {name!r} did not finish (flwr exit {code}); see {log_path}") + "\n")
         return 1
     ok, message = delivery_verdict(run_dir)
     out.write(f"run {name!r}: {message}\n")

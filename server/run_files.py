@@ -15,6 +15,7 @@ WRITTEN_BY = "flwr_run"             # result.json's key: the flwr run whose Serv
 PACKAGE = "package.json"            # the final model's description, signed at delivery
 FINAL_WEIGHTS = "final_weights.npz"
 FLWR_RUNS = "flwr-runs.json"        # the Flower run ids `oncofed run` submitted for this run directory
+DELIVERY_RUNS = "delivery-runs.json"  # the Flower runs `oncofed deliver` submitted, and how each ended early (runs.py)
 FLWR_LOG = "flwr-run.log"           # what `flwr run` printed
 
 

@@ -5,7 +5,8 @@ Everything here reads; nothing starts a process or calls the SuperLink's APIs (e
 the SuperLink through `flwr stop`):
   - each run's files, written by its ServerApp: status.json (after every round), progress.json (at every
     SecAgg+ stage and reply, server/progress.py), metrics.jsonl, result.json (at the end), and
-    flwr-runs.json (the SuperLink's run ids of this run, written by `oncofed run`);
+    flwr-runs.json (the SuperLink's run ids of this run, written by `oncofed run`), delivery-runs.json (those of
+    its deliveries, written by `oncofed deliver`, with how one ended early: stopped, or the server's exit);
   - the SuperLink's SQLite database (state/superlink.db), opened read-only for one short query: the
     status of each run (pending, starting, running, finished:completed|failed|stopped) and of each site
     (online, offline, registered). Its layout is flwr 1.41's (tables run, task, node); a query that fails
@@ -24,7 +25,8 @@ from pathlib import Path
 from shared_models.files import write_json_atomic
 from shared_models.flower_tools import flower_tool
 from shared_models.protocol import FOREIGN_APP
-from server.run_files import FLWR_LOG, FLWR_RUNS, METRICS, PROGRESS, RESULT, RUN_FILE, STATUS, WRITTEN_BY, metrics_lines
+from server.run_files import (DELIVERY_RUNS, FLWR_LOG, FLWR_RUNS, METRICS, PROGRESS, RESULT, RUN_FILE, STATUS,
+                              WRITTEN_BY, metrics_lines)
 
 RUNNING = ("pending", "starting", "running")
 
@@ -131,6 +133,65 @@ def record_interrupted(root: Path, why: str, superlink: dict | None) -> list[str
     for name, run_id in live.items():
         write_json_atomic(root / "runs" / name / INTERRUPTED, {"flwr_run": run_id, "why": why, "at": time.time()})
     return sorted(live)
+
+
+def delivery_runs(run_dir: Path) -> list[dict]:
+    """The flwr runs `oncofed deliver` submitted for the run (delivery-runs.json), oldest first: {"flwr_run",
+    "submitted"}, and "ended" {"how": "stopped" | "interrupted", "why", "at"} once `oncofed runs stop` or the server's
+    exit ended it. Apart from flwr-runs.json, the run's training attempts (what --resume and the metrics judge)."""
+    entries = _json(run_dir / DELIVERY_RUNS)
+    return [e for e in entries if isinstance(e, dict) and "flwr_run" in e] if isinstance(entries, list) else []
+
+
+def record_delivery_run(run_dir: Path, flwr_run: int) -> None:
+    """`oncofed deliver` submitted flwr run `flwr_run` for the run: what `oncofed runs stop` stops and the server's
+    exit is recorded in (its id is nowhere else in the run's directory until its ServerApp writes result.json)."""
+    write_json_atomic(run_dir / DELIVERY_RUNS, [*delivery_runs(run_dir), {"flwr_run": flwr_run,
+                                                                         "submitted": time.time()}])
+
+
+def end_delivery_run(run_dir: Path, flwr_run: int, how: str, why: str) -> None:
+    """Record that delivery flwr run `flwr_run` ended before its ServerApp recorded it: `how` stopped or interrupted."""
+    entries = delivery_runs(run_dir)
+    for e in entries:
+        if e["flwr_run"] == flwr_run and not e.get("ended"):
+            e["ended"] = {"how": how, "why": why, "at": time.time()}
+    write_json_atomic(run_dir / DELIVERY_RUNS, entries)
+
+
+def delivery_state(run_dir: Path, entry: dict, superlink: dict | None) -> str:
+    """What became of a delivery's flwr run: in progress | finished | stopped | interrupted | failed | unknown. Its
+    own records first (result.json naming it: a stop or an exit after they were written ended nothing), then how it
+    was recorded as ended (the SuperLink's database calls a run whose ServerApp died with the server running until
+    Flower sees its heartbeat lapse), then the database."""
+    if written_by(run_dir, entry["flwr_run"]):
+        return "finished"
+    if entry.get("ended"):
+        return str(entry["ended"].get("how"))
+    state = (superlink or {}).get("runs", {}).get(entry["flwr_run"]) if superlink else None
+    if state is None:
+        return "unknown"
+    return "in progress" if state in RUNNING else {"finished:completed": "finished",
+                                                    "finished:stopped": "stopped"}.get(state, "failed")
+
+
+def delivery_ended_early(root: Path, name: str, entry: dict, state: str) -> str:
+    """What became of a delivery that ended without recording what it did, and what to do: "" for one in progress,
+    finished or unknown. What it sent before it ended is not lost: a site that installed the model keeps it and says
+    so to the next delivery, which records it."""
+    said = f"`oncofed deliver` of run {name!r} (flwr run {entry['flwr_run']})"
+    again = f"`oncofed deliver {root} {name}` sends it again to the sites that have not installed it"
+    ended = entry.get("ended") or {}
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ended.get("at", 0)))
+    if state == "stopped":
+        return f"{said} was stopped ({ended.get('why', '`flwr stop`')}{', ' + when if ended else ''}): {again}"
+    if state == "interrupted":
+        return (f"{said} was ended by the server's exit ({ended.get('why')}, {when}): once the server is up "
+                f"(`oncofed server start {root}`), {again}")
+    if state == "failed":
+        return (f"{said} failed; see {root / 'runs' / name / FLWR_LOG} and {root / 'logs' / 'superlink.log'}; after "
+                f"fixing the cause, {again}")
+    return ""
 
 
 def unfinished_run_names(root: Path, superlink: dict | None) -> set[str]:
@@ -268,6 +329,8 @@ class RunView:
     status_written: float = 0.0  # when status.json was last written: the end of the last round
     interrupted: dict | None = None  # the server's exit that ended that flwr run (record_interrupted)
     flwr_run: int | None = None  # the one flwr run followed (`oncofed run`'s or `oncofed deliver`'s own); None: any
+    delivery: dict | None = None  # the latest `oncofed deliver`'s flwr run (delivery_runs), None: none since training
+    delivery_state: str = ""  # what became of it (delivery_state)
 
     @classmethod
     def load(cls, root: Path, name: str, superlink: dict | None, flwr_run: int | None = None) -> "RunView":
@@ -276,12 +339,13 @@ class RunView:
         d = root / "runs" / name
         ids = _json(d / FLWR_RUNS) or []
         of = flwr_run if flwr_run is not None else (ids or [None])[-1]
-        return cls(name, d, _json(d / STATUS) or {}, _json(d / PROGRESS) or {},
-                   _json(d / RESULT), ids,
-                   (superlink or {}).get("runs", {}).get(of) if of is not None and superlink else None,
-                   _rounds_seconds(d / METRICS), _mtime(d / STATUS),
-                   i if of is not None and (i := _json(d / INTERRUPTED)) and i.get("flwr_run") == of else None,
-                   flwr_run)
+        status = (superlink or {}).get("runs", {}).get(of) if of is not None and superlink else None
+        interrupted = i if of is not None and (i := _json(d / INTERRUPTED)) and i.get("flwr_run") == of else None
+        deliveries = delivery_runs(d)
+        latest = deliveries[-1] if deliveries else None
+        return cls(name, d, _json(d / STATUS) or {}, _json(d / PROGRESS) or {}, _json(d / RESULT), ids, status,
+                   _rounds_seconds(d / METRICS), _mtime(d / STATUS), interrupted, flwr_run, latest,
+                   delivery_state(d, latest, superlink) if latest else "")
 
     @property
     def finished(self) -> bool:
@@ -346,6 +410,14 @@ class RunView:
             parts.append(f"ETA ~{_minutes(eta)}")
         elif self.running and done == 0:
             parts.append("ETA after round 1")
+        if self.delivery_state == "in progress":
+            since = time.strftime("%H:%M:%S", time.localtime(self.delivery.get("submitted", 0)))
+            parts.append(f"`oncofed deliver` (flwr run {self.delivery['flwr_run']}, since {since}) "
+                         + ("was delivering the model when the server went down" if server_down else
+                            "is delivering the model again"))
+        elif self.delivery and (ended := delivery_ended_early(self.run_dir.parent.parent, self.name, self.delivery,
+                                                               self.delivery_state)):
+            parts.append(ended)
         if self.result:
             from server.delivery import delivery_now, delivery_status, delivery_summary
 
@@ -429,25 +501,37 @@ def follow(root: Path, name: str, out, poll: float = 2.0, health=None, timeout: 
         time.sleep(poll)
 
 
-def stop(root: Path, name: str, env: dict, out) -> int:
-    """Ask the SuperLink to stop every flwr run of this name that has not finished; returns how many."""
+def stop(root: Path, name: str, env: dict, out) -> tuple[int, int]:
+    """Ask the SuperLink to stop every flwr run of this name that has not finished, its deliveries' (`oncofed
+    deliver`) too, each delivery stopped so recorded in the run's directory (end_delivery_run); returns how many of
+    each (training, delivery) it stopped."""
     superlink = read_superlink(root / "state" / "superlink.db")
     view = RunView.load(root, name, superlink)
-    stopped = 0
+    trained = delivered = 0
     for run_id in view.flwr_ids:
         status = (superlink or {}).get("runs", {}).get(run_id)
         if status is not None and status not in RUNNING:
             continue
-        proc = subprocess.run([flower_tool("flwr"), "stop", str(run_id), "consortium"], env=env, capture_output=True, text=True,
-                              timeout=120)
-        ok = proc.returncode == 0
-        stopped += ok
-        why = (proc.stdout + proc.stderr).strip()[-300:]
-        if not ok and "already finished" in why.lower():  # an earlier flwr run of a resumed run, asked because the
-            out.write(f"flwr run {run_id}: already finished\n")  # SuperLink's database was busy: nothing to stop
+        trained += _flwr_stop(run_id, "", env, out)
+    for entry in delivery_runs(view.run_dir):
+        if delivery_state(view.run_dir, entry, superlink) not in ("in progress", "unknown"):
             continue
-        out.write(f"flwr run {run_id}: " + ("stopped\n" if ok else f"not stopped ({why})\n"))
-    return stopped
+        if _flwr_stop(entry["flwr_run"], " (`oncofed deliver`)", env, out):
+            delivered += 1
+            end_delivery_run(view.run_dir, entry["flwr_run"], "stopped", "`oncofed runs stop`")
+    return trained, delivered
+
+
+def _flwr_stop(run_id: int, what: str, env: dict, out) -> bool:
+    """`flwr stop` of one flwr run; True when it stopped it (one already finished is not counted, nor a failure)."""
+    proc = subprocess.run([flower_tool("flwr"), "stop", str(run_id), "consortium"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    why = (proc.stdout + proc.stderr).strip()[-300:]
+    if proc.returncode != 0 and "already finished" in why.lower():  # an earlier flwr run of a resumed run, asked
+        out.write(f"flwr run {run_id}{what}: already finished\n")  # because the database was busy: nothing to stop
+        return False
+    out.write(f"flwr run {run_id}{what}: " + ("stopped\n" if proc.returncode == 0 else f"not stopped ({why})\n"))
+    return proc.returncode == 0
 
 
 def restart_hint(root: Path, view: RunView) -> str:

@@ -290,5 +290,5 @@ def test_runs_stop_counts_a_flwr_run_already_finished_as_nothing_to_stop_not_a_f
                                      stdout="Run is already finished." if finished else "stopped")
     monkeypatch.setattr(subprocess, "run", flwr)
     out = io.StringIO()
-    assert stop(consortium, "r1", {}, out) == 1
+    assert stop(consortium, "r1", {}, out) == (1, 0)  # (training flwr runs, deliveries) stopped
     assert "not stopped" not in out.getvalue() and "flwr run 111: already finished" in out.getvalue()

@@ -1,0 +1,135 @@
+"""An `oncofed deliver`'s own flwr run as the operator's commands see it: stopped with `oncofed runs stop`. On real files (a consortium directory, a finished run, a
+SuperLink database with flwr 1.41's layout) and, for the commands end to end, a stand-in `flwr` process beside the
+interpreter (no SuperLink runs here), as in tests/test_fault_review.py."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.factories import registered_consortium
+from tests.test_fault_review import NOT_SENT, SITES, _finished_files, _write
+from tests.test_runs import RUN_ID, _superlink_db
+
+DELIVERY = RUN_ID  # the delivery's flwr run; the run trained as RUN_ID - 1
+
+
+@pytest.fixture
+def consortium(tmp_path):
+    return registered_consortium(tmp_path / "op", SITES)
+
+
+def _finished_run(consortium) -> Path:
+    """Run r, trained by C0 and C1, its model installed at C0 alone (C1 was down at the end), as its ServerApp left
+    it: what `oncofed deliver` sends again."""
+    from server.checkpoint import save_checkpoint
+    from server.submit import PROJECT
+    from shared_models.run_config import app_defaults
+
+    run = consortium.path("runs", "r")
+    _write(run, _finished_files(["C0"], RUN_ID - 1))
+    save_checkpoint(run / "checkpoints", 1, [np.zeros(1)], {},
+                    {"run_config": {**app_defaults(PROJECT), "base-dir": str(PROJECT), "output-dir": str(run)}})
+    return run
+
+
+def _stand_in_flwr(tmp_path: Path, monkeypatch, db: Path, stream: str) -> None:
+    """A `flwr` beside the interpreter (shared_models.flower_tools). Its `flwr run` says it started flwr run DELIVERY,
+    whose ServerApp writes nothing, and then, `stream`: "followed", streams until that run ends in the SuperLink's
+    database (at most 30 s), or "dropped", ends at once with exit 1 (the server went down under it). Its `flwr stop
+    DELIVERY` stops that run in the database, as the SuperLink does; any other `flwr` command fails."""
+    flwr = tmp_path / "bin" / "flwr"
+    flwr.parent.mkdir()
+    flwr.write_text(f"""#!{sys.executable}
+import sqlite3, sys, time
+def execute(sql):
+    con = sqlite3.connect({str(db)!r})
+    row = con.execute(sql).fetchone()
+    con.commit()
+    con.close()
+    return row
+if sys.argv[1:3] == ["stop", "{DELIVERY}"]:
+    execute("UPDATE task SET finished_at='2026-12-02 10:00:00', sub_status='stopped'")
+    print("Run {DELIVERY} stopped.")
+    sys.exit(0)
+if sys.argv[1:2] != ["run"]:
+    sys.exit(1)
+print("Successfully started run {DELIVERY}", flush=True)
+if {stream!r} == "dropped":
+    sys.exit(1)
+deadline = time.time() + 30
+while execute("SELECT finished_at FROM task")[0] is None and time.time() < deadline:
+    time.sleep(0.1)
+""")
+    flwr.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python"))
+
+
+def _deliver_in_background(consortium, monkeypatch) -> tuple[threading.Thread, io.StringIO, list[int]]:
+    """`oncofed deliver CONSORTIUM r` in a thread (its preflight skipped: the server it checks is not running here),
+    once its flwr run is recorded in the run's directory (or 10 s passed): (the thread, what it printed, its exit)."""
+    import server.delivery
+
+    monkeypatch.setattr(server.delivery, "delivery_checks", lambda *a: [])
+    out, code = io.StringIO(), []
+    thread = threading.Thread(daemon=True, target=lambda: code.append(
+        server.delivery.submit_delivery(consortium.root, "r", out=out)))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not consortium.path("runs", "r", "delivery-runs.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return thread, out, code
+
+
+def _records(run: Path) -> dict[str, str]:
+    return {f: (run / f).read_text() for f in ("result.json", "status.json", "metrics.jsonl")}
+
+
+def test_runs_stop_stops_an_oncofed_deliver_in_progress_and_the_run_records_it(consortium, tmp_path, monkeypatch):
+    """`oncofed runs stop` stopped only the flwr runs in flwr-runs.json (the training attempts): a delivery's flwr run
+    is in none of the run's files, so it said "nothing running to stop" while `oncofed deliver` went on sending (and
+    the ServerApp's run lock told the operator to `oncofed runs stop` it). It stops the delivery; the run's directory
+    records it as stopped, its records of the deliveries are as they were, and `oncofed deliver` and `oncofed runs`
+    say that `oncofed deliver` sends the model again."""
+    from typer.testing import CliRunner
+
+    import privacy.preflight
+    import privacy.registry
+    from oncofed.cli import app
+    from privacy.preflight import Check
+    from server.runs import RunView, read_superlink
+
+    root, run = consortium.root, _finished_run(consortium)
+    db = _superlink_db(root, "running")  # the delivery's flwr run
+    _stand_in_flwr(tmp_path, monkeypatch, db, "followed")
+    before = _records(run)
+    deliver, said_by_deliver, code = _deliver_in_background(consortium, monkeypatch)
+    # the server is up, as far as `runs stop` asks (none runs here)
+    monkeypatch.setattr(privacy.preflight, "check_reachable", lambda *a: Check("SuperLink", True, "up"))
+    monkeypatch.setattr(privacy.registry, "foreign_superlink", lambda root: "")
+    result = CliRunner().invoke(app, ["runs", "stop", str(root), "r"])
+    deliver.join(timeout=30)
+    again = f"`oncofed deliver {root} r` sends it again to the sites that have not installed it"
+    assert result.exit_code == 0, result.output
+    assert f"flwr run {DELIVERY} (`oncofed deliver`): stopped" in result.output, result.output
+    assert "1 flwr run(s) stopped" in result.output and again in result.output, result.output
+    assert "--resume" not in result.output, result.output  # a finished run is not resumed: its model is sent again
+
+    assert not deliver.is_alive() and code == [1], said_by_deliver.getvalue()
+    assert f"(flwr run {DELIVERY}) was stopped (`oncofed runs stop`, " in said_by_deliver.getvalue(), \
+        said_by_deliver.getvalue()
+    assert again in said_by_deliver.getvalue(), said_by_deliver.getvalue()
+    ended = json.loads((run / "delivery-runs.json").read_text())[-1]
+    assert ended["flwr_run"] == DELIVERY and ended["ended"]["how"] == "stopped", ended
+    assert _records(run) == before  # the deliveries as recorded before it: C1 still lacks the model
+    line = RunView.load(root, "r", read_superlink(db)).describe({})
+    assert "was stopped (`oncofed runs stop`" in line and f"not at C1 ({NOT_SENT})" in line, line
+    result = CliRunner().invoke(app, ["runs", "stop", str(root), "r"])
+    assert result.exit_code == 0 and "nothing running to stop" in result.output, result.output
