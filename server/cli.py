@@ -328,7 +328,8 @@ def deliver(
     installed it (no training, no privacy spend). A dropped log stream (a SuperLink restart) is not its end: the
     delivery's flwr run is followed until it ends. Exit 0: every site that trained has it; 3: some site that trained
     still has not installed it (named); 1: the run ended without a model (no site trained), or the delivery did not
-    finish (stopped by `oncofed runs stop`: said, with the next step); 2: preflight failed."""
+    finish (stopped by `oncofed runs stop`, ended by the server's exit: said, with the next step); 2: preflight
+    failed."""
     import sys
 
     from privacy.preflight import PreflightError

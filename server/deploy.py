@@ -412,7 +412,8 @@ def superexec_command(c: Consortium, parent_pid: int) -> list[str]:
     """The SuperExec that launches ServerApps for the SuperLink (its Runtime API, over TLS on loopback);
     it exits when this service does (`--parent-pid`). Flower 1.41 starts each ServerApp with `--parent-pid` of the
     SuperExec, and the ServerApp stops when it dies: a running run ends with either process (its checkpoints stay;
-    `oncofed run --resume` continues it); the service records which (server.runs.record_interrupted)."""
+    `oncofed run --resume` continues it); the service records which (server.runs.record_interrupted, and for an
+    `oncofed deliver`'s, record_interrupted_deliveries)."""
     return [sys.executable, "-m", "server.flower_processes", "superexec", "--runtime-api-address",
             f"127.0.0.1:{c.internal_port}",
             "--root-certificates", str(c.path("ca", "ca.crt")), "--parent-pid", str(parent_pid)]
@@ -588,12 +589,16 @@ def start_server(root: str | Path, metrics_port: int = METRICS_PORT, out=sys.std
                            for s in services}})
 
     def interrupted(why: str) -> None:  # the runs this exit ends, in their directories, before the database says failed
-        from server.runs import read_superlink, record_interrupted
+        from server.runs import read_superlink, record_interrupted, record_interrupted_deliveries
 
-        if names := record_interrupted(c.root, why, read_superlink(c.path("state", "superlink.db"))):
+        superlink = read_superlink(c.path("state", "superlink.db"))
+        if names := record_interrupted(c.root, why, superlink):
             out.write(f"run(s) {', '.join(names)} stopped: {why}; `oncofed run {c.root} --name NAME --resume` "
                       "continues each\n")
-            out.flush()
+        if names := record_interrupted_deliveries(c.root, why, superlink):
+            out.write(f"the delivery of run(s) {', '.join(names)} stopped: {why}; `oncofed deliver {c.root} NAME` "
+                      "sends each again\n")
+        out.flush()
 
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)

@@ -175,6 +175,20 @@ def delivery_state(run_dir: Path, entry: dict, superlink: dict | None) -> str:
                                                     "finished:stopped": "stopped"}.get(state, "failed")
 
 
+def record_interrupted_deliveries(root: Path, why: str, superlink: dict | None) -> list[str]:
+    """record_interrupted for deliveries: each delivery flwr run the SuperLink has running is recorded as ended by
+    the server's exit (`why`), so that `oncofed runs` and `oncofed deliver` say so and what to do, instead of a
+    delivery in progress. Not a pending one: the restarted SuperExec launches it. Returns the runs' names."""
+    runs = (superlink or {}).get("runs", {})
+    names = set()
+    for f in (root / "runs").glob(f"*/{DELIVERY_RUNS}"):
+        for e in delivery_runs(f.parent):
+            if not e.get("ended") and runs.get(e["flwr_run"]) == "running" and not written_by(f.parent, e["flwr_run"]):
+                end_delivery_run(f.parent, e["flwr_run"], "interrupted", why)
+                names.add(f.parent.name)
+    return sorted(names)
+
+
 def delivery_ended_early(root: Path, name: str, entry: dict, state: str) -> str:
     """What became of a delivery that ended without recording what it did, and what to do: "" for one in progress,
     finished or unknown. What it sent before it ended is not lost: a site that installed the model keeps it and says
@@ -331,6 +345,7 @@ class RunView:
     flwr_run: int | None = None  # the one flwr run followed (`oncofed run`'s or `oncofed deliver`'s own); None: any
     delivery: dict | None = None  # the latest `oncofed deliver`'s flwr run (delivery_runs), None: none since training
     delivery_state: str = ""  # what became of it (delivery_state)
+    following_delivery: bool = False  # flwr_run is an `oncofed deliver`'s
 
     @classmethod
     def load(cls, root: Path, name: str, superlink: dict | None, flwr_run: int | None = None) -> "RunView":
@@ -342,10 +357,15 @@ class RunView:
         status = (superlink or {}).get("runs", {}).get(of) if of is not None and superlink else None
         interrupted = i if of is not None and (i := _json(d / INTERRUPTED)) and i.get("flwr_run") == of else None
         deliveries = delivery_runs(d)
+        followed = next((e for e in deliveries if e["flwr_run"] == of), None) if flwr_run is not None else None
+        if followed and (state := delivery_state(d, followed, superlink)) in ("stopped", "interrupted"):
+            # as the database will say once Flower notices: a delivery that died with the server is not followed on
+            status = "finished:stopped" if state == "stopped" else "finished:failed"
+            interrupted = followed["ended"] if state == "interrupted" else None
         latest = deliveries[-1] if deliveries else None
         return cls(name, d, _json(d / STATUS) or {}, _json(d / PROGRESS) or {}, _json(d / RESULT), ids, status,
                    _rounds_seconds(d / METRICS), _mtime(d / STATUS), interrupted, flwr_run, latest,
-                   delivery_state(d, latest, superlink) if latest else "")
+                   delivery_state(d, latest, superlink) if latest else "", followed is not None)
 
     @property
     def finished(self) -> bool:
@@ -385,8 +405,9 @@ class RunView:
             fix = ("put the server and the sites on one OncoFed version" if FOREIGN_APP in found[0] else
                    "fix it at the sites (each refusal in metrics.jsonl says how)")
             return " · ".join([NO_SITE_TRAINED, parts[1], found[0], f"next: {fix}, then a new run with another --name"])
-        p = self.progress
-        if self.running and server_down:
+        # progress.json is the training's (a delivery's ServerApp writes none): not what a delivery followed is doing
+        p = {} if self.following_delivery else self.progress
+        if self.running and server_down and not self.following_delivery:
             return " · ".join([f"{self.state} when the server went down", parts[1], f"not training: {server_down}"])
         if self.interrupted and not self.running and not self.result:
             parts[0] += (f": ended by the server's exit ({self.interrupted.get('why')}, "
@@ -405,10 +426,10 @@ class RunView:
             if p.get("stage_started"):
                 stage += f", {time.time() - float(p['stage_started']):.0f} s in this stage"
             parts.append(stage)
-        eta = self.eta_seconds()
+        eta = None if self.following_delivery else self.eta_seconds()
         if eta is not None:
             parts.append(f"ETA ~{_minutes(eta)}")
-        elif self.running and done == 0:
+        elif self.running and done == 0 and not self.following_delivery:
             parts.append("ETA after round 1")
         if self.delivery_state == "in progress":
             since = time.strftime("%H:%M:%S", time.localtime(self.delivery.get("submitted", 0)))

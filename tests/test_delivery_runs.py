@@ -1,4 +1,5 @@
-"""An `oncofed deliver`'s own flwr run as the operator's commands see it: stopped with `oncofed runs stop`. On real files (a consortium directory, a finished run, a
+"""An `oncofed deliver`'s own flwr run as the operator's commands see it: stopped with `oncofed runs stop`, cut off by
+the server's exit. On real files (a consortium directory, a finished run, a
 SuperLink database with flwr 1.41's layout) and, for the commands end to end, a stand-in `flwr` process beside the
 interpreter (no SuperLink runs here), as in tests/test_fault_review.py."""
 
@@ -16,7 +17,7 @@ import pytest
 
 from tests.factories import registered_consortium
 from tests.test_fault_review import NOT_SENT, SITES, _finished_files, _write
-from tests.test_runs import RUN_ID, _superlink_db
+from tests.test_runs import RUN_ID, _set_run_state, _superlink_db
 
 DELIVERY = RUN_ID  # the delivery's flwr run; the run trained as RUN_ID - 1
 
@@ -133,3 +134,58 @@ def test_runs_stop_stops_an_oncofed_deliver_in_progress_and_the_run_records_it(c
     assert "was stopped (`oncofed runs stop`" in line and f"not at C1 ({NOT_SENT})" in line, line
     result = CliRunner().invoke(app, ["runs", "stop", str(root), "r"])
     assert result.exit_code == 0 and "nothing running to stop" in result.output, result.output
+
+
+def test_a_delivery_the_servers_exit_ended_is_recorded_so_and_says_to_deliver_again(consortium, tmp_path,
+                                                                                  monkeypatch):
+    """The server was killed (kill -9) while `oncofed deliver` sent the model: its ServerApp died with it, but nothing
+    recorded that, as record_interrupted does for a training run, so the run showed no delivery ended and `oncofed
+    deliver`, following a flwr run the database still called running, gave up only after the server's give-up time,
+    saying "did not finish". The next `oncofed server start` records it as ended by the server's exit: `oncofed
+    deliver` says so at once, and it and `oncofed runs` name the next step."""
+    import signal
+
+    import server.deploy
+    from server.deploy import DeployError, start_server
+    from server.runs import RunView, read_superlink
+
+    root, run = consortium.root, _finished_run(consortium)
+    db = _superlink_db(root, "running")  # the delivery's flwr run, whose ServerApp the kill ended
+    _stand_in_flwr(tmp_path, monkeypatch, db, "dropped")
+    before = _records(run)
+    deliver, said_by_deliver, code = _deliver_in_background(consortium, monkeypatch)
+
+    def no_superlink_here(self):
+        raise DeployError("stand-in: no SuperLink is started here")
+
+    # `oncofed server start` up to where it starts its SuperLink, after it recorded what the last server's exit ended
+    monkeypatch.setattr(server.deploy, "server_checks", lambda *a: [])
+    monkeypatch.setattr(server.deploy.proxy, "nginx_command", lambda root: ["nginx"])
+    monkeypatch.setattr(server.deploy.Supervised, "start", no_superlink_here)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # not the test process's own handlers
+    started = io.StringIO()
+    assert start_server(root, metrics_port=0, out=started) == 1
+    assert (f"the delivery of run(s) r stopped: the server exited (killed or crashed) while it ran; "
+            f"`oncofed deliver {root} NAME` sends each again") in started.getvalue(), started.getvalue()
+    deliver.join(timeout=30)
+    said = said_by_deliver.getvalue()
+    assert not deliver.is_alive() and code == [1], said
+    assert (f"(flwr run {DELIVERY}) was ended by the server's exit (the server exited (killed or crashed) while it "
+            "ran, ") in said, said
+    assert f"`oncofed server start {root}`), `oncofed deliver {root} r` sends it again" in said, said
+    assert _records(run) == before
+    line = RunView.load(root, "r", read_superlink(db)).describe({})  # the database still says running
+    assert "is delivering" not in line and "was ended by the server's exit" in line, line
+
+
+def test_a_delivery_pending_when_the_server_exits_is_not_recorded_as_ended(consortium):
+    """Only a running delivery's ServerApp dies with the server: a pending one (or one being started, which Flower
+    puts back to pending) the restarted SuperExec launches."""
+    from server.runs import read_superlink, record_delivery_run, record_interrupted_deliveries
+
+    run = _finished_run(consortium)
+    record_delivery_run(run, DELIVERY)
+    db = _superlink_db(consortium.root, "pending")
+    assert record_interrupted_deliveries(consortium.root, "the server was stopped", read_superlink(db)) == []
+    _set_run_state(db, "running")
+    assert record_interrupted_deliveries(consortium.root, "the server was stopped", read_superlink(db)) == ["r"]
