@@ -252,7 +252,8 @@ def runs_follow(
 
     Ctrl-C stops following, not the run. Exit codes as `oncofed run`'s: 0 trained and installed at every site that
     trained; 1 failed, stopped or ended without a model, or the server stayed down (stopped following); 3 trained, but
-    some site that trained did not install the model (named; send it again: `oncofed deliver`).
+    some site that trained did not install the model (named; send it again: `oncofed deliver`). An `oncofed deliver`
+    of it in progress is followed to its end first.
     """
     import sys
 

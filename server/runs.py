@@ -702,10 +702,17 @@ def follow_to_verdict(root: Path, name: str, out, poll: float = 2.0, health=None
     result.json is written, finished_verdict's (0 every site that trained installed the model; 3 some did not, named,
     with `oncofed deliver`; 1 no model), whoever wrote it last (the run, or an `oncofed deliver` since: the deliveries
     as they stand); otherwise 1, with how to go on, or when following was given up (the server down: said so). It
-    exited 0 for any run that completed, hiding a site that trained and never installed the model."""
-    if follow(root, name, out, poll=poll, health=health) == 3:
+    exited 0 for any run that completed, hiding a site that trained and never installed the model. An `oncofed
+    deliver` of it in progress is followed to its end first (the verdict before it would name the sites it is sending
+    the model to), and one that ended without recording its delivery is said with what to do."""
+    db = root / "state" / "superlink.db"
+    view = RunView.load(root, name, read_superlink(db))
+    delivering = view.delivery["flwr_run"] if view.delivery_state == "in progress" else None
+    if follow(root, name, out, poll=poll, health=health, flwr_run=delivering) == 3:
         return 1
-    view = RunView.load(root, name, read_superlink(root / "state" / "superlink.db"))
+    view = RunView.load(root, name, read_superlink(db))
+    if delivering is not None and (ended := delivery_ended_early(root, name, view.delivery, view.delivery_state)):
+        out.write(ended + "\n")  # then the verdict on the deliveries as they stand
     if view.result:
         code, message = finished_verdict(view.run_dir, name)
         out.write(message + "\n")

@@ -1,5 +1,5 @@
 """An `oncofed deliver`'s own flwr run as the operator's commands see it: stopped with `oncofed runs stop`, cut off by
-the server's exit. On real files (a consortium directory, a finished run, a
+the server's exit, followed by `oncofed runs follow`. On real files (a consortium directory, a finished run, a
 SuperLink database with flwr 1.41's layout) and, for the commands end to end, a stand-in `flwr` process beside the
 interpreter (no SuperLink runs here), as in tests/test_fault_review.py."""
 
@@ -189,3 +189,29 @@ def test_a_delivery_pending_when_the_server_exits_is_not_recorded_as_ended(conso
     assert record_interrupted_deliveries(consortium.root, "the server was stopped", read_superlink(db)) == []
     _set_run_state(db, "running")
     assert record_interrupted_deliveries(consortium.root, "the server was stopped", read_superlink(db)) == ["r"]
+
+
+def test_runs_follow_follows_an_oncofed_deliver_in_progress_to_its_verdict(consortium):
+    """`oncofed runs follow` of a run being delivered again gave at once the verdict from before the delivery (exit 3,
+    "not at C1 ...: `oncofed deliver`", the command that was running); it follows the delivery to its end."""
+    from typer.testing import CliRunner
+
+    from oncofed.cli import app
+    from server.runs import record_delivery_run
+
+    root, run = consortium.root, _finished_run(consortium)
+    record_delivery_run(run, DELIVERY)
+    db = _superlink_db(root, "running")
+
+    def delivered():  # the delivery's ServerApp: C1 is back and installs the model
+        time.sleep(1.0)
+        _write(run, _finished_files(["C0", "C1"], DELIVERY))
+        _set_run_state(db, "completed")
+
+    delivering = threading.Thread(target=delivered)
+    delivering.start()
+    result = CliRunner().invoke(app, ["runs", "follow", str(root), "r", "--poll", "0.5"])
+    delivering.join()
+    assert f"`oncofed deliver` (flwr run {DELIVERY}, since " in result.output, result.output
+    assert result.exit_code == 0 and "final model installed at all 2 site(s) that trained" in result.output, \
+        result.output
