@@ -125,11 +125,13 @@ INTERRUPTED = "interrupted.json"  # in a run's directory: the server's exit that
 
 
 def record_interrupted(root: Path, why: str, superlink: dict | None) -> list[str]:
-    """Write into each run the SuperLink has pending or running that the server's exit (`why`) ends it: Flower 1.41
-    starts every ServerApp with `--parent-pid` of the SuperExec, and a ServerApp stops when that process dies (so
-    with the SuperExec, the `oncofed server start` it is chained to, a restart or `oncofed server stop`). Returns
-    the names."""
-    live = {name: run_id for name, (run_id, state) in _latest_flwr_runs(root, superlink).items() if state in RUNNING}
+    """Write into each run the SuperLink has running that the server's exit (`why`) ends it: Flower 1.41 starts every
+    ServerApp with `--parent-pid` of the SuperExec, and a ServerApp stops when that process dies (so with the
+    SuperExec, the `oncofed server start` it is chained to, a restart or `oncofed server stop`). Not a pending or
+    starting one: it has no ServerApp yet (Flower puts a starting one whose launch lapsed back to pending), and the
+    restarted SuperExec launches it; recorded, the resume preflight (live_flwr_runs) would take it for dead once it
+    runs. Returns the names."""
+    live = {name: run_id for name, (run_id, state) in _latest_flwr_runs(root, superlink).items() if state == "running"}
     for name, run_id in live.items():
         write_json_atomic(root / "runs" / name / INTERRUPTED, {"flwr_run": run_id, "why": why, "at": time.time()})
     return sorted(live)

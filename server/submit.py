@@ -202,7 +202,8 @@ def live_flwr_runs(c: Consortium, run_dir: Path) -> list[int]:
     """This run name's flwr runs the SuperLink's database holds as pending, starting or running, but for one the
     server's exit ended (interrupted.json, written by `oncofed server start` before its SuperLink starts): its
     ServerApp died with the SuperExec, and the database calls it running until Flower sees its heartbeat lapse. A
-    pending or starting one the restarted SuperExec launches again: live."""
+    pending or starting one the restarted SuperExec launches: live, and never recorded there (record_interrupted), so
+    once it runs it is not taken for the one the exit ended (a flwr run that ran never runs again)."""
     from server.runs import INTERRUPTED, RUNNING, read_superlink
 
     try:

@@ -50,20 +50,25 @@ def _write(run: Path, files: dict[str, str]) -> None:
         (run / name).write_text(text)
 
 
-def test_resume_is_refused_while_the_run_is_pending_or_running_on_the_superlink_and_allowed_once_it_ended(consortium):
-    """A second `oncofed run --resume` beside a healthy `oncofed run` of the same name passed preflight, stopped the
-    healthy run (`flwr stop`) and took over; the first then advised `--resume`, which would have stopped the second."""
+def _resume_check(consortium, run: Path):
+    """The preflight check of `oncofed run --resume` on the run in `run` (server.submit.run_checks)."""
     from privacy.run_config import load_run_config
     from server.submit import PROJECT, run_checks
     from shared_models.run_config import app_defaults
 
+    cfg = load_run_config({**app_defaults(PROJECT), "base-dir": str(PROJECT)}, source="run config")
+    return {c.name: c for c in run_checks(consortium, cfg, run, True, [], "")}[f"run {run.name}"]
+
+
+def test_resume_is_refused_while_the_run_is_pending_or_running_on_the_superlink_and_allowed_once_it_ended(consortium):
+    """A second `oncofed run --resume` beside a healthy `oncofed run` of the same name passed preflight, stopped the
+    healthy run (`flwr stop`) and took over; the first then advised `--resume`, which would have stopped the second."""
     root, run = consortium.root, consortium.path("runs", "live")
     _write(run, {"run.json": "{}", "flwr-runs.json": json.dumps([RUN_ID])})  # round 1 done: started
     db = _superlink_db(root, "running")
-    cfg = load_run_config({**app_defaults(PROJECT), "base-dir": str(PROJECT)}, source="run config")
 
     def resume_check():
-        return {c.name: c for c in run_checks(consortium, cfg, run, True, [], "")}["run live"]
+        return _resume_check(consortium, run)
 
     for state in ("pending", "running"):
         _set_run_state(db, state)
@@ -79,6 +84,28 @@ def test_resume_is_refused_while_the_run_is_pending_or_running_on_the_superlink_
     _set_run_state(db, "running")
     (run / "interrupted.json").write_text(json.dumps({"flwr_run": RUN_ID, "why": "the server exited", "at": 0}))
     assert resume_check().ok, resume_check().detail
+
+
+@pytest.mark.parametrize("state", ["pending", "starting"])
+def test_a_run_not_yet_running_when_the_server_exits_is_not_recorded_as_ended_and_its_resume_is_refused_once_it_runs(
+        consortium, state):
+    """`oncofed server start` recorded a run the SuperLink had pending or starting as ended by the server's exit
+    (interrupted.json), but such a run has no ServerApp to lose: the restarted SuperExec launches it. Once it ran,
+    the resume preflight took it for the run the exit ended and passed, and the resume then stopped it (stop_previous)
+    and trained over it. Only a running one is recorded, and the resume is refused while the launched run runs."""
+    from server.runs import read_superlink, record_interrupted
+
+    root, run = consortium.root, consortium.path("runs", "live")
+    _write(run, {"run.json": "{}", "flwr-runs.json": json.dumps([RUN_ID])})  # resumed: its latest flwr run waits
+    db = _superlink_db(root, state)
+    assert record_interrupted(root, "the server was stopped", read_superlink(db)) == []
+    _set_run_state(db, "running")  # the restarted SuperExec launched it
+    refused = _resume_check(consortium, run)
+    assert not refused.ok and f"flwr run {RUN_ID} of this name is still pending or running" in refused.detail, \
+        refused.detail
+    # one running when the server exits lost its ServerApp: recorded, and resumed while the database still says running
+    assert record_interrupted(root, "the server was stopped", read_superlink(db)) == ["live"]
+    assert _resume_check(consortium, run).ok
 
 
 @contextlib.contextmanager
