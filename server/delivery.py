@@ -451,7 +451,32 @@ def delivery_checks(c, run_dir: Path, cfg) -> list:
         checks.append(Check(f"final model {run_dir / FINAL_WEIGHTS}", True, "matches its package"))
     except (OSError, ValueError) as e:
         checks.append(Check(f"final model {run_dir / FINAL_WEIGHTS}", False, str(e)))
+    if busy := run_in_progress(c, run_dir):
+        checks.append(Check(f"run {run_dir.name}", False, busy))
     return checks
+
+
+def run_in_progress(c, run_dir: Path) -> str:
+    """Why `oncofed deliver` must not start now, "" if nothing holds the run: a flwr run of it the SuperLink has
+    pending or running, an `oncofed deliver`'s (delivery-runs.json) or its training's (flwr-runs.json, whose
+    ServerApp delivers the model itself when training ends). A second ServerApp of the run would wait 60 s for the
+    one holding the run's lock (server.checkpoint.hold_run_lock) and then fail."""
+    from server.runs import delivery_runs, delivery_state, read_superlink
+    from server.submit import live_flwr_runs
+
+    superlink = read_superlink(c.path("state", "superlink.db"))
+    delivering = [e["flwr_run"] for e in delivery_runs(run_dir)
+                  if delivery_state(run_dir, e, superlink) == "in progress"]
+    if delivering:
+        what = f"flwr run {delivering[-1]}, an `oncofed deliver` of this run, is"
+    elif training := live_flwr_runs(c, run_dir):
+        what = (f"flwr run {training[-1]}, this run's training (`oncofed run`), which delivers the model when it "
+                "ends, is")
+    else:
+        return ""
+    return (f"{what} still pending or running on the SuperLink. Follow it to its verdict with "
+            f"`oncofed runs follow {c.root} {run_dir.name}`, or stop it with `oncofed runs stop {c.root} "
+            f"{run_dir.name}` and then `oncofed deliver {c.root} {run_dir.name}` again")
 
 
 def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:

@@ -215,3 +215,53 @@ def test_runs_follow_follows_an_oncofed_deliver_in_progress_to_its_verdict(conso
     assert f"`oncofed deliver` (flwr run {DELIVERY}, since " in result.output, result.output
     assert result.exit_code == 0 and "final model installed at all 2 site(s) that trained" in result.output, \
         result.output
+
+
+@pytest.mark.parametrize("holder,state", [("delivery", "pending"), ("delivery", "running"), ("training", "running")])
+def test_oncofed_deliver_is_refused_at_preflight_while_a_flwr_run_of_the_run_is_pending_or_running(
+        consortium, tmp_path, monkeypatch, holder, state):
+    """A second `oncofed deliver` beside one in progress (or beside the run's training, whose ServerApp delivers the
+    model itself) passed preflight and submitted a ServerApp that waited 60 s for the run's lock, then failed. It is
+    refused at once, naming the flwr run in progress and what to do, and allowed once that flwr run ended."""
+    import privacy.preflight
+    import server.deploy
+    from typer.testing import CliRunner
+
+    from oncofed.cli import app
+    from privacy.audit import AuditLog
+    from privacy.preflight import Check
+    from server.delivery import save_package
+    from server.runs import record_delivery_run
+    from shared_models.weights import arrays_sha256
+
+    root, run = consortium.root, _finished_run(consortium)
+    final = [np.ones(3, dtype=np.float32)]  # its saved final model, as its audit log recorded it: preflight passes it
+    np.savez(run / "final_weights.npz", *final)
+    save_package(run, {"run": "k", "round": 1, "arrays_sha256": arrays_sha256(final)})
+    AuditLog(run / "audit.jsonl").append("round", run="k", round=1, weights_sha256=arrays_sha256(final))
+    if holder == "delivery":
+        record_delivery_run(run, DELIVERY)
+    else:  # the training's own flwr run, delivering the model at its end
+        (run / "flwr-runs.json").write_text(json.dumps([RUN_ID]))
+    db = _superlink_db(root, state)
+    up = Check("stand-in", True, "the server is not running here")
+    monkeypatch.setattr(privacy.preflight, "check_reachable", lambda *a: up)
+    monkeypatch.setattr(server.deploy, "check_server_health", lambda c: up)
+    flwr = tmp_path / "bin" / "flwr"  # a `flwr` beside the interpreter that says it ran and ends
+    flwr.parent.mkdir()
+    flwr.write_text(f"#!{sys.executable}\nimport pathlib, sys\npathlib.Path({str(tmp_path / 'ran')!r}).touch()\n"
+                    "sys.exit(1)\n")
+    flwr.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python"))
+
+    started = time.monotonic()
+    result = CliRunner().invoke(app, ["deliver", str(root), "r"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and time.monotonic() - started < 10, result.output
+    what = "an `oncofed deliver` of this run" if holder == "delivery" else "this run's training (`oncofed run`)"
+    assert f"flwr run {RUN_ID}, {what}" in said and "still pending or running on the SuperLink" in said, said
+    assert f"`oncofed runs follow {root} r`" in said and f"`oncofed runs stop {root} r`" in said, said
+    assert not (tmp_path / "ran").exists()  # no flwr run submitted
+    _set_run_state(db, "completed")  # it ended: the next delivery goes ahead
+    result = CliRunner().invoke(app, ["deliver", str(root), "r"])
+    assert (tmp_path / "ran").exists() and "preflight passed" in result.output, result.output
