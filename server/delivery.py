@@ -459,9 +459,10 @@ def delivery_checks(c, run_dir: Path, cfg) -> list:
 def run_in_progress(c, run_dir: Path) -> str:
     """Why `oncofed deliver` must not start now, "" if nothing holds the run: a flwr run of it the SuperLink has
     pending or running, an `oncofed deliver`'s (delivery-runs.json) or its training's (flwr-runs.json, whose
-    ServerApp delivers the model itself when training ends). A second ServerApp of the run would wait 60 s for the
-    one holding the run's lock (server.checkpoint.hold_run_lock) and then fail."""
-    from server.runs import delivery_runs, delivery_state, read_superlink
+    ServerApp delivers the model itself when training ends), but for one that wrote result.json (it is ending). A
+    second ServerApp of the run would wait 60 s for the one holding the run's lock (server.checkpoint.hold_run_lock)
+    and then fail."""
+    from server.runs import delivery_runs, delivery_state, read_superlink, written_by
     from server.submit import live_flwr_runs
 
     superlink = read_superlink(c.path("state", "superlink.db"))
@@ -469,7 +470,8 @@ def run_in_progress(c, run_dir: Path) -> str:
                   if delivery_state(run_dir, e, superlink) == "in progress"]
     if delivering:
         what = f"flwr run {delivering[-1]}, an `oncofed deliver` of this run, is"
-    elif training := live_flwr_runs(c, run_dir):
+    # a training whose ServerApp wrote result.json has delivered and is ending: the new one waits for its lock
+    elif training := [i for i in live_flwr_runs(c, run_dir) if not written_by(run_dir, i)]:
         what = (f"flwr run {training[-1]}, this run's training (`oncofed run`), which delivers the model when it "
                 "ends, is")
     else:

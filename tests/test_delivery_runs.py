@@ -262,6 +262,10 @@ def test_oncofed_deliver_is_refused_at_preflight_while_a_flwr_run_of_the_run_is_
     assert f"flwr run {RUN_ID}, {what}" in said and "still pending or running on the SuperLink" in said, said
     assert f"`oncofed runs follow {root} r`" in said and f"`oncofed runs stop {root} r`" in said, said
     assert not (tmp_path / "ran").exists()  # no flwr run submitted
+    if holder == "training":  # its ServerApp wrote result.json and is ending: the delivery waits for it (its lock)
+        _write(run, _finished_files(["C0"], RUN_ID))
+        result = CliRunner().invoke(app, ["deliver", str(root), "r"])
+        assert (tmp_path / "ran").exists() and "preflight passed" in result.output, result.output
     _set_run_state(db, "completed")  # it ended: the next delivery goes ahead
     result = CliRunner().invoke(app, ["deliver", str(root), "r"])
     assert (tmp_path / "ran").exists() and "preflight passed" in result.output, result.output
