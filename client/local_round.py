@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from client.site import PreparedSite, min_count
-from privacy.accounting import (BudgetError, Overflow, SkellamSteps, compact, epsilon, noise_multiplier_for,
-                                public_schedule)
+from privacy.accounting import (UNPROVABLE, BudgetError, Overflow, SkellamSteps, compact, epsilon, epsilon_and_delta,
+                                noise_multiplier_for, public_schedule)
 from privacy.clipping import clipped_sum, finite_samples_only, make_private
 from privacy import MIN_RUN_SHARE, distributed  # noqa: F401 (MIN_RUN_SHARE: re-exported)
 from privacy.ledger import EPSILON_SLACK, RunPlan
@@ -86,6 +86,10 @@ def starved_refusal(site: PreparedSite, run_id: str, cfg: RunConfig) -> str:
     left = site.ledger.budget_epsilon - spent
     if left >= MIN_RUN_SHARE * cfg.privacy.epsilon:
         return ""
+    if math.isinf(spent):
+        return (f"run {run_id} refused: this site's spend has no finite epsilon{UNPROVABLE}. Nothing was trained or "
+                "sent; the site's data-protection officer decides whether its patients train again (a new privacy "
+                "ledger starts from zero only by their decision)")
     return (f"run {run_id} asks for epsilon {cfg.privacy.epsilon:g} and this site has {max(left, 0):.3g} left of its "
             f"budget {site.ledger.budget_epsilon:g} ({spent:.3f} spent): its update would carry noise for "
             f"{max(left, 0):.3g}, many times the run's, which the consortium's sum would carry too. Nothing was trained "
@@ -110,6 +114,17 @@ def run_noise(site: PreparedSite, run_id: str, cfg: RunConfig) -> tuple[float, f
     and epsilon on every round."""
     if (saved := saved_plan(site, run_id, cfg)) is not None:
         return saved.noise_multiplier, saved.sample_rate, saved.steps_per_round
+    sigma, q, total, target = new_run_noise(site, run_id, cfg)
+    plan = site.ledger.start_run(site.dataset_fingerprint, run_id, RunPlan(
+        epsilon=cfg.privacy.epsilon, epsilon_cap=target, num_rounds=cfg.federation.num_rounds, steps_per_round=total // cfg.federation.num_rounds,
+        noise_multiplier=sigma, sample_rate=q, terms=plan_terms(cfg)))
+    return plan.noise_multiplier, plan.sample_rate, plan.steps_per_round
+
+
+def new_run_noise(site: PreparedSite, run_id: str, cfg: RunConfig) -> tuple[float, float, int, float]:
+    """(noise multiplier, sample rate, total steps, the epsilon the run may bring the site to) for a new run at this
+    site, or BudgetError: the site does not join it (what is left is below MIN_RUN_SHARE of the run's epsilon).
+    Records nothing: the round's precheck asks it too, before any site trains."""
     if reason := starved_refusal(site, run_id, cfg):
         raise BudgetError(reason)
     q, total = public_schedule(cfg.privacy.sample_rate, cfg.training.local_epochs, cfg.federation.num_rounds)
@@ -122,11 +137,16 @@ def run_noise(site: PreparedSite, run_id: str, cfg: RunConfig) -> tuple[float, f
     # And the run's model alone costs at most the run's epsilon. Composition is subadditive, so noise set by the total
     # alone falls with every run: a second run of epsilon 8 after one of 7.97 got noise multiplier 1.17 instead of
     # 1.625, a model of epsilon 13.0 on its own (and a total of 15.9 where 11.8 now)
-    sigma = max(sigma, noise_multiplier_for(cfg.privacy.epsilon, site.ledger.delta, q, total, spent=[overflow]))
-    plan = site.ledger.start_run(site.dataset_fingerprint, run_id, RunPlan(
-        epsilon=cfg.privacy.epsilon, epsilon_cap=target, num_rounds=cfg.federation.num_rounds, steps_per_round=total // cfg.federation.num_rounds,
-        noise_multiplier=sigma, sample_rate=q, terms=plan_terms(cfg)))
-    return plan.noise_multiplier, plan.sample_rate, plan.steps_per_round
+    own = noise_multiplier_for(cfg.privacy.epsilon, site.ledger.delta, q, total, spent=[overflow])
+    # The budget's rest is not all a run can have: the history's bad events, priced at the epsilon claimed, can make
+    # the total unprovable far below the budget (privacy/accounting.py `priced`), and the noise then grows many-fold
+    alone = epsilon([(sigma, q, total), overflow], site.ledger.delta) if sigma > own else cfg.privacy.epsilon
+    if alone < MIN_RUN_SHARE * cfg.privacy.epsilon:
+        raise BudgetError(
+            f"run {run_id} refused: this site's spend can grow by epsilon {alone:.3g} only, though its budget "
+            f"{site.ledger.budget_epsilon:g} has more left{UNPROVABLE}; its update would carry {sigma / own:.1f} times "
+            f"the run's noise, which the consortium's sum would carry too. Nothing was trained or sent")
+    return max(sigma, own), q, total, target
 
 
 def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunConfig, run_id: str, rnd: int,
@@ -168,7 +188,8 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
             warnings.simplefilter("ignore")  # Opacus' notes on secure_mode and optimizer types
             if cfg.privacy.pad_batches:  # Poisson batches at a fixed cost (privacy/sampling.py), from the secret rng
                 loader = PaddedPoissonLoader.from_data_loader(loader, generator=engine.secure_rng, sample_rate=q,
-                                                              steps=per_epoch, pad_to=cfg.privacy.pad_to)
+                                                              steps=per_epoch, pad_to=cfg.privacy.pad_to,
+                                                              tail=padding_tail(cfg))  # the tail its entry records
             else:  # Opacus' own Poisson loader, at (at most) the run's sample rate
                 loader = opacus_poisson_loader(loader.dataset, q, engine.secure_rng)
             if cfg.privacy.clipping == "ghost":  # per-sample clipping without per-sample gradients; Opacus' noise
@@ -225,10 +246,11 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
         spent = site.ledger.commit_round(ticket, totals.steps)
         if opacus_checks:  # the two accountants over the same history: the ledger's as it stood when the round began
             # (`spent` may hold another run's round committed meanwhile at this site, which Opacus' copy lacks)
-            # (the ledger's figure prices the padding's overflow, which Opacus does not know: ~1e-7 relative above it)
-            ours = epsilon(past + [(ticket.noise_multiplier, ticket.sample_rate, totals.steps),
-                                   Overflow(totals.steps, padding_tail(cfg))], site.ledger.delta)
-            accountant_eps = float(engine.get_epsilon(site.ledger.delta))
+            # at the delta the ledger charged the steps: its figure pays the bad events' price (the padding's overflow,
+            # privacy/accounting.py `priced`) out of delta, which Opacus' accountant does not know of
+            ours, charged = epsilon_and_delta(past + [(ticket.noise_multiplier, ticket.sample_rate, totals.steps),
+                                                      Overflow(totals.steps, padding_tail(cfg))], site.ledger.delta)
+            accountant_eps = float(engine.get_epsilon(charged)) if charged > 0 else math.inf
             if not math.isclose(ours, accountant_eps, rel_tol=0.01):
                 raise BudgetError(f"ledger epsilon {ours:.4f} and Opacus' accountant {accountant_eps:.4f} disagree; "
                                   "the round's update is withheld")
@@ -288,6 +310,9 @@ def _whole_run_fits(site: PreparedSite, run_id: str, cfg: RunConfig, p: distribu
     # site's own (smaller) delta than its epsilon would be refused partway, its earlier rounds spent for nothing
     whole = epsilon(history + [p.steps(cfg.federation.num_rounds), Overflow(cfg.federation.num_rounds, padding_tail(cfg))],
                     site.ledger.delta)
+    if math.isinf(whole):
+        raise BudgetError(f"run {run_id} refused before any spend: its {cfg.federation.num_rounds} rounds would leave "
+                          f"this site's spend ({spent:.3f} now) without a finite epsilon{UNPROVABLE}")
     if whole > spent + cfg.privacy.epsilon + EPSILON_SLACK:
         raise BudgetError(
             f"run {run_id} refused before any spend: its noise is planned for epsilon {cfg.privacy.epsilon:g} at the "
@@ -322,8 +347,7 @@ def round_precheck(site: PreparedSite, cfg: RunConfig, run_id: str, rnd: int) ->
             site.ledger.check_round(fingerprint, run_id, rnd, p.noise_multiplier, p.sample_rate, 1, mechanism=p,
                                     padding_tail=padding_tail(cfg))
         elif saved is None:  # a new run's noise adapts to what is left (run_noise), down to MIN_RUN_SHARE of it
-            if reason := starved_refusal(site, run_id, cfg):
-                raise BudgetError(reason)
+            new_run_noise(site, run_id, cfg)
         else:
             site.ledger.check_round(fingerprint, run_id, rnd, saved.noise_multiplier, saved.sample_rate,
                                     saved.steps_per_round, padding_tail=padding_tail(cfg))

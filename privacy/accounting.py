@@ -18,7 +18,7 @@ Bad events, the Skellam steps' and the padded batches' (`Overflow`: a Poisson sa
 step's time shows the sample's size), are paid in delta: the mechanism run and the one analysed differ with
 probability at most P, the history's summed bad-event probabilities, which costs (1 + e^eps) P of delta for a claim
 of epsilon eps (a total-variation argument). `epsilon` reports the smallest claim it can prove that pays its own
-price: priced at the epsilon it reports, not at the largest budget (`priced_epsilon`).
+price: priced at the epsilon it reports, not at the largest budget (`priced`).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class SkellamSteps:
 class Overflow:
     """`steps` padded DP steps (privacy/sampling.py), each of whose Poisson samples outgrows its padded batch with
     probability at most `tail`: then that step is computed whole and its time shows the sample's size, which the
-    analysis assumes secret. A bad event, paid in delta (`priced_epsilon`); no Renyi divergence of its own."""
+    analysis assumes secret. A bad event, paid in delta (`priced`); no Renyi divergence of its own."""
 
     steps: int
     tail: float
@@ -133,6 +133,11 @@ def _signed_logsumexp(log_terms: np.ndarray, sign: np.ndarray) -> float:
     """log(sum(sign * exp(log_terms))) of a positive sum."""
     top = float(log_terms.max())
     return math.log(float(np.sum(sign * np.exp(log_terms - top)))) + top
+
+
+UNPROVABLE = (" (no finite epsilon: the history's bad events, a padded batch outgrown or a Skellam rounding that "
+              "failed, each of a tiny probability P, cost (1 + e^eps) P of delta at a claim of eps, all of it at "
+              "this epsilon; privacy/accounting.py `priced`, docs/privacy.md)")
 
 
 class BudgetError(ValueError):
@@ -239,40 +244,66 @@ def bad_event_delta(history: list[Mechanism], at_epsilon: float) -> float:
 BAD_EVENT_RESERVE = 2.0 ** -20  # the share of delta set aside for the bad events when their price fits in it
 
 
-def priced_epsilon(epsilon_at, delta: float, history: list[Mechanism]) -> float:
-    """The smallest epsilon found that pays its own bad-event price: eps with eps >= epsilon_at(delta - (1 + e^eps) P),
-    for `epsilon_at(d)` the mechanisms' epsilon at delta d (decreasing in d). Usually one call: the epsilon at
-    delta x (1 - BAD_EVENT_RESERVE), valid when its price fits in the reserve; else a fixed point, each candidate
-    e = epsilon_at(delta - price(c)) with c just above the previous one, returned once e <= c (then e's own price
-    is at most c's, so e pays it). math.inf when the price takes all of delta at every epsilon tried."""
+def priced(epsilon_at, delta: float, history: list[Mechanism]) -> tuple[float, float]:
+    """(eps, the delta charged to the mechanisms): an epsilon that pays its own bad-event price, eps >=
+    epsilon_at(delta - (1 + e^eps) P), for `epsilon_at(d)` the mechanisms' epsilon at delta d (decreasing in d), and
+    the d it was taken at; (inf, 0) when none is found. Usually one call: the epsilon at delta x (1 -
+    BAD_EVENT_RESERVE), valid when its price fits in the reserve. Else a claim c with g(c) = epsilon_at(delta -
+    price(c)) <= c is searched for: g iterated from below climbs to its least fixed point without passing it, and
+    where that climb is slow (near a tangency) the least excess g(c) - c below the epsilon where the price takes all
+    of delta is searched (golden section); g(c) then pays its price (its price is at most c's)."""
     p = bad_event_probability(history)
     if p == 0:
-        return epsilon_at(delta)
+        return epsilon_at(delta), delta
     reserve = delta * BAD_EVENT_RESERVE
     eps = epsilon_at(delta - reserve)
     if bad_event_delta(history, eps) <= reserve:
-        return eps
-    for _ in range(50):
+        return eps, delta - reserve
+    ceiling = math.log(delta / p - 1) if delta > 2 * p else -math.inf  # the price takes all of delta there
+
+    def g(c: float) -> tuple[float, float]:  # (epsilon_at the delta left at claim c, that delta)
+        rest = delta - bad_event_delta(history, c)
+        return (epsilon_at(rest), rest) if rest > 0 and c < ceiling else (math.inf, 0.0)
+
+    for _ in range(6):
         claim = eps * (1 + 1e-6) + 1e-9
-        rest = delta - bad_event_delta(history, claim)
-        if rest <= 0:
-            return math.inf
-        found = epsilon_at(rest)
+        found, rest = g(claim)
         if found <= claim:
-            return found
+            return found, rest
+        if math.isinf(found):
+            break
         eps = found
-    return math.inf
+    golden = (math.sqrt(5) - 1) / 2
+    lo, hi = eps, ceiling
+    a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
+    (fa, ra), (fb, rb) = g(a), g(b)
+    for _ in range(30):
+        for c, f, r in ((a, fa, ra), (b, fb, rb)):
+            if f <= c:
+                return f, r
+        if fa - a < fb - b:
+            hi, b, fb, rb = b, a, fa, ra
+            a = hi - golden * (hi - lo)
+            fa, ra = g(a)
+        else:
+            lo, a, fa, ra = a, b, fb, rb
+            b = lo + golden * (hi - lo)
+            fb, rb = g(b)
+    return math.inf, 0.0
 
 
 def rdp_epsilon(history: list[Mechanism], delta: float, orders=RDP_ORDERS) -> float:
     """Epsilon of the whole history in Renyi DP (Gaussian steps by Opacus' RDP, Skellam steps above), its bad events
-    paid in delta at the epsilon claimed (`priced_epsilon`)."""
+    paid in delta at the epsilon claimed (`priced`)."""
+    return _rdp_priced(compact(history), delta, orders)[0]
+
+
+def _rdp_priced(hist: list[Mechanism], delta: float, orders=RDP_ORDERS) -> tuple[float, float]:
     _opacus_accountants()
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-    hist = compact(history)
     if not any(not isinstance(m, Overflow) for m in hist):
-        return 0.0
+        return 0.0, delta
     rdp = np.zeros(len(orders))
     for m in hist:
         if isinstance(m, SkellamSteps):
@@ -285,35 +316,52 @@ def rdp_epsilon(history: list[Mechanism], delta: float, orders=RDP_ORDERS) -> fl
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "optimal order is the largest alpha": then epsilon is tiny anyway
             return float(get_privacy_spent(orders=list(orders), rdp=rdp, delta=d)[0])
-    return priced_epsilon(at, delta, hist)
+    return priced(at, delta, hist)
 
 
 def epsilon(history: list[Mechanism], delta: float) -> float:
-    """Epsilon of composing every mechanism in `history` at `delta`, bad events paid at the claim (`priced_epsilon`):
-    the PRV upper bound for a Gaussian-only history, the RDP bound (rdp_epsilon) once it holds Skellam steps."""
+    """Epsilon of composing every mechanism in `history` at `delta`, bad events paid at the claim (`priced`): the PRV
+    upper bound for a Gaussian-only history, the RDP bound (rdp_epsilon) once it holds Skellam steps."""
+    return epsilon_and_delta(history, delta)[0]
+
+
+def epsilon_and_delta(history: list[Mechanism], delta: float) -> tuple[float, float]:
+    """(epsilon, the delta its mechanisms were charged at): `delta` less the bad events' price (`priced`). What another
+    accountant of the same mechanisms, which knows no bad events (Opacus'), must be compared at."""
     hist = compact(history)
     gaussian = [m for m in hist if not isinstance(m, Overflow)]
     if not gaussian:
-        return 0.0
+        return 0.0, delta
     if any(isinstance(m, SkellamSteps) for m in gaussian):
-        return rdp_epsilon(hist, delta)
+        return _rdp_priced(hist, delta)
     # RDP is a looser upper bound than PRV (so reporting it is conservative) and cheap. PRV's
     # discretisation needs memory that grows with epsilon: past PRV_LIMIT (no real budget is that
     # large) the RDP bound is the answer.
     accountants = _opacus_accountants()
+    composed = []  # the history's discretised PRV, built once: each further delta is a lookup in it
 
     def at(d: float) -> float:
         rdp = accountants.RDPAccountant()
         rdp.history = gaussian
-        with np.errstate(divide="ignore"):
+        with np.errstate(divide="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "optimal order is the largest alpha" at a tiny epsilon
             rdp_eps = float(rdp.get_epsilon(delta=d))
         if rdp_eps > PRV_LIMIT:
             return rdp_eps
-        acc = accountants.PRVAccountant()
-        acc.history = gaussian
-        with np.errstate(divide="ignore"):
-            return min(rdp_eps, float(acc.get_epsilon(delta=d, eps_error=EPS_ERROR)))
-    return priced_epsilon(at, delta, hist)
+        # Opacus' PRVAccountant.get_epsilon(d) at the history's delta: its discretisation (PRVAccountant._get_dprv, of
+        # the pinned opacus 1.6.0) for a delta error of delta / 1000, whose bounds hold at any d above that error
+        # (at d = delta it is get_epsilon's own figure; below, the error is a larger share of d: a looser bound)
+        error = delta / 1000
+        if not composed:
+            acc = accountants.PRVAccountant()
+            acc.history = gaussian
+            composed.append(acc._get_dprv(eps_error=EPS_ERROR, delta_error=error))
+        try:
+            with np.errstate(divide="ignore", over="ignore"):
+                return min(rdp_eps, float(composed[0].compute_epsilon(d, error, EPS_ERROR)[2]))
+        except (ValueError, RuntimeError):  # d too close to the error (a bad-event price near all of delta)
+            return rdp_eps
+    return priced(at, delta, hist)
 
 
 def noise_multiplier_for(
@@ -339,6 +387,9 @@ def noise_multiplier_for(
     while eps_at(hi) > budget_epsilon:
         hi *= 2
         if hi > MAX_NOISE_MULTIPLIER:
+            if math.isinf(already) or math.isinf(eps_at(hi)):
+                raise BudgetError(f"no noise for {steps} more steps keeps the site's epsilon finite{UNPROVABLE}: stop "
+                                  "training on this data")
             raise BudgetError(
                 f"the site has spent epsilon {already:.3f} of its budget {budget_epsilon:g}; even noise "
                 f"multiplier {MAX_NOISE_MULTIPLIER:g} for {steps} more steps would exceed it. Raise the site's "

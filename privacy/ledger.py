@@ -61,7 +61,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from privacy import LEGACY_PADDING_TAIL
-from privacy.accounting import MAX_BUDGET, BudgetError, Mechanism, Overflow, epsilon
+from privacy.accounting import MAX_BUDGET, UNPROVABLE, BudgetError, Mechanism, Overflow, epsilon
 from privacy.audit import AUDIT_FILE, AuditLog
 from privacy.distributed import SkellamPlan
 from shared_models.files import write_json_atomic
@@ -116,11 +116,6 @@ def recorded_spend(state: dict) -> tuple[float, int, int]:
     committed = [e for e in state["entries"] if e.get("status") == "committed"]
     spent = max((float(e.get("epsilon_after", 0.0)) for e in committed), default=0.0)
     return spent, len(committed), len(state["entries"]) - len(committed)
-
-
-UNPROVABLE = (" (no finite epsilon: the history's bad events, a padded batch outgrown or a Skellam rounding that failed, "
-              "each with a tiny probability P, cost (1 + e^eps) P of delta, and at this epsilon that is all of it; "
-              "privacy/accounting.py priced_epsilon)")
 
 
 class AlreadyReleased(BudgetError):
@@ -331,13 +326,12 @@ class PrivacyLedger:
 
     # --- a round ------------------------------------------------------------------------------
     def begin_round(self, dataset: str, run_id: str, rnd: int, noise_multiplier: float, sample_rate: float,
-                    steps: int, mechanism: SkellamPlan | None = None, padding_tail: float = 0.0) -> RoundTicket:
+                    steps: int, mechanism: SkellamPlan | None = None, *, padding_tail: float) -> RoundTicket:
         """Check the budget for this round and write a pending entry; raise BudgetError to refuse.
         `mechanism`: a distributed round's Skellam plan (None: DP-SGD's Gaussian steps). `padding_tail`: the
         probability per step that a Poisson sample outgrows its padded batch (privacy/sampling.py; 0: the steps are
-        not padded, and their timing is outside the claim), priced in delta with the steps (accounting.Overflow)."""
-        if not 0 <= padding_tail < 1:
-            raise ValueError(f"padding_tail must be a probability below 1, not {padding_tail!r}")
+        not padded, and their timing is outside the claim), priced in delta with the steps (accounting.Overflow): no
+        default, so that no caller leaves the price out by omission."""
         with self._locked() as state:
             key, before, projected = self._checked_round(state, dataset, run_id, rnd, noise_multiplier, sample_rate,
                                                          steps, mechanism, padding_tail)
@@ -353,7 +347,7 @@ class PrivacyLedger:
         return RoundTicket(dataset, run_id, rnd, attempt, noise_multiplier, sample_rate, steps, before, projected)
 
     def check_round(self, dataset: str, run_id: str, rnd: int, noise_multiplier: float, sample_rate: float,
-                    steps: int, mechanism: SkellamPlan | None = None, padding_tail: float = 0.0) -> None:
+                    steps: int, mechanism: SkellamPlan | None = None, *, padding_tail: float) -> None:
         """begin_round's checks without its pending entry: raise BudgetError if the round would be refused. A site
         asks at SecAgg+'s setup stage, before any site trains, so that a round it would refuse costs no one a spend."""
         self._checked_round(self._read(), dataset, run_id, rnd, noise_multiplier, sample_rate, steps, mechanism,
@@ -361,8 +355,10 @@ class PrivacyLedger:
 
     def _checked_round(self, state: dict, dataset: str, run_id: str, rnd: int, noise_multiplier: float,
                        sample_rate: float, steps: int, mechanism: SkellamPlan | None,
-                       padding_tail: float = 0.0) -> tuple[tuple, float, float]:
+                       padding_tail: float) -> tuple[tuple, float, float]:
         """(the round's entry key, epsilon before it, epsilon after it), or BudgetError: the round is refused."""
+        if not 0 <= padding_tail < 1:
+            raise ValueError(f"padding_tail must be a probability below 1, not {padding_tail!r}")
         if any((e["run_id"], e["round"], e["status"]) == (run_id, rnd, "committed") for e in state["entries"]):
             raise AlreadyReleased(f"round {rnd} of run {run_id} was trained and its update sent before; the "
                                   "site does not train it again (a resumed server gets the same update back)")
@@ -480,7 +476,12 @@ def _mechanisms(entry: dict, worst_case: bool = False) -> list[Mechanism]:
         steps = _skellam_steps(tuple(sorted(entry["mechanism"].items())), entry["steps"], worst_case)
     else:
         steps = (entry["noise_multiplier"], entry["sample_rate"], entry["steps"])
-    return [steps, Overflow(entry["steps"], float(entry.get("padding_tail", LEGACY_PADDING_TAIL)))]
+    tail = entry.get("padding_tail", LEGACY_PADDING_TAIL)
+    if type(tail) not in (int, float) or not 0 <= tail < 1:
+        raise BudgetError(f"privacy ledger damaged: an entry of run {entry.get('run_id')!r} round {entry.get('round')!r} "
+                          f"has padding_tail {tail!r}, not a probability below 1; restore the ledger from a backup. "
+                          "Training is refused until then")
+    return [steps, Overflow(entry["steps"], float(tail))]
 
 
 @functools.lru_cache(maxsize=1024)

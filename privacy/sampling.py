@@ -15,9 +15,8 @@ millionth of delta 1e-5 for claims up to epsilon ~24 over 600 steps (beyond, it 
 up to MAX_BUDGET, as the Skellam steps' own bad events (2^-200 a step).
 
 Both DP modes use it: `dp-mode = "distributed"` for its one step per round (client/local_round.py), and
-`dp-mode = "site"` for every step of its local epochs (run config `dp-pad-batches`, on by default; the
-padding computed 1.37-1.39x the rows at the main job's expected batches of ~200 patients, and its sites'
-training took 1.24x the time: docs/results.md). The padded size grows with the site's patient count, so a
+`dp-mode = "site"` for every step of its local epochs (run config `dp-pad-batches`, on by default; its cost
+in the sites' training time: docs/results.md). The padded size grows with the site's patient count, so a
 round's seconds reveal the site's size roughly: a side channel the epsilon does not cover (docs/privacy.md),
 unless the run sets `dp-pad-to`, a public bound on the sites' training patients: every site's steps then compute
 the bound's rows (`step_rows`), filler patients repeated where the site has fewer.
@@ -98,20 +97,20 @@ class PaddedPoissonLoader:
     len(loader.dataset))."""
 
     def __init__(self, dataset: torch.utils.data.TensorDataset, steps: int, generator: torch.Generator | None,
-                 sample_rate: float | None = None, pad_to: int = 0):
+                 sample_rate: float | None = None, pad_to: int = 0, tail: float = PADDING_TAIL):
         if steps < 1:
             raise ValueError(f"a padded Poisson loader needs at least one step per epoch; got {steps}")
         self.dataset, self.steps, self.generator = dataset, steps, generator
         self.sample_rate = 1.0 / steps if sample_rate is None else float(sample_rate)
-        self.rows = step_rows(len(dataset), self.sample_rate, pad_to)
+        self.rows = step_rows(len(dataset), self.sample_rate, pad_to, tail)
 
     @classmethod
     def from_data_loader(cls, loader, generator: torch.Generator | None, sample_rate: float | None = None,
-                         steps: int | None = None, pad_to: int = 0) -> "PaddedPoissonLoader":
+                         steps: int | None = None, pad_to: int = 0, tail: float = PADDING_TAIL) -> "PaddedPoissonLoader":
         if not isinstance(loader.dataset, torch.utils.data.TensorDataset):
             raise TypeError("padded Poisson batches need the loader's dataset as a TensorDataset (x, y); got "
                             f"{type(loader.dataset).__name__}")
-        return cls(loader.dataset, len(loader) if steps is None else steps, generator, sample_rate, pad_to)
+        return cls(loader.dataset, len(loader) if steps is None else steps, generator, sample_rate, pad_to, tail)
 
     def __len__(self) -> int:
         return self.steps

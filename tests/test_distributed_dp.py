@@ -220,7 +220,7 @@ def test_the_ledger_records_the_mechanism_relied_on_and_reports_two_epsilons(tmp
     ds = ledger.register_dataset([f"P{i}" for i in range(100)], "schema")
     p = plan_for_budget(plan(1.0, DIM, trusted_sites=3, sample_rate=0.3), 8.0, DELTA, steps=10)
     for rnd in (1, 2):
-        ticket = ledger.begin_round(ds, "run", rnd, p.noise_multiplier, p.sample_rate, 1, mechanism=p)
+        ticket = ledger.begin_round(ds, "run", rnd, p.noise_multiplier, p.sample_rate, 1, mechanism=p, padding_tail=0.0)
         spent = ledger.commit_round(ticket, 1)
     entry = ledger._read()["entries"][-1]
     assert entry["mechanism"]["kind"] == "skellam" and entry["mechanism"]["trusted_sites"] == 3
@@ -229,7 +229,7 @@ def test_the_ledger_records_the_mechanism_relied_on_and_reports_two_epsilons(tmp
     assert worst == entry["epsilon_worst_case_after"] == pytest.approx(epsilon([p.steps(2, worst_case=True)], DELTA))
     assert worst > spent
     # site-mode rounds of another run on the same patients compose with them (one ledger, both modes)
-    ticket = ledger.begin_round(ds, "site-run", 1, 1.2, 0.1, 20)
+    ticket = ledger.begin_round(ds, "site-run", 1, 1.2, 0.1, 20, padding_tail=0.0)
     assert ledger.commit_round(ticket, 20) > spent
 
 
@@ -413,7 +413,7 @@ def test_a_run_that_would_pass_the_sites_remaining_budget_is_refused_before_any_
     from shared_models.model import MultiModalTransformer
 
     schema, run, site = _site(tmp_path, **{"num-rounds": 6, "epsilon": 4.0})  # the site's budget: 8
-    earlier = site.ledger.begin_round(site.dataset_fingerprint, "earlier-run", 1, 1.2, 0.3, 20)
+    earlier = site.ledger.begin_round(site.dataset_fingerprint, "earlier-run", 1, 1.2, 0.3, 20, padding_tail=0.0)
     site.ledger.commit_round(earlier, 20)
     before = site.ledger.spent(site.dataset_fingerprint)
     assert 4.0 < before < 8.0  # less than the run's 4 left
@@ -559,7 +559,7 @@ def test_a_round_with_fewer_contributors_than_trusted_sites_is_abandoned_before_
     from privacy.accounting import noise_multiplier_for
 
     sigma = noise_multiplier_for(7.95, DELTA, 0.5, 40)  # an earlier run left this site almost no budget
-    ticket = spent.ledger.begin_round(spent.dataset_fingerprint, "earlier-run", 1, sigma, 0.5, 40)
+    ticket = spent.ledger.begin_round(spent.dataset_fingerprint, "earlier-run", 1, sigma, 0.5, 40, padding_tail=0.0)
     assert spent.ledger.commit_round(ticket, 40) > 7.8
     cfg = {"base-dir": str(ROOT), "schema": str(sites / "schema.json"), "data-root": str(sites),
            "site-state-root": str(tmp_path / "state"), "output-dir": str(tmp_path / "server"), "num-rounds": 2,

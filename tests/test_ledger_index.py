@@ -32,7 +32,7 @@ def _spend(state_dir: str | Path, rounds: int = 1, run: str = "run-1") -> Privac
     """Rounds trained on the site's ledger, as its training app records them."""
     ledger = PrivacyLedger(Path(state_dir) / LEDGER_FILE, 8.0, 1e-5)
     for rnd in range(1, rounds + 1):
-        ledger.commit_round(ledger.begin_round("dataset-a", run, rnd, 1.5, 0.05, 5), 5)
+        ledger.commit_round(ledger.begin_round("dataset-a", run, rnd, 1.5, 0.05, 5, padding_tail=0.0), 5)
     return ledger
 
 
@@ -86,7 +86,7 @@ def test_site_init_keeping_the_other_sites_state_dir_continues_its_spend(consort
     assert f"epsilon {before:.3f} of the budget 8 spent" in ledger_check(tmp_path / "new", new).detail
     ledger = PrivacyLedger(Path(new.state_dir) / LEDGER_FILE, 8.0, 1e-5)
     assert ledger.spent("dataset-a") == before
-    ledger.commit_round(ledger.begin_round("dataset-a", "run-2", 1, 1.5, 0.05, 5), 5)
+    ledger.commit_round(ledger.begin_round("dataset-a", "run-2", 1, 1.5, 0.05, 5, padding_tail=0.0), 5)
     assert ledger.spent("dataset-a") > before  # the new site's rounds add to the old spend, not to zero
     with pytest.raises(ProvisioningError, match="a site directory, not a state directory; give its state directory"):
         _site(consortium, tmp_path / "newer", tmp_path / "data", state_dir=str(tmp_path / "old"))
@@ -293,7 +293,7 @@ def test_a_copy_of_the_tables_under_another_split_is_refused_and_the_index_names
     write_site(tmp_path / "data", site_tables(n_per_class=20))
     first, first_settings = _prepared(tmp_path, "A")
     assert _claim(first, first_settings) == ""
-    first.ledger.commit_round(first.ledger.begin_round(first.dataset_fingerprint, "run-A", 1, 1.0, 0.1, 10), 10)
+    first.ledger.commit_round(first.ledger.begin_round(first.dataset_fingerprint, "run-A", 1, 1.0, 0.1, 10, padding_tail=0.0), 10)
     for name, kw in (("seed", {"seed": 1}), ("val-fraction", {"val_fraction": 0.3})):
         copy, settings = _prepared(tmp_path, name, **kw)
         assert copy.dataset_fingerprint != first.dataset_fingerprint  # another split, the same patients
@@ -318,7 +318,7 @@ def test_an_index_entry_of_an_earlier_version_still_holds_its_datasets(tmp_path,
 
     write_site(tmp_path / "data", site_tables(n_per_class=20))
     first, first_settings = _prepared(tmp_path, "A")
-    first.ledger.commit_round(first.ledger.begin_round(first.dataset_fingerprint, "run-A", 1, 1.0, 0.1, 10), 10)
+    first.ledger.commit_round(first.ledger.begin_round(first.dataset_fingerprint, "run-A", 1, 1.0, 0.1, 10, padding_tail=0.0), 10)
     isolated_ledger_index.write_text(json.dumps({"format": "oncofed-ledger-index/1", "ledgers": {
         str(first.ledger.path.resolve()): {"data-path": str(tmp_path / "A" / "data"), "site-dirs": [],
                                            "datasets": [first.dataset_fingerprint], "updated": 0}}}))

@@ -171,7 +171,7 @@ def test_another_runs_round_beginning_meanwhile_does_not_withhold_this_one(tmp_p
 
     def while_run_b_begins(*args, **kwargs):
         out = training(*args, **kwargs)
-        site.ledger.begin_round(site.dataset_fingerprint, "run-B", 1, sigma_b, q_b, steps_b)  # another process
+        site.ledger.begin_round(site.dataset_fingerprint, "run-B", 1, sigma_b, q_b, steps_b, padding_tail=0.0)  # another process
         return out
 
     monkeypatch.setattr(lr, "train_epochs", while_run_b_begins)
@@ -308,3 +308,47 @@ def test_a_sites_own_min_count_holds_whatever_the_run_asks(tmp_path):
     strict = site({"min-count": 10_000})
     assert strict.min_count == 10_000 and evaluate_global(strict, weights, cfg) == (0, {})
     assert evaluate_global(site({"min-count": 3}), weights, cfg)[0] > 0
+
+
+def test_a_site_with_older_rounds_padded_at_the_old_tail_trains_and_sends_its_rounds(tmp_path):
+    """The ledger prices the padding's overflow out of delta (privacy/accounting.py `priced`); Opacus' accountant,
+    which checks the ledger's figure after every round, knows no such event. Compared at the site's delta they parted
+    by over 1% once the price was a noticeable share of delta (rounds padded at the 2^-40 of before 2026-12-07), and
+    every such round was committed, then withheld (a DP review). Compared at the delta the ledger charged the steps,
+    they agree."""
+    from opacus.accountants import PRVAccountant
+
+    from privacy import LEGACY_PADDING_TAIL
+    from privacy.accounting import epsilon
+
+    _, run, site, w = _setup(tmp_path, budget=30.0, rounds=3, epsilon=8.0)
+    older = site.ledger.begin_round(site.dataset_fingerprint, "older", 1, 1.625, 0.3, 60,
+                                    padding_tail=LEGACY_PADDING_TAIL)
+    site.ledger.commit_round(older, 60)
+    for rnd in (1, 2, 3):
+        r = train_round(site, w, run, "run-B", rnd)  # raised "disagree" and withheld the update before
+    history = site.ledger.history(site.dataset_fingerprint)
+    unpriced = PRVAccountant()
+    unpriced.history = [m for m in history if isinstance(m, tuple)]
+    ours = epsilon(history, 1e-5)
+    assert r.metrics["epsilon"] == ours > 1.01 * unpriced.get_epsilon(delta=1e-5)  # the case the check met
+
+
+def test_a_site_whose_history_leaves_little_provable_epsilon_does_not_join_a_run_with_many_times_its_noise(tmp_path):
+    """A site joins a new run only with MIN_RUN_SHARE of its epsilon left. Its budget's rest is not all it has: the
+    history's bad events, priced at the epsilon claimed, make a total above ~11.7 unprovable for a site with one run
+    padded at the old tail 2^-40, whatever its budget. Judged by the budget's rest (30 - 11.7), a third run was joined
+    with noise multiplier 12.1, 7.5 times the run's own, for an epsilon of 0.71 (a DP review)."""
+    from client.local_round import new_run_noise
+    from privacy import LEGACY_PADDING_TAIL, PADDING_TAIL
+
+    _, run, site, _ = _setup(tmp_path, budget=30.0, rounds=10, epsilon=8.0)
+    for name, sigma, tail in (("first", 1.625, LEGACY_PADDING_TAIL), ("second", 1.78125, PADDING_TAIL)):
+        site.ledger.commit_round(site.ledger.begin_round(site.dataset_fingerprint, name, 1, sigma, 0.3, 60,
+                                                         padding_tail=tail), 60)
+    assert site.ledger.spent(site.dataset_fingerprint) < 12
+    with pytest.raises(BudgetError, match=r"run third refused: this site's spend can grow by epsilon 0\.7\d* only.*"
+                                          r"no finite epsilon.*7\.\d times the run's noise"):
+        new_run_noise(site, "third", run)
+    with pytest.raises(BudgetError, match="can grow by epsilon"):  # as a round is asked, at its setup stage
+        train_round(site, state_arrays(MultiModalTransformer(site.schema, run.model)), run, "third", 1)

@@ -497,9 +497,9 @@ def test_site_start_shows_what_the_site_has_spent_and_warns_of_a_damaged_ledger(
     site = init_site(tmp_path / "s", "S", consortium / "public", "", ca_fingerprint=fingerprint(consortium / "ca/ca.crt"))
     assert "none yet" in ledger_check(tmp_path / "s", site).detail
     ledger = PrivacyLedger(Path(site.state_dir) / "privacy-ledger.json", 8.0, 1e-5)
-    ticket = ledger.begin_round("d", "run-1", 1, 1.0, 0.3, 5)
+    ticket = ledger.begin_round("d", "run-1", 1, 1.0, 0.3, 5, padding_tail=0.0)
     ledger.commit_round(ticket, 5)
-    ledger.begin_round("d", "run-1", 2, 1.0, 0.3, 5)  # a crash mid-round
+    ledger.begin_round("d", "run-1", 2, 1.0, 0.3, 5, padding_tail=0.0)  # a crash mid-round
     check = ledger_check(tmp_path / "s", site)
     assert check.ok and "of the budget 8 spent" in check.detail and "1 round(s) begun" in check.detail
     ledger.path.write_text(ledger.path.read_text()[:-10])
@@ -519,7 +519,7 @@ def test_site_start_reports_the_budget_left_and_warns_when_less_than_one_default
     assert check.ok and not check.warning and "epsilon 8 left: 1 more run(s) at the consortium's default epsilon 8" \
         in check.detail, check.detail
     ledger = PrivacyLedger(Path(site.state_dir) / "privacy-ledger.json", 8.0, 1e-5)
-    ledger.commit_round(ledger.begin_round("d", "run-1", 1, 1.0, 0.3, 5), 5)  # epsilon 5.2: less than 4 left
+    ledger.commit_round(ledger.begin_round("d", "run-1", 1, 1.0, 0.3, 5, padding_tail=0.0), 5)  # epsilon 5.2: less than 4 left
     check = ledger_check(tmp_path / "s", site)
     assert check.ok and check.warning, check.detail
     assert "less than the 8 one run at the consortium's default settings spends" in check.detail, check.detail

@@ -63,7 +63,7 @@ def _ledger(tmp_path, budget=8.0):
 def _run_rounds(ledger, ds, run_id, sigma, q, steps_per_round, rounds, first=1):
     spent = 0.0
     for r in range(first, first + rounds):
-        ticket = ledger.begin_round(ds, run_id, r, sigma, q, steps_per_round)
+        ticket = ledger.begin_round(ds, run_id, r, sigma, q, steps_per_round, padding_tail=0.0)
         spent = ledger.commit_round(ticket, steps_per_round)
     return spent
 
@@ -157,7 +157,7 @@ def test_an_exhausted_budget_refuses_the_round_and_writes_nothing(tmp_path):
     ds = ledger.register_dataset(IDS, "h")
     before = (tmp_path / "ledger.json").read_text()
     with pytest.raises(BudgetError, match=r"round 1 refused: .* budget 2 .* Nothing was trained or sent"):
-        ledger.begin_round(ds, "run-1", 1, 0.5, 0.5, 100)
+        ledger.begin_round(ds, "run-1", 1, 0.5, 0.5, 100, padding_tail=0.0)
     assert (tmp_path / "ledger.json").read_text() == before
     with pytest.raises(BudgetError, match="even noise multiplier 1024"):
         noise_multiplier_for(2.0, DELTA, 0.5, 100, spent=[(0.3, 1.0, 10_000)])
@@ -185,7 +185,7 @@ def test_a_runs_own_epsilon_counts_its_committed_rounds_alone(tmp_path):
     ds = ledger.register_dataset(IDS, "h")
     _run_rounds(ledger, ds, "run-1", 1.1, 0.1, 10, rounds=5)
     _run_rounds(ledger, ds, "run-2", 1.5, 0.1, 10, rounds=3)
-    ledger.begin_round(ds, "run-2", 4, 1.5, 0.1, 10)  # pending: counts in the site's spend, not in the model
+    ledger.begin_round(ds, "run-2", 4, 1.5, 0.1, 10, padding_tail=0.0)  # pending: counts in the site's spend, not in the model
     assert ledger.run_spent("run-1") == pytest.approx(closed_form([(1.1, 0.1, 50)]), rel=0.01)
     assert ledger.run_spent("run-2") == pytest.approx(closed_form([(1.5, 0.1, 30)]), rel=0.01)
     assert ledger.spent(ds) == pytest.approx(closed_form([(1.1, 0.1, 50), (1.5, 0.1, 40)]), rel=0.01)
@@ -200,7 +200,7 @@ def _crash_after_begin(tmp_path, rnd):
         from privacy.ledger import AlreadyReleased, PrivacyLedger, RunPlan
         ledger = PrivacyLedger({str(tmp_path / 'ledger.json')!r}, budget_epsilon=8.0, delta={DELTA})
         ds = ledger.register_dataset({IDS!r}, "h")
-        ledger.begin_round(ds, "run-1", {rnd}, 1.1, 0.1, 10)
+        ledger.begin_round(ds, "run-1", {rnd}, 1.1, 0.1, 10, padding_tail=0.0)
         os._exit(9)  # killed mid-round: no commit
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -231,7 +231,7 @@ def test_a_committed_round_is_never_trained_again(tmp_path):
     ds = ledger.register_dataset(IDS, "h")
     _run_rounds(ledger, ds, "run-1", 1.1, 0.1, 10, rounds=2)
     with pytest.raises(AlreadyReleased, match="round 2 of run run-1 was trained and its update sent before"):
-        ledger.begin_round(ds, "run-1", 2, 1.1, 0.1, 10)
+        ledger.begin_round(ds, "run-1", 2, 1.1, 0.1, 10, padding_tail=0.0)
     assert ledger.released(ds, "run-1", 2)["steps"] == 10 and ledger.released(ds, "run-1", 3) is None
     assert ledger.spent(ds) == pytest.approx(closed_form([(1.1, 0.1, 20)]), rel=0.01)
 
@@ -256,9 +256,9 @@ def test_a_round_beyond_the_runs_plan_is_refused_and_writes_nothing(tmp_path):
     _run_rounds(ledger, ds, "run-1", 1.1, 0.1, 10, rounds=2)
     before = (tmp_path / "ledger.json").read_text()
     with pytest.raises(BudgetError, match="run run-1 was planned with 3 rounds"):
-        ledger.begin_round(ds, "run-1", 4, 1.1, 0.1, 10)
+        ledger.begin_round(ds, "run-1", 4, 1.1, 0.1, 10, padding_tail=0.0)
     with pytest.raises(BudgetError, match="planned with noise multiplier 1.1000"):
-        ledger.begin_round(ds, "run-1", 3, 0.9, 0.1, 10)
+        ledger.begin_round(ds, "run-1", 3, 0.9, 0.1, 10, padding_tail=0.0)
     assert (tmp_path / "ledger.json").read_text() == before
 
 
@@ -268,7 +268,7 @@ def test_more_steps_than_the_run_planned_are_refused(tmp_path):
     ledger.start_run(ds, "run-1", _plan(rounds=3, steps=10))
     _run_rounds(ledger, ds, "run-1", 1.1, 0.1, 10, rounds=2)
     with pytest.raises(BudgetError, match="has run 20 of its 30 planned steps"):
-        ledger.begin_round(ds, "run-1", 3, 1.1, 0.1, 11)
+        ledger.begin_round(ds, "run-1", 3, 1.1, 0.1, 11, padding_tail=0.0)
 
 
 def test_a_run_cannot_spend_beyond_its_own_epsilon_even_within_the_sites_budget(tmp_path):
@@ -278,7 +278,7 @@ def test_a_run_cannot_spend_beyond_its_own_epsilon_even_within_the_sites_budget(
     ledger.start_run(ds, "run-1", _plan(rounds=3, cap=cap))
     _run_rounds(ledger, ds, "run-1", 1.1, 0.1, 10, rounds=2)
     with pytest.raises(BudgetError, match="run run-1 may bring this site's spend to epsilon"):
-        ledger.begin_round(ds, "run-1", 3, 1.1, 0.1, 10)
+        ledger.begin_round(ds, "run-1", 3, 1.1, 0.1, 10, padding_tail=0.0)
 
 
 def test_a_corrupt_ledger_refuses_training_instead_of_starting_from_zero(tmp_path):
@@ -311,10 +311,10 @@ def test_a_run_whose_training_set_changed_is_refused_not_trained_under_a_fresh_p
     _run_rounds(ledger, before, "run-1", 1.1, 0.1, 10, rounds=1)
     after = ledger.register_dataset(IDS + ["P900", "P901", "P902"], "h")
     with pytest.raises(AlreadyReleased):
-        ledger.begin_round(after, "run-1", 1, 1.1, 0.1, 10)
+        ledger.begin_round(after, "run-1", 1, 1.1, 0.1, 10, padding_tail=0.0)
     assert ledger.released(after, "run-1", 1)["dataset"] == before
     with pytest.raises(BudgetError, match="run run-1 started at this site on another training set: ") as refused:
-        ledger.begin_round(after, "run-1", 2, 1.1, 0.1, 10)
+        ledger.begin_round(after, "run-1", 2, 1.1, 0.1, 10, padding_tail=0.0)
     assert "200" not in str(refused.value) and "203" not in str(refused.value)  # the reason goes to the server
     with pytest.raises(BudgetError, match="another training set"):
         ledger.start_run(after, "run-1", _plan(rounds=3, steps=10))
@@ -332,7 +332,7 @@ def test_a_round_trained_twice_at_once_releases_one_update(tmp_path):
         from pathlib import Path
         from privacy.ledger import PrivacyLedger
         ledger = PrivacyLedger({str(path)!r}, budget_epsilon=8.0, delta={DELTA})
-        ticket = ledger.begin_round({ds!r}, "run-1", 1, 1.1, 0.1, 10)
+        ticket = ledger.begin_round({ds!r}, "run-1", 1, 1.1, 0.1, 10, padding_tail=0.0)
         Path({str(go)!r} + ".started").touch()
         while not Path({str(go)!r}).exists():  # training while the second request arrives
             time.sleep(0.02)
@@ -343,7 +343,7 @@ def test_a_round_trained_twice_at_once_releases_one_update(tmp_path):
             if (tmp_path / "go.started").exists() or first.poll() is not None:
                 break
             time.sleep(0.02)
-        second = ledger.begin_round(ds, "run-1", 1, 1.1, 0.1, 10)  # a second ClientApp process, the same round
+        second = ledger.begin_round(ds, "run-1", 1, 1.1, 0.1, 10, padding_tail=0.0)  # a second ClientApp process, the same round
         go.touch()
         assert first.wait(60) == 0
     finally:
@@ -373,7 +373,7 @@ def test_a_round_the_site_withheld_keeps_that_outcome_whatever_the_server_says_o
     delivery). That word must not replace "withheld": the site's later requests for the run are refused on it."""
     ledger = PrivacyLedger(tmp_path / "ledger.json", budget_epsilon=8.0, delta=DELTA)
     dataset = ledger.register_dataset([f"p{i}" for i in range(40)], "schema")
-    ledger.commit_round(ledger.begin_round(dataset, "run-A", 1, 1.5, 0.3, 3), 3)
+    ledger.commit_round(ledger.begin_round(dataset, "run-A", 1, 1.5, 0.3, 3, padding_tail=0.0), 3)
     assert ledger.note_outcome(dataset, "run-A", 1, status="withheld", reason="not finite", cause="run-config")
     assert not ledger.note_outcome(None, "run-A", 1, status="abandoned", reason="2 sites sent masked vectors")
     [(rnd, outcome)] = ledger.withheld("run-A")
@@ -451,6 +451,12 @@ def test_the_ledger_records_each_rounds_padding_and_prices_an_older_entry_at_the
     assert older == epsilon([(0.9, 0.3, 60), Overflow(60, LEGACY_PADDING_TAIL)], DELTA) > spent
     with pytest.raises(ValueError, match="padding_tail"):
         ledger.begin_round(ds, "run-1", 2, 0.9, 0.3, 60, padding_tail=1.0)
+    with pytest.raises(TypeError, match="padding_tail"):  # no default: a caller cannot leave the price out
+        ledger.begin_round(ds, "run-1", 2, 0.9, 0.3, 60)
+    state["entries"][0]["padding_tail"] = None  # a damaged entry is refused by name, not a TypeError
+    (tmp_path / "ledger.json").write_text(json.dumps(state))
+    with pytest.raises(BudgetError, match=r"ledger damaged: an entry of run 'run-1' round 1 has padding_tail None"):
+        ledger.spent(ds)
 
 
 def test_a_round_whose_claim_its_bad_events_make_infinite_is_refused_saying_why(tmp_path):

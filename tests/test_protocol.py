@@ -316,7 +316,7 @@ def test_the_last_rounds_outcome_reaches_the_sites_ledger_with_the_model_or_with
     dataset = ledger.register_dataset([f"p{i}" for i in range(50)], schema.content_hash())
     sigma = noise_multiplier_for(8.0, 1e-5, 0.3, 60)
     for rnd in (1, 2):
-        ledger.commit_round(ledger.begin_round(dataset, "r-1", rnd, sigma, 0.3, 3), 3)
+        ledger.commit_round(ledger.begin_round(dataset, "r-1", rnd, sigma, 0.3, 3, padding_tail=0.0), 3)
     spent = ledger.spent(dataset)
 
     def outcome(rnd, status, run_key="r-1"):
@@ -475,7 +475,7 @@ def test_an_abandoned_round_is_never_said_unused_when_the_site_gave_key_shares_f
                   node_config={"data-path": str(tmp_path / "site"), "state-dir": str(tmp_path / "state")})
     ledger = PrivacyLedger(tmp_path / "state" / "privacy-ledger.json", budget_epsilon=8.0, delta=1e-5)
     for rnd in (1, 2):
-        ledger.commit_round(ledger.begin_round("dataset-a", "r-1", rnd, 1.5, 0.3, 3), 3)
+        ledger.commit_round(ledger.begin_round("dataset-a", "r-1", rnd, 1.5, 0.3, 3, padding_tail=0.0), 3)
     ReleaseStore(tmp_path / "state").record_unmask("r-1", 2, [1, 2, 3])  # its shares went to round 2's sum
     with caplog.at_level("WARNING"):
         for rnd in (1, 2):

@@ -455,8 +455,8 @@ def test_an_attempt_refused_because_another_committed_the_round_does_not_mark_th
 
     site, settings, state = _ledger_site(tmp_path)
     ledger, dataset = site.ledger, site.dataset_fingerprint
-    a = ledger.begin_round(dataset, "run-1", 1, 1.1, 0.1, 10)
-    b = ledger.begin_round(dataset, "run-1", 1, 1.1, 0.1, 10)  # the same pending entry: one spend for both
+    a = ledger.begin_round(dataset, "run-1", 1, 1.1, 0.1, 10, padding_tail=0.0)
+    b = ledger.begin_round(dataset, "run-1", 1, 1.1, 0.1, 10, padding_tail=0.0)  # the same pending entry: one spend for both
     ledger.commit_round(a, 10)  # A commits, then evaluates and writes its audit entry before saving its copy
     with pytest.raises(SiteRefusal):
         with _withheld_if_refused(site, settings, "run-1", 1):
@@ -478,7 +478,7 @@ def test_a_round_committed_and_saved_while_the_site_checks_its_ledger_is_not_tak
     releases = ReleaseStore(state)
 
     def committed_meanwhile():  # another process commits a round and saves its copy, then the ledger is read
-        ticket = ledger.begin_round(dataset, "run-2", 1, 1.1, 0.1, 10)
+        ticket = ledger.begin_round(dataset, "run-2", 1, 1.1, 0.1, 10, padding_tail=0.0)
         ledger.commit_round(ticket, 10)
         releases.save("run-2", 1, Release("sha", [np.zeros(2)], 1, {}))
         return ledger.committed_rounds()

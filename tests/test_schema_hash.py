@@ -274,7 +274,7 @@ def test_a_site_whose_ledger_registered_its_data_under_the_legacy_hash_keeps_its
     before = ledger.register_dataset(ids, schema.legacy_content_hash())  # as the former code registered it
     ledger.start_run(before, "run-1", RunPlan(epsilon=4.0, epsilon_cap=4.0, num_rounds=2, steps_per_round=3,
                                               noise_multiplier=1.1, sample_rate=0.2))
-    ledger.commit_round(ledger.begin_round(before, "run-1", 1, 1.1, 0.2, 3), 3)
+    ledger.commit_round(ledger.begin_round(before, "run-1", 1, 1.1, 0.2, 3, padding_tail=0.0), 3)
 
     site = prepared()
     assert site.dataset_fingerprint == before

@@ -36,8 +36,8 @@ def test_site_status_reads_budget_spend_runs_models_and_audit_while_the_site_hol
     ledger.start_run(ds, "run-1", RunPlan(epsilon=4.0, epsilon_cap=4.0, num_rounds=3, steps_per_round=10,
                                           noise_multiplier=1.1, sample_rate=0.1, terms={"epsilon": 4.0}))
     for rnd in (1, 2):
-        ledger.commit_round(ledger.begin_round(ds, "run-1", rnd, 1.1, 0.1, 10), 10)
-    ledger.begin_round(ds, "run-1", 3, 1.1, 0.1, 10)  # a crash mid-round: counted as spent
+        ledger.commit_round(ledger.begin_round(ds, "run-1", rnd, 1.1, 0.1, 10, padding_tail=0.0), 10)
+    ledger.begin_round(ds, "run-1", 3, 1.1, 0.1, 10, padding_tail=0.0)  # a crash mid-round: counted as spent
     spent = recorded_spend(read_ledger(state / LEDGER_FILE))[0]
     schema = tiny_schema()
     model = MultiModalTransformer(schema, ModelConfig(d_model=16))
