@@ -223,7 +223,7 @@ class FusionEncoder(nn.Module):
         super().__init__()
         self.cls = AddLearned(1, cfg.d_model)
         self.modality = AddLearned(n_modalities, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.fusion_blocks))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.fusion_block_count))
 
     def forward(self, tokens: Tensor, present: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         # tokens: (B, M, d); present: (B, M) bool -> CLS output (B, d), CLS->modality weights (B, M)

@@ -81,7 +81,9 @@ class ModelConfig(_Section):
         16, ge=0, description="rank of each omics encoder's linear path over all its features (0 = none)")
     tabular_blocks: int = Field(
         0, ge=0, description="transformer blocks over column tokens (0 = a learned linear embedding, mean-pooled)")
-    fusion_blocks: int = Field(2, ge=1)
+    fusion_blocks: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="transformer blocks over the modality tokens; 'auto': the recipe's for the run's dp (1 in "
+        "dp-mode 'site', 2 without DP and in 'distributed'; a model built outside a run: 2)")
     wide_rank: Annotated[int, Field(ge=0)] | Literal["full"] = Field(
         "full", description="rank of each modality's wide path, a linear map from its numeric inputs straight to "
         "the logits (0 = none; 'full' = one unfactorised Linear(F, classes), the DP-SGD choice: a factorised wide "
@@ -102,6 +104,10 @@ class ModelConfig(_Section):
     @property
     def modality_dropout_rate(self) -> float:
         return 0.0 if self.modality_dropout == "auto" else float(self.modality_dropout)
+
+    @property
+    def fusion_block_count(self) -> int:
+        return 2 if self.fusion_blocks == "auto" else int(self.fusion_blocks)
 
     @field_validator("wide_rank", mode="before")
     @classmethod
@@ -276,6 +282,7 @@ class Recipe:
     lr: dict[str, float]
     max_grad_norm: dict[str, float]
     modality_dropout: float
+    fusion_blocks: int
 
 
 RECIPES = {
@@ -290,14 +297,17 @@ RECIPES = {
     # modality-dropout, on the validation parts (seeds 0-2): with DP 0.25 lowers macro-F1 (0.599 against 0.630)
     # and 0.1 at seed 0 (0.599 against 0.610); without DP 0.25 ties overall (0.833 against 0.829) and the patterns
     # without miRNA, the others masked, gain 0.300 -> 0.489 accuracy (docs/results.md, "Without DP: variants")
+    # fusion-blocks, dp-mode "site", on the validation parts (seeds 0-5, 2026-12-07): 1 block 0.638 against 2 blocks'
+    # 0.613, above at every seed (+0.010 to +0.064); dp-mode "distributed" keeps the 2 its recipe was chosen with
     "dp": Recipe(batch_size=None, patients=640, lr={"sgd": 100.0, "adamw": 0.02}, max_grad_norm={"sgd": 0.01, "adamw": 1.0},
-                 modality_dropout=0.0),
+                 modality_dropout=0.0, fusion_blocks=1),
     "no-dp": Recipe(batch_size=64, patients=None, lr={"sgd": 0.2, "adamw": 0.002}, max_grad_norm={"sgd": 1.0, "adamw": 1.0},
-                    modality_dropout=0.25),
+                    modality_dropout=0.25, fusion_blocks=2),
 }
 """The recipes `lr`, `batch-size` and `max-grad-norm` = "auto" take, by the run's `dp` (true: "dp")."""
 
 DISTRIBUTED_MAX_GRAD_NORM = 0.1
+DISTRIBUTED_FUSION_BLOCKS = 2  # the model the distributed recipe (docs/results.md, "Distributed DP") was chosen on
 """dp-mode 'distributed': the clipping bound, chosen on the sites' validation parts (0.1 above 1 on every seed,
 0.01 below both: docs/results.md, "Distributed DP"); the server learning rate and sample rate were chosen at 1,
 and FedAdam's tau follows C (server/strategy.py)."""
@@ -412,7 +422,9 @@ class RunConfig(BaseModel):
         for section, name, alias, value in ((training, "batch_size", "batch-size", batch),
                                             (training, "lr", "lr", recipe.lr.get(optimizer)),
                                             (privacy, "max_grad_norm", "max-grad-norm", bound),
-                                            (model, "modality_dropout", "modality-dropout", recipe.modality_dropout)):
+                                            (model, "modality_dropout", "modality-dropout", recipe.modality_dropout),
+                                            (model, "fusion_blocks", "fusion-blocks",
+                                             DISTRIBUTED_FUSION_BLOCKS if distributed else recipe.fusion_blocks)):
             given = section.pop(alias, section.get(name, "auto"))
             section[name] = value if given == "auto" and value is not None else given
         return out

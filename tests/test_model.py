@@ -27,7 +27,7 @@ def _every_subset_batch(schema, n=16, seed=0):
 
 def test_defaults_are_cpu_sized_and_within_the_design_card():
     cfg = ModelConfig()
-    assert cfg.d_model >= 64 and cfg.n_latents >= 16 and cfg.fusion_blocks >= 2
+    assert cfg.d_model >= 64 and cfg.n_latents >= 16 and cfg.fusion_block_count >= 2
 
 
 def test_every_missing_pattern_gives_finite_logits(tiny_schema):

@@ -84,13 +84,14 @@ def test_the_flat_keys_fill_typed_sections_and_the_model_is_built_from_its_secti
                            "min-count": 7, "local-optimizer": "adamw"})
     assert (cfg.model.d_model, cfg.federation.num_rounds, cfg.secagg.enabled, cfg.site.min_count,
             cfg.training.optimizer) == (32, 3, False, 7, "adamw")
-    assert isinstance(cfg.model, ModelConfig) and cfg.model == ModelConfig(d_model=32, modality_dropout=0.0)  # DP's
+    assert isinstance(cfg.model, ModelConfig) and cfg.model == ModelConfig(d_model=32, modality_dropout=0.0,
+                                                                           fusion_blocks=1)  # DP's
     assert load_run_config(cfg.flat()) == cfg  # the flat view reads back as the same config
     assert load_run_config(cfg.model_dump(by_alias=True)) == cfg  # and so does the nested form
 
 
 def test_the_dp_and_no_dp_recipes_are_named_presets_a_deployment_and_a_simulation_both_get():
-    from shared_models.run_config import RECIPES
+    from shared_models.run_config import RECIPES, ModelConfig
 
     def training(**values):
         t = load_run_config({"schema": "s.json", **values}).training
@@ -103,6 +104,15 @@ def test_the_dp_and_no_dp_recipes_are_named_presets_a_deployment_and_a_simulatio
     # the clipping bound: the recipe's in dp-mode 'site', its own in 'distributed', 1.0 without DP; a number wins
     assert (bound(), bound(**{"local-optimizer": "adamw"}), bound(dp=False)) == (0.01, 1.0, 1.0)
     assert bound(**{"dp-mode": "distributed", "strategy": "fedadam"}) == 0.1
+
+    # fusion-blocks: the recipe's in dp-mode 'site' (chosen on the validation parts), 2 without DP and in
+    # 'distributed' (the model its recipe was chosen on); a number wins; a model built outside a run has 2
+    def blocks(**values):
+        return load_run_config({"schema": "s.json", **values}).model.fusion_block_count
+
+    assert (blocks(), blocks(dp=False), blocks(**{"dp-mode": "distributed", "strategy": "fedadam"})) == (
+        RECIPES["dp"].fusion_blocks, 2, 2) == (1, 2, 2)
+    assert blocks(**{"fusion-blocks": 3}) == 3 and ModelConfig().fusion_block_count == 2
 
     def dropout(**values):
         return load_run_config({"schema": "s.json", **values}).model.modality_dropout
