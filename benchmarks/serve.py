@@ -71,7 +71,7 @@ def prepare(work: Path, site_state: Path | None) -> tuple[dict, Path, list[dict]
     else:
         model_dir = work / "models"
         torch.manual_seed(0)
-        cfg = ModelConfig()  # the run config's model
+        cfg = ModelConfig()  # the model outside a run (2 fusion blocks; a site-mode DP run trains 1)
         model = MultiModalTransformer(schema, cfg)
         ModelStore(model_dir).install(schema, cfg, state_arrays(model), {"run": "benchmark", "round": 0})
         tables = read_site(schema, data / "C0")

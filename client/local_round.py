@@ -87,7 +87,7 @@ def starved_refusal(site: PreparedSite, run_id: str, cfg: RunConfig) -> str:
     if left >= MIN_RUN_SHARE * cfg.privacy.epsilon:
         return ""
     if math.isinf(spent):
-        return (f"run {run_id} refused: this site's spend has no finite epsilon{UNPROVABLE}. Nothing was trained or "
+        return (f"run {run_id} refused: no finite epsilon bounds this site's spend{UNPROVABLE}. Nothing was trained or "
                 "sent; the site's data-protection officer decides whether its patients train again (a new privacy "
                 "ledger starts from zero only by their decision)")
     return (f"run {run_id} asks for epsilon {cfg.privacy.epsilon:g} and this site has {max(left, 0):.3g} left of its "

@@ -57,7 +57,7 @@ def privacy_lines(settings: SiteConfig) -> list[str]:
     except (BudgetError, TypeError, ValueError) as e:
         return [said, f"privacy ledger {ledger}: {str(e).removeprefix(f'{ledger}: ')}"]
     lines = [f"{said} at delta {state.get('delta', settings.privacy_delta)}",
-             f"epsilon spent: {spent:.3f}, as the last committed round recorded it ({ledger})"]
+             f"epsilon spent: {spent:.3f}, over the committed rounds ({ledger})"]
     if budget is not None:
         lines.append(f"epsilon left: {max(budget - spent, 0.0):.3f}")
     if pending:

@@ -135,9 +135,9 @@ def _signed_logsumexp(log_terms: np.ndarray, sign: np.ndarray) -> float:
     return math.log(float(np.sum(sign * np.exp(log_terms - top)))) + top
 
 
-UNPROVABLE = (" (no finite epsilon: the history's bad events, a padded batch outgrown or a Skellam rounding that "
-              "failed, each of a tiny probability P, cost (1 + e^eps) P of delta at a claim of eps, all of it at "
-              "this epsilon; privacy/accounting.py `priced`, docs/privacy.md)")
+UNPROVABLE = (" (the history's bad events, a padded batch outgrown or a Skellam rounding that failed, each of a tiny "
+              "probability P, cost (1 + e^eps) P of delta at a claim of eps: all of it above an epsilon the history "
+              "sets, whatever the budget; privacy/accounting.py `priced`, docs/privacy.md)")
 
 
 class BudgetError(ValueError):
@@ -251,7 +251,8 @@ def priced(epsilon_at, delta: float, history: list[Mechanism]) -> tuple[float, f
     BAD_EVENT_RESERVE), valid when its price fits in the reserve. Else a claim c with g(c) = epsilon_at(delta -
     price(c)) <= c is searched for: g iterated from below climbs to its least fixed point without passing it, and
     where that climb is slow (near a tangency) the least excess g(c) - c below the epsilon where the price takes all
-    of delta is searched (golden section); g(c) then pays its price (its price is at most c's)."""
+    of delta is searched (golden section), and from a c it finds, the crossing below it (bisection); g(c) then pays
+    its price (its price is at most c's)."""
     p = bad_event_probability(history)
     if p == 0:
         return epsilon_at(delta), delta
@@ -264,6 +265,19 @@ def priced(epsilon_at, delta: float, history: list[Mechanism]) -> tuple[float, f
     def g(c: float) -> tuple[float, float]:  # (epsilon_at the delta left at claim c, that delta)
         rest = delta - bad_event_delta(history, c)
         return (epsilon_at(rest), rest) if rest > 0 and c < ceiling else (math.inf, 0.0)
+
+    def least(below: float, c: float, at_c: tuple[float, float]) -> tuple[float, float]:
+        # g(below) > below, g(c) <= c: bisect to the crossing, the least claim found (rises with the curve)
+        for _ in range(30):
+            if c - below <= 1e-6 * c:
+                break
+            mid = (below + c) / 2
+            at_mid = g(mid)
+            if at_mid[0] <= mid:
+                c, at_c = mid, at_mid
+            else:
+                below = mid
+        return at_c
 
     for _ in range(6):
         claim = eps * (1 + 1e-6) + 1e-9
@@ -280,7 +294,7 @@ def priced(epsilon_at, delta: float, history: list[Mechanism]) -> tuple[float, f
     for _ in range(30):
         for c, f, r in ((a, fa, ra), (b, fb, rb)):
             if f <= c:
-                return f, r
+                return least(eps, c, (f, r))
         if fa - a < fb - b:
             hi, b, fb, rb = b, a, fa, ra
             a = hi - golden * (hi - lo)
@@ -352,6 +366,8 @@ def epsilon_and_delta(history: list[Mechanism], delta: float) -> tuple[float, fl
         # the pinned opacus 1.6.0) for a delta error of delta / 1000, whose bounds hold at any d above that error
         # (at d = delta it is get_epsilon's own figure; below, the error is a larger share of d: a looser bound)
         error = delta / 1000
+        if d <= 2 * error:  # most of d would be the discretisation's own error: RDP's bound
+            return rdp_eps
         if not composed:
             acc = accountants.PRVAccountant()
             acc.history = gaussian
@@ -388,8 +404,8 @@ def noise_multiplier_for(
         hi *= 2
         if hi > MAX_NOISE_MULTIPLIER:
             if math.isinf(already) or math.isinf(eps_at(hi)):
-                raise BudgetError(f"no noise for {steps} more steps keeps the site's epsilon finite{UNPROVABLE}: stop "
-                                  "training on this data")
+                raise BudgetError(f"no noise for {steps} more steps keeps the site's epsilon provable{UNPROVABLE}: "
+                                  "stop training on this data")
             raise BudgetError(
                 f"the site has spent epsilon {already:.3f} of its budget {budget_epsilon:g}; even noise "
                 f"multiplier {MAX_NOISE_MULTIPLIER:g} for {steps} more steps would exceed it. Raise the site's "

@@ -106,15 +106,24 @@ def read_ledger(path: str | Path) -> dict:
             isinstance(e, dict) for e in state["entries"]) or not isinstance(state.get("runs", {}), dict):
         raise BudgetError(f"{path}: privacy ledger damaged (its datasets, runs or entries are missing or not what a "
                           "ledger holds); restore it from a backup. Training is refused until then")
+    for e in state["entries"]:
+        if "padding_tail" in e and (type(e["padding_tail"]) not in (int, float) or not 0 <= e["padding_tail"] < 1):
+            raise BudgetError(f"{path}: privacy ledger damaged: an entry of run {e.get('run_id')!r} round "
+                              f"{e.get('round')!r} has padding_tail {e['padding_tail']!r}, not a probability below 1; "
+                              "restore it from a backup. Training is refused until then")
     return state
 
 
 def recorded_spend(state: dict) -> tuple[float, int, int]:
     """(the epsilon spent, as the last committed round recorded it; committed rounds; rounds begun and not finished)
-    of a ledger's contents (`read_ledger`): what a person is shown, without running the accountant. TypeError or
+    of a ledger's contents (`read_ledger`): what a person is shown, without running the accountant, but for a ledger
+    with entries written before 2026-12-07, whose recorded figures leave the padding's overflow out: the accountant
+    prices its committed rounds once, as the ledger now does (it can be far above, or infinite). TypeError or
     ValueError: an entry is damaged."""
     committed = [e for e in state["entries"] if e.get("status") == "committed"]
     spent = max((float(e.get("epsilon_after", 0.0)) for e in committed), default=0.0)
+    if isinstance(state.get("delta"), float) and any("padding_tail" not in e for e in committed):
+        spent = max(spent, epsilon([m for e in committed for m in _mechanisms(e)], state["delta"]))
     return spent, len(committed), len(state["entries"]) - len(committed)
 
 
@@ -377,13 +386,14 @@ class PrivacyLedger:
             raise BudgetError(
                 f"round {rnd} refused: run {run_id} may bring this site's spend to epsilon "
                 f"{plan.epsilon_cap:.3f} (its epsilon {plan.epsilon:g} on top of what was spent when it started); "
-                f"this round would bring it to {projected:.3f}{UNPROVABLE if math.isinf(projected) else ''}. Nothing was "
-                "trained or sent")
+                f"this round would bring it to {projected:.3f}"
+                f"{', no finite epsilon' + UNPROVABLE if math.isinf(projected) else ''}. Nothing was trained or sent")
         if projected > self.budget_epsilon:
             raise BudgetError(
                 f"round {rnd} refused: the site has spent epsilon {before:.3f} of its budget "
                 f"{self.budget_epsilon:g} (delta {self.delta:g}); this round ({steps} steps, noise "
-                f"{noise_multiplier:.3f}) would bring it to {projected:.3f}{UNPROVABLE if math.isinf(projected) else ''}."
+                f"{noise_multiplier:.3f}) would bring it to {projected:.3f}"
+                f"{', no finite epsilon' + UNPROVABLE if math.isinf(projected) else ''}."
                 " Nothing was trained or sent"
             )
         return key, before, projected

@@ -345,7 +345,7 @@ class RunView:
     status_written: float = 0.0  # when status.json was last written: the end of the last round
     interrupted: dict | None = None  # the server's exit that ended that flwr run (record_interrupted)
     flwr_run: int | None = None  # the one flwr run followed (`oncofed run`'s or `oncofed deliver`'s own); None: any
-    delivery: dict | None = None  # the latest `oncofed deliver`'s flwr run (delivery_runs), None: none since training
+    delivery: dict | None = None  # the latest `oncofed deliver`'s flwr run (delivery_runs), None: no `oncofed deliver` of the run
     delivery_state: str = ""  # what became of it (delivery_state)
     following_delivery: bool = False  # flwr_run is an `oncofed deliver`'s
 

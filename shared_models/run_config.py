@@ -65,6 +65,9 @@ class _Section(BaseModel):
     _no_bool_for_numbers = field_validator("*", mode="before")(no_bool_for_numbers)
 
 
+FUSION_BLOCKS = 2  # a model's fusion depth outside a run, without DP and in dp-mode "distributed"
+
+
 class ModelConfig(_Section):
     """Architecture hyper-parameters (must match on every side); the defaults are sized for CPU training under
     DP-SGD. `CENTRALIZED_MODEL` is the variant measured better for non-private centralized training."""
@@ -107,7 +110,7 @@ class ModelConfig(_Section):
 
     @property
     def fusion_block_count(self) -> int:
-        return 2 if self.fusion_blocks == "auto" else int(self.fusion_blocks)
+        return FUSION_BLOCKS if self.fusion_blocks == "auto" else int(self.fusion_blocks)
 
     @field_validator("wide_rank", mode="before")
     @classmethod
@@ -302,15 +305,16 @@ RECIPES = {
     "dp": Recipe(batch_size=None, patients=640, lr={"sgd": 100.0, "adamw": 0.02}, max_grad_norm={"sgd": 0.01, "adamw": 1.0},
                  modality_dropout=0.0, fusion_blocks=1),
     "no-dp": Recipe(batch_size=64, patients=None, lr={"sgd": 0.2, "adamw": 0.002}, max_grad_norm={"sgd": 1.0, "adamw": 1.0},
-                    modality_dropout=0.25, fusion_blocks=2),
+                    modality_dropout=0.25, fusion_blocks=FUSION_BLOCKS),
 }
-"""The recipes `lr`, `batch-size` and `max-grad-norm` = "auto" take, by the run's `dp` (true: "dp")."""
+"""The recipes `lr`, `batch-size`, `max-grad-norm`, `modality-dropout` and `fusion-blocks` = "auto" take, by the run's
+`dp` (true: "dp")."""
 
 DISTRIBUTED_MAX_GRAD_NORM = 0.1
-DISTRIBUTED_FUSION_BLOCKS = 2  # the model the distributed recipe (docs/results.md, "Distributed DP") was chosen on
 """dp-mode 'distributed': the clipping bound, chosen on the sites' validation parts (0.1 above 1 on every seed,
 0.01 below both: docs/results.md, "Distributed DP"); the server learning rate and sample rate were chosen at 1,
 and FedAdam's tau follows C (server/strategy.py)."""
+DISTRIBUTED_FUSION_BLOCKS = FUSION_BLOCKS  # the model the distributed recipe (docs/results.md, "Distributed DP") was chosen on
 
 
 DISTRIBUTED_PATIENTS = 5000

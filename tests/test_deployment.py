@@ -493,9 +493,9 @@ def test_j_a_run_whose_code_differs_from_the_sites_installation_runs_nothing_at_
     shutil.copy(project / "pyproject.toml", copy / "pyproject.toml")
     local_round = copy / "client" / "local_round.py"
     text = local_round.read_text()
-    assert "    sigma = max(sigma, noise_multiplier_for(" in text
-    local_round.write_text(text.replace("    sigma = max(sigma, noise_multiplier_for(",
-                                        "    sigma = 0.5 * max(sigma, noise_multiplier_for("))
+    assert "    return max(sigma, own), q, total, target" in text
+    local_round.write_text(text.replace("    return max(sigma, own), q, total, target",
+                                        "    return 0.5 * max(sigma, own), q, total, target"))
     ledgers, seen = _ledgers(dep), {n: len(dep.site_audit(n)) for n in ("C0", "C1", "C2")}
     logged = {n: (dep.root / f"{n}.out").read_text().count("refuses the app the server sent") for n in ("C0", "C1")}
     with (dep.root / "run-tampered.out").open("w") as out:  # the operator's `oncofed` is the altered checkout's

@@ -70,7 +70,7 @@ def test_every_dp_path_runs_the_planned_steps_and_accounts_them(tmp_path, clippi
     # the ledger prices what the padding leaves to chance: a padded step's overflow at the tail its rows were set for
     (entry,) = read_ledger(site.ledger.path)["entries"]
     assert entry["padding_tail"] == (PADDING_TAIL if pad else 0.0)
-    if pad is True:  # the rows the site's loader computes are the ones this tail sets
+    if pad is True:  # a loader at the recorded tail computes the rows that tail sets (train_round passes padding_tail(cfg))
         assert PaddedPoissonLoader(torch.utils.data.TensorDataset(torch.zeros(len(site.train.y))), 4, None,
                                    q).rows == padded_batch(len(site.train.y), q, entry["padding_tail"])
 
@@ -336,9 +336,9 @@ def test_a_site_with_older_rounds_padded_at_the_old_tail_trains_and_sends_its_ro
 
 def test_a_site_whose_history_leaves_little_provable_epsilon_does_not_join_a_run_with_many_times_its_noise(tmp_path):
     """A site joins a new run only with MIN_RUN_SHARE of its epsilon left. Its budget's rest is not all it has: the
-    history's bad events, priced at the epsilon claimed, make a total above ~11.7 unprovable for a site with one run
-    padded at the old tail 2^-40, whatever its budget. Judged by the budget's rest (30 - 11.7), a third run was joined
-    with noise multiplier 12.1, 7.5 times the run's own, for an epsilon of 0.71 (a DP review)."""
+    history's bad events, priced at the epsilon claimed, make a total above ~11.5 unprovable for a site with one run
+    padded at the old tail 2^-40, whatever its budget. Judged by the budget's rest (30 - 11.5), a third run was joined
+    with noise multiplier 12.2, 7.5 times the run's own, for an epsilon of 0.71 (a DP review)."""
     from client.local_round import new_run_noise
     from privacy import LEGACY_PADDING_TAIL, PADDING_TAIL
 
@@ -348,7 +348,7 @@ def test_a_site_whose_history_leaves_little_provable_epsilon_does_not_join_a_run
                                                          padding_tail=tail), 60)
     assert site.ledger.spent(site.dataset_fingerprint) < 12
     with pytest.raises(BudgetError, match=r"run third refused: this site's spend can grow by epsilon 0\.7\d* only.*"
-                                          r"no finite epsilon.*7\.\d times the run's noise"):
+                                          r"bad events.*7\.\d times the run's noise"):
         new_run_noise(site, "third", run)
     with pytest.raises(BudgetError, match="can grow by epsilon"):  # as a round is asked, at its setup stage
         train_round(site, state_arrays(MultiModalTransformer(site.schema, run.model)), run, "third", 1)

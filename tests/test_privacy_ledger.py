@@ -408,7 +408,8 @@ def test_a_padded_batchs_overflow_is_paid_in_delta_at_the_epsilon_claimed():
     """A padded step outgrows its rows with probability at most the padding's tail P, and then its time shows the
     sample's size (privacy/sampling.py): the claim (eps, delta) holds only if the mechanisms are eps-DP at
     delta - (1 + e^eps) x (steps x P). A DP review (2026-12-06) found the ledger left this out: at the old tail
-    2^-40 it is 1.6e-7 of delta over the main job's 60 steps at epsilon 8, and more than delta at epsilon ~18."""
+    2^-40 it is 1.6e-7 (1.6% of delta 1e-5) over the main job's 60 steps at epsilon 8, and more than delta at epsilon
+    ~18."""
     import math
 
     from privacy.accounting import Overflow, bad_event_delta
@@ -449,13 +450,17 @@ def test_the_ledger_records_each_rounds_padding_and_prices_an_older_entry_at_the
     (tmp_path / "ledger.json").write_text(json.dumps(state))
     older = ledger.spent(ds)
     assert older == epsilon([(0.9, 0.3, 60), Overflow(60, LEGACY_PADDING_TAIL)], DELTA) > spent
+    # and what a person is shown (site status, the SuperNode's preflight) is that price, not the figure recorded then
+    from privacy.ledger import read_ledger, recorded_spend
+    assert recorded_spend(read_ledger(tmp_path / "ledger.json"))[0] == older
     with pytest.raises(ValueError, match="padding_tail"):
         ledger.begin_round(ds, "run-1", 2, 0.9, 0.3, 60, padding_tail=1.0)
     with pytest.raises(TypeError, match="padding_tail"):  # no default: a caller cannot leave the price out
         ledger.begin_round(ds, "run-1", 2, 0.9, 0.3, 60)
     state["entries"][0]["padding_tail"] = None  # a damaged entry is refused by name, not a TypeError
     (tmp_path / "ledger.json").write_text(json.dumps(state))
-    with pytest.raises(BudgetError, match=r"ledger damaged: an entry of run 'run-1' round 1 has padding_tail None"):
+    with pytest.raises(BudgetError, match=r"ledger.json: privacy ledger damaged: an entry of run 'run-1' round 1 has "
+                                          r"padding_tail None"):
         ledger.spent(ds)
 
 
@@ -466,5 +471,35 @@ def test_a_round_whose_claim_its_bad_events_make_infinite_is_refused_saying_why(
     ds = ledger.register_dataset(IDS, "h")
     spent = ledger.commit_round(ledger.begin_round(ds, "run-1", 1, 1.625, 0.3, 180, padding_tail=0.0), 180)
     assert 14 < spent < 16
-    with pytest.raises(BudgetError, match=r"would bring it to inf \(no finite epsilon: .* padded batch outgrown"):
+    with pytest.raises(BudgetError, match=r"would bring it to inf, no finite epsilon \(the history's bad events, "
+                                          r"a padded batch outgrown"):
         ledger.begin_round(ds, "run-1", 2, 1.625, 0.3, 60, padding_tail=LEGACY_PADDING_TAIL)
+
+
+def test_the_claim_that_pays_its_bad_events_is_the_least_there_is_and_rises_with_the_curve():
+    """`priced` against a brute-force scan for the least claim c with epsilon_at(delta - (1 + e^c) P) <= c, on curves
+    shaped as a Gaussian mechanism's (a + b sqrt(2 ln(1.25 / d))), near the tangency where such a claim stops existing:
+    a review found the search returned the first claim it met, up to 0.2 above the least, and a smaller figure for a
+    curve higher everywhere."""
+    import math
+
+    import numpy as np
+
+    from privacy.accounting import Overflow, priced
+
+    delta, history = 1e-5, [Overflow(60, 2.0 ** -40)]
+    p = 60 * 2.0 ** -40
+    last = 0.0
+    for a in np.linspace(9.0, 10.6, 9):  # rising curves: the claim rises with them
+        def at(d, a=a):
+            return a + 0.25 * math.sqrt(2 * math.log(1.25 / d))
+        eps, charged = priced(at, delta, history)
+        grid = np.arange(at(delta), math.log(delta / p - 1), 1e-4)
+        least = next((c for c in grid if at(delta - (1 + math.exp(c)) * p) <= c), math.inf)
+        if math.isinf(least):
+            assert math.isinf(eps)
+            continue
+        assert at(charged) == eps and charged <= delta - (1 + math.exp(eps)) * p  # pays its own price
+        assert eps <= least + 1e-3 and eps >= last
+        last = eps
+    assert last > 0  # some curves had a claim
