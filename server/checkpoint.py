@@ -281,7 +281,7 @@ def frozen_run(out: Path) -> dict | None:
                               "run under another name") from None
 
 
-ADDED_KEYS = {"modality-dropout": 0.0, "site-registry": "", "fusion-blocks": 2}
+ADDED_KEYS = {"modality-dropout": 0.0, "site-registry": ""}
 """Run-config keys added after runs could have started, and the value that trains as those runs did: frozen_run
 gives such a run's config with it, so `oncofed run --resume` continues it as it trained ("auto" would now resolve
 otherwise)."""

@@ -508,10 +508,7 @@ def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
     if checkpoint is None or "run_config" not in checkpoint.meta:
         raise DeployError(f"run {name!r}: no checkpoint in {run_dir / 'checkpoints'}; `oncofed deliver` sends the "
                           "final model of a run that finished training")
-    from server.checkpoint import ADDED_KEYS
-
-    # a run started before a key existed trained with the value ADDED_KEYS gives it ("auto" would resolve otherwise)
-    values = {**ADDED_KEYS, **checkpoint.meta["run_config"], "signing-key": str(c.path("signing", "signing.key")),
+    values = {**checkpoint.meta["run_config"], "signing-key": str(c.path("signing", "signing.key")),
               "site-registry": str(c.path("consortium.json")), "resume": False, "deliver-only": True}
     cfg = load_run_config(values, source=f"run {name!r}'s run config")
     out.write(report(f"deliver {name!r}", delivery_checks(c, run_dir, cfg)) + "\n")
