@@ -112,6 +112,15 @@ class ModelConfig(_Section):
     def fusion_block_count(self) -> int:
         return FUSION_BLOCKS if self.fusion_blocks == "auto" else int(self.fusion_blocks)
 
+    @field_validator("fusion_blocks", "modality_dropout", mode="before")
+    @classmethod
+    def _number_or_auto(cls, v, info: ValidationInfo):  # one message for a bad value, not one per accepted type
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if v == "auto" or (number and (0 <= v < 1 if info.field_name == "modality_dropout" else v >= 1 and v == int(v))):
+            return v
+        raise ValueError(f"use {'a probability in [0, 1)' if info.field_name == 'modality_dropout' else 'a whole number >= 1'}"
+                         " or \"auto\" (the recipe's)")
+
     @field_validator("wide_rank", mode="before")
     @classmethod
     def _wide_rank(cls, v):

@@ -236,3 +236,13 @@ def test_the_app_flower_installs_holds_the_code_and_schemas_only():
     assert needed and needed <= names, sorted(needed - names)
     assert not {n for n in names if n.split("/")[0] in ("docs", "benchmarks", "tests")}
     assert len(fab) < FAB_MAX_SIZE / 4, f"the app is {len(fab):,} bytes, Flower's limit {FAB_MAX_SIZE:,}"
+
+
+@pytest.mark.parametrize("key, value, says", [("fusion-blocks", 0, "a whole number >= 1"),
+                                              ("fusion-blocks", "two", "a whole number >= 1"),
+                                              ("modality-dropout", 2, "a probability in [0, 1)")])
+def test_a_bad_number_or_auto_is_one_problem_saying_what_to_write(key, value, says):
+    # pydantic checked the value against each type it may be (a number, "auto") and reported both failures
+    with pytest.raises(RunConfigError, match=r"invalid \(1 problem\)") as e:
+        load_run_config({"schema": "s.json", key: value})
+    assert f'{key}: use {says} or "auto"' in str(e.value)
