@@ -36,9 +36,9 @@ from privacy.accounting import (UNPROVABLE, BudgetError, Overflow, SkellamSteps,
                                 noise_multiplier_for, public_schedule)
 from privacy.clipping import clipped_sum, finite_samples_only, make_private
 from privacy import MIN_RUN_SHARE, distributed  # noqa: F401 (MIN_RUN_SHARE: re-exported)
+from privacy import DISTRIBUTED_PADDING_TAIL, PADDING_TAIL
 from privacy.ledger import EPSILON_SLACK, RunPlan
-from privacy.sampling import (DISTRIBUTED_PADDING_TAIL, PADDING_TAIL, PaddedPoissonLoader, opacus_poisson_loader,
-                              padded_sample, step_rows)
+from privacy.sampling import PaddedPoissonLoader, opacus_poisson_loader, padded_sample, step_rows
 from shared_models.evaluation import evaluate, predict_logits
 from shared_models.model import MultiModalTransformer
 from shared_models.protocol import (EPSILON, EPSILON_WORST_CASE, GRID_SCALE, LOCAL_STEPS, LOCAL_VAL_ACCURACY,

@@ -316,7 +316,7 @@ def _rdp_priced(hist: list[Mechanism], delta: float, orders=RDP_ORDERS) -> tuple
     _opacus_accountants()
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-    if not any(not isinstance(m, Overflow) for m in hist):
+    if all(isinstance(m, Overflow) for m in hist):
         return 0.0, delta
     rdp = np.zeros(len(orders))
     for m in hist:
@@ -400,10 +400,10 @@ def noise_multiplier_for(
 
     already = epsilon(spent, delta)
     hi = 1.0
-    while eps_at(hi) > budget_epsilon:
+    while (reached := eps_at(hi)) > budget_epsilon:
         hi *= 2
         if hi > MAX_NOISE_MULTIPLIER:
-            if math.isinf(already) or math.isinf(eps_at(hi)):
+            if math.isinf(reached):  # at the largest noise tried: the bad events, not the noise, bound the claim
                 raise BudgetError(f"no noise for {steps} more steps keeps the site's epsilon provable{UNPROVABLE}: "
                                   "stop training on this data")
             raise BudgetError(

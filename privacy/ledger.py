@@ -106,11 +106,11 @@ def read_ledger(path: str | Path) -> dict:
             isinstance(e, dict) for e in state["entries"]) or not isinstance(state.get("runs", {}), dict):
         raise BudgetError(f"{path}: privacy ledger damaged (its datasets, runs or entries are missing or not what a "
                           "ledger holds); restore it from a backup. Training is refused until then")
-    for e in state["entries"]:
-        if "padding_tail" in e and (type(e["padding_tail"]) not in (int, float) or not 0 <= e["padding_tail"] < 1):
-            raise BudgetError(f"{path}: privacy ledger damaged: an entry of run {e.get('run_id')!r} round "
-                              f"{e.get('round')!r} has padding_tail {e['padding_tail']!r}, not a probability below 1; "
-                              "restore it from a backup. Training is refused until then")
+    try:
+        for e in state["entries"]:
+            _recorded_tail(e)
+    except BudgetError as e:
+        raise BudgetError(f"{path}: {e}") from None
     return state
 
 
@@ -486,12 +486,18 @@ def _mechanisms(entry: dict, worst_case: bool = False) -> list[Mechanism]:
         steps = _skellam_steps(tuple(sorted(entry["mechanism"].items())), entry["steps"], worst_case)
     else:
         steps = (entry["noise_multiplier"], entry["sample_rate"], entry["steps"])
+    return [steps, Overflow(entry["steps"], _recorded_tail(entry))]
+
+
+def _recorded_tail(entry: dict) -> float:
+    """The padding tail an entry records (LEGACY_PADDING_TAIL for one written before the ledger recorded it), or
+    BudgetError: a damaged entry (read_ledger names the file)."""
     tail = entry.get("padding_tail", LEGACY_PADDING_TAIL)
     if type(tail) not in (int, float) or not 0 <= tail < 1:
         raise BudgetError(f"privacy ledger damaged: an entry of run {entry.get('run_id')!r} round {entry.get('round')!r} "
-                          f"has padding_tail {tail!r}, not a probability below 1; restore the ledger from a backup. "
-                          "Training is refused until then")
-    return [steps, Overflow(entry["steps"], float(tail))]
+                          f"has padding_tail {tail!r}, not a probability below 1; restore it from a backup. Training "
+                          "is refused until then")
+    return float(tail)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -30,7 +30,7 @@ import math
 import numpy as np
 import torch
 
-from privacy import DISTRIBUTED_PADDING_TAIL, PADDING_TAIL  # noqa: F401 (DISTRIBUTED_PADDING_TAIL: for the clients)
+from privacy import PADDING_TAIL
 
 FLOAT32_GRID = 2 ** 24  # torch.rand's float32 draws are multiples of 2^-24
 

@@ -315,7 +315,7 @@ def test_a_distributed_round_sends_the_sites_clipped_gradient_sum_on_the_grid_an
     assert plan_.mechanism["kind"] == "skellam" and plan_.steps_per_round == 1
     # its padded sample's overflow is priced at the distributed tail, as far out as the Skellam steps' bad events
     from privacy.ledger import read_ledger
-    from privacy.sampling import DISTRIBUTED_PADDING_TAIL
+    from privacy import DISTRIBUTED_PADDING_TAIL
     assert [e["padding_tail"] for e in read_ledger(site.ledger.path)["entries"]] == [DISTRIBUTED_PADDING_TAIL]
     _, noised = trainable_layout(model)
     assert plan_.mechanism["dim"] == int(noised.sum())

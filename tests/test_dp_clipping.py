@@ -386,7 +386,8 @@ def test_a_padded_batchs_clipped_sum_is_its_samples_alone(how):
 def test_a_padded_poisson_sample_has_a_fixed_size_and_samples_each_patient_independently_at_the_rate():
     from scipy import stats
 
-    from privacy.sampling import DISTRIBUTED_PADDING_TAIL, PADDING_TAIL, padded_batch, padded_sample
+    from privacy import DISTRIBUTED_PADDING_TAIL, PADDING_TAIL
+    from privacy.sampling import padded_batch, padded_sample
 
     n, q = 620, 0.3
     b = padded_batch(n, q)

@@ -14,7 +14,8 @@ from client.site import evaluate_global
 from client.site import SiteDataError, SitePaths, prepare_site
 from privacy.accounting import BudgetError
 from privacy.ledger import read_ledger
-from privacy.sampling import PADDING_TAIL, PaddedPoissonLoader, padded_batch
+from privacy import PADDING_TAIL
+from privacy.sampling import PaddedPoissonLoader, padded_batch
 from privacy.run_config import load_run_config
 from shared_models.model import MultiModalTransformer
 from shared_models.run_config import RunConfigError
