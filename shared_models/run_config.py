@@ -115,7 +115,9 @@ class ModelConfig(_Section):
     @field_validator("fusion_blocks", "modality_dropout", mode="before")
     @classmethod
     def _number_or_auto(cls, v, info: ValidationInfo):  # one message for a bad value, not one per accepted type
-        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if isinstance(v, bool):
+            return v  # no_bool_for_numbers says what true or false is doing here
+        number = isinstance(v, (int, float))
         if v == "auto" or (number and (0 <= v < 1 if info.field_name == "modality_dropout" else v >= 1 and v == int(v))):
             return v
         raise ValueError(f"use {'a probability in [0, 1)' if info.field_name == 'modality_dropout' else 'a whole number >= 1'}"
