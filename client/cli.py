@@ -117,20 +117,18 @@ def _data_problems(settings: SiteConfig) -> str:
     """What `oncofed site start` will refuse in the site's tables (its preflight validates them as this does), as a
     warning ("" when they pass). site init warns and does not refuse: the key and settings it writes do not depend on
     the tables, which can be fixed in place before the first start (a refusal would only make the site run init again)."""
-    from shared_models.schema import FeatureSchema, SchemaError
-    from shared_models.validation import validate_site
+    from client.supernode import validate_command, validate_data
 
     try:
-        report = validate_site(FeatureSchema.load(settings.schema_path), settings.data_path, min_count=settings.min_count)
-    except (SchemaError, OSError, ValueError) as e:
+        report = validate_data(settings)
+    except (OSError, ValueError) as e:
         return f"warning: --data {settings.data_path} was not validated ({e})"
     if report.ok:
         return ""
     return (f"warning: --data {settings.data_path} fails validation against the consortium's schema "
             f"({len(report.errors)} error(s)); `oncofed site start` refuses to start until it passes:\n"
             + "\n".join(f"  {p}" for p in report.errors)
-            + f"\nfix the tables in place (site.json need not change), then check: `oncofed validate --schema "
-              f"{settings.schema_path} --data {settings.data_path}`")
+            + f"\nfix the tables in place (site.json need not change), then check: `{validate_command(settings)}`")
 
 
 def _kept_ledger(state_dir: Path) -> str:

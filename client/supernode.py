@@ -17,11 +17,16 @@ import sys
 import time
 import types
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from privacy.preflight import (Check, check_ca, check_port_free, check_reachable, check_site_key, free_port_after,
                                port_holder, port_in_use)
 from privacy.site_config import NODE_CONFIG_KEYS, SITE_CONFIG_KEY, SiteConfig, replace_key_command
 from shared_models.flower_tools import QUIET_ENV, RETRIED_STATUS, SERVER_ERROR_RETRY_S, SUPERNODE_POLL_S, flower_tool
+from shared_models.limits import MIN_COUNT
+
+if TYPE_CHECKING:
+    from shared_models.validation import ValidationReport
 
 UNREGISTERED_EXIT = 305  # flwr's exit code when the SuperLink refuses to activate the node (e.g. unknown key)
 
@@ -117,7 +122,7 @@ def site_checks(settings: SiteConfig, port: int, schema: Path | None, superlink:
     if schema_ok is not None:
         checks.append(schema_ok)
     if schema is not None:
-        checks.append(_data_check(data, schema))
+        checks.append(_data_check(settings, schema))
     elif schema_ok is not None and not schema_ok.ok:
         checks.append(Check(f"site data {data}", False, "not validated: the schema above must be fixed first"))
     else:
@@ -332,19 +337,34 @@ def _schema_check(settings: SiteConfig, given: Path | None) -> tuple[Check | Non
     return Check(name, True, "the consortium's (SHA-256 as the bundle's)"), own
 
 
-def _data_check(data: Path, schema_path: Path) -> Check:
+def validate_data(settings: SiteConfig, schema_path: Path | None = None) -> ValidationReport:
+    """The site's tables against the schema (site.json's unless given): `site start`'s preflight and `site init`'s
+    warning. At the site's own min-count, not the default: a run trains at the larger of it and the run's
+    (client.app.prepared), and a larger one refuses nothing more (a label leak needs two values each held by
+    min-count patients), so what passes here every run trains on. OSError or ValueError when nothing can be read."""
     from shared_models.schema import FeatureSchema
     from shared_models.validation import validate_site
 
-    name = f"site data {data}"
+    schema = FeatureSchema.load(schema_path or settings.schema_path)
+    return validate_site(schema, settings.data_path, min_count=settings.min_count)
+
+
+def validate_command(settings: SiteConfig, schema_path: Path | None = None) -> str:
+    """The `oncofed validate` that lists what `validate_data` found: at the site's min-count, as it validated."""
+    count = f" --min-count {settings.min_count}" if settings.min_count != MIN_COUNT else ""
+    return f"oncofed validate --schema {schema_path or settings.schema_path} --data {settings.data_path}{count}"
+
+
+def _data_check(settings: SiteConfig, schema_path: Path) -> Check:
+    name = f"site data {Path(settings.data_path)}"
     try:
-        rep = validate_site(FeatureSchema.load(schema_path), data)
+        rep = validate_data(settings, schema_path)
     except (OSError, ValueError) as e:
         return Check(name, False, f"{e}")
     if not rep.ok:
         first = rep.errors[0]
         return Check(name, False, f"fails validation ({len(rep.errors)} error(s); first: {first.where}: {first.message}); "
-                     f"run `oncofed validate --schema {schema_path} --data {data}` for all")
+                     f"run `{validate_command(settings, schema_path)}` for all")
     return Check(name, True, f"valid against {schema_path.name}")
 
 

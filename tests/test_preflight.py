@@ -297,6 +297,36 @@ def test_site_init_warns_of_data_that_site_start_would_refuse_naming_the_column_
     assert res.exit_code == 0 and "fails validation" not in res.output, res.output
 
 
+def test_site_start_validates_the_data_at_the_sites_min_count_as_site_init_and_training_do(tmp_path):
+    """A site of min-count 7 whose `smoker` is 1 for its 6 patients of class A and 0 for everyone else: not a label
+    leak at 7 (a leak needs two values each held by min-count patients), so site init and every run's training
+    (the larger of the site's min-count and the run's) accept it. site start's preflight validated at the default 5
+    and refused to start the site init had passed."""
+    from client.cli import _data_problems
+    from client.supernode import site_checks
+    from shared_models.validation import validate_site
+    from tests.sitefixtures import site_schema, site_tables, write_site
+
+    schema = site_schema().save(tmp_path / "schema.json")
+    init_consortium(tmp_path / "op", "t", "fl.example.org:8443", internal_port=9092, schema=schema)
+    tables = site_tables(n_per_class=6)
+    tables["clinical"]["smoker"] = (tables["labels"].subtype == "A").astype(int)
+    data = write_site(tmp_path / "data", tables)
+    site = init_site(tmp_path / "s", "S", tmp_path / "op" / "public", str(data), min_count=7,
+                     ca_fingerprint=fingerprint(tmp_path / "op" / "ca/ca.crt"))
+    assert validate_site(site_schema(), data, min_count=7).ok  # what training at min-count 7 reads
+    assert _data_problems(site) == ""
+    (check,) = [c for c in site_checks(site, 29555, None) if c.name == f"site data {data}"]
+    assert check.ok, check.detail
+    assert not validate_site(site_schema(), data).ok  # at the default 5 it is one
+    # the command a refusal names validates as the refusal did, at the site's min-count
+    tables["labels"] = tables["labels"].rename(columns={"subtype": "subtyp"})
+    write_site(data, tables)
+    (check,) = [c for c in site_checks(site, 29555, None) if c.name == f"site data {data}"]
+    assert not check.ok and f"--data {data} --min-count 7`" in check.detail, check.detail
+    assert f"--data {data} --min-count 7`" in _data_problems(site)
+
+
 def test_a_budget_that_refuses_every_default_run_is_warned_of_at_site_init_and_start(consortium, tmp_path):
     """`site init --budget 0.001` was accepted silently and every run was then refused, the reason only in the audit
     log: init and the start's preflight say why, with the numbers (a warning: the site may mean to be strict)."""
