@@ -151,7 +151,7 @@ def runtime_port_check(port: int) -> Check:
     check = check_port_free("127.0.0.1", port, "local runtime port")
     if not port_in_use(check):
         return check
-    return Check(check.name, False, f"held by {port_holder(port)}; each site on this machine needs a runtime port of "
+    return Check(check.name, False, f"held by {port_holder(port).text}; each site on this machine needs a runtime port of "
                  f"its own: start this one with `--port {free_port_after(port) or 'PORT'}` (in the systemd unit, on "
                  "its ExecStart line)")
 

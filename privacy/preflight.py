@@ -200,17 +200,65 @@ def listening_pids(port: int) -> list[int]:
         return []
 
 
-def port_holder(port: int) -> str:
-    """Who listens on TCP `port`: "pid N (its command line)", or a command that names it when this account cannot."""
+@dataclass(frozen=True)
+class Holder:
+    """Who listens on a port: `text` names it; `root` is its consortium's directory when it is part of an OncoFed
+    server (its SuperLink, its proxy, or the `oncofed server start` itself, serving /metrics)."""
+    text: str
+    pid: int | None = None
+    root: Path | None = None
+
+
+def _consortium_of(args: list[str], cwd: Path) -> tuple[str, Path] | None:
+    """(what, consortium directory) of an OncoFed server's process, from its command line."""
+    def after(flag: str) -> str | None:
+        return args[args.index(flag) + 1] if flag in args[:-1] else None
+
+    if (database := after("--database")) and Path(database).name == "superlink.db":
+        return "the SuperLink", (cwd / database).resolve().parent.parent
+    if (prefix := after("-p")) and Path(prefix).name == "proxy":
+        return "the proxy (nginx)", (cwd / prefix).resolve().parent
+    if "server" in args and "start" in args[args.index("server"):]:
+        rest = [a for a in args[args.index("start", args.index("server")) + 1:] if not a.startswith("-")]
+        if rest:
+            return "the `oncofed server start`", (cwd / rest[0]).resolve()
+    return None
+
+
+def _cwd(proc) -> Path:
+    """A process's working directory; "/" for another user's (a root nginx's workers run as `nobody`), whose
+    absolute arguments still name its consortium."""
     import psutil
 
+    try:
+        return Path(proc.cwd())
+    except psutil.AccessDenied:
+        return Path("/")
+
+
+def port_holder(port: int) -> Holder:
+    """Who listens on TCP `port` on this machine: a part of a consortium's server named by its directory, otherwise
+    "pid N (its command line)", or a command that names it when this account cannot see it (another user's)."""
+    import psutil
+
+    first = None
     for pid in listening_pids(port):
+        label = f"pid {pid}"
         try:
-            command = " ".join(psutil.Process(pid).cmdline()) or psutil.Process(pid).name()
+            proc = psutil.Process(pid)
+            name, command = proc.name(), " ".join(proc.cmdline()) or proc.name()
+            label = f"pid {pid} ({command[:160]}{'...' if len(command) > 160 else ''})"
+            # nginx's workers hold the listening socket too, with no arguments ("nginx: worker process"): the
+            # master that forked them (same program, its parent) has the `-p CONSORTIUM/proxy` that names whose it is
+            while proc is not None:
+                if found := _consortium_of(proc.cmdline(), _cwd(proc)):
+                    return Holder(f"{found[0]} of the consortium at {found[1]} (pid {proc.pid})", proc.pid, found[1])
+                parent = proc.parent()
+                proc = parent if parent is not None and parent.name() == name else None
         except psutil.Error:
-            return f"pid {pid}"
-        return f"pid {pid} ({command[:160]}{'...' if len(command) > 160 else ''})"
-    return f"another account's process (`sudo ss -ltnp 'sport = :{port}'` names it)"
+            pass
+        first = first or Holder(label, pid)
+    return first or Holder(f"another account's process (`sudo ss -ltnp 'sport = :{port}'` names it)")
 
 
 def free_port_after(port: int, taken: set[int] = frozenset()) -> int:

@@ -587,3 +587,22 @@ def test_a_runtime_port_another_process_holds_names_it_and_a_free_port(consortiu
     own = Path("/proc/self/cmdline").read_bytes().split(b"\0")[0].decode()  # this process's command, as ps shows it
     assert f"held by pid {os.getpid()} ({own}" in check.detail, check.detail
     assert "`--port " in check.detail and "systemd unit" in check.detail, check.detail
+
+
+def test_a_server_port_held_by_a_process_not_a_consortiums_names_its_command_line_or_how_to_find_it(monkeypatch):
+    """The server's preflight had a port holder of its own: a stranger was "pid N (python)" (its program's name only)
+    and one this account cannot see "another process", where the site's named the command line and `sudo ss`. One
+    holder for both sides now (privacy.preflight.port_holder): the site's wording, the server's consortium names."""
+    import privacy.preflight
+    from server.deploy import check_port_held
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        _, holder = check_port_held("127.0.0.1", port, "metrics (--metrics-port) address")
+        own = Path("/proc/self/cmdline").read_bytes().split(b"\0")[0].decode()  # this process's command, as ps shows it
+        assert holder.text.startswith(f"pid {os.getpid()} ({own}") and holder.root is None, holder
+        monkeypatch.setattr(privacy.preflight, "listening_pids", lambda port: [])  # as another user's process is
+        _, holder = check_port_held("127.0.0.1", port, "metrics (--metrics-port) address")
+    assert holder.text == f"another account's process (`sudo ss -ltnp 'sport = :{port}'` names it)", holder
