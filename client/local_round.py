@@ -80,9 +80,9 @@ def saved_plan(site: PreparedSite, run_id: str, cfg: RunConfig) -> RunPlan | Non
     return saved
 
 
-def starved_refusal(site: PreparedSite, run_id: str, cfg: RunConfig) -> str:
-    """Why the site does not join a new run ("" if it does): its budget's rest is below MIN_RUN_SHARE of the epsilon."""
-    spent = site.ledger.spent(site.dataset_fingerprint)
+def starved_refusal(site: PreparedSite, run_id: str, cfg: RunConfig, spent: float) -> str:
+    """Why the site does not join a new run ("" if it does): its budget's rest, after `spent`, is below MIN_RUN_SHARE
+    of the epsilon."""
     left = site.ledger.budget_epsilon - spent
     if left >= MIN_RUN_SHARE * cfg.privacy.epsilon:
         return ""
@@ -121,19 +121,37 @@ def run_noise(site: PreparedSite, run_id: str, cfg: RunConfig) -> tuple[float, f
     return plan.noise_multiplier, plan.sample_rate, plan.steps_per_round
 
 
+# The last new-run noise computed for each site's ledger, with everything it was computed from: a new run's first
+# round asks for it at SecAgg+'s setup stage (round_precheck) and again as it trains (run_noise), ~0.5 s each; the
+# second takes the first's answer when this process handled both and neither the ledger nor the run changed.
+_NEW_RUN_NOISE: dict[str, tuple[tuple, tuple[float, float, int, float]]] = {}
+
+
 def new_run_noise(site: PreparedSite, run_id: str, cfg: RunConfig) -> tuple[float, float, int, float]:
     """(noise multiplier, sample rate, total steps, the epsilon the run may bring the site to) for a new run at this
     site, or BudgetError: the site does not join it (what is left is below MIN_RUN_SHARE of the run's epsilon).
     Records nothing: the round's precheck asks it too, before any site trains."""
-    if reason := starved_refusal(site, run_id, cfg):
+    history = tuple(site.ledger.history(site.dataset_fingerprint))  # read first: reading may pin a smaller delta
+    key = (run_id, history, site.ledger.budget_epsilon, site.ledger.delta, cfg.model_dump_json())
+    held = _NEW_RUN_NOISE.get(str(site.ledger.path))
+    if held is not None and held[0] == key:
+        return held[1]
+    noise = _new_run_noise(site, run_id, cfg, list(history))  # from the snapshot keyed, whatever is written meanwhile
+    _NEW_RUN_NOISE[str(site.ledger.path)] = key, noise
+    return noise
+
+
+def _new_run_noise(site: PreparedSite, run_id: str, cfg: RunConfig, history: list) -> tuple[float, float, int, float]:
+    """new_run_noise from the ledger's `history` (its every mechanism), budget and delta: nothing else of it."""
+    spent = epsilon(history, site.ledger.delta)  # the ledger's `spent`
+    if reason := starved_refusal(site, run_id, cfg, spent):
         raise BudgetError(reason)
     q, total = public_schedule(cfg.privacy.sample_rate, cfg.training.local_epochs, cfg.federation.num_rounds)
     # This run may bring the site's total to (spent + the run's epsilon), never beyond the site's budget:
     # a site with budget 30 can join several runs of epsilon 8 instead of spending it all on the first.
-    target = min(site.ledger.budget_epsilon, site.ledger.spent(site.dataset_fingerprint) + cfg.privacy.epsilon)
+    target = min(site.ledger.budget_epsilon, spent + cfg.privacy.epsilon)
     overflow = Overflow(total, padding_tail(cfg))  # the run's padding, priced with its steps
-    sigma = noise_multiplier_for(target, site.ledger.delta, q, total,
-                                 spent=site.ledger.history(site.dataset_fingerprint) + [overflow])
+    sigma = noise_multiplier_for(target, site.ledger.delta, q, total, spent=history + [overflow])
     # And the run's model alone costs at most the run's epsilon. Composition is subadditive, so noise set by the total
     # alone falls with every run: a second run of epsilon 8 after one of 7.97 got noise multiplier 1.17 instead of
     # 1.625, a model of epsilon 13.0 on its own (and a total of 15.9 where 11.8 now)

@@ -353,3 +353,49 @@ def test_a_site_whose_history_leaves_little_provable_epsilon_does_not_join_a_run
         new_run_noise(site, "third", run)
     with pytest.raises(BudgetError, match="can grow by epsilon"):  # as a round is asked, at its setup stage
         train_round(site, state_arrays(MultiModalTransformer(site.schema, run.model)), run, "third", 1)
+
+
+def _counting_searches(monkeypatch) -> list:
+    """Each call of the accountant's noise search (privacy.accounting.noise_multiplier_for) from a site's round."""
+    import client.local_round as lr
+
+    calls, search = [], lr.noise_multiplier_for
+    monkeypatch.setattr(lr, "noise_multiplier_for", lambda *a, **kw: calls.append(a) or search(*a, **kw))
+    return calls
+
+
+def test_a_new_runs_first_round_searches_its_noise_once_for_the_setup_stage_and_the_training(tmp_path, monkeypatch):
+    """SecAgg+'s setup stage asks whether the site joins the new run (round_precheck), computing the run's noise,
+    and training computed it again (~0.5 s more per site): the ledger, the run and its config are the same, so the
+    training takes the precheck's answer."""
+    from client.local_round import round_precheck
+
+    _, run, site, w = _setup(tmp_path)
+    calls = _counting_searches(monkeypatch)
+    round_precheck(site, run, "run-A", 1)
+    searched = len(calls)
+    assert searched > 0
+    sent = train_round(site, w, run, "run-A", 1).metrics
+    assert len(calls) == searched
+    plan = site.ledger.run_plan(site.dataset_fingerprint, "run-A")
+    assert sent["noise_multiplier"] == plan.noise_multiplier
+
+
+def test_a_ledger_change_between_the_setup_stage_and_the_training_searches_the_noise_again(tmp_path, monkeypatch):
+    """Two rounds of another run committed between run A's precheck and its training: A's plan is computed again from
+    the ledger as it is then (the epsilon it may bring the site to is the budget, 6, no longer 0 + its epsilon 4),
+    not taken from the precheck."""
+    import client.local_round as lr
+
+    _, run, site, w = _setup(tmp_path, budget=6.0, rounds=3, epsilon=4.0)
+    calls = _counting_searches(monkeypatch)
+    lr.round_precheck(site, run, "run-A", 1)
+    searched = len(calls)
+    assert lr.new_run_noise(site, "run-A", run)[3] == 4.0 and len(calls) == searched  # unchanged: no search
+    for rnd in (1, 2):  # another process trains run B (its noise as run A's: written here, asked of no cache)
+        site.ledger.commit_round(site.ledger.begin_round(site.dataset_fingerprint, "run-B", rnd, 1.71875, 0.3, 6,
+                                                         padding_tail=PADDING_TAIL), 6)
+    searched = len(calls)
+    train_round(site, w, run, "run-A", 1)
+    assert len(calls) > searched
+    assert site.ledger.run_plan(site.dataset_fingerprint, "run-A").epsilon_cap == 6.0
