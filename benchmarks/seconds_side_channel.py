@@ -54,6 +54,7 @@ def training_counts(out: Path, seed: int) -> dict[str, int]:
 
 
 def per_site(out: Path, seed: int, pad_to: int, sample_rate: float) -> list[dict]:
+    from privacy import PADDING_TAIL
     from privacy.sampling import step_rows
 
     counts = training_counts(out, seed)
@@ -63,7 +64,9 @@ def per_site(out: Path, seed: int, pad_to: int, sample_rate: float) -> list[dict
             s = seconds.setdefault(site["site"], {"train": [], "round": []})
             s["train"].append(site["train_seconds"])
             s["round"].append(site.get("round_seconds", float("nan")))
-    return [{"site": name, "patients": counts[name], "rows": step_rows(counts[name], sample_rate, pad_to),
+    # the main job's site-mode DP steps pad at PADDING_TAIL (client.local_round.padding_tail)
+    return [{"site": name, "patients": counts[name],
+             "rows": step_rows(counts[name], sample_rate, pad_to, tail=PADDING_TAIL),
              "train": statistics.median(s["train"]), "round": statistics.median(s["round"]),
              "spread": max(s["train"]) - min(s["train"]), "total": sum(s["train"])}
             for name, s in sorted(seconds.items())]

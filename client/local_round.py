@@ -401,7 +401,7 @@ def distributed_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: 
     t_train = time.perf_counter()
     secret_dropout()  # the masks depend on which records were sampled: secret, as the sampling (dp_randomness)
     rows, mask = padded_sample(n, p.sample_rate, dp_generator(),  # Poisson sampling, secret; fixed cost
-                               step_rows(n, p.sample_rate, cfg.privacy.pad_to, padding_tail(cfg)))
+                               step_rows(n, p.sample_rate, cfg.privacy.pad_to, tail=padding_tail(cfg)))
     grads = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
     if len(rows):
         tc = cfg.train_config()

@@ -20,6 +20,9 @@ in the sites' training time: docs/results.md). The padded size grows with the si
 round's seconds reveal the site's size roughly: a side channel the epsilon does not cover (docs/privacy.md),
 unless the run sets `dp-pad-to`, a public bound on the sites' training patients: every site's steps then compute
 the bound's rows (`step_rows`), filler patients repeated where the site has fewer.
+
+Every helper here takes the tail from its caller, as the ledger's `padding_tail` does: the rows a step computes and
+the overflow the ledger prices must be of one tail, chosen in one place (client.local_round.padding_tail).
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import math
 import numpy as np
 import torch
 
-from privacy import PADDING_TAIL
 
 FLOAT32_GRID = 2 ** 24  # torch.rand's float32 draws are multiples of 2^-24
 
@@ -49,7 +51,7 @@ def opacus_poisson_loader(dataset, sample_rate: float, generator: torch.Generato
 
 
 @functools.lru_cache(maxsize=256)
-def padded_batch(n_patients: int, sample_rate: float, tail: float = PADDING_TAIL) -> int:
+def padded_batch(n_patients: int, sample_rate: float, *, tail: float) -> int:
     """The rows a step always computes: the smallest b with P(Binomial(n, q) > b) <= tail, at most n (for
     n = 620 at q = 0.3: 308 at the tail 2^-80, against 186 sampled on average). From the exact log tail:
     scipy's `binom.isf` saturates to n below tails of ~2^-50."""
@@ -62,23 +64,23 @@ def padded_batch(n_patients: int, sample_rate: float, tail: float = PADDING_TAIL
     return int(b[within][0]) if within.any() else n_patients
 
 
-def step_rows(n_patients: int, sample_rate: float, pad_to: int = 0, tail: float = PADDING_TAIL) -> int:
+def step_rows(n_patients: int, sample_rate: float, pad_to: int = 0, *, tail: float) -> int:
     """The rows each DP step of a site computes: padded_batch of its own patient count, or, with the run's public
     bound `dp-pad-to` (at least the site's count), of the bound: then the seconds do not depend on the count."""
-    return padded_batch(max(n_patients, pad_to), sample_rate, tail) if n_patients > 0 else 0
+    return padded_batch(max(n_patients, pad_to), sample_rate, tail=tail) if n_patients > 0 else 0
 
 
 def padded_sample(n: int, sample_rate: float, generator: torch.Generator | None,
-                  rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A Poisson sample of n patients at `sample_rate` (each independently, as Opacus' DPDataLoader draws it),
-    padded to `rows` (default padded_batch(n, q)) with patients it did not sample: (row indices, mask: 1
+    padded to `rows` (`step_rows` at the caller's tail) with patients it did not sample: (row indices, mask: 1
     sampled, 0 filler), both parts in a secret random order. A sample larger than `rows` is returned whole.
     `rows` above n (a public bound, `step_rows`): the filler repeats patients, still weighted 0."""
     # float64: float32 draws are multiples of 2^-24, which include a patient at ceil(q 2^24) / 2^24 >= q, above the
     # rate the accountant charges (1.4e-3 relative at q = 1e-5)
     sampled = torch.rand(n, dtype=torch.float64, generator=generator) < sample_rate
     chosen = sampled.nonzero().squeeze(1)
-    fill = max(0, (padded_batch(n, sample_rate) if rows is None else rows) - len(chosen))
+    fill = max(0, rows - len(chosen))
     perm = torch.randperm(n, generator=generator)  # over all n: its cost does not depend on the sample
     filler = perm[~sampled[perm]][:fill]
     if len(filler) < fill:  # rows above n: rows - n repeats, whatever the sample is (the cost stays the bound's)
@@ -93,24 +95,24 @@ class PaddedPoissonLoader:
     """Poisson batches as Opacus' DPDataLoader draws them (each patient independently at `sample_rate`, by
     default 1 / len(loader); exactly `steps` steps per epoch, where DPDataLoader's int(1 / sample_rate) is one
     fewer for some rates, e.g. 92 for 1 / 93), each padded: an epoch yields (x, y, mask) batches of
-    padded_batch(n, q) rows. `dataset` is the loader's TensorDataset (kept: Opacus' make_private reads
+    step_rows(n, q, pad_to, tail=tail) rows. `dataset` is the loader's TensorDataset (kept: Opacus' make_private reads
     len(loader.dataset))."""
 
     def __init__(self, dataset: torch.utils.data.TensorDataset, steps: int, generator: torch.Generator | None,
-                 sample_rate: float | None = None, pad_to: int = 0, tail: float = PADDING_TAIL):
+                 sample_rate: float | None = None, pad_to: int = 0, *, tail: float):
         if steps < 1:
             raise ValueError(f"a padded Poisson loader needs at least one step per epoch; got {steps}")
         self.dataset, self.steps, self.generator = dataset, steps, generator
         self.sample_rate = 1.0 / steps if sample_rate is None else float(sample_rate)
-        self.rows = step_rows(len(dataset), self.sample_rate, pad_to, tail)
+        self.rows = step_rows(len(dataset), self.sample_rate, pad_to, tail=tail)
 
     @classmethod
     def from_data_loader(cls, loader, generator: torch.Generator | None, sample_rate: float | None = None,
-                         steps: int | None = None, pad_to: int = 0, tail: float = PADDING_TAIL) -> "PaddedPoissonLoader":
+                         steps: int | None = None, pad_to: int = 0, *, tail: float) -> "PaddedPoissonLoader":
         if not isinstance(loader.dataset, torch.utils.data.TensorDataset):
             raise TypeError("padded Poisson batches need the loader's dataset as a TensorDataset (x, y); got "
                             f"{type(loader.dataset).__name__}")
-        return cls(loader.dataset, len(loader) if steps is None else steps, generator, sample_rate, pad_to, tail)
+        return cls(loader.dataset, len(loader) if steps is None else steps, generator, sample_rate, pad_to, tail=tail)
 
     def __len__(self) -> int:
         return self.steps

@@ -46,7 +46,7 @@ from shared_models.protocol import (AUDIT_ANCHOR, AUDIT_HEAD, EPSILON, EPSILON_W
                                     RUN_KEY,
                                     SECAGG_CLIPPING_RANGE, SECAGG_MASKS, SECAGG_MAX_WEIGHT, SITE, ModelPackage,
                                     consortium_patterns)
-from shared_models.run_config import SECAGG_MAX_SHARES, RunConfig
+from shared_models.run_config import SECAGG_MAX_SHARES, ModelConfig, RunConfig
 from shared_models.schema import FeatureSchema
 from shared_models.site_data import load_labelled_site
 from shared_models.validation import validate_site
@@ -171,11 +171,10 @@ def start_or_resume(cfg: RunConfig, context: Context, schema: FeatureSchema, out
             raise ValueError(f"{ckpt_root}: the checkpoint is of run {checkpoint.meta.get('run_key')}, but "
                              f"{out / 'run.json'} is of run {frozen['run_key']}: checkpoints of another run were put "
                              "here; restore this run's checkpoints, or start a new run under another name")
-        expected = [a.shape for a in state_arrays(MultiModalTransformer(schema, cfg.model))]
-        if [np.shape(a) for a in checkpoint.weights] != expected:
-            raise ValueError(f"{ckpt_root}: the checkpoint's weights do not fit the model of this run config "
-                             f"({len(checkpoint.weights)} arrays against {len(expected)}, or other shapes): it is not "
-                             "this run's; restore this run's checkpoints")
+        if why := unfit_weights(schema, cfg.model, checkpoint.weights):
+            raise ValueError(f"{ckpt_root}: run {frozen['run_key']}'s checkpoint weights do not fit the model of this "
+                             f"run config ({why}): {out / 'run.json'} or the checkpoints were changed since it trained; "
+                             "restore both as the run left them, or start a new run under another name")
         log(INFO, "resuming run %s after round %s from %s", checkpoint.meta["run_key"], checkpoint.round, ckpt_root)
         return RunStart(checkpoint.meta["run_key"], checkpoint.weights, checkpoint.round + 1,
                         checkpoint.meta.get("site_epsilon", {}), checkpoint.meta.get("site_epsilon_worst_case", {}),
@@ -190,6 +189,22 @@ def start_or_resume(cfg: RunConfig, context: Context, schema: FeatureSchema, out
     if not cfg.run.resume:
         freeze_run(out, run_key, dict(context.run_config))
     return RunStart(run_key, weights, 1, {}, {}, {})
+
+
+def unfit_weights(schema: FeatureSchema, model: ModelConfig, weights: list) -> str:
+    """How `weights` do not fit the model `model` builds ("" when they fit); a differing fusion depth is named, since
+    "auto" resolves it by the run's dp-mode."""
+    def shapes(m) -> list:
+        return [a.shape for a in state_arrays(MultiModalTransformer(schema, m))]
+
+    got, expected, blocks = [np.shape(a) for a in weights], shapes(model), model.fusion_block_count
+    if got == expected:
+        return ""
+    per_block = len(shapes(model.model_copy(update={"fusion_blocks": blocks + 1}))) - len(expected)
+    n, rest = divmod(len(got) - len(expected), per_block)
+    if not rest and n and blocks + n >= 1 and shapes(model.model_copy(update={"fusion_blocks": blocks + n})) == got:
+        return f"their model has fusion-blocks = {blocks + n}, this run config's {blocks}"
+    return f"{len(got)} arrays against {len(expected)}, or other shapes"
 
 
 ROUND_RECORDS = "round_records"  # checkpoint meta: the round's metrics.jsonl line and audit entry

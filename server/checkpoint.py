@@ -271,8 +271,10 @@ def frozen_run(out: Path) -> dict | None:
         return None
     try:
         frozen = json.loads(f.read_text())
-        # a run started before a key existed trained with the value that key now needs to say so: it resumes with it
-        added = {k: v for k, v in ADDED_KEYS.items() if k not in frozen["run_config"]}
+        # a run started before a key existed trained with the value that key now needs to say so: it resumes with it.
+        # Which keys its code knew: `resolved` lists every one (freeze_run), the request only those it was given
+        known = frozen["resolved"] if "resolved" in frozen else frozen["run_config"]
+        added = {k: v for k, v in ADDED_KEYS.items() if k not in known}
         return {"run_key": str(frozen["run_key"]), "run_config": {**dict(frozen["run_config"]), **added},
                 "resolved": {**dict(frozen["resolved"]), **added} if "resolved" in frozen else None,  # None: a run.json before
                 "unfrozen": dict(frozen.get("unfrozen", {}))}
@@ -281,10 +283,10 @@ def frozen_run(out: Path) -> dict | None:
                               "run under another name") from None
 
 
-ADDED_KEYS = {"modality-dropout": 0.0, "site-registry": ""}
+ADDED_KEYS = {"modality-dropout": 0.0, "site-registry": "", "fusion-blocks": 2}
 """Run-config keys added after runs could have started, and the value that trains as those runs did: frozen_run
 gives such a run's config with it, so `oncofed run --resume` continues it as it trained ("auto" would now resolve
-otherwise)."""
+otherwise: fusion-blocks, 2 in every model before it existed, is 1 in dp-mode "site")."""
 
 
 def run_config_changes(frozen: dict, requested: dict, resolved: dict | None = None) -> list[str]:

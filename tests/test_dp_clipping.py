@@ -390,17 +390,18 @@ def test_a_padded_poisson_sample_has_a_fixed_size_and_samples_each_patient_indep
     from privacy.sampling import padded_batch, padded_sample
 
     n, q = 620, 0.3
-    b = padded_batch(n, q)
+    b = padded_batch(n, q, tail=PADDING_TAIL)
     # the smallest b whose exact tail is within PADDING_TAIL (2^-80; scipy's isf, used before, saturates to n there)
     assert (b, PADDING_TAIL) == (308, 2.0 ** -80)
     assert stats.binom.logsf(b, n, q) <= math.log(PADDING_TAIL) < stats.binom.logsf(b - 1, n, q)
-    far = padded_batch(n, q, DISTRIBUTED_PADDING_TAIL)
+    far = padded_batch(n, q, tail=DISTRIBUTED_PADDING_TAIL)
     assert far < n and stats.binom.logsf(far, n, q) <= math.log(DISTRIBUTED_PADDING_TAIL) < stats.binom.logsf(far - 1, n, q)
-    assert padded_batch(5, 0.3) == 5 and padded_batch(0, 0.3) == 0  # a small site computes every patient, always
+    # a small site computes every patient, always
+    assert padded_batch(5, 0.3, tail=PADDING_TAIL) == 5 and padded_batch(0, 0.3, tail=PADDING_TAIL) == 0
     gen = torch.Generator().manual_seed(0)
     counts, sizes = torch.zeros(n), []
     for _ in range(2000):
-        rows, mask = padded_sample(n, q, gen)
+        rows, mask = padded_sample(n, q, gen, b)
         assert len(rows) == b and len(set(rows.tolist())) == b  # every step computes b distinct patients
         counts[rows[mask.bool()]] += 1
         sizes.append(int(mask.sum()))
@@ -410,7 +411,7 @@ def test_a_padded_poisson_sample_has_a_fixed_size_and_samples_each_patient_indep
     # each patient sampled at rate q, whatever its index
     expected = torch.full((n,), float(counts.sum()) / n)
     assert stats.chisquare(counts.numpy(), expected.numpy()).pvalue > 1e-4
-    rows, mask = padded_sample(8, 1.0, gen)  # a sample larger than the padding is computed whole
+    rows, mask = padded_sample(8, 1.0, gen, 5)  # a sample larger than the padding is computed whole
     assert sorted(rows.tolist()) == list(range(8)) and bool(mask.all())
 
 
@@ -420,14 +421,17 @@ def test_with_a_public_bound_every_site_computes_the_same_rows_and_samples_as_be
     patient is still sampled independently at the rate."""
     from scipy import stats
 
+    from privacy import PADDING_TAIL as tail
     from privacy.sampling import PaddedPoissonLoader, padded_batch, padded_sample, step_rows
 
     q, bound = 0.3, 1000
-    assert step_rows(40, q, bound) == step_rows(300, q, bound) == padded_batch(bound, q) > 300
-    assert step_rows(1200, q, bound) == padded_batch(1200, q)  # a site above the bound pads to its own
-    assert step_rows(300, q) == padded_batch(300, q) and step_rows(0, q, bound) == 0
+    assert (step_rows(40, q, bound, tail=tail) == step_rows(300, q, bound, tail=tail) == padded_batch(bound, q, tail=tail)
+            > 300)
+    # a site above the bound pads to its own
+    assert step_rows(1200, q, bound, tail=tail) == padded_batch(1200, q, tail=tail)
+    assert step_rows(300, q, tail=tail) == padded_batch(300, q, tail=tail) and step_rows(0, q, bound, tail=tail) == 0
     gen = torch.Generator().manual_seed(1)
-    n, rows = 40, step_rows(40, q, bound)
+    n, rows = 40, step_rows(40, q, bound, tail=tail)
     counts, sizes = torch.zeros(n), []
     for _ in range(3000):
         index, mask = padded_sample(n, q, gen, rows)
@@ -439,7 +443,7 @@ def test_with_a_public_bound_every_site_computes_the_same_rows_and_samples_as_be
     assert abs(sum(sizes) / len(sizes) - n * q) < 4 * sd / math.sqrt(len(sizes))
     assert stats.chisquare(counts.numpy(), torch.full((n,), float(counts.sum()) / n).numpy()).pvalue > 1e-4
     dataset = torch.utils.data.TensorDataset(torch.zeros(40, 3), torch.zeros(40, dtype=torch.long))
-    loader = PaddedPoissonLoader(dataset, steps=3, generator=gen, sample_rate=q, pad_to=bound)
+    loader = PaddedPoissonLoader(dataset, steps=3, generator=gen, sample_rate=q, pad_to=bound, tail=tail)
     assert loader.rows == rows and all(len(y) == rows for _, y, _ in loader)
 
 
@@ -552,6 +556,7 @@ def test_site_mode_padded_batches_keep_opacus_sampling_rate_expected_batch_and_a
     records the same (sigma, q, steps)."""
     from opacus import PrivacyEngine
 
+    from privacy import PADDING_TAIL
     from privacy.sampling import PaddedPoissonLoader, padded_batch
     from shared_models.training import WeightedCrossEntropy, train_epochs
 
@@ -562,8 +567,8 @@ def test_site_mode_padded_batches_keep_opacus_sampling_rate_expected_batch_and_a
     loss = WeightedCrossEntropy()
     loader = PaddedPoissonLoader.from_data_loader(
         torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16),
-        generator=torch.Generator().manual_seed(1))
-    assert len(loader) == 4 and loader.sample_rate == 0.25 and loader.rows == padded_batch(64, 0.25)
+        generator=torch.Generator().manual_seed(1), tail=PADDING_TAIL)
+    assert len(loader) == 4 and loader.sample_rate == 0.25 and loader.rows == padded_batch(64, 0.25, tail=PADDING_TAIL)
     sizes = [(len(yb), int(mask.sum())) for _ in range(5) for _, yb, mask in loader]
     assert {rows for rows, _ in sizes} == {loader.rows} and len({n for _, n in sizes}) > 1  # fixed rows, varying sample
     engine = PrivacyEngine(accountant="prv")

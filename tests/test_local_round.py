@@ -9,7 +9,7 @@ import pytest
 import torch
 from opacus.accountants import PRVAccountant
 
-from client.local_round import state_arrays, train_round
+from client.local_round import padding_tail, state_arrays, train_round
 from client.site import evaluate_global
 from client.site import SiteDataError, SitePaths, prepare_site
 from privacy.accounting import BudgetError
@@ -72,8 +72,9 @@ def test_every_dp_path_runs_the_planned_steps_and_accounts_them(tmp_path, clippi
     (entry,) = read_ledger(site.ledger.path)["entries"]
     assert entry["padding_tail"] == (PADDING_TAIL if pad else 0.0)
     if pad is True:  # a loader at the recorded tail computes the rows that tail sets (train_round passes padding_tail(cfg))
-        assert PaddedPoissonLoader(torch.utils.data.TensorDataset(torch.zeros(len(site.train.y))), 4, None,
-                                   q).rows == padded_batch(len(site.train.y), q, entry["padding_tail"])
+        assert PaddedPoissonLoader(torch.utils.data.TensorDataset(torch.zeros(len(site.train.y))), 4, None, q,
+                                   tail=padding_tail(run)).rows == padded_batch(len(site.train.y), q,
+                                                                                tail=entry["padding_tail"])
 
 
 def test_the_whole_planned_schedule_fits_the_budget_and_one_more_round_is_refused(tmp_path):

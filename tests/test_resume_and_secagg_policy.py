@@ -101,13 +101,65 @@ def test_a_run_is_frozen_and_a_resume_that_changes_it_is_named(tmp_path):
 def test_oncofed_run_resume_reloads_the_frozen_config_and_refuses_a_changing_set(tmp_path):
     config = {"schema": "s.json", "num-rounds": 2, "epsilon": 2.0, "strategy": "fedavg", "modality-dropout": "auto"}
     freeze_run(tmp_path / "r3", "r3-abc", config)
-    # (site-registry: a key added since, with the value such a run had)
-    assert resume_values(tmp_path / "r3", {}) == {**config, "site-registry": "", "resume": True}
+    # frozen by this code: no key is added (its resolved config lists every key there is, the request's missing ones too)
+    assert resume_values(tmp_path / "r3", {}) == {**config, "resume": True}
     assert resume_values(tmp_path / "r3", {"epsilon": 2})["epsilon"] == 2.0  # restating a value is no change
     with pytest.raises(DeployError, match=r"--set would change num-rounds: 2 -> 10; strategy: 'fedavg' -> 'fedadam'"):
         resume_values(tmp_path / "r3", {"num-rounds": 10, "strategy": "fedadam"})
     with pytest.raises(DeployError, match="was never started .* nothing to resume"):
         resume_values(tmp_path / "never", {})
+
+
+def test_a_run_frozen_before_fusion_blocks_existed_resumes_with_the_two_blocks_it_trained(tmp_path):
+    """Every model had 2 fusion blocks before the key existed (2026-11-24); "auto" now builds 1 in dp-mode "site". Such
+    a run's run.json has neither the key nor the resolved config (2026-12-05): resumed, it builds 1 block, which its
+    2-block checkpoint does not fit."""
+    from flwr.app import Context, RecordDict
+
+    from privacy.run_config import load_run_config
+    from server.app import start_or_resume
+    from shared_models.model import MultiModalTransformer
+    from shared_models.run_config import ModelConfig
+    from shared_models.weights import state_arrays
+    from tests.factories import started_run
+
+    out, values, schema, start = started_run(tmp_path)
+    assert load_run_config(values, source="run config").model.fusion_blocks == 1  # dp-mode "site" today
+    old = json.loads((out / "run.json").read_text())
+    old["run_config"].pop("fusion-blocks")
+    del old["resolved"]
+    (out / "run.json").write_text(json.dumps(old))
+    trained = state_arrays(MultiModalTransformer(schema, ModelConfig(fusion_blocks=2)))
+    save_checkpoint(out / "checkpoints", 1, trained, {}, {"run_key": start.run_key, "schema_hash": schema.content_hash()})
+
+    resumed = resume_values(out, {})  # what `oncofed run --resume` submits, to the ServerApp and the sites alike
+    cfg = load_run_config(resumed, source="run config")
+    assert cfg.model.fusion_blocks == 2
+    again = start_or_resume(cfg, Context(run_id=2, node_id=0, node_config={}, state=RecordDict(), run_config=resumed),
+                            schema, out)
+    assert again.first_round == 2 and [a.shape for a in again.weights] == [a.shape for a in trained]
+
+
+def test_a_checkpoint_of_another_fusion_depth_is_refused_naming_both(tmp_path):
+    """A run.json whose model the checkpoint does not fit (changed since the run trained) is refused naming the run
+    and the fusion depth each has, not resumed with a model of another depth."""
+    from flwr.app import Context, RecordDict
+
+    from privacy.run_config import load_run_config
+    from server.app import start_or_resume
+    from shared_models.model import MultiModalTransformer
+    from shared_models.run_config import ModelConfig
+    from shared_models.weights import state_arrays
+    from tests.factories import started_run
+
+    out, values, schema, start = started_run(tmp_path)  # fusion-blocks "auto": 1 in dp-mode "site"
+    trained = state_arrays(MultiModalTransformer(schema, ModelConfig(fusion_blocks=3)))
+    save_checkpoint(out / "checkpoints", 1, trained, {}, {"run_key": start.run_key, "schema_hash": schema.content_hash()})
+    resumed = {**values, "resume": True}
+    with pytest.raises(ValueError, match=rf"run {start.run_key}'s checkpoint weights do not fit the model of this run "
+                       r"config \(their model has fusion-blocks = 3, this run config's 1\).*restore both"):
+        start_or_resume(load_run_config(resumed, source="run config"),
+                        Context(run_id=2, node_id=0, node_config={}, state=RecordDict(), run_config=resumed), schema, out)
 
 
 def test_a_resume_keeps_the_runs_keep_checkpoints_unless_set_and_prunes_nothing_it_kept(tmp_path):
