@@ -28,7 +28,8 @@ from shared_models.files import exclusive_lock, write_json_atomic
 from shared_models.flower_tools import flower_tool
 from shared_models.run_config import RunConfig, RunConfigError, app_defaults, flwr_overrides
 from server.run_files import CHECKPOINTS, FLWR_LOG, FLWR_RUNS, RESULT, RUN_FILE
-from server.runs import NO_SITE_TRAINED, code_change, no_model, no_model_verdict, written_by
+from server.runs import (INTERRUPTED, NO_SITE_TRAINED, code_change, drop_stale_interrupted, no_model, no_model_verdict,
+                         written_by)
 
 PROJECT = Path(__file__).resolve().parents[1]
 _DUPLICATE = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:")  # flwr streams each ServerApp line twice
@@ -155,6 +156,8 @@ def run_checks(c: Consortium, cfg: RunConfig, run_dir: Path, resume: bool, sites
         ev = cfg.path(cfg.run.eval_data)
         checks.append(Check(f"eval-data {ev}", ev.is_dir(), "present" if ev.is_dir() else "not a directory"))
     started = (run_dir / RUN_FILE).exists() or has_checkpoint(run_dir / CHECKPOINTS)
+    if resume and (stale := drop_stale_interrupted(run_dir, c.path("state", "superlink.db"))):
+        checks.append(Check(f"run {run_dir.name}: {INTERRUPTED}", True, stale, warning=True))
     if live := live_flwr_runs(c, run_dir):  # resumed, it would be stopped (stop_previous) and trained over
         checks.append(Check(f"run {run_dir.name}", False, f"flwr run {live[-1]} of this name is still "
                             "pending or running on the SuperLink (submitted by another `oncofed run`): "
@@ -204,17 +207,14 @@ def live_flwr_runs(c: Consortium, run_dir: Path) -> list[int]:
     ServerApp died with the SuperExec, and the database calls it running until Flower sees its heartbeat lapse. A
     pending or starting one the restarted SuperExec launches: live, and never recorded there (record_interrupted), so
     once it runs it is not taken for the one the exit ended (a flwr run that ran never runs again)."""
-    from server.runs import INTERRUPTED, RUNNING, read_superlink
+    from server.runs import RUNNING, interrupted_record, read_superlink
 
     try:
         ids = json.loads((run_dir / FLWR_RUNS).read_text())
     except (OSError, ValueError):
         return []
     runs = (read_superlink(c.path("state", "superlink.db")) or {}).get("runs", {})
-    try:
-        ended = json.loads((run_dir / INTERRUPTED).read_text()).get("flwr_run")
-    except (OSError, ValueError, AttributeError):
-        ended = None
+    ended = (interrupted_record(run_dir, c.path("state", "superlink.db"))[0] or {}).get("flwr_run")
     return [i for i in ids if runs.get(i) in RUNNING and not (runs[i] == "running" and i == ended)]
 
 
