@@ -462,13 +462,10 @@ def run_in_progress(c, run_dir: Path) -> str:
     ServerApp delivers the model itself when training ends), but for one that wrote result.json (it is ending). A
     second ServerApp of the run would wait 60 s for the one holding the run's lock (server.checkpoint.hold_run_lock)
     and then fail."""
-    from server.runs import delivery_runs, delivery_state, read_superlink, written_by
+    from server.runs import deliveries_in_progress, read_superlink, written_by
     from server.submit import live_flwr_runs
 
-    superlink = read_superlink(c.path("state", "superlink.db"))
-    delivering = [e["flwr_run"] for e in delivery_runs(run_dir)
-                  if delivery_state(run_dir, e, superlink) == "in progress"]
-    if delivering:
+    if delivering := deliveries_in_progress(run_dir, read_superlink(c.path("state", "superlink.db"))):
         what = f"flwr run {delivering[-1]}, an `oncofed deliver` of this run, is"
     # a training whose ServerApp wrote result.json has delivered and is ending: the new one waits for its lock
     elif training := [i for i in live_flwr_runs(c, run_dir) if not written_by(run_dir, i)]:

@@ -226,6 +226,14 @@ def delivery_state(run_dir: Path, entry: dict, superlink: dict | None) -> str:
                                                     "finished:stopped": "stopped"}.get(state, "failed")
 
 
+def deliveries_in_progress(run_dir: Path, superlink: dict | None, states=RUNNING) -> list[int]:
+    """The flwr runs of the run's `oncofed deliver`s the SuperLink has in one of `states` (default pending, starting or
+    running) and that did not end otherwise (delivery_state), oldest first."""
+    runs = (superlink or {}).get("runs", {})
+    return [e["flwr_run"] for e in delivery_runs(run_dir)
+            if delivery_state(run_dir, e, superlink) == "in progress" and runs.get(e["flwr_run"]) in states]
+
+
 def record_interrupted_deliveries(root: Path, why: str, superlink: dict | None) -> list[str]:
     """record_interrupted for deliveries: each delivery flwr run the SuperLink has running is recorded as ended by
     the server's exit (`why`), so that `oncofed runs` and `oncofed deliver` say so and what to do, instead of a

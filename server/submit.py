@@ -28,8 +28,8 @@ from shared_models.files import exclusive_lock, write_json_atomic
 from shared_models.flower_tools import flower_tool
 from shared_models.run_config import RunConfig, RunConfigError, app_defaults, flwr_overrides
 from server.run_files import CHECKPOINTS, FLWR_LOG, FLWR_RUNS, RESULT, RUN_FILE
-from server.runs import (INTERRUPTED, NO_SITE_TRAINED, code_change, drop_stale_interrupted, no_model, no_model_verdict,
-                         written_by)
+from server.runs import (INTERRUPTED, NO_SITE_TRAINED, code_change, deliveries_in_progress, drop_stale_interrupted,
+                         no_model, no_model_verdict, read_superlink, written_by)
 
 PROJECT = Path(__file__).resolve().parents[1]
 _DUPLICATE = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:")  # flwr streams each ServerApp line twice
@@ -156,6 +156,7 @@ def run_checks(c: Consortium, cfg: RunConfig, run_dir: Path, resume: bool, sites
         ev = cfg.path(cfg.run.eval_data)
         checks.append(Check(f"eval-data {ev}", ev.is_dir(), "present" if ev.is_dir() else "not a directory"))
     started = (run_dir / RUN_FILE).exists() or has_checkpoint(run_dir / CHECKPOINTS)
+    superlink = read_superlink(c.path("state", "superlink.db"))
     if resume and (stale := drop_stale_interrupted(run_dir, c.path("state", "superlink.db"))):
         checks.append(Check(f"run {run_dir.name}: {INTERRUPTED}", True, stale, warning=True))
     if live := live_flwr_runs(c, run_dir):  # resumed, it would be stopped (stop_previous) and trained over
@@ -164,6 +165,14 @@ def run_checks(c: Consortium, cfg: RunConfig, run_dir: Path, resume: bool, sites
                             f"follow it with `oncofed runs follow {c.root} {run_dir.name}`, "
                             + (f"or stop it with `oncofed runs stop {c.root} {run_dir.name}` and then resume"
                                if resume else "or choose another --name")))
+    elif resume and (delivering := deliveries_in_progress(run_dir, superlink)):
+        # its ServerApp holds the run's lock (a resumed one would wait 60 s for it and fail) and writes result.json
+        checks.append(Check(f"run {run_dir.name}", False, f"flwr run {delivering[-1]}, an `oncofed deliver` of this "
+                            "run (sending the model of its finished training), is still pending or running on the "
+                            f"SuperLink: nothing is resumed while it runs. Wait for it (`oncofed runs follow {c.root} "
+                            f"{run_dir.name}` gives its verdict; once it has written {RESULT} the run is finished and "
+                            f"`oncofed deliver` is what sends its model again), or stop it with `oncofed runs stop "
+                            f"{c.root} {run_dir.name}` and then resume"))
     elif resume and (verdict := no_model_verdict(c.root, run_dir.name)):
         checks.append(Check(f"run {run_dir.name}", False, verdict))
     elif resume and (run_dir / RESULT).exists():  # resumed, it would send its model again over the sites' installs

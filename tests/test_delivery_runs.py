@@ -269,3 +269,25 @@ def test_oncofed_deliver_is_refused_at_preflight_while_a_flwr_run_of_the_run_is_
     _set_run_state(db, "completed")  # it ended: the next delivery goes ahead
     result = CliRunner().invoke(app, ["deliver", str(root), "r"])
     assert (tmp_path / "ran").exists() and "preflight passed" in result.output, result.output
+
+
+def test_resume_is_refused_while_an_oncofed_deliver_of_the_run_is_in_progress(consortium):
+    """A run whose training ended but whose own delivery a crash cut short (no result.json) is delivered by `oncofed
+    deliver`; the --resume preflight looked only at the training's flwr runs (flwr-runs.json), so a resume passed
+    while that delivery ran: its ServerApp waited 60 s for the run's lock and failed. It is refused, naming the
+    delivery and what to do (wait for it, or `oncofed runs stop`), and allowed once the delivery ended."""
+    from server.runs import record_delivery_run
+    from tests.test_fault_review import _resume_check
+
+    root, run = consortium.root, consortium.path("runs", "r")
+    # trained as flwr run RUN_ID - 1, which the database no longer holds; delivered again as DELIVERY
+    _write(run, {"run.json": "{}", "flwr-runs.json": json.dumps([RUN_ID - 1])})
+    record_delivery_run(run, DELIVERY)
+    db = _superlink_db(root, "running")
+    refused = _resume_check(consortium, run)
+    said = " ".join(refused.detail.split())
+    assert not refused.ok and f"flwr run {DELIVERY}, an `oncofed deliver` of this run" in said, said
+    assert f"Wait for it (`oncofed runs follow {root} r`" in said and f"`oncofed runs stop {root} r`" in said, said
+    _set_run_state(db, "stopped")  # `oncofed runs stop`
+    assert _resume_check(consortium, run).ok, _resume_check(consortium, run).detail
+
