@@ -165,9 +165,9 @@ def server_stop(
 ) -> None:
     """Stop this consortium's `oncofed server start` (and its SuperLink, SuperExec and proxy), as Ctrl-C does.
 
-    A run in progress stops with it, so it is refused while one trains unless --force; `oncofed run --resume`
-    continues the run once the server is back. Exit 1: it could not be stopped, or a run trains (the reason and
-    the fix are printed).
+    A run in progress stops with it, and so does a running `oncofed deliver`, so it is refused while one does unless
+    --force; once the server is back `oncofed run --resume` continues the run, `oncofed deliver` sends the model
+    again. Exit 1: it could not be stopped, or a run trains or a delivery runs (named, with the fix).
     """
     from server.deploy import DeployError, stop_server
 

@@ -234,6 +234,13 @@ def deliveries_in_progress(run_dir: Path, superlink: dict | None, states=RUNNING
             if delivery_state(run_dir, e, superlink) == "in progress" and runs.get(e["flwr_run"]) in states]
 
 
+def delivering_run_names(root: Path, superlink: dict | None, states=RUNNING) -> dict[str, int]:
+    """{run name: its latest delivery flwr run} for each run with an `oncofed deliver` in progress
+    (deliveries_in_progress)."""
+    return {f.parent.name: ids[-1] for f in (root / "runs").glob(f"*/{DELIVERY_RUNS}")
+            if (ids := deliveries_in_progress(f.parent, superlink, states))}
+
+
 def record_interrupted_deliveries(root: Path, why: str, superlink: dict | None) -> list[str]:
     """record_interrupted for deliveries: each delivery flwr run the SuperLink has running is recorded as ended by
     the server's exit (`why`), so that `oncofed runs` and `oncofed deliver` say so and what to do, instead of a

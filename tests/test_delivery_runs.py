@@ -291,3 +291,37 @@ def test_resume_is_refused_while_an_oncofed_deliver_of_the_run_is_in_progress(co
     _set_run_state(db, "stopped")  # `oncofed runs stop`
     assert _resume_check(consortium, run).ok, _resume_check(consortium, run).detail
 
+
+def test_server_stop_names_the_oncofed_deliver_it_would_end_and_says_to_deliver_again(consortium, tmp_path):
+    """`oncofed server stop` refused only while a run trained: a running `oncofed deliver` it was about to end (its
+    ServerApp dies with the SuperExec) went unmentioned. It is refused naming the delivery, and with --force says
+    which delivery it ended and that `oncofed deliver` sends the model again."""
+    import subprocess
+
+    from server.deploy import DeployError, stop_server
+    from server.runs import record_delivery_run
+
+    run = _finished_run(consortium)
+    record_delivery_run(run, DELIVERY)
+    _superlink_db(consortium.root, "running")
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "server", "start",
+                               str(consortium.root)], cwd=tmp_path)
+    threading.Thread(target=server.wait, daemon=True).start()  # reaped when it ends (not left a zombie)
+    try:
+        deadline = time.monotonic() + 30
+        while b"sleep" not in Path(f"/proc/{server.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        consortium.path("state", "server.json").write_text(json.dumps({"pid": server.pid}))
+        delivery = f"the delivery of run(s) r (`oncofed deliver`, flwr run {DELIVERY})"
+        with pytest.raises(DeployError) as refused:
+            stop_server(consortium.root, timeout=5)
+        said = " ".join(str(refused.value).split())
+        assert f"{delivery} is in progress" in said and "--force" in said, said
+        assert f"`oncofed deliver {consortium.root} r` sends the model again" in said, said
+        assert server.poll() is None
+        said = stop_server(consortium.root, timeout=30, force=True)
+        assert "server stopped" in said and f"it stopped {delivery}" in said, said
+        assert f"`oncofed deliver {consortium.root} r` sends the model again" in said, said
+        assert server.wait(5) == -15
+    finally:
+        server.kill()
