@@ -227,15 +227,53 @@ def live_flwr_runs(c: Consortium, run_dir: Path) -> list[int]:
     return [i for i in ids if runs.get(i) in RUNNING and not (runs[i] == "running" and i == ended)]
 
 
-def submit_lock(c: Consortium, name: str):
-    """Held by one `oncofed run NAME` from its preflight until its flwr run is recorded (flwr-runs.json): a second
-    `oncofed run NAME` at the same moment would pass the same preflight and start a second ServerApp on the
-    same run directory."""
-    fh = exclusive_lock(c.path("runs", f".{name}.submit.lock"))
-    if fh is None:
-        raise DeployError(f"another `oncofed run --name {name}` is submitting run {name!r} right now; nothing was "
-                          f"submitted. `oncofed runs follow {c.root} {name}` follows it")
-    return fh
+class SubmitLock:
+    """Held by one `oncofed run NAME` or `oncofed deliver NAME` from its preflight until its flwr run is recorded
+    (flwr-runs.json, delivery-runs.json): a second one at the same moment would pass the same preflight (which reads
+    those files) and start a second ServerApp on the same run directory. An flock, which the kernel releases when its
+    holder ends, a crash included; meanwhile the file names the holder, and it is emptied on release, so a free lock
+    whose file still names a holder was left by one killed before it recorded its flwr run."""
+
+    def __init__(self, c: Consortium, name: str, command: str, out=None):
+        path = c.path("runs", f".{name}.submit.lock")
+        fh = exclusive_lock(path)
+        holder = _lock_holder(path)
+        if fh is None:
+            who = (f"{holder['command']} (pid {holder.get('pid')}, since {holder['since']})" if holder
+                   else "another `oncofed run` or `oncofed deliver`")
+            raise DeployError(f"{who} is submitting run {name!r} right now ({path} is locked): nothing was submitted. "
+                              f"Wait for it: `oncofed runs follow {c.root} {name}` follows it once submitted")
+        if holder and out is not None:
+            out.write(f"{path}: left by {holder['command']} (pid {holder.get('pid')}, since {holder['since']}) of run "
+                      f"{name!r}, which ended (killed or crashed) before recording its flwr run; taken "
+                      f"over (a flwr run it may have submitted is not recorded in {c.path('runs', name)}, so neither "
+                      "this preflight nor `oncofed runs` sees it)\n")
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"pid": os.getpid(), "command": command, "since": time.time()}))
+        fh.flush()
+        self._fh = fh
+
+    def close(self) -> None:
+        """Release it (again: nothing)."""
+        if not self._fh.closed:
+            self._fh.truncate(0)  # released by its holder, not left by a crash
+            self._fh.close()
+
+
+def _lock_holder(path: Path) -> dict | None:
+    """Who the submit lock file names ({"pid", "command", "since" as a time of day}), None if nobody (or being
+    written)."""
+    try:
+        holder = json.loads(path.read_text())
+        return {**holder, "since": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder["since"])))}
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def submit_lock(c: Consortium, name: str, command: str = "`oncofed run`", out=None) -> SubmitLock:
+    """The run's SubmitLock for `command`; DeployError naming the holder when another holds it."""
+    return SubmitLock(c, name, command, out)
 
 
 def submit_run(root: str | Path, name: str, overrides: dict, *, resume: bool = False, timeout: float = 0.0,
@@ -248,7 +286,7 @@ def submit_run(root: str | Path, name: str, overrides: dict, *, resume: bool = F
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise DeployError(f"--name {name!r}: use letters, digits, '.', '_' and '-'")
     run_dir = c.path("runs", name)
-    lock = submit_lock(c, name)
+    lock = submit_lock(c, name, "`oncofed run`", out)
     try:
         return _submit_run(c, name, run_dir, overrides, resume, timeout, out, lock)
     finally:
