@@ -165,9 +165,9 @@ def server_stop(
 ) -> None:
     """Stop this consortium's `oncofed server start` (and its SuperLink, SuperExec and proxy), as Ctrl-C does.
 
-    A run in progress stops with it, so it is refused while one trains unless --force; `oncofed run --resume`
-    continues the run once the server is back. Exit 1: it could not be stopped, or a run trains (the reason and
-    the fix are printed).
+    A run in progress stops with it, and so does a running `oncofed deliver`, so it is refused while one does unless
+    --force; once the server is back `oncofed run --resume` continues the run, `oncofed deliver` sends the model
+    again. Exit 1: it could not be stopped, or a run trains or a delivery runs (named, with the fix).
     """
     from server.deploy import DeployError, stop_server
 
@@ -330,7 +330,8 @@ def deliver(
     delivery's flwr run is followed until it ends. Exit 0: every site that trained has it; 3: some site that trained
     still has not installed it (named); 1: the run ended without a model (no site trained), or the delivery did not
     finish (stopped by `oncofed runs stop`, ended by the server's exit: said, with the next step); 2: preflight
-    failed (also while another `oncofed deliver` of the run, or its training, is pending or running: named)."""
+    failed (also while another `oncofed deliver` of the run, or its training, is pending or running, or is being
+    submitted: named)."""
     import sys
 
     from privacy.preflight import PreflightError

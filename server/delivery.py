@@ -462,13 +462,10 @@ def run_in_progress(c, run_dir: Path) -> str:
     ServerApp delivers the model itself when training ends), but for one that wrote result.json (it is ending). A
     second ServerApp of the run would wait 60 s for the one holding the run's lock (server.checkpoint.hold_run_lock)
     and then fail."""
-    from server.runs import delivery_runs, delivery_state, read_superlink, written_by
+    from server.runs import deliveries_in_progress, read_superlink, written_by
     from server.submit import live_flwr_runs
 
-    superlink = read_superlink(c.path("state", "superlink.db"))
-    delivering = [e["flwr_run"] for e in delivery_runs(run_dir)
-                  if delivery_state(run_dir, e, superlink) == "in progress"]
-    if delivering:
+    if delivering := deliveries_in_progress(run_dir, read_superlink(c.path("state", "superlink.db"))):
         what = f"flwr run {delivering[-1]}, an `oncofed deliver` of this run, is"
     # a training whose ServerApp wrote result.json has delivered and is ending: the new one waits for its lock
     elif training := [i for i in live_flwr_runs(c, run_dir) if not written_by(run_dir, i)]:
@@ -490,7 +487,7 @@ def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
     from server.processes import run_flwr
     from server.runs import (delivery_ended_early, delivery_runs, delivery_state, follow_dropped_stream,
                              no_model_verdict, read_superlink, record_delivery_run, written_by)
-    from server.submit import PROJECT, env_for, flwr_run_started, is_duplicate_log_line
+    from server.submit import PROJECT, env_for, flwr_run_started, is_duplicate_log_line, submit_lock
     from shared_models.run_config import flwr_overrides
 
     c = Consortium.load(root)
@@ -511,20 +508,27 @@ def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
     values = {**checkpoint.meta["run_config"], "signing-key": str(c.path("signing", "signing.key")),
               "site-registry": str(c.path("consortium.json")), "resume": False, "deliver-only": True}
     cfg = load_run_config(values, source=f"run {name!r}'s run config")
-    out.write(report(f"deliver {name!r}", delivery_checks(c, run_dir, cfg)) + "\n")
-    attempt: list[int] = []  # this delivery's flwr run id: what its ServerApp writes into result.json
+    # from the preflight (which reads delivery-runs.json) until this delivery's flwr run is recorded there: a second
+    # `oncofed deliver` (or `oncofed run --resume`) at the same moment would pass the same preflight
+    lock = submit_lock(c, name, "`oncofed deliver`", out)
+    try:
+        out.write(report(f"deliver {name!r}", delivery_checks(c, run_dir, cfg)) + "\n")
+        attempt: list[int] = []  # this delivery's flwr run id: what its ServerApp writes into result.json
 
-    def on_line(line: str) -> None:
-        if (run_id := flwr_run_started(line)) is not None:
-            attempt.append(run_id)
-            record_delivery_run(run_dir, run_id)  # `oncofed runs stop` stops it; the server's exit is recorded in it
-        if not is_duplicate_log_line(line):
-            out.write(line)
-            out.flush()
+        def on_line(line: str) -> None:
+            if (run_id := flwr_run_started(line)) is not None:
+                attempt.append(run_id)
+                record_delivery_run(run_dir, run_id)  # what `oncofed runs stop` stops, the server's exit is recorded in
+                lock.close()  # recorded: the next `oncofed deliver` sees it in its preflight
+            if not is_duplicate_log_line(line):
+                out.write(line)
+                out.flush()
 
-    log_path = run_dir / FLWR_LOG
-    code = run_flwr([str(PROJECT), "consortium", "--stream", "--run-config", flwr_overrides(values)], env_for(c),
-                    log_path, on_line, append=True, new_session=True)
+        log_path = run_dir / FLWR_LOG
+        code = run_flwr([str(PROJECT), "consortium", "--stream", "--run-config", flwr_overrides(values)], env_for(c),
+                        log_path, on_line, append=True, new_session=True)
+    finally:
+        lock.close()
     flwr_run = attempt[0] if attempt else None
     if flwr_run is not None:  # a dropped stream (a SuperLink restart) leaves the delivery going on: followed to its end
         follow_dropped_stream(c.root, name, flwr_run, code, out, f"the delivery of run {name!r} (flwr run {flwr_run})",

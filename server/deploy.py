@@ -308,9 +308,10 @@ def _systemd_unit_of(pid: int) -> str | None:
 def stop_server(root: str | Path, timeout: float = 60.0, force: bool = False) -> str:
     """SIGTERM to this consortium's running `oncofed server start`, which stops the SuperLink, the SuperExec (and a
     ServerApp it runs) and the proxy, as Ctrl-C does; waits up to `timeout` seconds for it to end. Refused while a
-    run trains unless `force` (it would end the run). With that process killed (kill -9), the SuperLink, SuperExec and
-    proxy it left running instead (stop_orphans). Returns what happened; raises DeployError when it cannot be
-    stopped, would stop a run, or is not this consortium's."""
+    run trains or an `oncofed deliver` runs unless `force` (it would end them: named, with how each goes on). With
+    that process killed (kill -9), the SuperLink, SuperExec and proxy it left running instead (stop_orphans). Returns
+    what happened; raises DeployError when it cannot be stopped, would stop a run or a delivery, or is not this
+    consortium's."""
     c = Consortium.load(root)
     pid = server_state(c.root).get("pid")
     if not pid or not pid_alive(pid):
@@ -324,15 +325,29 @@ def stop_server(root: str | Path, timeout: float = 60.0, force: bool = False) ->
     if unit := _systemd_unit_of(int(pid)):  # its unit's Restart=always would start it again
         raise DeployError(f"{c.root}: the server (pid {pid}) runs as the systemd service {unit}, which would start it "
                           f"again: `systemctl stop {unit}`")
-    from server.runs import live_run_names, read_superlink
+    from server.runs import delivering_run_names, live_run_names, read_superlink
 
-    live = sorted(live_run_names(c.root, read_superlink(c.path("state", "superlink.db"))))
-    resume = "; ".join(f"`oncofed run {c.root} --name {n} --resume`" for n in live)
-    if live and not force:
-        raise DeployError(f"{c.root}: run(s) {', '.join(live)} are training, and stopping the server stops them "
-                          f"(Flower ends a ServerApp with the SuperExec that started it). Wait for them (`oncofed runs "
-                          f"follow {c.root} NAME`), or stop now with --force: their checkpoints stay, and once the "
-                          f"server is back {resume} continues them")
+    superlink = read_superlink(c.path("state", "superlink.db"))
+    live = sorted(live_run_names(c.root, superlink))
+    # a running delivery's ServerApp dies with the SuperExec too (a pending one the restarted server launches)
+    delivering = delivering_run_names(c.root, superlink, states=("running",))
+    doing, ended, again = [], [], []  # what it would stop, as it goes on, and how each goes on once the server is back
+    if live:
+        doing.append(f"run(s) {', '.join(live)} are training")
+        ended.append(f"run(s) {', '.join(live)}")
+        again.append("; ".join(f"`oncofed run {c.root} --name {n} --resume`" for n in live) + " continues them")
+    if delivering:
+        ended.append("the delivery of run(s) " + ", ".join(f"{n} (`oncofed deliver`, flwr run {i})"
+                                                           for n, i in delivering.items()))
+        doing.append(f"{ended[-1]} is in progress")
+        again.append("; ".join(f"`oncofed deliver {c.root} {n}`" for n in delivering) + " sends the model again to "
+                     "the sites that have not installed it")
+    doing, ended, again = " and ".join(doing), " and ".join(ended), "; ".join(again)
+    if ended and not force:
+        raise DeployError(f"{c.root}: {doing}, and stopping the server stops them (Flower ends a ServerApp with the "
+                          f"SuperExec that started it). Wait for them (`oncofed runs follow {c.root} NAME`), or stop "
+                          f"now with --force: their checkpoints and the installs recorded so far stay, and once the "
+                          f"server is back {again}")
     try:
         os.kill(int(pid), signal.SIGTERM)
     except PermissionError:
@@ -345,8 +360,8 @@ def stop_server(root: str | Path, timeout: float = 60.0, force: bool = False) ->
         raise DeployError(f"{c.root}: the server (pid {pid}) is still stopping after {timeout:g} s; wait, or "
                           f"`kill -9 {pid}` (its SuperLink, SuperExec and proxy are then named by the next "
                           "`oncofed server start`)")
-    return f"{c.root}: server stopped (pid {pid})" + (
-        f"; it stopped run(s) {', '.join(live)}: once the server is back, {resume} continues them" if live else "")
+    return f"{c.root}: server stopped (pid {pid})" + (f"; it stopped {ended}: once the server is back, {again}"
+                                                        if ended else "")
 
 
 def superexec_command(c: Consortium, parent_pid: int) -> list[str]:

@@ -137,6 +137,55 @@ def record_interrupted(root: Path, why: str, superlink: dict | None) -> list[str
     return sorted(live)
 
 
+def _running_since(db: Path, run_id: int) -> float | None | str:
+    """When the SuperLink's database has flwr run `run_id` running since (epoch seconds; flwr 1.41 stores its task's
+    running_at as ISO text in UTC), None when it never ran (pending or starting), "unknown" when it cannot tell."""
+    from datetime import datetime, timezone
+
+    rows = _superlink_rows(db, ("SELECT task.running_at FROM run JOIN task ON task.task_id = run.primary_task_id "
+                                "WHERE run.run_id = ?", (_i64(run_id),)))
+    if not rows or not rows[0]:
+        return "unknown"
+    if rows[0][0][0] is None:
+        return None
+    try:
+        at = datetime.fromisoformat(str(rows[0][0][0]))
+    except ValueError:
+        return "unknown"
+    return (at if at.tzinfo else at.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def interrupted_record(run_dir: Path, db: Path) -> tuple[dict | None, str]:
+    """(the server's exit that ended the run's flwr run, from its interrupted.json, None if none did; why a record
+    there does not apply, "" if it does or there is none). OncoFed before 36a5957 also recorded a flwr run that was
+    pending or starting, which had no ServerApp to lose and which the restarted SuperExec launches: read as written,
+    such a record called that run dead once it ran (the --resume preflight passed, and the resume stopped it and
+    trained over it; `oncofed runs list` called a later failure the server's exit). A record applies only to a flwr
+    run the SuperLink's database has running since before the record was written (a run that ran never runs again;
+    a database that cannot tell leaves the record as written)."""
+    record = _json(run_dir / INTERRUPTED)
+    if not isinstance(record, dict) or not isinstance(record.get("flwr_run"), int):
+        return None, ""
+    since, at = _running_since(db, record["flwr_run"]), record.get("at")
+    if since is None:
+        why = "it has not run yet (pending or starting)"
+    elif isinstance(since, float) and isinstance(at, (int, float)) and since > at:
+        why = f"it started running after that, at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}"
+    else:
+        return record, ""
+    return None, (f"{run_dir / INTERRUPTED} records flwr run {record['flwr_run']} as ended by the server's exit "
+                  f"({record.get('why')}), but {why}: an older OncoFed recorded a run that was only pending. Ignored "
+                  "and removed")
+
+
+def drop_stale_interrupted(run_dir: Path, db: Path) -> str:
+    """Remove the run's interrupted.json when it does not apply (interrupted_record); returns why, "" if kept."""
+    _, stale = interrupted_record(run_dir, db)
+    if stale:
+        (run_dir / INTERRUPTED).unlink(missing_ok=True)
+    return stale
+
+
 def delivery_runs(run_dir: Path) -> list[dict]:
     """The flwr runs `oncofed deliver` submitted for the run (delivery-runs.json), oldest first: {"flwr_run",
     "submitted"}, and "ended" {"how": "stopped" | "interrupted", "why", "at"} once `oncofed runs stop` or the server's
@@ -175,6 +224,21 @@ def delivery_state(run_dir: Path, entry: dict, superlink: dict | None) -> str:
         return "unknown"
     return "in progress" if state in RUNNING else {"finished:completed": "finished",
                                                     "finished:stopped": "stopped"}.get(state, "failed")
+
+
+def deliveries_in_progress(run_dir: Path, superlink: dict | None, states=RUNNING) -> list[int]:
+    """The flwr runs of the run's `oncofed deliver`s the SuperLink has in one of `states` (default pending, starting or
+    running) and that did not end otherwise (delivery_state), oldest first."""
+    runs = (superlink or {}).get("runs", {})
+    return [e["flwr_run"] for e in delivery_runs(run_dir)
+            if delivery_state(run_dir, e, superlink) == "in progress" and runs.get(e["flwr_run"]) in states]
+
+
+def delivering_run_names(root: Path, superlink: dict | None, states=RUNNING) -> dict[str, int]:
+    """{run name: its latest delivery flwr run} for each run with an `oncofed deliver` in progress
+    (deliveries_in_progress)."""
+    return {f.parent.name: ids[-1] for f in (root / "runs").glob(f"*/{DELIVERY_RUNS}")
+            if (ids := deliveries_in_progress(f.parent, superlink, states))}
 
 
 def record_interrupted_deliveries(root: Path, why: str, superlink: dict | None) -> list[str]:
@@ -357,7 +421,8 @@ class RunView:
         ids = _json(d / FLWR_RUNS) or []
         of = flwr_run if flwr_run is not None else (ids or [None])[-1]
         status = (superlink or {}).get("runs", {}).get(of) if of is not None and superlink else None
-        interrupted = i if of is not None and (i := _json(d / INTERRUPTED)) and i.get("flwr_run") == of else None
+        i = interrupted_record(d, root / "state" / "superlink.db")[0] if of is not None else None
+        interrupted = i if i and i.get("flwr_run") == of else None
         deliveries = delivery_runs(d)
         followed = next((e for e in deliveries if e["flwr_run"] == of), None) if flwr_run is not None else None
         if followed and (state := delivery_state(d, followed, superlink)) in ("stopped", "interrupted"):

@@ -28,7 +28,8 @@ from shared_models.files import exclusive_lock, write_json_atomic
 from shared_models.flower_tools import flower_tool
 from shared_models.run_config import RunConfig, RunConfigError, app_defaults, flwr_overrides
 from server.run_files import CHECKPOINTS, FLWR_LOG, FLWR_RUNS, RESULT, RUN_FILE
-from server.runs import NO_SITE_TRAINED, code_change, no_model, no_model_verdict, written_by
+from server.runs import (INTERRUPTED, NO_SITE_TRAINED, code_change, deliveries_in_progress, drop_stale_interrupted,
+                         no_model, no_model_verdict, read_superlink, written_by)
 
 PROJECT = Path(__file__).resolve().parents[1]
 _DUPLICATE = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:")  # flwr streams each ServerApp line twice
@@ -155,12 +156,23 @@ def run_checks(c: Consortium, cfg: RunConfig, run_dir: Path, resume: bool, sites
         ev = cfg.path(cfg.run.eval_data)
         checks.append(Check(f"eval-data {ev}", ev.is_dir(), "present" if ev.is_dir() else "not a directory"))
     started = (run_dir / RUN_FILE).exists() or has_checkpoint(run_dir / CHECKPOINTS)
+    superlink = read_superlink(c.path("state", "superlink.db"))
+    if resume and (stale := drop_stale_interrupted(run_dir, c.path("state", "superlink.db"))):
+        checks.append(Check(f"run {run_dir.name}: {INTERRUPTED}", True, stale, warning=True))
     if live := live_flwr_runs(c, run_dir):  # resumed, it would be stopped (stop_previous) and trained over
         checks.append(Check(f"run {run_dir.name}", False, f"flwr run {live[-1]} of this name is still "
                             "pending or running on the SuperLink (submitted by another `oncofed run`): "
                             f"follow it with `oncofed runs follow {c.root} {run_dir.name}`, "
                             + (f"or stop it with `oncofed runs stop {c.root} {run_dir.name}` and then resume"
                                if resume else "or choose another --name")))
+    elif resume and (delivering := deliveries_in_progress(run_dir, superlink)):
+        # its ServerApp holds the run's lock (a resumed one would wait 60 s for it and fail) and writes result.json
+        checks.append(Check(f"run {run_dir.name}", False, f"flwr run {delivering[-1]}, an `oncofed deliver` of this "
+                            "run (sending the model of its finished training), is still pending or running on the "
+                            f"SuperLink: nothing is resumed while it runs. Wait for it (`oncofed runs follow {c.root} "
+                            f"{run_dir.name}` gives its verdict; once it has written {RESULT} the run is finished and "
+                            f"`oncofed deliver` is what sends its model again), or stop it with `oncofed runs stop "
+                            f"{c.root} {run_dir.name}` and then resume"))
     elif resume and (verdict := no_model_verdict(c.root, run_dir.name)):
         checks.append(Check(f"run {run_dir.name}", False, verdict))
     elif resume and (run_dir / RESULT).exists():  # resumed, it would send its model again over the sites' installs
@@ -204,29 +216,64 @@ def live_flwr_runs(c: Consortium, run_dir: Path) -> list[int]:
     ServerApp died with the SuperExec, and the database calls it running until Flower sees its heartbeat lapse. A
     pending or starting one the restarted SuperExec launches: live, and never recorded there (record_interrupted), so
     once it runs it is not taken for the one the exit ended (a flwr run that ran never runs again)."""
-    from server.runs import INTERRUPTED, RUNNING, read_superlink
+    from server.runs import RUNNING, interrupted_record, read_superlink
 
     try:
         ids = json.loads((run_dir / FLWR_RUNS).read_text())
     except (OSError, ValueError):
         return []
     runs = (read_superlink(c.path("state", "superlink.db")) or {}).get("runs", {})
-    try:
-        ended = json.loads((run_dir / INTERRUPTED).read_text()).get("flwr_run")
-    except (OSError, ValueError, AttributeError):
-        ended = None
+    ended = (interrupted_record(run_dir, c.path("state", "superlink.db"))[0] or {}).get("flwr_run")
     return [i for i in ids if runs.get(i) in RUNNING and not (runs[i] == "running" and i == ended)]
 
 
-def submit_lock(c: Consortium, name: str):
-    """Held by one `oncofed run NAME` from its preflight until its flwr run is recorded (flwr-runs.json): a second
-    `oncofed run NAME` at the same moment would pass the same preflight and start a second ServerApp on the
-    same run directory."""
-    fh = exclusive_lock(c.path("runs", f".{name}.submit.lock"))
-    if fh is None:
-        raise DeployError(f"another `oncofed run --name {name}` is submitting run {name!r} right now; nothing was "
-                          f"submitted. `oncofed runs follow {c.root} {name}` follows it")
-    return fh
+class SubmitLock:
+    """Held by one `oncofed run NAME` or `oncofed deliver NAME` from its preflight until its flwr run is recorded
+    (flwr-runs.json, delivery-runs.json): a second one at the same moment would pass the same preflight (which reads
+    those files) and start a second ServerApp on the same run directory. An flock, which the kernel releases when its
+    holder ends, a crash included; meanwhile the file names the holder, and it is emptied on release, so a free lock
+    whose file still names a holder was left by one killed before it recorded its flwr run."""
+
+    def __init__(self, c: Consortium, name: str, command: str, out=None):
+        path = c.path("runs", f".{name}.submit.lock")
+        fh = exclusive_lock(path)
+        holder = _lock_holder(path)
+        if fh is None:
+            who = (f"{holder['command']} (pid {holder.get('pid')}, since {holder['since']})" if holder
+                   else "another `oncofed run` or `oncofed deliver`")
+            raise DeployError(f"{who} is submitting run {name!r} right now ({path} is locked): nothing was submitted. "
+                              f"Wait for it: `oncofed runs follow {c.root} {name}` follows it once submitted")
+        if holder and out is not None:
+            out.write(f"{path}: left by {holder['command']} (pid {holder.get('pid')}, since {holder['since']}) of run "
+                      f"{name!r}, which ended (killed or crashed) before recording its flwr run; taken "
+                      f"over (a flwr run it may have submitted is not recorded in {c.path('runs', name)}, so neither "
+                      "this preflight nor `oncofed runs` sees it)\n")
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"pid": os.getpid(), "command": command, "since": time.time()}))
+        fh.flush()
+        self._fh = fh
+
+    def close(self) -> None:
+        """Release it (again: nothing)."""
+        if not self._fh.closed:
+            self._fh.truncate(0)  # released by its holder, not left by a crash
+            self._fh.close()
+
+
+def _lock_holder(path: Path) -> dict | None:
+    """Who the submit lock file names ({"pid", "command", "since" as a time of day}), None if nobody (or being
+    written)."""
+    try:
+        holder = json.loads(path.read_text())
+        return {**holder, "since": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder["since"])))}
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def submit_lock(c: Consortium, name: str, command: str = "`oncofed run`", out=None) -> SubmitLock:
+    """The run's SubmitLock for `command`; DeployError naming the holder when another holds it."""
+    return SubmitLock(c, name, command, out)
 
 
 def submit_run(root: str | Path, name: str, overrides: dict, *, resume: bool = False, timeout: float = 0.0,
@@ -239,7 +286,7 @@ def submit_run(root: str | Path, name: str, overrides: dict, *, resume: bool = F
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise DeployError(f"--name {name!r}: use letters, digits, '.', '_' and '-'")
     run_dir = c.path("runs", name)
-    lock = submit_lock(c, name)
+    lock = submit_lock(c, name, "`oncofed run`", out)
     try:
         return _submit_run(c, name, run_dir, overrides, resume, timeout, out, lock)
     finally:

@@ -269,3 +269,191 @@ def test_oncofed_deliver_is_refused_at_preflight_while_a_flwr_run_of_the_run_is_
     _set_run_state(db, "completed")  # it ended: the next delivery goes ahead
     result = CliRunner().invoke(app, ["deliver", str(root), "r"])
     assert (tmp_path / "ran").exists() and "preflight passed" in result.output, result.output
+
+
+def _deliverable_run(consortium, tmp_path, monkeypatch, flwr_run_after: float) -> Path:
+    """Run r as `_finished_run`, its final model saved as its audit log recorded it, so that `oncofed deliver`'s own
+    preflight passes (the server's reachability and health, which it asks, stand in as up: no server runs here); a
+    stand-in `flwr` beside the interpreter whose `flwr run` notes its launch in tmp_path/launched, says after
+    `flwr_run_after` seconds (and once tmp_path/hold is gone) that it started flwr run DELIVERY, and ends (its
+    ServerApp writes nothing)."""
+    import privacy.preflight
+    import server.deploy
+    from privacy.audit import AuditLog
+    from privacy.preflight import Check
+    from server.delivery import save_package
+    from shared_models.weights import arrays_sha256
+
+    run = _finished_run(consortium)
+    final = [np.ones(3, dtype=np.float32)]
+    np.savez(run / "final_weights.npz", *final)
+    save_package(run, {"run": "k", "round": 1, "arrays_sha256": arrays_sha256(final)})
+    AuditLog(run / "audit.jsonl").append("round", run="k", round=1, weights_sha256=arrays_sha256(final))
+    up = Check("stand-in", True, "the server is not running here")
+    monkeypatch.setattr(privacy.preflight, "check_reachable", lambda *a: up)
+    monkeypatch.setattr(server.deploy, "check_server_health", lambda c: up)
+    flwr = tmp_path / "bin" / "flwr"
+    flwr.parent.mkdir()
+    flwr.write_text(f"#!{sys.executable}\nimport os, pathlib, time\n"
+                    f"with open({str(tmp_path / 'launched')!r}, 'a') as f:\n    f.write(str(os.getpid()) + '\\n')\n"
+                    f"time.sleep({flwr_run_after})\n"
+                    f"while pathlib.Path({str(tmp_path / 'hold')!r}).exists():\n    time.sleep(0.05)\n"
+                    f"print('Successfully started run {DELIVERY}', flush=True)\n")
+    flwr.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python"))
+    return run
+
+
+def _launched(tmp_path: Path) -> int:
+    """How many `flwr run`s the stand-in `flwr` was started for."""
+    return len((tmp_path / "launched").read_text().split()) if (tmp_path / "launched").exists() else 0
+
+
+def test_two_oncofed_delivers_started_at_once_submit_one_delivery_and_the_other_is_refused_naming_it(
+        consortium, tmp_path, monkeypatch):
+    """Two `oncofed deliver` of one run started at the same moment both passed the preflight, which reads
+    delivery-runs.json, before either had recorded its flwr run there: two ServerApps of the run were submitted, the
+    second to wait 60 s for the run's lock and fail. The first holds the run's submit lock from before its preflight
+    until its flwr run is recorded; the second is refused at once naming the run and the `oncofed deliver` in
+    progress, and submits nothing. Two real concurrent calls (threads: each opens the lock file itself, as two
+    processes do), the lock a real flock."""
+    from server.delivery import submit_delivery
+    from server.deploy import DeployError
+
+    root = consortium.root
+    _deliverable_run(consortium, tmp_path, monkeypatch, flwr_run_after=3.0)
+    _superlink_db(root, "completed")  # (the delivery's flwr run, once submitted, ends at once)
+    start, said = threading.Barrier(2), {}
+
+    def deliver(who: str) -> None:
+        out = io.StringIO()
+        start.wait()
+        try:
+            said[who] = (submit_delivery(root, "r", out=out), out.getvalue())
+        except DeployError as e:
+            said[who] = ("refused", str(e))
+
+    both = [threading.Thread(target=deliver, args=(who,)) for who in ("a", "b")]
+    for t in both:
+        t.start()
+    for t in both:
+        t.join(timeout=60)
+    assert _launched(tmp_path) == 1, said  # one flwr run submitted, not two
+    refused = [text for code, text in said.values() if code == "refused"]
+    assert len(refused) == 1, said
+    assert "`oncofed deliver` (pid " in refused[0] and "is submitting run 'r' right now" in refused[0], refused
+    assert "nothing was submitted" in refused[0] and f"`oncofed runs follow {root} r`" in refused[0], refused
+    assert [e["flwr_run"] for e in json.loads(consortium.path("runs", "r", "delivery-runs.json").read_text())] == \
+        [DELIVERY]
+    # recorded, the lock is free: the next `oncofed deliver` passes the lock and its preflight reads the record
+    from server.submit import submit_lock
+
+    submit_lock(consortium, "r", "`oncofed deliver`").close()
+
+
+def test_an_oncofed_deliver_killed_while_it_submits_leaves_the_run_to_the_next_one_which_says_so(
+        consortium, tmp_path, monkeypatch):
+    """A real `oncofed deliver` process, killed (kill -9) between its preflight and recording its flwr run: while it
+    lived, another `oncofed deliver` of the run was refused naming it; once it is gone the run is not left locked
+    (the kernel ends its flock with it), and the next `oncofed deliver` takes the lock over, saying whose it was and
+    that a flwr run it may have submitted is not recorded."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+
+    from server.delivery import submit_delivery
+    from server.deploy import DeployError
+
+    root, python = consortium.root, sys.executable
+    _deliverable_run(consortium, tmp_path, monkeypatch, flwr_run_after=0.0)
+    _superlink_db(root, "completed")
+    (tmp_path / "hold").touch()  # its `flwr run` submits until this goes: killed in between
+    first = subprocess.Popen([python, "-c", f"""
+import sys
+import privacy.preflight, server.deploy
+from privacy.preflight import Check
+up = Check("stand-in", True, "the server is not running here")
+privacy.preflight.check_reachable = lambda *a: up
+server.deploy.check_server_health = lambda c: up
+sys.executable = {str(tmp_path / "bin" / "python")!r}
+from server.delivery import submit_delivery
+submit_delivery({str(root)!r}, "r")
+"""], env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not _launched(tmp_path) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _launched(tmp_path) == 1, first.poll()  # its preflight passed: its `flwr run` is submitting
+        (tmp_path / "hold").unlink()  # (any `flwr run` from now on says at once that it started)
+        with pytest.raises(DeployError, match=rf"`oncofed deliver` \(pid {first.pid}, since .*\) is submitting run "
+                                              "'r' right now"):
+            submit_delivery(root, "r", out=io.StringIO())
+        assert _launched(tmp_path) == 1
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError, IndexError, OSError):  # its `flwr run` (a session of its own)
+            os.kill(int((tmp_path / "launched").read_text().split()[0]), signal.SIGKILL)
+    out = io.StringIO()
+    assert submit_delivery(root, "r", out=out) == 1  # (the stand-in's delivery writes nothing)
+    said = " ".join(out.getvalue().split())
+    assert f"left by `oncofed deliver` (pid {first.pid}, since " in said and ") of run 'r', which ended (killed or " \
+        "crashed) before recording its flwr run; taken over" in said, said
+    assert "not recorded in " in said and "preflight passed" in said and _launched(tmp_path) == 2, said
+
+
+def test_resume_is_refused_while_an_oncofed_deliver_of_the_run_is_in_progress(consortium):
+    """A run whose training ended but whose own delivery a crash cut short (no result.json) is delivered by `oncofed
+    deliver`; the --resume preflight looked only at the training's flwr runs (flwr-runs.json), so a resume passed
+    while that delivery ran: its ServerApp waited 60 s for the run's lock and failed. It is refused, naming the
+    delivery and what to do (wait for it, or `oncofed runs stop`), and allowed once the delivery ended."""
+    from server.runs import record_delivery_run
+    from tests.test_fault_review import _resume_check
+
+    root, run = consortium.root, consortium.path("runs", "r")
+    # trained as flwr run RUN_ID - 1, which the database no longer holds; delivered again as DELIVERY
+    _write(run, {"run.json": "{}", "flwr-runs.json": json.dumps([RUN_ID - 1])})
+    record_delivery_run(run, DELIVERY)
+    db = _superlink_db(root, "running")
+    refused = _resume_check(consortium, run)
+    said = " ".join(refused.detail.split())
+    assert not refused.ok and f"flwr run {DELIVERY}, an `oncofed deliver` of this run" in said, said
+    assert f"Wait for it (`oncofed runs follow {root} r`" in said and f"`oncofed runs stop {root} r`" in said, said
+    _set_run_state(db, "stopped")  # `oncofed runs stop`
+    assert _resume_check(consortium, run).ok, _resume_check(consortium, run).detail
+
+
+def test_server_stop_names_the_oncofed_deliver_it_would_end_and_says_to_deliver_again(consortium, tmp_path):
+    """`oncofed server stop` refused only while a run trained: a running `oncofed deliver` it was about to end (its
+    ServerApp dies with the SuperExec) went unmentioned. It is refused naming the delivery, and with --force says
+    which delivery it ended and that `oncofed deliver` sends the model again."""
+    import subprocess
+
+    from server.deploy import DeployError, stop_server
+    from server.runs import record_delivery_run
+
+    run = _finished_run(consortium)
+    record_delivery_run(run, DELIVERY)
+    _superlink_db(consortium.root, "running")
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "server", "start",
+                               str(consortium.root)], cwd=tmp_path)
+    threading.Thread(target=server.wait, daemon=True).start()  # reaped when it ends (not left a zombie)
+    try:
+        deadline = time.monotonic() + 30
+        while b"sleep" not in Path(f"/proc/{server.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        consortium.path("state", "server.json").write_text(json.dumps({"pid": server.pid}))
+        delivery = f"the delivery of run(s) r (`oncofed deliver`, flwr run {DELIVERY})"
+        with pytest.raises(DeployError) as refused:
+            stop_server(consortium.root, timeout=5)
+        said = " ".join(str(refused.value).split())
+        assert f"{delivery} is in progress" in said and "--force" in said, said
+        assert f"`oncofed deliver {consortium.root} r` sends the model again" in said, said
+        assert server.poll() is None
+        said = stop_server(consortium.root, timeout=30, force=True)
+        assert "server stopped" in said and f"it stopped {delivery}" in said, said
+        assert f"`oncofed deliver {consortium.root} r` sends the model again" in said, said
+        assert server.wait(5) == -15
+    finally:
+        server.kill()

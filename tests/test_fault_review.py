@@ -82,7 +82,8 @@ def test_resume_is_refused_while_the_run_is_pending_or_running_on_the_superlink_
     # the server killed while it trained: restarted, its database still says running (until Flower sees the ServerApp's
     # heartbeat lapse), but `oncofed server start` recorded that the server's exit ended it
     _set_run_state(db, "running")
-    (run / "interrupted.json").write_text(json.dumps({"flwr_run": RUN_ID, "why": "the server exited", "at": 0}))
+    (run / "interrupted.json").write_text(json.dumps({"flwr_run": RUN_ID, "why": "the server exited",
+                                                      "at": time.time()}))
     assert resume_check().ok, resume_check().detail
 
 
@@ -106,6 +107,40 @@ def test_a_run_not_yet_running_when_the_server_exits_is_not_recorded_as_ended_an
     # one running when the server exits lost its ServerApp: recorded, and resumed while the database still says running
     assert record_interrupted(root, "the server was stopped", read_superlink(db)) == ["live"]
     assert _resume_check(consortium, run).ok
+
+
+def test_an_interrupted_json_an_older_oncofed_wrote_for_a_pending_run_does_not_call_it_dead_once_it_runs(consortium):
+    """OncoFed before 36a5957 wrote interrupted.json for a flwr run the SuperLink had pending too, and such a file
+    outlives the upgrade: once the restarted SuperExec launched that run, the --resume preflight took it for the run
+    the server's exit ended and passed (the resume then stopped it and trained over it), and `oncofed runs list` called
+    its later failure the server's exit. A record applies only to a flwr run running since before it was written: the
+    resume preflight is refused while the launched run runs, and removes the file, saying why."""
+    from privacy.run_config import load_run_config
+    from server.runs import RunView, read_superlink
+    from server.submit import PROJECT, run_checks
+    from shared_models.run_config import app_defaults
+
+    root, run = consortium.root, consortium.path("runs", "live")
+    _write(run, {"run.json": "{}", "flwr-runs.json": json.dumps([RUN_ID])})
+    db = _superlink_db(root, "running")  # launched by the restarted SuperExec a minute ago
+    older = json.dumps({"flwr_run": RUN_ID, "why": "the server was stopped (`oncofed server stop`, SIGTERM or Ctrl-C)",
+                        "at": time.time() - 3600})  # as the older server's exit wrote it an hour ago, the run pending
+    (run / "interrupted.json").write_text(older)
+    cfg = load_run_config({**app_defaults(PROJECT), "base-dir": str(PROJECT)}, source="run config")
+    checks = {c.name: c for c in run_checks(consortium, cfg, run, True, [], "")}
+    refused = checks["run live"]
+    assert not refused.ok and f"flwr run {RUN_ID} of this name is still pending or running" in refused.detail, \
+        refused.detail
+    stale = checks["run live: interrupted.json"]
+    said = " ".join(stale.detail.split())
+    assert stale.warning and f"{run / 'interrupted.json'} records flwr run {RUN_ID} as ended by the server's exit" \
+        in said and "but it started running after that, at " in said and "Ignored and removed" in said, said
+    assert not (run / "interrupted.json").exists()
+
+    (run / "interrupted.json").write_text(older)
+    _set_run_state(db, "failed")  # it failed later, for a reason of its own
+    line = RunView.load(root, "live", read_superlink(db)).describe({})
+    assert line.startswith("failed") and "server's exit" not in line, line
 
 
 @contextlib.contextmanager

@@ -39,7 +39,7 @@ def _superlink_db(root: Path, run_state: str) -> Path:
 
 
 def _set_run_state(db: Path, state: str) -> None:
-    now = "2026-12-02 10:00:00"
+    now = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() - 60))  # as Flower writes it: UTC, ISO
     cols = {"pending": (None, None, None, ""), "starting": (now, None, None, ""), "running": (now, now, None, ""),
             "completed": (now, now, now, "completed"), "failed": (now, now, now, "failed"),
             "stopped": (now, now, now, "stopped")}[state]
