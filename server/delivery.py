@@ -534,8 +534,11 @@ def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
         follow_dropped_stream(c.root, name, flwr_run, code, out, f"the delivery of run {name!r} (flwr run {flwr_run})",
                               "the delivery", health=lambda: server_health(c))
     if not written_by(run_dir, flwr_run):
+        # the database before the run's files: `oncofed runs stop` records who stops a delivery before the database
+        # calls it stopped, so a stop seen there is seen with its cause
+        superlink = read_superlink(c.path("state", "superlink.db"))
         mine = next((e for e in delivery_runs(run_dir) if e["flwr_run"] == flwr_run), None)
-        state = delivery_state(run_dir, mine, read_superlink(c.path("state", "superlink.db"))) if mine else ""
+        state = delivery_state(run_dir, mine, superlink) if mine else ""
         out.write((mine and delivery_ended_early(c.root, name, mine, state)
                    or f"delivery of run {name!r} did not finish (flwr exit {code}); see {log_path}") + "\n")
         return 1

@@ -188,8 +188,9 @@ def drop_stale_interrupted(run_dir: Path, db: Path) -> str:
 
 def delivery_runs(run_dir: Path) -> list[dict]:
     """The flwr runs `oncofed deliver` submitted for the run (delivery-runs.json), oldest first: {"flwr_run",
-    "submitted"}, and "ended" {"how": "stopped" | "interrupted", "why", "at"} once `oncofed runs stop` or the server's
-    exit ended it. Apart from flwr-runs.json, the run's training attempts (what --resume and the metrics judge)."""
+    "submitted"}, "stopping" {"why", "at"} while `oncofed runs stop` stops it, and "ended" {"how": "stopped" |
+    "interrupted", "why", "at"} once `oncofed runs stop` or the server's exit ended it. Apart from flwr-runs.json, the
+    run's training attempts (what --resume and the metrics judge)."""
     entries = _json(run_dir / DELIVERY_RUNS)
     return [e for e in entries if isinstance(e, dict) and "flwr_run" in e] if isinstance(entries, list) else []
 
@@ -206,7 +207,21 @@ def end_delivery_run(run_dir: Path, flwr_run: int, how: str, why: str) -> None:
     entries = delivery_runs(run_dir)
     for e in entries:
         if e["flwr_run"] == flwr_run and not e.get("ended"):
+            e.pop("stopping", None)
             e["ended"] = {"how": how, "why": why, "at": time.time()}
+    write_json_atomic(run_dir / DELIVERY_RUNS, entries)
+
+
+def mark_stopping(run_dir: Path, flwr_run: int, why: str) -> None:
+    """Record that `why` is stopping delivery flwr run `flwr_run` ("" withdraws it). Written before `flwr stop` is
+    asked: the SuperLink calls the run stopped, and `oncofed deliver` (whose stream that ends) reads it, before `flwr
+    stop` returns and end_delivery_run records it; this is how such a reader knows who stopped it."""
+    entries = delivery_runs(run_dir)
+    for e in entries:
+        if e["flwr_run"] == flwr_run and not e.get("ended"):
+            e.pop("stopping", None)
+            if why:
+                e["stopping"] = {"why": why, "at": time.time()}
     write_json_atomic(run_dir / DELIVERY_RUNS, entries)
 
 
@@ -261,7 +276,8 @@ def delivery_ended_early(root: Path, name: str, entry: dict, state: str) -> str:
     so to the next delivery, which records it."""
     said = f"`oncofed deliver` of run {name!r} (flwr run {entry['flwr_run']})"
     again = f"`oncofed deliver {root} {name}` sends it again to the sites that have not installed it"
-    ended = entry.get("ended") or {}
+    # a delivery being stopped by `oncofed runs stop` is stopped in the SuperLink's database before it is recorded
+    ended = entry.get("ended") or (entry.get("stopping") if state == "stopped" else None) or {}
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ended.get("at", 0)))
     if state == "stopped":
         return f"{said} was stopped ({ended.get('why', '`flwr stop`')}{', ' + when if ended else ''}): {again}"
@@ -604,9 +620,16 @@ def stop(root: Path, name: str, env: dict, out) -> tuple[int, int]:
     for entry in delivery_runs(view.run_dir):
         if delivery_state(view.run_dir, entry, superlink) not in ("in progress", "unknown"):
             continue
-        if _flwr_stop(entry["flwr_run"], " (`oncofed deliver`)", env, out):
-            delivered += 1
-            end_delivery_run(view.run_dir, entry["flwr_run"], "stopped", "`oncofed runs stop`")
+        mark_stopping(view.run_dir, entry["flwr_run"], "`oncofed runs stop`")
+        stopped = False
+        try:
+            stopped = _flwr_stop(entry["flwr_run"], " (`oncofed deliver`)", env, out)
+        finally:
+            if stopped:
+                delivered += 1
+                end_delivery_run(view.run_dir, entry["flwr_run"], "stopped", "`oncofed runs stop`")
+            else:  # not stopped by it: a later stop (`flwr stop`'s) is not to be called this one
+                mark_stopping(view.run_dir, entry["flwr_run"], "")
     return trained, delivered
 
 

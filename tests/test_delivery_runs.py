@@ -41,15 +41,16 @@ def _finished_run(consortium) -> Path:
     return run
 
 
-def _stand_in_flwr(tmp_path: Path, monkeypatch, db: Path, stream: str) -> None:
+def _stand_in_flwr(tmp_path: Path, monkeypatch, db: Path, stream: str, stop_returns_after: Path | None = None) -> None:
     """A `flwr` beside the interpreter (shared_models.flower_tools). Its `flwr run` says it started flwr run DELIVERY,
     whose ServerApp writes nothing, and then, `stream`: "followed", streams until that run ends in the SuperLink's
     database (at most 30 s), or "dropped", ends at once with exit 1 (the server went down under it). Its `flwr stop
-    DELIVERY` stops that run in the database, as the SuperLink does; any other `flwr` command fails."""
+    DELIVERY` stops that run in the database, as the SuperLink does, and returns (once `stop_returns_after` exists, at
+    most 30 s, when given); any other `flwr` command fails."""
     flwr = tmp_path / "bin" / "flwr"
     flwr.parent.mkdir()
     flwr.write_text(f"""#!{sys.executable}
-import sqlite3, sys, time
+import os, sqlite3, sys, time
 def execute(sql):
     con = sqlite3.connect({str(db)!r})
     row = con.execute(sql).fetchone()
@@ -59,6 +60,9 @@ def execute(sql):
 if sys.argv[1:3] == ["stop", "{DELIVERY}"]:
     execute("UPDATE task SET finished_at='2026-12-02 10:00:00', sub_status='stopped'")
     print("Run {DELIVERY} stopped.")
+    deadline = time.time() + 30
+    while {str(stop_returns_after or "")!r} and not os.path.exists({str(stop_returns_after)!r}) and time.time() < deadline:
+        time.sleep(0.05)
     sys.exit(0)
 if sys.argv[1:2] != ["run"]:
     sys.exit(1)
@@ -134,6 +138,34 @@ def test_runs_stop_stops_an_oncofed_deliver_in_progress_and_the_run_records_it(c
     assert "was stopped (`oncofed runs stop`" in line and f"not at C1 ({NOT_SENT})" in line, line
     result = CliRunner().invoke(app, ["runs", "stop", str(root), "r"])
     assert result.exit_code == 0 and "nothing running to stop" in result.output, result.output
+
+
+def test_a_delivery_seen_stopped_before_runs_stop_returns_is_said_stopped_by_runs_stop(consortium, tmp_path,
+                                                                                      monkeypatch):
+    """The SuperLink calls the delivery's flwr run stopped as soon as `flwr stop` asks it, so `oncofed deliver`, whose
+    stream that ends, read its state before `oncofed runs stop` (still waiting for `flwr stop` to return) recorded
+    the stop, and told the operator it was stopped with `flwr stop` (about 1 run in 6 of the test above). `runs stop`
+    records who stops it before asking: whenever `oncofed deliver` looks, it names `oncofed runs stop`."""
+    from server.runs import stop
+    from server.submit import env_for
+
+    root, run = consortium.root, _finished_run(consortium)
+    db = _superlink_db(root, "running")
+    returns = tmp_path / "flwr-stop-may-return"
+    _stand_in_flwr(tmp_path, monkeypatch, db, "followed", stop_returns_after=returns)
+    deliver, said_by_deliver, code = _deliver_in_background(consortium, monkeypatch)
+    said_by_stop = io.StringIO()
+    stopping = threading.Thread(daemon=True, target=lambda: stop(root, "r", env_for(consortium), said_by_stop))
+    stopping.start()
+    deliver.join(timeout=30)  # its verdict given while `flwr stop` has not returned
+    returns.touch()
+    stopping.join(timeout=30)
+    said = said_by_deliver.getvalue()
+    assert not deliver.is_alive() and code == [1], said
+    assert f"(flwr run {DELIVERY}) was stopped (`oncofed runs stop`, " in said, said
+    assert not stopping.is_alive() and f"flwr run {DELIVERY} (`oncofed deliver`): stopped" in said_by_stop.getvalue()
+    ended = json.loads((run / "delivery-runs.json").read_text())[-1]
+    assert ended["ended"]["how"] == "stopped" and "stopping" not in ended, ended
 
 
 def test_a_delivery_the_servers_exit_ended_is_recorded_so_and_says_to_deliver_again(consortium, tmp_path,
