@@ -167,7 +167,8 @@ def server_stop(
 
     A run in progress stops with it, and so does a running `oncofed deliver`, so it is refused while one does unless
     --force; once the server is back `oncofed run --resume` continues the run, `oncofed deliver` sends the model
-    again. Exit 1: it could not be stopped, or a run trains or a delivery runs (named, with the fix).
+    again. A run or delivery still pending is not ended (the restarted server starts it): named, not refused for.
+    Exit 1: it could not be stopped, or a run trains or a delivery runs (named, with the fix).
     """
     from server.deploy import DeployError, stop_server
 

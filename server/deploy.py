@@ -308,10 +308,10 @@ def _systemd_unit_of(pid: int) -> str | None:
 def stop_server(root: str | Path, timeout: float = 60.0, force: bool = False) -> str:
     """SIGTERM to this consortium's running `oncofed server start`, which stops the SuperLink, the SuperExec (and a
     ServerApp it runs) and the proxy, as Ctrl-C does; waits up to `timeout` seconds for it to end. Refused while a
-    run trains or an `oncofed deliver` runs unless `force` (it would end them: named, with how each goes on). With
-    that process killed (kill -9), the SuperLink, SuperExec and proxy it left running instead (stop_orphans). Returns
-    what happened; raises DeployError when it cannot be stopped, would stop a run or a delivery, or is not this
-    consortium's."""
+    run trains or an `oncofed deliver` runs unless `force` (it would end them: named, with how each goes on); one
+    still pending is named as such, not refused for (the restarted server starts it). With that process killed
+    (kill -9), the SuperLink, SuperExec and proxy it left running instead (stop_orphans). Returns what happened;
+    raises DeployError when it cannot be stopped, would stop a run or a delivery, or is not this consortium's."""
     c = Consortium.load(root)
     pid = server_state(c.root).get("pid")
     if not pid or not pid_alive(pid):
@@ -328,26 +328,32 @@ def stop_server(root: str | Path, timeout: float = 60.0, force: bool = False) ->
     from server.runs import delivering_run_names, live_run_names, read_superlink
 
     superlink = read_superlink(c.path("state", "superlink.db"))
-    live = sorted(live_run_names(c.root, superlink))
-    # a running delivery's ServerApp dies with the SuperExec too (a pending one the restarted server launches)
-    delivering = delivering_run_names(c.root, superlink, states=("running",))
+    # only a running flwr run has a ServerApp, which dies with the SuperExec; a pending or starting one has none to
+    # lose and the restarted server launches it (as record_interrupted knows): it is named, not refused for
+    live = sorted(live_run_names(c.root, superlink, ("running",)))
+    delivering = delivering_run_names(c.root, superlink, ("running",))
+    queued = sorted(live_run_names(c.root, superlink, ("pending", "starting")))
+    queued_deliveries = delivering_run_names(c.root, superlink, ("pending", "starting"))
     doing, ended, again = [], [], []  # what it would stop, as it goes on, and how each goes on once the server is back
     if live:
         doing.append(f"run(s) {', '.join(live)} are training")
         ended.append(f"run(s) {', '.join(live)}")
         again.append("; ".join(f"`oncofed run {c.root} --name {n} --resume`" for n in live) + " continues them")
     if delivering:
-        ended.append("the delivery of run(s) " + ", ".join(f"{n} (`oncofed deliver`, flwr run {i})"
-                                                           for n, i in delivering.items()))
+        ended.append(_deliveries_of(delivering))
         doing.append(f"{ended[-1]} is in progress")
         again.append("; ".join(f"`oncofed deliver {c.root} {n}`" for n in delivering) + " sends the model again to "
                      "the sites that have not installed it")
     doing, ended, again = " and ".join(doing), " and ".join(ended), "; ".join(again)
+    waiting = " and ".join(([f"run(s) {', '.join(queued)}"] if queued else [])
+                           + ([_deliveries_of(queued_deliveries)] if queued_deliveries else []))
+    waiting = waiting and (f"; {waiting} pending (not started yet), which stopping the server does not end: the "
+                           f"server starts them when it is back (`oncofed server start {c.root}`)")
     if ended and not force:
         raise DeployError(f"{c.root}: {doing}, and stopping the server stops them (Flower ends a ServerApp with the "
                           f"SuperExec that started it). Wait for them (`oncofed runs follow {c.root} NAME`), or stop "
                           f"now with --force: their checkpoints and the installs recorded so far stay, and once the "
-                          f"server is back {again}")
+                          f"server is back {again}{waiting}")
     try:
         os.kill(int(pid), signal.SIGTERM)
     except PermissionError:
@@ -361,7 +367,12 @@ def stop_server(root: str | Path, timeout: float = 60.0, force: bool = False) ->
                           f"`kill -9 {pid}` (its SuperLink, SuperExec and proxy are then named by the next "
                           "`oncofed server start`)")
     return f"{c.root}: server stopped (pid {pid})" + (f"; it stopped {ended}: once the server is back, {again}"
-                                                        if ended else "")
+                                                        if ended else "") + waiting
+
+
+def _deliveries_of(runs: dict[str, int]) -> str:
+    """{run name: its delivery's flwr run} as `oncofed server stop` names them."""
+    return "the delivery of run(s) " + ", ".join(f"{n} (`oncofed deliver`, flwr run {i})" for n, i in runs.items())
 
 
 def superexec_command(c: Consortium, parent_pid: int) -> list[str]:

@@ -116,9 +116,10 @@ def _latest_flwr_runs(root: Path, superlink: dict | None) -> dict[str, tuple[int
             if isinstance(ids := _json(d), list) and ids}
 
 
-def live_run_names(root: Path, superlink: dict | None) -> set[str]:
-    """The names of the runs (directories under runs/) whose latest flwr run the SuperLink has pending or running."""
-    return {name for name, (_, state) in _latest_flwr_runs(root, superlink).items() if state in RUNNING}
+def live_run_names(root: Path, superlink: dict | None, states=RUNNING) -> set[str]:
+    """The names of the runs (directories under runs/) whose latest flwr run the SuperLink has in one of `states`
+    (default pending, starting or running)."""
+    return {name for name, (_, state) in _latest_flwr_runs(root, superlink).items() if state in states}
 
 
 INTERRUPTED = "interrupted.json"  # in a run's directory: the server's exit that ended its flwr run

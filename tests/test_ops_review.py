@@ -404,3 +404,39 @@ def test_server_stop_refuses_while_a_run_trains_unless_forced_and_names_the_resu
         assert server.wait(5) == -15
     finally:
         server.kill()
+
+
+@pytest.mark.parametrize("state", ["pending", "starting"])
+def test_server_stop_names_a_run_not_started_yet_as_pending_and_does_not_refuse_for_it(consortium, tmp_path, state):
+    """A run the SuperLink has pending (or starting) has no ServerApp for the server's exit to end: the restarted
+    server launches it (record_interrupted records none such). `oncofed server stop` called it "training" and refused
+    without --force; it stops the server and says the run is pending and starts when the server is back."""
+    import json
+    import subprocess
+    import sys
+    import threading
+    import time
+    from pathlib import Path
+
+    from server.deploy import stop_server
+    from tests.test_runs import RUN_ID, _superlink_db
+
+    run = consortium.path("runs", "r1")
+    run.mkdir(parents=True)
+    (run / "flwr-runs.json").write_text(json.dumps([RUN_ID]))
+    _superlink_db(consortium.root, state)
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "server", "start",
+                               str(consortium.root)], cwd=tmp_path)
+    threading.Thread(target=server.wait, daemon=True).start()  # reaped when it ends (not left a zombie)
+    try:
+        deadline = time.monotonic() + 30
+        while b"sleep" not in Path(f"/proc/{server.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        consortium.path("state", "server.json").write_text(json.dumps({"pid": server.pid}))
+        said = stop_server(consortium.root, timeout=30)
+        assert "server stopped" in said and "training" not in said and "--resume" not in said, said
+        assert ("run(s) r1 pending (not started yet), which stopping the server does not end: the server starts them "
+                f"when it is back (`oncofed server start {consortium.root}`)") in said, said
+        assert server.wait(5) == -15
+    finally:
+        server.kill()
