@@ -6,8 +6,10 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -168,3 +170,21 @@ def registered_consortium(root: Path, sites: dict[str, int]):
                        for n, i in sites.items()]
     (root / "consortium.json").write_text(json.dumps(record))
     return Consortium.load(root)
+
+
+@contextmanager
+def stand_in_server(root: Path, cwd: Path):
+    """A real process whose command line reads `... server start ROOT` (it sleeps for a minute), recorded in ROOT's
+    state/server.json as the consortium's server: what `oncofed server stop` finds and signals. Yields the process;
+    killed on exit."""
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "server", "start", str(root)],
+                              cwd=cwd)
+    threading.Thread(target=server.wait, daemon=True).start()  # reaped when it ends (not left a zombie)
+    try:
+        deadline = time.monotonic() + 30
+        while b"sleep" not in Path(f"/proc/{server.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (root / "state" / "server.json").write_text(json.dumps({"pid": server.pid}))
+        yield server
+    finally:
+        server.kill()

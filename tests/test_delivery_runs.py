@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.factories import registered_consortium
+from tests.factories import registered_consortium, stand_in_server
 from tests.test_fault_review import NOT_SENT, SITES, _finished_files, _write
 from tests.test_runs import RUN_ID, _set_run_state, _superlink_db
 
@@ -460,22 +460,13 @@ def test_server_stop_names_the_oncofed_deliver_it_would_end_and_says_to_deliver_
     """`oncofed server stop` refused only while a run trained: a running `oncofed deliver` it was about to end (its
     ServerApp dies with the SuperExec) went unmentioned. It is refused naming the delivery, and with --force says
     which delivery it ended and that `oncofed deliver` sends the model again."""
-    import subprocess
-
     from server.deploy import DeployError, stop_server
     from server.runs import record_delivery_run
 
     run = _finished_run(consortium)
     record_delivery_run(run, DELIVERY)
     _superlink_db(consortium.root, "running")
-    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "server", "start",
-                               str(consortium.root)], cwd=tmp_path)
-    threading.Thread(target=server.wait, daemon=True).start()  # reaped when it ends (not left a zombie)
-    try:
-        deadline = time.monotonic() + 30
-        while b"sleep" not in Path(f"/proc/{server.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        consortium.path("state", "server.json").write_text(json.dumps({"pid": server.pid}))
+    with stand_in_server(consortium.root, tmp_path) as server:
         delivery = f"the delivery of run(s) r (`oncofed deliver`, flwr run {DELIVERY})"
         with pytest.raises(DeployError) as refused:
             stop_server(consortium.root, timeout=5)
@@ -487,5 +478,3 @@ def test_server_stop_names_the_oncofed_deliver_it_would_end_and_says_to_deliver_
         assert "server stopped" in said and f"it stopped {delivery}" in said, said
         assert f"`oncofed deliver {consortium.root} r` sends the model again" in said, said
         assert server.wait(5) == -15
-    finally:
-        server.kill()

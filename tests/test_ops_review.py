@@ -10,6 +10,7 @@ import pytest
 
 from privacy.pki import init_consortium
 from server.deploy import Consortium, server_checks
+from tests.factories import stand_in_server
 
 
 @pytest.fixture
@@ -375,11 +376,6 @@ def test_j_server_stop_ends_this_consortiums_server_and_never_signals_a_reused_p
 def test_server_stop_refuses_while_a_run_trains_unless_forced_and_names_the_resume(consortium, tmp_path):
     """Flower 1.41 ends a ServerApp with the SuperExec that started it: stopping the server stops the run."""
     import json
-    import subprocess
-    import sys
-    import threading
-    import time
-    from pathlib import Path
 
     from server.deploy import DeployError, stop_server
     from tests.test_runs import RUN_ID, _superlink_db
@@ -388,22 +384,13 @@ def test_server_stop_refuses_while_a_run_trains_unless_forced_and_names_the_resu
     run.mkdir(parents=True)
     (run / "flwr-runs.json").write_text(json.dumps([RUN_ID]))
     _superlink_db(consortium.root, "running")
-    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "server", "start",
-                               str(consortium.root)], cwd=tmp_path)
-    threading.Thread(target=server.wait, daemon=True).start()  # reaped when it ends (not left a zombie)
-    try:
-        deadline = time.monotonic() + 30
-        while b"sleep" not in Path(f"/proc/{server.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        consortium.path("state", "server.json").write_text(json.dumps({"pid": server.pid}))
+    with stand_in_server(consortium.root, tmp_path) as server:
         with pytest.raises(DeployError, match=r"run\(s\) r1 are training.*--force.*--name r1 --resume"):
             stop_server(consortium.root, timeout=5)
         assert server.poll() is None
         said = stop_server(consortium.root, timeout=30, force=True)
         assert "server stopped" in said and f"`oncofed run {consortium.root} --name r1 --resume`" in said, said
         assert server.wait(5) == -15
-    finally:
-        server.kill()
 
 
 @pytest.mark.parametrize("state", ["pending", "starting"])
@@ -412,11 +399,6 @@ def test_server_stop_names_a_run_not_started_yet_as_pending_and_does_not_refuse_
     server launches it (record_interrupted records none such). `oncofed server stop` called it "training" and refused
     without --force; it stops the server and says the run is pending and starts when the server is back."""
     import json
-    import subprocess
-    import sys
-    import threading
-    import time
-    from pathlib import Path
 
     from server.deploy import stop_server
     from tests.test_runs import RUN_ID, _superlink_db
@@ -425,18 +407,9 @@ def test_server_stop_names_a_run_not_started_yet_as_pending_and_does_not_refuse_
     run.mkdir(parents=True)
     (run / "flwr-runs.json").write_text(json.dumps([RUN_ID]))
     _superlink_db(consortium.root, state)
-    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "server", "start",
-                               str(consortium.root)], cwd=tmp_path)
-    threading.Thread(target=server.wait, daemon=True).start()  # reaped when it ends (not left a zombie)
-    try:
-        deadline = time.monotonic() + 30
-        while b"sleep" not in Path(f"/proc/{server.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        consortium.path("state", "server.json").write_text(json.dumps({"pid": server.pid}))
+    with stand_in_server(consortium.root, tmp_path) as server:
         said = stop_server(consortium.root, timeout=30)
         assert "server stopped" in said and "training" not in said and "--resume" not in said, said
         assert ("run(s) r1 pending (not started yet), which stopping the server does not end: the server starts them "
                 f"when it is back (`oncofed server start {consortium.root}`)") in said, said
         assert server.wait(5) == -15
-    finally:
-        server.kill()
