@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared_models.files import write_json_atomic
+from shared_models.files import held_lock, write_json_atomic
 from shared_models.flower_tools import flower_tool
 from shared_models.protocol import FOREIGN_APP
 from server.run_files import (DELIVERY_RUNS, FLWR_LOG, FLWR_RUNS, METRICS, PROGRESS, RESULT, RUN_FILE, STATUS,
@@ -199,31 +199,43 @@ def delivery_runs(run_dir: Path) -> list[dict]:
 def record_delivery_run(run_dir: Path, flwr_run: int) -> None:
     """`oncofed deliver` submitted flwr run `flwr_run` for the run: what `oncofed runs stop` stops and the server's
     exit is recorded in (its id is nowhere else in the run's directory until its ServerApp writes result.json)."""
-    write_json_atomic(run_dir / DELIVERY_RUNS, [*delivery_runs(run_dir), {"flwr_run": flwr_run,
-                                                                         "submitted": time.time()}])
+    with _deliveries_locked(run_dir):
+        write_json_atomic(run_dir / DELIVERY_RUNS, [*delivery_runs(run_dir), {"flwr_run": flwr_run,
+                                                                             "submitted": time.time()}])
+
+
+def _deliveries_locked(run_dir: Path):
+    """One read-change-write of delivery-runs.json at a time: `oncofed deliver` records a delivery, `oncofed runs
+    stop` and the server's exit record how one ended, each perhaps at the same moment; unlocked, the last write
+    would drop what the others wrote (a delivery no stop or exit record could find again)."""
+    return held_lock(run_dir / f"{DELIVERY_RUNS}.lock", wait=60.0, busy=RuntimeError(
+        f"{run_dir / DELIVERY_RUNS}: another oncofed command kept it locked for 60 s ({DELIVERY_RUNS}.lock); run "
+        "this command again once it is done"))
 
 
 def end_delivery_run(run_dir: Path, flwr_run: int, how: str, why: str) -> None:
     """Record that delivery flwr run `flwr_run` ended before its ServerApp recorded it: `how` stopped or interrupted."""
-    entries = delivery_runs(run_dir)
-    for e in entries:
-        if e["flwr_run"] == flwr_run and not e.get("ended"):
-            e.pop("stopping", None)
-            e["ended"] = {"how": how, "why": why, "at": time.time()}
-    write_json_atomic(run_dir / DELIVERY_RUNS, entries)
+    with _deliveries_locked(run_dir):
+        entries = delivery_runs(run_dir)
+        for e in entries:
+            if e["flwr_run"] == flwr_run and not e.get("ended"):
+                e.pop("stopping", None)
+                e["ended"] = {"how": how, "why": why, "at": time.time()}
+        write_json_atomic(run_dir / DELIVERY_RUNS, entries)
 
 
 def mark_stopping(run_dir: Path, flwr_run: int, why: str) -> None:
     """Record that `why` is stopping delivery flwr run `flwr_run` ("" withdraws it). Written before `flwr stop` is
     asked: the SuperLink calls the run stopped, and `oncofed deliver` (whose stream that ends) reads it, before `flwr
     stop` returns and end_delivery_run records it; this is how such a reader knows who stopped it."""
-    entries = delivery_runs(run_dir)
-    for e in entries:
-        if e["flwr_run"] == flwr_run and not e.get("ended"):
-            e.pop("stopping", None)
-            if why:
-                e["stopping"] = {"why": why, "at": time.time()}
-    write_json_atomic(run_dir / DELIVERY_RUNS, entries)
+    with _deliveries_locked(run_dir):
+        entries = delivery_runs(run_dir)
+        for e in entries:
+            if e["flwr_run"] == flwr_run and not e.get("ended"):
+                e.pop("stopping", None)
+                if why:
+                    e["stopping"] = {"why": why, "at": time.time()}
+        write_json_atomic(run_dir / DELIVERY_RUNS, entries)
 
 
 def delivery_state(run_dir: Path, entry: dict, superlink: dict | None) -> str:

@@ -478,3 +478,20 @@ def test_server_stop_names_the_oncofed_deliver_it_would_end_and_says_to_deliver_
         assert "server stopped" in said and f"it stopped {delivery}" in said, said
         assert f"`oncofed deliver {consortium.root} r` sends the model again" in said, said
         assert server.wait(5) == -15
+
+
+def test_deliveries_recorded_at_the_same_moment_are_all_kept(tmp_path):
+    """`oncofed deliver` records its delivery, `oncofed runs stop` and the server's exit how one ended, each a
+    read-change-write of delivery-runs.json; two at once kept only the last writer's list, losing a delivery that
+    no stop or exit record could then find. Two real processes record 150 each: all 300 are kept."""
+    import subprocess
+
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    code = ("import sys; from pathlib import Path; from server.runs import record_delivery_run\n"
+            "for i in range(150): record_delivery_run(Path(sys.argv[1]), int(sys.argv[2]) + i)")
+    writers = [subprocess.Popen([sys.executable, "-c", code, str(run), str(first)]) for first in (1000, 2000)]
+    assert [w.wait(120) for w in writers] == [0, 0]
+    from server.runs import delivery_runs
+
+    assert sorted(e["flwr_run"] for e in delivery_runs(run)) == [*range(1000, 1150), *range(2000, 2150)]
