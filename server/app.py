@@ -173,8 +173,11 @@ def start_or_resume(cfg: RunConfig, context: Context, schema: FeatureSchema, out
                              "here; restore this run's checkpoints, or start a new run under another name")
         if why := unfit_weights(schema, cfg.model, checkpoint.weights):
             raise ValueError(f"{ckpt_root}: run {frozen['run_key']}'s checkpoint weights do not fit the model of this "
-                             f"run config ({why}): {out / 'run.json'} or the checkpoints were changed since it trained; "
-                             "restore both as the run left them, or start a new run under another name")
+                             f"run config ({why}): {out / 'run.json'} or the checkpoints were changed since it trained (restore "
+                             "both as the run left them), or this OncoFed builds the model otherwise than the one that "
+                             "trained it (an architecture key added since and missing from server/checkpoint.py "
+                             "ADDED_KEYS: resume with the OncoFed that started the run); or start a new run under "
+                             "another name")
         log(INFO, "resuming run %s after round %s from %s", checkpoint.meta["run_key"], checkpoint.round, ckpt_root)
         return RunStart(checkpoint.meta["run_key"], checkpoint.weights, checkpoint.round + 1,
                         checkpoint.meta.get("site_epsilon", {}), checkpoint.meta.get("site_epsilon_worst_case", {}),
