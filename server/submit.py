@@ -236,13 +236,18 @@ class SubmitLock:
 
     def __init__(self, c: Consortium, name: str, command: str, out=None):
         path = c.path("runs", f".{name}.submit.lock")
-        fh = exclusive_lock(path)
-        holder = _lock_holder(path)
+        # its holder names itself just after it locks and empties the file just before it releases: an empty file
+        # under a held lock is one of those moments, not a holder unknown (refused so: 3 in 30 of two started at once)
+        holder, deadline = None, time.monotonic() + 0.5
+        while ((fh := exclusive_lock(path)) is None and (holder := _lock_holder(path)) is None
+               and time.monotonic() < deadline):
+            time.sleep(0.02)
         if fh is None:
             who = (f"{holder['command']} (pid {holder.get('pid')}, since {holder['since']})" if holder
                    else "another `oncofed run` or `oncofed deliver`")
             raise DeployError(f"{who} is submitting run {name!r} right now ({path} is locked): nothing was submitted. "
                               f"Wait for it: `oncofed runs follow {c.root} {name}` follows it once submitted")
+        holder = _lock_holder(path)
         if holder and out is not None:
             out.write(f"{path}: left by {holder['command']} (pid {holder.get('pid')}, since {holder['since']}) of run "
                       f"{name!r}, which ended (killed or crashed) before recording its flwr run; taken "

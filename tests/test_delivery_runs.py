@@ -383,6 +383,40 @@ def test_two_oncofed_delivers_started_at_once_submit_one_delivery_and_the_other_
     submit_lock(consortium, "r", "`oncofed deliver`").close()
 
 
+@pytest.mark.parametrize("moment", ["just locked", "releasing"])
+def test_a_submit_lock_whose_holder_is_naming_itself_or_letting_go_is_not_called_unknown(consortium, moment):
+    """The holder of a run's submit lock writes who it is just after it takes the flock and empties the file just
+    before it lets go: a second command in between read an empty file and was refused as by "another `oncofed run` or
+    `oncofed deliver`" (the test above failed so 3 runs in 30). Just after locking, it is refused naming the holder;
+    just before release, it takes the lock. The holder here: another open file of the lock, whose flock is its own as
+    another process's is."""
+    from server.deploy import DeployError
+    from server.submit import submit_lock
+    from shared_models.files import exclusive_lock
+
+    holder = exclusive_lock(consortium.path("runs", ".r.submit.lock"))
+
+    def a_moment_later() -> None:
+        time.sleep(0.1)
+        if moment == "just locked":
+            holder.write(json.dumps({"pid": 4242, "command": "`oncofed deliver`", "since": time.time()}))
+            holder.flush()
+        else:
+            holder.close()
+
+    later = threading.Thread(target=a_moment_later)
+    later.start()
+    try:
+        if moment == "just locked":
+            with pytest.raises(DeployError, match=r"`oncofed deliver` \(pid 4242, since .*\) is submitting run 'r'"):
+                submit_lock(consortium, "r", "`oncofed deliver`")
+        else:
+            submit_lock(consortium, "r", "`oncofed deliver`").close()
+    finally:
+        later.join()
+        holder.close()
+
+
 def test_an_oncofed_deliver_killed_while_it_submits_leaves_the_run_to_the_next_one_which_says_so(
         consortium, tmp_path, monkeypatch):
     """A real `oncofed deliver` process, killed (kill -9) between its preflight and recording its flwr run: while it
