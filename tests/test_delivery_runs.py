@@ -451,7 +451,6 @@ submit_delivery({str(root)!r}, "r")
         while not _launched(tmp_path) and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert _launched(tmp_path) == 1, first.poll()  # its preflight passed: its `flwr run` is submitting
-        (tmp_path / "hold").unlink()  # (any `flwr run` from now on says at once that it started)
         with pytest.raises(DeployError, match=rf"`oncofed deliver` \(pid {first.pid}, since .*\) is submitting run "
                                               "'r' right now"):
             submit_delivery(root, "r", out=io.StringIO())
@@ -461,6 +460,9 @@ submit_delivery({str(root)!r}, "r")
         first.wait(timeout=10)
         with contextlib.suppress(ProcessLookupError, IndexError, OSError):  # its `flwr run` (a session of its own)
             os.kill(int((tmp_path / "launched").read_text().split()[0]), signal.SIGKILL)
+    # only now: gone while the first still lived, its `flwr run` could say it started and the first release the lock
+    # before the second `oncofed deliver` above looked
+    (tmp_path / "hold").unlink()  # (the next `flwr run` says at once that it started)
     out = io.StringIO()
     assert submit_delivery(root, "r", out=out) == 1  # (the stand-in's delivery writes nothing)
     said = " ".join(out.getvalue().split())
