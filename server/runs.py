@@ -28,7 +28,9 @@ from shared_models.protocol import FOREIGN_APP
 from server.run_files import (DELIVERY_RUNS, FLWR_LOG, FLWR_RUNS, METRICS, PROGRESS, RESULT, RUN_FILE, STATUS,
                               WRITTEN_BY, metrics_lines)
 
-RUNNING = ("pending", "starting", "running")
+QUEUED = ("pending", "starting")  # no ServerApp yet: the SuperExec, a restarted one too, launches it
+LAUNCHED = ("running",)  # its ServerApp runs, and dies with the SuperExec
+RUNNING = QUEUED + LAUNCHED  # not ended
 
 
 def _u64(v: int | None) -> int | None:
@@ -132,7 +134,7 @@ def record_interrupted(root: Path, why: str, superlink: dict | None) -> list[str
     starting one: it has no ServerApp yet (Flower puts a starting one whose launch lapsed back to pending), and the
     restarted SuperExec launches it; recorded, the resume preflight (live_flwr_runs) would take it for dead once it
     runs. Returns the names."""
-    live = {name: run_id for name, (run_id, state) in _latest_flwr_runs(root, superlink).items() if state == "running"}
+    live = {name: run_id for name, (run_id, state) in _latest_flwr_runs(root, superlink).items() if state in LAUNCHED}
     for name, run_id in live.items():
         write_json_atomic(root / "runs" / name / INTERRUPTED, {"flwr_run": run_id, "why": why, "at": time.time()})
     return sorted(live)
@@ -277,7 +279,7 @@ def record_interrupted_deliveries(root: Path, why: str, superlink: dict | None) 
     names = set()
     for f in (root / "runs").glob(f"*/{DELIVERY_RUNS}"):
         for e in delivery_runs(f.parent):
-            if not e.get("ended") and runs.get(e["flwr_run"]) == "running" and not written_by(f.parent, e["flwr_run"]):
+            if not e.get("ended") and runs.get(e["flwr_run"]) in LAUNCHED and not written_by(f.parent, e["flwr_run"]):
                 end_delivery_run(f.parent, e["flwr_run"], "interrupted", why)
                 names.add(f.parent.name)
     return sorted(names)

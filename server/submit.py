@@ -216,7 +216,7 @@ def live_flwr_runs(c: Consortium, run_dir: Path) -> list[int]:
     ServerApp died with the SuperExec, and the database calls it running until Flower sees its heartbeat lapse. A
     pending or starting one the restarted SuperExec launches: live, and never recorded there (record_interrupted), so
     once it runs it is not taken for the one the exit ended (a flwr run that ran never runs again)."""
-    from server.runs import RUNNING, interrupted_record, read_superlink
+    from server.runs import LAUNCHED, RUNNING, interrupted_record, read_superlink
 
     try:
         ids = json.loads((run_dir / FLWR_RUNS).read_text())
@@ -224,7 +224,7 @@ def live_flwr_runs(c: Consortium, run_dir: Path) -> list[int]:
         return []
     runs = (read_superlink(c.path("state", "superlink.db")) or {}).get("runs", {})
     ended = (interrupted_record(run_dir, c.path("state", "superlink.db"))[0] or {}).get("flwr_run")
-    return [i for i in ids if runs.get(i) in RUNNING and not (runs[i] == "running" and i == ended)]
+    return [i for i in ids if runs.get(i) in RUNNING and not (runs[i] in LAUNCHED and i == ended)]
 
 
 class SubmitLock:
