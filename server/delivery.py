@@ -526,7 +526,8 @@ def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
 
         log_path = run_dir / FLWR_LOG
         code = run_flwr([str(PROJECT), "consortium", "--stream", "--run-config", flwr_overrides(values)], env_for(c),
-                        log_path, on_line, append=True, new_session=True)
+                        log_path, on_line, append=True, new_session=True,
+                        on_start=lambda proc: lock.flwr_started(proc.pid))  # (named in the lock: _take_over)
     finally:
         lock.close()
     flwr_run = attempt[0] if attempt else None

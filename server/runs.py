@@ -140,22 +140,55 @@ def record_interrupted(root: Path, why: str, superlink: dict | None) -> list[str
     return sorted(live)
 
 
-def _running_since(db: Path, run_id: int) -> float | None | str:
-    """When the SuperLink's database has flwr run `run_id` running since (epoch seconds; flwr 1.41 stores its task's
-    running_at as ISO text in UTC), None when it never ran (pending or starting), "unknown" when it cannot tell."""
+def _utc_seconds(text) -> float | None:
+    """Epoch seconds of a time the SuperLink's database holds (flwr 1.41: ISO text in UTC), None if it is not one."""
     from datetime import datetime, timezone
 
+    try:
+        at = datetime.fromisoformat(str(text))
+    except ValueError:
+        return None
+    return (at if at.tzinfo else at.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def _running_since(db: Path, run_id: int) -> float | None | str:
+    """When the SuperLink's database has flwr run `run_id` running since (epoch seconds; its task's running_at), None
+    when it never ran (pending or starting), "unknown" when it cannot tell."""
     rows = _superlink_rows(db, ("SELECT task.running_at FROM run JOIN task ON task.task_id = run.primary_task_id "
                                 "WHERE run.run_id = ?", (_i64(run_id),)))
     if not rows or not rows[0]:
         return "unknown"
     if rows[0][0][0] is None:
         return None
-    try:
-        at = datetime.fromisoformat(str(rows[0][0][0]))
-    except ValueError:
-        return "unknown"
-    return (at if at.tzinfo else at.replace(tzinfo=timezone.utc)).timestamp()
+    at = _utc_seconds(rows[0][0][0])
+    return "unknown" if at is None else at
+
+
+def flwr_runs_since(run_dir: Path, db: Path, since: float) -> list[tuple[int, bool, float, bool]] | None:
+    """The flwr runs on the run's directory (their run config's output-dir) the SuperLink's database holds as
+    submitted since `since` (epoch seconds; their task's pending_at), oldest first: (id, whether it is a delivery
+    (deliver-only), when it was submitted, whether flwr-runs.json or delivery-runs.json names it). [] with no database
+    (nothing was ever submitted); None when it cannot be read."""
+    if not db.exists():
+        return []
+    rows = _superlink_rows(db, ("SELECT run.run_id, run.override_config, task.pending_at FROM run JOIN task ON "
+                                "task.task_id = run.primary_task_id", ()))
+    if rows is None:
+        return None
+    ids = _json(run_dir / FLWR_RUNS)
+    named = set(ids if isinstance(ids, list) else []) | {e["flwr_run"] for e in delivery_runs(run_dir)}
+    found = []
+    for run_id, config, pending_at in rows[0]:
+        try:
+            config = json.loads(config or "{}")
+        except ValueError:
+            continue
+        output_dir = config.get("output-dir") if isinstance(config, dict) else None
+        at = _utc_seconds(pending_at) if pending_at is not None else None
+        if isinstance(output_dir, str) and Path(output_dir).resolve() == run_dir.resolve() and at is not None \
+                and at >= since:
+            found.append((at, _u64(run_id), config.get("deliver-only") is True))
+    return [(run_id, delivery, at, run_id in named) for at, run_id, delivery in sorted(found)]
 
 
 def interrupted_record(run_dir: Path, db: Path) -> tuple[dict | None, str]:
@@ -198,12 +231,13 @@ def delivery_runs(run_dir: Path) -> list[dict]:
     return [e for e in entries if isinstance(e, dict) and "flwr_run" in e] if isinstance(entries, list) else []
 
 
-def record_delivery_run(run_dir: Path, flwr_run: int) -> None:
-    """`oncofed deliver` submitted flwr run `flwr_run` for the run: what `oncofed runs stop` stops and the server's
-    exit is recorded in (its id is nowhere else in the run's directory until its ServerApp writes result.json)."""
+def record_delivery_run(run_dir: Path, flwr_run: int, submitted: float | None = None) -> None:
+    """`oncofed deliver` submitted flwr run `flwr_run` for the run (at `submitted`, default now): what `oncofed runs
+    stop` stops and the server's exit is recorded in (its id is nowhere else in the run's directory until its
+    ServerApp writes result.json)."""
     with _deliveries_locked(run_dir):
-        write_json_atomic(run_dir / DELIVERY_RUNS, [*delivery_runs(run_dir), {"flwr_run": flwr_run,
-                                                                             "submitted": time.time()}])
+        write_json_atomic(run_dir / DELIVERY_RUNS, [*delivery_runs(run_dir), {
+            "flwr_run": flwr_run, "submitted": time.time() if submitted is None else submitted}])
 
 
 def _deliveries_locked(run_dir: Path):
