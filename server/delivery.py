@@ -518,7 +518,11 @@ def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
         def on_line(line: str) -> None:
             if (run_id := flwr_run_started(line)) is not None:
                 attempt.append(run_id)
-                record_delivery_run(run_dir, run_id)  # what `oncofed runs stop` stops, the server's exit is recorded in
+                try:  # what `oncofed runs stop` stops, the server's exit is recorded in
+                    record_delivery_run(run_dir, run_id)
+                except DeployError:
+                    lock.leave()  # the next `oncofed deliver` records it
+                    raise
                 lock.close()  # recorded: the next `oncofed deliver` sees it in its preflight
             if not is_duplicate_log_line(line):
                 out.write(line)

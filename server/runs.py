@@ -234,19 +234,30 @@ def delivery_runs(run_dir: Path) -> list[dict]:
 def record_delivery_run(run_dir: Path, flwr_run: int, submitted: float | None = None) -> None:
     """`oncofed deliver` submitted flwr run `flwr_run` for the run (at `submitted`, default now): what `oncofed runs
     stop` stops and the server's exit is recorded in (its id is nowhere else in the run's directory until its
-    ServerApp writes result.json)."""
-    with _deliveries_locked(run_dir):
+    ServerApp writes result.json). Its caller holds the run's submit lock and, on a DeployError, leaves it naming
+    itself (SubmitLock.leave): the next holder records the flwr run (server.submit._take_over)."""
+    with _deliveries_locked(run_dir, f"flwr run {flwr_run}, an `oncofed deliver` of the run, is not recorded there, "
+                            "and goes on: once that command is done, the next `oncofed deliver "
+                            f"{run_dir.parent.parent} {run_dir.name}` records it (from the SuperLink's database)"):
         write_json_atomic(run_dir / DELIVERY_RUNS, [*delivery_runs(run_dir), {
             "flwr_run": flwr_run, "submitted": time.time() if submitted is None else submitted}])
 
 
-def _deliveries_locked(run_dir: Path):
+DELIVERIES_LOCK_WAIT = 60.0  # seconds a change of delivery-runs.json waits for another command's
+
+
+def _deliveries_locked(run_dir: Path, undone: str = "nothing was recorded; run this command again once that one is "
+                                                    "done"):
     """One read-change-write of delivery-runs.json at a time: `oncofed deliver` records a delivery, `oncofed runs
     stop` and the server's exit record how one ended, each perhaps at the same moment; unlocked, the last write
-    would drop what the others wrote (a delivery no stop or exit record could find again)."""
-    return held_lock(run_dir / f"{DELIVERY_RUNS}.lock", wait=60.0, busy=RuntimeError(
-        f"{run_dir / DELIVERY_RUNS}: another oncofed command kept it locked for 60 s ({DELIVERY_RUNS}.lock); run "
-        "this command again once it is done"))
+    would drop what the others wrote (a delivery no stop or exit record could find again). Kept longer by another:
+    DeployError, the operator's, naming the file, its lock and `undone`, what was not recorded and what to do."""
+    from server.deploy import DeployError
+
+    lock = run_dir / f"{DELIVERY_RUNS}.lock"
+    return held_lock(lock, wait=DELIVERIES_LOCK_WAIT, busy=DeployError(
+        f"{run_dir / DELIVERY_RUNS}: another oncofed command has kept it locked for {DELIVERIES_LOCK_WAIT:g} s "
+        f"({lock}; `fuser -v {lock}` names it): {undone}"))
 
 
 def end_delivery_run(run_dir: Path, flwr_run: int, how: str, why: str) -> None:

@@ -276,6 +276,11 @@ class SubmitLock:
             self._fh.truncate(0)  # released by its holder, not left by a crash
             self._fh.close()
 
+    def leave(self) -> None:
+        """Release it still naming this holder, as one killed before it recorded its flwr run leaves it: the next
+        holder records what this one submitted (_take_over)."""
+        self._fh.close()
+
 
 def _lock_holder(path: Path) -> dict | None:
     """Who the submit lock file names ({"pid", "command", "since"}, perhaps "flwr_pid"), None if nobody (or being

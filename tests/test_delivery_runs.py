@@ -658,6 +658,75 @@ def test_server_stop_names_the_oncofed_deliver_it_would_end_and_says_to_deliver_
         assert server.wait(5) == -15
 
 
+def test_runs_stop_kept_waiting_for_delivery_runs_json_names_the_file_and_what_to_do_without_a_traceback(
+        consortium, monkeypatch):
+    """Past its wait for another command's change of delivery-runs.json (60 s), `oncofed runs stop` raised a bare
+    RuntimeError: the operator read a traceback. It says which file, held by which lock (and how to find its holder),
+    that nothing was recorded and to run it again (exit 1), and stops nothing."""
+    from typer.testing import CliRunner
+
+    import privacy.preflight
+    import privacy.registry
+    import server.runs
+    from oncofed.cli import app
+    from privacy.preflight import Check
+    from server.runs import delivery_runs, record_delivery_run
+    from shared_models.files import exclusive_lock
+
+    root, run = consortium.root, _finished_run(consortium)
+    record_delivery_run(run, DELIVERY)
+    _superlink_db(root, "running")
+    monkeypatch.setattr(privacy.preflight, "check_reachable", lambda *a: Check("SuperLink", True, "up"))
+    monkeypatch.setattr(privacy.registry, "foreign_superlink", lambda root: "")
+    monkeypatch.setattr(server.runs, "DELIVERIES_LOCK_WAIT", 0.3)
+    held = exclusive_lock(run / "delivery-runs.json.lock")  # another command's, as far as this one can tell
+    try:
+        result = CliRunner().invoke(app, ["runs", "stop", str(root), "r"])
+    finally:
+        held.close()
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (result.exception, said)
+    assert f"{run / 'delivery-runs.json'}: another oncofed command has kept it locked for 0.3 s" in said, said
+    assert f"`fuser -v {run / 'delivery-runs.json.lock'}` names it" in said, said
+    assert "nothing was recorded; run this command again once that one is done" in said, said
+    assert "Traceback" not in said and "stopped" not in said, said
+    assert "stopping" not in delivery_runs(run)[-1]
+
+
+def test_a_delivery_whose_record_was_kept_waiting_is_said_so_and_recorded_by_the_next_oncofed_deliver(
+        consortium, tmp_path, monkeypatch):
+    """`oncofed deliver` records its flwr run in delivery-runs.json as soon as it is submitted; kept waiting past the
+    wait, it raised a bare RuntimeError (a traceback) and the delivery, which goes on, was recorded nowhere: the next
+    `oncofed deliver` passed its preflight beside it. It says which file, and that flwr run, not recorded, goes on and
+    the next `oncofed deliver` records it; which that one does, refusing while it is pending."""
+    from typer.testing import CliRunner
+
+    import server.runs
+    from oncofed.cli import app
+    from shared_models.files import exclusive_lock
+
+    root = consortium.root
+    run = _deliverable_run(consortium, tmp_path, monkeypatch, flwr_run_after=0.0, submits=True)
+    _superlink_db(root, "completed")
+    monkeypatch.setattr(server.runs, "DELIVERIES_LOCK_WAIT", 0.3)
+    held = exclusive_lock(run / "delivery-runs.json.lock")
+    try:
+        result = CliRunner().invoke(app, ["deliver", str(root), "r"])
+    finally:
+        held.close()
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.exception, said)
+    assert f"{run / 'delivery-runs.json'}: another oncofed command has kept it locked for 0.3 s" in said, said
+    assert (f"flwr run {SUBMITTED}, an `oncofed deliver` of the run, is not recorded there, and goes on: once that "
+            f"command is done, the next `oncofed deliver {root} r` records it") in said, said
+    assert "Traceback" not in said, said
+    result = CliRunner().invoke(app, ["deliver", str(root), "r"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and _launched(tmp_path) == 1, said
+    assert f"flwr run {SUBMITTED} (an `oncofed deliver`, recorded now in {run / 'delivery-runs.json'})" in said, said
+    assert f"flwr run {SUBMITTED}, an `oncofed deliver` of this run, is still pending or running" in said, said
+
+
 def test_deliveries_recorded_at_the_same_moment_are_all_kept(tmp_path):
     """`oncofed deliver` records its delivery, `oncofed runs stop` and the server's exit how one ended, each a
     read-change-write of delivery-runs.json; two at once kept only the last writer's list, losing a delivery that
