@@ -279,6 +279,7 @@ def runs_stop(
 
     from privacy.preflight import check_reachable
     from privacy.registry import foreign_superlink
+    from server.deploy import DeployError
     from server.runs import RunView, delivery_ended_early, restart_hint, stop
     from server.submit import env_for
 
@@ -296,7 +297,11 @@ def runs_stop(
                    f"(`oncofed server start {c.root}`), then stop the run if it still runs", err=True)
         raise typer.Exit(code=1)
     printed = _Tee(sys.stdout)
-    trained, delivered = stop(c.root, name, env_for(c), printed)
+    try:
+        trained, delivered = stop(c.root, name, env_for(c), printed)
+    except DeployError as e:  # (delivery-runs.json kept locked by another command)
+        typer.echo(f"run {name!r}: {e}", err=True)
+        raise typer.Exit(code=1)
     if "not stopped" in printed.text:
         typer.echo(f"run {name!r}: not every flwr run of it was stopped (see above; a SuperLink restarting answers "
                    "so): run the same `oncofed runs stop` again in a minute", err=True)

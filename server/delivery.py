@@ -518,7 +518,11 @@ def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
         def on_line(line: str) -> None:
             if (run_id := flwr_run_started(line)) is not None:
                 attempt.append(run_id)
-                record_delivery_run(run_dir, run_id)  # what `oncofed runs stop` stops, the server's exit is recorded in
+                try:  # what `oncofed runs stop` stops, the server's exit is recorded in
+                    record_delivery_run(run_dir, run_id)
+                except DeployError:
+                    lock.leave()  # the next `oncofed deliver` records it
+                    raise
                 lock.close()  # recorded: the next `oncofed deliver` sees it in its preflight
             if not is_duplicate_log_line(line):
                 out.write(line)
@@ -526,7 +530,8 @@ def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
 
         log_path = run_dir / FLWR_LOG
         code = run_flwr([str(PROJECT), "consortium", "--stream", "--run-config", flwr_overrides(values)], env_for(c),
-                        log_path, on_line, append=True, new_session=True)
+                        log_path, on_line, append=True, new_session=True,
+                        on_start=lambda proc: lock.flwr_started(proc.pid))  # (named in the lock: _take_over)
     finally:
         lock.close()
     flwr_run = attempt[0] if attempt else None

@@ -325,15 +325,15 @@ def stop_server(root: str | Path, timeout: float = 60.0, force: bool = False) ->
     if unit := _systemd_unit_of(int(pid)):  # its unit's Restart=always would start it again
         raise DeployError(f"{c.root}: the server (pid {pid}) runs as the systemd service {unit}, which would start it "
                           f"again: `systemctl stop {unit}`")
-    from server.runs import delivering_run_names, live_run_names, read_superlink
+    from server.runs import LAUNCHED, QUEUED, delivering_run_names, live_run_names, read_superlink
 
     superlink = read_superlink(c.path("state", "superlink.db"))
     # only a running flwr run has a ServerApp, which dies with the SuperExec; a pending or starting one has none to
     # lose and the restarted server launches it (as record_interrupted knows): it is named, not refused for
-    live = sorted(live_run_names(c.root, superlink, ("running",)))
-    delivering = delivering_run_names(c.root, superlink, ("running",))
-    queued = sorted(live_run_names(c.root, superlink, ("pending", "starting")))
-    queued_deliveries = delivering_run_names(c.root, superlink, ("pending", "starting"))
+    live = sorted(live_run_names(c.root, superlink, LAUNCHED))
+    delivering = delivering_run_names(c.root, superlink, LAUNCHED)
+    queued = sorted(live_run_names(c.root, superlink, QUEUED))
+    queued_deliveries = delivering_run_names(c.root, superlink, QUEUED)
     doing, ended, again = [], [], []  # what it would stop, as it goes on, and how each goes on once the server is back
     if live:
         doing.append(f"run(s) {', '.join(live)} are training")

@@ -28,7 +28,9 @@ from shared_models.protocol import FOREIGN_APP
 from server.run_files import (DELIVERY_RUNS, FLWR_LOG, FLWR_RUNS, METRICS, PROGRESS, RESULT, RUN_FILE, STATUS,
                               WRITTEN_BY, metrics_lines)
 
-RUNNING = ("pending", "starting", "running")
+QUEUED = ("pending", "starting")  # no ServerApp yet: the SuperExec, a restarted one too, launches it
+LAUNCHED = ("running",)  # its ServerApp runs, and dies with the SuperExec
+RUNNING = QUEUED + LAUNCHED  # not ended
 
 
 def _u64(v: int | None) -> int | None:
@@ -132,28 +134,61 @@ def record_interrupted(root: Path, why: str, superlink: dict | None) -> list[str
     starting one: it has no ServerApp yet (Flower puts a starting one whose launch lapsed back to pending), and the
     restarted SuperExec launches it; recorded, the resume preflight (live_flwr_runs) would take it for dead once it
     runs. Returns the names."""
-    live = {name: run_id for name, (run_id, state) in _latest_flwr_runs(root, superlink).items() if state == "running"}
+    live = {name: run_id for name, (run_id, state) in _latest_flwr_runs(root, superlink).items() if state in LAUNCHED}
     for name, run_id in live.items():
         write_json_atomic(root / "runs" / name / INTERRUPTED, {"flwr_run": run_id, "why": why, "at": time.time()})
     return sorted(live)
 
 
-def _running_since(db: Path, run_id: int) -> float | None | str:
-    """When the SuperLink's database has flwr run `run_id` running since (epoch seconds; flwr 1.41 stores its task's
-    running_at as ISO text in UTC), None when it never ran (pending or starting), "unknown" when it cannot tell."""
+def _utc_seconds(text) -> float | None:
+    """Epoch seconds of a time the SuperLink's database holds (flwr 1.41: ISO text in UTC), None if it is not one."""
     from datetime import datetime, timezone
 
+    try:
+        at = datetime.fromisoformat(str(text))
+    except ValueError:
+        return None
+    return (at if at.tzinfo else at.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def _running_since(db: Path, run_id: int) -> float | None | str:
+    """When the SuperLink's database has flwr run `run_id` running since (epoch seconds; its task's running_at), None
+    when it never ran (pending or starting), "unknown" when it cannot tell."""
     rows = _superlink_rows(db, ("SELECT task.running_at FROM run JOIN task ON task.task_id = run.primary_task_id "
                                 "WHERE run.run_id = ?", (_i64(run_id),)))
     if not rows or not rows[0]:
         return "unknown"
     if rows[0][0][0] is None:
         return None
-    try:
-        at = datetime.fromisoformat(str(rows[0][0][0]))
-    except ValueError:
-        return "unknown"
-    return (at if at.tzinfo else at.replace(tzinfo=timezone.utc)).timestamp()
+    at = _utc_seconds(rows[0][0][0])
+    return "unknown" if at is None else at
+
+
+def flwr_runs_since(run_dir: Path, db: Path, since: float) -> list[tuple[int, bool, float, bool]] | None:
+    """The flwr runs on the run's directory (their run config's output-dir) the SuperLink's database holds as
+    submitted since `since` (epoch seconds; their task's pending_at), oldest first: (id, whether it is a delivery
+    (deliver-only), when it was submitted, whether flwr-runs.json or delivery-runs.json names it). [] with no database
+    (nothing was ever submitted); None when it cannot be read."""
+    if not db.exists():
+        return []
+    rows = _superlink_rows(db, ("SELECT run.run_id, run.override_config, task.pending_at FROM run JOIN task ON "
+                                "task.task_id = run.primary_task_id", ()))
+    if rows is None:
+        return None
+    ids = _json(run_dir / FLWR_RUNS)
+    named = set(ids if isinstance(ids, list) else []) | {e["flwr_run"] for e in delivery_runs(run_dir)}
+    found = []
+    for run_id, config, pending_at in rows[0]:
+        try:
+            config = json.loads(config or "{}")
+        except ValueError:
+            continue
+        output_dir = config.get("output-dir") if isinstance(config, dict) else None
+        at = _utc_seconds(pending_at) if pending_at is not None else None
+        if isinstance(output_dir, str) and Path(output_dir).resolve() == run_dir.resolve() and at is not None \
+                and at >= since:
+            found.append((at, _u64(run_id), config.get("deliver-only") is True))
+    return [(run_id, delivery, at, run_id in named) for at, run_id, delivery in sorted(found)]
 
 
 def interrupted_record(run_dir: Path, db: Path) -> tuple[dict | None, str]:
@@ -196,21 +231,33 @@ def delivery_runs(run_dir: Path) -> list[dict]:
     return [e for e in entries if isinstance(e, dict) and "flwr_run" in e] if isinstance(entries, list) else []
 
 
-def record_delivery_run(run_dir: Path, flwr_run: int) -> None:
-    """`oncofed deliver` submitted flwr run `flwr_run` for the run: what `oncofed runs stop` stops and the server's
-    exit is recorded in (its id is nowhere else in the run's directory until its ServerApp writes result.json)."""
-    with _deliveries_locked(run_dir):
-        write_json_atomic(run_dir / DELIVERY_RUNS, [*delivery_runs(run_dir), {"flwr_run": flwr_run,
-                                                                             "submitted": time.time()}])
+def record_delivery_run(run_dir: Path, flwr_run: int, submitted: float | None = None) -> None:
+    """`oncofed deliver` submitted flwr run `flwr_run` for the run (at `submitted`, default now): what `oncofed runs
+    stop` stops and the server's exit is recorded in (its id is nowhere else in the run's directory until its
+    ServerApp writes result.json). Its caller holds the run's submit lock and, on a DeployError, leaves it naming
+    itself (SubmitLock.leave): the next holder records the flwr run (server.submit._take_over)."""
+    with _deliveries_locked(run_dir, f"flwr run {flwr_run}, an `oncofed deliver` of the run, is not recorded there, "
+                            "and goes on: once that command is done, the next `oncofed deliver "
+                            f"{run_dir.parent.parent} {run_dir.name}` records it (from the SuperLink's database)"):
+        write_json_atomic(run_dir / DELIVERY_RUNS, [*delivery_runs(run_dir), {
+            "flwr_run": flwr_run, "submitted": time.time() if submitted is None else submitted}])
 
 
-def _deliveries_locked(run_dir: Path):
+DELIVERIES_LOCK_WAIT = 60.0  # seconds a change of delivery-runs.json waits for another command's
+
+
+def _deliveries_locked(run_dir: Path, undone: str = "nothing was recorded; run this command again once that one is "
+                                                    "done"):
     """One read-change-write of delivery-runs.json at a time: `oncofed deliver` records a delivery, `oncofed runs
     stop` and the server's exit record how one ended, each perhaps at the same moment; unlocked, the last write
-    would drop what the others wrote (a delivery no stop or exit record could find again)."""
-    return held_lock(run_dir / f"{DELIVERY_RUNS}.lock", wait=60.0, busy=RuntimeError(
-        f"{run_dir / DELIVERY_RUNS}: another oncofed command kept it locked for 60 s ({DELIVERY_RUNS}.lock); run "
-        "this command again once it is done"))
+    would drop what the others wrote (a delivery no stop or exit record could find again). Kept longer by another:
+    DeployError, the operator's, naming the file, its lock and `undone`, what was not recorded and what to do."""
+    from server.deploy import DeployError
+
+    lock = run_dir / f"{DELIVERY_RUNS}.lock"
+    return held_lock(lock, wait=DELIVERIES_LOCK_WAIT, busy=DeployError(
+        f"{run_dir / DELIVERY_RUNS}: another oncofed command has kept it locked for {DELIVERIES_LOCK_WAIT:g} s "
+        f"({lock}; `fuser -v {lock}` names it): {undone}"))
 
 
 def end_delivery_run(run_dir: Path, flwr_run: int, how: str, why: str) -> None:
@@ -277,7 +324,7 @@ def record_interrupted_deliveries(root: Path, why: str, superlink: dict | None) 
     names = set()
     for f in (root / "runs").glob(f"*/{DELIVERY_RUNS}"):
         for e in delivery_runs(f.parent):
-            if not e.get("ended") and runs.get(e["flwr_run"]) == "running" and not written_by(f.parent, e["flwr_run"]):
+            if not e.get("ended") and runs.get(e["flwr_run"]) in LAUNCHED and not written_by(f.parent, e["flwr_run"]):
                 end_delivery_run(f.parent, e["flwr_run"], "interrupted", why)
                 names.add(f.parent.name)
     return sorted(names)

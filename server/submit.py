@@ -27,7 +27,7 @@ from server.processes import run_flwr
 from shared_models.files import exclusive_lock, write_json_atomic
 from shared_models.flower_tools import flower_tool
 from shared_models.run_config import RunConfig, RunConfigError, app_defaults, flwr_overrides
-from server.run_files import CHECKPOINTS, FLWR_LOG, FLWR_RUNS, RESULT, RUN_FILE
+from server.run_files import CHECKPOINTS, DELIVERY_RUNS, FLWR_LOG, FLWR_RUNS, RESULT, RUN_FILE
 from server.runs import (INTERRUPTED, NO_SITE_TRAINED, code_change, deliveries_in_progress, drop_stale_interrupted,
                          no_model, no_model_verdict, read_superlink, written_by)
 
@@ -216,7 +216,7 @@ def live_flwr_runs(c: Consortium, run_dir: Path) -> list[int]:
     ServerApp died with the SuperExec, and the database calls it running until Flower sees its heartbeat lapse. A
     pending or starting one the restarted SuperExec launches: live, and never recorded there (record_interrupted), so
     once it runs it is not taken for the one the exit ended (a flwr run that ran never runs again)."""
-    from server.runs import RUNNING, interrupted_record, read_superlink
+    from server.runs import LAUNCHED, RUNNING, interrupted_record, read_superlink
 
     try:
         ids = json.loads((run_dir / FLWR_RUNS).read_text())
@@ -224,35 +224,51 @@ def live_flwr_runs(c: Consortium, run_dir: Path) -> list[int]:
         return []
     runs = (read_superlink(c.path("state", "superlink.db")) or {}).get("runs", {})
     ended = (interrupted_record(run_dir, c.path("state", "superlink.db"))[0] or {}).get("flwr_run")
-    return [i for i in ids if runs.get(i) in RUNNING and not (runs[i] == "running" and i == ended)]
+    return [i for i in ids if runs.get(i) in RUNNING and not (runs[i] in LAUNCHED and i == ended)]
 
 
 class SubmitLock:
     """Held by one `oncofed run NAME` or `oncofed deliver NAME` from its preflight until its flwr run is recorded
     (flwr-runs.json, delivery-runs.json): a second one at the same moment would pass the same preflight (which reads
     those files) and start a second ServerApp on the same run directory. An flock, which the kernel releases when its
-    holder ends, a crash included; meanwhile the file names the holder, and it is emptied on release, so a free lock
-    whose file still names a holder was left by one killed before it recorded its flwr run."""
+    holder ends, a crash included; meanwhile the file names the holder ({"pid", "command", "since"}, and "flwr_pid"
+    once its `flwr run` started), and it is emptied on release, so a free lock whose file still names a holder was
+    left by one killed before it recorded its flwr run: the next holder takes it over (_take_over)."""
 
     def __init__(self, c: Consortium, name: str, command: str, out=None):
         path = c.path("runs", f".{name}.submit.lock")
-        fh = exclusive_lock(path)
-        holder = _lock_holder(path)
+        # its holder names itself just after it locks and empties the file just before it releases: an empty file
+        # under a held lock is one of those moments, not a holder unknown (refused so: 3 in 30 of two started at once)
+        holder, deadline = None, time.monotonic() + 0.5
+        while ((fh := exclusive_lock(path)) is None and (holder := _lock_holder(path)) is None
+               and time.monotonic() < deadline):
+            time.sleep(0.02)
         if fh is None:
-            who = (f"{holder['command']} (pid {holder.get('pid')}, since {holder['since']})" if holder
-                   else "another `oncofed run` or `oncofed deliver`")
+            who = _named(holder) if holder else "another `oncofed run` or `oncofed deliver`"
             raise DeployError(f"{who} is submitting run {name!r} right now ({path} is locked): nothing was submitted. "
                               f"Wait for it: `oncofed runs follow {c.root} {name}` follows it once submitted")
-        if holder and out is not None:
-            out.write(f"{path}: left by {holder['command']} (pid {holder.get('pid')}, since {holder['since']}) of run "
-                      f"{name!r}, which ended (killed or crashed) before recording its flwr run; taken "
-                      f"over (a flwr run it may have submitted is not recorded in {c.path('runs', name)}, so neither "
-                      "this preflight nor `oncofed runs` sees it)\n")
-        fh.seek(0)
-        fh.truncate()
-        fh.write(json.dumps({"pid": os.getpid(), "command": command, "since": time.time()}))
-        fh.flush()
-        self._fh = fh
+        if left := _lock_holder(path):
+            try:
+                said = _take_over(c, name, path, left)
+            except BaseException:
+                fh.close()  # still naming the killed one: the next command looks again
+                raise
+            if out is not None:
+                out.write(said)
+        self._fh, self._holder = fh, {"pid": os.getpid(), "command": command, "since": time.time()}
+        self._write()
+
+    def _write(self) -> None:
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(json.dumps(self._holder))
+        self._fh.flush()
+
+    def flwr_started(self, pid: int) -> None:
+        """Name the holder's `flwr run` (process `pid`) too: in a session of its own, it outlives a killed holder."""
+        if not self._fh.closed:
+            self._holder["flwr_pid"] = pid
+            self._write()
 
     def close(self) -> None:
         """Release it (again: nothing)."""
@@ -260,15 +276,81 @@ class SubmitLock:
             self._fh.truncate(0)  # released by its holder, not left by a crash
             self._fh.close()
 
+    def leave(self) -> None:
+        """Release it still naming this holder, as one killed before it recorded its flwr run leaves it: the next
+        holder records what this one submitted (_take_over)."""
+        self._fh.close()
+
 
 def _lock_holder(path: Path) -> dict | None:
-    """Who the submit lock file names ({"pid", "command", "since" as a time of day}), None if nobody (or being
+    """Who the submit lock file names ({"pid", "command", "since"}, perhaps "flwr_pid"), None if nobody (or being
     written)."""
     try:
         holder = json.loads(path.read_text())
-        return {**holder, "since": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder["since"])))}
-    except (OSError, ValueError, TypeError, KeyError):
+        return {**holder, "since": float(holder["since"])} if isinstance(holder.get("command"), str) else None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
+
+
+def _named(holder: dict) -> str:
+    return (f"{holder['command']} (pid {holder.get('pid')}, since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder['since']))})")
+
+
+def _take_over(c: Consortium, name: str, path: Path, left: dict) -> str:
+    """What a command says that found run `name`'s submit lock (`path`) left by a holder killed (or crashed) before
+    it recorded its flwr run, having recorded what that one submitted. Its `flwr run` has a session of its own and
+    outlives it: it may have submitted a flwr run, a ServerApp on this run's directory that no record names (neither
+    the preflight, `oncofed runs stop` nor --resume would see it), or still be about to. Each flwr run the SuperLink's
+    database holds for this directory since the holder locked, unnamed, is recorded as its kind is (flwr-runs.json, or
+    delivery-runs.json for a deliver-only one): the preflight that follows then refuses while it is pending or
+    running, and `oncofed runs` follows and stops it. Recorded rather than named in a refusal: a refusal leaves it
+    unnamed for every command after. Refused (DeployError; the lock file still names the killed one, for the next
+    command to look again) while nothing of it is in the database but its `flwr run` still runs: it may yet submit."""
+    from server.runs import flwr_runs_since, record_delivery_run
+
+    run_dir, db = c.path("runs", name), c.path("state", "superlink.db")
+    who = (f"{path}: left by {_named(left)} of run {name!r}, which ended (killed or crashed) before recording its "
+           "flwr run")
+    submitted = flwr_runs_since(run_dir, db, left["since"])
+    flwr_pid = left.get("flwr_pid")
+    if not submitted and flwr_pid and _flwr_run_of(flwr_pid, run_dir):
+        raise DeployError(f"{who}, but its `flwr run` (pid {flwr_pid}) still runs and may yet submit a flwr run that "
+                          "no record names: nothing was submitted. Wait for it to end, or end it (`kill "
+                          f"{flwr_pid}`; a flwr run it already submitted goes on), then run this command again: it "
+                          "records what that one submitted")
+    if submitted is None:
+        return (f"{who}; taken over, but a flwr run it may have submitted cannot be looked for (the SuperLink's "
+                f"database {db} cannot be read): one would be recorded in neither {FLWR_RUNS} nor {DELIVERY_RUNS} of "
+                f"{run_dir}, so neither this preflight nor `oncofed runs` would see it\n")
+    said = []
+    for run_id, delivery, at, recorded in submitted:
+        if not recorded and delivery:
+            record_delivery_run(run_dir, run_id, at)
+        elif not recorded:
+            _record_flwr_run(run_dir, run_id)
+        said.append(f"flwr run {run_id} ({'an `oncofed deliver`' if delivery else 'training'}, recorded"
+                    f"{'' if recorded else ' now'} in {run_dir / (DELIVERY_RUNS if delivery else FLWR_RUNS)})")
+    if not said:
+        return f"{who}; taken over: it submitted no flwr run (the SuperLink's database holds none of the run since)\n"
+    return f"{who}; taken over: it had submitted {', '.join(said)}, which this preflight and `oncofed runs` see\n"
+
+
+def _flwr_run_of(pid, run_dir: Path) -> bool:
+    """Whether process `pid` is a `flwr run` of this run directory (its --run-config names it): a pid the kernel reused
+    since is not."""
+    import psutil
+
+    try:
+        proc = psutil.Process(int(pid))
+        if proc.status() == psutil.STATUS_ZOMBIE:  # ended, not reaped yet
+            return False
+        args = proc.cmdline()
+    except psutil.AccessDenied:
+        return True  # another user's process of that pid: it may be
+    except (psutil.Error, OSError, TypeError, ValueError):
+        return False
+    return "run" in args and any(str(run_dir) in a for a in args)
 
 
 def submit_lock(c: Consortium, name: str, command: str = "`oncofed run`", out=None) -> SubmitLock:
@@ -321,6 +403,7 @@ def _submit_run(c: Consortium, name: str, run_dir: Path, overrides: dict, resume
     def watch(proc: subprocess.Popen):
         import threading
 
+        lock.flwr_started(proc.pid)
         # a run waiting for sites prints nothing: a watchdog, not a check per line
         timer = threading.Timer(timeout, proc.terminate) if timeout else None
         if timer is not None:

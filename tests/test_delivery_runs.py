@@ -20,6 +20,7 @@ from tests.test_fault_review import NOT_SENT, SITES, _finished_files, _write
 from tests.test_runs import RUN_ID, _set_run_state, _superlink_db
 
 DELIVERY = RUN_ID  # the delivery's flwr run; the run trained as RUN_ID - 1
+PYTHON = sys.executable  # (the tests below put a stand-in `flwr` beside another one)
 
 
 @pytest.fixture
@@ -303,12 +304,16 @@ def test_oncofed_deliver_is_refused_at_preflight_while_a_flwr_run_of_the_run_is_
     assert (tmp_path / "ran").exists() and "preflight passed" in result.output, result.output
 
 
-def _deliverable_run(consortium, tmp_path, monkeypatch, flwr_run_after: float) -> Path:
+SUBMITTED = RUN_ID - 2  # the flwr run a stand-in `flwr run` submits to the SuperLink's database
+
+
+def _deliverable_run(consortium, tmp_path, monkeypatch, flwr_run_after: float, submits: bool = False) -> Path:
     """Run r as `_finished_run`, its final model saved as its audit log recorded it, so that `oncofed deliver`'s own
     preflight passes (the server's reachability and health, which it asks, stand in as up: no server runs here); a
     stand-in `flwr` beside the interpreter whose `flwr run` notes its launch in tmp_path/launched, says after
-    `flwr_run_after` seconds (and once tmp_path/hold is gone) that it started flwr run DELIVERY, and ends (its
-    ServerApp writes nothing)."""
+    `flwr_run_after` seconds (and once tmp_path/hold is gone, or 30 s passed) that it started flwr run DELIVERY, and
+    ends (its ServerApp writes nothing). `submits`: it first submits flwr run SUBMITTED, pending, to the SuperLink's
+    database (with its --run-config, as the SuperLink records it), and says that one started."""
     import privacy.preflight
     import server.deploy
     from privacy.audit import AuditLog
@@ -326,11 +331,23 @@ def _deliverable_run(consortium, tmp_path, monkeypatch, flwr_run_after: float) -
     monkeypatch.setattr(server.deploy, "check_server_health", lambda c: up)
     flwr = tmp_path / "bin" / "flwr"
     flwr.parent.mkdir()
-    flwr.write_text(f"#!{sys.executable}\nimport os, pathlib, time\n"
+    submit = f"""
+import datetime, json, sqlite3, sys
+from flwr.common.config import parse_config_args
+con = sqlite3.connect({str(consortium.path("state", "superlink.db"))!r})
+con.execute("INSERT INTO run (run_id, primary_task_id, override_config) VALUES (?, 2, ?)",
+            ({SUBMITTED - 2**64}, json.dumps(parse_config_args([sys.argv[sys.argv.index("--run-config") + 1]]))))
+con.execute("INSERT INTO task (task_id, pending_at) VALUES (2, ?)",
+            (datetime.datetime.now(datetime.timezone.utc).isoformat(sep=" "),))
+con.commit()
+con.close()
+""" if submits else ""
+    flwr.write_text(f"#!{sys.executable}\nimport os, pathlib, time\n{submit}"
                     f"with open({str(tmp_path / 'launched')!r}, 'a') as f:\n    f.write(str(os.getpid()) + '\\n')\n"
-                    f"time.sleep({flwr_run_after})\n"
-                    f"while pathlib.Path({str(tmp_path / 'hold')!r}).exists():\n    time.sleep(0.05)\n"
-                    f"print('Successfully started run {DELIVERY}', flush=True)\n")
+                    f"time.sleep({flwr_run_after})\ndeadline = time.time() + 30\n"
+                    f"while pathlib.Path({str(tmp_path / 'hold')!r}).exists() and time.time() < deadline:\n"
+                    "    time.sleep(0.05)\n"
+                    f"print('Successfully started run {SUBMITTED if submits else DELIVERY}', flush=True)\n")
     flwr.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python"))
     return run
@@ -383,25 +400,48 @@ def test_two_oncofed_delivers_started_at_once_submit_one_delivery_and_the_other_
     submit_lock(consortium, "r", "`oncofed deliver`").close()
 
 
-def test_an_oncofed_deliver_killed_while_it_submits_leaves_the_run_to_the_next_one_which_says_so(
-        consortium, tmp_path, monkeypatch):
-    """A real `oncofed deliver` process, killed (kill -9) between its preflight and recording its flwr run: while it
-    lived, another `oncofed deliver` of the run was refused naming it; once it is gone the run is not left locked
-    (the kernel ends its flock with it), and the next `oncofed deliver` takes the lock over, saying whose it was and
-    that a flwr run it may have submitted is not recorded."""
-    import contextlib
+@pytest.mark.parametrize("moment", ["just locked", "releasing"])
+def test_a_submit_lock_whose_holder_is_naming_itself_or_letting_go_is_not_called_unknown(consortium, moment):
+    """The holder of a run's submit lock writes who it is just after it takes the flock and empties the file just
+    before it lets go: a second command in between read an empty file and was refused as by "another `oncofed run` or
+    `oncofed deliver`" (the test above failed so 3 runs in 30). Just after locking, it is refused naming the holder;
+    just before release, it takes the lock. The holder here: another open file of the lock, whose flock is its own as
+    another process's is."""
+    from server.deploy import DeployError
+    from server.submit import submit_lock
+    from shared_models.files import exclusive_lock
+
+    holder = exclusive_lock(consortium.path("runs", ".r.submit.lock"))
+
+    def a_moment_later() -> None:
+        time.sleep(0.1)
+        if moment == "just locked":
+            holder.write(json.dumps({"pid": 4242, "command": "`oncofed deliver`", "since": time.time()}))
+            holder.flush()
+        else:
+            holder.close()
+
+    later = threading.Thread(target=a_moment_later)
+    later.start()
+    try:
+        if moment == "just locked":
+            with pytest.raises(DeployError, match=r"`oncofed deliver` \(pid 4242, since .*\) is submitting run 'r'"):
+                submit_lock(consortium, "r", "`oncofed deliver`")
+        else:
+            submit_lock(consortium, "r", "`oncofed deliver`").close()
+    finally:
+        later.join()
+        holder.close()
+
+
+def _deliver_until_its_flwr_run_launched(root: Path, tmp_path: Path):
+    """A real `oncofed deliver CONSORTIUM r` process (the server stands in as up) once its preflight passed and its
+    `flwr run` (the stand-in of _deliverable_run) launched, held there by tmp_path/hold (created here)."""
     import os
-    import signal
     import subprocess
 
-    from server.delivery import submit_delivery
-    from server.deploy import DeployError
-
-    root, python = consortium.root, sys.executable
-    _deliverable_run(consortium, tmp_path, monkeypatch, flwr_run_after=0.0)
-    _superlink_db(root, "completed")
-    (tmp_path / "hold").touch()  # its `flwr run` submits until this goes: killed in between
-    first = subprocess.Popen([python, "-c", f"""
+    (tmp_path / "hold").touch()
+    first = subprocess.Popen([PYTHON, "-c", f"""
 import sys
 import privacy.preflight, server.deploy
 from privacy.preflight import Check
@@ -412,27 +452,165 @@ sys.executable = {str(tmp_path / "bin" / "python")!r}
 from server.delivery import submit_delivery
 submit_delivery({str(root)!r}, "r")
 """], env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not _launched(tmp_path) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _launched(tmp_path) != 1:
+        first.kill()
+        pytest.fail(f"its `flwr run` never launched (exit {first.wait()})")
+    return first
+
+
+def _kill(pid: int) -> None:
+    """SIGKILL process `pid`, once it is dead (a zombie not reaped yet: the kill of a process is not its end)."""
+    import psutil
+
+    deadline = time.monotonic() + 10
     try:
-        deadline = time.monotonic() + 60
-        while not _launched(tmp_path) and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _launched(tmp_path) == 1, first.poll()  # its preflight passed: its `flwr run` is submitting
-        (tmp_path / "hold").unlink()  # (any `flwr run` from now on says at once that it started)
+        proc = psutil.Process(pid)
+        proc.kill()
+        while proc.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.02)
+    except psutil.NoSuchProcess:
+        pass
+
+
+def _its_flwr_run(tmp_path: Path) -> int:
+    """The pid of the first `flwr run` the stand-in was started for."""
+    return int((tmp_path / "launched").read_text().split()[0])
+
+
+def test_an_oncofed_deliver_killed_while_it_submits_leaves_the_run_to_the_next_one_which_says_so(
+        consortium, tmp_path, monkeypatch):
+    """A real `oncofed deliver` process, killed (kill -9) between its preflight and recording its flwr run, its `flwr
+    run` (a session of its own) killed too before it submitted: while it lived, another `oncofed deliver` of the run
+    was refused naming it; once it is gone the run is not left locked (the kernel ends its flock with it), and the
+    next `oncofed deliver` takes the lock over, saying whose it was and that it submitted nothing (the SuperLink's
+    database holds no flwr run of the run since it locked)."""
+    from server.delivery import submit_delivery
+    from server.deploy import DeployError
+
+    root = consortium.root
+    _deliverable_run(consortium, tmp_path, monkeypatch, flwr_run_after=0.0)
+    _superlink_db(root, "completed")
+    first = _deliver_until_its_flwr_run_launched(root, tmp_path)
+    try:
         with pytest.raises(DeployError, match=rf"`oncofed deliver` \(pid {first.pid}, since .*\) is submitting run "
                                               "'r' right now"):
             submit_delivery(root, "r", out=io.StringIO())
         assert _launched(tmp_path) == 1
     finally:
-        os.kill(first.pid, signal.SIGKILL)
+        _kill(first.pid)
         first.wait(timeout=10)
-        with contextlib.suppress(ProcessLookupError, IndexError, OSError):  # its `flwr run` (a session of its own)
-            os.kill(int((tmp_path / "launched").read_text().split()[0]), signal.SIGKILL)
+        _kill(_its_flwr_run(tmp_path))  # (gone before the takeover below: one still running refuses it)
+    # only now: gone while the first still lived, its `flwr run` could say it started and the first release the lock
+    # before the second `oncofed deliver` above looked
+    (tmp_path / "hold").unlink()  # (the next `flwr run` says at once that it started)
     out = io.StringIO()
     assert submit_delivery(root, "r", out=out) == 1  # (the stand-in's delivery writes nothing)
     said = " ".join(out.getvalue().split())
     assert f"left by `oncofed deliver` (pid {first.pid}, since " in said and ") of run 'r', which ended (killed or " \
-        "crashed) before recording its flwr run; taken over" in said, said
-    assert "not recorded in " in said and "preflight passed" in said and _launched(tmp_path) == 2, said
+        "crashed) before recording its flwr run; taken over: it submitted no flwr run" in said, said
+    assert "preflight passed" in said and _launched(tmp_path) == 2, said
+
+
+def test_a_flwr_run_a_killed_oncofed_deliver_submitted_is_recorded_by_the_next_which_refuses_while_it_runs(
+        consortium, tmp_path, monkeypatch):
+    """`oncofed deliver` starts `flwr run` in a session of its own, so killing it (kill -9) after that `flwr run` had
+    submitted its flwr run, before it recorded it, left a ServerApp on the run's directory that no record named: the
+    next `oncofed deliver` warned and submitted a second one beside it (which waits 60 s for the run's lock, then
+    fails), and `oncofed runs stop` and --resume could not see the first. The next one finds it in the SuperLink's
+    database (its run config's output-dir is the run's, submitted since the killed one locked), records it in
+    delivery-runs.json, and its preflight refuses while it is pending, naming it and `oncofed runs follow` / `stop`,
+    which now reach it. Real processes: the killed `oncofed deliver` and its `flwr run`, which goes on."""
+    from typer.testing import CliRunner
+
+    from oncofed.cli import app
+    from server.runs import delivery_runs
+
+    root = consortium.root
+    run = _deliverable_run(consortium, tmp_path, monkeypatch, flwr_run_after=0.0, submits=True)
+    _superlink_db(root, "completed")
+    first = _deliver_until_its_flwr_run_launched(root, tmp_path)  # (its flwr run submitted: in the database)
+    try:
+        _kill(first.pid)
+        first.wait(timeout=10)
+        result = CliRunner().invoke(app, ["deliver", str(root), "r"])
+    finally:
+        _kill(_its_flwr_run(tmp_path))
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and _launched(tmp_path) == 1, said  # nothing submitted beside it
+    assert f"left by `oncofed deliver` (pid {first.pid}, since " in said, said
+    assert (f"taken over: it had submitted flwr run {SUBMITTED} (an `oncofed deliver`, recorded now in "
+            f"{run / 'delivery-runs.json'})") in said, said
+    assert f"flwr run {SUBMITTED}, an `oncofed deliver` of this run, is still pending or running" in said, said
+    assert f"`oncofed runs follow {root} r`" in said and f"`oncofed runs stop {root} r`" in said, said
+    assert [e["flwr_run"] for e in delivery_runs(run)] == [SUBMITTED]
+
+
+def test_while_a_killed_oncofed_delivers_flwr_run_may_still_submit_the_next_is_refused_naming_it(
+        consortium, tmp_path, monkeypatch):
+    """Killed (kill -9) while its `flwr run`, which outlives it, had not submitted yet: the next `oncofed deliver`
+    found nothing in the SuperLink's database and went ahead, and that `flwr run` submitted a second ServerApp of the
+    run moments later, which no record names. It is refused, naming that `flwr run`'s pid and what to do, the lock
+    file still naming the killed one; once that `flwr run` ended, the next takes the lock over."""
+    from server.delivery import submit_delivery
+    from server.deploy import DeployError
+
+    root = consortium.root
+    _deliverable_run(consortium, tmp_path, monkeypatch, flwr_run_after=0.0)
+    _superlink_db(root, "completed")
+    first = _deliver_until_its_flwr_run_launched(root, tmp_path)
+    flwr_run = _its_flwr_run(tmp_path)
+    try:
+        _kill(first.pid)
+        first.wait(timeout=10)
+        for _ in range(2):  # (and again: the lock still names the killed one)
+            with pytest.raises(DeployError) as refused:
+                submit_delivery(root, "r", out=io.StringIO())
+            said = " ".join(str(refused.value).split())
+            assert f"left by `oncofed deliver` (pid {first.pid}, since " in said, said
+            assert f"its `flwr run` (pid {flwr_run}) still runs and may yet submit" in said, said
+            assert f"nothing was submitted. Wait for it to end, or end it (`kill {flwr_run}`;" in said, said
+        assert _launched(tmp_path) == 1
+    finally:
+        _kill(flwr_run)
+    (tmp_path / "hold").unlink()
+    out = io.StringIO()
+    assert submit_delivery(root, "r", out=out) == 1
+    said = " ".join(out.getvalue().split())
+    assert "taken over: it submitted no flwr run" in said and "preflight passed" in said, said
+
+
+def test_a_training_a_killed_oncofed_run_submitted_is_recorded_where_resume_and_runs_stop_look(consortium):
+    """As for `oncofed deliver`: the flwr run a killed `oncofed run` had submitted (not deliver-only), found in the
+    SuperLink's database, is recorded by the next holder of the run's submit lock in flwr-runs.json, the run's
+    training attempts, which the preflights (live_flwr_runs) and `oncofed runs stop` read; a flwr run of the run
+    submitted before the killed one locked is not its own, and is left alone."""
+    import sqlite3
+
+    from server.submit import live_flwr_runs, submit_lock
+
+    run = consortium.path("runs", "r")
+    run.mkdir(parents=True)
+    locked = time.time() - 30
+    consortium.path("runs", ".r.submit.lock").write_text(json.dumps({"pid": 99999999, "command": "`oncofed run`",
+                                                                     "since": locked}))
+    db = _superlink_db(consortium.root, "running")  # (a flwr run of no run directory)
+    con = sqlite3.connect(db)
+    for run_id, task, at in ((SUBMITTED, 2, locked + 1), (SUBMITTED - 1, 3, locked - 60)):
+        con.execute("INSERT INTO run VALUES (?, ?, ?)", (run_id - 2**64, task, json.dumps({"output-dir": str(run)})))
+        con.execute("INSERT INTO task (task_id, pending_at) VALUES (?, ?)",
+                    (task, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at))))
+    con.commit()
+    con.close()
+    out = io.StringIO()
+    submit_lock(consortium, "r", "`oncofed run`", out).close()
+    said = " ".join(out.getvalue().split())
+    assert (f"taken over: it had submitted flwr run {SUBMITTED} (training, recorded now in "
+            f"{run / 'flwr-runs.json'})") in said, said
+    assert json.loads((run / "flwr-runs.json").read_text()) == [SUBMITTED]
+    assert live_flwr_runs(consortium, run) == [SUBMITTED]
 
 
 def test_resume_is_refused_while_an_oncofed_deliver_of_the_run_is_in_progress(consortium):
@@ -478,6 +656,75 @@ def test_server_stop_names_the_oncofed_deliver_it_would_end_and_says_to_deliver_
         assert "server stopped" in said and f"it stopped {delivery}" in said, said
         assert f"`oncofed deliver {consortium.root} r` sends the model again" in said, said
         assert server.wait(5) == -15
+
+
+def test_runs_stop_kept_waiting_for_delivery_runs_json_names_the_file_and_what_to_do_without_a_traceback(
+        consortium, monkeypatch):
+    """Past its wait for another command's change of delivery-runs.json (60 s), `oncofed runs stop` raised a bare
+    RuntimeError: the operator read a traceback. It says which file, held by which lock (and how to find its holder),
+    that nothing was recorded and to run it again (exit 1), and stops nothing."""
+    from typer.testing import CliRunner
+
+    import privacy.preflight
+    import privacy.registry
+    import server.runs
+    from oncofed.cli import app
+    from privacy.preflight import Check
+    from server.runs import delivery_runs, record_delivery_run
+    from shared_models.files import exclusive_lock
+
+    root, run = consortium.root, _finished_run(consortium)
+    record_delivery_run(run, DELIVERY)
+    _superlink_db(root, "running")
+    monkeypatch.setattr(privacy.preflight, "check_reachable", lambda *a: Check("SuperLink", True, "up"))
+    monkeypatch.setattr(privacy.registry, "foreign_superlink", lambda root: "")
+    monkeypatch.setattr(server.runs, "DELIVERIES_LOCK_WAIT", 0.3)
+    held = exclusive_lock(run / "delivery-runs.json.lock")  # another command's, as far as this one can tell
+    try:
+        result = CliRunner().invoke(app, ["runs", "stop", str(root), "r"])
+    finally:
+        held.close()
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (result.exception, said)
+    assert f"{run / 'delivery-runs.json'}: another oncofed command has kept it locked for 0.3 s" in said, said
+    assert f"`fuser -v {run / 'delivery-runs.json.lock'}` names it" in said, said
+    assert "nothing was recorded; run this command again once that one is done" in said, said
+    assert "Traceback" not in said and "stopped" not in said, said
+    assert "stopping" not in delivery_runs(run)[-1]
+
+
+def test_a_delivery_whose_record_was_kept_waiting_is_said_so_and_recorded_by_the_next_oncofed_deliver(
+        consortium, tmp_path, monkeypatch):
+    """`oncofed deliver` records its flwr run in delivery-runs.json as soon as it is submitted; kept waiting past the
+    wait, it raised a bare RuntimeError (a traceback) and the delivery, which goes on, was recorded nowhere: the next
+    `oncofed deliver` passed its preflight beside it. It says which file, and that flwr run, not recorded, goes on and
+    the next `oncofed deliver` records it; which that one does, refusing while it is pending."""
+    from typer.testing import CliRunner
+
+    import server.runs
+    from oncofed.cli import app
+    from shared_models.files import exclusive_lock
+
+    root = consortium.root
+    run = _deliverable_run(consortium, tmp_path, monkeypatch, flwr_run_after=0.0, submits=True)
+    _superlink_db(root, "completed")
+    monkeypatch.setattr(server.runs, "DELIVERIES_LOCK_WAIT", 0.3)
+    held = exclusive_lock(run / "delivery-runs.json.lock")
+    try:
+        result = CliRunner().invoke(app, ["deliver", str(root), "r"])
+    finally:
+        held.close()
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.exception, said)
+    assert f"{run / 'delivery-runs.json'}: another oncofed command has kept it locked for 0.3 s" in said, said
+    assert (f"flwr run {SUBMITTED}, an `oncofed deliver` of the run, is not recorded there, and goes on: once that "
+            f"command is done, the next `oncofed deliver {root} r` records it") in said, said
+    assert "Traceback" not in said, said
+    result = CliRunner().invoke(app, ["deliver", str(root), "r"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and _launched(tmp_path) == 1, said
+    assert f"flwr run {SUBMITTED} (an `oncofed deliver`, recorded now in {run / 'delivery-runs.json'})" in said, said
+    assert f"flwr run {SUBMITTED}, an `oncofed deliver` of this run, is still pending or running" in said, said
 
 
 def test_deliveries_recorded_at_the_same_moment_are_all_kept(tmp_path):

@@ -24,12 +24,13 @@ def _superlink_db(root: Path, run_state: str) -> Path:
     db = root / "state" / "superlink.db"
     db.parent.mkdir(parents=True, exist_ok=True)
     con = sqlite3.connect(db)
-    con.executescript("CREATE TABLE run (run_id INTEGER, primary_task_id INTEGER);"
-                      "CREATE TABLE task (task_id INTEGER, starting_at TEXT, running_at TEXT, finished_at TEXT, "
-                      "sub_status TEXT);"
+    con.executescript("CREATE TABLE run (run_id INTEGER, primary_task_id INTEGER, override_config TEXT);"
+                      "CREATE TABLE task (task_id INTEGER, pending_at TEXT, starting_at TEXT, running_at TEXT, "
+                      "finished_at TEXT, sub_status TEXT);"
                       "CREATE TABLE node (node_id INTEGER, status TEXT, online_until REAL);")
-    con.execute("INSERT INTO run VALUES (?, 1)", (RUN_ID - 2**64,))
-    con.execute("INSERT INTO task VALUES (1, NULL, NULL, NULL, '')")
+    con.execute("INSERT INTO run VALUES (?, 1, '{}')", (RUN_ID - 2**64,))  # (its run config: flwr's JSON)
+    con.execute("INSERT INTO task VALUES (1, ?, NULL, NULL, NULL, '')",
+                (time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() - 120)),))
     con.execute("INSERT INTO node VALUES (?, 'online', ?)", (NODES["C0"], time.time() + 60))
     con.execute("INSERT INTO node VALUES (?, 'online', ?)", (NODES["C1"] - 2**64, time.time() - 60))
     con.commit()
