@@ -335,19 +335,20 @@ def deliver(
     installed it (no training, no privacy spend). A dropped log stream (a SuperLink restart) is not its end: the
     delivery's flwr run is followed until it ends. Exit 0: every site that trained has it; 3: some site that trained
     still has not installed it (named); 1: the run ended without a model (no site trained), or the delivery did not
-    finish (stopped by `oncofed runs stop`, ended by the server's exit: said, with the next step); 2: preflight
+    finish (stopped by `oncofed runs stop`, ended by the server's exit, or submitted but not recorded: said, with the
+    next step); 2: preflight
     failed (also while another `oncofed deliver` of the run, or its training, is pending or running, or is being
     submitted: named)."""
     import sys
 
     from privacy.preflight import PreflightError
     from server.delivery import submit_delivery
-    from server.deploy import DeployError, RunFailedError
+    from server.deploy import DeployError, RunFailedError, SubmittedError
     from shared_models.run_config import RunConfigError
 
     try:
         code = submit_delivery(directory, name, out=sys.stdout)
-    except RunFailedError as e:
+    except (RunFailedError, SubmittedError) as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(code=1)
     except (DeployError, PreflightError, RunConfigError) as e:

@@ -483,7 +483,7 @@ def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
     from privacy.preflight import report
     from privacy.run_config import load_run_config
     from server.checkpoint import CheckpointError, load_latest
-    from server.deploy import Consortium, DeployError, RunFailedError, server_health
+    from server.deploy import Consortium, DeployError, RunFailedError, SubmittedError, server_health
     from server.processes import run_flwr
     from server.runs import (delivery_ended_early, delivery_runs, delivery_state, follow_dropped_stream,
                              no_model_verdict, read_superlink, record_delivery_run, written_by)
@@ -520,9 +520,9 @@ def submit_delivery(root: str | Path, name: str, out=sys.stdout) -> int:
                 attempt.append(run_id)
                 try:  # what `oncofed runs stop` stops, the server's exit is recorded in
                     record_delivery_run(run_dir, run_id)
-                except DeployError:
+                except DeployError as e:
                     lock.leave()  # the next `oncofed deliver` records it
-                    raise
+                    raise SubmittedError(str(e)) from None
                 lock.close()  # recorded: the next `oncofed deliver` sees it in its preflight
             if not is_duplicate_log_line(line):
                 out.write(line)

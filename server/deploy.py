@@ -75,6 +75,11 @@ class DeployError(RuntimeError):
     """A deployment step failed: names the file or process and the fix."""
 
 
+class SubmittedError(DeployError):
+    """A failure after the command's flwr run was submitted (it goes on, said so): not a preflight the operator fixes
+    before anything ran, so the command exits 1, not 2."""
+
+
 class RunFailedError(DeployError):
     """The run ended without a model (no site trained): there is nothing to deliver or continue, whatever is done,
     so the command exits 1, as `oncofed run` does for that run, not 2 (a preflight the operator can fix)."""
