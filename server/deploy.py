@@ -339,26 +339,13 @@ def stop_server(root: str | Path, timeout: float = 60.0, force: bool = False) ->
     delivering = delivering_run_names(c.root, superlink, LAUNCHED)
     queued = sorted(live_run_names(c.root, superlink, QUEUED))
     queued_deliveries = delivering_run_names(c.root, superlink, QUEUED)
-    doing, ended, again = [], [], []  # what it would stop, as it goes on, and how each goes on once the server is back
-    if live:
-        doing.append(f"run(s) {', '.join(live)} are training")
-        ended.append(f"run(s) {', '.join(live)}")
-        again.append("; ".join(f"`oncofed run {c.root} --name {n} --resume`" for n in live) + " continues them")
-    if delivering:
-        ended.append(_deliveries_of(delivering))
-        doing.append(f"{ended[-1]} is in progress")
-        again.append("; ".join(f"`oncofed deliver {c.root} {n}`" for n in delivering) + " sends the model again to "
-                     "the sites that have not installed it")
-    doing, ended, again = " and ".join(doing), " and ".join(ended), "; ".join(again)
-    waiting = " and ".join(([f"run(s) {', '.join(queued)}"] if queued else [])
-                           + ([_deliveries_of(queued_deliveries)] if queued_deliveries else []))
-    waiting = waiting and (f"; {waiting} pending (not started yet), which stopping the server does not end: the "
-                           f"server starts them when it is back (`oncofed server start {c.root}`)")
+    doing, ended, again, waiting = _stop_wording(c, live, delivering, queued, queued_deliveries)
     if ended and not force:
         raise DeployError(f"{c.root}: {doing}, and stopping the server stops them (Flower ends a ServerApp with the "
                           f"SuperExec that started it). Wait for them (`oncofed runs follow {c.root} NAME`), or stop "
                           f"now with --force: their checkpoints and the installs recorded so far stay, and once the "
                           f"server is back {again}{waiting}")
+    signalled = time.time()
     try:
         os.kill(int(pid), signal.SIGTERM)
     except PermissionError:
@@ -371,8 +358,44 @@ def stop_server(root: str | Path, timeout: float = 60.0, force: bool = False) ->
         raise DeployError(f"{c.root}: the server (pid {pid}) is still stopping after {timeout:g} s; wait, or "
                           f"`kill -9 {pid}` (its SuperLink, SuperExec and proxy are then named by the next "
                           "`oncofed server start`)")
+    if queued or queued_deliveries:
+        # pending when looked at above, launched before the server ended: its exit recorded what it ended, which is said
+        from server.runs import delivery_runs, interrupted_record
+
+        db = c.path("state", "superlink.db")
+        started = [n for n in queued
+                   if float((interrupted_record(c.root / "runs" / n, db)[0] or {}).get("at", 0)) >= signalled]
+        started_deliveries = {n: i for n, i in queued_deliveries.items() if any(
+            e["flwr_run"] == i and (e.get("ended") or {}).get("how") == "interrupted"
+            and float((e.get("ended") or {}).get("at", 0)) >= signalled for e in delivery_runs(c.root / "runs" / n))}
+        if started or started_deliveries:
+            _, ended, again, waiting = _stop_wording(
+                c, sorted([*live, *started]), {**delivering, **started_deliveries},
+                [n for n in queued if n not in started],
+                {n: i for n, i in queued_deliveries.items() if n not in started_deliveries})
     return f"{c.root}: server stopped (pid {pid})" + (f"; it stopped {ended}: once the server is back, {again}"
                                                         if ended else "") + waiting
+
+
+def _stop_wording(c: "Consortium", live: list[str], delivering: dict[str, int], queued: list[str],
+                  queued_deliveries: dict[str, int]) -> tuple[str, str, str, str]:
+    """What `oncofed server stop` says: (what it would stop, as it goes on; what it ended; how each goes on once the
+    server is back; the pending runs and deliveries it does not end)."""
+    doing, ended, again = [], [], []
+    if live:
+        doing.append(f"run(s) {', '.join(live)} are training")
+        ended.append(f"run(s) {', '.join(live)}")
+        again.append("; ".join(f"`oncofed run {c.root} --name {n} --resume`" for n in live) + " continues them")
+    if delivering:
+        ended.append(_deliveries_of(delivering))
+        doing.append(f"{ended[-1]} is in progress")
+        again.append("; ".join(f"`oncofed deliver {c.root} {n}`" for n in delivering) + " sends the model again to "
+                     "the sites that have not installed it")
+    waiting = " and ".join(([f"run(s) {', '.join(queued)}"] if queued else [])
+                           + ([_deliveries_of(queued_deliveries)] if queued_deliveries else []))
+    waiting = waiting and (f"; {waiting} pending (not started yet), which stopping the server does not end: the "
+                           f"server starts them when it is back (`oncofed server start {c.root}`)")
+    return " and ".join(doing), " and ".join(ended), "; ".join(again), waiting
 
 
 def _deliveries_of(runs: dict[str, int]) -> str:

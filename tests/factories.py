@@ -173,12 +173,19 @@ def registered_consortium(root: Path, sites: dict[str, int]):
 
 
 @contextmanager
-def stand_in_server(root: Path, cwd: Path):
+def stand_in_server(root: Path, cwd: Path, on_stop: str = ""):
     """A real process whose command line reads `... server start ROOT` (it sleeps for a minute), recorded in ROOT's
-    state/server.json as the consortium's server: what `oncofed server stop` finds and signals. Yields the process;
+    state/server.json as the consortium's server: what `oncofed server stop` finds and signals. `on_stop`: Python it
+    runs when signalled (SIGTERM), then exits, as the server's exit records what it ended. Yields the process;
     killed on exit."""
-    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "server", "start", str(root)],
-                              cwd=cwd)
+    code = "import time; time.sleep(60)"
+    if on_stop:
+        code = ("import signal, sys, time\ndef stop(*_):\n" + "".join(f"    {line}\n" for line in on_stop.splitlines())
+                + "    sys.exit(0)\nsignal.signal(signal.SIGTERM, stop)\nprint('ready', flush=True)\ntime.sleep(60)")
+    server = subprocess.Popen([sys.executable, "-c", code, "server", "start", str(root)], cwd=cwd,
+                              stdout=subprocess.PIPE if on_stop else None)
+    if on_stop:  # signalled before its handler is set, it would end as the plain stand-in does
+        server.stdout.readline()
     threading.Thread(target=server.wait, daemon=True).start()  # reaped when it ends (not left a zombie)
     try:
         deadline = time.monotonic() + 30

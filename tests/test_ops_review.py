@@ -413,3 +413,34 @@ def test_server_stop_names_a_run_not_started_yet_as_pending_and_does_not_refuse_
         assert ("run(s) r1 pending (not started yet), which stopping the server does not end: the server starts them "
                 f"when it is back (`oncofed server start {consortium.root}`)") in said, said
         assert server.wait(5) == -15
+
+
+def test_server_stop_says_it_ended_a_run_that_was_pending_when_it_looked_and_started_before_the_server_ended(
+        consortium, tmp_path):
+    """`oncofed server stop` words what it stops from a look at the SuperLink's database before it signals: a run
+    pending then, launched before the server ended, ends with it (its exit records it, record_interrupted), and was
+    still called pending, which stopping the server does not end, with no --resume named. It now says what the exit
+    recorded."""
+    import json
+
+    from server.deploy import stop_server
+    from tests.test_runs import RUN_ID, _superlink_db
+
+    run = consortium.path("runs", "r1")
+    run.mkdir(parents=True)
+    (run / "flwr-runs.json").write_text(json.dumps([RUN_ID]))
+    db = _superlink_db(consortium.root, "pending")
+    # the stand-in server's exit: the SuperExec had launched the run meanwhile, and the exit records it as ended
+    on_stop = f"""import sqlite3
+from pathlib import Path
+from server.runs import read_superlink, record_interrupted
+at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() - 1))
+con = sqlite3.connect({str(db)!r}); con.execute("UPDATE task SET starting_at=?, running_at=?", (at, at)); con.commit()
+con.close()
+record_interrupted(Path({str(consortium.root)!r}), "the server stopped", read_superlink(Path({str(db)!r})))"""
+    with stand_in_server(consortium.root, tmp_path, on_stop) as server:
+        said = stop_server(consortium.root, timeout=30)
+        assert server.wait(5) == 0
+    assert (run / "interrupted.json").exists()
+    assert "it stopped run(s) r1" in said and f"`oncofed run {consortium.root} --name r1 --resume`" in said, said
+    assert "pending" not in said, said
