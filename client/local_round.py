@@ -35,8 +35,8 @@ from client.site import PreparedSite, min_count
 from privacy.accounting import (UNPROVABLE, BudgetError, Overflow, SkellamSteps, compact, epsilon, epsilon_and_delta,
                                 noise_multiplier_for, public_schedule)
 from privacy.clipping import clipped_sum, finite_samples_only, make_private
-from privacy import MIN_RUN_SHARE, distributed  # noqa: F401 (MIN_RUN_SHARE: re-exported)
-from privacy import DISTRIBUTED_PADDING_TAIL, PADDING_TAIL
+from privacy import (DISTRIBUTED_PADDING_TAIL, MIN_RUN_SHARE, PADDING_TAIL,  # noqa: F401 (MIN_RUN_SHARE: re-exported)
+                     distributed)
 from privacy.ledger import EPSILON_SLACK, RunPlan
 from privacy.sampling import PaddedPoissonLoader, opacus_poisson_loader, padded_sample, step_rows
 from shared_models.evaluation import evaluate, predict_logits

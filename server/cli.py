@@ -336,9 +336,8 @@ def deliver(
     delivery's flwr run is followed until it ends. Exit 0: every site that trained has it; 3: some site that trained
     still has not installed it (named); 1: the run ended without a model (no site trained), or the delivery did not
     finish (stopped by `oncofed runs stop`, ended by the server's exit, or submitted but not recorded: said, with the
-    next step); 2: preflight
-    failed (also while another `oncofed deliver` of the run, or its training, is pending or running, or is being
-    submitted: named)."""
+    next step); 2: preflight failed (also while another `oncofed deliver` of the run, or its training, is pending or
+    running, or is being submitted: named)."""
     import sys
 
     from privacy.preflight import PreflightError

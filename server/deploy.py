@@ -362,12 +362,14 @@ def stop_server(root: str | Path, timeout: float = 60.0, force: bool = False) ->
         # pending when looked at above, launched before the server ended: its exit recorded what it ended, which is said
         from server.runs import delivery_runs, interrupted_record
 
+        def since_signalled(record: dict | None) -> bool:  # recorded by this exit, not an earlier one
+            return bool(record) and float(record.get("at", 0)) >= signalled
+
         db = c.path("state", "superlink.db")
-        started = [n for n in queued
-                   if float((interrupted_record(c.root / "runs" / n, db)[0] or {}).get("at", 0)) >= signalled]
+        started = [n for n in queued if since_signalled(interrupted_record(c.root / "runs" / n, db)[0])]
         started_deliveries = {n: i for n, i in queued_deliveries.items() if any(
-            e["flwr_run"] == i and (e.get("ended") or {}).get("how") == "interrupted"
-            and float((e.get("ended") or {}).get("at", 0)) >= signalled for e in delivery_runs(c.root / "runs" / n))}
+            e["flwr_run"] == i and since_signalled(e.get("ended")) and e["ended"].get("how") == "interrupted"
+            for e in delivery_runs(c.root / "runs" / n))}
         if started or started_deliveries:
             _, ended, again, waiting = _stop_wording(
                 c, sorted([*live, *started]), {**delivering, **started_deliveries},

@@ -262,26 +262,25 @@ def _deliveries_locked(run_dir: Path, undone: str = "nothing was recorded; run t
 
 def end_delivery_run(run_dir: Path, flwr_run: int, how: str, why: str) -> None:
     """Record that delivery flwr run `flwr_run` ended before its ServerApp recorded it: `how` stopped or interrupted."""
-    with _deliveries_locked(run_dir):
-        entries = delivery_runs(run_dir)
-        for e in entries:
-            if e["flwr_run"] == flwr_run and not e.get("ended"):
-                e.pop("stopping", None)
-                e["ended"] = {"how": how, "why": why, "at": time.time()}
-        write_json_atomic(run_dir / DELIVERY_RUNS, entries)
+    _change_open_delivery(run_dir, flwr_run, ended={"how": how, "why": why, "at": time.time()})
 
 
 def mark_stopping(run_dir: Path, flwr_run: int, why: str) -> None:
     """Record that `why` is stopping delivery flwr run `flwr_run` ("" withdraws it). Written before `flwr stop` is
     asked: the SuperLink calls the run stopped, and `oncofed deliver` (whose stream that ends) reads it, before `flwr
     stop` returns and end_delivery_run records it; this is how such a reader knows who stopped it."""
+    _change_open_delivery(run_dir, flwr_run, **({"stopping": {"why": why, "at": time.time()}} if why else {}))
+
+
+def _change_open_delivery(run_dir: Path, flwr_run: int, **fields) -> None:
+    """One locked read-change-write of delivery-runs.json: the entry of delivery flwr run `flwr_run` not yet ended
+    loses its "stopping" (a stop in progress is settled either way) and gains `fields`."""
     with _deliveries_locked(run_dir):
         entries = delivery_runs(run_dir)
         for e in entries:
             if e["flwr_run"] == flwr_run and not e.get("ended"):
                 e.pop("stopping", None)
-                if why:
-                    e["stopping"] = {"why": why, "at": time.time()}
+                e.update(fields)
         write_json_atomic(run_dir / DELIVERY_RUNS, entries)
 
 
