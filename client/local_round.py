@@ -233,10 +233,15 @@ def train_round(site: PreparedSite, global_arrays: list[np.ndarray], cfg: RunCon
     if cfg.federation.strategy == "fedprox":
         def proximal_step() -> None:
             # FedProx's proximal term, applied as its own (data-independent) step after the DP-SGD step:
-            # Opacus rebuilds the gradient from per-sample terms only.
+            # Opacus rebuilds the gradient from per-sample terms only. The step is the term's proximal operator,
+            # p <- (p + a g) / (1 + a) with a = lr x mu, not the gradient step p - a (p - g): that one set every
+            # parameter back to the global weights at a = 1 (the DP recipe's lr 100 with the default mu 0.01: a
+            # round sent a zero update) and diverged beyond. The two agree to first order in a (a = 0.002 at the
+            # no-DP recipe's lr 0.2).
+            a = optimizer.param_groups[0]["lr"] * cfg.federation.proximal_mu
             with torch.no_grad():
                 for name, p in model.named_parameters():
-                    p.sub_(p - global_state[name], alpha=optimizer.param_groups[0]["lr"] * cfg.federation.proximal_mu)
+                    p.add_(global_state[name], alpha=a).div_(1.0 + a)
 
     t_train = time.perf_counter()
     # Opacus' hooks sit on leaves whose inputs need no gradient (learned arrays, first layers): PyTorch

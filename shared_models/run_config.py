@@ -179,7 +179,10 @@ class FederationSection(_Section):
     strategy: Strategy = Field(
         "fedavg", description="'fedavgm': FedAvg with server momentum (server-lr, momentum); dp-mode 'distributed' "
         "steps a server optimizer: 'fedavgm' or 'fedadam'")
-    proximal_mu: float = Field(0.01, alias="proximal-mu", ge=0)
+    proximal_mu: float = Field(0.01, alias="proximal-mu", ge=0, description="'fedprox': after each local step the "
+                               "weights move a / (1 + a) of the way back to the global weights, a = lr x mu (the "
+                               "proximal operator); the DP recipe's lr 100 makes the default 0.01 a = 1, half the way "
+                               "back every step: scale mu with lr (1e-4 there pulls as 0.01 does at lr 1)")
     server_lr: float = Field(0.03, alias="server-lr", gt=0, description="server learning rate of 'fedadam' and "
                              "'fedavgm' (0.03: FedAdam's best of 0.003-0.1 on the main job with the AdamW DP recipe of 2026-12-02, in the "
                              "git history of docs/results.md; dp-mode 'distributed' ran at 0.003, docs/privacy.md)")

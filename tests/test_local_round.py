@@ -195,6 +195,18 @@ def test_the_update_is_a_delta_from_the_global_weights(tmp_path, optimizer):
         json.loads((tmp_path / "state" / "privacy-ledger.json").read_text())["entries"] == []
 
 
+def test_a_fedprox_round_whose_lr_times_mu_exceeds_1_trains_toward_the_global_weights(tmp_path):
+    # the proximal step was p - lr mu (p - g): at lr x mu = 1 it set the weights back to the global ones and beyond
+    # it diverged (the DP recipe's lr 100 with the default mu 0.01 is 1); its proximal operator holds at any lr x mu
+    schema, run, site, w = _setup(tmp_path, dp=False, lr=0.2)
+    plain = train_round(site, w, run, "run-A", 1)
+    prox = train_round(site, w, load_run_config({**run.flat(), "strategy": "fedprox", "proximal-mu": 50.0}),
+                       "run-B", 1)  # lr x mu = 10 at the peak
+    size = lambda res: float(np.sqrt(sum(float((d.astype(np.float64) ** 2).sum()) for d in res.delta)))
+    assert all(np.isfinite(d).all() for d in prox.delta)
+    assert 0 < size(prox) < size(plain)
+
+
 def test_metrics_of_a_held_out_part_below_the_minimum_count_are_not_sent(tmp_path):
     _, run, site, w = _setup(tmp_path)
     n, metrics = evaluate_global(site, w, run.model_copy(update={"site": run.site.model_copy(update={"min_count": 100})}))
