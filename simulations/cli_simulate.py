@@ -36,24 +36,40 @@ def simulate(
     eval_data: bool = typer.Option(False, "--eval-data/--no-eval-data",
                                    help="also score the global model on the held-out patients at the server after "
                                         "every round (as an operator's validation site would be)"),
-    seed: int = typer.Option(0, min=0),
+    seed: int = typer.Option(0, min=0, help="the partition's draw and the run's seed (--set seed=S: another run seed "
+                             "on the same partition)"),
     fresh: bool = typer.Option(True, "--fresh/--keep", help="start from new site ledgers and models"),
-    overrides: list[str] = typer.Option([], "--set", help="any run-config key, e.g. --set wide-rank=0 --set "
-                                        "fusion-blocks=1 (keys: tool.flwr.app.config in pyproject.toml)"),
+    overrides: list[str] = typer.Option([], "--set", help="any run-config key no option above sets (one "
+                                        "given both ways is refused), e.g. --set wide-rank=0 --set fusion-blocks=1 "
+                                        "(keys: tool.flwr.app.config in pyproject.toml)"),
 ) -> None:
     """Federate the 8 center8 hospitals of the vendored TCGA pan-cancer cohort and report the global
     model on patients of tissue-source sites no hospital holds."""
     import shutil
 
     from simulations.federation import ROOT, SimulationError, ensure_partition, evaluate_on_site, run_federation
-    from simulations.federation import SIMULATION_SETS, f1_by_class_size, federation_config, site_model_dir, summarize
-    from simulations.federation import terminate_as_exit
+    from simulations.federation import SETTING_KEYS, SIMULATION_SETS, f1_by_class_size, federation_config
+    from simulations.federation import site_model_dir, summarize, terminate_as_exit
     from simulations.partition import FederationManifest, PartitionError
 
     extra = _parse_overrides(overrides)
     if reserved := sorted(SIMULATION_SETS.keys() & set(extra)):
         typer.echo(f"--set {', '.join(reserved)}: oncofed simulate sets {'these' if len(reserved) > 1 else 'this'} "
                    f"itself (its working files live under --out; the eval data: --eval-data)", err=True)
+        raise typer.Exit(code=2)
+    settings = {"rounds": rounds, "dp": dp, "epsilon": epsilon, "secagg": secagg, "strategy": strategy,
+                "local_epochs": local_epochs, "lr": lr, "batch_size": batch_size}
+    # federation_config applies --set after the options: one of the two would be dropped without a word
+    if twice := [(name, v) for name, v in settings.items() if v is not None and SETTING_KEYS[name] in extra]:
+        for name, value in twice:
+            key, flag = SETTING_KEYS[name], "--" + name.replace("_", "-")
+            if isinstance(value, bool):
+                option = flag if value else "--no-" + flag[2:]
+            else:
+                option = f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"
+            written = next(i.strip() for i in reversed(overrides) if i.partition("=")[0].strip() == key)
+            typer.echo(f"{option} and --set {written} both set {key}: give it once (the option or the --set)",
+                       err=True)
         raise typer.Exit(code=2)
     no_dp = dp is False or extra.get("dp") is False
     if no_dp and (epsilon is not None or "epsilon" in extra):  # (--no-dp or --set dp=false; --epsilon or --set)
@@ -73,8 +89,7 @@ def simulate(
         raise typer.Exit(code=2)
     manifest = json.loads((sites / "manifest.json").read_text())
     n_sites = len(manifest["sites"])
-    cfg = federation_config(out, sites, n_sites, rounds=rounds, dp=dp, epsilon=epsilon, secagg=secagg,
-                            strategy=strategy, seed=seed, local_epochs=local_epochs, lr=lr, batch_size=batch_size,
+    cfg = federation_config(out, sites, n_sites, **settings, seed=seed,
                             eval_data=sites / manifest["holdout"]["dir"] if eval_data else None, extra=extra)
     from privacy.run_config import load_run_config
     from shared_models.run_config import RunConfigError, app_defaults

@@ -91,6 +91,12 @@ def terminate_as_exit():
         signal.signal(sig, stop)
 
 
+SETTING_KEYS = {"rounds": "num-rounds", "dp": "dp", "epsilon": "epsilon", "secagg": "secagg", "strategy": "strategy",
+                "local_epochs": "local-epochs", "lr": "lr", "batch_size": "batch-size"}
+"""federation_config's settings (`oncofed simulate`'s options of the same names) -> the run-config keys they set;
+`extra` (--set) is applied after them, so the CLI refuses a key given both ways."""
+
+
 def federation_config(out: Path, sites: Path, n_sites: int, *, seed: int, rounds: int | None = None,
                       dp: bool | None = None, epsilon: float | None = None, secagg: bool | None = None,
                       strategy: str | None = None, local_epochs: int | None = None, lr: float | None = None,
@@ -115,11 +121,11 @@ def federation_config(out: Path, sites: Path, n_sites: int, *, seed: int, rounds
            "signing-public-key": str(keys / "signing.pub")}
     if n_sites < FederationSection.model_fields["min_sites"].default:  # one site: a round of one
         cfg["min-sites"] = n_sites
-    for key, value in (("num-rounds", rounds), ("dp", dp), ("epsilon", epsilon), ("secagg", secagg),
-                       ("strategy", strategy), ("local-epochs", local_epochs), ("lr", lr), ("batch-size", batch_size),
-                       ("schema", schema)):
-        if value is not None:
-            cfg[key] = value if key != "schema" else str(value)
+    given = {"rounds": rounds, "dp": dp, "epsilon": epsilon, "secagg": secagg, "strategy": strategy,
+             "local_epochs": local_epochs, "lr": lr, "batch_size": batch_size}
+    cfg.update({SETTING_KEYS[name]: value for name, value in given.items() if value is not None})
+    if schema is not None:
+        cfg["schema"] = str(schema)
     if eval_data is not None:
         cfg["eval-data"] = str(eval_data)
     cfg.update(extra or {})
