@@ -71,11 +71,6 @@ def simulate(
             typer.echo(f"{option} and --set {written} both set {key}: give it once (the option or the --set)",
                        err=True)
         raise typer.Exit(code=2)
-    no_dp = dp is False or extra.get("dp") is False
-    if no_dp and (epsilon is not None or "epsilon" in extra):  # (--no-dp or --set dp=false; --epsilon or --set)
-        typer.echo(f"epsilon {epsilon if epsilon is not None else extra['epsilon']:g} with DP off: a run without DP "
-                   "spends no epsilon; drop one of them", err=True)
-        raise typer.Exit(code=2)
     terminate_as_exit()  # SIGTERM too stops the local SuperLink and its apps
     out = out.resolve()
     try:
@@ -98,6 +93,11 @@ def simulate(
         run = load_run_config({**app_defaults(ROOT), **cfg}, source="oncofed simulate")
     except RunConfigError as e:
         typer.echo(str(e), err=True)
+        raise typer.Exit(code=2)
+    # the DP the run will have, however it was given (--no-dp, --set dp=false, dp=False, dp=0, pyproject)
+    if not run.privacy.enabled and (epsilon is not None or "epsilon" in extra):
+        typer.echo(f"epsilon {run.privacy.epsilon:g} with DP off: a run without DP spends no epsilon; drop one of "
+                   "them", err=True)
         raise typer.Exit(code=2)
     if not (schema_file := run.path(run.run.schema_path)).is_file():  # else found by the server, after Ray starts
         typer.echo(f"schema {run.run.schema_path}: {schema_file} is not a file; pass an existing schema "

@@ -57,3 +57,11 @@ def test_a_setting_given_as_an_option_and_with_set_is_refused_naming_both(simula
     options = set(inspect.signature(command).parameters) & set(inspect.signature(fed.federation_config).parameters)
     assert options - {"out", "eval_data", "seed"} == set(fed.SETTING_KEYS)
     assert set(cases) == set(fed.SETTING_KEYS.values())
+
+
+@pytest.mark.parametrize("written", ["False", "off", "no", "0"])
+def test_epsilon_with_dp_off_is_refused_however_dp_false_is_written(simulate, written):
+    """`--set dp=False` is a string to TOML, which the run config reads as false: the run had no DP, and the refusal,
+    which looked for the boolean false, let --epsilon 4 pass."""
+    result = simulate("--set", f"dp={written}", "--epsilon", "4")
+    assert result.exit_code == 2 and "epsilon 4 with DP off" in result.output, result.output
