@@ -116,11 +116,19 @@ def simulate(
         typer.echo(f"--out {out}: {e}", err=True)
         raise typer.Exit(code=2)
     dp_text = f"on ({run.privacy.mode} mode), epsilon {run.privacy.epsilon:g}" if run.privacy.enabled else "off"
+    fed, training = run.federation, run.training
+    if run.privacy.distributed:  # a round is one DP step the server takes: local epochs, lr and optimizer are unused
+        schedule = (f"{fed.strategy} server-lr {fed.server_lr:g}"
+                    + (f" momentum {training.momentum:g}" if fed.strategy == "fedavgm" else "")
+                    + f", {fed.num_rounds} rounds of one DP step of the consortium (sample-rate "
+                    f"{run.privacy.sample_rate:g}, clipping bound {run.privacy.max_grad_norm:g}, the noisy sum divided "
+                    f"by batch-size {training.batch_size})")
+    else:
+        schedule = (f"{fed.strategy}, {fed.num_rounds} rounds of {training.local_epochs} local epochs, batch "
+                    f"{training.batch_size}, {training.optimizer} lr {training.lr:g}")
     typer.echo(f"{n_sites} hospitals ({', '.join(s['name'] for s in manifest['sites'])}), "
                f"{manifest['holdout']['patients']:,} held-out patients; DP {dp_text}, SecAgg+ "
-               f"{'on' if run.secagg.enabled else 'off'}, {run.federation.strategy}, {run.federation.num_rounds} rounds "
-               f"of {run.training.local_epochs} local epochs, batch {run.training.batch_size}, {run.training.optimizer} lr "
-               f"{run.training.lr:g}"
+               f"{'on' if run.secagg.enabled else 'off'}, {schedule}"
                + (f", modality dropout {run.model.modality_dropout_rate:g}" if run.model.modality_dropout_rate else "")
                + f", seed {run.training.seed} (partition seed {seed})")
     t0 = time.time()

@@ -65,3 +65,22 @@ def test_epsilon_with_dp_off_is_refused_however_dp_false_is_written(simulate, wr
     which looked for the boolean false, let --epsilon 4 pass."""
     result = simulate("--set", f"dp={written}", "--epsilon", "4")
     assert result.exit_code == 2 and "epsilon 4 with DP off" in result.output, result.output
+
+
+def test_a_distributed_runs_first_line_says_a_round_is_one_dp_step_of_the_consortium(simulate):
+    """In dp-mode 'distributed' the server steps its optimizer on the consortium's noisy gradient once a round; the
+    line named local epochs, a local lr and optimizer, none of which such a run uses."""
+    from privacy.run_config import load_run_config
+    from shared_models.run_config import app_defaults
+
+    result = simulate("--strategy", "fedavgm", "--rounds", "3", "--set", "dp-mode=distributed")
+    assert result.exit_code == 1 and "not started here" in result.output, result.output
+    run = load_run_config({**app_defaults(fed.ROOT), "strategy": "fedavgm", "dp-mode": "distributed"})
+    line = result.output.splitlines()[0]
+    assert (f"DP on (distributed mode), epsilon {run.privacy.epsilon:g}, SecAgg+ on, fedavgm server-lr "
+            f"{run.federation.server_lr:g} momentum {run.training.momentum:g}, 3 rounds of one DP step of the "
+            f"consortium (sample-rate {run.privacy.sample_rate:g}, clipping bound {run.privacy.max_grad_norm:g}, the "
+            f"noisy sum divided by batch-size {run.training.batch_size})") in line, line
+    assert "local epochs" not in line and " lr " not in line and run.training.optimizer not in line
+    site = simulate("--rounds", "3").output.splitlines()[0]  # dp-mode 'site': each site's local training
+    assert f"fedavg, 3 rounds of {run.training.local_epochs} local epochs, batch " in site, site
