@@ -185,8 +185,12 @@ class FederationSection(_Section):
                                "proximal operator); the DP recipe's lr 100 makes the default 0.01 a = 1, half the way "
                                "back every step: scale mu with lr (1e-4 there pulls as 0.01 does at lr 1)")
     server_lr: float = Field(0.03, alias="server-lr", gt=0, description="server learning rate of 'fedadam' and "
-                             "'fedavgm' (0.03: FedAdam's best of 0.003-0.1 on the main job with the AdamW DP recipe of 2026-12-02, in the "
-                             "git history of docs/results.md; dp-mode 'distributed' ran at 0.003, docs/privacy.md)")
+                             "'fedavgm' ('fedavg' and 'fedprox' add the sites' mean delta and do not use it). 0.03 is "
+                             "FedAdam's (its best of 0.003-0.1 on the main job with the AdamW DP recipe of 2026-12-02, in "
+                             "the git history of docs/results.md); FedAvgM's global step is server-lr x its "
+                             "momentum-accumulated mean delta, so 0.03 makes it a small part of FedAvg's step (~1/10; "
+                             "0.03 at the first round, at most 0.3 with momentum 0.9): set ~1 for 'fedavgm'. dp-mode "
+                             "'distributed': its FedAdam recipe is 0.003 (docs/privacy.md)")
     min_sites: int = Field(2, alias="min-sites", ge=1, description="sites needed to start and finish a round")
     evaluate_every: int = Field(1, alias="evaluate-every", ge=1,
                                 description="sites score the global model every N rounds and after the last")
@@ -371,7 +375,8 @@ class TrainingSection(_Section):
     optimizer: Literal["adamw", "sgd"] = Field(
         "sgd", alias="local-optimizer", description="'sgd' with momentum (chosen on the sites' validation parts, "
         "docs/results.md) or 'adamw'; not used in dp-mode 'distributed'")
-    momentum: float = Field(0.9, ge=0, lt=1, description="momentum of local-optimizer 'sgd'")
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum of local-optimizer 'sgd', and the server momentum "
+                            "of strategy 'fedavgm' (in either dp-mode)")
     weight_decay: float = Field(1e-4, alias="weight-decay", ge=0, description="decay of the Linear weights; it scales "
                                 "with lr: each local step shrinks a weight by lr x weight-decay of itself (SGD's momentum "
                                 "amplifies it, AdamW decays it as w (1 - lr x weight-decay)), so lr x weight-decay >= 1 is "
