@@ -3,7 +3,7 @@
 The training patients of the 8 center8 hospitals of `oncofed simulate` (same partition, same
 site-local split and per-site normalisation) are pooled in one place and trained centrally with
 Opacus DP-SGD at the per-site budget of the federation (epsilon, delta), with its schedule
-(rounds x local epochs passes, expected batch, AdamW, learning rate, warm-up + cosine, clipping
+(rounds x local epochs passes, expected batch, local optimizer, learning rate, warm-up + cosine, clipping
 bound, no class weighting under DP), then scored on the held-out tss patients exactly as the
 federation's global model is. A pooled mechanism protects every patient at the same epsilon with
 8x fewer noise draws per update than 8 hospitals each adding their own, so it is the natural
@@ -23,8 +23,9 @@ the sites keep for their own evaluation (every patient of every site, as the rea
     python benchmarks/dp_yardstick.py --epsilons 1,3,8 --models linear
     python benchmarks/dp_yardstick.py --models transformer,transformer-es --epsilons none --seeds 0,1,2
     python benchmarks/dp_yardstick.py --models transformer-es --epsilons none --seeds 0,1,2 --all-rows
-    # tune the pooled DP recipe (18 combinations): the ceiling the federation is held against
-    python benchmarks/dp_yardstick.py --models linear --grid batch-size=256,1024,2048 --grid lr=0.005,0.01,0.02 --grid local-epochs=2,5
+    # tune the pooled DP recipe (18 combinations): the ceiling the federation is held against, measured with AdamW
+    # (docs/results.md); with SGD, the default, lr and max-grad-norm go together (a step scales with lr x C): grid both
+    python benchmarks/dp_yardstick.py --models linear --set local-optimizer=adamw --grid batch-size=256,1024,2048 --grid lr=0.005,0.01,0.02 --grid local-epochs=2,5
 
 `--grid KEY=V1,V2,...` (repeatable) trains every combination of the values (run-config keys of the
 training recipe, on top of `--set`) and ends with the best combination per model and budget. The
@@ -84,7 +85,7 @@ def grid_overrides(items: list[str]) -> list[dict]:
         key, sep, values = item.partition("=")
         key = key.strip()
         if not sep or not values.strip():
-            raise RunConfigError(f"--grid {item}: write KEY=V1,V2,..., e.g. --grid lr=0.005,0.01,0.02")
+            raise RunConfigError(f"--grid {item}: write KEY=V1,V2,..., e.g. --grid local-epochs=1,2,5")
         if key not in GRID_KEYS:
             raise RunConfigError(f"--grid {key}: not a training-recipe key; use one of {', '.join(GRID_KEYS)} "
                              "(seeds: --seeds; the data split stays the main job's)")

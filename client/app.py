@@ -648,7 +648,10 @@ def _train(msg: Message, context: Context) -> Message:
             if peak > clip:  # the peak in the site's log only: a statistic of this one update, which enters no sum
                 log(WARNING, "site %s: its update's largest value x weight / max-weight is %.3g", settings.name, peak)
                 raise _refusal(fitins, msg, settings.name, f"its update exceeds secagg-clipping-range {clip:g} and "
-                               "would be clipped silently; the operator must raise it", audit, run_config=True)
+                               "would be clipped silently: nothing was sent; the operator should raise the range, or "
+                               "lower the run's local recipe if it makes updates diverge (run config lr, max-grad-norm, "
+                               "weight-decay: under DP-SGD a step scales with lr x max-grad-norm, 1 in the recipe)",
+                               audit, run_config=True)
         metrics = {k: float(v) for k, v in result.metrics.items()}
         try:  # recorded before the update leaves the site
             # under DP without the patient count: the entry's hash leaves as AUDIT_HEAD, and with every other field

@@ -16,7 +16,8 @@ the fix.
 The DP and the no-DP recipe differ in learning rate, batch and clipping bound (`RECIPES`): `lr`, `batch-size`
 and `max-grad-norm` = "auto" (the defaults) take the recipe of the run's `dp` and `local-optimizer` (the
 clipping bound of dp-mode "distributed" is its own), so a deployment and a simulation get the same recipe
-without setting any; a number overrides it.
+without setting any; a number overrides it (under DP with SGD in dp-mode "site", lr and max-grad-norm only together:
+a step scales with their product, `_half_given_step`).
 
 The largest epsilon a site's accounting verifies is the privacy layer's fact (privacy.MAX_BUDGET), which
 this contract layer does not import, so `RunConfig.from_flower` and `parse_overrides` require it as
@@ -184,8 +185,12 @@ class FederationSection(_Section):
                                "proximal operator); the DP recipe's lr 100 makes the default 0.01 a = 1, half the way "
                                "back every step: scale mu with lr (1e-4 there pulls as 0.01 does at lr 1)")
     server_lr: float = Field(0.03, alias="server-lr", gt=0, description="server learning rate of 'fedadam' and "
-                             "'fedavgm' (0.03: FedAdam's best of 0.003-0.1 on the main job with the AdamW DP recipe of 2026-12-02, in the "
-                             "git history of docs/results.md; dp-mode 'distributed' ran at 0.003, docs/privacy.md)")
+                             "'fedavgm' ('fedavg' and 'fedprox' add the sites' mean delta and do not use it). 0.03 is "
+                             "FedAdam's (its best of 0.003-0.1 on the main job with the AdamW DP recipe of 2026-12-02, in "
+                             "the git history of docs/results.md); FedAvgM's global step is server-lr x its "
+                             "momentum-accumulated mean delta, so 0.03 makes it a small part of FedAvg's step (~1/10; "
+                             "0.03 at the first round, at most 0.3 with momentum 0.9): set ~1 for 'fedavgm'. dp-mode "
+                             "'distributed': its FedAdam recipe is 0.003 (docs/privacy.md)")
     min_sites: int = Field(2, alias="min-sites", ge=1, description="sites needed to start and finish a round")
     evaluate_every: int = Field(1, alias="evaluate-every", ge=1,
                                 description="sites score the global model every N rounds and after the last")
@@ -247,7 +252,9 @@ class PrivacySection(_Section):
     max_grad_norm: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
         "auto", alias="max-grad-norm", description="per-sample clipping bound C (without DP: the bound of each step's "
         "global gradient norm); 'auto': the recipe's for the run's dp and local optimizer in dp-mode 'site' (0.01 for "
-        "SGD: RECIPES), 0.1 in dp-mode 'distributed' (DISTRIBUTED_MAX_GRAD_NORM), 1.0 without DP")
+        "SGD: RECIPES), 0.1 in dp-mode 'distributed' (DISTRIBUTED_MAX_GRAD_NORM), 1.0 without DP. Under DP with SGD in "
+        "dp-mode 'site' it goes with lr (a step scales with lr x max-grad-norm, 1 in the recipe): give both or neither, "
+        "one alone is refused")
     clipping: Literal["ghost", "opacus"] = Field(
         "ghost", alias="dp-clipping", description="how DP-SGD clips per sample: 'ghost' = privacy/clipping.py "
         "(norms without per-sample gradients; Opacus' sampling, noise and accountant), 'opacus' = Opacus' hooks mode")
@@ -349,7 +356,8 @@ def auto_batch_size(dp: bool, distributed: bool, sample_rate: float) -> int:
 class TrainingSection(_Section):
     """A site's local training in a round."""
 
-    local_epochs: int = Field(2, alias="local-epochs", ge=1)
+    local_epochs: int = Field(2, alias="local-epochs", ge=1, description="passes over the site's training patients "
+                              "per round; not used in dp-mode 'distributed' (one step per round)")
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", alias="batch-size", description="without DP the batch; under DP a public number the noisy sum of "
         "clipped gradients is divided by, in place of the expected batch (sample-rate x the patients), which would "
@@ -361,13 +369,21 @@ class TrainingSection(_Section):
         "auto", description="peak local learning rate; 'auto': the recipe's for the run's dp and local-optimizer "
         f"(with DP {RECIPES['dp'].lr['sgd']:g} for SGD at max-grad-norm {RECIPES['dp'].max_grad_norm['sgd']:g}, "
         f"{RECIPES['dp'].lr['adamw']:g} for AdamW; without {RECIPES['no-dp'].lr['sgd']:g} and "
-        f"{RECIPES['no-dp'].lr['adamw']:g}: RECIPES)")
+        f"{RECIPES['no-dp'].lr['adamw']:g}: RECIPES). Under DP with SGD in dp-mode 'site' it goes with max-grad-norm "
+        f"(a step scales with lr x max-grad-norm, 1 in the recipe; e.g. lr 10 with max-grad-norm 0.1): give both or "
+        "neither, one alone is refused; not used in dp-mode 'distributed'")
     optimizer: Literal["adamw", "sgd"] = Field(
         "sgd", alias="local-optimizer", description="'sgd' with momentum (chosen on the sites' validation parts, "
-        "docs/results.md) or 'adamw'")
-    momentum: float = Field(0.9, ge=0, lt=1, description="momentum of local-optimizer 'sgd'")
-    weight_decay: float = Field(1e-4, alias="weight-decay", ge=0)
-    warmup_fraction: float = Field(0.1, alias="warmup-fraction", ge=0, lt=1)
+        "docs/results.md) or 'adamw'; not used in dp-mode 'distributed'")
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum of local-optimizer 'sgd', and the server momentum "
+                            "of strategy 'fedavgm' (in either dp-mode)")
+    weight_decay: float = Field(1e-4, alias="weight-decay", ge=0, description="decay of the Linear weights; it scales "
+                                "with lr: each local step shrinks a weight by lr x weight-decay of itself (SGD's momentum "
+                                "amplifies it, AdamW decays it as w (1 - lr x weight-decay)), so lr x weight-decay >= 1 is "
+                                "refused; at the DP recipe's lr 100 use at most 1e-3; not used in dp-mode 'distributed'")
+    warmup_fraction: float = Field(0.1, alias="warmup-fraction", ge=0, lt=1, description="share of the run's local "
+                                   "steps the learning rate warms up over (then cosine decay); not used in dp-mode "
+                                   "'distributed'")
     softmax: Literal["all", "site"] = Field(
         "all", alias="local-softmax", description="'site': each site's loss is a softmax over the cancer types it "
         "has training patients of (FedRS, alpha 0), for label-skewed federations; without DP only")
@@ -381,6 +397,18 @@ class TrainingSection(_Section):
             return v
         raise ValueError(f"use {'a number > 0' if info.field_name == 'lr' else 'a whole number >= 1'} or \"auto\" "
                          "(the recipe's)")
+
+
+def _unused_when_distributed(t: TrainingSection) -> list[str]:
+    """The local-training keys set otherwise than their defaults, as 'key value': dp-mode "distributed" takes no
+    local step (client/local_round.py distributed_round; FedAdam's eta_l, which Flower is given lr as, is never
+    read). A value equal to its default is not told apart from one left out: Flower merges the defaults in."""
+    fields = TrainingSection.model_fields
+    default = {"lr": RECIPES["dp"].lr.get(t.optimizer)} | {
+        name: fields[name].default for name in ("local_epochs", "optimizer", "weight_decay", "warmup_fraction")}
+    return [f"{fields[name].alias or name} {getattr(t, name)!r}" if isinstance(getattr(t, name), str)
+            else f"{fields[name].alias or name} {getattr(t, name):g}" for name in default
+            if getattr(t, name) != default[name]]
 
 
 class SiteSection(_Section):
@@ -401,13 +429,14 @@ class RunConfig(BaseModel):
     site: SiteSection = SiteSection()
     model: ModelConfig = ModelConfig()
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _file_flat_keys(cls, data: Any) -> Any:
+    def _file_flat_keys(cls, data: Any, handler) -> "RunConfig":
         """Flower's flat keys into their sections (a nested dict passes as it is), and "auto" resolved from
-        the recipe of the run's dp and local optimizer."""
+        the recipe of the run's dp and local optimizer; then, the config valid, the checks that need to know
+        which of the recipe's values the user gave (a wrap validator: after resolving, only the values are left)."""
         if not isinstance(data, dict):
-            return data
+            return handler(data)
         out: dict[str, Any] = {k: dict(v) for k, v in data.items() if k in SECTIONS and isinstance(v, dict)}
         for key, value in data.items():
             if key in SECTIONS and isinstance(value, dict):
@@ -437,6 +466,7 @@ class RunConfig(BaseModel):
         batch = (auto_batch_size(dp is not False, distributed, rate) if rate is not None and 0 < rate <= 1
                  else None)
         model = out.setdefault("model", {})
+        explicit: set[str] = set()
         for section, name, alias, value in ((training, "batch_size", "batch-size", batch),
                                             (training, "lr", "lr", recipe.lr.get(optimizer)),
                                             (privacy, "max_grad_norm", "max-grad-norm", bound),
@@ -445,14 +475,21 @@ class RunConfig(BaseModel):
                                              DISTRIBUTED_FUSION_BLOCKS if distributed else recipe.fusion_blocks)):
             given = section.pop(alias, section.get(name, "auto"))
             section[name] = value if given == "auto" and value is not None else given
-        return out
+            if given != "auto":
+                explicit.add(alias)
+        cfg = handler(out)
+        if why := _half_given_step(cfg, explicit):
+            raise ValueError(why)
+        return cfg
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
         fed, sa, dp = self.federation, self.secagg, self.privacy
         # a new run only: a run started before this check keeps its frozen value to resume and deliver (its sites
-        # refuse only the rounds where Flower's rounding comes to half the share holders)
-        if sa.enabled and not (self.run.resume or self.run.deliver_only) and (why := threshold_refusal(sa.threshold)):
+        # refuse only the rounds where Flower's rounding comes to half the share holders); so too for the local
+        # recipe's checks below (a resume may not change the run's settings, and a delivery trains nothing)
+        new_run = not (self.run.resume or self.run.deliver_only)
+        if sa.enabled and new_run and (why := threshold_refusal(sa.threshold)):
             raise ValueError(why)
         if dp.enabled and self.site.val_fraction == 0:
             raise ValueError("val-fraction 0 with dp: a DP site fits its normalisation on half its held-out part, "
@@ -499,8 +536,24 @@ class RunConfig(BaseModel):
                                 + (f"{fed.sites} sites" if fed.sites else f"min-sites {fed.min_sites} (sites 0)")
                                 + ": no round could ever be unmasked; set sites to the number of hospitals or lower "
                                 "trusted-sites")
+            if dp.enabled and new_run and (unused := _unused_when_distributed(self.training)):
+                problems.append(f"takes one DP-SGD step of the whole consortium per round, at the server: "
+                                f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used there (the step is "
+                                "server-lr with the strategy's optimizer, over each site's sample-rate Poisson sample "
+                                f"of gradients clipped to max-grad-norm); remove {'it' if len(unused) == 1 else 'them'} "
+                                "or use dp-mode 'site'")
             if problems:
                 raise ValueError("dp-mode 'distributed' " + "; ".join(problems))
+        t = self.training
+        if new_run and not dp.distributed and t.lr * t.weight_decay >= 1:
+            # SGD adds wd x w to the gradient, so a step decays w by lr x wd of itself (momentum 0.9 up to 10x that);
+            # AdamW multiplies w by 1 - lr x wd: at 1 the decay takes the whole weight, beyond it flips or diverges
+            raise ValueError(f"weight-decay {t.weight_decay:g} with lr {t.lr:g}: lr x weight-decay = "
+                             f"{t.lr * t.weight_decay:g}, and each local step decays every Linear weight by lr x "
+                             "weight-decay of itself (SGD's momentum amplifies it; AdamW multiplies the weight by 1 - "
+                             "lr x weight-decay), so at 1 or more the weights vanish, flip sign or diverge; lower "
+                             f"weight-decay to at most {0.1 / t.lr:.3g} at lr {t.lr:g} (lr x weight-decay <= 0.1; the "
+                             f"default is {TrainingSection.model_fields['weight_decay'].default:g}) or lower lr")
         if dp.enabled and self.training.softmax == "site":
             raise ValueError("local-softmax 'site' takes each site's set of cancer types from its labels, which "
                              "DP-SGD's analysis does not cover; use local-softmax 'all' with dp, or dp false")
@@ -559,6 +612,31 @@ class RunConfig(BaseModel):
                     else ""
                 lines.append(f"  - {key}: {err['msg'].removeprefix('Value error, ')}{got}" + (f"; {hint}" if hint else ""))
             raise RunConfigError("\n".join(lines)) from None
+
+
+def _half_given_step(cfg: RunConfig, explicit: set[str]) -> str:
+    """Why lr or max-grad-norm given without the other would train otherwise than its user thinks ("" if not).
+    Under DP with SGD in dp-mode "site" the recipe's bound clips every patient's gradient (automatic clipping), so
+    a step scales with lr x max-grad-norm, and the other key's "auto" keeps the recipe's value for the recipe's
+    partner: lr 1 alone made each round's update 1/100 of the recipe's, max-grad-norm 1 alone 100x (which every
+    site then refused under SecAgg+, naming secagg-clipping-range). `explicit`: the keys given other than "auto"."""
+    t, dp = cfg.training, cfg.privacy
+    if not (dp.enabled and dp.mode == "site" and t.optimizer == "sgd") or len(explicit & {"lr", "max-grad-norm"}) != 1:
+        return ""
+    if cfg.run.resume or cfg.run.deliver_only:
+        return ""  # a run started before this check resumes and delivers as it trained (see RunConfig._consistent)
+    lr0, c0 = RECIPES["dp"].lr["sgd"], RECIPES["dp"].max_grad_norm["sgd"]
+    lr, c = t.lr, dp.max_grad_norm
+    if (lr, c) == (lr0, c0):
+        return ""  # the one given is the recipe's own value
+    given, value, other, auto, pair = (("lr", lr, "max-grad-norm", c0, f"max-grad-norm {lr0 * c0 / lr:g} with lr {lr:g}")
+                                       if "lr" in explicit else
+                                       ("max-grad-norm", c, "lr", lr0, f"lr {lr0 * c0 / c:g} with max-grad-norm {c:g}"))
+    return (f"{given} {value:g} with {other} \"auto\" (the DP recipe's {auto:g}): under DP with local-optimizer 'sgd' in "
+            f"dp-mode 'site' every patient's gradient is clipped to max-grad-norm, so a step scales with lr x "
+            f"max-grad-norm, {lr0 * c0:g} in the recipe (lr {lr0:g} with max-grad-norm {c0:g}, or e.g. max-grad-norm 0.1 "
+            f"with lr 10) and {lr * c:g} here: {lr * c / (lr0 * c0):g} times the recipe's update. Give both lr and "
+            f"max-grad-norm (e.g. {pair}) or neither")
 
 
 SECTIONS: dict[str, type[BaseModel]] = {name: f.annotation for name, f in RunConfig.model_fields.items()}

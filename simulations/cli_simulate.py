@@ -28,7 +28,8 @@ def simulate(
                                         "wrong name lists them)"),
     local_epochs: int | None = typer.Option(None, min=1, help="local epochs a round (default: the run config's)"),
     lr: float | None = typer.Option(None, help="peak local learning rate (default: the run config's recipe for the "
-                                    "run's dp and local-optimizer, see the operator guide)"),
+                                    "run's dp and local-optimizer, see the operator guide; under DP with SGD give "
+                                    "--set max-grad-norm=C too: a step scales with lr x C)"),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1,
                                           help="batch size; under DP the public divisor of the clipped-gradient sum "
                                           "(default: the recipe's; under DP sample-rate x a public patient count, see "

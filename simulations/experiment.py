@@ -195,14 +195,18 @@ class ExperimentConfig(_Strict):
                                   "from [run]")
         counts = self.grid.sites if isinstance(self.grid.sites, list) else \
             sorted({n for ns in self.grid.sites.values() for n in ns})
-        for privacy in self.grid.privacy:  # as the cells will run it: dp, epsilon, strategy and sites from the grid
+        # as the cells will run it: dp, epsilon, strategy and sites from the grid, rounds and local epochs from
+        # [experiment] (dp-mode "distributed" refuses local-epochs other than the default: it takes no local step)
+        every = {"num-rounds": self.experiment.rounds, "local-epochs": self.experiment.local_epochs}
+        for privacy in self.grid.privacy:
             for strategy in self.grid.strategy:
                 for n in counts:
                     cell = {"dp": False} if privacy == "off" else {"dp": True, "epsilon": float(privacy)}
-                    cell.update(strategy=strategy, sites=n)
+                    cell.update(strategy=strategy, sites=n, **every)
                     try:
                         load_run_config({**self.run_config(), **cell}, source=f"{path} [run] with privacy = "
-                                        f"{privacy!r}, strategy = {strategy!r}, sites = {n}")
+                                        f"{privacy!r}, strategy = {strategy!r}, sites = {n} ([experiment] rounds = "
+                                        f"{self.experiment.rounds}, local-epochs = {self.experiment.local_epochs})")
                     except ValueError as e:
                         raise ExperimentError(str(e)) from e
         if TRANSFORMER_BASELINES & set(self.baselines.methods):

@@ -57,13 +57,14 @@ def test_dp_yardstick_pools_the_hospitals_and_spends_exactly_the_budget():
     """The linear model only (seconds), two DP recipes from --grid: each spends what it was given and costs
     accuracy; the non-private row runs once; the best recipe is named."""
     out = subprocess.run([sys.executable, "benchmarks/dp_yardstick.py", "--models", "linear", "--epsilons", "8",
-                          "--grid", "lr=50,100"],  # the DP recipe's SGD at max-grad-norm 0.01: lr x C 0.5, 1
+                          # the DP recipe's SGD at max-grad-norm 0.01 (lr alone is refused: it goes with C): lr x C 0.5, 1
+                          "--grid", "lr=50,100", "--grid", "max-grad-norm=0.01"],
                          cwd=ROOT, check=True, capture_output=True, text=True, timeout=600).stdout
     result = json.loads(out.strip().splitlines()[-1])
     assert result["patients"] > 4000 and result["held_out"] > 1000
     plain, *dp = result["rows"]
     assert plain["epsilon"] is None and plain["epsilon_spent"] == 0
-    assert [r["recipe"] for r in dp] == [{"lr": 50}, {"lr": 100}]
+    assert [r["recipe"] for r in dp] == [{"lr": 50, "max-grad-norm": 0.01}, {"lr": 100, "max-grad-norm": 0.01}]
     for r in dp:
         assert r["epsilon"] == 8 and 7.5 <= r["epsilon_spent"] <= 8.0
         assert 0.3 < r["macro_f1"] < plain["macro_f1"]

@@ -78,8 +78,18 @@ def test_run_keys_are_checked_as_each_privacy_level_runs_them(tmp_path):
 
 def test_a_distributed_dp_grid_is_checked_with_the_cells_server_optimizer(tmp_path):
     text = TINY.replace('strategy = ["fedavg"]', 'strategy = ["fedadam"]').replace(
-        "cv-folds = 2", 'cv-folds = 2\n[run]\ndp-mode = "distributed"\ntrusted-sites = 2')
+        "cv-folds = 2", 'cv-folds = 2\n[run]\ndp-mode = "distributed"\ntrusted-sites = 2').replace("local-epochs = 1\n", "")
     assert ExperimentConfig.load(write(tmp_path, text)).grid.strategy == ["fedadam"]
+
+
+def test_a_distributed_dp_grid_with_local_epochs_is_refused_before_any_cell(tmp_path):
+    # dp-mode "distributed" takes no local step: [experiment] local-epochs reached every cell's run config, where the
+    # run config now refuses it; checked with the cells' other values, not at the first cell's server
+    text = TINY.replace('strategy = ["fedavg"]', 'strategy = ["fedadam"]').replace(
+        "cv-folds = 2", 'cv-folds = 2\n[run]\ndp-mode = "distributed"\ntrusted-sites = 2')
+    with pytest.raises(ExperimentError, match=r"\[experiment\] rounds = 2, local-epochs = 1\)(?s:.*)local-epochs 1 is "
+                                              "not used there"):
+        ExperimentConfig.load(write(tmp_path, text))
 
 
 def test_grid_enumerates_every_combination_once(tmp_path):

@@ -105,11 +105,24 @@ def test_a_run_resumed_with_another_plan_is_refused_by_the_site(tmp_path):
 
 def test_dp_sgd_with_the_sgd_optimizer_accounts_like_adamw(tmp_path):
     # the optimizer changes how a noisy clipped gradient is applied, never the noise or the accounting
-    _, run, site, w = _setup(tmp_path, **{"local-optimizer": "sgd", "lr": 1.0})
+    _, run, site, w = _setup(tmp_path, **{"local-optimizer": "sgd", "lr": 1.0, "max-grad-norm": 1.0})
     r1 = train_round(site, w, run, "run-A", 1)
     sigma, q = r1.metrics["noise_multiplier"], r1.metrics["sample_rate"]
     assert r1.metrics["epsilon"] == pytest.approx(_closed_form([(sigma, q, r1.metrics["local_steps"])]), rel=0.01)
     assert max(float(np.abs(d).max()) for d in r1.delta) > 0
+
+
+def test_a_dp_sgd_rounds_update_scales_with_lr_times_the_clipping_bound(tmp_path):
+    """Why the run config takes lr and max-grad-norm together under DP-SGD: the recipe's bound clips every patient's
+    gradient, so a round's update follows lr x max-grad-norm (1 in the recipe), not either alone."""
+    def update_norm(name, **cfg):
+        _, run, site, w = _setup(tmp_path / name, **cfg)
+        delta = train_round(site, w, run, "run-A", 1).delta
+        return float(np.sqrt(sum((d.astype(np.float64) ** 2).sum() for d in delta)))
+
+    recipe = update_norm("recipe")  # lr 100, max-grad-norm 0.01
+    assert update_norm("tenth", lr=10.0, **{"max-grad-norm": 0.1}) == pytest.approx(recipe, rel=0.2)
+    assert update_norm("hundredfold", lr=100.0, **{"max-grad-norm": 1.0}) > 30 * recipe  # what C 1 alone trained
 
 
 def test_a_second_run_on_the_same_data_continues_the_spend(tmp_path):

@@ -293,6 +293,34 @@ def test_a_site_whose_update_is_not_finite_sends_nothing(tmp_path):
         train(_fit(weights), _context(tmp_path, run, {"require-secagg": False, "require-dp": False}))
 
 
+def test_a_site_whose_update_exceeds_the_clipping_range_names_the_range_and_the_local_recipe(tmp_path):
+    """SecAgg+ would clip the update silently, so the site sends nothing. A too small range is one cause, a local
+    recipe that diverges the other (a review found max-grad-norm 1 with the DP recipe's lr 100 refused at every site
+    with a message that named only the range)."""
+    from flwr.common import FitIns, ndarrays_to_parameters
+
+    from client.app import SiteRefusal, train
+    from privacy import secagg_masks
+    from privacy.run_config import load_run_config
+    from shared_models.model import MultiModalTransformer
+    from shared_models.protocol import SECAGG_CLIPPING_RANGE, SECAGG_MASKS, SECAGG_MAX_WEIGHT
+    from shared_models.weights import state_arrays
+    from tests.sitefixtures import site_schema, site_tables, write_site
+
+    schema = site_schema()
+    schema_path = schema.save(tmp_path / "schema.json")
+    write_site(tmp_path / "site", site_tables(n_per_class=20))
+    run = {"schema": str(schema_path), "num-rounds": 3, "d-model": 32, "sites": 3, "min-sites": 2, "dp": False}
+    weights = state_arrays(MultiModalTransformer(schema, load_run_config(run).model))
+    config = {SERVER_ROUND: 1, RUN_KEY: "run-X", SECAGG_MAX_WEIGHT: 2000.0, SECAGG_CLIPPING_RANGE: 1e-9,
+              SECAGG_MASKS: secagg_masks.VERSION}
+    fit = site_message(in_secagg(fitins_to_recorddict(FitIns(ndarrays_to_parameters(weights), config), keep_input=True)))
+    with pytest.raises(SiteRefusal, match=r"its update exceeds secagg-clipping-range 1e-09 and would be clipped "
+                                          r"silently: nothing was sent; the operator should raise the range, or lower "
+                                          r"the run's local recipe .*\(run config lr, max-grad-norm, weight-decay"):
+        train(fit, _context(tmp_path, run, {"require-secagg": False, "require-dp": False}))
+
+
 def test_without_dp_a_round_is_unmasked_in_one_sum_only_too(tmp_path, monkeypatch):
     """Without DP SecAgg+ is the only protection, and a resumed round retrains the same bits (seeded training): a
     second sum over other sites would reveal, by its difference with the first, one site's update. No release is

@@ -120,7 +120,7 @@ def test_the_dp_and_no_dp_recipes_are_named_presets_a_deployment_and_a_simulatio
     # modality dropout: the no-DP recipe's 0.25, none under DP (either mode); a number wins
     assert (dropout(), dropout(dp=False), dropout(**{"dp-mode": "distributed", "strategy": "fedadam"}),
             dropout(dp=False, **{"modality-dropout": 0.1})) == (0.0, 0.25, 0.0, 0.1)
-    assert bound(**{"max-grad-norm": 0.5}) == bound(**{"max-grad-norm": 0.5, "dp": False}) == 0.5
+    assert bound(**{"max-grad-norm": 0.5, "lr": 2.0}) == bound(**{"max-grad-norm": 0.5, "dp": False}) == 0.5
     assert training(dp=False) == ("sgd", 0.2, 64)
     assert training(dp=False, **{"local-optimizer": "adamw"}) == ("adamw", 0.002, 64)
     assert training(**{"local-optimizer": "adamw"}) == ("adamw", 0.02, 192)
@@ -246,3 +246,73 @@ def test_a_bad_number_or_auto_is_one_problem_saying_what_to_write(key, value, sa
     with pytest.raises(RunConfigError, match=r"invalid \(1 problem\)") as e:
         load_run_config({"schema": "s.json", key: value})
     assert f'{key}: use {says} or "auto"' in str(e.value)
+
+
+# --- settings that go together: refused at load rather than trained otherwise than meant ----------------------
+@pytest.mark.parametrize("given, says", [
+    ({"lr": 1.0}, 'lr 1 with max-grad-norm "auto" \\(the DP recipe\'s 0.01\\).* 0.01 times the recipe\'s update'),
+    ({"max-grad-norm": 1.0}, 'max-grad-norm 1 with lr "auto" \\(the DP recipe\'s 100\\).* 100 times the recipe\'s update')])
+def test_under_dp_sgd_lr_or_max_grad_norm_given_alone_is_refused_naming_the_pair(given, says):
+    """The DP recipe's bound 0.01 clips every patient's gradient, so a step scales with lr x max-grad-norm (1 in the
+    recipe). A review found each given alone accepted, the other kept at the recipe's: max-grad-norm 1 made each
+    round's update ~100x the recipe's (every site then refused under SecAgg+, naming secagg-clipping-range), lr 1
+    made it 1/100."""
+    with pytest.raises(RunConfigError, match=says) as e:
+        load_run_config({"schema": "s.json", **given})
+    text = str(e.value)
+    assert "lr x max-grad-norm, 1 in the recipe" in text and "max-grad-norm 0.1 with lr 10" in text
+    assert "Give both lr and max-grad-norm (e.g. " in text and ") or neither" in text
+    for frozen in ({"resume": True}, {"deliver-only": True}):  # a run started before the check resumes and delivers
+        assert load_run_config({"schema": "s.json", **given, **frozen})
+
+
+@pytest.mark.parametrize("values", [
+    {"lr": 1.0, "max-grad-norm": 1.0},  # both given: what the user chose
+    {"lr": 100.0, "max-grad-norm": 0.1},
+    {},  # neither: the recipe
+    {"lr": 100.0}, {"max-grad-norm": 0.01},  # the one given is the recipe's own value
+    {"lr": 1.0, "local-optimizer": "adamw"},  # AdamW's step does not scale with the bound
+    {"lr": 1.0, "dp": False}, {"max-grad-norm": 0.5, "dp": False},  # without DP the bound is the global norm's
+    {"max-grad-norm": 1.0, "dp-mode": "distributed", "strategy": "fedadam"}])  # lr is not used there
+def test_lr_and_max_grad_norm_are_accepted_given_together_or_where_they_do_not_pair(values):
+    cfg = load_run_config({"schema": "s.json", **values})
+    assert load_run_config(cfg.flat()) == cfg
+
+
+@pytest.mark.parametrize("values, product, at_most", [
+    ({"weight-decay": 0.01}, "1", "0.001 at lr 100"),  # the DP recipe's lr 100: each step's decay term is the weight
+    ({"weight-decay": 0.04}, "4", "0.001 at lr 100"),  # diverged: |w| 171 after one round
+    ({"weight-decay": 600, "local-optimizer": "adamw", "dp": False}, "1.2", "50 at lr 0.002")])  # w (1 - 1.2) flips
+def test_lr_times_weight_decay_of_one_or_more_is_refused_naming_both(values, product, at_most):
+    with pytest.raises(RunConfigError, match=rf"weight-decay \S+ with lr \S+: lr x weight-decay = {product}\b") as e:
+        load_run_config({"schema": "s.json", **values})
+    assert f"lower weight-decay to at most {at_most}" in str(e.value)
+    assert load_run_config({"schema": "s.json", **values, "resume": True})  # a run started before the check
+    assert load_run_config({"schema": "s.json", "weight-decay": 0.001}).training.weight_decay == 0.001
+
+
+DISTRIBUTED = {"dp-mode": "distributed", "strategy": "fedadam"}
+
+
+@pytest.mark.parametrize("key, value", [("lr", 0.5), ("local-epochs", 3), ("local-optimizer", "adamw"),
+                                        ("weight-decay", 0.0), ("warmup-fraction", 0.2)])
+def test_dp_mode_distributed_refuses_the_local_training_keys_it_does_not_use(key, value):
+    """dp-mode "distributed" takes one DP-SGD step of the consortium per round at the server (FedAdam's eta_l, which
+    Flower is given lr as, is never read): these were accepted and silently did nothing."""
+    with pytest.raises(RunConfigError, match=rf"dp-mode 'distributed' takes one DP-SGD step .*: {key} \S+ is not used "
+                                             r"there \(the step is server-lr with the strategy's optimizer, over each "
+                                             r"site's sample-rate .* clipped to max-grad-norm\); remove it"):
+        load_run_config({"schema": "s.json", **DISTRIBUTED, key: value})
+    assert load_run_config({"schema": "s.json", **DISTRIBUTED, key: value, "resume": True})  # started before the check
+    pair = {"max-grad-norm": 1 / value} if key == "lr" else {}  # under DP-SGD in site mode lr comes with its bound
+    assert load_run_config({"schema": "s.json", **DISTRIBUTED, key: value, **pair, "dp-mode": "site"})  # used there
+
+
+def test_dp_mode_distributed_accepts_the_defaults_and_the_keys_its_step_uses():
+    from shared_models.run_config import defaults
+
+    # Flower merges every default in (lr "auto", local-epochs 2, ...): a default is not a setting to refuse
+    cfg = load_run_config({**defaults(), "schema": "s.json", **DISTRIBUTED, "momentum": 0.5, "server-lr": 0.003,
+                           "sample-rate": 0.2, "max-grad-norm": 0.5})
+    assert (cfg.training.momentum, cfg.federation.server_lr) == (0.5, 0.003)  # momentum: FedAvgM's server momentum
+    assert load_run_config(cfg.flat()) == cfg  # the resolved values read back (lr: the recipe's, unused)
