@@ -260,7 +260,10 @@ def freeze_run(out: Path, run_key: str, run_config: dict) -> None:
 def _resolved(run_config: dict) -> dict:
     from privacy.run_config import load_run_config
 
-    flat = load_run_config({k: v for k, v in run_config.items() if k not in UNFROZEN}, source="run config").flat()
+    # as a resume: the checks only a new run gets (e.g. lr given without max-grad-norm under DP-SGD) would refuse a
+    # run started before them, which may resume as it trained; a new run's request passed them before it was frozen
+    flat = load_run_config({**{k: v for k, v in run_config.items() if k not in UNFROZEN}, "resume": True},
+                           source="run config").flat()
     return json.loads(json.dumps({k: v for k, v in flat.items() if k != "resume"}))
 
 

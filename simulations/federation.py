@@ -97,14 +97,11 @@ SETTING_KEYS = {"rounds": "num-rounds", "dp": "dp", "epsilon": "epsilon", "secag
 `extra` (--set) is applied after them, so the CLI refuses a key given both ways."""
 
 
-def federation_config(out: Path, sites: Path, n_sites: int, *, seed: int, rounds: int | None = None,
-                      dp: bool | None = None, epsilon: float | None = None, secagg: bool | None = None,
-                      strategy: str | None = None, local_epochs: int | None = None, lr: float | None = None,
-                      batch_size: int | None = None, eval_data: Path | None = None, schema: Path | None = None,
-                      extra: dict | None = None) -> dict:
+def federation_config(out: Path, sites: Path, n_sites: int, *, seed: int, eval_data: Path | None = None,
+                      schema: Path | None = None, extra: dict | None = None, **settings) -> dict:
     """The run config of a simulated federation whose working files live under `out`.
 
-    A setting left None is the run config's default (`flwr run` merges these over [tool.flwr.app.config]).
+    `settings`: the options of SETTING_KEYS (rounds, dp, epsilon, ...). A setting left None is the run config's default (`flwr run` merges these over [tool.flwr.app.config]).
     Learning rate and batch are the run config's recipe for `dp` (`lr = "auto"`, `batch-size = "auto"`:
     shared_models.run_config.RECIPES, the same a deployment gets) unless given. The consortium's
     model-signing key is generated once in out/keys: the server signs the final model and every site
@@ -121,9 +118,9 @@ def federation_config(out: Path, sites: Path, n_sites: int, *, seed: int, rounds
            "signing-public-key": str(keys / "signing.pub")}
     if n_sites < FederationSection.model_fields["min_sites"].default:  # one site: a round of one
         cfg["min-sites"] = n_sites
-    given = {"rounds": rounds, "dp": dp, "epsilon": epsilon, "secagg": secagg, "strategy": strategy,
-             "local_epochs": local_epochs, "lr": lr, "batch_size": batch_size}
-    cfg.update({SETTING_KEYS[name]: value for name, value in given.items() if value is not None})
+    if unknown := sorted(set(settings) - set(SETTING_KEYS)):
+        raise TypeError(f"federation_config: {', '.join(unknown)} not among its settings ({', '.join(SETTING_KEYS)})")
+    cfg.update({SETTING_KEYS[name]: value for name, value in settings.items() if value is not None})
     if schema is not None:
         cfg["schema"] = str(schema)
     if eval_data is not None:
@@ -185,7 +182,7 @@ def finished_run_sites(run_dir: Path):
     from shared_models.site_data import NORMALIZER_FILE, Normalizer
 
     cfg = load_run_config({**json.loads((run_dir / "server" / RUN_FILE).read_text())["run_config"],
-                           "base-dir": str(ROOT)})
+                           "base-dir": str(ROOT), "resume": True})  # a run that ran: not judged by a new run's checks
     schema = FeatureSchema.load(run_dir / "sites" / "schema.json")
     saved = {d.name: Normalizer.load(run_dir / "state" / d.name / "state" / NORMALIZER_FILE, schema)
              for d in sorted((run_dir / "sites").glob("C*"))}

@@ -23,6 +23,7 @@ from server.deploy import DeployError
 from server.submit import resume_values
 from tests.factories import fsynced_paths, site_message, unmask_message
 from shared_models.protocol import RUN_KEY, SERVER_ROUND
+from shared_models.run_config import RunConfigError
 
 
 def _context(tmp_path, node: dict | None = None, **run) -> Context:
@@ -138,6 +139,38 @@ def test_a_run_frozen_before_fusion_blocks_existed_resumes_with_the_two_blocks_i
     again = start_or_resume(cfg, Context(run_id=2, node_id=0, node_config={}, state=RecordDict(), run_config=resumed),
                             schema, out)
     assert again.first_round == 2 and [a.shape for a in again.weights] == [a.shape for a in trained]
+
+
+@pytest.mark.parametrize("started", [{"lr": 1.0}, {"weight-decay": 0.01}])
+def test_a_run_started_before_a_new_runs_check_resumes_as_it_trained(tmp_path, started):
+    """lr given without max-grad-norm under DP-SGD, or lr x weight-decay 1, are refused for a new run since a4c87bd;
+    a run that started with them before resumes (oncofed run --resume and the ServerApp compare the configs by
+    loading them: as new runs, they refused it)."""
+    from flwr.app import Context, RecordDict
+
+    from privacy.run_config import load_run_config
+    from server.app import start_or_resume
+    from shared_models.model import MultiModalTransformer
+    from shared_models.weights import state_arrays
+    from tests.factories import started_run
+
+    out, values, schema, start = started_run(tmp_path)
+    with pytest.raises(RunConfigError):  # a new run with it is refused
+        load_run_config({**values, **started}, source="run config")
+    old = json.loads((out / "run.json").read_text())  # as the code before the check froze it
+    old["run_config"].update(started)
+    old["resolved"].update(started)
+    (out / "run.json").write_text(json.dumps(old))
+    cfg0 = load_run_config({**values, **started, "resume": True}, source="run config")
+    trained = state_arrays(MultiModalTransformer(schema, cfg0.model))
+    save_checkpoint(out / "checkpoints", 1, trained, {}, {"run_key": start.run_key, "schema_hash": schema.content_hash()})
+
+    resumed = resume_values(out, {})
+    cfg = load_run_config(resumed, source="run config")
+    assert cfg.run.resume and all(cfg.flat()[k] == v for k, v in started.items())
+    again = start_or_resume(cfg, Context(run_id=2, node_id=0, node_config={}, state=RecordDict(), run_config=resumed),
+                            schema, out)
+    assert again.first_round == 2
 
 
 def test_a_checkpoint_of_another_fusion_depth_is_refused_naming_both(tmp_path):
