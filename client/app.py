@@ -56,7 +56,7 @@ from shared_models.protocol import (ARRAYS_RECORD, AUDIT_ANCHOR, AUDIT_HEAD, CON
                                     RUN_EPSILON, SAVE_MODEL, SECAGG_MASKS,
                                     SECAGG_CLIPPING_RANGE, SECAGG_MAX_WEIGHT, SERVER_ROUND, SETUP_TERMS, SITE, DeliveryReply,
                                     ModelPackage, allowed_metrics)
-from shared_models.run_config import RunConfig
+from shared_models.run_config import DP_SGD_STEP, RunConfig
 from shared_models.wire import is_packed, pack, unpack
 
 if TYPE_CHECKING:
@@ -650,7 +650,8 @@ def _train(msg: Message, context: Context) -> Message:
                 raise _refusal(fitins, msg, settings.name, f"its update exceeds secagg-clipping-range {clip:g} and "
                                "would be clipped silently: nothing was sent; the operator should raise the range, or "
                                "lower the run's local recipe if it makes updates diverge (run config lr, max-grad-norm, "
-                               "weight-decay: under DP-SGD a step scales with lr x max-grad-norm, 1 in the recipe)",
+                               f"weight-decay: under DP-SGD a step scales with lr x max-grad-norm, {DP_SGD_STEP:g} in the "
+                               "recipe)",
                                audit, run_config=True)
         metrics = {k: float(v) for k, v in result.metrics.items()}
         try:  # recorded before the update leaves the site

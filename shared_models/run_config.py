@@ -174,6 +174,46 @@ class RunSection(_Section):
 Strategy = Literal["fedavg", "fedprox", "fedadam", "fedavgm"]  # the server strategies (server/strategy.py BASES)
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """A named local-training recipe: the batch (under DP, the public patient count whose sample-rate share is
+    the divisor batch-size "auto" takes), and peak learning rate and clipping bound per local optimizer."""
+
+    batch_size: int | None  # without DP; None: under DP, round(sample-rate x patients)
+    patients: int | None    # under DP: the public stand-in for a site's training patients
+    lr: dict[str, float]
+    max_grad_norm: dict[str, float]
+    modality_dropout: float
+    fusion_blocks: int
+
+
+RECIPES = {
+    # chosen on the pan-cancer federation's sites' validation parts (docs/results.md): with DP, per-sample
+    # clipping bounds every step, so SGD with momentum takes a large lr over Poisson batches. A bound of 0.01
+    # clips every patient's gradient to that norm, so each step is the sum of unit directions over batch-size
+    # times lr x C = 1 (automatic clipping, Bu et al. 2023, in effect); on the validation parts (mean of seeds
+    # 0-2) C 0.01 / lr 100: 0.613, C 0.1 / lr 5: 0.610, C 0.1 / lr 10: 0.601, C 1 / lr 1: 0.577. batch-size is
+    # the public divisor of that sum, sample-rate x a public stand-in for a site's training patients (640: the
+    # main job's ~630, rounded; 192 at 0.3): 192: 0.620, 256: 0.586 and 128: 0.569 (seed 0), sample-rate 0.5
+    # with 320: 0.626 (mean of seeds 0-2)
+    # modality-dropout, on the validation parts (seeds 0-2): with DP 0.25 lowers macro-F1 (0.599 against 0.630)
+    # and 0.1 at seed 0 (0.599 against 0.610); without DP 0.25 ties overall (0.833 against 0.829) and the patterns
+    # without miRNA, the others masked, gain 0.300 -> 0.489 accuracy (docs/results.md, "Without DP: variants")
+    # fusion-blocks, dp-mode "site", on the validation parts (seeds 0-5, 2026-12-07): 1 block 0.638 against 2 blocks'
+    # 0.613, above at every seed (+0.010 to +0.064); dp-mode "distributed" keeps the 2 its recipe was chosen with
+    "dp": Recipe(batch_size=None, patients=640, lr={"sgd": 100.0, "adamw": 0.02}, max_grad_norm={"sgd": 0.01, "adamw": 1.0},
+                 modality_dropout=0.0, fusion_blocks=1),
+    "no-dp": Recipe(batch_size=64, patients=None, lr={"sgd": 0.2, "adamw": 0.002}, max_grad_norm={"sgd": 1.0, "adamw": 1.0},
+                    modality_dropout=0.25, fusion_blocks=FUSION_BLOCKS),
+}
+"""The recipes `lr`, `batch-size`, `max-grad-norm`, `modality-dropout` and `fusion-blocks` = "auto" take, by the run's
+`dp` (true: "dp")."""
+
+DP_SGD_STEP = RECIPES["dp"].lr["sgd"] * RECIPES["dp"].max_grad_norm["sgd"]
+"""lr x max-grad-norm of the DP recipe's SGD in dp-mode "site": every patient's gradient is clipped, so a step scales with
+the product, and lr and max-grad-norm go together (RunConfig refuses one given alone)."""
+
+
 class FederationSection(_Section):
     num_rounds: int = Field(10, alias="num-rounds", ge=1)
     sites: int = Field(0, ge=0, description="sites expected before round 1 (0: min-sites)")
@@ -182,8 +222,8 @@ class FederationSection(_Section):
         "steps a server optimizer: 'fedavgm' or 'fedadam'")
     proximal_mu: float = Field(0.01, alias="proximal-mu", ge=0, description="'fedprox': after each local step the "
                                "weights move a / (1 + a) of the way back to the global weights, a = lr x mu (the "
-                               "proximal operator); the DP recipe's lr 100 makes the default 0.01 a = 1, half the way "
-                               "back every step: scale mu with lr (1e-4 there pulls as 0.01 does at lr 1)")
+                               f"proximal operator); the DP recipe's lr {RECIPES['dp'].lr['sgd']:g} makes the default 0.01 "
+                               f"a = {RECIPES['dp'].lr['sgd'] * 0.01:g}: scale mu with lr (mu x lr is what pulls)")
     server_lr: float = Field(0.03, alias="server-lr", gt=0, description="server learning rate of 'fedadam' and "
                              "'fedavgm' ('fedavg' and 'fedprox' add the sites' mean delta and do not use it). 0.03 is "
                              "FedAdam's (its best of 0.003-0.1 on the main job with the AdamW DP recipe of 2026-12-02, in "
@@ -253,8 +293,8 @@ class PrivacySection(_Section):
         "auto", alias="max-grad-norm", description="per-sample clipping bound C (without DP: the bound of each step's "
         "global gradient norm); 'auto': the recipe's for the run's dp and local optimizer in dp-mode 'site' (0.01 for "
         "SGD: RECIPES), 0.1 in dp-mode 'distributed' (DISTRIBUTED_MAX_GRAD_NORM), 1.0 without DP. Under DP with SGD in "
-        "dp-mode 'site' it goes with lr (a step scales with lr x max-grad-norm, 1 in the recipe): give both or neither, "
-        "one alone is refused")
+        f"dp-mode 'site' it goes with lr (a step scales with lr x max-grad-norm, {DP_SGD_STEP:g} in the recipe): give "
+        "both or neither, one alone is refused")
     clipping: Literal["ghost", "opacus"] = Field(
         "ghost", alias="dp-clipping", description="how DP-SGD clips per sample: 'ghost' = privacy/clipping.py "
         "(norms without per-sample gradients; Opacus' sampling, noise and accountant), 'opacus' = Opacus' hooks mode")
@@ -296,40 +336,6 @@ class PrivacySection(_Section):
         return self.enabled and self.mode == "distributed"
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """A named local-training recipe: the batch (under DP, the public patient count whose sample-rate share is
-    the divisor batch-size "auto" takes), and peak learning rate and clipping bound per local optimizer."""
-
-    batch_size: int | None  # without DP; None: under DP, round(sample-rate x patients)
-    patients: int | None    # under DP: the public stand-in for a site's training patients
-    lr: dict[str, float]
-    max_grad_norm: dict[str, float]
-    modality_dropout: float
-    fusion_blocks: int
-
-
-RECIPES = {
-    # chosen on the pan-cancer federation's sites' validation parts (docs/results.md): with DP, per-sample
-    # clipping bounds every step, so SGD with momentum takes a large lr over Poisson batches. A bound of 0.01
-    # clips every patient's gradient to that norm, so each step is the sum of unit directions over batch-size
-    # times lr x C = 1 (automatic clipping, Bu et al. 2023, in effect); on the validation parts (mean of seeds
-    # 0-2) C 0.01 / lr 100: 0.613, C 0.1 / lr 5: 0.610, C 0.1 / lr 10: 0.601, C 1 / lr 1: 0.577. batch-size is
-    # the public divisor of that sum, sample-rate x a public stand-in for a site's training patients (640: the
-    # main job's ~630, rounded; 192 at 0.3): 192: 0.620, 256: 0.586 and 128: 0.569 (seed 0), sample-rate 0.5
-    # with 320: 0.626 (mean of seeds 0-2)
-    # modality-dropout, on the validation parts (seeds 0-2): with DP 0.25 lowers macro-F1 (0.599 against 0.630)
-    # and 0.1 at seed 0 (0.599 against 0.610); without DP 0.25 ties overall (0.833 against 0.829) and the patterns
-    # without miRNA, the others masked, gain 0.300 -> 0.489 accuracy (docs/results.md, "Without DP: variants")
-    # fusion-blocks, dp-mode "site", on the validation parts (seeds 0-5, 2026-12-07): 1 block 0.638 against 2 blocks'
-    # 0.613, above at every seed (+0.010 to +0.064); dp-mode "distributed" keeps the 2 its recipe was chosen with
-    "dp": Recipe(batch_size=None, patients=640, lr={"sgd": 100.0, "adamw": 0.02}, max_grad_norm={"sgd": 0.01, "adamw": 1.0},
-                 modality_dropout=0.0, fusion_blocks=1),
-    "no-dp": Recipe(batch_size=64, patients=None, lr={"sgd": 0.2, "adamw": 0.002}, max_grad_norm={"sgd": 1.0, "adamw": 1.0},
-                    modality_dropout=0.25, fusion_blocks=FUSION_BLOCKS),
-}
-"""The recipes `lr`, `batch-size`, `max-grad-norm`, `modality-dropout` and `fusion-blocks` = "auto" take, by the run's
-`dp` (true: "dp")."""
 
 DISTRIBUTED_MAX_GRAD_NORM = 0.1
 """dp-mode 'distributed': the clipping bound, chosen on the sites' validation parts (0.1 above 1 on every seed,
@@ -370,8 +376,8 @@ class TrainingSection(_Section):
         f"(with DP {RECIPES['dp'].lr['sgd']:g} for SGD at max-grad-norm {RECIPES['dp'].max_grad_norm['sgd']:g}, "
         f"{RECIPES['dp'].lr['adamw']:g} for AdamW; without {RECIPES['no-dp'].lr['sgd']:g} and "
         f"{RECIPES['no-dp'].lr['adamw']:g}: RECIPES). Under DP with SGD in dp-mode 'site' it goes with max-grad-norm "
-        f"(a step scales with lr x max-grad-norm, 1 in the recipe; e.g. lr 10 with max-grad-norm 0.1): give both or "
-        "neither, one alone is refused; not used in dp-mode 'distributed'")
+        f"(a step scales with lr x max-grad-norm, {DP_SGD_STEP:g} in the recipe; e.g. lr {DP_SGD_STEP / 0.1:g} with "
+        "max-grad-norm 0.1): give both or neither, one alone is refused; not used in dp-mode 'distributed'")
     optimizer: Literal["adamw", "sgd"] = Field(
         "sgd", alias="local-optimizer", description="'sgd' with momentum (chosen on the sites' validation parts, "
         "docs/results.md) or 'adamw'; not used in dp-mode 'distributed'")
@@ -380,7 +386,8 @@ class TrainingSection(_Section):
     weight_decay: float = Field(1e-4, alias="weight-decay", ge=0, description="decay of the Linear weights; it scales "
                                 "with lr: each local step shrinks a weight by lr x weight-decay of itself (SGD's momentum "
                                 "amplifies it, AdamW decays it as w (1 - lr x weight-decay)), so lr x weight-decay >= 1 is "
-                                "refused; at the DP recipe's lr 100 use at most 1e-3; not used in dp-mode 'distributed'")
+                                f"refused; at the DP recipe's lr {RECIPES['dp'].lr['sgd']:g} use at most "
+                                f"{0.1 / RECIPES['dp'].lr['sgd']:g}; not used in dp-mode 'distributed'")
     warmup_fraction: float = Field(0.1, alias="warmup-fraction", ge=0, lt=1, description="share of the run's local "
                                    "steps the learning rate warms up over (then cosine decay); not used in dp-mode "
                                    "'distributed'")
@@ -635,7 +642,7 @@ def _half_given_step(cfg: RunConfig, explicit: set[str]) -> str:
     return (f"{given} {value:g} with {other} \"auto\" (the DP recipe's {auto:g}): under DP with local-optimizer 'sgd' in "
             f"dp-mode 'site' every patient's gradient is clipped to max-grad-norm, so a step scales with lr x "
             f"max-grad-norm, {lr0 * c0:g} in the recipe (lr {lr0:g} with max-grad-norm {c0:g}, or e.g. max-grad-norm 0.1 "
-            f"with lr 10) and {lr * c:g} here: {lr * c / (lr0 * c0):g} times the recipe's update. Give both lr and "
+            f"with lr {lr0 * c0 / 0.1:g}) and {lr * c:g} here: {lr * c / (lr0 * c0):g} times the recipe's update. Give both lr and "
             f"max-grad-norm (e.g. {pair}) or neither")
 
 

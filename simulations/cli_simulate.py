@@ -58,8 +58,8 @@ def simulate(
         typer.echo(f"--set {', '.join(reserved)}: oncofed simulate sets {'these' if len(reserved) > 1 else 'this'} "
                    f"itself (its working files live under --out; the eval data: --eval-data)", err=True)
         raise typer.Exit(code=2)
-    settings = {"rounds": rounds, "dp": dp, "epsilon": epsilon, "secagg": secagg, "strategy": strategy,
-                "local_epochs": local_epochs, "lr": lr, "batch_size": batch_size}
+    args = locals()
+    settings = {name: args[name] for name in SETTING_KEYS}  # the options of the same names
     # federation_config applies --set after the options: one of the two would be dropped without a word
     if twice := [(name, v) for name, v in settings.items() if v is not None and SETTING_KEYS[name] in extra]:
         for name, value in twice:
