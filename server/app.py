@@ -379,7 +379,7 @@ def main(grid: Grid, context: Context) -> None:
     out = cfg.path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     # held until this process ends: a second ServerApp of this run fails here, before it touches any file
-    lock = hold_run_lock(out, wait=60.0 if (cfg.run.resume or cfg.run.deliver_only) else 0.0)  # noqa: F841
+    lock = hold_run_lock(out, wait=0.0 if cfg.new_run else 60.0)  # noqa: F841
     if cfg.run.deliver_only:  # `oncofed deliver`: the saved final model again, no training
         return redeliver(grid, cfg, flwr_run=context.run_id)
     schema = FeatureSchema.load(cfg.path(cfg.run.schema_path))

@@ -489,13 +489,18 @@ class RunConfig(BaseModel):
             raise ValueError(why)
         return cfg
 
+    @property
+    def new_run(self) -> bool:
+        """Not a resume or a delivery: a run started before a new run's check resumes and delivers as it trained."""
+        return not (self.run.resume or self.run.deliver_only)
+
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
         fed, sa, dp = self.federation, self.secagg, self.privacy
         # a new run only: a run started before this check keeps its frozen value to resume and deliver (its sites
         # refuse only the rounds where Flower's rounding comes to half the share holders); so too for the local
         # recipe's checks below (a resume may not change the run's settings, and a delivery trains nothing)
-        new_run = not (self.run.resume or self.run.deliver_only)
+        new_run = self.new_run
         if sa.enabled and new_run and (why := threshold_refusal(sa.threshold)):
             raise ValueError(why)
         if dp.enabled and self.site.val_fraction == 0:
@@ -630,19 +635,19 @@ def _half_given_step(cfg: RunConfig, explicit: set[str]) -> str:
     t, dp = cfg.training, cfg.privacy
     if not (dp.enabled and dp.mode == "site" and t.optimizer == "sgd") or len(explicit & {"lr", "max-grad-norm"}) != 1:
         return ""
-    if cfg.run.resume or cfg.run.deliver_only:
-        return ""  # a run started before this check resumes and delivers as it trained (see RunConfig._consistent)
-    lr0, c0 = RECIPES["dp"].lr["sgd"], RECIPES["dp"].max_grad_norm["sgd"]
+    if not cfg.new_run:
+        return ""
+    lr0, c0, step = RECIPES["dp"].lr["sgd"], RECIPES["dp"].max_grad_norm["sgd"], DP_SGD_STEP
     lr, c = t.lr, dp.max_grad_norm
     if (lr, c) == (lr0, c0):
         return ""  # the one given is the recipe's own value
-    given, value, other, auto, pair = (("lr", lr, "max-grad-norm", c0, f"max-grad-norm {lr0 * c0 / lr:g} with lr {lr:g}")
+    given, value, other, auto, pair = (("lr", lr, "max-grad-norm", c0, f"max-grad-norm {step / lr:g} with lr {lr:g}")
                                        if "lr" in explicit else
-                                       ("max-grad-norm", c, "lr", lr0, f"lr {lr0 * c0 / c:g} with max-grad-norm {c:g}"))
+                                       ("max-grad-norm", c, "lr", lr0, f"lr {step / c:g} with max-grad-norm {c:g}"))
     return (f"{given} {value:g} with {other} \"auto\" (the DP recipe's {auto:g}): under DP with local-optimizer 'sgd' in "
             f"dp-mode 'site' every patient's gradient is clipped to max-grad-norm, so a step scales with lr x "
-            f"max-grad-norm, {lr0 * c0:g} in the recipe (lr {lr0:g} with max-grad-norm {c0:g}, or e.g. max-grad-norm 0.1 "
-            f"with lr {lr0 * c0 / 0.1:g}) and {lr * c:g} here: {lr * c / (lr0 * c0):g} times the recipe's update. Give both lr and "
+            f"max-grad-norm, {step:g} in the recipe (lr {lr0:g} with max-grad-norm {c0:g}, or e.g. max-grad-norm 0.1 "
+            f"with lr {step / 0.1:g}) and {lr * c:g} here: {lr * c / step:g} times the recipe's update. Give both lr and "
             f"max-grad-norm (e.g. {pair}) or neither")
 
 
