@@ -101,7 +101,8 @@ def federation_config(out: Path, sites: Path, n_sites: int, *, seed: int, eval_d
                       schema: Path | None = None, extra: dict | None = None, **settings) -> dict:
     """The run config of a simulated federation whose working files live under `out`.
 
-    `settings`: the options of SETTING_KEYS (rounds, dp, epsilon, ...). A setting left None is the run config's default (`flwr run` merges these over [tool.flwr.app.config]).
+    `settings`: the options of SETTING_KEYS (rounds, dp, epsilon, ...). A setting left None is the run config's
+    default (`flwr run` merges these over [tool.flwr.app.config]).
     Learning rate and batch are the run config's recipe for `dp` (`lr = "auto"`, `batch-size = "auto"`:
     shared_models.run_config.RECIPES, the same a deployment gets) unless given. The consortium's
     model-signing key is generated once in out/keys: the server signs the final model and every site
